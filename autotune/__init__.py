@@ -1,0 +1,1 @@
+"""fxcc.autotune: measurement, search spaces and Optuna studies."""

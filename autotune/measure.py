@@ -1,0 +1,57 @@
+"""Timing: warm-up, then the median of many repetitions (CUDA events on GPU, perf_counter on CPU)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Per-call times in milliseconds."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def quantile(self, q: float) -> float:
+        s = sorted(self.samples)
+        return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def time_once(fn: Callable[[], object], device: str) -> float:
+    """One call's wall time in ms; on CUDA measured with events around the call."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, device: str, warmup: int, reps: int,
+                rounds: int = 5, progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
+    """Time several callables in alternating rounds, so drift on a shared machine hits all alike."""
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        if progress:
+            progress(f"warmed up {name}")
+    out = {name: Timing([]) for name in fns}
+    per_round = max(1, reps // rounds)
+    for r in range(rounds):
+        for name, fn in fns.items():
+            out[name].samples.extend(time_once(fn, device) for _ in range(per_round))
+        if progress:
+            progress(f"round {r + 1}/{rounds}")
+    return out

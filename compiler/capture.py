@@ -1,0 +1,180 @@
+"""Capture: a module and example inputs -> a flat aten-level fx.GraphModule with pytree specs.
+
+torch.export (non-strict) first; torch.fx.symbolic_trace when export fails; when both fail, a
+CaptureError that names the user's source line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+
+class CaptureError(RuntimeError):
+    """Neither torch.export nor torch.fx.symbolic_trace could capture the model."""
+
+
+@dataclass
+class Captured:
+    """A captured graph: flat tensor inputs in `in_spec` order, flat outputs rebuilt with `out_spec`."""
+
+    gm: fx.GraphModule
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    method: str  # "export" or "symbolic_trace"
+    export_error: str | None = None
+
+
+def flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
+    """Flatten a call's arguments the way the captured graph expects them (keyword order ignored)."""
+    return pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+
+
+def describe(model: Any) -> str:
+    """The user's thing, by name: 'LlamaModel', 'my_fn'."""
+    if isinstance(model, nn.Module):
+        inner = getattr(model, "fn", None)
+        if type(model).__name__ == "FunctionModule" and inner is not None:
+            return getattr(inner, "__qualname__", repr(inner))
+        return type(model).__name__
+    return getattr(model, "__qualname__", type(model).__name__)
+
+
+def check_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise the TypeError eager would raise for a call that does not fit forward's signature."""
+    fn = module.fn if hasattr(module, "fn") and type(module).__name__ == "FunctionModule" else module.forward
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"fxcc: {describe(module)} called with arguments that do not fit "
+                        f"{getattr(fn, '__name__', 'forward')}{sig}: {e}") from None
+
+
+def _register_model_pytrees(module: nn.Module) -> None:
+    """transformers models return cache objects; make them pytrees so export can flatten them."""
+    if not type(module).__module__.startswith("transformers."):
+        return
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:  # older transformers
+        try:
+            from transformers.integrations.executorch import register_dynamic_cache_export_support
+        except ImportError:
+            return
+        register_dynamic_cache_export_support()
+        return
+    register_cache_pytrees_for_model(module)
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    kwargs = dict(sorted(kwargs.items()))
+    _register_model_pytrees(module)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(module, tuple(args), kwargs, strict=False)
+    except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
+        try:
+            return _symbolic_trace(module, args, kwargs, export_exc)
+        except Exception as trace_exc:  # noqa: BLE001
+            raise CaptureError(_explain_failure(module, export_exc, trace_exc)) from export_exc
+    gm = ep.module()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.graph._codegen = fx.graph.CodeGen()
+    gm.recompile()
+    return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, "export")
+
+
+def _symbolic_trace(module: nn.Module, args: tuple, kwargs: dict, export_exc: Exception) -> Captured:
+    flat, in_spec = flatten_inputs(args, kwargs)
+    names = [f"in{i}" for i in range(len(flat))]
+    # a wrapper whose forward takes the flat leaves, so both capture paths share one calling convention
+    src = (f"def forward(self, {', '.join(names)}):\n"
+           f"    args, kwargs = tree_unflatten([{', '.join(names)}], self.in_spec)\n"
+           f"    return self.model(*args, **kwargs)\n")
+    scope: dict[str, Any] = {"tree_unflatten": pytree.tree_unflatten}
+    exec(compile(src, "<fxcc-flat-wrapper>", "exec"), scope)
+    wrapper = type("FlatInputs", (nn.Module,), {"forward": scope["forward"]})()
+    wrapper.model, wrapper.in_spec = module, in_spec
+    concrete = {n: v for n, v in zip(names, flat) if not isinstance(v, torch.Tensor)}
+    gm = fx.symbolic_trace(wrapper, concrete_args=concrete)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    flat_out, out_spec = pytree.tree_flatten(out.args[0])
+    out.args = (tuple(flat_out),)
+    gm.recompile()
+    _record_values(gm, flat)
+    return Captured(gm, in_spec, out_spec, "symbolic_trace", f"{type(export_exc).__name__}: {export_exc}")
+
+
+def _record_values(gm: fx.GraphModule, flat: list[Any]) -> None:
+    """Give every node of a symbolically traced graph a FakeTensor meta['val'] by running it once."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = pytree.tree_map_only(torch.Tensor, mode.from_tensor, out)
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+
+
+def _user_frame(*excs: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of the model's own code (not torch, not fxcc, not the standard library)."""
+    skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)),
+            os.path.dirname(os.__file__)]
+    best = None
+    for exc in excs:
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            for fr in traceback.extract_tb(exc.__traceback__):
+                path = os.path.abspath(fr.filename)
+                if not any(path.startswith(s) for s in skip) and not fr.filename.startswith("<"):
+                    best = fr
+            if best is not None:
+                return best
+            exc = exc.__cause__ or exc.__context__
+    return best
+
+
+def _explain_failure(module: nn.Module, export_exc: Exception, trace_exc: Exception) -> str:
+    """Lead with torch.export's reason and the model line it points at; symbolic_trace's is secondary."""
+    name = describe(module)
+    fr = _user_frame(export_exc) or _user_frame(trace_exc)
+    where = ""
+    if fr is not None:
+        line = (fr.line or linecache.getline(fr.filename, fr.lineno)).strip()
+        where = f"\n  at {fr.filename}:{fr.lineno} in {fr.name}: `{line}`"
+    text = f"{type(export_exc).__name__}: {export_exc}"
+    data_dependent = any(k in text for k in ("data-dependent", "DataDependent", "GuardOnDataDependent"))
+    why = ("control flow depends on tensor values" if data_dependent
+           else f"torch.export failed: {type(export_exc).__name__}: {_first_line(export_exc)}")
+    advice = ("make the condition independent of tensor values, or run this module eagerly"
+              if data_dependent else "run this module eagerly, or change the construct at that line")
+    return (f"fxcc cannot capture {name}: {why}{where}\n"
+            f"  (the symbolic_trace fallback failed too: {type(trace_exc).__name__}: {_first_line(trace_exc)})\n"
+            f"  To proceed: {advice}.")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else ""

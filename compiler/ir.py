@@ -1,0 +1,271 @@
+"""The IR is torch.fx: this module prints it as MLIR-like text and checks it with FakeTensors.
+
+    %rms_norm = tx.rms_norm(%add, %weight) {eps = 1e-06} : (tensor<1x8x64xf32>, tensor<64xf32>) -> tensor<1x8x64xf32>
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .dialects import KERNEL_OPS, KERNELS, op_name
+
+_DTYPE = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "ui8",
+    torch.bool: "i1", torch.complex64: "complex<f32>", torch.float8_e4m3fn: "f8E4M3FN",
+    torch.float8_e5m2: "f8E5M2",
+}
+
+
+class VerificationError(RuntimeError):
+    """A graph whose recorded shapes/dtypes disagree with what its ops compute."""
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return _DTYPE.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def type_str(val: Any) -> str:
+    """MLIR-like type of a node value: tensor<2x8xf32>, a tuple of them, or the Python scalar type."""
+    if isinstance(val, torch.Tensor):
+        dims = "x".join(str(d) for d in val.shape)
+        return f"tensor<{dims + 'x' if dims else ''}{dtype_str(val.dtype)}>"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(type_str(v) for v in val) + ")"
+    if isinstance(val, torch.SymInt) or isinstance(val, int):
+        return "index"
+    if isinstance(val, float):
+        return "f64"
+    if val is None:
+        return "none"
+    return type(val).__name__
+
+
+def _attr_str(v: Any) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_attr_str(x) for x in v) + "]"
+    if isinstance(v, torch.dtype):
+        return dtype_str(v)
+    if isinstance(v, torch.device):
+        return f'"{v}"'
+    if isinstance(v, (torch.memory_format, torch.layout)):
+        return str(v).replace("torch.", "")
+    return str(v)
+
+
+def _operand_str(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_operand_str(x) for x in a) + "]"
+    return _attr_str(a)
+
+
+def _has_node(a: Any) -> bool:
+    if isinstance(a, fx.Node):
+        return True
+    if isinstance(a, (list, tuple)):
+        return any(_has_node(x) for x in a)
+    return False
+
+
+def _split_args(node: fx.Node) -> tuple[list[Any], dict[str, Any]]:
+    """Operands (anything holding a node) in order, and attributes named by the op's schema."""
+    names: list[str] = []
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        names = [a.name for a in schema.arguments]
+    operands, attrs = [], {}
+    for i, a in enumerate(node.args):
+        if _has_node(a):
+            operands.append(a)
+        elif a is not None:
+            attrs[names[i] if i < len(names) else f"arg{i}"] = a
+    for k, a in node.kwargs.items():
+        if _has_node(a):
+            operands.append(a)
+        elif a is not None:
+            attrs[k] = a
+    return operands, attrs
+
+
+def _operand_types(operands: list[Any]) -> list[str]:
+    out = []
+    for a in operands:
+        if isinstance(a, fx.Node):
+            out.append(type_str(a.meta.get("val")))
+        else:
+            out.append(type_str([x.meta.get("val") for x in a if isinstance(x, fx.Node)]))
+    return out
+
+
+def format_node(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    if node.op == "get_attr":
+        return f"%{node.name} = param \"{node.target}\" : {type_str(val)}"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return f"%{node.name} = get %{node.args[0].name}[{node.args[1]}] : {type_str(val)}"
+    if node.op in ("call_function", "call_method", "call_module"):
+        operands, attrs = _split_args(node)
+        if node.op == "call_function":
+            name = op_name(node.target)
+        else:
+            name = f"py.{node.op.split('_')[1]}.{node.target}"
+        if node.target in KERNEL_OPS:
+            kb = KERNELS.get(attrs.get("kernel", ""))
+            if kb is not None:
+                name = f"{name}[{kb.kind}]"
+                attrs["backend"] = kb.backend
+            operands = list(operands[0]) if operands else []
+        attr_txt = ""
+        if attrs:
+            attr_txt = " {" + ", ".join(f"{k} = {_attr_str(v)}" for k, v in attrs.items()) + "}"
+        eager = node.meta.get("fxcc_eager")
+        note = f"  // eager: {eager}" if eager else ""
+        sig = f"({', '.join(_operand_types(operands))}) -> {type_str(val)}"
+        ops_txt = ", ".join(_operand_str(a) for a in operands)
+        return f"%{node.name} = {name}({ops_txt}){attr_txt} : {sig}{note}"
+    raise ValueError(node.op)
+
+
+def print_graph(gm: fx.GraphModule, name: str = "forward") -> str:
+    """The whole graph as a function in MLIR-like text."""
+    lines, params = [], []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            params.append(f"%{n.name}: {type_str(n.meta.get('val'))}")
+        elif n.op == "output":
+            outs = n.args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            lines.append("  return " + ", ".join(_operand_str(o) for o in outs))
+        else:
+            lines.append("  " + format_node(n))
+    return f"func @{name}({', '.join(params)}) {{\n" + "\n".join(lines) + "\n}"
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------- fake propagation
+
+
+def _fake_of(mode: FakeTensorMode, t: Any) -> Any:
+    if isinstance(t, torch.Tensor):
+        with mode:
+            return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+    return t
+
+
+def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None:
+    """Recompute meta['val'] of every node with FakeTensors; with check, compare with what is recorded.
+
+    Placeholders keep their recorded values (the graph's signature). A node whose op cannot run on
+    FakeTensors keeps its recorded value and is marked eager. Raises VerificationError naming `who`.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    env: dict[fx.Node, Any] = {}
+
+    def load(a):
+        return fx.node.map_arg(a, lambda n: env[n])
+
+    for node in gm.graph.nodes:
+        old = node.meta.get("val")
+        if node.op == "placeholder":
+            if old is None:
+                raise VerificationError(f"{who}: input %{node.name} has no recorded type")
+            env[node] = _fake_of(mode, old)
+            continue
+        if node.op == "output":
+            continue
+        if node.op == "get_attr":
+            new = _fake_of(mode, _fetch_attr(gm, node.target))
+        else:
+            fn = node.target
+            if node.op == "call_module":
+                fn = gm.get_submodule(node.target)
+            elif node.op == "call_method":
+                args = load(node.args)
+                try:
+                    with mode:
+                        new = getattr(args[0], node.target)(*args[1:], **load(node.kwargs))
+                except Exception as e:  # noqa: BLE001 - any failure means the op has no fake support
+                    _mark_opaque(node, e)
+                    env[node] = _fake_of(mode, old) if old is not None else None
+                    continue
+                env[node] = new
+                _record(node, old, new, check, who)
+                continue
+            try:
+                with mode:
+                    new = fn(*load(node.args), **load(node.kwargs))
+            except Exception as e:  # noqa: BLE001
+                if check and not node.meta.get("fxcc_eager"):
+                    raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} fails on its "
+                                            f"operands: {type(e).__name__}: {e}") from e
+                _mark_opaque(node, e)
+                env[node] = _refake(mode, old)
+                continue
+        env[node] = new
+        _record(node, old, new, check, who)
+    if check:
+        gm.graph.lint()
+
+
+def _refake(mode: FakeTensorMode, old: Any) -> Any:
+    if isinstance(old, (list, tuple)):
+        return type(old)(_refake(mode, o) for o in old)
+    return _fake_of(mode, old)
+
+
+def _mark_opaque(node: fx.Node, e: Exception) -> None:
+    node.meta.setdefault("fxcc_eager", f"no shape function ({type(e).__name__})")
+
+
+def _same_type(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype and a.device == b.device
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_type(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) or not isinstance(a, torch.Tensor)
+
+
+def _record(node: fx.Node, old: Any, new: Any, check: bool, who: str) -> None:
+    if check and old is not None and not _same_type(old, new):
+        raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} is recorded as {type_str(old)} "
+                                f"but computes {type_str(new)}")
+    node.meta["val"] = new
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def output_types(gm: fx.GraphModule) -> list[str]:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    vals = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+    return [type_str(v.meta.get("val")) if isinstance(v, fx.Node) else type_str(v) for v in vals]
+
+
+def verify(gm: fx.GraphModule, expected_outputs: list[str] | None = None, who: str = "verify") -> None:
+    """Re-propagate shapes/dtypes with FakeTensors, check them against node metadata and the signature."""
+    propagate(gm, check=True, who=who)
+    if expected_outputs is not None:
+        got = output_types(gm)
+        if got != expected_outputs:
+            raise VerificationError(f"{who}: graph outputs changed from {expected_outputs} to {got}")

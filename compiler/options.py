@@ -1,0 +1,61 @@
+"""CompileOptions: every knob of a compile in one dataclass; environment variables only map onto it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+TARGETS = ("auto", "cpu", "cuda")
+TUNE_MODES = ("off", "cached", "search")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options of one `fxcc.compile`.
+
+    target: "auto" (the device of the model's parameters), "cpu" or "cuda".
+    passes: pipeline text; None means the default pipeline.
+    tune: "off" (defaults), "cached" (tuned parameters from the artifact cache), "search" (tune now).
+    plan: a plan file written by `fxcc search`.
+    quality_budget: largest quality loss approximate passes may spend.
+    verify_each: re-check shapes/dtypes with FakeTensors after every pass (env FXCC_VERIFY_EACH=1).
+    print_ir_after: pass names (or "all") whose output IR is printed (env FXCC_PRINT_IR_AFTER=raise,fuse).
+    max_variants: compiled variants (input shapes/dtypes) kept before new signatures run eagerly.
+    """
+
+    target: str = "auto"
+    passes: str | None = None
+    tune: str = "cached"
+    plan: str | None = None
+    quality_budget: float | None = None
+    verify_each: bool = False
+    print_ir_after: tuple[str, ...] = ()
+    max_variants: int = 8
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"fxcc: unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
+        if self.tune not in TUNE_MODES:
+            raise ValueError(f"fxcc: unknown tune mode {self.tune!r}; use one of {', '.join(TUNE_MODES)}")
+        if self.quality_budget is not None and not self.quality_budget >= 0:
+            raise ValueError(f"fxcc: quality_budget must be a number >= 0, got {self.quality_budget!r}")
+        if not isinstance(self.max_variants, int) or self.max_variants < 1:
+            raise ValueError(f"fxcc: max_variants must be a positive integer, got {self.max_variants!r}")
+        if self.passes is not None and not isinstance(self.passes, str):
+            raise TypeError(f"fxcc: passes must be a pipeline string, got {type(self.passes).__name__}")
+
+    def replace(self, **changes) -> CompileOptions:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def from_env(base: CompileOptions | None = None) -> CompileOptions:
+        """Apply FXCC_VERIFY_EACH and FXCC_PRINT_IR_AFTER on top of `base`."""
+        opts = base or CompileOptions()
+        env = os.environ
+        if env.get("FXCC_VERIFY_EACH", "").lower() in ("1", "true", "yes"):
+            opts = opts.replace(verify_each=True)
+        if env.get("FXCC_PRINT_IR_AFTER"):
+            names = tuple(x.strip() for x in env["FXCC_PRINT_IR_AFTER"].split(",") if x.strip())
+            opts = opts.replace(print_ir_after=opts.print_ir_after + names)
+        return opts

@@ -1,0 +1,273 @@
+"""CompiledModule: the callable `fxcc.compile` returns.
+
+Guards on the call's structure, tensor shapes/dtypes/devices, the module's training flag and its
+parameters (identity and version) select a compiled variant or compile a new one; past
+`max_variants` new signatures run eagerly with a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from . import ir
+from .capture import Captured, capture, check_call, describe, flatten_inputs
+from .dialects import KERNEL_OPS, KERNELS, dialect_of, op_name
+from .options import CompileOptions
+from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
+
+log = logging.getLogger("fxcc")
+
+
+class KernelCall(nn.Module):
+    """A kernel op in the executable graph: a direct call of what the backend built."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+        self.impl = KERNELS[key].impl or KERNELS[key].run
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.impl(inputs)
+
+
+@dataclass
+class Variant:
+    """One compiled signature: the IR after all passes, the executable built from it, and the pass log."""
+
+    captured: Captured
+    gm: fx.GraphModule
+    executable: fx.GraphModule
+    records: list[PassRecord]
+    compile_seconds: float
+
+    def run(self, flat: list[Any]) -> Any:
+        with torch.no_grad():
+            outs = self.executable(*flat)
+        return pytree.tree_unflatten(list(outs), self.captured.out_spec)
+
+
+@dataclass
+class _Eager:
+    reason: str
+
+    def run(self, flat: list[Any]) -> Any:  # never called: eager calls go through the module
+        raise AssertionError
+
+
+@dataclass
+class CompileStats:
+    compiles: int = 0
+    eager_calls: int = 0
+    param_recompiles: int = 0
+    history: list[str] = field(default_factory=list)
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device, x.layout)
+    try:
+        hash(x)
+        return ("const", type(x), x)
+    except TypeError:
+        return ("object", type(x), id(x))
+
+
+class CompiledModule:
+    """Callable with the original calling convention, backed by compiled variants chosen by guards."""
+
+    def __init__(self, module: nn.Module, options: CompileOptions, eager_call: Callable | None = None):
+        self.module = module
+        self.options = options
+        self.name = describe(module)
+        self._eager_call = eager_call or module
+        self._variants: dict[Any, Variant | _Eager] = {}
+        self._params: list[tuple[dict, str, torch.Tensor, int]] = []
+        self.stats = CompileStats()
+        self.capturing = False  # True while capture traces the module (a compiled class calls its original)
+        self._passes = parse_pipeline(options.passes or DEFAULT_PIPELINE)  # errors surface at compile()
+        try:
+            self.__signature__ = inspect.signature(getattr(module, "fn", module.forward))
+        except (TypeError, ValueError):
+            pass
+
+    # ------------------------------------------------- behaving like the module it compiles
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes come from the original module; its methods that return it return this instead."""
+        module = self.__dict__.get("module")
+        if module is None or name.startswith("__"):
+            raise AttributeError(name)
+        attr = getattr(module, name)
+        if inspect.ismethod(attr) and attr.__self__ is module:
+            @functools.wraps(attr)
+            def method(*args, **kwargs):
+                out = attr(*args, **kwargs)
+                return self if out is module else out
+            return method
+        return attr
+
+    def __repr__(self) -> str:
+        return f"fxcc.CompiledModule({self.module!r})"
+
+    # --------------------------------------------------------------------------------- calling
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat, key = self._guard(args, kwargs)
+        if self._params and not self._params_unchanged():
+            self.stats.param_recompiles += 1
+            log.info("fxcc: parameters of %s changed since compile; recompiling", self.name)
+            self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
+        variant = self._variants.get(key)
+        if variant is None:
+            variant = self._new_variant(args, kwargs, key)
+        if isinstance(variant, _Eager):
+            self.stats.eager_calls += 1
+            return self._eager_call(*args, **kwargs)
+        return variant.run(flat)
+
+    def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+        flat, spec = flatten_inputs(args, kwargs)
+        return flat, (spec, tuple(_leaf_key(x) for x in flat), self.module.training)
+
+    def warm(self, *args: Any, **kwargs: Any) -> None:
+        """Compile for these inputs now (as the first call would), without running the model."""
+        _, key = self._guard(args, kwargs)
+        if key not in self._variants:
+            self._new_variant(args, kwargs, key)
+
+    def _params_unchanged(self) -> bool:
+        return all(owner.get(name) is t and t._version == v for owner, name, t, v in self._params)
+
+    def _snapshot_params(self) -> None:
+        self._params = []
+        for mod in self.module.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in store.items():
+                    if t is not None:
+                        self._params.append((store, name, t, t._version))
+
+    # ------------------------------------------------------------------------------- compiling
+
+    def _new_variant(self, args: tuple, kwargs: dict, key: Any) -> Variant | _Eager:
+        compiled = [v for v in self._variants.values() if isinstance(v, Variant)]
+        if len(compiled) >= self.options.max_variants:
+            reason = (f"{self.name} already has {len(compiled)} compiled variants (max_variants="
+                      f"{self.options.max_variants}); this input signature runs eagerly")
+            warnings.warn(f"fxcc: {reason}. Use fixed input shapes or raise CompileOptions.max_variants.",
+                          stacklevel=3)
+            self._variants[key] = _Eager(reason)
+            return self._variants[key]
+        check_call(self.module, args, kwargs)
+        variant = self.compile_for(args, kwargs)
+        self._variants[key] = variant
+        self.stats.compiles += 1
+        self.stats.history.append(", ".join(ir.type_str(x) for x in flatten_inputs(args, kwargs)[0]))
+        return variant
+
+    def compile_for(self, args: tuple, kwargs: dict) -> Variant:
+        """Capture and compile for these example inputs (does not register the variant)."""
+        t0 = time.perf_counter()
+        self.capturing = True
+        try:
+            cap = capture(self.module, args, kwargs)
+        finally:
+            self.capturing = False
+        self._snapshot_params()
+        opts = CompileOptions.from_env(self.options)
+        pm = PassManager(self._passes, verify_each=opts.verify_each,
+                         print_ir_after=set(opts.print_ir_after), echo=bool(opts.print_ir_after))
+        ctx = PassContext(options=opts, module=self.module, example_inputs=(args, kwargs),
+                          target=resolve_target(opts.target, self.module, args, kwargs))
+        if opts.verify_each:
+            ir.verify(cap.gm, who="after capture")
+        gm = pm.run(cap.gm, ctx)
+        seconds = time.perf_counter() - t0
+        log.info("fxcc: compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
+        return Variant(cap, gm, build_executable(gm), pm.records, seconds)
+
+    # ------------------------------------------------------------------------------- reporting
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [v for v in self._variants.values() if isinstance(v, Variant)]
+
+    def explain(self, *, ir_after_each: bool = False) -> str:
+        """Capture method, what each pass did, the final IR and where every op runs."""
+        if not self.variants:
+            return f"{self.name}: not compiled yet (call it once, or use fxcc.explain with example inputs)"
+        return explain_variant(self.name, self.variants[-1], ir_after_each=ir_after_each)
+
+
+def resolve_target(target: str, module: nn.Module, args: tuple, kwargs: dict) -> str:
+    if target != "auto":
+        return target
+    tensors = [t for t in [*module.parameters(), *pytree.tree_leaves((args, kwargs))] if isinstance(t, torch.Tensor)]
+    return "cuda" if any(t.is_cuda for t in tensors) else "cpu"
+
+
+def build_executable(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the final IR where kernel ops call their built implementation directly."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in KERNEL_OPS:
+            sub = f"kernel_{node.args[1]}"
+            if not hasattr(gm, sub):
+                gm.add_module(sub, KernelCall(node.args[1]))
+            env[node] = graph.call_module(sub, (fx.node.map_arg(node.args[0], lambda n: env[n]),))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(gm, graph)  # takes the parameters, buffers and kernels the graph names
+
+
+def placement(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
+    """Where each compute op runs: (node, op, 'kernel.fused[kind] via backend' | 'eager: reason')."""
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or op_name(n.target) == "py.getitem":
+            continue
+        if n.op == "call_function" and n.target in KERNEL_OPS:
+            kb = KERNELS[n.args[1]]
+            ops = Counter(op_name(b.target) for b in kb.body.graph.nodes if b.op == "call_function")
+            rows.append((n.name, f"{op_name(n.target)}[{kb.kind}]",
+                         f"{kb.backend}: " + ", ".join(f"{k}" + (f" x{c}" if c > 1 else "") for k, c in ops.items())))
+        elif n.meta.get("fxcc_eager"):
+            name = op_name(n.target) if n.op == "call_function" else f"py.{n.op}:{n.target}"
+            rows.append((n.name, name, f"eager: {n.meta['fxcc_eager']}"))
+    return rows
+
+
+def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> str:
+    cap = v.captured
+    out = [f"== {name}: captured with {cap.method}" + (f" (torch.export failed: {cap.export_error})"
+                                                         if cap.export_error else "")]
+    out.append(f"compile time {v.compile_seconds:.2f} s")
+    out.append("\n== passes")
+    for r in v.records:
+        stats = ", ".join(f"{k}={c}" for k, c in r.result.stats.items()) or ("changed" if r.result.changed else "no change")
+        out.append(f"  {r.spec:<28} {r.seconds * 1e3:8.1f} ms  {stats}")
+    if ir_after_each:
+        for r in v.records:
+            if r.ir_after:
+                out.append(f"\n// -----// IR after {r.spec} //----- //\n{r.ir_after}")
+    out.append("\n== final IR\n" + ir.print_graph(v.gm))
+    rows = placement(v.gm)
+    eager = [r for r in rows if r[2].startswith("eager")]
+    dialects = Counter(dialect_of(n.target) for n in v.gm.graph.nodes if n.op == "call_function")
+    out.append(f"\n== where ops run ({len(rows) - len(eager)} kernels, {len(eager)} eager regions; "
+               f"ops by dialect: {dict(dialects)})")
+    for node, op, where in rows:
+        out.append(f"  %{node:<24} {op:<28} {where}")
+    return "\n".join(out)

@@ -1,0 +1,171 @@
+"""canonicalize: drop runtime asserts, fold parameter-only subgraphs into constants, CSE, DCE."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fxcc.pipeline import Pass, PassContext, PassResult, register
+
+aten = torch.ops.aten
+
+# Export-time checks that guard the traced shapes; fxcc's own guards cover them at the call boundary.
+_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+            aten.sym_constrain_range_for_size.default}
+# Value-preserving ops that only matter to autograd or to later mutation; with no mutation left in the
+# graph (inference), their result is their input.
+_IDENTITY = {aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.alias.default,
+             aten.clone.default, aten.contiguous.default}
+
+
+def _is_deterministic_op(node: fx.Node) -> bool:
+    t = node.target
+    if node.op != "call_function" or node.is_impure():
+        return False
+    if isinstance(t, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded not in t.tags and not t._schema.is_mutable
+    return t is operator.getitem
+
+
+def _is_view(node: fx.Node) -> bool:
+    t = node.target
+    return (t is operator.getitem or
+            (isinstance(t, torch._ops.OpOverload) and (torch.Tag.view_copy in t.tags or
+                                                      any(a.alias_info for a in t._schema.returns))))
+
+
+@register
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    """DCE, CSE and constant folding of parameter-only subgraphs (exact)."""
+
+    name = "canonicalize"
+    fold: bool = True
+    cse: bool = True
+    max_fold_mb: float = 256.0
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats = {"asserts": 0, "identity": 0, "folded": 0, "cse": 0, "dce": 0}
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in _ASSERTS:
+                gm.graph.erase_node(node)
+                stats["asserts"] += 1
+        stats["identity"] = _drop_identities(gm)
+        if self.fold:
+            stats["folded"] = self._fold(gm)
+        if self.cse:
+            stats["cse"] = _cse(gm)
+        before = len(gm.graph.nodes)
+        gm.graph.eliminate_dead_code()
+        stats["dce"] = before - len(gm.graph.nodes)
+        return PassResult(any(stats.values()), {k: v for k, v in stats.items() if v})
+
+    def _fold(self, gm: fx.GraphModule) -> int:
+        """Evaluate nodes computed only from parameters/buffers/constants; store results as buffers."""
+        const: dict[fx.Node, object] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                const[node] = _fetch(gm, node.target)
+            elif node.op == "call_function" and _is_deterministic_op(node):
+                inputs = node.all_input_nodes
+                if all(n in const for n in inputs):
+                    args = fx.node.map_arg(node.args, lambda n: const[n])
+                    kwargs = fx.node.map_arg(node.kwargs, lambda n: const[n])
+                    with torch.no_grad():
+                        const[node] = node.target(*args, **kwargs)
+        # materialise only the frontier: folded nodes used by non-folded ones, computed by a real op
+        folded = 0
+        budget = self.max_fold_mb * 2**20
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node not in const or _is_view(node):
+                continue
+            value = const[node]
+            if not isinstance(value, torch.Tensor):
+                continue
+            if all(u in const for u in node.users):
+                continue
+            size = value.numel() * value.element_size()
+            if size > budget:
+                continue
+            budget -= size
+            name = _fresh(gm, f"_folded_{node.name}")
+            gm.register_buffer(name, value.contiguous() if not value.is_contiguous() else value, persistent=False)
+            with gm.graph.inserting_before(node):
+                attr = gm.graph.get_attr(name)
+            attr.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
+            node.replace_all_uses_with(attr)
+            folded += 1
+        return folded
+
+
+def _drop_identities(gm: fx.GraphModule) -> int:
+    """Forward detach/clone/lift_fresh_copy to their input when nothing in the graph mutates a value."""
+    mutating = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                and n.target._schema.is_mutable and n.target is not aten.detach_.default]
+    if mutating:
+        return 0
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _IDENTITY and not node.kwargs.get("memory_format"):
+            src = node.args[0]
+            if node.target is aten.detach_.default and any(u.op == "output" for u in node.users):
+                continue
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            dropped += 1
+    return dropped
+
+
+def _fresh(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _freeze(a):
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_freeze(x) for x in a))
+    if isinstance(a, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in a.items()))
+    if isinstance(a, fx.Node):
+        return ("node", a)
+    if isinstance(a, float):
+        return ("float", a)
+    if isinstance(a, (int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return (type(a).__name__, a)
+    raise TypeError
+
+
+def _cse(gm: fx.GraphModule) -> int:
+    seen: dict[object, fx.Node] = {}
+    hits = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            key = ("get_attr", node.target)
+        elif node.op == "call_function" and _is_deterministic_op(node):
+            try:
+                key = (node.target, _freeze(node.args), _freeze(node.kwargs))
+            except TypeError:
+                continue
+        else:
+            continue
+        prev = seen.get(key)
+        if prev is None:
+            seen[key] = node
+        else:
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+            hits += 1
+    return hits

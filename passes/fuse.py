@@ -1,0 +1,227 @@
+"""fuse: group aten/tx ops into `kernel` ops (the lowering that decides fusion; codegen only emits).
+
+Groups grow greedily in program order. A group has at most one anchor (a gemm or a reduction);
+pointwise ops join the group of a producer (as prologue of a reduction or epilogue of an anchor);
+views join their producer's group and never start one. Ops run by a library form single-op `extern`
+kernels. Ops fxcc does not know (user custom ops, mutating ops, ops without shape functions, Python
+calls) stay in the graph and run eagerly, marked with the reason, which `fxcc explain` reports.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fxcc import ir
+from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody, op_name
+from fxcc.pipeline import Pass, PassContext, PassResult, register
+
+aten = torch.ops.aten
+tx = torch.ops.fxcc_tx
+
+GEMM = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default,
+        aten.baddbmm.default}
+REDUCTION = {tx.rms_norm.default, tx.layer_norm.default, tx.softmax.default, aten.softmax.int,
+             aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
+             aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
+             aten.amin.default, aten.var.correction, aten.max.dim, aten.min.dim}
+POINTWISE_TX = {tx.gelu.default, tx.silu.default, tx.gated_act.default, tx.rotary.default}
+POINTWISE_EXTRA = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default,
+                   aten.contiguous.default, aten.type_as.default, aten.alias.default}
+
+
+def classify(node: fx.Node) -> tuple[str, str]:
+    """(category, reason): category is gemm | reduction | pointwise | view | extern | eager."""
+    if node.meta.get("fxcc_eager"):
+        return "eager", node.meta["fxcc_eager"]
+    if node.op != "call_function":
+        return "eager", f"{node.op} {node.target!r} is not an op fxcc lowers"
+    t = node.target
+    if t is operator.getitem:
+        return "view", ""
+    if not isinstance(t, torch._ops.OpOverload):
+        return "eager", f"Python call {op_name(t)} is not an op fxcc lowers"
+    if t.namespace not in ("aten", "fxcc_tx", "prims"):
+        return "eager", f"{op_name(t)} is not an aten/tx op; fxcc has no lowering for it"
+    if t._schema.is_mutable:
+        return "eager", f"{op_name(t)} mutates its inputs"
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return "extern", ""  # multi-output ops
+    if t in GEMM:
+        return "gemm", ""
+    if t in REDUCTION:
+        return "reduction", ""
+    if t in POINTWISE_TX or t in POINTWISE_EXTRA or torch.Tag.pointwise in t.tags:
+        return "pointwise", ""
+    if any(r.alias_info is not None for r in t._schema.returns) or t in (aten.reshape.default, aten.flatten.using_ints):
+        return "view", ""
+    return "extern", ""
+
+
+@dataclass(eq=False)
+class Group:
+    kind: str  # pointwise | reduction | gemm | extern
+    first: int
+    members: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def anchored(self) -> bool:
+        return self.kind != "pointwise"
+
+
+@register
+@dataclass(frozen=True)
+class Fuse(Pass):
+    """Fusion grouping: aten/tx ops -> kernel.fused / kernel.extern ops (exact)."""
+
+    name = "fuse"
+    reads = "tx"
+    writes = "kernel"
+    max_group: int = 64
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        nodes = list(gm.graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        group_of: dict[fx.Node, Group] = {}
+        groups: list[Group] = []
+        eager = 0
+        for node in nodes:
+            if node.op in ("placeholder", "get_attr", "output"):
+                continue
+            cat, reason = classify(node)
+            if cat == "eager":
+                node.meta["fxcc_eager"] = reason
+                eager += 1
+                continue
+            target = self._choose(node, cat, group_of, pos)
+            if target is None:
+                if cat == "view":
+                    continue  # a view of a graph input or of an eager value stays a plain view
+                target = Group("pointwise" if cat == "pointwise" else cat, pos[node])
+                groups.append(target)
+            elif cat in ("reduction", "gemm"):
+                target.kind = cat
+            target.members.append(node)
+            group_of[node] = target
+        kept = [g for g in groups if _outputs_are_tensors(g, group_of)]
+        stats = _rebuild(gm, nodes, pos, {n: g for n, g in group_of.items() if g in kept}, kept)
+        if eager:
+            stats["eager"] = eager
+        return PassResult(bool(kept), stats)
+
+    def _choose(self, node: fx.Node, cat: str, group_of: dict, pos: dict) -> Group | None:
+        """The producer group `node` may join, or None for a group of its own."""
+        if cat in ("gemm", "extern"):
+            return None
+        candidates = []
+        for x in node.all_input_nodes:
+            g = group_of.get(x)
+            if g is None or g in candidates or len(g.members) >= self.max_group:
+                continue
+            if cat == "pointwise" and g.kind == "extern":
+                continue
+            if cat == "reduction" and g.anchored:
+                continue
+            candidates.append(g)
+        for g in sorted(candidates, key=lambda g: -g.first):
+            if not any(x not in g.members and _depends_on(x, g, group_of, pos) for x in node.all_input_nodes):
+                return g
+        return None
+
+
+def _depends_on(x: fx.Node, g: Group, group_of: dict, pos: dict) -> bool:
+    """Whether value `x` is computed from group `g` (so `g` taking a consumer of `x` would make a cycle)."""
+    stack, seen = [x], set()
+    while stack:
+        y = stack.pop()
+        if y in seen or pos[y] < g.first:
+            continue
+        seen.add(y)
+        h = group_of.get(y)
+        if h is g:
+            return True
+        stack.extend(i for m in (h.members if h else [y]) for i in m.all_input_nodes)
+    return False
+
+
+def _outputs_are_tensors(g: Group, group_of: dict) -> bool:
+    return all(isinstance(m.meta.get("val"), torch.Tensor)
+               for m in g.members if any(group_of.get(u) is not g for u in m.users))
+
+
+def _rebuild(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict, group_of: dict, groups: list[Group]) -> dict:
+    """Emit a new graph: groups become kernel ops, placed by a stable topological order of the units."""
+    def unit(n):
+        return group_of.get(n, n)
+
+    def members(u):
+        return u.members if isinstance(u, Group) else [u]
+
+    units = list(dict.fromkeys(unit(n) for n in nodes))
+    deps = {u: {unit(i) for m in members(u) for i in m.all_input_nodes} - {u} for u in units}
+    users: dict = {u: [] for u in units}
+    for u, ds in deps.items():
+        for d in ds:
+            users[d].append(u)
+    first = {u: min(pos[m] for m in members(u)) for u in units}
+    order = {u: i for i, u in enumerate(units)}
+    waiting = {u: len(ds) for u, ds in deps.items()}
+    ready = [(first[u], order[u], u) for u in units if waiting[u] == 0]
+    heapq.heapify(ready)
+    graph, env = fx.Graph(), {}
+    stats = {"kernels": 0, "extern": 0}
+    output_node = None
+    while ready:
+        _, _, u = heapq.heappop(ready)
+        if isinstance(u, Group):
+            _emit_group(graph, env, u, group_of, stats)
+        elif u.op == "output":
+            output_node = u
+        else:
+            env[u] = graph.node_copy(u, lambda n: env[n])
+        for v in users[u]:
+            waiting[v] -= 1
+            if waiting[v] == 0:
+                heapq.heappush(ready, (first[v], order[v], v))
+    graph.node_copy(output_node, lambda n: env[n])
+    gm.graph = graph
+    stats["unique"] = len({n.args[1] for n in graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS})
+    return {k: v for k, v in stats.items() if v}
+
+
+def _emit_group(graph: fx.Graph, env: dict, g: Group, group_of: dict, stats: dict) -> None:
+    inputs = list(dict.fromkeys(i for m in g.members for i in m.all_input_nodes if group_of.get(i) is not g))
+    outputs = [m for m in g.members if any(group_of.get(u) is not g for u in m.users)]
+    kb = _register_body(g, inputs, outputs)
+    op = torch.ops.fxcc_kernel.extern.default if g.kind == "extern" else torch.ops.fxcc_kernel.fused.default
+    call = graph.create_node("call_function", op, ([env[i] for i in inputs], kb.key), name=g.kind)
+    call.meta["val"] = [o.meta["val"] for o in outputs]
+    call.meta["nn_module_stack"] = g.members[-1].meta.get("nn_module_stack", {})
+    for j, o in enumerate(outputs):
+        get = graph.call_function(operator.getitem, (call, j))
+        get.meta = {"val": o.meta["val"]}
+        env[o] = get
+    stats["extern" if g.kind == "extern" else "kernels"] += 1
+
+
+def _register_body(g: Group, inputs: list[fx.Node], outputs: list[fx.Node]) -> KernelBody:
+    """The group as a GraphModule with canonical names, so identical layers share one kernel."""
+    body, env = fx.Graph(), {}
+    for i, x in enumerate(inputs):
+        env[x] = body.placeholder(f"in{i}")
+        env[x].meta["val"] = x.meta.get("val")
+    for i, m in enumerate(g.members):
+        env[m] = body.create_node("call_function", m.target, fx.node.map_arg(m.args, lambda n: env[n]),
+                                  fx.node.map_arg(m.kwargs, lambda n: env[n]), name=f"v{i}")
+        env[m].meta["val"] = m.meta.get("val")
+    body.output(tuple(env[o] for o in outputs))
+    body_gm = fx.GraphModule(torch.nn.Module(), body)
+    text = ir.print_graph(body_gm, name=g.kind)
+    key = f"k{ir.fingerprint(text)}"
+    if key not in KERNELS:
+        KERNELS[key] = KernelBody(key, g.kind, body_gm, text)
+    return KERNELS[key]
