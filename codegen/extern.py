@@ -6,11 +6,10 @@ dispatcher, so a kernel costs what the equivalent eager code costs.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
-
 from fxcc.dialects import TX_OPS, KernelBody
 
 name = "extern"
@@ -18,14 +17,19 @@ name = "extern"
 _DIRECT = {getattr(torch.ops.fxcc_tx, n).default: op._init_fn for n, op in TX_OPS.items()}
 
 
-def build(kb: KernelBody) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """A callable running the kernel body with plain torch calls."""
+def inline_graph(kb: KernelBody) -> fx.Graph:
+    """The kernel body with tx ops calling their reference functions: what the runtime splices in place."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(kb.body.graph, {}))
     for node in graph.nodes:
         if node.op == "call_function" and node.target in _DIRECT:
             node.target = _DIRECT[node.target]
-    fn = fx.GraphModule(kb.body, graph)
+    return graph
+
+
+def build(kb: KernelBody) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """A callable running the kernel body with plain torch calls."""
+    fn = fx.GraphModule(kb.body, inline_graph(kb))
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return fn(*inputs)

@@ -8,8 +8,8 @@ from .pipeline import DEFAULT_PIPELINE, Pass, PassContext, PassResult, PipelineE
 from .runtime import CompiledModule
 
 __all__ = [
-    "compile", "explain", "CompileOptions", "CompiledModule", "CaptureError", "PipelineError",
-    "VerificationError", "Pass", "PassContext", "PassResult", "register", "parse_pipeline", "print_graph",
-    "DEFAULT_PIPELINE",
+    "compile", "explain", "register_torch_backend", "CompileOptions", "CompiledModule", "CaptureError",
+    "PipelineError", "VerificationError", "Pass", "PassContext", "PassResult", "register", "parse_pipeline",
+    "print_graph", "DEFAULT_PIPELINE",
 ]
 __version__ = "0.1.0"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from .options import CompileOptions
 from .pipeline import parse_pipeline
@@ -40,7 +42,8 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
     if opts.plan is not None:
         raise NotImplementedError(f"fxcc: plan={opts.plan!r}: plan files are written by `fxcc search`, which this "
                                   "version does not include yet; compile without plan=")
-    parse_pipeline(opts.passes or "default")  # a bad pipeline fails here, not at the first call
+    # a bad pipeline fails here, not at the first call
+    parse_pipeline("default" if opts.passes is None else opts.passes)
     if model is None:
         return lambda m: compile(m, options=opts)
     return _wrap(model, opts)
@@ -75,13 +78,19 @@ def _compile_class(cls: type[nn.Module], opts: CompileOptions) -> type[nn.Module
         if compiled is None:
             compiled = CompiledModule(self, opts, eager_call=functools.partial(nn.Module.__call__, self))
             self.__dict__["_fxcc_compiled"] = compiled
-        if compiled.capturing:
+        if compiled.capturing or _tracing(args, kwargs):
             return nn.Module.__call__(self, *args, **kwargs)
         return compiled(*args, **kwargs)
 
     sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                       "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
     return sub
+
+
+def _tracing(args: tuple, kwargs: dict) -> bool:
+    """Inside the capture of an enclosing model (export, dynamo, symbolic_trace): its graph takes our ops."""
+    return torch.compiler.is_compiling() or any(isinstance(a, torch.fx.Proxy)
+                                                for a in pytree.tree_leaves((args, kwargs)))
 
 
 def explain(model: Any, *args: Any, passes: str | None = None, ir_after_each: bool = True, **kwargs: Any) -> str:
@@ -91,6 +100,7 @@ def explain(model: Any, *args: Any, passes: str | None = None, ir_after_each: bo
         cm = CompiledModule(model, opts)
     else:
         cm = CompiledModule(FunctionModule(model), opts)
+    cm.echo_ir = False  # the IR goes into the returned report, not onto stdout as well
     cm(*args, **kwargs)
     return cm.explain(ir_after_each=ir_after_each)
 
@@ -99,7 +109,9 @@ def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *
     """`torch.compile(m, backend="fxcc")`: dynamo hands over an FX graph; fxcc compiles it for these inputs."""
     options = kwargs.get("options") or {}
     cm = CompiledModule(gm, CompileOptions(**options) if isinstance(options, dict) else options)
-    cm.warm(*example_inputs)  # compile now, so dynamo reports failures at compile time
+    # with dynamic shapes dynamo passes sizes as SymInts; calls bring plain ints, so compile for the hint
+    example = [x.node.hint if isinstance(x, torch.SymInt) and x.node.has_hint() else x for x in example_inputs]
+    cm.warm(*example)  # compile now, so dynamo reports failures at compile time
 
     def run(*args):
         return cm(*args)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import linecache
 import os
+import sys
+import sysconfig
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -139,16 +141,25 @@ def _record_values(gm: fx.GraphModule, flat: list[Any]) -> None:
 
 def _user_frame(*excs: BaseException) -> traceback.FrameSummary | None:
     """The innermost frame of the model's own code (not torch, not fxcc, not the standard library)."""
-    skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)),
-            os.path.dirname(os.__file__)]
+    # fxcc's own folders only: the repository around them (tests, examples) is user code
+    fxcc_dirs = [os.path.dirname(sys.modules[m].__file__) for m in ("fxcc", "fxcc.passes", "fxcc.codegen",
+                                                                    "fxcc.autotune") if m in sys.modules]
+    paths = sysconfig.get_paths()
+    site = (paths["purelib"], paths["platlib"])
+
+    def ours(path: str) -> bool:
+        def under(d: str) -> bool:
+            return path.startswith(os.path.join(os.path.abspath(d), ""))
+        return (any(under(d) for d in (os.path.dirname(torch.__file__), *fxcc_dirs))
+                or (under(paths["stdlib"]) and not any(under(d) for d in site)))
+
     best = None
     for exc in excs:
         seen = set()
         while exc is not None and id(exc) not in seen:
             seen.add(id(exc))
             for fr in traceback.extract_tb(exc.__traceback__):
-                path = os.path.abspath(fr.filename)
-                if not any(path.startswith(s) for s in skip) and not fr.filename.startswith("<"):
+                if not ours(os.path.abspath(fr.filename)) and not fr.filename.startswith("<"):
                     best = fr
             if best is not None:
                 return best

@@ -155,7 +155,8 @@ class KernelBody:
     """One kernel: a GraphModule body over aten/tx ops, its kind and its canonical text (the hash input).
 
     `impl` is what codegen built for it (a callable taking a list of tensors, returning a list); until a
-    backend builds one, the body runs as written.
+    backend builds one, the body runs as written. `inline`, when a backend sets it, is a graph the
+    runtime splices into the executable instead of calling `impl`.
     """
 
     key: str
@@ -163,6 +164,7 @@ class KernelBody:
     body: torch.fx.GraphModule
     text: str
     impl: Any = None
+    inline: torch.fx.Graph | None = None
     backend: str = "reference"
     info: dict = field(default_factory=dict)
 

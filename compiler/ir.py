@@ -11,7 +11,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
 
 from .dialects import KERNEL_OPS, KERNELS, op_name
 
@@ -212,7 +217,7 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
                 with mode:
                     new = fn(*load(node.args), **load(node.kwargs))
             except Exception as e:  # noqa: BLE001
-                if check and not node.meta.get("fxcc_eager"):
+                if check and not node.meta.get("fxcc_eager") and _has_shape_function(node.target, e):
                     raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} fails on its "
                                             f"operands: {type(e).__name__}: {e}") from e
                 _mark_opaque(node, e)
@@ -222,6 +227,17 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
         _record(node, old, new, check, who)
     if check:
         gm.graph.lint()
+
+
+def _has_shape_function(target: Any, e: Exception) -> bool:
+    """Whether a FakeTensor failure of `target` is a shape error, not a missing fake kernel.
+
+    aten/prims ops and fxcc's dialects always have one; a user's op or Python call may have none.
+    """
+    if isinstance(e, (UnsupportedOperatorException, DynamicOutputShapeException, DataDependentOutputException)):
+        return False
+    return isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims", "fxcc_tx",
+                                                                               "fxcc_kernel")
 
 
 def _refake(mode: FakeTensorMode, old: Any) -> Any:

@@ -142,6 +142,8 @@ def parse_pipeline(text: str) -> list[Pass]:
 def _parse_options(text: str, start: int, end: int) -> list[tuple[str, str, int, int]]:
     out = []
     pos = start
+    if not text[start:end].strip():
+        return out  # `name{}`: no options
     for part in text[start:end].split(","):
         col = pos + len(part) - len(part.lstrip())
         if "=" not in part:

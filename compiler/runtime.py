@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import operator
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -93,10 +95,12 @@ class CompiledModule:
         self.name = describe(module)
         self._eager_call = eager_call or module
         self._variants: dict[Any, Variant | _Eager] = {}
-        self._params: list[tuple[dict, str, torch.Tensor, int]] = []
+        self._params: list[tuple[dict, str, Any, int | None]] = []  # (owner dict, name, object, version)
         self.stats = CompileStats()
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
-        self._passes = parse_pipeline(options.passes or DEFAULT_PIPELINE)  # errors surface at compile()
+        self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
+        # errors surface at compile(); only None means the default ("" is an empty, malformed pipeline)
+        self._passes = parse_pipeline(DEFAULT_PIPELINE if options.passes is None else options.passes)
         try:
             self.__signature__ = inspect.signature(getattr(module, "fn", module.forward))
         except (TypeError, ValueError):
@@ -148,11 +152,13 @@ class CompiledModule:
             self._new_variant(args, kwargs, key)
 
     def _params_unchanged(self) -> bool:
-        return all(owner.get(name) is t and t._version == v for owner, name, t, v in self._params)
+        return all(owner.get(name) is t and (v is None or t._version == v) for owner, name, t, v in self._params)
 
     def _snapshot_params(self) -> None:
+        """Parameters and buffers by identity and version; submodules by identity (replacing one counts)."""
         self._params = []
         for mod in self.module.modules():
+            self._params.extend((mod._modules, name, sub, None) for name, sub in mod._modules.items())
             for store in (mod._parameters, mod._buffers):
                 for name, t in store.items():
                     if t is not None:
@@ -187,7 +193,8 @@ class CompiledModule:
         self._snapshot_params()
         opts = CompileOptions.from_env(self.options)
         pm = PassManager(self._passes, verify_each=opts.verify_each,
-                         print_ir_after=set(opts.print_ir_after), echo=bool(opts.print_ir_after))
+                         print_ir_after=set(opts.print_ir_after),
+                         echo=self.echo_ir and bool(opts.print_ir_after))
         ctx = PassContext(options=opts, module=self.module, example_inputs=(args, kwargs),
                           target=resolve_target(opts.target, self.module, args, kwargs))
         if opts.verify_each:
@@ -218,15 +225,23 @@ def resolve_target(target: str, module: nn.Module, args: tuple, kwargs: dict) ->
 
 
 def build_executable(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the final IR where kernel ops call their built implementation directly."""
+    """A copy of the final IR where kernel ops call what their backend built, or are spliced in inline."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in KERNEL_OPS:
-            sub = f"kernel_{node.args[1]}"
+            kb = KERNELS[node.args[1]]
+            inputs = [env[i] for i in node.args[0]]
+            if kb.inline is not None:
+                params = [n for n in kb.inline.nodes if n.op == "placeholder"]
+                env[node] = graph.graph_copy(kb.inline, dict(zip(params, inputs)))
+                continue
+            sub = f"kernel_{kb.key}"
             if not hasattr(gm, sub):
-                gm.add_module(sub, KernelCall(node.args[1]))
-            env[node] = graph.call_module(sub, (fx.node.map_arg(node.args[0], lambda n: env[n]),))
+                gm.add_module(sub, KernelCall(kb.key))
+            env[node] = graph.call_module(sub, (inputs,))
+        elif node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+            env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined kernel
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     return fx.GraphModule(gm, graph)  # takes the parameters, buffers and kernels the graph names

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-
 from fxcc.pipeline import Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
@@ -87,6 +86,8 @@ class Canonicalize(Pass):
                 continue
             if all(u in const for u in node.users):
                 continue
+            if any(u.op == "output" for u in node.users):
+                continue  # a returned constant would be one tensor shared by every call's result
             size = value.numel() * value.element_size()
             if size > budget:
                 continue

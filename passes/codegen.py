@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
-
 from fxcc.codegen import extern
 from fxcc.dialects import KERNEL_OPS, KERNELS
 from fxcc.pipeline import Pass, PassContext, PassResult, register
@@ -37,6 +36,8 @@ class Codegen(Pass):
             backend = BACKENDS["extern" if self.backend == "auto" else self.backend]
             kb.impl = backend.build(kb)
             kb.backend = backend.name
+            if backend is extern:  # torch calls gain nothing from a call boundary: the runtime inlines them
+                kb.inline = extern.inline_graph(kb)
             built += 1
         # the graph is unchanged: kernels are looked up by key at run time
         return PassResult(False, {"kernels": len(keys), "built": built})

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-
 from fxcc import ir
 from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody, op_name
 from fxcc.pipeline import Pass, PassContext, PassResult, register

@@ -27,8 +27,15 @@ tx = torch.ops.fxcc_tx
 
 def _pairs(node: fx.Node) -> list[tuple[Any, Any]]:
     """Both operand orders of a commutative binary op."""
+    if len(node.args) < 2:
+        return []
     a, b = node.args[:2]
     return [(a, b), (b, a)]
+
+
+def _other(node: Any, x: Any) -> Any:
+    """The operand of binary `node` that is not `x`; None when `x` is not one of them."""
+    return next((b for a, b in _pairs(node) if a is x), None) if x is not None else None
 
 
 def _const(x: Any) -> float | None:
@@ -97,6 +104,9 @@ class RMSNorm(Pattern):
         # Llama scales the fp32 copy, T5 the input it was cast from; both round the same
         if x is not xf and (_cast(xf) or (None,))[0] is not x:
             return False
+        src = _cast(xf)
+        if src is not None and val(src[0]).dtype == torch.float32:  # normalise x, not its no-op copy
+            xf = src[0]
         rw.replace(node, rw.call(tx.rms_norm.default, (xf, None, eps), at=node))
         return True
 
@@ -112,13 +122,13 @@ class RMSNormCastBack(Pattern):
         norm, dtype = cast
         if not is_op(norm, tx.rms_norm.default) or norm.args[1] is not None or len(norm.users) != 1:
             return False
-        if dtype == val(norm).dtype:  # a cast to the dtype it already has
-            rw.replace(node, norm)
-            return True
-        src = _cast(norm.args[0])
-        if src is None or val(src[0]).dtype != dtype:
+        x, _, eps = norm.args
+        src = _cast(x)
+        if src is not None and val(src[0]).dtype == dtype:
+            x = src[0]
+        elif dtype != val(norm).dtype:  # only a cast to the dtype it already has can go
             return False
-        rw.replace(node, rw.call(tx.rms_norm.default, (src[0], None, norm.args[2]), at=node))
+        rw.replace(node, rw.call(tx.rms_norm.default, (x, None, eps), at=node))
         return True
 
 
@@ -170,13 +180,14 @@ def _ungroup(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node]:
     return gk, gv
 
 
-def _attention(node: fx.Node, rw: Rewriter, q: Any, k: Any, v: Any, mask: Any, scale: float,
-               is_causal: bool) -> bool:
-    if not all(isinstance(t, fx.Node) and val(t).dim() == 4 for t in (q, k, v)):
-        return False
+def _attention(node: fx.Node, rw: Rewriter, q: fx.Node, k: fx.Node, v: fx.Node, mask: Any, scale: float,
+               is_causal: bool) -> None:
     k, v = _ungroup(k, v)
     rw.replace(node, rw.call(tx.attention.default, (q, k, v, mask, scale, is_causal), at=node))
-    return True
+
+
+def _bhtd(*ts: Any) -> bool:
+    return all(isinstance(t, fx.Node) and val(t).dim() == 4 for t in ts)
 
 
 class SDPA(Pattern):
@@ -188,9 +199,12 @@ class SDPA(Pattern):
         if not is_op(node, aten.scaled_dot_product_attention.default) or arg(node, 4, "dropout_p", 0.0) != 0:
             return False
         q, k, v = node.args[:3]
+        if not _bhtd(q, k, v):
+            return False
         scale = node.kwargs.get("scale")
         scale = 1.0 / math.sqrt(val(q).shape[-1]) if scale is None else float(scale)
-        return _attention(node, rw, q, k, v, arg(node, 3, "attn_mask"), scale, bool(arg(node, 5, "is_causal")))
+        _attention(node, rw, q, k, v, arg(node, 3, "attn_mask"), scale, bool(arg(node, 5, "is_causal")))
+        return True
 
 
 def _no_dropout(node: Any) -> Any:
@@ -243,37 +257,46 @@ class EagerAttention(Pattern):
         if not is_op(node, aten.matmul.default):
             return False
         p, v = node.args
+        if len(p.users) != 1 or len(_no_dropout(p).users) != 1:  # probabilities wanted elsewhere: keep them
+            return False
         if (s := _softmax_input(_no_dropout(p))) is None or (found := _scores(s)) is None:
             return False
         qk, scale, masks = found
         q, kt = qk.args
-        if (k := _transposed(kt)) is None:
+        if (k := _transposed(kt)) is None or not _bhtd(q, k, v):
             return False
         mask = masks[0] if masks else None
         for m in masks[1:]:  # T5: position bias + padding mask, summed once instead of per score
             mask = rw.call(aten.add.Tensor, (mask, m), at=node)
-        return _attention(node, rw, q, k, v, mask, scale, False)
+        _attention(node, rw, q, k, v, mask, scale, False)
+        if p is not _no_dropout(p) and not p.users:  # DCE keeps dropout (a random op) even in eval
+            rw.gm.graph.erase_node(p)
+        return True
 
 
 # -------------------------------------------------------------------------------------------- rotary
 
 
+def _bounds(s: Any, x: fx.Node) -> tuple[int, int] | None:
+    """(start, end) of s = x[..., start:end] on x's last dimension, clamped as Python clamps slices."""
+    if not is_op(s, aten.slice.Tensor) or s.args[0] is not x or arg(s, 4, "step", 1) != 1:
+        return None
+    if not _last_dim(x, arg(s, 1, "dim", 0)):
+        return None
+    return slice(arg(s, 2, "start"), arg(s, 3, "end")).indices(val(x).shape[-1])[:2]
+
+
 def _rotate_half_source(node: Any) -> fx.Node | None:
-    """x for node = cat(-x[..., h:], x[..., :h], -1) with h half the last dimension."""
+    """x for node = cat(-x[..., h:], x[..., :h], -1) with h half of x's last dimension."""
     if not is_op(node, aten.cat.default) or not _last_dim(node, arg(node, 1, "dim", 0)):
         return None
     parts = node.args[0]
-    if len(parts) != 2 or not is_op(parts[0], aten.neg.default):
+    if len(parts) != 2 or not is_op(parts[0], aten.neg.default) or not is_op(parts[0].args[0], aten.slice.Tensor):
         return None
-    hi, lo = parts[0].args[0], parts[1]
-    if not (is_op(hi, aten.slice.Tensor) and is_op(lo, aten.slice.Tensor)) or hi.args[0] is not lo.args[0]:
+    x = parts[0].args[0].args[0]
+    n = val(x).shape[-1]
+    if n % 2 or _bounds(parts[0].args[0], x) != (n // 2, n) or _bounds(parts[1], x) != (0, n // 2):
         return None
-    x = hi.args[0]
-    half, rem = divmod(val(x).shape[-1], 2)
-    for s, start, end in ((hi, half, val(x).shape[-1]), (lo, 0, half)):
-        if (rem or not _last_dim(x, arg(s, 1, "dim", 0)) or arg(s, 4, "step", 1) != 1
-                or (arg(s, 2, "start") or 0) != start or min(arg(s, 3, "end") or end, end) != end):
-            return None
     return x
 
 
@@ -285,12 +308,12 @@ class Rotary(Pattern):
     def match_and_rewrite(self, node: fx.Node, rw: Rewriter) -> bool:
         if not is_op(node, aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1:
             return False
-        if not all(is_op(a, aten.mul.Tensor) for a in node.args[:2]):
-            return False
-        for a, b in _pairs(node):
-            for rot, sin in _pairs(b):
+        for x_cos, rot_sin in _pairs(node):
+            if not (is_op(x_cos, aten.mul.Tensor) and is_op(rot_sin, aten.mul.Tensor)):
+                return False
+            for rot, sin in _pairs(rot_sin):
                 x = _rotate_half_source(rot)
-                cos = next((c for t, c in _pairs(a) if t is x), None) if x is not None else None
+                cos = _other(x_cos, x)
                 if isinstance(cos, fx.Node) and isinstance(sin, fx.Node):
                     rw.replace(node, rw.call(tx.rotary.default, (x, cos, sin), at=node))
                     return True

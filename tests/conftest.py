@@ -1,0 +1,59 @@
+"""Shared test helpers: golden-file comparison and output comparison over every tensor leaf."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def check_golden(name: str, text: str) -> None:
+    """Compare `text` with tests/golden/<name>; FXCC_UPDATE_GOLDEN=1 rewrites the file instead."""
+    path = GOLDEN_DIR / name
+    text = text.rstrip("\n") + "\n"
+    if os.environ.get("FXCC_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing; run with FXCC_UPDATE_GOLDEN=1 to write it")
+    expected = path.read_text()
+    assert text == expected, (f"output differs from {path} (FXCC_UPDATE_GOLDEN=1 rewrites it)\n"
+                              f"--- expected\n{expected}\n--- got\n{text}")
+
+
+@pytest.fixture
+def golden():
+    return check_golden
+
+
+def tensor_leaves(x: Any, path: str = "out") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a model output, with where it sits: ModelOutputs, dicts, sequences, KV caches."""
+    if isinstance(x, torch.Tensor):
+        return [(path, x)]
+    if isinstance(x, dict):  # also transformers ModelOutput (an OrderedDict)
+        return [leaf for k, v in x.items() for leaf in tensor_leaves(v, f"{path}.{k}")]
+    if isinstance(x, (list, tuple)):
+        return [leaf for i, v in enumerate(x) for leaf in tensor_leaves(v, f"{path}[{i}]")]
+    layers = getattr(x, "layers", None)  # transformers Cache: per-layer keys and values
+    if layers is not None:
+        return [leaf for i, layer in enumerate(layers)
+                for name in ("keys", "values") for leaf in tensor_leaves(getattr(layer, name, None),
+                                                                         f"{path}.layers[{i}].{name}")]
+    return []
+
+
+def assert_outputs_close(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Same output structure (types included) and every tensor leaf equal within tolerance."""
+    assert type(got) is type(expected), f"output type {type(got).__name__}, expected {type(expected).__name__}"
+    g, e = tensor_leaves(got), tensor_leaves(expected)
+    assert [p for p, _ in g] == [p for p, _ in e], "output structure differs"
+    assert e, "no tensors to compare"
+    for (path, a), (_, b) in zip(g, e):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, p=path: f"{p}: {m}")

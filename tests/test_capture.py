@@ -1,0 +1,188 @@
+"""Capture: torch.export first, symbolic_trace as fallback, and a CaptureError naming the user's line."""
+
+from __future__ import annotations
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+from fxcc.capture import capture, flatten_inputs
+
+CALLS = {"scaled_sin": 0, "no_fake_cos": 0}
+
+
+@torch.library.custom_op("fxcc_test_capture::scaled_sin", mutates_args=())
+def scaled_sin(x: torch.Tensor, scale: float) -> torch.Tensor:
+    CALLS["scaled_sin"] += 1
+    return torch.sin(x) * scale
+
+
+@scaled_sin.register_fake
+def _(x, scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxcc_test_capture::no_fake_cos", mutates_args=())
+def no_fake_cos(x: torch.Tensor) -> torch.Tensor:
+    CALLS["no_fake_cos"] += 1
+    return torch.cos(x) * 3
+
+
+class WithCustomOp(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.op = op
+
+    def forward(self, x):
+        return self.b(self.op(torch.relu(self.a(x)))) + 1
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:  # depends on tensor values: neither export nor symbolic_trace can follow it
+            return h * 2
+        return h - 1
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.randn(2, 8)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_export_is_the_first_choice(x):
+    m = nn.Sequential(nn.Linear(8, 8), nn.GELU()).eval()
+    cap = capture(m, (x,), {})
+    assert cap.method == "export" and cap.export_error is None
+    placeholders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 1  # parameters are attributes of the graph, not inputs
+    ops = {str(n.target) for n in cap.gm.graph.nodes if n.op == "call_function"}
+    assert any(op.startswith("aten.") for op in ops)  # aten level
+    out = cap.gm(x)
+    close(torch.utils._pytree.tree_unflatten(list(out), cap.out_spec), m(x))
+
+
+def test_flatten_inputs_ignores_keyword_order():
+    a, b = torch.ones(1), torch.zeros(2)
+    flat1, spec1 = flatten_inputs((a,), {"y": b, "x": a})
+    flat2, spec2 = flatten_inputs((a,), {"x": a, "y": b})
+    assert spec1 == spec2 and all(p is q for p, q in zip(flat1, flat2))
+
+
+def test_data_dependent_control_flow_is_a_capture_error():
+    cm = fxcc.compile(Branchy())
+    with pytest.raises(fxcc.CaptureError) as e:
+        cm(torch.randn(3, 4))
+    msg = str(e.value)
+    assert msg.startswith("fxcc cannot capture Branchy: control flow depends on tensor values")
+    assert "test_capture.py:" in msg and "in forward" in msg
+    assert "`if h.sum() > 0:" in msg
+    assert "symbolic_trace fallback failed too" in msg
+    assert "To proceed: make the condition independent of tensor values" in msg
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_capture_error_in_function_names_its_line():
+    def gate(x):
+        return x * 2 if x.max() > 0.5 else x
+
+    with pytest.raises(fxcc.CaptureError, match=r"cannot capture .*gate") as e:
+        fxcc.compile(gate)(torch.randn(5))
+    assert "return x * 2 if x.max() > 0.5 else x" in str(e.value)
+    assert "test_capture.py" in str(e.value)
+
+
+def test_shape_dependent_control_flow_is_fine():
+    class ByShape(nn.Module):
+        def forward(self, x):
+            if x.shape[0] > 2:
+                return x.sum(0)
+            return x * 3
+
+    m = ByShape()
+    cm = fxcc.compile(m)
+    for n in (2, 4):
+        x = torch.randn(n, 3)
+        close(cm(x), m(x))
+    assert cm.stats.compiles == 2
+
+
+def test_custom_op_runs_eagerly_inside_the_compiled_graph(x):
+    m = WithCustomOp(lambda h: scaled_sin(h, 0.5)).eval()
+    ref = m(x)
+    cm = fxcc.compile(m)
+    calls = CALLS["scaled_sin"]
+    close(cm(x), ref)
+    assert CALLS["scaled_sin"] == calls + 1  # the op's own kernel ran, once
+    v = cm.variants[-1]
+    assert v.captured.method == "export"
+    text = cm.explain()
+    row = next(line for line in text.splitlines() if line.strip().startswith("%scaled_sin"))
+    assert "fxcc_test_capture.scaled_sin" in row
+    assert "eager: fxcc_test_capture.scaled_sin is not an aten/tx op; fxcc has no lowering for it" in row
+    assert "1 eager regions" in text
+    assert "kernel.fused" in text  # the linears around it still run as kernels
+
+
+def test_custom_op_without_fake_kernel_falls_back_to_symbolic_trace(x):
+    m = WithCustomOp(no_fake_cos).eval()
+    ref = m(x)
+    cm = fxcc.compile(m)
+    calls = CALLS["no_fake_cos"]
+    close(cm(x), ref)
+    assert CALLS["no_fake_cos"] > calls
+    cap = cm.variants[-1].captured
+    assert cap.method == "symbolic_trace"
+    assert "no fake impl registered" in cap.export_error.lower()
+    text = cm.explain()
+    assert text.startswith("== WithCustomOp: captured with symbolic_trace (torch.export failed: ")
+    row = next(line for line in text.splitlines() if "fxcc_test_capture.no_fake_cos" in line
+               and line.strip().startswith("%"))
+    assert "eager:" in row
+    x2 = torch.randn(5, 8)
+    close(cm(x2), m(x2))  # a second shape works the same way
+
+
+def test_custom_op_without_fake_kernel_passes_the_verifier(x):
+    m = WithCustomOp(no_fake_cos).eval()
+    cm = fxcc.compile(m, options=fxcc.CompileOptions(verify_each=True))
+    close(cm(x), m(x))
+    assert cm.variants[-1].captured.method == "symbolic_trace"
+
+
+def test_symbolic_trace_keeps_keyword_arguments():
+    class Kw(nn.Module):
+        def forward(self, x, *, scale=None, shift=None):
+            return no_fake_cos(x) * scale + shift
+
+    m = Kw()
+    x, scale, shift = torch.randn(3), torch.randn(3), torch.randn(3)
+    cm = fxcc.compile(m)
+    close(cm(x, shift=shift, scale=scale), m(x, shift=shift, scale=scale))
+    assert cm.variants[-1].captured.method == "symbolic_trace"
+
+
+def test_symbolic_trace_keeps_structured_outputs(x):
+    class Structured(nn.Module):
+        def forward(self, x):
+            c = no_fake_cos(x)
+            return {"c": c, "pair": (c + 1, x)}
+
+    m = Structured()
+    out = fxcc.compile(m)(x)
+    ref = m(x)
+    assert set(out) == {"c", "pair"} and isinstance(out["pair"], tuple)
+    close(out["c"], ref["c"])
+    close(out["pair"][0], ref["pair"][0])
+    close(out["pair"][1], x)

@@ -1,0 +1,266 @@
+"""The raise pass: golden IR for small hand-written modules, and differential runs on transformers models.
+
+Set FXCC_UPDATE_GOLDEN=1 to rewrite tests/golden/raise_*.mlir from the current output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fxcc.capture import capture, flatten_inputs
+from fxcc.ir import print_graph
+from fxcc.pipeline import PassContext, PassManager, parse_pipeline
+from torch.utils import _pytree as pytree
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def raise_model(model: nn.Module, args: tuple, kwargs: dict | None = None):
+    """Capture, canonicalize and raise with verification after each pass; returns (gm, raise stats)."""
+    kwargs = kwargs or {}
+    gm = capture(model, args, kwargs).gm
+    pm = PassManager(parse_pipeline("canonicalize,raise"), verify_each=True)
+    pm.run(gm, PassContext(module=model, example_inputs=args))
+    return gm, pm.records[-1].result.stats
+
+
+def tx_ops(gm: torch.fx.GraphModule) -> Counter:
+    return Counter(n.target.__name__.split(".")[0] for n in gm.graph.nodes
+                   if n.op == "call_function" and getattr(n.target, "namespace", None) == "fxcc_tx")
+
+
+def assert_same_outputs(gm, model, args, kwargs=None, atol=1e-5):
+    kwargs = kwargs or {}
+    flat, _ = flatten_inputs(args, kwargs)
+    with torch.no_grad():
+        got = gm(*flat)
+        want = pytree.tree_leaves(model(*args, **kwargs))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------- golden modules
+
+
+class RMSNormBlock(nn.Module):
+    """Llama's RMSNorm (fp32 statistics, cast back, weight on the left) and a bare one without casts."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        y = self.weight * h.to(dtype)
+        return y, y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+class EagerAttention(nn.Module):
+    """Grouped-query attention written out: repeat_kv, q @ k^T / sqrt(d) + mask, softmax, dropout, @ v."""
+
+    def forward(self, q, k, v, mask):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + mask
+        p = F.dropout(torch.softmax(scores, dim=-1), p=0.0, training=False)
+        return torch.matmul(p, v)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Llama's apply_rotary_pos_emb, once as written and once with every operand order swapped."""
+
+    def forward(self, q, k, cos, sin):
+        return q * cos + rotate_half(q) * sin, sin * rotate_half(k) + cos * k
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU through F.silu, and GeGLU through the erf form of GELU written out."""
+
+    def __init__(self, dim=4, hidden=8):
+        super().__init__()
+        self.gate, self.up, self.down = (nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False),
+                                         nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, x):
+        g = self.gate(x)
+        swiglu = F.silu(g) * self.up(x)
+        geglu = self.up(x) * (g * 0.5 * (1.0 + torch.erf(g / math.sqrt(2.0))))
+        return self.down(swiglu + geglu)
+
+
+class NewGELU(nn.Module):
+    """GPT-2's tanh approximation, as transformers' NewGELUActivation writes it."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+GOLDEN_CASES = {
+    "rms_norm": (RMSNormBlock, lambda: (torch.randn(1, 2, 8),), {"rms_norm": 2}),
+    "attention": (EagerAttention, lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8),
+                                           torch.randn(1, 1, 4, 4)), {"attention": 1}),
+    "rotary": (Rotary, lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8),
+                                torch.randn(1, 1, 4, 8)), {"rotary": 2}),
+    "gated_mlp": (GatedMLP, lambda: (torch.randn(1, 2, 4),), {"gated_act": 2}),
+    "new_gelu": (NewGELU, lambda: (torch.randn(1, 2, 8),), {"gelu": 1}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden(name):
+    make, inputs, expected = GOLDEN_CASES[name]
+    model, args = make().eval(), inputs()
+    gm, stats = raise_model(model, args)
+    assert stats == expected
+    assert_same_outputs(gm, model, args)
+    text = print_graph(gm) + "\n"
+    path = GOLDEN / f"raise_{name}.mlir"
+    if os.environ.get("FXCC_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"no golden file {path}; run with FXCC_UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), f"IR differs from {path}; run with FXCC_UPDATE_GOLDEN=1 if intended"
+
+
+# ------------------------------------------------------------------------------ variants and misses
+
+
+class T5Norm(nn.Module):
+    """transformers' T5LayerNorm: fp32 statistics applied to the uncast input, cast to a half weight."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + 1e-6)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+@pytest.mark.parametrize("make, expected", [(RMSNormBlock, {"rms_norm": 1}), (T5Norm, {"rms_norm": 1})])
+def test_rms_norm_bf16_is_bitwise(make, expected):
+    # the bare norm of RMSNormBlock takes bf16 statistics: tx.rms_norm would take fp32 ones, so it stays
+    model, args = make().to(torch.bfloat16).eval(), (torch.randn(1, 2, 8, dtype=torch.bfloat16),)
+    gm, stats = raise_model(model, args)
+    assert stats == expected
+    flat, _ = flatten_inputs(args, {})
+    for got, want in zip(gm(*flat), pytree.tree_leaves(model(*args))):
+        assert torch.equal(got, want)
+
+
+class OneOps(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        native = torch.ops.aten.native_layer_norm(x, [8], self.ln.weight, self.ln.bias, 1e-5)[0]
+        return (torch.softmax(x, -1), torch.softmax(x, -1, dtype=torch.float64), self.ln(x), native,
+                x * torch.sigmoid(x), F.gelu(x, approximate="tanh"), F.silu(x))
+
+
+def test_one_op_raises():
+    # softmax into float64 would change the dtype tx.softmax keeps: not raised
+    model, args = OneOps().eval(), (torch.randn(1, 2, 8),)
+    gm, stats = raise_model(model, args)
+    assert stats == {"softmax": 1, "layer_norm": 2, "silu": 2, "gelu": 1}
+    assert_same_outputs(gm, model, args)
+
+
+class SDPAVariants(nn.Module):
+    def forward(self, q, k, v):
+        return (F.scaled_dot_product_attention(q, k, v),
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5),
+                F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True))
+
+
+def test_sdpa_variants():
+    model, args = SDPAVariants().eval(), tuple(torch.randn(1, 2, 4, 8) for _ in range(3))
+    gm, stats = raise_model(model, args)
+    assert stats == {"attention": 3}
+    scales = [n.args[4] for n in gm.graph.nodes if n.op == "call_function" and "attention" in str(n.target)]
+    assert scales == [1 / math.sqrt(8), 0.5, 1 / math.sqrt(8)]
+    assert_same_outputs(gm, model, args)
+
+
+class SDPADropout(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+
+def test_sdpa_with_dropout_is_not_raised():
+    gm, stats = raise_model(SDPADropout(), tuple(torch.randn(1, 2, 4, 8) for _ in range(3)))
+    assert stats == {}
+
+
+# ------------------------------------------------------------------------ transformers, differential
+
+
+def _tiny(name: str, attn: str):
+    T = pytest.importorskip("transformers")
+    common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64)
+    ids = (torch.randint(0, 100, (1, 8)),)
+    if name == "llama":  # grouped-query attention: 4 query heads over 2 kv heads
+        model, args = T.LlamaModel(T.LlamaConfig(num_key_value_heads=2, **common)), ids
+    elif name == "qwen2":
+        model, args = T.Qwen2Model(T.Qwen2Config(num_key_value_heads=2, **common)), ids
+    elif name == "bert":
+        model, args = T.BertModel(T.BertConfig(**common)), ids
+    elif name == "gpt2":
+        cfg = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                           eos_token_id=0)
+        model, args = T.GPT2Model(cfg), ids
+    elif name == "t5":
+        model, args = T.T5EncoderModel(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                  num_heads=4)), ids
+    else:
+        cfg = T.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=16, patch_size=8)
+        model, args = T.ViTModel(cfg), (torch.randn(1, 3, 16, 16),)
+    model.config._attn_implementation = attn
+    return model.eval(), args
+
+
+DECODER = {"rms_norm": 2 * 2 + 1, "attention": 2, "rotary": 2 * 2, "gated_act": 2}
+ENCODER = {"layer_norm": 2 * 2 + 1, "attention": 2, "gelu": 2}
+
+
+@pytest.mark.parametrize("name, attn, expected", [
+    ("llama", "sdpa", DECODER), ("llama", "eager", DECODER), ("qwen2", "sdpa", DECODER),
+    ("bert", "sdpa", ENCODER), ("bert", "eager", ENCODER), ("gpt2", "sdpa", ENCODER),
+    ("gpt2", "eager", ENCODER), ("vit", "sdpa", ENCODER),
+    ("t5", "sdpa", {"rms_norm": 2 * 2 + 1, "attention": 2}), ("t5", "eager", {"rms_norm": 2 * 2 + 1, "attention": 2}),
+])
+def test_transformers(name, attn, expected):
+    model, args = _tiny(name, attn)
+    gm, stats = raise_model(model, args)
+    assert stats == expected
+    assert tx_ops(gm) == Counter(expected)
+    assert_same_outputs(gm, model, args)

@@ -1,0 +1,264 @@
+"""CompiledModule at run time: guards, variants, recompiles on parameter changes, the eager fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+
+
+class Scaled(nn.Module):
+    """`self.w * 2 + 1` only reads a parameter, so canonicalize folds it into a constant."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(d))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.lin(x)) * (self.w * 2 + 1))
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Scaled().eval()
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_only_subgraph_is_folded(model):
+    cm = fxcc.compile(model)
+    cm(torch.randn(2, 8))
+    canon = cm.variants[-1].records[0]
+    assert canon.spec == "canonicalize" and canon.result.stats.get("folded") == 1
+    assert '= param "_folded_' in fxcc.print_graph(cm.variants[-1].gm)
+
+
+def test_new_shape_compiles_a_variant(model):
+    cm = fxcc.compile(model)
+    a, b = torch.randn(2, 8), torch.randn(5, 3, 8)
+    close(cm(a), model(a))
+    assert cm.stats.compiles == 1
+    close(cm(b), model(b))
+    assert cm.stats.compiles == 2 and len(cm.variants) == 2
+    close(cm(a), model(a))
+    a2 = torch.randn(2, 8)
+    close(cm(a2), model(a2))
+    assert cm.stats.compiles == 2
+    assert cm.stats.history == ["tensor<2x8xf32>", "tensor<5x3x8xf32>"]
+
+
+def test_same_shape_new_values_do_not_recompile(model):
+    cm = fxcc.compile(model)
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        close(cm(x), model(x))
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
+
+
+def test_dtype_change_recompiles(model):
+    cm = fxcc.compile(model)
+    x = torch.randn(2, 8)
+    close(cm(x), model(x))
+    m64 = model.double()
+    cm.double()  # methods of the module are forwarded
+    y = cm(x.double())
+    assert y.dtype == torch.float64
+    assert cm.stats.compiles == 2
+    torch.testing.assert_close(y, m64(x.double()))
+
+
+def test_input_dtype_change_recompiles():
+    @fxcc.compile
+    def f(x):
+        return torch.softmax(x * 2, dim=-1)
+
+    x = torch.randn(3, 5)
+    close(f(x), torch.softmax(x * 2, dim=-1))
+    y = f(x.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, torch.softmax(x.double() * 2, dim=-1))
+    assert f.fxcc.stats.compiles == 2
+    assert f.fxcc.stats.history == ["tensor<3x5xf32>", "tensor<3x5xf64>"]
+
+
+def test_past_max_variants_runs_eagerly_with_a_warning(model):
+    cm = fxcc.compile(model, options=fxcc.CompileOptions(max_variants=2))
+    for n in (1, 2):
+        cm(torch.randn(n, 8))
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match=r"Scaled already has 2 compiled variants \(max_variants=2\)"):
+        y = cm(x)
+    close(y, model(x))
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the signature is known to run eagerly: no second warning
+        close(cm(x), model(x))
+    assert cm.stats.eager_calls == 2
+    x2 = torch.randn(2, 8)  # a compiled signature still runs compiled
+    close(cm(x2), model(x2))
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 2
+
+
+def test_in_place_parameter_update_recompiles(model):
+    cm = fxcc.compile(model)
+    x = torch.randn(2, 8)
+    before = cm(x)
+    close(before, model(x))
+    with torch.no_grad():
+        model.w.add_(1)  # feeds the folded constant
+    after = cm(x)
+    close(after, model(x))
+    assert not torch.allclose(before, after)
+    assert cm.stats.compiles == 2 and cm.stats.param_recompiles == 1
+    with torch.no_grad():
+        model.lin.weight.mul_(2)
+    close(cm(x), model(x))
+    assert cm.stats.param_recompiles == 2
+
+
+def test_in_place_update_through_the_compiled_module(model):
+    cm = fxcc.compile(model)
+    x = torch.randn(2, 8)
+    cm(x)
+    with torch.no_grad():
+        for p in cm.parameters():
+            p.add_(0.5)
+    close(cm(x), model(x))
+    assert cm.stats.param_recompiles == 1
+
+
+def test_replacing_a_parameter_recompiles(model):
+    cm = fxcc.compile(model)
+    x = torch.randn(2, 8)
+    cm(x)
+    model.w = nn.Parameter(torch.full((8,), 3.0))
+    close(cm(x), model(x))
+    assert cm.stats.param_recompiles == 1 and cm.stats.compiles == 2
+    model.lin = nn.Linear(8, 8)
+    close(cm(x), model(x))
+    assert cm.stats.param_recompiles == 2
+
+
+def test_parameter_change_drops_every_shape_variant(model):
+    cm = fxcc.compile(model)
+    a, b = torch.randn(2, 8), torch.randn(3, 8)
+    cm(a), cm(b)
+    with torch.no_grad():
+        model.w.zero_()
+    close(cm(a), model(a))
+    close(cm(b), model(b))
+    assert cm.stats.compiles == 4 and cm.stats.param_recompiles == 1
+
+
+def test_buffer_update_recompiles():
+    class WithBuffer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("shift", torch.ones(4))
+
+        def forward(self, x):
+            return x + self.shift.exp()
+
+    m = WithBuffer()
+    cm = fxcc.compile(m)
+    x = torch.randn(4)
+    close(cm(x), m(x))
+    m.shift.fill_(-2.0)
+    close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
+
+
+def test_train_and_eval_are_separate_variants(model):
+    cm = fxcc.compile(model)
+    x = torch.randn(4, 8)
+    assert cm.eval() is cm  # methods that return the module return the compiled module
+    y_eval = cm(x)
+    close(y_eval, model(x))
+    assert cm.train() is cm and model.training
+    torch.manual_seed(1)
+    y_train = cm(x)
+    assert cm.stats.compiles == 2 and len(cm.variants) == 2
+    dropped = y_train == 0
+    assert dropped.any() and not dropped.all()  # dropout is active in the training variant
+    close(y_train[~dropped], 2 * y_eval[~dropped])
+    cm.eval()
+    close(cm(x), y_eval)
+    assert cm.stats.compiles == 2
+
+
+def test_outputs_do_not_require_grad(model):
+    cm = fxcc.compile(model)
+    x = torch.randn(2, 8, requires_grad=True)
+    y = cm(x)
+    assert model(x).requires_grad
+    assert not y.requires_grad and y.grad_fn is None
+
+
+def test_returned_tensors_are_fresh_each_call():
+    class ConstOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x + 1, self.w * 2
+
+    cm = fxcc.compile(ConstOut())
+    first = cm(torch.zeros(3))
+    first[1].add_(5)  # the caller owns what it gets back
+    second = cm(torch.zeros(3))
+    close(second[1], torch.full((3,), 2.0))
+
+
+def test_compiled_module_forwards_attributes(model):
+    cm = fxcc.compile(model)
+    assert list(cm.state_dict()) == list(model.state_dict())
+    assert cm.lin is model.lin and cm.training is False
+    assert [n for n, _ in cm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert "Scaled" in repr(cm)
+    with pytest.raises(AttributeError):
+        _ = cm.no_such_attribute
+
+
+def test_explain_before_and_after_first_call(model):
+    cm = fxcc.compile(model)
+    assert "not compiled yet" in cm.explain()
+    cm(torch.randn(2, 8))
+    text = cm.explain()
+    assert text.startswith("== Scaled: captured with export")
+    assert "== passes" in text and "== final IR" in text and "kernel.fused" in text
+    assert "0 eager regions" in text
+
+
+def test_fxcc_explain_returns_ir_after_each_pass(model, capsys):
+    text = fxcc.explain(model, torch.randn(2, 8))
+    for name in ("canonicalize", "raise", "fuse", "codegen"):
+        assert f"// -----// IR after {name} //----- //" in text
+    assert capsys.readouterr().out == ""  # the report is returned, not printed as well
+
+
+def test_print_ir_after_option_prints(model, capsys):
+    cm = fxcc.compile(model, options=fxcc.CompileOptions(print_ir_after=("fuse",)))
+    cm(torch.randn(2, 8))
+    out = capsys.readouterr().out
+    assert "// -----// IR after fuse //----- //" in out and "kernel.fused" in out
+    assert "IR after canonicalize" not in out
+    records = cm.variants[-1].records
+    assert [r.ir_after is not None for r in records] == [False, False, True, False]
+
+
+def test_env_variables_map_onto_options(model, monkeypatch, capsys):
+    monkeypatch.setenv("FXCC_PRINT_IR_AFTER", "canonicalize")
+    monkeypatch.setenv("FXCC_VERIFY_EACH", "1")
+    cm = fxcc.compile(model)
+    cm(torch.randn(2, 8))
+    assert "// -----// IR after canonicalize //----- //" in capsys.readouterr().out
+    assert cm.variants[-1].records[0].ir_after.startswith("func @forward(%x: tensor<2x8xf32>)")
