@@ -28,8 +28,8 @@ def inline_graph(kb: KernelBody) -> fx.Graph:
 
 
 def build(kb: KernelBody) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """A callable running the kernel body with plain torch calls."""
-    fn = fx.GraphModule(kb.body, inline_graph(kb))
+    """A callable running the kernel body with plain torch calls (reusing `kb.inline` when set)."""
+    fn = fx.GraphModule(kb.body, kb.inline or inline_graph(kb))
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return fn(*inputs)

@@ -202,17 +202,8 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
             if node.op == "call_module":
                 fn = gm.get_submodule(node.target)
             elif node.op == "call_method":
-                args = load(node.args)
-                try:
-                    with mode:
-                        new = getattr(args[0], node.target)(*args[1:], **load(node.kwargs))
-                except Exception as e:  # noqa: BLE001 - any failure means the op has no fake support
-                    _mark_opaque(node, e)
-                    env[node] = _fake_of(mode, old) if old is not None else None
-                    continue
-                env[node] = new
-                _record(node, old, new, check, who)
-                continue
+                def fn(self, *args, _name=node.target, **kwargs):
+                    return getattr(self, _name)(*args, **kwargs)
             try:
                 with mode:
                     new = fn(*load(node.args), **load(node.kwargs))

@@ -62,10 +62,9 @@ class Variant:
 
 @dataclass
 class _Eager:
-    reason: str
+    """A signature past `max_variants`: calls go to the original module."""
 
-    def run(self, flat: list[Any]) -> Any:  # never called: eager calls go through the module
-        raise AssertionError
+    reason: str
 
 
 @dataclass

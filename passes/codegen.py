@@ -34,10 +34,10 @@ class Codegen(Pass):
             if kb.impl is not None:
                 continue
             backend = BACKENDS["extern" if self.backend == "auto" else self.backend]
-            kb.impl = backend.build(kb)
-            kb.backend = backend.name
             if backend is extern:  # torch calls gain nothing from a call boundary: the runtime inlines them
                 kb.inline = extern.inline_graph(kb)
+            kb.impl = backend.build(kb)
+            kb.backend = backend.name
             built += 1
         # the graph is unchanged: kernels are looked up by key at run time
         return PassResult(False, {"kernels": len(keys), "built": built})
