@@ -1,1 +1,42 @@
-"""fxcc.codegen: one module per backend; each turns a `kernel` op into something callable."""
+"""fxcc.codegen: one module per backend; each turns a `kernel` op into candidate implementations.
+
+A backend module exposes `name`, `available(target) -> str | None` (None when usable, else why not),
+`candidates(kb, target) -> list[Kernel]` and `load(kb, label, files, params) -> Built`, which rebuilds
+a kernel from the files an earlier `Kernel.build` returned (the artifact cache) without generating code. A `Kernel` is one implementation of one kernel op
+with its parameter space: the tuner searches `space`, the codegen pass builds `defaults` (or tuned
+parameters) and chooses among candidates by measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+KernelFn = Callable[[list[Tensor]], list[Tensor]]
+
+
+@dataclass
+class Built:
+    """What building a candidate produced: the callable, its readable source and files for the cache."""
+
+    fn: KernelFn
+    source: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+class Kernel(Protocol):
+    """One candidate implementation of one kernel op.
+
+    space: parameter name -> the values it may take (the tuner's search space; empty: nothing to tune).
+    defaults: parameters that are good without tuning.
+    build(params): generate and compile; raises on failure (the caller falls back and warns).
+    """
+
+    backend: str
+    space: dict[str, list]
+    defaults: dict
+
+    def build(self, params: dict) -> Built: ...

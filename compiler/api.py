@@ -28,7 +28,7 @@ class FunctionModule(nn.Module):
 
 
 def compile(model: Any = None, *, target: str = "auto", passes: str | None = None, tune: str = "cached",
-            plan: str | None = None, quality_budget: float | None = None,
+            plan: str | None = None, quality_budget: float | None = None, tune_budget: int | None = None,
             options: CompileOptions | None = None) -> Any:
     """Compile an nn.Module (instance or class) or a function; also usable as `@compile` and `@compile(...)`.
 
@@ -37,7 +37,7 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
     """
     opts = (options or CompileOptions()).replace(
         **{k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan,
-                                 quality_budget=quality_budget).items()
+                                 quality_budget=quality_budget, tune_budget=tune_budget).items()
            if v != getattr(CompileOptions, k, None)})
     if opts.plan is not None:
         raise NotImplementedError(f"fxcc: plan={opts.plan!r}: plan files are written by `fxcc search`, which this "

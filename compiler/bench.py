@@ -6,10 +6,13 @@ and the output error against eager. See BENCHMARKING.md for the protocol.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,6 +54,7 @@ class EngineResult:
     p90_ms: float
     max_abs_err: float
     cosine: float | None = None
+    rel_err: float = 0.0  # ||out - eager|| / ||eager|| over all output tensors
     speedup_vs_eager: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -109,6 +113,29 @@ def _error(ref: Any, out: Any) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b)) if a else 0.0
 
 
+def _rel_error(ref: Any, out: Any) -> float:
+    a, b = _leaves(ref), _leaves(out)
+    if len(a) != len(b) or not a:
+        return float("inf") if len(a) != len(b) else 0.0
+    num = sum(float((x.double() - y.double()).norm() ** 2) for x, y in zip(a, b))
+    den = sum(float(x.double().norm() ** 2) for x in a)
+    return (num / den) ** 0.5 if den else num ** 0.5
+
+
+def kernel_report(cm: Any) -> list[dict]:
+    """fxcc's kernels in its last compiled variant: kind, uses, chosen backend, its ops and candidate timings."""
+    from fxcc.dialects import KERNEL_OPS, KERNELS
+
+    keys = [n.args[1] for n in cm.variants[-1].gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
+    rows = []
+    for key in dict.fromkeys(keys):
+        kb = KERNELS[key]
+        ops = [str(n.target) for n in kb.body.graph.nodes if n.op == "call_function"]
+        rows.append({"key": key, "kind": kb.kind, "uses": keys.count(key), "backend": kb.backend, "ops": ops,
+                     "timings_ms": kb.info.get("timings_ms", {})})
+    return rows
+
+
 def run(w: Workload, *, engines: list[str], warmup: int, reps: int, log: Callable[[str], None]) -> list[EngineResult]:
     import fxcc
     from fxcc.autotune.measure import interleaved
@@ -126,7 +153,7 @@ def run(w: Workload, *, engines: list[str], warmup: int, reps: int, log: Callabl
             torch._dynamo.reset()
             fn = torch.compile(w.model, mode=mode)
         elif engine == "fxcc":
-            fn = fxcc.compile(w.model)
+            fn = fxcc_module = fxcc.compile(w.model)
         else:
             raise SystemExit(f"unknown engine {engine!r}")
         t0 = time.perf_counter()
@@ -146,7 +173,9 @@ def run(w: Workload, *, engines: list[str], warmup: int, reps: int, log: Callabl
     for engine, call in calls.items():
         out = call()
         res = EngineResult(engine, compile_s[engine], timings[engine].median, timings[engine].quantile(0.1),
-                           timings[engine].quantile(0.9), _error(ref, out))
+                           timings[engine].quantile(0.9), _error(ref, out), rel_err=_rel_error(ref, out))
+        if engine == "fxcc":
+            res.extra["kernels"] = kernel_report(fxcc_module)
         if w.pooled is not None:
             a, b = w.pooled(ref, w.kwargs).float(), w.pooled(out, w.kwargs).float()
             res.cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
@@ -184,6 +213,48 @@ def machine(device: str) -> str:
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
+def warm_compile_seconds(args: Any, cache_dir: str, log: Callable[[str], None]) -> float | None:
+    """Compile time of fxcc in a fresh process that finds every kernel in `cache_dir` (the warm path)."""
+    log("warm compile in a new process ...")
+    spec = {k: getattr(args, k, None) for k in ("workload", "batch", "seq", "threads", "device", "hidden", "layers",
+                                                 "heads", "kv_heads", "intermediate", "dtype")}
+    code = f"from fxcc.bench import _warm_child; _warm_child({spec!r})"
+    env = {**os.environ, "FXCC_CACHE_DIR": cache_dir}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        log(f"warm compile failed: {p.stderr.strip().splitlines()[-1:]}")
+        return None
+    return float(p.stdout.strip().splitlines()[-1])
+
+
+def _warm_child(spec: dict) -> None:
+    """Runs in the child of `warm_compile_seconds`: load the workload, then time compile + first call."""
+    import fxcc
+    args = argparse.Namespace(**spec)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    w = workload(args, device)
+    t0 = time.perf_counter()
+    fn = fxcc.compile(w.model)
+    with torch.inference_mode():
+        fn(*w.args, **w.kwargs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(time.perf_counter() - t0)
+
+
+def workload(args: Any, device: str) -> Workload:
+    if args.workload == "minilm":
+        return minilm(args.batch or 8, args.seq or 128, device)
+    gpu = device == "cuda"
+    return llama(batch=args.batch or 1, seq=args.seq or (2048 if gpu else 128),
+                 hidden=args.hidden or (2048 if gpu else 256), layers=args.layers or (16 if gpu else 4),
+                 heads=args.heads or (16 if gpu else 8), kv_heads=args.kv_heads or (8 if gpu else 4),
+                 intermediate=args.intermediate or (8192 if gpu else 1024),
+                 dtype=getattr(torch, args.dtype or ("bfloat16" if gpu else "float32")), device=device)
+
+
 def main(args: Any) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
@@ -192,24 +263,25 @@ def main(args: Any) -> int:
     def log(msg: str) -> None:
         print(f"[fxcc bench] {msg}", file=sys.stderr, flush=True)
 
-    if args.workload == "minilm":
-        w = minilm(args.batch or 8, args.seq or 128, device)
-    else:
-        gpu = device == "cuda"
-        w = llama(batch=args.batch or 1, seq=args.seq or (2048 if gpu else 128),
-                  hidden=args.hidden or (2048 if gpu else 256), layers=args.layers or (16 if gpu else 4),
-                  heads=args.heads or (16 if gpu else 8), kv_heads=args.kv_heads or (8 if gpu else 4),
-                  intermediate=args.intermediate or (8192 if gpu else 1024),
-                  dtype=getattr(torch, args.dtype or ("bfloat16" if gpu else "float32")), device=device)
+    w = workload(args, device)
     engines = ["eager", "torch.compile", "fxcc"]
     if device == "cuda":
         engines[2:2] = ["torch.compile:max-autotune-no-cudagraphs", "torch.compile:reduce-overhead"]
     if args.engines:
         engines = args.engines.split(",")
     log(f"{w.description} on {machine(device)}")
-    results = run(w, engines=engines, warmup=args.warmup, reps=args.reps, log=log)
+    with tempfile.TemporaryDirectory(prefix="fxcc-bench-cache-") as cache_dir:
+        # fxcc compiles cold into an empty artifact cache, then a new process compiles warm from it
+        os.environ["FXCC_CACHE_DIR"] = cache_dir
+        results = run(w, engines=engines, warmup=args.warmup, reps=args.reps, log=log)
+        warm = warm_compile_seconds(args, cache_dir, log) if "fxcc" in engines else None
     header = f"fxcc bench {w.name}: {w.description}\nmachine: {machine(device)}; median of {args.reps} calls"
     print(table(w, results, header))
+    fx = next((r for r in results if r.engine == "fxcc"), None)
+    if fx is not None and warm is not None:
+        fx.extra["compile_warm_s"] = warm
+        print(f"fxcc compile: cold {fx.compile_s:.2f} s (empty artifact cache), "
+              f"warm {warm:.2f} s (new process, same cache; model loading excluded)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"workload": w.name, "description": w.description, "machine": machine(device),

@@ -1,4 +1,4 @@
-"""The `fxcc` command: explain, bench, passes."""
+"""The `fxcc` command: explain, bench, passes, cache."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -63,6 +64,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("\n== kernels")
         for kb in KERNELS.values():
             print(f"// {kb.key} [{kb.kind}] backend={kb.backend}\n{kb.text}\n")
+    if args.source:
+        from fxcc.dialects import KERNELS
+
+        print("\n== kernel source (what each kernel's chosen backend built)")
+        for kb in KERNELS.values():
+            source = kb.info.get("source") or "(not built: the codegen pass did not run)"
+            print(f"// {kb.key} [{kb.kind}] backend={kb.backend}\n{source.rstrip()}\n")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import fxcc
+
+    if args.budget < 1:
+        raise UsageError(f"--budget must be at least 1 trial per kernel, got {args.budget}")
+    model, a, kw = load_model_and_inputs(args.model, args.inputs)
+    cm = fxcc.compile(model, passes=args.passes, tune="search", tune_budget=args.budget)
+    cm(*a, **kw)
+    text = cm.explain()
+    print(text[text.index("== kernel choices"):])
+    print("\nTuned parameters are in the artifact cache: `fxcc.compile(..., tune=\"cached\")` (the default) "
+          "uses them.")
     return 0
 
 
@@ -86,6 +109,98 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`500M`, `2G`, `1.5GiB`, `4096` -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-size {text!r}: write a size like 500M, 2G or 1.5GiB (or a number of bytes)")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+def human_size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def _when(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`fxcc cache ls | show KEY | verify | prune --max-size SIZE | clear` on FXCC_CACHE_DIR (~/.cache/fxcc)."""
+    import json
+    import warnings
+
+    from fxcc.autotune.cache import ArtifactCache
+
+    cache = ArtifactCache()
+    if args.action == "ls":
+        entries = cache.entries()
+        if entries:
+            print(f"{'KEY':<26} {'SIZE':>10}  {'LAST USED':<16}  BACKEND  TARGET")
+        for e in entries:
+            print(f"{e.key:<26} {human_size(e.size):>10}  {_when(e.last_used):<16}  "
+                  f"{e.meta.get('backend', '-'):<7}  {e.meta.get('target', '-')}")
+        print(f"{len(entries)} entries, {human_size(sum(e.size for e in entries))} in {cache.root}")
+    elif args.action == "show":
+        keys = [e.key for e in cache.entries() if e.key.startswith(args.key)]
+        if len(keys) != 1:
+            what = ("no cache entry matches" if not keys else
+                    f"{len(keys)} cache entries ({', '.join(keys[:3])}, ...) match")
+            raise UsageError(f"{what} {args.key!r} in {cache.root}; `fxcc cache ls` lists them")
+        with warnings.catch_warnings(record=True) as damage:
+            warnings.simplefilter("always")
+            e = cache.get(keys[0])
+        if e is None:  # damaged: evicted
+            print("\n".join(str(w.message) for w in damage), file=sys.stderr)
+            return 1
+        print(f"key        {e.key}\ndirectory  {e.dir}\nsize       {human_size(e.size)}\n"
+              f"last used  {_when(e.last_used)}\nfiles")
+        for name, path in e.files.items():
+            print(f"  {name:<20} {human_size(path.stat().st_size):>10}")
+        print("meta\n" + json.dumps(e.meta, indent=2, sort_keys=True))
+    elif args.action == "verify":
+        problems = cache.verify(evict=args.evict)
+        for key, problem in problems:
+            print(f"{key}: {problem}{' (evicted)' if args.evict else ''}")
+        if problems and not args.evict:
+            print(f"{len(problems)} damaged entries in {cache.root}; they are evicted and rebuilt at their next "
+                  "use, or now with `fxcc cache verify --evict`")
+            return 1
+        print(f"{len(cache.entries())} entries in {cache.root} are sound")
+    elif args.action == "prune":
+        limit = parse_size(args.max_size)
+        removed = cache.prune(limit)
+        print(f"evicted {len(removed)} least recently used entries; {human_size(cache.size())} left "
+              f"(limit {human_size(limit)}) in {cache.root}")
+    elif args.action == "clear":
+        print(f"evicted {cache.clear()} entries from {cache.root} (tuning studies in tuning.db are kept)")
+    return 0
+
+
+def add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("cache", help="the artifact cache (FXCC_CACHE_DIR, default ~/.cache/fxcc)")
+    actions = c.add_subparsers(dest="action", required=True)
+    actions.add_parser("ls", help="entries, most recently used first")
+    actions.add_parser("show", help="one entry's files and metadata").add_argument("key", help="a key or its prefix")
+    v = actions.add_parser("verify", help="check every entry's checksums; exit status 1 when one is damaged")
+    v.add_argument("--evict", action="store_true", help="also evict the damaged entries")
+    p = actions.add_parser("prune", help="evict least recently used entries down to a size")
+    p.add_argument("--max-size", required=True, help="e.g. 500M or 2G (binary units)")
+    actions.add_parser("clear", help="evict every entry (tuning studies are kept)")
+    c.set_defaults(fn=cmd_cache)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxcc", description="MLIR-style compiler and autotuner for PyTorch inference")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
@@ -97,6 +212,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--passes", help="pipeline, e.g. 'canonicalize,raise,fuse,codegen' (default: the default pipeline)")
     e.add_argument("--final-only", action="store_true", help="print only the final IR, not the IR after each pass")
     e.add_argument("--kernels", action="store_true", help="also print every kernel body")
+    e.add_argument("--source", action="store_true",
+                   help="also print each kernel's built source (generated Triton code, or the extern body)")
     e.set_defaults(fn=cmd_explain)
 
     b = sub.add_parser("bench", help="eager, torch.compile and fxcc side by side (ratios, compile times, error)")
@@ -117,8 +234,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(fn=cmd_bench)
 
+    t = sub.add_parser("tune", help="search each kernel's parameters with Optuna; results go to the artifact cache")
+    t.add_argument("model", help="PATH.py:FACTORY (a function returning the nn.Module, or the module itself)")
+    t.add_argument("--inputs", help="PATH.py:FUNC returning a tuple of example inputs (default: `inputs` in the "
+                                    "model file)")
+    t.add_argument("--passes", help="pipeline (default: the default pipeline)")
+    t.add_argument("--budget", type=int, default=20, help="trials per kernel candidate (default 20)")
+    t.set_defaults(fn=cmd_tune)
+
     s = sub.add_parser("passes", help="list the registered passes and their options")
     s.set_defaults(fn=cmd_passes)
+    add_cache_parser(sub)
     return p
 
 

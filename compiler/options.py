@@ -17,6 +17,7 @@ class CompileOptions:
     target: "auto" (the device of the model's parameters), "cpu" or "cuda".
     passes: pipeline text; None means the default pipeline.
     tune: "off" (defaults), "cached" (tuned parameters from the artifact cache), "search" (tune now).
+    tune_budget: Optuna trials per kernel when tuning; None means the tuner's default (30).
     plan: a plan file written by `fxcc search`.
     quality_budget: largest quality loss approximate passes may spend.
     verify_each: re-check shapes/dtypes with FakeTensors after every pass (env FXCC_VERIFY_EACH=1).
@@ -27,6 +28,7 @@ class CompileOptions:
     target: str = "auto"
     passes: str | None = None
     tune: str = "cached"
+    tune_budget: int | None = None
     plan: str | None = None
     quality_budget: float | None = None
     verify_each: bool = False
@@ -38,6 +40,10 @@ class CompileOptions:
             raise ValueError(f"fxcc: unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
         if self.tune not in TUNE_MODES:
             raise ValueError(f"fxcc: unknown tune mode {self.tune!r}; use one of {', '.join(TUNE_MODES)}")
+        if self.tune_budget is not None and (isinstance(self.tune_budget, bool) or not isinstance(self.tune_budget, int)
+                                             or self.tune_budget < 1):
+            raise ValueError(f"fxcc: tune_budget must be a positive number of trials per kernel (or None), "
+                             f"got {self.tune_budget!r}")
         if self.quality_budget is not None and not self.quality_budget >= 0:
             raise ValueError(f"fxcc: quality_budget must be a number >= 0, got {self.quality_budget!r}")
         if not isinstance(self.max_variants, int) or self.max_variants < 1:

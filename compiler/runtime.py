@@ -3,6 +3,11 @@
 Guards on the call's structure, tensor shapes/dtypes/devices, the module's training flag and its
 parameters (identity and version) select a compiled variant or compile a new one; past
 `max_variants` new signatures run eagerly with a warning.
+
+A variant's executable is an fx graph whose parameters are bound once, when it is built, and whose
+kernels are direct calls. On CUDA, where every value lives on the GPU, the executable is captured
+in a CUDA graph at its first run and replayed afterwards (shapes are static per variant): inputs are
+copied into the graph's buffers and outputs cloned out, so results never alias the next call's.
 """
 
 from __future__ import annotations
@@ -30,34 +35,92 @@ from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 
 log = logging.getLogger("fxcc")
+_VERSION = operator.attrgetter("_version")
 
 
-class KernelCall(nn.Module):
-    """A kernel op in the executable graph: a direct call of what the backend built."""
+class KernelCall:
+    """A kernel op in the executable graph: a plain call of what the backend built (no module lookup)."""
 
     def __init__(self, key: str):
-        super().__init__()
         self.key = key
+        self.__name__ = f"kernel_{key}"  # the name the executable's code shows
         self.impl = KERNELS[key].impl or KERNELS[key].run
 
-    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.impl(inputs)
+
+
+class CudaGraph:
+    """A variant's executable captured as one CUDA graph for its static shapes.
+
+    Tensor inputs are copied into buffers the graph reads; outputs are cloned out of the graph's memory,
+    so a result stays valid after the next call. Built by `capture`, which returns None (and logs why)
+    when capturing fails; the variant then runs its executable as before.
+    """
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, static: list[Any], outs: Any):
+        self.graph = graph
+        self.static = static
+        self.tensor_inputs = [i for i, x in enumerate(static) if isinstance(x, torch.Tensor)]
+        self.outs = outs
+
+    @staticmethod
+    def capture(fn: Callable[..., Any], flat: list[Any], name: str) -> CudaGraph | None:
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                static = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+                          if isinstance(x, torch.Tensor) else x for x in flat]
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm up off the capturing stream: lazy inits, autotuning
+                    for _ in range(2):
+                        fn(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outs = fn(*static)
+        except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
+            log.warning("fxcc: %s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
+            return None
+        return CudaGraph(graph, static, outs)
+
+    def __call__(self, flat: list[Any]) -> Any:
+        static = self.static
+        for i in self.tensor_inputs:
+            static[i].copy_(flat[i])
+        self.graph.replay()
+        return [o.clone() if isinstance(o, torch.Tensor) else o for o in self.outs]
 
 
 @dataclass
 class Variant:
-    """One compiled signature: the IR after all passes, the executable built from it, and the pass log."""
+    """One compiled signature: the IR after all passes, the executable built from it, and the pass log.
+
+    `bound` holds the parameters and constants the executable takes after the call's inputs.
+    `cuda_graph` is "pending" until the first run decides (capture on CUDA), then a CudaGraph or None.
+    """
 
     captured: Captured
     gm: fx.GraphModule
     executable: fx.GraphModule
     records: list[PassRecord]
     compile_seconds: float
+    bound: list[torch.Tensor] = field(default_factory=list)
+    cuda_graph: Any = None
+    name: str = "model"
 
     def run(self, flat: list[Any]) -> Any:
+        if self.cuda_graph is not None:
+            if self.cuda_graph == "pending":
+                self.cuda_graph = CudaGraph.capture(self._call, flat, self.name)
+            if self.cuda_graph is not None:
+                return pytree.tree_unflatten(self.cuda_graph(flat), self.captured.out_spec)
         with torch.no_grad():
-            outs = self.executable(*flat)
+            outs = self._call(*flat)
         return pytree.tree_unflatten(list(outs), self.captured.out_spec)
+
+    def _call(self, *flat: Any) -> Any:
+        return self.executable(*flat, *self.bound)
 
 
 @dataclass
@@ -151,7 +214,10 @@ class CompiledModule:
             self._new_variant(args, kwargs, key)
 
     def _params_unchanged(self) -> bool:
-        return all(owner.get(name) is t and (v is None or t._version == v) for owner, name, t, v in self._params)
+        # C-level loops over a few hundred entries: this runs on every call
+        owners, names, objs, tensors, versions = self._param_check
+        return (all(map(operator.is_, map(dict.get, owners, names), objs))
+                and list(map(_VERSION, tensors)) == versions)
 
     def _snapshot_params(self) -> None:
         """Parameters and buffers by identity and version; submodules by identity (replacing one counts)."""
@@ -162,6 +228,9 @@ class CompiledModule:
                 for name, t in store.items():
                     if t is not None:
                         self._params.append((store, name, t, t._version))
+        tensors = [(t, v) for _, _, t, v in self._params if v is not None]
+        self._param_check = ([o for o, _, _, _ in self._params], [n for _, n, _, _ in self._params],
+                             [t for _, _, t, _ in self._params], [t for t, _ in tensors], [v for _, v in tensors])
 
     # ------------------------------------------------------------------------------- compiling
 
@@ -199,9 +268,11 @@ class CompiledModule:
         if opts.verify_each:
             ir.verify(cap.gm, who="after capture")
         gm = pm.run(cap.gm, ctx)
+        executable, bound = build_executable(gm)
         seconds = time.perf_counter() - t0
         log.info("fxcc: compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
-        return Variant(cap, gm, build_executable(gm), pm.records, seconds)
+        graphs = getattr(opts, "cuda_graphs", True) and ctx.target == "cuda" and graphable(gm)
+        return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name)
 
     # ------------------------------------------------------------------------------- reporting
 
@@ -223,11 +294,47 @@ def resolve_target(target: str, module: nn.Module, args: tuple, kwargs: dict) ->
     return "cuda" if any(t.is_cuda for t in tensors) else "cpu"
 
 
-def build_executable(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the final IR where kernel ops call what their backend built, or are spliced in inline."""
+def graphable(gm: fx.GraphModule) -> bool:
+    """Whether the final IR may run as a CUDA graph: every tensor on CUDA and no eager region.
+
+    A CPU op inside a capture would run once, at capture, and never again: such graphs are not captured.
+    """
+    for node in gm.graph.nodes:
+        if node.meta.get("fxcc_eager"):
+            return False
+        vals = node.meta.get("val")
+        for v in vals if isinstance(vals, (list, tuple)) else [vals]:
+            if isinstance(v, torch.Tensor) and v.device.type != "cuda":
+                return False
+    return True
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_executable(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Any]]:
+    """A copy of the final IR where kernel ops call what their backend built, or are spliced in inline.
+
+    Parameters and constants (get_attr) become trailing inputs, fetched here once: returns the
+    executable and those values, to be passed after the call's own inputs.
+    """
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node)
+    attrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    for node in attrs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    bound = [_fetch(gm, n.target) for n in attrs]
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
         if node.op == "call_function" and node.target in KERNEL_OPS:
             kb = KERNELS[node.args[1]]
             inputs = [env[i] for i in node.args[0]]
@@ -235,15 +342,12 @@ def build_executable(gm: fx.GraphModule) -> fx.GraphModule:
                 params = [n for n in kb.inline.nodes if n.op == "placeholder"]
                 env[node] = graph.graph_copy(kb.inline, dict(zip(params, inputs)))
                 continue
-            sub = f"kernel_{kb.key}"
-            if not hasattr(gm, sub):
-                gm.add_module(sub, KernelCall(kb.key))
-            env[node] = graph.call_module(sub, (inputs,))
+            env[node] = graph.call_function(KernelCall(kb.key), (inputs,), name=f"kernel_{kb.key}")
         elif node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
             env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined kernel
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    return fx.GraphModule(gm, graph)  # takes the parameters, buffers and kernels the graph names
+    return fx.GraphModule(gm, graph), bound  # takes the submodules eager regions call
 
 
 def placement(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
@@ -284,4 +388,14 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
                f"ops by dialect: {dict(dialects)})")
     for node, op, where in rows:
         out.append(f"  %{node:<24} {op:<28} {where}")
+    out.append("\n== kernel choices (measured ms per candidate; * chosen)")
+    keys = dict.fromkeys(n.args[1] for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
+    for key in keys:
+        kb = KERNELS[key]
+        t = kb.info.get("timings_ms") or {}
+        cands = "  ".join(f"{'*' if b == kb.backend else ''}{b} {ms:.3f}" for b, ms in t.items()) or "only candidate"
+        src = " (from the artifact cache)" if kb.info.get("cache_key") else ""
+        params = kb.info.get("params") or {}
+        extra = f"  params {params}" if params else ""
+        out.append(f"  {key} {kb.kind:<10} -> {kb.backend:<11} {cands}{extra}{src}")
     return "\n".join(out)

@@ -103,14 +103,18 @@ class Canonicalize(Pass):
 
 
 def _drop_identities(gm: fx.GraphModule) -> int:
-    """Forward detach/clone/lift_fresh_copy to their input when nothing in the graph mutates a value."""
+    """Forward detach/clone/lift_fresh_copy (and dropout with train=False) to their input when nothing in
+    the graph mutates a value."""
     mutating = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                 and n.target._schema.is_mutable and n.target is not aten.detach_.default]
     if mutating:
         return 0
     dropped = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _IDENTITY and not node.kwargs.get("memory_format"):
+        inference_dropout = node.target in (aten.dropout.default, aten.feature_dropout.default) and (
+            node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True) is False)
+        if node.op == "call_function" and (inference_dropout or node.target in _IDENTITY
+                                           and not node.kwargs.get("memory_format")):
             src = node.args[0]
             if node.target is aten.detach_.default and any(u.op == "output" for u in node.users):
                 continue

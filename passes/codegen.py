@@ -1,26 +1,52 @@
-"""codegen: build every kernel op of the graph with a backend and record the choice."""
+"""codegen: build every kernel op of the graph and choose, by measurement, among the backends' candidates.
+
+Each backend available for the target offers candidates for a kernel (extern always does). With one
+candidate it is built as is; with several, each is built, checked against the reference on random
+inputs and timed, and the fastest wins. A candidate that fails to build or gives wrong results is
+dropped with a warning naming the kernel, so a backend failure never fails the compile.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+import platform
+import warnings
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
-from fxcc.codegen import extern
-from fxcc.dialects import KERNEL_OPS, KERNELS
+from fxcc.codegen import Built, Kernel, extern
+from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody
 from fxcc.pipeline import Pass, PassContext, PassResult, register
 
-BACKENDS = {extern.name: extern}
+log = logging.getLogger("fxcc")
+
+# backend name -> module; imported on first use so a CPU compile never imports Triton and vice versa
+BACKENDS = {"extern": "fxcc.codegen.extern", "tvm": "fxcc.codegen.tvm", "triton": "fxcc.codegen.triton"}
+
+
+def backend_module(name: str):
+    return importlib.import_module(BACKENDS[name])
 
 
 @register
 @dataclass(frozen=True)
 class Codegen(Pass):
-    """Builds each distinct kernel once; `backend=auto` picks the best available backend per kernel."""
+    """Builds each distinct kernel once. `backend=auto` measures every available backend's candidates.
+
+    With the artifact cache (compile option tune="cached", the default) a kernel seen before, on this
+    target with these library versions, is loaded with the choice and parameters stored then: no
+    code generation and no measurement. tune="search" tunes each candidate's space with Optuna first;
+    tune="off" builds defaults and leaves the cache alone.
+    """
 
     name = "codegen"
     reads = "kernel"
     writes = "kernel"
     backend: str = "auto"
+    reps: int = 20
 
     def __post_init__(self) -> None:
         if self.backend != "auto" and self.backend not in BACKENDS:
@@ -28,16 +54,206 @@ class Codegen(Pass):
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         keys = dict.fromkeys(n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
-        built = 0
+        backends = self._backends(ctx.target)
+        tune = getattr(ctx.options, "tune", "cached")
+        sel = Selection(ctx.target, self.reps, None if self.backend == "auto" else self.backend, tune,
+                        getattr(ctx.options, "tune_budget", None))
+        stats: dict = {"kernels": len(keys)}
         for key in keys:
             kb = KERNELS[key]
-            if kb.impl is not None:
-                continue
-            backend = BACKENDS["extern" if self.backend == "auto" else self.backend]
-            if backend is extern:  # torch calls gain nothing from a call boundary: the runtime inlines them
-                kb.inline = extern.inline_graph(kb)
-            kb.impl = backend.build(kb)
-            kb.backend = backend.name
-            built += 1
+            policy = f"{self.backend}@{ctx.target}"
+            if kb.impl is None or kb.info.get("policy") != policy or tune == "search":
+                kb.inline = None
+                how = sel.choose(kb, backends)
+                kb.info["policy"] = policy
+                stats[how] = stats.get(how, 0) + 1
+            stats[kb.backend] = stats.get(kb.backend, 0) + 1
         # the graph is unchanged: kernels are looked up by key at run time
-        return PassResult(False, {"kernels": len(keys), "built": built})
+        return PassResult(False, stats)
+
+    def _backends(self, target: str) -> list:
+        names = list(BACKENDS) if self.backend == "auto" else ["extern", self.backend]
+        mods = []
+        for n in dict.fromkeys(names):
+            try:
+                mod = backend_module(n)
+            except ImportError as e:
+                why = str(e)
+            else:
+                why = mod.available(target)
+                if why is None:
+                    mods.append(mod)
+                    continue
+            if self.backend == n:
+                raise ValueError(f"backend {n!r} cannot build for target {target!r}: {why}")
+            log.debug("fxcc: backend %s skipped: %s", n, why)
+        return mods
+
+
+@dataclass
+class Selection:
+    """How kernels are chosen in one codegen run: target, repetitions, preferred backend, tuning mode."""
+
+    target: str
+    reps: int
+    prefer: str | None = None
+    tune: str = "cached"
+    budget: int | None = None
+
+    def choose(self, kb: KernelBody, backends: list) -> str:
+        """Install an implementation for `kb`; returns how: "single", "cached" or "built"."""
+        cache = _cache() if self.tune != "off" and len(backends) > 1 else None
+        key = kernel_key(kb, self.target, self.prefer) if cache else None
+        if cache and self.tune == "cached" and self._load(kb, cache, key):
+            return "cached"
+        cands: list[Kernel] = []
+        for mod in backends:
+            try:
+                cands += mod.candidates(kb, self.target)
+            except Exception as e:  # a lowering gap in one backend leaves the others
+                _warn(kb, mod.name, e)
+        ext = next(c for c in cands if c.backend == "extern")
+        if len(cands) == 1:
+            install(kb, ext, ext.build({}))
+            if cache:  # remember that nothing else applies, so a warm compile skips the lowering too
+                cache.put(key, {}, {"backend": "extern", "params": {}, "kernel": kb.key, "kind": kb.kind})
+            return "single"
+        inputs = example_inputs(kb, self.target)
+        ref = ext.build({}).fn(inputs)
+        built: dict[str, tuple[Kernel, Built, dict]] = {}
+        for c in cands:
+            try:
+                params = self._params(kb, c, inputs, ref, key)
+                b = c.build(params)
+                check(c.backend, b.fn(inputs), ref)
+            except Exception as e:
+                _warn(kb, c.backend, e)
+                continue
+            built[c.backend] = (c, b, params)
+            if self.prefer and c.backend.split("+")[0] == self.prefer:
+                break
+        if self.prefer and any(label.split("+")[0] == self.prefer for label in built):
+            best = next(label for label in built if label.split("+")[0] == self.prefer)
+        elif len(built) == 1:
+            best = "extern"
+        else:
+            from fxcc.autotune.measure import interleaved
+            t = interleaved({label: (lambda fn=b.fn: fn(inputs)) for label, (_, b, _) in built.items()},
+                            device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
+            kb.info["timings_ms"] = {label: round(x.median, 4) for label, x in t.items()}
+            best = min(t, key=lambda label: t[label].median)
+        cand, b, params = built[best]
+        install(kb, cand, b)
+        kb.info["params"] = params
+        if cache:
+            meta = {"backend": best, "params": params, "timings_ms": kb.info.get("timings_ms", {}),
+                    "kernel": kb.key, "kind": kb.kind, "target": target_id(self.target)}
+            try:
+                cache.put(key, b.files, meta)
+            except OSError as e:  # a full or read-only disk costs the next compile time, not this one
+                warnings.warn(f"fxcc: could not store kernel {kb.key} in the artifact cache: {e}", stacklevel=2)
+        return "built"
+
+    def _params(self, kb: KernelBody, c: Kernel, inputs, ref, key: str | None) -> dict:
+        if self.tune != "search" or not c.space:
+            return dict(c.defaults)
+        from fxcc.autotune.tune import tune_kernel
+        res = tune_kernel(c, inputs, ref, trials=self.budget or 20, device=self.target,
+                          key=f"{key or kb.key}", progress=True)
+        return res.params
+
+    def _load(self, kb: KernelBody, cache, key: str) -> bool:
+        """Install the choice an earlier compile stored under `key`; False when there is none."""
+        entry = cache.get(key)
+        if entry is None:
+            return False
+        label = entry.meta.get("backend", "")
+        try:
+            mod = backend_module(label.split("+")[0])
+            b = mod.load(kb, label, entry.files, entry.meta.get("params", {}))
+        except Exception as e:
+            warnings.warn(f"fxcc: cached build of kernel {kb.key} ({label}) did not load ({e}); rebuilding",
+                          stacklevel=2)
+            return False
+        install(kb, _Label(label), b)
+        kb.info.update(params=entry.meta.get("params", {}), timings_ms=entry.meta.get("timings_ms", {}),
+                       cache_key=key)
+        return True
+
+
+@dataclass
+class _Label:
+    backend: str
+
+
+def _cache():
+    from fxcc.autotune.cache import default_cache
+    return default_cache()
+
+
+def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
+    """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries."""
+    from fxcc.autotune.cache import cache_key, library_versions
+    layouts = ";".join(f"{tuple(p.meta['val'].stride())}+{p.meta['val'].storage_offset()}"
+                       for p in kb.body.graph.nodes if p.op == "placeholder")
+    return cache_key(ir=kb.text, layouts=layouts, backend=prefer or "auto", target=target_id(target),
+                     versions=library_versions())
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def target_id(target: str) -> str:
+    """What a kernel's code and choice depend on besides its IR: the device and, on CPU, the threads."""
+    if target == "cuda":
+        return f"cuda:{torch.cuda.get_device_name()}"
+    return f"cpu:{platform.machine()}:{_cpu_name()}:threads={torch.get_num_threads()}"
+
+
+def install(kb: KernelBody, cand: Kernel, b: Built) -> None:
+    kb.backend = cand.backend
+    kb.impl = b.fn
+    kb.info["source"] = b.source
+    if cand.backend == "extern":  # torch calls gain nothing from a call boundary: the runtime inlines them
+        kb.inline = extern.inline_graph(kb)
+
+
+def _warn(kb: KernelBody, backend: str, e: Exception) -> None:
+    msg = f"fxcc: {backend} could not build kernel {kb.key} ({kb.kind}): {type(e).__name__}: {e}; using another backend"
+    warnings.warn(msg, stacklevel=2)
+
+
+def example_inputs(kb: KernelBody, target: str) -> list[torch.Tensor]:
+    """Random inputs shaped, strided and typed like the kernel's placeholders (a fixed seed)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for p in (n for n in kb.body.graph.nodes if n.op == "placeholder"):
+        v = p.meta["val"]
+        size = int(v.storage_offset()) + 1 + sum((int(n) - 1) * int(s) for n, s in zip(v.shape, v.stride()) if n > 0)
+        if v.dtype.is_floating_point:
+            base = torch.randn(size, generator=gen).to(v.dtype)
+        elif v.dtype == torch.bool:
+            base = torch.rand(size, generator=gen) > 0.2
+        else:
+            base = torch.randint(0, 8, (size,), generator=gen, dtype=v.dtype)
+        out.append(base.to(target).as_strided(tuple(v.shape), tuple(v.stride()), int(v.storage_offset())))
+    return out
+
+
+def check(label: str, got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """Raise when a candidate's outputs differ from the reference beyond fp tolerance."""
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        if g.shape != r.shape or g.dtype != r.dtype:
+            raise ValueError(f"output {i} is {g.dtype}{list(g.shape)}, expected {r.dtype}{list(r.shape)}")
+        tol = 1e-4 if r.dtype == torch.float32 else 2e-2
+        if r.dtype.is_floating_point and not torch.allclose(g, r, rtol=tol, atol=tol):
+            err = (g - r).abs().max().item()
+            raise ValueError(f"output {i} differs from the reference by up to {err:.3g}")
+        if not r.dtype.is_floating_point and not torch.equal(g, r):
+            raise ValueError(f"output {i} differs from the reference")

@@ -1,5 +1,7 @@
 """raise: aten patterns -> tx ops (rms_norm, layer_norm, softmax, attention, rotary, gelu, silu, gated_act).
 
+Attention masks that are constants equal to a causal mask (checked by value) become is_causal=True.
+
 Multi-op patterns run first, so that a one-op raising (softmax -> tx.softmax) cannot split an attention
 before it is recognised. Every rewrite keeps fp32 results within rounding: a variant whose tx op would
 compute something else (other dtypes, dropout, other reductions) is left as it is.
@@ -470,12 +472,103 @@ class GatedAct(Pattern):
         return False
 
 
+# ------------------------------------------------------------------------------------- causal masks
+
+_MAX_MASK_ELEMENTS = 1 << 26
+
+
+def _constant(node: Any, gm: fx.GraphModule, memo: dict) -> Any:
+    """The value of `node` when it is computed from parameters, buffers and literals only, else None.
+
+    Evaluated here, once per node and rewrite, so a pattern can check what a folded mask holds instead of
+    trusting how it was built. Random and mutating ops, and results over 64M elements, count as unknown.
+    """
+    if not isinstance(node, fx.Node):
+        return node
+    if node in memo:
+        return memo[node]
+    memo[node] = None  # also stops cycles through a node being evaluated
+    value = None
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part, None)
+    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        t = node.target
+        if not t._schema.is_mutable and torch.Tag.nondeterministic_seeded not in t.tags:
+            inputs = {n: _constant(n, gm, memo) for n in node.all_input_nodes}
+            if all(v is not None for v in inputs.values()):
+                args = fx.node.map_arg(node.args, lambda n: inputs[n])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: inputs[n])
+                with torch.no_grad():
+                    value = t(*args, **kwargs)
+    elif node.op == "call_function" and node.target is operator.getitem:
+        src = _constant(node.args[0], gm, memo)
+        value = src[node.args[1]] if isinstance(src, (list, tuple)) else None
+    if isinstance(value, torch.Tensor) and value.numel() > _MAX_MASK_ELEMENTS:
+        value = None
+    memo[node] = value
+    return value
+
+
+def _mask_kind(mask: torch.Tensor, tq: int, tk: int) -> str | None:
+    """'all' when `mask` lets every query see every key, 'causal' when exactly key <= query, else None.
+
+    A bool mask allows where True; an additive float mask allows where 0 and must block with -inf or at
+    most half the dtype's lowest value (so the blocked weight is exactly 0 after softmax).
+    """
+    if mask.dim() < 2 or mask.shape[-2] not in (1, tq) or mask.shape[-1] not in (1, tk):
+        return None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.dtype.is_floating_point:
+        allowed = mask == 0
+        blocked = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool((allowed | blocked).all()):
+            return None  # a bias, not a mask
+    else:
+        return None
+    if bool(allowed.all()):
+        return "all"
+    if tq != tk:
+        return None
+    tril = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril()
+    full = allowed.expand(*allowed.shape[:-2], tq, tk)
+    return "causal" if bool((full == tril).all()) else None
+
+
+class CausalMask(Pattern):
+    """tx.attention whose constant mask is exactly causal -> is_causal=True; one allowing all -> no mask.
+
+    The mask's value is computed at compile time and compared element by element (never inferred from
+    how the graph built it), so the rewrite is exact; it lets attention run as a flash kernel.
+    """
+
+    name = "causal_mask"
+
+    def match_and_rewrite(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not is_op(node, tx.attention.default):
+            return False
+        q, k, v, mask, scale, is_causal = node.args
+        if not isinstance(mask, fx.Node) or is_causal:
+            return False
+        memo = rw.__dict__.setdefault("_fxcc_constants", {})
+        value = _constant(mask, rw.gm, memo)
+        if not isinstance(value, torch.Tensor):
+            return False
+        kind = _mask_kind(value, val(q).shape[-2], val(k).shape[-2])
+        if kind is None:
+            return False
+        rw.replace(node, rw.call(tx.attention.default, (q, k, v, None, scale, kind == "causal"), at=node))
+        return True
+
+
 # ---------------------------------------------------------------------------------------------- pass
 
 # multi-op patterns first: one-op raises inside them (softmax, silu) would otherwise hide them
 COMPOSITE = [RMSNorm(), RMSNormCastBack(), RMSNormWeight(), SDPA(), EagerAttention(), Rotary(), GeluErf(),
              GeluTanh(), SiluMul()]
-ONE_OP = [LayerNorm(), Softmax(), Activation(), GatedAct()]
+ONE_OP = [LayerNorm(), Softmax(), Activation(), GatedAct(), CausalMask()]
 
 
 def _tx_counts(gm: fx.GraphModule) -> Counter:
@@ -496,4 +589,7 @@ class Raise(Pass):
         before = _tx_counts(gm)
         hits = apply_patterns(gm, COMPOSITE) + apply_patterns(gm, ONE_OP)
         raised = _tx_counts(gm) - before
-        return PassResult(bool(hits), dict(sorted(raised.items())))
+        stats = dict(sorted(raised.items()))
+        if hits["causal_mask"]:  # masks dropped or turned into is_causal (no new tx op to count)
+            stats["causal_mask"] = hits["causal_mask"]
+        return PassResult(bool(hits), stats)

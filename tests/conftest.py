@@ -11,6 +11,11 @@ import torch
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
+# Triton fixes its interpreter mode when first imported (transformers imports it), so the CPU tests that run
+# Triton kernels (tests/test_triton.py, which also opts fxcc in) need it set before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def check_golden(name: str, text: str) -> None:
     """Compare `text` with tests/golden/<name>; FXCC_UPDATE_GOLDEN=1 rewrites the file instead."""
@@ -25,6 +30,18 @@ def check_golden(name: str, text: str) -> None:
     expected = path.read_text()
     assert text == expected, (f"output differs from {path} (FXCC_UPDATE_GOLDEN=1 rewrites it)\n"
                               f"--- expected\n{expected}\n--- got\n{text}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_artifact_cache(tmp_path_factory):
+    """Tests never read or fill the user's ~/.cache/fxcc: one fresh cache directory per test session."""
+    old = os.environ.get("FXCC_CACHE_DIR")
+    os.environ["FXCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("fxcc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FXCC_CACHE_DIR", None)
+    else:
+        os.environ["FXCC_CACHE_DIR"] = old
 
 
 @pytest.fixture

@@ -72,3 +72,73 @@ def test_passes_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("canonicalize", "raise", "fuse", "codegen"):
         assert f"\n{name} " in out
+
+
+# ------------------------------------------------------------------------------------- fxcc cache
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def put_entries(n: int):
+    from fxcc.autotune.cache import ArtifactCache, cache_key
+
+    c = ArtifactCache()
+    keys = [c.put(cache_key(ir=str(i)), {"lib.so": b"\0" * 1000, "source.py": b"pass\n"},
+                  {"backend": "tvm", "target": "cpu", "params": {"block": i}}).key for i in range(n)]
+    return c, keys
+
+
+def test_cache_ls_and_show(cache_dir, capsys):
+    _, keys = put_entries(2)
+    assert cli.main(["cache", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert all(k in out for k in keys) and "2 entries" in out and str(cache_dir) in out
+    assert cli.main(["cache", "show", keys[1][:10]]) == 0
+    out = capsys.readouterr().out
+    assert keys[1] in out and "lib.so" in out and '"block": 1' in out
+    assert cli.main(["cache", "show", "zz"]) == 2
+    assert "no cache entry matches 'zz'" in capsys.readouterr().err
+
+
+def test_cache_verify_finds_a_planted_corruption(cache_dir, capsys):
+    c, keys = put_entries(3)
+    lib = cache_dir / "entries" / keys[1] / "lib.so"
+    lib.write_bytes(b"\1" + lib.read_bytes()[1:])
+    assert cli.main(["cache", "verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"{keys[1]}: file lib.so fails its sha256 check" in out and keys[0] not in out
+    assert cli.main(["cache", "verify", "--evict"]) == 0
+    assert cli.main(["cache", "verify"]) == 0
+    assert "2 entries" in capsys.readouterr().out
+
+
+def test_cache_prune_keeps_the_most_recently_used(cache_dir, capsys):
+    c, keys = put_entries(3)
+    for i, k in enumerate(keys):
+        os.utime(cache_dir / "entries" / k / "manifest.json", (1000 + i, 1000 + i))
+    c.get(keys[0])  # now the most recently used
+    assert cli.main(["cache", "prune", "--max-size", str(c.get(keys[0]).size + 10)]) == 0
+    assert "evicted 2 least recently used entries" in capsys.readouterr().out
+    assert [e.key for e in c.entries()] == [keys[0]]
+
+
+def test_cache_prune_rejects_a_bad_size(cache_dir, capsys):
+    assert cli.main(["cache", "prune", "--max-size", "lots"]) == 2
+    assert "--max-size 'lots'" in capsys.readouterr().err
+
+
+def test_cache_clear(cache_dir, capsys):
+    put_entries(2)
+    assert cli.main(["cache", "clear"]) == 0
+    assert "evicted 2 entries" in capsys.readouterr().out
+    assert cli.main(["cache", "ls"]) == 0 and "0 entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, size", [("500M", 500 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("4096", 4096),
+                                        ("64kb", 64 << 10)])
+def test_sizes_take_binary_units(text, size):
+    assert cli.parse_size(text) == size

@@ -248,8 +248,10 @@ def _tiny(name: str, attn: str):
     return model.eval(), args
 
 
-DECODER = {"rms_norm": 2 * 2 + 1, "attention": 2, "rotary": 2 * 2, "gated_act": 2}
-ENCODER = {"layer_norm": 2 * 2 + 1, "attention": 2, "gelu": 2}
+# causal_mask: the constant masks these models build are causal (decoders) or allow everything (encoders
+# called without a padding mask), so attention runs unmasked; T5's position bias is a bias, not a mask
+DECODER = {"rms_norm": 2 * 2 + 1, "attention": 2, "rotary": 2 * 2, "gated_act": 2, "causal_mask": 2}
+ENCODER = {"layer_norm": 2 * 2 + 1, "attention": 2, "gelu": 2, "causal_mask": 2}
 
 
 @pytest.mark.parametrize("name, attn, expected", [
@@ -262,5 +264,85 @@ def test_transformers(name, attn, expected):
     model, args = _tiny(name, attn)
     gm, stats = raise_model(model, args)
     assert stats == expected
-    assert tx_ops(gm) == Counter(expected)
+    assert tx_ops(gm) == Counter({k: v for k, v in expected.items() if k != "causal_mask"})
+    assert_same_outputs(gm, model, args)
+
+
+# ------------------------------------------------------------------------------------- causal masks
+
+
+class MaskedSDPA(nn.Module):
+    """SDPA with a mask built from constants, as transformers builds it under export."""
+
+    def __init__(self, kind: str, t: int = 4):
+        super().__init__()
+        pos = torch.arange(t)
+        if kind == "bool_causal":
+            mask = pos[None, :] <= pos[:, None]
+        elif kind == "additive_causal":
+            mask = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)
+        elif kind == "all":
+            mask = torch.ones(t, t, dtype=torch.bool)
+        elif kind == "window":  # causal and at most one key back: not causal
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= pos[:, None] - 1)
+        else:  # a real bias: small values are not a mask
+            mask = torch.randn(t, t)
+        self.register_buffer("mask", mask[None, None])
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+class InputMask(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _attention_args(gm):
+    return [n.args[3:] for n in gm.graph.nodes if n.op == "call_function" and "attention" in str(n.target)]
+
+
+def test_golden_causal_mask(golden):
+    model, args = MaskedSDPA("bool_causal").eval(), tuple(torch.randn(1, 2, 4, 8) for _ in range(3))
+    gm, stats = raise_model(model, args)
+    assert stats == {"attention": 1, "causal_mask": 1}
+    assert_same_outputs(gm, model, args)
+    golden("raise_causal_mask.mlir", print_graph(gm))
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("bool_causal", (None, 0.35355339059327373, True)), ("additive_causal", (None, 0.35355339059327373, True)),
+    ("all", (None, 0.35355339059327373, False)),
+])
+def test_causal_mask_is_checked_by_value(kind, expected):
+    model, args = MaskedSDPA(kind).eval(), tuple(torch.randn(1, 2, 4, 8) for _ in range(3))
+    gm, stats = raise_model(model, args)
+    assert stats["causal_mask"] == 1
+    assert _attention_args(gm) == [expected]
+    assert_same_outputs(gm, model, args)
+
+
+@pytest.mark.parametrize("kind", ["window", "bias"])
+def test_other_constant_masks_stay(kind):
+    model, args = MaskedSDPA(kind).eval(), tuple(torch.randn(1, 2, 4, 8) for _ in range(3))
+    gm, stats = raise_model(model, args)
+    assert "causal_mask" not in stats
+    (mask, _, is_causal), = _attention_args(gm)
+    assert mask is not None and not is_causal
+    assert_same_outputs(gm, model, args)
+
+
+def test_mask_from_an_input_stays():
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    gm, stats = raise_model(InputMask(), (*(torch.randn(1, 2, 4, 8) for _ in range(3)), causal))
+    assert "causal_mask" not in stats  # the next call may pass another mask
+
+
+def test_causal_needs_square_scores():
+    # with more keys than queries a lower-triangular mask is not SDPA's is_causal (top-left aligned)
+    model = MaskedSDPA("bool_causal")
+    model.mask = model.mask[:, :, 1:]  # 3 queries x 4 keys
+    args = (torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    gm, stats = raise_model(model.eval(), args)
+    assert "causal_mask" not in stats
     assert_same_outputs(gm, model, args)

@@ -1,0 +1,487 @@
+"""Per-kernel tuning: an Optuna study over a candidate's parameter space.
+
+A trial builds the candidate with the sampled parameters, checks its outputs against the reference,
+then times it (warm-up, median of repeats). A candidate that fails to build, raises, crashes, hangs or
+gives wrong results is pruned with the reason in the trial's user attrs, and the search goes on; the
+kernel's defaults are always the first trial. With `isolate=True` (the default on CUDA) each trial runs
+in a worker process under a timeout, so a crash or a hang costs one trial, not the tuner.
+
+Studies live in an Optuna storage: by default `tuning.db` (SQLite) in the artifact cache directory;
+any Optuna RDB URL (PostgreSQL for a cluster) or `journal:PATH` lets several processes or machines
+share one study (same study name).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+import math
+import multiprocessing
+import pickle
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fxcc.autotune.cache import cache_key, default_cache, private_dir
+from fxcc.codegen import Kernel
+from torch import Tensor
+
+log = logging.getLogger("fxcc")
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+DEVICES = ("cpu", "cuda")
+STARTUP_S = 120.0  # a worker process's start (imports, kernel set-up) is not counted in timeout_s
+FAILED = ("build", "crash", "timeout")  # trial outcomes counted as `failed`; "wrong" counts as `pruned`
+_REASONS = {"build": "failed to build", "crash": "raised or crashed", "timeout": "timed out",
+            "wrong": "gave wrong results"}
+
+
+@dataclass
+class TuneResult:
+    """The best parameters found and what the search cost.
+
+    ms: the best candidate's median time; defaults_ms: the defaults' (None if they failed or were not run).
+    trials: trials run by this call; of those, pruned: ran but gave wrong results; failed: did not build,
+    raised, crashed or timed out. A resumed study's best can come from an earlier run.
+    """
+
+    params: dict
+    ms: float
+    trials: int
+    pruned: int
+    failed: int
+    seconds: float
+    study_name: str
+    defaults_ms: float | None = None
+
+    def summary(self) -> str:
+        """Two lines for a terminal: counts, then best vs defaults."""
+        ok = self.trials - self.pruned - self.failed
+        head = (f"tuned {self.study_name} in {self.seconds:.1f} s: {self.trials} trials ({ok} ok, "
+                f"{self.pruned} wrong results, {self.failed} failed to build/crashed/timed out)")
+        params = ", ".join(f"{k}={v}" for k, v in self.params.items()) or "no parameters"
+        if self.defaults_ms is None:
+            vs = "defaults not measured"
+        else:
+            vs = f"defaults {self.defaults_ms:.4g} ms ({self.defaults_ms / self.ms:.2f}x)"
+        return f"{head}\n  best {self.ms:.4g} ms with {params}; {vs}"
+
+
+def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *, trials: int = 30,
+                seconds: float | None = None, sampler: str = "tpe", storage: str | None = None,
+                study_name: str | None = None, device: str = "cpu", isolate: bool | None = None,
+                timeout_s: float = 60.0, progress: bool = True, seed: int | None = 0, key: str | None = None,
+                kernel_factory: Callable[[], Kernel] | None = None, warmup: int = 3,
+                reps: int = 20) -> TuneResult:
+    """Search `kernel.space` for the fastest parameters whose outputs match `reference` on `inputs`.
+
+    Budgets: at most `trials` trials and, when given, `seconds` of wall time (checked between trials).
+    sampler: "tpe" (default), "random", "grid" (every point once) or "cmaes" (needs the cmaes package).
+    storage: None (the cache's tuning.db), an Optuna RDB URL, or "journal:PATH". study_name defaults to
+    "<backend>:<key>" (key: the caller's kernel key; else one derived from the space and input shapes).
+    isolate (default: device == "cuda") runs every trial in a worker process with a `timeout_s` limit;
+    the kernel travels there by pickle, or `kernel_factory` (a picklable, e.g. module-level, function)
+    makes it there. Without isolation a hanging candidate cannot be stopped. Raises RuntimeError when no
+    candidate passed at all.
+    """
+    optuna = _optuna()
+    label = study_name or f"{kernel.backend}:{key or _default_key(kernel, inputs)}"
+    _check_args(label, trials, seconds, sampler, device, timeout_s, warmup, reps)
+    space = _space(kernel, label)
+    defaults = dict(kernel.defaults)
+    isolate = device == "cuda" if isolate is None else isolate
+    n = trials if space else 1
+    if sampler == "grid":
+        n = min(n, math.prod(len(c) for c in space.values()))
+    runner = (_Isolated(label, kernel, kernel_factory, inputs, reference, device, warmup, reps, timeout_s)
+              if isolate else _InProcess(kernel, inputs, reference, device, warmup, reps))
+
+    counts: Counter[str] = Counter()
+    first_error: dict[str, str] = {}
+
+    def objective(trial: Any) -> float:
+        params = {**defaults, **_suggest(trial, space, sampler)}
+        trial.set_user_attr("params", params)
+        status, value = runner(params)
+        counts[status] += 1
+        if status == "ok":
+            return value
+        first_error.setdefault(status, value)
+        trial.set_user_attr("failure", status)
+        trial.set_user_attr("error", value[:2000])
+        log.debug("fxcc: %s trial %d %s %s: %s", label, trial.number, params, _REASONS[status], value)
+        raise optuna.TrialPruned(f"{_REASONS[status]}: {value}")
+
+    def on_trial(study: Any, _trial: Any) -> None:
+        try:
+            bar.update(study.best_value)
+        except ValueError:  # no trial completed yet
+            bar.update(None)
+
+    t0 = time.perf_counter()
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Optuna's line per trial is the progress bar's job
+    bar = None
+    try:
+        study = optuna.create_study(storage=open_storage(storage), sampler=_sampler(sampler, space, seed),
+                                    study_name=label, direction="minimize", load_if_exists=True)
+        encoded = _encode(defaults, space, sampler)
+        if encoded is None:
+            log.warning("fxcc: tuning %s: the kernel's defaults %s are not a point of its space %s; the search "
+                        "starts without them", label, defaults, space)
+        elif sampler != "grid":  # grid visits the defaults' point anyway
+            study.enqueue_trial(encoded, user_attrs={"defaults": True}, skip_if_exists=True)
+        bar = _Progress(n, f"tune {label}", progress)
+        study.optimize(objective, n_trials=n, timeout=seconds, callbacks=[on_trial])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        if bar is not None:
+            bar.close()
+        runner.close()
+    elapsed = time.perf_counter() - t0
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        why = ", ".join(f"{counts[s]} {_REASONS[s]}" for s in (*FAILED, "wrong") if counts[s])
+        first = "; ".join(f"{_REASONS[s]}: {e[:300]}" for s, e in first_error.items())
+        raise RuntimeError(f"fxcc: tuning {label}: no candidate passed ({why}). First errors: {first}. "
+                           "The kernel cannot be tuned; build it with another backend.")
+    best = min(complete, key=lambda t: t.value)
+    defaults_ms = min((t.value for t in complete if t.user_attrs.get("params") == defaults), default=None)
+    result = TuneResult(params=best.user_attrs.get("params", {**defaults, **best.params}), ms=best.value,
+                        trials=sum(counts.values()), pruned=counts["wrong"], failed=sum(counts[s] for s in FAILED),
+                        seconds=elapsed, study_name=label, defaults_ms=defaults_ms)
+    if progress:
+        print(result.summary(), file=sys.stderr)
+    else:
+        log.info("fxcc: %s", result.summary())
+    return result
+
+
+# ---------------------------------------------------------------------------------------- storage
+
+_storages: dict[str, Any] = {}
+
+
+def open_storage(storage: str | None = None) -> Any:
+    """An Optuna storage: None -> `sqlite:///<cache root>/tuning.db`; an RDB URL; or `journal:PATH`.
+
+    Storages are opened once per process and URL.
+    """
+    optuna = _optuna()
+    if storage is None:
+        storage = f"sqlite:///{private_dir(default_cache().root) / 'tuning.db'}"
+    if not isinstance(storage, str) or not (storage.startswith("journal:") or "://" in storage):
+        raise ValueError(f"fxcc: tuning storage {storage!r} is neither an Optuna RDB URL (sqlite:///PATH, "
+                         "postgresql+psycopg2://USER:PASSWORD@HOST/DB, ...) nor journal:PATH")
+    if storage in _storages:
+        return _storages[storage]
+    try:
+        if storage.startswith("journal:"):
+            path = storage[len("journal:"):]
+            if not path:
+                raise ValueError("journal: needs a file path, e.g. journal:/shared/fxcc-tuning.log")
+            opened = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+        else:
+            # SQLite: wait for a lock held by another process instead of failing at once
+            kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+            opened = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+    except Exception as e:
+        raise ValueError(f"fxcc: cannot open tuning storage {_redact(storage)}: {type(e).__name__}: {e}") from e
+    _storages[storage] = opened
+    return opened
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+# ---------------------------------------------------------------------------------------- search space
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError("fxcc: tuning needs Optuna: pip install 'fxcc[tune]' (or pip install optuna)") from None
+    return optuna
+
+
+def _check_args(label: str, trials: int, seconds: float | None, sampler: str, device: str, timeout_s: float,
+                warmup: int, reps: int) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"fxcc: tuning {label}: unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise ImportError(f"fxcc: tuning {label}: sampler 'cmaes' needs the cmaes package: pip install cmaes")
+    if device not in DEVICES:
+        raise ValueError(f"fxcc: tuning {label}: unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    for name, value, least in (("trials", trials, 1), ("warmup", warmup, 0), ("reps", reps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"fxcc: tuning {label}: {name} must be an integer >= {least}, got {value!r}")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"fxcc: tuning {label}: seconds must be > 0 (or None for no time budget), got {seconds!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"fxcc: tuning {label}: timeout_s must be > 0, got {timeout_s!r}")
+
+
+def _space(kernel: Kernel, label: str) -> dict[str, list]:
+    """The kernel's space, checked: Optuna stores only None, bool, int, float and str choices."""
+    space = {}
+    for name, choices in kernel.space.items():
+        if not isinstance(choices, (list, tuple)) or not choices:
+            raise ValueError(f"fxcc: tuning {label}: space[{name!r}] must be a non-empty list of choices, "
+                             f"got {choices!r}")
+        bad = [c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))]
+        if bad:
+            raise ValueError(f"fxcc: tuning {label}: space[{name!r}] holds {bad[0]!r}; choices must be None, "
+                             "bool, int, float or str (encode others, e.g. '64x32' for a tile)")
+        space[name] = list(choices)
+    return space
+
+
+def _ordinal(choices: list) -> bool:
+    """Numeric choices: CMA-ES searches their sorted index as an integer instead of a category."""
+    return all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+
+
+def _suggest(trial: Any, space: dict[str, list], sampler: str) -> dict:
+    params = {}
+    for name, choices in space.items():
+        if sampler == "cmaes" and _ordinal(choices):
+            ordered = sorted(choices)
+            params[name] = ordered[trial.suggest_int(f"{name}.index", 0, len(ordered) - 1)]
+        else:
+            params[name] = trial.suggest_categorical(name, choices)
+    return params
+
+
+def _encode(params: dict, space: dict[str, list], sampler: str) -> dict | None:
+    """The Optuna parameters that `_suggest` turns into `params`; None when a value is outside the space."""
+    out = {}
+    for name, choices in space.items():
+        if name not in params or params[name] not in choices:
+            return None
+        if sampler == "cmaes" and _ordinal(choices):
+            out[f"{name}.index"] = sorted(choices).index(params[name])
+        else:
+            out[name] = params[name]
+    return out
+
+
+def _sampler(name: str, space: dict[str, list], seed: int | None) -> Any:
+    samplers = _optuna().samplers
+    if name == "tpe":
+        return samplers.TPESampler(seed=seed)
+    if name == "random":
+        return samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return samplers.GridSampler(space, seed=seed)
+    return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+
+
+def _default_key(kernel: Kernel, inputs: list[Tensor]) -> str:
+    shapes = ";".join(f"{x.dtype}{list(x.shape)}" for x in inputs)
+    return cache_key(space=json.dumps(kernel.space, sort_keys=True, default=str),
+                     defaults=json.dumps(kernel.defaults, sort_keys=True, default=str), inputs=shapes)
+
+
+# ---------------------------------------------------------------------------------------- one trial
+
+
+def evaluate(kernel: Kernel, params: dict, inputs: list[Tensor], reference: list[Tensor], device: str,
+             warmup: int, reps: int) -> tuple[str, Any]:
+    """Build, check, time: ("ok", median ms) or (reason, message) with reason in build/crash/wrong."""
+    from fxcc.autotune.measure import interleaved
+    from fxcc.passes.codegen import check
+
+    try:
+        built = kernel.build(params)
+    except Exception as e:
+        return "build", f"{type(e).__name__}: {e}"
+    with torch.no_grad():
+        try:
+            got = built.fn(inputs)
+        except Exception as e:
+            return "crash", f"{type(e).__name__}: {e}"
+        try:
+            check(kernel.backend, got, reference)
+        except Exception as e:
+            return "wrong", f"{type(e).__name__}: {e}"
+        try:
+            t = interleaved({"candidate": lambda: built.fn(inputs)}, device=device, warmup=warmup, reps=reps,
+                            rounds=min(reps, 5))
+        except Exception as e:
+            return "crash", f"{type(e).__name__} while timing: {e}"
+    return "ok", t["candidate"].median
+
+
+class _InProcess:
+    """Trials in this process: cheapest; a hang cannot be stopped."""
+
+    def __init__(self, kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], device: str,
+                 warmup: int, reps: int) -> None:
+        self.kernel, self.device, self.warmup, self.reps = kernel, device, warmup, reps
+        self.inputs = [x.to(device) for x in inputs]
+        self.reference = [r.to(device) for r in reference]
+
+    def __call__(self, params: dict) -> tuple[str, Any]:
+        return evaluate(self.kernel, params, self.inputs, self.reference, self.device, self.warmup, self.reps)
+
+    def close(self) -> None:
+        pass
+
+
+class _Isolated:
+    """Trials in a spawned worker process; one past `timeout_s`, or one that kills the worker, is failed and
+    the next trial starts a fresh worker. Starting a worker is not counted in `timeout_s`."""
+
+    def __init__(self, label: str, kernel: Kernel, factory: Callable[[], Kernel] | None, inputs: list[Tensor],
+                 reference: list[Tensor], device: str, warmup: int, reps: int, timeout_s: float) -> None:
+        make = factory or functools.partial(_same, kernel)
+        try:
+            pickle.dumps(make)
+        except Exception as e:
+            what = "kernel_factory" if factory else f"the kernel ({type(kernel).__name__})"
+            raise TypeError(f"fxcc: tuning {label} in a worker process (isolate=True) needs {what} to be "
+                            f"picklable, and it is not ({type(e).__name__}: {e}); pass kernel_factory=, a "
+                            "module-level function returning the kernel, or isolate=False") from None
+        self.label, self.timeout_s = label, timeout_s
+        self.args = (make, [x.detach().cpu() for x in inputs], [r.detach().cpu() for r in reference], device,
+                     warmup, reps, torch.get_num_threads())
+        self.ctx = _worker_context()
+        self.proc: Any = None
+        self.conn: Any = None
+
+    def __call__(self, params: dict) -> tuple[str, Any]:
+        if self.proc is None:
+            self._start()
+        try:
+            self.conn.send(params)
+        except OSError:  # the worker died after its last answer
+            self._kill()
+            self._start()
+            self.conn.send(params)
+        if not self.conn.poll(self.timeout_s):
+            self._kill()
+            return "timeout", f"no result after {self.timeout_s:g} s; the worker process was killed"
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            code = self._kill()
+            return "crash", f"the worker process died (exit code {code})"
+
+    def _start(self) -> None:
+        parent, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_worker, args=(child, *self.args), daemon=True, name="fxcc-tune")
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        limit = max(STARTUP_S, self.timeout_s)
+        if not parent.poll(limit):
+            self._kill()
+            raise RuntimeError(f"fxcc: tuning {self.label}: the worker process did not start within {limit:g} s")
+        try:
+            status, message = parent.recv()
+        except (EOFError, OSError):
+            status, message = "died", f"exit code {self._kill()}"
+        if status != "ready":
+            self._kill()
+            raise RuntimeError(f"fxcc: tuning {self.label}: the worker process could not set up the kernel "
+                               f"({message}); check kernel_factory, or tune with isolate=False to debug")
+
+    def _kill(self) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        proc.kill()
+        proc.join(10)
+        self.conn.close()
+        return proc.exitcode
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.conn.send(None)
+                self.proc.join(5)
+            except OSError:
+                pass
+            self._kill()
+
+
+def _worker_context() -> Any:
+    """Workers fork from a clean server process that imported torch once (fast restarts after a crash or a
+    hang); never from this process, whose CUDA state and held locks a fork would copy. Spawn elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["fxcc.autotune.tune", "fxcc.passes.codegen"])
+    return ctx
+
+
+def _same(kernel: Kernel) -> Kernel:
+    return kernel
+
+
+def _worker(conn: Any, make: Callable[[], Kernel], inputs: list[Tensor], reference: list[Tensor], device: str,
+            warmup: int, reps: int, threads: int) -> None:
+    """The worker process: set up once, then evaluate the parameters it is sent until it is sent None."""
+    torch.set_num_threads(threads)
+    try:
+        kernel = make()
+        inputs = [x.to(device) for x in inputs]
+        reference = [r.to(device) for r in reference]
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            params = conn.recv()
+        except EOFError:  # the tuner went away
+            return
+        if params is None:
+            return
+        conn.send(evaluate(kernel, params, inputs, reference, device, warmup, reps))
+
+
+# ---------------------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """One line on stderr: tqdm when installed, else a plain line redrawn in place (on a terminal only)."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.n = total, label, 0
+        self.bar: Any = None
+        self.plain = False
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.plain = sys.stderr.isatty()
+        else:
+            self.bar = tqdm(total=total, desc=label, unit="trial", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def update(self, best_ms: float | None) -> None:
+        self.n += 1
+        note = "no valid candidate yet" if best_ms is None else f"best {best_ms:.4g} ms"
+        if self.bar is not None:
+            self.bar.set_postfix_str(note, refresh=False)
+            self.bar.update(1)
+        elif self.plain:
+            sys.stderr.write(f"\r{self.label} {self.n}/{self.total} {note}\033[K")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.plain and self.n:
+            sys.stderr.write("\n")

@@ -1,0 +1,640 @@
+"""triton backend: kernel bodies generated as Triton kernels (GPU; on the CPU only through the interpreter).
+
+Candidates by kernel kind, each labelled as `fxcc explain` shows it:
+- pointwise: one generated kernel per output shape ("triton"); broadcasting, strided and transposed views,
+  casts, rotary, gated activations.
+- reduction: a row kernel over the last dimension ("triton"): sum/mean/max, softmax, layer norm, RMSNorm,
+  with the pointwise prologue and epilogue the fusion pass grouped around them.
+- gemm: a Triton GEMM with the epilogue fused into its store ("triton"), and the library GEMM followed by
+  one generated epilogue kernel ("triton+lib"), for epilogues that need more than the tile (rotary).
+- attention: a flash-attention kernel ("triton") and the library SDPA with native grouped-query heads
+  ("sdpa"); the codegen pass times both against extern and keeps the fastest.
+
+Meta-parameters (BLOCK sizes, num_warps, num_stages, GROUP_M) are each candidate's `space`; `defaults` are
+chosen from the shapes and are good without tuning. Generated source is readable Python with the kernel
+body's IR as a header; it is the `source` of what is built and its cache file (`kernel.py`).
+"""
+
+from __future__ import annotations
+
+import linecache
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from fxcc.codegen import Built, KernelFn
+from fxcc.codegen.triton_gen import (
+    REDUCTIONS,
+    Emitter,
+    Unsupported,
+    Value,
+    body_nodes,
+    broadcast_index,
+    delinearize,
+    dtype_of,
+    is_view,
+    linearize,
+    reduction_input,
+    shape_of,
+    tl_dtype,
+)
+from fxcc.codegen.triton_templates import attention_source, gemm_source
+from fxcc.dialects import TX_OPS, KernelBody
+
+name = "triton"
+
+aten = torch.ops.aten
+tx = torch.ops.fxcc_tx
+
+_REFERENCE = {getattr(tx, n).default: op._init_fn for n, op in TX_OPS.items()}
+_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
+_HEADER = "import triton\nimport triton.language as tl\nfrom triton.language.extra import libdevice  # noqa: F401\n"
+
+
+def available(target: str) -> str | None:
+    """None when Triton can run kernels for `target`, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    if target == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device"
+    if target == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FXCC_TRITON_INTERPRET") == "1":
+            return None
+        return ("Triton runs on the CPU only in its interpreter: set TRITON_INTERPRET=1 and "
+                "FXCC_TRITON_INTERPRET=1 (slow; meant for tests)")
+    return f"no Triton support for target {target!r}"
+
+
+def candidates(kb: KernelBody, target: str) -> list[TritonKernel]:
+    """The Triton candidates for `kb`; [] for bodies this backend cannot lower."""
+    try:
+        if kb.kind == "pointwise":
+            return [TritonKernel(kb, "triton", pointwise_plan(kb.body, kb.text))]
+        if kb.kind == "reduction":
+            return [TritonKernel(kb, "triton", reduction_plan(kb.body, kb.text))]
+        if kb.kind == "gemm":
+            return _optional(lambda: TritonKernel(kb, "triton", gemm_plan(kb.body, kb.text)),
+                             lambda: TritonKernel(kb, "triton+lib", library_epilogue_plan(kb.body, kb.text)))
+        if kb.kind == "extern" and _anchor(kb.body, {tx.attention.default}) is not None:
+            return _optional(lambda: TritonKernel(kb, "triton", attention_plan(kb.body, kb.text)),
+                             lambda: TritonKernel(kb, "sdpa", sdpa_plan(kb.body, kb.text)))
+    except Unsupported:
+        return []
+    return []
+
+
+def _optional(*makers: Callable[[], TritonKernel]) -> list[TritonKernel]:
+    out = []
+    for make in makers:
+        try:
+            out.append(make())
+        except Unsupported:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+@dataclass
+class Plan:
+    """A generated kernel: its source, the meta-parameter space and defaults, and how to launch it.
+
+    `launcher(namespace, params)` turns the executed source's namespace into the kernel callable.
+    """
+
+    source: str
+    space: dict[str, list]
+    defaults: dict
+    launcher: Callable[[dict, dict], KernelFn]
+
+
+@dataclass
+class TritonKernel:
+    """One Triton candidate for a kernel op (the codegen.Kernel interface)."""
+
+    kb: KernelBody
+    backend: str
+    plan: Plan
+    space: dict = field(init=False)
+    defaults: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.space, self.defaults = self.plan.space, self.plan.defaults
+
+    def build(self, params: dict) -> Built:
+        ns = _execute(self.plan.source, f"{self.kb.key}_{self.backend}")
+        return Built(self.plan.launcher(ns, {**self.defaults, **params}), self.plan.source,
+                     {"kernel.py": self.plan.source.encode()})
+
+    def load(self, files: dict[str, Path], params: dict) -> Built:
+        source = Path(files["kernel.py"]).read_text()
+        ns = _execute(source, f"{self.kb.key}_{self.backend}")
+        return Built(self.plan.launcher(ns, {**self.defaults, **params}), source, {"kernel.py": source.encode()})
+
+
+# Eager rounds every op's result; a multiply-add contracted into one FMA rounds once, and bf16 round trips
+# around it get narrowed away (seen on an H200: rotary off by one ulp in a quarter of its elements). Kernels
+# whose every op mirrors an eager op compile without contraction, so they match eager bit for bit.
+_EXACT = {"enable_fp_fusion": False}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _execute(source: str, tag: str) -> dict:
+    """Run generated source as a module; Triton reads a kernel's source back through linecache."""
+    filename = f"<fxcc-triton-{tag}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    ns: dict[str, Any] = {"__name__": f"fxcc_triton_{tag}"}
+    exec(compile(source, filename, "exec"), ns)
+    return ns
+
+
+def _header(text: str, what: str) -> str:
+    ir = "\n".join(f"# {line}" for line in text.rstrip().splitlines())
+    return f"# fxcc generated Triton kernel: {what}\n{ir}\n\n{_HEADER}\n"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _extent(node: fx.Node) -> int:
+    v = node.meta["val"]
+    return sum((s - 1) * st for s, st in zip(v.shape, v.stride())) + 1
+
+
+def _int64(nodes: list[fx.Node], *numels: int) -> bool:
+    """Whether offsets can pass 2**31: then index arithmetic starts from an int64 program id."""
+    return max([*numels, *(_extent(n) for n in nodes)], default=0) >= 2**31 - 1
+
+
+def _empty(node: fx.Node, device: torch.device) -> torch.Tensor:
+    v = node.meta["val"]
+    return torch.empty(tuple(v.shape), dtype=v.dtype, device=device)
+
+
+def _signature(em: Emitter, placeholders: list[fx.Node], fixed: list[str]) -> tuple[list[str], list[int]]:
+    """Pointer arguments: the template's `fixed` ones, then each placeholder the emitter loaded, in order."""
+    used = [k for k, p in enumerate(placeholders) if p in em.used and f"in{k}" not in fixed]
+    return [*fixed, *(f"in{k}" for k in used)], used
+
+
+def _stores(em: Emitter, outs: list[fx.Node], values: list[Value], offsets: list[str], mask: str,
+            tile: str) -> list[str]:
+    """Template stores; `tile` is a zero of the tile's shape, so an offset missing a tile dimension (one of
+    size 1 in the output) still addresses the whole tile."""
+    return [f"tl.store(out{i} + {off} + {tile}, {v.name}.to({tl_dtype(dtype_of(o))}), mask={mask})"
+            for i, (o, v, off) in enumerate(zip(outs, values, offsets))]
+
+
+def _indent(lines: list[str], n: int = 4) -> str:
+    return "\n".join(" " * n + line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------- pointwise
+
+
+@dataclass
+class _Launch:
+    fn: str
+    inputs: list[int]  # body input positions passed as pointers
+    outputs: list[int]  # body output positions written
+    strides: list[tuple[int, int]]  # (input position, dim) run-time stride arguments
+    numel: int
+
+
+def pointwise_plan(body: fx.GraphModule, text: str) -> Plan:
+    """One kernel per distinct output shape, each over its output's elements in row-major order."""
+    placeholders, _, outs = body_nodes(body)
+    if not placeholders:
+        raise Unsupported("a body without inputs")
+    pos = {p: k for k, p in enumerate(placeholders)}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, o in enumerate(outs):
+        if not isinstance(o, fx.Node):
+            raise Unsupported("a non-tensor output")
+        by_shape.setdefault(shape_of(o), []).append(i)
+    sources, launches = [], []
+    for j, (shape, positions) in enumerate(by_shape.items()):
+        em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
+        numel = math.prod(shape)
+        idx = tuple(em.index(e) for e in delinearize("offs", shape))
+        values = [em.value(outs[i], idx) for i in positions]
+        args, used = _signature(em, placeholders, [])
+        fn = f"fxcc_pointwise_{j}"
+        start = "tl.program_id(0).to(tl.int64)" if _int64(placeholders, numel) else "tl.program_id(0)"
+        stores = [f"tl.store(out{i} + offs, {v.name}.to({tl_dtype(dtype_of(outs[i]))}), mask=mask)"
+                  for i, v in zip(positions, values)]
+        strides = [f"s{pos[p]}_{d}" for p, d in em.strides]
+        sig = ", ".join([*args, *(f"out{i}" for i in positions), *strides, "BLOCK: tl.constexpr"])
+        sources.append(f"@triton.jit\ndef {fn}({sig}):\n"
+                       f"    offs = {start} * BLOCK + tl.arange(0, BLOCK)\n"
+                       f"    mask = offs < {numel}\n"
+                       f"{_indent([*em.lines, *stores])}\n")
+        launches.append(_Launch(fn, used, positions, [(pos[p], d) for p, d in em.strides], numel))
+    source = _header(text, "pointwise") + "\n\n".join(sources)
+    biggest = max(x.numel for x in launches)
+    block = min(1024, max(128, _pow2(biggest)))
+    defaults = {"BLOCK": block, "num_warps": 4 if block >= 512 else (2 if block >= 256 else 1)}
+    space = {"BLOCK": [128, 256, 512, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        kernels = [(ns[x.fn], x, (_cdiv(x.numel, params["BLOCK"]),)) for x in launches]
+        meta = {"BLOCK": params["BLOCK"], "num_warps": params["num_warps"], **_EXACT}
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            dev = inputs[0].device
+            res = [_empty(o, dev) for o in outs]
+            for fn, x, grid in kernels:
+                fn[grid](*(inputs[k] for k in x.inputs), *(res[i] for i in x.outputs),
+                         *(inputs[k].stride(d) for k, d in x.strides), **meta)
+            return res
+        return run
+
+    return Plan(source, space, defaults, launcher)
+
+
+# ---------------------------------------------------------------------------------------- reduction
+
+
+def _anchor(body: fx.GraphModule, targets: set) -> fx.Node | None:
+    found = [n for n in body.graph.nodes if n.op == "call_function" and n.target in targets]
+    if len(found) > 1:
+        raise Unsupported("more than one anchor in a body")
+    return found[0] if found else None
+
+
+def reduction_plan(body: fx.GraphModule, text: str) -> Plan:
+    """Rows of the anchor's input, ROWS at a time, each reduced over its last dimension in registers."""
+    placeholders, _, outs = body_nodes(body)
+    anchor = _anchor(body, set(REDUCTIONS))
+    if anchor is None or not placeholders:
+        raise Unsupported("no reduction this backend lowers")
+    x_shape = shape_of(reduction_input(anchor))
+    if not x_shape:
+        raise Unsupported("a reduction of a scalar")
+    n, rows = x_shape[-1], math.prod(x_shape[:-1])
+    block_n = _pow2(n)
+    if block_n > 32768:
+        raise Unsupported(f"rows of {n} elements do not fit one block")
+    pos = {p: k for k, p in enumerate(placeholders)}
+    em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
+    lead = tuple(em.index(e) for e in delinearize("rows", x_shape[:-1]))
+    stores = []
+    for i, o in enumerate(outs):
+        shape = shape_of(o)
+        if shape == x_shape:
+            v = em.value(o, (*lead, "cols"))
+            stores.append(f"tl.store(out{i} + rows * {n} + cols, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
+        elif shape in (x_shape[:-1], (*x_shape[:-1], 1)):
+            v = em.value(o, lead if shape == x_shape[:-1] else (*lead, "0"))
+            stores.append(f"tl.store(out{i} + rows + cols * 0, {v.name}.to({tl_dtype(dtype_of(o))}), "
+                          "mask=mask & (cols == 0))")
+        else:
+            raise Unsupported(f"output {o.name} is neither row- nor reduction-shaped")
+    args, used = _signature(em, placeholders, [])
+    strides = [f"s{pos[p]}_{d}" for p, d in em.strides]
+    sig = ", ".join([*args, *(f"out{i}" for i in range(len(outs))), *strides, "ROWS: tl.constexpr",
+                     "BLOCK_N: tl.constexpr"])
+    start = "tl.program_id(0).to(tl.int64)" if _int64(placeholders, rows * n) else "tl.program_id(0)"
+    source = (_header(text, "reduction over the last dimension") +
+              f"@triton.jit\ndef fxcc_reduction({sig}):\n"
+              f"    rows = ({start} * ROWS + tl.arange(0, ROWS))[:, None]\n"
+              f"    cols = tl.arange(0, BLOCK_N)[None, :]\n"
+              f"    mask = (rows < {rows}) & (cols < {n})\n"
+              f"{_indent([*em.lines, *stores])}\n")
+    rows_default = max(1, min(_pow2(rows), 4096 // block_n, 64))
+    tile = rows_default * block_n
+    defaults = {"ROWS": rows_default, "num_warps": 16 if tile >= 16384 else (8 if tile >= 4096 else 4)}
+    space = {"ROWS": [r for r in (1, 2, 4, 8, 16, 32, 64) if r * block_n <= 32768],
+             "num_warps": [1, 2, 4, 8, 16]}
+    strides_at = [(pos[p], d) for p, d in em.strides]
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        fn, grid = ns["fxcc_reduction"], (_cdiv(rows, params["ROWS"]),)
+        meta = {"ROWS": params["ROWS"], "BLOCK_N": block_n, "num_warps": params["num_warps"], **_EXACT}
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            res = [_empty(o, inputs[0].device) for o in outs]
+            fn[grid](*(inputs[k] for k in used), *res, *(inputs[k].stride(d) for k, d in strides_at), **meta)
+            return res
+        return run
+
+    return Plan(source, space, defaults, launcher)
+
+
+# --------------------------------------------------------------------------------------------- gemm
+
+
+@dataclass
+class _Gemm:
+    """A GEMM anchor read as out[m, n] = sum_k a[m, k] * b[k, n] (+ bias), with its operands' roles."""
+
+    node: fx.Node
+    a: fx.Node
+    b: fx.Node
+    bias: fx.Node | None
+    b_is_nk: bool  # linear's weight is [N, K]
+    m: int
+    n: int
+    k: int
+    lead: tuple[int, ...]  # the output's leading dimensions (M = their product)
+
+
+def _gemm(body: fx.GraphModule) -> _Gemm:
+    node = _anchor(body, _GEMMS)
+    if node is None:
+        raise Unsupported("no GEMM this backend lowers")
+    t, args = node.target, node.args
+    if t is aten.addmm.default:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            raise Unsupported("addmm with beta or alpha")
+        bias, a, b, nk = args[0], args[1], args[2], False
+    elif t is aten.linear.default:
+        a, b, bias, nk = args[0], args[1], args[2] if len(args) > 2 else None, True
+    else:
+        a, b, bias, nk = args[0], args[1], None, False
+    sa, sb = shape_of(a), shape_of(b)
+    if len(sb) != 2 or len(sa) < 1 or (t is not aten.linear.default and t is not aten.matmul.default and len(sa) != 2):
+        raise Unsupported("batched GEMM")
+    if len(sa) == 1:
+        raise Unsupported("matrix-vector product")
+    for x in (a, b, bias):
+        if isinstance(x, fx.Node) and x.op != "placeholder":
+            raise Unsupported("a GEMM operand computed inside the kernel")
+    n = sb[0] if nk else sb[1]
+    k = sa[-1]
+    if not dtype_of(node).is_floating_point:
+        raise Unsupported("integer GEMM")
+    return _Gemm(node, a, b, bias, nk, math.prod(sa[:-1]), n, k, tuple(sa[:-1]))
+
+
+def _small_enough(outs: list[fx.Node]) -> None:
+    """Template kernels index their outputs in int32."""
+    if any(_extent(o) >= 2**31 - 1 for o in outs if isinstance(o, fx.Node)):
+        raise Unsupported("an output of 2**31 elements or more")
+
+
+def _epilogue(body: fx.GraphModule, anchor: fx.Node) -> list[fx.Node]:
+    after, seen = [], False
+    for node in body.graph.nodes:
+        if node is anchor:
+            seen = True
+        elif seen and node.op == "call_function":
+            after.append(node)
+    return after
+
+
+def _gemm_defaults(m: int, n: int, k: int) -> dict:
+    bk = min(256 if m <= 16 else 64, max(16, _pow2(k)))
+    if m <= 16:  # weight streaming: enough column blocks to cover the SMs, deep pipelining
+        bn = next((b for b in (128, 64, 32) if _cdiv(n, b) >= 128), 16)
+        return {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    if m <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+_GEMM_SPACE = {"BLOCK_M": [16, 32, 64, 128], "BLOCK_N": [16, 32, 64, 128, 256], "BLOCK_K": [16, 32, 64, 128, 256],
+               "GROUP_M": [1, 4, 8], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4, 5]}
+
+
+def gemm_plan(body: fx.GraphModule, text: str) -> Plan:
+    """A tiled GEMM whose epilogue (bias, activations, residual adds, casts, views) is applied to the
+    accumulator tile before the one store of each output."""
+    placeholders, _, outs = body_nodes(body)
+    g = _gemm(body)
+    _small_enough(outs)
+    pos = {p: k for k, p in enumerate(placeholders)}
+    em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
+    out_dtype = dtype_of(g.node)
+    acc = "acc"
+    if g.bias is not None:  # the library adds a bias to the fp32 accumulator and rounds once
+        bias = em.value(g.bias, broadcast_index(("mm", "nn"), (g.m, g.n), shape_of(g.bias)))
+        acc = f"acc + {em.cast(bias, bias.dtype, torch.float32)}"
+    anchor_idx = (*(em.index(e) for e in delinearize("mm", g.lead)), "nn")
+    em.seed(g.node, anchor_idx, em.round(acc, out_dtype))
+    for node in _epilogue(body, g.node):
+        em.forward(node)
+    values, offsets = [], []
+    for o in outs:
+        if o not in em.fwd:
+            raise Unsupported(f"output {o.name} does not follow the GEMM")
+        idx, v = em.fwd[o]
+        values.append(v)
+        offsets.append(em.index(linearize(idx, shape_of(o))))
+    fixed = [f"in{pos[g.a]}", f"in{pos[g.b]}"]
+    args, used = _signature(em, placeholders, fixed)
+    strides = [f"s{pos[p]}_{d}" for p, d in em.strides]
+    dot = ', input_precision="ieee"' if dtype_of(g.a) == torch.float32 else ""
+    source = _header(text, "GEMM with fused epilogue") + gemm_source(
+        args=args, a=fixed[0], b=fixed[1], outs=[f"out{i}" for i in range(len(outs))], strides=strides,
+        m=g.m, n=g.n, k=g.k, dot_options=dot, epilogue=_indent([*em.lines, *_stores(em, outs, values, offsets,
+                                                                                       "mask", "mm * 0 + nn * 0")]))
+    strides_at = [(pos[p], d) for p, d in em.strides]
+    ka, kb_, extra = pos[g.a], pos[g.b], [k for k in used if k not in (pos[g.a], pos[g.b])]
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        fn = ns["fxcc_gemm"]
+        grid = (_cdiv(g.m, params["BLOCK_M"]) * _cdiv(g.n, params["BLOCK_N"]),)
+        meta = {k: params[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
+        meta.update(_EXACT)
+        meta["EVEN_K"] = g.k % params["BLOCK_K"] == 0
+        meta["DOT_F32"] = _interpreting()
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            a, b = inputs[ka].reshape(g.m, g.k), inputs[kb_]
+            sbk, sbn = (b.stride(1), b.stride(0)) if g.b_is_nk else (b.stride(0), b.stride(1))
+            res = [_empty(o, a.device) for o in outs]
+            fn[grid](a, b, *(inputs[k] for k in extra), *res, a.stride(0), a.stride(1), sbk, sbn,
+                     *(inputs[k].stride(d) for k, d in strides_at), **meta)
+            return res
+        return run
+
+    return Plan(source, dict(_GEMM_SPACE), _gemm_defaults(g.m, g.n, g.k), launcher)
+
+
+def _library_gemm(g: _Gemm, placeholders: list[fx.Node]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The anchor GEMM as the torch call it is (cuBLAS on the GPU)."""
+    pos = {p: k for k, p in enumerate(placeholders)}
+    target = g.node.target
+    args = [(pos[x] if isinstance(x, fx.Node) else None, x) for x in g.node.args]
+    kwargs = dict(g.node.kwargs)
+
+    def run(inputs: list[torch.Tensor]) -> torch.Tensor:
+        return target(*(inputs[k] if k is not None else x for k, x in args), **kwargs)
+    return run
+
+
+def library_epilogue_plan(body: fx.GraphModule, text: str) -> Plan:
+    """The GEMM by the library torch links (cuBLAS), its epilogue as one generated pointwise kernel."""
+    placeholders, _, outs = body_nodes(body)
+    g = _gemm(body)
+    epilogue = [n for n in _epilogue(body, g.node) if not is_view(n)]
+    if not epilogue:
+        raise Unsupported("nothing to generate after the GEMM")
+    # the epilogue as a body of its own: the GEMM result becomes one more input
+    graph, env = fx.Graph(), {}
+    for p in placeholders:
+        env[p] = graph.placeholder(p.name)
+        env[p].meta = dict(p.meta)
+    env[g.node] = graph.placeholder("gemm")
+    env[g.node].meta = dict(g.node.meta)
+    for node in _epilogue(body, g.node):
+        env[node] = graph.node_copy(node, lambda x: env[x])
+    generated = [i for i, o in enumerate(outs) if o is not g.node]
+    graph.output(tuple(env[outs[i]] for i in generated))
+    plan = pointwise_plan(fx.GraphModule(body, graph), text)
+    gemm = _library_gemm(g, placeholders)
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        epi = plan.launcher(ns, params)
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            y = gemm(inputs)
+            res: list[torch.Tensor] = [y] * len(outs)
+            for i, r in zip(generated, epi([*inputs, y])):
+                res[i] = r
+            return res
+        return run
+
+    source = plan.source.replace("# fxcc generated Triton kernel: pointwise",
+                                 f"# fxcc generated Triton kernel: epilogue of the library {g.node.target}", 1)
+    return Plan(source, plan.space, plan.defaults, launcher)
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def _attention(body: fx.GraphModule) -> fx.Node:
+    node = _anchor(body, {tx.attention.default})
+    if node is None:
+        raise Unsupported("no attention")
+    q, k, v = node.args[:3]
+    if any(not isinstance(x, fx.Node) or x.op != "placeholder" or len(shape_of(x)) != 4 for x in (q, k, v)):
+        raise Unsupported("attention operands are not 4-D kernel inputs")
+    return node
+
+
+def sdpa_plan(body: fx.GraphModule, text: str) -> Plan:
+    """The library's scaled_dot_product_attention with grouped-query heads passed as they are (no copies)."""
+    node = _attention(body)
+    if shape_of(node.args[0])[1] == shape_of(node.args[1])[1]:
+        raise Unsupported("no grouped heads: the library call is extern's")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(body.graph, {}))
+    for n in graph.nodes:  # tx ops call their reference implementation; attention the library's GQA path
+        if n.op == "call_function" and n.target in _REFERENCE:
+            n.target = sdpa_gqa if n.target is tx.attention.default else _REFERENCE[n.target]
+    gm = fx.GraphModule(body, graph)
+    source = (f"# fxcc: library attention (torch.nn.functional.scaled_dot_product_attention, enable_gqa)\n"
+              f"{_header(text, 'none generated')}\n{gm.code}")
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            return list(gm(*inputs))
+        return run
+
+    return Plan(source, {}, {}, launcher)
+
+
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+             is_causal: bool) -> torch.Tensor:
+    """tx.attention through the library SDPA, which reads grouped kv heads itself."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[-3] != q.shape[-3])
+
+
+def attention_plan(body: fx.GraphModule, text: str) -> Plan:
+    """Flash attention: per (query block, batch*head), an online softmax over key blocks; causal blocks
+    past the diagonal are skipped; the output tile goes through the body's epilogue views to its store."""
+    placeholders, _, outs = body_nodes(body)
+    node = _attention(body)
+    _small_enough(outs)
+    q, k, v, mask, scale, causal = node.args
+    (b, hq, tq, d), (_, hk, tk, dk), (_, _, _, dv) = shape_of(q), shape_of(k), shape_of(v)
+    if d != dk or d != dv or d not in (16, 32, 64, 128, 256) or hq % hk:
+        raise Unsupported(f"head dim {d} / heads {hq}:{hk}")
+    if dtype_of(q) not in (torch.float16, torch.bfloat16, torch.float32) or not (
+            dtype_of(q) == dtype_of(k) == dtype_of(v)):
+        raise Unsupported("attention dtypes")
+    if causal and tq != tk:
+        raise Unsupported("causal attention over unequal lengths")
+    pos = {p: j for j, p in enumerate(placeholders)}
+    em = Emitter({p: f"in{j}" for j, p in enumerate(placeholders)}, "mask", not _interpreting())
+    has_mask = isinstance(mask, fx.Node)
+    if has_mask:
+        ms = shape_of(mask)
+        if len(ms) > 4 or mask.op != "placeholder" or not (mask.meta["val"].dtype == torch.bool
+                                                           or mask.meta["val"].dtype.is_floating_point):
+            raise Unsupported("attention mask")
+    em.seed(node, ("bz", "hz", "om", "od"), em.round("acc", dtype_of(node)))
+    for n in _epilogue(body, node):
+        em.forward(n)
+    values, offsets = [], []
+    for o in outs:
+        if o not in em.fwd:
+            raise Unsupported(f"output {o.name} does not follow the attention")
+        idx, val = em.fwd[o]
+        values.append(val)
+        offsets.append(em.index(linearize(idx, shape_of(o))))
+    fixed = [f"in{pos[q]}", f"in{pos[k]}", f"in{pos[v]}"] + ([f"in{pos[mask]}"] if has_mask else [])
+    args, used = _signature(em, placeholders, fixed)
+    strides = [f"s{pos[p]}_{dd}" for p, dd in em.strides]
+    mask_shape = (1,) * (4 - len(shape_of(mask))) + shape_of(mask) if has_mask else None
+    source = _header(text, "flash attention") + attention_source(
+        args=args, q=fixed[0], k=fixed[1], v=fixed[2], mask=fixed[3] if has_mask else None,
+        mask_bool=has_mask and mask.meta["val"].dtype == torch.bool, outs=[f"out{i}" for i in range(len(outs))],
+        strides=strides, heads=hq, group=hq // hk, tq=tq, tk=tk, d=d, scale=float(scale), causal=bool(causal),
+        fp32=dtype_of(q) == torch.float32,
+        epilogue=_indent([*em.lines, *_stores(em, outs, values, offsets, "mask", "om * 0 + od * 0")]))
+    strides_at = [(pos[p], dd) for p, dd in em.strides]
+    kq, kk, kv = pos[q], pos[k], pos[v]
+    km = pos[mask] if has_mask else None
+    extra = [j for j in used if j not in (kq, kk, kv, km)]
+    big = tq >= 128
+    # long queries: 64 x 64 tiles, 4 warps, 3 stages measured best on an H200 (causal, T=2048, D=128)
+    defaults = {"BLOCK_M": 64 if big else 16, "BLOCK_N": 64 if big or tk >= 64 else 16, "num_warps": 4,
+                "num_stages": 3 if big else 2}
+    space = {"BLOCK_M": [16, 32, 64, 128], "BLOCK_N": [16, 32, 64, 128], "num_warps": [4, 8],
+             "num_stages": [1, 2, 3, 4]}
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        fn = ns["fxcc_attention"]
+        bm, bn = params["BLOCK_M"], params["BLOCK_N"]
+        if bm % bn and bn % bm:
+            raise ValueError(f"BLOCK_M={bm} and BLOCK_N={bn}: one must divide the other")
+        grid = (_cdiv(tq, bm), b * hq)
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": params["num_warps"], "num_stages": params["num_stages"],
+                "DOT_F32": _interpreting()}
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            qt, kt, vt = inputs[kq], inputs[kk], inputs[kv]
+            res = [_empty(o, qt.device) for o in outs]
+            mt = []
+            if km is not None:
+                m = inputs[km]
+                m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+                mt = [m, *(m.stride(i) if mask_shape[i] != 1 else 0 for i in range(4))]
+            fn[grid](qt, kt, vt, *mt[:1], *(inputs[j] for j in extra), *res, *qt.stride(), *kt.stride(),
+                     *vt.stride(), *mt[1:], *(inputs[j].stride(dd) for j, dd in strides_at), **meta)
+            return res
+        return run
+
+    return Plan(source, space, defaults, launcher)
+

