@@ -93,7 +93,6 @@ def candidates(kb: KernelBody, target: str) -> list[TVMKernel]:
 def _has_epilogue(body: fx.GraphModule, anchor: fx.Node) -> bool:
     """Whether anything after the GEMM computes (views alone are free in torch); a bias counts, since
     the generated code adds it while writing the result instead of the library copying it first."""
-    from fxcc.codegen.tvm_lower import split_bias
     if split_bias(anchor) is not None:
         return True
     after = False
@@ -113,7 +112,7 @@ class TVMKernel:
     backend: str
     split: str | None
 
-    @property
+    @functools.cached_property
     def space(self) -> dict[str, list]:
         from fxcc.codegen import tvm_lower as tl
         return tl.space(self._lower())
@@ -251,6 +250,15 @@ def _aligned(t: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
     return hit[2]
 
 
+def split_bias(node: fx.Node) -> fx.Node | None:
+    """The bias of a library GEMM with a generated epilogue: added by the epilogue, which passes over
+    the result anyway, rather than copied into the output by the library before the product."""
+    if node.target is torch.ops.aten.linear.default:
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return b if isinstance(b, fx.Node) else None
+    return None
+
+
 def _input_nodes(body: fx.GraphModule, split: fx.Node | None) -> list[fx.Node]:
     """The nodes that become TVM inputs, in the order the lowering declares them."""
     from fxcc.codegen import tvm_lower as tl
@@ -264,7 +272,6 @@ def _prefix(body: fx.GraphModule, split: fx.Node):
     A linear of two kernel inputs runs as `torch.mm` into a scratch buffer the kernel keeps (per
     thread): the product never escapes the kernel, and a fresh multi-megabyte buffer per call costs
     page faults. Anything else runs as the torch calls of the body."""
-    from fxcc.codegen import tvm_lower as tl
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     x, w = split.args[0], split.args[1]
     if split.target is torch.ops.aten.linear.default and x in placeholders and w in placeholders:
@@ -294,7 +301,7 @@ def _prefix(body: fx.GraphModule, split: fx.Node):
             env[n] = graph.node_copy(n, lambda a: env[a])
             if env[n].target in _DIRECT:
                 env[n].target = _DIRECT[env[n].target]
-    if tl.split_bias(split) is not None:
+    if split_bias(split) is not None:
         env[split].args = env[split].args[:2]
         env[split].kwargs = {k: v for k, v in env[split].kwargs.items() if k != "bias"}
     graph.output(env[split])

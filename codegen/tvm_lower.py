@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import tvm
+from fxcc.codegen.tvm import split_bias
 from tvm import s_tir, te, tirx
 
 aten = torch.ops.aten
@@ -304,15 +305,6 @@ def _needed(nodes: list[fx.Node], split: fx.Node | None) -> set[fx.Node]:
         elif split_bias(n) is not None:
             stack.append(split_bias(n))
     return seen
-
-
-def split_bias(node: fx.Node) -> fx.Node | None:
-    """The bias of a library GEMM with a generated epilogue: added by the epilogue, which passes over
-    the result anyway, rather than copied into the output by the library before the product."""
-    if node.target is aten.linear.default:
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return b if isinstance(b, fx.Node) else None
-    return None
 
 
 def _plus_bias(v: Val, b: Val) -> Val:
@@ -769,17 +761,16 @@ def _addmm(L, node, bias, a, b, beta=1, alpha=1):
 
 # --- schedules ----------------------------------------------------------------------------------------------
 def space(lowered: Lowered) -> dict[str, list]:
-    """The schedule parameters of this kernel (its tuning space)."""
-    sp = {"vec": [4, 8, 16], "unroll": [0, 16, 64]}
+    """The schedule parameters of this kernel (its tuning space); each one changes the generated code."""
     if any(s.role == "gemm" for s in lowered.stages):
-        sp.update(tile_m=[2, 4, 8, 16], tile_n=[8, 16, 32, 64], tile_k=[16, 64, 256])
-    elif any(s.role == "attn" for s in lowered.stages):
-        sp.update(ATTENTION_SPACE)
+        return {"tile_m": [2, 4, 8, 16], "tile_n": [8, 16, 32, 64], "tile_k": [16, 64, 256], "unroll": [0, 1]}
+    sp = {"vec": [4, 8, 16]}
+    if any(s.role == "attn" for s in lowered.stages):
+        sp.update(tile_m=[2, 4, 6, 8], tile_n=[8, 16, 32])
     return sp
 
 
-DEFAULTS = {"vec": 8, "unroll": 16, "tile_m": 4, "tile_n": 16, "tile_k": 64}
-ATTENTION_SPACE = {"tile_m": [2, 4, 6, 8], "tile_n": [8, 16, 32]}
+DEFAULTS = {"vec": 8, "unroll": 1, "tile_m": 4, "tile_n": 16, "tile_k": 64}
 
 
 def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
