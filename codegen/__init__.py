@@ -9,13 +9,25 @@ parameters) and chooses among candidates by measurement.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 KernelFn = Callable[[list[Tensor]], list[Tensor]]
+
+
+def reusable(pool: list, j: int) -> bool:
+    """Whether the tensor in pool[j] is held by nothing else, so a kernel may write its next result
+    into it: no other Python reference (only the pool's, a local's and getrefcount's argument) and no
+    view of its memory (only the tensor's own and this check's storage object). Reusing an output
+    buffer spares a fresh multi-megabyte allocation per call, whose page faults cost more than the op."""
+    t = pool[j]
+    return t is not None and sys.getrefcount(pool[j]) == 3 and torch._C._storage_Use_Count(
+        t.untyped_storage()._cdata) == 2
 
 
 @dataclass

@@ -699,10 +699,6 @@ def reduction_input(node: fx.Node) -> fx.Node:
     return node.args[0]
 
 
-def is_anchor(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in REDUCTIONS
-
-
 def body_nodes(body: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]]:
     """(placeholders, compute nodes, outputs) of a kernel body."""
     nodes = list(body.graph.nodes)

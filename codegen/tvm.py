@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import Built, KernelFn
+from fxcc.codegen import Built, KernelFn, reusable
 from fxcc.codegen.extern import _DIRECT
 from fxcc.dialects import KernelBody
 from fxcc.passes.fuse import GEMM, classify
@@ -214,21 +214,13 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
             pool = local.pool = [None] * len(outs)
         res = []
         for j, (shape, stride, dt, _, _) in enumerate(outs):
-            if not _free(pool, j):
+            if not reusable(pool, j):
                 pool[j] = torch.empty_strided(shape, stride, dtype=dt)
             res.append(pool[j])
         fn(*args, *(r.as_strided(phys, pst) for r, (_, _, _, phys, pst) in zip(res, outs)))
         return res
     run.module = mod
     return run
-
-
-def _free(pool: list, j: int) -> bool:
-    """Whether the tensor in pool[j] is held by nothing else: no other Python reference (the pool's,
-    getrefcount's argument) and no view of its memory (the tensor's own and this call's storage object)."""
-    t = pool[j]
-    return t is not None and sys.getrefcount(pool[j]) == 3 and torch._C._storage_Use_Count(
-        t.untyped_storage()._cdata) == 2
 
 
 # aligned copies of weights that arrive misaligned (mmapped checkpoints), made once per weight version:

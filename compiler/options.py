@@ -18,6 +18,7 @@ class CompileOptions:
     passes: pipeline text; None means the default pipeline.
     tune: "off" (defaults), "cached" (tuned parameters from the artifact cache), "search" (tune now).
     tune_budget: Optuna trials per kernel when tuning; None means the tuner's default (30).
+    cuda_graphs: on CUDA, capture each static-shape variant as one CUDA graph and replay it.
     plan: a plan file written by `fxcc search`.
     quality_budget: largest quality loss approximate passes may spend.
     verify_each: re-check shapes/dtypes with FakeTensors after every pass (env FXCC_VERIFY_EACH=1).
@@ -29,6 +30,7 @@ class CompileOptions:
     passes: str | None = None
     tune: str = "cached"
     tune_budget: int | None = None
+    cuda_graphs: bool = True
     plan: str | None = None
     quality_budget: float | None = None
     verify_each: bool = False

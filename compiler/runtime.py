@@ -271,7 +271,7 @@ class CompiledModule:
         executable, bound = build_executable(gm)
         seconds = time.perf_counter() - t0
         log.info("fxcc: compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
-        graphs = getattr(opts, "cuda_graphs", True) and ctx.target == "cuda" and graphable(gm)
+        graphs = opts.cuda_graphs and ctx.target == "cuda" and graphable(gm)
         return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name)
 
     # ------------------------------------------------------------------------------- reporting

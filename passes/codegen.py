@@ -158,7 +158,8 @@ class Selection:
         if self.tune != "search" or not c.space:
             return dict(c.defaults)
         from fxcc.autotune.tune import tune_kernel
-        res = tune_kernel(c, inputs, ref, trials=self.budget or 20, device=self.target,
+        budget = {"trials": self.budget} if self.budget else {}
+        res = tune_kernel(c, inputs, ref, **budget, device=self.target,
                           key=f"{key or kb.key}", progress=True)
         return res.params
 
