@@ -91,6 +91,29 @@ def candidates(kb: KernelBody, target: str) -> list[TritonKernel]:
     return []
 
 
+def _epilogue_stores(em, body: fx.GraphModule, anchor: fx.Node, outs: list[fx.Node],
+                     what: str) -> tuple[list, list]:
+    """Carry the anchor's value through its epilogue; each output's value and store offset."""
+    for n in _epilogue(body, anchor):
+        em.forward(n)
+    values, offsets = [], []
+    for o in outs:
+        if o not in em.fwd:
+            raise Unsupported(f"output {o.name} does not follow the {what}")
+        idx, val = em.fwd[o]
+        values.append(val)
+        offsets.append(em.index(linearize(idx, shape_of(o))))
+    return values, offsets
+
+
+def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Built:
+    """The `label` candidate of `kb` from the source an earlier build stored (the artifact cache)."""
+    cand = next((c for c in candidates(kb, "cuda") if c.backend == label), None)
+    if cand is None:
+        raise ValueError(f"the Triton backend has no {label!r} candidate for kernel {kb.key}")
+    return cand.load(files, params)
+
+
 def _optional(*makers: Callable[[], TritonKernel]) -> list[TritonKernel]:
     out = []
     for make in makers:
@@ -442,15 +465,7 @@ def gemm_plan(body: fx.GraphModule, text: str) -> Plan:
         acc = f"acc + {em.cast(bias, bias.dtype, torch.float32)}"
     anchor_idx = (*(em.index(e) for e in delinearize("mm", g.lead)), "nn")
     em.seed(g.node, anchor_idx, em.round(acc, out_dtype))
-    for node in _epilogue(body, g.node):
-        em.forward(node)
-    values, offsets = [], []
-    for o in outs:
-        if o not in em.fwd:
-            raise Unsupported(f"output {o.name} does not follow the GEMM")
-        idx, v = em.fwd[o]
-        values.append(v)
-        offsets.append(em.index(linearize(idx, shape_of(o))))
+    values, offsets = _epilogue_stores(em, body, g.node, outs, "GEMM")
     fixed = [f"in{pos[g.a]}", f"in{pos[g.b]}"]
     args, used = _signature(em, placeholders, fixed)
     strides = [f"s{pos[p]}_{d}" for p, d in em.strides]
@@ -597,15 +612,7 @@ def attention_plan(body: fx.GraphModule, text: str) -> Plan:
                                                            or mask.meta["val"].dtype.is_floating_point):
             raise Unsupported("attention mask")
     em.seed(node, ("bz", "hz", "om", "od"), em.round("acc", dtype_of(node)))
-    for n in _epilogue(body, node):
-        em.forward(n)
-    values, offsets = [], []
-    for o in outs:
-        if o not in em.fwd:
-            raise Unsupported(f"output {o.name} does not follow the attention")
-        idx, val = em.fwd[o]
-        values.append(val)
-        offsets.append(em.index(linearize(idx, shape_of(o))))
+    values, offsets = _epilogue_stores(em, body, node, outs, "attention")
     fixed = [f"in{pos[q]}", f"in{pos[k]}", f"in{pos[v]}"] + ([f"in{pos[mask]}"] if has_mask else [])
     args, used = _signature(em, placeholders, fixed)
     strides = [f"s{pos[p]}_{dd}" for p, dd in em.strides]

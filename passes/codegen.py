@@ -107,20 +107,23 @@ class Selection:
         if cache and self.tune == "cached" and self._load(kb, cache, key):
             return "cached"
         cands: list[Kernel] = []
+        origin: dict[str, str] = {}  # candidate label -> backend module that made it (to load it again)
         for mod in backends:
             try:
-                cands += mod.candidates(kb, self.target)
+                made = mod.candidates(kb, self.target)
+                cands += made
+                origin.update((c.backend, mod.name) for c in made)
             except Exception as e:  # a lowering gap in one backend leaves the others
                 _warn(kb, mod.name, e)
         ext = next(c for c in cands if c.backend == "extern")
         if len(cands) == 1:
-            install(kb, ext, ext.build({}))
+            install(kb, "extern", ext.build({}))
             if cache:  # remember that nothing else applies, so a warm compile skips the lowering too
-                cache.put(key, {}, {"backend": "extern", "params": {}, "kernel": kb.key, "kind": kb.kind})
+                _store(cache, key, kb, "extern", "extern", {}, {}, self.target)
             return "single"
         inputs = example_inputs(kb, self.target)
         ref = ext.build({}).fn(inputs)
-        built: dict[str, tuple[Kernel, Built, dict]] = {}
+        built: dict[str, tuple[Built, dict]] = {}
         for c in cands:
             try:
                 params = self._params(kb, c, inputs, ref, key)
@@ -129,29 +132,24 @@ class Selection:
             except Exception as e:
                 _warn(kb, c.backend, e)
                 continue
-            built[c.backend] = (c, b, params)
+            built[c.backend] = (b, params)
             if self.prefer and c.backend.split("+")[0] == self.prefer:
                 break
-        if self.prefer and any(label.split("+")[0] == self.prefer for label in built):
-            best = next(label for label in built if label.split("+")[0] == self.prefer)
+        if self.prefer and list(built)[-1].split("+")[0] == self.prefer:
+            best = list(built)[-1]
         elif len(built) == 1:
             best = "extern"
         else:
             from fxcc.autotune.measure import interleaved
-            t = interleaved({label: (lambda fn=b.fn: fn(inputs)) for label, (_, b, _) in built.items()},
+            t = interleaved({label: (lambda fn=b.fn: fn(inputs)) for label, (b, _) in built.items()},
                             device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
             kb.info["timings_ms"] = {label: round(x.median, 4) for label, x in t.items()}
             best = min(t, key=lambda label: t[label].median)
-        cand, b, params = built[best]
-        install(kb, cand, b)
+        b, params = built[best]
+        install(kb, best, b)
         kb.info["params"] = params
         if cache:
-            meta = {"backend": best, "params": params, "timings_ms": kb.info.get("timings_ms", {}),
-                    "kernel": kb.key, "kind": kb.kind, "target": target_id(self.target)}
-            try:
-                cache.put(key, b.files, meta)
-            except OSError as e:  # a full or read-only disk costs the next compile time, not this one
-                warnings.warn(f"fxcc: could not store kernel {kb.key} in the artifact cache: {e}", stacklevel=2)
+            _store(cache, key, kb, best, origin[best], params, b.files, self.target)
         return "built"
 
     def _params(self, kb: KernelBody, c: Kernel, inputs, ref, key: str | None) -> dict:
@@ -170,21 +168,27 @@ class Selection:
             return False
         label = entry.meta.get("backend", "")
         try:
-            mod = backend_module(label.split("+")[0])
+            mod = backend_module(entry.meta["module"])
             b = mod.load(kb, label, entry.files, entry.meta.get("params", {}))
         except Exception as e:
             warnings.warn(f"fxcc: cached build of kernel {kb.key} ({label}) did not load ({e}); rebuilding",
                           stacklevel=2)
             return False
-        install(kb, _Label(label), b)
+        install(kb, label, b)
         kb.info.update(params=entry.meta.get("params", {}), timings_ms=entry.meta.get("timings_ms", {}),
                        cache_key=key)
         return True
 
 
-@dataclass
-class _Label:
-    backend: str
+def _store(cache, key: str, kb: KernelBody, label: str, module: str, params: dict, files: dict,
+           target: str) -> None:
+    """Record a kernel's choice (and what it built) under `key`; a failed write costs time, never the compile."""
+    meta = {"backend": label, "module": module, "params": params, "timings_ms": kb.info.get("timings_ms", {}),
+            "kernel": kb.key, "kind": kb.kind, "target": target_id(target)}
+    try:
+        cache.put(key, files, meta)
+    except OSError as e:  # a full or read-only disk costs the next compile time, not this one
+        warnings.warn(f"fxcc: could not store kernel {kb.key} in the artifact cache: {e}", stacklevel=2)
 
 
 def _cache():
@@ -217,11 +221,11 @@ def target_id(target: str) -> str:
     return f"cpu:{platform.machine()}:{_cpu_name()}:threads={torch.get_num_threads()}"
 
 
-def install(kb: KernelBody, cand: Kernel, b: Built) -> None:
-    kb.backend = cand.backend
+def install(kb: KernelBody, backend: str, b: Built) -> None:
+    kb.backend = backend
     kb.impl = b.fn
     kb.info["source"] = b.source
-    if cand.backend == "extern":  # torch calls gain nothing from a call boundary: the runtime inlines them
+    if backend == "extern":  # torch calls gain nothing from a call boundary: the runtime inlines them
         kb.inline = extern.inline_graph(kb)
 
 
