@@ -37,6 +37,7 @@ class Built:
     fn: KernelFn
     source: str = ""
     files: dict[str, bytes] = field(default_factory=dict)
+    inline: torch.fx.Graph | None = None  # torch calls the runtime may splice in place of calling `fn`
 
 
 class Kernel(Protocol):

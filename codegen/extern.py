@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import Built, KernelFn, reusable
+from fxcc.codegen import Built, KernelFn, onednn, reusable
 from fxcc.dialects import TX_OPS, KernelBody
 
 name = "extern"
@@ -27,12 +27,16 @@ def available(target: str) -> str | None:
 
 
 def candidates(kb: KernelBody, target: str) -> list[Extern]:
-    return [Extern(kb)]
+    """The body as torch calls; on the CPU, when it holds a linear, also with that GEMM on a packed weight."""
+    out = [Extern(kb)]
+    if target == "cpu" and any(onednn.applies(n) for n in kb.body.graph.nodes):
+        out.append(Extern(kb, backend="onednn"))
+    return out
 
 
 @dataclass
 class Extern:
-    """The kernel body as torch calls; nothing to tune."""
+    """The kernel body as torch calls (`onednn`: its linears on oneDNN with packed weights); nothing to tune."""
 
     kb: KernelBody
     backend: str = name
@@ -40,22 +44,24 @@ class Extern:
     defaults: dict = field(default_factory=dict)
 
     def build(self, params: dict) -> Built:
-        return Built(build(self.kb), source=self.kb.text)
+        return load(self.kb, self.backend, {}, params)
 
 
 def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Built:
-    return Built(build(kb), source=kb.text)
+    graph = inline_graph(kb, packed=label == "onednn")
+    return Built(build(kb, graph), source=kb.text, inline=graph)
 
 
-def inline_graph(kb: KernelBody) -> fx.Graph:
-    """The kernel body with tx ops calling their reference functions: what the runtime splices in place."""
+def inline_graph(kb: KernelBody, packed: bool = False) -> fx.Graph:
+    """The kernel body with tx ops calling their reference functions: what the runtime splices in place.
+    Linears write into a reused buffer, or with `packed` run on oneDNN with packed weights."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(kb.body.graph, {}))
     for node in graph.nodes:
         if node.op == "call_function" and node.target in _DIRECT:
             node.target = _DIRECT[node.target]
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-            node.target = pooled_linear()
+            node.target = onednn.linear if packed and onednn.applies(node) else pooled_linear()
     return graph
 
 
@@ -82,9 +88,9 @@ def pooled_linear():
     return linear
 
 
-def build(kb: KernelBody) -> KernelFn:
-    """A callable running the kernel body with plain torch calls (reusing `kb.inline` when set)."""
-    fn = fx.GraphModule(kb.body, kb.inline or inline_graph(kb))
+def build(kb: KernelBody, graph: fx.Graph | None = None) -> KernelFn:
+    """A callable running the kernel body with plain torch calls (`graph`, else `kb.inline` when set)."""
+    fn = fx.GraphModule(kb.body, graph or kb.inline or inline_graph(kb))
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(fn(*inputs))

@@ -1,7 +1,8 @@
 """tvm backend: kernels lowered to TIR with explicit schedules and built with LLVM for the host CPU.
 
-Two candidates per kernel: `tvm` (everything generated, GEMMs included) and, for GEMM kernels with an
-epilogue, `tvm+extern` (the library GEMM torch links, with the generated code fused around it). The
+Candidates per kernel: `tvm` (everything generated, GEMMs included) and, for GEMM kernels with an
+epilogue, `tvm+extern` (the library GEMM torch links, with the generated code fused around it) and
+`tvm+onednn` (the same around a oneDNN GEMM whose weight is packed once: fxcc.codegen.onednn). The
 codegen pass measures both against `extern` and keeps the fastest. Tensors cross into TVM through
 DLPack without copies; views are read through their strides.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import Built, KernelFn, reusable
+from fxcc.codegen import Built, KernelFn, onednn, reusable
 from fxcc.codegen.extern import _DIRECT
 from fxcc.dialects import KernelBody
 from fxcc.passes.fuse import GEMM, classify
@@ -85,6 +86,8 @@ def candidates(kb: KernelBody, target: str) -> list[TVMKernel]:
         try:
             tl.Lowering(kb.body, split=anchor).run()
             out.append(TVMKernel(kb, "tvm+extern", anchor.name))
+            if onednn.applies(anchor):  # the same generated code around a oneDNN GEMM on a packed weight
+                out.append(TVMKernel(kb, "tvm+onednn", anchor.name))
         except tl.Unsupported:
             pass
     return out
@@ -132,6 +135,13 @@ class TVMKernel:
         return tl.Lowering(self.kb.body, split=self._split_node(), vec=vec).run()
 
     def build(self, params: dict) -> Built:
+        so, source, spec, mod = _compiled(self.kb.key, self.split, json.dumps(params, sort_keys=True), self)
+        spec = {**spec, "backend": self.backend}
+        files = {"kernel.so": so, "kernel.tir.py": source.encode(), "kernel.json": json.dumps(spec).encode()}
+        return Built(_wrap(self.kb, spec, mod), source, files)
+
+    def compile(self, params: dict) -> tuple[bytes, str, dict, object]:
+        """Lower, schedule and build with LLVM: the shared library's bytes, its TIR, its spec, the loaded module."""
         from fxcc.codegen import tvm_lower as tl
         tvm = _tvm()
         lowered = self._lower(params)
@@ -143,9 +153,7 @@ class TVMKernel:
             lib.export_library(path)
             so = Path(path).read_bytes()
             mod = _load_library(path)
-        source = sch.mod.script()
-        files = {"kernel.so": so, "kernel.tir.py": source.encode(), "kernel.json": json.dumps(spec).encode()}
-        return Built(_wrap(self.kb, spec, mod), source, files)
+        return so, sch.mod.script(), spec, mod
 
     def _spec(self, lowered, params: dict) -> dict:
         """What the runtime needs to call the built library, as JSON: no TVM needed to load it again."""
@@ -157,6 +165,19 @@ class TVMKernel:
                 for o in lowered.outputs]
         return {"backend": self.backend, "split": self.split, "params": params, "inputs": ins, "outputs": outs,
                 "target": host_target()}
+
+
+_BUILDS: dict[tuple, tuple] = {}  # the last few builds, by (kernel key, split, parameters)
+
+
+def _compiled(key: str, split: str | None, params: str, kernel: TVMKernel) -> tuple[bytes, str, dict, object]:
+    """One build per kernel, split and parameters: `tvm+extern` and `tvm+onednn` share their generated code."""
+    k = (key, split, params)
+    if k not in _BUILDS:
+        if len(_BUILDS) >= 16:
+            _BUILDS.pop(next(iter(_BUILDS)))
+        _BUILDS[k] = kernel.compile(json.loads(params))
+    return _BUILDS[k]
 
 
 def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Built:
@@ -191,7 +212,7 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     The closure keeps `mod` alive: its functions do not hold the loaded library open."""
     fn = mod["main"]
     split = next((n for n in kb.body.graph.nodes if n.name == spec["split"]), None) if spec["split"] else None
-    pre = _prefix(kb.body, split) if split is not None else None
+    pre = _prefix(kb.body, split, packed=spec["backend"] == "tvm+onednn") if split is not None else None
     ins = [(src, tuple(shape), tuple(stride), extent) for src, shape, stride, extent in spec["inputs"]]
     outs = []
     for shape, stride, dtype, order in spec["outputs"]:
@@ -258,16 +279,19 @@ def _input_nodes(body: fx.GraphModule, split: fx.Node | None) -> list[fx.Node]:
     return [n for n in body.graph.nodes if (n.op == "placeholder" or n is split) and n in needed]
 
 
-def _prefix(body: fx.GraphModule, split: fx.Node):
+def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False):
     """A callable computing `split` (the library GEMM, without its bias) from the kernel inputs.
 
     A linear of two kernel inputs runs as `torch.mm` into a scratch buffer the kernel keeps (per
     thread): the product never escapes the kernel, and a fresh multi-megabyte buffer per call costs
-    page faults. Anything else runs as the torch calls of the body."""
+    page faults; with `packed`, on oneDNN with the weight packed once. Anything else runs as the torch
+    calls of the body."""
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     x, w = split.args[0], split.args[1]
     if split.target is torch.ops.aten.linear.default and x in placeholders and w in placeholders:
         ix, iw = placeholders.index(x), placeholders.index(w)
+        if packed:
+            return lambda *inputs: onednn.linear(inputs[ix], inputs[iw])
         shape = tuple(split.meta["val"].shape)
         k, n = int(w.meta["val"].shape[1]), int(w.meta["val"].shape[0])
         local = threading.local()

@@ -39,9 +39,9 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
         **{k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan,
                                  quality_budget=quality_budget, tune_budget=tune_budget).items()
            if v != getattr(CompileOptions, k, None)})
-    if opts.plan is not None:
-        raise NotImplementedError(f"fxcc: plan={opts.plan!r}: plan files are written by `fxcc search`, which this "
-                                  "version does not include yet; compile without plan=")
+    if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
+        from fxcc.autotune.plan import plan_options
+        opts = plan_options(opts)
     # a bad pipeline fails here, not at the first call
     parse_pipeline("default" if opts.passes is None else opts.passes)
     if model is None:

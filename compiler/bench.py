@@ -7,6 +7,7 @@ and the output error against eager. See BENCHMARKING.md for the protocol.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -176,6 +177,7 @@ def run(w: Workload, *, engines: list[str], warmup: int, reps: int, log: Callabl
                            timings[engine].quantile(0.9), _error(ref, out), rel_err=_rel_error(ref, out))
         if engine == "fxcc":
             res.extra["kernels"] = kernel_report(fxcc_module)
+            res.extra["digest"] = digest(out)
         if w.pooled is not None:
             a, b = w.pooled(ref, w.kwargs).float(), w.pooled(out, w.kwargs).float()
             res.cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
@@ -213,8 +215,17 @@ def machine(device: str) -> str:
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
-def warm_compile_seconds(args: Any, cache_dir: str, log: Callable[[str], None]) -> float | None:
-    """Compile time of fxcc in a fresh process that finds every kernel in `cache_dir` (the warm path)."""
+def digest(out: Any) -> str:
+    """sha1 over the bytes of every output tensor: equal digests mean bit-identical outputs."""
+    h = hashlib.sha1()
+    for t in _leaves(out):
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def warm_compile(args: Any, cache_dir: str, log: Callable[[str], None]) -> dict | None:
+    """fxcc's compile in a fresh process that finds everything in `cache_dir` (the warm path): seconds,
+    how the IR was obtained, what codegen did, and the digest of the outputs."""
     log("warm compile in a new process ...")
     spec = {k: getattr(args, k, None) for k in ("workload", "batch", "seq", "threads", "device", "hidden", "layers",
                                                  "heads", "kv_heads", "intermediate", "dtype")}
@@ -224,11 +235,11 @@ def warm_compile_seconds(args: Any, cache_dir: str, log: Callable[[str], None]) 
     if p.returncode != 0:
         log(f"warm compile failed: {p.stderr.strip().splitlines()[-1:]}")
         return None
-    return float(p.stdout.strip().splitlines()[-1])
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def _warm_child(spec: dict) -> None:
-    """Runs in the child of `warm_compile_seconds`: load the workload, then time compile + first call."""
+    """Runs in the child of `warm_compile`: load the workload, then time compile + first call; prints JSON."""
     import fxcc
     args = argparse.Namespace(**spec)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -238,10 +249,13 @@ def _warm_child(spec: dict) -> None:
     t0 = time.perf_counter()
     fn = fxcc.compile(w.model)
     with torch.inference_mode():
-        fn(*w.args, **w.kwargs)
+        out = fn(*w.args, **w.kwargs)
     if device == "cuda":
         torch.cuda.synchronize()
-    print(time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    v = fn.variants[-1]
+    codegen = next((r.result.stats for r in v.records if r.spec.startswith("codegen")), {})
+    print(json.dumps({"seconds": seconds, "method": v.captured.method, "codegen": codegen, "digest": digest(out)}))
 
 
 def workload(args: Any, device: str) -> Workload:
@@ -274,14 +288,18 @@ def main(args: Any) -> int:
         # fxcc compiles cold into an empty artifact cache, then a new process compiles warm from it
         os.environ["FXCC_CACHE_DIR"] = cache_dir
         results = run(w, engines=engines, warmup=args.warmup, reps=args.reps, log=log)
-        warm = warm_compile_seconds(args, cache_dir, log) if "fxcc" in engines else None
+        warm = warm_compile(args, cache_dir, log) if "fxcc" in engines else None
     header = f"fxcc bench {w.name}: {w.description}\nmachine: {machine(device)}; median of {args.reps} calls"
     print(table(w, results, header))
     fx = next((r for r in results if r.engine == "fxcc"), None)
     if fx is not None and warm is not None:
-        fx.extra["compile_warm_s"] = warm
+        fx.extra["compile_warm_s"] = warm["seconds"]
+        fx.extra["warm"] = warm
+        same = "identical to" if warm["digest"] == fx.extra["digest"] else "DIFFERENT from"
+        built = {k: v for k, v in warm["codegen"].items() if k in ("built", "cached", "single")}
         print(f"fxcc compile: cold {fx.compile_s:.2f} s (empty artifact cache), "
-              f"warm {warm:.2f} s (new process, same cache; model loading excluded)")
+              f"warm {warm['seconds']:.2f} s (new process, same cache; model loading excluded; "
+              f"IR: {warm['method']}; kernels: {built}; outputs {same} the cold compile's)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"workload": w.name, "description": w.description, "machine": machine(device),

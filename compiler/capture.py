@@ -66,7 +66,7 @@ def check_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
                         f"{getattr(fn, '__name__', 'forward')}{sig}: {e}") from None
 
 
-def _register_model_pytrees(module: nn.Module) -> None:
+def register_model_pytrees(module: nn.Module) -> None:
     """transformers models return cache objects; make them pytrees so export can flatten them."""
     if not type(module).__module__.startswith("transformers."):
         return
@@ -84,7 +84,7 @@ def _register_model_pytrees(module: nn.Module) -> None:
 
 def capture(module: nn.Module, args: tuple, kwargs: dict) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
-    _register_model_pytrees(module)
+    register_model_pytrees(module)
     try:
         with torch.no_grad():
             ep = torch.export.export(module, tuple(args), kwargs, strict=False)

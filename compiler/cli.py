@@ -89,6 +89,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """`fxcc search`: an Optuna study over pass knobs and kernel choices; writes a plan and a Pareto plot."""
+    import torch
+    from fxcc.autotune import search
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = search.SearchConfig(
+            output=args.output, target=args.target, trials=args.trials, timeout=args.timeout, storage=args.storage,
+            study_name=args.study, quality_budget=args.quality_budget, objective=args.objective,
+            tune_budget=args.tune_budget, warmup=args.warmup, reps=args.reps,
+            backends=args.backends.split(",") if args.backends else None, sampler=args.sampler, seed=args.seed,
+            knobs=None if args.knobs is None else [k for k in args.knobs.split(",") if k and k != "none"],
+            plot=args.plot, progress=not args.no_progress)
+    except ValueError as e:
+        raise UsageError(str(e).removeprefix("fxcc search: ")) from None
+    model, a, kw = load_model_and_inputs(args.model, args.inputs)
+    if args.target == "cuda":
+        model, a, kw = model.to("cuda"), search.to_device(a, "cuda"), search.to_device(kw, "cuda")
+    try:
+        result = search.search(model, a, kw, cfg)
+    except ValueError as e:  # bad --knobs/--backends/--study for this storage
+        if not str(e).startswith("fxcc search:"):
+            raise
+        raise UsageError(str(e).removeprefix("fxcc search: ")) from None
+    except RuntimeError as e:  # no trial ran correctly, or none is within the quality budget
+        if not str(e).startswith("fxcc search:"):
+            raise
+        print(e, file=sys.stderr)
+        return 1
+    print(result.table)
+    print(f"\nplan: {result.plan_path}" + (f"\nPareto plot: {result.plot_path}" if result.plot_path else "")
+          + f"\nstudy: {result.study_name} ({result.trials_in_study} trials so far; browse with optuna-dashboard)"
+          + f"\napply: fxcc.compile(model, plan={result.plan_path!r})")
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from fxcc.pipeline import DEFAULT_PIPELINE, PASSES, _load_passes
 
@@ -201,6 +239,36 @@ def add_cache_parser(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(fn=cmd_cache)
 
 
+def add_search_parser(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("search", help="search pass knobs and kernel choices with Optuna; write a plan file")
+    r.add_argument("model", help="PATH.py:FACTORY (a function returning the nn.Module, or the module itself)")
+    r.add_argument("--inputs", help="PATH.py:FUNC returning a tuple of example inputs (default: `inputs` in the "
+                                    "model file)")
+    r.add_argument("--output", default="plan.json", help="the plan file to write (default plan.json)")
+    r.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--trials", type=int, default=12, help="trials this process runs (default 12)")
+    r.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    r.add_argument("--storage", help="Optuna storage: an RDB URL (sqlite:///PATH, postgresql+psycopg2://...) or "
+                                     "journal:PATH (default: tuning.db in the artifact cache directory)")
+    r.add_argument("--study", help="study name (default: derived from the model, inputs, target and space)")
+    r.add_argument("--quality-budget", type=float, help="largest quality error (1 - min cosine) of the chosen "
+                                                        f"plan (default {0.01:g} when approximate passes are searched)")
+    r.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    r.add_argument("--tune-budget", type=int, default=0,
+                   help="Optuna trials per kernel candidate of the chosen pipeline (default 0: cached/default tiles)")
+    r.add_argument("--backends", help="codegen backends to search, e.g. auto,extern,tvm (default: all for the target)")
+    r.add_argument("--knobs", help="passes whose knobs to search, e.g. layer-skip,token-merge ('none': only the "
+                                   "codegen backend; default: every registered one)")
+    r.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    r.add_argument("--seed", type=int, help="sampler seed (leave unset when several workers share a study)")
+    r.add_argument("--warmup", type=int, default=2, help="untimed calls before timing a trial (default 2)")
+    r.add_argument("--reps", type=int, default=10, help="timed calls per trial (default 10)")
+    r.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); plans record the count")
+    r.add_argument("--plot", help="Pareto PNG path (default: the plan's name with .pareto.png; '' for none)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_search)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxcc", description="MLIR-style compiler and autotuner for PyTorch inference")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
@@ -242,6 +310,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--budget", type=int, default=20, help="trials per kernel candidate (default 20)")
     t.set_defaults(fn=cmd_tune)
 
+    add_search_parser(sub)
     s = sub.add_parser("passes", help="list the registered passes and their options")
     s.set_defaults(fn=cmd_passes)
     add_cache_parser(sub)
@@ -252,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from fxcc import CaptureError, PipelineError
+    from fxcc.autotune.plan import PlanError
 
     try:
         return args.fn(args)
-    except (UsageError, PipelineError, CaptureError) as e:
+    except (UsageError, PipelineError, CaptureError, PlanError) as e:
         print(f"fxcc: {e}", file=sys.stderr)
         return 2
 

@@ -19,11 +19,16 @@ class CompileOptions:
     tune: "off" (defaults), "cached" (tuned parameters from the artifact cache), "search" (tune now).
     tune_budget: Optuna trials per kernel when tuning; None means the tuner's default (30).
     cuda_graphs: on CUDA, capture each static-shape variant as one CUDA graph and replay it.
+    graph_cache: keep the IR before codegen in the artifact cache, so a warm compile skips capture and the
+        graph passes (see fxcc.graph_cache for what its key covers; turn off for a forward that reads
+        mutable globals).
     plan: a plan file written by `fxcc search`.
     quality_budget: largest quality loss approximate passes may spend.
     verify_each: re-check shapes/dtypes with FakeTensors after every pass (env FXCC_VERIFY_EACH=1).
     print_ir_after: pass names (or "all") whose output IR is printed (env FXCC_PRINT_IR_AFTER=raise,fuse).
     max_variants: compiled variants (input shapes/dtypes) kept before new signatures run eagerly.
+    dycl: when capture fails on tensor-dependent control flow, split the program into compiled segments
+        and a generated host program (fxcc.passes.dycl); False keeps the CaptureError.
     """
 
     target: str = "auto"
@@ -31,11 +36,13 @@ class CompileOptions:
     tune: str = "cached"
     tune_budget: int | None = None
     cuda_graphs: bool = True
+    graph_cache: bool = True
     plan: str | None = None
     quality_budget: float | None = None
     verify_each: bool = False
     print_ir_after: tuple[str, ...] = ()
     max_variants: int = 8
+    dycl: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

@@ -18,7 +18,7 @@ from . import ir
 
 log = logging.getLogger("fxcc")
 
-DEFAULT_PIPELINE = "canonicalize,raise,fuse,codegen"
+DEFAULT_PIPELINE = "canonicalize,raise,merge-linears,fuse,codegen"
 
 
 @dataclass
@@ -53,6 +53,13 @@ class Pass:
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def backoff(self, result: PassResult) -> Pass | None:
+        """Approximate passes: a weaker instance, given what this one did (`result`); None when none is left.
+
+        `compile(quality_budget=...)` calls it while the measured quality loss exceeds the budget.
+        """
+        return None
 
     def spec(self) -> str:
         opts = [f"{f.name.replace('_', '-')}={_fmt(getattr(self, f.name))}" for f in dataclasses.fields(self)

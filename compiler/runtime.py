@@ -28,11 +28,20 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from . import ir
-from .capture import Captured, capture, check_call, describe, flatten_inputs
+from . import graph_cache, ir
+from .capture import (
+    Captured,
+    CaptureError,
+    capture,
+    check_call,
+    describe,
+    flatten_inputs,
+    register_model_pytrees,
+)
 from .dialects import KERNEL_OPS, KERNELS, dialect_of, op_name
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
+from .quality import fit_quality_budget
 
 log = logging.getLogger("fxcc")
 _VERSION = operator.attrgetter("_version")
@@ -108,6 +117,7 @@ class Variant:
     bound: list[torch.Tensor] = field(default_factory=list)
     cuda_graph: Any = None
     name: str = "model"
+    quality_loss: float | None = None  # measured loss of approximate passes under a quality budget
 
     def run(self, flat: list[Any]) -> Any:
         if self.cuda_graph is not None:
@@ -253,26 +263,68 @@ class CompiledModule:
     def compile_for(self, args: tuple, kwargs: dict) -> Variant:
         """Capture and compile for these example inputs (does not register the variant)."""
         t0 = time.perf_counter()
-        self.capturing = True
-        try:
-            cap = capture(self.module, args, kwargs)
-        finally:
-            self.capturing = False
-        self._snapshot_params()
+        if self.options.plan is not None:  # the plan must fit this model, target and libraries (PlanError if not)
+            from fxcc.autotune.plan import check_call_plan
+            check_call_plan(self.options, self.module, args, kwargs,
+                            resolve_target(self.options.target, self.module, args, kwargs))
         opts = CompileOptions.from_env(self.options)
-        pm = PassManager(self._passes, verify_each=opts.verify_each,
-                         print_ir_after=set(opts.print_ir_after),
-                         echo=self.echo_ir and bool(opts.print_ir_after))
         ctx = PassContext(options=opts, module=self.module, example_inputs=(args, kwargs),
                           target=resolve_target(opts.target, self.module, args, kwargs))
-        if opts.verify_each:
-            ir.verify(cap.gm, who="after capture")
-        gm = pm.run(cap.gm, ctx)
+
+        def manager(passes: list) -> PassManager:
+            return PassManager(passes, verify_each=opts.verify_each, print_ir_after=set(opts.print_ir_after),
+                               echo=self.echo_ir and bool(opts.print_ir_after))
+
+        # the IR before codegen comes from the graph cache when an earlier compile stored it
+        front, back = split_at_codegen(self._passes)
+        loss = None  # quality loss of approximate passes, measured under a quality budget
+        cache, key = self._graph_cache_key(front, args, kwargs, ctx.target, opts)
+        hit = graph_cache.load(cache, key, self.module) if key else None
+        if hit is not None:
+            cap = Captured(hit.gm, hit.in_spec, hit.out_spec, f"{hit.method} (IR from the graph cache)")
+            gm, records = hit.gm, hit.records
+        else:
+            self.capturing = True
+            try:
+                cap = capture(self.module, args, kwargs)
+            except CaptureError as e:  # tensor-dependent control flow: a DyCL host program + compiled segments
+                from fxcc.passes import dycl
+
+                return dycl.compile_dynamic(self, args, kwargs, e)
+            finally:
+                self.capturing = False
+            if opts.verify_each:
+                ir.verify(cap.gm, who="after capture")
+            if opts.quality_budget is not None and any(not p.exact for p in front):
+                front, loss = fit_quality_budget(front, cap.gm, flatten_inputs(args, kwargs)[0], ctx,
+                                                 opts.quality_budget, self.name)
+            pm = manager(front)
+            gm, records = pm.run(cap.gm, ctx), pm.records
+            if key:
+                graph_cache.store(cache, key, gm, self.module, cap.in_spec, cap.out_spec, cap.method, records)
+        self._snapshot_params()
+        pm = manager(back)
+        gm = pm.run(gm, ctx)
+        pm.records[:0] = records
         executable, bound = build_executable(gm)
         seconds = time.perf_counter() - t0
         log.info("fxcc: compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
         graphs = opts.cuda_graphs and ctx.target == "cuda" and graphable(gm)
-        return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name)
+        return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name,
+                       quality_loss=loss)
+
+    def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
+                         opts: CompileOptions) -> tuple[Any, str | None]:
+        """The artifact cache and this compile's graph key; no key when the graph cache does not apply."""
+        if not opts.graph_cache or opts.verify_each or opts.print_ir_after or opts.quality_budget is not None:
+            return None, None
+        from fxcc.autotune.cache import default_cache
+        register_model_pytrees(self.module)
+        flat, spec = flatten_inputs(args, kwargs)
+        pipeline = ",".join(p.spec() for p in front)
+        key = graph_cache.graph_key(self.module, flat, spec, pipeline, target,
+                                    calibrates=any(not p.exact for p in front))
+        return (default_cache(), key) if key else (None, None)
 
     # ------------------------------------------------------------------------------- reporting
 
@@ -284,7 +336,16 @@ class CompiledModule:
         """Capture method, what each pass did, the final IR and where every op runs."""
         if not self.variants:
             return f"{self.name}: not compiled yet (call it once, or use fxcc.explain with example inputs)"
-        return explain_variant(self.name, self.variants[-1], ir_after_each=ir_after_each)
+        v = self.variants[-1]
+        if hasattr(v, "report"):  # a DyCL variant (fxcc.passes.dycl): host program and segments
+            return v.report(self.name, ir_after_each=ir_after_each)
+        return explain_variant(self.name, v, ir_after_each=ir_after_each)
+
+
+def split_at_codegen(passes: list) -> tuple[list, list]:
+    """The passes before the first `codegen` (their IR is what the graph cache keeps) and the rest."""
+    i = next((i for i, p in enumerate(passes) if p.name == "codegen"), len(passes))
+    return passes[:i], passes[i:]
 
 
 def resolve_target(target: str, module: nn.Module, args: tuple, kwargs: dict) -> str:
@@ -372,10 +433,14 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     out = [f"== {name}: captured with {cap.method}" + (f" (torch.export failed: {cap.export_error})"
                                                          if cap.export_error else "")]
     out.append(f"compile time {v.compile_seconds:.2f} s")
+    if v.quality_loss is not None:
+        out.append(f"quality loss {v.quality_loss:.5f} (1 - min cosine vs the exact pipeline, calibration inputs)")
     out.append("\n== passes")
     for r in v.records:
         stats = ", ".join(f"{k}={c}" for k, c in r.result.stats.items()) or ("changed" if r.result.changed else "no change")
         out.append(f"  {r.spec:<28} {r.seconds * 1e3:8.1f} ms  {stats}")
+    if v.gm.meta.get("fxcc_mixed_precision") is not None:  # per-layer precisions (passes/mixed_precision.py)
+        out.append("\n== " + v.gm.meta["fxcc_mixed_precision"].text())
     if ir_after_each:
         for r in v.records:
             if r.ir_after:

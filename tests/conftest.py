@@ -44,6 +44,14 @@ def _private_artifact_cache(tmp_path_factory):
         os.environ["FXCC_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A test that sets torch's thread count (the bench CLI does) must not change it for the tests after."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def golden():
     return check_golden

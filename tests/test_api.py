@@ -192,12 +192,6 @@ def test_model_output_type_and_fields_preserved(x):
     torch.testing.assert_close(out[0], ref.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
-def test_default_expands_in_pipeline():
-    names = [p.name for p in fxcc.parse_pipeline("canonicalize,default")]
-    assert names == ["canonicalize"] + fxcc.DEFAULT_PIPELINE.split(",")
-    assert names == ["canonicalize", "canonicalize", "raise", "fuse", "codegen"]
-
-
 @pytest.fixture
 def dynamo_reset():
     torch._dynamo.reset()

@@ -65,6 +65,10 @@ def test_bench_llama_prints_the_side_by_side_table(tmp_path, capsys):
     data = json.loads(out_json.read_text())
     fx = next(r for r in data["results"] if r["engine"] == "fxcc")
     assert fx["max_abs_err"] <= 1e-5 and fx["compile_s"] > 0
+    # the warm compile in a new process took the IR and every kernel from the cache, with the same outputs
+    assert "outputs identical to the cold compile's" in out
+    warm = fx["extra"]["warm"]
+    assert "graph cache" in warm["method"] and not warm["codegen"].get("built")
 
 
 def test_passes_lists_the_registry(capsys):

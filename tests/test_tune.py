@@ -121,10 +121,10 @@ def test_no_candidate_passing_is_an_error_naming_the_reasons():
 
 
 def test_the_study_persists_in_the_cache_dir_and_resumes(cache_dir):
-    first = tune(sampler="random", trials=3)
+    first = tune(sampler="random", trials=3, retime=1)  # the study's own best, not a re-timing
     assert (cache_dir / "tuning.db").is_file()
     assert (cache_dir.stat().st_mode & 0o777) == 0o700
-    second = tune(sampler="random", trials=2)
+    second = tune(sampler="random", trials=2, retime=1)
     assert second.trials == 2
     study = optuna.load_study(study_name="t", storage=open_storage(None))
     assert len(study.trials) == 5  # the defaults were not enqueued twice
@@ -181,3 +181,32 @@ def test_compile_takes_a_tune_budget():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="tune_budget must be a positive number of trials"):
             fxcc.CompileOptions(tune_budget=bad)
+
+
+@dataclass
+class Lucky:
+    """Two choices: "steady" always takes ~1 ms; "lucky" is fast for its first calls (the trial), then slow."""
+
+    space: dict = field(default_factory=lambda: {"mode": ["steady", "lucky"]})
+    defaults: dict = field(default_factory=lambda: {"mode": "steady"})
+    backend: str = "test"
+    calls: dict = field(default_factory=dict)
+
+    def build(self, params: dict) -> Built:
+        mode = params["mode"]
+
+        def fn(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            n = self.calls[mode] = self.calls.get(mode, 0) + 1
+            time.sleep(0.001 if mode == "steady" else (0.0 if n <= 3 else 0.008))
+            return [inputs[0] * 2]
+
+        return Built(fn, source=f"# {mode}")
+
+
+def test_the_best_trials_are_timed_again_and_a_lucky_single_timing_does_not_win():
+    kernel = Lucky()
+    once = tune(kernel, sampler="grid", retime=1)
+    assert once.params == {"mode": "lucky"}  # its one trial was fast
+    kernel = Lucky()
+    r = tune(kernel, sampler="grid", retime=3, study_name="t2")
+    assert r.params == {"mode": "steady"} and r.ms >= 0.9

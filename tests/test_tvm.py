@@ -16,6 +16,7 @@ from conftest import assert_outputs_close
 from fxcc.dialects import KERNEL_OPS, KERNELS
 
 pytest.importorskip("tvm")
+from fxcc.codegen import extern, onednn  # noqa: E402
 from fxcc.codegen import tvm as tvm_backend  # noqa: E402
 
 TVM = "canonicalize,raise,fuse,codegen{backend=tvm}"
@@ -123,10 +124,34 @@ def test_library_gemm_with_generated_epilogue_candidate():
     cm(x)
     kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
     cands = {c.backend: c for c in tvm_backend.candidates(kb, "cpu")}
-    assert set(cands) == {"tvm", "tvm+extern"}
+    assert set(cands) == {"tvm", "tvm+extern"} | ({"tvm+onednn"} if onednn.available() else set())
     for c in cands.values():
         torch.testing.assert_close(c.build(c.defaults).fn([x, w, b])[0], f(x), atol=1e-4, rtol=1e-4)
     assert cands["tvm+extern"].space and "tile_m" in cands["tvm"].space  # both expose a search space
+
+
+@pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
+def test_onednn_candidates_pack_a_weight_once_per_version_and_follow_in_place_changes():
+    w, b = torch.randn(48, 32), torch.randn(48)
+
+    def f(x, w):
+        return F.gelu(F.linear(x, w, b))
+    x = torch.randn(16, 32)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+    cm(x, w)
+    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
+    ext = {c.backend: c for c in extern.candidates(kb, "cpu")}
+    assert set(ext) == {"extern", "onednn"} and extern.candidates(kb, "cuda")[0].backend == "extern"
+    fns = [ext["onednn"].build({}).fn] + [c.build(c.defaults).fn for c in tvm_backend.candidates(kb, "cpu")
+                                           if c.backend == "tvm+onednn"]
+    for fn in fns:
+        torch.testing.assert_close(fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
+        first = onednn._PACKED[id(w)][3]
+        fn([x, w, b])
+        assert onednn._PACKED[id(w)][3] is first  # packed once
+        with torch.no_grad():
+            w.mul_(-1)  # changed in place: packed again
+        torch.testing.assert_close(fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal, gqa", [(False, False), (True, False), (False, True)])
@@ -257,3 +282,14 @@ def test_second_process_loads_every_kernel_from_the_artifact_cache(tmp_path):
     assert cold["stats"].get("built", 0) >= 1 and not cold["stats"].get("cached")
     assert warm["stats"].get("cached") == cold["stats"]["built"] and not warm["stats"].get("built")
     assert warm["sum"] == cold["sum"]
+
+
+@pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
+def test_a_packed_weight_serves_every_row_count():
+    w, b = torch.randn(48, 32), torch.randn(48)
+    packs = []
+    for rows in (1, 5, 64, 300):  # experts of a mixture see a different number of tokens every call
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(onednn.linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        packs.append(onednn._PACKED[id(w)][3])
+    assert all(p is packs[0] for p in packs)  # packed once, at the first call's row count

@@ -1,0 +1,340 @@
+"""Tensor-parallel plan search: TP degree, fused all-reduce + RMSNorm, token split and its ratio.
+
+A plan is a pipeline suffix (tp-shard, fuse-allreduce-rmsnorm options). Plans for device counts present
+are chosen by measurement (`measure_plans`, one process per device, `launch`); an analytical cost model
+(`CostModel`: GEMM FLOPs and bytes per op against measured matmul rate and HBM bandwidth, all-reduce
+volume against a measured latency + bandwidth fit) ranks the rest, e.g. TP=4 and TP=8 on a 2-GPU host.
+`compare` reports how the model's predictions relate to what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import os
+import socket
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from fxcc.codegen.allreduce_rmsnorm import split_rows
+
+log = logging.getLogger("fxcc")
+
+# ------------------------------------------------------------------------------------------ plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One point of the search space. fused=False means NCCL all-reduce, add and RMSNorm as separate ops."""
+
+    tp: int = 1
+    fused: bool = False
+    split: bool = False
+    ratio: float = 0.5
+    impl: str = "auto"
+    rest: str = ""  # passes after the TP ones, e.g. "fuse,codegen" (fxcc's kernels for everything else)
+
+    @property
+    def name(self) -> str:
+        s = "tp1" if self.tp == 1 else f"tp{self.tp}" + (f"-fused[{self.impl}]" if self.fused else "-unfused")
+        s += f"-split{self.ratio:g}" if self.split and self.tp > 1 else ""
+        return s + (f"+{self.rest.replace(',', '+')}" if self.rest else "")
+
+    def passes(self) -> str:
+        """The pipeline part after `raise` that realises this plan."""
+        out = []
+        if self.tp > 1:
+            out.append(f"tp-shard{{tp={self.tp}}}")
+            if self.fused:
+                opts = [f"impl={self.impl}"] + ([f"split=true,ratio={self.ratio:g}"] if self.split else [])
+                out.append("fuse-allreduce-rmsnorm{" + ",".join(opts) + "}")
+        return ",".join(out + ([self.rest] if self.rest else []))
+
+
+def space(max_tp: int, ratios: tuple[float, ...] = (0.5,), impls: tuple[str, ...] = ("auto",)) -> list[Plan]:
+    """Every plan up to `max_tp` ranks (powers of two): unfused, fused per impl, fused + split per ratio."""
+    plans = [Plan(1)]
+    tp = 2
+    while tp <= max_tp:
+        plans.append(Plan(tp))
+        for impl in impls:
+            plans.append(Plan(tp, True, impl=impl))
+            plans.extend(Plan(tp, True, True, r, impl) for r in ratios)
+        tp *= 2
+    return plans
+
+
+# ------------------------------------------------------------------------------------ cost model
+
+
+@dataclass
+class Rates:
+    """Measured ceilings: bf16 matmul FLOP/s, HBM bytes/s, the cost of one small kernel inside a CUDA graph,
+    and per all-reduce kind (nccl, symm) a latency (s) and bandwidth (bytes/s) fit."""
+
+    matmul: float = 7.0e14
+    hbm: float = 4.0e12
+    launch: float = 2.5e-6
+    allreduce: dict[str, tuple[float, float]] = field(default_factory=lambda: {"nccl": (1.5e-5, 1.5e11),
+                                                                               "symm": (8e-6, 1.5e11)})
+
+    def ar(self, kind: str, nbytes: float, tp: int) -> float:
+        """All-reduce time: latency + the bytes each rank moves, (tp-1)/tp of the message twice (ring)."""
+        lat, bw = self.allreduce.get(kind, self.allreduce["nccl"])
+        return lat + 2 * (tp - 1) / tp * nbytes / bw
+
+
+def _bytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (list, tuple)):
+        return sum(_bytes(x) for x in v)
+    return 0
+
+
+def _is_view(node: fx.Node) -> bool:
+    t = node.target
+    if t is operator.getitem or not isinstance(t, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in t._schema.returns) or t is torch.ops.aten.reshape.default
+
+
+class CostModel:
+    """Analytical time of a plan's IR (after tp-shard / fuse-allreduce-rmsnorm) on one rank.
+
+    Per node: GEMMs and attention at max(FLOPs / matmul rate, bytes / HBM bandwidth); every other op reads
+    its inputs and writes its outputs once at HBM bandwidth; views are free; each kernel adds `launch`.
+    Collectives: tx.all_reduce (NCCL, plus its copy), the fused ops (symm or NCCL, one pass over
+    x, residual, y, s), and a token split hides min(part 1's all-reduce + norm, part 2's GEMM).
+    The IR for any tp can be built without the devices (tp-shard{rank=0}), so plans for 4 or 8 GPUs are
+    ranked from the same graph the 2-GPU plans run.
+    """
+
+    def __init__(self, rates: Rates, symm: bool = True):
+        self.r, self.symm = rates, symm
+
+    def _mm(self, m: int, n: int, k: int, nbytes: float) -> float:
+        return max(2 * m * n * k / self.r.matmul, nbytes / self.r.hbm) + self.r.launch
+
+    def _kind(self, impl: str) -> str:
+        return "symm" if self.symm and impl in ("auto", "symm") else "nccl"
+
+    def node_time(self, node: fx.Node, tp: int) -> float:
+        """Seconds one call_function node costs on one rank."""
+        t, r = node.target, self.r
+        tx, aten = torch.ops.fxcc_tx, torch.ops.aten
+        out = node.meta.get("val")
+        ins = [a.meta.get("val") for a in node.all_input_nodes]
+        io = sum(_bytes(v) for v in ins) + _bytes(out)
+        if t in (aten.linear.default, aten.mm.default, aten.matmul.default):
+            a, w = ins[0], ins[1]
+            n = w.shape[0] if t is aten.linear.default else w.shape[-1]
+            return self._mm(a.numel() // a.shape[-1], n, a.shape[-1], io)
+        if t is tx.attention.default:
+            q, k = ins[0], ins[1]
+            flops = 4 * q.numel() * k.shape[-2] * (0.5 if node.args[5] else 1.0)
+            return max(flops / r.matmul, io / r.hbm) + r.launch
+        if t is tx.all_reduce.default:
+            return r.ar("nccl", _bytes(out), tp) + 2 * _bytes(out) / r.hbm + r.launch
+        if t is tx.all_reduce_rms_norm.default:
+            nbytes = _bytes(ins[0])
+            return r.ar(self._kind(node.args[5]), nbytes, tp) + 5 * nbytes / r.hbm + 2 * r.launch
+        if t is tx.linear_all_reduce_rms_norm.default:
+            a, w, res = ins[0], ins[1], ins[2]
+            rows, h, k = res.numel() // res.shape[-1], res.shape[-1], a.shape[-1]
+            kind, e = self._kind(node.args[6]), res.element_size()
+
+            def part(n: int) -> tuple[float, float]:
+                gemm = self._mm(n, h, k, (n * k + w.numel() + n * h) * e)
+                return gemm, r.ar(kind, n * h * e, tp) + 4 * n * h * e / r.hbm + 2 * r.launch
+
+            m = split_rows(rows, node.args[8])
+            if m == 0:
+                return sum(part(rows))
+            (g1, c1), (g2, c2) = part(m), part(rows - m)
+            return g1 + max(g2, c1) + c2
+        if _is_view(node):
+            return 0.0
+        return io / r.hbm + r.launch
+
+    def graph_time(self, gm: fx.GraphModule, tp: int) -> float:
+        """Seconds for one call of `gm` on one of `tp` ranks."""
+        return sum(self.node_time(n, tp) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def plan_graphs(model: torch.nn.Module, args: tuple, kwargs: dict, plans: list[Plan]) -> dict[str, fx.GraphModule]:
+    """Each plan's IR as rank 0 would compile it, built in this one process (no devices or ranks needed)."""
+    from fxcc.capture import capture
+    from fxcc.options import CompileOptions
+    from fxcc.pipeline import PassContext, PassManager, parse_pipeline
+
+    ctx = PassContext(options=CompileOptions(), module=model, example_inputs=(args, kwargs))
+    cap = capture(model, args, kwargs)
+    base = PassManager(parse_pipeline("canonicalize,raise")).run(cap.gm, ctx)
+    out = {}
+    for p in plans:
+        passes = p.passes().replace(f"tp-shard{{tp={p.tp}}}", f"tp-shard{{tp={p.tp},rank=0}}")
+        try:
+            out[p.name] = PassManager(parse_pipeline(passes)).run(clone_graph(base), ctx) if passes else base
+        except ValueError as e:  # e.g. a tp that does not divide the heads: not a plan for this model
+            log.info("fxcc: plan %s skipped: %s", p.name, e)
+    return out
+
+
+def fit_allreduce(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of a ring-volume model through two or more (bytes, seconds) points."""
+    (b0, t0), (b1, t1) = min(samples), max(samples)
+    slope = max((t1 - t0) / max(b1 - b0, 1), 1e-15)
+    return max(t0 - slope * b0, 0.0), 1.0 / slope
+
+
+def compare(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, Any]:
+    """How the model did on the plans that were measured: per plan ratio, and whether it ranks them alike."""
+    names = [k for k in measured if k in predicted]
+    ratio = {k: predicted[k] / measured[k] for k in names}
+    by_model = sorted(names, key=predicted.__getitem__)
+    by_meas = sorted(names, key=measured.__getitem__)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    agree = sum((predicted[a] < predicted[b]) == (measured[a] < measured[b]) for a, b in pairs)
+    return {"predicted_over_measured": ratio, "pairwise_order_agreement": agree / len(pairs) if pairs else 1.0,
+            "best_by_model": by_model[0] if by_model else None, "best_measured": by_meas[0] if by_meas else None,
+            "median_ratio": statistics.median(ratio.values()) if ratio else None}
+
+
+# ---------------------------------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, backend: str, out_dir: str, fn: Callable, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank) if backend == "nccl" else None)
+    try:
+        result = fn(rank, world, *args)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str | None = None,
+           start_method: str = "spawn") -> list[Any]:
+    """Run fn(rank, world, *args) in `world` fresh processes (torchrun-style, one per device); JSON results.
+
+    `fn` must be importable (a module-level function). gloo on the CPU, nccl where there is a GPU per rank.
+    start_method="fork" skips re-importing torch in every process (CPU only, before CUDA is initialised).
+    """
+    import torch.multiprocessing as mp
+
+    backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo")
+    with tempfile.TemporaryDirectory(prefix="fxcc-tp-") as out_dir:
+        mp.start_processes(_entry, args=(world, free_port(), backend, out_dir, fn, args), nprocs=world,
+                           join=True, start_method=start_method)
+        results = []
+        for r in range(world):
+            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                results.append(json.load(f))
+    return results
+
+
+# ------------------------------------------------------------------------------ building plan variants
+
+
+def clone_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of gm's graph sharing its parameters (no weight is copied)."""
+    g = fx.Graph()
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    return fx.GraphModule(gm, g)
+
+
+def build_variant(base: fx.GraphModule, captured: Any, passes: str, ctx: Any, name: str,
+                  cuda_graphs: bool = True) -> Any:
+    """A runnable Variant of `base` (an IR after `raise`) with `passes` (a plan's pipeline part) applied.
+
+    Lets one capture serve every plan of a search: each plan transforms its own copy of the graph.
+    """
+    from fxcc.pipeline import PassManager, parse_pipeline
+    from fxcc.runtime import Variant, build_executable, graphable
+
+    gm = clone_graph(base)
+    if passes:
+        gm = PassManager(parse_pipeline(passes)).run(gm, ctx)
+    exe, bound = build_executable(gm)
+    graphs = cuda_graphs and ctx.target == "cuda" and graphable(gm)
+    return Variant(captured, gm, exe, [], 0.0, bound, "pending" if graphs else None, name)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def measure_plans(model: torch.nn.Module, args: tuple, kwargs: dict, plans: list[Plan], *, warmup: int = 5,
+                  reps: int = 30, device: str = "cuda", log: Callable[[str], None] = print,
+                  cost: CostModel | None = None) -> dict[str, Any]:
+    """On every rank, in lockstep: capture once, build each plan, check it against TP=1, time it.
+
+    Returns {plan name: {"ms": median, "p10", "p90", "rel_err_vs_tp1", "pipeline"}}; ranks time the same
+    calls in the same order, so collectives line up.
+    """
+    from fxcc.autotune.measure import interleaved
+    from fxcc.capture import capture, flatten_inputs
+    from fxcc.options import CompileOptions
+    from fxcc.pipeline import PassContext, PassManager, parse_pipeline
+
+    ctx = PassContext(options=CompileOptions(), module=model, example_inputs=(args, kwargs), target=device)
+    cap = capture(model, args, kwargs)
+    base = PassManager(parse_pipeline("canonicalize,raise")).run(cap.gm, ctx)
+    flat, _ = flatten_inputs(args, kwargs)
+    variants, outs = {}, {}
+    failed = {}
+    for p in plans:
+        try:
+            v = build_variant(base, cap, p.passes(), ctx, p.name)
+            with torch.inference_mode():
+                out = v.run(flat)
+        except Exception as e:  # noqa: BLE001 - a plan that fails is reported and left out of the search
+            failed[p.name] = f"{type(e).__name__}: {e}"
+            log(f"plan {p.name} failed: {failed[p.name]}")
+            continue
+        outs[p.name] = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
+        variants[p.name] = v
+        log(f"built {p.name}: {p.passes() or '(no tp passes)'}; graph: {v.cuda_graph is not None}")
+    ref = outs.get("tp1")
+
+    def call(v=None):
+        def run():
+            with torch.inference_mode():
+                return v.run(flat)
+        return run
+
+    timings = interleaved({k: call(v) for k, v in variants.items()}, device=device, warmup=warmup, reps=reps)
+    result: dict[str, Any] = {k: {"failed": v} for k, v in failed.items()}
+    return result | {p.name: {"ms": timings[p.name].median, "p10": timings[p.name].quantile(0.1),
+                     "p90": timings[p.name].quantile(0.9), "pipeline": p.passes(),
+                     "rel_err_vs_tp1": rel_err(outs[p.name], ref) if ref is not None else None,
+                     "kernels": kernel_count(variants[p.name].gm),
+                     "model_ms": cost.graph_time(variants[p.name].gm, p.tp) * 1e3 if cost and not p.rest else None}
+                     for p in plans if p.name in variants}
+
+
+def kernel_count(gm: fx.GraphModule) -> int:
+    """Call nodes that launch work (views and getitems do not)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and not _is_view(n))

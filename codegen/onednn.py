@@ -1,0 +1,60 @@
+"""oneDNN GEMMs on weights packed once into oneDNN's blocked layout (CPU).
+
+A library GEMM reads its weight in the layout torch keeps it in, and re-blocks it on every call.
+oneDNN can take the weight pre-reordered for the matrix sizes at hand; fxcc does that once per weight
+(and again only when the weight changes in place: its version counter is part of the check) and keeps
+the packed copy beside it, as inductor's freezing does. Whether it pays is measured per kernel: the
+extern backend offers `onednn` as a candidate next to the plain library call.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+import torch.fx as fx
+
+# id(weight) -> (weakref to it, its version, rows the packing was made for, packed weight); an entry goes
+# when its weight is collected
+_PACKED: dict[int, tuple] = {}
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def available() -> bool:
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight"))
+
+
+def applies(node: fx.Node) -> bool:
+    """A linear whose weight is a 2-D kernel input of a type oneDNN packs."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.linear.default or not available():
+        return False
+    w = node.args[1]
+    val = w.meta.get("val") if isinstance(w, fx.Node) else None
+    return (w.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 2 and val.dtype in _DTYPES
+            and val.device.type == "cpu")
+
+
+def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """`w` reordered for GEMMs of about `rows` rows (a hint: the packed weight serves any row count), made
+    once per weight version: a weight used at several row counts (experts of a mixture) is packed once."""
+    version = None if w.is_inference() else w._version  # inference tensors keep no version (nor change in place
+    hit = _PACKED.get(id(w))                             # outside inference mode)
+    if hit is None or hit[0]() is not w or hit[1] != version:
+        p = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+        if hit is None or hit[0]() is not w:
+            weakref.finalize(w, _PACKED.pop, id(w), None)
+        hit = _PACKED[id(w)] = (weakref.ref(w), version, rows, p)
+    return hit[3]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, b)` through oneDNN with `w` packed (falls back to torch off the CPU or for odd types)."""
+    if x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES or w.dim() != 2:
+        return torch.nn.functional.linear(x, w, b)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(x2, packed(w, x2.shape[0]), b, "none", [], "")
+    return out.view(*x.shape[:-1], w.shape[0])

@@ -1,0 +1,291 @@
+"""Triton GEMMs for quantized linears, the dequantisation fused in the epilogue (GPU; CPU via the interpreter).
+
+One kernel, three modes (a constexpr), y[M, N] = x[M, K] @ W[N, K]^T with W = q * wscale[:, None]:
+- MODE 0, int8 weight-only: int8 tiles are converted to x's type in registers, the per-channel scale
+  multiplies the accumulator once in the epilogue. For decode-shaped steps (small M) the GEMM is
+  bound by weight bytes, which int8 halves against bf16.
+- MODE 1, int8 W8A8: each program first finds its rows' max |x| (dynamic per-token scale), quantizes x
+  tiles to int8 in registers and accumulates int8 x int8 in int32; epilogue: * xscale[m] * wscale[n].
+- MODE 2, fp8 e4m3 (Hopper): as MODE 1 with e4m3 tiles and fp32 accumulation; the activation
+  quantization lives inside the kernel (no extra launch, but x is re-quantized for every N tile).
+- MODE 3, fp8 e4m3 for prefill (compute-bound): x quantized once per row by `quantize_rows` (one launch),
+  then e4m3 x e4m3 tiles with the two scales in the epilogue.
+Block sizes are chosen per shape by measurement on the GPU (the first call; the mixed-precision pass makes
+that call at compile time) and fixed to the first config under the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); small-M configs first
+_SMALL_M = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 32, 512, 4, 3), (16, 16, 512, 4, 4),
+            (16, 64, 128, 4, 5), (16, 128, 128, 4, 4), (16, 64, 512, 8, 3), (16, 128, 256, 8, 3),
+            (16, 32, 1024, 4, 2)]
+_LARGE_M = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+            (128, 64, 128, 4, 4)]
+_BEST: dict[tuple, tuple] = {}
+
+
+@triton.jit
+def _qgemm(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr, M, N, K, sxm, sxk, swn, swk, srm, srn, sym, syn,
+           MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    if MODE == 3:  # x arrives quantized (e4m3 bits) with its per-row scales
+        xs = tl.load(xs_ptr + rm, mask=m_ok, other=1.0)
+    if MODE == 1 or MODE == 2:  # dynamic per-token scale: max |x| over each row
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            xt = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
+        qmax = 127.0 if MODE == 1 else 448.0
+        xs = tl.maximum(amax / qmax, 1e-12)
+        inv = 1.0 / xs
+    if MODE == 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        xt = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + rn[None, :] * swn + kk[:, None] * swk, mask=n_ok[None, :] & k_ok[:, None], other=0)
+        if MODE == 0:
+            wx = wt.to(tl.float32).to(xt.dtype)
+            if IEEE:
+                acc += tl.dot(xt, wx, input_precision="ieee")
+            else:
+                acc += tl.dot(xt, wx)
+        elif MODE == 1:
+            xr = xt.to(tl.float32) * inv[:, None]
+            xr = tl.where(xr >= 0, tl.floor(xr + 0.5), tl.ceil(xr - 0.5))  # round half away from zero
+            acc += tl.dot(xr.to(tl.int8), wt)
+        elif MODE == 2:
+            xq = tl.clamp(xt.to(tl.float32) * inv[:, None], -448.0, 448.0).to(tl.float8e4nv)
+            acc += tl.dot(xq, wt.to(tl.float8e4nv, bitcast=True))
+        else:
+            acc += tl.dot(xt.to(tl.float8e4nv, bitcast=True), wt.to(tl.float8e4nv, bitcast=True))
+    y = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if MODE != 0:
+        y = y * xs[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:  # a residual add the pass folded into this GEMM
+        y += tl.load(r_ptr + rm[:, None] * srm + rn[None, :] * srn, mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _w8_splitk(x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, M, N, K, K_PER, sxm, sxk, swn, swk,
+               srm, srn, sym, syn, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+               SPLIT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight-only int8 for small M (decode), K split over SPLIT programs per N tile so that enough
+    programs stream the weight. Partial sums go to an fp32 workspace by atomic adds; the last program of
+    a tile (a counter says which) applies scale and bias, writes y and zeroes the workspace for the next call."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_PER
+    for k0 in range(k_lo, k_lo + K_PER, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        xt = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + rn[None, :] * swn + kk[:, None] * swk, mask=n_ok[None, :] & k_ok[:, None], other=0)
+        wx = wt.to(tl.float32).to(xt.dtype)
+        if IEEE:
+            acc += tl.dot(xt, wx, input_precision="ieee")
+        else:
+            acc += tl.dot(xt, wx)
+    mask = m_ok[:, None] & n_ok[None, :]
+    tile = acc_ptr + rm[:, None] * N + rn[None, :]
+    tl.atomic_add(tile, acc, mask=mask)
+    done = tl.atomic_add(cnt_ptr + pid_n, 1)
+    if done == SPLIT - 1:
+        tot = tl.load(tile, mask=mask, other=0.0, cache_modifier=".cg")
+        y = tot * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            y += tl.load(r_ptr + rm[:, None] * srm + rn[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(tile, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask)
+        tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _quant_rows(x_ptr, q_ptr, s_ptr, K, sxm, FP8: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program: s = max|x| / qmax, q = x / s (int8 rounded, or e4m3 bits)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < K
+    x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
+    qmax = 448.0 if FP8 else 127.0
+    sc = tl.maximum(tl.max(tl.abs(x), axis=0) / qmax, 1e-12)
+    y = x / sc
+    if FP8:
+        q = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)).to(tl.int8)
+    tl.store(q_ptr + row * K + offs, q, mask=ok)
+    tl.store(s_ptr + row, sc)
+
+
+def quantize_rows(x: Tensor, dtype: str) -> tuple[Tensor, Tensor]:
+    """tx.quantize's per-row symmetric quantization of a 2-D x in one launch: (q [M, K], scale [M] fp32)."""
+    M, K = x.shape
+    fp8 = dtype == "fp8"
+    q = torch.empty((M, K), device=x.device, dtype=torch.uint8 if fp8 else torch.int8)
+    sc = torch.empty(M, device=x.device, dtype=torch.float32)
+    _quant_rows[(M,)](x, q, sc, K, x.stride(0), FP8=fp8, BLOCK=triton.next_power_of_2(K),
+                      num_warps=8 if K >= 4096 else 4)
+    return (q.view(torch.float8_e4m3fn) if fp8 else q), sc
+
+
+_WORK: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _splitk_configs(M: int, K: int, N: int) -> list[tuple]:
+    """(BLOCK_N, SPLIT, BLOCK_K) giving a few hundred programs, K split into whole blocks."""
+    out = []
+    for bn in (32, 64, 128):
+        for split in (1, 2, 4, 8, 16):
+            per = K // split
+            bk = min(256, per)
+            if K % split or per % bk or bk < 32 or not 96 <= triton.cdiv(N, bn) * split <= 1024:
+                continue
+            out += [(bn, split, bk, 4, 3), (bn, split, bk, 8, 4)]
+    return out
+
+
+def _launch_splitk(x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: tuple,
+                   r: Tensor | None = None) -> None:
+    bn, split, bk, warps, stages = cfg
+    M, K = x2.shape
+    N = qw.shape[0]
+    key = (str(x2.device), M, N)
+    if key not in _WORK:
+        _WORK[key] = (torch.zeros(M * N, device=x2.device, dtype=torch.float32),
+                      torch.zeros(triton.cdiv(N, 32), device=x2.device, dtype=torch.int32))
+    acc, cnt = _WORK[key]
+    _w8_splitk[(triton.cdiv(N, bn), split)](
+        x2, qw, ws, b if b is not None else ws, r if r is not None else y, y, acc, cnt, M, N, K, K // split,
+        x2.stride(0), x2.stride(1), qw.stride(0), qw.stride(1), *(r.stride() if r is not None else (0, 0)),
+        y.stride(0), y.stride(1), HAS_BIAS=b is not None, HAS_RES=r is not None,
+        IEEE=x2.dtype == torch.float32, SPLIT=split, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
+
+
+def _launch(mode: int, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: tuple,
+            xs: Tensor | None = None, r: Tensor | None = None) -> None:
+    bm, bn, bk, warps, stages = cfg
+    M, K = x2.shape
+    N = qw.shape[0]
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    if qw.dtype == torch.float8_e4m3fn:
+        qw = qw.view(torch.uint8)  # loaded as bits (masked lanes read 0 = +0.0) and bitcast in the kernel
+    if x2.dtype == torch.float8_e4m3fn:
+        x2 = x2.view(torch.uint8)
+    _qgemm[grid](x2, xs if xs is not None else ws, qw, ws, b if b is not None else ws, r if r is not None else y, y,
+                 M, N, K, x2.stride(0), x2.stride(1), qw.stride(0), qw.stride(1),
+                 *(r.stride() if r is not None else (0, 0)), y.stride(0), y.stride(1), MODE=mode,
+                 HAS_BIAS=b is not None, HAS_RES=r is not None,
+                 IEEE=y.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 num_warps=warps, num_stages=stages)
+
+
+def _configs(M: int, K: int, N: int) -> list[tuple]:
+    cands = _SMALL_M if M <= 64 else _LARGE_M
+    # blocks no larger than the problem (the interpreter pays for every padded element)
+    fit = [c for c in cands if c[1] <= max(16, triton.next_power_of_2(N)) and c[2] <= max(32, triton.next_power_of_2(K))]
+    if M > 64:
+        return fit or cands[:1]
+    return fit or [(16, 16, 32, 4, 2)]
+
+
+def _run(mode: int, x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, r: Tensor | None = None) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    r2 = None if r is None else r.expand(*x.shape[:-1], qw.shape[0]).reshape(-1, qw.shape[0])
+    xs = None
+    if mode == 3:  # quantize x once (one launch), not once per N tile
+        x2, xs = quantize_rows(x2, "fp8")
+    M, K = x2.shape
+    N = qw.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    key = (mode, M, N, K, x.dtype, b is not None, str(x.device), r is not None)
+    cfg = _BEST.get(key)
+    if cfg is None:
+        cands = _configs(M, K, N)
+        if mode == 0 and M <= 16:
+            cands = [("splitk", *c) for c in _splitk_configs(M, K, N)] + cands
+        if x.is_cuda and len(cands) > 1 and not torch.cuda.is_current_stream_capturing():
+            from triton.testing import do_bench_cudagraph
+            times = {}
+            for c in cands:
+                try:
+                    times[c] = do_bench_cudagraph(lambda c=c: _go(mode, x2, qw, ws, b, y, c, xs, r2), rep=20,
+                                                  return_mode="median")
+                except Exception:  # a config that does not fit in shared memory on this GPU
+                    continue
+            cfg = min(times, key=times.get)
+        else:
+            cfg = cands[0]
+        _BEST[key] = cfg
+    _go(mode, x2, qw, ws, b, y, cfg, xs, r2)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _go(mode: int, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: tuple,
+        xs: Tensor | None = None, r: Tensor | None = None) -> None:
+    if cfg[0] == "splitk":
+        _launch_splitk(x2, qw, ws, b, y, cfg[1:], r)
+    else:
+        _launch(mode, x2, qw, ws, b, y, cfg, xs, r)
+
+
+def int8_weight_linear(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None,
+                       residual: Tensor | None = None) -> Tensor:
+    """Weight-only int8 linear: x [.., K] (bf16/fp16/fp32), qw int8 [N, K], ws fp32 [N]; + residual."""
+    return _run(0, x, qw, ws, b, residual)
+
+
+def int8_w8a8_linear(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None) -> Tensor:
+    """W8A8 int8 linear with dynamic per-token activation scales computed inside the kernel."""
+    return _run(1, x, qw, ws, b)
+
+
+def fp8_linear(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None) -> Tensor:
+    """fp8 e4m3 linear: qw float8_e4m3fn [N, K] with per-channel ws, activations quantized per token
+    by one `quantize_rows` launch, then an e4m3 x e4m3 GEMM (MODE 3)."""
+    return _run(3, x, qw, ws, b)
+
+
+def fp8_linear_fused(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None) -> Tensor:
+    """fp8 linear quantizing x inside the GEMM (MODE 2): one launch, but x is quantized per N tile."""
+    return _run(2, x, qw, ws, b)
+
+
+def chosen_configs() -> dict[str, tuple]:
+    """Block sizes chosen so far, by problem: what a report or a benchmark log prints."""
+    names = {0: "int8-weight", 1: "int8", 2: "fp8-fused", 3: "fp8"}
+    return {f"{names[k[0]]} M={k[1]} N={k[2]} K={k[3]} {str(k[4]).replace('torch.', '')}": v
+            for k, v in _BEST.items()}

@@ -1,0 +1,466 @@
+"""The graph cache: the IR that capture and the graph passes produced, stored in the artifact cache.
+
+A warm compile of the same model then skips `torch.export` and every pass before `codegen` (which
+finds its kernels in the artifact cache too). The key covers what the IR depends on:
+
+- the model's code: the source files of every module class in its tree and of the user's modules they
+  import from (transitively), the versions of the libraries they come from, and fxcc's own files;
+- its state: primitive attributes of every submodule (`eps`, `training`, ...), a `config`'s fields,
+  parameter and buffer names, shapes, dtypes, devices and a sha1 of their contents;
+- the call: input structure, shapes, strides, dtypes, devices, constant arguments (and the values of
+  tensor inputs when an approximate pass calibrates on them);
+- the pipeline text, the target, the versions of torch/TVM/Triton/fxcc.
+
+Not covered, so turned off by `CompileOptions(graph_cache=False)`: a forward that reads mutable Python
+globals or objects the module only references. Models with hooks and plain functions are never cached.
+Entries are JSON plus raw tensor bytes (no pickle); anything the serializer does not know about makes
+the compile go the normal way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import operator
+import os
+import sys
+import sysconfig
+import types
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from .dialects import KERNEL_OPS, KERNELS, KernelBody
+from .pipeline import PassRecord, PassResult
+
+log = logging.getLogger("fxcc")
+SCHEMA = 1
+_PRIMITIVE = (bool, int, float, str, type(None))
+_PY_TARGETS = {"operator.getitem": operator.getitem}
+
+
+class Unserializable(Exception):
+    """The graph holds something the cache does not store; the compile goes the normal way."""
+
+
+@dataclass
+class Hit:
+    """A graph read back from the cache: the IR before codegen and what capture and the passes recorded."""
+
+    gm: fx.GraphModule
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    method: str
+    records: list[PassRecord]
+
+
+# ------------------------------------------------------------------------------------------- key
+
+
+def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipeline: str, target: str,
+              calibrates: bool) -> str | None:
+    """The cache key for compiling `module` on these inputs, or None when it cannot be keyed safely."""
+    from fxcc.autotune.cache import cache_key, library_versions
+    if type(module).__name__ == "FunctionModule" or _has_hooks(module):
+        return None
+    try:
+        parts = {
+            "schema": str(SCHEMA),
+            "model": _model_fingerprint(module),
+            "weights": _weights_hash(module),
+            "inputs": _inputs_fingerprint(flat, spec, values=calibrates),
+            "code": _code_fingerprint(module),
+            "pipeline": pipeline,
+            "target": target,
+            "versions": library_versions(),
+        }
+    except Unserializable as e:
+        log.debug("fxcc: graph cache off for %s: %s", type(module).__name__, e)
+        return None
+    return "g" + cache_key(**parts)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as m
+    if any((m._global_forward_hooks, m._global_forward_pre_hooks, m._global_backward_hooks)):
+        return True
+    return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
+
+
+def _model_fingerprint(module: nn.Module) -> str:
+    h = hashlib.sha1()
+    for name, sub in module.named_modules(remove_duplicate=False):
+        cls = type(sub)
+        attrs = sorted((k, _attr_fingerprint(v, f"{name or 'model'}.{k}")) for k, v in vars(sub).items()
+                       if k not in _MODULE_INTERNALS and not isinstance(v, (nn.Module, torch.Tensor)))
+        h.update(repr((name, cls.__module__, cls.__qualname__, attrs)).encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update(repr(sorted((k, repr(v)) for k, v in vars(config).items() if _primitive(v))).encode())
+    for name, t in _named_tensors(module).items():
+        h.update(repr((name, tuple(t.shape), t.stride(), t.dtype, str(t.device), isinstance(t, nn.Parameter))).encode())
+    return h.hexdigest()
+
+
+# _parameters, _buffers, _modules, hook dicts, ...: counted elsewhere (not `training`, which is keyed)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+
+
+def _attr_fingerprint(v: Any, where: str, depth: int = 0) -> str:
+    """A module attribute as key text: values by repr, functions by their code, containers item by item.
+    Anything whose repr names a memory address cannot be keyed: the model is then not graph-cached."""
+    if _primitive(v):
+        return repr(v)
+    if depth > 4:
+        raise Unserializable(f"attribute {where} nests too deeply")
+    if isinstance(v, (list, tuple)):
+        return repr([_attr_fingerprint(x, where, depth + 1) for x in v])
+    if isinstance(v, dict):
+        return repr(sorted((repr(k), _attr_fingerprint(x, where, depth + 1)) for k, x in v.items()))
+    if isinstance(v, (nn.Module, torch.Tensor)):
+        return type(v).__qualname__  # counted where modules and tensors are
+    fn = getattr(v, "__func__", v)  # a bound method: its function
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+        defaults = getattr(fn, "__defaults__", None) or ()
+        return repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""),
+                     hashlib.sha1(code.co_code).hexdigest(), repr(code.co_consts), code.co_names,
+                     [_attr_fingerprint(x, where, depth + 1) for x in (*cells, *defaults)]))
+    text = repr(v)
+    if " at 0x" in text or len(text) > 100_000:
+        raise Unserializable(f"attribute {where} ({type(v).__qualname__}) has no stable description")
+    return f"{type(v).__module__}.{type(v).__qualname__}:{text}"
+
+
+def _primitive(v: Any) -> bool:
+    if isinstance(v, (tuple, list)):
+        return all(_primitive(x) for x in v)
+    return isinstance(v, _PRIMITIVE) or isinstance(v, (torch.dtype, torch.device))
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update((n, b) for n, b in module.named_buffers(remove_duplicate=False) if b is not None)
+    return out
+
+
+def _weights_hash(module: nn.Module) -> str:
+    """sha1 over every parameter's and buffer's bytes (folded constants are computed from them)."""
+    h = hashlib.sha1()
+    seen: set[int] = set()
+    for t in _named_tensors(module).values():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        data = t.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        h.update(data.contiguous().view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _inputs_fingerprint(flat: list[Any], spec: pytree.TreeSpec, values: bool) -> str:
+    h = hashlib.sha1(pytree.treespec_dumps(spec).encode())
+    for x in flat:
+        if isinstance(x, torch.Tensor):
+            h.update(repr((tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, str(x.device))).encode())
+            if values:
+                h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        elif _primitive(x):
+            h.update(repr(("const", type(x).__name__, x)).encode())
+        else:
+            raise Unserializable(f"an input of type {type(x).__name__}")
+    return h.hexdigest()
+
+
+def _code_fingerprint(module: nn.Module) -> str:
+    """What the graph's code depends on: the source files of the model's classes (and their bases) and of
+    the user's modules they import from (followed transitively), the versions of the installed libraries
+    among them (their files are not read), and fxcc's own files (its passes make the graph)."""
+    files = set(_fxcc_files())
+    todo = []
+    for sub in module.modules():
+        for cls in type(sub).__mro__:
+            if cls.__module__ not in ("builtins",) and not cls.__module__.startswith("torch") and _source_file(cls) is None:
+                raise Unserializable(f"no source file for class {cls.__qualname__}")
+            todo.append(cls.__module__)
+    seen: set[str] = set()
+    versions = []
+    while todo:
+        name = todo.pop()
+        mod = sys.modules.get(name)
+        if name in seen or mod is None or name == "fxcc" or name.startswith("fxcc."):
+            continue  # fxcc's files are all counted above
+        seen.add(name)
+        path = getattr(mod, "__file__", None)
+        if not path or not path.endswith(".py"):
+            continue
+        if not _in_project(path):  # an installed library (or the stdlib): its version names its code
+            top = sys.modules.get(name.partition(".")[0])
+            versions.append(f"{name.partition('.')[0]}={getattr(top, '__version__', '')}")
+            continue
+        files.add(path)
+        for v in list(vars(mod).values()):
+            ref = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
+            if isinstance(ref, str) and ref not in seen:
+                todo.append(ref)
+    text = "".join(f"{p}:{_file_hash(p)};" for p in sorted(files)) + ";".join(sorted(set(versions)))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _source_file(cls: type) -> str | None:
+    try:
+        return inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return None
+
+
+@cache
+def _fxcc_files() -> tuple[str, ...]:
+    import fxcc
+    import fxcc.autotune
+    import fxcc.codegen
+    import fxcc.passes
+    dirs = {os.path.dirname(m.__file__) for m in (fxcc, fxcc.passes, fxcc.codegen, fxcc.autotune)}
+    return tuple(os.path.join(d, f) for d in sorted(dirs) for f in sorted(os.listdir(d)) if f.endswith(".py"))
+
+
+@cache
+def _in_project(path: str) -> bool:
+    """Whether a module file lies outside the Python installation (stdlib and site-packages)."""
+    roots = _install_roots()
+    return not (path.startswith(roots) or os.path.realpath(path).startswith(roots))
+
+
+@cache
+def _install_roots() -> tuple[str, ...]:
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return tuple(sorted(paths | {os.path.realpath(p) for p in paths}))
+
+
+def _file_hash(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return _file_hash_at(path, st.st_mtime_ns, st.st_size)
+
+
+@cache
+def _file_hash_at(path: str, mtime_ns: int, size: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------- store / load
+
+
+def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: pytree.TreeSpec,
+          out_spec: pytree.TreeSpec, method: str, records: list[PassRecord]) -> bool:
+    """Write the pre-codegen IR under `key`; False (and nothing written) when the graph is not storable."""
+    try:
+        doc, files = _serialize(gm, module)
+        doc.update(schema=SCHEMA, method=method, in_spec=pytree.treespec_dumps(in_spec),
+                   out_spec=pytree.treespec_dumps(out_spec),
+                   records=[{"spec": r.spec, "seconds": r.seconds, "changed": r.result.changed,
+                             "stats": r.result.stats} for r in records])
+    except Unserializable as e:
+        log.info("fxcc: the graph of %s is not cached: %s", type(module).__name__, e)
+        return False
+    files["graph.json"] = json.dumps(doc).encode()
+    try:
+        cache.put(key, files, {"kind": "graph", "model": type(module).__qualname__})
+    except OSError as e:
+        log.warning("fxcc: could not store the graph of %s in the artifact cache: %s", type(module).__name__, e)
+        return False
+    return True
+
+
+def load(cache: Any, key: str, module: nn.Module) -> Hit | None:
+    """The cached graph for `key` bound to `module`'s tensors, or None (missing or not loadable)."""
+    entry = cache.get(key)
+    if entry is None or "graph.json" not in entry.files:
+        return None
+    try:
+        doc = json.loads(entry.files["graph.json"].read_bytes())
+        if doc.get("schema") != SCHEMA:
+            return None
+        gm = _deserialize(doc, entry.files, module)
+        records = [PassRecord(r["spec"], r["seconds"], PassResult(r["changed"], r["stats"])) for r in doc["records"]]
+        return Hit(gm, pytree.treespec_loads(doc["in_spec"]), pytree.treespec_loads(doc["out_spec"]),
+                   doc["method"], records)
+    except Exception as e:  # a cache entry must never fail a compile: go the normal way
+        log.warning("fxcc: cached graph %s of %s did not load (%s: %s); capturing again", key,
+                    type(module).__name__, type(e).__name__, e)
+        return None
+
+
+# ------------------------------------------------------------------------------------ serializer
+
+
+def _target_name(t: Any) -> str:
+    if isinstance(t, torch._ops.OpOverload):
+        return f"op:{t.name()}"  # "aten::addmm.default" style, resolved back through torch.ops
+    for name, fn in _PY_TARGETS.items():
+        if t is fn:
+            return f"py:{name}"
+    raise Unserializable(f"call target {t!r}")
+
+
+def _resolve(name: str) -> Any:
+    kind, _, rest = name.partition(":")
+    if kind == "py":
+        return _PY_TARGETS[rest]
+    qual, _, overload = rest.partition(".")
+    ns, _, op = qual.partition("::")
+    return getattr(getattr(getattr(torch.ops, ns), op), overload or "default")
+
+
+def _enc(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return {"n": a.name}
+    if isinstance(a, bool) or a is None or isinstance(a, (int, str)):
+        return a
+    if isinstance(a, float):
+        return {"f": repr(a)}  # keeps inf and nan exact
+    if isinstance(a, (list, tuple)):
+        return {"l" if isinstance(a, list) else "t": [_enc(x) for x in a]}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.memory_format):
+        return {"mf": str(a).removeprefix("torch.")}
+    raise Unserializable(f"an argument of type {type(a).__name__}")
+
+
+def _dec(a: Any, env: dict[str, fx.Node]) -> Any:
+    if not isinstance(a, dict):
+        return a
+    (tag, v), = a.items()
+    if tag == "n":
+        return env[v]
+    if tag == "f":
+        return float(v)
+    if tag in ("l", "t"):
+        items = [_dec(x, env) for x in v]
+        return items if tag == "l" else tuple(items)
+    if tag == "device":
+        return torch.device(v)
+    return getattr(torch, v)  # dtype, layout, memory format
+
+
+def _enc_val(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return {"T": [list(v.shape), list(v.stride()), int(v.storage_offset()), str(v.dtype).removeprefix("torch."),
+                      str(v.device)]}
+    if isinstance(v, (list, tuple)):
+        return {"l" if isinstance(v, list) else "t": [_enc_val(x) for x in v]}
+    if isinstance(v, (bool, int, float)) or v is None:
+        return {"f": repr(v)} if isinstance(v, float) else v
+    raise Unserializable(f"a value of type {type(v).__name__}")
+
+
+def _dec_val(v: Any, fakes: dict) -> Any:
+    """A value recorded by `_enc_val`; tensors come back as FakeTensors, one per distinct layout."""
+    if not isinstance(v, dict):
+        return v
+    (tag, x), = v.items()
+    if tag == "T":
+        layout = repr(x)
+        if layout not in fakes:
+            shape, stride, offset, dtype, device = x
+            with fakes["mode"]:
+                t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device)
+                fakes[layout] = t.as_strided(shape, stride, offset) if offset else t
+        return fakes[layout]
+    if tag == "f":
+        return float(x)
+    items = [_dec_val(i, fakes) for i in x]
+    return items if tag == "l" else tuple(items)
+
+
+def _enc_graph(graph: fx.Graph) -> list[dict]:
+    nodes = []
+    for n in graph.nodes:
+        d = {"name": n.name, "op": n.op, "args": _enc(tuple(n.args)), "kwargs": {k: _enc(v) for k, v in n.kwargs.items()}}
+        if n.op == "call_function":
+            d["target"] = _target_name(n.target)
+        elif n.op in ("placeholder", "get_attr"):
+            d["target"] = n.target
+        elif n.op != "output":
+            raise Unserializable(f"a {n.op} node ({n.name})")
+        if "val" in n.meta:
+            d["val"] = _enc_val(n.meta["val"])
+        if n.meta.get("fxcc_eager"):
+            d["eager"] = n.meta["fxcc_eager"]
+        nodes.append(d)
+    return nodes
+
+
+def _dec_graph(nodes: list[dict], fakes: dict) -> fx.Graph:
+    graph, env = fx.Graph(), {}
+    for d in nodes:
+        args, kwargs = _dec(d["args"], env), {k: _dec(v, env) for k, v in d["kwargs"].items()}
+        op = d["op"]
+        target = "output" if op == "output" else d["target"] if op != "call_function" else _resolve(d["target"])
+        node = graph.create_node(op, target, args, kwargs, name=d["name"])
+        if "val" in d:
+            node.meta["val"] = _dec_val(d["val"], fakes)
+        if "eager" in d:
+            node.meta["fxcc_eager"] = d["eager"]
+        env[d["name"]] = node
+    return graph
+
+
+def _serialize(gm: fx.GraphModule, module: nn.Module) -> tuple[dict, dict[str, bytes]]:
+    from .runtime import _fetch
+    by_id = {id(t): n for n, t in _named_tensors(module).items()}
+    attrs, files = {}, {}
+    kernels = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = _fetch(gm, n.target)
+            if not isinstance(t, torch.Tensor):
+                raise Unserializable(f"attribute {n.target} of type {type(t).__name__}")
+            if id(t) in by_id:
+                attrs[n.target] = {"param": by_id[id(t)]}
+            else:
+                name = f"const{len(files)}.bin"
+                files[name] = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                attrs[n.target] = {"const": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                                   "device": str(t.device), "parameter": isinstance(t, nn.Parameter)}
+        elif n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] not in kernels:
+            kb = KERNELS[n.args[1]]
+            kernels[kb.key] = {"kind": kb.kind, "text": kb.text, "graph": _enc_graph(kb.body.graph)}
+    return {"graph": _enc_graph(gm.graph), "attrs": attrs, "kernels": kernels}, files
+
+
+def _deserialize(doc: dict, files: dict, module: nn.Module) -> fx.GraphModule:
+    fakes: dict[str, Any] = {"mode": FakeTensorMode(allow_non_fake_inputs=True)}
+    tensors = _named_tensors(module)
+    root: dict[str, Any] = {}
+    for target, a in doc["attrs"].items():
+        if "param" in a:
+            root[target] = tensors[a["param"]]
+        else:
+            raw = bytearray(files[a["const"]].read_bytes())
+            t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            t = t.view(getattr(torch, a["dtype"])).reshape(a["shape"]).to(a["device"])
+            root[target] = nn.Parameter(t, requires_grad=False) if a["parameter"] else t
+    for key, k in doc["kernels"].items():
+        if key not in KERNELS:
+            body = fx.GraphModule(nn.Module(), _dec_graph(k["graph"], fakes))
+            KERNELS[key] = KernelBody(key, k["kind"], body, k["text"])
+    return fx.GraphModule(root, _dec_graph(doc["graph"], fakes))

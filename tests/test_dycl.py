@@ -1,0 +1,230 @@
+"""DyCL: dynamic networks compile into a generated host program plus compiled condition-free segments."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+import textwrap
+import warnings
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+from conftest import assert_outputs_close
+from dynamic_nets import NETWORKS, EagerTry, MoE, TreeNet
+from fxcc.passes import dycl
+
+D, B = 64, 8  # small sizes keep the suite fast; the benchmark uses hidden 512, batch 32
+PASSES = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: no timing at compile
+
+
+def forward_lines(model: nn.Module) -> set[tuple[str, int]]:
+    """Every statement line of the forwards of the model's own classes (tests/dynamic_nets.py)."""
+    lines = set()
+    for cls in {type(m) for m in model.modules()}:
+        fn = cls.__dict__.get("forward")
+        if fn is None or not fn.__code__.co_filename.endswith("dynamic_nets.py"):
+            continue
+        src, first = inspect.getsourcelines(fn)
+        fdef = ast.parse(textwrap.dedent("".join(src)))
+        for node in ast.walk(fdef.body[0]):
+            if isinstance(node, ast.stmt) and node is not fdef.body[0]:
+                lines.add((fn.__code__.co_filename, first + node.lineno - 1))
+    return lines
+
+
+def run_with_coverage(model: nn.Module, xs: list[torch.Tensor]) -> tuple[list, set]:
+    """Eager outputs and the (file, line) pairs executed inside the model's forwards."""
+    seen = set()
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name == "forward" and frame.f_code.co_filename.endswith("dynamic_nets.py"):
+            if event == "line":
+                seen.add((frame.f_code.co_filename, frame.f_lineno))
+            return tracer
+        return None
+
+    outs = []
+    sys.settrace(tracer)
+    try:
+        with torch.no_grad():
+            outs = [model(x) for x in xs]
+    finally:
+        sys.settrace(None)
+    return outs, seen
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_network_compiles_and_equals_eager_on_every_branch(name):
+    model, xs = NETWORKS[name](D, B)
+    expected, covered = run_with_coverage(model, xs)
+    missing = forward_lines(model) - covered
+    assert not missing, f"{name}: the inputs leave lines {sorted(line for _, line in missing)} unexecuted"
+    cm = fxcc.compile(model, passes=PASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no segment may fall back to eager
+        for x, ref in zip(xs, expected):
+            assert_outputs_close(cm(x), ref, atol=1e-4, rtol=1e-4)
+    (variant,) = cm.variants
+    assert isinstance(variant, dycl.DyclVariant)
+    runs = [r for p in variant.program.all_programs() for s in p.segments for r in s.runs.values()]
+    compiled = [r for r in runs if r.variant is not None]
+    assert compiled and all(r.variant is not None or r.eager.startswith("plain Python") for r in runs)
+
+
+def test_explain_shows_host_program_and_segment_ir():
+    model, xs = NETWORKS["early_exit"](D, B)
+    text = fxcc.explain(model, xs[0], passes=PASSES, ir_after_each=False)
+    assert "DyCL host program + compiled segments" in text
+    assert "== host program for EarlyExit" in text
+    assert "def forward(self, x):" in text and ".item()" in text and "_seg0(" in text
+    assert "if _s" in text and "return logits" in text  # the condition is evaluated by the host
+    assert "def _seg0(self, stage, h, head):" in text
+    assert "] compiled" in text and "== final IR" in text and "== where ops run" in text
+    assert "statements that run eagerly: none" in text
+
+
+def test_host_program_reuses_one_compiled_loop_body():
+    model, xs = NETWORKS["item_loop"](D, B)
+    cm = fxcc.compile(model, passes=PASSES)
+    for x in xs:
+        cm(x)
+    prog = cm.variants[0].program
+    assert "for _ in range(n):" in prog.host_source
+    loop_seg = next(s for s in prog.segments if s.spec.inputs == ["h"] and s.spec.outputs == ["h"])
+    assert len(loop_seg.runs) == 1  # one compiled body for every trip
+
+
+def test_recursion_over_submodules_builds_one_program_per_node():
+    torch.manual_seed(0)
+    model = TreeNet(d=D, depth=2).eval()
+    cm = fxcc.compile(model, passes=PASSES)
+    x = torch.randn(B, D)
+    assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+    progs = cm.variants[0].program.all_programs()
+    assert [p.name for p in progs].count("TreeNode.forward") == 7  # 1 + 2 + 4 nodes
+    assert "_prog_TreeNode_0(h)" in progs[0].host_source
+
+
+def test_data_dependent_shapes_compile_per_shape_and_overflow_warns(monkeypatch):
+    torch.manual_seed(0)
+    model = MoE(d=D, n_experts=2).eval()
+    monkeypatch.setattr(dycl, "SEGMENT_MAX_VARIANTS", 1)
+    cm = fxcc.compile(model, passes=PASSES)
+    xs = [torch.randn(B, D) * s for s in (0.3, 3.0, 30.0)]
+    with pytest.warns(UserWarning, match=r"segment MoE\.seg\d+ \(.*dynamic_nets\.py:\d+.*\).*runs eagerly"):
+        for x in xs:
+            assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_construct_runs_eagerly_with_its_line():
+    torch.manual_seed(0)
+    model = EagerTry(d=D).eval()
+    line = next(i for i, t in enumerate(inspect.getsourcelines(EagerTry.forward)[0]) if "try:" in t)
+    line += inspect.getsourcelines(EagerTry.forward)[1]
+    cm = fxcc.compile(model, passes=PASSES)
+    x = torch.randn(B, D)
+    with pytest.warns(UserWarning, match=rf"exceptions used as control flow \(try/except\) at .*dynamic_nets\.py:"
+                                         rf"{line} runs eagerly"):
+        out = cm(x)
+    assert_outputs_close(out, model(x), atol=1e-4, rtol=1e-4)
+    for s in (1.0, -1.0, 5.0):  # both the raising and the normal path
+        assert_outputs_close(cm(x * s), model(x * s), atol=1e-4, rtol=1e-4)
+    segs = cm.variants[0].program.segments
+    assert segs and all(r.variant is not None for s in segs for r in s.runs.values())
+    assert f"dynamic_nets.py:{line} runs eagerly" in cm.explain()
+
+
+COUNTER = 0
+
+
+def test_function_with_tensor_condition_and_global_mutation():
+    def gate(x):
+        global COUNTER
+        COUNTER += 1
+        return x * 2 if x.max() > 0.5 else x - 1
+
+    with pytest.warns(UserWarning, match=r"mutation of (a )?Python global.* at .*test_dycl\.py:\d+ runs eagerly"):
+        f = fxcc.compile(gate, passes=PASSES)
+        a = torch.full((5,), 1.0)
+        assert_outputs_close(f(a), a * 2)  # capture ran the function too: count from here
+    before = COUNTER
+    b = torch.zeros(5)
+    assert_outputs_close(f(b), b - 1)
+    assert_outputs_close(f(a), a * 2)
+    assert COUNTER == before + 2  # the host program runs the global update once per call
+    assert "if _t" in f.fxcc.variants[0].program.host_source
+
+
+def test_dycl_off_keeps_the_capture_error():
+    model, xs = NETWORKS["stat_branch"](D, B)
+    cm = fxcc.compile(model, options=fxcc.CompileOptions(dycl=False, passes=PASSES))
+    with pytest.raises(fxcc.CaptureError, match="control flow depends on tensor values"):
+        cm(xs[0])
+
+
+def test_static_model_is_not_rewritten():
+    m = nn.Sequential(nn.Linear(D, D), nn.ReLU()).eval()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(torch.randn(B, D))
+    assert not isinstance(cm.variants[0], dycl.DyclVariant)
+
+
+def test_replaced_parameter_rebuilds_the_segments():
+    model, xs = NETWORKS["stat_branch"](D, B)
+    cm = fxcc.compile(model, passes=PASSES)
+    cm(xs[0])
+    model.post.weight = nn.Parameter(torch.randn_like(model.post.weight))
+    for x in xs[:3]:
+        assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+    assert cm.stats.param_recompiles >= 1
+
+
+def test_segment_runs_as_python_when_measured_faster(monkeypatch):
+    model, xs = NETWORKS["moe_top1"](D, B)
+    monkeypatch.setattr(dycl, "_median_us", lambda fn, args: 1.0 if inspect.ismethod(fn) else 2.0)
+    cm = fxcc.compile(model, passes=PASSES)
+    for x in xs[:4]:
+        assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+    runs = [r for s in cm.variants[0].program.segments for r in s.runs.values()]
+    assert runs and all(r.variant is not None and r.eager.startswith("plain Python: measured faster") for r in runs)
+    assert "compiled, but runs as plain Python" in cm.explain()
+
+
+class Halving(nn.Module):
+    """`while` on `.item()`, a counter, keyword arguments with None, and an early return inside a for loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x, scale: float = 1.0, *, extra=None):
+        h = self.lin(x) * scale
+        n = 0
+        while h.norm().item() > 4.0:
+            h = h * 0.5
+            n += 1
+        if extra is not None:
+            h = h + extra
+        for t in [1, 2, 3]:
+            if (h.sum() > t).item():
+                return h, n
+        return h * 2, -1
+
+
+def test_while_on_item_keywords_and_none_inputs():
+    torch.manual_seed(0)
+    model = Halving().eval()
+    cm = fxcc.compile(model, passes=PASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the None input is baked into the segment, not an eager fallback
+        for k in (0.1, 1.0, 30.0):
+            x = torch.randn(B, D) * k
+            for kw in ({}, {"extra": torch.ones(B, D)}):
+                got, want = cm(x, 2.0, **kw), model(x, 2.0, **kw)
+                assert_outputs_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+                assert got[1] == want[1]
+    host = cm.variants[0].program.host_source
+    assert "while True:" in host and ".item()" in host and "break" in host

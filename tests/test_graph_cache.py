@@ -1,0 +1,190 @@
+"""The graph cache: a second compile of the same model takes its pre-codegen IR from the artifact cache.
+
+Each test uses its own cache directory, so hits and misses come from what the test does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import assert_outputs_close
+from fxcc import graph_cache
+from fxcc.autotune.cache import ArtifactCache
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 32, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, eps=eps)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = x + self.down(F.gelu(self.up(self.norm(x)))) * self.scale
+        return {"h": h, "mean": h.mean(-1)}
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _compile(model: nn.Module, x: torch.Tensor, **kw):
+    cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=extern}", **kw)
+    out = cm(x)
+    return cm, out
+
+
+def _graph_entries(cache_dir) -> list:
+    return [e for e in ArtifactCache(cache_dir).entries() if e.meta.get("kind") == "graph"]
+
+
+def test_second_compile_takes_the_ir_from_the_cache_and_gives_the_same_outputs(cache_dir):
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 8, 32)
+    first, out1 = _compile(model, x)
+    second, out2 = _compile(model, x)
+    assert "graph cache" not in first.variants[-1].captured.method
+    assert "graph cache" in second.variants[-1].captured.method
+    assert len(_graph_entries(cache_dir)) == 1
+    assert_outputs_close(out2, out1, atol=0, rtol=0)
+    assert_outputs_close(out2, model(x))
+    # the pass log of the first compile is carried over, and explain still shows the final IR
+    assert [r.spec for r in second.variants[-1].records] == [r.spec for r in first.variants[-1].records]
+    assert "== final IR" in second.explain() and "graph cache" in second.explain()
+
+
+def test_other_weights_other_attributes_or_other_shapes_miss(cache_dir):
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 8, 32)
+    _compile(model, x)
+    other = Block().eval()  # same structure, other weights
+    cm, out = _compile(other, x)
+    assert "graph cache" not in cm.variants[-1].captured.method
+    assert_outputs_close(out, other(x))
+    eps = Block(eps=1e-3).eval()
+    eps.load_state_dict(model.state_dict())
+    cm, out = _compile(eps, x)
+    assert "graph cache" not in cm.variants[-1].captured.method
+    assert_outputs_close(out, eps(x))
+    cm, out = _compile(model, torch.randn(2, 8, 32))
+    assert "graph cache" not in cm.variants[-1].captured.method
+    with torch.no_grad():
+        model.up.weight.mul_(2)  # weights changed in place: the folded constants could depend on them
+    cm, out = _compile(model, x)
+    assert "graph cache" not in cm.variants[-1].captured.method
+    assert_outputs_close(out, model(x))
+    assert len(_graph_entries(cache_dir)) == 5
+
+
+def test_a_damaged_graph_entry_is_evicted_with_a_warning_and_rebuilt(cache_dir):
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 8, 32)
+    _compile(model, x)
+    (entry,) = _graph_entries(cache_dir)
+    path = entry.files["graph.json"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="damaged"):
+        cm, out = _compile(model, x)
+    assert "graph cache" not in cm.variants[-1].captured.method
+    assert_outputs_close(out, model(x))
+    assert len(_graph_entries(cache_dir)) == 1  # written again
+
+
+def test_an_entry_that_does_not_load_falls_back_to_capture(cache_dir, caplog):
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 8, 32)
+    _compile(model, x)
+    (entry,) = _graph_entries(cache_dir)
+    doc = json.loads(entry.files["graph.json"].read_bytes())
+    for node in doc["graph"]:
+        if node.get("target", "").startswith("op:"):
+            node["target"] = "op:aten::no_such_op"
+    # rewrite through the cache so checksums hold: the entry is intact but names an op this torch lacks
+    ArtifactCache(cache_dir).remove(entry.key)
+    ArtifactCache(cache_dir).put(entry.key, {"graph.json": json.dumps(doc).encode()}, entry.meta)
+    with caplog.at_level("WARNING", logger="fxcc"):
+        cm, out = _compile(model, x)
+    assert "did not load" in caplog.text
+    assert "graph cache" not in cm.variants[-1].captured.method
+    assert_outputs_close(out, model(x))
+
+
+def test_hooks_functions_and_the_option_turn_the_graph_cache_off(cache_dir):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32)
+    hooked = Block().eval()
+    hooked.up.register_forward_hook(lambda m, i, o: o * 2)
+    cm, out = _compile(hooked, x)
+    assert_outputs_close(out, hooked(x))
+    _compile(lambda t: t * 2 + 1, x)
+    _compile(Block().eval(), x, options=fxcc.CompileOptions(graph_cache=False))
+    assert _graph_entries(cache_dir) == []
+
+
+def test_a_key_covers_the_pipeline_and_the_target():
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 8, 32)
+    flat, spec = torch.utils._pytree.tree_flatten(((x,), {}))
+    keys = {graph_cache.graph_key(model, flat, spec, p, t, calibrates=False)
+            for p in ("canonicalize,raise,fuse", "canonicalize,fuse") for t in ("cpu", "cuda")}
+    assert len(keys) == 4 and all(k and k.startswith("g") for k in keys)
+
+
+WARM = """
+import json, sys, torch
+{extra}
+sys.path.insert(0, {here!r})
+from test_graph_cache import Block
+import fxcc
+torch.manual_seed(0)
+model, x = Block().eval(), torch.randn(4, 8, 32)
+cm = fxcc.compile(model)
+out = cm(x)
+v = cm.variants[-1]
+codegen = next(r for r in v.records if r.spec.startswith("codegen"))
+print(json.dumps({{"method": v.captured.method, "stats": codegen.result.stats,
+                  "sum": float(out["h"].double().sum())}}))
+"""
+
+
+def test_a_new_process_compiles_without_capture_or_code_generation(cache_dir):
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "FXCC_CACHE_DIR": str(cache_dir)}
+
+    def run(extra: str):
+        code = WARM.format(here=here, extra=extra)
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    with warnings.catch_warnings():  # the warm process has imported other modules: the key does not care
+        cold, warm = run(""), run("import fxcc.cli, fxcc.bench, email.mime.text")
+    assert "graph cache" not in cold["method"] and "graph cache" in warm["method"]
+    assert not warm["stats"].get("built") and warm["stats"].get("cached") == cold["stats"].get("built")
+    assert warm["sum"] == cold["sum"]
+
+
+def test_training_mode_is_part_of_the_key(cache_dir):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).eval(), torch.randn(16, 8)
+    y_eval = fxcc.compile(model)(x)
+    model.train()
+    torch.manual_seed(1)
+    cm = fxcc.compile(model)
+    y_train = cm(x)
+    assert "graph cache" not in cm.variants[-1].captured.method
+    kept = y_train != 0
+    assert not kept.all()  # dropout ran
+    torch.testing.assert_close(y_train[kept], 2 * y_eval[kept])
