@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxcc-installed
 
-.PHONY: setup demo test lint bench-llama bench-gpu
+.PHONY: gpu-site setup demo test lint bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,11 +27,42 @@ lint: $(STAMP)
 bench-llama: $(STAMP)
 	$(BIN)/fxcc bench llama --threads 2
 
+# approximate passes on MiniLM: speed vs cosine / ranking agreement, the layer-skip{speedup=} check, a PNG
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py --threads 2 --reps 40
+
+bench-token-merge: $(STAMP)
+	$(BIN)/python benchmarks/token_merge.py --threads 2 --r 4 8 16 --reps 30
+
+bench-mp: $(STAMP)
+	$(BIN)/python benchmarks/mixed_precision.py --reps 20
+
+bench-dycl: $(STAMP)
+	$(BIN)/python benchmarks/dycl.py --threads 2 --reps 15
+
+# plan search on MiniLM, then the plan applied in a new process
+search-minilm: $(STAMP)
+	mkdir -p build
+	$(BIN)/fxcc search examples/minilm.py:model --inputs examples/minilm.py:inputs --output build/minilm.plan.json \
+	    --knobs layer-skip --trials 6 --reps 5 --threads 2
+	$(BIN)/python benchmarks/plan_reproduce.py examples/minilm.py build/minilm.plan.json --threads 2 --reps 10
+
 # On a CUDA machine, with that machine's own torch (the set-up above installs the CPU build): fxcc runs from
 # this checkout through a package folder under build/, nothing is installed. Llama prefill and decode-shaped
 # step, bf16: eager, torch.compile (default, max-autotune-no-cudagraphs, reduce-overhead) and fxcc.
 GPU_SITE := build/gpu-site
-bench-gpu:
+gpu-site:
 	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
 	cp -r compiler $(GPU_SITE)/fxcc && for d in passes codegen autotune; do cp -r $$d $(GPU_SITE)/fxcc/$$d; done
+
+bench-gpu: gpu-site
 	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/llama_gpu.py --json build/bench-gpu.json
+
+# int8 weight-only decode and fp8 prefill against fxcc's bf16 build
+bench-mp-gpu: gpu-site
+	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/mixed_precision_gpu.py --json build/bench-mp-gpu.json
+
+# two GPUs: TP=1 and TP=2 unfused / fused AllReduce-RMSNorm / fused + token split, no NVLink multicast
+bench-tp-gpu: gpu-site
+	NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+	    PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/tp_gpu.py --json build/tp-gpu.json

@@ -110,8 +110,10 @@ def _model_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-# _parameters, _buffers, _modules, hook dicts, ...: counted elsewhere (not `training`, which is keyed)
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+# _parameters, _buffers, _modules, hook dicts, ...: counted elsewhere (not `training`, which is keyed); and
+# markers other tools leave on a module that do not change what it computes (torch.compile's, set when the
+# same module was compiled with it too)
+_MODULE_INTERNALS = (frozenset(vars(nn.Module())) - {"training"}) | {"_is_torch_compile"}
 
 
 def _attr_fingerprint(v: Any, where: str, depth: int = 0) -> str:

@@ -188,3 +188,12 @@ def test_training_mode_is_part_of_the_key(cache_dir):
     kept = y_train != 0
     assert not kept.all()  # dropout ran
     torch.testing.assert_close(y_train[kept], 2 * y_eval[kept])
+
+
+def test_running_the_model_through_torch_compile_too_keeps_its_key():
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 8, 32)
+    flat, spec = torch.utils._pytree.tree_flatten(((x,), {}))
+    before = graph_cache.graph_key(model, flat, spec, "p", "cpu", calibrates=False)
+    torch.compile(model)(x)  # leaves a marker attribute on the module
+    assert graph_cache.graph_key(model, flat, spec, "p", "cpu", calibrates=False) == before
