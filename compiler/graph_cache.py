@@ -127,6 +127,8 @@ def _attr_fingerprint(v: Any, where: str, depth: int = 0) -> str:
         return repr([_attr_fingerprint(x, where, depth + 1) for x in v])
     if isinstance(v, dict):
         return repr(sorted((repr(k), _attr_fingerprint(x, where, depth + 1)) for k, x in v.items()))
+    if isinstance(v, (set, frozenset)):  # sorted: a set's repr order changes with each process's hash seed
+        return repr(sorted(_attr_fingerprint(x, where, depth + 1) for x in v))
     if isinstance(v, (nn.Module, torch.Tensor)):
         return type(v).__qualname__  # counted where modules and tensors are
     fn = getattr(v, "__func__", v)  # a bound method: its function

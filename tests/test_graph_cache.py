@@ -197,3 +197,27 @@ def test_running_the_model_through_torch_compile_too_keeps_its_key():
     before = graph_cache.graph_key(model, flat, spec, "p", "cpu", calibrates=False)
     torch.compile(model)(x)  # leaves a marker attribute on the module
     assert graph_cache.graph_key(model, flat, spec, "p", "cpu", calibrates=False) == before
+
+
+KEY = """
+import sys, torch
+sys.path.insert(0, {here!r})
+from test_graph_cache import Block
+from fxcc import graph_cache
+torch.manual_seed(0)
+model, x = Block().eval(), torch.randn(4, 8, 32)
+model.names = {{"alpha", "beta", "gamma", "delta", "epsilon"}}  # printed in hash-seed order
+flat, spec = torch.utils._pytree.tree_flatten(((x,), {{}}))
+print(graph_cache.graph_key(model, flat, spec, "p", "cpu", calibrates=False))
+"""
+
+
+def test_the_key_does_not_depend_on_the_process_hash_seed():
+    here = os.path.dirname(os.path.abspath(__file__))
+    keys = set()
+    for seed in ("1", "2", "3"):
+        p = subprocess.run([sys.executable, "-c", KEY.format(here=here)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert p.returncode == 0, p.stderr
+        keys.add(p.stdout.strip().splitlines()[-1])
+    assert len(keys) == 1 and next(iter(keys)).startswith("g")
