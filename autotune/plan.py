@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fxcc.graph_cache import tensor_bytes
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger("fxcc")
@@ -126,8 +127,7 @@ def model_fingerprint(model: nn.Module, args: tuple = (), kwargs: dict | None = 
         for name, t in items:
             tensors.append(f"{name}: {str(t.dtype).replace('torch.', '')}{list(t.shape)}")
             h.update(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            data = t.detach().reshape(-1).contiguous().cpu()
-            h.update(data.view(torch.uint8).numpy() if data.numel() else b"")
+            h.update(tensor_bytes(t))
     return {"module": _class_name(model), "tensors": tensors, "weights_sha256": h.hexdigest(),
             "inputs": input_signature(args, kwargs or {})}
 

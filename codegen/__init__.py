@@ -10,6 +10,7 @@ parameters) and chooses among candidates by measurement.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +29,19 @@ def reusable(pool: list, j: int) -> bool:
     t = pool[j]
     return t is not None and sys.getrefcount(pool[j]) == 3 and torch._C._storage_Use_Count(
         t.untyped_storage()._cdata) == 2
+
+
+def derived(store: dict, w: Tensor, key: object, make: Callable[[], object]) -> object:
+    """A value derived from weight `w` (a packed or aligned copy), made once and again only when `w` changes
+    in place (its version counter; inference tensors have none) or `key` differs. `store` maps id(w) to
+    (weakref to w, version, key, value); an entry goes when its weight is collected."""
+    version = None if w.is_inference() else w._version
+    hit = store.get(id(w))
+    if hit is None or hit[0]() is not w or hit[1] != version or hit[2] != key:
+        if hit is None or hit[0]() is not w:
+            weakref.finalize(w, store.pop, id(w), None)
+        hit = store[id(w)] = (weakref.ref(w), version, key, make())
+    return hit[3]
 
 
 @dataclass

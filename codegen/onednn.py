@@ -10,14 +10,12 @@ extern backend offers `onednn` as a candidate next to the plain library call.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.fx as fx
+from fxcc.codegen import derived
 
-# id(weight) -> (weakref to it, its version, rows the packing was made for, packed weight); an entry goes
-# when its weight is collected
-_PACKED: dict[int, tuple] = {}
+_PACKED: dict[int, tuple] = {}  # packed weights (fxcc.codegen.derived)
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -41,14 +39,7 @@ def applies(node: fx.Node) -> bool:
 def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
     """`w` reordered for GEMMs of about `rows` rows (a hint: the packed weight serves any row count), made
     once per weight version: a weight used at several row counts (experts of a mixture) is packed once."""
-    version = None if w.is_inference() else w._version  # inference tensors keep no version (nor change in place
-    hit = _PACKED.get(id(w))                             # outside inference mode)
-    if hit is None or hit[0]() is not w or hit[1] != version:
-        p = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
-        if hit is None or hit[0]() is not w:
-            weakref.finalize(w, _PACKED.pop, id(w), None)
-        hit = _PACKED[id(w)] = (weakref.ref(w), version, rows, p)
-    return hit[3]
+    return derived(_PACKED, w, None, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

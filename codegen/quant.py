@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from fxcc.codegen import derived
 from torch import Tensor
 
 INT8_MAX = 127.0
@@ -104,18 +105,17 @@ def _int8_int_mm(x, qw, ws, b, act):
 
 
 def _packed(qw: Tensor, ws: Tensor, b: Tensor | None):
-    """fbgemm/oneDNN packed weight for `qw`, built once and kept on the weight tensor."""
-    key = (id(b), ws.data_ptr())
-    cached = getattr(qw, "_fxcc_packed", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch deprecates quantized tensors; the packed kernel is still there
-        qt = torch._make_per_channel_quantized_tensor(qw.cpu(), ws.double().cpu(),
-                                                       torch.zeros(qw.shape[0], dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(qt, None if b is None else b.float())
-    qw._fxcc_packed = (key, packed)
-    return packed
+    """fbgemm/oneDNN packed weight for `qw` (with its scales and bias), built once (fxcc.codegen.derived)."""
+    def pack():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch deprecates quantized tensors; the packed kernel is still there
+            qt = torch._make_per_channel_quantized_tensor(qw.cpu(), ws.double().cpu(),
+                                                           torch.zeros(qw.shape[0], dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qt, None if b is None else b.float())
+    return derived(_PACKED, qw, (id(b), ws.data_ptr()), pack)
+
+
+_PACKED: dict[int, tuple] = {}
 
 
 def _int8_fbgemm(x, qw, ws, b, act):

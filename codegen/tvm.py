@@ -18,13 +18,12 @@ import os
 import sys
 import tempfile
 import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import Built, KernelFn, onednn, reusable
+from fxcc.codegen import Built, KernelFn, derived, onednn, reusable
 from fxcc.codegen.extern import _DIRECT
 from fxcc.dialects import KernelBody
 from fxcc.passes.fuse import GEMM, classify
@@ -244,8 +243,7 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     return run
 
 
-# aligned copies of weights that arrive misaligned (mmapped checkpoints), made once per weight version:
-# id(weight) -> (weakref to it, its version then, the copy); an entry goes when its weight is collected
+# aligned copies of weights that arrive misaligned (mmapped checkpoints), made once per weight version
 _ALIGNED: dict[int, tuple] = {}
 
 
@@ -254,13 +252,7 @@ def _aligned(t: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
     (until it changes in place: its version counter is part of the check)."""
     if t.is_inference() or not (t.requires_grad or isinstance(t, torch.nn.Parameter)):
         return torch.empty_strided(shape, stride, dtype=t.dtype).copy_(t)
-    hit = _ALIGNED.get(id(t))
-    if hit is None or hit[0]() is not t or hit[1] != t._version or hit[2].stride() != stride:
-        copy = torch.empty_strided(shape, stride, dtype=t.dtype).copy_(t.detach())
-        if hit is None or hit[0]() is not t:
-            weakref.finalize(t, _ALIGNED.pop, id(t), None)
-        hit = _ALIGNED[id(t)] = (weakref.ref(t), t._version, copy)
-    return hit[2]
+    return derived(_ALIGNED, t, stride, lambda: torch.empty_strided(shape, stride, dtype=t.dtype).copy_(t.detach()))
 
 
 def split_bias(node: fx.Node) -> fx.Node | None:

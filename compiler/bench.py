@@ -217,9 +217,10 @@ def machine(device: str) -> str:
 
 def digest(out: Any) -> str:
     """sha1 over the bytes of every output tensor: equal digests mean bit-identical outputs."""
+    from .graph_cache import tensor_bytes
     h = hashlib.sha1()
     for t in _leaves(out):
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 

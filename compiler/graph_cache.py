@@ -157,6 +157,14 @@ def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's contents as bytes (copied to the CPU and made contiguous when needed): what hashes read."""
+    data = t.detach().reshape(-1)
+    if data.device.type != "cpu":
+        data = data.cpu()
+    return data.contiguous().view(torch.uint8).numpy().data
+
+
 def _weights_hash(module: nn.Module) -> str:
     """sha1 over every parameter's and buffer's bytes (folded constants are computed from them)."""
     h = hashlib.sha1()
@@ -165,10 +173,7 @@ def _weights_hash(module: nn.Module) -> str:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        data = t.detach()
-        if data.device.type != "cpu":
-            data = data.cpu()
-        h.update(data.contiguous().view(-1).view(torch.uint8).numpy().data)
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -178,7 +183,7 @@ def _inputs_fingerprint(flat: list[Any], spec: pytree.TreeSpec, values: bool) ->
         if isinstance(x, torch.Tensor):
             h.update(repr((tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, str(x.device))).encode())
             if values:
-                h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+                h.update(tensor_bytes(x))
         elif _primitive(x):
             h.update(repr(("const", type(x).__name__, x)).encode())
         else:
@@ -191,12 +196,11 @@ def _code_fingerprint(module: nn.Module) -> str:
     the user's modules they import from (followed transitively), the versions of the installed libraries
     among them (their files are not read), and fxcc's own files (its passes make the graph)."""
     files = set(_fxcc_files())
-    todo = []
-    for sub in module.modules():
-        for cls in type(sub).__mro__:
-            if cls.__module__ not in ("builtins",) and not cls.__module__.startswith("torch") and _source_file(cls) is None:
-                raise Unserializable(f"no source file for class {cls.__qualname__}")
-            todo.append(cls.__module__)
+    classes = {cls for sub in module.modules() for cls in type(sub).__mro__}
+    for cls in classes:
+        if cls.__module__ != "builtins" and not cls.__module__.startswith("torch") and _source_file(cls) is None:
+            raise Unserializable(f"no source file for class {cls.__qualname__}")
+    todo = [cls.__module__ for cls in classes]
     seen: set[str] = set()
     versions = []
     while todo:
@@ -442,7 +446,7 @@ def _serialize(gm: fx.GraphModule, module: nn.Module) -> tuple[dict, dict[str, b
                 attrs[n.target] = {"param": by_id[id(t)]}
             else:
                 name = f"const{len(files)}.bin"
-                files[name] = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                files[name] = tensor_bytes(t).tobytes()
                 attrs[n.target] = {"const": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                                    "device": str(t.device), "parameter": isinstance(t, nn.Parameter)}
         elif n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] not in kernels:

@@ -263,13 +263,12 @@ class CompiledModule:
     def compile_for(self, args: tuple, kwargs: dict) -> Variant:
         """Capture and compile for these example inputs (does not register the variant)."""
         t0 = time.perf_counter()
-        if self.options.plan is not None:  # the plan must fit this model, target and libraries (PlanError if not)
-            from fxcc.autotune.plan import check_call_plan
-            check_call_plan(self.options, self.module, args, kwargs,
-                            resolve_target(self.options.target, self.module, args, kwargs))
         opts = CompileOptions.from_env(self.options)
         ctx = PassContext(options=opts, module=self.module, example_inputs=(args, kwargs),
                           target=resolve_target(opts.target, self.module, args, kwargs))
+        if opts.plan is not None:  # the plan must fit this model, target and libraries (PlanError if not)
+            from fxcc.autotune.plan import check_call_plan
+            check_call_plan(opts, self.module, args, kwargs, ctx.target)
 
         def manager(passes: list) -> PassManager:
             return PassManager(passes, verify_each=opts.verify_each, print_ir_after=set(opts.print_ir_after),

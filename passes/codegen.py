@@ -169,8 +169,10 @@ class Selection:
     def _load(self, kb: KernelBody, cache, key: str) -> bool:
         """Install the choice an earlier compile stored under `key`; False when there is none."""
         entry = cache.get(key)
-        if entry is None:
-            return False
+        return entry is not None and self._install_entry(kb, entry, key)
+
+    def _install_entry(self, kb: KernelBody, entry, key: str) -> bool:
+        """Install what a cache entry holds; False (with a warning) when its build does not load."""
         label = entry.meta.get("backend", "")
         try:
             mod = backend_module(entry.meta["module"])
@@ -198,7 +200,7 @@ class Selection:
         if cache:
             entry = cache.get(key)
             if (entry is not None and entry.meta.get("backend") == label and entry.meta.get("params") == params
-                    and self._load(kb, cache, key)):
+                    and self._install_entry(kb, entry, key)):
                 return True
         try:
             cand = next((c for c in backend_module(module).candidates(kb, self.target) if c.backend == label), None)
@@ -207,8 +209,7 @@ class Selection:
             b = cand.build(params)
             if label != "extern":
                 inputs = example_inputs(kb, self.target)
-                ref = next(c for c in extern.candidates(kb, self.target) if c.backend == "extern").build({})
-                check(label, b.fn(inputs), ref.fn(inputs))
+                check(label, b.fn(inputs), extern.Extern(kb).build({}).fn(inputs))
         except Exception as e:
             warnings.warn(f"fxcc: plan {self.plan}: its choice for kernel {kb.key} ({label} with {params}) failed "
                           f"({type(e).__name__}: {e}); choosing as without a plan", stacklevel=2)
