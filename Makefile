@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxcc-installed
 
-.PHONY: gpu-site setup demo test lint bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu
+.PHONY: gpu-site setup demo test lint bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -66,3 +66,7 @@ bench-mp-gpu: gpu-site
 bench-tp-gpu: gpu-site
 	NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
 	    PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/tp_gpu.py --json build/tp-gpu.json
+
+# int8 decode GEMV configs per Llama decode shape: correctness of each, time, GB/s, against the bf16 library GEMM
+bench-int8-gemv: gpu-site
+	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/int8_gemv_sweep.py --json build/int8-gemv.json

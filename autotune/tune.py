@@ -191,8 +191,8 @@ def _retime(kernel: Kernel, complete: list, defaults: dict, k: int, runner: _InP
     except Exception as e:  # a rebuild that fails now keeps the study's own best
         log.warning("fxcc: re-timing the best candidates failed (%s: %s); keeping the study's best", type(e).__name__, e)
         return None
-    name = min(t, key=lambda n: t[n].median)
-    return top[name], t[name].median
+    name = min(t, key=lambda n: t[n].own)
+    return top[name], t[name].own
 
 
 # ---------------------------------------------------------------------------------------- storage
@@ -362,7 +362,7 @@ def evaluate(kernel: Kernel, params: dict, inputs: list[Tensor], reference: list
                             rounds=min(reps, 5))
         except Exception as e:
             return "crash", f"{type(e).__name__} while timing: {e}"
-    return "ok", t["candidate"].median
+    return "ok", t["candidate"].own
 
 
 class _InProcess:

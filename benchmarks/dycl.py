@@ -3,9 +3,11 @@
     python benchmarks/dycl.py [--hidden 512] [--batch 32] [--threads 2] [--networks early_exit,moe_top1]
 
 Per network, one timed round calls the model once on each of its inputs (18 inputs that together take
-every branch), so the branch mix is the same for every engine; the median of `--reps` rounds is
-reported. Outputs are checked against eager before timing. Ratios are eager time / engine time
-(> 1: faster than eager); the last line is the geometric mean over the networks.
+every branch), so the branch mix is the same for every engine; the engines' rounds alternate (eager,
+torch.compile, fxcc, eager, ...) so that load drifting on a shared machine hits all of them alike, and
+the median of `--reps` rounds per engine is reported. Outputs are checked against eager before timing.
+Ratios are eager time / engine time (> 1: faster than eager); the last line is the geometric mean over
+the networks.
 """
 
 from __future__ import annotations
@@ -33,11 +35,17 @@ def timed_round(fn, xs: list[torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(fn, xs: list[torch.Tensor], warmup: int, reps: int) -> float:
+def measure(fns: dict, xs: list[torch.Tensor], warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds per round of each engine, the engines' rounds alternating."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
-        for _ in range(warmup):
-            timed_round(fn, xs)
-        return statistics.median(timed_round(fn, xs) for _ in range(reps))
+        for fn in fns.values():
+            for _ in range(warmup):
+                timed_round(fn, xs)
+        for _ in range(reps):
+            for name, fn in fns.items():
+                samples[name].append(timed_round(fn, xs))
+    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def check(fn, model, xs: list[torch.Tensor], name: str, engine: str) -> None:
@@ -71,20 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         model, xs = NETWORKS[name](args.hidden, args.batch)
         row: dict = {"network": name}
-        row["eager_ms"] = measure(model, xs, args.warmup, args.reps) * 1e3
+        fns = {"eager_ms": model}
         if "torch.compile" in engines:
             torch._dynamo.reset()
             tc = torch.compile(model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 check(tc, model, xs, name, "torch.compile")
-            row["compile_ms"] = measure(tc, xs, args.warmup, args.reps) * 1e3
+            fns["compile_ms"] = tc
         if "fxcc" in engines:
             cm = fxcc.compile(model)
             t0 = time.perf_counter()
             check(cm, model, xs, name, "fxcc")  # compiles every segment signature the inputs reach
             row["fxcc_build_s"] = time.perf_counter() - t0
-            row["fxcc_ms"] = measure(cm, xs, args.warmup, args.reps) * 1e3
+            fns["fxcc_ms"] = cm
+        row.update({k: t * 1e3 for k, t in measure(fns, xs, args.warmup, args.reps).items()})
         rows.append(row)
 
         def fmt(key: str, width: int, row: dict = row) -> str:

@@ -70,6 +70,28 @@ def kernels_alone(cfg: dict, device: str, tokens: dict[str, int]) -> list[str]:
     return lines
 
 
+def profile(engine: str, call, median_ms: float, calls: int = 10) -> list[str]:
+    """GPU kernel time per call (sum over kernels) against the median wall time, and the largest kernels:
+    where a step's time goes (the gap is launch gaps and host work)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    call()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    rows = [(ev.key, ev.count / calls, ev.device_time_total / calls) for ev in p.key_averages()
+            if ev.device_time_total > 0]
+    total = sum(r[2] for r in rows)
+    out = [f"-- {engine}: GPU kernels {total / 1e3:.3f} ms per call of {median_ms:.3f} ms median "
+           f"({len(rows)} kinds, {sum(r[1] for r in rows):.0f} launches per call)"]
+    for key, n, us in sorted(rows, key=lambda r: -r[2])[:10]:
+        out.append(f"   {us:8.1f} us  {n:5.0f}x  {key[:90]}")
+    return out
+
+
 def _caller(fn, args: tuple, kwargs: dict):
     def run():
         with torch.inference_mode():
@@ -90,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of this script")
     p.add_argument("--seq", type=int, default=None, help="override T of prefill (smoke tests)")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone table")
+    p.add_argument("--profile", action="store_true",
+                   help="per fxcc engine: GPU kernel time per call and its largest kernels (torch.profiler)")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
     import fxcc
@@ -148,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             res[e] = {"median_ms": t[e].median, "first_call_s": compile_s[e], "rel_err": rel, "one_minus_min_cos": err}
             lines.append(f"{e:<22} {compile_s[e]:>12.1f} {t[e].median:>10.3f} {t['eager'].median / t[e].median:>8.2f}x "
                          f"{base / t[e].median:>12.2f}x {rel:>9.2e} {err:>10.2e}")
+        if args.profile and dev == "cuda":
+            for e in ("fxcc bf16", f"fxcc {policy}"):
+                lines += profile(e, calls[e], t[e].median)
         rep = mixed_precision_report(engines[f"fxcc {policy}"])
         if rep is not None:
             chosen: dict[str, int] = {}

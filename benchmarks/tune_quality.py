@@ -1,7 +1,7 @@
 """How close the Optuna tuner gets to the exhaustive best of a real kernel's schedule space, and how fast.
 
 The kernel: MiniLM's attention output projection (linear 384 -> 384 with bias over 8 x 128 tokens), its
-fully generated TVM candidate, whose space (tile_m x tile_n x tile_k x unroll) has 96 points. Every point
+fully generated TVM candidate, whose space (tile_m x tile_n x tile_mb x unroll) has 96 points. Every point
 is built and timed once (grid search); then TPE runs with a quarter of that many trials, for three
 seeds. Finally the best parameters each search found are rebuilt and timed side by side, interleaved,
 so the comparison does not depend on the machine's state while one search ran.

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import Built, KernelFn, onednn, reusable
+from fxcc.codegen import Built, KernelFn, key_trim, mkl, onednn, reusable
 from fxcc.dialects import TX_OPS, KernelBody
 
 name = "extern"
@@ -27,16 +27,23 @@ def available(target: str) -> str | None:
 
 
 def candidates(kb: KernelBody, target: str) -> list[Extern]:
-    """The body as torch calls; on the CPU, when it holds a linear, also with that GEMM on a packed weight."""
+    """The body as torch calls; on the CPU, when it holds a linear, also with that GEMM on a packed weight
+    (oneDNN's; MKL's for fp32), and when it holds a masked attention, also with that attention over the
+    keys its mask leaves."""
     out = [Extern(kb)]
     if target == "cpu" and any(onednn.applies(n) for n in kb.body.graph.nodes):
         out.append(Extern(kb, backend="onednn"))
+    if target == "cpu" and any(mkl.applies(n) for n in kb.body.graph.nodes):
+        out.append(Extern(kb, backend="mkl"))
+    if key_trim.applies(kb.body, target):
+        out.append(Extern(kb, backend=key_trim.name))
     return out
 
 
 @dataclass
 class Extern:
-    """The kernel body as torch calls (`onednn`: its linears on oneDNN with packed weights); nothing to tune."""
+    """The kernel body as torch calls (`onednn` / `mkl`: its linears on oneDNN / MKL with packed weights;
+    `trim`: its attention over the keys the mask leaves); nothing to tune."""
 
     kb: KernelBody
     backend: str = name
@@ -48,20 +55,25 @@ class Extern:
 
 
 def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Built:
-    graph = inline_graph(kb, packed=label == "onednn")
+    graph = inline_graph(kb, packed=label == "onednn", trim=label == key_trim.name, mkl_packed=label == "mkl")
     return Built(build(kb, graph), source=kb.text, inline=graph)
 
 
-def inline_graph(kb: KernelBody, packed: bool = False) -> fx.Graph:
+def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
+                 mkl_packed: bool = False) -> fx.Graph:
     """The kernel body with tx ops calling their reference functions: what the runtime splices in place.
-    Linears write into a reused buffer, or with `packed` run on oneDNN with packed weights."""
+    Linears write into a reused buffer, or run on packed weights (oneDNN with `packed`, MKL with
+    `mkl_packed`); with `trim`, attention skips the keys its mask removes (fxcc.codegen.key_trim)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(kb.body.graph, {}))
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in _DIRECT:
+        if trim and node.op == "call_function" and node.target is torch.ops.fxcc_tx.attention.default:
+            node.target = key_trim.attention
+        elif node.op == "call_function" and node.target in _DIRECT:
             node.target = _DIRECT[node.target]
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-            node.target = onednn.linear if packed and onednn.applies(node) else pooled_linear()
+            node.target = (onednn.linear if packed and onednn.applies(node)
+                           else mkl.linear if mkl_packed and mkl.applies(node) else pooled_linear())
     return graph
 
 

@@ -5,6 +5,8 @@ Ops (registered with torch.library, each with a plain-torch reference and a fake
   tx.dequantize(q, scale, dtype)             -> q * scale in `dtype`
   tx.int8_linear(x, qw, ws, b, act, impl)    act: none (weight-only) | token (dynamic per-token W8A8) |
                                              tensor (dynamic per-tensor W8A8, fbgemm's scheme)
+                                             (+ residual, norm, rms_eps: folds of the pass, see the op)
+  tx.int8_gated_linear(x, qw, ws, b, impl)   silu(gate) * up of a weight-only int8 linear over [gate; up] rows
   tx.fp8_linear(x, qw, ws, b, impl)          e4m3 weights (per-channel scale), activations per token
 
 `impl` names the kernel; the mixed-precision pass measures the candidates of `kernels()` at compile time
@@ -153,24 +155,51 @@ INT8_KERNELS: dict[str, Callable] = {"ref": _int8_ref, "int_mm": _int8_int_mm, "
 
 @torch.library.custom_op("fxcc_tx::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, act: str, impl: str,
-                residual: Tensor | None = None) -> Tensor:
+                residual: Tensor | None = None, norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
     """x @ (qweight * wscale[:, None]).T + bias (+ residual) with int8 weights; activations quantized per
-    `act`. `residual` is an add the mixed-precision pass folded in (the Triton kernel adds it in its epilogue)."""
+    `act`. `residual` is an add the mixed-precision pass folded in (the Triton kernel adds it in its epilogue).
+    `rms_eps`: x is first tx.rms_norm(x, norm, rms_eps), a norm the pass folded in (the Triton GEMV applies it;
+    norm=None when the pass folded the norm's weight into qweight's input channels)."""
+    if rms_eps is not None and not (impl == "triton" and act == "none"):
+        x, rms_eps = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps), None
     if act not in ACTS:
         raise ValueError(f"tx.int8_linear: act={act!r}; expected one of {', '.join(ACTS)}")
     fn = INT8_KERNELS.get(impl)
     if fn is None:
         raise ValueError(f"tx.int8_linear: unknown impl {impl!r}; known: {', '.join(INT8_KERNELS)}")
-    if residual is not None and impl == "triton" and act == "none":
+    if (residual is not None or rms_eps is not None) and impl == "triton" and act == "none":
         from fxcc.codegen.triton_quant import int8_weight_linear
-        return int8_weight_linear(x, qweight, wscale, bias, residual)
+        return int8_weight_linear(x, qweight, wscale, bias, residual, norm, rms_eps)
     y = fn(x, qweight, wscale, bias, act)
     return y if residual is None else y + residual
 
 
 @int8_linear.register_fake
-def _(x, qweight, wscale, bias, act, impl, residual=None):
+def _(x, qweight, wscale, bias, act, impl, residual=None, norm=None, rms_eps=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("fxcc_tx::int8_gated_linear", mutates_args=())
+def int8_gated_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, impl: str,
+                      norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """silu(gate) * up from one weight-only int8 linear whose rows are the gate's, then the up projection's
+    (qweight [2F, K]): the SwiGLU the mixed-precision pass folds into the GEMV's epilogue. [.., F].
+    `rms_eps`: x is first tx.rms_norm(x, norm, rms_eps) (in the GEMV at decode)."""
+    if impl == "triton":
+        from fxcc.codegen.triton_quant import int8_gated_linear as tri
+        return tri(x, qweight, wscale, bias, norm, rms_eps)
+    if rms_eps is not None:
+        x = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps)
+    fn = INT8_KERNELS.get(impl)
+    if fn is None:
+        raise ValueError(f"tx.int8_gated_linear: unknown impl {impl!r}; known: {', '.join(INT8_KERNELS)}")
+    gate, up = fn(x, qweight, wscale, bias, "none").split(qweight.shape[0] // 2, dim=-1)
+    return F.silu(gate) * up
+
+
+@int8_gated_linear.register_fake
+def _(x, qweight, wscale, bias, impl, norm=None, rms_eps=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 
 # ------------------------------------------------------------------------------------- fp8 linear
@@ -226,7 +255,8 @@ def _(x, qweight, wscale, bias, impl):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-QUANT_OPS = {"quantize": quantize, "dequantize": dequantize, "int8_linear": int8_linear, "fp8_linear": fp8_linear}
+QUANT_OPS = {"quantize": quantize, "dequantize": dequantize, "int8_linear": int8_linear,
+             "int8_gated_linear": int8_gated_linear, "fp8_linear": fp8_linear}
 
 
 def kernels(precision: str, device: str) -> list[str]:

@@ -10,8 +10,11 @@ One kernel, three modes (a constexpr), y[M, N] = x[M, K] @ W[N, K]^T with W = q 
   quantization lives inside the kernel (no extra launch, but x is re-quantized for every N tile).
 - MODE 3, fp8 e4m3 for prefill (compute-bound): x quantized once per row by `quantize_rows` (one launch),
   then e4m3 x e4m3 tiles with the two scales in the epilogue.
-Block sizes are chosen per shape by measurement on the GPU (the first call; the mixed-precision pass makes
-that call at compile time) and fixed to the first config under the interpreter.
+Weight-only int8 at decode (<= 16 rows) runs the GEMV of `triton_gemv.py` (with the folded gate / RMSNorm),
+against a few configs of the older split-K and tiled kernels here. Block sizes are chosen per shape by
+measurement on the GPU at the first call (the mixed-precision pass makes it at compile time): weight-only
+candidates are first checked against plain torch twice (wrong ones are dropped), then timed in CUDA graphs
+over weight copies larger than the L2; under the interpreter the first config is used.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fxcc.codegen import triton_gemv as tg
 from torch import Tensor
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); small-M configs first
@@ -222,50 +226,130 @@ def _configs(M: int, K: int, N: int) -> list[tuple]:
     return fit or [(16, 16, 32, 4, 2)]
 
 
-def _run(mode: int, x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, r: Tensor | None = None) -> Tensor:
+def _run(mode: int, x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, r: Tensor | None = None,
+         glu: bool = False, norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    r2 = None if r is None else r.expand(*x.shape[:-1], qw.shape[0]).reshape(-1, qw.shape[0])
+    gemv_only = mode == 0 and x2.shape[0] <= 16
+    if rms_eps is not None and not gemv_only:  # only the GEMV normalises x itself
+        x2, norm, rms_eps = torch.ops.fxcc_tx.rms_norm(x2, norm, rms_eps), None, None
+    N = qw.shape[0] // 2 if glu else qw.shape[0]
+    r2 = None if r is None else r.expand(*x.shape[:-1], N).reshape(-1, N)
     xs = None
     if mode == 3:  # quantize x once (one launch), not once per N tile
         x2, xs = quantize_rows(x2, "fp8")
     M, K = x2.shape
-    N = qw.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    key = (mode, M, N, K, x.dtype, b is not None, str(x.device), r is not None)
+    key = (mode, M, N, K, x.dtype, b is not None, str(x.device), r is not None, glu, rms_eps is not None,
+           norm is not None)
     cfg = _BEST.get(key)
     if cfg is None:
-        cands = _configs(M, K, N)
-        if mode == 0 and M <= 16:
-            cands = [("splitk", *c) for c in _splitk_configs(M, K, N)] + cands
+        cands = [] if glu else _configs(M, K, N)
+        if mode == 0 and M <= 16:  # decode: the GEMV first (the default under the interpreter), then split-K
+            # and the older split-K and tiled kernels' configs that won before the GEMV (a few, to keep the
+            # first call short)
+            old = [("splitk", *c) for c in _splitk_configs(M, K, N) if c[3:] == (4, 3)][:4] + cands[:3]
+            cands = [("gemv", *c) for c in tg.configs(M, K, N, glu)] + ([] if glu or rms_eps is not None else old)
         if x.is_cuda and len(cands) > 1 and not torch.cuda.is_current_stream_capturing():
-            from triton.testing import do_bench_cudagraph
-            times = {}
-            for c in cands:
-                try:
-                    times[c] = do_bench_cudagraph(lambda c=c: _go(mode, x2, qw, ws, b, y, c, xs, r2), rep=20,
-                                                  return_mode="median")
-                except Exception:  # a config that does not fit in shared memory on this GPU
-                    continue
-            cfg = min(times, key=times.get)
+            cfg = _measure(mode, cands, x2, qw, ws, b, y, xs, r2, glu, norm, rms_eps)
         else:
             cfg = cands[0]
         _BEST[key] = cfg
-    _go(mode, x2, qw, ws, b, y, cfg, xs, r2)
+    _go(mode, x2, qw, ws, b, y, cfg, xs, r2, glu, norm, rms_eps)
     return y.reshape(*x.shape[:-1], N)
 
 
+TIMES: dict[tuple, dict] = {}  # problem key -> {config: ms}, what the choice was made from (benchmark logs)
+
+
+def _measure(mode: int, cands: list, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor,
+             xs: Tensor | None, r2: Tensor | None, glu: bool, norm: Tensor | None,
+             rms_eps: float | None) -> tuple:
+    """The fastest candidate by CUDA-graph timing over copies of the weight larger than the L2 (a model's
+    weights are read once per step from memory, not from the cache); the best few are timed again."""
+    if mode == 0:  # every candidate is checked against plain torch first (twice: split-K leaves state behind)
+        cands = _correct(cands, x2, qw, ws, b, y, r2, glu, norm, rms_eps)
+    copies = tg.stream_copies(qw.numel() * qw.element_size())
+    qws = [qw] + [qw.clone() for _ in range(copies - 1)]
+
+    def call(c, i):
+        _go(mode, x2, qws[i], ws, b, y, c, xs, r2, glu, norm, rms_eps)
+
+    times = tg.time_candidates(cands, call, copies)
+    if not times:
+        raise RuntimeError(f"no Triton config of the quantized GEMM ran for x {tuple(x2.shape)}, weight "
+                           f"{tuple(qw.shape)}; check the Triton install (python -c 'import triton')")
+    best = sorted(times, key=times.get)[:3]
+    again = tg.time_candidates(best, call, copies, rounds=5)  # the close ones, more rounds
+    times.update(again)
+    TIMES[(mode, *x2.shape, qw.shape[0], glu, rms_eps is not None)] = {str(c): round(t * 1e3, 2) for c, t in sorted(times.items(),
+                                                                                              key=lambda kv: kv[1])}
+    return min(again or times, key=(again or times).get)
+
+
+def _correct(cands: list, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, r2: Tensor | None,
+             glu: bool, norm: Tensor | None, rms_eps: float | None) -> list:
+    """The weight-only candidates whose output, twice over a poisoned `y`, is within 2e-2 (relative) of the
+    plain-torch result; the others are dropped with a warning (a config must never win by being wrong)."""
+    import logging
+
+    xin = x2 if rms_eps is None else torch.ops.fxcc_tx.rms_norm(x2, norm, rms_eps)
+    ref = torch.nn.functional.linear(xin.float(), qw.float()) * ws
+    if b is not None:
+        ref = ref + b.float()
+    if glu:
+        g, u = ref.split(qw.shape[0] // 2, dim=-1)
+        ref = torch.nn.functional.silu(g) * u
+    if r2 is not None:
+        ref = ref + r2.float()
+    good = []
+    for c in cands:
+        try:
+            errs = []
+            for _ in range(2):
+                y.fill_(float("nan"))
+                _go(0, x2, qw, ws, b, y, c, None, r2, glu, norm, rms_eps)
+                errs.append(((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+        except Exception as e:  # noqa: BLE001 - e.g. more shared memory than this GPU has
+            errs = [str(e)[:200]]
+        if all(isinstance(e, float) and e < 2e-2 for e in errs):
+            good.append(c)
+        else:
+            logging.getLogger("fxcc").warning("fxcc: int8 GEMM config %s for x %s, weight %s is wrong (%s); dropped",
+                                              c, tuple(x2.shape), tuple(qw.shape), errs)
+    return good
+
+
 def _go(mode: int, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: tuple,
-        xs: Tensor | None = None, r: Tensor | None = None) -> None:
-    if cfg[0] == "splitk":
+        xs: Tensor | None = None, r: Tensor | None = None, glu: bool = False, norm: Tensor | None = None,
+        rms_eps: float | None = None) -> None:
+    if cfg[0] == "gemv":
+        tg.gemv(x2, qw, ws, b, y, cfg[1:], r, glu, norm, rms_eps)
+    elif glu or rms_eps is not None:
+        raise ValueError(f"config {cfg} has no gated epilogue or RMSNorm")
+    elif cfg[0] == "splitk":
         _launch_splitk(x2, qw, ws, b, y, cfg[1:], r)
     else:
         _launch(mode, x2, qw, ws, b, y, cfg, xs, r)
 
 
 def int8_weight_linear(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None,
-                       residual: Tensor | None = None) -> Tensor:
-    """Weight-only int8 linear: x [.., K] (bf16/fp16/fp32), qw int8 [N, K], ws fp32 [N]; + residual."""
-    return _run(0, x, qw, ws, b, residual)
+                       residual: Tensor | None = None, norm: Tensor | None = None,
+                       rms_eps: float | None = None) -> Tensor:
+    """Weight-only int8 linear: x [.., K] (bf16/fp16/fp32), qw int8 [N, K], ws fp32 [N]; + residual.
+    `rms_eps`: x is RMS-normalised first (tx.rms_norm(x, norm, rms_eps)); at decode inside the GEMV."""
+    return _run(0, x, qw, ws, b, residual, norm=norm, rms_eps=rms_eps)
+
+
+def int8_gated_linear(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None, norm: Tensor | None = None,
+                      rms_eps: float | None = None) -> Tensor:
+    """silu(gate) * up of a merged int8 gate/up linear (qw [2F, K]: gate rows, then up rows) in one kernel
+    (decode: the GEMV with the gated epilogue); [.., F]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= 16:
+        return _run(0, x, qw, ws, b, glu=True, norm=norm, rms_eps=rms_eps)
+    y = _run(0, x, qw, ws, b, norm=norm, rms_eps=rms_eps)  # prefill-shaped: the tiled GEMM, then the gate in torch
+    g, u = y.split(qw.shape[0] // 2, dim=-1)
+    return torch.nn.functional.silu(g) * u
 
 
 def int8_w8a8_linear(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None) -> Tensor:
@@ -287,5 +371,5 @@ def fp8_linear_fused(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None = None)
 def chosen_configs() -> dict[str, tuple]:
     """Block sizes chosen so far, by problem: what a report or a benchmark log prints."""
     names = {0: "int8-weight", 1: "int8", 2: "fp8-fused", 3: "fp8"}
-    return {f"{names[k[0]]} M={k[1]} N={k[2]} K={k[3]} {str(k[4]).replace('torch.', '')}": v
-            for k, v in _BEST.items()}
+    return {f"{names[k[0]]}{'+norm' if k[9] else ''}{'+gamma' if k[10] else ''}{'+glu' if k[8] else ''}{'+res' if k[7] else ''} M={k[1]} N={k[2]} K={k[3]} "
+            f"{str(k[4]).replace('torch.', '')}": v for k, v in _BEST.items()}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import Built, KernelFn, derived, onednn, reusable
+from fxcc.codegen import Built, KernelFn, derived, onednn, reusable, tvm_omp
 from fxcc.codegen.extern import _DIRECT
 from fxcc.dialects import KernelBody
 from fxcc.passes.fuse import GEMM, classify
@@ -62,7 +62,7 @@ def host_target(threads: int | None = None) -> dict:
 
 
 def set_threads(n: int) -> None:
-    """Resize TVM's thread pool (fxcc keeps it equal to torch's)."""
+    """Resize TVM's thread pool (used when kernels cannot run on torch's OpenMP threads: fxcc.codegen.tvm_omp)."""
     tvm = _tvm()
     tvm.get_global_func("runtime.config_threadpool")(0, n)
 
@@ -130,8 +130,8 @@ class TVMKernel:
     def _lower(self, params: dict | None = None):
         from fxcc.codegen import tvm_lower as tl
         _tvm()
-        vec = (params or {}).get("vec", tl.DEFAULTS["vec"])
-        return tl.Lowering(self.kb.body, split=self._split_node(), vec=vec).run()
+        p = {**tl.DEFAULTS, **(params or {})}
+        return tl.Lowering(self.kb.body, split=self._split_node(), vec=p["vec"], tile_n=p["tile_n"]).run()
 
     def build(self, params: dict) -> Built:
         so, source, spec, mod = _compiled(self.kb.key, self.split, json.dumps(params, sort_keys=True), self)
@@ -159,7 +159,7 @@ class TVMKernel:
         placeholders = [n for n in self.kb.body.graph.nodes if n.op == "placeholder"]
         split = self._split_node()
         sources = [-1 if n is split else placeholders.index(n) for n in _input_nodes(self.kb.body, split)]
-        ins = [[src, list(s.shape), list(s.stride), s.extent] for src, s in zip(sources, lowered.inputs)]
+        ins = [[src, list(s.shape), list(s.stride), s.extent, s.pack] for src, s in zip(sources, lowered.inputs)]
         outs = [[list(o.shape), list(o.stride), str(o.dtype).removeprefix("torch."), list(o.order)]
                 for o in lowered.outputs]
         return {"backend": self.backend, "split": self.split, "params": params, "inputs": ins, "outputs": outs,
@@ -192,7 +192,9 @@ def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Bu
 def _load_library(path: str):
     _runtime()
     import tvm_ffi
-    return tvm_ffi.load_module(path)
+    mod = tvm_ffi.load_module(path)
+    tvm_omp.attach(path)  # its parallel loop on torch's OpenMP threads, not TVM's pool (fxcc.codegen.tvm_omp)
+    return mod
 
 
 @functools.cache
@@ -212,7 +214,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     fn = mod["main"]
     split = next((n for n in kb.body.graph.nodes if n.name == spec["split"]), None) if spec["split"] else None
     pre = _prefix(kb.body, split, packed=spec["backend"] == "tvm+onednn") if split is not None else None
-    ins = [(src, tuple(shape), tuple(stride), extent) for src, shape, stride, extent in spec["inputs"]]
+    ins = [(src, tuple(shape), tuple(stride), extent, pack) for src, shape, stride, extent, pack, *_ in
+           (e + [0] if len(e) == 4 else e for e in spec["inputs"])]  # entries of older builds have no pack
     outs = []
     for shape, stride, dtype, order in spec["outputs"]:
         phys = tuple(shape[d] for d in order)
@@ -224,9 +227,11 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         mid = pre(*inputs) if pre is not None else None
         args = []
-        for src, shape, stride, extent in ins:
+        for src, shape, stride, extent, pack in ins:
             t = mid if src < 0 else inputs[src]
-            if t.stride() != stride or t.data_ptr() % 64:  # TVM assumes 64-byte aligned buffers
+            if pack:
+                t = _packed(t, pack)
+            elif t.stride() != stride or t.data_ptr() % 64:  # TVM assumes 64-byte aligned buffers
                 t = _aligned(t, shape, stride)
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
@@ -245,14 +250,36 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
 
 # aligned copies of weights that arrive misaligned (mmapped checkpoints), made once per weight version
 _ALIGNED: dict[int, tuple] = {}
+# linear weights packed in column panels for generated GEMMs (fxcc.codegen.tvm_lower), once per weight version
+_PANELS: dict[int, tuple] = {}
+
+
+def _packed(w: torch.Tensor, tn: int) -> torch.Tensor:
+    """The [N, K] weight `w` as [N/tn, K, tn] panels (64-byte aligned): made once per weight version for a
+    parameter, per call for anything else (an activation used as a weight)."""
+    def make() -> torch.Tensor:
+        n, k = w.shape
+        return w.detach().reshape(n // tn, tn, k).transpose(1, 2).contiguous()
+    if w.is_inference() or not (w.requires_grad or isinstance(w, torch.nn.Parameter)):
+        return make()
+    return derived(_PANELS, w, tn, make)
 
 
 def _aligned(t: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
     """`t` copied into a 64-byte aligned tensor with the compiled strides; a weight is copied only once
     (until it changes in place: its version counter is part of the check)."""
     if t.is_inference() or not (t.requires_grad or isinstance(t, torch.nn.Parameter)):
-        return torch.empty_strided(shape, stride, dtype=t.dtype).copy_(t)
-    return derived(_ALIGNED, t, stride, lambda: torch.empty_strided(shape, stride, dtype=t.dtype).copy_(t.detach()))
+        return _strided_copy(t, shape, stride)
+    return derived(_ALIGNED, t, stride, lambda: _strided_copy(t.detach(), shape, stride))
+
+
+def _strided_copy(t: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
+    """`t` in a fresh (aligned) tensor with the compiled strides. A broadcast (stride-0) dimension is one
+    slice in memory: the compiled code reads index 0 of it, so that slice is what is copied."""
+    out = torch.empty_strided(shape, stride, dtype=t.dtype)
+    at = tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(shape, stride))
+    out[at].copy_(t[at])
+    return out
 
 
 def split_bias(node: fx.Node) -> fx.Node | None:

@@ -4,7 +4,9 @@ Values are lazy: a `Val` is a shape plus a function from an index to a TIR expre
 chains, broadcasts and views compose into one expression and cost no memory. Only what needs a
 buffer becomes a stage: reductions (norm statistics, softmax max/sum, sums), GEMMs and the outputs.
 Inputs are read through their strides from a flat buffer over their storage (views cost no copy);
-outputs are written in the physical order of the strides the graph expects.
+outputs are written in the physical order of the strides the graph expects. A linear's weight is the
+exception: the kernel reads it packed into panels of `tn` output columns ([N/tn, K, tn], made once per
+weight version by the caller), so the GEMM's vector loads along n are contiguous.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class InputSpec:
     stride: tuple[int, ...]
     extent: int  # elements of the flat buffer the kernel reads (storage offset excluded)
     dtype: torch.dtype
+    pack: int = 0  # > 0: a [N, K] weight the caller passes packed as [N/pack, K, pack] (see the module doc)
 
 
 @dataclass
@@ -206,9 +209,10 @@ def dense_order(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, .
 class Lowering:
     """Walks a kernel body and builds its TE; `split` (a GEMM node) becomes an input computed elsewhere."""
 
-    def __init__(self, body: fx.GraphModule, split: fx.Node | None = None, vec: int = 8):
+    def __init__(self, body: fx.GraphModule, split: fx.Node | None = None, vec: int = 8, tile_n: int = 0):
         self.body = body
         self.vec = vec
+        self.tile_n = tile_n  # > 0: linear weights are read packed in panels of this many columns (fitted to N)
         self.split = split
         self.env: dict[fx.Node, Val] = {}
         self.out = Lowered([], [], [])
@@ -217,10 +221,12 @@ class Lowering:
     def run(self) -> Lowered:
         nodes = list(self.body.graph.nodes)
         needed = _needed(nodes, self.split)
+        packed = {n.args[1] for n in nodes if n in needed and n.target is aten.linear.default
+                  and _packable(n.args[1])} if self.tile_n else set()
         for node in nodes:
             if node.op == "placeholder" or node is self.split:
                 if node in needed:
-                    self.env[node] = self._input(node)
+                    self.env[node] = self._input(node, node in packed)
                 if node is self.split and split_bias(node) is not None:  # the library GEMM runs without it
                     self.env[node] = _plus_bias(self.env[node], self.env[split_bias(node)])
             elif node.op == "call_function":
@@ -232,11 +238,13 @@ class Lowering:
                 raise Unsupported(f"{node.op} {node.target}")
         return self.out
 
-    def _input(self, node: fx.Node) -> Val:
+    def _input(self, node: fx.Node, packed: bool = False) -> Val:
         v = node.meta["val"]
         shape, stride = tuple(v.shape), tuple(v.stride())
         if v.dtype not in DTYPES:
             raise Unsupported(f"input dtype {v.dtype}")
+        if packed:
+            return self._packed_input(shape, v.dtype)
         extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
         ity = "int32" if extent < 2**31 else "int64"
         buf = te.placeholder((extent,), DTYPES[v.dtype], name=f"in{len(self.out.args)}")
@@ -250,6 +258,19 @@ class Lowering:
                     flat = flat + cast(i, ity) * s
             return buf(flat)
         return Val(shape, DTYPES[v.dtype], at)
+
+    def _packed_input(self, shape: tuple[int, ...], dtype: torch.dtype) -> Val:
+        """A [N, K] weight read from its [N/tn, K, tn] panels: element (n, k) at (n // tn, k, n % tn)."""
+        n_out, k_in = shape
+        tn = _fit(n_out, self.tile_n)
+        buf = te.placeholder((n_out * k_in,), DTYPES[dtype], name=f"in{len(self.out.args)}")
+        self.out.args.append(buf)
+        self.out.inputs.append(InputSpec(shape, (k_in, 1), n_out * k_in, dtype, pack=tn))
+
+        def at(idx):
+            n, k = (cast(i, "int32") for i in idx)
+            return buf(tirx.floordiv(n, tn) * (k_in * tn) + k * tn + tirx.floormod(n, tn))
+        return Val(shape, DTYPES[dtype], at)
 
     def _outputs(self, outs) -> None:
         for node in outs:
@@ -283,6 +304,13 @@ class Lowering:
 
     def val(self, a) -> Val:
         return self.env[a]
+
+
+def _packable(w) -> bool:
+    """A linear weight the kernel can read packed: a 2-D contiguous fp32 kernel input."""
+    v = w.meta.get("val") if isinstance(w, fx.Node) else None
+    return (isinstance(w, fx.Node) and w.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() == 2
+            and v.dtype == torch.float32 and v.is_contiguous() and v.numel() < 2**31)
 
 
 def _permuted(val: Val, inv: list[int]):
@@ -763,14 +791,14 @@ def _addmm(L, node, bias, a, b, beta=1, alpha=1):
 def space(lowered: Lowered) -> dict[str, list]:
     """The schedule parameters of this kernel (its tuning space); each one changes the generated code."""
     if any(s.role == "gemm" for s in lowered.stages):
-        return {"tile_m": [2, 4, 8, 16], "tile_n": [8, 16, 32, 64], "tile_k": [16, 64, 256], "unroll": [0, 1]}
+        return {"tile_m": [2, 4, 6, 8], "tile_n": [8, 16, 24, 32], "tile_mb": [32, 64, 128], "unroll": [0, 1]}
     sp = {"vec": [4, 8, 16]}
     if any(s.role == "attn" for s in lowered.stages):
         sp.update(tile_m=[2, 4, 6, 8], tile_n=[8, 16, 32])
     return sp
 
 
-DEFAULTS = {"vec": 8, "unroll": 1, "tile_m": 4, "tile_n": 16, "tile_k": 64}
+DEFAULTS = {"vec": 8, "unroll": 1, "tile_m": 4, "tile_n": 16, "tile_mb": 64}
 
 
 def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
@@ -904,25 +932,38 @@ def _fit(n: int, want: int) -> int:
 
 
 def _gemm_schedule(sch, name: str, epilogue, p) -> None:
-    """Tile m/n/k with the n tile as the vector and the m tile unrolled; the epilogue runs per tile."""
+    """A register-blocked GEMM: a tile_m x tile_n block of accumulators (n the vector, m unrolled) lives
+    in registers while k runs. Row tiles are grouped in blocks of about tile_mb rows, and the parallel
+    loop runs over (row block, column panel): the panel of the packed weight (K x tile_n) stays in L1
+    while the block's rows (in L2) pass it. The epilogue runs per register tile, on what was just written."""
     blk = sch.get_sblock(name)
     *batch, m, n, k = sch.get_loops(blk)
-    M, N, K = (int(sch.get(x).extent) for x in (m, n, k))
-    mo, mi = sch.split(m, [None, _fit(M, p["tile_m"])])
-    no, ni = sch.split(n, [None, _fit(N, p["tile_n"])])
-    ko, ki = sch.split(k, [None, _fit(K, p["tile_k"])])
-    sch.reorder(mo, no, ko, ki, mi, ni)
-    outer = sch.fuse(*batch, mo, no)
+    M, N = (int(sch.get(x).extent) for x in (m, n))
+    tm, tn = _fit(M, p["tile_m"]), _fit(N, p["tile_n"])
+    mo, mi = sch.split(m, [None, tm])
+    mbo, mbi = sch.split(mo, [None, _fit(M // tm, max(1, p["tile_mb"] // tm))])
+    no, ni = sch.split(n, [None, tn])
+    sch.reorder(mbo, no, mbi, k, mi, ni)
+    outer = sch.fuse(*batch, mbo, no)
     sch.parallel(outer)
-    if epilogue is not None:
-        try:
-            sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
-            el = sch.get_loops(epilogue)
-            if int(sch.get(el[-1]).extent) % 4 == 0:
-                sch.vectorize(el[-1])
-        except Exception:  # an epilogue that reads beyond the tile (a transpose) runs as its own loop
-            _spatial(sch, epilogue, p)
-    sch.vectorize(ni)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, mbi, preserve_unit_loops=True)
+    if tn % 4 == 0:
+        sch.vectorize(ni)
+        sch.vectorize(sch.get_loops(acc)[-1])
     if p["unroll"]:
         sch.unroll(mi)
-    sch.decompose_reduction(blk, ko)
+    sch.decompose_reduction(blk, k)
+    if epilogue is not None:
+        for at in (mbi, outer):
+            try:
+                sch.reverse_compute_at(epilogue, at, preserve_unit_loops=True)
+                break
+            except Exception:  # it reads beyond the tile (a transpose, a row statistic): try a wider loop
+                continue
+        else:
+            _spatial(sch, epilogue, p)
+            return
+        el = sch.get_loops(epilogue)
+        if int(sch.get(el[-1]).extent) % 4 == 0:
+            sch.vectorize(el[-1])

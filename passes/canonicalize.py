@@ -65,7 +65,10 @@ class Canonicalize(Pass):
     def _fold(self, gm: fx.GraphModule) -> int:
         """Evaluate nodes computed only from parameters/buffers/constants; store results as buffers."""
         const: dict[fx.Node, object] = {}
+        written = _written_in_place(gm)  # folded, these would be shared constants mutated by every call
         for node in gm.graph.nodes:
+            if node in written:
+                continue
             if node.op == "get_attr":
                 const[node] = _fetch(gm, node.target)
             elif node.op == "call_function" and _is_deterministic_op(node):
@@ -100,6 +103,18 @@ class Canonicalize(Pass):
             node.replace_all_uses_with(attr)
             folded += 1
         return folded
+
+
+def _written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
+    """Values some op of the graph writes to in place (its schema marks the argument written)."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+            for i, a in enumerate(n.target._schema.arguments):
+                v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                if a.alias_info is not None and a.alias_info.is_write and isinstance(v, fx.Node):
+                    out.add(v)
+    return out
 
 
 def _drop_identities(gm: fx.GraphModule) -> int:

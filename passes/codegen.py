@@ -1,8 +1,10 @@
 """codegen: build every kernel op of the graph and choose, by measurement, among the backends' candidates.
 
 Each backend available for the target offers candidates for a kernel (extern always does). With one
-candidate it is built as is; with several, each is built, checked against the reference on random
-inputs and timed, and the fastest wins. A candidate that fails to build or gives wrong results is
+candidate it is built as is; with several, each is built, checked against the reference and timed,
+and the fastest wins. Floating-point inputs are random (their values do not change a kernel's time);
+boolean and integer inputs (masks, indices) are what the compile's example inputs feed the kernel,
+since their values steer data-dependent kernels (padding-aware attention). A candidate that fails to build or gives wrong results is
 dropped with a warning naming the kernel, so a backend failure never fails the compile.
 """
 
@@ -58,7 +60,7 @@ class Codegen(Pass):
         tune = getattr(ctx.options, "tune", "cached")
         plan = getattr(ctx.options, "plan", None)  # a plan file fixes each kernel's choice (fxcc search)
         sel = Selection(ctx.target, self.reps, None if self.backend == "auto" else self.backend, tune,
-                        getattr(ctx.options, "tune_budget", None), plan)
+                        getattr(ctx.options, "tune_budget", None), plan, Probe(gm, ctx.example_inputs))
         stats: dict = {"kernels": len(keys)}
         for key in keys:
             kb = KERNELS[key]
@@ -101,6 +103,7 @@ class Selection:
     tune: str = "cached"
     budget: int | None = None
     plan: str | None = None
+    probe: Probe | None = None
 
     def choose(self, kb: KernelBody, backends: list) -> str:
         """Install an implementation for `kb`; returns how: "plan", "single", "cached" or "built"."""
@@ -126,7 +129,8 @@ class Selection:
             if cache:  # remember that nothing else applies, so a warm compile skips the lowering too
                 _store(cache, key, kb, "extern", "extern", {}, {}, self.target)
             return "single"
-        inputs = example_inputs(kb, self.target)
+        inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
+                  else example_inputs(kb, self.target))
         ref = ext.build({}).fn(inputs)
         built: dict[str, tuple[Built, dict]] = {}
         for c in cands:
@@ -148,8 +152,8 @@ class Selection:
             from fxcc.autotune.measure import interleaved
             t = interleaved({label: (lambda fn=b.fn: fn(inputs)) for label, (b, _) in built.items()},
                             device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
-            kb.info["timings_ms"] = {label: round(x.median, 4) for label, x in t.items()}
-            best = min(t, key=lambda label: t[label].median)
+            kb.info["timings_ms"] = {label: round(x.own, 4) for label, x in t.items()}
+            best = min(t, key=lambda label: t[label].own)
         b, params = built[best]
         install(kb, best, b)
         kb.info.update(params=params, module=origin[best])
@@ -238,13 +242,19 @@ def _cache():
     return default_cache()
 
 
+# part of every kernel's cache key: bump when a backend gains a candidate, so that choices cached before
+# it existed are measured again instead of reused (2: extern's MKL packed-weight GEMM; 3: padding-aware
+# attention, TVM GEMMs on packed weights, timing on real masks and parameters)
+CANDIDATES = "3"
+
+
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
     """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries."""
     from fxcc.autotune.cache import cache_key, library_versions
     layouts = ";".join(f"{tuple(p.meta['val'].stride())}+{p.meta['val'].storage_offset()}"
                        for p in kb.body.graph.nodes if p.op == "placeholder")
     return cache_key(ir=kb.text, layouts=layouts, backend=prefer or "auto", target=target_id(target),
-                     versions=library_versions())
+                     versions=library_versions(), candidates=CANDIDATES)
 
 
 @functools.cache
@@ -275,12 +285,66 @@ def _warn(kb: KernelBody, backend: str, e: Exception) -> None:
     warnings.warn(msg, stacklevel=2)
 
 
-def example_inputs(kb: KernelBody, target: str) -> list[torch.Tensor]:
-    """Random inputs shaped, strided and typed like the kernel's placeholders (a fixed seed)."""
+class Probe:
+    """What the graph feeds each kernel, for timing it as it will run: which inputs are the model's
+    parameters (a backend may keep a derived copy of those, such as packed weights, across calls), and,
+    from the compile's example inputs run once through the graph on first need, the values of its
+    boolean and integer inputs (masks, indices, lengths: small tensors)."""
+
+    def __init__(self, gm: fx.GraphModule, example: tuple):
+        self.gm, self.example, self.seen = gm, example, None
+        self._params: dict[str, set[int]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] not in self._params:
+                self._params[n.args[1]] = {i for i, a in enumerate(n.args[0])
+                                           if isinstance(a, fx.Node) and a.op == "get_attr"}
+
+    def params(self, kb: KernelBody) -> set[int]:
+        return self._params.get(kb.key, set())
+
+    def __call__(self, kb: KernelBody) -> dict[int, torch.Tensor]:
+        if not any(_is_data(p) for p in kb.body.graph.nodes if p.op == "placeholder") or not self.example:
+            return {}
+        if self.seen is None:
+            self.seen = self._run()
+        return self.seen.get(kb.key, {})
+
+    def _run(self) -> dict[str, dict[int, torch.Tensor]]:
+        from fxcc.capture import flatten_inputs
+        seen: dict[str, dict[int, torch.Tensor]] = {}
+
+        class Recorder(fx.Interpreter):
+            def call_function(self, target, args, kwargs):
+                if target not in KERNEL_OPS:
+                    return super().call_function(target, args, kwargs)
+                ins, key = args
+                seen.setdefault(key, {i: t for i, t in enumerate(ins)
+                                      if isinstance(t, torch.Tensor) and not t.dtype.is_floating_point})
+                return list(KERNELS[key].body(*ins))  # as written: kernels built so far play no part
+        try:
+            with torch.no_grad():
+                Recorder(self.gm).run(*flatten_inputs(*self.example)[0])
+        except Exception as e:  # timing on random masks is still correct, only less representative
+            log.info("fxcc: codegen times kernels on random masks and indices: the example inputs did not "
+                     "run through the graph (%s: %s)", type(e).__name__, e)
+        return seen
+
+
+def _is_data(p: fx.Node) -> bool:
+    v = p.meta.get("val")
+    return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point
+
+
+def example_inputs(kb: KernelBody, target: str, real: dict[int, torch.Tensor] | None = None,
+                   params: set[int] = frozenset()) -> list[torch.Tensor]:
+    """Inputs shaped, strided and typed like the kernel's placeholders: random (a fixed seed), except the
+    entries of `real` (placeholder index -> the value the model feeds it) that match their placeholder.
+    The placeholders in `params` come as parameters, as the model's own do."""
     gen = torch.Generator().manual_seed(0)
     out = []
-    for p in (n for n in kb.body.graph.nodes if n.op == "placeholder"):
+    for i, p in enumerate(n for n in kb.body.graph.nodes if n.op == "placeholder"):
         v = p.meta["val"]
+        r = (real or {}).get(i)
         size = int(v.storage_offset()) + 1 + sum((int(n) - 1) * int(s) for n, s in zip(v.shape, v.stride()) if n > 0)
         if v.dtype.is_floating_point:
             base = torch.randn(size, generator=gen).to(v.dtype)
@@ -288,7 +352,12 @@ def example_inputs(kb: KernelBody, target: str) -> list[torch.Tensor]:
             base = torch.rand(size, generator=gen) > 0.2
         else:
             base = torch.randint(0, 8, (size,), generator=gen, dtype=v.dtype)
-        out.append(base.to(target).as_strided(tuple(v.shape), tuple(v.stride()), int(v.storage_offset())))
+        t = base.to(target).as_strided(tuple(v.shape), tuple(v.stride()), int(v.storage_offset()))
+        if r is not None and r.shape == v.shape and r.dtype == v.dtype:
+            # a broadcast (stride-0) dimension is one slice in memory; the values are alike along it
+            at = tuple(0 if st == 0 and n > 1 else slice(None) for n, st in zip(v.shape, v.stride()))
+            t[at].copy_(r[at])
+        out.append(torch.nn.Parameter(t, requires_grad=False) if i in params else t)
     return out
 
 

@@ -10,6 +10,12 @@ runs once at the top, and a segment call is a dict lookup on its inputs' shapes 
 call of the compiled executable (no pytree, no parameter check). Segments whose inputs carry
 data-dependent shapes (after `nonzero`, boolean masks) get one compiled variant per shape, up to
 `SEGMENT_MAX_VARIANTS`; past that a shape runs that segment eagerly, with a warning.
+
+Per input signature a segment runs the faster of compiled and plain Python, measured on its first
+inputs: a segment whose plain Python takes under `SMALL_SEGMENT_US` is not compiled at all (a
+comparison, a squeeze: a compiled call's dispatch costs as much), and a compiled one falls back to plain
+Python only when that measured faster by more than `PYTHON_MARGIN` (compiled and plain are timed in
+alternating rounds, so load on a shared machine hits both alike).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import ast
 import hashlib
 import linecache
 import logging
+import operator
 import re
 import statistics
 import time
@@ -48,6 +55,14 @@ SEGMENT_MAX_VARIANTS = 64
 # kernels and pay their call overhead. Segments that mutate tensors in place or draw random numbers are
 # not timed (running them again would change the result).
 MEASURE_CHOICE = True
+# a segment whose plain Python takes less than this (microseconds per call, measured on its first inputs)
+# is not compiled: a compiled call's own dispatch costs about as much (`route == e`, a squeeze), and each
+# such segment would be captured and compiled once per data-dependent shape for nothing.
+SMALL_SEGMENT_US = 10.0
+# a compiled segment's kernels were each chosen by measurement against the library call eager makes, so
+# it runs unless its plain Python measured faster by more than this fraction (timing noise on a loaded
+# machine should not send a segment back to eager)
+PYTHON_MARGIN = 0.05
 _IMPURE = re.compile(r"\w_\(|rand|dropout|bernoulli|multinomial|normal|exponential|uniform|poisson")
 
 
@@ -62,6 +77,14 @@ def _sig(a: Any) -> Any:
         return (type(a), a)
     except TypeError:
         return (type(a), id(a))
+
+
+_TENSOR = torch.Tensor
+
+
+def _key(args: tuple) -> tuple:
+    """A segment's guard key: `_sig` of each input, inlined for plain tensors (runs on every segment call)."""
+    return tuple([(a.shape, a.dtype, a.device) if type(a) is _TENSOR else _sig(a) for a in args])
 
 
 class SegmentModule(nn.Module):
@@ -114,7 +137,7 @@ class Segment:
         self.by_key: dict[Any, Any] = {}
 
     def __call__(self, *args: Any) -> Any:
-        call = self.by_key.get(tuple(map(_sig, args)))
+        call = self.by_key.get(_key(args))
         if call is None:
             call = self._build(args)
         return call(*args)
@@ -123,13 +146,20 @@ class Segment:
         from fxcc import ir
         from fxcc.runtime import CompiledModule
 
-        key = tuple(map(_sig, args))
+        key = _key(args)
         flat, _ = flatten_inputs(args, {})
         sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
                         if isinstance(x, nn.Module) else repr(x)[:20] for x in flat)
         compiled = [r for r in self.runs.values() if r.variant is not None]
-        if not any(isinstance(x, torch.Tensor) for x in flat):
+        has_tensor = any(isinstance(x, torch.Tensor) for x in flat)
+        measure = MEASURE_CHOICE and not _IMPURE.search(self.source)
+        t_py = _median_us(self.eager_call, args) if measure and has_tensor else None
+        if not has_tensor:
             run = SegmentRun(sig, self.eager_call, eager="plain Python (no tensor inputs)")
+        elif t_py is not None and t_py < SMALL_SEGMENT_US:
+            why = (f"plain Python, not compiled: {t_py:.1f} us per call, less than a compiled call saves "
+                   f"(SMALL_SEGMENT_US={SMALL_SEGMENT_US})")
+            run = SegmentRun(sig, self.eager_call, eager=why)
         elif len(compiled) >= SEGMENT_MAX_VARIANTS:
             why = (f"{len(compiled)} signatures are compiled already (SEGMENT_MAX_VARIANTS="
                    f"{SEGMENT_MAX_VARIANTS}); this one runs eagerly")
@@ -154,20 +184,29 @@ class Segment:
             else:
                 call = _direct_call(variant, values, len(self.spec.outputs), tuple(fixed))
                 run = SegmentRun(sig, call, variant)
-                if MEASURE_CHOICE and not _IMPURE.search(self.source):
-                    t_fx, t_py = _median_us(call, args), _median_us(self.eager_call, args)
+                if measure:
+                    t_fx, t_py = _compare(call, self.eager_call, args)
                     run.timing = f"compiled {t_fx:.1f} us, plain Python {t_py:.1f} us per call"
-                    if t_py < t_fx:
+                    if t_py < t_fx * (1 - PYTHON_MARGIN):
                         run.call, run.eager = self.eager_call, f"plain Python: measured faster ({run.timing})"
         self.runs[key] = run
         self.by_key[key] = run.call
         return run.call
 
 
-def _median_us(fn: Any, args: tuple, reps: int = 15) -> float:
+def _compare(compiled: Any, plain: Any, args: tuple, rounds: int = 5) -> tuple[float, float]:
+    """Per-call microseconds of the compiled segment and of its plain Python, timed in alternating
+    rounds (the median of the rounds' medians), so that load drifting on a shared machine hits both."""
+    t_fx, t_py = [], []
+    for _ in range(rounds):
+        t_fx.append(_median_us(compiled, args))
+        t_py.append(_median_us(plain, args))
+    return statistics.median(t_fx), statistics.median(t_py)
+
+
+def _median_us(fn: Any, args: tuple, reps: int = 5) -> float:
     with torch.no_grad():
-        for _ in range(3):
-            fn(*args)
+        fn(*args)
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -196,11 +235,18 @@ def _direct_call(variant: Variant, values: tuple, n_out: int, fixed: tuple[int, 
             def call(*a: Any) -> Any:
                 return ex(*a, *bound)
             return call
-        drop = set(fixed)
+        keep = [i for i in range(len(values) + len(fixed)) if i not in fixed]
+        if len(keep) == 1:
+            k = keep[0]
 
-        def call_dropping(*a: Any) -> Any:
-            return ex(*[x for i, x in enumerate(a) if i not in drop], *bound)
-        return call_dropping
+            def call_one(*a: Any) -> Any:
+                return ex(a[k], *bound)
+            return call_one
+        pick = operator.itemgetter(*keep)
+
+        def call_picking(*a: Any) -> Any:
+            return ex(*pick(a), *bound)
+        return call_picking
 
     def call_general(*a: Any) -> Any:
         kept = tuple(x for i, x in enumerate(a) if i not in fixed)
@@ -283,11 +329,16 @@ class DyclVariant(Variant):
     eager_notes: list[str] = field(default_factory=list)
 
     def run(self, flat: list[Any]) -> Any:
-        with torch.no_grad():
-            if self.flat_args:
-                return self.program.call(*flat)
-            args, kwargs = pytree.tree_unflatten(flat, self.in_spec)
-            return self.program.call(*args, **kwargs)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._call(flat)
+        return self._call(flat)
+
+    def _call(self, flat: list[Any]) -> Any:
+        if self.flat_args:
+            return self.program.call(*flat)
+        args, kwargs = pytree.tree_unflatten(flat, self.in_spec)
+        return self.program.call(*args, **kwargs)
 
     def report(self, name: str, *, ir_after_each: bool = False) -> str:
         """What `fxcc explain` prints: the host program(s), then every segment's source, IR and placement."""

@@ -12,6 +12,9 @@ Runs after `raise` and before `fuse`, on `aten.linear` nodes whose weight is a c
    error checked, layers go back to full precision (most sensitive first) while it exceeds the budget.
 5. Lowering: weights are quantized once, here, into new graph constants; the linear becomes
    tx.int8_linear / tx.fp8_linear (naming the measured kernel), or casts around a low-precision linear.
+6. Folds (`epilogue=true`) where the Triton int8 kernel runs: residual adds, and at decode (<= 16 rows) the
+   SwiGLU of a merged gate/up linear and the RMSNorm feeding a linear, go into the GEMV's epilogue; the folded
+   graph is run once more so the reported error is that of what runs.
 `mixed_precision_report(compiled)` returns the per-layer table (precision, kernel, errors, times).
 """
 
@@ -94,7 +97,9 @@ class MixedPrecision(Pass):
     budget: largest output error, 1 - min cosine over output rows vs the unchanged graph (default 0.01,
     or the compile's quality_budget). trials: Optuna trials (policy=auto). horizontal: quantized linears
     reading the same input with the same precision become one GEMM over their concatenated weights.
-    epilogue: a residual add after an int8 linear moves into it (the Triton GEMM adds it in its epilogue).
+    epilogue: a residual add after an int8 linear moves into it (the Triton GEMM adds it in its epilogue),
+    and at decode (<= 16 rows) silu(gate) * up of a merged gate/up int8 linear becomes tx.int8_gated_linear
+    and an RMSNorm feeding only an int8 linear moves into it (the Triton GEMV computes both).
     """
 
     name = "mixed-precision"
@@ -183,7 +188,19 @@ class MixedPrecision(Pass):
                     layers[linears.index(n)].kernel = k
                 merged += len(ns)
         folded = _fold_residuals(gm) if self.epilogue else 0
-        stats_extra = {"residual": folded} if folded else {}
+        gated = _fold_gated(gm) if self.epilogue else 0
+        normed = _fold_norms(gm) if self.epilogue else 0
+        for n in gm.graph.nodes:
+            n.meta.pop(SOURCE, None)
+        stats_extra = {k: v for k, v in (("residual", folded), ("gated", gated), ("norm", normed)) if v}
+        if stats_extra and flat:  # the folded graph is what runs (the norm fold quantizes W * g afresh): measure it
+            gm.recompile()
+            measured = _error(ref, _Runner(gm, []).reference(flat)[0])
+            how += "+folds"
+            if measured > budget:
+                log.warning("fxcc: mixed-precision: error %.2e after folding norms/gates/residuals into the int8 "
+                            "kernels is over the budget %.2e; compile with mixed-precision{...,epilogue=false} to "
+                            "keep them apart", measured, budget)
         report = Report(self.policy, budget, layers, sum(r.error_alone.get(r.precision, 0) for r in layers),
                         measured, sum(r.ms[r.precision] for r in layers), sum(r.ms[KEEP] for r in layers), how)
         gm.meta["fxcc_mixed_precision"] = report
@@ -329,6 +346,7 @@ def _prepare(gm: fx.GraphModule, n: fx.Node, p: str) -> tuple:
 
 
 ACT = {"int8-weight": "none", "int8": "token", "int8-tensor": "tensor"}
+SOURCE = "fxcc_mp_source_weights"  # node meta while the pass runs: the float weights a quantized linear holds
 
 
 def _linear_fn(p: str, kernel: str, w: tuple):
@@ -476,6 +494,8 @@ def _lower(gm: fx.GraphModule, n: fx.Node, p: str, kernel: str, w: tuple) -> Non
             new = g.call_function(torch.ops.fxcc_tx.int8_linear.default, (x, wn, sn, bn, ACT[p], kernel))
     new.meta.update(meta)
     new.meta["val"] = n.meta.get("val")
+    if p in ACT:
+        new.meta[SOURCE] = [_weight(gm, n)]  # the float weight, for folds that re-quantize it (_fold_norms)
     n.replace_all_uses_with(new)
     g.erase_node(n)
 
@@ -505,6 +525,8 @@ def _lower_group(gm: fx.GraphModule, nodes: list[fx.Node], p: str, kernel: str, 
         else:
             op = g.call_function(torch.ops.fxcc_tx.int8_linear.default, (x, wn, sn, bn, ACT[p], kernel))
         op.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
+        if p in ACT:
+            op.meta[SOURCE] = [_weight(gm, n) for n in nodes]
         start = 0
         for n, w in zip(nodes, ws):
             size = w[0].shape[0]
@@ -541,5 +563,103 @@ def _fold_residuals(gm: fx.GraphModule) -> int:
         add.replace_all_uses_with(new)
         g.erase_node(add)
         g.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _fold_gated(gm: fx.GraphModule) -> int:
+    """`gated_act(slice(y, 0, F), slice(y, F, 2F), "silu")` of a merged gate/up `y = int8_linear(..)` (weight-only,
+    Triton, at most 16 rows of x: decode) -> `tx.int8_gated_linear(..)`, whose GEMV applies the gate in its
+    epilogue: one kernel instead of two and no [M, 2F] intermediate. Returns how many were folded."""
+    g = gm.graph
+    op, sl, ga = torch.ops.fxcc_tx.int8_linear.default, aten.slice.Tensor, torch.ops.fxcc_tx.gated_act.default
+    folded = 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not op or len(node.args) != 6:
+            continue
+        if node.args[4:6] != ("none", "triton") or len(node.users) != 2:
+            continue
+        x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        rows = x.numel() // x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] else None
+        two_f = _attr(gm, node.args[1].target).shape[0]
+        if rows is None or rows > 16 or two_f % 2:
+            continue
+        f = two_f // 2
+        parts = {}
+        for u in node.users:
+            if u.target is sl and len(u.args) == 4 and u.args[1] in (-1, x.dim() - 1) and not u.kwargs:
+                parts[(u.args[2], u.args[3])] = u
+        gate, up = parts.get((0, f)), parts.get((f, two_f))
+        if gate is None or up is None or len(gate.users) != 1 or len(up.users) != 1:
+            continue
+        act = next(iter(gate.users))
+        if act.target is not ga or act.args[:3] != (gate, up, "silu") or next(iter(up.users)) is not act:
+            continue
+        with g.inserting_before(act):
+            new = g.call_function(torch.ops.fxcc_tx.int8_gated_linear.default, (*node.args[:4], "triton"))
+        new.meta.update(act.meta)
+        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        if SOURCE in node.meta:
+            new.meta[SOURCE] = node.meta[SOURCE]
+        act.replace_all_uses_with(new)
+        for dead in (act, gate, up, node):
+            g.erase_node(dead)
+        folded += 1
+    return folded
+
+
+def _fold_norms(gm: fx.GraphModule) -> int:
+    """`int8_linear(rms_norm(h, g, eps), ..)` (and int8_gated_linear) -> `int8_linear(h, .., rms_eps=eps)` where the
+    Triton GEMV runs (weight-only, at most 16 rows: decode) and the norm's only user is this linear. The norm's
+    weight g, a constant, multiplies the linear's input channels (W g, quantized again from the float weight),
+    and the GEMV scales its accumulator by each row's 1 / rms, summed as it streams x: the norm's kernel goes,
+    at no cost per weight element. Returns how many were folded."""
+    g = gm.graph
+    lin, gated, rms = (torch.ops.fxcc_tx.int8_linear.default, torch.ops.fxcc_tx.int8_gated_linear.default,
+                       torch.ops.fxcc_tx.rms_norm.default)
+    folded = 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in (lin, gated) or SOURCE not in node.meta:
+            continue
+        plain = node.target is lin
+        if plain and (node.args[4:6] != ("none", "triton") or len(node.args) > 7 or node.kwargs):
+            continue
+        if not plain and (node.args[4] != "triton" or len(node.args) != 5 or node.kwargs):
+            continue
+        norm = node.args[0]
+        if not (isinstance(norm, fx.Node) and norm.target is rms and len(norm.users) == 1 and len(norm.args) == 3):
+            continue
+        h, weight, eps = norm.args
+        x = h.meta.get("val") if isinstance(h, fx.Node) else None
+        gamma = _attr(gm, weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+        if not (isinstance(x, torch.Tensor) and isinstance(gamma, torch.Tensor) and x.dim()
+                and gamma.shape == x.shape[-1:] and x.numel() // x.shape[-1] <= 16):
+            continue
+        with torch.no_grad():
+            w = torch.cat([t.detach().float() for t in node.meta[SOURCE]]) * gamma.detach().float()
+            qw, ws = quant.quantize_weight(w, "int8")
+        old_w, old_s = node.args[1], node.args[2]
+        with g.inserting_before(node):
+            consts = []
+            for suffix, t in (("w", qw), ("scale", ws)):
+                name = f"_mp_{node.name}_normed_{suffix}"
+                gm.register_buffer(name, t.contiguous(), persistent=False)
+                consts.append(g.get_attr(name))
+            rest = node.args[3:6] if plain else node.args[3:5]
+            args = (h, *consts, *rest, *((node.args[6] if len(node.args) > 6 else None,) if plain else ()), None,
+                    float(eps))
+            new = g.call_function(node.target, args)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        g.erase_node(norm)
+        if not weight.users:
+            g.erase_node(weight)
+        for old in (old_w, old_s):  # the quantized weight without the norm's scale: drop it
+            if isinstance(old, fx.Node) and not old.users:
+                target = old.target
+                g.erase_node(old)
+                if not any(n.op == "get_attr" and n.target == target for n in g.nodes) and hasattr(gm, target):
+                    delattr(gm, target)
         folded += 1
     return folded

@@ -20,6 +20,13 @@ D, B = 64, 8  # small sizes keep the suite fast; the benchmark uses hidden 512, 
 PASSES = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: no timing at compile
 
 
+@pytest.fixture(autouse=True)
+def _compile_small_segments(monkeypatch):
+    """At the tests' small sizes most segments take a few microseconds: compile them anyway (the rule that
+    leaves such segments as plain Python has its own test)."""
+    monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 0.0)
+
+
 def forward_lines(model: nn.Module) -> set[tuple[str, int]]:
     """Every statement line of the forwards of the model's own classes (tests/dynamic_nets.py)."""
     lines = set()
@@ -191,6 +198,26 @@ def test_segment_runs_as_python_when_measured_faster(monkeypatch):
     runs = [r for s in cm.variants[0].program.segments for r in s.runs.values()]
     assert runs and all(r.variant is not None and r.eager.startswith("plain Python: measured faster") for r in runs)
     assert "compiled, but runs as plain Python" in cm.explain()
+
+
+def test_segments_faster_than_a_compiled_call_are_not_compiled(monkeypatch):
+    def floats(args) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args)
+
+    model, xs = NETWORKS["moe_top1"](D, B)
+    monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 10.0)
+    # the routing segments (`route == e`, the squeeze after nonzero) see integer tensors only: "2 us"
+    monkeypatch.setattr(dycl, "_median_us", lambda fn, args: 50.0 if floats(args) else 2.0)
+    cm = fxcc.compile(model, passes=PASSES)
+    for x in xs[:6]:
+        assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+    segs = cm.variants[0].program.segments
+    small = [r for s in segs for k, r in s.runs.items() if "float" not in str(k)]
+    big = [r for s in segs for k, r in s.runs.items() if "float" in str(k)]
+    assert small and all(r.variant is None for r in small)
+    assert all(r.eager.startswith("plain Python, not compiled") for r in small)
+    assert big and all(r.variant is not None for r in big)
+    assert "plain Python, not compiled: 2.0 us per call" in cm.explain()
 
 
 class Halving(nn.Module):

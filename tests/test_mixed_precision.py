@@ -4,6 +4,8 @@ report, budget, policy errors."""
 
 from __future__ import annotations
 
+import os
+
 import fxcc
 import pytest
 import torch
@@ -14,6 +16,10 @@ from fxcc.pipeline import PipelineError, parse_pipeline
 
 tx = torch.ops.fxcc_tx
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Triton kernels on CPU tensors run only under the interpreter (tests/conftest.py turns it on without CUDA);
+# on a GPU machine the GPU tests cover the same kernels
+interp = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                            reason="a Triton interpreter test (CPU tensors); the GPU tests cover the kernels here")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,6 +91,7 @@ def _triton():
     return pytest.importorskip("fxcc.codegen.triton_quant")
 
 
+@interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_int8_weight_only(lin, dtype):
     tq = _triton()
@@ -96,6 +103,7 @@ def test_triton_int8_weight_only(lin, dtype):
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2 if dtype == torch.float16 else 1e-4, rtol=1e-2)
 
 
+@interp
 @pytest.mark.parametrize("cfg", [(32, 4, 32, 4, 3), (32, 2, 128, 4, 3)])
 def test_triton_int8_split_k_twice(cfg):
     """Split-K (decode): partial sums meet in a workspace the last program of a tile empties, so a second
@@ -111,6 +119,7 @@ def test_triton_int8_split_k_twice(cfg):
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
+@interp
 @pytest.mark.parametrize("split", [False, True])
 def test_triton_int8_residual_epilogue(lin, split):
     tq = _triton()
@@ -127,6 +136,7 @@ def test_triton_int8_residual_epilogue(lin, split):
     torch.testing.assert_close(tx.int8_linear(x, qw, ws, b, "none", "dequant", r), want, atol=1e-3, rtol=1e-3)
 
 
+@interp
 def test_triton_quantize_rows_matches_tx_quantize():
     tq = _triton()
     x = torch.randn(5, 300) * torch.logspace(-1, 1, 5)[:, None]
@@ -135,6 +145,7 @@ def test_triton_quantize_rows_matches_tx_quantize():
     assert torch.equal(q, q_ref) and torch.allclose(s, s_ref)
 
 
+@interp
 def test_triton_int8_w8a8_per_token(lin):
     tq = _triton()
     x, w, b, qw, ws = lin
@@ -142,6 +153,7 @@ def test_triton_int8_w8a8_per_token(lin):
     torch.testing.assert_close(got, quant._int8_ref(x, qw, ws, b, "token"), atol=1e-3, rtol=1e-3)
 
 
+@interp
 def test_triton_fp8_close_to_reference(lin):
     tq = _triton()
     x, w, b, _, _ = lin
@@ -273,6 +285,7 @@ def test_linears_of_one_input_merge_into_one_gemm():
     assert record.ir_after.count("aten.slice.Tensor(") == 5
 
 
+@interp
 def test_residual_add_folds_into_the_triton_kernel_only(lin):
     import torch.fx as fx
     from fxcc import ir
@@ -299,3 +312,228 @@ def test_residual_add_folds_into_the_triton_kernel_only(lin):
     got = gm(*args)
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------- decode GEMV (swap AB), gated epilogue, folding
+
+
+def _gemv_case(glu: bool, dtype: torch.dtype = torch.float32, m: int = 5, k: int = 256, n: int = 48,
+               device: str = "cpu"):
+    torch.manual_seed(3)
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn((2 if glu else 1) * n, k, device=device)
+    b = torch.randn(w.shape[0], device=device)
+    r = torch.randn(m, n, device=device).to(dtype)
+    qw, ws = quant.quantize_weight(w, "int8")
+    full = quant._int8_ref(x.float(), qw, ws, b, "none")
+    want = (torch.nn.functional.silu(full[:, :n]) * full[:, n:] if glu else full) + r.float()
+    return x, qw, ws, b, r, want
+
+
+@interp
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("cfg", [(16, 1, 64, 4, 2, 0), (32, 4, 32, 4, 2, 1), (16, 2, 128, 4, 2, 0)])
+def test_gemv_matches_reference_twice(glu, cfg):
+    """Swap-AB GEMV (ragged N=48 against 32-wide blocks too), split-K: a second call on the same workspace
+    gives the same result; the poisoned output is fully written; the gate runs in the epilogue."""
+    tg = pytest.importorskip("fxcc.codegen.triton_gemv")
+    x, qw, ws, b, r, want = _gemv_case(glu)
+    for _ in range(2):
+        y = torch.full((5, 48), float("nan"))
+        tg.gemv(x, qw, ws, b, y, cfg, r, glu)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_rejects_what_it_cannot_do():
+    tg = pytest.importorskip("fxcc.codegen.triton_gemv")
+    x, qw, ws, b, r, _ = _gemv_case(False, m=5)
+    with pytest.raises(ValueError, match="at most 16"):
+        tg.gemv(torch.randn(17, 256), qw, ws, b, torch.empty(17, 48), (16, 1, 64, 4, 2, 0))
+    with pytest.raises(ValueError, match="split"):
+        tg.gemv(x, qw, ws, b, torch.empty(5, 48), (16, 3, 64, 4, 2, 0))
+    with pytest.raises(ValueError, match="bit-trick"):
+        tg.gemv(x, qw, ws, b, torch.empty(5, 48), (16, 1, 64, 4, 2, 2))
+    with pytest.raises(ValueError, match="rows"):
+        tg.gemv(x, qw, ws, b, torch.empty(5, 48), (16, 1, 64, 4, 2, 0), glu=True)
+
+
+@interp
+def test_int8_gated_linear_op_all_kernels():
+    x, qw, ws, b, r, want = _gemv_case(True)
+    for impl in ("ref", "dequant", "triton"):
+        got = tx.int8_gated_linear(x.reshape(1, 5, 256), qw, ws, b, impl)
+        assert got.shape == (1, 5, 48)
+        torch.testing.assert_close(got.reshape(5, 48) + r, want, atol=1e-3, rtol=1e-3)
+
+
+@interp
+def test_gated_act_folds_into_the_triton_gemv_at_decode_only():
+    import torch.fx as fx
+    from fxcc import ir
+    from fxcc.passes.mixed_precision import _fold_gated
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.qw, self.ws = quant.quantize_weight(torch.randn(96, 64), "int8")
+            self.b = torch.randn(96)
+
+        def forward(self, x):
+            y = tx.int8_linear.default(x, self.qw, self.ws, self.b, "none", "triton")
+            gate, up = torch.ops.aten.slice.Tensor(y, -1, 0, 48), torch.ops.aten.slice.Tensor(y, -1, 48, 96)
+            return tx.gated_act.default(gate, up, "silu")
+
+    for rows, folds in ((6, 1), (40, 0)):  # decode-shaped only: prefill keeps the fused pointwise kernel
+        gm = fx.symbolic_trace(Gated())
+        x = torch.randn(2, rows // 2, 64)
+        next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"] = x
+        ir.propagate(gm)
+        want = gm(x)
+        assert _fold_gated(gm) == folds
+        gm.recompile()
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert (tx.int8_gated_linear.default in targets) == bool(folds)
+        assert (tx.gated_act.default in targets) != bool(folds)
+        torch.testing.assert_close(gm(x), want, atol=1e-4, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("glu,norm", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemv_on_gpu_every_config_bf16(glu, norm):
+    """Every decode config the pass may time (both int8 -> bf16 conversions), three times, poisoned output;
+    with the RMSNorm (a split-K race between warps once gave errors of 1e3 with 4 warps)."""
+    tg = pytest.importorskip("fxcc.codegen.triton_gemv")
+    x, qw, ws, b, r, want = _gemv_case(glu, torch.bfloat16, m=8, k=1024, n=512, device="cuda")
+    if norm:
+        full = quant._int8_ref(tx.rms_norm(x, None, 1e-5).float(), qw, ws, b, "none")
+        want = (torch.nn.functional.silu(full[:, :512]) * full[:, 512:] if glu else full) + r.float()
+    for cfg in tg.configs(8, 1024, 512, glu, (0, 2)):
+        for _ in range(3):
+            y = torch.full((8, 512), float("nan"), device="cuda", dtype=torch.bfloat16)
+            tg.gemv(x, qw, ws, b, y, cfg, r, glu, None, 1e-5 if norm else None)
+            assert rel(y, want) < 1e-2, cfg
+
+
+@interp
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("cfg", [(16, 1, 64, 4, 2, 0), (16, 2, 128, 4, 2, 0)])
+def test_gemv_applies_rms_norm_of_x(glu, cfg):
+    """norm=: the GEMV equals tx.rms_norm then the linear (split-K: sums of squares meet across programs)."""
+    tg = pytest.importorskip("fxcc.codegen.triton_gemv")
+    x, qw, ws, b, r, _ = _gemv_case(glu)
+    x = x * 3.0 + 1.0
+    gamma = torch.rand(256) + 0.5
+    xn = tx.rms_norm(x, gamma, 1e-5)
+    full = quant._int8_ref(xn, qw, ws, b, "none")
+    want = (torch.nn.functional.silu(full[:, :48]) * full[:, 48:] if glu else full) + r
+    for _ in range(2):
+        y = torch.full((5, 48), float("nan"))
+        tg.gemv(x, qw, ws, b, y, cfg, r, glu, gamma, 1e-5)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    # without its weight (the pass folds it into the weight): the rows' 1 / rms only
+    full = quant._int8_ref(tx.rms_norm(x, None, 1e-5), qw, ws, b, "none")
+    want0 = (torch.nn.functional.silu(full[:, :48]) * full[:, 48:] if glu else full) + r
+    y = torch.full((5, 48), float("nan"))
+    tg.gemv(x, qw, ws, b, y, cfg, r, glu, None, 1e-5)
+    torch.testing.assert_close(y, want0, atol=1e-4, rtol=1e-4)
+    # the op: the same through tx.int8_linear / tx.int8_gated_linear (Triton and a library kernel)
+    for impl in ("triton", "dequant"):
+        got = (tx.int8_gated_linear(x, qw, ws, b, impl, gamma, 1e-5) if glu
+               else tx.int8_linear(x, qw, ws, b, "none", impl, None, gamma, 1e-5))
+        torch.testing.assert_close(got + r, want, atol=1e-3, rtol=1e-3)
+
+
+@interp
+def test_rms_norm_folds_only_when_the_linear_is_its_only_user():
+    import torch.fx as fx
+    from fxcc import ir
+    from fxcc.passes.mixed_precision import SOURCE, _fold_norms
+
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.qw, self.ws = quant.quantize_weight(torch.randn(48, 64), "int8")
+            self.g1, self.g2 = torch.rand(64) + 0.5, torch.rand(64) + 0.5
+
+        def forward(self, h):
+            a = tx.int8_linear.default(tx.rms_norm.default(h, self.g1, 1e-6), self.qw, self.ws, None, "none", "triton")
+            n2 = tx.rms_norm.default(h, self.g2, 1e-6)  # two users: stays
+            b = tx.int8_linear.default(n2, self.qw, self.ws, None, "none", "triton")
+            return a, b, n2
+
+    mod = Normed()
+    w = torch.randn(48, 64)
+    mod.qw, mod.ws = quant.quantize_weight(w, "int8")
+    gm = fx.symbolic_trace(mod)
+    h = torch.randn(2, 3, 64)
+    next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"] = h
+    ir.propagate(gm)
+    for n in gm.graph.nodes:
+        if n.target is tx.int8_linear.default:
+            n.meta[SOURCE] = [w]  # what lowering records: the float weight the norm's weight is folded into
+    want = gm(h)
+    assert _fold_norms(gm) == 1
+    gm.recompile()
+    assert sum(n.target is tx.rms_norm.default for n in gm.graph.nodes) == 1
+    folded = next(n for n in gm.graph.nodes if n.target is tx.int8_linear.default and n.args[0].op == "placeholder")
+    assert folded.args[7] is None and folded.args[8] == 1e-6  # the norm's weight went into the int8 weight
+    got = gm(h)
+    assert rel(got[0], want[0]) < 2e-2  # quantized again with g folded in: int8 error, not exact
+    torch.testing.assert_close(got[1], want[1])
+
+
+@interp
+def test_decode_llama_with_triton_gemv_folds_norm_gate_and_residual(monkeypatch):
+    """Decode-shaped Llama with the Triton kernel (the interpreter on the CPU): per layer the two RMSNorms,
+    SwiGLU and both residual adds move into the int8 GEMVs; the output stays within the budget."""
+    from transformers import LlamaConfig, LlamaModel
+
+    pytest.importorskip("fxcc.codegen.triton_gemv")
+    monkeypatch.setattr(quant, "kernels", lambda p, d: ["triton"] if p == "int8-weight" else [])
+    torch.manual_seed(0)
+    model = LlamaModel(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (3, 1))
+    cm = fxcc.compile(model, passes="canonicalize,raise,mixed-precision{policy=int8-weight,reps=1},fuse,"
+                                    "codegen{backend=extern}")
+    with torch.no_grad():
+        out, ref = cm(ids).last_hidden_state, model(ids).last_hidden_state
+    record = next(r for r in cm.variants[-1].records if r.spec.startswith("mixed-precision"))
+    assert {k: record.result.stats.get(k) for k in ("residual", "gated", "norm")} == {"residual": 2, "gated": 1,
+                                                                                      "norm": 2}
+    from fxcc.dialects import KERNEL_OPS, KERNELS
+
+    bodies = [KERNELS[n.args[1]].body for n in cm.variants[-1].gm.graph.nodes
+              if n.op == "call_function" and n.target in KERNEL_OPS]
+    ops = [m.target for b in bodies for m in b.graph.nodes if m.op == "call_function"]
+    assert ops.count(tx.rms_norm.default) == 1  # the model's final norm; the layer's two are in the GEMVs
+    assert tx.gated_act.default not in ops and ops.count(tx.int8_gated_linear.default) == 1
+    rep = mixed_precision_report(cm)  # the error reported is the folded graph's, what runs
+    assert rep.search.endswith("+folds") and abs(rep.measured_error - _error([ref], [out])) < 1e-4
+    assert _error([ref], [out]) <= mixed_precision_report(cm).budget
+
+
+@interp
+def test_wrong_or_failing_configs_are_dropped_before_timing(monkeypatch):
+    tq = _triton()
+    from fxcc.codegen import triton_gemv as tg
+
+    x, qw, ws, b, r, _ = _gemv_case(False)
+    y = torch.empty(5, 48)
+    good, bad_split, racy = ("gemv", 16, 1, 64, 4, 2, 0), ("gemv", 16, 3, 64, 4, 2, 0), ("gemv", 16, 2, 128, 4, 2, 0)
+    real = tg.gemv
+    calls = {"n": 0}
+
+    def flaky(x2, qw, ws, b, y, cfg, *rest):  # right on the first call, wrong on the second (a race's symptom)
+        real(x2, qw, ws, b, y, cfg, *rest)
+        if cfg == racy[1:]:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                y.mul_(1.5)
+
+    monkeypatch.setattr(tg, "gemv", flaky)
+    assert tq._correct([good, bad_split, racy], x, qw, ws, b, y, r, False, None, None) == [good]
+    xg, qg, sg, bg, rg, _ = _gemv_case(True)
+    assert tq._correct([good], xg, qg, sg, bg, torch.empty(5, 48), rg, True, None, 1e-5) == [good]

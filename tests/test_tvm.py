@@ -6,6 +6,7 @@ the generated code itself; `auto` (the default) measures TVM against extern and 
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import fxcc
@@ -16,7 +17,7 @@ from conftest import assert_outputs_close
 from fxcc.dialects import KERNEL_OPS, KERNELS
 
 pytest.importorskip("tvm")
-from fxcc.codegen import extern, onednn  # noqa: E402
+from fxcc.codegen import extern, mkl, onednn  # noqa: E402
 from fxcc.codegen import tvm as tvm_backend  # noqa: E402
 
 TVM = "canonicalize,raise,fuse,codegen{backend=tvm}"
@@ -130,6 +131,30 @@ def test_library_gemm_with_generated_epilogue_candidate():
     assert cands["tvm+extern"].space and "tile_m" in cands["tvm"].space  # both expose a search space
 
 
+@pytest.mark.parametrize("params", [{}, {"tile_m": 6, "tile_n": 24, "tile_mb": 32, "unroll": 0}])
+def test_generated_gemm_reads_a_weight_packed_once_per_version(params):
+    w = torch.nn.Parameter(torch.randn(48, 40), requires_grad=False)
+    b = torch.randn(48)
+
+    def f(x, w):
+        return F.silu(F.linear(x, w, b))
+    x = torch.randn(2, 36, 40)  # rows not a multiple of the tile: tiles are fitted to the shape
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+    cm(x, w)
+    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
+    cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm")
+    built = cand.build({**cand.defaults, **params})
+    spec = json.loads(built.files["kernel.json"])
+    assert [e[4] for e in spec["inputs"] if e[4]] == [24 if params else 16]  # the weight is read in panels
+    torch.testing.assert_close(built.fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
+    panels = tvm_backend._PANELS[id(w)][3]
+    built.fn([x, w, b])
+    assert tvm_backend._PANELS[id(w)][3] is panels  # packed once
+    with torch.no_grad():
+        w.mul_(-1)  # changed in place: packed again
+    torch.testing.assert_close(built.fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
 def test_onednn_candidates_pack_a_weight_once_per_version_and_follow_in_place_changes():
     w, b = torch.randn(48, 32), torch.randn(48)
@@ -141,7 +166,8 @@ def test_onednn_candidates_pack_a_weight_once_per_version_and_follow_in_place_ch
     cm(x, w)
     kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
     ext = {c.backend: c for c in extern.candidates(kb, "cpu")}
-    assert set(ext) == {"extern", "onednn"} and extern.candidates(kb, "cuda")[0].backend == "extern"
+    assert set(ext) == {"extern", "onednn"} | ({"mkl"} if mkl.available() else set())
+    assert extern.candidates(kb, "cuda")[0].backend == "extern"
     fns = [ext["onednn"].build({}).fn] + [c.build(c.defaults).fn for c in tvm_backend.candidates(kb, "cpu")
                                            if c.backend == "tvm+onednn"]
     for fn in fns:

@@ -1,0 +1,116 @@
+"""One thread pool per model on the CPU, where TVM kernels cannot join torch's: the choice checked on the model.
+
+Normally TVM kernels run on torch's OpenMP threads (fxcc.codegen.tvm_omp) and there is one pool. When
+that launcher is unavailable (no C compiler), they run on TVM's own pool, and this module applies.
+
+Generated TVM code runs its parallel loops on TVM's thread pool; torch's ops, MKL and oneDNN run on
+torch's OpenMP pool. Codegen times each kernel's candidates alone, where either pool has the cores to
+itself. In the model they alternate: after a torch op, OpenMP's workers spin for a while, and a TVM
+kernel that starts then shares a core with a spinning thread until the spin ends; TVM's sleeping
+workers are woken for every kernel. Each switch costs up to a few hundred microseconds, a cost no
+isolated timing sees, and a model whose kernels switch pools dozens of times per call can lose more
+than the generated kernels won.
+
+`settle` therefore times the model as chosen against the same model with every kernel that involves
+TVM's pool on its fastest torch-pool candidate (measured alongside it by codegen), interleaved, on the
+compile's example inputs, and keeps the faster. The outcome is stored in the artifact cache under the
+set of kernels and choices it judged, so a warm compile applies it without timing again. A graph that
+calls ops outside fxcc's kernels (custom ops kept eager) is not run for this: they may have side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from fxcc.codegen import extern
+from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody
+
+log = logging.getLogger("fxcc")
+
+TORCH_POOL = ("extern", "onednn", "mkl", "trim")  # candidate labels whose code runs on torch's pool only
+
+
+def on_tvm_pool(label: str) -> bool:
+    """Whether a candidate runs code on TVM's pool (`tvm+extern`/`tvm+onednn` run on both pools)."""
+    return label.split("+")[0] == "tvm"
+
+
+def settle(gm: fx.GraphModule, flat: list, name: str, build: Callable[[fx.GraphModule], tuple],
+           reps: int = 6) -> bool:
+    """Keep the faster of the model as chosen and the model on torch's pool alone (see the module doc).
+    `build` makes an executable and its bound values from `gm`. Returns whether kernels were switched."""
+    from fxcc.codegen import tvm_omp
+    if tvm_omp.enabled() or any(n.op == "call_function" and n.target not in KERNEL_OPS
+                                and n.target is not operator.getitem for n in gm.graph.nodes):
+        return False
+    kbs = [KERNELS[k] for k in dict.fromkeys(n.args[1] for n in gm.graph.nodes
+                                             if n.op == "call_function" and n.target in KERNEL_OPS)]
+    movable = {kb.key: alt for kb in kbs if on_tvm_pool(kb.backend) and (alt := _torch_pool_choice(kb)) is not None}
+    if not movable:
+        return False
+    cache, key = _decision_key(kbs)
+    entry = cache.get(key) if cache else None
+    chosen = {kb.key: (kb.backend, kb.impl, kb.inline, dict(kb.info)) for kb in kbs if kb.key in movable}
+    if entry is not None:
+        keep, note = bool(entry.meta.get("torch_pool")), f"{entry.meta.get('note', '')} (from the artifact cache)"
+        if keep:
+            for k, label in movable.items():
+                _install(KERNELS[k], label)
+    else:
+        exe_a, bound_a = build(gm)
+        for k, label in movable.items():
+            _install(KERNELS[k], label)
+        exe_b, bound_b = build(gm)
+        t = _time({"as chosen": lambda: exe_a(*flat, *bound_a), "torch pool": lambda: exe_b(*flat, *bound_b)}, reps)
+        keep = t["torch pool"] < t["as chosen"]
+        note = (f"whole model {t['as chosen']:.2f} ms as chosen, {t['torch pool']:.2f} ms with TVM's pool left out: "
+                + ("moved to torch's pool" if keep else "kept"))
+        if cache:
+            try:
+                cache.put(key, {}, {"kind": "pool-plan", "torch_pool": keep, "note": note})
+            except OSError as e:  # the next compile times again
+                log.warning("fxcc: could not store the pool decision for %s: %s", name, e)
+    for k in movable:
+        if not keep:
+            kb = KERNELS[k]
+            kb.backend, kb.impl, kb.inline, kb.info = chosen[k]
+        KERNELS[k].info["note"] = note
+    log.info("fxcc: %s: %s (%d kernels)", name, note, len(movable))
+    return keep
+
+
+def _torch_pool_choice(kb: KernelBody) -> str | None:
+    """The fastest torch-pool candidate codegen timed for `kb`, if any."""
+    t = {label: ms for label, ms in (kb.info.get("timings_ms") or {}).items() if label in TORCH_POOL}
+    return min(t, key=t.get) if t else None
+
+
+def _install(kb: KernelBody, label: str) -> None:
+    from fxcc.passes.codegen import install
+    install(kb, label, extern.load(kb, label, {}, {}))
+    kb.info.update(params={}, module="extern")
+
+
+def _time(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    from fxcc.autotune.measure import interleaved
+    with torch.no_grad():
+        t = interleaved(fns, device="cpu", warmup=2, reps=reps, rounds=min(reps, 3))
+    return {label: x.own for label, x in t.items()}
+
+
+def _decision_key(kbs: list[KernelBody]) -> tuple[Any, str]:
+    """The artifact cache and the key of a decision: the kernels, their choices, the target, the libraries."""
+    from fxcc.autotune.cache import cache_key, library_versions
+    from fxcc.passes.codegen import _cache, target_id
+    try:
+        cache = _cache()
+    except Exception as e:  # no usable cache: decide in this process only
+        log.debug("fxcc: pool decision not cached: %s", e)
+        cache = None
+    plan = ";".join(sorted(f"{kb.key}={kb.backend}" for kb in kbs))
+    return cache, cache_key(kind="pool-plan", plan=plan, target=target_id("cpu"), versions=library_versions())

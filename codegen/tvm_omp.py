@@ -1,0 +1,112 @@
+"""Generated TVM kernels on torch's OpenMP threads instead of TVM's own thread pool (CPU).
+
+A TVM kernel runs its parallel loop through a function pointer its library holds
+(`__TVMBackendParallelLaunch`), which TVM's runtime points at its own thread pool when it loads the
+library. Torch's ops, MKL and oneDNN run on OpenMP's threads. Two pools on two cores fight: after a
+torch op, OpenMP's workers spin for a while, and a TVM kernel starting then shares a core with them;
+TVM's workers sleep between kernels and are woken for each. fxcc points each loaded kernel library at
+a small launcher that runs the parallel loop on OpenMP's threads, the ones torch's ops use, with
+torch's thread count (read at each launch, so `torch.set_num_threads` applies): one pool for the model.
+
+The launcher is C, built once per machine with the system C compiler (`cc -fopenmp`) and kept in the
+artifact cache. It names `libgomp.so.1`, which torch has loaded already, so it joins torch's OpenMP
+runtime rather than starting another. Without a C compiler, or if the build fails, kernels stay on
+TVM's pool (logged once); `FXCC_TVM_POOL=tvm` keeps them there by choice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("fxcc")
+
+SOURCE = r"""
+#include <omp.h>
+#include <stdint.h>
+
+typedef struct { void* sync_handle; int32_t num_task; } TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+
+/* TVMBackendParallelLaunch on OpenMP: task i of n on OpenMP thread i; each task computes its own
+   share of the loop from (task_id, num_task). n is what torch's own parallel loops use: the calling
+   thread's OpenMP thread count, which torch.set_num_threads sets. */
+int fxcc_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
+  int n = omp_get_max_threads();
+  if (num_task > 0 && num_task < n) n = num_task;
+  if (n <= 1 || omp_in_parallel()) {
+    TVMParallelGroupEnv env = {0, 1};
+    return flambda(0, &env, cdata);
+  }
+  int failed = 0;
+  #pragma omp parallel num_threads(n) reduction(|: failed)
+  {
+    TVMParallelGroupEnv env = {0, omp_get_num_threads()};
+    failed |= flambda(omp_get_thread_num(), &env, cdata) != 0;
+  }
+  return failed ? -1 : 0;
+}
+"""
+
+
+def enabled() -> bool:
+    """Whether TVM kernels run on torch's OpenMP threads (the launcher built and loaded)."""
+    return launcher() is not None
+
+
+@functools.cache
+def launcher() -> ctypes.CDLL | None:
+    """The loaded launcher library, built on first use and cached; None when it cannot be had."""
+    if os.environ.get("FXCC_TVM_POOL", "openmp") == "tvm":
+        return None
+    try:
+        path = _built()
+        lib = ctypes.CDLL(str(path))
+    except Exception as e:  # no C compiler, no OpenMP: TVM's pool still works
+        log.info("fxcc: TVM kernels run on TVM's own thread pool (the OpenMP launcher is unavailable: %s)", e)
+        return None
+    return lib
+
+
+def attach(path: str) -> bool:
+    """Point the kernel library at `path` (already loaded by TVM) to the OpenMP launcher; False if it has
+    no parallel loop or the launcher is unavailable."""
+    lib = launcher()
+    if lib is None:
+        return False
+    try:
+        slot = ctypes.c_void_p.in_dll(ctypes.CDLL(path), "__TVMBackendParallelLaunch")
+    except ValueError:  # no parallel loop in this kernel
+        return False
+    slot.value = ctypes.cast(lib.fxcc_parallel_launch, ctypes.c_void_p).value
+    return True
+
+
+def _built() -> Path:
+    """The launcher's shared library: from the artifact cache, or compiled now and stored there."""
+    from fxcc.autotune.cache import cache_key, default_cache
+    cache = default_cache()
+    key = cache_key(kind="tvm-omp-launcher", source=hashlib.sha256(SOURCE.encode()).hexdigest(),
+                    machine=os.uname().machine)
+    entry = cache.get(key)
+    if entry is not None and "launcher.so" in entry.files:
+        return entry.files["launcher.so"]
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    with tempfile.TemporaryDirectory(prefix="fxcc-omp-") as d:
+        src, out = Path(d, "launcher.c"), Path(d, "launcher.so")
+        src.write_text(SOURCE)
+        p = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-fopenmp", str(src), "-o", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {p.stderr.strip()[:300]}")
+        entry = cache.put(key, {"launcher.so": out.read_bytes()}, {"kind": "tvm-omp-launcher"})
+    return entry.files["launcher.so"]

@@ -1,0 +1,113 @@
+"""One thread pool per model (fxcc.codegen.pools): the per-kernel choice checked on the whole model, for
+when TVM kernels run on TVM's own pool (the OpenMP launcher of fxcc.codegen.tvm_omp unavailable)."""
+
+from __future__ import annotations
+
+import fxcc
+import pytest
+import torch
+import torch.nn.functional as F
+from fxcc.capture import flatten_inputs
+from fxcc.dialects import KERNEL_OPS, KERNELS
+from fxcc.runtime import build_executable
+
+pytest.importorskip("tvm")
+from fxcc.codegen import (
+    pools,  # noqa: E402
+    tvm_omp,  # noqa: E402
+)
+from fxcc.codegen import tvm as tvm_backend  # noqa: E402
+from fxcc.passes.codegen import install  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _tvm_pool(monkeypatch, tmp_path):
+    monkeypatch.setattr(tvm_omp, "enabled", lambda: False)
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))  # decisions stored by other tests do not apply
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x))) + x
+
+
+def compiled(model, x):
+    """The model compiled without the whole-model check (the tests run it themselves)."""
+    real = pools.settle
+    pools.settle = lambda *a, **k: False
+    try:
+        cm = fxcc.compile(model)
+        with torch.no_grad():
+            cm(x)
+    finally:
+        pools.settle = real
+    return cm
+
+
+def on_tvm(cm):
+    """The compiled model with every GEMM kernel put on its generated TVM candidate, as if it had won
+    alone, with codegen's timings saying a torch-pool candidate was measured too."""
+    v = cm.variants[-1]
+    gemms = [KERNELS[k] for k in dict.fromkeys(n.args[1] for n in v.gm.graph.nodes
+                                               if n.op == "call_function" and n.target in KERNEL_OPS)
+             if KERNELS[k].kind == "gemm"]
+    for kb in gemms:
+        cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm")
+        install(kb, "tvm", cand.build(cand.defaults))
+        kb.info.update(timings_ms={"extern": 1.0, "tvm": 0.9}, params=cand.defaults)
+        kb.info.pop("cache_key", None)
+    return v, gemms
+
+
+def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_cached(monkeypatch):
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), torch.randn(4, 16, 32)
+    cm = compiled(model, x)
+    with torch.no_grad():
+        expected = model(x)
+    v, gemms = on_tvm(cm)
+    flat = flatten_inputs((x,), {})[0]
+    monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 2.0, "torch pool": 1.0})
+    assert pools.settle(v.gm, flat, "Mlp", build_executable)
+    assert all(kb.backend == "extern" for kb in gemms)
+    assert "moved to torch's pool" in gemms[0].info["note"]
+    exe, bound = build_executable(v.gm)
+    with torch.no_grad():
+        torch.testing.assert_close(exe(*flat, *bound)[0], expected, atol=1e-5, rtol=1e-5)
+    # the same choices again (a warm compile): the stored decision applies, nothing is timed
+    on_tvm(cm)
+    monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed again despite a stored decision"))
+    assert pools.settle(v.gm, flat, "Mlp", build_executable)
+    assert all(kb.backend == "extern" for kb in gemms) and "from the artifact cache" in gemms[0].info["note"]
+
+
+def test_a_model_faster_as_chosen_keeps_its_kernels(monkeypatch):
+    torch.manual_seed(1)
+    model, x = Mlp().eval(), torch.randn(3, 8, 32)
+    cm = compiled(model, x)
+    v, gemms = on_tvm(cm)
+    impls = [kb.impl for kb in gemms]
+    monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 1.0, "torch pool": 2.0})
+    assert not pools.settle(v.gm, flatten_inputs((x,), {})[0], "Mlp", build_executable)
+    assert [kb.backend for kb in gemms] == ["tvm"] * len(gemms)
+    assert [kb.impl for kb in gemms] == impls and "kept" in gemms[0].info["note"]
+
+
+def test_nothing_to_settle_with_one_pool_already(monkeypatch):
+    model, x = Mlp().eval(), torch.randn(2, 4, 32)
+    v, _ = on_tvm(compiled(model, x))
+    monkeypatch.setattr(tvm_omp, "enabled", lambda: True)
+    monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed with one pool already"))
+    assert not pools.settle(v.gm, [x], "Mlp", build_executable)
+
+
+def test_nothing_to_settle_without_a_torch_pool_alternative():
+    model, x = Mlp().eval(), torch.randn(2, 4, 32)
+    cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=tvm}")  # forced: nothing timed
+    with torch.no_grad():
+        cm(x)
+    assert not pools.settle(cm.variants[-1].gm, [x], "Mlp", build_executable)
