@@ -31,6 +31,16 @@ def reusable(pool: list, j: int) -> bool:
         t.untyped_storage()._cdata) == 2
 
 
+def linear_weight(node: torch.fx.Node) -> Tensor | None:
+    """The (fake) value of a linear's weight when it is a 2-D kernel input, the case backends that keep a
+    packed copy of the weight can serve; None for anything else."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+        return None
+    w = node.args[1]
+    val = w.meta.get("val") if isinstance(w, torch.fx.Node) and w.op == "placeholder" else None
+    return val if isinstance(val, Tensor) and val.dim() == 2 else None
+
+
 def derived(store: dict, w: Tensor, key: object, make: Callable[[], object]) -> object:
     """A value derived from weight `w` (a packed or aligned copy), made once and again only when `w` changes
     in place (its version counter; inference tensors have none) or `key` differs. `store` maps id(w) to

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+from fxcc.dialects import TX_OPS
 from torch import Tensor
 
 name = "trim"
@@ -47,15 +47,15 @@ def key_extent(mask: Tensor) -> int:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, is_causal: bool) -> Tensor:
     """`tx.attention` over the keys `mask` leaves (see the module doc); the plain attention otherwise."""
+    n = key_extent(mask) if (mask is not None and not is_causal and mask.shape[-1] == k.shape[-2]
+                             and mask.device.type == "cpu") else k.shape[-2]
+    if n == k.shape[-2]:
+        return TX_OPS["attention"]._init_fn(q, k, v, mask, scale, is_causal)  # the reference: nothing to trim
+    k, v, m = k[..., :n, :], v[..., :n, :], mask[..., :n]
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    if mask is not None and not is_causal and mask.shape[-1] == k.shape[-2] and mask.device.type == "cpu":
-        n = key_extent(mask)
-        if n < k.shape[-2]:
-            # a handful of keys: two small batched products and a softmax beat the flash kernel's blocking
-            s = torch.matmul(q, k[..., :n, :].transpose(-1, -2)).mul_(scale)
-            m = mask[..., :n]
-            s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
-            return torch.matmul(torch.softmax(s, -1), v[..., :n, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    # a handful of keys: two small batched products and a softmax beat the flash kernel's blocking
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
+    return torch.matmul(torch.softmax(s, -1), v)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import derived
+from fxcc.codegen import derived, linear_weight
 
 _F32 = torch.float32
 _PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref, version, key, packed) (fxcc.codegen.derived)
@@ -38,12 +38,8 @@ def available() -> bool:
 
 def applies(node: fx.Node) -> bool:
     """A linear whose weight is a 2-D fp32 CPU kernel input (MKL packs single precision only)."""
-    if node.op != "call_function" or node.target is not torch.ops.aten.linear.default or not available():
-        return False
-    w = node.args[1]
-    val = w.meta.get("val") if isinstance(w, fx.Node) else None
-    return (w.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 2
-            and val.dtype == torch.float32 and val.device.type == "cpu")
+    val = linear_weight(node)
+    return val is not None and val.dtype == torch.float32 and val.device.type == "cpu" and available()
 
 
 def packed(w: torch.Tensor, rows: int) -> torch.Tensor:

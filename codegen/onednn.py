@@ -13,7 +13,7 @@ import functools
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import derived
+from fxcc.codegen import derived, linear_weight
 
 _PACKED: dict[int, tuple] = {}  # packed weights (fxcc.codegen.derived)
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -28,12 +28,8 @@ def available() -> bool:
 
 def applies(node: fx.Node) -> bool:
     """A linear whose weight is a 2-D kernel input of a type oneDNN packs."""
-    if node.op != "call_function" or node.target is not torch.ops.aten.linear.default or not available():
-        return False
-    w = node.args[1]
-    val = w.meta.get("val") if isinstance(w, fx.Node) else None
-    return (w.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 2 and val.dtype in _DTYPES
-            and val.device.type == "cpu")
+    val = linear_weight(node)
+    return val is not None and val.dtype in _DTYPES and val.device.type == "cpu" and available()
 
 
 def packed(w: torch.Tensor, rows: int) -> torch.Tensor:

@@ -44,14 +44,14 @@ def settle(gm: fx.GraphModule, flat: list, name: str, build: Callable[[fx.GraphM
            reps: int = 6) -> bool:
     """Keep the faster of the model as chosen and the model on torch's pool alone (see the module doc).
     `build` makes an executable and its bound values from `gm`. Returns whether kernels were switched."""
-    from fxcc.codegen import tvm_omp
-    if tvm_omp.enabled() or any(n.op == "call_function" and n.target not in KERNEL_OPS
-                                and n.target is not operator.getitem for n in gm.graph.nodes):
-        return False
     kbs = [KERNELS[k] for k in dict.fromkeys(n.args[1] for n in gm.graph.nodes
                                              if n.op == "call_function" and n.target in KERNEL_OPS)]
     movable = {kb.key: alt for kb in kbs if on_tvm_pool(kb.backend) and (alt := _torch_pool_choice(kb)) is not None}
     if not movable:
+        return False
+    from fxcc.codegen import tvm_omp  # asked only now: a model without TVM kernels never builds the launcher
+    if tvm_omp.enabled() or any(n.op == "call_function" and n.target not in KERNEL_OPS
+                                and n.target is not operator.getitem for n in gm.graph.nodes):
         return False
     cache, key = _decision_key(kbs)
     entry = cache.get(key) if cache else None

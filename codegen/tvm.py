@@ -257,20 +257,22 @@ _PANELS: dict[int, tuple] = {}
 def _packed(w: torch.Tensor, tn: int) -> torch.Tensor:
     """The [N, K] weight `w` as [N/tn, K, tn] panels (64-byte aligned): made once per weight version for a
     parameter, per call for anything else (an activation used as a weight)."""
-    def make() -> torch.Tensor:
-        n, k = w.shape
-        return w.detach().reshape(n // tn, tn, k).transpose(1, 2).contiguous()
-    if w.is_inference() or not (w.requires_grad or isinstance(w, torch.nn.Parameter)):
+    n, k = w.shape
+    return _per_weight(_PANELS, w, tn, lambda: w.detach().reshape(n // tn, tn, k).transpose(1, 2).contiguous())
+
+
+def _per_weight(store: dict, t: torch.Tensor, key: object, make) -> torch.Tensor:
+    """make(): once per version of a parameter (fxcc.codegen.derived), once per call for anything else,
+    whose storage a pooled kernel output may overwrite without a version bump."""
+    if t.is_inference() or not (t.requires_grad or isinstance(t, torch.nn.Parameter)):
         return make()
-    return derived(_PANELS, w, tn, make)
+    return derived(store, t, key, make)
 
 
 def _aligned(t: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
     """`t` copied into a 64-byte aligned tensor with the compiled strides; a weight is copied only once
     (until it changes in place: its version counter is part of the check)."""
-    if t.is_inference() or not (t.requires_grad or isinstance(t, torch.nn.Parameter)):
-        return _strided_copy(t, shape, stride)
-    return derived(_ALIGNED, t, stride, lambda: _strided_copy(t.detach(), shape, stride))
+    return _per_weight(_ALIGNED, t, stride, lambda: _strided_copy(t.detach(), shape, stride))
 
 
 def _strided_copy(t: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import tvm
+from fxcc.codegen import linear_weight
 from fxcc.codegen.tvm import split_bias
 from tvm import s_tir, te, tirx
 
@@ -221,8 +222,7 @@ class Lowering:
     def run(self) -> Lowered:
         nodes = list(self.body.graph.nodes)
         needed = _needed(nodes, self.split)
-        packed = {n.args[1] for n in nodes if n in needed and n.target is aten.linear.default
-                  and _packable(n.args[1])} if self.tile_n else set()
+        packed = {n.args[1] for n in nodes if n in needed and _packable(n)} if self.tile_n else set()
         for node in nodes:
             if node.op == "placeholder" or node is self.split:
                 if node in needed:
@@ -306,11 +306,10 @@ class Lowering:
         return self.env[a]
 
 
-def _packable(w) -> bool:
-    """A linear weight the kernel can read packed: a 2-D contiguous fp32 kernel input."""
-    v = w.meta.get("val") if isinstance(w, fx.Node) else None
-    return (isinstance(w, fx.Node) and w.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() == 2
-            and v.dtype == torch.float32 and v.is_contiguous() and v.numel() < 2**31)
+def _packable(node: fx.Node) -> bool:
+    """A linear whose weight the kernel can read packed: a 2-D contiguous fp32 kernel input."""
+    v = linear_weight(node)
+    return v is not None and v.dtype == torch.float32 and v.is_contiguous() and v.numel() < 2**31
 
 
 def _permuted(val: Val, inv: list[int]):
