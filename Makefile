@@ -4,16 +4,33 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxcc-installed
 
-.PHONY: gpu-site setup demo test lint bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv
+.PHONY: gpu-site setup lock demo test lint bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv
 
-$(STAMP): pyproject.toml
+EXTRAS := .[models,dev,tvm,tune,triton]
+LOCK   := requirements.lock
+
+# Every version comes from the lock file (the set the suite last passed with), build tools included:
+# the editable install builds without isolation, so no unpinned setuptools is fetched at build time.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	# torch first, pinned: a bare torch requirement would pull the CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[models,dev,tvm,tune,triton]'
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0 setuptools wheel
+	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e '$(EXTRAS)'
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Refresh the lock: the newest releases pyproject.toml's ranges admit (torch stays 2.13.0, the CPU build),
+# installed into a scratch venv; the suite runs there, and only a passing set is written to $(LOCK).
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade torch==2.13.0 setuptools wheel
+	$(LOCK_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '$(EXTRAS)'
+	$(LOCK_VENV)/bin/python -m pytest -q
+	{ sed -n '1,3p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --exclude-editable --all | grep -v -e '^fxcc=' -e '^pip=' \
+	    | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	@echo "$(LOCK) refreshed; run 'rm -rf $(VENV) && make test' to use it"
 
 demo: $(STAMP)
 	$(BIN)/fxcc bench minilm --threads 2

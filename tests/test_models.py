@@ -85,8 +85,12 @@ def test_text_model_matches_eager(make, verify_each):
 def test_decoder_kv_cache_matches_eager():
     model = build(llama)
     _, out = check(model, token_ids(), use_cache=True)
-    cache = [path for path, _ in tensor_leaves(out) if ".past_key_values." in path]
-    assert len(cache) == 2 * LAYERS  # keys and values of every layer were compared
+    # the returned cache, found by type (the output field is named `cache` or `past_key_values` by version)
+    caches = [v for v in out.values() if isinstance(v, transformers.Cache)]
+    assert len(caches) == 1, f"expected one Cache in the output, got fields {list(out.keys())}"
+    assert caches[0].get_seq_length() == SEQ and len(caches[0].layers) == LAYERS
+    compared = [path for path, _ in tensor_leaves(out) if ".layers[" in path]
+    assert len(compared) == 2 * LAYERS  # check() compared keys and values of every layer
 
 
 def test_vit_matches_eager():
