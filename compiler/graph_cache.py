@@ -81,11 +81,23 @@ def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipelin
             "pipeline": pipeline,
             "target": target,
             "versions": library_versions(),
+            "distributed": _distributed_fingerprint(),
         }
     except Unserializable as e:
         log.debug("fxcc: graph cache off for %s: %s", type(module).__name__, e)
         return None
     return "g" + cache_key(**parts)
+
+
+def _distributed_fingerprint() -> str:
+    """Rank, world size, backend and the default group's ranks: passes such as tp-shard fold this rank's
+    shard into the IR, so one rank's graph must never be served to another (or to another world size)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return "single process"
+    group = dist.group.WORLD
+    return repr((dist.get_rank(), dist.get_world_size(), dist.get_backend(),
+                 dist.get_process_group_ranks(group)))
 
 
 def _has_hooks(module: nn.Module) -> bool:

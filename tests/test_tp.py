@@ -143,6 +143,37 @@ def test_tp2_gloo_matches_eager_and_fused_matches_unfused():
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # every rank ends with the same replicated output
 
 
+def _tp_cached_worker(rank: int, world: int, cache_dir: str) -> dict:
+    """One rank: fxcc.compile with tp-shard twice over one artifact cache (cold, then graph-cache hit)."""
+    import os
+
+    import fxcc
+
+    os.environ["FXCC_CACHE_DIR"] = cache_dir
+    torch.set_num_threads(1)
+    model = tiny_llama(2)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).last_hidden_state
+    out = {}
+    for run in ("cold", "warm"):
+        cm = fxcc.compile(model, passes="canonicalize,raise,tp-shard{tp=2},fuse,codegen{backend=extern}")
+        got = cm(ids, use_cache=False).last_hidden_state
+        out[run] = (got - ref).abs().max().item()
+        out[run + "_method"] = cm.variants[-1].captured.method
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_graph_cache_hit_is_per_rank(tmp_path):
+    """The graph cache keys on rank and world size: a warm compile loads this rank's shard, not another's."""
+    tiny_llama(1)
+    ranks = launch(_tp_cached_worker, 2, str(tmp_path), backend="gloo", start_method="fork")
+    for r in ranks:
+        assert "graph cache" in r["warm_method"], r
+        assert r["cold"] < 2e-5 and r["warm"] < 2e-5, r
+
+
 # ---------------------------------------------------------------------- kernels and cost model
 
 
