@@ -108,10 +108,12 @@ def fxcc_attention_block(acc, m_i, l_i, qt, k_base, v_base, mask_base, rm, rd, s
     else:
         s = tl.dot(qt, kt) * qk_scale
     keep = rn[None, :] < TK
+    # a mask adds -inf, as eager does (a NaN or inf score under it stays NaN); future keys (causal) and lanes
+    # past the end are dropped whatever their score
     if HAS_MASK:
         mv = tl.load(mask_base + rm[:, None] * smq + rn[None, :] * smk, mask=(rm[:, None] < TQ) & keep, other=0)
         if MASK_BOOL:
-            keep = keep & (mv != 0)
+            s = s + tl.where(mv != 0, 0.0, float("-inf"))
         else:
             s = s + mv.to(tl.float32) * 1.4426950408889634
     if CAUSAL:
@@ -150,7 +152,7 @@ def fxcc_attention({sig}):
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, {d}), tl.float32)
 {loops}
-    acc = acc / l_i[:, None]
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row whose keys are all masked gives 0, as eager
     om = rm[:, None]
     od = rd[None, :]
     mask = (om < {tq}) & (od < {d})

@@ -128,7 +128,11 @@ def fast_exp(x):
             x - n * const(0.693359375, d) - n * const(-2.12194440e-4, d), lambda r: (
                 _poly(r, _EXP_P, d) * r * r + r + const(1.0, d)) * tirx.reinterpret(
                 "float32", tirx.shift_left(n.astype("int32") + const(127, "int32"), const(23, "int32")))))
-    return let(tirx.max(tirx.min(x, const(88.7, d)), const(-87.3, d)), with_x)
+    # below -87.3 the true value is under fp32's smallest normal: 0; above 88.7 it overflows: inf; NaN stays NaN
+    # (the clamp alone would turn -inf into 1e-38, inf into 3e38 and NaN into a number)
+    return let(x, lambda x: tirx.Select(tirx.isnan(x), x, tirx.Select(
+        x < const(-87.3, d), const(0.0, d), tirx.Select(x > const(88.7, d), const(float("inf"), d), let(
+            tirx.max(tirx.min(x, const(88.7, d)), const(-87.3, d)), with_x)))))
 
 
 def fast_tanh(x):
@@ -728,18 +732,29 @@ def _attention(L, node, q, k, v, mask, scale, is_causal):
     def logits(idx):
         x = sc.at(idx) * const(scale, f32)
         if ma is not None:
-            x = tirx.Select(ma(idx), x, neg) if mask.meta["val"].dtype == torch.bool else x + ma(idx)
+            # a boolean mask adds -inf where False, as eager does (a NaN or inf score stays NaN there);
+            # causal masking drops future keys whatever their score, as eager does
+            x = x + (tirx.Select(ma(idx), const(0.0, f32), neg) if mask.meta["val"].dtype == torch.bool else ma(idx))
         if is_causal:
             x = tirx.Select(idx[3] <= idx[2], x, neg)
         return x
     scores = Val((B, H, Tq, Tk), f32, logits)
     m = _row_reduce(L, scores, 1, scores.at, kind="max")
-    pr = L.stage((B, H, Tq, Tk), lambda *i: fast_exp(logits(list(i)) - m.at(list(i[:3]))), "probs")
+    zero = const(0.0, f32)
+
+    def prob(i):
+        # a masked key weighs exactly 0 (fast_exp clamps, it never reaches 0); a row whose keys are all masked
+        # has max -inf: it is shifted by 0 instead (no -inf - -inf), so all its weights and its output are 0,
+        # as eager's attention gives
+        mx = m.at(i[:3])
+        return let(logits(i), lambda x: tirx.Select(x == neg, zero, fast_exp(x - tirx.Select(mx == neg, zero, mx))))
+    pr = L.stage((B, H, Tq, Tk), lambda *i: prob(list(i)), "probs")
     den = _row_reduce(L, pr, 1, pr.at)
     j = te.reduce_axis((0, Tk), f"j{L.n_stage}")
     o = L.stage((B, H, Tq, D), lambda b, h, i, d: te.sum(
         pr.at([b, h, i, j.var]) * cast(vv.at([b, tirx.floordiv(h, g), j.var, d]), f32), axis=j), "attn")
-    out = L.stage((B, H, Tq, D), lambda *i: o.at(list(i)) / den.at(list(i[:3])), "attnout")
+    out = L.stage((B, H, Tq, D), lambda *i: let(den.at(list(i[:3])), lambda s: tirx.Select(
+        s == zero, zero, o.at(list(i)) / s)), "attnout")
     return Val((B, H, Tq, D), dt, lambda i: cast(out.at(i), dt))
 
 

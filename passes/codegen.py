@@ -15,6 +15,7 @@ import importlib
 import logging
 import platform
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -131,13 +132,18 @@ class Selection:
             return "single"
         inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
                   else example_inputs(kb, self.target))
-        ref = ext.build({}).fn(inputs)
+        ref_fn = ext.build({}).fn
+        ref = ref_fn(inputs)
+        edges = [(x, ref_fn(x)) for x in edge_inputs(inputs, self.probe.params(kb) if self.probe else ())]
         built: dict[str, tuple[Built, dict]] = {}
         for c in cands:
             try:
                 params = self._params(kb, c, inputs, ref, key)
                 b = c.build(params)
                 check(c.backend, b.fn(inputs), ref)
+                if c.backend != "extern":  # exact on every input, not only the example: masked rows, inf, NaN
+                    for x, r in edges:
+                        check(c.backend, b.fn(x), r)
             except Exception as e:
                 _warn(kb, c.backend, e)
                 continue
@@ -213,7 +219,9 @@ class Selection:
             b = cand.build(params)
             if label != "extern":
                 inputs = example_inputs(kb, self.target)
-                check(label, b.fn(inputs), extern.Extern(kb).build({}).fn(inputs))
+                ref_fn = extern.Extern(kb).build({}).fn
+                for x in (inputs, *edge_inputs(inputs)):
+                    check(label, b.fn(x), ref_fn(x))
         except Exception as e:
             warnings.warn(f"fxcc: plan {self.plan}: its choice for kernel {kb.key} ({label} with {params}) failed "
                           f"({type(e).__name__}: {e}); choosing as without a plan", stacklevel=2)
@@ -361,17 +369,43 @@ def example_inputs(kb: KernelBody, target: str, real: dict[int, torch.Tensor] | 
     return out
 
 
+def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[list[torch.Tensor]]:
+    """Inputs a kernel must get right beyond the random example: boolean masks whose first row along the last
+    dim is all False (an attention row with no key: eager gives zeros), and large magnitudes in the floating
+    activations. Parameters (the indices in `params`) keep their values. Non-finite inputs are not among them:
+    eager's own result for them depends on its kernel path (a score that is -inf by masking gives a zero row,
+    one that is -inf by arithmetic gives NaN), so no candidate could be held to it."""
+    params = set(params)
+    out = []
+    masks = [i for i, x in enumerate(inputs) if x.dtype == torch.bool and x.dim() >= 1 and x.numel()]
+    if masks:
+        x = list(inputs)
+        for i in masks:
+            x[i] = inputs[i].clone()
+            x[i][(0,) * (x[i].dim() - 1)] = False
+        out.append(x)
+    big = [i for i, x in enumerate(inputs) if i not in params and x.numel()
+           and x.dtype in (torch.float32, torch.float64, torch.bfloat16)]
+    if big:
+        out.append([x * 1e3 if i in big else x for i, x in enumerate(inputs)])
+    return out
+
+
 def check(label: str, got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
-    """Raise when a candidate's outputs differ from the reference beyond fp tolerance."""
+    """Raise when a candidate's outputs differ from the reference beyond fp tolerance; NaN and inf must sit
+    where the reference has them."""
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         if g.shape != r.shape or g.dtype != r.dtype:
             raise ValueError(f"output {i} is {g.dtype}{list(g.shape)}, expected {r.dtype}{list(r.shape)}")
         tol = 1e-4 if r.dtype == torch.float32 else 2e-2
         # absolute error on the output's scale: a long reduction summed in another order (a library GEMM
         # on packed weights) differs by far more than `tol` where its terms cancel; a wrong result by far more
-        scale = float(r.abs().max()) if r.dtype.is_floating_point and r.numel() else 0.0
-        if r.dtype.is_floating_point and not torch.allclose(g, r, rtol=tol, atol=tol * max(1.0, scale)):
-            err = (g - r).abs().max().item()
-            raise ValueError(f"output {i} differs from the reference by up to {err:.3g}")
+        finite = r[torch.isfinite(r)] if r.dtype.is_floating_point else r
+        scale = float(finite.abs().max()) if r.dtype.is_floating_point and finite.numel() else 0.0
+        if r.dtype.is_floating_point and not torch.allclose(g, r, rtol=tol, atol=tol * max(1.0, scale),
+                                                            equal_nan=True):
+            bad = ~torch.isclose(g, r, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
+            raise ValueError(f"output {i} differs from the reference at {int(bad.sum())} of {r.numel()} places "
+                             f"(e.g. {g[bad][0].item():.4g} vs {r[bad][0].item():.4g})")
         if not r.dtype.is_floating_point and not torch.equal(g, r):
             raise ValueError(f"output {i} differs from the reference")
