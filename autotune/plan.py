@@ -91,14 +91,46 @@ def read_plan(path: str | os.PathLike) -> Plan:
     if missing:
         raise PlanError(f"fxcc: plan {path!r} lacks {', '.join(missing)}; write it again with `fxcc search`")
     data.pop("fxcc_plan")
+    problem = _malformed(data)
+    if problem:
+        raise PlanError(f"fxcc: plan {path!r} is malformed: {problem}; write it again with `fxcc search`")
     known = set(Plan.__dataclass_fields__)
-    try:
-        plan = Plan(**{k: v for k, v in data.items() if k in known})
-    except TypeError as e:
-        raise PlanError(f"fxcc: plan {path!r} is malformed: {e}") from None
-    if not isinstance(plan.pipeline, str) or not isinstance(plan.kernels, dict) or not isinstance(plan.target, dict):
-        raise PlanError(f"fxcc: plan {path!r} is malformed: pipeline must be text, kernels and target objects")
-    return plan
+    return Plan(**{k: v for k, v in data.items() if k in known})
+
+
+_NUMBER = (int, float)
+# field -> (allowed types, what it should be); optional fields may also be null
+_FIELDS = {
+    "fingerprint": (dict, "an object"), "target": (dict, "an object"), "versions": (str, "text"),
+    "pipeline": (str, "text"), "kernels": (dict, "an object"), "latency_ms": (_NUMBER, "a number"),
+    "eager_ms": (_NUMBER, "a number"), "quality_error": (_NUMBER, "a number"), "objective": (str, "text"),
+    "search": (dict, "an object"), "created": (str, "text"),
+}
+_OPTIONAL = ("latency_ms", "eager_ms", "quality_error")
+
+
+def _malformed(data: dict) -> str | None:
+    """What is wrong with a plan's fields (their types, the kernel entries, the fingerprint), or None."""
+    for name, (types, what) in _FIELDS.items():
+        if name not in data or (data[name] is None and name in _OPTIONAL):
+            continue
+        v = data[name]
+        if isinstance(v, bool) or not isinstance(v, types):
+            return f"field {name!r} must be {what}, not {type(v).__name__} ({v!r:.60})"
+    fp, target = data["fingerprint"], data["target"]
+    for name, typ in (("module", str), ("weights_sha256", str), ("tensors", list), ("inputs", list)):
+        if name in fp and not isinstance(fp[name], typ):
+            return f"fingerprint.{name} must be {'text' if typ is str else 'a list'}"
+    for name in ("kind", "id"):
+        if name in target and not isinstance(target[name], str):
+            return f"target.{name} must be text"
+    for key, choice in data["kernels"].items():
+        if not isinstance(choice, dict):
+            return f"kernels[{key!r}] must be an object with backend, module and params"
+        for name, typ in (("backend", str), ("module", str), ("params", dict)):
+            if name in choice and choice[name] is not None and not isinstance(choice[name], typ):
+                return f"kernels[{key!r}].{name} must be {'text' if typ is str else 'an object'}"
+    return None
 
 
 @functools.lru_cache(maxsize=16)

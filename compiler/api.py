@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .options import CompileOptions
-from .pipeline import parse_pipeline
+from .pipeline import PASSES, parse_pipeline
 from .runtime import CompiledModule
 
 
@@ -42,8 +42,16 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
         from fxcc.autotune.plan import plan_options
         opts = plan_options(opts)
-    # a bad pipeline fails here, not at the first call
-    parse_pipeline("default" if opts.passes is None else opts.passes)
+    # a bad pipeline, pass name or target fails here, not at the first call
+    passes = parse_pipeline("default" if opts.passes is None else opts.passes)
+    known = {p.name for p in passes} | set(PASSES) | {"all"}
+    unknown = [n for n in opts.print_ir_after if n not in known]
+    if unknown:
+        raise ValueError(f"fxcc: print_ir_after names no pass: {', '.join(map(repr, unknown))}; "
+                         f"passes: all, {', '.join(sorted(PASSES))}")
+    if opts.target == "cuda" and not torch.cuda.is_available():
+        raise ValueError("fxcc: target='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); "
+                         "use target='cpu' or 'auto', or run where a GPU is visible")
     if model is None:
         return lambda m: compile(m, options=opts)
     return _wrap(model, opts)

@@ -45,6 +45,14 @@ class CompileOptions:
     dycl: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"fxcc: {name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.print_ir_after, (tuple, list)) or not all(isinstance(x, str)
+                                                                         for x in self.print_ir_after):
+            raise TypeError(f"fxcc: print_ir_after must be a tuple of pass names (or ('all',)), got "
+                            f"{self.print_ir_after!r}; e.g. print_ir_after=('raise', 'fuse')")
+        object.__setattr__(self, "print_ir_after", tuple(self.print_ir_after))
         if self.target not in TARGETS:
             raise ValueError(f"fxcc: unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
         if self.tune not in TUNE_MODES:
@@ -53,9 +61,11 @@ class CompileOptions:
                                              or self.tune_budget < 1):
             raise ValueError(f"fxcc: tune_budget must be a positive number of trials per kernel (or None), "
                              f"got {self.tune_budget!r}")
-        if self.quality_budget is not None and not self.quality_budget >= 0:
-            raise ValueError(f"fxcc: quality_budget must be a number >= 0, got {self.quality_budget!r}")
-        if not isinstance(self.max_variants, int) or self.max_variants < 1:
+        qb = self.quality_budget
+        if qb is not None and (isinstance(qb, bool) or not isinstance(qb, (int, float)) or not 0 <= qb < 1):
+            raise ValueError(f"fxcc: quality_budget is the largest quality loss (1 - min cosine) approximate passes "
+                             f"may spend: a number in [0, 1) such as 0.01, or None; got {qb!r}")
+        if isinstance(self.max_variants, bool) or not isinstance(self.max_variants, int) or self.max_variants < 1:
             raise ValueError(f"fxcc: max_variants must be a positive integer, got {self.max_variants!r}")
         if self.passes is not None and not isinstance(self.passes, str):
             raise TypeError(f"fxcc: passes must be a pipeline string, got {type(self.passes).__name__}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import re
 import time
 import types
@@ -172,6 +173,8 @@ def _instantiate(name: str, col: int, raw: list[tuple[str, str, int, int]], text
     kwargs: dict[str, Any] = {}
     for key, value, kcol, vcol in raw:
         fname = key.replace("-", "_")
+        if fname in kwargs:
+            raise PipelineError(f"pass {name!r} is given option {key!r} twice", text, kcol)
         if fname not in fields:
             known = ", ".join(f.replace("_", "-") for f in fields) or "none"
             raise PipelineError(f"pass {name!r} has no option {key!r} (options: {known})", text, kcol)
@@ -216,9 +219,12 @@ def _convert(value: str, hint: Any) -> Any:
             raise ValueError(f"expected an integer, got {value!r}") from None
     if hint is float:
         try:
-            return float(value)
+            x = float(value)
         except ValueError:
             raise ValueError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(x):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return x
     if hint is str:
         return value.strip("'\"")
     raise ValueError(f"unsupported option type {hint}")

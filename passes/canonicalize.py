@@ -46,6 +46,10 @@ class Canonicalize(Pass):
     cse: bool = True
     max_fold_mb: float = 256.0
 
+    def __post_init__(self) -> None:
+        if self.max_fold_mb < 0:
+            raise ValueError(f"max_fold_mb must be >= 0, got {self.max_fold_mb}")
+
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = {"asserts": 0, "identity": 0, "folded": 0, "cse": 0, "dce": 0}
         for node in list(gm.graph.nodes):

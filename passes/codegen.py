@@ -54,6 +54,8 @@ class Codegen(Pass):
     def __post_init__(self) -> None:
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: auto, {', '.join(BACKENDS)}")
+        if self.reps < 1:
+            raise ValueError(f"reps must be at least 1 (timed calls per candidate), got {self.reps}")
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         keys = dict.fromkeys(n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)

@@ -82,6 +82,10 @@ class Fuse(Pass):
     writes = "kernel"
     max_group: int = 64
 
+    def __post_init__(self) -> None:
+        if self.max_group < 1:
+            raise ValueError(f"max_group must be at least 1, got {self.max_group}")
+
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         nodes = list(gm.graph.nodes)
         pos = {n: i for i, n in enumerate(nodes)}

@@ -35,6 +35,10 @@ class MergeLinears(Pass):
     writes = "tx"
     max_mb: int = 256
 
+    def __post_init__(self) -> None:
+        if self.max_mb < 0:
+            raise ValueError(f"max_mb must be >= 0, got {self.max_mb}")
+
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.target != "cpu":
             return PassResult(False)

@@ -270,7 +270,7 @@ def test_wrong_arguments_to_function_name_the_function(x):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target="tpu"), r"unknown target 'tpu'; use one of auto, cpu, cuda"),
     (dict(tune="fast"), r"unknown tune mode 'fast'; use one of off, cached, search"),
-    (dict(quality_budget=-1.0), r"quality_budget must be a number >= 0"),
+    (dict(quality_budget=-1.0), r"quality_budget is the largest quality loss .* in \[0, 1\)"),
 ])
 def test_bad_compile_arguments_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
