@@ -25,8 +25,10 @@ setup: $(STAMP)
 LOCK_VENV := build/lock-venv
 lock:
 	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/pip install -q --upgrade torch==2.13.0 setuptools wheel
-	$(LOCK_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '$(EXTRAS)'
+	echo torch==2.13.0 > $(LOCK_VENV)/torch-pin.txt  # only torch is held: everything else goes to its newest
+	$(LOCK_VENV)/bin/pip install -q --upgrade -c $(LOCK_VENV)/torch-pin.txt torch setuptools wheel
+	$(LOCK_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -c $(LOCK_VENV)/torch-pin.txt \
+	    --no-build-isolation -e '$(EXTRAS)'
 	$(LOCK_VENV)/bin/python -m pytest -q
 	{ sed -n '1,3p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --exclude-editable --all | grep -v -e '^fxcc=' -e '^pip=' \
 	    | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
