@@ -28,7 +28,7 @@ class CompileOptions:
     print_ir_after: pass names (or "all") whose output IR is printed (env FXCC_PRINT_IR_AFTER=raise,fuse).
     max_variants: compiled variants (input shapes/dtypes) kept before new signatures run eagerly.
     dycl: when capture fails on tensor-dependent control flow, split the program into compiled segments
-        and a generated host program (fxcc.passes.dycl); False keeps the CaptureError.
+        and a generated host program (fxcc.dycl); False keeps the CaptureError.
     """
 
     target: str = "auto"

@@ -303,7 +303,7 @@ class CompiledModule:
             try:
                 cap = capture(self.module, args, kwargs)
             except CaptureError as e:  # tensor-dependent control flow: a DyCL host program + compiled segments
-                from fxcc.passes import dycl
+                from fxcc import dycl
 
                 return dycl.compile_dynamic(self, args, kwargs, e)
             finally:
@@ -355,7 +355,7 @@ class CompiledModule:
         if not self.variants:
             return f"{self.name}: not compiled yet (call it once, or use fxcc.explain with example inputs)"
         v = self.variants[-1]
-        if hasattr(v, "report"):  # a DyCL variant (fxcc.passes.dycl): host program and segments
+        if hasattr(v, "report"):  # a DyCL variant (fxcc.dycl): host program and segments
             return v.report(self.name, ir_after_each=ir_after_each)
         return explain_variant(self.name, v, ir_after_each=ir_after_each)
 

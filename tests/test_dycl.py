@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from conftest import assert_outputs_close
 from dynamic_nets import NETWORKS, EagerTry, MoE, TreeNet
-from fxcc.passes import dycl
+from fxcc import dycl
 
 D, B = 64, 8  # small sizes keep the suite fast; the benchmark uses hidden 512, batch 32
 PASSES = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: no timing at compile

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from fxcc.capture import CaptureError, flatten_inputs
-from fxcc.passes.dycl_rewrite import (
+from fxcc.dycl_rewrite import (
     DynamicCallees,
     RewriteError,
     Rewritten,
