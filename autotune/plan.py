@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from fxcc.graph_cache import tensor_bytes
+from fxcc.store import library_versions, target_id, tensor_bytes
 from torch.utils import _pytree as pytree
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 _REQUIRED = ("fingerprint", "target", "versions", "pipeline", "kernels")
@@ -188,8 +188,6 @@ def input_signature(args: tuple, kwargs: dict) -> list[str]:
 
 def target_info(kind: str) -> dict:
     """The plan's target: its kind and the id kernel code and timings depend on (see codegen.target_id)."""
-    from fxcc.passes.codegen import target_id
-
     return {"kind": kind, "id": target_id(kind), "devices": torch.cuda.device_count() if kind == "cuda" else 1}
 
 
@@ -198,8 +196,6 @@ def target_info(kind: str) -> dict:
 
 def check_versions(plan: Plan, where: str) -> None:
     """Refuse a plan measured with other library versions (generated code and timings depend on them)."""
-    from fxcc.autotune.cache import library_versions
-
     now = library_versions()
     if plan.versions == now:
         return
@@ -217,8 +213,6 @@ def check_target(plan: Plan, kind: str, where: str) -> None:
         raise PlanError(f"fxcc: plan {where} was searched for target {plan.target.get('kind')!r}, but this compile "
                         f"targets {kind!r}. Compile with target={plan.target.get('kind')!r} (and the model on that "
                         "device), or run `fxcc search --target` for this one.")
-    from fxcc.passes.codegen import target_id
-
     now = target_id(kind)
     if plan.target.get("id") != now:
         then, here = str(plan.target.get("id")), now

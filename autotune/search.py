@@ -1,4 +1,6 @@
-"""Offline plan search (`fxcc search`): one Optuna study over a model's pipeline knobs, then kernel tuning.
+"""Offline plan search (`fxcc search`): the space of pipeline knobs, the choice among trials, the reports.
+
+The study itself runs in fxcc.plan_search, which compiles the model for every trial (the top layer).
 
 Each trial samples a pipeline from the knobs of the passes registered now (a knob of a pass that is not
 registered is left out, with a note in the report), compiles the model with it, checks its outputs
@@ -18,20 +20,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import socket
-import sys
-import time
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn as nn
-from fxcc.autotune.plan import Plan, model_fingerprint, target_info
+from fxcc.autotune.plan import Plan
+from fxcc.codegen import backend
+from fxcc.pipeline import DEFAULT_PIPELINE, pass_class
+from fxcc.store import cache_key
 from torch.utils import _pytree as pytree
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("latency", "throughput")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -126,8 +126,6 @@ def knob_spec(name: str, options: dict) -> str:
 
 def pipeline_text(before_raise: list[str], after_raise: list[str], backend: str) -> str:
     """The default pipeline with knob passes just before and just after `raise`, and the codegen backend set."""
-    from fxcc.pipeline import DEFAULT_PIPELINE
-
     out = []
     for name in (p.strip() for p in DEFAULT_PIPELINE.split(",")):
         if name == "raise":
@@ -144,9 +142,6 @@ def build_space(target: str, backends: list[str] | None = None, only: list[str] 
 
     only: pass names whose knobs to search (None: every knob; []: none, only the codegen backend).
     """
-    from fxcc.pipeline import PASSES, _load_passes
-
-    _load_passes()
     devices = torch.cuda.device_count() if target == "cuda" else 1
     present, notes, approximate = [], [], []
     fixed: dict[str, dict] = {}
@@ -158,7 +153,7 @@ def build_space(target: str, backends: list[str] | None = None, only: list[str] 
     for knob in KNOBS:
         if only is not None and knob.pass_name not in only:
             continue
-        cls = PASSES.get(knob.pass_name)
+        cls = pass_class(knob.pass_name)
         if cls is None:
             notes.append(f"{knob.pass_name}: not searched (the pass is not registered in this fxcc)")
             continue
@@ -180,26 +175,6 @@ def build_space(target: str, backends: list[str] | None = None, only: list[str] 
         raise ValueError(f"fxcc search: backend(s) {unknown} do not build for target {target!r}; "
                          f"choose from {', '.join(BACKEND_CHOICES[target])}")
     return Space(present, _available_backends(wanted, target, notes), approximate, notes, fixed)
-
-
-def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str) -> Space:
-    """Drop knobs whose pass fails on this model with its first choice (layer-skip on a model without repeated
-    blocks, token-merge on an unknown block structure): they would only spend trials. Noted in the report."""
-    import fxcc
-
-    kept = []
-    for name, at_aten, options in space.knobs:
-        spec = knob_spec(name, {**{o: vs[0] for o, vs in options.items()}, **space.fixed.get(name, {})})
-        pipeline = ",".join(["canonicalize", spec, "raise"] if at_aten else ["canonicalize", "raise", spec])
-        try:
-            fxcc.compile(model, target=target, passes=pipeline, tune="off").warm(*args, **kwargs)
-        except Exception as e:
-            space.notes.append(f"{name}: not searched (fails on this model: {type(e).__name__}: {str(e)[:200]})")
-            continue
-        kept.append((name, at_aten, options))
-    space.knobs = kept
-    space.approximate = [n for n in space.approximate if any(n == k for k, _, _ in kept)]
-    return space
 
 
 def _options(knob: Knob, cls: type, devices: int) -> dict[str, list]:
@@ -234,15 +209,13 @@ def _implied_choices(opt: str, hint: Any, devices: int) -> tuple:
 
 
 def _available_backends(wanted: list[str], target: str, notes: list[str]) -> list[str]:
-    from fxcc.passes.codegen import backend_module
-
     out = []
     for b in wanted:
         if b in ("auto", "extern"):
             out.append(b)
             continue
         try:
-            why = backend_module(b).available(target)
+            why = backend(b).available(target)
         except ImportError as e:
             why = str(e)
         if why is None:
@@ -304,33 +277,6 @@ class Measurement:
         return self.eager_ms / self.latency_ms
 
 
-class Evaluator:
-    """Compiles a pipeline (or a plan) for the model and measures it beside the uncompiled model."""
-
-    def __init__(self, model: nn.Module, args: tuple, kwargs: dict, target: str, warmup: int, reps: int):
-        self.model, self.args, self.kwargs, self.target = model, args, kwargs, target
-        self.warmup, self.reps = warmup, reps
-        with torch.no_grad():
-            self.reference = model(*args, **kwargs)
-
-    def _eager(self) -> Any:
-        with torch.no_grad():
-            return self.model(*self.args, **self.kwargs)
-
-    def measure(self, **compile_kwargs: Any) -> Measurement:
-        import fxcc
-        from fxcc.autotune.measure import interleaved
-
-        t0 = time.perf_counter()
-        cm = fxcc.compile(self.model, target=self.target, **compile_kwargs)
-        out = cm(*self.args, **self.kwargs)
-        compile_s = time.perf_counter() - t0
-        err = quality_error(out, self.reference)
-        t = interleaved({"fxcc": lambda: cm(*self.args, **self.kwargs), "eager": self._eager},
-                        device=self.target, warmup=self.warmup, reps=self.reps, rounds=min(self.reps, 5))
-        return Measurement(t["fxcc"].median, t["eager"].median, err, compile_s)
-
-
 # ---------------------------------------------------------------------------------------- the search
 
 
@@ -381,111 +327,9 @@ class SearchResult:
 
 def study_name_for(fp: dict, target: dict, objective: str, space: Space) -> str:
     """Trials are comparable only for the same model, inputs, target, objective and space: all in the name."""
-    from fxcc.autotune.cache import cache_key
-
     key = cache_key(weights=fp["weights_sha256"], inputs=";".join(fp["inputs"]), target=target["id"],
                     space=repr(space.describe()))
     return f"search:{fp['module'].rsplit('.', 1)[-1]}:{objective}:{key[:12]}"
-
-
-def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> SearchResult:
-    """Run (or join) the study, choose a plan, tune its kernels, write and re-measure it, report."""
-    import optuna
-    from fxcc.autotune.tune import _Progress, _redact, open_storage
-
-    model.eval()
-    space = probe(build_space(cfg.target, cfg.backends, cfg.knobs), model, args, kwargs, cfg.target)
-    fp = model_fingerprint(model, args, kwargs)
-    tgt = target_info(cfg.target)
-    name = cfg.study_name or study_name_for(fp, tgt, cfg.objective, space)
-    multi = bool(space.approximate)
-    budget = cfg.quality_budget if cfg.quality_budget is not None else (DEFAULT_QUALITY_BUDGET if multi else None)
-    primary = "minimize" if cfg.objective == "latency" else "maximize"
-    directions = [primary, "minimize"] if multi else [primary]
-    samples = batch_size(args, kwargs)
-    ev = Evaluator(model, args, kwargs, cfg.target, cfg.warmup, cfg.reps)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
-    print(f"fxcc search: study {name!r} ({'latency and quality error' if multi else cfg.objective}), "
-          f"{cfg.trials} trials in this process\n  space: " + "\n         ".join(space.describe())
-          + "".join(f"\n  note: {n}" for n in space.notes), file=sys.stderr)
-
-    def objective(trial: Any) -> Any:
-        pipeline = space.suggest(trial)
-        trial.set_user_attr("pipeline", pipeline)
-        trial.set_user_attr("worker", worker)
-        exact = not any(f"{p}{{" in pipeline or f",{p}," in pipeline for p in space.approximate)
-        try:
-            m = ev.measure(passes=pipeline, tune="cached")
-        except Exception as e:  # a pipeline that does not compile or run costs one trial
-            return _reject(trial, "failed", f"{type(e).__name__}: {e}")
-        if math.isnan(m.quality_error) or (exact and m.quality_error > EXACT_TOLERANCE):
-            return _reject(trial, "wrong", f"quality error {m.quality_error:.3g}"
-                           + (" from an exact pipeline" if exact else " (outputs not finite)"))
-        value = m.latency_ms if cfg.objective == "latency" else samples * 1e3 / m.latency_ms
-        trial.set_user_attr("latency_ms", m.latency_ms)
-        trial.set_user_attr("eager_ms", m.eager_ms)
-        trial.set_user_attr("quality_error", m.quality_error)
-        trial.set_user_attr("throughput", samples * 1e3 / m.latency_ms)
-        trial.set_user_attr("compile_s", m.compile_s)
-        return (value, m.quality_error) if multi else value
-
-    def _reject(trial: Any, why: str, message: str) -> Any:
-        trial.set_user_attr("failure", why)
-        trial.set_user_attr("error", message[:2000])
-        log.warning("search: trial %d (%s) %s: %s", trial.number, trial.user_attrs["pipeline"], why,
-                    message[:300])
-        raise optuna.TrialPruned(f"{why}: {message[:300]}")
-
-    def on_trial(study: Any, _t: Any) -> None:
-        done = _complete(study)
-        ok = [t for t in done if budget is None or t.user_attrs["quality_error"] <= budget]
-        bar.update(min(ok, key=relative).user_attrs["latency_ms"] if ok else None)
-
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    bar = _Progress(cfg.trials, f"search {name}", cfg.progress)
-    try:
-        study = optuna.create_study(storage=open_storage(cfg.storage), study_name=name, directions=directions,
-                                    sampler=_sampler(cfg.sampler, cfg.seed), load_if_exists=True)
-        if len(study.directions) != len(directions):
-            raise ValueError(f"fxcc search: study {name!r} in this storage has {len(study.directions)} objective(s), "
-                             f"this search {len(directions)} (its space changed); name another --study")
-        study.set_user_attr("fxcc_space", space.describe())
-        study.enqueue_trial(space.baseline(), skip_if_exists=True)
-        study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, callbacks=[on_trial])
-    finally:
-        bar.close()
-        optuna.logging.set_verbosity(verbosity)
-
-    done = _complete(study)
-    if not done:
-        raise RuntimeError(f"fxcc search: no trial of study {name!r} compiled and ran correctly; the trials' "
-                           "user attrs (optuna-dashboard, or fxcc -v search) say why")
-    chosen = choose(done, cfg.objective, budget)
-    front = pareto(done)
-    print(f"chosen: trial {chosen.number}: {chosen.user_attrs['pipeline']}", file=sys.stderr)
-
-    plan = record_plan(model, args, kwargs, chosen.user_attrs["pipeline"], cfg, fp, tgt)
-    plan.objective = cfg.objective
-    plan.search = {"study": name, "storage": _redact(cfg.storage) if cfg.storage else "default (tuning.db in the "
-                   "artifact cache)", "trial": chosen.number, "trials_in_study": len(study.trials),
-                   "complete": len(done), "quality_budget": budget, "space": space.describe(), "notes": space.notes,
-                   "tune_budget": cfg.tune_budget, "search_latency_ms": chosen.user_attrs["latency_ms"],
-                   "search_quality_error": chosen.user_attrs["quality_error"],
-                   "pareto": [{"trial": t.number, "pipeline": t.user_attrs["pipeline"],
-                               "latency_ms": round(t.user_attrs["latency_ms"], 4),
-                               "quality_error": t.user_attrs["quality_error"]} for t in front]}
-    plan.save(cfg.output)
-    # the plan's numbers are measured with the plan applied, as `compile(plan=...)` will run it
-    m = ev.measure(plan=os.path.abspath(cfg.output))
-    plan.latency_ms, plan.eager_ms, plan.quality_error = m.latency_ms, m.eager_ms, m.quality_error
-    plan.search["throughput"] = samples * 1e3 / m.latency_ms
-    plan.save(cfg.output)
-
-    table = report_table(done, chosen, front, budget, cfg.objective, plan)
-    plot = cfg.plot if cfg.plot is not None else os.path.splitext(cfg.output)[0] + ".pareto.png"
-    plot_path = plot_pareto(done, front, chosen, budget, plot, title=name) if plot else None
-    return SearchResult(plan, cfg.output, plot_path, table, name, len(study.trials))
 
 
 def _sampler(name: str, seed: int | None) -> Any:
@@ -528,28 +372,6 @@ def pareto(trials: list) -> list:
     front = [t for lat, err, t in pts
              if not any((lo <= lat and eo <= err) and (lo < lat or eo < err) for lo, eo, _ in pts)]
     return sorted(front, key=relative)
-
-
-def record_plan(model: nn.Module, args: tuple, kwargs: dict, pipeline: str, cfg: SearchConfig, fp: dict,
-                tgt: dict) -> Plan:
-    """Compile the chosen pipeline (tuning its kernels when a budget is given) and record each kernel's choice."""
-    import fxcc
-    from fxcc.autotune.cache import library_versions
-    from fxcc.dialects import KERNEL_OPS, KERNELS
-
-    tune = {"tune": "search", "tune_budget": cfg.tune_budget} if cfg.tune_budget else {"tune": "cached"}
-    cm = fxcc.compile(model, target=cfg.target, passes=pipeline, **tune)
-    cm(*args, **kwargs)
-    gm = cm.variants[-1].gm
-    kernels = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] not in kernels:
-            kb = KERNELS[n.args[1]]
-            if kb.backend == "reference":  # not built (no codegen pass): nothing to record
-                continue
-            kernels[kb.key] = {"backend": kb.backend, "module": kb.info.get("module") or kb.backend.split("+")[0],
-                               "params": kb.info.get("params") or {}, "kind": kb.kind}
-    return Plan(fingerprint=fp, target=tgt, versions=library_versions(), pipeline=pipeline, kernels=kernels)
 
 
 # ---------------------------------------------------------------------------------------- reports

@@ -1,7 +1,7 @@
 """Tensor-parallel plan search: TP degree, fused all-reduce + RMSNorm, token split and its ratio.
 
 A plan is a pipeline suffix (tp-shard, fuse-allreduce-rmsnorm options). Plans for device counts present
-are chosen by measurement (`measure_plans`, one process per device, `launch`); an analytical cost model
+are chosen by measurement (fxcc.tp_bench.measure_plans, one process per device, `launch`); an analytical cost model
 (`CostModel`: GEMM FLOPs and bytes per op against measured matmul rate and HBM bandwidth, all-reduce
 volume against a measured latency + bandwidth fit) ranks the rest, e.g. TP=4 and TP=8 on a 2-GPU host.
 `compare` reports how the model's predictions relate to what was measured.
@@ -24,13 +24,13 @@ import torch
 import torch.fx as fx
 from fxcc.codegen.allreduce_rmsnorm import split_rows
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ plans
 
 
 @dataclass(frozen=True)
-class Plan:
+class TPPlan:
     """One point of the search space. fused=False means NCCL all-reduce, add and RMSNorm as separate ops."""
 
     tp: int = 1
@@ -57,15 +57,15 @@ class Plan:
         return ",".join(out + ([self.rest] if self.rest else []))
 
 
-def space(max_tp: int, ratios: tuple[float, ...] = (0.5,), impls: tuple[str, ...] = ("auto",)) -> list[Plan]:
+def space(max_tp: int, ratios: tuple[float, ...] = (0.5,), impls: tuple[str, ...] = ("auto",)) -> list[TPPlan]:
     """Every plan up to `max_tp` ranks (powers of two): unfused, fused per impl, fused + split per ratio."""
-    plans = [Plan(1)]
+    plans = [TPPlan(1)]
     tp = 2
     while tp <= max_tp:
-        plans.append(Plan(tp))
+        plans.append(TPPlan(tp))
         for impl in impls:
-            plans.append(Plan(tp, True, impl=impl))
-            plans.extend(Plan(tp, True, True, r, impl) for r in ratios)
+            plans.append(TPPlan(tp, True, impl=impl))
+            plans.extend(TPPlan(tp, True, True, r, impl) for r in ratios)
         tp *= 2
     return plans
 
@@ -98,7 +98,7 @@ def _bytes(v: Any) -> int:
     return 0
 
 
-def _is_view(node: fx.Node) -> bool:
+def is_view(node: fx.Node) -> bool:
     t = node.target
     if t is operator.getitem or not isinstance(t, torch._ops.OpOverload):
         return True
@@ -159,32 +159,13 @@ class CostModel:
                 return sum(part(rows))
             (g1, c1), (g2, c2) = part(m), part(rows - m)
             return g1 + max(g2, c1) + c2
-        if _is_view(node):
+        if is_view(node):
             return 0.0
         return io / r.hbm + r.launch
 
     def graph_time(self, gm: fx.GraphModule, tp: int) -> float:
         """Seconds for one call of `gm` on one of `tp` ranks."""
         return sum(self.node_time(n, tp) for n in gm.graph.nodes if n.op == "call_function")
-
-
-def plan_graphs(model: torch.nn.Module, args: tuple, kwargs: dict, plans: list[Plan]) -> dict[str, fx.GraphModule]:
-    """Each plan's IR as rank 0 would compile it, built in this one process (no devices or ranks needed)."""
-    from fxcc.capture import capture
-    from fxcc.options import CompileOptions
-    from fxcc.pipeline import PassContext, PassManager, parse_pipeline
-
-    ctx = PassContext(options=CompileOptions(), module=model, example_inputs=(args, kwargs))
-    cap = capture(model, args, kwargs)
-    base = PassManager(parse_pipeline("canonicalize,raise")).run(cap.gm, ctx)
-    out = {}
-    for p in plans:
-        passes = p.passes().replace(f"tp-shard{{tp={p.tp}}}", f"tp-shard{{tp={p.tp},rank=0}}")
-        try:
-            out[p.name] = PassManager(parse_pipeline(passes)).run(clone_graph(base), ctx) if passes else base
-        except ValueError as e:  # e.g. a tp that does not divide the heads: not a plan for this model
-            log.info("fxcc: plan %s skipped: %s", p.name, e)
-    return out
 
 
 def fit_allreduce(samples: list[tuple[int, float]]) -> tuple[float, float]:
@@ -251,90 +232,3 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str | None =
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:
                 results.append(json.load(f))
     return results
-
-
-# ------------------------------------------------------------------------------ building plan variants
-
-
-def clone_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of gm's graph sharing its parameters (no weight is copied)."""
-    g = fx.Graph()
-    out = g.graph_copy(gm.graph, {})
-    g.output(out)
-    return fx.GraphModule(gm, g)
-
-
-def build_variant(base: fx.GraphModule, captured: Any, passes: str, ctx: Any, name: str,
-                  cuda_graphs: bool = True) -> Any:
-    """A runnable Variant of `base` (an IR after `raise`) with `passes` (a plan's pipeline part) applied.
-
-    Lets one capture serve every plan of a search: each plan transforms its own copy of the graph.
-    """
-    from fxcc.pipeline import PassManager, parse_pipeline
-    from fxcc.runtime import Variant, build_executable, graphable
-
-    gm = clone_graph(base)
-    if passes:
-        gm = PassManager(parse_pipeline(passes)).run(gm, ctx)
-    exe, bound = build_executable(gm)
-    graphs = cuda_graphs and ctx.target == "cuda" and graphable(gm)
-    return Variant(captured, gm, exe, [], 0.0, bound, "pending" if graphs else None, name)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def measure_plans(model: torch.nn.Module, args: tuple, kwargs: dict, plans: list[Plan], *, warmup: int = 5,
-                  reps: int = 30, device: str = "cuda", log: Callable[[str], None] = print,
-                  cost: CostModel | None = None) -> dict[str, Any]:
-    """On every rank, in lockstep: capture once, build each plan, check it against TP=1, time it.
-
-    Returns {plan name: {"ms": median, "p10", "p90", "rel_err_vs_tp1", "pipeline"}}; ranks time the same
-    calls in the same order, so collectives line up.
-    """
-    from fxcc.autotune.measure import interleaved
-    from fxcc.capture import capture, flatten_inputs
-    from fxcc.options import CompileOptions
-    from fxcc.pipeline import PassContext, PassManager, parse_pipeline
-
-    ctx = PassContext(options=CompileOptions(), module=model, example_inputs=(args, kwargs), target=device)
-    cap = capture(model, args, kwargs)
-    base = PassManager(parse_pipeline("canonicalize,raise")).run(cap.gm, ctx)
-    flat, _ = flatten_inputs(args, kwargs)
-    variants, outs = {}, {}
-    failed = {}
-    for p in plans:
-        try:
-            v = build_variant(base, cap, p.passes(), ctx, p.name)
-            with torch.inference_mode():
-                out = v.run(flat)
-        except Exception as e:  # noqa: BLE001 - a plan that fails is reported and left out of the search
-            failed[p.name] = f"{type(e).__name__}: {e}"
-            log(f"plan {p.name} failed: {failed[p.name]}")
-            continue
-        outs[p.name] = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
-        variants[p.name] = v
-        log(f"built {p.name}: {p.passes() or '(no tp passes)'}; graph: {v.cuda_graph is not None}")
-    ref = outs.get("tp1")
-
-    def call(v=None):
-        def run():
-            with torch.inference_mode():
-                return v.run(flat)
-        return run
-
-    timings = interleaved({k: call(v) for k, v in variants.items()}, device=device, warmup=warmup, reps=reps)
-    result: dict[str, Any] = {k: {"failed": v} for k, v in failed.items()}
-    return result | {p.name: {"ms": timings[p.name].median, "p10": timings[p.name].quantile(0.1),
-                     "p90": timings[p.name].quantile(0.9), "pipeline": p.passes(),
-                     "rel_err_vs_tp1": rel_err(outs[p.name], ref) if ref is not None else None,
-                     "kernels": kernel_count(variants[p.name].gm),
-                     "model_ms": cost.graph_time(variants[p.name].gm, p.tp) * 1e3 if cost and not p.rest else None}
-                     for p in plans if p.name in variants}
-
-
-def kernel_count(gm: fx.GraphModule) -> int:
-    """Call nodes that launch work (views and getitems do not)."""
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and not _is_view(n))

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fxcc.autotune.cache import cache_key, default_cache, private_dir
-from fxcc.codegen import Kernel
+from fxcc.codegen import Kernel, check
+from fxcc.measure import interleaved
+from fxcc.store import cache_key, default_cache, private_dir
 from torch import Tensor
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 DEVICES = ("cpu", "cuda")
@@ -119,7 +120,7 @@ def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *
         first_error.setdefault(status, value)
         trial.set_user_attr("failure", status)
         trial.set_user_attr("error", value[:2000])
-        log.debug("fxcc: %s trial %d %s %s: %s", label, trial.number, params, _REASONS[status], value)
+        log.debug("%s trial %d %s %s: %s", label, trial.number, params, _REASONS[status], value)
         raise optuna.TrialPruned(f"{_REASONS[status]}: {value}")
 
     def on_trial(study: Any, _trial: Any) -> None:
@@ -137,7 +138,7 @@ def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *
                                     study_name=label, direction="minimize", load_if_exists=True)
         encoded = _encode(defaults, space, sampler)
         if encoded is None:
-            log.warning("fxcc: tuning %s: the kernel's defaults %s are not a point of its space %s; the search "
+            log.warning("tuning %s: the kernel's defaults %s are not a point of its space %s; the search "
                         "starts without them", label, defaults, space)
         elif sampler != "grid":  # grid visits the defaults' point anyway
             study.enqueue_trial(encoded, user_attrs={"defaults": True}, skip_if_exists=True)
@@ -167,14 +168,13 @@ def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *
     if progress:
         print(result.summary(), file=sys.stderr)
     else:
-        log.info("fxcc: %s", result.summary())
+        log.info("%s", result.summary())
     return result
 
 
 def _retime(kernel: Kernel, complete: list, defaults: dict, k: int, runner: _InProcess,
             reps: int) -> tuple[dict, float] | None:
     """The fastest of the study's `k` best distinct parameter sets, timed again in alternating rounds."""
-    from fxcc.autotune.measure import interleaved
     top: dict[str, dict] = {}
     for t in sorted(complete, key=lambda t: t.value):
         params = t.user_attrs.get("params", {**defaults, **t.params})
@@ -189,7 +189,7 @@ def _retime(kernel: Kernel, complete: list, defaults: dict, k: int, runner: _InP
             t = interleaved({name: (lambda f=f: f(runner.inputs)) for name, f in fns.items()},
                             device=runner.device, warmup=2, reps=2 * reps, rounds=min(2 * reps, 8))
     except Exception as e:  # a rebuild that fails now keeps the study's own best
-        log.warning("fxcc: re-timing the best candidates failed (%s: %s); keeping the study's best", type(e).__name__, e)
+        log.warning("re-timing the best candidates failed (%s: %s); keeping the study's best", type(e).__name__, e)
         return None
     name = min(t, key=lambda n: t[n].own)
     return top[name], t[name].own
@@ -341,9 +341,6 @@ def _default_key(kernel: Kernel, inputs: list[Tensor]) -> str:
 def evaluate(kernel: Kernel, params: dict, inputs: list[Tensor], reference: list[Tensor], device: str,
              warmup: int, reps: int) -> tuple[str, Any]:
     """Build, check, time: ("ok", median ms) or (reason, message) with reason in build/crash/wrong."""
-    from fxcc.autotune.measure import interleaved
-    from fxcc.passes.codegen import check
-
     try:
         built = kernel.build(params)
     except Exception as e:
@@ -464,7 +461,7 @@ def _worker_context() -> Any:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["fxcc.autotune.tune", "fxcc.passes.codegen"])
+    ctx.set_forkserver_preload(["fxcc.autotune.tune"])
     return ctx
 
 

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FXCC_CACHE_DIR", tempfile.mkdtemp(prefix="fxcc-mp-cache-"))
 
     import fxcc
-    from fxcc.autotune.measure import interleaved
+    from fxcc.autotune.mixed_precision import mixed_precision_report
     from fxcc.bench import minilm
-    from fxcc.passes.mixed_precision import mixed_precision_report
+    from fxcc.measure import interleaved
     from transformers import AutoTokenizer
 
     w = minilm(args.batch, args.seq, "cpu")

@@ -32,7 +32,7 @@ def _rotating(make, copies: int):
     all calls captured in one CUDA graph (as fxcc's runtime replays a step)."""
     import itertools
 
-    from fxcc.passes.mixed_precision import _bench_graph
+    from fxcc.autotune.mixed_precision import _bench_graph
 
     fns = [make(i) for i in range(copies)]
     it = itertools.cycle(fns)
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import fxcc
     from fxcc import bench
-    from fxcc.autotune.measure import interleaved
-    from fxcc.passes.mixed_precision import _error, mixed_precision_report
+    from fxcc.autotune.mixed_precision import _error, mixed_precision_report
+    from fxcc.measure import interleaved
 
     dev = args.device
     cfg = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "heads": args.heads,

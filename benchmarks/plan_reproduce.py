@@ -30,10 +30,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     import fxcc
-    from fxcc.autotune.measure import interleaved
     from fxcc.autotune.plan import read_plan
     from fxcc.autotune.search import quality_error
     from fxcc.cli import load_model_and_inputs
+    from fxcc.measure import interleaved
 
     plan = read_plan(args.plan)
     model, a, kw = load_model_and_inputs(f"{args.model_file}:model", f"{args.model_file}:inputs")

@@ -82,15 +82,15 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import fxcc
-    from fxcc.autotune.measure import interleaved
     from fxcc.bench import machine, minilm_dir
-    from fxcc.pipeline import PASSES, _load_passes
+    from fxcc.measure import interleaved
+    from fxcc.pipeline import PASSES, all_passes
     from transformers import AutoModel, AutoTokenizer
 
     def log(msg: str) -> None:
         print(f"[quality] {msg}", file=sys.stderr, flush=True)
 
-    _load_passes()
+    all_passes()
     path = minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()

@@ -3,7 +3,7 @@
     python benchmarks/token_merge.py --r 4 8 16 32 [--batch 8 --seq 128 --threads 2 --reps 60]
 
 Every build is fxcc (`canonicalize,raise,fuse,codegen`, with `token-merge{r=R}` inserted after
-canonicalize); all builds are timed interleaved in one process (autotune.measure.interleaved). Quality is
+canonicalize); all builds are timed interleaved in one process (fxcc.measure.interleaved). Quality is
 the cosine similarity of the mean-pooled (attention-masked) sentence embeddings to eager's exact ones:
 the minimum and the mean over the batch, on two inputs of the same shape: "padded" is fxcc.bench.SENTENCES
 padded to --seq tokens (short sentences: merging removes padding first, nearly free), "full" is the same
@@ -34,8 +34,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     import fxcc
-    from fxcc.autotune.measure import interleaved
     from fxcc.bench import minilm
+    from fxcc.measure import interleaved
 
     w = minilm(args.batch, args.seq)
     full = _full_rows(args.batch, args.seq)

@@ -100,7 +100,8 @@ def _graph_seconds(fn, calls: int = 20, reps: int = 15) -> float:
 
 def worker(rank: int, world: int, opts: dict) -> dict:
     """One rank: for each workload build every plan from one capture, check and time it."""
-    from fxcc.autotune.tp_plan import CostModel, Plan, Rates, compare, measure_plans, plan_graphs
+    from fxcc.autotune.tp_plan import CostModel, Rates, TPPlan, compare
+    from fxcc.tp_bench import measure_plans, plan_graphs
     from transformers import LlamaConfig, LlamaModel
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -119,11 +120,11 @@ def worker(rank: int, world: int, opts: dict) -> dict:
     torch.manual_seed(0)
     with torch.device(dev):
         model = LlamaModel(cfg).eval().to(torch.float32 if cpu else torch.bfloat16)
-    plans = [Plan(1), Plan(2), Plan(2, True, impl="nccl"), Plan(2, True, impl="auto"),
-             Plan(2, True, True, 0.5, "nccl"), Plan(2, True, True, 0.5, "auto"), Plan(2, True, True, 0.25, "auto")]
+    plans = [TPPlan(1), TPPlan(2), TPPlan(2, True, impl="nccl"), TPPlan(2, True, impl="auto"),
+             TPPlan(2, True, True, 0.5, "nccl"), TPPlan(2, True, True, 0.5, "auto"), TPPlan(2, True, True, 0.25, "auto")]
     if opts["codegen"]:  # the same plans with fxcc's own kernels for everything else (the product)
-        plans += [Plan(1, rest="fuse,codegen"), Plan(2, rest="fuse,codegen"),
-                  Plan(2, True, impl="auto", rest="fuse,codegen"), Plan(2, True, True, 0.5, "auto", rest="fuse,codegen")]
+        plans += [TPPlan(1, rest="fuse,codegen"), TPPlan(2, rest="fuse,codegen"),
+                  TPPlan(2, True, impl="auto", rest="fuse,codegen"), TPPlan(2, True, True, 0.5, "auto", rest="fuse,codegen")]
     fit = res["ceilings"]["allreduce_fit"]
     rates = Rates(matmul=res["ceilings"]["matmul_flops"], hbm=res["ceilings"]["copy_bytes_s"],
                   allreduce={k: tuple(v) for k, v in fit.items()})
@@ -138,11 +139,11 @@ def worker(rank: int, world: int, opts: dict) -> dict:
         meas = measure_plans(model, (ids,), {"use_cache": False}, plans, warmup=opts["warmup"], reps=opts["reps"],
                              device=dev, log=say, cost=cost)
         with torch.inference_mode():
-            from fxcc.autotune.measure import interleaved
+            from fxcc.measure import interleaved
             eager = interleaved({"eager": lambda ids=ids: model(ids, use_cache=False)}, device=dev,
                                 warmup=opts["warmup"], reps=opts["reps"])["eager"].median
         # device counts this host does not have: ranked by the model only, from the IR rank 0 would run
-        unmeasured = [Plan(tp, f, sp, 0.5) for tp in (4, 8) for f, sp in ((False, False), (True, False), (True, True))]
+        unmeasured = [TPPlan(tp, f, sp, 0.5) for tp in (4, 8) for f, sp in ((False, False), (True, False), (True, True))]
         graphs = plan_graphs(model, (ids,), {"use_cache": False}, unmeasured) if rank == 0 else {}
         pred = {k: v["model_ms"] for k, v in meas.items() if v.get("model_ms") is not None}
         pred |= {k: cost.graph_time(g, int(k[2])) * 1e3 for k, g in graphs.items()}

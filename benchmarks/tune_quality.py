@@ -29,13 +29,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import fxcc
-    from fxcc.autotune.measure import interleaved
+    from fxcc.autotune.select import example_inputs
     from fxcc.autotune.tune import tune_kernel
     from fxcc.bench import minilm
     from fxcc.codegen import extern
     from fxcc.codegen import tvm as tvm_backend
     from fxcc.dialects import KERNEL_OPS, KERNELS
-    from fxcc.passes.codegen import example_inputs
+    from fxcc.measure import interleaved
 
     w = minilm(8, 128)
     cm = fxcc.compile(w.model, passes="canonicalize,raise,fuse")

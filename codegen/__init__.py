@@ -1,18 +1,23 @@
 """fxcc.codegen: one module per backend; each turns a `kernel` op into candidate implementations.
 
-A backend module exposes `name`, `available(target) -> str | None` (None when usable, else why not),
+A backend module is a `Backend`: `name`, `available(target) -> str | None` (None when usable, else why not),
 `candidates(kb, target) -> list[Kernel]` and `load(kb, label, files, params) -> Built`, which rebuilds
-a kernel from the files an earlier `Kernel.build` returned (the artifact cache) without generating code. A `Kernel` is one implementation of one kernel op
-with its parameter space: the tuner searches `space`, the codegen pass builds `defaults` (or tuned
-parameters) and chooses among candidates by measurement.
+a kernel from the files an earlier `Kernel.build` returned (the artifact cache) without generating code.
+`BACKENDS` names them; `backend(name)` imports one on first use, so a CPU compile never imports Triton.
+A `Kernel` is one implementation of one kernel op with its parameter space: the tuner searches `space`,
+the selection (fxcc.autotune.select) builds `defaults` (or tuned parameters) and chooses by measurement.
+Emission only: what to build is decided above this layer.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -77,3 +82,48 @@ class Kernel(Protocol):
     defaults: dict
 
     def build(self, params: dict) -> Built: ...
+
+
+class Backend(Protocol):
+    """What a backend module provides (fxcc.codegen.extern, .tvm, .triton)."""
+
+    name: str
+
+    def available(self, target: str) -> str | None: ...
+
+    def candidates(self, kb, target: str) -> list[Kernel]: ...
+
+    def load(self, kb, label: str, files: dict[str, Path], params: dict) -> Built: ...
+
+
+def check(label: str, got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """Raise when a candidate's outputs differ from the reference beyond fp tolerance; NaN and inf must sit
+    where the reference has them."""
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        if g.shape != r.shape or g.dtype != r.dtype:
+            raise ValueError(f"output {i} is {g.dtype}{list(g.shape)}, expected {r.dtype}{list(r.shape)}")
+        tol = 1e-4 if r.dtype == torch.float32 else 2e-2
+        # absolute error on the output's scale: a long reduction summed in another order (a library GEMM
+        # on packed weights) differs by far more than `tol` where its terms cancel; a wrong result by far more
+        finite = r[torch.isfinite(r)] if r.dtype.is_floating_point else r
+        scale = float(finite.abs().max()) if r.dtype.is_floating_point and finite.numel() else 0.0
+        if r.dtype.is_floating_point and not torch.allclose(g, r, rtol=tol, atol=tol * max(1.0, scale),
+                                                            equal_nan=True):
+            bad = ~torch.isclose(g, r, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
+            raise ValueError(f"output {i} differs from the reference at {int(bad.sum())} of {r.numel()} places "
+                             f"(e.g. {g[bad][0].item():.4g} vs {r[bad][0].item():.4g})")
+        if not r.dtype.is_floating_point and not torch.equal(g, r):
+            raise ValueError(f"output {i} differs from the reference")
+
+
+# backend name -> module, imported on first use (`backend`)
+BACKENDS = {"extern": "fxcc.codegen.extern", "tvm": "fxcc.codegen.tvm", "triton": "fxcc.codegen.triton"}
+
+
+def backend(name: str) -> ModuleType:
+    """The backend module `name` (a `Backend`); ImportError when its library is not installed."""
+    return importlib.import_module(BACKENDS[name])
+
+
+# the kernels of tx ops that name one (`impl`) are registered on their ops when fxcc.codegen is imported
+from fxcc.codegen import allreduce_rmsnorm, quant  # noqa: E402, F401

@@ -1,6 +1,6 @@
 """Fused all-reduce + residual add + RMSNorm (TokenWeave-style), and its token-split form.
 
-Two tx ops, registered here, each returning (normed, new_residual):
+The kernels of two tx ops (defined in fxcc.dialects), each returning (normed, new_residual):
 - `tx.all_reduce_rms_norm(x, residual, weight, eps, group, impl, site)`:
   s = all_reduce(x) + residual; y = rms_norm(s) * weight.
 - `tx.linear_all_reduce_rms_norm(a, w, residual, weight, eps, group, impl, site, ratio)`: the same after
@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fxcc.dialects import all_reduce, rms_norm
+from fxcc.dialects import all_reduce_rms_norm, linear_all_reduce_rms_norm, rms_norm
 from torch import Tensor
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "symm", "nccl", "reference")
 TILE_M = 128  # GEMM row tile: split points are multiples of it, so no half runs a partial wave of tiles
 
 
@@ -61,17 +60,12 @@ def _kernel_ok(x: Tensor, residual: Tensor, weight: Tensor | None) -> bool:
             and (weight is None or weight.dtype == x.dtype))
 
 
-def reference(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, group: str) -> tuple[Tensor, Tensor]:
-    s = all_reduce(x, "sum", group) + residual
-    return rms_norm(s, weight, eps), s
-
-
 def all_reduce_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, group: str,
                              impl: str, site: int, half: int = 0,
                              out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The implementation `impl` of tx.all_reduce_rms_norm; writes into `out` (y, s) where it can."""
     if impl == "reference":
-        return reference(x, residual, weight, eps, group)
+        return all_reduce_rms_norm._init_fn(x, residual, weight, eps, group, impl, site)
     pg = _dist_group(group)
     if pg is None:
         return residual_rms_norm(x, residual, weight, eps, out)
@@ -145,31 +139,19 @@ def linear_all_reduce_rms_norm_impl(a: Tensor, w: Tensor, residual: Tensor, weig
     return y.view(residual.shape), s.view(residual.shape)
 
 
-# -------------------------------------------------------------------------------------- tx ops
+# ------------------------------------------------------------------------ the ops' kernels
 
 
-@torch.library.custom_op("fxcc_tx::all_reduce_rms_norm", mutates_args=())
-def all_reduce_rms_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, group: str, impl: str,
-                        site: int) -> tuple[Tensor, Tensor]:
-    """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) in one op."""
+@all_reduce_rms_norm.register_kernel(("cpu", "cuda"))
+def _(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, group: str, impl: str,
+      site: int) -> tuple[Tensor, Tensor]:
     return all_reduce_rms_norm_impl(x, residual, weight, eps, group, impl, site)
 
 
-@all_reduce_rms_norm.register_fake
-def _(x, residual, weight, eps, group, impl, site):
-    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
-
-
-@torch.library.custom_op("fxcc_tx::linear_all_reduce_rms_norm", mutates_args=())
-def linear_all_reduce_rms_norm(a: Tensor, w: Tensor, residual: Tensor, weight: Tensor | None, eps: float,
-                               group: str, impl: str, site: int, ratio: float) -> tuple[Tensor, Tensor]:
-    """all_reduce_rms_norm(a @ w.T, ...), tokens split by `ratio` to overlap communication with compute."""
+@linear_all_reduce_rms_norm.register_kernel(("cpu", "cuda"))
+def _(a: Tensor, w: Tensor, residual: Tensor, weight: Tensor | None, eps: float, group: str, impl: str,
+      site: int, ratio: float) -> tuple[Tensor, Tensor]:
     return linear_all_reduce_rms_norm_impl(a, w, residual, weight, eps, group, impl, site, ratio)
-
-
-@linear_all_reduce_rms_norm.register_fake
-def _(a, w, residual, weight, eps, group, impl, site, ratio):
-    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
 
 
 # ----------------------------------------------------------------------------- symmetric memory
@@ -193,7 +175,7 @@ def symm_available(pg: Any) -> bool:
             symm_mem.rendezvous(t, name)
             _SYMM_OK[name] = True
         except Exception as e:  # noqa: BLE001 - any failure means: use NCCL
-            log.warning("fxcc: torch symmetric memory unavailable (%s: %s); fused all-reduce uses NCCL",
+            log.warning("torch symmetric memory unavailable (%s: %s); fused all-reduce uses NCCL",
                         type(e).__name__, e)
             _SYMM_OK[name] = False
     return _SYMM_OK[name]

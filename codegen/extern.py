@@ -15,12 +15,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from fxcc.codegen import Built, KernelFn, key_trim, mkl, onednn, reusable
-from fxcc.dialects import TX_OPS, KernelBody
+from fxcc.dialects import REFERENCE, KernelBody
 
 name = "extern"
-
-_DIRECT = {getattr(torch.ops.fxcc_tx, n).default: op._init_fn for n, op in TX_OPS.items()}
-
 
 def available(target: str) -> str | None:
     return None
@@ -69,8 +66,8 @@ def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
     for node in graph.nodes:
         if trim and node.op == "call_function" and node.target is torch.ops.fxcc_tx.attention.default:
             node.target = key_trim.attention
-        elif node.op == "call_function" and node.target in _DIRECT:
-            node.target = _DIRECT[node.target]
+        elif node.op == "call_function" and node.target in REFERENCE:
+            node.target = REFERENCE[node.target]
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
             node.target = (onednn.linear if packed and onednn.applies(node)
                            else mkl.linear if mkl_packed and mkl.applies(node) else pooled_linear())

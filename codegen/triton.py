@@ -45,14 +45,14 @@ from fxcc.codegen.triton_gen import (
     tl_dtype,
 )
 from fxcc.codegen.triton_templates import attention_source, gemm_source
-from fxcc.dialects import TX_OPS, KernelBody
+from fxcc.dialects import REFERENCE, KernelBody
+from fxcc.options import settings
 
 name = "triton"
 
 aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
 
-_REFERENCE = {getattr(tx, n).default: op._init_fn for n, op in TX_OPS.items()}
 _GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
 _HEADER = "import triton\nimport triton.language as tl\nfrom triton.language.extra import libdevice  # noqa: F401\n"
 
@@ -66,7 +66,7 @@ def available(target: str) -> str | None:
     if target == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
     if target == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FXCC_TRITON_INTERPRET") == "1":
+        if settings().triton_interpret:
             return None
         return ("Triton runs on the CPU only in its interpreter: set TRITON_INTERPRET=1 and "
                 "FXCC_TRITON_INTERPRET=1 (slow; meant for tests)")
@@ -128,7 +128,7 @@ def _optional(*makers: Callable[[], TritonKernel]) -> list[TritonKernel]:
 
 
 @dataclass
-class Plan:
+class TritonProgram:
     """A generated kernel: its source, the meta-parameter space and defaults, and how to launch it.
 
     `launcher(namespace, params)` turns the executed source's namespace into the kernel callable.
@@ -146,7 +146,7 @@ class TritonKernel:
 
     kb: KernelBody
     backend: str
-    plan: Plan
+    plan: TritonProgram
     space: dict = field(init=False)
     defaults: dict = field(init=False)
 
@@ -241,7 +241,7 @@ class _Launch:
     numel: int
 
 
-def pointwise_plan(body: fx.GraphModule, text: str) -> Plan:
+def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     """One kernel per distinct output shape, each over its output's elements in row-major order."""
     placeholders, _, outs = body_nodes(body)
     if not placeholders:
@@ -289,7 +289,7 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> Plan:
             return res
         return run
 
-    return Plan(source, space, defaults, launcher)
+    return TritonProgram(source, space, defaults, launcher)
 
 
 # ---------------------------------------------------------------------------------------- reduction
@@ -302,7 +302,7 @@ def _anchor(body: fx.GraphModule, targets: set) -> fx.Node | None:
     return found[0] if found else None
 
 
-def reduction_plan(body: fx.GraphModule, text: str) -> Plan:
+def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     """Rows of the anchor's input, ROWS at a time, each reduced over its last dimension in registers."""
     placeholders, _, outs = body_nodes(body)
     anchor = _anchor(body, set(REDUCTIONS))
@@ -358,7 +358,7 @@ def reduction_plan(body: fx.GraphModule, text: str) -> Plan:
             return res
         return run
 
-    return Plan(source, space, defaults, launcher)
+    return TritonProgram(source, space, defaults, launcher)
 
 
 # --------------------------------------------------------------------------------------------- gemm
@@ -450,7 +450,7 @@ _GEMM_SPACE = {"BLOCK_M": [16, 32, 64, 128], "BLOCK_N": [16, 32, 64, 128, 256], 
                "GROUP_M": [1, 4, 8], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4, 5]}
 
 
-def gemm_plan(body: fx.GraphModule, text: str) -> Plan:
+def gemm_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     """A tiled GEMM whose epilogue (bias, activations, residual adds, casts, views) is applied to the
     accumulator tile before the one store of each output."""
     placeholders, _, outs = body_nodes(body)
@@ -494,7 +494,7 @@ def gemm_plan(body: fx.GraphModule, text: str) -> Plan:
             return res
         return run
 
-    return Plan(source, dict(_GEMM_SPACE), _gemm_defaults(g.m, g.n, g.k), launcher)
+    return TritonProgram(source, dict(_GEMM_SPACE), _gemm_defaults(g.m, g.n, g.k), launcher)
 
 
 def _library_gemm(g: _Gemm, placeholders: list[fx.Node]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -509,7 +509,7 @@ def _library_gemm(g: _Gemm, placeholders: list[fx.Node]) -> Callable[[list[torch
     return run
 
 
-def library_epilogue_plan(body: fx.GraphModule, text: str) -> Plan:
+def library_epilogue_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     """The GEMM by the library torch links (cuBLAS), its epilogue as one generated pointwise kernel."""
     placeholders, _, outs = body_nodes(body)
     g = _gemm(body)
@@ -543,7 +543,7 @@ def library_epilogue_plan(body: fx.GraphModule, text: str) -> Plan:
 
     source = plan.source.replace("# fxcc generated Triton kernel: pointwise",
                                  f"# fxcc generated Triton kernel: epilogue of the library {g.node.target}", 1)
-    return Plan(source, plan.space, plan.defaults, launcher)
+    return TritonProgram(source, plan.space, plan.defaults, launcher)
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -559,7 +559,7 @@ def _attention(body: fx.GraphModule) -> fx.Node:
     return node
 
 
-def sdpa_plan(body: fx.GraphModule, text: str) -> Plan:
+def sdpa_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     """The library's scaled_dot_product_attention with grouped-query heads passed as they are (no copies)."""
     node = _attention(body)
     if shape_of(node.args[0])[1] == shape_of(node.args[1])[1]:
@@ -567,8 +567,8 @@ def sdpa_plan(body: fx.GraphModule, text: str) -> Plan:
     graph = fx.Graph()
     graph.output(graph.graph_copy(body.graph, {}))
     for n in graph.nodes:  # tx ops call their reference implementation; attention the library's GQA path
-        if n.op == "call_function" and n.target in _REFERENCE:
-            n.target = sdpa_gqa if n.target is tx.attention.default else _REFERENCE[n.target]
+        if n.op == "call_function" and n.target in REFERENCE:
+            n.target = sdpa_gqa if n.target is tx.attention.default else REFERENCE[n.target]
     gm = fx.GraphModule(body, graph)
     source = (f"# fxcc: library attention (torch.nn.functional.scaled_dot_product_attention, enable_gqa)\n"
               f"{_header(text, 'none generated')}\n{gm.code}")
@@ -578,7 +578,7 @@ def sdpa_plan(body: fx.GraphModule, text: str) -> Plan:
             return list(gm(*inputs))
         return run
 
-    return Plan(source, {}, {}, launcher)
+    return TritonProgram(source, {}, {}, launcher)
 
 
 def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -588,7 +588,7 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
                                           enable_gqa=k.shape[-3] != q.shape[-3])
 
 
-def attention_plan(body: fx.GraphModule, text: str) -> Plan:
+def attention_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     """Flash attention: per (query block, batch*head), an online softmax over key blocks; causal blocks
     past the diagonal are skipped; the output tile goes through the body's epilogue views to its store."""
     placeholders, _, outs = body_nodes(body)
@@ -656,5 +656,5 @@ def attention_plan(body: fx.GraphModule, text: str) -> Plan:
             return res
         return run
 
-    return Plan(source, space, defaults, launcher)
+    return TritonProgram(source, space, defaults, launcher)
 

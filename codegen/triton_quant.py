@@ -314,7 +314,7 @@ def _correct(cands: list, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, 
         if all(isinstance(e, float) and e < 2e-2 for e in errs):
             good.append(c)
         else:
-            logging.getLogger("fxcc").warning("fxcc: int8 GEMM config %s for x %s, weight %s is wrong (%s); dropped",
+            logging.getLogger(__name__).warning("fxcc: int8 GEMM config %s for x %s, weight %s is wrong (%s); dropped",
                                               c, tuple(x2.shape), tuple(qw.shape), errs)
     return good
 

@@ -24,9 +24,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from fxcc.codegen import Built, KernelFn, derived, onednn, reusable, tvm_omp
-from fxcc.codegen.extern import _DIRECT
-from fxcc.dialects import KernelBody
-from fxcc.passes.fuse import GEMM, classify
+from fxcc.dialects import GEMM, REFERENCE, KernelBody, classify
 
 name = "tvm"
 
@@ -336,8 +334,8 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False):
     for n in body.graph.nodes:
         if n in need:
             env[n] = graph.node_copy(n, lambda a: env[a])
-            if env[n].target in _DIRECT:
-                env[n].target = _DIRECT[env[n].target]
+            if env[n].target in REFERENCE:
+                env[n].target = REFERENCE[env[n].target]
     if split_bias(split) is not None:
         env[split].args = env[split].args[:2]
         env[split].kwargs = {k: v for k, v in env[split].kwargs.items() if k != "bias"}

@@ -26,7 +26,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-log = logging.getLogger("fxcc")
+from fxcc.options import settings
+from fxcc.store import cache_key, default_cache
+
+log = logging.getLogger(__name__)
 
 SOURCE = r"""
 #include <omp.h>
@@ -64,13 +67,13 @@ def enabled() -> bool:
 @functools.cache
 def launcher() -> ctypes.CDLL | None:
     """The loaded launcher library, built on first use and cached; None when it cannot be had."""
-    if os.environ.get("FXCC_TVM_POOL", "openmp") == "tvm":
+    if settings().tvm_pool == "tvm":
         return None
     try:
         path = _built()
         lib = ctypes.CDLL(str(path))
     except Exception as e:  # no C compiler, no OpenMP: TVM's pool still works
-        log.info("fxcc: TVM kernels run on TVM's own thread pool (the OpenMP launcher is unavailable: %s)", e)
+        log.info("TVM kernels run on TVM's own thread pool (the OpenMP launcher is unavailable: %s)", e)
         return None
     return lib
 
@@ -91,7 +94,6 @@ def attach(path: str) -> bool:
 
 def _built() -> Path:
     """The launcher's shared library: from the artifact cache, or compiled now and stored there."""
-    from fxcc.autotune.cache import cache_key, default_cache
     cache = default_cache()
     key = cache_key(kind="tvm-omp-launcher", source=hashlib.sha256(SOURCE.encode()).hexdigest(),
                     machine=os.uname().machine)

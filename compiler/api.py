@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fxcc.autotune.plan import plan_options
 from torch.utils import _pytree as pytree
 
 from .options import CompileOptions
@@ -40,7 +41,6 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
                                  quality_budget=quality_budget, tune_budget=tune_budget).items()
            if v != getattr(CompileOptions, k, None)})
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
-        from fxcc.autotune.plan import plan_options
         opts = plan_options(opts)
     # a bad pipeline, pass name or target fails here, not at the first call
     passes = parse_pipeline("default" if opts.passes is None else opts.passes)

@@ -23,6 +23,11 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .api import compile
+from .dialects import KERNEL_OPS, KERNELS
+from .measure import interleaved
+from .store import tensor_bytes
+
 SENTENCES = [
     "A compiler turns a program into a faster program that computes the same thing.",
     "The cat sat quietly on the warm windowsill while the rain fell outside.",
@@ -130,8 +135,6 @@ def _rel_error(ref: Any, out: Any) -> float:
 
 def kernel_report(cm: Any) -> list[dict]:
     """fxcc's kernels in its last compiled variant: kind, uses, chosen backend, its ops and candidate timings."""
-    from fxcc.dialects import KERNEL_OPS, KERNELS
-
     keys = [n.args[1] for n in cm.variants[-1].gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
     rows = []
     for key in dict.fromkeys(keys):
@@ -143,9 +146,6 @@ def kernel_report(cm: Any) -> list[dict]:
 
 
 def run(w: Workload, *, engines: list[str], warmup: int, reps: int, log: Callable[[str], None]) -> list[EngineResult]:
-    import fxcc
-    from fxcc.autotune.measure import interleaved
-
     calls: dict[str, Callable[[], Any]] = {}
     compile_s: dict[str, float | None] = {}
     with torch.inference_mode():
@@ -159,7 +159,7 @@ def run(w: Workload, *, engines: list[str], warmup: int, reps: int, log: Callabl
             torch._dynamo.reset()
             fn = torch.compile(w.model, mode=mode)
         elif engine == "fxcc":
-            fn = fxcc_module = fxcc.compile(w.model)
+            fn = fxcc_module = compile(w.model)
         else:
             raise SystemExit(f"unknown engine {engine!r}")
         t0 = time.perf_counter()
@@ -222,7 +222,6 @@ def machine(device: str) -> str:
 
 def digest(out: Any) -> str:
     """sha1 over the bytes of every output tensor: equal digests mean bit-identical outputs."""
-    from .graph_cache import tensor_bytes
     h = hashlib.sha1()
     for t in _leaves(out):
         h.update(tensor_bytes(t))
@@ -246,14 +245,13 @@ def warm_compile(args: Any, cache_dir: str, log: Callable[[str], None]) -> dict 
 
 def _warm_child(spec: dict) -> None:
     """Runs in the child of `warm_compile`: load the workload, then time compile + first call; prints JSON."""
-    import fxcc
     args = argparse.Namespace(**spec)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         torch.set_num_threads(args.threads)
     w = workload(args, device)
     t0 = time.perf_counter()
-    fn = fxcc.compile(w.model)
+    fn = compile(w.model)
     with torch.inference_mode():
         out = fn(*w.args, **w.kwargs)
     if device == "cuda":

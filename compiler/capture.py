@@ -21,6 +21,8 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
+from .ir import flatten_inputs
+
 
 class CaptureError(RuntimeError):
     """Neither torch.export nor torch.fx.symbolic_trace could capture the model."""
@@ -35,11 +37,6 @@ class Captured:
     out_spec: pytree.TreeSpec
     method: str  # "export" or "symbolic_trace"
     export_error: str | None = None
-
-
-def flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
-    """Flatten a call's arguments the way the captured graph expects them (keyword order ignored)."""
-    return pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
 
 
 def describe(model: Any) -> str:

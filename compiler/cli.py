@@ -5,11 +5,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import re
 import sys
+import time
+import warnings
 from typing import Any
+
+import torch
+import torch.nn as nn
+from fxcc.autotune import search
+from fxcc.autotune.plan import PlanError
+
+from . import bench, plan_search
+from .api import compile, explain
+from .capture import CaptureError
+from .dialects import KERNELS
+from .pipeline import DEFAULT_PIPELINE, PipelineError, all_passes
+from .store import ArtifactCache
 
 
 class UsageError(Exception):
@@ -39,8 +54,6 @@ def load_object(spec: str, what: str) -> Any:
 
 def load_model_and_inputs(model_spec: str, inputs_spec: str | None) -> tuple[Any, tuple, dict]:
     """`PATH.py:FACTORY` and `PATH.py:FUNC` (default: `inputs` in the model's file) -> model, args, kwargs."""
-    import torch.nn as nn
-
     factory = load_object(model_spec, "model")
     model = factory if isinstance(factory, nn.Module) else factory()
     if inputs_spec is None:
@@ -54,19 +67,13 @@ def load_model_and_inputs(model_spec: str, inputs_spec: str | None) -> tuple[Any
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    import fxcc
-
     model, a, kw = load_model_and_inputs(args.model, args.inputs)
-    print(fxcc.explain(model, *a, passes=args.passes, ir_after_each=not args.final_only, **kw))
+    print(explain(model, *a, passes=args.passes, ir_after_each=not args.final_only, **kw))
     if args.kernels:
-        from fxcc.dialects import KERNELS
-
         print("\n== kernels")
         for kb in KERNELS.values():
             print(f"// {kb.key} [{kb.kind}] backend={kb.backend}\n{kb.text}\n")
     if args.source:
-        from fxcc.dialects import KERNELS
-
         print("\n== kernel source (what each kernel's chosen backend built)")
         for kb in KERNELS.values():
             source = kb.info.get("source") or "(not built: the codegen pass did not run)"
@@ -75,12 +82,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import fxcc
-
     if args.budget < 1:
         raise UsageError(f"--budget must be at least 1 trial per kernel, got {args.budget}")
     model, a, kw = load_model_and_inputs(args.model, args.inputs)
-    cm = fxcc.compile(model, passes=args.passes, tune="search", tune_budget=args.budget)
+    cm = compile(model, passes=args.passes, tune="search", tune_budget=args.budget)
     cm(*a, **kw)
     text = cm.explain()
     print(text[text.index("== kernel choices"):])
@@ -91,9 +96,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """`fxcc search`: an Optuna study over pass knobs and kernel choices; writes a plan and a Pareto plot."""
-    import torch
-    from fxcc.autotune import search
-
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -110,7 +112,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.target == "cuda":
         model, a, kw = model.to("cuda"), search.to_device(a, "cuda"), search.to_device(kw, "cuda")
     try:
-        result = search.search(model, a, kw, cfg)
+        result = plan_search.search(model, a, kw, cfg)
     except ValueError as e:  # bad --knobs/--backends/--study for this storage
         if not str(e).startswith("fxcc search:"):
             raise
@@ -128,11 +130,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from fxcc.pipeline import DEFAULT_PIPELINE, PASSES, _load_passes
-
-    _load_passes()
     print(f"default pipeline: {DEFAULT_PIPELINE}\n")
-    for name, cls in sorted(PASSES.items()):
+    for name, cls in sorted(all_passes().items()):
         opts = ", ".join(f"{f.name.replace('_', '-')}={f.default}" for f in dataclasses.fields(cls))
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:<14} {cls.reads}->{cls.writes:<7} {'exact' if cls.exact else 'approximate':<11} {doc}")
@@ -142,8 +141,6 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fxcc import bench
-
     return bench.main(args)
 
 
@@ -169,18 +166,11 @@ def human_size(n: float) -> str:
 
 
 def _when(t: float) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """`fxcc cache ls | show KEY | verify | prune --max-size SIZE | clear` on FXCC_CACHE_DIR (~/.cache/fxcc)."""
-    import json
-    import warnings
-
-    from fxcc.autotune.cache import ArtifactCache
-
     cache = ArtifactCache()
     if args.action == "ls":
         entries = cache.entries()
@@ -322,9 +312,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    from fxcc import CaptureError, PipelineError
-    from fxcc.autotune.plan import PlanError
-
     try:
         return args.fn(args)
     except (UsageError, PipelineError, CaptureError, PlanError) as e:

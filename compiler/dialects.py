@@ -1,18 +1,27 @@
 """Dialect ops: the `tx` (transformer) and `kernel` levels of the IR, registered with torch.library.
 
-Every op has a reference implementation in plain torch and a fake kernel, so a graph at any level can be
-run, exported and shape-checked. The `kernel` ops name their body by a content hash into KERNELS, the
-way an MLIR op names a function by symbol: the body is a GraphModule holding aten/tx ops.
+Every op of both dialects is defined here, with a reference implementation in plain torch and a fake
+kernel, so a graph at any level can be run, exported and shape-checked. Ops with an `impl` argument
+(quantized linears, the fused all-reduce + RMSNorm) name the kernel that runs them; the backend module
+providing those kernels registers them on the op (`register_kernel`, fxcc.codegen.quant and
+fxcc.codegen.allreduce_rmsnorm), and the body here is the definition they are checked against.
+The `kernel` ops name their body by a content hash into KERNELS, the way an MLIR op names a function by
+symbol: the body is a GraphModule holding aten/tx ops.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
+
+aten = torch.ops.aten
 
 # ----------------------------------------------------------------------------------------- tx level
 
@@ -142,10 +151,351 @@ def _(x, op, group):
     return x.new_empty(x.shape)
 
 
+# ------------------------------------------------------------------- fused all-reduce + RMSNorm (tensor parallel)
+
+ALL_REDUCE_IMPLS = ("auto", "symm", "nccl", "reference")  # what `impl` of the two ops below may name
+
+
+@torch.library.custom_op("fxcc_tx::all_reduce_rms_norm", mutates_args=())
+def all_reduce_rms_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, group: str, impl: str,
+                        site: int) -> tuple[Tensor, Tensor]:
+    """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) in one op. `impl` names the
+    kernel (auto, symm, nccl: fxcc.codegen.allreduce_rmsnorm; reference: this body); `site` is the call site."""
+    s = all_reduce(x, "sum", group) + residual
+    return rms_norm(s, weight, eps), s
+
+
+@all_reduce_rms_norm.register_fake
+def _(x, residual, weight, eps, group, impl, site):
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
+@torch.library.custom_op("fxcc_tx::linear_all_reduce_rms_norm", mutates_args=())
+def linear_all_reduce_rms_norm(a: Tensor, w: Tensor, residual: Tensor, weight: Tensor | None, eps: float,
+                               group: str, impl: str, site: int, ratio: float) -> tuple[Tensor, Tensor]:
+    """all_reduce_rms_norm(a @ w.T, ...); the kernels split the tokens by `ratio` to overlap communication with
+    compute (the result is the same)."""
+    return all_reduce_rms_norm(F.linear(a, w), residual, weight, eps, group, impl, site)
+
+
+@linear_all_reduce_rms_norm.register_fake
+def _(a, w, residual, weight, eps, group, impl, site, ratio):
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
+# ------------------------------------------------------------------------------ quantized linears
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+ACTS = ("none", "token", "tensor")
+
+
+def _qdtype(dtype: str) -> torch.dtype:
+    if dtype == "int8":
+        return torch.int8
+    if dtype == "fp8":
+        return torch.float8_e4m3fn
+    raise ValueError(f"tx.quantize: unknown dtype {dtype!r} (expected 'int8' or 'fp8')")
+
+
+def quantize_per_row(x: Tensor, dtype: str) -> tuple[Tensor, Tensor]:
+    """Symmetric quantization, one fp32 scale per row (last dim reduced): the definition tx.quantize names."""
+    qd = _qdtype(dtype)
+    top = INT8_MAX if dtype == "int8" else FP8_MAX
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / top).clamp_min(1e-12)
+    y = xf / scale
+    q = y.round().clamp_(-INT8_MAX, INT8_MAX).to(qd) if dtype == "int8" else y.clamp_(-FP8_MAX, FP8_MAX).to(qd)
+    return q, scale.squeeze(-1)
+
+
+@torch.library.custom_op("fxcc_tx::quantize", mutates_args=())
+def quantize(x: Tensor, dtype: str) -> tuple[Tensor, Tensor]:
+    """Symmetric quantization with one fp32 scale per row: q = round(x / s), s = max|row| / qmax."""
+    return quantize_per_row(x, dtype)
+
+
+@quantize.register_fake
+def _(x, dtype):
+    return x.new_empty(x.shape, dtype=_qdtype(dtype)), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fxcc_tx::dequantize", mutates_args=())
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """q * scale (one scale per row) in `dtype`: the inverse of tx.quantize up to rounding."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+@dequantize.register_fake
+def _(q, scale, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+def int8_linear_reference(x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, act: str) -> Tensor:
+    """Plain torch: activations quantized as `act` says, products in fp32 (exact for int8 up to K ~ 1000)."""
+    if act not in ACTS:
+        raise ValueError(f"tx.int8_linear: act={act!r}; expected one of {', '.join(ACTS)}")
+    xf = x.float()
+    if act == "token":
+        xq, xs = quantize_per_row(xf, "int8")
+        xf = xq.float() * xs.unsqueeze(-1)
+    elif act == "tensor":  # fbgemm's dynamic scheme: asymmetric u8 over [min(x, 0), max(x, 0)], 7-bit range
+        lo, hi = xf.min().clamp_max(0), xf.max().clamp_min(0)
+        s = ((hi - lo) / 127).clamp_min(1e-12)
+        zp = (-lo / s).round().clamp(0, 127)
+        xf = ((xf / s).round() + zp).clamp(0, 127).sub(zp) * s
+    y = F.linear(xf, qw.float()) * ws
+    if b is not None:
+        y = y + b.float()
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("fxcc_tx::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, act: str, impl: str,
+                residual: Tensor | None = None, norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """x @ (qweight * wscale[:, None]).T + bias (+ residual) with int8 weights; activations quantized per
+    `act`. `residual` is an add the mixed-precision pass folded in (the Triton kernel adds it in its epilogue).
+    `rms_eps`: x is first tx.rms_norm(x, norm, rms_eps), a norm the pass folded in (the Triton GEMV applies it;
+    norm=None when the pass folded the norm's weight into qweight's input channels)."""
+    if rms_eps is not None:
+        x = rms_norm(x, norm, rms_eps)
+    y = int8_linear_reference(x, qweight, wscale, bias, act)
+    return y if residual is None else y + residual
+
+
+@int8_linear.register_fake
+def _(x, qweight, wscale, bias, act, impl, residual=None, norm=None, rms_eps=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("fxcc_tx::int8_gated_linear", mutates_args=())
+def int8_gated_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, impl: str,
+                      norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """silu(gate) * up from one weight-only int8 linear whose rows are the gate's, then the up projection's
+    (qweight [2F, K]): the SwiGLU the mixed-precision pass folds into the GEMV's epilogue. [.., F].
+    `rms_eps`: x is first tx.rms_norm(x, norm, rms_eps) (in the GEMV at decode)."""
+    if rms_eps is not None:
+        x = rms_norm(x, norm, rms_eps)
+    gate, up = int8_linear_reference(x, qweight, wscale, bias, "none").split(qweight.shape[0] // 2, dim=-1)
+    return F.silu(gate) * up
+
+
+@int8_gated_linear.register_fake
+def _(x, qweight, wscale, bias, impl, norm=None, rms_eps=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
+
+
+@torch.library.custom_op("fxcc_tx::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, impl: str) -> Tensor:
+    """x @ (qweight * wscale[:, None]).T + bias with e4m3 weights and per-token e4m3 activations."""
+    xq, xs = quantize_per_row(x, "fp8")
+    y = F.linear(xq.float() * xs.unsqueeze(-1), qweight.float()) * wscale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@fp8_linear.register_fake
+def _(x, qweight, wscale, bias, impl):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# ------------------------------------------------------------------------------------ tx ops (ToMe)
+
+# preference order of edges: padded/padded (free), real/real (cosine in [-1, 1]), real/padded (exact
+# move or drop, weight 0 keeps the real value), never the protected first token
+_PAD_PAD, _REAL_PAD = 2.0, -3.0
+
+
+@torch.library.custom_op("fxcc_tx::tome_key_weights", mutates_args=())
+def tome_key_weights(keys: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-token weights [B, T] (1 real, 0 padding) for keys [B, H, T, Dh] from their attention mask.
+
+    The mask (bool, or additive float) must not vary over heads or queries: a key-padding mask, as encoders
+    build it. A causal mask does vary; token merging does not apply to it.
+    """
+    bsz, tokens = keys.shape[0], keys.shape[-2]
+    if mask is None:
+        return torch.ones(bsz, tokens, device=keys.device)
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(bsz, m.shape[1], m.shape[2], tokens)
+    keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    if not bool((keep == keep[:, :1, :1, :]).all()):
+        raise ValueError("fxcc token-merge: the attention mask differs between queries (a causal mask?); "
+                         "token merging needs a key-padding mask (encoder models)")
+    return keep[:, 0, 0, :].to(torch.float32).contiguous()
+
+
+@tome_key_weights.register_fake
+def _(keys, mask):
+    return keys.new_empty((keys.shape[0], keys.shape[-2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fxcc_tx::tome_match", mutates_args=())
+def tome_match(keys: Tensor, weights: Tensor, r: int, protect_first: bool) -> Tensor:
+    """Bipartite soft matching on keys [B, H, T, Dh]: each token's index [B, T] among the T - r merged tokens.
+
+    A = even, B = odd tokens; the r A tokens with the most similar B token merge into it; surviving tokens
+    keep their order, so the first token stays first.
+    """
+    metric = F.normalize(keys.float().mean(1), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    real_a = (weights[:, ::2] > 0)[:, :, None]
+    real_b = (weights[:, 1::2] > 0)[:, None, :]
+    scores = torch.where(real_a & real_b, scores,
+                         torch.where(real_a | real_b, scores.new_tensor(_REAL_PAD), scores.new_tensor(_PAD_PAD)))
+    best, best_b = scores.max(dim=-1)
+    if protect_first:
+        best[:, 0] = -math.inf
+    src = best.argsort(dim=-1, descending=True, stable=True)[:, :r]  # A indices that merge away
+    bsz, t = weights.shape
+    keep = torch.ones(bsz, t, dtype=torch.bool, device=keys.device)
+    keep.scatter_(1, 2 * src, False)
+    rank = keep.long().cumsum(1) - 1
+    dst = 2 * best_b.gather(1, src) + 1  # their B partners (always kept)
+    return rank.scatter(1, 2 * src, rank.gather(1, dst))
+
+
+@tome_match.register_fake
+def _(keys, weights, r, protect_first):
+    return weights.new_empty(weights.shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("fxcc_tx::tome_merge", mutates_args=())
+def tome_merge(x: Tensor, weights: Tensor, dest: Tensor, tokens: int) -> Tensor:
+    """Weighted average of the tokens of x [B, T, D] that share a destination: [B, tokens, D].
+
+    Weights are sizes times the padding mask, so padding never enters a real token's average.
+    """
+    w = weights.to(torch.float32)
+    idx = dest[..., None].expand(-1, -1, x.shape[-1])
+    total = x.new_zeros((x.shape[0], tokens, x.shape[-1]), dtype=torch.float32)
+    total.scatter_add_(1, idx, x.float() * w[..., None])
+    norm = w.new_zeros((x.shape[0], tokens)).scatter_add_(1, dest, w)
+    return (total / norm.clamp_min(1e-30)[..., None]).to(x.dtype)
+
+
+@tome_merge.register_fake
+def _(x, weights, dest, tokens):
+    return x.new_empty((x.shape[0], tokens, x.shape[-1]))
+
+
+@torch.library.custom_op("fxcc_tx::tome_sizes", mutates_args=())
+def tome_sizes(weights: Tensor, dest: Tensor, tokens: int) -> Tensor:
+    """Weights [B, tokens] of the merged tokens: their real sizes (0 for merged padding)."""
+    return weights.new_zeros((weights.shape[0], tokens)).scatter_add_(1, dest, weights)
+
+
+@tome_sizes.register_fake
+def _(weights, dest, tokens):
+    return weights.new_empty((weights.shape[0], tokens))
+
+
+@torch.library.custom_op("fxcc_tx::tome_compose", mutates_args=())
+def tome_compose(pos: Tensor | None, dest: Tensor) -> Tensor:
+    """Where each original token sits after one more merge: dest[pos] (dest itself for the first merge)."""
+    return dest.clone() if pos is None else dest.gather(1, pos)
+
+
+@tome_compose.register_fake
+def _(pos, dest):
+    return dest.new_empty(dest.shape if pos is None else pos.shape)
+
+
+@torch.library.custom_op("fxcc_tx::tome_bias", mutates_args=())
+def tome_bias(weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """Proportional attention: log(size) of each key as an additive mask [B, 1, 1, T]; padding -> dtype min."""
+    real = weights > 0
+    bias = torch.where(real, weights.clamp_min(1).log(), torch.finfo(dtype).min)
+    return bias[:, None, None, :].to(dtype)
+
+
+@tome_bias.register_fake
+def _(weights, dtype):
+    return weights.new_empty((weights.shape[0], 1, 1, weights.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("fxcc_tx::tome_unmerge", mutates_args=())
+def tome_unmerge(x: Tensor, pos: Tensor) -> Tensor:
+    """Back to the original tokens [B, T0, D]: each takes the value of the merged token it went into."""
+    return x.gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@tome_unmerge.register_fake
+def _(x, pos):
+    return x.new_empty((x.shape[0], pos.shape[1], x.shape[-1]))
+
+
+# -------------------------------------------------------------------------------- tx ops (temporal)
+
+
+def _frame_view(x: Tensor, axis: int, frames: int) -> tuple[int, list[int]]:
+    """(axis, shape) of x with `axis` split into [frames, tokens per frame] when frames > 0."""
+    axis = axis % x.dim()
+    shape = list(x.shape)
+    if frames > 0:
+        if shape[axis] % frames:
+            raise ValueError(f"fxcc token-merge temporal: axis {axis} has {shape[axis]} entries, not a multiple "
+                             f"of frames={frames}")
+        shape[axis:axis + 1] = [frames, shape[axis] // frames]
+    return axis, shape
+
+
+@torch.library.custom_op("fxcc_tx::temporal_merge", mutates_args=())
+def temporal_merge(x: Tensor, axis: int, frames: int) -> Tensor:
+    """Average each pair of consecutive frames along `axis`: F frames -> F / 2 (TDTM)."""
+    ax, shape = _frame_view(x, axis, frames)
+    n = shape[ax]
+    if n % 2:
+        raise ValueError(f"fxcc token-merge temporal: {n} frames along axis {ax}; merging pairs needs an even count")
+    y = x.reshape(*shape[:ax], n // 2, 2, *shape[ax + 1:]).mean(ax + 1)
+    out = list(x.shape)
+    out[ax] //= 2
+    return y.reshape(out)
+
+
+@temporal_merge.register_fake
+def _(x, axis, frames):
+    out = list(x.shape)
+    out[axis % x.dim()] //= 2
+    return x.new_empty(out)
+
+
+@torch.library.custom_op("fxcc_tx::temporal_unmerge", mutates_args=())
+def temporal_unmerge(x: Tensor, axis: int, frames: int) -> Tensor:
+    """Repeat each merged frame twice along `axis`: F / 2 frames -> F."""
+    ax, shape = _frame_view(x, axis, frames // 2 if frames else 0)
+    y = x.reshape(shape).repeat_interleave(2, dim=ax)
+    out = list(x.shape)
+    out[ax] *= 2
+    return y.reshape(out)
+
+
+@temporal_unmerge.register_fake
+def _(x, axis, frames):
+    out = list(x.shape)
+    out[axis % x.dim()] *= 2
+    return x.new_empty(out)
+
+
 TX_OPS = {
     "rms_norm": rms_norm, "layer_norm": layer_norm, "softmax": softmax, "attention": attention,
     "rotary": rotary, "gelu": gelu, "silu": silu, "gated_act": gated_act, "all_reduce": all_reduce,
+    "all_reduce_rms_norm": all_reduce_rms_norm, "linear_all_reduce_rms_norm": linear_all_reduce_rms_norm,
+    "quantize": quantize, "dequantize": dequantize, "int8_linear": int8_linear,
+    "int8_gated_linear": int8_gated_linear, "fp8_linear": fp8_linear,
+    "tome_key_weights": tome_key_weights, "tome_match": tome_match, "tome_merge": tome_merge,
+    "tome_sizes": tome_sizes, "tome_compose": tome_compose, "tome_bias": tome_bias, "tome_unmerge": tome_unmerge,
+    "temporal_merge": temporal_merge, "temporal_unmerge": temporal_unmerge,
 }
+# ops whose `impl` argument names a kernel registered by a backend: calling their body would bypass it
+KERNEL_CHOSEN = {"all_reduce_rms_norm", "linear_all_reduce_rms_norm", "int8_linear", "int8_gated_linear",
+                 "fp8_linear"}
+# op -> its Python body, for code that calls tx ops without the dispatcher (a kernel costs what eager costs)
+REFERENCE = {getattr(torch.ops.fxcc_tx, n).default: op._init_fn for n, op in TX_OPS.items() if n not in KERNEL_CHOSEN}
 
 # ------------------------------------------------------------------------------------- kernel level
 
@@ -235,3 +585,45 @@ def op_name(target: Any) -> str:
 
 def dialect_of(target: Any) -> str:
     return op_name(target).split(".", 1)[0]
+
+
+# ------------------------------------------------------------------------ what each op is, to lowering
+
+tx = torch.ops.fxcc_tx
+GEMM = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default,
+        aten.baddbmm.default}
+REDUCTION = {tx.rms_norm.default, tx.layer_norm.default, tx.softmax.default, aten.softmax.int,
+             aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
+             aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
+             aten.amin.default, aten.var.correction, aten.max.dim, aten.min.dim}
+POINTWISE_TX = {tx.gelu.default, tx.silu.default, tx.gated_act.default, tx.rotary.default}
+POINTWISE_EXTRA = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default,
+                   aten.contiguous.default, aten.type_as.default, aten.alias.default}
+
+
+def classify(node: fx.Node) -> tuple[str, str]:
+    """(category, reason): category is gemm | reduction | pointwise | view | extern | eager."""
+    if node.meta.get("fxcc_eager"):
+        return "eager", node.meta["fxcc_eager"]
+    if node.op != "call_function":
+        return "eager", f"{node.op} {node.target!r} is not an op fxcc lowers"
+    t = node.target
+    if t is operator.getitem:
+        return "view", ""
+    if not isinstance(t, torch._ops.OpOverload):
+        return "eager", f"Python call {op_name(t)} is not an op fxcc lowers"
+    if t.namespace not in ("aten", "fxcc_tx", "prims"):
+        return "eager", f"{op_name(t)} is not an aten/tx op; fxcc has no lowering for it"
+    if t._schema.is_mutable:
+        return "eager", f"{op_name(t)} mutates its inputs"
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return "extern", ""  # multi-output ops
+    if t in GEMM:
+        return "gemm", ""
+    if t in REDUCTION:
+        return "reduction", ""
+    if t in POINTWISE_TX or t in POINTWISE_EXTRA or torch.Tag.pointwise in t.tags:
+        return "pointwise", ""
+    if any(r.alias_info is not None for r in t._schema.returns) or t in (aten.reshape.default, aten.flatten.using_ints):
+        return "view", ""
+    return "extern", ""

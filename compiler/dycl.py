@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fxcc import ir
 from fxcc.capture import CaptureError, flatten_inputs
 from fxcc.dycl_rewrite import (
     DynamicCallees,
@@ -44,10 +45,11 @@ from fxcc.dycl_rewrite import (
     segment_function,
     unparse,
 )
-from fxcc.runtime import Variant, explain_variant
+from fxcc.runtime import CompiledModule, Variant, explain_variant
+from fxcc.store import cache_key, default_cache, library_versions
 from torch.utils import _pytree as pytree
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 SEGMENT_MAX_VARIANTS = 64
 # a compiled segment is timed against the same statements run as plain Python (the segment function) on
@@ -143,9 +145,6 @@ class Segment:
         return call(*args)
 
     def _build(self, args: tuple) -> Any:
-        from fxcc import ir
-        from fxcc.runtime import CompiledModule
-
         key = _key(args)
         flat, _ = flatten_inputs(args, {})
         sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -416,7 +415,7 @@ def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError) -> 
     flat, in_spec = flatten_inputs(args, kwargs)
     flat_args = not kwargs and len(flat) == len(args) and all(not isinstance(a, (list, tuple, dict)) for a in args)
     key = _store_host(cm.name, program)
-    log.info("fxcc: %s compiled with DyCL: %d host programs, %d segments", cm.name, len(program.all_programs()),
+    log.info("%s compiled with DyCL: %d host programs, %d segments", cm.name, len(program.all_programs()),
              sum(len(p.segments) for p in program.all_programs()))
     return DyclVariant(captured=None, gm=None, executable=None, records=[],
                        compile_seconds=time.perf_counter() - t0, name=cm.name, program=program, in_spec=in_spec,
@@ -426,8 +425,6 @@ def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError) -> 
 def _store_host(name: str, program: Program) -> str | None:
     """Keep the generated host programs and segment sources with the artifacts (content-addressed)."""
     try:
-        from fxcc.autotune.cache import cache_key, default_cache, library_versions
-
         files = {}
         for i, prog in enumerate(program.all_programs()):
             files[f"host{i}.py"] = prog.host_source.encode()
@@ -438,5 +435,5 @@ def _store_host(name: str, program: Program) -> str | None:
         default_cache().put(key, files, {"kind": "dycl-host", "model": name})
         return key
     except Exception as e:  # noqa: BLE001 - storing the program is a convenience; the compile goes on
-        log.warning("fxcc: could not store the DyCL host program of %s in the artifact cache: %s", name, e)
+        log.warning("could not store the DyCL host program of %s in the artifact cache: %s", name, e)
         return None

@@ -20,6 +20,7 @@ the compile go the normal way.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -38,10 +39,12 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
+from . import ir
 from .dialects import KERNEL_OPS, KERNELS, KernelBody
 from .pipeline import PassRecord, PassResult
+from .store import cache_key, library_versions, tensor_bytes
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 SCHEMA = 1
 _PRIMITIVE = (bool, int, float, str, type(None))
 _PY_TARGETS = {"operator.getitem": operator.getitem}
@@ -68,7 +71,6 @@ class Hit:
 def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipeline: str, target: str,
               calibrates: bool) -> str | None:
     """The cache key for compiling `module` on these inputs, or None when it cannot be keyed safely."""
-    from fxcc.autotune.cache import cache_key, library_versions
     if type(module).__name__ == "FunctionModule" or _has_hooks(module):
         return None
     try:
@@ -84,7 +86,7 @@ def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipelin
             "distributed": _distributed_fingerprint(),
         }
     except Unserializable as e:
-        log.debug("fxcc: graph cache off for %s: %s", type(module).__name__, e)
+        log.debug("graph cache off for %s: %s", type(module).__name__, e)
         return None
     return "g" + cache_key(**parts)
 
@@ -169,14 +171,6 @@ def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's contents as bytes (copied to the CPU and made contiguous when needed): what hashes read."""
-    data = t.detach().reshape(-1)
-    if data.device.type != "cpu":
-        data = data.cpu()
-    return data.contiguous().view(torch.uint8).numpy().data
-
-
 def _weights_hash(module: nn.Module) -> str:
     """sha1 over every parameter's and buffer's bytes (folded constants are computed from them)."""
     h = hashlib.sha1()
@@ -246,11 +240,8 @@ def _source_file(cls: type) -> str | None:
 
 @cache
 def _fxcc_files() -> tuple[str, ...]:
-    import fxcc
-    import fxcc.autotune
-    import fxcc.codegen
-    import fxcc.passes
-    dirs = {os.path.dirname(m.__file__) for m in (fxcc, fxcc.passes, fxcc.codegen, fxcc.autotune)}
+    dirs = {os.path.dirname(importlib.util.find_spec(m).origin)
+            for m in ("fxcc", "fxcc.passes", "fxcc.codegen", "fxcc.autotune")}
     return tuple(os.path.join(d, f) for d in sorted(dirs) for f in sorted(os.listdir(d)) if f.endswith(".py"))
 
 
@@ -294,13 +285,13 @@ def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: 
                    records=[{"spec": r.spec, "seconds": r.seconds, "changed": r.result.changed,
                              "stats": r.result.stats} for r in records])
     except Unserializable as e:
-        log.info("fxcc: the graph of %s is not cached: %s", type(module).__name__, e)
+        log.info("the graph of %s is not cached: %s", type(module).__name__, e)
         return False
     files["graph.json"] = json.dumps(doc).encode()
     try:
         cache.put(key, files, {"kind": "graph", "model": type(module).__qualname__})
     except OSError as e:
-        log.warning("fxcc: could not store the graph of %s in the artifact cache: %s", type(module).__name__, e)
+        log.warning("could not store the graph of %s in the artifact cache: %s", type(module).__name__, e)
         return False
     return True
 
@@ -319,7 +310,7 @@ def load(cache: Any, key: str, module: nn.Module) -> Hit | None:
         return Hit(gm, pytree.treespec_loads(doc["in_spec"]), pytree.treespec_loads(doc["out_spec"]),
                    doc["method"], records)
     except Exception as e:  # a cache entry must never fail a compile: go the normal way
-        log.warning("fxcc: cached graph %s of %s did not load (%s: %s); capturing again", key,
+        log.warning("cached graph %s of %s did not load (%s: %s); capturing again", key,
                     type(module).__name__, type(e).__name__, e)
         return None
 
@@ -445,13 +436,12 @@ def _dec_graph(nodes: list[dict], fakes: dict) -> fx.Graph:
 
 
 def _serialize(gm: fx.GraphModule, module: nn.Module) -> tuple[dict, dict[str, bytes]]:
-    from .runtime import _fetch
     by_id = {id(t): n for n, t in _named_tensors(module).items()}
     attrs, files = {}, {}
     kernels = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            t = _fetch(gm, n.target)
+            t = ir.fetch_attr(gm, n.target)
             if not isinstance(t, torch.Tensor):
                 raise Unserializable(f"attribute {n.target} of type {type(t).__name__}")
             if id(t) in by_id:

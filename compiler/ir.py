@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
+from torch.utils import _pytree as pytree
 
 from .dialects import KERNEL_OPS, KERNELS, op_name
 
@@ -160,6 +161,19 @@ def print_graph(gm: fx.GraphModule, name: str = "forward") -> str:
     return f"func @{name}({', '.join(params)}) {{\n" + "\n".join(lines) + "\n}"
 
 
+def flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
+    """A call's arguments as the graph's flat inputs (keyword order ignored): the IR's calling convention."""
+    return pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+
+
+def clone_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of gm's graph sharing its parameters (no weight is copied): a pass may
+    transform the copy and leave `gm` as it was."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
 def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -196,7 +210,7 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
         if node.op == "output":
             continue
         if node.op == "get_attr":
-            new = _fake_of(mode, _fetch_attr(gm, node.target))
+            new = _fake_of(mode, fetch_attr(gm, node.target))
         else:
             fn = node.target
             if node.op == "call_module":
@@ -256,7 +270,8 @@ def _record(node: fx.Node, old: Any, new: Any, check: bool, who: str) -> None:
     node.meta["val"] = new
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    """The value a get_attr node names ("layers.0.weight"): what the graph holds as a parameter or constant."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)

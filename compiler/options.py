@@ -1,13 +1,54 @@
-"""CompileOptions: every knob of a compile in one dataclass; environment variables only map onto it."""
+"""Every knob in one place: CompileOptions (one compile), Settings (the process: environment variables map
+onto it and nowhere else) and the constants that version what the artifact cache holds."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 TARGETS = ("auto", "cpu", "cuda")
 TUNE_MODES = ("off", "cached", "search")
+TVM_POOLS = ("openmp", "tvm")
+
+# part of every kernel choice's cache key: bump when a backend gains a candidate, so that choices cached before
+# it existed are measured again instead of reused (2: extern's MKL packed-weight GEMM; 3: padding-aware
+# attention, TVM GEMMs on packed weights, timing on real masks and parameters)
+CANDIDATES = "3"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide settings, read from the environment when asked for (`settings()`).
+
+    cache_dir: the artifact cache (FXCC_CACHE_DIR, default ~/.cache/fxcc).
+    tvm_pool: where TVM kernels run their parallel loops: "openmp" (torch's threads, default) or "tvm"
+        (TVM's own pool) (FXCC_TVM_POOL).
+    triton_interpret: let the Triton backend build for the CPU under Triton's interpreter (tests):
+        FXCC_TRITON_INTERPRET=1 together with Triton's own TRITON_INTERPRET=1.
+    verify_each, print_ir_after: FXCC_VERIFY_EACH=1, FXCC_PRINT_IR_AFTER=raise,fuse (added to CompileOptions).
+    """
+
+    cache_dir: str
+    tvm_pool: str = "openmp"
+    triton_interpret: bool = False
+    verify_each: bool = False
+    print_ir_after: tuple[str, ...] = ()
+
+
+def settings() -> Settings:
+    """The settings the environment gives now (read at every call: tests and tools change it)."""
+    env = os.environ
+    pool = env.get("FXCC_TVM_POOL", "openmp")
+    if pool not in TVM_POOLS:
+        raise ValueError(f"fxcc: FXCC_TVM_POOL={pool!r}; use one of {', '.join(TVM_POOLS)}")
+    return Settings(
+        cache_dir=env.get("FXCC_CACHE_DIR") or str(Path.home() / ".cache" / "fxcc"),
+        tvm_pool=pool,
+        triton_interpret=env.get("TRITON_INTERPRET") == "1" and env.get("FXCC_TRITON_INTERPRET") == "1",
+        verify_each=env.get("FXCC_VERIFY_EACH", "").lower() in ("1", "true", "yes"),
+        print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()))
 
 
 @dataclass(frozen=True)
@@ -77,10 +118,9 @@ class CompileOptions:
     def from_env(base: CompileOptions | None = None) -> CompileOptions:
         """Apply FXCC_VERIFY_EACH and FXCC_PRINT_IR_AFTER on top of `base`."""
         opts = base or CompileOptions()
-        env = os.environ
-        if env.get("FXCC_VERIFY_EACH", "").lower() in ("1", "true", "yes"):
+        env = settings()
+        if env.verify_each:
             opts = opts.replace(verify_each=True)
-        if env.get("FXCC_PRINT_IR_AFTER"):
-            names = tuple(x.strip() for x in env["FXCC_PRINT_IR_AFTER"].split(",") if x.strip())
-            opts = opts.replace(print_ir_after=opts.print_ir_after + names)
+        if env.print_ir_after:
+            opts = opts.replace(print_ir_after=opts.print_ir_after + env.print_ir_after)
         return opts

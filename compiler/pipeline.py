@@ -1,9 +1,14 @@
-"""Passes, their registry, the textual pipeline ("raise,layer-skip{speedup=1.5},fuse") and the PassManager."""
+"""Passes, their registry, the textual pipeline ("raise,layer-skip{speedup=1.5},fuse") and the PassManager.
+
+The registry is one table, name -> "module:Class", loaded when a pipeline names the pass (xDSL's
+`get_all_passes`): passes never import it to register themselves, and importing this module imports no pass.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import logging
 import math
 import re
@@ -17,7 +22,7 @@ import torch.fx as fx
 
 from . import ir
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 DEFAULT_PIPELINE = "canonicalize,raise,merge-linears,fuse,codegen"
 
@@ -72,21 +77,45 @@ def _fmt(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-PASSES: dict[str, type[Pass]] = {}
+# every pass by name: "module:Class" until first use, then the class (`pass_class`)
+PASSES: dict[str, str | type[Pass]] = {
+    "canonicalize": "fxcc.passes.canonicalize:Canonicalize",
+    "raise": "fxcc.passes.raising:Raise",
+    "merge-linears": "fxcc.passes.merge_linears:MergeLinears",
+    "fuse": "fxcc.passes.fuse:Fuse",
+    "layer-skip": "fxcc.passes.layer_skip:LayerSkip",
+    "token-merge": "fxcc.passes.token_merge:TokenMerge",
+    "tp-shard": "fxcc.passes.tp_shard:TPShard",
+    "fuse-allreduce-rmsnorm": "fxcc.passes.fuse_allreduce_rmsnorm:FuseAllReduceRMSNorm",
+    # decisions made by measurement: they live with the autotuner
+    "mixed-precision": "fxcc.autotune.mixed_precision:MixedPrecision",
+    "codegen": "fxcc.autotune.select:Codegen",
+}
+
+
+def pass_class(name: str) -> type[Pass] | None:
+    """The pass class registered as `name` (imported now if it was not yet), or None."""
+    entry = PASSES.get(name)
+    if isinstance(entry, str):
+        module, _, cls = entry.partition(":")
+        entry = PASSES[name] = getattr(importlib.import_module(module), cls)
+    return entry
+
+
+def all_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name, all imported (`fxcc passes`, the plan search's knobs)."""
+    return {name: pass_class(name) for name in list(PASSES)}
 
 
 def register(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by its name in pipeline strings."""
+    """Class decorator for passes defined outside fxcc (a user's, a test's): usable by name in pipelines."""
     if not cls.name or not re.fullmatch(r"[a-z][a-z0-9-]*", cls.name):
         raise ValueError(f"pass {cls.__qualname__} needs a kebab-case name, got {cls.name!r}")
-    if cls.name in PASSES and PASSES[cls.name] is not cls:
-        raise ValueError(f"two passes are named {cls.name!r}: {PASSES[cls.name].__qualname__} and {cls.__qualname__}")
+    known = pass_class(cls.name)
+    if known is not None and known is not cls:
+        raise ValueError(f"two passes are named {cls.name!r}: {known.__qualname__} and {cls.__qualname__}")
     PASSES[cls.name] = cls
     return cls
-
-
-def _load_passes() -> None:
-    import fxcc.passes  # noqa: F401  (registers every pass module)
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -105,7 +134,6 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 def parse_pipeline(text: str) -> list[Pass]:
     """Parse 'name{opt=value,...},name,...' into pass instances; `default` expands to the default pipeline."""
-    _load_passes()
     if not isinstance(text, str):
         raise TypeError(f"fxcc: passes must be a pipeline string like {DEFAULT_PIPELINE!r}, got {type(text).__name__}")
     passes: list[Pass] = []
@@ -163,7 +191,7 @@ def _parse_options(text: str, start: int, end: int) -> list[tuple[str, str, int,
 
 
 def _instantiate(name: str, col: int, raw: list[tuple[str, str, int, int]], text: str) -> Pass:
-    cls = PASSES.get(name)
+    cls = pass_class(name)
     if cls is None:
         close = difflib.get_close_matches(name, list(PASSES) + ["default"], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else f"; known passes: {', '.join(sorted(PASSES))}"

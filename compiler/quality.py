@@ -20,9 +20,10 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from . import ir
 from .pipeline import Pass, PassContext, PassManager, PassRecord
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 
 class QualityBudgetError(RuntimeError):
@@ -49,17 +50,10 @@ def quality_loss(reference: Any, approx: Any) -> float:
     return max(0.0, 1.0 - worst)
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph; parameters are shared, passes may add their own."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
-
-
 def _trial(passes: Sequence[Pass], gm: fx.GraphModule, flat: list[Any], ctx: PassContext
            ) -> tuple[list[PassRecord], Any]:
     pm = PassManager(list(passes))
-    out = pm.run(_copy(gm), ctx)
+    out = pm.run(ir.clone_graph(gm), ctx)
     with torch.no_grad():
         return pm.records, out(*flat)
 
@@ -75,7 +69,7 @@ def fit_quality_budget(passes: list[Pass], gm: fx.GraphModule, flat: list[Any], 
     if not approx:
         return passes, 0.0
     with torch.no_grad():
-        reference = _copy(gm)(*flat)
+        reference = ir.clone_graph(gm)(*flat)
     current = list(passes)
     turn = 0
     while True:
@@ -83,14 +77,14 @@ def fit_quality_budget(passes: list[Pass], gm: fx.GraphModule, flat: list[Any], 
         records, out = _trial(prefix, gm, flat, ctx)
         loss = quality_loss(reference, out)
         specs = ", ".join(current[i].spec() for i in approx)
-        log.info("fxcc: quality of %s: loss %.5f (1 - min cosine vs exact), budget %g", specs, loss, budget)
+        log.info("quality of %s: loss %.5f (1 - min cosine vs exact), budget %g", specs, loss, budget)
         if loss <= budget:
             return current, loss
         for j in range(len(approx)):
             i = approx[(turn + j) % len(approx)]
             weaker = current[i].backoff(records[i].result)
             if weaker is not None:
-                log.info("fxcc: %s loses %.5f > quality_budget=%g on %s; backing off to %s",
+                log.info("%s loses %.5f > quality_budget=%g on %s; backing off to %s",
                          current[i].spec(), loss, budget, model_name, weaker.spec())
                 current[i] = weaker
                 turn = (turn + j + 1) % len(approx)

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from fxcc.autotune import pools
+from fxcc.autotune.plan import check_call_plan
+from fxcc.codegen.executable import build_executable
 from torch.utils import _pytree as pytree
 
 from . import graph_cache, ir
@@ -42,21 +45,10 @@ from .dialects import KERNEL_OPS, KERNELS, dialect_of, op_name
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
+from .store import default_cache
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 _VERSION = operator.attrgetter("_version")
-
-
-class KernelCall:
-    """A kernel op in the executable graph: a plain call of what the backend built (no module lookup)."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.__name__ = f"kernel_{key}"  # the name the executable's code shows
-        self.impl = KERNELS[key].impl or KERNELS[key].run
-
-    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.impl(inputs)
 
 
 class CudaGraph:
@@ -89,7 +81,7 @@ class CudaGraph:
                 with torch.cuda.graph(graph):
                     outs = fn(*static)
         except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
-            log.warning("fxcc: %s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
+            log.warning("%s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
             return None
         return CudaGraph(graph, static, outs)
 
@@ -216,7 +208,7 @@ class CompiledModule:
         flat, key = self._guard(args, kwargs)
         if self._params and not self._params_unchanged():
             self.stats.param_recompiles += 1
-            log.info("fxcc: parameters of %s changed since compile; recompiling", self.name)
+            log.info("parameters of %s changed since compile; recompiling", self.name)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._fast = {}
         variant = self._variants.get(key)
@@ -283,7 +275,6 @@ class CompiledModule:
         ctx = PassContext(options=opts, module=self.module, example_inputs=(args, kwargs),
                           target=resolve_target(opts.target, self.module, args, kwargs))
         if opts.plan is not None:  # the plan must fit this model, target and libraries (PlanError if not)
-            from fxcc.autotune.plan import check_call_plan
             check_call_plan(opts, self.module, args, kwargs, ctx.target)
 
         def manager(passes: list) -> PassManager:
@@ -322,11 +313,10 @@ class CompiledModule:
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
         if ctx.target == "cpu":  # kernels chosen alone, checked together: one thread pool if that is faster
-            from fxcc.codegen import pools
-            pools.settle(gm, flatten_inputs(args, kwargs)[0], self.name, build_executable)
+            pools.settle(gm, flatten_inputs(args, kwargs)[0], self.name)
         executable, bound = build_executable(gm)
         seconds = time.perf_counter() - t0
-        log.info("fxcc: compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
+        log.info("compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
         graphs = opts.cuda_graphs and ctx.target == "cuda" and graphable(gm)
         return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name,
                        quality_loss=loss)
@@ -336,7 +326,6 @@ class CompiledModule:
         """The artifact cache and this compile's graph key; no key when the graph cache does not apply."""
         if not opts.graph_cache or opts.verify_each or opts.print_ir_after or opts.quality_budget is not None:
             return None, None
-        from fxcc.autotune.cache import default_cache
         register_model_pytrees(self.module)
         flat, spec = flatten_inputs(args, kwargs)
         pipeline = ",".join(p.spec() for p in front)
@@ -388,47 +377,6 @@ def graphable(gm: fx.GraphModule) -> bool:
     return True
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def build_executable(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Any]]:
-    """A copy of the final IR where kernel ops call what their backend built, or are spliced in inline.
-
-    Parameters and constants (get_attr) become trailing inputs, fetched here once: returns the
-    executable and those values, to be passed after the call's own inputs.
-    """
-    graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.node_copy(node)
-    attrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
-    for node in attrs:
-        env[node] = graph.placeholder(node.name)
-        env[node].meta = dict(node.meta)
-    bound = [_fetch(gm, n.target) for n in attrs]
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            continue
-        if node.op == "call_function" and node.target in KERNEL_OPS:
-            kb = KERNELS[node.args[1]]
-            inputs = [env[i] for i in node.args[0]]
-            if kb.inline is not None:
-                params = [n for n in kb.inline.nodes if n.op == "placeholder"]
-                env[node] = graph.graph_copy(kb.inline, dict(zip(params, inputs)))
-                continue
-            env[node] = graph.call_function(KernelCall(kb.key), (inputs,), name=f"kernel_{kb.key}")
-        elif node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
-            env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined kernel
-        else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    return fx.GraphModule(gm, graph), bound  # takes the submodules eager regions call
-
-
 def placement(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
     """Where each compute op runs: (node, op, 'kernel.fused[kind] via backend' | 'eager: reason')."""
     rows = []
@@ -457,7 +405,7 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     for r in v.records:
         stats = ", ".join(f"{k}={c}" for k, c in r.result.stats.items()) or ("changed" if r.result.changed else "no change")
         out.append(f"  {r.spec:<28} {r.seconds * 1e3:8.1f} ms  {stats}")
-    if v.gm.meta.get("fxcc_mixed_precision") is not None:  # per-layer precisions (passes/mixed_precision.py)
+    if v.gm.meta.get("fxcc_mixed_precision") is not None:  # per-layer precisions (autotune/mixed_precision.py)
         out.append("\n== " + v.gm.meta["fxcc_mixed_precision"].text())
     if ir_after_each:
         for r in v.records:

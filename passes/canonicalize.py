@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.ir import fetch_attr
+from fxcc.pipeline import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
 
@@ -36,7 +37,6 @@ def _is_view(node: fx.Node) -> bool:
                                                       any(a.alias_info for a in t._schema.returns))))
 
 
-@register
 @dataclass(frozen=True)
 class Canonicalize(Pass):
     """DCE, CSE and constant folding of parameter-only subgraphs (exact)."""
@@ -74,7 +74,7 @@ class Canonicalize(Pass):
             if node in written:
                 continue
             if node.op == "get_attr":
-                const[node] = _fetch(gm, node.target)
+                const[node] = fetch_attr(gm, node.target)
             elif node.op == "call_function" and _is_deterministic_op(node):
                 inputs = node.all_input_nodes
                 if all(n in const for n in inputs):
@@ -149,13 +149,6 @@ def _fresh(gm: fx.GraphModule, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _freeze(a):

@@ -16,49 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody, op_name
-from fxcc.pipeline import Pass, PassContext, PassResult, register
-
-aten = torch.ops.aten
-tx = torch.ops.fxcc_tx
-
-GEMM = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default,
-        aten.baddbmm.default}
-REDUCTION = {tx.rms_norm.default, tx.layer_norm.default, tx.softmax.default, aten.softmax.int,
-             aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
-             aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
-             aten.amin.default, aten.var.correction, aten.max.dim, aten.min.dim}
-POINTWISE_TX = {tx.gelu.default, tx.silu.default, tx.gated_act.default, tx.rotary.default}
-POINTWISE_EXTRA = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default,
-                   aten.contiguous.default, aten.type_as.default, aten.alias.default}
-
-
-def classify(node: fx.Node) -> tuple[str, str]:
-    """(category, reason): category is gemm | reduction | pointwise | view | extern | eager."""
-    if node.meta.get("fxcc_eager"):
-        return "eager", node.meta["fxcc_eager"]
-    if node.op != "call_function":
-        return "eager", f"{node.op} {node.target!r} is not an op fxcc lowers"
-    t = node.target
-    if t is operator.getitem:
-        return "view", ""
-    if not isinstance(t, torch._ops.OpOverload):
-        return "eager", f"Python call {op_name(t)} is not an op fxcc lowers"
-    if t.namespace not in ("aten", "fxcc_tx", "prims"):
-        return "eager", f"{op_name(t)} is not an aten/tx op; fxcc has no lowering for it"
-    if t._schema.is_mutable:
-        return "eager", f"{op_name(t)} mutates its inputs"
-    if not isinstance(node.meta.get("val"), torch.Tensor):
-        return "extern", ""  # multi-output ops
-    if t in GEMM:
-        return "gemm", ""
-    if t in REDUCTION:
-        return "reduction", ""
-    if t in POINTWISE_TX or t in POINTWISE_EXTRA or torch.Tag.pointwise in t.tags:
-        return "pointwise", ""
-    if any(r.alias_info is not None for r in t._schema.returns) or t in (aten.reshape.default, aten.flatten.using_ints):
-        return "view", ""
-    return "extern", ""
+from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody, classify
+from fxcc.pipeline import Pass, PassContext, PassResult
 
 
 @dataclass(eq=False)
@@ -72,7 +31,6 @@ class Group:
         return self.kind != "pointwise"
 
 
-@register
 @dataclass(frozen=True)
 class Fuse(Pass):
     """Fusion grouping: aten/tx ops -> kernel.fused / kernel.extern ops (exact)."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.codegen.allreduce_rmsnorm import IMPLS  # registers the fused tx ops
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.dialects import ALL_REDUCE_IMPLS
+from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, is_op, val
 
 aten = torch.ops.aten
@@ -42,7 +42,6 @@ def _row_linear(x: fx.Node) -> bool:
     return is_op(x, aten.linear.default) and len(x.args) == 2 and not x.kwargs and len(x.users) == 1
 
 
-@register
 @dataclass(frozen=True)
 class FuseAllReduceRMSNorm(Pass):
     """Fuse all-reduce + residual add + RMSNorm; optionally absorb the projection and split its tokens."""
@@ -55,8 +54,8 @@ class FuseAllReduceRMSNorm(Pass):
     ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        if self.impl not in ALL_REDUCE_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(ALL_REDUCE_IMPLS)}, got {self.impl!r}")
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio is the first part's share of the tokens, in (0, 1); got {self.ratio}")
 

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc.dialects import dialect_of
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.pipeline import Pass, PassContext, PassResult
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 _INDEX = re.compile(r"\d+")
@@ -217,7 +217,6 @@ def skip_blocks(gm: fx.GraphModule, blocks: Blocks, indices: list[int]) -> None:
         forwarded[dst] = src
 
 
-@register
 @dataclass(frozen=True)
 class LayerSkip(Pass):
     """Remove `skip` repeated blocks (or as many as reach `speedup`), balanced between the first and last."""
@@ -256,13 +255,13 @@ class LayerSkip(Pass):
             share = block_share(gm, blocks)
             k = blocks_for_speedup(self.speedup, n, share)
             predicted = 1.0 / (1.0 - k * share / n)
-            log.info("fxcc: layer-skip{speedup=%s}: %d blocks carry %.1f%% of the estimated FLOPs; skipping %d "
+            log.info("layer-skip{speedup=%s}: %d blocks carry %.1f%% of the estimated FLOPs; skipping %d "
                      "(predicted speedup %.2fx)", self.speedup, n, 100 * share, k, predicted)
         chosen = balanced_choice(n, k)
         if not chosen:
             return PassResult(False, {"skipped": 0, "blocks": n})
         skip_blocks(gm, blocks, chosen)
-        log.info("fxcc: layer-skip removed %s of %s.0-%d", ", ".join(f"{blocks.prefix}.{i}" for i in chosen),
+        log.info("layer-skip removed %s of %s.0-%d", ", ".join(f"{blocks.prefix}.{i}" for i in chosen),
                  blocks.prefix, n - 1)
         stats = {"skipped": k, "blocks": n}
         stats.update({f"skipped.{blocks.prefix}.{i}": 1 for i in chosen})

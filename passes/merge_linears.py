@@ -14,15 +14,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.ir import fetch_attr
+from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, is_op, val
 
-from .canonicalize import _fetch, _fresh
+from .canonicalize import _fresh
 
 LINEAR = torch.ops.aten.linear.default
 
 
-@register
 @dataclass(frozen=True)
 class MergeLinears(Pass):
     """Merge sibling linears (same input, constant 2-D weights, same dtype, all with or all without bias).
@@ -65,19 +65,19 @@ class MergeLinears(Pass):
                                                                                   or b.op != "get_attr")):
             return None
         wv = val(w)
-        if not isinstance(wv, torch.Tensor) or wv.dim() != 2 or not isinstance(_fetch(gm, w.target), torch.Tensor):
+        if not isinstance(wv, torch.Tensor) or wv.dim() != 2 or not isinstance(fetch_attr(gm, w.target), torch.Tensor):
             return None
         return (wv.dtype, wv.device, int(wv.shape[1]), b is None)
 
     def _merge(self, gm: fx.GraphModule, rw: Rewriter, group: list[fx.Node]) -> bool:
-        ws = [_fetch(gm, arg(u, 1, "weight").target) for u in group]
+        ws = [fetch_attr(gm, arg(u, 1, "weight").target) for u in group]
         if sum(w.numel() * w.element_size() for w in ws) > self.max_mb * 2**20:
             return False
         bs = [arg(u, 2, "bias") for u in group]
         first = group[0]
         with torch.no_grad():
             weight = torch.cat([w.detach() for w in ws])
-            bias = None if bs[0] is None else torch.cat([_fetch(gm, b.target).detach() for b in bs])
+            bias = None if bs[0] is None else torch.cat([fetch_attr(gm, b.target).detach() for b in bs])
         args = [first.args[0], _constant(gm, rw, first, "_merged_weight", weight)]
         if bias is not None:
             args.append(_constant(gm, rw, first, "_merged_bias", bias))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc.dialects import op_name
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Pattern, Rewriter, apply_patterns, arg, is_op, val
 
 aten = torch.ops.aten
@@ -576,7 +576,6 @@ def _tx_counts(gm: fx.GraphModule) -> Counter:
                    if n.op == "call_function" and op_name(n.target).startswith("tx."))
 
 
-@register
 @dataclass(frozen=True)
 class Raise(Pass):
     """Rewrite aten patterns into tx ops; stats count the tx ops raised, by name."""

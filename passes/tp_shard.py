@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, val
 
 aten = torch.ops.aten
@@ -77,14 +77,6 @@ def _param_role(gm: fx.GraphModule, node: Any) -> tuple[str, str] | None:
     return None
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for p in target.split("."):
-        obj = getattr(obj, p)
-    return obj
-
-
-@register
 @dataclass(frozen=True)
 class TPShard(Pass):
     """Split projections, heads and their reshapes across `tp` ranks; all-reduce after row projections."""
@@ -142,7 +134,7 @@ class _Sharder:
         key = (str(node.target), dim)
         if key in self.shards:
             return self.shards[key]
-        full = _fetch(self.gm, str(node.target))
+        full = ir.fetch_attr(self.gm, str(node.target))
         size = full.shape[dim]
         if size % self.tp:
             raise ShardError(f"tp-shard{{tp={self.tp}}}: {node.target} has {size} features along dim {dim}, "

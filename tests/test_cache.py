@@ -8,7 +8,7 @@ import os
 import warnings
 
 import pytest
-from fxcc.autotune.cache import MANIFEST, ArtifactCache, cache_key, default_cache, library_versions
+from fxcc.store import MANIFEST, ArtifactCache, cache_key, default_cache, library_versions
 
 FILES = {"lib.so": b"\x7fELF" + bytes(range(256)) * 8, "source.py": b"def kernel(): pass\n"}
 META = {"backend": "tvm", "params": {"block": 64}, "ms": 0.25}

@@ -88,7 +88,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def put_entries(n: int):
-    from fxcc.autotune.cache import ArtifactCache, cache_key
+    from fxcc.store import ArtifactCache, cache_key
 
     c = ArtifactCache()
     keys = [c.put(cache_key(ir=str(i)), {"lib.so": b"\0" * 1000, "source.py": b"pass\n"},

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_outputs_close
 from fxcc import graph_cache
-from fxcc.autotune.cache import ArtifactCache
+from fxcc.store import ArtifactCache
 
 
 class Block(nn.Module):

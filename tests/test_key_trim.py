@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_outputs_close
+from fxcc.autotune.select import Probe, example_inputs
 from fxcc.codegen import extern, key_trim
 from fxcc.dialects import KERNEL_OPS, KERNELS
-from fxcc.passes.codegen import Probe, example_inputs
 
 
 def padded_mask(lengths: list[int], t: int) -> torch.Tensor:

@@ -10,8 +10,9 @@ import fxcc
 import pytest
 import torch
 import torch.nn as nn
+from fxcc.autotune.mixed_precision import _error, mixed_precision_report
 from fxcc.codegen import quant
-from fxcc.passes.mixed_precision import _error, mixed_precision_report
+from fxcc.dialects import int8_linear_reference
 from fxcc.pipeline import PipelineError, parse_pipeline
 
 tx = torch.ops.fxcc_tx
@@ -98,7 +99,7 @@ def test_triton_int8_weight_only(lin, dtype):
     x, w, b, qw, ws = lin
     x = x.to(dtype)
     got = tq.int8_weight_linear(x, qw, ws, b)
-    ref = quant._int8_ref(x, qw, ws, b, "none")
+    ref = int8_linear_reference(x, qw, ws, b, "none")
     assert got.dtype == dtype and got.shape == ref.shape
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2 if dtype == torch.float16 else 1e-4, rtol=1e-2)
 
@@ -112,7 +113,7 @@ def test_triton_int8_split_k_twice(cfg):
     torch.manual_seed(1)
     x, w, b = torch.randn(3, 256), torch.randn(96, 256), torch.randn(96)
     qw, ws = quant.quantize_weight(w, "int8")
-    ref = quant._int8_ref(x, qw, ws, b, "none")
+    ref = int8_linear_reference(x, qw, ws, b, "none")
     for _ in range(2):
         y = torch.full((3, 96), float("nan"))
         tq._launch_splitk(x, qw, ws, b, y, cfg)
@@ -125,7 +126,7 @@ def test_triton_int8_residual_epilogue(lin, split):
     tq = _triton()
     x, w, b, qw, ws = lin
     r = torch.randn(2, 5, 48)
-    want = quant._int8_ref(x, qw, ws, b, "none") + r
+    want = int8_linear_reference(x, qw, ws, b, "none") + r
     if split:
         y = torch.empty(10, 48)
         tq._launch_splitk(x.reshape(10, 64), qw, ws, b, y, (32, 2, 32, 4, 3), r.reshape(10, 48))
@@ -150,7 +151,7 @@ def test_triton_int8_w8a8_per_token(lin):
     tq = _triton()
     x, w, b, qw, ws = lin
     got = tq.int8_w8a8_linear(x, qw, ws, b)
-    torch.testing.assert_close(got, quant._int8_ref(x, qw, ws, b, "token"), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got, int8_linear_reference(x, qw, ws, b, "token"), atol=1e-3, rtol=1e-3)
 
 
 @interp
@@ -174,9 +175,9 @@ def test_triton_quant_gemms_on_gpu(M):
     w = torch.randn(384, 512, device="cuda")
     qw, ws = quant.quantize_weight(w, "int8")
     torch.testing.assert_close(tq.int8_weight_linear(x, qw, ws).float(),
-                               quant._int8_ref(x, qw, ws, None, "none").float(), atol=0.5, rtol=2e-2)
+                               int8_linear_reference(x, qw, ws, None, "none").float(), atol=0.5, rtol=2e-2)
     torch.testing.assert_close(tq.int8_w8a8_linear(x, qw, ws).float(),
-                               quant._int8_ref(x, qw, ws, None, "token").float(), atol=0.5, rtol=2e-2)
+                               int8_linear_reference(x, qw, ws, None, "token").float(), atol=0.5, rtol=2e-2)
     if torch.cuda.get_device_capability() >= (8, 9):
         qf, fs = quant.quantize_weight(w, "fp8")
         assert rel(tq.fp8_linear(x, qf, fs), quant._fp8_ref(x, qf, fs, None)) < 0.02
@@ -289,7 +290,7 @@ def test_linears_of_one_input_merge_into_one_gemm():
 def test_residual_add_folds_into_the_triton_kernel_only(lin):
     import torch.fx as fx
     from fxcc import ir
-    from fxcc.passes.mixed_precision import _fold_residuals
+    from fxcc.autotune.mixed_precision import _fold_residuals
 
     x, w, b, qw, ws = lin
     r = torch.randn(2, 5, 48)
@@ -325,7 +326,7 @@ def _gemv_case(glu: bool, dtype: torch.dtype = torch.float32, m: int = 5, k: int
     b = torch.randn(w.shape[0], device=device)
     r = torch.randn(m, n, device=device).to(dtype)
     qw, ws = quant.quantize_weight(w, "int8")
-    full = quant._int8_ref(x.float(), qw, ws, b, "none")
+    full = int8_linear_reference(x.float(), qw, ws, b, "none")
     want = (torch.nn.functional.silu(full[:, :n]) * full[:, n:] if glu else full) + r.float()
     return x, qw, ws, b, r, want
 
@@ -370,7 +371,7 @@ def test_int8_gated_linear_op_all_kernels():
 def test_gated_act_folds_into_the_triton_gemv_at_decode_only():
     import torch.fx as fx
     from fxcc import ir
-    from fxcc.passes.mixed_precision import _fold_gated
+    from fxcc.autotune.mixed_precision import _fold_gated
 
     class Gated(nn.Module):
         def __init__(self):
@@ -406,7 +407,7 @@ def test_gemv_on_gpu_every_config_bf16(glu, norm):
     tg = pytest.importorskip("fxcc.codegen.triton_gemv")
     x, qw, ws, b, r, want = _gemv_case(glu, torch.bfloat16, m=8, k=1024, n=512, device="cuda")
     if norm:
-        full = quant._int8_ref(tx.rms_norm(x, None, 1e-5).float(), qw, ws, b, "none")
+        full = int8_linear_reference(tx.rms_norm(x, None, 1e-5).float(), qw, ws, b, "none")
         want = (torch.nn.functional.silu(full[:, :512]) * full[:, 512:] if glu else full) + r.float()
     for cfg in tg.configs(8, 1024, 512, glu, (0, 2)):
         for _ in range(3):
@@ -425,14 +426,14 @@ def test_gemv_applies_rms_norm_of_x(glu, cfg):
     x = x * 3.0 + 1.0
     gamma = torch.rand(256) + 0.5
     xn = tx.rms_norm(x, gamma, 1e-5)
-    full = quant._int8_ref(xn, qw, ws, b, "none")
+    full = int8_linear_reference(xn, qw, ws, b, "none")
     want = (torch.nn.functional.silu(full[:, :48]) * full[:, 48:] if glu else full) + r
     for _ in range(2):
         y = torch.full((5, 48), float("nan"))
         tg.gemv(x, qw, ws, b, y, cfg, r, glu, gamma, 1e-5)
         torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
     # without its weight (the pass folds it into the weight): the rows' 1 / rms only
-    full = quant._int8_ref(tx.rms_norm(x, None, 1e-5), qw, ws, b, "none")
+    full = int8_linear_reference(tx.rms_norm(x, None, 1e-5), qw, ws, b, "none")
     want0 = (torch.nn.functional.silu(full[:, :48]) * full[:, 48:] if glu else full) + r
     y = torch.full((5, 48), float("nan"))
     tg.gemv(x, qw, ws, b, y, cfg, r, glu, None, 1e-5)
@@ -448,7 +449,7 @@ def test_gemv_applies_rms_norm_of_x(glu, cfg):
 def test_rms_norm_folds_only_when_the_linear_is_its_only_user():
     import torch.fx as fx
     from fxcc import ir
-    from fxcc.passes.mixed_precision import SOURCE, _fold_norms
+    from fxcc.autotune.mixed_precision import SOURCE, _fold_norms
 
     class Normed(nn.Module):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""One thread pool per model (fxcc.codegen.pools): the per-kernel choice checked on the whole model, for
+"""One thread pool per model (fxcc.autotune.pools): the per-kernel choice checked on the whole model, for
 when TVM kernels run on TVM's own pool (the OpenMP launcher of fxcc.codegen.tvm_omp unavailable)."""
 
 from __future__ import annotations
@@ -8,16 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fxcc.capture import flatten_inputs
+from fxcc.codegen.executable import build_executable
 from fxcc.dialects import KERNEL_OPS, KERNELS
-from fxcc.runtime import build_executable
 
 pytest.importorskip("tvm")
-from fxcc.codegen import (
-    pools,  # noqa: E402
-    tvm_omp,  # noqa: E402
-)
+from fxcc.autotune import pools  # noqa: E402
+from fxcc.autotune.select import install  # noqa: E402
 from fxcc.codegen import tvm as tvm_backend  # noqa: E402
-from fxcc.passes.codegen import install  # noqa: E402
+from fxcc.codegen import tvm_omp  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +70,7 @@ def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_c
     v, gemms = on_tvm(cm)
     flat = flatten_inputs((x,), {})[0]
     monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 2.0, "torch pool": 1.0})
-    assert pools.settle(v.gm, flat, "Mlp", build_executable)
+    assert pools.settle(v.gm, flat, "Mlp")
     assert all(kb.backend == "extern" for kb in gemms)
     assert "moved to torch's pool" in gemms[0].info["note"]
     exe, bound = build_executable(v.gm)
@@ -81,7 +79,7 @@ def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_c
     # the same choices again (a warm compile): the stored decision applies, nothing is timed
     on_tvm(cm)
     monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed again despite a stored decision"))
-    assert pools.settle(v.gm, flat, "Mlp", build_executable)
+    assert pools.settle(v.gm, flat, "Mlp")
     assert all(kb.backend == "extern" for kb in gemms) and "from the artifact cache" in gemms[0].info["note"]
 
 
@@ -92,7 +90,7 @@ def test_a_model_faster_as_chosen_keeps_its_kernels(monkeypatch):
     v, gemms = on_tvm(cm)
     impls = [kb.impl for kb in gemms]
     monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 1.0, "torch pool": 2.0})
-    assert not pools.settle(v.gm, flatten_inputs((x,), {})[0], "Mlp", build_executable)
+    assert not pools.settle(v.gm, flatten_inputs((x,), {})[0], "Mlp")
     assert [kb.backend for kb in gemms] == ["tvm"] * len(gemms)
     assert [kb.impl for kb in gemms] == impls and "kept" in gemms[0].info["note"]
 
@@ -102,7 +100,7 @@ def test_nothing_to_settle_with_one_pool_already(monkeypatch):
     v, _ = on_tvm(compiled(model, x))
     monkeypatch.setattr(tvm_omp, "enabled", lambda: True)
     monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed with one pool already"))
-    assert not pools.settle(v.gm, [x], "Mlp", build_executable)
+    assert not pools.settle(v.gm, [x], "Mlp")
 
 
 def test_nothing_to_settle_without_a_torch_pool_alternative():
@@ -110,4 +108,4 @@ def test_nothing_to_settle_without_a_torch_pool_alternative():
     cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=tvm}")  # forced: nothing timed
     with torch.no_grad():
         cm(x)
-    assert not pools.settle(cm.variants[-1].gm, [x], "Mlp", build_executable)
+    assert not pools.settle(cm.variants[-1].gm, [x], "Mlp")

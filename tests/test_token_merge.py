@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fxcc.capture import capture
-from fxcc.dialects import KERNELS
+from fxcc.dialects import KERNELS, tome_bias, tome_match
 from fxcc.ir import print_graph
-from fxcc.passes.token_merge import tome_bias, tome_match
 from fxcc.pipeline import PassContext, PassManager, PipelineError, parse_pipeline
 
 transformers = pytest.importorskip("transformers")
@@ -220,7 +219,7 @@ def test_padding_content_never_reaches_real_tokens():
 
 def test_forced_real_padding_pairs_keep_real_values():
     """r larger than the real/real and padded/padded pairs: a padded token joins a real one with weight 0."""
-    from fxcc.passes.token_merge import tome_merge, tome_sizes
+    from fxcc.dialects import tome_merge, tome_sizes
 
     torch.manual_seed(0)
     x, keys = torch.randn(2, 6, 4), torch.randn(2, 2, 6, 8)
@@ -329,7 +328,7 @@ def test_temporal_merge_matches_reference(flat, blocks, rest):
 
 def test_temporal_merge_of_repeated_frames_is_exact_for_pointwise_work():
     """Frames that come in identical pairs average to themselves: the merge/unmerge round trip is lossless."""
-    from fxcc.passes.token_merge import temporal_merge, temporal_unmerge
+    from fxcc.dialects import temporal_merge, temporal_unmerge
 
     x = torch.randn(2, 3, 5, 16).repeat_interleave(2, dim=1)
     torch.testing.assert_close(temporal_unmerge(temporal_merge(x, 1, 0), 1, 0), x)

@@ -5,21 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from fxcc import ir
-from fxcc.autotune.tp_plan import (
-    CostModel,
-    Plan,
-    Rates,
-    compare,
-    fit_allreduce,
-    kernel_count,
-    launch,
-    plan_graphs,
-    space,
-)
+from fxcc.autotune.tp_plan import CostModel, Rates, TPPlan, compare, fit_allreduce, launch, space
 from fxcc.codegen.allreduce_rmsnorm import split_rows
 from fxcc.options import CompileOptions
 from fxcc.pipeline import PipelineError, parse_pipeline
 from fxcc.runtime import CompiledModule
+from fxcc.tp_bench import kernel_count, plan_graphs
 
 pytest.importorskip("transformers")
 
@@ -101,9 +92,9 @@ PIPES = {
 
 def _tp_worker(rank: int, world: int, device: str = "cpu") -> dict:
     """One rank: capture once, then every pipeline of PIPES on its own copy of the raised graph."""
-    from fxcc.autotune.tp_plan import build_variant
     from fxcc.capture import capture, flatten_inputs
     from fxcc.pipeline import PassContext, PassManager
+    from fxcc.tp_bench import build_variant
 
     torch.set_num_threads(1)
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
@@ -205,8 +196,8 @@ def test_cost_model_on_plan_irs():
     """The model reads each plan's IR (built here for tp up to 4 without ranks) and ranks it by its terms."""
     model = tiny_llama(1, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4)
     ids = torch.zeros(1, 512, dtype=torch.long)
-    plans = space(4) + [Plan(2, True, True, 0.5, "nccl")]
-    graphs = plan_graphs(model, (ids,), {"use_cache": False}, plans + [Plan(8)])
+    plans = space(4) + [TPPlan(2, True, True, 0.5, "nccl")]
+    graphs = plan_graphs(model, (ids,), {"use_cache": False}, plans + [TPPlan(8)])
     assert "tp8-unfused" not in graphs  # 4 KV heads cannot be split 8 ways: skipped, not an error
     slow_chip = dict(matmul=1e12, hbm=1e10, launch=0.0)  # compute-bound, so the split of work shows
     fast_link = CostModel(Rates(**slow_chip, allreduce={"nccl": (1e-9, 1e15), "symm": (1e-9, 1e15)}))
@@ -225,8 +216,8 @@ def test_cost_model_on_plan_irs():
 
 
 def test_plan_passes_text():
-    assert Plan(1).passes() == ""
-    assert Plan(2, True, True, 0.25, "nccl").passes() == \
+    assert TPPlan(1).passes() == ""
+    assert TPPlan(2, True, True, 0.25, "nccl").passes() == \
         "tp-shard{tp=2},fuse-allreduce-rmsnorm{impl=nccl,split=true,ratio=0.25}"
     for p in space(4):
         parse_pipeline("raise," + p.passes() if p.passes() else "raise")

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 import fxcc  # noqa: E402
+from fxcc.autotune.select import example_inputs  # noqa: E402
 from fxcc.codegen import triton as backend  # noqa: E402
 from fxcc.dialects import KERNEL_OPS, KERNELS  # noqa: E402
-from fxcc.passes.codegen import example_inputs  # noqa: E402
 
 # numpy warns about inf - inf in lanes past a row's end: the interpreter computes masked lanes too
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -27,10 +27,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import extern
+from fxcc.autotune.select import install
+from fxcc.codegen import extern, tvm_omp
+from fxcc.codegen.executable import build_executable
 from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody
+from fxcc.measure import interleaved
+from fxcc.store import cache_key, default_cache, library_versions, target_id
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
 TORCH_POOL = ("extern", "onednn", "mkl", "trim")  # candidate labels whose code runs on torch's pool only
 
@@ -40,16 +44,14 @@ def on_tvm_pool(label: str) -> bool:
     return label.split("+")[0] == "tvm"
 
 
-def settle(gm: fx.GraphModule, flat: list, name: str, build: Callable[[fx.GraphModule], tuple],
-           reps: int = 6) -> bool:
+def settle(gm: fx.GraphModule, flat: list, name: str, reps: int = 6) -> bool:
     """Keep the faster of the model as chosen and the model on torch's pool alone (see the module doc).
-    `build` makes an executable and its bound values from `gm`. Returns whether kernels were switched."""
+    Returns whether kernels were switched."""
     kbs = [KERNELS[k] for k in dict.fromkeys(n.args[1] for n in gm.graph.nodes
                                              if n.op == "call_function" and n.target in KERNEL_OPS)]
     movable = {kb.key: alt for kb in kbs if on_tvm_pool(kb.backend) and (alt := _torch_pool_choice(kb)) is not None}
     if not movable:
         return False
-    from fxcc.codegen import tvm_omp  # asked only now: a model without TVM kernels never builds the launcher
     if tvm_omp.enabled() or any(n.op == "call_function" and n.target not in KERNEL_OPS
                                 and n.target is not operator.getitem for n in gm.graph.nodes):
         return False
@@ -62,10 +64,10 @@ def settle(gm: fx.GraphModule, flat: list, name: str, build: Callable[[fx.GraphM
             for k, label in movable.items():
                 _install(KERNELS[k], label)
     else:
-        exe_a, bound_a = build(gm)
+        exe_a, bound_a = build_executable(gm)
         for k, label in movable.items():
             _install(KERNELS[k], label)
-        exe_b, bound_b = build(gm)
+        exe_b, bound_b = build_executable(gm)
         t = _time({"as chosen": lambda: exe_a(*flat, *bound_a), "torch pool": lambda: exe_b(*flat, *bound_b)}, reps)
         keep = t["torch pool"] < t["as chosen"]
         note = (f"whole model {t['as chosen']:.2f} ms as chosen, {t['torch pool']:.2f} ms with TVM's pool left out: "
@@ -74,13 +76,13 @@ def settle(gm: fx.GraphModule, flat: list, name: str, build: Callable[[fx.GraphM
             try:
                 cache.put(key, {}, {"kind": "pool-plan", "torch_pool": keep, "note": note})
             except OSError as e:  # the next compile times again
-                log.warning("fxcc: could not store the pool decision for %s: %s", name, e)
+                log.warning("could not store the pool decision for %s: %s", name, e)
     for k in movable:
         if not keep:
             kb = KERNELS[k]
             kb.backend, kb.impl, kb.inline, kb.info = chosen[k]
         KERNELS[k].info["note"] = note
-    log.info("fxcc: %s: %s (%d kernels)", name, note, len(movable))
+    log.info("%s: %s (%d kernels)", name, note, len(movable))
     return keep
 
 
@@ -91,13 +93,11 @@ def _torch_pool_choice(kb: KernelBody) -> str | None:
 
 
 def _install(kb: KernelBody, label: str) -> None:
-    from fxcc.passes.codegen import install
     install(kb, label, extern.load(kb, label, {}, {}))
     kb.info.update(params={}, module="extern")
 
 
 def _time(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    from fxcc.autotune.measure import interleaved
     with torch.no_grad():
         t = interleaved(fns, device="cpu", warmup=2, reps=reps, rounds=min(reps, 3))
     return {label: x.own for label, x in t.items()}
@@ -105,12 +105,10 @@ def _time(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
 
 def _decision_key(kbs: list[KernelBody]) -> tuple[Any, str]:
     """The artifact cache and the key of a decision: the kernels, their choices, the target, the libraries."""
-    from fxcc.autotune.cache import cache_key, library_versions
-    from fxcc.passes.codegen import _cache, target_id
     try:
-        cache = _cache()
+        cache = default_cache()
     except Exception as e:  # no usable cache: decide in this process only
-        log.debug("fxcc: pool decision not cached: %s", e)
+        log.debug("pool decision not cached: %s", e)
         cache = None
     plan = ";".join(sorted(f"{kb.key}={kb.backend}" for kb in kbs))
     return cache, cache_key(kind="pool-plan", plan=plan, target=target_id("cpu"), versions=library_versions())

@@ -7,6 +7,9 @@ Layout under the root (`FXCC_CACHE_DIR`, else `~/.cache/fxcc`; created 0700):
     tmp/                          entries being written, and evicted ones being deleted
     tuning.db                     the default Optuna storage (fxcc.autotune.tune)
 
+Everything cached is named by `cache_key`; what a key depends on besides its own parts (library versions,
+the target machine) comes from `library_versions` and `target_id`, both here.
+
 An entry is written in a temporary directory and renamed into place, so readers see a whole entry or
 none; when two writers race, the first rename wins and the second returns the winner's entry. Readers
 check every file's size and sha256 and the manifest's own checksum: a damaged entry is evicted with a
@@ -17,11 +20,13 @@ the mtime of its manifest; `prune` evicts least recently used entries first.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import sys
@@ -33,7 +38,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-log = logging.getLogger("fxcc")
+import torch
+
+from .options import settings
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -67,6 +76,30 @@ def library_versions() -> str:
     return ";".join(out)
 
 
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def target_id(target: str) -> str:
+    """What a kernel's code and choice depend on besides its IR: the device and, on CPU, the threads."""
+    if target == "cuda":
+        return f"cuda:{torch.cuda.get_device_name()}"
+    return f"cpu:{platform.machine()}:{_cpu_name()}:threads={torch.get_num_threads()}"
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's contents as bytes (copied to the CPU and made contiguous when needed): what hashes read."""
+    data = t.detach().reshape(-1)
+    if data.device.type != "cpu":
+        data = data.cpu()
+    return data.contiguous().view(torch.uint8).numpy().data
+
+
 def private_dir(path: Path) -> Path:
     """Create `path` (and parents) if missing; a directory created here is private to the user (0700)."""
     if not path.is_dir():
@@ -91,9 +124,7 @@ class ArtifactCache:
     """A directory of entries keyed by `cache_key`; safe for many processes at once."""
 
     def __init__(self, root: str | os.PathLike | None = None, max_bytes: int | None = None) -> None:
-        if root is None:
-            root = os.environ.get("FXCC_CACHE_DIR") or Path.home() / ".cache" / "fxcc"
-        self.root = Path(root).expanduser()
+        self.root = Path(settings().cache_dir if root is None else root).expanduser()
         self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         if not isinstance(self.max_bytes, int) or self.max_bytes < 0:
             raise ValueError(f"fxcc: cache max_bytes must be a number of bytes >= 0, got {max_bytes!r}")
@@ -240,7 +271,7 @@ class ArtifactCache:
                 removed.append(key)
             total -= size
         if removed:
-            log.info("fxcc: artifact cache %s: evicted %d least recently used entries", self.root, len(removed))
+            log.info("artifact cache %s: evicted %d least recently used entries", self.root, len(removed))
         return removed
 
     def clear(self) -> int:
@@ -302,7 +333,7 @@ class ArtifactCache:
         except FileNotFoundError:
             return False
         except OSError as e:  # e.g. a read-only cache: the entry stays a miss for every reader
-            log.warning("fxcc: cannot evict artifact cache entry %s (%s); remove %s by hand", key, e, d)
+            log.warning("cannot evict artifact cache entry %s (%s); remove %s by hand", key, e, d)
             return False
         if trash.stat().st_ino != ino:
             try:
@@ -334,7 +365,7 @@ _default: dict[Path, ArtifactCache] = {}
 
 def default_cache() -> ArtifactCache:
     """The process's cache at `FXCC_CACHE_DIR` (read now), else `~/.cache/fxcc`."""
-    root = Path(os.environ.get("FXCC_CACHE_DIR") or Path.home() / ".cache" / "fxcc").expanduser()
+    root = Path(settings().cache_dir).expanduser()
     if root not in _default:
         _default[root] = ArtifactCache(root)
     return _default[root]

@@ -1,4 +1,4 @@
-"""codegen: build every kernel op of the graph and choose, by measurement, among the backends' candidates.
+"""codegen: choose, by measurement, among the backends' candidates for every kernel op of the graph.
 
 Each backend available for the target offers candidates for a kernel (extern always does). With one
 candidate it is built as is; with several, each is built, checked against the reference and timed,
@@ -10,31 +10,26 @@ dropped with a warning naming the kernel, so a backend failure never fails the c
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
-import platform
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import Built, Kernel, extern
+from fxcc import ir
+from fxcc.autotune.plan import plan_kernel
+from fxcc.autotune.tune import tune_kernel
+from fxcc.codegen import BACKENDS, Built, Kernel, check, extern
+from fxcc.codegen import backend as backend_module
 from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.measure import interleaved
+from fxcc.options import CANDIDATES
+from fxcc.pipeline import Pass, PassContext, PassResult
+from fxcc.store import cache_key, default_cache, library_versions, target_id
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 
-# backend name -> module; imported on first use so a CPU compile never imports Triton and vice versa
-BACKENDS = {"extern": "fxcc.codegen.extern", "tvm": "fxcc.codegen.tvm", "triton": "fxcc.codegen.triton"}
-
-
-def backend_module(name: str):
-    return importlib.import_module(BACKENDS[name])
-
-
-@register
 @dataclass(frozen=True)
 class Codegen(Pass):
     """Builds each distinct kernel once. `backend=auto` measures every available backend's candidates.
@@ -92,7 +87,7 @@ class Codegen(Pass):
                     continue
             if self.backend == n:
                 raise ValueError(f"backend {n!r} cannot build for target {target!r}: {why}")
-            log.debug("fxcc: backend %s skipped: %s", n, why)
+            log.debug("backend %s skipped: %s", n, why)
         return mods
 
 
@@ -112,7 +107,7 @@ class Selection:
         """Install an implementation for `kb`; returns how: "plan", "single", "cached" or "built"."""
         if self.plan and self._from_plan(kb):
             return "plan"
-        cache = _cache() if self.tune != "off" and len(backends) > 1 else None
+        cache = default_cache() if self.tune != "off" and len(backends) > 1 else None
         key = kernel_key(kb, self.target, self.prefer) if cache else None
         if cache and self.tune == "cached" and self._load(kb, cache, key):
             return "cached"
@@ -157,7 +152,6 @@ class Selection:
         elif len(built) == 1:
             best = "extern"
         else:
-            from fxcc.autotune.measure import interleaved
             t = interleaved({label: (lambda fn=b.fn: fn(inputs)) for label, (b, _) in built.items()},
                             device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
             kb.info["timings_ms"] = {label: round(x.own, 4) for label, x in t.items()}
@@ -172,7 +166,6 @@ class Selection:
     def _params(self, kb: KernelBody, c: Kernel, inputs, ref, key: str | None) -> dict:
         if self.tune != "search" or not c.space:
             return dict(c.defaults)
-        from fxcc.autotune.tune import tune_kernel
         budget = {"trials": self.budget} if self.budget else {}
         res = tune_kernel(c, inputs, ref, **budget, device=self.target,
                           key=f"{key or kb.key}", progress=True)
@@ -201,13 +194,12 @@ class Selection:
     def _from_plan(self, kb: KernelBody) -> bool:
         """Install the plan's backend and parameters for `kb` (from the cache when built before): no timing,
         no tuning. False when the plan names no choice for it, or its choice fails to build or check."""
-        from fxcc.autotune.plan import plan_kernel
         choice = plan_kernel(self.plan, kb.key)
         if choice is None:
-            log.info("fxcc: plan %s names no choice for kernel %s; choosing as without a plan", self.plan, kb.key)
+            log.info("plan %s names no choice for kernel %s; choosing as without a plan", self.plan, kb.key)
             return False
         label, module, params = choice.get("backend", ""), choice.get("module", ""), choice.get("params") or {}
-        cache = _cache() if self.tune != "off" else None
+        cache = default_cache() if self.tune != "off" else None
         key = kernel_key(kb, self.target, self.prefer) if cache else None
         if cache:
             entry = cache.get(key)
@@ -247,40 +239,12 @@ def _store(cache, key: str, kb: KernelBody, label: str, module: str, params: dic
         warnings.warn(f"fxcc: could not store kernel {kb.key} in the artifact cache: {e}", stacklevel=2)
 
 
-def _cache():
-    from fxcc.autotune.cache import default_cache
-    return default_cache()
-
-
-# part of every kernel's cache key: bump when a backend gains a candidate, so that choices cached before
-# it existed are measured again instead of reused (2: extern's MKL packed-weight GEMM; 3: padding-aware
-# attention, TVM GEMMs on packed weights, timing on real masks and parameters)
-CANDIDATES = "3"
-
-
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
     """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries."""
-    from fxcc.autotune.cache import cache_key, library_versions
     layouts = ";".join(f"{tuple(p.meta['val'].stride())}+{p.meta['val'].storage_offset()}"
                        for p in kb.body.graph.nodes if p.op == "placeholder")
     return cache_key(ir=kb.text, layouts=layouts, backend=prefer or "auto", target=target_id(target),
                      versions=library_versions(), candidates=CANDIDATES)
-
-
-@functools.cache
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
-def target_id(target: str) -> str:
-    """What a kernel's code and choice depend on besides its IR: the device and, on CPU, the threads."""
-    if target == "cuda":
-        return f"cuda:{torch.cuda.get_device_name()}"
-    return f"cpu:{platform.machine()}:{_cpu_name()}:threads={torch.get_num_threads()}"
 
 
 def install(kb: KernelBody, backend: str, b: Built) -> None:
@@ -320,7 +284,6 @@ class Probe:
         return self.seen.get(kb.key, {})
 
     def _run(self) -> dict[str, dict[int, torch.Tensor]]:
-        from fxcc.capture import flatten_inputs
         seen: dict[str, dict[int, torch.Tensor]] = {}
 
         class Recorder(fx.Interpreter):
@@ -333,9 +296,9 @@ class Probe:
                 return list(KERNELS[key].body(*ins))  # as written: kernels built so far play no part
         try:
             with torch.no_grad():
-                Recorder(self.gm).run(*flatten_inputs(*self.example)[0])
+                Recorder(self.gm).run(*ir.flatten_inputs(*self.example)[0])
         except Exception as e:  # timing on random masks is still correct, only less representative
-            log.info("fxcc: codegen times kernels on random masks and indices: the example inputs did not "
+            log.info("codegen times kernels on random masks and indices: the example inputs did not "
                      "run through the graph (%s: %s)", type(e).__name__, e)
         return seen
 
@@ -391,23 +354,3 @@ def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[
     if big:
         out.append([x * 1e3 if i in big else x for i, x in enumerate(inputs)])
     return out
-
-
-def check(label: str, got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
-    """Raise when a candidate's outputs differ from the reference beyond fp tolerance; NaN and inf must sit
-    where the reference has them."""
-    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
-        if g.shape != r.shape or g.dtype != r.dtype:
-            raise ValueError(f"output {i} is {g.dtype}{list(g.shape)}, expected {r.dtype}{list(r.shape)}")
-        tol = 1e-4 if r.dtype == torch.float32 else 2e-2
-        # absolute error on the output's scale: a long reduction summed in another order (a library GEMM
-        # on packed weights) differs by far more than `tol` where its terms cancel; a wrong result by far more
-        finite = r[torch.isfinite(r)] if r.dtype.is_floating_point else r
-        scale = float(finite.abs().max()) if r.dtype.is_floating_point and finite.numel() else 0.0
-        if r.dtype.is_floating_point and not torch.allclose(g, r, rtol=tol, atol=tol * max(1.0, scale),
-                                                            equal_nan=True):
-            bad = ~torch.isclose(g, r, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
-            raise ValueError(f"output {i} differs from the reference at {int(bad.sum())} of {r.numel()} places "
-                             f"(e.g. {g[bad][0].item():.4g} vs {r[bad][0].item():.4g})")
-        if not r.dtype.is_floating_point and not torch.equal(g, r):
-            raise ValueError(f"output {i} differs from the reference")

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from fxcc.capture import flatten_inputs
+from fxcc import ir
 from fxcc.codegen import quant
-from fxcc.pipeline import Pass, PassContext, PassResult, register
+from fxcc.pipeline import Pass, PassContext, PassResult
 
-log = logging.getLogger("fxcc")
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 POLICIES = ("auto", "bf16", "fp16", "int8-weight", "int8", "fp8")
@@ -88,7 +88,6 @@ def mixed_precision_report(compiled: Any) -> Report | None:
     return compiled.variants[-1].gm.meta.get("fxcc_mixed_precision")
 
 
-@register
 @dataclass(frozen=True)
 class MixedPrecision(Pass):
     """Per-layer precision for linears within an error budget: casts or quantized linears (approximate).
@@ -131,7 +130,7 @@ class MixedPrecision(Pass):
         if not linears:
             return PassResult(False, {})
         precs = _available(self.policy, device, _weight(gm, linears[0]).dtype)
-        flat = [x for x in flatten_inputs(*ctx.example_inputs)[0]] if ctx.example_inputs else []
+        flat = [x for x in ir.flatten_inputs(*ctx.example_inputs)[0]] if ctx.example_inputs else []
         run = _Runner(gm, linears)
         t0 = time.perf_counter()
         ref, acts = run.reference(flat)
@@ -154,7 +153,7 @@ class MixedPrecision(Pass):
                 # policy=auto chooses by speed: a precision slower than the layer's own is never taken
                 if p in row.ms and (self.policy != "auto" or row.ms[p] < row.ms[KEEP]):
                     row.error_alone[p] = _error(ref, run.outputs(flat, {n: (p, row.kernel_of[p], weights[n, p])}))
-        log.info("fxcc: mixed-precision analysed %d linears x %d precisions in %.1f s", len(linears), len(precs),
+        log.info("mixed-precision analysed %d linears x %d precisions in %.1f s", len(linears), len(precs),
                  time.perf_counter() - t0)
         choice, how = self._search(layers, precs, budget)
         # measure the winner; give layers back to full precision, most sensitive first, while over budget
@@ -165,7 +164,7 @@ class MixedPrecision(Pass):
             if measured <= budget or not assign:
                 break
             worst = max((r for r in layers if choice[r.node] != KEEP), key=lambda r: r.error_alone[choice[r.node]])
-            log.info("fxcc: mixed-precision error %.2e > budget %.2e: %s back to %s", measured, budget, worst.node, KEEP)
+            log.info("mixed-precision error %.2e > budget %.2e: %s back to %s", measured, budget, worst.node, KEEP)
             choice[worst.node] = KEEP
             how += "+backoff"
         groups: dict[tuple, list[fx.Node]] = {}  # quantized linears of one input, precision and bias-ness
@@ -198,13 +197,13 @@ class MixedPrecision(Pass):
             measured = _error(ref, _Runner(gm, []).reference(flat)[0])
             how += "+folds"
             if measured > budget:
-                log.warning("fxcc: mixed-precision: error %.2e after folding norms/gates/residuals into the int8 "
+                log.warning("mixed-precision: error %.2e after folding norms/gates/residuals into the int8 "
                             "kernels is over the budget %.2e; compile with mixed-precision{...,epilogue=false} to "
                             "keep them apart", measured, budget)
         report = Report(self.policy, budget, layers, sum(r.error_alone.get(r.precision, 0) for r in layers),
                         measured, sum(r.ms[r.precision] for r in layers), sum(r.ms[KEEP] for r in layers), how)
         gm.meta["fxcc_mixed_precision"] = report
-        log.info("fxcc: %s", report.text())
+        log.info("%s", report.text())
         stats = {p: sum(r.precision == p for r in layers) for p in [KEEP, *precs] if any(r.precision == p for r in layers)}
         if merged:
             stats["merged"] = merged
@@ -222,7 +221,7 @@ class MixedPrecision(Pass):
                 give_up = None if keep_ms is None or device == "cuda" else 20 * keep_ms
                 ms = _bench(lambda fn=fn: fn(x), device, self.reps, give_up=give_up)
             except Exception as e:  # a kernel that does not support this shape or device
-                log.debug("fxcc: mixed-precision: %s kernel %s failed on %s: %s", p, k, n.name, e)
+                log.debug("mixed-precision: %s kernel %s failed on %s: %s", p, k, n.name, e)
                 continue
             if best is None or ms < best[0]:
                 best = (ms, k)
@@ -241,7 +240,7 @@ class MixedPrecision(Pass):
         try:
             import optuna
         except ImportError:
-            log.warning("fxcc: mixed-precision policy=auto searches with Optuna, which is not installed "
+            log.warning("mixed-precision policy=auto searches with Optuna, which is not installed "
                         "(pip install optuna); using the greedy assignment")
             return greedy, "greedy"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -302,14 +301,7 @@ def _available(policy: str, device: str, dtype: torch.dtype) -> list[str]:
 
 
 def _weight(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
-    return _attr(gm, n.args[1].target)
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return ir.fetch_attr(gm, n.args[1].target)
 
 
 def _quantizable(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -320,13 +312,13 @@ def _quantizable(gm: fx.GraphModule, n: fx.Node) -> bool:
     if not (isinstance(w, fx.Node) and w.op == "get_attr") or (b is not None and not (isinstance(b, fx.Node)
                                                                                        and b.op == "get_attr")):
         return False
-    t = _attr(gm, w.target)
+    t = ir.fetch_attr(gm, w.target)
     return isinstance(t, torch.Tensor) and t.dim() == 2 and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _bias(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor | None:
     b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-    return None if b is None else _attr(gm, b.target)
+    return None if b is None else ir.fetch_attr(gm, b.target)
 
 
 def _module_name(n: fx.Node) -> str:
@@ -408,7 +400,7 @@ def _bench_graph(fn, reps: int) -> float:
             times.append(start.elapsed_time(end) / reps)
         return min(times)
     except RuntimeError as e:  # a kernel that cannot be captured: time it launched from Python
-        log.debug("fxcc: mixed-precision: timing without a CUDA graph (%s)", e)
+        log.debug("mixed-precision: timing without a CUDA graph (%s)", e)
         start.record()
         for _ in range(reps):
             fn()
@@ -581,7 +573,7 @@ def _fold_gated(gm: fx.GraphModule) -> int:
             continue
         x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
         rows = x.numel() // x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] else None
-        two_f = _attr(gm, node.args[1].target).shape[0]
+        two_f = ir.fetch_attr(gm, node.args[1].target).shape[0]
         if rows is None or rows > 16 or two_f % 2:
             continue
         f = two_f // 2
@@ -631,7 +623,7 @@ def _fold_norms(gm: fx.GraphModule) -> int:
             continue
         h, weight, eps = norm.args
         x = h.meta.get("val") if isinstance(h, fx.Node) else None
-        gamma = _attr(gm, weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+        gamma = ir.fetch_attr(gm, weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
         if not (isinstance(x, torch.Tensor) and isinstance(gamma, torch.Tensor) and x.dim()
                 and gamma.shape == x.shape[-1:] and x.numel() // x.shape[-1] <= 16):
             continue
