@@ -4,8 +4,8 @@ Runs after `raise` and before `fuse`, on `aten.linear` nodes whose weight is a c
 1. Calibration: the graph runs on the compile's example inputs at its own precision (the reference); the
    input of every linear is kept.
 2. Sensitivity: each linear alone at each candidate precision, the rest unchanged; the error of the
-   graph's outputs against the reference (1 - the smallest cosine similarity over output rows).
-3. Speed: each linear's candidate kernels (`fxcc.codegen.quant.kernels`) timed on its real input;
+   graph's outputs against the reference (fxcc.quality.quality_loss: 1 - the smallest cosine over output rows).
+3. Speed: each linear's candidate kernels (`fxcc.codegen.quant.impls`) timed on its real input;
    the fastest kernel of a precision is that precision's time.
 4. Search: the fastest assignment whose predicted error (the sum of the layers' errors) is within the
    budget: Optuna (TPE) for `policy=auto`, greedy for a fixed policy; the winner is run and its measured
@@ -28,8 +28,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc import ir
+from fxcc.autotune.study import create_study, optuna_module, quiet
 from fxcc.codegen import quant
+from fxcc.measure import capture_graph, graph_timings, interleaved, time_once
 from fxcc.pipeline import Pass, PassContext, PassResult
+from fxcc.quality import quality_loss
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -152,7 +155,7 @@ class MixedPrecision(Pass):
             for p in precs[1:]:
                 # policy=auto chooses by speed: a precision slower than the layer's own is never taken
                 if p in row.ms and (self.policy != "auto" or row.ms[p] < row.ms[KEEP]):
-                    row.error_alone[p] = _error(ref, run.outputs(flat, {n: (p, row.kernel_of[p], weights[n, p])}))
+                    row.error_alone[p] = quality_loss(ref, run.outputs(flat, {n: (p, row.kernel_of[p], weights[n, p])}))
         log.info("mixed-precision analysed %d linears x %d precisions in %.1f s", len(linears), len(precs),
                  time.perf_counter() - t0)
         choice, how = self._search(layers, precs, budget)
@@ -160,7 +163,7 @@ class MixedPrecision(Pass):
         while True:
             assign = {n: (p, row.kernel_of[p], weights[n, p]) for n, row in zip(linears, layers)
                       if (p := choice[row.node]) != KEEP}
-            measured = _error(ref, run.outputs(flat, assign)) if assign else 0.0
+            measured = quality_loss(ref, run.outputs(flat, assign)) if assign else 0.0
             if measured <= budget or not assign:
                 break
             worst = max((r for r in layers if choice[r.node] != KEEP), key=lambda r: r.error_alone[choice[r.node]])
@@ -194,7 +197,7 @@ class MixedPrecision(Pass):
         stats_extra = {k: v for k, v in (("residual", folded), ("gated", gated), ("norm", normed)) if v}
         if stats_extra and flat:  # the folded graph is what runs (the norm fold quantizes W * g afresh): measure it
             gm.recompile()
-            measured = _error(ref, _Runner(gm, []).reference(flat)[0])
+            measured = quality_loss(ref, _Runner(gm, []).reference(flat)[0])
             how += "+folds"
             if measured > budget:
                 log.warning("mixed-precision: error %.2e after folding norms/gates/residuals into the int8 "
@@ -214,7 +217,7 @@ class MixedPrecision(Pass):
               keep_ms: float | None) -> tuple[float, str] | None:
         """(ms, kernel) of the fastest kernel of precision `p` on this layer's input; None if none works."""
         best = None
-        for k in (["library"] if p in (KEEP, *CAST) else quant.kernels(p, device)):
+        for k in (["library"] if p in (KEEP, *CAST) else quant.impls(p, device)):
             fn = _linear_fn(p, k, w)
             try:
                 # give up early on the CPU only: on CUDA a single call's host time says nothing of a graph replay
@@ -238,12 +241,11 @@ class MixedPrecision(Pass):
             return _greedy(layers, options, budget, prefer_low=True), "greedy"
         greedy = _greedy(layers, options, budget, prefer_low=False)
         try:
-            import optuna
+            optuna = optuna_module()
         except ImportError:
             log.warning("mixed-precision policy=auto searches with Optuna, which is not installed "
                         "(pip install optuna); using the greedy assignment")
             return greedy, "greedy"
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         rows = {r.node: r for r in layers}
         base = sum(r.ms[KEEP] for r in layers)
 
@@ -252,11 +254,12 @@ class MixedPrecision(Pass):
             ms = sum(rows[k].ms[p] for k, p in assign.items())
             return ms if err <= budget else base * (1 + err / budget)  # infeasible: worse than all-keep
 
-        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=self.seed))
-        study.enqueue_trial(greedy)
-        study.enqueue_trial({r.node: KEEP for r in layers})
-        study.optimize(lambda t: cost({k: t.suggest_categorical(k, v) for k, v in options.items()}),
-                       n_trials=self.trials)
+        with quiet():
+            study = create_study(sampler=optuna.samplers.TPESampler(seed=self.seed), persist=False)
+            study.enqueue_trial(greedy)
+            study.enqueue_trial({r.node: KEEP for r in layers})
+            study.optimize(lambda t: cost({k: t.suggest_categorical(k, v) for k, v in options.items()}),
+                           n_trials=self.trials)
         best = dict(study.best_params)
         return (best if cost(best) <= cost(greedy) else greedy), f"optuna({self.trials})"
 
@@ -354,73 +357,32 @@ def _linear_fn(p: str, kernel: str, w: tuple):
 
 
 def _bench(fn, device: str, reps: int, give_up: float | None = None) -> float:
-    """ms per call: on CUDA the mean of `reps` back-to-back calls between events; on the CPU the fastest
-    single call (this machine is shared: the scheduler adds hiccups of whole time slices). A kernel whose
-    second call takes over `give_up` ms is not timed further: it cannot win."""
+    """ms per call: on CUDA as `_bench_graph`; on the CPU the fastest single call (this machine is shared:
+    the scheduler adds hiccups of whole time slices). A kernel whose second call takes over `give_up` ms is
+    not timed further: it cannot win."""
     with torch.no_grad():
         fn()  # warm-up (also picks a Triton kernel's block sizes)
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        first = (time.perf_counter() - t0) * 1e3
+        first = time_once(fn, device)
         if give_up is not None and first > give_up:
             return first
         if device == "cuda":
             return _bench_graph(fn, reps)
-        times = [first]
-        for _ in range(reps - 1):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+        rest = interleaved({"kernel": fn}, device=device, warmup=0, reps=reps - 1, rounds=1)["kernel"].samples
+    return min([first, *rest])
 
 
 def _bench_graph(fn, reps: int) -> float:
     """ms per call on the GPU, `reps` calls captured in one CUDA graph (as the runtime replays a variant),
     so host-side launch costs, which the graph removes, do not decide between kernels."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-        graph.replay()
-        times = []
-        for _ in range(3):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-        return min(times)
-    except RuntimeError as e:  # a kernel that cannot be captured: time it launched from Python
-        log.debug("mixed-precision: timing without a CUDA graph (%s)", e)
-        start.record()
+    def calls():
         for _ in range(reps):
             fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / reps
-
-
-def _error(ref: list, out: list) -> float:
-    """1 - the smallest cosine similarity over the rows (last dimension) of every floating output."""
-    worst = 0.0
-    for a, b in zip(ref, out, strict=True):
-        if not (isinstance(a, torch.Tensor) and a.dtype.is_floating_point) or a.numel() == 0:
-            continue
-        a2 = a.double().reshape(-1, a.shape[-1]) if a.dim() >= 2 else a.double().reshape(1, -1)
-        b2 = b.double().reshape(a2.shape)
-        cos = torch.nn.functional.cosine_similarity(a2, b2, dim=-1, eps=1e-30)
-        both_zero = (a2.abs().amax(-1) == 0) & (b2.abs().amax(-1) == 0)
-        worst = max(worst, float((1 - torch.where(both_zero, torch.ones_like(cos), cos)).max()))
-    return worst
+    try:
+        graph, _ = capture_graph(calls, warmup=1)
+        return min(graph_timings({"kernel": graph}, calls=reps, rounds=3)["kernel"].samples)
+    except RuntimeError as e:  # a kernel that cannot be captured: time it launched from Python
+        log.debug("mixed-precision: timing without a CUDA graph (%s)", e)
+        return time_once(calls, "cuda") / reps
 
 
 class _Runner(fx.Interpreter):

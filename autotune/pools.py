@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from fxcc.autotune.select import install
 from fxcc.codegen import extern, tvm_omp
-from fxcc.codegen.executable import build_executable
-from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody
+from fxcc.codegen.executable import BuiltKernel, build_executable
+from fxcc.dialects import KERNEL_OPS, Choice, set_choice
 from fxcc.measure import interleaved
-from fxcc.store import cache_key, default_cache, library_versions, target_id
+from fxcc.store import cache_key, default_cache
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +43,29 @@ def on_tvm_pool(label: str) -> bool:
     return label.split("+")[0] == "tvm"
 
 
-def settle(gm: fx.GraphModule, flat: list, name: str, reps: int = 6) -> bool:
+def settle(gm: fx.GraphModule, flat: list, name: str, kernels: dict[str, BuiltKernel], reps: int = 6) -> bool:
     """Keep the faster of the model as chosen and the model on torch's pool alone (see the module doc).
-    Returns whether kernels were switched."""
-    kbs = [KERNELS[k] for k in dict.fromkeys(n.args[1] for n in gm.graph.nodes
-                                             if n.op == "call_function" and n.target in KERNEL_OPS)]
-    movable = {kb.key: alt for kb in kbs if on_tvm_pool(kb.backend) and (alt := _torch_pool_choice(kb)) is not None}
+    `kernels` are what the codegen decision built (by kernel key); a switch rewrites the kernel ops'
+    choices and replaces their entries. Returns whether kernels were switched."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
+    ks = [kernels[key] for key in dict.fromkeys(n.args[1] for n in nodes) if key in kernels]
+    movable = {k.key: alt for k in ks if on_tvm_pool(k.backend) and (alt := _torch_pool_choice(k)) is not None}
     if not movable:
         return False
     if tvm_omp.enabled() or any(n.op == "call_function" and n.target not in KERNEL_OPS
                                 and n.target is not operator.getitem for n in gm.graph.nodes):
         return False
-    cache, key = _decision_key(kbs)
+    cache, key = _decision_key(ks)
     entry = cache.get(key) if cache else None
-    chosen = {kb.key: (kb.backend, kb.impl, kb.inline, dict(kb.info)) for kb in kbs if kb.key in movable}
+    chosen = {k: kernels[k] for k in movable}
+    moved = {k: BuiltKernel(kernels[k].body, Choice(label, "extern"), extern.load(kernels[k].body, label, {}, {}),
+                            kernels[k].timings_ms) for k, label in movable.items()}
     if entry is not None:
         keep, note = bool(entry.meta.get("torch_pool")), f"{entry.meta.get('note', '')} (from the artifact cache)"
-        if keep:
-            for k, label in movable.items():
-                _install(KERNELS[k], label)
     else:
-        exe_a, bound_a = build_executable(gm)
-        for k, label in movable.items():
-            _install(KERNELS[k], label)
-        exe_b, bound_b = build_executable(gm)
+        exe_a, bound_a, _ = build_executable(gm, kernels)
+        _apply(nodes, kernels, moved)
+        exe_b, bound_b, _ = build_executable(gm, kernels)
         t = _time({"as chosen": lambda: exe_a(*flat, *bound_a), "torch pool": lambda: exe_b(*flat, *bound_b)}, reps)
         keep = t["torch pool"] < t["as chosen"]
         note = (f"whole model {t['as chosen']:.2f} ms as chosen, {t['torch pool']:.2f} ms with TVM's pool left out: "
@@ -77,24 +75,25 @@ def settle(gm: fx.GraphModule, flat: list, name: str, reps: int = 6) -> bool:
                 cache.put(key, {}, {"kind": "pool-plan", "torch_pool": keep, "note": note})
             except OSError as e:  # the next compile times again
                 log.warning("could not store the pool decision for %s: %s", name, e)
+    _apply(nodes, kernels, moved if keep else chosen)
     for k in movable:
-        if not keep:
-            kb = KERNELS[k]
-            kb.backend, kb.impl, kb.inline, kb.info = chosen[k]
-        KERNELS[k].info["note"] = note
+        kernels[k].note = note
     log.info("%s: %s (%d kernels)", name, note, len(movable))
     return keep
 
 
-def _torch_pool_choice(kb: KernelBody) -> str | None:
-    """The fastest torch-pool candidate codegen timed for `kb`, if any."""
-    t = {label: ms for label, ms in (kb.info.get("timings_ms") or {}).items() if label in TORCH_POOL}
+def _apply(nodes: list[fx.Node], kernels: dict[str, BuiltKernel], new: dict[str, BuiltKernel]) -> None:
+    """Make `new` the kernels of their keys: in the table, and as the choices their ops record."""
+    kernels.update(new)
+    for n in nodes:
+        if n.args[1] in new:
+            set_choice(n, new[n.args[1]].choice)
+
+
+def _torch_pool_choice(k: BuiltKernel) -> str | None:
+    """The fastest torch-pool candidate codegen timed for kernel `k`, if any."""
+    t = {label: ms for label, ms in k.timings_ms.items() if label in TORCH_POOL}
     return min(t, key=t.get) if t else None
-
-
-def _install(kb: KernelBody, label: str) -> None:
-    install(kb, label, extern.load(kb, label, {}, {}))
-    kb.info.update(params={}, module="extern")
 
 
 def _time(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
@@ -103,12 +102,12 @@ def _time(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
     return {label: x.own for label, x in t.items()}
 
 
-def _decision_key(kbs: list[KernelBody]) -> tuple[Any, str]:
+def _decision_key(ks: list[BuiltKernel]) -> tuple[Any, str]:
     """The artifact cache and the key of a decision: the kernels, their choices, the target, the libraries."""
     try:
         cache = default_cache()
     except Exception as e:  # no usable cache: decide in this process only
         log.debug("pool decision not cached: %s", e)
         cache = None
-    plan = ";".join(sorted(f"{kb.key}={kb.backend}" for kb in kbs))
-    return cache, cache_key(kind="pool-plan", plan=plan, target=target_id("cpu"), versions=library_versions())
+    plan = ";".join(sorted(f"{k.key}={k.backend}" for k in ks))
+    return cache, cache_key("pool-plan", target="cpu", plan=plan)

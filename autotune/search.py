@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from fxcc import options as fxcc_options
 from fxcc.autotune.plan import Plan
 from fxcc.codegen import backend
+from fxcc.options import Knob
 from fxcc.pipeline import DEFAULT_PIPELINE, pass_class
 from fxcc.store import cache_key
 from torch.utils import _pytree as pytree
@@ -38,31 +40,6 @@ SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_QUALITY_BUDGET = 0.01  # 1 - cosine: used when approximate knobs are searched and no budget is given
 EXACT_TOLERANCE = 1e-4  # an all-exact pipeline whose error exceeds this is wrong, not approximate
 
-
-@dataclass(frozen=True)
-class Knob:
-    """Options of one pass that join the search when the pass is registered.
-
-    choices: option -> values to try; an empty tuple takes the option's Literal values, True/False for a
-    bool, or powers of two up to the device count for `tp`. With `alternatives`, only the first option the
-    registered pass has is searched (layer-skip takes speedup= or skip=, not both). Every knob can also be
-    "off" (the pass is left out). Where the pass goes follows its `reads`: aten -> before raise, else after.
-    """
-
-    pass_name: str
-    choices: dict[str, tuple]
-    alternatives: bool = False
-    min_devices: int = 1
-    fixed: dict = field(default_factory=dict)  # options set whenever the knob is on (when the pass has them)
-
-
-KNOBS: list[Knob] = [
-    Knob("layer-skip", {"speedup": (1.2, 1.5, 2.0), "skip": (1, 2, 3)}, alternatives=True),
-    Knob("token-merge", {"r": (4, 8, 16, 32)}),
-    # policy=auto chooses each layer's precision inside the pass; its own search is kept small per trial
-    Knob("mixed-precision", {"budget": (0.001, 0.01, 0.05)}, fixed={"trials": 24}),
-    Knob("tp-shard", {"tp": ()}, min_devices=2),
-]
 
 BACKEND_CHOICES = {"cpu": ("auto", "extern", "tvm"), "cuda": ("auto", "extern", "triton")}
 
@@ -146,11 +123,11 @@ def build_space(target: str, backends: list[str] | None = None, only: list[str] 
     present, notes, approximate = [], [], []
     fixed: dict[str, dict] = {}
     if only is not None:
-        unknown = [n for n in only if n not in {k.pass_name for k in KNOBS}]
+        unknown = [n for n in only if n not in {k.pass_name for k in fxcc_options.KNOBS}]
         if unknown:
             raise ValueError(f"fxcc search: --knobs {','.join(unknown)}: no such knob; knobs: "
-                             f"{', '.join(k.pass_name for k in KNOBS)}")
-    for knob in KNOBS:
+                             f"{', '.join(k.pass_name for k in fxcc_options.KNOBS)}")
+    for knob in fxcc_options.KNOBS:
         if only is not None and knob.pass_name not in only:
             continue
         cls = pass_class(knob.pass_name)
@@ -228,35 +205,6 @@ def _available_backends(wanted: list[str], target: str, notes: list[str]) -> lis
 # ---------------------------------------------------------------------------------------- measuring
 
 
-def quality_error(out: Any, ref: Any) -> float:
-    """1 - the smallest cosine similarity, per sample (first dimension), over every floating output tensor.
-
-    0 means exact up to rounding; 1.0 is returned for a different output structure, shapes, or a non-float
-    output that differs; NaN when an output is not finite (the caller rejects it).
-    """
-    a = [t.detach() for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
-    b = [t.detach() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return 1.0
-    worst = 1.0
-    for x, y in zip(a, b):
-        if not x.dtype.is_floating_point:
-            if not torch.equal(x, y):
-                return 1.0
-            continue
-        if not torch.isfinite(y).all():
-            return float("nan")
-        rows = (x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)).double()
-        got = (y.reshape(y.shape[0], -1) if y.dim() >= 2 else y.reshape(1, -1)).double()
-        if rows.numel() == 0:
-            continue
-        cos = torch.nn.functional.cosine_similarity(rows, got, dim=1, eps=1e-30)
-        same = (rows == got).all(dim=1)  # zero rows that stay zero are exact
-        cos = torch.where(same, torch.ones_like(cos), cos)
-        worst = min(worst, float(cos.min()))
-    return max(0.0, 1.0 - worst)
-
-
 def batch_size(args: tuple, kwargs: dict) -> int:
     """Samples per call, for throughput: the first dimension of the first tensor input (1 if none)."""
     for t in pytree.tree_leaves((args, kwargs)):
@@ -327,7 +275,7 @@ class SearchResult:
 
 def study_name_for(fp: dict, target: dict, objective: str, space: Space) -> str:
     """Trials are comparable only for the same model, inputs, target, objective and space: all in the name."""
-    key = cache_key(weights=fp["weights_sha256"], inputs=";".join(fp["inputs"]), target=target["id"],
+    key = cache_key("search", weights=fp["weights_sha256"], inputs=";".join(fp["inputs"]), machine=target["id"],
                     space=repr(space.describe()))
     return f"search:{fp['module'].rsplit('.', 1)[-1]}:{objective}:{key[:12]}"
 

@@ -20,13 +20,14 @@ import torch.fx as fx
 from fxcc import ir
 from fxcc.autotune.plan import plan_kernel
 from fxcc.autotune.tune import tune_kernel
-from fxcc.codegen import BACKENDS, Built, Kernel, check, extern
+from fxcc.codegen import BACKENDS, Built, Candidate, check, extern
 from fxcc.codegen import backend as backend_module
-from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody
+from fxcc.codegen.executable import BuiltKernel
+from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
 from fxcc.measure import interleaved
 from fxcc.options import CANDIDATES
 from fxcc.pipeline import Pass, PassContext, PassResult
-from fxcc.store import cache_key, default_cache, library_versions, target_id
+from fxcc.store import cache_key, default_cache, target_id
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class Codegen(Pass):
             raise ValueError(f"reps must be at least 1 (timed calls per candidate), got {self.reps}")
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        keys = dict.fromkeys(n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
+        keys = dict.fromkeys(n.args[1] for n in nodes)
         backends = self._backends(ctx.target)
         tune = getattr(ctx.options, "tune", "cached")
         plan = getattr(ctx.options, "plan", None)  # a plan file fixes each kernel's choice (fxcc search)
@@ -61,16 +63,16 @@ class Codegen(Pass):
                         getattr(ctx.options, "tune_budget", None), plan, Probe(gm, ctx.example_inputs))
         stats: dict = {"kernels": len(keys)}
         for key in keys:
-            kb = KERNELS[key]
-            policy = f"{self.backend}@{ctx.target}" + (f"@plan:{plan}" if plan else "")
-            if kb.impl is None or kb.info.get("policy") != policy or tune == "search":
-                kb.inline = None
-                how = sel.choose(kb, backends)
-                kb.info["policy"] = policy
-                stats[how] = stats.get(how, 0) + 1
-            stats[kb.backend] = stats.get(kb.backend, 0) + 1
-        # the graph is unchanged: kernels are looked up by key at run time
-        return PassResult(False, stats)
+            how, k = sel.choose(kernel_body(key), backends)
+            ctx.kernels[key] = k  # what was built for the choice: the executable builder takes it
+            stats[how] = stats.get(how, 0) + 1
+            stats[k.backend] = stats.get(k.backend, 0) + 1
+        changed = False
+        for n in nodes:  # the decision is data: each kernel op records its choice
+            if choice_of(n) != ctx.kernels[n.args[1]].choice:
+                set_choice(n, ctx.kernels[n.args[1]].choice)
+                changed = True
+        return PassResult(changed, stats)
 
     def _backends(self, target: str) -> list:
         names = list(BACKENDS) if self.backend == "auto" else ["extern", self.backend]
@@ -103,15 +105,16 @@ class Selection:
     plan: str | None = None
     probe: Probe | None = None
 
-    def choose(self, kb: KernelBody, backends: list) -> str:
-        """Install an implementation for `kb`; returns how: "plan", "single", "cached" or "built"."""
-        if self.plan and self._from_plan(kb):
-            return "plan"
+    def choose(self, kb: KernelBody, backends: list) -> tuple[str, BuiltKernel]:
+        """Choose and build an implementation for `kb`; returns how ("plan", "single", "cached" or "built")
+        and the built kernel, whose `choice` the kernel's ops record."""
+        if self.plan and (k := self._from_plan(kb)) is not None:
+            return "plan", k
         cache = default_cache() if self.tune != "off" and len(backends) > 1 else None
-        key = kernel_key(kb, self.target, self.prefer) if cache else None
-        if cache and self.tune == "cached" and self._load(kb, cache, key):
-            return "cached"
-        cands: list[Kernel] = []
+        key = kernel_key(kb, self.target, self.prefer) if cache else ""
+        if cache and self.tune == "cached" and (k := self._load(kb, cache, key)) is not None:
+            return "cached", k
+        cands: list[Candidate] = []
         origin: dict[str, str] = {}  # candidate label -> backend module that made it (to load it again)
         for mod in backends:
             try:
@@ -122,11 +125,10 @@ class Selection:
                 _warn(kb, mod.name, e)
         ext = next(c for c in cands if c.backend == "extern")
         if len(cands) == 1:
-            install(kb, "extern", ext.build({}))
-            kb.info["module"] = "extern"
+            k = BuiltKernel(kb, Choice("extern", "extern", {}, key), ext.build({}))
             if cache:  # remember that nothing else applies, so a warm compile skips the lowering too
-                _store(cache, key, kb, "extern", "extern", {}, {}, self.target)
-            return "single"
+                _store(cache, k, self.target)
+            return "single", k
         inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
                   else example_inputs(kb, self.target))
         ref_fn = ext.build({}).fn
@@ -147,6 +149,7 @@ class Selection:
             built[c.backend] = (b, params)
             if self.prefer and c.backend.split("+")[0] == self.prefer:
                 break
+        timings: dict[str, float] = {}
         if self.prefer and list(built)[-1].split("+")[0] == self.prefer:
             best = list(built)[-1]
         elif len(built) == 1:
@@ -154,16 +157,15 @@ class Selection:
         else:
             t = interleaved({label: (lambda fn=b.fn: fn(inputs)) for label, (b, _) in built.items()},
                             device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
-            kb.info["timings_ms"] = {label: round(x.own, 4) for label, x in t.items()}
+            timings = {label: round(x.own, 4) for label, x in t.items()}
             best = min(t, key=lambda label: t[label].own)
         b, params = built[best]
-        install(kb, best, b)
-        kb.info.update(params=params, module=origin[best])
+        k = BuiltKernel(kb, Choice(best, origin[best], params, key), b, timings)
         if cache:
-            _store(cache, key, kb, best, origin[best], params, b.files, self.target)
-        return "built"
+            _store(cache, k, self.target)
+        return "built", k
 
-    def _params(self, kb: KernelBody, c: Kernel, inputs, ref, key: str | None) -> dict:
+    def _params(self, kb: KernelBody, c: Candidate, inputs, ref, key: str | None) -> dict:
         if self.tune != "search" or not c.space:
             return dict(c.defaults)
         budget = {"trials": self.budget} if self.budget else {}
@@ -171,41 +173,36 @@ class Selection:
                           key=f"{key or kb.key}", progress=True)
         return res.params
 
-    def _load(self, kb: KernelBody, cache, key: str) -> bool:
-        """Install the choice an earlier compile stored under `key`; False when there is none."""
+    def _load(self, kb: KernelBody, cache, key: str) -> BuiltKernel | None:
+        """The choice an earlier compile stored under `key`, built from its files; None when there is none,
+        or (with a warning) when its build does not load."""
         entry = cache.get(key)
-        return entry is not None and self._install_entry(kb, entry, key)
-
-    def _install_entry(self, kb: KernelBody, entry, key: str) -> bool:
-        """Install what a cache entry holds; False (with a warning) when its build does not load."""
-        label = entry.meta.get("backend", "")
+        if entry is None:
+            return None
+        choice = Choice(entry.meta.get("backend", ""), entry.meta.get("module", ""), entry.meta.get("params", {}), key)
         try:
-            mod = backend_module(entry.meta["module"])
-            b = mod.load(kb, label, entry.files, entry.meta.get("params", {}))
+            b = backend_module(choice.module).load(kb, choice.backend, entry.files, choice.params)
         except Exception as e:
-            warnings.warn(f"fxcc: cached build of kernel {kb.key} ({label}) did not load ({e}); rebuilding",
+            warnings.warn(f"fxcc: cached build of kernel {kb.key} ({choice.backend}) did not load ({e}); rebuilding",
                           stacklevel=2)
-            return False
-        install(kb, label, b)
-        kb.info.update(params=entry.meta.get("params", {}), timings_ms=entry.meta.get("timings_ms", {}),
-                       cache_key=key, module=entry.meta.get("module"))
-        return True
+            return None
+        return BuiltKernel(kb, choice, b, entry.meta.get("timings_ms", {}), cached=True)
 
-    def _from_plan(self, kb: KernelBody) -> bool:
-        """Install the plan's backend and parameters for `kb` (from the cache when built before): no timing,
-        no tuning. False when the plan names no choice for it, or its choice fails to build or check."""
-        choice = plan_kernel(self.plan, kb.key)
-        if choice is None:
+    def _from_plan(self, kb: KernelBody) -> BuiltKernel | None:
+        """The plan's backend and parameters for `kb`, built (from the cache when built before): no timing,
+        no tuning. None when the plan names no choice for it, or its choice fails to build or check."""
+        named = plan_kernel(self.plan, kb.key)
+        if named is None:
             log.info("plan %s names no choice for kernel %s; choosing as without a plan", self.plan, kb.key)
-            return False
-        label, module, params = choice.get("backend", ""), choice.get("module", ""), choice.get("params") or {}
+            return None
+        label, module, params = named.get("backend", ""), named.get("module", ""), named.get("params") or {}
         cache = default_cache() if self.tune != "off" else None
-        key = kernel_key(kb, self.target, self.prefer) if cache else None
+        key = kernel_key(kb, self.target, self.prefer) if cache else ""
         if cache:
             entry = cache.get(key)
             if (entry is not None and entry.meta.get("backend") == label and entry.meta.get("params") == params
-                    and self._install_entry(kb, entry, key)):
-                return True
+                    and (k := self._load(kb, cache, key)) is not None):
+                return k
         try:
             cand = next((c for c in backend_module(module).candidates(kb, self.target) if c.backend == label), None)
             if cand is None:
@@ -219,39 +216,30 @@ class Selection:
         except Exception as e:
             warnings.warn(f"fxcc: plan {self.plan}: its choice for kernel {kb.key} ({label} with {params}) failed "
                           f"({type(e).__name__}: {e}); choosing as without a plan", stacklevel=2)
-            return False
-        install(kb, label, b)
-        kb.info.pop("cache_key", None)
-        kb.info.update(params=params, module=module, timings_ms={})
+            return None
+        k = BuiltKernel(kb, Choice(label, module, params, key), b)
         if cache:
-            _store(cache, key, kb, label, module, params, b.files, self.target)
-        return True
+            _store(cache, k, self.target)
+        return k
 
 
-def _store(cache, key: str, kb: KernelBody, label: str, module: str, params: dict, files: dict,
-           target: str) -> None:
-    """Record a kernel's choice (and what it built) under `key`; a failed write costs time, never the compile."""
-    meta = {"backend": label, "module": module, "params": params, "timings_ms": kb.info.get("timings_ms", {}),
-            "kernel": kb.key, "kind": kb.kind, "target": target_id(target)}
+def _store(cache, k: BuiltKernel, target: str) -> None:
+    """Record a kernel's choice (and what it built) under its key; a failed write costs time, never the compile."""
+    c = k.choice
+    meta = {"backend": c.backend, "module": c.module, "params": c.params, "timings_ms": k.timings_ms,
+            "kernel": k.key, "kind": k.kind, "target": target_id(target)}
     try:
-        cache.put(key, files, meta)
+        cache.put(c.key, k.built.files, meta)
     except OSError as e:  # a full or read-only disk costs the next compile time, not this one
-        warnings.warn(f"fxcc: could not store kernel {kb.key} in the artifact cache: {e}", stacklevel=2)
+        warnings.warn(f"fxcc: could not store kernel {k.key} in the artifact cache: {e}", stacklevel=2)
 
 
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
     """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries."""
     layouts = ";".join(f"{tuple(p.meta['val'].stride())}+{p.meta['val'].storage_offset()}"
                        for p in kb.body.graph.nodes if p.op == "placeholder")
-    return cache_key(ir=kb.text, layouts=layouts, backend=prefer or "auto", target=target_id(target),
-                     versions=library_versions(), candidates=CANDIDATES)
-
-
-def install(kb: KernelBody, backend: str, b: Built) -> None:
-    kb.backend = backend
-    kb.impl = b.fn
-    kb.info["source"] = b.source
-    kb.inline = b.inline  # torch calls gain nothing from a call boundary: the runtime splices them in
+    return cache_key("kernel", target=target, ir=kb.text, layouts=layouts, backend=prefer or "auto",
+                     candidates=CANDIDATES)
 
 
 def _warn(kb: KernelBody, backend: str, e: Exception) -> None:
@@ -290,10 +278,10 @@ class Probe:
             def call_function(self, target, args, kwargs):
                 if target not in KERNEL_OPS:
                     return super().call_function(target, args, kwargs)
-                ins, key = args
+                ins, key = args[0], args[1]  # the body's key; a graph after codegen also holds its choice
                 seen.setdefault(key, {i: t for i, t in enumerate(ins)
                                       if isinstance(t, torch.Tensor) and not t.dtype.is_floating_point})
-                return list(KERNELS[key].body(*ins))  # as written: kernels built so far play no part
+                return list(kernel_body(key).body(*ins))  # as written: kernels built so far play no part
         try:
             with torch.no_grad():
                 Recorder(self.gm).run(*ir.flatten_inputs(*self.example)[0])

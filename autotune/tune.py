@@ -6,9 +6,7 @@ gives wrong results is pruned with the reason in the trial's user attrs, and the
 kernel's defaults are always the first trial. With `isolate=True` (the default on CUDA) each trial runs
 in a worker process under a timeout, so a crash or a hang costs one trial, not the tuner.
 
-Studies live in an Optuna storage: by default `tuning.db` (SQLite) in the artifact cache directory;
-any Optuna RDB URL (PostgreSQL for a cluster) or `journal:PATH` lets several processes or machines
-share one study (same study name).
+Studies are created through fxcc.autotune.study (storage, sharing between processes and machines).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import logging
 import math
 import multiprocessing
 import pickle
-import re
 import sys
 import time
 from collections import Counter
@@ -29,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fxcc.codegen import Kernel, check
+from fxcc.autotune.study import Progress, create_study, optuna_module, quiet
+from fxcc.codegen import Candidate, check
 from fxcc.measure import interleaved
-from fxcc.store import cache_key, default_cache, private_dir
+from fxcc.store import cache_key
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -75,11 +73,11 @@ class TuneResult:
         return f"{head}\n  best {self.ms:.4g} ms with {params}; {vs}"
 
 
-def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *, trials: int = 30,
+def tune_kernel(kernel: Candidate, inputs: list[Tensor], reference: list[Tensor], *, trials: int = 30,
                 seconds: float | None = None, sampler: str = "tpe", storage: str | None = None,
                 study_name: str | None = None, device: str = "cpu", isolate: bool | None = None,
                 timeout_s: float = 60.0, progress: bool = True, seed: int | None = 0, key: str | None = None,
-                kernel_factory: Callable[[], Kernel] | None = None, warmup: int = 3,
+                kernel_factory: Callable[[], Candidate] | None = None, warmup: int = 3,
                 reps: int = 20, retime: int = 3) -> TuneResult:
     """Search `kernel.space` for the fastest parameters whose outputs match `reference` on `inputs`.
 
@@ -95,7 +93,7 @@ def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *
     rounds, and the fastest of that run wins: one trial's timing on a shared machine is noisy, and the
     single best trial is often a lucky one (in-process only; isolated trials keep the study's best).
     """
-    optuna = _optuna()
+    optuna = optuna_module()
     label = study_name or f"{kernel.backend}:{key or _default_key(kernel, inputs)}"
     _check_args(label, trials, seconds, sampler, device, timeout_s, warmup, reps)
     space = _space(kernel, label)
@@ -130,22 +128,19 @@ def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *
             bar.update(None)
 
     t0 = time.perf_counter()
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Optuna's line per trial is the progress bar's job
     bar = None
     try:
-        study = optuna.create_study(storage=open_storage(storage), sampler=_sampler(sampler, space, seed),
-                                    study_name=label, direction="minimize", load_if_exists=True)
-        encoded = _encode(defaults, space, sampler)
-        if encoded is None:
-            log.warning("tuning %s: the kernel's defaults %s are not a point of its space %s; the search "
-                        "starts without them", label, defaults, space)
-        elif sampler != "grid":  # grid visits the defaults' point anyway
-            study.enqueue_trial(encoded, user_attrs={"defaults": True}, skip_if_exists=True)
-        bar = _Progress(n, f"tune {label}", progress)
-        study.optimize(objective, n_trials=n, timeout=seconds, callbacks=[on_trial])
+        with quiet():  # Optuna's line per trial is the progress bar's job
+            study = create_study(sampler=_sampler(sampler, space, seed), name=label, storage=storage)
+            encoded = _encode(defaults, space, sampler)
+            if encoded is None:
+                log.warning("tuning %s: the kernel's defaults %s are not a point of its space %s; the search "
+                            "starts without them", label, defaults, space)
+            elif sampler != "grid":  # grid visits the defaults' point anyway
+                study.enqueue_trial(encoded, user_attrs={"defaults": True}, skip_if_exists=True)
+            bar = Progress(n, f"tune {label}", progress)
+            study.optimize(objective, n_trials=n, timeout=seconds, callbacks=[on_trial])
     finally:
-        optuna.logging.set_verbosity(verbosity)
         if bar is not None:
             bar.close()
         runner.close()
@@ -172,7 +167,7 @@ def tune_kernel(kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], *
     return result
 
 
-def _retime(kernel: Kernel, complete: list, defaults: dict, k: int, runner: _InProcess,
+def _retime(kernel: Candidate, complete: list, defaults: dict, k: int, runner: _InProcess,
             reps: int) -> tuple[dict, float] | None:
     """The fastest of the study's `k` best distinct parameter sets, timed again in alternating rounds."""
     top: dict[str, dict] = {}
@@ -195,66 +190,7 @@ def _retime(kernel: Kernel, complete: list, defaults: dict, k: int, runner: _InP
     return top[name], t[name].own
 
 
-# ---------------------------------------------------------------------------------------- storage
-
-_storages: dict[str, Any] = {}
-
-
-def open_storage(storage: str | None = None) -> Any:
-    """An Optuna storage: None -> `sqlite:///<cache root>/tuning.db`; an RDB URL; or `journal:PATH`.
-
-    Storages are opened once per process and URL.
-    """
-    optuna = _optuna()
-    if storage is None:
-        storage = f"sqlite:///{private_dir(default_cache().root) / 'tuning.db'}"
-    if not isinstance(storage, str) or not (storage.startswith("journal:") or "://" in storage):
-        raise ValueError(f"fxcc: tuning storage {storage!r} is neither an Optuna RDB URL (sqlite:///PATH, "
-                         "postgresql+psycopg2://USER:PASSWORD@HOST/DB, ...) nor journal:PATH")
-    if storage in _storages:
-        return _storages[storage]
-    try:
-        if storage.startswith("journal:"):
-            path = storage[len("journal:"):]
-            if not path:
-                raise ValueError("journal: needs a file path, e.g. journal:/shared/fxcc-tuning.log")
-            opened = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
-        else:
-            # SQLite: wait for a lock held by another process instead of failing at once
-            kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
-            opened = _rdb_storage(optuna, storage, kwargs)
-    except Exception as e:
-        raise ValueError(f"fxcc: cannot open tuning storage {_redact(storage)}: {type(e).__name__}: {e}") from e
-    _storages[storage] = opened
-    return opened
-
-
-def _rdb_storage(optuna: Any, url: str, kwargs: dict | None) -> Any:
-    """RDBStorage; retried when another process creating the same new database won the race for its tables."""
-    attempt = 0
-    while True:
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except Exception as e:
-            attempt += 1
-            if attempt == 5 or not any(m in str(e) for m in ("already exists", "UNIQUE constraint failed")):
-                raise
-            time.sleep(0.2 * attempt)
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
-
-
 # ---------------------------------------------------------------------------------------- search space
-
-
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise ImportError("fxcc: tuning needs Optuna: pip install 'fxcc[tune]' (or pip install optuna)") from None
-    return optuna
 
 
 def _check_args(label: str, trials: int, seconds: float | None, sampler: str, device: str, timeout_s: float,
@@ -274,7 +210,7 @@ def _check_args(label: str, trials: int, seconds: float | None, sampler: str, de
         raise ValueError(f"fxcc: tuning {label}: timeout_s must be > 0, got {timeout_s!r}")
 
 
-def _space(kernel: Kernel, label: str) -> dict[str, list]:
+def _space(kernel: Candidate, label: str) -> dict[str, list]:
     """The kernel's space, checked: Optuna stores only None, bool, int, float and str choices."""
     space = {}
     for name, choices in kernel.space.items():
@@ -319,7 +255,7 @@ def _encode(params: dict, space: dict[str, list], sampler: str) -> dict | None:
 
 
 def _sampler(name: str, space: dict[str, list], seed: int | None) -> Any:
-    samplers = _optuna().samplers
+    samplers = optuna_module().samplers
     if name == "tpe":
         return samplers.TPESampler(seed=seed)
     if name == "random":
@@ -329,16 +265,16 @@ def _sampler(name: str, space: dict[str, list], seed: int | None) -> Any:
     return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
 
 
-def _default_key(kernel: Kernel, inputs: list[Tensor]) -> str:
+def _default_key(kernel: Candidate, inputs: list[Tensor]) -> str:
     shapes = ";".join(f"{x.dtype}{list(x.shape)}" for x in inputs)
-    return cache_key(space=json.dumps(kernel.space, sort_keys=True, default=str),
+    return cache_key("tuning", space=json.dumps(kernel.space, sort_keys=True, default=str),
                      defaults=json.dumps(kernel.defaults, sort_keys=True, default=str), inputs=shapes)
 
 
 # ---------------------------------------------------------------------------------------- one trial
 
 
-def evaluate(kernel: Kernel, params: dict, inputs: list[Tensor], reference: list[Tensor], device: str,
+def evaluate(kernel: Candidate, params: dict, inputs: list[Tensor], reference: list[Tensor], device: str,
              warmup: int, reps: int) -> tuple[str, Any]:
     """Build, check, time: ("ok", median ms) or (reason, message) with reason in build/crash/wrong."""
     try:
@@ -365,7 +301,7 @@ def evaluate(kernel: Kernel, params: dict, inputs: list[Tensor], reference: list
 class _InProcess:
     """Trials in this process: cheapest; a hang cannot be stopped."""
 
-    def __init__(self, kernel: Kernel, inputs: list[Tensor], reference: list[Tensor], device: str,
+    def __init__(self, kernel: Candidate, inputs: list[Tensor], reference: list[Tensor], device: str,
                  warmup: int, reps: int) -> None:
         self.kernel, self.device, self.warmup, self.reps = kernel, device, warmup, reps
         self.inputs = [x.to(device) for x in inputs]
@@ -382,7 +318,7 @@ class _Isolated:
     """Trials in a spawned worker process; one past `timeout_s`, or one that kills the worker, is failed and
     the next trial starts a fresh worker. Starting a worker is not counted in `timeout_s`."""
 
-    def __init__(self, label: str, kernel: Kernel, factory: Callable[[], Kernel] | None, inputs: list[Tensor],
+    def __init__(self, label: str, kernel: Candidate, factory: Callable[[], Candidate] | None, inputs: list[Tensor],
                  reference: list[Tensor], device: str, warmup: int, reps: int, timeout_s: float) -> None:
         make = factory or functools.partial(_same, kernel)
         try:
@@ -465,11 +401,11 @@ def _worker_context() -> Any:
     return ctx
 
 
-def _same(kernel: Kernel) -> Kernel:
+def _same(kernel: Candidate) -> Candidate:
     return kernel
 
 
-def _worker(conn: Any, make: Callable[[], Kernel], inputs: list[Tensor], reference: list[Tensor], device: str,
+def _worker(conn: Any, make: Callable[[], Candidate], inputs: list[Tensor], reference: list[Tensor], device: str,
             warmup: int, reps: int, threads: int) -> None:
     """The worker process: set up once, then evaluate the parameters it is sent until it is sent None."""
     torch.set_num_threads(threads)
@@ -489,39 +425,3 @@ def _worker(conn: Any, make: Callable[[], Kernel], inputs: list[Tensor], referen
         if params is None:
             return
         conn.send(evaluate(kernel, params, inputs, reference, device, warmup, reps))
-
-
-# ---------------------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """One line on stderr: tqdm when installed, else a plain line redrawn in place (on a terminal only)."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.n = total, label, 0
-        self.bar: Any = None
-        self.plain = False
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.plain = sys.stderr.isatty()
-        else:
-            self.bar = tqdm(total=total, desc=label, unit="trial", file=sys.stderr, leave=False, dynamic_ncols=True)
-
-    def update(self, best_ms: float | None) -> None:
-        self.n += 1
-        note = "no valid candidate yet" if best_ms is None else f"best {best_ms:.4g} ms"
-        if self.bar is not None:
-            self.bar.set_postfix_str(note, refresh=False)
-            self.bar.update(1)
-        elif self.plain:
-            sys.stderr.write(f"\r{self.label} {self.n}/{self.total} {note}\033[K")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.plain and self.n:
-            sys.stderr.write("\n")

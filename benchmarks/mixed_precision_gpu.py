@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import fxcc
     from fxcc import bench
-    from fxcc.autotune.mixed_precision import _error, mixed_precision_report
+    from fxcc.autotune.mixed_precision import mixed_precision_report
     from fxcc.measure import interleaved
+    from fxcc.quality import quality_loss
 
     dev = args.device
     cfg = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "heads": args.heads,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = c()
             a, b = ref.last_hidden_state.float(), out.last_hidden_state.float()
             rel = ((b - a).norm() / a.norm()).item()
-            err = _error([a], [b])
+            err = quality_loss([a], [b])
             res[e] = {"median_ms": t[e].median, "first_call_s": compile_s[e], "rel_err": rel, "one_minus_min_cos": err}
             lines.append(f"{e:<22} {compile_s[e]:>12.1f} {t[e].median:>10.3f} {t['eager'].median / t[e].median:>8.2f}x "
                          f"{base / t[e].median:>12.2f}x {rel:>9.2e} {err:>10.2e}")

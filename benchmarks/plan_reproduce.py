@@ -31,9 +31,9 @@ def main() -> int:
 
     import fxcc
     from fxcc.autotune.plan import read_plan
-    from fxcc.autotune.search import quality_error
     from fxcc.cli import load_model_and_inputs
     from fxcc.measure import interleaved
+    from fxcc.quality import quality_loss
 
     plan = read_plan(args.plan)
     model, a, kw = load_model_and_inputs(f"{args.model_file}:model", f"{args.model_file}:inputs")
@@ -44,7 +44,7 @@ def main() -> int:
     cm = fxcc.compile(model, plan=args.plan)
     out = cm(*a, **kw)
     compile_s = time.perf_counter() - t0
-    err = quality_error(out, ref)
+    err = quality_loss(ref, out)
 
     def eager():
         with torch.no_grad():

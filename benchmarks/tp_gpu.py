@@ -74,28 +74,16 @@ def ceilings(rank: int) -> dict:
 def _graph_seconds(fn, calls: int = 20, reps: int = 15) -> float:
     """Seconds per call of `fn` captured `calls` times in one CUDA graph (ranks replay in lockstep)."""
     import torch.distributed as dist
+    from fxcc.measure import capture_graph, graph_timings
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    def loop():
         for _ in range(calls):
             fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / calls)
-    return sorted(times)[len(times) // 2]
+    for _ in range(3):  # warm-up in lockstep on every rank (a collective in fn)
+        fn()
+    g, _ = capture_graph(loop, warmup=0)
+    t = graph_timings({"fn": g}, calls=calls, rounds=reps, before=lambda: (dist.barrier(), torch.cuda.synchronize()))
+    return t["fn"].median * 1e-3
 
 
 def worker(rank: int, world: int, opts: dict) -> dict:

@@ -34,7 +34,7 @@ def main() -> None:
     from fxcc.bench import minilm
     from fxcc.codegen import extern
     from fxcc.codegen import tvm as tvm_backend
-    from fxcc.dialects import KERNEL_OPS, KERNELS
+    from fxcc.dialects import KERNEL_OPS, kernel_body
     from fxcc.measure import interleaved
 
     w = minilm(8, 128)
@@ -42,8 +42,8 @@ def main() -> None:
     with torch.inference_mode():
         cm(**w.kwargs)
     keys = [n.args[1] for n in cm.variants[-1].gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
-    kb = next(KERNELS[k] for k in keys if KERNELS[k].kind == "gemm" and "tensor<384x384xf32>" in KERNELS[k].text
-              and "transpose" not in KERNELS[k].text)
+    kb = next(kernel_body(k) for k in keys if kernel_body(k).kind == "gemm" and "tensor<384x384xf32>" in kernel_body(k).text
+              and "transpose" not in kernel_body(k).text)
     cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm")
     grid = math.prod(len(v) for v in cand.space.values())
     budget = max(1, round(args.fraction * grid))

@@ -1,10 +1,10 @@
 """fxcc.codegen: one module per backend; each turns a `kernel` op into candidate implementations.
 
 A backend module is a `Backend`: `name`, `available(target) -> str | None` (None when usable, else why not),
-`candidates(kb, target) -> list[Kernel]` and `load(kb, label, files, params) -> Built`, which rebuilds
-a kernel from the files an earlier `Kernel.build` returned (the artifact cache) without generating code.
+`candidates(kb, target) -> list[Candidate]` and `load(kb, label, files, params) -> Built`, which rebuilds
+a kernel from the files an earlier `Candidate.build` returned (the artifact cache) without generating code.
 `BACKENDS` names them; `backend(name)` imports one on first use, so a CPU compile never imports Triton.
-A `Kernel` is one implementation of one kernel op with its parameter space: the tuner searches `space`,
+A `Candidate` is one implementation of one kernel op with its parameter space: the tuner searches `space`,
 the selection (fxcc.autotune.select) builds `defaults` (or tuned parameters) and chooses by measurement.
 Emission only: what to build is decided above this layer.
 """
@@ -69,7 +69,7 @@ class Built:
     inline: torch.fx.Graph | None = None  # torch calls the runtime may splice in place of calling `fn`
 
 
-class Kernel(Protocol):
+class Candidate(Protocol):
     """One candidate implementation of one kernel op.
 
     space: parameter name -> the values it may take (the tuner's search space; empty: nothing to tune).
@@ -91,7 +91,7 @@ class Backend(Protocol):
 
     def available(self, target: str) -> str | None: ...
 
-    def candidates(self, kb, target: str) -> list[Kernel]: ...
+    def candidates(self, kb, target: str) -> list[Candidate]: ...
 
     def load(self, kb, label: str, files: dict[str, Path], params: dict) -> Built: ...
 

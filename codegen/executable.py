@@ -1,34 +1,92 @@
-"""The executable: a compiled graph whose kernel ops call what their backend built, or are spliced in inline."""
+"""The executable: a compiled graph whose kernel ops call what their backend built, or are spliced in inline.
+
+The choice for each kernel is an attribute of its op (fxcc.dialects.Choice); `build_executable` turns the
+graph's choices into the variant's own table of built kernels, taking what the codegen decision built in
+this compile and loading or building the rest. Nothing here outlives the variant that holds it.
+"""
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.dialects import KERNEL_OPS, KERNELS
+from fxcc.codegen import Built, KernelFn, backend
+from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body
+from fxcc.store import default_cache
+
+
+@dataclass
+class BuiltKernel:
+    """One kernel as a compiled variant holds it: its body, the choice its op names (None: no codegen ran,
+    the body runs as written), what was built, and how the choice was made (for `explain`)."""
+
+    body: KernelBody
+    choice: Choice | None
+    built: Built
+    timings_ms: dict[str, float] = field(default_factory=dict)  # candidate label -> ms, as measured
+    cached: bool = False  # the choice came from the artifact cache
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.body.key
+
+    @property
+    def kind(self) -> str:
+        return self.body.kind
+
+    @property
+    def backend(self) -> str:
+        return self.choice.backend if self.choice else "reference"
+
+    @property
+    def fn(self) -> KernelFn:
+        return self.built.fn
 
 
 class KernelCall:
-    """A kernel op in the executable graph: a plain call of what the backend built (no module lookup)."""
+    """A kernel op in the executable graph: a plain call of what the backend built (no table lookup)."""
 
-    def __init__(self, key: str):
-        self.key = key
-        self.__name__ = f"kernel_{key}"  # the name the executable's code shows
-        self.impl = KERNELS[key].impl or KERNELS[key].run
+    def __init__(self, kernel: BuiltKernel):
+        self.key = kernel.key
+        self.__name__ = f"kernel_{kernel.key}"  # the name the executable's code shows
+        self.impl = kernel.fn
 
     def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.impl(inputs)
 
 
-def build_executable(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Any]]:
+def build_kernel(body: KernelBody, choice: Choice | None) -> BuiltKernel:
+    """What `choice` names for `body`, built now: loaded from the artifact cache when the choice has a key
+    there, else built by its backend module (no measurement: the choice is made)."""
+    if choice is None:
+        return BuiltKernel(body, None, Built(lambda inputs: list(body.body(*inputs)), body.text))
+    mod = backend(choice.module)
+    entry = default_cache().get(choice.key) if choice.key else None
+    if entry is not None:
+        return BuiltKernel(body, choice, mod.load(body, choice.backend, entry.files, choice.params), cached=True)
+    target = "cuda" if any(isinstance(v := p.meta.get("val"), torch.Tensor) and v.is_cuda
+                           for p in body.body.graph.nodes if p.op == "placeholder") else "cpu"
+    cand = next((c for c in mod.candidates(body, target) if c.backend == choice.backend), None)
+    if cand is None:
+        raise RuntimeError(f"fxcc: kernel {body.key} names candidate {choice.backend!r} of backend "
+                           f"{choice.module!r}, which offers none for it here; recompile the model")
+    return BuiltKernel(body, choice, cand.build(choice.params))
+
+
+def build_executable(gm: fx.GraphModule, ready: dict[str, BuiltKernel] | None = None
+                     ) -> tuple[fx.GraphModule, list[Any], dict[str, BuiltKernel]]:
     """A copy of the final IR where kernel ops call what their backend built, or are spliced in inline.
 
-    Parameters and constants (get_attr) become trailing inputs, fetched here once: returns the
-    executable and those values, to be passed after the call's own inputs.
+    `ready`: kernels built for these choices in this compile (by the codegen decision), by kernel key; the
+    others are built now. Parameters and constants (get_attr) become trailing inputs, fetched here once.
+    Returns the executable, those values (passed after the call's own inputs), and the variant's kernels.
     """
+    kernels: dict[str, BuiltKernel] = {}
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
@@ -43,15 +101,30 @@ def build_executable(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Any]]:
         if node.op in ("placeholder", "get_attr"):
             continue
         if node.op == "call_function" and node.target in KERNEL_OPS:
-            kb = KERNELS[node.args[1]]
+            k = _kernel(node, kernels, ready or {})
             inputs = [env[i] for i in node.args[0]]
-            if kb.inline is not None:
-                params = [n for n in kb.inline.nodes if n.op == "placeholder"]
-                env[node] = graph.graph_copy(kb.inline, dict(zip(params, inputs)))
+            if k.built.inline is not None:
+                params = [n for n in k.built.inline.nodes if n.op == "placeholder"]
+                env[node] = graph.graph_copy(k.built.inline, dict(zip(params, inputs)))
                 continue
-            env[node] = graph.call_function(KernelCall(kb.key), (inputs,), name=f"kernel_{kb.key}")
+            env[node] = graph.call_function(KernelCall(k), (inputs,), name=f"kernel_{k.key}")
         elif node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
             env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined kernel
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    return fx.GraphModule(gm, graph), bound  # takes the submodules eager regions call
+    return fx.GraphModule(gm, graph), bound, kernels  # takes the submodules eager regions call
+
+
+def _kernel(node: fx.Node, kernels: dict[str, BuiltKernel], ready: dict[str, BuiltKernel]) -> BuiltKernel:
+    """The built kernel for a kernel op: one per key and variant (identical layers share it)."""
+    key, choice = node.args[1], choice_of(node)
+    k = kernels.get(key)
+    if k is None:
+        k = ready.get(key)
+        if k is None or k.choice != choice:
+            k = build_kernel(kernel_body(key), choice)
+        kernels[key] = k
+    elif k.choice != choice:
+        raise RuntimeError(f"fxcc: kernel {key} has two choices in one graph ({k.choice} and {choice}); "
+                           "the codegen decision writes one per kernel")
+    return k

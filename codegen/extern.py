@@ -98,8 +98,9 @@ def pooled_linear():
 
 
 def build(kb: KernelBody, graph: fx.Graph | None = None) -> KernelFn:
-    """A callable running the kernel body with plain torch calls (`graph`, else `kb.inline` when set)."""
-    fn = fx.GraphModule(kb.body, graph or kb.inline or inline_graph(kb))
+    """A callable running the kernel body with plain torch calls (`graph`, else the body as `inline_graph`
+    makes it)."""
+    fn = fx.GraphModule(kb.body, graph or inline_graph(kb))
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(fn(*inputs))

@@ -96,7 +96,7 @@ def _int8_triton_w8a8(x, qw, ws, b, act):
     return int8_w8a8_linear(x, qw, ws, b)
 
 
-INT8_KERNELS: dict[str, Callable] = {"ref": int8_linear_reference, "int_mm": _int8_int_mm, "fbgemm": _int8_fbgemm,
+INT8_IMPLS: dict[str, Callable] = {"ref": int8_linear_reference, "int_mm": _int8_int_mm, "fbgemm": _int8_fbgemm,
                                      "dequant": _int8_dequant, "int8pack": _int8_pack_mm,
                                      "triton": _int8_triton, "triton_w8a8": _int8_triton_w8a8}
 
@@ -109,9 +109,9 @@ def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, act: str,
         x, rms_eps = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps), None
     if act not in ACTS:
         raise ValueError(f"tx.int8_linear: act={act!r}; expected one of {', '.join(ACTS)}")
-    fn = INT8_KERNELS.get(impl)
+    fn = INT8_IMPLS.get(impl)
     if fn is None:
-        raise ValueError(f"tx.int8_linear: unknown impl {impl!r}; known: {', '.join(INT8_KERNELS)}")
+        raise ValueError(f"tx.int8_linear: unknown impl {impl!r}; known: {', '.join(INT8_IMPLS)}")
     if (residual is not None or rms_eps is not None) and impl == "triton" and act == "none":
         from fxcc.codegen.triton_quant import int8_weight_linear
         return int8_weight_linear(x, qweight, wscale, bias, residual, norm, rms_eps)
@@ -129,9 +129,9 @@ def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, impl: str
         return tri(x, qweight, wscale, bias, norm, rms_eps)
     if rms_eps is not None:
         x = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps)
-    fn = INT8_KERNELS.get(impl)
+    fn = INT8_IMPLS.get(impl)
     if fn is None:
-        raise ValueError(f"tx.int8_gated_linear: unknown impl {impl!r}; known: {', '.join(INT8_KERNELS)}")
+        raise ValueError(f"tx.int8_gated_linear: unknown impl {impl!r}; known: {', '.join(INT8_IMPLS)}")
     gate, up = fn(x, qweight, wscale, bias, "none").split(qweight.shape[0] // 2, dim=-1)
     return F.silu(gate) * up
 
@@ -168,22 +168,23 @@ def _fp8_ref(x, qw, ws, b):
     return fp8_linear._init_fn(x, qw, ws, b, "ref")
 
 
-FP8_KERNELS: dict[str, Callable] = {"ref": _fp8_ref, "scaled_mm": _fp8_scaled_mm, "triton": _fp8_triton,
+FP8_IMPLS: dict[str, Callable] = {"ref": _fp8_ref, "scaled_mm": _fp8_scaled_mm, "triton": _fp8_triton,
                                     "triton_fused": _fp8_triton_fused}
 
 
 @fp8_linear.register_kernel(("cpu", "cuda"))
 def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, impl: str) -> Tensor:
     """tx.fp8_linear by the kernel `impl` names."""
-    fn = FP8_KERNELS.get(impl)
+    fn = FP8_IMPLS.get(impl)
     if fn is None:
-        raise ValueError(f"tx.fp8_linear: unknown impl {impl!r}; known: {', '.join(FP8_KERNELS)}")
+        raise ValueError(f"tx.fp8_linear: unknown impl {impl!r}; known: {', '.join(FP8_IMPLS)}")
     return fn(x, qweight, wscale, bias)
 
 
 
-def kernels(precision: str, device: str) -> list[str]:
-    """The kernels worth measuring for a precision on a device (first: the default)."""
+def impls(precision: str, device: str) -> list[str]:
+    """The implementations (`impl` of the quantized ops) worth measuring for a precision on a device (first: the
+    default)."""
     cpu = device == "cpu"
     table = {
         "int8-weight": ["dequant", "int8pack"] if cpu else ["triton", "dequant"],

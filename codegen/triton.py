@@ -73,19 +73,19 @@ def available(target: str) -> str | None:
     return f"no Triton support for target {target!r}"
 
 
-def candidates(kb: KernelBody, target: str) -> list[TritonKernel]:
+def candidates(kb: KernelBody, target: str) -> list[TritonCandidate]:
     """The Triton candidates for `kb`; [] for bodies this backend cannot lower."""
     try:
         if kb.kind == "pointwise":
-            return [TritonKernel(kb, "triton", pointwise_plan(kb.body, kb.text))]
+            return [TritonCandidate(kb, "triton", pointwise_plan(kb.body, kb.text))]
         if kb.kind == "reduction":
-            return [TritonKernel(kb, "triton", reduction_plan(kb.body, kb.text))]
+            return [TritonCandidate(kb, "triton", reduction_plan(kb.body, kb.text))]
         if kb.kind == "gemm":
-            return _optional(lambda: TritonKernel(kb, "triton", gemm_plan(kb.body, kb.text)),
-                             lambda: TritonKernel(kb, "triton+lib", library_epilogue_plan(kb.body, kb.text)))
+            return _optional(lambda: TritonCandidate(kb, "triton", gemm_plan(kb.body, kb.text)),
+                             lambda: TritonCandidate(kb, "triton+lib", library_epilogue_plan(kb.body, kb.text)))
         if kb.kind == "extern" and _anchor(kb.body, {tx.attention.default}) is not None:
-            return _optional(lambda: TritonKernel(kb, "triton", attention_plan(kb.body, kb.text)),
-                             lambda: TritonKernel(kb, "sdpa", sdpa_plan(kb.body, kb.text)))
+            return _optional(lambda: TritonCandidate(kb, "triton", attention_plan(kb.body, kb.text)),
+                             lambda: TritonCandidate(kb, "sdpa", sdpa_plan(kb.body, kb.text)))
     except Unsupported:
         return []
     return []
@@ -114,7 +114,7 @@ def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Bu
     return cand.load(files, params)
 
 
-def _optional(*makers: Callable[[], TritonKernel]) -> list[TritonKernel]:
+def _optional(*makers: Callable[[], TritonCandidate]) -> list[TritonCandidate]:
     out = []
     for make in makers:
         try:
@@ -141,8 +141,8 @@ class TritonProgram:
 
 
 @dataclass
-class TritonKernel:
-    """One Triton candidate for a kernel op (the codegen.Kernel interface)."""
+class TritonCandidate:
+    """One Triton candidate for a kernel op (a codegen.Candidate)."""
 
     kb: KernelBody
     backend: str

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fxcc.measure import capture_graph, graph_timings
 from torch import Tensor
 
 
@@ -262,28 +263,16 @@ def time_candidates(cands: list, call, copies: int, rounds: int = 3) -> dict:
     that fails to compile, launch or capture is left out."""
     graphs = {}
     for c in cands:
+        def calls(c=c):
+            for i in range(copies):
+                call(c, i)
         try:
             call(c, 0)  # compiles, and makes split-K workspaces, outside the capture
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for i in range(copies):
-                    call(c, i)
-            graphs[c] = g
+            graphs[c], _ = capture_graph(calls, warmup=0)
         except Exception:  # noqa: BLE001 - e.g. a config over this GPU's shared memory
             torch.cuda.synchronize()
             continue
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times: dict = {c: [] for c in graphs}
-    for _ in range(rounds):
-        for c, g in graphs.items():
-            g.replay()
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            times[c].append(start.elapsed_time(end) / copies)
-    return {c: sorted(t)[len(t) // 2] for c, t in times.items()}
+    return {c: t.median for c, t in graph_timings(graphs, calls=copies, rounds=rounds).items()}
 
 
 def stream_copies(nbytes: int) -> int:

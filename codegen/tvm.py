@@ -65,7 +65,7 @@ def set_threads(n: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(0, n)
 
 
-def candidates(kb: KernelBody, target: str) -> list[TVMKernel]:
+def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
     _tvm()
     from fxcc.codegen import tvm_lower as tl
     vals = [n.meta.get("val") for n in kb.body.graph.nodes if n.op != "output"]
@@ -75,16 +75,16 @@ def candidates(kb: KernelBody, target: str) -> list[TVMKernel]:
     out = []
     try:
         tl.Lowering(kb.body).run()
-        out.append(TVMKernel(kb, "tvm", None))
+        out.append(TVMCandidate(kb, "tvm", None))
     except tl.Unsupported:
         pass
     anchor = next((n for n in kb.body.graph.nodes if n.op == "call_function" and n.target in GEMM), None)
     if anchor is not None and _has_epilogue(kb.body, anchor):
         try:
             tl.Lowering(kb.body, split=anchor).run()
-            out.append(TVMKernel(kb, "tvm+extern", anchor.name))
+            out.append(TVMCandidate(kb, "tvm+extern", anchor.name))
             if onednn.applies(anchor):  # the same generated code around a oneDNN GEMM on a packed weight
-                out.append(TVMKernel(kb, "tvm+onednn", anchor.name))
+                out.append(TVMCandidate(kb, "tvm+onednn", anchor.name))
         except tl.Unsupported:
             pass
     return out
@@ -105,7 +105,7 @@ def _has_epilogue(body: fx.GraphModule, anchor: fx.Node) -> bool:
 
 
 @dataclass
-class TVMKernel:
+class TVMCandidate:
     """A kernel lowered to TIR; `split` names the GEMM node run by the library (tvm+extern) or is None."""
 
     kb: KernelBody
@@ -167,7 +167,7 @@ class TVMKernel:
 _BUILDS: dict[tuple, tuple] = {}  # the last few builds, by (kernel key, split, parameters)
 
 
-def _compiled(key: str, split: str | None, params: str, kernel: TVMKernel) -> tuple[bytes, str, dict, object]:
+def _compiled(key: str, split: str | None, params: str, kernel: TVMCandidate) -> tuple[bytes, str, dict, object]:
     """One build per kernel, split and parameters: `tvm+extern` and `tvm+onednn` share their generated code."""
     k = (key, split, params)
     if k not in _BUILDS:

@@ -95,7 +95,7 @@ def attach(path: str) -> bool:
 def _built() -> Path:
     """The launcher's shared library: from the artifact cache, or compiled now and stored there."""
     cache = default_cache()
-    key = cache_key(kind="tvm-omp-launcher", source=hashlib.sha256(SOURCE.encode()).hexdigest(),
+    key = cache_key("tvm-omp-launcher", source=hashlib.sha256(SOURCE.encode()).hexdigest(),
                     machine=os.uname().machine)
     entry = cache.get(key)
     if entry is not None and "launcher.so" in entry.files:

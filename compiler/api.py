@@ -103,14 +103,19 @@ def _tracing(args: tuple, kwargs: dict) -> bool:
 
 def explain(model: Any, *args: Any, passes: str | None = None, ir_after_each: bool = True, **kwargs: Any) -> str:
     """Compile `model` for these inputs and return the report `fxcc explain` prints."""
+    return explained(model, *args, passes=passes, ir_after_each=ir_after_each, **kwargs).explain(
+        ir_after_each=ir_after_each)
+
+
+def explained(model: Any, *args: Any, passes: str | None = None, ir_after_each: bool = True,
+              **kwargs: Any) -> CompiledModule:
+    """`model` compiled for these inputs with the IR after each pass recorded (not printed): what `explain`
+    reports on, and `fxcc explain --kernels/--source` reads the variant's kernels from."""
     opts = CompileOptions(passes=passes, print_ir_after=("all",) if ir_after_each else ())
-    if isinstance(model, nn.Module):
-        cm = CompiledModule(model, opts)
-    else:
-        cm = CompiledModule(FunctionModule(model), opts)
+    cm = CompiledModule(model if isinstance(model, nn.Module) else FunctionModule(model), opts)
     cm.echo_ir = False  # the IR goes into the returned report, not onto stdout as well
     cm(*args, **kwargs)
-    return cm.explain(ir_after_each=ir_after_each)
+    return cm
 
 
 def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:

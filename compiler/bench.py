@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .api import compile
-from .dialects import KERNEL_OPS, KERNELS
+from .dialects import KERNEL_OPS
 from .measure import interleaved
 from .store import tensor_bytes
 
@@ -135,13 +135,13 @@ def _rel_error(ref: Any, out: Any) -> float:
 
 def kernel_report(cm: Any) -> list[dict]:
     """fxcc's kernels in its last compiled variant: kind, uses, chosen backend, its ops and candidate timings."""
-    keys = [n.args[1] for n in cm.variants[-1].gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
+    v = cm.variants[-1]
+    keys = [n.args[1] for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
     rows = []
-    for key in dict.fromkeys(keys):
-        kb = KERNELS[key]
-        ops = [str(n.target) for n in kb.body.graph.nodes if n.op == "call_function"]
-        rows.append({"key": key, "kind": kb.kind, "uses": keys.count(key), "backend": kb.backend, "ops": ops,
-                     "timings_ms": kb.info.get("timings_ms", {})})
+    for key, k in v.kernels.items():
+        ops = [str(n.target) for n in k.body.body.graph.nodes if n.op == "call_function"]
+        rows.append({"key": key, "kind": k.kind, "uses": keys.count(key), "backend": k.backend, "ops": ops,
+                     "timings_ms": k.timings_ms})
     return rows
 
 

@@ -20,9 +20,8 @@ from fxcc.autotune import search
 from fxcc.autotune.plan import PlanError
 
 from . import bench, plan_search
-from .api import compile, explain
+from .api import compile, explained
 from .capture import CaptureError
-from .dialects import KERNELS
 from .pipeline import DEFAULT_PIPELINE, PipelineError, all_passes
 from .store import ArtifactCache
 
@@ -68,16 +67,18 @@ def load_model_and_inputs(model_spec: str, inputs_spec: str | None) -> tuple[Any
 
 def cmd_explain(args: argparse.Namespace) -> int:
     model, a, kw = load_model_and_inputs(args.model, args.inputs)
-    print(explain(model, *a, passes=args.passes, ir_after_each=not args.final_only, **kw))
+    cm = explained(model, *a, passes=args.passes, ir_after_each=not args.final_only, **kw)
+    print(cm.explain(ir_after_each=not args.final_only))
+    kernels = cm.variants[-1].kernels
     if args.kernels:
         print("\n== kernels")
-        for kb in KERNELS.values():
-            print(f"// {kb.key} [{kb.kind}] backend={kb.backend}\n{kb.text}\n")
+        for k in kernels.values():
+            print(f"// {k.key} [{k.kind}] backend={k.backend}\n{k.body.text}\n")
     if args.source:
         print("\n== kernel source (what each kernel's chosen backend built)")
-        for kb in KERNELS.values():
-            source = kb.info.get("source") or "(not built: the codegen pass did not run)"
-            print(f"// {kb.key} [{kb.kind}] backend={kb.backend}\n{source.rstrip()}\n")
+        for k in kernels.values():
+            source = k.built.source if k.choice else "(not built: the codegen pass did not run)"
+            print(f"// {k.key} [{k.kind}] backend={k.backend}\n{source.rstrip()}\n")
     return 0
 
 

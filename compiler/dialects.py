@@ -5,12 +5,13 @@ kernel, so a graph at any level can be run, exported and shape-checked. Ops with
 (quantized linears, the fused all-reduce + RMSNorm) name the kernel that runs them; the backend module
 providing those kernels registers them on the op (`register_kernel`, fxcc.codegen.quant and
 fxcc.codegen.allreduce_rmsnorm), and the body here is the definition they are checked against.
-The `kernel` ops name their body by a content hash into KERNELS, the way an MLIR op names a function by
-symbol: the body is a GraphModule holding aten/tx ops.
+The `kernel` ops name their body by a content hash (`kernel_body`), the way an MLIR op names a function by
+symbol: the body is a GraphModule holding aten/tx ops; the op's other attributes record the codegen choice.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from dataclasses import dataclass, field
@@ -500,39 +501,65 @@ REFERENCE = {getattr(torch.ops.fxcc_tx, n).default: op._init_fn for n, op in TX_
 # ------------------------------------------------------------------------------------- kernel level
 
 
-@dataclass
+@dataclass(frozen=True)
 class KernelBody:
     """One kernel: a GraphModule body over aten/tx ops, its kind and its canonical text (the hash input).
 
-    `impl` is what codegen built for it (a callable taking a list of tensors, returning a list); until a
-    backend builds one, the body runs as written. `inline`, when a backend sets it, is a graph the
-    runtime splices into the executable instead of calling `impl`.
+    Pure IR, named by `key` (a hash of `text`): what a backend builds for it is a choice its `kernel` op
+    records (`Choice`), and what was built belongs to the compiled variant (fxcc.codegen.executable).
     """
 
     key: str
     kind: str  # pointwise | reduction | gemm | extern
     body: torch.fx.GraphModule
     text: str
-    impl: Any = None
-    inline: torch.fx.Graph | None = None
-    backend: str = "reference"
-    info: dict = field(default_factory=dict)
-
-    def run(self, inputs: list[Tensor]) -> list[Tensor]:
-        if self.impl is not None:
-            return self.impl(inputs)
-        return list(self.body(*inputs))
 
 
-KERNELS: dict[str, KernelBody] = {}
+# key -> body, written once per key: a key is the hash of the body's text, so an entry never changes and
+# every graph naming it (any model, any variant) means the same body, like a function symbol in MLIR
+_BODIES: dict[str, KernelBody] = {}
 
 
-def _lookup(kernel: str) -> KernelBody:
+def intern_body(kb: KernelBody) -> KernelBody:
+    """The body registered under kb.key: `kb` itself the first time, the (identical) earlier one after."""
+    return _BODIES.setdefault(kb.key, kb)
+
+
+def kernel_body(key: str) -> KernelBody:
+    """The body a kernel op names; RuntimeError when no graph of this process lowered it."""
     try:
-        return KERNELS[kernel]
+        return _BODIES[key]
     except KeyError:
-        raise RuntimeError(f"fxcc: kernel {kernel!r} is not registered in this process; a graph holding "
+        raise RuntimeError(f"fxcc: kernel {key!r} is not registered in this process; a graph holding "
                            "kernel ops can only run where it was lowered (recompile the model)") from None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the codegen decision chose for a kernel op, kept as the op's attributes: the candidate's label
+    (`backend`: tvm, tvm+onednn, mkl, ...), the backend module that makes it, its parameters, and the
+    artifact-cache key of the choice ("" when it is not cached)."""
+
+    backend: str
+    module: str
+    params: dict = field(default_factory=dict)
+    key: str = ""
+
+    def attrs(self) -> tuple[str, str, str, str]:
+        return self.backend, self.module, json.dumps(self.params, sort_keys=True), self.key
+
+
+def choice_of(node: fx.Node) -> Choice | None:
+    """The choice a kernel op's attributes record, or None before the codegen decision ran."""
+    if len(node.args) < 4 or not node.args[2]:
+        return None
+    backend, module, params, key = (list(node.args[2:6]) + [""] * 4)[:4]
+    return Choice(backend, module, json.loads(params) if params else {}, key)
+
+
+def set_choice(node: fx.Node, choice: Choice) -> None:
+    """Write `choice` as the attributes of kernel op `node`."""
+    node.args = (node.args[0], node.args[1], *choice.attrs())
 
 
 def _detach_aliases(inputs: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
@@ -542,25 +569,28 @@ def _detach_aliases(inputs: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
 
 
 @torch.library.custom_op("fxcc_kernel::fused", mutates_args=())
-def fused(inputs: list[Tensor], kernel: str) -> list[Tensor]:
-    """A fused group of pointwise/reduction/gemm ops, generated as one kernel by a backend."""
-    return _detach_aliases(inputs, _lookup(kernel).run(inputs))
+def fused(inputs: list[Tensor], kernel: str, backend: str = "", module: str = "", params: str = "",
+          key: str = "") -> list[Tensor]:
+    """A fused group of pointwise/reduction/gemm ops, generated as one kernel by a backend. Run as an op, the
+    body runs as written; the compiled variant calls what its backend built for the chosen `backend`."""
+    return _detach_aliases(inputs, list(kernel_body(kernel).body(*inputs)))
 
 
 @fused.register_fake
-def _(inputs, kernel):
-    return [o.clone() for o in _lookup(kernel).body(*inputs)]
+def _(inputs, kernel, backend="", module="", params="", key=""):
+    return [o.clone() for o in kernel_body(kernel).body(*inputs)]
 
 
 @torch.library.custom_op("fxcc_kernel::extern", mutates_args=())
-def extern(inputs: list[Tensor], kernel: str) -> list[Tensor]:
+def extern(inputs: list[Tensor], kernel: str, backend: str = "", module: str = "", params: str = "",
+           key: str = "") -> list[Tensor]:
     """One op run by a library (torch, cuBLAS, oneDNN) rather than generated code."""
-    return _detach_aliases(inputs, _lookup(kernel).run(inputs))
+    return _detach_aliases(inputs, list(kernel_body(kernel).body(*inputs)))
 
 
 @extern.register_fake
-def _(inputs, kernel):
-    return [o.clone() for o in _lookup(kernel).body(*inputs)]
+def _(inputs, kernel, backend="", module="", params="", key=""):
+    return [o.clone() for o in kernel_body(kernel).body(*inputs)]
 
 
 KERNEL_OPS = (torch.ops.fxcc_kernel.fused.default, torch.ops.fxcc_kernel.extern.default)

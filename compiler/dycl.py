@@ -45,8 +45,9 @@ from fxcc.dycl_rewrite import (
     segment_function,
     unparse,
 )
+from fxcc.measure import interleaved
 from fxcc.runtime import CompiledModule, Variant, explain_variant
-from fxcc.store import cache_key, default_cache, library_versions
+from fxcc.store import cache_key, default_cache
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
@@ -205,13 +206,7 @@ def _compare(compiled: Any, plain: Any, args: tuple, rounds: int = 5) -> tuple[f
 
 def _median_us(fn: Any, args: tuple, reps: int = 5) -> float:
     with torch.no_grad():
-        fn(*args)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+        return interleaved({"fn": lambda: fn(*args)}, device="cpu", warmup=1, reps=reps, rounds=1)["fn"].median * 1e3
 
 
 def _baked(a: Any) -> bool:
@@ -431,7 +426,7 @@ def _store_host(name: str, program: Program) -> str | None:
             for seg in prog.segments:
                 files[f"host{i}_seg{seg.spec.index}.py"] = seg.source.encode()
         digest = hashlib.sha256(b"".join(files[k] for k in sorted(files))).hexdigest()
-        key = cache_key(kind="dycl-host", source=digest, versions=library_versions())
+        key = cache_key("dycl-host", source=digest)
         default_cache().put(key, files, {"kind": "dycl-host", "model": name})
         return key
     except Exception as e:  # noqa: BLE001 - storing the program is a convenience; the compile goes on

@@ -40,9 +40,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from . import ir
-from .dialects import KERNEL_OPS, KERNELS, KernelBody
+from .dialects import KERNEL_OPS, KernelBody, intern_body, kernel_body
 from .pipeline import PassRecord, PassResult
-from .store import cache_key, library_versions, tensor_bytes
+from .store import cache_key, tensor_bytes
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
@@ -81,14 +81,13 @@ def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipelin
             "inputs": _inputs_fingerprint(flat, spec, values=calibrates),
             "code": _code_fingerprint(module),
             "pipeline": pipeline,
-            "target": target,
-            "versions": library_versions(),
+            "device": target,  # the IR depends on the device kind, not the machine's model
             "distributed": _distributed_fingerprint(),
         }
     except Unserializable as e:
         log.debug("graph cache off for %s: %s", type(module).__name__, e)
         return None
-    return "g" + cache_key(**parts)
+    return "g" + cache_key("graph", **parts)
 
 
 def _distributed_fingerprint() -> str:
@@ -452,7 +451,7 @@ def _serialize(gm: fx.GraphModule, module: nn.Module) -> tuple[dict, dict[str, b
                 attrs[n.target] = {"const": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                                    "device": str(t.device), "parameter": isinstance(t, nn.Parameter)}
         elif n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] not in kernels:
-            kb = KERNELS[n.args[1]]
+            kb = kernel_body(n.args[1])
             kernels[kb.key] = {"kind": kb.kind, "text": kb.text, "graph": _enc_graph(kb.body.graph)}
     return {"graph": _enc_graph(gm.graph), "attrs": attrs, "kernels": kernels}, files
 
@@ -470,7 +469,6 @@ def _deserialize(doc: dict, files: dict, module: nn.Module) -> fx.GraphModule:
             t = t.view(getattr(torch, a["dtype"])).reshape(a["shape"]).to(a["device"])
             root[target] = nn.Parameter(t, requires_grad=False) if a["parameter"] else t
     for key, k in doc["kernels"].items():
-        if key not in KERNELS:
-            body = fx.GraphModule(nn.Module(), _dec_graph(k["graph"], fakes))
-            KERNELS[key] = KernelBody(key, k["kind"], body, k["text"])
+        body = fx.GraphModule(nn.Module(), _dec_graph(k["graph"], fakes))
+        intern_body(KernelBody(key, k["kind"], body, k["text"]))
     return fx.GraphModule(root, _dec_graph(doc["graph"], fakes))

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils import _pytree as pytree
 
-from .dialects import KERNEL_OPS, KERNELS, op_name
+from .dialects import KERNEL_OPS, kernel_body, op_name
 
 _DTYPE = {
     torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
@@ -130,10 +130,10 @@ def format_node(node: fx.Node) -> str:
         else:
             name = f"py.{node.op.split('_')[1]}.{node.target}"
         if node.target in KERNEL_OPS:
-            kb = KERNELS.get(attrs.get("kernel", ""))
-            if kb is not None:
-                name = f"{name}[{kb.kind}]"
-                attrs["backend"] = kb.backend
+            try:
+                name = f"{name}[{kernel_body(attrs.get('kernel', '')).kind}]"
+            except RuntimeError:  # a graph read back without its bodies: the key still names the kernel
+                pass
             operands = list(operands[0]) if operands else []
         attr_txt = ""
         if attrs:

@@ -1,4 +1,9 @@
-"""Timing: warm-up, then the median of many repetitions (CUDA events on GPU, perf_counter on CPU)."""
+"""Timing, the one timer: warm-up, then many repetitions in interleaved rounds (CUDA events on the GPU,
+perf_counter on the CPU), and CUDA-graph capture and replay timing (what the runtime replays).
+
+Every measurement of fxcc goes through here: kernel selection and tuning (fxcc.autotune), the
+mixed-precision search, DyCL's compiled-or-Python choice, the int8 GEMV's config choice and the benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -61,4 +66,39 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: str, warmup: in
             out[name].samples.extend(time_once(fn, device) for _ in range(per_round))
         if progress:
             progress(f"round {r + 1}/{rounds}")
+    return out
+
+
+def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` captured as one CUDA graph, after `warmup` calls on a side stream (lazy initialisation and
+    autotuning must not happen inside the capture); returns the graph and what the captured call returned.
+    Raises what capturing raises (an op that cannot be captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def graph_timings(graphs: dict[str, torch.cuda.CUDAGraph], *, calls: int = 1, rounds: int = 3,
+                  before: Callable[[], object] | None = None) -> dict[str, Timing]:
+    """ms per call of each captured graph (holding `calls` calls), replayed in interleaved rounds; each timed
+    replay follows an untimed one. `before` runs ahead of every timed replay (a barrier between ranks)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = {name: Timing([]) for name in graphs}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            g.replay()
+            if before is not None:
+                before()
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            out[name].samples.append(start.elapsed_time(end) / calls)
     return out

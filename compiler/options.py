@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGETS = ("auto", "cpu", "cuda")
@@ -124,3 +124,32 @@ class CompileOptions:
         if env.print_ir_after:
             opts = opts.replace(print_ir_after=opts.print_ir_after + env.print_ir_after)
         return opts
+
+
+# ------------------------------------------------------------------- the plan search's pass knobs
+
+
+@dataclass(frozen=True)
+class Knob:
+    """Options of one pass that join the plan search (`fxcc search`) when the pass is registered.
+
+    choices: option -> values to try; an empty tuple takes the option's Literal values, True/False for a
+    bool, or powers of two up to the device count for `tp`. With `alternatives`, only the first option the
+    registered pass has is searched (layer-skip takes speedup= or skip=, not both). Every knob can also be
+    "off" (the pass is left out). Where the pass goes follows its `reads`: aten -> before raise, else after.
+    """
+
+    pass_name: str
+    choices: dict[str, tuple]
+    alternatives: bool = False
+    min_devices: int = 1
+    fixed: dict = field(default_factory=dict)  # options set whenever the knob is on (when the pass has them)
+
+
+KNOBS: list[Knob] = [
+    Knob("layer-skip", {"speedup": (1.2, 1.5, 2.0), "skip": (1, 2, 3)}, alternatives=True),
+    Knob("token-merge", {"r": (4, 8, 16, 32)}),
+    # policy=auto chooses each layer's precision inside the pass; its own search is kept small per trial
+    Knob("mixed-precision", {"budget": (0.001, 0.01, 0.05)}, fixed={"trials": 24}),
+    Knob("tp-shard", {"tp": ()}, min_devices=2),
+]

@@ -37,12 +37,15 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes may read besides the graph: options, the user's module and example inputs."""
+    """What passes may read besides the graph: options, the user's module and example inputs; and what this
+    compile built so far (`kernels`: kernel key -> what the codegen decision built for its choice, taken by
+    the executable builder; it lives as long as the compile)."""
 
     options: Any = None
     module: Any = None
     example_inputs: tuple = ()
     target: str = "cpu"
+    kernels: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Any
 
-import optuna
 import torch
 import torch.nn as nn
 from fxcc.autotune.plan import Plan, model_fingerprint, target_info
@@ -33,14 +32,13 @@ from fxcc.autotune.search import (
     knob_spec,
     pareto,
     plot_pareto,
-    quality_error,
     relative,
     report_table,
     study_name_for,
 )
-from fxcc.autotune.tune import _Progress, _redact, open_storage
-from fxcc.dialects import KERNEL_OPS, KERNELS
+from fxcc.autotune.study import Progress, create_study, optuna_module, quiet, redact
 from fxcc.measure import interleaved
+from fxcc.quality import quality_loss
 from fxcc.store import library_versions
 
 from .api import compile
@@ -84,7 +82,7 @@ class Evaluator:
         cm = compile(self.model, target=self.target, **compile_kwargs)
         out = cm(*self.args, **self.kwargs)
         compile_s = time.perf_counter() - t0
-        err = quality_error(out, self.reference)
+        err = quality_loss(self.reference, out)
         t = interleaved({"fxcc": lambda: cm(*self.args, **self.kwargs), "eager": self._eager},
                         device=self.target, warmup=self.warmup, reps=self.reps, rounds=min(self.reps, 5))
         return Measurement(t["fxcc"].median, t["eager"].median, err, compile_s)
@@ -92,6 +90,7 @@ class Evaluator:
 
 def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> SearchResult:
     """Run (or join) the study, choose a plan, tune its kernels, write and re-measure it, report."""
+    optuna = optuna_module()
     model.eval()
     space = probe(build_space(cfg.target, cfg.backends, cfg.knobs), model, args, kwargs, cfg.target)
     fp = model_fingerprint(model, args, kwargs)
@@ -140,21 +139,19 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
         ok = [t for t in done if budget is None or t.user_attrs["quality_error"] <= budget]
         bar.update(min(ok, key=relative).user_attrs["latency_ms"] if ok else None)
 
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    bar = _Progress(cfg.trials, f"search {name}", cfg.progress)
+    bar = Progress(cfg.trials, f"search {name}", cfg.progress)
     try:
-        study = optuna.create_study(storage=open_storage(cfg.storage), study_name=name, directions=directions,
-                                    sampler=_sampler(cfg.sampler, cfg.seed), load_if_exists=True)
-        if len(study.directions) != len(directions):
-            raise ValueError(f"fxcc search: study {name!r} in this storage has {len(study.directions)} objective(s), "
-                             f"this search {len(directions)} (its space changed); name another --study")
-        study.set_user_attr("fxcc_space", space.describe())
-        study.enqueue_trial(space.baseline(), skip_if_exists=True)
-        study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, callbacks=[on_trial])
+        with quiet():
+            study = create_study(sampler=_sampler(cfg.sampler, cfg.seed), name=name, storage=cfg.storage,
+                                 directions=directions)
+            if len(study.directions) != len(directions):
+                raise ValueError(f"fxcc search: study {name!r} in this storage has {len(study.directions)} objective(s), "
+                                 f"this search {len(directions)} (its space changed); name another --study")
+            study.set_user_attr("fxcc_space", space.describe())
+            study.enqueue_trial(space.baseline(), skip_if_exists=True)
+            study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, callbacks=[on_trial])
     finally:
         bar.close()
-        optuna.logging.set_verbosity(verbosity)
 
     done = _complete(study)
     if not done:
@@ -166,7 +163,7 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
 
     plan = record_plan(model, args, kwargs, chosen.user_attrs["pipeline"], cfg, fp, tgt)
     plan.objective = cfg.objective
-    plan.search = {"study": name, "storage": _redact(cfg.storage) if cfg.storage else "default (tuning.db in the "
+    plan.search = {"study": name, "storage": redact(cfg.storage) if cfg.storage else "default (tuning.db in the "
                    "artifact cache)", "trial": chosen.number, "trials_in_study": len(study.trials),
                    "complete": len(done), "quality_budget": budget, "space": space.describe(), "notes": space.notes,
                    "tune_budget": cfg.tune_budget, "search_latency_ms": chosen.user_attrs["latency_ms"],
@@ -193,15 +190,9 @@ def record_plan(model: nn.Module, args: tuple, kwargs: dict, pipeline: str, cfg:
     tune = {"tune": "search", "tune_budget": cfg.tune_budget} if cfg.tune_budget else {"tune": "cached"}
     cm = compile(model, target=cfg.target, passes=pipeline, **tune)
     cm(*args, **kwargs)
-    gm = cm.variants[-1].gm
-    kernels = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] not in kernels:
-            kb = KERNELS[n.args[1]]
-            if kb.backend == "reference":  # not built (no codegen pass): nothing to record
-                continue
-            kernels[kb.key] = {"backend": kb.backend, "module": kb.info.get("module") or kb.backend.split("+")[0],
-                               "params": kb.info.get("params") or {}, "kind": kb.kind}
+    kernels = {key: {"backend": k.choice.backend, "module": k.choice.module, "params": k.choice.params,
+                     "kind": k.kind}
+               for key, k in cm.variants[-1].kernels.items() if k.choice is not None}  # None: no codegen ran
     return Plan(fingerprint=fp, target=tgt, versions=library_versions(), pipeline=pipeline, kernels=kernels)
 
 

@@ -2,7 +2,9 @@
 
 Quality loss = 1 - the smallest cosine similarity between the approximate graph's outputs and the exact
 graph's (the captured graph before any pass; exact passes keep outputs within fp tolerance of it), taken
-per batch item over every floating-point output tensor, on the call's inputs (the calibration inputs).
+over the rows (last dimension: a token's hidden state, a sample's logits) of every floating-point output
+tensor, on the call's inputs (the calibration inputs). `quality_loss` is fxcc's one quality metric: the
+quality budget, the plan search and the mixed-precision pass all measure with it.
 
 While the loss exceeds the budget, one approximate pass at a time (in pipeline order, round robin) is
 replaced by `pass.backoff(result)`, a weaker instance (layer-skip: one block fewer; token-merge: smaller r).
@@ -31,21 +33,29 @@ class QualityBudgetError(RuntimeError):
 
 
 def quality_loss(reference: Any, approx: Any) -> float:
-    """1 - min cosine similarity of each floating output tensor vs the reference, per batch item (dim 0)."""
+    """1 - the smallest cosine similarity between matching rows (over the last dimension) of every
+    floating-point output tensor of `approx` and `reference` (any pytrees of tensors).
+
+    Rows that equal the reference exactly (zero padding) count as exact; integer and bool outputs are not
+    compared (an approximation may change an argmax). NaN when an output is not finite; ValueError when the
+    outputs differ in number or shape (not an approximation of the same thing).
+    """
     ref = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
     got = [t for t in pytree.tree_leaves(approx) if isinstance(t, torch.Tensor)]
     if len(ref) != len(got):
-        raise ValueError(f"approximate graph returns {len(got)} tensors, the exact one {len(ref)}")
+        raise ValueError(f"the outputs hold {len(got)} tensors, the reference's {len(ref)}")
     worst = 1.0
     for a, b in zip(ref, got):
+        if a.shape != b.shape:
+            raise ValueError(f"an output's shape changed: {tuple(b.shape)} vs {tuple(a.shape)}")
         if not a.is_floating_point() or a.numel() == 0:
             continue
-        if a.shape != b.shape:
-            raise ValueError(f"approximate graph changed an output's shape: {tuple(b.shape)} vs {tuple(a.shape)}")
-        rows = a.shape[0] if a.dim() > 1 else 1
-        x, y = a.detach().double().reshape(rows, -1), b.detach().double().reshape(rows, -1)
-        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
-        same = (x == y).all(dim=-1)  # zero rows that agree exactly (padding) are not a loss
+        x = a.detach().double().reshape(-1, a.shape[-1]) if a.dim() else a.detach().double().reshape(1, 1)
+        y = b.detach().double().reshape(x.shape)
+        if not torch.isfinite(y).all():
+            return float("nan")
+        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-30)
+        same = (x == y).all(dim=-1)  # rows that agree exactly (zero padding) are not a loss
         worst = min(worst, float(torch.where(same, torch.ones_like(cos), cos).min()))
     return max(0.0, 1.0 - worst)
 

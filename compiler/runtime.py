@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 from fxcc.autotune import pools
 from fxcc.autotune.plan import check_call_plan
-from fxcc.codegen.executable import build_executable
+from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
 from . import graph_cache, ir
@@ -41,7 +41,8 @@ from .capture import (
     flatten_inputs,
     register_model_pytrees,
 )
-from .dialects import KERNEL_OPS, KERNELS, dialect_of, op_name
+from .dialects import KERNEL_OPS, dialect_of, op_name
+from .measure import capture_graph
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
@@ -71,15 +72,7 @@ class CudaGraph:
             with torch.inference_mode(False), torch.no_grad():
                 static = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
                           if isinstance(x, torch.Tensor) else x for x in flat]
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm up off the capturing stream: lazy inits, autotuning
-                    for _ in range(2):
-                        fn(*static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    outs = fn(*static)
+                graph, outs = capture_graph(lambda: fn(*static))
         except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
             log.warning("%s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
             return None
@@ -97,7 +90,8 @@ class CudaGraph:
 class Variant:
     """One compiled signature: the IR after all passes, the executable built from it, and the pass log.
 
-    `bound` holds the parameters and constants the executable takes after the call's inputs.
+    `bound` holds the parameters and constants the executable takes after the call's inputs; `kernels` what
+    was built for the kernel ops' choices, by kernel key (the variant's own: no other variant shares it).
     `cuda_graph` is "pending" until the first run decides (capture on CUDA), then a CudaGraph or None.
     """
 
@@ -110,6 +104,7 @@ class Variant:
     cuda_graph: Any = None
     name: str = "model"
     quality_loss: float | None = None  # measured loss of approximate passes under a quality budget
+    kernels: dict[str, BuiltKernel] = field(default_factory=dict)
 
     def run(self, flat: list[Any]) -> Any:
         if self.cuda_graph is not None:
@@ -313,13 +308,13 @@ class CompiledModule:
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
         if ctx.target == "cpu":  # kernels chosen alone, checked together: one thread pool if that is faster
-            pools.settle(gm, flatten_inputs(args, kwargs)[0], self.name)
-        executable, bound = build_executable(gm)
+            pools.settle(gm, flatten_inputs(args, kwargs)[0], self.name, ctx.kernels)
+        executable, bound, kernels = build_executable(gm, ctx.kernels)
         seconds = time.perf_counter() - t0
         log.info("compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
         graphs = opts.cuda_graphs and ctx.target == "cuda" and graphable(gm)
         return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name,
-                       quality_loss=loss)
+                       quality_loss=loss, kernels=kernels)
 
     def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
                          opts: CompileOptions) -> tuple[Any, str | None]:
@@ -377,17 +372,17 @@ def graphable(gm: fx.GraphModule) -> bool:
     return True
 
 
-def placement(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
+def placement(gm: fx.GraphModule, kernels: dict[str, BuiltKernel]) -> list[tuple[str, str, str]]:
     """Where each compute op runs: (node, op, 'kernel.fused[kind] via backend' | 'eager: reason')."""
     rows = []
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method", "call_module") or op_name(n.target) == "py.getitem":
             continue
         if n.op == "call_function" and n.target in KERNEL_OPS:
-            kb = KERNELS[n.args[1]]
-            ops = Counter(op_name(b.target) for b in kb.body.graph.nodes if b.op == "call_function")
-            rows.append((n.name, f"{op_name(n.target)}[{kb.kind}]",
-                         f"{kb.backend}: " + ", ".join(f"{k}" + (f" x{c}" if c > 1 else "") for k, c in ops.items())))
+            k = kernels[n.args[1]]
+            ops = Counter(op_name(b.target) for b in k.body.body.graph.nodes if b.op == "call_function")
+            rows.append((n.name, f"{op_name(n.target)}[{k.kind}]",
+                         f"{k.backend}: " + ", ".join(f"{k}" + (f" x{c}" if c > 1 else "") for k, c in ops.items())))
         elif n.meta.get("fxcc_eager"):
             name = op_name(n.target) if n.op == "call_function" else f"py.{n.op}:{n.target}"
             rows.append((n.name, name, f"eager: {n.meta['fxcc_eager']}"))
@@ -412,7 +407,7 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
             if r.ir_after:
                 out.append(f"\n// -----// IR after {r.spec} //----- //\n{r.ir_after}")
     out.append("\n== final IR\n" + ir.print_graph(v.gm))
-    rows = placement(v.gm)
+    rows = placement(v.gm, v.kernels)
     eager = [r for r in rows if r[2].startswith("eager")]
     dialects = Counter(dialect_of(n.target) for n in v.gm.graph.nodes if n.op == "call_function")
     out.append(f"\n== where ops run ({len(rows) - len(eager)} kernels, {len(eager)} eager regions; "
@@ -420,15 +415,13 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     for node, op, where in rows:
         out.append(f"  %{node:<24} {op:<28} {where}")
     out.append("\n== kernel choices (ms per candidate, fastest fifth of the timed calls; * chosen)")
-    keys = dict.fromkeys(n.args[1] for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
-    for key in keys:
-        kb = KERNELS[key]
-        t = kb.info.get("timings_ms") or {}
-        cands = "  ".join(f"{'*' if b == kb.backend else ''}{b} {ms:.3f}" for b, ms in t.items()) or "only candidate"
-        src = " (from the artifact cache)" if kb.info.get("cache_key") else ""
-        params = kb.info.get("params") or {}
+    for key, k in v.kernels.items():
+        t = k.timings_ms
+        cands = "  ".join(f"{'*' if b == k.backend else ''}{b} {ms:.3f}" for b, ms in t.items()) or "only candidate"
+        src = " (from the artifact cache)" if k.cached else ""
+        params = k.choice.params if k.choice else {}
         extra = f"  params {params}" if params else ""
-        out.append(f"  {key} {kb.kind:<10} -> {kb.backend:<11} {cands}{extra}{src}")
-        if kb.info.get("note"):
-            out.append(f"      {kb.info['note']}")
+        out.append(f"  {key} {k.kind:<10} -> {k.backend:<11} {cands}{extra}{src}")
+        if k.note:
+            out.append(f"      {k.note}")
     return "\n".join(out)

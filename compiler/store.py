@@ -52,12 +52,20 @@ _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CHUNK = 1 << 20
 
 
-def cache_key(**parts: str) -> str:
-    """A stable key over named parts (ir=, backend=, target=, versions=): sha256 hex, first 24 digits."""
+def cache_key(kind: str, *, target: str | None = None, **parts: str) -> str:
+    """The key of everything fxcc caches (sha256 hex, first 24 digits): over the kind of thing (so two kinds
+    never share a key), its named parts, the library versions it was made with, and, for what depends on the
+    machine (generated code, timings), `target`'s id (`target_id`: device model, CPU threads)."""
     for name, value in parts.items():
         if not isinstance(value, str):
             raise TypeError(f"cache_key: part {name!r} must be a str, got {type(value).__name__}")
-    text = json.dumps(sorted(parts.items()), separators=(",", ":"))
+    fixed = {"kind": kind, "versions": library_versions()}
+    if target is not None:
+        fixed["target"] = target_id(target)
+    clash = set(fixed) & set(parts)
+    if clash:
+        raise TypeError(f"cache_key: part {clash.pop()!r} is set by cache_key itself")
+    text = json.dumps(sorted({**parts, **fixed}.items()), separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

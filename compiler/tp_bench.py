@@ -6,6 +6,7 @@ so it sits in the top layer with the runtime it builds variants for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -48,11 +49,12 @@ def build_variant(base: fx.GraphModule, captured: Any, passes: str, ctx: Any, na
     Lets one capture serve every plan of a search: each plan transforms its own copy of the graph.
     """
     gm = ir.clone_graph(base)
+    ctx = dataclasses.replace(ctx, kernels={})  # this plan's own kernels
     if passes:
         gm = PassManager(parse_pipeline(passes)).run(gm, ctx)
-    exe, bound = build_executable(gm)
+    exe, bound, kernels = build_executable(gm, ctx.kernels)
     graphs = cuda_graphs and ctx.target == "cuda" and graphable(gm)
-    return Variant(captured, gm, exe, [], 0.0, bound, "pending" if graphs else None, name)
+    return Variant(captured, gm, exe, [], 0.0, bound, "pending" if graphs else None, name, kernels=kernels)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.dialects import KERNEL_OPS, KERNELS, KernelBody, classify
+from fxcc.dialects import KERNEL_OPS, KernelBody, classify, intern_body
 from fxcc.pipeline import Pass, PassContext, PassResult
 
 
@@ -182,7 +182,4 @@ def _register_body(g: Group, inputs: list[fx.Node], outputs: list[fx.Node]) -> K
     body.output(tuple(env[o] for o in outputs))
     body_gm = fx.GraphModule(torch.nn.Module(), body)
     text = ir.print_graph(body_gm, name=g.kind)
-    key = f"k{ir.fingerprint(text)}"
-    if key not in KERNELS:
-        KERNELS[key] = KernelBody(key, g.kind, body_gm, text)
-    return KERNELS[key]
+    return intern_body(KernelBody(f"k{ir.fingerprint(text)}", g.kind, body_gm, text))

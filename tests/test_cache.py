@@ -8,6 +8,7 @@ import os
 import warnings
 
 import pytest
+from fxcc import store
 from fxcc.store import MANIFEST, ArtifactCache, cache_key, default_cache, library_versions
 
 FILES = {"lib.so": b"\x7fELF" + bytes(range(256)) * 8, "source.py": b"def kernel(): pass\n"}
@@ -20,16 +21,21 @@ def cache(tmp_path) -> ArtifactCache:
 
 
 def key(name: str) -> str:
-    return cache_key(ir=name, backend="tvm", target="cpu", versions="v")
+    return cache_key("kernel", ir=name, backend="tvm")
 
 
-def test_the_key_is_stable_and_covers_every_part():
-    k = cache_key(ir="a", backend="tvm", target="cpu", versions="torch=1")
-    assert k == cache_key(versions="torch=1", target="cpu", backend="tvm", ir="a") and len(k) == 24
-    assert k != cache_key(ir="a", backend="tvm", target="cuda", versions="torch=1")
-    assert cache_key(ir="ab", backend="") != cache_key(ir="a", backend="b")
+def test_the_key_is_stable_and_covers_every_part(monkeypatch):
+    k = cache_key("kernel", ir="a", backend="tvm")
+    assert k == cache_key("kernel", backend="tvm", ir="a") and len(k) == 24
+    assert k != cache_key("graph", ir="a", backend="tvm")  # two kinds of thing never share a key
+    assert k != cache_key("kernel", target="cpu", ir="a", backend="tvm")  # the machine, where it matters
+    assert cache_key("kernel", ir="ab", backend="") != cache_key("kernel", ir="a", backend="b")
+    monkeypatch.setattr(store, "library_versions", lambda: "torch=0.0")
+    assert k != cache_key("kernel", ir="a", backend="tvm")  # other libraries: another key
     with pytest.raises(TypeError, match="part 'ir' must be a str"):
-        cache_key(ir=1)
+        cache_key("kernel", ir=1)
+    with pytest.raises(TypeError, match="'versions' is set by cache_key"):
+        cache_key("kernel", versions="v")
 
 
 def test_library_versions_name_what_is_installed():

@@ -91,7 +91,7 @@ def put_entries(n: int):
     from fxcc.store import ArtifactCache, cache_key
 
     c = ArtifactCache()
-    keys = [c.put(cache_key(ir=str(i)), {"lib.so": b"\0" * 1000, "source.py": b"pass\n"},
+    keys = [c.put(cache_key("kernel", ir=str(i)), {"lib.so": b"\0" * 1000, "source.py": b"pass\n"},
                   {"backend": "tvm", "target": "cpu", "params": {"block": i}}).key for i in range(n)]
     return c, keys
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from fxcc import ir
 from fxcc.capture import capture
+from fxcc.dialects import KERNEL_OPS, choice_of
 from fxcc.pipeline import PASSES, Pass, PassContext, PassManager, PassResult, parse_pipeline
 
 aten = torch.ops.aten
@@ -259,7 +260,11 @@ def test_pass_manager_records_every_pass():
     canon, fuse, codegen = (r.result for r in pm.records)
     assert canon.changed and canon.stats["folded"] == 1 and "cse" not in canon.stats
     assert fuse.changed and fuse.stats["kernels"] >= 2
-    assert not codegen.changed and codegen.stats["kernels"] == fuse.stats["unique"]
+    # the choices are attributes of the kernel ops: the decision changed the IR
+    assert codegen.changed and codegen.stats["kernels"] == fuse.stats["unique"]
+    kernel_ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
+    assert kernel_ops and all(choice_of(n) is not None for n in kernel_ops)
+    assert 'backend = "' in ir.print_graph(gm)
     assert all(r.ir_after is None for r in pm.records)
 
 

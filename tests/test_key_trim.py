@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import assert_outputs_close
 from fxcc.autotune.select import Probe, example_inputs
 from fxcc.codegen import extern, key_trim
-from fxcc.dialects import KERNEL_OPS, KERNELS
+from fxcc.dialects import KERNEL_OPS, kernel_body
 
 
 def padded_mask(lengths: list[int], t: int) -> torch.Tensor:
@@ -78,11 +78,11 @@ def test_codegen_times_attention_on_the_models_own_mask_and_stays_exact():
         got = cm(x, am)
     assert_outputs_close(got, expected, atol=1e-5, rtol=1e-5)
     v = cm.variants[-1]
-    att = [KERNELS[n.args[1]] for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS
-           and "tx.attention" in KERNELS[n.args[1]].text]
+    att = [kernel_body(n.args[1]) for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS
+           and "tx.attention" in kernel_body(n.args[1]).text]
     assert att, "the attention was not raised into a kernel"
     kb = att[0]
-    assert "trim" in kb.info["timings_ms"], kb.info  # offered and measured beside the others
+    assert "trim" in v.kernels[kb.key].timings_ms, v.kernels[kb.key]  # offered and measured beside the others
     # the probe hands the kernel the mask the model builds, so the trimmed candidate is timed on padding
     probe = Probe(v.gm, ((x, am), {}))
     real = probe(kb)
@@ -90,8 +90,8 @@ def test_codegen_times_attention_on_the_models_own_mask_and_stays_exact():
     masks = [t for t in inputs if t.dtype == torch.bool]
     assert masks and key_trim.key_extent(masks[0]) == 9
     # a GEMM's weight is timed as the parameter it is (backends keep packed copies of parameters)
-    gemm = next(KERNELS[n.args[1]] for n in v.gm.graph.nodes if n.op == "call_function"
-                and n.target in KERNEL_OPS and KERNELS[n.args[1]].kind == "gemm")
+    gemm = next(kernel_body(n.args[1]) for n in v.gm.graph.nodes if n.op == "call_function"
+                and n.target in KERNEL_OPS and kernel_body(n.args[1]).kind == "gemm")
     timed = example_inputs(gemm, "cpu", probe(gemm), probe.params(gemm))
     assert [isinstance(t, torch.nn.Parameter) for t in timed] == [False, True, True]  # x, weight, bias
     # the trimmed build gives eager's result on the real mask
@@ -107,7 +107,7 @@ def test_probe_falls_back_to_random_masks_when_the_example_does_not_run():
         cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{reps=3}")
         cm(x, am)
     v = cm.variants[-1]
-    kb = next(KERNELS[n.args[1]] for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS
-              and "tx.attention" in KERNELS[n.args[1]].text)
+    kb = next(kernel_body(n.args[1]) for n in v.gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS
+              and "tx.attention" in kernel_body(n.args[1]).text)
     assert Probe(v.gm, ((torch.randn(5, 3),), {}))(kb) == {}  # wrong example: nothing recorded, no error
     assert Probe(v.gm, ())(kb) == {}

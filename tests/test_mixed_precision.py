@@ -10,10 +10,11 @@ import fxcc
 import pytest
 import torch
 import torch.nn as nn
-from fxcc.autotune.mixed_precision import _error, mixed_precision_report
+from fxcc.autotune.mixed_precision import mixed_precision_report
 from fxcc.codegen import quant
 from fxcc.dialects import int8_linear_reference
 from fxcc.pipeline import PipelineError, parse_pipeline
+from fxcc.quality import quality_loss
 
 tx = torch.ops.fxcc_tx
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -221,7 +222,7 @@ def test_int8_policy_lowers_linears_and_stays_within_budget():
     assert "== mixed-precision policy=int8" in text  # explain prints the per-layer report
     # measured error is what the pass says, and within budget, on the calibration inputs
     assert rep.measured_error <= rep.budget
-    assert _error([ref], [out]) == pytest.approx(rep.measured_error, rel=0.2, abs=1e-6)
+    assert quality_loss([ref], [out]) == pytest.approx(rep.measured_error, rel=0.2, abs=1e-6)
     assert rep.predicted_error == pytest.approx(sum(r.error_alone[r.precision] for r in rep.layers))
     assert "int8" in rep.text() and "predicted error" in rep.text()
 
@@ -240,7 +241,7 @@ def test_auto_search_respects_budget():
     rep = mixed_precision_report(cm)
     assert rep.search.startswith("optuna")
     assert rep.predicted_error <= budget and rep.measured_error <= budget
-    assert _error([ref], [out]) <= budget * 1.5  # codegen may reorder fp32 sums; the pass measured on its own graph
+    assert quality_loss([ref], [out]) <= budget * 1.5  # codegen may reorder fp32 sums; the pass measured on its own graph
     for r in rep.layers:
         assert r.precision == "keep" or r.error_alone[r.precision] <= budget
 
@@ -277,7 +278,7 @@ def test_linears_of_one_input_merge_into_one_gemm():
         out, ref = cm(ids).last_hidden_state, model(ids).last_hidden_state
     rep = mixed_precision_report(cm)
     assert [r.precision for r in rep.layers] == ["int8-weight"] * 7
-    assert rep.measured_error <= rep.budget and _error([ref], [out]) <= rep.budget
+    assert rep.measured_error <= rep.budget and quality_loss([ref], [out]) <= rep.budget
     record = next(r for r in cm.variants[-1].records if r.spec.startswith("mixed-precision"))
     assert record.result.stats["merged"] == 5  # q, k, v and gate, up
     # the residual adds fold only into the Triton kernel (GPU); CPU kernels leave them to `fuse`
@@ -492,7 +493,7 @@ def test_decode_llama_with_triton_gemv_folds_norm_gate_and_residual(monkeypatch)
     from transformers import LlamaConfig, LlamaModel
 
     pytest.importorskip("fxcc.codegen.triton_gemv")
-    monkeypatch.setattr(quant, "kernels", lambda p, d: ["triton"] if p == "int8-weight" else [])
+    monkeypatch.setattr(quant, "impls", lambda p, d: ["triton"] if p == "int8-weight" else [])
     torch.manual_seed(0)
     model = LlamaModel(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128)).eval()
@@ -504,16 +505,16 @@ def test_decode_llama_with_triton_gemv_folds_norm_gate_and_residual(monkeypatch)
     record = next(r for r in cm.variants[-1].records if r.spec.startswith("mixed-precision"))
     assert {k: record.result.stats.get(k) for k in ("residual", "gated", "norm")} == {"residual": 2, "gated": 1,
                                                                                       "norm": 2}
-    from fxcc.dialects import KERNEL_OPS, KERNELS
+    from fxcc.dialects import KERNEL_OPS, kernel_body
 
-    bodies = [KERNELS[n.args[1]].body for n in cm.variants[-1].gm.graph.nodes
+    bodies = [kernel_body(n.args[1]).body for n in cm.variants[-1].gm.graph.nodes
               if n.op == "call_function" and n.target in KERNEL_OPS]
     ops = [m.target for b in bodies for m in b.graph.nodes if m.op == "call_function"]
     assert ops.count(tx.rms_norm.default) == 1  # the model's final norm; the layer's two are in the GEMVs
     assert tx.gated_act.default not in ops and ops.count(tx.int8_gated_linear.default) == 1
     rep = mixed_precision_report(cm)  # the error reported is the folded graph's, what runs
-    assert rep.search.endswith("+folds") and abs(rep.measured_error - _error([ref], [out])) < 1e-4
-    assert _error([ref], [out]) <= mixed_precision_report(cm).budget
+    assert rep.search.endswith("+folds") and abs(rep.measured_error - quality_loss([ref], [out])) < 1e-4
+    assert quality_loss([ref], [out]) <= mixed_precision_report(cm).budget
 
 
 @interp

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fxcc.capture import flatten_inputs
-from fxcc.codegen.executable import build_executable
-from fxcc.dialects import KERNEL_OPS, KERNELS
+from fxcc.codegen.executable import BuiltKernel, build_executable
+from fxcc.dialects import KERNEL_OPS, Choice, choice_of, set_choice
 
 pytest.importorskip("tvm")
 from fxcc.autotune import pools  # noqa: E402
-from fxcc.autotune.select import install  # noqa: E402
 from fxcc.codegen import tvm as tvm_backend  # noqa: E402
 from fxcc.codegen import tvm_omp  # noqa: E402
 
@@ -47,18 +46,26 @@ def compiled(model, x):
 
 
 def on_tvm(cm):
-    """The compiled model with every GEMM kernel put on its generated TVM candidate, as if it had won
-    alone, with codegen's timings saying a torch-pool candidate was measured too."""
+    """The compiled model's kernels (by key) with every GEMM kernel put on its generated TVM candidate, as if
+    it had won alone, with codegen's timings saying a torch-pool candidate was measured too; and the GEMMs' keys."""
     v = cm.variants[-1]
-    gemms = [KERNELS[k] for k in dict.fromkeys(n.args[1] for n in v.gm.graph.nodes
-                                               if n.op == "call_function" and n.target in KERNEL_OPS)
-             if KERNELS[k].kind == "gemm"]
-    for kb in gemms:
-        cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm")
-        install(kb, "tvm", cand.build(cand.defaults))
-        kb.info.update(timings_ms={"extern": 1.0, "tvm": 0.9}, params=cand.defaults)
-        kb.info.pop("cache_key", None)
-    return v, gemms
+    kernels = dict(v.kernels)
+    gemms = [key for key, k in kernels.items() if k.kind == "gemm"]
+    for key in gemms:
+        body = kernels[key].body
+        cand = next(c for c in tvm_backend.candidates(body, "cpu") if c.backend == "tvm")
+        kernels[key] = BuiltKernel(body, Choice("tvm", "tvm", cand.defaults), cand.build(cand.defaults),
+                                   {"extern": 1.0, "tvm": 0.9})
+    for n in v.gm.graph.nodes:
+        if n.op == "call_function" and n.target in KERNEL_OPS:
+            set_choice(n, kernels[n.args[1]].choice)
+    return v, kernels, gemms
+
+
+def chosen(v, gemms):
+    """The backend each GEMM kernel op of the variant's IR records."""
+    return [choice_of(n).backend for n in v.gm.graph.nodes
+            if n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] in gemms]
 
 
 def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_cached(monkeypatch):
@@ -67,40 +74,41 @@ def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_c
     cm = compiled(model, x)
     with torch.no_grad():
         expected = model(x)
-    v, gemms = on_tvm(cm)
+    v, kernels, gemms = on_tvm(cm)
     flat = flatten_inputs((x,), {})[0]
     monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 2.0, "torch pool": 1.0})
-    assert pools.settle(v.gm, flat, "Mlp")
-    assert all(kb.backend == "extern" for kb in gemms)
-    assert "moved to torch's pool" in gemms[0].info["note"]
-    exe, bound = build_executable(v.gm)
+    assert pools.settle(v.gm, flat, "Mlp", kernels)
+    assert all(kernels[k].backend == "extern" for k in gemms) and set(chosen(v, gemms)) == {"extern"}
+    assert "moved to torch's pool" in kernels[gemms[0]].note
+    exe, bound, built = build_executable(v.gm, kernels)
+    assert all(built[k].backend == "extern" for k in gemms)
     with torch.no_grad():
         torch.testing.assert_close(exe(*flat, *bound)[0], expected, atol=1e-5, rtol=1e-5)
     # the same choices again (a warm compile): the stored decision applies, nothing is timed
-    on_tvm(cm)
+    v, kernels, gemms = on_tvm(cm)
     monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed again despite a stored decision"))
-    assert pools.settle(v.gm, flat, "Mlp")
-    assert all(kb.backend == "extern" for kb in gemms) and "from the artifact cache" in gemms[0].info["note"]
+    assert pools.settle(v.gm, flat, "Mlp", kernels)
+    assert all(kernels[k].backend == "extern" for k in gemms) and "from the artifact cache" in kernels[gemms[0]].note
 
 
 def test_a_model_faster_as_chosen_keeps_its_kernels(monkeypatch):
     torch.manual_seed(1)
     model, x = Mlp().eval(), torch.randn(3, 8, 32)
     cm = compiled(model, x)
-    v, gemms = on_tvm(cm)
-    impls = [kb.impl for kb in gemms]
+    v, kernels, gemms = on_tvm(cm)
+    fns = [kernels[k].fn for k in gemms]
     monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 1.0, "torch pool": 2.0})
-    assert not pools.settle(v.gm, flatten_inputs((x,), {})[0], "Mlp")
-    assert [kb.backend for kb in gemms] == ["tvm"] * len(gemms)
-    assert [kb.impl for kb in gemms] == impls and "kept" in gemms[0].info["note"]
+    assert not pools.settle(v.gm, flatten_inputs((x,), {})[0], "Mlp", kernels)
+    assert [kernels[k].backend for k in gemms] == ["tvm"] * len(gemms) and set(chosen(v, gemms)) == {"tvm"}
+    assert [kernels[k].fn for k in gemms] == fns and "kept" in kernels[gemms[0]].note
 
 
 def test_nothing_to_settle_with_one_pool_already(monkeypatch):
     model, x = Mlp().eval(), torch.randn(2, 4, 32)
-    v, _ = on_tvm(compiled(model, x))
+    v, kernels, _ = on_tvm(compiled(model, x))
     monkeypatch.setattr(tvm_omp, "enabled", lambda: True)
     monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed with one pool already"))
-    assert not pools.settle(v.gm, [x], "Mlp")
+    assert not pools.settle(v.gm, [x], "Mlp", kernels)
 
 
 def test_nothing_to_settle_without_a_torch_pool_alternative():
@@ -108,4 +116,4 @@ def test_nothing_to_settle_without_a_torch_pool_alternative():
     cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=tvm}")  # forced: nothing timed
     with torch.no_grad():
         cm(x)
-    assert not pools.settle(cm.variants[-1].gm, [x], "Mlp")
+    assert not pools.settle(cm.variants[-1].gm, [x], "Mlp", dict(cm.variants[-1].kernels))

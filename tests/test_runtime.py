@@ -262,3 +262,32 @@ def test_env_variables_map_onto_options(model, monkeypatch, capsys):
     cm(torch.randn(2, 8))
     assert "// -----// IR after canonicalize //----- //" in capsys.readouterr().out
     assert cm.variants[-1].records[0].ir_after.startswith("func @forward(%x: tensor<2x8xf32>)")
+
+
+def test_two_models_keep_their_own_kernel_choices(tmp_path, monkeypatch):
+    """The same kernel body chosen differently by two compiles in one process: each variant keeps its own
+    (the choice is an attribute of the kernel op; the built kernels belong to the variant)."""
+    pytest.importorskip("tvm")
+    from fxcc.dialects import KERNEL_OPS, choice_of
+
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    a, b = Scaled().eval(), Scaled().eval()
+    b.load_state_dict(a.state_dict())  # identical models: identical kernel bodies
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        expected = a(x)
+        ca = fxcc.compile(a, passes="canonicalize,raise,fuse,codegen{backend=extern}")
+        cb = fxcc.compile(b, passes="canonicalize,raise,fuse,codegen{backend=tvm}")
+        torch.testing.assert_close(ca(x), expected)
+        torch.testing.assert_close(cb(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ca(x), expected)  # still its own kernels after the other compile
+    va, vb = ca.variants[-1], cb.variants[-1]
+    assert set(va.kernels) == set(vb.kernels)  # the same bodies (keys are content hashes) ...
+    assert {k.backend for k in va.kernels.values()} == {"extern"}  # ... with their own choices
+    assert any(k.backend.startswith("tvm") for k in vb.kernels.values())
+    for v in (va, vb):  # the IR records each variant's choice, and the variant built exactly that
+        for n in v.gm.graph.nodes:
+            if n.op == "call_function" and n.target in KERNEL_OPS:
+                assert choice_of(n) == v.kernels[n.args[1]].choice
+    assert 'backend = "extern"' in fxcc.print_graph(va.gm) and 'backend = "tvm' in fxcc.print_graph(vb.gm)

@@ -4,6 +4,7 @@ mismatched plans are refused naming what differs, and workers sharing one storag
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,10 +18,11 @@ optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
 import fxcc  # noqa: E402
-from fxcc import cli  # noqa: E402
+from fxcc import cli, options  # noqa: E402
 from fxcc.autotune import search  # noqa: E402
 from fxcc.autotune.plan import PlanError, read_plan  # noqa: E402
 from fxcc.pipeline import DEFAULT_PIPELINE, PASSES, Pass, PassResult, parse_pipeline  # noqa: E402
+from fxcc.quality import quality_loss  # noqa: E402
 
 # A tiny model and a test-only approximate pass (with its knob), registered when the file is loaded: by the
 # CLI in this process, and by the worker and apply processes, as a user's model file would.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from fxcc.autotune import search
+from fxcc import options
 from fxcc.pipeline import PASSES, Pass, PassResult, register
 
 
@@ -71,8 +73,8 @@ class Perturb(Pass):
 
 if "test-perturb" not in PASSES:
     register(Perturb)
-if not any(k.pass_name == "test-perturb" for k in search.KNOBS):
-    search.KNOBS.append(search.Knob("test-perturb", {"delta": (0.02, 0.5)}))
+if not any(k.pass_name == "test-perturb" for k in options.KNOBS):
+    options.KNOBS.append(options.Knob("test-perturb", {"delta": (0.02, 0.5)}))
 '''
 
 FAST = ["--backends", "extern", "--knobs", "test-perturb", "--reps", "2", "--warmup", "1", "--no-progress"]
@@ -156,7 +158,7 @@ def test_plan_applied_in_a_new_process_reproduces_pipeline_and_outputs(searched)
     model, (x,) = _tiny(tiny)
     perturbed = fxcc.compile(model, passes=plan.pipeline, tune="off")(x)
     torch.testing.assert_close(torch.tensor(got["out"]), perturbed, atol=1e-5, rtol=1e-5)
-    assert search.quality_error(torch.tensor(got["out"]), model(x)) == pytest.approx(plan.quality_error, abs=1e-6)
+    assert quality_loss(model(x), torch.tensor(got["out"])) == pytest.approx(plan.quality_error, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -262,7 +264,7 @@ def test_two_workers_on_one_storage_finish_one_study_without_lost_trials(searche
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    from fxcc.autotune.tune import open_storage
+    from fxcc.autotune.study import open_storage
 
     trials = optuna.load_study(study_name="shared", storage=open_storage(url)).trials
     assert len(trials) == 4  # 2 + 2: every trial of both workers is in the study
@@ -276,16 +278,17 @@ def test_two_workers_on_one_storage_finish_one_study_without_lost_trials(searche
 # ---------------------------------------------------------------------------------------- pieces
 
 
-def test_quality_error_is_one_minus_the_worst_per_sample_cosine():
+def test_quality_error_is_one_minus_the_worst_row_cosine():
     ref = torch.randn(4, 8)
-    assert search.quality_error(ref.clone(), ref) == 0.0
+    assert quality_loss(ref, ref.clone()) == 0.0
     off = ref.clone()
-    off[2] = -off[2]  # one sample pointing the other way: cosine -1
-    assert search.quality_error(off, ref) == pytest.approx(2.0)
-    assert search.quality_error(torch.randn(4, 9), ref) == 1.0
+    off[2] = -off[2]  # one row pointing the other way: cosine -1
+    assert quality_loss(ref, off) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="shape"):  # not an approximation of the same output: the trial fails
+        quality_loss(ref, torch.randn(4, 9))
     nan = ref.clone()
     nan[0, 0] = float("nan")
-    assert search.quality_error(nan, ref) != search.quality_error(nan, ref)  # NaN: rejected by the caller
+    assert math.isnan(quality_loss(ref, nan))  # NaN: rejected by the caller
 
 
 def _trial(number, ms, err):
@@ -328,9 +331,9 @@ class _Policy(Pass):
 
 def test_space_takes_present_knobs_and_notes_absent_ones(monkeypatch):
     monkeypatch.setitem(PASSES, "test-policy", _Policy)
-    monkeypatch.setattr(search, "KNOBS", [search.Knob("test-policy", {"policy": ()}),
-                                          search.Knob("no-such-pass", {"r": (1, 2)}),
-                                          search.Knob("tp-shard", {"tp": ()}, min_devices=2)])
+    monkeypatch.setattr(options, "KNOBS", [options.Knob("test-policy", {"policy": ()}),
+                                           options.Knob("no-such-pass", {"r": (1, 2)}),
+                                           options.Knob("tp-shard", {"tp": ()}, min_devices=2)])
     space = search.build_space("cpu", ["auto", "extern"])
     assert [n for n, _, _ in space.knobs] == ["test-policy"]
     assert space.knobs[0][1] is True and space.knobs[0][2] == {"policy": ["fast", "safe"]}

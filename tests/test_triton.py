@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 import fxcc  # noqa: E402
 from fxcc.autotune.select import example_inputs  # noqa: E402
 from fxcc.codegen import triton as backend  # noqa: E402
-from fxcc.dialects import KERNEL_OPS, KERNELS  # noqa: E402
+from fxcc.dialects import KERNEL_OPS, kernel_body  # noqa: E402
 
 # numpy warns about inf - inf in lanes past a row's end: the interpreter computes masked lanes too
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -46,7 +46,7 @@ def kernels_of(fn, *args, **kwargs) -> list:
     compiled = cm.fxcc if hasattr(cm, "fxcc") else cm
     gm = compiled.variants[-1].gm
     keys = [n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
-    return [KERNELS[k] for k in dict.fromkeys(keys)]
+    return [kernel_body(k) for k in dict.fromkeys(keys)]
 
 
 def assert_candidate_matches(kb, label: str, params: dict | None = None, device: str = "cpu") -> None:
@@ -284,8 +284,7 @@ def test_llama_runs_on_generated_kernels():
         got = cm(ids, use_cache=False).last_hidden_state
         want = model(ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    chosen = {KERNELS[n.args[1]].backend for n in cm.variants[-1].gm.graph.nodes
-              if n.op == "call_function" and n.target in KERNEL_OPS and KERNELS[n.args[1]].kind != "extern"}
+    chosen = {k.backend for k in cm.variants[-1].kernels.values() if k.kind != "extern"}
     assert chosen <= {"triton", "triton+lib"} and "triton" in chosen
     text = cm.explain()
     assert "triton: tx.rms_norm" in text and "triton: tx.attention" in text

@@ -11,7 +11,8 @@ import torch
 
 optuna = pytest.importorskip("optuna")
 
-from fxcc.autotune.tune import TuneResult, open_storage, tune_kernel  # noqa: E402
+from fxcc.autotune.study import open_storage  # noqa: E402
+from fxcc.autotune.tune import TuneResult, tune_kernel  # noqa: E402
 from fxcc.codegen import Built  # noqa: E402
 
 X = torch.arange(12, dtype=torch.float32).reshape(3, 4)

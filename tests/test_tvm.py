@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_outputs_close
-from fxcc.dialects import KERNEL_OPS, KERNELS
 
 pytest.importorskip("tvm")
 from fxcc.codegen import extern, mkl, onednn  # noqa: E402
@@ -24,9 +23,13 @@ TVM = "canonicalize,raise,fuse,codegen{backend=tvm}"
 
 
 def kernels(cm) -> list:
-    gm = cm.variants[-1].gm
-    keys = dict.fromkeys(n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
-    return [KERNELS[k] for k in keys]
+    """The last variant's kernels (what was built for each kernel op's choice), in graph order."""
+    return list(cm.variants[-1].kernels.values())
+
+
+def bodies(cm) -> list:
+    """The last variant's kernel bodies, in graph order."""
+    return [k.body for k in kernels(cm)]
 
 
 def compile_tvm(fn, *args, kinds: tuple[str, ...] = (), atol: float = 1e-5):
@@ -95,7 +98,7 @@ def test_rms_norm_llama_form():
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
     torch.manual_seed(0)
     ks = compile_tvm(f, torch.randn(3, 5, 64), kinds=("reduction",), atol=1e-4)
-    assert any("tx.rms_norm" in kb.text for kb in ks)
+    assert any("tx.rms_norm" in kb.body.text for kb in ks)
 
 
 def test_softmax_and_reductions_over_dims():
@@ -123,7 +126,7 @@ def test_library_gemm_with_generated_epilogue_candidate():
     x = torch.randn(16, 32)
     cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
     cm(x)
-    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
+    kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
     cands = {c.backend: c for c in tvm_backend.candidates(kb, "cpu")}
     assert set(cands) == {"tvm", "tvm+extern"} | ({"tvm+onednn"} if onednn.available() else set())
     for c in cands.values():
@@ -141,7 +144,7 @@ def test_generated_gemm_reads_a_weight_packed_once_per_version(params):
     x = torch.randn(2, 36, 40)  # rows not a multiple of the tile: tiles are fitted to the shape
     cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
     cm(x, w)
-    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
+    kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
     cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm")
     built = cand.build({**cand.defaults, **params})
     spec = json.loads(built.files["kernel.json"])
@@ -164,7 +167,7 @@ def test_onednn_candidates_pack_a_weight_once_per_version_and_follow_in_place_ch
     x = torch.randn(16, 32)
     cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
     cm(x, w)
-    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "gemm")
+    kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
     ext = {c.backend: c for c in extern.candidates(kb, "cpu")}
     assert set(ext) == {"extern", "onednn"} | ({"mkl"} if mkl.available() else set())
     assert extern.candidates(kb, "cuda")[0].backend == "extern"
@@ -193,7 +196,7 @@ def test_attention(causal, gqa):
     q = torch.randn(2, 4, 16, 16)
     k, v = torch.randn(2, kv_heads, 16, 16), torch.randn(2, kv_heads, 16, 16)
     ks = compile_tvm(f, q, k, v, torch.rand(2, 1, 16, 16) > 0.2, atol=1e-5)
-    assert any("tx.attention" in kb.text and kb.backend == "tvm" for kb in ks)
+    assert any("tx.attention" in kb.body.text and kb.backend == "tvm" for kb in ks)
 
 
 def test_misaligned_parameter_views_are_safe():
@@ -211,7 +214,7 @@ def test_built_library_reloads_from_its_files(tmp_path):
     x, r = torch.randn(4, 32), torch.randn(4, 32)
     cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
     cm(x, r)
-    kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "reduction")
+    kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "reduction")
     cand = tvm_backend.candidates(kb, "cpu")[0]
     built = cand.build(cand.defaults)
     paths = {}
@@ -226,7 +229,7 @@ def test_built_library_reloads_from_its_files(tmp_path):
 def test_tvm_build_failure_falls_back_to_extern_with_a_warning(monkeypatch):
     def broken(self, params):
         raise RuntimeError("LLVM exploded")
-    monkeypatch.setattr(tvm_backend.TVMKernel, "build", broken)
+    monkeypatch.setattr(tvm_backend.TVMCandidate, "build", broken)
 
     def f(x):
         return F.gelu(x) * 3
@@ -247,8 +250,8 @@ def test_auto_measures_tvm_against_extern_and_records_the_choice():
     cm = fxcc.compile(f, passes="canonicalize,raise,fuse,codegen{backend=auto,reps=3}")
     torch.testing.assert_close(cm(x, r), f(x, r), atol=1e-5, rtol=1e-5)
     kb = next(kb for kb in kernels(cm.fxcc) if kb.kind == "reduction")
-    assert set(kb.info["timings_ms"]) == {"extern", "tvm"}
-    assert kb.backend == min(kb.info["timings_ms"], key=kb.info["timings_ms"].get)
+    assert set(kb.timings_ms) == {"extern", "tvm"}
+    assert kb.backend == min(kb.timings_ms, key=kb.timings_ms.get)
 
 
 def test_minilm_real_weights_on_tvm():
@@ -276,7 +279,7 @@ def test_llama_tiny_on_tvm():
     cm = fxcc.compile(model, passes=TVM)
     assert_outputs_close(cm(ids), expected, atol=2e-5, rtol=1e-4)
     on_tvm = [kb for kb in kernels(cm) if kb.backend == "tvm"]
-    assert any("tx.rms_norm" in kb.text for kb in on_tvm) and any("tx.attention" in kb.text for kb in on_tvm)
+    assert any("tx.rms_norm" in kb.body.text for kb in on_tvm) and any("tx.attention" in kb.body.text for kb in on_tvm)
 
 
 WARM = """
