@@ -82,13 +82,16 @@ def register_model_pytrees(module: nn.Module) -> None:
 def capture(module: nn.Module, args: tuple, kwargs: dict) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
+    state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
     try:
         with torch.no_grad():
             ep = torch.export.export(module, tuple(args), kwargs, strict=False)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
+        state.restore()
         try:
             return _symbolic_trace(module, args, kwargs, export_exc)
         except Exception as trace_exc:  # noqa: BLE001
+            state.restore()
             raise CaptureError(_explain_failure(module, export_exc, trace_exc)) from export_exc
     gm = ep.module()
     for node in list(gm.graph.nodes):
@@ -186,3 +189,48 @@ def _explain_failure(module: nn.Module, export_exc: Exception, trace_exc: Except
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:200] if s else ""
+
+
+class ModuleState:
+    """The attributes of a module tree, the closure cells and defaults of a compiled function, and the
+    contents of the lists, dicts and sets among them, kept to undo what a failed capture attempt did to
+    them: it ran forward's Python, storing fake tensors and proxies, appending, counting."""
+
+    def __init__(self, module: nn.Module):
+        mods = list(module.modules())
+        fn = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
+        bound = getattr(fn, "__self__", None)  # a compiled bound method's object
+        if isinstance(bound, nn.Module):
+            mods += list(bound.modules())
+        fn = getattr(fn, "__func__", fn)
+        self.cells = [(c, c.cell_contents) for c in getattr(fn, "__closure__", None) or () if _full(c)]
+        values = [v for _, v in self.cells] + list(getattr(fn, "__defaults__", None) or ()) + list(
+            (getattr(fn, "__kwdefaults__", None) or {}).values())
+        self.saved = [(m.__dict__, dict(m.__dict__), _contents(m.__dict__.values())) for m in mods]
+        self.saved.append(({}, {}, _contents(values)))
+
+    def restore(self) -> None:
+        for cell, value in self.cells:
+            cell.cell_contents = value
+        for d, attrs, contents in self.saved:
+            for k in [k for k in d if k not in attrs]:
+                del d[k]
+            d.update(attrs)
+            for obj, old in contents:
+                if isinstance(obj, list):
+                    obj[:] = old
+                else:
+                    obj.clear()
+                    obj.update(old)
+
+
+def _full(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+        return True
+    except ValueError:
+        return False
+
+
+def _contents(values: Any) -> list[tuple[Any, Any]]:
+    return [(v, type(v)(v)) for v in values if type(v) in (list, dict, set)]

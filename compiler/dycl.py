@@ -1,7 +1,7 @@
 """DyCL: compile a module whose control flow depends on tensor values, as a host program plus segments.
 
 When capture fails on data-dependent control flow, `compile_dynamic` rewrites `forward` (see
-`fxcc.passes.dycl_rewrite`) into a generated host program, plain readable Python that evaluates the
+`fxcc.dycl_rewrite`) into a generated host program, plain readable Python that evaluates the
 conditions, and condition-free segments. Each segment is captured and compiled through the normal
 pipeline (`CompiledModule.compile_for`), once per input signature; a loop calls one compiled body.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import linecache
 import logging
 import operator
@@ -37,8 +38,9 @@ import torch
 import torch.nn as nn
 from fxcc import ir
 from fxcc.capture import CaptureError, flatten_inputs
+from fxcc.dycl_analysis import target_function
 from fxcc.dycl_rewrite import (
-    DynamicCallees,
+    Callees,
     RewriteError,
     Rewritten,
     rewrite,
@@ -69,25 +71,45 @@ PYTHON_MARGIN = 0.05
 _IMPURE = re.compile(r"\w_\(|rand|dropout|bernoulli|multinomial|normal|exponential|uniform|poisson")
 
 
+# values a segment guard compares by value: immutable, so a compiled variant can bake them
+_CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
+              type(Ellipsis), slice)
+
+
+class Unguarded(Exception):
+    """A segment input whose value no guard can check (a mutable object): the segment runs as Python."""
+
+
 def _sig(a: Any) -> Any:
-    """A segment's guard on one input: shape/dtype/device for tensors, the value for Python constants."""
+    """A segment's guard on one input: shape/dtype/device for tensors, the structure of containers, the
+    value of constants, the identity of modules and functions (whose code does not change)."""
     if isinstance(a, torch.Tensor):
-        return (a.shape, a.dtype, a.device)
+        return (a.shape, a.dtype, a.device, a.layout)
     if isinstance(a, (list, tuple)):
         return (type(a), tuple(map(_sig, a)))
-    try:
-        hash(a)
+    if isinstance(a, dict):
+        return (type(a), tuple((k, _sig(v)) for k, v in a.items()))
+    if isinstance(a, float):
+        return (type(a), a.hex())  # -0.0 and 0.0 differ when baked; a NaN equals itself
+    if isinstance(a, _CONSTANTS):
         return (type(a), a)
-    except TypeError:
+    if isinstance(a, (nn.Module, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
         return (type(a), id(a))
+    raise Unguarded(f"an input of type {type(a).__name__}")
 
 
 _TENSOR = torch.Tensor
 
 
 def _key(args: tuple) -> tuple:
-    """A segment's guard key: `_sig` of each input, inlined for plain tensors (runs on every segment call)."""
-    return tuple([(a.shape, a.dtype, a.device) if type(a) is _TENSOR else _sig(a) for a in args])
+    """A segment's guard key: `_sig` of each input (inlined for plain tensors: this runs on every segment
+    call), and which tensor inputs are one object: a capture traces one object passed twice as one input."""
+    key = tuple([(a.shape, a.dtype, a.device, a.layout) if type(a) is _TENSOR else _sig(a) for a in args])
+    ids = [id(t) for t in (args if all(type(a) is _TENSOR for a in args) else pytree.tree_leaves(args))
+           if isinstance(t, torch.Tensor)]
+    if len(set(ids)) < len(ids):
+        return (*key, ("same object", tuple(map(ids.index, ids))))
+    return key
 
 
 class SegmentModule(nn.Module):
@@ -140,20 +162,29 @@ class Segment:
         self.by_key: dict[Any, Any] = {}
 
     def __call__(self, *args: Any) -> Any:
-        call = self.by_key.get(_key(args))
+        try:
+            key = _key(args)
+        except Unguarded as e:
+            return self._unguarded(args, str(e))
+        call = self.by_key.get(key)
         if call is None:
-            call = self._build(args)
+            call = self._build(args, key)
         return call(*args)
 
-    def _build(self, args: tuple) -> Any:
-        key = _key(args)
+    def _unguarded(self, args: tuple, what: str) -> Any:
+        if not self.runs.get("unguarded"):
+            self.runs["unguarded"] = SegmentRun("(unguarded)", self.eager_call,
+                                                eager=f"plain Python: {what} cannot be guarded")
+        return self.eager_call(*args)
+
+    def _build(self, args: tuple, key: Any) -> Any:
         flat, _ = flatten_inputs(args, {})
         sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
                         if isinstance(x, nn.Module) else repr(x)[:20] for x in flat)
         compiled = [r for r in self.runs.values() if r.variant is not None]
         has_tensor = any(isinstance(x, torch.Tensor) for x in flat)
         measure = MEASURE_CHOICE and not _IMPURE.search(self.source)
-        t_py = _median_us(self.eager_call, args) if measure and has_tensor else None
+        t_py = _median_us(self.eager_call, _clones(args)) if measure and has_tensor else None
         if not has_tensor:
             run = SegmentRun(sig, self.eager_call, eager="plain Python (no tensor inputs)")
         elif t_py is not None and t_py < SMALL_SEGMENT_US:
@@ -184,14 +215,60 @@ class Segment:
             else:
                 call = _direct_call(variant, values, len(self.spec.outputs), tuple(fixed))
                 run = SegmentRun(sig, call, variant)
-                if measure:
-                    t_fx, t_py = _compare(call, self.eager_call, args)
+                differs = self._aliasing_differs(call, args)
+                if differs:
+                    run.call, run.eager = self.eager_call, f"plain Python: {differs}"
+                elif measure:
+                    t_fx, t_py = _compare(call, self.eager_call, _clones(args))
                     run.timing = f"compiled {t_fx:.1f} us, plain Python {t_py:.1f} us per call"
                     if t_py < t_fx * (1 - PYTHON_MARGIN):
                         run.call, run.eager = self.eager_call, f"plain Python: measured faster ({run.timing})"
         self.runs[key] = run
         self.by_key[key] = run.call
         return run.call
+
+
+    def _aliasing_differs(self, call: Any, args: tuple) -> str | None:
+        """Whether the compiled segment's outputs share memory differently from eager's (a view returned as a
+        copy): an in-place update after it would then reach other tensors than in eager. Both run on copies
+        of the inputs (RNG state restored), so nothing the caller holds changes."""
+        params = list(self.owner.parameters()) + list(self.owner.buffers()) if isinstance(self.owner, nn.Module) \
+            else []
+        pattern = []
+        for fn in (self.eager_call, call):
+            copies = _clones(args)
+            try:
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    outs = fn(*copies)
+            except Exception as e:  # noqa: BLE001 - the real call (as plain Python) raises what eager raises
+                return f"{'compiled' if fn is call else 'plain'} run on copies failed ({type(e).__name__})"
+            pattern.append(_alias_pattern(outs, [*pytree.tree_leaves(copies), *params]))
+        if pattern[0] == pattern[1]:
+            return None
+        return "its outputs alias its inputs differently when compiled (a view would become a copy)"
+
+
+def _clones(args: tuple) -> tuple:
+    """The inputs with every tensor copied (modules and constants as they are)."""
+    return pytree.tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
+
+
+def _alias_pattern(outs: Any, ins: list[Any]) -> tuple:
+    """For each tensor output: the inputs and earlier outputs whose storage it shares."""
+    def ptr(t: torch.Tensor) -> int | None:
+        return t.untyped_storage().data_ptr() or None if t.device.type != "meta" else None
+
+    in_ptrs = [ptr(t) if isinstance(t, torch.Tensor) else None for t in ins]
+    seen: list[int | None] = []
+    out = []
+    for t in pytree.tree_leaves(outs):
+        if not isinstance(t, torch.Tensor):
+            continue
+        p = ptr(t)
+        out.append((tuple(i for i, q in enumerate(in_ptrs) if p is not None and q == p),
+                    tuple(j for j, q in enumerate(seen) if p is not None and q == p)))
+        seen.append(p)
+    return tuple(out)
 
 
 def _compare(compiled: Any, plain: Any, args: tuple, rounds: int = 5) -> tuple[float, float]:
@@ -210,9 +287,10 @@ def _median_us(fn: Any, args: tuple, reps: int = 5) -> float:
 
 
 def _baked(a: Any) -> bool:
-    """Inputs bound into a segment's variant instead of passed: modules and Python constants (both are part
-    of the segment's guard key already, so a variant only ever sees one value)."""
-    return isinstance(a, nn.Module) or a is None or type(a) in (bool, int, float, str)
+    """Inputs bound into a segment's variant instead of passed: modules, functions and Python constants (the
+    segment's guard key holds their identity or value already, so a variant only ever sees one)."""
+    return isinstance(a, (nn.Module, *_CONSTANTS, types.FunctionType, types.BuiltinFunctionType,
+                          types.MethodType, type))
 
 
 def _direct_call(variant: Variant, values: tuple, n_out: int, fixed: tuple[int, ...]) -> Any:
@@ -249,39 +327,52 @@ def _direct_call(variant: Variant, values: tuple, n_out: int, fixed: tuple[int, 
 
 
 class Program:
-    """One function rewritten by DyCL: the generated host program, its segments and sub-programs."""
+    """One function rewritten by DyCL: the generated host program, its segments and sub-programs.
 
-    def __init__(self, owner: Any, fn: Any, name: str, options: Any, cache: dict, callees: DynamicCallees,
-                 static_names: set[str] | None = None, method: bool = True):
+    A function DyCL cannot rewrite at all (no source, a generator, `exec`) runs as it is: `call` is the
+    original, and `warning` says why (compile_dynamic issues one warning per function)."""
+
+    def __init__(self, owner: Any, fn: Any, name: str, options: Any, cache: dict, callees: Callees,
+                 static_names: set[str] | None = None, method: bool = True, eager: tuple[Any, str] | None = None):
         cache[(id(owner), fn)] = self  # before the callees: recursion finds this program
         self.name = name
-        self.rw: Rewritten = rewrite(fn, owner, callees, static_names, method)
+        self.segments: list[Segment] = []
+        self.subprograms: dict[str, Program] = {}
+        self.dispatchers: dict[str, Dispatch] = {}
+        self.host_source = ""
+        self.warning: str | None = None
+        self.eager_reason: str | None = None
+        self.rw: Rewritten | None = None
+        try:
+            if eager is not None:
+                raise RewriteError(eager[1])
+            self.rw = rewrite(fn, owner, callees, static_names, method)
+        except RewriteError as e:
+            self.eager_reason = str(e)
+            code = getattr(fn, "__code__", None)
+            where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+            self.warning = f"fxcc DyCL: {name}{where} runs eagerly, as written: {e}"
+            self.call = eager[0] if eager is not None else types.MethodType(fn, owner) if method else fn
+            return
         rw = self.rw
         self.segments = [Segment(s, owner if method else None, f"{name}.seg{s.index}", options)
                          for s in rw.segments]
-        self.subprograms: dict[str, Program] = {}
         for pname, obj in rw.callees.items():
-            sub_owner, sub_fn = (obj, type(obj).forward) if isinstance(obj, nn.Module) else (obj.__self__,
-                                                                                             obj.__func__)
-            prog = cache.get((id(sub_owner), sub_fn))
-            if prog is None:
-                prog = Program(sub_owner, sub_fn, f"{type(sub_owner).__name__}.{sub_fn.__name__}", options, cache,
-                               callees)
-            self.subprograms[pname] = prog
+            self.subprograms[pname] = _program_for(obj, options, cache, callees)
+        for dname, objs in rw.dispatch.items():
+            self.dispatchers[dname] = Dispatch({id(o): _program_for(o, options, cache, callees) for o in objs
+                                                if callees.needs_program(o)})
         self.host_source = unparse(rw.host)
-        seg_defs = [segment_function(rw, s, rw.selfname) for s in rw.segments]
+        seg_defs = [segment_function(s, rw.selfname) for s in rw.segments]
         for seg, fdef in zip(self.segments, seg_defs):
             seg.source = unparse(fdef)
-        free = list(fn.__code__.co_freevars)
-        cells = [c.cell_contents for c in (fn.__closure__ or ())]
-        seg_fns = _make_functions(seg_defs, fn.__globals__, free, cells, {})
-        for seg, f in zip(self.segments, seg_fns):
+        for seg, f in zip(self.segments, _make_functions(seg_defs, fn, {})):
             seg.eager_call = f if not method else types.MethodType(f, owner)
-        host = _make_functions([rw.host], fn.__globals__, free, cells,
-                               {f"_seg{s.spec.index}": s for s in self.segments} | self.subprograms)[0]
+        injected = {s.name: seg for s, seg in zip(rw.segments, self.segments)} | self.subprograms | self.dispatchers
+        host = _make_functions([rw.host], fn, injected, host=True)[0]
         self.call = types.MethodType(host, owner) if method else host
-        for note in rw.eager:
-            warnings.warn(f"fxcc DyCL: {note}", stacklevel=2)
+        if rw.eager:
+            self.warning = f"fxcc DyCL: {rw.source.qualname}: " + "; ".join(rw.eager)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(*args, **kwargs)
@@ -291,13 +382,40 @@ class Program:
         if id(self) in seen:
             return []
         seen.add(id(self))
-        return [self] + [p for sub in self.subprograms.values() for p in sub.all_programs(seen)]
+        subs = [*self.subprograms.values(), *[p for d in self.dispatchers.values() for p in d.programs.values()]]
+        return [self] + [p for sub in subs for p in sub.all_programs(seen)]
 
 
-def _make_functions(defs: list[ast.FunctionDef], globals_: dict, free: list[str], cells: list[Any],
-                    names: dict[str, Any]) -> list[Any]:
-    """Define the generated functions in the user's globals (so `global` works), closing over segments."""
-    params = list(names) + free
+def _program_for(obj: Any, options: Any, cache: dict, callees: Callees) -> Program:
+    """The program of a module's forward, a bound method or a function (one per object and function)."""
+    owner, fn, method = target_function(obj)
+    prog = cache.get((id(owner), fn))
+    if prog is None:
+        name = f"{type(owner).__name__}.{fn.__name__}" if method else fn.__qualname__
+        prog = Program(owner, fn, name, options, cache, callees, method=method)
+    return prog
+
+
+class Dispatch:
+    """A call whose callee is chosen at run time (`blk(h)` in a loop over a module list): the callee's
+    program when it has one, else the callee itself."""
+
+    def __init__(self, programs: dict[int, Program]):
+        self.programs = programs
+
+    def __call__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        prog = self.programs.get(id(obj))
+        return prog.call(*args, **kwargs) if prog is not None else obj(*args, **kwargs)
+
+
+def _make_functions(defs: list[ast.FunctionDef], fn: Any, injected: dict[str, Any],
+                    host: bool = False) -> list[types.FunctionType]:
+    """Define the generated functions in `fn`'s globals (so `global` works), sharing `fn`'s closure cells
+    (closures see later rebindings, `nonlocal` writes reach them) and closing over `injected`: segments,
+    programs. The host gets `fn`'s own default values (the same objects, as eager has them)."""
+    code = fn.__code__
+    cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
+    params = list(injected) + [n for n in code.co_freevars if n not in injected]
     maker = ast.FunctionDef("_dycl_make", ast.arguments([], [ast.arg(p) for p in params], None, [], [], None, []),
                             [*defs, ast.Return(ast.Tuple([ast.Name(d.name, ast.Load()) for d in defs], ast.Load()))],
                             [], None, lineno=1)
@@ -307,8 +425,16 @@ def _make_functions(defs: list[ast.FunctionDef], globals_: dict, free: list[str]
     filename = f"<fxcc-dycl-{hashlib.sha1(text.encode()).hexdigest()[:12]}>"
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)  # tracebacks show the lines
     scope: dict[str, Any] = {}
-    exec(compile(text, filename, "exec"), globals_, scope)  # noqa: S102 - our own generated code
-    return list(scope["_dycl_make"](*names.values(), *cells))
+    exec(compile(text, filename, "exec"), fn.__globals__, scope)  # noqa: S102 - our own generated code
+    out = []
+    for f in scope["_dycl_make"](*[None] * len(params)):
+        closure = tuple(cells[n] if n in cells else types.CellType(injected[n]) for n in f.__code__.co_freevars)
+        g = types.FunctionType(f.__code__, fn.__globals__, f.__name__, fn.__defaults__ if host else None,
+                               closure or None)
+        if host:
+            g.__kwdefaults__ = fn.__kwdefaults__
+        out.append(g)
+    return out
 
 
 @dataclass
@@ -336,11 +462,14 @@ class DyclVariant(Variant):
 
     def report(self, name: str, *, ir_after_each: bool = False) -> str:
         """What `fxcc explain` prints: the host program(s), then every segment's source, IR and placement."""
-        out = [f"== {name}: DyCL host program + compiled segments (capture failed: {self.reason})",
+        out = [f"== {name}: DyCL host program + compiled segments ({self.reason})",
                f"compile time {self.compile_seconds:.2f} s (segments compile at their first call)"]
         if self.host_cache_key:
             out.append(f"host program stored in the artifact cache: {self.host_cache_key}")
         for prog in self.program.all_programs():
+            if prog.rw is None:
+                out.append(f"\n== {prog.name} runs eagerly, as written: {prog.eager_reason}")
+                continue
             src = prog.rw.source
             out.append(f"\n== host program for {prog.name} (generated from {src.filename}:{src.first_line})")
             out.append(prog.host_source.rstrip())
@@ -363,7 +492,7 @@ class DyclVariant(Variant):
                         out.append(f"  [{run.signature}] compiled: {kernels} kernel calls{timing}")
                     text = explain_variant(seg.name, run.variant, ir_after_each=ir_after_each)
                     out.append("    " + text.replace("\n", "\n    "))
-        notes = [n for p in self.program.all_programs() for n in p.rw.eager]
+        notes = [f"{p.name}: {n}" for p in self.program.all_programs() for n in (p.rw.eager if p.rw else [])]
         out.append("\n== statements that run eagerly" + ("" if notes else ": none"))
         out += [f"  {n}" for n in notes]
         return "\n".join(out)
@@ -371,8 +500,6 @@ class DyclVariant(Variant):
 
 def _static_names(fn: Any, method: bool, args: tuple, kwargs: dict) -> set[str]:
     """Parameters bound to plain Python values in this call: conditions on them are decided at capture."""
-    import inspect
-
     try:
         bound = inspect.signature(fn).bind(*((None,) if method else ()), *args, **kwargs)
     except (TypeError, ValueError):
@@ -381,31 +508,59 @@ def _static_names(fn: Any, method: bool, args: tuple, kwargs: dict) -> set[str]:
             if isinstance(v, (bool, int, float, str, type(None))) and not (method and k == next(iter(bound.arguments)))}
 
 
-def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError) -> DyclVariant:
-    """Build a DyCL variant for `cm`'s module after capture failed with `error`; re-raise it when DyCL
-    finds no tensor-dependent control flow to split at, or cannot read the source."""
+def _entry(module: nn.Module) -> tuple[Any, Any, bool]:
+    """(owner, function, is_method) of what a CompiledModule runs: a module's forward, a bound method, a
+    function."""
+    inner = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
+    if inner is None:
+        return module, type(module).forward, True
+    if inspect.ismethod(inner) and isinstance(inner.__func__, types.FunctionType):
+        return inner.__self__, inner.__func__, True  # a bound method: its object is `self`
+    return None, inner, False
+
+
+def python_effect(module: nn.Module) -> str | None:
+    """A Python effect of the module's forward, or of a function it calls, that a traced graph would apply
+    once, at capture (an attribute store, `global`, a list it was given appended to): such a forward
+    runs as a DyCL host program, which does them on every call."""
+    owner, fn, method = _entry(module)
+    return Callees().effect(types.MethodType(fn, owner) if method else fn)
+
+
+def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | None,
+                    effect: str | None = None) -> DyclVariant:
+    """Build a DyCL variant for `cm`'s module after capture failed with `error` (or, with `effect`, for a
+    forward with Python effects a trace would not replay).
+
+    Capture failed on tensor-dependent control flow: a host program, or, for what DyCL cannot rewrite, the
+    function run as it is, with one warning per function. Any other capture failure: `error` is raised
+    again unless DyCL finds tensor-dependent control flow to split at."""
     if not getattr(cm.options, "dycl", True):
         raise error
     t0 = time.perf_counter()
-    module = cm.module
-    inner = getattr(module, "fn", None)
-    method = not (type(module).__name__ == "FunctionModule" and inner is not None)
-    owner, fn = (module, type(module).forward) if method else (None, inner)
-    reason = str(error).splitlines()[0]
+    owner, fn, method = _entry(cm.module)
+    data_dependent = error is None or "control flow depends on tensor values" in str(error)
+    reason = f"{effect}, which a traced graph would do only once" if error is None else \
+        f"capture failed: {str(error).splitlines()[0]}"
     programs = cm.__dict__.setdefault("_dycl_programs", {})
     if cm._params and not cm._params_unchanged():  # segments bind parameters: changed ones need new programs
         programs.clear()
-    try:
-        program = programs.get((id(owner), fn))
-        if program is None:
-            program = Program(owner, fn, cm.name if method else getattr(fn, "__qualname__", "fn"), cm.options,
-                              programs, DynamicCallees(), _static_names(fn, method, args, kwargs), method)
-    except RewriteError as e:
-        programs.clear()
-        raise CaptureError(f"{error}\n  DyCL could not rewrite it either: {e}") from error
-    if not any(p.rw.splits for p in program.all_programs()):
-        programs.clear()
-        raise error
+    program = programs.get((id(owner), fn))
+    if program is None:
+        name = cm.name if method else getattr(fn, "__qualname__", "fn")
+        static = _static_names(fn, method, args, kwargs)
+        hooks = method and isinstance(owner, nn.Module) and bool(owner._forward_hooks or owner._forward_pre_hooks)
+        program = Program(owner, fn, name, cm.options, programs, Callees(), static, method,
+                          eager=(cm._eager_call, "it has forward hooks") if hooks else None)
+        if not data_dependent and (program.rw is None or not any(p.rw and p.rw.splits
+                                                                 for p in program.all_programs())):
+            programs.clear()
+            if program.rw is None:
+                raise CaptureError(f"{error}\n  DyCL could not rewrite it either: {program.eager_reason}") from error
+            raise error
+        for p in program.all_programs():
+            if p.warning:
+                warnings.warn(p.warning, stacklevel=5)
     cm._snapshot_params()
     flat, in_spec = flatten_inputs(args, kwargs)
     flat_args = not kwargs and len(flat) == len(args) and all(not isinstance(a, (list, tuple, dict)) for a in args)

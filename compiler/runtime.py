@@ -276,6 +276,12 @@ class CompiledModule:
             return PassManager(passes, verify_each=opts.verify_each, print_ir_after=set(opts.print_ir_after),
                                echo=self.echo_ir and bool(opts.print_ir_after))
 
+        if opts.dycl:  # Python effects (attribute stores...) a traced graph would apply once: a DyCL host program
+            from fxcc import dycl
+
+            effect = dycl.python_effect(self.module)
+            if effect is not None:
+                return dycl.compile_dynamic(self, args, kwargs, None, effect)
         # the IR before codegen comes from the graph cache when an earlier compile stored it
         front, back = split_at_codegen(self._passes)
         loss = None  # quality loss of approximate passes, measured under a quality budget
