@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -216,9 +217,9 @@ def check_target(plan: Plan, kind: str, where: str) -> None:
     now = target_id(kind)
     if plan.target.get("id") != now:
         then, here = str(plan.target.get("id")), now
-        hint = ""
-        if then.rsplit("threads=", 1)[0] == here.rsplit("threads=", 1)[0] and "threads=" in then:
-            hint = f" Only the thread count differs: call torch.set_num_threads({then.rsplit('threads=', 1)[1]}) first."
+        hint, threads = "", re.search(r"threads=(\d+)", then)
+        if threads and re.sub(r"threads=\d+", "", then) == re.sub(r"threads=\d+", "", here):
+            hint = f" Only the thread count differs: call torch.set_num_threads({threads[1]}) first."
         raise PlanError(f"fxcc: plan {where} was searched on {then!r}; this process compiles for {here!r}. "
                         f"Kernel choices and timings do not carry over.{hint} Otherwise run `fxcc search` here.")
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from fxcc.store import default_cache, private_dir
+from fxcc.store import default_cache
 
 
 def optuna_module() -> Any:
@@ -58,7 +58,10 @@ def open_storage(storage: str | None = None) -> Any:
     """
     optuna = optuna_module()
     if storage is None:
-        storage = f"sqlite:///{private_dir(default_cache().root) / 'tuning.db'}"
+        path = default_cache().private_path("tuning.db")
+        if path is None:  # no usable cache (warned once): studies live in memory for this process
+            return _storages.setdefault("memory", optuna.storages.InMemoryStorage())
+        storage = f"sqlite:///{path}"
     if not isinstance(storage, str) or not (storage.startswith("journal:") or "://" in storage):
         raise ValueError(f"fxcc: tuning storage {storage!r} is neither an Optuna RDB URL (sqlite:///PATH, "
                          "postgresql+psycopg2://USER:PASSWORD@HOST/DB, ...) nor journal:PATH")

@@ -9,7 +9,7 @@ a small launcher that runs the parallel loop on OpenMP's threads, the ones torch
 torch's thread count (read at each launch, so `torch.set_num_threads` applies): one pool for the model.
 
 The launcher is C, built once per machine with the system C compiler (`cc -fopenmp`) and kept in the
-artifact cache. It names `libgomp.so.1`, which torch has loaded already, so it joins torch's OpenMP
+artifact cache, loaded only from a verified entry (fxcc.store). It names `libgomp.so.1`, which torch has loaded already, so it joins torch's OpenMP
 runtime rather than starting another. Without a C compiler, or if the build fails, kernels stay on
 TVM's pool (logged once); `FXCC_TVM_POOL=tvm` keeps them there by choice.
 """
@@ -70,8 +70,7 @@ def launcher() -> ctypes.CDLL | None:
     if settings().tvm_pool == "tvm":
         return None
     try:
-        path = _built()
-        lib = ctypes.CDLL(str(path))
+        lib = _built()
     except Exception as e:  # no C compiler, no OpenMP: TVM's pool still works
         log.info("TVM kernels run on TVM's own thread pool (the OpenMP launcher is unavailable: %s)", e)
         return None
@@ -92,18 +91,20 @@ def attach(path: str) -> bool:
     return True
 
 
-def _built() -> Path:
-    """The launcher's shared library: from the artifact cache, or compiled now and stored there."""
+def _built() -> ctypes.CDLL:
+    """The launcher's shared library, loaded: from a verified artifact cache entry, or compiled now (and stored
+    there). Its key names the compiler that builds it and a value derived from this cache's own secret, so
+    nobody can predict it to plant a library there (and a library under it must carry the cache's signature)."""
     cache = default_cache()
-    key = cache_key("tvm-omp-launcher", source=hashlib.sha256(SOURCE.encode()).hexdigest(),
-                    machine=os.uname().machine)
-    entry = cache.get(key)
-    if entry is not None and "launcher.so" in entry.files:
-        return entry.files["launcher.so"]
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc) on PATH")
-    with tempfile.TemporaryDirectory(prefix="fxcc-omp-") as d:
+    key = cache_key("tvm-omp-launcher", source=hashlib.sha256(SOURCE.encode()).hexdigest(),
+                    machine=os.uname().machine, compiler=_compiler_id(cc), install=cache.salt("tvm-omp-launcher"))
+    entry = cache.get(key)
+    if entry is not None and "launcher.so" in entry.files:
+        return ctypes.CDLL(str(entry.files["launcher.so"]))
+    with tempfile.TemporaryDirectory(prefix="fxcc-omp-") as d:  # private (0700): loaded from here when not cached
         src, out = Path(d, "launcher.c"), Path(d, "launcher.so")
         src.write_text(SOURCE)
         p = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-fopenmp", str(src), "-o", str(out)],
@@ -111,4 +112,14 @@ def _built() -> Path:
         if p.returncode != 0:
             raise RuntimeError(f"{cc} failed: {p.stderr.strip()[:300]}")
         entry = cache.put(key, {"launcher.so": out.read_bytes()}, {"kind": "tvm-omp-launcher"})
-    return entry.files["launcher.so"]
+        return ctypes.CDLL(str(entry.files["launcher.so"] if entry is not None else out))
+
+
+@functools.cache
+def _compiler_id(cc: str) -> str:
+    """The C compiler's path and version line: another compiler builds another library."""
+    try:
+        p = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return f"{os.path.realpath(cc)}:{p.stdout.splitlines()[0] if p.stdout else p.returncode}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{os.path.realpath(cc)}:{type(e).__name__}"

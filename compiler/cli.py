@@ -23,7 +23,7 @@ from . import bench, plan_search
 from .api import compile, explained
 from .capture import CaptureError
 from .pipeline import DEFAULT_PIPELINE, PipelineError, all_passes
-from .store import ArtifactCache
+from .store import ArtifactCache, CacheError
 
 
 class UsageError(Exception):
@@ -173,6 +173,14 @@ def _when(t: float) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     """`fxcc cache ls | show KEY | verify | prune --max-size SIZE | clear` on FXCC_CACHE_DIR (~/.cache/fxcc)."""
     cache = ArtifactCache()
+    try:
+        return _cache_action(cache, args)
+    except CacheError as e:
+        print(f"fxcc: {e}", file=sys.stderr)
+        return 1
+
+
+def _cache_action(cache: ArtifactCache, args: argparse.Namespace) -> int:
     if args.action == "ls":
         entries = cache.entries()
         if entries:
@@ -181,6 +189,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{e.key:<26} {human_size(e.size):>10}  {_when(e.last_used):<16}  "
                   f"{e.meta.get('backend', '-'):<7}  {e.meta.get('target', '-')}")
         print(f"{len(entries)} entries, {human_size(sum(e.size for e in entries))} in {cache.root}")
+        _print_swept(cache)
     elif args.action == "show":
         keys = [e.key for e in cache.entries() if e.key.startswith(args.key)]
         if len(keys) != 1:
@@ -200,15 +209,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print("meta\n" + json.dumps(e.meta, indent=2, sort_keys=True))
     elif args.action == "verify":
         problems = cache.verify(evict=args.evict)
-        for key, problem in problems:
-            print(f"{key}: {problem}{' (evicted)' if args.evict else ''}")
-        if problems and not args.evict:
-            print(f"{len(problems)} damaged entries in {cache.root}; they are evicted and rebuilt at their next "
-                  "use, or now with `fxcc cache verify --evict`")
+        for p in problems:
+            done = "" if not args.evict else " (evicted)" if p.evicted else f" (NOT evicted: {p.not_evicted})"
+            print(f"{p.key}: {p.problem}{done}")
+        stuck = [p for p in problems if not p.evicted]
+        if stuck:
+            hint = (f"remove them by hand (rm -r {cache.root}/entries/KEY) or make the cache writable"
+                    if args.evict else "they are evicted and rebuilt at their next use, or now with "
+                                        "`fxcc cache verify --evict`")
+            print(f"{len(stuck)} damaged entries {'could not be evicted from' if args.evict else 'in'} "
+                  f"{cache.root}; {hint}")
             return 1
-        print(f"{len(cache.entries())} entries in {cache.root} are sound")
+        print(f"{len(cache.entries())} entries in {cache.root} are sound (signed with {cache.root}/key)")
     elif args.action == "prune":
         limit = parse_size(args.max_size)
+        _print_swept(cache)
         removed = cache.prune(limit)
         print(f"evicted {len(removed)} least recently used entries; {human_size(cache.size())} left "
               f"(limit {human_size(limit)}) in {cache.root}")
@@ -217,12 +232,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_swept(cache: ArtifactCache) -> None:
+    """What sweeping the temporary directories found: dead writers' (removed) and writes in progress."""
+    swept, removed = cache.sweep(), cache.removed
+    if removed.removed:
+        print(f"removed {removed.removed} temporary directories of writers that died "
+              f"({human_size(removed.removed_bytes)})")
+    if swept.in_progress:
+        print(f"{swept.in_progress} writes in progress ({human_size(swept.in_progress_bytes)})")
+
+
 def add_cache_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("cache", help="the artifact cache (FXCC_CACHE_DIR, default ~/.cache/fxcc)")
     actions = c.add_subparsers(dest="action", required=True)
     actions.add_parser("ls", help="entries, most recently used first")
     actions.add_parser("show", help="one entry's files and metadata").add_argument("key", help="a key or its prefix")
-    v = actions.add_parser("verify", help="check every entry's checksums; exit status 1 when one is damaged")
+    v = actions.add_parser("verify", help="check every entry's signature and checksums; exit status 1 when one is "
+                                          "damaged (with --evict: when one could not be evicted)")
     v.add_argument("--evict", action="store_true", help="also evict the damaged entries")
     p = actions.add_parser("prune", help="evict least recently used entries down to a size")
     p.add_argument("--max-size", required=True, help="e.g. 500M or 2G (binary units)")

@@ -6,9 +6,10 @@ finds its kernels in the artifact cache too). The key covers what the IR depends
 - the model's code: the source files of every module class in its tree and of the user's modules they
   import from (transitively), the versions of the libraries they come from, and fxcc's own files;
 - its state: primitive attributes of every submodule (`eps`, `training`, ...), a `config`'s fields,
-  parameter and buffer names, shapes, dtypes, devices and a sha1 of their contents;
+  the names, shapes, dtypes, devices and a sha1 of the contents of its parameters, buffers and tensor
+  attributes;
 - the call: input structure, shapes, strides, dtypes, devices, constant arguments (and the values of
-  tensor inputs when an approximate pass calibrates on them);
+  tensor inputs when an approximate pass calibrates on them), the caller's autocast and default dtype;
 - the pipeline text, the target, the versions of torch/TVM/Triton/fxcc.
 
 Not covered, so turned off by `CompileOptions(graph_cache=False)`: a forward that reads mutable Python
@@ -20,12 +21,14 @@ the compile go the normal way.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
+import keyword
 import logging
+import math
 import operator
 import os
+import re
 import sys
 import sysconfig
 import types
@@ -42,10 +45,10 @@ from torch.utils import _pytree as pytree
 from . import ir
 from .dialects import KERNEL_OPS, KernelBody, intern_body, kernel_body
 from .pipeline import PassRecord, PassResult
-from .store import cache_key, tensor_bytes
+from .store import cache_key, fxcc_files, tensor_bytes
 
 log = logging.getLogger(__name__)
-SCHEMA = 1
+SCHEMA = 2  # 2: constants name the model tensors they were computed from
 _PRIMITIVE = (bool, int, float, str, type(None))
 _PY_TARGETS = {"operator.getitem": operator.getitem}
 
@@ -69,8 +72,10 @@ class Hit:
 
 
 def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipeline: str, target: str,
-              calibrates: bool) -> str | None:
-    """The cache key for compiling `module` on these inputs, or None when it cannot be keyed safely."""
+              calibrates: bool, context: str = "", machine: bool = False) -> str | None:
+    """The cache key for compiling `module` on these inputs, or None when it cannot be keyed safely.
+    `context`: the caller's torch state that capture sees (autocast, default dtype: fxcc.guards.call_context);
+    `machine`: a pass chose by timing, so the machine (fxcc.store.target_id) is part of the key too."""
     if type(module).__name__ == "FunctionModule" or _has_hooks(module):
         return None
     try:
@@ -83,11 +88,12 @@ def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipelin
             "pipeline": pipeline,
             "device": target,  # the IR depends on the device kind, not the machine's model
             "distributed": _distributed_fingerprint(),
+            "context": context,
         }
     except Unserializable as e:
         log.debug("graph cache off for %s: %s", type(module).__name__, e)
         return None
-    return "g" + cache_key("graph", **parts)
+    return "g" + cache_key("graph", target=target if machine else None, **parts)
 
 
 def _distributed_fingerprint() -> str:
@@ -113,12 +119,12 @@ def _model_fingerprint(module: nn.Module) -> str:
     for name, sub in module.named_modules(remove_duplicate=False):
         cls = type(sub)
         attrs = sorted((k, _attr_fingerprint(v, f"{name or 'model'}.{k}")) for k, v in vars(sub).items()
-                       if k not in _MODULE_INTERNALS and not isinstance(v, (nn.Module, torch.Tensor)))
+                       if k not in MODULE_INTERNALS and not isinstance(v, (nn.Module, torch.Tensor)))
         h.update(repr((name, cls.__module__, cls.__qualname__, attrs)).encode())
     config = getattr(module, "config", None)
     if config is not None:
-        h.update(repr(sorted((k, repr(v)) for k, v in vars(config).items() if _primitive(v))).encode())
-    for name, t in _named_tensors(module).items():
+        h.update(repr(sorted((k, repr(v)) for k, v in vars(config).items() if primitive(v))).encode())
+    for name, t in named_tensors(module).items():
         h.update(repr((name, tuple(t.shape), t.stride(), t.dtype, str(t.device), isinstance(t, nn.Parameter))).encode())
     return h.hexdigest()
 
@@ -126,13 +132,13 @@ def _model_fingerprint(module: nn.Module) -> str:
 # _parameters, _buffers, _modules, hook dicts, ...: counted elsewhere (not `training`, which is keyed); and
 # markers other tools leave on a module that do not change what it computes (torch.compile's, set when the
 # same module was compiled with it too)
-_MODULE_INTERNALS = (frozenset(vars(nn.Module())) - {"training"}) | {"_is_torch_compile"}
+MODULE_INTERNALS = (frozenset(vars(nn.Module())) - {"training"}) | {"_is_torch_compile"}
 
 
 def _attr_fingerprint(v: Any, where: str, depth: int = 0) -> str:
     """A module attribute as key text: values by repr, functions by their code, containers item by item.
     Anything whose repr names a memory address cannot be keyed: the model is then not graph-cached."""
-    if _primitive(v):
+    if primitive(v):
         return repr(v)
     if depth > 4:
         raise Unserializable(f"attribute {where} nests too deeply")
@@ -158,15 +164,19 @@ def _attr_fingerprint(v: Any, where: str, depth: int = 0) -> str:
     return f"{type(v).__module__}.{type(v).__qualname__}:{text}"
 
 
-def _primitive(v: Any) -> bool:
+def primitive(v: Any) -> bool:
     if isinstance(v, (tuple, list)):
-        return all(_primitive(x) for x in v)
+        return all(primitive(x) for x in v)
     return isinstance(v, _PRIMITIVE) or isinstance(v, (torch.dtype, torch.device))
 
 
-def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the model by name: parameters, buffers, and tensor attributes that are neither (export
+    lifts those into the graph as constants)."""
     out = dict(module.named_parameters(remove_duplicate=False))
     out.update((n, b) for n, b in module.named_buffers(remove_duplicate=False) if b is not None)
+    for path, sub in module.named_modules(remove_duplicate=False):
+        out.update((f"{path}.{k}" if path else k, v) for k, v in vars(sub).items() if isinstance(v, torch.Tensor))
     return out
 
 
@@ -174,7 +184,7 @@ def _weights_hash(module: nn.Module) -> str:
     """sha1 over every parameter's and buffer's bytes (folded constants are computed from them)."""
     h = hashlib.sha1()
     seen: set[int] = set()
-    for t in _named_tensors(module).values():
+    for t in named_tensors(module).values():
         if id(t) in seen:
             continue
         seen.add(id(t))
@@ -189,7 +199,7 @@ def _inputs_fingerprint(flat: list[Any], spec: pytree.TreeSpec, values: bool) ->
             h.update(repr((tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, str(x.device))).encode())
             if values:
                 h.update(tensor_bytes(x))
-        elif _primitive(x):
+        elif primitive(x):
             h.update(repr(("const", type(x).__name__, x)).encode())
         else:
             raise Unserializable(f"an input of type {type(x).__name__}")
@@ -200,7 +210,7 @@ def _code_fingerprint(module: nn.Module) -> str:
     """What the graph's code depends on: the source files of the model's classes (and their bases) and of
     the user's modules they import from (followed transitively), the versions of the installed libraries
     among them (their files are not read), and fxcc's own files (its passes make the graph)."""
-    files = set(_fxcc_files())
+    files = set(fxcc_files())
     classes = {cls for sub in module.modules() for cls in type(sub).__mro__}
     for cls in classes:
         if cls.__module__ != "builtins" and not cls.__module__.startswith("torch") and _source_file(cls) is None:
@@ -235,13 +245,6 @@ def _source_file(cls: type) -> str | None:
         return inspect.getsourcefile(cls)
     except (TypeError, OSError):
         return None
-
-
-@cache
-def _fxcc_files() -> tuple[str, ...]:
-    dirs = {os.path.dirname(importlib.util.find_spec(m).origin)
-            for m in ("fxcc", "fxcc.passes", "fxcc.codegen", "fxcc.autotune")}
-    return tuple(os.path.join(d, f) for d in sorted(dirs) for f in sorted(os.listdir(d)) if f.endswith(".py"))
 
 
 @cache
@@ -296,25 +299,30 @@ def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: 
 
 
 def load(cache: Any, key: str, module: nn.Module) -> Hit | None:
-    """The cached graph for `key` bound to `module`'s tensors, or None (missing or not loadable)."""
+    """The cached graph for `key` bound to `module`'s tensors, or None (missing or not loadable). The entry is
+    signed (fxcc.store) and is also checked against the schema: names are identifiers, targets are registered
+    op overloads, tensors are the model's own or constants of the stated size; nothing of it becomes source
+    text unchecked. An entry that fails is evicted with a warning and the model is captured again."""
     entry = cache.get(key)
     if entry is None or "graph.json" not in entry.files:
         return None
     try:
         doc = json.loads(entry.files["graph.json"].read_bytes())
-        if doc.get("schema") != SCHEMA:
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             return None
-        gm = _deserialize(doc, entry.files, module)
-        records = [PassRecord(r["spec"], r["seconds"], PassResult(r["changed"], r["stats"])) for r in doc["records"]]
-        return Hit(gm, pytree.treespec_loads(doc["in_spec"]), pytree.treespec_loads(doc["out_spec"]),
-                   doc["method"], records)
+        return _decode(doc, entry.files, module)
     except Exception as e:  # a cache entry must never fail a compile: go the normal way
-        log.warning("cached graph %s of %s did not load (%s: %s); capturing again", key,
+        log.warning("cached graph %s of %s did not load (%s: %s); it was evicted, capturing again", key,
                     type(module).__name__, type(e).__name__, e)
+        cache.remove(key)
         return None
 
 
 # ------------------------------------------------------------------------------------ serializer
+
+
+class BadEntry(ValueError):
+    """A graph entry that does not fit the schema: it is refused before anything of it runs."""
 
 
 def _target_name(t: Any) -> str:
@@ -326,13 +334,80 @@ def _target_name(t: Any) -> str:
     raise Unserializable(f"call target {t!r}")
 
 
-def _resolve(name: str) -> Any:
-    kind, _, rest = name.partition(":")
-    if kind == "py":
-        return _PY_TARGETS[rest]
-    qual, _, overload = rest.partition(".")
-    ns, _, op = qual.partition("::")
-    return getattr(getattr(getattr(torch.ops, ns), op), overload or "default")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OP = re.compile(r"op:([A-Za-z_][A-Za-z0-9_]*)::([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?")
+_KINDS = ("pointwise", "reduction", "gemm", "extern")
+
+
+def _ident(x: Any, what: str) -> str:
+    """A Python identifier that is no keyword and no dunder: what fx may write into generated code."""
+    if not (isinstance(x, str) and _IDENT.fullmatch(x) and not keyword.iskeyword(x) and not x.startswith("__")):
+        raise BadEntry(f"{what} {x!r} is not a plain identifier")
+    return x
+
+
+def _dotted(x: Any, what: str) -> str:
+    """An attribute path such as `layers.0.mlp.weight`: identifiers, or indices into a module list."""
+    if not isinstance(x, str):
+        raise BadEntry(f"{what} {x!r} is not a string")
+    for part in x.split("."):
+        if not re.fullmatch(r"[0-9]+", part):
+            _ident(part, what)
+    return x
+
+
+def _resolve(name: Any) -> Any:
+    """A call target by name: a registered op overload (`op:ns::name.overload`) or one of `_PY_TARGETS`."""
+    if isinstance(name, str) and name.startswith("py:") and name[3:] in _PY_TARGETS:
+        return _PY_TARGETS[name[3:]]
+    m = _OP.fullmatch(name) if isinstance(name, str) else None
+    # op names may be dunders (aten::__and__.Tensor); namespaces and overloads may not
+    if m is None or m[1].startswith("__") or (m[3] or "").startswith("__"):
+        raise BadEntry(f"call target {name!r} is not a registered op")
+    try:
+        packet = getattr(getattr(torch.ops, m[1]), m[2])
+        op = getattr(packet, m[3] or "default") if isinstance(packet, torch._ops.OpOverloadPacket) else None
+    except (AttributeError, RuntimeError):
+        raise BadEntry(f"call target {name!r} is not a registered op") from None
+    if not isinstance(op, torch._ops.OpOverload):
+        raise BadEntry(f"call target {name!r} is not an op overload")
+    return op
+
+
+def _of(x: Any, kind: type, what: str) -> Any:
+    if not isinstance(getattr(torch, x, None) if isinstance(x, str) and _IDENT.fullmatch(x) else None, kind):
+        raise BadEntry(f"{what} {x!r} is not a torch.{kind.__name__}")
+    return getattr(torch, x)
+
+
+def _device(x: Any) -> torch.device:
+    if not isinstance(x, str):
+        raise BadEntry(f"device {x!r} is not a string")
+    try:
+        return torch.device(x)
+    except RuntimeError:
+        raise BadEntry(f"device {x!r} is not a device") from None
+
+
+def _float(x: Any) -> float:
+    if not isinstance(x, str):
+        raise BadEntry(f"float {x!r} is not written as a string")
+    try:
+        return float(x)
+    except ValueError:
+        raise BadEntry(f"float {x!r} is not a number") from None
+
+
+def _int(x: Any, what: str, low: int = 0) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < low:
+        raise BadEntry(f"{what} {x!r} is not an integer >= {low}")
+    return x
+
+
+def _ints(x: Any, what: str) -> list[int]:
+    if not isinstance(x, list):
+        raise BadEntry(f"{what} {x!r} is not a list")
+    return [_int(i, what) for i in x]
 
 
 def _enc(a: Any) -> Any:
@@ -356,19 +431,26 @@ def _enc(a: Any) -> Any:
 
 
 def _dec(a: Any, env: dict[str, fx.Node]) -> Any:
-    if not isinstance(a, dict):
+    if a is None or isinstance(a, (bool, int, str)):
         return a
+    if not isinstance(a, dict) or len(a) != 1:
+        raise BadEntry(f"argument {a!r} is not an encoded value")
     (tag, v), = a.items()
     if tag == "n":
+        if v not in env:
+            raise BadEntry(f"argument names node {v!r}, not defined before it")
         return env[v]
     if tag == "f":
-        return float(v)
-    if tag in ("l", "t"):
+        return _float(v)
+    if tag in ("l", "t") and isinstance(v, list):
         items = [_dec(x, env) for x in v]
         return items if tag == "l" else tuple(items)
     if tag == "device":
-        return torch.device(v)
-    return getattr(torch, v)  # dtype, layout, memory format
+        return _device(v)
+    kinds = {"dtype": torch.dtype, "layout": torch.layout, "mf": torch.memory_format}
+    if tag in kinds:
+        return _of(v, kinds[tag], tag)
+    raise BadEntry(f"argument {a!r} has an unknown tag")
 
 
 def _enc_val(v: Any) -> Any:
@@ -384,21 +466,30 @@ def _enc_val(v: Any) -> Any:
 
 def _dec_val(v: Any, fakes: dict) -> Any:
     """A value recorded by `_enc_val`; tensors come back as FakeTensors, one per distinct layout."""
-    if not isinstance(v, dict):
+    if v is None or isinstance(v, (bool, int)):
         return v
+    if not isinstance(v, dict) or len(v) != 1:
+        raise BadEntry(f"value {v!r} is not an encoded value")
     (tag, x), = v.items()
     if tag == "T":
+        if not (isinstance(x, list) and len(x) == 5):
+            raise BadEntry(f"tensor value {x!r} is not [shape, stride, offset, dtype, device]")
+        shape, stride, offset = _ints(x[0], "shape"), _ints(x[1], "stride"), _int(x[2], "storage offset")
+        dtype, device = _of(x[3], torch.dtype, "dtype"), _device(x[4])
+        if len(shape) != len(stride):
+            raise BadEntry(f"tensor value {x!r}: shape and stride differ in length")
         layout = repr(x)
         if layout not in fakes:
-            shape, stride, offset, dtype, device = x
             with fakes["mode"]:
-                t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device)
+                t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 fakes[layout] = t.as_strided(shape, stride, offset) if offset else t
         return fakes[layout]
     if tag == "f":
-        return float(x)
-    items = [_dec_val(i, fakes) for i in x]
-    return items if tag == "l" else tuple(items)
+        return _float(x)
+    if tag in ("l", "t") and isinstance(x, list):
+        items = [_dec_val(i, fakes) for i in x]
+        return items if tag == "l" else tuple(items)
+    raise BadEntry(f"value {v!r} has an unknown tag")
 
 
 def _enc_graph(graph: fx.Graph) -> list[dict]:
@@ -419,23 +510,48 @@ def _enc_graph(graph: fx.Graph) -> list[dict]:
     return nodes
 
 
-def _dec_graph(nodes: list[dict], fakes: dict) -> fx.Graph:
+def _dec_graph(nodes: Any, fakes: dict, attrs: dict) -> fx.Graph:
+    """The graph a node list describes, every field checked first (BadEntry names the first that is not)."""
+    if not isinstance(nodes, list):
+        raise BadEntry("the graph is not a list of nodes")
     graph, env = fx.Graph(), {}
     for d in nodes:
-        args, kwargs = _dec(d["args"], env), {k: _dec(v, env) for k, v in d["kwargs"].items()}
-        op = d["op"]
-        target = "output" if op == "output" else d["target"] if op != "call_function" else _resolve(d["target"])
-        node = graph.create_node(op, target, args, kwargs, name=d["name"])
+        if not isinstance(d, dict) or not isinstance(d.get("kwargs"), dict):
+            raise BadEntry(f"node {d!r} is not a node record")
+        name, op = _ident(d.get("name"), "node name"), d.get("op")
+        if name in env:
+            raise BadEntry(f"node name {name!r} is used twice")
+        if op == "placeholder":
+            target = _ident(d.get("target"), "placeholder")
+        elif op == "get_attr":
+            target = _dotted(d.get("target"), "attribute")
+            if target not in attrs:
+                raise BadEntry(f"attribute {target!r} is not among the entry's tensors")
+        elif op == "call_function":
+            target = _resolve(d.get("target"))
+        elif op == "output":
+            target = "output"
+        else:
+            raise BadEntry(f"node {name!r} has op {op!r}")
+        args = _dec(d.get("args"), env)
+        if not isinstance(args, tuple):
+            raise BadEntry(f"node {name!r}: arguments are not a tuple")
+        kwargs = {_ident(k, "keyword"): _dec(v, env) for k, v in d["kwargs"].items()}
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        if node.name != name:
+            raise BadEntry(f"node name {name!r} clashes with a name fx reserves")
         if "val" in d:
             node.meta["val"] = _dec_val(d["val"], fakes)
         if "eager" in d:
+            if not isinstance(d["eager"], str):
+                raise BadEntry(f"node {name!r}: its eager reason is not a string")
             node.meta["fxcc_eager"] = d["eager"]
-        env[d["name"]] = node
+        env[name] = node
     return graph
 
 
 def _serialize(gm: fx.GraphModule, module: nn.Module) -> tuple[dict, dict[str, bytes]]:
-    by_id = {id(t): n for n, t in _named_tensors(module).items()}
+    by_id = {id(t): n for n, t in named_tensors(module).items()}
     attrs, files = {}, {}
     kernels = {}
     for n in gm.graph.nodes:
@@ -446,29 +562,67 @@ def _serialize(gm: fx.GraphModule, module: nn.Module) -> tuple[dict, dict[str, b
             if id(t) in by_id:
                 attrs[n.target] = {"param": by_id[id(t)]}
             else:
+                refs = ir.sources_of(t)
+                if refs is None:
+                    raise Unserializable(f"constant {n.target} of unknown origin")
                 name = f"const{len(files)}.bin"
                 files[name] = tensor_bytes(t).tobytes()
                 attrs[n.target] = {"const": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                                   "device": str(t.device), "parameter": isinstance(t, nn.Parameter)}
+                                   "device": str(t.device), "parameter": isinstance(t, nn.Parameter),
+                                   "sources": sorted({by_id[id(r())] for r in refs if id(r()) in by_id})}
         elif n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] not in kernels:
             kb = kernel_body(n.args[1])
             kernels[kb.key] = {"kind": kb.kind, "text": kb.text, "graph": _enc_graph(kb.body.graph)}
     return {"graph": _enc_graph(gm.graph), "attrs": attrs, "kernels": kernels}, files
 
 
+def _decode(doc: dict, files: dict, module: nn.Module) -> Hit:
+    for field, kind in (("method", str), ("in_spec", str), ("out_spec", str), ("records", list), ("attrs", dict),
+                        ("kernels", dict)):
+        if not isinstance(doc.get(field), kind):
+            raise BadEntry(f"field {field!r} is missing or not a {kind.__name__}")
+    records = []
+    for r in doc["records"]:
+        if not (isinstance(r, dict) and isinstance(r.get("spec"), str) and isinstance(r.get("seconds"), (int, float))
+                and isinstance(r.get("changed"), bool) and isinstance(r.get("stats"), dict)):
+            raise BadEntry(f"pass record {r!r} is malformed")
+        records.append(PassRecord(r["spec"], r["seconds"], PassResult(r["changed"], r["stats"])))
+    gm = _deserialize(doc, files, module)
+    return Hit(gm, pytree.treespec_loads(doc["in_spec"]), pytree.treespec_loads(doc["out_spec"]), doc["method"],
+               records)
+
+
 def _deserialize(doc: dict, files: dict, module: nn.Module) -> fx.GraphModule:
     fakes: dict[str, Any] = {"mode": FakeTensorMode(allow_non_fake_inputs=True)}
-    tensors = _named_tensors(module)
+    tensors = named_tensors(module)
     root: dict[str, Any] = {}
     for target, a in doc["attrs"].items():
+        _dotted(target, "attribute")
+        if not isinstance(a, dict):
+            raise BadEntry(f"attribute {target!r} is not a record")
         if "param" in a:
+            if a["param"] not in tensors:
+                raise BadEntry(f"attribute {target!r} names {a['param']!r}, which the model does not have")
             root[target] = tensors[a["param"]]
-        else:
-            raw = bytearray(files[a["const"]].read_bytes())
-            t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            t = t.view(getattr(torch, a["dtype"])).reshape(a["shape"]).to(a["device"])
-            root[target] = nn.Parameter(t, requires_grad=False) if a["parameter"] else t
+            continue
+        if a.get("const") not in files:
+            raise BadEntry(f"attribute {target!r} names no file of the entry")
+        shape, dtype = _ints(a.get("shape"), "shape"), _of(a.get("dtype"), torch.dtype, "dtype")
+        device, sources = _device(a.get("device")), a.get("sources")
+        if not isinstance(sources, list) or any(s not in tensors for s in sources):
+            raise BadEntry(f"attribute {target!r}: its sources are not tensors of the model")
+        raw = bytearray(files[a["const"]].read_bytes())
+        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raise BadEntry(f"attribute {target!r}: {len(raw)} bytes for a {dtype} tensor of shape {shape}")
+        t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        t = t.view(dtype).reshape(shape).to(device)
+        t = nn.Parameter(t, requires_grad=False) if a.get("parameter") is True else t
+        root[target] = ir.computed_from(t, *(tensors[s] for s in sources))
     for key, k in doc["kernels"].items():
-        body = fx.GraphModule(nn.Module(), _dec_graph(k["graph"], fakes))
+        if not (isinstance(k, dict) and k.get("kind") in _KINDS and isinstance(k.get("text"), str)):
+            raise BadEntry(f"kernel {key!r} is malformed")
+        body = fx.GraphModule(nn.Module(), _dec_graph(k.get("graph"), fakes, {}))
+        if f"k{ir.fingerprint(k['text'])}" != key or ir.print_graph(body, name=k["kind"]) != k["text"]:
+            raise BadEntry(f"kernel {key!r}: its graph does not match its key")
         intern_body(KernelBody(key, k["kind"], body, k["text"]))
-    return fx.GraphModule(root, _dec_graph(doc["graph"], fakes))
+    return fx.GraphModule(root, _dec_graph(doc["graph"], fakes, root))

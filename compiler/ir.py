@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import weakref
 from typing import Any
 
 import torch
@@ -268,6 +269,34 @@ def _record(node: fx.Node, old: Any, new: Any, check: bool, who: str) -> None:
         raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} is recorded as {type_str(old)} "
                                 f"but computes {type_str(new)}")
     node.meta["val"] = new
+
+
+_SOURCES = "_fxcc_sources"  # on a constant a pass computed: weak references to the tensors it was computed from
+
+
+def computed_from(value: torch.Tensor, *sources: Any) -> torch.Tensor:
+    """Mark `value`, a constant a pass computes from other tensors (a folded subgraph, merged or quantized
+    weights, a shard), with the model tensors it was computed from, and return it. A source that was itself
+    computed passes on its own sources. The runtime watches them (fxcc.watch): a change to any of them,
+    through `.data` too, makes the constant stale and the model is compiled again."""
+    if any(s is value for s in sources):
+        return value  # not computed: the tensor itself
+    refs: dict[int, weakref.ref] = {}
+    for s in sources:
+        if not isinstance(s, torch.Tensor):
+            continue
+        inner = sources_of(s)
+        for r in ([weakref.ref(s)] if inner is None else inner):
+            if r() is not None:
+                refs[id(r())] = r
+    setattr(value, _SOURCES, tuple(refs.values()))
+    return value
+
+
+def sources_of(value: torch.Tensor) -> tuple[weakref.ref, ...] | None:
+    """What `computed_from` recorded for `value` (weak references), or None when it was not computed by a pass
+    (a tensor of the model, or a constant of unknown origin)."""
+    return getattr(value, _SOURCES, None)
 
 
 def fetch_attr(gm: fx.GraphModule, target: str) -> Any:

@@ -23,6 +23,8 @@ class Settings:
     """Process-wide settings, read from the environment when asked for (`settings()`).
 
     cache_dir: the artifact cache (FXCC_CACHE_DIR, default ~/.cache/fxcc).
+    cache_shared, cache_trust: a read-only team cache searched after your own (FXCC_CACHE_SHARED, a directory)
+        and the key file that signed its entries (FXCC_CACHE_TRUST); used only when both are set.
     tvm_pool: where TVM kernels run their parallel loops: "openmp" (torch's threads, default) or "tvm"
         (TVM's own pool) (FXCC_TVM_POOL).
     triton_interpret: let the Triton backend build for the CPU under Triton's interpreter (tests):
@@ -31,6 +33,8 @@ class Settings:
     """
 
     cache_dir: str
+    cache_shared: str | None = None
+    cache_trust: str | None = None
     tvm_pool: str = "openmp"
     triton_interpret: bool = False
     verify_each: bool = False
@@ -45,6 +49,8 @@ def settings() -> Settings:
         raise ValueError(f"fxcc: FXCC_TVM_POOL={pool!r}; use one of {', '.join(TVM_POOLS)}")
     return Settings(
         cache_dir=env.get("FXCC_CACHE_DIR") or str(Path.home() / ".cache" / "fxcc"),
+        cache_shared=env.get("FXCC_CACHE_SHARED") or None,
+        cache_trust=env.get("FXCC_CACHE_TRUST") or None,
         tvm_pool=pool,
         triton_interpret=env.get("TRITON_INTERPRET") == "1" and env.get("FXCC_TRITON_INTERPRET") == "1",
         verify_each=env.get("FXCC_VERIFY_EACH", "").lower() in ("1", "true", "yes"),

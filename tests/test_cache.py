@@ -53,7 +53,9 @@ def test_put_then_get_gives_back_files_and_meta(cache):
     for d in (cache.root, cache.root / "entries", got.dir):
         assert d.stat().st_mode & 0o777 == 0o700, d
     manifest = json.loads((got.dir / MANIFEST).read_text())
-    assert manifest["format"] == 1 and len(manifest["files"]["lib.so"]["sha256"]) == 64
+    assert manifest["format"] == 2 and len(manifest["files"]["lib.so"]["sha256"]) == 64 and len(manifest["mac"]) == 64
+    for f in (*got.dir.iterdir(), cache.root / "key"):
+        assert f.stat().st_mode & 0o777 == 0o600, f
     assert cache.get(key("missing")) is None
 
 
@@ -147,9 +149,9 @@ def test_verify_reports_damage_and_can_evict(cache):
     good, bad = key("good"), key("bad")
     cache.put(good, FILES, META)
     _damage(cache.put(bad, FILES, META), "flipped")
-    assert cache.verify() == [(bad, "file lib.so fails its sha256 check")]
+    assert cache.verify() == [store.Problem(bad, "file lib.so fails its sha256 check")]
     assert (cache.root / "entries" / bad).exists()
-    assert cache.verify(evict=True) == [(bad, "file lib.so fails its sha256 check")]
+    assert cache.verify(evict=True) == [store.Problem(bad, "file lib.so fails its sha256 check", evicted=True)]
     assert cache.verify() == [] and [e.key for e in cache.entries()] == [good]
 
 
