@@ -108,6 +108,7 @@ class MixedPrecision(Pass):
     reads = "tx"
     writes = "tx"
     exact = False
+    measures = True
     policy: str = "auto"
     budget: float | None = None
     trials: int = 200
@@ -307,6 +308,15 @@ def _weight(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
     return ir.fetch_attr(gm, n.args[1].target)
 
 
+def _float_params(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[torch.Tensor]:
+    """The weights and biases of these linears: what their quantized or cast constants are computed from."""
+    out = []
+    for n in nodes:
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        out += [_weight(gm, n)] + ([ir.fetch_attr(gm, b.target)] if isinstance(b, fx.Node) and b.op == "get_attr" else [])
+    return out
+
+
 def _quantizable(gm: fx.GraphModule, n: fx.Node) -> bool:
     """An aten.linear whose weight (and bias) are constants of the graph: its weight can be quantized now."""
     if n.op != "call_function" or n.target is not aten.linear.default or len(n.args) < 2:
@@ -424,10 +434,11 @@ def _lower(gm: fx.GraphModule, n: fx.Node, p: str, kernel: str, w: tuple) -> Non
     """Rewrite one linear: new constants for the prepared weights, then casts or a quantized linear."""
     wt, ws, b = w
     g = gm.graph
+    sources = _float_params(gm, [n])
 
     def const(suffix: str, t: torch.Tensor) -> fx.Node:
         name = f"_mp_{n.name}_{suffix}"
-        gm.register_buffer(name, t.contiguous(), persistent=False)
+        gm.register_buffer(name, ir.computed_from(t.contiguous(), *sources), persistent=False)
         return g.get_attr(name)
 
     x = n.args[0]
@@ -465,9 +476,11 @@ def _lower_group(gm: fx.GraphModule, nodes: list[fx.Node], p: str, kernel: str, 
     sc = torch.cat([w[1] for w in ws])
     b = torch.cat([w[2] for w in ws]) if ws[0][2] is not None else None
 
+    sources = _float_params(gm, nodes)
+
     def const(suffix: str, t: torch.Tensor) -> fx.Node:
         name = f"_mp_{first.name}_merged_{suffix}"
-        gm.register_buffer(name, t.contiguous(), persistent=False)
+        gm.register_buffer(name, ir.computed_from(t.contiguous(), *sources), persistent=False)
         return g.get_attr(name)
 
     with g.inserting_before(first):
@@ -597,7 +610,7 @@ def _fold_norms(gm: fx.GraphModule) -> int:
             consts = []
             for suffix, t in (("w", qw), ("scale", ws)):
                 name = f"_mp_{node.name}_normed_{suffix}"
-                gm.register_buffer(name, t.contiguous(), persistent=False)
+                gm.register_buffer(name, ir.computed_from(t.contiguous(), *node.meta[SOURCE], gamma), persistent=False)
                 consts.append(g.get_attr(name))
             rest = node.args[3:6] if plain else node.args[3:5]
             args = (h, *consts, *rest, *((node.args[6] if len(node.args) > 6 else None,) if plain else ()), None,

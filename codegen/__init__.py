@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Protocol
 
 import torch
+from fxcc.watch import Snapshot
 from torch import Tensor
 
 KernelFn = Callable[[list[Tensor]], list[Tensor]]
@@ -46,17 +47,19 @@ def linear_weight(node: torch.fx.Node) -> Tensor | None:
     return val if isinstance(val, Tensor) and val.dim() == 2 else None
 
 
-def derived(store: dict, w: Tensor, key: object, make: Callable[[], object]) -> object:
-    """A value derived from weight `w` (a packed or aligned copy), made once and again only when `w` changes
-    in place (its version counter; inference tensors have none) or `key` differs. `store` maps id(w) to
-    (weakref to w, version, key, value); an entry goes when its weight is collected."""
-    version = None if w.is_inference() else w._version
+def derived(store: dict, w: Tensor, key: object, make: Callable[[], object], sources: tuple = ()) -> object:
+    """A value derived from weight `w` (and the tensors in `sources`, such as a bias packed with it): a packed or
+    aligned copy, made once and again only when one of them changes (the one test of fxcc.watch, which sees
+    writes through `.data` and swapped storage too) or `key` differs. `store` maps id(w) to
+    (weakref to w, snapshots, key, value); an entry goes when its weight is collected."""
     hit = store.get(id(w))
-    if hit is None or hit[0]() is not w or hit[1] != version or hit[2] != key:
-        if hit is None or hit[0]() is not w:
-            weakref.finalize(w, store.pop, id(w), None)
-        hit = store[id(w)] = (weakref.ref(w), version, key, make())
-    return hit[3]
+    if hit is not None and hit[0]() is w and hit[2] == key and all(s.same(t) for t, s in zip((w, *sources), hit[1])):
+        return hit[3]
+    if hit is None or hit[0]() is not w:
+        weakref.finalize(w, store.pop, id(w), None)
+    value = make()
+    store[id(w)] = (weakref.ref(w), [Snapshot(t) for t in (w, *sources)], key, value)
+    return value
 
 
 @dataclass

@@ -7,7 +7,7 @@ megabyte-sized weight costs as much as the product. Packed once, the GEMM reads 
 151 us against 401 us for `F.linear`; on an AMD EPYC it is about even, so, like oneDNN's, it is a
 candidate whose use is decided by measurement per kernel (the extern backend offers it).
 
-The packed copy (3.4x to 5x the weight's size, by CPU) is made once per weight version. MKL's packing
+The packed copy (3.4x to 5x the weight's size, by CPU) is made again only when the weight changes. MKL's packing
 takes a row count, but the panels it writes do not depend on it: one copy serves every row count (checked
 against `F.linear` for 1 to 257 rows; and codegen checks every candidate against the reference at its
 shapes before using it), so a weight used at many row counts (experts behind data-dependent routing)
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from fxcc.codegen import derived, linear_weight
 
 _F32 = torch.float32
-_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref, version, key, packed) (fxcc.codegen.derived)
+_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref, snapshots, key, packed) (fxcc.codegen.derived)
 
 
 @functools.cache
@@ -43,7 +43,7 @@ def applies(node: fx.Node) -> bool:
 
 
 def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """`w` packed by MKL (`rows`: the row count of the first GEMM, a hint), once per weight version."""
+    """`w` packed by MKL (`rows`: the row count of the first GEMM, a hint), again only when `w` changes."""
     def pack() -> torch.Tensor:
         return torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), max(rows, 1))
     return derived(_PACKED, w, None, pack)
@@ -52,7 +52,7 @@ def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, w, b)` through MKL with `w` packed (the library call off the CPU or for other types).
 
-    It runs once per GEMM of every call, so the common case (the packed copy of this weight version
+    It runs once per GEMM of every call, so the common case (the packed copy of this weight, unchanged,
     exists) is checked inline, without `derived`'s call."""
     if x.dtype is not _F32 or w.dtype is not _F32 or not x.is_cpu or w.dim() != 2 or x.dim() < 1:
         return F.linear(x, w, b)
@@ -60,7 +60,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if not rows:
         return F.linear(x, w, b)
     hit = _PACKED.get(id(w))
-    if hit is None or hit[0]() is not w or hit[1] != (None if w.is_inference() else w._version):
+    if hit is None or hit[0]() is not w or not hit[1][0].same(w):
         return _op()(x, packed(w, rows), w, b, rows)
     # the op runs the packed GEMM when its last argument equals the input's row count (else the library call)
     return _op()(x, hit[3], w, b, rows)

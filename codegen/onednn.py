@@ -2,7 +2,7 @@
 
 A library GEMM reads its weight in the layout torch keeps it in, and re-blocks it on every call.
 oneDNN can take the weight pre-reordered for the matrix sizes at hand; fxcc does that once per weight
-(and again only when the weight changes in place: its version counter is part of the check) and keeps
+(and again only when the weight changes: fxcc.codegen.derived, which sees `.data` writes too) and keeps
 the packed copy beside it, as inductor's freezing does. Whether it pays is measured per kernel: the
 extern backend offers `onednn` as a candidate next to the plain library call.
 """
@@ -34,7 +34,7 @@ def applies(node: fx.Node) -> bool:
 
 def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
     """`w` reordered for GEMMs of about `rows` rows (a hint: the packed weight serves any row count), made
-    once per weight version: a weight used at several row counts (experts of a mixture) is packed once."""
+    once per weight (again when it changes): a weight used at several row counts (experts) is packed once."""
     return derived(_PACKED, w, None, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
 
 

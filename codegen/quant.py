@@ -62,7 +62,7 @@ def _packed(qw: Tensor, ws: Tensor, b: Tensor | None):
             qt = torch._make_per_channel_quantized_tensor(qw.cpu(), ws.double().cpu(),
                                                            torch.zeros(qw.shape[0], dtype=torch.long), 0)
             return torch.ops.quantized.linear_prepack(qt, None if b is None else b.float())
-    return derived(_PACKED, qw, (id(b), ws.data_ptr()), pack)
+    return derived(_PACKED, qw, None, pack, (ws,) if b is None else (ws, b))
 
 
 _PACKED: dict[int, tuple] = {}

@@ -229,7 +229,7 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
             t = mid if src < 0 else inputs[src]
             if pack:
                 t = _packed(t, pack)
-            elif t.stride() != stride or t.data_ptr() % 64:  # TVM assumes 64-byte aligned buffers
+            elif t.stride() != stride or (_address(t) + t.storage_offset() * t.element_size()) % 64:  # TVM: aligned
                 t = _aligned(t, shape, stride)
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
@@ -246,22 +246,23 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     return run
 
 
-# aligned copies of weights that arrive misaligned (mmapped checkpoints), made once per weight version
+_address = torch._C._data_address  # read without asking for write access (fxcc.watch)
+# aligned copies of weights that arrive misaligned (mmapped checkpoints), made again only when the weight changes
 _ALIGNED: dict[int, tuple] = {}
-# linear weights packed in column panels for generated GEMMs (fxcc.codegen.tvm_lower), once per weight version
+# linear weights packed in column panels for generated GEMMs (fxcc.codegen.tvm_lower), again when it changes
 _PANELS: dict[int, tuple] = {}
 
 
 def _packed(w: torch.Tensor, tn: int) -> torch.Tensor:
-    """The [N, K] weight `w` as [N/tn, K, tn] panels (64-byte aligned): made once per weight version for a
-    parameter, per call for anything else (an activation used as a weight)."""
+    """The [N, K] weight `w` as [N/tn, K, tn] panels (64-byte aligned): made once for a parameter (again when
+    it changes), per call for anything else (an activation used as a weight)."""
     n, k = w.shape
     return _per_weight(_PANELS, w, tn, lambda: w.detach().reshape(n // tn, tn, k).transpose(1, 2).contiguous())
 
 
 def _per_weight(store: dict, t: torch.Tensor, key: object, make) -> torch.Tensor:
-    """make(): once per version of a parameter (fxcc.codegen.derived), once per call for anything else,
-    whose storage a pooled kernel output may overwrite without a version bump."""
+    """make(): once for a parameter, again when it changes (fxcc.codegen.derived), once per call for anything
+    else (an activation: the next call brings another)."""
     if t.is_inference() or not (t.requires_grad or isinstance(t, torch.nn.Parameter)):
         return make()
     return derived(store, t, key, make)
@@ -269,7 +270,7 @@ def _per_weight(store: dict, t: torch.Tensor, key: object, make) -> torch.Tensor
 
 def _aligned(t: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
     """`t` copied into a 64-byte aligned tensor with the compiled strides; a weight is copied only once
-    (until it changes in place: its version counter is part of the check)."""
+    (and again when it changes: fxcc.codegen.derived)."""
     return _per_weight(_ALIGNED, t, stride, lambda: _strided_copy(t.detach(), shape, stride))
 
 

@@ -6,7 +6,7 @@ buffer becomes a stage: reductions (norm statistics, softmax max/sum, sums), GEM
 Inputs are read through their strides from a flat buffer over their storage (views cost no copy);
 outputs are written in the physical order of the strides the graph expects. A linear's weight is the
 exception: the kernel reads it packed into panels of `tn` output columns ([N/tn, K, tn], made once per
-weight version by the caller), so the GEMM's vector loads along n are contiguous.
+weight by the caller, again when it changes), so the GEMM's vector loads along n are contiguous.
 """
 
 from __future__ import annotations

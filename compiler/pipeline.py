@@ -52,13 +52,15 @@ class PassContext:
 class Pass:
     """A pass: a kebab-case `name`, typed options as dataclass fields, and `apply`.
 
-    `reads`/`writes` name the IR levels (aten, tx, kernel) the pass works on.
+    `reads`/`writes` name the IR levels (aten, tx, kernel) the pass works on; `measures`: the pass chooses by
+    timing, so its output depends on the machine (the graph cache's key then names the machine).
     """
 
     name: ClassVar[str] = ""
     reads: ClassVar[str] = "aten"
     writes: ClassVar[str] = "aten"
     exact: ClassVar[bool] = True
+    measures: ClassVar[bool] = False
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -1,8 +1,10 @@
 """CompiledModule: the callable `fxcc.compile` returns.
 
-Guards on the call's structure, tensor shapes/dtypes/devices, the module's training flag and its
-parameters (identity and version) select a compiled variant or compile a new one; past
-`max_variants` new signatures run eagerly with a warning.
+Guards on the call's structure, tensor shapes/dtypes/devices, the module's training flag and the caller's
+autocast and default dtype select a compiled variant or compile a new one; past `max_variants` new
+signatures run eagerly with a warning. The model's state the variants depend on (fxcc.guards: its tensors
+by identity and layout, primitive attributes, the contents of weights folded into constants) is checked on
+every call; a change drops the variants and compiles again.
 
 A variant's executable is an fx graph whose parameters are bound once, when it is built, and whose
 kernels are direct calls. On CUDA, where every value lives on the GPU, the executable is captured
@@ -15,7 +17,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import operator
 import time
 import warnings
 from collections import Counter
@@ -42,6 +43,7 @@ from .capture import (
     register_model_pytrees,
 )
 from .dialects import KERNEL_OPS, dialect_of, op_name
+from .guards import ModuleState, call_context, graph_sources, mark_code_constants
 from .measure import capture_graph
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
@@ -49,7 +51,6 @@ from .quality import fit_quality_budget
 from .store import default_cache
 
 log = logging.getLogger(__name__)
-_VERSION = operator.attrgetter("_version")
 
 
 class CudaGraph:
@@ -149,7 +150,7 @@ def _fast_key(args: tuple, training: bool) -> tuple | None:
     """The guard key of a call whose arguments are all plain tensors (None for any other call)."""
     if not all(type(a) is torch.Tensor for a in args):
         return None
-    return (training, *[(a.shape, a.dtype, a.device, a.layout) for a in args])
+    return (training, call_context(), *[(a.shape, a.dtype, a.device, a.layout) for a in args])
 
 
 class CompiledModule:
@@ -162,7 +163,8 @@ class CompiledModule:
         self._eager_call = eager_call or module
         self._variants: dict[Any, Variant | _Eager] = {}
         self._fast: dict[tuple, Variant] = {}  # _fast_key -> variant, for calls with plain tensor arguments
-        self._params: list[tuple[dict, str, Any, int | None]] = []  # (owner dict, name, object, version)
+        self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
+        self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self.stats = CompileStats()
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
         self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
@@ -201,11 +203,13 @@ class CompiledModule:
         if variant is not None and (not self._params or self._params_unchanged()):
             return variant.run(list(args))
         flat, key = self._guard(args, kwargs)
-        if self._params and not self._params_unchanged():
+        why = self._params.changed() if self._params else None
+        if why is not None:
             self.stats.param_recompiles += 1
-            log.info("parameters of %s changed since compile; recompiling", self.name)
+            log.info("%s changed since compile (%s); recompiling", self.name, why)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._fast = {}
+            self._sources = {}
         variant = self._variants.get(key)
         if variant is None:
             variant = self._new_variant(args, kwargs, key)
@@ -218,7 +222,7 @@ class CompiledModule:
 
     def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
         flat, spec = flatten_inputs(args, kwargs)
-        return flat, (spec, tuple(_leaf_key(x) for x in flat), self.module.training)
+        return flat, (spec, tuple(_leaf_key(x) for x in flat), self.module.training, call_context())
 
     def warm(self, *args: Any, **kwargs: Any) -> None:
         """Compile for these inputs now (as the first call would), without running the model."""
@@ -227,23 +231,18 @@ class CompiledModule:
             self._new_variant(args, kwargs, key)
 
     def _params_unchanged(self) -> bool:
-        # C-level loops over a few hundred entries: this runs on every call
-        owners, names, objs, tensors, versions = self._param_check
-        return (all(map(operator.is_, map(dict.get, owners, names), objs))
-                and list(map(_VERSION, tensors)) == versions)
+        return self._params.changed() is None
 
-    def _snapshot_params(self) -> None:
-        """Parameters and buffers by identity and version; submodules by identity (replacing one counts)."""
-        self._params = []
-        for mod in self.module.modules():
-            self._params.extend((mod._modules, name, sub, None) for name, sub in mod._modules.items())
-            for store in (mod._parameters, mod._buffers):
-                for name, t in store.items():
-                    if t is not None:
-                        self._params.append((store, name, t, t._version))
-        tensors = [(t, v) for _, _, t, v in self._params if v is not None]
-        self._param_check = ([o for o, _, _, _ in self._params], [n for _, n, _, _ in self._params],
-                             [t for _, _, t, _ in self._params], [t for t, _ in tensors], [v for _, v in tensors])
+    def _snapshot_params(self, sources: list[torch.Tensor] | None = None, addresses: bool = False) -> None:
+        """Record the model's state the variants depend on; `sources`: the tensors this variant's constants
+        were computed from (None: unknown, so all), added to those of the variants compiled before."""
+        if sources is None or self._sources is None:
+            self._sources = None
+        else:
+            self._sources.update((id(t), t) for t in sources)
+        addresses = addresses or any(v.cuda_graph is not None for v in self.variants)
+        self._params = ModuleState(self.module, None if self._sources is None else list(self._sources.values()),
+                                   addresses)
 
     # ------------------------------------------------------------------------------- compiling
 
@@ -254,6 +253,12 @@ class CompiledModule:
                       f"{self.options.max_variants}); this input signature runs eagerly")
             warnings.warn(f"fxcc: {reason}. Use fixed input shapes or raise CompileOptions.max_variants.",
                           stacklevel=3)
+            self._variants[key] = _Eager(reason)
+            return self._variants[key]
+        if call_context()[0]:  # export does not trace the caller's autocast: compiled code would skip its casts
+            reason = f"{self.name} is called under torch.autocast, which fxcc does not compile; it runs eagerly there"
+            warnings.warn(f"fxcc: {reason}. Compile the model in the dtype you want (model.to(torch.bfloat16)) to "
+                          "run it compiled.", stacklevel=3)
             self._variants[key] = _Eager(reason)
             return self._variants[key]
         check_call(self.module, args, kwargs)
@@ -300,6 +305,7 @@ class CompiledModule:
                 return dycl.compile_dynamic(self, args, kwargs, e)
             finally:
                 self.capturing = False
+            mark_code_constants(cap.gm, self.module)
             if opts.verify_each:
                 ir.verify(cap.gm, who="after capture")
             if opts.quality_budget is not None and any(not p.exact for p in front):
@@ -309,7 +315,6 @@ class CompiledModule:
             gm, records = pm.run(cap.gm, ctx), pm.records
             if key:
                 graph_cache.store(cache, key, gm, self.module, cap.in_spec, cap.out_spec, cap.method, records)
-        self._snapshot_params()
         pm = manager(back)
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
@@ -319,6 +324,7 @@ class CompiledModule:
         seconds = time.perf_counter() - t0
         log.info("compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
         graphs = opts.cuda_graphs and ctx.target == "cuda" and graphable(gm)
+        self._snapshot_params(graph_sources(gm, self.module), addresses=graphs)
         return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name,
                        quality_loss=loss, kernels=kernels)
 
@@ -331,7 +337,8 @@ class CompiledModule:
         flat, spec = flatten_inputs(args, kwargs)
         pipeline = ",".join(p.spec() for p in front)
         key = graph_cache.graph_key(self.module, flat, spec, pipeline, target,
-                                    calibrates=any(not p.exact for p in front))
+                                    calibrates=any(not p.exact for p in front), context=repr(call_context()),
+                                    machine=any(p.measures for p in front))
         return (default_cache(), key) if key else (None, None)
 
     # ------------------------------------------------------------------------------- reporting

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.ir import fetch_attr
+from fxcc.ir import computed_from, fetch_attr
 from fxcc.pipeline import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -69,12 +69,14 @@ class Canonicalize(Pass):
     def _fold(self, gm: fx.GraphModule) -> int:
         """Evaluate nodes computed only from parameters/buffers/constants; store results as buffers."""
         const: dict[fx.Node, object] = {}
+        sources: dict[fx.Node, list] = {}  # the parameters, buffers and constants each value is computed from
         written = _written_in_place(gm)  # folded, these would be shared constants mutated by every call
         for node in gm.graph.nodes:
             if node in written:
                 continue
             if node.op == "get_attr":
                 const[node] = fetch_attr(gm, node.target)
+                sources[node] = [const[node]]
             elif node.op == "call_function" and _is_deterministic_op(node):
                 inputs = node.all_input_nodes
                 if all(n in const for n in inputs):
@@ -82,6 +84,7 @@ class Canonicalize(Pass):
                     kwargs = fx.node.map_arg(node.kwargs, lambda n: const[n])
                     with torch.no_grad():
                         const[node] = node.target(*args, **kwargs)
+                    sources[node] = [t for n in inputs for t in sources[n]]
         # materialise only the frontier: folded nodes used by non-folded ones, computed by a real op
         folded = 0
         budget = self.max_fold_mb * 2**20
@@ -100,7 +103,8 @@ class Canonicalize(Pass):
                 continue
             budget -= size
             name = _fresh(gm, f"_folded_{node.name}")
-            gm.register_buffer(name, value.contiguous() if not value.is_contiguous() else value, persistent=False)
+            value = value.contiguous() if not value.is_contiguous() else value
+            gm.register_buffer(name, computed_from(value, *sources[node]), persistent=False)
             with gm.graph.inserting_before(node):
                 attr = gm.graph.get_attr(name)
             attr.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.ir import fetch_attr
+from fxcc.ir import computed_from, fetch_attr
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, is_op, val
 
@@ -78,9 +78,10 @@ class MergeLinears(Pass):
         with torch.no_grad():
             weight = torch.cat([w.detach() for w in ws])
             bias = None if bs[0] is None else torch.cat([fetch_attr(gm, b.target).detach() for b in bs])
-        args = [first.args[0], _constant(gm, rw, first, "_merged_weight", weight)]
+        args = [first.args[0], _constant(gm, rw, first, "_merged_weight", computed_from(weight, *ws))]
         if bias is not None:
-            args.append(_constant(gm, rw, first, "_merged_bias", bias))
+            biases = [fetch_attr(gm, b.target) for b in bs]
+            args.append(_constant(gm, rw, first, "_merged_bias", computed_from(bias, *biases)))
         wide = rw.call(LINEAR, tuple(args), at=first)
         parts, start = [], 0
         for w in ws:  # every slice sits before the first linear, so each precedes all uses of its linear

@@ -140,7 +140,7 @@ class _Sharder:
             raise ShardError(f"tp-shard{{tp={self.tp}}}: {node.target} has {size} features along dim {dim}, "
                              f"not divisible by tp={self.tp}; choose a tp that divides it")
         n = size // self.tp
-        shard = full.detach().narrow(dim, self.rank * n, n).contiguous().clone()
+        shard = ir.computed_from(full.detach().narrow(dim, self.rank * n, n).contiguous().clone(), full)
         name = f"tp_{str(node.target).replace('.', '_')}"
         self.gm.register_buffer(name, shard)
         attrs = [n for n in self.gm.graph.nodes if n.op == "get_attr"]

@@ -107,7 +107,7 @@ def test_past_max_variants_runs_eagerly_with_a_warning(model):
     assert cm.stats.compiles == 2 and cm.stats.eager_calls == 2
 
 
-def test_in_place_parameter_update_recompiles(model):
+def test_in_place_update_of_a_folded_parameter_recompiles(model):
     cm = fxcc.compile(model)
     x = torch.randn(2, 8)
     before = cm(x)
@@ -119,9 +119,9 @@ def test_in_place_parameter_update_recompiles(model):
     assert not torch.allclose(before, after)
     assert cm.stats.compiles == 2 and cm.stats.param_recompiles == 1
     with torch.no_grad():
-        model.lin.weight.mul_(2)
+        model.lin.weight.mul_(2)  # read live by the compiled code: right without compiling again
     close(cm(x), model(x))
-    assert cm.stats.param_recompiles == 2
+    assert cm.stats.param_recompiles == 1
 
 
 def test_in_place_update_through_the_compiled_module(model):

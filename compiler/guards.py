@@ -1,0 +1,185 @@
+"""What a compiled module assumed about its model's state, checked before every call (fxcc.runtime).
+
+A compiled variant reads the model's parameters and buffers live (its executable holds the tensors
+themselves), so in-place updates of most weights need nothing. What it does not read live is what a
+compile baked in:
+- the module tree, parameters, buffers and tensor attributes by identity (a replaced one is another model);
+- their layouts (shape, strides, dtype, device): kernels were built for them (`p.data = t` may change them);
+- primitive attributes of every submodule and of `config` objects (export folds `negative_slope`, `eps`,
+  flags of the forward into the graph);
+- the contents of tensors a pass computed constants from (folded subgraphs, merged or quantized weights,
+  shards: fxcc.ir.computed_from), watched by fxcc.watch, which also sees writes through `.data`;
+- on CUDA graphs, every tensor's address (a graph replays the pointers it captured).
+Packed copies the backends keep are checked by the backends themselves (fxcc.codegen.derived).
+The check runs on every call: C-level loops over lists built once.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from itertools import repeat
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import ir
+from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
+from .watch import Snapshot
+
+_LAYOUT = operator.attrgetter("shape")
+_STRIDE = operator.methodcaller("stride")
+_DTYPE = operator.attrgetter("dtype", "device")
+_ADDRESS = torch._C._data_address
+
+
+def call_context() -> tuple:
+    """The caller's torch state that changes what capture produces, hence part of every guard and graph key:
+    autocast (device types and their dtypes) and the default dtype (of tensors the forward creates)."""
+    autocast = ()
+    if torch._C._is_any_autocast_enabled():
+        autocast = tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+    return autocast, torch.get_default_dtype()
+
+
+def graph_sources(gm: fx.GraphModule, module: nn.Module) -> list[torch.Tensor] | None:
+    """The model's tensors the constants of `gm` were computed from; None when a constant's origin is unknown
+    (then every tensor of the model counts). Constants that are the model's own tensors are read live."""
+    mine = {id(t) for t in named_tensors(module).values()}
+    out: dict[int, torch.Tensor] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        t = ir.fetch_attr(gm, n.target)
+        if not isinstance(t, torch.Tensor) or id(t) in mine:
+            continue
+        refs = ir.sources_of(t)
+        if refs is None:
+            return None
+        for r in refs:
+            s = r()
+            if s is not None and id(s) in mine:
+                out[id(s)] = s
+    return list(out.values())
+
+
+def mark_code_constants(gm: fx.GraphModule, module: nn.Module) -> None:
+    """Constants right after capture that are not the model's tensors come from its code (`torch.tensor(...)`
+    in forward): computed from nothing the user can change."""
+    mine = {id(t) for t in named_tensors(module).values()}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = ir.fetch_attr(gm, n.target)
+            if isinstance(t, torch.Tensor) and id(t) not in mine and ir.sources_of(t) is None:
+                ir.computed_from(t)
+
+
+class ModuleState:
+    """The state of `module` that compiled code depends on, as it is now; `changed()` says what differs later.
+
+    sources: tensors whose contents were folded into constants (None: all of the model's tensors).
+    addresses: also check every tensor's address (variants replaying CUDA graphs).
+    """
+
+    def __init__(self, module: nn.Module, sources: list[torch.Tensor] | None, addresses: bool = False) -> None:
+        self.owners, self.names, self.objs, self.where = [], [], [], []
+        self.dicts, self.keys, self.values, self.attr_where = [], [], [], []  # primitive attributes
+        self.counts_of: list[dict] = []
+        self.modes: list[dict] = []  # submodules' attributes, whose `training` must keep its relation to the root's
+        self.module = module
+        for path, mod in module.named_modules(remove_duplicate=False):
+            self._module(path, mod, root=mod is module)
+        self.relative = self._relative()
+        tensors = named_tensors(module)
+        self.tensors = list({id(t): t for t in tensors.values()}.values())
+        self.tensor_names = {id(t): n for n, t in tensors.items()}
+        self.shapes = list(map(_LAYOUT, self.tensors))
+        self.strides = list(map(_STRIDE, self.tensors))
+        self.dtypes = list(map(_DTYPE, self.tensors))
+        self.counts = list(map(len, self.counts_of))
+        watched = self.tensors if sources is None else sources
+        self.watched = [(t, Snapshot(t)) for t in watched]  # first: a snapshot may move a tensor's memory
+        self.addresses = list(map(_ADDRESS, self.tensors)) if addresses else None
+
+    def _module(self, path: str, mod: nn.Module, root: bool) -> None:
+        at = f"{path}." if path else ""
+        for store, kind in ((mod._modules, "submodule"), (mod._parameters, "parameter"), (mod._buffers, "buffer")):
+            for name, obj in store.items():
+                self.owners.append(store)
+                self.names.append(name)
+                self.objs.append(obj)
+                self.where.append(f"{kind} {at}{name}")
+        attrs = vars(mod)
+        self.counts_of.append(attrs)
+        for k, v in attrs.items():
+            if isinstance(v, torch.Tensor):  # a tensor attribute: export lifts it as a constant of the graph
+                self.owners.append(attrs)
+                self.names.append(k)
+                self.objs.append(v)
+                self.where.append(f"tensor attribute {at}{k}")
+            elif k == "training":  # the root's is part of the variant's key; submodules' count relative to it
+                if not root and isinstance(v, bool):
+                    self.modes.append(attrs)
+            elif k not in MODULE_INTERNALS and primitive(v):
+                self._attr(attrs, k, v, f"attribute {at}{k}")
+        config = attrs.get("config")
+        if config is not None and hasattr(config, "__dict__") and not isinstance(config, (nn.Module, torch.Tensor)):
+            cfg = vars(config)
+            if not any(d is cfg for d in self.counts_of):
+                self.counts_of.append(cfg)
+                for k, v in cfg.items():
+                    if primitive(v):
+                        self._attr(cfg, k, v, f"config field {at}config.{k}")
+
+    def _attr(self, d: dict, k: str, v: Any, where: str) -> None:
+        self.dicts.append(d)
+        self.keys.append(k)
+        self.values.append(copy.deepcopy(v))  # a list changed in place must not change the recorded value
+        self.attr_where.append(where)
+
+    def changed(self) -> str | None:
+        """None when everything compiled code depends on is as it was; else what changed, for the log."""
+        if (all(map(operator.is_, map(dict.get, self.owners, self.names), self.objs))
+                and list(map(dict.get, self.dicts, self.keys)) == self.values
+                and self._relative() == self.relative
+                and list(map(len, self.counts_of)) == self.counts
+                and list(map(_LAYOUT, self.tensors)) == self.shapes
+                and list(map(_STRIDE, self.tensors)) == self.strides
+                and list(map(_DTYPE, self.tensors)) == self.dtypes
+                and (self.addresses is None or list(map(_ADDRESS, self.tensors)) == self.addresses)
+                and all(s.same(t) for t, s in self.watched)):
+            return None
+        return self._what()
+
+    def _what(self) -> str | None:
+        for d, k, obj, where in zip(self.owners, self.names, self.objs, self.where):
+            if d.get(k) is not obj:
+                return f"{where} was replaced"
+        for d, k, v, where in zip(self.dicts, self.keys, self.values, self.attr_where):
+            if d.get(k, _MISSING) != v:
+                return f"{where} changed from {v!r} to {d.get(k, '(deleted)')!r}"
+        if list(map(len, self.counts_of)) != self.counts:
+            return "a module attribute was added or deleted"
+        if self._relative() != self.relative:
+            return "a submodule was put in training or eval mode on its own"
+        for t, shape, stride, (dtype, device) in zip(self.tensors, self.shapes, self.strides, self.dtypes):
+            if (t.shape, t.stride(), t.dtype, t.device) != (shape, stride, dtype, device):
+                return f"{self._name(t)} changed layout (now {t.dtype} {list(t.shape)})"
+        if self.addresses is not None and list(map(_ADDRESS, self.tensors)) != self.addresses:
+            return "a tensor of the model moved to other memory (`.data =`): a CUDA graph reads the old one"
+        for t, s in self.watched:
+            if not s.same(t):
+                return f"the contents of {self._name(t)} changed (compiled code holds values computed from it)"
+        return None  # a snapshot was taken again: contents were the same
+
+    def _relative(self) -> list[bool]:
+        """Each submodule's `training` as it relates to the root's (train() and eval() on the model keep it)."""
+        return list(map(operator.xor, map(dict.get, self.modes, repeat("training")), repeat(self.module.training)))
+
+    def _name(self, t: torch.Tensor) -> str:
+        return self.tensor_names.get(id(t), "a tensor of the model")
+
+
+_MISSING = object()

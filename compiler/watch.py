@@ -1,0 +1,95 @@
+"""Has a tensor changed since fxcc derived something from it? The one test behind the runtime's guards on
+weights folded into constants and the backends' packed-weight caches (fxcc.codegen.derived).
+
+A version counter cannot answer it: `p.data.mul_(3)` writes through an alias with a counter of its own, and
+`p.data = t` swaps the storage without a bump. Comparing contents on every call would cost a pass over the
+weights. Instead a `Snapshot` is a copy-on-write clone of the tensor (`torch._lazy_clone`): it shares the
+tensor's memory, and the first write to that memory through any alias (`.data`, a view, `copy_`, an optimizer)
+gives the tensor a fresh buffer. So "the tensor's buffer is still the snapshot's" proves nothing was written:
+one address compare per call. A different address means a write or a read that asked for a writable pointer
+(DLPack, numpy); then the contents are compared bit for bit with the snapshot (still the old values), and
+when they are equal the snapshot is taken again. A storage over memory torch did not allocate (mmapped
+safetensors) is first moved, in place, to memory torch allocated (`own_memory`). Where a copy-on-write clone
+still cannot be made (an exotic tensor type), the snapshot is a plain copy compared on every check.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_address = torch._C._data_address  # the storage's data pointer, read without asking for write access
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class Snapshot:
+    """What tensor `t` held when the snapshot was taken; `same(t)` says whether it still does."""
+
+    __slots__ = ("address", "copy", "cow", "layout")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.take(t)
+
+    def take(self, t: torch.Tensor) -> None:
+        with torch.no_grad():
+            try:
+                self.copy, self.cow = _lazy_clone(t), True
+            except (RuntimeError, TypeError, NotImplementedError) as e:
+                log.debug("no copy-on-write snapshot of a %s (%s); comparing contents on each check", type(t), e)
+                self.copy, self.cow = t.detach().clone(), False
+        self.address = _address(t)
+        self.layout = _layout(t)
+
+    def same(self, t: torch.Tensor) -> bool:
+        """True when `t` has the layout and the bits it had at the snapshot (for a tensor of the same identity)."""
+        if self.cow and _address(t) == self.address and _layout(t) == self.layout:
+            return True
+        if _layout(t) != self.layout or not same_bits(t, self.copy):
+            return False
+        if self.cow:
+            self.take(t)  # a read that asked for a writable pointer gave `t` a new buffer: watch that one
+        return True
+
+
+def _lazy_clone(t: torch.Tensor) -> torch.Tensor:
+    """A copy-on-write clone of `t`. A storage over memory torch did not allocate (weights `from_pretrained`
+    mmapped from safetensors, `torch.frombuffer`) cannot be copy-on-write: it is first given memory of its own,
+    in place (`own_memory`), once."""
+    try:
+        return torch._lazy_clone(t.detach())
+    except RuntimeError:
+        if not own_memory(t):
+            raise
+        return torch._lazy_clone(t.detach())
+
+
+def own_memory(t: torch.Tensor) -> bool:
+    """Back `t`'s storage with a copy of its bytes that torch allocated, swapped in place: every tensor sharing
+    the storage (views, tied weights, a state_dict) keeps sharing it, with the same values; only the memory
+    behind it moves (from a file mapping to the heap). False when the storage cannot be swapped."""
+    storage = t.untyped_storage()
+    try:
+        fresh = storage.clone()
+        storage._swap_data_ptr_(fresh)
+    except (RuntimeError, AttributeError) as e:
+        log.debug("cannot give a %s storage memory of its own: %s", t.device, e)
+        return False
+    log.debug("moved a %d-byte storage over foreign memory to torch's allocator to watch it", storage.nbytes())
+    return True
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.storage_offset(), t.dtype, t.device
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two tensors of one layout (NaN equals the same NaN; -0.0 differs from 0.0)."""
+    with torch.no_grad():
+        if a.is_complex():
+            a, b = torch.view_as_real(a), torch.view_as_real(b)
+        if a.dtype.is_floating_point:
+            a, b = a.view(_INT[a.element_size()]), b.view(_INT[b.element_size()])
+        return torch.equal(a, b)

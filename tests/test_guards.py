@@ -1,0 +1,216 @@
+"""Guards see every change that changes the result: each kind of change to a model after it was compiled is
+either read live by the compiled code or makes it compile again; the outputs equal eager's either way."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+from conftest import assert_outputs_close
+from fxcc import codegen, watch
+from fxcc.codegen import mkl, onednn, tvm
+
+
+@dataclasses.dataclass
+class Config:
+    shift: float = 0.5
+
+
+class Siblings(nn.Module):
+    """Two linears of one input (merged into one by merge-linears: weights copied into a constant), a
+    parameter-only subgraph (folded into a constant), a LeakyReLU, a tensor attribute and a config field."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(d))
+        self.act = nn.LeakyReLU(0.01)
+        self.scale = torch.tensor(2.0)
+        self.config = Config()
+
+    def forward(self, x):
+        h = self.act(self.a(x) - self.b(x)) * (self.w * 2 + 1)
+        return h * self.scale + self.config.shift
+
+
+def _change(m: nn.Module, how: str) -> None:
+    with torch.no_grad():
+        if how == "data.mul_ (merged)":
+            m.a.weight.data.mul_(3)
+        elif how == "data.mul_ (folded)":
+            m.w.data.mul_(3)
+        elif how == "data = (merged)":
+            m.b.weight.data = torch.randn_like(m.b.weight)
+        elif how == "data = same values":
+            m.w.data = m.w.data.clone()  # new storage, same values: compiled code must stay right
+        elif how == "mul_ (folded)":
+            m.w.mul_(2)
+        elif how == "detach().numpy() write":
+            m.w.detach().numpy()[0] += 5.0
+        elif how == "primitive attribute":
+            m.act.negative_slope = 0.5
+        elif how == "tensor attribute in place":
+            m.scale.mul_(3)
+        elif how == "tensor attribute replaced":
+            m.scale = torch.tensor(-1.0)
+        elif how == "config field":
+            m.config.shift = -3.0
+        elif how == "submodule replaced":
+            m.act = nn.ReLU()
+        elif how == "parameter replaced":
+            m.w = nn.Parameter(torch.ones(16))
+
+
+KINDS = ["data.mul_ (merged)", "data.mul_ (folded)", "data = (merged)", "data = same values", "mul_ (folded)",
+         "detach().numpy() write", "primitive attribute", "tensor attribute in place", "tensor attribute replaced",
+         "config field", "submodule replaced", "parameter replaced"]
+
+
+@pytest.mark.parametrize("how", KINDS)
+def test_every_kind_of_change_to_an_mlp_is_seen(how):
+    torch.manual_seed(0)
+    m, x = Siblings().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m)
+    torch.testing.assert_close(cm(x), m(x))
+    before = m(x)
+    _change(m, how)
+    if how != "data = same values":
+        assert not torch.allclose(m(x), before)  # the change changes the result
+    torch.testing.assert_close(cm(x), m(x))
+    torch.testing.assert_close(cm(x), m(x))  # and stays right on the next call (fast path)
+
+
+def test_a_change_that_keeps_the_values_does_not_recompile():
+    torch.manual_seed(0)
+    m, x = Siblings().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m)
+    cm(x)
+    with torch.no_grad():
+        m.a.weight.copy_(m.a.weight.clone())  # written, same bits
+        m.a.weight.detach().numpy()  # a writable pointer was asked for, nothing written
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.compiles == 1 and cm.stats.param_recompiles == 0
+    m.b.weight.data.add_(1)
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaModel
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    return LlamaModel(cfg).eval(), torch.randint(0, 64, (1, 8))
+
+
+LLAMA = {
+    "q_proj.data.mul_": lambda m: m.layers[0].self_attn.q_proj.weight.data.mul_(3),  # merged with k, v
+    "up_proj.data =": lambda m: setattr(m.layers[1].mlp.up_proj.weight, "data",
+                                        torch.randn_like(m.layers[1].mlp.up_proj.weight)),
+    "norm.data.mul_": lambda m: m.norm.weight.data.mul_(-2),
+    "rms eps attribute": lambda m: setattr(m.layers[0].input_layernorm, "variance_epsilon", 0.5),
+    "inv_freq buffer": lambda m: m.rotary_emb.inv_freq.data.mul_(7),
+}
+
+
+@pytest.mark.parametrize("how", list(LLAMA))
+def test_every_kind_of_change_to_a_tiny_llama_is_seen(how):
+    m, ids = _llama()
+    cm = fxcc.compile(m)
+    assert_outputs_close(cm(ids), m(ids), atol=1e-4, rtol=1e-4)
+    before = m(ids).last_hidden_state
+    with torch.no_grad():
+        LLAMA[how](m)
+    assert not torch.allclose(m(ids).last_hidden_state, before, atol=1e-3)
+    assert_outputs_close(cm(ids), m(ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pack", ["mkl", "onednn", "tvm panels"])
+def test_packed_weight_caches_see_writes_through_data(pack):
+    if pack == "mkl" and not mkl.available() or pack == "onednn" and not onednn.available():
+        pytest.skip(f"{pack} is not in this torch build")
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(32, 16), requires_grad=False)
+    x = torch.randn(4, 16)
+    kept = {"mkl": mkl._PACKED, "onednn": onednn._PACKED, "tvm panels": tvm._PANELS}[pack]
+
+    def check():
+        if pack == "tvm panels":  # [N/8, K, 8] panels hold w
+            torch.testing.assert_close(tvm._packed(w, 8).transpose(1, 2).reshape(32, 16), w)
+        else:
+            got = (mkl if pack == "mkl" else onednn).linear(x, w)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=1e-4, rtol=1e-4)
+
+    check()
+    packed = kept[id(w)][3]
+    check()
+    assert kept[id(w)][3] is packed  # kept while the weight is unchanged
+    for change in (lambda: w.data.mul_(3), lambda: setattr(w, "data", torch.randn(32, 16)), lambda: w.mul_(-1)):
+        change()
+        check()
+        assert kept[id(w)][3] is not packed
+        packed = kept[id(w)][3]
+
+
+def test_derived_values_follow_every_source():
+    store: dict = {}
+    w, b = torch.randn(4), torch.randn(4)
+    made = []
+
+    def value():
+        return codegen.derived(store, w, None, lambda: made.append(1) or w + b, (b,))
+
+    v = value()
+    assert value() is v and len(made) == 1
+    b.data.add_(1)  # a source besides the weight (a bias packed with it)
+    torch.testing.assert_close(value(), w + b)
+    assert len(made) == 2
+
+
+def test_a_snapshot_sees_writes_not_reads():
+    t = torch.randn(64)
+    s = watch.Snapshot(t)
+    assert s.same(t)
+    t.numpy()  # asks for a writable pointer: the buffer moves, the bits stay
+    assert s.same(t) and s.same(t)
+    t.data[3] = float("nan")
+    assert not s.same(t)
+    s = watch.Snapshot(t)
+    assert s.same(t)  # NaN equals the same NaN
+    t.data = torch.randn(8, 8)
+    assert not s.same(t)
+
+
+def test_weights_over_foreign_memory_are_watched_by_copy_on_write(tmp_path):
+    """Weights mmapped from a file (as `from_pretrained` loads safetensors) get memory of their own, in place,
+    so their snapshot is copy-on-write rather than a comparison of every byte on every call."""
+    path = tmp_path / "w.bin"
+    torch.arange(64, dtype=torch.float32).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=64, dtype=torch.float32)
+    p = nn.Parameter(mapped.view(8, 8), requires_grad=False)
+    alias = p.detach()[1]  # another tensor on the same storage
+    s = watch.Snapshot(p)
+    assert s.cow and torch._C._is_cow_tensor(p)
+    assert p.untyped_storage()._cdata == alias.untyped_storage()._cdata  # still one storage
+    assert s.same(p)
+    alias.mul_(10)  # a write through any alias is seen
+    assert not s.same(p) and p[1, 0].item() == 80.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("how", ["data = (merged)", "data.mul_ (merged)", "data = same values", "primitive attribute"])
+def test_changes_are_seen_by_a_replayed_cuda_graph(how):
+    """A CUDA graph replays the addresses it captured: `.data =` must recompile even with the same values."""
+    torch.manual_seed(0)
+    m, x = Siblings().cuda().eval(), torch.randn(4, 16, device="cuda")
+    m.scale = m.scale.cuda()  # a plain tensor attribute: .cuda() does not move it
+    cm = fxcc.compile(m)
+    for _ in range(2):  # capture, then replay
+        torch.testing.assert_close(cm(x), m(x))
+    _change(m, how)
+    for _ in range(2):
+        torch.testing.assert_close(cm(x), m(x))
