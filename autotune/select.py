@@ -10,6 +10,7 @@ dropped with a warning naming the kernel, so a backend failure never fails the c
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Iterable
@@ -19,13 +20,13 @@ import torch
 import torch.fx as fx
 from fxcc import ir
 from fxcc.autotune.plan import plan_kernel
-from fxcc.autotune.tune import tune_kernel
+from fxcc.autotune.tune import DEFAULT_TRIALS, tune_kernel
 from fxcc.codegen import BACKENDS, Built, Candidate, check, extern
 from fxcc.codegen import backend as backend_module
 from fxcc.codegen.executable import BuiltKernel
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
 from fxcc.measure import interleaved
-from fxcc.options import CANDIDATES
+from fxcc.options import CANDIDATES, settings
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.store import cache_key, default_cache, target_id
 
@@ -127,7 +128,7 @@ class Selection:
         if len(cands) == 1:
             k = BuiltKernel(kb, Choice("extern", "extern", {}, key), ext.build({}))
             if cache:  # remember that nothing else applies, so a warm compile skips the lowering too
-                _store(cache, k, self.target)
+                _store(cache, k, self.target, self.tuned)
             return "single", k
         inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
                   else example_inputs(kb, self.target))
@@ -162,8 +163,14 @@ class Selection:
         b, params = built[best]
         k = BuiltKernel(kb, Choice(best, origin[best], params, key), b, timings)
         if cache:
-            _store(cache, k, self.target)
+            _store(cache, k, self.target, self.tuned)
         return "built", k
+
+    @property
+    def tuned(self) -> int:
+        """Optuna trials per candidate behind this run's choices (0: defaults): a choice made with more
+        supersedes one made with fewer in the artifact cache."""
+        return (self.budget or DEFAULT_TRIALS) if self.tune == "search" else 0
 
     def _params(self, kb: KernelBody, c: Candidate, inputs, ref, key: str | None) -> dict:
         if self.tune != "search" or not c.space:
@@ -219,27 +226,35 @@ class Selection:
             return None
         k = BuiltKernel(kb, Choice(label, module, params, key), b)
         if cache:
-            _store(cache, k, self.target)
+            _store(cache, k, self.target, 0)
         return k
 
 
-def _store(cache, k: BuiltKernel, target: str) -> None:
-    """Record a kernel's choice (and what it built) under its key; a failed write costs time, never the compile."""
+def _store(cache, k: BuiltKernel, target: str, tuned: int) -> None:
+    """Record a kernel's choice (and what it built) under its key, and on `k` where it went; a tuned choice
+    replaces one tuned with fewer trials (or none). A failed write costs time, never the compile."""
     c = k.choice
     meta = {"backend": c.backend, "module": c.module, "params": c.params, "timings_ms": k.timings_ms,
-            "kernel": k.key, "kind": k.kind, "target": target_id(target)}
-    try:
-        cache.put(c.key, k.built.files, meta)
-    except OSError as e:  # a full or read-only disk costs the next compile time, not this one
-        warnings.warn(f"fxcc: could not store kernel {k.key} in the artifact cache: {e}", stacklevel=2)
+            "kernel": k.key, "kind": k.kind, "target": target_id(target), "tuned": tuned}
+    entry = cache.put(c.key, k.built.files, meta,
+                      supersedes=lambda old: tuned > 0 and tuned >= old.get("tuned", 0)) if c.key else None
+    if entry is None:
+        k.stored = f"not stored ({cache.problem() or 'the artifact cache is read-only'})"
+    elif entry.meta != json.loads(json.dumps(meta)):
+        k.stored = (f"kept the entry already in {entry.dir} ({entry.meta.get('backend')}, "
+                    f"tuned with {entry.meta.get('tuned', 0)} trials per candidate)")
+    else:
+        k.stored = f"stored in {entry.dir}"
 
 
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
-    """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries."""
+    """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries, and the
+    settings that change which candidates exist or how they run (FXCC_TVM_POOL, FXCC_TRITON_INTERPRET)."""
     layouts = ";".join(f"{tuple(p.meta['val'].stride())}+{p.meta['val'].storage_offset()}"
                        for p in kb.body.graph.nodes if p.op == "placeholder")
+    s = settings()
     return cache_key("kernel", target=target, ir=kb.text, layouts=layouts, backend=prefer or "auto",
-                     candidates=CANDIDATES)
+                     candidates=CANDIDATES, pool=s.tvm_pool, triton_interpret=str(s.triton_interpret))
 
 
 def _warn(kb: KernelBody, backend: str, e: Exception) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
+DEFAULT_TRIALS = 30
 DEVICES = ("cpu", "cuda")
 STARTUP_S = 120.0  # a worker process's start (imports, kernel set-up) is not counted in timeout_s
 FAILED = ("build", "crash", "timeout")  # trial outcomes counted as `failed`; "wrong" counts as `pruned`
@@ -73,7 +74,7 @@ class TuneResult:
         return f"{head}\n  best {self.ms:.4g} ms with {params}; {vs}"
 
 
-def tune_kernel(kernel: Candidate, inputs: list[Tensor], reference: list[Tensor], *, trials: int = 30,
+def tune_kernel(kernel: Candidate, inputs: list[Tensor], reference: list[Tensor], *, trials: int = DEFAULT_TRIALS,
                 seconds: float | None = None, sampler: str = "tpe", storage: str | None = None,
                 study_name: str | None = None, device: str = "cpu", isolate: bool | None = None,
                 timeout_s: float = 60.0, progress: bool = True, seed: int | None = 0, key: str | None = None,

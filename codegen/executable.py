@@ -30,6 +30,7 @@ class BuiltKernel:
     timings_ms: dict[str, float] = field(default_factory=dict)  # candidate label -> ms, as measured
     cached: bool = False  # the choice came from the artifact cache
     note: str = ""
+    stored: str = ""  # where the codegen decision stored the choice (or why it did not)
 
     @property
     def key(self) -> str:

@@ -23,7 +23,7 @@ from . import bench, plan_search
 from .api import compile, explained
 from .capture import CaptureError
 from .pipeline import DEFAULT_PIPELINE, PipelineError, all_passes
-from .store import ArtifactCache, CacheError
+from .store import ArtifactCache, CacheError, default_cache
 
 
 class UsageError(Exception):
@@ -90,8 +90,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cm(*a, **kw)
     text = cm.explain()
     print(text[text.index("== kernel choices"):])
-    print("\nTuned parameters are in the artifact cache: `fxcc.compile(..., tune=\"cached\")` (the default) "
-          "uses them.")
+    kernels = cm.variants[-1].kernels.values()
+    print("\n== what was stored")
+    for k in kernels:
+        params = f" {json.dumps(k.choice.params, sort_keys=True)}" if k.choice and k.choice.params else ""
+        print(f"  {k.key} -> {k.backend}{params}: {k.stored or 'not stored'}")
+    stored = sum(k.stored.startswith("stored in") for k in kernels)
+    root = default_cache().root
+    if not stored and any(k.stored.startswith("not stored") for k in kernels):
+        print(f"\nNothing was stored: the artifact cache {root} cannot be written (see above).", file=sys.stderr)
+        return 1
+    print(f"\n{stored} tuned choices stored in the artifact cache {root}; `fxcc.compile(..., tune=\"cached\")` "
+          "(the default) loads them in any process.")
     return 0
 
 
