@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from fxcc import ir
 from fxcc.codegen import Built, KernelFn, backend
-from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body
+from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, same_strides, strided_copy
 from fxcc.store import default_cache
 
 
@@ -55,10 +55,30 @@ class KernelCall:
     def __init__(self, kernel: BuiltKernel):
         self.key = kernel.key
         self.__name__ = f"kernel_{kernel.key}"  # the name the executable's code shows
-        self.impl = kernel.fn
+        self.impl = layout_kept(kernel)
 
     def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.impl(inputs)
+
+
+def layout_kept(kernel: BuiltKernel) -> KernelFn:
+    """The kernel's function, whose outputs have the strides the IR records for it (its body's: the stride
+    contract): an output a backend writes in another layout (Triton's contiguous buffers, TVM's for a
+    non-dense layout) is copied into the recorded one, so a `view` after the kernel works as in eager."""
+    fn = kernel.fn
+    if kernel.choice is None:  # the body as written: its layout by construction
+        return fn
+    out = next(n for n in kernel.body.body.graph.nodes if n.op == "output")
+    want = [tuple(o.meta["val"].stride()) for o in out.args[0]]
+
+    def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        outs = list(fn(inputs))
+        for i, (o, stride) in enumerate(zip(outs, want)):
+            if not same_strides(o, stride):
+                outs[i] = strided_copy(o, stride)
+        return outs
+
+    return run
 
 
 def build_kernel(body: KernelBody, choice: Choice | None) -> BuiltKernel:

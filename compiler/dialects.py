@@ -35,31 +35,15 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return y * weight if weight is not None else y
 
 
-@rms_norm.register_fake
-def _(x, weight, eps):
-    out = x.new_empty(x.shape)
-    return out * weight if weight is not None else out
-
-
 @torch.library.custom_op("fxcc_tx::layer_norm", mutates_args=())
 def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
                eps: float) -> Tensor:
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
-@layer_norm.register_fake
-def _(x, normalized_shape, weight, bias, eps):
-    return x.new_empty(x.shape)
-
-
 @torch.library.custom_op("fxcc_tx::softmax", mutates_args=())
 def softmax(x: Tensor, dim: int) -> Tensor:
     return torch.softmax(x, dim)
-
-
-@softmax.register_fake
-def _(x, dim):
-    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fxcc_tx::attention", mutates_args=())
@@ -70,11 +54,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
         k = k.repeat_interleave(rep, dim=-3)
         v = v.repeat_interleave(rep, dim=-3)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-
-
-@attention.register_fake
-def _(q, k, v, mask, scale, is_causal):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -88,30 +67,14 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-@rotary.register_fake
-def _(x, cos, sin):
-    return torch.empty(torch.broadcast_shapes(x.shape, cos.shape, sin.shape), dtype=torch.result_type(x, cos),
-                       device=x.device)
-
-
 @torch.library.custom_op("fxcc_tx::gelu", mutates_args=())
 def gelu(x: Tensor, approximate: str) -> Tensor:
     return F.gelu(x, approximate=approximate)
 
 
-@gelu.register_fake
-def _(x, approximate):
-    return x.new_empty(x.shape)
-
-
 @torch.library.custom_op("fxcc_tx::silu", mutates_args=())
 def silu(x: Tensor) -> Tensor:
     return F.silu(x)
-
-
-@silu.register_fake
-def _(x):
-    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fxcc_tx::gated_act", mutates_args=())
@@ -124,12 +87,6 @@ def gated_act(gate: Tensor, up: Tensor, act: str) -> Tensor:
     else:
         raise ValueError(f"tx.gated_act: unknown activation {act!r} (expected silu, gelu or gelu_tanh)")
     return a * up
-
-
-@gated_act.register_fake
-def _(gate, up, act):
-    return torch.empty(torch.broadcast_shapes(gate.shape, up.shape), dtype=torch.result_type(gate, up),
-                       device=gate.device)
 
 
 @torch.library.custom_op("fxcc_tx::all_reduce", mutates_args=())
@@ -149,7 +106,7 @@ def all_reduce(x: Tensor, op: str, group: str) -> Tensor:
 
 @all_reduce.register_fake
 def _(x, op, group):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 # ------------------------------------------------------------------- fused all-reduce + RMSNorm (tensor parallel)
@@ -482,6 +439,12 @@ def _(x, axis, frames):
     return x.new_empty(out)
 
 
+# The fake kernel of a tx op is its reference itself, run on FakeTensors: shapes, dtypes and strides recorded
+# in the IR are the ones the reference produces (a `view` after it sees the layout it will get).
+for _op in (rms_norm, layer_norm, softmax, attention, rotary, gelu, silu, gated_act):
+    _op.register_fake(_op._init_fn)
+
+
 TX_OPS = {
     "rms_norm": rms_norm, "layer_norm": layer_norm, "softmax": softmax, "attention": attention,
     "rotary": rotary, "gelu": gelu, "silu": silu, "gated_act": gated_act, "all_reduce": all_reduce,
@@ -562,10 +525,31 @@ def set_choice(node: fx.Node, choice: Choice) -> None:
     node.args = (node.args[0], node.args[1], *choice.attrs())
 
 
+def strided_copy(t: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """`t`'s values in a fresh tensor with `stride`: a dense or gapped layout, or one with broadcast (stride-0)
+    dimensions, whose values are alike along them (one slice of memory holds them)."""
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    at = tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, stride))
+    out[at].copy_(t[at])
+    return out
+
+
+def same_strides(t: Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether `t` has `stride` where it matters (dimensions of size above 1)."""
+    return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride))
+
+
 def _detach_aliases(inputs: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    # custom ops may not return an input (or a view of one) as an output
+    # custom ops may not return an input (or a view of one) as an output: a copy with the same layout
     ids = {id(t) for t in inputs}
-    return [o.clone() if id(o) in ids or o._base is not None else o for o in outs]
+    return [strided_copy(o, o.stride()) if id(o) in ids or o._base is not None else o for o in outs]
+
+
+def _outputs_like(inputs: list[Tensor], kernel: str, backend: str = "", module: str = "", params: str = "",
+                  key: str = "") -> list[Tensor]:
+    """The stride contract: a kernel's outputs have the shapes, dtypes and strides its body computes."""
+    return [torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device)
+            for o in kernel_body(kernel).body(*inputs)]
 
 
 @torch.library.custom_op("fxcc_kernel::fused", mutates_args=())
@@ -576,9 +560,7 @@ def fused(inputs: list[Tensor], kernel: str, backend: str = "", module: str = ""
     return _detach_aliases(inputs, list(kernel_body(kernel).body(*inputs)))
 
 
-@fused.register_fake
-def _(inputs, kernel, backend="", module="", params="", key=""):
-    return [o.clone() for o in kernel_body(kernel).body(*inputs)]
+fused.register_fake(_outputs_like)
 
 
 @torch.library.custom_op("fxcc_kernel::extern", mutates_args=())
@@ -588,9 +570,7 @@ def extern(inputs: list[Tensor], kernel: str, backend: str = "", module: str = "
     return _detach_aliases(inputs, list(kernel_body(kernel).body(*inputs)))
 
 
-@extern.register_fake
-def _(inputs, kernel, backend="", module="", params="", key=""):
-    return [o.clone() for o in kernel_body(kernel).body(*inputs)]
+extern.register_fake(_outputs_like)
 
 
 KERNEL_OPS = (torch.ops.fxcc_kernel.fused.default, torch.ops.fxcc_kernel.extern.default)

@@ -264,10 +264,30 @@ def _same_type(a: Any, b: Any) -> bool:
     return type(a) is type(b) or not isinstance(a, torch.Tensor)
 
 
+def _dialect_op(node: fx.Node) -> bool:
+    """tx and kernel ops: their recorded layout is a contract (a kernel's outputs have the strides its
+    body computes, which backends keep); aten ops may change layouts freely as passes rewrite them."""
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and t.namespace in ("fxcc_tx", "fxcc_kernel")
+
+
+def _strides(val: Any) -> Any:
+    """Strides where they matter (dimensions of size above 1), for comparing layouts."""
+    if isinstance(val, torch.Tensor):
+        return tuple(s if n > 1 else None for n, s in zip(val.shape, val.stride()))
+    if isinstance(val, (list, tuple)):
+        return tuple(_strides(v) for v in val)
+    return None
+
+
 def _record(node: fx.Node, old: Any, new: Any, check: bool, who: str) -> None:
     if check and old is not None and not _same_type(old, new):
         raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} is recorded as {type_str(old)} "
                                 f"but computes {type_str(new)}")
+    if check and old is not None and _dialect_op(node) and _strides(old) != _strides(new):
+        raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} is recorded with strides "
+                                f"{_strides(old)} but computes {_strides(new)}: the views after it were "
+                                "checked against a layout it does not produce")
     node.meta["val"] = new
 
 

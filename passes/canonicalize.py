@@ -16,9 +16,17 @@ aten = torch.ops.aten
 _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
             aten.sym_constrain_range_for_size.default}
 # Value-preserving ops that only matter to autograd or to later mutation; with no mutation left in the
-# graph (inference), their result is their input.
+# graph (inference), their result is their input, as long as it also has their layout.
 _IDENTITY = {aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.alias.default,
              aten.clone.default, aten.contiguous.default}
+
+
+def same_layout(a: object, b: object) -> bool:
+    """Whether two recorded tensor values have one shape and the same strides (size-1 dimensions aside):
+    where they differ, a `view` that works on one may fail on the other."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a.shape == b.shape and all(n <= 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
 
 
 def _is_deterministic_op(node: fx.Node) -> bool:
@@ -70,7 +78,7 @@ class Canonicalize(Pass):
         """Evaluate nodes computed only from parameters/buffers/constants; store results as buffers."""
         const: dict[fx.Node, object] = {}
         sources: dict[fx.Node, list] = {}  # the parameters, buffers and constants each value is computed from
-        written = _written_in_place(gm)  # folded, these would be shared constants mutated by every call
+        written = _storage_written(gm)  # folded, these would be shared constants mutated by every call
         for node in gm.graph.nodes:
             if node in written:
                 continue
@@ -125,9 +133,29 @@ def _written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
+def _storage_written(gm: fx.GraphModule) -> set[fx.Node]:
+    """Values whose memory some op writes in place: the written values, the values they are views of, and
+    every view of those. Two of them may not be merged (CSE) nor folded into one shared constant."""
+    written = _written_in_place(gm)
+    if not written:
+        return set()
+
+    def base(n: fx.Node) -> fx.Node:
+        while _is_view(n) and n.args and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+        return n
+
+    out = {base(n) for n in written}
+    for n in gm.graph.nodes:  # program order: a view comes after what it views
+        if _is_view(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in out:
+            out.add(n)
+    return out
+
+
 def _drop_identities(gm: fx.GraphModule) -> int:
-    """Forward detach/clone/lift_fresh_copy (and dropout with train=False) to their input when nothing in
-    the graph mutates a value."""
+    """Forward detach/clone/contiguous/lift_fresh_copy (and dropout with train=False) to their input when
+    nothing in the graph mutates a value and the input has the result's layout (a `.contiguous()` before a
+    `view` stays)."""
     mutating = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                 and n.target._schema.is_mutable and n.target is not aten.detach_.default]
     if mutating:
@@ -136,9 +164,10 @@ def _drop_identities(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         inference_dropout = node.target in (aten.dropout.default, aten.feature_dropout.default) and (
             node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True) is False)
-        if node.op == "call_function" and (inference_dropout or node.target in _IDENTITY
-                                           and not node.kwargs.get("memory_format")):
+        if node.op == "call_function" and (inference_dropout or node.target in _IDENTITY):
             src = node.args[0]
+            if not same_layout(src.meta.get("val"), node.meta.get("val")):
+                continue
             if node.target is aten.detach_.default and any(u.op == "output" for u in node.users):
                 continue
             node.replace_all_uses_with(src)
@@ -172,7 +201,10 @@ def _freeze(a):
 def _cse(gm: fx.GraphModule) -> int:
     seen: dict[object, fx.Node] = {}
     hits = 0
+    written = _storage_written(gm)  # two fresh buffers that are written in place must stay two
     for node in list(gm.graph.nodes):
+        if node in written:
+            continue
         if node.op == "get_attr":
             key = ("get_attr", node.target)
         elif node.op == "call_function" and _is_deterministic_op(node):
