@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 aten = torch.ops.aten
 
@@ -626,6 +627,8 @@ def classify(node: fx.Node) -> tuple[str, str]:
         return "eager", f"{op_name(t)} is not an aten/tx op; fxcc has no lowering for it"
     if t._schema.is_mutable:
         return "eager", f"{op_name(t)} mutates its inputs"
+    if _data_dependent(node):
+        return "eager", f"{op_name(t)} has sizes that depend on tensor values (known only at run time)"
     if not isinstance(node.meta.get("val"), torch.Tensor):
         return "extern", ""  # multi-output ops
     if t in GEMM:
@@ -637,3 +640,10 @@ def classify(node: fx.Node) -> tuple[str, str]:
     if any(r.alias_info is not None for r in t._schema.returns) or t in (aten.reshape.default, aten.flatten.using_ints):
         return "view", ""
     return "extern", ""
+
+
+def _data_dependent(node: fx.Node) -> bool:
+    """Whether the node reads or makes a value whose size is data-dependent (an unbacked symbol: after
+    `nonzero`, `item`, a split by computed sizes). Kernels are built for sizes known at compile time."""
+    vals = [node.meta.get("val"), *(a.meta.get("val") for a in node.all_input_nodes)]
+    return any(free_unbacked_symbols(v) for v in vals if v is not None)

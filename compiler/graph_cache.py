@@ -286,10 +286,10 @@ def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: 
                    out_spec=pytree.treespec_dumps(out_spec),
                    records=[{"spec": r.spec, "seconds": r.seconds, "changed": r.result.changed,
                              "stats": r.result.stats} for r in records])
-    except Unserializable as e:
+        files["graph.json"] = json.dumps(doc).encode()
+    except (Unserializable, TypeError) as e:  # TypeError: a value JSON cannot hold (a data-dependent SymInt)
         log.info("the graph of %s is not cached: %s", type(module).__name__, e)
         return False
-    files["graph.json"] = json.dumps(doc).encode()
     try:
         cache.put(key, files, {"kind": "graph", "model": type(module).__qualname__})
     except OSError as e:

@@ -78,7 +78,7 @@ class Canonicalize(Pass):
         """Evaluate nodes computed only from parameters/buffers/constants; store results as buffers."""
         const: dict[fx.Node, object] = {}
         sources: dict[fx.Node, list] = {}  # the parameters, buffers and constants each value is computed from
-        written = _storage_written(gm)  # folded, these would be shared constants mutated by every call
+        written = storage_written(gm)  # folded, these would be shared constants mutated by every call
         for node in gm.graph.nodes:
             if node in written:
                 continue
@@ -133,7 +133,7 @@ def _written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
-def _storage_written(gm: fx.GraphModule) -> set[fx.Node]:
+def storage_written(gm: fx.GraphModule) -> set[fx.Node]:
     """Values whose memory some op writes in place: the written values, the values they are views of, and
     every view of those. Two of them may not be merged (CSE) nor folded into one shared constant."""
     written = _written_in_place(gm)
@@ -201,7 +201,7 @@ def _freeze(a):
 def _cse(gm: fx.GraphModule) -> int:
     seen: dict[object, fx.Node] = {}
     hits = 0
-    written = _storage_written(gm)  # two fresh buffers that are written in place must stay two
+    written = storage_written(gm)  # two fresh buffers that are written in place must stay two
     for node in list(gm.graph.nodes):
         if node in written:
             continue

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from fxcc import ir
 from fxcc.dialects import KERNEL_OPS, KernelBody, classify, intern_body
+from fxcc.passes.canonicalize import storage_written
 from fxcc.pipeline import Pass, PassContext, PassResult
 
 
@@ -25,6 +26,7 @@ class Group:
     kind: str  # pointwise | reduction | gemm | extern
     first: int
     members: list[fx.Node] = field(default_factory=list)
+    epoch: int = 0  # in-place writes before it: a group never spans one (see Fuse.apply)
 
     @property
     def anchored(self) -> bool:
@@ -50,38 +52,47 @@ class Fuse(Pass):
         group_of: dict[fx.Node, Group] = {}
         groups: list[Group] = []
         eager = 0
+        # An op writing memory in place is a barrier: no group spans it, and the rebuilt graph keeps every unit
+        # on its side (a read of that memory through another alias has no data edge to the write). Values
+        # whose memory is written stay out of kernels: a kernel's output may be a copy, the write would miss.
+        written, epoch, epoch_of = storage_written(gm), 0, {}
         for node in nodes:
             if node.op in ("placeholder", "get_attr", "output"):
                 continue
+            if _writes(node):
+                epoch += 1
+            epoch_of[node] = epoch
             cat, reason = classify(node)
+            if cat != "eager" and node in written:
+                cat, reason = "eager", "its memory is written in place (a kernel output may be a copy)"
             if cat == "eager":
                 node.meta["fxcc_eager"] = reason
                 eager += 1
                 continue
-            target = self._choose(node, cat, group_of, pos)
+            target = self._choose(node, cat, group_of, pos, epoch)
             if target is None:
                 if cat == "view":
                     continue  # a view of a graph input or of an eager value stays a plain view
-                target = Group("pointwise" if cat == "pointwise" else cat, pos[node])
+                target = Group("pointwise" if cat == "pointwise" else cat, pos[node], epoch=epoch)
                 groups.append(target)
             elif cat in ("reduction", "gemm"):
                 target.kind = cat
             target.members.append(node)
             group_of[node] = target
         kept = [g for g in groups if _outputs_are_tensors(g, group_of)]
-        stats = _rebuild(gm, nodes, pos, {n: g for n, g in group_of.items() if g in kept}, kept)
+        stats = _rebuild(gm, nodes, pos, {n: g for n, g in group_of.items() if g in kept}, epoch_of)
         if eager:
             stats["eager"] = eager
         return PassResult(bool(kept), stats)
 
-    def _choose(self, node: fx.Node, cat: str, group_of: dict, pos: dict) -> Group | None:
+    def _choose(self, node: fx.Node, cat: str, group_of: dict, pos: dict, epoch: int) -> Group | None:
         """The producer group `node` may join, or None for a group of its own."""
         if cat in ("gemm", "extern"):
             return None
         candidates = []
         for x in node.all_input_nodes:
             g = group_of.get(x)
-            if g is None or g in candidates or len(g.members) >= self.max_group:
+            if g is None or g in candidates or len(g.members) >= self.max_group or g.epoch != epoch:
                 continue
             if cat == "pointwise" and g.kind == "extern":
                 continue
@@ -114,8 +125,14 @@ def _outputs_are_tensors(g: Group, group_of: dict) -> bool:
                for m in g.members if any(group_of.get(u) is not g for u in m.users))
 
 
-def _rebuild(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict, group_of: dict, groups: list[Group]) -> dict:
-    """Emit a new graph: groups become kernel ops, placed by a stable topological order of the units."""
+def _writes(node: fx.Node) -> bool:
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
+
+
+def _rebuild(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict, group_of: dict, epoch_of: dict) -> dict:
+    """Emit a new graph: groups become kernel ops, placed by a stable topological order of the units that
+    keeps each unit on its side of every in-place write (`epoch_of`)."""
     def unit(n):
         return group_of.get(n, n)
 
@@ -124,6 +141,18 @@ def _rebuild(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict, group_of: dict
 
     units = list(dict.fromkeys(unit(n) for n in nodes))
     deps = {u: {unit(i) for m in members(u) for i in m.all_input_nodes} - {u} for u in units}
+    epochs: dict[int, list] = {}
+    for u in units:
+        if not isinstance(u, Group) and u.op == "output":
+            continue  # emitted last anyway
+        epochs.setdefault(u.epoch if isinstance(u, Group) else epoch_of.get(u, 0), []).append(u)
+    barriers = {epoch_of[n]: n for n in nodes if _writes(n)}
+    for e, barrier in barriers.items():
+        deps[barrier] |= set(epochs.get(e - 1, []))
+        deps[barrier] |= {b for f, b in barriers.items() if f < e}
+        for u in epochs.get(e, []):
+            if u is not barrier:
+                deps[u].add(barrier)
     users: dict = {u: [] for u in units}
     for u, ds in deps.items():
         for d in ds:
