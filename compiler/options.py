@@ -30,6 +30,7 @@ class Settings:
     triton_interpret: let the Triton backend build for the CPU under Triton's interpreter (tests):
         FXCC_TRITON_INTERPRET=1 together with Triton's own TRITON_INTERPRET=1.
     verify_each, print_ir_after: FXCC_VERIFY_EACH=1, FXCC_PRINT_IR_AFTER=raise,fuse (added to CompileOptions).
+    check_eager: FXCC_CHECK_EAGER=0 turns CompileOptions.check_eager off.
     """
 
     cache_dir: str
@@ -39,6 +40,7 @@ class Settings:
     triton_interpret: bool = False
     verify_each: bool = False
     print_ir_after: tuple[str, ...] = ()
+    check_eager: bool = True
 
 
 def settings() -> Settings:
@@ -54,7 +56,8 @@ def settings() -> Settings:
         tvm_pool=pool,
         triton_interpret=env.get("TRITON_INTERPRET") == "1" and env.get("FXCC_TRITON_INTERPRET") == "1",
         verify_each=env.get("FXCC_VERIFY_EACH", "").lower() in ("1", "true", "yes"),
-        print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()))
+        print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()),
+        check_eager=env.get("FXCC_CHECK_EAGER", "").lower() not in ("0", "false", "no"))
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class CompileOptions:
     max_variants: compiled variants (input shapes/dtypes) kept before new signatures run eagerly.
     dycl: when capture fails on tensor-dependent control flow, split the program into compiled segments
         and a generated host program (fxcc.dycl); False keeps the CaptureError.
+    check_eager: compare the first call of each compiled signature with eager (fxcc.eager_check); where
+        they differ, that signature runs eagerly, with a warning (env FXCC_CHECK_EAGER=0 turns it off).
     """
 
     target: str = "auto"
@@ -90,9 +95,10 @@ class CompileOptions:
     print_ir_after: tuple[str, ...] = ()
     max_variants: int = 8
     dycl: bool = True
+    check_eager: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl"):
+        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "check_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"fxcc: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.print_ir_after, (tuple, list)) or not all(isinstance(x, str)
@@ -122,11 +128,13 @@ class CompileOptions:
 
     @staticmethod
     def from_env(base: CompileOptions | None = None) -> CompileOptions:
-        """Apply FXCC_VERIFY_EACH and FXCC_PRINT_IR_AFTER on top of `base`."""
+        """Apply FXCC_VERIFY_EACH, FXCC_CHECK_EAGER and FXCC_PRINT_IR_AFTER on top of `base`."""
         opts = base or CompileOptions()
         env = settings()
         if env.verify_each:
             opts = opts.replace(verify_each=True)
+        if not env.check_eager:
+            opts = opts.replace(check_eager=False)
         if env.print_ir_after:
             opts = opts.replace(print_ir_after=opts.print_ir_after + env.print_ir_after)
         return opts

@@ -32,7 +32,7 @@ from fxcc.autotune.plan import check_call_plan
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
-from . import graph_cache, ir
+from . import eager_check, graph_cache, ir
 from .capture import (
     Captured,
     CaptureError,
@@ -212,13 +212,39 @@ class CompiledModule:
             self._sources = {}
         variant = self._variants.get(key)
         if variant is None:
+            if eager_check.in_reference_run():  # eager's side of an enclosing model's check: compile nothing
+                return self._eager_call(*args, **kwargs)
             variant = self._new_variant(args, kwargs, key)
+            checked = self._check_first_call(variant, args, kwargs, key)
+            if checked is not None:
+                if fast is not None and checked.reason is None:
+                    self._fast[fast] = variant
+                return checked.result
         if isinstance(variant, _Eager):
             self.stats.eager_calls += 1
             return self._eager_call(*args, **kwargs)
         if fast is not None:
             self._fast[fast] = variant
         return variant.run(flat)
+
+    def _check_first_call(self, variant: Variant | _Eager, args: tuple, kwargs: dict,
+                          key: Any) -> eager_check.Checked | None:
+        """The first call of a new variant, compared with eager (fxcc.eager_check); a signature whose
+        compiled result differs runs eagerly from now on, with a warning. None when not checked."""
+        if isinstance(variant, _Eager) or not CompileOptions.from_env(self.options).check_eager:
+            return None
+        why_not = eager_check.applies(variant.gm, all(p.exact for p in self._passes))
+        if why_not is not None:
+            log.debug("%s: first call not checked against eager (%s)", self.name, why_not)
+            return None
+        checked = eager_check.first_call(variant.run, self._eager_call, lambda a, k: flatten_inputs(a, k)[0],
+                                         args, kwargs, self.name)
+        if checked is not None and checked.reason is not None:
+            warnings.warn(f"fxcc: {self.name}: {checked.reason}; this input signature runs eagerly. `fxcc explain` "
+                          "shows the IR and where each op runs; CompileOptions(check_eager=False) skips the check.",
+                          stacklevel=3)
+            self._variants[key] = _Eager(checked.reason)
+        return checked
 
     def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
         flat, spec = flatten_inputs(args, kwargs)
@@ -342,6 +368,11 @@ class CompiledModule:
         return (default_cache(), key) if key else (None, None)
 
     # ------------------------------------------------------------------------------- reporting
+
+    @property
+    def eager_signatures(self) -> list[str]:
+        """Why each input signature that runs eagerly does (past max_variants; a first call unlike eager)."""
+        return [v.reason for v in self._variants.values() if isinstance(v, _Eager)]
 
     @property
     def variants(self) -> list[Variant]:

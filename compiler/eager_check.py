@@ -1,0 +1,102 @@
+"""The first call of each compiled signature is checked against eager.
+
+A model can compute something else when traced than when run: transformers builds an explicit causal
+mask under tracing where eager, seeing an all-ones mask, passes none (and a module with is_causal=False
+then attends both ways); a compiler bug does the same. Checking the first call costs one eager run per
+compiled signature and turns a silently wrong result into eager execution with a warning naming where
+the outputs differ. Eager runs on copies of the inputs, so an input the model mutates (a KV cache) is
+mutated once, by the compiled call, whose result the first call returns when the two agree.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .outputs import compare
+
+log = logging.getLogger(__name__)
+_REFERENCE = contextvars.ContextVar("fxcc_eager_reference_run", default=False)
+
+
+def in_reference_run() -> bool:
+    """Whether eager is running as the reference of a check: compiled modules inside it compile nothing."""
+    return _REFERENCE.get()
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest error relative to a leaf's scale that still counts as the same result."""
+    return 1e-3 if dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) else 5e-2
+
+
+def applies(gm: fx.GraphModule | None, exact: bool) -> str | None:
+    """Why the check cannot run for a variant (None when it can): approximate passes change results on
+    purpose; a graph that writes module state in place would write it twice; ranks of a distributed
+    model would each run the full eager model."""
+    if not exact:
+        return "approximate passes"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "distributed"
+    if gm is not None and _writes_module_state(gm):
+        return "writes module state"
+    return None
+
+
+def _is_view(n: fx.Node) -> bool:
+    t = n.target
+    return (n.op == "call_function" and bool(n.args) and isinstance(n.args[0], fx.Node)
+            and isinstance(t, torch._ops.OpOverload) and any(r.alias_info for r in t._schema.returns))
+
+
+def _writes_module_state(gm: fx.GraphModule) -> bool:
+    for n in gm.graph.nodes:
+        t = n.target
+        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
+            for i, a in enumerate(t._schema.arguments):
+                v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                if a.alias_info is not None and a.alias_info.is_write and isinstance(v, fx.Node):
+                    while _is_view(v):
+                        v = v.args[0]  # through views to what they view
+                    if v.op == "get_attr":
+                        return True
+    return False
+
+
+@dataclass
+class Checked:
+    """A checked first call: what the call returns (the compiled result, or eager's where they differ) and
+    why the signature must run eagerly (None when compiled and eager agree)."""
+
+    result: Any
+    reason: str | None
+
+
+def first_call(run: Callable[[list[Any]], Any], eager: Callable[..., Any], flatten: Callable[..., list[Any]],
+               args: tuple, kwargs: dict, name: str) -> Checked | None:
+    """Run `eager` on copies of the inputs, then the compiled `run` on the inputs, from one RNG state; None
+    (nothing run) when the inputs cannot be copied."""
+    try:
+        e_args, e_kwargs = copy.deepcopy((args, kwargs))
+    except Exception as e:  # noqa: BLE001 - inputs that cannot be copied: run compiled, unchecked
+        log.info("%s: first call not checked against eager: its inputs cannot be copied (%s)", name, e)
+        return None
+    devices = {t.device.index or 0 for t in flatten(args, kwargs) if isinstance(t, torch.Tensor) and t.is_cuda}
+    token = _REFERENCE.set(True)
+    try:
+        with torch.random.fork_rng(devices=sorted(devices)), torch.no_grad():
+            want = eager(*e_args, **e_kwargs)
+    finally:
+        _REFERENCE.reset(token)
+    got = run(flatten(args, kwargs))
+    c = compare(got, want, tol=tolerance)
+    if c.equal:
+        return Checked(got, None)
+    where = c.detail or f"{c.worst} differs by {c.max_rel:.3g} of its scale"
+    return Checked(want, f"the compiled call differs from eager on this call's inputs ({where})")
