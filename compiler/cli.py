@@ -1,4 +1,4 @@
-"""The `fxcc` command: explain, bench, passes, cache."""
+"""The `fxcc` command: explain, bench, passes, cache, zoo."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.nn as nn
 from fxcc.autotune import search
 from fxcc.autotune.plan import PlanError
 
-from . import bench, plan_search
+from . import bench, plan_search, zoo
 from .api import compile, explained
 from .capture import CaptureError
 from .pipeline import DEFAULT_PIPELINE, PipelineError, all_passes
@@ -343,6 +343,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("passes", help="list the registered passes and their options")
     s.set_defaults(fn=cmd_passes)
     add_cache_parser(sub)
+    zoo.add_parser(sub)
     return p
 
 

@@ -1,0 +1,60 @@
+"""The CI-sized model zoo: architectures chosen for spread, each built shrunk from its config by
+`fxcc.zoo_models`, run by eager and fxcc on two input shapes, every output leaf (caches included)
+equal within 1e-4 of its scale: the same check `fxcc zoo` runs on the whole AutoModel mapping.
+
+Kernels come from the extern backend here (TVM builds would not fit the suite's time budget); every
+other backend's candidate is checked against that reference when the codegen pass chooses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from fxcc import zoo
+from fxcc.pipeline import DEFAULT_PIPELINE
+
+PIPELINE = DEFAULT_PIPELINE.replace("codegen", "codegen{backend=extern}")
+
+SUBSET = [
+    # encoders
+    "bert", "deberta-v2", "distilbert", "albert", "mpnet",
+    # decoders
+    "gpt2", "llama", "qwen3", "gemma2", "opt", "falcon", "gpt_neox",
+    # encoder-decoders
+    "t5", "bart",
+    # vision (and vision-text)
+    "vit", "swin", "convnext", "resnet", "clip",
+    # audio
+    "whisper", "wav2vec2",
+    # mixture of experts
+    "mixtral", "qwen3_moe",
+    # state space
+    "mamba", "falcon_mamba",
+]
+
+
+@pytest.mark.parametrize("arch", SUBSET)
+def test_architecture_matches_eager_on_two_shapes(arch):
+    res = zoo.run_one(arch, PIPELINE)
+    assert res.status == zoo.EQUAL, f"{arch}: {res.status}: {res.message}"
+    assert res.leaves > 0 and math.isfinite(res.max_rel) and res.max_rel <= 1e-4
+
+
+def test_mismatch_is_reported_with_the_leaf_and_error():
+    import torch
+    from fxcc.outputs import compare
+
+    got = {"a": torch.ones(3), "b": (torch.zeros(2), torch.tensor([1, 2]))}
+    want = {"a": torch.ones(3) * 2, "b": (torch.zeros(2), torch.tensor([1, 2]))}
+    c = compare(got, want)
+    assert not c.equal and c.worst == "out['a']" and c.max_rel == pytest.approx(0.5) and c.leaves == 3
+    c = compare({"a": torch.ones(3)}, want)
+    assert not c.equal and "output structure differs" in c.detail
+
+
+def test_select_by_name_glob_and_unknown_name():
+    types = ["bert", "gpt2", "gpt_neox", "t5"]
+    assert zoo.select(types, "gpt*,t5") == ["gpt2", "gpt_neox", "t5"]
+    with pytest.raises(ValueError, match="no model type .* matches nosuch"):
+        zoo.select(types, "bert,nosuch")
