@@ -53,6 +53,17 @@ def _restore_threads():
 
 
 @pytest.fixture
+def scratch_registry():
+    """Passes a test registers are gone after it: the pass registry is restored."""
+    from fxcc.pipeline import PASSES
+
+    before = dict(PASSES)
+    yield
+    PASSES.clear()
+    PASSES.update(before)
+
+
+@pytest.fixture
 def golden():
     return check_golden
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fxcc
 import pytest
-from fxcc.pipeline import PASSES, Pass, PassResult
+from fxcc.pipeline import Pass, PassResult
 
 
 def caret_column(err: fxcc.PipelineError) -> int:
@@ -132,14 +132,6 @@ def test_non_string_pipeline_is_type_error():
 
 
 # ------------------------------------------------------------------------------------------- registry
-
-
-@pytest.fixture
-def scratch_registry():
-    before = dict(PASSES)
-    yield
-    PASSES.clear()
-    PASSES.update(before)
 
 
 def test_register_a_pass_and_use_it_by_name(scratch_registry):

@@ -20,7 +20,7 @@ from fxcc.capture import capture
 from fxcc.codegen import Built
 from fxcc.codegen.executable import BuiltKernel, layout_kept
 from fxcc.dialects import KERNEL_OPS, Choice, kernel_body
-from fxcc.pipeline import PASSES, Pass, PassContext, PassManager, PassResult, parse_pipeline
+from fxcc.pipeline import Pass, PassContext, PassManager, PassResult, parse_pipeline
 
 aten = torch.ops.aten
 
@@ -70,9 +70,8 @@ def test_canonicalize_drops_a_copy_that_changes_no_layout():
 
 
 @pytest.fixture
-def copy_dropping_pass():
+def copy_dropping_pass(scratch_registry):
     """canonicalize as it was before the contract: every `.contiguous()` forwarded to its input."""
-    before = dict(PASSES)
 
     @fxcc.register
     @dataclass(frozen=True)
@@ -85,10 +84,6 @@ def copy_dropping_pass():
                     n.replace_all_uses_with(n.args[0])
                     gm.graph.erase_node(n)
             return PassResult(True)
-
-    yield
-    PASSES.clear()
-    PASSES.update(before)
 
 
 def test_verify_each_names_a_pass_that_drops_a_needed_copy(copy_dropping_pass):
