@@ -92,7 +92,7 @@ def run_one(model_type: str, passes: str | None = None, phase: Any = lambda p: N
     for level, shrink in enumerate(zm.LEVELS):
         phase("build")
         try:
-            candidate = zm.build(model_type, zm.Shrink(*shrink))
+            candidate = zm.build(model_type, zm.Shrink(*shrink), max_params=MAX_PARAMS)
         except ImportError as e:  # a library the model needs is not installed: no level helps
             build_errors.append(_message(e))
             break
@@ -100,11 +100,6 @@ def run_one(model_type: str, passes: str | None = None, phase: Any = lambda p: N
             build_errors.append(_message(e))
             continue
         n = sum(p.numel() for p in candidate.parameters())
-        if n > MAX_PARAMS:
-            biggest = max(candidate.named_parameters(), key=lambda kv: kv[1].numel())
-            build_errors.append(f"{n / 1e6:.0f}M parameters after shrinking (largest: {biggest[0]} "
-                                f"{list(biggest[1].shape)})")
-            continue
         options = zm.recipes(candidate)
         if isinstance(options, str):
             build_errors.append(f"no input recipe for the required forward argument {options!r}")
@@ -411,7 +406,11 @@ def select(types: list[str], only: str | None) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     """`fxcc zoo`: run the sweep, print progress and the counts, write zoo.md and zoo.json."""
     out = Path(args.output)
-    types = select(model_types(), args.only)
+    try:
+        types = select(model_types(), args.only)
+    except ValueError as e:
+        print(f"fxcc zoo: {e}", file=sys.stderr)
+        return 2
     previous = {r.model: r for r in load(out)} if args.retry or args.resume else {}
     if args.retry:
         types = [t for t in types if t not in previous or previous[t].status != EQUAL]

@@ -57,6 +57,8 @@ class Shrink:
         """The shrunk value of integer setting `name` (None: leave it)."""
         if name.startswith("vocab_size"):
             return VOCAB
+        if "vocab" in name:  # hash or byte-group vocabularies, type vocabularies
+            return min(v, VOCAB)
         if name in _ALWAYS:
             return min(v, _ALWAYS[name])
         if _LAYER_NAMES.search(name):
@@ -215,11 +217,23 @@ def _all_configs(config: Any) -> list[Any]:
     return out
 
 
-def build(model_type: str, shrink: Shrink = Shrink(), seed: int = 0) -> nn.Module:
-    """The AutoModel of `model_type` from its shrunk config, fp32, in eval mode."""
+def build(model_type: str, shrink: Shrink = Shrink(), seed: int = 0, max_params: int | None = None) -> nn.Module:
+    """The AutoModel of `model_type` from its shrunk config, fp32, in eval mode. With `max_params`, the model
+    is first built on the meta device (no memory) and a larger one raises ValueError naming its largest
+    parameter."""
     from transformers import AutoModel
 
     config = shrunk_config(model_type, shrink)
+    if max_params is not None:
+        try:
+            with torch.device("meta"):
+                meta = AutoModel.from_config(config, dtype=torch.float32)
+        except Exception:  # noqa: BLE001 - a model that cannot be made on meta is measured when built
+            meta = None
+        n = sum(p.numel() for p in meta.parameters()) if meta is not None else 0
+        if n > max_params:
+            name, p = max(meta.named_parameters(), key=lambda kv: kv[1].numel())
+            raise ValueError(f"{n / 1e6:.0f}M parameters after shrinking (largest: {name} {list(p.shape)})")
     torch.manual_seed(seed)
     model = AutoModel.from_config(config, dtype=torch.float32)
     return model.eval()

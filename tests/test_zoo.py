@@ -58,3 +58,19 @@ def test_select_by_name_glob_and_unknown_name():
     assert zoo.select(types, "gpt*,t5") == ["gpt2", "gpt_neox", "t5"]
     with pytest.raises(ValueError, match="no model type .* matches nosuch"):
         zoo.select(types, "bert,nosuch")
+
+
+def test_cli_names_an_unknown_model_type(tmp_path, capsys):
+    from fxcc import cli
+
+    assert cli.main(["zoo", "--only", "bert,nosuch", "--output", str(tmp_path)]) == 2
+    assert "no model type in transformers' AutoModel mapping matches nosuch" in capsys.readouterr().err
+
+
+def test_a_model_past_its_timeout_is_a_row_and_the_sweep_goes_on(tmp_path):
+    """The worker is killed (its process group) and the row says where the time ran out."""
+    rows = zoo.sweep(["bert"], jobs=1, timeout=0.5, passes=None, threads=1, logdir=tmp_path)
+    assert [(r.model, r.status) for r in rows] == [("bert", zoo.CANNOT_BUILD)]
+    assert rows[0].message.startswith("timed out after 0 s in ")
+    zoo.write(rows, tmp_path, "fxcc zoo --only bert")
+    assert "| bert | cannot build |" in (tmp_path / "zoo.md").read_text()
