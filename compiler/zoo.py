@@ -187,7 +187,7 @@ def _how_compiled(cm: Any) -> list[str]:
 def _eager_ops(cm: Any) -> int:
     from fxcc.runtime import placement
 
-    return max((sum(1 for r in placement(v.gm) if r[2].startswith("eager")) for v in cm.variants
+    return max((sum(1 for r in placement(v.gm, v.kernels) if r[2].startswith("eager")) for v in cm.variants
                 if v.gm is not None), default=0)
 
 
