@@ -33,6 +33,7 @@ STATUSES = (EQUAL, MISMATCH, FXCC_ERROR, FALLBACK, EAGER_FAILS, CANNOT_BUILD)
 RUNNABLE = (EQUAL, MISMATCH, FXCC_ERROR, FALLBACK)  # eager runs: the architectures the share counts
 RECYCLE = 20  # models per worker process
 MAX_PARAMS = 30_000_000  # a shrunk model larger than this was not shrunk by the rules: reported, not run
+MEMORY_GB = 4.0  # a worker's heap: a model whose build asks for more fails with a row, not the machine's OOM killer
 
 
 @dataclass
@@ -194,11 +195,22 @@ def _eager_ops(cm: Any) -> int:
 # ------------------------------------------------------------------------------------------ the workers
 
 
-def worker(passes: str | None, threads: int) -> None:
+def limit_memory(gb: float) -> None:
+    """Cap this process's heap (RLIMIT_DATA: private writable memory) at `gb`: a build that asks for more
+    (a config the meta-device measure could not check) raises an allocation error in this process."""
+    import resource
+
+    limit = int(gb * 2**30)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def worker(passes: str | None, threads: int, memory_gb: float = MEMORY_GB) -> None:
     """Read model types from stdin, one per line; write JSON lines: phases, then each model's result."""
     import torch
     import transformers
 
+    limit_memory(memory_gb)
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     logging.basicConfig(level=logging.ERROR)
@@ -231,8 +243,8 @@ class _Worker:
     count: int = 0
 
 
-def _spawn(passes: str | None, threads: int, logdir: Path, i: int) -> _Worker:
-    cmd = [sys.executable, "-m", "fxcc.zoo", "--worker", "--threads", str(threads)]
+def _spawn(passes: str | None, threads: int, logdir: Path, i: int, memory_gb: float) -> _Worker:
+    cmd = [sys.executable, "-m", "fxcc.zoo", "--worker", "--threads", str(threads), "--memory-gb", str(memory_gb)]
     if passes:
         cmd += ["--passes", passes]
     path = logdir / f"worker{i}.log"
@@ -251,7 +263,7 @@ def _tail(path: Path, n: int = 3) -> str:
 
 
 def sweep(types: list[str], jobs: int, timeout: float, passes: str | None, threads: int, logdir: Path,
-          done: Any = lambda r, i, n: None) -> list[Result]:
+          done: Any = lambda r, i, n: None, memory_gb: float = MEMORY_GB) -> list[Result]:
     """Run every model type in worker processes; `done(result, index, total)` after each."""
     logdir.mkdir(parents=True, exist_ok=True)
     todo, results = list(types), []
@@ -276,7 +288,7 @@ def sweep(types: list[str], jobs: int, timeout: float, passes: str | None, threa
         workers.remove(w)
         if todo or any(x.model for x in workers):
             spawned += 1
-            add(_spawn(passes, threads, logdir, spawned))
+            add(_spawn(passes, threads, logdir, spawned, memory_gb))
 
     def add(w: _Worker) -> None:
         workers.append(w)
@@ -286,7 +298,7 @@ def sweep(types: list[str], jobs: int, timeout: float, passes: str | None, threa
 
     for _ in range(min(jobs, len(todo))):
         spawned += 1
-        add(_spawn(passes, threads, logdir, spawned))
+        add(_spawn(passes, threads, logdir, spawned, memory_gb))
     while any(w.model for w in workers):
         for key, _ in sel.select(timeout=1.0):
             w = key.data
@@ -433,7 +445,7 @@ def main(args: argparse.Namespace) -> int:
         if i % 10 == 0:
             write(list(results.values()), out, command)
 
-    sweep(types, args.jobs, args.timeout, args.passes, threads, out / "logs", done)
+    sweep(types, args.jobs, args.timeout, args.passes, threads, out / "logs", done, args.memory_gb)
     rows = list(results.values())
     write(rows, out, command)
     print(f"\n{summary(rows)}\n{out / 'zoo.md'} and {out / 'zoo.json'} written in "
@@ -448,6 +460,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     z.add_argument("--timeout", type=float, default=900.0, help="seconds per model (default 900)")
     z.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / jobs)")
     z.add_argument("--passes", help="pipeline to compile with (default: the default pipeline)")
+    z.add_argument("--memory-gb", type=float, default=MEMORY_GB,
+                   help=f"heap limit of each worker process in GiB (default {MEMORY_GB:g})")
     z.add_argument("--output", default="build/zoo", help="directory for zoo.md, zoo.json and logs (default build/zoo)")
     z.add_argument("--retry", action="store_true", help="run again only the models not equal in the existing table")
     z.add_argument("--resume", action="store_true", help="run only the models the existing table lacks")
@@ -459,6 +473,7 @@ if __name__ == "__main__":
     p.add_argument("--worker", action="store_true")
     p.add_argument("--passes")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-gb", type=float, default=MEMORY_GB)
     a = p.parse_args()
     if a.worker:
-        worker(a.passes, a.threads)
+        worker(a.passes, a.threads, a.memory_gb)

@@ -74,3 +74,15 @@ def test_a_model_past_its_timeout_is_a_row_and_the_sweep_goes_on(tmp_path):
     assert rows[0].message.startswith("timed out after 0 s in ")
     zoo.write(rows, tmp_path, "fxcc zoo --only bert")
     assert "| bert | cannot build |" in (tmp_path / "zoo.md").read_text()
+
+
+def test_a_worker_build_past_its_memory_limit_fails_in_the_worker():
+    """A config the meta-device measure cannot check (its constructor fails on meta) may ask for gigabytes when
+    built: the worker's heap limit turns that into an allocation error (a row), not the machine's OOM killer."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from fxcc import zoo; zoo.limit_memory(0.5)\n"
+            "try:\n    torch.empty(2**30)\nexcept RuntimeError as e:\n    print('refused', 'allocate' in str(e))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "refused True", out.stderr[-2000:]
