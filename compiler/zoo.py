@@ -159,6 +159,8 @@ def run_one(model_type: str, passes: str | None = None, phase: Any = lambda p: N
     res.max_rel, res.worst, res.leaves = c.max_rel, c.worst, c.leaves
     if c.equal and cm.eager_signatures:  # fxcc saw its result differ from eager's and ran eagerly instead
         res.status, res.message = FALLBACK, cm.eager_signatures[0]
+    elif c.equal and (why := _nothing_compiled(cm)):  # equal, because it all ran eagerly: not a compile
+        res.status, res.message = FALLBACK, why
     elif c.equal:
         res.status = EQUAL
     else:
@@ -183,6 +185,27 @@ def _how_compiled(cm: Any) -> list[str]:
         elif v.captured.method != "export":
             notes.append(f"captured with {v.captured.method}")
     return list(dict.fromkeys(notes))
+
+
+def _nothing_compiled(cm: Any) -> str:
+    """Why fxcc compiled nothing of `cm`'s calls ("" when it did): every variant is a DyCL host program whose
+    functions ran as written, or whose segments all failed to compile (a segment fxcc chose to run as plain
+    Python, being faster so, counts as compiled: that was a decision, not a failure)."""
+    variants = cm.variants
+    if not variants or any(v.gm is not None for v in variants):
+        return ""
+    reasons = []
+    for v in variants:
+        for prog in v.program.all_programs():
+            if prog.rw is None:
+                reasons.append(f"DyCL: {prog.name} runs eagerly, as written: {prog.eager_reason}")
+                continue
+            runs = [run for seg in prog.segments for run in seg.runs.values()]
+            failed = [run.eager for run in runs if run.variant is None and run.eager.startswith("capture/compile")]
+            if len(failed) < len(runs):
+                return ""
+            reasons += [f"DyCL: segment of {prog.name}: {why}" for why in failed]
+    return reasons[0] if reasons else ""
 
 
 def _eager_ops(cm: Any) -> int:

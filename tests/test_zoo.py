@@ -86,3 +86,39 @@ def test_a_worker_build_past_its_memory_limit_fails_in_the_worker():
             "try:\n    torch.empty(2**30)\nexcept RuntimeError as e:\n    print('refused', 'allocate' in str(e))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "refused True", out.stderr[-2000:]
+
+
+def _decorated(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def test_a_model_that_ran_all_eagerly_is_not_counted_equal():
+    """A forward DyCL leaves as written (here: behind a decorator) gives eager's result, but nothing was
+    compiled: the row says so instead of `equal`. The same forward undecorated runs compiled segments."""
+    import fxcc
+    import torch
+    import torch.nn as nn
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return torch.relu(x) * 2
+            return x - 1
+
+    class Wrapped(Branchy):
+        forward = _decorated(Branchy.forward)
+
+    x = torch.randn(4, 8)
+    reasons = []
+    for model in (Branchy(), Wrapped()):
+        cm = fxcc.compile(model, passes=PIPELINE)
+        for sign in (1, -1):
+            torch.testing.assert_close(cm(sign * x.abs()), model(sign * x.abs()))
+        reasons.append(zoo._nothing_compiled(cm))
+    assert reasons[0] == ""
+    assert "runs eagerly, as written" in reasons[1] and "decorator" in reasons[1]
