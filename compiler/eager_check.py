@@ -81,7 +81,8 @@ class Checked:
 def first_call(run: Callable[[list[Any]], Any], eager: Callable[..., Any], flatten: Callable[..., list[Any]],
                args: tuple, kwargs: dict, name: str) -> Checked | None:
     """Run `eager` on copies of the inputs, then the compiled `run` on the inputs, from one RNG state; None
-    (nothing run) when the inputs cannot be copied."""
+    (nothing run) when the inputs cannot be copied. A compiled call that raises where eager did not is a
+    difference too (eager's result is returned)."""
     try:
         e_args, e_kwargs = copy.deepcopy((args, kwargs))
     except Exception as e:  # noqa: BLE001 - inputs that cannot be copied: run compiled, unchecked
@@ -94,7 +95,12 @@ def first_call(run: Callable[[list[Any]], Any], eager: Callable[..., Any], flatt
             want = eager(*e_args, **e_kwargs)
     finally:
         _REFERENCE.reset(token)
-    got = run(flatten(args, kwargs))
+    try:
+        got = run(flatten(args, kwargs))
+    except Exception as e:  # noqa: BLE001 - eager ran this call: an error of the compiled code only is fxcc's
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return Checked(want, f"the compiled call differs from eager: it raised {type(e).__name__}: {first} "
+                             "(eager did not)")
     c = compare(got, want, tol=tolerance)
     if c.equal:
         return Checked(got, None)

@@ -80,3 +80,18 @@ def test_approximate_passes_and_written_module_state_are_not_checked():
     x = torch.ones(2)
     torch.testing.assert_close(cm(x), x)  # the buffer counts one call, not two
     assert eager_check.applies(cm.variants[0].gm, exact=True) == "writes module state"
+
+
+class PlusOne(nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+def test_a_compiled_call_that_raises_where_eager_does_not_runs_eagerly_with_a_warning():
+    """A graph that fails when run (as a vmap traced out of its transform does: Nemotron ASR's masks)."""
+    x = torch.ones(2, 3)
+    first_call = eager_check.first_call(lambda flat: torch.mm(flat[0], flat[0]), PlusOne(),  # [2, 3] @ [2, 3]
+                                        lambda a, k: list(a), (x,), {}, "PlusOne")
+    torch.testing.assert_close(first_call.result, x + 1)
+    assert first_call.reason.startswith("the compiled call differs from eager: it raised RuntimeError: ")
+    assert first_call.reason.endswith("(eager did not)")
