@@ -38,10 +38,12 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def applies(gm: fx.GraphModule | None, exact: bool) -> str | None:
     """Why the check cannot run for a variant (None when it can): approximate passes change results on
-    purpose; a graph that writes module state in place would write it twice; ranks of a distributed
-    model would each run the full eager model."""
+    purpose; a graph that writes module state in place, or a DyCL host program's Python effects, would happen
+    twice; ranks of a distributed model would each run the full eager model."""
     if not exact:
         return "approximate passes"
+    if gm is None:  # its Python (attribute stores, appends to a default list, prints) would run twice
+        return "a DyCL host program"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "distributed"
     if gm is not None and _writes_module_state(gm):

@@ -234,11 +234,6 @@ class CompiledModule:
         if isinstance(variant, _Eager) or not CompileOptions.from_env(self.options).check_eager:
             return None
         why_not = eager_check.applies(variant.gm, all(p.exact for p in self._passes))
-        if why_not is None and variant.gm is None:  # a DyCL host program: its Python effects would run twice
-            from fxcc import dycl
-
-            effect = dycl.python_effect(self.module)
-            why_not = f"Python effects a second run would repeat: {effect}" if effect else None
         if why_not is not None:
             log.debug("%s: first call not checked against eager (%s)", self.name, why_not)
             return None
