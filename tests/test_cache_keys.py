@@ -146,11 +146,11 @@ def test_a_module_under_autocast_runs_eagerly_with_one_warning():
 OPTIONS = {
     "target": "key", "passes": "key", "tune": "entry", "tune_budget": "entry", "cuda_graphs": "run",
     "graph_cache": "off", "plan": "entry", "quality_budget": "off", "verify_each": "off", "print_ir_after": "off",
-    "max_variants": "run", "dycl": "run",
+    "max_variants": "run", "dycl": "run", "check_eager": "run",
 }
 SETTINGS = {
     "cache_dir": "run", "cache_shared": "run", "cache_trust": "run", "tvm_pool": "key", "triton_interpret": "key",
-    "verify_each": "off", "print_ir_after": "off",
+    "verify_each": "off", "print_ir_after": "off", "check_eager": "run",
 }
 OFF = {"graph_cache": False, "quality_budget": 0.01, "verify_each": True, "print_ir_after": ("raise",)}
 
