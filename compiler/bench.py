@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -288,9 +289,10 @@ def main(args: Any) -> int:
     if args.engines:
         engines = args.engines.split(",")
     log(f"{w.description} on {machine(device)}")
-    with tempfile.TemporaryDirectory(prefix="fxcc-bench-cache-") as cache_dir:
-        # fxcc compiles cold into an empty artifact cache, then a new process compiles warm from it
-        os.environ["FXCC_CACHE_DIR"] = cache_dir
+    # fxcc compiles cold into an empty artifact cache, then a new process compiles warm from it; the caller's
+    # FXCC_CACHE_DIR comes back after (a bench run inside a process must not leave it on a deleted directory)
+    with tempfile.TemporaryDirectory(prefix="fxcc-bench-cache-") as cache_dir, \
+            mock.patch.dict(os.environ, {"FXCC_CACHE_DIR": cache_dir}):
         results = run(w, engines=engines, warmup=args.warmup, reps=args.reps, log=log)
         warm = warm_compile(args, cache_dir, log) if "fxcc" in engines else None
     header = f"fxcc bench {w.name}: {w.description}\nmachine: {machine(device)}; median of {args.reps} calls"

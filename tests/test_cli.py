@@ -58,7 +58,9 @@ def test_bench_llama_prints_the_side_by_side_table(tmp_path, capsys):
     argv = ["bench", "llama", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
             "--intermediate", "64", "--seq", "8", "--reps", "2", "--warmup", "1", "--threads", "1",
             "--engines", "eager,fxcc", "--json", str(out_json)]
+    before = os.environ.get("FXCC_CACHE_DIR")
     assert cli.main(argv) == 0
+    assert os.environ.get("FXCC_CACHE_DIR") == before  # the bench's own cache dir does not leak into the caller
     out = capsys.readouterr().out
     rows = {line.split()[0] for line in out.splitlines() if line.startswith(("eager", "fxcc"))}
     assert rows == {"eager", "fxcc"}
