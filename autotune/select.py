@@ -321,17 +321,18 @@ def example_inputs(kb: KernelBody, target: str, real: dict[int, torch.Tensor] | 
     for i, p in enumerate(n for n in kb.body.graph.nodes if n.op == "placeholder"):
         v = p.meta["val"]
         r = (real or {}).get(i)
-        size = int(v.storage_offset()) + 1 + sum((int(n) - 1) * int(s) for n, s in zip(v.shape, v.stride()) if n > 0)
+        shape, stride, offset = ir.hints(v.shape), ir.hints(v.stride()), ir.hint(v.storage_offset())
+        size = offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
         if v.dtype.is_floating_point:
             base = torch.randn(size, generator=gen).to(v.dtype)
         elif v.dtype == torch.bool:
             base = torch.rand(size, generator=gen) > 0.2
         else:
             base = torch.randint(0, 8, (size,), generator=gen, dtype=v.dtype)
-        t = base.to(target).as_strided(tuple(v.shape), tuple(v.stride()), int(v.storage_offset()))
-        if r is not None and r.shape == v.shape and r.dtype == v.dtype:
+        t = base.to(target).as_strided(shape, stride, offset)
+        if r is not None and tuple(r.shape) == shape and r.dtype == v.dtype:
             # a broadcast (stride-0) dimension is one slice in memory; the values are alike along it
-            at = tuple(0 if st == 0 and n > 1 else slice(None) for n, st in zip(v.shape, v.stride()))
+            at = tuple(0 if st == 0 and n > 1 else slice(None) for n, st in zip(shape, stride))
             t[at].copy_(r[at])
         out.append(torch.nn.Parameter(t, requires_grad=False) if i in params else t)
     return out

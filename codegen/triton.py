@@ -28,7 +28,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from fxcc import ir
 from fxcc.codegen import Built, KernelFn
+from fxcc.codegen import triton_decode as decode
 from fxcc.codegen.triton_gen import (
     REDUCTIONS,
     Emitter,
@@ -38,10 +40,14 @@ from fxcc.codegen.triton_gen import (
     broadcast_index,
     delinearize,
     dtype_of,
+    hint_shape,
+    is_symbolic,
     is_view,
     linearize,
     reduction_input,
+    shape_fn,
     shape_of,
+    size_args,
     tl_dtype,
 )
 from fxcc.codegen.triton_templates import attention_source, gemm_source
@@ -74,8 +80,13 @@ def available(target: str) -> str | None:
 
 
 def candidates(kb: KernelBody, target: str) -> list[TritonCandidate]:
-    """The Triton candidates for `kb`; [] for bodies this backend cannot lower."""
+    """The Triton candidates for `kb`; [] for bodies this backend cannot lower. Pointwise and reduction
+    kernels may have symbolic sizes (taken as kernel arguments); the templates are built per shape."""
     try:
+        attention = kb.kind == "extern" and _anchor(kb.body, {tx.attention.default}) is not None
+        if is_symbolic(kb.body) and kb.kind not in ("pointwise", "reduction"):
+            return _optional(lambda: TritonCandidate(kb, "triton-decode", decode_attention_plan(kb.body, kb.text))) \
+                if attention else []
         if kb.kind == "pointwise":
             return [TritonCandidate(kb, "triton", pointwise_plan(kb.body, kb.text))]
         if kb.kind == "reduction":
@@ -83,9 +94,10 @@ def candidates(kb: KernelBody, target: str) -> list[TritonCandidate]:
         if kb.kind == "gemm":
             return _optional(lambda: TritonCandidate(kb, "triton", gemm_plan(kb.body, kb.text)),
                              lambda: TritonCandidate(kb, "triton+lib", library_epilogue_plan(kb.body, kb.text)))
-        if kb.kind == "extern" and _anchor(kb.body, {tx.attention.default}) is not None:
+        if attention:
             return _optional(lambda: TritonCandidate(kb, "triton", attention_plan(kb.body, kb.text)),
-                             lambda: TritonCandidate(kb, "sdpa", sdpa_plan(kb.body, kb.text)))
+                             lambda: TritonCandidate(kb, "sdpa", sdpa_plan(kb.body, kb.text)),
+                             lambda: TritonCandidate(kb, "triton-decode", decode_attention_plan(kb.body, kb.text)))
     except Unsupported:
         return []
     return []
@@ -198,7 +210,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _extent(node: fx.Node) -> int:
     v = node.meta["val"]
-    return sum((s - 1) * st for s, st in zip(v.shape, v.stride())) + 1
+    return sum((s - 1) * st for s, st in zip(hint_shape(node), ir.hints(v.stride()))) + 1
 
 
 def _int64(nodes: list[fx.Node], *numels: int) -> bool:
@@ -209,6 +221,15 @@ def _int64(nodes: list[fx.Node], *numels: int) -> bool:
 def _empty(node: fx.Node, device: torch.device) -> torch.Tensor:
     v = node.meta["val"]
     return torch.empty(tuple(v.shape), dtype=v.dtype, device=device)
+
+
+def _allocator(node: fx.Node, sizes: list[tuple[str, int, int]]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """A function of the kernel's inputs allocating `node`'s output (its symbolic sizes read from them)."""
+    dtype, shape = node.meta["val"].dtype, shape_fn(node, sizes)
+
+    def empty(inputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.empty(shape(inputs), dtype=dtype, device=inputs[0].device)
+    return empty
 
 
 def _signature(em: Emitter, placeholders: list[fx.Node], fixed: list[str]) -> tuple[list[str], list[int]]:
@@ -247,6 +268,7 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     if not placeholders:
         raise Unsupported("a body without inputs")
     pos = {p: k for k, p in enumerate(placeholders)}
+    sizes = size_args(body)  # symbolic sizes: kernel arguments read from the inputs at launch
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, o in enumerate(outs):
         if not isinstance(o, fx.Node):
@@ -255,7 +277,7 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     sources, launches = [], []
     for j, (shape, positions) in enumerate(by_shape.items()):
         em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
-        numel = math.prod(shape)
+        numel = math.prod(hint_shape(outs[positions[0]]))
         idx = tuple(em.index(e) for e in delinearize("offs", shape))
         values = [em.value(outs[i], idx) for i in positions]
         args, used = _signature(em, placeholders, [])
@@ -264,10 +286,11 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
         stores = [f"tl.store(out{i} + offs, {v.name}.to({tl_dtype(dtype_of(outs[i]))}), mask=mask)"
                   for i, v in zip(positions, values)]
         strides = [f"s{pos[p]}_{d}" for p, d in em.strides]
-        sig = ", ".join([*args, *(f"out{i}" for i in positions), *strides, "BLOCK: tl.constexpr"])
+        sig = ", ".join([*args, *(f"out{i}" for i in positions), *strides, *(n for n, _, _ in sizes),
+                         "BLOCK: tl.constexpr"])
         sources.append(f"@triton.jit\ndef {fn}({sig}):\n"
                        f"    offs = {start} * BLOCK + tl.arange(0, BLOCK)\n"
-                       f"    mask = offs < {numel}\n"
+                       f"    mask = offs < {math.prod(shape)}\n"
                        f"{_indent([*em.lines, *stores])}\n")
         launches.append(_Launch(fn, used, positions, [(pos[p], d) for p, d in em.strides], numel))
     source = _header(text, "pointwise") + "\n\n".join(sources)
@@ -275,17 +298,19 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     block = min(1024, max(128, _pow2(biggest)))
     defaults = {"BLOCK": block, "num_warps": 4 if block >= 512 else (2 if block >= 256 else 1)}
     space = {"BLOCK": [128, 256, 512, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}
+    alloc = [_allocator(o, sizes) for o in outs]
 
     def launcher(ns: dict, params: dict) -> KernelFn:
-        kernels = [(ns[x.fn], x, (_cdiv(x.numel, params["BLOCK"]),)) for x in launches]
+        kernels = [(ns[x.fn], x) for x in launches]
         meta = {"BLOCK": params["BLOCK"], "num_warps": params["num_warps"], **_EXACT}
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            dev = inputs[0].device
-            res = [_empty(o, dev) for o in outs]
-            for fn, x, grid in kernels:
+            res = [a(inputs) for a in alloc]
+            syms = [inputs[k].shape[d] for _, k, d in sizes]
+            for fn, x in kernels:
+                grid = (_cdiv(res[x.outputs[0]].numel(), params["BLOCK"]),)
                 fn[grid](*(inputs[k] for k in x.inputs), *(res[i] for i in x.outputs),
-                         *(inputs[k].stride(d) for k, d in x.strides), **meta)
+                         *(inputs[k].stride(d) for k, d in x.strides), *syms, **meta)
             return res
         return run
 
@@ -312,6 +337,10 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     if not x_shape:
         raise Unsupported("a reduction of a scalar")
     n, rows = x_shape[-1], math.prod(x_shape[:-1])
+    if not isinstance(n, int):
+        raise Unsupported("a reduction over a symbolic dimension")
+    sizes = size_args(body)  # symbolic row counts: kernel arguments read from the inputs at launch
+    hint_rows = math.prod(hint_shape(reduction_input(anchor))[:-1])
     block_n = _pow2(n)
     if block_n > 32768:
         raise Unsupported(f"rows of {n} elements do not fit one block")
@@ -332,29 +361,34 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
             raise Unsupported(f"output {o.name} is neither row- nor reduction-shaped")
     args, used = _signature(em, placeholders, [])
     strides = [f"s{pos[p]}_{d}" for p, d in em.strides]
-    sig = ", ".join([*args, *(f"out{i}" for i in range(len(outs))), *strides, "ROWS: tl.constexpr",
-                     "BLOCK_N: tl.constexpr"])
-    start = "tl.program_id(0).to(tl.int64)" if _int64(placeholders, rows * n) else "tl.program_id(0)"
+    sig = ", ".join([*args, *(f"out{i}" for i in range(len(outs))), *strides, *(s for s, _, _ in sizes),
+                     "ROWS: tl.constexpr", "BLOCK_N: tl.constexpr"])
+    start = "tl.program_id(0).to(tl.int64)" if _int64(placeholders, hint_rows * n) else "tl.program_id(0)"
     source = (_header(text, "reduction over the last dimension") +
               f"@triton.jit\ndef fxcc_reduction({sig}):\n"
               f"    rows = ({start} * ROWS + tl.arange(0, ROWS))[:, None]\n"
               f"    cols = tl.arange(0, BLOCK_N)[None, :]\n"
               f"    mask = (rows < {rows}) & (cols < {n})\n"
               f"{_indent([*em.lines, *stores])}\n")
-    rows_default = max(1, min(_pow2(rows), 4096 // block_n, 64))
+    rows_default = max(1, min(_pow2(hint_rows), 4096 // block_n, 64))
     tile = rows_default * block_n
     defaults = {"ROWS": rows_default, "num_warps": 16 if tile >= 16384 else (8 if tile >= 4096 else 4)}
     space = {"ROWS": [r for r in (1, 2, 4, 8, 16, 32, 64) if r * block_n <= 32768],
              "num_warps": [1, 2, 4, 8, 16]}
     strides_at = [(pos[p], d) for p, d in em.strides]
 
+    alloc = [_allocator(o, sizes) for o in outs]
+    lead = shape_fn(reduction_input(anchor), sizes)
+
     def launcher(ns: dict, params: dict) -> KernelFn:
-        fn, grid = ns["fxcc_reduction"], (_cdiv(rows, params["ROWS"]),)
+        fn = ns["fxcc_reduction"]
         meta = {"ROWS": params["ROWS"], "BLOCK_N": block_n, "num_warps": params["num_warps"], **_EXACT}
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            res = [_empty(o, inputs[0].device) for o in outs]
-            fn[grid](*(inputs[k] for k in used), *res, *(inputs[k].stride(d) for k, d in strides_at), **meta)
+            res = [a(inputs) for a in alloc]
+            grid = (_cdiv(math.prod(lead(inputs)[:-1]), params["ROWS"]),)
+            fn[grid](*(inputs[k] for k in used), *res, *(inputs[k].stride(d) for k, d in strides_at),
+                     *(inputs[k].shape[d] for _, k, d in sizes), **meta)
             return res
         return run
 
@@ -557,6 +591,51 @@ def _attention(body: fx.GraphModule) -> fx.Node:
     if any(not isinstance(x, fx.Node) or x.op != "placeholder" or len(shape_of(x)) != 4 for x in (q, k, v)):
         raise Unsupported("attention operands are not 4-D kernel inputs")
     return node
+
+
+def decode_attention_plan(body: fx.GraphModule, text: str) -> TritonProgram:
+    """Flash-decoding for a decode step (one query token): the KV length split across programs and the
+    chunks combined (codegen/triton_decode.py); batch and cache length are run-time sizes. Whatever the
+    body computes around the attention runs as the torch calls it holds."""
+    node = _attention(body)
+    q, k, v, mask, scale, causal = node.args
+    (_, hq, tq, d), (_, hk, _, dk), (_, _, _, dv) = shape_of(q), shape_of(k), shape_of(v)
+    if tq != 1 or causal:
+        raise Unsupported("not a decode step (one query token, no causal flag)")
+    if not (isinstance(hq, int) and isinstance(hk, int)) or hq % hk or d != dk or d != dv or \
+            d not in (16, 32, 64, 128, 256):
+        raise Unsupported(f"head dim {d} / heads {hq}:{hk}")
+    if dtype_of(q) not in (torch.float16, torch.bfloat16, torch.float32) or not dtype_of(q) == dtype_of(k) == \
+            dtype_of(v):
+        raise Unsupported("attention dtypes")
+    mask_bool = None
+    if isinstance(mask, fx.Node):
+        mdt = mask.meta["val"].dtype
+        if mask.op != "placeholder" or not (mdt == torch.bool or mdt.is_floating_point) or len(shape_of(mask)) > 4:
+            raise Unsupported("attention mask")
+        mask_bool = mdt == torch.bool
+    source = _header(text, "flash-decoding attention, the KV length split") + decode.SOURCE
+    defaults = {"BLOCK_N": 16 if _interpreting() else 64, "num_warps": 4}
+    space = {"BLOCK_N": [16, 32, 64, 128], "num_warps": [1, 2, 4, 8]}
+    target = 2 * torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        att = decode.launcher(ns, heads=hq, group=hq // hk, head_dim=d, scale=float(scale), mask_bool=mask_bool,
+                              block_n=params["BLOCK_N"], num_warps=params["num_warps"], target=target)
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(body.graph, {}))
+        for n in graph.nodes:
+            if n.op == "call_function" and n.target is tx.attention.default:
+                n.target, n.args = att, n.args[:4]
+            elif n.op == "call_function" and n.target in REFERENCE:
+                n.target = REFERENCE[n.target]
+        gm = fx.GraphModule(body, graph)
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            return list(gm(*inputs))
+        return run
+
+    return TritonProgram(source, space, defaults, launcher)
 
 
 def sdpa_plan(body: fx.GraphModule, text: str) -> TritonProgram:

@@ -16,10 +16,13 @@ exactly raises Unsupported, and the backend then offers no candidate for that bo
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
+from fxcc import ir
 
 aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
@@ -45,11 +48,79 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def shape_of(x: object) -> tuple[int, ...]:
+def shape_of(x: object) -> tuple[int | sympy.Expr, ...]:
+    """A node's shape: ints, and for symbolic sizes sympy expressions of the body's kernel arguments
+    `sym0`, `sym1`, ... (see `size_args`), which print as the Triton expressions computing them."""
     v = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(v, torch.Tensor):
         raise Unsupported(f"{x} has no tensor value")
-    return tuple(int(s) for s in v.shape)
+    return tuple(_size(s, x.graph) for s in v.shape)
+
+
+def _size(s: object, graph: fx.Graph) -> int | sympy.Expr:
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        if not expr.free_symbols:
+            return int(expr)
+        names = _symbols(graph)
+        if not expr.free_symbols <= names.keys():
+            raise Unsupported(f"size {expr} is not computed from the kernel's input sizes")
+        return expr.xreplace(names)
+    return int(s)
+
+
+_SYMBOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _symbols(graph: fx.Graph) -> dict[sympy.Symbol, sympy.Symbol]:
+    """The size symbols of a body's inputs, each renamed `sym<i>` in order of first use: the names its
+    generated source uses, the same for every body that differs only in export's numbering."""
+    if graph not in _SYMBOLS:
+        names: dict[sympy.Symbol, sympy.Symbol] = {}
+        for n in graph.nodes:
+            v = n.meta.get("val") if n.op == "placeholder" else None
+            for d in (v.shape if isinstance(v, torch.Tensor) else ()):
+                if isinstance(d, torch.SymInt):
+                    for sym in sorted(d.node.expr.free_symbols, key=str):
+                        names.setdefault(sym, sympy.Symbol(f"sym{len(names)}", integer=True, positive=True))
+        _SYMBOLS[graph] = names
+    return _SYMBOLS[graph]
+
+
+def size_args(body: fx.GraphModule) -> list[tuple[str, int, int]]:
+    """The kernel's size arguments: (name, input position, dimension) of each symbol of the body, read at
+    launch from an input that has it as a dimension. Raises Unsupported when one is in no input's shape."""
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    out = []
+    for sym, name in _symbols(body.graph).items():
+        where = next(((k, d) for k, p in enumerate(placeholders) if isinstance(p.meta.get("val"), torch.Tensor)
+                      for d, s in enumerate(p.meta["val"].shape)
+                      if isinstance(s, torch.SymInt) and s.node.expr == sym), None)
+        if where is None:
+            raise Unsupported(f"size {sym} is no input's dimension")
+        out.append((str(name), *where))
+    return out
+
+
+def is_symbolic(body: fx.GraphModule) -> bool:
+    return bool(_symbols(body.graph))
+
+
+def shape_fn(node: fx.Node, args: list[tuple[str, int, int]]):
+    """A function of the kernel's inputs giving `node`'s shape (its symbolic sizes evaluated at launch)."""
+    shape = shape_of(node)
+    if all(isinstance(s, int) for s in shape):
+        return lambda inputs: shape
+    code = compile("(" + "".join(f"{s}, " for s in shape) + ")", "<fxcc-triton-shape>", "eval")
+
+    def evaluate(inputs: list[torch.Tensor]) -> tuple[int, ...]:
+        return eval(code, {"__builtins__": {}}, {name: inputs[k].shape[d] for name, k, d in args})
+    return evaluate
+
+
+def hint_shape(node: fx.Node) -> tuple[int, ...]:
+    """A node's shape at the example sizes the compile saw (for block sizes and other heuristics)."""
+    return tuple(ir.hint(s) for s in node.meta["val"].shape)
 
 
 def dtype_of(x: object) -> torch.dtype:
@@ -62,13 +133,14 @@ Index = tuple[str, ...]
 
 
 def _wrap(e: str) -> str:
+    e = str(e)  # a size may be a sympy expression of size arguments
     return e if e.isidentifier() or e.isdigit() else f"({e})"
 
 
 def mul(e: str, c: int) -> str:
     if e == "0" or c == 0:
         return "0"
-    return e if c == 1 else f"{_wrap(e)} * {c}"
+    return e if c == 1 else f"{_wrap(e)} * {_wrap(c)}"
 
 
 def add(*es: str) -> str:
@@ -77,11 +149,19 @@ def add(*es: str) -> str:
 
 
 def div(e: str, c: int) -> str:
-    return e if c == 1 or e == "0" else f"{_wrap(e)} // {c}"
+    return e if c == 1 or e == "0" else f"{_wrap(e)} // {_wrap(c)}"
 
 
 def mod(e: str, c: int) -> str:
-    return "0" if c == 1 else (e if e == "0" else f"{_wrap(e)} % {c}")
+    return "0" if c == 1 else (e if e == "0" else f"{_wrap(e)} % {_wrap(c)}")
+
+
+def _le(a: int | sympy.Expr, b: int | sympy.Expr) -> bool:
+    """a <= b for sizes; symbolic sizes are taken as large (this only steers how reshapes are grouped)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a <= b
+    big = {s: 1 << 16 for s in (sympy.sympify(a).free_symbols | sympy.sympify(b).free_symbols)}
+    return bool(sympy.sympify(a).subs(big) <= sympy.sympify(b).subs(big))
 
 
 def linearize(idx: Index, shape: tuple[int, ...]) -> str:
@@ -114,7 +194,7 @@ def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], lis
     while i < len(a) or j < len(b):
         ga, gb, pa, pb = [], [], 1, 1
         while True:
-            if pa <= pb and i < len(a):
+            if _le(pa, pb) and i < len(a):
                 ga.append(i)
                 pa *= a[i]
                 i += 1
@@ -208,6 +288,8 @@ def view_input_index(node: fx.Node, idx: Index) -> Index:
         start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
         end = node.args[3] if len(node.args) > 3 else node.kwargs.get("end")
         step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        if not isinstance(in_shape[d], int):
+            raise Unsupported("a slice of a symbolic dimension")
         start, _, step = slice(start, end, step).indices(in_shape[d])
         res = list(idx)
         res[d] = add(str(start) if start else "0", mul(idx[d], step))

@@ -72,6 +72,8 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
     if any(not isinstance(v, torch.Tensor) or (v.dtype.is_floating_point and v.dtype != torch.float32)
            for v in vals):
         return []  # the CPU path generates fp32 code; other types stay with torch
+    if any(isinstance(d, torch.SymInt) for v in vals for d in (*v.shape, *v.stride())):
+        return []  # TVM kernels are built for static shapes; a symbolic kernel runs its torch candidates
     out = []
     try:
         tl.Lowering(kb.body).run()

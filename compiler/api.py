@@ -10,8 +10,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 from fxcc.autotune.plan import plan_options
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils import _pytree as pytree
 
+from . import ir
 from .options import CompileOptions
 from .pipeline import PASSES, parse_pipeline
 from .runtime import CompiledModule
@@ -30,16 +32,18 @@ class FunctionModule(nn.Module):
 
 def compile(model: Any = None, *, target: str = "auto", passes: str | None = None, tune: str = "cached",
             plan: str | None = None, quality_budget: float | None = None, tune_budget: int | None = None,
-            options: CompileOptions | None = None) -> Any:
-    """Compile an nn.Module (instance or class) or a function; also usable as `@compile` and `@compile(...)`.
+            dynamic: bool | None = None, options: CompileOptions | None = None) -> Any:
+    """Compile an nn.Module (instance or class), a module's bound method (`model.forward`) or a function;
+    also usable as `@compile` and `@compile(...)`.
 
     The result keeps the calling convention of `model`. Compilation happens at the first call, for that
-    call's input shapes; later calls with other shapes/dtypes compile further variants.
+    call's input shapes; a size that changes later recompiles once with that size symbolic (`dynamic`:
+    see CompileOptions). A compiled transformers model's `generate` runs its forward calls compiled.
     """
     opts = (options or CompileOptions()).replace(
         **{k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan,
-                                 quality_budget=quality_budget, tune_budget=tune_budget).items()
-           if v != getattr(CompileOptions, k, None)})
+                                 quality_budget=quality_budget, tune_budget=tune_budget, dynamic=dynamic).items()
+           if v is not getattr(CompileOptions, k, None) and v != getattr(CompileOptions, k, None)})
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
         opts = plan_options(opts)
     # a bad pipeline, pass name or target fails here, not at the first call
@@ -64,8 +68,12 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
         return CompiledModule(model, opts)
     if inspect.isclass(model) and issubclass(model, nn.Module):
         return _compile_class(model, opts)
-    if callable(model) and not inspect.isclass(model):
+    if inspect.ismethod(model) and isinstance(model.__self__, nn.Module):
+        # `model.forward = fxcc.compile(model.forward)`: the module's parameters and state are its own
+        cm = CompiledModule(model.__self__, opts, method=model)
+    elif callable(model) and not inspect.isclass(model):
         cm = CompiledModule(FunctionModule(model), opts)
+    if callable(model) and not inspect.isclass(model):
 
         @functools.wraps(model)
         def compiled_fn(*args, **kwargs):
@@ -119,17 +127,101 @@ def explained(model: Any, *args: Any, passes: str | None = None, ir_after_each: 
 
 
 def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
-    """`torch.compile(m, backend="fxcc")`: dynamo hands over an FX graph; fxcc compiles it for these inputs."""
+    """`torch.compile(m, backend="fxcc")`: dynamo hands over an FX graph; fxcc compiles it for these inputs.
+
+    With dynamic shapes dynamo passes each size the graph uses as an argument of its own (a SymInt): fxcc
+    compiles the graph as a function of its tensors, reading those sizes from them, with the dimensions
+    dynamo made symbolic symbolic, so one build serves every size dynamo's guards let through.
+    """
     options = kwargs.get("options") or {}
-    cm = CompiledModule(gm, CompileOptions(**options) if isinstance(options, dict) else options)
-    # with dynamic shapes dynamo passes sizes as SymInts; calls bring plain ints, so compile for the hint
-    example = [x.node.hint if isinstance(x, torch.SymInt) and x.node.has_hint() else x for x in example_inputs]
-    cm.warm(*example)  # compile now, so dynamo reports failures at compile time
+    opts = CompileOptions(**options) if isinstance(options, dict) else options
+    sizes = _sizes_read_from_tensors(gm, example_inputs)
+    scalars = _scalars_read_once(gm)
+    module = SizesFromTensors(gm, sizes, len(example_inputs)) if sizes else gm
+    cm = CompiledModule(module, opts)
+    keep = [i for i in range(len(example_inputs)) if i not in sizes]
+    example = [_hint(example_inputs[i].item() if i in scalars else example_inputs[i]) for i in keep]
+    cm.dims_hint = {j: dims for j, i in enumerate(keep) if (dims := _symbolic_dims(gm, i))}
+    # compile now, so dynamo reports failures at compile time; outside dynamo's tracing context, whose
+    # ShapeEnv would otherwise collect the guards of fxcc's own export as guards of the user's frame
+    with torch._guards.tracing(None), unset_fake_temporarily():
+        cm.warm(*example)
 
     def run(*args):
-        return cm(*args)
+        if scalars:
+            args = [a.item() if i in scalars else a for i, a in enumerate(args)]
+        return cm(*[args[i] for i in keep]) if sizes else cm(*args)
 
+    run.fxcc = cm
     return run
+
+
+def _placeholder_values(gm: torch.fx.GraphModule) -> list[Any]:
+    return [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _symbolic_dims(gm: torch.fx.GraphModule, i: int) -> set[int]:
+    v = _placeholder_values(gm)[i]
+    return {d for d, s in enumerate(v.shape) if ir.is_symbolic(s)} if isinstance(v, torch.Tensor) else set()
+
+
+def _sizes_read_from_tensors(gm: torch.fx.GraphModule, example: list[Any]) -> dict[int, tuple[int, int]]:
+    """Size arguments (SymInt inputs that are a tensor input's dimension): input -> (tensor input, dim)."""
+    vals = _placeholder_values(gm)
+    if len(vals) != len(example):
+        return {}
+    where = {}
+    for i, v in enumerate(vals):
+        if isinstance(v, torch.Tensor):
+            for d, s in enumerate(v.shape):
+                if ir.is_symbolic(s) and s.node.expr.is_Symbol:
+                    where.setdefault(s.node.expr, (i, d))
+    return {i: where[x.node.expr] for i, x in enumerate(example)
+            if isinstance(x, torch.SymInt) and x.node.expr in where}
+
+
+def _scalars_read_once(gm: torch.fx.GraphModule) -> set[int]:
+    """0-d tensor inputs the graph only reads as a number (dynamo passes a model's float attributes so,
+    with dynamic=True). The graph is changed to take the number itself, which export keeps as a constant
+    and fxcc's guard checks: a value test on one `.item()` would be control flow export cannot capture."""
+    out = set()
+    for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        v = p.meta.get("example_value", p.meta.get("val"))
+        reads = [u for u in p.users if (u.op == "call_method" and u.target == "item")
+                 or (u.op == "call_function" and u.target is torch.ops.aten.item.default)]
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and reads and len(reads) == len(p.users):
+            for u in reads:
+                u.replace_all_uses_with(p)
+                gm.graph.erase_node(u)
+            out.add(i)
+    if out:
+        gm.recompile()
+    return out
+
+
+class SizesFromTensors(nn.Module):
+    """Dynamo's graph as a function of its tensors: each size argument is read from the tensor it is a
+    dimension of, so an export of it has symbolic sizes instead of one constant per size argument."""
+
+    def __init__(self, gm: torch.fx.GraphModule, sizes: dict[int, tuple[int, int]], n: int):
+        super().__init__()
+        self.gm, self.sizes, self.n = gm, sizes, n
+        self.keep = [i for i in range(n) if i not in sizes]
+
+    def forward(self, *tensors: Any) -> Any:
+        args: list[Any] = [None] * self.n
+        for i, t in zip(self.keep, tensors):
+            args[i] = t
+        for i, (j, d) in self.sizes.items():
+            args[i] = args[j].shape[d]
+        return self.gm(*args)
+
+
+def _hint(x: Any) -> Any:
+    """A plain number for a symbolic scalar dynamo passes (its example value)."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and x.node.has_hint():
+        return x.node.hint
+    return x
 
 
 def register_torch_backend() -> None:

@@ -282,6 +282,11 @@ def main(args: Any) -> int:
     def log(msg: str) -> None:
         print(f"[fxcc bench] {msg}", file=sys.stderr, flush=True)
 
+    if args.workload == "generate":
+        from .bench_generate import run as run_generate
+        print(run_generate(args, log))
+        return 0
+
     w = workload(args, device)
     engines = ["eager", "torch.compile", "fxcc"]
     if device == "cuda":

@@ -6,13 +6,16 @@ CaptureError that names the user's source line.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
+import logging
 import os
 import sys
 import sysconfig
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +24,9 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
+from .dynamic import dynamic_shapes
 from .ir import flatten_inputs
+from .state import Aliasing, recording, register_state_class, state_objects
 
 
 class CaptureError(RuntimeError):
@@ -30,13 +35,18 @@ class CaptureError(RuntimeError):
 
 @dataclass
 class Captured:
-    """A captured graph: flat tensor inputs in `in_spec` order, flat outputs rebuilt with `out_spec`."""
+    """A captured graph: flat tensor inputs in `in_spec` order, flat outputs rebuilt with `out_spec`.
+
+    `aliasing` says which outputs are the call's own inputs and which input objects (KV caches) the call
+    updates: their final state is part of the outputs (fxcc.state).
+    """
 
     gm: fx.GraphModule
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     method: str  # "export" or "symbolic_trace"
     export_error: str | None = None
+    aliasing: Aliasing = field(default_factory=Aliasing)
 
 
 def describe(model: Any) -> str:
@@ -49,9 +59,15 @@ def describe(model: Any) -> str:
     return getattr(model, "__qualname__", type(model).__name__)
 
 
-def check_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Raise the TypeError eager would raise for a call that does not fit forward's signature."""
-    fn = module.fn if hasattr(module, "fn") and type(module).__name__ == "FunctionModule" else module.forward
+def check_call(module: nn.Module | Callable, args: tuple, kwargs: dict) -> None:
+    """Raise the TypeError eager would raise for a call that does not fit forward's signature (or, for a
+    bound method, the method's)."""
+    if not isinstance(module, nn.Module):
+        fn, module = module, module.__self__
+    elif hasattr(module, "fn") and type(module).__name__ == "FunctionModule":
+        fn = module.fn
+    else:
+        fn = original_forward(module)
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -77,19 +93,75 @@ def register_model_pytrees(module: nn.Module) -> None:
         register_dynamic_cache_export_support()
         return
     register_cache_pytrees_for_model(module)
+    from transformers.exporters.exporter_dynamo import is_cache_class
+    for cls in list(pytree.SUPPORTED_NODES):
+        if isinstance(cls, type) and cls.__module__.startswith("transformers.") and is_cache_class(cls):
+            register_state_class(cls)
 
 
-def capture(module: nn.Module, args: tuple, kwargs: dict) -> Captured:
+def original_forward(module: nn.Module) -> Callable:
+    """What `module` computes: its own `forward`, not fxcc's compiled one installed over it (by
+    `model.forward = fxcc.compile(model.forward)` or while a compiled module runs `generate`)."""
+    fwd = module.__dict__.get("forward")
+    if fwd is None or hasattr(fwd, "fxcc"):
+        return type(module).forward.__get__(module)
+    return fwd
+
+
+@contextlib.contextmanager
+def forward_as(module: nn.Module, fn: Callable | None) -> Iterator[None]:
+    """Within the block, `module.forward` is `fn` (the class's own forward for None)."""
+    missing = object()
+    old = module.__dict__.get("forward", missing)
+    if fn is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = fn
+    try:
+        yield
+    finally:
+        if old is missing:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = old
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None = None,
+            forward: Callable | None = None) -> Captured:
+    """Capture `module` (calling `forward`, by default its own) for these inputs, with the input
+    dimensions in `dims` (flat input -> dimensions) symbolic."""
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
+    sink: list[Aliasing] = []
+    fn = forward or original_forward(module)
+    # export marks (and then unmarks) its input tensors' dynamic dimensions: it gets aliases, so the
+    # caller's tensors (and torch.compile's guards on them) keep their own marks
+    ex_args, ex_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (tuple(args), kwargs))
+    traced = recording(fn, sink, kwargs)
+    shapes = dynamic_shapes(ex_args, ex_kwargs, dims or {}, inspect.signature(traced))
     try:
-        with torch.no_grad():
-            ep = torch.export.export(module, tuple(args), kwargs, strict=False)
+        with torch.no_grad(), forward_as(module, traced), _quiet_export():
+            ep = torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
         state.restore()
+        if state_objects((args, kwargs)):  # a traced graph would leave the caller's cache as it was
+            raise CaptureError(_explain_failure(module, export_exc, None)) from export_exc
         try:
-            return _symbolic_trace(module, args, kwargs, export_exc)
+            with forward_as(module, fn):
+                return _symbolic_trace(module, args, kwargs, export_exc)
         except Exception as trace_exc:  # noqa: BLE001
             state.restore()
             raise CaptureError(_explain_failure(module, export_exc, trace_exc)) from export_exc
@@ -101,7 +173,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict) -> Captured:
         delattr(gm, "_guards_fn")
     gm.graph._codegen = fx.graph.CodeGen()
     gm.recompile()
-    return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, "export")
+    return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, "export", aliasing=sink[0] if sink else Aliasing())
 
 
 def _symbolic_trace(module: nn.Module, args: tuple, kwargs: dict, export_exc: Exception) -> Captured:
@@ -167,10 +239,10 @@ def _user_frame(*excs: BaseException) -> traceback.FrameSummary | None:
     return best
 
 
-def _explain_failure(module: nn.Module, export_exc: Exception, trace_exc: Exception) -> str:
+def _explain_failure(module: nn.Module, export_exc: Exception, trace_exc: Exception | None) -> str:
     """Lead with torch.export's reason and the model line it points at; symbolic_trace's is secondary."""
     name = describe(module)
-    fr = _user_frame(export_exc) or _user_frame(trace_exc)
+    fr = _user_frame(export_exc) or (_user_frame(trace_exc) if trace_exc is not None else None)
     where = ""
     if fr is not None:
         line = (fr.line or linecache.getline(fr.filename, fr.lineno)).strip()
@@ -181,9 +253,10 @@ def _explain_failure(module: nn.Module, export_exc: Exception, trace_exc: Except
            else f"torch.export failed: {type(export_exc).__name__}: {_first_line(export_exc)}")
     advice = ("make the condition independent of tensor values, or run this module eagerly"
               if data_dependent else "run this module eagerly, or change the construct at that line")
-    return (f"fxcc cannot capture {name}: {why}{where}\n"
-            f"  (the symbolic_trace fallback failed too: {type(trace_exc).__name__}: {_first_line(trace_exc)})\n"
-            f"  To proceed: {advice}.")
+    fallback = ("  (its inputs hold state it updates in place, such as a KV cache: symbolic_trace cannot keep "
+                "that, so it was not tried)" if trace_exc is None else
+                f"  (the symbolic_trace fallback failed too: {type(trace_exc).__name__}: {_first_line(trace_exc)})")
+    return f"fxcc cannot capture {name}: {why}{where}\n{fallback}\n  To proceed: {advice}."
 
 
 def _first_line(e: BaseException) -> str:

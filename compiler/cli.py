@@ -312,9 +312,12 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_explain)
 
     b = sub.add_parser("bench", help="eager, torch.compile and fxcc side by side (ratios, compile times, error)")
-    b.add_argument("workload", choices=["minilm", "llama"])
+    b.add_argument("workload", choices=["minilm", "llama", "generate"],
+                   help="generate: greedy generation with a KV cache (Llama from LlamaConfig)")
     b.add_argument("--batch", type=int)
     b.add_argument("--seq", type=int)
+    b.add_argument("--prompt", type=int, help="generate: prompt length (default 128 on CPU, 512 on GPU)")
+    b.add_argument("--new-tokens", type=int, default=64, help="generate: tokens to generate (default 64)")
     b.add_argument("--no-padding", action="store_true",
                    help="minilm: every row holds --seq real tokens (default: short sentences padded to --seq)")
     b.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads); default 2")
@@ -326,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--kv-heads", type=int)
     b.add_argument("--intermediate", type=int)
     b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--reps", type=int, default=20)
+    b.add_argument("--reps", type=int, default=20, help="calls per engine (generate: generates per engine)")
     b.add_argument("--engines", help="comma-separated subset, e.g. eager,fxcc")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(fn=cmd_bench)

@@ -612,8 +612,30 @@ POINTWISE_EXTRA = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, a
                    aten.contiguous.default, aten.type_as.default, aten.alias.default}
 
 
+# reads of a tensor's size (or, under torch.compile with dynamic floats, of a 0-d tensor's value)
+_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default,
+             aten.item.default, aten._local_scalar_dense.default}
+_SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+
+
+def is_size(node: fx.Node) -> bool:
+    """A size computation: reads a tensor's size (or a 0-d tensor's value), or does Python arithmetic on
+    sizes (SymInt values). Sizes stay outside kernels; a kernel recomputes the ones it needs."""
+    if node.op != "call_function" or not isinstance(node.meta.get("val"), _SCALARS):
+        return False
+    t = node.target
+    if t in _SIZE_OPS:
+        return True
+    module = getattr(t, "__module__", None) or ""
+    return (module in ("_operator", "operator", "math") or t in (torch.sym_max, torch.sym_min, torch.sym_float,
+                                                                 torch.sym_int, torch.sym_not, math.ceil)) and \
+        all(is_size(i) for i in node.all_input_nodes)
+
+
 def classify(node: fx.Node) -> tuple[str, str]:
-    """(category, reason): category is gemm | reduction | pointwise | view | extern | eager."""
+    """(category, reason): category is gemm | reduction | pointwise | view | extern | eager | size."""
+    if is_size(node):
+        return "size", ""
     if node.meta.get("fxcc_eager"):
         return "eager", node.meta["fxcc_eager"]
     if node.op != "call_function":

@@ -153,6 +153,11 @@ class ModuleState:
             return None
         return self._what()
 
+    def accept_writes(self) -> None:
+        """The compiled code itself wrote into the model's buffers (a KV cache held by the module): that is no
+        change of the model, so the watched contents are taken again."""
+        self.watched = [(t, Snapshot(t)) for t, _ in self.watched]
+
     def _what(self) -> str | None:
         for d, k, obj, where in zip(self.owners, self.names, self.objs, self.where):
             if d.get(k) is not obj:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import re
 import weakref
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
 from .dialects import KERNEL_OPS, kernel_body, op_name
@@ -38,10 +40,51 @@ def dtype_str(dtype: torch.dtype) -> str:
     return _DTYPE.get(dtype, str(dtype).replace("torch.", ""))
 
 
+def dim_str(d: Any) -> str:
+    """One dimension: `128`, a symbol `s0`, or an expression of symbols in parentheses `(s0+1)`."""
+    if isinstance(d, torch.SymInt):
+        expr = d.node.expr
+        return str(expr) if expr.is_Symbol or expr.is_Integer else f"({str(expr).replace(' ', '')})"
+    return str(d)
+
+
+def canonical_symbols(text: str) -> str:
+    """Symbols renamed in order of appearance (s0, s1, ...): export numbers them by where they come from,
+    so two kernels that differ only in that print alike (and share one build)."""
+    names: dict[str, str] = {}
+
+    def rename(m: re.Match) -> str:
+        if m.group(0) not in names:
+            names[m.group(0)] = f"{m.group(0)[0]}{len(names)}"
+        return names[m.group(0)]
+
+    return _TENSOR_TYPE.sub(lambda t: _SYMBOL.sub(rename, t.group(0)), text)
+
+
+_TENSOR_TYPE = re.compile(r"tensor<[^>]*>")
+_SYMBOL = re.compile(r"(?:(?<=x)|(?<![A-Za-z0-9_]))[su]\d+")  # dims are x-separated; dtypes never match
+
+
+def is_symbolic(s: Any) -> bool:
+    """Whether a size is a symbol (or an expression of symbols), not a number."""
+    return isinstance(s, torch.SymInt) and bool(s.node.expr.free_symbols)
+
+
+def hint(s: Any) -> int:
+    """A number for a size: the example a symbol was created from. Reading it adds no guard (unlike int()),
+    so code that only needs a representative size (timing, example inputs) keeps the graph symbolic."""
+    return optimization_hint(s) if isinstance(s, torch.SymInt) else int(s)
+
+
+def hints(sizes: Any) -> tuple[int, ...]:
+    return tuple(hint(s) for s in sizes)
+
+
 def type_str(val: Any) -> str:
-    """MLIR-like type of a node value: tensor<2x8xf32>, a tuple of them, or the Python scalar type."""
+    """MLIR-like type of a node value: tensor<2x8xf32> (tensor<s0x8xf32> with a symbolic size), a tuple of
+    them, or the Python scalar type."""
     if isinstance(val, torch.Tensor):
-        dims = "x".join(str(d) for d in val.shape)
+        dims = "x".join(dim_str(d) for d in val.shape)
         return f"tensor<{dims + 'x' if dims else ''}{dtype_str(val.dtype)}>"
     if isinstance(val, (list, tuple)):
         return "(" + ", ".join(type_str(v) for v in val) + ")"
@@ -148,7 +191,7 @@ def format_node(node: fx.Node) -> str:
 
 
 def print_graph(gm: fx.GraphModule, name: str = "forward") -> str:
-    """The whole graph as a function in MLIR-like text."""
+    """The whole graph as a function in MLIR-like text (size symbols named s0, s1, ... in order of use)."""
     lines, params = [], []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -159,7 +202,7 @@ def print_graph(gm: fx.GraphModule, name: str = "forward") -> str:
             lines.append("  return " + ", ".join(_operand_str(o) for o in outs))
         else:
             lines.append("  " + format_node(n))
-    return f"func @{name}({', '.join(params)}) {{\n" + "\n".join(lines) + "\n}"
+    return canonical_symbols(f"func @{name}({', '.join(params)}) {{\n" + "\n".join(lines) + "\n}")
 
 
 def flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
@@ -195,7 +238,7 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
     Placeholders keep their recorded values (the graph's signature). A node whose op cannot run on
     FakeTensors keeps its recorded value and is marked eager. Raises VerificationError naming `who`.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = symbolic_mode(gm) or FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, Any] = {}
 
     def load(a):
@@ -204,9 +247,9 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
     for node in gm.graph.nodes:
         old = node.meta.get("val")
         if node.op == "placeholder":
-            if old is None:
+            if old is None and not _none_input(node):
                 raise VerificationError(f"{who}: input %{node.name} has no recorded type")
-            env[node] = _fake_of(mode, old)
+            env[node] = old if getattr(old, "fake_mode", None) is mode else _fake_of(mode, old)
             continue
         if node.op == "output":
             continue
@@ -233,6 +276,21 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
         _record(node, old, new, check, who)
     if check:
         gm.graph.lint()
+
+
+def _none_input(node: fx.Node) -> bool:
+    """An input the call passes as None (export records its value as None): only None flows from it."""
+    return "val" in node.meta and all(u.op == "output" for u in node.users)
+
+
+def symbolic_mode(gm: fx.GraphModule) -> FakeTensorMode | None:
+    """The FakeTensorMode of a graph with symbolic input sizes (its symbols live in that mode's ShapeEnv),
+    so values propagated through it stay in terms of the same symbols; None for a static graph."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and any(is_symbolic(d) for d in v.shape):
+            return v.fake_mode
+    return None
 
 
 def _has_shape_function(target: Any, e: Exception) -> bool:
@@ -340,3 +398,28 @@ def verify(gm: fx.GraphModule, expected_outputs: list[str] | None = None, who: s
         got = output_types(gm)
         if got != expected_outputs:
             raise VerificationError(f"{who}: graph outputs changed from {expected_outputs} to {got}")
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether a node's value may share memory with its first input (a view, `to` of the same type)."""
+    t = node.target
+    return (t is operator.getitem or
+            (isinstance(t, torch._ops.OpOverload) and (torch.Tag.view_copy in t.tags or
+                                                      any(a.alias_info for a in t._schema.returns))))
+
+
+def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
+    """Values some op of the graph writes to in place (its schema marks the argument written), and the
+    values those are views of. Such a value is a buffer of its own: not merged with an equal one (a KV
+    cache's keys and values start as two equal `zeros`), not folded, not recomputed into a kernel's copy."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+            for i, a in enumerate(n.target._schema.arguments):
+                if a.alias_info is None or not a.alias_info.is_write:
+                    continue
+                v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                while isinstance(v, fx.Node) and v not in out:
+                    out.add(v)
+                    v = v.args[0] if v.op == "call_function" and is_view(v) and v.args else None
+    return out

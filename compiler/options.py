@@ -81,6 +81,9 @@ class CompileOptions:
         and a generated host program (fxcc.dycl); False keeps the CaptureError.
     check_eager: compare the first call of each compiled signature with eager (fxcc.eager_check); where
         they differ, that signature runs eagerly, with a warning (env FXCC_CHECK_EAGER=0 turns it off).
+    dynamic: symbolic sizes (fxcc.dynamic). None: the first compile is static and a size that changes
+        recompiles once with that dimension symbolic (calls with a KV cache: symbolic from the start);
+        True: every dimension symbolic from the first compile; False: one static variant per shape.
     """
 
     target: str = "auto"
@@ -96,6 +99,7 @@ class CompileOptions:
     max_variants: int = 8
     dycl: bool = True
     check_eager: bool = True
+    dynamic: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "check_eager"):
@@ -120,6 +124,8 @@ class CompileOptions:
                              f"may spend: a number in [0, 1) such as 0.01, or None; got {qb!r}")
         if isinstance(self.max_variants, bool) or not isinstance(self.max_variants, int) or self.max_variants < 1:
             raise ValueError(f"fxcc: max_variants must be a positive integer, got {self.max_variants!r}")
+        if self.dynamic not in (None, True, False):
+            raise ValueError(f"fxcc: dynamic must be None, True or False, got {self.dynamic!r}")
         if self.passes is not None and not isinstance(self.passes, str):
             raise TypeError(f"fxcc: passes must be a pipeline string, got {type(self.passes).__name__}")
 

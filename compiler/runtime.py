@@ -6,10 +6,14 @@ signatures run eagerly with a warning. The model's state the variants depend on 
 by identity and layout, primitive attributes, the contents of weights folded into constants) is checked on
 every call; a change drops the variants and compiles again.
 
+Sizes that change recompile once with those sizes symbolic; a symbolic variant is chosen by its guard on
+symbol ranges and relations (fxcc.dynamic), and every compile records why it happened. Objects the call
+updates in place (KV caches) end in eager's state (fxcc.state).
+
 A variant's executable is an fx graph whose parameters are bound once, when it is built, and whose
-kernels are direct calls. On CUDA, where every value lives on the GPU, the executable is captured
-in a CUDA graph at its first run and replayed afterwards (shapes are static per variant): inputs are
-copied into the graph's buffers and outputs cloned out, so results never alias the next call's.
+kernels are direct calls. On CUDA, where every value lives on the GPU, the executable is replayed as a
+CUDA graph (fxcc.cuda_graphs): a static variant's captured at its first run, a variant whose sizes vary
+or whose cache is written in place one graph per input shapes that repeat.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from fxcc.autotune.plan import check_call_plan
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
-from . import eager_check, graph_cache, ir
+from . import dynamic, eager_check, graph_cache, ir
 from .capture import (
     Captured,
     CaptureError,
@@ -40,51 +44,22 @@ from .capture import (
     check_call,
     describe,
     flatten_inputs,
+    forward_as,
+    original_forward,
     register_model_pytrees,
 )
+from .cuda_graphs import CudaGraph, CudaGraphs
 from .dialects import KERNEL_OPS, dialect_of, op_name
 from .guards import ModuleState, call_context, graph_sources, mark_code_constants
-from .measure import capture_graph
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
 from .store import default_cache
 
 log = logging.getLogger(__name__)
+_MEMO = 4096  # guard keys remembered per compiled module for the symbolic variants that accepted them
 
 
-class CudaGraph:
-    """A variant's executable captured as one CUDA graph for its static shapes.
-
-    Tensor inputs are copied into buffers the graph reads; outputs are cloned out of the graph's memory,
-    so a result stays valid after the next call. Built by `capture`, which returns None (and logs why)
-    when capturing fails; the variant then runs its executable as before.
-    """
-
-    def __init__(self, graph: torch.cuda.CUDAGraph, static: list[Any], outs: Any):
-        self.graph = graph
-        self.static = static
-        self.tensor_inputs = [i for i, x in enumerate(static) if isinstance(x, torch.Tensor)]
-        self.outs = outs
-
-    @staticmethod
-    def capture(fn: Callable[..., Any], flat: list[Any], name: str) -> CudaGraph | None:
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                static = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
-                          if isinstance(x, torch.Tensor) else x for x in flat]
-                graph, outs = capture_graph(lambda: fn(*static))
-        except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
-            log.warning("%s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
-            return None
-        return CudaGraph(graph, static, outs)
-
-    def __call__(self, flat: list[Any]) -> Any:
-        static = self.static
-        for i in self.tensor_inputs:
-            static[i].copy_(flat[i])
-        self.graph.replay()
-        return [o.clone() if isinstance(o, torch.Tensor) else o for o in self.outs]
 
 
 @dataclass
@@ -106,16 +81,34 @@ class Variant:
     name: str = "model"
     quality_loss: float | None = None  # measured loss of approximate passes under a quality budget
     kernels: dict[str, BuiltKernel] = field(default_factory=dict)
+    shapes: dynamic.Shapes | None = None  # symbolic dimensions and their guard (fxcc.dynamic)
+    writes_state: bool = False  # the graph writes into the module's buffers (a counter, a cache buffer)
+    struct: Any = None  # the input structure it serves (dynamic.structure of its signature)
+    reason: str = ""  # why it was compiled
 
-    def run(self, flat: list[Any]) -> Any:
+    @property
+    def writes_back(self) -> bool:
+        """Whether a call's result needs the caller's arguments: it returns an input or updates a cache."""
+        al = self.captured.aliasing if self.captured is not None else None
+        return al is not None and bool(al.leaves or al.n_state)
+
+    def run(self, flat: list[Any], args: tuple | None = None, kwargs: dict | None = None) -> Any:
+        """Run on the flattened call; with `args`/`kwargs` (needed when `writes_back`) update the caller's
+        objects as eager would."""
         if self.cuda_graph is not None:
-            if self.cuda_graph == "pending":
+            if self.cuda_graph == "pending":  # a static variant whose inputs are all copied: capture now
                 self.cuda_graph = CudaGraph.capture(self._call, flat, self.name)
-            if self.cuda_graph is not None:
-                return pytree.tree_unflatten(self.cuda_graph(flat), self.captured.out_spec)
+            outs = self.cuda_graph(flat) if self.cuda_graph is not None else None
+            if outs is not None:
+                return self._result(outs, flat, args, kwargs)
         with torch.no_grad():
             outs = self._call(*flat)
-        return pytree.tree_unflatten(list(outs), self.captured.out_spec)
+        return self._result(list(outs), flat, args, kwargs)
+
+    def _result(self, outs: list[Any], flat: list[Any], args: tuple | None, kwargs: dict | None) -> Any:
+        if args is None or not self.writes_back:
+            return pytree.tree_unflatten(outs, self.captured.out_spec)
+        return self.captured.aliasing.write_back(args, kwargs or {}, flat, outs, self.captured.out_spec)
 
     def _call(self, *flat: Any) -> Any:
         return self.executable(*flat, *self.bound)
@@ -130,10 +123,13 @@ class _Eager:
 
 @dataclass
 class CompileStats:
+    """Counts of one CompiledModule; `history` has each compile's input types, `reasons` why it compiled."""
+
     compiles: int = 0
     eager_calls: int = 0
     param_recompiles: int = 0
     history: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
 
 
 def _leaf_key(x: Any) -> Any:
@@ -156,24 +152,31 @@ def _fast_key(args: tuple, training: bool) -> tuple | None:
 class CompiledModule:
     """Callable with the original calling convention, backed by compiled variants chosen by guards."""
 
-    def __init__(self, module: nn.Module, options: CompileOptions, eager_call: Callable | None = None):
+    def __init__(self, module: nn.Module, options: CompileOptions, eager_call: Callable | None = None,
+                 method: Callable | None = None):
         self.module = module
         self.options = options
-        self.name = describe(module)
-        self._eager_call = eager_call or module
+        self.method = method  # a bound method of `module` compiled instead of its forward
+        self.name = describe(module) + (f".{method.__name__}" if method is not None else "")
+        self._eager_call = eager_call or method or module
         self._variants: dict[Any, Variant | _Eager] = {}
+        self._compiled: list[Variant] = []  # every compiled variant, oldest first
+        self._memo: dict[Any, Variant] = {}  # guard key -> the symbolic variant whose guard accepted it
+        self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (dynamic.state_ints)
         self._fast: dict[tuple, Variant] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self.stats = CompileStats()
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
+        self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions to make symbolic from the start
         self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
         # errors surface at compile(); only None means the default ("" is an empty, malformed pipeline)
         self._passes = parse_pipeline(DEFAULT_PIPELINE if options.passes is None else options.passes)
         try:
-            self.__signature__ = inspect.signature(getattr(module, "fn", module.forward))
+            self.__signature__ = inspect.signature(method or getattr(module, "fn", None) or original_forward(module))
         except (TypeError, ValueError):
             pass
+        register_model_pytrees(module)  # KV caches flatten the same way at the first call's guard and later
 
     # ------------------------------------------------- behaving like the module it compiles
 
@@ -201,20 +204,20 @@ class CompiledModule:
         fast = None if kwargs else _fast_key(args, self.module.training)
         variant = self._fast.get(fast) if fast is not None else None
         if variant is not None and (not self._params or self._params_unchanged()):
-            return variant.run(list(args))
-        flat, key = self._guard(args, kwargs)
+            return self._run(variant, list(args), args, kwargs)
+        flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
         if why is not None:
             self.stats.param_recompiles += 1
             log.info("%s changed since compile (%s); recompiling", self.name, why)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
-            self._fast = {}
+            self._compiled, self._memo, self._fast = [], {}, {}
             self._sources = {}
-        variant = self._variants.get(key)
+        variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
         if variant is None:
             if eager_check.in_reference_run():  # eager's side of an enclosing model's check: compile nothing
-                return self._eager_call(*args, **kwargs)
-            variant = self._new_variant(args, kwargs, key)
+                return self._eager(*args, **kwargs)
+            variant = self._new_variant(args, kwargs, key, flat, spec)
             checked = self._check_first_call(variant, args, kwargs, key)
             if checked is not None:
                 if fast is not None and checked.reason is None:
@@ -222,10 +225,10 @@ class CompiledModule:
                 return checked.result
         if isinstance(variant, _Eager):
             self.stats.eager_calls += 1
-            return self._eager_call(*args, **kwargs)
+            return self._eager(*args, **kwargs)
         if fast is not None:
             self._fast[fast] = variant
-        return variant.run(flat)
+        return self._run(variant, flat, args, kwargs)
 
     def _check_first_call(self, variant: Variant | _Eager, args: tuple, kwargs: dict,
                           key: Any) -> eager_check.Checked | None:
@@ -237,7 +240,8 @@ class CompiledModule:
         if why_not is not None:
             log.debug("%s: first call not checked against eager (%s)", self.name, why_not)
             return None
-        checked = eager_check.first_call(variant.run, self._eager_call, lambda a, k: flatten_inputs(a, k)[0],
+        checked = eager_check.first_call(lambda flat: self._run(variant, flat, args, kwargs), self._eager,
+                                         lambda a, k: flatten_inputs(a, k)[0],
                                          args, kwargs, self.name)
         if checked is not None and checked.reason is not None:
             warnings.warn(f"fxcc: {self.name}: {checked.reason}; this input signature runs eagerly. `fxcc explain` "
@@ -246,15 +250,61 @@ class CompiledModule:
             self._variants[key] = _Eager(checked.reason)
         return checked
 
-    def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+
+    def _run(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict) -> Any:
+        out = variant.run(flat, args, kwargs) if variant.writes_back else variant.run(flat)
+        if getattr(variant, "writes_state", False):  # its own writes to buffers are no parameter change
+            if self._params is not None:
+                self._params.accept_writes()
+        return out
+
+    def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any, Any]:
         flat, spec = flatten_inputs(args, kwargs)
-        return flat, (spec, tuple(_leaf_key(x) for x in flat), self.module.training, call_context())
+        return flat, spec, (spec, tuple(_leaf_key(x) for x in flat), self.module.training, call_context())
+
+    def _state_ints(self, spec: Any) -> frozenset[int]:
+        return self._sized.get(spec, frozenset())
+
+    def _symbolic(self, flat: list[Any], spec: Any, key: Any) -> Variant | None:
+        """A compiled symbolic variant whose guard accepts these inputs (remembered for the next call)."""
+        struct = None
+        for v in self._compiled:
+            if v.shapes is None or not v.shapes.dims:
+                continue
+            struct = struct or (spec, dynamic.structure(flat, self._state_ints(spec)), self.module.training)
+            if v.struct == struct and v.shapes.matches(flat):
+                if len(self._memo) >= _MEMO:
+                    self._memo.clear()
+                self._memo[key] = v
+                return v
+        return None
+
+    def _eager(self, *args: Any, **kwargs: Any) -> Any:
+        """The original module (or method), with fxcc's own forward, if installed on it, out of the way."""
+        fwd = self.module.__dict__.get("forward")
+        if self.method is None and fwd is not None and hasattr(fwd, "fxcc"):
+            with forward_as(self.module, original_forward(self.module)):
+                return self._eager_call(*args, **kwargs)
+        return self._eager_call(*args, **kwargs)
 
     def warm(self, *args: Any, **kwargs: Any) -> None:
         """Compile for these inputs now (as the first call would), without running the model."""
-        _, key = self._guard(args, kwargs)
-        if key not in self._variants:
-            self._new_variant(args, kwargs, key)
+        flat, spec, key = self._guard(args, kwargs)
+        if key not in self._variants and self._symbolic(flat, spec, key) is None:
+            self._new_variant(args, kwargs, key, flat, spec)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's own `generate` (transformers), with every forward it makes running compiled."""
+        gen = getattr(self.module, "generate", None)
+        if gen is None or self.method is not None:
+            raise AttributeError(f"{self.name} has no generate method")
+
+        def forward(*a: Any, **k: Any) -> Any:
+            return self(*a, **k)
+
+        forward.fxcc = self  # marks it as fxcc's, so capture and the eager fallback call the model's own
+        with forward_as(self.module, forward):
+            return gen(*args, **kwargs)
 
     def _params_unchanged(self) -> bool:
         return self._params.changed() is None
@@ -272,33 +322,85 @@ class CompiledModule:
 
     # ------------------------------------------------------------------------------- compiling
 
-    def _new_variant(self, args: tuple, kwargs: dict, key: Any) -> Variant | _Eager:
-        compiled = [v for v in self._variants.values() if isinstance(v, Variant)]
-        if len(compiled) >= self.options.max_variants:
-            reason = (f"{self.name} already has {len(compiled)} compiled variants (max_variants="
-                      f"{self.options.max_variants}); this input signature runs eagerly")
-            warnings.warn(f"fxcc: {reason}. Use fixed input shapes or raise CompileOptions.max_variants.",
-                          stacklevel=3)
-            self._variants[key] = _Eager(reason)
+    def _new_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
+        names = dynamic.leaf_names(args, kwargs, getattr(self, "__signature__", None))
+        sized = self._sized.setdefault(spec, dynamic.state_ints(args, kwargs))
+        struct = (spec, dynamic.structure(flat, sized), self.module.training)
+        dims, reason = self._plan(flat, struct, names, sized, dynamic.carries_state(args, kwargs))
+        if len(self._compiled) >= self.options.max_variants:
+            why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
+                   f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
+            warnings.warn(f"fxcc: {why}. Use fixed input shapes, CompileOptions(dynamic=True) or raise "
+                          "CompileOptions.max_variants.", stacklevel=3)
+            self._variants[key] = _Eager(why)
             return self._variants[key]
         if call_context()[0]:  # export does not trace the caller's autocast: compiled code would skip its casts
-            reason = f"{self.name} is called under torch.autocast, which fxcc does not compile; it runs eagerly there"
-            warnings.warn(f"fxcc: {reason}. Compile the model in the dtype you want (model.to(torch.bfloat16)) to "
+            why = f"{self.name} is called under torch.autocast, which fxcc does not compile; it runs eagerly there"
+            warnings.warn(f"fxcc: {why}. Compile the model in the dtype you want (model.to(torch.bfloat16)) to "
                           "run it compiled.", stacklevel=3)
-            self._variants[key] = _Eager(reason)
+            self._variants[key] = _Eager(why)
             return self._variants[key]
-        check_call(self.module, args, kwargs)
-        variant = self.compile_for(args, kwargs)
+        check_call(self.method or self.module, args, kwargs)
+        try:
+            variant = self.compile_for(args, kwargs, dims=dims)
+        except CaptureError as e:
+            if not dynamic.carries_state(args, kwargs):
+                raise
+            why = f"{self.name} runs eagerly for calls with a KV cache: {e}"
+            warnings.warn(f"fxcc: {why}", stacklevel=3)
+            self._variants[key] = _Eager(why)
+            return self._variants[key]
+        if isinstance(variant, Variant) and variant.captured is not None:
+            variant.shapes = dynamic.Shapes.of(variant.gm, flat, names, sized)
+            variant.struct = struct
+            symbolic = variant.shapes.describe()
+            reason += f"; symbolic: {symbolic}" if symbolic else "; static shapes"
+        variant.reason = reason
+        log.info("compiling %s: %s", self.name, reason)
         self._variants[key] = variant
+        self._compiled.append(variant)
         self.stats.compiles += 1
-        self.stats.history.append(", ".join(ir.type_str(x) for x in flatten_inputs(args, kwargs)[0]))
+        self.stats.reasons.append(reason)
+        self.stats.history.append(", ".join(ir.type_str(x) for x in flat))
         return variant
 
-    def compile_for(self, args: tuple, kwargs: dict) -> Variant:
-        """Capture and compile for these example inputs (does not register the variant)."""
+    def _plan(self, flat: list[Any], struct: Any, names: list[str], sized: frozenset[int],
+              state: bool) -> tuple[dict, str]:
+        """Which input dimensions the next compile makes symbolic, and why it compiles (fxcc.dynamic)."""
+        same = [v for v in self._compiled if v.struct == struct and v.shapes is not None]
+        if not self._compiled:
+            reason = "first call"
+        elif not same:
+            reason = f"new input structure ({', '.join(ir.type_str(x) for x in flat)})"
+        else:
+            reason = f"{same[-1].shapes.mismatch(flat, names) or 'no variant accepts the call'} (variant " \
+                     f"{self._compiled.index(same[-1]) + 1})"
+        mode = self.options.dynamic
+        if mode is False:
+            return {}, reason
+        if mode is True:
+            return dynamic.all_dims(flat, sized), reason
+        dims = dynamic.merge(dynamic.marked_dims(flat), self.dims_hint, dynamic.all_dims(flat, sized) if state else {})
+        for v in same:
+            changed = v.shapes.changed(flat)
+            dims = dynamic.merge(dims, {i: set(ds) for i, ds in v.shapes.dims.items()}, changed)
+        if same and not state:
+            changed = same[-1].shapes.changed(flat)
+            if changed:
+                reason += f": {dynamic.change_text(flat, names, same[-1].shapes, changed)}"
+        elif state and not same:
+            reason += " (a KV cache call: sizes symbolic from the start)"
+        return dims, reason
+
+    def compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None = None) -> Variant:
+        """Capture and compile for these example inputs, the input dimensions in `dims` symbolic (does not
+        register the variant)."""
         t0 = time.perf_counter()
         opts = CompileOptions.from_env(self.options)
-        ctx = PassContext(options=opts, module=self.module, example_inputs=(args, kwargs),
+        # passes and kernel choice run the graph on the example inputs: on copies, since a graph may write
+        # into its inputs (a KV cache) and the real call has yet to run
+        example = pytree.tree_map_only(torch.Tensor, torch.clone, (tuple(args), dict(kwargs)))
+        ctx = PassContext(options=opts, module=self.module, example_inputs=example,
                           target=resolve_target(opts.target, self.module, args, kwargs))
         if opts.plan is not None:  # the plan must fit this model, target and libraries (PlanError if not)
             check_call_plan(opts, self.module, args, kwargs, ctx.target)
@@ -316,7 +418,8 @@ class CompiledModule:
         # the IR before codegen comes from the graph cache when an earlier compile stored it
         front, back = split_at_codegen(self._passes)
         loss = None  # quality loss of approximate passes, measured under a quality budget
-        cache, key = self._graph_cache_key(front, args, kwargs, ctx.target, opts)
+        plain = not dims and not dynamic.carries_state(args, kwargs)  # what the graph cache keys and stores
+        cache, key = self._graph_cache_key(front, args, kwargs, ctx.target, opts) if plain else (None, None)
         hit = graph_cache.load(cache, key, self.module) if key else None
         if hit is not None:
             cap = Captured(hit.gm, hit.in_spec, hit.out_spec, f"{hit.method} (IR from the graph cache)")
@@ -324,8 +427,11 @@ class CompiledModule:
         else:
             self.capturing = True
             try:
-                cap = capture(self.module, args, kwargs)
+                cap = capture(self.module, args, kwargs, dims=dims, forward=self.method)
             except CaptureError as e:  # tensor-dependent control flow: a DyCL host program + compiled segments
+                other_method = self.method is not None and self.method.__func__ is not type(self.module).forward
+                if dynamic.carries_state(args, kwargs) or other_method:  # DyCL splits forward, keeps no cache
+                    raise
                 from fxcc import dycl
 
                 return dycl.compile_dynamic(self, args, kwargs, e)
@@ -335,7 +441,7 @@ class CompiledModule:
             if opts.verify_each:
                 ir.verify(cap.gm, who="after capture")
             if opts.quality_budget is not None and any(not p.exact for p in front):
-                front, loss = fit_quality_budget(front, cap.gm, flatten_inputs(args, kwargs)[0], ctx,
+                front, loss = fit_quality_budget(front, cap.gm, flatten_inputs(*example)[0], ctx,
                                                  opts.quality_budget, self.name)
             pm = manager(front)
             gm, records = pm.run(cap.gm, ctx), pm.records
@@ -345,14 +451,20 @@ class CompiledModule:
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
         if ctx.target == "cpu":  # kernels chosen alone, checked together: one thread pool if that is faster
-            pools.settle(gm, flatten_inputs(args, kwargs)[0], self.name, ctx.kernels)
+            pools.settle(gm, flatten_inputs(*example)[0], self.name, ctx.kernels)
         executable, bound, kernels = build_executable(gm, ctx.kernels)
         seconds = time.perf_counter() - t0
         log.info("compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
+        graph = None
         graphs = opts.cuda_graphs and ctx.target == "cuda" and graphable(gm)
+        if graphs:
+            inplace = in_place_inputs(gm, args, kwargs)
+            keep = frozenset(j for j, _ in cap.aliasing.leaves)
+            graph = "pending" if not dims and not inplace and not keep else \
+                CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
         self._snapshot_params(graph_sources(gm, self.module), addresses=graphs)
-        return Variant(cap, gm, executable, pm.records, seconds, bound, "pending" if graphs else None, self.name,
-                       quality_loss=loss, kernels=kernels)
+        return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
+                       kernels=kernels, writes_state=any(n.op == "get_attr" for n in ir.written_in_place(gm)))
 
     def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
                          opts: CompileOptions) -> tuple[Any, str | None]:
@@ -385,7 +497,17 @@ class CompiledModule:
         v = self.variants[-1]
         if hasattr(v, "report"):  # a DyCL variant (fxcc.dycl): host program and segments
             return v.report(self.name, ir_after_each=ir_after_each)
-        return explain_variant(self.name, v, ir_after_each=ir_after_each)
+        return explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text()
+
+    def compiles_text(self) -> str:
+        """Each compile with its reason (what changed, which guard failed) and the sizes it made symbolic
+        (the report above is the last compile's)."""
+        out = [f"== compiles of {self.name}: {self.stats.compiles} (eager calls: {self.stats.eager_calls})"]
+        for i, reason in enumerate(self.stats.reasons, 1):
+            out.append(f"  {i}. {reason}")
+        eager = {x.reason: None for x in self._variants.values() if isinstance(x, _Eager)}
+        out += [f"  eager: {reason}" for reason in eager]
+        return "\n".join(out)
 
 
 def split_at_codegen(passes: list) -> tuple[list, list]:
@@ -402,18 +524,30 @@ def resolve_target(target: str, module: nn.Module, args: tuple, kwargs: dict) ->
 
 
 def graphable(gm: fx.GraphModule) -> bool:
-    """Whether the final IR may run as a CUDA graph: every tensor on CUDA and no eager region.
+    """Whether the final IR may run as a CUDA graph: every tensor on CUDA and no eager region other than an
+    aten op writing in place (a KV cache update: a device op like any kernel).
 
     A CPU op inside a capture would run once, at capture, and never again: such graphs are not captured.
     """
+    written = ir.written_in_place(gm)
     for node in gm.graph.nodes:
-        if node.meta.get("fxcc_eager"):
+        in_place = isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten" and (
+            node.target._schema.is_mutable or node in written)
+        if node.meta.get("fxcc_eager") and not in_place:
             return False
         vals = node.meta.get("val")
         for v in vals if isinstance(vals, (list, tuple)) else [vals]:
             if isinstance(v, torch.Tensor) and v.device.type != "cuda":
                 return False
     return True
+
+
+def in_place_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> frozenset[int]:
+    """Flat inputs a CUDA graph reads where they are: those the graph writes in place, and the tensors of
+    state objects (a KV cache, which keeps its tensors from call to call)."""
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = ir.written_in_place(gm)
+    return frozenset({i for i, p in enumerate(places) if p in written} | dynamic.state_tensors(args, kwargs))
 
 
 def placement(gm: fx.GraphModule, kernels: dict[str, BuiltKernel]) -> list[tuple[str, str, str]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.ir import computed_from, fetch_attr
+from fxcc.ir import computed_from, fetch_attr, is_view, written_in_place
 from fxcc.pipeline import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -36,13 +36,6 @@ def _is_deterministic_op(node: fx.Node) -> bool:
     if isinstance(t, torch._ops.OpOverload):
         return torch.Tag.nondeterministic_seeded not in t.tags and not t._schema.is_mutable
     return t is operator.getitem
-
-
-def _is_view(node: fx.Node) -> bool:
-    t = node.target
-    return (t is operator.getitem or
-            (isinstance(t, torch._ops.OpOverload) and (torch.Tag.view_copy in t.tags or
-                                                      any(a.alias_info for a in t._schema.returns))))
 
 
 @dataclass(frozen=True)
@@ -97,7 +90,7 @@ class Canonicalize(Pass):
         folded = 0
         budget = self.max_fold_mb * 2**20
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node not in const or _is_view(node):
+            if node.op != "call_function" or node not in const or is_view(node):
                 continue
             value = const[node]
             if not isinstance(value, torch.Tensor):
@@ -121,33 +114,21 @@ class Canonicalize(Pass):
         return folded
 
 
-def _written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
-    """Values some op of the graph writes to in place (its schema marks the argument written)."""
-    out = set()
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
-            for i, a in enumerate(n.target._schema.arguments):
-                v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
-                if a.alias_info is not None and a.alias_info.is_write and isinstance(v, fx.Node):
-                    out.add(v)
-    return out
-
-
 def storage_written(gm: fx.GraphModule) -> set[fx.Node]:
     """Values whose memory some op writes in place: the written values, the values they are views of, and
     every view of those. Two of them may not be merged (CSE) nor folded into one shared constant."""
-    written = _written_in_place(gm)
+    written = written_in_place(gm)
     if not written:
         return set()
 
     def base(n: fx.Node) -> fx.Node:
-        while _is_view(n) and n.args and isinstance(n.args[0], fx.Node):
+        while is_view(n) and n.args and isinstance(n.args[0], fx.Node):
             n = n.args[0]
         return n
 
     out = {base(n) for n in written}
     for n in gm.graph.nodes:  # program order: a view comes after what it views
-        if _is_view(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in out:
+        if is_view(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in out:
             out.add(n)
     return out
 

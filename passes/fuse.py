@@ -5,6 +5,11 @@ pointwise ops join the group of a producer (as prologue of a reduction or epilog
 views join their producer's group and never start one. Ops run by a library form single-op `extern`
 kernels. Ops fxcc does not know (user custom ops, mutating ops, ops without shape functions, Python
 calls) stay in the graph and run eagerly, marked with the reason, which `fxcc explain` reports.
+
+With symbolic shapes, sizes are values of the graph (`aten.sym_size.int(%x, 1)` and arithmetic on
+them). They stay outside kernels; a kernel that needs one (a view to `[s0, 128]`) recomputes it from the
+tensor it is read from, which becomes a kernel input, so a kernel's inputs stay tensors and one built
+kernel serves every size.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.dialects import KERNEL_OPS, KernelBody, classify, intern_body
+from fxcc.dialects import KERNEL_OPS, KernelBody, classify, intern_body, is_size
 from fxcc.passes.canonicalize import storage_written
 from fxcc.pipeline import Pass, PassContext, PassResult
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+aten = torch.ops.aten
 
 
 @dataclass(eq=False)
@@ -63,8 +71,10 @@ class Fuse(Pass):
                 epoch += 1
             epoch_of[node] = epoch
             cat, reason = classify(node)
-            if cat != "eager" and node in written:
+            if cat not in ("eager", "size") and node in written:
                 cat, reason = "eager", "its memory is written in place (a kernel output may be a copy)"
+            if cat == "size":
+                continue
             if cat == "eager":
                 node.meta["fxcc_eager"] = reason
                 eager += 1
@@ -178,17 +188,25 @@ def _rebuild(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict, group_of: dict
             if waiting[v] == 0:
                 heapq.heappush(ready, (first[v], order[v], v))
     graph.node_copy(output_node, lambda n: env[n])
+    for n in reversed(graph.nodes):  # sizes only kernels read are recomputed inside them
+        if is_size(n) and not n.users:
+            graph.erase_node(n)
     gm.graph = graph
     stats["unique"] = len({n.args[1] for n in graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS})
     return {k: v for k, v in stats.items() if v}
 
 
 def _emit_group(graph: fx.Graph, env: dict, g: Group, group_of: dict, stats: dict) -> None:
-    inputs = list(dict.fromkeys(i for m in g.members for i in m.all_input_nodes if group_of.get(i) is not g))
+    used = dict.fromkeys(i for m in g.members for i in m.all_input_nodes if group_of.get(i) is not g)
+    sizes = _size_closure([i for i in used if is_size(i)])
+    inputs = list(dict.fromkeys([i for i in used if not is_size(i)] +
+                                [i for s in sizes for i in s.all_input_nodes if not is_size(i)]))
+    scalars = {i for i in inputs if not isinstance(i.meta.get("val"), torch.Tensor)}
     outputs = [m for m in g.members if any(group_of.get(u) is not g for u in m.users)]
-    kb = _register_body(g, inputs, outputs)
+    kb = _register_body(g, inputs, outputs, sizes, scalars)
     op = torch.ops.fxcc_kernel.extern.default if g.kind == "extern" else torch.ops.fxcc_kernel.fused.default
-    call = graph.create_node("call_function", op, ([env[i] for i in inputs], kb.key), name=g.kind)
+    args = [_as_tensor(graph, env[i], g) if i in scalars else env[i] for i in inputs]
+    call = graph.create_node("call_function", op, (args, kb.key), name=g.kind)
     call.meta["val"] = [o.meta["val"] for o in outputs]
     call.meta["nn_module_stack"] = g.members[-1].meta.get("nn_module_stack", {})
     for j, o in enumerate(outputs):
@@ -198,12 +216,54 @@ def _emit_group(graph: fx.Graph, env: dict, g: Group, group_of: dict, stats: dic
     stats["extern" if g.kind == "extern" else "kernels"] += 1
 
 
-def _register_body(g: Group, inputs: list[fx.Node], outputs: list[fx.Node]) -> KernelBody:
-    """The group as a GraphModule with canonical names, so identical layers share one kernel."""
+def _as_tensor(graph: fx.Graph, x: fx.Node, g: Group) -> fx.Node:
+    """An int input of the graph (a cache length kept as an int) as the 0-d tensor a kernel takes, on the
+    device of the group's values, so a CUDA graph reads it like any input (its value is part of the key)."""
+    device = _device(g)
+    node = graph.call_function(aten.scalar_tensor.default, (x,), {"dtype": torch.int64, "device": device})
+    mode = next((m.meta["val"].fake_mode for m in g.members if isinstance(m.meta.get("val"), FakeTensor)), None)
+    with mode or FakeTensorMode():
+        node.meta["val"] = torch.empty((), dtype=torch.int64, device=device)
+    return node
+
+
+def _device(g: Group) -> torch.device:
+    return next((m.meta["val"].device for m in g.members if isinstance(m.meta.get("val"), torch.Tensor)),
+                torch.device("cpu"))
+
+
+def _size_closure(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The size computations `nodes` are built from, in program order (inputs before users)."""
+    seen: dict[fx.Node, None] = {}
+
+    def visit(n: fx.Node) -> None:
+        if n in seen or not is_size(n):
+            return
+        for i in n.all_input_nodes:
+            visit(i)
+        seen[n] = None
+
+    for n in nodes:
+        visit(n)
+    return list(seen)
+
+
+def _register_body(g: Group, inputs: list[fx.Node], outputs: list[fx.Node],
+                   sizes: list[fx.Node] = (), scalars: set[fx.Node] = frozenset()) -> KernelBody:
+    """The group as a GraphModule with canonical names, so identical layers share one kernel; the sizes it
+    uses are recomputed from its inputs (an int input, passed as a 0-d tensor, is read back)."""
     body, env = fx.Graph(), {}
     for i, x in enumerate(inputs):
         env[x] = body.placeholder(f"in{i}")
+        if x in scalars:
+            with FakeTensorMode():
+                env[x].meta["val"] = torch.empty((), dtype=torch.int64, device=_device(g))
+            env[x] = body.call_function(aten.item.default, (env[x],))
         env[x].meta["val"] = x.meta.get("val")
+    for i, s in enumerate(sizes):
+        env[s] = body.create_node("call_function", s.target, fx.node.map_arg(s.args, lambda n: env[n]),
+                                  fx.node.map_arg(s.kwargs, lambda n: env[n]), name=f"size{i}")
+        env[s].meta["val"] = s.meta.get("val")
     for i, m in enumerate(g.members):
         env[m] = body.create_node("call_function", m.target, fx.node.map_arg(m.args, lambda n: env[n]),
                                   fx.node.map_arg(m.kwargs, lambda n: env[n]), name=f"v{i}")

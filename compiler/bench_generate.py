@@ -1,0 +1,214 @@
+"""`fxcc bench generate`: greedy generation with a KV cache, eager vs torch.compile vs fxcc in one process.
+
+Each engine runs the model's own `generate` with its forward replaced (torch.compile as gpt-fast uses it:
+a static cache, mode "reduce-overhead" on the GPU; also the default mode). Per engine: time to first
+token, decode tokens/s, compiles per generate (the first, and a later one with a new prompt length), the
+first generate's wall time (compiles included), and whether the tokens equal eager's. On the GPU also the
+decode step's share of the memory roofline: (weight bytes + KV bytes read per step) / measured copy
+bandwidth, over the measured step time. Engines run interleaved, round by round (BENCHMARKING.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .capture import forward_as
+
+
+@dataclass
+class Engine:
+    """One way of running generate: its forward, its cache, what it compiled, what it measured."""
+
+    name: str
+    forward: Callable | None  # None: the model's own forward
+    cache: str | None = None  # transformers cache_implementation ("static") or None for the dynamic cache
+    compiles: Callable[[], int] = lambda: 0
+    first_s: float = 0.0
+    compiles_first: int = 0
+    compiles_again: int = 0
+    ttft_ms: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    same_tokens: bool = True
+    compile_s: float | None = None
+
+
+class Clock:
+    """Wraps a forward to record when each call ends (CUDA synchronized): the first call is the prefill."""
+
+    def __init__(self, fn: Callable, device: str):
+        self.fn, self.device, self.ends = fn, device, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+        return out
+
+
+def llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, dtype: torch.dtype,
+          device: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000,
+                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
+    model.generation_config.disable_compile = True  # transformers would compile static-cache decoding itself
+    return model
+
+
+def engines(model: nn.Module, names: list[str], device: str) -> list[Engine]:
+    import fxcc
+
+    own = type(model).forward.__get__(model)
+    out = []
+    for name in names:
+        base, _, mode = name.partition(":")
+        if name == "eager":
+            out.append(Engine(name, None))
+        elif base == "torch.compile":
+            from torch._dynamo.utils import counters
+            torch._dynamo.reset()
+            fn = torch.compile(own, mode=mode or None)
+            out.append(Engine(name, fn, "static", lambda: counters["stats"]["unique_graphs"]))
+        elif base == "fxcc":
+            fn = fxcc.compile(own)
+            out.append(Engine(name, fn, mode or None, lambda s=fn.fxcc.stats: s.compiles))
+        else:
+            raise SystemExit(f"unknown engine {name!r}; use eager, torch.compile[:MODE], fxcc[:static]")
+    return out
+
+
+def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: str) -> tuple[torch.Tensor, list[float]]:
+    """One greedy generate through engine `e`: the tokens and the end time of each forward call."""
+    clock = Clock(e.forward or type(model).forward.__get__(model), device)
+    kw = {"cache_implementation": e.cache} if e.cache else {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode(), forward_as(model, clock):
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+    return out, [t0, *clock.ends]
+
+
+def roofline_ms(model: nn.Module, batch: int, prompt: int, new: int, static_len: int | None) -> float:
+    """Bytes one decode step must read (every weight once, the KV cache it attends over; a static cache is
+    read to its allocated length) over the measured device-to-device copy bandwidth, in ms."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * batch * next(
+        model.parameters()).element_size()
+    mean_len = static_len or (prompt + new / 2)
+    return (weights + per_token * mean_len) / copy_bandwidth() * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted), median of 20."""
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * x.numel() / statistics.median(times[3:])
+
+
+def run(args: Any, log: Callable[[str], None]) -> str:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    hidden = args.hidden or (2048 if gpu else 512)
+    model = llama(hidden, args.layers or (16 if gpu else 8), args.heads or (16 if gpu else 8),
+                  args.kv_heads or (8 if gpu else 4), args.intermediate or (8192 if gpu else 4 * hidden),
+                  getattr(torch, args.dtype or ("bfloat16" if gpu else "float32")), device)
+    batch, prompt, new = args.batch or 1, args.prompt or (512 if gpu else 128), args.new_tokens
+    names = args.engines.split(",") if args.engines else (
+        ["eager", "torch.compile:reduce-overhead", "torch.compile", "fxcc", "fxcc:static"] if gpu
+        else ["eager", "torch.compile", "fxcc", "fxcc:static"])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 32000, (batch, prompt), generator=gen).to(device)
+    other = torch.randint(2, 32000, (batch, prompt - prompt // 4), generator=gen).to(device)
+    es = engines(model, names, device)
+    reference = {}
+    for e in es:  # first generate (compiles), then one with another prompt length (compiles again?)
+        log(f"{e.name}: first generate ...")
+        before = e.compiles()
+        tokens, ends = generate(model, e, ids, new, device)
+        e.first_s = ends[-1] - ends[0]
+        e.compiles_first = e.compiles() - before
+        before = e.compiles()
+        other_tokens, _ = generate(model, e, other, new, device)
+        e.compiles_again = e.compiles() - before
+        if e.forward is not None and hasattr(e.forward, "fxcc"):
+            e.compile_s = sum(v.compile_seconds for v in e.forward.fxcc.variants)
+        reference.setdefault("ids", tokens)
+        reference.setdefault("other", other_tokens)
+        e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
+    for r in range(args.reps):
+        for e in es:
+            _, ends = generate(model, e, ids, new, device)
+            e.ttft_ms.append((ends[1] - ends[0]) * 1e3)
+            e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
+            e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
+        log(f"round {r + 1}/{args.reps}")
+    floor = {}
+    if gpu:
+        for e in es:
+            floor[e.name] = roofline_ms(model, batch, prompt, new, prompt + new if e.cache == "static" else None)
+    return report(es, floor, model, device, batch, prompt, new, args.reps)
+
+
+def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: int, prompt: int, new: int,
+           reps: int) -> str:
+    from .bench import machine
+
+    cfg = model.config
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    lines = [f"fxcc bench generate: Llama hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+             f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, ffn {cfg.intermediate_size}, {dtype}; "
+             f"batch {batch}, prompt {prompt}, {new} new tokens (greedy)",
+             f"machine: {machine(device)}; medians of {reps} generates per engine, engines interleaved", ""]
+    head = (f"{'engine':<30} {'cache':<8} {'TTFT ms':>9} {'decode tok/s':>13} {'step ms':>8} {'vs eager':>9} "
+            f"{'compiles':>9} {'1st gen s':>9} {'tokens':>7}")
+    if floor:
+        head += f" {'roofline':>9}"
+    lines.append(head)
+    eager = next((e for e in es if e.name == "eager"), None)
+    base = statistics.median(eager.decode_tps) if eager else None
+    for e in es:
+        tps, step = statistics.median(e.decode_tps), statistics.median(e.step_ms)
+        row = (f"{e.name:<30} {e.cache or 'dynamic':<8} {statistics.median(e.ttft_ms):>9.1f} {tps:>13.1f} "
+               f"{step:>8.2f} {(tps / base if base else 1):>8.2f}x {f'{e.compiles_first}+{e.compiles_again}':>9} "
+               f"{e.first_s:>9.1f} {'same' if e.same_tokens else 'DIFF':>7}")
+        if floor:
+            row += f" {floor[e.name] / step:>8.0%}"
+        lines.append(row)
+    lines.append("\ncompiles: in the first generate + in a second one with a prompt 3/4 as long; tokens: the "
+                 "greedy ids of both generates against eager's")
+    fx = [e for e in es if e.name.startswith("fxcc")]
+    tc = [e for e in es if e.name.startswith("torch.compile")]
+    if fx and tc:
+        best_fx = max(fx, key=lambda e: statistics.median(e.decode_tps))
+        for t in tc:
+            ratio = statistics.median(best_fx.decode_tps) / statistics.median(t.decode_tps)
+            lines.append(f"decode tok/s, {best_fx.name} vs {t.name}: {ratio:.2f}x")
+    for e in fx:
+        if e.compile_s is not None:
+            lines.append(f"{e.name}: {e.compile_s:.1f} s compiling (all its variants)")
+    return "\n".join(lines)

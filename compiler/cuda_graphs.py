@@ -1,0 +1,113 @@
+"""CUDA graphs of compiled variants: one replay per call instead of one launch per kernel.
+
+A graph reads its inputs from buffers it was captured on. The call's own inputs (token ids, masks) are
+copied into those buffers; tensors the graph reads and writes in place (a KV cache, a buffer the model
+updates) are captured as they are, so a replay writes the caller's cache directly and nothing else is
+copied: such a graph serves only while those tensors are the same (their addresses are checked). Outputs
+are cloned out of the graph's memory, so a result stays valid after the next call, except outputs that
+are the call's own inputs (the cache it returns).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .measure import capture_graph
+
+log = logging.getLogger(__name__)
+
+_WARMUP = 2  # runs before a capture (lazy initialisation, autotuning)
+MAX_GRAPHS = 8  # graphs kept per variant with symbolic sizes (one per concrete size that repeats)
+
+
+class CudaGraph:
+    """A variant's executable captured as one CUDA graph for one set of input shapes (and in-place inputs).
+
+    Built by `capture`, which returns None (and logs why) when capturing fails; the variant then runs its
+    executable as before.
+    """
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, static: list[Any], outs: Any, inplace: frozenset[int],
+                 keep: frozenset[int]):
+        self.graph = graph
+        self.static = static
+        self.inplace = inplace
+        self.copied = [i for i, x in enumerate(static) if isinstance(x, torch.Tensor) and i not in inplace]
+        self.addresses = [(i, static[i].data_ptr()) for i in sorted(inplace)]
+        self.outs = outs
+        self.keep = keep
+
+    @staticmethod
+    def capture(fn: Callable[..., Any], flat: list[Any], name: str, inplace: frozenset[int] = frozenset(),
+                keep: frozenset[int] = frozenset()) -> CudaGraph | None:
+        """Capture `fn` on buffers like `flat`, reading the inputs in `inplace` where they are; outputs in
+        `keep` are not cloned at replay. The warm-up runs write into in-place inputs: they are restored."""
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                static = [x if i in inplace else
+                          torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+                          if isinstance(x, torch.Tensor) else x for i, x in enumerate(flat)]
+                saved = {i: flat[i].clone() for i in inplace}
+                runs = [0]
+
+                def restore() -> None:
+                    for i, t in saved.items():
+                        flat[i].copy_(t)
+
+                def run() -> Any:
+                    out = fn(*static)
+                    runs[0] += 1
+                    if runs[0] <= _WARMUP:  # a warm-up run: undo its writes
+                        restore()
+                    return out
+
+                graph, outs = capture_graph(run, warmup=_WARMUP)
+                restore()  # capturing runs nothing on a GPU; a capture that ran (a stand-in) is undone too
+        except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
+            log.warning("%s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
+            return None
+        return CudaGraph(graph, static, outs, inplace, keep)
+
+    def __call__(self, flat: list[Any]) -> list[Any] | None:
+        """Replay on these inputs; None when an in-place input is another tensor than the one captured."""
+        if any(flat[i].data_ptr() != ptr for i, ptr in self.addresses):
+            return None
+        static = self.static
+        for i in self.copied:
+            static[i].copy_(flat[i])
+        self.graph.replay()
+        return [o.clone() if isinstance(o, torch.Tensor) and j not in self.keep else o
+                for j, o in enumerate(self.outs)]
+
+
+class CudaGraphs:
+    """The CUDA graphs of a variant whose calls vary (symbolic sizes, or a cache that may be replaced):
+    one graph per input shapes, int inputs and in-place input addresses, captured the second time that key
+    is seen.
+    A static cache's decode step repeats its key every token; a growing cache's never does, and costs no
+    capture."""
+
+    def __init__(self, fn: Callable[..., Any], name: str, inplace: frozenset[int], keep: frozenset[int]):
+        self.fn, self.name, self.inplace, self.keep = fn, name, inplace, keep
+        self.graphs: dict[tuple, CudaGraph | None] = {}
+        self.seen: dict[tuple, int] = {}
+
+    def __call__(self, flat: list[Any]) -> list[Any] | None:
+        key = (tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x if type(x) is int else None for x in flat),
+               tuple(flat[i].data_ptr() for i in sorted(self.inplace)))
+        graph = self.graphs.get(key)
+        if graph is not None:
+            return graph(flat)
+        if key in self.graphs:  # capture failed for this key
+            return None
+        if len(self.seen) > 4 * MAX_GRAPHS:
+            self.seen.clear()
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.seen[key] < 2 or len(self.graphs) >= MAX_GRAPHS:
+            return None
+        self.graphs[key] = graph = CudaGraph.capture(self.fn, flat, self.name, self.inplace, self.keep)
+        return graph(flat) if graph is not None else None

@@ -1,0 +1,244 @@
+"""Symbolic shapes: which input sizes a compile makes symbolic, and the guards of a symbolic variant.
+
+Policy (as torch.compile's automatic dynamic): a first compile is static; when a call differs from a
+compiled variant of the same input structure only in sizes, the recompile makes those dimensions
+symbolic (`torch.export.Dim.AUTO`: export keeps a dimension static where the program needs it to be).
+`CompileOptions.dynamic=True` makes every dimension symbolic from the first compile, `False` none;
+`torch._dynamo.mark_dynamic(t, d)` marks a dimension before the first call. A call that carries a KV
+cache (a transformers `Cache`) is a step of generation, whose lengths change every call: its sizes are
+symbolic from the first compile, so a `generate()` compiles its prefill and its decode step once each.
+
+A symbolic variant is guarded by what torch's ShapeEnv recorded while exporting it (ranges of the
+symbols and relations between them, `ShapeEnv.produce_guards_expression`), compiled once to Python.
+Every recompile has a reason naming the input, the dimension and the old and new sizes, or the guard.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+from torch.utils import _pytree as pytree
+
+from .ir import is_symbolic
+from .state import is_state, state_objects
+
+
+def leaf_names(args: tuple, kwargs: dict, signature: inspect.Signature | None = None) -> list[str]:
+    """A readable name for each flattened input: `input_ids`, `cache[3]`, `x[1]` (positional arguments by
+    their parameter's name in `signature`, else `args[i]`)."""
+    params = [p.name for p in signature.parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] if signature is not None else []
+    paths, _ = pytree.tree_flatten_with_path((tuple(args), dict(sorted(kwargs.items()))))
+    names = []
+    for path, _ in paths:
+        head, first, rest = path[0], path[1], path[2:]
+        if head.idx == 0:  # positional
+            names.append((params[first.idx] if first.idx < len(params) else f"args[{first.idx}]") + pytree.keystr(rest))
+        else:
+            names.append(str(first.key) + pytree.keystr(rest))
+    return names
+
+
+def state_ints(args: tuple, kwargs: dict) -> frozenset[int]:
+    """The flat inputs that are ints inside a state object (a cache's length): sizes, not constants. An int
+    argument of the call stays a constant: code tests `isinstance(n, int)`, which a symbolic int fails."""
+    return _state_leaves(args, kwargs, lambda x: type(x) is int)
+
+
+def state_tensors(args: tuple, kwargs: dict) -> frozenset[int]:
+    """The flat inputs that are tensors inside a state object (a KV cache's keys, values, lengths)."""
+    return _state_leaves(args, kwargs, lambda x: isinstance(x, torch.Tensor))
+
+
+def _state_leaves(args: tuple, kwargs: dict, pick: Any) -> frozenset[int]:
+    out, i = set(), 0
+    for x in pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))), is_leaf=is_state):
+        if not is_state(x):
+            i += 1
+            continue
+        leaves = pytree.tree_leaves(x)
+        out.update(i + j for j, leaf in enumerate(leaves) if pick(leaf))
+        i += len(leaves)
+    return frozenset(out)
+
+
+def structure(flat: list[Any], sized: frozenset[int]) -> tuple:
+    """What a call must share with a variant, whatever the sizes: tensors' rank, dtype, device, layout;
+    the ints in `sized` are sizes; other constants by value."""
+    return tuple((x.dim(), x.dtype, x.device, x.layout) if isinstance(x, torch.Tensor)
+                 else ("int",) if i in sized else _const(x) for i, x in enumerate(flat))
+
+
+def _const(x: Any) -> Any:
+    try:
+        hash(x)
+        return ("const", type(x), x)
+    except TypeError:
+        return ("object", type(x), id(x))
+
+
+def sizes(flat: list[Any], sized: frozenset[int]) -> list[tuple[int, ...] | None]:
+    """Each input's sizes: a tensor's shape, a size int's value (as a 1-tuple), None for anything else."""
+    return [tuple(x.shape) if isinstance(x, torch.Tensor) else (x,) if i in sized else None
+            for i, x in enumerate(flat)]
+
+
+def marked_dims(flat: list[Any]) -> dict[int, set[int]]:
+    """Dimensions marked with torch._dynamo.mark_dynamic (or maybe_mark_dynamic) on the call's tensors."""
+    out = {}
+    for i, x in enumerate(flat):
+        dims = set(getattr(x, "_dynamo_dynamic_indices", ())) | set(getattr(x, "_dynamo_weak_dynamic_indices", ()))
+        if isinstance(x, torch.Tensor) and dims:
+            out[i] = dims
+    return out
+
+
+def all_dims(flat: list[Any], sized: frozenset[int]) -> dict[int, set[int]]:
+    """Every dimension of every tensor, and every size int, of a call."""
+    return {i: set(range(len(sz))) for i, sz in enumerate(sizes(flat, sized)) if sz}
+
+
+def carries_state(args: tuple, kwargs: dict) -> bool:
+    """Whether the call passes a KV cache (or another state object a pytree flattens)."""
+    return bool(state_objects((tuple(args), kwargs)))
+
+
+def dynamic_shapes(args: tuple, kwargs: dict, dims: dict[int, set[int]],
+                   signature: inspect.Signature) -> dict[str, Any] | None:
+    """torch.export's dynamic_shapes for a call: `Dim.AUTO` on each chosen dimension (and int) of the flat
+    inputs in `dims`, arranged as export wants them (by parameter name, mirroring each input's pytree)."""
+    if not dims:
+        return None
+    counter = iter(range(1 << 30))
+
+    def leaf(x: Any) -> Any:
+        ds = dims.get(next(counter))
+        if isinstance(x, torch.Tensor):
+            return {d: torch.export.Dim.AUTO for d in sorted(ds)} if ds else None
+        return torch.export.Dim.AUTO if ds and type(x) is int else None
+
+    positional = [_shape_spec(a, leaf) for a in args]
+    named = {k: _shape_spec(v, leaf) for k, v in sorted(kwargs.items())}
+    return dict(signature.bind(*positional, **named).arguments)
+
+
+def _shape_spec(x: Any, leaf: Any) -> Any:
+    """One input's dynamic_shapes entry: containers mirrored, a registered pytree node as the list of its
+    children's entries, leaves from `leaf` (called in flattening order)."""
+    node = pytree.SUPPORTED_NODES.get(type(x))
+    if node is None:
+        return leaf(x)
+    children, _ = node.flatten_fn(x)
+    if type(x) in (list, tuple):
+        return type(x)(_shape_spec(c, leaf) for c in children)
+    if type(x) is dict:
+        return {k: _shape_spec(v, leaf) for k, v in zip(x.keys(), children)}
+    return [_shape_spec(c, leaf) for c in children]
+
+
+@dataclass
+class Shapes:
+    """The symbolic part of a compiled variant: its symbolic dimensions per input and its guard."""
+
+    dims: dict[int, tuple[int, ...]]  # flat input -> its symbolic dimensions
+    static: list[tuple[int | None, ...] | None]  # per input: sizes, None where symbolic
+    example: list[tuple[int, ...] | None]  # the sizes it was compiled for
+    names: list[str]
+    guard: Any = None  # compiled guard expression, evaluated with L = {"t<k>": input}
+    clauses: list[str] = field(default_factory=list)
+    guarded: list[int] = field(default_factory=list)  # flat input of each t<k>
+    ints: set[int] = field(default_factory=set)  # inputs that are ints, not tensors
+
+    @staticmethod
+    def of(gm: fx.GraphModule, flat: list[Any], names: list[str], sized: frozenset[int]) -> Shapes:
+        """Read the symbols export gave the graph's inputs (placeholders in flat order) and build the guard."""
+        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        dims, static = {}, []
+        for i, v in enumerate(vals):
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else (v,) if i in sized else None
+            if shape is None:
+                static.append(None)
+                continue
+            sym = tuple(d for d, s in enumerate(shape) if is_symbolic(s))
+            if sym:
+                dims[i] = sym
+            static.append(tuple(None if d in sym else int(s) for d, s in enumerate(shape)))
+        shapes = Shapes(dims, static, sizes(flat, sized), names, ints=set(sized))
+        if dims:
+            guarded = [i for i, v in enumerate(vals) if isinstance(v, (torch.Tensor, torch.SymInt))]
+            env = next(vals[i].node.shape_env if isinstance(vals[i], torch.SymInt) else vals[i].fake_mode.shape_env
+                       for i in dims)
+            code = env.produce_guards_expression([vals[i] for i in guarded], ignore_static=True)
+            shapes.guarded = guarded
+            if code:
+                shapes.clauses = code.split(" and ")
+                shapes.guard = compile(code, "<fxcc-shape-guard>", "eval")
+        return shapes
+
+    def matches(self, flat: list[Any]) -> bool:
+        """Whether a call with these inputs (of this variant's structure) may run this variant."""
+        for i, st in enumerate(self.static):
+            if st is not None and any(s is not None and s != n for s, n in zip(st, _shape(flat[i]))):
+                return False
+        if self.guard is None:
+            return True
+        return bool(eval(self.guard, SYMPY_INTERP, {"L": self._locals(flat)}))
+
+    def _locals(self, flat: list[Any]) -> dict[str, Any]:
+        return {f"t{k}": flat[i] for k, i in enumerate(self.guarded)}
+
+    def mismatch(self, flat: list[Any], names: list[str]) -> str:
+        """Why a call does not fit this variant: the first size or guard that fails, by input name."""
+        for i, st in enumerate(self.static):
+            if st is None:
+                continue
+            for d, (s, n) in enumerate(zip(st, _shape(flat[i]))):
+                if s is not None and s != n:
+                    return f"input `{names[i]}` dim {d} is {n} where this variant has {s}"
+        scope = self._locals(flat)
+        for clause in self.clauses:
+            if not eval(clause, SYMPY_INTERP, {"L": scope}):
+                readable = clause
+                for k, i in reversed(list(enumerate(self.guarded))):
+                    readable = readable.replace(f"L['t{k}']", names[i])
+                return f"shape guard `{readable}` fails"
+        return ""
+
+    def changed(self, flat: list[Any]) -> dict[int, set[int]]:
+        """Dimensions where a call's sizes differ from the sizes this variant was compiled for."""
+        out: dict[int, set[int]] = {}
+        for i, ex in enumerate(self.example):
+            if ex is not None:
+                ds = {d for d, (a, b) in enumerate(zip(ex, _shape(flat[i]))) if a != b}
+                if ds:
+                    out[i] = ds
+        return out
+
+    def describe(self) -> str:
+        """`input_ids dim 1, cache[0] dim 2, cache[2]` (an int input by its name alone; empty when static)."""
+        return ", ".join(self.names[i] if i in self.ints else f"{self.names[i]} dim {'/'.join(map(str, ds))}"
+                         for i, ds in self.dims.items())
+
+
+def _shape(x: Any) -> tuple:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else (x,)
+
+
+def merge(*dims: dict[int, set[int]]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for d in dims:
+        for i, ds in d.items():
+            out.setdefault(i, set()).update(ds)
+    return out
+
+
+def change_text(flat: list[Any], names: list[str], old: Shapes, changed: dict[int, set[int]]) -> str:
+    """`cache[0] dim 2: 8 -> 9` for each changed dimension."""
+    parts = [f"{names[i]} dim {d}: {old.example[i][d]} -> {_shape(flat[i])[d]}"
+             for i, ds in sorted(changed.items()) for d in sorted(ds)]
+    return ", ".join(parts)

@@ -1,0 +1,268 @@
+"""In-place state: the objects and tensors a call mutates, so a compiled call leaves them as eager does.
+
+A KV cache passed to a transformers model is a Python object that eager updates in place: a
+`DynamicCache` rebinds each layer's `keys`/`values` to longer tensors, a `StaticCache` writes into its
+preallocated tensors at the current position. A captured graph is a function of tensors, so capture
+makes the final state of every such input object an extra output (`traced`), and after each compiled
+call `Aliasing.write_back` moves that state into the caller's objects: the caller's cache grows (or is
+written) exactly as in eager, keeps its identity, and the returned output holds the caller's object.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+_CONTAINERS = (tuple, list, dict)
+
+
+def register_state_class(cls: type) -> None:
+    """Flatten instances of `cls` (a transformers cache class) with fxcc's state flattener: tensors and ints
+    are leaves, everything else is context.
+
+    transformers flattens a cache into its tensors and keeps every other attribute in the pytree context,
+    so a length kept as an int (a sliding-window layer's `cumulative_length`) would be a constant of the
+    captured graph and a new input structure at every step. As a leaf it is an input: symbolic when it
+    changes, like a size. Instances are rebuilt as transformers rebuilds them (`__new__` + attributes)."""
+    node = pytree.SUPPORTED_NODES.get(cls)
+    if node is not None and node.flatten_fn is _flatten:
+        return
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if node is not None:
+        name = pytree.SUPPORTED_SERIALIZED_TYPES[cls].serialized_type_name
+        pytree._deregister_pytree_node(cls)
+    pytree.register_pytree_node(cls, _flatten, _unflatten, serialized_type_name=name,
+                                flatten_with_keys_fn=_flatten_with_keys, to_dumpable_context=_dump,
+                                from_dumpable_context=_load)
+
+
+def _flatten(obj: Any) -> tuple[list, Any]:
+    leaves: list[Any] = []
+    return leaves, _context(obj, leaves, top=True)
+
+
+def _flatten_with_keys(obj: Any) -> tuple[list, Any]:
+    leaves, context = _flatten(obj)
+    return [(pytree.SequenceKey(i), x) for i, x in enumerate(leaves)], context
+
+
+def _unflatten(values: Any, context: Any) -> Any:
+    return _rebuild(context, list(values))
+
+
+def _is_leaf(x: Any) -> bool:
+    # export wraps int inputs in its own _IntWrapper while it traces; they are ints all the same
+    return isinstance(x, (torch.Tensor, torch.SymInt)) or type(x) is int or type(x).__name__ == "_IntWrapper"
+
+
+def _context(x: Any, leaves: list[Any], top: bool = False) -> Any:
+    """A comparable description of `x` with its tensors and ints replaced by leaf numbers."""
+    if _is_leaf(x):
+        leaves.append(x)
+        return ("leaf", len(leaves) - 1)
+    if x is None or type(x) in (bool, float, str):
+        return x
+    if type(x) in (list, tuple):
+        return (type(x).__name__, tuple(_context(v, leaves) for v in x))
+    if type(x) is dict:
+        return ("dict", tuple((k, _context(v, leaves)) for k, v in x.items()))
+    if hasattr(x, "__dict__") and not isinstance(x, type) and (top or type(x) not in pytree.SUPPORTED_NODES):
+        return ("obj", type(x), tuple((k, _context(v, leaves)) for k, v in vars(x).items()))
+    return ("const", x)  # a device, a dtype, a class: compared by value
+
+
+def _dump(ctx: Any) -> str:
+    """The context as JSON (the graph cache stores the input and output specs)."""
+    return json.dumps(_jsonable(ctx))
+
+
+def _load(text: str) -> Any:
+    return _from_json(json.loads(text))
+
+
+def _jsonable(ctx: Any) -> Any:
+    if not isinstance(ctx, tuple):
+        if ctx is None or type(ctx) in (bool, int, float, str):
+            return ctx
+        raise TypeError(f"cannot store {type(ctx).__name__} in a pytree context")
+    tag = ctx[0]
+    if tag == "leaf":
+        return {"leaf": ctx[1]}
+    if tag in ("list", "tuple"):
+        return {tag: [_jsonable(v) for v in ctx[1]]}
+    if tag == "dict":
+        return {"dict": [[k, _jsonable(v)] for k, v in ctx[1]]}
+    if tag == "obj":
+        return {"obj": _path(ctx[1]), "state": [[k, _jsonable(v)] for k, v in ctx[2]]}
+    x = ctx[1]
+    if isinstance(x, torch.device):
+        return {"device": str(x)}
+    if isinstance(x, torch.dtype):
+        return {"dtype": str(x).removeprefix("torch.")}
+    if isinstance(x, type):
+        return {"type": _path(x)}
+    raise TypeError(f"cannot store {type(x).__name__} in a pytree context")
+
+
+def _from_json(j: Any) -> Any:
+    if not isinstance(j, dict):
+        return j
+    if "leaf" in j:
+        return ("leaf", j["leaf"])
+    for tag in ("list", "tuple"):
+        if tag in j:
+            return (tag, tuple(_from_json(v) for v in j[tag]))
+    if "dict" in j:
+        return ("dict", tuple((k, _from_json(v)) for k, v in j["dict"]))
+    if "obj" in j:
+        return ("obj", _class(j["obj"]), tuple((k, _from_json(v)) for k, v in j["state"]))
+    if "device" in j:
+        return ("const", torch.device(j["device"]))
+    if "dtype" in j:
+        return ("const", getattr(torch, j["dtype"]))
+    return ("const", _class(j["type"]))
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _class(path: str) -> type:
+    """A class named in a stored context: only transformers' (the caches fxcc registers hold nothing else)."""
+    module, _, qualname = path.partition(":")
+    if module != "transformers" and not module.startswith("transformers."):
+        raise ValueError(f"a stored pytree context names {path!r}, not a transformers class")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise ValueError(f"a stored pytree context names {path!r}, which is not a class")
+    return obj
+
+
+def _rebuild(ctx: Any, leaves: list[Any]) -> Any:
+    if not isinstance(ctx, tuple):
+        return ctx
+    tag = ctx[0]
+    if tag == "leaf":
+        return leaves[ctx[1]]
+    if tag in ("list", "tuple"):
+        items = [_rebuild(v, leaves) for v in ctx[1]]
+        return items if tag == "list" else tuple(items)
+    if tag == "dict":
+        return {k: _rebuild(v, leaves) for k, v in ctx[1]}
+    if tag == "obj":
+        obj = ctx[1].__new__(ctx[1])
+        obj.__dict__.update((k, _rebuild(v, leaves)) for k, v in ctx[2])
+        return obj
+    return ctx[1]
+
+
+def is_state(x: Any) -> bool:
+    """A mutable object a pytree flattens into tensors (a transformers Cache): not a container, not a tensor."""
+    return (type(x) in pytree.SUPPORTED_NODES and not isinstance(x, _CONTAINERS) and hasattr(x, "__dict__")
+            and not isinstance(x, torch.Tensor))
+
+
+def state_objects(tree: Any) -> list[Any]:
+    """The state objects of a pytree, outermost first, in flattening order."""
+    leaves = pytree.tree_leaves(tree, is_leaf=is_state)
+    return [x for x in leaves if is_state(x)]
+
+
+@dataclass
+class Aliasing:
+    """What a captured call does to its inputs, recorded by identity while it was traced.
+
+    leaves: (output leaf, input leaf) pairs where the call returns an input tensor itself (a static cache's
+    tensor written in place). objects: (output object, input object) pairs where it returns an input object
+    (the cache it was given). `n_state` input objects have their final state appended to the graph's outputs.
+    """
+
+    leaves: list[tuple[int, int]] = field(default_factory=list)
+    objects: list[tuple[int, int]] = field(default_factory=list)
+    n_state: int = 0
+
+    def write_back(self, args: tuple, kwargs: dict, flat_in: list[Any], flat_out: list[Any],
+                   out_spec: pytree.TreeSpec) -> Any:
+        """The call's result from the graph's flat outputs, with the caller's objects updated and returned."""
+        for j, i in self.leaves:
+            flat_out[j] = flat_in[i]
+        result = pytree.tree_unflatten(flat_out, out_spec)
+        if not self.n_state:
+            return result
+        result, final = result
+        callers = state_objects((tuple(args), dict(sorted(kwargs.items()))))
+        for dst, src in zip(callers, final):
+            adopt(dst, src)
+        if not self.objects:
+            return result
+        outs = state_objects(result)
+        swap = {id(outs[j]): callers[i] for j, i in self.objects}
+        return pytree.tree_map(lambda x: swap.get(id(x), x), result, is_leaf=is_state)
+
+
+def adopt(dst: Any, src: Any) -> None:
+    """Make object `dst` hold `src`'s state, keeping the identity of `dst` and of the objects inside it."""
+    for name, value in vars(src).items():
+        current = dst.__dict__.get(name, src)
+        if current is value:
+            continue
+        if _same_kind(current, value):
+            adopt(current, value)
+        elif (isinstance(current, list) and isinstance(value, list) and len(current) == len(value)
+              and all(_same_kind(a, b) for a, b in zip(current, value))):
+            for a, b in zip(current, value):
+                adopt(a, b)
+        else:
+            dst.__dict__[name] = value
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and hasattr(a, "__dict__") and not isinstance(a, (torch.Tensor, type))
+
+
+def recording(fn: Callable, sink: list[Aliasing], kwargs: dict | None = None) -> Callable:
+    """`fn` as it is traced for capture: it also returns the final state of its input objects, and records
+    into `sink` which outputs are its inputs (by identity). Its signature names the call's keyword
+    arguments that `fn` takes through `**kwargs` (export's dynamic shapes need a name for each input)."""
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        ins = (tuple(args), dict(sorted(kwargs.items())))
+        in_objects = state_objects(ins)
+        in_leaves = {id(x): i for i, x in enumerate(pytree.tree_leaves(ins)) if isinstance(x, torch.Tensor)}
+        out = fn(*args, **kwargs)
+        by_id = {id(x): i for i, x in enumerate(in_objects)}
+        found = Aliasing(objects=[(j, by_id[id(o)]) for j, o in enumerate(state_objects(out)) if id(o) in by_id],
+                         n_state=len(in_objects))
+        result = (out, in_objects) if in_objects else out
+        found.leaves = [(j, in_leaves[id(x)]) for j, x in enumerate(pytree.tree_leaves(result))
+                        if isinstance(x, torch.Tensor) and id(x) in in_leaves]
+        sink[:] = [found]
+        return result
+
+    traced.__signature__ = _explicit(fn, kwargs or {})
+    return traced
+
+
+def _explicit(fn: Callable, kwargs: dict) -> inspect.Signature | None:
+    """fn's signature with `**kwargs` replaced by one keyword-only parameter per name the call passes."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if len(params) == len(sig.parameters):
+        return sig
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for k in kwargs if k not in sig.parameters]
+    return sig.replace(parameters=params + extra)

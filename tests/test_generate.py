@@ -1,0 +1,239 @@
+"""Generation with a KV cache through every entry point: greedy tokens equal eager's, the caller's cache ends in
+eager's state, and a generation compiles its prefill and its decode step once each.
+
+Tiny decoders (hidden 32, 2 layers, vocab 100), few tokens and a pipeline without kernel timing keep the file
+fast; one test runs the default pipeline.
+"""
+
+from __future__ import annotations
+
+import fxcc
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, StaticCache  # noqa: E402
+
+VOCAB, NEW = 100, 5
+FAST = "canonicalize,raise,fuse,codegen{backend=extern}"
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=None,
+               pad_token_id=0)
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
+
+
+def qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DECODER))
+
+
+def mistral():
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER))
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=None,
+        pad_token_id=0))
+
+
+MODELS = [llama, qwen2, mistral, gpt2]
+
+
+def build(make):
+    torch.manual_seed(0)
+    return make().eval()
+
+
+def prompt(length: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
+def greedy(model, ids: torch.Tensor, cache, steps: int = NEW) -> list[int]:
+    """A decode loop as users write it: one forward per token, the same cache object throughout."""
+    tokens, x = [], ids
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_ids=x, cache=cache, use_cache=True)
+            assert out.cache is cache  # eager returns the cache it was given, updated in place
+            x = out.logits[:, -1:].argmax(-1)
+            tokens.append(x.item())
+    return tokens
+
+
+def make_cache(kind: str, model):
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=32)
+
+
+def assert_same_cache(got, expected):
+    assert len(got.layers) == len(expected.layers)
+    for a, b in zip(got.layers, expected.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("make", MODELS, ids=lambda m: m.__name__)
+def test_decode_loop_matches_eager_and_updates_the_callers_cache(make, kind, passes=FAST):
+    model = build(make)
+    ids = prompt(6)
+    eager_cache = make_cache(kind, model)
+    expected = greedy(model, ids, eager_cache)
+    cm = fxcc.compile(model, passes=passes)
+    cache = make_cache(kind, model)
+    assert greedy(cm, ids, cache) == expected
+    assert_same_cache(cache, eager_cache)
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0  # prefill and decode
+    # a new prompt length and a fresh cache: the symbolic variants serve it
+    again = make_cache(kind, model)
+    assert greedy(cm, prompt(9), again) == greedy(model, prompt(9), make_cache(kind, model))
+    assert cm.stats.compiles == 2
+
+
+def test_decode_loop_with_the_default_pipeline():
+    test_decode_loop_matches_eager_and_updates_the_callers_cache(llama, "dynamic", passes=None)
+
+
+def test_static_cache_is_written_in_place():
+    model = build(llama)
+    cm = fxcc.compile(model, passes=FAST)
+    cache = make_cache("static", model)
+    greedy(cm, prompt(5), cache, steps=1)  # the prefill allocates the cache's tensors
+    keys = [layer.keys for layer in cache.layers]
+    greedy(cm, prompt(1), cache, steps=2)
+    assert all(layer.keys is k for layer, k in zip(cache.layers, keys))  # the same tensors, written at positions
+    assert int(cache.layers[0].cumulative_length) == 7
+
+
+def generate(model, ids, **kwargs):
+    return model.generate(ids, max_new_tokens=NEW, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+@pytest.mark.parametrize("make", MODELS, ids=lambda m: m.__name__)
+def test_generate_through_a_compiled_forward(make, cache_implementation):
+    """`model.forward = fxcc.compile(model.forward)`, then the model's own generate."""
+    model = build(make)
+    kw = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    expected = [generate(model, prompt(n), **kw) for n in (6, 9)]
+    model.forward = fxcc.compile(model.forward, passes=FAST)
+    stats = model.forward.fxcc.stats
+    assert torch.equal(generate(model, prompt(6), **kw), expected[0])
+    assert stats.compiles <= 2 and stats.eager_calls == 0
+    first = stats.compiles
+    assert torch.equal(generate(model, prompt(9), **kw), expected[1])
+    assert stats.compiles == first  # a new prompt length compiles nothing
+
+
+def test_generate_of_a_compiled_model_runs_compiled():
+    model = build(llama)
+    expected = generate(model, prompt(7))
+    cm = fxcc.compile(model, passes=FAST)
+    assert torch.equal(generate(cm, prompt(7)), expected)
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0
+    assert "forward" not in model.__dict__  # generate's routing is undone afterwards
+
+
+def test_generate_of_a_compiled_class():
+    Compiled = fxcc.compile(transformers.LlamaForCausalLM, passes=FAST)
+    torch.manual_seed(0)
+    model = Compiled(transformers.LlamaConfig(**DECODER)).eval()
+    torch.manual_seed(0)
+    expected = generate(build(llama), prompt(6))
+    assert torch.equal(generate(model, prompt(6)), expected)
+    assert model.__dict__["_fxcc_compiled"].stats.compiles == 2
+
+
+@pytest.fixture
+def dynamo_reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dynamic, cache_implementation", [(None, None), (True, "static")])
+def test_generate_through_torch_compile(dynamic, cache_implementation, dynamo_reset):
+    model = build(llama)
+    kw = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    expected = [generate(model, prompt(n), **kw) for n in (6, 9)]
+    model.forward = torch.compile(model.forward, backend="fxcc", dynamic=dynamic, options={"passes": FAST})
+    assert torch.equal(generate(model, prompt(6), **kw), expected[0])
+    assert torch.equal(generate(model, prompt(9), **kw), expected[1])
+
+
+class FakeGraph:
+    """CUDA graph stand-in for the CPU: capture records the call, replay runs it again into the captured
+    outputs (a real replay writes the same memory)."""
+
+    current = None
+    replays = 0
+
+    def replay(self):
+        FakeGraph.replays += 1
+        for o, n in zip(self.outs, self.fn(*self.args)):
+            if isinstance(o, torch.Tensor) and o is not n:
+                o.copy_(n)
+
+
+class FakeCapture:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __enter__(self):
+        FakeGraph.current = self.graph
+
+    def __exit__(self, *exc):
+        FakeGraph.current = None
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_static_cache_decode_replays_one_graph_writing_the_cache_in_place(monkeypatch):
+    """The GPU decode path on the CPU with a stand-in for CUDA graphs: the static cache is read and written
+    where it is (no copy), the step's inputs are copied, one graph serves every decode step."""
+    import contextlib
+
+    from fxcc.cuda_graphs import CudaGraphs
+    from fxcc.runtime import in_place_inputs
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    model = build(llama)
+    cm = fxcc.compile(model, passes=FAST)
+    cache, eager_cache = make_cache("static", model), make_cache("static", model)
+    ids = prompt(6)
+    with torch.no_grad():
+        x = cm(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        model(input_ids=ids, cache=eager_cache, use_cache=True)
+        model(input_ids=x, cache=eager_cache, use_cache=True)
+        cm(input_ids=x, cache=cache, use_cache=True)  # compiles the decode step
+        v = cm.variants[-1]
+        kw = dict(input_ids=x, cache=cache, use_cache=True)
+
+        def record(*a):
+            out = v._call(*a)
+            if FakeGraph.current is not None:
+                FakeGraph.current.fn, FakeGraph.current.args, FakeGraph.current.outs = v._call, a, out
+            return out
+
+        v.cuda_graph = CudaGraphs(record, v.name, in_place_inputs(v.gm, (), kw), frozenset(j for j, _ in
+                                                                                          v.captured.aliasing.leaves))
+        keys = [layer.keys for layer in cache.layers]
+        for _ in range(4):
+            want = model(input_ids=x, cache=eager_cache, use_cache=True).logits
+            got = cm(input_ids=x, cache=cache, use_cache=True).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            x = want[:, -1:].argmax(-1)
+    assert_same_cache(cache, eager_cache)
+    assert all(layer.keys is k for layer, k in zip(cache.layers, keys))
+    assert len(v.cuda_graph.graphs) == 1 and FakeGraph.replays == 3  # seen once, captured, replayed
