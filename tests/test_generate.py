@@ -7,6 +7,8 @@ fast; one test runs the default pipeline.
 
 from __future__ import annotations
 
+import logging
+
 import fxcc
 import pytest
 import torch
@@ -129,8 +131,9 @@ def test_generate_through_a_compiled_forward(make, cache_implementation):
     assert stats.compiles == first  # a new prompt length compiles nothing
 
 
-def test_generate_of_a_compiled_model_runs_compiled():
-    model = build(llama)
+@pytest.mark.parametrize("make", [llama, gpt2], ids=lambda m: m.__name__)
+def test_generate_of_a_compiled_model_runs_compiled(make):
+    model = build(make)
     expected = generate(model, prompt(7))
     cm = fxcc.compile(model, passes=FAST)
     assert torch.equal(generate(cm, prompt(7)), expected)
@@ -155,14 +158,44 @@ def dynamo_reset():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("dynamic, cache_implementation", [(None, None), (True, "static")])
-def test_generate_through_torch_compile(dynamic, cache_implementation, dynamo_reset):
+# graphs dynamo hands to fxcc in a first generate and in a second one with a new prompt length: with
+# dynamic=None dynamo's own automatic dynamic compiles prefill and decode static, then decode symbolic,
+# then (new prompt length) the prefill symbolic; with dynamic=True prefill and decode once each
+@pytest.mark.parametrize("dynamic, cache_implementation, graphs", [(None, None, (3, 1)), (True, "static", (2, 0))])
+def test_generate_through_torch_compile(dynamic, cache_implementation, graphs, dynamo_reset, caplog):
+    from torch._dynamo.utils import counters
+
     model = build(llama)
     kw = {"cache_implementation": cache_implementation} if cache_implementation else {}
     expected = [generate(model, prompt(n), **kw) for n in (6, 9)]
     model.forward = torch.compile(model.forward, backend="fxcc", dynamic=dynamic, options={"passes": FAST})
-    assert torch.equal(generate(model, prompt(6), **kw), expected[0])
-    assert torch.equal(generate(model, prompt(9), **kw), expected[1])
+    counters.clear()
+    seen = []
+    with caplog.at_level(logging.INFO, logger="fxcc.runtime"):
+        for n, want in zip((6, 9), expected):
+            assert torch.equal(generate(model, prompt(n), **kw), want)
+            seen.append(counters["stats"]["unique_graphs"] - sum(seen))
+    assert tuple(seen) == graphs
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling ")]
+    assert len(compiles) == sum(graphs)  # fxcc compiles each graph dynamo hands over once, and nothing else
+
+
+
+def test_decode_loop_through_torch_compile_of_the_module(dynamo_reset):
+    """`torch.compile(model, backend="fxcc", dynamic=True)`: dynamo passes sizes (and a float attribute) as
+    symbolic scalars; the decode loop equals eager's and updates the caller's cache; prefill and decode are
+    one graph each."""
+    from torch._dynamo.utils import counters
+
+    model = build(llama)
+    eager_cache = make_cache("dynamic", model)
+    expected = greedy(model, prompt(6), eager_cache)
+    compiled = torch.compile(model, backend="fxcc", dynamic=True, options={"passes": FAST})
+    counters.clear()
+    cache = make_cache("dynamic", model)
+    assert greedy(compiled, prompt(6), cache) == expected
+    assert_same_cache(cache, eager_cache)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 class FakeGraph:
