@@ -73,6 +73,19 @@ def test_bench_llama_prints_the_side_by_side_table(tmp_path, capsys):
     assert "graph cache" in warm["method"] and not warm["codegen"].get("built")
 
 
+
+def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys):
+    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+            "--intermediate", "64", "--prompt", "8", "--new-tokens", "3", "--reps", "1", "--threads", "1",
+            "--engines", "eager,fxcc"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("eager ", "fxcc "))}
+    assert set(rows) == {"eager", "fxcc"}
+    # fxcc: prefill and decode compiled in the first generate, nothing in the second; tokens equal eager's
+    assert rows["fxcc"][-3] == "2+0" and rows["fxcc"][-1] == "same"
+
+
 def test_passes_lists_the_registry(capsys):
     assert cli.main(["passes"]) == 0
     out = capsys.readouterr().out
