@@ -270,3 +270,22 @@ def test_static_cache_decode_replays_one_graph_writing_the_cache_in_place(monkey
     assert_same_cache(cache, eager_cache)
     assert all(layer.keys is k for layer, k in zip(cache.layers, keys))
     assert len(v.cuda_graph.graphs) == 1 and FakeGraph.replays == 3  # seen once, captured, replayed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_static_cache_generate_replays_one_cuda_graph_per_decode():
+    """On a GPU: generate with a static cache equals eager's tokens; the decode step runs as one CUDA graph
+    captured at its second step and replayed after, the cache read and written where it is."""
+    from fxcc.cuda_graphs import CudaGraphs
+
+    model = build(llama).cuda()
+    ids = prompt(6).cuda()
+    expected = generate(model, ids, cache_implementation="static")
+    model.forward = fxcc.compile(model.forward, passes=FAST)
+    assert torch.equal(generate(model, ids, cache_implementation="static"), expected)
+    cm = model.forward.fxcc
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0
+    decode = cm.variants[-1]
+    assert isinstance(decode.cuda_graph, CudaGraphs)
+    assert len([g for g in decode.cuda_graph.graphs.values() if g is not None]) == 1
