@@ -355,6 +355,8 @@ class CompiledModule:
             variant.struct = struct
             symbolic = variant.shapes.describe()
             reason += f"; symbolic: {symbolic}" if symbolic else "; static shapes"
+        if getattr(variant, "reason", ""):  # a DyCL variant says why it is a host program
+            reason += f"; {variant.reason}"
         variant.reason = reason
         log.info("compiling %s: %s", self.name, reason)
         self._variants[key] = variant
