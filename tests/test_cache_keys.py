@@ -147,6 +147,7 @@ OPTIONS = {
     "target": "key", "passes": "key", "tune": "entry", "tune_budget": "entry", "cuda_graphs": "run",
     "graph_cache": "off", "plan": "entry", "quality_budget": "off", "verify_each": "off", "print_ir_after": "off",
     "max_variants": "run", "dycl": "run", "check_eager": "run",
+    "dynamic": "run",  # a compile with symbolic sizes never reads nor writes the graph cache (runtime: `plain`)
 }
 SETTINGS = {
     "cache_dir": "run", "cache_shared": "run", "cache_trust": "run", "tvm_pool": "key", "triton_interpret": "key",
