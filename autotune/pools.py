@@ -13,7 +13,7 @@ than the generated kernels won.
 
 `settle` therefore times the model as chosen against the same model with every kernel that involves
 TVM's pool on its fastest torch-pool candidate (measured alongside it by codegen), interleaved, on the
-compile's example inputs, and keeps the faster. The outcome is stored in the artifact cache under the
+compile's example inputs, and moves to torch's pool only if that beats the choice beyond the noise. The outcome is stored in the artifact cache under the
 set of kernels and choices it judged, so a warm compile applies it without timing again. A graph that
 calls ops outside fxcc's kernels (custom ops kept eager) is not run for this: they may have side effects.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ import torch.fx as fx
 from fxcc.codegen import extern, tvm_omp
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from fxcc.dialects import KERNEL_OPS, Choice, set_choice
-from fxcc.measure import interleaved
+from fxcc.measure import compare
 from fxcc.store import cache_key, default_cache
 
 log = logging.getLogger(__name__)
@@ -66,10 +65,12 @@ def settle(gm: fx.GraphModule, flat: list, name: str, kernels: dict[str, BuiltKe
         exe_a, bound_a, _ = build_executable(gm, kernels)
         _apply(nodes, kernels, moved)
         exe_b, bound_b, _ = build_executable(gm, kernels)
-        t = _time({"as chosen": lambda: exe_a(*flat, *bound_a), "torch pool": lambda: exe_b(*flat, *bound_b)}, reps)
-        keep = t["torch pool"] < t["as chosen"]
-        note = (f"whole model {t['as chosen']:.2f} ms as chosen, {t['torch pool']:.2f} ms with TVM's pool left out: "
-                + ("moved to torch's pool" if keep else "kept"))
+        with torch.no_grad():
+            d = compare({"as chosen": lambda: exe_a(*flat, *bound_a), "torch pool": lambda: exe_b(*flat, *bound_b)},
+                        "as chosen", device="cpu", warmup=2, reps=reps, rounds=min(reps, 3))
+        keep = d.winner == "torch pool"
+        note = (f"whole model {d.timings['as chosen']} as chosen, {d.timings['torch pool']} with TVM's pool left "
+                "out: " + ("moved to torch's pool" if keep else "kept"))
         if cache:
             try:
                 cache.put(key, {}, {"kind": "pool-plan", "torch_pool": keep, "note": note})
@@ -94,12 +95,6 @@ def _torch_pool_choice(k: BuiltKernel) -> str | None:
     """The fastest torch-pool candidate codegen timed for kernel `k`, if any."""
     t = {label: ms for label, ms in k.timings_ms.items() if label in TORCH_POOL}
     return min(t, key=t.get) if t else None
-
-
-def _time(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    with torch.no_grad():
-        t = interleaved(fns, device="cpu", warmup=2, reps=reps, rounds=min(reps, 3))
-    return {label: x.own for label, x in t.items()}
 
 
 def _decision_key(ks: list[BuiltKernel]) -> tuple[Any, str]:

@@ -5,9 +5,11 @@ The study itself runs in fxcc.plan_search, which compiles the model for every tr
 Each trial samples a pipeline from the knobs of the passes registered now (a knob of a pass that is not
 registered is left out, with a note in the report), compiles the model with it, checks its outputs
 against the uncompiled model (quality error = 1 - min cosine similarity per sample) and times it beside
-the uncompiled model (warm-up, interleaved rounds, median). With approximate knobs the study has two
+the uncompiled model (warm-up, interleaved rounds, a low quantile with its spread). With approximate knobs the study has two
 objectives (latency or throughput, and quality error); otherwise one. The chosen pipeline is the trial
-fastest relative to the uncompiled model (robust to a machine whose speed drifts) within the quality budget; its kernels are then tuned with the per-kernel tuner (results go to the
+fastest relative to the uncompiled model (robust to a machine whose speed drifts) within the quality budget,
+kept only if, timed again interleaved with the default pipeline, it beats it beyond the noise (else the default
+pipeline is the plan); its kernels are then tuned with the per-kernel tuner (results go to the
 artifact cache), and the plan is written, applied with `compile(plan=...)` and measured again, so the
 plan's numbers are those of the plan as applied.
 
@@ -219,6 +221,7 @@ class Measurement:
     eager_ms: float
     quality_error: float
     compile_s: float
+    spread: float = 0.0  # the fxcc timing's noise (fxcc.measure.Timing.spread)
 
     @property
     def speedup(self) -> float:
@@ -344,6 +347,8 @@ def report_table(trials: list, chosen: Any, front: list, budget: float | None, o
     lines.append(f"plan as applied: {plan.latency_ms:.3f} ms{tp} (eager {plan.eager_ms:.3f} ms, "
                  f"{plan.eager_ms / plan.latency_ms:.2f}x), error {plan.quality_error:.2e}, "
                  f"{len(plan.kernels)} kernels")
+    if plan.search.get("confirmation"):
+        lines.append(f"confirmed: {plan.search['confirmation']}")
     return "\n".join(lines)
 
 

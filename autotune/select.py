@@ -1,8 +1,9 @@
 """codegen: choose, by measurement, among the backends' candidates for every kernel op of the graph.
 
 Each backend available for the target offers candidates for a kernel (extern always does). With one
-candidate it is built as is; with several, each is built, checked against the reference and timed,
-and the fastest wins. Floating-point inputs are random (their values do not change a kernel's time);
+candidate it is built as is; with several, each is built, checked against the reference and timed
+interleaved with extern (the incumbent: torch's own kernels), and another candidate wins only if it beats
+extern by more than the measured noise (`fxcc.measure.compare`). Floating-point inputs are random (their values do not change a kernel's time);
 boolean and integer inputs (masks, indices) are what the compile's example inputs feed the kernel,
 since their values steer data-dependent kernels (padding-aware attention). A candidate that fails to build or gives wrong results is
 dropped with a warning naming the kernel, so a backend failure never fails the compile.
@@ -25,7 +26,7 @@ from fxcc.codegen import BACKENDS, Built, Candidate, check, extern
 from fxcc.codegen import backend as backend_module
 from fxcc.codegen.executable import BuiltKernel
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
-from fxcc.measure import interleaved
+from fxcc.measure import compare
 from fxcc.options import CANDIDATES, settings
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.store import cache_key, default_cache, target_id
@@ -156,10 +157,11 @@ class Selection:
         elif len(built) == 1:
             best = "extern"
         else:
-            t = interleaved({label: (lambda fn=b.fn: fn(inputs)) for label, (b, _) in built.items()},
-                            device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
-            timings = {label: round(x.own, 4) for label, x in t.items()}
-            best = min(t, key=lambda label: t[label].own)
+            decision = compare({label: (lambda fn=b.fn: fn(inputs)) for label, (b, _) in built.items()}, "extern",
+                               device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
+            timings = {label: round(x.own, 4) for label, x in decision.timings.items()}
+            best = decision.winner
+            log.info("kernel %s (%s): %s", kb.key, kb.kind, decision.summary())
         b, params = built[best]
         k = BuiltKernel(kb, Choice(best, origin[best], params, key), b, timings)
         if cache:

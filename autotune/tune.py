@@ -1,7 +1,9 @@
 """Per-kernel tuning: an Optuna study over a candidate's parameter space.
 
 A trial builds the candidate with the sampled parameters, checks its outputs against the reference,
-then times it (warm-up, median of repeats). A candidate that fails to build, raises, crashes, hangs or
+then times it (warm-up, a low quantile of repeats: fxcc.measure). The study's best trials are then timed
+again, interleaved with the defaults (`fxcc.measure.compare`), and a point is kept only if it beats the
+defaults by more than the measured noise: one trial's timing on a shared machine decides nothing. A candidate that fails to build, raises, crashes, hangs or
 gives wrong results is pruned with the reason in the trial's user attrs, and the search goes on; the
 kernel's defaults are always the first trial. With `isolate=True` (the default on CUDA) each trial runs
 in a worker process under a timeout, so a crash or a hang costs one trial, not the tuner.
@@ -18,7 +20,6 @@ import logging
 import math
 import multiprocessing
 import pickle
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from fxcc.autotune.study import Progress, create_study, optuna_module, quiet
 from fxcc.codegen import Candidate, check
-from fxcc.measure import interleaved
+from fxcc.measure import Decision, compare, interleaved
 from fxcc.store import cache_key
 from torch import Tensor
 
@@ -47,9 +48,10 @@ _REASONS = {"build": "failed to build", "crash": "raised or crashed", "timeout":
 class TuneResult:
     """The best parameters found and what the search cost.
 
-    ms: the best candidate's median time; defaults_ms: the defaults' (None if they failed or were not run).
-    trials: trials run by this call; of those, pruned: ran but gave wrong results; failed: did not build,
-    raised, crashed or timed out. A resumed study's best can come from an earlier run.
+    ms: the kept point's time; defaults_ms: the defaults' (None if they failed or were not run), both from the
+    final interleaved comparison when it ran. trials: trials run by this call; of those, pruned: ran but gave
+    wrong results; failed: did not build, raised, crashed or timed out. A resumed study's best can come from an
+    earlier run. decision: the final comparison's one-line account (times with their noise, what was kept).
     """
 
     params: dict
@@ -60,6 +62,7 @@ class TuneResult:
     seconds: float
     study_name: str
     defaults_ms: float | None = None
+    decision: str = ""
 
     def summary(self) -> str:
         """Two lines for a terminal: counts, then best vs defaults."""
@@ -71,7 +74,7 @@ class TuneResult:
             vs = "defaults not measured"
         else:
             vs = f"defaults {self.defaults_ms:.4g} ms ({self.defaults_ms / self.ms:.2f}x)"
-        return f"{head}\n  best {self.ms:.4g} ms with {params}; {vs}"
+        return f"{head}\n  kept {self.ms:.4g} ms with {params}; {vs}" + (f"\n  {self.decision}" if self.decision else "")
 
 
 def tune_kernel(kernel: Candidate, inputs: list[Tensor], reference: list[Tensor], *, trials: int = DEFAULT_TRIALS,
@@ -90,13 +93,13 @@ def tune_kernel(kernel: Candidate, inputs: list[Tensor], reference: list[Tensor]
     the kernel travels there by pickle, or `kernel_factory` (a picklable, e.g. module-level, function)
     makes it there. Without isolation a hanging candidate cannot be stopped. Raises RuntimeError when no
     candidate passed at all.
-    retime: the best `retime` distinct parameter sets are timed again, side by side in alternating
-    rounds, and the fastest of that run wins: one trial's timing on a shared machine is noisy, and the
-    single best trial is often a lucky one (in-process only; isolated trials keep the study's best).
+    retime: the best `retime` distinct parameter sets are timed again with the defaults, interleaved (in the
+    worker when isolated), and one is kept only if it beats the defaults beyond the measured noise, else the
+    defaults stay: the single best trial of a noisy machine is often a lucky one.
     """
     optuna = optuna_module()
     label = study_name or f"{kernel.backend}:{key or _default_key(kernel, inputs)}"
-    _check_args(label, trials, seconds, sampler, device, timeout_s, warmup, reps)
+    _check_args(label, trials, seconds, sampler, device, timeout_s, warmup, reps, retime)
     space = _space(kernel, label)
     defaults = dict(kernel.defaults)
     isolate = device == "cuda" if isolate is None else isolate
@@ -155,54 +158,73 @@ def tune_kernel(kernel: Candidate, inputs: list[Tensor], reference: list[Tensor]
                            "The kernel cannot be tuned; build it with another backend.")
     best = min(complete, key=lambda t: t.value)
     defaults_ms = min((t.value for t in complete if t.user_attrs.get("params") == defaults), default=None)
-    best_params, best_ms = best.user_attrs.get("params", {**defaults, **best.params}), best.value
-    if retime > 1 and not isolate:
-        best_params, best_ms = _retime(kernel, complete, defaults, retime, runner, reps) or (best_params, best_ms)
+    best_params, best_ms, note = best.user_attrs.get("params", {**defaults, **best.params}), best.value, ""
+    contenders, incumbent = _contenders(complete, defaults, retime)
+    if len(contenders) > 1:
+        try:
+            decision = runner.compare(contenders, incumbent)
+        except Exception as e:  # a rebuild that fails now: nothing is kept that was not confirmed
+            log.warning("tuning %s: re-timing the best points failed (%s: %s); keeping %s", label,
+                        type(e).__name__, e, incumbent)
+            best_params, best_ms = contenders[incumbent], min(t.value for t in complete
+                                                              if t.user_attrs.get("params") == contenders[incumbent])
+        else:
+            best_params, best_ms = contenders[decision.winner], decision.timings[decision.winner].own
+            defaults_ms = decision.timings["defaults"].own if "defaults" in decision.timings else defaults_ms
+            note = decision.summary()
+            if decision.noisy:
+                log.warning("tuning %s: timings too noisy to rank (%s); %s kept", label, ", ".join(decision.noisy),
+                            decision.winner)
     result = TuneResult(params=best_params, ms=best_ms,
                         trials=sum(counts.values()), pruned=counts["wrong"], failed=sum(counts[s] for s in FAILED),
-                        seconds=elapsed, study_name=label, defaults_ms=defaults_ms)
-    if progress:
-        print(result.summary(), file=sys.stderr)
-    else:
-        log.info("%s", result.summary())
+                        seconds=elapsed, study_name=label, defaults_ms=defaults_ms, decision=note)
+    log.info("%s", result.summary())
     return result
 
 
-def _retime(kernel: Candidate, complete: list, defaults: dict, k: int, runner: _InProcess,
-            reps: int) -> tuple[dict, float] | None:
-    """The fastest of the study's `k` best distinct parameter sets, timed again in alternating rounds."""
-    top: dict[str, dict] = {}
+def _contenders(complete: list, defaults: dict, k: int) -> tuple[dict[str, dict], str]:
+    """The points of the final comparison: the defaults (the incumbent, when a trial of them passed) and the
+    study's `k` best other distinct points, named "defaults" and "trial N"."""
+    out: dict[str, dict] = {}
+    seen: set[str] = set()
+    if any(t.user_attrs.get("params") == defaults for t in complete):
+        out["defaults"] = defaults
+        seen.add(json.dumps(defaults, sort_keys=True, default=str))
+    others = 0
     for t in sorted(complete, key=lambda t: t.value):
         params = t.user_attrs.get("params", {**defaults, **t.params})
-        top.setdefault(json.dumps(params, sort_keys=True, default=str), params)
-        if len(top) == k:
+        name = json.dumps(params, sort_keys=True, default=str)
+        if name in seen:
+            continue
+        seen.add(name)
+        out[f"trial {t.number}"] = params
+        others += 1
+        if others == k:
             break
-    if len(top) < 2:
-        return None
-    try:
-        fns = {name: kernel.build(params).fn for name, params in top.items()}
-        with torch.no_grad():
-            t = interleaved({name: (lambda f=f: f(runner.inputs)) for name, f in fns.items()},
-                            device=runner.device, warmup=2, reps=2 * reps, rounds=min(2 * reps, 8))
-    except Exception as e:  # a rebuild that fails now keeps the study's own best
-        log.warning("re-timing the best candidates failed (%s: %s); keeping the study's best", type(e).__name__, e)
-        return None
-    name = min(t, key=lambda n: t[n].own)
-    return top[name], t[name].own
+    return out, next(iter(out))
+
+
+def compare_points(kernel: Candidate, points: dict[str, dict], incumbent: str, inputs: list[Tensor], device: str,
+                   warmup: int, reps: int) -> Decision:
+    """Build each named point and time them interleaved: a challenger is kept only beyond the noise."""
+    fns = {name: kernel.build(params).fn for name, params in points.items()}
+    with torch.no_grad():
+        return compare({name: (lambda f=f: f(inputs)) for name, f in fns.items()}, incumbent, device=device,
+                       warmup=max(warmup, 1), reps=2 * reps, rounds=min(2 * reps, 8))
 
 
 # ---------------------------------------------------------------------------------------- search space
 
 
 def _check_args(label: str, trials: int, seconds: float | None, sampler: str, device: str, timeout_s: float,
-                warmup: int, reps: int) -> None:
+                warmup: int, reps: int, retime: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"fxcc: tuning {label}: unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     if sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise ImportError(f"fxcc: tuning {label}: sampler 'cmaes' needs the cmaes package: pip install cmaes")
     if device not in DEVICES:
         raise ValueError(f"fxcc: tuning {label}: unknown device {device!r}; use one of {', '.join(DEVICES)}")
-    for name, value, least in (("trials", trials, 1), ("warmup", warmup, 0), ("reps", reps, 1)):
+    for name, value, least in (("trials", trials, 1), ("warmup", warmup, 0), ("reps", reps, 1), ("retime", retime, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"fxcc: tuning {label}: {name} must be an integer >= {least}, got {value!r}")
     if seconds is not None and not seconds > 0:
@@ -311,6 +333,9 @@ class _InProcess:
     def __call__(self, params: dict) -> tuple[str, Any]:
         return evaluate(self.kernel, params, self.inputs, self.reference, self.device, self.warmup, self.reps)
 
+    def compare(self, points: dict[str, dict], incumbent: str) -> Decision:
+        return compare_points(self.kernel, points, incumbent, self.inputs, self.device, self.warmup, self.reps)
+
     def close(self) -> None:
         pass
 
@@ -337,6 +362,9 @@ class _Isolated:
         self.conn: Any = None
 
     def __call__(self, params: dict) -> tuple[str, Any]:
+        return self._ask(params, self.timeout_s)
+
+    def _ask(self, params: Any, timeout_s: float) -> tuple[str, Any]:
         if self.proc is None:
             self._start()
         try:
@@ -345,14 +373,21 @@ class _Isolated:
             self._kill()
             self._start()
             self.conn.send(params)
-        if not self.conn.poll(self.timeout_s):
+        if not self.conn.poll(timeout_s):
             self._kill()
-            return "timeout", f"no result after {self.timeout_s:g} s; the worker process was killed"
+            return "timeout", f"no result after {timeout_s:g} s; the worker process was killed"
         try:
             return self.conn.recv()
         except (EOFError, OSError):
             code = self._kill()
             return "crash", f"the worker process died (exit code {code})"
+
+    def compare(self, points: dict[str, dict], incumbent: str) -> Decision:
+        """The final comparison, in the worker (where the kernel runs safely); a failure there is raised."""
+        status, value = self._ask((incumbent, points), 6 * len(points) * self.timeout_s)
+        if status != "compared":
+            raise RuntimeError(f"{_REASONS.get(status, status)}: {value}")
+        return value
 
     def _start(self) -> None:
         parent, child = self.ctx.Pipe()
@@ -425,4 +460,10 @@ def _worker(conn: Any, make: Callable[[], Candidate], inputs: list[Tensor], refe
             return
         if params is None:
             return
+        if isinstance(params, tuple):  # (incumbent, {name: params}): the final comparison
+            try:
+                conn.send(("compared", compare_points(kernel, params[1], params[0], inputs, device, warmup, reps)))
+            except Exception as e:
+                conn.send(("crash", f"{type(e).__name__}: {e}"))
+            continue
         conn.send(evaluate(kernel, params, inputs, reference, device, warmup, reps))

@@ -1,5 +1,7 @@
 """Timing, the one timer: warm-up, then many repetitions in interleaved rounds (CUDA events on the GPU,
-perf_counter on the CPU), and CUDA-graph capture and replay timing (what the runtime replays).
+perf_counter on the CPU), robust estimates with their confidence interval, the one rule for keeping a
+choice (`compare`: a challenger must beat the incumbent by more than the measured noise), and CUDA-graph
+capture and replay timing (what the runtime replays).
 
 Every measurement of fxcc goes through here: kernel selection and tuning (fxcc.autotune), the
 mixed-precision search, DyCL's compiled-or-Python choice, the int8 GEMV's config choice and the benchmarks.
@@ -7,12 +9,18 @@ mixed-precision search, DyCL's compiled-or-Python choice, the int8 GEMV's config
 
 from __future__ import annotations
 
+import contextlib
+import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+CONFIDENCE = 0.95  # of every interval a timing states, and so of every "faster" decision
+ESTIMATE_Q = 0.2  # the quantile a timing is ranked by (see Timing.own)
+NOISY = 0.5  # a timing whose interval is wider than this fraction of its estimate is too noisy to rank by
 
 
 @dataclass
@@ -34,7 +42,47 @@ class Timing:
         """The time to rank candidates by: the fastest fifth of the calls. On a shared machine a preemption
         adds a scheduler slice (milliseconds) to some calls only; a median then ranks kernels by when they
         were interrupted, a low quantile by their own cost."""
-        return self.quantile(0.2)
+        return self.quantile(ESTIMATE_Q)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """A distribution-free CONFIDENCE interval of `own` (the ESTIMATE_Q quantile), from the samples' order
+        statistics: no assumption about the shape of the noise. With few samples it widens to their extremes."""
+        s = sorted(self.samples)
+        lo, hi = _order_ranks(len(s), ESTIMATE_Q, CONFIDENCE)
+        return s[lo], s[hi]
+
+    @property
+    def spread(self) -> float:
+        """The interval's width over the estimate: the measured noise, as a fraction."""
+        lo, hi = self.interval
+        return (hi - lo) / self.own if self.own > 0 else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY
+
+    def __str__(self) -> str:
+        return f"{self.own:.4g} ms ±{50 * self.spread:.0f}%"
+
+
+def _order_ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
+    """0-based ranks (lo, hi) of sorted samples that bracket the q-quantile with probability >= `confidence`
+    (the count of samples below it is Binomial(n, q)); clipped to the extremes when n is too small."""
+    alpha = (1 - confidence) / 2
+    cdf, acc = [], 0.0
+    for k in range(n + 1):
+        acc += math.comb(n, k) * q ** k * (1 - q) ** (n - k)
+        cdf.append(acc)
+    lo = max([k for k in range(n) if cdf[k] <= alpha], default=0)  # P(at most lo samples below it) <= alpha
+    hi = min([k for k in range(n) if 1 - cdf[k] <= alpha], default=n - 1)  # P(more than hi below) <= alpha
+    return min(lo, n - 1), max(hi, lo)
+
+
+def beats(challenger: Timing, incumbent: Timing) -> bool:
+    """Whether `challenger` is faster than `incumbent` by more than the measured noise: its interval lies wholly
+    below the incumbent's (so the difference holds at CONFIDENCE, not only on these samples)."""
+    return challenger.interval[1] < incumbent.interval[0]
 
 
 def time_once(fn: Callable[[], object], device: str) -> float:
@@ -51,6 +99,21 @@ def time_once(fn: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+_timer: Callable[[Callable[[], object], str], float] = time_once
+
+
+@contextlib.contextmanager
+def using_timer(timer: Callable[[Callable[[], object], str], float]) -> Iterator[None]:
+    """Every timing in this process taken by `timer(fn, device) -> ms` instead of the clock (tests inject
+    a timer with known costs and noise, so decisions made by measurement can be checked exactly)."""
+    global _timer
+    saved, _timer = _timer, timer
+    try:
+        yield
+    finally:
+        _timer = saved
+
+
 def interleaved(fns: dict[str, Callable[[], object]], *, device: str, warmup: int, reps: int,
                 rounds: int = 5, progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
     """Time several callables in alternating rounds, so drift on a shared machine hits all alike."""
@@ -63,10 +126,63 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: str, warmup: in
     per_round = max(1, reps // rounds)
     for r in range(rounds):
         for name, fn in fns.items():
-            out[name].samples.extend(time_once(fn, device) for _ in range(per_round))
+            out[name].samples.extend(_timer(fn, device) for _ in range(per_round))
         if progress:
             progress(f"round {r + 1}/{rounds}")
     return out
+
+
+@dataclass
+class Decision:
+    """The outcome of `compare`: every timing, the incumbent, and the winner (the incumbent unless a
+    challenger beats it by more than the noise)."""
+
+    timings: dict[str, Timing]
+    incumbent: str
+    winner: str
+
+    @property
+    def noisy(self) -> list[str]:
+        return [name for name, t in self.timings.items() if t.noisy]
+
+    @property
+    def speedup(self) -> float:
+        """The incumbent's estimate over the winner's (1.0 when the incumbent stays)."""
+        return self.timings[self.incumbent].own / self.timings[self.winner].own
+
+    def summary(self) -> str:
+        """One line: each timing with its noise, and what was kept and why."""
+        times = ", ".join(f"{name} {t}" for name, t in self.timings.items())
+        if self.winner != self.incumbent:
+            verdict = f"{self.winner} kept ({self.speedup:.2f}x {self.incumbent}, beyond the noise)"
+        else:
+            verdict = f"{self.incumbent} stays (no other beats it beyond the noise)"
+        if self.noisy:
+            verdict += (f"; too noisy to rank: {', '.join(self.noisy)} (interval over {NOISY:.0%} of the "
+                        "estimate: the machine is busy)")
+        return f"{times}: {verdict}"
+
+
+def decide(timings: dict[str, Timing], incumbent: str) -> Decision:
+    """The fastest timing that beats the incumbent's beyond the noise, else the incumbent."""
+    rivals = [n for n, t in timings.items() if n != incumbent and beats(t, timings[incumbent])]
+    return Decision(timings, incumbent, min(rivals, key=lambda n: timings[n].own) if rivals else incumbent)
+
+
+def compare(fns: dict[str, Callable[[], object]], incumbent: str, *, device: str, warmup: int = 3, reps: int = 20,
+            rounds: int = 5, max_reps: int | None = None) -> Decision:
+    """Time `fns` interleaved and keep a challenger only if it beats `incumbent` beyond the noise. While a
+    timing is too noisy to rank (see NOISY), more rounds are taken, up to `max_reps` calls each (default 3x)."""
+    if incumbent not in fns:
+        raise ValueError(f"compare: the incumbent {incumbent!r} is not among the timed callables {list(fns)}")
+    rounds = max(1, min(rounds, reps))
+    timings = interleaved(fns, device=device, warmup=warmup, reps=reps, rounds=rounds)
+    limit = max_reps if max_reps is not None else 3 * reps
+    while any(t.noisy for t in timings.values()) and len(timings[incumbent].samples) + reps <= limit:
+        more = interleaved(fns, device=device, warmup=0, reps=reps, rounds=rounds)
+        for name, t in more.items():
+            timings[name].samples.extend(t.samples)
+    return decide(timings, incumbent)
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:

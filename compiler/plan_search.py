@@ -1,7 +1,8 @@
 """`fxcc search`: the plan study run on a model: every trial compiles and times the model (top layer).
 
 The space, the choice among trials and the reports are fxcc.autotune.search; this module drives the
-compiles (`fxcc.compile`) that measure each trial, and writes and re-measures the plan.
+compiles (`fxcc.compile`) that measure each trial, confirms the chosen pipeline against the default one
+(interleaved, kept only beyond the noise: `fxcc.measure.compare`), and writes and re-measures the plan.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from fxcc.autotune.search import (
     choose,
     knob_spec,
     pareto,
+    pipeline_text,
     plot_pareto,
     relative,
     report_table,
     study_name_for,
 )
 from fxcc.autotune.study import Progress, create_study, optuna_module, quiet, redact
-from fxcc.measure import interleaved
+from fxcc.measure import Decision, compare, interleaved
 from fxcc.quality import quality_loss
 from fxcc.store import library_versions
 
@@ -85,7 +87,19 @@ class Evaluator:
         err = quality_loss(self.reference, out)
         t = interleaved({"fxcc": lambda: cm(*self.args, **self.kwargs), "eager": self._eager},
                         device=self.target, warmup=self.warmup, reps=self.reps, rounds=min(self.reps, 5))
-        return Measurement(t["fxcc"].median, t["eager"].median, err, compile_s)
+        return Measurement(t["fxcc"].own, t["eager"].own, err, compile_s, t["fxcc"].spread)
+
+    def confirm(self, pipelines: dict[str, str], incumbent: str) -> Decision:
+        """Compile each named pipeline and time them interleaved (twice a trial's calls): a challenger is kept
+        only if it beats the incumbent beyond the noise."""
+        calls = {}
+        for name, pipeline in pipelines.items():
+            cm = compile(self.model, target=self.target, passes=pipeline, tune="cached")
+            cm(*self.args, **self.kwargs)
+            calls[name] = lambda cm=cm: cm(*self.args, **self.kwargs)
+        with torch.no_grad():
+            return compare(calls, incumbent, device=self.target, warmup=self.warmup, reps=2 * self.reps,
+                           rounds=min(2 * self.reps, 8))
 
 
 def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> SearchResult:
@@ -158,8 +172,9 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
         raise RuntimeError(f"fxcc search: no trial of study {name!r} compiled and ran correctly; the trials' "
                            "user attrs (optuna-dashboard, or fxcc -v search) say why")
     chosen = choose(done, cfg.objective, budget)
+    chosen, confirmation = _confirm(ev, chosen, done, space)
     front = pareto(done)
-    print(f"chosen: trial {chosen.number}: {chosen.user_attrs['pipeline']}", file=sys.stderr)
+    log.info("chosen: trial %d: %s", chosen.number, chosen.user_attrs["pipeline"])
 
     plan = record_plan(model, args, kwargs, chosen.user_attrs["pipeline"], cfg, fp, tgt)
     plan.objective = cfg.objective
@@ -167,7 +182,7 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
                    "artifact cache)", "trial": chosen.number, "trials_in_study": len(study.trials),
                    "complete": len(done), "quality_budget": budget, "space": space.describe(), "notes": space.notes,
                    "tune_budget": cfg.tune_budget, "search_latency_ms": chosen.user_attrs["latency_ms"],
-                   "search_quality_error": chosen.user_attrs["quality_error"],
+                   "search_quality_error": chosen.user_attrs["quality_error"], "confirmation": confirmation,
                    "pareto": [{"trial": t.number, "pipeline": t.user_attrs["pipeline"],
                                "latency_ms": round(t.user_attrs["latency_ms"], 4),
                                "quality_error": t.user_attrs["quality_error"]} for t in front]}
@@ -182,6 +197,23 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
     plot = cfg.plot if cfg.plot is not None else os.path.splitext(cfg.output)[0] + ".pareto.png"
     plot_path = plot_pareto(done, front, chosen, budget, plot, title=name) if plot else None
     return SearchResult(plan, cfg.output, plot_path, table, name, len(study.trials))
+
+
+def _confirm(ev: Evaluator, chosen: Any, done: list, space: Space) -> tuple[Any, str]:
+    """The chosen trial if it beats the default pipeline beyond the noise when both are timed again side by
+    side, else the default pipeline's trial; and the comparison's account for the plan and the report."""
+    default = pipeline_text([], [], space.baseline().get("codegen.backend", space.backends[0]))
+    fallback = next((t for t in done if t.user_attrs["pipeline"] == default), None)
+    if chosen.user_attrs["pipeline"] == default:
+        return chosen, "the default pipeline was the fastest trial"
+    if fallback is None:
+        return chosen, "the default pipeline's trial did not complete: nothing to confirm against"
+    d = ev.confirm({"default": default, "chosen": chosen.user_attrs["pipeline"]}, "default")
+    note = f"trial {chosen.number} against the default pipeline, timed again: {d.summary()}"
+    log.info("%s", note)
+    if d.noisy:
+        log.warning("search: timings too noisy to rank (%s); %s kept", ", ".join(d.noisy), d.winner)
+    return (chosen if d.winner == "chosen" else fallback), note
 
 
 def record_plan(model: nn.Module, args: tuple, kwargs: dict, pipeline: str, cfg: SearchConfig, fp: dict,
