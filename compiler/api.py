@@ -13,8 +13,8 @@ from fxcc.autotune.plan import plan_options
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils import _pytree as pytree
 
-from . import ir
-from .options import CompileOptions
+from . import ir, logs
+from .options import CompileOptions, settings
 from .pipeline import PASSES, parse_pipeline
 from .runtime import CompiledModule
 
@@ -46,13 +46,16 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
            if v is not getattr(CompileOptions, k, None) and v != getattr(CompileOptions, k, None)})
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
         opts = plan_options(opts)
-    # a bad pipeline, pass name or target fails here, not at the first call
+    # a bad pipeline, pass name, FXCC_* value or target fails here, not at the first call
+    env = settings()
+    logs.configure(env.logs)
     passes = parse_pipeline("default" if opts.passes is None else opts.passes)
     known = {p.name for p in passes} | set(PASSES) | {"all"}
-    unknown = [n for n in opts.print_ir_after if n not in known]
-    if unknown:
-        raise ValueError(f"fxcc: print_ir_after names no pass: {', '.join(map(repr, unknown))}; "
-                         f"passes: all, {', '.join(sorted(PASSES))}")
+    for where, names in (("print_ir_after", opts.print_ir_after), ("FXCC_PRINT_IR_AFTER", env.print_ir_after)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"fxcc: {where} names no pass: {', '.join(map(repr, unknown))}; "
+                             f"passes: all, {', '.join(sorted(PASSES))}")
     if opts.target == "cuda" and not torch.cuda.is_available():
         raise ValueError("fxcc: target='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); "
                          "use target='cpu' or 'auto', or run where a GPU is visible")

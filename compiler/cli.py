@@ -19,9 +19,10 @@ import torch.nn as nn
 from fxcc.autotune import search
 from fxcc.autotune.plan import PlanError
 
-from . import bench, plan_search, zoo
+from . import __version__, bench, logs, plan_search, zoo
 from .api import compile, explained
 from .capture import CaptureError
+from .options import settings
 from .pipeline import DEFAULT_PIPELINE, PipelineError, all_passes
 from .store import ArtifactCache, CacheError, default_cache
 
@@ -297,8 +298,11 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fxcc", description="MLIR-style compiler and autotuner for PyTorch inference")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    p = argparse.ArgumentParser(prog="fxcc", description="MLIR-style compiler and autotuner for PyTorch inference",
+                                epilog=f"FXCC_LOGS=topic,+topic,-topic logs by topic on stderr; topics: "
+                                       f"{', '.join(logs.TOPICS)}")
+    p.add_argument("--version", action="version", version=f"fxcc {__version__} (torch {torch.__version__})")
+    p.add_argument("-v", "--verbose", action="store_true", help="log everything fxcc does (as FXCC_LOGS=+all)")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("explain", help="IR after each pass and where each op runs")
@@ -350,14 +354,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# log topics a command shows by default (FXCC_LOGS, or -v, replaces them): its progress and its summaries
+COMMAND_TOPICS = {"tune": "tuning", "search": "tuning"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        return args.fn(args)
-    except (UsageError, PipelineError, CaptureError, PlanError) as e:
+        env = settings()
+    except ValueError as e:  # an FXCC_* variable fxcc does not understand
         print(f"fxcc: {e}", file=sys.stderr)
         return 2
+    logs.configure(logs.parse("+all") if args.verbose else env.logs or logs.parse(COMMAND_TOPICS.get(args.command, "")))
+    logging.basicConfig(level=logging.WARNING, format=logs.FORMAT)  # warnings of other libraries and untopical ones
+    try:
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader that left shows here, inside this handler, not at interpreter exit
+        return code
+    except (UsageError, PipelineError, CaptureError, PlanError) as e:
+        print(f"fxcc: {str(e).removeprefix('fxcc: ')}", file=sys.stderr)  # one prefix, whoever raised it
+        return 2
+    except BrokenPipeError:  # `fxcc cache ls | head`: the reader left; end quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    finally:  # main() called in a process that goes on (tests, notebooks): its log topics end with it
+        logs.configure(())
 
 
 if __name__ == "__main__":

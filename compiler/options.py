@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .logs import parse as parse_logs
+
 TARGETS = ("auto", "cpu", "cuda")
 TUNE_MODES = ("off", "cached", "search")
 TVM_POOLS = ("openmp", "tvm")
@@ -29,7 +31,10 @@ class Settings:
         (TVM's own pool) (FXCC_TVM_POOL).
     triton_interpret: let the Triton backend build for the CPU under Triton's interpreter (tests):
         FXCC_TRITON_INTERPRET=1 together with Triton's own TRITON_INTERPRET=1.
-    verify_each, print_ir_after: FXCC_VERIFY_EACH=1, FXCC_PRINT_IR_AFTER=raise,fuse (added to CompileOptions).
+    verify_each, print_ir_after: FXCC_VERIFY_EACH=1, FXCC_PRINT_IR_AFTER=raise,fuse (added to CompileOptions;
+        pass names are checked where the pipeline is known, at `fxcc.compile`).
+    logs: FXCC_LOGS=recompiles,+passes: log topics and levels (fxcc.logs).
+    A value fxcc does not know (FXCC_VERIFY_EACH=maybe, FXCC_LOGS=typo) is an error listing the valid ones.
     check_eager: FXCC_CHECK_EAGER=0 turns CompileOptions.check_eager off.
     """
 
@@ -41,6 +46,19 @@ class Settings:
     verify_each: bool = False
     print_ir_after: tuple[str, ...] = ()
     check_eager: bool = True
+    logs: tuple[tuple[str, int], ...] = ()
+
+
+BOOLEANS = {"": False, "0": False, "false": False, "no": False, "off": False,
+            "1": True, "true": True, "yes": True, "on": True}
+
+
+def _flag(env: os._Environ | dict, name: str) -> bool:
+    value = env.get(name, "")
+    if value.strip().lower() not in BOOLEANS:
+        raise ValueError(f"{name}={value!r} is not a yes/no value; use one of 1, 0, true, false, yes, no, on, off "
+                         f"(or leave {name} unset)")
+    return BOOLEANS[value.strip().lower()]
 
 
 def settings() -> Settings:
@@ -48,16 +66,17 @@ def settings() -> Settings:
     env = os.environ
     pool = env.get("FXCC_TVM_POOL", "openmp")
     if pool not in TVM_POOLS:
-        raise ValueError(f"fxcc: FXCC_TVM_POOL={pool!r}; use one of {', '.join(TVM_POOLS)}")
+        raise ValueError(f"FXCC_TVM_POOL={pool!r}; use one of {', '.join(TVM_POOLS)}")
     return Settings(
         cache_dir=env.get("FXCC_CACHE_DIR") or str(Path.home() / ".cache" / "fxcc"),
         cache_shared=env.get("FXCC_CACHE_SHARED") or None,
         cache_trust=env.get("FXCC_CACHE_TRUST") or None,
         tvm_pool=pool,
-        triton_interpret=env.get("TRITON_INTERPRET") == "1" and env.get("FXCC_TRITON_INTERPRET") == "1",
-        verify_each=env.get("FXCC_VERIFY_EACH", "").lower() in ("1", "true", "yes"),
+        triton_interpret=env.get("TRITON_INTERPRET") == "1" and _flag(env, "FXCC_TRITON_INTERPRET"),
+        verify_each=_flag(env, "FXCC_VERIFY_EACH"),
         print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()),
-        check_eager=env.get("FXCC_CHECK_EAGER", "").lower() not in ("0", "false", "no"))
+        logs=parse_logs(env.get("FXCC_LOGS", "")),
+        check_eager=_flag(env, "FXCC_CHECK_EAGER") if env.get("FXCC_CHECK_EAGER", "").strip() else True)
 
 
 @dataclass(frozen=True)

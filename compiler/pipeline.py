@@ -12,6 +12,7 @@ import importlib
 import logging
 import math
 import re
+import sys
 import time
 import types
 import typing
@@ -305,7 +306,7 @@ class PassManager:
             if "all" in self.print_ir_after or p.name in self.print_ir_after:
                 text = ir.print_graph(gm)
                 if self.echo:
-                    print(f"// -----// IR after {p.spec()} //----- //\n{text}")
+                    print(f"// -----// IR after {p.spec()} //----- //\n{text}", file=sys.stderr)
             self.records.append(PassRecord(p.spec(), seconds, result, text))
             stats = ", ".join(f"{k}={v}" for k, v in result.stats.items())
             log.debug("pass %-14s %7.1f ms  %s", p.spec(), seconds * 1e3, stats)

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 from typing import Any
 
@@ -117,9 +116,9 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
     samples = batch_size(args, kwargs)
     ev = Evaluator(model, args, kwargs, cfg.target, cfg.warmup, cfg.reps)
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    print(f"fxcc search: study {name!r} ({'latency and quality error' if multi else cfg.objective}), "
-          f"{cfg.trials} trials in this process\n  space: " + "\n         ".join(space.describe())
-          + "".join(f"\n  note: {n}" for n in space.notes), file=sys.stderr)
+    log.info("study %r (%s), %d trials in this process\n  space: %s%s", name,
+             'latency and quality error' if multi else cfg.objective, cfg.trials, "\n         ".join(space.describe()),
+             "".join(f"\n  note: {n}" for n in space.notes))
 
     def objective(trial: Any) -> Any:
         pipeline = space.suggest(trial)

@@ -51,6 +51,7 @@ from .capture import (
 from .cuda_graphs import CudaGraph, CudaGraphs
 from .dialects import KERNEL_OPS, dialect_of, op_name
 from .guards import ModuleState, call_context, graph_sources, mark_code_constants
+from .logs import topic_logger
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
@@ -58,6 +59,7 @@ from .store import default_cache
 
 log = logging.getLogger(__name__)
 _MEMO = 4096  # guard keys remembered per compiled module for the symbolic variants that accepted them
+recompiles = topic_logger("recompiles")
 
 
 
@@ -209,7 +211,7 @@ class CompiledModule:
         why = self._params.changed() if self._params else None
         if why is not None:
             self.stats.param_recompiles += 1
-            log.info("%s changed since compile (%s); recompiling", self.name, why)
+            recompiles.info("recompiling %s: %s changed since it compiled", self.name, why)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._compiled, self._memo, self._fast = [], {}, {}
             self._sources = {}
@@ -358,7 +360,10 @@ class CompiledModule:
         if getattr(variant, "reason", ""):  # a DyCL variant says why it is a host program
             reason += f"; {variant.reason}"
         variant.reason = reason
-        log.info("compiling %s: %s", self.name, reason)
+        if len(self._compiled):
+            recompiles.info("recompiling %s: %s", self.name, reason)
+        else:
+            log.info("compiling %s: %s", self.name, reason)
         self._variants[key] = variant
         self._compiled.append(variant)
         self.stats.compiles += 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from fxcc import cli
@@ -161,3 +163,29 @@ def test_cache_clear(cache_dir, capsys):
                                         ("64kb", 64 << 10)])
 def test_sizes_take_binary_units(text, size):
     assert cli.parse_size(text) == size
+
+
+def test_a_closed_pipe_ends_quietly(cache_dir):
+    """`fxcc cache ls | head`: the reader leaves before fxcc writes; no BrokenPipeError traceback."""
+    put_entries(2)
+    proc = subprocess.Popen([sys.executable, "-m", "fxcc.cli", "cache", "ls"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "FXCC_CACHE_DIR": str(cache_dir)})
+    proc.stdout.close()  # before the child has imported torch, so its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
+def test_version_and_log_topics_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("fxcc 0.")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "FXCC_LOGS" in capsys.readouterr().out
+
+
+def test_an_unknown_fxcc_setting_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("FXCC_LOGS", "graphcache")
+    assert cli.main(["passes"]) == 2
+    assert "unknown log topic 'graphcache'; topics: recompiles, passes, kernels, tuning, graph_cache" in \
+        capsys.readouterr().err

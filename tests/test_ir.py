@@ -281,7 +281,9 @@ def test_print_ir_after_records_ir_text(capsys):
 def test_print_ir_after_all_with_echo(capsys):
     gm, pm = run_passes(Printed().eval(), "canonicalize,fuse", *printed_inputs(), print_ir_after={"all"},
                         echo=True)
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.err  # IR is a report: stderr, never stdout
+    assert printed.out == ""
     assert "// -----// IR after canonicalize //----- //\nfunc @forward(" in out
     assert "// -----// IR after fuse //----- //\nfunc @forward(" in out
     assert pm.records[0].ir_after in out and pm.records[1].ir_after in out

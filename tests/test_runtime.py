@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import fxcc
@@ -249,8 +250,9 @@ def test_fxcc_explain_returns_ir_after_each_pass(model, capsys):
 def test_print_ir_after_option_prints(model, capsys):
     cm = fxcc.compile(model, options=fxcc.CompileOptions(print_ir_after=("fuse",)))
     cm(torch.randn(2, 8))
-    out = capsys.readouterr().out
-    assert "// -----// IR after fuse //----- //" in out and "kernel.fused" in out
+    printed = capsys.readouterr()
+    out = printed.err  # IR is a report: stderr, never stdout
+    assert "// -----// IR after fuse //----- //" in out and "kernel.fused" in out and printed.out == ""
     assert "IR after canonicalize" not in out
     records = cm.variants[-1].records
     assert [r.spec for r in records if r.ir_after is not None] == ["fuse"] and len(records) == 5
@@ -261,8 +263,45 @@ def test_env_variables_map_onto_options(model, monkeypatch, capsys):
     monkeypatch.setenv("FXCC_VERIFY_EACH", "1")
     cm = fxcc.compile(model)
     cm(torch.randn(2, 8))
-    assert "// -----// IR after canonicalize //----- //" in capsys.readouterr().out
+    assert "// -----// IR after canonicalize //----- //" in capsys.readouterr().err
     assert cm.variants[-1].records[0].ir_after.startswith("func @forward(%x: tensor<2x8xf32>)")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("FXCC_PRINT_IR_AFTER", "rise", "FXCC_PRINT_IR_AFTER names no pass: 'rise'; passes: all, "),
+    ("FXCC_VERIFY_EACH", "maybe", "FXCC_VERIFY_EACH='maybe' is not a yes/no value; use one of 1, 0, true"),
+    ("FXCC_LOGS", "recompile", "unknown log topic 'recompile'; topics: recompiles, passes, kernels, tuning"),
+    ("FXCC_LOGS", "+tunning", "unknown log topic 'tunning'"),
+    ("FXCC_TVM_POOL", "omp", "FXCC_TVM_POOL='omp'; use one of openmp, tvm"),
+])
+def test_unknown_names_in_fxcc_settings_are_errors_listing_the_valid_ones(model, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fxcc.compile(model)
+
+
+def test_every_recompile_logs_its_reason_under_fxcc_logs(model, monkeypatch, capsys):
+    monkeypatch.setenv("FXCC_LOGS", "recompiles")
+    try:
+        cm = fxcc.compile(model, tune="off")
+        cm(torch.randn(2, 8))
+        cm(torch.randn(3, 8))
+        cm(torch.randn(3, 8).t().contiguous().t())  # same shape, other strides: one compiled variant serves
+        cm(torch.randn(3, 8)[None])
+        with torch.no_grad():
+            model.lin.weight.add_(1)
+        cm(torch.randn(3, 8))
+    finally:
+        monkeypatch.delenv("FXCC_LOGS")
+        fxcc.compile(model)  # the next compile takes the topics' handler away
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "recompiling" in line] == [
+        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: input 0 changed: float32[2, 8] on cpu -> float32[3, 8] on cpu",
+        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: input 0 changed: float32[3, 8] on cpu -> float32[1, 3, 8] on cpu",
+        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: its parameters, buffers or submodules changed since it "
+        "compiled",
+    ], err
+    assert cm.stats.compiles == 4 and cm.stats.param_recompiles == 1
 
 
 def test_two_models_keep_their_own_kernel_choices(tmp_path, monkeypatch):

@@ -1,0 +1,89 @@
+"""Log topics, as torch's TORCH_LOGS: `FXCC_LOGS=recompiles,+passes` shows what fxcc does, by topic, on stderr.
+
+Every module logs through `logging.getLogger(__name__)` (under "fxcc"); a topic names the modules that tell
+one story. A topic alone logs at INFO, `+topic` at DEBUG, `-topic` only errors. A few stories cut across
+modules and have a logger of their own (`topic_logger("recompiles")`: why a compiled module compiled again).
+Without FXCC_LOGS fxcc leaves logging to the application (warnings still reach the root logger).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+# topic -> the loggers it switches (a logger covers its children: "fxcc.codegen" is every backend)
+TOPICS: dict[str, tuple[str, ...]] = {
+    "recompiles": ("fxcc.recompiles",),
+    "passes": ("fxcc.pipeline", "fxcc.passes"),
+    "kernels": ("fxcc.autotune.select", "fxcc.autotune.pools", "fxcc.codegen"),
+    "tuning": ("fxcc.autotune.tune", "fxcc.autotune.study", "fxcc.autotune.search", "fxcc.autotune.mixed_precision",
+               "fxcc.autotune.tp_plan", "fxcc.plan_search"),
+    "graph_cache": ("fxcc.graph_cache",),
+    "cache": ("fxcc.store",),
+    "capture": ("fxcc.capture",),
+    "dycl": ("fxcc.dycl", "fxcc.dycl_analysis", "fxcc.dycl_rewrite"),
+    "runtime": ("fxcc.runtime", "fxcc.api"),
+    "all": ("fxcc",),
+}
+LEVELS = {"+": logging.DEBUG, "-": logging.ERROR, "": logging.INFO}
+FORMAT = "[fxcc %(levelname)s] %(name)s: %(message)s"
+
+
+def topic_logger(topic: str) -> logging.Logger:
+    """The logger of a cross-module topic (its name is in TOPICS)."""
+    if topic not in TOPICS or len(TOPICS[topic]) != 1:
+        raise ValueError(f"no topic logger {topic!r}; topics with one: "
+                         f"{', '.join(t for t, names in TOPICS.items() if len(names) == 1)}")
+    return logging.getLogger(TOPICS[topic][0])
+
+
+def parse(spec: str, variable: str = "FXCC_LOGS") -> tuple[tuple[str, int], ...]:
+    """`recompiles,+passes,-tuning` -> ((topic, level), ...); an unknown topic is an error listing the valid ones."""
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        sign = item[0] if item[0] in "+-" else ""
+        name = item[len(sign):]
+        if name not in TOPICS:
+            raise ValueError(f"{variable}={spec!r}: unknown log topic {name!r}; topics: {', '.join(TOPICS)} "
+                             "(prefix + for debug detail, - for errors only)")
+        out.append((name, LEVELS[sign]))
+    return tuple(out)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record comes (tests and tools replace it)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, _value: None)
+
+
+_handler: logging.Handler | None = None
+_applied: tuple[tuple[str, int], ...] = ()
+
+
+def configure(topics: tuple[tuple[str, int], ...]) -> None:
+    """Apply parsed topics: one stderr handler on the "fxcc" logger (not propagated, so nothing prints twice)
+    and each topic's loggers at their level; other fxcc loggers show warnings. No topics: undo it all."""
+    global _handler, _applied
+    if topics == _applied:
+        return
+    root = logging.getLogger("fxcc")
+    for name, _ in _applied:
+        for logger in TOPICS[name]:
+            logging.getLogger(logger).setLevel(logging.NOTSET)
+    if _handler is not None:
+        root.removeHandler(_handler)
+        root.propagate, _handler = True, None
+        root.setLevel(logging.NOTSET)
+    _applied = topics
+    if not topics:
+        return
+    _handler = _Stderr()
+    _handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(_handler)
+    root.propagate = False
+    root.setLevel(logging.WARNING)
+    for name, level in topics:
+        for logger in TOPICS[name]:
+            logging.getLogger(logger).setLevel(level)
