@@ -173,8 +173,8 @@ def tune_kernel(kernel: Candidate, inputs: list[Tensor], reference: list[Tensor]
             defaults_ms = decision.timings["defaults"].own if "defaults" in decision.timings else defaults_ms
             note = decision.summary()
             if decision.noisy:
-                log.warning("tuning %s: timings too noisy to rank (%s); %s kept", label, ", ".join(decision.noisy),
-                            decision.winner)
+                log.warning("tuning %s: noisy timings of %s (the machine is busy); %s kept", label,
+                            ", ".join(decision.noisy), decision.winner)
     result = TuneResult(params=best_params, ms=best_ms,
                         trials=sum(counts.values()), pruned=counts["wrong"], failed=sum(counts[s] for s in FAILED),
                         seconds=elapsed, study_name=label, defaults_ms=defaults_ms, decision=note)

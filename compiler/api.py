@@ -48,7 +48,7 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
         opts = plan_options(opts)
     # a bad pipeline, pass name, FXCC_* value or target fails here, not at the first call
     env = settings()
-    logs.configure(env.logs)
+    logs.follow_env(env.logs)
     passes = parse_pipeline("default" if opts.passes is None else opts.passes)
     known = {p.name for p in passes} | set(PASSES) | {"all"}
     for where, names in (("print_ir_after", opts.print_ir_after), ("FXCC_PRINT_IR_AFTER", env.print_ir_after)):

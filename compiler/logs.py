@@ -87,3 +87,15 @@ def configure(topics: tuple[tuple[str, int], ...]) -> None:
     for name, level in topics:
         for logger in TOPICS[name]:
             logging.getLogger(logger).setLevel(level)
+
+
+_from_env: tuple[tuple[str, int], ...] = ()
+
+
+def follow_env(topics: tuple[tuple[str, int], ...]) -> None:
+    """Apply FXCC_LOGS's topics when they changed since last read (`fxcc.compile` calls this), leaving what a
+    program configured itself (the CLI's per-command topics) while the variable stays as it was."""
+    global _from_env
+    if topics != _from_env:
+        _from_env = topics
+        configure(topics)

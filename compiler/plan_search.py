@@ -7,11 +7,13 @@ compiles (`fxcc.compile`) that measure each trial, confirms the chosen pipeline 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,21 +50,44 @@ log = logging.getLogger(__name__)
 
 
 def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str) -> Space:
-    """Drop knobs whose pass fails on this model with its first choice (layer-skip on a model without repeated
-    blocks, token-merge on an unknown block structure): they would only spend trials. Noted in the report."""
+    """Drop knobs that would only spend trials, each with a note in the report: a knob whose pass fails on this
+    model (layer-skip on a model without repeated blocks, token-merge on an unknown block structure), or one that
+    changes nothing even at its strongest choice (nothing to skip in a 2-block model, nothing to merge)."""
     kept = []
     for name, at_aten, options in space.knobs:
-        spec = knob_spec(name, {**{o: vs[0] for o, vs in options.items()}, **space.fixed.get(name, {})})
+        strongest = {o: vs[-1] for o, vs in options.items()}
+        spec = knob_spec(name, {**strongest, **space.fixed.get(name, {})})
         pipeline = ",".join(["canonicalize", spec, "raise"] if at_aten else ["canonicalize", "raise", spec])
         try:
-            compile(model, target=target, passes=pipeline, tune="off").warm(*args, **kwargs)
+            with quiet_libraries():
+                cm = compile(model, target=target, passes=pipeline, tune="off")
+                cm.warm(*args, **kwargs)
         except Exception as e:
             space.notes.append(f"{name}: not searched (fails on this model: {type(e).__name__}: {str(e)[:200]})")
+            continue
+        records = [r for v in cm.variants for r in getattr(v, "records", ()) if r.spec.split("{")[0] == name]
+        if records and not any(r.result.changed for r in records):
+            stats = ", ".join(f"{k}={v}" for k, v in records[0].result.stats.items())
+            space.notes.append(f"{name}: not searched (changes nothing on this model even as {spec}"
+                               + (f": {stats})" if stats else ")"))
             continue
         kept.append((name, at_aten, options))
     space.knobs = kept
     space.approximate = [n for n in space.approximate if any(n == k for k, _, _ in kept)]
     return space
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """torch's own loggers held to errors while fxcc probes what applies: a failed probe is fxcc's note to make,
+    not a library traceback on the console."""
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
 
 
 class Evaluator:
@@ -211,7 +236,7 @@ def _confirm(ev: Evaluator, chosen: Any, done: list, space: Space) -> tuple[Any,
     note = f"trial {chosen.number} against the default pipeline, timed again: {d.summary()}"
     log.info("%s", note)
     if d.noisy:
-        log.warning("search: timings too noisy to rank (%s); %s kept", ", ".join(d.noisy), d.winner)
+        log.warning("search: noisy timings of %s (the machine is busy); %s kept", ", ".join(d.noisy), d.winner)
     return (chosen if d.winner == "chosen" else fallback), note
 
 
