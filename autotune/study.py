@@ -126,6 +126,14 @@ class Progress:
             sys.stderr.write(f"\r{self.label} {self.n}/{self.total} {note}\033[K")
             sys.stderr.flush()
 
+    def note(self, text: str) -> None:
+        """What the current step is doing (a long trial shows it is alive)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:80], refresh=True)
+        elif self.plain:
+            sys.stderr.write(f"\r{self.label} {self.n}/{self.total} {text[:80]}\033[K")
+            sys.stderr.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

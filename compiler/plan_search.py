@@ -11,7 +11,9 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -126,9 +128,38 @@ class Evaluator:
                            rounds=min(2 * self.reps, 8))
 
 
+RESERVE = 0.15  # of --timeout kept for what follows the study: confirming, recording and re-measuring the plan
+
+
+class TrialTimeout(BaseException):
+    """A trial ran past its share of --timeout. A BaseException, like KeyboardInterrupt, so that no handler for
+    a failed compile (a backend falling back to another, capture falling back to DyCL) mistakes it for one."""
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float | None) -> Iterator[None]:
+    """Raise TrialTimeout in this thread once `seconds` have passed (SIGALRM). No limit off the main thread or
+    where there is no SIGALRM: the study's own timeout then only stops new trials from starting."""
+    if seconds is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fire(_signum: int, _frame: Any) -> None:
+        raise TrialTimeout(f"stopped past its share of --timeout ({seconds:.0f} s)")
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> SearchResult:
-    """Run (or join) the study, choose a plan, tune its kernels, write and re-measure it, report."""
+    """Run (or join) the study, choose a plan, tune its kernels, write and re-measure it, report. With
+    cfg.timeout, trials end by (1 - RESERVE) of it from now: one still running then is stopped and pruned."""
     optuna = optuna_module()
+    trials_end = None if cfg.timeout is None else time.monotonic() + (1 - RESERVE) * cfg.timeout
     model.eval()
     space = probe(build_space(cfg.target, cfg.backends, cfg.knobs), model, args, kwargs, cfg.target)
     fp = model_fingerprint(model, args, kwargs)
@@ -150,8 +181,12 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
         trial.set_user_attr("pipeline", pipeline)
         trial.set_user_attr("worker", worker)
         exact = not any(f"{p}{{" in pipeline or f",{p}," in pipeline for p in space.approximate)
+        bar.note(f"trial {trial.number}: compiling and timing {pipeline}")
         try:
-            m = ev.measure(passes=pipeline, tune="cached")
+            with watchdog(None if trials_end is None else trials_end - time.monotonic()):
+                m = ev.measure(passes=pipeline, tune="cached")
+        except TrialTimeout as e:
+            return _reject(trial, "timeout", str(e))
         except Exception as e:  # a pipeline that does not compile or run costs one trial
             return _reject(trial, "failed", f"{type(e).__name__}: {e}")
         if math.isnan(m.quality_error) or (exact and m.quality_error > EXACT_TOLERANCE):
@@ -187,14 +222,18 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
                                  f"this search {len(directions)} (its space changed); name another --study")
             study.set_user_attr("fxcc_space", space.describe())
             study.enqueue_trial(space.baseline(), skip_if_exists=True)
-            study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, callbacks=[on_trial])
+            left = None if trials_end is None else max(0.0, trials_end - time.monotonic())
+            study.optimize(objective, n_trials=cfg.trials, timeout=left, callbacks=[on_trial])
     finally:
         bar.close()
 
     done = _complete(study)
     if not done:
+        stopped = sum(t.user_attrs.get("failure") == "timeout" for t in study.trials)
         raise RuntimeError(f"fxcc search: no trial of study {name!r} compiled and ran correctly; the trials' "
-                           "user attrs (optuna-dashboard, or fxcc -v search) say why")
+                           "user attrs (optuna-dashboard, or fxcc -v search) say why"
+                           + (f"; {stopped} stopped at --timeout {cfg.timeout:g} s: allow more time" if stopped
+                              else ""))
     chosen = choose(done, cfg.objective, budget)
     chosen, confirmation = _confirm(ev, chosen, done, space)
     front = pareto(done)

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -327,6 +328,54 @@ class _Policy(Pass):
 
     def apply(self, gm, ctx):
         return PassResult(False)
+
+
+@dataclass(frozen=True)
+class Idle(Pass):
+    """Test only: a knob's pass that finds nothing to do on any model."""
+
+    name = "test-idle"
+    reads = "tx"
+    writes = "tx"
+    level: int = 0
+
+    def apply(self, gm, ctx):
+        return PassResult(False, {"found": 0})
+
+
+def test_a_knob_that_changes_nothing_is_left_out_with_a_note(searched, monkeypatch):
+    from fxcc.plan_search import probe
+
+    monkeypatch.setitem(PASSES, "test-idle", Idle)
+    model, args = _tiny(searched[1])
+    space = search.Space([("test-idle", False, {"level": [1, 2]}), ("test-perturb", False, {"delta": [0.02, 0.5]})],
+                         ["extern"], ["test-perturb"])
+    kept = probe(space, model, args, {}, "cpu")
+    assert [k[0] for k in kept.knobs] == ["test-perturb"] and kept.approximate == ["test-perturb"]
+    assert "test-idle: not searched (changes nothing on this model even as test-idle{level=2}: found=0)" in kept.notes
+
+
+def test_the_watchdog_stops_what_runs_past_its_time():
+    from fxcc.plan_search import TrialTimeout, watchdog
+
+    with pytest.raises(TrialTimeout, match="past its share of --timeout"), watchdog(0.05):
+        time.sleep(30)
+    with watchdog(None):  # no limit: nothing fires
+        time.sleep(0.01)
+
+
+def test_a_trial_past_the_timeout_is_stopped_and_pruned(searched, monkeypatch, tmp_path):
+    from fxcc import plan_search
+
+    monkeypatch.setattr(plan_search.Evaluator, "measure", lambda self, **kw: time.sleep(60))
+    model, args = _tiny(searched[1])
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = search.SearchConfig(output=str(tmp_path / "plan.json"), trials=3, timeout=2.0, storage=storage,
+                              study_name="slow", backends=["extern"], knobs=[], progress=False)
+    with pytest.raises(RuntimeError, match="1 stopped at --timeout 2 s: allow more time"):
+        plan_search.search(model, args, {}, cfg)
+    trials = optuna.load_study(study_name="slow", storage=storage).trials
+    assert [t.user_attrs.get("failure") for t in trials] == ["timeout"]  # no trial started after it
 
 
 def test_space_takes_present_knobs_and_notes_absent_ones(monkeypatch):
