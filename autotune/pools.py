@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ import torch.fx as fx
 from fxcc.codegen import extern, tvm_omp
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from fxcc.dialects import KERNEL_OPS, Choice, set_choice
-from fxcc.measure import compare
+from fxcc.measure import Decision, compare
 from fxcc.store import cache_key, default_cache
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,7 @@ def settle(gm: fx.GraphModule, flat: list, name: str, kernels: dict[str, BuiltKe
         exe_a, bound_a, _ = build_executable(gm, kernels)
         _apply(nodes, kernels, moved)
         exe_b, bound_b, _ = build_executable(gm, kernels)
-        with torch.no_grad():
-            d = compare({"as chosen": lambda: exe_a(*flat, *bound_a), "torch pool": lambda: exe_b(*flat, *bound_b)},
-                        "as chosen", device="cpu", warmup=2, reps=reps, rounds=min(reps, 3))
+        d = _compare({"as chosen": lambda: exe_a(*flat, *bound_a), "torch pool": lambda: exe_b(*flat, *bound_b)}, reps)
         keep = d.winner == "torch pool"
         note = (f"whole model {d.timings['as chosen']} as chosen, {d.timings['torch pool']} with TVM's pool left "
                 "out: " + ("moved to torch's pool" if keep else "kept"))
@@ -95,6 +94,12 @@ def _torch_pool_choice(k: BuiltKernel) -> str | None:
     """The fastest torch-pool candidate codegen timed for kernel `k`, if any."""
     t = {label: ms for label, ms in k.timings_ms.items() if label in TORCH_POOL}
     return min(t, key=t.get) if t else None
+
+
+def _compare(fns: dict[str, Callable[[], Any]], reps: int) -> Decision:
+    """The model as chosen (the incumbent) against it on torch's pool alone, interleaved."""
+    with torch.no_grad():
+        return compare(fns, "as chosen", device="cpu", warmup=2, reps=reps, rounds=min(reps, 3))
 
 
 def _decision_key(ks: list[BuiltKernel]) -> tuple[Any, str]:

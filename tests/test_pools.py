@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fxcc.capture import flatten_inputs
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from fxcc.dialects import KERNEL_OPS, Choice, choice_of, set_choice
+from fxcc.measure import Decision, Timing, decide
 
 pytest.importorskip("tvm")
 from fxcc.autotune import pools  # noqa: E402
@@ -68,6 +69,11 @@ def chosen(v, gemms):
             if n.op == "call_function" and n.target in KERNEL_OPS and n.args[1] in gemms]
 
 
+def timed(as_chosen: float, torch_pool: float) -> Decision:
+    """The decision for steady timings of the two models (ms)."""
+    return decide({"as chosen": Timing([as_chosen] * 6), "torch pool": Timing([torch_pool] * 6)}, "as chosen")
+
+
 def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_cached(monkeypatch):
     torch.manual_seed(0)
     model, x = Mlp().eval(), torch.randn(4, 16, 32)
@@ -76,7 +82,7 @@ def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_c
         expected = model(x)
     v, kernels, gemms = on_tvm(cm)
     flat = flatten_inputs((x,), {})[0]
-    monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 2.0, "torch pool": 1.0})
+    monkeypatch.setattr(pools, "_compare", lambda fns, reps: timed(2.0, 1.0))
     assert pools.settle(v.gm, flat, "Mlp", kernels)
     assert all(kernels[k].backend == "extern" for k in gemms) and set(chosen(v, gemms)) == {"extern"}
     assert "moved to torch's pool" in kernels[gemms[0]].note
@@ -86,7 +92,7 @@ def test_a_faster_single_pool_model_moves_kernels_to_torch_and_the_decision_is_c
         torch.testing.assert_close(exe(*flat, *bound)[0], expected, atol=1e-5, rtol=1e-5)
     # the same choices again (a warm compile): the stored decision applies, nothing is timed
     v, kernels, gemms = on_tvm(cm)
-    monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed again despite a stored decision"))
+    monkeypatch.setattr(pools, "_compare", lambda fns, reps: pytest.fail("timed again despite a stored decision"))
     assert pools.settle(v.gm, flat, "Mlp", kernels)
     assert all(kernels[k].backend == "extern" for k in gemms) and "from the artifact cache" in kernels[gemms[0]].note
 
@@ -97,7 +103,7 @@ def test_a_model_faster_as_chosen_keeps_its_kernels(monkeypatch):
     cm = compiled(model, x)
     v, kernels, gemms = on_tvm(cm)
     fns = [kernels[k].fn for k in gemms]
-    monkeypatch.setattr(pools, "_time", lambda fns, reps: {"as chosen": 1.0, "torch pool": 2.0})
+    monkeypatch.setattr(pools, "_compare", lambda fns, reps: timed(1.0, 2.0))
     assert not pools.settle(v.gm, flatten_inputs((x,), {})[0], "Mlp", kernels)
     assert [kernels[k].backend for k in gemms] == ["tvm"] * len(gemms) and set(chosen(v, gemms)) == {"tvm"}
     assert [kernels[k].fn for k in gemms] == fns and "kept" in kernels[gemms[0]].note
@@ -107,7 +113,7 @@ def test_nothing_to_settle_with_one_pool_already(monkeypatch):
     model, x = Mlp().eval(), torch.randn(2, 4, 32)
     v, kernels, _ = on_tvm(compiled(model, x))
     monkeypatch.setattr(tvm_omp, "enabled", lambda: True)
-    monkeypatch.setattr(pools, "_time", lambda fns, reps: pytest.fail("timed with one pool already"))
+    monkeypatch.setattr(pools, "_compare", lambda fns, reps: pytest.fail("timed with one pool already"))
     assert not pools.settle(v.gm, [x], "Mlp", kernels)
 
 
