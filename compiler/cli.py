@@ -108,6 +108,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """`fxcc search`: an Optuna study over pass knobs and kernel choices; writes a plan and a Pareto plot."""
+    started = time.monotonic()  # --timeout counts from here: loading the model is part of the search
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -124,7 +125,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.target == "cuda":
         model, a, kw = model.to("cuda"), search.to_device(a, "cuda"), search.to_device(kw, "cuda")
     try:
-        result = plan_search.search(model, a, kw, cfg)
+        result = plan_search.search(model, a, kw, cfg, started)
     except ValueError as e:  # bad --knobs/--backends/--study for this storage
         if not str(e).startswith("fxcc search:"):
             raise
@@ -275,7 +276,9 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--output", default="plan.json", help="the plan file to write (default plan.json)")
     r.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
     r.add_argument("--trials", type=int, default=12, help="trials this process runs (default 12)")
-    r.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    r.add_argument("--timeout", type=float, help="seconds the whole search may take (from loading the model to the "
+                                                 "plan written): trials end early enough for the rest, and one still "
+                                                 "running then is stopped and pruned")
     r.add_argument("--storage", help="Optuna storage: an RDB URL (sqlite:///PATH, postgresql+psycopg2://...) or "
                                      "journal:PATH (default: tuning.db in the artifact cache directory)")
     r.add_argument("--study", help="study name (default: derived from the model, inputs, target and space)")

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,7 +52,8 @@ from .api import compile
 log = logging.getLogger(__name__)
 
 
-def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str) -> Space:
+def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str,
+          deadline: Deadline | None = None) -> Space:
     """Drop knobs that would only spend trials, each with a note in the report: a knob whose pass fails on this
     model (layer-skip on a model without repeated blocks, token-merge on an unknown block structure), or one that
     changes nothing even at its strongest choice (nothing to skip in a 2-block model, nothing to merge)."""
@@ -61,9 +63,12 @@ def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str
         spec = knob_spec(name, {**strongest, **space.fixed.get(name, {})})
         pipeline = ",".join(["canonicalize", spec, "raise"] if at_aten else ["canonicalize", "raise", spec])
         try:
-            with quiet_libraries():
+            with watchdog(deadline.trials_left() if deadline else None), quiet_libraries():
                 cm = compile(model, target=target, passes=pipeline, tune="off")
                 cm.warm(*args, **kwargs)
+        except TrialTimeout:
+            space.notes.append(f"{name}: not searched (no time left to probe it within --timeout)")
+            continue
         except Exception as e:
             space.notes.append(f"{name}: not searched (fails on this model: {type(e).__name__}: {str(e)[:200]})")
             continue
@@ -81,8 +86,8 @@ def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """torch's own loggers held to errors while fxcc probes what applies: a failed probe is fxcc's note to make,
-    not a library traceback on the console."""
+    """torch's own loggers held back while fxcc probes what applies or runs a trial: a failure there is fxcc's
+    note or pruned trial to report, not a library traceback on the console."""
     torch_log = logging.getLogger("torch")
     level = torch_log.level
     torch_log.setLevel(logging.CRITICAL)
@@ -128,7 +133,31 @@ class Evaluator:
                            rounds=min(2 * self.reps, 8))
 
 
-RESERVE = 0.15  # of --timeout kept for what follows the study: confirming, recording and re-measuring the plan
+RESERVE = 0.15  # of --timeout kept at least for what follows the study: confirming, recording, re-measuring
+
+
+@dataclass
+class Deadline:
+    """--timeout as a budget from `start`: trials (and probes) end early enough to leave `reserve` seconds for
+    what follows the study, which takes a few compiles and timings: at least RESERVE of the timeout, and three
+    times the first complete trial's wall time when that is more (at most half the timeout)."""
+
+    timeout: float | None
+    start: float = field(default_factory=time.monotonic)
+    reserve: float = 0.0
+    learned: bool = False
+
+    def __post_init__(self) -> None:
+        self.reserve = RESERVE * self.timeout if self.timeout else 0.0
+
+    def learn(self, trial_s: float) -> None:
+        if self.timeout and not self.learned:
+            self.learned = True
+            self.reserve = min(0.5 * self.timeout, max(self.reserve, 3 * trial_s))
+
+    def trials_left(self) -> float | None:
+        """Seconds left for trials (None: no --timeout)."""
+        return None if self.timeout is None else self.start + self.timeout - self.reserve - time.monotonic()
 
 
 class TrialTimeout(BaseException):
@@ -155,13 +184,14 @@ def watchdog(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> SearchResult:
+def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig, started: float | None = None) -> SearchResult:
     """Run (or join) the study, choose a plan, tune its kernels, write and re-measure it, report. With
-    cfg.timeout, trials end by (1 - RESERVE) of it from now: one still running then is stopped and pruned."""
+    cfg.timeout (counted from `started`, a time.monotonic() value, default now), trials stop early enough for
+    the rest (see Deadline): one still running then is stopped and pruned."""
     optuna = optuna_module()
-    trials_end = None if cfg.timeout is None else time.monotonic() + (1 - RESERVE) * cfg.timeout
+    deadline = Deadline(cfg.timeout, started if started is not None else time.monotonic())
     model.eval()
-    space = probe(build_space(cfg.target, cfg.backends, cfg.knobs), model, args, kwargs, cfg.target)
+    space = probe(build_space(cfg.target, cfg.backends, cfg.knobs), model, args, kwargs, cfg.target, deadline)
     fp = model_fingerprint(model, args, kwargs)
     tgt = target_info(cfg.target)
     name = cfg.study_name or study_name_for(fp, tgt, cfg.objective, space)
@@ -182,8 +212,9 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
         trial.set_user_attr("worker", worker)
         exact = not any(f"{p}{{" in pipeline or f",{p}," in pipeline for p in space.approximate)
         bar.note(f"trial {trial.number}: compiling and timing {pipeline}")
+        t0 = time.monotonic()
         try:
-            with watchdog(None if trials_end is None else trials_end - time.monotonic()):
+            with watchdog(deadline.trials_left()), quiet_libraries():
                 m = ev.measure(passes=pipeline, tune="cached")
         except TrialTimeout as e:
             return _reject(trial, "timeout", str(e))
@@ -192,6 +223,7 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
         if math.isnan(m.quality_error) or (exact and m.quality_error > EXACT_TOLERANCE):
             return _reject(trial, "wrong", f"quality error {m.quality_error:.3g}"
                            + (" from an exact pipeline" if exact else " (outputs not finite)"))
+        deadline.learn(time.monotonic() - t0)
         value = m.latency_ms if cfg.objective == "latency" else samples * 1e3 / m.latency_ms
         trial.set_user_attr("latency_ms", m.latency_ms)
         trial.set_user_attr("eager_ms", m.eager_ms)
@@ -208,6 +240,9 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
         raise optuna.TrialPruned(f"{why}: {message[:300]}")
 
     def on_trial(study: Any, _t: Any) -> None:
+        left = deadline.trials_left()
+        if left is not None and left <= 0:
+            study.stop()
         done = _complete(study)
         ok = [t for t in done if budget is None or t.user_attrs["quality_error"] <= budget]
         bar.update(min(ok, key=relative).user_attrs["latency_ms"] if ok else None)
@@ -222,8 +257,9 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
                                  f"this search {len(directions)} (its space changed); name another --study")
             study.set_user_attr("fxcc_space", space.describe())
             study.enqueue_trial(space.baseline(), skip_if_exists=True)
-            left = None if trials_end is None else max(0.0, trials_end - time.monotonic())
-            study.optimize(objective, n_trials=cfg.trials, timeout=left, callbacks=[on_trial])
+            left = deadline.trials_left()
+            study.optimize(objective, n_trials=cfg.trials, timeout=None if left is None else max(0.0, left),
+                           callbacks=[on_trial])
     finally:
         bar.close()
 
@@ -254,7 +290,10 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig) -> Se
     m = ev.measure(plan=os.path.abspath(cfg.output))
     plan.latency_ms, plan.eager_ms, plan.quality_error = m.latency_ms, m.eager_ms, m.quality_error
     plan.search["throughput"] = samples * 1e3 / m.latency_ms
+    plan.search["seconds"] = round(time.monotonic() - deadline.start, 1)
     plan.save(cfg.output)
+    if cfg.timeout is not None:
+        log.info("search took %.0f s of --timeout %g s", plan.search["seconds"], cfg.timeout)
 
     table = report_table(done, chosen, front, budget, cfg.objective, plan)
     plot = cfg.plot if cfg.plot is not None else os.path.splitext(cfg.output)[0] + ".pareto.png"
