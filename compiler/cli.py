@@ -66,7 +66,16 @@ def load_model_and_inputs(model_spec: str, inputs_spec: str | None) -> tuple[Any
     return model, inputs, {}
 
 
+def set_threads(args: argparse.Namespace) -> None:
+    """--threads: torch's CPU threads; kernel timings and their cache keys depend on the count."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
+    set_threads(args)
     model, a, kw = load_model_and_inputs(args.model, args.inputs)
     cm = explained(model, *a, passes=args.passes, ir_after_each=not args.final_only, **kw)
     print(cm.explain(ir_after_each=not args.final_only))
@@ -86,6 +95,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     if args.budget < 1:
         raise UsageError(f"--budget must be at least 1 trial per kernel, got {args.budget}")
+    set_threads(args)
     model, a, kw = load_model_and_inputs(args.model, args.inputs)
     cm = compile(model, passes=args.passes, tune="search", tune_budget=args.budget)
     cm(*a, **kw)
@@ -106,11 +116,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux's /proc; 0 elsewhere), so that a budget counts the imports."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """`fxcc search`: an Optuna study over pass knobs and kernel choices; writes a plan and a Pareto plot."""
-    started = time.monotonic()  # --timeout counts from here: loading the model is part of the search
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    started = time.monotonic() - process_age()  # --timeout counts the start-up and loading the model too
+    set_threads(args)
     try:
         cfg = search.SearchConfig(
             output=args.output, target=args.target, trials=args.trials, timeout=args.timeout, storage=args.storage,
@@ -274,7 +293,7 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--inputs", help="PATH.py:FUNC returning a tuple of example inputs (default: `inputs` in the "
                                     "model file)")
     r.add_argument("--output", default="plan.json", help="the plan file to write (default plan.json)")
-    r.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--target", choices=["cpu", "cuda"], default="cpu", help="device to search for (default cpu)")
     r.add_argument("--trials", type=int, default=12, help="trials this process runs (default 12)")
     r.add_argument("--timeout", type=float, help="seconds the whole search may take (from loading the model to the "
                                                  "plan written): trials end early enough for the rest, and one still "
@@ -284,13 +303,14 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--study", help="study name (default: derived from the model, inputs, target and space)")
     r.add_argument("--quality-budget", type=float, help="largest quality error (1 - min cosine) of the chosen "
                                                         f"plan (default {0.01:g} when approximate passes are searched)")
-    r.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    r.add_argument("--objective", choices=["latency", "throughput"], default="latency",
+                   help="what the plan minimizes: latency per call or maximizes: items per second (default latency)")
     r.add_argument("--tune-budget", type=int, default=0,
                    help="Optuna trials per kernel candidate of the chosen pipeline (default 0: cached/default tiles)")
     r.add_argument("--backends", help="codegen backends to search, e.g. auto,extern,tvm (default: all for the target)")
     r.add_argument("--knobs", help="passes whose knobs to search, e.g. layer-skip,token-merge ('none': only the "
                                    "codegen backend; default: every registered one)")
-    r.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    r.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe", help="Optuna sampler (default tpe)")
     r.add_argument("--seed", type=int, help="sampler seed (leave unset when several workers share a study)")
     r.add_argument("--warmup", type=int, default=2, help="untimed calls before timing a trial (default 2)")
     r.add_argument("--reps", type=int, default=10, help="timed calls per trial (default 10)")
@@ -316,27 +336,31 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--kernels", action="store_true", help="also print every kernel body")
     e.add_argument("--source", action="store_true",
                    help="also print each kernel's built source (generated Triton code, or the extern body)")
+    e.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's); kernel "
+                   "choices are measured and cached per thread count")
     e.set_defaults(fn=cmd_explain)
 
     b = sub.add_parser("bench", help="eager, torch.compile and fxcc side by side (ratios, compile times, error)")
     b.add_argument("workload", choices=["minilm", "llama", "generate"],
-                   help="generate: greedy generation with a KV cache (Llama from LlamaConfig)")
-    b.add_argument("--batch", type=int)
-    b.add_argument("--seq", type=int)
+                   help="MiniLM-L6 (real weights), a Llama-style decoder, or generate: greedy generation with a KV "
+                        "cache (Llama from LlamaConfig)")
+    b.add_argument("--batch", type=int, help="batch size (default: the workload's)")
+    b.add_argument("--seq", type=int, help="sequence length (default: the workload's)")
     b.add_argument("--prompt", type=int, help="generate: prompt length (default 128 on CPU, 512 on GPU)")
     b.add_argument("--new-tokens", type=int, default=64, help="generate: tokens to generate (default 64)")
     b.add_argument("--no-padding", action="store_true",
                    help="minilm: every row holds --seq real tokens (default: short sentences padded to --seq)")
     b.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads); default 2")
-    b.add_argument("--device", choices=["cpu", "cuda"])
-    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--hidden", type=int)
-    b.add_argument("--layers", type=int)
-    b.add_argument("--heads", type=int)
-    b.add_argument("--kv-heads", type=int)
-    b.add_argument("--intermediate", type=int)
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--reps", type=int, default=20, help="calls per engine (generate: generates per engine)")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the workload's for the device")
+    b.add_argument("--hidden", type=int, help="llama, generate: hidden size")
+    b.add_argument("--layers", type=int, help="llama, generate: decoder layers")
+    b.add_argument("--heads", type=int, help="llama, generate: attention heads")
+    b.add_argument("--kv-heads", type=int, help="llama, generate: key/value heads (grouped-query attention)")
+    b.add_argument("--intermediate", type=int, help="llama, generate: MLP intermediate size")
+    b.add_argument("--warmup", type=int, default=3, help="untimed calls per engine before timing (default 3)")
+    b.add_argument("--reps", type=int, default=20,
+                   help="timed calls per engine, interleaved (default 20; generate: generates per engine)")
     b.add_argument("--engines", help="comma-separated subset, e.g. eager,fxcc")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(fn=cmd_bench)
@@ -347,6 +371,8 @@ def parser() -> argparse.ArgumentParser:
                                     "model file)")
     t.add_argument("--passes", help="pipeline (default: the default pipeline)")
     t.add_argument("--budget", type=int, default=20, help="trials per kernel candidate (default 20)")
+    t.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's); kernel "
+                   "choices are measured and cached per thread count")
     t.set_defaults(fn=cmd_tune)
 
     add_search_parser(sub)

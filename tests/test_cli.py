@@ -189,3 +189,27 @@ def test_an_unknown_fxcc_setting_is_a_usage_error(monkeypatch, capsys):
     assert cli.main(["passes"]) == 2
     assert "unknown log topic 'graphcache'; topics: recompiles, passes, kernels, tuning, graph_cache" in \
         capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    def missing(p: argparse.ArgumentParser, where: str) -> list[str]:
+        out = []
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    out += missing(sub, f"{where} {name}")
+            elif a.help is None:
+                out.append(f"{where} {'/'.join(a.option_strings) or a.dest}")
+        return out
+    assert missing(cli.parser(), "fxcc") == []
+
+
+def test_threads_is_checked_where_timings_depend_on_it(capsys):
+    assert cli.main(["tune", "examples/llama_tiny.py:model", "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_search_budget_counts_from_the_process_start():
+    assert 0.0 < cli.process_age() < 24 * 3600  # this process started before this test, not at it
