@@ -3,8 +3,8 @@
 Each backend available for the target offers candidates for a kernel (extern always does). With one
 candidate it is built as is; with several, each is built, checked against the reference and timed
 interleaved with extern (the incumbent: torch's own kernels), and another candidate wins only if it beats
-extern by more than the measured noise (`fxcc.measure.compare`). Floating-point inputs are random (their values do not change a kernel's time);
-boolean and integer inputs (masks, indices) are what the compile's example inputs feed the kernel,
+extern by more than the measured noise (`fxcc.measure.compare`). Floating-point inputs are random (their
+values do not change a kernel's time); boolean and integer inputs (masks, indices) are what the compile's example inputs feed the kernel,
 since their values steer data-dependent kernels (padding-aware attention). A candidate that fails to build or gives wrong results is
 dropped with a warning naming the kernel, so a backend failure never fails the compile.
 """
