@@ -211,7 +211,7 @@ class CompiledModule:
         why = self._params.changed() if self._params else None
         if why is not None:
             self.stats.param_recompiles += 1
-            recompiles.info("recompiling %s: %s changed since it compiled", self.name, why)
+            recompiles.info("recompiling %s: %s", self.name, why)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._compiled, self._memo, self._fast = [], {}, {}
             self._sources = {}
