@@ -151,7 +151,7 @@ OPTIONS = {
 }
 SETTINGS = {
     "cache_dir": "run", "cache_shared": "run", "cache_trust": "run", "tvm_pool": "key", "triton_interpret": "key",
-    "verify_each": "off", "print_ir_after": "off", "check_eager": "run",
+    "verify_each": "off", "print_ir_after": "off", "check_eager": "run", "logs": "run",
 }
 OFF = {"graph_cache": False, "quality_budget": 0.01, "verify_each": True, "print_ir_after": ("raise",)}
 
