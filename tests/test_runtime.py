@@ -297,8 +297,9 @@ def test_every_recompile_logs_its_reason_under_fxcc_logs(model, monkeypatch, cap
     err = capsys.readouterr().err.splitlines()
     reasons = [line for line in err if "recompiling" in line]
     assert len(reasons) == 3 and reasons[:2] == [
-        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: input 0 changed: float32[2, 8] on cpu -> float32[3, 8] on cpu",
-        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: input 0 changed: float32[3, 8] on cpu -> float32[1, 3, 8] on cpu",
+        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: input `x` dim 0 is 3 where this variant has 2 (variant 1): "
+        "x dim 0: 2 -> 3; symbolic: x dim 0",
+        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: new input structure (tensor<1x3x8xf32>); static shapes",
     ], err[:2]
     assert reasons[2].startswith("[fxcc INFO] fxcc.recompiles: recompiling Scaled: the contents of w changed")
     assert cm.stats.compiles == 4 and cm.stats.param_recompiles == 1
