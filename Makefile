@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxcc-installed
 
-.PHONY: gpu-site setup lock demo test lint bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv
+.PHONY: gpu-site setup lock demo test lint bench-breadth bench-breadth-gpu bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv
 
 EXTRAS := .[models,dev,tvm,tune,triton]
 LOCK   := requirements.lock
@@ -46,6 +46,11 @@ lint: $(STAMP)
 bench-llama: $(STAMP)
 	$(BIN)/fxcc bench llama --threads 2
 
+# the breadth suite (benchmarks/breadth/): 100 non-transformer modules, eager / torch.compile / fxcc
+bench-breadth: $(STAMP)
+	mkdir -p build
+	$(BIN)/fxcc bench breadth --threads 2 --json build/breadth-cpu.json
+
 # approximate passes on MiniLM: speed vs cosine / ranking agreement, the layer-skip{speedup=} check, a PNG
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py --threads 2 --reps 40
@@ -73,9 +78,15 @@ GPU_SITE := build/gpu-site
 gpu-site:
 	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
 	cp -r compiler $(GPU_SITE)/fxcc && for d in passes codegen autotune; do cp -r $$d $(GPU_SITE)/fxcc/$$d; done
+	mkdir -p $(GPU_SITE)/benchmarks && cp -r benchmarks/breadth $(GPU_SITE)/benchmarks/breadth
 
 bench-gpu: gpu-site
 	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/llama_gpu.py --json build/bench-gpu.json
+
+# the breadth suite on the GPU, bf16: eager, torch.compile (default, reduce-overhead) and fxcc
+bench-breadth-gpu: gpu-site
+	PYTHONPATH=$(GPU_SITE) $(PY) -c "import sys; from fxcc.cli import main; sys.exit(main(sys.argv[1:]))" \
+	    bench breadth --json build/breadth-gpu.json
 
 # int8 weight-only decode and fp8 prefill against fxcc's bf16 build
 bench-mp-gpu: gpu-site

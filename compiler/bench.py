@@ -274,7 +274,23 @@ def workload(args: Any, device: str) -> Workload:
                  dtype=getattr(torch, args.dtype or ("bfloat16" if gpu else "float32")), device=device)
 
 
+def breadth_suite() -> Any:
+    """The breadth suite's runner (benchmarks/breadth/runner.py), next to this package in the checkout (or
+    in the package folder the Makefile's `gpu-site` builds)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "benchmarks")
+    if not os.path.isdir(os.path.join(folder, "breadth")):
+        raise SystemExit(f"fxcc bench breadth needs the suite's source, benchmarks/breadth/, next to the fxcc "
+                         f"package (looked in {folder}); run it from a checkout of the repository")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    from breadth import runner
+    return runner
+
+
 def main(args: Any) -> int:
+    if args.workload == "breadth":
+        return breadth_suite().main(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         torch.set_num_threads(args.threads)

@@ -341,9 +341,10 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_explain)
 
     b = sub.add_parser("bench", help="eager, torch.compile and fxcc side by side (ratios, compile times, error)")
-    b.add_argument("workload", choices=["minilm", "llama", "generate"],
-                   help="MiniLM-L6 (real weights), a Llama-style decoder, or generate: greedy generation with a KV "
-                        "cache (Llama from LlamaConfig)")
+    b.add_argument("workload", choices=["minilm", "llama", "generate", "breadth"],
+                   help="MiniLM-L6 (real weights), a Llama-style decoder, generate: greedy generation with a KV "
+                        "cache (Llama from LlamaConfig), or breadth: the suite of 100 non-transformer modules in "
+                        "benchmarks/breadth/")
     b.add_argument("--batch", type=int, help="batch size (default: the workload's)")
     b.add_argument("--seq", type=int, help="sequence length (default: the workload's)")
     b.add_argument("--prompt", type=int, help="generate: prompt length (default 128 on CPU, 512 on GPU)")
@@ -363,6 +364,11 @@ def parser() -> argparse.ArgumentParser:
                    help="timed calls per engine, interleaved (default 20; generate: generates per engine)")
     b.add_argument("--engines", help="comma-separated subset, e.g. eager,fxcc")
     b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--only", help="breadth: comma-separated module names (NAME* matches a prefix)")
+    b.add_argument("--category", help="breadth: comma-separated categories (ops, chains, nets)")
+    b.add_argument("--size", choices=["small", "full"], help="breadth: module sizes (default full)")
+    b.add_argument("--list", action="store_true", help="breadth: list the selected modules and exit")
+    b.add_argument("--no-warm", action="store_true", help="breadth: skip the warm compiles in a new process")
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("tune", help="search each kernel's parameters with Optuna; results go to the artifact cache")
