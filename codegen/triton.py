@@ -5,8 +5,8 @@ Candidates by kernel kind, each labelled as `fxcc explain` shows it:
   casts, rotary, gated activations.
 - reduction: a row kernel over the last dimension ("triton"): sum/mean/max, softmax, layer norm, RMSNorm,
   with the pointwise prologue and epilogue the fusion pass grouped around them.
-- gemm: a Triton GEMM with the epilogue fused into its store ("triton"), and the library GEMM followed by
-  one generated epilogue kernel ("triton+lib"), for epilogues that need more than the tile (rotary).
+- gemm: a Triton GEMM with the epilogue fused into its store ("triton"), and the library GEMM, batched
+  GEMM or convolution followed by one generated epilogue kernel ("triton+lib").
 - attention: a flash-attention kernel ("triton") and the library SDPA with native grouped-query heads
   ("sdpa"); the codegen pass times both against extern and keeps the fastest.
 
@@ -33,6 +33,7 @@ from fxcc.codegen import Built, KernelFn
 from fxcc.codegen import triton_decode as decode
 from fxcc.codegen.triton_gen import (
     REDUCTIONS,
+    RULES,
     Emitter,
     Unsupported,
     Value,
@@ -44,14 +45,16 @@ from fxcc.codegen.triton_gen import (
     is_symbolic,
     is_view,
     linearize,
+    reduction_domain,
     reduction_input,
     shape_fn,
     shape_of,
     size_args,
     tl_dtype,
+    view_output_index,
 )
 from fxcc.codegen.triton_templates import attention_source, gemm_source
-from fxcc.dialects import REFERENCE, KernelBody
+from fxcc.dialects import ANCHORS, REFERENCE, KernelBody
 from fxcc.options import settings
 
 name = "triton"
@@ -277,6 +280,7 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     sources, launches = [], []
     for j, (shape, positions) in enumerate(by_shape.items()):
         em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
+        em.zero = em.index("offs * 0")
         numel = math.prod(hint_shape(outs[positions[0]]))
         idx = tuple(em.index(e) for e in delinearize("offs", shape))
         values = [em.value(outs[i], idx) for i in positions]
@@ -328,33 +332,52 @@ def _anchor(body: fx.GraphModule, targets: set) -> fx.Node | None:
 
 
 def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
-    """Rows of the anchor's input, ROWS at a time, each reduced over its last dimension in registers."""
+    """Rows of the reductions' input, ROWS at a time, each reduced in registers. A row is one index of the
+    dims kept, its columns the reduced dims' elements (any dims: a softmax's max and sum, a norm's mean and
+    variance share the kernel when they reduce the same dims of the same shape)."""
     placeholders, _, outs = body_nodes(body)
-    anchor = _anchor(body, set(REDUCTIONS))
-    if anchor is None or not placeholders:
+    anchors = [n for n in body.graph.nodes if n.op == "call_function" and n.target in REDUCTIONS]
+    if not anchors or not placeholders:
         raise Unsupported("no reduction this backend lowers")
-    x_shape = shape_of(reduction_input(anchor))
+    domains = {reduction_domain(a) for a in anchors}
+    if len(domains) > 1:
+        raise Unsupported("reductions over different dims in one body")
+    ((x_shape, dims),) = domains
     if not x_shape:
         raise Unsupported("a reduction of a scalar")
-    n, rows = x_shape[-1], math.prod(x_shape[:-1])
+    kept = [d for d in range(len(x_shape)) if d not in dims]
+    n, rows = math.prod(x_shape[d] for d in dims), math.prod(x_shape[d] for d in kept)
     if not isinstance(n, int):
         raise Unsupported("a reduction over a symbolic dimension")
     sizes = size_args(body)  # symbolic row counts: kernel arguments read from the inputs at launch
-    hint_rows = math.prod(hint_shape(reduction_input(anchor))[:-1])
+    hint = hint_shape(reduction_input(anchors[0]))
+    hint_rows = math.prod(hint[d] for d in kept) if len(hint) == len(x_shape) else rows
     block_n = _pow2(n)
     if block_n > 32768:
         raise Unsupported(f"rows of {n} elements do not fit one block")
     pos = {p: k for k, p in enumerate(placeholders)}
     em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
-    lead = tuple(em.index(e) for e in delinearize("rows", x_shape[:-1]))
+    em.zero = em.index("rows * 0 + cols * 0")
+    lead = tuple(em.index(e) for e in delinearize("rows", tuple(x_shape[d] for d in kept)))
+    em.cols = dict(zip(dims, (em.index(e) for e in delinearize("cols", tuple(x_shape[d] for d in dims)))))
+    full = tuple(em.cols[d] if d in dims else lead[kept.index(d)] for d in range(len(x_shape)))
+    trailing = list(dims) == list(range(len(x_shape) - len(dims), len(x_shape)))
+    keepdim = tuple(1 if d in dims else x_shape[d] for d in range(len(x_shape)))
+    fwd = _row_views(body, em, x_shape, full)
     stores = []
     for i, o in enumerate(outs):
         shape = shape_of(o)
-        if shape == x_shape:
-            v = em.value(o, (*lead, "cols"))
-            stores.append(f"tl.store(out{i} + rows * {n} + cols, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
-        elif shape in (x_shape[:-1], (*x_shape[:-1], 1)):
-            v = em.value(o, lead if shape == x_shape[:-1] else (*lead, "0"))
+        if shape != x_shape and o in fwd:  # a row-shaped value seen through views (a norm's view back)
+            v = em.value(o, fwd[o])
+            at = em.index(linearize(fwd[o], shape))
+            stores.append(f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
+        elif shape == x_shape:
+            v = em.value(o, full)
+            at = f"rows * {n} + cols" if trailing else em.index(linearize(full, x_shape))
+            stores.append(f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
+        elif shape in (tuple(x_shape[d] for d in kept), keepdim):
+            at = lead if len(shape) == len(kept) else tuple("0" if d in dims else full[d] for d in range(len(shape)))
+            v = em.value(o, at)
             stores.append(f"tl.store(out{i} + rows + cols * 0, {v.name}.to({tl_dtype(dtype_of(o))}), "
                           "mask=mask & (cols == 0))")
         else:
@@ -364,7 +387,7 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     sig = ", ".join([*args, *(f"out{i}" for i in range(len(outs))), *strides, *(s for s, _, _ in sizes),
                      "ROWS: tl.constexpr", "BLOCK_N: tl.constexpr"])
     start = "tl.program_id(0).to(tl.int64)" if _int64(placeholders, hint_rows * n) else "tl.program_id(0)"
-    source = (_header(text, "reduction over the last dimension") +
+    source = (_header(text, f"reduction over dims {list(dims)}") +
               f"@triton.jit\ndef fxcc_reduction({sig}):\n"
               f"    rows = ({start} * ROWS + tl.arange(0, ROWS))[:, None]\n"
               f"    cols = tl.arange(0, BLOCK_N)[None, :]\n"
@@ -378,7 +401,7 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     strides_at = [(pos[p], d) for p, d in em.strides]
 
     alloc = [_allocator(o, sizes) for o in outs]
-    lead = shape_fn(reduction_input(anchor), sizes)
+    x_size = shape_fn(reduction_input(anchors[0]), sizes)
 
     def launcher(ns: dict, params: dict) -> KernelFn:
         fn = ns["fxcc_reduction"]
@@ -386,13 +409,37 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             res = [a(inputs) for a in alloc]
-            grid = (_cdiv(math.prod(lead(inputs)[:-1]), params["ROWS"]),)
+            shape = x_size(inputs)
+            grid = (_cdiv(math.prod(shape[d] for d in kept), params["ROWS"]),)
             fn[grid](*(inputs[k] for k in used), *res, *(inputs[k].stride(d) for k, d in strides_at),
                      *(inputs[k].shape[d] for _, k, d in sizes), **meta)
             return res
         return run
 
     return TritonProgram(source, space, defaults, launcher)
+
+
+def _row_views(body: fx.GraphModule, em: Emitter, x_shape: tuple[int, ...], full: tuple) -> dict:
+    """node -> its index at the row kernel's (row, column), for row-shaped values and what one-to-one views
+    and pointwise ops make of them; each view's way back is recorded, so reading it costs no index math."""
+    fwd: dict[fx.Node, tuple] = {}
+    for n in body.graph.nodes:
+        if n.op not in ("placeholder", "call_function") or not isinstance(n.meta.get("val"), torch.Tensor):
+            continue
+        if shape_of(n) == x_shape:
+            fwd[n] = full
+        elif n.op == "call_function" and is_view(n) and n.args[0] in fwd:
+            try:
+                idx = tuple(em.index(e) for e in view_output_index(n, fwd[n.args[0]]))
+            except Unsupported:
+                continue
+            em.view_back[(n, idx)] = fwd[n.args[0]]
+            fwd[n] = idx
+        elif n.op == "call_function" and n.target in RULES:
+            src = next((x for x in n.all_input_nodes if x in fwd and shape_of(x) == shape_of(n)), None)
+            if src is not None:
+                fwd[n] = fwd[src]
+    return fwd
 
 
 # --------------------------------------------------------------------------------------------- gemm
@@ -531,12 +578,22 @@ def gemm_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     return TritonProgram(source, dict(_GEMM_SPACE), _gemm_defaults(g.m, g.n, g.k), launcher)
 
 
-def _library_gemm(g: _Gemm, placeholders: list[fx.Node]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The anchor GEMM as the torch call it is (cuBLAS on the GPU)."""
+def _library_anchor(body: fx.GraphModule) -> fx.Node:
+    """The GEMM, batched GEMM or convolution of a body, which the library runs as the torch call it is."""
+    node = _anchor(body, ANCHORS)
+    if node is None:
+        raise Unsupported("no GEMM or convolution")
+    if any(x.op != "placeholder" for x in node.all_input_nodes):
+        raise Unsupported("an anchor operand computed inside the kernel")
+    return node
+
+
+def _library_call(node: fx.Node, placeholders: list[fx.Node]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The anchor as the torch call it is (cuBLAS / cuDNN on the GPU)."""
     pos = {p: k for k, p in enumerate(placeholders)}
-    target = g.node.target
-    args = [(pos[x] if isinstance(x, fx.Node) else None, x) for x in g.node.args]
-    kwargs = dict(g.node.kwargs)
+    target = node.target
+    args = [(pos[x] if isinstance(x, fx.Node) else None, x) for x in node.args]
+    kwargs = dict(node.kwargs)
 
     def run(inputs: list[torch.Tensor]) -> torch.Tensor:
         return target(*(inputs[k] if k is not None else x for k, x in args), **kwargs)
@@ -544,25 +601,28 @@ def _library_gemm(g: _Gemm, placeholders: list[fx.Node]) -> Callable[[list[torch
 
 
 def library_epilogue_plan(body: fx.GraphModule, text: str) -> TritonProgram:
-    """The GEMM by the library torch links (cuBLAS), its epilogue as one generated pointwise kernel."""
+    """The GEMM or convolution by the library torch links (cuBLAS, cuDNN), its epilogue as one generated
+    pointwise kernel."""
     placeholders, _, outs = body_nodes(body)
-    g = _gemm(body)
-    epilogue = [n for n in _epilogue(body, g.node) if not is_view(n)]
-    if not epilogue:
+    anchor = _library_anchor(body)
+    # everything but the anchor (whose operands are kernel inputs): its epilogue, and what fusion merged in
+    # beside it (a cast of a residual)
+    rest = [n for n in body.graph.nodes if n.op == "call_function" and n is not anchor]
+    if all(is_view(n) for n in rest):
         raise Unsupported("nothing to generate after the GEMM")
     # the epilogue as a body of its own: the GEMM result becomes one more input
     graph, env = fx.Graph(), {}
     for p in placeholders:
         env[p] = graph.placeholder(p.name)
         env[p].meta = dict(p.meta)
-    env[g.node] = graph.placeholder("gemm")
-    env[g.node].meta = dict(g.node.meta)
-    for node in _epilogue(body, g.node):
+    env[anchor] = graph.placeholder("gemm")
+    env[anchor].meta = dict(anchor.meta)
+    for node in rest:
         env[node] = graph.node_copy(node, lambda x: env[x])
-    generated = [i for i, o in enumerate(outs) if o is not g.node]
+    generated = [i for i, o in enumerate(outs) if o is not anchor]
     graph.output(tuple(env[outs[i]] for i in generated))
     plan = pointwise_plan(fx.GraphModule(body, graph), text)
-    gemm = _library_gemm(g, placeholders)
+    gemm = _library_call(anchor, placeholders)
 
     def launcher(ns: dict, params: dict) -> KernelFn:
         epi = plan.launcher(ns, params)
@@ -576,7 +636,7 @@ def library_epilogue_plan(body: fx.GraphModule, text: str) -> TritonProgram:
         return run
 
     source = plan.source.replace("# fxcc generated Triton kernel: pointwise",
-                                 f"# fxcc generated Triton kernel: epilogue of the library {g.node.target}", 1)
+                                 f"# fxcc generated Triton kernel: epilogue of the library {anchor.target}", 1)
     return TritonProgram(source, plan.space, plan.defaults, launcher)
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx as fx
-from fxcc import ir
+from fxcc import gather, ir
+from fxcc.dialects import domain
 
 aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
@@ -369,6 +370,11 @@ class Emitter:
         self._n = 0
         self.fwd: dict[fx.Node, tuple[Index, Value]] = {}
         self.used: set[fx.Node] = set()
+        self.cols: dict[int, str] = {}  # a row kernel's reduced dims -> their index, from its column vector
+        self.zero: str | None = None  # a zero index tile of the kernel's shape (set by the kernel plan)
+        # (view, its index) -> its input's index, where the input's came first (a row kernel's outputs that
+        # are views of row-shaped values): read back as it was, not through the inverse index arithmetic
+        self.view_back: dict[tuple[fx.Node, Index], Index] = {}
 
     # --------------------------------------------------------------- lines
     def emit(self, expr: str, prefix: str = "v") -> str:
@@ -463,7 +469,8 @@ class Emitter:
         if node.op != "call_function":
             raise Unsupported(f"{node.op} {node.target} in a kernel body")
         if is_view(node):
-            return self.value(node.args[0], view_input_index(node, idx))
+            back = self.view_back.get((node, tuple(idx)))
+            return self.value(node.args[0], back if back is not None else view_input_index(node, idx))
         rule = RULES.get(node.target) or REDUCTIONS.get(node.target)
         if rule is None:
             raise Unsupported(f"{node.target} has no Triton lowering")
@@ -641,6 +648,8 @@ RULES = {
     aten.exp.default: _unary("tl.exp({x})"), aten.log.default: _unary("tl.log({x})"),
     aten.sqrt.default: _unary("tl.sqrt({x})"), aten.rsqrt.default: _unary("tl.rsqrt({x})"),
     aten.reciprocal.default: _unary("1.0 / {x}"), aten.sin.default: _unary("{m}.sin({x})"),
+    aten.expm1.default: _unary("{m}.expm1({x})"), aten.log1p.default: _unary("{m}.log1p({x})"),
+    aten.clamp_min.default: _binary("tl.maximum({a}, {b})"), aten.clamp_max.default: _binary("tl.minimum({a}, {b})"),
     aten.cos.default: _unary("{m}.cos({x})"), aten.sigmoid.default: _unary("tl.sigmoid({x})"),
     aten.tanh.default: lambda em, n, i: _act(em, n, i, lambda x: _tanh(x, em.math)),
     aten.erf.default: _unary("{m}.erf({x})"),
@@ -666,18 +675,169 @@ RULES[aten.div.Tensor] = _div_rule
 RULES[aten.div.Scalar] = _div_rule
 
 
+def _constant(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    value = node.args[0] if node.target is aten.scalar_tensor.default else node.args[1]
+    return em.round(_literal(value) if dtype_of(node).is_floating_point else str(int(value)), dtype_of(node))
+
+
+RULES[aten.scalar_tensor.default] = _constant
+RULES[aten.full.default] = _constant
+
+
+# gathers (fxcc.gather): an output element from input elements at computed indices; loads outside a source
+# are masked off, and the value chosen after
+def _ix(em: Emitter, e: str) -> str:
+    """Index `e` as a tensor of the kernel's tile: a size-1 dim's index is the number 0, and conditions on
+    plain numbers are no masks (the kernel plan names a zero tile, `em.zero`)."""
+    if not e.isdigit():
+        return e
+    if em.zero is None:
+        raise Unsupported("a gather over a size-1 dim outside a kernel plan")
+    return em.zero if e == "0" else f"{em.zero} + {e}"
+
+
+def _between(e: str, lo: int, hi: int) -> str:
+    return f"({_wrap(e)} >= {lo}) & ({_wrap(e)} < {hi})"
+
+
+def _wrap_index(e: str, n: int) -> str:
+    """e mod n for e in [-n, 2n)."""
+    return f"tl.where({_wrap(e)} < 0, {_wrap(e)} + {n}, tl.where({_wrap(e)} >= {n}, {_wrap(e)} - {n}, {_wrap(e)}))"
+
+
+def _cat(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    tensors, out = node.args[0], dtype_of(node)
+    rank = len(shape_of(node))
+    dim = _dim(_arg(node, 1, "dim", 0), rank)
+    e, off = None, 0
+    parts = []
+    for t in tensors:
+        if len(shape_of(t)) != rank:  # a legacy empty 1-D tensor
+            continue
+        parts.append((t, off, shape_of(t)[dim]))
+        off += shape_of(t)[dim]
+    at = _ix(em, idx[dim])
+    for t, start, n in reversed(parts):
+        cond = em.index(_between(at, start, start + n))
+        src = (*idx[:dim], em.index(f"{_wrap(at)} - {start}") if start else idx[dim], *idx[dim + 1:])
+        v = em.cast(em.masked_value(t, src, cond), dtype_of(t), out)
+        e = v if e is None else em.emit(f"tl.where({cond}, {v}, {e})")
+    return em.round(e, out)
+
+
+def _pad(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    p = gather.pad(node)
+    x, out = node.args[0], dtype_of(node)
+    sizes = shape_of(x)
+    first = len(sizes) - len(p.before)
+    src, conds = list(idx), []
+    for j, b in enumerate(p.before):
+        d, n = first + j, sizes[first + j]
+        i = _ix(em, idx[d])
+        e = f"{_wrap(i)} - {b}" if b > 0 else f"{_wrap(i)} + {-b}" if b < 0 else i
+        if p.mode == "constant":
+            conds.append(_between(e, 0, n))
+        elif p.mode == "reflect":
+            e = f"{n - 1} - tl.abs({n - 1} - tl.abs({e}))"
+        elif p.mode == "replicate":
+            e = f"tl.minimum(tl.maximum({e}, 0), {n - 1})"
+        else:
+            e = _wrap_index(e, n)
+        src[d] = em.index(e)
+    if not conds:
+        return em.round(em.cast(em.value(x, tuple(src)), dtype_of(x), out), out)
+    cond = em.index(" & ".join(f"({c})" for c in conds))
+    v = em.cast(em.masked_value(x, tuple(src), cond), dtype_of(x), out)
+    return em.round(f"tl.where({cond}, {v}, {_literal(p.value)})", out)
+
+
+def _roll(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    x, shifts = node.args[0], node.args[1]
+    dims = _arg(node, 2, "dims", [])
+    shape = shape_of(node)
+    if not dims:
+        n = math.prod(shape)
+        lin = em.index(_wrap_index(f"{_wrap(_ix(em, linearize(idx, shape)))} - {shifts[0] % n}", n))
+        return em.value(x, tuple(em.index(e) for e in delinearize(lin, shape)))
+    src = list(idx)
+    for d, k in zip(dims, shifts):
+        d = _dim(d, len(shape))
+        src[d] = em.index(_wrap_index(f"{_wrap(_ix(em, idx[d]))} - {k % shape[d]}", shape[d]))
+    return em.value(x, tuple(src))
+
+
+def _pool(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    p = gather.pool(node)
+    x, out = node.args[0], dtype_of(node)
+    sizes = shape_of(x)
+    k = len(p.kernel)
+    first = len(sizes) - k
+    starts = [em.index(f"{_wrap(_ix(em, idx[first + d]))} * {p.stride[d]} - {p.padding[d]}") for d in range(k)]
+    acc = None
+    for tap in p.taps():
+        pos = [em.index(f"{starts[d]} + {tap[d] * p.dilation[d]}") for d in range(k)]
+        cond = em.index(" & ".join(f"({_between(q, 0, n)})" for q, n in zip(pos, sizes[first:])))
+        v = em.cast(em.masked_value(x, (*idx[:first], *pos), cond), dtype_of(x), torch.float32)
+        fill = 'float("-inf")' if p.kind == "max" else "0.0"
+        v = em.emit(f"tl.where({cond}, {v}, {fill})")
+        if acc is None:
+            acc = v
+        else:
+            acc = em.emit(f"tl.maximum({acc}, {v})" if p.kind == "max" else f"{acc} + {v}")
+    if p.kind == "avg":
+        if p.divisor:
+            div = f"{float(p.divisor)}"
+        else:
+            counts = []
+            for d, (s0, n) in enumerate(zip(starts, sizes[first:])):
+                end = f"tl.minimum({s0} + {p.kernel[d]}, {n + p.padding[d]})"
+                counts.append(f"({end} - {s0})" if p.count_include_pad
+                              else f"(tl.minimum({end}, {n}) - tl.maximum({s0}, 0))")
+            div = em.emit(f"({' * '.join(counts)}).to(tl.float32)")
+        acc = em.emit(f"{acc} / {div}")
+    return em.round(em.cast(Value(acc, torch.float32), torch.float32, out), out)
+
+
+def _generated(rule):
+    """A gather's rule, for the cases fxcc.gather says are generated (small windows, no empty operands)."""
+    def checked(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        if not gather.generated(node):
+            raise Unsupported(f"{node.target} with these arguments is left to the library")
+        return rule(em, node, idx)
+    return checked
+
+
+RULES[aten.cat.default] = _generated(_cat)
+RULES[aten.roll.default] = _generated(_roll)
+for _t in gather.PADS:
+    RULES[_t] = _generated(_pad)
+for _t in (*gather.MAX_POOL, *gather.AVG_POOL):
+    RULES[_t] = _generated(_pool)
+
+
 # ------------------------------------------------------------------------------------ reduction rules
 
 ROW = "cols"  # the column vector of a row kernel: reductions run over it
 
 
-def _row_input(node: fx.Node, idx: Index) -> tuple[fx.Node, Index]:
+def reduced_dims(node: fx.Node) -> tuple[int, ...]:
+    """The dims of its input a supported reduction reduces (sorted)."""
+    d = domain(node)
+    if d is None:
+        raise Unsupported(f"reduction {node.target} has no Triton lowering")
+    return d[1]
+
+
+def _row_input(em: Emitter, node: fx.Node, idx: Index) -> tuple[fx.Node, Index]:
+    """The reduction's input and its index: the kernel's column index (`em.cols`) in the reduced dims."""
     x = node.args[0]
-    if len(shape_of(node)) == len(shape_of(x)):  # keepdim, or a same-shape normalisation
-        xi = (*idx[:-1], ROW)
-    else:
-        xi = (*idx, ROW)
-    return x, xi
+    rank, dims = len(shape_of(x)), reduced_dims(node)
+    if any(d not in em.cols for d in dims):
+        raise Unsupported(f"{node.name} reduces other dims than the kernel's columns")
+    if len(shape_of(node)) == rank:  # keepdim, or a same-shape normalisation
+        return x, tuple(em.cols[d] if d in dims else idx[d] for d in range(rank))
+    kept = iter(idx)
+    return x, tuple(em.cols[d] if d in dims else next(kept) for d in range(rank))
 
 
 def _masked(em: Emitter, v: str, fill: str) -> str:
@@ -686,12 +846,12 @@ def _masked(em: Emitter, v: str, fill: str) -> str:
 
 def _reduce(kind: str):
     def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
-        x, xi = _row_input(node, idx)
+        x, xi = _row_input(em, node, idx)
         out, xd = dtype_of(node), dtype_of(x)
         if not xd.is_floating_point:
             raise Unsupported(f"{kind} over {xd}")
         v = em.cast(em.value(x, xi), xd, out)
-        n = shape_of(x)[-1]
+        n = math.prod(shape_of(x)[d] for d in reduced_dims(node))
         if kind in ("sum", "mean"):
             s = em.emit(f"tl.sum({_masked(em, v, '0.0')}, axis=1)[:, None]")
             return em.round(s if kind == "sum" else f"{s} / {n}", out)
@@ -700,13 +860,15 @@ def _reduce(kind: str):
     return rule
 
 
-def _row_check(node: fx.Node, idx: Index) -> None:
-    if idx[-1] != ROW:
+def _row_check(em: Emitter, node: fx.Node, idx: Index) -> None:
+    """Norms and softmax are lowered over trailing dims, the kernel's columns, at the columns' own index."""
+    dims = reduced_dims(node)
+    if any(em.cols.get(d) != idx[d] for d in dims):
         raise Unsupported(f"{node.name} is needed at another column than its row's")
 
 
 def _rms_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
-    _row_check(node, idx)
+    _row_check(em, node, idx)
     x, w, eps = node.args
     xd, out = dtype_of(x), dtype_of(node)
     xf = em.cast(em.value(x, idx), xd, torch.float32)
@@ -719,12 +881,10 @@ def _rms_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
 
 
 def _layer_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
-    _row_check(node, idx)
+    _row_check(em, node, idx)
     x, normalized, w, b, eps = node.args
-    if len(normalized) != 1:
-        raise Unsupported("layer norm over several dimensions")
     xd, out = dtype_of(x), dtype_of(node)
-    n = shape_of(x)[-1]
+    n = math.prod(shape_of(x)[-len(normalized):])
     xf = em.emit(em.cast(em.value(x, idx), xd, torch.float32))
     mean = em.emit(f"tl.sum({_masked(em, xf, '0.0')}, axis=1)[:, None] / {n}")
     d = em.emit(_masked(em, f"{xf} - {mean}", "0.0"))
@@ -739,7 +899,7 @@ def _layer_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
 
 def _softmax(log: bool):
     def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
-        _row_check(node, idx)
+        _row_check(em, node, idx)
         x, dim = node.args[0], node.args[1]
         if _dim(dim, len(shape_of(x))) != len(shape_of(x)) - 1:
             raise Unsupported("softmax over another dimension than the last")
@@ -754,31 +914,32 @@ def _softmax(log: bool):
     return rule
 
 
-def _reduction_over_last(node: fx.Node) -> bool:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    rank = len(shape_of(node.args[0]))
-    return (dims is not None and len(dims) == 1 and _dim(dims[0], rank) == rank - 1
-            and node.kwargs.get("dtype") is None)
-
-
 REDUCTIONS = {
     aten.sum.dim_IntList: _reduce("sum"), aten.mean.dim: _reduce("mean"), aten.amax.default: _reduce("max"),
+    aten.sum.default: _reduce("sum"), aten.mean.default: _reduce("mean"),
     aten.amin.default: _reduce("min"), tx.rms_norm.default: _rms_norm, tx.layer_norm.default: _layer_norm,
     tx.softmax.default: _softmax(False), aten._softmax.default: _softmax(False), aten.softmax.int: _softmax(False),
     aten._log_softmax.default: _softmax(True), aten.log_softmax.int: _softmax(True),
 }
 
 
-def reduction_input(node: fx.Node) -> fx.Node:
-    """The row-shaped operand a supported reduction anchor reduces over its last dimension."""
+def reduction_domain(node: fx.Node) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input shape, reduced dims) of a supported reduction anchor: sums, means, max and min over any dims,
+    norms and softmax over the last."""
     if node.target not in REDUCTIONS:
         raise Unsupported(f"reduction {node.target} has no Triton lowering")
-    if node.target in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default):
-        if not _reduction_over_last(node):
-            raise Unsupported(f"{node.target} over other dimensions than the last")
-    if node.target in (aten.softmax.int, aten.log_softmax.int) and _arg(node, 2, "dtype") is not None:
-        raise Unsupported("softmax with a dtype")
-    return node.args[0]
+    if node.kwargs.get("dtype") is not None or (node.target in (aten.softmax.int, aten.log_softmax.int)
+                                                and _arg(node, 2, "dtype") is not None):
+        raise Unsupported(f"{node.target} with a dtype")
+    shape, dims = domain(node) or ((), ())
+    if node.target is tx.layer_norm.default:
+        if dims != tuple(range(len(shape) - len(dims), len(shape))):
+            raise Unsupported(f"{node.target} over other dims than the trailing ones")
+    elif node.target in (tx.rms_norm.default, tx.softmax.default, aten.softmax.int, aten._softmax.default,
+                         aten.log_softmax.int, aten._log_softmax.default):
+        if dims != (len(shape) - 1,):
+            raise Unsupported(f"{node.target} over other dims than the last")
+    return shape, dims
 
 
 def body_nodes(body: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]]:

@@ -1,7 +1,8 @@
 """tvm backend: kernels lowered to TIR with explicit schedules and built with LLVM for the host CPU.
 
-Candidates per kernel: `tvm` (everything generated, GEMMs included) and, for GEMM kernels with an
-epilogue, `tvm+extern` (the library GEMM torch links, with the generated code fused around it) and
+Candidates per kernel: `tvm` (everything generated, GEMMs included) and, for GEMM and convolution kernels
+with an epilogue, `tvm+extern` (the library GEMM or convolution torch links, with the generated code fused
+around it) and
 `tvm+onednn` (the same around a oneDNN GEMM whose weight is packed once: fxcc.codegen.onednn). The
 codegen pass measures both against `extern` and keeps the fastest. Tensors cross into TVM through
 DLPack without copies; views are read through their strides.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from fxcc.codegen import Built, KernelFn, derived, onednn, reusable, tvm_omp
-from fxcc.dialects import GEMM, REFERENCE, KernelBody, classify
+from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
 
 name = "tvm"
 
@@ -80,7 +81,7 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
         out.append(TVMCandidate(kb, "tvm", None))
     except tl.Unsupported:
         pass
-    anchor = next((n for n in kb.body.graph.nodes if n.op == "call_function" and n.target in GEMM), None)
+    anchor = next((n for n in kb.body.graph.nodes if n.op == "call_function" and n.target in ANCHORS), None)
     if anchor is not None and _has_epilogue(kb.body, anchor):
         try:
             tl.Lowering(kb.body, split=anchor).run()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import tvm
+from fxcc import gather
 from fxcc.codegen import linear_weight
 from fxcc.codegen.tvm import split_bias
 from tvm import s_tir, te, tirx
@@ -304,6 +305,8 @@ class Lowering:
         handler = OPS.get(t)
         if handler is None:
             raise Unsupported(f"no TVM lowering for {t}")
+        if t in gather.OPS and not gather.generated(node):
+            raise Unsupported(f"{t} with these arguments is left to the library")
         return handler(self, node, *node.args, **node.kwargs)
 
     def val(self, a) -> Val:
@@ -408,6 +411,8 @@ for _t, _f in {
     aten.sigmoid.default: sigmoid, aten.erf.default: fast_erf, aten.sqrt.default: tirx.sqrt,
     aten.rsqrt.default: lambda x: const(1.0, dt(x)) / tirx.sqrt(x), aten.abs.default: tirx.abs,
     aten.log.default: tirx.log, aten.reciprocal.default: lambda x: const(1.0, dt(x)) / x,
+    aten.expm1.default: lambda x: fast_exp(x) - const(1.0, dt(x)), aten.log1p.default: tirx.log1p,
+    aten.clamp_min.default: lambda x, m: tirx.max(x, m), aten.clamp_max.default: lambda x, m: tirx.min(x, m),
     aten.relu.default: lambda x: tirx.max(x, const(0, dt(x))),
     aten.maximum.default: tirx.max, aten.minimum.default: tirx.min,
     aten.where.self: lambda c, a, b: tirx.Select(cast(c, "bool"), a, b),
@@ -599,6 +604,143 @@ def _slice(L, node, x, dim=0, start=None, end=None, step=1):
     return Val(_shape(node), v.dtype, at)
 
 
+# gathers (fxcc.codegen.gather): each output element from input elements at computed indices. Reads are
+# clamped into range and the value chosen after (Select evaluates both sides), so no read leaves a buffer.
+def _clamp_index(e, n: int):
+    return tirx.max(tirx.min(e, const(n - 1, "int32")), const(0, "int32"))
+
+
+def _inside(e, n: int):
+    return tirx.And(e >= const(0, "int32"), e < const(n, "int32"))
+
+
+def _all(conds: list):
+    out = conds[0]
+    for c in conds[1:]:
+        out = tirx.And(out, c)
+    return out
+
+
+@handles(aten.cat.default)
+def _cat(L, node, tensors, dim=0):
+    shape, dtype = _shape(node), _dtype(node)
+    dim %= len(shape)
+    parts, start = [], 0
+    for t in tensors:
+        v = L.val(t)
+        if len(v.shape) != len(shape):  # a legacy empty 1-D tensor
+            continue
+        parts.append((v, start, v.shape[dim]))
+        start += v.shape[dim]
+
+    def at(idx):
+        e = None
+        for v, off, n in reversed(parts):
+            src = list(idx)
+            src[dim] = _clamp_index(idx[dim] - off, n)
+            x = cast(v.at(src), dtype)
+            e = x if e is None else tirx.Select(idx[dim] < const(off + n, "int32"), x, e)
+        return e
+    return Val(shape, dtype, at)
+
+
+def _wrap(e, n: int):
+    """e mod n for e in [-n, 2n), by selects: TVM 0.27 miscompiles a floormod of a shifted index once the
+    loops around it are fused (checked in tests/test_tvm.py)."""
+    return tirx.Select(e < const(0, "int32"), e + const(n, "int32"),
+                       tirx.Select(e >= const(n, "int32"), e - const(n, "int32"), e))
+
+
+def _pad_index(e, n: int, mode: str):
+    """The source index of padded index `e` (already shifted by the padding before) in a dim of size n."""
+    if mode == "reflect":
+        r = tirx.abs(e)
+        return const(n - 1, "int32") - tirx.abs(const(n - 1, "int32") - r)
+    if mode == "circular":
+        return _wrap(e, n)
+    return _clamp_index(e, n)
+
+
+@handles(*gather.PADS)
+def _pad(L, node, x, *args, **kwargs):
+    p = gather.pad(node)
+    v, shape, dtype = L.val(x), _shape(node), _dtype(node)
+    first = len(shape) - len(p.before)
+
+    def at(idx):
+        src, conds = list(idx), []
+        for j, b in enumerate(p.before):
+            d, n = first + j, v.shape[first + j]
+            e = idx[d] - const(b, "int32")
+            src[d] = _pad_index(e, n, p.mode) if p.mode != "constant" else _clamp_index(e, n)
+            if p.mode == "constant":
+                conds.append(_inside(e, n))
+        y = cast(v.at(src), dtype)
+        return tirx.Select(_all(conds), y, const(p.value, dtype)) if conds else y
+    return Val(shape, dtype, at)
+
+
+@handles(aten.roll.default)
+def _roll(L, node, x, shifts, dims=()):
+    v, shape = L.val(x), _shape(node)
+    if not dims:  # the flattened tensor, rolled
+        n = math.prod(shape)
+
+        def flat(idx):
+            return v.at(delinearize(_wrap(linearize(idx, shape) - const(shifts[0] % n, "int32"), n), shape))
+        return Val(shape, v.dtype, flat)
+    by = {d % len(shape): s % shape[d % len(shape)] for d, s in zip(dims, shifts)}
+
+    def at(idx):
+        return v.at([_wrap(e - const(by[d], "int32"), shape[d]) if d in by else e for d, e in enumerate(idx)])
+    return Val(shape, v.dtype, at)
+
+
+@handles(*gather.MAX_POOL, *gather.AVG_POOL)
+def _pool(L, node, x, *args, **kwargs):
+    p = gather.pool(node)
+    v, shape, dtype = L.val(x), _shape(node), _dtype(node)
+    acc = "float32" if dtype in ("float16", "bfloat16") else dtype
+    k = len(p.kernel)
+    first = len(shape) - k
+    sizes = v.shape[first:]
+
+    def at(idx):
+        starts = [idx[first + d] * p.stride[d] - const(p.padding[d], "int32") for d in range(k)]
+        e = None
+        for tap in p.taps():
+            pos = [starts[d] + const(tap[d] * p.dilation[d], "int32") for d in range(k)]
+            src = list(idx[:first]) + [_clamp_index(q, n) for q, n in zip(pos, sizes)]
+            y = cast(v.at(src), acc)
+            inside = _all([_inside(q, n) for q, n in zip(pos, sizes)])
+            if p.kind == "max":
+                y = tirx.Select(inside, y, const(float("-inf"), acc))
+                e = y if e is None else tirx.max(e, y)
+            else:
+                y = tirx.Select(inside, y, const(0.0, acc))
+                e = y if e is None else e + y
+        if p.kind == "avg":
+            e = e / _avg_divisor(p, starts, sizes, acc)
+        return cast(e, dtype)
+    return Val(shape, dtype, at)
+
+
+def _avg_divisor(p: gather.Pool, starts: list, sizes: tuple[int, ...], dtype: str):
+    """divisor_override, or the window's extent clipped to the padded input (count_include_pad) or to the
+    input, as torch divides."""
+    if p.divisor:
+        return const(float(p.divisor), dtype)
+    div = None
+    for d, (s, n) in enumerate(zip(starts, sizes)):
+        end = tirx.min(s + const(p.kernel[d], "int32"), const(n + p.padding[d], "int32"))
+        if p.count_include_pad:
+            cnt = end - s
+        else:
+            cnt = tirx.min(end, const(n, "int32")) - tirx.max(s, const(0, "int32"))
+        div = cnt if div is None else div * cnt
+    return cast(div, dtype)
+
+
 # reductions: a stage per statistic over the last dim(s); the normalised value stays lazy
 def _rows(v: Val, ndims: int):
     return v.shape[:len(v.shape) - ndims], v.shape[len(v.shape) - ndims:]
@@ -608,7 +750,7 @@ def _row_reduce(L: Lowering, v: Val, ndims: int, body, kind: str = "sum", dtype:
     """A reduction over the last `ndims` dims. Over one dim divisible by the vector width it is built
     in two levels: `vec` interleaved partial results (which vectorise), then a short final reduction."""
     lead, red = _rows(v, ndims)
-    combine = te.sum if kind == "sum" else te.max
+    combine = _COMBINE[kind]
     vec = L.vec
     if ndims == 1 and red[0] % vec == 0 and red[0] >= 2 * vec:
         ko = te.reduce_axis((0, red[0] // vec), f"r{L.n_stage}")
@@ -668,7 +810,8 @@ def _rms_norm(L, node, x, w, eps):
     return Val(v.shape, dt, at)
 
 
-@handles(tx.softmax.default, aten._softmax.default, aten.softmax.int)
+@handles(tx.softmax.default, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
+         aten.log_softmax.int)
 def _softmax(L, node, x, dim, *rest):
     v = L.val(x)
     if dim % len(v.shape) != len(v.shape) - 1:
@@ -678,36 +821,69 @@ def _softmax(L, node, x, dim, *rest):
     e = lambda i: fast_exp(cast(v.at(i), acc) - m.at(i[:-1]))  # noqa: E731
     s = _row_reduce(L, v, 1, e)
     dt = _dtype(node)
+    if node.target in (aten._log_softmax.default, aten.log_softmax.int):
+        return Val(v.shape, dt, lambda i: cast(cast(v.at(i), acc) - m.at(i[:-1]) - tirx.log(s.at(i[:-1])), dt))
     return Val(v.shape, dt, lambda i: cast(e(i) / s.at(i[:-1]), dt))
 
 
-@handles(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default)
+_COMBINE = {"sum": te.sum, "max": te.max, "min": te.min}
+# a reduction of at least this many elements into fewer than _FEW results is split into chunks reduced in
+# parallel (and each into its own accumulator: a long fp32 sum loses digits in one), then the chunks' results
+_LONG, _FEW, _CHUNK = 8192, 64, 2048
+
+
+def _reduce_stage(L: Lowering, lead: tuple[int, ...], red: tuple[int, ...], body, kind: str) -> Val:
+    """A stage of shape `lead` reducing body(lead index, reduced index) over `red` (any number of dims)."""
+    combine, n = _COMBINE[kind], math.prod(red)
+    if n >= _LONG and math.prod(lead) < _FEW:
+        chunk = _fit(n, _CHUNK)
+        chunk = chunk if chunk >= _CHUNK // 8 else _CHUNK
+        parts = -(-n // chunk)
+        c = te.reduce_axis((0, chunk), f"c{L.n_stage}")
+
+        def part(*i):
+            k = i[-1] * chunk + c.var
+            x = body(list(i[:-1]), delinearize(k, red))
+            return combine(x, axis=c) if n % chunk == 0 else combine(x, axis=c, where=k < n)
+        pt = L.stage(lead + (parts,), part, "chunks")
+        p = te.reduce_axis((0, parts), f"p{L.n_stage}")
+        return L.stage(lead, lambda *i: combine(pt.at(list(i) + [p.var]), axis=p), "reduction")
+    axes = [te.reduce_axis((0, m), f"r{L.n_stage}_{j}") for j, m in enumerate(red)]
+    return L.stage(lead, lambda *i: combine(body(list(i), [a.var for a in axes]), axis=axes), "reduction")
+
+
+@handles(aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
+         aten.amin.default)
 def _reduce(L, node, x, dims=None, keepdim=False, dtype=None):
     v = L.val(x)
     nd = len(v.shape)
-    dims = sorted({d % nd for d in (dims if dims else range(nd))})
+    dims = sorted({d % nd for d in (dims if dims else range(nd))}) if nd else []
     keep = [d for d in range(nd) if d not in dims]
-    axes = [te.reduce_axis((0, v.shape[d]), f"r{L.n_stage}_{d}") for d in dims]
     out_dt = _dtype(node)
-    kind = "max" if node.target is aten.amax.default else "sum"
+    acc = "float32" if out_dt in ("float16", "bfloat16") else out_dt
+    kind = {aten.amax.default: "max", aten.amin.default: "min"}.get(node.target, "sum")
 
-    def fn(*i):
-        src = [None] * nd
-        for d, iv in zip(keep, i):
-            src[d] = iv
-        for d, a in zip(dims, axes):
-            src[d] = a.var
-        e = cast(v.at(src), out_dt)
-        return te.sum(e, axis=axes) if kind == "sum" else te.max(e, axis=axes)
-    st = L.stage(tuple(v.shape[d] for d in keep), fn, "reduction")
+    def src(i, r):
+        at = [None] * nd
+        for d, e in [*zip(keep, i), *zip(dims, r)]:
+            at[d] = e
+        return at
+    st = _reduce_stage(L, tuple(v.shape[d] for d in keep), tuple(v.shape[d] for d in dims),
+                       lambda i, r: cast(v.at(src(i, r)), acc), kind)
     n = math.prod(v.shape[d] for d in dims)
-    shape = _shape(node)
+    mean = node.target in (aten.mean.dim, aten.mean.default)
 
     def at(idx):
-        i = [idx[d] for d in keep] if keepdim else list(idx)
-        r = st.at(i)
-        return r / const(float(n), out_dt) if node.target is aten.mean.dim else r
-    return Val(shape, out_dt, at)
+        r = st.at([idx[d] for d in keep] if keepdim else list(idx))
+        return cast(r / const(float(n), acc) if mean else r, out_dt)
+    return Val(_shape(node), out_dt, at)
+
+
+@handles(aten.scalar_tensor.default, aten.full.default)
+def _constant(L, node, *args, **kwargs):
+    value = args[0] if node.target is aten.scalar_tensor.default else args[1]
+    c = const(value, _dtype(node))
+    return Val(_shape(node), _dtype(node), lambda idx: c)
 
 
 # attention: scores, row max, probabilities, row sum and P @ V as stages computed per (batch, head)
@@ -840,6 +1016,9 @@ def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
             name = st.tensor.op.name
             if name in placed or st.role not in ("reduction", "partial"):
                 continue
+            lead = tuple(st.tensor.shape)[:-1] if st.role == "partial" else tuple(st.tensor.shape)
+            if tuple(int(n) for n in lead) != tuple(int(n) for n in t.shape[:-1]):
+                continue  # not one result per row of this output: computed once, before it
             try:
                 sch.compute_at(sch.get_sblock(name), rows, preserve_unit_loops=True)
             except Exception:  # another output consumes it too: it stays a root stage

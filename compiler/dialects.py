@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
+from . import gather
+
 aten = torch.ops.aten
 
 # ----------------------------------------------------------------------------------------- tx level
@@ -603,6 +605,11 @@ def dialect_of(target: Any) -> str:
 tx = torch.ops.fxcc_tx
 GEMM = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default,
         aten.baddbmm.default}
+# convolutions run in the library like GEMMs, with what follows them fused as a generated epilogue
+CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+        aten.conv3d.padding, aten.convolution.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+        aten.conv_transpose3d.input}
+ANCHORS = GEMM | CONV
 REDUCTION = {tx.rms_norm.default, tx.layer_norm.default, tx.softmax.default, aten.softmax.int,
              aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
              aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
@@ -653,11 +660,12 @@ def classify(node: fx.Node) -> tuple[str, str]:
         return "eager", f"{op_name(t)} has sizes that depend on tensor values (known only at run time)"
     if not isinstance(node.meta.get("val"), torch.Tensor):
         return "extern", ""  # multi-output ops
-    if t in GEMM:
+    if t in ANCHORS:
         return "gemm", ""
     if t in REDUCTION:
         return "reduction", ""
-    if t in POINTWISE_TX or t in POINTWISE_EXTRA or torch.Tag.pointwise in t.tags:
+    if t in POINTWISE_TX or t in POINTWISE_EXTRA or torch.Tag.pointwise in t.tags or (t in gather.OPS
+                                                                                       and gather.generated(node)):
         return "pointwise", ""
     if any(r.alias_info is not None for r in t._schema.returns) or t in (aten.reshape.default, aten.flatten.using_ints):
         return "view", ""
@@ -669,3 +677,28 @@ def _data_dependent(node: fx.Node) -> bool:
     `nonzero`, `item`, a split by computed sizes). Kernels are built for sizes known at compile time."""
     vals = [node.meta.get("val"), *(a.meta.get("val") for a in node.all_input_nodes)]
     return any(free_unbacked_symbols(v) for v in vals if v is not None)
+
+
+def domain(node: fx.Node) -> tuple | None:
+    """(input shape, reduced dims) of a reduction: two reductions over one domain share their loops (a
+    softmax's max and sum, a norm's mean and variance), so they may share a kernel. None when unknown."""
+    t, x = node.target, node.args[0] if node.args else None
+    v = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return None
+    rank = v.dim()
+    if t is tx.rms_norm.default:
+        dims = [rank - 1]
+    elif t in (tx.layer_norm.default, aten.layer_norm.default):
+        dims = list(range(rank - len(node.args[1]), rank))
+    elif t in (tx.softmax.default, aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
+               aten._log_softmax.default):
+        dims = [node.args[1]]
+    elif t in (aten.sum.default, aten.mean.default):
+        dims = list(range(rank))
+    elif t in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction):
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = list(range(rank)) if not d else [d] if isinstance(d, int) else list(d)
+    else:
+        return None
+    return tuple(v.shape), tuple(sorted(d % rank for d in dims))

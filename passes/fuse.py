@@ -1,7 +1,8 @@
 """fuse: group aten/tx ops into `kernel` ops (the lowering that decides fusion; codegen only emits).
 
-Groups grow greedily in program order. A group has at most one anchor (a gemm or a reduction);
-pointwise ops join the group of a producer (as prologue of a reduction or epilogue of an anchor);
+Groups grow greedily in program order. A group has at most one anchor (a gemm or a convolution), or
+reductions over one domain; pointwise ops join the group of a producer (as prologue of a reduction or epilogue
+of an anchor), and merge the other pointwise groups they read;
 views join their producer's group and never start one. Ops run by a library form single-op `extern`
 kernels. Ops fxcc does not know (user custom ops, mutating ops, ops without shape functions, Python
 calls) stay in the graph and run eagerly, marked with the reason, which `fxcc explain` reports.
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from fxcc import ir
-from fxcc.dialects import KERNEL_OPS, KernelBody, classify, intern_body, is_size
+from fxcc import gather, ir
+from fxcc.dialects import KERNEL_OPS, REDUCTION, KernelBody, classify, domain, intern_body, is_size
 from fxcc.passes.canonicalize import storage_written
 from fxcc.pipeline import Pass, PassContext, PassResult
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -80,6 +81,8 @@ class Fuse(Pass):
                 eager += 1
                 continue
             target = self._choose(node, cat, group_of, pos, epoch)
+            if target is not None and cat == "pointwise":
+                _absorb(node, target, group_of, groups, pos)
             if target is None:
                 if cat == "view":
                     continue  # a view of a graph input or of an eager value stays a plain view
@@ -106,13 +109,44 @@ class Fuse(Pass):
                 continue
             if cat == "pointwise" and g.kind == "extern":
                 continue
-            if cat == "reduction" and g.anchored:
+            if cat == "reduction" and g.anchored and not _same_domain(g, node):
                 continue
             candidates.append(g)
         for g in sorted(candidates, key=lambda g: -g.first):
             if not any(x not in g.members and _depends_on(x, g, group_of, pos) for x in node.all_input_nodes):
                 return g
         return None
+
+
+def _same_domain(g: Group, node: fx.Node) -> bool:
+    """Whether reduction `node` reduces what every reduction of group `g` reduces (so they share loops)."""
+    d = domain(node)
+    return (g.kind == "reduction" and d is not None
+            and all(domain(m) == d for m in g.members if m.target in REDUCTION))
+
+
+def _absorb(node: fx.Node, g: Group, group_of: dict, groups: list[Group], pos: dict) -> None:
+    """Merge into `g` (which pointwise `node` joins) the other pointwise groups `node` reads, when their
+    values have node's shape (or `node` copies them: a concatenation, a pad) and no value outside both groups
+    runs between them (no cycle)."""
+    shape = node.meta["val"].shape
+    for x in node.all_input_nodes:
+        h = group_of.get(x)
+        if h is None or h is g or h.kind != "pointwise" or h.epoch != g.epoch:  # never across an in-place write
+            continue
+        if any(not isinstance(m.meta.get("val"), torch.Tensor) or (m.meta["val"].shape != shape and
+                                                                    node.target not in gather.COPIES)
+               for m in h.members):
+            continue
+        outside = [i for a, b in ((h, g), (g, h)) for m in a.members for i in m.all_input_nodes
+                   if group_of.get(i) not in (g, h)]
+        if any(_depends_on(i, g, group_of, pos) or _depends_on(i, h, group_of, pos) for i in outside):
+            continue
+        g.members = sorted(g.members + h.members, key=pos.__getitem__)
+        g.first = min(g.first, h.first)
+        for m in h.members:
+            group_of[m] = g
+        groups.remove(h)
 
 
 def _depends_on(x: fx.Node, g: Group, group_of: dict, pos: dict) -> bool:

@@ -179,9 +179,43 @@ def test_row_reductions_and_softmax():
         assert_candidate_matches(kb, "triton", {"ROWS": 4, "num_warps": 2})
 
 
-def test_reduction_over_another_dimension_is_left_to_extern():
-    kb = only(kernels_of(lambda x: x.sum(0), torch.randn(4, 6)), "reduction")
-    assert backend.candidates(kb, "cpu") == []
+@pytest.mark.parametrize("fn", [lambda x: x.sum(0), lambda x: x.amax((0, 2), keepdim=True) * x,
+                                lambda x: x.mean(1), lambda x: (x - x.amax(0)).exp().sum(0), lambda x: x.sum()],
+                         ids=["sum0", "amax02_keepdim", "mean1", "max_and_sum0", "all"])
+def test_reductions_over_other_dimensions_are_row_kernels(fn):
+    """Rows are the kept dims, columns the reduced ones; a max and a sum over one domain share the kernel."""
+    for kb in of_kind(kernels_of(fn, torch.randn(4, 6, 5)), "reduction"):
+        assert_candidate_matches(kb, "triton")
+
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.max_pool2d(x.relu(), 3, 2, 1), lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True),
+    lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), lambda x: F.max_pool2d(x, 2, 1, dilation=2),
+    lambda x: torch.cat([x, x.exp()], 1) * 2, lambda x: F.pad(x, (1, 2, 3, 0), value=0.5),
+    lambda x: F.pad(x, (2, 2, 1, 1), mode="reflect"), lambda x: F.pad(x, (2, 1, 1, 2), mode="replicate"),
+    lambda x: F.pad(x, (2, 1, 1, 2), mode="circular"), lambda x: torch.roll(x, (2, -3), (2, 3)),
+    lambda x: torch.roll(x, 5), lambda x: F.avg_pool2d(x, 7), lambda x: F.pad(x[:, :, :1, :1], (1, 1, 1, 1)),
+], ids=["max", "avg_ceil", "avg_no_pad_count", "max_dilated", "cat", "pad", "reflect", "replicate", "circular",
+        "roll", "roll_flat", "avg_to_one", "pad_of_one"])
+def test_gathers(fn):
+    for kb in of_kind(kernels_of(fn, torch.randn(2, 3, 7, 8)), "pointwise"):
+        assert_candidate_matches(kb, "triton")
+
+
+def test_norms_over_several_trailing_dims_and_read_back_through_views():
+    """A layer norm over the last two dims; a group norm's statistics over (group, rest), its result viewed
+    back to the input's shape and scaled per channel in the same row kernel."""
+    norm = nn.GroupNorm(2, 6).eval()
+
+    def f(x):
+        return F.layer_norm(x, x.shape[-2:]), norm(x)
+    cm = fxcc.compile(f, passes="decompose," + EXTERN)
+    cm(torch.randn(2, 6, 5, 4))
+    kbs = [k.body for k in cm.fxcc.variants[-1].kernels.values()]
+    assert len(kbs) == 2 and all(kb.kind == "reduction" for kb in kbs)
+    for kb in kbs:
+        assert_candidate_matches(kb, "triton")
 
 
 # ------------------------------------------------------------------------------------------------- GEMMs

@@ -112,6 +112,52 @@ def test_softmax_and_reductions_over_dims():
     compile_tvm(f, torch.randn(4, 6, 32), kinds=("reduction",), atol=1e-5)
 
 
+def test_full_and_long_reductions_in_parallel_chunks():
+    """Few results from many elements: chunks reduced in parallel, each in its own accumulator, so a long fp32
+    sum of positive terms keeps its digits (a single accumulator drifts by far more than 1e-5)."""
+    def f(x):
+        y = x.abs() + 1
+        return y.mean(), y.sum((0, 1)), x.amin((0, 2)), x.amax()
+    torch.manual_seed(0)
+    compile_tvm(f, torch.randn(33, 65, 61), kinds=("reduction",), atol=1e-5)
+
+
+def test_log_softmax_and_pointwise_ops_of_decompositions():
+    def f(x):
+        return x.log_softmax(-1), torch.expm1(x * 0.1), torch.log1p(x.abs()), x.clamp_min(0.1), x.clamp_max(-0.2)
+    torch.manual_seed(0)
+    compile_tvm(f, torch.randn(6, 40), kinds=("reduction", "pointwise"), atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.max_pool2d(x, 3, 2, 1), lambda x: F.avg_pool2d(x, 2),
+    lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True), lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+    lambda x: F.max_pool2d(x, 2, 1, dilation=2), lambda x: F.max_pool1d(x.flatten(2), 4, 3, ceil_mode=True),
+    lambda x: F.avg_pool3d(x.unflatten(1, (2, 3)), 2), lambda x: F.avg_pool2d(x.relu(), 2, divisor_override=3),
+], ids=["max3s2p1", "avg2", "avg_ceil", "avg_no_pad_count", "max_dilated", "max1d_ceil", "avg3d", "avg_divisor"])
+def test_pooling_windows_are_generated(fn):
+    torch.manual_seed(0)
+    compile_tvm(fn, torch.randn(2, 6, 9, 10), kinds=("pointwise",), atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x, y: torch.cat([x, y.relu(), x * 2], dim=1), lambda x, y: F.pad(x, (1, 2, 3, 0)) * 2,
+    lambda x, y: F.pad(x, (2, 2, 1, 1), mode="reflect"), lambda x, y: F.pad(x, (2, 1, 1, 2), mode="replicate"),
+    lambda x, y: F.pad(x, (2, 1, 1, 2), mode="circular"), lambda x, y: F.pad(x, (1, -1, -2, 0), value=0.5),
+    lambda x, y: torch.roll(x, (2, -3), (2, 3)) + y, lambda x, y: torch.roll(x, 5),
+], ids=["cat", "pad", "reflect", "replicate", "circular", "crop", "roll", "roll_flat"])
+def test_concat_pad_and_roll_are_generated(fn):
+    torch.manual_seed(0)
+    compile_tvm(fn, torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 7), kinds=("pointwise",))
+
+
+def test_roll_after_a_reshape_under_fused_loops():
+    """TVM 0.27 drops a term of floormod(i - s, n) once the loops around it are fused: rolls are selects."""
+    def f(y, r):
+        return r + torch.roll(y.view(1, 8, 8, 32), (2, 2), (1, 2))
+    compile_tvm(f, torch.randn(4, 16, 32), torch.randn(1, 8, 8, 32), kinds=("pointwise",))
+
+
 def test_gemms_with_epilogues():
     w1, b1 = torch.randn(48, 32), torch.randn(48)
 
