@@ -25,7 +25,7 @@ from . import ir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "canonicalize,raise,merge-linears,fuse,codegen"
+DEFAULT_PIPELINE = "decompose,canonicalize,raise,merge-linears,fuse,codegen"
 
 
 @dataclass
@@ -85,6 +85,7 @@ def _fmt(v: Any) -> str:
 
 # every pass by name: "module:Class" until first use, then the class (`pass_class`)
 PASSES: dict[str, str | type[Pass]] = {
+    "decompose": "fxcc.passes.decompose:Decompose",
     "canonicalize": "fxcc.passes.canonicalize:Canonicalize",
     "raise": "fxcc.passes.raising:Raise",
     "merge-linears": "fxcc.passes.merge_linears:MergeLinears",

@@ -90,8 +90,8 @@ class Canonicalize(Pass):
         folded = 0
         budget = self.max_fold_mb * 2**20
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node not in const or is_view(node):
-                continue
+            if node.op != "call_function" or node not in const or (is_view(node) and not _of_computed(node)):
+                continue  # a view of a parameter stays a view of it (no copy of a weight)
             value = const[node]
             if not isinstance(value, torch.Tensor):
                 continue
@@ -106,12 +106,21 @@ class Canonicalize(Pass):
             name = _fresh(gm, f"_folded_{node.name}")
             value = value.contiguous() if not value.is_contiguous() else value
             gm.register_buffer(name, computed_from(value, *sources[node]), persistent=False)
-            with gm.graph.inserting_before(node):
+            # with the parameters, before any computation (passes that add parameters append them there)
+            first = next(n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
+            with gm.graph.inserting_before(first):
                 attr = gm.graph.get_attr(name)
             attr.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
             node.replace_all_uses_with(attr)
             folded += 1
         return folded
+
+
+def _of_computed(node: fx.Node) -> bool:
+    """Whether view `node` looks at a value computed from parameters (a batch norm's scale), not at one."""
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.op == "call_function"
 
 
 def storage_written(gm: fx.GraphModule) -> set[fx.Node]:

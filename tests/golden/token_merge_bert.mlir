@@ -36,24 +36,17 @@ func @forward(%attention_mask: tensor<2x8xi64>, %input_ids: tensor<2x8xi64>) {
   %encoder_layer_1_output_layer_norm_bias = param "encoder.layer.1.output.LayerNorm.bias" : tensor<32xf32>
   %pooler_dense_weight = param "pooler.dense.weight" : tensor<32x32xf32>
   %pooler_dense_bias = param "pooler.dense.bias" : tensor<32xf32>
-  %embedding = aten.embedding(%embeddings_word_embeddings_weight, %input_ids) {padding_idx = 0} : (tensor<100x32xf32>, tensor<2x8xi64>) -> tensor<2x8x32xf32>
   %_folded_embedding_1 = param "_folded_embedding_1" : tensor<2x8x32xf32>
-  %add = aten.add.Tensor(%embedding, %_folded_embedding_1) : (tensor<2x8x32xf32>, tensor<2x8x32xf32>) -> tensor<2x8x32xf32>
   %_folded_embedding_2 = param "_folded_embedding_2" : tensor<1x8x32xf32>
+  %_folded_unsqueeze_2 = param "_folded_unsqueeze_2" : tensor<2x1x1x1xi64>
+  %_folded_unsqueeze_11 = param "_folded_unsqueeze_11" : tensor<1x1x1x8xi64>
+  %_folded_and_1 = param "_folded_and_1" : tensor<1x1x8x1xi1>
+  %embedding = aten.embedding(%embeddings_word_embeddings_weight, %input_ids) {padding_idx = 0} : (tensor<100x32xf32>, tensor<2x8xi64>) -> tensor<2x8x32xf32>
+  %add = aten.add.Tensor(%embedding, %_folded_embedding_1) : (tensor<2x8x32xf32>, tensor<2x8x32xf32>) -> tensor<2x8x32xf32>
   %add_1 = aten.add.Tensor(%add, %_folded_embedding_2) : (tensor<2x8x32xf32>, tensor<1x8x32xf32>) -> tensor<2x8x32xf32>
   %layer_norm = aten.layer_norm(%add_1, %embeddings_layer_norm_weight, %embeddings_layer_norm_bias) {normalized_shape = [32], eps = 1e-12, cudnn_enable = false} : (tensor<2x8x32xf32>, tensor<32xf32>, tensor<32xf32>) -> tensor<2x8x32xf32>
   %to = aten.to.device(%attention_mask) {device = "cpu", dtype = i1} : (tensor<2x8xi64>) -> tensor<2x8xi1>
-  %arange = aten.arange() {end = 2, device = "cpu", pin_memory = false} : () -> tensor<2xi64>
-  %arange_2 = aten.arange() {end = 8, device = "cpu", pin_memory = false} : () -> tensor<8xi64>
-  %add_2 = aten.add.Tensor(%arange_2) {other = 0} : (tensor<8xi64>) -> tensor<8xi64>
-  %unsqueeze = aten.unsqueeze(%arange) {dim = 1} : (tensor<2xi64>) -> tensor<2x1xi64>
-  %unsqueeze_1 = aten.unsqueeze(%unsqueeze) {dim = 2} : (tensor<2x1xi64>) -> tensor<2x1x1xi64>
-  %unsqueeze_2 = aten.unsqueeze(%unsqueeze_1) {dim = 3} : (tensor<2x1x1xi64>) -> tensor<2x1x1x1xi64>
-  %unsqueeze_6 = aten.unsqueeze(%add_2) {dim = 0} : (tensor<8xi64>) -> tensor<1x8xi64>
-  %unsqueeze_7 = aten.unsqueeze(%unsqueeze_6) {dim = 1} : (tensor<1x8xi64>) -> tensor<1x1x8xi64>
-  %unsqueeze_11 = aten.unsqueeze(%unsqueeze_7) {dim = 2} : (tensor<1x1x8xi64>) -> tensor<1x1x1x8xi64>
-  %_folded_and_1 = param "_folded_and_1" : tensor<1x1x8x1xi1>
-  %index = aten.index.Tensor(%to, [%unsqueeze_2, %unsqueeze_11]) : (tensor<2x8xi1>, (tensor<2x1x1x1xi64>, tensor<1x1x1x8xi64>)) -> tensor<2x1x1x8xi1>
+  %index = aten.index.Tensor(%to, [%_folded_unsqueeze_2, %_folded_unsqueeze_11]) : (tensor<2x8xi1>, (tensor<2x1x1x1xi64>, tensor<1x1x1x8xi64>)) -> tensor<2x1x1x8xi1>
   %to_2 = aten.to.dtype_layout(%index) {dtype = i1, layout = strided, device = "cpu"} : (tensor<2x1x1x8xi1>) -> tensor<2x1x1x8xi1>
   %and_2 = aten.__and__.Tensor(%_folded_and_1, %to_2) : (tensor<1x1x8x1xi1>, tensor<2x1x1x8xi1>) -> tensor<2x1x8x8xi1>
   %expand_2 = aten.expand(%and_2) {size = [2, -1, 8, 8]} : (tensor<2x1x8x8xi1>) -> tensor<2x1x8x8xi1>

@@ -3,7 +3,8 @@ func @forward(%input_ids: tensor<1x8xi64>, %use_cache: index) {
   %layers_0_input_layernorm_weight = param "layers.0.input_layernorm.weight" : tensor<64xf32>
   %layers_0_post_attention_layernorm_weight = param "layers.0.post_attention_layernorm.weight" : tensor<64xf32>
   %norm_weight = param "norm.weight" : tensor<64xf32>
-  %rotary_emb_inv_freq = param "rotary_emb.inv_freq" : tensor<8xf32>
+  %_folded_unsqueeze_14 = param "_folded_unsqueeze_14" : tensor<1x1x8x16xf32>
+  %_folded_unsqueeze_15 = param "_folded_unsqueeze_15" : tensor<1x1x8x16xf32>
   %tp_layers_0_self_attn_q_proj_weight = param "tp_layers_0_self_attn_q_proj_weight" : tensor<32x64xf32>
   %tp_layers_0_self_attn_k_proj_weight = param "tp_layers_0_self_attn_k_proj_weight" : tensor<16x64xf32>
   %tp_layers_0_self_attn_v_proj_weight = param "tp_layers_0_self_attn_v_proj_weight" : tensor<16x64xf32>
@@ -12,20 +13,6 @@ func @forward(%input_ids: tensor<1x8xi64>, %use_cache: index) {
   %tp_layers_0_mlp_up_proj_weight = param "tp_layers_0_mlp_up_proj_weight" : tensor<64x64xf32>
   %tp_layers_0_mlp_down_proj_weight = param "tp_layers_0_mlp_down_proj_weight" : tensor<64x64xf32>
   %embedding = aten.embedding(%embed_tokens_weight, %input_ids) : (tensor<100x64xf32>, tensor<1x8xi64>) -> tensor<1x8x64xf32>
-  %arange = aten.arange() {end = 8, device = "cpu", pin_memory = false} : () -> tensor<8xi64>
-  %add = aten.add.Tensor(%arange) {other = 0} : (tensor<8xi64>) -> tensor<8xi64>
-  %unsqueeze = aten.unsqueeze(%add) {dim = 0} : (tensor<8xi64>) -> tensor<1x8xi64>
-  %unsqueeze_13 = aten.unsqueeze(%unsqueeze) {dim = 2} : (tensor<1x8xi64>) -> tensor<1x8x1xi64>
-  %to_2 = aten.to.dtype(%unsqueeze_13) {dtype = f32} : (tensor<1x8x1xi64>) -> tensor<1x8x1xf32>
-  %to_3 = aten.to.device(%rotary_emb_inv_freq) {device = "cpu", dtype = f32} : (tensor<8xf32>) -> tensor<8xf32>
-  %mul = aten.mul.Tensor(%to_2, %to_3) : (tensor<1x8x1xf32>, tensor<8xf32>) -> tensor<1x8x8xf32>
-  %cat = aten.cat([%mul, %mul]) {dim = -1} : ((tensor<1x8x8xf32>, tensor<1x8x8xf32>)) -> tensor<1x8x16xf32>
-  %cos = aten.cos(%cat) : (tensor<1x8x16xf32>) -> tensor<1x8x16xf32>
-  %mul_1 = aten.mul.Tensor(%cos) {other = 1.0} : (tensor<1x8x16xf32>) -> tensor<1x8x16xf32>
-  %sin = aten.sin(%cat) : (tensor<1x8x16xf32>) -> tensor<1x8x16xf32>
-  %mul_2 = aten.mul.Tensor(%sin) {other = 1.0} : (tensor<1x8x16xf32>) -> tensor<1x8x16xf32>
-  %to_4 = aten.to.dtype(%mul_1) {dtype = f32} : (tensor<1x8x16xf32>) -> tensor<1x8x16xf32>
-  %to_5 = aten.to.dtype(%mul_2) {dtype = f32} : (tensor<1x8x16xf32>) -> tensor<1x8x16xf32>
   %to_6 = aten.to.dtype(%embedding) {dtype = f32} : (tensor<1x8x64xf32>) -> tensor<1x8x64xf32>
   %rms_norm_default_2 = tx.rms_norm(%embedding, %layers_0_input_layernorm_weight) {eps = 1e-06} : (tensor<1x8x64xf32>, tensor<64xf32>) -> tensor<1x8x64xf32>
   %linear = aten.linear(%rms_norm_default_2, %tp_layers_0_self_attn_q_proj_weight) : (tensor<1x8x64xf32>, tensor<32x64xf32>) -> tensor<1x8x32xf32>
@@ -37,10 +24,8 @@ func @forward(%input_ids: tensor<1x8xi64>, %use_cache: index) {
   %linear_2 = aten.linear(%rms_norm_default_2, %tp_layers_0_self_attn_v_proj_weight) : (tensor<1x8x64xf32>, tensor<16x64xf32>) -> tensor<1x8x16xf32>
   %view_2 = aten.view(%linear_2) {size = [1, 8, 1, 16]} : (tensor<1x8x16xf32>) -> tensor<1x8x1x16xf32>
   %transpose_2 = aten.transpose.int(%view_2) {dim0 = 1, dim1 = 2} : (tensor<1x8x1x16xf32>) -> tensor<1x1x8x16xf32>
-  %unsqueeze_14 = aten.unsqueeze(%to_4) {dim = 1} : (tensor<1x8x16xf32>) -> tensor<1x1x8x16xf32>
-  %unsqueeze_15 = aten.unsqueeze(%to_5) {dim = 1} : (tensor<1x8x16xf32>) -> tensor<1x1x8x16xf32>
-  %rotary_default = tx.rotary(%transpose, %unsqueeze_14, %unsqueeze_15) : (tensor<1x2x8x16xf32>, tensor<1x1x8x16xf32>, tensor<1x1x8x16xf32>) -> tensor<1x2x8x16xf32>
-  %rotary_default_1 = tx.rotary(%transpose_1, %unsqueeze_14, %unsqueeze_15) : (tensor<1x1x8x16xf32>, tensor<1x1x8x16xf32>, tensor<1x1x8x16xf32>) -> tensor<1x1x8x16xf32>
+  %rotary_default = tx.rotary(%transpose, %_folded_unsqueeze_14, %_folded_unsqueeze_15) : (tensor<1x2x8x16xf32>, tensor<1x1x8x16xf32>, tensor<1x1x8x16xf32>) -> tensor<1x2x8x16xf32>
+  %rotary_default_1 = tx.rotary(%transpose_1, %_folded_unsqueeze_14, %_folded_unsqueeze_15) : (tensor<1x1x8x16xf32>, tensor<1x1x8x16xf32>, tensor<1x1x8x16xf32>) -> tensor<1x1x8x16xf32>
   %attention_default_1 = tx.attention(%rotary_default, %rotary_default_1, %transpose_2) {scale = 0.25, is_causal = true} : (tensor<1x2x8x16xf32>, tensor<1x1x8x16xf32>, tensor<1x1x8x16xf32>) -> tensor<1x2x8x16xf32>
   %reshape_2 = aten.reshape(%attention_default_1) {shape = [1, 2, 8, 16]} : (tensor<1x2x8x16xf32>) -> tensor<1x2x8x16xf32>
   %transpose_3 = aten.transpose.int(%reshape_2) {dim0 = 1, dim1 = 2} : (tensor<1x2x8x16xf32>) -> tensor<1x8x2x16xf32>

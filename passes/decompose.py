@@ -1,0 +1,272 @@
+"""decompose: ops with no lowering of their own -> the aten ops they are made of, so that fusion groups them
+and the generated code (TVM, Triton) covers them.
+
+Each op of `ROOTS` is traced through torch's decomposition tables (inference batch norm, ELU/SELU/CELU,
+leaky ReLU, hardtanh, hardswish, hardsigmoid, mish, softplus, log-sigmoid, logsumexp, MSE loss, softmax and
+log-softmax along a dim other than the last, RMSNorm) or through the few decompositions written here where
+torch's go through prims or none exists (group and instance norm, variance and standard deviation:
+statistics as means of the input and of its squared deviations; split, chunk, unbind and stack as the views
+they are; global average pooling as a mean). The decomposition replaces the op only when every op it yields
+is one fusion lowers (pointwise, reduction or view); otherwise the op stays as it is. Runs before
+`canonicalize`, which then folds what the parameters alone compute (a batch norm's scale and shift).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from fxcc.dialects import classify
+from fxcc.pipeline import Pass, PassContext, PassResult
+from fxcc.rewrite import Rewriter
+from torch._decomp import get_decompositions
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+aten = torch.ops.aten
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _normalize(x: torch.Tensor, dims: list[int], eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over `dims`, with the biased variance as the mean squared deviation."""
+    d = x - aten.mean.dim(x, dims, True)
+    return d * aten.rsqrt(aten.mean.dim(d * d, dims, True) + eps)
+
+
+def _affine(y: torch.Tensor, weight, bias, channels: int) -> torch.Tensor:
+    shape = [1, channels] + [1] * (y.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def group_norm(x, groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    n, c = x.shape[:2]
+    y = _normalize(x.to(_stats_dtype(x)).reshape(n, groups, -1), [2], eps).reshape(x.shape)
+    return _affine(y, weight, bias, c).to(x.dtype)
+
+
+def instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled):
+    if not use_input_stats:  # the running statistics: an inference batch norm
+        return aten.batch_norm.default(x, weight, bias, running_mean, running_var, False, momentum, eps,
+                                       cudnn_enabled)
+    y = _normalize(x.to(_stats_dtype(x)), list(range(2, x.dim())), eps)
+    return _affine(y, weight, bias, x.shape[1]).to(x.dtype)
+
+
+def var(x, dims=None, *, correction=None, keepdim=False):
+    dims = list(range(x.dim())) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    d = x - aten.mean.dim(x, dims, True)
+    return aten.sum.dim_IntList(d * d, dims, keepdim) / max(0, n - (1 if correction is None else correction))
+
+
+def std(x, dims=None, *, correction=None, keepdim=False):
+    return aten.sqrt(var(x, dims, correction=correction, keepdim=keepdim))
+
+
+def _var_dim(x, dims, unbiased=True, keepdim=False):
+    return var(x, dims, correction=1 if unbiased else 0, keepdim=keepdim)
+
+
+def _std_dim(x, dims, unbiased=True, keepdim=False):
+    return std(x, dims, correction=1 if unbiased else 0, keepdim=keepdim)
+
+
+def split_with_sizes(x, sizes, dim=0):
+    out, start = [], 0
+    for n in sizes:
+        out.append(aten.slice.Tensor(x, dim, start, start + n))
+        start += n
+    return out
+
+
+def split(x, size, dim=0):
+    n = x.shape[dim]
+    return split_with_sizes(x, [min(size, n - i) for i in range(0, n, size)] if n else [0], dim)
+
+
+def chunk(x, chunks, dim=0):
+    n = x.shape[dim]
+    return split(x, -(-n // chunks) if n else 1, dim)
+
+
+def unbind(x, dim=0):
+    return [aten.select.int(x, dim, i) for i in range(x.shape[dim])]
+
+
+def broadcast_tensors(tensors):
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return [t if t.shape == shape else aten.expand.default(t, list(shape)) for t in tensors]
+
+
+def stack(tensors, dim=0):
+    return aten.cat.default([aten.unsqueeze.default(t, dim) for t in tensors], dim)
+
+
+def new_zeros(x, size, *, dtype=None, layout=None, device=None, pin_memory=None):
+    return aten.full.default(size, 0, dtype=dtype or x.dtype, device=device or x.device)
+
+
+def adaptive_avg_pool(x, output_size):
+    return aten.mean.dim(x, list(range(-len(output_size), 0)), True)
+
+
+OWN: dict = {aten.group_norm.default: group_norm, aten.instance_norm.default: instance_norm,
+             aten.var.correction: var, aten.var.dim: _var_dim, aten.std.correction: std, aten.std.dim: _std_dim,
+             aten.split_with_sizes.default: split_with_sizes, aten.split.Tensor: split, aten.chunk.default: chunk,
+             aten.unbind.int: unbind, aten.broadcast_tensors.default: broadcast_tensors, aten.stack.default: stack,
+             aten.new_zeros.default: new_zeros, aten.adaptive_avg_pool1d.default: adaptive_avg_pool,
+             aten.adaptive_avg_pool2d.default: adaptive_avg_pool, aten.adaptive_avg_pool3d.default: adaptive_avg_pool}
+TORCH_TABLE = get_decompositions([
+    aten._native_batch_norm_legit_no_training, aten.native_batch_norm, aten.elu, aten.celu, aten.leaky_relu,
+    aten.hardtanh, aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus, aten.log_sigmoid_forward,
+    aten.logsumexp, aten.mse_loss, aten._softmax, aten._log_softmax])
+TABLE = {**TORCH_TABLE, **OWN}
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _not_last(node: fx.Node) -> bool:
+    dim, rank = _arg(node, 1, "dim"), node.args[0].meta["val"].dim()
+    return isinstance(dim, int) and dim % max(rank, 1) != rank - 1
+
+
+def _inference(node: fx.Node) -> bool:
+    return _arg(node, 5, "training") is False
+
+
+def _global(node: fx.Node) -> bool:
+    return all(s == 1 for s in _arg(node, 1, "output_size"))
+
+
+# root op -> when it is decomposed (ops `raise` turns into tx ops, softmax along the last dim, stay)
+ROOTS: dict = {
+    aten.batch_norm.default: _inference, aten._native_batch_norm_legit_no_training.default: lambda n: True,
+    aten.group_norm.default: lambda n: True, aten.instance_norm.default: lambda n: True,
+    aten.elu.default: lambda n: True, aten.selu.default: lambda n: True, aten.celu.default: lambda n: True,
+    aten.leaky_relu.default: lambda n: True, aten.hardtanh.default: lambda n: True,
+    aten.relu6.default: lambda n: True, aten.hardswish.default: lambda n: True,
+    aten.hardsigmoid.default: lambda n: True, aten.mish.default: lambda n: True,
+    aten.softplus.default: lambda n: True, aten.log_sigmoid.default: lambda n: True,
+    aten.logsumexp.default: lambda n: True, aten.var.correction: lambda n: True, aten.var.dim: lambda n: True,
+    aten.std.correction: lambda n: True, aten.std.dim: lambda n: True, aten.mse_loss.default: lambda n: True,
+    aten.rms_norm.default: lambda n: True, aten.softmax.int: _not_last, aten._softmax.default: _not_last,
+    aten.log_softmax.int: _not_last, aten._log_softmax.default: _not_last,
+    aten.split_with_sizes.default: lambda n: True, aten.split.Tensor: lambda n: True,
+    aten.chunk.default: lambda n: True, aten.unbind.int: lambda n: True,
+    aten.broadcast_tensors.default: lambda n: True, aten.stack.default: lambda n: True,
+    aten.new_zeros.default: lambda n: True, aten.adaptive_avg_pool1d.default: _global,
+    aten.adaptive_avg_pool2d.default: _global, aten.adaptive_avg_pool3d.default: _global,
+}
+# in-place ops a composite's decomposition may apply to its own temporaries -> their out-of-place forms
+_OUT_OF_PLACE = {aten.add_.Scalar: aten.add.Scalar, aten.add_.Tensor: aten.add.Tensor,
+                 aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar,
+                 aten.div_.Tensor: aten.div.Tensor, aten.sub_.Tensor: aten.sub.Tensor}
+
+
+def trace(node: fx.Node) -> fx.GraphModule | None:
+    """The decomposition of `node` as a graph over its tensor operands (placeholders in `all_input_nodes`
+    order), or None when it cannot be traced or leaves an in-place op that is not its own temporary's."""
+    inputs = node.all_input_nodes
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = []
+    for x in inputs:
+        v = x.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            return None
+        with mode:
+            fakes.append(torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device))
+    fn = OWN.get(node.target, node.target)
+
+    def call(*ts: torch.Tensor):
+        env = dict(zip(inputs, ts))
+        return fn(*fx.node.map_arg(node.args, env.__getitem__), **fx.node.map_arg(node.kwargs, env.__getitem__))
+    try:
+        gm = make_fx(call, decomposition_table=TABLE, tracing_mode="fake")(*fakes)
+    except Exception:  # noqa: BLE001 - an op torch cannot decompose here stays as it is
+        return None
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+            src = n.args[0]
+            if n.target not in _OUT_OF_PLACE or src.op == "placeholder" or len(src.users) != 1:
+                return None
+            n.target = _OUT_OF_PLACE[n.target]
+    gm.graph.eliminate_dead_code()
+    return gm
+
+
+def splice(node: fx.Node, traced: fx.GraphModule, rw: Rewriter) -> None:
+    """Replace `node` by the ops of `traced`, placed before it with its provenance; a node with several
+    outputs is replaced through the `getitem`s that read them."""
+    env = dict(zip((p for p in traced.graph.nodes if p.op == "placeholder"), node.all_input_nodes))
+    out = None
+    for n in traced.graph.nodes:
+        if n.op == "call_function":
+            env[n] = rw.call(n.target, fx.node.map_arg(n.args, env.__getitem__),
+                             fx.node.map_arg(n.kwargs, env.__getitem__), at=node)
+        elif n.op == "output":
+            out = fx.node.map_arg(n.args[0], env.__getitem__)
+    if isinstance(out, fx.Node):
+        rw.replace(node, out)
+        return
+    for user in list(node.users):
+        rw.replace(user, out[user.args[1]])
+
+
+def _outputs_ok(node: fx.Node) -> bool:
+    """A tensor, or a list of tensors read only through getitem (split, chunk, unbind)."""
+    v = node.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return True
+    return (isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v)
+            and all(u.op == "call_function" and u.target is operator.getitem for u in node.users))
+
+
+def _lowerable(traced: fx.GraphModule) -> bool:
+    """Whether fusion lowers every op of the decomposition (no library call or eager op left)."""
+    for n in traced.graph.nodes:
+        if n.op != "call_function" or n.target is operator.getitem:
+            continue
+        if classify(n)[0] not in ("pointwise", "reduction", "view") and n.target not in _CONSTANTS:
+            return False
+    return True
+
+
+# ops that make a constant (a fill value); they fold into what reads them
+_CONSTANTS = {aten.scalar_tensor.default, aten.full.default}
+
+
+@dataclass(frozen=True)
+class Decompose(Pass):
+    """Ops with no lowering -> the aten ops they are made of, where fusion lowers all of those (exact)."""
+
+    name = "decompose"
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        rw = Rewriter(gm)
+        done: dict[str, int] = {}
+        for node in list(gm.graph.nodes):
+            when: Callable | None = ROOTS.get(node.target) if node.op == "call_function" else None
+            if when is None or not _outputs_ok(node) or not when(node):
+                continue
+            traced = trace(node)
+            if traced is None or not _lowerable(traced):
+                continue
+            splice(node, traced, rw)
+            key = f"decomposed.{node.target.__name__.split('.')[0]}"
+            done[key] = done.get(key, 0) + 1
+        gm.graph.eliminate_dead_code()
+        return PassResult(bool(done), done)
