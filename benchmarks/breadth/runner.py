@@ -2,7 +2,7 @@
 
 Per module: outputs checked against eager (fp32 within 1e-3 of the output's scale; bf16/fp16 within 3e-2),
 cold compile time of each compiler (first call, empty artifact cache for fxcc), the engines timed
-interleaved in one process (fxcc.autotune.measure.interleaved: warm-up, then alternating rounds), and the
+interleaved in one process (fxcc.measure.interleaved: warm-up, then alternating rounds), and the
 ratios eager/fxcc and torch.compile/fxcc of the medians with their spread (the ratio of the quartiles,
 slow/fast ends crossed). Geomeans per category and overall are over the modules every engine ran
 correctly. fxcc's warm compile time (a new process reading the same artifact cache) follows unless
@@ -63,7 +63,7 @@ def scaled_error(ref: Any, out: Any) -> float:
             continue
         x, y = x.double(), y.double()
         both_nan = torch.isnan(x) & torch.isnan(y)
-        d = torch.where(both_nan | (x == y), 0.0, (x - y).abs())
+        d = torch.where(both_nan | (x == y), 0.0, (x - y).abs()).nan_to_num(nan=math.inf)  # NaN on one side
         scale = max(1.0, float(x[torch.isfinite(x)].abs().max())) if torch.isfinite(x).any() else 1.0
         err = max(err, float(d.max()) / scale if d.numel() else 0.0)
     return err
