@@ -675,6 +675,99 @@ RULES[aten.div.Tensor] = _div_rule
 RULES[aten.div.Scalar] = _div_rule
 
 
+def _float_only(rule):
+    """A rule for floating-point operands only (integer remainders and divisions follow C on the GPU and
+    numpy in the interpreter: neither is torch's)."""
+    def checked(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        if not all(dtype_of(x).is_floating_point for x in node.all_input_nodes):
+            raise Unsupported(f"{node.target} on integers")
+        return rule(em, node, idx)
+    return checked
+
+
+def _gpu_only(rule):
+    """A rule calling libdevice, which Triton's interpreter does not run (kernels there keep the library)."""
+    def checked(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        if em.math != "libdevice":
+            raise Unsupported(f"{node.target} needs libdevice")
+        return rule(em, node, idx)
+    return _float_only(checked)
+
+
+def _div_mode(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    mode = _arg(node, 2, "rounding_mode")
+    q = _binary("{a} / {b}")(em, node, idx)
+    if mode == "trunc":
+        return em.round(f"tl.where({q.name} < 0, tl.ceil({q.name}), tl.floor({q.name}))", dtype_of(node))
+    if mode is None:
+        return q
+    raise Unsupported("floor division (torch floors the exact quotient, not the rounded one)")
+
+
+def _round_half_even(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    out = dtype_of(node)
+    x = em.emit(em.operand(node, node.args[0], idx, out))
+    r = em.emit(f"tl.floor({x} + 0.5)")
+    even = f"tl.where(({r} - {x} == 0.5) & ({r} - 2.0 * tl.floor({r} * 0.5) != 0.0), {r} - 1.0, {r})"
+    return em.round(f"tl.where(tl.abs({x}) >= 8388608.0, {x}, {even})", out)  # from 2**23 on, x is whole
+
+
+def _remainder(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    out = dtype_of(node)
+    a, b = (em.emit(em.operand(node, y, idx, out)) for y in node.args[:2])
+    m = em.emit(f"libdevice.fmod({a}, {b})")
+    return em.round(f"tl.where(({m} != 0) & (({m} < 0) != ({b} < 0)), {m} + {b}, {m})", out)
+
+
+def _logical_not(em: Emitter, node: fx.Node, idx: Index) -> Value:
+    x = node.args[0]
+    if node.target is aten.bitwise_not.default and dtype_of(x) != torch.bool:
+        return em.round(f"~{_wrap(em.operand(node, x, idx, dtype_of(node)))}", dtype_of(node))
+    v = em.value(x, broadcast_index(idx, shape_of(node), shape_of(x)))
+    return Value(em.emit(f"{_wrap(v.name)} == 0"), torch.bool)
+
+
+def _is(fmt: str):
+    def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
+        x = em.emit(em.operand(node, node.args[0], idx, torch.float32))
+        return Value(em.emit(fmt.format(x=x)), torch.bool)
+    return rule
+
+
+_AND, _OR, _XOR = _binary("{a} & {b}"), _binary("{a} | {b}"), _binary("{a} ^ {b}")
+RULES.update({
+    aten.bitwise_and.Tensor: _AND, aten.bitwise_and.Scalar: _AND, aten.__and__.Tensor: _AND, aten.__and__.Scalar: _AND,
+    aten.bitwise_or.Tensor: _OR, aten.bitwise_or.Scalar: _OR, aten.__or__.Tensor: _OR, aten.__or__.Scalar: _OR,
+    aten.bitwise_xor.Tensor: _XOR, aten.bitwise_xor.Scalar: _XOR, aten.__xor__.Tensor: _XOR, aten.__xor__.Scalar: _XOR,
+    aten.logical_xor.default: _binary("({a} != 0) ^ ({b} != 0)", compare=True),
+    aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
+    aten.floor.default: _unary("tl.floor({x})"), aten.ceil.default: _unary("tl.ceil({x})"),
+    aten.trunc.default: _unary("tl.where({x} < 0, tl.ceil({x}), tl.floor({x}))"),
+    aten.round.default: _float_only(_round_half_even), aten.log2.default: _unary("tl.log2({x})"),
+    aten.log10.default: _unary("tl.log2({x}) * 0.30102999566398120"),
+    aten.sign.default: _unary("tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"),
+    aten.isinf.default: _is("tl.abs({x}) == float(\"inf\")"), aten.isnan.default: _is("{x} != {x}"),
+    aten.clamp.Tensor: _clamp, aten.div.Tensor_mode: _float_only(_div_mode),
+    aten.div.Scalar_mode: _float_only(_div_mode),
+    # libdevice's on the GPU (the interpreter has no tl equivalents)
+    aten.tan.default: _gpu_only(_unary("libdevice.tan({x})")),
+    aten.asin.default: _gpu_only(_unary("libdevice.asin({x})")),
+    aten.acos.default: _gpu_only(_unary("libdevice.acos({x})")),
+    aten.atan.default: _gpu_only(_unary("libdevice.atan({x})")),
+    aten.sinh.default: _gpu_only(_unary("libdevice.sinh({x})")),
+    aten.cosh.default: _gpu_only(_unary("libdevice.cosh({x})")),
+    aten.asinh.default: _gpu_only(_unary("libdevice.asinh({x})")),
+    aten.acosh.default: _gpu_only(_unary("libdevice.acosh({x})")),
+    aten.atanh.default: _gpu_only(_unary("libdevice.atanh({x})")),
+    aten.atan2.default: _gpu_only(_binary("libdevice.atan2({a}, {b})")),
+    aten.pow.Tensor_Tensor: _gpu_only(_binary("libdevice.pow({a}, {b})")),
+    aten.pow.Scalar: _gpu_only(_binary("libdevice.pow({a}, {b})")),
+    aten.fmod.Tensor: _gpu_only(_binary("libdevice.fmod({a}, {b})")),
+    aten.fmod.Scalar: _gpu_only(_binary("libdevice.fmod({a}, {b})")),
+    aten.remainder.Tensor: _gpu_only(_remainder), aten.remainder.Scalar: _gpu_only(_remainder),
+})
+
+
 def _constant(em: Emitter, node: fx.Node, idx: Index) -> Value:
     value = node.args[0] if node.target is aten.scalar_tensor.default else node.args[1]
     return em.round(_literal(value) if dtype_of(node).is_floating_point else str(int(value)), dtype_of(node))

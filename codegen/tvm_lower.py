@@ -473,14 +473,102 @@ def _not(L, node, x):
     return Val(v.shape, v.dtype, lambda idx: tirx.Not(v.at(idx)) if v.dtype == "bool" else ~v.at(idx))
 
 
-@handles(aten.bitwise_and.Tensor, aten.logical_and.default, aten.__and__.Tensor)
-def _and(L, node, a, b):
-    return pointwise(lambda x, y: tirx.And(x, y), compute="inputs")(L, node, a, b)
+def _bool_xor(x, y):
+    """Exclusive or of two bools (TVM's LLVM codegen emits a float comparison for NE on bool vectors)."""
+    return tirx.Or(tirx.And(x, tirx.Not(y)), tirx.And(tirx.Not(x), y))
 
 
-@handles(aten.bitwise_or.Tensor, aten.logical_or.default, aten.__or__.Tensor)
-def _or(L, node, a, b):
-    return pointwise(lambda x, y: tirx.Or(x, y), compute="inputs")(L, node, a, b)
+def _bitwise(logical, bitwise):
+    """A bitwise op: on bools the logical one, on integers the bitwise one."""
+    return lambda x, y: logical(x, y) if dt(x) == "bool" else bitwise(x, y)
+
+
+for _t, _f in {
+    aten.bitwise_and.Tensor: _bitwise(tirx.And, tirx.bitwise_and), aten.__and__.Tensor: _bitwise(tirx.And, tirx.bitwise_and),
+    aten.bitwise_and.Scalar: _bitwise(tirx.And, tirx.bitwise_and), aten.logical_and.default: tirx.And,
+    aten.bitwise_or.Tensor: _bitwise(tirx.Or, tirx.bitwise_or), aten.__or__.Tensor: _bitwise(tirx.Or, tirx.bitwise_or),
+    aten.bitwise_or.Scalar: _bitwise(tirx.Or, tirx.bitwise_or), aten.logical_or.default: tirx.Or,
+    aten.bitwise_xor.Tensor: _bitwise(_bool_xor, tirx.bitwise_xor), aten.bitwise_xor.Scalar: _bitwise(_bool_xor, tirx.bitwise_xor),
+    aten.__and__.Scalar: _bitwise(tirx.And, tirx.bitwise_and), aten.__or__.Scalar: _bitwise(tirx.Or, tirx.bitwise_or),
+    aten.__xor__.Tensor: _bitwise(_bool_xor, tirx.bitwise_xor), aten.__xor__.Scalar: _bitwise(_bool_xor, tirx.bitwise_xor),
+}.items():
+    OPS[_t] = pointwise(_f, compute="inputs")
+
+
+def _truth(x):
+    return x if dt(x) == "bool" else tirx.NE(x, const(0, dt(x)))
+
+
+@handles(aten.logical_xor.default)
+def _xor(L, node, a, b):
+    return pointwise(lambda x, y: _bool_xor(_truth(x), _truth(y)), compute="inputs")(L, node, a, b)
+
+
+def _is_float(e) -> bool:
+    return dt(e).startswith(("float", "bfloat"))
+
+
+def _float_only(f):
+    """`f` on floating-point operands; integer ones are left to another backend (torch's integer semantics)."""
+    def g(*xs):
+        if not _is_float(xs[0]):
+            raise Unsupported(f"{f.__name__} of integers")
+        return f(*xs)
+    return g
+
+
+def _whole(f):
+    """A rounding function: the identity on integers."""
+    return lambda x: f(x) if _is_float(x) else x
+
+
+def _fmod(a, b):
+    if _is_float(a):  # TVM's LLVM target has no lowering of tirx.fmod
+        raise Unsupported("fmod of floating-point values")
+    return tirx.truncmod(a, b)
+
+
+def _remainder(a, b):
+    """Python's remainder (the sign of the divisor), as torch computes it: integers only (see _fmod)."""
+    if _is_float(a):
+        raise Unsupported("remainder of floating-point values")
+    return tirx.floormod(a, b)
+
+
+def _div_mode(a, b, rounding_mode=None):
+    if rounding_mode is None:
+        return a / b
+    if rounding_mode == "trunc":
+        return tirx.trunc(a / b) if _is_float(a) else tirx.truncdiv(a, b)
+    if _is_float(a):  # torch floors the exact quotient (fmod-corrected), not the rounded a / b
+        raise Unsupported("floor division of floating-point values")
+    return tirx.floordiv(a, b)
+
+
+for _t, _f in {
+    aten.sin.default: tirx.sin, aten.cos.default: tirx.cos, aten.tan.default: tirx.tan, aten.asin.default: tirx.asin,
+    aten.acos.default: tirx.acos, aten.atan.default: tirx.atan, aten.sinh.default: tirx.sinh,
+    aten.cosh.default: tirx.cosh, aten.asinh.default: tirx.asinh, aten.acosh.default: tirx.acosh,
+    aten.atanh.default: tirx.atanh, aten.atan2.default: tirx.atan2, aten.log2.default: tirx.log2,
+    aten.log10.default: tirx.log10, aten.floor.default: _whole(tirx.floor), aten.ceil.default: _whole(tirx.ceil),
+    aten.trunc.default: _whole(tirx.trunc), aten.round.default: _whole(tirx.nearbyint),  # half to even, as torch
+    aten.pow.Tensor_Tensor: _float_only(tirx.power), aten.pow.Scalar: _float_only(tirx.power),
+    aten.sign.default: lambda x: tirx.Select(x > const(0, dt(x)), const(1, dt(x)), tirx.Select(
+        x < const(0, dt(x)), const(-1, dt(x)), const(0, dt(x)))),
+    aten.fmod.Tensor: _fmod, aten.fmod.Scalar: _fmod, aten.remainder.Tensor: _remainder,
+    aten.remainder.Scalar: _remainder, aten.div.Tensor_mode: _div_mode, aten.div.Scalar_mode: _div_mode,
+}.items():
+    OPS[_t] = pointwise(_f)
+OPS[aten.isinf.default] = pointwise(tirx.isinf, compute="inputs")
+OPS[aten.isnan.default] = pointwise(tirx.isnan, compute="inputs")
+
+
+@handles(aten.clamp.Tensor)
+def _clamp_tensor(L, node, x, min=None, max=None):
+    def f(a, lo, hi):
+        a = a if lo is None else tirx.max(a, lo)
+        return a if hi is None else tirx.min(a, hi)
+    return pointwise(f)(L, node, x, min, max)
 
 
 @handles(tx.rotary.default)

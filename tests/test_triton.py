@@ -112,6 +112,37 @@ def test_pointwise_strided_slice_expand_and_where():
         assert_candidate_matches(kb, "triton")
 
 
+def test_rounding_logs_and_predicates_are_generated():
+    def f(x, y):
+        rnd = torch.floor(x * 3) + torch.ceil(x * 3) + torch.trunc(x * 3) + torch.round(x * 2) + torch.sign(x)
+        logs = torch.log2(x.abs() + 1) + torch.log10(x.abs() + 1) + torch.div(x * 5, y, rounding_mode="trunc")
+        return rnd, logs, torch.isinf(x * 1e30 * 1e30) | torch.isnan((x - 1).sqrt()), x.clamp(y, y + 1)
+
+    # whole and half values: torch rounds halves to even
+    x = torch.cat([torch.randn(60), torch.tensor([0.5, -0.5, 1.5, -2.5])]).reshape(4, 16)
+    for kb in of_kind(kernels_of(f, x, torch.randn(4, 16) + 3), "pointwise"):
+        assert_candidate_matches(kb, "triton")
+
+
+def test_integer_bitwise_ops_are_generated():
+    def f(a, b, m):
+        return (a & b) | (a ^ 5), ~a, torch.logical_xor(m, a > 0), ~m, torch.bitwise_xor(m, b > 0)
+
+    a, b = torch.randint(-50, 50, (4, 16)), torch.randint(-50, 50, (4, 16))
+    for kb in of_kind(kernels_of(f, a, b, torch.rand(4, 16) > 0.5), "pointwise"):
+        assert_candidate_matches(kb, "triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's limits")
+def test_libdevice_functions_and_integer_division_are_not_offered_to_the_interpreter():
+    """Triton's interpreter has no libdevice, and integer division and remainders there follow numpy."""
+    def f(x, a):
+        return torch.tan(x) + torch.atan2(x, x + 2) + torch.fmod(x, 0.7), torch.div(a, 3, rounding_mode="trunc")
+
+    kbs = of_kind(kernels_of(f, torch.randn(4, 16), torch.randint(-9, 9, (4, 16))), "pointwise")
+    assert all(c.backend != "triton" for kb in kbs for c in backend.candidates(kb, "cpu"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pointwise_activations(dtype):
     def f(x, g):

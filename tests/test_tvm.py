@@ -411,3 +411,39 @@ def test_kernel_whose_reference_gives_nan_on_random_inputs_still_builds():
     cm = fxcc.compile(lambda x: torch.log(x) * 2 + 1)  # auto: TVM measured against extern
     x = torch.rand(64, 32) + 0.5
     torch.testing.assert_close(cm(x), torch.log(x) * 2 + 1)
+
+
+def test_trigonometry_rounding_and_remainders_are_generated():
+    def f(x, y):
+        u = torch.sigmoid(x) * 1.8 - 0.9  # in (-1, 1): the inverse functions' domain
+        trig = torch.tan(u) + torch.asin(u) + torch.acos(u) + torch.atan(x) + torch.sinh(u) + torch.cosh(u)
+        inv = torch.asinh(x) + torch.acosh(x.abs() + 1) + torch.atanh(u) + torch.atan2(x, y)
+        logs = torch.log2(x.abs() + 1) + torch.log10(x.abs() + 1) + torch.pow(y.abs() + 1, x) + torch.pow(2.0, x)
+        rnd = torch.floor(x * 3) + torch.ceil(x * 3) + torch.trunc(x * 3) + torch.round(x * 2) + torch.sign(x)
+        special = torch.isinf(x * 1e30 * 1e30) | torch.isnan(y.sqrt())
+        return trig, inv, logs, rnd, torch.div(x * 5, y, rounding_mode="trunc"), special, x.clamp(y, y + 1)
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(60), torch.tensor([0.5, -0.5, 1.5, -2.5])]).reshape(4, 16)
+    ks = compile_tvm(f, x, torch.randn(4, 16) + 3, atol=1e-4)
+    pw = [k for k in ks if k.kind == "pointwise"]
+    assert pw and all(k.backend.startswith("tvm") for k in pw), [(k.kind, k.backend) for k in ks]
+
+
+def test_floating_point_remainders_are_left_to_the_library():
+    """TVM's LLVM target cannot lower fmod: such kernels run in the library, still equal to eager."""
+    def f(x, y):
+        return torch.fmod(x * 5, y) + torch.remainder(x * 5, y)
+    torch.manual_seed(0)
+    ks = compile_tvm(f, torch.randn(4, 16), torch.randn(4, 16) + 3)
+    assert [k.backend for k in ks] == ["extern"]
+
+
+def test_integer_bitwise_remainder_and_division_are_generated():
+    def f(a, b, m):
+        q = torch.div(a, b, rounding_mode="floor") + torch.div(a, b, rounding_mode="trunc")
+        return (a & b) | (a ^ 5), ~a, q, torch.remainder(a, b), torch.fmod(a, b), torch.logical_xor(m, a > 0), ~m
+    torch.manual_seed(0)
+    a, b = torch.randint(-50, 50, (4, 16)), torch.randint(1, 7, (4, 16)) * (torch.randint(0, 2, (4, 16)) * 2 - 1)
+    ks = compile_tvm(f, a, b, torch.rand(4, 16) > 0.5)
+    pw = [k for k in ks if k.kind == "pointwise"]
+    assert pw and all(k.backend.startswith("tvm") for k in pw), [(k.kind, k.backend) for k in ks]
