@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from fxcc.autotune import pools
+from fxcc.autotune import pools, vs_eager
 from fxcc.autotune.plan import check_call_plan
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
@@ -87,6 +87,8 @@ class Variant:
     writes_state: bool = False  # the graph writes into the module's buffers (a counter, a cache buffer)
     struct: Any = None  # the input structure it serves (dynamic.structure of its signature)
     reason: str = ""  # why it was compiled
+    vs_eager: str | None = None  # the whole-graph timing against eager (fxcc.autotune.vs_eager), when taken
+    slower_than_eager: bool = False  # measured so: calls of its signature run eagerly
 
     @property
     def writes_back(self) -> bool:
@@ -118,9 +120,11 @@ class Variant:
 
 @dataclass
 class _Eager:
-    """A signature past `max_variants`: calls go to the original module."""
+    """A signature that runs eagerly: past `max_variants`, or compiled and measured slower than eager (`compiled`,
+    kept for fxcc.explain). Calls go to the original module."""
 
     reason: str
+    compiled: Variant | None = None
 
 
 @dataclass
@@ -364,8 +368,10 @@ class CompiledModule:
             recompiles.info("recompiling %s: %s", self.name, reason)
         else:
             log.info("compiling %s: %s", self.name, reason)
+        variant = self._against_eager(variant, args, kwargs)
         self._variants[key] = variant
-        self._compiled.append(variant)
+        if not isinstance(variant, _Eager):  # one measured slower than eager serves no other shapes either
+            self._compiled.append(variant)
         self.stats.compiles += 1
         self.stats.reasons.append(reason)
         self.stats.history.append(", ".join(ir.type_str(x) for x in flat))
@@ -398,6 +404,32 @@ class CompiledModule:
         elif state and not same:
             reason += " (a KV cache call: sizes symbolic from the start)"
         return dims, reason
+
+    def _against_eager(self, variant: Variant, args: tuple, kwargs: dict) -> Variant | _Eager:
+        """The variant, or eager where the variant measures slower on these inputs (fxcc.autotune.vs_eager)."""
+        if not CompileOptions.from_env(self.options).eager_check or not isinstance(variant, Variant):
+            return variant  # a DyCL program chooses compiled or plain Python per segment itself
+        if dynamic.carries_state(args, kwargs):  # eager would append to the caller's KV cache at every timed call
+            variant.vs_eager = "not timed against eager: the call carries a KV cache"
+            return variant
+        why = vs_eager.unrepeatable(variant.gm)
+        if why is not None:
+            variant.vs_eager = f"not timed against eager: {why}"
+            return variant
+        flat = flatten_inputs(args, kwargs)[0]
+        device = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in flat) else "cpu"
+        verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
+        variant.vs_eager = verdict.text()
+        log.info("%s: %s", self.name, variant.vs_eager)
+        if verdict.keep_compiled:
+            return variant
+        variant.slower_than_eager = True
+        sig = ", ".join(ir.type_str(x) for x in flat)
+        reason = (f"{self.name} runs eagerly for inputs ({sig}): compiled, it measured {verdict.compiled_ms:.3f} ms "
+                  f"per call against eager's {verdict.eager_ms:.3f} ms")
+        warnings.warn(f"fxcc: {reason}. fxcc.explain shows its kernels; CompileOptions(eager_check=False) keeps "
+                      "the compiled one.", stacklevel=4)
+        return _Eager(reason, variant)
 
     def compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None = None) -> Variant:
         """Capture and compile for these example inputs, the input dimensions in `dims` symbolic (does not
@@ -495,7 +527,10 @@ class CompiledModule:
 
     @property
     def variants(self) -> list[Variant]:
-        return [v for v in self._variants.values() if isinstance(v, Variant)]
+        """The compiled variants, in compile order, with those measured slower than eager (which run eagerly:
+        their `vs_eager` says so)."""
+        return [v if isinstance(v, Variant) else v.compiled for v in self._variants.values()
+                if isinstance(v, Variant) or v.compiled is not None]
 
     def explain(self, *, ir_after_each: bool = False) -> str:
         """Capture method, what each pass did, the final IR and where every op runs."""
@@ -579,6 +614,8 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     out = [f"== {name}: captured with {cap.method}" + (f" (torch.export failed: {cap.export_error})"
                                                          if cap.export_error else "")]
     out.append(f"compile time {v.compile_seconds:.2f} s")
+    if v.vs_eager:
+        out.append(v.vs_eager)
     if v.quality_loss is not None:
         out.append(f"quality loss {v.quality_loss:.5f} (1 - min cosine vs the exact pipeline, calibration inputs)")
     out.append("\n== passes")

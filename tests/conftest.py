@@ -15,6 +15,9 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 # Triton kernels (tests/test_triton.py, which also opts fxcc in) need it set before any test module loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check the code fxcc generates: a compiled variant must not turn eager because a timing on a loaded machine
+# said so (CompileOptions.eager_check; tests/test_vs_eager.py turns it on where it tests the check itself).
+os.environ.setdefault("FXCC_EAGER_CHECK", "0")
 
 
 def check_golden(name: str, text: str) -> None:

@@ -47,6 +47,7 @@ class Result:
     error: dict[str, float] = field(default_factory=dict)  # max |out - eager| / max(1, max |eager|)
     eager_regions: int = 0  # ops fxcc left to run eagerly
     kernels: dict[str, int] = field(default_factory=dict)  # fxcc kernels by chosen backend
+    kept_eager: bool = False  # fxcc measured its compiled graph slower than eager and runs eagerly
     notes: list[str] = field(default_factory=list)
 
 
@@ -89,6 +90,9 @@ def _fxcc_report(fn: Any, res: Result) -> None:
     if not variants or not hasattr(variants[-1], "kernels"):
         return
     v = variants[-1]
+    res.kept_eager = v.slower_than_eager
+    if v.vs_eager:
+        res.notes.append(f"fxcc: {v.vs_eager}")
     res.eager_regions = sum(1 for r in placement(v.gm, v.kernels) if r[2].startswith("eager"))
     for n in v.gm.graph.nodes:
         if n.op == "call_function" and n.target in KERNEL_OPS:
@@ -128,6 +132,9 @@ def run_case(case: Case, *, size: str, device: str, dtype: torch.dtype, engines:
             continue
         if name == "fxcc":
             _fxcc_report(fn, res)
+            if res.kept_eager:  # fxcc runs eagerly: the compiled graph is checked all the same
+                with torch.inference_mode():
+                    out = fn.variants[-1].run(list(inputs))
             res.notes += [f"fxcc warned: {str(w.message)[:200]}" for w in caught if "fxcc" in str(w.message)]
         res.error[name] = scaled_error(ref, out)
         if res.error[name] > tol:
@@ -190,6 +197,8 @@ def table(results: list[Result], engines: list[str], gm: dict) -> str:
         row += f" {_num(tc):>8}/{_num(fx):<8} {_num(r.warm_s):>7}  {r.status}"
         if r.eager_regions:
             row += f" ({r.eager_regions} eager ops)"
+        if r.kept_eager:
+            row += " (runs eagerly: compiled measured slower)"
         lines.append(row)
         lines += [f"    {n}" for n in r.notes]
     lines.append("")

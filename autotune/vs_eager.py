@@ -1,0 +1,63 @@
+"""Never slower than eager: a compiled graph timed against the same module run eagerly, on the compile's example
+inputs, with the one timer (fxcc.measure); the runtime keeps whichever is faster.
+
+Kernel selection already keeps the library where generated code loses, kernel by kernel; this check covers what
+kernel timings cannot see (launches between kernels, layout copies, the CUDA-graph wrapper, thread-pool
+switches): the whole call, as the user makes it. A graph that calls ops kept eager (custom ops: they may have
+side effects) or ops that write their inputs is not run the extra times the timing needs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from fxcc.measure import interleaved
+
+BUDGET_S = 1.0  # timing per decision, about, once both are warm (fewer repetitions for slow models)
+MIN_REPS, MAX_REPS = 3, 20
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Per-call ms of the compiled graph and of eager (the fastest fifth of the timed calls)."""
+
+    compiled_ms: float
+    eager_ms: float
+
+    @property
+    def keep_compiled(self) -> bool:
+        return self.compiled_ms <= self.eager_ms
+
+    def text(self) -> str:
+        choice = "compiled kept" if self.keep_compiled else "runs eagerly"
+        return f"whole graph {self.compiled_ms:.3f} ms compiled, {self.eager_ms:.3f} ms eager: {choice}"
+
+
+def unrepeatable(gm: fx.GraphModule) -> str | None:
+    """Why running the graph extra times could change what the caller sees (None when it cannot)."""
+    for n in gm.graph.nodes:
+        if n.meta.get("fxcc_eager"):
+            return f"{n.name} runs eagerly ({n.meta['fxcc_eager']})"
+        schema = getattr(n.target, "_schema", None)
+        if n.op == "call_function" and schema is not None and schema.is_mutable:
+            return f"{n.name} ({n.target}) writes its inputs"
+    return None
+
+
+def judge(compiled: Callable[[], object], eager: Callable[[], object], device: str) -> Verdict:
+    """Time both calls interleaved (after one warm-up call each, which also sets the repetitions)."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        compiled()
+        eager()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        per_pair = max(time.perf_counter() - t0, 1e-6)
+        reps = max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / per_pair)))
+        t = interleaved({"compiled": compiled, "eager": eager}, device=device, warmup=1, reps=reps,
+                        rounds=min(reps, 3))
+    return Verdict(t["compiled"].own, t["eager"].own)

@@ -1,0 +1,111 @@
+"""Never slower than eager: a compiled variant measured slower than the module run eagerly is not used.
+
+The decision's timings are replaced here (timings in tests are noise); one test runs the real timer and asserts
+only what does not depend on its outcome.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import fxcc
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from fxcc.autotune import vs_eager
+from fxcc.measure import Timing
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.sigmoid(self.lin(x)) * 2 + x
+
+
+@pytest.fixture(autouse=True)
+def check_on(monkeypatch):
+    monkeypatch.setenv("FXCC_EAGER_CHECK", "1")
+    torch.manual_seed(0)
+
+
+def fake_timer(monkeypatch, compiled_ms: float, eager_ms: float) -> list:
+    """Make the check's timer report these per-call times; returns the list of timed labels it was asked for."""
+    asked = []
+
+    def timer(fns, **kw):
+        asked.append(sorted(fns))
+        for fn in fns.values():  # both still run: a failing call would fail here
+            fn()
+        return {"compiled": Timing([compiled_ms] * 5), "eager": Timing([eager_ms] * 5)}
+    monkeypatch.setattr(vs_eager, "interleaved", timer)
+    return asked
+
+
+def test_a_variant_slower_than_eager_runs_eagerly_and_says_so(monkeypatch):
+    asked = fake_timer(monkeypatch, compiled_ms=2.0, eager_ms=1.0)
+    model = Scaled().eval()
+    x = torch.randn(4, 16)
+    cm = fxcc.compile(model)
+    with pytest.warns(UserWarning, match=r"Scaled runs eagerly for inputs \(tensor<4x16xf32>\).*2\.000 ms.*1\.000 ms"):
+        out = cm(x)
+    assert asked == [["compiled", "eager"]]
+    torch.testing.assert_close(out, model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, at compile
+        torch.testing.assert_close(cm(x), model(x))
+    assert cm.stats.eager_calls == 2 and cm.stats.compiles == 1
+    v = cm.variants[-1]
+    assert v.slower_than_eager
+    assert "whole graph 2.000 ms compiled, 1.000 ms eager: runs eagerly" in cm.explain()
+    # the compiled graph itself is still exact: it was only slower
+    torch.testing.assert_close(v.run([x]), model(x))
+
+
+def test_a_variant_faster_than_eager_is_kept(monkeypatch):
+    fake_timer(monkeypatch, compiled_ms=1.0, eager_ms=2.0)
+    model = Scaled().eval()
+    x = torch.randn(4, 16)
+    cm = fxcc.compile(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(cm(x), model(x))
+    assert cm.stats.eager_calls == 0 and not cm.variants[-1].slower_than_eager
+    assert "whole graph 1.000 ms compiled, 2.000 ms eager: compiled kept" in cm.explain()
+
+
+@pytest.mark.parametrize("off", ["option", "env"])
+def test_the_check_can_be_turned_off(monkeypatch, off):
+    asked = fake_timer(monkeypatch, compiled_ms=2.0, eager_ms=1.0)
+    if off == "env":
+        monkeypatch.setenv("FXCC_EAGER_CHECK", "0")
+    cm = fxcc.compile(Scaled().eval(), options=fxcc.CompileOptions(eager_check=off == "env"))
+    cm(torch.randn(4, 16))
+    assert asked == [] and cm.stats.eager_calls == 0 and cm.variants[-1].vs_eager is None
+
+
+def test_the_real_timer_decides_and_outputs_stay_exact():
+    model = Scaled().eval()
+    x = torch.randn(4, 16)
+    cm = fxcc.compile(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # either outcome is right; which one is the machine's
+        out = cm(x)
+    torch.testing.assert_close(out, model(x))
+    v = cm.variants[-1]
+    assert v.vs_eager.startswith("whole graph ") and v.slower_than_eager == v.vs_eager.endswith("runs eagerly")
+
+
+def test_graphs_with_side_effects_are_not_run_for_timing():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(torch.ops.aten.add_.Tensor, (x, x))
+    g.output(y)
+    assert "writes its inputs" in vs_eager.unrepeatable(fx.GraphModule({}, g))
+    y.target = torch.ops.aten.add.Tensor
+    assert vs_eager.unrepeatable(fx.GraphModule({}, g)) is None
+    y.meta["fxcc_eager"] = "a custom op"
+    assert "runs eagerly (a custom op)" in vs_eager.unrepeatable(fx.GraphModule({}, g))
