@@ -169,7 +169,7 @@ class CompiledModule:
         self._compiled: list[Variant] = []  # every compiled variant, oldest first
         self._memo: dict[Any, Variant] = {}  # guard key -> the symbolic variant whose guard accepted it
         self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (dynamic.state_ints)
-        self._fast: dict[tuple, Variant] = {}  # _fast_key -> variant, for calls with plain tensor arguments
+        self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self.stats = CompileStats()
@@ -210,6 +210,9 @@ class CompiledModule:
         fast = None if kwargs else _fast_key(args, self.module.training)
         variant = self._fast.get(fast) if fast is not None else None
         if variant is not None and (not self._params or self._params_unchanged()):
+            if type(variant) is _Eager:
+                self.stats.eager_calls += 1
+                return self._eager(*args)
             return self._run(variant, list(args), args, kwargs)
         flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
@@ -226,14 +229,14 @@ class CompiledModule:
             variant = self._new_variant(args, kwargs, key, flat, spec)
             checked = self._check_first_call(variant, args, kwargs, key)
             if checked is not None:
-                if fast is not None and checked.reason is None:
-                    self._fast[fast] = variant
+                if fast is not None:  # a signature found to differ runs eagerly: its _Eager takes the fast path
+                    self._fast[fast] = variant if checked.reason is None else self._variants[key]
                 return checked.result
+        if fast is not None:
+            self._fast[fast] = variant
         if isinstance(variant, _Eager):
             self.stats.eager_calls += 1
             return self._eager(*args, **kwargs)
-        if fast is not None:
-            self._fast[fast] = variant
         return self._run(variant, flat, args, kwargs)
 
     def _check_first_call(self, variant: Variant | _Eager, args: tuple, kwargs: dict,
