@@ -36,7 +36,7 @@ class Settings:
     logs: FXCC_LOGS=recompiles,+passes: log topics and levels (fxcc.logs).
     A value fxcc does not know (FXCC_VERIFY_EACH=maybe, FXCC_LOGS=typo) is an error listing the valid ones.
     check_eager: FXCC_CHECK_EAGER=0 turns CompileOptions.check_eager off.
-    eager_check: FXCC_EAGER_CHECK=0 turns CompileOptions.eager_check off (tests of generated code use it).
+    time_vs_eager: FXCC_TIME_VS_EAGER=0 turns CompileOptions.time_vs_eager off (tests of generated code use it).
     """
 
     cache_dir: str
@@ -47,7 +47,7 @@ class Settings:
     verify_each: bool = False
     print_ir_after: tuple[str, ...] = ()
     check_eager: bool = True
-    eager_check: bool = True
+    time_vs_eager: bool = True
     logs: tuple[tuple[str, int], ...] = ()
 
 
@@ -79,7 +79,7 @@ def settings() -> Settings:
         print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()),
         logs=parse_logs(env.get("FXCC_LOGS", "")),
         check_eager=_flag(env, "FXCC_CHECK_EAGER") if env.get("FXCC_CHECK_EAGER", "").strip() else True,
-        eager_check=_flag(env, "FXCC_EAGER_CHECK") if env.get("FXCC_EAGER_CHECK", "").strip() else True)
+        time_vs_eager=_flag(env, "FXCC_TIME_VS_EAGER") if env.get("FXCC_TIME_VS_EAGER", "").strip() else True)
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ class CompileOptions:
     dynamic: symbolic sizes (fxcc.dynamic). None: the first compile is static and a size that changes
         recompiles once with that dimension symbolic (calls with a KV cache: symbolic from the start);
         True: every dimension symbolic from the first compile; False: one static variant per shape.
-    eager_check: time each compiled variant against eager on the example inputs and run eagerly where the
-        compiled one is slower (with a warning; fxcc.autotune.vs_eager). Env FXCC_EAGER_CHECK=0 turns it off.
+    time_vs_eager: time each compiled variant against eager on the example inputs and run eagerly where the
+        compiled one is slower (with a warning; fxcc.autotune.vs_eager). Env FXCC_TIME_VS_EAGER=0 turns it off.
     """
 
     target: str = "auto"
@@ -124,10 +124,10 @@ class CompileOptions:
     dycl: bool = True
     check_eager: bool = True
     dynamic: bool | None = None
-    eager_check: bool = True
+    time_vs_eager: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "check_eager", "eager_check"):
+        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "check_eager", "time_vs_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"fxcc: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.print_ir_after, (tuple, list)) or not all(isinstance(x, str)
@@ -159,7 +159,7 @@ class CompileOptions:
 
     @staticmethod
     def from_env(base: CompileOptions | None = None) -> CompileOptions:
-        """Apply FXCC_VERIFY_EACH, FXCC_CHECK_EAGER, FXCC_PRINT_IR_AFTER and FXCC_EAGER_CHECK on top of `base`."""
+        """Apply FXCC_VERIFY_EACH, FXCC_CHECK_EAGER, FXCC_PRINT_IR_AFTER and FXCC_TIME_VS_EAGER on top of `base`."""
         opts = base or CompileOptions()
         env = settings()
         if env.verify_each:
@@ -168,8 +168,8 @@ class CompileOptions:
             opts = opts.replace(check_eager=False)
         if env.print_ir_after:
             opts = opts.replace(print_ir_after=opts.print_ir_after + env.print_ir_after)
-        if not env.eager_check:
-            opts = opts.replace(eager_check=False)
+        if not env.time_vs_eager:
+            opts = opts.replace(time_vs_eager=False)
         return opts
 
 

@@ -410,7 +410,7 @@ class CompiledModule:
 
     def _against_eager(self, variant: Variant, args: tuple, kwargs: dict) -> Variant | _Eager:
         """The variant, or eager where the variant measures slower on these inputs (fxcc.autotune.vs_eager)."""
-        if not CompileOptions.from_env(self.options).eager_check or not isinstance(variant, Variant):
+        if not CompileOptions.from_env(self.options).time_vs_eager or not isinstance(variant, Variant):
             return variant  # a DyCL program chooses compiled or plain Python per segment itself
         if dynamic.carries_state(args, kwargs):  # eager would append to the caller's KV cache at every timed call
             variant.vs_eager = "not timed against eager: the call carries a KV cache"
@@ -430,7 +430,7 @@ class CompiledModule:
         sig = ", ".join(ir.type_str(x) for x in flat)
         reason = (f"{self.name} runs eagerly for inputs ({sig}): compiled, it measured {verdict.compiled_ms:.3f} ms "
                   f"per call against eager's {verdict.eager_ms:.3f} ms")
-        warnings.warn(f"fxcc: {reason}. fxcc.explain shows its kernels; CompileOptions(eager_check=False) keeps "
+        warnings.warn(f"fxcc: {reason}. fxcc.explain shows its kernels; CompileOptions(time_vs_eager=False) keeps "
                       "the compiled one.", stacklevel=4)
         return _Eager(reason, variant)
 

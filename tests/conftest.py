@@ -16,8 +16,8 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests check the code fxcc generates: a compiled variant must not turn eager because a timing on a loaded machine
-# said so (CompileOptions.eager_check; tests/test_vs_eager.py turns it on where it tests the check itself).
-os.environ.setdefault("FXCC_EAGER_CHECK", "0")
+# said so (CompileOptions.time_vs_eager; tests/test_vs_eager.py turns it on where it tests the check itself).
+os.environ.setdefault("FXCC_TIME_VS_EAGER", "0")
 
 
 def check_golden(name: str, text: str) -> None:

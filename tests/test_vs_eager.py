@@ -28,7 +28,7 @@ class Scaled(nn.Module):
 
 @pytest.fixture(autouse=True)
 def check_on(monkeypatch):
-    monkeypatch.setenv("FXCC_EAGER_CHECK", "1")
+    monkeypatch.setenv("FXCC_TIME_VS_EAGER", "1")
     torch.manual_seed(0)
 
 
@@ -81,8 +81,8 @@ def test_a_variant_faster_than_eager_is_kept(monkeypatch):
 def test_the_check_can_be_turned_off(monkeypatch, off):
     asked = fake_timer(monkeypatch, compiled_ms=2.0, eager_ms=1.0)
     if off == "env":
-        monkeypatch.setenv("FXCC_EAGER_CHECK", "0")
-    cm = fxcc.compile(Scaled().eval(), options=fxcc.CompileOptions(eager_check=off == "env"))
+        monkeypatch.setenv("FXCC_TIME_VS_EAGER", "0")
+    cm = fxcc.compile(Scaled().eval(), options=fxcc.CompileOptions(time_vs_eager=off == "env"))
     cm(torch.randn(4, 16))
     assert asked == [] and cm.stats.eager_calls == 0 and cm.variants[-1].vs_eager is None
 
