@@ -147,11 +147,13 @@ OPTIONS = {
     "target": "key", "passes": "key", "tune": "entry", "tune_budget": "entry", "cuda_graphs": "run",
     "graph_cache": "off", "plan": "entry", "quality_budget": "off", "verify_each": "off", "print_ir_after": "off",
     "max_variants": "run", "dycl": "run", "check_eager": "run",
+    "time_vs_eager": "run",
     "dynamic": "run",  # a compile with symbolic sizes never reads nor writes the graph cache (runtime: `plain`)
 }
 SETTINGS = {
     "cache_dir": "run", "cache_shared": "run", "cache_trust": "run", "tvm_pool": "key", "triton_interpret": "key",
     "verify_each": "off", "print_ir_after": "off", "check_eager": "run", "logs": "run",
+    "time_vs_eager": "run",
 }
 OFF = {"graph_cache": False, "quality_budget": 0.01, "verify_each": True, "print_ir_after": ("raise",)}
 
