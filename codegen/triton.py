@@ -342,7 +342,8 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     domains = {reduction_domain(a) for a in anchors}
     if len(domains) > 1:
         raise Unsupported("reductions over different dims in one body")
-    ((x_shape, dims),) = domains
+    ((_, dims),) = domains
+    x_shape = shape_of(reduction_input(anchors[0]))  # symbolic sizes as the kernel's size arguments
     if not x_shape:
         raise Unsupported("a reduction of a scalar")
     kept = [d for d in range(len(x_shape)) if d not in dims]

@@ -1016,6 +1016,12 @@ REDUCTIONS = {
 }
 
 
+def reduction_input(node: fx.Node) -> fx.Node:
+    """The operand a supported reduction anchor reduces (see `reduction_domain` for over which dims)."""
+    reduction_domain(node)
+    return node.args[0]
+
+
 def reduction_domain(node: fx.Node) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(input shape, reduced dims) of a supported reduction anchor: sums, means, max and min over any dims,
     norms and softmax over the last."""

@@ -701,4 +701,6 @@ def domain(node: fx.Node) -> tuple | None:
         dims = list(range(rank)) if not d else [d] if isinstance(d, int) else list(d)
     else:
         return None
-    return tuple(v.shape), tuple(sorted(d % rank for d in dims))
+    # symbolic sizes by their expression: a domain is compared and hashed, which a SymInt refuses
+    shape = tuple(s if isinstance(s, int) else str(s) for s in v.shape)
+    return shape, tuple(sorted(d % rank for d in dims))
