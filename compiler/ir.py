@@ -19,7 +19,11 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:  # torch before 2.13 (the GPU machines' 2.11) names it hint_int
+    from torch.fx.experimental.symbolic_shapes import hint_int as optimization_hint
 from torch.utils import _pytree as pytree
 
 from .dialects import KERNEL_OPS, kernel_body, op_name
