@@ -93,7 +93,13 @@ def register_model_pytrees(module: nn.Module) -> None:
         register_dynamic_cache_export_support()
         return
     register_cache_pytrees_for_model(module)
-    from transformers.exporters.exporter_dynamo import is_cache_class
+    try:
+        from transformers.exporters.exporter_dynamo import is_cache_class
+    except ImportError:  # transformers before 5.2x: a cache class is a subclass of its Cache
+        from transformers.cache_utils import Cache
+
+        def is_cache_class(cls: type) -> bool:
+            return issubclass(cls, Cache)
     for cls in list(pytree.SUPPORTED_NODES):
         if isinstance(cls, type) and cls.__module__.startswith("transformers.") and is_cache_class(cls):
             register_state_class(cls)
