@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from .dynamic import dynamic_shapes
 from .ir import flatten_inputs
+from .logs import held_back
 from .state import Aliasing, recording, register_state_class, state_objects
 
 
@@ -132,18 +133,6 @@ def forward_as(module: nn.Module, fn: Callable | None) -> Iterator[None]:
             module.__dict__["forward"] = old
 
 
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news."""
-    logger = logging.getLogger("torch._export.non_strict_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None = None,
             forward: Callable | None = None) -> Captured:
     """Capture `module` (calling `forward`, by default its own) for these inputs, with the input
@@ -159,7 +148,9 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     traced = recording(fn, sink, kwargs)
     shapes = dynamic_shapes(ex_args, ex_kwargs, dims or {}, inspect.signature(traced))
     try:
-        with torch.no_grad(), forward_as(module, traced), _quiet_export():
+        # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news
+        quiet = held_back("torch._export.non_strict_utils", logging.ERROR)
+        with torch.no_grad(), forward_as(module, traced), quiet:
             ep = torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
         state.restore()

@@ -8,8 +8,10 @@ Without FXCC_LOGS fxcc leaves logging to the application (warnings still reach t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 # topic -> the loggers it switches (a logger covers its children: "fxcc.codegen" is every backend)
 TOPICS: dict[str, tuple[str, ...]] = {
@@ -27,6 +29,19 @@ TOPICS: dict[str, tuple[str, ...]] = {
 }
 LEVELS = {"+": logging.DEBUG, "-": logging.ERROR, "": logging.INFO}
 FORMAT = "[fxcc %(levelname)s] %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def held_back(name: str, level: int) -> Iterator[None]:
+    """Logger `name` shows only records at `level` or above while the block runs (a library's expected
+    warnings, or tracebacks fxcc reports in its own words)."""
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 def topic_logger(topic: str) -> logging.Logger:

@@ -48,6 +48,7 @@ from fxcc.quality import quality_loss
 from fxcc.store import library_versions
 
 from .api import compile
+from .logs import held_back
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str
         spec = knob_spec(name, {**strongest, **space.fixed.get(name, {})})
         pipeline = ",".join(["canonicalize", spec, "raise"] if at_aten else ["canonicalize", "raise", spec])
         try:
-            with watchdog(deadline.trials_left() if deadline else None), quiet_libraries():
+            with watchdog(deadline.trials_left() if deadline else None), held_back("torch", logging.CRITICAL):
                 cm = compile(model, target=target, passes=pipeline, tune="off")
                 cm.warm(*args, **kwargs)
         except TrialTimeout:
@@ -82,19 +83,6 @@ def probe(space: Space, model: nn.Module, args: tuple, kwargs: dict, target: str
     space.knobs = kept
     space.approximate = [n for n in space.approximate if any(n == k for k, _, _ in kept)]
     return space
-
-
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """torch's own loggers held back while fxcc probes what applies or runs a trial: a failure there is fxcc's
-    note or pruned trial to report, not a library traceback on the console."""
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
-    torch_log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        torch_log.setLevel(level)
 
 
 class Evaluator:
@@ -214,7 +202,7 @@ def search(model: nn.Module, args: tuple, kwargs: dict, cfg: SearchConfig, start
         bar.note(f"trial {trial.number}: compiling and timing {pipeline}")
         t0 = time.monotonic()
         try:
-            with watchdog(deadline.trials_left()), quiet_libraries():
+            with watchdog(deadline.trials_left()), held_back("torch", logging.CRITICAL):
                 m = ev.measure(passes=pipeline, tune="cached")
         except TrialTimeout as e:
             return _reject(trial, "timeout", str(e))
