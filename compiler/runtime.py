@@ -410,8 +410,9 @@ class CompiledModule:
 
     def _against_eager(self, variant: Variant, args: tuple, kwargs: dict) -> Variant | _Eager:
         """The variant, or eager where the variant measures slower on these inputs (fxcc.autotune.vs_eager)."""
-        if not CompileOptions.from_env(self.options).time_vs_eager or not isinstance(variant, Variant):
-            return variant  # a DyCL program chooses compiled or plain Python per segment itself
+        if not CompileOptions.from_env(self.options).time_vs_eager or not isinstance(variant, Variant) \
+                or variant.gm is None:
+            return variant  # a DyCL program (no graph) chooses compiled or plain Python per segment itself
         if dynamic.carries_state(args, kwargs):  # eager would append to the caller's KV cache at every timed call
             variant.vs_eager = "not timed against eager: the call carries a KV cache"
             return variant

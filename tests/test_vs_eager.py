@@ -109,3 +109,27 @@ def test_graphs_with_side_effects_are_not_run_for_timing():
     assert vs_eager.unrepeatable(fx.GraphModule({}, g)) is None
     y.meta["fxcc_eager"] = "a custom op"
     assert "runs eagerly (a custom op)" in vs_eager.unrepeatable(fx.GraphModule({}, g))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:  # tensor-dependent: a DyCL host program, whose segments choose for themselves
+            return h * 2
+        return h - 1
+
+
+def test_a_dycl_program_is_not_timed_as_a_whole_graph(monkeypatch):
+    asked = fake_timer(monkeypatch, compiled_ms=1.0, eager_ms=2.0)
+    model = Branchy().eval()
+    compiled = fxcc.compile(model, options=fxcc.CompileOptions(graph_cache=False))
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sign in (1.0, -1.0):
+            torch.testing.assert_close(compiled(x * sign), model(x * sign), rtol=0, atol=1e-5)
+    assert compiled.variants[0].gm is None and asked == []
