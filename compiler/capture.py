@@ -6,6 +6,7 @@ CaptureError that names the user's source line.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import linecache
@@ -76,8 +77,25 @@ def check_call(module: nn.Module | Callable, args: tuple, kwargs: dict) -> None:
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
+        if _wrapper_takes(fn, args, kwargs):
+            return
         raise TypeError(f"fxcc: {describe(module)} called with arguments that do not fit "
                         f"{getattr(fn, '__name__', 'forward')}{sig}: {e}") from None
+
+
+def _wrapper_takes(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether `fn` is a decorator's wrapper (`functools.wraps`; not `torch.no_grad()` and friends, which pass
+    the call on as it is) whose own signature takes this call: it may change the arguments before the
+    function it wraps sees them (pop `return_dict`, rename a deprecated keyword)."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if not hasattr(fn, "__wrapped__") or code is None or \
+            code.co_filename.replace("\\", "/").endswith("torch/utils/_contextlib.py"):
+        return False
+    try:
+        inspect.signature(fn, follow_wrapped=False).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def register_model_pytrees(module: nn.Module) -> None:
@@ -303,4 +321,6 @@ def _full(cell: Any) -> bool:
 
 
 def _contents(values: Any) -> list[tuple[Any, Any]]:
-    return [(v, type(v)(v)) for v in values if type(v) in (list, dict, set)]
+    # OrderedDict: a module's hook tables (a hook registered by the attempt would run twice after the real call
+    # registers it again)
+    return [(v, type(v)(v)) for v in values if type(v) in (list, dict, set, collections.OrderedDict)]

@@ -31,6 +31,7 @@ import statistics
 import time
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 from fxcc import ir
 from fxcc.capture import CaptureError, flatten_inputs
-from fxcc.dycl_analysis import target_function
+from fxcc.dycl_analysis import Wrapping, target_function, wrapping
 from fxcc.dycl_rewrite import (
     Callees,
     RewriteError,
@@ -346,10 +347,11 @@ class Program:
         try:
             if eager is not None:
                 raise RewriteError(eager[1])
-            self.rw = rewrite(fn, owner, callees, static_names, method)
+            wrapped = wrapping(fn)  # decorators: the function they wrap is rewritten, and they run around it
+            self.rw = rewrite(wrapped.inner, owner, callees, static_names, method)
         except RewriteError as e:
             self.eager_reason = str(e)
-            code = getattr(fn, "__code__", None)
+            code = getattr(inspect.unwrap(fn), "__code__", None)
             where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
             self.warning = f"fxcc DyCL: {name}{where} runs eagerly, as written: {e}"
             self.call = eager[0] if eager is not None else types.MethodType(fn, owner) if method else fn
@@ -366,10 +368,11 @@ class Program:
         seg_defs = [segment_function(s, rw.selfname) for s in rw.segments]
         for seg, fdef in zip(self.segments, seg_defs):
             seg.source = unparse(fdef)
-        for seg, f in zip(self.segments, _make_functions(seg_defs, fn, {})):
+        for seg, f in zip(self.segments, _make_functions(seg_defs, wrapped.inner, {})):
             seg.eager_call = f if not method else types.MethodType(f, owner)
         injected = {s.name: seg for s, seg in zip(rw.segments, self.segments)} | self.subprograms | self.dispatchers
-        host = _make_functions([rw.host], fn, injected, host=True)[0]
+        host = _make_functions([rw.host], wrapped.inner, injected, host=True)[0]
+        host = _rewrap(host, wrapped, owner, name)
         self.call = types.MethodType(host, owner) if method else host
         if rw.eager:
             self.warning = f"fxcc DyCL: {rw.source.qualname}: " + "; ".join(rw.eager)
@@ -384,6 +387,61 @@ class Program:
         seen.add(id(self))
         subs = [*self.subprograms.values(), *[p for d in self.dispatchers.values() for p in d.programs.values()]]
         return [self] + [p for sub in subs for p in sub.all_programs(seen)]
+
+
+_WARNED_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _StandIn:
+    """What a decorator's wrapper calls instead of the function it wraps: that function's program (or the
+    next wrapper in). Attribute reads reach the original (`func.__name__`, `func.__code__`), so the wrapper's
+    own code runs exactly as written. With `owner` a module, a call while forward hooks are registered in it
+    runs the original (transformers' output-capturing wrappers install theirs on the first call that asks
+    for hidden states or attentions, just before they call the function they wrap): a compiled segment
+    would not run them."""
+
+    def __init__(self, call: Any, original: Any, owner: Any = None, name: str = ""):
+        self.call, self.__wrapped__, self.name = call, original, name
+        self.owner = owner if isinstance(owner, nn.Module) else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.owner is not None and _hooked_anywhere(self.owner):
+            warned = _WARNED_HOOKED.setdefault(self.owner, set())
+            if self.name not in warned:  # once per module and function, over the programs rebuilt for it
+                warned.add(self.name)
+                warnings.warn(f"fxcc DyCL: {self.name} runs eagerly, as written, while forward hooks are registered "
+                              "on its modules (compiled segments would not run them)", stacklevel=3)
+            return self.__wrapped__(*args, **kwargs)
+        return self.call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__wrapped__, name)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else types.MethodType(self, obj)
+
+
+def _hooked_anywhere(module: nn.Module) -> bool:
+    """Whether a forward hook would run in a call of `module`: a global one or one of any submodule."""
+    mm = nn.modules.module
+    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks) or \
+        any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _rewrap(call: Any, wrapped: Wrapping, owner: Any, name: str) -> Any:
+    """`call`, the program of `wrapped.inner`, inside copies of the decorators' wrappers (innermost first): each
+    copy is the wrapper's own code, globals, defaults and closure, with the cells that held the function it
+    wraps holding a stand-in for the program instead."""
+    original = wrapped.inner
+    for i, (layer, cells) in enumerate(reversed(wrapped.layers)):
+        stand_in = _StandIn(call, original, owner if i == 0 else None, name)
+        closure = tuple(types.CellType(stand_in) if j in cells else c for j, c in enumerate(layer.__closure__))
+        copy = types.FunctionType(layer.__code__, layer.__globals__, layer.__name__, layer.__defaults__, closure)
+        copy.__kwdefaults__ = layer.__kwdefaults__
+        copy.__dict__.update(layer.__dict__)
+        copy.__qualname__, copy.__wrapped__ = layer.__qualname__, stand_in
+        call, original = copy, layer
+    return call
 
 
 def _program_for(obj: Any, options: Any, cache: dict, callees: Callees) -> Program:

@@ -86,22 +86,63 @@ def _mangle(tree: ast.AST, cls: str) -> None:
             node.names = [m(n) for n in node.names]
 
 
+@dataclass
+class Wrapping:
+    """A function behind `functools.wraps` decorators: each wrapper (outermost first) with the positions of
+    its closure cells that hold the function it wraps, and the function they all wrap. A program of `inner`
+    stands in those cells, so each wrapper's own code runs as written around it."""
+
+    layers: list[tuple[types.FunctionType, tuple[int, ...]]]
+    inner: Any
+
+
+def wrapping(fn: Any) -> Wrapping:
+    """The decorator wrappers around `fn` (`__wrapped__`, as `functools.wraps` sets it). `@torch.no_grad()`
+    and friends are dropped: compiled code runs without autograd anyway. RewriteError, naming the wrapper,
+    when one cannot be re-applied around a program: it is not a plain function, or it does not hold the
+    function it wraps in a closure variable."""
+    layers, f = [], fn
+    while hasattr(f, "__wrapped__"):
+        inner = f.__wrapped__
+        if not _torch_context(f):
+            cells = tuple(i for i, c in enumerate(getattr(f, "__closure__", None) or ())
+                          if _cell_holds(c, inner))
+            if not isinstance(f, types.FunctionType) or not cells:
+                code = getattr(f, "__code__", None)
+                at = f"`{code.co_name}` at {code.co_filename}:{code.co_firstlineno}" if code is not None else repr(f)
+                what = "is not a Python function" if not isinstance(f, types.FunctionType) else \
+                    "does not hold the function it wraps in a closure variable"
+                raise RewriteError(f"{getattr(inspect.unwrap(fn), '__qualname__', repr(fn))} is wrapped by a "
+                                   f"decorator ({at}) that {what}")
+            layers.append((f, cells))
+        f = inner
+    return Wrapping(layers, f)
+
+
+def _cell_holds(cell: Any, obj: Any) -> bool:
+    try:
+        return cell.cell_contents is obj
+    except ValueError:  # an empty cell
+        return False
+
+
 def decorated(fn: Any) -> str | None:
-    """Why `fn` cannot be replaced by a program of the function it wraps (None: it can)."""
-    inner = inspect.unwrap(fn)
-    if inner is fn or _torch_context(fn):
-        return None
-    code = getattr(fn, "__code__", None)
-    at = f"`{code.co_name}` at {code.co_filename}:{code.co_firstlineno}" if code is not None else repr(fn)
-    return f"{getattr(inner, '__qualname__', repr(inner))} is wrapped by a decorator ({at})"
+    """Why `fn` cannot be replaced by its wrappers around a program of the function it wraps (None: it can)."""
+    try:
+        wrapping(fn)
+    except RewriteError as e:
+        return str(e)
+    return None
 
 
 def parse_function(fn: Any, wrapped: bool = False) -> Source:
     """Parse `fn`'s source into its FunctionDef; RewriteError when it cannot be rewritten exactly (`wrapped`:
     a decorated function's own source is read, for analysis only)."""
-    why = None if wrapped else decorated(fn)
-    if why is not None:
-        raise RewriteError(why)
+    if not wrapped:
+        layers = wrapping(fn).layers
+        if layers:  # the wrappers are the caller's to re-apply (fxcc.dycl.Program): never dropped silently
+            raise RewriteError(f"{getattr(inspect.unwrap(fn), '__qualname__', repr(fn))} is wrapped by a "
+                               f"decorator; its wrapped function is rewritten, not the wrapper")
     fn = inspect.unwrap(fn)
     name = getattr(fn, "__qualname__", repr(fn))
     if not isinstance(fn, types.FunctionType):

@@ -234,6 +234,9 @@ def worker(passes: str | None, threads: int, memory_gb: float = MEMORY_GB) -> No
     import transformers
 
     limit_memory(memory_gb)
+    # the sweep compares compiled outputs with eager: a variant kept eager for measuring slower would compare
+    # eager with eager (FXCC_TIME_VS_EAGER=1 in the environment times them all the same)
+    os.environ.setdefault("FXCC_TIME_VS_EAGER", "0")
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     logging.basicConfig(level=logging.ERROR)
