@@ -347,6 +347,11 @@ class Lowerer:
             return e
         if isinstance(e, ast.Starred):
             return ast.Starred(self.freeze(e.value, pre, host), ast.Load())
+        if isinstance(e, ast.Slice) or (isinstance(e, ast.Tuple) and any(isinstance(x, ast.Slice) for x in e.elts)):
+            # `a:b` is syntax only inside a subscript (`x[:, 0]`): its parts get names, in order, and it stays
+            for s in _slots(e):
+                _put(s, self.freeze(_get(s), pre, host))
+            return e
         name = self.fresh("t")
         stmt = _assign(name, e)
         if host or any(isinstance(n, SCOPES) for n in ast.walk(e)):

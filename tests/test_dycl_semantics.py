@@ -349,6 +349,21 @@ def test_attribute_state_and_in_place_updates_of_inputs_match_eager():
     check(Stateful(), inputs(), state=("calls", "last"))
 
 
+class SliceStores(Lin):
+    def forward(self, x):
+        h = self.a(x).clone()
+        h[:, 0] = h[:, 0] * 2  # stores through multi-dimensional slices stay slices in the host program
+        h[1:, ::2] = -h[1:, ::2]
+        h[..., 1:3] += 1
+        if h.sum() > 0:
+            return self.b(h)
+        return h
+
+
+def test_stores_through_tuple_slices():
+    check(SliceStores(), inputs())
+
+
 class Counter(Lin):
     def __init__(self):
         super().__init__()
