@@ -92,6 +92,11 @@ def _sig(a: Any) -> Any:
         return (type(a), tuple((k, _sig(v)) for k, v in a.items()))
     if isinstance(a, float):
         return (type(a), a.hex())  # -0.0 and 0.0 differ when baked; a NaN equals itself
+    if isinstance(a, slice):  # by its bounds (a slice is unhashable before Python 3.12); baked only with int bounds
+        bounds = (a.start, a.stop, a.step)
+        if not all(b is None or type(b) in (int, bool) for b in bounds):
+            raise Unguarded("a slice whose bounds are not integers")
+        return (slice, bounds)
     if isinstance(a, _CONSTANTS):
         return (type(a), a)
     if isinstance(a, (nn.Module, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):

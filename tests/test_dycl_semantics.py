@@ -364,6 +364,19 @@ def test_stores_through_tuple_slices():
     check(SliceStores(), inputs())
 
 
+class SliceValues(Lin):
+    def forward(self, x):
+        h = self.a(x)
+        keep = slice(0, 2 + int(h.sum() > 0))
+        if h.mean() > 0:
+            keep = slice(1, None, 2)
+        return self.b(h)[:, keep] * 2  # a segment whose inputs include a slice object
+
+
+def test_slice_objects_as_segment_inputs():
+    check(SliceValues(), inputs())
+
+
 class Counter(Lin):
     def __init__(self):
         super().__init__()
