@@ -89,6 +89,7 @@ class Variant:
     reason: str = ""  # why it was compiled
     vs_eager: str | None = None  # the whole-graph timing against eager (fxcc.autotune.vs_eager), when taken
     slower_than_eager: bool = False  # measured so: calls of its signature run eagerly
+    graph_key: str | None = None  # its graph-cache key (static variants the graph cache serves)
 
     @property
     def writes_back(self) -> bool:
@@ -421,7 +422,18 @@ class CompiledModule:
             return variant
         flat = flatten_inputs(args, kwargs)[0]
         device = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in flat) else "cpu"
-        verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
+        cache, vkey = default_cache(), None
+        if variant.graph_key and cache.problem() is None:
+            choices = sorted((k, b.choice.backend, b.choice.module, sorted(b.choice.params.items()))
+                             for k, b in variant.kernels.items())
+            program = (variant.gm.code + repr(choices) + repr(CompileOptions.from_env(self.options))
+                       + repr(variant.cuda_graph is not None))
+            vkey = vs_eager.verdict_key(variant.graph_key, program, device)
+        verdict = vs_eager.remembered(cache, vkey) if vkey else None
+        if verdict is None:
+            verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
+            if vkey:
+                vs_eager.remember(cache, vkey, verdict, self.name)
         variant.vs_eager = verdict.text()
         log.info("%s: %s", self.name, variant.vs_eager)
         if verdict.keep_compiled:
@@ -506,7 +518,8 @@ class CompiledModule:
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
         self._snapshot_params(graph_sources(gm, self.module), addresses=graphs)
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
-                       kernels=kernels, writes_state=any(n.op == "get_attr" for n in ir.written_in_place(gm)))
+                       kernels=kernels, writes_state=any(n.op == "get_attr" for n in ir.written_in_place(gm)),
+                       graph_key=key)
 
     def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
                          opts: CompileOptions) -> tuple[Any, str | None]:
