@@ -9,13 +9,19 @@ side effects) or ops that write their inputs is not run the extra times the timi
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 from fxcc.measure import interleaved
+from fxcc.store import cache_key
+
+log = logging.getLogger(__name__)
 
 BUDGET_S = 1.0  # timing per decision, about, once both are warm (fewer repetitions for slow models)
 MIN_REPS, MAX_REPS = 3, 20
@@ -27,6 +33,7 @@ class Verdict:
 
     compiled_ms: float
     eager_ms: float
+    cached: bool = False  # measured by an earlier compile on this machine, read from the artifact cache
 
     @property
     def keep_compiled(self) -> bool:
@@ -34,7 +41,8 @@ class Verdict:
 
     def text(self) -> str:
         choice = "compiled kept" if self.keep_compiled else "runs eagerly"
-        return f"whole graph {self.compiled_ms:.3f} ms compiled, {self.eager_ms:.3f} ms eager: {choice}"
+        told = " (measured by an earlier compile here, from the artifact cache)" if self.cached else ""
+        return f"whole graph {self.compiled_ms:.3f} ms compiled, {self.eager_ms:.3f} ms eager: {choice}{told}"
 
 
 def unrepeatable(gm: fx.GraphModule) -> str | None:
@@ -61,3 +69,30 @@ def judge(compiled: Callable[[], object], eager: Callable[[], object], device: s
         t = interleaved({"compiled": compiled, "eager": eager}, device=device, warmup=1, reps=reps,
                         rounds=min(reps, 3))
     return Verdict(t["compiled"].own, t["eager"].own)
+
+
+def verdict_key(graph_key: str, program: str, device: str) -> str:
+    """Where a verdict is kept: the graph (its key covers the model's code, weights, inputs and pipeline), the
+    program built from it (final IR and kernel choices) and the machine (device, CPU features, threads)."""
+    return "v" + cache_key("vs-eager", target=device, graph=graph_key, program=program)
+
+
+def remembered(cache: Any, key: str) -> Verdict | None:
+    """The verdict an earlier compile measured for `key`, or None: a warm compile does not time again."""
+    entry = cache.get(key)
+    if entry is None or "verdict.json" not in entry.files:
+        return None
+    try:
+        doc = json.loads(entry.files["verdict.json"].read_bytes())
+        return Verdict(float(doc["compiled_ms"]), float(doc["eager_ms"]), cached=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.debug("verdict %s unreadable (%s): timing again", key, e)
+        return None
+
+
+def remember(cache: Any, key: str, verdict: Verdict, model: str) -> None:
+    doc = {"compiled_ms": verdict.compiled_ms, "eager_ms": verdict.eager_ms}
+    try:
+        cache.put(key, {"verdict.json": json.dumps(doc).encode()}, {"kind": "vs-eager", "model": model})
+    except OSError as e:
+        log.debug("verdict %s not stored: %s", key, e)

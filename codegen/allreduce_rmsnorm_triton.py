@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fxcc.codegen.launch import ReadOnly
 from torch import Tensor
 
 
@@ -71,7 +72,7 @@ def _launch(kernel, first: Tensor, x_like: Tensor, residual: Tensor, weight: Ten
     y, s = _outs(residual, out)
     block = triton.next_power_of_2(h)
     w = weight if weight is not None else residual
-    kernel[(rows,)](first, residual, w, y, s, h, eps, BLOCK=block, HAS_W=weight is not None,
+    ReadOnly(kernel)[(rows,)](first, residual, w, y, s, h, eps, BLOCK=block, HAS_W=weight is not None,
                     num_warps=8 if block >= 4096 else 4, **const)
     return y, s
 

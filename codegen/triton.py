@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fxcc import ir
 from fxcc.codegen import Built, KernelFn
 from fxcc.codegen import triton_decode as decode
+from fxcc.codegen.launch import ReadOnly
 from fxcc.codegen.triton_gen import (
     REDUCTIONS,
     RULES,
@@ -195,7 +196,9 @@ def _execute(source: str, tag: str) -> dict:
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     ns: dict[str, Any] = {"__name__": f"fxcc_triton_{tag}"}
     exec(compile(source, filename, "exec"), ns)
-    return ns
+    from triton.runtime import KernelInterface  # imported with the source: triton loads only where it runs
+    # kernels read watched weights by address, never copying them (fxcc.codegen.launch)
+    return {k: ReadOnly(v) if isinstance(v, KernelInterface) else v for k, v in ns.items()}
 
 
 def _header(text: str, what: str) -> str:

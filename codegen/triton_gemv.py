@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fxcc.codegen.launch import ReadOnly
 from fxcc.measure import capture_graph, graph_timings
 from torch import Tensor
 
@@ -234,7 +235,7 @@ def gemv(x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: C
         raise ValueError(f"int8 GEMV: RMSNorm weight of shape {tuple(norm.shape)} for rows of {K} "
                          f"(and rms_eps={rms_eps})")
     even = K % bk == 0 and N % bn == 0
-    _gemv[(triton.cdiv(N, bn), split)](
+    ReadOnly(_gemv)[(triton.cdiv(N, bn), split)](
         x2, qw, ws, b if b is not None else ws, r if r is not None else y, y, acc, cnt,
         norm if norm is not None else ws, ss, float(rms_eps or 0.0), M, N, K, K // split,
         x2.stride(0), x2.stride(1), qw.stride(0), qw.stride(1), *(r.stride() if r is not None else (0, 0)),

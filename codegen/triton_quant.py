@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from fxcc.codegen import triton_gemv as tg
+from fxcc.codegen.launch import ReadOnly
 from torch import Tensor
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); small-M configs first
@@ -160,7 +161,7 @@ def quantize_rows(x: Tensor, dtype: str) -> tuple[Tensor, Tensor]:
     fp8 = dtype == "fp8"
     q = torch.empty((M, K), device=x.device, dtype=torch.uint8 if fp8 else torch.int8)
     sc = torch.empty(M, device=x.device, dtype=torch.float32)
-    _quant_rows[(M,)](x, q, sc, K, x.stride(0), FP8=fp8, BLOCK=triton.next_power_of_2(K),
+    ReadOnly(_quant_rows)[(M,)](x, q, sc, K, x.stride(0), FP8=fp8, BLOCK=triton.next_power_of_2(K),
                       num_warps=8 if K >= 4096 else 4)
     return (q.view(torch.float8_e4m3fn) if fp8 else q), sc
 
@@ -191,7 +192,7 @@ def _launch_splitk(x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tens
         _WORK[key] = (torch.zeros(M * N, device=x2.device, dtype=torch.float32),
                       torch.zeros(triton.cdiv(N, 32), device=x2.device, dtype=torch.int32))
     acc, cnt = _WORK[key]
-    _w8_splitk[(triton.cdiv(N, bn), split)](
+    ReadOnly(_w8_splitk)[(triton.cdiv(N, bn), split)](
         x2, qw, ws, b if b is not None else ws, r if r is not None else y, y, acc, cnt, M, N, K, K // split,
         x2.stride(0), x2.stride(1), qw.stride(0), qw.stride(1), *(r.stride() if r is not None else (0, 0)),
         y.stride(0), y.stride(1), HAS_BIAS=b is not None, HAS_RES=r is not None,
@@ -209,7 +210,7 @@ def _launch(mode: int, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: 
         qw = qw.view(torch.uint8)  # loaded as bits (masked lanes read 0 = +0.0) and bitcast in the kernel
     if x2.dtype == torch.float8_e4m3fn:
         x2 = x2.view(torch.uint8)
-    _qgemm[grid](x2, xs if xs is not None else ws, qw, ws, b if b is not None else ws, r if r is not None else y, y,
+    ReadOnly(_qgemm)[grid](x2, xs if xs is not None else ws, qw, ws, b if b is not None else ws, r if r is not None else y, y,
                  M, N, K, x2.stride(0), x2.stride(1), qw.stride(0), qw.stride(1),
                  *(r.stride() if r is not None else (0, 0)), y.stride(0), y.stride(1), MODE=mode,
                  HAS_BIAS=b is not None, HAS_RES=r is not None,

@@ -20,6 +20,12 @@ from .measure import capture_graph
 
 log = logging.getLogger(__name__)
 
+
+def _address(t: torch.Tensor) -> int:
+    """Where `t`'s first element is, read without asking for write access (which would give a tensor the
+    guards watch by copy-on-write a copy of its memory: fxcc.watch)."""
+    return torch._C._data_address(t) + t.storage_offset() * t.element_size()
+
 _WARMUP = 2  # runs before a capture (lazy initialisation, autotuning)
 MAX_GRAPHS = 8  # graphs kept per variant with symbolic sizes (one per concrete size that repeats)
 
@@ -37,7 +43,7 @@ class CudaGraph:
         self.static = static
         self.inplace = inplace
         self.copied = [i for i, x in enumerate(static) if isinstance(x, torch.Tensor) and i not in inplace]
-        self.addresses = [(i, static[i].data_ptr()) for i in sorted(inplace)]
+        self.addresses = [(i, _address(static[i])) for i in sorted(inplace)]
         self.outs = outs
         self.keep = keep
 
@@ -74,7 +80,7 @@ class CudaGraph:
 
     def __call__(self, flat: list[Any]) -> list[Any] | None:
         """Replay on these inputs; None when an in-place input is another tensor than the one captured."""
-        if any(flat[i].data_ptr() != ptr for i, ptr in self.addresses):
+        if any(_address(flat[i]) != ptr for i, ptr in self.addresses):
             return None
         static = self.static
         for i in self.copied:
@@ -98,7 +104,7 @@ class CudaGraphs:
 
     def __call__(self, flat: list[Any]) -> list[Any] | None:
         key = (tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x if type(x) is int else None for x in flat),
-               tuple(flat[i].data_ptr() for i in sorted(self.inplace)))
+               tuple(_address(flat[i]) for i in sorted(self.inplace)))
         graph = self.graphs.get(key)
         if graph is not None:
             return graph(flat)

@@ -444,8 +444,30 @@ def _(x, axis, frames):
 
 # The fake kernel of a tx op is its reference itself, run on FakeTensors: shapes, dtypes and strides recorded
 # in the IR are the ones the reference produces (a `view` after it sees the layout it will get).
-for _op in (rms_norm, layer_norm, softmax, attention, rotary, gelu, silu, gated_act):
+for _op in (rms_norm, layer_norm, softmax, rotary, gelu, silu, gated_act):
     _op.register_fake(_op._init_fn)
+
+
+@attention.register_fake
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, is_causal: bool) -> Tensor:
+    """The reference on FakeTensors; where that fails on symbolic sizes (torch before 2.13 cannot pad a mask of
+    symbolic length in SDPA's fake kernel), the reference's output layout for the example sizes, given the
+    symbolic shape."""
+    try:
+        return attention._init_fn(q, k, v, mask, scale, is_causal)
+    except RuntimeError:
+        symbolic = [t for t in (q, k, v, mask) if t is not None and any(isinstance(d, torch.SymInt) for d in t.shape)]
+        if not symbolic:
+            raise
+    from .ir import hint
+
+    def example(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.new_empty([hint(d) for d in t.shape])
+
+    out = attention._init_fn(example(q), example(k), example(v), example(mask), scale, is_causal)
+    order = sorted(range(out.dim()), key=lambda d: -out.stride(d))  # outermost first
+    shape = [*q.shape[:-1], v.shape[-1]]
+    return q.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(out.dim())])
 
 
 TX_OPS = {

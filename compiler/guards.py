@@ -9,7 +9,7 @@ compile baked in:
   flags of the forward into the graph);
 - the contents of tensors a pass computed constants from (folded subgraphs, merged or quantized weights,
   shards: fxcc.ir.computed_from), watched by fxcc.watch, which also sees writes through `.data`;
-- on CUDA graphs, every tensor's address (a graph replays the pointers it captured).
+- on CUDA graphs, the address of every tensor a graph reads (it replays the pointers it captured).
 Packed copies the backends keep are checked by the backends themselves (fxcc.codegen.derived).
 The check runs on every call: C-level loops over lists built once.
 """
@@ -80,10 +80,13 @@ class ModuleState:
     """The state of `module` that compiled code depends on, as it is now; `changed()` says what differs later.
 
     sources: tensors whose contents were folded into constants (None: all of the model's tensors).
-    addresses: also check every tensor's address (variants replaying CUDA graphs).
+    live: tensors a replayed CUDA graph reads where they were at its capture: their addresses are checked too.
+    Only those: a tensor the graph does not read may move (an eager op that asks a copy-on-write snapshot's
+    tensor for a writable pointer gives it a fresh buffer with the same values; its watch sees that).
     """
 
-    def __init__(self, module: nn.Module, sources: list[torch.Tensor] | None, addresses: bool = False) -> None:
+    def __init__(self, module: nn.Module, sources: list[torch.Tensor] | None,
+                 live: list[torch.Tensor] | None = None) -> None:
         self.owners, self.names, self.objs, self.where = [], [], [], []
         self.dicts, self.keys, self.values, self.attr_where = [], [], [], []  # primitive attributes
         self.counts_of: list[dict] = []
@@ -101,7 +104,9 @@ class ModuleState:
         self.counts = list(map(len, self.counts_of))
         watched = self.tensors if sources is None else sources
         self.watched = [(t, Snapshot(t)) for t in watched]  # first: a snapshot may move a tensor's memory
-        self.addresses = list(map(_ADDRESS, self.tensors)) if addresses else None
+        read = {id(t) for t in live or ()}
+        self.live = [t for t in self.tensors if id(t) in read]
+        self.addresses = list(map(_ADDRESS, self.live)) if self.live else None
 
     def _module(self, path: str, mod: nn.Module, root: bool) -> None:
         at = f"{path}." if path else ""
@@ -148,7 +153,7 @@ class ModuleState:
                 and list(map(_LAYOUT, self.tensors)) == self.shapes
                 and list(map(_STRIDE, self.tensors)) == self.strides
                 and list(map(_DTYPE, self.tensors)) == self.dtypes
-                and (self.addresses is None or list(map(_ADDRESS, self.tensors)) == self.addresses)
+                and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses)
                 and all(s.same(t) for t, s in self.watched)):
             return None
         return self._what()
@@ -172,7 +177,7 @@ class ModuleState:
         for t, shape, stride, (dtype, device) in zip(self.tensors, self.shapes, self.strides, self.dtypes):
             if (t.shape, t.stride(), t.dtype, t.device) != (shape, stride, dtype, device):
                 return f"{self._name(t)} changed layout (now {t.dtype} {list(t.shape)})"
-        if self.addresses is not None and list(map(_ADDRESS, self.tensors)) != self.addresses:
+        if self.addresses is not None and list(map(_ADDRESS, self.live)) != self.addresses:
             return "a tensor of the model moved to other memory (`.data =`): a CUDA graph reads the old one"
         for t, s in self.watched:
             if not s.same(t):

@@ -89,6 +89,7 @@ class Variant:
     reason: str = ""  # why it was compiled
     vs_eager: str | None = None  # the whole-graph timing against eager (fxcc.autotune.vs_eager), when taken
     slower_than_eager: bool = False  # measured so: calls of its signature run eagerly
+    graph_key: str | None = None  # its graph-cache key (static variants the graph cache serves)
 
     @property
     def writes_back(self) -> bool:
@@ -172,6 +173,7 @@ class CompiledModule:
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
+        self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
         self.stats = CompileStats()
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
         self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions to make symbolic from the start
@@ -221,7 +223,7 @@ class CompiledModule:
             recompiles.info("recompiling %s: %s", self.name, why)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._compiled, self._memo, self._fast = [], {}, {}
-            self._sources = {}
+            self._sources, self._live = {}, {}
         variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
         if variant is None:
             if eager_check.in_reference_run():  # eager's side of an enclosing model's check: compile nothing
@@ -318,16 +320,17 @@ class CompiledModule:
     def _params_unchanged(self) -> bool:
         return self._params.changed() is None
 
-    def _snapshot_params(self, sources: list[torch.Tensor] | None = None, addresses: bool = False) -> None:
+    def _snapshot_params(self, sources: list[torch.Tensor] | None = None, live: list[Any] = ()) -> None:
         """Record the model's state the variants depend on; `sources`: the tensors this variant's constants
-        were computed from (None: unknown, so all), added to those of the variants compiled before."""
+        were computed from (None: unknown, so all), `live`: the tensors its CUDA graphs read in place; both
+        added to those of the variants compiled before."""
         if sources is None or self._sources is None:
             self._sources = None
         else:
             self._sources.update((id(t), t) for t in sources)
-        addresses = addresses or any(v.cuda_graph is not None for v in self.variants)
+        self._live.update((id(t), t) for t in live if isinstance(t, torch.Tensor))
         self._params = ModuleState(self.module, None if self._sources is None else list(self._sources.values()),
-                                   addresses)
+                                   list(self._live.values()))
 
     # ------------------------------------------------------------------------------- compiling
 
@@ -422,7 +425,18 @@ class CompiledModule:
             return variant
         flat = flatten_inputs(args, kwargs)[0]
         device = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in flat) else "cpu"
-        verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
+        cache, vkey = default_cache(), None
+        if variant.graph_key and cache.problem() is None:
+            choices = sorted((k, b.choice.backend, b.choice.module, sorted(b.choice.params.items()))
+                             for k, b in variant.kernels.items())
+            program = (variant.gm.code + repr(choices) + repr(CompileOptions.from_env(self.options))
+                       + repr(variant.cuda_graph is not None))
+            vkey = vs_eager.verdict_key(variant.graph_key, program, device)
+        verdict = vs_eager.remembered(cache, vkey) if vkey else None
+        if verdict is None:
+            verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
+            if vkey:
+                vs_eager.remember(cache, vkey, verdict, self.name)
         variant.vs_eager = verdict.text()
         log.info("%s: %s", self.name, variant.vs_eager)
         if verdict.keep_compiled:
@@ -505,9 +519,10 @@ class CompiledModule:
             keep = frozenset(j for j, _ in cap.aliasing.leaves)
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
-        self._snapshot_params(graph_sources(gm, self.module), addresses=graphs)
+        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else ())
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
-                       kernels=kernels, writes_state=any(n.op == "get_attr" for n in ir.written_in_place(gm)))
+                       kernels=kernels, writes_state=any(n.op == "get_attr" for n in ir.written_in_place(gm)),
+                       graph_key=key)
 
     def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
                          opts: CompileOptions) -> tuple[Any, str | None]:

@@ -214,3 +214,31 @@ def test_changes_are_seen_by_a_replayed_cuda_graph(how):
     _change(m, how)
     for _ in range(2):
         torch.testing.assert_close(cm(x), m(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["siblings", "llama"])
+def test_steady_calls_on_a_gpu_neither_copy_nor_recompile(model):
+    """Kernels read watched weights by address (fxcc.codegen.launch): a call must not give a weight a fresh
+    buffer (its copy-on-write snapshot would then fail the next call's guard, every call)."""
+    torch.manual_seed(0)
+    if model == "llama":
+        m, x = _llama()
+        m, x = m.cuda(), x.cuda()
+    else:
+        m, x = Siblings().cuda().eval(), torch.randn(4, 16, device="cuda")
+        m.scale = m.scale.cuda()
+    expected = m(x)  # eager first: an eager op may ask a weight for a writable pointer (a copy, once)
+    cm = fxcc.compile(m)
+    for _ in range(3):
+        cm(x)
+    addresses = [torch._C._data_address(p) for p in m.parameters()]
+    for _ in range(5):
+        assert_outputs_close(cm(x), expected, atol=1e-4, rtol=1e-4)
+    assert [torch._C._data_address(p) for p in m.parameters()] == addresses
+    assert cm.stats.param_recompiles == 0 and cm.stats.compiles == 1
+    with torch.no_grad():
+        next(m.parameters()).data.mul_(3)  # and a write is still seen
+    assert_outputs_close(cm(x), m(x), atol=1e-4, rtol=1e-4)
+    assert cm.stats.param_recompiles <= 1

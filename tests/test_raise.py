@@ -346,3 +346,34 @@ def test_causal_needs_square_scores():
     gm, stats = raise_model(model.eval(), args)
     assert "causal_mask" not in stats
     assert_same_outputs(gm, model, args)
+
+
+def test_attention_fake_gives_a_symbolic_shape_where_the_reference_cannot(monkeypatch):
+    """torch before 2.13 cannot run SDPA's fake kernel with a mask of symbolic length: the attention op's fake
+    kernel then gives the reference's layout for the example sizes on the symbolic shape."""
+    from fxcc import dialects
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    reference = dialects.attention._init_fn
+
+    def older_torch(q, k, v, mask, scale, is_causal):
+        if any(isinstance(d, torch.SymInt) for t in (q, k, v, mask) if t is not None for d in t.shape):
+            raise RuntimeError("SymIntArrayRef expected to contain only concrete integers")
+        return reference(q, k, v, mask, scale, is_causal)
+
+    monkeypatch.setattr(dialects.attention, "_init_fn", older_torch)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dyn = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.DYNAMIC,
+                                                  DimDynamic.STATIC])
+    q = mode.from_tensor(torch.randn(2, 4, 1, 8))
+    k, v = (mode.from_tensor(torch.randn(2, 2, 9, 8), symbolic_context=dyn) for _ in range(2))
+    mask = mode.from_tensor(torch.zeros(2, 1, 1, 9), symbolic_context=dyn.__class__(
+        dynamic_sizes=[DimDynamic.STATIC] * 3 + [DimDynamic.DYNAMIC]))
+    with mode:
+        out = dialects._attention_fake(q, k, v, mask, 0.35, False)
+        expected = reference(torch.empty(2, 4, 1, 8), torch.empty(2, 2, 9, 8), torch.empty(2, 2, 9, 8),
+                             torch.empty(2, 1, 1, 9), 0.35, False)
+    assert isinstance(k.shape[2], torch.SymInt) and isinstance(mask.shape[3], torch.SymInt)
+    assert list(out.shape) == [2, 4, 1, 8] and out.dtype == q.dtype
+    assert out.stride() == expected.stride()

@@ -27,8 +27,9 @@ class Scaled(nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def check_on(monkeypatch):
+def check_on(monkeypatch, tmp_path):
     monkeypatch.setenv("FXCC_TIME_VS_EAGER", "1")
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path / "cache"))  # verdicts are cached: one cache per test
     torch.manual_seed(0)
 
 
@@ -109,6 +110,26 @@ def test_graphs_with_side_effects_are_not_run_for_timing():
     assert vs_eager.unrepeatable(fx.GraphModule({}, g)) is None
     y.meta["fxcc_eager"] = "a custom op"
     assert "runs eagerly (a custom op)" in vs_eager.unrepeatable(fx.GraphModule({}, g))
+
+
+def test_a_warm_compile_reads_the_verdict_instead_of_timing_again(monkeypatch):
+    """The verdict is kept with the graph in the artifact cache: a second compile of the same model on the same
+    machine (a new process, here a new compiled object) makes the same choice without timing."""
+    asked = fake_timer(monkeypatch, compiled_ms=2.0, eager_ms=1.0)
+    model = Scaled().eval()
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        fxcc.compile(model)(x)
+    assert len(asked) == 1
+    again = fxcc.compile(model)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        torch.testing.assert_close(again(x), model(x))
+    assert len(asked) == 1  # not timed again
+    assert again.stats.eager_calls == 1
+    fake_timer(monkeypatch, compiled_ms=1.0, eager_ms=2.0)
+    other = fxcc.compile(model, options=fxcc.CompileOptions(cuda_graphs=False))  # other options: timed anew
+    torch.testing.assert_close(other(x), model(x))
+    assert other.stats.eager_calls == 0
 
 
 class Branchy(nn.Module):
