@@ -4,6 +4,8 @@ Attention's Q, K and V projections (and a gated MLP's gate and up projections) e
 activations by their own weight. One GEMM over the weights concatenated at compile time reads the
 activations once and runs at a size libraries handle better (3 x 384 -> 1152 columns for MiniLM); the
 results are column slices of its output, which the kernels after it read through their strides.
+The concatenation is the weights' only copy: the model's projection weights become views into its rows
+(fxcc.ir.concat_rows), so merging adds no memory and an in-place update of a weight is one of the whole.
 
 Exact within floating-point tolerance. CPU only for now: the GPU backends were tuned without it.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.ir import computed_from, fetch_attr
+from fxcc.ir import concat_rows, fetch_attr
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, is_op, val
 
@@ -27,7 +29,7 @@ LINEAR = torch.ops.aten.linear.default
 class MergeLinears(Pass):
     """Merge sibling linears (same input, constant 2-D weights, same dtype, all with or all without bias).
 
-    max_mb: the largest concatenated weight made (the merged copy adds that much memory).
+    max_mb: the largest concatenated weight made (weights that cannot become views of it stay beside a copy).
     """
 
     name = "merge-linears"
@@ -75,13 +77,9 @@ class MergeLinears(Pass):
             return False
         bs = [arg(u, 2, "bias") for u in group]
         first = group[0]
-        with torch.no_grad():
-            weight = torch.cat([w.detach() for w in ws])
-            bias = None if bs[0] is None else torch.cat([fetch_attr(gm, b.target).detach() for b in bs])
-        args = [first.args[0], _constant(gm, rw, first, "_merged_weight", computed_from(weight, *ws))]
-        if bias is not None:
-            biases = [fetch_attr(gm, b.target) for b in bs]
-            args.append(_constant(gm, rw, first, "_merged_bias", computed_from(bias, *biases)))
+        args = [first.args[0], _constant(gm, rw, first, "_merged_weight", concat_rows(ws))]
+        if bs[0] is not None:
+            args.append(_constant(gm, rw, first, "_merged_bias", concat_rows([fetch_attr(gm, b.target) for b in bs])))
         wide = rw.call(LINEAR, tuple(args), at=first)
         parts, start = [], 0
         for w in ws:  # every slice sits before the first linear, so each precedes all uses of its linear
