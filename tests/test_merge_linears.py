@@ -97,6 +97,9 @@ def test_the_merged_weight_is_the_projections_storage_and_updates_after_compile_
     assert [t.storage_offset() for t in (q, k, v)] == [0, 64 * 32, 80 * 32]
     assert merged[0].untyped_storage().nbytes() == 96 * 32 * 4
     assert torch.equal(merged[0], torch.cat([q, k, v]))
+    taken = [id(s.copy) for _, s in cm._params.watched]
+    assert_outputs_close(cm(x), model(x))
+    assert [id(s.copy) for _, s in cm._params.watched] == taken  # reading the shared memory moved nothing
 
     with torch.no_grad():
         model.k.weight.data.mul_(2)  # through .data: no version bump
