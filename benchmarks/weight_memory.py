@@ -9,8 +9,12 @@ tracks plus those the compiled module reaches (bound constants, the backends' pa
 by storage. "ratio" is live / parameter bytes: 1.0 means each weight is held once. The inputs and
 outputs of the call are dropped too; what remains is weights, constants and the kernels' scratch buffers.
 
-The tp rows compile Llama with `tp-shard{tp=2}` in two processes (gloo) and report rank 0's live bytes
+The tp rows compile Llama with `tp-shard{tp=2}` in two processes (gloo) and report each rank's live bytes
 against the whole model's parameter bytes (the goal is about 0.5 per rank).
+
+With the default pipeline the ratio depends on the kernels chosen by measurement: a GEMM built by TVM
+reads its weight as column panels packed once (fxcc.codegen.tvm), a copy beside the parameter. For the
+weights a pass derives alone, pass `--passes "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=extern}"`.
 """
 
 from __future__ import annotations
