@@ -388,7 +388,9 @@ def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     A part that cannot be rebound safely (its storage is shared with other tensors, an inference tensor,
     a tensor subclass) leaves a plain copy, as `torch.cat` would make. The result is marked
     `computed_from(parts)`, so the runtime still watches the parts for writes and swapped storage."""
-    with torch.no_grad():
+    # not an inference tensor even when compiled under inference_mode: the parts' `.data` become views of it,
+    # and the caller may update its weights outside inference_mode later
+    with torch.no_grad(), torch.inference_mode(False):
         whole = _adjacent(parts)
         if whole is None:
             whole = torch.cat([p.detach() for p in parts])

@@ -146,3 +146,19 @@ def test_a_graph_cache_hit_shares_the_weights_too(tmp_path, monkeypatch):
     with torch.no_grad():
         twin.v.weight.data.add_(1)
     assert_outputs_close(second(x), twin(x))
+
+
+def test_compiled_under_inference_mode_the_weights_stay_updatable_outside_it():
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(2, 8, 32)
+    cm = fxcc.compile(model, passes=PIPE)
+    with torch.inference_mode():
+        out = cm(x)
+    assert_outputs_close(out, model(x))
+    assert not model.q.weight.is_inference() and _storage(model.q.weight) == _storage(model.v.weight)
+    with torch.no_grad():
+        model.q.weight.data.mul_(2)
+    model.load_state_dict(QKV().state_dict())
+    with torch.inference_mode():
+        out, ref = cm(x), model(x)
+    assert_outputs_close(out, ref)
