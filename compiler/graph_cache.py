@@ -559,8 +559,11 @@ def _serialize(gm: fx.GraphModule, module: nn.Module) -> tuple[dict, dict[str, b
             t = ir.fetch_attr(gm, n.target)
             if not isinstance(t, torch.Tensor):
                 raise Unserializable(f"attribute {n.target} of type {type(t).__name__}")
+            parts = ir.parts_of(t)
             if id(t) in by_id:
                 attrs[n.target] = {"param": by_id[id(t)]}
+            elif parts is not None and all(id(p) in by_id for p in parts):  # model tensors concatenated in place
+                attrs[n.target] = {"concat": [by_id[id(p)] for p in parts]}
             else:
                 refs = ir.sources_of(t)
                 if refs is None:
@@ -604,6 +607,12 @@ def _deserialize(doc: dict, files: dict, module: nn.Module) -> fx.GraphModule:
             if a["param"] not in tensors:
                 raise BadEntry(f"attribute {target!r} names {a['param']!r}, which the model does not have")
             root[target] = tensors[a["param"]]
+            continue
+        if "concat" in a:
+            parts = a["concat"]
+            if not isinstance(parts, list) or not parts or any(p not in tensors for p in parts):
+                raise BadEntry(f"attribute {target!r}: its parts are not tensors of the model")
+            root[target] = ir.concat_rows([tensors[p] for p in parts])
             continue
         if a.get("const") not in files:
             raise BadEntry(f"attribute {target!r} names no file of the entry")

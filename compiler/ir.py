@@ -375,6 +375,75 @@ def computed_from(value: torch.Tensor, *sources: Any) -> torch.Tensor:
     return value
 
 
+_PARTS = "_fxcc_parts"  # on a constant that is the rows of other tensors in one storage: those tensors (weakly)
+_IN = "_fxcc_in_storage"  # on a tensor concat_rows made a view: the storage it put it in
+
+
+def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-D (or 1-D) tensors `parts` concatenated along dim 0, held once: one storage that `parts` become
+    views into (their `.data` rebound to rows of it), so the model's tensors and the concatenation a pass
+    made of them (merged Q/K/V) are the same memory, and an in-place write to a part shows in the whole.
+
+    Parts already adjacent in one storage (concatenated by an earlier compile) give a view of it, no copy.
+    A part that cannot be rebound safely (its storage is shared with other tensors, an inference tensor,
+    a tensor subclass) leaves a plain copy, as `torch.cat` would make. The result is marked
+    `computed_from(parts)`, so the runtime still watches the parts for writes and swapped storage."""
+    # not an inference tensor even when compiled under inference_mode: the parts' `.data` become views of it,
+    # and the caller may update its weights outside inference_mode later
+    with torch.no_grad(), torch.inference_mode(False):
+        whole = _adjacent(parts)
+        if whole is None:
+            whole = torch.cat([p.detach() for p in parts])
+            if all(map(_rebindable, parts)):
+                start = 0
+                for p in parts:
+                    p.data = whole[start:start + p.shape[0]]
+                    start += p.shape[0]
+                    setattr(p, _IN, whole.untyped_storage()._cdata)
+                setattr(whole, _PARTS, tuple(weakref.ref(p) for p in parts))
+        else:
+            setattr(whole, _PARTS, tuple(weakref.ref(p) for p in parts))
+    return computed_from(whole, *parts)
+
+
+def parts_of(value: torch.Tensor) -> list[torch.Tensor] | None:
+    """The tensors `value` is the concatenation of, sharing its memory (concat_rows); None if it is not one."""
+    refs = getattr(value, _PARTS, None)
+    if refs is None:
+        return None
+    parts = [r() for r in refs]
+    return parts if all(p is not None for p in parts) and _adjacent(parts) is not None else None
+
+
+def _adjacent(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """A view over the storage of `parts` that is their concatenation along dim 0, when they lie in it that way."""
+    first = parts[0]
+    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_contiguous() or p.dtype != first.dtype
+           or p.device != first.device or p.shape[1:] != first.shape[1:] or p.is_inference() for p in parts):
+        return None
+    storage, at = first.untyped_storage(), first.storage_offset()
+    for p in parts:
+        if p.untyped_storage()._cdata != storage._cdata or p.storage_offset() != at:
+            return None
+        at += p.numel()
+    rows = sum(p.shape[0] for p in parts)
+    whole = torch.empty(0, dtype=first.dtype, device=first.device)
+    whole.set_(storage, first.storage_offset(), (rows, *first.shape[1:]), first.stride())
+    return whole
+
+
+def _rebindable(t: torch.Tensor) -> bool:
+    """Whether `t.data` may move to another storage: a plain, contiguous tensor alone in its storage (no view of
+    it elsewhere would lose its aliasing), or still in the storage an earlier concat_rows put it in (the
+    aliasing there is fxcc's own, as when one of its neighbours was given other memory since)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_inference() or not t.is_contiguous():
+        return False
+    storage = t.untyped_storage()
+    return getattr(t, _IN, None) == storage._cdata or (
+        t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+        and torch._C._storage_Use_Count(storage._cdata) <= 2)
+
+
 def sources_of(value: torch.Tensor) -> tuple[weakref.ref, ...] | None:
     """What `computed_from` recorded for `value` (weak references), or None when it was not computed by a pass
     (a tensor of the model, or a constant of unknown origin)."""

@@ -215,6 +215,25 @@ def skip_blocks(gm: fx.GraphModule, blocks: Blocks, indices: list[int]) -> None:
         inside = set(blocks.nodes[i])
         dst.replace_all_uses_with(src, delete_user_cb=lambda u, inside=inside: u not in inside)
         forwarded[dst] = src
+    for i in indices:
+        _erase_unused(gm, blocks.nodes[i])
+
+
+def _erase_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the nodes of a skipped block that nothing reads any more. fx's dead-code elimination keeps ops it
+    counts as impure, attention among them (tagged `nondeterministic_seeded` for its dropout): a skipped
+    block's attention would stay in the graph, run for nothing and look like a live block to the passes
+    after this one (token-merge). Ops that write in place (a KV cache update) stay."""
+    for n in reversed(nodes):
+        if n.users or n.op != "call_function" or n.graph is not gm.graph:
+            continue
+        t = n.target
+        op = isinstance(t, torch._ops.OpOverload)
+        if op and t._schema.is_mutable:
+            continue
+        if n.is_impure() and not (op and torch.Tag.nondeterministic_seeded in t.tags):
+            continue
+        gm.graph.erase_node(n)
 
 
 @dataclass(frozen=True)
@@ -238,6 +257,12 @@ class LayerSkip(Pass):
         if self.skip == 0:
             return PassResult(False, {"skipped": 0})
         raised = Counter(dialect_of(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        merged = [n for n in gm.graph.nodes if n.op == "call_function" and dialect_of(n.target) == "tx"
+                  and "merge" in getattr(n.target, "__name__", "")]
+        if merged and not raised["kernel"]:
+            raise LayerSkipError(f"{self.spec()} runs after token-merge (found {merged[0].name}): blocks that merge "
+                                 f"tokens no longer hand on a hidden state of their input's shape. Put it before "
+                                 f"token-merge, e.g. 'canonicalize,{self.spec()},token-merge{{r=8}},raise,fuse,codegen'")
         if raised["tx"] or raised["kernel"]:
             raise LayerSkipError(
                 f"{self.spec()} reads aten graphs, but it runs after passes that raised or lowered them "

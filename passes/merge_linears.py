@@ -4,6 +4,8 @@ Attention's Q, K and V projections (and a gated MLP's gate and up projections) e
 activations by their own weight. One GEMM over the weights concatenated at compile time reads the
 activations once and runs at a size libraries handle better (3 x 384 -> 1152 columns for MiniLM); the
 results are column slices of its output, which the kernels after it read through their strides.
+The concatenated weight is the weights' only copy: the model's projection weights become views into its rows
+(fxcc.ir.concat_rows), so merging adds no memory and an in-place update of a weight is one of the whole.
 
 Exact within floating-point tolerance. CPU only for now: the GPU backends were tuned without it.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.ir import computed_from, fetch_attr
+from fxcc.ir import computed_from, concat_rows, fetch_attr
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, is_op, val
 
@@ -27,7 +29,7 @@ LINEAR = torch.ops.aten.linear.default
 class MergeLinears(Pass):
     """Merge sibling linears (same input, constant 2-D weights, same dtype, all with or all without bias).
 
-    max_mb: the largest concatenated weight made (the merged copy adds that much memory).
+    max_mb: the largest concatenated weight made (weights that cannot become views of it stay beside a copy).
     """
 
     name = "merge-linears"
@@ -75,12 +77,12 @@ class MergeLinears(Pass):
             return False
         bs = [arg(u, 2, "bias") for u in group]
         first = group[0]
-        with torch.no_grad():
-            weight = torch.cat([w.detach() for w in ws])
-            bias = None if bs[0] is None else torch.cat([fetch_attr(gm, b.target).detach() for b in bs])
-        args = [first.args[0], _constant(gm, rw, first, "_merged_weight", computed_from(weight, *ws))]
-        if bias is not None:
+        args = [first.args[0], _constant(gm, rw, first, "_merged_weight", concat_rows(ws))]
+        if bs[0] is not None:  # a copy: small, and kernels that read a bias through DLPack ask to write it, which
+            # would move a copy-on-write storage watched for changes (fxcc.watch) to new memory at every call
             biases = [fetch_attr(gm, b.target) for b in bs]
+            with torch.no_grad():
+                bias = torch.cat([b.detach() for b in biases])
             args.append(_constant(gm, rw, first, "_merged_bias", computed_from(bias, *biases)))
         wide = rw.call(LINEAR, tuple(args), at=first)
         parts, start = [], 0

@@ -324,3 +324,41 @@ def test_quality_loss_metric():
     b[1] = -b[1]  # one batch item reversed: cosine -1 -> loss 2
     assert quality_loss(a, b) == pytest.approx(2.0)
     assert quality_loss((a, torch.arange(3)), (a, torch.arange(3) + 1)) == 0.0  # integer outputs are not compared
+
+
+# ------------------------------------------------------------------------------- with token-merge
+
+
+def test_skipped_attention_leaves_the_graph():
+    """fx's dead-code elimination keeps attention (tagged nondeterministic for its dropout): the pass erases a
+    skipped block's attention itself, so no later pass sees it as a live block."""
+    torch.manual_seed(0)
+    model = bert(4).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    gm, _ = run_passes(model, "canonicalize,layer-skip{skip=1}", ids)
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 3
+    assert "encoder.layer.2." not in print_graph(gm)
+
+
+def test_layer_skip_then_token_merge_on_bert_equals_token_merge_on_the_layer_deleted_model():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, attn_implementation="sdpa")
+    model = transformers.BertModel(cfg).eval()
+    cut = copy.deepcopy(model)
+    del cut.encoder.layer[balanced_choice(4, 1)[0]]
+    ids = torch.randint(0, 100, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    opts = fxcc.CompileOptions(time_vs_eager=False)
+    both = fxcc.compile(model, passes="canonicalize,layer-skip{skip=1},token-merge{r=4},raise,fuse,codegen{backend=extern}",
+                        options=opts)
+    merged_only = fxcc.compile(cut, passes="canonicalize,token-merge{r=4},raise,fuse,codegen{backend=extern}", options=opts)
+    got = both(input_ids=ids, attention_mask=mask)
+    assert_outputs_close(got, merged_only(input_ids=ids, attention_mask=mask))
+    stats = {r.spec: r.result.stats for r in both.variants[-1].records}
+    assert stats["layer-skip{skip=1}"]["skipped"] == 1 and stats["token-merge{r=4}"]
+    # the other order is refused with the order to use
+    with pytest.raises(LayerSkipError, match=r"runs after token-merge .*Put it before token-merge"):
+        run_passes(model, "canonicalize,token-merge{r=4},layer-skip{skip=1}", ids)

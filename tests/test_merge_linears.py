@@ -78,3 +78,87 @@ def test_the_pass_leaves_cuda_graphs_alone():
     from fxcc.passes.merge_linears import MergeLinears
     assert not MergeLinears().apply(gm, PassContext(target="cuda")).changed
     assert MergeLinears().apply(gm, PassContext(target="cpu")).changed
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def test_the_merged_weight_is_the_projections_storage_and_updates_after_compile_are_seen():
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(2, 8, 32)
+    cm = fxcc.compile(model, passes=PIPE)
+    assert_outputs_close(cm(x), model(x))
+    gm = cm.variants[-1].gm
+    merged = [t for n, t in gm.named_buffers() if n.startswith("_merged_weight")]
+    assert len(merged) == 1
+    q, k, v = model.q.weight, model.k.weight, model.v.weight
+    assert _storage(q) == _storage(k) == _storage(v) == _storage(merged[0])  # held once
+    assert [t.storage_offset() for t in (q, k, v)] == [0, 64 * 32, 80 * 32]
+    assert merged[0].untyped_storage().nbytes() == 96 * 32 * 4
+    assert torch.equal(merged[0], torch.cat([q, k, v]))
+    taken = [id(s.copy) for _, s in cm._params.watched]
+    assert_outputs_close(cm(x), model(x))
+    assert [id(s.copy) for _, s in cm._params.watched] == taken  # reading the shared memory moved nothing
+
+    with torch.no_grad():
+        model.k.weight.data.mul_(2)  # through .data: no version bump
+    assert_outputs_close(cm(x), model(x))
+    with torch.no_grad():
+        model.q.weight.copy_(torch.randn(64, 32))
+        model.v.bias.copy_(torch.randn(16))
+    assert_outputs_close(cm(x), model(x))
+    other = QKV().eval()
+    model.load_state_dict(other.state_dict())
+    assert_outputs_close(cm(x), model(x))
+    assert_outputs_close(cm(x), other(x))
+    model.v.weight.data = torch.randn(16, 32)  # new memory for one part: merged again, the parts moved along
+    assert_outputs_close(cm(x), model(x))
+    assert _storage(model.q.weight) == _storage(model.k.weight) == _storage(model.v.weight)
+    assert cm.stats.param_recompiles >= 1
+
+
+def test_weights_that_share_their_storage_with_other_tensors_are_copied_not_moved():
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(4, 32)
+    alias = model.k.weight.data  # the caller's own view of k's memory: must keep seeing k
+    cm = fxcc.compile(model, passes=PIPE)
+    assert_outputs_close(cm(x), model(x))
+    assert _storage(model.k.weight) == _storage(alias)
+    with torch.no_grad():
+        alias.mul_(3)
+    assert_outputs_close(cm(x), model(x))
+
+
+def test_a_graph_cache_hit_shares_the_weights_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(2, 8, 32)
+    twin = QKV().eval()
+    twin.load_state_dict(model.state_dict())
+    first = fxcc.compile(model, passes=PIPE)
+    assert_outputs_close(first(x), model(x))
+    second = fxcc.compile(twin, passes=PIPE)
+    assert_outputs_close(second(x), twin(x))
+    assert "graph cache" in second.variants[-1].captured.method
+    merged = [t for n, t in second.variants[-1].gm.named_buffers() if n.startswith("_merged_weight")]
+    assert _storage(twin.q.weight) == _storage(twin.v.weight) == _storage(merged[0])
+    with torch.no_grad():
+        twin.v.weight.data.add_(1)
+    assert_outputs_close(second(x), twin(x))
+
+
+def test_compiled_under_inference_mode_the_weights_stay_updatable_outside_it():
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(2, 8, 32)
+    cm = fxcc.compile(model, passes=PIPE)
+    with torch.inference_mode():
+        out = cm(x)
+    assert_outputs_close(out, model(x))
+    assert not model.q.weight.is_inference() and _storage(model.q.weight) == _storage(model.v.weight)
+    with torch.no_grad():
+        model.q.weight.data.mul_(2)
+    model.load_state_dict(QKV().state_dict())
+    with torch.inference_mode():
+        out, ref = cm(x), model(x)
+    assert_outputs_close(out, ref)

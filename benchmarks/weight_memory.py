@@ -1,0 +1,176 @@
+"""Tensor memory a compiled model keeps alive, against its parameter bytes.
+
+    python benchmarks/weight_memory.py [--models llama bert gpt2] [--no-tp]
+
+For each tiny config (random weights, CPU, fp32): compile with the default pipeline, call once, then drop
+every reference the script holds to the model and its parameters (the compiled object still holds the
+module), collect garbage and count the bytes of live tensor storage: every tensor the garbage collector
+tracks plus those the compiled module reaches (bound constants, the backends' packed copies), deduplicated
+by storage. "ratio" is live / parameter bytes: 1.0 means each weight is held once. The inputs and
+outputs of the call are dropped too; what remains is weights, constants and the kernels' scratch buffers.
+
+The tp rows compile Llama with `tp-shard{tp=2}` in two processes (gloo) and report each rank's live bytes
+against the whole model's parameter bytes (the goal is about 0.5 per rank).
+
+With the default pipeline the ratio depends on the kernels chosen by measurement: a GEMM built by TVM
+reads its weight as column panels packed once (fxcc.codegen.tvm), a copy beside the parameter. For the
+weights a pass derives alone, pass `--passes "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=extern}"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import weakref
+
+import torch
+
+MB = 2**20
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaModel
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=4096)
+    return LlamaModel(cfg).eval(), torch.randint(0, 4096, (1, 32)), {"use_cache": False}
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                     vocab_size=4096)
+    return BertModel(cfg, add_pooling_layer=False).eval(), torch.randint(0, 4096, (1, 32)), {}
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2Model
+    cfg = GPT2Config(n_embd=512, n_layer=4, n_head=8, vocab_size=4096, n_positions=128)
+    return GPT2Model(cfg).eval(), torch.randint(0, 4096, (1, 32)), {"use_cache": False}
+
+
+MODELS = {"llama": llama, "bert": bert, "gpt2": gpt2}
+
+
+def _storages(objs) -> dict[int, int]:
+    """Storage data pointer -> bytes of every tensor among `objs` (and the tensors inside containers they
+    hold, one level down: the backends' packed-weight caches keep tuples)."""
+    out: dict[int, int] = {}
+
+    def add(t):
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu":
+            return  # FakeTensors in graph metadata hold no memory
+        try:  # the address read without asking for write access: a copy-on-write snapshot stays shared
+            base = torch._C._data_address(t)  # the storage's data pointer
+            n = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return
+        if base and n:
+            out[base] = max(out.get(base, 0), n)
+
+    for o in objs:
+        add(o)
+    return out
+
+
+def live_bytes() -> int:
+    """Bytes of all live CPU tensor storage the garbage collector can see, each storage once."""
+    gc.collect()
+    objs = gc.get_objects()
+    # tensors inside untracked containers (tuples of tensors are untracked once they hold only atomics): look
+    # one level into every tracked container as well
+    extra = []
+    for o in objs:
+        if type(o) in (dict, list, tuple):
+            vals = list(o.values()) if type(o) is dict else o
+            try:
+                for v in vals:
+                    if type(v) in (torch.Tensor, torch.nn.Parameter):
+                        extra.append(v)
+                    elif type(v) is tuple:
+                        extra.extend(x for x in v if type(x) in (torch.Tensor, torch.nn.Parameter))
+            except RuntimeError:
+                continue
+    return sum(_storages(objs + extra).values())
+
+
+def measure(make, passes: str | None = None) -> tuple[float, float]:
+    """(parameter MB, live MB) of the compiled model once the script's references are dropped."""
+    import fxcc
+    base = live_bytes()
+    model, ids, kwargs = make()
+    params = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values())
+    # kept compiled even where it measures slower than eager (it would be kept anyway, for fxcc.explain)
+    compiled = fxcc.compile(model, passes=passes, options=fxcc.CompileOptions(time_vs_eager=False))
+    with torch.no_grad():
+        out = compiled(ids, **kwargs)
+    ref = weakref.ref(next(model.parameters()))
+    del model, out, ids, kwargs
+    live = live_bytes() - base
+    assert ref() is not None  # the compiled module holds the model
+    del compiled
+    gc.collect()
+    return params / MB, live / MB
+
+
+def _tp_worker(rank: int, port: int, q) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        q.put((rank, measure(llama, _tp_pipeline())))
+    except Exception as e:  # reported by the parent
+        q.put((rank, repr(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_pipeline() -> str:
+    from fxcc.pipeline import DEFAULT_PIPELINE
+    steps = DEFAULT_PIPELINE.split(",")
+    at = steps.index("raise") + 1 if "raise" in steps else 1
+    return ",".join(steps[:at] + ["tp-shard{tp=2}"] + steps[at:])
+
+
+def tp_rows() -> list[tuple]:
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_tp_worker, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=900) for _ in procs)
+    for p in procs:
+        p.join()
+    return [(f"llama tp-shard{{tp=2}} rank {r}", got[r]) for r in sorted(got)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--passes", default=None, help="pipeline (default: fxcc's default pipeline)")
+    ap.add_argument("--no-tp", action="store_true", help="skip the tp-shard{tp=2} rows (two processes)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = [(name, measure(MODELS[name], args.passes)) for name in args.models]
+    if not args.no_tp:
+        rows += tp_rows()
+    print(f"torch {torch.__version__}, CPU fp32, pipeline {args.passes or 'default'}")
+    print(f"{'model':<30} {'param MB':>9} {'live MB':>9} {'ratio':>6}")
+    for name, r in rows:
+        if isinstance(r, str):
+            print(f"{name:<30} failed: {r}")
+            continue
+        p, live = r
+        print(f"{name:<30} {p:>9.1f} {live:>9.1f} {live / p:>6.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
