@@ -226,6 +226,35 @@ def adopt(dst: Any, src: Any) -> None:
             dst.__dict__[name] = value
 
 
+def restore(dst: Any, src: Any) -> None:
+    """Make object `dst` hold the state of `src` (a copy of what `dst` was before a call, since updated by
+    another run of that call): as `adopt`, but a tensor of `dst` whose layout is that of its counterpart takes its
+    values in place, so tensors a caller holds (a static cache's) keep their identity."""
+    for name, value in vars(src).items():
+        current = dst.__dict__.get(name, src)
+        if isinstance(current, list) and isinstance(value, list) and len(current) == len(value):
+            for i, (a, b) in enumerate(zip(current, value)):
+                if _same_kind(a, b):
+                    restore(a, b)
+                elif not _copy_into(a, b):
+                    current[i] = b
+        elif _same_kind(current, value):
+            restore(current, value)
+        elif not _copy_into(current, value):
+            dst.__dict__[name] = value
+
+
+def _copy_into(dst: Any, src: Any) -> bool:
+    """Copy tensor `src` into tensor `dst` where they have one layout (True), else nothing (False)."""
+    if not (isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor)) or \
+            (dst.shape, dst.stride(), dst.dtype, dst.device) != (src.shape, src.stride(), src.dtype, src.device):
+        return False
+    if dst is not src:
+        with torch.no_grad():
+            dst.copy_(src)
+    return True
+
+
 def _same_kind(a: Any, b: Any) -> bool:
     return type(a) is type(b) and hasattr(a, "__dict__") and not isinstance(a, (torch.Tensor, type))
 
