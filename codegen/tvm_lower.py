@@ -1077,6 +1077,9 @@ def space(lowered: Lowered) -> dict[str, list]:
 
 
 DEFAULTS = {"vec": 8, "unroll": 1, "tile_m": 4, "tile_n": 16, "tile_mb": 64}
+# elements below which a row-wise or pointwise loop runs on the calling thread, as torch's own loops do
+# (at::internal::GRAIN_SIZE): waking the other threads for a decode step's one row costs more than the row
+PARALLEL_GRAIN = 32768
 
 
 def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
@@ -1191,12 +1194,14 @@ def _spatial(sch, blk, p):
         _, vi = sch.split(inner, [None, vec])
         sch.vectorize(vi)
     if len(loops) == 1:
-        if vec > 1:
+        if vec > 1 and n >= PARALLEL_GRAIN:
             outer = sch.get_loops(blk)[0]
             sch.parallel(outer)
         return None
     rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-    sch.parallel(rows)
+    extent = int(sch.get(rows).extent)  # TVM kernels have static shapes
+    if extent > 1 and extent * n >= PARALLEL_GRAIN:
+        sch.parallel(rows)
     return rows
 
 

@@ -289,6 +289,8 @@ def breadth_suite() -> Any:
 
 
 def main(args: Any) -> int:
+    if args.warmup is None:  # a generate is a long call: one untimed round of them
+        args.warmup = 1 if args.workload == "generate" else 3
     if args.workload == "breadth":
         return breadth_suite().main(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,10 +10,12 @@ bandwidth, over the measured step time. Engines run interleaved, round by round 
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -160,6 +162,12 @@ def run(args: Any, log: Callable[[str], None]) -> str:
         reference.setdefault("ids", tokens)
         reference.setdefault("other", other_tokens)
         e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
+    warmup = args.warmup
+    for r in range(warmup):  # untimed, interleaved as the timed rounds are
+        for e in es:
+            generate(model, e, ids, new, device)
+        log(f"warm-up round {r + 1}/{warmup}")
+    load = _load()
     for r in range(args.reps):
         for e in es:
             _, ends = generate(model, e, ids, new, device)
@@ -171,11 +179,36 @@ def run(args: Any, log: Callable[[str], None]) -> str:
     if gpu:
         for e in es:
             floor[e.name] = roofline_ms(model, batch, prompt, new, prompt + new if e.cache == "static" else None)
-    return report(es, floor, model, device, batch, prompt, new, args.reps)
+    load = (load, _load())
+    text = report(es, floor, model, device, batch, prompt, new, args.reps, load)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": "generate", "report": text, "batch": batch, "prompt": prompt, "new_tokens": new,
+                       "warmup": warmup, "reps": args.reps, "load_average": load, "roofline_ms": floor,
+                       "config": model.config.to_diff_dict(),
+                       "engines": [{k: v for k, v in asdict(e).items() if k not in ("forward", "compiles")}
+                                   for e in es]}, f, indent=2, default=str)
+    return text
+
+
+def _spread(e: Engine, eager: Engine | None) -> str:
+    """min-max over the rounds of this engine's decode tok/s over eager's in the same round."""
+    if eager is None or not e.decode_tps:
+        return ""
+    ratios = [a / b for a, b in zip(e.decode_tps, eager.decode_tps)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+
+def _load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other processes share the cores: the timings' context)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: int, prompt: int, new: int,
-           reps: int) -> str:
+           reps: int, load: tuple = (None, None)) -> str:
     from .bench import machine
 
     cfg = model.config
@@ -183,9 +216,11 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
     lines = [f"fxcc bench generate: Llama hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
              f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, ffn {cfg.intermediate_size}, {dtype}; "
              f"batch {batch}, prompt {prompt}, {new} new tokens (greedy)",
-             f"machine: {machine(device)}; medians of {reps} generates per engine, engines interleaved", ""]
+             f"machine: {machine(device)}; medians of {reps} generates per engine, engines interleaved"
+             + (f"; load average {load[0][0]:.1f} before, {load[1][0]:.1f} after" if None not in load else ""),
+             ""]
     head = (f"{'engine':<30} {'cache':<8} {'TTFT ms':>9} {'decode tok/s':>13} {'step ms':>8} {'vs eager':>9} "
-            f"{'compiles':>9} {'1st gen s':>9} {'tokens':>7}")
+            f"{'compiles':>9} {'1st gen s':>9} {'tokens':>7} {'round range':>13}")
     if floor:
         head += f" {'roofline':>9}"
     lines.append(head)
@@ -195,12 +230,13 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
         tps, step = statistics.median(e.decode_tps), statistics.median(e.step_ms)
         row = (f"{e.name:<30} {e.cache or 'dynamic':<8} {statistics.median(e.ttft_ms):>9.1f} {tps:>13.1f} "
                f"{step:>8.2f} {(tps / base if base else 1):>8.2f}x {f'{e.compiles_first}+{e.compiles_again}':>9} "
-               f"{e.first_s:>9.1f} {'same' if e.same_tokens else 'DIFF':>7}")
+               f"{e.first_s:>9.1f} {'same' if e.same_tokens else 'DIFF':>7} {_spread(e, eager):>13}")
         if floor:
             row += f" {floor[e.name] / step:>8.0%}"
         lines.append(row)
     lines.append("\ncompiles: in the first generate + in a second one with a prompt 3/4 as long; tokens: the "
-                 "greedy ids of both generates against eager's")
+                 "greedy ids of both generates against eager's; round range: the lowest and highest decode tok/s "
+                 "against eager's in the same round")
     fx = [e for e in es if e.name.startswith("fxcc")]
     tc = [e for e in es if e.name.startswith("torch.compile")]
     if fx and tc:

@@ -359,7 +359,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--heads", type=int, help="llama, generate: attention heads")
     b.add_argument("--kv-heads", type=int, help="llama, generate: key/value heads (grouped-query attention)")
     b.add_argument("--intermediate", type=int, help="llama, generate: MLP intermediate size")
-    b.add_argument("--warmup", type=int, default=3, help="untimed calls per engine before timing (default 3)")
+    b.add_argument("--warmup", type=int, help="untimed calls per engine before timing (default 3; generate: "
+                   "untimed generates per engine after the two that compile, default 1)")
     b.add_argument("--reps", type=int, default=20,
                    help="timed calls per engine, interleaved (default 20; generate: generates per engine)")
     b.add_argument("--engines", help="comma-separated subset, e.g. eager,fxcc")

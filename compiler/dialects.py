@@ -51,12 +51,11 @@ def softmax(x: Tensor, dim: int) -> Tensor:
 
 @torch.library.custom_op("fxcc_tx::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, is_causal: bool) -> Tensor:
-    """softmax(q k^T * scale + mask) v over [B, H, T, D]; k and v may have fewer (grouped) heads."""
-    if k.shape[-3] != q.shape[-3]:
-        rep = q.shape[-3] // k.shape[-3]
-        k = k.repeat_interleave(rep, dim=-3)
-        v = v.repeat_interleave(rep, dim=-3)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    """softmax(q k^T * scale + mask) v over [B, H, T, D]; k and v may have fewer (grouped) heads, query head h
+    reading kv head h // (H / Hkv) (SDPA's enable_gqa: a decode step reads the KV cache, never a copy of it
+    with the heads repeated)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[-3] != q.shape[-3])
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -5,7 +5,9 @@ mask under tracing where eager, seeing an all-ones mask, passes none (and a modu
 then attends both ways); a compiler bug does the same. Checking the first call costs one eager run per
 compiled signature and turns a silently wrong result into eager execution with a warning naming where
 the outputs differ. Eager runs on copies of the inputs, so an input the model mutates (a KV cache) is
-mutated once, by the compiled call, whose result the first call returns when the two agree.
+mutated once, by the compiled call, whose result the first call returns when the two agree. When they
+differ, the caller's inputs take what eager left in its copies (the compiled call's writes are undone) and
+the first call returns eager's result, holding the caller's objects.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from .outputs import compare
+from .state import is_state, restore, state_objects
 
 log = logging.getLogger(__name__)
 _REFERENCE = contextvars.ContextVar("fxcc_eager_reference_run", default=False)
@@ -101,10 +105,34 @@ def first_call(run: Callable[[list[Any]], Any], eager: Callable[..., Any], flatt
         got = run(flatten(args, kwargs))
     except Exception as e:  # noqa: BLE001 - eager ran this call: an error of the compiled code only is fxcc's
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        return Checked(want, f"the compiled call differs from eager: it raised {type(e).__name__}: {first} "
-                             "(eager did not)")
+        return Checked(take_eagers(args, kwargs, e_args, e_kwargs, want),
+                       f"the compiled call differs from eager: it raised {type(e).__name__}: {first} (eager did not)")
     c = compare(got, want, tol=tolerance)
     if c.equal:
         return Checked(got, None)
     where = c.detail or f"{c.worst} differs by {c.max_rel:.3g} of its scale"
-    return Checked(want, f"the compiled call differs from eager on this call's inputs ({where})")
+    return Checked(take_eagers(args, kwargs, e_args, e_kwargs, want),
+                   f"the compiled call differs from eager on this call's inputs ({where})")
+
+
+def take_eagers(args: tuple, kwargs: dict, e_args: tuple, e_kwargs: dict, want: Any) -> Any:
+    """The caller's inputs made to hold what eager's run left in its copies of them (a KV cache as eager
+    updated it, not as the compiled call did), and eager's result with the copies' objects and tensors replaced
+    by the caller's."""
+    mine = pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))), is_leaf=is_state)
+    theirs = pytree.tree_leaves((tuple(e_args), dict(sorted(e_kwargs.items()))), is_leaf=is_state)
+    swap: dict[int, Any] = {}
+    for a, b in zip(mine, theirs):
+        if is_state(a) and type(a) is type(b):
+            restore(a, b)
+            swap[id(b)] = a
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if not torch.equal(a, b):  # an input tensor written in place, by the compiled call otherwise than eager
+                with torch.no_grad():
+                    a.copy_(b)
+            swap[id(b)] = a
+    for a, b in zip(state_objects(mine), state_objects(theirs)):  # the tensors inside them, now the caller's
+        for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b)):
+            if isinstance(y, torch.Tensor):
+                swap.setdefault(id(y), x)
+    return pytree.tree_map(lambda x: swap.get(id(x), x), want, is_leaf=lambda x: id(x) in swap)

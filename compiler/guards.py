@@ -35,6 +35,12 @@ _DTYPE = operator.attrgetter("dtype", "device")
 _ADDRESS = torch._C._data_address
 
 
+def _STORAGE(t: torch.Tensor) -> int:  # noqa: N802 - a constant-like accessor, as the three above
+    """Where t's storage begins, read without asking for a writable pointer (`untyped_storage().data_ptr()`
+    gives a copy-on-write snapshot's tensor a copy of itself)."""
+    return _ADDRESS(t) - t.storage_offset() * t.element_size()
+
+
 def call_context() -> tuple:
     """The caller's torch state that changes what capture produces, hence part of every guard and graph key:
     autocast (device types and their dtypes) and the default dtype (of tensors the forward creates)."""
@@ -158,10 +164,15 @@ class ModuleState:
             return None
         return self._what()
 
-    def accept_writes(self) -> None:
-        """The compiled code itself wrote into the model's buffers (a KV cache held by the module): that is no
-        change of the model, so the watched contents are taken again."""
-        self.watched = [(t, Snapshot(t)) for t, _ in self.watched]
+    def accept_writes(self, written: list[torch.Tensor]) -> None:
+        """The compiled code itself wrote into `written`, buffers of the model (a KV cache held by the module):
+        that is no change of the model, so the watched contents over their memory are taken again. Only theirs:
+        `changed()` ran just before the call, so nothing else can have changed since."""
+        if not written:
+            return
+        ptrs = {_STORAGE(t) for t in written}
+        if any(_STORAGE(t) in ptrs for t, _ in self.watched):
+            self.watched = [(t, Snapshot(t)) if _STORAGE(t) in ptrs else (t, s) for t, s in self.watched]
 
     def _what(self) -> str | None:
         for d, k, obj, where in zip(self.owners, self.names, self.objs, self.where):

@@ -85,11 +85,13 @@ class Variant:
     kernels: dict[str, BuiltKernel] = field(default_factory=dict)
     shapes: dynamic.Shapes | None = None  # symbolic dimensions and their guard (fxcc.dynamic)
     writes_state: bool = False  # the graph writes into the module's buffers (a counter, a cache buffer)
+    written: list[torch.Tensor] = field(default_factory=list)  # those buffers
     struct: Any = None  # the input structure it serves (dynamic.structure of its signature)
     reason: str = ""  # why it was compiled
     vs_eager: str | None = None  # the whole-graph timing against eager (fxcc.autotune.vs_eager), when taken
     slower_than_eager: bool = False  # measured so: calls of its signature run eagerly
     graph_key: str | None = None  # its graph-cache key (static variants the graph cache serves)
+    unlike_eager: Any = None  # the _Eager its first call's check put in its place: it serves no other sizes either
 
     @property
     def writes_back(self) -> bool:
@@ -168,7 +170,7 @@ class CompiledModule:
         self._eager_call = eager_call or method or module
         self._variants: dict[Any, Variant | _Eager] = {}
         self._compiled: list[Variant] = []  # every compiled variant, oldest first
-        self._memo: dict[Any, Variant] = {}  # guard key -> the symbolic variant whose guard accepted it
+        self._memo: dict[Any, Variant | _Eager] = {}  # guard key -> the symbolic variant whose guard accepted it
         self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (dynamic.state_ints)
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
@@ -258,7 +260,7 @@ class CompiledModule:
             warnings.warn(f"fxcc: {self.name}: {checked.reason}; this input signature runs eagerly. `fxcc explain` "
                           "shows the IR and where each op runs; CompileOptions(check_eager=False) skips the check.",
                           stacklevel=3)
-            self._variants[key] = _Eager(checked.reason)
+            self._variants[key] = variant.unlike_eager = _Eager(checked.reason)
         return checked
 
 
@@ -266,7 +268,7 @@ class CompiledModule:
         out = variant.run(flat, args, kwargs) if variant.writes_back else variant.run(flat)
         if getattr(variant, "writes_state", False):  # its own writes to buffers are no parameter change
             if self._params is not None:
-                self._params.accept_writes()
+                self._params.accept_writes(variant.written)
         return out
 
     def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any, Any]:
@@ -276,8 +278,9 @@ class CompiledModule:
     def _state_ints(self, spec: Any) -> frozenset[int]:
         return self._sized.get(spec, frozenset())
 
-    def _symbolic(self, flat: list[Any], spec: Any, key: Any) -> Variant | None:
-        """A compiled symbolic variant whose guard accepts these inputs (remembered for the next call)."""
+    def _symbolic(self, flat: list[Any], spec: Any, key: Any) -> Variant | _Eager | None:
+        """A compiled symbolic variant whose guard accepts these inputs (remembered for the next call); eager
+        where that variant's first call differed from eager."""
         struct = None
         for v in self._compiled:
             if v.shapes is None or not v.shapes.dims:
@@ -286,8 +289,8 @@ class CompiledModule:
             if v.struct == struct and v.shapes.matches(flat):
                 if len(self._memo) >= _MEMO:
                     self._memo.clear()
-                self._memo[key] = v
-                return v
+                self._memo[key] = getattr(v, "unlike_eager", None) or v
+                return self._memo[key]
         return None
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
@@ -520,9 +523,9 @@ class CompiledModule:
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
         self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else ())
+        written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
-                       kernels=kernels, writes_state=any(n.op == "get_attr" for n in ir.written_in_place(gm)),
-                       graph_key=key)
+                       kernels=kernels, writes_state=bool(written), written=written, graph_key=key)
 
     def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
                          opts: CompileOptions) -> tuple[Any, str | None]:

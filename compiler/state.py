@@ -190,12 +190,17 @@ class Aliasing:
     leaves: list[tuple[int, int]] = field(default_factory=list)
     objects: list[tuple[int, int]] = field(default_factory=list)
     n_state: int = 0
+    plan: Any = field(default=None, compare=False, repr=False)  # _Plan, made at the first write-back; False: none
 
     def write_back(self, args: tuple, kwargs: dict, flat_in: list[Any], flat_out: list[Any],
                    out_spec: pytree.TreeSpec) -> Any:
         """The call's result from the graph's flat outputs, with the caller's objects updated and returned."""
         for j, i in self.leaves:
             flat_out[j] = flat_in[i]
+        if self.n_state and self.plan is None:
+            self.plan = _Plan.of(self, args, kwargs, flat_out, out_spec) or False
+        if self.plan:
+            return self.plan.write_back(args, kwargs, flat_out)
         result = pytree.tree_unflatten(flat_out, out_spec)
         if not self.n_state:
             return result
@@ -208,6 +213,142 @@ class Aliasing:
         outs = state_objects(result)
         swap = {id(outs[j]): callers[i] for j, i in self.objects}
         return pytree.tree_map(lambda x: swap.get(id(x), x), result, is_leaf=is_state)
+
+
+@dataclass
+class _Plan:
+    """Aliasing.write_back for the calls of one compiled variant (one input structure, so one plan), without
+    rebuilding the state objects it writes back: the caller's objects take the graph's flat outputs by path
+    (where the call keeps their structure: a decode step), and the result is rebuilt around them.
+
+    callers: where each state object sits among the call's arguments (("arg", i) or ("kw", name)).
+    paths: per state object, the path of each of its leaves, or None where the call changes its structure
+    (a prefill filling an empty cache: then `adopt` from the rebuilt object). `starts`: where each one's final
+    leaves begin in the flat outputs. `spec`, `layout`: the result's spec with the objects that are the
+    caller's as leaves, and per leaf of it the flat output it takes (>= 0) or the caller's object (-1 - i).
+    """
+
+    callers: list[tuple[str, Any]]
+    paths: list[list[tuple] | None]
+    starts: list[int]
+    finals: list[pytree.TreeSpec]
+    spec: pytree.TreeSpec
+    layout: list[int]
+
+    @staticmethod
+    def of(al: Aliasing, args: tuple, kwargs: dict, flat_out: list[Any], out_spec: pytree.TreeSpec) -> _Plan | None:
+        """The plan for this call's structure; None where the state objects are not arguments of their own."""
+        if out_spec.type is not tuple or len(out_spec.children()) != 2:
+            return None
+        result_spec, final_spec = out_spec.children()
+        callers = [("arg", i) for i, a in enumerate(args) if is_state(a)]
+        callers += [("kw", k) for k in sorted(kwargs) if is_state(kwargs[k])]
+        objs = [args[w] if kind == "arg" else kwargs[w] for kind, w in callers]
+        if [id(o) for o in objs] != [id(o) for o in state_objects((tuple(args), dict(sorted(kwargs.items()))))] \
+                or len(objs) != len(final_spec.children()):
+            return None  # a state object inside a container
+        starts, paths, at = [], [], result_spec.num_leaves
+        for obj, fin in zip(objs, final_spec.children()):
+            starts.append(at)
+            at += fin.num_leaves
+            now = pytree.tree_flatten(obj)[1]
+            same = now.type is fin.type and now.context == fin.context and _flatten in (
+                getattr(pytree.SUPPORTED_NODES.get(fin.type), "flatten_fn", None),)
+            paths.append(_leaf_paths(fin.context) if same else None)
+        n_obj = [0]
+        spec, layout = _with_callers(result_spec, dict(al.objects), n_obj, [0])
+        result = pytree.tree_unflatten(flat_out[:result_spec.num_leaves], result_spec)
+        if n_obj[0] != len(state_objects(result)):
+            return None
+        return _Plan(callers, paths, starts, list(final_spec.children()), spec, layout)
+
+    def write_back(self, args: tuple, kwargs: dict, flat_out: list[Any]) -> Any:
+        objs = [args[w] if kind == "arg" else kwargs[w] for kind, w in self.callers]
+        for obj, paths, start, fin in zip(objs, self.paths, self.starts, self.finals):
+            values = flat_out[start:start + fin.num_leaves]
+            if paths is None:
+                adopt(obj, pytree.tree_unflatten(values, fin))
+                continue
+            for path, value in zip(paths, values):
+                at = obj
+                for step in path[:-1]:
+                    at = at.__dict__[step] if type(step) is str else at[step[0]]
+                last = path[-1]
+                if type(last) is str:
+                    at.__dict__[last] = value
+                else:
+                    at[last[0]] = value
+        return pytree.tree_unflatten([flat_out[x] if x >= 0 else objs[-1 - x] for x in self.layout], self.spec)
+
+
+def _leaf_paths(ctx: Any) -> list[tuple] | None:
+    """The path to each leaf of a state object's context (attribute names; (index,) or (key,) into lists and
+    dicts), in leaf order; None where a leaf sits in a tuple (it cannot be set)."""
+    out: dict[int, tuple] = {}
+
+    def walk(c: Any, path: tuple) -> bool:
+        if not isinstance(c, tuple):
+            return True
+        tag = c[0]
+        if tag == "leaf":
+            out[c[1]] = path
+            return True
+        if tag == "list":
+            return all(walk(v, path + ((i,),)) for i, v in enumerate(c[1]))
+        if tag == "tuple":
+            return not any(isinstance(v, tuple) and _has_leaf(v) for v in c[1])
+        if tag == "dict":
+            return all(walk(v, path + ((k,),)) for k, v in c[1])
+        if tag == "obj":
+            return all(walk(v, path + (k,)) for k, v in c[2])
+        return True
+
+    if not walk(ctx, ()) or any(not p for p in out.values()):
+        return None
+    return [out[i] for i in range(len(out))]
+
+
+def _has_leaf(ctx: Any) -> bool:
+    if not isinstance(ctx, tuple):
+        return False
+    if ctx[0] == "leaf":
+        return True
+    if ctx[0] in ("list", "tuple"):
+        return any(_has_leaf(v) for v in ctx[1])
+    if ctx[0] == "dict":
+        return any(_has_leaf(v) for _, v in ctx[1])
+    if ctx[0] == "obj":
+        return any(_has_leaf(v) for _, v in ctx[2])
+    return False
+
+
+def _with_callers(spec: pytree.TreeSpec, swap: dict[int, int], n_obj: list[int],
+                  n_leaf: list[int]) -> tuple[pytree.TreeSpec, list[int]]:
+    """`spec` with the output state objects in `swap` (by their index among the output's state objects) as
+    leaves, and the layout of its leaves (see _Plan)."""
+    if spec.is_leaf():
+        n_leaf[0] += 1
+        return spec, [n_leaf[0] - 1]
+    if _is_state_type(spec.type):
+        j = n_obj[0]
+        n_obj[0] += 1
+        first = n_leaf[0]
+        n_leaf[0] += spec.num_leaves
+        if j in swap:
+            return pytree.treespec_leaf(), [-1 - swap[j]]
+        return spec, list(range(first, first + spec.num_leaves))
+    children, layout = [], []
+    for c in spec.children():
+        cs, cl = _with_callers(c, swap, n_obj, n_leaf)
+        children.append(cs)
+        layout += cl
+    return pytree.TreeSpec(spec.type, spec.context, children), layout
+
+
+def _is_state_type(t: Any) -> bool:
+    """is_state, for the type a spec names."""
+    return (isinstance(t, type) and t in pytree.SUPPORTED_NODES and not issubclass(t, (*_CONTAINERS, torch.Tensor))
+            and getattr(t, "__dictoffset__", 0) != 0)
 
 
 def adopt(dst: Any, src: Any) -> None:
@@ -224,6 +365,35 @@ def adopt(dst: Any, src: Any) -> None:
                 adopt(a, b)
         else:
             dst.__dict__[name] = value
+
+
+def restore(dst: Any, src: Any) -> None:
+    """Make object `dst` hold the state of `src` (a copy of what `dst` was before a call, since updated by
+    another run of that call): as `adopt`, but a tensor of `dst` whose layout is that of its counterpart takes its
+    values in place, so tensors a caller holds (a static cache's) keep their identity."""
+    for name, value in vars(src).items():
+        current = dst.__dict__.get(name, src)
+        if isinstance(current, list) and isinstance(value, list) and len(current) == len(value):
+            for i, (a, b) in enumerate(zip(current, value)):
+                if _same_kind(a, b):
+                    restore(a, b)
+                elif not _copy_into(a, b):
+                    current[i] = b
+        elif _same_kind(current, value):
+            restore(current, value)
+        elif not _copy_into(current, value):
+            dst.__dict__[name] = value
+
+
+def _copy_into(dst: Any, src: Any) -> bool:
+    """Copy tensor `src` into tensor `dst` where they have one layout (True), else nothing (False)."""
+    if not (isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor)) or \
+            (dst.shape, dst.stride(), dst.dtype, dst.device) != (src.shape, src.stride(), src.dtype, src.device):
+        return False
+    if dst is not src:
+        with torch.no_grad():
+            dst.copy_(src)
+    return True
 
 
 def _same_kind(a: Any, b: Any) -> bool:

@@ -76,16 +76,21 @@ def test_bench_llama_prints_the_side_by_side_table(tmp_path, capsys):
 
 
 
-def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys):
+def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys, tmp_path):
     argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
             "--intermediate", "64", "--prompt", "8", "--new-tokens", "3", "--reps", "1", "--threads", "1",
-            "--engines", "eager,fxcc"]
+            "--engines", "eager,fxcc", "--json", str(tmp_path / "generate.json")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("eager ", "fxcc "))}
     assert set(rows) == {"eager", "fxcc"}
     # fxcc: prefill and decode compiled in the first generate, nothing in the second; tokens equal eager's
-    assert rows["fxcc"][-3] == "2+0" and rows["fxcc"][-1] == "same"
+    assert rows["fxcc"][-4] == "2+0" and rows["fxcc"][-2] == "same" and rows["eager"][-1] == "1.00-1.00x"
+    saved = json.loads((tmp_path / "generate.json").read_text())
+    assert saved["warmup"] == 1 and saved["reps"] == 1 and saved["report"] in out
+    fx = next(e for e in saved["engines"] if e["name"] == "fxcc")
+    assert fx["compiles_first"] == 2 and fx["compiles_again"] == 0 and fx["same_tokens"] is True
+    assert len(fx["decode_tps"]) == 1
 
 
 def test_passes_lists_the_registry(capsys):

@@ -95,3 +95,36 @@ def test_a_compiled_call_that_raises_where_eager_does_not_runs_eagerly_with_a_wa
     torch.testing.assert_close(first_call.result, x + 1)
     assert first_call.reason.startswith("the compiled call differs from eager: it raised RuntimeError: ")
     assert first_call.reason.endswith("(eager did not)")
+
+
+class WritesStateDifferently(nn.Module):
+    """Writes into the tensor it is given otherwise under tracing (a compiled KV cache update gone wrong)."""
+
+    def forward(self, x, state):
+        k = 2 if torch.compiler.is_compiling() or torch.compiler.is_exporting() else 3
+        state.add_(x * k)
+        return x + state, state
+
+
+def test_a_differing_first_call_leaves_the_callers_state_as_eager_does():
+    cm = fxcc.compile(WritesStateDifferently())
+    x, state = torch.ones(3), torch.zeros(3)
+    with pytest.warns(UserWarning, match="the compiled call differs from eager"):
+        out, returned = cm(x, state)
+    torch.testing.assert_close(state, torch.full((3,), 3.0))  # eager's write once, not the compiled one's
+    torch.testing.assert_close(out, torch.full((3,), 4.0))
+    assert returned is state  # eager returns the caller's tensor, not the copy it ran on
+    cm(x, state)  # the signature now runs eagerly, from the caller's state
+    torch.testing.assert_close(state, torch.full((3,), 6.0))
+
+
+def test_a_first_call_that_raises_leaves_the_callers_state_as_eager_does():
+    x, state = torch.ones(3), torch.zeros(3)
+
+    def compiled(flat):
+        flat[1].add_(100)  # wrote before it failed
+        raise RuntimeError("kernel failed")
+
+    checked = eager_check.first_call(compiled, WritesStateDifferently(), lambda a, k: list(a), (x, state), {}, "W")
+    torch.testing.assert_close(state, torch.full((3,), 3.0))
+    assert checked.result[1] is state

@@ -289,3 +289,45 @@ def test_gpu_static_cache_generate_replays_one_cuda_graph_per_decode():
     decode = cm.variants[-1]
     assert isinstance(decode.cuda_graph, CudaGraphs)
     assert len([g for g in decode.cuda_graph.graphs.values() if g is not None]) == 1
+
+
+def test_a_first_call_unlike_eager_leaves_the_callers_cache_as_eager_does(monkeypatch):
+    """A compiled decode step that writes wrong values into the caller's cache (as a compiler bug would) is
+    found by the first-call check: the caller's cache ends as eager leaves it, and generation goes on eagerly
+    with eager's tokens."""
+    from fxcc.runtime import CompiledModule
+
+    run = CompiledModule._run
+
+    def wrong(self, variant, flat, args, kwargs):
+        out = run(self, variant, flat, args, kwargs)
+        for layer in kwargs["cache"].layers:
+            layer.keys.add_(1.0)
+        out.logits.add_(1.0)
+        return out
+
+    model = build(llama)
+    eager_cache = make_cache("dynamic", model)
+    expected = greedy(model, prompt(6), eager_cache, steps=3)
+    cm = fxcc.compile(model, passes=FAST)
+    monkeypatch.setattr(CompiledModule, "_run", wrong)
+    cache = make_cache("dynamic", model)
+    with pytest.warns(UserWarning, match="the compiled call differs from eager"):
+        assert greedy(cm, prompt(6), cache, steps=3) == expected
+    assert_same_cache(cache, eager_cache)
+
+
+def test_decode_steps_write_the_cache_back_in_place_of_rebuilding_it():
+    """A decode step keeps the cache's structure: its write-back sets the caller's layers' tensors by path (a
+    prefill, which fills an empty cache, rebuilds and adopts)."""
+    model = build(llama)
+    eager_cache = make_cache("dynamic", model)
+    expected = greedy(model, prompt(5), eager_cache, steps=3)
+    cm = fxcc.compile(model, passes=FAST)
+    cache = make_cache("dynamic", model)
+    layers = list(cache.layers)
+    assert greedy(cm, prompt(5), cache, steps=3) == expected
+    assert_same_cache(cache, eager_cache)
+    assert all(a is b for a, b in zip(cache.layers, layers))  # the caller's layer objects, as in eager
+    prefill, decode = (v.captured.aliasing.plan for v in cm.variants)
+    assert all(p is None for p in prefill.paths) and all(p is not None for p in decode.paths)
