@@ -3,6 +3,7 @@ either read live by the compiled code or makes it compile again; the outputs equ
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import fxcc
@@ -242,3 +243,36 @@ def test_steady_calls_on_a_gpu_neither_copy_nor_recompile(model):
         next(m.parameters()).data.mul_(3)  # and a write is still seen
     assert_outputs_close(cm(x), m(x), atol=1e-4, rtol=1e-4)
     assert cm.stats.param_recompiles <= 1
+
+
+def test_a_model_writing_its_own_buffer_leaves_its_weights_watched_in_place():
+    """A variant that writes a buffer of the model (a KV cache it holds) re-takes only the snapshots over the
+    memory it wrote: finding which those are must not ask the other watched tensors for writable pointers
+    (which gives each a copy of itself, then a bit-for-bit comparison at the next call)."""
+
+    class Accumulate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.linspace(-1, 1, 16))
+            self.register_buffer("total", torch.zeros(4, 16))
+
+        def forward(self, x):
+            self.total.add_(x * self.scale.exp())  # scale.exp() is folded: scale is watched
+            return self.total * 2
+
+    torch.manual_seed(0)
+    m, x = Accumulate().eval(), torch.randn(4, 16)
+    ref = copy.deepcopy(m)
+    cm = fxcc.compile(m)
+    for _ in range(2):
+        torch.testing.assert_close(cm(x), ref(x))
+    address = torch._C._data_address(m.scale)
+    assert torch._C._is_cow_tensor(m.scale)  # its snapshot shares its memory
+    for _ in range(3):
+        torch.testing.assert_close(cm(x), ref(x))
+        assert torch._C._is_cow_tensor(m.scale) and torch._C._data_address(m.scale) == address
+    assert cm.stats.param_recompiles == 0 and cm.stats.compiles == 1
+    m.scale.mul_(2)  # a write by the user is still seen
+    ref.scale.mul_(2)
+    torch.testing.assert_close(cm(x), ref(x))
+    assert cm.stats.param_recompiles == 1
