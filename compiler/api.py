@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils import _pytree as pytree
 
 from . import ir, logs
-from .options import CompileOptions, settings
+from .options import MODES, CompileOptions, settings
 from .pipeline import PASSES, parse_pipeline
 from .runtime import CompiledModule
 
@@ -30,20 +30,41 @@ class FunctionModule(nn.Module):
         return self.fn(*args, **kwargs)
 
 
-def compile(model: Any = None, *, target: str = "auto", passes: str | None = None, tune: str = "cached",
+def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = False, dynamic: bool | None = None,
+            backend: str | None = None, target: str = "auto", passes: str | None = None, tune: str | None = None,
             plan: str | None = None, quality_budget: float | None = None, tune_budget: int | None = None,
-            dynamic: bool | None = None, options: CompileOptions | None = None) -> Any:
+            options: CompileOptions | dict | None = None) -> Any:
     """Compile an nn.Module (instance or class), a module's bound method (`model.forward`) or a function;
     also usable as `@compile` and `@compile(...)`.
 
     The result keeps the calling convention of `model`. Compilation happens at the first call, for that
     call's input shapes; a size that changes later recompiles once with that size symbolic (`dynamic`:
     see CompileOptions). A compiled transformers model's `generate` runs its forward calls compiled.
+
+    As torch.compile's: `mode` sets tuning and CUDA graphs (fxcc.options.MODES: "default", "reduce-overhead",
+    "max-autotune" = tune="search" with CUDA graphs, "max-autotune-no-cudagraphs"); `fullgraph=True` makes
+    what would run eagerly an error; `dynamic` as CompileOptions.dynamic; `backend` can only be "fxcc".
+    `options` is a CompileOptions or a dict of its fields; the keywords override it.
     """
-    opts = (options or CompileOptions()).replace(
-        **{k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan,
-                                 quality_budget=quality_budget, tune_budget=tune_budget, dynamic=dynamic).items()
-           if v is not getattr(CompileOptions, k, None) and v != getattr(CompileOptions, k, None)})
+    if backend not in (None, "fxcc"):
+        raise ValueError(f"fxcc.compile(backend={backend!r}): fxcc.compile always compiles with fxcc. For "
+                         f"another compiler use torch.compile(model, backend={backend!r}); fxcc's kernel backends are "
+                         "chosen in the pipeline, e.g. passes='canonicalize,raise,fuse,codegen{backend=tvm}'")
+    if isinstance(options, dict):
+        options = CompileOptions(**options)
+    given = {k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan, quality_budget=quality_budget,
+                                   tune_budget=tune_budget, dynamic=dynamic, fullgraph=fullgraph).items()
+             if v is not None and not (v is getattr(CompileOptions, k) or v == getattr(CompileOptions, k))}
+    if mode is not None:
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"fxcc: unknown mode {mode!r}; use one of {', '.join(map(repr, MODES))} (as "
+                             "torch.compile's), or leave it out for fxcc's defaults")
+        for k, v in MODES[mode].items():
+            if k in given and given[k] != v:
+                raise ValueError(f"fxcc: mode={mode!r} means {k}={v!r}, which {k}={given[k]!r} contradicts; "
+                                 f"pass one of the two")
+        given = {**MODES[mode], **given}
+    opts = (options or CompileOptions()).replace(**given)
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
         opts = plan_options(opts)
     # a bad pipeline, pass name, FXCC_* value or target fails here, not at the first call
@@ -123,6 +144,8 @@ def explained(model: Any, *args: Any, passes: str | None = None, ir_after_each: 
     """`model` compiled for these inputs with the IR after each pass recorded (not printed): what `explain`
     reports on, and `fxcc explain --kernels/--source` reads the variant's kernels from."""
     opts = CompileOptions(passes=passes, print_ir_after=("all",) if ir_after_each else ())
+    if isinstance(model, CompiledModule):  # explain what it compiles, with this report's options
+        model = model.module
     cm = CompiledModule(model if isinstance(model, nn.Module) else FunctionModule(model), opts)
     cm.echo_ir = False  # the IR goes into the returned report, not onto stdout as well
     cm(*args, **kwargs)
