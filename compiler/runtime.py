@@ -267,12 +267,13 @@ class CompiledModule(ModuleView):
         if checked is not None and checked.reason is not None:
             self._runs_eagerly(key, f"{self.name}: {checked.reason}; this input signature runs eagerly",
                                "`fxcc explain` shows the IR and where each op runs; CompileOptions(check_eager=False) "
-                               "skips the check.", stacklevel=4)
+                               "skips the check.", stacklevel=4, reason=checked.reason)
         return checked
 
-    def _runs_eagerly(self, key: Any, why: str, advice: str, stacklevel: int) -> _Eager:
-        """This input signature runs eagerly from now on, with a warning; under fullgraph=True an error."""
-        self._variants[key] = _Eager(why)
+    def _runs_eagerly(self, key: Any, why: str, advice: str, stacklevel: int, reason: str | None = None) -> _Eager:
+        """This input signature runs eagerly from now on (`reason`, default `why`, is what `eager_signatures`
+        reports), with a warning; under fullgraph=True an error."""
+        self._variants[key] = _Eager(reason or why)
         if self.options.fullgraph:
             raise FullGraphError(f"fxcc: {why}; fullgraph=True makes this an error. {advice}")
         warnings.warn(f"fxcc: {why}" + (f". {advice}" if advice else ""), stacklevel=stacklevel)
