@@ -55,16 +55,7 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
     given = {k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan, quality_budget=quality_budget,
                                    tune_budget=tune_budget, dynamic=dynamic, fullgraph=fullgraph).items()
              if v is not None and not (v is getattr(CompileOptions, k) or v == getattr(CompileOptions, k))}
-    if mode is not None:
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"fxcc: unknown mode {mode!r}; use one of {', '.join(map(repr, MODES))} (as "
-                             "torch.compile's), or leave it out for fxcc's defaults")
-        for k, v in MODES[mode].items():
-            if k in given and given[k] != v:
-                raise ValueError(f"fxcc: mode={mode!r} means {k}={v!r}, which {k}={given[k]!r} contradicts; "
-                                 f"pass one of the two")
-        given = {**MODES[mode], **given}
-    opts = (options or CompileOptions()).replace(**given)
+    opts = (options or CompileOptions()).replace(**_with_mode(mode, given))
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
         opts = plan_options(opts)
     # a bad pipeline, pass name, FXCC_* value or target fails here, not at the first call
@@ -83,6 +74,20 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
     if model is None:
         return lambda m: compile(m, options=opts)
     return _wrap(model, opts)
+
+
+def _with_mode(mode: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The options `mode` (torch.compile's) stands for, with those given explicitly, which must agree."""
+    if mode is None:
+        return given
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"fxcc: unknown mode {mode!r}; use one of {', '.join(map(repr, MODES))} (as "
+                         "torch.compile's), or leave it out for fxcc's defaults")
+    for k, v in MODES[mode].items():
+        if k in given and given[k] != v:
+            raise ValueError(f"fxcc: mode={mode!r} means {k}={v!r}, which {k}={given[k]!r} contradicts; "
+                             "pass one of the two")
+    return {**MODES[mode], **given}
 
 
 def _wrap(model: Any, opts: CompileOptions) -> Any:
@@ -157,10 +162,12 @@ def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *
 
     With dynamic shapes dynamo passes each size the graph uses as an argument of its own (a SymInt): fxcc
     compiles the graph as a function of its tensors, reading those sizes from them, with the dimensions
-    dynamo made symbolic symbolic, so one build serves every size dynamo's guards let through.
+    dynamo made symbolic symbolic, so one build serves every size dynamo's guards let through. torch.compile's
+    `options` (CompileOptions fields) and `mode` (as fxcc.compile's) are passed on.
     """
     options = kwargs.get("options") or {}
     opts = CompileOptions(**options) if isinstance(options, dict) else options
+    opts = opts.replace(**_with_mode(kwargs.get("mode"), {}))  # torch.compile(..., mode=) passes it on
     sizes = _sizes_read_from_tensors(gm, example_inputs)
     scalars = _scalars_read_once(gm)
     module = SizesFromTensors(gm, sizes, len(example_inputs)) if sizes else gm

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from fxcc import options
+from fxcc.api import torch_compile_backend
 
 PASSES = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: no timing at compile
 
@@ -75,6 +76,16 @@ def test_max_autotune_compiles_and_equals_eager(x):
     cm = compiled(net, mode="max-autotune-no-cudagraphs")
     torch.testing.assert_close(cm(x), net(x))
     assert cm.stats.compiles == 1
+
+
+def test_torch_compile_passes_its_mode_on(x):
+    net = Net().eval()
+    gm = torch.fx.symbolic_trace(net)
+    run = torch_compile_backend(gm, [x], mode="max-autotune-no-cudagraphs", options={"passes": PASSES})
+    assert (run.fxcc.options.tune, run.fxcc.options.cuda_graphs) == ("search", False)
+    torch.testing.assert_close(run(x), net(x))
+    with pytest.raises(ValueError, match="unknown mode 'fastest'"):
+        torch_compile_backend(gm, [x], mode="fastest")
 
 
 @pytest.mark.parametrize("kwargs, match", [
