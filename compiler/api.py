@@ -153,7 +153,8 @@ def explained(model: Any, *args: Any, passes: str | None = None, ir_after_each: 
         model = model.module
     cm = CompiledModule(model if isinstance(model, nn.Module) else FunctionModule(model), opts)
     cm.echo_ir = False  # the IR goes into the returned report, not onto stdout as well
-    cm(*args, **kwargs)
+    with torch.no_grad():  # a model left in training mode is explained as compiled, not run eagerly for gradients
+        cm(*args, **kwargs)
     return cm
 
 
