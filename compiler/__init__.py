@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY = {
     "compile": "fxcc.api", "explain": "fxcc.api", "register_torch_backend": "fxcc.api",
-    "CompiledModule": "fxcc.runtime", "CaptureError": "fxcc.capture",
+    "CompiledModule": "fxcc.runtime", "FullGraphError": "fxcc.runtime", "CaptureError": "fxcc.capture",
     "CompileOptions": "fxcc.options", "VerificationError": "fxcc.ir", "print_graph": "fxcc.ir",
     "DEFAULT_PIPELINE": "fxcc.pipeline", "Pass": "fxcc.pipeline", "PassContext": "fxcc.pipeline",
     "PassResult": "fxcc.pipeline", "PipelineError": "fxcc.pipeline", "parse_pipeline": "fxcc.pipeline",

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils import _pytree as pytree
 
 from . import ir, logs
-from .options import CompileOptions, settings
+from .options import MODES, CompileOptions, settings
 from .pipeline import PASSES, parse_pipeline
 from .runtime import CompiledModule
 
@@ -30,20 +30,32 @@ class FunctionModule(nn.Module):
         return self.fn(*args, **kwargs)
 
 
-def compile(model: Any = None, *, target: str = "auto", passes: str | None = None, tune: str = "cached",
+def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = False, dynamic: bool | None = None,
+            backend: str | None = None, target: str = "auto", passes: str | None = None, tune: str | None = None,
             plan: str | None = None, quality_budget: float | None = None, tune_budget: int | None = None,
-            dynamic: bool | None = None, options: CompileOptions | None = None) -> Any:
+            options: CompileOptions | dict | None = None) -> Any:
     """Compile an nn.Module (instance or class), a module's bound method (`model.forward`) or a function;
     also usable as `@compile` and `@compile(...)`.
 
     The result keeps the calling convention of `model`. Compilation happens at the first call, for that
     call's input shapes; a size that changes later recompiles once with that size symbolic (`dynamic`:
     see CompileOptions). A compiled transformers model's `generate` runs its forward calls compiled.
+
+    As torch.compile's: `mode` sets tuning and CUDA graphs (fxcc.options.MODES: "default", "reduce-overhead",
+    "max-autotune" = tune="search" with CUDA graphs, "max-autotune-no-cudagraphs"); `fullgraph=True` makes
+    what would run eagerly an error; `dynamic` as CompileOptions.dynamic; `backend` can only be "fxcc".
+    `options` is a CompileOptions or a dict of its fields; the keywords override it.
     """
-    opts = (options or CompileOptions()).replace(
-        **{k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan,
-                                 quality_budget=quality_budget, tune_budget=tune_budget, dynamic=dynamic).items()
-           if v is not getattr(CompileOptions, k, None) and v != getattr(CompileOptions, k, None)})
+    if backend not in (None, "fxcc"):
+        raise ValueError(f"fxcc.compile(backend={backend!r}): fxcc.compile always compiles with fxcc. For "
+                         f"another compiler use torch.compile(model, backend={backend!r}); fxcc's kernel backends are "
+                         "chosen in the pipeline, e.g. passes='canonicalize,raise,fuse,codegen{backend=tvm}'")
+    if isinstance(options, dict):
+        options = CompileOptions(**options)
+    given = {k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan, quality_budget=quality_budget,
+                                   tune_budget=tune_budget, dynamic=dynamic, fullgraph=fullgraph).items()
+             if v is not None and not (v is getattr(CompileOptions, k) or v == getattr(CompileOptions, k))}
+    opts = (options or CompileOptions()).replace(**_with_mode(mode, given))
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search
         opts = plan_options(opts)
     # a bad pipeline, pass name, FXCC_* value or target fails here, not at the first call
@@ -62,6 +74,20 @@ def compile(model: Any = None, *, target: str = "auto", passes: str | None = Non
     if model is None:
         return lambda m: compile(m, options=opts)
     return _wrap(model, opts)
+
+
+def _with_mode(mode: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The options `mode` (torch.compile's) stands for, with those given explicitly, which must agree."""
+    if mode is None:
+        return given
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"fxcc: unknown mode {mode!r}; use one of {', '.join(map(repr, MODES))} (as "
+                         "torch.compile's), or leave it out for fxcc's defaults")
+    for k, v in MODES[mode].items():
+        if k in given and given[k] != v:
+            raise ValueError(f"fxcc: mode={mode!r} means {k}={v!r}, which {k}={given[k]!r} contradicts; "
+                             "pass one of the two")
+    return {**MODES[mode], **given}
 
 
 def _wrap(model: Any, opts: CompileOptions) -> Any:
@@ -123,9 +149,12 @@ def explained(model: Any, *args: Any, passes: str | None = None, ir_after_each: 
     """`model` compiled for these inputs with the IR after each pass recorded (not printed): what `explain`
     reports on, and `fxcc explain --kernels/--source` reads the variant's kernels from."""
     opts = CompileOptions(passes=passes, print_ir_after=("all",) if ir_after_each else ())
+    if isinstance(model, CompiledModule):  # explain what it compiles, with this report's options
+        model = model.module
     cm = CompiledModule(model if isinstance(model, nn.Module) else FunctionModule(model), opts)
     cm.echo_ir = False  # the IR goes into the returned report, not onto stdout as well
-    cm(*args, **kwargs)
+    with torch.no_grad():  # a model left in training mode is explained as compiled, not run eagerly for gradients
+        cm(*args, **kwargs)
     return cm
 
 
@@ -134,10 +163,12 @@ def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *
 
     With dynamic shapes dynamo passes each size the graph uses as an argument of its own (a SymInt): fxcc
     compiles the graph as a function of its tensors, reading those sizes from them, with the dimensions
-    dynamo made symbolic symbolic, so one build serves every size dynamo's guards let through.
+    dynamo made symbolic symbolic, so one build serves every size dynamo's guards let through. torch.compile's
+    `options` (CompileOptions fields) and `mode` (as fxcc.compile's) are passed on.
     """
     options = kwargs.get("options") or {}
     opts = CompileOptions(**options) if isinstance(options, dict) else options
+    opts = opts.replace(**_with_mode(kwargs.get("mode"), {}))  # torch.compile(..., mode=) passes it on
     sizes = _sizes_read_from_tensors(gm, example_inputs)
     scalars = _scalars_read_once(gm)
     module = SizesFromTensors(gm, sizes, len(example_inputs)) if sizes else gm

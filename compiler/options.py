@@ -4,7 +4,9 @@ onto it and nowhere else) and the constants that version what the artifact cache
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +15,11 @@ from .logs import parse as parse_logs
 TARGETS = ("auto", "cpu", "cuda")
 TUNE_MODES = ("off", "cached", "search")
 TVM_POOLS = ("openmp", "tvm")
+# torch.compile's modes in fxcc's options: "max-autotune" tunes every kernel now (tune="search"); fxcc replays
+# CUDA graphs by default where every tensor is on the GPU, so "default" and "reduce-overhead" are the same
+MODES = {"default": {}, "reduce-overhead": {"cuda_graphs": True},
+         "max-autotune": {"tune": "search", "cuda_graphs": True},
+         "max-autotune-no-cudagraphs": {"tune": "search", "cuda_graphs": False}}
 
 # part of every kernel choice's cache key: bump when a backend gains a candidate, so that choices cached before
 # it existed are measured again instead of reused (2: extern's MKL packed-weight GEMM; 3: padding-aware
@@ -63,9 +70,28 @@ def _flag(env: os._Environ | dict, name: str) -> bool:
     return BOOLEANS[value.strip().lower()]
 
 
+# every FXCC_* variable fxcc reads (Settings above), and those only fxcc's own tests read
+ENVIRONMENT = ("FXCC_CACHE_DIR", "FXCC_CACHE_SHARED", "FXCC_CACHE_TRUST", "FXCC_TVM_POOL", "FXCC_TRITON_INTERPRET",
+               "FXCC_VERIFY_EACH", "FXCC_PRINT_IR_AFTER", "FXCC_LOGS", "FXCC_CHECK_EAGER", "FXCC_TIME_VS_EAGER")
+TEST_ENVIRONMENT = ("FXCC_UPDATE_GOLDEN", "FXCC_BREADTH_ALL", "FXCC_FUZZ_SEEDS")
+_warned_names: set[str] = set()
+
+
+def _warn_unknown_names(env: os._Environ | dict) -> None:
+    """One warning per process for each FXCC_* variable fxcc does not read (a typo would otherwise do nothing)."""
+    for name in env:
+        if name.startswith("FXCC_") and name not in ENVIRONMENT + TEST_ENVIRONMENT and name not in _warned_names:
+            _warned_names.add(name)
+            close = difflib.get_close_matches(name, ENVIRONMENT, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            warnings.warn(f"fxcc does not read the environment variable {name}; {hint}fxcc reads "
+                          f"{', '.join(ENVIRONMENT)}", UserWarning, stacklevel=3)
+
+
 def settings() -> Settings:
     """The settings the environment gives now (read at every call: tests and tools change it)."""
     env = os.environ
+    _warn_unknown_names(env)
     pool = env.get("FXCC_TVM_POOL", "openmp")
     if pool not in TVM_POOLS:
         raise ValueError(f"FXCC_TVM_POOL={pool!r}; use one of {', '.join(TVM_POOLS)}")
@@ -108,6 +134,9 @@ class CompileOptions:
         True: every dimension symbolic from the first compile; False: one static variant per shape.
     time_vs_eager: time each compiled variant against eager on the example inputs and run eagerly where the
         compiled one is slower (with a warning; fxcc.autotune.vs_eager). Env FXCC_TIME_VS_EAGER=0 turns it off.
+    fullgraph: as torch.compile's: whatever would not run as one compiled graph is an error naming the reason
+        (a DyCL split, a signature that would run eagerly, a call in training mode with gradients enabled)
+        instead of a warning and eager. Ops without a kernel inside the graph still run as torch ops.
     """
 
     target: str = "auto"
@@ -125,9 +154,11 @@ class CompileOptions:
     check_eager: bool = True
     dynamic: bool | None = None
     time_vs_eager: bool = True
+    fullgraph: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "check_eager", "time_vs_eager"):
+        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "check_eager", "time_vs_eager",
+                     "fullgraph"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"fxcc: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.print_ir_after, (tuple, list)) or not all(isinstance(x, str)

@@ -52,6 +52,7 @@ from .cuda_graphs import CudaGraph, CudaGraphs
 from .dialects import KERNEL_OPS, dialect_of, op_name
 from .guards import ModuleState, call_context, graph_sources, mark_code_constants
 from .logs import topic_logger
+from .module_view import ModuleView
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
@@ -121,6 +122,10 @@ class Variant:
         return self.executable(*flat, *self.bound)
 
 
+class FullGraphError(RuntimeError):
+    """Under `fullgraph=True` (as torch.compile's): what would otherwise run eagerly, with a warning."""
+
+
 @dataclass
 class _Eager:
     """A signature that runs eagerly: past `max_variants`, or compiled and measured slower than eager (`compiled`,
@@ -158,12 +163,13 @@ def _fast_key(args: tuple, training: bool) -> tuple | None:
     return (training, call_context(), *[(a.shape, a.dtype, a.device, a.layout) for a in args])
 
 
-class CompiledModule:
-    """Callable with the original calling convention, backed by compiled variants chosen by guards."""
+class CompiledModule(ModuleView):
+    """Callable with the original calling convention, backed by compiled variants chosen by guards; an
+    nn.Module whose parameters, state and training flag are the original module's (fxcc.module_view)."""
 
     def __init__(self, module: nn.Module, options: CompileOptions, eager_call: Callable | None = None,
                  method: Callable | None = None):
-        self.module = module
+        super().__init__(module)
         self.options = options
         self.method = method  # a bound method of `module` compiled instead of its forward
         self.name = describe(module) + (f".{method.__name__}" if method is not None else "")
@@ -210,6 +216,8 @@ class CompiledModule:
     # --------------------------------------------------------------------------------- calling
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and self.module.training and self._trains():
+            return self._call_for_gradients(args, kwargs)
         # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
         fast = None if kwargs else _fast_key(args, self.module.training)
         variant = self._fast.get(fast) if fast is not None else None
@@ -236,6 +244,8 @@ class CompiledModule:
                 if fast is not None:  # a signature found to differ runs eagerly: its _Eager takes the fast path
                     self._fast[fast] = variant if checked.reason is None else self._variants[key]
                 return checked.result
+        if isinstance(variant, _Eager) and self.options.fullgraph:  # told once; raised at every call
+            raise FullGraphError(f"fxcc: {variant.reason}; fullgraph=True makes this an error")
         if fast is not None:
             self._fast[fast] = variant
         if isinstance(variant, _Eager):
@@ -257,11 +267,38 @@ class CompiledModule:
                                          lambda a, k: flatten_inputs(a, k)[0],
                                          args, kwargs, self.name)
         if checked is not None and checked.reason is not None:
-            warnings.warn(f"fxcc: {self.name}: {checked.reason}; this input signature runs eagerly. `fxcc explain` "
-                          "shows the IR and where each op runs; CompileOptions(check_eager=False) skips the check.",
-                          stacklevel=3)
-            self._variants[key] = variant.unlike_eager = _Eager(checked.reason)
+            variant.unlike_eager = self._runs_eagerly(
+                key, f"{self.name}: {checked.reason}; this input signature runs eagerly",
+                "`fxcc explain` shows the IR and where each op runs; CompileOptions(check_eager=False) skips the "
+                "check.", stacklevel=4, reason=checked.reason)
         return checked
+
+    def _runs_eagerly(self, key: Any, why: str, advice: str, stacklevel: int, reason: str | None = None) -> _Eager:
+        """This input signature runs eagerly from now on (`reason`, default `why`, is what `eager_signatures`
+        reports), with a warning; under fullgraph=True an error."""
+        self._variants[key] = _Eager(reason or why)
+        if self.options.fullgraph:
+            raise FullGraphError(f"fxcc: {why}; fullgraph=True makes this an error. {advice}")
+        warnings.warn(f"fxcc: {why}" + (f". {advice}" if advice else ""), stacklevel=stacklevel)
+        return self._variants[key]
+
+    def _trains(self) -> bool:
+        """Whether eager would record gradients: the module has a parameter that requires them."""
+        return any(p.requires_grad for p in self.module.parameters())
+
+    def _call_for_gradients(self, args: tuple, kwargs: dict) -> Any:
+        """A call in training mode with gradients enabled runs eagerly, so its outputs carry gradients as
+        eager's do (compiled code computes none); one warning, or an error under fullgraph=True."""
+        why = (f"{self.name} is called in training mode with gradients enabled, and fxcc compiles inference "
+               "only (its outputs would carry no gradients); it runs eagerly")
+        advice = "Call model.eval() or run it under torch.no_grad() / torch.inference_mode() to run it compiled."
+        if self.options.fullgraph:
+            raise FullGraphError(f"fxcc: {why}; fullgraph=True makes this an error. {advice}")
+        if not self.__dict__.get("_warned_gradients"):
+            self._warned_gradients = True
+            warnings.warn(f"fxcc: {why}. {advice}", stacklevel=3)
+        self.stats.eager_calls += 1
+        return self._eager(*args, **kwargs)
 
 
     def _run(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict) -> Any:
@@ -345,26 +382,20 @@ class CompiledModule:
         if len(self._compiled) >= self.options.max_variants:
             why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
-            warnings.warn(f"fxcc: {why}. Use fixed input shapes, CompileOptions(dynamic=True) or raise "
-                          "CompileOptions.max_variants.", stacklevel=3)
-            self._variants[key] = _Eager(why)
-            return self._variants[key]
+            return self._runs_eagerly(key, why, "Use fixed input shapes, CompileOptions(dynamic=True) or raise "
+                                      "CompileOptions.max_variants.", stacklevel=4)
         if call_context()[0]:  # export does not trace the caller's autocast: compiled code would skip its casts
             why = f"{self.name} is called under torch.autocast, which fxcc does not compile; it runs eagerly there"
-            warnings.warn(f"fxcc: {why}. Compile the model in the dtype you want (model.to(torch.bfloat16)) to "
-                          "run it compiled.", stacklevel=3)
-            self._variants[key] = _Eager(why)
-            return self._variants[key]
+            return self._runs_eagerly(key, why, "Compile the model in the dtype you want (model.to(torch.bfloat16)) "
+                                      "to run it compiled.", stacklevel=4)
         check_call(self.method or self.module, args, kwargs)
         try:
             variant = self.compile_for(args, kwargs, dims=dims)
         except CaptureError as e:
             if not dynamic.carries_state(args, kwargs):
                 raise
-            why = f"{self.name} runs eagerly for calls with a KV cache: {e}"
-            warnings.warn(f"fxcc: {why}", stacklevel=3)
-            self._variants[key] = _Eager(why)
-            return self._variants[key]
+            return self._runs_eagerly(key, f"{self.name} runs eagerly for calls with a KV cache: {e}", "",
+                                      stacklevel=4)
         if isinstance(variant, Variant) and variant.captured is not None:
             variant.shapes = dynamic.Shapes.of(variant.gm, flat, names, sized)
             variant.struct = struct
@@ -442,7 +473,7 @@ class CompiledModule:
                 vs_eager.remember(cache, vkey, verdict, self.name)
         variant.vs_eager = verdict.text()
         log.info("%s: %s", self.name, variant.vs_eager)
-        if verdict.keep_compiled:
+        if verdict.keep_compiled or self.options.fullgraph:  # fullgraph=True: compiled even where slower
             return variant
         variant.slower_than_eager = True
         sig = ", ".join(ir.type_str(x) for x in flat)
@@ -473,6 +504,10 @@ class CompiledModule:
             from fxcc import dycl
 
             effect = dycl.python_effect(self.module)
+            if effect is not None and opts.fullgraph:
+                raise FullGraphError(f"fxcc: {self.name}'s forward has {effect}, which one traced graph would do only "
+                                     "once (fxcc would split it into a DyCL host program); fullgraph=True makes this "
+                                     "an error")
             if effect is not None:
                 return dycl.compile_dynamic(self, args, kwargs, None, effect)
         # the IR before codegen comes from the graph cache when an earlier compile stored it
@@ -492,6 +527,9 @@ class CompiledModule:
                 other_method = self.method is not None and self.method.__func__ is not type(self.module).forward
                 if dynamic.carries_state(args, kwargs) or other_method:  # DyCL splits forward, keeps no cache
                     raise
+                if opts.fullgraph:
+                    raise FullGraphError(f"fxcc: {self.name} cannot be captured as one graph (fxcc would split it into "
+                                         f"a DyCL host program); fullgraph=True makes this an error. {e}") from e
                 from fxcc import dycl
 
                 return dycl.compile_dynamic(self, args, kwargs, e)

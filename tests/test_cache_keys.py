@@ -149,6 +149,7 @@ OPTIONS = {
     "max_variants": "run", "dycl": "run", "check_eager": "run",
     "time_vs_eager": "run",
     "dynamic": "run",  # a compile with symbolic sizes never reads nor writes the graph cache (runtime: `plain`)
+    "fullgraph": "run",  # turns an eager fallback into an error; what is compiled and cached is the same
 }
 SETTINGS = {
     "cache_dir": "run", "cache_shared": "run", "cache_trust": "run", "tvm_pool": "key", "triton_interpret": "key",

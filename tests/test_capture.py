@@ -81,7 +81,7 @@ def test_flatten_inputs_ignores_keyword_order():
 
 
 def test_data_dependent_control_flow_is_a_capture_error():
-    cm = fxcc.compile(Branchy(), options=fxcc.CompileOptions(dycl=False))  # DyCL would split it (test_dycl.py)
+    cm = fxcc.compile(Branchy().eval(), options=fxcc.CompileOptions(dycl=False))  # DyCL would split it (test_dycl.py)
     with pytest.raises(fxcc.CaptureError) as e:
         cm(torch.randn(3, 4))
     msg = str(e.value)

@@ -184,7 +184,7 @@ def test_plan_for_other_weights_shapes_or_class_is_refused(searched):
     with pytest.raises(PlanError, match=r"'fc1.weight' is float32\[48, 16\] here, float32\[32, 16\]"):
         fxcc.compile(wider, plan=str(path))(x)
     with pytest.raises(PlanError, match="made for 'Tiny', this model is 'Linear'"):
-        fxcc.compile(torch.nn.Linear(16, 8), plan=str(path))(x)
+        fxcc.compile(torch.nn.Linear(16, 8).eval(), plan=str(path))(x)
 
 
 def test_plan_for_other_inputs_warns_and_still_applies(searched):

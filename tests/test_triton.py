@@ -42,7 +42,8 @@ def interpreter(monkeypatch):
 def kernels_of(fn, *args, **kwargs) -> list:
     """The kernel bodies fxcc's pipeline makes of `fn(*args)`, in program order (built with extern)."""
     cm = fxcc.compile(fn, passes=EXTERN)
-    cm(*args, **kwargs)
+    with torch.no_grad():  # inference: a module in training mode would run eagerly with gradients
+        cm(*args, **kwargs)
     compiled = cm.fxcc if hasattr(cm, "fxcc") else cm
     gm = compiled.variants[-1].gm
     keys = [n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]

@@ -1,0 +1,264 @@
+"""What a torch.compile user relies on: `mode=`, `fullgraph=`, `backend=` and `options=` as torch.compile's;
+a compiled module is an nn.Module whose state is the original's; training mode gets eager's gradients, never
+outputs silently without them; an FXCC_* variable fxcc does not read gets one warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+from fxcc import options, runtime
+from fxcc.api import torch_compile_backend
+
+PASSES = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: no timing at compile
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("shift", torch.ones(8))
+        self.label = "net"
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) + self.shift
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:  # tensor-dependent control flow: DyCL splits the forward here
+            return h * 2
+        return h - 1
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # a Python effect a traced graph would do once
+        return x * 2
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.randn(4, 8)
+
+
+def compiled(model: nn.Module, **kwargs):
+    return fxcc.compile(model, passes=PASSES, **kwargs)
+
+
+# ----------------------------------------------------------------------------- mode, backend, options
+
+
+@pytest.mark.parametrize("mode, tune, cuda_graphs", [
+    ("default", "cached", True), ("reduce-overhead", "cached", True), ("max-autotune", "search", True),
+    ("max-autotune-no-cudagraphs", "search", False),
+])
+def test_modes_map_onto_tuning_and_cuda_graphs(mode, tune, cuda_graphs):
+    cm = fxcc.compile(Net().eval(), mode=mode)
+    assert (cm.options.tune, cm.options.cuda_graphs) == (tune, cuda_graphs)
+
+
+def test_max_autotune_compiles_and_equals_eager(x):
+    net = Net().eval()
+    cm = compiled(net, mode="max-autotune-no-cudagraphs")
+    torch.testing.assert_close(cm(x), net(x))
+    assert cm.stats.compiles == 1
+
+
+def test_torch_compile_passes_its_mode_on(x):
+    net = Net().eval()
+    gm = torch.fx.symbolic_trace(net)
+    run = torch_compile_backend(gm, [x], mode="max-autotune-no-cudagraphs", options={"passes": PASSES})
+    assert (run.fxcc.options.tune, run.fxcc.options.cuda_graphs) == ("search", False)
+    torch.testing.assert_close(run(x), net(x))
+    with pytest.raises(ValueError, match="unknown mode 'fastest'"):
+        torch_compile_backend(gm, [x], mode="fastest")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="fast"), r"unknown mode 'fast'; use one of 'default', 'reduce-overhead', 'max-autotune', "
+                        r"'max-autotune-no-cudagraphs'"),
+    (dict(mode="max-autotune", tune="off"), r"mode='max-autotune' means tune='search', which tune='off' contradicts"),
+    (dict(backend="inductor"), r"backend='inductor'.*use torch.compile\(model, backend='inductor'\).*codegen\{backend"),
+])
+def test_bad_torch_compile_arguments_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fxcc.compile(Net(), **kwargs)
+
+
+def test_fullgraph_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"fullgraph must be True or False, got 'yes'"):
+        fxcc.compile(Net(), fullgraph="yes")
+
+
+def test_backend_fxcc_and_an_options_dict_are_accepted(x):
+    net = Net().eval()
+    cm = fxcc.compile(net, backend="fxcc", options={"passes": PASSES, "max_variants": 2}, dynamic=False)
+    assert cm.options.max_variants == 2 and cm.options.dynamic is False
+    torch.testing.assert_close(cm(x), net(x))
+    with pytest.raises(TypeError, match="max_variantz"):
+        fxcc.compile(net, options={"max_variantz": 2})
+
+
+# ---------------------------------------------------------------------------------------- fullgraph
+
+
+def test_fullgraph_makes_a_dycl_split_an_error(x, monkeypatch):
+    net = Branchy().eval()
+    cm = compiled(net)  # without fullgraph: the split program, equal to eager
+    torch.testing.assert_close(cm(x), net(x))
+
+    def capture(*args, **kwargs):  # the capture failure DyCL splits at, whatever torch.export makes of Branchy
+        raise fxcc.CaptureError("fxcc cannot capture Branchy: control flow depends on tensor values")
+
+    monkeypatch.setattr(runtime, "capture", capture)
+    with pytest.raises(fxcc.FullGraphError, match=r"Branchy cannot be captured as one graph.*DyCL.*fullgraph=True"
+                                                  r".*control flow depends on tensor values"):
+        compiled(net, fullgraph=True)(x)
+
+
+def test_fullgraph_makes_a_python_effect_an_error(x):
+    with pytest.raises(fxcc.FullGraphError, match=r"Counting's forward has .*calls.*fullgraph=True"):
+        compiled(Counting().eval(), fullgraph=True)(x)
+
+
+def test_fullgraph_makes_each_eager_signature_an_error_at_every_call(x):
+    net = Net().eval()
+    cm = compiled(net, fullgraph=True, options={"max_variants": 1}, dynamic=False)
+    torch.testing.assert_close(cm(x), net(x))
+    for _ in range(2):
+        with pytest.raises(fxcc.FullGraphError, match=r"already has 1 compiled variants.*fullgraph=True"):
+            cm(x[:2])
+    assert cm.stats.eager_calls == 0
+    cm = compiled(net, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(fxcc.FullGraphError, match=r"torch.autocast.*fullgraph=True makes this an error"):
+            cm(x)
+
+
+def test_without_fullgraph_the_same_signature_warns_and_runs_eagerly(x):
+    net = Net().eval()
+    cm = compiled(net, options={"max_variants": 1}, dynamic=False)
+    cm(x)
+    with pytest.warns(UserWarning, match=r"already has 1 compiled variants"):
+        y = cm(x[:2])
+    torch.testing.assert_close(y, net(x[:2]))
+    assert cm.stats.eager_calls == 1
+
+
+# -------------------------------------------------------------------------- the compiled object is a module
+
+
+def test_a_compiled_module_is_an_nn_module_with_the_originals_state(x):
+    net = Net().eval()
+    cm = compiled(net)
+    assert isinstance(cm, nn.Module)
+    assert list(cm.state_dict()) == list(net.state_dict()) and set(net.state_dict()) == {"lin.weight", "lin.bias", "shift"}
+    assert [p for p in cm.parameters()] == [net.lin.weight, net.lin.bias]
+    assert dict(cm.named_buffers())["shift"] is net.shift
+    assert cm.lin is net.lin and cm.label == "net"  # attributes still come from the original
+    assert cm.get_submodule("lin") is net.lin
+    assert cm.train() is cm and net.training and cm.training
+    assert cm.eval() is cm and not net.training and not cm.training
+    torch.testing.assert_close(cm.forward(x), net(x))  # forward runs compiled, as torch.compile's
+    assert cm.stats.compiles == 1
+
+
+def test_load_state_dict_and_to_act_on_the_original(x):
+    net = Net().eval()
+    cm = compiled(net)
+    cm(x)
+    other = Net()
+    assert cm.load_state_dict(other.state_dict()).missing_keys == []
+    torch.testing.assert_close(net.lin.weight, other.lin.weight)
+    torch.testing.assert_close(cm(x), other.eval()(x))  # the weights changed: compiled again
+    assert cm.to(torch.float64) is cm and net.lin.weight.dtype == torch.float64
+    torch.testing.assert_close(cm(x.double()), net(x.double()))
+
+
+def test_a_compiled_module_as_a_submodule_keeps_unprefixed_keys(x):
+    net = Net().eval()
+    outer = nn.Sequential()
+    outer.add_module("body", compiled(net))
+    assert list(outer.state_dict()) == [f"body.{k}" for k in net.state_dict()]
+    assert len(list(outer.parameters())) == 2
+    outer.train()
+    assert net.training
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_training_mode_with_gradients_runs_eagerly_with_one_warning(x):
+    torch.manual_seed(0)
+    net = Net()  # training mode, as a freshly built module
+    cm = compiled(net)
+    with pytest.warns(UserWarning, match=r"Net is called in training mode with gradients enabled.*runs eagerly"
+                                         r".*model.eval\(\)") as record:
+        y = cm(x)
+        y2 = cm(x)
+    assert len([w for w in record if "training mode" in str(w.message)]) == 1
+    assert y.requires_grad and y2.requires_grad
+    torch.testing.assert_close(y, net(x))
+    y.sum().backward()
+    assert net.lin.weight.grad is not None
+    assert cm.stats.compiles == 0 and cm.stats.eager_calls == 2
+
+
+def test_training_mode_without_gradients_and_frozen_models_run_compiled(x):
+    net = Net()
+    cm = compiled(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no eager fallback, no warning
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), net(x))
+        net.requires_grad_(False)  # nothing to differentiate: eager records no gradients either
+        y = cm(x)
+    assert not y.requires_grad
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
+
+
+def test_training_mode_under_fullgraph_is_an_error(x):
+    cm = compiled(Net(), fullgraph=True)
+    with pytest.raises(fxcc.FullGraphError, match=r"training mode with gradients enabled.*fullgraph=True"):
+        cm(x)
+
+
+def test_a_compiled_function_is_not_in_training_mode(x):
+    @fxcc.compile(passes=PASSES)
+    def f(a):
+        return torch.tanh(a) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(f(x), torch.tanh(x) + 1)
+    assert f.fxcc.stats.compiles == 1
+
+
+# -------------------------------------------------------------------------------- environment variables
+
+
+def test_an_unknown_fxcc_variable_gets_one_warning_naming_it(monkeypatch):
+    monkeypatch.setattr(options, "_warned_names", set())
+    monkeypatch.setenv("FXCC_PRINT_IR_AFTR", "raise")
+    monkeypatch.setenv("FXCC_UPDATE_GOLDEN", "0")  # read by fxcc's own tests: no warning
+    with pytest.warns(UserWarning) as record:
+        fxcc.compile(Net())
+        fxcc.compile(Net())
+    messages = [str(w.message) for w in record if "environment variable" in str(w.message)]
+    assert len(messages) == 1
+    assert "FXCC_PRINT_IR_AFTR; did you mean FXCC_PRINT_IR_AFTER?" in messages[0]
+    assert "FXCC_LOGS" in messages[0] and "FXCC_CACHE_DIR" in messages[0]
