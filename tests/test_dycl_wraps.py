@@ -174,7 +174,7 @@ def deprecate_kwarg(old: str, new: str):
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
             if old in kwargs:
-                warnings.warn(f"`{old}` is deprecated for `{fn.__name__}`: use `{new}`", FutureWarning)
+                warnings.warn(f"`{old}` is deprecated for `{fn.__name__}`: use `{new}`", FutureWarning, stacklevel=2)
                 kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)
         return wrapped
