@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ from . import ir, logs
 from .options import MODES, CompileOptions, settings
 from .pipeline import PASSES, parse_pipeline
 from .runtime import CompiledModule
+
+log = logging.getLogger(__name__)
 
 
 class FunctionModule(nn.Module):
@@ -94,10 +97,12 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
     if isinstance(model, CompiledModule):
         return model
     if isinstance(model, nn.Module):
+        _no_generate_compile(model)
         return CompiledModule(model, opts)
     if inspect.isclass(model) and issubclass(model, nn.Module):
         return _compile_class(model, opts)
     if inspect.ismethod(model) and isinstance(model.__self__, nn.Module):
+        _no_generate_compile(model.__self__)
         # `model.forward = fxcc.compile(model.forward)`: the module's parameters and state are its own
         cm = CompiledModule(model.__self__, opts, method=model)
     elif callable(model) and not inspect.isclass(model):
@@ -113,6 +118,17 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
     raise TypeError(f"fxcc.compile expects an nn.Module, an nn.Module class or a function; got "
                     f"{type(model).__name__} ({model!r:.60}). Pass the model object itself, e.g. "
                     "fxcc.compile(model) or @fxcc.compile on its class or function.")
+
+
+def _no_generate_compile(module: nn.Module) -> None:
+    """transformers' `generate` wraps the forward in torch.compile itself when the cache is static on a GPU;
+    around fxcc's compiled forward that adds only Dynamo's guards and a compile, so fxcc turns it off
+    (`generation_config.disable_compile`, which the user can set back)."""
+    config = getattr(module, "generation_config", None)
+    if config is not None and hasattr(config, "disable_compile") and not config.disable_compile:
+        config.disable_compile = True
+        log.info("%s: generation_config.disable_compile set, so generate() does not torch.compile the forward "
+                 "fxcc compiles", type(module).__name__)
 
 
 def _compile_class(cls: type[nn.Module], opts: CompileOptions) -> type[nn.Module]:
@@ -133,8 +149,9 @@ def _compile_class(cls: type[nn.Module], opts: CompileOptions) -> type[nn.Module
 
 
 def _tracing(args: tuple, kwargs: dict) -> bool:
-    """Inside the capture of an enclosing model (export, dynamo, symbolic_trace): its graph takes our ops."""
-    return torch.compiler.is_compiling() or any(isinstance(a, torch.fx.Proxy)
+    """Inside the capture of an enclosing model (export, symbolic_trace): its graph takes our ops. Inside code
+    torch.compile traces, the compiled module is called (Dynamo breaks its graph there, fxcc runs its own)."""
+    return torch.compiler.is_exporting() or any(isinstance(a, torch.fx.Proxy)
                                                 for a in pytree.tree_leaves((args, kwargs)))
 
 

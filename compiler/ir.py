@@ -481,6 +481,10 @@ def is_view(node: fx.Node) -> bool:
                                                       any(a.alias_info for a in t._schema.returns))))
 
 
+# why fuse keeps an op eager when its memory is written: a device op like any kernel (a CUDA graph may hold it)
+EAGER_WRITTEN = "its memory is written in place (a kernel output may be a copy)"
+
+
 def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
     """Values some op of the graph writes to in place (its schema marks the argument written), and the
     values those are views of. Such a value is a buffer of its own: not merged with an equal one (a KV

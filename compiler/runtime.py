@@ -216,6 +216,10 @@ class CompiledModule(ModuleView):
     # --------------------------------------------------------------------------------- calling
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            if torch.compiler.is_exporting():  # inside an enclosing capture: its graph takes the module's own ops
+                return self._eager(*args, **kwargs)
+            return _opaque_call(self, args, kwargs)  # inside code torch.compile traces (transformers' generate)
         if torch.is_grad_enabled() and self.module.training and self._trains():
             return self._call_for_gradients(args, kwargs)
         # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
@@ -627,7 +631,8 @@ def resolve_target(target: str, module: nn.Module, args: tuple, kwargs: dict) ->
 
 def graphable(gm: fx.GraphModule) -> bool:
     """Whether the final IR may run as a CUDA graph: every tensor on CUDA and no eager region other than an
-    aten op writing in place (a KV cache update: a device op like any kernel).
+    aten op writing in place (a KV cache update: a device op like any kernel) or reading memory written in place
+    (the views of a static cache that attention reads).
 
     A CPU op inside a capture would run once, at capture, and never again: such graphs are not captured.
     """
@@ -635,7 +640,8 @@ def graphable(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         in_place = isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten" and (
             node.target._schema.is_mutable or node in written)
-        if node.meta.get("fxcc_eager") and not in_place:
+        if node.meta.get("fxcc_eager") and not in_place and not (
+                node.meta["fxcc_eager"] == ir.EAGER_WRITTEN and isinstance(node.target, torch._ops.OpOverload)):
             return False
         vals = node.meta.get("val")
         for v in vals if isinstance(vals, (list, tuple)) else [vals]:
@@ -707,3 +713,11 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
         if k.note:
             out.append(f"      {k.note}")
     return "\n".join(out)
+
+
+@torch.compiler.disable
+def _opaque_call(cm: CompiledModule, args: tuple, kwargs: dict) -> Any:
+    """A compiled module called from code that torch.compile traces: Dynamo does not trace into fxcc's runtime
+    (its guards, caches and launchers are not traceable), it breaks its graph here and calls the module as it is
+    called outside, which fxcc compiled already."""
+    return cm(*args, **kwargs)

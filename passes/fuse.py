@@ -73,7 +73,7 @@ class Fuse(Pass):
             epoch_of[node] = epoch
             cat, reason = classify(node)
             if cat not in ("eager", "size") and node in written:
-                cat, reason = "eager", "its memory is written in place (a kernel output may be a copy)"
+                cat, reason = "eager", ir.EAGER_WRITTEN
             if cat == "size":
                 continue
             if cat == "eager":

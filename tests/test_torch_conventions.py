@@ -262,3 +262,57 @@ def test_an_unknown_fxcc_variable_gets_one_warning_naming_it(monkeypatch):
     assert len(messages) == 1
     assert "FXCC_PRINT_IR_AFTR; did you mean FXCC_PRINT_IR_AFTER?" in messages[0]
     assert "FXCC_LOGS" in messages[0] and "FXCC_CACHE_DIR" in messages[0]
+
+
+def _count_compiled_calls(cm):
+    calls = []
+    run = cm._run
+    cm._run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["module", "function", "class"])
+def test_inside_torch_compile_the_compiled_module_runs_its_own_code(x, how):
+    """torch.compile around code that calls an fxcc-compiled model (transformers' generate does so with a static
+    cache on a GPU): Dynamo breaks its graph at the call instead of tracing fxcc's runtime, and fxcc's compiled
+    variant runs."""
+    net = Net().eval()
+    expected = net(x) * 2 + 1
+    if how == "module":
+        model = cm = fxcc.compile(net, passes=PASSES)
+    elif how == "function":
+        model = fxcc.compile(lambda t: net(t), passes=PASSES)
+        cm = model.fxcc
+    else:
+        model = fxcc.compile(Net, passes=PASSES)().eval()
+        model.load_state_dict(net.state_dict())
+        model(x)
+        cm = model.__dict__["_fxcc_compiled"]
+    calls = _count_compiled_calls(cm)
+    outer = torch.compile(lambda t: model(t) * 2 + 1, backend="eager")
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(outer(x), expected)
+    assert cm.stats.compiles == 1 and len(calls) >= 3
+
+
+def test_a_compiled_child_is_captured_with_its_parent(x):
+    """An enclosing capture (fxcc compiling the parent) takes a compiled child's own ops."""
+    parent = nn.Sequential(Net(), nn.Linear(8, 4)).eval()
+    expected = parent(x)
+    parent[0] = fxcc.compile(parent[0], passes=PASSES)
+    cm = fxcc.compile(parent, passes=PASSES)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), expected)
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
+    assert parent[0].stats.compiles == 0  # the parent's graph holds the child's ops
+
+
+def test_generate_does_not_wrap_the_compiled_forward_in_torch_compile():
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).eval()
+    assert not model.generation_config.disable_compile
+    model.forward = fxcc.compile(model.forward, passes=PASSES)
+    assert model.generation_config.disable_compile is True
