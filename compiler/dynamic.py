@@ -176,7 +176,7 @@ class Shapes:
             code = env.produce_guards_expression([vals[i] for i in guarded], ignore_static=True)
             shapes.guarded = guarded
             if code:
-                shapes.clauses = code.split(" and ")
+                shapes.clauses = conjuncts(code)
                 shapes.guard = compile(code, "<fxcc-shape-guard>", "eval")
         return shapes
 
@@ -223,6 +223,25 @@ class Shapes:
         """`input_ids dim 1, cache[0] dim 2, cache[2]` (an int input by its name alone; empty when static)."""
         return ", ".join(self.names[i] if i in self.ints else f"{self.names[i]} dim {'/'.join(map(str, ds))}"
                          for i, ds in self.dims.items())
+
+
+def conjuncts(code: str) -> list[str]:
+    """The clauses of a guard expression `a and b and ...`, split at its top level only: a clause may hold an
+    `and` of its own inside parentheses (`not (1 - L['t2'] < 0 and ...)`)."""
+    out, depth, start, i = [], 0, 0, 0
+    while i < len(code):
+        c = code[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and code.startswith(" and ", i):
+            out.append(code[start:i])
+            start = i = i + len(" and ")
+            continue
+        i += 1
+    out.append(code[start:])
+    return [c for c in out if c]
 
 
 def _shape(x: Any) -> tuple:

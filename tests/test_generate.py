@@ -332,3 +332,26 @@ def test_decode_steps_write_the_cache_back_in_place_of_rebuilding_it():
     assert all(a is b for a, b in zip(cache.layers, layers))  # the caller's layer objects, as in eager
     prefill, decode = (v.captured.aliasing.plan for v in cm.variants)
     assert all(p is None for p in prefill.paths) and all(p is not None for p in decode.paths)
+
+
+def gemma2():
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**DECODER, head_dim=8, sliding_window=8))
+
+
+def test_generate_past_a_sliding_window_equals_eager():
+    """Gemma-2's cache keeps a sliding window on every other layer: once the window fills, the cache's sizes
+    stop growing there (a shape guard with a clause of its own `and`; kernels whose sizes come from ints)."""
+    model, compiled = build(gemma2), build(gemma2)
+    compiled.forward = fxcc.compile(compiled.forward, passes=FAST)
+    for length in (7, 5):  # prompt + new tokens pass the window of 8
+        ids = prompt(length)
+        assert torch.equal(generate(compiled, ids), generate(model, ids))
+    assert compiled.forward.fxcc.stats.eager_calls == 0
+
+
+def test_guard_clauses_split_at_the_top_level_only():
+    from fxcc.dynamic import conjuncts
+
+    code = "L['t0'].size()[0] == 1 and not (1 + ((-1)*L['t2']) < 0 and L['t3'] > 2) and 2 <= L['t1'].size()[2]"
+    assert conjuncts(code) == ["L['t0'].size()[0] == 1", "not (1 + ((-1)*L['t2']) < 0 and L['t3'] > 2)",
+                               "2 <= L['t1'].size()[2]"]
