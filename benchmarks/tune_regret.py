@@ -95,7 +95,8 @@ def retime(name: str, plan: str | None, threads: int) -> dict:
         if len(fns) == 1:
             continue
         with torch.no_grad():
-            d = compare({n: (lambda f=f, x=inputs: f(x)) for n, f in fns.items()}, "stored", device="cpu", reps=30)
+            d = compare({n: (lambda f=f, x=inputs: f(x)) for n, f in fns.items()}, "stored", device="cpu", reps=30,
+                        min_gain=0.0)
         kernels.append({"kernel": k.key, "kind": k.kind, "stored": f"{k.choice.backend} {k.choice.params}",
                         "timings": {n: str(t) for n, t in d.timings.items()},
                         "regret": d.winner != "stored", "summary": d.summary()})
@@ -107,7 +108,7 @@ def retime(name: str, plan: str | None, threads: int) -> dict:
             with_plan(*a, **kw)
             default(*a, **kw)
             d = compare({"plan": lambda: with_plan(*a, **kw), "default": lambda: default(*a, **kw)}, "plan",
-                        device="cpu", reps=20)
+                        device="cpu", reps=20, min_gain=0.0)
         out["plan"] = {"pipeline": json.loads(Path(plan).read_text()).get("pipeline"),
                        "timings": {n: str(t) for n, t in d.timings.items()}, "regret": d.winner != "plan",
                        "summary": d.summary()}

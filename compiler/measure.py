@@ -21,6 +21,10 @@ import torch
 CONFIDENCE = 0.95  # of every interval a timing states, and so of every "faster" decision
 ESTIMATE_Q = 0.2  # the quantile a timing is ranked by (see Timing.own)
 NOISY = 0.5  # a timing whose interval is wider than this fraction of its estimate is too noisy to rank by
+# the least a challenger must gain on the incumbent's estimate, besides beating it beyond the noise: a timing's
+# interval covers the noise within one process, not what differs from one process to the next (where the
+# memory lands, which thread pool is warm); re-timed in a new process, wins of 1-2% came out as losses
+MIN_GAIN = 0.03
 
 
 @dataclass
@@ -79,10 +83,12 @@ def _order_ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
     return min(lo, n - 1), max(hi, lo)
 
 
-def beats(challenger: Timing, incumbent: Timing) -> bool:
+def beats(challenger: Timing, incumbent: Timing, min_gain: float = 0.0) -> bool:
     """Whether `challenger` is faster than `incumbent` by more than the measured noise: its interval lies wholly
-    below the incumbent's (so the difference holds at CONFIDENCE, not only on these samples)."""
-    return challenger.interval[1] < incumbent.interval[0]
+    below the incumbent's (so the difference holds at CONFIDENCE, not only on these samples), and its estimate
+    is at least `min_gain` (a fraction) below the incumbent's."""
+    return (challenger.interval[1] < incumbent.interval[0]
+            and challenger.own <= (1.0 - min_gain) * incumbent.own)
 
 
 def time_once(fn: Callable[[], object], device: str) -> float:
@@ -156,23 +162,24 @@ class Decision:
         if self.winner != self.incumbent:
             verdict = f"{self.winner} kept ({self.speedup:.2f}x {self.incumbent}, beyond the noise)"
         else:
-            verdict = f"{self.incumbent} stays (no other beats it beyond the noise)"
+            verdict = f"{self.incumbent} stays (no other beats it beyond the noise and the least gain asked)"
         if self.noisy:
             verdict += (f"; too noisy to rank: {', '.join(self.noisy)} (interval over {NOISY:.0%} of the "
                         "estimate: the machine is busy)")
         return f"{times}: {verdict}"
 
 
-def decide(timings: dict[str, Timing], incumbent: str) -> Decision:
-    """The fastest timing that beats the incumbent's beyond the noise, else the incumbent."""
-    rivals = [n for n, t in timings.items() if n != incumbent and beats(t, timings[incumbent])]
+def decide(timings: dict[str, Timing], incumbent: str, min_gain: float = MIN_GAIN) -> Decision:
+    """The fastest timing that beats the incumbent's beyond the noise and by `min_gain`, else the incumbent."""
+    rivals = [n for n, t in timings.items() if n != incumbent and beats(t, timings[incumbent], min_gain)]
     return Decision(timings, incumbent, min(rivals, key=lambda n: timings[n].own) if rivals else incumbent)
 
 
 def compare(fns: dict[str, Callable[[], object]], incumbent: str, *, device: str, warmup: int = 3, reps: int = 20,
-            rounds: int = 5, max_reps: int | None = None) -> Decision:
-    """Time `fns` interleaved and keep a challenger only if it beats `incumbent` beyond the noise. While a
-    timing is too noisy to rank (see NOISY), more rounds are taken, up to `max_reps` calls each (default 3x)."""
+            rounds: int = 5, max_reps: int | None = None, min_gain: float = MIN_GAIN) -> Decision:
+    """Time `fns` interleaved and keep a challenger only if it beats `incumbent` beyond the noise and by
+    `min_gain`. While a timing is too noisy to rank (see NOISY), more rounds are taken, up to `max_reps` calls
+    each (default 3x)."""
     if incumbent not in fns:
         raise ValueError(f"compare: the incumbent {incumbent!r} is not among the timed callables {list(fns)}")
     rounds = max(1, min(rounds, reps))
@@ -182,7 +189,7 @@ def compare(fns: dict[str, Callable[[], object]], incumbent: str, *, device: str
         more = interleaved(fns, device=device, warmup=0, reps=reps, rounds=rounds)
         for name, t in more.items():
             timings[name].samples.extend(t.samples)
-    return decide(timings, incumbent)
+    return decide(timings, incumbent, min_gain)
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:

@@ -259,3 +259,15 @@ def test_a_point_that_wins_beyond_the_noise_is_kept():
 def test_isolated_tuning_confirms_its_choice_in_the_worker():
     r = tune(Doubler(space={"block": [1, 2]}, defaults={"block": 1}), sampler="grid", isolate=True)
     assert r.params["block"] in (1, 2) and "defaults" in r.decision
+
+
+def test_a_point_that_wins_beyond_the_noise_by_less_than_the_least_gain_is_not_kept():
+    """Noise-free timings 2% apart: beyond any interval, but under MIN_GAIN (what a new process may not repeat)."""
+    from fxcc.measure import MIN_GAIN, Timing, decide
+
+    assert MIN_GAIN > 0.02
+    with using_timer(fake_timer(noise=0.0, seed=1)):
+        r = tune(Costed(costs={"a": 1.0, "b": 0.98}), sampler="grid")
+    assert r.params == {"mode": "a"} and "defaults stays" in r.decision
+    timings = {"a": Timing([1.0] * 20), "b": Timing([0.98] * 20)}
+    assert decide(timings, "a").winner == "a" and decide(timings, "a", min_gain=0.0).winner == "b"
