@@ -10,7 +10,7 @@ from generate_archs import check  # noqa: E402
 
 
 @pytest.mark.parametrize("arch, cache", [
-    ("gemma2", None), ("phi3", "static"), ("falcon", None), ("bloom", "static"), ("gptj", None),
+    ("phi", None), ("phi3", "static"), ("falcon", None), ("bloom", "static"), ("gptj", None),
     ("mixtral", "static"), ("stablelm", None), ("olmo2", "static"),
 ])
 def test_generate_equals_eager(arch, cache):
