@@ -7,7 +7,8 @@ For each model file (examples/llama_tiny.py, examples/minilm.py) and run: `fxcc 
 --timeout` run as commands, on a fresh artifact cache; then a separate process (this script with --retime)
 loads what they stored and times each stored choice against its default, interleaved (fxcc.measure.compare):
 - every kernel: the stored point against the same backend's defaults, and a non-extern choice against
-  extern (torch's kernels, the incumbent of the compile-time choice);
+  extern (torch's kernels, the incumbent of the compile-time choice), on what the model feeds the kernel
+  (its masks and indices, its parameters as parameters), as the compile-time choice timed it;
 - the plan: the model compiled with it against the default pipeline.
 A stored choice slower than its default beyond the noise is a regret. Also reported: whether `fxcc search`
 ended within 10% of --timeout, and the noise of each comparison. Exit status 1 on any regret or overrun.
@@ -69,7 +70,7 @@ def retime(name: str, plan: str | None, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     import fxcc
-    from fxcc.autotune.select import example_inputs
+    from fxcc.autotune.select import Probe, example_inputs
     from fxcc.cli import load_model_and_inputs
     from fxcc.codegen import backend as backend_module
     from fxcc.codegen import extern
@@ -81,10 +82,11 @@ def retime(name: str, plan: str | None, threads: int) -> dict:
     with torch.no_grad():
         cm(*a, **kw)
     kernels = []
+    probe = Probe(cm.variants[-1].gm, (a, kw))  # what the model feeds each kernel, as selection timed it
     for k in cm.variants[-1].kernels.values():
         if k.choice is None:
             continue
-        inputs = example_inputs(k.body, "cpu")
+        inputs = example_inputs(k.body, "cpu", probe(k.body), probe.params(k.body))
         fns = {"stored": k.built.fn}
         if k.choice.backend != "extern":
             fns["extern"] = extern.Extern(k.body).build({}).fn
