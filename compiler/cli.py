@@ -77,8 +77,8 @@ def set_threads(args: argparse.Namespace) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     set_threads(args)
     model, a, kw = load_model_and_inputs(args.model, args.inputs)
-    cm = explained(model, *a, passes=args.passes, ir_after_each=not args.final_only, **kw)
-    print(cm.explain(ir_after_each=not args.final_only))
+    cm = explained(model, *a, passes=args.passes, ir_after_each=args.ir, **kw)
+    print(cm.explain(ir_after_each=args.ir))
     kernels = cm.variants[-1].kernels
     if args.kernels:
         print("\n== kernels")
@@ -215,29 +215,38 @@ def _cache_action(cache: ArtifactCache, args: argparse.Namespace) -> int:
     if args.action == "ls":
         entries = cache.entries()
         if entries:
-            print(f"{'KEY':<26} {'SIZE':>10}  {'LAST USED':<16}  BACKEND  TARGET")
+            print(f"{'KEY':<26} {'KERNEL':<18} {'SIZE':>10}  {'LAST USED':<16}  BACKEND  TARGET")
         for e in entries:
-            print(f"{e.key:<26} {human_size(e.size):>10}  {_when(e.last_used):<16}  "
+            print(f"{e.key:<26} {e.meta.get('kernel', '-'):<18} {human_size(e.size):>10}  {_when(e.last_used):<16}  "
                   f"{e.meta.get('backend', '-'):<7}  {e.meta.get('target', '-')}")
         print(f"{len(entries)} entries, {human_size(sum(e.size for e in entries))} in {cache.root}")
         _print_swept(cache)
     elif args.action == "show":
-        keys = [e.key for e in cache.entries() if e.key.startswith(args.key)]
-        if len(keys) != 1:
-            what = ("no cache entry matches" if not keys else
+        entries = cache.entries()
+        keys = [e.key for e in entries if e.key.startswith(args.key)]
+        if not keys:  # a kernel id as `fxcc explain` prints it: every entry of that kernel (targets, threads)
+            keys = [e.key for e in entries if str(e.meta.get("kernel", "")).startswith(args.key)]
+            if len({e.meta.get("kernel") for e in entries if e.key in keys}) > 1:
+                keys = []
+        if not keys or (len(keys) > 1 and not args.key.startswith("k")):
+            what = ("no cache entry or kernel matches" if not keys else
                     f"{len(keys)} cache entries ({', '.join(keys[:3])}, ...) match")
-            raise UsageError(f"{what} {args.key!r} in {cache.root}; `fxcc cache ls` lists them")
-        with warnings.catch_warnings(record=True) as damage:
-            warnings.simplefilter("always")
-            e = cache.get(keys[0])
-        if e is None:  # damaged: evicted
-            print("\n".join(str(w.message) for w in damage), file=sys.stderr)
-            return 1
-        print(f"key        {e.key}\ndirectory  {e.dir}\nsize       {human_size(e.size)}\n"
-              f"last used  {_when(e.last_used)}\nfiles")
-        for name, path in e.files.items():
-            print(f"  {name:<20} {human_size(path.stat().st_size):>10}")
-        print("meta\n" + json.dumps(e.meta, indent=2, sort_keys=True))
+            raise UsageError(f"{what} {args.key!r} in {cache.root}; `fxcc cache ls` lists entry keys and kernels")
+        status = 0
+        for i, key in enumerate(keys):
+            with warnings.catch_warnings(record=True) as damage:
+                warnings.simplefilter("always")
+                e = cache.get(key)
+            if e is None:  # damaged: evicted
+                print("\n".join(str(w.message) for w in damage), file=sys.stderr)
+                status = 1
+                continue
+            print(("\n" if i else "") + f"key        {e.key}\ndirectory  {e.dir}\nsize       {human_size(e.size)}\n"
+                  f"last used  {_when(e.last_used)}\nfiles")
+            for name, path in e.files.items():
+                print(f"  {name:<20} {human_size(path.stat().st_size):>10}")
+            print("meta\n" + json.dumps(e.meta, indent=2, sort_keys=True))
+        return status
     elif args.action == "verify":
         problems = cache.verify(evict=args.evict)
         for p in problems:
@@ -277,7 +286,8 @@ def add_cache_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("cache", help="the artifact cache (FXCC_CACHE_DIR, default ~/.cache/fxcc)")
     actions = c.add_subparsers(dest="action", required=True)
     actions.add_parser("ls", help="entries, most recently used first")
-    actions.add_parser("show", help="one entry's files and metadata").add_argument("key", help="a key or its prefix")
+    actions.add_parser("show", help="an entry's files and metadata").add_argument(
+        "key", help="an entry key or its prefix, or a kernel id as `fxcc explain` prints it (all of its entries)")
     v = actions.add_parser("verify", help="check every entry's signature and checksums; exit status 1 when one is "
                                           "damaged (with --evict: when one could not be evicted)")
     v.add_argument("--evict", action="store_true", help="also evict the damaged entries")
@@ -332,7 +342,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="PATH.py:FACTORY (a function returning the nn.Module, or the module itself)")
     e.add_argument("--inputs", help="PATH.py:FUNC returning a tuple of example inputs (default: `inputs` in the model file)")
     e.add_argument("--passes", help="pipeline, e.g. 'canonicalize,raise,fuse,codegen' (default: the default pipeline)")
-    e.add_argument("--final-only", action="store_true", help="print only the final IR, not the IR after each pass")
+    e.add_argument("--ir", action="store_true", help="also print the IR after each pass (default: the final IR, "
+                                                   "where ops run and the kernel choices)")
+    e.add_argument("--final-only", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
     e.add_argument("--kernels", action="store_true", help="also print every kernel body")
     e.add_argument("--source", action="store_true",
                    help="also print each kernel's built source (generated Triton code, or the extern body)")

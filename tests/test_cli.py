@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "llama_tiny.
 
 
 def test_explain_shows_tx_ops_for_every_llama_layer(capsys):
-    assert cli.main(["explain", f"{EXAMPLE}:model"]) == 0
+    assert cli.main(["explain", f"{EXAMPLE}:model", "--ir"]) == 0
     out = capsys.readouterr().out
     after_raise = out.split("IR after raise")[1].split("IR after")[0]
     layers = 2
@@ -24,7 +25,7 @@ def test_explain_shows_tx_ops_for_every_llama_layer(capsys):
 
 
 def test_explain_kernels_prints_bodies(capsys):
-    assert cli.main(["explain", f"{EXAMPLE}:model", "--final-only", "--kernels"]) == 0
+    assert cli.main(["explain", f"{EXAMPLE}:model", "--kernels"]) == 0
     out = capsys.readouterr().out
     assert "== kernels" in out and "func @reduction(" in out
     assert "IR after raise" not in out
@@ -127,7 +128,7 @@ def test_cache_ls_and_show(cache_dir, capsys):
     out = capsys.readouterr().out
     assert keys[1] in out and "lib.so" in out and '"block": 1' in out
     assert cli.main(["cache", "show", "zz"]) == 2
-    assert "no cache entry matches 'zz'" in capsys.readouterr().err
+    assert "no cache entry or kernel matches 'zz'" in capsys.readouterr().err
 
 
 def test_cache_verify_finds_a_planted_corruption(cache_dir, capsys):
@@ -218,3 +219,15 @@ def test_threads_is_checked_where_timings_depend_on_it(capsys):
 
 def test_the_search_budget_counts_from_the_process_start():
     assert 0.0 < cli.process_age() < 24 * 3600  # this process started before this test, not at it
+
+
+def test_explain_is_concise_and_its_kernel_ids_open_cache_entries(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.main(["explain", f"{EXAMPLE}:model"]) == 0
+    out = capsys.readouterr().out
+    assert "IR after raise" not in out and "== where ops run" in out
+    kernel = re.search(r"\bk[0-9a-f]{16}\b", out).group(0)
+    assert cli.main(["cache", "show", kernel]) == 0
+    shown = capsys.readouterr().out
+    assert f'"kernel": "{kernel}"' in shown
+    assert cli.main(["cache", "ls"]) == 0 and kernel in capsys.readouterr().out

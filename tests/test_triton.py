@@ -360,7 +360,7 @@ def test_explain_source_shows_the_generated_kernels(capsys):
     from fxcc import cli
 
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "llama_tiny.py")
-    assert cli.main(["explain", f"{example}:model", "--final-only", "--passes", TRITON, "--source"]) == 0
+    assert cli.main(["explain", f"{example}:model", "--passes", TRITON, "--source"]) == 0
     out = capsys.readouterr().out
     assert "== kernel source" in out
     assert "@triton.jit\ndef fxcc_reduction(" in out and "def fxcc_attention(" in out
