@@ -12,6 +12,7 @@ symbol: the body is a GraphModule holding aten/tx ops; the op's other attributes
 from __future__ import annotations
 
 import json
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -452,18 +453,26 @@ def _attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale:
     """The reference on FakeTensors; where that fails on symbolic sizes (torch before 2.13 cannot pad a mask of
     symbolic length in SDPA's fake kernel), the reference's output layout for the example sizes, given the
     symbolic shape."""
-    try:
-        return attention._init_fn(q, k, v, mask, scale, is_causal)
-    except RuntimeError:
-        symbolic = [t for t in (q, k, v, mask) if t is not None and any(isinstance(d, torch.SymInt) for d in t.shape)]
-        if not symbolic:
-            raise
-    from .ir import hint
+    from .logs import held_back
 
-    def example(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.new_empty([hint(d) for d in t.shape])
+    with held_back("torch._subclasses.fake_tensor", logging.CRITICAL):  # a failure here is handled, not news
+        try:
+            return attention._init_fn(q, k, v, mask, scale, is_causal)
+        except RuntimeError as e:
+            symbolic = [t for t in (q, k, v, mask)
+                        if t is not None and any(isinstance(d, torch.SymInt) for d in t.shape)]
+            if not symbolic:
+                raise
+            first = e
+        from .ir import hint
 
-    out = attention._init_fn(example(q), example(k), example(v), example(mask), scale, is_causal)
+        def example(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.new_empty([hint(d) for d in t.shape])
+
+        try:
+            out = attention._init_fn(example(q), example(k), example(v), example(mask), scale, is_causal)
+        except RuntimeError:  # the example sizes do not fit together either (a size with no hint)
+            raise first from None
     order = sorted(range(out.dim()), key=lambda d: -out.stride(d))  # outermost first
     shape = [*q.shape[:-1], v.shape[-1]]
     return q.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(out.dim())])
