@@ -133,13 +133,14 @@ class Selection:
             return "single", k
         inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
                   else example_inputs(kb, self.target))
-        ref_fn = ext.build({}).fn
+        reference = ext.build({})
+        ref_fn = reference.fn
         try:
             ref = ref_fn(inputs)
         except Exception as e:  # noqa: BLE001 - sizes the example cannot make consistent (a size read from an int)
             log.debug("%s: no example inputs the reference runs on (%s: %s); extern, untimed", key,
                       type(e).__name__, e)
-            return "single", BuiltKernel(kb, Choice("extern", "extern", {}, key), ext.build({}))
+            return "single", BuiltKernel(kb, Choice("extern", "extern", {}, key), reference)
         edges = [(x, ref_fn(x), tol) for x, tol in edge_inputs(inputs, self.probe.params(kb) if self.probe else ())]
         built: dict[str, tuple[Built, dict]] = {}
         for c in cands:

@@ -226,9 +226,8 @@ def _cache_action(cache: ArtifactCache, args: argparse.Namespace) -> int:
         keys = [e.key for e in entries if e.key.startswith(args.key)]
         if not keys:  # a kernel id as `fxcc explain` prints it: every entry of that kernel (targets, threads)
             keys = [e.key for e in entries if str(e.meta.get("kernel", "")).startswith(args.key)]
-            if len({e.meta.get("kernel") for e in entries if e.key in keys}) > 1:
-                keys = []
-        if not keys or (len(keys) > 1 and not args.key.startswith("k")):
+        one_kernel = len({e.meta.get("kernel") for e in entries if e.key in keys}) == 1 and args.key.startswith("k")
+        if not keys or (len(keys) > 1 and not one_kernel):
             what = ("no cache entry or kernel matches" if not keys else
                     f"{len(keys)} cache entries ({', '.join(keys[:3])}, ...) match")
             raise UsageError(f"{what} {args.key!r} in {cache.root}; `fxcc cache ls` lists entry keys and kernels")

@@ -15,6 +15,7 @@ Every recompile has a reason naming the input, the dimension and the old and new
 
 from __future__ import annotations
 
+import ast
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,20 +229,9 @@ class Shapes:
 def conjuncts(code: str) -> list[str]:
     """The clauses of a guard expression `a and b and ...`, split at its top level only: a clause may hold an
     `and` of its own inside parentheses (`not (1 - L['t2'] < 0 and ...)`)."""
-    out, depth, start, i = [], 0, 0, 0
-    while i < len(code):
-        c = code[i]
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif depth == 0 and code.startswith(" and ", i):
-            out.append(code[start:i])
-            start = i = i + len(" and ")
-            continue
-        i += 1
-    out.append(code[start:])
-    return [c for c in out if c]
+    expr = ast.parse(code, mode="eval").body
+    parts = expr.values if isinstance(expr, ast.BoolOp) and isinstance(expr.op, ast.And) else [expr]
+    return [ast.get_source_segment(code, p) for p in parts]
 
 
 def _shape(x: Any) -> tuple:

@@ -171,8 +171,9 @@ class ModuleState:
         if not written:
             return
         ptrs = {_STORAGE(t) for t in written}
-        if any(_STORAGE(t) in ptrs for t, _ in self.watched):
-            self.watched = [(t, Snapshot(t)) if _STORAGE(t) in ptrs else (t, s) for t, s in self.watched]
+        hit = [_STORAGE(t) in ptrs for t, _ in self.watched]
+        if any(hit):
+            self.watched = [(t, Snapshot(t)) if h else (t, s) for (t, s), h in zip(self.watched, hit)]
 
     def _what(self) -> str | None:
         for d, k, obj, where in zip(self.owners, self.names, self.objs, self.where):

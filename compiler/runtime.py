@@ -330,7 +330,7 @@ class CompiledModule(ModuleView):
             if v.struct == struct and v.shapes.matches(flat):
                 if len(self._memo) >= _MEMO:
                     self._memo.clear()
-                self._memo[key] = getattr(v, "unlike_eager", None) or v
+                self._memo[key] = v.unlike_eager or v
                 return self._memo[key]
         return None
 
@@ -638,10 +638,10 @@ def graphable(gm: fx.GraphModule) -> bool:
     """
     written = ir.written_in_place(gm)
     for node in gm.graph.nodes:
-        in_place = isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten" and (
-            node.target._schema.is_mutable or node in written)
-        if node.meta.get("fxcc_eager") and not in_place and not (
-                node.meta["fxcc_eager"] == ir.EAGER_WRITTEN and isinstance(node.target, torch._ops.OpOverload)):
+        eager = node.meta.get("fxcc_eager")
+        device_op = isinstance(node.target, torch._ops.OpOverload) and (eager == ir.EAGER_WRITTEN or (
+            node.target.namespace == "aten" and (node.target._schema.is_mutable or node in written)))
+        if eager and not device_op:
             return False
         vals = node.meta.get("val")
         for v in vals if isinstance(vals, (list, tuple)) else [vals]:
