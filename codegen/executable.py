@@ -69,16 +69,44 @@ def layout_kept(kernel: BuiltKernel) -> KernelFn:
     if kernel.choice is None:  # the body as written: its layout by construction
         return fn
     out = next(n for n in kernel.body.body.graph.nodes if n.op == "output")
-    want = [tuple(o.meta["val"].stride()) for o in out.args[0]]
+    want = [_layout(o.meta["val"]) for o in out.args[0]]
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = list(fn(inputs))
-        for i, (o, stride) in enumerate(zip(outs, want)):
-            if not same_strides(o, stride):
+        for i, (o, w) in enumerate(zip(outs, want)):
+            stride = w(o.shape) if callable(w) else w
+            if stride is not None and not same_strides(o, stride):
                 outs[i] = strided_copy(o, stride)
         return outs
 
     return run
+
+
+def _layout(val: torch.Tensor) -> tuple[int, ...] | Any:
+    """The strides a kernel output must have: the recorded ones where they are numbers; where they are
+    symbolic (a variant serving many sizes), a function of the call's shape giving the dense strides in the
+    recorded dimension order; None (the backend's layout is kept) for a symbolic layout that is not dense."""
+    stride = tuple(val.stride())
+    if all(type(s) is int for s in stride):
+        return stride
+    try:
+        sizes, hints = [ir.hint(n) for n in val.shape], [ir.hint(s) for s in stride]
+    except Exception:  # noqa: BLE001 (a size known only at run time: no order to read)
+        return None
+    order = sorted(range(len(sizes)), key=lambda d: (hints[d], sizes[d]))  # innermost dimension first
+    dense = 1
+    for d in order:
+        if sizes[d] > 1 and hints[d] != dense:
+            return None
+        dense *= sizes[d]
+
+    def strides(shape: torch.Size) -> tuple[int, ...]:
+        out, step = [0] * len(shape), 1
+        for d in order:
+            out[d], step = step, step * shape[d]
+        return tuple(out)
+
+    return strides
 
 
 def build_kernel(body: KernelBody, choice: Choice | None) -> BuiltKernel:

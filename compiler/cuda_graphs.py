@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .measure import capture_graph
+from .measure import capture_graph, compare
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ def _address(t: torch.Tensor) -> int:
     return torch._C._data_address(t) + t.storage_offset() * t.element_size()
 
 _WARMUP = 2  # runs before a capture (lazy initialisation, autotuning)
+# a replay saves about one host launch per op and costs a copy of each input and a clone of each output:
+# graphs whose copies would take longer than the launches they save are not captured at all (a large
+# elementwise op), the rest are timed against running uncaptured (`pays`)
+LAUNCH_S = 5e-6  # host time of one op's launch on a GPU, seconds
+COPY_BYTES_PER_S = 2e12  # device copy bandwidth, bytes read + written per second (H100/H200: about 3e12)
 MAX_GRAPHS = 8  # graphs kept per variant with symbolic sizes (one per concrete size that repeats)
 
 
@@ -53,11 +58,15 @@ class CudaGraph:
         """Capture `fn` on buffers like `flat`, reading the inputs in `inplace` where they are; outputs in
         `keep` are not cloned at replay. The warm-up runs write into in-place inputs: they are restored."""
         try:
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.inference_mode(False):  # buffers a later call outside inference mode may copy into
                 static = [x if i in inplace else
                           torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
                           if isinstance(x, torch.Tensor) else x for i, x in enumerate(flat)]
                 saved = {i: flat[i].clone() for i in inplace}
+            # in-place inputs made under inference mode (a cache built inside `torch.inference_mode()`) may be
+            # written only there: capture in the mode they need (a replay writes them in any mode)
+            infer = any(flat[i].is_inference() for i in inplace)
+            with torch.inference_mode(infer), torch.no_grad():
                 runs = [0]
 
                 def restore() -> None:
@@ -74,6 +83,11 @@ class CudaGraph:
                 graph, outs = capture_graph(run, warmup=_WARMUP)
                 restore()  # capturing runs nothing on a GPU; a capture that ran (a stand-in) is undone too
         except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
+            torch.cuda.synchronize()  # nothing of the failed warm-up (on a side stream) still runs on freed buffers
+            if "saved" in locals():  # a run that stopped part-way may have written some of its in-place inputs
+                with torch.inference_mode(any(flat[i].is_inference() for i in saved)):
+                    for i, t in saved.items():
+                        flat[i].copy_(t)
             log.warning("%s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
             return None
         return CudaGraph(graph, static, outs, inplace, keep)
@@ -88,6 +102,25 @@ class CudaGraph:
         self.graph.replay()
         return [o.clone() if isinstance(o, torch.Tensor) and j not in self.keep else o
                 for j, o in enumerate(self.outs)]
+
+
+def copies_outweigh_launches(flat: list[Any], out_bytes: int, ops: int) -> str | None:
+    """Why a graph of `ops` launches over these inputs and `out_bytes` of outputs costs more in copies than
+    it saves in launches, or None."""
+    in_bytes = sum(x.numel() * x.element_size() for x in flat if isinstance(x, torch.Tensor))
+    copies = 2 * (in_bytes + out_bytes) / COPY_BYTES_PER_S
+    if copies <= ops * LAUNCH_S:
+        return None
+    return (f"copying {in_bytes / 2**20:.0f} MiB of inputs in and cloning {out_bytes / 2**20:.0f} MiB of outputs "
+            f"out (about {copies * 1e3:.2f} ms) costs more than the {ops} launches a replay saves")
+
+
+def pays(graph: CudaGraph, flat: list[Any], plain: Callable[[], Any]) -> str | None:
+    """None when replaying `graph` (input copies and output clones included) is not beaten by running its
+    executable uncaptured (`plain`) beyond the noise; else why the graph is dropped. For graphs without
+    in-place inputs: both runs are free of effects."""
+    d = compare({"graph": lambda: graph(flat), "uncaptured": plain}, "graph", device="cuda", warmup=2, reps=10)
+    return None if d.winner == "graph" else f"timed slower than running uncaptured: {d.summary()}"
 
 
 class CudaGraphs:

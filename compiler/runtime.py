@@ -23,6 +23,7 @@ import inspect
 import logging
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from .capture import (
     original_forward,
     register_model_pytrees,
 )
-from .cuda_graphs import CudaGraph, CudaGraphs
+from .cuda_graphs import CudaGraph, CudaGraphs, copies_outweigh_launches, pays
 from .dialects import KERNEL_OPS, dialect_of, op_name
 from .guards import ModuleState, call_context, graph_sources, mark_code_constants
 from .logs import topic_logger
@@ -56,6 +57,7 @@ from .module_view import ModuleView
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
+from .state import Unchanged, is_state
 from .store import default_cache
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class Variant:
     slower_than_eager: bool = False  # measured so: calls of its signature run eagerly
     graph_key: str | None = None  # its graph-cache key (static variants the graph cache serves)
     unlike_eager: Any = None  # the _Eager its first call's check put in its place: it serves no other sizes either
+    no_graph: str | None = None  # on CUDA, why it runs without a CUDA graph (fxcc.runtime.not_graphable)
 
     @property
     def writes_back(self) -> bool:
@@ -105,13 +108,31 @@ class Variant:
         objects as eager would."""
         if self.cuda_graph is not None:
             if self.cuda_graph == "pending":  # a static variant whose inputs are all copied: capture now
-                self.cuda_graph = CudaGraph.capture(self._call, flat, self.name)
+                self.cuda_graph = self._capture(flat)
             outs = self.cuda_graph(flat) if self.cuda_graph is not None else None
             if outs is not None:
                 return self._result(outs, flat, args, kwargs)
         with torch.no_grad():
             outs = self._call(*flat)
         return self._result(list(outs), flat, args, kwargs)
+
+    def _capture(self, flat: list[Any]) -> CudaGraph | None:
+        """This static variant's CUDA graph, where it pays for its input copies and output clones: by estimate
+        first (a large memory-bound graph is not captured), then by timing replay against running uncaptured."""
+        output = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        outs = [n.meta.get("val") for n in pytree.tree_leaves(output.args) if isinstance(n, fx.Node)]
+        out_bytes = sum(v.numel() * v.element_size() for v in outs if isinstance(v, torch.Tensor))
+        ops = sum(n.op == "call_function" and op_name(n.target) != "py.getitem" for n in self.executable.graph.nodes)
+        why = copies_outweigh_launches(flat, out_bytes, ops)
+        graph = CudaGraph.capture(self._call, flat, self.name) if why is None else None
+        if graph is not None:
+            with torch.no_grad():
+                why = pays(graph, flat, lambda: self._call(*flat))
+        if why is not None:
+            self.no_graph = why
+            log.info("%s runs without a CUDA graph: %s", self.name, why)
+            return None
+        return graph
 
     def _result(self, outs: list[Any], flat: list[Any], args: tuple | None, kwargs: dict | None) -> Any:
         if args is None or not self.writes_back:
@@ -163,6 +184,77 @@ def _fast_key(args: tuple, training: bool) -> tuple | None:
     return (training, call_context(), *[(a.shape, a.dtype, a.device, a.layout) for a in args])
 
 
+_PLAIN = (bool, int, float, str)
+_MAX_CALLS = 64  # call shapes remembered by the keyword fast path
+_MAX_MISSES = 2  # times a call shape's state objects may change before it is no longer remembered
+
+
+def _call_key(args: tuple, kwargs: dict, training: bool) -> tuple | None:
+    """The guard key of a call whose arguments are tensors, plain values, None and state objects (a KV cache,
+    by identity; `_Call.holds` checks what it holds): the keyword-call fast path's key (None for other calls)."""
+    parts: list[Any] = [training, call_context(), len(args), tuple(kwargs)]
+    for a in (*args, *kwargs.values()):
+        t = type(a)
+        if t is torch.Tensor:
+            parts.append((a.shape, a.dtype, a.device, a.layout))
+        elif a is None or t in _PLAIN:
+            parts.append((t, a))
+        elif is_state(a):
+            parts.append(("state", id(a)))
+        else:
+            return None
+    return tuple(parts)
+
+
+class _Calls(dict):
+    """Call shapes -> _Call; referable weakly, so a state object's finalizer drops its entry without keeping the
+    entries (their variants, hence the model's weights) alive after the compiled module is gone."""
+
+
+def _forget(calls: weakref.ref, key: tuple) -> None:
+    d = calls()
+    if d is not None:
+        d.pop(key, None)
+
+
+@dataclass
+class _Call:
+    """What the full guard found for a call's shape (`_call_key`): its variant, and each state argument's
+    snapshot. While every state object holds what it held, the call flattens as that one did: `flat` puts the
+    new tensors and the state objects' leaves in the order of `flatten_inputs`."""
+
+    variant: Variant
+    names: list[str]  # keyword names, sorted as flatten_inputs sorts them
+    states: dict[int, Unchanged]  # id of a state argument -> its snapshot
+
+    @staticmethod
+    def of(variant: Variant, args: tuple, kwargs: dict, forget: Callable[[], Any]) -> _Call | None:
+        """The entry for this call, or None; `forget` drops it once a state object it holds is gone (it holds
+        that object's containers, hence its tensors: a KV cache the caller dropped is not kept alive)."""
+        objs = [a for a in (*args, *kwargs.values()) if is_state(a)]
+        states = {id(a): Unchanged(a) for a in objs}
+        if len(states) != len(objs) or not all(u.ok for u in states.values()):
+            return None
+        for a in objs:
+            weakref.finalize(a, forget)
+        return _Call(variant, sorted(kwargs), states)
+
+    def holds(self, args: tuple, kwargs: dict) -> bool:
+        return all(u.holds(a) for a in (*args, *kwargs.values()) if (u := self.states.get(id(a))) is not None)
+
+    def flat(self, args: tuple, kwargs: dict) -> list[Any]:
+        flat: list[Any] = []
+        for a in (*args, *(kwargs[n] for n in self.names)):
+            if a is None:
+                continue
+            u = self.states.get(id(a)) if not isinstance(a, (torch.Tensor, *_PLAIN)) else None
+            if u is not None:
+                flat.extend(u.leaves)
+            else:
+                flat.append(a)
+        return flat
+
+
 class CompiledModule(ModuleView):
     """Callable with the original calling convention, backed by compiled variants chosen by guards; an
     nn.Module whose parameters, state and training flag are the original module's (fxcc.module_view)."""
@@ -179,6 +271,8 @@ class CompiledModule(ModuleView):
         self._memo: dict[Any, Variant | _Eager] = {}  # guard key -> the symbolic variant whose guard accepted it
         self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (dynamic.state_ints)
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
+        self._calls: _Calls = _Calls()  # _call_key -> what the guard found (None: not kept)
+        self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
@@ -230,13 +324,18 @@ class CompiledModule(ModuleView):
                 self.stats.eager_calls += 1
                 return self._eager(*args)
             return self._run(variant, list(args), args, kwargs)
+        # keyword and KV-cache calls: the same call shape, with its state objects holding what they held
+        ckey = _call_key(args, kwargs, self.module.training) if fast is None else None
+        call = self._calls.get(ckey) if ckey is not None else None
+        if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
+            return self._run(call.variant, call.flat(args, kwargs), args, kwargs)
         flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
         if why is not None:
             self.stats.param_recompiles += 1
             recompiles.info("recompiling %s: %s", self.name, why)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
-            self._compiled, self._memo, self._fast = [], {}, {}
+            self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
             self._sources, self._live = {}, {}
         variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
         if variant is None:
@@ -255,7 +354,24 @@ class CompiledModule(ModuleView):
         if isinstance(variant, _Eager):
             self.stats.eager_calls += 1
             return self._eager(*args, **kwargs)
+        if ckey is not None:
+            self._remember_call(ckey, variant, args, kwargs)
         return self._run(variant, flat, args, kwargs)
+
+    def _remember_call(self, ckey: tuple, variant: Variant, args: tuple, kwargs: dict) -> None:
+        """Keep what the guard found for this call shape and the state objects as the guard saw them (before the
+        call: a call writing a static cache in place leaves it holding the same objects). A shape whose objects
+        changed since it was kept more than _MAX_MISSES times (a growing cache rebinds its tensors at every step)
+        is not kept again: the snapshot would cost more than it saves."""
+        if ckey in self._calls:
+            self._call_misses[ckey] = misses = self._call_misses.get(ckey, 0) + 1
+            if misses > _MAX_MISSES or self._calls[ckey] is None:
+                self._calls[ckey] = None
+                return
+        if len(self._calls) >= _MAX_CALLS:
+            self._calls.clear()
+            self._call_misses.clear()
+        self._calls[ckey] = _Call.of(variant, args, kwargs, functools.partial(_forget, weakref.ref(self._calls), ckey))
 
     def _check_first_call(self, variant: Variant | _Eager, args: tuple, kwargs: dict,
                           key: Any) -> eager_check.Checked | None:
@@ -558,7 +674,10 @@ class CompiledModule(ModuleView):
         seconds = time.perf_counter() - t0
         log.info("compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
         graph = None
-        graphs = opts.cuda_graphs and ctx.target == "cuda" and graphable(gm)
+        why_not = not_graphable(gm) if opts.cuda_graphs and ctx.target == "cuda" else "off"
+        graphs = why_not is None
+        if why_not not in (None, "off"):
+            log.info("%s runs without a CUDA graph: %s", self.name, why_not)
         if graphs:
             inplace = in_place_inputs(gm, args, kwargs)
             keep = frozenset(j for j, _ in cap.aliasing.leaves)
@@ -567,7 +686,8 @@ class CompiledModule(ModuleView):
         self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else ())
         written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
-                       kernels=kernels, writes_state=bool(written), written=written, graph_key=key)
+                       kernels=kernels, writes_state=bool(written), written=written, graph_key=key,
+                       no_graph=why_not if why_not != "off" else None)
 
     def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
                          opts: CompileOptions) -> tuple[Any, str | None]:
@@ -630,24 +750,32 @@ def resolve_target(target: str, module: nn.Module, args: tuple, kwargs: dict) ->
 
 
 def graphable(gm: fx.GraphModule) -> bool:
-    """Whether the final IR may run as a CUDA graph: every tensor on CUDA and no eager region other than an
-    aten op writing in place (a KV cache update: a device op like any kernel) or reading memory written in place
-    (the views of a static cache that attention reads).
+    """Whether the final IR may run as a CUDA graph (`not_graphable` says why not)."""
+    return not_graphable(gm) is None
+
+
+def not_graphable(gm: fx.GraphModule) -> str | None:
+    """Why the final IR may not run as a CUDA graph, or None when it may: every tensor on CUDA and no eager
+    region other than a kernel, an aten op writing in place (a KV cache update: a device op like any kernel) or
+    reading memory written in place (the views of a static cache that attention reads).
 
     A CPU op inside a capture would run once, at capture, and never again: such graphs are not captured.
     """
     written = ir.written_in_place(gm)
     for node in gm.graph.nodes:
         eager = node.meta.get("fxcc_eager")
-        device_op = isinstance(node.target, torch._ops.OpOverload) and (eager == ir.EAGER_WRITTEN or (
-            node.target.namespace == "aten" and (node.target._schema.is_mutable or node in written)))
+        # a kernel runs on the device whatever its mark says of shape propagation ("no shape function" where
+        # fake tensors cannot follow a data-dependent size); one that syncs with the host fails its capture
+        device_op = node.op == "call_function" and node.target in KERNEL_OPS or isinstance(
+            node.target, torch._ops.OpOverload) and (eager == ir.EAGER_WRITTEN or (
+                node.target.namespace == "aten" and (node.target._schema.is_mutable or node in written)))
         if eager and not device_op:
-            return False
+            return f"{node.name} ({op_name(node.target) if node.op == 'call_function' else node.op}) runs eagerly: {eager}"
         vals = node.meta.get("val")
         for v in vals if isinstance(vals, (list, tuple)) else [vals]:
             if isinstance(v, torch.Tensor) and v.device.type != "cuda":
-                return False
-    return True
+                return f"{node.name} is a tensor on {v.device.type}"
+    return None
 
 
 def in_place_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> frozenset[int]:
@@ -682,6 +810,8 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     out.append(f"compile time {v.compile_seconds:.2f} s")
     if v.vs_eager:
         out.append(v.vs_eager)
+    if v.no_graph:
+        out.append(f"no CUDA graph: {v.no_graph}")
     if v.quality_loss is not None:
         out.append(f"quality loss {v.quality_loss:.5f} (1 - min cosine vs the exact pipeline, calibration inputs)")
     out.append("\n== passes")

@@ -14,6 +14,8 @@ import functools
 import importlib
 import inspect
 import json
+import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +166,60 @@ def _rebuild(ctx: Any, leaves: list[Any]) -> Any:
         obj.__dict__.update((k, _rebuild(v, leaves)) for k, v in ctx[2])
         return obj
     return ctx[1]
+
+
+_CONSTS = (torch.device, torch.dtype, type)  # what `_context` keeps by value and cannot change in place
+
+
+class Unchanged:
+    """Whether a state object still holds what it held when taken: the same objects in every attribute, list and
+    dict its flattening walks (`_context`), and its tensors the same layout. Then it flattens to the same leaves
+    and context, so a call reuses them without walking the pytree (the guard's fast path: a static cache's
+    decode step passes the same cache, written in place, at every token). `ok` is False for an object whose
+    flattening keeps something mutable by value (then only the full flatten can tell)."""
+
+    __slots__ = ("leaves", "containers", "tensors", "ok", "ref")
+
+    def __init__(self, obj: Any):
+        node = pytree.SUPPORTED_NODES.get(type(obj))
+        self.containers: list[tuple[Any, tuple | None, tuple]] = []
+        self.ok = node is not None and node.flatten_fn is _flatten and _walk(obj, self.containers, top=True)
+        try:  # the object itself is not held: a new one at the same address is not it
+            self.ref = weakref.ref(obj)
+        except TypeError:
+            self.ok = False
+        self.leaves = _flatten(obj)[0] if self.ok else []
+        self.tensors = [(t, t.shape, t.dtype, t.device) for t in self.leaves if isinstance(t, torch.Tensor)]
+
+    def holds(self, obj: Any) -> bool:
+        if self.ref() is not obj:
+            return False
+        for c, keys, items in self.containers:
+            if len(c) != len(items) or (keys is not None and tuple(c) != keys):
+                return False
+            if not all(map(operator.is_, c.values() if keys is not None else c, items)):
+                return False
+        return all(t.shape == s and t.dtype == d and t.device == dev for t, s, d, dev in self.tensors)
+
+
+def _walk(x: Any, out: list, top: bool = False) -> bool:
+    """Record the containers `_context` walks in `x` (with their items, by identity); False where it keeps a
+    mutable object by value."""
+    if _is_leaf(x) or x is None or type(x) in (bool, float, str) or isinstance(x, _CONSTS):
+        return True
+    if type(x) is tuple:
+        return all(_walk(v, out) for v in x)
+    if type(x) is list:
+        out.append((x, None, tuple(x)))
+        return all(_walk(v, out) for v in x)
+    if type(x) is dict:
+        out.append((x, tuple(x), tuple(x.values())))
+        return all(_walk(v, out) for v in x.values())
+    if hasattr(x, "__dict__") and (top or type(x) not in pytree.SUPPORTED_NODES):
+        d = vars(x)
+        out.append((d, tuple(d), tuple(d.values())))
+        return all(_walk(v, out) for v in d.values())
+    return False
 
 
 def is_state(x: Any) -> bool:

@@ -111,8 +111,76 @@ def test_static_cache_is_written_in_place():
     assert int(cache.layers[0].cumulative_length) == 7
 
 
+def _count_guards(monkeypatch, cm) -> list:
+    """Calls that went through the full guard (pytree flatten and key) rather than the keyword fast path."""
+    from fxcc.runtime import CompiledModule
+
+    seen, full = [], CompiledModule._guard
+
+    def guard(self, args, kwargs):
+        seen.append(1)
+        return full(self, args, kwargs)
+
+    monkeypatch.setattr(CompiledModule, "_guard", guard)
+    return seen
+
+
+def test_static_cache_decode_steps_skip_the_full_guard(monkeypatch):
+    """A decode step passes the same static cache, written in place: after the step that keeps its guard's
+    verdict, steps neither flatten the cache nor rebuild the guard key, and the tokens and cache equal eager's."""
+    model = build(llama)
+    eager_cache = make_cache("static", model)
+    expected = greedy(model, prompt(6), eager_cache, steps=8)
+    cm = fxcc.compile(model, passes=FAST)
+    seen = _count_guards(monkeypatch, cm)
+    cache = make_cache("static", model)
+    assert greedy(cm, prompt(6), cache, steps=8) == expected
+    assert_same_cache(cache, eager_cache)
+    # prefill (compiles), first decode (compiles), second decode (keeps the verdict): the other 5 skip it
+    assert len(seen) == 3
+
+
+def test_a_cache_changed_between_calls_goes_through_the_full_guard_again(monkeypatch):
+    """The fast path holds only while the cache holds the same objects: a layer's tensors replaced between
+    steps (by clones, as a user's cache surgery would) send the next step through the full guard, and every
+    step still equals eager."""
+    model = build(llama)
+    cm = fxcc.compile(model, passes=FAST)
+    seen = _count_guards(monkeypatch, cm)
+    caches = {"eager": make_cache("static", model), "fxcc": make_cache("static", model)}
+    tokens = {name: [] for name in caches}
+    for name, run in (("eager", model), ("fxcc", cm)):
+        cache, x = caches[name], prompt(6)
+        with torch.no_grad():
+            for step in range(6):
+                if step == 4:
+                    layer = cache.layers[1]
+                    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+                x = run(input_ids=x, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                tokens[name].append(x.item())
+    assert tokens["fxcc"] == tokens["eager"]
+    assert_same_cache(caches["fxcc"], caches["eager"])
+    assert len(seen) == 4  # prefill, first decode, the verdict kept, and the step after the surgery
+
+
+def test_the_fast_path_does_not_keep_a_dropped_cache_alive():
+    import gc
+    import weakref
+
+    model = build(llama)
+    cm = fxcc.compile(model, passes=FAST)
+    cache = make_cache("static", model)
+    greedy(cm, prompt(6), cache, steps=4)
+    assert any(call is not None for call in cm._calls.values())  # the decode step's shape is kept
+    keys = weakref.ref(cache.layers[0].keys)
+    del cache
+    gc.collect()
+    assert keys() is None
+    assert all(call is None for call in cm._calls.values())
+
+
 def generate(model, ids, **kwargs):
-    return model.generate(ids, max_new_tokens=NEW, do_sample=False, **kwargs)
+    return model.generate(ids, **{"max_new_tokens": NEW, "do_sample": False, **kwargs})
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
@@ -274,21 +342,24 @@ def test_static_cache_decode_replays_one_graph_writing_the_cache_in_place(monkey
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_static_cache_generate_replays_one_cuda_graph_per_decode():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_gpu_static_cache_generate_replays_one_cuda_graph_per_decode(mode):
     """On a GPU: generate with a static cache equals eager's tokens; the decode step runs as one CUDA graph
-    captured at its second step and replayed after, the cache read and written where it is."""
+    captured at its second step and replayed after, the cache read and written where it is. Under
+    inference mode too, where the cache's tensors are inference tensors (written only in that mode)."""
     from fxcc.cuda_graphs import CudaGraphs
 
     model = build(llama).cuda()
     ids = prompt(6).cuda()
     model.generation_config.disable_compile = True  # eager's tokens, not torch.compile's (as fxcc.compile sets)
-    expected = generate(model, ids, cache_implementation="static")
-    model.forward = fxcc.compile(model.forward, passes=FAST)
-    assert torch.equal(generate(model, ids, cache_implementation="static"), expected)
+    with mode():
+        expected = generate(model, ids, cache_implementation="static", max_new_tokens=12)
+        model.forward = fxcc.compile(model.forward, passes=FAST)
+        assert torch.equal(generate(model, ids, cache_implementation="static", max_new_tokens=12), expected)
     cm = model.forward.fxcc
     assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0
     decode = cm.variants[-1]
-    assert isinstance(decode.cuda_graph, CudaGraphs)
+    assert decode.no_graph is None and isinstance(decode.cuda_graph, CudaGraphs)
     assert len([g for g in decode.cuda_graph.graphs.values() if g is not None]) == 1
 
 

@@ -152,3 +152,22 @@ def test_deberta_v2_and_swin_match_eager_on_two_shapes(arch):
         kwargs = recipe.make(model, shape)
         with torch.no_grad():
             assert_outputs_close(cm(**kwargs), model(**kwargs), atol=1e-5, rtol=1e-4)
+
+
+def test_a_symbolic_output_layout_gives_dense_strides_in_its_order_for_each_size():
+    """A variant serving many sizes records its kernels' output strides as expressions of its symbols: the
+    contract then asks for the dense strides in the recorded dimension order, computed for the call's sizes
+    (a symbolic stride cannot be allocated)."""
+    from fxcc.codegen.executable import _layout
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    real = torch.empty(4, 8, 6).permute(0, 2, 1)  # shape (4, 6, 8), dimension 1 innermost
+    fake = mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3))
+    assert not all(type(s) is int for s in fake.stride())
+    strides = _layout(fake)
+    assert callable(strides)
+    assert strides(torch.Size([4, 6, 8])) == real.stride()
+    assert strides(torch.Size([3, 5, 7])) == torch.empty(3, 7, 5).permute(0, 2, 1).stride()
+    assert _layout(real) == real.stride()  # numbers stay numbers
