@@ -333,6 +333,8 @@ def example_inputs(kb: KernelBody, target: str, real: dict[int, torch.Tensor] | 
         size = offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
         if v.dtype.is_floating_point:
             base = torch.randn(size, generator=gen).to(v.dtype)
+        elif v.dtype.is_complex:  # rotary embeddings written with complex numbers (DeepSeek-V2)
+            base = torch.randn(size, generator=gen, dtype=v.dtype)
         elif v.dtype == torch.bool:
             base = torch.rand(size, generator=gen) > 0.2
         else:

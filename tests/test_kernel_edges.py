@@ -118,3 +118,19 @@ def test_a_gemm_squashed_by_tanh_is_not_refused_for_rounding_at_large_magnitudes
     torch.testing.assert_close(got, m(x), atol=1e-5, rtol=1e-5)
     state = cm.fxcc if hasattr(cm, "fxcc") else cm
     assert "tvm" in {k.choice.backend for k in state.variants[0].kernels.values() if k.choice}
+
+
+def test_kernel_timing_inputs_of_a_complex_placeholder():
+    """A kernel fed complex numbers (DeepSeek-V2 writes its rotary embedding with them) is timed on random
+    complex inputs; making them crashed the whole compile (`check_random_bounds`)."""
+    import types
+
+    import torch.fx as fx
+    from fxcc.autotune.select import example_inputs
+
+    g = fx.Graph()
+    p = g.placeholder("x")
+    p.meta["val"] = torch.empty(2, 3, dtype=torch.complex64)
+    g.output(p)
+    (x,) = example_inputs(types.SimpleNamespace(body=fx.GraphModule(torch.nn.Module(), g)), "cpu")
+    assert x.dtype == torch.complex64 and x.shape == (2, 3) and bool((x != 0).all())
