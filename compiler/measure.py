@@ -203,7 +203,9 @@ def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # "thread_local" (as Inductor's CUDA-graph trees capture): unsafe calls of other threads (a library's
+    # worker loading a module) do not end this thread's capture; this thread's own still do
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 

@@ -281,7 +281,7 @@ class FakeGraph:
 
 
 class FakeCapture:
-    def __init__(self, graph):
+    def __init__(self, graph, capture_error_mode="global"):
         self.graph = graph
 
     def __enter__(self):
@@ -361,6 +361,24 @@ def test_gpu_static_cache_generate_replays_one_cuda_graph_per_decode(mode):
     decode = cm.variants[-1]
     assert decode.no_graph is None and isinstance(decode.cuda_graph, CudaGraphs)
     assert len([g for g in decode.cuda_graph.graphs.values() if g is not None]) == 1
+
+
+def test_an_int_input_reaches_torch_calls_as_an_int_not_through_a_device_tensor():
+    """Fusion hands an int input (a cache length) to a kernel as a 0-d tensor that the kernel reads back with
+    `item`. Where the kernel runs as torch calls, that read would copy device to host on every call: a host
+    sync per step, and on a GPU an op a CUDA graph cannot capture (a 16-layer decode ran without its graph).
+    The executable passes the int itself."""
+    model = build(llama)
+    ids = prompt(6)
+    with torch.no_grad():
+        expected = generate(model, ids, cache_implementation="static", max_new_tokens=8)
+        model.forward = fxcc.compile(model.forward, passes=FAST)
+        assert torch.equal(generate(model, ids, cache_implementation="static", max_new_tokens=8), expected)
+    variants = model.forward.fxcc.variants
+    assert len(variants) == 2
+    for v in variants:
+        reads = [n for n in v.executable.graph.nodes if n.target is torch.ops.aten.item.default]
+        assert not [n for n in reads if n.args[0].target is torch.ops.aten.scalar_tensor.default], v.executable.code
 
 
 def test_a_first_call_unlike_eager_leaves_the_callers_cache_as_eager_does(monkeypatch):
