@@ -22,11 +22,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._functorch import predispatch
+from torch._functorch.vmap import lazy_load_decompositions
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from .dynamic import dynamic_shapes
-from .ir import flatten_inputs
+from .ir import fetch_attr, flatten_inputs
 from .logs import held_back
 from .state import Aliasing, recording, register_state_class, state_objects
 
@@ -187,8 +191,102 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     gm.graph._codegen = fx.graph.CodeGen()
+    inline_vmap(gm, describe(module))
     gm.recompile()
     return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, "export", aliasing=sink[0] if sink else Aliasing())
+
+
+# torch.export records a torch.vmap (transformers builds attention masks with one) as these functorch calls
+# around the per-element ops; run by themselves, only in their order and with their nesting calls kept, they
+# give batched tensors that no pass, kernel or dead-code elimination may touch
+_VMAP_ENTER, _VMAP_EXIT = predispatch._vmap_increment_nesting, predispatch._vmap_decrement_nesting
+_FUNCTORCH = {_VMAP_ENTER, _VMAP_EXIT, predispatch._add_batch_dim, predispatch._remove_batch_dim,
+              lazy_load_decompositions}
+
+
+def inline_vmap(gm: fx.GraphModule, name: str) -> None:
+    """Replace each vmap torch.export recorded in `gm` (functorch's pre-dispatch calls) by the batched aten ops
+    it computes, traced with make_fx: the graph is plain aten that every pass and kernel handles. A vmap that
+    cannot be traced so is a CaptureError naming `name` and the construct."""
+    for region in _vmap_regions(gm):
+        try:
+            _inline(gm, region)
+        except Exception as e:  # noqa: BLE001 - any tracing failure is the user's construct, named
+            where = [ln.strip() for ln in region[0].meta.get("stack_trace", "").strip().splitlines()]
+            at = f" ({where[-2]}: `{where[-1]}`)" if len(where) >= 2 else ""
+            raise CaptureError(f"fxcc cannot capture {name}: a torch.vmap{at} could not be traced into batched aten "
+                               f"ops: {type(e).__name__}: {_first_line(e)}\n  To proceed: run this module eagerly, or "
+                               "compute the vmapped function on broadcast tensors instead.") from e
+
+
+def _vmap_regions(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """The nodes of each outermost vmap, from its first functorch call to its last `_vmap_decrement_nesting`."""
+    regions, current, depth = [], None, 0
+    for n in gm.graph.nodes:
+        functorch = n.op == "call_function" and n.target in _FUNCTORCH
+        if current is None and not functorch:
+            continue
+        if current is None:
+            current = []
+        current.append(n)
+        depth += (n.target is _VMAP_ENTER) - (n.target is _VMAP_EXIT) if functorch else 0
+        if functorch and n.target is _VMAP_EXIT and depth == 0:
+            regions.append(current)
+            current = None
+    if current is not None:
+        regions.append(current)  # unbalanced: _inline fails on it, with the construct named
+    return regions
+
+
+def _inline(gm: fx.GraphModule, region: list[fx.Node]) -> None:
+    inside = set(region)
+    # tensors are inputs of the trace (fake, as recorded); other attributes (a function spec) stay attributes
+    body = [n for n in region if n.op != "get_attr" or not isinstance(fetch_attr(gm, n.target), torch.Tensor)]
+    inputs: dict[fx.Node, None] = {}
+    for n in body:
+        for a in n.all_input_nodes:
+            if a not in inside or a not in body:
+                inputs[a] = None
+    outputs = [n for n in body if any(u not in inside for u in n.users)]
+    sub, env = fx.Graph(), {}
+    for a in inputs:
+        env[a] = sub.placeholder(a.name)
+    for n in body:
+        env[n] = sub.node_copy(n, env.__getitem__)
+    sub.output(tuple(env[o] for o in outputs))
+    mode = detect_fake_mode([a.meta.get("val") for a in inputs])
+    vals = [a.meta["val"] if "val" in a.meta or a.op != "get_attr" else mode.from_tensor(fetch_attr(gm, a.target))
+            for a in inputs]
+    symbolic = any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
+        isinstance(d, torch.SymInt) for d in v.shape)) for v in vals)
+    traced = make_fx(fx.GraphModule(gm, sub), tracing_mode="symbolic" if symbolic else "fake")(*vals)
+    env = dict(zip((p for p in traced.graph.nodes if p.op == "placeholder"), inputs))
+    provenance = {k: region[-1].meta[k] for k in ("nn_module_stack", "stack_trace") if k in region[-1].meta}
+    with gm.graph.inserting_before(region[0]):
+        for n in traced.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                for old, new in zip(outputs, n.args[0]):
+                    old.replace_all_uses_with(env[new])
+                continue
+            if n.op == "get_attr":  # a constant the trace made (a scalar tensor)
+                attr = _fresh_attr(gm, "_vmap_constant")
+                gm.register_buffer(attr, getattr(traced, n.target), persistent=False)
+                env[n] = gm.graph.get_attr(attr)
+            else:
+                env[n] = gm.graph.node_copy(n, env.__getitem__)
+            env[n].meta.update({**provenance, **{k: v for k, v in n.meta.items() if k in ("val", "tensor_meta")}})
+    for n in reversed(body):
+        if not n.users:
+            gm.graph.erase_node(n)
+
+
+def _fresh_attr(gm: fx.GraphModule, base: str) -> str:
+    i = 0
+    while hasattr(gm, f"{base}_{i}"):
+        i += 1
+    return f"{base}_{i}"
 
 
 def _symbolic_trace(module: nn.Module, args: tuple, kwargs: dict, export_exc: Exception) -> Captured:

@@ -353,6 +353,37 @@ def _record(node: fx.Node, old: Any, new: Any, check: bool, who: str) -> None:
     node.meta["val"] = new
 
 
+def layout_breaks(node: fx.Node, new: Any) -> str | None:
+    """Why `node` computing `new` (its recorded shape, another layout) would break a node after it: a `view`
+    that cannot view the new strides, or an op that reads strides; None when every node it reaches computes.
+    Nodes whose layout does not change end the walk: what follows them sees what it was traced with."""
+    graph = node.graph
+    mode = symbolic_mode(node.graph.owning_module) or FakeTensorMode(allow_non_fake_inputs=True)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    env: dict[fx.Node, Any] = {node: _refake(mode, new)}
+    todo = dict.fromkeys(node.users)
+
+    def load(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: env[n] if n in env else _refake(mode, n.meta.get("val")))
+
+    while todo:
+        n = min(todo, key=order.__getitem__)
+        del todo[n]
+        if n.op != "call_function":
+            continue
+        if n.target in (torch.ops.aten.as_strided.default, torch.ops.aten.sym_stride.int):
+            return f"%{n.name} = {op_name(n.target)} reads its operand's strides"
+        try:
+            with mode:
+                out = n.target(*load(n.args), **load(n.kwargs))
+        except Exception as e:  # noqa: BLE001 - any failure is a break
+            return f"%{n.name} = {op_name(n.target)} fails on the new layout: {type(e).__name__}: {e}"
+        if _strides(out) != _strides(n.meta.get("val")):
+            env[n] = out
+            todo.update(dict.fromkeys(n.users))
+    return None
+
+
 _SOURCES = "_fxcc_sources"  # on a constant a pass computed: weak references to the tensors it was computed from
 
 

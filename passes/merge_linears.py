@@ -12,15 +12,18 @@ Exact within floating-point tolerance. CPU only for now: the GPU backends were t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.ir import computed_from, concat_rows, fetch_attr
+from fxcc.ir import _fake_of, computed_from, concat_rows, fetch_attr, layout_breaks
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, is_op, val
 
 from .canonicalize import _fresh
+
+log = logging.getLogger(__name__)
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -75,6 +78,9 @@ class MergeLinears(Pass):
         ws = [fetch_attr(gm, arg(u, 1, "weight").target) for u in group]
         if sum(w.numel() * w.element_size() for w in ws) > self.max_mb * 2**20:
             return False
+        if why := _slices_break(rw, group, ws):
+            log.debug("%s not merged: %s", [u.name for u in group], why)
+            return False
         bs = [arg(u, 2, "bias") for u in group]
         first = group[0]
         args = [first.args[0], _constant(gm, rw, first, "_merged_weight", concat_rows(ws))]
@@ -93,6 +99,24 @@ class MergeLinears(Pass):
             rw.replace(u, part)
         return True
 
+
+
+def _slices_break(rw: Rewriter, group: list[fx.Node], ws: list[torch.Tensor]) -> str | None:
+    """Why a node after one of the linears would break on its slice of the merged output, whose rows are as wide
+    as all of them (a `view` that merges the batch into the heads, as F.multi_head_attention_forward's
+    (T, B * heads, head_dim) does, cannot view a slice); None when all of them take it."""
+    x, w = val(group[0].args[0]), ws[0]
+    with rw.mode:
+        weight = torch.empty(sum(int(w.shape[0]) for w in ws), w.shape[1], dtype=w.dtype, device=w.device)
+        wide = LINEAR(_fake_of(rw.mode, x), weight)
+    start = 0
+    for u, w in zip(group, ws):
+        with rw.mode:
+            part = wide[..., start:start + w.shape[0]]
+        start += w.shape[0]
+        if why := layout_breaks(u, part):
+            return why
+    return None
 
 
 def _constant(gm: fx.GraphModule, rw: Rewriter, at: fx.Node, base: str, value: torch.Tensor) -> fx.Node:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from fxcc.capture import capture, flatten_inputs
+from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 
 CALLS = {"scaled_sin": 0, "no_fake_cos": 0}
 
@@ -187,3 +188,51 @@ def test_symbolic_trace_keeps_structured_outputs(x):
     close(out["c"], ref["c"])
     close(out["pair"][0], ref["pair"][0])
     close(out["pair"][1], x)
+
+
+class VmapMask(nn.Module):
+    """transformers' mask construction: a mask function of (batch, query, key) indices, vmapped over each, that
+    reads the padding mask at batched indices (torch.export records the vmap as functorch calls)."""
+
+    def forward(self, x, padding):
+        b, t = padding.shape
+
+        def allowed(i, q, k):
+            return (k <= q) & (q - k < 3) & padding[i, k]
+
+        idx = torch.arange(t)
+        over_k = torch.vmap(allowed, in_dims=(None, None, 0))
+        with TransformGetItemToIndex():  # as transformers: `padding[i, k]` of batched indices is an index op
+            mask = torch.vmap(torch.vmap(over_k, in_dims=(None, 0, None)), in_dims=(0, None, None))(torch.arange(b), idx,
+                                                                                                   idx)
+        return torch.softmax((x @ x.transpose(1, 2)).masked_fill(~mask, -1e4), -1) @ x
+
+
+def vmap_inputs(b, t):
+    torch.manual_seed(0)
+    padding = torch.ones(b, t, dtype=torch.bool)
+    padding[0, t - 2:] = False
+    return torch.randn(b, t, 8), padding
+
+
+def test_a_vmap_is_captured_as_the_batched_aten_ops_it_computes():
+    m = VmapMask()
+    gm = capture(m, vmap_inputs(2, 5), {}).gm
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and "functorch" in getattr(n.target, "__module__", "")]
+    cm = fxcc.compile(m)
+    for b, t in ((2, 5), (3, 7)):  # the second size compiles symbolic
+        close(cm(*vmap_inputs(b, t)), m(*vmap_inputs(b, t)))
+    assert not cm.eager_signatures and all(v.gm is not None for v in cm.variants)
+
+
+def test_a_vmap_that_cannot_be_traced_is_a_capture_error_naming_it(monkeypatch):
+    import fxcc.capture
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(fxcc.capture, "make_fx", fails)
+    with pytest.raises(fxcc.CaptureError, match=r"^fxcc cannot capture VmapMask: a torch.vmap \(File .*test_capture.py"
+                                                 r".* in forward: `mask = torch.vmap.*`\) could not be traced into "
+                                                 r"batched aten ops: RuntimeError: no batching rule"):
+        capture(VmapMask(), vmap_inputs(2, 5), {})

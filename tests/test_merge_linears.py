@@ -162,3 +162,30 @@ def test_compiled_under_inference_mode_the_weights_stay_updatable_outside_it():
     with torch.inference_mode():
         out, ref = cm(x), model(x)
     assert_outputs_close(out, ref)
+
+
+class TimeMajorHeads(nn.Module):
+    """F.multi_head_attention_forward's layout (WavLM): (T, B, C) projections viewed as (T, B * heads, head_dim),
+    a view that merges the batch into the heads and so cannot view a column slice of a wider output."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        t, b, _ = x.shape
+        q, k, v = (p(x).view(t, b * 2, 8).transpose(0, 1) for p in (self.q, self.k, self.v))
+        return torch.softmax(q @ k.transpose(1, 2), -1) @ v
+
+
+def test_linears_whose_views_cannot_take_a_slice_stay_apart():
+    torch.manual_seed(0)
+    model = TimeMajorHeads().eval()
+    cm = fxcc.compile(model, options=fxcc.CompileOptions(verify_each=True))
+    for shape in ((5, 2, 16), (7, 3, 16)):  # static, then symbolic
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert_outputs_close(cm(x), model(x))
+    assert not cm.eager_signatures
+    for v in cm.variants:
+        assert next(r for r in v.records if r.spec == "merge-linears").result.stats == {}
