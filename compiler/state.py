@@ -254,7 +254,7 @@ class Aliasing:
         for j, i in self.leaves:
             flat_out[j] = flat_in[i]
         if self.n_state and self.plan is None:
-            self.plan = _Plan.of(self, args, kwargs, flat_out, out_spec) or False
+            self.plan = _Plan.of(self, args, kwargs, flat_in, flat_out, out_spec) or False
         if self.plan:
             return self.plan.write_back(args, kwargs, flat_out)
         result = pytree.tree_unflatten(flat_out, out_spec)
@@ -278,7 +278,8 @@ class _Plan:
     (where the call keeps their structure: a decode step), and the result is rebuilt around them.
 
     callers: where each state object sits among the call's arguments (("arg", i) or ("kw", name)).
-    paths: per state object, the path of each of its leaves, or None where the call changes its structure
+    paths: per state object, (index, path) of each of its leaves to write (not those the call returns as the
+    input it read there), or None where the call changes its structure
     (a prefill filling an empty cache: then `adopt` from the rebuilt object). `starts`: where each one's final
     leaves begin in the flat outputs. `spec`, `layout`: the result's spec with the objects that are the
     caller's as leaves, and per leaf of it the flat output it takes (>= 0) or the caller's object (-1 - i).
@@ -292,8 +293,11 @@ class _Plan:
     layout: list[int]
 
     @staticmethod
-    def of(al: Aliasing, args: tuple, kwargs: dict, flat_out: list[Any], out_spec: pytree.TreeSpec) -> _Plan | None:
-        """The plan for this call's structure; None where the state objects are not arguments of their own."""
+    def of(al: Aliasing, args: tuple, kwargs: dict, flat_in: list[Any], flat_out: list[Any],
+           out_spec: pytree.TreeSpec) -> _Plan | None:
+        """The plan for this call's structure; None where the state objects are not arguments of their own.
+        A leaf the graph returns as the very input it read from that place (a static cache's tensor, written in
+        place) is already where it belongs: the plan leaves it out."""
         if out_spec.type is not tuple or len(out_spec.children()) != 2:
             return None
         result_spec, final_spec = out_spec.children()
@@ -304,13 +308,18 @@ class _Plan:
                 or len(objs) != len(final_spec.children()):
             return None  # a state object inside a container
         starts, paths, at = [], [], result_spec.num_leaves
+        passed = dict(al.leaves)  # flat output -> the flat input it is
         for obj, fin in zip(objs, final_spec.children()):
             starts.append(at)
             at += fin.num_leaves
             now = pytree.tree_flatten(obj)[1]
             same = now.type is fin.type and now.context == fin.context and _flatten in (
                 getattr(pytree.SUPPORTED_NODES.get(fin.type), "flatten_fn", None),)
-            paths.append(_leaf_paths(fin.context) if same else None)
+            leaf_paths = _leaf_paths(fin.context) if same else None
+            if leaf_paths is not None:
+                leaf_paths = [(k, path) for k, path in enumerate(leaf_paths)
+                              if not _passed_through(obj, path, at - fin.num_leaves + k, passed, flat_in)]
+            paths.append(leaf_paths)
         n_obj = [0]
         spec, layout = _with_callers(result_spec, dict(al.objects), n_obj, [0])
         result = pytree.tree_unflatten(flat_out[:result_spec.num_leaves], result_spec)
@@ -325,8 +334,8 @@ class _Plan:
             if paths is None:
                 adopt(obj, pytree.tree_unflatten(values, fin))
                 continue
-            for path, value in zip(paths, values):
-                at = obj
+            for k, path in paths:
+                value, at = values[k], obj
                 for step in path[:-1]:
                     at = at.__dict__[step] if type(step) is str else at[step[0]]
                 last = path[-1]
@@ -335,6 +344,20 @@ class _Plan:
                 else:
                     at[last[0]] = value
         return pytree.tree_unflatten([flat_out[x] if x >= 0 else objs[-1 - x] for x in self.layout], self.spec)
+
+
+def _passed_through(obj: Any, path: tuple, j: int, passed: dict[int, int], flat_in: list[Any]) -> bool:
+    """Whether flat output `j` is the input the call read at `path` of `obj`: the same place in every call of
+    this structure, so writing it back changes nothing."""
+    if j not in passed:
+        return False
+    at = obj
+    try:
+        for step in path:
+            at = at.__dict__[step] if type(step) is str else at[step[0]]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
+    return at is flat_in[passed[j]]
 
 
 def _leaf_paths(ctx: Any) -> list[tuple] | None:
