@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from .dynamic import dynamic_shapes
 from .ir import fetch_attr, flatten_inputs
 from .logs import held_back
+from .mask_skip import eager_mask_skip
 from .state import Aliasing, recording, register_state_class, state_objects
 
 
@@ -172,7 +173,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     try:
         # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news
         quiet = held_back("torch._export.non_strict_utils", logging.ERROR)
-        with torch.no_grad(), forward_as(module, traced), quiet:
+        with torch.no_grad(), forward_as(module, traced), quiet, eager_mask_skip():
             ep = torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
         state.restore()

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from . import gather
+from .rng import draws_random
 
 aten = torch.ops.aten
 
@@ -686,6 +687,8 @@ def classify(node: fx.Node) -> tuple[str, str]:
         return "eager", f"{op_name(t)} is not an aten/tx op; fxcc has no lowering for it"
     if t._schema.is_mutable:
         return "eager", f"{op_name(t)} mutates its inputs"
+    if draws_random(node):
+        return "eager", f"{op_name(t)} draws random numbers (run by torch, in eager's order: it draws what eager draws)"
     if _data_dependent(node):
         return "eager", f"{op_name(t)} has sizes that depend on tensor values (known only at run time)"
     if not isinstance(node.meta.get("val"), torch.Tensor):

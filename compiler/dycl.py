@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from fxcc import ir
+from fxcc import ir, rng
 from fxcc.capture import CaptureError, flatten_inputs
 from fxcc.dycl_analysis import Wrapping, target_function, wrapping
 from fxcc.dycl_rewrite import (
@@ -174,7 +174,8 @@ class Segment:
             return self._unguarded(args, str(e))
         call = self.by_key.get(key)
         if call is None:
-            call = self._build(args, key)
+            with rng.preserved():  # its compile and timings draw nothing the call's own run would not (fxcc.rng)
+                call = self._build(args, key)
         return call(*args)
 
     def _unguarded(self, args: tuple, what: str) -> Any:
@@ -244,7 +245,7 @@ class Segment:
         for fn in (self.eager_call, call):
             copies = _clones(args)
             try:
-                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                with rng.preserved(), torch.no_grad():
                     outs = fn(*copies)
             except Exception as e:  # noqa: BLE001 - the real call (as plain Python) raises what eager raises
                 return f"{'compiled' if fn is call else 'plain'} run on copies failed ({type(e).__name__})"

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from . import rng
 from .outputs import compare
 from .state import is_state, restore, state_objects
 
@@ -86,30 +87,34 @@ class Checked:
 
 def first_call(run: Callable[[list[Any]], Any], eager: Callable[..., Any], flatten: Callable[..., list[Any]],
                args: tuple, kwargs: dict, name: str) -> Checked | None:
-    """Run `eager` on copies of the inputs, then the compiled `run` on the inputs, from one RNG state; None
-    (nothing run) when the inputs cannot be copied. A compiled call that raises where eager did not is a
-    difference too (eager's result is returned)."""
+    """Run `eager` on copies of the inputs, then the compiled `run` on the inputs, from one RNG state, which
+    ends as the run whose result is returned left it; None (nothing run) when the inputs cannot be copied. A
+    compiled call that raises where eager did not is a difference too (eager's result is returned)."""
     try:
         e_args, e_kwargs = copy.deepcopy((args, kwargs))
     except Exception as e:  # noqa: BLE001 - inputs that cannot be copied: run compiled, unchecked
         log.info("%s: first call not checked against eager: its inputs cannot be copied (%s)", name, e)
         return None
-    devices = {t.device.index or 0 for t in flatten(args, kwargs) if isinstance(t, torch.Tensor) and t.is_cuda}
+    start = rng.State()
     token = _REFERENCE.set(True)
     try:
-        with torch.random.fork_rng(devices=sorted(devices)), torch.no_grad():
+        with torch.no_grad():
             want = eager(*e_args, **e_kwargs)
     finally:
         _REFERENCE.reset(token)
+    after_eager = rng.State()
+    start.restore()
     try:
         got = run(flatten(args, kwargs))
     except Exception as e:  # noqa: BLE001 - eager ran this call: an error of the compiled code only is fxcc's
+        after_eager.restore()
         first = (str(e).strip().splitlines() or [""])[0][:200]
         return Checked(take_eagers(args, kwargs, e_args, e_kwargs, want),
                        f"the compiled call differs from eager: it raised {type(e).__name__}: {first} (eager did not)")
     c = compare(got, want, tol=tolerance)
     if c.equal:
         return Checked(got, None)
+    after_eager.restore()  # the call returns eager's result: the generators are left as eager's run left them
     where = c.detail or f"{c.worst} differs by {c.max_rel:.3g} of its scale"
     return Checked(take_eagers(args, kwargs, e_args, e_kwargs, want),
                    f"the compiled call differs from eager on this call's inputs ({where})")

@@ -37,7 +37,7 @@ from fxcc.autotune.plan import check_call_plan
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
-from . import dynamic, eager_check, graph_cache, ir
+from . import dynamic, eager_check, graph_cache, ir, rng
 from .capture import (
     Captured,
     CaptureError,
@@ -495,6 +495,12 @@ class CompiledModule(ModuleView):
     # ------------------------------------------------------------------------------- compiling
 
     def _new_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
+        """Compile a variant for this call, or decide it runs eagerly; the RNG state is left as found (capture,
+        example runs and timings draw from it), so the call itself draws what eager would (fxcc.rng)."""
+        with rng.preserved():
+            return self._compile_variant(args, kwargs, key, flat, spec)
+
+    def _compile_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         names = dynamic.leaf_names(args, kwargs, getattr(self, "__signature__", None))
         sized = self._sized.setdefault(spec, dynamic.state_ints(args, kwargs))
         struct = (spec, dynamic.structure(flat, sized), self.module.training)
@@ -503,11 +509,11 @@ class CompiledModule(ModuleView):
             why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
             return self._runs_eagerly(key, why, "Use fixed input shapes, CompileOptions(dynamic=True) or raise "
-                                      "CompileOptions.max_variants.", stacklevel=4)
+                                      "CompileOptions.max_variants.", stacklevel=5)
         if call_context()[0]:  # export does not trace the caller's autocast: compiled code would skip its casts
             why = f"{self.name} is called under torch.autocast, which fxcc does not compile; it runs eagerly there"
             return self._runs_eagerly(key, why, "Compile the model in the dtype you want (model.to(torch.bfloat16)) "
-                                      "to run it compiled.", stacklevel=4)
+                                      "to run it compiled.", stacklevel=5)
         check_call(self.method or self.module, args, kwargs)
         try:
             variant = self.compile_for(args, kwargs, dims=dims)
@@ -515,7 +521,12 @@ class CompiledModule(ModuleView):
             if not dynamic.carries_state(args, kwargs):
                 raise
             return self._runs_eagerly(key, f"{self.name} runs eagerly for calls with a KV cache: {e}", "",
-                                      stacklevel=4)
+                                      stacklevel=5)
+        unmatched = rng.unmatched(variant.gm) if isinstance(variant, Variant) else None
+        if unmatched is not None:
+            return self._runs_eagerly(key, f"{self.name} runs eagerly: {unmatched}",
+                                      "Draw from the default generator (torch.manual_seed) to run it compiled.",
+                                      stacklevel=5)
         if isinstance(variant, Variant) and variant.captured is not None:
             variant.shapes = dynamic.Shapes.of(variant.gm, flat, names, sized)
             variant.struct = struct
@@ -600,7 +611,7 @@ class CompiledModule(ModuleView):
         reason = (f"{self.name} runs eagerly for inputs ({sig}): compiled, it measured {verdict.compiled_ms:.3f} ms "
                   f"per call against eager's {verdict.eager_ms:.3f} ms")
         warnings.warn(f"fxcc: {reason}. fxcc.explain shows its kernels; CompileOptions(time_vs_eager=False) keeps "
-                      "the compiled one.", stacklevel=4)
+                      "the compiled one.", stacklevel=5)
         return _Eager(reason, variant)
 
     def compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None = None) -> Variant:

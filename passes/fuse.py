@@ -25,6 +25,7 @@ from fxcc import gather, ir
 from fxcc.dialects import KERNEL_OPS, REDUCTION, KernelBody, classify, domain, intern_body, is_size
 from fxcc.passes.canonicalize import storage_written
 from fxcc.pipeline import Pass, PassContext, PassResult
+from fxcc.rng import draws_random
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 aten = torch.ops.aten
@@ -61,14 +62,15 @@ class Fuse(Pass):
         group_of: dict[fx.Node, Group] = {}
         groups: list[Group] = []
         eager = 0
-        # An op writing memory in place is a barrier: no group spans it, and the rebuilt graph keeps every unit
-        # on its side (a read of that memory through another alias has no data edge to the write). Values
+        # An op writing memory in place or drawing random numbers is a barrier: no group spans it, and the rebuilt
+        # graph keeps every unit on its side (a read of that memory through another alias has no data edge to
+        # the write; draws stay in eager's order). Values
         # whose memory is written stay out of kernels: a kernel's output may be a copy, the write would miss.
         written, epoch, epoch_of = storage_written(gm), 0, {}
         for node in nodes:
             if node.op in ("placeholder", "get_attr", "output"):
                 continue
-            if _writes(node):
+            if _barrier(node):
                 epoch += 1
             epoch_of[node] = epoch
             cat, reason = classify(node)
@@ -169,9 +171,12 @@ def _outputs_are_tensors(g: Group, group_of: dict) -> bool:
                for m in g.members if any(group_of.get(u) is not g for u in m.users))
 
 
-def _writes(node: fx.Node) -> bool:
+def _barrier(node: fx.Node) -> bool:
+    """An op no group spans and every unit stays on its side of: a write in place (a read of that memory through
+    another alias has no data edge to it) or a random draw (draws keep eager's order: fxcc.rng)."""
     t = node.target
-    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and (
+        t._schema.is_mutable or draws_random(node))
 
 
 def _rebuild(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict, group_of: dict, epoch_of: dict) -> dict:
@@ -190,7 +195,7 @@ def _rebuild(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict, group_of: dict
         if not isinstance(u, Group) and u.op == "output":
             continue  # emitted last anyway
         epochs.setdefault(u.epoch if isinstance(u, Group) else epoch_of.get(u, 0), []).append(u)
-    barriers = {epoch_of[n]: n for n in nodes if _writes(n)}
+    barriers = {epoch_of[n]: n for n in nodes if _barrier(n)}
     for e, barrier in barriers.items():
         deps[barrier] |= set(epochs.get(e - 1, []))
         deps[barrier] |= {b for f, b in barriers.items() if f < e}

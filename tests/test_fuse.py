@@ -58,3 +58,24 @@ def test_gathers_fuse_with_their_producers():
         return F.pad(torch.cat([x.relu(), y * 2], 1), (1, 1)).roll(1, 2)
     (kb,) = bodies(f, torch.randn(2, 3, 4), torch.randn(2, 2, 4))
     assert kb[0] == "pointwise" and {"cat", "pad", "roll"} <= set(kb[1])
+
+
+def test_random_ops_run_eagerly_in_eagers_order_of_draws():
+    def f(x):
+        y = x.sin()
+        b = torch.bernoulli(y.sigmoid())  # first draw: reads a value of the group that takes `y * r`
+        r = torch.randn_like(x)  # second draw
+        return b, y * r
+
+    x = torch.randn(4, 8)
+    cm = fxcc.compile(f, passes=PIPE)
+    for seed in (1, 2):  # the first call (compile, then the call) and a later one
+        torch.manual_seed(seed)
+        got, after = cm(x), torch.rand(2)
+        torch.manual_seed(seed)
+        want = f(x)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(after, torch.rand(2))  # the generator ends where eager leaves it
+    gm = cm.fxcc.variants[-1].gm
+    draws = [n for n in gm.graph.nodes if n.meta.get("fxcc_eager", "").endswith("it draws what eager draws)")]
+    assert [str(n.target) for n in draws] == ["aten.bernoulli.default", "aten.randn_like.default"]

@@ -161,3 +161,28 @@ def test_repeated_calls_stay_exact_when_the_graph_writes_a_temporary_in_place():
     cm = fxcc.compile(model)
     for _ in range(3):
         assert_outputs_close(cm(ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def aimv2_text():
+    """A causal text tower whose attention modules say is_causal=False (AIMv2's; PaliGemma's Gemma too)."""
+    return transformers.Aimv2TextModel(transformers.Aimv2TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=64, max_position_embeddings=32, eos_token_id=VOCAB - 1))
+
+
+def test_a_mask_eager_skips_is_skipped_alike_with_and_without_padding():
+    """Eager transformers builds no mask when nothing is padded, and then such a model attends both ways; the
+    compiled graph does the same from one variant, whatever the padding of the call."""
+    model = build(aimv2_text)
+    ids = token_ids()
+    ones, padded = torch.ones(2, SEQ, dtype=torch.long), torch.ones(2, SEQ, dtype=torch.long)
+    padded[1, 5:] = 0
+    cm, _ = check(model, ids, attention_mask=ones)
+    for mask in (padded, ones):
+        with torch.no_grad():
+            expected = model(ids, attention_mask=mask)
+        assert_outputs_close(cm(ids, attention_mask=mask), expected, atol=1e-5, rtol=1e-5)
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
+    with torch.no_grad():  # and without a mask, which eager decides from sizes alone
+        expected = model(ids)
+    assert_outputs_close(cm(ids), expected, atol=1e-5, rtol=1e-5)

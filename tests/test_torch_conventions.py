@@ -49,6 +49,21 @@ class Counting(nn.Module):
         return x * 2
 
 
+class Noisy(nn.Module):
+    """Random draws among compiled ops: ViTMAE's random masking, VITS's noise, dropout in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        keep = torch.argsort(torch.rand(x.shape), dim=1)[:, :4]
+        h = torch.relu(self.lin(x)) + 0.1 * torch.randn_like(x)
+        h = torch.gather(h, 1, keep)
+        return self.drop(h) * torch.bernoulli(torch.sigmoid(h)), torch.randperm(8)
+
+
 @pytest.fixture
 def x():
     torch.manual_seed(0)
@@ -316,3 +331,89 @@ def test_generate_does_not_wrap_the_compiled_forward_in_torch_compile():
     assert not model.generation_config.disable_compile
     model.forward = fxcc.compile(model.forward, passes=PASSES)
     assert model.generation_config.disable_compile is True
+
+
+# ----------------------------------------------------------------------------------------- random numbers
+
+
+@pytest.mark.parametrize("passes", [PASSES, None])
+def test_random_ops_draw_what_eager_draws_under_one_seed(x, passes):
+    """As torch.compile: under one seed the compiled call draws eager's numbers, at its first call (after a
+    compile, kernel timings and the check against eager, which must not move the generator) and later ones,
+    and leaves the generator where eager leaves it."""
+    model = Noisy().train()  # dropout draws too
+    cm = fxcc.compile(model, passes=passes, options={"time_vs_eager": True})
+    for seed in (0, 1, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            want, want_next = model(x), torch.rand(3)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            got, got_next = cm(x), torch.rand(3)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got_next, want_next)
+    assert cm.stats.eager_calls == 0 and not cm.eager_signatures
+
+
+def test_compile_work_that_draws_leaves_the_generator_as_the_call_found_it(x, monkeypatch):
+    """Whatever fxcc runs before the user's call (capture, example-input runs, timings) may draw: the call
+    itself starts from the generator state eager would."""
+    compile_for = runtime.CompiledModule.compile_for
+
+    def drawing(self, *args, **kwargs):
+        torch.rand(100)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.rand(100, device="cuda")
+        return compile_for(self, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.CompiledModule, "compile_for", drawing)
+    model = Noisy().eval()
+    cm = compiled(model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = model(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(cm(x), want)
+
+
+class DrawsMoreWhenTraced(nn.Module):
+    """Traces differently (the check against eager finds it) and draws more when traced than in eager."""
+
+    def forward(self, x):
+        if torch.compiler.is_exporting():
+            return x + torch.rand(x.shape) + torch.rand(x.shape)
+        return x + torch.rand(x.shape)
+
+
+def test_a_first_call_unlike_eager_leaves_the_generator_where_eager_leaves_it(x):
+    cm = compiled(DrawsMoreWhenTraced())
+    torch.manual_seed(4)
+    want, want_next = DrawsMoreWhenTraced()(x), torch.rand(3)
+    torch.manual_seed(4)
+    with pytest.warns(UserWarning, match="differs from eager"):
+        got = cm(x)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(torch.rand(3), want_next)
+
+
+class OwnGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        return x + torch.rand(x.shape, generator=self.gen)
+
+
+def test_a_generator_of_the_models_own_runs_eagerly_with_a_warning_naming_it(x):
+    """A graph holds a copy of the model's generator, so it could not draw eager's numbers: fxcc says so and runs
+    eagerly, and the model's generator advances as in eager."""
+    model, reference = OwnGenerator(), OwnGenerator()
+    cm = compiled(model)
+    with pytest.warns(UserWarning, match=r"OwnGenerator runs eagerly: rand \(aten.rand.generator\) draws from a "
+                                         r"torch.Generator of its own"):
+        first = cm(x)
+    for got in (first, cm(x), cm(x)):
+        torch.testing.assert_close(got, reference(x))
+    with pytest.raises(fxcc.FullGraphError, match="torch.Generator of its own"):
+        compiled(OwnGenerator(), fullgraph=True)(x)
