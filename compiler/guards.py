@@ -33,6 +33,7 @@ _LAYOUT = operator.attrgetter("shape")
 _STRIDE = operator.methodcaller("stride")
 _DTYPE = operator.attrgetter("dtype", "device")
 _ADDRESS = torch._C._data_address
+_OFFSET = torch.Tensor.storage_offset
 
 
 def _STORAGE(t: torch.Tensor) -> int:  # noqa: N802 - a constant-like accessor, as the three above
@@ -110,6 +111,7 @@ class ModuleState:
         self.counts = list(map(len, self.counts_of))
         watched = self.tensors if sources is None else sources
         self.watched = [(t, Snapshot(t)) for t in watched]  # first: a snapshot may move a tensor's memory
+        self._index_watched()
         read = {id(t) for t in live or ()}
         self.live = [t for t in self.tensors if id(t) in read]
         self.addresses = list(map(_ADDRESS, self.live)) if self.live else None
@@ -160,9 +162,30 @@ class ModuleState:
                 and list(map(_STRIDE, self.tensors)) == self.strides
                 and list(map(_DTYPE, self.tensors)) == self.dtypes
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses)
-                and all(s.same(t) for t, s in self.watched)):
+                and self._watched_same()):
             return None
         return self._what()
+
+    def _index_watched(self) -> None:
+        """The watched tensors' buffer addresses and storage offsets as lists, where every snapshot is
+        copy-on-write and every watched tensor's layout is one `changed` compares anyway: then two C-level
+        passes prove what `Snapshot.same` proves one tensor at a time (its buffer is still the snapshot's)."""
+        known = {id(t) for t in self.tensors}
+        fast = all(s.cow and id(t) in known for t, s in self.watched)
+        self._watched_tensors = [t for t, _ in self.watched] if fast else None
+        self._watched_at = [s.address for _, s in self.watched] if fast else None
+        self._watched_offsets = [s.layout[2] for _, s in self.watched] if fast else None
+
+    def _watched_same(self) -> bool:
+        """Every watched tensor holds what its snapshot holds (called after the layouts were compared)."""
+        ts = self._watched_tensors
+        if ts is not None and list(map(_ADDRESS, ts)) == self._watched_at \
+                and list(map(_OFFSET, ts)) == self._watched_offsets:
+            return True
+        same = all(s.same(t) for t, s in self.watched)
+        if same:
+            self._index_watched()  # a snapshot taken again (same bits, new buffer) has a new address
+        return same
 
     def accept_writes(self, written: list[torch.Tensor]) -> None:
         """The compiled code itself wrote into `written`, buffers of the model (a KV cache held by the module):
@@ -174,6 +197,7 @@ class ModuleState:
         hit = [_STORAGE(t) in ptrs for t, _ in self.watched]
         if any(hit):
             self.watched = [(t, Snapshot(t)) if h else (t, s) for (t, s), h in zip(self.watched, hit)]
+            self._index_watched()
 
     def _what(self) -> str | None:
         for d, k, obj, where in zip(self.owners, self.names, self.objs, self.where):
