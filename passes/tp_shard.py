@@ -254,7 +254,7 @@ class _Sharder:
         for r in regions(self.gm):
             plan = None
             if not r.why_not:
-                if {c.node for c in r.columns} & taken or r.rows & taken:
+                if {c.node for c in r.columns} & taken or r.rows & taken:  # a row here, a column there
                     r.why_not = "one of its projections is already sharded in another block"
                 else:
                     try:
@@ -267,8 +267,10 @@ class _Sharder:
             taken |= {c.node for c in r.columns} | r.rows
             plans.append(plan)
         for r in skipped:
-            self.stats["replicated"] += len(r.columns)
-            log.info("tp-shard: %s stays replicated: %s", ", ".join(_where(c.node) for c in r.columns), r.why_not)
+            left = [c.node for c in r.columns if c.node not in taken]  # not the row of a sharded block
+            self.stats["replicated"] += len(left)
+            if left:
+                log.info("tp-shard: %s stays replicated: %s", ", ".join(map(_where, left)), r.why_not)
         if not plans:
             why = "; ".join(f"{_where(r.columns[0].node)}: {r.why_not}" for r in skipped[:4])
             raise ShardError(f"tp-shard{{tp={self.tp}}}: found no projection to split: no linear feeds an "
