@@ -37,7 +37,7 @@ tx = torch.ops.fxcc_tx
 
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 MOVES = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.expand.default}
-SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor}
 ATTENTION = {tx.attention.default, aten.scaled_dot_product_attention.default}
 COPIES = {aten.clone.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default,
           aten.alias.default, aten.type_as.default}
@@ -331,6 +331,8 @@ class _Sharder:
         if t is operator.getitem:
             p.split[node] = p.split[node.args[0]]
             return
+        if t is aten.slice.Tensor:
+            return self.slice(node, p)
         if t in SPLITS:
             return self.split(node, p)
         if t in ATTENTION:
@@ -410,6 +412,38 @@ class _Sharder:
             raise _Unproven(f"%{col.name} is split into different blocks at {_where(node)}")
         local = sizes[0] // self.tp if node.target is aten.split.Tensor else [b // self.tp for b in sizes]
         p.args[node] = (src, local, *node.args[2:])
+        p.split[node] = s
+
+    def slice(self, node: fx.Node, p: _Plan) -> None:
+        """Slices that cut the split dim into consecutive blocks are a split (GPT-2's q, k, v after decompose)."""
+        src = node.args[0]
+        s, nd = p.split[src], val(src).dim()
+        if arg(node, 1, "dim", 0) % nd != s:
+            p.split[node] = s
+            return
+        col, n = p.whole.get(src), val(src).shape[s]
+        cuts = {}
+        for u in src.users:
+            if u.target is aten.slice.Tensor and arg(u, 1, "dim", 0) % nd == s:
+                start, end, step = arg(u, 2, "start"), arg(u, 3, "end"), arg(u, 4, "step", 1)
+                start, end = min(max(start or 0, 0), n), min(n if end is None else end, n)
+                if step != 1 or start < 0 or end <= start:
+                    raise _Unproven(f"{_where(u)} slices %{src.name} with step {step} or from its end")
+                cuts[u] = (start, end)
+        bounds = sorted(set(cuts.values()))
+        if col is None or bounds[0][0] != 0 or bounds[-1][1] != n or \
+                any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+            raise _Unproven(f"{_where(node)} slices %{src.name} along its split dim, and the slices are not "
+                            "consecutive blocks of one projection's output features")
+        sizes = tuple(e - b for b, e in bounds)
+        if any(b % self.tp for b in sizes):
+            raise ShardError(f"tp-shard{{tp={self.tp}}}: {_where(node)} slices the output of %{col.name} into "
+                             f"blocks of {list(sizes)} features, which tp={self.tp} does not divide")
+        if p.blocks.setdefault(col, sizes) != sizes:
+            raise _Unproven(f"%{col.name} is split into different blocks at {_where(node)}")
+        i = bounds.index(cuts[node])
+        start = sum(sizes[:i]) // self.tp
+        p.args[node] = (src, node.args[1], start, start + sizes[i] // self.tp, *node.args[4:])
         p.split[node] = s
 
     def attention(self, node: fx.Node, p: _Plan) -> None:
