@@ -10,7 +10,10 @@ by storage. "ratio" is live / parameter bytes: 1.0 means each weight is held onc
 outputs of the call are dropped too; what remains is weights, constants and the kernels' scratch buffers.
 
 The tp rows compile Llama with `tp-shard{tp=2}` in two processes (gloo) and report each rank's live bytes
-against the whole model's parameter bytes (the goal is about 0.5 per rank).
+against the whole model's parameter bytes (the goal is about 0.5 per rank). "graph MB" is what tp-shard left in
+that rank's graph (replicated norms and embeddings, half of every projection); live MB is higher while the
+compiled module holds the uncompiled model (its parameters, state_dict and eager fallback are the original's).
+`--passes` applies to the tp rows too (tp-shard inserted after raise).
 
 With the default pipeline the ratio depends on the kernels chosen by measurement: a GEMM built by TVM
 reads its weight as column panels packed once (fxcc.codegen.tvm), a copy beside the parameter. For the
@@ -95,8 +98,9 @@ def live_bytes() -> int:
     return sum(_storages(objs + extra).values())
 
 
-def measure(make, passes: str | None = None) -> tuple[float, float]:
-    """(parameter MB, live MB) of the compiled model once the script's references are dropped."""
+def measure(make, passes: str | None = None) -> tuple[float, float, float | None]:
+    """(parameter MB, live MB, graph MB) of the compiled model once the script's references are dropped; graph
+    MB: the constants tp-shard left in this rank's graph (its `param_bytes`), None without tp-shard."""
     import fxcc
     base = live_bytes()
     model, ids, kwargs = make()
@@ -105,42 +109,45 @@ def measure(make, passes: str | None = None) -> tuple[float, float]:
     compiled = fxcc.compile(model, passes=passes, options=fxcc.CompileOptions(time_vs_eager=False))
     with torch.no_grad():
         out = compiled(ids, **kwargs)
+    tp = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("tp-shard")]
+    graph = tp[0]["param_bytes"] / MB if tp else None
     ref = weakref.ref(next(model.parameters()))
     del model, out, ids, kwargs
     live = live_bytes() - base
     assert ref() is not None  # the compiled module holds the model
     del compiled
     gc.collect()
-    return params / MB, live / MB
+    return params / MB, live / MB, graph
 
 
-def _tp_worker(rank: int, port: int, q) -> None:
+def _tp_worker(rank: int, port: int, q, passes: str | None) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        q.put((rank, measure(llama, _tp_pipeline())))
+        q.put((rank, measure(llama, _tp_pipeline(passes))))
     except Exception as e:  # reported by the parent
         q.put((rank, repr(e)))
     finally:
         dist.destroy_process_group()
 
 
-def _tp_pipeline() -> str:
+def _tp_pipeline(passes: str | None) -> str:
+    """`passes` (default: fxcc's default pipeline) with tp-shard{tp=2} right after raise."""
     from fxcc.pipeline import DEFAULT_PIPELINE
-    steps = DEFAULT_PIPELINE.split(",")
+    steps = (passes or DEFAULT_PIPELINE).split(",")
     at = steps.index("raise") + 1 if "raise" in steps else 1
     return ",".join(steps[:at] + ["tp-shard{tp=2}"] + steps[at:])
 
 
-def tp_rows() -> list[tuple]:
+def tp_rows(passes: str | None) -> list[tuple]:
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_tp_worker, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_tp_worker, args=(r, port, q, passes)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(q.get(timeout=900) for _ in procs)
@@ -160,15 +167,15 @@ def main() -> None:
     torch.manual_seed(0)
     rows = [(name, measure(MODELS[name], args.passes)) for name in args.models]
     if not args.no_tp:
-        rows += tp_rows()
+        rows += tp_rows(args.passes)
     print(f"torch {torch.__version__}, CPU fp32, pipeline {args.passes or 'default'}")
-    print(f"{'model':<30} {'param MB':>9} {'live MB':>9} {'ratio':>6}")
+    print(f"{'model':<30} {'param MB':>9} {'live MB':>9} {'ratio':>6} {'graph MB':>9}")
     for name, r in rows:
         if isinstance(r, str):
             print(f"{name:<30} failed: {r}")
             continue
-        p, live = r
-        print(f"{name:<30} {p:>9.1f} {live:>9.1f} {live / p:>6.2f}")
+        p, live, graph = r
+        print(f"{name:<30} {p:>9.1f} {live:>9.1f} {live / p:>6.2f} {'' if graph is None else f'{graph:>9.1f}'}")
     sys.stdout.flush()
 
 

@@ -1,20 +1,27 @@
-"""tp-shard: tensor-parallel sharding of a Llama-style decoder (Megatron-style column/row split).
+"""tp-shard: tensor-parallel sharding of transformer blocks (Megatron-style column/row split).
 
-Reads the tx level (after `raise`). Column-parallel projections (q/k/v, gate, up) keep 1/tp of their
-output features, row-parallel ones (o_proj, down) 1/tp of their input features followed by a sum over
-the ranks (`tx.all_reduce`, a functional collective). Attention heads, grouped KV heads included, are
-split with them: every view/reshape/expand between the two projections is rewritten for the local head
-count by following which dimension of each value is split across ranks.
+Reads the tx level (after `raise`). Projections are found from the graph, not from parameter names: a
+*region* is a set of column-parallel projections (aten.linear, or addmm/mm with a weight, as GPT-2's Conv1D
+captures) whose outputs flow, through views, transposes, splits, rotary and elementwise ops only, into one
+row-parallel projection, and nowhere else. A region is sharded when it holds an attention (q, k and v all
+reach it from the columns; heads split with them) or an activation (an MLP, gated or not), its row maps back
+to the features its columns read, and every op in it can follow the split dimension. Columns keep 1/tp of
+their output features (a fused q/k/v projection split afterwards keeps 1/tp of each block), the row 1/tp of
+its input features followed by a sum over the ranks (`tx.all_reduce`). Anything else stays replicated and is
+logged with the reason; a graph with no region to shard is refused. Norms and embeddings stay replicated.
 
 Each rank compiles its own graph: rank and world size come from torch.distributed (one process per
 device, e.g. `torchrun --nproc-per-node 2 app.py`; gloo on the CPU, NCCL on GPUs). Weight shards are
-sliced once, here, from the full weights and bound as new constants of the graph.
+sliced once, here, and bound as new constants of the graph; the full weights they came from are removed
+from the graph module, so the compiled graph holds only this rank's shards (stat `param_bytes`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,20 +30,26 @@ from fxcc import ir
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, val
 
+log = logging.getLogger(__name__)
+
 aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
 
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW = ("o_proj", "down_proj")
-
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-ELEMENTWISE = {aten.clone.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default,
-               aten.alias.default, aten.type_as.default, tx.rotary.default, tx.gated_act.default,
-               tx.silu.default, tx.gelu.default}
+MOVES = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.expand.default}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor}
+ATTENTION = {tx.attention.default, aten.scaled_dot_product_attention.default}
+COPIES = {aten.clone.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default,
+          aten.alias.default, aten.type_as.default}
+ELEMENTWISE = COPIES | {tx.rotary.default, tx.gated_act.default, tx.silu.default, tx.gelu.default}
 
 
 class ShardError(ValueError):
     """The graph cannot be split across ranks as asked; the message names the node and what to change."""
+
+
+class _Unproven(Exception):
+    """A region the structural rule cannot prove shardable: it stays replicated (the message says why)."""
 
 
 def _where(node: fx.Node) -> str:
@@ -63,18 +76,133 @@ def world(tp: int, rank: int | None) -> int:
     return dist.get_rank()
 
 
-def _param_role(gm: fx.GraphModule, node: Any) -> tuple[str, str] | None:
-    """('column' | 'row', 'weight' | 'bias') for a get_attr of a projection this pass splits."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
+# ------------------------------------------------------------------------------ projections
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """A projection by a parameter: `x @ W(.T) + b`; `out_dim` is the weight's dim of output features."""
+
+    node: fx.Node
+    x: fx.Node
+    w: fx.Node
+    b: fx.Node | None
+    out_dim: int
+
+    @property
+    def features(self) -> tuple[int, int]:
+        """(input, output) features."""
+        shape = val(self.w).shape
+        return shape[1 - self.out_dim], shape[self.out_dim]
+
+
+def _is_param(node: Any, dims: int) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and isinstance(val(node), torch.Tensor) \
+        and val(node).dim() == dims
+
+
+def as_linear(node: fx.Node) -> _Linear | None:
+    """The projection `node` computes: aten.linear (weight [out, in]), or addmm / mm with a weight [in, out]
+    (GPT-2's Conv1D after capture); None for anything else, a product of two activations included."""
+    if node.op != "call_function":
         return None
-    parts = str(node.target).split(".")
-    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
+    if node.target is aten.linear.default:
+        x, w, b, out_dim = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), 0
+    elif node.target is aten.addmm.default and all(node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
+        b, x, w = node.args[:3]
+        out_dim = 1
+    elif node.target is aten.mm.default:
+        (x, w), b, out_dim = node.args[:2], None, 1
+    else:
         return None
-    if parts[-2] in COLUMN:
-        return "column", parts[-1]
-    if parts[-2] in ROW:
-        return "row", parts[-1]
-    return None
+    if not isinstance(x, fx.Node) or not _is_param(w, 2) or not (b is None or _is_param(b, 1)):
+        return None
+    return _Linear(node, x, w, b, out_dim)
+
+
+def _passes_split(node: fx.Node) -> bool:
+    """Ops a value split across ranks may flow through inside a region."""
+    t = node.target
+    if node.op != "call_function":
+        return False
+    return (t in VIEWS or t in MOVES or t in SPLITS or t is operator.getitem or t in ATTENTION or t in ELEMENTWISE
+            or (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags))
+
+
+@dataclass
+class _Region:
+    """Column projections, the one row projection their outputs reach, and the nodes in between."""
+
+    columns: list[_Linear]
+    rows: set[fx.Node] = field(default_factory=set)
+    inside: set[fx.Node] = field(default_factory=set)
+    why_not: str | None = None  # the first reason the region cannot be sharded
+
+
+def _closure(lin: _Linear, linears: dict[fx.Node, _Linear]) -> _Region:
+    """Everything `lin`'s output reaches before a projection reads it; why_not when it escapes elsewhere."""
+    r = _Region([lin])
+    todo = [lin.node]
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            other = linears.get(u)
+            if other is not None and other.x is v:
+                r.rows.add(u)
+            elif u.op == "output":
+                r.why_not = f"%{v.name} is a model output"
+                return r
+            elif not _passes_split(u):
+                r.why_not = f"%{v.name} flows into {u.target} at {_where(u)}, which cannot take a split value"
+                return r
+            elif u not in r.inside:
+                r.inside.add(u)
+                todo.append(u)
+    return r
+
+
+def regions(gm: fx.GraphModule) -> list[_Region]:
+    """The graph's candidate regions in program order: closures of projections that meet are merged
+    (q, k and v meet at their attention, gate and up at their gated activation, all at their row)."""
+    linears = {n: lin for n in gm.graph.nodes if (lin := as_linear(n)) is not None}
+    merged: list[_Region] = []
+    for lin in linears.values():
+        r = _closure(lin, linears)
+        for other in [m for m in merged if m.inside & r.inside or m.rows & r.rows]:
+            merged.remove(other)
+            r = _Region(other.columns + r.columns, other.rows | r.rows, other.inside | r.inside,
+                        other.why_not or r.why_not)
+        merged.append(r)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for r in merged:
+        r.columns.sort(key=lambda c: order[c.node])
+    merged.sort(key=lambda r: order[r.columns[0].node])
+    return [_check(r, linears) for r in merged]
+
+
+def _check(r: _Region, linears: dict[fx.Node, _Linear]) -> _Region:
+    """Fill in why_not for a region that is not a Megatron attention or MLP block."""
+    if r.why_not:
+        return r
+    if len(r.rows) != 1:
+        r.why_not = f"its output reaches {len(r.rows)} projections, not one"
+        return r
+    row = linears[next(iter(r.rows))]
+    if any(c.node is row.node for c in r.columns):
+        r.why_not = f"its projection {_where(row.node)} reads its own output"
+        return r
+    if not any(n.target in ATTENTION or n.target not in VIEWS | MOVES | SPLITS | COPIES | {operator.getitem}
+               for n in r.inside):
+        r.why_not = f"there is no attention or activation between it and {_where(row.node)}"
+        return r
+    hidden = {c.features[0] for c in r.columns}
+    if hidden != {row.features[1]}:
+        r.why_not = (f"{_where(row.node)} maps to {row.features[1]} features, not back to the "
+                     f"{sorted(hidden)} its columns read")
+    return r
+
+
+# ------------------------------------------------------------------------------ the pass
 
 
 @dataclass(frozen=True)
@@ -99,48 +227,313 @@ class TPShard(Pass):
         return _Sharder(gm, self.tp, rank, self.group).run()
 
 
+@dataclass
+class _Plan:
+    """What sharding one region changes, decided before anything is rewritten: the split dim of every value,
+    the new size arguments of views, expands and splits, and the blocks of each column's output features."""
+
+    region: _Region
+    split: dict[fx.Node, int] = field(default_factory=dict)
+    args: dict[fx.Node, tuple] = field(default_factory=dict)
+    blocks: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
+    whole: dict[fx.Node, fx.Node] = field(default_factory=dict)  # value -> column whose full features it holds
+
+
 class _Sharder:
-    """One walk in program order, tracking for every value the dimension split across ranks (if any)."""
+    """Decide every region (`plan`), then rewrite the ones that can be sharded, in program order."""
 
     def __init__(self, gm: fx.GraphModule, tp: int, rank: int, group: str):
         self.gm, self.tp, self.rank, self.group = gm, tp, rank, group
         self.rw = Rewriter(gm)
-        self.split: dict[fx.Node, int] = {}
-        self.shards: dict[tuple[str, int], fx.Node] = {}
-        self.stats = {"column": 0, "row": 0, "all_reduce": 0, "reshape": 0}
+        self.shards: dict[tuple[str, int, tuple[int, ...]], fx.Node] = {}
+        self.stats = {"column": 0, "row": 0, "all_reduce": 0, "reshape": 0, "replicated": 0}
 
     def run(self) -> PassResult:
-        for node in list(self.gm.graph.nodes):
-            if node.op == "call_function":
-                self.visit(node)
-            elif node.op == "output":
-                bad = [a for a in node.all_input_nodes if a in self.split]
-                if bad:
-                    raise ShardError(f"tp-shard: the model output {_where(bad[0])} is split across ranks; "
-                                     "tp-shard expects every output to come after a row-parallel projection")
-        if not self.stats["column"]:
-            raise ShardError(f"tp-shard{{tp={self.tp}}}: found no projection to split (aten.linear of a weight named "
-                             f"*.{'/'.join(COLUMN + ROW)}.weight after `raise`); tp-shard knows Llama-style "
-                             "decoders, and needs `raise` before it in the pipeline")
+        full = self.param_bytes()
+        plans, skipped, taken = [], [], set()
+        for r in regions(self.gm):
+            plan = None
+            if not r.why_not:
+                if {c.node for c in r.columns} & taken or r.rows & taken:  # a row here, a column there
+                    r.why_not = "one of its projections is already sharded in another block"
+                else:
+                    try:
+                        plan = self.plan(r)
+                    except _Unproven as e:
+                        r.why_not = str(e)
+            if plan is None:
+                skipped.append(r)
+                continue
+            taken |= {c.node for c in r.columns} | r.rows
+            plans.append(plan)
+        for r in skipped:
+            left = [c.node for c in r.columns if c.node not in taken]  # not the row of a sharded block
+            self.stats["replicated"] += len(left)
+            if left:
+                log.info("tp-shard: %s stays replicated: %s", ", ".join(map(_where, left)), r.why_not)
+        if not plans:
+            why = "; ".join(f"{_where(r.columns[0].node)}: {r.why_not}" for r in skipped[:4])
+            raise ShardError(f"tp-shard{{tp={self.tp}}}: found no projection to split: no linear feeds an "
+                             "attention (q, k, v) or an activation that one projection back to the hidden size "
+                             f"reads ({why or 'the graph has no linear of a weight'}); tp-shard needs `raise` "
+                             "before it in the pipeline")
+        for plan in plans:
+            self.rewrite(plan)
+        self.drop_unused_params()
         self.gm.graph.lint()
         self.gm.recompile()
         ir.propagate(self.gm, who="tp-shard")  # the local shapes, recorded for the passes after this one
-        return PassResult(any(self.stats.values()), {k: v for k, v in self.stats.items() if v})
+        stats = {k: v for k, v in self.stats.items() if v}
+        stats.update(param_bytes=self.param_bytes(), param_bytes_tp1=full)
+        return PassResult(True, stats)
 
-    # ------------------------------------------------------------------------------ weights
+    # ------------------------------------------------------------------------------ deciding
 
-    def shard_param(self, node: fx.Node, dim: int, at: fx.Node) -> fx.Node:
-        """A get_attr of this rank's 1/tp slice of parameter `node` along `dim` (sliced once, cached)."""
-        key = (str(node.target), dim)
+    def plan(self, r: _Region) -> _Plan:
+        """Follow the split dimension through the region; _Unproven when an op cannot follow it, ShardError
+        when the sizes do not divide by tp (the user's choice of tp, not the model, is then wrong)."""
+        p = _Plan(r)
+        (row_node,) = r.rows
+        columns = {c.node: c for c in r.columns}
+        for node in self.gm.graph.nodes:
+            if node in columns:
+                c = columns[node]
+                n = c.features[1]
+                if n % self.tp:
+                    raise ShardError(f"tp-shard{{tp={self.tp}}}: {c.w.target} has {n} features along dim "
+                                     f"{c.out_dim}, not divisible by tp={self.tp}; choose a tp that divides it")
+                p.split[node] = val(node).dim() - 1
+                p.whole[node] = node
+            elif node in r.inside:
+                self.follow(node, p)
+            elif node is row_node:
+                x = as_linear(node).x
+                if p.split.get(x) != val(x).dim() - 1:
+                    raise _Unproven(f"{_where(node)} reads %{x.name} split along dim {p.split.get(x)}, not "
+                                    "its last (feature) dim")
+        for c in r.columns:
+            blocks = p.blocks.setdefault(c.node, (c.features[1],))
+            if len(blocks) == 1:
+                continue
+            # a fused projection: its whole output may reach nothing but the splits into its blocks
+            holds = {v for v, col in p.whole.items() if col is c.node}
+            for v in holds:
+                other = next((u for u in v.users if u not in holds and u.target not in SPLITS), None)
+                if other is not None:
+                    raise _Unproven(f"{_where(other)} reads the fused projection {_where(c.node)} before it is "
+                                    "split into its blocks")
+        return p
+
+    def follow(self, node: fx.Node, p: _Plan) -> None:
+        t = node.target
+        if t in VIEWS:
+            return self.view(node, p)
+        if t is operator.getitem:
+            p.split[node] = p.split[node.args[0]]
+            return
+        if t is aten.slice.Tensor:
+            return self.slice(node, p)
+        if t in SPLITS:
+            return self.split(node, p)
+        if t in ATTENTION:
+            return self.attention(node, p)
+        if t in MOVES:
+            return self.move(node, p)
+        return self.elementwise(node, p)
+
+    def move(self, node: fx.Node, p: _Plan) -> None:
+        """transpose, permute, unsqueeze, expand: the split dim moves with its data."""
+        src, t = node.args[0], node.target
+        s, nd = p.split[src], val(node).dim()
+        if t is aten.transpose.int:
+            d0, d1 = (d % nd for d in node.args[1:3])
+            p.split[node] = d1 if s == d0 else d0 if s == d1 else s
+        elif t is aten.permute.default:
+            p.split[node] = [d % nd for d in node.args[1]].index(s)
+        elif t is aten.unsqueeze.default:
+            d = node.args[1] % nd
+            p.split[node] = s + 1 if d <= s else s
+        else:
+            sizes = list(node.args[1])
+            j = s + len(sizes) - val(src).dim()
+            if sizes[j] != -1:
+                sizes[j] //= self.tp
+            p.args[node] = (src, sizes, *node.args[2:])
+            p.split[node] = j
+            return
+        if src in p.whole:
+            p.whole[node] = p.whole[src]
+
+    def view(self, node: fx.Node, p: _Plan) -> None:
+        src = node.args[0]
+        s = p.split[src]
+        shape_in, shape_out = list(val(src).shape), list(val(node).shape)
+        prefix = math.prod(shape_in[:s])
+        j = next((j for j in range(len(shape_out)) if math.prod(shape_out[:j]) == prefix and shape_out[j] > 1),
+                 None)
+        if j is None:
+            raise _Unproven(f"cannot follow the split dim {s} of %{src.name} through {_where(node)} "
+                            f"({shape_in} -> {shape_out})")
+        if shape_out[j] == shape_in[s] and src in p.whole:
+            p.whole[node] = p.whole[src]  # the feature dim moved whole: a later split still sees its blocks
+        if shape_out[j] % self.tp:
+            raise ShardError(f"tp-shard{{tp={self.tp}}}: {_where(node)} splits into {shape_out[j]} heads (dim {j} "
+                             f"of {shape_out}), which tp={self.tp} does not divide; choose a tp that divides the "
+                             "number of attention heads and of key/value heads")
+        shape_out[j] //= self.tp
+        p.args[node] = (src, shape_out, *node.args[2:])
+        p.split[node] = j
+
+    def split(self, node: fx.Node, p: _Plan) -> None:
+        """A split of the split dim is a fused projection's blocks (GPT-2's c_attn into q, k, v): the column
+        then keeps 1/tp of every block, so each piece of the split is this rank's part of one projection."""
+        src = node.args[0]
+        s = p.split[src]
+        dim = arg(node, 2, "dim", 0) % val(src).dim()
+        if dim != s:
+            p.split[node] = s
+            return
+        col = p.whole.get(src)
+        if col is None:
+            raise _Unproven(f"{_where(node)} splits %{src.name} along its split dim, and that value is not one "
+                            "projection's whole output features")
+        n = val(src).shape[s]
+        if node.target is aten.split.Tensor:
+            size = node.args[1]
+            if n % size:
+                raise _Unproven(f"{_where(node)} splits {n} features into unequal pieces of {size}")
+            sizes = (size,) * (n // size)
+        else:
+            sizes = tuple(node.args[1])
+        if any(b % self.tp for b in sizes):
+            raise ShardError(f"tp-shard{{tp={self.tp}}}: {_where(node)} splits the output of %{col.name} into "
+                             f"blocks of {list(sizes)} features, which tp={self.tp} does not divide")
+        if p.blocks.setdefault(col, sizes) != sizes:
+            raise _Unproven(f"%{col.name} is split into different blocks at {_where(node)}")
+        local = sizes[0] // self.tp if node.target is aten.split.Tensor else [b // self.tp for b in sizes]
+        p.args[node] = (src, local, *node.args[2:])
+        p.split[node] = s
+
+    def slice(self, node: fx.Node, p: _Plan) -> None:
+        """Slices that cut the split dim into consecutive blocks are a split (GPT-2's q, k, v after decompose)."""
+        src = node.args[0]
+        s, nd = p.split[src], val(src).dim()
+        if arg(node, 1, "dim", 0) % nd != s:
+            p.split[node] = s
+            return
+        col, n = p.whole.get(src), val(src).shape[s]
+        cuts = {}
+        for u in src.users:
+            if u.target is aten.slice.Tensor and arg(u, 1, "dim", 0) % nd == s:
+                start, end, step = arg(u, 2, "start"), arg(u, 3, "end"), arg(u, 4, "step", 1)
+                start, end = min(max(start or 0, 0), n), min(n if end is None else end, n)
+                if step != 1 or start < 0 or end <= start:
+                    raise _Unproven(f"{_where(u)} slices %{src.name} with step {step} or from its end")
+                cuts[u] = (start, end)
+        bounds = sorted(set(cuts.values()))
+        if col is None or bounds[0][0] != 0 or bounds[-1][1] != n or \
+                any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+            raise _Unproven(f"{_where(node)} slices %{src.name} along its split dim, and the slices are not "
+                            "consecutive blocks of one projection's output features")
+        sizes = tuple(e - b for b, e in bounds)
+        if any(b % self.tp for b in sizes):
+            raise ShardError(f"tp-shard{{tp={self.tp}}}: {_where(node)} slices the output of %{col.name} into "
+                             f"blocks of {list(sizes)} features, which tp={self.tp} does not divide")
+        if p.blocks.setdefault(col, sizes) != sizes:
+            raise _Unproven(f"%{col.name} is split into different blocks at {_where(node)}")
+        i = bounds.index(cuts[node])
+        start = sum(sizes[:i]) // self.tp
+        p.args[node] = (src, node.args[1], start, start + sizes[i] // self.tp, *node.args[4:])
+        p.split[node] = s
+
+    def attention(self, node: fx.Node, p: _Plan) -> None:
+        q, k, v = node.args[:3]
+        if any(p.split.get(a) != val(a).dim() - 3 for a in (q, k, v)):
+            raise _Unproven(f"attention {_where(node)} needs q, k and v split by heads (from column-parallel "
+                            "projections)")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and (mask in p.split or val(mask).dim() >= 3 and val(mask).shape[-3] > 1):
+            raise _Unproven(f"attention {_where(node)} has a per-head mask; tp-shard supports masks broadcast "
+                            "over heads only")
+        p.split[node] = val(q).dim() - 3
+
+    def elementwise(self, node: fx.Node, p: _Plan) -> None:
+        nd = val(node).dim()
+        dims = {p.split[a] + nd - val(a).dim() for a in node.all_input_nodes if a in p.split}
+        if len(dims) != 1:
+            raise _Unproven(f"{_where(node)} combines values split along different dims {sorted(dims)}")
+        d = dims.pop()
+        if node.target is tx.rotary.default and d == nd - 1:
+            raise _Unproven(f"rotary {_where(node)} rotates along the split dim")
+        for a in node.all_input_nodes:
+            v = val(a)
+            if isinstance(v, torch.Tensor) and a not in p.split:
+                k = d - (nd - v.dim())
+                if 0 <= k < v.dim() and v.shape[k] > 1:
+                    raise _Unproven(f"{_where(node)} combines a value split across ranks with %{a.name}, which is "
+                                    f"not split (dim {k} of size {v.shape[k]})")
+        p.split[node] = d
+        ins = [a for a in node.all_input_nodes if a in p.split]
+        if len(ins) == 1 and ins[0] in p.whole and val(ins[0]).shape == val(node).shape:
+            p.whole[node] = p.whole[ins[0]]
+
+    # ------------------------------------------------------------------------------ rewriting
+
+    def rewrite(self, p: _Plan) -> None:
+        for c in p.region.columns:
+            blocks = p.blocks[c.node]
+            w = self.shard_param(c.w, c.out_dim, blocks)
+            b = self.shard_param(c.b, 0, blocks) if c.b is not None else None
+            if c.node.target is aten.linear.default:
+                c.node.args, c.node.kwargs = (c.x, w) + ((b,) if b is not None else ()), {}
+            elif c.node.target is aten.addmm.default:
+                c.node.args, c.node.kwargs = (b, c.x, w), {}
+            else:
+                c.node.args = (c.x, w)
+            self.stats["column"] += 1
+        for node, args in p.args.items():
+            node.args = args
+            self.stats["reshape"] += 1
+        (row,) = p.region.rows
+        self.row(as_linear(row))
+
+    def row(self, lin: _Linear) -> None:
+        node = lin.node
+        w = self.shard_param(lin.w, 1 - lin.out_dim, (lin.features[0],))
+        if node.target is aten.linear.default:
+            node.args, node.kwargs = (lin.x, w), {}
+        else:
+            node.target, node.args, node.kwargs = aten.mm.default, (lin.x, w), {}
+        users = list(node.users)
+        with self.gm.graph.inserting_after(node):
+            ar = self.gm.graph.call_function(tx.all_reduce.default, (node, "sum", self.group))
+        ar.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        ar.meta["val"] = val(node)
+        out = ar
+        if lin.b is not None:  # the bias is added once, after the sum
+            with self.gm.graph.inserting_after(ar):
+                out = self.gm.graph.call_function(aten.add.Tensor, (ar, lin.b))
+            out.meta["val"] = val(node)
+        for u in users:
+            u.replace_input_with(node, out)
+        self.stats["row"] += 1
+        self.stats["all_reduce"] += 1
+
+    def shard_param(self, node: fx.Node, dim: int, blocks: tuple[int, ...]) -> fx.Node:
+        """A get_attr of this rank's 1/tp of every block of parameter `node` along `dim` (sliced once)."""
+        key = (str(node.target), dim, blocks)
         if key in self.shards:
             return self.shards[key]
         full = ir.fetch_attr(self.gm, str(node.target))
-        size = full.shape[dim]
-        if size % self.tp:
-            raise ShardError(f"tp-shard{{tp={self.tp}}}: {node.target} has {size} features along dim {dim}, "
-                             f"not divisible by tp={self.tp}; choose a tp that divides it")
-        n = size // self.tp
-        shard = ir.computed_from(full.detach().narrow(dim, self.rank * n, n).contiguous().clone(), full)
+        if full.shape[dim] % self.tp or sum(blocks) != full.shape[dim]:
+            raise ShardError(f"tp-shard{{tp={self.tp}}}: {node.target} has {full.shape[dim]} features along dim "
+                             f"{dim}, not divisible by tp={self.tp}; choose a tp that divides it")
+        pieces, start = [], 0
+        for b in blocks:
+            n = b // self.tp
+            pieces.append(full.detach().narrow(dim, start + self.rank * n, n))
+            start += b
+        shard = ir.computed_from(torch.cat(pieces, dim).contiguous(), full)
         name = f"tp_{str(node.target).replace('.', '_')}"
         self.gm.register_buffer(name, shard)
         attrs = [n for n in self.gm.graph.nodes if n.op == "get_attr"]
@@ -150,132 +543,27 @@ class _Sharder:
         self.shards[key] = new
         return new
 
-    # ------------------------------------------------------------------------------ rules
+    # ------------------------------------------------------------------------------ weights held once
 
-    def visit(self, node: fx.Node) -> None:
-        t = node.target
-        if t is aten.linear.default and _param_role(self.gm, arg(node, 1, "weight")):
-            return self.linear(node)
-        inputs = [a for a in node.all_input_nodes if a in self.split]
-        if not inputs:
-            return
-        if t in VIEWS:
-            return self.view(node)
-        if t is aten.transpose.int:
-            nd = val(node).dim()
-            d0, d1 = (d % nd for d in node.args[1:3])
-            s = self.split[node.args[0]]
-            self.split[node] = d1 if s == d0 else d0 if s == d1 else s
-            return
-        if t is aten.permute.default:
-            self.split[node] = [d % val(node).dim() for d in node.args[1]].index(self.split[node.args[0]])
-            return
-        if t is aten.unsqueeze.default:
-            d = node.args[1] % val(node).dim()
-            s = self.split[node.args[0]]
-            self.split[node] = s + 1 if d <= s else s
-            return
-        if t is aten.expand.default:
-            return self.expand(node)
-        if t in (tx.attention.default, aten.scaled_dot_product_attention.default):
-            return self.attention(node)
-        if t in ELEMENTWISE or (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags):
-            return self.elementwise(node)
-        src = inputs[0]
-        raise ShardError(f"tp-shard{{tp={self.tp}}}: cannot shard {t} at {_where(node)}: its input %{src.name} "
-                         f"is split across ranks along dim {self.split[src]}, and tp-shard knows only "
-                         "Llama-style decoders (projections, head reshapes, rotary, attention, gated MLP)")
-
-    def linear(self, node: fx.Node) -> None:
-        x, w = node.args[0], arg(node, 1, "weight")
-        b = arg(node, 2, "bias")
-        role, _ = _param_role(self.gm, w)
-        if role == "column":
-            if x in self.split:
-                raise ShardError(f"tp-shard: column-parallel projection {_where(node)} gets an input that is "
-                                 "already split across ranks")
-            args = [x, self.shard_param(w, 0, node)] + ([self.shard_param(b, 0, node)] if b is not None else [])
-            node.args, node.kwargs = tuple(args), {}
-            self.split[node] = val(node).dim() - 1
-            self.stats["column"] += 1
-            return
-        if self.split.get(x) != val(x).dim() - 1:
-            raise ShardError(f"tp-shard: row-parallel projection {_where(node)} needs its input split along the "
-                             f"last dim (the output of a column-parallel projection); got {x.name}")
-        node.args, node.kwargs = (x, self.shard_param(w, 1, node)), {}
-        users = list(node.users)
-        with self.gm.graph.inserting_after(node):
-            ar = self.gm.graph.call_function(tx.all_reduce.default, (node, "sum", self.group))
-        ar.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
-        ar.meta["val"] = val(node)
-        out = ar
-        if b is not None:  # the bias is added once, after the sum
-            with self.gm.graph.inserting_after(ar):
-                out = self.gm.graph.call_function(aten.add.Tensor, (ar, b))
-            out.meta["val"] = val(node)
-        for u in users:
-            u.replace_input_with(node, out)
-        self.stats["row"] += 1
-        self.stats["all_reduce"] += 1
-
-    def view(self, node: fx.Node) -> None:
-        src = node.args[0]
-        s = self.split[src]
-        shape_in, shape_out = list(val(src).shape), list(val(node).shape)
-        prefix = math.prod(shape_in[:s])
-        j = next((j for j in range(len(shape_out)) if math.prod(shape_out[:j]) == prefix and shape_out[j] > 1),
-                 None)
-        if j is None:
-            raise ShardError(f"tp-shard: cannot follow the split dim {s} of %{src.name} through {_where(node)} "
-                             f"({shape_in} -> {shape_out})")
-        if shape_out[j] % self.tp:
-            raise ShardError(f"tp-shard{{tp={self.tp}}}: {_where(node)} splits into {shape_out[j]} heads (dim {j} "
-                             f"of {shape_out}), which tp={self.tp} does not divide; choose a tp that divides the "
-                             "number of attention heads and of key/value heads")
-        shape_out[j] //= self.tp
-        node.args = (src, shape_out, *node.args[2:])
-        self.split[node] = j
-        self.stats["reshape"] += 1
-
-    def expand(self, node: fx.Node) -> None:
-        src = node.args[0]
-        sizes = list(node.args[1])
-        j = self.split[src] + len(sizes) - val(src).dim()
-        if sizes[j] != -1:
-            sizes[j] //= self.tp
-        node.args = (src, sizes, *node.args[2:])
-        self.split[node] = j
-        self.stats["reshape"] += 1
-
-    def attention(self, node: fx.Node) -> None:
-        q, k, v = node.args[:3]
-        head = val(q).dim() - 3
-        if any(self.split.get(a) != val(a).dim() - 3 for a in (q, k, v)):
-            raise ShardError(f"tp-shard: attention {_where(node)} needs q, k and v split by heads "
-                             "(from column-parallel projections)")
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and val(mask).dim() >= 3 and val(mask).shape[-3] > 1:
-            raise ShardError(f"tp-shard: attention {_where(node)} has a per-head mask; tp-shard supports masks "
-                             "broadcast over heads only")
-        self.split[node] = head
-
-    def elementwise(self, node: fx.Node) -> None:
-        nd = val(node).dim()
-        dims = set()
-        for a in node.all_input_nodes:
-            v = val(a)
-            if not isinstance(v, torch.Tensor):
+    def drop_unused_params(self) -> None:
+        """Remove the get_attrs no node reads any more (the full weights of the shards) and the attributes
+        behind them, so the compiled graph keeps no reference to a full weight."""
+        for node in [n for n in self.gm.graph.nodes if n.op == "get_attr" and not n.users]:
+            target = str(node.target)
+            self.gm.graph.erase_node(node)
+            if any(n.op == "get_attr" and n.target == target for n in self.gm.graph.nodes):
                 continue
-            if a in self.split:
-                dims.add(self.split[a] + nd - v.dim())
-        if len(dims) != 1:
-            raise ShardError(f"tp-shard: {_where(node)} combines values split along different dims {sorted(dims)}")
-        d = dims.pop()
-        for a in node.all_input_nodes:
-            v = val(a)
-            if isinstance(v, torch.Tensor) and a not in self.split:
-                k = d - (nd - v.dim())
-                if 0 <= k < v.dim() and v.shape[k] > 1:
-                    raise ShardError(f"tp-shard: {_where(node)} combines a value split across ranks with "
-                                     f"%{a.name}, which is not split (dim {k} of size {v.shape[k]})")
-        self.split[node] = d
+            owner, _, name = target.rpartition(".")
+            mod = self.gm.get_submodule(owner) if owner else self.gm
+            if hasattr(mod, name):
+                delattr(mod, name)
+
+    def param_bytes(self) -> int:
+        """Bytes of the tensors the graph reads as constants, each storage once."""
+        seen: dict[int, int] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr":
+                t = ir.fetch_attr(self.gm, str(n.target))
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
