@@ -22,6 +22,7 @@ import tvm
 from fxcc import gather
 from fxcc.codegen import linear_weight
 from fxcc.codegen.tvm import split_bias
+from fxcc.dialects import classify
 from tvm import s_tir, te, tirx
 
 aten = torch.ops.aten
@@ -29,6 +30,10 @@ tx = torch.ops.fxcc_tx
 
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
           torch.int32: "int32", torch.bool: "bool"}
+
+
+# ops (views free) in an expression read more than once above which the value is stored, not rebuilt (Lowering._bound)
+REUSE_SIZE = 8
 
 
 class Unsupported(Exception):
@@ -223,11 +228,15 @@ class Lowering:
         self.env: dict[fx.Node, Val] = {}
         self.out = Lowered([], [], [])
         self.n_stage = 0
+        self.size: dict[fx.Node, int] = {}  # ops in each value's expression, counting repeats (see _bound)
+        self.early: dict[int, tuple[te.Tensor, OutputSpec]] = {}  # outputs stored before the end, by position
 
     def run(self) -> Lowered:
         nodes = list(self.body.graph.nodes)
         needed = _needed(nodes, self.split)
         packed = {n.args[1] for n in nodes if n in needed and _packable(n)} if self.tile_n else set()
+        outs = next(n for n in nodes if n.op == "output").args[0]
+        uses = _uses(nodes, needed)
         for node in nodes:
             if node.op == "placeholder" or node is self.split:
                 if node in needed:
@@ -237,11 +246,29 @@ class Lowering:
             elif node.op == "call_function":
                 if node in needed:
                     self.env[node] = self._op(node)
+                    self._bound(node, uses.get(node, 0), outs)
             elif node.op == "output":
-                self._outputs(node.args[0])
+                self._outputs(outs)
             else:
                 raise Unsupported(f"{node.op} {node.target}")
         return self.out
+
+    def _bound(self, node: fx.Node, uses: int, outs) -> None:
+        """Store `node` once computed when its expression is large and read more than once: a value is an
+        expression rebuilt at every use, so a chain of such reuses (an unrolled scan, where(x > 0, x, ...)
+        repeated) grows exponentially, and TVM's simplifier with it. An output is read back from its own
+        buffer; any other value becomes a stage."""
+        args = [a for a in _flat(node.args, node.kwargs) if isinstance(a, fx.Node) and a in self.size]
+        own = 0 if classify(node)[0] == "view" else 1
+        self.size[node] = own + sum(self.size[a] for a in args)
+        if uses < 2 or self.size[node] <= REUSE_SIZE:
+            return
+        val = self.env[node]
+        if node in outs:  # stored at its first place among the outputs, read back from there
+            self.env[node] = self._output(node, outs.index(node))
+        else:
+            self.env[node] = self.stage(val.shape, lambda *i: val.at(i), "value")
+        self.size[node] = 1
 
     def _input(self, node: fx.Node, packed: bool = False) -> Val:
         v = node.meta["val"]
@@ -278,20 +305,31 @@ class Lowering:
         return Val(shape, DTYPES[dtype], at)
 
     def _outputs(self, outs) -> None:
-        for node in outs:
-            v, val = node.meta["val"], self.env[node]
-            shape, stride = tuple(v.shape), tuple(v.stride())
-            order = dense_order(shape, stride)
-            if order is None:  # not a dense layout: write contiguous, the consumer re-strides
-                order = tuple(range(len(shape)))
-                stride = tuple(torch.empty(shape).stride()) if shape else ()
-            phys = tuple(shape[d] for d in order)
-            inv = [order.index(d) for d in range(len(shape))]
-
-            t = te.compute(phys, _permuted(val, inv), name=f"out{len(self.out.out_tensors)}")
+        for i, node in enumerate(outs):
+            if i not in self.early:
+                self._store(node, self.env[node], i)
+            t, spec = self.early[i]
             self.out.out_tensors.append(t)
-            self.out.outputs.append(OutputSpec(shape, stride, order, v.dtype))
+            self.out.outputs.append(spec)
         self.out.args.extend(self.out.out_tensors)
+
+    def _output(self, node: fx.Node, i: int) -> Val:
+        """Store output `i` (`node`) now; the value, read back from the output's buffer."""
+        t, spec = self._store(node, self.env[node], i)
+        return Val(spec.shape, dt(t), lambda idx: t(*[idx[d] for d in spec.order]))
+
+    def _store(self, node: fx.Node, val: Val, i: int) -> tuple[te.Tensor, OutputSpec]:
+        v = node.meta["val"]
+        shape, stride = tuple(v.shape), tuple(v.stride())
+        order = dense_order(shape, stride)
+        if order is None:  # not a dense layout: write contiguous, the consumer re-strides
+            order = tuple(range(len(shape)))
+            stride = tuple(torch.empty(shape).stride()) if shape else ()
+        phys = tuple(shape[d] for d in order)
+        inv = [order.index(d) for d in range(len(shape))]
+        t = te.compute(phys, _permuted(val, inv), name=f"out{i}")
+        self.early[i] = (t, OutputSpec(shape, stride, order, v.dtype))
+        return self.early[i]
 
     def stage(self, shape, fn, role: str, reduce_axes=None) -> Val:
         name = f"{role}{self.n_stage}"
@@ -317,6 +355,24 @@ def _packable(node: fx.Node) -> bool:
     """A linear whose weight the kernel can read packed: a 2-D contiguous fp32 kernel input."""
     v = linear_weight(node)
     return v is not None and v.dtype == torch.float32 and v.is_contiguous() and v.numel() < 2**31
+
+
+def _uses(nodes: list[fx.Node], needed: set[fx.Node]) -> dict[fx.Node, int]:
+    """How many times each value is read: by the ops that need it, an operand repeated counting each time,
+    and by the output."""
+    uses: dict[fx.Node, int] = {}
+    for n in nodes:
+        if n in needed or n.op == "output":
+            for a in _flat(n.args, n.kwargs):
+                if isinstance(a, fx.Node):
+                    uses[a] = uses.get(a, 0) + 1
+    return uses
+
+
+def _flat(args, kwargs) -> list:
+    out = []
+    fx.node.map_aggregate((args, kwargs), out.append)
+    return out
 
 
 def _permuted(val: Val, inv: list[int]):
@@ -1124,6 +1180,8 @@ def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
         if name not in placed:
             if st.role == "gemm":
                 _gemm_schedule(sch, name, None, p)
+            elif st.role == "value":  # a stored value (Lowering._bound): a pointwise loop of its own
+                _spatial(sch, sch.get_sblock(name), p)
             else:
                 loops = sch.get_loops(sch.get_sblock(name))
                 spatial = loops[:len(st.tensor.shape)]

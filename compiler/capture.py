@@ -156,6 +156,31 @@ def forward_as(module: nn.Module, fn: Callable | None) -> Iterator[None]:
             module.__dict__["forward"] = old
 
 
+@contextlib.contextmanager
+def unchanged_conversions_skipped() -> Iterator[None]:
+    """Within the block, a module conversion that changes none of its tensors returns the module as it is.
+
+    A forward may convert a submodule (Switch Transformers' router: `self.classifier = self.classifier.to(
+    self.dtype)`); under export its parameters are fake tensors, which `nn.Module._apply` replaces with
+    `swap_tensors`, and that fails ("Couldn't swap Linear.weight") even when the conversion is a no-op.
+    """
+    original = nn.Module._apply
+
+    def _apply(self: nn.Module, fn: Callable, recurse: bool = True) -> nn.Module:
+        mods = self.modules() if recurse else (self,)
+        tensors = [t for m in mods for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        with torch.no_grad():
+            if all(fn(t) is t for t in tensors):
+                return self
+        return original(self, fn, recurse)
+
+    nn.Module._apply = _apply
+    try:
+        yield
+    finally:
+        nn.Module._apply = original
+
+
 def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None = None,
             forward: Callable | None = None) -> Captured:
     """Capture `module` (calling `forward`, by default its own) for these inputs, with the input
@@ -173,7 +198,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     try:
         # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news
         quiet = held_back("torch._export.non_strict_utils", logging.ERROR)
-        with torch.no_grad(), forward_as(module, traced), quiet, eager_mask_skip():
+        with torch.no_grad(), forward_as(module, traced), quiet, eager_mask_skip(), unchanged_conversions_skipped():
             ep = torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
         state.restore()

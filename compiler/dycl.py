@@ -77,6 +77,12 @@ _CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, to
               type(Ellipsis), slice)
 
 
+# segment outputs torch.export cannot return (it takes tensors, numbers, None): they are passed around the
+# captured graph, as the values the first eager run gave; a segment's guard fixes its inputs' devices and dtypes,
+# which is all such a value can depend on
+_PASSED = (torch.device, torch.dtype, torch.layout, torch.memory_format, str, bytes, type(Ellipsis), slice)
+
+
 class Unguarded(Exception):
     """A segment input whose value no guard can check (a mutable object): the segment runs as Python."""
 
@@ -125,7 +131,8 @@ class SegmentModule(nn.Module):
     their positions `fixed`, so each module gets its own compiled variant and the call passes only values.
     """
 
-    def __init__(self, owner: Any, fn: Any, source: str, fixed: dict[int, Any], n_args: int):
+    def __init__(self, owner: Any, fn: Any, source: str, fixed: dict[int, Any], n_args: int,
+                 passed: dict[int, Any] | None = None):
         super().__init__()
         self.owner = owner if isinstance(owner, nn.Module) else None
         modules = {i: m for i, m in fixed.items() if isinstance(m, nn.Module)}
@@ -136,11 +143,16 @@ class SegmentModule(nn.Module):
         self._constants = tuple((i, c) for i, c in fixed.items() if i not in modules)
         self._fn = fn
         self._n_args = n_args
+        self._passed = tuple(sorted((passed or {}).items()))  # outputs returned as None (see _PASSED)
 
     def forward(self, *args: Any) -> Any:
         fixed = dict(self._constants) | dict(zip(self._module_positions, self.bound_modules))
         rest = iter(args)
-        return self._fn(*[fixed[i] if i in fixed else next(rest) for i in range(self._n_args)])
+        out = self._fn(*[fixed[i] if i in fixed else next(rest) for i in range(self._n_args)])
+        if self._passed:
+            passed = dict(self._passed)
+            out = tuple(None if i in passed else o for i, o in enumerate(out))
+        return out
 
 
 @dataclass
@@ -207,8 +219,9 @@ class Segment:
             fixed = {i: a for i, a in enumerate(args) if _baked(a)}
             values = tuple(a for i, a in enumerate(args) if i not in fixed)
             try:
-                cm = CompiledModule(SegmentModule(self.owner, self.eager_call, self.source, fixed, len(args)),
-                                    self.options)
+                passed = self._passed_outputs(args)
+                cm = CompiledModule(SegmentModule(self.owner, self.eager_call, self.source, fixed, len(args),
+                                                  passed), self.options)
                 cm.name, cm.echo_ir = self.name, False
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -220,7 +233,7 @@ class Segment:
                               stacklevel=4)
                 run = SegmentRun(sig, self.eager_call, eager=why)
             else:
-                call = _direct_call(variant, values, len(self.spec.outputs), tuple(fixed))
+                call = _passing(_direct_call(variant, values, len(self.spec.outputs), tuple(fixed)), passed)
                 run = SegmentRun(sig, call, variant)
                 differs = self._aliasing_differs(call, args)
                 if differs:
@@ -234,6 +247,13 @@ class Segment:
         self.by_key[key] = run.call
         return run.call
 
+
+    def _passed_outputs(self, args: tuple) -> dict[int, Any]:
+        """The outputs, by position, that a captured graph cannot return (`_PASSED`: a device, a dtype), with
+        their values, from one run as plain Python on copies of the inputs (RNG state restored)."""
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            outs = self.eager_call(*_clones(args))
+        return {i: o for i, o in enumerate(outs) if isinstance(o, _PASSED)} if isinstance(outs, tuple) else {}
 
     def _aliasing_differs(self, call: Any, args: tuple) -> str | None:
         """Whether the compiled segment's outputs share memory differently from eager's (a view returned as a
@@ -298,6 +318,19 @@ def _baked(a: Any) -> bool:
     segment's guard key holds their identity or value already, so a variant only ever sees one)."""
     return isinstance(a, (nn.Module, *_CONSTANTS, types.FunctionType, types.BuiltinFunctionType,
                           types.MethodType, type))
+
+
+def _passing(call: Any, passed: dict[int, Any]) -> Any:
+    """`call` with the outputs its graph returns as None (`_PASSED`) put back."""
+    if not passed:
+        return call
+
+    def call_passing(*a: Any) -> Any:
+        out = list(call(*a))
+        for i, v in passed.items():
+            out[i] = v
+        return tuple(out)
+    return call_passing
 
 
 def _direct_call(variant: Variant, values: tuple, n_out: int, fixed: tuple[int, ...]) -> Any:

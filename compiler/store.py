@@ -204,6 +204,12 @@ def _warn_once(root: Path, text: str) -> None:
         warnings.warn(f"fxcc: {text}", stacklevel=4)
 
 
+# `put` rescans the whole cache (to evict past max_bytes) at most this often unless this process's own writes
+# take it past the limit: a scan reads every entry's manifest, and a compile stores one entry per kernel, so
+# scanning on every put made compiles slow down with the cache's size (minutes with a zoo-sized cache)
+PRUNE_RESCAN_S = 30.0
+
+
 class ArtifactCache:
     """A directory of signed entries keyed by `cache_key`; safe for many processes at once.
 
@@ -224,6 +230,9 @@ class ArtifactCache:
         self.writable = self.trust is None
         self._opened = False
         self.removed = Swept()  # temporary directories of dead writers this process removed (`sweep`)
+        # the cache's size as of the last scan (`prune`) plus what this process stored since, and when that
+        # scan was: `put` scans again only past the limit or after PRUNE_RESCAN_S (other processes write too)
+        self._estimate: tuple[int, float] | None = None
 
     def __repr__(self) -> str:
         return f"ArtifactCache({str(self.root)!r}, max_bytes={self.max_bytes})"
@@ -459,7 +468,11 @@ class ArtifactCache:
         size = len(text) + sum(f["size"] for f in listing.values())
         entry = Entry(key, d, meta, {name: d / name for name in listing}, size, time.time())
         if self.max_bytes:
-            self.prune(self.max_bytes, keep=key)
+            total, scanned = self._estimate or (0, float("-inf"))
+            total += size
+            self._estimate = (total, scanned)
+            if total > self.max_bytes or time.monotonic() - scanned > PRUNE_RESCAN_S:
+                self.prune(self.max_bytes, keep=key)
         return entry
 
     def remove(self, key: str) -> bool:
@@ -489,6 +502,7 @@ class ArtifactCache:
                 sized.append((entry.last_used, key, d, entry.size))
         total = sum(s[3] for s in sized) + swept.in_progress_bytes
         removed = []
+        scanned = time.monotonic()
         for _, key, d, size in sorted(sized, key=lambda s: (s[0], s[1])):
             if total <= max_bytes:
                 break
@@ -501,6 +515,7 @@ class ArtifactCache:
             if self._evict(key, ino) is None:
                 removed.append(key)
             total -= size
+        self._estimate = (total, scanned)
         if removed:
             log.info("artifact cache %s: evicted %d least recently used entries", self.root, len(removed))
         return removed

@@ -179,6 +179,20 @@ def test_a_size_cap_prunes_on_put_but_keeps_the_new_entry(tmp_path):
     assert [e.key for e in cache.entries()] == [key("b")]
 
 
+def test_puts_under_the_cap_do_not_rescan_the_cache(tmp_path, monkeypatch):
+    """A scan reads every entry; one per put made a compile's time grow with the cache (the zoo's timeouts)."""
+    cache = ArtifactCache(tmp_path / "c", max_bytes=10**9)
+    scans = []
+    prune = cache.prune
+    monkeypatch.setattr(cache, "prune", lambda *a, **k: scans.append(1) or prune(*a, **k))
+    for n in "abcdef":
+        cache.put(key(n), FILES, META)
+    assert len(scans) == 1 and len(cache.entries()) == 6
+    cache.max_bytes = 1  # this process's own writes past the cap scan at once
+    cache.put(key("g"), FILES, META)
+    assert len(scans) == 2 and [e.key for e in cache.entries()] == [key("g")]
+
+
 def test_clear_removes_every_entry(cache):
     for n in "abc":
         cache.put(key(n), FILES, META)

@@ -236,3 +236,23 @@ def test_a_vmap_that_cannot_be_traced_is_a_capture_error_naming_it(monkeypatch):
                                                  r".* in forward: `mask = torch.vmap.*`\) could not be traced into "
                                                  r"batched aten ops: RuntimeError: no batching rule"):
         capture(VmapMask(), vmap_inputs(2, 5), {})
+
+
+class ConvertsInForward(nn.Module):
+    """Switch Transformers' router converts its classifier in every forward (a no-op in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(8, 4)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(x.dtype)
+        return self.classifier(x).softmax(-1)
+
+
+def test_a_module_converted_in_forward_without_change_is_exported(x):
+    m = ConvertsInForward().eval()
+    cap = capture(m, (x,), {})
+    assert cap.method == "export", cap.export_error
+    close(torch.utils._pytree.tree_unflatten(list(cap.gm(x)), cap.out_spec), m(x))
+    assert m.classifier.weight.dtype == torch.float32 and type(m.classifier.weight) is nn.Parameter

@@ -377,6 +377,26 @@ def test_slice_objects_as_segment_inputs():
     check(SliceValues(), inputs())
 
 
+class DeviceOutputs(Lin):
+    def forward(self, x, y=None):
+        if x is not None:  # static, with an else: the segment keeps it, and returns `device` and `dtype`
+            h = self.a(x)
+            device, dtype = x.device, x.dtype
+        else:
+            h, device, dtype = y, y.device, y.dtype
+        h = torch.cat([h[i:i + 1] for i in range(h.shape[0])])  # no symbolic_trace fallback either
+        if h.sum() > 0:
+            h = self.b(h)
+        return h + torch.ones(h.shape, device=device, dtype=dtype)
+
+
+def test_device_and_dtype_outputs_of_a_segment_pass_around_its_graph():
+    """torch.export returns no torch.device or dtype: the segment that makes them still compiles (SAM-3)."""
+    compiled = check(DeviceOutputs(), inputs())
+    runs = [r for p in compiled.variants[0].program.all_programs() for s in p.segments for r in s.runs.values()]
+    assert runs and all(r.variant is not None and r.variant.captured.method == "export" for r in runs)
+
+
 class Counter(Lin):
     def __init__(self):
         super().__init__()

@@ -85,6 +85,35 @@ def test_masked_fill_and_where_with_bool_masks():
     compile_tvm(f, torch.randn(8, 16), torch.rand(8, 16) > 0.5, kinds=("pointwise",))
 
 
+def test_a_value_read_many_times_is_stored_once_not_rebuilt_at_each_read():
+    """where(x > 0, x, ...) reads x three times: repeated, the expression tripled at every step (3**12 here)."""
+    def f(x):
+        for _ in range(12):
+            x = torch.where(x > 0, x, x * 0.5) + 0.1
+        return x
+    torch.manual_seed(0)
+    (k,) = compile_tvm(f, torch.randn(16, 32), kinds=("pointwise",))
+    assert "value" in k.built.source and len(k.built.source) < 40_000
+
+
+def test_an_unrolled_scan_reads_each_step_back_from_its_output():
+    """Mamba's slow path: h = a[t] * h + b[t] per step, every h an output. Each step reads the previous
+    one from its output buffer instead of recomputing the whole chain (whose nested selects took TVM's
+    simplifier minutes at 8 steps)."""
+    def scan(dt, a, bx):
+        dt = torch.where(dt > 20, dt, torch.log1p(torch.exp(dt)))  # softplus, as decompose writes it
+        da = torch.exp(a[None, :, None, :] * dt[..., None])
+        h, hs = bx[:, :, 0], []
+        for t in range(1, dt.shape[-1]):
+            h = da[:, :, t] * h + bx[:, :, t]
+            hs.append(h)
+        return torch.stack(hs, -1)
+    torch.manual_seed(0)
+    ks = compile_tvm(scan, torch.randn(2, 8, 6), -torch.rand(8, 4), torch.randn(2, 8, 6, 4), kinds=("pointwise",))
+    source = next(k.built.source for k in ks if k.kind == "pointwise" and k.backend == "tvm")
+    assert "out3[" in source and "value" not in source  # each step reads the one before from its output
+
+
 def test_layer_norm_with_residual_add():
     w, b = torch.randn(64), torch.randn(64)
 
