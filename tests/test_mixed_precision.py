@@ -4,6 +4,7 @@ report, budget, policy errors."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import fxcc
@@ -785,3 +786,23 @@ def test_decode_llama_int4_triton_folds_norm_gate_and_residual(monkeypatch):
     assert ops.count(tx.rms_norm.default) == 1  # the final norm; the layer's two are in the GEMVs
     assert rep.search.endswith("+folds") and abs(rep.measured_error - quality_loss([ref], [out])) < 1e-4
     assert quality_loss([ref], [out]) <= rep.budget
+
+
+def test_int4_weights_held_once_in_their_kernels_layout():
+    """The compiled graph holds each int4 linear's weight once, in the layout of the kernel the IR names (no copy
+    in another layout, no candidate precision left over): about 1/8 of the fp32 bytes plus the scales and zeros."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 8))
+    cm = fxcc.compile(model, passes="canonicalize,raise,mixed-precision{policy=int4,reps=2,budget=0.05},fuse,"
+                                    "codegen{backend=extern}")
+    with torch.no_grad():
+        cm(ids)
+    rep = mixed_precision_report(cm)
+    gm = cm.variants[-1].gm
+    derived = {n: t for n, t in gm.named_buffers() if n.startswith("_mp_")}
+    assert derived and all(t.dtype == torch.uint8 or n.endswith("_scale") for n, t in derived.items())
+    w_int4 = sum(math.prod(r.shape[1:]) for r in rep.layers if r.precision == "int4")  # K * N of the int4 linears
+    held = sum(t.numel() * t.element_size() for t in derived.values())
+    packed = sum(t.numel() for t in derived.values() if t.dtype == torch.uint8)
+    assert packed == w_int4 // 2  # two weights a byte, each weight once
+    assert held <= 0.16 * 4 * w_int4  # with fp32 scales and zeros per group of 128: 1/8 + 1/16 of fp32 bytes
