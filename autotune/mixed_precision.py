@@ -193,8 +193,12 @@ class MixedPrecision(Pass):
         merged = 0
         for ns in groups.values():
             p, k = choice[ns[0].name], layers[linears.index(ns[0])].kernel
-            if len(ns) == 1:
-                _lower(gm, ns[0], p, k, weights[ns[0], p])
+            # int4: torch's CPU kernel takes only some shapes (N a multiple of 16): merged only where every
+            # member measured the same kernel, so the merged weight is one that kernel was seen to take
+            apart = p == "int4" and any(layers[linears.index(n)].kernel != k for n in ns)
+            if len(ns) == 1 or apart:
+                for n in ns:
+                    _lower(gm, n, p, layers[linears.index(n)].kernel, weights[n, p])
             else:  # one GEMM over the concatenated weights (q/k/v, gate/up): fewer launches, more programs
                 _lower_group(gm, ns, p, k, [weights[n, p] for n in ns])  # the first one's kernel for all
                 for n in ns[1:]:
