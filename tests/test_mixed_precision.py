@@ -783,6 +783,9 @@ def test_decode_llama_int4_triton_folds_norm_gate_and_residual(monkeypatch):
               if n.op == "call_function" and n.target in KERNEL_OPS]
     ops = [m.target for b in bodies for m in b.graph.nodes if m.op == "call_function"]
     assert ops.count(tx.int4_gated_linear.default) == 1 and ops.count(tx.int4_linear.default) == 3
+    # the weights re-quantized with the norms' weights replaced the first ones: each int4 weight held once
+    packed = sum(t.numel() for n, t in cm.variants[-1].gm.named_buffers() if t.dtype == torch.uint8)
+    assert packed == sum(math.prod(r.shape[1:]) for r in rep.layers) // 2
     assert ops.count(tx.rms_norm.default) == 1  # the final norm; the layer's two are in the GEMVs
     assert rep.search.endswith("+folds") and abs(rep.measured_error - quality_loss([ref], [out])) < 1e-4
     assert quality_loss([ref], [out]) <= rep.budget
