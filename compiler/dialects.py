@@ -317,6 +317,13 @@ def unpack_int4(p: Tensor, group: int) -> Tensor:
     return torch.cat([g & 15, g >> 4], 2).reshape(n, 2 * half)
 
 
+def _eye_rows(lo: int, hi: int, k: int) -> Tensor:
+    """Rows lo..hi of the k x k identity (fp32)."""
+    e = torch.zeros(hi - lo, k)
+    e[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+    return e
+
+
 def int4_dequantize(qweight: Tensor, scale_zero: Tensor, group: int, impl: str = "ref") -> Tensor:
     """The [N, K] fp32 weight int4 weights stand for, read in the layout kernel `impl` takes."""
     groups, n, two = scale_zero.shape
@@ -324,9 +331,10 @@ def int4_dequantize(qweight: Tensor, scale_zero: Tensor, group: int, impl: str =
         raise ValueError(f"int4 weights: qweight {tuple(qweight.shape)} and scale_zero {tuple(scale_zero.shape)} "
                          f"do not fit group={group} (expected [N, K/2] and [K/group, N, 2])")
     sz = scale_zero.float()
-    if INT4_LAYOUTS.get(impl) == "torch-cpu":  # its layout is the library's own: unpacked by the library
-        eye = torch.eye(groups * group, dtype=torch.float32)
-        return aten._weight_int4pack_mm_for_cpu(eye, qweight, group, sz).t()
+    if INT4_LAYOUTS.get(impl) == "torch-cpu":  # its layout is the library's own: unpacked by the library,
+        k = groups * group                      # rows of the identity times W^T, 512 at a time
+        return torch.cat([aten._weight_int4pack_mm_for_cpu(_eye_rows(i, min(i + 512, k), k), qweight, group, sz)
+                          for i in range(0, k, 512)]).t()
     q = unpack_int4(qweight, group).float().reshape(n, groups, group)
     return ((q - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(n, groups * group)
 
