@@ -10,11 +10,13 @@ Runs after `raise` and before `fuse`, on `aten.linear` nodes whose weight is a c
 4. Search: the fastest assignment whose predicted error (the sum of the layers' errors) is within the
    budget: Optuna (TPE) for `policy=auto`, greedy for a fixed policy; the winner is run and its measured
    error checked, layers go back to full precision (most sensitive first) while it exceeds the budget.
-5. Lowering: weights are quantized once, here, into new graph constants; the linear becomes
-   tx.int8_linear / tx.fp8_linear (naming the measured kernel), or casts around a low-precision linear.
-6. Folds (`epilogue=true`) where the Triton int8 kernel runs: residual adds, and at decode (<= 16 rows) the
-   SwiGLU of a merged gate/up linear and the RMSNorm feeding a linear, go into the GEMV's epilogue; the folded
-   graph is run once more so the reported error is that of what runs.
+5. Lowering: weights are quantized once, here, into new graph constants (in the layout of the measured kernel);
+   the linear becomes tx.int8_linear / tx.int4_linear / tx.fp8_linear (naming the kernel), or casts around a
+   low-precision linear. int4 (W4A16) is asymmetric per group of 128 input channels (64 or 32 where 128 does not
+   divide K; a layer whose K no group divides keeps its precision, the reason in the report's notes).
+6. Folds (`epilogue=true`) where a Triton weight-only kernel (int8 or int4) runs: residual adds, and at decode
+   (<= 16 rows) the SwiGLU of a merged gate/up linear and the RMSNorm feeding a linear, go into the GEMV's
+   epilogue; the folded graph is run once more so the reported error is that of what runs.
 `mixed_precision_report(compiled)` returns the per-layer table (precision, kernel, errors, times).
 """
 
@@ -37,11 +39,11 @@ from fxcc.quality import quality_loss
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-POLICIES = ("auto", "bf16", "fp16", "int8-weight", "int8", "fp8")
+POLICIES = ("auto", "bf16", "fp16", "int8-weight", "int8", "fp8", "int4")
 KEEP = "keep"  # the graph's own precision
 # what each policy may use besides KEEP ("int8-tensor": W8A8 with a per-tensor activation scale, CPU)
 FAMILY = {"bf16": ["bf16"], "fp16": ["fp16"], "int8-weight": ["int8-weight"], "int8": ["int8", "int8-tensor"],
-          "fp8": ["fp8"]}
+          "fp8": ["fp8"], "int4": ["int4"]}
 CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -57,6 +59,7 @@ class LayerReport:
     error_alone: dict[str, float] = field(default_factory=dict)
     ms: dict[str, float] = field(default_factory=dict)
     kernel_of: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # precision -> why this layer cannot take it
 
 
 @dataclass
@@ -77,12 +80,15 @@ class Report:
                 f"predicted error {self.predicted_error:.2e}, measured {self.measured_error:.2e}; "
                 f"linears {self.baseline_ms:.2f} -> {self.predicted_ms:.2f} ms (predicted)",
                 f"  {'layer':<44} {'M x K x N':<18} {'precision':<12} {'kernel':<9} {'error alone':>11} "
-                f"{'ms':>8} {'ms keep':>8}"]
+                f"{'ms':>8} {'ms keep':>8}  errors alone of the others; notes"]
         for r in self.layers:
             m, k, n = r.shape
             err = r.error_alone.get(r.precision, 0.0)
+            others = [f"{p} {e:.1e}" for p, e in r.error_alone.items() if p not in (KEEP, r.precision)]
+            notes = [f"no {p}: {why}" for p, why in r.notes.items()]
             rows.append(f"  {r.module or r.node:<44} {f'{m}x{k}x{n}':<18} {r.precision:<12} {r.kernel:<9} "
-                        f"{err:>11.2e} {r.ms.get(r.precision, float('nan')):>8.3f} {r.ms.get(KEEP, 0):>8.3f}")
+                        f"{err:>11.2e} {r.ms.get(r.precision, float('nan')):>8.3f} {r.ms.get(KEEP, 0):>8.3f}  "
+                        f"{', '.join(others + notes)}".rstrip())
         return "\n".join(rows)
 
 
@@ -99,9 +105,10 @@ class MixedPrecision(Pass):
     budget: largest output error, 1 - min cosine over output rows vs the unchanged graph (default 0.01,
     or the compile's quality_budget). trials: Optuna trials (policy=auto). horizontal: quantized linears
     reading the same input with the same precision become one GEMM over their concatenated weights.
-    epilogue: a residual add after an int8 linear moves into it (the Triton GEMM adds it in its epilogue),
-    and at decode (<= 16 rows) silu(gate) * up of a merged gate/up int8 linear becomes tx.int8_gated_linear
-    and an RMSNorm feeding only an int8 linear moves into it (the Triton GEMV computes both).
+    epilogue: a residual add after a weight-only int8 / int4 linear moves into it (the Triton kernels add it in
+    their epilogue), and at decode (<= 16 rows) silu(gate) * up of a merged gate/up linear becomes
+    tx.int8_gated_linear / tx.int4_gated_linear and an RMSNorm feeding only such a linear moves into it (the
+    Triton GEMVs compute both).
     """
 
     name = "mixed-precision"
@@ -146,6 +153,9 @@ class MixedPrecision(Pass):
         for n, row in zip(linears, layers):
             for p in precs:
                 weights[n, p] = _prepare(gm, n, p)
+                if isinstance(weights[n, p], str):  # this layer cannot take p: the reason goes in the report
+                    row.notes[p] = weights[n, p]
+                    continue
                 key = (row.shape, p, weights[n, p][2] is not None)
                 if key not in timed:
                     timed[key] = self._time(n, p, acts[n], weights[n, p], device, row.ms.get(KEEP))
@@ -175,7 +185,7 @@ class MixedPrecision(Pass):
         for n, row in zip(linears, layers):
             row.precision = choice[row.node]
             row.kernel = row.kernel_of.get(row.precision, "library")
-            if row.precision in ACT or row.precision == "fp8":
+            if row.precision in ACT or row.precision in ("fp8", "int4"):
                 key = (n.args[0], row.precision, weights[n, row.precision][2] is not None)
                 groups.setdefault(key if self.horizontal else (n,), []).append(n)
             elif row.precision != KEEP:
@@ -183,8 +193,12 @@ class MixedPrecision(Pass):
         merged = 0
         for ns in groups.values():
             p, k = choice[ns[0].name], layers[linears.index(ns[0])].kernel
-            if len(ns) == 1:
-                _lower(gm, ns[0], p, k, weights[ns[0], p])
+            # int4: torch's CPU kernel takes only some shapes (N a multiple of 16): merged only where every
+            # member measured the same kernel, so the merged weight is one that kernel was seen to take
+            apart = p == "int4" and any(layers[linears.index(n)].kernel != k for n in ns)
+            if len(ns) == 1 or apart:
+                for n in ns:
+                    _lower(gm, n, p, layers[linears.index(n)].kernel, weights[n, p])
             else:  # one GEMM over the concatenated weights (q/k/v, gate/up): fewer launches, more programs
                 _lower_group(gm, ns, p, k, [weights[n, p] for n in ns])  # the first one's kernel for all
                 for n in ns[1:]:
@@ -204,6 +218,9 @@ class MixedPrecision(Pass):
                 log.warning("mixed-precision: error %.2e after folding norms/gates/residuals into the int8 "
                             "kernels is over the budget %.2e; compile with mixed-precision{...,epilogue=false} to "
                             "keep them apart", measured, budget)
+        if self.policy == "int4" and all("int4" in r.notes for r in layers):
+            log.warning("mixed-precision policy=int4: no linear can be int4 (%s); the model keeps its precision",
+                        layers[0].notes["int4"])
         report = Report(self.policy, budget, layers, sum(r.error_alone.get(r.precision, 0) for r in layers),
                         measured, sum(r.ms[r.precision] for r in layers), sum(r.ms[KEEP] for r in layers), how)
         gm.meta["fxcc_mixed_precision"] = report
@@ -293,13 +310,13 @@ def _available(policy: str, device: str, dtype: torch.dtype) -> list[str]:
     fp8 = device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
     fbgemm = device == "cpu" and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
     ok = {"bf16": dtype == torch.float32, "fp16": dtype == torch.float32, "int8-weight": True,
-          "int8": True, "int8-tensor": fbgemm, "fp8": fp8}
+          "int8": True, "int8-tensor": fbgemm, "fp8": fp8, "int4": True}
     if policy == "fp8" and not fp8:
         raise ValueError(f"mixed-precision policy=fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+, "
                          f"e.g. H100); the target here is {device!r}. Use policy=int8 or policy=bf16.")
     if policy in ("bf16", "fp16") and dtype != torch.float32:
         raise ValueError(f"mixed-precision policy={policy}: the model's linears are already "
-                         f"{str(dtype).replace('torch.', '')}; use policy=int8-weight, int8 or fp8")
+                         f"{str(dtype).replace('torch.', '')}; use policy=int8-weight, int8, int4 or fp8")
     wanted = [p for fam in FAMILY.values() for p in fam] if policy == "auto" else FAMILY[policy]
     return [KEEP] + [p for p in wanted if ok[p]]
 
@@ -339,13 +356,17 @@ def _module_name(n: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def _prepare(gm: fx.GraphModule, n: fx.Node, p: str) -> tuple:
-    """The weights precision `p` computes with, made once: (weight, scale or None, bias)."""
+def _prepare(gm: fx.GraphModule, n: fx.Node, p: str) -> tuple | str:
+    """The weights precision `p` computes with, made once: (weight, scale or None, bias); int4: (packed weight in
+    fxcc's layout, scale_zero in the weight's dtype, bias). A string: why this layer cannot take `p`."""
     w, b = _weight(gm, n).detach(), _bias(gm, n)
     if p == KEEP:
         return w, None, b
     if p in CAST:
         return w.to(CAST[p]), None, None if b is None else b.to(CAST[p])
+    if p == "int4":
+        q = quant.quantize_weight_int4(w, w.dtype)
+        return q if isinstance(q, str) else (*q, None if b is None else b.detach())
     qw, ws = quant.quantize_weight(w, "fp8" if p == "fp8" else "int8")
     return qw, ws, None if b is None else b.detach()
 
@@ -363,6 +384,10 @@ def _linear_fn(p: str, kernel: str, w: tuple):
         return lambda x: torch.nn.functional.linear(x.to(CAST[p]), wt, b).to(x.dtype)
     if p == "fp8":
         return lambda x: torch.ops.fxcc_tx.fp8_linear(x, wt, ws, b, kernel)
+    if p == "int4":
+        group = quant.int4_group_of(wt, ws)
+        qk = quant.int4_weight(wt, group, kernel)
+        return lambda x: torch.ops.fxcc_tx.int4_linear(x, qk, ws, b, group, kernel)
     return lambda x: torch.ops.fxcc_tx.int8_linear(x, wt, ws, b, ACT[p], kernel)
 
 
@@ -443,8 +468,9 @@ def _lower(gm: fx.GraphModule, n: fx.Node, p: str, kernel: str, w: tuple) -> Non
 
     x = n.args[0]
     meta = {"nn_module_stack": n.meta.get("nn_module_stack", {})}
+    group = quant.int4_group_of(wt, ws) if p == "int4" else 0
     with g.inserting_before(n):
-        wn = const("w", wt)
+        wn = const("w", quant.int4_weight(wt, group, kernel) if p == "int4" else wt)
         sn = const("scale", ws) if ws is not None else None
         bn = const("b", b) if b is not None and p in CAST else (n.args[2] if len(n.args) > 2 else None)
         if p in CAST:
@@ -455,11 +481,13 @@ def _lower(gm: fx.GraphModule, n: fx.Node, p: str, kernel: str, w: tuple) -> Non
                 m.meta.update(meta)
         elif p == "fp8":
             new = g.call_function(torch.ops.fxcc_tx.fp8_linear.default, (x, wn, sn, bn, kernel))
+        elif p == "int4":
+            new = g.call_function(torch.ops.fxcc_tx.int4_linear.default, (x, wn, sn, bn, group, kernel))
         else:
             new = g.call_function(torch.ops.fxcc_tx.int8_linear.default, (x, wn, sn, bn, ACT[p], kernel))
     new.meta.update(meta)
     new.meta["val"] = n.meta.get("val")
-    if p in ACT:
+    if p in ACT or p == "int4":
         new.meta[SOURCE] = [_weight(gm, n)]  # the float weight, for folds that re-quantize it (_fold_norms)
     n.replace_all_uses_with(new)
     g.erase_node(n)
@@ -473,7 +501,10 @@ def _lower_group(gm: fx.GraphModule, nodes: list[fx.Node], p: str, kernel: str, 
     order = {n: i for i, n in enumerate(g.nodes)}
     first = min(nodes, key=order.__getitem__)
     wt = torch.cat([w[0] for w in ws])
-    sc = torch.cat([w[1] for w in ws])
+    sc = torch.cat([w[1] for w in ws], dim=1 if p == "int4" else 0)  # int4: scale_zero [K / group, N, 2]
+    group = quant.int4_group_of(wt, sc) if p == "int4" else 0
+    if p == "int4":
+        wt = quant.int4_weight(wt, group, kernel)
     b = torch.cat([w[2] for w in ws]) if ws[0][2] is not None else None
 
     sources = _float_params(gm, nodes)
@@ -489,14 +520,16 @@ def _lower_group(gm: fx.GraphModule, nodes: list[fx.Node], p: str, kernel: str, 
         x = first.args[0]
         if p == "fp8":
             op = g.call_function(torch.ops.fxcc_tx.fp8_linear.default, (x, wn, sn, bn, kernel))
+        elif p == "int4":
+            op = g.call_function(torch.ops.fxcc_tx.int4_linear.default, (x, wn, sn, bn, group, kernel))
         else:
             op = g.call_function(torch.ops.fxcc_tx.int8_linear.default, (x, wn, sn, bn, ACT[p], kernel))
         op.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
-        if p in ACT:
+        if p in ACT or p == "int4":
             op.meta[SOURCE] = [_weight(gm, n) for n in nodes]
         start = 0
         for n, w in zip(nodes, ws):
-            size = w[0].shape[0]
+            size = w[1].shape[1] if p == "int4" else w[0].shape[0]
             sl = g.call_function(aten.slice.Tensor, (op, -1, start, start + size))
             sl.meta["nn_module_stack"] = n.meta.get("nn_module_stack", {})
             start += size
@@ -505,16 +538,31 @@ def _lower_group(gm: fx.GraphModule, nodes: list[fx.Node], p: str, kernel: str, 
         g.erase_node(n)
 
 
+_GATED = {torch.ops.fxcc_tx.int8_linear.default: torch.ops.fxcc_tx.int8_gated_linear.default,
+          torch.ops.fxcc_tx.int4_linear.default: torch.ops.fxcc_tx.int4_gated_linear.default}
+
+
+def _triton_weight_only(node: fx.Node, most: int = 6) -> bool:
+    """A tx.int8_linear (weight-only) or tx.int4_linear run by the Triton kernel with at most `most` arguments (6:
+    no fold in it yet; 7: perhaps a residual): its epilogue can take a residual, a gate or a norm."""
+    if node.op != "call_function" or node.target not in _GATED or not 6 <= len(node.args) <= most or node.kwargs:
+        return False
+    return node.args[5] == "triton" and (node.target is torch.ops.fxcc_tx.int4_linear.default or node.args[4] == "none")
+
+
+def _head(node: fx.Node) -> tuple:
+    """The arguments of a quantized linear that its gated form takes before `impl`: int8 drops `act`."""
+    return node.args[:5] if node.target is torch.ops.fxcc_tx.int4_linear.default else node.args[:4]
+
+
 def _fold_residuals(gm: fx.GraphModule) -> int:
-    """`add(int8_linear(..), r)` -> `int8_linear(.., residual=r)` where the kernel adds r in its epilogue (the
-    Triton weight-only GEMM) and shapes and dtypes agree; elsewhere the add stays free for `fuse`. Returns how many."""
+    """`add(int8_linear(..), r)` -> `int8_linear(.., residual=r)` (int4_linear too) where the kernel adds r in its
+    epilogue (the Triton weight-only GEMMs) and shapes and dtypes agree; elsewhere the add stays free for `fuse`.
+    Returns how many."""
     g = gm.graph
-    op = torch.ops.fxcc_tx.int8_linear.default
     folded = 0
     for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not op or len(node.args) != 6 or len(node.users) != 1:
-            continue
-        if node.args[4:6] != ("none", "triton"):
+        if not _triton_weight_only(node) or len(node.users) != 1:
             continue
         add = next(iter(node.users))
         if add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2 or add.args[0] is add.args[1]:
@@ -525,7 +573,7 @@ def _fold_residuals(gm: fx.GraphModule) -> int:
                                                                           and y.dtype == r.dtype == z.dtype):
             continue
         with g.inserting_before(add):
-            new = g.call_function(op, (*node.args, other))
+            new = g.call_function(node.target, (*node.args, other))
         new.meta.update(node.meta)
         add.replace_all_uses_with(new)
         g.erase_node(add)
@@ -536,15 +584,13 @@ def _fold_residuals(gm: fx.GraphModule) -> int:
 
 def _fold_gated(gm: fx.GraphModule) -> int:
     """`gated_act(slice(y, 0, F), slice(y, F, 2F), "silu")` of a merged gate/up `y = int8_linear(..)` (weight-only,
-    Triton, at most 16 rows of x: decode) -> `tx.int8_gated_linear(..)`, whose GEMV applies the gate in its
-    epilogue: one kernel instead of two and no [M, 2F] intermediate. Returns how many were folded."""
+    Triton, at most 16 rows of x: decode) -> `tx.int8_gated_linear(..)` (int4 likewise), whose GEMV applies the
+    gate in its epilogue: one kernel instead of two and no [M, 2F] intermediate. Returns how many were folded."""
     g = gm.graph
-    op, sl, ga = torch.ops.fxcc_tx.int8_linear.default, aten.slice.Tensor, torch.ops.fxcc_tx.gated_act.default
+    sl, ga = aten.slice.Tensor, torch.ops.fxcc_tx.gated_act.default
     folded = 0
     for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not op or len(node.args) != 6:
-            continue
-        if node.args[4:6] != ("none", "triton") or len(node.users) != 2:
+        if not _triton_weight_only(node) or len(node.users) != 2:
             continue
         x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
         rows = x.numel() // x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] else None
@@ -563,7 +609,7 @@ def _fold_gated(gm: fx.GraphModule) -> int:
         if act.target is not ga or act.args[:3] != (gate, up, "silu") or next(iter(up.users)) is not act:
             continue
         with g.inserting_before(act):
-            new = g.call_function(torch.ops.fxcc_tx.int8_gated_linear.default, (*node.args[:4], "triton"))
+            new = g.call_function(_GATED[node.target], (*_head(node), "triton"))
         new.meta.update(act.meta)
         new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         if SOURCE in node.meta:
@@ -576,22 +622,24 @@ def _fold_gated(gm: fx.GraphModule) -> int:
 
 
 def _fold_norms(gm: fx.GraphModule) -> int:
-    """`int8_linear(rms_norm(h, g, eps), ..)` (and int8_gated_linear) -> `int8_linear(h, .., rms_eps=eps)` where the
-    Triton GEMV runs (weight-only, at most 16 rows: decode) and the norm's only user is this linear. The norm's
-    weight g, a constant, multiplies the linear's input channels (W g, quantized again from the float weight),
-    and the GEMV scales its accumulator by each row's 1 / rms, summed as it streams x: the norm's kernel goes,
-    at no cost per weight element. Returns how many were folded."""
+    """`int8_linear(rms_norm(h, g, eps), ..)` (and int8_gated_linear, and their int4 forms) -> `int8_linear(h, ..,
+    rms_eps=eps)` where the Triton GEMV runs (weight-only, at most 16 rows: decode) and the norm's only user is this
+    linear. The norm's weight g, a constant, multiplies the linear's input channels (W g, quantized again from the
+    float weight), and the GEMV scales its accumulator by each row's 1 / rms, summed as it streams x: the norm's
+    kernel goes, at no cost per weight element. Returns how many were folded."""
     g = gm.graph
-    lin, gated, rms = (torch.ops.fxcc_tx.int8_linear.default, torch.ops.fxcc_tx.int8_gated_linear.default,
-                       torch.ops.fxcc_tx.rms_norm.default)
+    rms = torch.ops.fxcc_tx.rms_norm.default
+    int4 = (torch.ops.fxcc_tx.int4_linear.default, torch.ops.fxcc_tx.int4_gated_linear.default)
     folded = 0
     for node in list(g.nodes):
-        if node.op != "call_function" or node.target not in (lin, gated) or SOURCE not in node.meta:
+        if node.op != "call_function" or SOURCE not in node.meta or node.kwargs:
             continue
-        plain = node.target is lin
-        if plain and (node.args[4:6] != ("none", "triton") or len(node.args) > 7 or node.kwargs):
+        plain = node.target in _GATED
+        is4 = node.target in int4
+        if plain and not _triton_weight_only(node, most=7):
             continue
-        if not plain and (node.args[4] != "triton" or len(node.args) != 5 or node.kwargs):
+        if not plain and (node.target not in _GATED.values() or len(node.args) != (6 if is4 else 5)
+                          or node.args[-1] != "triton"):
             continue
         norm = node.args[0]
         if not (isinstance(norm, fx.Node) and norm.target is rms and len(norm.users) == 1 and len(norm.args) == 3):
@@ -604,7 +652,11 @@ def _fold_norms(gm: fx.GraphModule) -> int:
             continue
         with torch.no_grad():
             w = torch.cat([t.detach().float() for t in node.meta[SOURCE]]) * gamma.detach().float()
-            qw, ws = quant.quantize_weight(w, "int8")
+            if is4:  # same group and scale dtype as before (quantize_weight_int4 cannot fail on a K it took)
+                old_sz = ir.fetch_attr(gm, node.args[2].target)
+                qw, ws = quant.quantize_weight_int4(w.to(old_sz.dtype), old_sz.dtype, node.args[4])
+            else:
+                qw, ws = quant.quantize_weight(w, "int8")
         old_w, old_s = node.args[1], node.args[2]
         with g.inserting_before(node):
             consts = []
@@ -612,7 +664,7 @@ def _fold_norms(gm: fx.GraphModule) -> int:
                 name = f"_mp_{node.name}_normed_{suffix}"
                 gm.register_buffer(name, ir.computed_from(t.contiguous(), *node.meta[SOURCE], gamma), persistent=False)
                 consts.append(g.get_attr(name))
-            rest = node.args[3:6] if plain else node.args[3:5]
+            rest = node.args[3:6] if plain or is4 else node.args[3:5]
             args = (h, *consts, *rest, *((node.args[6] if len(node.args) > 6 else None,) if plain else ()), None,
                     float(eps))
             new = g.call_function(node.target, args)

@@ -2,12 +2,14 @@
 
     python benchmarks/mixed_precision.py                      # batch 8, seq 128, 2 threads, budget 0.01
     python benchmarks/mixed_precision.py --policy int8 --budget 0.005 --reps 40
+    python benchmarks/mixed_precision.py --policy int8,int4 --engines eager,fxcc-mp   # int4 beside int8
 
 fxcc mixed precision compiles with `canonicalize,raise,mixed-precision{policy=...,budget=...},fuse,codegen`.
 Its calibration inputs (the first call's) are 8 sentences that are NOT the 8 it is then measured on, so the
 reported cosine is on inputs the search never saw. Quality: min over the batch of the cosine similarity
 between mean-pooled (with the attention mask) embeddings of each engine and of fp32 eager.
 Engines are timed interleaved (BENCHMARKING.md); the per-layer report of the pass is printed at the end.
+Several policies (`--policy int8,int4`): `fxcc-mp` becomes one engine per policy, `fxcc-<policy>`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--policy", default="auto", help="mixed-precision policy (auto, int8, int8-weight, bf16, fp16)")
+    p.add_argument("--policy", default="auto",
+                   help="mixed-precision policy (auto, int8, int8-weight, int4, bf16, fp16), or several, comma-separated")
     p.add_argument("--budget", type=float, default=0.01, help="error budget of the pass (1 - min cosine)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
@@ -60,26 +63,32 @@ def main(argv: list[str] | None = None) -> int:
     calib = tok([CALIBRATION[i % len(CALIBRATION)] for i in range(args.batch)], padding="max_length",
                 truncation=True, max_length=args.seq, return_tensors="pt")
     calib = {k: v for k, v in calib.items()}
-    pipeline = f"canonicalize,raise,mixed-precision{{policy={args.policy},budget={args.budget}}},fuse,codegen"
-    log(f"{w.description}; {args.threads} threads; fxcc-mp = {pipeline}")
+    policies = args.policy.split(",")
+
+    def pipeline(policy: str) -> str:
+        return f"canonicalize,raise,mixed-precision{{policy={policy},budget={args.budget}}},fuse,codegen"
+
+    mp = {"fxcc-mp": policies[0]} if len(policies) == 1 else {f"fxcc-{q}": q for q in policies}
+    log(f"{w.description}; {args.threads} threads; " + "; ".join(f"{e} = {pipeline(q)}" for e, q in mp.items()))
+    engines = [e for engine in args.engines.split(",") for e in (mp if engine == "fxcc-mp" else [engine])]
     with torch.inference_mode():
         ref = w.model(**w.kwargs)
     calls, compile_s, mods = {}, {}, {}
-    for engine in args.engines.split(","):
+    for engine in engines:
         if engine == "eager":
             fn = w.model
         elif engine == "torch.compile":
             fn = torch.compile(w.model)
         elif engine == "fxcc":
             fn = fxcc.compile(w.model)
-        elif engine == "fxcc-mp":
-            fn = fxcc.compile(w.model, passes=pipeline)
+        elif engine in mp:
+            fn = fxcc.compile(w.model, passes=pipeline(mp[engine]))
         else:
             raise SystemExit(f"unknown engine {engine!r}")
         log(f"compiling {engine} ...")
         t0 = time.perf_counter()
         with torch.inference_mode():
-            fn(**(calib if engine == "fxcc-mp" else w.kwargs))  # fxcc-mp calibrates on other sentences
+            fn(**(calib if engine in mp else w.kwargs))  # fxcc-mp calibrates on other sentences
         compile_s[engine] = None if engine == "eager" else time.perf_counter() - t0
         mods[engine] = fn
         calls[engine] = lambda fn=fn: fn(**w.kwargs)
@@ -97,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         comp = "-" if compile_s[e] is None else f"{compile_s[e]:.1f}"
         ratio = f"{eager_ms / t[e].median:.2f}x" if eager_ms else "-"
         print(f"{e:<16} {comp:>9} {t[e].median:>10.2f} {ratio:>9} {cos:>16.6f} {err:>10.2e}")
-    if "fxcc" in t and "fxcc-mp" in t:
-        print(f"fxcc mixed precision vs fxcc fp32: {t['fxcc'].median / t['fxcc-mp'].median:.2f}x")
-    if "torch.compile" in t and "fxcc-mp" in t:
-        print(f"fxcc mixed precision vs torch.compile: {t['torch.compile'].median / t['fxcc-mp'].median:.2f}x")
-    if "fxcc-mp" in mods:
-        rep = mixed_precision_report(mods["fxcc-mp"])
-        print("\n" + (rep.text() if rep else "mixed-precision did not run"))
+    for e in (e for e in mp if e in t):
+        if "fxcc" in t:
+            print(f"{e} vs fxcc fp32: {t['fxcc'].median / t[e].median:.2f}x")
+        if "torch.compile" in t:
+            print(f"{e} vs torch.compile: {t['torch.compile'].median / t[e].median:.2f}x")
+    for e in (e for e in mp if e in mods):
+        rep = mixed_precision_report(mods[e])
+        print(f"\n{e}: " + (rep.text() if rep else "mixed-precision did not run"))
     return 0
 
 

@@ -2,12 +2,14 @@
 
     python benchmarks/mixed_precision_gpu.py            # decode B=8 T=1 int8 weight-only, prefill B=1 T=2048 fp8
     python benchmarks/mixed_precision_gpu.py --workloads decode --budget 0.02
+    python benchmarks/mixed_precision_gpu.py --workloads decode1,decode --policies int8-weight,int4  # W4A16 vs int8
 
 Per workload, in one process with interleaved timing (CUDA events, median): eager bf16, fxcc bf16 (the
 default pipeline) and fxcc with `mixed-precision{policy=P,budget=B}` between raise and fuse (P = int8-weight
-for decode, fp8 for prefill; fixed policies: no Optuna needed on the GPU machine). Error of every engine
-against eager bf16: ||out - eager|| / ||eager|| and 1 - min cosine over output rows. First, per linear shape,
-the kernels alone: the library bf16 GEMM against fxcc's Triton int8/fp8 GEMMs (`codegen/triton_quant.py`).
+for decode, fp8 for prefill; fixed policies: no Optuna needed on the GPU machine; `--policies` puts several side
+by side, e.g. int8-weight,int4). Error of every engine against eager bf16: ||out - eager|| / ||eager|| and
+1 - min cosine over output rows. First, per linear shape, the kernels alone: the library bf16 GEMM against fxcc's
+Triton int8/fp8 GEMMs (`codegen/triton_quant.py`) and, at decode, the int4 (W4A16) GEMV (`codegen/triton_int4.py`).
 Runs without installing fxcc: put a copy on PYTHONPATH as the Makefile's bench-gpu target does.
 """
 
@@ -20,7 +22,7 @@ import time
 
 import torch
 
-WORKLOADS = {"decode": (8, 1, "int8-weight"), "prefill": (1, 2048, "fp8")}
+WORKLOADS = {"decode1": (1, 1, "int8-weight"), "decode": (8, 1, "int8-weight"), "prefill": (1, 2048, "fp8")}
 
 
 def log(msg: str) -> None:
@@ -42,6 +44,7 @@ def _rotating(make, copies: int):
 def kernels_alone(cfg: dict, device: str, tokens: dict[str, int]) -> list[str]:
     """Each distinct linear shape: bf16 library GEMM vs the Triton quantized GEMM for that workload."""
     from fxcc.codegen import quant
+    from fxcc.codegen import triton_int4 as t4
     from fxcc.codegen import triton_quant as tq
 
     h, f, kv = cfg["hidden"], cfg["intermediate"], cfg["kv_heads"] * (cfg["hidden"] // cfg["heads"])
@@ -64,9 +67,17 @@ def kernels_alone(cfg: dict, device: str, tokens: dict[str, int]) -> list[str]:
                 label = f"{prec}/{'triton' if fn.__module__.endswith('triton_quant') else 'scaled_mm'}"
                 row += (f" | {label} {t_q * 1e3:7.1f} us {t_lib / t_q:5.2f}x, weight {n * k / (t_q * 1e-3) / 1e9:5.0f}"
                         f" GB/s, rel err {err:.1e}")
+            if prec == "int8-weight":  # decode: the int4 GEMV too (weight bytes n * k / 2 plus scales)
+                q4 = [quant.quantize_weight_int4(w, torch.bfloat16) for w in ws_]
+                err = ((t4.int4_linear(x, *q4[0], None, 128).float() - ref.float()).norm() / ref.float().norm()).item()
+                t_q = _rotating(lambda i, x=x, q4=q4: (lambda: t4.int4_linear(x, *q4[i], None, 128)), copies)
+                row += (f" | int4/triton {t_q * 1e3:7.1f} us {t_lib / t_q:5.2f}x, weight "
+                        f"{n * k / 2 / (t_q * 1e-3) / 1e9:5.0f} GB/s, rel err {err:.1e}")
+                del q4
             lines.append(row)
             del ws_, qs
     lines.append("block sizes chosen: " + json.dumps({k: list(v) for k, v in tq.chosen_configs().items()}))
+    lines.append("int4 configs chosen: " + json.dumps({k: list(v) for k, v in t4.chosen_configs().items()}))
     return lines
 
 
@@ -103,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", default="decode,prefill")
     p.add_argument("--budget", type=float, default=0.02, help="error budget of the pass (1 - min cosine over rows)")
+    p.add_argument("--policies", default=None,
+                   help="comma-separated mixed-precision policies, each an engine beside fxcc bf16 (default: the "
+                        "workload's own, int8-weight at decode and fp8 at prefill); e.g. int8-weight,int4")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=8192)
@@ -132,21 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         toks = {n: WORKLOADS[n][0] * (args.seq or WORKLOADS[n][1]) if n == "prefill" else WORKLOADS[n][0]
                 for n in names}
         out_lines += ["", "== kernels alone (do_bench median)"] + kernels_alone(cfg, dev, toks)
-        print("\n".join(out_lines[-len(toks) * 4 - 2:]), flush=True)
+        print("\n".join(out_lines[-len(toks) * 4 - 3:]), flush=True)
     for name in names:
         batch, seq, policy = WORKLOADS[name]
         if name == "prefill" and args.seq:
             seq = args.seq
-        if policy == "fp8" and not (dev == "cuda" and torch.cuda.get_device_capability() >= (8, 9)):
-            policy = "int8"  # smoke test on a machine without fp8
+        policies = args.policies.split(",") if args.policies else [policy]
+        fp8 = dev == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+        policies = [("int8" if p == "fp8" and not fp8 else p) for p in policies]  # smoke test without fp8
         w = bench.llama(batch=batch, seq=seq, dtype=torch.bfloat16 if dev == "cuda" else torch.float32,
                         device=dev, **cfg)
-        log(f"{name}: {w.description}; fxcc-{policy}")
-        pipeline = f"canonicalize,raise,mixed-precision{{policy={policy},budget={args.budget}}},fuse,codegen"
+        log(f"{name}: {w.description}; fxcc {', '.join(policies)}")
         with torch.inference_mode():
             ref = w.model(*w.args, **w.kwargs)
-        engines = {"eager": w.model, "fxcc bf16": fxcc.compile(w.model),
-                   f"fxcc {policy}": fxcc.compile(w.model, passes=pipeline)}
+        engines = {"eager": w.model, "fxcc bf16": fxcc.compile(w.model)}
+        for pol in policies:
+            pipeline = f"canonicalize,raise,mixed-precision{{policy={pol},budget={args.budget}}},fuse,codegen"
+            engines[f"fxcc {pol}"] = fxcc.compile(w.model, passes=pipeline)
         compile_s = {}
         for e, fn in engines.items():
             t0 = time.perf_counter()
@@ -174,17 +190,22 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"{e:<22} {compile_s[e]:>12.1f} {t[e].median:>10.3f} {t['eager'].median / t[e].median:>8.2f}x "
                          f"{base / t[e].median:>12.2f}x {rel:>9.2e} {err:>10.2e}")
         if args.profile and dev == "cuda":
-            for e in ("fxcc bf16", f"fxcc {policy}"):
+            for e in ("fxcc bf16", *(f"fxcc {pol}" for pol in policies)):
                 lines += profile(e, calls[e], t[e].median)
-        rep = mixed_precision_report(engines[f"fxcc {policy}"])
-        if rep is not None:
+        for pol in policies:
+            rep = mixed_precision_report(engines[f"fxcc {pol}"])
+            if rep is None:
+                continue
             chosen: dict[str, int] = {}
             for r in rep.layers:
                 chosen[f"{r.precision}/{r.kernel}"] = chosen.get(f"{r.precision}/{r.kernel}", 0) + 1
-            lines.append(f"mixed-precision: {chosen}; predicted error {rep.predicted_error:.2e}, measured "
+            lines.append(f"mixed-precision {pol}: {chosen}; predicted error {rep.predicted_error:.2e}, measured "
                          f"{rep.measured_error:.2e} (budget {rep.budget:g}); linears alone {rep.baseline_ms:.3f} -> "
                          f"{rep.predicted_ms:.3f} ms (sum of per-layer times)")
-            res["report"] = rep.text()
+            res[f"report {pol}"] = rep.text()
+        if len(policies) > 1:
+            a, b = f"fxcc {policies[0]}", f"fxcc {policies[-1]}"
+            lines.append(f"{b} vs {a}: {t[a].median / t[b].median:.2f}x")
         print("\n".join(lines), flush=True)
         out_lines += lines
         report["workloads"][name] = res

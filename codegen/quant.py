@@ -9,6 +9,10 @@ on them, chosen by each call's `impl`):
                                              (+ residual, norm, rms_eps: folds of the pass, see the op)
   tx.int8_gated_linear(x, qw, ws, b, impl)   silu(gate) * up of a weight-only int8 linear over [gate; up] rows
   tx.fp8_linear(x, qw, ws, b, impl)          e4m3 weights (per-channel scale), activations per token
+  tx.int4_linear(x, qw, sz, b, group, impl)  W4A16: asymmetric int4 per group of input channels, scale and zero
+                                             in x's dtype; qw in the layout `impl` reads (`int4_weight`)
+                                             (+ residual, norm, rms_eps as tx.int8_linear)
+  tx.int4_gated_linear(x, qw, sz, b, group, impl)  silu(gate) * up of a merged int4 gate/up linear
 
 `impl` names the kernel; the mixed-precision pass measures the candidates of `kernels()` at compile time
 and writes the fastest into the op, so the IR says what runs. `impl="ref"` is the reference.
@@ -25,11 +29,20 @@ import torch.nn.functional as F
 from fxcc.codegen import derived
 from fxcc.dialects import (
     ACTS,
+    INT4_LAYOUTS,
     fp8_linear,
+    int4_dequantize,
+    int4_gated_linear,
+    int4_group,
+    int4_linear,
+    int4_linear_reference,
     int8_gated_linear,
     int8_linear,
     int8_linear_reference,
+    pack_int4,
+    quantize_int4,
     quantize_per_row,
+    unpack_int4,
 )
 from torch import Tensor
 
@@ -182,6 +195,98 @@ def _(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, impl: str
 
 
 
+# ------------------------------------------------------------------------------------ int4 linear
+
+
+def quantize_weight_int4(w: Tensor, dtype: torch.dtype, group: int = 128) -> tuple[Tensor, Tensor] | str:
+    """A linear weight [N, K] as int4 per group (fxcc's packed layout, uint8 [N, K/2]) with scale_zero
+    [K/group, N, 2] in `dtype` (the activations'); the group is `group` or the largest smaller one dividing K.
+    A string says why the weight cannot be int4 (no group of at least 32 divides K). Compile time only."""
+    n, k = w.shape
+    g = int4_group(k, group)
+    if g is None:
+        return f"K={k} is not a multiple of 32 (the smallest int4 group)"
+    with torch.no_grad():
+        q, sz = quantize_int4(w, g, dtype)
+    return pack_int4(q, g), sz
+
+
+def int4_group_of(qw: Tensor, sz: Tensor) -> int:
+    """The group size of int4 weights: K / the number of groups."""
+    return 2 * qw.shape[1] // sz.shape[0]
+
+
+def int4_weight(qw: Tensor, group: int, impl: str) -> Tensor:
+    """Packed int4 weights (fxcc's layout) in the layout kernel `impl` reads (the same tensor where it is fxcc's):
+    what the lowered graph holds, so each weight is held once, in its kernel's form."""
+    if INT4_LAYOUTS.get(impl) == "torch-cpu":
+        with torch.no_grad():
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qw, group).to(torch.int32), 1)
+    return qw
+
+
+def _int4_dequant(x, qw, sz, b, group):
+    """Dequantize the weight to x's dtype, then the library GEMM (any shape, any device; pays the dequantization
+    per call)."""
+    return F.linear(x, int4_dequantize(qw, sz, group).to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def _int4_pack_mm(x, qw, sz, b, group):
+    """torch's CPU int4 GEMM (`_weight_int4pack_mm_for_cpu`) on the weight in its own layout; N a multiple of 16.
+    fp32 x is computed with bf16 activations (W4A16 as the name says): torch's fp32 path of this kernel measured
+    about 100x slower than its bf16 path (1024x384x384 on a 2-core AVX2 CPU, torch 2.13: 438 ms against 3.6 ms)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dt = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dt), qw, group, sz.to(dt)).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], sz.shape[1])
+    return y if b is None else y + b.to(y.dtype)
+
+
+def _int4_ref(x, qw, sz, b, group, impl="ref"):
+    return int4_linear_reference(x, qw, sz, b, group, impl)
+
+
+INT4_IMPLS: dict[str, Callable] = {"ref": _int4_ref, "dequant": _int4_dequant, "int4pack": _int4_pack_mm}
+
+
+def _int4_check(impl: str, qw: Tensor, sz: Tensor, group: int, op: str) -> Callable | None:
+    if impl != "triton" and impl not in INT4_IMPLS:
+        raise ValueError(f"{op}: unknown impl {impl!r}; known: {', '.join([*INT4_IMPLS, 'triton'])}")
+    if qw.dtype != torch.uint8 or qw.dim() != 2 or sz.dim() != 3 or sz.shape[1] != qw.shape[0] \
+            or sz.shape[0] * group != 2 * qw.shape[1]:
+        raise ValueError(f"{op}: qweight {tuple(qw.shape)} {qw.dtype} and scale_zero {tuple(sz.shape)} do not fit "
+                         f"group={group}; quantize with fxcc.codegen.quant.quantize_weight_int4")
+    return INT4_IMPLS.get(impl)
+
+
+@int4_linear.register_kernel(("cpu", "cuda"))
+def _(x: Tensor, qweight: Tensor, scale_zero: Tensor, bias: Tensor | None, group: int, impl: str,
+      residual: Tensor | None = None, norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """tx.int4_linear by the kernel `impl` names (the Triton kernel applies a folded norm and residual itself)."""
+    fn = _int4_check(impl, qweight, scale_zero, group, "tx.int4_linear")
+    if impl == "triton":
+        from fxcc.codegen.triton_int4 import int4_linear as tri
+        return tri(x, qweight, scale_zero, bias, group, residual, norm, rms_eps)
+    if rms_eps is not None:
+        x = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps)
+    y = fn(x, qweight, scale_zero, bias, group)
+    return y if residual is None else y + residual
+
+
+@int4_gated_linear.register_kernel(("cpu", "cuda"))
+def _(x: Tensor, qweight: Tensor, scale_zero: Tensor, bias: Tensor | None, group: int, impl: str,
+      norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """tx.int4_gated_linear by the kernel `impl` names (the Triton kernel computes the norm and SwiGLU too)."""
+    fn = _int4_check(impl, qweight, scale_zero, group, "tx.int4_gated_linear")
+    if impl == "triton":
+        from fxcc.codegen.triton_int4 import int4_linear as tri
+        return tri(x, qweight, scale_zero, bias, group, None, norm, rms_eps, glu=True)
+    if rms_eps is not None:
+        x = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps)
+    gate, up = fn(x, qweight, scale_zero, bias, group).split(scale_zero.shape[1] // 2, dim=-1)
+    return F.silu(gate) * up
+
+
 def impls(precision: str, device: str) -> list[str]:
     """The implementations (`impl` of the quantized ops) worth measuring for a precision on a device (first: the
     default)."""
@@ -191,5 +296,6 @@ def impls(precision: str, device: str) -> list[str]:
         "int8": ["int_mm", "ref"] if cpu else ["triton_w8a8", "int_mm"],
         "int8-tensor": ["fbgemm"] if cpu else [],
         "fp8": [] if cpu else ["scaled_mm", "triton", "triton_fused"],
+        "int4": ["int4pack", "dequant"] if cpu else ["triton", "dequant"],
     }
     return table.get(precision, [])

@@ -70,13 +70,18 @@ def _convert(w, dtype: tl.constexpr, CVT: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, acc_u, rn, rm, n_ok, m_ok, N, ws_ptr, b_ptr, r_ptr, y_ptr, srm, srn, sym, syn,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] (y transposed) -> scale, bias, silu(gate) * up, residual -> store y[m, n]."""
-    y = acc * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[:, None]
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr, SCALE: tl.constexpr = True):
+    """acc [BLOCK_N, BLOCK_M] (y transposed) -> scale (SCALE: per channel, ws; the int4 GEMV scales per group in
+    its loop), bias, silu(gate) * up, residual -> store y[m, n]."""
+    y = acc
+    if SCALE:
+        y = acc * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if GLU:
-        u = acc_u * tl.load(ws_ptr + N + rn, mask=n_ok, other=0.0)[:, None]
+        u = acc_u
+        if SCALE:
+            u = acc_u * tl.load(ws_ptr + N + rn, mask=n_ok, other=0.0)[:, None]
         if HAS_BIAS:
             u += tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y = y / (1.0 + tl.exp(-y)) * u

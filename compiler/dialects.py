@@ -262,6 +262,125 @@ def _(x, qweight, wscale, bias, impl):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+# ----------------------------------------------------------------------------- int4 weights (W4A16)
+
+# Asymmetric int4 per group of `group` input channels (W4A16): w ~ (q - 8) * scale + zero, q in [0, 15], with
+# scale = (max - min) / 15 and zero = min + 8 * scale of each group, both in the activation dtype. Asymmetric
+# because a group's 16 levels then span [min, max] (symmetric wastes a level and half the range of a skewed
+# group), at the cost of one fused multiply-add per group, and because it is torch's own int4 scheme
+# (`_weight_int4pack_mm*`), so the CPU kernel takes the same scales and zeros. `scale_zero` is
+# [K / group, N, 2] (scale, zero): torch's `qScaleAndZeros` tensor.
+#
+# fxcc's packed layout ("fxcc"): uint8 [N, K / 2]. Within each group of G = `group` columns of a row, byte j
+# (0 <= j < G/2) holds q[j] in its low nibble and q[j + G/2] in its high nibble. A row's group is G/2
+# contiguous bytes (16 bytes at G = 32, four 16-byte vectors at G = 128), and its low nibbles are the first
+# half of the group's K range in order, its high nibbles the second half: a kernel loads a [rows, G/2] byte
+# tile with 16-byte vectors and multiplies the two nibble tiles by two contiguous slices of x, with no shuffle.
+# Another layout ("torch-cpu": `_convert_weight_to_int4pack_for_cpu`'s blocked one) is what the kernel `impl`
+# that reads it takes (INT4_LAYOUTS).
+INT4_GROUPS = (128, 64, 32)  # group sizes tried, largest first: 128 unless K is not a multiple of it
+INT4_LAYOUTS = {"int4pack": "torch-cpu"}  # impl -> the qweight layout it reads; others read "fxcc"
+
+
+def int4_group(k: int, group: int = 128) -> int | None:
+    """The group size for K input channels: `group` if it divides K, else the largest smaller one of
+    INT4_GROUPS that does (at least 32: a group is at least one 16-byte vector); None when none divides K."""
+    return next((g for g in INT4_GROUPS if g <= group and k % g == 0), None)
+
+
+def quantize_int4(w: Tensor, group: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (q int32 [N, K] in [0, 15], scale_zero [K / group, N, 2] in `dtype`): asymmetric int4."""
+    n, k = w.shape
+    if group not in INT4_GROUPS or k % group:
+        raise ValueError(f"int4 quantization: group={group} for K={k}; the group must be one of "
+                         f"{INT4_GROUPS} and divide K")
+    wg = w.detach().float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    # scale and zero rounded to the activation dtype first, so q is chosen against the values the kernel uses
+    scale = scale.to(dtype).float()
+    zero = (lo + 8 * scale).to(dtype).float()
+    q = ((wg - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype)
+
+
+def pack_int4(q: Tensor, group: int) -> Tensor:
+    """q int [N, K] in [0, 15] -> uint8 [N, K / 2] in fxcc's layout (above)."""
+    n, k = q.shape
+    g = q.to(torch.uint8).reshape(n, k // group, 2, group // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(p: Tensor, group: int) -> Tensor:
+    """uint8 [N, K / 2] in fxcc's layout -> q uint8 [N, K] in [0, 15]: the inverse of pack_int4."""
+    n, half = p.shape
+    g = p.reshape(n, 2 * half // group, 1, group // 2)
+    return torch.cat([g & 15, g >> 4], 2).reshape(n, 2 * half)
+
+
+def _eye_rows(lo: int, hi: int, k: int) -> Tensor:
+    """Rows lo..hi of the k x k identity (fp32)."""
+    e = torch.zeros(hi - lo, k)
+    e[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+    return e
+
+
+def int4_dequantize(qweight: Tensor, scale_zero: Tensor, group: int, impl: str = "ref") -> Tensor:
+    """The [N, K] fp32 weight int4 weights stand for, read in the layout kernel `impl` takes."""
+    groups, n, two = scale_zero.shape
+    if two != 2 or qweight.dim() != 2 or qweight.shape[0] != n or groups * group != 2 * qweight.shape[1]:
+        raise ValueError(f"int4 weights: qweight {tuple(qweight.shape)} and scale_zero {tuple(scale_zero.shape)} "
+                         f"do not fit group={group} (expected [N, K/2] and [K/group, N, 2])")
+    sz = scale_zero.float()
+    if INT4_LAYOUTS.get(impl) == "torch-cpu":  # its layout is the library's own: unpacked by the library,
+        k = groups * group                      # rows of the identity times W^T, 512 at a time
+        return torch.cat([aten._weight_int4pack_mm_for_cpu(_eye_rows(i, min(i + 512, k), k), qweight, group, sz)
+                          for i in range(0, k, 512)]).t()
+    q = unpack_int4(qweight, group).float().reshape(n, groups, group)
+    return ((q - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(n, groups * group)
+
+
+def int4_linear_reference(x: Tensor, qweight: Tensor, scale_zero: Tensor, bias: Tensor | None, group: int,
+                          impl: str = "ref") -> Tensor:
+    """Plain torch: the dequantized weight, products in fp32."""
+    y = F.linear(x.float(), int4_dequantize(qweight, scale_zero, group, impl))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("fxcc_tx::int4_linear", mutates_args=())
+def int4_linear(x: Tensor, qweight: Tensor, scale_zero: Tensor, bias: Tensor | None, group: int, impl: str,
+                residual: Tensor | None = None, norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """x @ W.T + bias (+ residual) with W int4 per group of `group` input channels (see quantize_int4; qweight in
+    the layout `impl` reads); activations stay in their dtype (W4A16). `residual`, `norm`, `rms_eps`: folds of the
+    mixed-precision pass, as tx.int8_linear's."""
+    if rms_eps is not None:
+        x = rms_norm(x, norm, rms_eps)
+    y = int4_linear_reference(x, qweight, scale_zero, bias, group, impl)
+    return y if residual is None else y + residual
+
+
+@int4_linear.register_fake
+def _(x, qweight, scale_zero, bias, group, impl, residual=None, norm=None, rms_eps=None):
+    return x.new_empty((*x.shape[:-1], scale_zero.shape[1]))
+
+
+@torch.library.custom_op("fxcc_tx::int4_gated_linear", mutates_args=())
+def int4_gated_linear(x: Tensor, qweight: Tensor, scale_zero: Tensor, bias: Tensor | None, group: int, impl: str,
+                      norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """silu(gate) * up of one int4 linear over [gate; up] rows (tx.int8_gated_linear's int4 form). [.., N / 2]."""
+    if rms_eps is not None:
+        x = rms_norm(x, norm, rms_eps)
+    gate, up = int4_linear_reference(x, qweight, scale_zero, bias, group, impl).split(scale_zero.shape[1] // 2, -1)
+    return F.silu(gate) * up
+
+
+@int4_gated_linear.register_fake
+def _(x, qweight, scale_zero, bias, group, impl, norm=None, rms_eps=None):
+    return x.new_empty((*x.shape[:-1], scale_zero.shape[1] // 2))
+
+
 # ------------------------------------------------------------------------------------ tx ops (ToMe)
 
 # preference order of edges: padded/padded (free), real/real (cosine in [-1, 1]), real/padded (exact
@@ -484,14 +603,15 @@ TX_OPS = {
     "rotary": rotary, "gelu": gelu, "silu": silu, "gated_act": gated_act, "all_reduce": all_reduce,
     "all_reduce_rms_norm": all_reduce_rms_norm, "linear_all_reduce_rms_norm": linear_all_reduce_rms_norm,
     "quantize": quantize, "dequantize": dequantize, "int8_linear": int8_linear,
-    "int8_gated_linear": int8_gated_linear, "fp8_linear": fp8_linear,
+    "int8_gated_linear": int8_gated_linear, "fp8_linear": fp8_linear, "int4_linear": int4_linear,
+    "int4_gated_linear": int4_gated_linear,
     "tome_key_weights": tome_key_weights, "tome_match": tome_match, "tome_merge": tome_merge,
     "tome_sizes": tome_sizes, "tome_compose": tome_compose, "tome_bias": tome_bias, "tome_unmerge": tome_unmerge,
     "temporal_merge": temporal_merge, "temporal_unmerge": temporal_unmerge,
 }
 # ops whose `impl` argument names a kernel registered by a backend: calling their body would bypass it
 KERNEL_CHOSEN = {"all_reduce_rms_norm", "linear_all_reduce_rms_norm", "int8_linear", "int8_gated_linear",
-                 "fp8_linear"}
+                 "fp8_linear", "int4_linear", "int4_gated_linear"}
 # op -> its Python body, for code that calls tx ops without the dispatcher (a kernel costs what eager costs)
 REFERENCE = {getattr(torch.ops.fxcc_tx, n).default: op._init_fn for n, op in TX_OPS.items() if n not in KERNEL_CHOSEN}
 
