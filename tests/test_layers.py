@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"compiler": "fxcc", "passes": "fxcc.passes", "codegen": "fxcc.codegen", "autotune": "fxcc.autotune"}
 BASE = {"fxcc.ir", "fxcc.dialects", "fxcc.gather", "fxcc.rewrite", "fxcc.pipeline", "fxcc.options", "fxcc.store",
-        "fxcc.quality", "fxcc.measure", "fxcc.watch", "fxcc.logs"}
+        "fxcc.quality", "fxcc.measure", "fxcc.watch", "fxcc.logs", "fxcc.rng"}
 RANK = {"base": 0, "passes": 1, "codegen": 1, "autotune": 2, "top": 3}
 # what each layer may import besides itself
 ALLOWED = {"base": {"base"}, "passes": {"base"}, "codegen": {"base"}, "autotune": {"base", "passes", "codegen"},
