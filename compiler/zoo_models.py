@@ -117,9 +117,10 @@ def _init_names(cls: type) -> set[str]:
     return {n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")}
 
 
-def shrunk_settings(config: Any, shrink: Shrink) -> dict[str, Any]:
+def shrunk_settings(config: Any, shrink: Shrink, cut: bool = False) -> dict[str, Any]:
     """The constructor settings of `config` with sizes shrunk; sub-configs as dicts of theirs, per-layer
-    lists and per-layer dicts that no longer fit dropped or cut, so that the config derives them again."""
+    lists and per-layer dicts that no longer fit dropped or cut, so that the config derives them again
+    (`cut`: per-layer lists keep their first entries instead, for configs that derive them from a fixed default)."""
     base = _config_base()
     full = config.to_dict()
     names = _init_names(type(config))
@@ -127,7 +128,7 @@ def shrunk_settings(config: Any, shrink: Shrink) -> dict[str, Any]:
     for name in names:
         v = vars(config).get(name)
         if isinstance(v, base):
-            out[name] = {"model_type": v.model_type, **shrunk_settings(v, shrink)}
+            out[name] = {"model_type": v.model_type, **shrunk_settings(v, shrink, cut)}
             continue
         if name in full:
             v = full[name]
@@ -155,7 +156,10 @@ def shrunk_settings(config: Any, shrink: Shrink) -> dict[str, Any]:
     new_layers = min((out[k] for k in changed), default=None)
     for k, v in list(out.items()):
         if isinstance(v, list) and old and len(v) in old and not _DEPTH_LISTS.search(k):
-            del out[k]  # e.g. layer_types: derived again from the new layer count
+            if cut and new_layers is not None:
+                out[k] = v[:new_layers]
+            else:
+                del out[k]  # e.g. layer_types: derived again from the new layer count
         elif isinstance(v, dict) and new_layers is not None and v and all(str(x).isdigit() for x in v):
             out[k] = {x: y for x, y in v.items() if int(x) < new_layers}  # per-layer overrides
         elif isinstance(v, dict) and "mrope_section" in v:
@@ -200,7 +204,13 @@ def shrunk_config(model_type: str, shrink: Shrink = Shrink()) -> Any:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     default = CONFIG_MAPPING[model_type]()
-    config = type(default)(**shrunk_settings(default, shrink))
+    try:
+        config = type(default)(**shrunk_settings(default, shrink))
+    except Exception as derived:  # noqa: BLE001 (a validator: per-layer lists derived from a fixed default)
+        try:
+            config = type(default)(**shrunk_settings(default, shrink, cut=True))
+        except Exception:  # noqa: BLE001 (the first failure is the one to report)
+            raise derived from None
     for cfg in _all_configs(config):
         vocab = vars(cfg).get("vocab_size")
         for k, v in _token_ids(cfg, vocab if isinstance(vocab, int) else _vocab(config)).items():
