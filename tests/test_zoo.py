@@ -129,3 +129,12 @@ def test_a_model_that_ran_all_eagerly_is_not_counted_equal():
         reasons.append(zoo._nothing_compiled(cm))
     assert reasons[0] == ""
     assert "runs eagerly, as written" in reasons[1] and "decorator" in reasons[1]
+
+
+def test_a_config_that_derives_per_layer_lists_from_a_fixed_default_is_built_with_them_cut():
+    """Llama-4's config derives `layer_types` from a default of its full depth, which its validator then
+    rejects for the shrunk depth; the shrinker builds it again with the per-layer lists cut to that depth."""
+    from fxcc.zoo_models import shrunk_config
+
+    config = shrunk_config("llama4_text")
+    assert len(config.layer_types) == config.num_hidden_layers < 48
