@@ -170,8 +170,7 @@ class ModuleState:
         """The watched tensors' buffer addresses and storage offsets as lists, where every snapshot is
         copy-on-write and every watched tensor's layout is one `changed` compares anyway: then two C-level
         passes prove what `Snapshot.same` proves one tensor at a time (its buffer is still the snapshot's)."""
-        known = {id(t) for t in self.tensors}
-        fast = all(s.cow and id(t) in known for t, s in self.watched)
+        fast = all(s.cow and id(t) in self.tensor_names for t, s in self.watched)
         self._watched_tensors = [t for t, _ in self.watched] if fast else None
         self._watched_at = [s.address for _, s in self.watched] if fast else None
         self._watched_offsets = [s.layout[2] for _, s in self.watched] if fast else None
