@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import Built, KernelFn, key_trim, mkl, onednn, reusable
-from fxcc.dialects import REFERENCE, KernelBody
+from fxcc.codegen import Built, KernelFn, conv_layout, key_trim, mkl, onednn, reusable
+from fxcc.dialects import CONV, REFERENCE, KernelBody
 
 name = "extern"
 
@@ -26,7 +26,8 @@ def available(target: str) -> str | None:
 def candidates(kb: KernelBody, target: str) -> list[Extern]:
     """The body as torch calls; on the CPU, when it holds a linear, also with that GEMM on a packed weight
     (oneDNN's; MKL's for fp32), and when it holds a masked attention, also with that attention over the
-    keys its mask leaves."""
+    keys its mask leaves; on the GPU, when it holds a 2-D convolution, also with that convolution in
+    channels-last (fxcc.codegen.conv_layout)."""
     out = [Extern(kb)]
     if target == "cpu" and any(onednn.applies(n) for n in kb.body.graph.nodes):
         out.append(Extern(kb, backend="onednn"))
@@ -34,13 +35,16 @@ def candidates(kb: KernelBody, target: str) -> list[Extern]:
         out.append(Extern(kb, backend="mkl"))
     if key_trim.applies(kb.body, target):
         out.append(Extern(kb, backend=key_trim.name))
+    if conv_layout.applies(kb.body, target):
+        out.append(Extern(kb, backend=conv_layout.name))
     return out
 
 
 @dataclass
 class Extern:
     """The kernel body as torch calls (`onednn` / `mkl`: its linears on oneDNN / MKL with packed weights;
-    `trim`: its attention over the keys the mask leaves); nothing to tune."""
+    `trim`: its attention over the keys the mask leaves; `nhwc`: its 2-D convolutions in channels-last);
+    nothing to tune."""
 
     kb: KernelBody
     backend: str = name
@@ -52,20 +56,24 @@ class Extern:
 
 
 def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Built:
-    graph = inline_graph(kb, packed=label == "onednn", trim=label == key_trim.name, mkl_packed=label == "mkl")
+    graph = inline_graph(kb, packed=label == "onednn", trim=label == key_trim.name, mkl_packed=label == "mkl",
+                         nhwc=label == conv_layout.name)
     return Built(build(kb, graph), source=kb.text, inline=graph)
 
 
 def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
-                 mkl_packed: bool = False) -> fx.Graph:
+                 mkl_packed: bool = False, nhwc: bool = False) -> fx.Graph:
     """The kernel body with tx ops calling their reference functions: what the runtime splices in place.
     Linears write into a reused buffer, or run on packed weights (oneDNN with `packed`, MKL with
-    `mkl_packed`); with `trim`, attention skips the keys its mask removes (fxcc.codegen.key_trim)."""
+    `mkl_packed`); with `trim`, attention skips the keys its mask removes (fxcc.codegen.key_trim); with
+    `nhwc`, convolutions run on channels-last operands (fxcc.codegen.conv_layout)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(kb.body.graph, {}))
     for node in graph.nodes:
         if trim and node.op == "call_function" and node.target is torch.ops.fxcc_tx.attention.default:
             node.target = key_trim.attention
+        elif nhwc and node.op == "call_function" and node.target in CONV:
+            node.target = conv_layout.nhwc(node.target)
         elif node.op == "call_function" and node.target in REFERENCE:
             node.target = REFERENCE[node.target]
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:

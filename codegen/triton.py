@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from fxcc import ir
-from fxcc.codegen import Built, KernelFn
+from fxcc.codegen import Built, KernelFn, conv_layout
 from fxcc.codegen import triton_decode as decode
 from fxcc.codegen.launch import ReadOnly
 from fxcc.codegen.triton_gen import (
@@ -97,7 +97,9 @@ def candidates(kb: KernelBody, target: str) -> list[TritonCandidate]:
             return [TritonCandidate(kb, "triton", reduction_plan(kb.body, kb.text))]
         if kb.kind == "gemm":
             return _optional(lambda: TritonCandidate(kb, "triton", gemm_plan(kb.body, kb.text)),
-                             lambda: TritonCandidate(kb, "triton+lib", library_epilogue_plan(kb.body, kb.text)))
+                             lambda: TritonCandidate(kb, "triton+lib", library_epilogue_plan(kb.body, kb.text)),
+                             lambda: TritonCandidate(kb, "triton+lib-nhwc",
+                                                     library_epilogue_plan(kb.body, kb.text, nhwc=True)))
         if attention:
             return _optional(lambda: TritonCandidate(kb, "triton", attention_plan(kb.body, kb.text)),
                              lambda: TritonCandidate(kb, "sdpa", sdpa_plan(kb.body, kb.text)),
@@ -592,10 +594,12 @@ def _library_anchor(body: fx.GraphModule) -> fx.Node:
     return node
 
 
-def _library_call(node: fx.Node, placeholders: list[fx.Node]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The anchor as the torch call it is (cuBLAS / cuDNN on the GPU)."""
+def _library_call(node: fx.Node, placeholders: list[fx.Node],
+                  nhwc: bool = False) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The anchor as the torch call it is (cuBLAS / cuDNN on the GPU); with `nhwc`, a convolution on
+    channels-last operands, its result in eager's layout (fxcc.codegen.conv_layout)."""
     pos = {p: k for k, p in enumerate(placeholders)}
-    target = node.target
+    target = conv_layout.nhwc(node.target) if nhwc else node.target
     args = [(pos[x] if isinstance(x, fx.Node) else None, x) for x in node.args]
     kwargs = dict(node.kwargs)
 
@@ -604,11 +608,13 @@ def _library_call(node: fx.Node, placeholders: list[fx.Node]) -> Callable[[list[
     return run
 
 
-def library_epilogue_plan(body: fx.GraphModule, text: str) -> TritonProgram:
+def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False) -> TritonProgram:
     """The GEMM or convolution by the library torch links (cuBLAS, cuDNN), its epilogue as one generated
-    pointwise kernel."""
+    pointwise kernel; with `nhwc`, a 2-D convolution run on channels-last operands."""
     placeholders, _, outs = body_nodes(body)
     anchor = _library_anchor(body)
+    if nhwc and not conv_layout.applies(body, "cuda"):
+        raise Unsupported("no 2-D convolution to run channels-last")
     # everything but the anchor (whose operands are kernel inputs): its epilogue, and what fusion merged in
     # beside it (a cast of a residual)
     rest = [n for n in body.graph.nodes if n.op == "call_function" and n is not anchor]
@@ -626,7 +632,7 @@ def library_epilogue_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     generated = [i for i, o in enumerate(outs) if o is not anchor]
     graph.output(tuple(env[outs[i]] for i in generated))
     plan = pointwise_plan(fx.GraphModule(body, graph), text)
-    gemm = _library_call(anchor, placeholders)
+    gemm = _library_call(anchor, placeholders, nhwc)
 
     def launcher(ns: dict, params: dict) -> KernelFn:
         epi = plan.launcher(ns, params)
