@@ -734,7 +734,7 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
              is_causal: bool) -> torch.Tensor:
     """tx.attention through the library SDPA, which reads grouped kv heads itself."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=k.shape[-3] != q.shape[-3])
+                                          enable_gqa=bool(k.shape[-3] != q.shape[-3]))
 
 
 def attention_plan(body: fx.GraphModule, text: str) -> TritonProgram:

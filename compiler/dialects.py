@@ -57,7 +57,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
     reading kv head h // (H / Hkv) (SDPA's enable_gqa: a decode step reads the KV cache, never a copy of it
     with the heads repeated)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=k.shape[-3] != q.shape[-3])
+                                          enable_gqa=bool(k.shape[-3] != q.shape[-3]))
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -162,7 +162,7 @@ def _repeat_kv_source(x: Any) -> fx.Node | None:
     if not is_op(x, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         return None
     expand = x.args[0]
-    if not is_op(expand, aten.expand.default) or not is_op(unsq := expand.args[0], aten.unsqueeze.default):
+    if not is_op(expand, aten.expand.default) or not is_op(unsq := _whole(expand.args[0]), aten.unsqueeze.default):
         return None
     kv = unsq.args[0]
     if val(kv).dim() != 4 or unsq.args[1] not in (2, -3):
@@ -172,6 +172,16 @@ def _repeat_kv_source(x: Any) -> fx.Node | None:
     if tuple(val(expand).shape) != (b, h, n, s, d) or tuple(val(x).shape) != (b, h * n, s, d):
         return None
     return kv
+
+
+def _whole(x: Any) -> Any:
+    """`x` through slices that keep every element (`kv[:, :, None, :, :]` records a slice over the whole
+    of a dimension, which a symbolic cache length keeps in the graph)."""
+    while is_op(x, aten.slice.Tensor) and isinstance(src := x.args[0], fx.Node) and len(x.args) > 1 and \
+            (len(x.args) < 5 or x.args[4] == 1) and (len(x.args) < 3 or x.args[2] in (0, None)) and \
+            [str(d) for d in val(x).shape] == [str(d) for d in val(src).shape]:
+        x = src
+    return x
 
 
 def _ungroup(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node]:

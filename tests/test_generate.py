@@ -444,3 +444,20 @@ def test_guard_clauses_split_at_the_top_level_only():
     code = "L['t0'].size()[0] == 1 and not (1 + ((-1)*L['t2']) < 0 and L['t3'] > 2) and 2 <= L['t1'].size()[2]"
     assert conjuncts(code) == ["L['t0'].size()[0] == 1", "not (1 + ((-1)*L['t2']) < 0 and L['t3'] > 2)",
                                "2 <= L['t1'].size()[2]"]
+
+
+@pytest.mark.parametrize("make", [llama, qwen2, mistral], ids=lambda m: m.__name__)
+def test_a_grouped_query_decode_step_attends_over_the_cache_itself_not_a_repeated_copy(make):
+    """repeat_kv (`kv[:, :, None, :, :].expand(...).reshape(...)`) copies the whole KV cache of a layer at every
+    decode step; the slice that `:` records over a symbolic cache length hid the pattern. Attention reads the
+    cache with its fewer heads (as SDPA's enable_gqa does), and stays a kernel."""
+    model = build(make)
+    ids = prompt(6)
+    with torch.no_grad():
+        expected = generate(model, ids, cache_implementation="static", max_new_tokens=6)
+        model.forward = fxcc.compile(model.forward, passes=FAST)
+        assert torch.equal(generate(model, ids, cache_implementation="static", max_new_tokens=6), expected)
+    decode = model.forward.fxcc.variants[-1].gm
+    assert not [n for n in decode.graph.nodes if n.target is torch.ops.aten.expand.default], decode.code
+    attention = [n for n in decode.graph.nodes if n.target is torch.ops.fxcc_tx.attention.default]
+    assert not attention, "attention ran outside a kernel: " + str([n.meta.get("fxcc_eager") for n in attention])
