@@ -38,16 +38,17 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=_CL)
 
 
-def nhwc(target: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def nhwc(target: Callable[..., torch.Tensor], restore: bool = True) -> Callable[..., torch.Tensor]:
     """`target` (a convolution op taking input and weight first) on channels-last copies of both; its
-    result in eager's layout: channels-last when eager's would be (an operand already was), else NCHW."""
+    result in eager's layout (channels-last when an operand already was, else NCHW), or with `restore`
+    False left channels-last for a consumer that reads any strides (a generated epilogue)."""
 
     def conv(x: torch.Tensor, w: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.dim() != 4 or w.dim() != 4:
             return target(x, w, *args, **kwargs)
         eager_cl = _channels_last(x) or _channels_last(w)
         y = target(x.contiguous(memory_format=_CL), w.contiguous(memory_format=_CL), *args, **kwargs)
-        return y if eager_cl else y.contiguous()
+        return y if eager_cl or not restore else y.contiguous()
 
     conv.__name__ = f"nhwc_{getattr(target, '__name__', 'conv')}"
     return conv

@@ -597,15 +597,23 @@ def _library_anchor(body: fx.GraphModule) -> fx.Node:
 def _library_call(node: fx.Node, placeholders: list[fx.Node],
                   nhwc: bool = False) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """The anchor as the torch call it is (cuBLAS / cuDNN on the GPU); with `nhwc`, a convolution on
-    channels-last operands, its result in eager's layout (fxcc.codegen.conv_layout)."""
+    channels-last operands, its result left channels-last (fxcc.codegen.conv_layout)."""
     pos = {p: k for k, p in enumerate(placeholders)}
-    target = conv_layout.nhwc(node.target) if nhwc else node.target
+    target = conv_layout.nhwc(node.target, restore=False) if nhwc else node.target
     args = [(pos[x] if isinstance(x, fx.Node) else None, x) for x in node.args]
     kwargs = dict(node.kwargs)
 
     def run(inputs: list[torch.Tensor]) -> torch.Tensor:
         return target(*(inputs[k] if k is not None else x for k, x in args), **kwargs)
     return run
+
+
+def _as_recorded(y: torch.Tensor, node: fx.Node) -> torch.Tensor:
+    """`y` in the strides the IR records for `node` (eager's): the stride contract of a kernel output."""
+    want = node.meta["val"].stride()
+    if y.stride() == tuple(want):
+        return y
+    return torch.empty_strided(y.shape, want, dtype=y.dtype, device=y.device).copy_(y)
 
 
 def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False) -> TritonProgram:
@@ -638,8 +646,8 @@ def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False) -
         epi = plan.launcher(ns, params)
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            y = gemm(inputs)
-            res: list[torch.Tensor] = [y] * len(outs)
+            y = gemm(inputs)  # the epilogue reads it with its run-time strides (channels-last with `nhwc`)
+            res: list[torch.Tensor] = [_as_recorded(y, anchor)] * len(outs) if nhwc else [y] * len(outs)
             for i, r in zip(generated, epi([*inputs, y])):
                 res[i] = r
             return res

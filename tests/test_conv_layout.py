@@ -73,3 +73,34 @@ def test_nhwc_wraps_every_convolution_signature(op):
     have = conv_layout.nhwc(target)(*args)
     torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
     assert have.is_contiguous()
+
+
+class ConvAndEpilogue(nn.Module):
+    """The convolution's own result is an output beside its epilogue's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, torch.sigmoid(y) * 2.0
+
+
+@pytest.mark.parametrize("make", [lambda: ConvChain(2, 8), ConvAndEpilogue], ids=["epilogue", "conv-and-epilogue"])
+def test_the_channels_last_library_epilogue_reads_the_nhwc_result_and_outputs_eagers_strides(make, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    m = make().eval()
+    channels = m.conv.in_channels
+    kb = conv_kernel(m, torch.randn(2, channels, 6, 5))
+    cand = next(c for c in triton.candidates(kb, "cpu") if c.backend == "triton+lib-nhwc")
+    inputs = [torch.randn(p.meta["val"].shape) for p in kb.body.graph.nodes if p.op == "placeholder"]
+    want = list(kb.body(*inputs))
+    got = cand.build(cand.defaults).fn(inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert g.stride() == w.stride()
