@@ -7,7 +7,8 @@ results are column slices of its output, which the kernels after it read through
 The concatenated weight is the weights' only copy: the model's projection weights become views into its rows
 (fxcc.ir.concat_rows), so merging adds no memory and an in-place update of a weight is one of the whole.
 
-Exact within floating-point tolerance. CPU only for now: the GPU backends were tuned without it.
+Exact within floating-point tolerance. On the CPU by default; on the GPU with `gpu=true` (the GPU backends
+were tuned without it; a decode step's three small Q/K/V GEMVs become one).
 """
 
 from __future__ import annotations
@@ -33,19 +34,21 @@ class MergeLinears(Pass):
     """Merge sibling linears (same input, constant 2-D weights, same dtype, all with or all without bias).
 
     max_mb: the largest concatenated weight made (weights that cannot become views of it stay beside a copy).
+    gpu: merge on the GPU too.
     """
 
     name = "merge-linears"
     reads = "tx"
     writes = "tx"
     max_mb: int = 256
+    gpu: bool = False
 
     def __post_init__(self) -> None:
         if self.max_mb < 0:
             raise ValueError(f"max_mb must be >= 0, got {self.max_mb}")
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.target != "cpu":
+        if ctx.target != "cpu" and not (self.gpu and ctx.target == "cuda"):
             return PassResult(False)
         rw, merged, linears = Rewriter(gm), 0, 0
         order = {n: i for i, n in enumerate(gm.graph.nodes)}

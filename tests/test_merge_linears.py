@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fxcc
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,15 +70,15 @@ def test_linears_without_bias_merge_and_mixed_bias_or_input_weights_do_not():
     assert len(linears(cm.fxcc)) == 2
 
 
-def test_the_pass_leaves_cuda_graphs_alone():
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_pass_leaves_cuda_graphs_alone_unless_asked(gpu):
     torch.manual_seed(0)
     model, x = QKV().eval(), torch.randn(4, 32)
     cm = fxcc.compile(model, passes="canonicalize,raise")
     cm(x)
     gm = cm.variants[-1].gm
     from fxcc.passes.merge_linears import MergeLinears
-    assert not MergeLinears().apply(gm, PassContext(target="cuda")).changed
-    assert MergeLinears().apply(gm, PassContext(target="cpu")).changed
+    assert MergeLinears(gpu=gpu).apply(gm, PassContext(target="cuda")).changed == gpu
 
 
 def _storage(t: torch.Tensor) -> int:
