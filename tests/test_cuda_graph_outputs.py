@@ -25,9 +25,10 @@ class StandIn:
 
     def __init__(self, fn, outs):
         self.fn, self.outs = fn, outs
+        self.inference = torch.is_inference_mode_enabled()  # a replay runs what was captured, in any mode
 
     def replay(self):
-        with _disable_current_modes():
+        with _disable_current_modes(), torch.inference_mode(self.inference):
             for o, n in zip(self.outs, self.fn()):
                 o.copy_(n)
 
@@ -164,6 +165,29 @@ def test_a_variant_with_symbolic_sizes_counts_both_captures_against_max_graphs(m
         torch.testing.assert_close(y, f(x))
 
 
+def test_outputs_captured_in_inference_mode_are_copies_outside_it(monkeypatch):
+    """A graph writing a cache made under inference mode is captured there, so its outputs are inference tensors:
+    a call outside inference mode gets normal tensors, as eager's (copies); inside it, the graph's memory."""
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+    with torch.inference_mode():
+        cache = torch.zeros(4)
+
+    def step(x, cache):
+        cache.add_(x)
+        return (cache * 2,)
+
+    graphs, x = cg.CudaGraphs(step, "step", frozenset({1}), frozenset()), torch.ones(4)
+    assert graphs([x, cache]) is None  # seen once
+    with torch.no_grad():
+        y = graphs([x, cache])[0]
+    (g,) = graphs.graphs.values()
+    assert not y.is_inference() and cg._address(y) != cg._address(g.captures[0].outs[0])
+    with torch.inference_mode():
+        z = graphs([x, cache])[0]
+    assert z.is_inference() and torch.equal(cache, torch.full((4,), 2.0)) and torch.equal(z, 2 * cache)
+    torch.testing.assert_close(y, torch.full((4,), 2.0))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_kept_outputs_equal_eager_and_a_steady_loop_clones_nothing():
@@ -176,7 +200,7 @@ def test_gpu_kept_outputs_equal_eager_and_a_steady_loop_clones_nothing():
     def chain(x):
         return torch.sigmoid(torch.relu(x @ w1) @ w2) * 2 + x
 
-    c = fxcc.compile(chain)
+    c = fxcc.compile(chain, options=fxcc.CompileOptions(time_vs_eager=False))  # compiled, whatever eager's time
     xs = [torch.randn(32, 64, device="cuda") for _ in range(12)]
     kept = []
     for i, x in enumerate(xs):
