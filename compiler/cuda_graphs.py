@@ -19,6 +19,7 @@ uncaptured, and that is logged once and counted (`overlapped`). Outputs that are
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,18 @@ MAX_GRAPHS = 8  # captures kept per variant with symbolic sizes (a call's second
 _use_count = torch._C._storage_Use_Count  # references to a storage: tensors over it (views too), storage objects
 
 
+def _storages(outs: list[torch.Tensor], theirs: list[torch.Tensor]) -> list[torch.UntypedStorage]:
+    """The storages of `outs`, once each, but those of the caller's tensors `theirs` (an in-place input: what a
+    replay writes there changes under the caller in eager too)."""
+    skip = {t.untyped_storage()._cdata for t in theirs}
+    found: dict[int, torch.UntypedStorage] = {}
+    for t in outs:
+        st = t.untyped_storage()
+        if st._cdata not in skip:
+            found.setdefault(st._cdata, st)
+    return list(found.values())
+
+
 class _Capture:
     """One captured graph: the buffers it reads, the outputs it writes (in its own memory pool), and the use
     count of each output storage while nothing of it is handed out."""
@@ -57,15 +70,18 @@ class _Capture:
         # inference tensors (captured in inference mode for a cache made there) leave it as copies, as eager's
         # outputs of a call outside inference mode are normal tensors
         self.inference = any(outs[j].is_inference() for j in self.given)
-        # what a replay writes of the caller's own (an in-place input) changes under the caller in eager too
-        theirs = {static[i].untyped_storage()._cdata for i in inplace}
-        storages = {outs[j].untyped_storage()._cdata for j in self.given} - theirs
-        self.held_at = [(s, _use_count(s) + 1) for s in storages]  # held when a use count reaches this
+        self.storages = _storages([outs[j] for j in self.given], [static[i] for i in inplace])
+        self.unheld = self._counts()  # nothing handed out yet (and no other reference to a storage object here)
         self.copies = 0  # inputs copied into the buffers (tests count them)
+
+    def _counts(self) -> list[tuple[int, int]]:
+        """Per output storage: the tensors (views too) over it, and the holders of its storage object (one
+        object per storage while the storage lives: a caller's `y.untyped_storage()` is this one)."""
+        return [(_use_count(s._cdata), sys.getrefcount(s)) for s in self.storages]
 
     def free(self) -> bool:
         """Whether nothing of the last replay's outputs is held: a replay may write them again."""
-        return all(_use_count(s) < n for s, n in self.held_at)
+        return all(n <= m and r <= q for (n, r), (m, q) in zip(self._counts(), self.unheld))
 
     def replay(self, flat: list[Any]) -> list[Any]:
         for i, buf, at, shape, stride in self.copied:

@@ -128,6 +128,15 @@ def test_a_view_of_a_held_output_keeps_its_values(graphed):
     assert len(g.captures) == 2  # the view held the first capture's memory
 
 
+def test_a_held_storage_of_an_output_keeps_its_values(graphed):
+    c, g = graphed
+    x0, x1 = inputs(2)
+    storage = c(x0).untyped_storage()  # only the storage object is held
+    c(x1)
+    torch.testing.assert_close(torch.empty(0).set_(storage).view(64, 64), f(x0))
+    assert len(g.captures) == 2
+
+
 def test_every_output_held_runs_uncaptured_and_is_counted(graphed, caplog):
     """A caller keeping every result: past the two captures, a call runs uncaptured (never a replay over a
     held result), logged once and shown by `fxcc explain`."""
