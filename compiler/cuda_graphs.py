@@ -186,11 +186,11 @@ class CudaGraph:
         return None
 
 
-def copies_outweigh_launches(flat: list[Any], ops: int, inplace: frozenset[int] = frozenset()) -> str | None:
+def copies_outweigh_launches(flat: list[Any], ops: int) -> str | None:
     """Why a graph of `ops` launches over these inputs costs more in copies than it saves in launches, or None.
-    A replay copies the inputs not read in place (`inplace`): a caller's input is not in the graph's buffer."""
-    in_bytes = sum(x.numel() * x.element_size() for i, x in enumerate(flat)
-                   if isinstance(x, torch.Tensor) and i not in inplace)
+    Every input is counted (a caller's tensor is rarely the graph's own buffer); outputs cost nothing (handed
+    out without copies)."""
+    in_bytes = sum(x.numel() * x.element_size() for x in flat if isinstance(x, torch.Tensor))
     copies = 2 * in_bytes / COPY_BYTES_PER_S
     if copies <= ops * LAUNCH_S:
         return None
