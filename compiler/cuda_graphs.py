@@ -1,16 +1,25 @@
 """CUDA graphs of compiled variants: one replay per call instead of one launch per kernel.
 
 A graph reads its inputs from buffers it was captured on. The call's own inputs (token ids, masks) are
-copied into those buffers; tensors the graph reads and writes in place (a KV cache, a buffer the model
-updates) are captured as they are, so a replay writes the caller's cache directly and nothing else is
-copied: such a graph serves only while those tensors are the same (their addresses are checked). Outputs
-are cloned out of the graph's memory, so a result stays valid after the next call, except outputs that
-are the call's own inputs (the cache it returns).
+copied into those buffers, unless a call's input already is that buffer (same address, shape and strides);
+tensors the graph reads and writes in place (a KV cache, a buffer the model updates) are captured as they
+are, so a replay writes the caller's cache directly and nothing else is copied: such a graph serves only
+while those tensors are the same (their addresses are checked).
+
+Outputs are not cloned: a call returns new tensors over the graph's own output memory. Their lifetime is
+eager's: a result the caller holds (or a view of it, or its storage) never changes under it. A replay
+writes that memory again only when nothing of the last replay's outputs is held any more (their storages'
+use counts are back to what the graph alone holds). While some are held, a second graph of the same call,
+captured in its own memory pool the first time this happens, serves the call (a loop `y = f(x)` alternates
+between the two); while the outputs of both are held (a caller keeping every result), the call runs
+uncaptured, and that is logged once and counted (`overlapped`). Outputs that are the call's own inputs
+(the cache it returns) are the caller's tensors, as before.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,98 +36,172 @@ def _address(t: torch.Tensor) -> int:
     return torch._C._data_address(t) + t.storage_offset() * t.element_size()
 
 _WARMUP = 2  # runs before a capture (lazy initialisation, autotuning)
-# a replay saves about one host launch per op and costs a copy of each input and a clone of each output:
-# graphs whose copies would take longer than the launches they save are not captured at all (a large
+# a replay saves about one host launch per op and costs a copy of each input that is not already in the graph's
+# buffer: graphs whose copies would take longer than the launches they save are not captured at all (a large
 # elementwise op), the rest are timed against running uncaptured (`pays`)
 LAUNCH_S = 5e-6  # host time of one op's launch on a GPU, seconds
 COPY_BYTES_PER_S = 2e12  # device copy bandwidth, bytes read + written per second (H100/H200: about 3e12)
-MAX_GRAPHS = 8  # graphs kept per variant with symbolic sizes (one per concrete size that repeats)
+MAX_GRAPHS = 8  # captures kept per variant with symbolic sizes (a call's second graph counts as one)
+_use_count = torch._C._storage_Use_Count  # references to a storage: tensors over it (views too), storage objects
+
+
+def _storages(outs: list[torch.Tensor], theirs: list[torch.Tensor]) -> list[torch.UntypedStorage]:
+    """The storages of `outs`, once each, but those of the caller's tensors `theirs` (an in-place input: what a
+    replay writes there changes under the caller in eager too)."""
+    skip = {t.untyped_storage()._cdata for t in theirs}
+    found: dict[int, torch.UntypedStorage] = {}
+    for t in outs:
+        st = t.untyped_storage()
+        if st._cdata not in skip:
+            found.setdefault(st._cdata, st)
+    return list(found.values())
+
+
+class _Capture:
+    """One captured graph: the buffers it reads, the outputs it writes (in its own memory pool), and the use
+    count of each output storage while nothing of it is handed out."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, static: list[Any], outs: list[Any], inplace: frozenset[int],
+                 keep: frozenset[int]):
+        self.graph, self.static, self.outs = graph, static, outs
+        self.copied = [(i, x, _address(x), x.shape, x.stride()) for i, x in enumerate(static)
+                       if isinstance(x, torch.Tensor) and i not in inplace]
+        self.given = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and j not in keep]
+        # inference tensors (captured in inference mode for a cache made there) leave it as copies, as eager's
+        # outputs of a call outside inference mode are normal tensors
+        self.inference = any(outs[j].is_inference() for j in self.given)
+        self.storages = _storages([outs[j] for j in self.given], [static[i] for i in inplace])
+        self.unheld = self._counts()  # nothing handed out yet (and no other reference to a storage object here)
+        self.copies = 0  # inputs copied into the buffers (tests count them)
+
+    def _counts(self) -> list[tuple[int, int]]:
+        """Per output storage: the tensors (views too) over it, and the holders of its storage object (one
+        object per storage while the storage lives: a caller's `y.untyped_storage()` is this one)."""
+        return [(_use_count(s._cdata), sys.getrefcount(s)) for s in self.storages]
+
+    def free(self) -> bool:
+        """Whether nothing of the last replay's outputs is held: a replay may write them again."""
+        return all(n <= m and r <= q for (n, r), (m, q) in zip(self._counts(), self.unheld))
+
+    def replay(self, flat: list[Any]) -> list[Any]:
+        for i, buf, at, shape, stride in self.copied:
+            x = flat[i]
+            if _address(x) != at or x.stride() != stride or x.shape != shape:  # the input moved
+                buf.copy_(x)
+                self.copies += 1
+        self.graph.replay()
+        outs = list(self.outs)
+        if self.inference and not torch.is_inference_mode_enabled():
+            for j in self.given:
+                outs[j] = outs[j].clone()
+        else:
+            for j in self.given:
+                outs[j] = outs[j].detach()  # a new tensor over the graph's memory, which the use count sees
+        return outs
+
+
+def _capture(fn: Callable[..., Any], flat: list[Any], name: str, inplace: frozenset[int],
+             keep: frozenset[int]) -> _Capture | None:
+    """`fn` captured on buffers like `flat`, reading the inputs in `inplace` where they are; None (logged)
+    when capturing fails. The warm-up runs write into in-place inputs: they are restored."""
+    try:
+        with torch.inference_mode(False):  # buffers a later call outside inference mode may copy into
+            static = [x if i in inplace else
+                      torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+                      if isinstance(x, torch.Tensor) else x for i, x in enumerate(flat)]
+            saved = {i: flat[i].clone() for i in inplace}
+        # in-place inputs made under inference mode (a cache built inside `torch.inference_mode()`) may be
+        # written only there: capture in the mode they need (a replay writes them in any mode)
+        infer = any(flat[i].is_inference() for i in inplace)
+        with torch.inference_mode(infer), torch.no_grad():
+            runs = [0]
+
+            def restore() -> None:
+                for i, t in saved.items():
+                    flat[i].copy_(t)
+
+            def run() -> Any:
+                out = fn(*static)
+                runs[0] += 1
+                if runs[0] <= _WARMUP:  # a warm-up run: undo its writes
+                    restore()
+                return out
+
+            graph, outs = capture_graph(run, warmup=_WARMUP)  # a new graph: its own memory pool
+            restore()  # capturing runs nothing on a GPU; a capture that ran (a stand-in) is undone too
+    except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
+        torch.cuda.synchronize()  # nothing of the failed warm-up (on a side stream) still runs on freed buffers
+        if "saved" in locals():  # a run that stopped part-way may have written some of its in-place inputs
+            with torch.inference_mode(any(flat[i].is_inference() for i in saved)):
+                for i, t in saved.items():
+                    flat[i].copy_(t)
+        log.warning("%s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
+        return None
+    return _Capture(graph, static, list(outs), inplace, keep)
 
 
 class CudaGraph:
-    """A variant's executable captured as one CUDA graph for one set of input shapes (and in-place inputs).
+    """A variant's executable captured as a CUDA graph for one set of input shapes (and in-place inputs), and
+    a second capture of it for calls made while the caller holds the first one's outputs.
 
     Built by `capture`, which returns None (and logs why) when capturing fails; the variant then runs its
-    executable as before.
+    executable as before. A call returns None where it does not replay: the variant runs uncaptured.
     """
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, static: list[Any], outs: Any, inplace: frozenset[int],
+    def __init__(self, first: _Capture, fn: Callable[..., Any], name: str, inplace: frozenset[int],
                  keep: frozenset[int]):
-        self.graph = graph
-        self.static = static
-        self.inplace = inplace
-        self.copied = [i for i, x in enumerate(static) if isinstance(x, torch.Tensor) and i not in inplace]
-        self.addresses = [(i, _address(static[i])) for i in sorted(inplace)]
-        self.outs = outs
-        self.keep = keep
+        self.captures = [first]
+        self.fn, self.name, self.inplace, self.keep = fn, name, inplace, keep
+        self.addresses = [(i, _address(first.static[i])) for i in sorted(inplace)]
+        self.second = True  # a second capture may still be taken
+        self.overlapped = 0  # calls run uncaptured because the outputs of every capture were held
 
     @staticmethod
     def capture(fn: Callable[..., Any], flat: list[Any], name: str, inplace: frozenset[int] = frozenset(),
                 keep: frozenset[int] = frozenset()) -> CudaGraph | None:
         """Capture `fn` on buffers like `flat`, reading the inputs in `inplace` where they are; outputs in
-        `keep` are not cloned at replay. The warm-up runs write into in-place inputs: they are restored."""
-        try:
-            with torch.inference_mode(False):  # buffers a later call outside inference mode may copy into
-                static = [x if i in inplace else
-                          torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
-                          if isinstance(x, torch.Tensor) else x for i, x in enumerate(flat)]
-                saved = {i: flat[i].clone() for i in inplace}
-            # in-place inputs made under inference mode (a cache built inside `torch.inference_mode()`) may be
-            # written only there: capture in the mode they need (a replay writes them in any mode)
-            infer = any(flat[i].is_inference() for i in inplace)
-            with torch.inference_mode(infer), torch.no_grad():
-                runs = [0]
+        `keep` (the call's own inputs) are handed back as they are."""
+        first = _capture(fn, flat, name, inplace, keep)
+        return CudaGraph(first, fn, name, inplace, keep) if first is not None else None
 
-                def restore() -> None:
-                    for i, t in saved.items():
-                        flat[i].copy_(t)
-
-                def run() -> Any:
-                    out = fn(*static)
-                    runs[0] += 1
-                    if runs[0] <= _WARMUP:  # a warm-up run: undo its writes
-                        restore()
-                    return out
-
-                graph, outs = capture_graph(run, warmup=_WARMUP)
-                restore()  # capturing runs nothing on a GPU; a capture that ran (a stand-in) is undone too
-        except Exception as e:  # an op that cannot be captured (a host sync, a CPU tensor): run uncaptured
-            torch.cuda.synchronize()  # nothing of the failed warm-up (on a side stream) still runs on freed buffers
-            if "saved" in locals():  # a run that stopped part-way may have written some of its in-place inputs
-                with torch.inference_mode(any(flat[i].is_inference() for i in saved)):
-                    for i, t in saved.items():
-                        flat[i].copy_(t)
-            log.warning("%s runs without a CUDA graph: capture failed (%s: %s)", name, type(e).__name__, e)
-            return None
-        return CudaGraph(graph, static, outs, inplace, keep)
-
-    def __call__(self, flat: list[Any]) -> list[Any] | None:
-        """Replay on these inputs; None when an in-place input is another tensor than the one captured."""
+    def __call__(self, flat: list[Any], room: Callable[[], bool] = lambda: True) -> list[Any] | None:
+        """Replay on these inputs, into a capture whose outputs the caller no longer holds; None when an
+        in-place input is another tensor than the one captured, or when every capture's outputs are held.
+        `room`: whether a second capture may be taken now."""
         if any(_address(flat[i]) != ptr for i, ptr in self.addresses):
             return None
-        static = self.static
-        for i in self.copied:
-            static[i].copy_(flat[i])
-        self.graph.replay()
-        return [o.clone() if isinstance(o, torch.Tensor) and j not in self.keep else o
-                for j, o in enumerate(self.outs)]
+        for c in self.captures:
+            if c.free():
+                return c.replay(flat)
+        if self.second and room():
+            self.second = False
+            c = _capture(self.fn, flat, self.name, self.inplace, self.keep)
+            if c is not None:
+                self.captures.append(c)
+                return c.replay(flat)
+        self.overlapped += 1
+        if self.overlapped == 1:
+            log.info("%s runs uncaptured while the caller holds the outputs of each of its CUDA graphs' last "
+                     "replays (a replay would overwrite them); counted in `fxcc explain`", self.name)
+        return None
 
 
-def copies_outweigh_launches(flat: list[Any], out_bytes: int, ops: int) -> str | None:
-    """Why a graph of `ops` launches over these inputs and `out_bytes` of outputs costs more in copies than
-    it saves in launches, or None."""
+def copies_outweigh_launches(flat: list[Any], ops: int) -> str | None:
+    """Why a graph of `ops` launches over these inputs costs more in copies than it saves in launches, or None.
+    Every input is counted (a caller's tensor is rarely the graph's own buffer); outputs cost nothing (handed
+    out without copies)."""
     in_bytes = sum(x.numel() * x.element_size() for x in flat if isinstance(x, torch.Tensor))
-    copies = 2 * (in_bytes + out_bytes) / COPY_BYTES_PER_S
+    copies = 2 * in_bytes / COPY_BYTES_PER_S
     if copies <= ops * LAUNCH_S:
         return None
-    return (f"copying {in_bytes / 2**20:.0f} MiB of inputs in and cloning {out_bytes / 2**20:.0f} MiB of outputs "
-            f"out (about {copies * 1e3:.2f} ms) costs more than the {ops} launches a replay saves")
+    return (f"copying {in_bytes / 2**20:.0f} MiB of inputs in (about {copies * 1e3:.2f} ms) costs more than the "
+            f"{ops} launches a replay saves")
 
 
 def pays(graph: CudaGraph, flat: list[Any], plain: Callable[[], Any]) -> str | None:
-    """None when replaying `graph` (input copies and output clones included) is not beaten by running its
-    executable uncaptured (`plain`) beyond the noise; else why the graph is dropped. For graphs without
-    in-place inputs: both runs are free of effects."""
+    """None when replaying `graph` (input copies included; its outputs are handed out without copies) is not
+    beaten by running its executable uncaptured (`plain`) beyond the noise; else why the graph is dropped.
+    For graphs without in-place inputs: both runs are free of effects."""
     d = compare({"graph": lambda: graph(flat), "uncaptured": plain}, "graph", device="cuda", warmup=2, reps=10)
     return None if d.winner == "graph" else f"timed slower than running uncaptured: {d.summary()}"
 
@@ -135,18 +218,26 @@ class CudaGraphs:
         self.graphs: dict[tuple, CudaGraph | None] = {}
         self.seen: dict[tuple, int] = {}
 
+    @property
+    def overlapped(self) -> int:
+        return sum(g.overlapped for g in self.graphs.values() if g is not None)
+
+    def _room(self) -> bool:
+        """Whether another capture fits within MAX_GRAPHS."""
+        return sum(len(g.captures) for g in self.graphs.values() if g is not None) < MAX_GRAPHS
+
     def __call__(self, flat: list[Any]) -> list[Any] | None:
         key = (tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x if type(x) is int else None for x in flat),
                tuple(_address(flat[i]) for i in sorted(self.inplace)))
         graph = self.graphs.get(key)
         if graph is not None:
-            return graph(flat)
+            return graph(flat, self._room)
         if key in self.graphs:  # capture failed for this key
             return None
         if len(self.seen) > 4 * MAX_GRAPHS:
             self.seen.clear()
         self.seen[key] = self.seen.get(key, 0) + 1
-        if self.seen[key] < 2 or len(self.graphs) >= MAX_GRAPHS:
+        if self.seen[key] < 2 or not self._room():
             return None
         self.graphs[key] = graph = CudaGraph.capture(self.fn, flat, self.name, self.inplace, self.keep)
-        return graph(flat) if graph is not None else None
+        return graph(flat, self._room) if graph is not None else None

@@ -117,13 +117,11 @@ class Variant:
         return self._result(list(outs), flat, args, kwargs)
 
     def _capture(self, flat: list[Any]) -> CudaGraph | None:
-        """This static variant's CUDA graph, where it pays for its input copies and output clones: by estimate
-        first (a large memory-bound graph is not captured), then by timing replay against running uncaptured."""
-        output = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
-        outs = [n.meta.get("val") for n in pytree.tree_leaves(output.args) if isinstance(n, fx.Node)]
-        out_bytes = sum(v.numel() * v.element_size() for v in outs if isinstance(v, torch.Tensor))
+        """This static variant's CUDA graph, where it pays for its input copies (its outputs are handed out
+        without copies): by estimate first (a large memory-bound graph is not captured), then by timing replay
+        against running uncaptured."""
         ops = sum(n.op == "call_function" and op_name(n.target) != "py.getitem" for n in self.executable.graph.nodes)
-        why = copies_outweigh_launches(flat, out_bytes, ops)
+        why = copies_outweigh_launches(flat, ops)
         graph = CudaGraph.capture(self._call, flat, self.name) if why is None else None
         if graph is not None:
             with torch.no_grad():
@@ -823,6 +821,9 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
         out.append(v.vs_eager)
     if v.no_graph:
         out.append(f"no CUDA graph: {v.no_graph}")
+    if getattr(v.cuda_graph, "overlapped", 0):
+        out.append(f"CUDA graph: {v.cuda_graph.overlapped} calls ran uncaptured, the caller holding the outputs of "
+                   "both its captures (a replay would have overwritten them)")
     if v.quality_loss is not None:
         out.append(f"quality loss {v.quality_loss:.5f} (1 - min cosine vs the exact pipeline, calibration inputs)")
     out.append("\n== passes")

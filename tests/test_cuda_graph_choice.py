@@ -1,6 +1,6 @@
-"""Whether a static variant runs as a CUDA graph is decided, not assumed: a graph whose input copies and output
-clones cost more than the launches it saves is not captured, and a captured graph that replays slower than
-the executable run uncaptured is dropped. On the CPU with a stand-in graph and an injected timer."""
+"""Whether a static variant runs as a CUDA graph is decided, not assumed: a graph whose input copies cost more
+than the launches it saves is not captured, and a captured graph that replays slower than the executable run
+uncaptured is dropped. On the CPU with a stand-in graph and an injected timer."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def test_a_graph_that_pays_is_kept(monkeypatch):
 
 
 def test_inputs_too_large_to_copy_are_not_captured(monkeypatch):
-    """The estimate alone: copying the inputs in and the outputs out would take longer than the launches a
-    replay saves (here with a copy bandwidth made tiny), so nothing is captured and nothing is timed."""
+    """The estimate alone: copying the inputs in would take longer than the launches a replay saves (here with a
+    copy bandwidth made tiny), so nothing is captured and nothing is timed."""
     c, v, x = compiled_variant(monkeypatch)
     monkeypatch.setattr(cg, "COPY_BYTES_PER_S", 1e3)
     torch.testing.assert_close(c(x), torch.sigmoid(x) * 2 + 1)
@@ -83,8 +83,8 @@ def test_inputs_too_large_to_copy_are_not_captured(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_a_large_elementwise_call_allocates_no_more_than_eager():
-    """A memory-bound op on a 1 GiB input: no CUDA graph with a copy of the input and a clone of the output,
-    so a compiled call's peak allocation is eager's (its output), and the result is eager's."""
+    """A memory-bound op on a 1 GiB input: no CUDA graph with a copy of the input, so a compiled call's peak
+    allocation is eager's (its output), and the result is eager's."""
 
     def f(x):
         return torch.nn.functional.selu(x)

@@ -1,0 +1,230 @@
+"""A replayed CUDA graph copies only inputs that moved and clones no output: a call returns tensors over the
+graph's own memory, and a result the caller holds (or a view of it) never changes under it. A second capture
+serves calls made while the first one's outputs are held; while both are held, the call runs uncaptured. On the
+CPU with a stand-in for a captured graph, and on a GPU."""
+
+from __future__ import annotations
+
+import fxcc
+import fxcc.cuda_graphs as cg
+import pytest
+import torch
+from fxcc.measure import using_timer
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+FAST = "canonicalize,raise,fuse,codegen{backend=extern}"
+
+
+def f(x):
+    return torch.sigmoid(x) * 2 + 1
+
+
+class StandIn:
+    """A captured graph on the CPU: a replay runs the captured call again (reading the graph's input buffers)
+    and writes its results into the captured outputs, the memory a real replay writes."""
+
+    def __init__(self, fn, outs):
+        self.fn, self.outs = fn, outs
+        self.inference = torch.is_inference_mode_enabled()  # a replay runs what was captured, in any mode
+
+    def replay(self):
+        with _disable_current_modes(), torch.inference_mode(self.inference):
+            for o, n in zip(self.outs, self.fn()):
+                o.copy_(n)
+
+
+def stand_in_capture(fn, warmup=2):
+    for _ in range(warmup):
+        fn()
+    outs = fn()
+    return StandIn(fn, outs), outs
+
+
+class Copies(TorchDispatchMode):
+    """Counts the copies and clones a call makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = self.clones = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func is torch.ops.aten.copy_.default
+        self.clones += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def graphed(monkeypatch):
+    """A compiled `f` whose static variant is captured with the stand-in at its next call (timed as paying)."""
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+    c = fxcc.compile(f, passes=FAST)
+    c(torch.randn(64, 64))
+    v = c.fxcc.variants[0]
+    v.cuda_graph = "pending"  # as compile leaves a static variant on CUDA
+    with using_timer(lambda fn, device: (fn(), 1.0)[1]):  # graph and uncaptured alike: the graph is kept
+        c(torch.randn(64, 64))
+    assert isinstance(v.cuda_graph, cg.CudaGraph)
+    return c, v.cuda_graph
+
+
+def inputs(n):
+    return [torch.randn(64, 64) for _ in range(n)]
+
+
+def test_released_outputs_are_replayed_into_again_without_clones(graphed):
+    """A caller that drops each result before the next call: one capture serves every call, its outputs handed
+    out over the graph's memory (no clone), one copy per call (the input, which moved)."""
+    c, g = graphed
+    for x in inputs(4):
+        with Copies() as m:
+            y = c(x)
+        torch.testing.assert_close(y, f(x))
+        assert (m.clones, m.copies) == (0, 1)
+        assert cg._address(y) == cg._address(g.captures[0].outs[0])
+        del y
+    assert len(g.captures) == 1 and g.overlapped == 0
+
+
+def test_an_input_already_in_the_graphs_buffer_is_not_copied(graphed):
+    c, g = graphed
+    x = g.captures[0].static[0]
+    x.copy_(torch.randn(64, 64))
+    with Copies() as m:
+        y = c(x)
+    torch.testing.assert_close(y, f(x))
+    assert m.copies == 0
+    del y
+    elsewhere = x.clone()  # the same values elsewhere: copied
+    with Copies() as m:
+        y = c(elsewhere)
+    torch.testing.assert_close(y, f(x))
+    assert m.copies == 1
+
+
+def test_a_held_output_keeps_its_values_the_next_call_replays_a_second_capture(graphed):
+    """`y = f(x)` in a loop holds the last result while calling: the calls alternate between two captures
+    (the second taken at the first such call), none clones, and a result never changes while held."""
+    c, g = graphed
+    xs = inputs(5)
+    y = c(xs[0])
+    for prev, x in zip(xs, xs[1:]):
+        want = y.clone()
+        with Copies() as m:
+            nxt = c(x)
+        torch.testing.assert_close(y, want)  # the held result is what it was
+        torch.testing.assert_close(y, f(prev))
+        torch.testing.assert_close(nxt, f(x))
+        assert m.clones == 0
+        y = nxt
+    assert len(g.captures) == 2 and g.overlapped == 0
+
+
+def test_a_view_of_a_held_output_keeps_its_values(graphed):
+    c, g = graphed
+    x0, x1 = inputs(2)
+    row = c(x0)[3]  # the result itself is dropped, its view is held
+    c(x1)
+    torch.testing.assert_close(row, f(x0)[3])
+    assert len(g.captures) == 2  # the view held the first capture's memory
+
+
+def test_a_held_storage_of_an_output_keeps_its_values(graphed):
+    c, g = graphed
+    x0, x1 = inputs(2)
+    storage = c(x0).untyped_storage()  # only the storage object is held
+    c(x1)
+    torch.testing.assert_close(torch.empty(0).set_(storage).view(64, 64), f(x0))
+    assert len(g.captures) == 2
+
+
+def test_every_output_held_runs_uncaptured_and_is_counted(graphed, caplog):
+    """A caller keeping every result: past the two captures, a call runs uncaptured (never a replay over a
+    held result), logged once and shown by `fxcc explain`."""
+    c, g = graphed
+    xs = inputs(6)
+    with caplog.at_level("INFO", logger="fxcc.cuda_graphs"):
+        ys = [c(x) for x in xs]
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(y, f(x))
+    assert len(g.captures) == 2 and g.overlapped == 4
+    assert len([r for r in caplog.records if "runs uncaptured" in r.message]) == 1
+    assert "4 calls ran uncaptured" in c.fxcc.explain()
+    del ys[2:]  # the later results were not the graphs': the first two still are, and held
+    c(xs[0])
+    assert g.overlapped == 5
+    del ys[0]
+    y = c(xs[5])
+    torch.testing.assert_close(y, f(xs[5]))
+    torch.testing.assert_close(ys[0], f(xs[1]))
+    assert g.overlapped == 5
+
+
+def test_a_variant_with_symbolic_sizes_counts_both_captures_against_max_graphs(monkeypatch):
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+    monkeypatch.setattr(cg, "MAX_GRAPHS", 3)
+    graphs = cg.CudaGraphs(lambda x: (f(x),), "f", frozenset(), frozenset())  # an executable: a tuple
+    a, b = torch.randn(4), torch.randn(8)
+    assert graphs([a]) is None  # seen once
+    ya = graphs([a])[0]
+    yb = graphs([b]) or graphs([b])  # the second key: seen, then captured
+    held = graphs([a])[0]  # ya is held: the second capture of the first key (the third capture)
+    assert sum(len(g.captures) for g in graphs.graphs.values()) == 3
+    assert graphs([b]) is None  # yb held, no room for another capture
+    for y, x in [(ya, a), (yb[0], b), (held, a)]:
+        torch.testing.assert_close(y, f(x))
+
+
+def test_outputs_captured_in_inference_mode_are_copies_outside_it(monkeypatch):
+    """A graph writing a cache made under inference mode is captured there, so its outputs are inference tensors:
+    a call outside inference mode gets normal tensors, as eager's (copies); inside it, the graph's memory."""
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+    with torch.inference_mode():
+        cache = torch.zeros(4)
+
+    def step(x, cache):
+        cache.add_(x)
+        return (cache * 2,)
+
+    graphs, x = cg.CudaGraphs(step, "step", frozenset({1}), frozenset()), torch.ones(4)
+    assert graphs([x, cache]) is None  # seen once
+    with torch.no_grad():
+        y = graphs([x, cache])[0]
+    (g,) = graphs.graphs.values()
+    assert not y.is_inference() and cg._address(y) != cg._address(g.captures[0].outs[0])
+    with torch.inference_mode():
+        z = graphs([x, cache])[0]
+    assert z.is_inference() and torch.equal(cache, torch.full((4,), 2.0)) and torch.equal(z, 2 * cache)
+    torch.testing.assert_close(y, torch.full((4,), 2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kept_outputs_equal_eager_and_a_steady_loop_clones_nothing():
+    """On a GPU: a small matmul and elementwise chain replayed as a CUDA graph. A loop that keeps every third
+    result gets eager's values in all of them; a loop `y = f(x)` copies only its input, clones no output and
+    never runs uncaptured."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(64, 128, device="cuda"), torch.randn(128, 64, device="cuda")
+
+    def chain(x):
+        return torch.sigmoid(torch.relu(x @ w1) @ w2) * 2 + x
+
+    c = fxcc.compile(chain, options=fxcc.CompileOptions(time_vs_eager=False))  # compiled, whatever eager's time
+    xs = [torch.randn(32, 64, device="cuda") for _ in range(12)]
+    kept = []
+    for i, x in enumerate(xs):
+        y = c(x)
+        if i % 3 == 0:
+            kept.append((i, y))
+    g = c.fxcc.variants[0].cuda_graph
+    assert isinstance(g, cg.CudaGraph), c.fxcc.explain()
+    for i, y in kept:
+        torch.testing.assert_close(y, chain(xs[i]), atol=1e-4, rtol=1e-4)
+    kept.clear()
+    overlapped, y = g.overlapped, c(xs[0])
+    for x in xs[1:]:
+        with Copies() as m:
+            y = c(x)
+        assert (m.clones, m.copies) == (0, 1)
+        torch.testing.assert_close(y, chain(x), atol=1e-4, rtol=1e-4)
+    assert g.overlapped == overlapped and len(g.captures) == 2
