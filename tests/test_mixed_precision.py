@@ -612,10 +612,10 @@ def test_int4_linear_errors_name_the_argument():
 
 @interp
 @pytest.mark.parametrize("m,k,n,group,cfg", [
-    (1, 96, 40, 32, (16, 3, 16, 4, 2)),     # decode, 3 groups of 32 split over 3 programs, ragged N
-    (5, 256, 48, 128, (32, 1, 16, 4, 2)),   # M=5, two groups, one program per column block
-    (5, 384, 48, 128, (16, 3, 16, 4, 2)),   # K = 3 groups (not a multiple of a 256-wide block), split-K
-    (20, 320, 40, 64, (32, 1, 16, 4, 2)),   # small-batch GEMM: two 16-row blocks, group 64
+    (1, 96, 40, 32, (16, 3, 16, 1, 4, 2, 1)),     # decode, 3 groups of 32 split over 3 programs, ragged N
+    (5, 256, 48, 128, (32, 1, 16, 2, 4, 2, 1)),   # M=5, two groups in one step, one program per column block
+    (5, 384, 48, 128, (16, 3, 16, 1, 4, 2, 0)),   # K = 3 groups, split-K, Triton's own conversion
+    (20, 320, 40, 64, (32, 1, 16, 1, 4, 2, 1)),   # small-batch GEMM: two 16-row blocks, group 64
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_int4_matches_dequantized_reference_twice(m, k, n, group, cfg, bias):
@@ -634,8 +634,9 @@ def test_triton_int4_matches_dequantized_reference_twice(m, k, n, group, cfg, bi
 
 
 @interp
-@pytest.mark.parametrize("glu,norm,cfg", [(True, False, (16, 2, 16, 4, 2)), (False, True, (32, 1, 16, 4, 2)),
-                                          (True, True, (16, 2, 16, 4, 2))])
+@pytest.mark.parametrize("glu,norm,cfg", [(True, False, (16, 2, 16, 1, 4, 2, 1)),
+                                          (False, True, (32, 1, 16, 2, 4, 2, 1)),
+                                          (True, True, (16, 2, 16, 1, 4, 2, 1))])
 def test_triton_int4_gate_and_norm_epilogues(glu, norm, cfg):
     """SwiGLU of a merged gate/up weight and the RMSNorm of x (with its weight, and folded away) in the kernel."""
     from fxcc.codegen import triton_int4 as t4
@@ -696,9 +697,13 @@ def test_triton_int4_rejects_what_it_cannot_do():
 
     x, _, qw, sz, b, _ = _int4_case()
     with pytest.raises(ValueError, match="expected uint8"):
-        t4.w4_gemm(x, qw[:, :64], sz, b, torch.empty(5, 48), 128, (16, 1, 16, 4, 2))
+        t4.w4_gemm(x, qw[:, :64], sz, b, torch.empty(5, 48), 128, (16, 1, 16, 1, 4, 2, 1))
     with pytest.raises(ValueError, match="split 3"):
-        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 3, 16, 4, 2))
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 3, 16, 1, 4, 2, 1))
+    with pytest.raises(ValueError, match="groups a step"):
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 2, 16, 2, 4, 2, 1))
+    with pytest.raises(ValueError, match="PTX"):
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 1, 16, 1, 4, 2, 2))
 
 
 class Ragged(nn.Module):
