@@ -634,6 +634,37 @@ def test_triton_int4_matches_dequantized_reference_twice(m, k, n, group, cfg, bi
 
 
 @interp
+@pytest.mark.parametrize("m,n,k,group", [(1, 40, 256, 32), (8, 64, 1024, 128)])
+def test_triton_int4_every_block_shape_and_conversion_of_the_config_space(m, n, k, group):
+    """Each (BLOCK_N, GPB) of the decode config space (default and broad) with each interpreter-run conversion
+    and splits from 1 to 8, against dequantize-then-matmul. Groups differ by up to 64x in scale and in zero, so a
+    scale or zero applied to another group's K range, or a step that skips or repeats a group, is far off.
+    N=40: ragged blocks; N=64: whole ones (unmasked loads) but for BLOCK_N=128."""
+    from fxcc.codegen import triton_int4 as t4
+    from fxcc.dialects import int4_linear_reference, pack_int4, quantize_int4
+
+    torch.manual_seed(5)
+    groups = k // group
+    spread = (2.0 ** torch.arange(groups)).repeat_interleave(group)  # group g: scale 2^g
+    w = torch.randn(n, k) * spread + torch.arange(k) // group
+    q, sz = quantize_int4(w, group, torch.float32)
+    qw, x, b, r = pack_int4(q, group), torch.randn(m, k) + 0.5, torch.randn(n), torch.randn(m, n)
+    want = int4_linear_reference(x, qw, sz, b, group) + r
+    space = {(c[0], c[3]) for c in t4.configs(1, 2048, 8192, 128, broad=True) + t4.configs(8, 8192, 2048, 128)}
+    assert {bn for bn, _ in space} >= {16, 32, 64, 128} and {g for _, g in space} >= {1, 2, 4, 8}
+    i = 0
+    for bn, gpb in sorted(space):
+        for cvt in (0, 1):
+            splits = [s for s in (1, 2, 4, 8) if groups % s == 0 and (groups // s) % gpb == 0]
+            split = splits[i % len(splits)]  # every split comes round
+            i += 1
+            cfg = (bn, split, 16, gpb, 4, 2, cvt)
+            y = torch.full((m, n), float("nan"))
+            t4.w4_gemm(x, qw, sz, b, y, group, cfg, r)
+            torch.testing.assert_close(y, want, atol=1e-3, rtol=1e-4, msg=lambda e, cfg=cfg: f"{cfg}: {e}")
+
+
+@interp
 @pytest.mark.parametrize("glu,norm,cfg", [(True, False, (16, 2, 16, 1, 4, 2, 1)),
                                           (False, True, (32, 1, 16, 2, 4, 2, 1)),
                                           (True, True, (16, 2, 16, 1, 4, 2, 1))])
