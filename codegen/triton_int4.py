@@ -4,18 +4,26 @@ interpreter).
 y[M, N] = x[M, K] @ W[N, K]^T with W = (q - 8) * scale + zero per group of G input channels
 (fxcc.dialects.quantize_int4; scale_zero [K / G, N, 2] in x's dtype). The weight is in fxcc's int4 layout
 (fxcc.dialects.pack_int4): a row's group is G / 2 contiguous bytes whose low nibbles are the group's first G / 2
-channels and whose high nibbles its last G / 2. Each program streams a [BLOCK_N, G / 2] byte tile per group
-(16-byte vectors along K), takes q - 8 of each nibble (exact in bf16 / fp16) and multiplies the two nibble tiles
-by the two halves of the group's x tile (the dot's right operand: "swap AB", as the int8 GEMV of
-triton_gemv.py). The group's scale and zero are applied to the dot's [BLOCK_N, BLOCK_M] result, not to every
-weight element: sum_k x_k ((q_k - 8) s + z) = s * dot(q - 8, x) + z * sum_k x_k, so dequantization costs two
-multiply-adds per output per group.
+channels and whose high nibbles its last G / 2. Each program streams GPB groups a step, a [BLOCK_N, G / 2]
+byte tile each (16-byte vectors along K; the GPB loads are independent and issued together, and the pipeliner
+prefetches whole steps), turns each nibble into a float and multiplies the two nibble tiles by the two halves of
+the group's x tile (the dot's right operand: "swap AB", as the int8 GEMV of triton_gemv.py). The group's scale
+and zero are applied to the dot's [BLOCK_N, BLOCK_M] result, not to every weight element:
+sum_k x_k ((q_k - 8) s + z) = s * dot(q - 8, x) + z * sum_k x_k, so dequantization costs two multiply-adds per
+output per group, and the group's sums of x come from a dot with a tile of ones (tensor cores, no barrier).
 
-Epilogues as the int8 GEMV's (its `_epilogue`): bias, silu(gate) * up of a merged gate/up weight (GLU), a
-residual add, and an RMSNorm of x (NORM: squares summed as x streams, 1 / rms scales the accumulator; the
-norm's weight folded into W by the pass, or multiplying the x tiles: GAMMA). SPLIT > 1 splits the groups over
-SPLIT programs per column block (partial sums meet in the int8 GEMV's fp32 workspace; the last program applies
-the epilogue and empties it). A third grid axis over blocks of BLOCK_M rows makes it the small-batch GEMM.
+With two weights a byte, Triton's own conversion (CVT 0: int32, the quarter-rate int-to-float unit, fp32 -> 16
+bits, per weight) costs per byte of weight twice what the int8 GEMV's does. CVT 1 and 2 convert by bits: the
+nibble goes under the exponent of MAGIC (128 in bf16, 1024 in fp16: MAGIC + q is exact) with an and and an or,
+in plain Triton (1) or in PTX on four bytes a time (2, GPU only); the dot then sees MAGIC + q for q - 8, and
+s * (MAGIC + 8) * sum_k x_k comes off with the zero (OFF; fp32 x subtracts 2^23 + 8 instead: exact).
+
+Epilogues as the int8 GEMV's (its `_epilogue`, through its `_finish`): bias, silu(gate) * up of a merged gate/up
+weight (GLU), a residual add, and an RMSNorm of x (NORM: squares summed as x streams, 1 / rms scales the
+accumulator; the norm's weight folded into W by the pass, or multiplying the x tiles: GAMMA). SPLIT > 1 splits
+the groups over SPLIT programs per column block (partial sums meet in the int8 GEMV's fp32 workspace, by its
+`_finish`; the last program applies the epilogue and empties it). A third grid axis over blocks of BLOCK_M rows
+makes it the small-batch GEMM.
 Configs are chosen per shape by measurement on the GPU at the first call (checked against the reference first,
 then timed in CUDA graphs over weight copies larger than the L2); under the interpreter the first is used.
 """
@@ -211,10 +219,10 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
     groups, half = K // group, group // 2
     out: list[Config] = []
     if M <= 16:
-        shapes = (((16, (1, 2, 4, 8), ((2, 3), (4, 3))), (32, (1, 2, 4, 8), ((2, 2), (2, 3), (2, 4), (4, 3))),
-                   (64, (1, 2, 4), ((4, 2), (4, 3), (8, 3))), (128, (1, 2), ((4, 3), (8, 3)))) if broad else
+        shapes = (((16, (2, 4, 8), ((2, 3),)), (32, (1, 2, 4, 8), ((2, 3), (4, 3), (2, 5))),
+                   (64, (1, 2, 4), ((4, 3), (8, 3))), (128, (1, 2), ((4, 3),))) if broad else
                   ((32, (2, 4), ((2, 3), (4, 3))), (64, (1, 2), ((4, 3),))))
-        tiles, programs = ((1024, 32768), (64, 4096)) if broad else ((4096, 16384), (128, 1024))
+        tiles, programs = ((2048, 32768), (64, 2048)) if broad else ((4096, 16384), (128, 1024))
         for bn, gpbs, variants in shapes:
             for gpb in gpbs:
                 tile = bn * gpb * half * (2 if glu else 1)  # weight bytes a program reads a step
@@ -239,6 +247,10 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
 def default_cvts(x: Tensor) -> tuple[int, ...]:
     """The nibble conversions int4_linear tries: the PTX one (2) for 16-bit x on a GPU, else the bit one (1)."""
     return (2,) if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else (1,)
+
+
+# CVT 1 and 2 give MAGIC + q for q - 8 in 16-bit types: the scale times MAGIC + 8 comes off the zero
+_OFFSET = {torch.bfloat16: 136.0, torch.float16: 1032.0}
 
 
 def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, group: int, cfg: Config,
@@ -277,9 +289,6 @@ def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, gro
         OFF=_OFFSET.get(x2.dtype, 0.0) if cvt else 0.0, SPLIT=split, GROUP=group, GPB=gpb, BLOCK_M=bm, BLOCK_N=bn,
         num_warps=warps, num_stages=stages)
 
-
-# CVT 1 and 2 give MAGIC + q for q - 8 in 16-bit types: the scale times MAGIC + 8 comes off the zero
-_OFFSET = {torch.bfloat16: 136.0, torch.float16: 1032.0}
 
 
 def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int, residual: Tensor | None = None,

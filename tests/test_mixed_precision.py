@@ -705,7 +705,8 @@ def test_triton_int4_half():
 @cuda
 @pytest.mark.parametrize("m,glu,norm", [(1, False, False), (8, True, True), (8, False, True), (48, False, False)])
 def test_triton_int4_every_config_on_gpu_bf16(m, glu, norm):
-    """Every config the kernel may time, three times over a poisoned output (split-K workspaces)."""
+    """Every config the kernel may time (both bit conversions), three times over a poisoned output (split-K
+    workspaces)."""
     from fxcc.codegen import triton_int4 as t4
     from fxcc.dialects import pack_int4, quantize_int4
 
@@ -716,7 +717,7 @@ def test_triton_int4_every_config_on_gpu_bf16(m, glu, norm):
     b, r = torch.randn(w.shape[0], device="cuda"), torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     eps = 1e-5 if norm else None
     want = t4._reference(x, qw, sz, b, 128, r, glu, None, eps)
-    for cfg in t4.configs(m, 2048, 512, 128, glu):
+    for cfg in t4.configs(m, 2048, 512, 128, glu, cvts=(1, 2)):
         for _ in range(3):
             y = torch.full((m, 512), float("nan"), device="cuda", dtype=torch.bfloat16)
             t4.w4_gemm(x, qw, sz, b, y, 128, cfg, r, glu, None, eps)
