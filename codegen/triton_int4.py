@@ -47,62 +47,55 @@ log = logging.getLogger(__name__)
 @triton.jit
 def _nibbles_ptx(w, dtype: tl.constexpr, HIGH: tl.constexpr):
     """A uint8 tile -> its low (HIGH: high) nibbles q as MAGIC + q in bf16 / fp16 (MAGIC 128 / 1024), by bits
-    alone: for 4 bytes at a time, prmt puts two bytes in the low bytes of two 16-bit halves, and + or puts each
-    nibble under the exponent of MAGIC, whose last mantissa bits it becomes (q <= 15 fits in them). No
-    integer-to-float conversion (a quarter-rate unit, used twice per byte by the plain path); the kernel takes
-    the MAGIC + 8 off through the zero term (OFF). GPU only (the interpreter cannot run PTX)."""
+    alone, two weights an instruction pair: for 4 bytes at a time (one register), prmt puts bytes 0 and 1 (then 2
+    and 3) under MAGIC's upper byte in two 16-bit halves, and an and keeps the nibble and that byte (HIGH: the
+    register shifted by 4 first). q <= 15 fits in MAGIC's mantissa. No integer-to-float conversion (a
+    quarter-rate unit, used twice per byte by Triton's own path); the kernel takes the MAGIC + 8 off through the
+    zero term (OFF). GPU only (the interpreter cannot run PTX)."""
     if dtype == tl.bfloat16:
         if HIGH:
             return tl.inline_asm_elementwise(
                 asm="""{
-                .reg .b32 s, t, z;
-                mov.b32 z, 0;
+                .reg .b32 s, t, m;
+                mov.b32 m, 0x43434343;
                 shr.b32 s, $2, 4;
-                prmt.b32 t, s, z, 0x4140;
-                and.b32 t, t, 0x000F000F;
-                or.b32 $0, t, 0x43004300;
-                prmt.b32 t, s, z, 0x4342;
-                and.b32 t, t, 0x000F000F;
-                or.b32 $1, t, 0x43004300;
+                prmt.b32 t, s, m, 0x5140;
+                and.b32 $0, t, 0xFF0FFF0F;
+                prmt.b32 t, s, m, 0x5342;
+                and.b32 $1, t, 0xFF0FFF0F;
                 }""",
                 constraints="=r,=r,r", args=[w], dtype=tl.bfloat16, is_pure=True, pack=4)
         return tl.inline_asm_elementwise(
             asm="""{
-            .reg .b32 t, z;
-            mov.b32 z, 0;
-            prmt.b32 t, $2, z, 0x4140;
-            and.b32 t, t, 0x000F000F;
-            or.b32 $0, t, 0x43004300;
-            prmt.b32 t, $2, z, 0x4342;
-            and.b32 t, t, 0x000F000F;
-            or.b32 $1, t, 0x43004300;
+            .reg .b32 t, m;
+            mov.b32 m, 0x43434343;
+            prmt.b32 t, $2, m, 0x5140;
+            and.b32 $0, t, 0xFF0FFF0F;
+            prmt.b32 t, $2, m, 0x5342;
+            and.b32 $1, t, 0xFF0FFF0F;
             }""",
             constraints="=r,=r,r", args=[w], dtype=tl.bfloat16, is_pure=True, pack=4)
     else:
         if HIGH:
             return tl.inline_asm_elementwise(
                 asm="""{
-                .reg .b32 s, t, z;
-                mov.b32 z, 0;
+                .reg .b32 s, t, m;
+                mov.b32 m, 0x64646464;
                 shr.b32 s, $2, 4;
-                prmt.b32 t, s, z, 0x4140;
-                and.b32 t, t, 0x000F000F;
-                or.b32 $0, t, 0x64006400;
-                prmt.b32 t, s, z, 0x4342;
-                and.b32 t, t, 0x000F000F;
-                or.b32 $1, t, 0x64006400;
+                prmt.b32 t, s, m, 0x5140;
+                and.b32 $0, t, 0xFF0FFF0F;
+                prmt.b32 t, s, m, 0x5342;
+                and.b32 $1, t, 0xFF0FFF0F;
                 }""",
                 constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
         return tl.inline_asm_elementwise(
             asm="""{
-            .reg .b32 t, z;
-            mov.b32 z, 0;
-            prmt.b32 t, $2, z, 0x4140;
-            and.b32 t, t, 0x000F000F;
-            or.b32 $0, t, 0x64006400;
-            prmt.b32 t, $2, z, 0x4342;
-            and.b32 t, t, 0x000F000F;
-            or.b32 $1, t, 0x64006400;
+            .reg .b32 t, m;
+            mov.b32 m, 0x64646464;
+            prmt.b32 t, $2, m, 0x5140;
+            and.b32 $0, t, 0xFF0FFF0F;
+            prmt.b32 t, $2, m, 0x5342;
+            and.b32 $1, t, 0xFF0FFF0F;
             }""",
             constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
 
@@ -132,9 +125,10 @@ def _nibbles(w, dtype: tl.constexpr, CVT: tl.constexpr):
 
 @triton.jit
 def _group_dot(wl, wh, xl, xh, IEEE: tl.constexpr):
+    """wl @ xl + wh @ xh, the second accumulating onto the first."""
     if IEEE:
-        return tl.dot(wl, xl, input_precision="ieee") + tl.dot(wh, xh, input_precision="ieee")
-    return tl.dot(wl, xl) + tl.dot(wh, xh)
+        return tl.dot(wh, xh, tl.dot(wl, xl, input_precision="ieee"), input_precision="ieee")
+    return tl.dot(wh, xh, tl.dot(wl, xl))
 
 
 @triton.jit
@@ -211,19 +205,25 @@ TIMES: dict[tuple, dict] = {}  # problem key -> {config: us}, what the choice wa
 
 def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[int, ...] = (1,),
             broad: bool = False) -> list[Config]:
-    """Candidate configs for y[M, N], each with every nibble conversion in `cvts`. Decode (M <= 16): one 16-row
-    block; BLOCK_N rows by GPB groups a step, so a program reads 4-16 KiB of weight a step (the int8 GEMV's
-    best read 4-8 KiB, a byte per weight; here a byte holds two and costs more to convert), and split over K so
-    that 128-1024 programs cover the GPU. Up to 64 rows: 16-, 32- or 64-row blocks, no split. `broad`: a wider
-    space for the GPU sweep (benchmarks/int4_gpu_check.py), whose winners the default list should hold."""
+    """Candidate configs for y[M, N], each with every nibble conversion in `cvts`. Decode (M <= 16): one block of
+    the next power of two of M rows (tl.dot pads it; a 16-row block, as the int8 GEMV's, spends as many
+    instructions on its mostly empty x tiles as on the weight: about 4 a weight against 2.7 for one row, in
+    ptxas's SASS of the loop at (32, 2, ., 2, 2, 3, 2)); BLOCK_N rows by GPB groups a step, so a program reads
+    4-16 KiB of weight a step (the int8 GEMV's best read 4-8 KiB), 16 rows a warp, and split over K so that
+    128-1024 programs cover the GPU. Up to 64 rows: 16-, 32- or 64-row blocks, no split. `broad`: a wider space
+    for the GPU sweep (benchmarks/int4_gpu_check.py), whose winners the default list should hold."""
     groups, half = K // group, group // 2
     out: list[Config] = []
     if M <= 16:
-        shapes = (((16, (2, 4, 8), ((2, 3),)), (32, (1, 2, 4, 8), ((2, 3), (4, 3), (2, 5))),
-                   (64, (1, 2, 4), ((4, 3), (8, 3))), (128, (1, 2), ((4, 3),))) if broad else
-                  ((32, (2, 4), ((2, 3), (4, 3))), (64, (1, 2), ((4, 3),))))
+        bm = min(16, triton.next_power_of_2(M))
+        default = ((32, (2, 4), ((2, 3), (2, 4)), bm), (64, (1, 2), ((4, 3),), bm))
+        shapes = default
+        if broad:  # more block shapes, warps and stages; the default ones with 16-row blocks too
+            shapes = ((16, (2, 4, 8), ((1, 3), (2, 3)), bm), (32, (1, 2, 4, 8), ((2, 3), (2, 5), (4, 3)), bm),
+                      (64, (1, 2, 4), ((4, 3), (8, 3)), bm), (128, (1, 2), ((8, 3), (4, 3)), bm))
+            shapes += tuple((bn, gpbs, variants, 16) for bn, gpbs, variants, _ in default if bm != 16)
         tiles, programs = ((2048, 32768), (64, 2048)) if broad else ((4096, 16384), (128, 1024))
-        for bn, gpbs, variants in shapes:
+        for bn, gpbs, variants, rows in shapes:
             for gpb in gpbs:
                 tile = bn * gpb * half * (2 if glu else 1)  # weight bytes a program reads a step
                 for split in (1, 2, 4, 8, 16, 32):
@@ -231,7 +231,7 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
                         continue
                     if not programs[0] <= triton.cdiv(N, bn) * split <= programs[1]:
                         continue
-                    out += [(bn, split, 16, gpb, w, st, c) for w, st in variants for c in cvts]
+                    out += [(bn, split, rows, gpb, w, st, c) for w, st in variants for c in cvts]
     else:
         for bm in (16, 32, 64):
             if bm >= 2 * triton.next_power_of_2(M):
@@ -315,10 +315,12 @@ def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int,
 
 
 def _candidates(x2: Tensor, M: int, K: int, N: int, group: int, glu: bool) -> list[Config]:
-    """configs() with the default conversions; the first (used unmeasured, e.g. when the first call is captured
-    in a CUDA graph) and a fallback should the PTX one fail on some GPU: the bit conversion (1)."""
+    """configs() with the default conversions, after one config for the first (used unmeasured, e.g. when the
+    first call is captured in a CUDA graph) and as a fallback should the PTX conversion or a block of fewer than
+    16 rows fail on some GPU or Triton: the bit conversion (1) on a 16-row block."""
     cands = configs(M, K, N, group, glu, default_cvts(x2))
-    safe = cands[0][:-1] + (1,)
+    bn, split, bm, gpb, warps, stages, _ = cands[0]
+    safe = (bn, split, max(bm, 16), gpb, warps, stages, 1)  # 16 rows: as the kernel ran before small blocks
     return [safe] + [c for c in cands if c != safe]
 
 

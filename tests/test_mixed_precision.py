@@ -636,10 +636,10 @@ def test_triton_int4_matches_dequantized_reference_twice(m, k, n, group, cfg, bi
 @interp
 @pytest.mark.parametrize("m,n,k,group", [(1, 40, 256, 32), (8, 64, 1024, 128)])
 def test_triton_int4_every_block_shape_and_conversion_of_the_config_space(m, n, k, group):
-    """Each (BLOCK_N, GPB) of the decode config space (default and broad) with each interpreter-run conversion
-    and splits from 1 to 8, against dequantize-then-matmul. Groups differ by up to 64x in scale and in zero, so a
-    scale or zero applied to another group's K range, or a step that skips or repeats a group, is far off.
-    N=40: ragged blocks; N=64: whole ones (unmasked loads) but for BLOCK_N=128."""
+    """Each (BLOCK_N, BLOCK_M, GPB) of the decode config space at M rows (default and broad), the two conversions
+    the interpreter runs and splits from 1 to 8 taking turns, against dequantize-then-matmul. Groups differ by up
+    to 128x in scale and in zero, so a scale or zero applied to another group's K range, or a step that skips or
+    repeats a group, is far off. N=40: ragged blocks; N=64: whole ones (unmasked loads) but for BLOCK_N=128."""
     from fxcc.codegen import triton_int4 as t4
     from fxcc.dialects import int4_linear_reference, pack_int4, quantize_int4
 
@@ -650,18 +650,16 @@ def test_triton_int4_every_block_shape_and_conversion_of_the_config_space(m, n, 
     q, sz = quantize_int4(w, group, torch.float32)
     qw, x, b, r = pack_int4(q, group), torch.randn(m, k) + 0.5, torch.randn(n), torch.randn(m, n)
     want = int4_linear_reference(x, qw, sz, b, group) + r
-    space = {(c[0], c[3]) for c in t4.configs(1, 2048, 8192, 128, broad=True) + t4.configs(8, 8192, 2048, 128)}
-    assert {bn for bn, _ in space} >= {16, 32, 64, 128} and {g for _, g in space} >= {1, 2, 4, 8}
-    i = 0
-    for bn, gpb in sorted(space):
-        for cvt in (0, 1):
-            splits = [s for s in (1, 2, 4, 8) if groups % s == 0 and (groups // s) % gpb == 0]
-            split = splits[i % len(splits)]  # every split comes round
-            i += 1
-            cfg = (bn, split, 16, gpb, 4, 2, cvt)
-            y = torch.full((m, n), float("nan"))
-            t4.w4_gemm(x, qw, sz, b, y, group, cfg, r)
-            torch.testing.assert_close(y, want, atol=1e-3, rtol=1e-4, msg=lambda e, cfg=cfg: f"{cfg}: {e}")
+    space = sorted({(c[0], c[2], c[3]) for c in t4.configs(m, 2048, 8192, 128, broad=True) +
+                    t4.configs(m, 8192, 2048, 128)})
+    assert {c[0] for c in space} >= {16, 32, 64, 128} and {c[1] for c in space} == {m, 16}
+    assert {c[2] for c in space} >= {1, 2, 4, 8}
+    for i, (bn, bm, gpb) in enumerate(space):
+        splits = [s for s in (1, 2, 4, 8) if groups % s == 0 and (groups // s) % gpb == 0]
+        cfg = (bn, splits[i % len(splits)], bm, gpb, 4, 2, i % 2)  # splits and conversions take turns
+        y = torch.full((m, n), float("nan"))
+        t4.w4_gemm(x, qw, sz, b, y, group, cfg, r)
+        torch.testing.assert_close(y, want, atol=1e-3, rtol=1e-4, msg=lambda e, cfg=cfg: f"{cfg}: {e}")
 
 
 @interp
