@@ -290,7 +290,6 @@ def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, gro
         num_warps=warps, num_stages=stages)
 
 
-
 def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int, residual: Tensor | None = None,
                 norm: Tensor | None = None, rms_eps: float | None = None, glu: bool = False) -> Tensor:
     """W4A16 linear x [.., K] -> [.., N] (GLU: silu(gate) * up, [.., N / 2]) with the config measured fastest for
