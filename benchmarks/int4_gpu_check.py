@@ -40,7 +40,8 @@ def _check(t4, quant, t0: float) -> None:
         eps = 1e-5 if norm else None
         want = t4._reference(x, qw, sz, b, 128, r, glu, None, eps)
         bad = []
-        cfgs = t4.configs(m, 2048, 512, 128, glu, cvts=(1, 2))
+        cfgs = list(dict.fromkeys(t4.configs(m, 2048, 512, 128, glu, cvts=(1, 2)) +
+                                  t4._candidates(x, m, 2048, 512, 128, glu)))  # the latter's first: 16 rows
         for cfg in cfgs:
             for _ in range(3):
                 y = torch.full((m, 512), float("nan"), device="cuda", dtype=torch.bfloat16)
