@@ -208,7 +208,7 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
     """Candidate configs for y[M, N], each with every nibble conversion in `cvts`. Decode (M <= 16): one block of
     the next power of two of M rows (tl.dot pads it; at M=1 a 16-row block, as the int8 GEMV's, costs 4.0 SASS
     instructions a weight in the loop against 2.8 for a 1-row one: benchmarks/gemv_sass.py, at
-    (32, 1, ., 2, 2, 3, 2)); BLOCK_N rows by GPB groups a step, so a program reads
+    (32, 1, ., 2, 2, 3, 2)); BLOCK_N rows by GPB groups a step (more for groups under 128), so a program reads
     4-16 KiB of weight a step (the int8 GEMV's best read 4-8 KiB), 16 rows a warp, and split over K so that
     128-2048 programs cover the GPU. Up to 64 rows: 16-, 32- or 64-row blocks, no split. `broad`: a wider space
     for the GPU sweep (benchmarks/int4_gpu_check.py), whose winners the default list should hold."""
@@ -224,7 +224,7 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
             shapes += tuple((bn, gpbs, variants, 16) for bn, gpbs, variants, _ in default if bm != 16)
         tiles, programs = ((2048, 32768), (64, 4096)) if broad else ((4096, 16384), (128, 2048))
         for bn, gpbs, variants, rows in shapes:
-            for gpb in gpbs:
+            for gpb in (g * max(1, 128 // group) for g in gpbs):  # GPB counted in 128 channels a row
                 tile = bn * gpb * half * (2 if glu else 1)  # weight bytes a program reads a step
                 for split in (1, 2, 4, 8, 16, 32):
                     if groups % split or (groups // split) % gpb or not tiles[0] <= tile <= tiles[1]:
