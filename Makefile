@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxcc-installed
 
-.PHONY: gpu-site setup lock demo test lint bench-breadth bench-breadth-gpu bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv
+.PHONY: gpu-site setup lock demo test lint bench-breadth bench-breadth-gpu bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv bench-int4-gpu
 
 EXTRAS := .[models,dev,tvm,tune,triton]
 LOCK   := requirements.lock
@@ -100,3 +100,7 @@ bench-tp-gpu: gpu-site
 # int8 decode GEMV configs per Llama decode shape: correctness of each, time, GB/s, against the bf16 library GEMM
 bench-int8-gemv: gpu-site
 	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/int8_gemv_sweep.py --json build/int8-gemv.json
+
+# the int4 GEMV: epilogue check, then its configs per Llama-1B decode shape next to bf16 and the int8 GEMV
+bench-int4-gpu: gpu-site
+	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/int4_gpu_check.py

@@ -92,6 +92,55 @@ def _epilogue(acc, acc_u, rn, rm, n_ok, m_ok, N, ws_ptr, b_ptr, r_ptr, y_ptr, sr
 
 
 @triton.jit
+def _finish(acc, acc_u, ss, rn, rm, n_ok, m_ok, pid_n, M, N, K, eps, ws_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr,
+            ss_ptr, srm, srn, sym, syn, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
+            NORM: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_M: tl.constexpr):
+    """A program's partial sums acc, acc_u [BLOCK_N, BLOCK_M] (and ss, its rows' sums of squares of x for NORM) ->
+    y. SPLIT == 1: 1 / rms, then the epilogue. SPLIT > 1: the split-K workspace protocol of the GEMVs (the int8
+    one here and the int4 one of triton_int4.py): partial sums meet in the fp32 workspace by atomic adds, the last
+    program of the column block (the counter says which) applies the epilogue and empties workspace and counter."""
+    if SPLIT == 1:
+        if NORM:
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+            acc = acc * rstd[None, :]
+            acc_u = acc_u * rstd[None, :]
+        _epilogue(acc, acc_u, rn, rm, n_ok, m_ok, N, ws_ptr, b_ptr, r_ptr, y_ptr, srm, srn, sym, syn,
+                  HAS_BIAS, HAS_RES, GLU, SCALE)
+    else:
+        mask = n_ok[:, None] & m_ok[None, :]
+        tile = acc_ptr + rm[None, :] * N + rn[:, None]  # workspace [M, N] (GLU: gate then up, [2, M, N])
+        tl.atomic_add(tile, acc, mask=mask, sem="relaxed")
+        if GLU:
+            tl.atomic_add(tile + M * N, acc_u, mask=mask, sem="relaxed")
+        if NORM:  # partial sums of squares of this program's K range, per column block
+            tl.atomic_add(ss_ptr + pid_n * BLOCK_M + rm, ss, mask=m_ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are in before this program counts itself done
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            tot = tl.load(tile, mask=mask, other=0.0, cache_modifier=".cg")
+            tot_u = tot
+            if GLU:
+                tot_u = tl.load(tile + M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            if NORM:
+                ss_all = tl.load(ss_ptr + pid_n * BLOCK_M + rm, mask=m_ok, other=0.0, cache_modifier=".cg")
+                rstd = 1.0 / tl.sqrt(ss_all / K + eps)
+                tot = tot * rstd[None, :]
+                tot_u = tot_u * rstd[None, :]
+            _epilogue(tot, tot_u, rn, rm, n_ok, m_ok, N, ws_ptr, b_ptr, r_ptr, y_ptr, srm, srn, sym, syn,
+                      HAS_BIAS, HAS_RES, GLU, SCALE)
+            # every thread has read the sums before any empties them (a [BLOCK_M] vector is held by several
+            # warps: without this, one warp's zeros raced another's read, seen with 4 warps on an H200)
+            tl.debug_barrier()
+            tl.store(tile, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), mask=mask)
+            if GLU:
+                tl.store(tile + M * N, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), mask=mask)
+            if NORM:
+                tl.store(ss_ptr + pid_n * BLOCK_M + rm, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=m_ok)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
 def _gemv(x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_ptr, eps, M, N, K, K_PER, sxm, sxk,
           swn, swk, srm, srn, sym, syn, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
           NORM: tl.constexpr, GAMMA: tl.constexpr,
@@ -144,45 +193,8 @@ def _gemv(x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss
                 acc_u += tl.dot(ux, xt)
         w_ptrs += BLOCK_K * swk
         x_ptrs += BLOCK_K * sxk
-    ss = tl.sum(ssq, axis=0)
-    if SPLIT == 1:
-        if NORM:
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
-            acc = acc * rstd[None, :]
-            acc_u = acc_u * rstd[None, :]
-        _epilogue(acc, acc_u, rn, rm, n_ok, m_ok, N, ws_ptr, b_ptr, r_ptr, y_ptr, srm, srn, sym, syn,
-                  HAS_BIAS, HAS_RES, GLU)
-    else:
-        mask = n_ok[:, None] & m_ok[None, :]
-        tile = acc_ptr + rm[None, :] * N + rn[:, None]  # workspace [M, N] (GLU: gate then up, [2, M, N])
-        tl.atomic_add(tile, acc, mask=mask, sem="relaxed")
-        if GLU:
-            tl.atomic_add(tile + M * N, acc_u, mask=mask, sem="relaxed")
-        if NORM:  # partial sums of squares of this program's K range, per column block
-            tl.atomic_add(ss_ptr + pid_n * BLOCK_M + rm, ss, mask=m_ok, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sums are in before this program counts itself done
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            tot = tl.load(tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tot_u = tot
-            if GLU:
-                tot_u = tl.load(tile + M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            if NORM:
-                ss_all = tl.load(ss_ptr + pid_n * BLOCK_M + rm, mask=m_ok, other=0.0, cache_modifier=".cg")
-                rstd = 1.0 / tl.sqrt(ss_all / K + eps)
-                tot = tot * rstd[None, :]
-                tot_u = tot_u * rstd[None, :]
-            _epilogue(tot, tot_u, rn, rm, n_ok, m_ok, N, ws_ptr, b_ptr, r_ptr, y_ptr, srm, srn, sym, syn,
-                      HAS_BIAS, HAS_RES, GLU)
-            # every thread has read the sums before any empties them (a [BLOCK_M] vector is held by several
-            # warps: without this, one warp's zeros raced another's read, seen with 4 warps on an H200)
-            tl.debug_barrier()
-            tl.store(tile, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), mask=mask)
-            if GLU:
-                tl.store(tile + M * N, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), mask=mask)
-            if NORM:
-                tl.store(ss_ptr + pid_n * BLOCK_M + rm, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=m_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    _finish(acc, acc_u, tl.sum(ssq, axis=0), rn, rm, n_ok, m_ok, pid_n, M, N, K, eps, ws_ptr, b_ptr, r_ptr, y_ptr,
+            acc_ptr, cnt_ptr, ss_ptr, srm, srn, sym, syn, HAS_BIAS, HAS_RES, GLU, NORM, True, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # (BLOCK_N, SPLIT, BLOCK_K, num_warps, num_stages, CVT); CVT 2 (the bit trick) only for int8 -> bf16 on a GPU

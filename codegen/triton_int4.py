@@ -4,18 +4,26 @@ interpreter).
 y[M, N] = x[M, K] @ W[N, K]^T with W = (q - 8) * scale + zero per group of G input channels
 (fxcc.dialects.quantize_int4; scale_zero [K / G, N, 2] in x's dtype). The weight is in fxcc's int4 layout
 (fxcc.dialects.pack_int4): a row's group is G / 2 contiguous bytes whose low nibbles are the group's first G / 2
-channels and whose high nibbles its last G / 2. Each program streams a [BLOCK_N, G / 2] byte tile per group
-(16-byte vectors along K), takes q - 8 of each nibble (exact in bf16 / fp16) and multiplies the two nibble tiles
-by the two halves of the group's x tile (the dot's right operand: "swap AB", as the int8 GEMV of
-triton_gemv.py). The group's scale and zero are applied to the dot's [BLOCK_N, BLOCK_M] result, not to every
-weight element: sum_k x_k ((q_k - 8) s + z) = s * dot(q - 8, x) + z * sum_k x_k, so dequantization costs two
-multiply-adds per output per group.
+channels and whose high nibbles its last G / 2. Each program streams GPB groups a step, a [BLOCK_N, G / 2]
+byte tile each (16-byte vectors along K; the GPB loads are independent and issued together, and the pipeliner
+prefetches whole steps), turns each nibble into a float and multiplies the two nibble tiles by the two halves of
+the group's x tile (the dot's right operand: "swap AB", as the int8 GEMV of triton_gemv.py). The group's scale
+and zero are applied to the dot's [BLOCK_N, BLOCK_M] result, not to every weight element:
+sum_k x_k ((q_k - 8) s + z) = s * dot(q - 8, x) + z * sum_k x_k, so dequantization costs two multiply-adds per
+output per group, and the group's sums of x come from a dot with a tile of ones (tensor cores, no barrier).
 
-Epilogues as the int8 GEMV's (its `_epilogue`): bias, silu(gate) * up of a merged gate/up weight (GLU), a
-residual add, and an RMSNorm of x (NORM: squares summed as x streams, 1 / rms scales the accumulator; the
-norm's weight folded into W by the pass, or multiplying the x tiles: GAMMA). SPLIT > 1 splits the groups over
-SPLIT programs per column block (partial sums meet in the int8 GEMV's fp32 workspace; the last program applies
-the epilogue and empties it). A third grid axis over blocks of BLOCK_M rows makes it the small-batch GEMM.
+With two weights a byte, Triton's own conversion (CVT 0: int32, the quarter-rate int-to-float unit, fp32 -> 16
+bits, per weight) costs per byte of weight twice what the int8 GEMV's does. CVT 1 and 2 convert by bits: the
+nibble goes under the exponent of MAGIC (128 in bf16, 1024 in fp16: MAGIC + q is exact) with an and and an or,
+in plain Triton (1) or in PTX on four bytes a time (2, GPU only); the dot then sees MAGIC + q for q - 8, and
+s * (MAGIC + 8) * sum_k x_k comes off with the zero (OFF; fp32 x subtracts 2^23 + 8 instead: exact).
+
+Epilogues as the int8 GEMV's (its `_epilogue`, through its `_finish`): bias, silu(gate) * up of a merged gate/up
+weight (GLU), a residual add, and an RMSNorm of x (NORM: squares summed as x streams, 1 / rms scales the
+accumulator; the norm's weight folded into W by the pass, or multiplying the x tiles: GAMMA). SPLIT > 1 splits
+the groups over SPLIT programs per column block (partial sums meet in the int8 GEMV's fp32 workspace, by its
+`_finish`; the last program applies the epilogue and empties it). A third grid axis over blocks of BLOCK_M rows
+makes it the small-batch GEMM.
 Configs are chosen per shape by measurement on the GPU at the first call (checked against the reference first,
 then timed in CUDA graphs over weight copies larger than the L2); under the interpreter the first is used.
 """
@@ -29,7 +37,7 @@ import triton
 import triton.language as tl
 from fxcc.codegen import triton_gemv as tg
 from fxcc.codegen.launch import ReadOnly
-from fxcc.codegen.triton_gemv import _epilogue
+from fxcc.codegen.triton_gemv import _finish
 from fxcc.dialects import int4_dequantize
 from torch import Tensor
 
@@ -37,25 +45,106 @@ log = logging.getLogger(__name__)
 
 
 @triton.jit
-def _nibbles(w, dtype: tl.constexpr):
-    """A uint8 tile -> (low - 8, high - 8) in `dtype` (exact: values in [-8, 7])."""
-    lo = (w & 15).to(tl.int32) - 8
-    hi = (w >> 4).to(tl.int32) - 8
-    return lo.to(tl.float32).to(dtype), hi.to(tl.float32).to(dtype)
+def _nibbles_ptx(w, dtype: tl.constexpr, HIGH: tl.constexpr):
+    """A uint8 tile -> its low (HIGH: high) nibbles q as MAGIC + q in bf16 / fp16 (MAGIC 128 / 1024), by bits
+    alone, two weights an instruction pair: for 4 bytes at a time (one register), prmt puts bytes 0 and 1 (then 2
+    and 3) under MAGIC's upper byte in two 16-bit halves, and an and keeps the nibble and that byte (HIGH: the
+    register shifted by 4 first). q <= 15 fits in MAGIC's mantissa. No integer-to-float conversion (a
+    quarter-rate unit, used twice per byte by Triton's own path); the kernel takes the MAGIC + 8 off through the
+    zero term (OFF). GPU only (the interpreter cannot run PTX)."""
+    if dtype == tl.bfloat16:
+        if HIGH:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 s, t, m;
+                mov.b32 m, 0x43434343;
+                shr.b32 s, $2, 4;
+                prmt.b32 t, s, m, 0x5140;
+                and.b32 $0, t, 0xFF0FFF0F;
+                prmt.b32 t, s, m, 0x5342;
+                and.b32 $1, t, 0xFF0FFF0F;
+                }""",
+                constraints="=r,=r,r", args=[w], dtype=tl.bfloat16, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            mov.b32 m, 0x43434343;
+            prmt.b32 t, $2, m, 0x5140;
+            and.b32 $0, t, 0xFF0FFF0F;
+            prmt.b32 t, $2, m, 0x5342;
+            and.b32 $1, t, 0xFF0FFF0F;
+            }""",
+            constraints="=r,=r,r", args=[w], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        if HIGH:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 s, t, m;
+                mov.b32 m, 0x64646464;
+                shr.b32 s, $2, 4;
+                prmt.b32 t, s, m, 0x5140;
+                and.b32 $0, t, 0xFF0FFF0F;
+                prmt.b32 t, s, m, 0x5342;
+                and.b32 $1, t, 0xFF0FFF0F;
+                }""",
+                constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            mov.b32 m, 0x64646464;
+            prmt.b32 t, $2, m, 0x5140;
+            and.b32 $0, t, 0xFF0FFF0F;
+            prmt.b32 t, $2, m, 0x5342;
+            and.b32 $1, t, 0xFF0FFF0F;
+            }""",
+            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _nibble(q, dtype: tl.constexpr, CVT: tl.constexpr):
+    """Nibble values q in [0, 15] (uint8) -> the dot's type. CVT 0: q - 8 through int32 and fp32 (Triton's
+    conversions); 1: by bits, MAGIC + q (bf16 / fp16, MAGIC 128 / 1024: the kernel takes MAGIC + 8 off through the
+    zero term) or, for fp32, 2^23 + q less 2^23 + 8 (exact)."""
+    if CVT == 0:
+        return (q.to(tl.int32) - 8).to(tl.float32).to(dtype)
+    elif dtype == tl.float32:
+        return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    elif dtype == tl.bfloat16:
+        return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    else:
+        return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _nibbles(w, dtype: tl.constexpr, CVT: tl.constexpr):
+    """A uint8 tile -> (low, high) nibble tiles in `dtype`: q - 8, or MAGIC + q (see _nibble, _nibbles_ptx)."""
+    if CVT == 2:
+        return _nibbles_ptx(w, dtype, False), _nibbles_ptx(w, dtype, True)
+    return _nibble(w & 15, dtype, CVT), _nibble(w >> 4, dtype, CVT)
 
 
 @triton.jit
 def _group_dot(wl, wh, xl, xh, IEEE: tl.constexpr):
+    """wl @ xl + wh @ xh, the second accumulating onto the first."""
     if IEEE:
-        return tl.dot(wl, xl, input_precision="ieee") + tl.dot(wh, xh, input_precision="ieee")
-    return tl.dot(wl, xl) + tl.dot(wh, xh)
+        return tl.dot(wh, xh, tl.dot(wl, xl, input_precision="ieee"), input_precision="ieee")
+    return tl.dot(wh, xh, tl.dot(wl, xl))
+
+
+@triton.jit
+def _rows(ptrs, n_ok, EVEN_N: tl.constexpr):
+    """A [BLOCK_N, ...] tile of rows, masked where the block runs past N (EVEN_N: it never does)."""
+    if EVEN_N:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=n_ok[:, None], other=0)
 
 
 @triton.jit
 def _w4(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_ptr, eps, M, N, NT, K, G_PER,
         sxm, sxk, swn, srm, srn, sym, syn, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
-        NORM: tl.constexpr, GAMMA: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        NORM: tl.constexpr, GAMMA: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr, CVT: tl.constexpr,
+        OFF: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     HALF: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -68,102 +157,100 @@ def _w4(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_p
     g_lo = pid_k * G_PER
     w_ptrs = w_ptr + rn[:, None] * swn + (g_lo * HALF + rh)[None, :]
     x_ptrs = x_ptr + rm[None, :] * sxm + (g_lo * GROUP + rh)[:, None] * sxk
-    s_ptrs = sz_ptr + g_lo * NT * 2 + rn * 2  # [K / G, NT, 2]: scale, zero of (group, row)
+    # [K / G, NT, 2]: a row's scale and zero of one group are one 4-byte (8-byte in fp32) vector
+    s_ptrs = sz_ptr + g_lo * NT * 2 + rn[:, None] * 2 + tl.arange(0, 2)[None, :]
+    ones = tl.full((BLOCK_N, HALF), 1.0, x_ptr.dtype.element_ty)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_u = acc
     ssq = tl.zeros((HALF, BLOCK_M), dtype=tl.float32)
-    for gi in range(0, G_PER):
-        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
-        xl = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
-        xh = tl.load(x_ptrs + HALF * sxk, mask=m_ok[None, :], other=0.0)
-        if NORM:  # RMSNorm of x: squares summed here, 1 / rms after the loop
-            xlf = xl.to(tl.float32)
-            xhf = xh.to(tl.float32)
-            ssq += xlf * xlf + xhf * xhf
-            if GAMMA:  # the norm's weight, unless the pass folded it into the weight
-                k0 = (g_lo + gi) * GROUP
-                xl = (xlf * tl.load(g_ptr + k0 + rh).to(tl.float32)[:, None]).to(xl.dtype)
-                xh = (xhf * tl.load(g_ptr + k0 + HALF + rh).to(tl.float32)[:, None]).to(xh.dtype)
-        xsum = tl.sum(xl.to(tl.float32), axis=0) + tl.sum(xh.to(tl.float32), axis=0)
-        wl, wh = _nibbles(w, xl.dtype)
-        sc = tl.load(s_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-        ze = tl.load(s_ptrs + 1, mask=n_ok, other=0.0).to(tl.float32)
-        acc += _group_dot(wl, wh, xl, xh, IEEE) * sc[:, None] + ze[:, None] * xsum[None, :]
-        if GLU:  # the up rows [N, 2N) of the same columns
-            wu = tl.load(w_ptrs + N * swn, mask=n_ok[:, None], other=0)
-            ul, uh = _nibbles(wu, xl.dtype)
-            su = tl.load(s_ptrs + 2 * N, mask=n_ok, other=0.0).to(tl.float32)
-            zu = tl.load(s_ptrs + 2 * N + 1, mask=n_ok, other=0.0).to(tl.float32)
-            acc_u += _group_dot(ul, uh, xl, xh, IEEE) * su[:, None] + zu[:, None] * xsum[None, :]
-        w_ptrs += HALF
-        x_ptrs += GROUP * sxk
-        s_ptrs += NT * 2
-    ss = tl.sum(ssq, axis=0)
-    if SPLIT == 1:
-        if NORM:
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
-            acc = acc * rstd[None, :]
-            acc_u = acc_u * rstd[None, :]
-        _epilogue(acc, acc_u, rn, rm, n_ok, m_ok, N, sz_ptr, b_ptr, r_ptr, y_ptr, srm, srn, sym, syn,
-                  HAS_BIAS, HAS_RES, GLU, False)
-    else:  # one block of rows (the launcher checks): the int8 GEMV's workspace protocol
-        mask = n_ok[:, None] & m_ok[None, :]
-        tile = acc_ptr + rm[None, :] * N + rn[:, None]
-        tl.atomic_add(tile, acc, mask=mask, sem="relaxed")
-        if GLU:
-            tl.atomic_add(tile + M * N, acc_u, mask=mask, sem="relaxed")
-        if NORM:
-            tl.atomic_add(ss_ptr + pid_n * BLOCK_M + rm, ss, mask=m_ok, sem="relaxed")
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            tot = tl.load(tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tot_u = tot
+    for g0 in range(0, G_PER, GPB):
+        for gi in tl.static_range(GPB):  # GPB groups a step: their loads issued together
+            w = _rows(w_ptrs + gi * HALF, n_ok, EVEN_N)
+            if GLU:  # the up rows [N, 2N) of the same columns
+                wu = _rows(w_ptrs + gi * HALF + N * swn, n_ok, EVEN_N)
+            xl = tl.load(x_ptrs + gi * GROUP * sxk, mask=m_ok[None, :], other=0.0)
+            xh = tl.load(x_ptrs + (gi * GROUP + HALF) * sxk, mask=m_ok[None, :], other=0.0)
+            if NORM:  # RMSNorm of x: squares summed here, 1 / rms after the loop
+                xlf = xl.to(tl.float32)
+                xhf = xh.to(tl.float32)
+                ssq += xlf * xlf + xhf * xhf
+                if GAMMA:  # the norm's weight, unless the pass folded it into the weight
+                    k0 = (g_lo + g0 + gi) * GROUP
+                    xl = (xlf * tl.load(g_ptr + k0 + rh).to(tl.float32)[:, None]).to(xl.dtype)
+                    xh = (xhf * tl.load(g_ptr + k0 + HALF + rh).to(tl.float32)[:, None]).to(xh.dtype)
+            # the group's sums of x, in the accumulator's layout (every row alike): on the tensor cores, which
+            # have time to spare, not a cross-warp reduction with a barrier per group
+            xs = _group_dot(ones, ones, xl, xh, IEEE)
+            wl, wh = _nibbles(w, xl.dtype, CVT)
+            sc, ze = tl.split(_rows(s_ptrs + gi * NT * 2, n_ok, EVEN_N).to(tl.float32))
+            acc += _group_dot(wl, wh, xl, xh, IEEE) * sc[:, None] + (ze - OFF * sc)[:, None] * xs
             if GLU:
-                tot_u = tl.load(tile + M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            if NORM:
-                ss_all = tl.load(ss_ptr + pid_n * BLOCK_M + rm, mask=m_ok, other=0.0, cache_modifier=".cg")
-                rstd = 1.0 / tl.sqrt(ss_all / K + eps)
-                tot = tot * rstd[None, :]
-                tot_u = tot_u * rstd[None, :]
-            _epilogue(tot, tot_u, rn, rm, n_ok, m_ok, N, sz_ptr, b_ptr, r_ptr, y_ptr, srm, srn, sym, syn,
-                      HAS_BIAS, HAS_RES, GLU, False)
-            tl.debug_barrier()
-            tl.store(tile, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), mask=mask)
-            if GLU:
-                tl.store(tile + M * N, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), mask=mask)
-            if NORM:
-                tl.store(ss_ptr + pid_n * BLOCK_M + rm, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=m_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+                ul, uh = _nibbles(wu, xl.dtype, CVT)
+                su, zu = tl.split(_rows(s_ptrs + gi * NT * 2 + 2 * N, n_ok, EVEN_N).to(tl.float32))
+                acc_u += _group_dot(ul, uh, xl, xh, IEEE) * su[:, None] + (zu - OFF * su)[:, None] * xs
+        w_ptrs += GPB * HALF
+        x_ptrs += GPB * GROUP * sxk
+        s_ptrs += GPB * NT * 2
+    # one block of rows when split (the launcher checks): the int8 GEMV's workspace protocol
+    _finish(acc, acc_u, tl.sum(ssq, axis=0), rn, rm, n_ok, m_ok, pid_n, M, N, K, eps, sz_ptr, b_ptr, r_ptr,
+            y_ptr, acc_ptr, cnt_ptr, ss_ptr, srm, srn, sym, syn, HAS_BIAS, HAS_RES, GLU, NORM, False, SPLIT,
+            BLOCK_N, BLOCK_M)
 
 
-# (BLOCK_N, SPLIT, BLOCK_M, num_warps, num_stages)
-Config = tuple[int, int, int, int, int]
+# (BLOCK_N, SPLIT, BLOCK_M, GPB: groups a step, num_warps, num_stages, CVT: nibble conversion, see _nibble)
+Config = tuple[int, int, int, int, int, int, int]
 _BEST: dict[tuple, Config] = {}
 TIMES: dict[tuple, dict] = {}  # problem key -> {config: us}, what the choice was made from (benchmark logs)
 
 
-def configs(M: int, K: int, N: int, group: int, glu: bool = False) -> list[Config]:
-    """Candidate configs for y[M, N]. Decode (M <= 16): one 16-row block, split over K so that the grid covers
-    the GPU a few times (as the int8 GEMV's); up to 64 rows: 16-, 32- or 64-row blocks, no split."""
-    groups = K // group
+def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[int, ...] = (1,),
+            broad: bool = False) -> list[Config]:
+    """Candidate configs for y[M, N], each with every nibble conversion in `cvts`. Decode (M <= 16): one block of
+    the next power of two of M rows (tl.dot pads it; at M=1 a 16-row block, as the int8 GEMV's, costs 4.0 SASS
+    instructions a weight in the loop against 2.8 for a 1-row one: benchmarks/gemv_sass.py, at
+    (32, 1, ., 2, 2, 3, 2)); BLOCK_N rows by GPB groups a step (more for groups under 128), so a program reads
+    4-16 KiB of weight a step (the int8 GEMV's best read 4-8 KiB), 16 rows a warp, and split over K so that
+    128-2048 programs cover the GPU. Up to 64 rows: 16-, 32- or 64-row blocks, no split. `broad`: a wider space
+    for the GPU sweep (benchmarks/int4_gpu_check.py), whose winners the default list should hold."""
+    groups, half = K // group, group // 2
     out: list[Config] = []
     if M <= 16:
-        for bn, variants in ((32, ((2, 3), (4, 4))), (64, ((4, 4),)), (16, ((2, 4),))):
-            for split in (1, 2, 4, 8, 16):
-                if groups % split or not 128 <= triton.cdiv(N, bn) * split <= 2048:
-                    continue
-                out += [(bn, split, 16, w, st) for w, st in variants]
+        bm = min(16, triton.next_power_of_2(M))
+        default = ((32, (2, 4), ((2, 3), (2, 4)), bm), (64, (1, 2), ((4, 3),), bm))
+        shapes = default
+        if broad:  # more block shapes, warps and stages; the default ones with 16-row blocks too
+            shapes = ((16, (2, 4, 8), ((1, 3), (2, 3)), bm), (32, (1, 2, 4, 8), ((2, 3), (2, 5), (4, 3)), bm),
+                      (64, (1, 2, 4), ((4, 3), (8, 3)), bm), (128, (1, 2), ((8, 3), (4, 3)), bm))
+            shapes += tuple((bn, gpbs, variants, 16) for bn, gpbs, variants, _ in default if bm != 16)
+        tiles, programs = ((2048, 32768), (64, 4096)) if broad else ((4096, 16384), (128, 2048))
+        for bn, gpbs, variants, rows in shapes:
+            for gpb in (g * max(1, 128 // group) for g in gpbs):  # GPB counted in 128 channels a row
+                tile = bn * gpb * half * (2 if glu else 1)  # weight bytes a program reads a step
+                for split in (1, 2, 4, 8, 16, 32):
+                    if groups % split or (groups // split) % gpb or not tiles[0] <= tile <= tiles[1]:
+                        continue
+                    if not programs[0] <= triton.cdiv(N, bn) * split <= programs[1]:
+                        continue
+                    out += [(bn, split, rows, gpb, w, st, c) for w, st in variants for c in cvts]
     else:
         for bm in (16, 32, 64):
             if bm >= 2 * triton.next_power_of_2(M):
                 continue
             for bn in (32, 64, 128):
                 if 64 <= triton.cdiv(N, bn) * triton.cdiv(M, bm) or bn == 32:
-                    out.append((bn, 1, bm, 4, 3))
+                    out += [(bn, 1, bm, gpb, 4, 3, c) for gpb in (1, 2) if groups % gpb == 0 for c in cvts]
     if not out:  # small problems (tests under the interpreter): one config that fits
-        out.append((16 if N <= 16 else 32, 1, 16, 4, 2))
+        out.append((16 if N <= 16 else 32, 1, 16, 1, 4, 2, cvts[0]))
     return out
+
+
+def default_cvts(x: Tensor) -> tuple[int, ...]:
+    """The nibble conversions int4_linear tries: the PTX one (2) for 16-bit x on a GPU, else the bit one (1)."""
+    return (2,) if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else (1,)
+
+
+# CVT 1 and 2 give MAGIC + q for q - 8 in 16-bit types: the scale times MAGIC + 8 comes off the zero
+_OFFSET = {torch.bfloat16: 136.0, torch.float16: 1032.0}
 
 
 def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, group: int, cfg: Config,
@@ -171,7 +258,7 @@ def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, gro
             rms_eps: float | None = None) -> None:
     """Launch one config: y[M, N] = x2 @ W^T (+ b) (GLU: silu(gate) * up) (+ r), W int4 in fxcc's layout;
     `rms_eps`: x2 RMS-normalised first (weight `norm`, or None when the pass folded it into W)."""
-    bn, split, bm, warps, stages = cfg
+    bn, split, bm, gpb, warps, stages, cvt = cfg
     M, K = x2.shape
     N = y.shape[1]
     NT = 2 * N if glu else N
@@ -183,6 +270,11 @@ def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, gro
         raise ValueError(f"int4 GEMM: group {group} for K={K}: a power of two of at least 32 dividing K")
     if split > 1 and ((K // group) % split or M > bm):
         raise ValueError(f"int4 GEMM: split {split} needs the {K // group} groups in whole parts and M={M} <= {bm}")
+    if (K // group // split) % gpb:
+        raise ValueError(f"int4 GEMM: {gpb} groups a step do not divide the {K // group // split} groups of a program "
+                         f"(K={K}, group {group}, split {split})")
+    if cvt == 2 and not (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError("int4 GEMM: the PTX nibble conversion (CVT=2) is for bf16 / fp16 x on a GPU")
     if norm is not None and (rms_eps is None or norm.shape != (K,)):
         raise ValueError(f"int4 GEMM: RMSNorm weight of shape {tuple(norm.shape)} for rows of {K} (rms_eps={rms_eps})")
     if not qw.is_contiguous():
@@ -193,8 +285,9 @@ def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, gro
         norm if norm is not None else sz, ss, float(rms_eps or 0.0), M, N, NT, K, K // group // split,
         x2.stride(0), x2.stride(1), qw.stride(0), *(r.stride() if r is not None else (0, 0)), y.stride(0),
         y.stride(1), HAS_BIAS=b is not None, HAS_RES=r is not None, GLU=glu, NORM=rms_eps is not None,
-        GAMMA=norm is not None, IEEE=x2.dtype == torch.float32, SPLIT=split, GROUP=group, BLOCK_M=bm,
-        BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        GAMMA=norm is not None, IEEE=x2.dtype == torch.float32, EVEN_N=N % bn == 0, CVT=cvt,
+        OFF=_OFFSET.get(x2.dtype, 0.0) if cvt else 0.0, SPLIT=split, GROUP=group, GPB=gpb, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=warps, num_stages=stages)
 
 
 def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int, residual: Tensor | None = None,
@@ -210,7 +303,7 @@ def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int,
            norm is not None)
     cfg = _BEST.get(key)
     if cfg is None:
-        cands = configs(M, K, N, group, glu)
+        cands = _candidates(x2, M, K, N, group, glu)
         if x.is_cuda and len(cands) > 1 and not torch.cuda.is_current_stream_capturing():
             cfg = _measure(cands, x2, qw, sz, b, y, group, r2, glu, norm, rms_eps)
         else:
@@ -218,6 +311,16 @@ def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int,
         _BEST[key] = cfg
     w4_gemm(x2, qw, sz, b, y, group, cfg, r2, glu, norm, rms_eps)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _candidates(x2: Tensor, M: int, K: int, N: int, group: int, glu: bool) -> list[Config]:
+    """configs() with the default conversions, after one config for the first (used unmeasured, e.g. when the
+    first call is captured in a CUDA graph) and as a fallback should the PTX conversion or a block of fewer than
+    16 rows fail on some GPU or Triton: the bit conversion (1) on a 16-row block."""
+    cands = configs(M, K, N, group, glu, default_cvts(x2))
+    bn, split, bm, gpb, warps, stages, _ = cands[0]
+    safe = (bn, split, max(bm, 16), gpb, warps, stages, 1)  # 16 rows: as the kernel ran before small blocks
+    return [safe] + [c for c in cands if c != safe]
 
 
 def _reference(x2, qw, sz, b, group, r2, glu, norm, rms_eps) -> Tensor:

@@ -612,10 +612,10 @@ def test_int4_linear_errors_name_the_argument():
 
 @interp
 @pytest.mark.parametrize("m,k,n,group,cfg", [
-    (1, 96, 40, 32, (16, 3, 16, 4, 2)),     # decode, 3 groups of 32 split over 3 programs, ragged N
-    (5, 256, 48, 128, (32, 1, 16, 4, 2)),   # M=5, two groups, one program per column block
-    (5, 384, 48, 128, (16, 3, 16, 4, 2)),   # K = 3 groups (not a multiple of a 256-wide block), split-K
-    (20, 320, 40, 64, (32, 1, 16, 4, 2)),   # small-batch GEMM: two 16-row blocks, group 64
+    (1, 96, 40, 32, (16, 3, 16, 1, 4, 2, 1)),     # decode, 3 groups of 32 split over 3 programs, ragged N
+    (5, 256, 48, 128, (32, 1, 16, 2, 4, 2, 1)),   # M=5, two groups in one step, one program per column block
+    (5, 384, 48, 128, (16, 3, 16, 1, 4, 2, 0)),   # K = 3 groups, split-K, Triton's own conversion
+    (20, 320, 40, 64, (32, 1, 16, 1, 4, 2, 1)),   # small-batch GEMM: two 16-row blocks, group 64
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_int4_matches_dequantized_reference_twice(m, k, n, group, cfg, bias):
@@ -634,8 +634,38 @@ def test_triton_int4_matches_dequantized_reference_twice(m, k, n, group, cfg, bi
 
 
 @interp
-@pytest.mark.parametrize("glu,norm,cfg", [(True, False, (16, 2, 16, 4, 2)), (False, True, (32, 1, 16, 4, 2)),
-                                          (True, True, (16, 2, 16, 4, 2))])
+@pytest.mark.parametrize("m,n,k,group", [(1, 40, 256, 32), (8, 64, 1024, 128)])
+def test_triton_int4_every_block_shape_and_conversion_of_the_config_space(m, n, k, group):
+    """Each (BLOCK_N, BLOCK_M, GPB) of the decode config space at M rows (default and broad), the two conversions
+    the interpreter runs and splits from 1 to 8 taking turns, against dequantize-then-matmul. Groups differ by up
+    to 128x in scale and in zero, so a scale or zero applied to another group's K range, or a step that skips or
+    repeats a group, is far off. N=40: ragged blocks; N=64: whole ones (unmasked loads) but for BLOCK_N=128."""
+    from fxcc.codegen import triton_int4 as t4
+    from fxcc.dialects import int4_linear_reference, pack_int4, quantize_int4
+
+    torch.manual_seed(5)
+    groups = k // group
+    spread = (2.0 ** torch.arange(groups)).repeat_interleave(group)  # group g: scale 2^g
+    w = torch.randn(n, k) * spread + torch.arange(k) // group
+    q, sz = quantize_int4(w, group, torch.float32)
+    qw, x, b, r = pack_int4(q, group), torch.randn(m, k) + 0.5, torch.randn(n), torch.randn(m, n)
+    want = int4_linear_reference(x, qw, sz, b, group) + r
+    space = sorted({(c[0], c[2], c[3]) for c in t4.configs(m, 2048, 8192, 128, broad=True) +
+                    t4.configs(m, 8192, 2048, 128)})
+    assert {c[0] for c in space} >= {16, 32, 64, 128} and {c[1] for c in space} == {m, 16}
+    assert {c[2] for c in space} >= {1, 2, 4, 8}
+    for i, (bn, bm, gpb) in enumerate(space):
+        splits = [s for s in (1, 2, 4, 8) if groups % s == 0 and (groups // s) % gpb == 0]
+        cfg = (bn, splits[i % len(splits)], bm, gpb, 4, 2, i % 2)  # splits and conversions take turns
+        y = torch.full((m, n), float("nan"))
+        t4.w4_gemm(x, qw, sz, b, y, group, cfg, r)
+        torch.testing.assert_close(y, want, atol=1e-3, rtol=1e-4, msg=lambda e, cfg=cfg: f"{cfg}: {e}")
+
+
+@interp
+@pytest.mark.parametrize("glu,norm,cfg", [(True, False, (16, 2, 16, 1, 4, 2, 1)),
+                                          (False, True, (32, 1, 16, 2, 4, 2, 1)),
+                                          (True, True, (16, 2, 16, 1, 4, 2, 1))])
 def test_triton_int4_gate_and_norm_epilogues(glu, norm, cfg):
     """SwiGLU of a merged gate/up weight and the RMSNorm of x (with its weight, and folded away) in the kernel."""
     from fxcc.codegen import triton_int4 as t4
@@ -673,7 +703,8 @@ def test_triton_int4_half():
 @cuda
 @pytest.mark.parametrize("m,glu,norm", [(1, False, False), (8, True, True), (8, False, True), (48, False, False)])
 def test_triton_int4_every_config_on_gpu_bf16(m, glu, norm):
-    """Every config the kernel may time, three times over a poisoned output (split-K workspaces)."""
+    """Every config the kernel may time (both bit conversions), three times over a poisoned output (split-K
+    workspaces)."""
     from fxcc.codegen import triton_int4 as t4
     from fxcc.dialects import pack_int4, quantize_int4
 
@@ -684,7 +715,8 @@ def test_triton_int4_every_config_on_gpu_bf16(m, glu, norm):
     b, r = torch.randn(w.shape[0], device="cuda"), torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     eps = 1e-5 if norm else None
     want = t4._reference(x, qw, sz, b, 128, r, glu, None, eps)
-    for cfg in t4.configs(m, 2048, 512, 128, glu):
+    for cfg in dict.fromkeys(t4.configs(m, 2048, 512, 128, glu, cvts=(1, 2)) +
+                             t4._candidates(x, m, 2048, 512, 128, glu)):  # the latter's first: 16 rows
         for _ in range(3):
             y = torch.full((m, 512), float("nan"), device="cuda", dtype=torch.bfloat16)
             t4.w4_gemm(x, qw, sz, b, y, 128, cfg, r, glu, None, eps)
@@ -696,9 +728,13 @@ def test_triton_int4_rejects_what_it_cannot_do():
 
     x, _, qw, sz, b, _ = _int4_case()
     with pytest.raises(ValueError, match="expected uint8"):
-        t4.w4_gemm(x, qw[:, :64], sz, b, torch.empty(5, 48), 128, (16, 1, 16, 4, 2))
+        t4.w4_gemm(x, qw[:, :64], sz, b, torch.empty(5, 48), 128, (16, 1, 16, 1, 4, 2, 1))
     with pytest.raises(ValueError, match="split 3"):
-        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 3, 16, 4, 2))
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 3, 16, 1, 4, 2, 1))
+    with pytest.raises(ValueError, match="groups a step"):
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 2, 16, 2, 4, 2, 1))
+    with pytest.raises(ValueError, match="PTX"):
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 1, 16, 1, 4, 2, 2))
 
 
 class Ragged(nn.Module):
