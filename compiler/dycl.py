@@ -619,9 +619,10 @@ def _entry(module: nn.Module) -> tuple[Any, Any, bool]:
 def python_effect(module: nn.Module) -> str | None:
     """A Python effect of the module's forward, or of a function it calls, that a traced graph would apply
     once, at capture (an attribute store, `global`, a list it was given appended to): such a forward
-    runs as a DyCL host program, which does them on every call."""
+    runs as a DyCL host program, which does them on every call. Library code (transformers) is not scanned:
+    fxcc's runtime keeps the state it changes (caches), as for a forward captured whole."""
     owner, fn, method = _entry(module)
-    return Callees().effect(types.MethodType(fn, owner) if method else fn)
+    return Callees(libraries=False).effect(types.MethodType(fn, owner) if method else fn)
 
 
 def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | None,
