@@ -94,7 +94,6 @@ def test_library_callee_with_tensor_dependent_control_flow_gets_its_own_program(
     assert not [r.eager for r in runs if "failed" in (r.eager or "")]
 
 
-
 def scaler(h):
     """transformers' `and_masks` shape: a callee with a host decision that returns a function defined inside."""
     k = 2.0 if h.sum() > 0 else 0.5
