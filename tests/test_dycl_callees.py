@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 from fxcc import dycl
-from test_dycl_semantics import D, Lin, check, inputs
+from test_dycl_semantics import B, D, Lin, check, inputs
+from transformers import DynamicCache, EncoderDecoderCache
 
 
 @pytest.fixture(autouse=True)
@@ -112,3 +113,27 @@ class MakesFunctions(Lin):
 def test_returning_a_function_defined_inside_needs_no_warning():
     """`return scale` ran as written with a warning that a statement ran eagerly; the host returns it as is."""
     check(MakesFunctions(), inputs())
+
+
+class MakesCache(Lin):
+    """BART's decoder: a cache made in a segment with a tensor input, used after a split, call after call."""
+
+    def forward(self, x):
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if x is not None else None
+        if x.sum() > 0:
+            x = x * 2
+        h = self.a(x).view(1, 1, B, D)
+        keys, _ = cache.self_attention_cache.update(h, h, 0)
+        return keys
+
+
+def test_a_cache_made_in_a_segment_is_a_new_object_at_every_call():
+    """The segment making the cache compiled, and its graph handed the cache it built at capture to every call:
+    the second call's keys held the first call's too."""
+    from fxcc.capture import register_model_pytrees
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, vocab_size=8)
+    register_model_pytrees(LlamaModel(cfg))  # as compiling a transformers model does: its caches are state
+    check(MakesCache(), inputs())
