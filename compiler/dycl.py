@@ -106,6 +106,10 @@ def _sig(a: Any) -> Any:
         return (slice, bounds)
     if isinstance(a, _CONSTANTS):
         return (type(a), a)
+    if isinstance(a, types.FunctionType) and "<locals>" in a.__qualname__:
+        # made by a call (transformers' and_masks): a new object at each call, with its own closure, and a dead
+        # one's id is reused; its identity pins nothing
+        raise Unguarded(f"a function defined inside a call ({a.__qualname__})")
     if isinstance(a, (nn.Module, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
         return (type(a), id(a))
     raise Unguarded(f"an input of type {type(a).__name__}")
