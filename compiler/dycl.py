@@ -50,6 +50,7 @@ from fxcc.dycl_rewrite import (
 )
 from fxcc.measure import interleaved
 from fxcc.runtime import CompiledModule, Variant, explain_variant
+from fxcc.state import state_objects
 from fxcc.store import cache_key, default_cache
 from torch.utils import _pytree as pytree
 
@@ -105,6 +106,10 @@ def _sig(a: Any) -> Any:
         return (slice, bounds)
     if isinstance(a, _CONSTANTS):
         return (type(a), a)
+    if isinstance(a, types.FunctionType) and "<locals>" in a.__qualname__:
+        # made by a call (transformers' and_masks): a new object at each call, with its own closure, and a dead
+        # one's id is reused; its identity pins nothing
+        raise Unguarded(f"a function defined inside a call ({a.__qualname__})")
     if isinstance(a, (nn.Module, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
         return (type(a), id(a))
     raise Unguarded(f"an input of type {type(a).__name__}")
@@ -210,6 +215,9 @@ class Segment:
             why = (f"plain Python, not compiled: {t_py:.1f} us per call, less than a compiled call saves "
                    f"(SMALL_SEGMENT_US={SMALL_SEGMENT_US})")
             run = SegmentRun(sig, self.eager_call, eager=why)
+        elif made := self._made_state(args):
+            run = SegmentRun(sig, self.eager_call, eager=f"plain Python: it makes its own {made} (a compiled graph would "
+                                                         "hand the same object to every call)")
         elif len(compiled) >= SEGMENT_MAX_VARIANTS:
             why = (f"{len(compiled)} signatures are compiled already (SEGMENT_MAX_VARIANTS="
                    f"{SEGMENT_MAX_VARIANTS}); this one runs eagerly")
@@ -247,6 +255,20 @@ class Segment:
         self.by_key[key] = run.call
         return run.call
 
+
+    def _made_state(self, args: tuple) -> str | None:
+        """The type of a state object (a transformers cache) the segment returns and its inputs do not hold: one it
+        makes. Its graph's output would keep that object, built at capture, and return it at every call, where
+        eager makes a new one (BART's decoder makes its EncoderDecoderCache). From one run as plain Python on
+        copies of the inputs (RNG state restored)."""
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                outs = self.eager_call(*_clones(args))
+        except Exception:  # noqa: BLE001 - the call itself raises it again, as eager does
+            return None
+        given = {id(o) for o in state_objects(args)}
+        made = [o for o in state_objects(outs) if id(o) not in given]
+        return type(made[0]).__name__ if made else None
 
     def _passed_outputs(self, args: tuple) -> dict[int, Any]:
         """The outputs, by position, that a captured graph cannot return (`_PASSED`: a device, a dtype), with
@@ -619,9 +641,10 @@ def _entry(module: nn.Module) -> tuple[Any, Any, bool]:
 def python_effect(module: nn.Module) -> str | None:
     """A Python effect of the module's forward, or of a function it calls, that a traced graph would apply
     once, at capture (an attribute store, `global`, a list it was given appended to): such a forward
-    runs as a DyCL host program, which does them on every call."""
+    runs as a DyCL host program, which does them on every call. Library code (transformers) is not scanned:
+    fxcc's runtime keeps the state it changes (caches), as for a forward captured whole."""
     owner, fn, method = _entry(module)
-    return Callees().effect(types.MethodType(fn, owner) if method else fn)
+    return Callees(libraries=False).effect(types.MethodType(fn, owner) if method else fn)
 
 
 def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | None,

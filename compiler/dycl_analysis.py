@@ -5,9 +5,10 @@
   meaning depends on the frame itself (`locals()`, `exec`, generators) refuse the whole function.
 - `Scope`: which expressions are decided without tensor values (shapes, constants, module attributes) and
   which are plain Python values (counters, flags, results of `.item()`).
-- `Callees`: which calls reach user code that needs a host program of its own: tensor-dependent control
-  flow, or effects a traced segment would replay only once (attribute and container stores, in-place
-  methods, printing), transitively; and which attributes the program stores (a segment must not bake them).
+- `Callees`: which calls reach user or library code (transformers included) that needs a host program of its
+  own: tensor-dependent control flow, or effects a traced segment would replay only once or lose (attribute
+  and container stores, in-place methods, printing), transitively; and which attributes the program stores
+  (a segment must not bake them).
 """
 
 from __future__ import annotations
@@ -402,9 +403,16 @@ def mutating_call(call: ast.Call) -> bool:
 # ------------------------------------------------------------------------------------------ callees
 
 
-def _user_code(fn: Any) -> bool:
+LIBRARIES = ("transformers.",)  # library code DyCL reads once it splits a function (see `Callees.libraries`)
+
+
+def _user_code(fn: Any, libraries: bool = True) -> bool:
+    """Code DyCL reads: the user's, and with `libraries` that of libraries like transformers (whose callees
+    have tensor-dependent control flow of their own); never torch's (its functions are ops to trace) or fxcc's."""
     mod = getattr(fn, "__module__", "") or ""
-    return not (mod.startswith(("torch.", "transformers.", "fxcc")) or mod in ("torch", "builtins"))
+    if mod.startswith(("torch.", "fxcc")) or mod in ("torch", "builtins"):
+        return False
+    return libraries or not mod.startswith(LIBRARIES)
 
 
 def compiled_wrapper(obj: Any) -> bool:
@@ -412,18 +420,19 @@ def compiled_wrapper(obj: Any) -> bool:
     return type(obj).__name__ == "CompiledModule" or hasattr(obj, "fxcc")
 
 
-def target_function(obj: Any) -> tuple[Any, Any, bool] | None:
+def target_function(obj: Any, libraries: bool = True) -> tuple[Any, Any, bool] | None:
     """(owner, plain function, is_method) of a callable the rewriter can read: a module's forward, a bound
-    method, a plain Python function; None for anything else (builtins, torch, classes)."""
+    method, a plain Python function; None for anything else (builtins, torch, classes; without `libraries`,
+    library code)."""
     if compiled_wrapper(obj):
         return None
     if isinstance(obj, nn.Module):
         fn = type(obj).forward
-        return (obj, fn, True) if _user_code(fn) else None
+        return (obj, fn, True) if _user_code(fn, libraries) else None
     if inspect.ismethod(obj) and isinstance(obj.__func__, types.FunctionType) and not inspect.isclass(obj.__self__):
-        return (obj.__self__, obj.__func__, True) if _user_code(obj.__func__) else None
+        return (obj.__self__, obj.__func__, True) if _user_code(obj.__func__, libraries) else None
     if isinstance(obj, types.FunctionType):
-        return (None, obj, False) if _user_code(obj) else None
+        return (None, obj, False) if _user_code(obj, libraries) else None
     return None
 
 
@@ -444,11 +453,15 @@ class Callees:
     """Which callables reached from a compiled function need a host program of their own (memoised).
 
     A callable needs one when it has tensor-dependent control flow or host syncs, effects a traced segment
-    would replay once (stores into attributes or containers, in-place methods, printing), reads an
-    attribute the program stores, or calls a callable that needs one (recursion counts).
+    would replay once (stores into attributes or containers, in-place methods, printing), stores an attribute
+    on an object it made (a segment's graph would return that object rebuilt without it), reads an attribute
+    the program stores, or calls a callable that needs one (recursion counts).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, libraries: bool = True) -> None:
+        # library code (transformers) is read where DyCL splits a function; the scan for effects that decides
+        # whether a capturable forward is split at all leaves it out (fxcc's runtime keeps transformers' caches)
+        self.libraries = libraries
         self.infos: dict[tuple[int, Any], FunctionInfo] = {}
         self.keep: list[Any] = []  # owners whose ids key `infos`
         self.stored_attrs: set[str] = set()
@@ -456,7 +469,7 @@ class Callees:
         self._needs: dict[int, bool] = {}  # id(FunctionInfo) -> needs a program
 
     def info(self, obj: Any) -> FunctionInfo | None:
-        t = target_function(obj)
+        t = target_function(obj, self.libraries)
         if t is None:
             return None
         owner, fn, method = t
@@ -517,6 +530,8 @@ class Callees:
                     info.stores.add(node.attr)
                     if outside(node):
                         effect(node, f"stores attribute `{node.attr}`")
+                    else:  # on an object it made: traced, the store would live on the object a segment's graph
+                        info.host = True  # rebuilds from its pytree leaves (`out.pooler = ...`: an attribute lost)
                 else:
                     info.loads.add(node.attr)
             if isinstance(node, (ast.Global, ast.Nonlocal)):

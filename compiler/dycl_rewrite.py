@@ -605,7 +605,9 @@ class Lowerer:
         if isinstance(s, ast.AugAssign):
             return self.augassign(s, pre)
         if isinstance(s, ast.Return):
-            if s.value is not None:
+            if isinstance(s.value, ast.Name) and s.value.id in self.local_callables:
+                pass  # a function defined inside, returned (transformers' `and_masks`): the host returns it
+            elif s.value is not None:
                 v = self.lower(s.value, pre)
                 if isinstance(v, ast.Tuple) and not any(isinstance(x, ast.Starred) for x in v.elts):
                     v.elts = [self.freeze(x, pre) for x in v.elts]
