@@ -44,6 +44,22 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
+def _nibbles_asm(magic: int, high: bool) -> str:
+    """The PTX of `_nibbles_ptx` for a MAGIC byte repeated in a register (0x43: bf16 128, 0x64: fp16 1024): two
+    prmt place bytes 0-1 (then 2-3) of the input (shifted right by 4 for the high nibbles) under that byte, an and
+    keeps the nibble and MAGIC's byte."""
+    src = "s" if high else "$2"
+    return ("{\n.reg .b32 s, t, m;\n"
+            f"mov.b32 m, {magic:#010x};\n"
+            + ("shr.b32 s, $2, 4;\n" if high else "")
+            + f"prmt.b32 t, {src}, m, 0x5140;\nand.b32 $0, t, 0xFF0FFF0F;\n"
+            f"prmt.b32 t, {src}, m, 0x5342;\nand.b32 $1, t, 0xFF0FFF0F;\n}}")
+
+
+_BF16_LOW, _BF16_HIGH = tl.constexpr(_nibbles_asm(0x43434343, False)), tl.constexpr(_nibbles_asm(0x43434343, True))
+_FP16_LOW, _FP16_HIGH = tl.constexpr(_nibbles_asm(0x64646464, False)), tl.constexpr(_nibbles_asm(0x64646464, True))
+
+
 @triton.jit
 def _nibbles_ptx(w, dtype: tl.constexpr, HIGH: tl.constexpr):
     """A uint8 tile -> its low (HIGH: high) nibbles q as MAGIC + q in bf16 / fp16 (MAGIC 128 / 1024), by bits
@@ -54,50 +70,16 @@ def _nibbles_ptx(w, dtype: tl.constexpr, HIGH: tl.constexpr):
     zero term (OFF). GPU only (the interpreter cannot run PTX)."""
     if dtype == tl.bfloat16:
         if HIGH:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 s, t, m;
-                mov.b32 m, 0x43434343;
-                shr.b32 s, $2, 4;
-                prmt.b32 t, s, m, 0x5140;
-                and.b32 $0, t, 0xFF0FFF0F;
-                prmt.b32 t, s, m, 0x5342;
-                and.b32 $1, t, 0xFF0FFF0F;
-                }""",
-                constraints="=r,=r,r", args=[w], dtype=tl.bfloat16, is_pure=True, pack=4)
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, m;
-            mov.b32 m, 0x43434343;
-            prmt.b32 t, $2, m, 0x5140;
-            and.b32 $0, t, 0xFF0FFF0F;
-            prmt.b32 t, $2, m, 0x5342;
-            and.b32 $1, t, 0xFF0FFF0F;
-            }""",
-            constraints="=r,=r,r", args=[w], dtype=tl.bfloat16, is_pure=True, pack=4)
-    else:
+            return tl.inline_asm_elementwise(asm=_BF16_HIGH, constraints="=r,=r,r", args=[w], dtype=tl.bfloat16,
+                                             is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(asm=_BF16_LOW, constraints="=r,=r,r", args=[w], dtype=tl.bfloat16,
+                                         is_pure=True, pack=4)
+    else:  # an else, not a fall-through: Triton types the returns of a constexpr branch alone only so
         if HIGH:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 s, t, m;
-                mov.b32 m, 0x64646464;
-                shr.b32 s, $2, 4;
-                prmt.b32 t, s, m, 0x5140;
-                and.b32 $0, t, 0xFF0FFF0F;
-                prmt.b32 t, s, m, 0x5342;
-                and.b32 $1, t, 0xFF0FFF0F;
-                }""",
-                constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, m;
-            mov.b32 m, 0x64646464;
-            prmt.b32 t, $2, m, 0x5140;
-            and.b32 $0, t, 0xFF0FFF0F;
-            prmt.b32 t, $2, m, 0x5342;
-            and.b32 $1, t, 0xFF0FFF0F;
-            }""",
-            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(asm=_FP16_HIGH, constraints="=r,=r,r", args=[w], dtype=tl.float16,
+                                             is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(asm=_FP16_LOW, constraints="=r,=r,r", args=[w], dtype=tl.float16,
+                                         is_pure=True, pack=4)
 
 
 @triton.jit
