@@ -21,6 +21,7 @@ alternating rounds, so load on a shared machine hits both alike).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import linecache
@@ -32,6 +33,7 @@ import time
 import types
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,13 +211,19 @@ class Segment:
         has_tensor = any(isinstance(x, torch.Tensor) for x in flat)
         measure = MEASURE_CHOICE and not _IMPURE.search(self.source)
         t_py = _median_us(self.eager_call, _clones(args)) if measure and has_tensor else None
+
+        @functools.cache
+        def plain() -> Any:  # one run as plain Python on copies of the inputs (RNG state restored), for the checks
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                return self.eager_call(*_clones(args))
+
         if not has_tensor:
             run = SegmentRun(sig, self.eager_call, eager="plain Python (no tensor inputs)")
         elif t_py is not None and t_py < SMALL_SEGMENT_US:
             why = (f"plain Python, not compiled: {t_py:.1f} us per call, less than a compiled call saves "
                    f"(SMALL_SEGMENT_US={SMALL_SEGMENT_US})")
             run = SegmentRun(sig, self.eager_call, eager=why)
-        elif made := self._made_state(args):
+        elif made := self._made_state(args, plain):
             run = SegmentRun(sig, self.eager_call, eager=f"plain Python: it makes its own {made} (a compiled graph would "
                                                          "hand the same object to every call)")
         elif len(compiled) >= SEGMENT_MAX_VARIANTS:
@@ -227,7 +235,7 @@ class Segment:
             fixed = {i: a for i, a in enumerate(args) if _baked(a)}
             values = tuple(a for i, a in enumerate(args) if i not in fixed)
             try:
-                passed = self._passed_outputs(args)
+                passed = _passed_outputs(plain())
                 cm = CompiledModule(SegmentModule(self.owner, self.eager_call, self.source, fixed, len(args),
                                                   passed), self.options)
                 cm.name, cm.echo_ir = self.name, False
@@ -256,26 +264,19 @@ class Segment:
         return run.call
 
 
-    def _made_state(self, args: tuple) -> str | None:
+    @staticmethod
+    def _made_state(args: tuple, plain: Callable[[], Any]) -> str | None:
         """The type of a state object (a transformers cache) the segment returns and its inputs do not hold: one it
         makes. Its graph's output would keep that object, built at capture, and return it at every call, where
-        eager makes a new one (BART's decoder makes its EncoderDecoderCache). From one run as plain Python on
-        copies of the inputs (RNG state restored)."""
+        eager makes a new one (BART's decoder makes its EncoderDecoderCache). From `plain`, the segment's outputs
+        run as plain Python."""
         try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                outs = self.eager_call(*_clones(args))
+            outs = plain()
         except Exception:  # noqa: BLE001 - the call itself raises it again, as eager does
             return None
         given = {id(o) for o in state_objects(args)}
         made = [o for o in state_objects(outs) if id(o) not in given]
         return type(made[0]).__name__ if made else None
-
-    def _passed_outputs(self, args: tuple) -> dict[int, Any]:
-        """The outputs, by position, that a captured graph cannot return (`_PASSED`: a device, a dtype), with
-        their values, from one run as plain Python on copies of the inputs (RNG state restored)."""
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            outs = self.eager_call(*_clones(args))
-        return {i: o for i, o in enumerate(outs) if isinstance(o, _PASSED)} if isinstance(outs, tuple) else {}
 
     def _aliasing_differs(self, call: Any, args: tuple) -> str | None:
         """Whether the compiled segment's outputs share memory differently from eager's (a view returned as a
@@ -295,6 +296,12 @@ class Segment:
         if pattern[0] == pattern[1]:
             return None
         return "its outputs alias its inputs differently when compiled (a view would become a copy)"
+
+
+def _passed_outputs(outs: Any) -> dict[int, Any]:
+    """The outputs, by position, that a captured graph cannot return (`_PASSED`: a device, a dtype), with their
+    values, from the segment's outputs run as plain Python."""
+    return {i: o for i, o in enumerate(outs) if isinstance(o, _PASSED)} if isinstance(outs, tuple) else {}
 
 
 def _clones(args: tuple) -> tuple:

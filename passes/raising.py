@@ -177,10 +177,9 @@ def _repeat_kv_source(x: Any) -> fx.Node | None:
 def _whole(x: Any) -> Any:
     """`x` through slices that keep every element (`kv[:, :, None, :, :]` records a slice over the whole
     of a dimension, which a symbolic cache length keeps in the graph)."""
-    while is_op(x, aten.slice.Tensor) and isinstance(src := x.args[0], fx.Node) and len(x.args) > 1 and \
-            (len(x.args) < 5 or x.args[4] == 1) and (len(x.args) < 3 or x.args[2] in (0, None)) and \
-            [str(d) for d in val(x).shape] == [str(d) for d in val(src).shape]:
-        x = src
+    while is_op(x, aten.slice.Tensor) and arg(x, 4, "step", 1) == 1 and arg(x, 2, "start") in (0, None) and \
+            [str(d) for d in val(x).shape] == [str(d) for d in val(x.args[0]).shape]:
+        x = x.args[0]
     return x
 
 
