@@ -3,7 +3,7 @@
 On a GPU, cuDNN's fast 16-bit convolutions read and write NHWC. Handed NCHW tensors, torch either converts
 them around each call inside cuDNN or, for a depthwise convolution, runs its own generic NCHW kernel:
 about 4x slower than cuDNN's NHWC kernel on an H200 (a ConvNeXt 7x7 depthwise, bf16: 1.34 ms against
-0.27 ms; MobileNetV2's 3x3 ones: 1.48 ms against 0.39 ms in all). `nhwc(target)` wraps a convolution op so
+0.27 ms; MobileNetV2's 3x3 ones: 1.48 ms against 0.39 ms in all; `benchmarks/gpu_kernels.py`). `nhwc(target)` wraps a convolution op so
 its input and weight go in channels-last and its result comes back in the layout eager gives (NCHW unless an
 operand was channels-last): the same convolution, another algorithm. It is offered as one more candidate
 of a kernel holding a 4-D convolution (`applies`), on the extern and the Triton-epilogue paths, and kept
