@@ -31,6 +31,8 @@ from fxcc.dialects import (
     ACTS,
     INT4_LAYOUTS,
     fp8_linear,
+    gemv_gated_linear,
+    gemv_linear,
     int4_dequantize,
     int4_gated_linear,
     int4_group,
@@ -299,3 +301,46 @@ def impls(precision: str, device: str) -> list[str]:
         "int4": ["int4pack", "dequant"] if cpu else ["triton", "dequant"],
     }
     return table.get(precision, [])
+
+
+
+# ------------------------------------------------------------------- float decode linears (the `gemv` pass)
+
+
+def _gemv_kernel(impl: str, x: Tensor, name: str) -> bool:
+    """Whether the Triton GEMV runs `impl` here: on a GPU, or on the CPU under the interpreter (tests)."""
+    if impl not in ("triton", "library"):
+        raise ValueError(f"tx.{name}: unknown impl {impl!r}; known: triton, library")
+    if impl == "library":
+        return False
+    if x.is_cuda:
+        return True
+    from fxcc.options import settings
+
+    return settings().triton_interpret
+
+
+@gemv_linear.register_kernel(("cpu", "cuda"))
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str, residual: Tensor | None = None,
+      norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """tx.gemv_linear: the Triton GEMV (or the library, as measured) with the folded norm and residual."""
+    if _gemv_kernel(impl, x, "gemv_linear"):
+        from fxcc.codegen.triton_quant import float_linear
+        return float_linear(x, weight, bias, residual, norm, rms_eps)
+    if rms_eps is not None:
+        x = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual
+
+
+@gemv_gated_linear.register_kernel(("cpu", "cuda"))
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str, norm: Tensor | None = None,
+      rms_eps: float | None = None) -> Tensor:
+    """tx.gemv_gated_linear: the Triton GEMV with the SwiGLU epilogue (or the library, as measured)."""
+    if _gemv_kernel(impl, x, "gemv_gated_linear"):
+        from fxcc.codegen.triton_quant import float_linear
+        return float_linear(x, weight, bias, None, norm, rms_eps, glu=True)
+    if rms_eps is not None:
+        x = torch.ops.fxcc_tx.rms_norm(x, norm, rms_eps)
+    gate, up = F.linear(x, weight, bias).split(weight.shape[0] // 2, dim=-1)
+    return F.silu(gate) * up

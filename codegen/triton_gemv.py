@@ -143,7 +143,7 @@ def _finish(acc, acc_u, ss, rn, rm, n_ok, m_ok, pid_n, M, N, K, eps, ws_ptr, b_p
 @triton.jit
 def _gemv(x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_ptr, eps, M, N, K, K_PER, sxm, sxk,
           swn, swk, srm, srn, sym, syn, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
-          NORM: tl.constexpr, GAMMA: tl.constexpr,
+          NORM: tl.constexpr, GAMMA: tl.constexpr, SCALE: tl.constexpr,
           EVEN: tl.constexpr, IEEE: tl.constexpr, CVT: tl.constexpr, SPLIT: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -194,7 +194,7 @@ def _gemv(x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss
         w_ptrs += BLOCK_K * swk
         x_ptrs += BLOCK_K * sxk
     _finish(acc, acc_u, tl.sum(ssq, axis=0), rn, rm, n_ok, m_ok, pid_n, M, N, K, eps, ws_ptr, b_ptr, r_ptr, y_ptr,
-            acc_ptr, cnt_ptr, ss_ptr, srm, srn, sym, syn, HAS_BIAS, HAS_RES, GLU, NORM, True, SPLIT, BLOCK_N, BLOCK_M)
+            acc_ptr, cnt_ptr, ss_ptr, srm, srn, sym, syn, HAS_BIAS, HAS_RES, GLU, NORM, SCALE, SPLIT, BLOCK_N, BLOCK_M)
 
 
 # (BLOCK_N, SPLIT, BLOCK_K, num_warps, num_stages, CVT); CVT 2 (the bit trick) only for int8 -> bf16 on a GPU
@@ -202,9 +202,10 @@ Config = tuple[int, int, int, int, int, int]
 _WORK: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def configs(M: int, K: int, N: int, glu: bool = False, cvts: tuple[int, ...] = (0,)) -> list[Config]:
+def configs(M: int, K: int, N: int, glu: bool = False, cvts: tuple[int, ...] = (0,), wbytes: int = 1) -> list[Config]:
     """Candidate configs for y[M, N] (N: output columns) whose grid covers the GPU a few times over, each
     with every conversion in `cvts` (2, the bit trick, where x is bf16 on a GPU). Timed by the caller.
+    `wbytes`: bytes per weight element (2 for a bf16 weight: tiles of half the elements, same bytes per stage).
 
     A sweep on an H200 (benchmarks/int8_gemv_sweep.py --broad, Llama 2048/8192 at M=8) found 32 output
     rows per program best on every shape, 2 warps with 3 or 5 stages (4 warps for the widest), K blocks of 128
@@ -216,7 +217,7 @@ def configs(M: int, K: int, N: int, glu: bool = False, cvts: tuple[int, ...] = (
         for split in (1, 2, 4, 8, 16):
             for bk in (128, 256):
                 per = K // split
-                tile = bn * bk * (2 if glu else 1)
+                tile = bn * bk * (2 if glu else 1) * wbytes
                 if K % split or per % bk or tile > 32768 or tile < 4096:
                     continue
                 if not 128 <= triton.cdiv(N, bn) * split <= 2048:
@@ -228,10 +229,11 @@ def configs(M: int, K: int, N: int, glu: bool = False, cvts: tuple[int, ...] = (
     return out
 
 
-def gemv(x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: Config,
+def gemv(x2: Tensor, qw: Tensor, ws: Tensor | None, b: Tensor | None, y: Tensor, cfg: Config,
          r: Tensor | None = None, glu: bool = False, norm: Tensor | None = None, rms_eps: float | None = None
          ) -> None:
     """Launch one config: y[M, N] = x2 @ (qw * ws)^T (+ b) (GLU: silu(gate) * up) (+ r); M <= 16.
+    `ws` None: qw is a float weight (bf16/fp16/fp32) read as it is, no scale (the `gemv` pass's decode linears).
 
     `rms_eps`: x2 is first RMS-normalised (tx.rms_norm(x2, norm, rms_eps)): the row's 1 / rms, from sums of
     squares taken in the same loop, scales the accumulator, so the norm costs no kernel and no pass over x of
@@ -252,12 +254,16 @@ def gemv(x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: C
         raise ValueError(f"int8 GEMV: RMSNorm weight of shape {tuple(norm.shape)} for rows of {K} "
                          f"(and rms_eps={rms_eps})")
     even = K % bk == 0 and N % bn == 0
+    if ws is None and not qw.dtype.is_floating_point:
+        raise ValueError(f"GEMV: a {qw.dtype} weight needs its scales")
+    scale = ws is not None
+    ws = ws if scale else y  # never read without SCALE
     ReadOnly(_gemv)[(triton.cdiv(N, bn), split)](
         x2, qw, ws, b if b is not None else ws, r if r is not None else y, y, acc, cnt,
         norm if norm is not None else ws, ss, float(rms_eps or 0.0), M, N, K, K // split,
         x2.stride(0), x2.stride(1), qw.stride(0), qw.stride(1), *(r.stride() if r is not None else (0, 0)),
         y.stride(0), y.stride(1), HAS_BIAS=b is not None, HAS_RES=r is not None, GLU=glu, NORM=rms_eps is not None,
-        GAMMA=norm is not None,
+        GAMMA=norm is not None, SCALE=scale,
         EVEN=even,
         IEEE=x2.dtype == torch.float32, CVT=cvt, SPLIT=split, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages)
@@ -274,11 +280,12 @@ def _workspace(device: torch.device, M: int, N: int, glu: bool) -> tuple[Tensor,
     return _WORK[key]
 
 
-def time_candidates(cands: list, call, copies: int, rounds: int = 3) -> dict:
+def time_candidates(cands: list, call, copies: int, rounds: int = 3, timings: bool = False) -> dict:
     """ms per call of each candidate, `call(cand, i)` running it on operand copy i (the copies together
     larger than the L2, as a model's weights stream from memory at decode). Each candidate's `copies` calls
-    are one CUDA graph (as the runtime replays a step); `rounds` interleaved replays, median. A candidate
-    that fails to compile, launch or capture is left out."""
+    are one CUDA graph (as the runtime replays a step); `rounds` interleaved replays, median (`timings`: the
+    Timing of each, for a decision beyond the noise). A candidate that fails to compile, launch or capture is
+    left out."""
     graphs = {}
     for c in cands:
         def calls(c=c):
@@ -290,7 +297,8 @@ def time_candidates(cands: list, call, copies: int, rounds: int = 3) -> dict:
         except Exception:  # noqa: BLE001 - e.g. a config over this GPU's shared memory
             torch.cuda.synchronize()
             continue
-    return {c: t.median for c, t in graph_timings(graphs, calls=copies, rounds=rounds).items()}
+    got = graph_timings(graphs, calls=copies, rounds=rounds)
+    return got if timings else {c: t.median for c, t in got.items()}
 
 
 def stream_copies(nbytes: int) -> int:

@@ -247,6 +247,39 @@ def _(x, qweight, wscale, bias, impl, norm=None, rms_eps=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 
+@torch.library.custom_op("fxcc_tx::gemv_linear", mutates_args=())
+def gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str, residual: Tensor | None = None,
+                norm: Tensor | None = None, rms_eps: float | None = None) -> Tensor:
+    """A decode-shaped linear with a float weight (at most 16 rows of x), the `gemv` pass's form of aten.linear:
+    linear(x, weight, bias) (+ residual). `rms_eps`: x is first tx.rms_norm(x, norm, rms_eps). `impl` "triton":
+    the GEMV of fxcc.codegen.triton_gemv does all of it in one kernel where it beats the library (measured)."""
+    if rms_eps is not None:
+        x = rms_norm(x, norm, rms_eps)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual
+
+
+@gemv_linear.register_fake
+def _(x, weight, bias, impl, residual=None, norm=None, rms_eps=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("fxcc_tx::gemv_gated_linear", mutates_args=())
+def gemv_gated_linear(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str, norm: Tensor | None = None,
+                      rms_eps: float | None = None) -> Tensor:
+    """silu(gate) * up of one float linear whose rows are the gate's, then the up projection's (weight [2F, K]):
+    a merged SwiGLU the `gemv` pass gives the GEMV's epilogue. [.., F]. `rms_eps`: x is first tx.rms_norm."""
+    if rms_eps is not None:
+        x = rms_norm(x, norm, rms_eps)
+    gate, up = F.linear(x, weight, bias).split(weight.shape[0] // 2, dim=-1)
+    return F.silu(gate) * up
+
+
+@gemv_gated_linear.register_fake
+def _(x, weight, bias, impl, norm=None, rms_eps=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
+
+
 @torch.library.custom_op("fxcc_tx::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None, impl: str) -> Tensor:
     """x @ (qweight * wscale[:, None]).T + bias with e4m3 weights and per-token e4m3 activations."""
@@ -604,14 +637,14 @@ TX_OPS = {
     "all_reduce_rms_norm": all_reduce_rms_norm, "linear_all_reduce_rms_norm": linear_all_reduce_rms_norm,
     "quantize": quantize, "dequantize": dequantize, "int8_linear": int8_linear,
     "int8_gated_linear": int8_gated_linear, "fp8_linear": fp8_linear, "int4_linear": int4_linear,
-    "int4_gated_linear": int4_gated_linear,
+    "int4_gated_linear": int4_gated_linear, "gemv_linear": gemv_linear, "gemv_gated_linear": gemv_gated_linear,
     "tome_key_weights": tome_key_weights, "tome_match": tome_match, "tome_merge": tome_merge,
     "tome_sizes": tome_sizes, "tome_compose": tome_compose, "tome_bias": tome_bias, "tome_unmerge": tome_unmerge,
     "temporal_merge": temporal_merge, "temporal_unmerge": temporal_unmerge,
 }
 # ops whose `impl` argument names a kernel registered by a backend: calling their body would bypass it
 KERNEL_CHOSEN = {"all_reduce_rms_norm", "linear_all_reduce_rms_norm", "int8_linear", "int8_gated_linear",
-                 "fp8_linear", "int4_linear", "int4_gated_linear"}
+                 "fp8_linear", "int4_linear", "int4_gated_linear", "gemv_linear", "gemv_gated_linear"}
 # op -> its Python body, for code that calls tx ops without the dispatcher (a kernel costs what eager costs)
 REFERENCE = {getattr(torch.ops.fxcc_tx, n).default: op._init_fn for n, op in TX_OPS.items() if n not in KERNEL_CHOSEN}
 

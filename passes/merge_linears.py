@@ -7,8 +7,9 @@ results are column slices of its output, which the kernels after it read through
 The concatenated weight is the weights' only copy: the model's projection weights become views into its rows
 (fxcc.ir.concat_rows), so merging adds no memory and an in-place update of a weight is one of the whole.
 
-Exact within floating-point tolerance. On the CPU by default; on the GPU with `gpu=true` (the GPU backends
-were tuned without it; a decode step's three small Q/K/V GEMVs become one).
+Exact within floating-point tolerance. On the CPU by default. On the GPU, linears of at most 16 rows (decode,
+where the `gemv` pass makes one GEMV of the three Q/K/V projections and gives the gate/up pair its SwiGLU
+epilogue); all linears with `gpu=true` (the GPU's prefill GEMMs were tuned without it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class MergeLinears(Pass):
     """Merge sibling linears (same input, constant 2-D weights, same dtype, all with or all without bias).
 
     max_mb: the largest concatenated weight made (weights that cannot become views of it stay beside a copy).
-    gpu: merge on the GPU too.
+    gpu: merge every linear on the GPU too (without it, only decode-shaped ones: at most 16 rows).
     """
 
     name = "merge-linears"
@@ -48,11 +49,14 @@ class MergeLinears(Pass):
             raise ValueError(f"max_mb must be >= 0, got {self.max_mb}")
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.target != "cpu" and not (self.gpu and ctx.target == "cuda"):
+        if ctx.target not in ("cpu", "cuda"):
             return PassResult(False)
+        decode_only = ctx.target == "cuda" and not self.gpu
         rw, merged, linears = Rewriter(gm), 0, 0
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for x in list(gm.graph.nodes):
+            if decode_only and not _decode_rows(x):
+                continue
             groups: dict[tuple, list[fx.Node]] = {}
             for u in x.users:
                 sig = self._signature(gm, u, x)
@@ -102,6 +106,14 @@ class MergeLinears(Pass):
             rw.replace(u, part)
         return True
 
+
+
+def _decode_rows(x: fx.Node) -> bool:
+    """Whether `x` has at most 16 rows (all but its last dimension), all sizes static: a decode step's input."""
+    v = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or v.dim() < 1 or any(not isinstance(s, int) for s in v.shape):
+        return False
+    return v.shape[-1] > 0 and v.numel() // v.shape[-1] <= 16
 
 
 def _slices_break(rw: Rewriter, group: list[fx.Node], ws: list[torch.Tensor]) -> str | None:
