@@ -3,7 +3,8 @@
 At decode a linear reads its whole weight to make a few rows (one per sequence): it is bound by the weight's
 bytes, and the ops around it (the RMSNorm before, SwiGLU and the residual add after) are kernels of their own
 whose launches cost as much as their work. This pass rewrites `aten.linear(x, W, b)` with a constant float
-weight and at most `rows` rows of x into `tx.gemv_linear`, then folds into it:
+weight and at most `rows` rows of x (or one token per sequence of a symbolic batch, [B, 1, K]: the kernel takes
+the library past 16 rows at run time) into `tx.gemv_linear`, then folds into it:
 
 - `add(linear, r)` of one shape and dtype -> `tx.gemv_linear(.., residual=r)`;
 - `gated_act(slice(y, 0, F), slice(y, F, 2F), "silu")` of a merged gate/up linear (merge-linears) ->
@@ -91,9 +92,21 @@ class Gemv(Pass):
         if wv.dtype not in FLOATS or xv.dtype != wv.dtype or (b is not None and b.meta.get("val") is not None
                                                                and b.meta["val"].dtype != wv.dtype):
             return False
-        if any(not isinstance(s, int) for s in (*xv.shape, *wv.shape)):
-            return False  # symbolic rows: the decode variant is static in them (prefill keeps the library)
-        return 0 < xv.numel() // max(1, xv.shape[-1]) <= self.rows and xv.shape[-1] > 0
+        if any(not isinstance(s, int) for s in (xv.shape[-1], *wv.shape)) or xv.shape[-1] == 0:
+            return False
+        return _decode_rows(xv, self.rows)
+
+
+def _decode_rows(xv: torch.Tensor, most: int) -> bool:
+    """Whether x [*lead, K] is a decode step's: at most `most` rows, or one token per sequence of a symbolic
+    batch ([B, 1, K] and the like; the kernel runs the library past 16 rows, decided per size at run time)."""
+    lead = xv.shape[:-1]
+    if all(isinstance(s, int) for s in lead):
+        rows = 1
+        for s in lead:
+            rows *= s
+        return 0 < rows <= most
+    return xv.dim() >= 3 and isinstance(xv.shape[-2], int) and xv.shape[-2] == 1
 
 
 def _gemv(node: fx.Node, most: int) -> bool:

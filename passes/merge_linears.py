@@ -24,6 +24,7 @@ from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rewrite import Rewriter, arg, is_op, val
 
 from .canonicalize import _fresh
+from .gemv import _decode_rows as _gemv_rows
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,10 @@ class MergeLinears(Pass):
 
 
 def _decode_rows(x: fx.Node) -> bool:
-    """Whether `x` has at most 16 rows (all but its last dimension), all sizes static: a decode step's input."""
+    """Whether `x` is a decode step's input: at most 16 rows (all but its last dimension), or one token per
+    sequence of a symbolic batch ([B, 1, K]), as the `gemv` pass takes them."""
     v = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if not isinstance(v, torch.Tensor) or v.dim() < 1 or any(not isinstance(s, int) for s in v.shape):
-        return False
-    return v.shape[-1] > 0 and v.numel() // v.shape[-1] <= 16
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and _gemv_rows(v, 16)
 
 
 def _slices_break(rw: Rewriter, group: list[fx.Node], ws: list[torch.Tensor]) -> str | None:

@@ -133,6 +133,34 @@ def test_prefill_shaped_linears_and_cpu_targets_are_left_to_the_library():
     assert Gemv().apply(gm, PassContext(target="cuda")).stats["linears"] == 4
 
 
+@interp
+def test_static_cache_generate_with_a_symbolic_batch_decodes_through_gemvs():
+    """A KV-cache decode step has a symbolic batch ([B, 1, K] rows): its linears still become GEMVs (the kernel
+    checks the rows at run time); the greedy tokens equal eager's, and the prefill keeps its linears but the head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         max_position_embeddings=64, pad_token_id=0, eos_token_id=None)).eval()
+    model.generation_config.disable_compile = True
+    ids = torch.randint(1, 128, (3, 5))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache_implementation="static")
+    fn = fxcc.compile(type(model).forward.__get__(model), passes=PIPE)
+    model.forward = fn
+    with torch.inference_mode():
+        got = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want)
+    per_variant = []
+    for v in fn.fxcc.variants:
+        gemv = next(r for r in v.records if r.spec.startswith("gemv"))
+        per_variant.append(gemv.result.stats.get("linears", 0))
+    # prefill (5 rows per sequence): only the LM head, which reads the last token's row; decode: Q/K/V, O,
+    # gate/up, down and the head
+    assert sorted(per_variant) == [1, 5]
+
+
 def test_bad_rows_option_is_refused():
     with pytest.raises(ValueError, match="rows must be in 1..16"):
         fxcc.parse_pipeline("gemv{rows=32}")
