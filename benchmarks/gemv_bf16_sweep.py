@@ -69,7 +69,7 @@ def main() -> None:
         copies = tg.stream_copies(w.numel() * 2)
         wsx = [w] + [w.clone() for _ in range(copies - 1)]
 
-        def call(c, i):
+        def call(c, i, x=x, wsx=wsx, y=y, r=r, glu=glu, g=g, eps=eps):
             tq._go_float(c, x, wsx[i], None, y, r, glu, g, eps)
 
         good_default = tq._float_correct(default, x, w, None, y, r, glu, g, eps)
