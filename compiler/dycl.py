@@ -42,6 +42,8 @@ import torch.nn as nn
 from fxcc import ir, rng
 from fxcc.capture import CaptureError, flatten_inputs
 from fxcc.dycl_analysis import Wrapping, target_function, wrapping
+from fxcc.eager_check import tolerance
+from fxcc.outputs import compare
 from fxcc.dycl_rewrite import (
     Callees,
     RewriteError,
@@ -302,12 +304,13 @@ class Segment:
         return type(made[0]).__name__ if made else None
 
     def _aliasing_differs(self, call: Any, args: tuple) -> str | None:
-        """Whether the compiled segment's outputs share memory differently from eager's (a view returned as a
-        copy): an in-place update after it would then reach other tensors than in eager. Both run on copies
-        of the inputs (RNG state restored), so nothing the caller holds changes."""
+        """Why the compiled segment cannot stand in for its plain Python (None when it can): its outputs share
+        memory differently (a view returned as a copy: an in-place update after it would reach other tensors
+        than in eager), or its values differ beyond `eager_check.tolerance`. Both run on copies of the inputs
+        (RNG state restored), so nothing the caller holds changes."""
         params = list(self.owner.parameters()) + list(self.owner.buffers()) if isinstance(self.owner, nn.Module) \
             else []
-        pattern = []
+        pattern, results = [], []
         for fn in (self.eager_call, call):
             copies = _clones(args)
             try:
@@ -316,9 +319,18 @@ class Segment:
             except Exception as e:  # noqa: BLE001 - the real call (as plain Python) raises what eager raises
                 return f"{'compiled' if fn is call else 'plain'} run on copies failed ({type(e).__name__})"
             pattern.append(_alias_pattern(outs, [*pytree.tree_leaves(copies), *params]))
-        if pattern[0] == pattern[1]:
+            results.append(outs)
+        if pattern[0] != pattern[1]:
+            return "its outputs alias its inputs differently when compiled (a view would become a copy)"
+        # a DyCL program is not checked against eager as a whole (its Python would run twice): each segment's
+        # first run of a signature is, against the same segment as plain Python
+        c = compare(results[1], results[0], tol=tolerance)
+        if c.equal:
             return None
-        return "its outputs alias its inputs differently when compiled (a view would become a copy)"
+        why = f"its compiled result differs from plain Python's ({c.detail or f'{c.worst} off by {c.max_rel:.3g} of its scale'})"
+        warnings.warn(f"fxcc DyCL: segment {self.name} ({self.spec.where}) runs as plain Python for these inputs: "
+                      f"{why}", stacklevel=5)
+        return why
 
 
 def _passed_outputs(outs: Any) -> dict[int, Any]:

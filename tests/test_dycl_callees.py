@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from fxcc import dycl
 from test_dycl_semantics import B, D, Lin, check, inputs
+from torch.utils import _pytree as pytree
 from transformers import DynamicCache, EncoderDecoderCache
 
 
@@ -185,3 +186,32 @@ def test_a_method_handed_to_a_function_runs_each_layers_own_weights(graph_cache,
     for x in inputs(3):
         with torch.no_grad():
             torch.testing.assert_close(cm(x), model(x))
+
+
+def test_a_segment_whose_compiled_result_differs_runs_as_plain_python_and_says_so(monkeypatch):
+    """A DyCL program is not checked against eager as a whole: each segment's compiled run of a new signature is
+    compared with the segment as plain Python, and a difference (here a compiler bug, simulated) runs that
+    signature as plain Python with a warning, so the result stays eager's."""
+    import fxcc
+
+    real = dycl._direct_call
+
+    def wrong(*a, **k):
+        call = real(*a, **k)
+
+        def off(*args):
+            return pytree.tree_map(lambda t: t + 1.0 if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                   else t, call(*args))
+        return off
+
+    monkeypatch.setattr(dycl, "_direct_call", wrong)
+    torch.manual_seed(0)
+    model = FFStack().eval()
+    passes = "fuse,codegen{backend=extern}"
+    cm = fxcc.compile(model, passes=passes, options=fxcc.CompileOptions(graph_cache=False, passes=passes))
+    x = inputs(1)[0]
+    with pytest.warns(UserWarning, match="differs from plain Python's"):
+        with torch.no_grad():
+            got = cm(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x))
