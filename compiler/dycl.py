@@ -42,8 +42,6 @@ import torch.nn as nn
 from fxcc import ir, rng
 from fxcc.capture import CaptureError, flatten_inputs
 from fxcc.dycl_analysis import Wrapping, target_function, wrapping
-from fxcc.eager_check import tolerance
-from fxcc.outputs import compare
 from fxcc.dycl_rewrite import (
     Callees,
     RewriteError,
@@ -52,7 +50,9 @@ from fxcc.dycl_rewrite import (
     segment_function,
     unparse,
 )
+from fxcc.eager_check import tolerance
 from fxcc.measure import interleaved
+from fxcc.outputs import compare
 from fxcc.runtime import CompiledModule, Variant, explain_variant
 from fxcc.state import state_objects
 from fxcc.store import cache_key, default_cache
