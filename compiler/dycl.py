@@ -50,7 +50,9 @@ from fxcc.dycl_rewrite import (
     segment_function,
     unparse,
 )
+from fxcc.eager_check import tolerance
 from fxcc.measure import interleaved
+from fxcc.outputs import compare
 from fxcc.runtime import CompiledModule, Variant, explain_variant
 from fxcc.state import state_objects
 from fxcc.store import cache_key, default_cache
@@ -112,9 +114,22 @@ def _sig(a: Any) -> Any:
         # made by a call (transformers' and_masks): a new object at each call, with its own closure, and a dead
         # one's id is reused; its identity pins nothing
         raise Unguarded(f"a function defined inside a call ({a.__qualname__})")
-    if isinstance(a, (nn.Module, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
+    if isinstance(a, types.MethodType):
+        # made anew at each attribute access (`layer.ff_chunk`): a dead one's id is reused by the next layer's,
+        # so it is guarded by what it binds, the function and the object, which live on
+        return (types.MethodType, id(a.__func__), _bound_to(a.__self__, a.__qualname__))
+    if isinstance(a, types.BuiltinMethodType) and not isinstance(a.__self__, (types.ModuleType, type(None))):
+        return (types.BuiltinMethodType, a.__name__, _bound_to(a.__self__, a.__qualname__))
+    if isinstance(a, (nn.Module, types.FunctionType, types.BuiltinFunctionType, type)):
         return (type(a), id(a))
     raise Unguarded(f"an input of type {type(a).__name__}")
+
+
+def _bound_to(owner: Any, what: str) -> Any:
+    """A bound method's object, guarded by identity where it lives as long as the model (a module, a class)."""
+    if isinstance(owner, (nn.Module, type)):
+        return (type(owner), id(owner))
+    raise Unguarded(f"the method {what} of a {type(owner).__name__} object")
 
 
 _TENSOR = torch.Tensor
@@ -136,6 +151,9 @@ class SegmentModule(nn.Module):
 
     Inputs that are modules (a host loop `for block in self.blocks`) are bound here as submodules, at
     their positions `fixed`, so each module gets its own compiled variant and the call passes only values.
+    A method of a module (`apply_chunking_to_forward(self.ff_chunk, ...)`) binds its module the same way:
+    its weights are the segment's parameters (read at run time, and keyed by the graph cache per module),
+    not constants lifted from a closure, which one layer's graph would hand to the next.
     """
 
     def __init__(self, owner: Any, fn: Any, source: str, fixed: dict[int, Any], n_args: int,
@@ -143,17 +161,24 @@ class SegmentModule(nn.Module):
         super().__init__()
         self.owner = owner if isinstance(owner, nn.Module) else None
         modules = {i: m for i, m in fixed.items() if isinstance(m, nn.Module)}
-        self.bound_modules = nn.ModuleList(modules.values())
+        methods = {i: m for i, m in fixed.items()
+                   if isinstance(m, types.MethodType) and isinstance(m.__self__, nn.Module)}
+        self.bound_modules = nn.ModuleList([*modules.values(), *(m.__self__ for m in methods.values())])
         self._module_positions = tuple(modules)
-        # the graph cache keys modules by their primitive attributes: the source and the constants count
+        self._method_funcs = tuple((i, m.__func__) for i, m in methods.items())
+        # the graph cache keys modules by their primitive attributes: the source, the methods' names and the
+        # constants count
+        self._methods = tuple((i, f"{f.__module__}.{f.__qualname__}") for i, f in self._method_funcs)
         self._source = source
-        self._constants = tuple((i, c) for i, c in fixed.items() if i not in modules)
+        self._constants = tuple((i, c) for i, c in fixed.items() if i not in modules and i not in methods)
         self._fn = fn
         self._n_args = n_args
         self._passed = tuple(sorted((passed or {}).items()))  # outputs returned as None (see _PASSED)
 
     def forward(self, *args: Any) -> Any:
         fixed = dict(self._constants) | dict(zip(self._module_positions, self.bound_modules))
+        owners = list(self.bound_modules)[len(self._module_positions):]
+        fixed |= {i: types.MethodType(f, m) for (i, f), m in zip(self._method_funcs, owners)}
         rest = iter(args)
         out = self._fn(*[fixed[i] if i in fixed else next(rest) for i in range(self._n_args)])
         if self._passed:
@@ -279,12 +304,13 @@ class Segment:
         return type(made[0]).__name__ if made else None
 
     def _aliasing_differs(self, call: Any, args: tuple) -> str | None:
-        """Whether the compiled segment's outputs share memory differently from eager's (a view returned as a
-        copy): an in-place update after it would then reach other tensors than in eager. Both run on copies
-        of the inputs (RNG state restored), so nothing the caller holds changes."""
+        """Why the compiled segment cannot stand in for its plain Python (None when it can): its outputs share
+        memory differently (a view returned as a copy: an in-place update after it would reach other tensors
+        than in eager), or its values differ beyond `eager_check.tolerance`. Both run on copies of the inputs
+        (RNG state restored), so nothing the caller holds changes."""
         params = list(self.owner.parameters()) + list(self.owner.buffers()) if isinstance(self.owner, nn.Module) \
             else []
-        pattern = []
+        pattern, results = [], []
         for fn in (self.eager_call, call):
             copies = _clones(args)
             try:
@@ -293,9 +319,18 @@ class Segment:
             except Exception as e:  # noqa: BLE001 - the real call (as plain Python) raises what eager raises
                 return f"{'compiled' if fn is call else 'plain'} run on copies failed ({type(e).__name__})"
             pattern.append(_alias_pattern(outs, [*pytree.tree_leaves(copies), *params]))
-        if pattern[0] == pattern[1]:
+            results.append(outs)
+        if pattern[0] != pattern[1]:
+            return "its outputs alias its inputs differently when compiled (a view would become a copy)"
+        # a DyCL program is not checked against eager as a whole (its Python would run twice): each segment's
+        # first run of a signature is, against the same segment as plain Python
+        c = compare(results[1], results[0], tol=tolerance)
+        if c.equal:
             return None
-        return "its outputs alias its inputs differently when compiled (a view would become a copy)"
+        why = f"its compiled result differs from plain Python's ({c.detail or f'{c.worst} off by {c.max_rel:.3g} of its scale'})"
+        warnings.warn(f"fxcc DyCL: segment {self.name} ({self.spec.where}) runs as plain Python for these inputs: "
+                      f"{why}", stacklevel=5)
+        return why
 
 
 def _passed_outputs(outs: Any) -> dict[int, Any]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from fxcc import dycl
 from test_dycl_semantics import B, D, Lin, check, inputs
+from torch.utils import _pytree as pytree
 from transformers import DynamicCache, EncoderDecoderCache
 
 
@@ -137,3 +138,80 @@ def test_a_cache_made_in_a_segment_is_a_new_object_at_every_call():
                       num_key_value_heads=1, vocab_size=8)
     register_model_pytrees(LlamaModel(cfg))  # as compiling a transformers model does: its caches are state
     check(MakesCache(), inputs())
+
+
+def _chunked(fn, x):
+    """transformers' `apply_chunking_to_forward` pattern: a function called with a layer's method, whose body
+    DyCL splits (a tensor-dependent branch), so `fn(x)` is a segment with the method bound into its variant."""
+    if x.abs().sum() > 1e6:
+        return x
+    return fn(x)
+
+
+class FFLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def ff(self, x):
+        return torch.relu(self.lin(x)) + x
+
+    def forward(self, x):
+        return _chunked(self.ff, x)
+
+
+class FFStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(FFLayer() for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("graph_cache", [False, True])
+def test_a_method_handed_to_a_function_runs_each_layers_own_weights(graph_cache, tmp_path, monkeypatch):
+    """Each layer's `self.ff` is a new bound-method object whose id the next layer's reuses, and the graph cache
+    keyed a method by its code alone: both handed layer 0's compiled segment (its weights) to the layers after
+    it, silently (Longformer's feed-forward through apply_chunking_to_forward)."""
+    import fxcc
+
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = FFStack().eval()
+    passes = "fuse,codegen{backend=extern}"
+    cm = fxcc.compile(model, passes=passes, options=fxcc.CompileOptions(graph_cache=graph_cache, passes=passes))
+    for x in inputs(3):
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), model(x))
+
+
+def test_a_segment_whose_compiled_result_differs_runs_as_plain_python_and_says_so(monkeypatch):
+    """A DyCL program is not checked against eager as a whole: each segment's compiled run of a new signature is
+    compared with the segment as plain Python, and a difference (here a compiler bug, simulated) runs that
+    signature as plain Python with a warning, so the result stays eager's."""
+    import fxcc
+
+    real = dycl._direct_call
+
+    def wrong(*a, **k):
+        call = real(*a, **k)
+
+        def off(*args):
+            return pytree.tree_map(lambda t: t + 1.0 if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                   else t, call(*args))
+        return off
+
+    monkeypatch.setattr(dycl, "_direct_call", wrong)
+    torch.manual_seed(0)
+    model = FFStack().eval()
+    passes = "fuse,codegen{backend=extern}"
+    cm = fxcc.compile(model, passes=passes, options=fxcc.CompileOptions(graph_cache=False, passes=passes))
+    x = inputs(1)[0]
+    with pytest.warns(UserWarning, match="differs from plain Python's"):
+        with torch.no_grad():
+            got = cm(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x))
