@@ -23,6 +23,7 @@ Runs after `raise` and before `fuse`, on `aten.linear` nodes whose weight is a c
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc import ir
+from fxcc.autotune.plan import PlanError, load_plan
 from fxcc.autotune.study import create_study, optuna_module, quiet
 from fxcc.codegen import quant
 from fxcc.measure import capture_graph, graph_timings, interleaved, time_once
@@ -141,6 +143,10 @@ class MixedPrecision(Pass):
         if not linears:
             return PassResult(False, {})
         precs = _available(self.policy, device, _weight(gm, linears[0]).dtype)
+        plan = getattr(ctx.options, "plan", None)
+        if plan is not None:  # the plan's assignment: no timing, no quality runs
+            layers, weights, choice = self._planned(gm, linears, precs, device, plan)
+            return self._rewrite(gm, linears, layers, weights, choice, precs, budget, "plan", None)
         flat = [x for x in ir.flatten_inputs(*ctx.example_inputs)[0]] if ctx.example_inputs else []
         run = _Runner(gm, linears)
         t0 = time.perf_counter()
@@ -181,6 +187,14 @@ class MixedPrecision(Pass):
             log.info("mixed-precision error %.2e > budget %.2e: %s back to %s", measured, budget, worst.node, KEEP)
             choice[worst.node] = KEEP
             how += "+backoff"
+        return self._rewrite(gm, linears, layers, weights, choice, precs, budget, how, (ref, flat, measured))
+
+    def _rewrite(self, gm: fx.GraphModule, linears: list[fx.Node], layers: list[LayerReport], weights: dict,
+                 choice: dict[str, str], precs: list[str], budget: float, how: str,
+                 measured: tuple | None) -> PassResult:
+        """Lower each linear to its chosen precision (merging and folding as the options say) and report.
+        `measured`: (reference outputs, inputs, measured error) of the search; None under a plan, which
+        runs nothing."""
         groups: dict[tuple, list[fx.Node]] = {}  # quantized linears of one input, precision and bias-ness
         for n, row in zip(linears, layers):
             row.precision = choice[row.node]
@@ -210,19 +224,26 @@ class MixedPrecision(Pass):
         for n in gm.graph.nodes:
             n.meta.pop(SOURCE, None)
         stats_extra = {k: v for k, v in (("residual", folded), ("gated", gated), ("norm", normed)) if v}
-        if stats_extra and flat:  # the folded graph is what runs (the norm fold quantizes W * g afresh): measure it
+        error = measured[2] if measured is not None else float("nan")
+        if stats_extra and measured is not None and measured[1]:
+            # the folded graph is what runs (the norm fold quantizes W * g afresh): measure it
+            ref, flat = measured[0], measured[1]
             gm.recompile()
-            measured = quality_loss(ref, _Runner(gm, []).reference(flat)[0])
+            error = quality_loss(ref, _Runner(gm, []).reference(flat)[0])
             how += "+folds"
-            if measured > budget:
+            if error > budget:
                 log.warning("mixed-precision: error %.2e after folding norms/gates/residuals into the int8 "
                             "kernels is over the budget %.2e; compile with mixed-precision{...,epilogue=false} to "
-                            "keep them apart", measured, budget)
+                            "keep them apart", error, budget)
         if self.policy == "int4" and all("int4" in r.notes for r in layers):
             log.warning("mixed-precision policy=int4: no linear can be int4 (%s); the model keeps its precision",
                         layers[0].notes["int4"])
-        report = Report(self.policy, budget, layers, sum(r.error_alone.get(r.precision, 0) for r in layers),
-                        measured, sum(r.ms[r.precision] for r in layers), sum(r.ms[KEEP] for r in layers), how)
+        nan = float("nan")
+        timed = measured is not None
+        report = Report(self.policy, budget, layers,
+                        sum(r.error_alone.get(r.precision, 0) for r in layers) if timed else nan, error,
+                        sum(r.ms[r.precision] for r in layers) if timed else nan,
+                        sum(r.ms[KEEP] for r in layers) if timed else nan, how)
         gm.meta["fxcc_mixed_precision"] = report
         log.info("%s", report.text())
         stats = {p: sum(r.precision == p for r in layers) for p in [KEEP, *precs] if any(r.precision == p for r in layers)}
@@ -230,6 +251,43 @@ class MixedPrecision(Pass):
             stats["merged"] = merged
         stats.update(stats_extra)
         return PassResult(any(r.precision != KEEP for r in layers), stats)
+
+    def _planned(self, gm: fx.GraphModule, linears: list[fx.Node], precs: list[str], device: str,
+                 path: str) -> tuple[list[LayerReport], dict, dict[str, str]]:
+        """The plan's assignment (fxcc.autotune.plan): each linear's precision and kernel as recorded, and the
+        weights they compute with. PlanError when the plan names a linear this graph lacks, lacks one it has,
+        or names a precision or kernel that layer cannot take here."""
+        wanted = load_plan(path).precision
+        where = repr(path)
+        again = "The model or pipeline changed since the search: run `fxcc search` again."
+        nodes = {n.name: n for n in linears}
+        if not wanted:
+            raise PlanError(f"fxcc: plan {where} runs mixed-precision but records no per-linear assignment (a plan "
+                            "written before plans recorded it); write it again with `fxcc search`")
+        for name, entry in wanted.items():
+            if name not in nodes:
+                raise PlanError(f"fxcc: plan {where} assigns {entry['precision']} to linear {name!r} "
+                                f"({entry.get('module') or 'no module path'}), which this graph does not have (its "
+                                f"linears: {', '.join(nodes)[:300]}). {again}")
+        layers, weights, choice = [], {}, {}
+        for n in linears:
+            module = _module_name(n) or "no module path"
+            if n.name not in wanted:
+                raise PlanError(f"fxcc: plan {where} assigns no precision to linear {n.name!r} ({module}) of this "
+                                f"graph. {again}")
+            p, k = wanted[n.name]["precision"], wanted[n.name]["kernel"]
+            kernels = ["library"] if p in (KEEP, *CAST) else quant.impls(p, device)
+            w = _prepare(gm, n, p) if p in precs else f"policy={self.policy} on {device} offers {', '.join(precs)}"
+            if isinstance(w, str) or k not in kernels:
+                why = w if isinstance(w, str) else f"its kernels here are {', '.join(kernels)}"
+                raise PlanError(f"fxcc: plan {where} assigns {p} with kernel {k!r} to linear {n.name!r} ({module}), "
+                                f"which it cannot take here: {why}. {again}")
+            x, wt = n.args[0].meta.get("val"), _weight(gm, n)
+            rows = math.prod(ir.hints(x.shape[:-1])) if isinstance(x, torch.Tensor) else 0
+            row = LayerReport(n.name, _module_name(n), (rows, wt.shape[1], wt.shape[0]), kernel_of={p: k})
+            weights[n, p], choice[n.name] = w, p
+            layers.append(row)
+        return layers, weights, choice
 
     def _time(self, n: fx.Node, p: str, x: torch.Tensor, w: tuple, device: str,
               keep_ms: float | None) -> tuple[float, str] | None:

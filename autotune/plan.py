@@ -1,10 +1,12 @@
 """Plan files: what `fxcc search` chose for one model on one target, as readable JSON.
 
 A plan holds the model's fingerprint (class, parameter names/shapes/dtypes, a hash of the weights, the
-input signature), the target and library versions it was measured with, the chosen pipeline text (its
-pass knobs), each kernel's backend and parameters, and the measured latency and quality error.
-`fxcc.compile(model, plan="plan.json")` applies it with no search: a plan that does not match the model,
-the target or the library versions is refused with a `PlanError` that says which, and what to do.
+input signature), the target and library versions it was measured with, and every choice a compile makes:
+the pipeline text (its passes and their options), the mixed-precision assignment per linear, each kernel's
+backend and parameters, whether the runtime replays a CUDA graph, and the measured latency (the whole-graph
+decision against eager) and quality error. `fxcc.compile(model, plan="plan.json")` applies it with no search
+and no measurement: what the plan does not name takes its deterministic default. A plan that does not match
+the model, the target or the library versions is refused with a `PlanError` that says which, and what to do.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ class Plan:
     """One plan. `kernels`: kernel key -> {"backend": label, "module": backend module, "params": {...}}.
 
     target: {"kind": "cpu"|"cuda", "id": what kernel code depends on (device model, CPU threads)}.
-    latency_ms / eager_ms: medians measured with the plan applied, and of the uncompiled model beside it.
+    precision: the mixed-precision pass's assignment, linear (graph node) -> {"module": its module path,
+    "precision": e.g. "int8-weight" or "keep", "kernel": the quantized kernel}; empty without that pass.
+    cuda_graph: whether the runtime replays the compiled call as a CUDA graph (None: not decided, CPU).
+    latency_ms / eager_ms: measured with the plan applied, and of the uncompiled model beside it; applying
+    the plan keeps the compiled model where latency_ms <= eager_ms, else runs eagerly (no timing).
     quality_error: 1 - min cosine similarity of the outputs against the uncompiled model (0 = exact).
     """
 
@@ -49,6 +55,8 @@ class Plan:
     versions: str
     pipeline: str
     kernels: dict[str, dict] = field(default_factory=dict)
+    precision: dict[str, dict] = field(default_factory=dict)
+    cuda_graph: bool | None = None
     latency_ms: float | None = None
     eager_ms: float | None = None
     quality_error: float | None = None
@@ -103,11 +111,12 @@ _NUMBER = (int, float)
 # field -> (allowed types, what it should be); optional fields may also be null
 _FIELDS = {
     "fingerprint": (dict, "an object"), "target": (dict, "an object"), "versions": (str, "text"),
-    "pipeline": (str, "text"), "kernels": (dict, "an object"), "latency_ms": (_NUMBER, "a number"),
+    "pipeline": (str, "text"), "kernels": (dict, "an object"), "precision": (dict, "an object"),
+    "cuda_graph": (bool, "true or false"), "latency_ms": (_NUMBER, "a number"),
     "eager_ms": (_NUMBER, "a number"), "quality_error": (_NUMBER, "a number"), "objective": (str, "text"),
     "search": (dict, "an object"), "created": (str, "text"),
 }
-_OPTIONAL = ("latency_ms", "eager_ms", "quality_error")
+_OPTIONAL = ("latency_ms", "eager_ms", "quality_error", "cuda_graph")
 
 
 def _malformed(data: dict) -> str | None:
@@ -116,7 +125,7 @@ def _malformed(data: dict) -> str | None:
         if name not in data or (data[name] is None and name in _OPTIONAL):
             continue
         v = data[name]
-        if isinstance(v, bool) or not isinstance(v, types):
+        if (isinstance(v, bool) and types is not bool) or not isinstance(v, types):
             return f"field {name!r} must be {what}, not {type(v).__name__} ({v!r:.60})"
     fp, target = data["fingerprint"], data["target"]
     for name, typ in (("module", str), ("weights_sha256", str), ("tensors", list), ("inputs", list)):
@@ -131,6 +140,9 @@ def _malformed(data: dict) -> str | None:
         for name, typ in (("backend", str), ("module", str), ("params", dict)):
             if name in choice and choice[name] is not None and not isinstance(choice[name], typ):
                 return f"kernels[{key!r}].{name} must be {'text' if typ is str else 'an object'}"
+    for node, choice in data.get("precision", {}).items():
+        if not isinstance(choice, dict) or not all(isinstance(choice.get(k), str) for k in ("precision", "kernel")):
+            return f"precision[{node!r}] must be an object with text fields precision and kernel"
     return None
 
 

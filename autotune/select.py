@@ -6,7 +6,8 @@ interleaved with extern (the incumbent: torch's own kernels), and another candid
 extern by more than the measured noise (`fxcc.measure.compare`). Floating-point inputs are random (their
 values do not change a kernel's time); boolean and integer inputs (masks, indices) are what the compile's example inputs feed the kernel,
 since their values steer data-dependent kernels (padding-aware attention). A candidate that fails to build or gives wrong results is
-dropped with a warning naming the kernel, so a backend failure never fails the compile.
+dropped with a warning naming the kernel, so a backend failure never fails the compile. Under a plan
+nothing is timed or tuned: each kernel takes the plan's choice, and one the plan does not name takes extern.
 """
 
 from __future__ import annotations
@@ -108,10 +109,12 @@ class Selection:
     probe: Probe | None = None
 
     def choose(self, kb: KernelBody, backends: list) -> tuple[str, BuiltKernel]:
-        """Choose and build an implementation for `kb`; returns how ("plan", "single", "cached" or "built")
-        and the built kernel, whose `choice` the kernel's ops record."""
-        if self.plan and (k := self._from_plan(kb)) is not None:
-            return "plan", k
+        """Choose and build an implementation for `kb`; returns how ("plan", "default", "single", "cached" or
+        "built") and the built kernel, whose `choice` the kernel's ops record."""
+        if self.plan:  # the plan's choice, or extern where it names none: no timing, no tuning
+            k = self._from_plan(kb)
+            return ("plan", k) if k is not None else \
+                ("default", BuiltKernel(kb, Choice("extern", "extern", {}, ""), extern.Extern(kb).build({})))
         cache = default_cache() if self.tune != "off" and len(backends) > 1 else None
         key = kernel_key(kb, self.target, self.prefer) if cache else ""
         if cache and self.tune == "cached" and (k := self._load(kb, cache, key)) is not None:
@@ -208,7 +211,8 @@ class Selection:
         no tuning. None when the plan names no choice for it, or its choice fails to build or check."""
         named = plan_kernel(self.plan, kb.key)
         if named is None:
-            log.info("plan %s names no choice for kernel %s; choosing as without a plan", self.plan, kb.key)
+            log.info("plan %s names no choice for kernel %s; it runs extern (the plan pins it, untimed)", self.plan,
+                     kb.key)
             return None
         label, module, params = named.get("backend", ""), named.get("module", ""), named.get("params") or {}
         cache = default_cache() if self.tune != "off" else None
@@ -230,7 +234,7 @@ class Selection:
                     check(label, b.fn(x), ref_fn(x), tol)
         except Exception as e:
             warnings.warn(f"fxcc: plan {self.plan}: its choice for kernel {kb.key} ({label} with {params}) failed "
-                          f"({type(e).__name__}: {e}); choosing as without a plan", stacklevel=2)
+                          f"({type(e).__name__}: {e}); it runs extern. Run `fxcc search` again.", stacklevel=2)
             return None
         k = BuiltKernel(kb, Choice(label, module, params, key), b)
         if cache:

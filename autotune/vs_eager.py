@@ -34,6 +34,7 @@ class Verdict:
     compiled_ms: float
     eager_ms: float
     cached: bool = False  # measured by an earlier compile on this machine, read from the artifact cache
+    plan: str | None = None  # taken from this plan file (its latency_ms and eager_ms), not timed here
 
     @property
     def keep_compiled(self) -> bool:
@@ -42,6 +43,7 @@ class Verdict:
     def text(self) -> str:
         choice = "compiled kept" if self.keep_compiled else "runs eagerly"
         told = " (measured by an earlier compile here, from the artifact cache)" if self.cached else ""
+        told = f" (as plan {self.plan} recorded them)" if self.plan else told
         return f"whole graph {self.compiled_ms:.3f} ms compiled, {self.eager_ms:.3f} ms eager: {choice}{told}"
 
 
@@ -69,6 +71,14 @@ def judge(compiled: Callable[[], object], eager: Callable[[], object], device: s
         t = interleaved({"compiled": compiled, "eager": eager}, device=device, warmup=1, reps=reps,
                         rounds=min(reps, 3))
     return Verdict(t["compiled"].own, t["eager"].own)
+
+
+def planned(latency_ms: float | None, eager_ms: float | None, plan: str) -> Verdict | None:
+    """The decision a plan recorded (the latency it measured applied, and eager's beside it), or None
+    when it has no such numbers (a plan being written): then the compiled graph is kept, untimed."""
+    if latency_ms is None or eager_ms is None:
+        return None
+    return Verdict(float(latency_ms), float(eager_ms), plan=plan)
 
 
 def verdict_key(graph_key: str, program: str, device: str) -> str:

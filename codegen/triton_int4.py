@@ -39,6 +39,7 @@ from fxcc.codegen import triton_gemv as tg
 from fxcc.codegen.launch import ReadOnly
 from fxcc.codegen.triton_gemv import _finish
 from fxcc.dialects import int4_dequantize
+from fxcc.measure import pinned_by
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def _w4(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_p
 # (BLOCK_N, SPLIT, BLOCK_M, GPB: groups a step, num_warps, num_stages, CVT: nibble conversion, see _nibble)
 Config = tuple[int, int, int, int, int, int, int]
 _BEST: dict[tuple, Config] = {}
+_DEFAULT: dict[tuple, Config] = {}  # under a plan: each problem's first candidate
 TIMES: dict[tuple, dict] = {}  # problem key -> {config: us}, what the choice was made from (benchmark logs)
 
 
@@ -283,14 +285,15 @@ def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int,
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     key = (M, N, K, group, x.dtype, b is not None, str(x.device), r2 is not None, glu, rms_eps is not None,
            norm is not None)
-    cfg = _BEST.get(key)
+    pinned = pinned_by() is not None  # a plan is applied: the first candidate, untimed (and not remembered)
+    cfg = (_DEFAULT if pinned else _BEST).get(key)
     if cfg is None:
         cands = _candidates(x2, M, K, N, group, glu)
-        if x.is_cuda and len(cands) > 1 and not torch.cuda.is_current_stream_capturing():
+        if x.is_cuda and len(cands) > 1 and not torch.cuda.is_current_stream_capturing() and not pinned:
             cfg = _measure(cands, x2, qw, sz, b, y, group, r2, glu, norm, rms_eps)
         else:
             cfg = cands[0]
-        _BEST[key] = cfg
+        (_DEFAULT if pinned else _BEST)[key] = cfg
     w4_gemm(x2, qw, sz, b, y, group, cfg, r2, glu, norm, rms_eps)
     return y.reshape(*x.shape[:-1], N)
 

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from fxcc.codegen import triton_gemv as tg
 from fxcc.codegen.launch import ReadOnly
+from fxcc.measure import pinned_by
 from torch import Tensor
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); small-M configs first
@@ -33,6 +34,7 @@ _SMALL_M = [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 32, 512, 4, 3), (16, 
 _LARGE_M = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
             (128, 64, 128, 4, 4)]
 _BEST: dict[tuple, tuple] = {}
+_DEFAULT: dict[tuple, tuple] = {}  # under a plan: each problem's first candidate
 
 
 @triton.jit
@@ -242,7 +244,8 @@ def _run(mode: int, x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, r: Tens
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     key = (mode, M, N, K, x.dtype, b is not None, str(x.device), r is not None, glu, rms_eps is not None,
            norm is not None)
-    cfg = _BEST.get(key)
+    pinned = pinned_by() is not None  # a plan is applied: the first candidate, untimed (and not remembered)
+    cfg = (_DEFAULT if pinned else _BEST).get(key)
     if cfg is None:
         cands = [] if glu else _configs(M, K, N)
         if mode == 0 and M <= 16:  # decode: the GEMV first (the default under the interpreter), then split-K
@@ -250,11 +253,11 @@ def _run(mode: int, x: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, r: Tens
             # first call short)
             old = [("splitk", *c) for c in _splitk_configs(M, K, N) if c[3:] == (4, 3)][:4] + cands[:3]
             cands = [("gemv", *c) for c in tg.configs(M, K, N, glu)] + ([] if glu or rms_eps is not None else old)
-        if x.is_cuda and len(cands) > 1 and not torch.cuda.is_current_stream_capturing():
+        if x.is_cuda and len(cands) > 1 and not torch.cuda.is_current_stream_capturing() and not pinned:
             cfg = _measure(mode, cands, x2, qw, ws, b, y, xs, r2, glu, norm, rms_eps)
         else:
             cfg = cands[0]
-        _BEST[key] = cfg
+        (_DEFAULT if pinned else _BEST)[key] = cfg
     _go(mode, x2, qw, ws, b, y, cfg, xs, r2, glu, norm, rms_eps)
     return y.reshape(*x.shape[:-1], N)
 

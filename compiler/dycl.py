@@ -51,7 +51,7 @@ from fxcc.dycl_rewrite import (
     unparse,
 )
 from fxcc.eager_check import tolerance
-from fxcc.measure import interleaved
+from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
 from fxcc.runtime import CompiledModule, Variant, explain_variant
 from fxcc.state import state_objects
@@ -234,7 +234,8 @@ class Segment:
                         if isinstance(x, nn.Module) else repr(x)[:20] for x in flat)
         compiled = [r for r in self.runs.values() if r.variant is not None]
         has_tensor = any(isinstance(x, torch.Tensor) for x in flat)
-        measure = MEASURE_CHOICE and not _IMPURE.search(self.source)
+        # under a plan (fxcc.measure.pinned) a segment runs compiled, untimed
+        measure = MEASURE_CHOICE and not _IMPURE.search(self.source) and pinned_by() is None
         t_py = _median_us(self.eager_call, _clones(args)) if measure and has_tensor else None
 
         @functools.cache

@@ -5,11 +5,14 @@ capture and replay timing (what the runtime replays).
 
 Every measurement of fxcc goes through here: kernel selection and tuning (fxcc.autotune), the
 mixed-precision search, DyCL's compiled-or-Python choice, the int8 GEMV's config choice and the benchmarks.
+While a plan is applied (`pinned`), choices come from it: code that would time to choose asks `pinned_by()`
+and takes the plan's choice, or its deterministic default, instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import statistics
 import time
@@ -118,6 +121,26 @@ def using_timer(timer: Callable[[Callable[[], object], str], float]) -> Iterator
         yield
     finally:
         _timer = saved
+
+
+_pinned: contextvars.ContextVar[str | None] = contextvars.ContextVar("fxcc_pinned", default=None)
+
+
+@contextlib.contextmanager
+def pinned(plan: str | None) -> Iterator[None]:
+    """Within: the choices of a compile and its calls come from plan file `plan` (None: as before), and
+    nothing is timed to make one (a Triton GEMM's config at its first call takes its default)."""
+    token = _pinned.set(plan) if plan is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _pinned.reset(token)
+
+
+def pinned_by() -> str | None:
+    """The plan file the current compile or call applies (see `pinned`), or None."""
+    return _pinned.get()
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, device: str, warmup: int, reps: int,

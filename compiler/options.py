@@ -120,7 +120,8 @@ class CompileOptions:
     graph_cache: keep the IR before codegen in the artifact cache, so a warm compile skips capture and the
         graph passes (see fxcc.graph_cache for what its key covers; turn off for a forward that reads
         mutable globals).
-    plan: a plan file written by `fxcc search`.
+    plan: a plan file written by `fxcc search`: it pins every choice (pipeline, mixed-precision assignment,
+        kernels, CUDA graph, compiled or eager), and the compile applying it times and searches nothing.
     quality_budget: largest quality loss approximate passes may spend.
     verify_each: re-check shapes/dtypes with FakeTensors after every pass (env FXCC_VERIFY_EACH=1).
     print_ir_after: pass names (or "all") whose output IR is printed (env FXCC_PRINT_IR_AFTER=raise,fuse).

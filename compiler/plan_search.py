@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fxcc.autotune.mixed_precision import mixed_precision_report
 from fxcc.autotune.plan import Plan, model_fingerprint, target_info
 from fxcc.autotune.search import (
     DEFAULT_QUALITY_BUDGET,
@@ -308,13 +309,27 @@ def _confirm(ev: Evaluator, chosen: Any, done: list, space: Space) -> tuple[Any,
 
 def record_plan(model: nn.Module, args: tuple, kwargs: dict, pipeline: str, cfg: SearchConfig, fp: dict,
                 tgt: dict) -> Plan:
-    """Compile the chosen pipeline (tuning its kernels when a budget is given) and record each kernel's choice."""
+    """Compile the chosen pipeline (tuning its kernels when a budget is given) and record every choice it made.
+    Not from the graph cache: a cached graph keeps no mixed-precision report."""
     tune = {"tune": "search", "tune_budget": cfg.tune_budget} if cfg.tune_budget else {"tune": "cached"}
-    cm = compile(model, target=cfg.target, passes=pipeline, **tune)
+    cm = compile(model, target=cfg.target, passes=pipeline, options={"graph_cache": False}, **tune)
     cm(*args, **kwargs)
+    return plan_of(cm, pipeline, fp, tgt)
+
+
+def plan_of(cm: Any, pipeline: str, fp: dict, tgt: dict) -> Plan:
+    """The plan of what compiled module `cm` (compiled with `pipeline` and called once) chose: each kernel's
+    backend and parameters, the mixed-precision assignment per linear, whether it replays a CUDA graph."""
+    variant = cm.variants[-1]
     kernels = {key: {"backend": k.choice.backend, "module": k.choice.module, "params": k.choice.params,
                      "kind": k.kind}
-               for key, k in cm.variants[-1].kernels.items() if k.choice is not None}  # None: no codegen ran
-    return Plan(fingerprint=fp, target=tgt, versions=library_versions(), pipeline=pipeline, kernels=kernels)
-
-
+               for key, k in variant.kernels.items() if k.choice is not None}  # None: no codegen ran
+    report = mixed_precision_report(cm) if getattr(variant, "gm", None) is not None else None  # None: DyCL
+    if report is None and getattr(variant, "gm", None) is not None and "mixed-precision" in pipeline:
+        raise ValueError(f"fxcc search: the compile of {pipeline!r} kept no mixed-precision report (IR from the "
+                         "graph cache?); compile it with graph_cache=False to record its assignment")
+    precision = {r.node: {"module": r.module, "precision": r.precision, "kernel": r.kernel}
+                 for r in (report.layers if report is not None else [])}
+    graph = None if tgt.get("kind") != "cuda" or variant.cuda_graph == "pending" else variant.cuda_graph is not None
+    return Plan(fingerprint=fp, target=tgt, versions=library_versions(), pipeline=pipeline, kernels=kernels,
+                precision=precision, cuda_graph=graph)

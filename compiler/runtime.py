@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from fxcc.autotune import pools, vs_eager
-from fxcc.autotune.plan import check_call_plan
+from fxcc.autotune.plan import check_call_plan, load_plan
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
@@ -53,6 +53,7 @@ from .cuda_graphs import CudaGraph, CudaGraphs, copies_outweigh_launches, pays
 from .dialects import KERNEL_OPS, dialect_of, op_name
 from .guards import ModuleState, call_context, graph_sources, mark_code_constants
 from .logs import topic_logger
+from .measure import pinned, pinned_by
 from .module_view import ModuleView
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
@@ -123,7 +124,7 @@ class Variant:
         ops = sum(n.op == "call_function" and op_name(n.target) != "py.getitem" for n in self.executable.graph.nodes)
         why = copies_outweigh_launches(flat, ops)
         graph = CudaGraph.capture(self._call, flat, self.name) if why is None else None
-        if graph is not None:
+        if graph is not None and pinned_by() is None:  # a plan kept this graph: not timed again
             with torch.no_grad():
                 why = pays(graph, flat, lambda: self._call(*flat))
         if why is not None:
@@ -420,7 +421,11 @@ class CompiledModule(ModuleView):
 
 
     def _run(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict) -> Any:
-        out = variant.run(flat, args, kwargs) if variant.writes_back else variant.run(flat)
+        if self.options.plan is None:
+            out = variant.run(flat, args, kwargs) if variant.writes_back else variant.run(flat)
+        else:  # a plan pins what a first run would time (a CUDA graph's worth, a Triton GEMM's config)
+            with pinned(self.options.plan):
+                out = variant.run(flat, args, kwargs) if variant.writes_back else variant.run(flat)
         if getattr(variant, "writes_state", False):  # its own writes to buffers are no parameter change
             if self._params is not None:
                 self._params.accept_writes(variant.written)
@@ -495,7 +500,7 @@ class CompiledModule(ModuleView):
     def _new_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         """Compile a variant for this call, or decide it runs eagerly; the RNG state is left as found (capture,
         example runs and timings draw from it), so the call itself draws what eager would (fxcc.rng)."""
-        with rng.preserved():
+        with rng.preserved(), pinned(self.options.plan):
             return self._compile_variant(args, kwargs, key, flat, spec)
 
     def _compile_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
@@ -588,14 +593,20 @@ class CompiledModule(ModuleView):
             return variant
         flat = flatten_inputs(args, kwargs)[0]
         device = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in flat) else "cpu"
-        cache, vkey = default_cache(), None
-        if variant.graph_key and cache.problem() is None:
+        cache, vkey, verdict = default_cache(), None, None
+        if self.options.plan is not None:  # the plan's decision, not timed again
+            plan = load_plan(self.options.plan)
+            verdict = vs_eager.planned(plan.latency_ms, plan.eager_ms, repr(self.options.plan))
+            if verdict is None:
+                variant.vs_eager = f"not timed against eager: plan {self.options.plan!r} records no timing"
+                return variant
+        elif variant.graph_key and cache.problem() is None:
             choices = sorted((k, b.choice.backend, b.choice.module, sorted(b.choice.params.items()))
                              for k, b in variant.kernels.items())
             program = (variant.gm.code + repr(choices) + repr(CompileOptions.from_env(self.options))
                        + repr(variant.cuda_graph is not None))
             vkey = vs_eager.verdict_key(variant.graph_key, program, device)
-        verdict = vs_eager.remembered(cache, vkey) if vkey else None
+        verdict = verdict or (vs_eager.remembered(cache, vkey) if vkey else None)
         if verdict is None:
             verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
             if vkey:
@@ -667,7 +678,8 @@ class CompiledModule(ModuleView):
             mark_code_constants(cap.gm, self.module)
             if opts.verify_each:
                 ir.verify(cap.gm, who="after capture")
-            if opts.quality_budget is not None and any(not p.exact for p in front):
+            # under a plan the approximate passes take its assignment (checked against the budget by plan_options)
+            if opts.quality_budget is not None and opts.plan is None and any(not p.exact for p in front):
                 front, loss = fit_quality_budget(front, cap.gm, flatten_inputs(*example)[0], ctx,
                                                  opts.quality_budget, self.name)
             pm = manager(front)
@@ -677,13 +689,16 @@ class CompiledModule(ModuleView):
         pm = manager(back)
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
-        if ctx.target == "cpu":  # kernels chosen alone, checked together: one thread pool if that is faster
+        if ctx.target == "cpu" and opts.plan is None:  # kernels chosen alone, checked together: one thread pool if
+            # that is faster (a plan records the kernels as settled)
             pools.settle(gm, flatten_inputs(*example)[0], self.name, ctx.kernels)
         executable, bound, kernels = build_executable(gm, ctx.kernels)
         seconds = time.perf_counter() - t0
         log.info("compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
         graph = None
         why_not = not_graphable(gm) if opts.cuda_graphs and ctx.target == "cuda" else "off"
+        if why_not is None and opts.plan is not None and load_plan(opts.plan).cuda_graph is False:
+            why_not = f"plan {opts.plan!r} runs it without one (as it measured faster)"
         graphs = why_not is None
         if why_not not in (None, "off"):
             log.info("%s runs without a CUDA graph: %s", self.name, why_not)
@@ -706,6 +721,8 @@ class CompiledModule(ModuleView):
         register_model_pytrees(self.module)
         flat, spec = flatten_inputs(args, kwargs)
         pipeline = ",".join(p.spec() for p in front)
+        if opts.plan is not None:  # the plan's assignment is part of what the passes did
+            pipeline += f" with precision {sorted(load_plan(opts.plan).precision.items())}"
         key = graph_cache.graph_key(self.module, flat, spec, pipeline, target,
                                     calibrates=any(not p.exact for p in front), context=repr(call_context()),
                                     machine=any(p.measures for p in front))
