@@ -46,6 +46,7 @@ from fxcc.dialects import (
     quantize_per_row,
     unpack_int4,
 )
+from fxcc.options import settings
 from torch import Tensor
 
 
@@ -313,11 +314,7 @@ def _gemv_kernel(impl: str, x: Tensor, name: str) -> bool:
         raise ValueError(f"tx.{name}: unknown impl {impl!r}; known: triton, library")
     if impl == "library":
         return False
-    if x.is_cuda:
-        return True
-    from fxcc.options import settings
-
-    return settings().triton_interpret
+    return x.is_cuda or settings().triton_interpret
 
 
 @gemv_linear.register_kernel(("cpu", "cuda"))

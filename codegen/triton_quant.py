@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from fxcc.codegen import triton_gemv as tg
 from fxcc.codegen.launch import ReadOnly
-from fxcc.measure import pinned_by
+from fxcc.measure import decide, pinned_by
 from torch import Tensor
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); small-M configs first
@@ -443,8 +443,6 @@ def _measure_float(cands: list, x2: Tensor, w: Tensor, b: Tensor | None, y: Tens
     """The library (incumbent) or the fastest correct GEMV config, which must beat it beyond the noise
     (fxcc.measure.decide) in CUDA graphs over weight copies larger than the L2."""
     import logging
-
-    from fxcc.measure import decide
 
     lib = ("library",)
     cands = _float_correct(cands, x2, w, b, y, r2, glu, norm, rms_eps)
