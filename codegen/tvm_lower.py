@@ -820,7 +820,7 @@ def _pad(L, node, x, *args, **kwargs):
             if p.mode == "constant":
                 conds.append(_inside(e, n))
         y = cast(v.at(src), dtype)
-        return tirx.Select(_all(conds), y, const(p.value, dtype)) if conds else y
+        return tirx.if_then_else(_all(conds), y, const(p.value, dtype)) if conds else y
     return Val(shape, dtype, at)
 
 
