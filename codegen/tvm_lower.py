@@ -749,7 +749,14 @@ def _slice(L, node, x, dim=0, start=None, end=None, step=1):
 
 
 # gathers (fxcc.codegen.gather): each output element from input elements at computed indices. Reads are
-# clamped into range and the value chosen after (Select evaluates both sides), so no read leaves a buffer.
+# clamped into range, and a read that may fall outside its input is chosen by `_guarded`, never by a Select:
+# TVM simplifies the clamp away under the Select's condition, and a Select evaluates both sides.
+def _guarded(cond, read, otherwise):
+    """`read` where `cond` holds (only there is it evaluated: the read may leave its buffer elsewhere), else
+    `otherwise`."""
+    return tirx.if_then_else(cond, read, otherwise)
+
+
 def _clamp_index(e, n: int):
     return tirx.max(tirx.min(e, const(n - 1, "int32")), const(0, "int32"))
 
@@ -783,7 +790,7 @@ def _cat(L, node, tensors, dim=0):
             src = list(idx)
             src[dim] = _clamp_index(idx[dim] - off, n)
             x = cast(v.at(src), dtype)
-            e = x if e is None else tirx.Select(idx[dim] < const(off + n, "int32"), x, e)
+            e = x if e is None else _guarded(idx[dim] < const(off + n, "int32"), x, e)
         return e
     return Val(shape, dtype, at)
 
@@ -820,7 +827,7 @@ def _pad(L, node, x, *args, **kwargs):
             if p.mode == "constant":
                 conds.append(_inside(e, n))
         y = cast(v.at(src), dtype)
-        return tirx.Select(_all(conds), y, const(p.value, dtype)) if conds else y
+        return _guarded(_all(conds), y, const(p.value, dtype)) if conds else y
     return Val(shape, dtype, at)
 
 
@@ -858,10 +865,10 @@ def _pool(L, node, x, *args, **kwargs):
             y = cast(v.at(src), acc)
             inside = _all([_inside(q, n) for q, n in zip(pos, sizes)])
             if p.kind == "max":
-                y = tirx.Select(inside, y, const(float("-inf"), acc))
+                y = _guarded(inside, y, const(float("-inf"), acc))
                 e = y if e is None else tirx.max(e, y)
             else:
-                y = tirx.Select(inside, y, const(0.0, acc))
+                y = _guarded(inside, y, const(0.0, acc))
                 e = y if e is None else e + y
         if p.kind == "avg":
             e = e / _avg_divisor(p, starts, sizes, acc)

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 try:
     from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -319,8 +320,11 @@ def _mark_opaque(node: fx.Node, e: Exception) -> None:
 
 
 def _same_type(a: Any, b: Any) -> bool:
+    """Same shapes, dtypes and devices; a data-dependent size counts as equal to any it cannot be told apart
+    from (re-running the op that makes it gives a fresh symbol)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype and a.device == b.device
+        return (a.dim() == b.dim() and all(guard_or_true(m == n) for m, n in zip(a.shape, b.shape))
+                and a.dtype == b.dtype and a.device == b.device)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_type(x, y) for x, y in zip(a, b))
     return type(a) is type(b) or not isinstance(a, torch.Tensor)
@@ -334,19 +338,31 @@ def _dialect_op(node: fx.Node) -> bool:
 
 
 def _strides(val: Any) -> Any:
-    """Strides where they matter (dimensions of size above 1), for comparing layouts."""
+    """Strides where they matter (dimensions of size above 1, or that may be: a data-dependent size), for
+    comparing layouts."""
     if isinstance(val, torch.Tensor):
-        return tuple(s if n > 1 else None for n, s in zip(val.shape, val.stride()))
+        return tuple(s if guard_or_true(n > 1) else None for n, s in zip(val.shape, val.stride()))
     if isinstance(val, (list, tuple)):
         return tuple(_strides(v) for v in val)
     return None
+
+
+def _same_strides(a: Any, b: Any, unknown: bool) -> bool:
+    """Whether the layouts `_strides` gave are equal; `unknown` where that depends on a data-dependent size
+    (guarding on one fails: its value is known only when the graph runs)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_strides(x, y, unknown) for x, y in zip(a, b))
+    if a is None or b is None:
+        return a is b
+    guard = guard_or_true if unknown else guard_or_false
+    return guard(a == b)
 
 
 def _record(node: fx.Node, old: Any, new: Any, check: bool, who: str) -> None:
     if check and old is not None and not _same_type(old, new):
         raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} is recorded as {type_str(old)} "
                                 f"but computes {type_str(new)}")
-    if check and old is not None and _dialect_op(node) and _strides(old) != _strides(new):
+    if check and old is not None and _dialect_op(node) and not _same_strides(_strides(old), _strides(new), True):
         raise VerificationError(f"{who}: %{node.name} = {op_name(node.target)} is recorded with strides "
                                 f"{_strides(old)} but computes {_strides(new)}: the views after it were "
                                 "checked against a layout it does not produce")
@@ -378,7 +394,7 @@ def layout_breaks(node: fx.Node, new: Any) -> str | None:
                 out = n.target(*load(n.args), **load(n.kwargs))
         except Exception as e:  # noqa: BLE001 - any failure is a break
             return f"%{n.name} = {op_name(n.target)} fails on the new layout: {type(e).__name__}: {e}"
-        if _strides(out) != _strides(n.meta.get("val")):
+        if not _same_strides(_strides(out), _strides(n.meta.get("val")), False):  # may differ: walk on
             env[n] = out
             todo.update(dict.fromkeys(n.users))
     return None

@@ -193,3 +193,30 @@ def test_linears_whose_views_cannot_take_a_slice_stay_apart():
     assert not cm.eager_signatures
     for v in cm.variants:
         assert next(r for r in v.records if r.spec == "merge-linears").result.stats == {}
+
+
+class MaskedGatedMLP(nn.Module):
+    """A gated MLP over the rows a mask selects (Higgs Audio's audio-token MLP): its rows are a data-dependent
+    size, which layout checks cannot guard on."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+        self.down = nn.Linear(32, 16, bias=False)
+
+    def forward(self, x, mask):
+        h = x[mask]
+        return self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def test_linears_over_rows_of_a_data_dependent_count_merge():
+    torch.manual_seed(0)
+    model = MaskedGatedMLP().eval()
+    cm = fxcc.compile(model, options=fxcc.CompileOptions(verify_each=True))
+    for n in (6, 9):
+        x, mask = torch.randn(2, n, 16), torch.rand(2, n) > 0.5
+        with torch.no_grad():
+            assert_outputs_close(cm(x, mask), model(x, mask))
+    assert not cm.eager_signatures
+    rec = next(r for r in cm.variants[0].records if r.spec == "merge-linears")
+    assert rec.result.stats == {"merged": 1, "linears": 2}

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 import warnings
 
 import fxcc
@@ -178,6 +181,36 @@ def test_pooling_windows_are_generated(fn):
 def test_concat_pad_and_roll_are_generated(fn):
     torch.manual_seed(0)
     compile_tvm(fn, torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 7), kinds=("pointwise",))
+
+
+# each gather's input placed last before a page nobody may read: a read past its end is a segfault
+_GATHERS_AT_PAGE_END = """
+import ctypes, mmap, torch, torch.nn.functional as F, fxcc
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * page)
+start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + page), ctypes.c_size_t(page), 0) == 0
+x = torch.frombuffer(buf, dtype=torch.float32, count=64, offset=page - 256)
+x.copy_(torch.randn(64))
+y = torch.randn(2, 3, 4)
+for name, f, args in [("pad", lambda x: F.pad(x * 2, (0, 0, 0, 248)), (x.view(2, 8, 4),)),
+                      ("cat", lambda x, y: torch.cat([x * 2, y + 1], dim=1), (x.view(2, 8, 4), y)),
+                      ("max_pool", lambda x: F.max_pool2d(x * 2, 3, 1, 1), (x.view(1, 1, 8, 8),))]:
+    print(name, flush=True)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse,codegen{backend=tvm}")
+    assert torch.equal(cm(*args), f(*args)), name
+    assert [k.backend for k in cm.fxcc.variants[-1].kernels.values()] == ["tvm"], name
+"""
+
+
+def test_pad_cat_and_pooling_read_no_element_past_their_input(tmp_path):
+    """TVM simplifies the clamp of a gathered read away under the select that discards it, and a select
+    reads both sides: the value is chosen by if_then_else, so no element past the input is read (Zamba2's
+    chunked scan segfaulted reading the 248 rows it pads)."""
+    env = {**os.environ, "FXCC_CACHE_DIR": str(tmp_path), "FXCC_TIME_VS_EAGER": "0"}
+    p = subprocess.run([sys.executable, "-c", _GATHERS_AT_PAGE_END], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, f"exit {p.returncode} after {p.stdout.split()[-1:]}: {p.stderr[-1500:]}"
 
 
 def test_roll_after_a_reshape_under_fused_loops():
