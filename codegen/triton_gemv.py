@@ -21,6 +21,8 @@ Block sizes, SPLIT, warps and stages are chosen per shape by measurement (`confi
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -278,6 +280,27 @@ def _workspace(device: torch.device, M: int, N: int, glu: bool) -> tuple[Tensor,
                       torch.zeros(triton.cdiv(N, 16), device=device, dtype=torch.int32),
                       torch.zeros(triton.cdiv(N, 16) * 16, device=device, dtype=torch.float32))
     return _WORK[key]
+
+
+def checked(cands: list, run, y: Tensor, ref: Tensor, tol: float, what: str) -> list:
+    """The configs whose output, twice over a poisoned `y` (split-K leaves state behind), is within `tol`
+    (relative) of `ref`; `run(c)` writes config c's result into y. The others are dropped with a warning
+    naming `what` (a config must never win by being wrong)."""
+    good = []
+    for c in cands:
+        try:
+            errs = []
+            for _ in range(2):
+                y.fill_(float("nan"))
+                run(c)
+                errs.append(((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+        except Exception as e:  # noqa: BLE001 - e.g. more shared memory than this GPU has
+            errs = [str(e)[:200]]
+        if all(isinstance(e, float) and e < tol for e in errs):
+            good.append(c)
+        else:
+            logging.getLogger(__name__).warning("fxcc: %s config %s is wrong (%s); dropped", what, c, errs)
+    return good
 
 
 def time_candidates(cands: list, call, copies: int, rounds: int = 3, timings: bool = False) -> dict:

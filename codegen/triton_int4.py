@@ -323,21 +323,8 @@ def _measure(cands, x2, qw, sz, b, y, group, r2, glu, norm, rms_eps) -> Config:
     """The fastest config that is right (twice over a poisoned output: split-K leaves state behind), timed in
     CUDA graphs over weight copies larger than the L2 (fxcc.codegen.triton_gemv.time_candidates)."""
     ref = _reference(x2, qw, sz, b, group, r2, glu, norm, rms_eps)
-    good = []
-    for c in cands:
-        try:
-            errs = []
-            for _ in range(2):
-                y.fill_(float("nan"))
-                w4_gemm(x2, qw, sz, b, y, group, c, r2, glu, norm, rms_eps)
-                errs.append(((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
-        except Exception as e:  # noqa: BLE001 - e.g. more shared memory than this GPU has
-            errs = [str(e)[:200]]
-        if all(isinstance(e, float) and e < 2e-2 for e in errs):
-            good.append(c)
-        else:
-            log.warning("int4 GEMM config %s for x %s, weight %s is wrong (%s); dropped", c, tuple(x2.shape),
-                        tuple(qw.shape), errs)
+    good = tg.checked(cands, lambda c: w4_gemm(x2, qw, sz, b, y, group, c, r2, glu, norm, rms_eps), y, ref, 2e-2,
+                      f"int4 GEMM for x {tuple(x2.shape)}, weight {tuple(qw.shape)}:")
     copies = tg.stream_copies(qw.numel())
     qws = [qw] + [qw.clone() for _ in range(copies - 1)]
     times = tg.time_candidates(good, lambda c, i: w4_gemm(x2, qws[i], sz, b, y, group, c, r2, glu, norm, rms_eps),

@@ -294,7 +294,6 @@ def _correct(cands: list, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, 
              glu: bool, norm: Tensor | None, rms_eps: float | None) -> list:
     """The weight-only candidates whose output, twice over a poisoned `y`, is within 2e-2 (relative) of the
     plain-torch result; the others are dropped with a warning (a config must never win by being wrong)."""
-    import logging
 
     xin = x2 if rms_eps is None else torch.ops.fxcc_tx.rms_norm(x2, norm, rms_eps)
     ref = torch.nn.functional.linear(xin.float(), qw.float()) * ws
@@ -305,22 +304,8 @@ def _correct(cands: list, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, 
         ref = torch.nn.functional.silu(g) * u
     if r2 is not None:
         ref = ref + r2.float()
-    good = []
-    for c in cands:
-        try:
-            errs = []
-            for _ in range(2):
-                y.fill_(float("nan"))
-                _go(0, x2, qw, ws, b, y, c, None, r2, glu, norm, rms_eps)
-                errs.append(((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
-        except Exception as e:  # noqa: BLE001 - e.g. more shared memory than this GPU has
-            errs = [str(e)[:200]]
-        if all(isinstance(e, float) and e < 2e-2 for e in errs):
-            good.append(c)
-        else:
-            logging.getLogger(__name__).warning("fxcc: int8 GEMM config %s for x %s, weight %s is wrong (%s); dropped",
-                                              c, tuple(x2.shape), tuple(qw.shape), errs)
-    return good
+    return tg.checked(cands, lambda c: _go(0, x2, qw, ws, b, y, c, None, r2, glu, norm, rms_eps), y, ref, 2e-2,
+                      f"int8 GEMM for x {tuple(x2.shape)}, weight {tuple(qw.shape)}:")
 
 
 def _go(mode: int, x2: Tensor, qw: Tensor, ws: Tensor, b: Tensor | None, y: Tensor, cfg: tuple,
@@ -417,25 +402,10 @@ def _float_reference(x2: Tensor, w: Tensor, b: Tensor | None, r2: Tensor | None,
 def _float_correct(cands: list, x2: Tensor, w: Tensor, b: Tensor | None, y: Tensor, r2: Tensor | None, glu: bool,
                    norm: Tensor | None, rms_eps: float | None) -> list:
     """The GEMV configs whose output, twice over a poisoned `y`, is within 1e-2 (relative) of fp32 torch."""
-    import logging
 
     ref = _float_reference(x2, w, b, r2, glu, norm, rms_eps)
-    good = []
-    for c in cands:
-        try:
-            errs = []
-            for _ in range(2):
-                y.fill_(float("nan"))
-                _go_float(c, x2, w, b, y, r2, glu, norm, rms_eps)
-                errs.append(((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
-        except Exception as e:  # noqa: BLE001 - e.g. more shared memory than this GPU has
-            errs = [str(e)[:200]]
-        if all(isinstance(e, float) and e < 1e-2 for e in errs):
-            good.append(c)
-        else:
-            logging.getLogger(__name__).warning("fxcc: GEMV config %s for x %s, weight %s is wrong (%s); dropped",
-                                              c, tuple(x2.shape), tuple(w.shape), errs)
-    return good
+    return tg.checked(cands, lambda c: _go_float(c, x2, w, b, y, r2, glu, norm, rms_eps), y, ref, 1e-2,
+                      f"GEMV for x {tuple(x2.shape)}, weight {tuple(w.shape)}:")
 
 
 def _measure_float(cands: list, x2: Tensor, w: Tensor, b: Tensor | None, y: Tensor, r2: Tensor | None, glu: bool,
