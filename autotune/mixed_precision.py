@@ -35,6 +35,7 @@ from fxcc.autotune.plan import PlanError, load_plan
 from fxcc.autotune.study import create_study, optuna_module, quiet
 from fxcc.codegen import quant
 from fxcc.measure import capture_graph, graph_timings, interleaved, time_once
+from fxcc.passes.gemv import residual_add, swiglu
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.quality import quality_loss
 
@@ -620,16 +621,10 @@ def _fold_residuals(gm: fx.GraphModule) -> int:
     g = gm.graph
     folded = 0
     for node in list(g.nodes):
-        if not _triton_weight_only(node) or len(node.users) != 1:
+        found = residual_add(node) if _triton_weight_only(node) else None
+        if found is None:
             continue
-        add = next(iter(node.users))
-        if add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2 or add.args[0] is add.args[1]:
-            continue
-        other = add.args[1] if add.args[0] is node else add.args[0]
-        y, r, z = node.meta.get("val"), getattr(other, "meta", {}).get("val"), add.meta.get("val")
-        if not all(isinstance(t, torch.Tensor) for t in (y, r, z)) or not (y.shape == r.shape == z.shape
-                                                                          and y.dtype == r.dtype == z.dtype):
-            continue
+        add, other = found
         with g.inserting_before(add):
             new = g.call_function(node.target, (*node.args, other))
         new.meta.update(node.meta)
@@ -645,27 +640,17 @@ def _fold_gated(gm: fx.GraphModule) -> int:
     Triton, at most 16 rows of x: decode) -> `tx.int8_gated_linear(..)` (int4 likewise), whose GEMV applies the
     gate in its epilogue: one kernel instead of two and no [M, 2F] intermediate. Returns how many were folded."""
     g = gm.graph
-    sl, ga = aten.slice.Tensor, torch.ops.fxcc_tx.gated_act.default
     folded = 0
     for node in list(g.nodes):
-        if not _triton_weight_only(node) or len(node.users) != 2:
+        if not _triton_weight_only(node):
             continue
         x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
         rows = x.numel() // x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] else None
-        two_f = ir.fetch_attr(gm, node.args[1].target).shape[0]
-        if rows is None or rows > 16 or two_f % 2:
+        found = swiglu(node, ir.fetch_attr(gm, node.args[1].target).shape[0]) if rows is not None and rows <= 16 \
+            else None
+        if found is None:
             continue
-        f = two_f // 2
-        parts = {}
-        for u in node.users:
-            if u.target is sl and len(u.args) == 4 and u.args[1] in (-1, x.dim() - 1) and not u.kwargs:
-                parts[(u.args[2], u.args[3])] = u
-        gate, up = parts.get((0, f)), parts.get((f, two_f))
-        if gate is None or up is None or len(gate.users) != 1 or len(up.users) != 1:
-            continue
-        act = next(iter(gate.users))
-        if act.target is not ga or act.args[:3] != (gate, up, "silu") or next(iter(up.users)) is not act:
-            continue
+        gate, up, act = found
         with g.inserting_before(act):
             new = g.call_function(_GATED[node.target], (*_head(node), "triton"))
         new.meta.update(act.meta)

@@ -20,6 +20,7 @@ the end). On CUDA only; `cpu=true` rewrites CPU graphs too (Triton's interpreter
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,10 +103,7 @@ def _decode_rows(xv: torch.Tensor, most: int) -> bool:
     batch ([B, 1, K] and the like; the kernel runs the library past 16 rows, decided per size at run time)."""
     lead = xv.shape[:-1]
     if all(isinstance(s, int) for s in lead):
-        rows = 1
-        for s in lead:
-            rows *= s
-        return 0 < rows <= most
+        return 0 < math.prod(lead) <= most
     return xv.dim() >= 3 and isinstance(xv.shape[-2], int) and xv.shape[-2] == 1
 
 
@@ -115,19 +113,50 @@ def _gemv(node: fx.Node, most: int) -> bool:
             and 4 <= len(node.args) <= most)
 
 
+def residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(add, r) where `node`'s one user is `add(node, r)` of the same shape and dtype: a residual a linear's
+    epilogue can take (this pass's GEMVs, and the quantized ones of mixed-precision)."""
+    if len(node.users) != 1:
+        return None
+    add = next(iter(node.users))
+    if add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2 or add.args[0] is add.args[1]:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    y, r, z = node.meta.get("val"), getattr(other, "meta", {}).get("val"), add.meta.get("val")
+    if not all(isinstance(t, torch.Tensor) for t in (y, r, z)) or not (y.shape == r.shape == z.shape
+                                                                      and y.dtype == r.dtype == z.dtype):
+        return None
+    return add, other
+
+
+def swiglu(node: fx.Node, two_f: int) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(gate, up, act) where `node`, a merged gate/up linear of `two_f` columns, is used only as
+    `act = gated_act(slice(node, 0, F), slice(node, F, 2F), "silu")` (Llama's SwiGLU)."""
+    x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if len(node.users) != 2 or two_f % 2 or not isinstance(x, torch.Tensor) or not x.dim():
+        return None
+    f = two_f // 2
+    parts = {}
+    for u in node.users:
+        if u.target is aten.slice.Tensor and len(u.args) == 4 and u.args[1] in (-1, x.dim() - 1) and not u.kwargs:
+            parts[(u.args[2], u.args[3])] = u
+    gate, up = parts.get((0, f)), parts.get((f, two_f))
+    if gate is None or up is None or len(gate.users) != 1 or len(up.users) != 1:
+        return None
+    act = next(iter(gate.users))
+    if (act.target is not tx.gated_act.default or act.args[:3] != (gate, up, "silu") or act.kwargs
+            or next(iter(up.users)) is not act):
+        return None
+    return gate, up, act
+
+
 def _fold_residuals(gm: fx.GraphModule) -> int:
     g, folded = gm.graph, 0
     for node in list(g.nodes):
-        if not _gemv(node, 4) or len(node.users) != 1:
+        found = residual_add(node) if _gemv(node, 4) else None
+        if found is None:
             continue
-        add = next(iter(node.users))
-        if add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2 or add.args[0] is add.args[1]:
-            continue
-        other = add.args[1] if add.args[0] is node else add.args[0]
-        y, r, z = node.meta.get("val"), getattr(other, "meta", {}).get("val"), add.meta.get("val")
-        if not all(isinstance(t, torch.Tensor) for t in (y, r, z)) or not (y.shape == r.shape == z.shape
-                                                                          and y.dtype == r.dtype == z.dtype):
-            continue
+        add, other = found
         with g.inserting_before(add):
             new = g.call_function(node.target, (*node.args, other))
         new.meta.update(add.meta)
@@ -141,25 +170,11 @@ def _fold_residuals(gm: fx.GraphModule) -> int:
 
 def _fold_gated(gm: fx.GraphModule) -> int:
     g, folded = gm.graph, 0
-    sl, ga = aten.slice.Tensor, tx.gated_act.default
     for node in list(g.nodes):
-        if not _gemv(node, 4) or len(node.users) != 2:
+        found = swiglu(node, node.args[1].meta["val"].shape[0]) if _gemv(node, 4) else None
+        if found is None:
             continue
-        x = node.args[0].meta.get("val")
-        two_f = node.args[1].meta["val"].shape[0]
-        if two_f % 2:
-            continue
-        f = two_f // 2
-        parts = {}
-        for u in node.users:
-            if u.target is sl and len(u.args) == 4 and u.args[1] in (-1, x.dim() - 1) and not u.kwargs:
-                parts[(u.args[2], u.args[3])] = u
-        gate, up = parts.get((0, f)), parts.get((f, two_f))
-        if gate is None or up is None or len(gate.users) != 1 or len(up.users) != 1:
-            continue
-        act = next(iter(gate.users))
-        if act.target is not ga or act.args[:3] != (gate, up, "silu") or act.kwargs or next(iter(up.users)) is not act:
-            continue
+        gate, up, act = found
         with g.inserting_before(act):
             new = g.call_function(tx.gemv_gated_linear.default, node.args[:4])
         new.meta.update(act.meta)
