@@ -277,7 +277,7 @@ class Segment:
             else:
                 call = _passing(_direct_call(variant, values, len(self.spec.outputs), tuple(fixed)), passed)
                 run = SegmentRun(sig, call, variant)
-                differs = self._aliasing_differs(call, args)
+                differs = self._unlike_plain(call, args)
                 if differs:
                     run.call, run.eager = self.eager_call, f"plain Python: {differs}"
                 elif measure:
@@ -304,7 +304,7 @@ class Segment:
         made = [o for o in state_objects(outs) if id(o) not in given]
         return type(made[0]).__name__ if made else None
 
-    def _aliasing_differs(self, call: Any, args: tuple) -> str | None:
+    def _unlike_plain(self, call: Any, args: tuple) -> str | None:
         """Why the compiled segment cannot stand in for its plain Python (None when it can): its outputs share
         memory differently (a view returned as a copy: an in-place update after it would reach other tensors
         than in eager), or its values differ beyond `eager_check.tolerance`. Both run on copies of the inputs
