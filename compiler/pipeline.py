@@ -25,7 +25,7 @@ from . import ir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "decompose,canonicalize,raise,merge-linears,gemv,fuse,codegen"
+DEFAULT_PIPELINE = "decompose,canonicalize,raise,merge-linears,gemv,layout,fuse,codegen"
 
 
 @dataclass
@@ -90,6 +90,7 @@ PASSES: dict[str, str | type[Pass]] = {
     "raise": "fxcc.passes.raising:Raise",
     "merge-linears": "fxcc.passes.merge_linears:MergeLinears",
     "gemv": "fxcc.passes.gemv:Gemv",
+    "layout": "fxcc.passes.layout:Layout",
     "fuse": "fxcc.passes.fuse:Fuse",
     "layer-skip": "fxcc.passes.layer_skip:LayerSkip",
     "token-merge": "fxcc.passes.token_merge:TokenMerge",

@@ -1,0 +1,168 @@
+"""The layout pass (fxcc.passes.layout): channels-last through graphs of 2-D convolutions, forced on the CPU
+(`layout{cpu=true}`; on CUDA it is in the default pipeline and chosen by measurement). Its IR (which values
+are channels-last, where the copies are) and differential runs: outputs equal eager's, in eager's strides,
+for NCHW and channels-last inputs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fxcc import ir
+from fxcc.capture import capture
+from fxcc.dialects import KERNEL_OPS, kernel_body
+from fxcc.passes.layout import channels_last, is_conv2d
+from fxcc.pipeline import PassContext, PassManager, parse_pipeline
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from breadth import CASES  # noqa: E402
+
+aten = torch.ops.aten
+CL = torch.channels_last
+GRAPH = "decompose,canonicalize,raise,merge-linears,gemv,layout{cpu=true}"
+EXTERN = GRAPH + ",fuse,codegen{backend=extern}"
+
+
+def graph_after(model, passes, *args):
+    gm = capture(model, args, {}).gm
+    ctx = PassContext(options=fxcc.CompileOptions(), module=model, example_inputs=(args, {}), target="cpu")
+    return PassManager(parse_pipeline(passes), verify_each=True).run(gm, ctx)
+
+
+def copies(gm, fmt):
+    return [n for n in gm.graph.nodes if n.target is aten.clone.default and n.kwargs.get("memory_format") == fmt]
+
+
+class ConvFlatten(nn.Module):
+    """A convolution's output read by a view that needs rows (C, H, W into one dimension) and a linear, by a
+    flatten (a reshape: any layout) and by a view that NHWC can give (H, W into one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 6 * 5, 4)
+
+    def forward(self, x):
+        y = F.relu(self.conv2(torch.sigmoid(self.conv1(x)) * 2.0))
+        return self.fc(y.view(y.shape[0], -1)), y.flatten(1) * 2, y.view(y.shape[0], 8, -1).sum(-1)
+
+
+def test_the_conv_chain_is_channels_last_between_one_copy_in_and_one_back():
+    torch.manual_seed(0)
+    model, x = ConvFlatten().eval(), torch.randn(2, 3, 6, 5)
+    gm = graph_after(model, GRAPH, x)
+    convs = [n for n in gm.graph.nodes if is_conv2d(n)]
+    assert len(convs) == 2 and all(channels_last(c.meta["val"]) for c in convs)
+    assert all(channels_last(c.args[1].meta["val"]) for c in convs)  # weights: constants, not copies per call
+    assert all(c.args[1].op == "get_attr" for c in convs)
+    (copy_in,) = copies(gm, CL)
+    assert copy_in.args[0].op == "placeholder"
+    pointwise = [n for n in gm.graph.nodes if n.target in (aten.sigmoid.default, aten.relu.default)]
+    assert pointwise and all(channels_last(n.meta["val"]) for n in pointwise)
+    # the first view cannot view NHWC: it reads a contiguous copy; the flatten and the second view need none
+    (copy_back,) = copies(gm, torch.contiguous_format)
+    assert copy_back.args[0].target is aten.relu.default
+    assert [u.target for u in copy_back.users] == [aten.view.default]
+    with torch.no_grad():
+        for got, want in zip(gm(x), model(x)):
+            torch.testing.assert_close(got, want)
+            assert got.stride() == want.stride()
+
+
+def test_weights_become_constants_computed_from_the_parameters():
+    torch.manual_seed(0)
+    model, x = ConvFlatten().eval(), torch.randn(2, 3, 6, 5)
+    gm = graph_after(model, GRAPH, x)
+    convs = [n for n in gm.graph.nodes if is_conv2d(n)]
+    for conv, param in zip(convs, (model.conv1.weight, model.conv2.weight)):
+        w = ir.fetch_attr(gm, conv.args[1].target)
+        assert w.is_contiguous(memory_format=CL) and not w.is_contiguous()
+        assert [r() for r in ir.sources_of(w)] == [param]  # watched: a change to the parameter recompiles
+        torch.testing.assert_close(w, param, rtol=0, atol=0)
+
+
+def test_off_on_the_cpu_by_default_and_without_convolutions():
+    torch.manual_seed(0)
+    model, x = ConvFlatten().eval(), torch.randn(2, 3, 6, 5)
+    gm = graph_after(model, "decompose,canonicalize,raise,layout", x)
+    assert not copies(gm, CL)
+    assert all(not channels_last(n.meta.get("val")) for n in gm.graph.nodes)
+    lin = graph_after(nn.Linear(4, 4).eval(), "layout{cpu=true}", torch.randn(2, 4))
+    assert not copies(lin, CL)
+
+
+def test_a_channels_last_input_is_read_as_it_is():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 6, 5).contiguous(memory_format=CL)
+    gm = graph_after(model, GRAPH, x)
+    assert not copies(gm, CL) and not copies(gm, torch.contiguous_format)  # eager gives NHWC too
+    with torch.no_grad():
+        (got,), want = gm(x), model(x)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == want.stride()
+
+
+NETS = ["resnet18", "mobilenet_v2", "convnext_block", "convnext_stage", "unet_stage", "densenet_block",
+        "conv2d_bn_relu", "conv2d_gelu_scale_residual"]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", NETS)
+def test_breadth_networks_equal_eager_in_eagers_strides(name, layout):
+    model, (x,) = CASES[name].make("small")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    cm = fxcc.compile(model, passes=EXTERN, options=fxcc.CompileOptions(verify_each=True))
+    with torch.no_grad():
+        want, got = model(x), cm(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert got.stride() == want.stride()
+    gm = cm.variants[-1].gm
+    bodies = [kernel_body(n.args[1]) for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
+    convs = [n for kb in bodies for n in kb.body.graph.nodes if is_conv2d(n)]
+    assert convs and all(channels_last(c.meta["val"]) or c.meta["val"].is_contiguous(memory_format=CL)
+                         for c in convs)
+
+
+class ConvEpilogue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6).eval()
+
+    def forward(self, x):
+        y = torch.sigmoid(self.bn(self.conv(x))) * 2.0 + 1.0
+        return F.max_pool2d(y, 2) + 1.0
+
+
+def test_triton_epilogues_read_and_write_channels_last(monkeypatch):
+    """Under Triton's interpreter: the convolution's epilogue and the pointwise kernel after the pool read
+    NHWC and write NHWC (their outputs as the IR records them: no copy into another layout); the output is
+    copied back into eager's strides once."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model, x = ConvEpilogue().eval(), torch.randn(2, 4, 6, 8)
+    cm = fxcc.compile(model, passes=GRAPH + ",fuse,codegen{backend=triton}")
+    with torch.no_grad():
+        want, got = model(x), cm(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.stride() == want.stride()
+    variant = cm.variants[-1]
+    built = [k for k in variant.kernels.values() if k.backend.startswith("triton")]
+    assert built
+    for k in built:
+        outs = next(n for n in k.body.body.graph.nodes if n.op == "output").args[0]
+        fn = k.fn
+        inputs = [torch.randn(p.meta["val"].shape).as_strided(p.meta["val"].shape, p.meta["val"].stride())
+                  if isinstance(p.meta.get("val"), torch.Tensor) else p.meta.get("val")
+                  for p in k.body.body.graph.nodes if p.op == "placeholder"]
+        for o, r in zip(outs, fn(inputs)):
+            assert r.stride() == o.meta["val"].stride()  # written in the recorded layout by the kernel itself
