@@ -55,7 +55,7 @@ from fxcc.codegen.triton_gen import (
     view_output_index,
 )
 from fxcc.codegen.triton_templates import attention_source, gemm_source
-from fxcc.dialects import ANCHORS, REFERENCE, KernelBody
+from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, dense_order
 from fxcc.options import settings
 
 name = "triton"
@@ -231,9 +231,28 @@ def _empty(node: fx.Node, device: torch.device) -> torch.Tensor:
     return torch.empty(tuple(v.shape), dtype=v.dtype, device=device)
 
 
+def memory_order(node: fx.Node) -> tuple[int, ...] | None:
+    """The order of `node`'s dims in memory (outermost first) where its recorded layout is dense but not
+    row-major (channels-last: (0, 2, 3, 1)), so a kernel writes it in place; None for row-major, a layout
+    with gaps or broadcasts, and symbolic strides (those outputs are written row-major)."""
+    v = node.meta["val"]
+    shape, stride = tuple(v.shape), tuple(v.stride())
+    if not all(type(s) is int for s in (*shape, *stride)):
+        return None
+    order = dense_order(shape, stride)
+    if order is None or all(shape[d] == 1 or stride[d] == math.prod(shape[d + 1:]) for d in range(len(shape))):
+        return None
+    return order
+
+
 def _allocator(node: fx.Node, sizes: list[tuple[str, int, int]]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """A function of the kernel's inputs allocating `node`'s output (its symbolic sizes read from them)."""
+    """A function of the kernel's inputs allocating `node`'s output (its symbolic sizes read from them), in
+    its recorded strides where `memory_order` gives them."""
     dtype, shape = node.meta["val"].dtype, shape_fn(node, sizes)
+    if memory_order(node) is not None:
+        v = node.meta["val"]
+        fixed, stride = tuple(v.shape), tuple(v.stride())
+        return lambda inputs: torch.empty_strided(fixed, stride, dtype=dtype, device=inputs[0].device)
 
     def empty(inputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.empty(shape(inputs), dtype=dtype, device=inputs[0].device)
@@ -277,17 +296,21 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
         raise Unsupported("a body without inputs")
     pos = {p: k for k, p in enumerate(placeholders)}
     sizes = size_args(body)  # symbolic sizes: kernel arguments read from the inputs at launch
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    by_shape: dict[tuple[tuple[int, ...], tuple[int, ...] | None], list[int]] = {}
     for i, o in enumerate(outs):
         if not isinstance(o, fx.Node):
             raise Unsupported("a non-tensor output")
-        by_shape.setdefault(shape_of(o), []).append(i)
+        by_shape.setdefault((shape_of(o), memory_order(o)), []).append(i)
     sources, launches = [], []
-    for j, (shape, positions) in enumerate(by_shape.items()):
+    for j, ((shape, order), positions) in enumerate(by_shape.items()):
         em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
         em.zero = em.index("offs * 0")
         numel = math.prod(hint_shape(outs[positions[0]]))
-        idx = tuple(em.index(e) for e in delinearize("offs", shape))
+        # offs walks the outputs' memory: row-major, or their dense order (channels-last written in place)
+        order = order or tuple(range(len(shape)))
+        walked = delinearize("offs", tuple(shape[d] for d in order))
+        at = {d: walked[k] for k, d in enumerate(order)}
+        idx = tuple(em.index(at[d]) for d in range(len(shape)))
         values = [em.value(outs[i], idx) for i in positions]
         args, used = _signature(em, placeholders, [])
         fn = f"fxcc_pointwise_{j}"

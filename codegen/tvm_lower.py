@@ -22,7 +22,7 @@ import tvm
 from fxcc import gather
 from fxcc.codegen import linear_weight
 from fxcc.codegen.tvm import split_bias
-from fxcc.dialects import classify
+from fxcc.dialects import classify, dense_order
 from tvm import s_tir, te, tirx
 
 aten = torch.ops.aten
@@ -203,17 +203,6 @@ def _dtype(node: fx.Node) -> str:
     if dt not in DTYPES:
         raise Unsupported(f"dtype {dt}")
     return DTYPES[dt]
-
-
-def dense_order(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The memory order of dims if `stride` is a permutation of a contiguous layout, else None."""
-    order = tuple(sorted(range(len(shape)), key=lambda d: (-stride[d], d)))
-    expect = 1
-    for d in reversed(order):
-        if shape[d] != 1 and stride[d] != expect:
-            return None
-        expect *= shape[d]
-    return order
 
 
 # --- the lowering -------------------------------------------------------------------------------------------

@@ -726,6 +726,18 @@ def same_strides(t: Tensor, stride: tuple[int, ...]) -> bool:
     return all(n <= 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride))
 
 
+def dense_order(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The memory order of dims (outermost first) if `stride` is a permutation of a contiguous layout (NHWC's
+    is (0, 2, 3, 1)), else None."""
+    order = tuple(sorted(range(len(shape)), key=lambda d: (-stride[d], d)))
+    expect = 1
+    for d in reversed(order):
+        if shape[d] != 1 and stride[d] != expect:
+            return None
+        expect *= shape[d]
+    return order
+
+
 def _detach_aliases(inputs: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
     # custom ops may not return an input (or a view of one) as an output: a copy with the same layout
     ids = {id(t) for t in inputs}
