@@ -79,7 +79,10 @@ def _engine(name: str, model: torch.nn.Module) -> Callable:
     if name == "fxcc":
         import fxcc
         return fxcc.compile(model)
-    raise ValueError(f"unknown engine {name!r}; use eager, torch.compile[:MODE] or fxcc")
+    if name == "fxcc:no-layout":  # the default pipeline without the layout pass (channels-last per kernel only)
+        import fxcc
+        return fxcc.compile(model, passes=fxcc.DEFAULT_PIPELINE.replace(",layout,", ","))
+    raise ValueError(f"unknown engine {name!r}; use eager, torch.compile[:MODE], fxcc or fxcc:no-layout")
 
 
 def _fxcc_report(fn: Any, res: Result) -> None:
