@@ -259,7 +259,7 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
         if node.op == "output":
             continue
         if node.op == "get_attr":
-            new = _fake_of(mode, _raw_attr(gm, node.target))  # a pending weight's placeholder will do
+            new = _fake_of(mode, peek_attr(gm, node.target))  # a pending weight's placeholder will do
         else:
             fn = node.target
             if node.op == "call_module":
@@ -501,7 +501,7 @@ def sources_of(value: torch.Tensor) -> tuple[weakref.ref, ...] | None:
 def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     """The value a get_attr node names ("layers.0.weight"): what the graph holds as a parameter or constant.
     A weight still in its checkpoint (`pending`) is loaded whole now, and the graph holds it from then on."""
-    value = _raw_attr(gm, target)
+    value = peek_attr(gm, target)
     if isinstance(value, torch.Tensor) and hasattr(value, _PENDING):
         stub = value
         value = getattr(stub, _LOADED, None)  # a tied weight another target loaded already
@@ -514,7 +514,8 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return value
 
 
-def _raw_attr(gm: fx.GraphModule, target: str) -> Any:
+def peek_attr(gm: fx.GraphModule, target: str) -> Any:
+    """What the graph holds at `target`, a weight still in its checkpoint (`pending`) left there unread."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -557,7 +558,7 @@ def fetch_rows(gm: fx.GraphModule, target: str, dim: int, spans: list[tuple[int,
     """The pieces `narrow(dim, start, length)` for each (start, length) of `spans` of the constant at `target`,
     concatenated along `dim` in a tensor of its own, and the tensors it was computed from (for `computed_from`).
     A weight still in its checkpoint (`pending`) is read piece by piece: the whole is never in memory."""
-    value = _raw_attr(gm, target)
+    value = peek_attr(gm, target)
     if is_pending(value):
         source, name = getattr(value, _PENDING)
         return _like(source.rows(name, dim, spans), value), []
@@ -569,7 +570,7 @@ def load_pending(gm: fx.GraphModule) -> int:
     returns how many. Weights no node reads any more (the full weights of shards) are never loaded."""
     done = 0
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and is_pending(_raw_attr(gm, n.target)):
+        if n.op == "get_attr" and is_pending(peek_attr(gm, n.target)):
             fetch_attr(gm, n.target)
             done += 1
     return done
@@ -581,7 +582,7 @@ def constant_bytes(gm: fx.GraphModule) -> int:
     seen: dict[Any, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            t = _raw_attr(gm, str(n.target))
+            t = peek_attr(gm, str(n.target))
             if is_pending(t):
                 seen[("pending", id(t))] = t.numel() * t.element_size()
             elif isinstance(t, torch.Tensor) and t.device.type != "meta":
