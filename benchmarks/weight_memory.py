@@ -1,6 +1,6 @@
 """Tensor memory a compiled model keeps alive, against its parameter bytes.
 
-    python benchmarks/weight_memory.py [--models llama bert gpt2] [--no-tp]
+    python benchmarks/weight_memory.py [--models llama bert gpt2] [--no-tp] [--load model state_dict safetensors]
 
 For each tiny config (random weights, CPU, fp32): compile with the default pipeline, call once, then drop
 every reference the script holds to the model and its parameters (the compiled object still holds the
@@ -14,6 +14,10 @@ against the whole model's parameter bytes (the goal is about 0.5 per rank). "gra
 that rank's graph (replicated norms and embeddings, half of every projection); live MB is higher while the
 compiled module holds the uncompiled model (its parameters, state_dict and eager fallback are the original's).
 `--passes` applies to the tp rows too (tp-shard inserted after raise).
+
+`--load state_dict` / `safetensors` build the model on the meta device and compile it with
+`fxcc.compile(model, state_dict=...)` (the dict dropped after the compile, the file written first): the graph
+holds each weight once and each tp rank reads only its shards.
 
 With the default pipeline the ratio depends on the kernels chosen by measurement: a GEMM built by TVM
 reads its weight as column panels packed once (fxcc.codegen.tvm), a copy beside the parameter. For the
