@@ -1,6 +1,6 @@
 """Tensor memory a compiled model keeps alive, against its parameter bytes.
 
-    python benchmarks/weight_memory.py [--models llama bert gpt2] [--no-tp]
+    python benchmarks/weight_memory.py [--models llama bert gpt2] [--no-tp] [--load model state_dict safetensors]
 
 For each tiny config (random weights, CPU, fp32): compile with the default pipeline, call once, then drop
 every reference the script holds to the model and its parameters (the compiled object still holds the
@@ -15,6 +15,10 @@ that rank's graph (replicated norms and embeddings, half of every projection); l
 compiled module holds the uncompiled model (its parameters, state_dict and eager fallback are the original's).
 `--passes` applies to the tp rows too (tp-shard inserted after raise).
 
+`--load state_dict` / `safetensors` build the model on the meta device and compile it with
+`fxcc.compile(model, state_dict=...)` (the dict dropped after the compile, the file written first): the graph
+holds each weight once and each tp rank reads only its shards.
+
 With the default pipeline the ratio depends on the kernels chosen by measurement: a GEMM built by TVM
 reads its weight as column panels packed once (fxcc.codegen.tvm), a copy beside the parameter. For the
 weights a pass derives alone, pass `--passes "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=extern}"`.
@@ -26,6 +30,7 @@ import argparse
 import gc
 import os
 import sys
+import tempfile
 import weakref
 
 import torch
@@ -98,15 +103,31 @@ def live_bytes() -> int:
     return sum(_storages(objs + extra).values())
 
 
-def measure(make, passes: str | None = None) -> tuple[float, float, float | None]:
+def measure(make, passes: str | None = None, load: str = "model", tmp: str = "") -> tuple[float, float, float | None]:
     """(parameter MB, live MB, graph MB) of the compiled model once the script's references are dropped; graph
-    MB: the constants tp-shard left in this rank's graph (its `param_bytes`), None without tp-shard."""
+    MB: the constants tp-shard left in this rank's graph (its `param_bytes`), None without tp-shard.
+
+    load "model": fxcc.compile(model); "state_dict": the model built on the meta device, compiled with
+    state_dict=<its weights> (the dict dropped after the compile); "safetensors": the same from a file written
+    first (the model and its weights dropped before the compile)."""
     import fxcc
     base = live_bytes()
     model, ids, kwargs = make()
     params = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values())
     # kept compiled even where it measures slower than eager (it would be kept anyway, for fxcc.explain)
-    compiled = fxcc.compile(model, passes=passes, options=fxcc.CompileOptions(time_vs_eager=False))
+    opts = fxcc.CompileOptions(time_vs_eager=False)
+    sd = None
+    if load != "model":
+        sd = {**model.state_dict(), **dict(model.named_buffers())}  # non-persistent buffers too (rotary)
+        with torch.device("meta"):
+            model = make()[0]
+        if load == "safetensors":
+            from safetensors.torch import save_file
+            path = os.path.join(tmp, f"weights{os.getpid()}.safetensors")
+            save_file({k: v.contiguous() for k, v in sd.items()}, path)
+            sd = path
+    compiled = fxcc.compile(model, passes=passes, options=opts, state_dict=sd)
+    del sd
     with torch.no_grad():
         out = compiled(ids, **kwargs)
     tp = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("tp-shard")]
@@ -114,20 +135,20 @@ def measure(make, passes: str | None = None) -> tuple[float, float, float | None
     ref = weakref.ref(next(model.parameters()))
     del model, out, ids, kwargs
     live = live_bytes() - base
-    assert ref() is not None  # the compiled module holds the model
+    assert ref() is not None  # the compiled module holds the model (on the meta device when loaded)
     del compiled
     gc.collect()
     return params / MB, live / MB, graph
 
 
-def _tp_worker(rank: int, port: int, q, passes: str | None) -> None:
+def _tp_worker(rank: int, port: int, q, passes: str | None, load: str, tmp: str) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        q.put((rank, measure(llama, _tp_pipeline(passes))))
+        q.put((rank, measure(llama, _tp_pipeline(passes), load, tmp)))
     except Exception as e:  # reported by the parent
         q.put((rank, repr(e)))
     finally:
@@ -142,18 +163,18 @@ def _tp_pipeline(passes: str | None) -> str:
     return ",".join(steps[:at] + ["tp-shard{tp=2}"] + steps[at:])
 
 
-def tp_rows(passes: str | None) -> list[tuple]:
+def tp_rows(passes: str | None, load: str, tmp: str) -> list[tuple]:
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_tp_worker, args=(r, port, q, passes)) for r in range(2)]
+    procs = [ctx.Process(target=_tp_worker, args=(r, port, q, passes, load, tmp)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(q.get(timeout=900) for _ in procs)
     for p in procs:
         p.join()
-    return [(f"llama tp-shard{{tp=2}} rank {r}", got[r]) for r in sorted(got)]
+    return [(f"llama tp=2 rank {r} {load}", got[r]) for r in sorted(got)]
 
 
 def main() -> None:
@@ -162,14 +183,21 @@ def main() -> None:
     ap.add_argument("--passes", default=None, help="pipeline (default: fxcc's default pipeline)")
     ap.add_argument("--no-tp", action="store_true", help="skip the tp-shard{tp=2} rows (two processes)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--load", nargs="+", default=["model", "safetensors"], choices=["model", "state_dict", "safetensors"],
+                    help="how the weights reach the compile: the model itself, or a meta-device model plus "
+                         "state_dict=<dict> or <.safetensors file> (fxcc.compile(..., state_dict=...))")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = [(name, measure(MODELS[name], args.passes)) for name in args.models]
-    if not args.no_tp:
-        rows += tp_rows(args.passes)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fxcc-weights-") as tmp:
+        for load in args.load:
+            rows += [(f"{name} {load}", measure(MODELS[name], args.passes, load, tmp)) for name in args.models]
+        if not args.no_tp:
+            for load in args.load:
+                rows += tp_rows(args.passes, load, tmp)
     print(f"torch {torch.__version__}, CPU fp32, pipeline {args.passes or 'default'}")
-    print(f"{'model':<30} {'param MB':>9} {'live MB':>9} {'ratio':>6} {'graph MB':>9}")
+    print(f"{'model, weights from':<30} {'param MB':>9} {'live MB':>9} {'ratio':>6} {'graph MB':>9}")
     for name, r in rows:
         if isinstance(r, str):
             print(f"{name:<30} failed: {r}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from . import ir, logs
 from .options import MODES, CompileOptions, settings
 from .pipeline import PASSES, parse_pipeline
 from .runtime import CompiledModule
+from .weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ class FunctionModule(nn.Module):
 def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = False, dynamic: bool | None = None,
             backend: str | None = None, target: str = "auto", passes: str | None = None, tune: str | None = None,
             plan: str | None = None, quality_budget: float | None = None, tune_budget: int | None = None,
-            options: CompileOptions | dict | None = None) -> Any:
+            options: CompileOptions | dict | None = None,
+            state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None) -> Any:
     """Compile an nn.Module (instance or class), a module's bound method (`model.forward`) or a function;
     also usable as `@compile` and `@compile(...)`.
 
@@ -48,6 +51,13 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
     "max-autotune" = tune="search" with CUDA graphs, "max-autotune-no-cudagraphs"); `fullgraph=True` makes
     what would run eagerly an error; `dynamic` as CompileOptions.dynamic; `backend` can only be "fxcc".
     `options` is a CompileOptions or a dict of its fields; the keywords override it.
+
+    `state_dict` (a mapping of names to tensors, or the path of a .safetensors file) holds the weights of a model
+    built on the meta device (`with torch.device("meta"): model = Model(config)`): the compile reads each weight
+    in the form its graph keeps it (under tp-shard only this rank's shards: a file is read a slice at a time), so
+    the compiled module holds each weight once and the model stays on meta. There is then no eager model:
+    what would run eagerly is an error, as under fullgraph=True. A state dict is let go after the first compile
+    (a recompile then needs a file). fxcc.weights has the details.
     """
     if backend not in (None, "fxcc"):
         raise ValueError(f"fxcc.compile(backend={backend!r}): fxcc.compile always compiles with fxcc. For "
@@ -74,8 +84,19 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
     if opts.target == "cuda" and not torch.cuda.is_available():
         raise ValueError("fxcc: target='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); "
                          "use target='cpu' or 'auto', or run where a GPU is visible")
+    checkpoint = None
+    if state_dict is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fxcc.compile(state_dict=...) loads the weights of an nn.Module built on the meta device; "
+                            f"got {type(model).__name__}")
+        checkpoint = Checkpoint(state_dict)
     if model is None:
         return lambda m: compile(m, options=opts)
+    if checkpoint is not None:
+        if isinstance(model, CompiledModule):
+            raise TypeError("fxcc.compile(state_dict=...) takes the uncompiled model on the meta device")
+        _no_generate_compile(model)
+        return CompiledModule(model, opts, checkpoint=checkpoint)
     return _wrap(model, opts)
 
 

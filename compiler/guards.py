@@ -78,7 +78,7 @@ def mark_code_constants(gm: fx.GraphModule, module: nn.Module) -> None:
     mine = {id(t) for t in named_tensors(module).values()}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            t = ir.fetch_attr(gm, n.target)
+            t = ir.peek_attr(gm, n.target)  # a weight still in its checkpoint is not read for this
             if isinstance(t, torch.Tensor) and id(t) not in mine and ir.sources_of(t) is None:
                 ir.computed_from(t)
 

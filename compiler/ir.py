@@ -259,7 +259,7 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
         if node.op == "output":
             continue
         if node.op == "get_attr":
-            new = _fake_of(mode, fetch_attr(gm, node.target))
+            new = _fake_of(mode, peek_attr(gm, node.target))  # a pending weight's placeholder will do
         else:
             fn = node.target
             if node.op == "call_module":
@@ -400,6 +400,7 @@ def layout_breaks(node: fx.Node, new: Any) -> str | None:
     return None
 
 
+_data_address = torch._C._data_address  # the storage's data pointer, read without asking for write access
 _SOURCES = "_fxcc_sources"  # on a constant a pass computed: weak references to the tensors it was computed from
 
 
@@ -498,11 +499,109 @@ def sources_of(value: torch.Tensor) -> tuple[weakref.ref, ...] | None:
 
 
 def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    """The value a get_attr node names ("layers.0.weight"): what the graph holds as a parameter or constant."""
+    """The value a get_attr node names ("layers.0.weight"): what the graph holds as a parameter or constant.
+    A weight still in its checkpoint (`pending`) is loaded whole now, and the graph holds it from then on."""
+    value = peek_attr(gm, target)
+    if isinstance(value, torch.Tensor) and hasattr(value, _PENDING):
+        stub = value
+        value = getattr(stub, _LOADED, None)  # a tied weight another target loaded already
+        if value is None:
+            source, name = getattr(stub, _PENDING)
+            value = computed_from(_like(source.full(name), stub))  # read from the checkpoint: nothing the user
+            # can change
+            setattr(stub, _LOADED, value)
+        _set_attr(gm, target, value)
+    return value
+
+
+def peek_attr(gm: fx.GraphModule, target: str) -> Any:
+    """What the graph holds at `target`, a weight still in its checkpoint (`pending`) left there unread."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    owner, _, name = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    mod._parameters.pop(name, None)
+    mod._buffers.pop(name, None)
+    mod.register_buffer(name, value, persistent=False)
+
+
+# ------------------------------------------------------------------------------ weights loaded on first read
+
+_PENDING = "_fxcc_pending"  # on a placeholder weight: (source, checkpoint name) of the values it stands for
+_LOADED = "_fxcc_loaded"  # on a placeholder weight: what it was loaded as (tied weights are loaded once)
+
+
+def pending(stub: torch.Tensor, source: Any, name: str) -> torch.Tensor:
+    """Mark `stub` (a tensor of the weight's shape, dtype and device whose values are not read yet) as tensor
+    `name` of checkpoint `source`, read when a pass first asks for it: `fetch_attr` loads it whole,
+    `fetch_rows` only the rows a shard needs. `source` has `full(name)` and `rows(name, dim, spans)`."""
+    setattr(stub, _PENDING, (source, name))
+    return stub
+
+
+def _like(t: torch.Tensor, stub: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor in the dtype and on the device of the model's (as load_state_dict copies it)."""
+    with torch.no_grad():
+        return t.to(device=stub.device, dtype=stub.dtype)
+
+
+def is_pending(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and hasattr(t, _PENDING)
+
+
+def fetch_rows(gm: fx.GraphModule, target: str, dim: int, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, list]:
+    """The pieces `narrow(dim, start, length)` for each (start, length) of `spans` of the constant at `target`,
+    concatenated along `dim` in a tensor of its own, and the tensors it was computed from (for `computed_from`).
+    A weight still in its checkpoint (`pending`) is read piece by piece: the whole is never in memory."""
+    value = peek_attr(gm, target)
+    if is_pending(value):
+        source, name = getattr(value, _PENDING)
+        return _like(source.rows(name, dim, spans), value), []
+    return torch.cat([value.detach().narrow(dim, s, n) for s, n in spans], dim).contiguous(), [value]
+
+
+def load_pending(gm: fx.GraphModule) -> int:
+    """Load every weight the graph reads and has not loaded yet (norms, embeddings: replicated under tp-shard);
+    returns how many. Weights no node reads any more (the full weights of shards) are never loaded."""
+    done = 0
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and is_pending(peek_attr(gm, n.target)):
+            fetch_attr(gm, n.target)
+            done += 1
+    return done
+
+
+def constant_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the tensors the graph reads as constants, each storage once; a weight still in its checkpoint
+    counts what loading it would take (it is not loaded to count it)."""
+    seen: dict[Any, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = peek_attr(gm, str(n.target))
+            if is_pending(t):
+                seen[("pending", id(t))] = t.numel() * t.element_size()
+            elif isinstance(t, torch.Tensor) and t.device.type != "meta":
+                seen[_data_address(t) - t.storage_offset() * t.element_size()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> None:
+    """Remove the get_attrs no node reads any more and every tensor attribute no get_attr names (weights a pass
+    replaced by merged, quantized or sharded ones, whose nodes dead-code elimination may have removed already),
+    so the graph keeps no reference to the weights they came from."""
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for path, mod in list(gm.named_modules()):
+        at = f"{path}." if path else ""
+        for name in [k for k, v in {**mod._parameters, **mod._buffers, **vars(mod)}.items()
+                     if isinstance(v, torch.Tensor) and at + k not in read]:
+            delattr(mod, name)
 
 
 def output_types(gm: fx.GraphModule) -> list[str]:

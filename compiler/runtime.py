@@ -18,6 +18,7 @@ or whose cache is written in place one graph per input shapes that repeat.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -60,6 +61,7 @@ from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, pa
 from .quality import fit_quality_budget
 from .state import Unchanged, is_state
 from .store import default_cache
+from .weights import Checkpoint, stand_in
 
 log = logging.getLogger(__name__)
 _MEMO = 4096  # guard keys remembered per compiled module for the symbolic variants that accepted them
@@ -259,8 +261,14 @@ class CompiledModule(ModuleView):
     nn.Module whose parameters, state and training flag are the original module's (fxcc.module_view)."""
 
     def __init__(self, module: nn.Module, options: CompileOptions, eager_call: Callable | None = None,
-                 method: Callable | None = None):
+                 method: Callable | None = None, checkpoint: Checkpoint | None = None):
         super().__init__(module)
+        # weights loaded by the compile (fxcc.weights): the model stays on the meta device, so there is no eager
+        # model to fall back on, check the first call against or time against: what cannot compile is an error
+        self.checkpoint = checkpoint
+        if checkpoint is not None:
+            checkpoint.check(module, describe(module))
+            options = options.replace(fullgraph=True, check_eager=False, time_vs_eager=False, graph_cache=False)
         self.options = options
         self.method = method  # a bound method of `module` compiled instead of its forward
         self.name = describe(module) + (f".{method.__name__}" if method is not None else "")
@@ -455,6 +463,11 @@ class CompiledModule(ModuleView):
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
         """The original module (or method), with fxcc's own forward, if installed on it, out of the way."""
+        if self.checkpoint is not None:
+            raise RuntimeError(f"fxcc: {self.name} cannot run eagerly: its weights were loaded into the compiled graph "
+                               "only (fxcc.compile(..., state_dict=...)) and the model is on the meta device. Load "
+                               "them into the model (load_state_dict(..., assign=True)) and compile without "
+                               "state_dict to keep an eager fallback.")
         fwd = self.module.__dict__.get("forward")
         if self.method is None and fwd is not None and hasattr(fwd, "fxcc"):
             with forward_as(self.module, original_forward(self.module)):
@@ -662,7 +675,8 @@ class CompiledModule(ModuleView):
         else:
             self.capturing = True
             try:
-                cap = capture(self.module, args, kwargs, dims=dims, forward=self.method)
+                with self._stand_ins(args, kwargs):
+                    cap = capture(self.module, args, kwargs, dims=dims, forward=self.method)
             except CaptureError as e:  # tensor-dependent control flow: a DyCL host program + compiled segments
                 other_method = self.method is not None and self.method.__func__ is not type(self.module).forward
                 if dynamic.carries_state(args, kwargs) or other_method:  # DyCL splits forward, keeps no cache
@@ -682,13 +696,18 @@ class CompiledModule(ModuleView):
             if opts.quality_budget is not None and opts.plan is None and any(not p.exact for p in front):
                 front, loss = fit_quality_budget(front, cap.gm, flatten_inputs(*example)[0], ctx,
                                                  opts.quality_budget, self.name)
-            pm = manager(front)
-            gm, records = pm.run(cap.gm, ctx), pm.records
+            if self.checkpoint is None:
+                pm = manager(front)
+                gm, records = pm.run(cap.gm, ctx), pm.records
+            else:
+                gm, records = self._front_loading(front, cap.gm, ctx, manager)
             if key:
                 graph_cache.store(cache, key, gm, self.module, cap.in_spec, cap.out_spec, cap.method, records)
         pm = manager(back)
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
+        if self.checkpoint is not None:  # a state dict is the caller's again; a file is read again at a recompile
+            self.checkpoint.release()
         if ctx.target == "cpu" and opts.plan is None:  # kernels chosen alone, checked together: one thread pool if
             # that is faster (a plan records the kernels as settled)
             pools.settle(gm, flatten_inputs(*example)[0], self.name, ctx.kernels)
@@ -712,6 +731,32 @@ class CompiledModule(ModuleView):
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
                        kernels=kernels, writes_state=bool(written), written=written, graph_key=key,
                        no_graph=why_not if why_not != "off" else None)
+
+    def _stand_ins(self, args: tuple, kwargs: dict) -> Any:
+        """Capture of a model whose weights a checkpoint holds sees stand-ins of them (fxcc.weights)."""
+        if self.checkpoint is None:
+            return contextlib.nullcontext()
+        cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in pytree.tree_leaves((args, kwargs)))
+        return stand_in(self.module, self.checkpoint, torch.device("cuda" if cuda else "cpu"))
+
+    def _front_loading(self, front: list, gm: fx.GraphModule, ctx: PassContext,
+                       manager: Callable[[list], PassManager]) -> tuple[fx.GraphModule, list]:
+        """The passes before codegen on a graph whose weights are still in the checkpoint: those up to the last
+        tp-shard read only shapes (canonicalize loads a weight it folds), so tp-shard reads each weight only where
+        this rank's shard lies; then every weight the graph still reads is loaded, and the rest of the passes run.
+        What a pass replaced (merged, quantized, sharded weights) leaves the graph: each weight is held once."""
+        names = [p.name for p in front]
+        cut = len(names) - names[::-1].index("tp-shard") if "tp-shard" in names else 0
+        if any(p.measures for p in front[:cut]):  # a pass that runs the graph needs the values
+            cut = 0
+        first, rest = manager(front[:cut]), manager(front[cut:])
+        gm = first.run(gm, ctx)
+        loaded = ir.load_pending(gm)
+        gm = rest.run(gm, ctx)
+        ir.drop_unused_constants(gm)
+        log.info("%s: %d weights read whole from %r, %d bytes of constants in the graph", self.name, loaded,
+                 self.checkpoint, ir.constant_bytes(gm))
+        return gm, first.records + rest.records
 
     def _graph_cache_key(self, front: list, args: tuple, kwargs: dict, target: str,
                          opts: CompileOptions) -> tuple[Any, str | None]:

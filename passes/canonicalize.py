@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from fxcc.ir import computed_from, fetch_attr, is_view, written_in_place
+from fxcc.ir import computed_from, fetch_attr, is_pending, is_view, peek_attr, written_in_place
 from fxcc.pipeline import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -76,6 +76,9 @@ class Canonicalize(Pass):
             if node in written:
                 continue
             if node.op == "get_attr":
+                held = peek_attr(gm, node.target)
+                if is_pending(held) and held.dim() > 1:
+                    continue  # a matrix still in its checkpoint (tp-shard may read a slice of it): not folded
                 const[node] = fetch_attr(gm, node.target)
                 sources[node] = [const[node]]
             elif node.op == "call_function" and _is_deterministic_op(node):

@@ -524,16 +524,18 @@ class _Sharder:
         key = (str(node.target), dim, blocks)
         if key in self.shards:
             return self.shards[key]
-        full = ir.fetch_attr(self.gm, str(node.target))
-        if full.shape[dim] % self.tp or sum(blocks) != full.shape[dim]:
-            raise ShardError(f"tp-shard{{tp={self.tp}}}: {node.target} has {full.shape[dim]} features along dim "
+        size = val(node).shape[dim]
+        if size % self.tp or sum(blocks) != size:
+            raise ShardError(f"tp-shard{{tp={self.tp}}}: {node.target} has {size} features along dim "
                              f"{dim}, not divisible by tp={self.tp}; choose a tp that divides it")
-        pieces, start = [], 0
+        spans, start = [], 0
         for b in blocks:
             n = b // self.tp
-            pieces.append(full.detach().narrow(dim, start + self.rank * n, n))
+            spans.append((start + self.rank * n, n))
             start += b
-        shard = ir.computed_from(torch.cat(pieces, dim).contiguous(), full)
+        # a weight still in its checkpoint (fxcc.compile(..., state_dict=...)) is read only where this rank's are
+        shard, sources = ir.fetch_rows(self.gm, str(node.target), dim, spans)
+        shard = ir.computed_from(shard, *sources)
         name = f"tp_{str(node.target).replace('.', '_')}"
         self.gm.register_buffer(name, shard)
         attrs = [n for n in self.gm.graph.nodes if n.op == "get_attr"]
@@ -546,24 +548,9 @@ class _Sharder:
     # ------------------------------------------------------------------------------ weights held once
 
     def drop_unused_params(self) -> None:
-        """Remove the get_attrs no node reads any more (the full weights of the shards) and the attributes
-        behind them, so the compiled graph keeps no reference to a full weight."""
-        for node in [n for n in self.gm.graph.nodes if n.op == "get_attr" and not n.users]:
-            target = str(node.target)
-            self.gm.graph.erase_node(node)
-            if any(n.op == "get_attr" and n.target == target for n in self.gm.graph.nodes):
-                continue
-            owner, _, name = target.rpartition(".")
-            mod = self.gm.get_submodule(owner) if owner else self.gm
-            if hasattr(mod, name):
-                delattr(mod, name)
+        """The full weights of the shards leave the graph: it keeps no reference to them."""
+        ir.drop_unused_constants(self.gm)
 
     def param_bytes(self) -> int:
-        """Bytes of the tensors the graph reads as constants, each storage once."""
-        seen: dict[int, int] = {}
-        for n in self.gm.graph.nodes:
-            if n.op == "get_attr":
-                t = ir.fetch_attr(self.gm, str(n.target))
-                if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(seen.values())
+        """Bytes of the tensors the graph reads as constants, each storage once (fxcc.ir.constant_bytes)."""
+        return ir.constant_bytes(self.gm)

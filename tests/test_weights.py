@@ -1,0 +1,154 @@
+"""fxcc.compile(model_on_meta, state_dict=...): weights read where the graph needs them and held once
+(fxcc.weights, fxcc.ir.fetch_rows, tp-shard slicing on load)."""
+
+from __future__ import annotations
+
+import gc
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+from fxcc.autotune.tp_plan import launch
+from fxcc.weights import Checkpoint
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+CFG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           vocab_size=512, max_position_embeddings=64)
+EXTERN = "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=extern}"
+OPTS = fxcc.CompileOptions(time_vs_eager=False)
+
+
+def llama(meta: bool = False):
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    if meta:
+        with torch.device("meta"):
+            return LlamaModel(LlamaConfig(**CFG)).eval()
+    return LlamaModel(LlamaConfig(**CFG)).eval()
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with its non-persistent buffers (rotary inv_freq), as a checkpoint holds them."""
+    return {**model.state_dict(), **dict(model.named_buffers())}
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def live_bytes() -> int:
+    """Bytes of every CPU tensor storage the garbage collector sees, each storage once."""
+    gc.collect()
+    seen = {}
+    for o in gc.get_objects():
+        if type(o) in (torch.Tensor, nn.Parameter) and o.device.type == "cpu":
+            seen[torch._C._data_address(o) - o.storage_offset() * o.element_size()] = o.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+IDS = torch.arange(16).reshape(1, 16) * 7 % 512
+
+
+def test_meta_model_with_state_dict_holds_each_weight_once():
+    base = live_bytes()
+    ref = llama()
+    with torch.no_grad():
+        expected = ref(IDS, use_cache=False).last_hidden_state
+    full, sd = param_bytes(ref), weights(ref)
+    del ref
+    compiled = fxcc.compile(llama(meta=True), passes=EXTERN, options=OPTS, state_dict=sd)
+    del sd
+    with torch.no_grad():
+        got = compiled(IDS, use_cache=False).last_hidden_state
+    assert (got - expected).abs().max().item() < 2e-5
+    del got
+    held = live_bytes() - base - expected.untyped_storage().nbytes()
+    assert held <= 1.1 * full, (held, full)
+    assert all(p.is_meta for p in compiled.parameters())  # the model holds none of them
+
+
+def test_safetensors_file_recompiles_and_a_released_state_dict_says_why(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    path = str(tmp_path / "w.safetensors")
+    save_file(ref.state_dict(), path)
+    x4, x6 = torch.randn(4, 32), torch.randn(6, 32)
+    opts = fxcc.CompileOptions(time_vs_eager=False, dynamic=False)
+    from_file = fxcc.compile(meta, passes="canonicalize,raise,fuse,codegen{backend=extern}", options=opts,
+                             state_dict=path)
+    with torch.no_grad():
+        for x in (x4, x6):  # the second shape recompiles, reading the file again
+            assert torch.allclose(from_file(x), ref(x), atol=1e-6)
+        from_dict = fxcc.compile(meta, passes="canonicalize,raise,fuse,codegen{backend=extern}", options=opts,
+                                 state_dict=ref.state_dict())
+        assert torch.allclose(from_dict(x4), ref(x4), atol=1e-6)
+        with pytest.raises(RuntimeError, match="let go after the first compile"):
+            from_dict(x6)
+
+
+def test_no_eager_model_is_an_error_not_a_silent_fallback():
+    ref = llama()
+    compiled = fxcc.compile(llama(meta=True), passes=EXTERN, options=OPTS, state_dict=weights(ref))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(fxcc.FullGraphError):
+        compiled(IDS, use_cache=False)
+
+
+def test_checkpoint_must_fit_the_meta_model():
+    ref = llama()
+    with pytest.raises(ValueError, match="no tensor on the meta device"):
+        fxcc.compile(ref, state_dict=weights(ref))
+    sd = weights(ref)
+    del sd["layers.0.mlp.up_proj.weight"]
+    sd["extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing \['layers.0.mlp.up_proj.weight'\].*unexpected \['extra'\]"):
+        fxcc.compile(llama(meta=True), state_dict=sd)
+    with pytest.raises(ValueError, match="state dict"):  # the non-persistent rotary buffer is named
+        fxcc.compile(llama(meta=True), state_dict=ref.state_dict())
+
+
+def _tp_loaded_worker(rank: int, world: int, path: str) -> dict:
+    """One rank: a meta Llama compiled with tp-shard from a safetensors file, against the TP=1 model."""
+    torch.set_num_threads(1)
+    read_whole = []
+    full = Checkpoint.full
+
+    def spy(self, name):
+        read_whole.append(name)
+        return full(self, name)
+
+    Checkpoint.full = spy
+    base = live_bytes()
+    ref = llama()
+    with torch.no_grad():
+        expected = ref(IDS, use_cache=False).last_hidden_state
+    params = param_bytes(ref)
+    del ref
+    passes = "decompose,canonicalize,raise,tp-shard{tp=2},merge-linears,fuse,codegen{backend=extern}"
+    compiled = fxcc.compile(llama(meta=True), passes=passes, options=OPTS, state_dict=path)
+    with torch.no_grad():
+        got = compiled(IDS, use_cache=False).last_hidden_state
+    err = (got - expected).abs().max().item()
+    del got
+    held = live_bytes() - base - expected.untyped_storage().nbytes()
+    return {"err": err, "ratio": held / params, "read_whole": read_whole}
+
+
+@pytest.mark.slow
+def test_tp2_from_meta_materialises_only_this_ranks_shards(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "llama.safetensors")
+    save_file({k: v.contiguous() for k, v in weights(llama()).items()}, path)
+    for r in launch(_tp_loaded_worker, 2, path, backend="gloo", start_method="fork"):
+        assert r["err"] < 2e-5, r
+        assert r["ratio"] <= 0.6, r
+        assert not [n for n in r["read_whole"] if "proj" in n], r  # projections: this rank's rows only
+        assert "embed_tokens.weight" in r["read_whole"]  # replicated
