@@ -55,8 +55,8 @@ def main() -> None:
     with torch.no_grad():
         outs = list(cm.variants[-1]._call(*cm._guard(a, k)[0]))
 
-    def replayed(self, flat, args=None, kwargs=None):  # the executable's result without running it
-        return self._result(list(outs), flat, args, kwargs)
+    def replayed(self, flat, args=None, kwargs=None, places=None):  # the executable's result without running it
+        return self._result(list(outs), flat, args, kwargs, places)
 
     runtime.Variant.run = replayed
     key = runtime._call_key

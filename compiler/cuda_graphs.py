@@ -19,6 +19,7 @@ uncaptured, and that is logged once and counted (`overlapped`). Outputs that are
 from __future__ import annotations
 
 import logging
+import operator
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,17 @@ def _address(t: torch.Tensor) -> int:
     """Where `t`'s first element is, read without asking for write access (which would give a tensor the
     guards watch by copy-on-write a copy of its memory: fxcc.watch)."""
     return torch._C._data_address(t) + t.storage_offset() * t.element_size()
+
+_BASE, _OFFSET, _ITEMSIZE = torch._C._data_address, torch.Tensor.storage_offset, torch.Tensor.element_size
+_SHAPE = operator.attrgetter("shape")
+
+
+def _pick(positions: list[int]) -> Callable[[list[Any]], tuple]:
+    """A function giving the items of a list at `positions`, as a tuple (one C call)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return (lambda xs: (xs[positions[0]],)) if positions else (lambda xs: ())
+
 
 _WARMUP = 2  # runs before a capture (lazy initialisation, autotuning)
 # a replay saves about one host launch per op and costs a copy of each input that is not already in the graph's
@@ -164,11 +176,13 @@ class CudaGraph:
         first = _capture(fn, flat, name, inplace, keep)
         return CudaGraph(first, fn, name, inplace, keep) if first is not None else None
 
-    def __call__(self, flat: list[Any], room: Callable[[], bool] = lambda: True) -> list[Any] | None:
+    def __call__(self, flat: list[Any], room: Callable[[], bool] = lambda: True,
+                 placed: bool = False) -> list[Any] | None:
         """Replay on these inputs, into a capture whose outputs the caller no longer holds; None when an
         in-place input is another tensor than the one captured, or when every capture's outputs are held.
-        `room`: whether a second capture may be taken now."""
-        if any(_address(flat[i]) != ptr for i, ptr in self.addresses):
+        `room`: whether a second capture may be taken now; `placed`: the in-place inputs' addresses were found
+        to be the captured ones already (CudaGraphs keys its graphs by them)."""
+        if not placed and any(_address(flat[i]) != ptr for i, ptr in self.addresses):
             return None
         for c in self.captures:
             if c.free():
@@ -217,6 +231,11 @@ class CudaGraphs:
         self.fn, self.name, self.inplace, self.keep = fn, name, inplace, keep
         self.graphs: dict[tuple, CudaGraph | None] = {}
         self.seen: dict[tuple, int] = {}
+        self._places = sorted(inplace)
+        self._types: list[type] | None = None  # the flat inputs' types, and where the tensors and ints are among them
+        self._layouts: dict[tuple, int] = {}  # each sequence of types seen -> its number, part of the key
+        self._layout = -1
+        self._tensors = self._ints = self._inplace = _pick([])
 
     @property
     def overlapped(self) -> int:
@@ -226,12 +245,25 @@ class CudaGraphs:
         """Whether another capture fits within MAX_GRAPHS."""
         return sum(len(g.captures) for g in self.graphs.values() if g is not None) < MAX_GRAPHS
 
+    def _key(self, flat: list[Any]) -> tuple:
+        """What selects a graph: the inputs' types, every tensor input's shape, every int input, every in-place
+        input's address (`_address`). Built in C-level passes over positions found once per sequence of types."""
+        types = list(map(type, flat))
+        if types != self._types:
+            self._types = types
+            self._layout = self._layouts.setdefault(tuple(types), len(self._layouts))
+            self._tensors = _pick([i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)])
+            self._ints = _pick([i for i, t in enumerate(types) if t is int])
+            self._inplace = _pick(self._places)
+        ins = self._inplace(flat)
+        return (self._layout, tuple(map(_SHAPE, self._tensors(flat))), self._ints(flat),
+                tuple(map(operator.add, map(_BASE, ins), map(operator.mul, map(_OFFSET, ins), map(_ITEMSIZE, ins)))))
+
     def __call__(self, flat: list[Any]) -> list[Any] | None:
-        key = (tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x if type(x) is int else None for x in flat),
-               tuple(_address(flat[i]) for i in sorted(self.inplace)))
+        key = self._key(flat)
         graph = self.graphs.get(key)
         if graph is not None:
-            return graph(flat, self._room)
+            return graph(flat, self._room, placed=True)
         if key in self.graphs:  # capture failed for this key
             return None
         if len(self.seen) > 4 * MAX_GRAPHS:

@@ -27,11 +27,10 @@ import torch.nn as nn
 
 from . import ir
 from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
-from .watch import Snapshot
+from .watch import Layouts, Snapshot
 
-_LAYOUT = operator.attrgetter("shape")
-_STRIDE = operator.methodcaller("stride")
-_DTYPE = operator.attrgetter("dtype", "device")
+# flags of a module that no forward reads: transformers' "weights initialised" mark (on every submodule)
+_NOT_READ = frozenset({"_is_hf_initialized"})
 _ADDRESS = torch._C._data_address
 _OFFSET = torch.Tensor.storage_offset
 
@@ -102,12 +101,12 @@ class ModuleState:
         for path, mod in module.named_modules(remove_duplicate=False):
             self._module(path, mod, root=mod is module)
         self.relative = self._relative()
+        self.root_training = module.training
+        self.trainings = self._trainings()
         tensors = named_tensors(module)
         self.tensors = list({id(t): t for t in tensors.values()}.values())
         self.tensor_names = {id(t): n for n, t in tensors.items()}
-        self.shapes = list(map(_LAYOUT, self.tensors))
-        self.strides = list(map(_STRIDE, self.tensors))
-        self.dtypes = list(map(_DTYPE, self.tensors))
+        self.layouts = Layouts(self.tensors)
         self.counts = list(map(len, self.counts_of))
         watched = self.tensors if sources is None else sources
         self.watched = [(t, Snapshot(t)) for t in watched]  # first: a snapshot may move a tensor's memory
@@ -135,7 +134,7 @@ class ModuleState:
             elif k == "training":  # the root's is part of the variant's key; submodules' count relative to it
                 if not root and isinstance(v, bool):
                     self.modes.append(attrs)
-            elif k not in MODULE_INTERNALS and primitive(v):
+            elif k not in MODULE_INTERNALS and k not in _NOT_READ and primitive(v):
                 self._attr(attrs, k, v, f"attribute {at}{k}")
         config = attrs.get("config")
         if config is not None and hasattr(config, "__dict__") and not isinstance(config, (nn.Module, torch.Tensor)):
@@ -156,11 +155,9 @@ class ModuleState:
         """None when everything compiled code depends on is as it was; else what changed, for the log."""
         if (all(map(operator.is_, map(dict.get, self.owners, self.names), self.objs))
                 and list(map(dict.get, self.dicts, self.keys)) == self.values
-                and self._relative() == self.relative
+                and self._same_modes()
                 and list(map(len, self.counts_of)) == self.counts
-                and list(map(_LAYOUT, self.tensors)) == self.shapes
-                and list(map(_STRIDE, self.tensors)) == self.strides
-                and list(map(_DTYPE, self.tensors)) == self.dtypes
+                and self.layouts.same()
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses)
                 and self._watched_same()):
             return None
@@ -209,7 +206,8 @@ class ModuleState:
             return "a module attribute was added or deleted"
         if self._relative() != self.relative:
             return "a submodule was put in training or eval mode on its own"
-        for t, shape, stride, (dtype, device) in zip(self.tensors, self.shapes, self.strides, self.dtypes):
+        lay = self.layouts
+        for t, shape, stride, dtype, device in zip(self.tensors, lay.shapes, lay.strides, lay.dtypes, lay.devices):
             if (t.shape, t.stride(), t.dtype, t.device) != (shape, stride, dtype, device):
                 return f"{self._name(t)} changed layout (now {t.dtype} {list(t.shape)})"
         if self.addresses is not None and list(map(_ADDRESS, self.live)) != self.addresses:
@@ -218,6 +216,15 @@ class ModuleState:
             if not s.same(t):
                 return f"the contents of {self._name(t)} changed (compiled code holds values computed from it)"
         return None  # a snapshot was taken again: contents were the same
+
+    def _trainings(self) -> list[Any]:
+        return list(map(dict.get, self.modes, repeat("training")))
+
+    def _same_modes(self) -> bool:
+        """`_relative() == self.relative`, without the xor while the root's mode is the one taken."""
+        if self.module.training is self.root_training:
+            return self._trainings() == self.trainings
+        return self._relative() == self.relative
 
     def _relative(self) -> list[bool]:
         """Each submodule's `training` as it relates to the root's (train() and eval() on the model keep it)."""

@@ -106,18 +106,19 @@ class Variant:
         al = self.captured.aliasing if self.captured is not None else None
         return al is not None and bool(al.leaves or al.n_state)
 
-    def run(self, flat: list[Any], args: tuple | None = None, kwargs: dict | None = None) -> Any:
+    def run(self, flat: list[Any], args: tuple | None = None, kwargs: dict | None = None,
+            places: list | None = None) -> Any:
         """Run on the flattened call; with `args`/`kwargs` (needed when `writes_back`) update the caller's
-        objects as eager would."""
+        objects as eager would (`places`: where, fxcc.state._Plan.write_back)."""
         if self.cuda_graph is not None:
             if self.cuda_graph == "pending":  # a static variant whose inputs are all copied: capture now
                 self.cuda_graph = self._capture(flat)
             outs = self.cuda_graph(flat) if self.cuda_graph is not None else None
             if outs is not None:
-                return self._result(outs, flat, args, kwargs)
+                return self._result(outs, flat, args, kwargs, places)
         with torch.no_grad():
             outs = self._call(*flat)
-        return self._result(list(outs), flat, args, kwargs)
+        return self._result(list(outs), flat, args, kwargs, places)
 
     def _capture(self, flat: list[Any]) -> CudaGraph | None:
         """This static variant's CUDA graph, where it pays for its input copies (its outputs are handed out
@@ -135,10 +136,11 @@ class Variant:
             return None
         return graph
 
-    def _result(self, outs: list[Any], flat: list[Any], args: tuple | None, kwargs: dict | None) -> Any:
+    def _result(self, outs: list[Any], flat: list[Any], args: tuple | None, kwargs: dict | None,
+                places: list | None = None) -> Any:
         if args is None or not self.writes_back:
             return pytree.tree_unflatten(outs, self.captured.out_spec)
-        return self.captured.aliasing.write_back(args, kwargs or {}, flat, outs, self.captured.out_spec)
+        return self.captured.aliasing.write_back(args, kwargs or {}, flat, outs, self.captured.out_spec, places)
 
     def _call(self, *flat: Any) -> Any:
         return self.executable(*flat, *self.bound)
@@ -227,6 +229,7 @@ class _Call:
     variant: Variant
     names: list[str]  # keyword names, sorted as flatten_inputs sorts them
     states: dict[int, Unchanged]  # id of a state argument -> its snapshot
+    places: list = field(default_factory=list)  # where the write-back puts each leaf (fxcc.state._Plan.write_back)
 
     @staticmethod
     def of(variant: Variant, args: tuple, kwargs: dict, forget: Callable[[], Any]) -> _Call | None:
@@ -335,7 +338,7 @@ class CompiledModule(ModuleView):
         ckey = _call_key(args, kwargs, self.module.training) if fast is None else None
         call = self._calls.get(ckey) if ckey is not None else None
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
-            return self._run(call.variant, call.flat(args, kwargs), args, kwargs)
+            return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
         flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
         if why is not None:
@@ -428,12 +431,12 @@ class CompiledModule(ModuleView):
         return self._eager(*args, **kwargs)
 
 
-    def _run(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict) -> Any:
+    def _run(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict, places: list | None = None) -> Any:
         if self.options.plan is None:
-            out = variant.run(flat, args, kwargs) if variant.writes_back else variant.run(flat)
+            out = variant.run(flat, args, kwargs, places) if variant.writes_back else variant.run(flat)
         else:  # a plan pins what a first run would time (a CUDA graph's worth, a Triton GEMM's config)
             with pinned(self.options.plan):
-                out = variant.run(flat, args, kwargs) if variant.writes_back else variant.run(flat)
+                out = variant.run(flat, args, kwargs, places) if variant.writes_back else variant.run(flat)
         if getattr(variant, "writes_state", False):  # its own writes to buffers are no parameter change
             if self._params is not None:
                 self._params.accept_writes(variant.written)

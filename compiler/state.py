@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .watch import Layouts
+
 _CONTAINERS = (tuple, list, dict)
 
 
@@ -174,32 +176,43 @@ _CONSTS = (torch.device, torch.dtype, type)  # what `_context` keeps by value an
 class Unchanged:
     """Whether a state object still holds what it held when taken: the same objects in every attribute, list and
     dict its flattening walks (`_context`), and its tensors the same layout. Then it flattens to the same leaves
-    and context, so a call reuses them without walking the pytree (the guard's fast path: a static cache's
-    decode step passes the same cache, written in place, at every token). `ok` is False for an object whose
-    flattening keeps something mutable by value (then only the full flatten can tell)."""
+    (the same objects, at the same places), so a call reuses them without walking the pytree (the guard's fast
+    path: a static cache's decode step passes the same cache, written in place, at every token). `ok` is False
+    for an object whose flattening keeps something mutable by value (then only the full flatten can tell).
 
-    __slots__ = ("leaves", "containers", "tensors", "ok", "ref")
+    The containers are checked in C-level passes over lists built once: their lengths, then every item by
+    identity (a dict's by key: a key deleted and added again, in another order, holds the same objects)."""
+
+    __slots__ = ("leaves", "containers", "lengths", "places", "keys", "items", "layouts", "ok", "ref")
 
     def __init__(self, obj: Any):
         node = pytree.SUPPORTED_NODES.get(type(obj))
-        self.containers: list[tuple[Any, tuple | None, tuple]] = []
-        self.ok = node is not None and node.flatten_fn is _flatten and _walk(obj, self.containers, top=True)
+        self.containers: list[Any] = []
+        walked: list[tuple[Any, tuple | None, tuple]] = []
+        self.ok = node is not None and node.flatten_fn is _flatten and _walk(obj, walked, top=True)
         try:  # the object itself is not held: a new one at the same address is not it
             self.ref = weakref.ref(obj)
         except TypeError:
             self.ok = False
+        self.containers = [c for c, _, _ in walked]
+        self.lengths = list(map(len, self.containers))
+        self.places, self.keys, self.items = [], [], []
+        for c, keys, items in walked:
+            self.places += [c] * len(items)
+            self.keys += keys if keys is not None else range(len(items))
+            self.items += items
         self.leaves = _flatten(obj)[0] if self.ok else []
-        self.tensors = [(t, t.shape, t.dtype, t.device) for t in self.leaves if isinstance(t, torch.Tensor)]
+        self.layouts = Layouts([t for t in self.leaves if isinstance(t, torch.Tensor)])
 
     def holds(self, obj: Any) -> bool:
-        if self.ref() is not obj:
+        if self.ref() is not obj or list(map(len, self.containers)) != self.lengths:
             return False
-        for c, keys, items in self.containers:
-            if len(c) != len(items) or (keys is not None and tuple(c) != keys):
+        try:
+            if not all(map(operator.is_, map(operator.getitem, self.places, self.keys), self.items)):
                 return False
-            if not all(map(operator.is_, c.values() if keys is not None else c, items)):
-                return False
-        return all(t.shape == s and t.dtype == d and t.device == dev for t, s, d, dev in self.tensors)
+        except KeyError:  # as many keys as before, not the same ones
+            return False
+        return self.layouts.same()
 
 
 def _walk(x: Any, out: list, top: bool = False) -> bool:
@@ -249,14 +262,15 @@ class Aliasing:
     plan: Any = field(default=None, compare=False, repr=False)  # _Plan, made at the first write-back; False: none
 
     def write_back(self, args: tuple, kwargs: dict, flat_in: list[Any], flat_out: list[Any],
-                   out_spec: pytree.TreeSpec) -> Any:
-        """The call's result from the graph's flat outputs, with the caller's objects updated and returned."""
+                   out_spec: pytree.TreeSpec, places: list | None = None) -> Any:
+        """The call's result from the graph's flat outputs, with the caller's objects updated and returned.
+        `places`: see _Plan.write_back."""
         for j, i in self.leaves:
             flat_out[j] = flat_in[i]
         if self.n_state and self.plan is None:
             self.plan = _Plan.of(self, args, kwargs, flat_in, flat_out, out_spec) or False
         if self.plan:
-            return self.plan.write_back(args, kwargs, flat_out)
+            return self.plan.write_back(args, kwargs, flat_out, places)
         result = pytree.tree_unflatten(flat_out, out_spec)
         if not self.n_state:
             return result
@@ -327,8 +341,19 @@ class _Plan:
             return None
         return _Plan(callers, paths, starts, list(final_spec.children()), spec, layout)
 
-    def write_back(self, args: tuple, kwargs: dict, flat_out: list[Any]) -> Any:
+    def write_back(self, args: tuple, kwargs: dict, flat_out: list[Any], places: list | None = None) -> Any:
+        """`places`, where given, is a list the caller keeps for as long as the state objects hold the containers
+        they hold now (fxcc.runtime._Call checks that before every call): the containers and keys each leaf is
+        written to, found by walking the paths at its first use, taken from it after."""
         objs = [args[w] if kind == "arg" else kwargs[w] for kind, w in self.callers]
+        if places is not None:
+            if not places:
+                places.append(self._places(objs))
+            if places[0] is not None:
+                for c, key, j in places[0]:
+                    c[key] = flat_out[j]
+                return pytree.tree_unflatten([flat_out[x] if x >= 0 else objs[-1 - x] for x in self.layout],
+                                             self.spec)
         for obj, paths, start, fin in zip(objs, self.paths, self.starts, self.finals):
             values = flat_out[start:start + fin.num_leaves]
             if paths is None:
@@ -344,6 +369,21 @@ class _Plan:
                 else:
                     at[last[0]] = value
         return pytree.tree_unflatten([flat_out[x] if x >= 0 else objs[-1 - x] for x in self.layout], self.spec)
+
+
+    def _places(self, objs: list[Any]) -> list[tuple[Any, Any, int]] | None:
+        """(container, key, flat output) for each leaf write of `write_back` (None where an object is adopted)."""
+        out = []
+        for obj, paths, start in zip(objs, self.paths, self.starts):
+            if paths is None:
+                return None
+            for k, path in paths:
+                at = obj
+                for step in path[:-1]:
+                    at = at.__dict__[step] if type(step) is str else at[step[0]]
+                last = path[-1]
+                out.append((at.__dict__, last, start + k) if type(last) is str else (at, last[0], start + k))
+        return out
 
 
 def _passed_through(obj: Any, path: tuple, j: int, passed: dict[int, int], flat_in: list[Any]) -> bool:

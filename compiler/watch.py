@@ -93,3 +93,50 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         if a.dtype.is_floating_point:
             a, b = a.view(_INT[a.element_size()]), b.view(_INT[b.element_size()])
         return torch.equal(a, b)
+
+
+_STRIDE = torch.Tensor.stride
+try:  # one C++ pass over many tensors (dispatch keys, dtype, device, sizes, strides): torch.compile's own guard
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - a torch without it: the comparisons below, in Python
+    _TensorGuards = None
+
+
+def _tensor_guards(tensors: list[torch.Tensor]) -> object | None:
+    if _TensorGuards is None or not tensors:
+        return None
+    try:  # both keywords are required (None: every size and stride is static)
+        return _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except (TypeError, RuntimeError):
+        return None
+
+
+class Layouts:
+    """The shapes, strides, dtypes and devices of a fixed list of tensors as taken; `same()` says whether every
+    one still has its own (the tensors themselves are the same objects: the caller checks that).
+
+    `same()` is on every call of a compiled module: torch's C++ tensor guard answers in one pass; it also compares
+    the dispatch keys (inference mode, requires_grad), which a layout does not include, so where it fails the
+    layouts are compared one by one and, when they are the same, the C++ guard is taken again under the
+    current state."""
+
+    __slots__ = ("tensors", "shapes", "strides", "dtypes", "devices", "_fast")
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tuple(tensors)
+        self.shapes = [t.shape for t in tensors]
+        self.strides = list(map(_STRIDE, tensors))
+        self.dtypes = [t.dtype for t in tensors]
+        self.devices = [t.device for t in tensors]
+        self._fast = _tensor_guards(self.tensors)
+
+    def same(self) -> bool:
+        fast = self._fast
+        if fast is not None and fast.check(*self.tensors):
+            return True
+        ts = self.tensors
+        same = ([t.shape for t in ts] == self.shapes and list(map(_STRIDE, ts)) == self.strides
+                and [t.dtype for t in ts] == self.dtypes and [t.device for t in ts] == self.devices)
+        if same and fast is not None:
+            self._fast = _tensor_guards(ts)
+        return same

@@ -7,11 +7,13 @@ fast; one test runs the default pipeline.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import fxcc
 import pytest
 import torch
+from fxcc.state import Unchanged
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, StaticCache  # noqa: E402
@@ -140,10 +142,20 @@ def test_static_cache_decode_steps_skip_the_full_guard(monkeypatch):
     assert len(seen) == 3
 
 
-def test_a_cache_changed_between_calls_goes_through_the_full_guard_again(monkeypatch):
-    """The fast path holds only while the cache holds the same objects: a layer's tensors replaced between
-    steps (by clones, as a user's cache surgery would) send the next step through the full guard, and every
-    step still equals eager."""
+def _clone_tensors(cache) -> None:
+    layer = cache.layers[1]
+    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+
+
+def _copy_layer(cache) -> None:  # the write-back's places are in the old layer's attributes: not reused
+    cache.layers[1] = copy.deepcopy(cache.layers[1])
+
+
+@pytest.mark.parametrize("surgery", [_clone_tensors, _copy_layer], ids=["tensors cloned", "layer copied"])
+def test_a_cache_changed_between_calls_goes_through_the_full_guard_again(monkeypatch, surgery):
+    """The fast path holds only while the cache holds the same objects: a layer's tensors or the layer itself
+    replaced between steps (by copies, as a user's cache surgery would) send the next step through the full
+    guard, and every step still equals eager."""
     model = build(llama)
     cm = fxcc.compile(model, passes=FAST)
     seen = _count_guards(monkeypatch, cm)
@@ -154,13 +166,43 @@ def test_a_cache_changed_between_calls_goes_through_the_full_guard_again(monkeyp
         with torch.no_grad():
             for step in range(6):
                 if step == 4:
-                    layer = cache.layers[1]
-                    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+                    surgery(cache)
                 x = run(input_ids=x, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
                 tokens[name].append(x.item())
     assert tokens["fxcc"] == tokens["eager"]
     assert_same_cache(caches["fxcc"], caches["eager"])
     assert len(seen) == 4  # prefill, first decode, the verdict kept, and the step after the surgery
+
+
+def test_a_static_caches_snapshot_holds_while_the_cache_holds_the_same_objects():
+    """fxcc.state.Unchanged, the fast path's check of a cache: every container by identity, every tensor's
+    layout; the dispatch state of a call (inference mode) is no change."""
+    model = build(llama)
+    cache = make_cache("static", model)
+    greedy(model, prompt(5), cache, steps=1)  # the prefill allocates the cache's tensors
+    u = Unchanged(cache)
+    assert u.ok and u.holds(cache)
+    with torch.inference_mode():
+        assert u.holds(cache)
+    assert u.holds(cache) and not u.holds(make_cache("static", model))
+    layer = cache.layers[0]
+    cache.layers[0] = copy.deepcopy(layer)
+    assert not u.holds(cache)
+    cache.layers[0] = layer
+    assert u.holds(cache)
+    d = vars(layer)
+    keys = d.pop("keys")
+    d["other"] = keys  # as many attributes, not the same ones
+    assert not u.holds(cache)
+    del d["other"]
+    d["keys"] = keys  # the same attributes in another order: the same objects where the graph reads them
+    assert u.holds(cache)
+    layer.keys = keys.clone()
+    assert not u.holds(cache)
+    layer.keys = keys
+    with torch.no_grad():
+        keys.resize_(keys.shape[0], keys.shape[1], keys.shape[2] - 1, keys.shape[3])  # the same tensor, resized
+    assert not u.holds(cache)
 
 
 def test_the_fast_path_does_not_keep_a_dropped_cache_alive():

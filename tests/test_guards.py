@@ -13,6 +13,7 @@ import torch.nn as nn
 from conftest import assert_outputs_close
 from fxcc import codegen, watch
 from fxcc.codegen import mkl, onednn, tvm
+from fxcc.guards import ModuleState
 
 
 @dataclasses.dataclass
@@ -276,3 +277,27 @@ def test_a_model_writing_its_own_buffer_leaves_its_weights_watched_in_place():
     ref.scale.mul_(2)
     torch.testing.assert_close(cm(x), ref(x))
     assert cm.stats.param_recompiles == 1
+
+
+@pytest.mark.parametrize("how", ["stride", "shape", "dtype"])
+def test_a_layout_change_is_seen_whatever_the_dispatch_state(how):
+    """ModuleState compares layouts in one C++ pass (fxcc.watch.Layouts): a call in inference mode or after
+    requires_grad_ changes the dispatch keys that pass also compares, which is no change; a new stride, shape
+    or dtype under `.data =` is one, in either state."""
+    m = Siblings().eval()
+    state = ModuleState(m, None)
+    assert state.changed() is None
+    for _ in range(2):  # the second time through the C++ guard taken again under this state
+        with torch.inference_mode():
+            assert state.changed() is None
+    m.w.requires_grad_(False)
+    assert state.changed() is None and state.changed() is None
+    w = m.a.weight.data
+    new = {"stride": lambda: w.t().contiguous().t(), "shape": lambda: w[:, :-1].clone(),
+           "dtype": lambda: w.double()}[how]()
+    m.a.weight.data = new
+    with torch.inference_mode():
+        assert "changed layout" in state.changed()
+    assert "changed layout" in state.changed()
+    m.a.weight.data = w
+    assert state.changed() is None
