@@ -21,6 +21,7 @@ from fxcc.pipeline import PassContext, PassManager, parse_pipeline
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from breadth import CASES  # noqa: E402
+from breadth.nets import ChannelsFirstLayerNorm  # noqa: E402
 
 aten = torch.ops.aten
 CL = torch.channels_last
@@ -184,3 +185,50 @@ def test_the_per_convolution_incumbent_it_is_timed_against_is_exact():
         for got, want in zip(gm(x), model(x)):
             torch.testing.assert_close(got, want)
             assert got.stride() == want.stride()
+
+
+class NormThenConv(nn.Module):
+    """ConvNeXt's downsampling: a LayerNorm over the channels of an NCHW tensor (means over dim 1), its result
+    copied channels-last for the convolution after it; then a mean over H, W of the channels-last result."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.conv = ChannelsFirstLayerNorm(4), nn.Conv2d(4, 6, 2, stride=2)
+
+    def forward(self, x):
+        y = self.conv(self.norm(x))
+        return y, y.mean((2, 3))
+
+
+def test_triton_reductions_write_channels_last_outputs_in_their_strides(monkeypatch):
+    """The reduction kernel writing the norm's result (the copy into channels-last fused after it) stores it
+    at its recorded strides, not row-major (it was wrong on the GPU: caught by the candidate check)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model, x = NormThenConv().eval(), torch.randn(2, 4, 6, 8)
+    cm = fxcc.compile(model, passes=GRAPH + ",fuse,codegen{backend=triton}",
+                      options=fxcc.CompileOptions(time_vs_eager=False))
+    with torch.no_grad():
+        want, got = model(x), cm(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert g.stride() == w.stride()
+    written = []
+    for n in cm.variants[-1].gm.graph.nodes:
+        if n.op != "call_function" or n.target not in KERNEL_OPS:
+            continue
+        k = cm.variants[-1].kernels[n.args[1]]
+        if k.kind != "reduction":
+            continue
+        assert k.backend == "triton"  # not the extern fallback after a failed check
+        holders = [p.meta["val"] for p in k.body.body.graph.nodes if p.op == "placeholder"]
+        inputs = [torch.randn(v.shape).as_strided(v.shape, v.stride()) for v in holders]
+        refs = k.body.body(*inputs)
+        outs = next(o for o in k.body.body.graph.nodes if o.op == "output").args[0]
+        for o, r, ref in zip(outs, k.fn(inputs), refs if isinstance(refs, (tuple, list)) else [refs]):
+            assert r.stride() == o.meta["val"].stride()
+            torch.testing.assert_close(r, ref, atol=1e-5, rtol=1e-5)
+            written.append(channels_last(r))
+    assert True in written
