@@ -3,7 +3,7 @@
     python benchmarks/gpu_kernels.py decode                         # fxcc:static Llama decode (hidden 2048, 16 layers,
                                                                     #   16/8 heads, ffn 8192, bf16, prompt 512)
     python benchmarks/gpu_kernels.py convnext_block,mobilenet_v2    # breadth modules (full size, bf16): eager,
-                                                                    #   torch.compile and fxcc side by side
+                                                                    #   torch.compile, fxcc and fxcc:no-layout
 
 Per engine: the wall time per call (20 calls after 3 warm-up, synchronized), then the kernels by total device time
 over 5 profiled calls, per call, with their launch counts. For decode, the figures are per generate step (64 new
@@ -65,8 +65,9 @@ def breadth(only: str, rows: int) -> None:
 
     for case in select(only):
         module, inputs = case.make("full", "cuda", torch.bfloat16)
-        for name, fn in {"eager": module, "torch.compile": torch.compile(module),
-                         "fxcc": fxcc.compile(module)}.items():
+        no_layout = fxcc.DEFAULT_PIPELINE.replace(",layout,", ",")  # channels-last per convolution only
+        for name, fn in {"eager": module, "torch.compile": torch.compile(module), "fxcc": fxcc.compile(module),
+                         "fxcc:no-layout": fxcc.compile(module, passes=no_layout)}.items():
             with torch.inference_mode():
                 for _ in range(3):
                     fn(*inputs)

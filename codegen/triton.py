@@ -38,6 +38,7 @@ from fxcc.codegen.triton_gen import (
     Emitter,
     Unsupported,
     Value,
+    add,
     body_nodes,
     broadcast_index,
     delinearize,
@@ -46,6 +47,7 @@ from fxcc.codegen.triton_gen import (
     is_symbolic,
     is_view,
     linearize,
+    mul,
     reduction_domain,
     reduction_input,
     shape_fn,
@@ -245,6 +247,15 @@ def memory_order(node: fx.Node) -> tuple[int, ...] | None:
     return order
 
 
+def store_offset(node: fx.Node, idx: tuple) -> str:
+    """The offset of element `idx` of output `node` in the buffer `_allocator` gives it: row-major, or its
+    recorded strides where `memory_order` says the buffer is dense in another order (channels-last)."""
+    if memory_order(node) is None:
+        return linearize(idx, shape_of(node))
+    v = node.meta["val"]
+    return add(*(mul(e, st) for e, s, st in zip(idx, v.shape, v.stride()) if s != 1))
+
+
 def _allocator(node: fx.Node, sizes: list[tuple[str, int, int]]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """A function of the kernel's inputs allocating `node`'s output (its symbolic sizes read from them), in
     its recorded strides where `memory_order` gives them."""
@@ -398,16 +409,18 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
         shape = shape_of(o)
         if shape != x_shape and o in fwd:  # a row-shaped value seen through views (a norm's view back)
             v = em.value(o, fwd[o])
-            at = em.index(linearize(fwd[o], shape))
+            at = em.index(store_offset(o, fwd[o]))
             stores.append(f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
         elif shape == x_shape:
             v = em.value(o, full)
-            at = f"rows * {n} + cols" if trailing else em.index(linearize(full, x_shape))
+            row_major = trailing and memory_order(o) is None
+            at = f"rows * {n} + cols" if row_major else em.index(store_offset(o, full))
             stores.append(f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
         elif shape in (tuple(x_shape[d] for d in kept), keepdim):
             at = lead if len(shape) == len(kept) else tuple("0" if d in dims else full[d] for d in range(len(shape)))
             v = em.value(o, at)
-            stores.append(f"tl.store(out{i} + rows + cols * 0, {v.name}.to({tl_dtype(dtype_of(o))}), "
+            off = "rows" if memory_order(o) is None else em.index(store_offset(o, at))
+            stores.append(f"tl.store(out{i} + {off} + cols * 0, {v.name}.to({tl_dtype(dtype_of(o))}), "
                           "mask=mask & (cols == 0))")
         else:
             raise Unsupported(f"output {o.name} is neither row- nor reduction-shaped")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.dialects import CONV, classify
+from fxcc.dialects import CONV, classify, dense_order, domain
 from fxcc.measure import decide, interleaved, pinned_by
 from fxcc.pipeline import Pass, PassContext, PassResult
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -219,6 +219,17 @@ class _Walk:
                 moved = True
         return moved
 
+    def rows_from(self, node: fx.Node, order: dict[fx.Node, int]) -> None:
+        """`node` (a reduction that would read its input strided) and every later reader of that input read
+        a contiguous copy of it: a norm's `x - mean` shares the reduction's row kernel and must read rows too.
+        What follows is computed in rows until the next convolution converts it back."""
+        x = node.args[0]
+        c = self.copy(x, torch.contiguous_format, node)
+        for u in list(x.users):
+            if u is not c and order.get(u, -1) >= order[node]:
+                u.replace_input_with(x, c)
+        self.stats["layout.copies_back"] += 1
+
 
 def _follows(node: fx.Node) -> bool:
     """Ops that compute on any layout and carry it on (their result's strides follow their operands')."""
@@ -231,11 +242,29 @@ def _follows(node: fx.Node) -> bool:
     return cat == "reduction" and isinstance(t, torch._ops.OpOverload) and t.namespace == "aten"
 
 
+def reads_strided(node: fx.Node) -> bool:
+    """A reduction whose reduced dims are not the innermost of its input's memory order (a mean over H, W
+    of an NHWC value, as InstanceNorm and global average pooling take): fxcc's row kernels (a row per kept
+    index, its columns the reduced elements) would load each column from another memory segment. Torch's
+    reductions reorder their loops around the strides, so the timing as torch ops cannot see the cost."""
+    d, x = domain(node), node.args[0]
+    v = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if d is None or not isinstance(v, torch.Tensor) or not all(type(s) is int for s in (*v.shape, *v.stride())):
+        return False
+    order = dense_order(tuple(v.shape), tuple(v.stride()))
+    if order is None:
+        return False
+    inner = [i for i in order if v.shape[i] != 1]
+    reduced = {i for i in d[1] if v.shape[i] != 1}
+    return set(inner[len(inner) - len(reduced):]) != reduced
+
+
 def rewrite(gm: fx.GraphModule, owner: fx.GraphModule | None = None) -> dict[str, int]:
     """Channels-last from the convolutions on, in place; eager's strides at the outputs. Returns statistics.
     Raises NotApplied (gm then half rewritten: pass a copy) when the rewrite cannot stay exact. New constants
     get names free in `gm` and in `owner` (the module gm is a copy of, which will hold them)."""
     walk = _Walk(gm, owner)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         if node.op == "output":
             _restore_outputs(walk, node)
@@ -251,6 +280,8 @@ def rewrite(gm: fx.GraphModule, owner: fx.GraphModule | None = None) -> dict[str
             walk.stats["layout.convolutions"] += 1
         elif not _follows(node) or node.target in _READS_STRIDES:
             walk.contiguous_inputs(node)
+        elif reads_strided(node) and walk.changed(node.args[0]):
+            walk.rows_from(node, order)
         try:
             node.meta["val"] = walk.compute(node)
         except Exception as e:  # noqa: BLE001 - a view that cannot view the new layout: give it rows

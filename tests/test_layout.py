@@ -21,6 +21,7 @@ from fxcc.pipeline import PassContext, PassManager, parse_pipeline
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from breadth import CASES  # noqa: E402
+from breadth.nets import ChannelsFirstLayerNorm  # noqa: E402
 
 aten = torch.ops.aten
 CL = torch.channels_last
@@ -40,7 +41,8 @@ def copies(gm, fmt):
 
 class ConvFlatten(nn.Module):
     """A convolution's output read by a view that needs rows (C, H, W into one dimension) and a linear, by a
-    flatten (a reshape: any layout) and by a view that NHWC can give (H, W into one)."""
+    flatten (a reshape: any layout) and by a view that NHWC can give (H, W into one), summed over the channels
+    (contiguous in NHWC; a sum over H, W would read rows: see the test of spatial reductions)."""
 
     def __init__(self):
         super().__init__()
@@ -49,7 +51,7 @@ class ConvFlatten(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.conv2(torch.sigmoid(self.conv1(x)) * 2.0))
-        return self.fc(y.view(y.shape[0], -1)), y.flatten(1) * 2, y.view(y.shape[0], 8, -1).sum(-1)
+        return self.fc(y.view(y.shape[0], -1)), y.flatten(1) * 2, y.view(y.shape[0], 8, -1).sum(1)
 
 
 def test_the_conv_chain_is_channels_last_between_one_copy_in_and_one_back():
@@ -184,3 +186,119 @@ def test_the_per_convolution_incumbent_it_is_timed_against_is_exact():
         for got, want in zip(gm(x), model(x)):
             torch.testing.assert_close(got, want)
             assert got.stride() == want.stride()
+
+
+class NormThenConv(nn.Module):
+    """ConvNeXt's downsampling: a LayerNorm over the channels of an NCHW tensor (means over dim 1), its result
+    copied channels-last for the convolution after it; then a mean over H, W of the channels-last result."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.conv = ChannelsFirstLayerNorm(4), nn.Conv2d(4, 6, 2, stride=2)
+
+    def forward(self, x):
+        y = self.conv(self.norm(x))
+        return y, y.mean((2, 3))
+
+
+def test_triton_reductions_write_channels_last_outputs_in_their_strides(monkeypatch):
+    """The reduction kernel writing the norm's result (the copy into channels-last fused after it) stores it
+    at its recorded strides, not row-major (it was wrong on the GPU: caught by the candidate check)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model, x = NormThenConv().eval(), torch.randn(2, 4, 6, 8)
+    cm = fxcc.compile(model, passes=GRAPH + ",fuse,codegen{backend=triton}",
+                      options=fxcc.CompileOptions(time_vs_eager=False))
+    with torch.no_grad():
+        want, got = model(x), cm(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert g.stride() == w.stride()
+    written = []
+    for n in cm.variants[-1].gm.graph.nodes:
+        if n.op != "call_function" or n.target not in KERNEL_OPS:
+            continue
+        k = cm.variants[-1].kernels[n.args[1]]
+        if k.kind != "reduction":
+            continue
+        assert k.backend == "triton"  # not the extern fallback after a failed check
+        holders = [p.meta["val"] for p in k.body.body.graph.nodes if p.op == "placeholder"]
+        inputs = [torch.randn(v.shape).as_strided(v.shape, v.stride()) for v in holders]
+        refs = k.body.body(*inputs)
+        outs = next(o for o in k.body.body.graph.nodes if o.op == "output").args[0]
+        for o, r, ref in zip(outs, k.fn(inputs), refs if isinstance(refs, (tuple, list)) else [refs]):
+            assert r.stride() == o.meta["val"].stride()
+            torch.testing.assert_close(r, ref, atol=1e-5, rtol=1e-5)
+            written.append(channels_last(r))
+    assert True in written
+
+
+class Norms(nn.Module):
+    """InstanceNorm (means over H, W), a LayerNorm over the channels (means over C) and global average
+    pooling (a mean over H, W) between convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.inorm, self.ln = nn.InstanceNorm2d(8, affine=True), ChannelsFirstLayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.inorm(self.c1(x))))
+        y = torch.sigmoid(self.c3(self.ln(y) + y))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_reductions_over_spatial_dims_read_rows_and_over_channels_read_nhwc():
+    """A mean over H, W of an NHWC value would make fxcc's row kernels load every element from another
+    memory segment: the pass gives it (and every later reader of that value: the norm's x - mean, fused into
+    the same row kernel) a contiguous copy. A mean over C reads NHWC as it is (its rows are contiguous)."""
+    torch.manual_seed(0)
+    model, x = Norms().eval(), torch.randn(2, 3, 6, 5)
+    gm = graph_after(model, GRAPH, x)
+    means = {}
+    for n in gm.graph.nodes:
+        if n.target is aten.mean.dim:
+            means.setdefault(tuple(n.args[1]), []).append(n.args[0].meta["val"])
+    assert sorted(means) == [(1,), (2, 3)]
+    assert len(means[(1,)]) == 2 and all(channels_last(v) for v in means[(1,)])  # LayerNorm over channels
+    assert len(means[(2, 3)]) == 3 and all(v.is_contiguous() for v in means[(2, 3)])  # InstanceNorm, pooling
+    inorm_sub = next(n for n in gm.graph.nodes if n.target is aten.sub.Tensor)
+    assert inorm_sub.meta["val"].is_contiguous()  # x - mean reads the same copy
+    assert all(channels_last(c.meta["val"]) for c in gm.graph.nodes if is_conv2d(c))
+    with torch.no_grad():
+        want, (got,) = model(x), gm(x)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == want.stride()
+
+
+def test_reductions_of_values_eager_gives_nhwc_are_left_as_eager_reads_them():
+    """With an NHWC input eager's own values are NHWC: the pass changes no layout, so it copies nothing (the
+    graph without it would read the same strides)."""
+    torch.manual_seed(0)
+    model, x = Norms().eval(), torch.randn(2, 3, 6, 5).contiguous(memory_format=CL)
+    gm = graph_after(model, GRAPH, x)
+    assert not copies(gm, CL) and not copies(gm, torch.contiguous_format)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], model(x))
+
+
+def test_unet_stage_stays_channels_last_throughout():
+    """UNet's stage holds no reduction (its batch norms are folded into per-channel affines), max pooling,
+    a transposed convolution and a concatenation, all carried NHWC: the whole graph is rewritten, one copy in
+    (the input) and one back (the one-channel output, into eager's stride of its size-1 channel dim)."""
+    model, (x,) = CASES["unet_stage"].make("small")
+    gm = graph_after(model, GRAPH, x)
+    (back,) = copies(gm, torch.contiguous_format)
+    assert len(copies(gm, CL)) == 1 and [u.op for u in back.users] == ["output"]
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (aten.max_pool2d.default, aten.cat.default,
+                                                    aten.conv_transpose2d.input):
+            assert channels_last(n.meta["val"]), n.name
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.stride() == want.stride()
