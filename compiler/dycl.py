@@ -610,13 +610,23 @@ class DyclVariant(Variant):
     host_cache_key: str | None = None
     eager_notes: list[str] = field(default_factory=list)
 
-    def run(self, flat: list[Any]) -> Any:
+    @property
+    def writes_back(self) -> bool:
+        """The host program runs on the caller's own arguments (fxcc.runtime passes them): what its Python does
+        to them (an attribute rebound on a state object, an item appended to a list) reaches the caller's
+        objects, as in eager. Rebuilt from the flat leaves they would be copies, left as they were."""
+        return True
+
+    def run(self, flat: list[Any], args: tuple | None = None, kwargs: dict | None = None,
+            places: list | None = None) -> Any:
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return self._call(flat)
-        return self._call(flat)
+                return self._call(flat, args, kwargs)
+        return self._call(flat, args, kwargs)
 
-    def _call(self, flat: list[Any]) -> Any:
+    def _call(self, flat: list[Any], args: tuple | None, kwargs: dict | None) -> Any:
+        if args is not None:
+            return self.program.call(*args, **(kwargs or {}))
         if self.flat_args:
             return self.program.call(*flat)
         args, kwargs = pytree.tree_unflatten(flat, self.in_spec)

@@ -631,6 +631,8 @@ class CompiledModule(ModuleView):
         log.info("%s: %s", self.name, variant.vs_eager)
         if verdict.keep_compiled or self.options.fullgraph:  # fullgraph=True: compiled even where slower
             return variant
+        if (other := self._without_layout(variant, args, kwargs, device, verdict)) is not None:
+            return other
         variant.slower_than_eager = True
         sig = ", ".join(ir.type_str(x) for x in flat)
         reason = (f"{self.name} runs eagerly for inputs ({sig}): compiled, it measured {verdict.compiled_ms:.3f} ms "
@@ -638,6 +640,32 @@ class CompiledModule(ModuleView):
         warnings.warn(f"fxcc: {reason}. fxcc.explain shows its kernels; CompileOptions(time_vs_eager=False) keeps "
                       "the compiled one.", stacklevel=5)
         return _Eager(reason, variant)
+
+    def _without_layout(self, variant: Variant, args: tuple, kwargs: dict, device: str,
+                        verdict: vs_eager.Verdict) -> Variant | None:
+        """A variant compiled without the `layout` rewrite, where that rewrite changed a graph that then measured
+        slower than eager and the graph without it measures faster than eager; else None. The layout pass decides
+        by timing the graph's torch ops, which the generated kernels can belie (a whole UNet stage channels-last)."""
+        if self.options.plan is not None or not any(r.spec.split("{")[0] == "layout" and r.result.changed
+                                                    for r in variant.records):
+            return None
+        saved = self._passes
+        self._passes = [p for p in saved if p.name != "layout"]
+        try:
+            other = self.compile_for(args, kwargs, variant.shapes.dims if variant.shapes is not None else None)
+        finally:
+            self._passes = saved
+        flat = flatten_inputs(args, kwargs)[0]
+        again = vs_eager.judge(lambda: other.run(flat), lambda: self._eager(*args, **kwargs), device)
+        log.info("%s: without the layout rewrite: %s", self.name, again.text())
+        if not again.keep_compiled:
+            return None
+        other.vs_eager = (f"{again.text()}; with the layout rewrite it measured {verdict.compiled_ms:.3f} ms against "
+                          f"eager's {verdict.eager_ms:.3f} ms, so it is compiled without it")
+        warnings.warn(f"fxcc: {self.name}: the graph kept channels-last (the layout pass) measured slower than eager "
+                      f"({verdict.compiled_ms:.3f} ms against {verdict.eager_ms:.3f} ms); compiled without that rewrite "
+                      f"it measured {again.compiled_ms:.3f} ms, which is kept", stacklevel=6)
+        return other
 
     def compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None = None) -> Variant:
         """Capture and compile for these example inputs, the input dimensions in `dims` symbolic (does not

@@ -539,3 +539,40 @@ def test_mutable_inputs_are_never_baked_into_a_segment():
             assert torch.equal(compiled(x, cfg), model(x, cfg))
     runs = [r for s in compiled.variants[0].program.segments for r in s.runs.values()]
     assert any("cannot be guarded" in (r.eager or "") for r in runs)
+
+
+class _Running:
+    """A state object of the user's own (registered as a cache is): a running total rebound at each call."""
+
+    def __init__(self, n):
+        self.total = torch.zeros(n)
+        self.seen = []
+
+
+def test_a_host_program_updates_the_callers_own_state_object_and_list():
+    """The host program runs on the caller's objects: an attribute rebound on a registered state object and an
+    item appended to a list argument reach them, call after call, as in eager (rebuilt from their tensors they
+    were copies, and the caller's total stayed at zero)."""
+    from fxcc.state import register_state_class
+    register_state_class(_Running)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, state, log):
+            state.total = state.total + x
+            log.append(x.sum())
+            return self.lin(x) + state.total
+
+    m = M().eval()
+    cm = fxcc.compile(m)
+    se, sc, le, lc = _Running(4), _Running(4), [], []
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(4)
+            torch.testing.assert_close(cm(x, sc, lc), m(x, se, le))
+            torch.testing.assert_close(sc.total, se.total)
+    assert len(lc) == len(le) == 3
+    torch.testing.assert_close(torch.stack(lc), torch.stack(le))

@@ -302,3 +302,27 @@ def test_unet_stage_stays_channels_last_throughout():
     got = got[0] if isinstance(got, (tuple, list)) else got
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert got.stride() == want.stride()
+
+
+def test_a_layout_rewrite_measured_slower_than_eager_is_compiled_again_without_it(monkeypatch):
+    """The pass decides by timing torch ops; where the compiled graph it made then measures slower than eager,
+    the graph is compiled once more without the rewrite and kept if that one beats eager (else eager runs)."""
+    from fxcc.autotune import vs_eager
+    verdicts = iter([vs_eager.Verdict(3.0, 2.0), vs_eager.Verdict(1.0, 2.0)])  # with the rewrite, then without
+    seen = []
+
+    def judge(compiled, eager, device):
+        compiled()
+        seen.append(device)
+        return next(verdicts)
+    monkeypatch.setattr(vs_eager, "judge", judge)
+    monkeypatch.setenv("FXCC_TIME_VS_EAGER", "1")
+    model, x = ConvEpilogue().eval(), torch.randn(2, 4, 8, 8)
+    cm = fxcc.compile(model, passes=EXTERN, options=fxcc.CompileOptions(time_vs_eager=True, graph_cache=False))
+    with torch.no_grad(), pytest.warns(UserWarning, match="compiled without that rewrite"):
+        got = cm(x)
+    torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+    assert seen == ["cpu", "cpu"]
+    v = cm.variants[-1]
+    assert not [r for r in v.records if r.spec.startswith("layout") and r.result.changed]
+    assert not copies(v.gm, CL) and "without it" in v.vs_eager
