@@ -326,3 +326,23 @@ def test_a_layout_rewrite_measured_slower_than_eager_is_compiled_again_without_i
     v = cm.variants[-1]
     assert not [r for r in v.records if r.spec.startswith("layout") and r.result.changed]
     assert not copies(v.gm, CL) and "without it" in v.vs_eager
+
+
+def test_a_kernel_alike_but_for_layout_is_its_own_kernel():
+    """Kernel bodies are named by their text; the types print shapes only, so an NCHW body compiled earlier in the
+    process used to be served for the same body in NHWC (its strides, its generated code, its cached choice)."""
+    model, x = ConvEpilogue().eval(), torch.randn(2, 4, 8, 8)
+    first = fxcc.compile(model, passes="decompose,canonicalize,raise,fuse,codegen{backend=extern}")
+    then = fxcc.compile(model, passes=EXTERN)
+    with torch.no_grad():
+        want, a, b = model(x), first(x), then(x)
+    torch.testing.assert_close(a, want)
+    torch.testing.assert_close(b, want)
+
+    def convs(cm):
+        gm = cm.variants[-1].gm
+        return [(n.args[1], c) for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS
+                for c in kernel_body(n.args[1]).body.graph.nodes if is_conv2d(c)]
+    assert all(not channels_last(c.meta["val"]) for _, c in convs(first))
+    assert convs(then) and all(channels_last(c.meta["val"]) for _, c in convs(then))
+    assert not {k for k, _ in convs(first)} & {k for k, _ in convs(then)}
