@@ -634,7 +634,7 @@ def _deserialize(doc: dict, files: dict, module: nn.Module) -> fx.GraphModule:
         if not (isinstance(k, dict) and k.get("kind") in _KINDS and isinstance(k.get("text"), str)):
             raise BadEntry(f"kernel {key!r} is malformed")
         body = fx.GraphModule(nn.Module(), _dec_graph(k.get("graph"), fakes, {}))
-        if f"k{ir.fingerprint(k['text'])}" != key or ir.print_graph(body, name=k["kind"]) != k["text"]:
+        if f"k{ir.fingerprint(k['text'])}" != key or ir.kernel_text(body, k["kind"]) != k["text"]:
             raise BadEntry(f"kernel {key!r}: its graph does not match its key")
         intern_body(KernelBody(key, k["kind"], body, k["text"]))
     return fx.GraphModule(root, _dec_graph(doc["graph"], fakes, root))

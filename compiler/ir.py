@@ -210,6 +210,25 @@ def print_graph(gm: fx.GraphModule, name: str = "forward") -> str:
     return canonical_symbols(f"func @{name}({', '.join(params)}) {{\n" + "\n".join(lines) + "\n}")
 
 
+def kernel_text(body: fx.GraphModule, kind: str) -> str:
+    """A kernel body's text, the input of its key: the printed graph, then the strides of its values that are not
+    row-major (static sizes). The printed types carry shapes only: two bodies alike but for layout (NCHW and
+    channels-last) are two kernels, whose generated code and cached choices differ."""
+    out = []
+    for n in body.graph.nodes:
+        v = n.meta.get("val")
+        if not isinstance(v, torch.Tensor) or not all(type(d) is int for d in (*v.shape, *v.stride())):
+            continue
+        row, want = 1, []
+        for d in reversed(v.shape):
+            want.append(row)
+            row *= d
+        if v.storage_offset() or any(d != 1 and st != w for d, st, w in zip(v.shape, v.stride(), reversed(want))):
+            out.append(f"%{n.name} strides {tuple(v.stride())}" + (f" offset {v.storage_offset()}"
+                                                                   if v.storage_offset() else ""))
+    return print_graph(body, name=kind) + ("\n// layouts: " + ", ".join(out) if out else "")
+
+
 def flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
     """A call's arguments as the graph's flat inputs (keyword order ignored): the IR's calling convention."""
     return pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))

@@ -309,24 +309,6 @@ def _register_body(g: Group, inputs: list[fx.Node], outputs: list[fx.Node],
         env[m].meta["val"] = m.meta.get("val")
     body.output(tuple(env[o] for o in outputs))
     body_gm = fx.GraphModule(torch.nn.Module(), body)
-    text = ir.print_graph(body_gm, name=g.kind) + _layout_note(body_gm)
+    text = ir.kernel_text(body_gm, g.kind)
     return intern_body(KernelBody(f"k{ir.fingerprint(text)}", g.kind, body_gm, text))
 
-
-def _layout_note(body: fx.GraphModule) -> str:
-    """The strides of the body's values that are not row-major (static sizes), as a last line of its text: two
-    bodies alike but for layout (NCHW and channels-last) are two kernels, whose generated code and cached choices
-    differ. The printed types carry shapes only, so without it the second would be served the first's body."""
-    out = []
-    for n in body.graph.nodes:
-        v = n.meta.get("val")
-        if not isinstance(v, torch.Tensor) or not all(type(d) is int for d in (*v.shape, *v.stride())):
-            continue
-        row, want = 1, []
-        for d in reversed(v.shape):
-            want.append(row)
-            row *= d
-        if v.storage_offset() or any(d != 1 and st != w for d, st, w in zip(v.shape, v.stride(), reversed(want))):
-            out.append(f"%{n.name} strides {tuple(v.stride())}" + (f" offset {v.storage_offset()}"
-                                                                   if v.storage_offset() else ""))
-    return "\n// layouts: " + ", ".join(out) if out else ""
