@@ -242,7 +242,7 @@ def memory_order(node: fx.Node) -> tuple[int, ...] | None:
     if not all(type(s) is int for s in (*shape, *stride)):
         return None
     order = dense_order(shape, stride)
-    if order is None or all(shape[d] == 1 or stride[d] == math.prod(shape[d + 1:]) for d in range(len(shape))):
+    if order is None or ir.row_major(shape, stride):
         return None
     return order
 

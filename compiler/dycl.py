@@ -605,7 +605,6 @@ class DyclVariant(Variant):
 
     program: Program | None = None
     in_spec: Any = None
-    flat_args: bool = False
     reason: str = ""
     host_cache_key: str | None = None
     eager_notes: list[str] = field(default_factory=list)
@@ -625,12 +624,9 @@ class DyclVariant(Variant):
         return self._call(flat, args, kwargs)
 
     def _call(self, flat: list[Any], args: tuple | None, kwargs: dict | None) -> Any:
-        if args is not None:
-            return self.program.call(*args, **(kwargs or {}))
-        if self.flat_args:
-            return self.program.call(*flat)
-        args, kwargs = pytree.tree_unflatten(flat, self.in_spec)
-        return self.program.call(*args, **kwargs)
+        if args is None:  # a caller holding only the flat inputs (copies of the objects, rebuilt)
+            args, kwargs = pytree.tree_unflatten(flat, self.in_spec)
+        return self.program.call(*args, **(kwargs or {}))
 
     def report(self, name: str, *, ir_after_each: bool = False) -> str:
         """What `fxcc explain` prints: the host program(s), then every segment's source, IR and placement."""
@@ -735,14 +731,13 @@ def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | No
             if p.warning:
                 warnings.warn(p.warning, stacklevel=5)
     cm._snapshot_params()
-    flat, in_spec = flatten_inputs(args, kwargs)
-    flat_args = not kwargs and len(flat) == len(args) and all(not isinstance(a, (list, tuple, dict)) for a in args)
+    in_spec = flatten_inputs(args, kwargs)[1]
     key = _store_host(cm.name, program)
     log.info("%s compiled with DyCL: %d host programs, %d segments", cm.name, len(program.all_programs()),
              sum(len(p.segments) for p in program.all_programs()))
     return DyclVariant(captured=None, gm=None, executable=None, records=[],
                        compile_seconds=time.perf_counter() - t0, name=cm.name, program=program, in_spec=in_spec,
-                       flat_args=flat_args, reason=reason, host_cache_key=key)
+                       reason=reason, host_cache_key=key)
 
 
 def _store_host(name: str, program: Program) -> str | None:

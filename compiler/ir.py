@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import operator
 import re
 import weakref
@@ -219,14 +220,15 @@ def kernel_text(body: fx.GraphModule, kind: str) -> str:
         v = n.meta.get("val")
         if not isinstance(v, torch.Tensor) or not all(type(d) is int for d in (*v.shape, *v.stride())):
             continue
-        row, want = 1, []
-        for d in reversed(v.shape):
-            want.append(row)
-            row *= d
-        if v.storage_offset() or any(d != 1 and st != w for d, st, w in zip(v.shape, v.stride(), reversed(want))):
+        if v.storage_offset() or not row_major(tuple(v.shape), tuple(v.stride())):
             out.append(f"%{n.name} strides {tuple(v.stride())}" + (f" offset {v.storage_offset()}"
                                                                    if v.storage_offset() else ""))
     return print_graph(body, name=kind) + ("\n// layouts: " + ", ".join(out) if out else "")
+
+
+def row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether static `stride` is the row-major layout of `shape` (a dimension of size 1 may have any stride)."""
+    return all(shape[d] == 1 or stride[d] == math.prod(shape[d + 1:]) for d in range(len(shape)))
 
 
 def flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:

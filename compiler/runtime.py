@@ -631,7 +631,7 @@ class CompiledModule(ModuleView):
         log.info("%s: %s", self.name, variant.vs_eager)
         if verdict.keep_compiled or self.options.fullgraph:  # fullgraph=True: compiled even where slower
             return variant
-        if (other := self._without_layout(variant, args, kwargs, device, verdict)) is not None:
+        if (other := self._without_layout(variant, args, kwargs, flat, device, verdict)) is not None:
             return other
         variant.slower_than_eager = True
         sig = ", ".join(ir.type_str(x) for x in flat)
@@ -641,7 +641,7 @@ class CompiledModule(ModuleView):
                       "the compiled one.", stacklevel=5)
         return _Eager(reason, variant)
 
-    def _without_layout(self, variant: Variant, args: tuple, kwargs: dict, device: str,
+    def _without_layout(self, variant: Variant, args: tuple, kwargs: dict, flat: list[Any], device: str,
                         verdict: vs_eager.Verdict) -> Variant | None:
         """A variant compiled without the `layout` rewrite, where that rewrite changed a graph that then measured
         slower than eager and the graph without it measures faster than eager; else None. The layout pass decides
@@ -649,13 +649,8 @@ class CompiledModule(ModuleView):
         if self.options.plan is not None or not any(r.spec.split("{")[0] == "layout" and r.result.changed
                                                     for r in variant.records):
             return None
-        saved = self._passes
-        self._passes = [p for p in saved if p.name != "layout"]
-        try:
-            other = self.compile_for(args, kwargs, variant.shapes.dims if variant.shapes is not None else None)
-        finally:
-            self._passes = saved
-        flat = flatten_inputs(args, kwargs)[0]
+        other = self.compile_for(args, kwargs, variant.shapes.dims if variant.shapes is not None else None,
+                                 [p for p in self._passes if p.name != "layout"])
         again = vs_eager.judge(lambda: other.run(flat), lambda: self._eager(*args, **kwargs), device)
         log.info("%s: without the layout rewrite: %s", self.name, again.text())
         if not again.keep_compiled:
@@ -667,9 +662,10 @@ class CompiledModule(ModuleView):
                       f"it measured {again.compiled_ms:.3f} ms, which is kept", stacklevel=6)
         return other
 
-    def compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None = None) -> Variant:
-        """Capture and compile for these example inputs, the input dimensions in `dims` symbolic (does not
-        register the variant)."""
+    def compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None = None,
+                    passes: list | None = None) -> Variant:
+        """Capture and compile for these example inputs, the input dimensions in `dims` symbolic, through `passes`
+        (default: the compile's pipeline); does not register the variant."""
         t0 = time.perf_counter()
         opts = CompileOptions.from_env(self.options)
         # passes and kernel choice run the graph on the example inputs: on copies, since a graph may write
@@ -695,7 +691,7 @@ class CompiledModule(ModuleView):
             if effect is not None:
                 return dycl.compile_dynamic(self, args, kwargs, None, effect)
         # the IR before codegen comes from the graph cache when an earlier compile stored it
-        front, back = split_at_codegen(self._passes)
+        front, back = split_at_codegen(self._passes if passes is None else passes)
         loss = None  # quality loss of approximate passes, measured under a quality budget
         plain = not dims and not dynamic.carries_state(args, kwargs)  # what the graph cache keys and stores
         cache, key = self._graph_cache_key(front, args, kwargs, ctx.target, opts) if plain else (None, None)

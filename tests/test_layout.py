@@ -35,6 +35,23 @@ def graph_after(model, passes, *args):
     return PassManager(parse_pipeline(passes), verify_each=True).run(gm, ctx)
 
 
+def kernel_ops(cm):
+    """The compiled graph's kernel ops, as (the body key the op names, the built kernel)."""
+    v = cm.variants[-1]
+    return [(n.args[1], v.kernels[n.args[1]]) for n in v.gm.graph.nodes
+            if n.op == "call_function" and n.target in KERNEL_OPS]
+
+
+def run_in_recorded_strides(k):
+    """Kernel `k`'s backend function on random inputs in its body's recorded strides: (inputs, each output
+    node of its body with what the function returned for it)."""
+    body = k.body.body
+    holders = [p.meta["val"] for p in body.graph.nodes if p.op == "placeholder"]
+    inputs = [torch.randn(v.shape).as_strided(v.shape, v.stride()) for v in holders]
+    outs = next(o for o in body.graph.nodes if o.op == "output").args[0]
+    return inputs, list(zip(outs, k.fn(inputs)))
+
+
 def copies(gm, fmt):
     return [n for n in gm.graph.nodes if n.target is aten.clone.default and n.kwargs.get("memory_format") == fmt]
 
@@ -125,9 +142,7 @@ def test_breadth_networks_equal_eager_in_eagers_strides(name, layout):
         want, got = model(x), cm(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert got.stride() == want.stride()
-    gm = cm.variants[-1].gm
-    bodies = [kernel_body(n.args[1]) for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
-    convs = [n for kb in bodies for n in kb.body.graph.nodes if is_conv2d(n)]
+    convs = [n for key, _ in kernel_ops(cm) for n in kernel_body(key).body.graph.nodes if is_conv2d(n)]
     assert convs and all(channels_last(c.meta["val"]) or c.meta["val"].is_contiguous(memory_format=CL)
                          for c in convs)
 
@@ -158,15 +173,9 @@ def test_triton_kernels_read_and_write_channels_last(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert got.stride() == want.stride()
     written = []
-    for n in cm.variants[-1].gm.graph.nodes:
-        if n.op != "call_function" or n.target not in KERNEL_OPS:
-            continue
-        k = cm.variants[-1].kernels[n.args[1]]
+    for _, k in kernel_ops(cm):
         assert k.backend.startswith("triton")
-        holders = [p.meta["val"] for p in k.body.body.graph.nodes if p.op == "placeholder"]
-        inputs = [torch.randn(v.shape).as_strided(v.shape, v.stride()) for v in holders]
-        outs = next(o for o in k.body.body.graph.nodes if o.op == "output").args[0]
-        for o, r in zip(outs, k.fn(inputs)):  # the backend's function: no copy into the recorded layout after it
+        for o, r in run_in_recorded_strides(k)[1]:  # the backend's function: no copy into the recorded layout after it
             assert r.stride() == o.meta["val"].stride()
             written.append((k.kind, channels_last(r)))
     assert written == [("pointwise", True), ("gemm", True), ("gemm", False)]
@@ -217,18 +226,13 @@ def test_triton_reductions_write_channels_last_outputs_in_their_strides(monkeypa
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
         assert g.stride() == w.stride()
     written = []
-    for n in cm.variants[-1].gm.graph.nodes:
-        if n.op != "call_function" or n.target not in KERNEL_OPS:
-            continue
-        k = cm.variants[-1].kernels[n.args[1]]
+    for _, k in kernel_ops(cm):
         if k.kind != "reduction":
             continue
         assert k.backend == "triton"  # not the extern fallback after a failed check
-        holders = [p.meta["val"] for p in k.body.body.graph.nodes if p.op == "placeholder"]
-        inputs = [torch.randn(v.shape).as_strided(v.shape, v.stride()) for v in holders]
+        inputs, ran = run_in_recorded_strides(k)
         refs = k.body.body(*inputs)
-        outs = next(o for o in k.body.body.graph.nodes if o.op == "output").args[0]
-        for o, r, ref in zip(outs, k.fn(inputs), refs if isinstance(refs, (tuple, list)) else [refs]):
+        for (o, r), ref in zip(ran, refs if isinstance(refs, (tuple, list)) else [refs]):
             assert r.stride() == o.meta["val"].stride()
             torch.testing.assert_close(r, ref, atol=1e-5, rtol=1e-5)
             written.append(channels_last(r))
@@ -340,9 +344,7 @@ def test_a_kernel_alike_but_for_layout_is_its_own_kernel():
     torch.testing.assert_close(b, want)
 
     def convs(cm):
-        gm = cm.variants[-1].gm
-        return [(n.args[1], c) for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS
-                for c in kernel_body(n.args[1]).body.graph.nodes if is_conv2d(c)]
+        return [(key, c) for key, _ in kernel_ops(cm) for c in kernel_body(key).body.graph.nodes if is_conv2d(c)]
     assert all(not channels_last(c.meta["val"]) for _, c in convs(first))
     assert convs(then) and all(channels_last(c.meta["val"]) for _, c in convs(then))
     assert not {k for k, _ in convs(first)} & {k for k, _ in convs(then)}
