@@ -51,7 +51,7 @@ from fxcc.dycl_rewrite import (
     segment_function,
     unparse,
 )
-from fxcc.eager_check import applies_to_program, localize_graph, tolerance
+from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
 from fxcc.runtime import CompiledModule, Variant, explain_variant
@@ -610,20 +610,33 @@ class DyclVariant(Variant):
     host_cache_key: str | None = None
     eager_notes: list[str] = field(default_factory=list)
     effect: str | None = None  # the Python effect it was made a host program for (fxcc.dycl.python_effect)
+    parts_checked: bool = False  # under check_eager="always": its segments are checked, not its calls whole
 
     def check_applies(self, exact: bool) -> str | None:
         """A host program is checked against eager as a whole where its Python has no effect that would happen
-        twice (a forward split for its tensor-dependent control flow)."""
-        return applies_to_program(exact, self.effect)
+        twice (a forward split for its tensor-dependent control flow); else its segments are (`checking_parts`)."""
+        why = applies_to_program(exact, self.effect)
+        self.parts_checked = why is not None and why == applies_to_program(True, self.effect) and bool(self.effect)
+        return f"{why}; each compiled segment call is checked against its plain Python instead" \
+            if self.parts_checked else why
 
-    @contextlib.contextmanager
     def recording(self) -> Any:
         """While a checked call runs, every segment call of the program is kept (`SegmentCall`), to locate a
-        difference: the program's segments take the class `_Recording` for that time (no cost otherwise)."""
-        record: list[SegmentCall] = []
+        difference."""
+        return self._segments_as(_Recording, [])
+
+    def checking_parts(self) -> Any:
+        """While a call that cannot be checked as a whole runs, each compiled segment call is checked against
+        its plain Python (`_Checking`); the context gives the `SegmentChecks`."""
+        return self._segments_as(_Checking, SegmentChecks()) if self.parts_checked else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _segments_as(self, cls: type, record: Any) -> Any:
+        """The program's segments take class `cls`, sharing `record`, for the time of one call (no cost to other
+        calls)."""
         segments = [seg for p in self.program.all_programs() for seg in p.segments]
         for seg in segments:
-            seg.__class__, seg.record = _Recording, record
+            seg.__class__, seg.record = cls, record
         try:
             yield record
         finally:
@@ -717,6 +730,57 @@ class _Recording(Segment):
         out = Segment.__call__(self, *args)
         self.record.append(SegmentCall(self, key, before, out, _clones(out)))
         return out
+
+
+@dataclass
+class SegmentChecks:
+    """The segment calls `_Checking` compared with their plain Python during one call, and those that differed."""
+
+    calls: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class _Checking(Segment):
+    """A segment of a program whose call cannot be checked against eager as a whole (its Python has effects),
+    under check_eager="always": each compiled call is compared with its plain Python on copies of its inputs
+    (RNG state as for the first-call check); one that differs returns plain Python's result (its inputs left
+    as plain Python left them), and its signature runs as plain Python from then on."""
+
+    record: SegmentChecks
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            key = _key(args)
+        except Unguarded:
+            key = None
+        call = self.by_key.get(key) if key is not None else None
+        run = self.runs.get(key)
+        if call is None or call is self.eager_call or run is None or run.variant is None:
+            return Segment.__call__(self, *args)  # plain Python, or a first call (checked as it is built)
+        self.record.calls += 1
+        pre, copies = _clones(args), _clones(args)
+        start = rng.State()
+        with torch.no_grad():
+            want = self.eager_call(*copies)
+        after = rng.State()
+        start.restore()
+        got = call(*args)
+        c = compare(got, want, tol=tolerance)
+        if c.equal:
+            return got
+        after.restore()
+        v = run.variant
+        try:
+            inner = localize_graph(v.gm, v.executable, v.bound, v.kernels,
+                                   flatten_inputs(tuple(a for a in pre if not _baked(a)), {})[0])
+        except Exception as e:  # noqa: BLE001 - the segment is named whether or not a kernel can be
+            inner = f"no kernel located ({type(e).__name__})"
+        where = c.detail or f"{c.worst} differs by {c.max_rel:.3g} of its scale"
+        kernels = ", ".join(f"{k} {b.kind} {b.backend}" for k, b in v.kernels.items()) or "none"
+        self.record.events.append(f"segment {self.name} ({self.spec.where}) [{run.signature}] differs from its plain "
+                                  f"Python ({where}); its kernels: {kernels}; {inner}")
+        self.by_key[key], run.eager = self.eager_call, f"plain Python: a call differed ({where}; check_eager='always')"
+        return take_eagers(args, {}, copies, {}, want)
 
 
 def localize_segments(record: list[SegmentCall]) -> str:

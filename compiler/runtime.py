@@ -110,6 +110,11 @@ class Variant:
         """A context in which a checked call keeps what localizing a difference needs (nothing here: the inputs)."""
         return contextlib.nullcontext()
 
+    def checking_parts(self) -> Any:
+        """A context in which a call that cannot be checked as a whole checks its parts (fxcc.dycl: segments); it
+        gives what they found (`calls`, `events`), None where there are no parts."""
+        return contextlib.nullcontext()
+
     def localize(self, flat: list[Any], recorded: Any, want: Any) -> str:
         """Where this variant's result on inputs `flat` (copies of a call's) first departs from eager's `want`."""
         return eager_check.localize_graph(self.gm, self.executable, self.bound, self.kernels, flat, want,
@@ -181,6 +186,7 @@ class CompileStats:
     compiles: int = 0
     eager_calls: int = 0
     checked_calls: int = 0  # calls compared with eager under check_eager="always"
+    checked_parts: int = 0  # under "always", parts (DyCL segment calls) of calls not checkable whole, compared
     param_recompiles: int = 0
     history: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
@@ -475,7 +481,15 @@ class CompiledModule(ModuleView):
             if variant.unchecked:
                 self._note_unchecked(variant, variant.unchecked)
         if variant.unchecked:
-            return run(flat)
+            with variant.checking_parts() as parts:
+                out = run(flat)
+            if parts is not None:
+                self.stats.checked_parts += parts.calls
+                for event in parts.events:
+                    self.unlike_eager.append(f"call {variant.calls}: {event}")
+                    warnings.warn(f"fxcc: {self.name}: call {variant.calls}: {event}; that part runs eagerly from now "
+                                  "on (check_eager='always')", stacklevel=4)
+            return out
         pre = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]  # the inputs, to locate a difference
         with variant.recording() as recorded:
             checked = eager_check.first_call(run, self._eager, lambda a, k: flat, args, kwargs, self.name)
@@ -898,14 +912,16 @@ class CompiledModule(ModuleView):
         if not self.variants:
             return f"{self.name}: not compiled yet (call it once, or use fxcc.explain with example inputs)"
         v = self.variants[-1]
-        checks = "\n\n" + self.unlike_eager_text() if self.unlike_eager else ""
+        checks = "\n\n" + self.unlike_eager_text() if self.unlike_eager or self.stats.checked_calls else ""
         if hasattr(v, "report"):  # a DyCL variant (fxcc.dycl): host program and segments
             return v.report(self.name, ir_after_each=ir_after_each) + checks
         return explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text() + checks
 
     def unlike_eager_text(self) -> str:
         """What check_eager="always" found: calls that differed from eager and where, variants not checked."""
-        out = [f"== check_eager='always': {self.stats.checked_calls} calls compared with eager"]
+        out = [f"== check_eager='always': {self.stats.checked_calls} calls compared with eager"
+               + (f", {self.stats.checked_parts} segment calls with their plain Python" if self.stats.checked_parts
+                  else "")]
         return "\n".join(out + [f"  {e}" for e in self.unlike_eager])
 
     def compiles_text(self) -> str:

@@ -253,8 +253,7 @@ def test_always_names_the_dycl_segment_that_goes_wrong(monkeypatch):
             torch.testing.assert_close(cm(x), model(x))
     (variant,) = cm.variants
     assert isinstance(variant, dycl.DyclVariant)
-    segs = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None]
-    seg = segs[-1]
+    seg = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None][-1]  # h + 1
     (key,) = seg.by_key
     inner = seg.by_key[key]
     seg.by_key[key] = lambda *a: tuple(o + 1 if i == 0 else o for i, o in enumerate(inner(*a)))
@@ -275,3 +274,43 @@ def test_the_environment_sets_the_check(value, want, monkeypatch):
     assert fxcc.CompileOptions.from_env(fxcc.CompileOptions(check_eager=False)).check_eager is False
     with pytest.raises(TypeError, match="check_eager must be True"):
         fxcc.CompileOptions(check_eager="sometimes")
+
+
+CALLS = [0]
+
+
+class CountsCalls(Branchy):
+    """A forward with a Python effect (a global rebound): a DyCL host program that eager cannot run beside it
+    (the count would go up twice), so "always" checks each compiled segment call against its plain Python."""
+
+    def forward(self, x):
+        global CALLS
+        CALLS = [CALLS[0] + 1]
+        h = torch.relu(self.a(x))
+        if h.sum() > 0:
+            h = self.b(h) * 2
+        return h + 1
+
+
+def test_always_checks_the_segments_of_a_program_with_python_effects(monkeypatch):
+    monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 0.0)
+    monkeypatch.setattr(dycl, "MEASURE_CHOICE", False)
+    model = CountsCalls().eval()
+    cm = _always(model)
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="not checked against eager .*each compiled segment call is checked"):
+        cm(x)
+    cm(x)
+    assert CALLS == [2]  # the forward's Python ran once per call
+    (variant,) = cm.variants
+    seg = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None][-1]  # h + 1
+    (key,) = seg.by_key
+    inner = seg.by_key[key]
+    seg.by_key[key] = lambda *a: tuple(o + 1 if i == 0 else o for i, o in enumerate(inner(*a)))
+    with pytest.warns(UserWarning, match=rf"call 3: segment {seg.name} \(.*\) .*differs from its plain Python .*"
+                                         r"that part runs eagerly from now on"):
+        out = cm(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, Branchy.forward(model, x))  # plain Python's result for that segment
+    assert CALLS == [3] and cm.stats.checked_parts >= 1
+    assert f"segment {seg.name}" in cm.explain()
