@@ -503,7 +503,7 @@ class CompiledModule(ModuleView):
             where = variant.localize(pre, recorded, checked.result)
         except Exception as e:  # noqa: BLE001 - the difference is reported whether or not it can be located
             where = f"not located ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-        number = self._compiled.index(variant) + 1 if variant in self._compiled else len(self._compiled) + 1
+        number = next((i for i, v in enumerate(self._compiled, 1) if v is variant), len(self._compiled) + 1)
         sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__ for x in pre)
         event = f"variant {number} ({sig}), call {variant.calls}: {checked.reason}; located: {where}"
         self.unlike_eager.append(event)
