@@ -38,7 +38,7 @@ class FunctionModule(nn.Module):
 def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = False, dynamic: bool | None = None,
             backend: str | None = None, target: str = "auto", passes: str | None = None, tune: str | None = None,
             plan: str | None = None, quality_budget: float | None = None, tune_budget: int | None = None,
-            options: CompileOptions | dict | None = None,
+            check_eager: bool | str | None = None, options: CompileOptions | dict | None = None,
             state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None) -> Any:
     """Compile an nn.Module (instance or class), a module's bound method (`model.forward`) or a function;
     also usable as `@compile` and `@compile(...)`.
@@ -50,7 +50,9 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
     As torch.compile's: `mode` sets tuning and CUDA graphs (fxcc.options.MODES: "default", "reduce-overhead",
     "max-autotune" = tune="search" with CUDA graphs, "max-autotune-no-cudagraphs"); `fullgraph=True` makes
     what would run eagerly an error; `dynamic` as CompileOptions.dynamic; `backend` can only be "fxcc".
-    `options` is a CompileOptions or a dict of its fields; the keywords override it.
+    `check_eager` as CompileOptions.check_eager (True: the first call of each signature is compared with eager,
+    "always": every call, False: none). `options` is a CompileOptions or a dict of its fields; the keywords
+    override it.
 
     `state_dict` (a mapping of names to tensors, or the path of a .safetensors file) holds the weights of a model
     built on the meta device (`with torch.device("meta"): model = Model(config)`): the compile reads each weight
@@ -66,7 +68,8 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
     if isinstance(options, dict):
         options = CompileOptions(**options)
     given = {k: v for k, v in dict(target=target, passes=passes, tune=tune, plan=plan, quality_budget=quality_budget,
-                                   tune_budget=tune_budget, dynamic=dynamic, fullgraph=fullgraph).items()
+                                   tune_budget=tune_budget, dynamic=dynamic, fullgraph=fullgraph,
+                                   check_eager=check_eager).items()
              if v is not None and not (v is getattr(CompileOptions, k) or v == getattr(CompileOptions, k))}
     opts = (options or CompileOptions()).replace(**_with_mode(mode, given))
     if opts.plan is not None:  # a plan file from `fxcc search`: its pipeline and kernel choices, no search

@@ -21,6 +21,7 @@ alternating rounds, so load on a shared machine hits both alike).
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -50,7 +51,7 @@ from fxcc.dycl_rewrite import (
     segment_function,
     unparse,
 )
-from fxcc.eager_check import tolerance
+from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
 from fxcc.runtime import CompiledModule, Variant, explain_variant
@@ -608,6 +609,43 @@ class DyclVariant(Variant):
     reason: str = ""
     host_cache_key: str | None = None
     eager_notes: list[str] = field(default_factory=list)
+    effect: str | None = None  # the Python effect it was made a host program for (fxcc.dycl.python_effect)
+    parts_checked: bool = False  # under check_eager="always": its segments are checked, not its calls whole
+
+    def check_applies(self, exact: bool) -> str | None:
+        """A host program is checked against eager as a whole where its Python has no effect that would happen
+        twice (a forward split for its tensor-dependent control flow); else its segments are (`checking_parts`)."""
+        why = applies_to_program(exact, self.effect)
+        self.parts_checked = why is not None and why == applies_to_program(True, self.effect) and bool(self.effect)
+        return f"{why}; each compiled segment call is checked against its plain Python instead" \
+            if self.parts_checked else why
+
+    def recording(self) -> Any:
+        """While a checked call runs, every segment call of the program is kept (`SegmentCall`), to locate a
+        difference."""
+        return self._segments_as(_Recording, [])
+
+    def checking_parts(self) -> Any:
+        """While a call that cannot be checked as a whole runs, each compiled segment call is checked against
+        its plain Python (`_Checking`); the context gives the `SegmentChecks`."""
+        return self._segments_as(_Checking, SegmentChecks()) if self.parts_checked else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _segments_as(self, cls: type, record: Any) -> Any:
+        """The program's segments take class `cls`, sharing `record`, for the time of one call (no cost to other
+        calls)."""
+        segments = [seg for p in self.program.all_programs() for seg in p.segments]
+        for seg in segments:
+            seg.__class__, seg.record = cls, record
+        try:
+            yield record
+        finally:
+            for seg in segments:
+                seg.__class__ = Segment
+                del seg.record
+
+    def localize(self, flat: list[Any], recorded: Any, want: Any) -> str:
+        return localize_segments(recorded)
 
     @property
     def writes_back(self) -> bool:
@@ -664,6 +702,126 @@ class DyclVariant(Variant):
         out.append("\n== statements that run eagerly" + ("" if notes else ": none"))
         out += [f"  {n}" for n in notes]
         return "\n".join(out)
+
+
+@dataclass
+class SegmentCall:
+    """One segment call of a checked program call: copies of its inputs, what it returned and copies of that
+    as it returned it."""
+
+    segment: Segment
+    key: Any
+    args: tuple
+    outs: Any
+    returned: Any
+
+
+class _Recording(Segment):
+    """A segment while its program's call is checked against eager: each call is kept in `record`."""
+
+    record: list[SegmentCall]
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            key = _key(args)
+        except Unguarded:
+            key = "unguarded"
+        before = _clones(args)
+        out = Segment.__call__(self, *args)
+        self.record.append(SegmentCall(self, key, before, out, _clones(out)))
+        return out
+
+
+@dataclass
+class SegmentChecks:
+    """The segment calls `_Checking` compared with their plain Python during one call, and those that differed."""
+
+    calls: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class _Checking(Segment):
+    """A segment of a program whose call cannot be checked against eager as a whole (its Python has effects),
+    under check_eager="always": each compiled call is compared with its plain Python on copies of its inputs
+    (RNG state as for the first-call check); one that differs returns plain Python's result (its inputs left
+    as plain Python left them), and its signature runs as plain Python from then on."""
+
+    record: SegmentChecks
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            key = _key(args)
+        except Unguarded:
+            key = None
+        call = self.by_key.get(key) if key is not None else None
+        run = self.runs.get(key)
+        if call is None or call is self.eager_call or run is None or run.variant is None:
+            return Segment.__call__(self, *args)  # plain Python, or a first call (checked as it is built)
+        self.record.calls += 1
+        pre, copies = _clones(args), _clones(args)
+        start = rng.State()
+        with torch.no_grad():
+            want = self.eager_call(*copies)
+        after = rng.State()
+        start.restore()
+        got = call(*args)
+        c = compare(got, want, tol=tolerance)
+        if c.equal:
+            return got
+        after.restore()
+        v = run.variant
+        try:
+            inner = localize_graph(v.gm, v.executable, v.bound, v.kernels,
+                                   flatten_inputs(tuple(a for a in pre if not _baked(a)), {})[0])
+        except Exception as e:  # noqa: BLE001 - the segment is named whether or not a kernel can be
+            inner = f"no kernel located ({type(e).__name__})"
+        where = c.detail or f"{c.worst} differs by {c.max_rel:.3g} of its scale"
+        kernels = ", ".join(f"{k} {b.kind} {b.backend}" for k, b in v.kernels.items()) or "none"
+        self.record.events.append(f"segment {self.name} ({self.spec.where}) [{run.signature}] differs from its plain "
+                                  f"Python ({where}); its kernels: {kernels}; {inner}")
+        self.by_key[key], run.eager = self.eager_call, f"plain Python: a call differed ({where}; check_eager='always')"
+        return take_eagers(args, {}, copies, {}, want)
+
+
+def localize_segments(record: list[SegmentCall]) -> str:
+    """Where a DyCL program's call first departs from eager: the first compiled segment call whose result
+    differs from its plain Python on the inputs it saw (with the first kernel inside that differs, from
+    fxcc.eager_check.localize_graph); else the first segment output written after it was returned; else the
+    host program's own Python."""
+    compiled = 0
+    for i, c in enumerate(record, 1):
+        seg, run = c.segment, c.segment.runs.get(c.key)
+        call = seg.by_key.get(c.key)
+        if run is None or run.variant is None or call is None or call is seg.eager_call:
+            continue
+        compiled += 1
+        with rng.preserved(), torch.no_grad():
+            want = seg.eager_call(*_clones(c.args))
+        with rng.preserved(), torch.no_grad():
+            got = call(*_clones(c.args))
+        cmp = compare(got, want, tol=tolerance)
+        if cmp.equal:
+            continue
+        v = run.variant
+        kernels = ", ".join(f"{k} {b.kind} {b.backend}" for k, b in v.kernels.items()) or "none"
+        values = tuple(a for a in c.args if not _baked(a))
+        try:
+            inner = localize_graph(v.gm, v.executable, v.bound, v.kernels, flatten_inputs(_clones(values), {})[0])
+        except Exception as e:  # noqa: BLE001 - the segment is named whether or not a kernel can be
+            inner = f"no kernel located ({type(e).__name__})"
+        where = cmp.detail or f"{cmp.worst} differs by {cmp.max_rel:.3g} of its scale"
+        return (f"segment {seg.name} ({seg.spec.where}) [{run.signature}], segment call {i} of {len(record)}, differs "
+                f"from its plain Python on the inputs it saw ({where}); its kernels: {kernels}; {inner}")
+    for i, c in enumerate(record, 1):
+        cmp = compare(c.outs, c.returned, tol=0.0)
+        if not cmp.equal:
+            return (f"each compiled segment agrees with its plain Python on the inputs it saw, but the output "
+                    f"{cmp.worst} of segment {c.segment.name} ({c.segment.spec.where}), call {i} of {len(record)}, "
+                    "changed after it was returned (a later write into it: a reused output buffer, or the host "
+                    "program's own in-place update)")
+    return (f"each of the {compiled} compiled segment calls agrees with its plain Python on the inputs it saw, and "
+            "no segment output changed after it was returned: the difference is in the host program or the "
+            "statements that run as plain Python")
 
 
 def _static_names(fn: Any, method: bool, args: tuple, kwargs: dict) -> set[str]:
@@ -737,7 +895,7 @@ def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | No
              sum(len(p.segments) for p in program.all_programs()))
     return DyclVariant(captured=None, gm=None, executable=None, records=[],
                        compile_seconds=time.perf_counter() - t0, name=cm.name, program=program, in_spec=in_spec,
-                       reason=reason, host_cache_key=key)
+                       reason=reason, host_cache_key=key, effect=effect)
 
 
 def _store_host(name: str, program: Program) -> str | None:

@@ -8,6 +8,10 @@ the outputs differ. Eager runs on copies of the inputs, so an input the model mu
 mutated once, by the compiled call, whose result the first call returns when the two agree. When they
 differ, the caller's inputs take what eager left in its copies (the compiled call's writes are undone) and
 the first call returns eager's result, holding the caller's objects.
+
+`check_eager="always"` checks every call the same way (fxcc.runtime) and, where one differs, looks for where:
+`localize_graph` finds the first kernel of a compiled graph whose built code differs from its reference (the
+IR run as torch ops) on the same inputs; fxcc.dycl does the same per segment of a DyCL host program.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fxcc.codegen.executable import KernelCall, layout_kept
 from torch.utils import _pytree as pytree
 
 from . import rng
+from .dialects import KERNEL_OPS
 from .outputs import compare
 from .state import is_state, restore, state_objects
 
@@ -53,6 +59,18 @@ def applies(gm: fx.GraphModule | None, exact: bool) -> str | None:
         return "distributed"
     if gm is not None and _writes_module_state(gm):
         return "writes module state"
+    return None
+
+
+def applies_to_program(exact: bool, effect: str | None) -> str | None:
+    """Why a DyCL host program cannot be checked as a whole against eager (None when it can): its Python
+    effects (`effect`, fxcc.dycl.python_effect) would happen twice; approximate passes; distributed."""
+    if not exact:
+        return "approximate passes"
+    if effect:
+        return f"its forward has {effect}, which would happen twice"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "distributed"
     return None
 
 
@@ -141,3 +159,67 @@ def take_eagers(args: tuple, kwargs: dict, e_args: tuple, e_kwargs: dict, want: 
             if isinstance(y, torch.Tensor):
                 swap.setdefault(id(y), x)
     return pytree.tree_map(lambda x: swap.get(id(x), x), want, is_leaf=lambda x: id(x) in swap)
+
+
+def _clone(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+class _KernelByKernel(fx.Interpreter):
+    """The final IR run as torch ops (each kernel op's reference body), each kernel's built code run beside it
+    on the same inputs (copies): `first` is the first kernel whose result differs, with the comparison."""
+
+    def __init__(self, gm: fx.GraphModule, impls: dict[str, Callable]):
+        super().__init__(gm)
+        self.impls = impls
+        self.first: tuple[fx.Node, Any] | None = None
+        self.checked = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if self.first is None and n.op == "call_function" and n.target in KERNEL_OPS:
+            inputs = [_clone(x) for x in self.fetch_args_kwargs_from_env(n)[0][0]]
+            impl = self.impls.get(n.args[1])
+            if impl is not None:
+                self.checked += 1
+                c = compare(list(impl(inputs)), list(out), tol=tolerance)
+                if not c.equal:
+                    self.first = (n, c)
+        return out
+
+
+def localize_graph(gm: fx.GraphModule, executable: fx.GraphModule, bound: list[Any], kernels: dict[str, Any],
+                   flat: list[Any], want: Any = None, out_spec: Any = None) -> str:
+    """Where a compiled graph's result departs from its IR run as torch ops, on inputs `flat` (copies are
+    taken): the first kernel whose built code (as the executable calls it) differs from its op's reference on
+    the reference's inputs; else whether the executable, run again, differs from the IR as torch ops (a fault
+    outside the kernels) or not: then, given eager's result `want` and the graph's `out_spec`, whether the IR as
+    torch ops differs from eager (made before codegen) or not (a fault depending on earlier calls)."""
+    impls: dict[str, Callable] = {k: layout_kept(b) for k, b in kernels.items()}
+    impls |= {n.target.key: n.target for n in executable.graph.nodes if isinstance(n.target, KernelCall)}
+    with rng.preserved(), torch.no_grad():
+        walk = _KernelByKernel(gm, impls)
+        ref = walk.run(*[_clone(x) for x in flat])
+        if walk.first is not None:
+            n, c = walk.first
+            k = kernels.get(n.args[1])
+            what = f"{k.kind}, {k.backend}" if k is not None else "kernel"
+            where = c.detail or f"{c.worst} differs by {c.max_rel:.3g} of its scale"
+            return (f"kernel {n.args[1]} ({what}; node %{n.name}) differs from its reference (the IR as torch ops) "
+                    f"on the same inputs: {where}")
+        again = executable(*[_clone(x) for x in flat], *bound)
+    c = compare(list(again), list(ref), tol=tolerance)
+    if not c.equal:
+        return (f"each of the {walk.checked} kernels agrees with its reference, but the executable run again differs "
+                f"from the IR as torch ops ({c.detail or f'{c.worst} by {c.max_rel:.3g} of its scale'}): a fault "
+                "outside the kernels (spliced torch code, output buffers)")
+    same = f"each of the {walk.checked} kernels agrees with its reference and the executable run again from these " \
+           "inputs agrees with the IR as torch ops"
+    try:
+        c = compare(pytree.tree_unflatten(list(ref), out_spec), want, tol=tolerance) if out_spec is not None else None
+    except Exception:  # noqa: BLE001 - a result that updates the caller's objects: not comparable here
+        c = None
+    if c is not None and not c.equal:
+        return (f"{same}, which differs from eager ({c.detail or f'{c.worst} by {c.max_rel:.3g} of its scale'}): "
+                "made before codegen (capture, a graph pass)")
+    return f"{same}: the difference depends on earlier calls (an output buffer reused while held, state)"

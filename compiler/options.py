@@ -42,7 +42,8 @@ class Settings:
         pass names are checked where the pipeline is known, at `fxcc.compile`).
     logs: FXCC_LOGS=recompiles,+passes: log topics and levels (fxcc.logs).
     A value fxcc does not know (FXCC_VERIFY_EACH=maybe, FXCC_LOGS=typo) is an error listing the valid ones.
-    check_eager: FXCC_CHECK_EAGER=0 turns CompileOptions.check_eager off.
+    check_eager: FXCC_CHECK_EAGER=0 turns CompileOptions.check_eager off; FXCC_CHECK_EAGER=always makes a
+        first-call check (check_eager=True) check every call.
     time_vs_eager: FXCC_TIME_VS_EAGER=0 turns CompileOptions.time_vs_eager off (tests of generated code use it).
     """
 
@@ -53,7 +54,7 @@ class Settings:
     triton_interpret: bool = False
     verify_each: bool = False
     print_ir_after: tuple[str, ...] = ()
-    check_eager: bool = True
+    check_eager: bool | str = True
     time_vs_eager: bool = True
     logs: tuple[tuple[str, int], ...] = ()
 
@@ -68,6 +69,14 @@ def _flag(env: os._Environ | dict, name: str) -> bool:
         raise ValueError(f"{name}={value!r} is not a yes/no value; use one of 1, 0, true, false, yes, no, on, off "
                          f"(or leave {name} unset)")
     return BOOLEANS[value.strip().lower()]
+
+
+def _check_eager(env: os._Environ | dict) -> bool | str:
+    """FXCC_CHECK_EAGER: "always" (every call), else a yes/no value (the first call of each signature, or none)."""
+    value = env.get("FXCC_CHECK_EAGER", "").strip()
+    if not value:
+        return True
+    return "always" if value.lower() == "always" else _flag(env, "FXCC_CHECK_EAGER")
 
 
 # every FXCC_* variable fxcc reads (Settings above), and those only fxcc's own tests read
@@ -104,7 +113,7 @@ def settings() -> Settings:
         verify_each=_flag(env, "FXCC_VERIFY_EACH"),
         print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()),
         logs=parse_logs(env.get("FXCC_LOGS", "")),
-        check_eager=_flag(env, "FXCC_CHECK_EAGER") if env.get("FXCC_CHECK_EAGER", "").strip() else True,
+        check_eager=_check_eager(env),
         time_vs_eager=_flag(env, "FXCC_TIME_VS_EAGER") if env.get("FXCC_TIME_VS_EAGER", "").strip() else True)
 
 
@@ -130,6 +139,10 @@ class CompileOptions:
         and a generated host program (fxcc.dycl); False keeps the CaptureError.
     check_eager: compare the first call of each compiled signature with eager (fxcc.eager_check); where
         they differ, that signature runs eagerly, with a warning (env FXCC_CHECK_EAGER=0 turns it off).
+        "always" (env FXCC_CHECK_EAGER=always) compares every call, for debugging: each costs an eager run (and
+        copies of its inputs); a call that differs returns eager's result, its variant runs eagerly from then
+        on, and the warning and `explain()` name the call, the output and where it first differs (the kernel,
+        or a DyCL program's segment).
     dynamic: symbolic sizes (fxcc.dynamic). None: the first compile is static and a size that changes
         recompiles once with that dimension symbolic (calls with a KV cache: symbolic from the start);
         True: every dimension symbolic from the first compile; False: one static variant per shape.
@@ -152,14 +165,16 @@ class CompileOptions:
     print_ir_after: tuple[str, ...] = ()
     max_variants: int = 8
     dycl: bool = True
-    check_eager: bool = True
+    check_eager: bool | str = True
     dynamic: bool | None = None
     time_vs_eager: bool = True
     fullgraph: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "check_eager", "time_vs_eager",
-                     "fullgraph"):
+        if not (isinstance(self.check_eager, bool) or self.check_eager == "always"):
+            raise TypeError(f"fxcc: check_eager must be True (the first call of each signature), False or "
+                            f"'always' (every call), got {self.check_eager!r}")
+        for name in ("cuda_graphs", "graph_cache", "verify_each", "dycl", "time_vs_eager", "fullgraph"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"fxcc: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.print_ir_after, (tuple, list)) or not all(isinstance(x, str)
@@ -196,8 +211,10 @@ class CompileOptions:
         env = settings()
         if env.verify_each:
             opts = opts.replace(verify_each=True)
-        if not env.check_eager:
+        if env.check_eager is False:
             opts = opts.replace(check_eager=False)
+        elif env.check_eager == "always" and opts.check_eager is True:  # a check turned off stays off
+            opts = opts.replace(check_eager="always")
         if env.print_ir_after:
             opts = opts.replace(print_ir_after=opts.print_ir_after + env.print_ir_after)
         if not env.time_vs_eager:

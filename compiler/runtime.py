@@ -99,6 +99,26 @@ class Variant:
     graph_key: str | None = None  # its graph-cache key (static variants the graph cache serves)
     unlike_eager: Any = None  # the _Eager its first call's check put in its place: it serves no other sizes either
     no_graph: str | None = None  # on CUDA, why it runs without a CUDA graph (fxcc.runtime.not_graphable)
+    calls: int = 0  # calls checked or not, counted under check_eager="always"
+    unchecked: str | None = None  # under check_eager="always", why its calls cannot be checked
+
+    def check_applies(self, exact: bool) -> str | None:
+        """Why a call cannot be compared with eager (fxcc.eager_check.applies); None when it can."""
+        return eager_check.applies(self.gm, exact)
+
+    def recording(self) -> Any:
+        """A context in which a checked call keeps what localizing a difference needs (nothing here: the inputs)."""
+        return contextlib.nullcontext()
+
+    def checking_parts(self) -> Any:
+        """A context in which a call that cannot be checked as a whole checks its parts (fxcc.dycl: segments); it
+        gives what they found (`calls`, `events`), None where there are no parts."""
+        return contextlib.nullcontext()
+
+    def localize(self, flat: list[Any], recorded: Any, want: Any) -> str:
+        """Where this variant's result on inputs `flat` (copies of a call's) first departs from eager's `want`."""
+        return eager_check.localize_graph(self.gm, self.executable, self.bound, self.kernels, flat, want,
+                                          self.captured.out_spec)
 
     @property
     def writes_back(self) -> bool:
@@ -165,6 +185,8 @@ class CompileStats:
 
     compiles: int = 0
     eager_calls: int = 0
+    checked_calls: int = 0  # calls compared with eager under check_eager="always"
+    checked_parts: int = 0  # under "always", parts (DyCL segment calls) of calls not checkable whole, compared
     param_recompiles: int = 0
     history: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
@@ -287,6 +309,7 @@ class CompiledModule(ModuleView):
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
         self.stats = CompileStats()
+        self.unlike_eager: list[str] = []  # calls check_eager="always" found to differ from eager, and where
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
         self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions to make symbolic from the start
         self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
@@ -387,7 +410,8 @@ class CompiledModule(ModuleView):
                           key: Any) -> eager_check.Checked | None:
         """The first call of a new variant, compared with eager (fxcc.eager_check); a signature whose
         compiled result differs runs eagerly from now on, with a warning. None when not checked."""
-        if isinstance(variant, _Eager) or not CompileOptions.from_env(self.options).check_eager:
+        check = CompileOptions.from_env(self.options).check_eager
+        if isinstance(variant, _Eager) or not check or check == "always":  # always: _run_checked checks it
             return None
         why_not = eager_check.applies(variant.gm, all(p.exact for p in self._passes))
         if why_not is not None:
@@ -441,6 +465,72 @@ class CompiledModule(ModuleView):
             if self._params is not None:
                 self._params.accept_writes(variant.written)
         return out
+
+    def _run_checked(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict,
+                     places: list | None = None) -> Any:
+        """`_run` under check_eager="always": each call compared with eager as the first call is
+        (fxcc.eager_check.first_call); one that differs returns eager's result, is located
+        (`Variant.localize`), warned about and listed by `explain`, and its variant runs eagerly from then on."""
+        variant.calls += 1
+
+        def run(fl: list[Any]) -> Any:
+            return CompiledModule._run(self, variant, fl, args, kwargs, places)
+
+        if variant.unchecked is None:
+            variant.unchecked = variant.check_applies(all(p.exact for p in self._passes)) or ""
+            if variant.unchecked:
+                self._note_unchecked(variant, variant.unchecked)
+        if variant.unchecked:
+            with variant.checking_parts() as parts:
+                out = run(flat)
+            if parts is not None:
+                self.stats.checked_parts += parts.calls
+                for event in parts.events:
+                    self.unlike_eager.append(f"call {variant.calls}: {event}")
+                    warnings.warn(f"fxcc: {self.name}: call {variant.calls}: {event}; that part runs eagerly from now "
+                                  "on (check_eager='always')", stacklevel=4)
+            return out
+        pre = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]  # the inputs, to locate a difference
+        with variant.recording() as recorded:
+            checked = eager_check.first_call(run, self._eager, lambda a, k: flat, args, kwargs, self.name)
+        if checked is None:
+            self._note_unchecked(variant, "its inputs cannot be copied")
+            return run(flat)
+        self.stats.checked_calls += 1
+        if checked.reason is None:
+            return checked.result
+        try:
+            where = variant.localize(pre, recorded, checked.result)
+        except Exception as e:  # noqa: BLE001 - the difference is reported whether or not it can be located
+            where = f"not located ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        number = next((i for i, v in enumerate(self._compiled, 1) if v is variant), len(self._compiled) + 1)
+        sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__ for x in pre)
+        event = f"variant {number} ({sig}), call {variant.calls}: {checked.reason}; located: {where}"
+        self.unlike_eager.append(event)
+        self._no_longer_compiled(variant, f"{checked.reason} (call {variant.calls} of the variant)")
+        why = f"{self.name}: {event}. This variant runs eagerly from now on (check_eager='always')"
+        if self.options.fullgraph:
+            raise FullGraphError(f"fxcc: {why}; fullgraph=True makes this an error")
+        warnings.warn(f"fxcc: {why}", stacklevel=4)
+        return checked.result
+
+    def _note_unchecked(self, variant: Variant, why: str) -> None:
+        """check_eager="always" on a variant whose calls cannot be checked: said once, and listed by `explain`."""
+        text = f"{self.name}: calls of a variant are not checked against eager (check_eager='always'): {why}"
+        if text not in self.unlike_eager:
+            self.unlike_eager.append(text)
+            warnings.warn(f"fxcc: {text}", stacklevel=5)
+
+    def _no_longer_compiled(self, variant: Variant, reason: str) -> None:
+        """Every signature `variant` serves runs eagerly from now on (a symbolic variant's other sizes too)."""
+        eager = variant.unlike_eager = _Eager(reason, variant)
+        for table in (self._variants, self._memo, self._fast):
+            for k, v in list(table.items()):
+                if v is variant:
+                    table[k] = eager
+        for k, c in list(self._calls.items()):
+            if c is not None and c.variant is variant:
+                del self._calls[k]
 
     def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any, Any]:
         flat, spec = flatten_inputs(args, kwargs)
@@ -517,7 +607,10 @@ class CompiledModule(ModuleView):
         """Compile a variant for this call, or decide it runs eagerly; the RNG state is left as found (capture,
         example runs and timings draw from it), so the call itself draws what eager would (fxcc.rng)."""
         with rng.preserved(), pinned(self.options.plan):
-            return self._compile_variant(args, kwargs, key, flat, spec)
+            variant = self._compile_variant(args, kwargs, key, flat, spec)
+        if CompileOptions.from_env(self.options).check_eager == "always":  # every call from now on: no cost otherwise
+            self.__dict__["_run"] = self._run_checked
+        return variant
 
     def _compile_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         names = dynamic.leaf_names(args, kwargs, getattr(self, "__signature__", None))
@@ -819,9 +912,17 @@ class CompiledModule(ModuleView):
         if not self.variants:
             return f"{self.name}: not compiled yet (call it once, or use fxcc.explain with example inputs)"
         v = self.variants[-1]
+        checks = "\n\n" + self.unlike_eager_text() if self.unlike_eager or self.stats.checked_calls else ""
         if hasattr(v, "report"):  # a DyCL variant (fxcc.dycl): host program and segments
-            return v.report(self.name, ir_after_each=ir_after_each)
-        return explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text()
+            return v.report(self.name, ir_after_each=ir_after_each) + checks
+        return explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text() + checks
+
+    def unlike_eager_text(self) -> str:
+        """What check_eager="always" found: calls that differed from eager and where, variants not checked."""
+        out = [f"== check_eager='always': {self.stats.checked_calls} calls compared with eager"
+               + (f", {self.stats.checked_parts} segment calls with their plain Python" if self.stats.checked_parts
+                  else "")]
+        return "\n".join(out + [f"  {e}" for e in self.unlike_eager])
 
     def compiles_text(self) -> str:
         """Each compile with its reason (what changed, which guard failed) and the sizes it made symbolic

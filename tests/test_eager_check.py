@@ -9,7 +9,8 @@ import fxcc
 import pytest
 import torch
 import torch.nn as nn
-from fxcc import eager_check
+from fxcc import dycl, eager_check
+from fxcc.codegen.executable import KernelCall
 
 
 class TracesDifferently(nn.Module):
@@ -128,3 +129,188 @@ def test_a_first_call_that_raises_leaves_the_callers_state_as_eager_does():
     checked = eager_check.first_call(compiled, WritesStateDifferently(), lambda a, k: list(a), (x, state), {}, "W")
     torch.testing.assert_close(state, torch.full((3,), 3.0))
     assert checked.result[1] is state
+
+
+# ------------------------------------------------------------------ check_eager="always": every call
+
+PASSES = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: nothing timed
+
+
+def _always(model: nn.Module, **options) -> fxcc.CompiledModule:
+    return fxcc.compile(model, check_eager="always", passes=options.pop("passes", PASSES),
+                        options=fxcc.CompileOptions(time_vs_eager=False, **options))
+
+
+def _kernel_calls(variant) -> list:
+    return [n.target for n in variant.executable.graph.nodes if isinstance(n.target, KernelCall)]
+
+
+def _corrupt(holder, attr: str, after: int) -> None:
+    """`holder.attr` (a kernel's or a segment's compiled call) adds 1 to its first output from call `after` + 1 on."""
+    inner, calls = getattr(holder, attr), [0]
+
+    def wrong(*a):
+        calls[0] += 1
+        out = list(inner(*a))
+        if calls[0] > after:
+            out[0] = out[0] + 1
+        return out
+    setattr(holder, attr, wrong)
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return torch.softmax(self.down(torch.relu(self.up(x))), -1)
+
+
+def test_always_catches_a_kernel_gone_wrong_on_a_later_call_and_names_it():
+    model = Mlp().eval()
+    cm = _always(model, passes="canonicalize,raise,fuse,codegen{backend=tvm}")  # kernels called, not spliced in
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            torch.testing.assert_close(cm(x), model(x))
+    (variant,) = cm.variants
+    kernel = _kernel_calls(variant)[0]
+    _corrupt(kernel, "impl", after=0)
+    with pytest.warns(UserWarning, match=rf"fxcc: Mlp: variant 1 \(tensor<4x16xf32>\), call 3: the compiled call "
+                                         rf"differs from eager on this call's inputs \(out differs by .*located: "
+                                         rf"kernel {kernel.key} \(.*\) differs from its reference .* runs eagerly "
+                                         r"from now on"):
+        out = cm(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))  # eager's result
+        torch.testing.assert_close(cm(x), model(x))  # the variant now runs eagerly
+    assert cm.stats.eager_calls == 1 and cm.stats.checked_calls == 3
+    assert "call 3: the compiled call differs" in cm.explain() and f"kernel {kernel.key}" in cm.explain()
+
+
+def test_always_on_agreeing_calls_returns_compiled_results_and_mutates_inputs_once():
+    cm = _always(BumpsState())
+    x, state = torch.zeros(3), torch.zeros(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(1, 4):
+            torch.testing.assert_close(cm(x, state), torch.full((3,), float(i)))
+    torch.testing.assert_close(state, torch.full((3,), 3.0))  # one write per call: eager ran on copies
+    assert cm.stats.checked_calls == 3 and cm.eager_signatures == []
+
+
+def test_always_leaves_a_kv_cache_in_eagers_state_when_a_call_differs():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    model = transformers.LlamaModel(config).eval()
+    cm = _always(model)
+    ids = torch.randint(0, 64, (1, 4))
+    cache, ref_cache = transformers.DynamicCache(config=config), transformers.DynamicCache(config=config)
+    steps = [torch.randint(0, 64, (1, 4)), torch.randint(0, 64, (1, 1)), torch.randint(0, 64, (1, 1))]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ids in steps[:2]:  # the prompt, then a decode step: a variant of its own (a non-empty cache)
+            cm(ids, cache=cache, use_cache=True)
+            model(ids, cache=ref_cache, use_cache=True)
+    _corrupt(cm.variants[-1], "_call", after=0)  # the graph's first output (its kernels are spliced-in torch code)
+    with torch.no_grad(), pytest.warns(UserWarning, match="variant 2 .*call 2: the compiled call differs from eager"):
+        out = cm(steps[2], cache=cache, use_cache=True)
+    with torch.no_grad():
+        ref = model(steps[2], cache=ref_cache, use_cache=True)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+    assert out.past_key_values is cache  # the caller's cache object, holding one step, as eager's
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 6
+    torch.testing.assert_close(cache.layers[0].keys, ref_cache.layers[0].keys)
+    torch.testing.assert_close(cache.layers[0].values, ref_cache.layers[0].values)
+
+
+class Branchy(nn.Module):
+    """Tensor-dependent control flow: a DyCL host program over compiled segments."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if h.sum() > 0:
+            h = self.b(h) * 2
+        return h + 1
+
+
+def test_always_names_the_dycl_segment_that_goes_wrong(monkeypatch):
+    monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 0.0)
+    monkeypatch.setattr(dycl, "MEASURE_CHOICE", False)
+    model = Branchy().eval()
+    cm = _always(model)
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            torch.testing.assert_close(cm(x), model(x))
+    (variant,) = cm.variants
+    assert isinstance(variant, dycl.DyclVariant)
+    seg = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None][-1]  # h + 1
+    (key,) = seg.by_key
+    inner = seg.by_key[key]
+    seg.by_key[key] = lambda *a: tuple(o + 1 if i == 0 else o for i, o in enumerate(inner(*a)))
+    with pytest.warns(UserWarning, match=rf"call 3: the compiled call differs from eager .*located: segment "
+                                         rf"{seg.name} \(.*\) .* differs from its plain Python on the inputs it saw"):
+        out = cm(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+        torch.testing.assert_close(cm(x), model(x))
+    assert cm.stats.eager_calls == 1
+    assert f"segment {seg.name}" in cm.explain()
+
+
+@pytest.mark.parametrize("value, want", [("always", "always"), ("0", False), ("1", True)])
+def test_the_environment_sets_the_check(value, want, monkeypatch):
+    monkeypatch.setenv("FXCC_CHECK_EAGER", value)
+    assert fxcc.CompileOptions.from_env().check_eager == want
+    assert fxcc.CompileOptions.from_env(fxcc.CompileOptions(check_eager=False)).check_eager is False
+    with pytest.raises(TypeError, match="check_eager must be True"):
+        fxcc.CompileOptions(check_eager="sometimes")
+
+
+CALLS = [0]
+
+
+class CountsCalls(Branchy):
+    """A forward with a Python effect (a global rebound): a DyCL host program that eager cannot run beside it
+    (the count would go up twice), so "always" checks each compiled segment call against its plain Python."""
+
+    def forward(self, x):
+        global CALLS
+        CALLS = [CALLS[0] + 1]
+        h = torch.relu(self.a(x))
+        if h.sum() > 0:
+            h = self.b(h) * 2
+        return h + 1
+
+
+def test_always_checks_the_segments_of_a_program_with_python_effects(monkeypatch):
+    monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 0.0)
+    monkeypatch.setattr(dycl, "MEASURE_CHOICE", False)
+    model = CountsCalls().eval()
+    cm = _always(model)
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="not checked against eager .*each compiled segment call is checked"):
+        cm(x)
+    cm(x)
+    assert CALLS == [2]  # the forward's Python ran once per call
+    (variant,) = cm.variants
+    seg = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None][-1]  # h + 1
+    (key,) = seg.by_key
+    inner = seg.by_key[key]
+    seg.by_key[key] = lambda *a: tuple(o + 1 if i == 0 else o for i, o in enumerate(inner(*a)))
+    with pytest.warns(UserWarning, match=rf"call 3: segment {seg.name} \(.*\) .*differs from its plain Python .*"
+                                         r"that part runs eagerly from now on"):
+        out = cm(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, Branchy.forward(model, x))  # plain Python's result for that segment
+    assert CALLS == [3] and cm.stats.checked_parts >= 1
+    assert f"segment {seg.name}" in cm.explain()
