@@ -576,3 +576,37 @@ def test_a_host_program_updates_the_callers_own_state_object_and_list():
             torch.testing.assert_close(sc.total, se.total)
     assert len(lc) == len(le) == 3
     torch.testing.assert_close(torch.stack(lc), torch.stack(le))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+
+
+class _TwoAttentions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Attention(), _Attention()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return self.b(x) * 2
+
+
+def test_a_segment_merging_weights_at_its_first_call_does_not_recompile_the_program():
+    """A segment compiled during a call merges its Q/K/V weights (their `.data` moved into one buffer, same
+    values) after the program's weights were snapshotted: the next call sees the same weights, not a change."""
+    torch.manual_seed(0)
+    m = _TwoAttentions().eval()
+    cm = fxcc.compile(m)  # the default pipeline: merge-linears runs
+    xs = [torch.randn(2, 5, D) + (1 if i % 2 else -1) for i in range(4)]
+    with torch.no_grad():
+        for x in xs:
+            torch.testing.assert_close(cm(x), m(x))
+    assert m.a.k.weight.storage_offset() != 0  # the weights were merged (moved) by the first compile of a.*
+    assert cm.stats.compiles == 1 and cm.stats.param_recompiles == 0, cm.stats.reasons

@@ -184,6 +184,12 @@ def test_a_snapshot_sees_writes_not_reads():
     assert s.same(t)  # NaN equals the same NaN
     t.data = torch.randn(8, 8)
     assert not s.same(t)
+    s = watch.Snapshot(t)
+    whole = torch.cat([torch.randn(8, 8), t.detach()])
+    t.data = whole[8:]  # moved into a larger buffer with its values (as merging weights does): the same
+    assert t.storage_offset() == 64 and s.same(t) and s.same(t)
+    whole[9, 0] += 1  # and a write to the new buffer is seen
+    assert not s.same(t)
 
 
 def test_weights_over_foreign_memory_are_watched_by_copy_on_write(tmp_path):
