@@ -230,5 +230,4 @@ KNOBS: list[Knob] = [
     Knob("token-merge", {"r": (4, 8, 16, 32)}),
     # policy=auto chooses each layer's precision inside the pass; its own search is kept small per trial
     Knob("mixed-precision", {"budget": (0.001, 0.01, 0.05)}, fixed={"trials": 24}),
-    Knob("tp-shard", {"tp": ()}, min_devices=2),
 ]
