@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc.codegen.allreduce_rmsnorm import split_rows
+from fxcc.measure import Timing, time_once
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ def cpu_rates(threads: int) -> Rates:
     """Rates of this CPU at `threads` threads, measured (a 256^3 matmul, a 16 MB copy, a tiny op for the per-op
     cost) in a fraction of a second; the all-reduce fit is an assumed one for gloo over loopback TCP (80 us,
     1 GB/s), not measured here. What the search's cost model ranks CPU plans with."""
-    from fxcc.measure import Timing, time_once
-
     saved = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:

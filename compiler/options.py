@@ -212,8 +212,8 @@ class CompileOptions:
 class Knob:
     """Options of one pass that join the plan search (`fxcc search`) when the pass is registered.
 
-    choices: option -> values to try; an empty tuple takes the option's Literal values, True/False for a
-    bool, or powers of two up to the device count for `tp`. With `alternatives`, only the first option the
+    choices: option -> values to try; an empty tuple takes the option's Literal values, or True/False for a
+    bool. (The parallel plan is not a pass knob: fxcc.autotune.search.Parallel.) With `alternatives`, only the first option the
     registered pass has is searched (layer-skip takes speedup= or skip=, not both). Every knob can also be
     "off" (the pass is left out). Where the pass goes follows its `reads`: aten -> before raise, else after.
     """
