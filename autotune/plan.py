@@ -48,6 +48,10 @@ class Plan:
     latency_ms / eager_ms: measured with the plan applied, and of the uncompiled model beside it; applying
     the plan keeps the compiled model where latency_ms <= eager_ms, else runs eagerly (no timing).
     quality_error: 1 - min cosine similarity of the outputs against the uncompiled model (0 = exact).
+    parallel: the parallel plan, empty for one process: {"tp": ranks, "allreduce": "unfused" | "fused[impl]",
+    "split": ratio or null, "backend": "gloo" | "nccl", "eager_threads": the threads eager was timed with}. A plan
+    with tp > 1 applies in each of `tp` processes (torchrun); the pipeline holds its tp-shard and
+    fuse-allreduce-rmsnorm; latency_ms is the slowest rank's.
     """
 
     fingerprint: dict
@@ -63,6 +67,7 @@ class Plan:
     objective: str = "latency"
     search: dict = field(default_factory=dict)
     created: str = ""
+    parallel: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         body = {"fxcc_plan": PLAN_VERSION, **asdict(self)}
@@ -114,7 +119,7 @@ _FIELDS = {
     "pipeline": (str, "text"), "kernels": (dict, "an object"), "precision": (dict, "an object"),
     "cuda_graph": (bool, "true or false"), "latency_ms": (_NUMBER, "a number"),
     "eager_ms": (_NUMBER, "a number"), "quality_error": (_NUMBER, "a number"), "objective": (str, "text"),
-    "search": (dict, "an object"), "created": (str, "text"),
+    "search": (dict, "an object"), "created": (str, "text"), "parallel": (dict, "an object"),
 }
 _OPTIONAL = ("latency_ms", "eager_ms", "quality_error", "cuda_graph")
 
@@ -140,6 +145,9 @@ def _malformed(data: dict) -> str | None:
         for name, typ in (("backend", str), ("module", str), ("params", dict)):
             if name in choice and choice[name] is not None and not isinstance(choice[name], typ):
                 return f"kernels[{key!r}].{name} must be {'text' if typ is str else 'an object'}"
+    tp = data.get("parallel", {}).get("tp", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        return f"parallel.tp must be a whole number of ranks >= 1, not {tp!r:.30}"
     for node, choice in data.get("precision", {}).items():
         if not isinstance(choice, dict) or not all(isinstance(choice.get(k), str) for k in ("precision", "kernel")):
             return f"precision[{node!r}] must be an object with text fields precision and kernel"
@@ -283,11 +291,39 @@ def plan_options(opts: Any) -> Any:
     if opts.passes is not None and opts.passes != plan.pipeline:
         raise PlanError(f"fxcc: plan {where} sets the pipeline ({plan.pipeline!r}); passes={opts.passes!r} "
                         "conflicts with it. Give either passes= or plan=.")
+    join_ranks(plan, where)
     budget = opts.quality_budget
     if budget is not None and plan.quality_error is not None and plan.quality_error > budget:
         raise PlanError(f"fxcc: plan {where} measured a quality error of {plan.quality_error:.3g}, over "
                         f"quality_budget={budget:g}. Search again with `--quality-budget {budget:g}`.")
     return opts.replace(plan=path, passes=plan.pipeline)
+
+
+def join_ranks(plan: Plan, where: str) -> None:
+    """A parallel plan runs in `tp` processes: the process group is the caller's, or, when none is initialised,
+    fxcc's from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) with the plan's backend."""
+    tp = plan.parallel.get("tp", 1)
+    if tp == 1:
+        return
+    import torch.distributed as dist
+
+    how = f"launch it with `torchrun --nproc-per-node {tp} your_script.py`"
+    if not dist.is_available():
+        raise PlanError(f"fxcc: plan {where} runs on {tp} ranks; this torch has no torch.distributed")
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise PlanError(f"fxcc: plan {where} runs on {tp} ranks, one process each, and this process is not one "
+                            f"of them (no process group, and {', '.join(missing)} unset): {how}")
+        backend = plan.parallel.get("backend") or ("nccl" if plan.target.get("kind") == "cuda" else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+        dist.init_process_group(backend)
+        log.info("plan %s: joined process group (%s) as rank %d of %d", where, backend, dist.get_rank(),
+                 dist.get_world_size())
+    if dist.get_world_size() != tp:
+        raise PlanError(f"fxcc: plan {where} runs on {tp} ranks; this process group has {dist.get_world_size()}: "
+                        f"{how}")
 
 
 def check_call_plan(opts: Any, model: nn.Module, args: tuple, kwargs: dict, target: str) -> None:

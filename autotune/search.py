@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from fxcc import options as fxcc_options
+from fxcc.autotune import tp_plan
 from fxcc.autotune.plan import Plan
 from fxcc.codegen import backend
 from fxcc.options import Knob
@@ -49,6 +49,27 @@ BACKEND_CHOICES = {"cpu": ("auto", "extern", "tvm"), "cuda": ("auto", "extern", 
 # ---------------------------------------------------------------------------------------- the space
 
 
+TP_KNOB = "tp"  # --knobs name of the parallel plan (tp-shard and fuse-allreduce-rmsnorm together)
+TP_IMPLS = {"cpu": ("auto",), "cuda": ("auto", "nccl")}  # fused all-reduce kernels worth trying per target
+TP_RATIOS = (0.25, 0.5, 0.75)  # token split ratios
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """The parallel plan's part of the space: TP degree up to `max_tp` (the processes a trial may launch), the
+    fused all-reduce impls, the token split ratios; `backend` is the process group's (gloo, nccl)."""
+
+    max_tp: int
+    impls: tuple[str, ...]
+    ratios: tuple[float, ...]
+    backend: str
+
+    def describe(self) -> str:
+        return (f"tp: tp in {tp_plan.tp_degrees(self.max_tp)}, allreduce in "
+                f"{['unfused', *(f'fused[{i}]' for i in self.impls)]}, split in {['off', *self.ratios]} "
+                f"({self.backend}, one process per rank)")
+
+
 @dataclass
 class Space:
     """The knobs searched in this process: present passes with their choices, codegen backends, and notes
@@ -59,14 +80,20 @@ class Space:
     approximate: list[str]
     notes: list[str] = field(default_factory=list)
     fixed: dict[str, dict] = field(default_factory=dict)  # pass name -> options set whenever it is on
+    parallel: Parallel | None = None  # the parallel plan, when searched
 
     def suggest(self, trial: Any) -> str:
-        """The pipeline text of one trial (define-by-run: a knob's options exist only when it is on)."""
+        """The pipeline text of one trial (define-by-run: a knob's options exist only when it is on). The parallel
+        plan's passes come first after `raise`: tp-shard finds the projections before other passes rewrite them."""
         before, after = [], []
         for name, at_aten, options in self.knobs:
             spec = self._suggest_knob(trial, name, options, self.fixed.get(name, {}))
             if spec:
                 (before if at_aten else after).append(spec)
+        if self.parallel:
+            p = self.parallel
+            tp = tp_plan.suggest(trial, p.max_tp, p.impls, p.ratios).passes()
+            after = [tp, *after] if tp else after
         backend = trial.suggest_categorical("codegen.backend", self.backends) if len(self.backends) > 1 \
             else self.backends[0]
         return pipeline_text(before, after, backend)
@@ -90,12 +117,15 @@ class Space:
             params[f"{name}.{next(iter(options))}" if len(options) == 1 else name] = "off"
         if len(self.backends) > 1:
             params["codegen.backend"] = "auto" if "auto" in self.backends else self.backends[0]
+        if self.parallel:
+            params["tp"] = 1
         return params
 
     def describe(self) -> list[str]:
         rows = [f"{n}: " + ", ".join(f"{o} in {['off', *v] if len(opts) == 1 else v}" for o, v in opts.items())
                 + ("" if len(opts) == 1 else " (or off)")
                 + "".join(f", {o}={v}" for o, v in self.fixed.get(n, {}).items()) for n, _, opts in self.knobs]
+        rows += [self.parallel.describe()] if self.parallel else []
         return rows + [f"codegen: backend in {self.backends}"]
 
 
@@ -116,19 +146,32 @@ def pipeline_text(before_raise: list[str], after_raise: list[str], backend: str)
     return ",".join(out)
 
 
-def build_space(target: str, backends: list[str] | None = None, only: list[str] | None = None) -> Space:
+def build_space(target: str, backends: list[str] | None = None, only: list[str] | None = None,
+                nproc: int | None = None) -> Space:
     """The search space from the passes registered now; a knob whose pass is absent is noted, not searched.
 
-    only: pass names whose knobs to search (None: every knob; []: none, only the codegen backend).
+    only: pass names whose knobs to search (None: every knob; []: none, only the codegen backend); `tp` (or
+    tp-shard) names the parallel plan. nproc: processes a trial may launch (default: the CUDA devices on cuda,
+    1 on the CPU); the parallel plan is searched when it is above 1.
     """
-    devices = torch.cuda.device_count() if target == "cuda" else 1
+    devices = nproc if nproc is not None else (torch.cuda.device_count() if target == "cuda" else 1)
     present, notes, approximate = [], [], []
     fixed: dict[str, dict] = {}
     if only is not None:
-        unknown = [n for n in only if n not in {k.pass_name for k in fxcc_options.KNOBS}]
+        only = [TP_KNOB if n == "tp-shard" else n for n in only]
+        names = [k.pass_name for k in fxcc_options.KNOBS] + [TP_KNOB]
+        unknown = [n for n in only if n not in names]
         if unknown:
-            raise ValueError(f"fxcc search: --knobs {','.join(unknown)}: no such knob; knobs: "
-                             f"{', '.join(k.pass_name for k in fxcc_options.KNOBS)}")
+            raise ValueError(f"fxcc search: --knobs {','.join(unknown)}: no such knob; knobs: {', '.join(names)}")
+    parallel = None
+    if only is None or TP_KNOB in only:
+        if devices < 2:
+            notes.append(f"tp: not searched ({devices} {'process' if target == 'cpu' else target + ' device'}; "
+                         "--nproc 2 or more launches a process per rank" + (", gloo)" if target == "cpu" else ")"))
+        elif pass_class("tp-shard") is None or pass_class("fuse-allreduce-rmsnorm") is None:
+            notes.append("tp: not searched (tp-shard or fuse-allreduce-rmsnorm is not registered in this fxcc)")
+        else:
+            parallel = Parallel(devices, TP_IMPLS[target], TP_RATIOS, "nccl" if target == "cuda" else "gloo")
     for knob in fxcc_options.KNOBS:
         if only is not None and knob.pass_name not in only:
             continue
@@ -153,7 +196,7 @@ def build_space(target: str, backends: list[str] | None = None, only: list[str] 
     if unknown:
         raise ValueError(f"fxcc search: backend(s) {unknown} do not build for target {target!r}; "
                          f"choose from {', '.join(BACKEND_CHOICES[target])}")
-    return Space(present, _available_backends(wanted, target, notes), approximate, notes, fixed)
+    return Space(present, _available_backends(wanted, target, notes), approximate, notes, fixed, parallel)
 
 
 def _options(knob: Knob, cls: type, devices: int) -> dict[str, list]:
@@ -182,8 +225,6 @@ def _implied_choices(opt: str, hint: Any, devices: int) -> tuple:
             return tuple(typing.get_args(a))
     if hint is bool:
         return (True, False)
-    if opt == "tp":
-        return tuple(2 ** i for i in range(1, int(math.log2(max(devices, 1))) + 1))
     return ()
 
 
@@ -222,6 +263,7 @@ class Measurement:
     quality_error: float
     compile_s: float
     spread: float = 0.0  # the fxcc timing's noise (fxcc.measure.Timing.spread)
+    ranks: dict | None = None  # a parallel trial's per-rank estimates and medians (ms)
 
     @property
     def speedup(self) -> float:
@@ -248,6 +290,7 @@ class SearchConfig:
     reps: int = 10
     backends: list[str] | None = None
     knobs: list[str] | None = None
+    nproc: int | None = None  # processes a trial may launch for the parallel plan (see build_space)
     sampler: str = "tpe"
     seed: int | None = None
     plot: str | None = None
@@ -262,6 +305,8 @@ class SearchConfig:
             raise ValueError(f"fxcc search: --trials must be at least 1, got {self.trials}")
         if self.quality_budget is not None and not self.quality_budget >= 0:
             raise ValueError(f"fxcc search: --quality-budget must be >= 0 (1 - cosine), got {self.quality_budget}")
+        if self.nproc is not None and self.nproc < 1:
+            raise ValueError(f"fxcc search: --nproc must be at least 1, got {self.nproc}")
         if self.tune_budget < 0 or self.reps < 1 or self.warmup < 0:
             raise ValueError("fxcc search: --tune-budget and --warmup must be >= 0, --reps >= 1")
 

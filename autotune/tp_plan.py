@@ -16,6 +16,7 @@ import os
 import socket
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc.codegen.allreduce_rmsnorm import split_rows
+from fxcc.measure import Timing, time_once
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ class TPPlan:
         return ",".join(out + ([self.rest] if self.rest else []))
 
 
+def tp_degrees(max_tp: int) -> list[int]:
+    """1 and the powers of two up to `max_tp`."""
+    return [1] + [2 ** i for i in range(1, max(max_tp, 1).bit_length()) if 2 ** i <= max_tp]
+
+
 def space(max_tp: int, ratios: tuple[float, ...] = (0.5,), impls: tuple[str, ...] = ("auto",)) -> list[TPPlan]:
     """Every plan up to `max_tp` ranks (powers of two): unfused, fused per impl, fused + split per ratio."""
     plans = [TPPlan(1)]
@@ -68,6 +75,39 @@ def space(max_tp: int, ratios: tuple[float, ...] = (0.5,), impls: tuple[str, ...
             plans.extend(TPPlan(tp, True, True, r, impl) for r in ratios)
         tp *= 2
     return plans
+
+
+def suggest(trial: Any, max_tp: int, impls: tuple[str, ...], ratios: tuple[float, ...]) -> TPPlan:
+    """One plan sampled by an Optuna trial, define-by-run: `tp`; then `tp.allreduce` (unfused, or fused with an
+    impl); then, when fused, `tp.split` (off or a ratio)."""
+    tp = trial.suggest_categorical("tp", tp_degrees(max_tp))
+    if tp == 1:
+        return TPPlan(1)
+    ar = trial.suggest_categorical("tp.allreduce", ["unfused", *(f"fused[{i}]" for i in impls)])
+    if ar == "unfused":
+        return TPPlan(tp)
+    split = trial.suggest_categorical("tp.split", ["off", *ratios])
+    impl = ar[len("fused["):-1]
+    return TPPlan(tp, True, split != "off", 0.5 if split == "off" else float(split), impl)
+
+
+def trial_params(plan: TPPlan) -> dict[str, Any]:
+    """The Optuna parameters `suggest` draws for `plan` (to enqueue it)."""
+    if plan.tp == 1:
+        return {"tp": 1}
+    if not plan.fused:
+        return {"tp": plan.tp, "tp.allreduce": "unfused"}
+    return {"tp": plan.tp, "tp.allreduce": f"fused[{plan.impl}]", "tp.split": plan.ratio if plan.split else "off"}
+
+
+def from_params(params: dict[str, Any]) -> TPPlan:
+    """The plan an Optuna trial's parameters name (`suggest`'s inverse; no `tp`: TP=1)."""
+    tp = int(params.get("tp", 1))
+    ar = params.get("tp.allreduce", "unfused")
+    if tp == 1 or ar == "unfused":
+        return TPPlan(tp)
+    split = params.get("tp.split", "off")
+    return TPPlan(tp, True, split != "off", 0.5 if split == "off" else float(split), ar[len("fused["):-1])
 
 
 # ------------------------------------------------------------------------------------ cost model
@@ -88,6 +128,28 @@ class Rates:
         """All-reduce time: latency + the bytes each rank moves, (tp-1)/tp of the message twice (ring)."""
         lat, bw = self.allreduce.get(kind, self.allreduce["nccl"])
         return lat + 2 * (tp - 1) / tp * nbytes / bw
+
+
+def cpu_rates(threads: int) -> Rates:
+    """Rates of this CPU at `threads` threads, measured (a 256^3 matmul, a 16 MB copy, a tiny op for the per-op
+    cost) in a fraction of a second; the all-reduce fit is an assumed one for gloo over loopback TCP (80 us,
+    1 GB/s), not measured here. What the search's cost model ranks CPU plans with."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        a, b, big, tiny = torch.randn(256, 256), torch.randn(256, 256), torch.empty(1 << 22), torch.ones(8)
+
+        def best(fn: Callable[[], object], n: int) -> float:
+            fn()
+            return Timing([time_once(fn, "cpu") for _ in range(n)]).quantile(0.2) * 1e-3
+        mm = best(lambda: a @ b, 20)
+        copy = best(big.clone, 10)
+        op = best(lambda: tiny + 1, 50)
+    finally:
+        torch.set_num_threads(saved)
+    gloo = (8e-5, 1e9)
+    return Rates(matmul=2 * 256 ** 3 / mm, hbm=2 * big.numel() * 4 / copy, launch=op,
+                 allreduce={"nccl": gloo, "symm": gloo})
 
 
 def _bytes(v: Any) -> int:
@@ -214,19 +276,52 @@ def _entry(rank: int, world: int, port: int, backend: str, out_dir: str, fn: Cal
         dist.destroy_process_group()
 
 
+class LaunchError(RuntimeError):
+    """A rank of `launch` raised, died or ran past the timeout; the message says which rank and why."""
+
+
 def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str | None = None,
-           start_method: str = "spawn") -> list[Any]:
+           start_method: str = "spawn", timeout: float | None = None,
+           parent: Callable[[], None] | None = None) -> list[Any]:
     """Run fn(rank, world, *args) in `world` fresh processes (torchrun-style, one per device); JSON results.
 
     `fn` must be importable (a module-level function). gloo on the CPU, nccl where there is a GPU per rank.
-    start_method="fork" skips re-importing torch in every process (CPU only, before CUDA is initialised).
+    start_method="fork" skips re-importing torch in every process (CPU only, before CUDA is initialised), and
+    hands `args` over as they are (no pickling). A rank that raises or dies, or ranks still running after
+    `timeout` seconds (a collective that never completes), end every rank: LaunchError with the reason.
+    `parent` runs in this process while the ranks run (e.g. timing eager between their rounds); an error it
+    raises ends the ranks too.
     """
     import torch.multiprocessing as mp
 
     backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo")
     with tempfile.TemporaryDirectory(prefix="fxcc-tp-") as out_dir:
-        mp.start_processes(_entry, args=(world, free_port(), backend, out_dir, fn, args), nprocs=world,
-                           join=True, start_method=start_method)
+        ctx = mp.start_processes(_entry, args=(world, free_port(), backend, out_dir, fn, args), nprocs=world,
+                                 join=False, start_method=start_method)
+        end = None if timeout is None else time.monotonic() + timeout
+        failed = None
+        try:
+            if parent is not None:
+                try:
+                    parent()
+                except Exception as e:  # a rank's own error, when one raised first, says more: joined below
+                    failed = f"{type(e).__name__}: {e}"
+            while not ctx.join(timeout=1.0 if end is None else max(0.0, min(1.0, end - time.monotonic()))):
+                if end is not None and time.monotonic() >= end:
+                    raise LaunchError(f"{world} ranks still running after {timeout:.0f} s (a collective that "
+                                      "never completes, or a rank far slower than the others)")
+            if failed:
+                raise LaunchError(f"the launching process: {failed}")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            last = lines[-1].strip() if lines else str(e)
+            raise LaunchError(f"rank {e.error_index}: {last}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            for p in ctx.processes:
+                p.join(5)
         results = []
         for r in range(world):
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:

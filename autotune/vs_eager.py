@@ -49,6 +49,11 @@ class Verdict:
 
 def unrepeatable(gm: fx.GraphModule) -> str | None:
     """Why running the graph extra times could change what the caller sees (None when it cannot)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return (f"one of {dist.get_world_size()} ranks: each rank timing alone could choose otherwise and leave the "
+                "others waiting in a collective")
     for n in gm.graph.nodes:
         if n.meta.get("fxcc_eager"):
             return f"{n.name} runs eagerly ({n.meta['fxcc_eager']})"

@@ -137,6 +137,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             tune_budget=args.tune_budget, warmup=args.warmup, reps=args.reps,
             backends=args.backends.split(",") if args.backends else None, sampler=args.sampler, seed=args.seed,
             knobs=None if args.knobs is None else [k for k in args.knobs.split(",") if k and k != "none"],
+            nproc=args.nproc,
             plot=args.plot, progress=not args.no_progress)
     except ValueError as e:
         raise UsageError(str(e).removeprefix("fxcc search: ")) from None
@@ -317,8 +318,11 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--tune-budget", type=int, default=0,
                    help="Optuna trials per kernel candidate of the chosen pipeline (default 0: cached/default tiles)")
     r.add_argument("--backends", help="codegen backends to search, e.g. auto,extern,tvm (default: all for the target)")
-    r.add_argument("--knobs", help="passes whose knobs to search, e.g. layer-skip,token-merge ('none': only the "
+    r.add_argument("--knobs", help="passes whose knobs to search, e.g. layer-skip,token-merge,tp ('none': only the "
                                    "codegen backend; default: every registered one)")
+    r.add_argument("--nproc", type=int, help="processes a trial may launch, one per rank, for the parallel plan "
+                                             "(knob tp: TP degree, fused all-reduce, token split; gloo on the CPU). "
+                                             "Default: the CUDA devices with --target cuda, else 1 (tp not searched)")
     r.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe", help="Optuna sampler (default tpe)")
     r.add_argument("--seed", type=int, help="sampler seed (leave unset when several workers share a study)")
     r.add_argument("--warmup", type=int, default=2, help="untimed calls before timing a trial (default 2)")

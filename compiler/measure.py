@@ -111,6 +111,11 @@ def time_once(fn: Callable[[], object], device: str) -> float:
 _timer: Callable[[Callable[[], object], str], float] = time_once
 
 
+def timed(fn: Callable[[], object], device: str) -> float:
+    """One call's time in ms by the timer in use (the clock, or a test's `using_timer`)."""
+    return _timer(fn, device)
+
+
 @contextlib.contextmanager
 def using_timer(timer: Callable[[Callable[[], object], str], float]) -> Iterator[None]:
     """Every timing in this process taken by `timer(fn, device) -> ms` instead of the clock (tests inject

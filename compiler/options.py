@@ -229,8 +229,8 @@ class CompileOptions:
 class Knob:
     """Options of one pass that join the plan search (`fxcc search`) when the pass is registered.
 
-    choices: option -> values to try; an empty tuple takes the option's Literal values, True/False for a
-    bool, or powers of two up to the device count for `tp`. With `alternatives`, only the first option the
+    choices: option -> values to try; an empty tuple takes the option's Literal values, or True/False for a
+    bool. (The parallel plan is not a pass knob: fxcc.autotune.search.Parallel.) With `alternatives`, only the first option the
     registered pass has is searched (layer-skip takes speedup= or skip=, not both). Every knob can also be
     "off" (the pass is left out). Where the pass goes follows its `reads`: aten -> before raise, else after.
     """
@@ -247,5 +247,4 @@ KNOBS: list[Knob] = [
     Knob("token-merge", {"r": (4, 8, 16, 32)}),
     # policy=auto chooses each layer's precision inside the pass; its own search is kept small per trial
     Knob("mixed-precision", {"budget": (0.001, 0.01, 0.05)}, fixed={"trials": 24}),
-    Knob("tp-shard", {"tp": ()}, min_devices=2),
 ]

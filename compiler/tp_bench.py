@@ -16,9 +16,9 @@ import torch.fx as fx
 from fxcc.autotune.tp_plan import CostModel, TPPlan, is_view
 from fxcc.codegen.executable import build_executable
 
-from . import ir
+from . import ir, measure
 from .capture import capture, flatten_inputs
-from .measure import interleaved
+from .measure import Timing, interleaved
 from .options import CompileOptions
 from .pipeline import PassContext, PassManager, parse_pipeline
 from .runtime import Variant, graphable
@@ -55,6 +55,45 @@ def build_variant(base: fx.GraphModule, captured: Any, passes: str, ctx: Any, na
     exe, bound, kernels = build_executable(gm, ctx.kernels)
     graphs = cuda_graphs and ctx.target == "cuda" and graphable(gm)
     return Variant(captured, gm, exe, [], 0.0, bound, "pending" if graphs else None, name, kernels=kernels)
+
+
+def rank_timings(call: Callable[[], object], *, device: str, warmup: int, reps: int, rounds: int,
+                 gate: Callable[[], None] | None = None, eager: Callable[[], object] | None = None,
+                 eager_threads: int = 1) -> tuple[Timing, Timing | None]:
+    """Time a call that spans every rank (collectives inside), in lockstep, interleaved round by round with the
+    uncompiled model: each round first passes `gate` (every rank waits there while another process times eager:
+    the search's), or else times `eager` on rank 0 alone at `eager_threads` threads while the others wait at a
+    barrier (under torchrun). Every rank makes the same calls in the same order; the slowest rank's estimate is
+    the plan's latency. Returns (this rank's timing of `call`, rank 0's timing of `eager` or None).
+    """
+    import torch.distributed as dist
+
+    rank, own = dist.get_rank(), torch.get_num_threads()
+    lead = gate is None and eager is not None and rank == 0
+
+    def eager_calls(n: int) -> list[float]:
+        torch.set_num_threads(eager_threads)
+        try:
+            return [measure.timed(eager, device) for _ in range(n)]
+        finally:
+            torch.set_num_threads(own)
+
+    for _ in range(warmup):
+        call()
+    if lead:
+        eager_calls(warmup)
+    mine, ref = Timing([]), Timing([])
+    per_round = max(1, reps // rounds)
+    for _ in range(rounds):
+        if gate is not None:
+            gate()
+        elif eager is not None:
+            dist.barrier()
+            if lead:
+                ref.samples.extend(eager_calls(per_round))
+            dist.barrier()
+        mine.samples.extend(measure.timed(call, device) for _ in range(per_round))
+    return mine, (ref if lead else None)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
