@@ -158,10 +158,22 @@ class ModuleState:
                 and self._same_modes()
                 and list(map(len, self.counts_of)) == self.counts
                 and self.layouts.same()
-                and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses)
+                and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
                 and self._watched_same()):
             return None
         return self._what()
+
+    def _live_kept(self) -> bool:
+        """Every tensor a CUDA graph reads that is no longer where the graph was captured holds what it held, and
+        the memory the graph reads is its snapshot's own plain copy (fxcc.watch: a tensor other code keeps asking
+        for a writable pointer), so the graph reads the same values where they were."""
+        snaps = {id(t): s for t, s in self.watched}
+        for t, at in zip(self.live, self.addresses):
+            if _ADDRESS(t) != at:
+                s = snaps.get(id(t))
+                if s is None or not s.same(t, keep=True) or not s.holds(at):
+                    return False
+        return True
 
     def _index_watched(self) -> None:
         """The watched tensors' buffer addresses and storage offsets as lists, where every snapshot is
@@ -210,7 +222,7 @@ class ModuleState:
         for t, shape, stride, dtype, device in zip(self.tensors, lay.shapes, lay.strides, lay.dtypes, lay.devices):
             if (t.shape, t.stride(), t.dtype, t.device) != (shape, stride, dtype, device):
                 return f"{self._name(t)} changed layout (now {t.dtype} {list(t.shape)})"
-        if self.addresses is not None and list(map(_ADDRESS, self.live)) != self.addresses:
+        if self.addresses is not None and list(map(_ADDRESS, self.live)) != self.addresses and not self._live_kept():
             return "a tensor of the model moved to other memory (`.data =`): a CUDA graph reads the old one"
         for t, s in self.watched:
             if not s.same(t):

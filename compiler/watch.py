@@ -11,6 +11,13 @@ one address compare per call. A different address means a write or a read that a
 when they are equal the snapshot is taken again. A storage over memory torch did not allocate (mmapped
 safetensors) is first moved, in place, to memory torch allocated (`own_memory`). Where a copy-on-write clone
 still cannot be made (an exotic tensor type), the snapshot is a plain copy compared on every check.
+
+Other code that asks the tensor for a writable pointer at every call without writing (another compiler's
+kernels over the same model: torch.compile's launches call `data_ptr()`) breaks the copy-on-write share each
+time: the tensor is copied to a fresh buffer by that request, and the snapshot taken again would be broken
+again at the next one, a copy of the weight per call and a compare per check. After `BREAKS` such breaks with
+the contents unchanged, the snapshot stops being copy-on-write: it keeps the memory the tensor left (a plain
+copy, the tensor's size in memory) and compares contents at every check, so the other code keeps its buffer.
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ log = logging.getLogger(__name__)
 
 _address = torch._C._data_address  # the storage's data pointer, read without asking for write access
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+BREAKS = 2  # copy-on-write shares broken with the contents unchanged before a snapshot becomes a plain copy
 
 
 class Snapshot:
     """What tensor `t` held when the snapshot was taken; `same(t)` says whether it still does."""
 
-    __slots__ = ("address", "copy", "cow", "layout")
+    __slots__ = ("address", "breaks", "copy", "cow", "layout")
 
     def __init__(self, t: torch.Tensor) -> None:
+        self.breaks = 0
         self.take(t)
 
     def take(self, t: torch.Tensor) -> None:
@@ -43,8 +52,10 @@ class Snapshot:
         self.address = _address(t)
         self.layout = _layout(t)
 
-    def same(self, t: torch.Tensor) -> bool:
-        """True when `t` has the layout and the bits it had at the snapshot (for a tensor of the same identity)."""
+    def same(self, t: torch.Tensor, keep: bool = False) -> bool:
+        """True when `t` has the layout and the bits it had at the snapshot (for a tensor of the same identity).
+        keep: where `t` left the snapshot's memory, keep that memory as a plain copy at once (a CUDA graph reads
+        it there) rather than watching `t`'s new buffer."""
         layout = _layout(t)
         if self.cow and _address(t) == self.address and layout == self.layout:
             return True
@@ -52,9 +63,20 @@ class Snapshot:
         # rebinding a weight's `.data` into a merged buffer, at a compile after this snapshot) holds what it held
         if layout[:2] + layout[3:] != self.layout[:2] + self.layout[3:] or not same_bits(t, self.copy):
             return False
+        if self.cow:  # a request for a writable pointer gave `t` a new buffer, the same bits
+            self.breaks += 1
+            if keep or self.breaks >= BREAKS:  # made again each time (see the module's doc): keep the old memory as a copy
+                self.cow, self.address, self.layout = False, _address(t), layout
+                log.info("a watched %s tensor is asked for a writable pointer at every call; its snapshot is a "
+                         "plain copy from now on, compared at every check", tuple(t.shape))
+                return True
         if self.cow or layout != self.layout:
-            self.take(t)  # a read that asked for a writable pointer gave `t` a new buffer, or it moved: watch that one
+            self.take(t)  # watch the new buffer (or, having moved, the tensor where it is now)
         return True
+
+    def holds(self, address: int) -> bool:
+        """Whether the snapshot's own memory is at `address` (a plain copy kept where the tensor was)."""
+        return not self.cow and _address(self.copy) == address
 
 
 def _lazy_clone(t: torch.Tensor) -> torch.Tensor:

@@ -307,3 +307,45 @@ def test_a_layout_change_is_seen_whatever_the_dispatch_state(how):
     assert "changed layout" in state.changed()
     m.a.weight.data = w
     assert state.changed() is None
+
+
+def test_a_weight_other_code_keeps_asking_for_a_writable_pointer_stops_being_copied():
+    """Other code over the same weights (torch.compile's kernels call `data_ptr()`) breaks a copy-on-write
+    snapshot at each call without writing: after `watch.BREAKS` such breaks the snapshot keeps a plain copy,
+    the weight stays where it is from then on, and a write is still seen."""
+    t = torch.randn(32, 16)
+    s = watch.Snapshot(t)
+    for _ in range(watch.BREAKS):
+        t.numpy()  # a writable pointer, nothing written
+        assert s.same(t)
+    assert not s.cow
+    at = torch._C._data_address(t)
+    for _ in range(3):
+        t.numpy()
+        assert s.same(t) and torch._C._data_address(t) == at  # no longer copied by the request
+    t.data[1, 2] += 1  # through an alias with a version counter of its own
+    assert not s.same(t)
+    t.data[1, 2] -= 1
+    t.numpy()[0, 0] += 2  # through the pointer itself
+    assert not s.same(t)
+
+
+def test_a_graph_reads_a_kept_copy_where_a_weight_moved_with_its_values():
+    """A tensor a CUDA graph reads where it was captured (`live`) that moved with its values (other code asked it
+    for a writable pointer, or `.data =` a copy): the snapshot keeps the memory the graph reads, so nothing
+    changed and no recompile captures the graph again; once the tensor is written, it changed."""
+    for how in ("writable pointer", ".data = a copy"):
+        m = nn.Linear(16, 16)
+        at = torch._C._data_address(m.weight)
+        state = ModuleState(m, [m.weight], live=[m.weight])
+        if how == "writable pointer":
+            m.weight.detach().numpy()
+        else:
+            m.weight.data = m.weight.data.clone()
+        assert torch._C._data_address(m.weight) != at
+        for _ in range(2):
+            assert state.changed() is None, how
+            assert state.watched[0][1].holds(at)  # the graph's memory, kept
+        with torch.no_grad():
+            m.weight.data[0, 0] += 1
+        assert state.changed() is not None, how
