@@ -258,13 +258,21 @@ def _renamed_llama():
     return model
 
 
-def tiny_arch(name: str):
-    """(model, kwargs) of a tiny random-weight model of each architecture tp-shard must recognise."""
+def tiny_arch(name: str, experts: str = "batched_mm"):
+    """(model, kwargs) of a tiny random-weight model of each architecture tp-shard must recognise; `experts`:
+    the experts implementation of the mixture-of-experts ones (transformers' `experts_implementation`)."""
     import transformers as T
 
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=100, max_position_embeddings=64)
+    moe = dict(num_experts_per_tok=2, num_key_value_heads=2, experts_implementation=experts)
+    if name == "mixtral":
+        return T.MixtralModel(T.MixtralConfig(**small, **moe, num_local_experts=4)).eval(), {"use_cache": False}
+    if name in ("qwen2_moe", "qwen3_moe"):  # Qwen2-MoE adds a shared expert (a dense MLP) and its sigmoid gate
+        cls, cfg = (T.Qwen2MoeModel, T.Qwen2MoeConfig) if name == "qwen2_moe" else (T.Qwen3MoeModel, T.Qwen3MoeConfig)
+        extra = dict(shared_expert_intermediate_size=64) if name == "qwen2_moe" else {}
+        return cls(cfg(**small, **moe, **extra, num_experts=4, moe_intermediate_size=32)).eval(), {"use_cache": False}
     if name == "llama":
         return tiny_llama(2, hidden_size=32, intermediate_size=64), {"use_cache": False}
     if name == "renamed_llama":
@@ -281,8 +289,10 @@ def tiny_arch(name: str):
     raise KeyError(name)
 
 
-ARCHS = ["llama", "renamed_llama", "qwen2", "mistral", "gpt2", "bert", "gpt2+decompose"]  # +decompose: q, k, v
-# of GPT-2's fused c_attn are then three slices instead of a split
+ARCHS = ["llama", "renamed_llama", "qwen2", "mistral", "gpt2", "bert", "gpt2+decompose",  # +decompose: q, k, v
+         "mixtral", "qwen2_moe", "mixtral@grouped_mm+decompose"]  # of GPT-2's fused c_attn are then three
+# slices instead of a split; @: the experts implementation (batched_mm unless named)
+MOE = {"mixtral": 1, "qwen2_moe": 2}  # replicated projections per layer: router (+ shared gate)
 
 
 def _arch_worker(rank: int, world: int, name: str) -> dict:
@@ -293,7 +303,8 @@ def _arch_worker(rank: int, world: int, name: str) -> dict:
 
     torch.set_num_threads(1)
     arch, _, front = name.partition("+")
-    model, kwargs = tiny_arch(arch)
+    arch, _, experts = arch.partition("@")
+    model, kwargs = tiny_arch(arch, experts or "batched_mm")
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids, **kwargs).last_hidden_state
@@ -304,7 +315,9 @@ def _arch_worker(rank: int, world: int, name: str) -> dict:
     sharded = pm.run(ir.clone_graph(base), ctx)
     got = build_variant(sharded, cap, "", ctx, name, cuda_graphs=False).run(flatten_inputs((ids,), kwargs)[0])
     held = {t.untyped_storage().data_ptr() for t in [*sharded.parameters(), *sharded.buffers()]}
-    linears = [m.weight for m in model.modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    linears = [m.weight for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
+               and not n.endswith("shared_expert_gate")]  # a [1, hidden] gate: nothing to split
+    linears += [p for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     return {"err": (got.last_hidden_state - ref).abs().max().item(), "stats": pm.records[-1].result.stats,
             "linear_bytes": sum(w.numel() * w.element_size() for w in linears),
             "full_weights_held": sum(w.untyped_storage().data_ptr() in held for w in linears),
@@ -315,13 +328,18 @@ def _arch_worker(rank: int, world: int, name: str) -> dict:
 @pytest.mark.parametrize("name", ARCHS)
 def test_tp2_gloo_each_architecture_matches_eager(name):
     """Projections found from the graph: every linear is split, outputs equal eager, each rank holds its shards."""
-    tiny_arch(name.partition("+")[0])  # import the architecture here: forked ranks inherit it
+    arch = name.partition("+")[0].partition("@")[0]
+    tiny_arch(arch)  # import the architecture here: forked ranks inherit it
     ranks = launch(_arch_worker, 2, name, backend="gloo", start_method="fork")
     for r in ranks:
         s = r["stats"]
         assert r["err"] < 2e-5, r
-        assert s["column"] >= 2 * 2 and s["row"] == s["all_reduce"] == 2 * 2, s  # 2 layers: attention + MLP
-        assert "replicated" not in s, s
+        assert s["column"] >= 2 * 2 and s["all_reduce"] == 2 * 2, s  # 2 layers: attention + MLP (or experts)
+        if arch in MOE:  # every expert's gate_up and down split; the router (and a shared expert's gate) whole
+            assert s["expert"] == 2 * 2 and s["replicated"] == 2 * MOE[arch], s
+            assert s["row"] == 2 * (3 if arch == "qwen2_moe" else 2), s  # the shared expert's sum joins the experts'
+        else:
+            assert s["row"] == 2 * 2 and "replicated" not in s and "expert" not in s, s
         assert r["full_weights_held"] == 0, r
         # this rank's constants: the replicated ones and half of every projection weight (column biases halve too)
         assert s["param_bytes"] <= s["param_bytes_tp1"] - r["linear_bytes"] // 2, s
