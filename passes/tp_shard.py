@@ -140,6 +140,7 @@ def as_linear(node: fx.Node) -> _Linear | None:
     return _Linear(node, x, w, b, out_dim)
 
 
+TRACEABLE_EXPERTS = ("batched_mm", "grouped_mm")  # transformers' experts implementations captured as one graph
 GROUPED_MM = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")  # (x [S, in], W [E, in, out], offs)
 
 
@@ -286,6 +287,25 @@ class TPShard(Pass):
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
 
+    def check_split(self, module: Any) -> None:
+        """Experts whose forward loops over the experts hit (transformers' experts_implementation "eager":
+        `nonzero`, a loop of data-dependent length) cannot be sharded: in a DyCL host program their layers
+        would run eagerly, whole, on every rank. Refused, naming the implementations tp-shard splits."""
+        if self.tp == 1 or not isinstance(module, torch.nn.Module):
+            return
+        for path, m in module.named_modules():
+            impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+            weights = [n for n, w in m.named_parameters(recurse=False) if w.dim() == 3]
+            if impl is not None and weights and impl not in TRACEABLE_EXPERTS:
+                raise ShardError(
+                    f"tp-shard{{tp={self.tp}}}: the experts {path} ({type(m).__name__}, weights {', '.join(weights)}) "
+                    f"run with experts_implementation={impl!r}, "
+                    + ("a loop over the experts the routing hits, " if impl == "eager" else "")
+                    + "which fxcc cannot capture as one graph (it would run them eagerly and whole on every rank); "
+                    f"tp-shard splits the experts of {' and '.join(map(repr, TRACEABLE_EXPERTS))}: call "
+                    '`model.set_experts_implementation("batched_mm")` before compiling (or load it with '
+                    '`from_pretrained(..., experts_implementation="batched_mm")`)')
+
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.tp == 1:
             return PassResult(False)
@@ -334,6 +354,11 @@ class _Sharder:
                 continue
             taken |= {c.node for c in r.columns} | r.rows
             plans.append(plan)
+        experts = {c.w for p in plans for c in [*p.region.columns, *map(projection, p.region.rows)]}
+        for n in self.gm.graph.nodes:  # 3-D weights no expert projection recognised reads (another experts forward)
+            if _is_param(n, 3) and n not in experts and any(u.target is not aten.convolution.default for u in n.users):
+                log.info("tp-shard: %s %s stays replicated: no expert projection (W[ids] @ x, grouped_mm) reads it",
+                         _where(n), list(val(n).shape))
         for r in skipped:
             left = [c.node for c in r.columns if c.node not in taken]  # not the row of a sharded block
             self.stats["replicated"] += len(left)

@@ -379,3 +379,52 @@ def test_fused_qkv_is_split_per_block():
     assert "aten.split.Tensor(%view_2) {split_size = 16, dim = 2}" in text
     w = model.h[0].attn.c_attn.weight
     torch.testing.assert_close(gm.tp_h_0_attn_c_attn_weight, torch.cat([w[:, 16:32], w[:, 48:64], w[:, 80:96]], 1))
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+
+
+def test_experts_loop_is_refused_naming_batched_mm():
+    """transformers' "eager" experts loop over the experts hit (data-dependent): refused before DyCL would run
+    every decoder layer eagerly and whole on every rank, naming the implementation to use instead."""
+    model, kwargs = tiny_arch("mixtral", "eager")
+    cm = CompiledModule(model, CompileOptions(passes="canonicalize,raise,tp-shard{tp=2,rank=0}"))
+    with pytest.raises(Exception, match=r"layers.0.mlp.experts \(MixtralExperts.*experts_implementation='eager'.*"
+                                        r"set_experts_implementation\(\"batched_mm\"\)"):
+        cm.compile_for((IDS,), kwargs)
+
+
+def test_experts_sharded_per_matrix(caplog):
+    """Each rank keeps its block of every expert's gate and of its up features (chunk(2) still pairs them), the
+    matching inputs of down_proj, and one all-reduce after the routing-weighted combine; the router stays whole."""
+    model, kwargs = tiny_arch("mixtral")
+    cm = CompiledModule(model, CompileOptions(passes="canonicalize,raise,tp-shard{tp=2,rank=1}"))
+    with caplog.at_level("INFO", logger="fxcc.passes.tp_shard"):
+        gm = cm.compile_for((IDS,), kwargs).gm
+    experts = model.layers[0].mlp.experts
+    gate_up, down = experts.gate_up_proj, experts.down_proj  # [4, 2 * 64, 32], [4, 32, 64]
+    torch.testing.assert_close(gm.tp_layers_0_mlp_experts_gate_up_proj,
+                               torch.cat([gate_up[:, 32:64], gate_up[:, 96:128]], 1))
+    torch.testing.assert_close(gm.tp_layers_0_mlp_experts_down_proj, down[:, :, 32:64])
+    text = ir.print_graph(gm)
+    assert "aten.chunk(%squeeze) {chunks = 2, dim = -1} : (tensor<16x64xf32>) -> (tensor<16x32xf32>" in text
+    assert "tx.all_reduce(%reshape_7) {op = \"sum\", group = \"\"} : (tensor<1x8x32xf32>)" in text  # after the combine
+    assert "(layers.0.mlp.gate) stays replicated" in caplog.text
+
+
+@pytest.mark.parametrize("experts", ["batched_mm", "grouped_mm", "eager"])
+def test_moe_single_process_matches_eager(experts):
+    """No tp: every experts implementation compiles (eager's loop as a DyCL host program) and equals eager."""
+    import fxcc
+
+    model, kwargs = tiny_arch("mixtral", experts)
+    with torch.no_grad():
+        ref = model(IDS, **kwargs).last_hidden_state
+    cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=extern}")
+    if experts == "eager":  # the decoder layer holding the loop is a segment that runs eagerly, and says so
+        with pytest.warns(UserWarning, match=r"seg4 .* runs eagerly: .*control flow depends on tensor values"):
+            got = cm(IDS, **kwargs).last_hidden_state
+    else:
+        got = cm(IDS, **kwargs).last_hidden_state
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    assert ("DyCL" in cm.explain()) == (experts == "eager")
