@@ -10,6 +10,12 @@ their output features (a fused q/k/v projection split afterwards keeps 1/tp of e
 its input features followed by a sum over the ranks (`tx.all_reduce`). Anything else stays replicated and is
 logged with the reason; a graph with no region to shard is refused. Norms and embeddings stay replicated.
 
+Mixture-of-experts blocks are regions too: their projections read a 3-D weight [experts, ., .] (`bmm(W[ids], x)`
+as transformers' batched_mm experts capture, or a grouped matmul), and are split per matrix, every expert keeping
+1/tp of its intermediate features. The all-reduces then move later past ops linear in the partial sums (the
+routing-weighted combine) and merge where two meet at an add (a shared expert's), so an MoE block sums once,
+[tokens, hidden]. The router stays replicated (its softmax and top-k read every expert's logit).
+
 Each rank compiles its own graph: rank and world size come from torch.distributed (one process per
 device, e.g. `torchrun --nproc-per-node 2 app.py`; gloo on the CPU, NCCL on GPUs). Weight shards are
 sliced once, here, and bound as new constants of the graph; the full weights they came from are removed
