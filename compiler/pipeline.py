@@ -73,6 +73,11 @@ class Pass:
         """
         return None
 
+    def check_split(self, module: Any) -> None:
+        """Called when `module` cannot be captured as one graph and is about to become a DyCL host program whose
+        segments this pass will see one at a time; a pass that cannot then do what it was asked raises here,
+        saying what to change."""
+
     def spec(self) -> str:
         opts = [f"{f.name.replace('_', '-')}={_fmt(getattr(self, f.name))}" for f in dataclasses.fields(self)
                 if getattr(self, f.name) != f.default]

@@ -773,6 +773,7 @@ class CompiledModule(ModuleView):
             return PassManager(passes, verify_each=opts.verify_each, print_ir_after=set(opts.print_ir_after),
                                echo=self.echo_ir and bool(opts.print_ir_after))
 
+        front, back = split_at_codegen(self._passes if passes is None else passes)
         if opts.dycl:  # Python effects (attribute stores...) a traced graph would apply once: a DyCL host program
             from fxcc import dycl
 
@@ -782,9 +783,10 @@ class CompiledModule(ModuleView):
                                      "once (fxcc would split it into a DyCL host program); fullgraph=True makes this "
                                      "an error")
             if effect is not None:
+                for p in front:
+                    p.check_split(self.module)
                 return dycl.compile_dynamic(self, args, kwargs, None, effect)
         # the IR before codegen comes from the graph cache when an earlier compile stored it
-        front, back = split_at_codegen(self._passes if passes is None else passes)
         loss = None  # quality loss of approximate passes, measured under a quality budget
         plain = not dims and not dynamic.carries_state(args, kwargs)  # what the graph cache keys and stores
         cache, key = self._graph_cache_key(front, args, kwargs, ctx.target, opts) if plain else (None, None)
@@ -806,6 +808,8 @@ class CompiledModule(ModuleView):
                                          f"a DyCL host program); fullgraph=True makes this an error. {e}") from e
                 from fxcc import dycl
 
+                for p in front:
+                    p.check_split(self.module)
                 return dycl.compile_dynamic(self, args, kwargs, e)
             finally:
                 self.capturing = False

@@ -10,6 +10,12 @@ their output features (a fused q/k/v projection split afterwards keeps 1/tp of e
 its input features followed by a sum over the ranks (`tx.all_reduce`). Anything else stays replicated and is
 logged with the reason; a graph with no region to shard is refused. Norms and embeddings stay replicated.
 
+Mixture-of-experts blocks are regions too: their projections read a 3-D weight [experts, ., .] (`bmm(W[ids], x)`
+as transformers' batched_mm experts capture, or a grouped matmul), and are split per matrix, every expert keeping
+1/tp of its intermediate features. The all-reduces then move later past ops linear in the partial sums (the
+routing-weighted combine) and merge where two meet at an add (a shared expert's), so an MoE block sums once,
+[tokens, hidden]. The router stays replicated (its softmax and top-k read every expert's logit).
+
 Each rank compiles its own graph: rank and world size come from torch.distributed (one process per
 device, e.g. `torchrun --nproc-per-node 2 app.py`; gloo on the CPU, NCCL on GPUs). Weight shards are
 sliced once, here, and bound as new constants of the graph; the full weights they came from are removed
@@ -36,8 +42,8 @@ aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
 
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-MOVES = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.expand.default}
-SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor}
+MOVES = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.chunk.default}
 ATTENTION = {tx.attention.default, aten.scaled_dot_product_attention.default}
 COPIES = {aten.clone.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default,
           aten.alias.default, aten.type_as.default}
@@ -50,6 +56,13 @@ class ShardError(ValueError):
 
 class _Unproven(Exception):
     """A region the structural rule cannot prove shardable: it stays replicated (the message says why)."""
+
+
+def _flat(*args: Any) -> list[Any]:
+    """Every leaf of nested call arguments."""
+    out: list[Any] = []
+    fx.node.map_aggregate(args, out.append)
+    return out
 
 
 def _where(node: fx.Node) -> str:
@@ -81,19 +94,32 @@ def world(tp: int, rank: int | None) -> int:
 
 @dataclass(frozen=True)
 class _Linear:
-    """A projection by a parameter: `x @ W(.T) + b`; `out_dim` is the weight's dim of output features."""
+    """A projection by a parameter: `x @ W(.T) + b`; `out_dim` is the weight's dim of output features.
+
+    An expert projection (mixture of experts) reads a 3-D weight [experts, ., .] through `w_user`: the rows
+    of it picked by expert ids (batched_mm: `bmm(W[ids], x)`) or the whole of it, transposed or not, in a
+    grouped matmul (grouped_mm: tokens sorted by expert, offsets per expert). `x_axis` and `out_axis` are the
+    dims of x and of the result that carry the input and output features."""
 
     node: fx.Node
     x: fx.Node
     w: fx.Node
     b: fx.Node | None
     out_dim: int
+    w_user: fx.Node | None = None  # experts: the node that reads the 3-D weight (index, transpose, the matmul)
+    x_axis: int = -1
+    out_axis: int = -1
+
+    @property
+    def in_dim(self) -> int:
+        """The weight's dim of input features."""
+        return 1 - self.out_dim if self.w_user is None else 3 - self.out_dim
 
     @property
     def features(self) -> tuple[int, int]:
         """(input, output) features."""
         shape = val(self.w).shape
-        return shape[1 - self.out_dim], shape[self.out_dim]
+        return shape[self.in_dim], shape[self.out_dim]
 
 
 def _is_param(node: Any, dims: int) -> bool:
@@ -118,6 +144,48 @@ def as_linear(node: fx.Node) -> _Linear | None:
     if not isinstance(x, fx.Node) or not _is_param(w, 2) or not (b is None or _is_param(b, 1)):
         return None
     return _Linear(node, x, w, b, out_dim)
+
+
+TRACEABLE_EXPERTS = ("batched_mm", "grouped_mm")  # transformers' experts implementations captured as one graph
+GROUPED_MM = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")  # (x [S, in], W [E, in, out], offs)
+
+
+def _expert_rows(node: Any) -> fx.Node | None:
+    """The 3-D parameter `node` picks whole experts of, `W[ids]` with ids a 1-D integer tensor; else None."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return None
+    if node.target is aten.index.Tensor and len(node.args[1]) == 1:
+        w, ids = node.args[0], node.args[1][0]
+    elif node.target is aten.index_select.default and node.args[1] == 0:
+        w, ids = node.args[0], node.args[2]
+    else:
+        return None
+    ok = isinstance(ids, fx.Node) and val(ids) is not None and val(ids).dim() == 1 and not val(ids).is_floating_point()
+    return w if ok and _is_param(w, 3) else None
+
+
+def as_expert(node: fx.Node) -> _Linear | None:
+    """The expert projection `node` computes (see _Linear), None for anything else."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.bmm.default:
+        a, b = node.args[:2]
+        if (w := _expert_rows(a)) is not None and isinstance(b, fx.Node):  # W[ids] [S, out, in] @ x [S, in, n]
+            return _Linear(node, b, w, None, 1, a, x_axis=1, out_axis=1)
+        if (w := _expert_rows(b)) is not None and isinstance(a, fx.Node):  # x [S, n, in] @ W[ids] [S, in, out]
+            return _Linear(node, a, w, None, 2, b, x_axis=2, out_axis=2)
+        return None
+    if not isinstance(node.target, torch._ops.OpOverload) or node.target.name() not in GROUPED_MM:
+        return None
+    x, w = node.args[:2]
+    if arg(node, 3, "bias") is not None or arg(node, 4, "out_dtype") is not None or not isinstance(x, fx.Node):
+        return None
+    if _is_param(w, 3):  # W [E, in, out]
+        return _Linear(node, x, w, None, 2, node)
+    if isinstance(w, fx.Node) and w.target is aten.transpose.int and len(w.users) == 1 and _is_param(w.args[0], 3) \
+            and {d % 3 for d in w.args[1:3]} == {1, 2}:  # W [E, out, in] transposed
+        return _Linear(node, x, w.args[0], None, 1, w)
+    return None
 
 
 def _passes_split(node: fx.Node) -> bool:
@@ -161,10 +229,15 @@ def _closure(lin: _Linear, linears: dict[fx.Node, _Linear]) -> _Region:
     return r
 
 
+def projection(node: fx.Node) -> _Linear | None:
+    """The projection `node` computes, a linear or an expert one; None for anything else."""
+    return as_linear(node) or as_expert(node)
+
+
 def regions(gm: fx.GraphModule) -> list[_Region]:
     """The graph's candidate regions in program order: closures of projections that meet are merged
     (q, k and v meet at their attention, gate and up at their gated activation, all at their row)."""
-    linears = {n: lin for n in gm.graph.nodes if (lin := as_linear(n)) is not None}
+    linears = {n: lin for n in gm.graph.nodes if (lin := projection(n)) is not None}
     merged: list[_Region] = []
     for lin in linears.values():
         r = _closure(lin, linears)
@@ -220,6 +293,25 @@ class TPShard(Pass):
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
 
+    def check_split(self, module: Any) -> None:
+        """Experts whose forward loops over the experts hit (transformers' experts_implementation "eager":
+        `nonzero`, a loop of data-dependent length) cannot be sharded: in a DyCL host program their layers
+        would run eagerly, whole, on every rank. Refused, naming the implementations tp-shard splits."""
+        if self.tp == 1 or not isinstance(module, torch.nn.Module):
+            return
+        for path, m in module.named_modules():
+            impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+            weights = [n for n, w in m.named_parameters(recurse=False) if w.dim() == 3]
+            if impl is not None and weights and impl not in TRACEABLE_EXPERTS:
+                raise ShardError(
+                    f"tp-shard{{tp={self.tp}}}: the experts {path} ({type(m).__name__}, weights {', '.join(weights)}) "
+                    f"run with experts_implementation={impl!r}, "
+                    + ("a loop over the experts the routing hits, " if impl == "eager" else "")
+                    + "which fxcc cannot capture as one graph (it would run them eagerly and whole on every rank); "
+                    f"tp-shard splits the experts of {' and '.join(map(repr, TRACEABLE_EXPERTS))}: call "
+                    '`model.set_experts_implementation("batched_mm")` before compiling (or load it with '
+                    '`from_pretrained(..., experts_implementation="batched_mm")`)')
+
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.tp == 1:
             return PassResult(False)
@@ -246,7 +338,9 @@ class _Sharder:
         self.gm, self.tp, self.rank, self.group = gm, tp, rank, group
         self.rw = Rewriter(gm)
         self.shards: dict[tuple[str, int, tuple[int, ...]], fx.Node] = {}
-        self.stats = {"column": 0, "row": 0, "all_reduce": 0, "reshape": 0, "replicated": 0}
+        self.stats = {"column": 0, "row": 0, "all_reduce": 0, "reshape": 0, "replicated": 0, "expert": 0,
+                      "all_reduce_moved": 0}
+        self.all_reduces: list[fx.Node] = []
 
     def run(self) -> PassResult:
         full = self.param_bytes()
@@ -266,6 +360,11 @@ class _Sharder:
                 continue
             taken |= {c.node for c in r.columns} | r.rows
             plans.append(plan)
+        experts = {c.w for p in plans for c in [*p.region.columns, *map(projection, p.region.rows)]}
+        for n in self.gm.graph.nodes:  # 3-D weights no expert projection recognised reads (another experts forward)
+            if _is_param(n, 3) and n not in experts and any(u.target is not aten.convolution.default for u in n.users):
+                log.info("tp-shard: %s %s stays replicated: no expert projection (W[ids] @ x, grouped_mm) reads it",
+                         _where(n), list(val(n).shape))
         for r in skipped:
             left = [c.node for c in r.columns if c.node not in taken]  # not the row of a sharded block
             self.stats["replicated"] += len(left)
@@ -279,6 +378,7 @@ class _Sharder:
                              "before it in the pipeline")
         for plan in plans:
             self.rewrite(plan)
+        self.sink_all_reduces()
         self.drop_unused_params()
         self.gm.graph.lint()
         self.gm.recompile()
@@ -302,15 +402,16 @@ class _Sharder:
                 if n % self.tp:
                     raise ShardError(f"tp-shard{{tp={self.tp}}}: {c.w.target} has {n} features along dim "
                                      f"{c.out_dim}, not divisible by tp={self.tp}; choose a tp that divides it")
-                p.split[node] = val(node).dim() - 1
+                p.split[node] = c.out_axis % val(node).dim()
                 p.whole[node] = node
             elif node in r.inside:
                 self.follow(node, p)
             elif node is row_node:
-                x = as_linear(node).x
-                if p.split.get(x) != val(x).dim() - 1:
+                row = projection(node)
+                x = row.x
+                if p.split.get(x) != row.x_axis % val(x).dim():
                     raise _Unproven(f"{_where(node)} reads %{x.name} split along dim {p.split.get(x)}, not "
-                                    "its last (feature) dim")
+                                    f"its feature dim {row.x_axis % val(x).dim()}")
         for c in r.columns:
             blocks = p.blocks.setdefault(c.node, (c.features[1],))
             if len(blocks) == 1:
@@ -353,6 +454,14 @@ class _Sharder:
         elif t is aten.unsqueeze.default:
             d = node.args[1] % nd
             p.split[node] = s + 1 if d <= s else s
+        elif t is aten.squeeze.dim:
+            d = node.args[1] % val(src).dim()
+            if val(src).shape[d] != 1:  # no dim removed
+                p.split[node] = s
+            elif d == s:
+                raise _Unproven(f"{_where(node)} squeezes the split dim")
+            else:
+                p.split[node] = s - 1 if d < s else s
         else:
             sizes = list(node.args[1])
             j = s + len(sizes) - val(src).dim()
@@ -398,7 +507,11 @@ class _Sharder:
             raise _Unproven(f"{_where(node)} splits %{src.name} along its split dim, and that value is not one "
                             "projection's whole output features")
         n = val(src).shape[s]
-        if node.target is aten.split.Tensor:
+        if node.target is aten.chunk.default:  # chunk(2) of an expert's gate_up: the gate and up blocks
+            if n % node.args[1]:
+                raise _Unproven(f"{_where(node)} chunks {n} features into unequal pieces")
+            sizes = (n // node.args[1],) * node.args[1]
+        elif node.target is aten.split.Tensor:
             size = node.args[1]
             if n % size:
                 raise _Unproven(f"{_where(node)} splits {n} features into unequal pieces of {size}")
@@ -410,8 +523,9 @@ class _Sharder:
                              f"blocks of {list(sizes)} features, which tp={self.tp} does not divide")
         if p.blocks.setdefault(col, sizes) != sizes:
             raise _Unproven(f"%{col.name} is split into different blocks at {_where(node)}")
-        local = sizes[0] // self.tp if node.target is aten.split.Tensor else [b // self.tp for b in sizes]
-        p.args[node] = (src, local, *node.args[2:])
+        if node.target is not aten.chunk.default:  # a chunk of 1/tp of every block keeps its number of pieces
+            local = sizes[0] // self.tp if node.target is aten.split.Tensor else [b // self.tp for b in sizes]
+            p.args[node] = (src, local, *node.args[2:])
         p.split[node] = s
 
     def slice(self, node: fx.Node, p: _Plan) -> None:
@@ -484,7 +598,10 @@ class _Sharder:
             blocks = p.blocks[c.node]
             w = self.shard_param(c.w, c.out_dim, blocks)
             b = self.shard_param(c.b, 0, blocks) if c.b is not None else None
-            if c.node.target is aten.linear.default:
+            if c.w_user is not None:  # experts: every expert keeps 1/tp of its features
+                c.w_user.replace_input_with(c.w, w)
+                self.stats["expert"] += 1
+            elif c.node.target is aten.linear.default:
                 c.node.args, c.node.kwargs = (c.x, w) + ((b,) if b is not None else ()), {}
             elif c.node.target is aten.addmm.default:
                 c.node.args, c.node.kwargs = (b, c.x, w), {}
@@ -495,12 +612,15 @@ class _Sharder:
             node.args = args
             self.stats["reshape"] += 1
         (row,) = p.region.rows
-        self.row(as_linear(row))
+        self.all_reduces.append(self.row(projection(row)))
 
-    def row(self, lin: _Linear) -> None:
+    def row(self, lin: _Linear) -> fx.Node:
         node = lin.node
-        w = self.shard_param(lin.w, 1 - lin.out_dim, (lin.features[0],))
-        if node.target is aten.linear.default:
+        w = self.shard_param(lin.w, lin.in_dim, (lin.features[0],))
+        if lin.w_user is not None:
+            lin.w_user.replace_input_with(lin.w, w)
+            self.stats["expert"] += 1
+        elif node.target is aten.linear.default:
             node.args, node.kwargs = (lin.x, w), {}
         else:
             node.target, node.args, node.kwargs = aten.mm.default, (lin.x, w), {}
@@ -518,6 +638,64 @@ class _Sharder:
             u.replace_input_with(node, out)
         self.stats["row"] += 1
         self.stats["all_reduce"] += 1
+        return ar
+
+    # ------------------------------------------------------------------------------ all-reduces moved later
+
+    def sink_all_reduces(self) -> None:
+        """Move each all-reduce past the ops after it that are linear in the partial sums it adds up, while
+        they make the value no larger: an expert block's routing-weighted combine (gather back to token order,
+        weight, sum over the top k) then sums [tokens, hidden] once, not [tokens * k, hidden]; two that meet at
+        an add (routed experts + a shared expert) become one. A dense block's all-reduce, followed by its bias
+        or the residual add, stays where it is."""
+        work = list(self.all_reduces)
+        while work:
+            ar = work.pop()
+            if ar.graph is not self.gm.graph or len(ar.users) != 1:
+                continue
+            (u,) = ar.users
+            other = self.linear_in(u, ar)
+            if other is None:
+                continue
+            u.replace_input_with(ar, ar.args[0])
+            gone = [ar]
+            if isinstance(other, fx.Node):  # an add of two partial sums
+                u.replace_input_with(other, other.args[0])
+                gone.append(other)
+                self.stats["all_reduce"] -= 1
+            with self.gm.graph.inserting_after(u):
+                new = self.gm.graph.call_function(tx.all_reduce.default, (u, *ar.args[1:]))
+            new.meta.update({k: u.meta[k] for k in ("nn_module_stack", "stack_trace", "val") if k in u.meta})
+            u.replace_all_uses_with(new, delete_user_cb=lambda n, new=new: n is not new)
+            for n in gone:
+                self.gm.graph.erase_node(n)
+            self.stats["all_reduce_moved"] += 1
+            work.append(new)
+
+    def linear_in(self, u: fx.Node, ar: fx.Node) -> bool | fx.Node | None:
+        """Whether `u` may read the partial sums instead of `ar` (then the sum follows u): True, or for an add
+        of two all-reduces the other one; None when it may not."""
+        if u.op != "call_function" or sum(a is ar for a in _flat(u.args, u.kwargs)) != 1 or \
+                not isinstance(val(u), torch.Tensor) or val(u).numel() > val(ar).numel():
+            return None
+        t, first = u.target, u.args[0] is ar
+        if t in VIEWS or t in MOVES - {aten.expand.default} or t in {aten.clone.default, aten.contiguous.default}:
+            return first or None
+        if t in {aten.to.dtype, aten._to_copy.default}:
+            a, b = val(ar), val(u)
+            widens = b.dtype.is_floating_point and b.dtype.itemsize >= a.dtype.itemsize and b.device == a.device
+            return (first and widens) or None
+        if t is aten.sum.dim_IntList or t is aten.index.Tensor or t is aten.div.Tensor:
+            return first and (t is not aten.sum.dim_IntList or "dtype" not in u.kwargs) or None
+        if t is aten.mul.Tensor:
+            return True  # every other value is whole on every rank: scaling commutes with the sum
+        if t is aten.add.Tensor and "alpha" not in u.kwargs and len(u.args) == 2:
+            other = u.args[1] if first else u.args[0]
+            if isinstance(other, fx.Node) and other is not ar and other.target is tx.all_reduce.default and \
+                    other.args[1:] == ar.args[1:] and len(other.users) == 1 and val(other).shape == val(u).shape \
+                    and val(ar).shape == val(u).shape:
+                return other
+        return None
 
     def shard_param(self, node: fx.Node, dim: int, blocks: tuple[int, ...]) -> fx.Node:
         """A get_attr of this rank's 1/tp of every block of parameter `node` along `dim` (sliced once)."""

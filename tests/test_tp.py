@@ -258,13 +258,21 @@ def _renamed_llama():
     return model
 
 
-def tiny_arch(name: str):
-    """(model, kwargs) of a tiny random-weight model of each architecture tp-shard must recognise."""
+def tiny_arch(name: str, experts: str = "batched_mm"):
+    """(model, kwargs) of a tiny random-weight model of each architecture tp-shard must recognise; `experts`:
+    the experts implementation of the mixture-of-experts ones (transformers' `experts_implementation`)."""
     import transformers as T
 
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=100, max_position_embeddings=64)
+    moe = dict(num_experts_per_tok=2, num_key_value_heads=2, experts_implementation=experts)
+    if name == "mixtral":
+        return T.MixtralModel(T.MixtralConfig(**small, **moe, num_local_experts=4)).eval(), {"use_cache": False}
+    if name in ("qwen2_moe", "qwen3_moe"):  # Qwen2-MoE adds a shared expert (a dense MLP) and its sigmoid gate
+        cls, cfg = (T.Qwen2MoeModel, T.Qwen2MoeConfig) if name == "qwen2_moe" else (T.Qwen3MoeModel, T.Qwen3MoeConfig)
+        extra = dict(shared_expert_intermediate_size=64) if name == "qwen2_moe" else {}
+        return cls(cfg(**small, **moe, **extra, num_experts=4, moe_intermediate_size=32)).eval(), {"use_cache": False}
     if name == "llama":
         return tiny_llama(2, hidden_size=32, intermediate_size=64), {"use_cache": False}
     if name == "renamed_llama":
@@ -281,8 +289,10 @@ def tiny_arch(name: str):
     raise KeyError(name)
 
 
-ARCHS = ["llama", "renamed_llama", "qwen2", "mistral", "gpt2", "bert", "gpt2+decompose"]  # +decompose: q, k, v
-# of GPT-2's fused c_attn are then three slices instead of a split
+ARCHS = ["llama", "renamed_llama", "qwen2", "mistral", "gpt2", "bert", "gpt2+decompose",  # +decompose: q, k, v
+         "mixtral", "qwen2_moe", "mixtral@grouped_mm+decompose"]  # of GPT-2's fused c_attn are then three
+# slices instead of a split; @: the experts implementation (batched_mm unless named)
+MOE = {"mixtral": 1, "qwen2_moe": 2}  # replicated projections per layer: router (+ shared gate)
 
 
 def _arch_worker(rank: int, world: int, name: str) -> dict:
@@ -293,7 +303,8 @@ def _arch_worker(rank: int, world: int, name: str) -> dict:
 
     torch.set_num_threads(1)
     arch, _, front = name.partition("+")
-    model, kwargs = tiny_arch(arch)
+    arch, _, experts = arch.partition("@")
+    model, kwargs = tiny_arch(arch, experts or "batched_mm")
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids, **kwargs).last_hidden_state
@@ -304,7 +315,9 @@ def _arch_worker(rank: int, world: int, name: str) -> dict:
     sharded = pm.run(ir.clone_graph(base), ctx)
     got = build_variant(sharded, cap, "", ctx, name, cuda_graphs=False).run(flatten_inputs((ids,), kwargs)[0])
     held = {t.untyped_storage().data_ptr() for t in [*sharded.parameters(), *sharded.buffers()]}
-    linears = [m.weight for m in model.modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    linears = [m.weight for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
+               and not n.endswith("shared_expert_gate")]  # a [1, hidden] gate: nothing to split
+    linears += [p for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     return {"err": (got.last_hidden_state - ref).abs().max().item(), "stats": pm.records[-1].result.stats,
             "linear_bytes": sum(w.numel() * w.element_size() for w in linears),
             "full_weights_held": sum(w.untyped_storage().data_ptr() in held for w in linears),
@@ -315,13 +328,18 @@ def _arch_worker(rank: int, world: int, name: str) -> dict:
 @pytest.mark.parametrize("name", ARCHS)
 def test_tp2_gloo_each_architecture_matches_eager(name):
     """Projections found from the graph: every linear is split, outputs equal eager, each rank holds its shards."""
-    tiny_arch(name.partition("+")[0])  # import the architecture here: forked ranks inherit it
+    arch = name.partition("+")[0].partition("@")[0]
+    tiny_arch(arch)  # import the architecture here: forked ranks inherit it
     ranks = launch(_arch_worker, 2, name, backend="gloo", start_method="fork")
     for r in ranks:
         s = r["stats"]
         assert r["err"] < 2e-5, r
-        assert s["column"] >= 2 * 2 and s["row"] == s["all_reduce"] == 2 * 2, s  # 2 layers: attention + MLP
-        assert "replicated" not in s, s
+        assert s["column"] >= 2 * 2 and s["all_reduce"] == 2 * 2, s  # 2 layers: attention + MLP (or experts)
+        if arch in MOE:  # every expert's gate_up and down split; the router (and a shared expert's gate) whole
+            assert s["expert"] == 2 * 2 and s["replicated"] == 2 * MOE[arch], s
+            assert s["row"] == 2 * (3 if arch == "qwen2_moe" else 2), s  # the shared expert's sum joins the experts'
+        else:
+            assert s["row"] == 2 * 2 and "replicated" not in s and "expert" not in s, s
         assert r["full_weights_held"] == 0, r
         # this rank's constants: the replicated ones and half of every projection weight (column biases halve too)
         assert s["param_bytes"] <= s["param_bytes_tp1"] - r["linear_bytes"] // 2, s
@@ -361,3 +379,52 @@ def test_fused_qkv_is_split_per_block():
     assert "aten.split.Tensor(%view_2) {split_size = 16, dim = 2}" in text
     w = model.h[0].attn.c_attn.weight
     torch.testing.assert_close(gm.tp_h_0_attn_c_attn_weight, torch.cat([w[:, 16:32], w[:, 48:64], w[:, 80:96]], 1))
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+
+
+def test_experts_loop_is_refused_naming_batched_mm():
+    """transformers' "eager" experts loop over the experts hit (data-dependent): refused before DyCL would run
+    every decoder layer eagerly and whole on every rank, naming the implementation to use instead."""
+    model, kwargs = tiny_arch("mixtral", "eager")
+    cm = CompiledModule(model, CompileOptions(passes="canonicalize,raise,tp-shard{tp=2,rank=0}"))
+    with pytest.raises(Exception, match=r"layers.0.mlp.experts \(MixtralExperts.*experts_implementation='eager'.*"
+                                        r"set_experts_implementation\(\"batched_mm\"\)"):
+        cm.compile_for((IDS,), kwargs)
+
+
+def test_experts_sharded_per_matrix(caplog):
+    """Each rank keeps its block of every expert's gate and of its up features (chunk(2) still pairs them), the
+    matching inputs of down_proj, and one all-reduce after the routing-weighted combine; the router stays whole."""
+    model, kwargs = tiny_arch("mixtral")
+    cm = CompiledModule(model, CompileOptions(passes="canonicalize,raise,tp-shard{tp=2,rank=1}"))
+    with caplog.at_level("INFO", logger="fxcc.passes.tp_shard"):
+        gm = cm.compile_for((IDS,), kwargs).gm
+    experts = model.layers[0].mlp.experts
+    gate_up, down = experts.gate_up_proj, experts.down_proj  # [4, 2 * 64, 32], [4, 32, 64]
+    torch.testing.assert_close(gm.tp_layers_0_mlp_experts_gate_up_proj,
+                               torch.cat([gate_up[:, 32:64], gate_up[:, 96:128]], 1))
+    torch.testing.assert_close(gm.tp_layers_0_mlp_experts_down_proj, down[:, :, 32:64])
+    text = ir.print_graph(gm)
+    assert "aten.chunk(%squeeze) {chunks = 2, dim = -1} : (tensor<16x64xf32>) -> (tensor<16x32xf32>" in text
+    assert "tx.all_reduce(%reshape_7) {op = \"sum\", group = \"\"} : (tensor<1x8x32xf32>)" in text  # after the combine
+    assert "(layers.0.mlp.gate) stays replicated" in caplog.text
+
+
+@pytest.mark.parametrize("experts", ["batched_mm", "grouped_mm", "eager"])
+def test_moe_single_process_matches_eager(experts):
+    """No tp: every experts implementation compiles (eager's loop as a DyCL host program) and equals eager."""
+    import fxcc
+
+    model, kwargs = tiny_arch("mixtral", experts)
+    with torch.no_grad():
+        ref = model(IDS, **kwargs).last_hidden_state
+    cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=extern}")
+    if experts == "eager":  # the decoder layer holding the loop is a segment that runs eagerly, and says so
+        with pytest.warns(UserWarning, match=r"seg4 .* runs eagerly: .*control flow depends on tensor values"):
+            got = cm(IDS, **kwargs).last_hidden_state
+    else:
+        got = cm(IDS, **kwargs).last_hidden_state
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    assert ("DyCL" in cm.explain()) == (experts == "eager")
