@@ -18,6 +18,8 @@ time: the tensor is copied to a fresh buffer by that request, and the snapshot t
 again at the next one, a copy of the weight per call and a compare per check. After `BREAKS` such breaks with
 the contents unchanged, the snapshot stops being copy-on-write: it keeps the memory the tensor left (a plain
 copy, the tensor's size in memory) and compares contents at every check, so the other code keeps its buffer.
+After `PATIENCE` checks it is copy-on-write again (the other code may have stopped), and the wait doubles
+each time the share is broken again. A copy a CUDA graph reads (`same(keep=True)`) stays a copy.
 """
 
 from __future__ import annotations
@@ -31,15 +33,16 @@ log = logging.getLogger(__name__)
 _address = torch._C._data_address  # the storage's data pointer, read without asking for write access
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 BREAKS = 2  # copy-on-write shares broken with the contents unchanged before a snapshot becomes a plain copy
+PATIENCE = 16  # checks a plain copy (after BREAKS) waits before copy-on-write again; doubled at each return
 
 
 class Snapshot:
     """What tensor `t` held when the snapshot was taken; `same(t)` says whether it still does."""
 
-    __slots__ = ("address", "breaks", "copy", "cow", "layout")
+    __slots__ = ("address", "breaks", "calm", "copy", "cow", "kept", "layout", "patience")
 
     def __init__(self, t: torch.Tensor) -> None:
-        self.breaks = 0
+        self.breaks, self.calm, self.patience, self.kept = 0, 0, PATIENCE, False
         self.take(t)
 
     def take(self, t: torch.Tensor) -> None:
@@ -66,10 +69,16 @@ class Snapshot:
         if self.cow:  # a request for a writable pointer gave `t` a new buffer, the same bits
             self.breaks += 1
             if keep or self.breaks >= BREAKS:  # made again each time (see the module's doc): keep the old memory as a copy
-                self.cow, self.address, self.layout = False, _address(t), layout
+                self.cow, self.address, self.layout, self.kept, self.calm = False, _address(t), layout, keep, 0
                 log.info("a watched %s tensor is asked for a writable pointer at every call; its snapshot is a "
-                         "plain copy from now on, compared at every check", tuple(t.shape))
+                         "plain copy, compared at every check", tuple(t.shape))
                 return True
+        elif self.breaks and layout == self.layout and not self.kept:
+            self.calm += 1  # a plain copy since other code broke the share: copy-on-write again after a while
+            if self.calm >= self.patience:
+                self.calm, self.patience = 0, self.patience * 2
+                self.take(t)
+            return True
         if self.cow or layout != self.layout:
             self.take(t)  # watch the new buffer (or, having moved, the tensor where it is now)
         return True

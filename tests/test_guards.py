@@ -349,3 +349,19 @@ def test_a_graph_reads_a_kept_copy_where_a_weight_moved_with_its_values():
         with torch.no_grad():
             m.weight.data[0, 0] += 1
         assert state.changed() is not None, how
+
+
+def test_a_plain_copy_snapshot_is_copy_on_write_again_once_the_requests_stop():
+    t = torch.randn(8, 8)
+    s = watch.Snapshot(t)
+    for _ in range(watch.BREAKS):
+        t.numpy()
+        assert s.same(t)
+    assert not s.cow
+    for _ in range(watch.PATIENCE):
+        assert s.same(t)
+    assert s.cow  # copy-on-write again: an unchanged tensor is one address compare per check
+    t.numpy()
+    assert s.same(t) and not s.cow and s.patience == 2 * watch.PATIENCE  # broken again: a copy, twice as long
+    t.data.add_(1)
+    assert not s.same(t)
