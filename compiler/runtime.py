@@ -370,6 +370,7 @@ class CompiledModule(ModuleView):
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
             self._sources, self._live = {}, {}
+            self._params = None  # what is left runs eagerly and depends on nothing; a compile snapshots anew
         variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
         if variant is None:
             if eager_check.in_reference_run():  # eager's side of an enclosing model's check: compile nothing

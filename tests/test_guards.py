@@ -365,3 +365,23 @@ def test_a_plain_copy_snapshot_is_copy_on_write_again_once_the_requests_stop():
     assert s.same(t) and not s.cow and s.patience == 2 * watch.PATIENCE  # broken again: a copy, twice as long
     t.data.add_(1)
     assert not s.same(t)
+
+
+def test_a_change_seen_while_only_eager_variants_are_left_is_said_once():
+    """A changed module drops its compiled variants; the signatures left run eagerly and depend on nothing, so
+    the change is not found again at every later call (torch.compile marks a module it wraps with an attribute)."""
+    torch.manual_seed(0)
+    m = Siblings().eval()
+    cm = fxcc.compile(m, options=fxcc.CompileOptions(max_variants=1, dynamic=False))
+    small, large = torch.randn(4, 16), torch.randn(8, 16)
+    cm(small)
+    torch.testing.assert_close(cm(large), m(large))  # over max_variants: eager
+    m.marked = True  # an attribute added
+    for _ in range(3):
+        torch.testing.assert_close(cm(large), m(large))
+    assert cm.stats.param_recompiles == 1 and cm.stats.compiles == 1
+    torch.testing.assert_close(cm(small), m(small))  # compiled again, with the module as it is now
+    assert cm.stats.compiles == 2
+    m.a.weight.data.add_(1)
+    torch.testing.assert_close(cm(small), m(small))
+    assert cm.stats.param_recompiles == 2
