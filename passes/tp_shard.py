@@ -8,7 +8,11 @@ reach it from the columns; heads split with them) or an activation (an MLP, gate
 to the features its columns read, and every op in it can follow the split dimension. Columns keep 1/tp of
 their output features (a fused q/k/v projection split afterwards keeps 1/tp of each block), the row 1/tp of
 its input features followed by a sum over the ranks (`tx.all_reduce`). Anything else stays replicated and is
-logged with the reason; a graph with no region to shard is refused. Norms and embeddings stay replicated.
+logged with the reason; a graph with no region to shard is refused. Norms and embeddings stay replicated;
+a norm inside a region (Qwen3's and Gemma-3's q/k norms over head_dim, after the view into heads) normalises
+each rank's own heads, and one over all of a projection's features (OLMo-2's q/k norms) ends the region there,
+replicated: it would need every rank's sum of squares. That bound also keeps a region's walk off the residual
+stream, whose norms span every feature of the projection before it.
 
 Mixture-of-experts blocks are regions too: their projections read a 3-D weight [experts, ., .] (`bmm(W[ids], x)`
 as transformers' batched_mm experts capture, or a grouped matmul), and are split per matrix, every expert keeping
@@ -48,6 +52,7 @@ ATTENTION = {tx.attention.default, aten.scaled_dot_product_attention.default}
 COPIES = {aten.clone.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default,
           aten.alias.default, aten.type_as.default}
 ELEMENTWISE = COPIES | {tx.rotary.default, tx.gated_act.default, tx.silu.default, tx.gelu.default}
+NORMS = {tx.rms_norm.default, tx.layer_norm.default}  # normalise over x's last dims (weight, bias: those dims)
 
 
 class ShardError(ValueError):
@@ -207,6 +212,25 @@ class _Region:
     why_not: str | None = None  # the first reason the region cannot be sharded
 
 
+def _normalised(node: fx.Node) -> int:
+    """How many trailing dims of its input a norm (NORMS) reduces over."""
+    return 1 if node.target is tx.rms_norm.default else len(node.args[1])
+
+
+def _per_head_norm(norm: fx.Node, lin: _Linear) -> str | None:
+    """None when `norm` normalises fewer features than `lin` outputs (a head's: Qwen3's and Gemma-3's q/k norms
+    after the view to [.., heads, head_dim]), so a split by heads may pass it (`_Sharder.norm` checks the dims);
+    else why not. A norm over all of them (OLMo-2's q_norm, or one on the residual stream) ends the walk there:
+    the region stays within its own ops."""
+    x = norm.args[0]
+    n, features = math.prod(val(x).shape[-_normalised(norm):]), lin.features[1]
+    if n < features:
+        return None
+    return (f"%{x.name} flows into {norm.target} at {_where(norm)}, which normalises all {n} output features of "
+            f"{_where(lin.node)} at once: split across ranks, it would need every rank's sum of "
+            "squares")
+
+
 def _closure(lin: _Linear, linears: dict[fx.Node, _Linear]) -> _Region:
     """Everything `lin`'s output reaches before a projection reads it; why_not when it escapes elsewhere."""
     r = _Region([lin])
@@ -220,6 +244,13 @@ def _closure(lin: _Linear, linears: dict[fx.Node, _Linear]) -> _Region:
             elif u.op == "output":
                 r.why_not = f"%{v.name} is a model output"
                 return r
+            elif u.target in NORMS and u.args[0] is v:
+                if (why := _per_head_norm(u, lin)) is not None:
+                    r.why_not = why
+                    return r
+                if u not in r.inside:
+                    r.inside.add(u)
+                    todo.append(u)
             elif not _passes_split(u):
                 r.why_not = f"%{v.name} flows into {u.target} at {_where(u)}, which cannot take a split value"
                 return r
@@ -440,7 +471,21 @@ class _Sharder:
             return self.attention(node, p)
         if t in MOVES:
             return self.move(node, p)
+        if t in NORMS:
+            return self.norm(node, p)
         return self.elementwise(node, p)
+
+    def norm(self, node: fx.Node, p: _Plan) -> None:
+        """A norm over dims that do not hold the split (a head's features): each rank normalises its own heads
+        exactly; its weight and bias (per head_dim) stay whole."""
+        x = node.args[0]
+        s, nd = p.split[x], val(x).dim()
+        if s >= nd - _normalised(node):
+            raise _Unproven(f"{_where(node)} normalises over dim {s} of %{x.name}, the dim split across ranks "
+                            "(it would need every rank's sum of squares)")
+        if any(a in p.split for a in node.all_input_nodes if a is not x):
+            raise _Unproven(f"{_where(node)} reads a split weight")
+        p.split[node] = s
 
     def move(self, node: fx.Node, p: _Plan) -> None:
         """transpose, permute, unsqueeze, expand: the split dim moves with its data."""
@@ -562,9 +607,10 @@ class _Sharder:
 
     def attention(self, node: fx.Node, p: _Plan) -> None:
         q, k, v = node.args[:3]
-        if any(p.split.get(a) != val(a).dim() - 3 for a in (q, k, v)):
+        whole = [f"{name} (%{a.name})" for name, a in zip("qkv", (q, k, v)) if p.split.get(a) != val(a).dim() - 3]
+        if whole:
             raise _Unproven(f"attention {_where(node)} needs q, k and v split by heads (from column-parallel "
-                            "projections)")
+                            f"projections), and its {', '.join(whole)} {'is' if len(whole) == 1 else 'are'} not")
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         if isinstance(mask, fx.Node) and (mask in p.split or val(mask).dim() >= 3 and val(mask).shape[-3] > 1):
             raise _Unproven(f"attention {_where(node)} has a per-head mask; tp-shard supports masks broadcast "

@@ -279,6 +279,14 @@ def tiny_arch(name: str, experts: str = "batched_mm"):
         return _renamed_llama(), {"use_cache": False}
     if name == "qwen2":
         return T.Qwen2Model(T.Qwen2Config(**small, num_key_value_heads=2)).eval(), {"use_cache": False}
+    if name == "qwen3":  # RMSNorm of q and k over head_dim, after the view into heads
+        return T.Qwen3Model(T.Qwen3Config(**small, num_key_value_heads=2, head_dim=8)).eval(), {"use_cache": False}
+    if name == "gemma3":  # the same after the transpose (q/k norms of [batch, heads, tokens, head_dim]), 1 + weight
+        cfg = T.Gemma3TextConfig(**small, num_key_value_heads=2, head_dim=8, sliding_window=8)
+        return T.Gemma3TextModel(cfg).eval(), {"use_cache": False}
+    if name == "olmo2":  # RMSNorm of q and k over all their features (every head at once), before the view
+        cfg = T.Olmo2Config(**small, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return T.Olmo2Model(cfg).eval(), {"use_cache": False}
     if name == "mistral":
         return T.MistralModel(T.MistralConfig(**small, num_key_value_heads=2)).eval(), {"use_cache": False}
     if name == "gpt2":
@@ -289,10 +297,11 @@ def tiny_arch(name: str, experts: str = "batched_mm"):
     raise KeyError(name)
 
 
-ARCHS = ["llama", "renamed_llama", "qwen2", "mistral", "gpt2", "bert", "gpt2+decompose",  # +decompose: q, k, v
-         "mixtral", "qwen2_moe", "mixtral@grouped_mm+decompose"]  # of GPT-2's fused c_attn are then three
+ARCHS = ["llama", "renamed_llama", "qwen2", "qwen3", "gemma3", "mistral", "gpt2", "bert",
+         "gpt2+decompose",  # +decompose: q, k, v
+         "mixtral", "qwen2_moe", "qwen3_moe", "mixtral@grouped_mm+decompose"]  # of GPT-2's fused c_attn are then three
 # slices instead of a split; @: the experts implementation (batched_mm unless named)
-MOE = {"mixtral": 1, "qwen2_moe": 2}  # replicated projections per layer: router (+ shared gate)
+MOE = {"mixtral": 1, "qwen2_moe": 2, "qwen3_moe": 1}  # replicated projections per layer: router (+ shared gate)
 
 
 def _arch_worker(rank: int, world: int, name: str) -> dict:
@@ -365,6 +374,21 @@ def test_unprovable_projection_stays_replicated(caplog):
         text = ir.print_graph(cm.compile_for((torch.randn(2, 16),), {}).gm)
     assert text.count("tx.all_reduce(") == 1 and "%tp_fc1_weight" in text and "%tp_mix1_weight" not in text
     assert "(mix1) stays replicated" in caplog.text and "cannot take a split value" in caplog.text
+
+
+def test_norm_over_all_heads_stays_replicated(caplog):
+    """OLMo-2 normalises q and k over all their features at once: split by heads, that norm would need every
+    rank's sum of squares, so the attention stays replicated (and says why) while its MLP is split."""
+    model, kwargs = tiny_arch("olmo2")
+    cm = CompiledModule(model, CompileOptions(passes="canonicalize,raise,tp-shard{tp=2,rank=0}"))
+    with caplog.at_level("INFO", logger="fxcc.passes.tp_shard"):
+        gm = cm.compile_for((IDS,), kwargs).gm
+    shards = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("tp_")}
+    assert shards == {f"tp_layers_{i}_mlp_{p}_proj_weight" for i in range(2) for p in ("gate", "up", "down")}
+    assert "(layers.0.self_attn.q_proj) stays replicated: %linear flows into fxcc_tx.rms_norm.default at " \
+           "%rms_norm_default_1 (layers.0.self_attn.q_norm), which normalises all 32 output features" in caplog.text
+    assert "(layers.0.self_attn.k_norm), which normalises all 16 output features" in caplog.text
+    assert "(layers.0.self_attn.v_proj) stays replicated: attention" in caplog.text
 
 
 def test_fused_qkv_is_split_per_block():
