@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import tvm
-from fxcc import gather
+from fxcc import gather, ir
 from fxcc.codegen import linear_weight
 from fxcc.codegen.tvm import split_bias
 from fxcc.dialects import classify, dense_order
@@ -266,7 +266,7 @@ class Lowering:
             raise Unsupported(f"input dtype {v.dtype}")
         if packed:
             return self._packed_input(shape, v.dtype)
-        extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
+        extent = ir.extent(shape, stride)
         ity = "int32" if extent < 2**31 else "int64"
         buf = te.placeholder((extent,), DTYPES[v.dtype], name=f"in{len(self.out.args)}")
         self.out.args.append(buf)
