@@ -7,7 +7,8 @@ new values in the same shape, the same tensor passed twice or a view of another 
 and broadcast (stride 0) inputs, channels-last images, a call's output fed back as the next input, outputs
 held across calls or dropped, inputs written in place by the caller between calls, inputs that require
 gradients (under `no_grad` and not), other dtypes and batch sizes. Every call's outputs (values, dtype,
-shape), the inputs after the call, and at the end the outputs the scenario held, must equal eager's.
+shape), the inputs after the call, which inputs and other outputs each output shares memory with, and at the
+end the outputs the scenario held, must equal eager's; outputs whose strides differ from eager's are reported.
 
 Variants are never replaced by eager for being slower (`time_vs_eager=False`) and DyCL segments are always
 compiled, so the compiled path is what is compared.
@@ -206,6 +207,7 @@ class Calls:
         self.log.append(("out", _clone(out)))
         self.log.append(("inputs after", _clone(args)))
         self.log.append(("aliasing", _aliasing(out, args)))
+        self.log.append(("strides", _strides(out)))
         return out
 
     def hold(self, *outs: Any) -> None:
@@ -229,8 +231,8 @@ def _leaves(x: Any) -> list[torch.Tensor]:
 
 
 def _aliasing(out: Any, args: tuple) -> list[tuple]:
-    """For each output leaf: which input it is, or shares memory with, or which earlier output, and its strides
-    (a view of the caller's tensor in eager must be one in fxcc: writes through it reach the input)."""
+    """For each output leaf: which input it is, or shares memory with, or which earlier output (a view of the
+    caller's tensor in eager must be one in fxcc: writes through it reach the input)."""
     ins = _leaves(args)
     outs = _leaves(out)
     rows = []
@@ -240,9 +242,12 @@ def _aliasing(out: Any, args: tuple) -> list[tuple]:
                        and o.numel() and a.numel()), None)
         other = next((k for k, p in enumerate(outs[:j]) if o.untyped_storage().data_ptr()
                       == p.untyped_storage().data_ptr() and o.numel() and p.numel()), None)
-        rows.append((("is input", same), ("shares memory with input", shares), ("shares memory with output", other),
-                     ("strides", tuple(o.stride()) if o.numel() > 1 else ())))
+        rows.append((("is input", same), ("shares memory with input", shares), ("shares memory with output", other)))
     return rows
+
+
+def _strides(out: Any) -> list[tuple]:
+    return [tuple(o.stride()) if o.numel() > 1 else () for o in _leaves(out)]
 
 
 def new_values(c: Calls, m: str) -> None:
@@ -375,6 +380,41 @@ def scalars(c: Calls, m: str) -> None:
     c.fn = fn
 
 
+def interop(c: Calls, m: str) -> None:
+    """The caller keeps an output only as its storage, a NumPy array or a DLPack import, drops the tensor, and
+    calls again: that memory is still the caller's."""
+    shape = SHAPE[m](4)
+    kept = []
+    for how in ("storage", "numpy", "dlpack"):
+        y = c(*[c.t(*shape) for _ in range(_arity(m))])
+        y = y[-1] if isinstance(y, tuple) else y
+        if y is None:
+            return
+        y = y.detach()
+        meta = (y.shape, y.stride(), y.storage_offset(), y.dtype)
+        kept.append((how, meta, y.untyped_storage() if how == "storage" else y.numpy() if how == "numpy"
+                     else torch.from_dlpack(y)))
+        del y
+    for _ in range(2):
+        c(*[c.t(*shape) for _ in range(_arity(m))])
+    for how, (size, stride, offset, dtype), obj in kept:
+        if how == "storage":
+            c.hold(torch.empty(0, dtype=dtype).set_(obj, offset, size, stride))
+        else:
+            c.hold(torch.as_tensor(obj))
+
+
+def symbolic_strided(c: Calls, m: str) -> None:
+    """A batch size that changes (a symbolic variant), then inputs of a new batch laid out otherwise."""
+    for b in (4, 7):
+        c(*[c.t(*SHAPE[m](b)) for _ in range(_arity(m))])
+    shape = SHAPE[m](5)
+    t = c.t(*reversed(shape)).permute(*reversed(range(len(shape))))
+    c(*[t] * _arity(m))
+    c(*[c.t(*shape[:-1], 2 * shape[-1])[..., 1::2] for _ in range(_arity(m))])
+    c(*[c.t(1, *shape[1:]).expand(*shape).clone() for _ in range(_arity(m))])
+
+
 def _arity(m: str) -> int:
     return 2 if m in TWO_INPUTS else 1
 
@@ -383,6 +423,7 @@ SCENARIOS: dict[str, Callable[[Calls, str], None]] = {
     "new_values": new_values, "hold_outputs": hold_outputs, "drop_outputs": drop_outputs, "feedback": feedback,
     "strided": strided, "aliasing": aliasing, "caller_writes": caller_writes, "grads": grads, "dtypes": dtypes,
     "batches": batches, "write_outputs": write_outputs, "scalars": scalars,
+    "interop": interop, "symbolic_strided": symbolic_strided,
 }
 
 
@@ -429,6 +470,7 @@ class Outcome:
     scenario: str
     calls: int = 0
     problem: str = ""  # the first difference from eager, or a crash of the compiled side
+    layout: str = ""  # the first call whose outputs have other strides than eager's (values equal)
     warnings: list[str] = field(default_factory=list)  # fxcc's warnings (a "differs" one is the always-check's)
     eager_calls: int = 0  # calls fxcc ran eagerly
     seconds: float = 0.0
@@ -473,11 +515,15 @@ def run_one(m: str, scenario: str, passes: str | None, check_eager: bool | str =
     out.calls = sum(k in ("out", "raised") for k, _ in e.log)
     if not out.problem:
         for i, ((kw, want), (kg, got)) in enumerate(zip(e.log, c.log)):
-            call = i // 3 + 1 if kw != "raised" else "?"
+            call = i // 4 + 1 if kw != "raised" else "?"
             if kw != kg:
                 out.problem = f"call {call}: eager {kw} {want if kw == 'raised' else ''}, fxcc {kg} " \
                               f"{got if kg == 'raised' else ''}"
                 break
+            if kw == "strides":
+                if got != want and not out.layout:
+                    out.layout = f"call {call}: output strides {got}, eager's {want}"
+                continue
             if kw == "aliasing":
                 if got != want:
                     out.problem = f"call {call}: outputs alias inputs otherwise: eager {want}, fxcc {got}"
@@ -514,15 +560,19 @@ def main(argv: list[str] | None = None) -> int:
             o = run_one(m, s, passes, "always" if args.always else True)
             outcomes.append(o)
             flag = "ok" if not o.problem else "DIFFERS" if not o.problem.startswith("crashed") else "CRASH"
-            print(f"{m:14s} {s:14s} {flag:8s} {o.calls:3d} calls {o.eager_calls:3d} eager {o.seconds:6.1f}s  "
+            print(f"{m:14s} {s:16s} {flag:8s} {o.calls:3d} calls {o.eager_calls:3d} eager {o.seconds:6.1f}s  "
                   f"{o.problem.splitlines()[0] if o.problem else ''}", flush=True)
+            if o.layout:
+                print(f"    layout: {o.layout}")
             for w in o.warnings:
                 print(f"    warning: {w}")
             if o.problem.startswith("crashed"):
                 print("    " + o.problem.replace("\n", "\n    "))
     bad = [o for o in outcomes if o.problem]
     calls = sum(o.calls for o in outcomes)
-    print(f"{len(outcomes)} scenarios, {calls} calls: {len(outcomes) - len(bad)} equal to eager, {len(bad)} not")
+    layout = sum(bool(o.layout) for o in outcomes)
+    print(f"{len(outcomes)} scenarios, {calls} calls: {len(outcomes) - len(bad)} equal to eager, {len(bad)} not; "
+          f"{layout} with outputs in another layout than eager's (values equal)")
     return 1 if bad else 0
 
 

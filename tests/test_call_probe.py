@@ -7,6 +7,7 @@ import fxcc
 import pytest
 import torch
 import torch.nn.functional as F
+from call_probe import EXTERN, MODULES, SCENARIOS, run_one
 from fxcc.codegen import reusable
 
 
@@ -60,3 +61,22 @@ def test_reusable_sees_every_holder_of_a_pooled_buffer():
     assert not reusable(pool, 0)
     del storage
     assert reusable(pool, 0)
+
+
+@pytest.mark.parametrize("module", list(MODULES))
+def test_every_call_of_every_scenario_equals_eager(module):
+    """The probe's fast subset: extern kernels, each scenario's calls, inputs afterwards and held outputs."""
+    for scenario in SCENARIOS:
+        o = run_one(module, scenario, EXTERN)
+        assert not o.problem, f"{module} / {scenario}: {o.problem}"
+        assert o.eager_calls == 0 and not any("differs" in w for w in o.warnings), (module, scenario, o.warnings)
+
+
+@pytest.mark.parametrize("module", ["mlp", "two_inputs"])
+def test_generated_kernels_on_the_scenarios_that_found_bugs(module):
+    """TVM kernels (their flat buffers, their pooled outputs) on batches down to 0 and outputs kept as storage."""
+    pytest.importorskip("tvm")
+    for scenario in ("batches", "interop", "strided", "feedback"):
+        o = run_one(module, scenario, "canonicalize,raise,fuse,codegen{backend=tvm}")
+        assert not o.problem, f"{module} / {scenario}: {o.problem}"
+        assert not any("differs" in w for w in o.warnings), (module, scenario, o.warnings)
