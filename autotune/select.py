@@ -334,7 +334,7 @@ def example_inputs(kb: KernelBody, target: str, real: dict[int, torch.Tensor] | 
         v = p.meta["val"]
         r = (real or {}).get(i)
         shape, stride, offset = ir.hints(v.shape), ir.hints(v.stride()), ir.hint(v.storage_offset())
-        size = offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
+        size = offset + ir.extent(shape, stride)
         if v.dtype.is_floating_point:
             base = torch.randn(size, generator=gen).to(v.dtype)
         elif v.dtype.is_complex:  # rotary embeddings written with complex numbers (DeepSeek-V2)

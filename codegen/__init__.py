@@ -29,12 +29,16 @@ KernelFn = Callable[[list[Tensor]], list[Tensor]]
 
 def reusable(pool: list, j: int) -> bool:
     """Whether the tensor in pool[j] is held by nothing else, so a kernel may write its next result
-    into it: no other Python reference (only the pool's, a local's and getrefcount's argument) and no
-    view of its memory (only the tensor's own and this check's storage object). Reusing an output
-    buffer spares a fresh multi-megabyte allocation per call, whose page faults cost more than the op."""
+    into it: no other Python reference (only the pool's, a local's and getrefcount's argument), no
+    view of its memory (only the tensor's own and this check's storage object) and no holder of its storage
+    object (`y.untyped_storage()` kept after `y` is dropped: that object is one per storage, and counts no
+    use of it; unheld, its references are the local's, getrefcount's argument and the storage's own). Reusing an output buffer spares a fresh multi-megabyte allocation per call, whose page faults
+    cost more than the op."""
     t = pool[j]
-    return t is not None and sys.getrefcount(pool[j]) == 3 and torch._C._storage_Use_Count(
-        t.untyped_storage()._cdata) == 2
+    if t is None or sys.getrefcount(pool[j]) != 3:
+        return False
+    s = t.untyped_storage()
+    return torch._C._storage_Use_Count(s._cdata) == 2 and sys.getrefcount(s) == 3
 
 
 def linear_weight(node: torch.fx.Node) -> Tensor | None:

@@ -75,6 +75,8 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
         return []  # the CPU path generates fp32 code; other types stay with torch
     if any(isinstance(d, torch.SymInt) for v in vals for d in (*v.shape, *v.stride())):
         return []  # TVM kernels are built for static shapes; a symbolic kernel runs its torch candidates
+    if any(v.numel() == 0 for v in vals):
+        return []  # a tensor of no elements (a batch of 0 rows): nothing to generate, torch's edge cases apply
     out = []
     try:
         tl.Lowering(kb.body).run()

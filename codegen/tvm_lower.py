@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import tvm
-from fxcc import gather
+from fxcc import gather, ir
 from fxcc.codegen import linear_weight
 from fxcc.codegen.tvm import split_bias
 from fxcc.dialects import classify, dense_order
@@ -266,7 +266,7 @@ class Lowering:
             raise Unsupported(f"input dtype {v.dtype}")
         if packed:
             return self._packed_input(shape, v.dtype)
-        extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
+        extent = ir.extent(shape, stride)
         ity = "int32" if extent < 2**31 else "int64"
         buf = te.placeholder((extent,), DTYPES[v.dtype], name=f"in{len(self.out.args)}")
         self.out.args.append(buf)
@@ -1266,6 +1266,14 @@ def _vector_lanes(sch, name: str) -> None:
     sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
 
 
+def _per_iteration(sch, block, at) -> int:
+    """Iterations of `block` per iteration of loop `at` (the product of the loops inside it)."""
+    loops = sch.get_loops(block)
+    target = sch.get(at)
+    i = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(target))
+    return math.prod(int(sch.get(lp).extent) for lp in loops[i + 1:])
+
+
 def _fit(n: int, want: int) -> int:
     """The largest divisor of `n` not above `want` (tiles never leave a remainder)."""
     return max(d for d in range(1, min(n, want) + 1) if n % d == 0)
@@ -1296,11 +1304,17 @@ def _gemm_schedule(sch, name: str, epilogue, p) -> None:
     sch.decompose_reduction(blk, k)
     if epilogue is not None:
         for at in (mbi, outer):
+            trial = sch.copy()
             try:
-                sch.reverse_compute_at(epilogue, at, preserve_unit_loops=True)
-                break
+                trial.reverse_compute_at(epilogue, at, preserve_unit_loops=True)
             except Exception:  # it reads beyond the tile (a transpose, a row statistic): try a wider loop
                 continue
+            if _per_iteration(trial, epilogue, at) <= _per_iteration(trial, acc, at):
+                sch.reverse_compute_at(epilogue, at, preserve_unit_loops=True)
+                break
+            # more epilogue elements per tile than the tile holds: TVM covered the elements that read the tile
+            # with a range that also holds some reading other tiles, not yet written (a reshape splitting the
+            # tile's columns over rows): computed there, they would read stale memory
         else:
             _spatial(sch, epilogue, p)
             return

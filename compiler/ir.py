@@ -86,6 +86,14 @@ def hints(sizes: Any) -> tuple[int, ...]:
     return tuple(hint(s) for s in sizes)
 
 
+def extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Elements of the flat buffer a tensor of `shape` and `stride` spans from its first element: 0 when it
+    has none (a batch of 0 rows holds no storage, whatever its other sizes)."""
+    if any(n == 0 for n in shape):
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+
+
 def type_str(val: Any) -> str:
     """MLIR-like type of a node value: tensor<2x8xf32> (tensor<s0x8xf32> with a symbolic size), a tuple of
     them, or the Python scalar type."""

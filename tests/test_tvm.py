@@ -230,6 +230,23 @@ def test_gemms_with_epilogues():
     compile_tvm(f, torch.randn(2, 8, 32), torch.randn(3, 8, 16), torch.randn(3, 16, 8), kinds=("gemm",), atol=1e-4)
 
 
+@pytest.mark.parametrize("params", [{}, {"tile_m": 1, "tile_n": 8, "tile_mb": 32, "unroll": 0}])
+def test_a_gemm_epilogue_that_reshapes_columns_into_rows_reads_only_written_tiles(params):
+    """SEW's upsampling: [2, 2, 64] -> [2, 2, 2, 32] -> [2, 4, 32]. An output row reads half a GEMM row, so the
+    elements reading one 16-column tile are rows {c, c + 2}: TVM covers them with rows c..c+2, whose middle row
+    reads another tile, not yet written; such an epilogue runs after the GEMM instead."""
+    w, b = torch.randn(64, 32), torch.randn(64)
+
+    def f(x):
+        return F.gelu(F.linear(x, w, b)).reshape(2, 2, 2, 32).reshape(2, 4, 32)
+    x = torch.randn(2, 2, 32)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse,codegen{backend=extern}")
+    cm(x)
+    kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
+    cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm")
+    torch.testing.assert_close(cand.build({**cand.defaults, **params}).fn([x, w, b])[0], f(x), atol=1e-4, rtol=1e-4)
+
+
 def test_library_gemm_with_generated_epilogue_candidate():
     w, b = torch.randn(48, 32), torch.randn(48)
 
