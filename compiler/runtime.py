@@ -370,6 +370,7 @@ class CompiledModule(ModuleView):
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
             self._sources, self._live = {}, {}
+            self.__dict__.get("_dycl_programs", {}).clear()  # DyCL programs' segments bound the old state
             self._params = None  # what is left runs eagerly and depends on nothing; a compile snapshots anew
         variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
         if variant is None:
