@@ -56,6 +56,8 @@ class Engine:
     alone_ms: list[float] = field(default_factory=list)
     alone_compiles: int = 0
     alone_compile_s: float | None = None
+    compiles_timed: int = 0  # compiles during the timed rounds (a recompile there would be in a TTFT)
+    alone_compiles_timed: int = 0
 
 
 class Clock:
@@ -215,6 +217,7 @@ def run(args: Any, log: Callable[[str], None]) -> str:
         reference.setdefault("ids", tokens)
         reference.setdefault("other", other_tokens)
         e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
+    for e in es:  # after every engine's generates: what generate leaves on the model (a static cache's length) is there
         if args.prefill_alone and e.name.startswith("fxcc"):
             log(f"{e.name}: the prefill compiled alone ...")
             prefill_alone(model, e, ids, new, device)
@@ -226,6 +229,7 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                 time_alone(e, device)
         log(f"warm-up round {r + 1}/{warmup}")
     load = _load()
+    before = {e.name: (e.compiles(), e.alone.fxcc.stats.compiles if e.alone else 0) for e in es}
     for r in range(args.reps):
         for e in es:
             _, ends, first_start = generate(model, e, ids, new, device)
@@ -237,6 +241,9 @@ def run(args: Any, log: Callable[[str], None]) -> str:
             e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
             e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
         log(f"round {r + 1}/{args.reps}")
+    for e in es:
+        e.compiles_timed = e.compiles() - before[e.name][0]
+        e.alone_compiles_timed = (e.alone.fxcc.stats.compiles if e.alone else 0) - before[e.name][1]
     floor = {}
     if gpu:
         for e in es:
@@ -268,14 +275,16 @@ def prefill_alone(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, devi
 
 
 def _vs_alone(e: Engine) -> dict:
-    """TTFT and the first forward call over the prefill compiled alone: medians and per-round ranges."""
+    """TTFT and the first forward call over the prefill compiled alone, each round's pair measured back to back
+    (so a load change between rounds cancels): the median of the rounds' ratios, their range, and the ratio of
+    the medians."""
     if not e.alone_ms:
         return {}
     out = {}
     for key, times in (("ttft_vs_alone", e.ttft_ms), ("first_vs_alone", e.first_ms)):
         ratios = [a / b for a, b in zip(times, e.alone_ms)]
-        out[key] = {"median": statistics.median(times) / statistics.median(e.alone_ms),
-                    "round_min": min(ratios), "round_max": max(ratios)}
+        out[key] = {"median": statistics.median(ratios), "round_min": min(ratios), "round_max": max(ratios),
+                    "of_medians": statistics.median(times) / statistics.median(e.alone_ms)}
     return out
 
 
@@ -361,5 +370,9 @@ def _alone_lines(es: list[Engine]) -> list[str]:
     lines.append("setup: generate's work before its first forward call (transformers'); 1st fwd: that call (the "
                  "prefill); alone: compiled by itself with static shapes (" + ", ".join(
                      f"{e.name}: {e.alone_compiles} compile, {e.alone_compile_s:.1f} s" for e in es if e.alone_ms)
-                 + ")")
+                 + "); ratios: the median of each round's ratio (both measured back to back), and their range")
+    for e in es:
+        if e.compiles_timed or e.alone_compiles_timed:
+            lines.append(f"{e.name}: {e.compiles_timed} compiles (and {e.alone_compiles_timed} of its prefill alone) "
+                         "during the timed rounds: those rounds' times include them")
     return lines
