@@ -10,8 +10,9 @@ bandwidth, over the measured step time. Engines run interleaved, round by round 
 TTFT against the prefill compiled alone: for each fxcc engine, the inputs of its generate's first forward call
 (the prompt, the fresh DynamicCache or StaticCache generate made, cache_position, ...) are recorded once and
 compiled by a separate `fxcc.compile(forward, dynamic=False)` (static shapes, its own compiled object); in each
-timed round, right after the engine's generate, that compiled prefill runs once on a fresh copy of those inputs
-(the copy made outside the timing). TTFT splits into generate's own setup before its first forward call
+timed round that compiled prefill runs once on a fresh copy of those inputs (the copy made outside the timing),
+right after the engine's generate in even rounds and right before it in odd ones, so neither side always
+follows the same work (the decode loop or another engine's). TTFT splits into generate's own setup before its first forward call
 (validation, logits processors, cache allocation: transformers' host work, eager's as much as fxcc's) and the
 first forward call itself; both TTFT / alone and first forward / alone are reported, per round and as medians.
 """
@@ -231,12 +232,14 @@ def run(args: Any, log: Callable[[str], None]) -> str:
     load = _load()
     before = {e.name: (e.compiles(), e.alone.fxcc.stats.compiles if e.alone else 0) for e in es}
     for r in range(args.reps):
-        for e in es:
+        for e in es:  # the prefill alone runs before the generate in odd rounds, after it in even ones
+            if e.alone is not None and r % 2:
+                e.alone_ms.append(time_alone(e, device))
             _, ends, first_start = generate(model, e, ids, new, device)
             e.ttft_ms.append((ends[1] - ends[0]) * 1e3)
             e.setup_ms.append((first_start - ends[0]) * 1e3)
             e.first_ms.append((ends[1] - first_start) * 1e3)
-            if e.alone is not None:
+            if e.alone is not None and not r % 2:
                 e.alone_ms.append(time_alone(e, device))
             e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
             e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
@@ -354,7 +357,7 @@ def _alone_lines(es: list[Engine]) -> list[str]:
     if not any(e.alone_ms for e in es):
         return []
     lines = ["", "TTFT against the prefill compiled alone (fxcc.compile(forward, dynamic=False) on the generate's "
-             "first forward inputs, a fresh cache each call, timed after each generate):",
+             "first forward inputs, a fresh cache each call, timed next to each generate):",
              f"{'engine':<30} {'TTFT ms':>9} {'setup ms':>9} {'1st fwd ms':>10} {'alone ms':>9} "
              f"{'TTFT/alone':>11} {'round range':>12} {'1st fwd/alone':>13} {'round range':>12}"]
     for e in es:
