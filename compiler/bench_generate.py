@@ -8,13 +8,13 @@ decode step's share of the memory roofline: (weight bytes + KV bytes read per st
 bandwidth, over the measured step time. Engines run interleaved, round by round (BENCHMARKING.md).
 
 TTFT against the prefill compiled alone: for each fxcc engine, the inputs of its generate's first forward call
-(the prompt, the fresh DynamicCache or StaticCache generate made, cache_position, ...) are recorded once and
-compiled by a separate `fxcc.compile(forward, dynamic=False)` (static shapes, its own compiled object); in each
-timed round that compiled prefill runs once on a fresh copy of those inputs (the copy made outside the timing),
-right after the engine's generate in even rounds and right before it in odd ones, so neither side always
-follows the same work (the decode loop or another engine's). TTFT splits into generate's own setup before its first forward call
+(the prompt and the fresh DynamicCache or StaticCache generate made) are recorded once and compiled by a
+separate `fxcc.compile(forward, dynamic=False)` (static shapes, its own compiled object); in each timed round
+that compiled prefill runs once on a fresh copy of those inputs (copied outside the timing), right after the
+engine's generate in even rounds and right before it in odd ones, so neither side always follows the same work
+(the decode loop or another engine's). TTFT splits into generate's own setup before its first forward call
 (validation, logits processors, cache allocation: transformers' host work, eager's as much as fxcc's) and the
-first forward call itself; both TTFT / alone and first forward / alone are reported, per round and as medians.
+first forward call itself; TTFT / alone and first forward / alone are reported per round and as medians.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def run(args: Any, log: Callable[[str], None]) -> str:
         reference.setdefault("other", other_tokens)
         e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
     for e in es:  # after every engine's generates: what generate leaves on the model (a static cache's length) is there
-        if args.prefill_alone and e.name.startswith("fxcc"):
+        if getattr(args, "prefill_alone", True) and e.name.startswith("fxcc"):
             log(f"{e.name}: the prefill compiled alone ...")
             prefill_alone(model, e, ids, new, device)
     warmup = args.warmup
