@@ -6,10 +6,20 @@ token, decode tokens/s, compiles per generate (the first, and a later one with a
 first generate's wall time (compiles included), and whether the tokens equal eager's. On the GPU also the
 decode step's share of the memory roofline: (weight bytes + KV bytes read per step) / measured copy
 bandwidth, over the measured step time. Engines run interleaved, round by round (BENCHMARKING.md).
+
+TTFT against the prefill compiled alone: for each fxcc engine, the inputs of its generate's first forward call
+(the prompt and the fresh DynamicCache or StaticCache generate made) are recorded once and compiled by a
+separate `fxcc.compile(forward, dynamic=False)` (static shapes, its own compiled object); in each timed round
+that compiled prefill runs once on a fresh copy of those inputs (copied outside the timing), right after the
+engine's generate in even rounds and right before it in odd ones, so neither side always follows the same work
+(the decode loop or another engine's). TTFT splits into generate's own setup before its first forward call
+(validation, logits processors, cache allocation: transformers' host work, eager's as much as fxcc's) and the
+first forward call itself; TTFT / alone and first forward / alone are reported per round and as medians.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -40,15 +50,26 @@ class Engine:
     step_ms: list[float] = field(default_factory=list)
     same_tokens: bool = True
     compile_s: float | None = None
+    setup_ms: list[float] = field(default_factory=list)  # generate's start to its first forward call
+    first_ms: list[float] = field(default_factory=list)  # the first forward call (the prefill) within generate
+    alone: Callable | None = None  # the prefill compiled alone (fxcc engines; see the module docstring)
+    alone_inputs: tuple | None = None  # (args, kwargs) of the generate's first forward call, before it ran
+    alone_ms: list[float] = field(default_factory=list)
+    alone_compiles: int = 0
+    alone_compile_s: float | None = None
+    compiles_timed: int = 0  # compiles during the timed rounds (a recompile there would be in a TTFT)
+    alone_compiles_timed: int = 0
 
 
 class Clock:
-    """Wraps a forward to record when each call ends (CUDA synchronized): the first call is the prefill."""
+    """Wraps a forward to record when each call starts and ends (CUDA synchronized): the first call is the
+    prefill."""
 
     def __init__(self, fn: Callable, device: str):
-        self.fn, self.device, self.ends = fn, device, []
+        self.fn, self.device, self.starts, self.ends = fn, device, [], []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.starts.append(time.perf_counter())
         out = self.fn(*args, **kwargs)
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -91,16 +112,51 @@ def engines(model: nn.Module, names: list[str], device: str) -> list[Engine]:
     return out
 
 
-def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: str) -> tuple[torch.Tensor, list[float]]:
-    """One greedy generate through engine `e`: the tokens and the end time of each forward call."""
-    clock = Clock(e.forward or type(model).forward.__get__(model), device)
+def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: str,
+             forward: Callable | None = None) -> tuple[torch.Tensor, list[float], float]:
+    """One greedy generate through engine `e` (or `forward`): the tokens, the start time and the end time of
+    each forward call, and the start time of the first forward call."""
+    clock = Clock(forward or e.forward or type(model).forward.__get__(model), device)
     kw = {"cache_implementation": e.cache} if e.cache else {}
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.inference_mode(), forward_as(model, clock):
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
-    return out, [t0, *clock.ends]
+    return out, [t0, *clock.ends], clock.starts[0]
+
+
+class _Recorded(Exception):
+    """Raised by first_call_inputs' forward once it holds the first call's inputs: generate stops there."""
+
+
+def first_call_inputs(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: str) -> tuple:
+    """A copy of the (args, kwargs) that generate passes to its first forward call with engine `e`'s cache kind,
+    taken before the call runs (the cache as generate made it: empty, or a StaticCache of the generate's length)."""
+    seen = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        seen.append(copy.deepcopy((args, kwargs)))
+        raise _Recorded
+
+    try:
+        generate(model, e, ids, new, device, forward=record)
+    except _Recorded:
+        return seen[0]
+    raise RuntimeError("generate made no forward call")
+
+
+def time_alone(e: Engine, device: str) -> float:
+    """One call of the prefill compiled alone on a fresh copy of the recorded inputs (copied untimed), in ms."""
+    args, kwargs = copy.deepcopy(e.alone_inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        e.alone(*args, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
 
 
 def roofline_ms(model: nn.Module, batch: int, prompt: int, new: int, static_len: int | None) -> float:
@@ -151,30 +207,46 @@ def run(args: Any, log: Callable[[str], None]) -> str:
     for e in es:  # first generate (compiles), then one with another prompt length (compiles again?)
         log(f"{e.name}: first generate ...")
         before = e.compiles()
-        tokens, ends = generate(model, e, ids, new, device)
+        tokens, ends, _ = generate(model, e, ids, new, device)
         e.first_s = ends[-1] - ends[0]
         e.compiles_first = e.compiles() - before
         before = e.compiles()
-        other_tokens, _ = generate(model, e, other, new, device)
+        other_tokens, _, _ = generate(model, e, other, new, device)
         e.compiles_again = e.compiles() - before
         if e.forward is not None and hasattr(e.forward, "fxcc"):
             e.compile_s = sum(v.compile_seconds for v in e.forward.fxcc.variants)
         reference.setdefault("ids", tokens)
         reference.setdefault("other", other_tokens)
         e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
+    for e in es:  # after every engine's generates: what generate leaves on the model (a static cache's length) is there
+        if getattr(args, "prefill_alone", True) and e.name.startswith("fxcc"):
+            log(f"{e.name}: the prefill compiled alone ...")
+            prefill_alone(model, e, ids, new, device)
     warmup = args.warmup
     for r in range(warmup):  # untimed, interleaved as the timed rounds are
         for e in es:
             generate(model, e, ids, new, device)
+            if e.alone is not None:
+                time_alone(e, device)
         log(f"warm-up round {r + 1}/{warmup}")
     load = _load()
+    before = {e.name: (e.compiles(), e.alone.fxcc.stats.compiles if e.alone else 0) for e in es}
     for r in range(args.reps):
-        for e in es:
-            _, ends = generate(model, e, ids, new, device)
+        for e in es:  # the prefill alone runs before the generate in odd rounds, after it in even ones
+            if e.alone is not None and r % 2:
+                e.alone_ms.append(time_alone(e, device))
+            _, ends, first_start = generate(model, e, ids, new, device)
             e.ttft_ms.append((ends[1] - ends[0]) * 1e3)
+            e.setup_ms.append((first_start - ends[0]) * 1e3)
+            e.first_ms.append((ends[1] - first_start) * 1e3)
+            if e.alone is not None and not r % 2:
+                e.alone_ms.append(time_alone(e, device))
             e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
             e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
         log(f"round {r + 1}/{args.reps}")
+    for e in es:
+        e.compiles_timed = e.compiles() - before[e.name][0]
+        e.alone_compiles_timed = (e.alone.fxcc.stats.compiles if e.alone else 0) - before[e.name][1]
     floor = {}
     if gpu:
         for e in es:
@@ -186,9 +258,37 @@ def run(args: Any, log: Callable[[str], None]) -> str:
             json.dump({"workload": "generate", "report": text, "batch": batch, "prompt": prompt, "new_tokens": new,
                        "warmup": warmup, "reps": args.reps, "load_average": load, "roofline_ms": floor,
                        "config": model.config.to_diff_dict(),
-                       "engines": [{k: v for k, v in asdict(e).items() if k not in ("forward", "compiles")}
-                                   for e in es]}, f, indent=2, default=str)
+                       "engines": [{**{k: v for k, v in asdict(e).items()
+                                       if k not in ("forward", "compiles", "alone", "alone_inputs")},
+                                    **_vs_alone(e)} for e in es]}, f, indent=2, default=str)
     return text
+
+
+def prefill_alone(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: str) -> None:
+    """Compile engine `e`'s prefill alone: its generate's first forward inputs, static shapes, its own compile
+    (its first call compiles it, untimed)."""
+    import fxcc
+
+    e.alone_inputs = first_call_inputs(model, e, ids, new, device)
+    e.alone = fxcc.compile(type(model).forward.__get__(model), dynamic=False)
+    t0 = time.perf_counter()
+    time_alone(e, device)
+    e.alone_compile_s = time.perf_counter() - t0
+    e.alone_compiles = e.alone.fxcc.stats.compiles
+
+
+def _vs_alone(e: Engine) -> dict:
+    """TTFT and the first forward call over the prefill compiled alone, each round's pair measured back to back
+    (so a load change between rounds cancels): the median of the rounds' ratios, their range, and the ratio of
+    the medians."""
+    if not e.alone_ms:
+        return {}
+    out = {}
+    for key, times in (("ttft_vs_alone", e.ttft_ms), ("first_vs_alone", e.first_ms)):
+        ratios = [a / b for a, b in zip(times, e.alone_ms)]
+        out[key] = {"median": statistics.median(ratios), "round_min": min(ratios), "round_max": max(ratios),
+                    "of_medians": statistics.median(times) / statistics.median(e.alone_ms)}
+    return out
 
 
 def _spread(e: Engine, eager: Engine | None) -> str:
@@ -247,4 +347,35 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
     for e in fx:
         if e.compile_s is not None:
             lines.append(f"{e.name}: {e.compile_s:.1f} s compiling (all its variants)")
+    lines += _alone_lines(es)
     return "\n".join(lines)
+
+
+def _alone_lines(es: list[Engine]) -> list[str]:
+    """The TTFT split (generate's setup, its first forward call) and, per fxcc engine, against the prefill
+    compiled alone; medians, with each ratio's lowest and highest value over the rounds."""
+    if not any(e.alone_ms for e in es):
+        return []
+    lines = ["", "TTFT against the prefill compiled alone (fxcc.compile(forward, dynamic=False) on the generate's "
+             "first forward inputs, a fresh cache each call, timed next to each generate):",
+             f"{'engine':<30} {'TTFT ms':>9} {'setup ms':>9} {'1st fwd ms':>10} {'alone ms':>9} "
+             f"{'TTFT/alone':>11} {'round range':>12} {'1st fwd/alone':>13} {'round range':>12}"]
+    for e in es:
+        row = (f"{e.name:<30} {statistics.median(e.ttft_ms):>9.1f} {statistics.median(e.setup_ms):>9.1f} "
+               f"{statistics.median(e.first_ms):>10.1f}")
+        vs = _vs_alone(e)
+        if vs:
+            t, f = vs["ttft_vs_alone"], vs["first_vs_alone"]
+            row += (f" {statistics.median(e.alone_ms):>9.1f} {t['median']:>10.2f}x "
+                    f"{t['round_min']:>5.2f}-{t['round_max']:.2f}x {f['median']:>12.2f}x "
+                    f"{f['round_min']:>5.2f}-{f['round_max']:.2f}x")
+        lines.append(row)
+    lines.append("setup: generate's work before its first forward call (transformers'); 1st fwd: that call (the "
+                 "prefill); alone: compiled by itself with static shapes (" + ", ".join(
+                     f"{e.name}: {e.alone_compiles} compile, {e.alone_compile_s:.1f} s" for e in es if e.alone_ms)
+                 + "); ratios: the median of each round's ratio (both measured back to back), and their range")
+    for e in es:
+        if e.compiles_timed or e.alone_compiles_timed:
+            lines.append(f"{e.name}: {e.compiles_timed} compiles (and {e.alone_compiles_timed} of its prefill alone) "
+                         "during the timed rounds: those rounds' times include them")
+    return lines

@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from fxcc import bench_generate as bg
 from fxcc import cli
+from fxcc.capture import forward_as
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "llama_tiny.py")
 
@@ -83,15 +86,48 @@ def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys, tmp_pat
             "--engines", "eager,fxcc", "--json", str(tmp_path / "generate.json")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("eager ", "fxcc "))}
+    table, _, alone = out.partition("TTFT against the prefill compiled alone")
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith(("eager ", "fxcc "))}
     assert set(rows) == {"eager", "fxcc"}
     # fxcc: prefill and decode compiled in the first generate, nothing in the second; tokens equal eager's
     assert rows["fxcc"][-4] == "2+0" and rows["fxcc"][-2] == "same" and rows["eager"][-1] == "1.00-1.00x"
+    # TTFT split into generate's setup and its first forward; fxcc's also against its prefill compiled alone
+    split = {line.split()[0]: line.split() for line in alone.splitlines() if line.startswith(("eager ", "fxcc "))}
+    assert len(split["eager"]) == 4 and len(split["fxcc"]) == 9 and split["fxcc"][5].endswith("x")
+    assert "fxcc: 1 compile" in alone and "during the timed rounds" not in alone
     saved = json.loads((tmp_path / "generate.json").read_text())
     assert saved["warmup"] == 1 and saved["reps"] == 1 and saved["report"] in out
     fx = next(e for e in saved["engines"] if e["name"] == "fxcc")
     assert fx["compiles_first"] == 2 and fx["compiles_again"] == 0 and fx["same_tokens"] is True
     assert len(fx["decode_tps"]) == 1
+    # one static compile of the prefill alone, timed once per round; the ratios are those of the rounds' pairs
+    assert fx["alone_compiles"] == 1 and fx["compiles_timed"] == fx["alone_compiles_timed"] == 0
+    assert len(fx["alone_ms"]) == len(fx["first_ms"]) == len(fx["setup_ms"]) == 1 and fx["alone_ms"][0] > 0
+    assert fx["ttft_vs_alone"]["median"] == pytest.approx(fx["ttft_ms"][0] / fx["alone_ms"][0])
+    assert fx["first_vs_alone"]["median"] == pytest.approx(fx["first_ms"][0] / fx["alone_ms"][0])
+    assert fx["ttft_ms"][0] == pytest.approx(fx["setup_ms"][0] + fx["first_ms"][0])
+    eager = next(e for e in saved["engines"] if e["name"] == "eager")
+    assert "ttft_vs_alone" not in eager and eager["alone_ms"] == []
+
+
+def test_bench_generate_records_the_first_forward_inputs_with_the_engines_cache():
+    """The prefill alone gets what generate passes its first forward: a fresh cache of the engine's kind (a static
+    one of the generate's length), the prompt, untouched by the forward (generate stops before it runs)."""
+    from transformers import DynamicCache, StaticCache
+
+    model = bg.llama(32, 1, 2, 1, 64, torch.float32, "cpu")
+    ids = torch.randint(2, 32000, (1, 6), generator=torch.Generator().manual_seed(0))
+    seen = []
+    forward = type(model).forward.__get__(model)
+    with torch.inference_mode(), forward_as(model, lambda **k: seen.append(k["cache"]) or forward(**k)):
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+    for cache, kind in ((None, DynamicCache), ("static", StaticCache)):
+        args, kwargs = bg.first_call_inputs(model, bg.Engine("x", None, cache), ids, 4, "cpu")
+        got = kwargs["cache"]
+        assert args == () and type(got) is kind and torch.equal(kwargs["input_ids"], ids)
+        assert got.get_seq_length() == 0 and not any(layer.is_initialized and layer.keys.any() for layer in got.layers)
+        if kind is StaticCache:  # as long as the one a whole generate allocates
+            assert [layer.max_cache_len for layer in got.layers] == [layer.max_cache_len for layer in seen[0].layers]
 
 
 def test_passes_lists_the_registry(capsys):
