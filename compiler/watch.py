@@ -66,8 +66,8 @@ class Snapshot:
         # rebinding a weight's `.data` into a merged buffer, at a compile after this snapshot) holds what it held
         if layout[:2] + layout[3:] != self.layout[:2] + self.layout[3:] or not same_bits(t, self.copy):
             return False
-        if self.cow:  # a request for a writable pointer gave `t` a new buffer, the same bits
-            self.breaks += 1
+        if self.cow:  # a request for a writable pointer gave `t` a new buffer, the same bits (or `t` moved)
+            self.breaks += layout == self.layout  # a move to another offset (merged weights) is no such request
             if keep or self.breaks >= BREAKS:  # made again each time (see the module's doc): keep the old memory as a copy
                 self.cow, self.address, self.layout, self.kept, self.calm = False, _address(t), layout, keep, 0
                 log.info("a watched %s tensor is asked for a writable pointer at every call; its snapshot is a "

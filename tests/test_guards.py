@@ -188,6 +188,9 @@ def test_a_snapshot_sees_writes_not_reads():
     whole = torch.cat([torch.randn(8, 8), t.detach()])
     t.data = whole[8:]  # moved into a larger buffer with its values (as merging weights does): the same
     assert t.storage_offset() == 64 and s.same(t) and s.same(t)
+    for rows in (4, 12):  # moved again (another merge): still watched copy-on-write, not a plain copy
+        t.data = torch.cat([torch.randn(rows, 8), t.detach()])[rows:]
+        assert s.same(t) and s.cow
     whole[9, 0] += 1  # and a write to the new buffer is seen
     assert not s.same(t)
 
