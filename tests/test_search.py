@@ -370,9 +370,10 @@ def test_a_trial_past_the_timeout_is_stopped_and_pruned(searched, monkeypatch, t
     monkeypatch.setattr(plan_search.Evaluator, "measure", lambda self, **kw: time.sleep(60))
     model, args = _tiny(searched[1])
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    cfg = search.SearchConfig(output=str(tmp_path / "plan.json"), trials=3, timeout=2.0, storage=storage,
+    # --timeout counts from the search's start: leave the set-up before the first trial room on a loaded machine
+    cfg = search.SearchConfig(output=str(tmp_path / "plan.json"), trials=3, timeout=6.0, storage=storage,
                               study_name="slow", backends=["extern"], knobs=[], progress=False)
-    with pytest.raises(RuntimeError, match="1 stopped at --timeout 2 s: allow more time"):
+    with pytest.raises(RuntimeError, match="1 stopped at --timeout 6 s: allow more time"):
         plan_search.search(model, args, {}, cfg)
     trials = optuna.load_study(study_name="slow", storage=storage).trials
     assert [t.user_attrs.get("failure") for t in trials] == ["timeout"]  # no trial started after it
