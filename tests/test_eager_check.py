@@ -241,6 +241,15 @@ class Branchy(nn.Module):
         return h + 1
 
 
+def _corrupt_last_segment(variant: dycl.DyclVariant) -> dycl.Segment:
+    """Make the program's last compiled segment (`h + 1`) add 1 to its first output from now on; return it."""
+    seg = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None][-1]
+    (key,) = seg.by_key
+    inner = seg.by_key[key]
+    seg.by_key[key] = lambda *a: tuple(o + 1 if i == 0 else o for i, o in enumerate(inner(*a)))
+    return seg
+
+
 def test_always_names_the_dycl_segment_that_goes_wrong(monkeypatch):
     monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 0.0)
     monkeypatch.setattr(dycl, "MEASURE_CHOICE", False)
@@ -253,10 +262,7 @@ def test_always_names_the_dycl_segment_that_goes_wrong(monkeypatch):
             torch.testing.assert_close(cm(x), model(x))
     (variant,) = cm.variants
     assert isinstance(variant, dycl.DyclVariant)
-    seg = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None][-1]  # h + 1
-    (key,) = seg.by_key
-    inner = seg.by_key[key]
-    seg.by_key[key] = lambda *a: tuple(o + 1 if i == 0 else o for i, o in enumerate(inner(*a)))
+    seg = _corrupt_last_segment(variant)
     with pytest.warns(UserWarning, match=rf"call 3: the compiled call differs from eager .*located: segment "
                                          rf"{seg.name} \(.*\) .* differs from its plain Python on the inputs it saw"):
         out = cm(x)
@@ -303,10 +309,7 @@ def test_always_checks_the_segments_of_a_program_with_python_effects(monkeypatch
     cm(x)
     assert CALLS == [2]  # the forward's Python ran once per call
     (variant,) = cm.variants
-    seg = [s for s in variant.program.segments for r in s.runs.values() if r.variant is not None][-1]  # h + 1
-    (key,) = seg.by_key
-    inner = seg.by_key[key]
-    seg.by_key[key] = lambda *a: tuple(o + 1 if i == 0 else o for i, o in enumerate(inner(*a)))
+    seg = _corrupt_last_segment(variant)
     with pytest.warns(UserWarning, match=rf"call 3: segment {seg.name} \(.*\) .*differs from its plain Python .*"
                                          r"that part runs eagerly from now on"):
         out = cm(x)
