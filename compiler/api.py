@@ -39,7 +39,7 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
             backend: str | None = None, target: str = "auto", passes: str | None = None, tune: str | None = None,
             plan: str | None = None, quality_budget: float | None = None, tune_budget: int | None = None,
             check_eager: bool | str | None = None, options: CompileOptions | dict | None = None,
-            state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None) -> Any:
+            state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None, disable: bool = False) -> Any:
     """Compile an nn.Module (instance or class), a module's bound method (`model.forward`) or a function;
     also usable as `@compile` and `@compile(...)`.
 
@@ -60,7 +60,15 @@ def compile(model: Any = None, *, mode: str | None = None, fullgraph: bool = Fal
     the compiled module holds each weight once and the model stays on meta. There is then no eager model:
     what would run eagerly is an error, as under fullgraph=True. A state dict is let go after the first compile
     (a recompile then needs a file). fxcc.weights has the details.
+
+    `disable=True` (torch.compile's): nothing is compiled; `model` itself is returned (as a decorator, the function
+    it decorates).
     """
+    if disable:
+        if state_dict is not None:
+            raise ValueError("fxcc.compile(disable=True, state_dict=...): a model on the meta device cannot run "
+                             "uncompiled; load the weights into it (model.load_state_dict(..., assign=True)) first")
+        return (lambda m: m) if model is None else model
     if backend not in (None, "fxcc"):
         raise ValueError(f"fxcc.compile(backend={backend!r}): fxcc.compile always compiles with fxcc. For "
                          f"another compiler use torch.compile(model, backend={backend!r}); fxcc's kernel backends are "

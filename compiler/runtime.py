@@ -209,6 +209,12 @@ def _fast_key(args: tuple, training: bool) -> tuple | None:
     return (training, call_context(), *[(a.shape, a.dtype, a.device, a.layout) for a in args])
 
 
+def _wants_grads(args: tuple, kwargs: dict) -> bool:
+    """Whether an argument (positional or keyword, not inside containers) is a tensor that requires gradients."""
+    return (any(type(a) is torch.Tensor and a.requires_grad for a in args)
+            or any(type(v) is torch.Tensor and v.requires_grad for v in kwargs.values()))
+
+
 _PLAIN = (bool, int, float, str)
 _MAX_CALLS = 64  # call shapes remembered by the keyword fast path
 _MAX_MISSES = 2  # times a call shape's state objects may change before it is no longer remembered
@@ -347,7 +353,7 @@ class CompiledModule(ModuleView):
             if torch.compiler.is_exporting():  # inside an enclosing capture: its graph takes the module's own ops
                 return self._eager(*args, **kwargs)
             return _opaque_call(self, args, kwargs)  # inside code torch.compile traces (transformers' generate)
-        if torch.is_grad_enabled() and self.module.training and self._trains():
+        if torch.is_grad_enabled() and ((self.module.training and self._trains()) or _wants_grads(args, kwargs)):
             return self._call_for_gradients(args, kwargs)
         # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
         fast = None if kwargs else _fast_key(args, self.module.training)
@@ -443,15 +449,23 @@ class CompiledModule(ModuleView):
         return any(p.requires_grad for p in self.module.parameters())
 
     def _call_for_gradients(self, args: tuple, kwargs: dict) -> Any:
-        """A call in training mode with gradients enabled runs eagerly, so its outputs carry gradients as
-        eager's do (compiled code computes none); one warning, or an error under fullgraph=True."""
-        why = (f"{self.name} is called in training mode with gradients enabled, and fxcc compiles inference "
-               "only (its outputs would carry no gradients); it runs eagerly")
-        advice = "Call model.eval() or run it under torch.no_grad() / torch.inference_mode() to run it compiled."
+        """A call that eager would record gradients for runs eagerly, so its outputs carry gradients as eager's
+        do (compiled code computes none): in training mode with gradients enabled, or given an input that requires
+        gradients with gradients enabled (a saliency map, an adversarial input); one warning each, or an error
+        under fullgraph=True."""
+        if self.module.training and self._trains():
+            how, flag = "called in training mode", "_warned_gradients"
+            advice = "Call model.eval() or run it under torch.no_grad() / torch.inference_mode() to run it compiled."
+        else:
+            how, flag = "given an input that requires gradients", "_warned_input_gradients"
+            advice = ("Pass inputs that do not require gradients (x.detach()) or call it under torch.no_grad() / "
+                      "torch.inference_mode() to run it compiled.")
+        why = (f"{self.name} is {how} with gradients enabled, and fxcc compiles inference only (its "
+               "outputs would carry no gradients); it runs eagerly")
         if self.options.fullgraph:
             raise FullGraphError(f"fxcc: {why}; fullgraph=True makes this an error. {advice}")
-        if not self.__dict__.get("_warned_gradients"):
-            self._warned_gradients = True
+        if not self.__dict__.get(flag):
+            self.__dict__[flag] = True
             warnings.warn(f"fxcc: {why}. {advice}", stacklevel=3)
         self.stats.eager_calls += 1
         return self._eager(*args, **kwargs)

@@ -252,6 +252,38 @@ def test_training_mode_under_fullgraph_is_an_error(x):
         cm(x)
 
 
+def test_an_input_that_requires_gradients_runs_eagerly_in_eval_mode(x):
+    """model.eval() and x.requires_grad_() (a saliency map): eager's output carries gradients back to x, so the
+    call runs eagerly with one warning; the same input under no_grad, or detached, runs compiled."""
+    net = Net().eval()
+    cm = compiled(net)
+    xg = x.clone().requires_grad_()
+    with pytest.warns(UserWarning, match=r"Net is given an input that requires gradients with gradients enabled"
+                                         r".*runs eagerly.*x.detach\(\)") as record:
+        y = cm(xg)
+        cm(xg)
+    assert len([w for w in record if "requires gradients" in str(w.message)]) == 1
+    assert y.requires_grad
+    y.sum().backward()
+    ref = xg.grad.clone()
+    xg.grad = None
+    net(xg).sum().backward()
+    torch.testing.assert_close(ref, xg.grad)
+    assert cm.stats.compiles == 0 and cm.stats.eager_calls == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            torch.testing.assert_close(cm(xg), net(xg))
+        torch.testing.assert_close(cm(xg.detach()), net(xg).detach())
+    assert cm.stats.compiles == 1
+
+
+def test_an_input_that_requires_gradients_under_fullgraph_is_an_error(x):
+    cm = compiled(Net().eval(), fullgraph=True)
+    with pytest.raises(fxcc.FullGraphError, match=r"requires gradients with gradients enabled.*fullgraph=True"):
+        cm(x.clone().requires_grad_())
+
+
 def test_a_compiled_function_is_not_in_training_mode(x):
     @fxcc.compile(passes=PASSES)
     def f(a):
@@ -417,3 +449,17 @@ def test_a_generator_of_the_models_own_runs_eagerly_with_a_warning_naming_it(x):
         torch.testing.assert_close(got, reference(x))
     with pytest.raises(fxcc.FullGraphError, match="torch.Generator of its own"):
         compiled(OwnGenerator(), fullgraph=True)(x)
+
+
+def test_disable_returns_the_model_itself(x):
+    net = Net().eval()
+    assert fxcc.compile(net, disable=True) is net
+
+    @fxcc.compile(disable=True)
+    def f(a):
+        return a + 1
+
+    assert not isinstance(f, fxcc.CompiledModule) and f.__name__ == "f"
+    torch.testing.assert_close(f(x), x + 1)
+    with pytest.raises(ValueError, match=r"disable=True, state_dict"):
+        fxcc.compile(net, disable=True, state_dict={})
