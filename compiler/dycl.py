@@ -54,7 +54,7 @@ from fxcc.dycl_rewrite import (
 from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
-from fxcc.runtime import CompiledModule, Variant, explain_variant
+from fxcc.runtime import COMPILE_LOCK, CompiledModule, Variant, explain_variant
 from fxcc.state import state_objects
 from fxcc.store import cache_key, default_cache
 from torch.utils import _pytree as pytree
@@ -219,8 +219,10 @@ class Segment:
             return self._unguarded(args, str(e))
         call = self.by_key.get(key)
         if call is None:
-            with rng.preserved():  # its compile and timings draw nothing the call's own run would not (fxcc.rng)
-                call = self._build(args, key)
+            # its compile and timings draw nothing the call's own run would not (fxcc.rng); one thread at a time
+            # builds (fxcc.runtime.COMPILE_LOCK), and one that waited finds the segment built
+            with COMPILE_LOCK, rng.preserved():
+                call = self.by_key.get(key) or self._build(args, key)
         return call(*args)
 
     def _unguarded(self, args: tuple, what: str) -> Any:
@@ -664,7 +666,8 @@ class DyclVariant(Variant):
     def _call(self, flat: list[Any], args: tuple | None, kwargs: dict | None) -> Any:
         if args is None:  # a caller holding only the flat inputs (copies of the objects, rebuilt)
             args, kwargs = pytree.tree_unflatten(flat, self.in_spec)
-        return self.program.call(*args, **(kwargs or {}))
+        with COMPILE_LOCK:  # plain Python over the module: not while another thread captures (fxcc.runtime)
+            return self.program.call(*args, **(kwargs or {}))
 
     def report(self, name: str, *, ir_after_each: bool = False) -> str:
         """What `fxcc explain` prints: the host program(s), then every segment's source, IR and placement."""

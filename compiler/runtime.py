@@ -22,6 +22,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
 import time
 import warnings
 import weakref
@@ -64,6 +65,11 @@ from .store import default_cache
 from .weights import Checkpoint, stand_in
 
 log = logging.getLogger(__name__)
+# compiles in one process take turns: torch's fake-tensor capture is not thread-safe, and a second thread that
+# finds the variant it needs being compiled waits for it instead of compiling it again (a served model's first
+# requests arrive together). Eager runs and DyCL programs (plain Python over the module) take it too: while a
+# capture runs, export has the module's parameters swapped for fake tensors. Compiled variants take no lock.
+COMPILE_LOCK = threading.RLock()
 _MEMO = 4096  # guard keys remembered per compiled module for the symbolic variants that accepted them
 recompiles = topic_logger("recompiles")
 
@@ -368,6 +374,12 @@ class CompiledModule(ModuleView):
         call = self._calls.get(ckey) if ckey is not None else None
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
             return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
+        with COMPILE_LOCK:  # one thread at a time guards, compiles and checks (capture is not thread-safe)
+            return self._slow_call(args, kwargs, fast, ckey)
+
+    def _slow_call(self, args: tuple, kwargs: dict, fast: tuple | None, ckey: tuple | None) -> Any:
+        """A call the fast paths did not serve: the full guard, a recompile for changed parameters, a new or
+        symbolic variant (compiled and checked against eager at its first call), then the call."""
         flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
         if why is not None:
@@ -578,10 +590,11 @@ class CompiledModule(ModuleView):
                                "them into the model (load_state_dict(..., assign=True)) and compile without "
                                "state_dict to keep an eager fallback.")
         fwd = self.module.__dict__.get("forward")
-        if self.method is None and fwd is not None and hasattr(fwd, "fxcc"):
-            with forward_as(self.module, original_forward(self.module)):
-                return self._eager_call(*args, **kwargs)
-        return self._eager_call(*args, **kwargs)
+        with COMPILE_LOCK:  # not while another thread captures: export swaps the module's parameters for fakes
+            if self.method is None and fwd is not None and hasattr(fwd, "fxcc"):
+                with forward_as(self.module, original_forward(self.module)):
+                    return self._eager_call(*args, **kwargs)
+            return self._eager_call(*args, **kwargs)
 
     def warm(self, *args: Any, **kwargs: Any) -> None:
         """Compile for these inputs now (as the first call would), without running the model."""
@@ -774,7 +787,12 @@ class CompiledModule(ModuleView):
     def compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None = None,
                     passes: list | None = None) -> Variant:
         """Capture and compile for these example inputs, the input dimensions in `dims` symbolic, through `passes`
-        (default: the compile's pipeline); does not register the variant."""
+        (default: the compile's pipeline); does not register the variant. One compile at a time (COMPILE_LOCK)."""
+        with COMPILE_LOCK:
+            return self._compile_for(args, kwargs, dims, passes)
+
+    def _compile_for(self, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None,
+                     passes: list | None) -> Variant:
         t0 = time.perf_counter()
         opts = CompileOptions.from_env(self.options)
         # passes and kernel choice run the graph on the example inputs: on copies, since a graph may write

@@ -198,8 +198,10 @@ def test_train_and_eval_are_separate_variants(model):
 
 
 def test_outputs_do_not_require_grad(model):
+    """Inference: an eval-mode model's compiled outputs carry no autograd history, though its parameters require
+    gradients (an input that requires them runs eagerly: test_torch_conventions)."""
     cm = fxcc.compile(model)
-    x = torch.randn(2, 8, requires_grad=True)
+    x = torch.randn(2, 8)
     y = cm(x)
     assert model(x).requires_grad
     assert not y.requires_grad and y.grad_fn is None
