@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -133,9 +134,14 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
         return CompiledModule(model, opts)
     if inspect.isclass(model) and issubclass(model, nn.Module):
         return _compile_class(model, opts)
-    if inspect.ismethod(model) and isinstance(model.__self__, nn.Module):
+    if (inspect.ismethod(model) and isinstance(model.__self__, nn.Module)
+            and getattr(type(model.__self__), model.__name__, None) is getattr(model, "__func__", None)):
         _no_generate_compile(model.__self__)
         # `model.forward = fxcc.compile(model.forward)`: the module's parameters and state are its own
+        return CompiledMethod(model.__self__, model.__name__, opts,
+                              CompiledModule(model.__self__, opts, method=model))
+    if inspect.ismethod(model) and isinstance(model.__self__, nn.Module):
+        _no_generate_compile(model.__self__)
         cm = CompiledModule(model.__self__, opts, method=model)
     elif callable(model) and not inspect.isclass(model):
         cm = CompiledModule(FunctionModule(model), opts)
@@ -150,6 +156,42 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
     raise TypeError(f"fxcc.compile expects an nn.Module, an nn.Module class or a function; got "
                     f"{type(model).__name__} ({model!r:.60}). Pass the model object itself, e.g. "
                     "fxcc.compile(model) or @fxcc.compile on its class or function.")
+
+
+class CompiledMethod:
+    """What `fxcc.compile(module.method)` returns for a method of the module's class (`model.forward =
+    fxcc.compile(model.forward)`): calls run compiled; `.fxcc` is the CompiledModule.
+
+    Copied or pickled with its module (copy.deepcopy, pickle, torch.save of the model), the copy compiles the
+    copy's method anew at its first call, never the original's: a plain function would be shared by the copies
+    and compute with the first model's weights. Its CompiledModule is built at first use, since a copy is made
+    while its module is still half built."""
+
+    def __init__(self, owner: nn.Module, name: str, options: CompileOptions, cm: CompiledModule | None = None):
+        self._owner, self._name, self._options, self._cm = owner, name, options, cm
+        functools.update_wrapper(self, getattr(type(owner), name).__get__(owner))
+
+    @property
+    def fxcc(self) -> CompiledModule:
+        if self._cm is None:
+            self._cm = CompiledModule(self._owner, self._options, method=getattr(type(self._owner), self._name)
+                                      .__get__(self._owner))
+        return self._cm
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fxcc(*args, **kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<fxcc.compile of {type(self._owner).__name__}.{self._name}>"
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return (CompiledMethod, (self._owner, self._name, self._options))
+
+    def __deepcopy__(self, memo: dict) -> CompiledMethod:
+        return CompiledMethod(copy.deepcopy(self._owner, memo), self._name, self._options)
 
 
 def _no_generate_compile(module: nn.Module) -> None:
@@ -175,7 +217,12 @@ def _compile_class(cls: type[nn.Module], opts: CompileOptions) -> type[nn.Module
             return nn.Module.__call__(self, *args, **kwargs)
         return compiled(*args, **kwargs)
 
-    sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+    def __getstate__(self):  # copies and pickles leave what was compiled behind: a copy compiles anew
+        state = cls.__getstate__(self) if "__getstate__" in vars(cls) else dict(self.__dict__)
+        state.pop("_fxcc_compiled", None)
+        return state
+
+    sub = type(cls.__name__, (cls,), {"__call__": __call__, "__getstate__": __getstate__, "__module__": cls.__module__,
                                       "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
     return sub
 

@@ -208,6 +208,12 @@ def _leaf_key(x: Any) -> Any:
         return ("object", type(x), id(x))
 
 
+def _compiled_again(module: nn.Module, options: CompileOptions, method: str | None) -> CompiledModule:
+    """A copied or unpickled CompiledModule (CompiledModule.__reduce_ex__): `module`, or its method, compiled anew."""
+    bound = getattr(type(module), method).__get__(module) if method else None
+    return CompiledModule(module, options, method=bound)
+
+
 def _fast_key(args: tuple, training: bool) -> tuple | None:
     """The guard key of a call whose arguments are all plain tensors (None for any other call)."""
     if not all(type(a) is torch.Tensor for a in args):
@@ -351,6 +357,18 @@ class CompiledModule(ModuleView):
 
     def __repr__(self) -> str:
         return f"fxcc.CompiledModule({self.module!r})"
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """Copied or pickled (copy.deepcopy, pickle, torch.save): the uncompiled module and the options, as a
+        torch.compile'd module is; the copy compiles anew at its first call (from the artifact cache, without
+        measuring, when this one compiled there). What it compiled (kernels, guards) is not copied."""
+        if self.checkpoint is not None:
+            raise TypeError(f"fxcc: {self.name} cannot be copied or pickled: its weights live only in the compiled "
+                            "graph (fxcc.compile(..., state_dict=...)); copy or save the checkpoint instead")
+        if self._eager_call is not self.module and self.method is None:
+            raise TypeError(f"fxcc: {self.name} cannot be copied or pickled: copy or pickle the module it compiles "
+                            "(a compiled class's instance, a function) and compile the copy")
+        return (_compiled_again, (self.module, self.options, self.method.__name__ if self.method else None))
 
     # --------------------------------------------------------------------------------- calling
 

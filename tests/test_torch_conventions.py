@@ -4,6 +4,9 @@ outputs silently without them; an FXCC_* variable fxcc does not read gets one wa
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 import warnings
 
 import fxcc
@@ -463,3 +466,55 @@ def test_disable_returns_the_model_itself(x):
     torch.testing.assert_close(f(x), x + 1)
     with pytest.raises(ValueError, match=r"disable=True, state_dict"):
         fxcc.compile(net, disable=True, state_dict={})
+
+
+# ------------------------------------------------------------------------------------------- copies
+
+
+def _roundtrips(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return [copy.deepcopy(obj), pickle.loads(pickle.dumps(obj)), torch.load(buf, weights_only=False)]
+
+
+def test_a_compiled_module_copies_and_pickles_as_its_module_compiled_anew(x):
+    net = Net().eval()
+    cm = compiled(net)
+    with torch.no_grad():
+        want = cm(x)
+        for c in _roundtrips(cm):
+            assert isinstance(c, fxcc.CompiledModule) and c.module is not net
+            torch.testing.assert_close(c(x), want)
+            c.module.lin.weight.add_(1.0)  # a copy's weights are its own
+            torch.testing.assert_close(c(x), c.module(x))
+            assert c.stats.compiles == 1
+        torch.testing.assert_close(cm(x), want)
+
+
+def test_a_compiled_forward_installed_on_a_module_follows_its_copies(x):
+    """`m.forward = fxcc.compile(m.forward)`, then the model is copied: the copy's forward computes with the
+    copy's weights (a plain wrapper function would be shared and compute with the original's)."""
+    net = Net().eval()
+    net.forward = fxcc.compile(net.forward, passes=PASSES)
+    with torch.no_grad():
+        want = net(x)
+        for c in _roundtrips(net):
+            torch.testing.assert_close(c(x), want)
+            c.lin.weight.add_(1.0)
+            torch.testing.assert_close(c(x), type(c).forward(c, x))
+            assert c.forward.fxcc.stats.compiles == 1 and c.forward.fxcc.module is c
+        torch.testing.assert_close(net(x), want)
+
+
+def test_a_compiled_class_instance_copies(x):
+    """deepcopy (a class made by fxcc.compile is not importable by name, so pickle cannot find it, as for any
+    class made at run time)."""
+    Compiled = fxcc.compile(Net, passes=PASSES)
+    a = Compiled().eval()
+    with torch.no_grad():
+        want = a(x)
+        for c in [copy.deepcopy(a), copy.deepcopy(a)]:
+            torch.testing.assert_close(c(x), want)
+            c.lin.weight.add_(1.0)
+            torch.testing.assert_close(c(x), Net.forward(c, x))
