@@ -1,8 +1,10 @@
 """CompiledModule: the callable `fxcc.compile` returns.
 
-Guards on the call's structure, tensor shapes/dtypes/devices, the module's training flag and the caller's
+Guards on the call's structure, tensor shapes/strides/dtypes/devices, the module's training flag and the caller's
 autocast and default dtype select a compiled variant or compile a new one; past `max_variants` new
-signatures run eagerly with a warning. The model's state the variants depend on (fxcc.guards: its tensors
+signatures run eagerly with a warning. A variant serves one input layout (strides where sizes exceed 1, not
+the storage offset; a symbolic one a layout class, fxcc.dynamic.layout_class): captured on it, its outputs
+have the strides eager's have. The model's state the variants depend on (fxcc.guards: its tensors
 by identity and layout, primitive attributes, the contents of weights folded into constants) is checked on
 every call; a change drops the variants and compiles again.
 
