@@ -51,6 +51,7 @@ from fxcc.dycl_rewrite import (
     segment_function,
     unparse,
 )
+from fxcc.dynamic import strides
 from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
@@ -94,10 +95,11 @@ class Unguarded(Exception):
 
 
 def _sig(a: Any) -> Any:
-    """A segment's guard on one input: shape/dtype/device for tensors, the structure of containers, the
-    value of constants, the identity of modules and functions (whose code does not change)."""
+    """A segment's guard on one input: shape/strides/dtype/device for tensors (the strides where they matter,
+    fxcc.dynamic.strides: a variant's outputs have eager's strides for its inputs' ones), the structure of
+    containers, the value of constants, the identity of modules and functions (whose code does not change)."""
     if isinstance(a, torch.Tensor):
-        return (a.shape, a.dtype, a.device, a.layout)
+        return (a.shape, strides(a), a.dtype, a.device, a.layout)
     if isinstance(a, (list, tuple)):
         return (type(a), tuple(map(_sig, a)))
     if isinstance(a, dict):
@@ -136,10 +138,12 @@ def _bound_to(owner: Any, what: str) -> Any:
 _TENSOR = torch.Tensor
 
 
-def _key(args: tuple) -> tuple:
-    """A segment's guard key: `_sig` of each input (inlined for plain tensors: this runs on every segment
-    call), and which tensor inputs are one object: a capture traces one object passed twice as one input."""
-    key = tuple([(a.shape, a.dtype, a.device, a.layout) if type(a) is _TENSOR else _sig(a) for a in args])
+def _key(args: tuple, exact: bool = True) -> tuple:
+    """A segment's guard key: `_sig` of each input (inlined for plain tensors, their strides as they are: this
+    runs on every segment call; `exact=False` gives `_sig`'s alone, which a compile is keyed by), and which
+    tensor inputs are one object: a capture traces one object passed twice as one input."""
+    key = tuple([(a.shape, a.stride(), a.dtype, a.device, a.layout) if exact and type(a) is _TENSOR else _sig(a)
+                 for a in args])
     ids = [id(t) for t in (args if all(type(a) is _TENSOR for a in args) else pytree.tree_leaves(args))
            if isinstance(t, torch.Tensor)]
     if len(set(ids)) < len(ids):
@@ -219,10 +223,14 @@ class Segment:
             return self._unguarded(args, str(e))
         call = self.by_key.get(key)
         if call is None:
-            # its compile and timings draw nothing the call's own run would not (fxcc.rng); one thread at a time
-            # builds (fxcc.runtime.COMPILE_LOCK), and one that waited finds the segment built
-            with COMPILE_LOCK, rng.preserved():
-                call = self.by_key.get(key) or self._build(args, key)
+            sig = _key(args, exact=False)  # strides of size-1 dimensions aside
+            call = self.by_key.get(sig)
+            if call is None:
+                # its compile and timings draw nothing the call's own run would not (fxcc.rng); one thread at a
+                # time builds (fxcc.runtime.COMPILE_LOCK), and one that waited finds the segment built
+                with COMPILE_LOCK, rng.preserved():
+                    call = self.by_key.get(sig) or self._build(args, sig)
+            self.by_key[key] = call
         return call(*args)
 
     def _unguarded(self, args: tuple, what: str) -> Any:
@@ -726,7 +734,7 @@ class _Recording(Segment):
 
     def __call__(self, *args: Any) -> Any:
         try:
-            key = _key(args)
+            key = _key(args, exact=False)
         except Unguarded:
             key = "unguarded"
         before = _clones(args)
@@ -753,7 +761,7 @@ class _Checking(Segment):
 
     def __call__(self, *args: Any) -> Any:
         try:
-            key = _key(args)
+            key = _key(args, exact=False)
         except Unguarded:
             key = None
         call = self.by_key.get(key) if key is not None else None
@@ -782,7 +790,8 @@ class _Checking(Segment):
         kernels = ", ".join(f"{k} {b.kind} {b.backend}" for k, b in v.kernels.items()) or "none"
         self.record.events.append(f"segment {self.name} ({self.spec.where}) [{run.signature}] differs from its plain "
                                   f"Python ({where}); its kernels: {kernels}; {inner}")
-        self.by_key[key], run.eager = self.eager_call, f"plain Python: a call differed ({where}; check_eager='always')"
+        self.by_key = {k: self.eager_call if c is call else c for k, c in self.by_key.items()}  # exact keys too
+        run.eager = f"plain Python: a call differed ({where}; check_eager='always')"
         return take_eagers(args, {}, copies, {}, want)
 
 

@@ -69,10 +69,52 @@ def _state_leaves(args: tuple, kwargs: dict, pick: Any) -> frozenset[int]:
 
 
 def structure(flat: list[Any], sized: frozenset[int]) -> tuple:
-    """What a call must share with a variant, whatever the sizes: tensors' rank, dtype, device, layout;
-    the ints in `sized` are sizes; other constants by value."""
-    return tuple((x.dim(), x.dtype, x.device, x.layout) if isinstance(x, torch.Tensor)
+    """What a call must share with a variant, whatever the sizes: tensors' rank, dtype, device, layout and
+    layout class (`layout_class`); the ints in `sized` are sizes; other constants by value."""
+    return tuple((x.dim(), x.dtype, x.device, x.layout, layout_class(x)) if isinstance(x, torch.Tensor)
                  else ("int",) if i in sized else _const(x) for i, x in enumerate(flat))
+
+
+def without_layouts(struct: tuple) -> tuple:
+    """A `structure` without its tensors' layout classes: what variants for other layouts of a call share."""
+    return tuple(e[:4] if len(e) == 5 and isinstance(e[3], torch.layout) else e for e in struct)
+
+
+def strides(t: torch.Tensor) -> tuple[int, ...]:
+    """`t`'s strides where they matter (a dimension of size 1 has none that changes an address: 0 there; an
+    empty tensor none at all): a static variant serves exactly these, whatever the storage offset."""
+    if not t.numel():
+        return ()
+    return tuple(s if n > 1 else 0 for n, s in zip(t.shape, t.stride()))
+
+
+def layout_class(t: torch.Tensor) -> Any:
+    """What a tensor's layout is, whatever its sizes: "contiguous", else the order of its dimensions of size
+    above 1 in memory (innermost first), those broadcast (stride 0), and whether the rest are packed without
+    gaps. Inputs of one class give outputs of one layout class in eager (a transposed input, a transposed
+    output): a symbolic variant serves one class, and its captured strides (expressions of its sizes)."""
+    if t.is_contiguous():
+        return "contiguous"
+    shape, stride = t.shape, t.stride()
+    dims = [d for d in range(t.dim()) if shape[d] > 1]
+    order = tuple(sorted((d for d in dims if stride[d]), key=lambda d: (stride[d], -d)))
+    step, dense = 1, True
+    for d in order:
+        dense, step = dense and stride[d] == step, step * shape[d]
+    return order, tuple(d for d in dims if not stride[d]), dense
+
+
+def stride_change(flat: list[Any], names: list[str], old: list[tuple[int, ...] | None],
+                  classes: tuple | None = None) -> str:
+    """`input x's strides (1, 4) differ from (16, 1)` for the first tensor input whose strides (`strides`)
+    differ from those a variant was compiled for (`old`, per input), or, given that variant's `structure`
+    (`classes`), whose layout class differs; empty where none does."""
+    for i, (x, was) in enumerate(zip(flat, old)):
+        if not isinstance(x, torch.Tensor) or was is None:
+            continue
+        if strides(x) != was if classes is None else layout_class(x) != classes[i][4]:
+            return f"input `{names[i]}`'s strides {strides(x)} differ from {was}"
+    return ""
 
 
 def _const(x: Any) -> Any:
@@ -150,6 +192,7 @@ class Shapes:
     static: list[tuple[int | None, ...] | None]  # per input: sizes, None where symbolic
     example: list[tuple[int, ...] | None]  # the sizes it was compiled for
     names: list[str]
+    example_strides: list[tuple[int, ...] | None] = field(default_factory=list)  # and the strides (`strides`)
     guard: Any = None  # compiled guard expression, evaluated with L = {"t<k>": input}
     clauses: list[str] = field(default_factory=list)
     guarded: list[int] = field(default_factory=list)  # flat input of each t<k>
@@ -169,7 +212,8 @@ class Shapes:
             if sym:
                 dims[i] = sym
             static.append(tuple(None if d in sym else int(s) for d, s in enumerate(shape)))
-        shapes = Shapes(dims, static, sizes(flat, sized), names, ints=set(sized))
+        shapes = Shapes(dims, static, sizes(flat, sized), names, ints=set(sized),
+                        example_strides=[strides(x) if isinstance(x, torch.Tensor) else None for x in flat])
         if dims:
             guarded = [i for i, v in enumerate(vals) if isinstance(v, (torch.Tensor, torch.SymInt))]
             env = next(vals[i].node.shape_env if isinstance(vals[i], torch.SymInt) else vals[i].fake_mode.shape_env

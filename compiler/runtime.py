@@ -1,8 +1,10 @@
 """CompiledModule: the callable `fxcc.compile` returns.
 
-Guards on the call's structure, tensor shapes/dtypes/devices, the module's training flag and the caller's
+Guards on the call's structure, tensor shapes/strides/dtypes/devices, the module's training flag and the caller's
 autocast and default dtype select a compiled variant or compile a new one; past `max_variants` new
-signatures run eagerly with a warning. The model's state the variants depend on (fxcc.guards: its tensors
+signatures run eagerly with a warning. A variant serves one input layout (strides where sizes exceed 1, not
+the storage offset; a symbolic one a layout class, fxcc.dynamic.layout_class): captured on it, its outputs
+have the strides eager's have. The model's state the variants depend on (fxcc.guards: its tensors
 by identity and layout, primitive attributes, the contents of weights folded into constants) is checked on
 every call; a change drops the variants and compiles again.
 
@@ -199,8 +201,8 @@ class CompileStats:
 
 
 def _leaf_key(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device, x.layout)
+    if isinstance(x, torch.Tensor):  # strides: a variant's outputs have the strides eager's have for its inputs'
+        return (tuple(x.shape), x.dtype, x.device, x.layout, dynamic.strides(x))
     try:
         hash(x)
         return ("const", type(x), x)
@@ -215,10 +217,11 @@ def _compiled_again(module: nn.Module, options: CompileOptions, method: str | No
 
 
 def _fast_key(args: tuple, training: bool) -> tuple | None:
-    """The guard key of a call whose arguments are all plain tensors (None for any other call)."""
+    """The guard key of a call whose arguments are all plain tensors (None for any other call). Strides as they
+    are (one C call); a miss finds the variant by the full guard, which ignores the strides of size-1 dims."""
     if not all(type(a) is torch.Tensor for a in args):
         return None
-    return (training, call_context(), *[(a.shape, a.dtype, a.device, a.layout) for a in args])
+    return (training, call_context(), *[(a.shape, a.stride(), a.dtype, a.device, a.layout) for a in args])
 
 
 def _wants_grads(args: tuple, kwargs: dict) -> bool:
@@ -239,7 +242,7 @@ def _call_key(args: tuple, kwargs: dict, training: bool) -> tuple | None:
     for a in (*args, *kwargs.values()):
         t = type(a)
         if t is torch.Tensor:
-            parts.append((a.shape, a.dtype, a.device, a.layout))
+            parts.append((a.shape, a.stride(), a.dtype, a.device, a.layout))
         elif a is None or t in _PLAIN:
             parts.append((t, a))
         elif is_state(a):
@@ -710,27 +713,36 @@ class CompiledModule(ModuleView):
     def _plan(self, flat: list[Any], struct: Any, names: list[str], sized: frozenset[int],
               state: bool) -> tuple[dict, str]:
         """Which input dimensions the next compile makes symbolic, and why it compiles (fxcc.dynamic)."""
-        same = [v for v in self._compiled if v.struct == struct and v.shapes is not None]
+        # variants of this structure but for inputs laid out otherwise: their sizes count as this one's would
+        bare = (struct[0], dynamic.without_layouts(struct[1]), struct[2])
+        kin = [v for v in self._compiled if v.shapes is not None and v.struct is not None
+               and (v.struct[0], dynamic.without_layouts(v.struct[1]), v.struct[2]) == bare]
+        same = [v for v in kin if v.struct == struct]
+        last = (same or kin or [None])[-1]
         if not self._compiled:
             reason = "first call"
-        elif not same:
+        elif last is None:
             reason = f"new input structure ({', '.join(ir.type_str(x) for x in flat)})"
         else:
-            reason = f"{same[-1].shapes.mismatch(flat, names) or 'no variant accepts the call'} (variant " \
-                     f"{self._compiled.index(same[-1]) + 1})"
+            if same:  # a shape that fails its guard, or a static variant's strides
+                why = last.shapes.mismatch(flat, names) or dynamic.stride_change(flat, names,
+                                                                                 last.shapes.example_strides)
+            else:  # another layout class (a transposed, channels-last, sliced or broadcast input)
+                why = dynamic.stride_change(flat, names, last.shapes.example_strides, last.struct[1])
+            reason = f"{why or 'no variant accepts the call'} (variant {self._compiled.index(last) + 1})"
         mode = self.options.dynamic
         if mode is False:
             return {}, reason
         if mode is True:
             return dynamic.all_dims(flat, sized), reason
         dims = dynamic.merge(dynamic.marked_dims(flat), self.dims_hint, dynamic.all_dims(flat, sized) if state else {})
-        for v in same:
+        for v in kin:
             changed = v.shapes.changed(flat)
             dims = dynamic.merge(dims, {i: set(ds) for i, ds in v.shapes.dims.items()}, changed)
-        if same and not state:
-            changed = same[-1].shapes.changed(flat)
+        if last is not None and not state:
+            changed = last.shapes.changed(flat)
             if changed:
-                reason += f": {dynamic.change_text(flat, names, same[-1].shapes, changed)}"
+                reason += f": {dynamic.change_text(flat, names, last.shapes, changed)}"
         elif state and not same:
             reason += " (a KV cache call: sizes symbolic from the start)"
         return dims, reason

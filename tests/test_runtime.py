@@ -291,7 +291,8 @@ def test_every_recompile_logs_its_reason_under_fxcc_logs(model, monkeypatch, cap
         cm = fxcc.compile(model, tune="off")
         cm(torch.randn(2, 8))
         cm(torch.randn(3, 8))
-        cm(torch.randn(3, 8).t().contiguous().t())  # same shape, other strides: one compiled variant serves
+        cm(torch.randn(3, 8).t().contiguous().t())  # same shape, other strides: a variant of its own (eager's
+        cm(torch.randn(5, 8).t().contiguous().t())  # output strides), symbolic at once, serving other sizes
         cm(torch.randn(3, 8)[None])
         with torch.no_grad():
             model.w.add_(1)  # folded into a constant: compiled code depends on its value
@@ -301,13 +302,15 @@ def test_every_recompile_logs_its_reason_under_fxcc_logs(model, monkeypatch, cap
         fxcc.compile(model)  # the next compile takes the topics' handler away
     err = capsys.readouterr().err.splitlines()
     reasons = [line for line in err if "recompiling" in line]
-    assert len(reasons) == 3 and reasons[:2] == [
+    assert len(reasons) == 4 and reasons[:3] == [
         "[fxcc INFO] fxcc.recompiles: recompiling Scaled: input `x` dim 0 is 3 where this variant has 2 (variant 1): "
         "x dim 0: 2 -> 3; symbolic: x dim 0",
+        "[fxcc INFO] fxcc.recompiles: recompiling Scaled: input `x`'s strides (1, 3) differ from (8, 1) (variant 2); "
+        "symbolic: x dim 0",
         "[fxcc INFO] fxcc.recompiles: recompiling Scaled: new input structure (tensor<1x3x8xf32>); static shapes",
-    ], err[:2]
-    assert reasons[2].startswith("[fxcc INFO] fxcc.recompiles: recompiling Scaled: the contents of w changed")
-    assert cm.stats.compiles == 4 and cm.stats.param_recompiles == 1
+    ], err[:3]
+    assert reasons[3].startswith("[fxcc INFO] fxcc.recompiles: recompiling Scaled: the contents of w changed")
+    assert cm.stats.compiles == 5 and cm.stats.param_recompiles == 1
 
 
 def test_two_models_keep_their_own_kernel_choices(tmp_path, monkeypatch):

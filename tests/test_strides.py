@@ -171,3 +171,93 @@ def test_a_symbolic_output_layout_gives_dense_strides_in_its_order_for_each_size
     assert strides(torch.Size([4, 6, 8])) == real.stride()
     assert strides(torch.Size([3, 5, 7])) == torch.empty(3, 7, 5).permute(0, 2, 1).stride()
     assert _layout(real) == real.stride()  # numbers stay numbers
+
+
+# ------------------------------------------------------------------ the contract at the call: eager's output strides
+
+TVM = "canonicalize,raise,fuse,codegen{backend=tvm}"  # kernels that write the layout their IR records
+
+
+def gelu_times(a, b):
+    return torch.nn.functional.gelu(a) * b + a
+
+
+def compiled(fn, passes=TVM, **options):
+    return fxcc.compile(fn, passes=passes, options=fxcc.CompileOptions(check_eager=False, graph_cache=False,
+                                                                       **options))
+
+
+def transposed(*shape):
+    return torch.randn(*reversed(shape)).permute(*reversed(range(len(shape))))
+
+
+def test_a_transposed_input_gives_eagers_output_strides_and_compiles_its_own_variant(caplog):
+    pytest.importorskip("tvm")
+    f = compiled(gelu_times)
+    a, b = torch.randn(4, 16), torch.randn(4, 16)
+    assert f(a, b).stride() == (16, 1)
+    at, bt = transposed(4, 16), transposed(4, 16)
+    with caplog.at_level("INFO", logger="fxcc.recompiles"):
+        got = f(at, bt)
+    assert got.stride() == gelu_times(at, bt).stride() == (1, 4)
+    torch.testing.assert_close(got, gelu_times(at, bt))
+    assert f.fxcc.stats.compiles == 2
+    assert "input `a`'s strides (1, 4) differ from (16, 1) (variant 1)" in f.fxcc.stats.reasons[-1]
+    assert "strides (1, 4) differ from (16, 1)" in caplog.text
+    assert f(a, b).stride() == (16, 1)  # each layout keeps its variant
+    shifted = torch.randn(5, 16)[1:]  # another storage offset: no recompile
+    torch.testing.assert_close(f(shifted, b), gelu_times(shifted, b))
+    assert f.fxcc.stats.compiles == 2
+
+
+def test_a_view_on_the_output_that_works_in_eager_works_compiled():
+    pytest.importorskip("tvm")
+    f = compiled(gelu_times)
+    f(torch.randn(6, 8), torch.randn(6, 8))
+    a, b = transposed(6, 8), transposed(6, 8)
+    want = gelu_times(a, b).t().view(-1)  # eager's output is the transpose of a contiguous tensor
+    torch.testing.assert_close(f(a, b).t().view(-1), want)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.c2(torch.relu(self.c1(x)))) * x
+
+
+def test_a_channels_last_conv_net_gives_a_channels_last_output_as_eager():
+    pytest.importorskip("tvm")
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    cm = compiled(model)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert cm(x).is_contiguous()
+        cl = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+        got, want = cm(cl), model(cl)
+    assert want.is_contiguous(memory_format=torch.channels_last)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want)
+
+
+def test_a_symbolic_variant_serves_strided_inputs_of_other_sizes_with_eagers_strides():
+    """Sizes that change make a symbolic variant; a transposed input is another layout class, compiled
+    symbolic at once (the sizes already varied), which then serves transposed inputs of other sizes."""
+    pytest.importorskip("tvm")
+    f = compiled(gelu_times)
+    for rows in (4, 7):
+        f(torch.randn(rows, 16), torch.randn(rows, 16))
+    assert f.fxcc.stats.compiles == 2 and "symbolic" in f.fxcc.stats.reasons[-1]
+    for rows in (5, 9, 3):
+        a, b = transposed(rows, 16), transposed(rows, 16)
+        got = f(a, b)
+        assert got.stride() == gelu_times(a, b).stride() == (1, rows)
+        torch.testing.assert_close(got, gelu_times(a, b))
+    assert f.fxcc.stats.compiles == 3
+    assert "input `a`'s strides (1, 5) differ from (16, 1)" in f.fxcc.stats.reasons[-1]
+    assert "symbolic" in f.fxcc.stats.reasons[-1]
+    wide = [torch.randn(6, 32)[:, ::2] for _ in range(2)]  # gapped rows: eager's output is dense
+    assert f(*wide).stride() == gelu_times(*wide).stride() == (16, 1)
