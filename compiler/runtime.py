@@ -1044,7 +1044,7 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     for key, k in v.kernels.items():
         t = k.timings_ms
         cands = "  ".join(f"{'*' if b == k.backend else ''}{b} {ms:.3f}" for b, ms in t.items()) or "only candidate"
-        src = " (from the artifact cache)" if k.cached else ""
+        src = f" ({k.decided})" if k.decided else " (from the artifact cache)" if k.cached else ""
         params = k.choice.params if k.choice else {}
         extra = f"  params {params}" if params else ""
         out.append(f"  {key} {k.kind:<10} -> {k.backend:<11} {cands}{extra}{src}")
