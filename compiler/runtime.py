@@ -718,8 +718,9 @@ class CompiledModule(ModuleView):
                        + repr(variant.cuda_graph is not None))
             vkey = vs_eager.verdict_key(variant.graph_key, program, device)
         verdict = verdict or (vs_eager.remembered(cache, vkey) if vkey else None)
-        if verdict is None:
-            verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
+        if verdict is None or verdict.remeasure:  # not measured yet, or its timings were too noisy to settle it
+            verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device,
+                                     was=verdict)
             if vkey:
                 vs_eager.remember(cache, vkey, verdict, self.name)
         variant.vs_eager = verdict.text()
