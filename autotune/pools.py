@@ -14,7 +14,9 @@ than the generated kernels won.
 `settle` therefore times the model as chosen against the same model with every kernel that involves
 TVM's pool on its fastest torch-pool candidate (measured alongside it by codegen), interleaved, on the
 compile's example inputs, and moves to torch's pool only if that beats the choice beyond the noise. The outcome is stored in the artifact cache under the
-set of kernels and choices it judged, so a warm compile applies it without timing again. A graph that
+set of kernels and choices it judged, so a warm compile applies it without timing again, unless its timings were
+too noisy to settle it (fxcc.measure.Decision.doubt): then the next compiles time it again, up to
+FXCC_SETTLE_TRIES in all. A graph that
 calls ops outside fxcc's kernels (custom ops kept eager) is not run for this: they may have side effects.
 """
 
@@ -30,7 +32,7 @@ import torch.fx as fx
 from fxcc.codegen import extern, tvm_omp
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from fxcc.dialects import KERNEL_OPS, Choice, set_choice
-from fxcc.measure import Decision, compare
+from fxcc.measure import Decision, compare, measure_again, settle_record, settle_text
 from fxcc.store import cache_key, default_cache
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,11 @@ def settle(gm: fx.GraphModule, flat: list, name: str, kernels: dict[str, BuiltKe
     chosen = {k: kernels[k] for k in movable}
     moved = {k: BuiltKernel(kernels[k].body, Choice(label, "extern"), extern.load(kernels[k].body, label, {}, {}),
                             kernels[k].timings_ms) for k, label in movable.items()}
-    if entry is not None:
-        keep, note = bool(entry.meta.get("torch_pool")), f"{entry.meta.get('note', '')} (from the artifact cache)"
-    else:
+    if entry is not None and "settled" in entry.meta and not measure_again(entry.meta):
+        keep = bool(entry.meta.get("torch_pool"))
+        note = f"{entry.meta.get('note', '')} ({settle_text(entry.meta, cached=True)}, from the artifact cache)"
+    else:  # not decided yet, or decided on timings too noisy to settle it (or by an fxcc that kept no record)
+        was = entry.meta if entry is not None else None
         exe_a, bound_a, _ = build_executable(gm, kernels)
         _apply(nodes, kernels, moved)
         exe_b, bound_b, _ = build_executable(gm, kernels)
@@ -70,11 +74,15 @@ def settle(gm: fx.GraphModule, flat: list, name: str, kernels: dict[str, BuiltKe
         keep = d.winner == "torch pool"
         note = (f"whole model {d.timings['as chosen']} as chosen, {d.timings['torch pool']} with TVM's pool left "
                 "out: " + ("moved to torch's pool" if keep else "kept"))
+        record = settle_record(d, was)
+        said = settle_text(record, again=was is not None)
         if cache:
             try:
-                cache.put(key, {}, {"kind": "pool-plan", "torch_pool": keep, "note": note})
+                cache.put(key, {}, {"kind": "pool-plan", "torch_pool": keep, "note": note, **record},
+                          supersedes=lambda old: "settled" not in old or measure_again(old))
             except OSError as e:  # the next compile times again
                 log.warning("could not store the pool decision for %s: %s", name, e)
+        note = f"{note} ({said})"
     _apply(nodes, kernels, moved if keep else chosen)
     for k in movable:
         kernels[k].note = note

@@ -27,7 +27,7 @@ from fxcc.codegen import BACKENDS, Built, Candidate, check, extern
 from fxcc.codegen import backend as backend_module
 from fxcc.codegen.executable import BuiltKernel
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
-from fxcc.measure import compare
+from fxcc.measure import Decision, compare, measure_again, settle_record, settle_text
 from fxcc.options import CANDIDATES, settings
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.store import cache_key, default_cache, target_id
@@ -40,7 +40,9 @@ class Codegen(Pass):
 
     With the artifact cache (compile option tune="cached", the default) a kernel seen before, on this
     target with these library versions, is loaded with the choice and parameters stored then: no
-    code generation and no measurement. tune="search" tunes each candidate's space with Optuna first;
+    code generation and no measurement, when that choice was settled (fxcc.measure.Decision.doubt). One
+    measured while the noise was too wide to settle it is measured again by the next compiles, up to
+    FXCC_SETTLE_TRIES compiles in all; then its last outcome is final. tune="search" tunes each candidate's space with Optuna first;
     tune="off" builds defaults and leaves the cache alone.
     """
 
@@ -109,16 +111,24 @@ class Selection:
     probe: Probe | None = None
 
     def choose(self, kb: KernelBody, backends: list) -> tuple[str, BuiltKernel]:
-        """Choose and build an implementation for `kb`; returns how ("plan", "default", "single", "cached" or
-        "built") and the built kernel, whose `choice` the kernel's ops record."""
+        """Choose and build an implementation for `kb`; returns how ("plan", "default", "single", "cached", "built"
+        or "remeasured": a stored choice that was unsettled, measured again) and the built kernel, whose `choice`
+        the kernel's ops record."""
         if self.plan:  # the plan's choice, or extern where it names none: no timing, no tuning
             k = self._from_plan(kb)
             return ("plan", k) if k is not None else \
                 ("default", BuiltKernel(kb, Choice("extern", "extern", {}, ""), extern.Extern(kb).build({})))
         cache = default_cache() if self.tune != "off" and len(backends) > 1 else None
         key = kernel_key(kb, self.target, self.prefer) if cache else ""
-        if cache and self.tune == "cached" and (k := self._load(kb, cache, key)) is not None:
-            return "cached", k
+        was = None  # the stored decision this run measures again (it was unsettled)
+        if cache and self.tune == "cached" and (entry := cache.get(key)) is not None:
+            if not remeasure(entry.meta):
+                if (k := self._load(kb, entry, key)) is not None:
+                    return "cached", k
+            else:
+                was = entry.meta
+                log.info("kernel %s: its stored choice (%s) was unsettled after %d measurement(s); measuring again",
+                         kb.key, was.get("backend"), was.get("tries", 0))
         cands: list[Candidate] = []
         origin: dict[str, str] = {}  # candidate label -> backend module that made it (to load it again)
         for mod in backends:
@@ -161,6 +171,7 @@ class Selection:
             if self.prefer and c.backend.split("+")[0] == self.prefer:
                 break
         timings: dict[str, float] = {}
+        decision: Decision | None = None
         if self.prefer and list(built)[-1].split("+")[0] == self.prefer:
             best = list(built)[-1]
         elif len(built) == 1:
@@ -173,9 +184,11 @@ class Selection:
             log.info("kernel %s (%s): %s", kb.key, kb.kind, decision.summary())
         b, params = built[best]
         k = BuiltKernel(kb, Choice(best, origin[best], params, key), b, timings)
+        measured = settle_record(decision, was)
+        k.decided = settle_text(measured, again=was is not None)
         if cache:
-            _store(cache, k, self.target, self.tuned)
-        return "built", k
+            _store(cache, k, self.target, self.tuned, measured)
+        return ("remeasured" if was is not None else "built"), k
 
     @property
     def tuned(self) -> int:
@@ -191,12 +204,9 @@ class Selection:
                           key=f"{key or kb.key}", progress=True)
         return res.params
 
-    def _load(self, kb: KernelBody, cache, key: str) -> BuiltKernel | None:
-        """The choice an earlier compile stored under `key`, built from its files; None when there is none,
-        or (with a warning) when its build does not load."""
-        entry = cache.get(key)
-        if entry is None:
-            return None
+    def _load(self, kb: KernelBody, entry, key: str) -> BuiltKernel | None:
+        """The choice an earlier compile stored in `entry` (under `key`), built from its files; None (with a
+        warning) when its build does not load."""
         choice = Choice(entry.meta.get("backend", ""), entry.meta.get("module", ""), entry.meta.get("params", {}), key)
         try:
             b = backend_module(choice.module).load(kb, choice.backend, entry.files, choice.params)
@@ -204,7 +214,9 @@ class Selection:
             warnings.warn(f"fxcc: cached build of kernel {kb.key} ({choice.backend}) did not load ({e}); rebuilding",
                           stacklevel=2)
             return None
-        return BuiltKernel(kb, choice, b, entry.meta.get("timings_ms", {}), cached=True)
+        k = BuiltKernel(kb, choice, b, entry.meta.get("timings_ms", {}), cached=True)
+        k.decided = settle_text(entry.meta, cached=True)
+        return k
 
     def _from_plan(self, kb: KernelBody) -> BuiltKernel | None:
         """The plan's backend and parameters for `kb`, built (from the cache when built before): no timing,
@@ -220,7 +232,7 @@ class Selection:
         if cache:
             entry = cache.get(key)
             if (entry is not None and entry.meta.get("backend") == label and entry.meta.get("params") == params
-                    and (k := self._load(kb, cache, key)) is not None):
+                    and (k := self._load(kb, entry, key)) is not None):
                 return k
         try:
             cand = next((c for c in backend_module(module).candidates(kb, self.target) if c.backend == label), None)
@@ -242,14 +254,19 @@ class Selection:
         return k
 
 
-def _store(cache, k: BuiltKernel, target: str, tuned: int) -> None:
-    """Record a kernel's choice (and what it built) under its key, and on `k` where it went; a tuned choice
-    replaces one tuned with fewer trials (or none). A failed write costs time, never the compile."""
+def _store(cache, k: BuiltKernel, target: str, tuned: int, measured: dict | None = None) -> None:
+    """Record a kernel's choice (and what it built) under its key, and on `k` where it went, with how settled its
+    decision was (fxcc.measure.settle_record; None: nothing was timed, so nothing is in doubt); a tuned choice replaces one
+    tuned with fewer trials (or none), and any new measurement one still to be measured again (`remeasure`). A
+    failed write costs time, never the compile."""
     c = k.choice
     meta = {"backend": c.backend, "module": c.module, "params": c.params, "timings_ms": k.timings_ms,
-            "kernel": k.key, "kind": k.kind, "target": target_id(target), "tuned": tuned}
-    entry = cache.put(c.key, k.built.files, meta,
-                      supersedes=lambda old: tuned > 0 and tuned >= old.get("tuned", 0)) if c.key else None
+            "kernel": k.key, "kind": k.kind, "target": target_id(target), "tuned": tuned,
+            **(measured or {"settled": True, "tries": 0})}
+
+    def supersedes(old: dict) -> bool:
+        return (tuned > 0 and tuned >= old.get("tuned", 0)) or (remeasure(old) and tuned >= old.get("tuned", 0))
+    entry = cache.put(c.key, k.built.files, meta, supersedes=supersedes) if c.key else None
     if entry is None:
         k.stored = f"not stored ({cache.problem() or 'the artifact cache is read-only'})"
     elif entry.meta != json.loads(json.dumps(meta)):
@@ -257,6 +274,17 @@ def _store(cache, k: BuiltKernel, target: str, tuned: int) -> None:
                     f"tuned with {entry.meta.get('tuned', 0)} trials per candidate)")
     else:
         k.stored = f"stored in {entry.dir}"
+
+
+def remeasure(meta: dict) -> bool:
+    """Whether a stored choice is measured again instead of applied (fxcc.measure.measure_again), or, stored before
+    decisions recorded whether they were settled, was chosen by timing. Never a tuned one: a cached compile does
+    not search again."""
+    if meta.get("tuned", 0):
+        return False
+    if "settled" not in meta:
+        return len(meta.get("timings_ms") or {}) > 1
+    return measure_again(meta)
 
 
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:

@@ -3,7 +3,10 @@ inputs, with the one timer (fxcc.measure); the runtime keeps whichever is faster
 
 Kernel selection already keeps the library where generated code loses, kernel by kernel; this check covers what
 kernel timings cannot see (launches between kernels, layout copies, the CUDA-graph wrapper, thread-pool
-switches): the whole call, as the user makes it. A graph that calls ops kept eager (custom ops: they may have
+switches): the whole call, as the user makes it. The compiled graph is the incumbent: eager replaces it only when
+it measures faster beyond the noise (fxcc.measure.decide, without a least gain: never slower than eager). A verdict
+whose timings were too noisy to settle it (fxcc.measure.Decision.doubt; then the compiled graph stays) is stored as
+unsettled, and the next compiles time it again, up to FXCC_SETTLE_TRIES in all, before it is final. A graph that calls ops kept eager (custom ops: they may have
 side effects) or ops that write their inputs is not run the extra times the timing needs.
 """
 
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from fxcc.measure import interleaved
+from fxcc.measure import interleaved, measure_again, settle_record, settle_text, until_settled
 from fxcc.store import cache_key
 
 log = logging.getLogger(__name__)
@@ -35,16 +38,32 @@ class Verdict:
     eager_ms: float
     cached: bool = False  # measured by an earlier compile on this machine, read from the artifact cache
     plan: str | None = None  # taken from this plan file (its latency_ms and eager_ms), not timed here
+    eager_wins: bool | None = None  # eager beat the compiled graph beyond the noise (None: by the two estimates)
+    record: dict | None = None  # how settled the measurement was (fxcc.measure.settle_record); None: not timed here
+    again: bool = False  # timed again because the verdict stored before was unsettled
 
     @property
     def keep_compiled(self) -> bool:
+        if self.eager_wins is not None:
+            return not self.eager_wins
         return self.compiled_ms <= self.eager_ms
+
+    @property
+    def remeasure(self) -> bool:
+        """A stored verdict to time again: unsettled with tries left, or stored by an fxcc that kept no record."""
+        return self.cached and (self.record is None or measure_again(self.record))
 
     def text(self) -> str:
         choice = "compiled kept" if self.keep_compiled else "runs eagerly"
-        told = " (measured by an earlier compile here, from the artifact cache)" if self.cached else ""
-        told = f" (as plan {self.plan} recorded them)" if self.plan else told
-        return f"whole graph {self.compiled_ms:.3f} ms compiled, {self.eager_ms:.3f} ms eager: {choice}{told}"
+        head = f"whole graph {self.compiled_ms:.3f} ms compiled, {self.eager_ms:.3f} ms eager: {choice}"
+        if self.plan:
+            return f"{head} (as plan {self.plan} recorded them)"
+        said = settle_text(self.record, cached=self.cached, again=self.again)
+        if self.cached:
+            return f"{head} ({said}: measured by an earlier compile here, from the artifact cache)"
+        if self.again or (self.record is not None and not self.record["settled"]):
+            return f"{head} ({said})"
+        return head
 
 
 def unrepeatable(gm: fx.GraphModule) -> str | None:
@@ -63,8 +82,10 @@ def unrepeatable(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def judge(compiled: Callable[[], object], eager: Callable[[], object], device: str) -> Verdict:
-    """Time both calls interleaved (after one warm-up call each, which also sets the repetitions)."""
+def judge(compiled: Callable[[], object], eager: Callable[[], object], device: str,
+          was: Verdict | None = None) -> Verdict:
+    """Time both calls interleaved (after one warm-up call each, which also sets the repetitions), more rounds while
+    the decision is unsettled (up to 3x the repetitions); `was`: the unsettled stored verdict timed again."""
     with torch.no_grad():
         t0 = time.perf_counter()
         compiled()
@@ -73,9 +94,12 @@ def judge(compiled: Callable[[], object], eager: Callable[[], object], device: s
             torch.cuda.synchronize()
         per_pair = max(time.perf_counter() - t0, 1e-6)
         reps = max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / per_pair)))
-        t = interleaved({"compiled": compiled, "eager": eager}, device=device, warmup=1, reps=reps,
-                        rounds=min(reps, 3))
-    return Verdict(t["compiled"].own, t["eager"].own)
+        fns = {"compiled": compiled, "eager": eager}
+        t = interleaved(fns, device=device, warmup=1, reps=reps, rounds=min(reps, 3))
+        d = until_settled(t, lambda: interleaved(fns, device=device, warmup=0, reps=reps, rounds=min(reps, 3)),
+                          "compiled", 3 * reps, min_gain=0.0)
+    return Verdict(d.timings["compiled"].own, d.timings["eager"].own, eager_wins=d.winner == "eager",
+                   record=settle_record(d, was.record if was is not None else None), again=was is not None)
 
 
 def planned(latency_ms: float | None, eager_ms: float | None, plan: str) -> Verdict | None:
@@ -99,15 +123,22 @@ def remembered(cache: Any, key: str) -> Verdict | None:
         return None
     try:
         doc = json.loads(entry.files["verdict.json"].read_bytes())
-        return Verdict(float(doc["compiled_ms"]), float(doc["eager_ms"]), cached=True)
+        wins = doc.get("eager_wins")
+        return Verdict(float(doc["compiled_ms"]), float(doc["eager_ms"]), cached=True,
+                       eager_wins=wins if isinstance(wins, bool) else None,
+                       record=doc["record"] if isinstance(doc.get("record"), dict) else None)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.debug("verdict %s unreadable (%s): timing again", key, e)
         return None
 
 
 def remember(cache: Any, key: str, verdict: Verdict, model: str) -> None:
-    doc = {"compiled_ms": verdict.compiled_ms, "eager_ms": verdict.eager_ms}
+    """Store `verdict` under `key`, with how settled it was; it replaces a stored one that was to be timed again."""
+    doc = {"compiled_ms": verdict.compiled_ms, "eager_ms": verdict.eager_ms, "eager_wins": verdict.eager_wins,
+           "record": verdict.record}
+    settled = {"settled": verdict.record["settled"], "tries": verdict.record["tries"]} if verdict.record else {}
     try:
-        cache.put(key, {"verdict.json": json.dumps(doc).encode()}, {"kind": "vs-eager", "model": model})
+        cache.put(key, {"verdict.json": json.dumps(doc).encode()}, {"kind": "vs-eager", "model": model, **settled},
+                  supersedes=lambda old: "settled" not in old or measure_again(old))
     except OSError as e:
         log.debug("verdict %s not stored: %s", key, e)

@@ -31,6 +31,7 @@ class BuiltKernel:
     cached: bool = False  # the choice came from the artifact cache
     note: str = ""
     stored: str = ""  # where the codegen decision stored the choice (or why it did not)
+    decided: str = ""  # how settled its measured decision is ("cached (settled)", "re-measured (was unsettled)", ...)
 
     @property
     def key(self) -> str:

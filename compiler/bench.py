@@ -325,7 +325,7 @@ def main(args: Any) -> int:
         fx.extra["compile_warm_s"] = warm["seconds"]
         fx.extra["warm"] = warm
         same = "identical to" if warm["digest"] == fx.extra["digest"] else "DIFFERENT from"
-        built = {k: v for k, v in warm["codegen"].items() if k in ("built", "cached", "single")}
+        built = {k: v for k, v in warm["codegen"].items() if k in ("built", "remeasured", "cached", "single")}
         print(f"fxcc compile: cold {fx.compile_s:.2f} s (empty artifact cache), "
               f"warm {warm['seconds']:.2f} s (new process, same cache; model loading excluded; "
               f"IR: {warm['method']}; kernels: {built}; outputs {same} the cold compile's)")

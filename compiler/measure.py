@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import settings
+
 CONFIDENCE = 0.95  # of every interval a timing states, and so of every "faster" decision
 ESTIMATE_Q = 0.2  # the quantile a timing is ranked by (see Timing.own)
 NOISY = 0.5  # a timing whose interval is wider than this fraction of its estimate is too noisy to rank by
@@ -28,6 +30,9 @@ NOISY = 0.5  # a timing whose interval is wider than this fraction of its estima
 # interval covers the noise within one process, not what differs from one process to the next (where the
 # memory lands, which thread pool is warm); re-timed in a new process, wins of 1-2% came out as losses
 MIN_GAIN = 0.03
+# a decision is settled when no candidate it did not keep could be more than this fraction faster than the one it
+# kept: no other timing's interval reaches further than this below the kept one's estimate (see Decision.doubt)
+SETTLE_GAIN = 0.10
 
 
 @dataclass
@@ -180,6 +185,29 @@ class Decision:
         return [name for name, t in self.timings.items() if t.noisy]
 
     @property
+    def doubt(self) -> str | None:
+        """Why this decision is not settled, or None when it is.
+
+        Settled: no other candidate's CONFIDENCE interval reaches more than SETTLE_GAIN below the kept one's
+        estimate, so none could be much faster than what is kept. A challenger kept for beating the incumbent beyond
+        the noise leaves the incumbent's interval above its own, so a two-way win is always settled; an incumbent
+        that stays is settled only when every challenger's lower bound lies near or above the incumbent's
+        estimate. Timings taken while the machine was busy (a sample ten times the median among them) widen the
+        intervals until that fails: such a decision is used, but not taken as final (see `settle_tries`)."""
+        kept = self.timings[self.winner].own
+        for name, t in self.timings.items():
+            low = t.interval[0]
+            if name != self.winner and low < (1.0 - SETTLE_GAIN) * kept:
+                could = f"{kept / low:.1f}x" if low > 0 else "far"
+                return (f"{name}'s interval reaches {low:.4g} ms, so it could be {could} faster than {self.winner} "
+                        f"({kept:.4g} ms): the noise is too wide to tell")
+        return None
+
+    @property
+    def settled(self) -> bool:
+        return self.doubt is None
+
+    @property
     def speedup(self) -> float:
         """The incumbent's estimate over the winner's (1.0 when the incumbent stays)."""
         return self.timings[self.incumbent].own / self.timings[self.winner].own
@@ -194,6 +222,8 @@ class Decision:
         if self.noisy:
             verdict += (f"; too noisy to rank: {', '.join(self.noisy)} (interval over {NOISY:.0%} of the "
                         "estimate: the machine is busy)")
+        if (doubt := self.doubt) is not None:
+            verdict += f"; unsettled: {doubt}"
         return f"{times}: {verdict}"
 
 
@@ -212,12 +242,63 @@ def compare(fns: dict[str, Callable[[], object]], incumbent: str, *, device: str
         raise ValueError(f"compare: the incumbent {incumbent!r} is not among the timed callables {list(fns)}")
     rounds = max(1, min(rounds, reps))
     timings = interleaved(fns, device=device, warmup=warmup, reps=reps, rounds=rounds)
-    limit = max_reps if max_reps is not None else 3 * reps
-    while any(t.noisy for t in timings.values()) and len(timings[incumbent].samples) + reps <= limit:
-        more = interleaved(fns, device=device, warmup=0, reps=reps, rounds=rounds)
-        for name, t in more.items():
+    return until_settled(timings, lambda: interleaved(fns, device=device, warmup=0, reps=reps, rounds=rounds),
+                         incumbent, max_reps if max_reps is not None else 3 * reps, min_gain)
+
+
+def until_settled(timings: dict[str, Timing], more: Callable[[], dict[str, Timing]], incumbent: str, limit: int,
+                  min_gain: float = MIN_GAIN) -> Decision:
+    """The decision on `timings`, after adding `more()` interleaved rounds to them while one is too noisy to rank or
+    the decision is not settled (Decision.doubt), as long as each callable stays within `limit` timed calls."""
+    d = decide(timings, incumbent, min_gain)
+    step = len(timings[incumbent].samples)  # the calls of one batch, as the first one took
+    while (d.noisy or not d.settled) and step and len(timings[incumbent].samples) + step <= limit:
+        for name, t in more().items():
             timings[name].samples.extend(t.samples)
-    return decide(timings, incumbent, min_gain)
+        d = decide(timings, incumbent, min_gain)
+    return d
+
+
+def settle_tries() -> int:
+    """How many compiles measure a decision that stays unsettled before its last outcome is kept as final
+    (FXCC_SETTLE_TRIES, default 3; 1: the first measurement is final, settled or not)."""
+    return settings().settle_tries
+
+
+def settle_record(decision: Decision | None, was: dict | None = None) -> dict | None:
+    """What a cache keeps of a measured decision besides its outcome: whether it was settled (Decision.doubt) and
+    why not, each timing's noise (its interval's width over its estimate) and interval, and how many compiles have
+    measured it (one more than the stored record `was` of the unsettled decision this one measured again). None
+    when nothing was timed."""
+    if decision is None:
+        return None
+    return {"settled": decision.settled, "doubt": decision.doubt or "", "tries": (was or {}).get("tries", 0) + 1,
+            "noise": {name: round(t.spread, 4) for name, t in decision.timings.items()},
+            "interval_ms": {name: [round(x, 4) for x in t.interval] for name, t in decision.timings.items()}}
+
+
+def measure_again(record: dict) -> bool:
+    """Whether a stored decision (its `settle_record`) is to be measured again rather than applied: it was not
+    settled and fewer than `settle_tries()` compiles have measured it."""
+    return not record.get("settled", True) and record.get("tries", 1) < settle_tries()
+
+
+def settle_text(record: dict | None, *, cached: bool = False, again: bool = False) -> str:
+    """How a decision stands, for `explain` and logs: "cached (settled)", "re-measured (was unsettled)", still
+    unsettled and measured again by the next compile, or unsettled after the last try and kept as final."""
+    if record is None or "settled" not in record:
+        return "re-measured (was unsettled)" if again else "cached" if cached else ""
+    tries, limit = record.get("tries", 1), settle_tries()
+    if cached:
+        if record["settled"]:
+            return "cached (settled)" if tries else "cached"
+        return f"cached (unsettled after {tries} measurement(s), kept as final: {record.get('doubt', '')})"
+    head = "re-measured (was unsettled)" if again else "measured"
+    if record["settled"]:
+        return f"{head}; settled"
+    if tries >= limit:
+        return f"{head}; unsettled after {tries} measurement(s), kept as final: {record['doubt']}"
+    return f"{head}; unsettled (try {tries} of {limit}), measured again by the next compile: {record['doubt']}"
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:

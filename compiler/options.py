@@ -45,6 +45,9 @@ class Settings:
     check_eager: FXCC_CHECK_EAGER=0 turns CompileOptions.check_eager off; FXCC_CHECK_EAGER=always makes a
         first-call check (check_eager=True) check every call.
     time_vs_eager: FXCC_TIME_VS_EAGER=0 turns CompileOptions.time_vs_eager off (tests of generated code use it).
+    settle_tries: FXCC_SETTLE_TRIES=n: a decision made by measurement and cached (a kernel's choice, compiled vs
+        eager, the TVM pool) whose timings were too noisy to settle it is measured again by the next compile, up to
+        n compiles in all (default 3); then its last outcome is final. 1: the first measurement is final.
     """
 
     cache_dir: str
@@ -57,6 +60,7 @@ class Settings:
     check_eager: bool | str = True
     time_vs_eager: bool = True
     logs: tuple[tuple[str, int], ...] = ()
+    settle_tries: int = 3
 
 
 BOOLEANS = {"": False, "0": False, "false": False, "no": False, "off": False,
@@ -81,7 +85,8 @@ def _check_eager(env: os._Environ | dict) -> bool | str:
 
 # every FXCC_* variable fxcc reads (Settings above), and those only fxcc's own tests read
 ENVIRONMENT = ("FXCC_CACHE_DIR", "FXCC_CACHE_SHARED", "FXCC_CACHE_TRUST", "FXCC_TVM_POOL", "FXCC_TRITON_INTERPRET",
-               "FXCC_VERIFY_EACH", "FXCC_PRINT_IR_AFTER", "FXCC_LOGS", "FXCC_CHECK_EAGER", "FXCC_TIME_VS_EAGER")
+               "FXCC_VERIFY_EACH", "FXCC_PRINT_IR_AFTER", "FXCC_LOGS", "FXCC_CHECK_EAGER", "FXCC_TIME_VS_EAGER",
+               "FXCC_SETTLE_TRIES")
 TEST_ENVIRONMENT = ("FXCC_UPDATE_GOLDEN", "FXCC_BREADTH_ALL", "FXCC_FUZZ_SEEDS")
 _warned_names: set[str] = set()
 
@@ -114,7 +119,18 @@ def settings() -> Settings:
         print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()),
         logs=parse_logs(env.get("FXCC_LOGS", "")),
         check_eager=_check_eager(env),
-        time_vs_eager=_flag(env, "FXCC_TIME_VS_EAGER") if env.get("FXCC_TIME_VS_EAGER", "").strip() else True)
+        time_vs_eager=_flag(env, "FXCC_TIME_VS_EAGER") if env.get("FXCC_TIME_VS_EAGER", "").strip() else True,
+        settle_tries=_settle_tries(env))
+
+
+def _settle_tries(env: os._Environ | dict) -> int:
+    raw = env.get("FXCC_SETTLE_TRIES", "").strip()
+    if not raw:
+        return Settings.settle_tries
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"FXCC_SETTLE_TRIES={raw!r}: give the number of compiles (1 or more) that measure an "
+                         "unsettled decision before its outcome is final")
+    return int(raw)
 
 
 @dataclass(frozen=True)

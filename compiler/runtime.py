@@ -775,8 +775,9 @@ class CompiledModule(ModuleView):
                        + repr(variant.cuda_graph is not None))
             vkey = vs_eager.verdict_key(variant.graph_key, program, device)
         verdict = verdict or (vs_eager.remembered(cache, vkey) if vkey else None)
-        if verdict is None:
-            verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device)
+        if verdict is None or verdict.remeasure:  # not measured yet, or its timings were too noisy to settle it
+            verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device,
+                                     was=verdict)
             if vkey:
                 vs_eager.remember(cache, vkey, verdict, self.name)
         variant.vs_eager = verdict.text()
@@ -1106,7 +1107,7 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     for key, k in v.kernels.items():
         t = k.timings_ms
         cands = "  ".join(f"{'*' if b == k.backend else ''}{b} {ms:.3f}" for b, ms in t.items()) or "only candidate"
-        src = " (from the artifact cache)" if k.cached else ""
+        src = f" ({k.decided})" if k.decided else " (from the artifact cache)" if k.cached else ""
         params = k.choice.params if k.choice else {}
         extra = f"  params {params}" if params else ""
         out.append(f"  {key} {k.kind:<10} -> {k.backend:<11} {cands}{extra}{src}")

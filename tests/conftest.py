@@ -18,6 +18,9 @@ if not torch.cuda.is_available():
 # Tests check the code fxcc generates: a compiled variant must not turn eager because a timing on a loaded machine
 # said so (CompileOptions.time_vs_eager; tests/test_vs_eager.py turns it on where it tests the check itself).
 os.environ.setdefault("FXCC_TIME_VS_EAGER", "0")
+# Likewise a warm compile must not measure a choice again because the cold one's timings, on a loaded machine, were
+# too noisy to settle it (FXCC_SETTLE_TRIES; tests of that re-measurement set it themselves).
+os.environ.setdefault("FXCC_SETTLE_TRIES", "1")
 
 
 def check_golden(name: str, text: str) -> None:

@@ -155,6 +155,9 @@ SETTINGS = {
     "cache_dir": "run", "cache_shared": "run", "cache_trust": "run", "tvm_pool": "key", "triton_interpret": "key",
     "verify_each": "off", "print_ir_after": "off", "check_eager": "run", "logs": "run",
     "time_vs_eager": "run",
+    # how many compiles measure an unsettled decision again: each entry records its tries, and a new measurement
+    # supersedes an unsettled one (tests/test_tune_settled.py)
+    "settle_tries": "entry",
 }
 OFF = {"graph_cache": False, "quality_budget": 0.01, "verify_each": True, "print_ir_after": ("raise",)}
 

@@ -123,3 +123,27 @@ def test_nothing_to_settle_without_a_torch_pool_alternative():
     with torch.no_grad():
         cm(x)
     assert not pools.settle(cm.variants[-1].gm, [x], "Mlp", dict(cm.variants[-1].kernels))
+
+
+def test_a_pool_decision_too_noisy_to_settle_is_timed_again_by_the_next_compile(monkeypatch):
+    """Torch's pool once 3x faster among calls mostly preempted: no win, no telling. The model keeps its kernels,
+    the decision is stored unsettled, and the next compile times it again (here: settled, torch's pool faster)."""
+    monkeypatch.setenv("FXCC_SETTLE_TRIES", "3")
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), torch.randn(4, 16, 32)
+    cm = compiled(model, x)
+    flat = flatten_inputs((x,), {})[0]
+    noisy = decide({"as chosen": Timing([1.0] * 6), "torch pool": Timing([0.3] + [5.0] * 5)}, "as chosen")
+    assert not noisy.settled
+    v, kernels, gemms = on_tvm(cm)
+    monkeypatch.setattr(pools, "_compare", lambda fns, reps: noisy)
+    assert not pools.settle(v.gm, flat, "Mlp", kernels)
+    assert set(chosen(v, gemms)) == {"tvm"} and "unsettled (try 1 of 3)" in kernels[gemms[0]].note
+    v, kernels, gemms = on_tvm(cm)
+    monkeypatch.setattr(pools, "_compare", lambda fns, reps: timed(2.0, 1.0))
+    assert pools.settle(v.gm, flat, "Mlp", kernels)
+    assert "re-measured (was unsettled); settled" in kernels[gemms[0]].note
+    v, kernels, gemms = on_tvm(cm)
+    monkeypatch.setattr(pools, "_compare", lambda fns, reps: pytest.fail("timed again despite a settled decision"))
+    assert pools.settle(v.gm, flat, "Mlp", kernels)
+    assert "cached (settled), from the artifact cache" in kernels[gemms[0]].note

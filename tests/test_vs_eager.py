@@ -6,6 +6,8 @@ only what does not depend on its outcome.
 
 from __future__ import annotations
 
+import itertools
+import json
 import warnings
 
 import fxcc
@@ -14,7 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from fxcc.autotune import vs_eager
-from fxcc.measure import Timing
+from fxcc.measure import Timing, using_timer
+from fxcc.runtime import CompiledModule
+from fxcc.store import default_cache
 
 
 class Scaled(nn.Module):
@@ -154,3 +158,86 @@ def test_a_dycl_program_is_not_timed_as_a_whole_graph(monkeypatch):
         for sign in (1.0, -1.0):
             torch.testing.assert_close(compiled(x * sign), model(x * sign), rtol=0, atol=1e-5)
     assert compiled.variants[0].gm is None and asked == []
+
+
+EAGER_CALLS: list[int] = []  # appended by every eager call of a compiled module (see `eager_counted`)
+
+
+@pytest.fixture
+def eager_counted(monkeypatch):
+    """Eager calls of a compiled module say so, for the fake timer to tell them from the compiled graph's."""
+    plain = CompiledModule._eager
+
+    def _eager(self, *args, **kwargs):
+        EAGER_CALLS.append(1)
+        return plain(self, *args, **kwargs)
+    monkeypatch.setattr(CompiledModule, "_eager", _eager)
+    monkeypatch.setenv("FXCC_SETTLE_TRIES", "3")
+
+
+def per_call(compiled_ms, eager_ms):
+    """The deterministic fake timer (fxcc.measure.using_timer): per-call costs, each a number or a sequence cycled
+    through (the preempted calls of a loaded machine), told apart by whether the model's forward ran."""
+    costs = {k: itertools.cycle(v if isinstance(v, (list, tuple)) else [v])
+             for k, v in (("compiled", compiled_ms), ("eager", eager_ms))}
+
+    def timer(fn, device):
+        EAGER_CALLS.clear()
+        fn()
+        return next(costs["eager" if EAGER_CALLS else "compiled"])
+    return timer
+
+
+def compiled_call(model, x, timer):
+    cm = fxcc.compile(model)
+    with using_timer(timer), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(cm(x), model(x))
+    return cm.variants[-1]
+
+
+def test_a_noisy_verdict_keeps_the_compiled_graph_and_the_next_compile_times_it_again(eager_counted):
+    model, x = Scaled().eval(), torch.randn(4, 16)
+    # eager mostly preempted, once 3x faster than compiled: no win beyond the noise, and no telling either
+    v = compiled_call(model, x, per_call(1.0, [0.3, 5.0, 5.0, 5.0, 5.0]))
+    assert not v.slower_than_eager and "compiled kept" in v.vs_eager
+    assert "unsettled (try 1 of 3), measured again by the next compile" in v.vs_eager
+    v = compiled_call(model, x, per_call(2.0, 1.0))  # quiet now: eager is faster beyond the noise
+    assert v.slower_than_eager and "runs eagerly (re-measured (was unsettled); settled)" in v.vs_eager
+
+    def untimed(fn, device):
+        pytest.fail("a settled verdict was timed again")
+    v = compiled_call(model, x, untimed)
+    assert v.slower_than_eager and "runs eagerly (cached (settled)" in v.vs_eager
+
+
+def test_a_settled_verdict_is_not_timed_again_and_a_loss_within_the_noise_keeps_the_compiled_graph(eager_counted):
+    model, x = Scaled().eval(), torch.randn(4, 16)
+    v = compiled_call(model, x, per_call([1.0, 1.02, 1.04, 1.06, 1.08], [0.98, 1.0, 1.02, 1.04, 1.06]))  # eager
+    # 2% faster, within the noise
+    assert not v.slower_than_eager and v.vs_eager.endswith("compiled kept")
+    v = compiled_call(model, x, lambda fn, device: pytest.fail("a settled verdict was timed again"))
+    assert not v.slower_than_eager and "compiled kept (cached (settled)" in v.vs_eager
+
+
+def test_after_the_last_unsettled_try_the_compiled_graph_is_kept_and_said_so(eager_counted, monkeypatch):
+    monkeypatch.setenv("FXCC_SETTLE_TRIES", "2")
+    model, x = Scaled().eval(), torch.randn(4, 16)
+    for _ in range(2):
+        v = compiled_call(model, x, per_call(1.0, [0.3, 5.0, 5.0, 5.0, 5.0]))
+    assert "unsettled after 2 measurement(s), kept as final" in v.vs_eager and not v.slower_than_eager
+    v = compiled_call(model, x, lambda fn, device: pytest.fail("a final verdict was timed again"))
+    assert "compiled kept (cached (unsettled after 2 measurement(s), kept as final" in v.vs_eager
+
+
+def test_a_verdict_stored_without_a_record_of_its_noise_is_timed_again(eager_counted):
+    """A verdict an older fxcc stored (its two estimates only; on a loaded machine five networks ran eagerly so)."""
+    model, x = Scaled().eval(), torch.randn(4, 16)
+    compiled_call(model, x, per_call(1.0, 2.0))
+    cache = default_cache()
+    (e,) = [e for e in cache.entries() if e.meta.get("kind") == "vs-eager"]
+    cache.remove(e.key)
+    cache.put(e.key, {"verdict.json": json.dumps({"compiled_ms": 2.0, "eager_ms": 1.0}).encode()},
+              {"kind": "vs-eager", "model": "Scaled"})
+    v = compiled_call(model, x, per_call(1.0, 2.0))
+    assert not v.slower_than_eager and "re-measured (was unsettled); settled" in v.vs_eager
