@@ -67,6 +67,15 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, (torch.Tensor, torch.SymInt)) or type(x) is int or type(x).__name__ == "_IntWrapper"
 
 
+def _walked_into(t: type) -> bool:
+    """Whether an object of type `t` inside a state object is described attribute by attribute (its tensors leaves
+    of the outer object, the object rebuilt with it): any unregistered object, and a state class registered here
+    (an EncoderDecoderCache's two DynamicCaches). Kept by reference instead, a cache inside a cache would be shared
+    by every rebuilt copy: capture would write its fake tensors into the caller's."""
+    node = pytree.SUPPORTED_NODES.get(t)
+    return node is None or node.flatten_fn is _flatten
+
+
 def _context(x: Any, leaves: list[Any], top: bool = False) -> Any:
     """A comparable description of `x` with its tensors and ints replaced by leaf numbers."""
     if _is_leaf(x):
@@ -78,7 +87,7 @@ def _context(x: Any, leaves: list[Any], top: bool = False) -> Any:
         return (type(x).__name__, tuple(_context(v, leaves) for v in x))
     if type(x) is dict:
         return ("dict", tuple((k, _context(v, leaves)) for k, v in x.items()))
-    if hasattr(x, "__dict__") and not isinstance(x, type) and (top or type(x) not in pytree.SUPPORTED_NODES):
+    if hasattr(x, "__dict__") and not isinstance(x, type) and (top or _walked_into(type(x))):
         return ("obj", type(x), tuple((k, _context(v, leaves)) for k, v in vars(x).items()))
     return ("const", x)  # a device, a dtype, a class: compared by value
 
@@ -228,7 +237,7 @@ def _walk(x: Any, out: list, top: bool = False) -> bool:
     if type(x) is dict:
         out.append((x, tuple(x), tuple(x.values())))
         return all(_walk(v, out) for v in x.values())
-    if hasattr(x, "__dict__") and (top or type(x) not in pytree.SUPPORTED_NODES):
+    if hasattr(x, "__dict__") and (top or _walked_into(type(x))):
         d = vars(x)
         out.append((d, tuple(d), tuple(d.values())))
         return all(_walk(v, out) for v in d.values())
