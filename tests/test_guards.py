@@ -500,8 +500,8 @@ def test_an_attribute_read_and_added_while_another_is_deleted_recompiles():
 
 def test_a_graph_from_the_graph_cache_keeps_the_names_its_capture_looked_up():
     m, x = _lookups()
-    first = fxcc.compile(m)
-    first(x)
+    for _ in range(2):  # the second stores the graph under the key the third finds (a process's first compile
+        fxcc.compile(m)(x)  # imports modules that can change how the key sees the model's code)
     cm = fxcc.compile(m)
     torch.testing.assert_close(cm(x), m(x))
     assert "IR from the graph cache" in cm.variants[0].captured.method
