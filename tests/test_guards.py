@@ -522,3 +522,13 @@ def test_a_config_field_added_recompiles():
     m.config.extra = 1
     torch.testing.assert_close(cm(x), m(x))
     assert cm.stats.param_recompiles == 1
+
+
+def test_a_submodule_appended_to_a_sequential_recompiles(caplog):
+    """Sequential's forward iterates its submodules: one appended after the compile changes the result."""
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m)
+    torch.testing.assert_close(cm(x), m(x))
+    m.append(nn.Linear(16, 16))
+    _recompiled(cm, m, x, "submodule 2 was added", caplog)
