@@ -54,6 +54,12 @@ class Captured:
     method: str  # "export" or "symbolic_trace"
     export_error: str | None = None
     aliasing: Aliasing = field(default_factory=Aliasing)
+    # per module of the model (by id): the names the traced code looked up on it and did not find (None for
+    # a module whose lookups could not be watched); fxcc.guards recompiles when one of them is added later
+    missing: Missing | None = None
+
+
+Missing = dict[int, frozenset[str] | None]
 
 
 def describe(model: Any) -> str:
@@ -157,6 +163,59 @@ def forward_as(module: nn.Module, fn: Callable | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def missing_lookups(module: nn.Module) -> Iterator[Missing]:
+    """Within the block, record the names looked up on each module of `module`'s tree and not found there.
+
+    Normal attribute lookup finds what is in a module's `__dict__` or on its class; only a name it did not find
+    reaches `__getattr__` (nn.Module's looks in `_parameters`, `_buffers`, `_modules`), and one that is not
+    there either raises AttributeError (`getattr(self, "scale", 1.0)`, `hasattr`). So an attribute added later
+    can change what traced code computed only when its name is recorded here (or it shadows a class attribute,
+    or is a parameter, buffer or submodule: fxcc.guards checks those). The recorder is installed on each module
+    class for the block, not on nn.Module: fx and export patch nn.Module.__getattr__ while they trace, with a
+    wrapper of the original that would bypass one installed there."""
+    found: Missing = {}
+    mods = list(module.modules())
+    fn = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
+    if isinstance(getattr(fn, "__self__", None), nn.Module):  # a compiled bound method's object
+        mods += list(fn.__self__.modules())
+    installed: list[tuple[type, Any]] = []
+    for cls in dict.fromkeys(type(m) for m in mods):
+        own = cls.__dict__.get("__getattr__")
+        try:
+            cls.__getattr__ = _recorder(cls, own, found)
+        except (TypeError, AttributeError):  # a class that takes no attribute: its modules' lookups are unknown
+            found.update((id(m), None) for m in mods if type(m) is cls)
+            continue
+        installed.append((cls, own))
+    try:
+        yield found
+    finally:
+        for cls, own in reversed(installed):
+            if own is None:
+                del cls.__getattr__
+            else:
+                cls.__getattr__ = own
+    for k, v in list(found.items()):
+        found[k] = None if v is None else frozenset(v)
+
+
+def _recorder(cls: type, own: Any, found: dict) -> Callable[[Any, str], Any]:
+    """`cls.__getattr__` that records each name it raises AttributeError for, per object, in `found`; it calls
+    the class's own `__getattr__`, or the next one up its bases (nn.Module's, or the tracer's patch of it)."""
+
+    def __getattr__(self: Any, name: str) -> Any:
+        try:
+            return own(self, name) if own is not None else super(cls, self).__getattr__(name)
+        except AttributeError:
+            names = found.setdefault(id(self), set())
+            if names is not None:
+                names.add(name)
+            raise
+
+    return __getattr__
+
+
+@contextlib.contextmanager
 def unchanged_conversions_skipped() -> Iterator[None]:
     """Within the block, a module conversion that changes none of its tensors returns the module as it is.
 
@@ -184,7 +243,16 @@ def unchanged_conversions_skipped() -> Iterator[None]:
 def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None = None,
             forward: Callable | None = None) -> Captured:
     """Capture `module` (calling `forward`, by default its own) for these inputs, with the input
-    dimensions in `dims` (flat input -> dimensions) symbolic."""
+    dimensions in `dims` (flat input -> dimensions) symbolic; `Captured.missing` says which attributes
+    the traced code looked up on each of its modules and did not find."""
+    with missing_lookups(module) as missing:
+        cap = _capture(module, args, kwargs, dims=dims, forward=forward)
+    cap.missing = missing
+    return cap
+
+
+def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
+             forward: Callable | None) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it

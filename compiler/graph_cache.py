@@ -67,6 +67,7 @@ class Hit:
     out_spec: pytree.TreeSpec
     method: str
     records: list[PassRecord]
+    missing: dict[int, frozenset[str] | None] | None = None  # as fxcc.capture.Captured's (None: not stored)
 
 
 # ------------------------------------------------------------------------------------------- key
@@ -281,10 +282,17 @@ def _file_hash_at(path: str, mtime_ns: int, size: int) -> str:
 
 
 def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: pytree.TreeSpec,
-          out_spec: pytree.TreeSpec, method: str, records: list[PassRecord]) -> bool:
-    """Write the pre-codegen IR under `key`; False (and nothing written) when the graph is not storable."""
+          out_spec: pytree.TreeSpec, method: str, records: list[PassRecord],
+          missing: dict[int, frozenset[str] | None] | None = None) -> bool:
+    """Write the pre-codegen IR under `key`; False (and nothing written) when the graph is not storable.
+    `missing`: the names capture looked up on each module and did not find, kept by the module's path."""
     try:
         doc, files = _serialize(gm, module)
+        if missing is not None:
+            paths = {}
+            for path, sub in module.named_modules(remove_duplicate=False):
+                paths.setdefault(id(sub), path)
+            doc["missing"] = {paths[k]: None if v is None else sorted(v) for k, v in missing.items() if k in paths}
         doc.update(schema=SCHEMA, method=method, in_spec=pytree.treespec_dumps(in_spec),
                    out_spec=pytree.treespec_dumps(out_spec),
                    records=[{"spec": r.spec, "seconds": r.seconds, "changed": r.result.changed,
@@ -595,7 +603,19 @@ def _decode(doc: dict, files: dict, module: nn.Module) -> Hit:
         records.append(PassRecord(r["spec"], r["seconds"], PassResult(r["changed"], r["stats"])))
     gm = _deserialize(doc, files, module)
     return Hit(gm, pytree.treespec_loads(doc["in_spec"]), pytree.treespec_loads(doc["out_spec"]), doc["method"],
-               records)
+               records, _missing(doc.get("missing"), module))
+
+
+def _missing(stored: Any, module: nn.Module) -> dict[int, frozenset[str] | None] | None:
+    """The stored names capture looked up and did not find, by module path, as they are for `module` (by id)."""
+    if stored is None:
+        return None
+    if not isinstance(stored, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, list) and all(isinstance(n, str) for n in v))
+            for k, v in stored.items()):
+        raise BadEntry("field 'missing' is not a map of module paths to lists of names")
+    mods = dict(module.named_modules(remove_duplicate=False))
+    return {id(mods[p]): None if v is None else frozenset(v) for p, v in stored.items() if p in mods}
 
 
 def _deserialize(doc: dict, files: dict, module: nn.Module) -> fx.GraphModule:

@@ -7,6 +7,11 @@ compile baked in:
 - their layouts (shape, strides, dtype, device): kernels were built for them (`p.data = t` may change them);
 - primitive attributes of every submodule and of `config` objects (export folds `negative_slope`, `eps`,
   flags of the forward into the graph);
+- which attributes exist: a submodule's attribute deleted, or added where the traced code could have read it
+  (it looked the name up and did not find it, fxcc.capture.missing_lookups; or it shadows a class attribute);
+  parameters, buffers and submodules added or deleted; `config` fields added or deleted. An attribute added
+  that no traced code can have read (transformers' `_previous_max_cache_length`, set by a static-cache
+  generate) and fxcc's own compiled forward installed on the model are no change;
 - the contents of tensors a pass computed constants from (folded subgraphs, merged or quantized weights,
   shards: fxcc.ir.computed_from), watched by fxcc.watch, which also sees writes through `.data`;
 - on CUDA graphs, the address of every tensor a graph reads (it replays the pointers it captured).
@@ -17,6 +22,7 @@ The check runs on every call: C-level loops over lists built once.
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 from itertools import repeat
 from typing import Any
@@ -26,10 +32,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ir
+from .capture import Missing
 from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
 from .watch import Layouts, Snapshot
 
 # flags of a module that no forward reads: transformers' "weights initialised" mark (on every submodule)
+log = logging.getLogger(__name__)
 _NOT_READ = frozenset({"_is_hf_initialized"})
 _ADDRESS = torch._C._data_address
 _OFFSET = torch.Tensor.storage_offset
@@ -92,10 +100,15 @@ class ModuleState:
     """
 
     def __init__(self, module: nn.Module, sources: list[torch.Tensor] | None,
-                 live: list[torch.Tensor] | None = None) -> None:
+                 live: list[torch.Tensor] | None = None, missing: Missing | None = None) -> None:
         self.owners, self.names, self.objs, self.where = [], [], [], []
         self.dicts, self.keys, self.values, self.attr_where = [], [], [], []  # primitive attributes
-        self.counts_of: list[dict] = []
+        self.counts_of: list[dict] = []  # dicts whose keys matter, each with the keys it had and what it is
+        self.bases: list[frozenset] = []
+        self.kinds: list[tuple[str, Any, str]] = []  # ("attrs", module, at) | (store kind, module, at) | ("config", ..)
+        self.missing = missing  # names the traced code looked up and did not find, per module (None: not known)
+        self.miss_dicts: list[dict] = []  # (dict, name) pairs: the name is in none of them (checked on every call)
+        self.miss_names: list[str] = []
         self.modes: list[dict] = []  # submodules' attributes, whose `training` must keep its relation to the root's
         self.module = module
         for path, mod in module.named_modules(remove_duplicate=False):
@@ -117,14 +130,21 @@ class ModuleState:
 
     def _module(self, path: str, mod: nn.Module, root: bool) -> None:
         at = f"{path}." if path else ""
-        for store, kind in ((mod._modules, "submodule"), (mod._parameters, "parameter"), (mod._buffers, "buffer")):
+        stores = ((mod._modules, "submodule"), (mod._parameters, "parameter"), (mod._buffers, "buffer"))
+        for store, kind in stores:
             for name, obj in store.items():
                 self.owners.append(store)
                 self.names.append(name)
                 self.objs.append(obj)
                 self.where.append(f"{kind} {at}{name}")
+            self._keys_of(store, (kind, mod, at))
         attrs = vars(mod)
-        self.counts_of.append(attrs)
+        self._keys_of(attrs, ("attrs", mod, at))
+        for name in self._missing_on(mod):
+            if not any(name in d for d in (attrs, *(st for st, _ in stores))):
+                for d in (attrs, *(st for st, _ in stores)):
+                    self.miss_dicts.append(d)
+                    self.miss_names.append(name)
         for k, v in attrs.items():
             if isinstance(v, torch.Tensor):  # a tensor attribute: export lifts it as a constant of the graph
                 self.owners.append(attrs)
@@ -140,10 +160,21 @@ class ModuleState:
         if config is not None and hasattr(config, "__dict__") and not isinstance(config, (nn.Module, torch.Tensor)):
             cfg = vars(config)
             if not any(d is cfg for d in self.counts_of):
-                self.counts_of.append(cfg)
+                self._keys_of(cfg, ("config", config, f"{at}config."))
                 for k, v in cfg.items():
                     if primitive(v):
                         self._attr(cfg, k, v, f"config field {at}config.{k}")
+
+    def _keys_of(self, d: dict, kind: tuple[str, Any, str]) -> None:
+        self.counts_of.append(d)
+        self.kinds.append(kind)
+        mod = kind[1]
+        self.bases.append(frozenset(k for k, v in d.items() if kind[0] != "attrs" or not _own_forward(mod, v)))
+
+    def _missing_on(self, mod: nn.Module) -> frozenset[str]:
+        if self.missing is None:
+            return frozenset()
+        return self.missing.get(id(mod)) or frozenset()
 
     def _attr(self, d: dict, k: str, v: Any, where: str) -> None:
         self.dicts.append(d)
@@ -157,6 +188,7 @@ class ModuleState:
                 and list(map(dict.get, self.dicts, self.keys)) == self.values
                 and self._same_modes()
                 and list(map(len, self.counts_of)) == self.counts
+                and not any(map(operator.contains, self.miss_dicts, self.miss_names))
                 and self.layouts.same()
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
                 and self._watched_same()):
@@ -214,8 +246,12 @@ class ModuleState:
         for d, k, v, where in zip(self.dicts, self.keys, self.values, self.attr_where):
             if d.get(k, _MISSING) != v:
                 return f"{where} changed from {v!r} to {d.get(k, '(deleted)')!r}"
-        if list(map(len, self.counts_of)) != self.counts:
-            return "a module attribute was added or deleted"
+        counts = list(map(len, self.counts_of))
+        if counts != self.counts or any(map(operator.contains, self.miss_dicts, self.miss_names)):
+            why = self._added_or_deleted()
+            if why is not None:
+                return why
+            self.counts = counts  # only attributes nothing compiled can have read: the same state
         if self._relative() != self.relative:
             return "a submodule was put in training or eval mode on its own"
         lay = self.layouts
@@ -228,6 +264,40 @@ class ModuleState:
             if not s.same(t):
                 return f"the contents of {self._name(t)} changed (compiled code holds values computed from it)"
         return None  # a snapshot was taken again: contents were the same
+
+    def _added_or_deleted(self) -> str | None:
+        """The first attribute, parameter, buffer, submodule or config field added or deleted since the snapshot
+        that compiled code can have read (see the module's doc); None when there is none."""
+        for d, base, (kind, owner, at) in zip(self.counts_of, self.bases, self.kinds):
+            if d.keys() == base:
+                continue
+            gone = sorted(base - d.keys())
+            if gone:
+                what = "attribute" if kind == "attrs" else "field" if kind == "config" else kind
+                return f"{what} {at}{gone[0]} was deleted"
+            for k in d.keys() - base:
+                if kind == "config":
+                    return f"config field {at}{k} was added (what compiled code looks up on a config is not recorded)"
+                if kind != "attrs":
+                    return f"{kind} {at}{k} was added"
+                why = self._read(owner, k, d[k])
+                if why is not None:
+                    return f"attribute {at}{k} was added: {why}"
+                log.debug("attribute %s%s was added; no compiled code can have read it: no recompile", at, k)
+        return None
+
+    def _read(self, mod: nn.Module, name: str, value: Any) -> str | None:
+        """Why compiled code may read `mod.name`, an attribute added since the snapshot; None when none can."""
+        if _own_forward(mod, value):
+            return None
+        if self.missing is None or id(mod) not in self.missing or self.missing[id(mod)] is None:
+            return "which names the compiled code looked up on the module is not recorded"
+        if name in self.missing[id(mod)]:
+            return "the compiled code looked it up and did not find it"
+        for cls in type(mod).__mro__:
+            if name in vars(cls):
+                return f"it shadows the class attribute {cls.__qualname__}.{name}"
+        return None
 
     def _trainings(self) -> list[Any]:
         return list(map(dict.get, self.modes, repeat("training")))
@@ -247,3 +317,9 @@ class ModuleState:
 
 
 _MISSING = object()
+
+
+def _own_forward(mod: nn.Module, value: Any) -> bool:
+    """`value` is fxcc's compiled callable of `mod` installed over its forward (`m.forward = fxcc.compile(
+    m.forward)`, or while a compiled module runs `generate`): capture and eager fallback call the module's own."""
+    return getattr(getattr(value, "fxcc", None), "module", None) is mod

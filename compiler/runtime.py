@@ -45,6 +45,7 @@ from . import dynamic, eager_check, graph_cache, ir, rng
 from .capture import (
     Captured,
     CaptureError,
+    Missing,
     capture,
     check_call,
     describe,
@@ -329,6 +330,7 @@ class CompiledModule(ModuleView):
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
+        self._missing: Missing | None = {}  # names the variants' traced code looked up and did not find (None: unknown)
         self.stats = CompileStats()
         self.unlike_eager: list[str] = []  # calls check_eager="always" found to differ from eager, and where
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
@@ -408,7 +410,7 @@ class CompiledModule(ModuleView):
             recompiles.info("recompiling %s: %s", self.name, why)
             self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
             self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
-            self._sources, self._live = {}, {}
+            self._sources, self._live, self._missing = {}, {}, {}
             self.__dict__.get("_dycl_programs", {}).clear()  # DyCL programs' segments bound the old state
             self._params = None  # what is left runs eagerly and depends on nothing; a compile snapshots anew
         variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
@@ -639,17 +641,26 @@ class CompiledModule(ModuleView):
     def _params_unchanged(self) -> bool:
         return self._params.changed() is None
 
-    def _snapshot_params(self, sources: list[torch.Tensor] | None = None, live: list[Any] = ()) -> None:
+    def _snapshot_params(self, sources: list[torch.Tensor] | None = None, live: list[Any] = (),
+                         missing: Missing | None = None) -> None:
         """Record the model's state the variants depend on; `sources`: the tensors this variant's constants
-        were computed from (None: unknown, so all), `live`: the tensors its CUDA graphs read in place; both
-        added to those of the variants compiled before."""
+        were computed from (None: unknown, so all), `live`: the tensors its CUDA graphs read in place,
+        `missing`: the names its traced code looked up on each module and did not find (None: unknown, so any
+        attribute added counts, as for a DyCL program, which reads attributes as it runs); all added to those
+        of the variants compiled before."""
         if sources is None or self._sources is None:
             self._sources = None
         else:
             self._sources.update((id(t), t) for t in sources)
         self._live.update((id(t), t) for t in live if isinstance(t, torch.Tensor))
+        if missing is None or self._missing is None:
+            self._missing = None
+        else:
+            for k, names in missing.items():
+                had = self._missing.get(k, frozenset())
+                self._missing[k] = None if names is None or had is None else had | names
         self._params = ModuleState(self.module, None if self._sources is None else list(self._sources.values()),
-                                   list(self._live.values()))
+                                   list(self._live.values()), self._missing)
 
     # ------------------------------------------------------------------------------- compiling
 
@@ -857,7 +868,8 @@ class CompiledModule(ModuleView):
         cache, key = self._graph_cache_key(front, args, kwargs, ctx.target, opts) if plain else (None, None)
         hit = graph_cache.load(cache, key, self.module) if key else None
         if hit is not None:
-            cap = Captured(hit.gm, hit.in_spec, hit.out_spec, f"{hit.method} (IR from the graph cache)")
+            cap = Captured(hit.gm, hit.in_spec, hit.out_spec, f"{hit.method} (IR from the graph cache)",
+                           missing=hit.missing)
             gm, records = hit.gm, hit.records
         else:
             self.capturing = True
@@ -891,7 +903,8 @@ class CompiledModule(ModuleView):
             else:
                 gm, records = self._front_loading(front, cap.gm, ctx, manager)
             if key:
-                graph_cache.store(cache, key, gm, self.module, cap.in_spec, cap.out_spec, cap.method, records)
+                graph_cache.store(cache, key, gm, self.module, cap.in_spec, cap.out_spec, cap.method, records,
+                                  cap.missing)
         pm = manager(back)
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
@@ -915,7 +928,7 @@ class CompiledModule(ModuleView):
             keep = frozenset(j for j, _ in cap.aliasing.leaves)
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
-        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else ())
+        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else (), missing=cap.missing)
         written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
                        kernels=kernels, writes_state=bool(written), written=written, graph_key=key,

@@ -258,3 +258,36 @@ def test_while_on_item_keywords_and_none_inputs():
                 assert got[1] == want[1]
     host = cm.variants[0].program.host_source
     assert "while True:" in host and ".item()" in host and "break" in host
+
+
+class ScaledBranches(nn.Module):
+    """A tensor-dependent branch whose segments read an attribute the user may add: `getattr` with a default."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:
+            h = h * getattr(self, "scale", 1.0)
+        else:
+            h = h - getattr(self, "scale", 1.0)
+        return torch.relu(h)
+
+
+def test_an_attribute_added_after_a_dycl_compile_is_read_by_its_program(caplog):
+    """A DyCL program reads attributes as it runs and its segments were captured with what they read then:
+    which names it looks up is not recorded, so an attribute added recompiles it, and the result is eager's."""
+    torch.manual_seed(0)
+    model = ScaledBranches().eval()
+    xs = [torch.randn(B, D), -torch.randn(B, D).abs() * 10]
+    cm = fxcc.compile(model, passes=PASSES)
+    for x in xs:
+        assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+    assert isinstance(cm.variants[0], dycl.DyclVariant)
+    model.scale = 3.0
+    with caplog.at_level("INFO", logger="fxcc.recompiles"):
+        for x in xs:
+            assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+    assert "attribute scale was added" in caplog.text and cm.stats.param_recompiles == 1

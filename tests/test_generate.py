@@ -503,3 +503,59 @@ def test_a_grouped_query_decode_step_attends_over_the_cache_itself_not_a_repeate
     assert not [n for n in decode.graph.nodes if n.target is torch.ops.aten.expand.default], decode.code
     attention = [n for n in decode.graph.nodes if n.target is torch.ops.fxcc_tx.attention.default]
     assert not attention, "attention ran outside a kernel: " + str([n.meta.get("fxcc_eager") for n in attention])
+
+
+# ------------------------------------------ attributes generate adds to the model: no recompile of compiled code
+
+
+def test_generate_of_a_compiled_model_then_plain_calls_compile_nothing_again(caplog):
+    """generate installs fxcc's compiled forward on the model while it runs: no attribute of the model the
+    compiled code reads, so the calls after it (and a second generate) recompile nothing."""
+    model = build(llama)
+    cm = fxcc.compile(model, passes=FAST)
+    ids = prompt(6)
+    with torch.no_grad():
+        expected, logits = generate(model, ids), model(ids).logits
+        with caplog.at_level("INFO", logger="fxcc.recompiles"):
+            assert torch.equal(generate(cm, ids), expected)
+            torch.testing.assert_close(cm(ids).logits, logits)
+            assert torch.equal(generate(cm, ids), expected)
+            torch.testing.assert_close(cm(ids).logits, logits)
+    assert "added or deleted" not in caplog.text and "was added" not in caplog.text
+    assert cm.stats.param_recompiles == 0 and cm.stats.compiles == 3  # prefill, decode step, the plain call
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_compiled_forward_called_after_generate_compiles_nothing_again(cache_implementation):
+    """`model.forward = fxcc.compile(model.forward)`; a call, generate, then calls of the model outside it."""
+    model = build(llama)
+    ids = prompt(6)
+    kw = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    with torch.no_grad():
+        expected, logits = generate(build(llama), ids, **kw), model(ids).logits  # another model: this one unchanged
+        model.forward = fxcc.compile(model.forward, passes=FAST)
+        stats = model.forward.fxcc.stats
+        torch.testing.assert_close(model(ids).logits, logits)
+        assert torch.equal(generate(model, ids, **kw), expected)
+        compiles = stats.compiles
+        torch.testing.assert_close(model(ids).logits, logits)
+        torch.testing.assert_close(model.forward(ids).logits, logits)
+    assert stats.param_recompiles == 0 and stats.compiles == compiles
+
+
+def test_a_static_cache_generate_does_not_recompile_other_compiles_of_the_model():
+    """A static-cache generate sets `_previous_max_cache_length` on the model, which no forward reads: another
+    fxcc compile of the same model keeps its variants."""
+    model = build(llama)
+    ids = prompt(6)
+    with torch.no_grad():
+        expected, logits = generate(build(llama), ids, cache_implementation="static"), model(ids).logits
+        plain = fxcc.compile(model, passes=FAST)
+        torch.testing.assert_close(plain(ids).logits, logits)
+        gen = fxcc.compile(model, passes=FAST)
+        assert "_previous_max_cache_length" not in vars(model)
+        assert torch.equal(generate(gen, ids, cache_implementation="static"), expected)
+        assert "_previous_max_cache_length" in vars(model)
+        torch.testing.assert_close(plain(ids).logits, logits)
+    assert plain.stats.compiles == 1 and plain.stats.param_recompiles == 0
+    assert gen.stats.param_recompiles == 0

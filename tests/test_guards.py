@@ -372,14 +372,14 @@ def test_a_plain_copy_snapshot_is_copy_on_write_again_once_the_requests_stop():
 
 def test_a_change_seen_while_only_eager_variants_are_left_is_said_once():
     """A changed module drops its compiled variants; the signatures left run eagerly and depend on nothing, so
-    the change is not found again at every later call (torch.compile marks a module it wraps with an attribute)."""
+    the change is not found again at every later call."""
     torch.manual_seed(0)
     m = Siblings().eval()
     cm = fxcc.compile(m, options=fxcc.CompileOptions(max_variants=1, dynamic=False))
     small, large = torch.randn(4, 16), torch.randn(8, 16)
     cm(small)
     torch.testing.assert_close(cm(large), m(large))  # over max_variants: eager
-    m.marked = True  # an attribute added
+    m.act.negative_slope = 0.2  # an attribute the graph folded in
     for _ in range(3):
         torch.testing.assert_close(cm(large), m(large))
     assert cm.stats.param_recompiles == 1 and cm.stats.compiles == 1
@@ -388,3 +388,147 @@ def test_a_change_seen_while_only_eager_variants_are_left_is_said_once():
     m.a.weight.data.add_(1)
     torch.testing.assert_close(cm(small), m(small))
     assert cm.stats.param_recompiles == 2
+
+
+# ------------------------------------------------------------------ attributes added to or deleted from a module
+
+
+class Lookups(nn.Module):
+    """A forward that reads attributes a user may add later: `getattr` with a default, `hasattr`, a class
+    attribute an instance may shadow, a method an instance may shadow, and a parameter that may appear."""
+
+    gain = 1.0  # a class attribute: `m.gain = ...` shadows it
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.tag = {"kind": "kept"}  # neither primitive nor a tensor: only its presence is guarded
+
+    def act(self, h):
+        return torch.relu(h)
+
+    def forward(self, x):
+        h = self.act(self.lin(x)) * getattr(self, "scale", 1.0) * self.gain
+        if hasattr(self.lin, "shift"):
+            h = h + self.lin.shift
+        bias = getattr(self, "bias2", None)
+        return h if bias is None else h + bias
+
+
+def _lookups():
+    torch.manual_seed(0)
+    return Lookups().eval(), torch.randn(4, 16)
+
+
+def _recompiled(cm, m, x, reason: str, caplog) -> None:
+    """cm(x) equals eager after a change that must recompile, with `reason` in the recompile log."""
+    before = cm.stats.param_recompiles
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fxcc.recompiles"):
+        torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == before + 1
+    assert reason in caplog.text
+    torch.testing.assert_close(cm(x), m(x))  # and the next call, on the fast path
+
+
+CHANGES = {  # what the forward reads, added after the compile; the reason the recompile gives
+    "getattr with a default": (lambda m: setattr(m, "scale", 2.0), "attribute scale was added: the compiled code "
+                               "looked it up and did not find it"),
+    "hasattr on a submodule": (lambda m: setattr(m.lin, "shift", 3.0), "attribute lin.shift was added: the compiled "
+                               "code looked it up"),
+    "class attribute shadowed": (lambda m: setattr(m, "gain", -2.0), "shadows the class attribute Lookups.gain"),
+    "method shadowed": (lambda m: setattr(m, "act", torch.tanh), "shadows the class attribute Lookups.act"),
+    "parameter added": (lambda m: setattr(m, "bias2", nn.Parameter(torch.ones(16))), "parameter bias2 was added"),
+    "buffer added": (lambda m: m.register_buffer("bias2", torch.full((16,), 2.0)), "buffer bias2 was added"),
+}
+
+
+@pytest.mark.parametrize("how", list(CHANGES))
+def test_an_attribute_the_compiled_code_can_read_recompiles_when_added(how, caplog):
+    m, x = _lookups()
+    cm = fxcc.compile(m)
+    torch.testing.assert_close(cm(x), m(x))
+    before = m(x)
+    change, reason = CHANGES[how]
+    change(m)
+    assert not torch.allclose(m(x), before)
+    _recompiled(cm, m, x, reason, caplog)
+
+
+def test_an_added_attribute_that_was_read_keeps_its_value_guarded_and_its_deletion_recompiles(caplog):
+    m, x = _lookups()
+    cm = fxcc.compile(m)
+    cm(x)
+    m.scale = 2.0
+    _recompiled(cm, m, x, "attribute scale was added", caplog)
+    m.scale = 3.0
+    _recompiled(cm, m, x, "attribute scale changed from 2.0 to 3.0", caplog)
+    del m.scale
+    _recompiled(cm, m, x, "changed from 3.0 to '(deleted)'", caplog)
+    del m.tag  # there at the compile: what reads it is not recorded
+    _recompiled(cm, m, x, "attribute tag was deleted", caplog)
+
+
+def test_an_attribute_no_compiled_code_can_read_does_not_recompile():
+    m, x = _lookups()
+    cm = fxcc.compile(m)
+    cm(x)
+    m.note, m.lin.counter, m.cached = "a user's note", 3, torch.ones(2)  # names nothing looked up or has
+    for _ in range(2):
+        torch.testing.assert_close(cm(x), m(x))
+    m.counter = 4
+    del m.note  # added after the compile: nothing compiled can have read it
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.compiles == 1 and cm.stats.param_recompiles == 0
+    m.scale = 2.0  # but one the forward looks up still recompiles
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
+
+
+def test_an_attribute_read_and_added_while_another_is_deleted_recompiles():
+    """The number of attributes stays the same (one deleted, one added): the looked-up name is still seen."""
+    m, x = _lookups()
+    cm = fxcc.compile(m)
+    cm(x)
+    m.note = "added after the compile"
+    cm(x)
+    del m.note
+    m.scale = 2.0
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
+
+
+def test_a_graph_from_the_graph_cache_keeps_the_names_its_capture_looked_up():
+    m, x = _lookups()
+    for _ in range(2):  # the second stores the graph under the key the third finds (a process's first compile
+        fxcc.compile(m)(x)  # imports modules that can change how the key sees the model's code)
+    cm = fxcc.compile(m)
+    torch.testing.assert_close(cm(x), m(x))
+    assert "IR from the graph cache" in cm.variants[0].captured.method
+    m.note = "nothing reads it"
+    cm(x)
+    assert cm.stats.param_recompiles == 0
+    m.scale = 2.0
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
+
+
+def test_a_config_field_added_recompiles():
+    """What compiled code looks up on a config object is not recorded: a field added or deleted recompiles."""
+    torch.manual_seed(0)
+    m, x = Siblings().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m)
+    cm(x)
+    m.config.extra = 1
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
+
+
+def test_a_submodule_appended_to_a_sequential_recompiles(caplog):
+    """Sequential's forward iterates its submodules: one appended after the compile changes the result."""
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m)
+    torch.testing.assert_close(cm(x), m(x))
+    m.append(nn.Linear(16, 16))
+    _recompiled(cm, m, x, "submodule 2 was added", caplog)
