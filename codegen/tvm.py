@@ -76,6 +76,7 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
     _tvm()
     from fxcc.codegen import tvm_lower as tl
     vals = [n.meta.get("val") for n in kb.body.graph.nodes if n.op != "output"]
+    vals = [v for v in vals if not isinstance(v, torch.SymInt)]  # a size read for a view's arguments
     if any(not isinstance(v, torch.Tensor) or (v.dtype.is_floating_point and v.dtype != torch.float32)
            for v in vals):
         return []  # the CPU path generates fp32 code; other types stay with torch
