@@ -447,7 +447,10 @@ class Lowering:
         return handler(self, node, *node.args, **node.kwargs)
 
     def val(self, a) -> Val:
-        return self.env[a]
+        v = self.env[a]
+        if not isinstance(v, Val):  # a size (aten.sym_size) where a tensor is read
+            raise Unsupported(f"{a} is a size, not a tensor")
+        return v
 
 
 def _packable(node: fx.Node) -> bool:
@@ -514,6 +517,9 @@ def handles(*targets):
 
 
 def _operand(L: Lowering, a, shape, dtype):
+    if isinstance(a, fx.Node) and not isinstance(L.env[a], Val):  # a size read from an input: a scalar
+        e = cast(tirx.IntImm("int64", L.env[a]) if isinstance(L.env[a], int) else L.env[a], dtype)
+        return lambda idx: e
     if isinstance(a, fx.Node):
         v = L.val(a)
         at = broadcast(v, shape)
@@ -529,7 +535,7 @@ def pointwise(fn, compute: str | None = None):
     def handler(L: Lowering, node: fx.Node, *args, **kwargs):
         shape, out_dt = _shape(node), _dtype(node)
         if compute == "inputs":  # comparisons: compute in the promoted type of the inputs
-            dts = [a.meta["val"].dtype for a in args if isinstance(a, fx.Node)]
+            dts = [a.meta["val"].dtype for a in args if isinstance(a, fx.Node) and isinstance(a.meta["val"], torch.Tensor)]
             dt = DTYPES[dts[0] if len(dts) == 1 else torch.promote_types(*dts[:2])]
         else:
             dt = out_dt
@@ -1151,8 +1157,9 @@ def _reduce(L, node, x, dims=None, keepdim=False, dtype=None):
 
 @handles(aten.sym_size.int)
 def _sym_size(L, node, x, dim):
-    """A size read for a view's arguments: the view takes its sizes from its own value, so nothing is computed."""
-    return None
+    """A size read from an input: its TIR expression (a view takes its sizes from its own value; a pointwise op
+    reads it as a scalar operand)."""
+    return tir_size(sym_sizes([node.meta["val"]], node.graph)[0], node.graph)
 
 
 @handles(aten.scalar_tensor.default, aten.full.default)

@@ -75,6 +75,15 @@ def test_a_symbolic_pointwise_chain_runs_on_tvm_at_every_size():
     on_tvm(ks, "pointwise")
 
 
+def test_a_size_read_from_an_input_is_a_scalar_operand():
+    def fn(x):
+        n = x.shape[0]
+        return (x * n + 1.0).relu(), (x > n).float()
+
+    ks = run_sizes(fn, lambda n: (torch.randn(n, 8) * 10,), {0: 0})
+    on_tvm(ks, "pointwise")
+
+
 class RMSNorm(torch.nn.Module):
     def __init__(self, d: int = 64):
         super().__init__()
