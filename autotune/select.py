@@ -28,6 +28,7 @@ from fxcc.autotune.plan import plan_kernel
 from fxcc.autotune.tune import DEFAULT_TRIALS, tune_kernel
 from fxcc.codegen import BACKENDS, Built, Candidate, check, extern
 from fxcc.codegen import backend as backend_module
+from fxcc.codegen import triton_gen as tg
 from fxcc.codegen.executable import BuiltKernel
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
 from fxcc.measure import compare
@@ -276,11 +277,22 @@ def _store(cache, k: BuiltKernel, target: str, tuned: int) -> None:
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
     """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries, and the
     settings that change which candidates exist or how they run (FXCC_TVM_POOL, FXCC_TRITON_INTERPRET)."""
-    layouts = ";".join(f"{tuple(p.meta['val'].stride())}+{p.meta['val'].storage_offset()}"
-                       for p in kb.body.graph.nodes if p.op == "placeholder")
+    layouts = ";".join(_layout(p) for p in kb.body.graph.nodes if p.op == "placeholder")
     s = settings()
     return cache_key("kernel", target=target, ir=kb.text, layouts=layouts, backend=prefer or "auto",
                      candidates=CANDIDATES, pool=s.tvm_pool, triton_interpret=str(s.triton_interpret))
+
+
+def _layout(p: fx.Node) -> str:
+    """A placeholder's strides and offset for the key; symbolic ones named as the body's size arguments (in order
+    of first use, as its canonical text names them), so the key depends neither on export's numbering nor on
+    the example's sizes."""
+    v = p.meta["val"]
+    try:
+        stride, (offset,) = tg.sizes_of(v.stride(), p.graph), tg.sizes_of([v.storage_offset()], p.graph)
+    except tg.Unsupported:  # a size no input has (no generated candidate takes such a body): as export names it
+        stride, offset = tuple(v.stride()), v.storage_offset()
+    return f"{tuple(stride)}+{offset}"
 
 
 def _warn(kb: KernelBody, backend: str, e: Exception) -> None:

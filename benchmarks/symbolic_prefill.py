@@ -1,7 +1,7 @@
 """Symbolic prefill (the first forward of `generate`, compiled with KV-cache sizes symbolic from the start) against
 the same prefill compiled static, side by side: interleaved calls on fresh copies of generate's first-call inputs.
 
-    .venv/bin/python benchmarks/symbolic_prefill.py [--reps 15] [--prompt 128] [--extern-symbolic]
+    .venv/bin/python benchmarks/symbolic_prefill.py [--reps 15] [--prompt 128] [--threads 2] [--extern-symbolic]
 
 `--extern-symbolic` keeps symbolic kernels off TVM (what fxcc did before TVM took symbolic sizes), for a before/after
 comparison in one tree. Prints each engine's median and range, and the per-round ratio symbolic / static.
@@ -25,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extern-symbolic", action="store_true")
     a = ap.parse_args()
     if a.extern_symbolic:
@@ -37,7 +38,7 @@ def main() -> None:
                 return []
             return candidates(kb, target)
         tvm_backend.candidates = static_only
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     model = bg.llama(512, 8, 8, 4, 2048, torch.float32, "cpu")
     ids = torch.randint(1, 32000, (1, a.prompt), generator=torch.Generator().manual_seed(0))
     e = bg.engines(model, ["fxcc"], "cpu")[0]
@@ -66,10 +67,12 @@ def main() -> None:
     for name in times:
         times[name] = times[name][3:]
         t = times[name]
-        print(f"{name:9s} median {statistics.median(t):7.1f} ms  range {min(t):.1f}-{max(t):.1f}")
+        print(f"{name:9s} median {statistics.median(t):7.1f} ms  lower quartile {statistics.quantiles(t, n=4)[0]:7.1f} ms  "
+              f"range {min(t):.1f}-{max(t):.1f}")
     r = [s / t for s, t in zip(times["symbolic"], times["static"])]
     print(f"symbolic/static per round: median {statistics.median(r):.3f}  range {min(r):.3f}-{max(r):.3f}  "
-          f"(ratio of medians {statistics.median(times['symbolic']) / statistics.median(times['static']):.3f}); "
+          f"(ratio of medians {statistics.median(times['symbolic']) / statistics.median(times['static']):.3f}, "
+          f"of minima {min(times['symbolic']) / min(times['static']):.3f}); "
           f"load {os.getloadavg()}")
 
 

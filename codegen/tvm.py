@@ -252,11 +252,11 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         call, syms, now_ins, now_outs = fn, (), ins, outs
         if evaluate is not None:  # symbolic: this call's sizes, and the serial variant below the grain
             syms = tuple(inputs[k].shape[d] for k, d in sizes)
-            if 0 in syms:  # no elements: torch's own edge cases
+            now_ins, now_outs = evaluate(syms)
+            if any(i[3] <= 0 for i in now_ins) or any(0 in o[0] for o in now_outs):  # no elements: torch's edge cases
                 if not fallback:
                     fallback.append(extern.Extern(kb).build({}).fn)
                 return fallback[0](inputs)
-            now_ins, now_outs = evaluate(syms)
             if max((math.prod(o[0]) for o in now_outs), default=0) < grain:
                 call = serial
         mid = pre(*inputs) if pre is not None else None

@@ -49,15 +49,15 @@ def run_sizes(fn, make, dims: dict[int, int], sizes=SIZES, atol=1e-5):
 
 
 def on_tvm(ks, kind: str, labels=("tvm",)):
-    """The symbolic kernels of `kind` built by TVM (one at least), each equal to extern at size 1 and a prime
-    when called directly (a size-1 call of the model compiles a static variant: export specialises 1)."""
+    """The symbolic kernels of `kind` built by TVM (one at least), each equal to extern at sizes 1, a prime and 0
+    when called directly (a size-1 call of the model compiles a static variant: export specialises 0 and 1)."""
     found = [k for k in ks if k.kind == kind and k.backend in labels]
     assert found, f"no {kind} kernel on {labels}: {[(k.kind, k.backend) for k in ks]}"
     for k in found:
         assert symbolic(k.body)
         syms = {s for n in k.body.body.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
                 for d in n.meta["val"].shape if ir.is_symbolic(d) for s in d.node.expr.free_symbols}
-        for value in (1, 31):
+        for value in (1, 31, 0):  # 0: no elements, torch's own edge cases
             x = select.example_inputs(k.body, "cpu", sizes={s: sympy.Integer(value) for s in syms})
             ref = extern.Extern(k.body).build({}).fn(x)
             for g, r in zip(k.fn(x), ref):
