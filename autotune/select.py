@@ -6,7 +6,9 @@ interleaved with extern (the incumbent: torch's own kernels), and another candid
 extern by more than the measured noise (`fxcc.measure.compare`). Floating-point inputs are random (their
 values do not change a kernel's time); boolean and integer inputs (masks, indices) are what the compile's example inputs feed the kernel,
 since their values steer data-dependent kernels (padding-aware attention). A candidate that fails to build or gives wrong results is
-dropped with a warning naming the kernel, so a backend failure never fails the compile. Under a plan
+dropped with a warning naming the kernel, so a backend failure never fails the compile. A kernel of symbolic
+sizes is checked at a second size too (`other_sizes`), and where the reference cannot run there only extern
+is offered: a generated kernel is never trusted at sizes it was not checked at. Under a plan
 nothing is timed or tuned: each kernel takes the plan's choice, and one the plan does not name takes extern.
 """
 
@@ -18,6 +20,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 from fxcc import ir
@@ -25,6 +28,7 @@ from fxcc.autotune.plan import plan_kernel
 from fxcc.autotune.tune import DEFAULT_TRIALS, tune_kernel
 from fxcc.codegen import BACKENDS, Built, Candidate, check, extern
 from fxcc.codegen import backend as backend_module
+from fxcc.codegen import triton_gen as tg
 from fxcc.codegen.executable import BuiltKernel
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
 from fxcc.measure import Decision, compare, measure_again, settle_record, settle_text
@@ -155,6 +159,15 @@ class Selection:
                       type(e).__name__, e)
             return "single", BuiltKernel(kb, Choice("extern", "extern", {}, key), reference)
         edges = [(x, ref_fn(x), tol) for x, tol in edge_inputs(inputs, self.probe.params(kb) if self.probe else ())]
+        sized = other_sizes(kb)
+        if sized is not None:  # symbolic: checked at another size as well
+            try:
+                x = example_inputs(kb, self.target, params=self.probe.params(kb) if self.probe else (), sizes=sized)
+                edges.append((x, ref_fn(x), 0.0))
+            except Exception as e:  # noqa: BLE001 - the reference's own limits (a size guard, an index range)
+                log.info("%s: symbolic, and its reference does not run at sizes %s (%s: %s): extern only", kb.key,
+                         sized, type(e).__name__, e)
+                cands = [ext]
         built: dict[str, tuple[Built, dict]] = {}
         for c in cands:
             try:
@@ -242,7 +255,9 @@ class Selection:
             if label != "extern":
                 inputs = example_inputs(kb, self.target)
                 ref_fn = extern.Extern(kb).build({}).fn
-                for x, tol in ((inputs, 0.0), *edge_inputs(inputs)):
+                sized = other_sizes(kb)
+                more = [(example_inputs(kb, self.target, sizes=sized), 0.0)] if sized is not None else []
+                for x, tol in ((inputs, 0.0), *edge_inputs(inputs), *more):
                     check(label, b.fn(x), ref_fn(x), tol)
         except Exception as e:
             warnings.warn(f"fxcc: plan {self.plan}: its choice for kernel {kb.key} ({label} with {params}) failed "
@@ -290,11 +305,22 @@ def remeasure(meta: dict) -> bool:
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
     """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries, and the
     settings that change which candidates exist or how they run (FXCC_TVM_POOL, FXCC_TRITON_INTERPRET)."""
-    layouts = ";".join(f"{tuple(p.meta['val'].stride())}+{p.meta['val'].storage_offset()}"
-                       for p in kb.body.graph.nodes if p.op == "placeholder")
+    layouts = ";".join(_layout(p) for p in kb.body.graph.nodes if p.op == "placeholder")
     s = settings()
     return cache_key("kernel", target=target, ir=kb.text, layouts=layouts, backend=prefer or "auto",
                      candidates=CANDIDATES, pool=s.tvm_pool, triton_interpret=str(s.triton_interpret))
+
+
+def _layout(p: fx.Node) -> str:
+    """A placeholder's strides and offset for the key; symbolic ones named as the body's size arguments (in order
+    of first use, as its canonical text names them), so the key depends neither on export's numbering nor on
+    the example's sizes."""
+    v = p.meta["val"]
+    try:
+        stride, (offset,) = tg.sizes_of(v.stride(), p.graph), tg.sizes_of([v.storage_offset()], p.graph)
+    except tg.Unsupported:  # a size no input has (no generated candidate takes such a body): as export names it
+        stride, offset = tuple(v.stride()), v.storage_offset()
+    return f"{tuple(stride)}+{offset}"
 
 
 def _warn(kb: KernelBody, backend: str, e: Exception) -> None:
@@ -352,16 +378,21 @@ def _is_data(p: fx.Node) -> bool:
 
 
 def example_inputs(kb: KernelBody, target: str, real: dict[int, torch.Tensor] | None = None,
-                   params: set[int] = frozenset()) -> list[torch.Tensor]:
+                   params: set[int] = frozenset(), sizes: dict | None = None) -> list[torch.Tensor]:
     """Inputs shaped, strided and typed like the kernel's placeholders: random (a fixed seed), except the
     entries of `real` (placeholder index -> the value the model feeds it) that match their placeholder.
-    The placeholders in `params` come as parameters, as the model's own do."""
+    The placeholders in `params` come as parameters, as the model's own do. Symbolic sizes take their
+    example's values, or those in `sizes` (symbol -> value: `other_sizes`)."""
     gen = torch.Generator().manual_seed(0)
     out = []
+
+    def value(s) -> int:
+        return int(s.node.expr.xreplace(sizes)) if sizes and ir.is_symbolic(s) else ir.hint(s)
+
     for i, p in enumerate(n for n in kb.body.graph.nodes if n.op == "placeholder"):
         v = p.meta["val"]
         r = (real or {}).get(i)
-        shape, stride, offset = ir.hints(v.shape), ir.hints(v.stride()), ir.hint(v.storage_offset())
+        shape, stride, offset = tuple(map(value, v.shape)), tuple(map(value, v.stride())), value(v.storage_offset())
         size = offset + ir.extent(shape, stride)
         if v.dtype.is_floating_point:
             base = torch.randn(size, generator=gen).to(v.dtype)
@@ -378,6 +409,33 @@ def example_inputs(kb: KernelBody, target: str, real: dict[int, torch.Tensor] | 
             t[at].copy_(r[at])
         out.append(torch.nn.Parameter(t, requires_grad=False) if i in params else t)
     return out
+
+
+def other_sizes(kb: KernelBody) -> dict | None:
+    """For a kernel of symbolic sizes, values of its symbols other than the example's (each moved by the same
+    step, so relations between them hold, within each symbol's range): None for a static kernel or when no
+    step fits the ranges."""
+    syms: dict = {}
+    for p in kb.body.graph.nodes:
+        v = p.meta.get("val") if p.op == "placeholder" else None
+        for s in (*v.shape, *v.stride(), v.storage_offset()) if isinstance(v, torch.Tensor) else ():
+            if ir.is_symbolic(s):
+                syms.update(dict.fromkeys(s.node.expr.free_symbols, s.node.shape_env))
+    if not syms:
+        return None
+    fits = []
+    for step in (3, 2, -1, 1, -3, 7):
+        out = {}
+        for sym, env in syms.items():
+            hints = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+            value, rng = int(hints[sym]) + step, env.var_to_range.get(sym)
+            if value < 2 or (rng is not None and not (rng.lower <= value <= rng.upper)):
+                break
+            out[sym] = sympy.Integer(value)
+        else:
+            fits.append(out)
+    # preferably odd sizes: a size that is a multiple of the vector width hides a wrong remainder loop
+    return next((o for o in fits if all(v % 2 for v in o.values())), fits[0] if fits else None)
 
 
 def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[tuple[list[torch.Tensor], float]]:

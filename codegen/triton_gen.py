@@ -58,6 +58,11 @@ def shape_of(x: object) -> tuple[int | sympy.Expr, ...]:
     return tuple(_size(s, x.graph) for s in v.shape)
 
 
+def sizes_of(values: object, graph: fx.Graph) -> tuple[int | sympy.Expr, ...]:
+    """Sizes (a shape, strides) as ints and sympy expressions of the body's size arguments, as `shape_of`."""
+    return tuple(_size(s, graph) for s in values)
+
+
 def _size(s: object, graph: fx.Graph) -> int | sympy.Expr:
     if isinstance(s, torch.SymInt):
         expr = s.node.expr

@@ -6,6 +6,10 @@ around it) and
 `tvm+onednn` (the same around a oneDNN GEMM whose weight is packed once: fxcc.codegen.onednn). The
 codegen pass measures both against `extern` and keeps the fastest. Tensors cross into TVM through
 DLPack without copies; views are read through their strides.
+
+A kernel with symbolic sizes (fxcc.codegen.tvm_lower) takes them as trailing int64 arguments, read from its
+inputs' sizes at each call; its spec records shapes, strides and extents as expressions of them, and it is
+built twice, with its symbolic loops parallel (`main`) and serial (`serial`, for calls below the grain).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -24,7 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import Built, KernelFn, derived, onednn, reusable, tvm_omp
+from fxcc import ir
+from fxcc.codegen import Built, KernelFn, derived, extern, onednn, reusable, tvm_omp
 from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
 
 name = "tvm"
@@ -70,12 +76,11 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
     _tvm()
     from fxcc.codegen import tvm_lower as tl
     vals = [n.meta.get("val") for n in kb.body.graph.nodes if n.op != "output"]
+    vals = [v for v in vals if not isinstance(v, torch.SymInt)]  # a size read for a view's arguments
     if any(not isinstance(v, torch.Tensor) or (v.dtype.is_floating_point and v.dtype != torch.float32)
            for v in vals):
         return []  # the CPU path generates fp32 code; other types stay with torch
-    if any(isinstance(d, torch.SymInt) for v in vals for d in (*v.shape, *v.stride())):
-        return []  # TVM kernels are built for static shapes; a symbolic kernel runs its torch candidates
-    if any(v.numel() == 0 for v in vals):
+    if any(math.prod(ir.hints(v.shape)) == 0 for v in vals):
         return []  # a tensor of no elements (a batch of 0 rows): nothing to generate, torch's edge cases apply
     out = []
     try:
@@ -147,26 +152,39 @@ class TVMCandidate:
         from fxcc.codegen import tvm_lower as tl
         tvm = _tvm()
         lowered = self._lower(params)
-        sch = tl.schedule(lowered, params)
-        lib = tvm.compile(sch.mod, target=tvm.target.Target(host_target()))
+        if lowered.sizes:  # symbolic: parallel and serial variants, the caller picks by each call's sizes
+            funcs = {"main": tl.schedule(lowered, params, parallel=True).mod["main"],
+                     "serial": tl.schedule(lowered, params, parallel=False).mod["main"]}
+            mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+        else:
+            mod = tl.schedule(lowered, params).mod
+        lib = tvm.compile(mod, target=tvm.target.Target(host_target()))
         spec = self._spec(lowered, params)
         with tempfile.TemporaryDirectory(prefix="fxcc-tvm-") as d:
             path = os.path.join(d, "kernel.so")
             lib.export_library(path)
             so = Path(path).read_bytes()
+            source = mod.script()
             mod = _load_library(path)
-        return so, sch.mod.script(), spec, mod
+        return so, source, spec, mod
 
     def _spec(self, lowered, params: dict) -> dict:
         """What the runtime needs to call the built library, as JSON: no TVM needed to load it again."""
+        from fxcc.codegen import tvm_lower as tl
         placeholders = [n for n in self.kb.body.graph.nodes if n.op == "placeholder"]
         split = self._split_node()
         sources = [-1 if n is split else placeholders.index(n) for n in _input_nodes(self.kb.body, split)]
-        ins = [[src, list(s.shape), list(s.stride), s.extent, s.pack] for src, s in zip(sources, lowered.inputs)]
-        outs = [[list(o.shape), list(o.stride), str(o.dtype).removeprefix("torch."), list(o.order)]
+        ins = [[src, _sizes(s.shape), _sizes(s.stride), _sizes([s.extent])[0], s.pack]
+               for src, s in zip(sources, lowered.inputs)]
+        outs = [[_sizes(o.shape), _sizes(o.stride), str(o.dtype).removeprefix("torch."), list(o.order)]
                 for o in lowered.outputs]
         return {"backend": self.backend, "split": self.split, "params": params, "inputs": ins, "outputs": outs,
-                "target": host_target()}
+                "target": host_target(), "sizes": [list(a) for a in lowered.sizes], "grain": tl.PARALLEL_GRAIN}
+
+
+def _sizes(values) -> list[int | str]:
+    """Sizes for the spec (JSON): ints, and symbolic ones as expressions of the size arguments (`64*sym0`)."""
+    return [int(v) if isinstance(v, int) or v.is_Integer else str(v) for v in values]
 
 
 _BUILDS: dict[tuple, tuple] = {}  # the last few builds, by (kernel key, split, parameters)
@@ -220,17 +238,30 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     ins = [(src, tuple(shape), tuple(stride), extent, pack) for src, shape, stride, extent, pack, *_ in
            (e + [0] if len(e) == 4 else e for e in spec["inputs"])]  # entries of older builds have no pack
     outs = []
-    for shape, stride, dtype, order in spec["outputs"]:
+    for shape, stride, dtype, order in [] if spec.get("sizes") else spec["outputs"]:  # symbolic: per call
         phys = tuple(shape[d] for d in order)
         outs.append((tuple(shape), tuple(stride), getattr(torch, dtype), phys,
                      torch.empty(phys, device="meta").stride()))
 
     local = threading.local()  # per thread: the last outputs, reused once nothing else holds them
+    sizes = [(k, d) for _, k, d in spec.get("sizes") or []]
+    evaluate = _evaluator(spec) if sizes else None
+    serial, grain, fallback = (mod["serial"], spec["grain"], []) if sizes else (None, 0, [])
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        call, syms, now_ins, now_outs = fn, (), ins, outs
+        if evaluate is not None:  # symbolic: this call's sizes, and the serial variant below the grain
+            syms = tuple(inputs[k].shape[d] for k, d in sizes)
+            now_ins, now_outs = evaluate(syms)
+            if any(i[3] <= 0 for i in now_ins) or any(0 in o[0] for o in now_outs):  # no elements: torch's edge cases
+                if not fallback:
+                    fallback.append(extern.Extern(kb).build({}).fn)
+                return fallback[0](inputs)
+            if max((math.prod(o[0]) for o in now_outs), default=0) < grain:
+                call = serial
         mid = pre(*inputs) if pre is not None else None
         args = []
-        for src, shape, stride, extent, pack in ins:
+        for src, shape, stride, extent, pack in now_ins:
             t = mid if src < 0 else inputs[src]
             if pack:
                 t = _packed(t, pack)
@@ -239,16 +270,54 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
         if pool is None:
-            pool = local.pool = [None] * len(outs)
+            pool = local.pool = [None] * len(spec["outputs"])
         res = []
-        for j, (shape, stride, dt, _, _) in enumerate(outs):
-            if not reusable(pool, j):
+        for j, (shape, stride, dt, _, _) in enumerate(now_outs):
+            if not reusable(pool, j) or pool[j].shape != shape:
                 pool[j] = torch.empty_strided(shape, stride, dtype=dt)
             res.append(pool[j])
-        fn(*args, *(r.as_strided(phys, pst) for r, (_, _, _, phys, pst) in zip(res, outs)))
+        call(*args, *(r.as_strided(phys, pst) for r, (_, _, _, phys, pst) in zip(res, now_outs)), *syms)
         return res
     run.module = mod
     return run
+
+
+_SIZE_EXPR = re.compile(r"(sym\d+|\d+|[-+*() ])+")
+
+
+def _evaluator(spec: dict):
+    """For a symbolic kernel: a function of the size arguments' values giving the inputs' and outputs' entries
+    (as `_wrap` keeps them) at those sizes. The spec's expressions are checked to be arithmetic on the size
+    arguments before they are compiled (a spec is data from the artifact cache)."""
+    names = [name for name, _, _ in spec["sizes"]]
+    seqs = [seq for src, shape, stride, extent, *_ in spec["inputs"] for seq in (shape, stride, [extent])]
+    seqs += [seq for shape, stride, *_ in spec["outputs"] for seq in (shape, stride)]
+    for e in (e for seq in seqs for e in seq if isinstance(e, str)):
+        if not _SIZE_EXPR.fullmatch(e) or not set(re.findall(r"sym\d+", e)) <= set(names):
+            raise ValueError(f"kernel spec holds a size that is not arithmetic on its size arguments: {e!r}")
+    code = compile("(" + "".join("(" + "".join(f"{e}, " for e in seq) + "), " for seq in seqs) + ")",
+                   "<fxcc-tvm-sizes>", "eval")
+    ins = [(src, pack) for src, _, _, _, pack, *_ in (e + [0] if len(e) == 4 else e for e in spec["inputs"])]
+    outs = [(getattr(torch, dtype), tuple(order)) for _, _, dtype, order in spec["outputs"]]
+
+    def evaluate(values: tuple[int, ...]) -> tuple[list, list]:
+        v = eval(code, {"__builtins__": {}}, dict(zip(names, values)))
+        now_ins = [(src, v[3 * i], v[3 * i + 1], v[3 * i + 2][0], pack) for i, (src, pack) in enumerate(ins)]
+        base, now_outs = 3 * len(ins), []
+        for j, (dt, order) in enumerate(outs):
+            shape, stride = v[base + 2 * j], v[base + 2 * j + 1]
+            phys = tuple(shape[d] for d in order)
+            now_outs.append((shape, stride, dt, phys, _contiguous(phys)))
+        return now_ins, now_outs
+    return evaluate
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(out))
 
 
 _address = torch._C._data_address  # read without asking for write access (fxcc.watch)
@@ -317,16 +386,17 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False):
         ix, iw = placeholders.index(x), placeholders.index(w)
         if packed:
             return lambda *inputs: onednn.linear(inputs[ix], inputs[iw])
-        shape = tuple(split.meta["val"].shape)
         k, n = int(w.meta["val"].shape[1]), int(w.meta["val"].shape[0])
         local = threading.local()
 
         def gemm(*inputs):
+            x = inputs[ix]
+            rows = x.numel() // k  # this call's: a symbolic kernel's row count varies
             buf = getattr(local, "buf", None)
-            if buf is None:
-                buf = local.buf = torch.empty(math.prod(shape) // n, n, dtype=split.meta["val"].dtype)
-            torch.mm(inputs[ix].reshape(-1, k), inputs[iw].t(), out=buf)
-            return buf.view(shape)
+            if buf is None or buf.shape[0] != rows:
+                buf = local.buf = torch.empty(rows, n, dtype=split.meta["val"].dtype)
+            torch.mm(x.reshape(-1, k), inputs[iw].t(), out=buf)
+            return buf.view(*x.shape[:-1], n)
         return gemm
     graph, env = fx.Graph(), {}
     for n in placeholders:

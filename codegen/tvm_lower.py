@@ -7,20 +7,30 @@ Inputs are read through their strides from a flat buffer over their storage (vie
 outputs are written in the physical order of the strides the graph expects. A linear's weight is the
 exception: the kernel reads it packed into panels of `tn` output columns ([N/tn, K, tn], made once per
 weight by the caller, again when it changes), so the GEMM's vector loads along n are contiguous.
+
+Sizes may be symbolic (a variant compiled with dynamic shapes): each symbol of the body is an int64 argument of
+the PrimFunc (`sym0`, `sym1`, ...: the size arguments of fxcc.codegen.triton_gen, read by the caller from its
+inputs' sizes at each call), and shapes, strides and flat extents are expressions of them. Ops whose handler is
+marked `symbolic` take such sizes where they are outer (rows); a reduced, rotated, sliced or selected dim must
+be static, and everything else raises Unsupported for a symbolic node (the kernel stays with another backend).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 import torch.fx as fx
 import tvm
+import tvm_ffi
 from fxcc import gather, ir
 from fxcc.codegen import linear_weight
+from fxcc.codegen import triton_gen as tg
 from fxcc.codegen.tvm import split_bias
 from fxcc.dialects import classify, dense_order
 from tvm import s_tir, te, tirx
@@ -40,9 +50,13 @@ class Unsupported(Exception):
     """The body holds something this lowering does not handle; the kernel stays with another backend."""
 
 
+Size = int | tvm.ir.expr.Expr  # static, or an expression of the kernel's size arguments (int64 TIR variables)
+SymSize = int | sympy.Expr  # the same as sympy expressions of the size arguments, as specs record them
+
+
 @dataclass
 class Val:
-    shape: tuple[int, ...]
+    shape: tuple[Size, ...]
     dtype: str
     at: Callable[[Sequence], tirx.PrimExpr]
 
@@ -55,17 +69,17 @@ class Stage:
 
 @dataclass
 class InputSpec:
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    extent: int  # elements of the flat buffer the kernel reads (storage offset excluded)
+    shape: tuple[SymSize, ...]
+    stride: tuple[SymSize, ...]
+    extent: SymSize  # elements of the flat buffer the kernel reads (storage offset excluded)
     dtype: torch.dtype
     pack: int = 0  # > 0: a [N, K] weight the caller passes packed as [N/pack, K, pack] (see the module doc)
 
 
 @dataclass
 class OutputSpec:
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]  # the strides the graph expects; the kernel writes in this physical order
+    shape: tuple[SymSize, ...]
+    stride: tuple[SymSize, ...]  # the strides the graph expects; the kernel writes in this physical order
     order: tuple[int, ...]  # logical dims, outermost first in memory
     dtype: torch.dtype
 
@@ -77,6 +91,8 @@ class Lowered:
     outputs: list[OutputSpec]
     stages: list[Stage] = field(default_factory=list)
     out_tensors: list[te.Tensor] = field(default_factory=list)
+    sizes: list[tuple[str, int, int]] = field(default_factory=list)  # size arguments: (name, input, dim)
+    vars: list[tirx.Var] = field(default_factory=list)  # their TIR variables, the PrimFunc's last arguments
 
 
 def const(v, dtype: str) -> tirx.PrimExpr:
@@ -171,31 +187,113 @@ def act(name: str, x):
 
 
 # --- index helpers --------------------------------------------------------------------------------------------
-def broadcast(v: Val, shape: tuple[int, ...]) -> Callable[[Sequence], tirx.PrimExpr]:
+def one(n: Size) -> bool:
+    """Whether a size is a static 1 (a symbolic size is never taken for a broadcast: export unified it)."""
+    return isinstance(n, int) and n == 1
+
+
+def static(n: Size, what: str) -> int:
+    """A size that must be static here; Unsupported names `what` when it is symbolic."""
+    if not isinstance(n, int):
+        raise Unsupported(f"{what} has a symbolic size ({n})")
+    return n
+
+
+def broadcast(v: Val, shape: tuple[Size, ...]) -> Callable[[Sequence], tirx.PrimExpr]:
     off = len(shape) - len(v.shape)
 
     def at(idx):
-        return v.at([const(0, "int32") if n == 1 else idx[off + i] for i, n in enumerate(v.shape)])
+        return v.at([const(0, "int32") if one(n) else idx[off + i] for i, n in enumerate(v.shape)])
     return at
 
 
-def delinearize(flat, shape: tuple[int, ...]) -> list:
+def delinearize(flat, shape: tuple[Size, ...]) -> list:
     out = []
     for n in reversed(shape):
-        out.append(tirx.floormod(flat, n) if n != 1 else const(0, "int32"))
+        out.append(tirx.floormod(flat, n) if not one(n) else const(0, "int32"))
         flat = tirx.floordiv(flat, n)
     return list(reversed(out))
 
 
-def linearize(idx, shape: tuple[int, ...]):
+def linearize(idx, shape: tuple[Size, ...]):
     flat = const(0, "int32")
     for i, n in zip(idx, shape):
         flat = flat * n + i
     return flat
 
 
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(int(s) for s in node.meta["val"].shape)
+_VARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def size_vars(graph: fx.Graph) -> dict[str, tirx.Var]:
+    """The body's size arguments (fxcc.codegen.triton_gen.size_args) as int64 TIR variables, by name."""
+    if graph not in _VARS:
+        _VARS[graph] = {name: tirx.Var(name, "int64") for name, _, _ in _size_args(graph)}
+    return _VARS[graph]
+
+
+def _size_args(graph: fx.Graph) -> list[tuple[str, int, int]]:
+    try:
+        return tg.size_args(graph.owning_module)
+    except tg.Unsupported as e:
+        raise Unsupported(str(e)) from None
+
+
+def sym_sizes(values, graph: fx.Graph) -> tuple[SymSize, ...]:
+    """Sizes (a shape, strides) as ints and sympy expressions of the size arguments."""
+    try:
+        return tuple(int(e) if isinstance(e, int) or e.is_Integer else e for e in tg.sizes_of(values, graph))
+    except tg.Unsupported as e:
+        raise Unsupported(str(e)) from None
+
+
+def tir_size(e: SymSize, graph: fx.Graph) -> Size:
+    """A size as TIR: an int, or an int64 expression of the size variables (sums and products of them)."""
+    if isinstance(e, int):
+        return e
+    if e.is_Integer:
+        return int(e)
+    if e.is_Symbol:
+        return size_vars(graph)[str(e)]
+    if e.is_Add or e.is_Mul:
+        terms = [tir_size(a, graph) for a in e.args]
+        out = terms[0]
+        for t in terms[1:]:
+            out = out + t if e.is_Add else out * t
+        return out if isinstance(out, tvm.ir.expr.Expr) else int(out)
+    raise Unsupported(f"size {e} is not a sum of products of the input sizes")
+
+
+def _sizes(values, graph: fx.Graph) -> tuple[Size, ...]:
+    return tuple(tir_size(e, graph) for e in sym_sizes(values, graph))
+
+
+def _shape(node: fx.Node) -> tuple[Size, ...]:
+    return _sizes(node.meta["val"].shape, node.graph)
+
+
+def _symbolic(node: fx.Node) -> bool:
+    """Whether a node reads or makes a tensor of symbolic sizes, or takes a symbolic scalar argument."""
+    vals = [node.meta.get("val"), *(a.meta.get("val") for a in node.all_input_nodes)]
+    if any(ir.is_symbolic(d) for v in vals if isinstance(v, torch.Tensor) for d in (*v.shape, *v.stride())):
+        return True
+    return any(isinstance(a, torch.SymInt) for a in _flat(node.args, node.kwargs))
+
+
+def _sym_extent(shape: tuple[SymSize, ...], stride: tuple[SymSize, ...]) -> SymSize:
+    """Elements of the flat buffer a tensor spans (ir.extent), for symbolic sizes too (taken to be at least 1)."""
+    if all(isinstance(n, int) for n in (*shape, *stride)):
+        return ir.extent(shape, stride)
+    e = sympy.expand(1 + sum((n - 1) * s for n, s in zip(shape, stride)))
+    return int(e) if e.is_Integer else e
+
+
+def _contiguous(shape: tuple[SymSize, ...]) -> tuple[SymSize, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step = sympy.expand(step * n) if not isinstance(n, int) or not isinstance(step, int) else step * max(n, 1)
+    return tuple(reversed(out))
 
 
 def _dtype(node: fx.Node) -> str:
@@ -226,6 +324,9 @@ class Lowering:
         packed = {n.args[1] for n in nodes if n in needed and _packable(n)} if self.tile_n else set()
         outs = next(n for n in nodes if n.op == "output").args[0]
         uses = _uses(nodes, needed)
+        if any(_symbolic(n) for n in nodes if n in needed):
+            self.out.sizes = _size_args(self.body.graph)
+            self.out.vars = [size_vars(self.body.graph)[name] for name, _, _ in self.out.sizes]
         for node in nodes:
             if node.op == "placeholder" or node is self.split:
                 if node in needed:
@@ -261,24 +362,26 @@ class Lowering:
 
     def _input(self, node: fx.Node, packed: bool = False) -> Val:
         v = node.meta["val"]
-        shape, stride = tuple(v.shape), tuple(v.stride())
         if v.dtype not in DTYPES:
             raise Unsupported(f"input dtype {v.dtype}")
+        graph = self.body.graph
         if packed:
-            return self._packed_input(shape, v.dtype)
-        extent = ir.extent(shape, stride)
-        ity = "int32" if extent < 2**31 else "int64"
-        buf = te.placeholder((extent,), DTYPES[v.dtype], name=f"in{len(self.out.args)}")
+            return self._packed_input(_shape(node), v.dtype)
+        shape, stride = sym_sizes(v.shape, graph), sym_sizes(v.stride(), graph)
+        extent = _sym_extent(shape, stride)
+        ity = "int32" if isinstance(extent, int) and extent < 2**31 else "int64"
+        buf = te.placeholder((tir_size(extent, graph),), DTYPES[v.dtype], name=f"in{len(self.out.args)}")
         self.out.args.append(buf)
         self.out.inputs.append(InputSpec(shape, stride, extent, v.dtype))
+        tshape, tstride = tuple(tir_size(n, graph) for n in shape), tuple(tir_size(n, graph) for n in stride)
 
         def at(idx):
             flat = const(0, ity)
-            for i, s, n in zip(idx, stride, shape):
-                if n != 1 and s != 0:
-                    flat = flat + cast(i, ity) * s
+            for i, s, n in zip(idx, tstride, tshape):
+                if not one(n) and not (isinstance(s, int) and s == 0):
+                    flat = flat + cast(i, ity) * (cast(s, ity) if isinstance(s, tvm.ir.expr.Expr) else s)
             return buf(flat)
-        return Val(shape, DTYPES[v.dtype], at)
+        return Val(tshape, DTYPES[v.dtype], at)
 
     def _packed_input(self, shape: tuple[int, ...], dtype: torch.dtype) -> Val:
         """A [N, K] weight read from its [N/tn, K, tn] panels: element (n, k) at (n // tn, k, n % tn)."""
@@ -305,16 +408,21 @@ class Lowering:
     def _output(self, node: fx.Node, i: int) -> Val:
         """Store output `i` (`node`) now; the value, read back from the output's buffer."""
         t, spec = self._store(node, self.env[node], i)
-        return Val(spec.shape, dt(t), lambda idx: t(*[idx[d] for d in spec.order]))
+        return Val(_shape(node), dt(t), lambda idx: t(*[idx[d] for d in spec.order]))
 
     def _store(self, node: fx.Node, val: Val, i: int) -> tuple[te.Tensor, OutputSpec]:
         v = node.meta["val"]
-        shape, stride = tuple(v.shape), tuple(v.stride())
-        order = dense_order(shape, stride)
+        graph = self.body.graph
+        shape, stride = sym_sizes(v.shape, graph), sym_sizes(v.stride(), graph)
+        order = dense_order(ir.hints(v.shape), ir.hints(v.stride()))
+        if order is not None and not all(isinstance(n, int) for n in (*shape, *stride)):
+            dense = dict(zip(order, _contiguous(tuple(shape[d] for d in order))))
+            if any(sympy.expand(stride[d] - dense[d]) != 0 for d in order if not one(shape[d])):
+                order = None  # dense at the example's sizes only
         if order is None:  # not a dense layout: write contiguous, the consumer re-strides
             order = tuple(range(len(shape)))
-            stride = tuple(torch.empty(shape).stride()) if shape else ()
-        phys = tuple(shape[d] for d in order)
+            stride = _contiguous(shape)
+        phys = tuple(tir_size(shape[d], graph) for d in order)
         inv = [order.index(d) for d in range(len(shape))]
         t = te.compute(phys, _permuted(val, inv), name=f"out{i}")
         self.early[i] = (t, OutputSpec(shape, stride, order, v.dtype))
@@ -332,12 +440,17 @@ class Lowering:
         handler = OPS.get(t)
         if handler is None:
             raise Unsupported(f"no TVM lowering for {t}")
+        if self.out.sizes and not getattr(handler, "symbolic", False) and _symbolic(node):
+            raise Unsupported(f"{t} with symbolic sizes")
         if t in gather.OPS and not gather.generated(node):
             raise Unsupported(f"{t} with these arguments is left to the library")
         return handler(self, node, *node.args, **node.kwargs)
 
     def val(self, a) -> Val:
-        return self.env[a]
+        v = self.env[a]
+        if not isinstance(v, Val):  # a size (aten.sym_size) where a tensor is read
+            raise Unsupported(f"{a} is a size, not a tensor")
+        return v
 
 
 def _packable(node: fx.Node) -> bool:
@@ -404,6 +517,9 @@ def handles(*targets):
 
 
 def _operand(L: Lowering, a, shape, dtype):
+    if isinstance(a, fx.Node) and not isinstance(L.env[a], Val):  # a size read from an input: a scalar
+        e = cast(tirx.IntImm("int64", L.env[a]) if isinstance(L.env[a], int) else L.env[a], dtype)
+        return lambda idx: e
     if isinstance(a, fx.Node):
         v = L.val(a)
         at = broadcast(v, shape)
@@ -419,7 +535,7 @@ def pointwise(fn, compute: str | None = None):
     def handler(L: Lowering, node: fx.Node, *args, **kwargs):
         shape, out_dt = _shape(node), _dtype(node)
         if compute == "inputs":  # comparisons: compute in the promoted type of the inputs
-            dts = [a.meta["val"].dtype for a in args if isinstance(a, fx.Node)]
+            dts = [a.meta["val"].dtype for a in args if isinstance(a, fx.Node) and isinstance(a.meta["val"], torch.Tensor)]
             dt = DTYPES[dts[0] if len(dts) == 1 else torch.promote_types(*dts[:2])]
         else:
             dt = out_dt
@@ -429,6 +545,7 @@ def pointwise(fn, compute: str | None = None):
             xs = [o(idx) if callable(o) else o for o in ops]
             return cast(_let_all(xs, lambda vs: fn(*vs, **kwargs)), out_dt)
         return Val(shape, out_dt, at)
+    handler.symbolic = True
     return handler
 
 
@@ -621,7 +738,7 @@ def _rotary(L, node, x, cos, sin):
     shape, dt = _shape(node), _dtype(node)
     xv = L.val(x)
     xa, ca, sa = broadcast(xv, shape), _operand(L, cos, shape, dt), _operand(L, sin, shape, dt)
-    half = xv.shape[-1] // 2
+    half = static(xv.shape[-1], "the rotated dim") // 2
 
     def at(idx):
         j = idx[-1]
@@ -635,10 +752,18 @@ def _rotary(L, node, x, cos, sin):
 # views: an output index maps to an input index; nothing is copied
 def _view(L, node, x, *args, **kwargs):
     v, shape = L.val(x), _shape(node)
-    n = math.prod(v.shape)
-    if math.prod(shape) != n:
+    src, dst = x.meta["val"].shape, node.meta["val"].shape
+    if math.prod(ir.hints(src)) != math.prod(ir.hints(dst)):
         raise Unsupported("reshape changes the element count")
-    groups = _reshape_groups(v.shape, shape)
+    groups = _reshape_groups(ir.hints(src), ir.hints(dst))
+    if not all(isinstance(n, int) for n in (*v.shape, *shape)):  # the groups, found at the example's sizes,
+        ss, ds = sym_sizes(src, node.graph), sym_sizes(dst, node.graph)  # must hold at every size
+        kept = {i for ins, _ in groups for i in ins} | {i for i, n in enumerate(ss) if n == 1}
+        made = {o for _, outs in groups for o in outs} | {o for o, n in enumerate(ds) if n == 1}
+        if len(kept) != len(ss) or len(made) != len(ds) or any(
+                sympy.expand(math.prod(ss[i] for i in ins) - math.prod(ds[o] for o in outs)) != 0
+                for ins, outs in groups):
+            raise Unsupported("a reshape that merges or splits dims differently at other sizes")
 
     def at(idx):
         src = [const(0, "int32")] * len(v.shape)
@@ -656,7 +781,7 @@ def _view(L, node, x, *args, **kwargs):
 def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
     """Pairs (source dims, result dims) of a reshape whose sizes multiply to the same number, ignoring
     size-1 dims; a reshape that only merges or splits neighbours maps index to index group by group."""
-    si = [i for i, n in enumerate(src) if n != 1]
+    si = [i for i, n in enumerate(src) if n != 1]  # a symbolic size hinted 1 is dropped too: _view then refuses
     di = [i for i, n in enumerate(dst) if n != 1]
     groups, a, b = [], 0, 0
     while a < len(si) or b < len(di):
@@ -720,7 +845,7 @@ def _expand(L, node, x, size, implicit=False):
 def _select(L, node, x, dim, index):
     v = L.val(x)
     dim %= len(v.shape)
-    index %= v.shape[dim]
+    index %= static(v.shape[dim], "the selected dim")
     return Val(_shape(node), v.dtype, lambda idx: v.at(list(idx[:dim]) + [const(index, "int32")] + list(idx[dim:])))
 
 
@@ -728,7 +853,15 @@ def _select(L, node, x, dim, index):
 def _slice(L, node, x, dim=0, start=None, end=None, step=1):
     v = L.val(x)
     dim %= len(v.shape)
-    start = 0 if start is None else (start + v.shape[dim] if start < 0 else min(start, v.shape[dim]))
+    if isinstance(start, torch.SymInt) or isinstance(step, torch.SymInt):
+        raise Unsupported("a slice from a symbolic start")
+    n, start = v.shape[dim], start or 0
+    if start and isinstance(n, int):
+        start = start + n if start < 0 else min(start, n)
+    elif start < 0:  # from the end of a symbolic dim (hidden[:, -1:]), clamped to 0 as torch does
+        start = tirx.max(n + start, const(0, "int64"))
+    elif start:
+        raise Unsupported("a slice from a positive start of a symbolic dim")
 
     def at(idx):
         src = list(idx)
@@ -770,8 +903,8 @@ def _cat(L, node, tensors, dim=0):
         v = L.val(t)
         if len(v.shape) != len(shape):  # a legacy empty 1-D tensor
             continue
-        parts.append((v, start, v.shape[dim]))
-        start += v.shape[dim]
+        parts.append((v, start, static(v.shape[dim], "the joined dim")))
+        start += parts[-1][2]
 
     def at(idx):
         e = None
@@ -890,6 +1023,7 @@ def _row_reduce(L: Lowering, v: Val, ndims: int, body, kind: str = "sum", dtype:
     """A reduction over the last `ndims` dims. Over one dim divisible by the vector width it is built
     in two levels: `vec` interleaved partial results (which vectorise), then a short final reduction."""
     lead, red = _rows(v, ndims)
+    red = tuple(static(n, "a reduced dim") for n in red)
     combine = _COMBINE[kind]
     vec = L.vec
     if ndims == 1 and red[0] % vec == 0 and red[0] >= 2 * vec:
@@ -914,7 +1048,7 @@ def _layer_norm(L, node, x, normalized_shape, w, b, eps):
     v = L.val(x)
     nd = len(normalized_shape)
     lead, red = _rows(v, nd)
-    n = math.prod(red)
+    n = math.prod(static(m, "a normalised dim") for m in red)
     acc = "float32" if v.dtype in ("float16", "bfloat16") else v.dtype
     s = _row_reduce(L, v, nd, v.at, dtype=acc)
     mean = lambda i: s.at(i[:len(lead)]) / const(float(n), acc)  # noqa: E731
@@ -938,7 +1072,7 @@ def _layer_norm(L, node, x, normalized_shape, w, b, eps):
 def _rms_norm(L, node, x, w, eps):
     v = L.val(x)
     lead, red = _rows(v, 1)
-    n = red[0]
+    n = static(red[0], "the normalised dim")
     ss = _row_reduce(L, v, 1, lambda i: cast(v.at(i), "float32") * cast(v.at(i), "float32"))
     wa = broadcast(L.val(w), v.shape) if w is not None else None
     dt = _dtype(node)
@@ -974,8 +1108,8 @@ _LONG, _FEW, _CHUNK = 8192, 64, 2048
 
 def _reduce_stage(L: Lowering, lead: tuple[int, ...], red: tuple[int, ...], body, kind: str) -> Val:
     """A stage of shape `lead` reducing body(lead index, reduced index) over `red` (any number of dims)."""
-    combine, n = _COMBINE[kind], math.prod(red)
-    if n >= _LONG and math.prod(lead) < _FEW:
+    combine, n = _COMBINE[kind], math.prod(static(m, "a reduced dim") for m in red)
+    if n >= _LONG and all(isinstance(m, int) for m in lead) and math.prod(lead) < _FEW:
         chunk = _fit(n, _CHUNK)
         chunk = chunk if chunk >= _CHUNK // 8 else _CHUNK
         parts = -(-n // chunk)
@@ -999,6 +1133,8 @@ def _reduce(L, node, x, dims=None, keepdim=False, dtype=None):
     nd = len(v.shape)
     dims = sorted({d % nd for d in (dims if dims else range(nd))}) if nd else []
     keep = [d for d in range(nd) if d not in dims]
+    for d in dims:
+        static(v.shape[d], "a reduced dim")
     out_dt = _dtype(node)
     acc = "float32" if out_dt in ("float16", "bfloat16") else out_dt
     kind = {aten.amax.default: "max", aten.amin.default: "min"}.get(node.target, "sum")
@@ -1017,6 +1153,13 @@ def _reduce(L, node, x, dims=None, keepdim=False, dtype=None):
         r = st.at([idx[d] for d in keep] if keepdim else list(idx))
         return cast(r / const(float(n), acc) if mean else r, out_dt)
     return Val(_shape(node), out_dt, at)
+
+
+@handles(aten.sym_size.int)
+def _sym_size(L, node, x, dim):
+    """A size read from an input: its TIR expression (a view takes its sizes from its own value; a pointwise op
+    reads it as a scalar operand)."""
+    return tir_size(sym_sizes([node.meta["val"]], node.graph)[0], node.graph)
 
 
 @handles(aten.scalar_tensor.default, aten.full.default)
@@ -1134,11 +1277,13 @@ DEFAULTS = {"vec": 8, "unroll": 1, "tile_m": 4, "tile_n": 16, "tile_mb": 64}
 PARALLEL_GRAIN = 32768
 
 
-def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
+def schedule(lowered: Lowered, params: dict, parallel: bool | None = None) -> s_tir.Schedule:
     """Apply the parameterised schedule: parallel outer loops, vectorised inner loops, row reductions
-    computed inside the row loop with vectorised partial sums, GEMMs tiled with the epilogue fused."""
-    p = {**DEFAULTS, **params}
-    func = te.create_prim_func(lowered.args)
+    computed inside the row loop with vectorised partial sums, GEMMs tiled with the epilogue fused.
+    `parallel` decides loops of symbolic extent (a symbolic kernel is built both ways, and its caller picks
+    one by the sizes of each call); static loops are parallel from PARALLEL_GRAIN elements."""
+    p = {**DEFAULTS, **params, "parallel": parallel}
+    func = te.create_prim_func(lowered.args + lowered.vars, index_dtype_override="int64" if lowered.vars else None)
     sch = s_tir.Schedule(func)
     gemms = [s for s in lowered.stages if s.role == "gemm"]
     placed: set[str] = set()
@@ -1160,7 +1305,7 @@ def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
             if name in placed or st.role not in ("reduction", "partial"):
                 continue
             lead = tuple(st.tensor.shape)[:-1] if st.role == "partial" else tuple(st.tensor.shape)
-            if tuple(int(n) for n in lead) != tuple(int(n) for n in t.shape[:-1]):
+            if not _same_sizes(lead, tuple(t.shape[:-1])):
                 continue  # not one result per row of this output: computed once, before it
             try:
                 sch.compute_at(sch.get_sblock(name), rows, preserve_unit_loops=True)
@@ -1181,9 +1326,37 @@ def schedule(lowered: Lowered, params: dict) -> s_tir.Schedule:
             else:
                 loops = sch.get_loops(sch.get_sblock(name))
                 spatial = loops[:len(st.tensor.shape)]
-                if spatial:
-                    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+                if spatial and p["parallel"] is not False:
+                    sch.parallel(_fuse_rows(sch, spatial))
     return sch
+
+
+def _fuse_rows(sch, loops):
+    """The row loops fused into one, from the last of symbolic extent on (fusing loops inside one of symbolic
+    extent would index by a division by a size variable, which TVM cannot schedule); those before it stay
+    outer loops."""
+    syms = [i for i, lp in enumerate(loops) if _extent(sch, lp) is None]
+    start = syms[-1] if syms else 0
+    return sch.fuse(*loops[start:]) if len(loops) - start > 1 else loops[start]
+
+
+def _same_sizes(a: tuple, b: tuple) -> bool:
+    """Whether two TE shapes are equal: the same numbers (of any int type) or the same size expressions."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tirx.IntImm) and isinstance(y, tirx.IntImm):
+            if int(x) != int(y):
+                return False
+        elif not tvm_ffi.structural_equal(x, y):
+            return False
+    return True
+
+
+def _extent(sch, loop) -> int | None:
+    """A loop's extent when static, else None (a symbolic size)."""
+    e = sch.get(loop).extent
+    return int(e) if isinstance(e, tirx.IntImm) else None
 
 
 def _attention_schedule(sch, lowered: Lowered, anchor: Stage, p) -> set[str]:
@@ -1242,19 +1415,22 @@ def _spatial(sch, blk, p):
     if not loops:
         return None
     inner = loops[-1]
-    n = int(sch.get(inner).extent)
-    vec = max(v for v in (p["vec"], 8, 4, 2, 1) if n % v == 0 and v <= p["vec"])
+    n = _extent(sch, inner)
+    vec = max(v for v in (p["vec"], 8, 4, 2, 1) if n % v == 0 and v <= p["vec"]) if n is not None else 1
     if vec > 1:
         _, vi = sch.split(inner, [None, vec])
         sch.vectorize(vi)
     if len(loops) == 1:
-        if vec > 1 and n >= PARALLEL_GRAIN:
+        if (vec > 1 and n >= PARALLEL_GRAIN) if n is not None else p["parallel"]:
             outer = sch.get_loops(blk)[0]
             sch.parallel(outer)
         return None
-    rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-    extent = int(sch.get(rows).extent)  # TVM kernels have static shapes
-    if extent > 1 and extent * n >= PARALLEL_GRAIN:
+    rows = _fuse_rows(sch, loops[:-1])
+    extent = _extent(sch, rows)
+    if extent is not None and n is not None:
+        if extent > 1 and extent * n >= PARALLEL_GRAIN:
+            sch.parallel(rows)
+    elif p["parallel"]:  # a symbolic row count (or row length): the variant the caller picks by size
         sch.parallel(rows)
     return rows
 
@@ -1321,3 +1497,9 @@ def _gemm_schedule(sch, name: str, epilogue, p) -> None:
         el = sch.get_loops(epilogue)
         if int(sch.get(el[-1]).extent) % 4 == 0:
             sch.vectorize(el[-1])
+
+
+# handlers that take symbolic sizes where they are outer (see the module doc); each checks its own static dims
+for _h in (_dropout, _pow, _clamp, _masked_fill, _not, _xor, _clamp_tensor, _rotary, _view, _permute, _transpose,
+           _t, _expand, _select, _slice, _cat, _layer_norm, _rms_norm, _softmax, _reduce, _constant, _sym_size):
+    _h.symbolic = True
