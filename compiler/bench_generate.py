@@ -20,6 +20,7 @@ first forward call itself; TTFT / alone and first forward / alone are reported p
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -117,6 +118,8 @@ def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: s
     """One greedy generate through engine `e` (or `forward`): the tokens, the start time and the end time of
     each forward call, and the start time of the first forward call."""
     clock = Clock(forward or e.forward or type(model).forward.__get__(model), device)
+    # generate reads the forward's signature to decide what it passes (position_ids from a padding mask)
+    clock.__signature__ = inspect.signature(type(model).forward.__get__(model))
     kw = {"cache_implementation": e.cache} if e.cache else {}
     if device == "cuda":
         torch.cuda.synchronize()

@@ -631,6 +631,9 @@ class CompiledModule(ModuleView):
         if gen is None or self.method is not None:
             raise AttributeError(f"{self.name} has no generate method")
 
+        # with the model's own signature: generate reads it to decide what to pass (GPT-2 gets `position_ids`
+        # from the attention mask only if its forward names them; without them a left-padded row differs)
+        @functools.wraps(original_forward(self.module))
         def forward(*a: Any, **k: Any) -> Any:
             return self(*a, **k)
 

@@ -251,6 +251,26 @@ def test_generate_of_a_compiled_model_runs_compiled(make):
     assert "forward" not in model.__dict__  # generate's routing is undone afterwards
 
 
+@pytest.mark.parametrize("make", [gpt2, llama], ids=lambda m: m.__name__)
+def test_generate_of_a_compiled_model_on_a_left_padded_batch(make):
+    """generate decides what it passes from the forward's signature: GPT-2 gets `position_ids` from the padding
+    mask only if its forward names them, so generate's forward must carry the model's signature (with a
+    `*args, **kwargs` one, a left-padded row generated other tokens than eager's)."""
+    model = build(make)
+    ids = torch.cat([prompt(10, 2), prompt(11, 1)[:, 1:]])
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :2] = 0
+    kw = dict(attention_mask=mask, output_scores=True, return_dict_in_generate=True)
+    expected = generate(model, ids, **kw)
+    cm = fxcc.compile(model, passes=FAST)
+    got = generate(cm, ids, **kw)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert cm.stats.eager_calls == 0
+
+
 def test_generate_of_a_compiled_class():
     Compiled = fxcc.compile(transformers.LlamaForCausalLM, passes=FAST)
     torch.manual_seed(0)
