@@ -51,14 +51,15 @@ def state_ints(args: tuple, kwargs: dict) -> frozenset[int]:
     return _state_leaves(args, kwargs, lambda x: type(x) is int)
 
 
-def top_ints(args: tuple, kwargs: dict) -> frozenset[int]:
+def top_ints(args: tuple, kwargs: dict, kind: type = int) -> frozenset[int]:
     """The flat inputs that are int arguments of the call itself, positional or keyword (not an int inside a
     container or a state object; a bool is no int): the Python numbers a caller varies from call to call (a
     timestep, a length, a loop index). Their value is a constant of a first compile; one that changes
-    recompiles once with it symbolic (`scalar_changes`), as torch.compile's automatic dynamic does."""
+    recompiles once with it symbolic (`scalar_changes`), as torch.compile's automatic dynamic does. With `kind`
+    float: the float arguments."""
     out, i = set(), 0
     for v in (*args, *(kwargs[k] for k in sorted(kwargs))):
-        if type(v) is int:
+        if type(v) is kind:
             out.add(i)
         i += len(pytree.tree_leaves(v))
     return frozenset(out)

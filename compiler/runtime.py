@@ -232,6 +232,10 @@ def _wants_grads(args: tuple, kwargs: dict) -> bool:
 
 
 _PLAIN = (bool, int, float, str)
+# why a float argument recompiles at each new value: torch.export (2.13) traces a float input as a constant, and
+# passing it as a 0-d tensor read back with .item() in the graph is not yet compiled by fxcc
+_FLOATS = ("a float argument stays a constant: each new value compiles (torch.export takes a float input as a "
+           "constant)")
 _MAX_CALLS = 64  # call shapes remembered by the keyword fast path
 _MAX_MISSES = 2  # times a call shape's state objects may change before it is no longer remembered
 
@@ -752,6 +756,14 @@ class CompiledModule(ModuleView):
             text = "; ".join(f"argument `{names[i]}` changed {a} -> {b}; " + (
                 f"it stays a constant ({static[i]})" if i in static else "recompiling with it symbolic")
                 for i, (a, b) in sorted(changes.items()))
+            floats = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), dynamic.top_ints(args, kwargs, float),
+                                            sized, seen)
+            text = "; ".join([text] * bool(text) + [f"argument `{names[i]}` changed {a} -> {b}; {_FLOATS}"
+                                                     for i, (a, b) in floats.items()])
+            if floats and not self.__dict__.get("_warned_floats"):
+                self.__dict__["_warned_floats"] = True
+                warnings.warn(f"fxcc: {self.name}: {text}. Pass a value that changes from call to call as a tensor "
+                              "(torch.tensor(s)) to compile it once.", stacklevel=6)
         self._sized[spec] = sized
         return sized, text
 
