@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dis
+import functools
 import inspect
 import linecache
 import logging
@@ -29,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
-from .dynamic import dynamic_shapes
+from .dynamic import dynamic_shapes, top_ints
 from .ir import fetch_attr, flatten_inputs
 from .logs import held_back
 from .mask_skip import eager_mask_skip
@@ -57,6 +59,9 @@ class Captured:
     # per module of the model (by id): the names the traced code looked up on it and did not find (None for
     # a module whose lookups could not be watched); fxcc.guards recompiles when one of them is added later
     missing: Missing | None = None
+    # int arguments asked to be symbolic that were captured as constants (flat input -> why): their type or text
+    # was read, or export failed with them symbolic
+    constant_ints: dict[int, str] = field(default_factory=dict)
 
 
 Missing = dict[int, frozenset[str] | None]
@@ -244,15 +249,130 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
             forward: Callable | None = None) -> Captured:
     """Capture `module` (calling `forward`, by default its own) for these inputs, with the input
     dimensions in `dims` (flat input -> dimensions) symbolic; `Captured.missing` says which attributes
-    the traced code looked up on each of its modules and did not find."""
+    the traced code looked up on each of its modules and did not find.
+
+    An int argument in `dims` is traced as a symbolic int, which computes as the int does (sizes, slices,
+    `range`, comparisons: export guards or specializes them) but fails `isinstance(n, int)` and prints as its
+    symbol: where the model's code may read the type or the text of one (`int_type_reads`), or export fails
+    with them symbolic, the capture is made again with the int arguments constants (`Captured.constant_ints`)."""
+    ints = sorted(top_ints(args, kwargs) & (dims or {}).keys())
+    why = ""
+    if ints:
+        watched: set[Any] = set()
+        with missing_lookups(module) as missing, int_type_reads(watched) as reads:
+            try:
+                cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched)
+            except CaptureError as e:
+                cap, why = None, f"export failed with it symbolic: {str(e).splitlines()[0]}"
+        if cap is not None and cap.method == "export" and not reads:
+            cap.missing = missing
+            return cap
+        why = why or (f"the model's code may read its type or text ({reads[0]})" if reads else
+                      f"export failed with it symbolic: {cap.export_error}")
+        dims = {i: ds for i, ds in dims.items() if i not in ints}
     with missing_lookups(module) as missing:
         cap = _capture(module, args, kwargs, dims=dims, forward=forward)
     cap.missing = missing
+    cap.constant_ints = dict.fromkeys(ints, why)
     return cap
 
 
+# names whose use tells a symbolic int from an int: a type test, or its text
+_TYPE_READS = frozenset({"isinstance", "type", "issubclass", "__class__", "Integral", "Number", "Real", "str", "repr",
+                         "format"})
+_FORMATS = frozenset({"FORMAT_VALUE", "FORMAT_SIMPLE", "FORMAT_WITH_SPEC", "CONVERT_VALUE"})
+
+
+@contextlib.contextmanager
+def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
+    """Within the block, record where code outside torch and fxcc may read the type or the text of a symbolic
+    int argument (`isinstance(n, int)`, `type(n)`, `f"{n}"`, `str(n)`): a function called with one (or with a
+    tuple, list or dict holding one) among its arguments or locals whose code names a type test or formats a
+    value, and a SymInt printed from such code. Conservative: the function may test another value.
+
+    `watched` holds the symbols of the int arguments: `watch_ints` adds them when the traced forward is
+    entered (its top-level SymInts are those of the int arguments)."""
+    found: list[str] = []
+    suspect: dict[Any, bool] = {}
+    skip: dict[str, bool] = {}
+    previous = sys.gettrace()
+
+    def foreign(path: str) -> bool:
+        if path not in skip:
+            skip[path] = _handles_symbols(path)
+        return not skip[path]
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        local = previous(frame, event, arg) if previous is not None else None
+        if event != "call" or not watched or not foreign(frame.f_code.co_filename):
+            return local
+        code = frame.f_code
+        bad = suspect.get(code)
+        if bad is None:
+            bad = suspect[code] = bool(_TYPE_READS.intersection(code.co_names)) or any(
+                i.opname in _FORMATS for i in dis.get_instructions(code))
+        if bad and _holds(frame.f_locals.values(), watched):
+            found.append(f"{code.co_name} at {code.co_filename}:{frame.f_lineno}")
+        return local
+
+    texts = {c: (c.__repr__, c.__format__) for c in (torch.SymInt, torch.SymFloat)}
+
+    def reading(cls: type, original: Any) -> Any:
+        def read(self: Any, *a: Any) -> Any:
+            caller = sys._getframe(1).f_code
+            if watched and foreign(caller.co_filename) and _holds([self], watched):
+                found.append(f"{caller.co_name} at {caller.co_filename} formats it")
+            return original(self, *a)
+        return read
+
+    for c, (rep, fmt) in texts.items():
+        c.__repr__, c.__format__ = reading(c, rep), reading(c, fmt)
+    sys.settrace(tracer)
+    try:
+        yield found
+    finally:
+        sys.settrace(previous)
+        for c, (rep, fmt) in texts.items():
+            c.__repr__, c.__format__ = rep, fmt
+
+
+def _handles_symbols(path: str) -> bool:
+    """Whether code in file `path` handles symbolic ints as torch means them: torch's, fxcc's and the standard
+    library's (`inspect` binding arguments, `functools` wrappers; not the packages installed beside it)."""
+    stdlib = os.path.join(os.path.abspath(sysconfig.get_paths()["stdlib"]), "")
+    own = [os.path.dirname(torch.__file__)] + [os.path.dirname(sys.modules[m].__file__) for m in (
+        "fxcc", "fxcc.passes", "fxcc.codegen", "fxcc.autotune") if m in sys.modules]
+    return path.startswith("<frozen") or any(path.startswith(os.path.join(os.path.abspath(d), "")) for d in own) or (
+        path.startswith(stdlib) and "site-packages" not in path[len(stdlib):])
+
+
+def _holds(values: Any, watched: set[Any]) -> bool:
+    """Whether a symbolic value among `values` (or in a tuple, list or dict among them) is of a `watched` symbol."""
+    for v in values:
+        for x in (v.values() if type(v) is dict else v if type(v) in (tuple, list) else (v,)):
+            if type(x) in (torch.SymInt, torch.SymFloat, torch.SymBool) and x.node.expr.free_symbols & watched:
+                return True
+    return False
+
+
+def watch_ints(fn: Callable, watched: set[Any]) -> Callable:
+    """`fn` adding the symbols of the SymInts it is called with (its int arguments made symbolic) to `watched`
+    (`int_type_reads`)."""
+
+    @functools.wraps(fn)
+    def watching(*args: Any, **kwargs: Any) -> Any:
+        for a in (*args, *kwargs.values()):
+            if type(a) is torch.SymInt:
+                watched.update(a.node.expr.free_symbols)
+        return fn(*args, **kwargs)
+
+    if hasattr(fn, "__signature__"):
+        watching.__signature__ = fn.__signature__
+    return watching
+
+
 def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
-             forward: Callable | None) -> Captured:
+             forward: Callable | None, watched: set[Any] | None = None) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
@@ -262,6 +382,8 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, se
     # caller's tensors (and torch.compile's guards on them) keep their own marks
     ex_args, ex_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (tuple(args), kwargs))
     traced = recording(fn, sink, kwargs)
+    if watched is not None:
+        traced = watch_ints(traced, watched)
     shapes = dynamic_shapes(ex_args, ex_kwargs, dims or {}, inspect.signature(traced))
     try:
         # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news

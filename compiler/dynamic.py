@@ -47,8 +47,39 @@ def leaf_names(args: tuple, kwargs: dict, signature: inspect.Signature | None = 
 
 def state_ints(args: tuple, kwargs: dict) -> frozenset[int]:
     """The flat inputs that are ints inside a state object (a cache's length): sizes, not constants. An int
-    argument of the call stays a constant: code tests `isinstance(n, int)`, which a symbolic int fails."""
+    argument of the call is a constant until its value changes (`top_ints`)."""
     return _state_leaves(args, kwargs, lambda x: type(x) is int)
+
+
+def top_ints(args: tuple, kwargs: dict, kind: type = int) -> frozenset[int]:
+    """The flat inputs that are int arguments of the call itself, positional or keyword (not an int inside a
+    container or a state object; a bool is no int): the Python numbers a caller varies from call to call (a
+    timestep, a length, a loop index). Their value is a constant of a first compile; one that changes
+    recompiles once with it symbolic (`scalar_changes`), as torch.compile's automatic dynamic does. With `kind`
+    float: the float arguments."""
+    out, i = set(), 0
+    for v in (*args, *(kwargs[k] for k in sorted(kwargs))):
+        if type(v) is kind:
+            out.add(i)
+        i += len(pytree.tree_leaves(v))
+    return frozenset(out)
+
+
+def scalar_changes(flat: list[Any], struct: tuple, ints: frozenset[int], sized: frozenset[int],
+                   compiled: list[tuple]) -> dict[int, tuple[int, int]]:
+    """The top-level ints (`ints`) whose value alone makes this call (`struct`, its `structure` under `sized`)
+    differ from the latest compiled structure in `compiled` that it differs from only in such values (or in
+    ints that are sizes there or here): input -> (old value, new value); empty where there is none."""
+    for old in reversed(compiled):
+        if len(old) != len(struct):
+            continue
+        diff = {i for i, (a, b) in enumerate(zip(old, struct)) if a != b}
+        if not diff or not diff <= ints | sized:
+            continue
+        changed = {i: (old[i][2], flat[i]) for i in diff if old[i][0] == "const" and i in ints and i not in sized}
+        if changed:
+            return changed
+    return {}
 
 
 def state_tensors(args: tuple, kwargs: dict) -> frozenset[int]:
@@ -244,7 +275,8 @@ class Shapes:
                 continue
             for d, (s, n) in enumerate(zip(st, _shape(flat[i]))):
                 if s is not None and s != n:
-                    return f"input `{names[i]}` dim {d} is {n} where this variant has {s}"
+                    return (f"argument `{names[i]}` is {n} where this variant has {s}" if i in self.ints else
+                            f"input `{names[i]}` dim {d} is {n} where this variant has {s}")
         scope = self._locals(flat)
         for clause in self.clauses:
             if not eval(clause, SYMPY_INTERP, {"L": scope}):
@@ -292,6 +324,6 @@ def merge(*dims: dict[int, set[int]]) -> dict[int, set[int]]:
 
 def change_text(flat: list[Any], names: list[str], old: Shapes, changed: dict[int, set[int]]) -> str:
     """`cache[0] dim 2: 8 -> 9` for each changed dimension."""
-    parts = [f"{names[i]} dim {d}: {old.example[i][d]} -> {_shape(flat[i])[d]}"
+    parts = [f"{names[i]}{'' if i in old.ints else f' dim {d}'}: {old.example[i][d]} -> {_shape(flat[i])[d]}"
              for i, ds in sorted(changed.items()) for d in sorted(ds)]
     return ", ".join(parts)

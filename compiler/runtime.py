@@ -232,6 +232,10 @@ def _wants_grads(args: tuple, kwargs: dict) -> bool:
 
 
 _PLAIN = (bool, int, float, str)
+# why a float argument recompiles at each new value: torch.export (2.13) traces a float input as a constant, and
+# passing it as a 0-d tensor read back with .item() in the graph is not yet compiled by fxcc
+_FLOATS = ("a float argument stays a constant: each new value compiles (torch.export takes a float input as a "
+           "constant)")
 _MAX_CALLS = 64  # call shapes remembered by the keyword fast path
 _MAX_MISSES = 2  # times a call shape's state objects may change before it is no longer remembered
 
@@ -323,7 +327,8 @@ class CompiledModule(ModuleView):
         self._variants: dict[Any, Variant | _Eager] = {}
         self._compiled: list[Variant] = []  # every compiled variant, oldest first
         self._memo: dict[Any, Variant | _Eager] = {}  # guard key -> the symbolic variant whose guard accepted it
-        self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (dynamic.state_ints)
+        self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (_sizes_of)
+        self._static_ints: dict[Any, dict[int, str]] = {}  # input spec -> int arguments kept constants, and why
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._calls: _Calls = _Calls()  # _call_key -> what the guard found (None: not kept)
         self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
@@ -678,9 +683,9 @@ class CompiledModule(ModuleView):
 
     def _compile_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         names = dynamic.leaf_names(args, kwargs, getattr(self, "__signature__", None))
-        sized = self._sized.setdefault(spec, dynamic.state_ints(args, kwargs))
+        sized, scalar = self._sizes_of(args, kwargs, flat, spec, names)
         struct = (spec, dynamic.structure(flat, sized), self.module.training)
-        dims, reason = self._plan(flat, struct, names, sized, dynamic.carries_state(args, kwargs))
+        dims, reason = self._plan(flat, struct, names, sized, dynamic.carries_state(args, kwargs), scalar)
         if len(self._compiled) >= self.options.max_variants:
             why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
@@ -703,9 +708,18 @@ class CompiledModule(ModuleView):
             return self._runs_eagerly(key, f"{self.name} runs eagerly: {unmatched}",
                                       "Draw from the default generator (torch.manual_seed) to run it compiled.",
                                       stacklevel=5)
+        const = getattr(getattr(variant, "captured", None), "constant_ints", None) or {}
+        if const:  # int arguments the capture kept constants: they stay so for this input structure
+            self._static_ints[spec] = {**self._static_ints.get(spec, {}), **const}
+            sized = self._sized[spec] = sized - const.keys()
+            struct = (spec, dynamic.structure(flat, sized), self.module.training)
+            reason += "".join(f"; `{names[i]}` stays a constant: {why}" for i, why in const.items())
         if isinstance(variant, Variant) and variant.captured is not None:
             variant.shapes = dynamic.Shapes.of(variant.gm, flat, names, sized)
             variant.struct = struct
+            kept = [i for i in dims or {} if type(flat[i]) is int and i not in variant.shapes.dims and i not in const]
+            reason += "".join(f"; `{names[i]}` stays a constant: the program needs its value (export specialized it)"
+                              for i in kept)
             symbolic = variant.shapes.describe()
             reason += f"; symbolic: {symbolic}" if symbolic else "; static shapes"
         if getattr(variant, "reason", ""):  # a DyCL variant says why it is a host program
@@ -724,13 +738,50 @@ class CompiledModule(ModuleView):
         self.stats.history.append(", ".join(ir.type_str(x) for x in flat))
         return variant
 
+    def _sizes_of(self, args: tuple, kwargs: dict, flat: list[Any], spec: Any,
+                  names: list[str]) -> tuple[frozenset[int], str]:
+        """The call's ints that are sizes (symbolic where the program allows): those inside a KV cache, and its
+        int arguments under dynamic=True or once their value changed (dynamic=None), as torch.compile's
+        automatic dynamic; with the reason where this call's value made one so (`argument `n` changed 1 -> 2`)."""
+        sized = self._sized.setdefault(spec, dynamic.state_ints(args, kwargs))
+        if self.options.dynamic is False:
+            return sized, ""
+        static = self._static_ints.get(spec, {})
+        ints = dynamic.top_ints(args, kwargs)
+        text = ""
+        if self.options.dynamic is True:
+            sized |= ints - static.keys()
+        else:
+            seen = [v.struct[1] for v in self._compiled if v.struct is not None and v.struct[0] == spec
+                    and v.struct[2] == self.module.training]
+            changes = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), ints, sized, seen)
+            sized |= changes.keys() - static.keys()
+            text = "; ".join(f"argument `{names[i]}` changed {a} -> {b}; " + (
+                f"it stays a constant ({static[i]})" if i in static else "recompiling with it symbolic")
+                for i, (a, b) in sorted(changes.items()))
+            floats = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), dynamic.top_ints(args, kwargs, float),
+                                            sized, seen)
+            text = "; ".join([text] * bool(text) + [f"argument `{names[i]}` changed {a} -> {b}; {_FLOATS}"
+                                                     for i, (a, b) in floats.items()])
+            if floats and not self.__dict__.get("_warned_floats"):
+                self.__dict__["_warned_floats"] = True
+                warnings.warn(f"fxcc: {self.name}: {text}. Pass a value that changes from call to call as a tensor "
+                              "(torch.tensor(s)) to compile it once.", stacklevel=6)
+        self._sized[spec] = sized
+        return sized, text
+
     def _plan(self, flat: list[Any], struct: Any, names: list[str], sized: frozenset[int],
-              state: bool) -> tuple[dict, str]:
-        """Which input dimensions the next compile makes symbolic, and why it compiles (fxcc.dynamic)."""
-        # variants of this structure but for inputs laid out otherwise: their sizes count as this one's would
-        bare = (struct[0], dynamic.without_layouts(struct[1]), struct[2])
+              state: bool, scalar: str = "") -> tuple[dict, str]:
+        """Which input dimensions the next compile makes symbolic, and why it compiles (fxcc.dynamic); `scalar`:
+        the int arguments whose change made them sizes (`_sizes_of`)."""
+        # variants of this structure but for inputs laid out otherwise, or compiled while an int that is now a
+        # size was a constant: their sizes count as this one's would
+        def bare(st: Any) -> tuple:
+            consts = tuple(("int",) if i in sized else e for i, e in enumerate(st[1]))
+            return st[0], dynamic.without_layouts(consts), st[2]
+
         kin = [v for v in self._compiled if v.shapes is not None and v.struct is not None
-               and (v.struct[0], dynamic.without_layouts(v.struct[1]), v.struct[2]) == bare]
+               and len(v.struct[1]) == len(struct[1]) and bare(v.struct) == bare(struct)]
         same = [v for v in kin if v.struct == struct]
         last = (same or kin or [None])[-1]
         if not self._compiled:
@@ -744,12 +795,15 @@ class CompiledModule(ModuleView):
             else:  # another layout class (a transposed, channels-last, sliced or broadcast input)
                 why = dynamic.stride_change(flat, names, last.shapes.example_strides, last.struct[1])
             reason = f"{why or 'no variant accepts the call'} (variant {self._compiled.index(last) + 1})"
+        if scalar:
+            reason = scalar
         mode = self.options.dynamic
         if mode is False:
             return {}, reason
         if mode is True:
-            return dynamic.all_dims(flat, sized), reason
-        dims = dynamic.merge(dynamic.marked_dims(flat), self.dims_hint, dynamic.all_dims(flat, sized) if state else {})
+            return self._nonnegative(dynamic.all_dims(flat, sized), flat, names, reason)
+        ints = {i: {0} for i in sized if type(flat[i]) is int}  # int arguments made sizes, and a cache's
+        dims = dynamic.merge(dynamic.marked_dims(flat), self.dims_hint, dynamic.all_dims(flat, sized) if state else ints)
         for v in kin:
             changed = v.shapes.changed(flat)
             dims = dynamic.merge(dims, {i: set(ds) for i, ds in v.shapes.dims.items()}, changed)
@@ -759,6 +813,16 @@ class CompiledModule(ModuleView):
                 reason += f": {dynamic.change_text(flat, names, last.shapes, changed)}"
         elif state and not same:
             reason += " (a KV cache call: sizes symbolic from the start)"
+        return self._nonnegative(dims, flat, names, reason)
+
+    @staticmethod
+    def _nonnegative(dims: dict[int, set[int]], flat: list[Any], names: list[str], reason: str) -> tuple[dict, str]:
+        """`dims` without the ints whose value is negative: export takes a symbolic int to be a size (0 or more),
+        and a graph traced so could be wrong for this call; that int stays a constant of this compile."""
+        neg = [i for i in dims if type(flat[i]) is int and flat[i] < 0]
+        for i in neg:
+            del dims[i]
+            reason += f"; `{names[i]}` stays a constant ({flat[i]}: a symbolic int is taken to be 0 or more)"
         return dims, reason
 
     def _against_eager(self, variant: Variant, args: tuple, kwargs: dict) -> Variant | _Eager:
