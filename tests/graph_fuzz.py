@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 PIPELINES = {"default": None, "extern": "canonicalize,raise,merge-linears,fuse,codegen{backend=extern}",
-             "tvm": "canonicalize,raise,merge-linears,fuse,codegen{backend=tvm}"}
+             "tvm": "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=tvm}",
+             "nhwc": "decompose,canonicalize,raise,merge-linears,layout{cpu=true,measure=false},fuse,codegen{backend=tvm}"}
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 EAGER_OP = re.compile(r"^\s+%\S+\s+(\S+\s+eager: .*)$", re.M)
 HEADER = ["import torch", "import torch.nn as nn", "import torch.nn.functional as F", "", ""]
@@ -171,7 +172,7 @@ class Gen:
             fl = self.pick()
         a, t = fl.name, fl.t
         kind = r.choices(["unary", "binary", "reduce", "norm", "gemm", "conv", "pool", "view", "index", "cast",
-                          "inplace", "where"], [14, 10, 9, 6, 6, 4, 3, 14, 4, 3, 4, 4])[0]
+                          "inplace", "where", "misc"], [14, 10, 9, 6, 6, 4, 3, 14, 4, 3, 4, 4, 5])[0]
         d = self.dim(t) if t.dim() else 0
         if kind == "unary":
             code = r.choice([
@@ -186,6 +187,19 @@ class Gen:
                 f" + {r.choice([0.0, 1.0])}", f"torch.cos({a})", f"{a}.square()", f"torch.sign({a})",
                 f"1.0 / ({a}.abs() + 1.0)"])
             return "unary", code, [fl], True
+        if kind == "misc":
+            opts = [f"{a} + torch.arange({a}.shape[-1], dtype={a}.dtype)", f"{a} * {a}.shape[-1] ** -0.5",
+                    f"{a}.view({a}.size(0), -1)" if t.is_contiguous() else f"{a}.reshape({a}.size(0), -1)",
+                    f"torch.triu({a})" if t.dim() >= 2 else f"{a}.cumsum(0)", f"{a}.repeat({(2,) + (1,) * (t.dim() - 1)})",
+                    f"({a} * 4).to(torch.int32).cumsum({d})", f"{a}.float().mean({d}, dtype=torch.float64).float()",
+                    f"{a}.new_zeros({a}.shape) + {a}.mean()", f"torch.ones_like({a}).cumsum({d}) * {a}",
+                    f"{a}.topk(2, {d}).values", f"{a}.sort({d}).values", f"torch.full_like({a}, 0.5) - {a}"]
+            if t.dim() == 4:
+                opts.append(f"F.scaled_dot_product_attention({a}, {a}, {a}, is_causal={r.choice([True, False])})")
+            if t.dim() >= 2:
+                opts.append(f"{a}.masked_fill(torch.ones({a}.shape[-2], {a}.shape[-1], dtype=torch.bool).tril().logical_not(), "
+                            f"float('-inf')).softmax(-1)")
+            return "misc", r.choice(opts), [fl], True
         if kind == "where":
             b = self.pick(lambda v: _broadcasts(v.t, t) and v.t.dtype == t.dtype)
             other = b.name if b else r.choice(["0.0", "1.5"])
@@ -357,7 +371,7 @@ class Gen:
     def program(self) -> Program:
         r = self.r
         rank = r.choice([2, 3, 3, 4, 4])
-        shape = tuple(r.choice([2, 3, 4, 6, 8]) for _ in range(rank))
+        shape = tuple(r.choice([2, 3, 4, 5, 6, 8, 8, 12, 16, 17][: 7 if rank == 4 else 10]) for _ in range(rank))
         layouts = ["contiguous", "transposed", "sliced"] + (["channels_last"] if rank == 4 else [])
         inputs = [("x", shape, r.choice(layouts))]
         if r.random() < 0.5:  # a second input: same shape, or broadcastable against the first
@@ -388,8 +402,9 @@ class Gen:
             except Exception:  # noqa: BLE001 - an op invalid for these shapes: draw another
                 self.n -= 1
                 continue
-            if res is not None and (not isinstance(res, torch.Tensor) or res.numel() == 0 or res.numel() > 4096
-                                    or res.dim() > 5):
+            if res is not None and (not isinstance(res, torch.Tensor) or res.numel() == 0 or res.numel() > 16384
+                                    or res.dim() > 5 or (res.is_floating_point() and not res.isfinite().all())):
+                # NaN and inf are kept out: they turn into undefined integer casts and comparisons
                 self.n -= 1
                 continue
             names = [reads[0].name] + [v.name for v in self.vals if v.name != reads[0].name
@@ -464,10 +479,34 @@ def _eager(model: torch.nn.Module, args: list[torch.Tensor]) -> tuple[str, Any]:
         return "raised", f"{type(e).__name__}: {e}"
 
 
-def _tol(dtype: torch.dtype) -> float:
+def tolerance_for(prog: Program):
+    """fxcc's tolerance per output dtype; a program with a float16/bfloat16 value anywhere gets the
+    low-precision one on every output: one value rounded to another neighbour after a reduction summed in
+    another order is a bf16 ulp (2^-8) wherever it flows, float32 outputs included."""
     from fxcc.eager_check import tolerance
 
-    return tolerance(dtype)
+    low = any(w in prog.source() for w in ("float16", "bfloat16", ".half()"))
+    return lambda dtype: tolerance(torch.bfloat16 if low and dtype.is_floating_point else dtype)
+
+
+def close(got: Any, want: Any, tol) -> Any:
+    """fxcc's comparison (error relative to each output's scale), with an absolute floor: an output that
+    cancels to ~0 (the mean of a normalized row) has a scale of rounding noise, so errors below 1e-5
+    of 1 (float32; 1e-2 in low precision) pass."""
+    from fxcc.outputs import compare, tensor_leaves
+
+    c = compare(got, want, tol=tol)
+    if c.equal or c.detail:
+        return c
+    leaves = dict(tensor_leaves(want))
+    b, a = leaves.get(c.worst), dict(tensor_leaves(got)).get(c.worst)
+    if b is None or a is None or not b.dtype.is_floating_point:
+        return c
+    floor = 1e-5 if tol(b.dtype) <= 1e-3 else 1e-2
+    err = (a.double() - b.double()).abs().nan_to_num(0).max().item()
+    # every other leaf was within tolerance: compare reports the worst one
+    c.equal = err <= floor
+    return c
 
 
 def _batches(prog: Program, model: torch.nn.Module) -> list[int | None]:
@@ -482,7 +521,6 @@ def _batches(prog: Program, model: torch.nn.Module) -> list[int | None]:
 def run_program(prog: Program, passes: str | None, calls: int = 3) -> Outcome:
     """Eager and fxcc on the same inputs, call by call; the first difference is the outcome."""
     import fxcc
-    from fxcc.outputs import compare
 
     t0 = time.perf_counter()
     out = Outcome(prog.seed, "equal", ops=len(prog.ops))
@@ -492,6 +530,7 @@ def run_program(prog: Program, passes: str | None, calls: int = 3) -> Outcome:
         return Outcome(prog.seed, "skipped", traceback.format_exc(limit=3))
     mine = copy.deepcopy(eager)
     batches = _batches(prog, eager)
+    tol = tolerance_for(prog)
     out.dynamic = len(batches) > 1
     opts = fxcc.CompileOptions(time_vs_eager=False, check_eager=False, graph_cache=False,
                                **({"passes": passes} if passes else {}))
@@ -515,9 +554,9 @@ def run_program(prog: Program, passes: str | None, calls: int = 3) -> Outcome:
                         traceback.format_exc(limit=-6)
                     break
                 out.calls += 1
-                c = compare(got, want, tol=_tol)
+                c = close(got, want, tol)
                 if c.equal:
-                    c = compare(args, args_e, tol=_tol)
+                    c = close(args, args_e, tol)
                     if not c.equal:
                         c.worst = "the inputs after the call: " + c.worst
                 if not c.equal:
@@ -668,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0:100", help="a range START:STOP or one seed")
     p.add_argument("--seed", type=int, help="one seed")
     p.add_argument("--show", action="store_true", help="print each program")
-    p.add_argument("--passes", default="default", help="'default' (TVM + extern), 'extern', 'tvm' or a pipeline")
+    p.add_argument("--passes", default="default", help="'default' (TVM + extern), 'extern', 'tvm' (TVM wherever it builds), 'nhwc' (tvm, convolution graphs kept channels-last) or a pipeline")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--no-shrink", action="store_true")
     p.add_argument("--log", help="append one line per program to this file")
