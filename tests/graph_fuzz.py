@@ -498,14 +498,14 @@ def close(got: Any, want: Any, tol) -> Any:
     c = compare(got, want, tol=tol)
     if c.equal or c.detail:
         return c
-    leaves = dict(tensor_leaves(want))
-    b, a = leaves.get(c.worst), dict(tensor_leaves(got)).get(c.worst)
-    if b is None or a is None or not b.dtype.is_floating_point:
-        return c
-    floor = 1e-5 if tol(b.dtype) <= 1e-3 else 1e-2
-    err = (a.double() - b.double()).abs().nan_to_num(0).max().item()
-    # every other leaf was within tolerance: compare reports the worst one
-    c.equal = err <= floor
+    for (path, a), (_, b) in zip(tensor_leaves(got), tensor_leaves(want)):
+        if compare(a, b, tol=tol).equal:
+            continue
+        floor = 1e-5 if tol(b.dtype) <= 1e-3 else 1e-2
+        if not b.dtype.is_floating_point or not torch.equal(a.isnan(), b.isnan()) or \
+                (a.double() - b.double()).abs().nan_to_num(0).max().item() > floor:
+            return c
+    c.equal = True
     return c
 
 
