@@ -85,7 +85,7 @@ class Program:
 
     def source(self) -> str:
         lines = [*HEADER, "class Prog(nn.Module):", "    def __init__(self):", "        super().__init__()",
-                 "        g = torch.Generator().manual_seed(%d)" % self.seed]
+                 f"        g = torch.Generator().manual_seed({self.seed})"]
         for name, (kind, shape) in self.params.items():
             if kind == "param":
                 lines.append(f"        self.{name} = nn.Parameter(torch.randn({shape}, generator=g) * 0.5)")
@@ -94,8 +94,6 @@ class Program:
             else:
                 hi = int(kind.split(":")[1])
                 lines.append(f"        self.register_buffer('{name}', torch.randint(0, {hi}, {shape}, generator=g))")
-        if not self.params:
-            lines.append("        pass")
         args = ", ".join(n for n, _, _ in self.inputs)
         lines += ["", f"    def forward(self, {args}):"]
         lines += [f"        {op.out} = {op.code}" if op.kind != "inplace" else f"        {op.code}" for op in self.ops]
@@ -500,7 +498,7 @@ def close(got: Any, want: Any, tol) -> Any:
     c = compare(got, want, tol=tol)
     if c.equal or c.detail:
         return c
-    for (path, a), (_, b) in zip(tensor_leaves(got), tensor_leaves(want)):
+    for (_, a), (_, b) in zip(tensor_leaves(got), tensor_leaves(want)):
         if compare(a, b, tol=tol).equal:
             continue
         floor = 1e-5 if tol(b.dtype) <= 1e-3 else 1e-2
