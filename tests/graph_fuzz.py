@@ -55,6 +55,7 @@ class Val:
     name: str
     t: torch.Tensor
     root: str  # "input", "param" or the name of the op result whose storage it shares (in-place allowed)
+    writable: bool = True  # no stride 0 (an expanded value) in it or in what it views
 
 
 @dataclass
@@ -351,7 +352,9 @@ class Gen:
                     f"{a}[..., 0]", f"{a}.select({d}, -1)"]
             return "index", r.choice(opts), [fl], True
         if kind == "inplace":
-            v = self.pick(lambda v: v.root not in ("input", "param") and v.t.dtype in FLOATS and v.t.dim() >= 1)
+            # not on an expanded value (stride 0): eager refuses to write one memory location twice
+            v = self.pick(lambda v: v.root not in ("input", "param") and v.t.dtype in FLOATS and v.t.dim() >= 1
+                          and v.writable)
             if v is None:
                 return None
             a, t = v.name, v.t
@@ -421,7 +424,8 @@ class Gen:
             view = res.untyped_storage().data_ptr() == base.t.untyped_storage().data_ptr()
             root = base.root if view else out
             same = res.shape == base.t.shape and res.dtype == base.t.dtype
-            self.vals.append(Val(out, res, root))
+            writable = 0 not in res.stride() and (not view or all(v.writable for v in reads))
+            self.vals.append(Val(out, res, root, writable))
             self.ops.append(Op(out, code, names, kind, replace=base.name if same else None))
         used = {k: v for k, v in self.params.items() if any(re.search(rf"self\.{k}\b", o.code) for o in self.ops)}
         return Program(self.seed, inputs, used, self.ops)
