@@ -37,6 +37,8 @@ from .logs import held_back
 from .mask_skip import eager_mask_skip
 from .state import Aliasing, recording, register_state_class, state_objects
 
+log = logging.getLogger(__name__)
+
 
 class CaptureError(RuntimeError):
     """Neither torch.export nor torch.fx.symbolic_trace could capture the model."""
@@ -380,16 +382,35 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, se
     fn = forward or original_forward(module)
     # export marks (and then unmarks) its input tensors' dynamic dimensions: it gets aliases, so the
     # caller's tensors (and torch.compile's guards on them) keep their own marks
-    ex_args, ex_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (tuple(args), kwargs))
     traced = recording(fn, sink, kwargs)
     if watched is not None:
         traced = watch_ints(traced, watched)
-    shapes = dynamic_shapes(ex_args, ex_kwargs, dims or {}, inspect.signature(traced))
-    try:
+    shapes = dynamic_shapes(args, kwargs, dims or {}, inspect.signature(traced))
+    method = "export"
+
+    def export(shapes: Any) -> torch.export.ExportedProgram:
+        # fresh aliases each attempt: a failed export leaves its dynamic marks on the ones it had
+        ex_args, ex_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (tuple(args), kwargs))
+        sink.clear()
         # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news
         quiet = held_back("torch._export.non_strict_utils", logging.ERROR)
         with torch.no_grad(), forward_as(module, traced), quiet, eager_mask_skip(), unchanged_conversions_skipped():
-            ep = torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
+            return torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
+
+    try:
+        try:
+            ep = export(shapes)
+        except Exception as symbolic_exc:  # noqa: BLE001 - retried with static sizes below
+            if not dims:
+                raise
+            # export's constraint solver can fail on symbolic sizes a static capture has no trouble with (a
+            # chunk of a padded flattened tensor: "Eq((216*s77 + 1)//(72*s77 + 1), 2) is inconsistent"):
+            # these sizes compile static, a recompile for the next ones
+            state.restore()
+            ep = export(None)
+            why = " ".join(str(symbolic_exc).split())[:200]
+            method = f"export (static: symbolic sizes failed: {type(symbolic_exc).__name__}: {why})"
+            log.info("capturing %s with static sizes: %s", describe(module), method)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
         state.restore()
         if state_objects((args, kwargs)):  # a traced graph would leave the caller's cache as it was
@@ -409,7 +430,7 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, se
     gm.graph._codegen = fx.graph.CodeGen()
     inline_vmap(gm, describe(module))
     gm.recompile()
-    return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, "export", aliasing=sink[0] if sink else Aliasing())
+    return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, method, aliasing=sink[0] if sink else Aliasing())
 
 
 # torch.export records a torch.vmap (transformers builds attention masks with one) as these functorch calls

@@ -52,11 +52,12 @@ class Canonicalize(Pass):
             raise ValueError(f"max_fold_mb must be >= 0, got {self.max_fold_mb}")
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stats = {"asserts": 0, "identity": 0, "folded": 0, "cse": 0, "dce": 0}
+        stats = {"asserts": 0, "functionalized": 0, "identity": 0, "folded": 0, "cse": 0, "dce": 0}
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target in _ASSERTS:
                 gm.graph.erase_node(node)
                 stats["asserts"] += 1
+        stats["functionalized"] = functionalize_fresh(gm)
         stats["identity"] = _drop_identities(gm)
         if self.fold:
             stats["folded"] = self._fold(gm)
@@ -143,6 +144,56 @@ def storage_written(gm: fx.GraphModule) -> set[fx.Node]:
         if is_view(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in out:
             out.add(n)
     return out
+
+
+def _out_of_place(target: object) -> torch._ops.OpOverload | None:
+    """`aten.mul.Tensor` for `aten.mul_.Tensor`: the functional overload of an in-place aten op, if any."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def functionalize_fresh(gm: fx.GraphModule) -> int:
+    """In-place ops on values the graph computed itself (`v = x * 2; v.mul_(y)`) become their functional
+    op, read from then on instead of the written value: the op fuses instead of running eagerly. Only where
+    nothing else sees that memory: the written value is no view and no input, no view of it was taken, and the
+    functional op has its dtype (`mul_` of a float16 value by a float32 one stays float16; `mul` would not)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    done = 0
+    for node in list(gm.graph.nodes):
+        functional = _out_of_place(node.target) if node.op == "call_function" else None
+        if functional is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        a = node.args[0]
+        val = a.meta.get("val")
+        if a.op != "call_function" or is_view(a) or not isinstance(val, torch.Tensor) or \
+                not val.dtype.is_floating_point or any(is_view(u) and u is not node for u in a.users):
+            continue
+        out = node.meta.get("val")
+        if not isinstance(out, torch.Tensor) or out.shape != val.shape or out.dtype != val.dtype or \
+                torch.Tag.nondeterministic_seeded in node.target.tags:
+            continue
+        if any(a is not t and isinstance(t, fx.Node) and (
+                not isinstance(t.meta.get("val"), torch.Tensor) or t.meta["val"].dtype != val.dtype)
+               for t in (*node.args, *node.kwargs.values())):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(functional, node.args, node.kwargs)
+        new.meta = dict(node.meta)
+        order[new] = order[node]
+        for u in list(a.users):
+            if u is not node and order.get(u, -1) > order[node]:
+                u.replace_input_with(a, new)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
 
 
 def _drop_identities(gm: fx.GraphModule) -> int:

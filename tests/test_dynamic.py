@@ -114,6 +114,24 @@ def test_symbol_range_guard_rejects_a_size_of_one(mlp):
     assert "shape guard `2 <= x.size()[1]` fails" in cm.stats.reasons[1]
 
 
+class ChunkOfPadded(nn.Module):
+    """tests/graph_fuzz.py seed 48 (shrunk): export's constraint solver fails on the symbolic batch size
+    ("Eq((216*s77 + 1)//(72*s77 + 1), 2) is inconsistent") of a chunk of a padded flattened tensor."""
+
+    def forward(self, x):
+        return nn.functional.pad(x.flatten(0), (0, 1)).chunk(2, 0)[0]
+
+
+def test_a_size_export_cannot_make_symbolic_recompiles_static():
+    m = ChunkOfPadded()
+    cm = fxcc.compile(m, passes=FAST)
+    for b in (4, 7, 7):
+        run(cm, m, torch.randn(b, 3, 6, 16)[..., ::2])
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0
+    v = cm.variants[1]
+    assert v.captured.method.startswith("export (static: symbolic sizes failed") and not v.shapes.dims
+
+
 def test_past_max_variants_the_warning_names_the_reasons(mlp):
     cm = fxcc.compile(mlp, passes=FAST, options=fxcc.CompileOptions(max_variants=1, dynamic=False))
     run(cm, mlp, torch.randn(2, 5, 16))

@@ -45,3 +45,30 @@ def test_fuse_keeps_reads_after_a_write_through_a_view():
     torch.testing.assert_close(cm(x), model(x))  # the read of `out` was fused before the write: all zeros
     eager = {n.name: n.meta.get("fxcc_eager") for n in cm.variants[-1].gm.graph.nodes}
     assert "written in place" in eager["zeros"] and "mutates its inputs" in eager["copy_"]
+
+
+class WritesItsOwnValues(nn.Module):
+    """tests/graph_fuzz.py: in-place ops on values the forward computed itself (`v = x * 2; v.mul_(y)`) ran as
+    eager ops, splitting the kernels around them; a read before a write still sees the value before it."""
+
+    def forward(self, x, y):
+        v = x * 2
+        v.mul_(y)
+        before = v.sigmoid()
+        v.clamp_(-1.0, 1.0)
+        u = x.clone()
+        u += 1
+        h = x.half()
+        h.mul_(y)  # float16 written with a float32: stays an in-place op (the functional one is float32)
+        return v + before, u, h
+
+
+def test_in_place_ops_on_the_graphs_own_values_fuse():
+    model, x, y = WritesItsOwnValues(), torch.randn(4, 8), torch.randn(8)
+    cm = fxcc.compile(model, passes="canonicalize,fuse,codegen{backend=extern}")
+    for got, want in zip(cm(x, y), model(x, y)):
+        torch.testing.assert_close(got, want)
+    text = cm.explain()
+    assert "mul_.Tensor" in text.split("== final IR")[1]  # the float16 one
+    eager = [ln for ln in text.split("== where ops run")[1].split("==")[0].splitlines() if "eager:" in ln]
+    assert [ln.split()[1] for ln in eager if "mutates" in ln] == ["aten.mul_.Tensor"], eager
