@@ -373,8 +373,30 @@ def watch_ints(fn: Callable, watched: set[Any]) -> Callable:
     return watching
 
 
+@contextlib.contextmanager
+def own_hooks_held(module: nn.Module) -> Iterator[None]:
+    """Within the block, `module`'s own forward hooks are held back (export calls the module through
+    nn.Module.__call__, which would run them on fake tensors): what is captured is its forward, and its own hooks
+    run around the compiled forward (`module.forward = fxcc.compile(module.forward)`), or the module runs eagerly
+    (fxcc.hooks)."""
+    held = [(d, dict(d)) for d in (module._forward_hooks, module._forward_pre_hooks) if d]
+    for d, _ in held:
+        d.clear()
+    try:
+        yield
+    finally:
+        for d, items in held:
+            d.update(items)
+
+
 def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
              forward: Callable | None, watched: set[Any] | None = None) -> Captured:
+    with own_hooks_held(module):
+        return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched)
+
+
+def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
+                  forward: Callable | None, watched: set[Any] | None = None) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it

@@ -41,7 +41,7 @@ from fxcc.autotune.plan import check_call_plan, load_plan
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
-from . import dynamic, eager_check, graph_cache, ir, rng
+from . import dynamic, eager_check, graph_cache, hooks, ir, rng
 from .capture import (
     Captured,
     CaptureError,
@@ -337,6 +337,9 @@ class CompiledModule(ModuleView):
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
         self._missing: Missing | None = {}  # names the variants' traced code looked up and did not find (None: unknown)
         self.stats = CompileStats()
+        hooks.watch_registrations()  # a forward hook added or removed later is seen (fxcc.hooks)
+        self._hooks: tuple | None = None  # the forward hooks when the variants compiled (fxcc.hooks.fingerprint)
+        self._hook_epoch = hooks.EPOCH[0]
         self.unlike_eager: list[str] = []  # calls check_eager="always" found to differ from eager, and where
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
         self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions to make symbolic from the start
@@ -389,6 +392,8 @@ class CompiledModule(ModuleView):
             return _opaque_call(self, args, kwargs)  # inside code torch.compile traces (transformers' generate)
         if torch.is_grad_enabled() and ((self.module.training and self._trains()) or _wants_grads(args, kwargs)):
             return self._call_for_gradients(args, kwargs)
+        if hooks.EPOCH[0] != self._hook_epoch:  # a forward hook was registered or removed somewhere
+            self._check_hooks()
         # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
         fast = None if kwargs else _fast_key(args, self.module.training)
         variant = self._fast.get(fast) if fast is not None else None
@@ -487,6 +492,23 @@ class CompiledModule(ModuleView):
     def _trains(self) -> bool:
         """Whether eager would record gradients: the module has a parameter that requires them."""
         return any(p.requires_grad for p in self.module.parameters())
+
+    def _check_hooks(self) -> None:
+        """After a forward hook was registered or removed anywhere: if this module's hooks are not those its
+        variants compiled with, every variant (eager ones too) is dropped and the next call compiles again."""
+        self._hook_epoch = hooks.EPOCH[0]
+        if self._hooks is None:
+            return
+        now = hooks.fingerprint(self.module)
+        if now == self._hooks:
+            return
+        with COMPILE_LOCK:
+            self.stats.param_recompiles += 1
+            recompiles.info("recompiling %s: its forward hooks changed", self.name)
+            self._variants, self._compiled, self._memo, self._fast = {}, [], {}, {}
+            self._calls, self._call_misses, self._sources, self._live = _Calls(), {}, {}, {}
+            self.__dict__.get("_dycl_programs", {}).clear()
+            self._params, self._hooks = None, None
 
     def _call_for_gradients(self, args: tuple, kwargs: dict) -> Any:
         """A call that eager would record gradients for runs eagerly, so its outputs carry gradients as eager's
@@ -695,6 +717,13 @@ class CompiledModule(ModuleView):
             why = f"{self.name} is called under torch.autocast, which fxcc does not compile; it runs eagerly there"
             return self._runs_eagerly(key, why, "Compile the model in the dtype you want (model.to(torch.bfloat16)) "
                                       "to run it compiled.", stacklevel=5)
+        self._hooks, self._hook_epoch = hooks.fingerprint(self.module), hooks.EPOCH[0]
+        hooked = hooks.foreign(self.module, own_run=self.method is not None)
+        if hooked:
+            why = (f"{self.name} runs eagerly while forward hooks are registered ({'; '.join(hooked[:3])}"
+                   f"{f'; {len(hooked) - 3} more' if len(hooked) > 3 else ''}): a compiled graph would run them once, "
+                   "at capture, on fake tensors, and never at its calls")
+            return self._runs_eagerly(key, why, "Remove them (handle.remove()): the next call compiles.", stacklevel=5)
         check_call(self.method or self.module, args, kwargs)
         try:
             variant = self.compile_for(args, kwargs, dims=dims)
