@@ -7,6 +7,8 @@ import functools
 import inspect
 import logging
 import os
+import types
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -146,9 +148,12 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
     elif callable(model) and not inspect.isclass(model):
         cm = CompiledModule(FunctionModule(model), opts)
     if callable(model) and not inspect.isclass(model):
+        per_instance = _method_of_modules(model, opts)
 
         @functools.wraps(model)
         def compiled_fn(*args, **kwargs):
+            if per_instance is not None and args and isinstance(args[0], nn.Module):
+                return per_instance(args[0])(*args[1:], **kwargs)
             return cm(*args, **kwargs)
 
         compiled_fn.fxcc = cm
@@ -156,6 +161,28 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
     raise TypeError(f"fxcc.compile expects an nn.Module, an nn.Module class or a function; got "
                     f"{type(model).__name__} ({model!r:.60}). Pass the model object itself, e.g. "
                     "fxcc.compile(model) or @fxcc.compile on its class or function.")
+
+
+def _method_of_modules(fn: Any, opts: CompileOptions) -> Callable[[nn.Module], CompiledModule] | None:
+    """For a function written as a method (defined in a class body, or its first parameter `self`: `@fxcc.compile`
+    on `def forward(self, x)` in a module's class), the CompiledModule of each instance it is called on: that instance with `fn` bound as
+    its method, so its parameters and state are guarded and read as the instance's (one compile serves instances
+    of one architecture through the graph cache). None for other functions."""
+    if not inspect.isfunction(fn):
+        return None
+    params = list(inspect.signature(fn).parameters)
+    scope = fn.__qualname__.split(".")
+    if not params or (params[0] != "self" and (len(scope) < 2 or scope[-2] == "<locals>")):
+        return None  # not defined in a class body, nor with a `self` parameter
+    compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def of(obj: nn.Module) -> CompiledModule:
+        cm = compiled.get(obj)
+        if cm is None:
+            cm = compiled[obj] = CompiledModule(obj, opts, method=types.MethodType(fn, obj))
+        return cm
+
+    return of
 
 
 class CompiledMethod:

@@ -147,7 +147,10 @@ def original_forward(module: nn.Module) -> Callable:
     `model.forward = fxcc.compile(model.forward)` or while a compiled module runs `generate`)."""
     fwd = module.__dict__.get("forward")
     if fwd is None or hasattr(fwd, "fxcc"):
-        return type(module).forward.__get__(module)
+        own = type(module).forward
+        if hasattr(own, "fxcc") and hasattr(own, "__wrapped__"):  # `@fxcc.compile` on forward in the class body
+            own = own.__wrapped__
+        return own.__get__(module)
     return fwd
 
 

@@ -851,7 +851,10 @@ def _entry(module: nn.Module) -> tuple[Any, Any, bool]:
     function."""
     inner = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
     if inner is None:
-        return module, type(module).forward, True
+        fn = type(module).forward
+        if hasattr(fn, "fxcc") and hasattr(fn, "__wrapped__"):  # `@fxcc.compile` on forward in the class body
+            fn = fn.__wrapped__
+        return module, fn, True
     if inspect.ismethod(inner) and isinstance(inner.__func__, types.FunctionType):
         return inner.__self__, inner.__func__, True  # a bound method: its object is `self`
     return None, inner, False

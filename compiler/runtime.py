@@ -973,7 +973,9 @@ class CompiledModule(ModuleView):
                 with self._stand_ins(args, kwargs):
                     cap = capture(self.module, args, kwargs, dims=dims, forward=self.method)
             except CaptureError as e:  # tensor-dependent control flow: a DyCL host program + compiled segments
-                other_method = self.method is not None and self.method.__func__ is not type(self.module).forward
+                own = type(self.module).forward
+                other_method = self.method is not None and self.method.__func__ is not own and \
+                    self.method.__func__ is not getattr(own, "__wrapped__", None)  # @fxcc.compile on forward
                 if dynamic.carries_state(args, kwargs) or other_method:  # DyCL splits forward, keeps no cache
                     raise
                 if opts.fullgraph:

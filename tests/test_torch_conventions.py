@@ -518,3 +518,51 @@ def test_a_compiled_class_instance_copies(x):
             torch.testing.assert_close(c(x), want)
             c.lin.weight.add_(1.0)
             torch.testing.assert_close(c(x), Net.forward(c, x))
+
+
+# ------------------------------------------------------------------------------------------- decorated forward
+
+
+class Decorated(nn.Module):
+    """`@fxcc.compile` on forward in the class body, as `@torch.compile` is often used."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    @fxcc.compile(passes=PASSES, options={"time_vs_eager": False})
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # tensor-dependent: a DyCL program over this instance
+            return self.b(h).relu()
+        return h * 2
+
+
+class DecoratedPlain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    @fxcc.compile(options={"time_vs_eager": False})  # the default pipeline
+    def forward(me, x):  # noqa: N805 - any name for the instance
+        return torch.tanh(me.lin(x)) * 2
+
+
+@pytest.mark.parametrize("cls", [DecoratedPlain, Decorated])
+def test_a_forward_decorated_in_the_class_body_runs_compiled_per_instance(cls):
+    torch.manual_seed(0)
+    first, second = cls().eval(), cls().eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")  # compiled: no eager fallback, no warning
+        for i in range(4):
+            x = torch.randn(4, 8) * (1 if i % 2 else -1)
+            for m in (first, second):  # each instance computes with its own weights
+                torch.testing.assert_close(m(x), cls.forward.__wrapped__(m, x))
+        first.eval()
+        for p in first.parameters():
+            p.add_(0.5)
+        x = torch.randn(4, 8)
+        torch.testing.assert_close(first(x), cls.forward.__wrapped__(first, x))
+    # each instance is compiled as itself with the method bound (its state guarded as a module's), not as a
+    # function taking the module as an argument
+    assert cls.forward.fxcc.stats.compiles == 0
