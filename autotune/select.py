@@ -438,6 +438,12 @@ def other_sizes(kb: KernelBody) -> dict | None:
     return next((o for o in fits if all(v % 2 for v in o.values())), fits[0] if fits else None)
 
 
+def _same_layout_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` over a copy of its storage: the same strides and offset, broadcast dimensions included."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage().clone(), t.storage_offset(), t.shape, t.stride())
+
+
 def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[tuple[list[torch.Tensor], float]]:
     """Inputs a kernel must get right beyond the random example, each with the tolerance it is checked to:
     boolean masks whose first row along the last dim is all False (an attention row with no key: eager gives
@@ -453,8 +459,8 @@ def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[
     masks = [i for i, x in enumerate(inputs) if x.dtype == torch.bool and x.dim() >= 1 and x.numel()]
     if masks:
         x = list(inputs)
-        for i in masks:
-            x[i] = inputs[i].clone()
+        for i in masks:  # in the kernel's layout: a clone of a broadcast (stride-0) mask would not be
+            x[i] = _same_layout_copy(inputs[i])
             x[i][(0,) * (x[i].dim() - 1)] = False
         out.append((x, 0.0))
     big = [i for i, x in enumerate(inputs) if i not in params and x.numel()

@@ -158,7 +158,7 @@ class TVMCandidate:
             mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
         else:
             mod = tl.schedule(lowered, params).mod
-        lib = tvm.compile(mod, target=tvm.target.Target(host_target()))
+        lib = _build(tvm, mod)
         spec = self._spec(lowered, params)
         with tempfile.TemporaryDirectory(prefix="fxcc-tvm-") as d:
             path = os.path.join(d, "kernel.so")
@@ -180,6 +180,21 @@ class TVMCandidate:
                 for o in lowered.outputs]
         return {"backend": self.backend, "split": self.split, "params": params, "inputs": ins, "outputs": outs,
                 "target": host_target(), "sizes": [list(a) for a in lowered.sizes], "grain": tl.PARALLEL_GRAIN}
+
+
+def _build(tvm, mod):
+    """tvm.compile for the host CPU. TVM's common-subexpression pass can hoist an index expression (the fused
+    row loop's `// 2`) where LLVM finds it does not dominate a use, in a vectorised epilogue that reads a
+    broadcast input: LLVM's verifier rejects the module. That build is tried again without the pass, which
+    only names shared expressions (LLVM finds most of them again)."""
+    target = tvm.target.Target(host_target())
+    try:
+        return tvm.compile(mod, target=target)
+    except Exception as e:  # TVM raises its InternalError (a RuntimeError) from the C++ side
+        if "LLVM module verification failed" not in str(e):
+            raise
+    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        return tvm.compile(mod, target=target)
 
 
 def _sizes(values) -> list[int | str]:

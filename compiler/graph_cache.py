@@ -260,7 +260,10 @@ def _in_project(path: str) -> bool:
 
 @cache
 def _install_roots() -> tuple[str, ...]:
+    """The interpreter's library folders, and any other site-packages on sys.path (a .pth file or a venv
+    with system site packages adds another installation's: its libraries are named by version too)."""
     paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths |= {p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages")}
     return tuple(sorted(paths | {os.path.realpath(p) for p in paths}))
 
 

@@ -12,6 +12,7 @@ import re
 import weakref
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import (
@@ -67,7 +68,7 @@ def canonical_symbols(text: str) -> str:
     return _TENSOR_TYPE.sub(lambda t: _SYMBOL.sub(rename, t.group(0)), text)
 
 
-_TENSOR_TYPE = re.compile(r"tensor<[^>]*>")
+_TENSOR_TYPE = re.compile(r"(?:tensor|strides|offset)<[^>]*>")  # and kernel_text's layouts
 _SYMBOL = re.compile(r"(?:(?<=x)|(?<![A-Za-z0-9_]))[su]\d+")  # dims are x-separated; dtypes never match
 
 
@@ -206,6 +207,11 @@ def format_node(node: fx.Node) -> str:
 
 def print_graph(gm: fx.GraphModule, name: str = "forward") -> str:
     """The whole graph as a function in MLIR-like text (size symbols named s0, s1, ... in order of use)."""
+    return canonical_symbols(_graph_text(gm, name))
+
+
+def _graph_text(gm: fx.GraphModule, name: str) -> str:
+    """print_graph's text with export's own symbol names."""
     lines, params = [], []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -216,22 +222,41 @@ def print_graph(gm: fx.GraphModule, name: str = "forward") -> str:
             lines.append("  return " + ", ".join(_operand_str(o) for o in outs))
         else:
             lines.append("  " + format_node(n))
-    return canonical_symbols(f"func @{name}({', '.join(params)}) {{\n" + "\n".join(lines) + "\n}")
+    return f"func @{name}({', '.join(params)}) {{\n" + "\n".join(lines) + "\n}"
 
 
 def kernel_text(body: fx.GraphModule, kind: str) -> str:
     """A kernel body's text, the input of its key: the printed graph, then the strides of its values that are not
-    row-major (static sizes). The printed types carry shapes only: two bodies alike but for layout (NCHW and
-    channels-last) are two kernels, whose generated code and cached choices differ."""
+    row-major. The printed types carry shapes only: two bodies alike but for layout (NCHW and channels-last, a
+    batch-symbolic input and its transpose) are two kernels, whose generated code and cached choices differ.
+    Symbolic strides print as `strides<1, s0>`, their symbols named as the graph's (canonical_symbols)."""
     out = []
     for n in body.graph.nodes:
         v = n.meta.get("val")
-        if not isinstance(v, torch.Tensor) or not all(type(d) is int for d in (*v.shape, *v.stride())):
+        if not isinstance(v, torch.Tensor):
             continue
-        if v.storage_offset() or not row_major(tuple(v.shape), tuple(v.stride())):
+        if not all(type(d) is int for d in (*v.shape, *v.stride(), v.storage_offset())):
+            out += _symbolic_layout(n.name, v)
+        elif v.storage_offset() or not row_major(tuple(v.shape), tuple(v.stride())):
             out.append(f"%{n.name} strides {tuple(v.stride())}" + (f" offset {v.storage_offset()}"
                                                                    if v.storage_offset() else ""))
-    return print_graph(body, name=kind) + ("\n// layouts: " + ", ".join(out) if out else "")
+    return canonical_symbols(_graph_text(body, kind) + ("\n// layouts: " + ", ".join(out) if out else ""))
+
+
+def _symbolic_layout(name: str, v: torch.Tensor) -> list[str]:
+    """`%x strides<1, s0>` for a value of symbolic sizes whose strides are not row-major (compared as
+    expressions: no guard), with its offset when that is not 0; nothing for a row-major one."""
+    def expr(d: Any) -> Any:
+        return d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(d)
+
+    shape, stride, offset = v.shape, v.stride(), expr(v.storage_offset())
+    dense = all((type(shape[d]) is int and shape[d] == 1)
+                or sympy.expand(expr(stride[d]) - sympy.Mul(*[expr(x) for x in shape[d + 1:]])) == 0
+                for d in range(len(shape)))
+    if dense and offset == 0:
+        return []
+    return [f"%{name} strides<{', '.join(dim_str(x) for x in stride)}>"
+            + (f" offset<{dim_str(v.storage_offset())}>" if offset != 0 else "")]
 
 
 def row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:

@@ -164,6 +164,11 @@ def shrunk_settings(config: Any, shrink: Shrink, cut: bool = False) -> dict[str,
             out[k] = {x: y for x, y in v.items() if int(x) < new_layers}  # per-layer overrides
         elif isinstance(v, dict) and "mrope_section" in v:
             out[k] = dict(v, mrope_section=_sections(v["mrope_section"], _rope_dim(out) // 2))
+    h, e, d = (out.get(k) for k in ("hidden_size", "expand", "head_dim"))
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in (h, e, d)) and "num_heads" in out and d:
+        out["num_heads"] = max(1, h * e // d)  # state-space heads: num_heads * head_dim = expand * hidden
+        if isinstance(out.get("n_groups"), int) and out["num_heads"] % out["n_groups"]:
+            out["n_groups"] = 1
     for k in ("out_features", "out_indices", "_out_features", "_out_indices", "stage_names"):
         if k in out and old:
             del out[k]  # backbone stages named by the old depth

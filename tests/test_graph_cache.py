@@ -222,3 +222,19 @@ def test_the_key_does_not_depend_on_the_process_hash_seed():
         assert p.returncode == 0, p.stderr
         keys.add(p.stdout.strip().splitlines()[-1])
     assert len(keys) == 1 and next(iter(keys)).startswith("g")
+
+
+def test_libraries_of_another_site_packages_on_the_path_are_keyed_by_version(tmp_path, monkeypatch):
+    """A venv whose .pth adds another installation's site-packages (a worktree's sharing main's): files there
+    are libraries, not the project's, so importing one more of them does not change a model's code key."""
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    graph_cache._install_roots.cache_clear()
+    graph_cache._in_project.cache_clear()
+    try:
+        assert not graph_cache._in_project(str(site / "somelib" / "mod.py"))
+        assert graph_cache._in_project(str(tmp_path / "model.py"))
+    finally:
+        graph_cache._install_roots.cache_clear()
+        graph_cache._in_project.cache_clear()

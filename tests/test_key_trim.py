@@ -111,3 +111,14 @@ def test_probe_falls_back_to_random_masks_when_the_example_does_not_run():
               and "tx.attention" in kernel_body(n.args[1]).text)
     assert Probe(v.gm, ((torch.randn(5, 3),), {}))(kb) == {}  # wrong example: nothing recorded, no error
     assert Probe(v.gm, ())(kb) == {}
+
+
+def test_edge_masks_keep_the_kernels_layout():
+    """The all-False-row edge input of a broadcast mask keeps its stride-0 dimension: a clone made it a real
+    one, whose other rows a kernel built for the broadcast never reads (the TVM attention was rejected)."""
+    from fxcc.autotune.select import edge_inputs
+
+    mask = torch.ones(2, 8, dtype=torch.bool)[:, None, None, :].expand(2, 1, 8, 8)
+    (edge, tol), = [e for e in edge_inputs([mask]) if e[0][0].dtype == torch.bool]
+    assert edge[0].stride() == mask.stride() and tol == 0.0
+    assert not edge[0][0].any() and edge[0][1].all() and mask.all()

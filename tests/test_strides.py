@@ -261,3 +261,24 @@ def test_a_symbolic_variant_serves_strided_inputs_of_other_sizes_with_eagers_str
     assert "symbolic" in f.fxcc.stats.reasons[-1]
     wide = [torch.randn(6, 32)[:, ::2] for _ in range(2)]  # gapped rows: eager's output is dense
     assert f(*wide).stride() == gelu_times(*wide).stride() == (16, 1)
+
+
+def _gelu_mix(a, b):
+    return torch.nn.functional.gelu(a) * b + a.sum(-1, keepdim=True) - b.mean()
+
+
+def test_a_symbolic_kernel_for_transposed_inputs_is_not_the_row_major_ones():
+    """Batch-symbolic variants for row-major inputs, then for transposed ones: the kernel bodies print alike
+    but for their strides (`(1, s0)` against `(16, 1)`), so their text records symbolic strides too; sharing
+    one key, the transposed variant ran the row-major body and returned row-major outputs (tvm codegen)."""
+    pytest.importorskip("tvm")
+    cm = fxcc.compile(_gelu_mix, passes="canonicalize,raise,fuse,codegen{backend=tvm}",
+                      options=fxcc.CompileOptions(time_vs_eager=False, graph_cache=False))
+    for b in (4, 7):
+        cm(torch.randn(b, 16), torch.randn(b, 16))
+    for b in (5, 9):
+        a, x = torch.randn(16, b).t(), torch.randn(16, b).t()
+        got, want = cm(a, x), _gelu_mix(a, x)
+        assert got.stride() == want.stride() == (1, b)
+        torch.testing.assert_close(got, want)
+

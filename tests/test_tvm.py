@@ -372,6 +372,21 @@ def test_tvm_build_failure_falls_back_to_extern_with_a_warning(monkeypatch):
     assert all(kb.backend == "extern" for kb in kernels(cm.fxcc))
 
 
+def test_gemm_with_a_broadcast_epilogue_on_strided_inputs_builds_in_tvm():
+    # gemma2's attention scores: q transposed, k expanded over heads and transposed, plus a mask broadcast over
+    # heads. TVM's CSE hoisted the fused loop's `// 2` where LLVM's verifier found it did not dominate a use.
+    def f(q, k, m):
+        return torch.matmul(q.transpose(1, 2), k[:, None].expand(2, 2, 8, 16).transpose(2, 3)) + m
+    q, k, m = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 16), torch.randn(2, 1, 8, 8)
+    cm = fxcc.compile(f, passes=TVM)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        out = cm(q, k, m)
+    torch.testing.assert_close(out, f(q, k, m), atol=1e-5, rtol=1e-5)
+    assert not [w for w in ws if "could not build" in str(w.message)], [str(w.message) for w in ws]
+    assert [kb.backend for kb in kernels(cm.fxcc)] == ["tvm"]
+
+
 def test_auto_measures_tvm_against_extern_and_records_the_choice():
     def f(x, r):
         return F.layer_norm(x + r, (64,)) * 2

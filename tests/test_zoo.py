@@ -138,3 +138,13 @@ def test_a_config_that_derives_per_layer_lists_from_a_fixed_default_is_built_wit
 
     config = shrunk_config("llama4_text")
     assert len(config.layer_types) == config.num_hidden_layers < 48
+
+
+def test_state_space_heads_are_shrunk_to_cover_the_expanded_width():
+    """Mamba-2 validates num_heads * head_dim == expand * hidden_size; shrinking each alone broke that, and
+    the zoo could not build it."""
+    from fxcc.zoo_models import shrunk_config
+
+    config = shrunk_config("mamba2")
+    assert config.num_heads * config.head_dim == config.expand * config.hidden_size
+    assert config.num_heads % config.n_groups == 0 and config.hidden_size <= 64
