@@ -107,9 +107,9 @@ def searched():
 
 
 def test_applying_a_plan_measures_nothing_and_reproduces_the_outputs(searched, calls, tmp_path):
-    # the counters count: the search timed each layer's kernels (what else it timed depends on those timings
-    # and on what the artifact cache holds)
-    assert searched.counts["fxcc.autotune.mixed_precision._bench"] and searched.counts["fxcc.measure.interleaved"]
+    # the counters count: the search timed each layer's precisions (what else it timed depends on those timings
+    # and on what the artifact cache holds: kernel choices settled there by an earlier test are not timed again)
+    assert searched.counts["fxcc.autotune.mixed_precision._bench"]
     plan = searched.plan(tmp_path / "plan.json", latency_ms=1.0, eager_ms=2.0)
     report = mixed_precision_report(searched.compiled)
     assert plan.precision == {r.node: {"module": r.module, "precision": r.precision, "kernel": r.kernel}
