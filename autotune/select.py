@@ -461,7 +461,8 @@ def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[
         x = list(inputs)
         for i in masks:  # in the kernel's layout: a clone of a broadcast (stride-0) mask would not be
             x[i] = _same_layout_copy(inputs[i])
-            x[i][(0,) * (x[i].dim() - 1)] = False
+            row = x[i][(0,) * (x[i].dim() - 1)]
+            (row[:1] if row.stride(-1) == 0 else row).fill_(False)  # a row broadcast along the last dim: one place
         out.append((x, 0.0))
     big = [i for i, x in enumerate(inputs) if i not in params and x.numel()
            and x.dtype in (torch.float32, torch.float64, torch.bfloat16)]
