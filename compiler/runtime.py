@@ -416,13 +416,7 @@ class CompiledModule(ModuleView):
         flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
         if why is not None:
-            self.stats.param_recompiles += 1
-            recompiles.info("recompiling %s: %s", self.name, why)
-            self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)}
-            self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
-            self._sources, self._live, self._missing = {}, {}, {}
-            self.__dict__.get("_dycl_programs", {}).clear()  # DyCL programs' segments bound the old state
-            self._params = None  # what is left runs eagerly and depends on nothing; a compile snapshots anew
+            self._drop_variants(why, keep_eager=True)
         variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
         if variant is None:
             if eager_check.in_reference_run():  # eager's side of an enclosing model's check: compile nothing
@@ -503,12 +497,20 @@ class CompiledModule(ModuleView):
         if now == self._hooks:
             return
         with COMPILE_LOCK:
-            self.stats.param_recompiles += 1
-            recompiles.info("recompiling %s: its forward hooks changed", self.name)
-            self._variants, self._compiled, self._memo, self._fast = {}, [], {}, {}
-            self._calls, self._call_misses, self._sources, self._live = _Calls(), {}, {}, {}
-            self.__dict__.get("_dycl_programs", {}).clear()
-            self._params, self._hooks = None, None
+            self._drop_variants("its forward hooks changed", keep_eager=False)
+            self._hooks = None
+
+    def _drop_variants(self, why: str, keep_eager: bool) -> None:
+        """A change of the model the variants depend on: drop them, with what they recorded about it (DyCL
+        programs' segments bound the old state), so the next call compiles again; `keep_eager`: signatures that
+        run eagerly stay so (they depend on nothing), else they are dropped too."""
+        self.stats.param_recompiles += 1
+        recompiles.info("recompiling %s: %s", self.name, why)
+        self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)} if keep_eager else {}
+        self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
+        self._sources, self._live, self._missing = {}, {}, {}
+        self.__dict__.get("_dycl_programs", {}).clear()
+        self._params = None  # a compile snapshots the state anew
 
     def _call_for_gradients(self, args: tuple, kwargs: dict) -> Any:
         """A call that eager would record gradients for runs eagerly, so its outputs carry gradients as eager's

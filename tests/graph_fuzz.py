@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from dycl_fuzz import parse_seeds
 
 PIPELINES = {"default": None, "extern": "canonicalize,raise,merge-linears,fuse,codegen{backend=extern}",
              "tvm": "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=tvm}",
@@ -686,13 +687,6 @@ def show_program(prog: Program) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def parse_seeds(text: str) -> range:
-    if ":" in text:
-        a, b = text.split(":")
-        return range(int(a), int(b))
-    return range(int(text), int(text) + 1)
 
 
 def summary(outcomes: list[Outcome]) -> str:
