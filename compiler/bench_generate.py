@@ -19,6 +19,7 @@ first forward call itself; TTFT / alone and first forward / alone are reported p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from .capture import forward_as
+from .runtime import DEFERRED_STOP_DEVICES, deferred_stop_check
 
 
 @dataclass
@@ -60,11 +62,13 @@ class Engine:
     alone_compile_s: float | None = None
     compiles_timed: int = 0  # compiles during the timed rounds (a recompile there would be in a TTFT)
     alone_compiles_timed: int = 0
+    defer: bool = False  # generate reads its stop flag one step late, as `CompiledModule.generate` runs it
 
 
 class Clock:
-    """Wraps a forward to record when each call starts and ends (CUDA synchronized): the first call is the
-    prefill."""
+    """Wraps a forward to record when each call starts and ends: the first call is the prefill, synchronized
+    (CUDA) so its end is the first token's time; later calls are not, so the host may queue a step while the
+    device runs the one before, as in a generate nobody watches (the decode time is taken at generate's end)."""
 
     def __init__(self, fn: Callable, device: str):
         self.fn, self.device, self.starts, self.ends = fn, device, [], []
@@ -72,7 +76,7 @@ class Clock:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.starts.append(time.perf_counter())
         out = self.fn(*args, **kwargs)
-        if self.device == "cuda":
+        if self.device == "cuda" and not self.ends:
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
         return out
@@ -91,25 +95,34 @@ def llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int
     return model
 
 
-def engines(model: nn.Module, names: list[str], device: str) -> list[Engine]:
+def engines(model: nn.Module, names: list[str], device: str, defer: str = "fxcc") -> list[Engine]:
+    """The engines by name; `defer`: which run generate with the stop check one step late ("fxcc": fxcc's, as
+    `fxcc.compile(model).generate` runs it; "all"; "none")."""
     import fxcc
 
     own = type(model).forward.__get__(model)
     out = []
     for name in names:
-        base, _, mode = name.partition(":")
-        if name == "eager":
-            out.append(Engine(name, None))
+        spec, _, how = name.partition("+")  # "+defer" / "+plain": this engine's stop check, whatever `defer` says
+        base, _, mode = spec.partition(":")
+        if how not in ("", "defer", "plain"):
+            raise SystemExit(f"unknown engine {name!r}: after '+' use defer or plain")
+        late = {"defer": True, "plain": False}.get(how)
+        if base == "eager":
+            out.append(Engine(name, None, defer=defer == "all" if late is None else late))
         elif base == "torch.compile":
             from torch._dynamo.utils import counters
             torch._dynamo.reset()
             fn = torch.compile(own, mode=mode or None)
-            out.append(Engine(name, fn, "static", lambda: counters["stats"]["unique_graphs"]))
+            out.append(Engine(name, fn, "static", lambda: counters["stats"]["unique_graphs"],
+                              defer=defer == "all" if late is None else late))
         elif base == "fxcc":
             fn = fxcc.compile(own)
-            out.append(Engine(name, fn, mode or None, lambda s=fn.fxcc.stats: s.compiles))
+            out.append(Engine(name, fn, mode or None, lambda s=fn.fxcc.stats: s.compiles,
+                              defer=defer != "none" if late is None else late))
         else:
-            raise SystemExit(f"unknown engine {name!r}; use eager, torch.compile[:MODE], fxcc[:static]")
+            raise SystemExit(f"unknown engine {name!r}; use eager, torch.compile[:MODE], fxcc[:static], each with an "
+                             "optional +defer or +plain (the stop check one step late, or at every step)")
     return out
 
 
@@ -124,9 +137,12 @@ def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: s
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.inference_mode(), forward_as(model, clock):
+    defer = deferred_stop_check(DEFERRED_STOP_DEVICES) if e.defer else contextlib.nullcontext()
+    with torch.inference_mode(), forward_as(model, clock), defer:
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
-    return out, [t0, *clock.ends], clock.starts[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, [t0, clock.ends[0], time.perf_counter()], clock.starts[0]
 
 
 class _Recorded(Exception):
@@ -205,7 +221,7 @@ def run(args: Any, log: Callable[[str], None]) -> str:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 32000, (batch, prompt), generator=gen).to(device)
     other = torch.randint(2, 32000, (batch, prompt - prompt // 4), generator=gen).to(device)
-    es = engines(model, names, device)
+    es = engines(model, names, device, getattr(args, "defer", "fxcc"))
     reference = {}
     for e in es:  # first generate (compiles), then one with another prompt length (compiles again?)
         log(f"{e.name}: first generate ...")

@@ -385,6 +385,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--size", choices=["small", "full"], help="breadth: module sizes (default full)")
     b.add_argument("--list", action="store_true", help="breadth: list the selected modules and exit")
     b.add_argument("--no-warm", action="store_true", help="breadth: skip the warm compiles in a new process")
+    b.add_argument("--defer", choices=["fxcc", "all", "none"], default="fxcc",
+                   help="generate: engines whose generate reads the stop flag one step late, so the host queues the "
+                        "next step while the device runs this one (default fxcc: as fxcc.compile(model).generate runs)")
     b.add_argument("--no-prefill-alone", dest="prefill_alone", action="store_false",
                    help="generate: skip compiling and timing each fxcc engine's prefill alone (TTFT / prefill alone)")
     b.set_defaults(fn=cmd_bench)

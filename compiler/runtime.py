@@ -29,7 +29,7 @@ import time
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,6 +305,48 @@ class _Call:
             else:
                 flat.append(a)
         return flat
+
+
+# Device types on which `CompiledModule.generate` reads the stop flag one step late (transformers' DeferredStopCheck):
+# the host queues step n+1 while the device runs step n instead of waiting at every token; transformers itself
+# defers on "mps" only. Same tokens: the one extra step it may run past a finished batch is undone by transformers.
+DEFERRED_STOP_DEVICES = ("cuda",)
+_DEFERRED_LOCK = threading.Lock()
+_deferred_users = 0
+
+
+@contextlib.contextmanager
+def deferred_stop_check(device_types: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, transformers' generate defers its stop check (`DeferredStopCheck`) on `device_types` too,
+    under the conditions it applies on "mps" (no assistant model; a cache returned to the caller must be
+    croppable, so the extra step can be taken back). Without that class (another transformers), nothing changes."""
+    global _deferred_users
+    try:
+        from transformers.generation.utils import DeferredStopCheck
+    except ImportError:
+        yield
+        return
+    own = DeferredStopCheck.__dict__.get("is_supported")
+    if not isinstance(own, staticmethod):
+        yield
+        return
+    with _DEFERRED_LOCK:
+        _deferred_users += 1
+        if _deferred_users == 1:
+            def is_supported(device: torch.device, *rest: Any, **kw: Any) -> bool:
+                if device.type in device_types:
+                    device = torch.device("mps")  # its conditions, as for the device it was written for
+                return own.__func__(device, *rest, **kw)
+
+            is_supported.fxcc_original = own
+            DeferredStopCheck.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        with _DEFERRED_LOCK:
+            _deferred_users -= 1
+            if _deferred_users == 0:
+                DeferredStopCheck.is_supported = own
 
 
 class CompiledModule(ModuleView):
@@ -667,7 +709,7 @@ class CompiledModule(ModuleView):
             return self(*a, **k)
 
         forward.fxcc = self  # marks it as fxcc's, so capture and the eager fallback call the model's own
-        with forward_as(self.module, forward):
+        with forward_as(self.module, forward), deferred_stop_check(DEFERRED_STOP_DEVICES):
             return gen(*args, **kwargs)
 
     def _params_unchanged(self) -> bool:

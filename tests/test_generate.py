@@ -13,6 +13,7 @@ import logging
 import fxcc
 import pytest
 import torch
+from fxcc import runtime as fxcc_runtime
 from fxcc.state import Unchanged
 
 transformers = pytest.importorskip("transformers")
@@ -579,3 +580,50 @@ def test_a_static_cache_generate_does_not_recompile_other_compiles_of_the_model(
         torch.testing.assert_close(plain(ids).logits, logits)
     assert plain.stats.compiles == 1 and plain.stats.param_recompiles == 0
     assert gen.stats.param_recompiles == 0
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_with_the_stop_check_one_step_late_keeps_eagers_tokens(monkeypatch, cache_implementation):
+    """`CompiledModule.generate` reads the stop flag one step late on CUDA (transformers' DeferredStopCheck, which
+    transformers applies on mps only), so the host queues a step while the device runs one. Here it is turned on
+    for the CPU: rows that meet the end-of-sequence token at different steps, so the batch finishes early and the
+    one step run past it must be taken back."""
+    from transformers.generation.utils import DeferredStopCheck
+
+    model = build(llama)
+    ids = prompt(6, 2)
+    kw = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    plain = generate(model, ids, max_new_tokens=12, **kw)
+    row0, row1 = plain[0, 6:].tolist(), plain[1, 6:].tolist()
+    eos = next(t for t in row0[2:] if t in row1[2:] and t != model.config.pad_token_id)  # ends both rows early
+    expected = generate(model, ids, max_new_tokens=12, eos_token_id=eos, **kw)
+    assert expected.shape[1] < plain.shape[1]  # the batch finished before max_new_tokens
+
+    made = []
+    real_init = DeferredStopCheck.__init__
+
+    def init(self, *a, **k):
+        made.append(self)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(DeferredStopCheck, "__init__", init)
+
+    class Event:  # the CPU has no events; its work is done when the call returns
+        def __init__(self, *a, **k):
+            pass
+
+        def record(self, *a):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch, "Event", Event)
+    monkeypatch.setattr(fxcc_runtime, "DEFERRED_STOP_DEVICES", ("cpu",))
+    cm = fxcc.compile(model, passes=FAST)
+    got = generate(cm, ids, max_new_tokens=12, eos_token_id=eos, **kw)
+    assert made, "generate did not defer its stop check"
+    assert torch.equal(got, expected)
+    assert cm.stats.eager_calls == 0
+    assert DeferredStopCheck.is_supported(torch.device("cpu"), None, False, False) is False  # undone after generate
+    assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=eos, **kw), expected)
