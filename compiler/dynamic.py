@@ -65,6 +65,21 @@ def top_ints(args: tuple, kwargs: dict, kind: type = int) -> frozenset[int]:
     return frozenset(out)
 
 
+def map_top(args: tuple, kwargs: dict, which: frozenset[int], fn: Any) -> tuple[tuple, dict]:
+    """The call with `fn` applied to its top-level arguments whose flat input is in `which` (as `top_ints`
+    numbers them: positional first, then keywords sorted by name)."""
+    out, new, i = list(args), dict(kwargs), 0
+    for j, v in enumerate(args):
+        if i in which:
+            out[j] = fn(v)
+        i += len(pytree.tree_leaves(v))
+    for k in sorted(kwargs):
+        if i in which:
+            new[k] = fn(kwargs[k])
+        i += len(pytree.tree_leaves(kwargs[k]))
+    return tuple(out), new
+
+
 def scalar_changes(flat: list[Any], struct: tuple, ints: frozenset[int], sized: frozenset[int],
                    compiled: list[tuple]) -> dict[int, tuple[int, int]]:
     """The top-level ints (`ints`) whose value alone makes this call (`struct`, its `structure` under `sized`)
@@ -101,9 +116,9 @@ def _state_leaves(args: tuple, kwargs: dict, pick: Any) -> frozenset[int]:
 
 def structure(flat: list[Any], sized: frozenset[int]) -> tuple:
     """What a call must share with a variant, whatever the sizes: tensors' rank, dtype, device, layout and
-    layout class (`layout_class`); the ints in `sized` are sizes; other constants by value."""
+    layout class (`layout_class`); the ints (and floats) in `sized` are symbolic, by type; other constants by value."""
     return tuple((x.dim(), x.dtype, x.device, x.layout, layout_class(x)) if isinstance(x, torch.Tensor)
-                 else ("int",) if i in sized else _const(x) for i, x in enumerate(flat))
+                 else (type(x).__name__,) if i in sized else _const(x) for i, x in enumerate(flat))
 
 
 def without_layouts(struct: tuple) -> tuple:
@@ -239,16 +254,17 @@ class Shapes:
             if shape is None:
                 static.append(None)
                 continue
-            sym = tuple(d for d, s in enumerate(shape) if is_symbolic(s))
+            sym = tuple(d for d, s in enumerate(shape) if is_symbolic(s) or isinstance(s, torch.SymFloat))
             if sym:
                 dims[i] = sym
-            static.append(tuple(None if d in sym else int(s) for d, s in enumerate(shape)))
+            static.append(tuple(None if d in sym else s if isinstance(s, float) else int(s)
+                                for d, s in enumerate(shape)))
         shapes = Shapes(dims, static, sizes(flat, sized), names, ints=set(sized),
                         example_strides=[strides(x) if isinstance(x, torch.Tensor) else None for x in flat])
         if dims:
             guarded = [i for i, v in enumerate(vals) if isinstance(v, (torch.Tensor, torch.SymInt))]
-            env = next(vals[i].node.shape_env if isinstance(vals[i], torch.SymInt) else vals[i].fake_mode.shape_env
-                       for i in dims)
+            env = next(vals[i].node.shape_env if isinstance(vals[i], (torch.SymInt, torch.SymFloat))
+                       else vals[i].fake_mode.shape_env for i in dims)
             code = env.produce_guards_expression([vals[i] for i in guarded], ignore_static=True)
             shapes.guarded = guarded
             if code:

@@ -232,10 +232,6 @@ def _wants_grads(args: tuple, kwargs: dict) -> bool:
 
 
 _PLAIN = (bool, int, float, str)
-# why a float argument recompiles at each new value: torch.export (2.13) traces a float input as a constant, and
-# passing it as a 0-d tensor read back with .item() in the graph is not yet compiled by fxcc
-_FLOATS = ("a float argument stays a constant: each new value compiles (torch.export takes a float input as a "
-           "constant)")
 _MAX_CALLS = 64  # call shapes remembered by the keyword fast path
 _MAX_MISSES = 2  # times a call shape's state objects may change before it is no longer remembered
 
@@ -342,7 +338,7 @@ class CompiledModule(ModuleView):
         self._hook_epoch = hooks.EPOCH[0]
         self.unlike_eager: list[str] = []  # calls check_eager="always" found to differ from eager, and where
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
-        self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions to make symbolic from the start
+        self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions (a scalar: {0}) symbolic from the start
         self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
         # errors surface at compile(); only None means the default ("" is an empty, malformed pipeline)
         self._passes = parse_pipeline(DEFAULT_PIPELINE if options.passes is None else options.passes)
@@ -748,7 +744,7 @@ class CompiledModule(ModuleView):
         if isinstance(variant, Variant) and variant.captured is not None:
             variant.shapes = dynamic.Shapes.of(variant.gm, flat, names, sized)
             variant.struct = struct
-            kept = [i for i in dims or {} if type(flat[i]) is int and i not in variant.shapes.dims and i not in const]
+            kept = [i for i in dims or {} if type(flat[i]) in (int, float) and i not in variant.shapes.dims and i not in const]
             reason += "".join(f"; `{names[i]}` stays a constant: the program needs its value (export specialized it)"
                               for i in kept)
             symbolic = variant.shapes.describe()
@@ -772,17 +768,18 @@ class CompiledModule(ModuleView):
     def _sizes_of(self, args: tuple, kwargs: dict, flat: list[Any], spec: Any,
                   names: list[str]) -> tuple[frozenset[int], str]:
         """The call's ints that are sizes (symbolic where the program allows): those inside a KV cache, and its
-        int arguments under dynamic=True or once their value changed (dynamic=None), as torch.compile's
+        int and float arguments under dynamic=True or once their value changed (dynamic=None), as torch.compile's
         automatic dynamic; with the reason where this call's value made one so (`argument `n` changed 1 -> 2`)."""
         sized = self._sized.setdefault(spec, dynamic.state_ints(args, kwargs))
         if self.options.dynamic is False:
             return sized, ""
         static = self._static_ints.get(spec, {})
-        ints = dynamic.top_ints(args, kwargs)
+        ints = dynamic.top_ints(args, kwargs) | dynamic.top_ints(args, kwargs, float)
         text = ""
         if self.options.dynamic is True:
             sized |= ints - static.keys()
         else:
+            sized |= ints & self.dims_hint.keys() - static.keys()  # (torch.compile's backend: dynamo made them so)
             seen = [v.struct[1] for v in self._compiled if v.struct is not None and v.struct[0] == spec
                     and v.struct[2] == self.module.training]
             changes = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), ints, sized, seen)
@@ -790,14 +787,6 @@ class CompiledModule(ModuleView):
             text = "; ".join(f"argument `{names[i]}` changed {a} -> {b}; " + (
                 f"it stays a constant ({static[i]})" if i in static else "recompiling with it symbolic")
                 for i, (a, b) in sorted(changes.items()))
-            floats = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), dynamic.top_ints(args, kwargs, float),
-                                            sized, seen)
-            text = "; ".join([text] * bool(text) + [f"argument `{names[i]}` changed {a} -> {b}; {_FLOATS}"
-                                                     for i, (a, b) in floats.items()])
-            if floats and not self.__dict__.get("_warned_floats"):
-                self.__dict__["_warned_floats"] = True
-                warnings.warn(f"fxcc: {self.name}: {text}. Pass a value that changes from call to call as a tensor "
-                              "(torch.tensor(s)) to compile it once.", stacklevel=6)
         self._sized[spec] = sized
         return sized, text
 
@@ -833,7 +822,7 @@ class CompiledModule(ModuleView):
             return {}, reason
         if mode is True:
             return self._nonnegative(dynamic.all_dims(flat, sized), flat, names, reason)
-        ints = {i: {0} for i in sized if type(flat[i]) is int}  # int arguments made sizes, and a cache's
+        ints = {i: {0} for i in sized if type(flat[i]) in (int, float)}  # int and float arguments made symbolic
         dims = dynamic.merge(dynamic.marked_dims(flat), self.dims_hint, dynamic.all_dims(flat, sized) if state else ints)
         for v in kin:
             changed = v.shapes.changed(flat)
