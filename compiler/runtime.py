@@ -233,17 +233,22 @@ def _wants_grads(args: tuple, kwargs: dict) -> bool:
 
 _PLAIN = (bool, int, float, str)
 _MAX_CALLS = 64  # call shapes remembered by the keyword fast path
+_ANY_FLOAT = (float, "any value")  # a float argument in a call key, whatever its value
 _MAX_MISSES = 2  # times a call shape's state objects may change before it is no longer remembered
 
 
-def _call_key(args: tuple, kwargs: dict, training: bool) -> tuple | None:
+def _call_key(args: tuple, kwargs: dict, training: bool, floats: bool = True) -> tuple | None:
     """The guard key of a call whose arguments are tensors, plain values, None and state objects (a KV cache,
-    by identity; `_Call.holds` checks what it holds): the keyword-call fast path's key (None for other calls)."""
+    by identity; `_Call.holds` checks what it holds): the keyword-call fast path's key (None for other calls).
+    With `floats` False, float arguments count by type alone: the key of calls a variant symbolic in each of them
+    serves whatever their values (a temperature that changes every call)."""
     parts: list[Any] = [training, call_context(), len(args), tuple(kwargs)]
     for a in (*args, *kwargs.values()):
         t = type(a)
         if t is torch.Tensor:
             parts.append((a.shape, a.stride(), a.dtype, a.device, a.layout))
+        elif t is float and not floats:
+            parts.append(_ANY_FLOAT)
         elif a is None or t in _PLAIN:
             parts.append((t, a))
         elif is_state(a):
@@ -328,6 +333,7 @@ class CompiledModule(ModuleView):
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._calls: _Calls = _Calls()  # _call_key -> what the guard found (None: not kept)
         self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
+        self._symbolic_floats = False  # some call key in _calls takes its float arguments whatever their values
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
@@ -401,6 +407,8 @@ class CompiledModule(ModuleView):
         # keyword and KV-cache calls: the same call shape, with its state objects holding what they held
         ckey = _call_key(args, kwargs, self.module.training) if fast is None else None
         call = self._calls.get(ckey) if ckey is not None else None
+        if call is None and ckey is not None and self._symbolic_floats:  # a variant that takes any value of them
+            call = self._calls.get(_call_key(args, kwargs, self.module.training, floats=False))
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
             return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
         with COMPILE_LOCK:  # one thread at a time guards, compiles and checks (capture is not thread-safe)
@@ -438,7 +446,13 @@ class CompiledModule(ModuleView):
         """Keep what the guard found for this call shape and the state objects as the guard saw them (before the
         call: a call writing a static cache in place leaves it holding the same objects). A shape whose objects
         changed since it was kept more than _MAX_MISSES times (a growing cache rebinds its tensors at every step)
-        is not kept again: the snapshot would cost more than it saves."""
+        is not kept again: the snapshot would cost more than it saves. A variant symbolic in each float argument
+        is kept for the shape whatever their values (`_call_key(floats=False)`)."""
+        floats = dynamic.top_ints(args, kwargs, float)
+        shapes = getattr(variant, "shapes", None)
+        if floats and shapes is not None and floats <= shapes.dims.keys():
+            ckey = _call_key(args, kwargs, self.module.training, floats=False)
+            self._symbolic_floats = True
         if ckey in self._calls:
             self._call_misses[ckey] = misses = self._call_misses.get(ckey, 0) + 1
             if misses > _MAX_MISSES or self._calls[ckey] is None:

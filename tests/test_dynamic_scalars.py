@@ -346,3 +346,17 @@ def test_torch_compile_backend_takes_symbolic_floats():
         for i in range(5):
             torch.testing.assert_close(fn(x, 0.5 + 0.2 * i), sample_probs(x, 0.5 + 0.2 * i), rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_changing_float_takes_the_fast_path(monkeypatch):
+    """Once the symbolic variant serves a call shape, a new value of the float is no new guard lookup: the call
+    goes straight to that variant (the value is no part of the remembered call's key)."""
+    cm, x = compiled(sample_probs), torch.randn(4, 32)
+    for t in (0.5, 0.7, 0.9):
+        check(cm, sample_probs, x, t)
+    slow = []
+    full = cm._slow_call
+    monkeypatch.setattr(cm, "_slow_call", lambda *a: slow.append(a) or full(*a))
+    for i in range(5):
+        check(cm, sample_probs, x, 1.1 + i)
+    assert not slow and cm.stats.compiles == 2
