@@ -264,25 +264,31 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     (`int_type_reads`), or export fails with them symbolic, the capture is made again with these arguments
     constants (`Captured.constant_ints`)."""
     floats = frozenset(top_ints(args, kwargs, float) & (dims or {}).keys())
-    ints = sorted(top_ints(args, kwargs) & (dims or {}).keys() | floats)
-    why = ""
-    if ints:
+    ints = frozenset(top_ints(args, kwargs) & (dims or {}).keys())
+    # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step)
+    attempts = [ints | floats] + [ints] * bool(ints and floats) if ints | floats else []
+    constant: dict[int, str] = {}
+    for symbolic in attempts:
         watched: set[Any] = set()
         with missing_lookups(module) as missing, int_type_reads(watched) as reads:
             try:
-                cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats)
+                cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched,
+                               floats=symbolic & floats)
             except CaptureError as e:
                 cap, why = None, _symbolic_failure(e)
         if cap is not None and cap.method == "export" and not reads:
             cap.missing = missing
+            cap.constant_ints = constant
             return cap
         why = (f"the model's code may read its type or text ({reads[0]})" if reads else
-               why or f"export failed with it symbolic: {cap.export_error}")
-        dims = {i: ds for i, ds in dims.items() if i not in ints}
+               why if cap is None else f"export failed with it symbolic: {cap.export_error}")
+        unmade = symbolic & floats if len(attempts) > 1 and symbolic == attempts[0] else symbolic
+        constant.update(dict.fromkeys(sorted(unmade), why))
+        dims = {i: ds for i, ds in dims.items() if i not in unmade}
     with missing_lookups(module) as missing:
         cap = _capture(module, args, kwargs, dims=dims, forward=forward)
     cap.missing = missing
-    cap.constant_ints = dict.fromkeys(ints, why)
+    cap.constant_ints = constant
     return cap
 
 

@@ -360,3 +360,19 @@ def test_changing_float_takes_the_fast_path(monkeypatch):
     for i in range(5):
         check(cm, sample_probs, x, 1.1 + i)
     assert not slow and cm.stats.compiles == 2
+
+
+def gated_shift(x, s: float, n: int):
+    return (x + n) * (2 if s > 0.5 else 3)
+
+
+def test_a_float_the_program_needs_leaves_the_ints_symbolic():
+    """Under dynamic=True a float that decides a branch stays a constant by itself: the int beside it is still
+    symbolic (one compile for every n), and the reason names the float."""
+    cm, x = compiled(gated_shift, dynamic=True), torch.randn(4, 8)
+    for n in range(1, 6):
+        check(cm, gated_shift, x, 0.7, n)
+    assert cm.stats.compiles == 1 and cm.variants[0].shapes.describe() == "x dim 0/1, n"  # not s
+    assert "`s` stays a constant: the program needs its value" in cm.stats.reasons[0]
+    check(cm, gated_shift, x, 0.2, 3)  # the other side of the branch: its own compile
+    assert cm.stats.compiles == 2
