@@ -7,6 +7,8 @@ symbolic (`torch.export.Dim.AUTO`: export keeps a dimension static where the pro
 `torch._dynamo.mark_dynamic(t, d)` marks a dimension before the first call. A call that carries a KV
 cache (a transformers `Cache`) is a step of generation, whose lengths change every call: its sizes are
 symbolic from the first compile, so a `generate()` compiles its prefill and its decode step once each.
+An int or float argument of the call whose value changes is made symbolic the same way (a symbolic float is
+no size: it has no guard, fxcc.capture.symbolic_floats).
 
 A symbolic variant is guarded by what torch's ShapeEnv recorded while exporting it (ranges of the
 symbols and relations between them, `ShapeEnv.produce_guards_expression`), compiled once to Python.
@@ -81,8 +83,8 @@ def map_top(args: tuple, kwargs: dict, which: frozenset[int], fn: Any) -> tuple[
 
 
 def scalar_changes(flat: list[Any], struct: tuple, ints: frozenset[int], sized: frozenset[int],
-                   compiled: list[tuple]) -> dict[int, tuple[int, int]]:
-    """The top-level ints (`ints`) whose value alone makes this call (`struct`, its `structure` under `sized`)
+                   compiled: list[tuple]) -> dict[int, tuple[Any, Any]]:
+    """The top-level ints or floats (`ints`) whose value alone makes this call (`struct`, its `structure` under `sized`)
     differ from the latest compiled structure in `compiled` that it differs from only in such values (or in
     ints that are sizes there or here): input -> (old value, new value); empty where there is none."""
     for old in reversed(compiled):
