@@ -376,3 +376,23 @@ def test_a_float_the_program_needs_leaves_the_ints_symbolic():
     assert "`s` stays a constant: the program needs its value" in cm.stats.reasons[0]
     check(cm, gated_shift, x, 0.2, 3)  # the other side of the branch: its own compile
     assert cm.stats.compiles == 2
+
+
+def affine(x, s: float):
+    return (x * s + 1) * s - (x > s).float()
+
+
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "tvm"), (torch.int64, "extern")])
+def test_generated_kernel_takes_the_float_as_an_argument(dtype, backend):
+    """A TVM kernel reads a symbolic float from its 0-d float64 input, cast to the op's computation type as eager
+    casts a Python scalar: one build serves every value, within fp tolerance of eager (TVM contracts a*b+c). An
+    int tensor compared with the float (eager compares as floats) stays with torch."""
+    cm = fxcc.compile(affine, passes="canonicalize,raise,fuse,codegen{backend=tvm}", dynamic=True).fxcc
+    x = (torch.randn(16, 64) * 10).to(dtype)
+    for s in (0.1, 1 / 3, -5.5, 3.0, 1e-3):
+        with torch.no_grad():
+            got, want = cm(x, s), affine(x, s)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    assert cm.stats.compiles == 1
+    assert [k.backend for k in cm.variants[0].kernels.values()] == [backend]
