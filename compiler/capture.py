@@ -332,8 +332,13 @@ def floats_read_directly(gm: fx.GraphModule, floats: frozenset[int]) -> None:
     for i in sorted(floats):
         p = places[i]
         users = list(p.users)
-        if not users:  # nothing to read the symbolic float from: its value is no input of the graph
-            raise CaptureError(f"the graph does not use float input {p.name}")
+        if not users:  # the graph does not read it: any value computes the same (a fresh symbol says so)
+            mode = detect_fake_mode([q.meta.get("val") for q in places])
+            if mode is None or mode.shape_env is None:
+                raise CaptureError(f"float input {p.name} is unused and the graph has no shape environment")
+            p.meta["val"] = mode.shape_env.create_unbacked_symfloat()
+            p.meta.pop("tensor_meta", None)
+            continue
         if any(u.target is not torch.ops.aten.item.default for u in users):
             raise CaptureError(f"float input {p.name} is read other than as a number")
         p.meta["val"] = users[0].meta["val"]

@@ -396,3 +396,26 @@ def test_generated_kernel_takes_the_float_as_an_argument(dtype, backend):
         torch.testing.assert_close(got, want)
     assert cm.stats.compiles == 1
     assert [k.backend for k in cm.variants[0].kernels.values()] == [backend]
+
+
+def unused_float(x, s: float):
+    return x + 1
+
+
+def returns_float(x, s: float):
+    return x * 2, s * 3
+
+
+@pytest.mark.parametrize("fn", [unused_float, returns_float])
+def test_float_the_graph_does_not_compute_with(fn):
+    """A float the graph never reads (any value computes the same) or only returns (Python arithmetic on it, a
+    float out, as eager's) is symbolic too: two compiles for any number of values."""
+    cm, x = compiled(fn), torch.randn(4, 8)
+    for i in range(6):
+        with torch.no_grad():
+            got, want = cm(x, 0.1 * i), fn(x, 0.1 * i)
+        if fn is returns_float:
+            assert type(got[1]) is float and got[1] == want[1]
+            got, want = got[0], want[0]
+        assert torch.equal(got, want)
+    assert cm.stats.compiles == 2 and cm.stats.reasons[1].endswith("symbolic: s")
