@@ -167,13 +167,15 @@ def build_executable(gm: fx.GraphModule, ready: dict[str, BuiltKernel] | None = 
 
 
 def _fold_int_round_trips(graph: fx.Graph) -> None:
-    """`item(scalar_tensor(n))` -> `n`. Fusion passes an int input to a kernel as a 0-d tensor on the kernel's
+    """`item(scalar_tensor(n))` -> `n` (an int, or a float through float64: exact). Fusion passes an int input (or
+    a float one) to a kernel as a 0-d tensor on the kernel's
     device, which the kernel body reads back with `item`; where the body is spliced in as torch calls, that
     read is a device-to-host copy: a host sync per call, and an op no CUDA graph can capture."""
     for node in list(graph.nodes):
         src = node.args[0] if node.op == "call_function" and node.target is torch.ops.aten.item.default else None
         if (isinstance(src, fx.Node) and src.target is torch.ops.aten.scalar_tensor.default
-                and src.kwargs.get("dtype") is torch.int64 and isinstance(src.args[0], (fx.Node, int))):
+                and src.kwargs.get("dtype") in (torch.int64, torch.float64)
+                and isinstance(src.args[0], (fx.Node, int, float))):
             node.replace_all_uses_with(src.args[0])
             graph.erase_node(node)
             if not src.users:

@@ -72,10 +72,21 @@ def set_threads(n: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(0, n)
 
 
+def _float_argument(n) -> bool:
+    """A symbolic float argument of the graph in a kernel body: the 0-d float64 input fusion passes it as, read
+    only with `item`, and that read (lowered as a scalar operand: tvm_lower._item)."""
+    v = n.meta.get("val")
+    if isinstance(v, torch.SymFloat):
+        return True
+    return (n.op == "placeholder" and isinstance(v, torch.Tensor) and v.dtype == torch.float64 and v.dim() == 0
+            and bool(n.users) and all(u.target is torch.ops.aten.item.default for u in n.users))
+
+
 def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
     _tvm()
     from fxcc.codegen import tvm_lower as tl
-    vals = [n.meta.get("val") for n in kb.body.graph.nodes if n.op != "output"]
+    nodes = [n for n in kb.body.graph.nodes if n.op != "output" and not _float_argument(n)]
+    vals = [n.meta.get("val") for n in nodes]
     vals = [v for v in vals if not isinstance(v, torch.SymInt)]  # a size read for a view's arguments
     if any(not isinstance(v, torch.Tensor) or (v.dtype.is_floating_point and v.dtype != torch.float32)
            for v in vals):

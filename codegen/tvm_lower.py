@@ -39,7 +39,7 @@ aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
 
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
-          torch.int32: "int32", torch.bool: "bool"}
+          torch.int32: "int32", torch.bool: "bool", torch.float64: "float64"}
 
 
 # ops (views free) in an expression read more than once above which the value is stored, not rebuilt (Lowering._bound)
@@ -440,6 +440,9 @@ class Lowering:
         handler = OPS.get(t)
         if handler is None:
             raise Unsupported(f"no TVM lowering for {t}")
+        floats = [a for a in _flat(node.args, node.kwargs) if _symbolic_float(a)]
+        if floats and (not getattr(handler, "elementwise", False) or any(map(_symbolic_float, _flat((), node.kwargs)))):
+            raise Unsupported(f"{t} with a symbolic float argument")  # handlers that read a number as a constant
         if self.out.sizes and not getattr(handler, "symbolic", False) and _symbolic(node):
             raise Unsupported(f"{t} with symbolic sizes")
         if t in gather.OPS and not gather.generated(node):
@@ -539,6 +542,8 @@ def pointwise(fn, compute: str | None = None):
             dt = DTYPES[dts[0] if len(dts) == 1 else torch.promote_types(*dts[:2])]
         else:
             dt = out_dt
+        if compute == "inputs" and not dt.startswith("float") and any(map(_symbolic_float, args)):
+            raise Unsupported("an integer tensor compared with a symbolic float")  # eager compares as floats
         ops = [_operand(L, a, shape, dt) if isinstance(a, (fx.Node, bool, int, float)) else a for a in args]
 
         def at(idx):
@@ -546,7 +551,23 @@ def pointwise(fn, compute: str | None = None):
             return cast(_let_all(xs, lambda vs: fn(*vs, **kwargs)), out_dt)
         return Val(shape, out_dt, at)
     handler.symbolic = True
+    handler.elementwise = True  # an operand may be a symbolic float: read, as any operand, through _operand
     return handler
+
+
+def _symbolic_float(a) -> bool:
+    """A symbolic float argument of the graph, read from its 0-d float64 kernel input (`_item`)."""
+    return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.SymFloat)
+
+
+@handles(aten.item.default)
+def _item(L, node, x):
+    """A float argument of the graph, which fusion hands to the kernel as a 0-d float64 tensor: its one element,
+    cast where it is used as an operand (as eager casts a Python scalar to the op's computation type)."""
+    v = L.val(x)
+    if v.shape or v.dtype != "float64":
+        raise Unsupported(f"item of a {v.dtype} tensor of shape {v.shape}")
+    return v
 
 
 def _let_all(xs: list, body: Callable):

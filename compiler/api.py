@@ -294,11 +294,14 @@ def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *
     opts = opts.replace(**_with_mode(kwargs.get("mode"), {}))  # torch.compile(..., mode=) passes it on
     sizes = _sizes_read_from_tensors(gm, example_inputs)
     scalars = _scalars_read_once(gm)
-    module = SizesFromTensors(gm, sizes, len(example_inputs)) if sizes else gm
+    # export traces a GraphModule's own code, not a forward put over it: a scalar read as a symbolic float needs
+    # the module around it
+    module = SizesFromTensors(gm, sizes, len(example_inputs)) if sizes or scalars else gm
     cm = CompiledModule(module, opts)
     keep = [i for i in range(len(example_inputs)) if i not in sizes]
     example = [_hint(example_inputs[i].item() if i in scalars else example_inputs[i]) for i in keep]
     cm.dims_hint = {j: dims for j, i in enumerate(keep) if (dims := _symbolic_dims(gm, i))}
+    cm.dims_hint.update({j: {0} for j, i in enumerate(keep) if i in scalars})  # dynamo made them dynamic
     # compile now, so dynamo reports failures at compile time; outside dynamo's tracing context, whose
     # ShapeEnv would otherwise collect the guards of fxcc's own export as guards of the user's frame
     with torch._guards.tracing(None), unset_fake_temporarily():
@@ -338,9 +341,10 @@ def _sizes_read_from_tensors(gm: torch.fx.GraphModule, example: list[Any]) -> di
 
 
 def _scalars_read_once(gm: torch.fx.GraphModule) -> set[int]:
-    """0-d tensor inputs the graph only reads as a number (dynamo passes a model's float attributes so,
-    with dynamic=True). The graph is changed to take the number itself, which export keeps as a constant
-    and fxcc's guard checks: a value test on one `.item()` would be control flow export cannot capture."""
+    """0-d tensor inputs the graph only reads as a number (dynamo passes a float argument or a model's float
+    attribute so, under automatic dynamic or dynamic=True). The graph is changed to take the number itself, which
+    fxcc captures as a symbolic float (fxcc.capture), or, where the program needs its value (a value test on one
+    `.item()`), as a constant its guard checks."""
     out = set()
     for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         v = p.meta.get("example_value", p.meta.get("val"))
@@ -358,7 +362,8 @@ def _scalars_read_once(gm: torch.fx.GraphModule) -> set[int]:
 
 class SizesFromTensors(nn.Module):
     """Dynamo's graph as a function of its tensors: each size argument is read from the tensor it is a
-    dimension of, so an export of it has symbolic sizes instead of one constant per size argument."""
+    dimension of, so an export of it has symbolic sizes instead of one constant per size argument (and a
+    module, whose forward export calls, around a graph taking a symbolic float)."""
 
     def __init__(self, gm: torch.fx.GraphModule, sizes: dict[int, tuple[int, int]], n: int):
         super().__init__()

@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
-from .dynamic import dynamic_shapes, top_ints
+from .dynamic import dynamic_shapes, map_top, top_ints
 from .ir import fetch_attr, flatten_inputs
 from .logs import held_back
 from .mask_skip import eager_mask_skip
@@ -258,28 +258,94 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
 
     An int argument in `dims` is traced as a symbolic int, which computes as the int does (sizes, slices,
     `range`, comparisons: export guards or specializes them) but fails `isinstance(n, int)` and prints as its
-    symbol: where the model's code may read the type or the text of one (`int_type_reads`), or export fails
-    with them symbolic, the capture is made again with the int arguments constants (`Captured.constant_ints`)."""
-    ints = sorted(top_ints(args, kwargs) & (dims or {}).keys())
-    why = ""
-    if ints:
+    symbol. A float argument in `dims` is traced as a symbolic float (`symbolic_floats`), which computes as the
+    Python float does (double precision, a Python scalar's dtype promotion) and fails wherever the program needs
+    its value (a branch, a size, `math`). Where the model's code may read the type or the text of one
+    (`int_type_reads`), or export fails with them symbolic, the capture is made again with these arguments
+    constants (`Captured.constant_ints`)."""
+    floats = frozenset(top_ints(args, kwargs, float) & (dims or {}).keys())
+    ints = frozenset(top_ints(args, kwargs) & (dims or {}).keys())
+    # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step)
+    attempts = [ints | floats] + [ints] * bool(ints and floats) if ints | floats else []
+    constant: dict[int, str] = {}
+    for symbolic in attempts:
         watched: set[Any] = set()
         with missing_lookups(module) as missing, int_type_reads(watched) as reads:
             try:
-                cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched)
+                cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched,
+                               floats=symbolic & floats)
             except CaptureError as e:
-                cap, why = None, f"export failed with it symbolic: {str(e).splitlines()[0]}"
+                cap, why = None, _symbolic_failure(e)
         if cap is not None and cap.method == "export" and not reads:
             cap.missing = missing
+            cap.constant_ints = constant
             return cap
-        why = why or (f"the model's code may read its type or text ({reads[0]})" if reads else
-                      f"export failed with it symbolic: {cap.export_error}")
-        dims = {i: ds for i, ds in dims.items() if i not in ints}
+        why = (f"the model's code may read its type or text ({reads[0]})" if reads else
+               why if cap is None else f"export failed with it symbolic: {cap.export_error}")
+        unmade = symbolic & floats if len(attempts) > 1 and symbolic == attempts[0] else symbolic
+        constant.update(dict.fromkeys(sorted(unmade), why))
+        dims = {i: ds for i, ds in dims.items() if i not in unmade}
     with missing_lookups(module) as missing:
         cap = _capture(module, args, kwargs, dims=dims, forward=forward)
     cap.missing = missing
-    cap.constant_ints = dict.fromkeys(ints, why)
+    cap.constant_ints = constant
     return cap
+
+
+def _symbolic_failure(e: Exception) -> str:
+    """Why a capture with symbolic int or float arguments failed, for the recompile's reason."""
+    cause = e.__cause__ or e
+    first = _first_line(cause) if str(cause) else type(cause).__name__
+    if type(cause).__name__ == "GuardOnDataDependentSymNode":  # a symbolic float's value decides something
+        return f"the program needs its value ({first})"
+    return f"export failed with it symbolic: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+
+def symbolic_floats(fn: Callable, floats: frozenset[int], watched: set[Any] | None) -> Callable:
+    """`fn` for a capture whose float arguments at flat inputs `floats` are given as 0-d float64 tensors: it reads
+    each back with `.item()` (a symbolic float, unbacked: export can guard nothing on its value, so a program
+    that branches on it or computes a size from it fails, never specializes) and calls `fn` with the number.
+    Its symbols are added to `watched` (`int_type_reads`). `floats_read_directly` then makes the captured graph
+    take the Python float itself."""
+
+    def read(t: torch.Tensor) -> Any:
+        v = t.item()
+        if watched is not None and isinstance(v, torch.SymFloat):
+            watched.update(v.node.expr.free_symbols)
+        return v
+
+    @functools.wraps(fn)
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = map_top(args, kwargs, floats, read)
+        return fn(*args, **kwargs)
+
+    if hasattr(fn, "__signature__"):
+        reading.__signature__ = fn.__signature__
+    return reading
+
+
+def floats_read_directly(gm: fx.GraphModule, floats: frozenset[int]) -> None:
+    """The graph of a `symbolic_floats` capture made to take those inputs as Python floats: each placeholder's
+    `.item()` is the placeholder itself, whose value is the symbolic float; anything else reading the 0-d tensor
+    is a CaptureError (the capture is made again with the float a constant)."""
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i in sorted(floats):
+        p = places[i]
+        users = list(p.users)
+        if not users:  # the graph does not read it: any value computes the same (a fresh symbol says so)
+            mode = detect_fake_mode([q.meta.get("val") for q in places])
+            if mode is None or mode.shape_env is None:
+                raise CaptureError(f"float input {p.name} is unused and the graph has no shape environment")
+            p.meta["val"] = mode.shape_env.create_unbacked_symfloat()
+            p.meta.pop("tensor_meta", None)
+            continue
+        if any(u.target is not torch.ops.aten.item.default for u in users):
+            raise CaptureError(f"float input {p.name} is read other than as a number")
+        p.meta["val"] = users[0].meta["val"]
+        p.meta.pop("tensor_meta", None)
+        for u in users:
+            u.replace_all_uses_with(p)
+            gm.graph.erase_node(u)
 
 
 # names whose use tells a symbolic int from an int: a type test, or its text
@@ -393,13 +459,15 @@ def own_hooks_held(module: nn.Module) -> Iterator[None]:
 
 
 def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
-             forward: Callable | None, watched: set[Any] | None = None) -> Captured:
+             forward: Callable | None, watched: set[Any] | None = None,
+             floats: frozenset[int] = frozenset()) -> Captured:
     with own_hooks_held(module):
-        return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched)
+        return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats)
 
 
 def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
-                  forward: Callable | None, watched: set[Any] | None = None) -> Captured:
+                  forward: Callable | None, watched: set[Any] | None = None,
+                  floats: frozenset[int] = frozenset()) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
@@ -410,6 +478,10 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
     traced = recording(fn, sink, kwargs)
     if watched is not None:
         traced = watch_ints(traced, watched)
+    if floats:  # given as 0-d tensors, read back as symbolic floats
+        traced = symbolic_floats(traced, floats, watched)
+        args, kwargs = map_top(args, kwargs, floats, lambda v: torch.tensor(v, dtype=torch.float64))
+        dims = {i: ds for i, ds in (dims or {}).items() if i not in floats}
     shapes = dynamic_shapes(args, kwargs, dims or {}, inspect.signature(traced))
     method = "export"
 
@@ -438,6 +510,8 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
             log.info("capturing %s with static sizes: %s", describe(module), method)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
         state.restore()
+        if floats:  # captured again with them constants (`capture`)
+            raise CaptureError(f"export failed with symbolic floats: {_first_line(export_exc)}") from export_exc
         if state_objects((args, kwargs)):  # a traced graph would leave the caller's cache as it was
             raise CaptureError(_explain_failure(module, export_exc, None)) from export_exc
         try:
@@ -454,6 +528,8 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
         delattr(gm, "_guards_fn")
     gm.graph._codegen = fx.graph.CodeGen()
     inline_vmap(gm, describe(module))
+    if floats:
+        floats_read_directly(gm, floats)
     gm.recompile()
     return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, method, aliasing=sink[0] if sink else Aliasing())
 

@@ -222,7 +222,7 @@ def pays(graph: CudaGraph, flat: list[Any], plain: Callable[[], Any]) -> str | N
 
 class CudaGraphs:
     """The CUDA graphs of a variant whose calls vary (symbolic sizes, or a cache that may be replaced):
-    one graph per input shapes, int inputs and in-place input addresses, captured the second time that key
+    one graph per input shapes, int and float inputs and in-place input addresses, captured the second time that key
     is seen.
     A static cache's decode step repeats its key every token; a growing cache's never does, and costs no
     capture."""
@@ -246,14 +246,16 @@ class CudaGraphs:
         return sum(len(g.captures) for g in self.graphs.values() if g is not None) < MAX_GRAPHS
 
     def _key(self, flat: list[Any]) -> tuple:
-        """What selects a graph: the inputs' types, every tensor input's shape, every int input, every in-place
-        input's address (`_address`). Built in C-level passes over positions found once per sequence of types."""
+        """What selects a graph: the inputs' types, every tensor input's shape, every int and float input, every
+        in-place input's address (`_address`). Built in C-level passes over positions found once per sequence of
+        types."""
         types = list(map(type, flat))
         if types != self._types:
             self._types = types
             self._layout = self._layouts.setdefault(tuple(types), len(self._layouts))
             self._tensors = _pick([i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)])
-            self._ints = _pick([i for i, t in enumerate(types) if t is int])
+            # a float input too: a replay would run with the value its capture baked into the launches
+            self._ints = _pick([i for i, t in enumerate(types) if t is int or t is float])
             self._inplace = _pick(self._places)
         ins = self._inplace(flat)
         return (self._layout, tuple(map(_SHAPE, self._tensors(flat))), self._ints(flat),

@@ -872,9 +872,10 @@ def classify(node: fx.Node) -> tuple[str, str]:
 
 def _data_dependent(node: fx.Node) -> bool:
     """Whether the node reads or makes a value whose size is data-dependent (an unbacked symbol: after
-    `nonzero`, `item`, a split by computed sizes). Kernels are built for sizes known at compile time."""
+    `nonzero`, `item`, a split by computed sizes). Kernels are built for sizes known at compile time. A symbolic
+    float argument (unbacked too: export guards nothing on it) is a value a kernel takes, not a size."""
     vals = [node.meta.get("val"), *(a.meta.get("val") for a in node.all_input_nodes)]
-    return any(free_unbacked_symbols(v) for v in vals if v is not None)
+    return any(free_unbacked_symbols(v) for v in vals if v is not None and not isinstance(v, torch.SymFloat))
 
 
 def domain(node: fx.Node) -> tuple | None:

@@ -7,6 +7,8 @@ symbolic (`torch.export.Dim.AUTO`: export keeps a dimension static where the pro
 `torch._dynamo.mark_dynamic(t, d)` marks a dimension before the first call. A call that carries a KV
 cache (a transformers `Cache`) is a step of generation, whose lengths change every call: its sizes are
 symbolic from the first compile, so a `generate()` compiles its prefill and its decode step once each.
+An int or float argument of the call whose value changes is made symbolic the same way (a symbolic float is
+no size: it has no guard, fxcc.capture.symbolic_floats).
 
 A symbolic variant is guarded by what torch's ShapeEnv recorded while exporting it (ranges of the
 symbols and relations between them, `ShapeEnv.produce_guards_expression`), compiled once to Python.
@@ -65,9 +67,24 @@ def top_ints(args: tuple, kwargs: dict, kind: type = int) -> frozenset[int]:
     return frozenset(out)
 
 
+def map_top(args: tuple, kwargs: dict, which: frozenset[int], fn: Any) -> tuple[tuple, dict]:
+    """The call with `fn` applied to its top-level arguments whose flat input is in `which` (as `top_ints`
+    numbers them: positional first, then keywords sorted by name)."""
+    out, new, i = list(args), dict(kwargs), 0
+    for j, v in enumerate(args):
+        if i in which:
+            out[j] = fn(v)
+        i += len(pytree.tree_leaves(v))
+    for k in sorted(kwargs):
+        if i in which:
+            new[k] = fn(kwargs[k])
+        i += len(pytree.tree_leaves(kwargs[k]))
+    return tuple(out), new
+
+
 def scalar_changes(flat: list[Any], struct: tuple, ints: frozenset[int], sized: frozenset[int],
-                   compiled: list[tuple]) -> dict[int, tuple[int, int]]:
-    """The top-level ints (`ints`) whose value alone makes this call (`struct`, its `structure` under `sized`)
+                   compiled: list[tuple]) -> dict[int, tuple[Any, Any]]:
+    """The top-level ints or floats (`ints`) whose value alone makes this call (`struct`, its `structure` under `sized`)
     differ from the latest compiled structure in `compiled` that it differs from only in such values (or in
     ints that are sizes there or here): input -> (old value, new value); empty where there is none."""
     for old in reversed(compiled):
@@ -101,9 +118,9 @@ def _state_leaves(args: tuple, kwargs: dict, pick: Any) -> frozenset[int]:
 
 def structure(flat: list[Any], sized: frozenset[int]) -> tuple:
     """What a call must share with a variant, whatever the sizes: tensors' rank, dtype, device, layout and
-    layout class (`layout_class`); the ints in `sized` are sizes; other constants by value."""
+    layout class (`layout_class`); the ints (and floats) in `sized` are symbolic, by type; other constants by value."""
     return tuple((x.dim(), x.dtype, x.device, x.layout, layout_class(x)) if isinstance(x, torch.Tensor)
-                 else ("int",) if i in sized else _const(x) for i, x in enumerate(flat))
+                 else (type(x).__name__,) if i in sized else _const(x) for i, x in enumerate(flat))
 
 
 def without_layouts(struct: tuple) -> tuple:
@@ -239,16 +256,17 @@ class Shapes:
             if shape is None:
                 static.append(None)
                 continue
-            sym = tuple(d for d, s in enumerate(shape) if is_symbolic(s))
+            sym = tuple(d for d, s in enumerate(shape) if is_symbolic(s) or isinstance(s, torch.SymFloat))
             if sym:
                 dims[i] = sym
-            static.append(tuple(None if d in sym else int(s) for d, s in enumerate(shape)))
+            static.append(tuple(None if d in sym else s if isinstance(s, float) else int(s)
+                                for d, s in enumerate(shape)))
         shapes = Shapes(dims, static, sizes(flat, sized), names, ints=set(sized),
                         example_strides=[strides(x) if isinstance(x, torch.Tensor) else None for x in flat])
         if dims:
             guarded = [i for i, v in enumerate(vals) if isinstance(v, (torch.Tensor, torch.SymInt))]
-            env = next(vals[i].node.shape_env if isinstance(vals[i], torch.SymInt) else vals[i].fake_mode.shape_env
-                       for i in dims)
+            env = next(vals[i].node.shape_env if isinstance(vals[i], (torch.SymInt, torch.SymFloat))
+                       else vals[i].fake_mode.shape_env for i in dims)
             code = env.produce_guards_expression([vals[i] for i in guarded], ignore_static=True)
             shapes.guarded = guarded
             if code:

@@ -232,22 +232,23 @@ def _wants_grads(args: tuple, kwargs: dict) -> bool:
 
 
 _PLAIN = (bool, int, float, str)
-# why a float argument recompiles at each new value: torch.export (2.13) traces a float input as a constant, and
-# passing it as a 0-d tensor read back with .item() in the graph is not yet compiled by fxcc
-_FLOATS = ("a float argument stays a constant: each new value compiles (torch.export takes a float input as a "
-           "constant)")
 _MAX_CALLS = 64  # call shapes remembered by the keyword fast path
+_ANY_FLOAT = (float, "any value")  # a float argument in a call key, whatever its value
 _MAX_MISSES = 2  # times a call shape's state objects may change before it is no longer remembered
 
 
-def _call_key(args: tuple, kwargs: dict, training: bool) -> tuple | None:
+def _call_key(args: tuple, kwargs: dict, training: bool, floats: bool = True) -> tuple | None:
     """The guard key of a call whose arguments are tensors, plain values, None and state objects (a KV cache,
-    by identity; `_Call.holds` checks what it holds): the keyword-call fast path's key (None for other calls)."""
+    by identity; `_Call.holds` checks what it holds): the keyword-call fast path's key (None for other calls).
+    With `floats` False, float arguments count by type alone: the key of calls a variant symbolic in each of them
+    serves whatever their values (a temperature that changes every call)."""
     parts: list[Any] = [training, call_context(), len(args), tuple(kwargs)]
     for a in (*args, *kwargs.values()):
         t = type(a)
         if t is torch.Tensor:
             parts.append((a.shape, a.stride(), a.dtype, a.device, a.layout))
+        elif t is float and not floats:
+            parts.append(_ANY_FLOAT)
         elif a is None or t in _PLAIN:
             parts.append((t, a))
         elif is_state(a):
@@ -374,6 +375,7 @@ class CompiledModule(ModuleView):
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._calls: _Calls = _Calls()  # _call_key -> what the guard found (None: not kept)
         self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
+        self._symbolic_floats = False  # some call key in _calls takes its float arguments whatever their values
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
@@ -384,7 +386,7 @@ class CompiledModule(ModuleView):
         self._hook_epoch = hooks.EPOCH[0]
         self.unlike_eager: list[str] = []  # calls check_eager="always" found to differ from eager, and where
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
-        self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions to make symbolic from the start
+        self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions (a scalar: {0}) symbolic from the start
         self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
         # errors surface at compile(); only None means the default ("" is an empty, malformed pipeline)
         self._passes = parse_pipeline(DEFAULT_PIPELINE if options.passes is None else options.passes)
@@ -447,6 +449,8 @@ class CompiledModule(ModuleView):
         # keyword and KV-cache calls: the same call shape, with its state objects holding what they held
         ckey = _call_key(args, kwargs, self.module.training) if fast is None else None
         call = self._calls.get(ckey) if ckey is not None else None
+        if call is None and ckey is not None and self._symbolic_floats:  # a variant that takes any value of them
+            call = self._calls.get(_call_key(args, kwargs, self.module.training, floats=False))
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
             return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
         with COMPILE_LOCK:  # one thread at a time guards, compiles and checks (capture is not thread-safe)
@@ -484,7 +488,13 @@ class CompiledModule(ModuleView):
         """Keep what the guard found for this call shape and the state objects as the guard saw them (before the
         call: a call writing a static cache in place leaves it holding the same objects). A shape whose objects
         changed since it was kept more than _MAX_MISSES times (a growing cache rebinds its tensors at every step)
-        is not kept again: the snapshot would cost more than it saves."""
+        is not kept again: the snapshot would cost more than it saves. A variant symbolic in each float argument
+        is kept for the shape whatever their values (`_call_key(floats=False)`)."""
+        floats = dynamic.top_ints(args, kwargs, float)
+        shapes = getattr(variant, "shapes", None)
+        if floats and shapes is not None and floats <= shapes.dims.keys():
+            ckey = _call_key(args, kwargs, self.module.training, floats=False)
+            self._symbolic_floats = True
         if ckey in self._calls:
             self._call_misses[ckey] = misses = self._call_misses.get(ckey, 0) + 1
             if misses > _MAX_MISSES or self._calls[ckey] is None:
@@ -790,7 +800,7 @@ class CompiledModule(ModuleView):
         if isinstance(variant, Variant) and variant.captured is not None:
             variant.shapes = dynamic.Shapes.of(variant.gm, flat, names, sized)
             variant.struct = struct
-            kept = [i for i in dims or {} if type(flat[i]) is int and i not in variant.shapes.dims and i not in const]
+            kept = [i for i in dims or {} if type(flat[i]) in (int, float) and i not in variant.shapes.dims and i not in const]
             reason += "".join(f"; `{names[i]}` stays a constant: the program needs its value (export specialized it)"
                               for i in kept)
             symbolic = variant.shapes.describe()
@@ -814,17 +824,18 @@ class CompiledModule(ModuleView):
     def _sizes_of(self, args: tuple, kwargs: dict, flat: list[Any], spec: Any,
                   names: list[str]) -> tuple[frozenset[int], str]:
         """The call's ints that are sizes (symbolic where the program allows): those inside a KV cache, and its
-        int arguments under dynamic=True or once their value changed (dynamic=None), as torch.compile's
+        int and float arguments under dynamic=True or once their value changed (dynamic=None), as torch.compile's
         automatic dynamic; with the reason where this call's value made one so (`argument `n` changed 1 -> 2`)."""
         sized = self._sized.setdefault(spec, dynamic.state_ints(args, kwargs))
         if self.options.dynamic is False:
             return sized, ""
         static = self._static_ints.get(spec, {})
-        ints = dynamic.top_ints(args, kwargs)
+        ints = dynamic.top_ints(args, kwargs) | dynamic.top_ints(args, kwargs, float)
         text = ""
         if self.options.dynamic is True:
             sized |= ints - static.keys()
         else:
+            sized |= ints & self.dims_hint.keys() - static.keys()  # (torch.compile's backend: dynamo made them so)
             seen = [v.struct[1] for v in self._compiled if v.struct is not None and v.struct[0] == spec
                     and v.struct[2] == self.module.training]
             changes = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), ints, sized, seen)
@@ -832,14 +843,6 @@ class CompiledModule(ModuleView):
             text = "; ".join(f"argument `{names[i]}` changed {a} -> {b}; " + (
                 f"it stays a constant ({static[i]})" if i in static else "recompiling with it symbolic")
                 for i, (a, b) in sorted(changes.items()))
-            floats = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), dynamic.top_ints(args, kwargs, float),
-                                            sized, seen)
-            text = "; ".join([text] * bool(text) + [f"argument `{names[i]}` changed {a} -> {b}; {_FLOATS}"
-                                                     for i, (a, b) in floats.items()])
-            if floats and not self.__dict__.get("_warned_floats"):
-                self.__dict__["_warned_floats"] = True
-                warnings.warn(f"fxcc: {self.name}: {text}. Pass a value that changes from call to call as a tensor "
-                              "(torch.tensor(s)) to compile it once.", stacklevel=6)
         self._sized[spec] = sized
         return sized, text
 
@@ -875,7 +878,7 @@ class CompiledModule(ModuleView):
             return {}, reason
         if mode is True:
             return self._nonnegative(dynamic.all_dims(flat, sized), flat, names, reason)
-        ints = {i: {0} for i in sized if type(flat[i]) is int}  # int arguments made sizes, and a cache's
+        ints = {i: {0} for i in sized if type(flat[i]) in (int, float)}  # int and float arguments made symbolic
         dims = dynamic.merge(dynamic.marked_dims(flat), self.dims_hint, dynamic.all_dims(flat, sized) if state else ints)
         for v in kin:
             changed = v.shapes.changed(flat)

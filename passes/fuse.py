@@ -256,14 +256,19 @@ def _emit_group(graph: fx.Graph, env: dict, g: Group, group_of: dict, stats: dic
 
 
 def _as_tensor(graph: fx.Graph, x: fx.Node, g: Group) -> fx.Node:
-    """An int input of the graph (a cache length kept as an int) as the 0-d tensor a kernel takes, on the
-    device of the group's values, so a CUDA graph reads it like any input (its value is part of the key)."""
-    device = _device(g)
-    node = graph.call_function(aten.scalar_tensor.default, (x,), {"dtype": torch.int64, "device": device})
+    """An int input of the graph (a cache length kept as an int) or a float one (a symbolic float argument) as
+    the 0-d tensor a kernel takes (int64, float64: the Python number exactly), on the device of the group's
+    values, so a CUDA graph reads it like any input (its value is part of the key)."""
+    device, dtype = _device(g), _scalar_dtype(x)
+    node = graph.call_function(aten.scalar_tensor.default, (x,), {"dtype": dtype, "device": device})
     mode = next((m.meta["val"].fake_mode for m in g.members if isinstance(m.meta.get("val"), FakeTensor)), None)
     with mode or FakeTensorMode():
-        node.meta["val"] = torch.empty((), dtype=torch.int64, device=device)
+        node.meta["val"] = torch.empty((), dtype=dtype, device=device)
     return node
+
+
+def _scalar_dtype(x: fx.Node) -> torch.dtype:
+    return torch.float64 if isinstance(x.meta.get("val"), (float, torch.SymFloat)) else torch.int64
 
 
 def _device(g: Group) -> torch.device:
@@ -296,7 +301,7 @@ def _register_body(g: Group, inputs: list[fx.Node], outputs: list[fx.Node],
         env[x] = body.placeholder(f"in{i}")
         if x in scalars:
             with FakeTensorMode():
-                env[x].meta["val"] = torch.empty((), dtype=torch.int64, device=_device(g))
+                env[x].meta["val"] = torch.empty((), dtype=_scalar_dtype(x), device=_device(g))
             env[x] = body.call_function(aten.item.default, (env[x],))
         env[x].meta["val"] = x.meta.get("val")
     for i, s in enumerate(sizes):

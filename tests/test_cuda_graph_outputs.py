@@ -174,6 +174,18 @@ def test_a_variant_with_symbolic_sizes_counts_both_captures_against_max_graphs(m
         torch.testing.assert_close(y, f(x))
 
 
+def test_a_float_input_selects_its_own_graph(monkeypatch):
+    """A symbolic float is an input of the graph (a temperature): a graph captured with one value replays only
+    for that value; another runs uncaptured (or gets its own capture when it repeats)."""
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+    graphs, a = cg.CudaGraphs(lambda x, s: (x * s,), "scale", frozenset(), frozenset()), torch.randn(4)
+    assert graphs([a, 0.5]) is None  # seen once
+    torch.testing.assert_close(graphs([a, 0.5])[0], a * 0.5)  # captured
+    assert graphs([a, 0.7]) is None  # not the 0.5 graph's replay
+    torch.testing.assert_close(graphs([a, 0.7])[0], a * 0.7)
+    torch.testing.assert_close(graphs([a, 0.5])[0], a * 0.5)
+
+
 def test_outputs_captured_in_inference_mode_are_copies_outside_it(monkeypatch):
     """A graph writing a cache made under inference mode is captured there, so its outputs are inference tensors:
     a call outside inference mode gets normal tensors, as eager's (copies); inside it, the graph's memory."""

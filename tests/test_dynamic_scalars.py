@@ -1,7 +1,9 @@
 """Python numbers as arguments: an int whose value changes recompiles once with it symbolic (torch.compile's
 automatic dynamic), where torch.export's symbolic int computes what eager does; it stays a constant where the
 program needs its value (a `range`, `math`), reads its type or text, or where it is negative; a bool always
-specializes; `dynamic=False` compiles each value; a float argument compiles each value and says so once."""
+specializes; `dynamic=False` compiles each value. A float argument that changes recompiles once with it a symbolic
+float (the graph takes the Python float: eager's double-precision scalar arithmetic and dtype promotion); it stays a
+constant where the program needs its value (a branch, a size, `math`) or reads its type."""
 
 from __future__ import annotations
 
@@ -176,17 +178,244 @@ def test_int_and_shape_change_together():
     assert cm.stats.compiles <= 3
 
 
-def scale(x, s: float):
+def sample_probs(logits, temperature: float):
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def test_float_argument_recompiles_once_symbolic(caplog):
+    """A sampling loop with a changing temperature: one static compile, one with the temperature symbolic, and
+    every call equals eager exactly (the same aten ops with the same double scalar)."""
+    cm, x = compiled(sample_probs), torch.randn(4, 32)
+    with caplog.at_level(logging.INFO, logger="fxcc.recompiles"):
+        for i in range(10):
+            t = 0.3 + 0.17 * i
+            with torch.no_grad():
+                assert torch.equal(cm(x, t), sample_probs(x, t))
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0
+    reason = cm.stats.reasons[1]
+    assert reason.startswith("argument `temperature` changed 0.3 -> 0.47; recompiling with it symbolic")
+    assert reason.endswith("symbolic: temperature") and reason in caplog.text
+    assert "argument `temperature` changed" in cm.explain()
+    ph = [n for n in cm.variants[1].gm.graph.nodes if n.op == "placeholder"][1]
+    assert isinstance(ph.meta["val"], torch.SymFloat)  # the graph takes the number itself
+
+
+def blend(a, b, w: float, eps: float):
+    return torch.lerp(a, b, w) * (1 - w) + torch.clamp(a, min=eps) + a.pow(w) * eps
+
+
+def test_floats_of_common_ops():
+    """lerp's weight, clamp's bound, pow's exponent, Python arithmetic on the float: two compiles for any number
+    of values, results equal eager's exactly; a keyword float too."""
+    cm, a, b = compiled(blend), torch.rand(8, 16), torch.rand(8, 16)
+    for i in range(8):
+        w, eps = 0.05 + 0.11 * i, 1e-3 * (i + 1)
+        with torch.no_grad():
+            got, want = cm(a, b, w, eps=eps), blend(a, b, w, eps=eps)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert cm.stats.compiles == 2 and "symbolic: w, eps" in cm.stats.reasons[1]
+
+
+def times(x, s: float):
+    return x * s + s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                                   torch.int32, torch.uint8, torch.bool])
+def test_float_keeps_python_scalar_promotion(dtype):
+    """A Python float with a tensor promotes as a scalar (an int or bool tensor gives the default dtype, a float
+    tensor keeps its dtype), and a symbolic float does the same: never as the 0-d float64 tensor it could be
+    passed as, which would give float64 with an int tensor."""
+    cm, x = compiled(times), (torch.randn(4, 8) * 5).to(dtype)
+    for s in (0.1, 1 / 3, 2.5, 1e-3):
+        with torch.no_grad():
+            got, want = cm(x, s), times(x, s)
+        assert got.dtype == want.dtype == (torch.get_default_dtype() if not dtype.is_floating_point else dtype)
+        if s != 0.1:  # the symbolic variant: eager's very ops
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want)
+    assert cm.stats.compiles == 2
+
+
+def test_float_under_another_default_dtype():
+    """The default dtype is part of the call's context: an int tensor times a float gives float64 there."""
+    cm, x = compiled(times), torch.arange(6)
+    for s in (0.5, 0.25):
+        check(cm, times, x, s)
+    with torch.no_grad(), _default_dtype(torch.float64):
+        for s in (0.5, 0.75, 0.1):
+            got, want = cm(x, s), times(x, s)
+            assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)
+
+
+class _default_dtype:
+    def __init__(self, dtype):
+        self.dtype, self.old = dtype, torch.get_default_dtype()
+
+    def __enter__(self):
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.old)
+
+
+def tensor_scale(x, s):
     return x * s
 
 
-def test_float_argument_compiles_each_value_and_says_so_once():
-    """torch.export takes a float input as a constant: each value compiles (up to max_variants, then eager),
-    exactly; one warning says why and how to avoid it."""
-    cm, x = compiled(scale), torch.randn(4, 8)
-    with pytest.warns(UserWarning) as record:
-        for i in range(4):
-            check(cm, scale, x, 0.5 + i)
-    said = [str(w.message) for w in record if "a float argument stays a constant" in str(w.message)]
-    assert len(said) == 1 and "argument `s` changed 0.5 -> 1.5" in said[0]
-    assert cm.stats.compiles == 4 and "a float argument stays a constant" in cm.stats.reasons[3]
+def test_float_tensor_argument_promotes_as_a_tensor():
+    """A 0-d float64 tensor argument is a tensor, as it was: with an int tensor it gives float64."""
+    cm, x = compiled(tensor_scale), torch.arange(6)
+    for v in (0.5, 0.25, 0.125):
+        check(cm, tensor_scale, x, torch.tensor(v, dtype=torch.float64))
+    assert cm(x, torch.tensor(0.5, dtype=torch.float64)).dtype == torch.float64
+    assert cm.stats.compiles == 1
+
+
+def float_branch(x, s: float):
+    return x + 1 if s > 0.5 else x - 1
+
+
+def keep_ratio(x, ratio: float):
+    return x[:, :int(x.shape[1] * ratio)] * 2
+
+
+def sqrt_float(x, s: float):
+    return x * math.sqrt(s)
+
+
+def float_type(x, s):
+    return x * (2 if isinstance(s, float) else 3)
+
+
+@pytest.mark.parametrize("fn, why", [
+    (float_branch, "the program needs its value"),
+    (keep_ratio, "the program needs its value"),
+    (sqrt_float, "the program needs its value"),
+    (float_type, "the model's code may read its type or text"),
+])
+def test_float_the_program_needs_stays_a_constant(fn, why):
+    """A float in a branch, a size or `math` (or whose type is read) stays a constant: each value compiles, each
+    exactly as eager computes it, and the reason says why."""
+    cm, x = compiled(fn), torch.randn(4, 8)
+    values = (0.25, 0.75, 0.5, 0.9)
+    for s in values:
+        check(cm, fn, x, s)
+    assert cm.stats.compiles == len(values) and cm.stats.eager_calls == 0
+    assert f"`s` stays a constant: {why}" in cm.stats.reasons[1] if fn is not keep_ratio else \
+        f"`ratio` stays a constant: {why}" in cm.stats.reasons[1]
+    assert "it stays a constant" in cm.stats.reasons[2]
+
+
+def test_float_dynamic_true_compiles_once():
+    cm, x = compiled(sample_probs, dynamic=True), torch.randn(4, 32)
+    for i in range(6):
+        check(cm, sample_probs, x, 0.5 + 0.25 * i)
+    assert cm.stats.compiles == 1 and "temperature" in cm.variants[0].shapes.describe()
+
+
+def test_float_dynamic_false_compiles_each_value():
+    cm, x = compiled(sample_probs, dynamic=False), torch.randn(4, 32)
+    for i in range(4):
+        check(cm, sample_probs, x, 0.5 + 0.25 * i)
+    assert cm.stats.compiles == 4 and all(v.shapes.dims == {} for v in cm.variants)
+
+
+def denoise_step(x, sigma: float, step: int):
+    return x - x * (sigma / (sigma ** 2 + 1) ** 0.5) + step
+
+
+def test_float_and_int_change_together():
+    """A scheduler's loop: sigma (a float) and the step (an int) change at every call; one recompile makes both
+    symbolic."""
+    cm, x = compiled(denoise_step), torch.randn(2, 4, 8, 8)
+    for step, sigma in enumerate(torch.linspace(14.6, 0.03, 12).tolist()):
+        check(cm, denoise_step, x, sigma, step)
+    assert cm.stats.compiles == 2 and "symbolic: sigma, step" in cm.stats.reasons[1]
+
+
+def test_torch_compile_backend_takes_symbolic_floats():
+    """torch.compile(backend="fxcc"): dynamo passes a float it made dynamic as a 0-d tensor read with .item();
+    fxcc compiles that graph once, with the float symbolic."""
+    torch._dynamo.reset()
+    fn = torch.compile(sample_probs, backend="fxcc", dynamic=True,
+                       options={"passes": FAST})
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        for i in range(5):
+            torch.testing.assert_close(fn(x, 0.5 + 0.2 * i), sample_probs(x, 0.5 + 0.2 * i), rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_changing_float_takes_the_fast_path(monkeypatch):
+    """Once the symbolic variant serves a call shape, a new value of the float is no new guard lookup: the call
+    goes straight to that variant (the value is no part of the remembered call's key)."""
+    cm, x = compiled(sample_probs), torch.randn(4, 32)
+    for t in (0.5, 0.7, 0.9):
+        check(cm, sample_probs, x, t)
+    slow = []
+    full = cm._slow_call
+    monkeypatch.setattr(cm, "_slow_call", lambda *a: slow.append(a) or full(*a))
+    for i in range(5):
+        check(cm, sample_probs, x, 1.1 + i)
+    assert not slow and cm.stats.compiles == 2
+
+
+def gated_shift(x, s: float, n: int):
+    return (x + n) * (2 if s > 0.5 else 3)
+
+
+def test_a_float_the_program_needs_leaves_the_ints_symbolic():
+    """Under dynamic=True a float that decides a branch stays a constant by itself: the int beside it is still
+    symbolic (one compile for every n), and the reason names the float."""
+    cm, x = compiled(gated_shift, dynamic=True), torch.randn(4, 8)
+    for n in range(1, 6):
+        check(cm, gated_shift, x, 0.7, n)
+    assert cm.stats.compiles == 1 and cm.variants[0].shapes.describe() == "x dim 0/1, n"  # not s
+    assert "`s` stays a constant: the program needs its value" in cm.stats.reasons[0]
+    check(cm, gated_shift, x, 0.2, 3)  # the other side of the branch: its own compile
+    assert cm.stats.compiles == 2
+
+
+def affine(x, s: float):
+    return (x * s + 1) * s - (x > s).float()
+
+
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "tvm"), (torch.int64, "extern")])
+def test_generated_kernel_takes_the_float_as_an_argument(dtype, backend):
+    """A TVM kernel reads a symbolic float from its 0-d float64 input, cast to the op's computation type as eager
+    casts a Python scalar: one build serves every value, within fp tolerance of eager (TVM contracts a*b+c). An
+    int tensor compared with the float (eager compares as floats) stays with torch."""
+    cm = fxcc.compile(affine, passes="canonicalize,raise,fuse,codegen{backend=tvm}", dynamic=True).fxcc
+    x = (torch.randn(16, 64) * 10).to(dtype)
+    for s in (0.1, 1 / 3, -5.5, 3.0, 1e-3):
+        with torch.no_grad():
+            got, want = cm(x, s), affine(x, s)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    assert cm.stats.compiles == 1
+    assert [k.backend for k in cm.variants[0].kernels.values()] == [backend]
+
+
+def unused_float(x, s: float):
+    return x + 1
+
+
+def returns_float(x, s: float):
+    return x * 2, s * 3
+
+
+@pytest.mark.parametrize("fn", [unused_float, returns_float])
+def test_float_the_graph_does_not_compute_with(fn):
+    """A float the graph never reads (any value computes the same) or only returns (Python arithmetic on it, a
+    float out, as eager's) is symbolic too: two compiles for any number of values."""
+    cm, x = compiled(fn), torch.randn(4, 8)
+    for i in range(6):
+        with torch.no_grad():
+            got, want = cm(x, 0.1 * i), fn(x, 0.1 * i)
+        if fn is returns_float:
+            assert type(got[1]) is float and got[1] == want[1]
+            got, want = got[0], want[0]
+        assert torch.equal(got, want)
+    assert cm.stats.compiles == 2 and cm.stats.reasons[1].endswith("symbolic: s")
