@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ from torch.utils import _pytree as pytree
 
 from .ir import is_symbolic
 from .state import is_state, state_objects
+
+_ONE = 1  # `_ONE.__lt__`: n > 1, as a C call
 
 
 def leaf_names(args: tuple, kwargs: dict, signature: inspect.Signature | None = None) -> list[str]:
@@ -114,9 +117,12 @@ def without_layouts(struct: tuple) -> tuple:
 def strides(t: torch.Tensor) -> tuple[int, ...]:
     """`t`'s strides where they matter (a dimension of size 1 has none that changes an address: 0 there; an
     empty tensor none at all): a static variant serves exactly these, whatever the storage offset."""
-    if not t.numel():
+    shape = t.shape
+    if 0 in shape:
         return ()
-    return tuple(s if n > 1 else 0 for n, s in zip(t.shape, t.stride()))
+    if 1 not in shape:  # every size above 1: the strides as they are
+        return t.stride()
+    return tuple(map(operator.mul, t.stride(), map(_ONE.__lt__, shape)))  # s * (n > 1): s, or 0 where n is 1
 
 
 def layout_class(t: torch.Tensor) -> Any:
