@@ -234,6 +234,7 @@ class Shapes:
     clauses: list[str] = field(default_factory=list)
     guarded: list[int] = field(default_factory=list)  # flat input of each t<k>
     ints: set[int] = field(default_factory=set)  # inputs that are ints, not tensors
+    _checks: Any = field(default=None, init=False, repr=False, compare=False)  # `static` as itemgetters (matches)
 
     @staticmethod
     def of(gm: fx.GraphModule, flat: list[Any], names: list[str], sized: frozenset[int]) -> Shapes:
@@ -264,8 +265,14 @@ class Shapes:
 
     def matches(self, flat: list[Any]) -> bool:
         """Whether a call with these inputs (of this variant's structure) may run this variant."""
-        for i, st in enumerate(self.static):
-            if st is not None and any(s is not None and s != n for s, n in zip(st, _shape(flat[i]))):
+        if self._checks is None:
+            self._checks = _static_checks(self.static)
+        for i, rank, pick, want in self._checks:
+            shape = _shape(flat[i])
+            if len(shape) == rank:
+                if pick(shape) != want:
+                    return False
+            elif any(s is not None and s != n for s, n in zip(self.static[i], shape)):
                 return False
         if self.guard is None:
             return True
@@ -314,6 +321,17 @@ def conjuncts(code: str) -> list[str]:
     expr = ast.parse(code, mode="eval").body
     parts = expr.values if isinstance(expr, ast.BoolOp) and isinstance(expr.op, ast.And) else [expr]
     return [ast.get_source_segment(code, p) for p in parts]
+
+
+def _static_checks(static: list[tuple[int | None, ...] | None]) -> list[tuple[int, int, Any, Any]]:
+    """Per input with a static size: (input, rank, a getter of its static dimensions' sizes, what they must be),
+    so that `Shapes.matches` compares them in one C call per input."""
+    out = []
+    for i, st in enumerate(static):
+        at = [d for d, s in enumerate(st or ()) if s is not None]
+        if at:
+            out.append((i, len(st), operator.itemgetter(*at), operator.itemgetter(*at)(st)))
+    return out
 
 
 def _shape(x: Any) -> tuple:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import assert_outputs_close
-from fxcc import codegen, watch
+from fxcc import codegen, guards, watch
 from fxcc.codegen import mkl, onednn, tvm
 from fxcc.guards import ModuleState
 
@@ -596,8 +596,6 @@ def test_a_change_that_does_not_matter_takes_the_tags_again():
     """An attribute nothing compiled reads, added through the module's dict, moves its dict's tag: the entries
     are compared once, found the same, and the tags taken again; past _REARMS such changes the entries are
     compared at every call, and a change that matters still recompiles."""
-    from fxcc import guards
-
     m, x = _lookups()
     cm = fxcc.compile(m)
     cm(x)
