@@ -2,7 +2,7 @@
 batch 8, seq 128, 2 threads):
 
     python benchmarks/guard_cost.py [--reps 200] [--clone-weights]
-    python benchmarks/guard_cost.py --tiny [--layers 1 4 16] [--calls 200] [--rounds 7]
+    python benchmarks/guard_cost.py --tiny [--layers 1 4 16] [--calls 200] [--rounds 7] [--new-lengths]
 
 Two checks run on every call: the module-state guard (fxcc.guards: identities, layouts, primitive attributes,
 and the snapshots of the weights folded into constants), before the variant runs; and the packed-weight
@@ -101,7 +101,7 @@ def _mlp(fast: str, opts, calls: int, rounds: int) -> None:
         measure("MLP 16-64-16, x 4x16", lambda: mlp(x), lambda: cm(x), lambda: None, cm, calls, rounds)
 
 
-def _decode(layers: int, fast: str, opts, calls: int, rounds: int) -> None:
+def _decode(layers: int, fast: str, opts, calls: int, rounds: int, new_lengths: bool) -> None:
     import fxcc
     import transformers
     from transformers import DynamicCache
@@ -119,6 +119,8 @@ def _decode(layers: int, fast: str, opts, calls: int, rounds: int) -> None:
         for c in caches.values():
             if c.get_seq_length() > 8:
                 c.crop(8 - c.get_seq_length())  # a negative count: tokens removed from the end
+        if new_lengths:
+            cm._memo.clear()
 
     with torch.no_grad():
         model(input_ids=prompt, cache=caches["eager"], use_cache=True)
@@ -127,12 +129,12 @@ def _decode(layers: int, fast: str, opts, calls: int, rounds: int) -> None:
             for _ in range(4):  # cropped cache's views have other strides)
                 cm(input_ids=token, cache=caches["fxcc"], use_cache=True)
             reset()
-        measure(f"Llama {layers} layers, decode step (DynamicCache)",
+        measure(f"Llama {layers} layers, decode step (DynamicCache{', new lengths' if new_lengths else ''})",
                 lambda: model(input_ids=token, cache=caches["eager"], use_cache=True),
                 lambda: cm(input_ids=token, cache=caches["fxcc"], use_cache=True), reset, cm, calls, rounds)
 
 
-def tiny(layers: list[int], calls: int, rounds: int) -> None:
+def tiny(layers: list[int], calls: int, rounds: int, new_lengths: bool) -> None:
     """Per-call host work of fxcc on a small MLP and on tiny Llamas' decode steps (see the module's doc)."""
     import fxcc
 
@@ -141,7 +143,7 @@ def tiny(layers: list[int], calls: int, rounds: int) -> None:
     opts = fxcc.CompileOptions(check_eager=False, time_vs_eager=False)
     _mlp(fast, opts, calls, rounds)
     for n in layers:
-        _decode(n, fast, opts, calls, rounds)
+        _decode(n, fast, opts, calls, rounds, new_lengths)
 
 
 def main() -> None:
@@ -154,9 +156,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--calls", type=int, default=200, help="--tiny: calls per engine and round")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--new-lengths", action="store_true", help="--tiny: every decode step's cache length new to the "
+                                                                "variant lookup")
     args = p.parse_args()
     if args.tiny:
-        tiny(args.layers, args.calls, args.rounds)
+        tiny(args.layers, args.calls, args.rounds, args.new_lengths)
         return
     torch.set_num_threads(args.threads)
     import fxcc
