@@ -2,6 +2,7 @@
 batch 8, seq 128, 2 threads):
 
     python benchmarks/guard_cost.py [--reps 200] [--clone-weights]
+    python benchmarks/guard_cost.py --tiny [--layers 1 4 16] [--calls 200] [--rounds 7] [--new-lengths] [--cpu-time]
 
 Two checks run on every call: the module-state guard (fxcc.guards: identities, layouts, primitive attributes,
 and the snapshots of the weights folded into constants), before the variant runs; and the packed-weight
@@ -33,13 +34,141 @@ def per_call_us(fn, reps: int, rounds: int = 5) -> float:
     return statistics.median(out)
 
 
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):7.1f} us ({min(xs):.1f}-{max(xs):.1f})"
+
+
+_INNER = {"s": 0.0}  # seconds spent in compiled executables since reset (Variant._call, wrapped by `measure`)
+_CLOCK = [time.perf_counter]  # --cpu-time: time.thread_time (this thread's CPU time, which others' load does not add to)
+
+
+def _one(fn) -> tuple[float, float]:
+    """One call of `fn`: its time and the time its compiled executable took, in microseconds."""
+    clock = _CLOCK[0]
+    _INNER["s"] = 0.0
+    t = clock()
+    fn()
+    return (clock() - t) * 1e6, _INNER["s"] * 1e6
+
+
+def measure(name: str, eager_step, fxcc_step, reset, cm, calls: int, rounds: int) -> None:
+    """Print per-call eager, fxcc, its executable and its host work (median of rounds of `calls` calls each,
+    `reset` before each round and every 32 calls), and the module-state guard alone."""
+    from fxcc.runtime import Variant
+
+    run = Variant._call
+
+    clock = _CLOCK[0]
+
+    def timed_call(self, *flat):
+        t = clock()
+        try:
+            return run(self, *flat)
+        finally:
+            _INNER["s"] += clock() - t
+
+    rows = {"eager": [], "fxcc": [], "executable": [], "host": []}
+    Variant._call = timed_call
+    try:
+        for _ in range(rounds):
+            for engine, step in (("eager", eager_step), ("fxcc", fxcc_step)):
+                reset()
+                got = []
+                for i in range(calls):
+                    got.append(_one(step))
+                    if (i + 1) % 32 == 0:
+                        reset()
+                rows[engine].append(statistics.median(t for t, _ in got))
+                if engine == "fxcc":
+                    rows["executable"].append(statistics.median(e for _, e in got))
+                    rows["host"].append(statistics.median(t - e for t, e in got))
+    finally:
+        Variant._call = run
+    state = cm._params
+    guard = [per_call_us(state.changed, 2000, 1) for _ in range(rounds)]
+    print(f"{name}: compiles {cm.stats.compiles}, eager calls {cm.stats.eager_calls}")
+    for k, v in rows.items():
+        print(f"  {k:<11} {_spread(v)}")
+    print(f"  {'guard':<11} {_spread(guard)}  (ModuleState.changed alone: {len(state.counts_of)} dicts, "
+          f"{len(state.tensors)} tensors)")
+
+
+def _mlp(fast: str, opts, calls: int, rounds: int) -> None:
+    import fxcc
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    cm = fxcc.compile(mlp, passes=fast, options=opts)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        cm(x)
+        measure("MLP 16-64-16, x 4x16", lambda: mlp(x), lambda: cm(x), lambda: None, cm, calls, rounds)
+
+
+def _decode(layers: int, fast: str, opts, calls: int, rounds: int, new_lengths: bool) -> None:
+    import fxcc
+    import transformers
+    from transformers import DynamicCache
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=256, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    cm = fxcc.compile(model, passes=fast, options=opts)
+    prompt, token = torch.randint(1, 128, (1, 8)), torch.tensor([[5]])
+    caches = {"eager": DynamicCache(config=cfg), "fxcc": DynamicCache(config=cfg)}
+
+    def reset():
+        for c in caches.values():
+            if c.get_seq_length() > 8:
+                c.crop(8 - c.get_seq_length())  # a negative count: tokens removed from the end
+        if new_lengths:
+            cm._memo.clear()
+
+    with torch.no_grad():
+        model(input_ids=prompt, cache=caches["eager"], use_cache=True)
+        cm(input_ids=prompt, cache=caches["fxcc"], use_cache=True)
+        for _ in range(2):  # the first decode steps compile (static, then symbolic in the cache's length; a
+            for _ in range(4):  # cropped cache's views have other strides)
+                cm(input_ids=token, cache=caches["fxcc"], use_cache=True)
+            reset()
+        measure(f"Llama {layers} layers, decode step (DynamicCache{', new lengths' if new_lengths else ''})",
+                lambda: model(input_ids=token, cache=caches["eager"], use_cache=True),
+                lambda: cm(input_ids=token, cache=caches["fxcc"], use_cache=True), reset, cm, calls, rounds)
+
+
+def tiny(layers: list[int], calls: int, rounds: int, new_lengths: bool) -> None:
+    """Per-call host work of fxcc on a small MLP and on tiny Llamas' decode steps (see the module's doc)."""
+    import fxcc
+
+    torch.set_num_threads(1)
+    fast = "canonicalize,raise,fuse,codegen{backend=extern}"
+    opts = fxcc.CompileOptions(check_eager=False, time_vs_eager=False)
+    _mlp(fast, opts, calls, rounds)
+    for n in layers:
+        _decode(n, fast, opts, calls, rounds, new_lengths)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clone-weights", action="store_true", help="give every weight an ordinary (copy-on-write "
                                                                   "capable) storage before compiling")
+    p.add_argument("--tiny", action="store_true", help="host work per call on a small MLP and tiny Llamas")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--calls", type=int, default=200, help="--tiny: calls per engine and round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--cpu-time", action="store_true", help="--tiny: time with this thread's CPU time")
+    p.add_argument("--new-lengths", action="store_true", help="--tiny: every decode step's cache length new to the "
+                                                                "variant lookup")
     args = p.parse_args()
+    if args.tiny:
+        if args.cpu_time:
+            _CLOCK[0] = time.thread_time
+        tiny(args.layers, args.calls, args.rounds, args.new_lengths)
+        return
     torch.set_num_threads(args.threads)
     import fxcc
     from fxcc import watch

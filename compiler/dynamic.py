@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from torch.utils import _pytree as pytree
 
 from .ir import is_symbolic
 from .state import is_state, state_objects
+
+_ONE = 1  # `_ONE.__lt__`: n > 1, as a C call
 
 
 def leaf_names(args: tuple, kwargs: dict, signature: inspect.Signature | None = None) -> list[str]:
@@ -131,9 +134,12 @@ def without_layouts(struct: tuple) -> tuple:
 def strides(t: torch.Tensor) -> tuple[int, ...]:
     """`t`'s strides where they matter (a dimension of size 1 has none that changes an address: 0 there; an
     empty tensor none at all): a static variant serves exactly these, whatever the storage offset."""
-    if not t.numel():
+    shape = t.shape
+    if 0 in shape:
         return ()
-    return tuple(s if n > 1 else 0 for n, s in zip(t.shape, t.stride()))
+    if 1 not in shape:  # every size above 1: the strides as they are
+        return t.stride()
+    return tuple(map(operator.mul, t.stride(), map(_ONE.__lt__, shape)))  # s * (n > 1): s, or 0 where n is 1
 
 
 def layout_class(t: torch.Tensor) -> Any:
@@ -245,6 +251,7 @@ class Shapes:
     clauses: list[str] = field(default_factory=list)
     guarded: list[int] = field(default_factory=list)  # flat input of each t<k>
     ints: set[int] = field(default_factory=set)  # inputs that are ints, not tensors
+    _checks: Any = field(default=None, init=False, repr=False, compare=False)  # `static` as itemgetters (matches)
 
     @staticmethod
     def of(gm: fx.GraphModule, flat: list[Any], names: list[str], sized: frozenset[int]) -> Shapes:
@@ -276,8 +283,14 @@ class Shapes:
 
     def matches(self, flat: list[Any]) -> bool:
         """Whether a call with these inputs (of this variant's structure) may run this variant."""
-        for i, st in enumerate(self.static):
-            if st is not None and any(s is not None and s != n for s, n in zip(st, _shape(flat[i]))):
+        if self._checks is None:
+            self._checks = _static_checks(self.static)
+        for i, rank, pick, want in self._checks:
+            shape = _shape(flat[i])
+            if len(shape) == rank:
+                if pick(shape) != want:
+                    return False
+            elif any(s is not None and s != n for s, n in zip(self.static[i], shape)):
                 return False
         if self.guard is None:
             return True
@@ -326,6 +339,17 @@ def conjuncts(code: str) -> list[str]:
     expr = ast.parse(code, mode="eval").body
     parts = expr.values if isinstance(expr, ast.BoolOp) and isinstance(expr.op, ast.And) else [expr]
     return [ast.get_source_segment(code, p) for p in parts]
+
+
+def _static_checks(static: list[tuple[int | None, ...] | None]) -> list[tuple[int, int, Any, Any]]:
+    """Per input with a static size: (input, rank, a getter of its static dimensions' sizes, what they must be),
+    so that `Shapes.matches` compares them in one C call per input."""
+    out = []
+    for i, st in enumerate(static):
+        at = [d for d, s in enumerate(st or ()) if s is not None]
+        if at:
+            out.append((i, len(st), operator.itemgetter(*at), operator.itemgetter(*at)(st)))
+    return out
 
 
 def _shape(x: Any) -> tuple:

@@ -16,7 +16,12 @@ compile baked in:
   shards: fxcc.ir.computed_from), watched by fxcc.watch, which also sees writes through `.data`;
 - on CUDA graphs, the address of every tensor a graph reads (it replays the pointers it captured).
 Packed copies the backends keep are checked by the backends themselves (fxcc.codegen.derived).
-The check runs on every call: C-level loops over lists built once.
+The check runs on every call: C-level loops over lists built once. Everything held in the module's dicts (its
+`__dict__`, parameters, buffers, submodules, and `config` objects' fields) is first checked by the dicts' version
+tags (PEP 509: a tag changes at every insertion, replacement or deletion, however it is made, `vars(m)[k] = v` and
+`m._modules[k] = v` included), all of them in one C++ pass of torch's dict-version guard: where no tag moved, no
+entry changed, and only primitive values that can change in place (lists) are compared. Where a tag moved, the
+entries are compared one by one as before, and the tags are taken again when nothing that matters changed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from . import ir
 from .capture import Missing
 from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
 from .watch import Layouts, Snapshot
+
+try:  # torch's C++ guard tree (torch.compile's own guards): one pass over many dicts' version tags
+    from torch._C._dynamo.guards import RootGuardManager as _RootGuardManager
+    from torch._dynamo.guards import GuardManagerType as _GuardManagerType
+except ImportError:  # pragma: no cover - a torch without it: the entries are compared one by one
+    _RootGuardManager = _GuardManagerType = None
 
 # flags of a module that no forward reads: transformers' "weights initialised" mark (on every submodule)
 log = logging.getLogger(__name__)
@@ -121,6 +132,12 @@ class ModuleState:
         self.tensor_names = {id(t): n for n, t in tensors.items()}
         self.layouts = Layouts(self.tensors)
         self.counts = list(map(len, self.counts_of))
+        mutable = [i for i, v in enumerate(self.values) if not _immutable(v)]  # lists: changed in place, untagged
+        self.mutable_dicts = [self.dicts[i] for i in mutable]
+        self.mutable_keys = [self.keys[i] for i in mutable]
+        self.mutable_values = [self.values[i] for i in mutable]
+        self.rearms = 0
+        self.versions = _dict_versions(self.counts_of) if _VERSIONS else None
         watched = self.tensors if sources is None else sources
         self.watched = [(t, Snapshot(t)) for t in watched]  # first: a snapshot may move a tensor's memory
         self._index_watched()
@@ -184,16 +201,39 @@ class ModuleState:
 
     def changed(self) -> str | None:
         """None when everything compiled code depends on is as it was; else what changed, for the log."""
-        if (all(map(operator.is_, map(dict.get, self.owners, self.names), self.objs))
-                and list(map(dict.get, self.dicts, self.keys)) == self.values
-                and self._same_modes()
-                and list(map(len, self.counts_of)) == self.counts
-                and not any(map(operator.contains, self.miss_dicts, self.miss_names))
+        if (self._entries_same()
                 and self.layouts.same()
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
                 and self._watched_same()):
             return None
         return self._what()
+
+    def _entries_same(self) -> bool:
+        """The dicts' entries compiled code depends on are as they were: by the dicts' version tags where none
+        moved (then only lists are compared: they change in place), else entry by entry (and, when they are the
+        same, the tags are taken again)."""
+        versions = self.versions
+        if versions is not None and versions.check(self.counts_of):
+            return (not self.mutable_dicts
+                    or list(map(dict.get, self.mutable_dicts, self.mutable_keys)) == self.mutable_values)
+        same = (all(map(operator.is_, map(dict.get, self.owners, self.names), self.objs))
+                and list(map(dict.get, self.dicts, self.keys)) == self.values
+                and self._same_modes()
+                and list(map(len, self.counts_of)) == self.counts
+                and not any(map(operator.contains, self.miss_dicts, self.miss_names)))
+        if same and versions is not None:
+            self._retag()
+        return same
+
+    def _retag(self) -> None:
+        """Take the dicts' version tags again after a change that compiled code does not depend on (an attribute
+        nothing reads, a value set to an equal one); given up after _REARMS such changes (a model that keeps
+        changing its attributes), so that each call does not pay for both checks."""
+        self.rearms += 1
+        self.versions = _dict_versions(self.counts_of) if self.rearms <= _REARMS else None
+        if self.versions is None:
+            log.debug("module state compared entry by entry from now on (%d changes that did not matter)",
+                      self.rearms - 1)
 
     def _live_kept(self) -> bool:
         """Every tensor a CUDA graph reads that is no longer where the graph was captured holds what it held, and
@@ -252,6 +292,8 @@ class ModuleState:
             if why is not None:
                 return why
             self.counts = counts  # only attributes nothing compiled can have read: the same state
+            if self.versions is not None:
+                self._retag()
         if self._relative() != self.relative:
             return "a submodule was put in training or eval mode on its own"
         lay = self.layouts
@@ -317,6 +359,49 @@ class ModuleState:
 
 
 _MISSING = object()
+_REARMS = 32  # times the tags are taken again after a change that did not matter before they are given up
+
+
+def _immutable(v: Any) -> bool:
+    """A primitive value that cannot change without being replaced in its dict (then its dict's tag moves)."""
+    t = type(v)
+    if t is tuple:
+        return all(map(_immutable, v))
+    return t in (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _dict_versions(dicts: list[dict]) -> Any:
+    """A check that every dict of `dicts` (the list itself passed to its `check`) holds what it holds now: each
+    one's version tag, in one C++ pass; None where torch has no such guard or its tags do not follow changes."""
+    if _RootGuardManager is None:
+        return None
+    try:
+        root, plain = _RootGuardManager(), _GuardManagerType.GUARD_MANAGER
+        for i, d in enumerate(dicts):
+            where = f"dicts[{i}]"
+            root.list_getitem_manager(i, where, d, plain).add_dict_version_guard(d, [where], None)
+        return root
+    except (TypeError, RuntimeError, AttributeError, ValueError) as e:
+        log.debug("no dict-version guard (%s): module state compared entry by entry", e)
+        return None
+
+
+def _versions_follow_changes() -> bool:
+    """Whether the dict-version guard sees a replacement made with `dict.__setitem__` (no Python-level hook) and a
+    deletion: checked once, so a Python or torch whose tags do not move falls back to comparing entries."""
+    d = {"k": 1}
+    guard = _dict_versions([d])
+    if guard is None or not guard.check([d]):
+        return False
+    dict.__setitem__(d, "k", 2)
+    if guard.check([d]):
+        return False
+    guard = _dict_versions([d])
+    del d["k"]
+    return not guard.check([d])
+
+
+_VERSIONS = _versions_follow_changes()
 
 
 def _own_forward(mod: nn.Module, value: Any) -> bool:

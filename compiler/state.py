@@ -78,17 +78,18 @@ def _walked_into(t: type) -> bool:
 
 def _context(x: Any, leaves: list[Any], top: bool = False) -> Any:
     """A comparable description of `x` with its tensors and ints replaced by leaf numbers."""
-    if _is_leaf(x):
+    t = type(x)  # the tests of _is_leaf, then the other types, each asked once (this runs at every call)
+    if t is torch.Tensor or t is int or isinstance(x, (torch.Tensor, torch.SymInt)) or t.__name__ == "_IntWrapper":
         leaves.append(x)
         return ("leaf", len(leaves) - 1)
-    if x is None or type(x) in (bool, float, str):
+    if x is None or t is bool or t is float or t is str:
         return x
-    if type(x) in (list, tuple):
-        return (type(x).__name__, tuple(_context(v, leaves) for v in x))
-    if type(x) is dict:
-        return ("dict", tuple((k, _context(v, leaves)) for k, v in x.items()))
-    if hasattr(x, "__dict__") and not isinstance(x, type) and (top or _walked_into(type(x))):
-        return ("obj", type(x), tuple((k, _context(v, leaves)) for k, v in vars(x).items()))
+    if t is list or t is tuple:
+        return (t.__name__, tuple([_context(v, leaves) for v in x]))
+    if t is dict:
+        return ("dict", tuple([(k, _context(v, leaves)) for k, v in x.items()]))
+    if hasattr(x, "__dict__") and not isinstance(x, type) and (top or _walked_into(t)):
+        return ("obj", t, tuple([(k, _context(v, leaves)) for k, v in vars(x).items()]))
     return ("const", x)  # a device, a dtype, a class: compared by value
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import assert_outputs_close
+from fxcc.dynamic import Shapes
 
 transformers = pytest.importorskip("transformers")
 
@@ -309,3 +310,22 @@ def test_split_kv_decode_attention_serves_every_cache_length(monkeypatch, mask_k
         feed = [given[source(x)] for x in node.args[0]]
         for got, want in zip(fn(feed), kb.body(*feed)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_symbolic_variants_static_sizes_are_all_compared():
+    """Shapes.matches compares each input's static sizes (its getters of them, built once) as the loop over every
+    dimension would: a size that differs anywhere rejects the call, symbolic sizes and non-size inputs never do,
+    and an input of another rank is compared over the dimensions both have."""
+    shapes = Shapes(dims={0: (0,), 3: (1,)}, static=[(None, 4), None, (2,), (3, None, 5)], example=[], names=[])
+
+    def by_loop(flat):
+        return not any(st is not None and any(s is not None and s != n for s, n in
+                                              zip(st, tuple(x.shape) if isinstance(x, torch.Tensor) else (x,)))
+                       for st, x in zip(shapes.static, flat))
+
+    t = torch.empty
+    calls = [[t(7, 4), "any", 2, t(3, 9, 5)], [t(7, 5), "any", 2, t(3, 9, 5)], [t(7, 4), "any", 3, t(3, 9, 5)],
+             [t(7, 4), None, 2, t(3, 1, 6)], [t(7, 4), 1.5, 2, t(4, 9, 5)], [t(1, 4), "any", 2, t(3, 9)],
+             [t(7, 4), "any", 2, t(2, 9)], [t(7), "any", 2, t(3, 0, 5)]]
+    assert [shapes.matches(c) for c in calls] == [by_loop(c) for c in calls] == [True, False, False, False, False,
+                                                                                True, False, True]

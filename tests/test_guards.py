@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import assert_outputs_close
-from fxcc import codegen, watch
+from fxcc import codegen, guards, watch
 from fxcc.codegen import mkl, onednn, tvm
 from fxcc.guards import ModuleState
 
@@ -532,3 +532,82 @@ def test_a_submodule_appended_to_a_sequential_recompiles(caplog):
     torch.testing.assert_close(cm(x), m(x))
     m.append(nn.Linear(16, 16))
     _recompiled(cm, m, x, "submodule 2 was added", caplog)
+
+
+# ------------------------------------------------------- changes no Python-level hook sees (the dicts' version tags)
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * 2 if self.training else x
+
+
+class Listed(Siblings):
+    """Siblings with a list attribute the forward reads (folded in by export, changeable in place) and a
+    submodule whose forward reads its own training flag."""
+
+    def __init__(self, d: int = 16):
+        super().__init__(d)
+        self.factors = [3.0, 0.5]
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(super().forward(x) * self.factors[0])
+
+
+BYPASS = {  # each changes what the model computes without nn.Module.__setattr__, __delattr__ or register_*
+    "vars(m)[k] = v": lambda m: vars(m.act).__setitem__("negative_slope", 0.5),
+    "dict.__setitem__(vars(m), k, v)": lambda m: dict.__setitem__(vars(m.act), "negative_slope", 0.5),
+    "object.__setattr__": lambda m: object.__setattr__(m.act, "negative_slope", 0.5),
+    "vars(m).update (tensor attribute)": lambda m: vars(m).update(scale=torch.tensor(-1.0)),
+    "_modules[k] = v": lambda m: m._modules.__setitem__("act", nn.ReLU()),
+    "_parameters[k] = v": lambda m: m._parameters.__setitem__("w", nn.Parameter(torch.ones(16))),
+    "vars(config)[k] = v": lambda m: vars(m.config).__setitem__("shift", -3.0),
+    "training flag in vars(submodule)": lambda m: vars(m.gate).__setitem__("training", True),
+    "list attribute changed in place": lambda m: m.factors.__setitem__(0, -1.0),
+    "parameter .data = (new layout)": lambda m: setattr(m.w, "data", torch.randn(1)),
+    "in-place write into a folded weight": lambda m: m.w.data.copy_(torch.randn(16)),
+}
+
+
+@pytest.mark.parametrize("how", list(BYPASS))
+def test_changes_made_past_every_hook_are_seen(how):
+    """The module-state guard's fast path (the dicts' version tags, fxcc.guards) sees a change however it is
+    made: through the dicts themselves, object.__setattr__, a list changed in place, a tensor's layout or
+    contents; the next call equals eager's, and so does the one after it (on the fast path again)."""
+    torch.manual_seed(0)
+    m, x = Listed().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m)
+    torch.testing.assert_close(cm(x), m(x))
+    state = cm._params
+    assert state.versions is not None and state.versions.check(state.counts_of)  # the fast path is armed
+    before = m(x)
+    with torch.no_grad():
+        BYPASS[how](m)
+    assert before.shape != m(x).shape or not torch.allclose(m(x), before)  # the change changes the result
+    assert state.changed() is not None
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm._params.versions is not None and cm._params.changed() is None
+
+
+def test_a_change_that_does_not_matter_takes_the_tags_again():
+    """An attribute nothing compiled reads, added through the module's dict, moves its dict's tag: the entries
+    are compared once, found the same, and the tags taken again; past _REARMS such changes the entries are
+    compared at every call, and a change that matters still recompiles."""
+    m, x = _lookups()
+    cm = fxcc.compile(m)
+    cm(x)
+    state = cm._params
+    vars(m)["note"] = "nothing reads it"
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 0 and state.rearms == 1 and state.versions.check(state.counts_of)
+    for i in range(guards._REARMS):
+        vars(m.lin)["counter"] = i
+        assert state.changed() is None
+    assert state.versions is None  # given up: entry by entry from now on
+    torch.testing.assert_close(cm(x), m(x))
+    vars(m)["scale"] = 2.0  # looked up and not found at capture
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1
