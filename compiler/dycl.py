@@ -228,7 +228,7 @@ class Segment:
             if call is None:
                 # its compile and timings draw nothing the call's own run would not (fxcc.rng); one thread at a
                 # time builds (fxcc.runtime.COMPILE_LOCK), and one that waited finds the segment built
-                with COMPILE_LOCK, rng.preserved():
+                with COMPILE_LOCK, rng.preserved(args):
                     call = self.by_key.get(sig) or self._build(args, sig)
             self.by_key[key] = call
         return call(*args)
@@ -240,6 +240,16 @@ class Segment:
         return self.eager_call(*args)
 
     def _build(self, args: tuple, key: Any) -> Any:
+        # the build runs the segment several times (timed, checked as plain Python and compiled); module state
+        # it writes (a BatchNorm's running stats in training mode) ends as before them, so the call's own run
+        # is the one write eager makes
+        state = _BufferState([self.owner, *args])
+        try:
+            return self._build_runs(args, key, state)
+        finally:
+            state.restore()
+
+    def _build_runs(self, args: tuple, key: Any, state: _BufferState) -> Any:
         flat, _ = flatten_inputs(args, {})
         sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
                         if isinstance(x, nn.Module) else repr(x)[:20] for x in flat)
@@ -251,6 +261,7 @@ class Segment:
 
         @functools.cache
         def plain() -> Any:  # one run as plain Python on copies of the inputs (RNG state restored), for the checks
+            state.restore()
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 return self.eager_call(*_clones(args))
 
@@ -288,7 +299,7 @@ class Segment:
             else:
                 call = _passing(_direct_call(variant, values, len(self.spec.outputs), tuple(fixed)), passed)
                 run = SegmentRun(sig, call, variant)
-                differs = self._unlike_plain(call, args)
+                differs = self._unlike_plain(call, args, state)
                 if differs:
                     run.call, run.eager = self.eager_call, f"plain Python: {differs}"
                 elif measure:
@@ -315,7 +326,7 @@ class Segment:
         made = [o for o in state_objects(outs) if id(o) not in given]
         return type(made[0]).__name__ if made else None
 
-    def _unlike_plain(self, call: Any, args: tuple) -> str | None:
+    def _unlike_plain(self, call: Any, args: tuple, state: _BufferState) -> str | None:
         """Why the compiled segment cannot stand in for its plain Python (None when it can): its outputs share
         memory differently (a view returned as a copy: an in-place update after it would reach other tensors
         than in eager), or its values differ beyond `eager_check.tolerance`. Both run on copies of the inputs
@@ -325,8 +336,9 @@ class Segment:
         pattern, results = [], []
         for fn in (self.eager_call, call):
             copies = _clones(args)
+            state.restore()  # both read the module state the call will
             try:
-                with rng.preserved(), torch.no_grad():
+                with rng.preserved(args), torch.no_grad():
                     outs = fn(*copies)
             except Exception as e:  # noqa: BLE001 - the real call (as plain Python) raises what eager raises
                 return f"{'compiled' if fn is call else 'plain'} run on copies failed ({type(e).__name__})"
@@ -349,6 +361,25 @@ def _passed_outputs(outs: Any) -> dict[int, Any]:
     """The outputs, by position, that a captured graph cannot return (`_PASSED`: a device, a dtype), with their
     values, from the segment's outputs run as plain Python."""
     return {i: o for i, o in enumerate(outs) if isinstance(o, _PASSED)} if isinstance(outs, tuple) else {}
+
+
+class _BufferState:
+    """The buffers of the modules among `objs` (a segment's owner, modules passed to it), kept as they are now:
+    `restore` writes back those that changed."""
+
+    def __init__(self, objs: list[Any]):
+        seen: dict[int, torch.Tensor] = {}
+        for m in objs:
+            m = m.__self__ if isinstance(m, types.MethodType) else m
+            if isinstance(m, nn.Module):
+                seen |= {id(b): b for b in m.buffers()}
+        self.kept = [(b, b.clone()) for b in seen.values()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, saved in self.kept:
+                if b.shape == saved.shape and not torch.equal(b, saved):
+                    b.copy_(saved)
 
 
 def _clones(args: tuple) -> tuple:
@@ -807,9 +838,9 @@ def localize_segments(record: list[SegmentCall]) -> str:
         if run is None or run.variant is None or call is None or call is seg.eager_call:
             continue
         compiled += 1
-        with rng.preserved(), torch.no_grad():
+        with rng.preserved(c.args), torch.no_grad():
             want = seg.eager_call(*_clones(c.args))
-        with rng.preserved(), torch.no_grad():
+        with rng.preserved(c.args), torch.no_grad():
             got = call(*_clones(c.args))
         cmp = compare(got, want, tol=tolerance)
         if cmp.equal:

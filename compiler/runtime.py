@@ -699,7 +699,7 @@ class CompiledModule(ModuleView):
     def _new_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         """Compile a variant for this call, or decide it runs eagerly; the RNG state is left as found (capture,
         example runs and timings draw from it), so the call itself draws what eager would (fxcc.rng)."""
-        with rng.preserved(), pinned(self.options.plan):
+        with rng.preserved(args, kwargs), pinned(self.options.plan):
             variant = self._compile_variant(args, kwargs, key, flat, spec)
         if CompileOptions.from_env(self.options).check_eager == "always":  # every call from now on: no cost otherwise
             self.__dict__["_run"] = self._run_checked
