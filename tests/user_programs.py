@@ -611,6 +611,215 @@ def pads_and_shapes(x):
 program("pads_shapes")(lambda n, g: ((_r(g, n, 6),), {}))(_fn(pads_and_shapes))
 
 
+# more of what users write -----------------------------------------------------------------------------------
+
+def noncontig_inplace(x, y):
+    x.add_(1)  # x is a transposed view of its storage
+    y[:, 1] += x[:, 0]  # y is a strided slice
+    return x * 2, y
+
+
+program("noncontig_inplace")(lambda n, g: ((_r(g, 3, n).t(), _r(g, n, 6)[:, ::2]), {}))(_fn(noncontig_inplace))
+
+
+def same_tensor_twice(x, y):
+    y.mul_(2)  # called with y the same tensor as x
+    return x + y, x
+
+
+program("same_tensor_twice")(lambda n, g: (lambda t: ((t, t), {}))(_r(g, n, 3)))(_fn(same_tensor_twice))
+
+
+def index_put_input(x, idx, v):
+    x[idx] = v
+    x[:, -1] = x[:, 0] * 2
+    return x.sum(0)
+
+
+program("index_put_input")(lambda n, g: ((_r(g, n, 3), torch.randperm(n, generator=g)[:2], _r(g, 2, 3)), {}))(
+    _fn(index_put_input))
+
+
+def output_aliases(x):
+    y = x * 2
+    return y, y, y.view(-1), y[0]
+
+
+program("output_aliases")(lambda n, g: ((_r(g, n, 3),), {}))(_fn(output_aliases))
+
+
+class BufferWrites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("hist", torch.zeros(4, 3))
+        self.register_buffer("pos", torch.zeros((), dtype=torch.long))
+        self.eval()
+
+    def forward(self, x):
+        self.hist.copy_(self.hist.roll(1, 0))
+        self.hist[0] = x.mean(0)
+        self.pos.add_(1)
+        return x - self.hist.mean(0), self.pos.clone()
+
+
+program("buffer_writes")(lambda n, g: ((_r(g, n, 3),), {}))(BufferWrites)
+
+
+class AttrState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+        self.calls = 0
+        self.last = None
+        self.eval()
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.l(x) * self.calls
+        self.last = y.detach()
+        return y
+
+
+program("attr_state")(lambda n, g: ((_r(g, n, 3),), {}))(AttrState)
+
+
+def uint8_image(img, mean, std):
+    x = (img.float() / 255 - mean[:, None, None]) / std[:, None, None]
+    back = (x * 64 + 128).round().clamp(0, 255).to(torch.uint8)
+    return x, back, img.max(), (img > 128).sum(dtype=torch.int32), img.to(torch.int8)
+
+
+program("uint8_image")(lambda n, g: ((torch.randint(0, 256, (3, n, n), generator=g, dtype=torch.uint8),
+                                      torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])), {}))(
+    _fn(uint8_image))
+
+
+def int32_ops(a):
+    b = a.to(torch.int32)
+    return b * b, b // 7, (b * 100000).to(torch.int64), b.sum(), b.cumsum(0), b.float() / 3, (b % 2 == 0).nonzero()
+
+
+program("int32_ops")(lambda n, g: ((torch.randint(-3000, 3000, (n, 2), generator=g),), {}))(_fn(int32_ops))
+
+
+def search_count(x, edges, ids):
+    return torch.bucketize(x, edges), torch.searchsorted(edges, x.flatten().sort().values), torch.bincount(ids), \
+        torch.histc(x, bins=5, min=-2, max=2), F.one_hot(ids), F.one_hot(ids, 6).sum(0)
+
+
+program("search_count")(lambda n, g: ((_r(g, n, 3), torch.linspace(-1, 1, 5), torch.randint(0, 6, (n,), generator=g)),
+                                      {}))(_fn(search_count))
+
+
+def index_fill_copy(x, idx, src):
+    return x.index_fill(1, idx, -1.0), x.index_copy(0, torch.arange(src.shape[0]), src), \
+        x.masked_scatter(x > 0, src.repeat(x.shape[0], 1)[:, :x.shape[1]])
+
+
+program("index_fill_copy")(lambda n, g: ((_r(g, n, 4), torch.tensor([0, 2]), _r(g, 2, 4)), {}))(_fn(index_fill_copy))
+
+
+def list_dict_inputs(xs: list, d: dict):
+    return torch.stack(xs).sum(0) * d["scale"] + d["bias"], [x.mean() for x in xs], {"n": len(xs)}
+
+
+program("list_dict_inputs")(lambda n, g: (([_r(g, n, 2) for _ in range(3)], {"scale": _r(g, 2), "bias": _r(g, n, 1)}),
+                                          {}))(_fn(list_dict_inputs))
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(6, 5, bidirectional=True)
+        self.eval()
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(x)
+        o2, h2 = self.gru(out.transpose(0, 1))
+        return out, h, c, o2, h2
+
+
+program("recurrent")(lambda n, g: ((_r(g, 2, n, 4),), {}))(Recurrent)
+
+
+class TorchTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.eval()
+
+    def forward(self, x, pad):
+        h = self.enc(x, src_key_padding_mask=pad)
+        a, w = self.mha(h, h, h, key_padding_mask=pad, need_weights=True)
+        return h, a, w
+
+
+def _tr_inputs(n, g):
+    pad = torch.zeros(2, n, dtype=torch.bool)
+    pad[1, n - 2:] = True
+    return (_r(g, 2, n, 16), pad), {}
+
+
+program("torch_transformer")(_tr_inputs)(TorchTransformer)
+
+
+class Vision(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.eval()
+
+    def forward(self, x):
+        y, idx = F.max_pool2d(self.c(x), 2, return_indices=True)
+        up = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+        near = F.interpolate(y, size=(x.shape[-2], x.shape[-1]), mode="nearest")
+        return up, near, idx, y.to(memory_format=torch.channels_last)
+
+
+program("vision", sizes=(8, 12))(lambda n, g: ((_r(g, 1, 3, n, n),), {}))(Vision)
+
+
+def distributions(logits, gen):
+    probs = logits.softmax(-1)
+    perm = torch.randperm(logits.shape[0], generator=gen)
+    cat = torch.distributions.Categorical(logits=logits)
+    return perm, cat.entropy(), cat.log_prob(torch.zeros(logits.shape[0], dtype=torch.long)), \
+        torch.bernoulli(probs, generator=gen)
+
+
+program("distributions")(lambda n, g: ((_r(g, n, 5), torch.Generator().manual_seed(7)), {}))(_fn(distributions))
+
+
+def numpy_print(x):
+    y = x * 2
+    arr = y.numpy()
+    print(f"user print {arr.shape}", file=sys.stderr if False else open("/dev/null", "w"))
+    return torch.from_numpy(arr.copy()) + 1, float(arr.sum())
+
+
+program("numpy_roundtrip")(lambda n, g: ((_r(g, n, 3),), {}))(_fn(numpy_print))
+
+
+def half_reductions(x):
+    return x.sum(), x.mean(0), x.softmax(-1), x.var(1), x.float().sum(), (x @ x.t()).diagonal(), x.cumsum(1)
+
+
+program("half_reductions", low=True)(lambda n, g: ((_r(g, n, 64, dtype=torch.float16) * 4,), {}))(
+    _fn(half_reductions))
+
+
+def arange_linspace(x):
+    n = x.shape[0]
+    return torch.arange(0, n, 0.5) * x.sum(), torch.linspace(0, 1, n), x.new_tensor([n, n * 2]), \
+        torch.tensor([x.shape[1]] * n) + x[:, 0].long(), torch.full((n,), 7, dtype=torch.int16), torch.eye(n)
+
+
+program("arange_linspace")(lambda n, g: ((_r(g, n, 3) * 3,), {}))(_fn(arange_linspace))
+
+
 # ------------------------------------------------------------------------------------------------ the check
 
 
@@ -632,12 +841,19 @@ def _tol(prog: Program):
 
 
 def _clone_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Copies of a call's arguments: tensors with their strides, generators with their state, one copy of an
+    object passed twice."""
+    memo: dict[int, Any] = {}
+
     def one(v):
-        if isinstance(v, torch.Tensor):
-            return _same_layout(v)
-        if isinstance(v, torch.Generator):
-            return torch.Generator().set_state(v.get_state())
-        return copy.deepcopy(v)
+        if id(v) not in memo:
+            if isinstance(v, torch.Tensor):
+                memo[id(v)] = _same_layout(v)
+            elif isinstance(v, torch.Generator):
+                memo[id(v)] = torch.Generator().set_state(v.get_state())
+            else:
+                memo[id(v)] = pytree.tree_map(one, v) if isinstance(v, (list, tuple, dict)) else copy.deepcopy(v)
+        return memo[id(v)]
     return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
 
@@ -699,6 +915,12 @@ def compare_call(got: Any, want: Any, args: tuple, args_e: tuple, tol) -> tuple[
         alias = [i for i, t in enumerate(ins) if a.numel() and _shares(a, t)]
         if alias_e != alias:
             return "alias", f"{p}: aliases inputs {alias} under fxcc, {alias_e} in eager"
+    outs = [(p, t) for p, t in e if isinstance(t, torch.Tensor) and t.numel()]
+    outs_g = dict((p, t) for p, t in g if isinstance(t, torch.Tensor))
+    for i, (p, t) in enumerate(outs):
+        for q, u in outs[:i]:
+            if _shares(t, u) != _shares(outs_g[p], outs_g[q]):
+                return "alias", f"{p} and {q} share memory in {'eager' if _shares(t, u) else 'fxcc'} only"
     return "ok", ""
 
 
@@ -723,7 +945,7 @@ def run(prog: Program, mode: str, options: dict | None = None) -> Outcome:
     opts.update(options or {})
     tol = _tol(prog)
     sizes = (prog.sizes[0], *prog.sizes)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = fxcc.compile(mine, dynamic=True if mode == "dynamic" else None, options=opts)
         for i, n in enumerate(sizes):
