@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from fxcc import ir, rng
 from fxcc.capture import CaptureError, flatten_inputs
-from fxcc.dycl_analysis import Wrapping, target_function, wrapping
+from fxcc.dycl_analysis import Wrapping, parse_function, target_function, wrapping
 from fxcc.dycl_rewrite import (
     Callees,
     RewriteError,
@@ -898,6 +898,17 @@ def python_effect(module: nn.Module) -> str | None:
     fxcc's runtime keeps the state it changes (caches), as for a forward captured whole."""
     owner, fn, method = _entry(module)
     return Callees(libraries=False).effect(types.MethodType(fn, owner) if method else fn)
+
+
+def source_unread(module: nn.Module) -> str | None:
+    """Why the source of the module's forward (or compiled function) cannot be read, so `python_effect` saw
+    nothing (defined by exec, in `python -c`, in a file edited since); None when it can."""
+    _, fn, _ = _entry(module)
+    try:
+        parse_function(fn, wrapped=True)
+    except RewriteError as e:
+        return str(e)
+    return None
 
 
 def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | None,

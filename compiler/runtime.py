@@ -730,10 +730,14 @@ class CompiledModule(ModuleView):
         try:
             variant = self.compile_for(args, kwargs, dims=dims)
         except CaptureError as e:
-            if not dynamic.carries_state(args, kwargs):
+            if dynamic.carries_state(args, kwargs):
+                return self._runs_eagerly(key, f"{self.name} runs eagerly for calls with a KV cache: {e}", "",
+                                          stacklevel=5)
+            if not self.options.dycl or self.options.fullgraph:  # one graph or nothing, as asked: the error
                 raise
-            return self._runs_eagerly(key, f"{self.name} runs eagerly for calls with a KV cache: {e}", "",
-                                      stacklevel=5)
+            # neither export nor DyCL could take it (`.numpy()` in a function whose source Python cannot find):
+            # it runs as eager does, said once
+            return self._runs_eagerly(key, f"{self.name} runs eagerly: {e}", "", stacklevel=5)
         unmatched = rng.unmatched(variant.gm) if isinstance(variant, Variant) else None
         if unmatched is not None:
             return self._runs_eagerly(key, f"{self.name} runs eagerly: {unmatched}",
@@ -960,6 +964,9 @@ class CompiledModule(ModuleView):
                 for p in front:
                     p.check_split(self.module)
                 return dycl.compile_dynamic(self, args, kwargs, None, effect)
+            unread = dycl.source_unread(self.module)  # then capture looks for the effects DyCL could not
+        else:
+            unread = None
         # the IR before codegen comes from the graph cache when an earlier compile stored it
         loss = None  # quality loss of approximate passes, measured under a quality budget
         plain = not dims and not dynamic.carries_state(args, kwargs)  # what the graph cache keys and stores
@@ -973,7 +980,7 @@ class CompiledModule(ModuleView):
             self.capturing = True
             try:
                 with self._stand_ins(args, kwargs):
-                    cap = capture(self.module, args, kwargs, dims=dims, forward=self.method)
+                    cap = capture(self.module, args, kwargs, dims=dims, forward=self.method, unread=unread)
             except CaptureError as e:  # tensor-dependent control flow: a DyCL host program + compiled segments
                 own = type(self.module).forward
                 other_method = self.method is not None and self.method.__func__ is not own and \

@@ -24,6 +24,7 @@ tests/test_user_programs.py runs a CI-sized subset.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -52,15 +53,19 @@ class Program:
     inputs: Callable[[int, torch.Generator], tuple[tuple, dict]]
     sizes: tuple[int, ...] = (5, 8, 3)
     low_precision: bool = False
+    prepare: Callable[[Any, int], None] | None = None  # run on the program (eager's and fxcc's) before each call
+    ctx: str = ""  # how calls are made: "" (as they come: gradients enabled), "no_grad", "inference_mode"
+    train: bool = False  # a module left in training mode (else: model.eval(), as users call it)
 
 
 PROGRAMS: dict[str, Program] = {}
 
 
-def program(name: str, sizes: tuple[int, ...] = (5, 8, 3), low: bool = False):
+def program(name: str, sizes: tuple[int, ...] = (5, 8, 3), low: bool = False, prepare=None, ctx: str = "",
+            train: bool = False):
     def deco(make_inputs):
         def register(build):
-            PROGRAMS[name] = Program(name, build, make_inputs, sizes, low)
+            PROGRAMS[name] = Program(name, build, make_inputs, sizes, low, prepare, ctx, train)
             return build
         return register
     return deco
@@ -464,7 +469,7 @@ def _train_mode():
     return m
 
 
-program("running_stats")(lambda n, g: ((_r(g, n, 4),), {}))(_train_mode)
+program("running_stats", ctx="no_grad", train=True)(lambda n, g: ((_r(g, n, 4),), {}))(_train_mode)
 
 
 def item_tolist(x):
@@ -820,6 +825,105 @@ def arange_linspace(x):
 program("arange_linspace")(lambda n, g: ((_r(g, n, 3) * 3,), {}))(_fn(arange_linspace))
 
 
+# state that changes between calls, errors, calling contexts --------------------------------------------------
+
+SCALE = torch.ones(3)
+OFFSET = 0.0
+
+
+def global_state(x):
+    return x * SCALE + OFFSET
+
+
+def _set_globals(_, n: int) -> None:
+    global OFFSET
+    SCALE.fill_(n)  # a tensor the function reads, changed in place between calls
+    OFFSET = n / 2  # a Python global rebound between calls
+
+
+program("global_state", prepare=_set_globals)(lambda n, g: ((_r(g, n, 3),), {}))(_fn(global_state))
+
+
+class Tunable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+        self.temperature = 1.0
+        self.eval()
+
+    def forward(self, x):
+        return self.l(x) / self.temperature
+
+
+def _retune(m: Tunable, n: int) -> None:
+    with torch.no_grad():
+        m.l.weight.mul_(0.5)  # in place
+    m.temperature = float(n)  # a primitive attribute
+    if n == 8:
+        m.l.bias = nn.Parameter(torch.full((3,), 0.25))  # a new parameter object
+
+
+program("weights_change", prepare=_retune)(lambda n, g: ((_r(g, n, 3),), {}))(Tunable)
+
+
+def raises_for_some(x):
+    if x.shape[0] > 6:
+        raise ValueError(f"sequence too long: {x.shape[0]}")
+    return x @ torch.ones(3, 2)
+
+
+program("raises_for_some")(lambda n, g: ((_r(g, n, 3),), {}))(_fn(raises_for_some))
+
+
+def torch_error(x, w):
+    return x @ w  # a size mismatch at size 8: eager's RuntimeError
+
+
+program("torch_error")(lambda n, g: ((_r(g, n, 3), _r(g, 3 if n != 8 else 4, 2)), {}))(_fn(torch_error))
+
+
+def varargs(*xs, **kw):
+    out = sum(xs)
+    for k in sorted(kw):
+        out = out * kw[k]
+    return out, len(xs)
+
+
+program("varargs")(lambda n, g: (tuple(_r(g, n, 2) for _ in range(2 + n % 2)), {"a": 2.0, "b": _r(g, 2)}))(_fn(varargs))
+
+
+class NoGradDeco(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, x):
+        h = x
+        while h.norm() > 1:  # a data-dependent loop
+            h = h / 2
+        return self.l(h), x.shape, h.tolist()[0]
+
+
+program("nograd_loop")(lambda n, g: ((_r(g, n, 4) * 3,), {}))(NoGradDeco)
+
+
+class InferenceMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.register_buffer("seen", torch.zeros(4))
+        self.eval()
+
+    def forward(self, x):
+        self.seen.add_(x.sum(0))
+        return self.l(x).relu_()
+
+
+program("inference_mode", ctx="inference_mode")(lambda n, g: ((_r(g, n, 4),), {}))(InferenceMode)
+
+
 # ------------------------------------------------------------------------------------------------ the check
 
 
@@ -924,6 +1028,10 @@ def compare_call(got: Any, want: Any, args: tuple, args_e: tuple, tol) -> tuple[
     return "ok", ""
 
 
+def _context(ctx: str):
+    return {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(ctx, contextlib.nullcontext)()
+
+
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -940,6 +1048,8 @@ def run(prog: Program, mode: str, options: dict | None = None) -> Outcome:
     t0 = time.perf_counter()
     out = Outcome(prog.name, mode)
     eager = prog.build()
+    if isinstance(eager, nn.Module) and not prog.train:
+        eager.eval()
     mine = copy.deepcopy(eager) if isinstance(eager, nn.Module) else eager
     opts = dict(time_vs_eager=False, check_eager=False)
     opts.update(options or {})
@@ -952,19 +1062,30 @@ def run(prog: Program, mode: str, options: dict | None = None) -> Outcome:
             g = torch.Generator().manual_seed(100 * n + i)
             args_e, kw_e = prog.inputs(n, g)
             args, kw = _clone_args(args_e, kw_e)
+            if prog.prepare is not None:
+                prog.prepare(eager, n)
+                if mine is not eager:
+                    prog.prepare(mine, n)
             torch.manual_seed(i)
             try:
-                want = eager(*args_e, **kw_e)
-            except Exception as e:  # noqa: BLE001
-                out.kind, out.detail = "skipped", f"eager raised at size {n}: {type(e).__name__}: {e}"
-                break
+                with _context(prog.ctx):
+                    want = eager(*args_e, **kw_e)
+            except Exception as e:  # noqa: BLE001 - then fxcc raises the same
+                want = e
             torch.manual_seed(i)
             try:
-                got = compiled(*args, **kw)
+                with _context(prog.ctx):
+                    got = compiled(*args, **kw)
             except Exception as e:  # noqa: BLE001 - fxcc raising where eager did not is an outcome
+                if isinstance(want, Exception) and type(e) is type(want):
+                    out.calls += 1
+                    continue
                 out.kind = "raised"
                 out.detail = f"call {i + 1} (size {n}): {type(e).__name__}: {str(e).splitlines()[0][:300]}\n" + \
                     traceback.format_exc(limit=-8)
+                break
+            if isinstance(want, Exception):
+                out.kind, out.detail = "differs", f"call {i + 1} (size {n}): eager raised {type(want).__name__}, fxcc not"
                 break
             out.calls += 1
             kind, detail = compare_call(got, want, args, args_e, tol)
