@@ -55,7 +55,7 @@ from fxcc.dynamic import strides
 from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
-from fxcc.runtime import COMPILE_LOCK, CompiledModule, Variant, explain_variant
+from fxcc.runtime import COMPILE_LOCK, BufferState, CompiledModule, Variant, explain_variant
 from fxcc.state import state_objects
 from fxcc.store import cache_key, default_cache
 from torch.utils import _pytree as pytree
@@ -243,13 +243,13 @@ class Segment:
         # the build runs the segment several times (timed, checked as plain Python and compiled); module state
         # it writes (a BatchNorm's running stats in training mode) ends as before them, so the call's own run
         # is the one write eager makes
-        state = _BufferState([self.owner, *args])
+        state = BufferState([self.owner, *args])
         try:
             return self._build_runs(args, key, state)
         finally:
             state.restore()
 
-    def _build_runs(self, args: tuple, key: Any, state: _BufferState) -> Any:
+    def _build_runs(self, args: tuple, key: Any, state: BufferState) -> Any:
         flat, _ = flatten_inputs(args, {})
         sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
                         if isinstance(x, nn.Module) else repr(x)[:20] for x in flat)
@@ -326,7 +326,7 @@ class Segment:
         made = [o for o in state_objects(outs) if id(o) not in given]
         return type(made[0]).__name__ if made else None
 
-    def _unlike_plain(self, call: Any, args: tuple, state: _BufferState) -> str | None:
+    def _unlike_plain(self, call: Any, args: tuple, state: BufferState) -> str | None:
         """Why the compiled segment cannot stand in for its plain Python (None when it can): its outputs share
         memory differently (a view returned as a copy: an in-place update after it would reach other tensors
         than in eager), or its values differ beyond `eager_check.tolerance`. Both run on copies of the inputs
@@ -361,25 +361,6 @@ def _passed_outputs(outs: Any) -> dict[int, Any]:
     """The outputs, by position, that a captured graph cannot return (`_PASSED`: a device, a dtype), with their
     values, from the segment's outputs run as plain Python."""
     return {i: o for i, o in enumerate(outs) if isinstance(o, _PASSED)} if isinstance(outs, tuple) else {}
-
-
-class _BufferState:
-    """The buffers of the modules among `objs` (a segment's owner, modules passed to it), kept as they are now:
-    `restore` writes back those that changed."""
-
-    def __init__(self, objs: list[Any]):
-        seen: dict[int, torch.Tensor] = {}
-        for m in objs:
-            m = m.__self__ if isinstance(m, types.MethodType) else m
-            if isinstance(m, nn.Module):
-                seen |= {id(b): b for b in m.buffers()}
-        self.kept = [(b, b.clone()) for b in seen.values()]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for b, saved in self.kept:
-                if b.shape == saved.shape and not torch.equal(b, saved):
-                    b.copy_(saved)
 
 
 def _clones(args: tuple) -> tuple:

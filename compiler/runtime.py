@@ -26,6 +26,7 @@ import inspect
 import logging
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections import Counter
@@ -173,6 +174,27 @@ class Variant:
 
     def _call(self, *flat: Any) -> Any:
         return self.executable(*flat, *self.bound)
+
+
+class BufferState:
+    """The buffers of the modules among `objs` as they are now; `restore` writes back those that changed since.
+    A compile runs the graph (kernel timings, checks) and a DyCL segment's build runs the segment: a graph that
+    writes a buffer (a BatchNorm's running stats in training mode, a counter) would move it at every such run;
+    restored, the call's own run is the one write eager makes."""
+
+    def __init__(self, objs: list[Any]):
+        seen: dict[int, torch.Tensor] = {}
+        for m in objs:
+            m = m.__self__ if isinstance(m, types.MethodType) else m
+            if isinstance(m, nn.Module):
+                seen |= {id(b): b for b in m.buffers()}
+        self.kept = [(b, b.clone()) for b in seen.values()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, saved in self.kept:
+                if b.shape == saved.shape and not torch.equal(b, saved):
+                    b.copy_(saved)
 
 
 class FullGraphError(RuntimeError):
@@ -699,8 +721,12 @@ class CompiledModule(ModuleView):
     def _new_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         """Compile a variant for this call, or decide it runs eagerly; the RNG state is left as found (capture,
         example runs and timings draw from it), so the call itself draws what eager would (fxcc.rng)."""
-        with rng.preserved(args, kwargs), pinned(self.options.plan):
-            variant = self._compile_variant(args, kwargs, key, flat, spec)
+        kept = BufferState([self.module, self.method])
+        try:
+            with rng.preserved(args, kwargs), pinned(self.options.plan):
+                variant = self._compile_variant(args, kwargs, key, flat, spec)
+        finally:
+            kept.restore()
         if CompileOptions.from_env(self.options).check_eager == "always":  # every call from now on: no cost otherwise
             self.__dict__["_run"] = self._run_checked
         return variant
