@@ -16,7 +16,7 @@ Outcomes: ok (compiled, equal), eager (equal, some or all of it ran eagerly with
 eagerly without a warning), differs, strides, mutation (inputs or buffers end differently), alias, raised (fxcc
 raised where eager did not).
 
-    python tests/user_programs.py [--only nonzero,unique] [--modes static,dynamic] [--verbose]
+    python tests/user_programs.py [--only nonzero,unique] [--modes static,dynamic] [--user-defaults] [--verbose]
 
 tests/test_user_programs.py runs a CI-sized subset.
 """
@@ -924,6 +924,52 @@ class InferenceMode(nn.Module):
 program("inference_mode", ctx="inference_mode")(lambda n, g: ((_r(g, n, 4),), {}))(InferenceMode)
 
 
+# aliasing of module state, odd input layouts, dtype changes ------------------------------------------------------
+
+class ReturnsState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+        self.register_buffer("steps", torch.zeros(2))
+        self.eval()
+
+    def forward(self, x):
+        self.steps += 1
+        return self.l(x), self.steps, self.l.weight, self.steps.view(1, 2)
+
+
+program("returns_state")(lambda n, g: ((_r(g, n, 3),), {}))(ReturnsState)
+
+
+def odd_layouts(a, b, c):
+    return a * 2 + b, c.sum(0), (a + c[: a.shape[0], :1]).relu()
+
+
+program("odd_layouts")(lambda n, g: ((_r(g, n + 2, 3)[2:], _r(g, 3).expand(n, 3), _r(g, 3, n + 1).t()), {}))(
+    _fn(odd_layouts))
+
+
+def dtype_switch(x, w):
+    return (x @ w).softmax(-1), x.sum(dtype=torch.float64), x.to(w.dtype) * 2
+
+
+program("dtype_switch")(lambda n, g: ((_r(g, n, 4, dtype=torch.float64 if n == 8 else torch.float32),
+                                       _r(g, 4, 2, dtype=torch.float64 if n == 8 else torch.float32)), {}))(
+    _fn(dtype_switch))
+
+
+def branch_inplace(x, acc: list):
+    if x.sum() > 0:  # data-dependent: DyCL
+        x.mul_(2)
+    else:
+        x[0] = 0
+    acc.append(x.mean().item())
+    return x.cumsum(0), len(acc)
+
+
+program("branch_inplace")(lambda n, g: ((_r(g, n, 3) + (0.5 if n % 2 else -0.5), [1.0]), {}))(_fn(branch_inplace))
+
+
 # ------------------------------------------------------------------------------------------------ the check
 
 
@@ -963,10 +1009,9 @@ def _clone_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 def _same_layout(v: torch.Tensor) -> torch.Tensor:
     """A copy with `v`'s sizes and strides (a transposed or sliced input stays transposed or sliced)."""
-    base = torch.empty(v.untyped_storage().nbytes() // v.element_size(), dtype=v.dtype)
-    out = base.as_strided(v.size(), v.stride(), v.storage_offset())
-    out.copy_(v)
-    return out
+    n = v.untyped_storage().nbytes() // v.element_size()
+    base = v.as_strided((n,), (1,), 0).clone()  # the whole storage: an expanded input stays expanded
+    return base.as_strided(v.size(), v.stride(), v.storage_offset())
 
 
 def _leaves(x: Any) -> list[tuple[str, Any]]:
@@ -1028,6 +1073,11 @@ def compare_call(got: Any, want: Any, args: tuple, args_e: tuple, tol) -> tuple[
     return "ok", ""
 
 
+def _state(program: Any) -> list[torch.Tensor]:
+    """A module's parameters and buffers (outputs that are, or view, one of them must be so under fxcc too)."""
+    return [*program.parameters(), *program.buffers()] if isinstance(program, nn.Module) else []
+
+
 def _context(ctx: str):
     return {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(ctx, contextlib.nullcontext)()
 
@@ -1040,9 +1090,10 @@ def _eager_warning(ws: list[str]) -> bool:
     return any("eager" in w for w in ws)
 
 
-def run(prog: Program, mode: str, options: dict | None = None) -> Outcome:
+def run(prog: Program, mode: str, options: dict | None = None, user_defaults: bool = False) -> Outcome:
     """Eager and fxcc on the same inputs, call by call (the first size twice); the first difference is the
-    outcome."""
+    outcome. `user_defaults`: fxcc's options as users get them (its first-call check against eager and its timing
+    against eager on), else those two off, so that what is compared is fxcc's own code."""
     import fxcc
 
     t0 = time.perf_counter()
@@ -1051,7 +1102,7 @@ def run(prog: Program, mode: str, options: dict | None = None) -> Outcome:
     if isinstance(eager, nn.Module) and not prog.train:
         eager.eval()
     mine = copy.deepcopy(eager) if isinstance(eager, nn.Module) else eager
-    opts = dict(time_vs_eager=False, check_eager=False)
+    opts = {} if user_defaults else dict(time_vs_eager=False, check_eager=False)
     opts.update(options or {})
     tol = _tol(prog)
     sizes = (prog.sizes[0], *prog.sizes)
@@ -1088,7 +1139,7 @@ def run(prog: Program, mode: str, options: dict | None = None) -> Outcome:
                 out.kind, out.detail = "differs", f"call {i + 1} (size {n}): eager raised {type(want).__name__}, fxcc not"
                 break
             out.calls += 1
-            kind, detail = compare_call(got, want, args, args_e, tol)
+            kind, detail = compare_call(got, want, (*args, *_state(mine)), (*args_e, *_state(eager)), tol)
             if kind == "ok":
                 kind, detail = compare_call((args, kw), (args_e, kw_e), (), (), tol)
                 if kind != "ok":
@@ -1131,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated program names (default: all)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--passes", default=None, help="a pipeline string (default: fxcc's default pipeline)")
+    ap.add_argument("--user-defaults", action="store_true",
+                    help="fxcc's options as users get them (check_eager and time_vs_eager on)")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     names = a.only.split(",") if a.only else list(PROGRAMS)
@@ -1140,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
     for name in names:
         for mode in a.modes.split(","):
-            o = run(PROGRAMS[name], mode, {"passes": a.passes} if a.passes else None)
+            o = run(PROGRAMS[name], mode, {"passes": a.passes} if a.passes else None, a.user_defaults)
             print(f"{o.name:22} {o.mode:8} {o.kind:13} {o.seconds:6.1f}s  {o.detail.splitlines()[0][:140] if o.detail else ''}",
                   file=sys.stderr, flush=True)
             outcomes.append(o)
