@@ -10,12 +10,11 @@ from __future__ import annotations
 import copy
 import warnings
 
+import fxcc
 import pytest
 import torch
 import torch.nn as nn
 from user_programs import GOOD, PROGRAMS, run, table
-
-import fxcc
 
 OPTS = dict(check_eager=False, time_vs_eager=False)  # fxcc's own code, not its first-call safety net
 
@@ -125,4 +124,27 @@ def test_buffers_a_graph_writes_end_as_eager_leaves_them_after_a_cold_compile(tm
     """A cold compile ran the graph for its kernel timings: each run wrote the module's buffers again."""
     monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))  # nothing measured before: the timings run
     o = run(PROGRAMS["buffer_writes"], "static")
+    assert o.kind == "ok", table([o], verbose=True)
+
+
+TVM = "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=tvm}"
+
+
+def test_tvm_kernels_keep_nan_and_inf_as_torch_does():
+    """TVM's max/min dropped a NaN operand (relu(NaN) was 0, clamp(NaN) a bound, amax over a NaN a number), its erf
+    clamped NaN to 1, its simplifier folded x * 0 to 0 (inf * 0 is NaN), and a max over -inf values started from
+    the lowest finite float."""
+    x = torch.randn(4, 64)
+    x[0, 5], x[1, 63], x[3, 0], x[2] = float("nan"), float("nan"), float("inf"), float("-inf")
+
+    def f(x):
+        return (x.relu() + 1, x.clamp(-1, 1) * 2, torch.maximum(x, x.flip(1)) + 1, torch.minimum(x, x.flip(0)) * 3,
+                torch.erf(x) + 1, x * 0 + 1, x.amax(1) + 1, x.amin(0) * 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every kernel built by TVM (a failed build warns and takes another backend)
+        got = fxcc.compile(f, options=dict(OPTS, passes=TVM))(x)
+    for i, (a, b) in enumerate(zip(got, f(x))):
+        torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, i=i: f"output {i}: {m}")
+    o = run(PROGRAMS["nan_propagation"], "static")
     assert o.kind == "ok", table([o], verbose=True)

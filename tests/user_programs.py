@@ -32,8 +32,9 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -367,7 +368,8 @@ program("view_writes")(lambda n, g: ((_r(g, n, 5), _r(g, n, 3)), {}))(_fn(view_w
 
 
 def return_aliases(x):
-    return x, x.t(), x[1:], x.view(-1), x.unsqueeze(0).expand(2, -1, -1), x.detach(), x.contiguous()
+    return x, x.t(), x[1:], x.view(-1), x.unsqueeze(0).expand(2, -1, -1), x.detach(), x.contiguous(), \
+        x.reshape(-1), x.to(torch.float32), x.float(), x.type_as(x), x.squeeze(), x.flatten(), x[..., None]
 
 
 program("return_aliases")(lambda n, g: ((_r(g, n, 3),), {}))(_fn(return_aliases))
@@ -968,6 +970,85 @@ def branch_inplace(x, acc: list):
 
 
 program("branch_inplace")(lambda n, g: ((_r(g, n, 3) + (0.5 if n % 2 else -0.5), [1.0]), {}))(_fn(branch_inplace))
+
+
+# numerics as eager defines them --------------------------------------------------------------------------------
+
+def _with_nans(n, g):
+    x = _r(g, n, 6) * 3
+    x[0, 1] = float("nan")
+    x[n // 2, 4] = float("nan")
+    x[n - 1, 0] = float("inf")
+    x[1, 2] = float("-inf")
+    return (x, _r(g, n, 6)), {}
+
+
+def nan_propagation(x, y):
+    return (torch.maximum(x, y), torch.minimum(x, y), x.relu(), x.clamp(-1, 1), torch.clamp(x, min=0.0),
+            x.amax(1), x.amin(0), x.max(1).values, F.hardtanh(x), F.relu6(x), torch.fmax(x, y), x.sum(1),
+            torch.where(x > 0, x, y), x.sigmoid(), x.tanh(), F.gelu(x.clamp(-1e4, 1e4)), torch.erf(x), F.softplus(x),
+            x.exp(), F.elu(x), F.silu(x), F.leaky_relu(x, 0.1), torch.log_softmax(x, 1), F.hardswish(x))
+    # (eager's gelu(+-inf) is itself inf or NaN by tensor size: its vectorized and scalar paths differ)
+
+
+program("nan_propagation")(_with_nans)(_fn(nan_propagation))
+
+
+def rounding(x):
+    h = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997])
+    return (x.round(), h.round() + x.sum() * 0, torch.round(x, decimals=1), x.floor(), x.ceil(), x.trunc(),
+            x.frac(), torch.fmod(x, 1.3), torch.remainder(x, 1.3), x // 0.7, torch.floor_divide(x, -0.7),
+            x.sign(), torch.copysign(torch.ones_like(x), x), (x * 4).round() / 4)
+
+
+program("rounding")(lambda n, g: ((torch.cat([_r(g, n, 5) * 5, torch.tensor([[0.5, 1.5, 2.5, -0.5, -2.5]])]),),
+                                  {}))(_fn(rounding))
+
+
+def int_wrap(a):
+    b = a.to(torch.int8)
+    u = a.to(torch.uint8)
+    return b * 3, b + 100, u + 200, u * u, (u - 10), a.to(torch.int16) * 300, b.abs(), -b, b // 3, b % 7, \
+        torch.bitwise_not(u), u >> 1, b.sum(), u.sum(), (b * 3).float()
+
+
+program("int_wrap")(lambda n, g: ((torch.randint(-128, 128, (n, 5), generator=g),), {}))(_fn(int_wrap))
+
+
+def masked_rows(x, m):
+    s = x.masked_fill(~m, float("-inf"))
+    return s.softmax(-1), torch.logsumexp(s, -1), s.max(-1).values, s.log_softmax(-1), \
+        F.softmax(s.masked_fill(~m, torch.finfo(x.dtype).min), -1)
+
+
+def _masked_rows_inputs(n, g):
+    m = torch.rand(n, 6, generator=g) > 0.5
+    m[0] = False  # a row with nothing kept
+    m[1] = True
+    return (_r(g, n, 6), m), {}
+
+
+program("masked_rows")(_masked_rows_inputs)(_fn(masked_rows))
+
+
+def overflow(x):
+    big = x * 1e5
+    return big.half(), (big.half() * 2).float(), big.to(torch.bfloat16), x.exp() * 1e30, (x * 100).exp(), \
+        torch.log(x.abs() * 0), (x * 0) / (x * 0)
+
+
+program("overflow")(lambda n, g: ((_r(g, n, 4),), {}))(_fn(overflow))
+
+
+def special_math(x):
+    p = x.abs() + 1e-3
+    return (torch.log1p(x * 1e-4), torch.expm1(x * 1e-4), torch.erf(x), torch.erfinv(x.clamp(-0.99, 0.99)),
+            torch.lgamma(p), torch.digamma(p), F.gelu(x, approximate="tanh"), F.silu(x), F.mish(x),
+            torch.atan2(x, p), torch.pow(p, x), torch.pow(x, 2), torch.pow(x, 3.0), x.rsqrt(), torch.sqrt(x),
+            torch.xlogy(p, p), torch.sinc(x), torch.logit(p.clamp(max=0.999)), torch.hypot(x, p))
+
+
+program("special_math")(lambda n, g: ((_r(g, n, 8) * 2,), {}))(_fn(special_math))
 
 
 # ------------------------------------------------------------------------------------------------ the check
