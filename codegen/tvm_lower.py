@@ -108,6 +108,46 @@ def cast(e: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
     return e if dt(e) == dtype else e.astype(dtype)
 
 
+# --- max and min as torch's: NaN wins ------------------------------------------------------------------------
+# tirx.max/min of floats become a compare and select that returns the other operand for a NaN (relu(NaN) = 0,
+# clamp(NaN) = a bound, amax over a NaN = the largest number); torch gives NaN.
+def _floating(e) -> bool:
+    return "float" in dt(e)
+
+
+def _select_nan(a, b, a_wins: Callable):
+    """`a` where `a_wins(a, b)` or `a` is NaN, else `b` (also where `b` is NaN); `b` may be a constant."""
+    if isinstance(b, tirx.FloatImm) and not math.isnan(b.value):
+        return let(a, lambda a: tirx.Select(a_wins(b, a), b, a))  # a NaN `a`: the compare is false, `a` stays
+    return let(a, lambda a: let(b, lambda b: tirx.Select(tirx.Or(a_wins(b, a), tirx.isnan(b)), b, a)))
+
+
+def nan_max(a, b):
+    if isinstance(a, tirx.FloatImm):
+        a, b = b, a
+    return _select_nan(a, b, operator.gt) if _floating(a) else tirx.max(a, b)
+
+
+def nan_min(a, b):
+    if isinstance(a, tirx.FloatImm):
+        a, b = b, a
+    return _select_nan(a, b, operator.lt) if _floating(a) else tirx.min(a, b)
+
+
+def _reducer(plain: Callable, start: float, integer: Callable) -> Callable:
+    """A max/min reduction that keeps NaN, starting from -inf/inf (a float reduction of -inf values gives -inf,
+    not the lowest finite number); integer reductions start from the type's own bound. The combiner reads the
+    new value `y` once (TVM substitutes the reduced expression, Lets and all, for it): a NaN accumulator stays,
+    and max/min (a compare and select) takes a NaN `y`."""
+    def combine(x, y):
+        return tirx.Select(tirx.isnan(x), x, plain(x, y)) if _floating(x) else plain(x, y)
+    return te.comm_reducer(combine, lambda t: const(start, t) if "float" in str(t) else integer(t))
+
+
+NAN_MAX = _reducer(tirx.max, float("-inf"), tirx.min_value)
+NAN_MIN = _reducer(tirx.min, float("inf"), tirx.max_value)
+
+
 # --- fast, vectorisable transcendental functions (fp32-accurate) --------------------------------------------
 # erf: the rational approximation Eigen and XLA use (|x| clamped to 4, where erf(x) is +-1 in fp32)
 _ERF_A = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -135,8 +175,12 @@ def _poly(x, coeffs, dtype):
 
 def fast_erf(x):
     d = dt(x)
-    return let(tirx.max(tirx.min(x, const(4.0, d)), const(-4.0, d)),
-               lambda x: let(x * x, lambda x2: x * _poly(x2, _ERF_A, d) / _poly(x2, _ERF_B, d)))
+
+    def clamped(x):
+        return let(x * x, lambda x2: x * _poly(x2, _ERF_A, d) / _poly(x2, _ERF_B, d))
+    # NaN stays NaN (the clamp alone would make it 4: erf 1)
+    return let(x, lambda x: tirx.Select(tirx.isnan(x), x, let(tirx.max(tirx.min(x, const(4.0, d)), const(-4.0, d)),
+                                                               clamped)))
 
 
 def fast_exp(x):
@@ -578,6 +622,16 @@ def _let_all(xs: list, body: Callable):
     return let(xs[0], lambda v: _let_all(xs[1:], lambda rest: body([v, *rest])))
 
 
+def mul(a, b):
+    """a * b; a float times a constant 0 is 0 where the float is finite and NaN elsewhere, as torch's (TVM's
+    simplifier folds the product to 0)."""
+    if isinstance(a, tirx.FloatImm):
+        a, b = b, a
+    if _floating(a) and isinstance(b, tirx.FloatImm) and b.value == 0:
+        return tirx.Select(tirx.isfinite(a), b, const(float("nan"), dt(a)))
+    return a * b
+
+
 def _alpha(f):
     def g(a, b, alpha=1):
         return f(a, b * const(alpha, dt(b)) if alpha != 1 else b)
@@ -588,16 +642,16 @@ for _t, _f in {
     aten.add.Tensor: _alpha(operator.add), aten.add.Scalar: _alpha(operator.add),
     aten.sub.Tensor: _alpha(operator.sub), aten.sub.Scalar: _alpha(operator.sub),
     aten.rsub.Scalar: lambda a, b, alpha=1: b - a * const(alpha, dt(a)),
-    aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
+    aten.mul.Tensor: mul, aten.mul.Scalar: mul,
     aten.div.Tensor: operator.truediv, aten.div.Scalar: operator.truediv,
     aten.neg.default: operator.neg, aten.exp.default: fast_exp, aten.tanh.default: fast_tanh,
     aten.sigmoid.default: sigmoid, aten.erf.default: fast_erf, aten.sqrt.default: tirx.sqrt,
     aten.rsqrt.default: lambda x: const(1.0, dt(x)) / tirx.sqrt(x), aten.abs.default: tirx.abs,
     aten.log.default: tirx.log, aten.reciprocal.default: lambda x: const(1.0, dt(x)) / x,
     aten.expm1.default: lambda x: fast_exp(x) - const(1.0, dt(x)), aten.log1p.default: tirx.log1p,
-    aten.clamp_min.default: lambda x, m: tirx.max(x, m), aten.clamp_max.default: lambda x, m: tirx.min(x, m),
-    aten.relu.default: lambda x: tirx.max(x, const(0, dt(x))),
-    aten.maximum.default: tirx.max, aten.minimum.default: tirx.min,
+    aten.clamp_min.default: nan_max, aten.clamp_max.default: nan_min,
+    aten.relu.default: lambda x: nan_max(x, const(0, dt(x))),
+    aten.maximum.default: nan_max, aten.minimum.default: nan_min,
     aten.where.self: lambda c, a, b: tirx.Select(cast(c, "bool"), a, b),
     aten.silu.default: lambda x: act("silu", x),
     aten.gelu.default: lambda x, approximate="none": gelu(x, approximate),
@@ -636,9 +690,9 @@ def _pow(L, node, x, e):
 def _clamp(L, node, x, min=None, max=None):
     def f(a):
         if min is not None:
-            a = tirx.max(a, const(min, dt(a)))
+            a = nan_max(a, const(min, dt(a)))
         if max is not None:
-            a = tirx.min(a, const(max, dt(a)))
+            a = nan_min(a, const(max, dt(a)))
         return a
     return pointwise(f)(L, node, x)
 
@@ -749,8 +803,8 @@ OPS[aten.isnan.default] = pointwise(tirx.isnan, compute="inputs")
 @handles(aten.clamp.Tensor)
 def _clamp_tensor(L, node, x, min=None, max=None):
     def f(a, lo, hi):
-        a = a if lo is None else tirx.max(a, lo)
-        return a if hi is None else tirx.min(a, hi)
+        a = a if lo is None else nan_max(a, lo)
+        return a if hi is None else nan_min(a, hi)
     return pointwise(f)(L, node, x, min, max)
 
 
@@ -1121,7 +1175,7 @@ def _softmax(L, node, x, dim, *rest):
     return Val(v.shape, dt, lambda i: cast(e(i) / s.at(i[:-1]), dt))
 
 
-_COMBINE = {"sum": te.sum, "max": te.max, "min": te.min}
+_COMBINE = {"sum": te.sum, "max": NAN_MAX, "min": NAN_MIN}
 # a reduction of at least this many elements into fewer than _FEW results is split into chunks reduced in
 # parallel (and each into its own accumulator: a long fp32 sum loses digits in one), then the chunks' results
 _LONG, _FEW, _CHUNK = 8192, 64, 2048

@@ -251,7 +251,7 @@ def unchanged_conversions_skipped() -> Iterator[None]:
 
 
 def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None = None,
-            forward: Callable | None = None) -> Captured:
+            forward: Callable | None = None, unread: str | None = None) -> Captured:
     """Capture `module` (calling `forward`, by default its own) for these inputs, with the input
     dimensions in `dims` (flat input -> dimensions) symbolic; `Captured.missing` says which attributes
     the traced code looked up on each of its modules and did not find.
@@ -262,7 +262,11 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     Python float does (double precision, a Python scalar's dtype promotion) and fails wherever the program needs
     its value (a branch, a size, `math`). Where the model's code may read the type or the text of one
     (`int_type_reads`), or export fails with them symbolic, the capture is made again with these arguments
-    constants (`Captured.constant_ints`)."""
+    constants (`Captured.constant_ints`).
+
+    `unread`: why fxcc cannot read the forward's source (so DyCL found no Python effects in it): a trace that
+    changes the module's attributes, a closure cell or a container among them is then a CaptureError (the graph
+    would make the change once, at capture)."""
     floats = frozenset(top_ints(args, kwargs, float) & (dims or {}).keys())
     ints = frozenset(top_ints(args, kwargs) & (dims or {}).keys())
     # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step)
@@ -273,7 +277,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
         with missing_lookups(module) as missing, int_type_reads(watched) as reads:
             try:
                 cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched,
-                               floats=symbolic & floats)
+                               floats=symbolic & floats, unread=unread)
             except CaptureError as e:
                 cap, why = None, _symbolic_failure(e)
         if cap is not None and cap.method == "export" and not reads:
@@ -286,7 +290,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
         constant.update(dict.fromkeys(sorted(unmade), why))
         dims = {i: ds for i, ds in dims.items() if i not in unmade}
     with missing_lookups(module) as missing:
-        cap = _capture(module, args, kwargs, dims=dims, forward=forward)
+        cap = _capture(module, args, kwargs, dims=dims, forward=forward, unread=unread)
     cap.missing = missing
     cap.constant_ints = constant
     return cap
@@ -426,6 +430,24 @@ def _holds(values: Any, watched: set[Any]) -> bool:
     return False
 
 
+def watch_effects(fn: Callable, module: nn.Module, found: list[str]) -> Callable:
+    """`fn` adding to `found` what its run changed in `module`'s state (ModuleState), looked at from its start
+    to its end (export undoes attribute stores after its trace)."""
+
+    @functools.wraps(fn)
+    def watching(*args: Any, **kwargs: Any) -> Any:
+        state = ModuleState(module)
+        out = fn(*args, **kwargs)
+        changed = state.changed()
+        if changed is not None:
+            found.append(changed)
+        return out
+
+    if hasattr(fn, "__signature__"):
+        watching.__signature__ = fn.__signature__
+    return watching
+
+
 def watch_ints(fn: Callable, watched: set[Any]) -> Callable:
     """`fn` adding the symbols of the SymInts it is called with (its int arguments made symbolic) to `watched`
     (`int_type_reads`)."""
@@ -460,14 +482,15 @@ def own_hooks_held(module: nn.Module) -> Iterator[None]:
 
 def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
              forward: Callable | None, watched: set[Any] | None = None,
-             floats: frozenset[int] = frozenset()) -> Captured:
+             floats: frozenset[int] = frozenset(), unread: str | None = None) -> Captured:
     with own_hooks_held(module):
-        return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats)
+        return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats,
+                             unread=unread)
 
 
 def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
                   forward: Callable | None, watched: set[Any] | None = None,
-                  floats: frozenset[int] = frozenset()) -> Captured:
+                  floats: frozenset[int] = frozenset(), unread: str | None = None) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
@@ -482,6 +505,9 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
         traced = symbolic_floats(traced, floats, watched)
         args, kwargs = map_top(args, kwargs, floats, lambda v: torch.tensor(v, dtype=torch.float64))
         dims = {i: ds for i, ds in (dims or {}).items() if i not in floats}
+    effects: list[str] = []
+    if unread is not None:
+        traced = watch_effects(traced, module, effects)
     shapes = dynamic_shapes(args, kwargs, dims or {}, inspect.signature(traced))
     method = "export"
 
@@ -520,6 +546,11 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
         except Exception as trace_exc:  # noqa: BLE001
             state.restore()
             raise CaptureError(_explain_failure(module, export_exc, trace_exc)) from export_exc
+    changed = effects[0] if effects else None
+    if changed is not None:
+        raise CaptureError(f"fxcc cannot capture {describe(module)}: its forward changed {changed} while traced, which "
+                           f"a traced graph would do only once, at capture; DyCL, which would keep it, cannot read "
+                           f"the source ({unread})")
     gm = ep.module()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -733,6 +764,25 @@ class ModuleState:
         self.saved = [(m.__dict__, dict(m.__dict__), _contents(m.__dict__.values())) for m in mods]
         self.saved.append(({}, {}, _contents(values)))
 
+    def changed(self) -> str | None:
+        """What differs from when this state was kept (an attribute, a closure cell, a container's contents), named;
+        None when nothing does."""
+        for cell, value in self.cells:
+            if not _same(cell.cell_contents, value):
+                return "a variable of its closure"
+        for d, attrs, contents in self.saved:
+            for k in d.keys() | attrs.keys():
+                if k not in d or k not in attrs or not _same(d[k], attrs[k]):
+                    return f"attribute `{k}`"
+            for obj, old in contents:
+                if isinstance(obj, set):
+                    if obj != old:
+                        return "the contents of a set it holds"
+                elif len(obj) != len(old) or any(not _same(a, b) for a, b in zip(
+                        obj.items() if isinstance(obj, dict) else obj, old.items() if isinstance(old, dict) else old)):
+                    return f"the contents of a {type(obj).__name__} it holds"
+        return None
+
     def restore(self) -> None:
         for cell, value in self.cells:
             cell.cell_contents = value
@@ -746,6 +796,17 @@ class ModuleState:
                 else:
                     obj.clear()
                     obj.update(old)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same object, or equal plain values (a container's pairs compared item by item)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if type(a) is tuple:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) in (bool, int, float, str, type(None)) and a == b
 
 
 def _full(cell: Any) -> bool:

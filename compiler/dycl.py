@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from fxcc import ir, rng
 from fxcc.capture import CaptureError, flatten_inputs
-from fxcc.dycl_analysis import Wrapping, target_function, wrapping
+from fxcc.dycl_analysis import Wrapping, parse_function, target_function, wrapping
 from fxcc.dycl_rewrite import (
     Callees,
     RewriteError,
@@ -55,7 +55,7 @@ from fxcc.dynamic import strides
 from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
-from fxcc.runtime import COMPILE_LOCK, CompiledModule, Variant, explain_variant
+from fxcc.runtime import COMPILE_LOCK, BufferState, CompiledModule, Variant, explain_variant
 from fxcc.state import state_objects
 from fxcc.store import cache_key, default_cache
 from torch.utils import _pytree as pytree
@@ -228,7 +228,7 @@ class Segment:
             if call is None:
                 # its compile and timings draw nothing the call's own run would not (fxcc.rng); one thread at a
                 # time builds (fxcc.runtime.COMPILE_LOCK), and one that waited finds the segment built
-                with COMPILE_LOCK, rng.preserved():
+                with COMPILE_LOCK, rng.preserved(args):
                     call = self.by_key.get(sig) or self._build(args, sig)
             self.by_key[key] = call
         return call(*args)
@@ -240,6 +240,16 @@ class Segment:
         return self.eager_call(*args)
 
     def _build(self, args: tuple, key: Any) -> Any:
+        # the build runs the segment several times (timed, checked as plain Python and compiled); module state
+        # it writes (a BatchNorm's running stats in training mode) ends as before them, so the call's own run
+        # is the one write eager makes
+        state = BufferState([self.owner, *args])
+        try:
+            return self._build_runs(args, key, state)
+        finally:
+            state.restore()
+
+    def _build_runs(self, args: tuple, key: Any, state: BufferState) -> Any:
         flat, _ = flatten_inputs(args, {})
         sig = ", ".join(ir.type_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
                         if isinstance(x, nn.Module) else repr(x)[:20] for x in flat)
@@ -251,6 +261,7 @@ class Segment:
 
         @functools.cache
         def plain() -> Any:  # one run as plain Python on copies of the inputs (RNG state restored), for the checks
+            state.restore()
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 return self.eager_call(*_clones(args))
 
@@ -288,7 +299,7 @@ class Segment:
             else:
                 call = _passing(_direct_call(variant, values, len(self.spec.outputs), tuple(fixed)), passed)
                 run = SegmentRun(sig, call, variant)
-                differs = self._unlike_plain(call, args)
+                differs = self._unlike_plain(call, args, state)
                 if differs:
                     run.call, run.eager = self.eager_call, f"plain Python: {differs}"
                 elif measure:
@@ -315,7 +326,7 @@ class Segment:
         made = [o for o in state_objects(outs) if id(o) not in given]
         return type(made[0]).__name__ if made else None
 
-    def _unlike_plain(self, call: Any, args: tuple) -> str | None:
+    def _unlike_plain(self, call: Any, args: tuple, state: BufferState) -> str | None:
         """Why the compiled segment cannot stand in for its plain Python (None when it can): its outputs share
         memory differently (a view returned as a copy: an in-place update after it would reach other tensors
         than in eager), or its values differ beyond `eager_check.tolerance`. Both run on copies of the inputs
@@ -325,8 +336,9 @@ class Segment:
         pattern, results = [], []
         for fn in (self.eager_call, call):
             copies = _clones(args)
+            state.restore()  # both read the module state the call will
             try:
-                with rng.preserved(), torch.no_grad():
+                with rng.preserved(args), torch.no_grad():
                     outs = fn(*copies)
             except Exception as e:  # noqa: BLE001 - the real call (as plain Python) raises what eager raises
                 return f"{'compiled' if fn is call else 'plain'} run on copies failed ({type(e).__name__})"
@@ -807,9 +819,9 @@ def localize_segments(record: list[SegmentCall]) -> str:
         if run is None or run.variant is None or call is None or call is seg.eager_call:
             continue
         compiled += 1
-        with rng.preserved(), torch.no_grad():
+        with rng.preserved(c.args), torch.no_grad():
             want = seg.eager_call(*_clones(c.args))
-        with rng.preserved(), torch.no_grad():
+        with rng.preserved(c.args), torch.no_grad():
             got = call(*_clones(c.args))
         cmp = compare(got, want, tol=tolerance)
         if cmp.equal:
@@ -867,6 +879,17 @@ def python_effect(module: nn.Module) -> str | None:
     fxcc's runtime keeps the state it changes (caches), as for a forward captured whole."""
     owner, fn, method = _entry(module)
     return Callees(libraries=False).effect(types.MethodType(fn, owner) if method else fn)
+
+
+def source_unread(module: nn.Module) -> str | None:
+    """Why the source of the module's forward (or compiled function) cannot be read, so `python_effect` saw
+    nothing (defined by exec, in `python -c`, in a file edited since); None when it can."""
+    _, fn, _ = _entry(module)
+    try:
+        parse_function(fn, wrapped=True)
+    except RewriteError as e:
+        return str(e)
+    return None
 
 
 def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | None,

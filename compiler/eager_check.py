@@ -197,7 +197,7 @@ def localize_graph(gm: fx.GraphModule, executable: fx.GraphModule, bound: list[A
     torch ops differs from eager (made before codegen) or not (a fault depending on earlier calls)."""
     impls: dict[str, Callable] = {k: layout_kept(b) for k, b in kernels.items()}
     impls |= {n.target.key: n.target for n in executable.graph.nodes if isinstance(n.target, KernelCall)}
-    with rng.preserved(), torch.no_grad():
+    with rng.preserved(flat), torch.no_grad():
         walk = _KernelByKernel(gm, impls)
         ref = walk.run(*[_clone(x) for x in flat])
         if walk.first is not None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 aten = torch.ops.aten
 
@@ -67,14 +68,18 @@ def _cuda_devices() -> list[int]:
 
 
 @contextlib.contextmanager
-def preserved() -> Iterator[None]:
+def preserved(*args: object) -> Iterator[None]:
     """Run the body with the CPU and CUDA generators' states saved and put back after it, so work fxcc does
-    on the side (a compile, a timing, a reference run) leaves the user's next draw where eager would find it."""
+    on the side (a compile, a timing, a reference run) leaves the user's next draw where eager would find it;
+    so are those of the torch.Generators among `args` (a call's own: `sample(logits, generator)`)."""
     state = State()
+    own = [(g, g.get_state()) for g in pytree.tree_leaves(args) if isinstance(g, torch.Generator)]
     try:
         yield
     finally:
         state.restore()
+        for g, s in own:
+            g.set_state(s)
 
 
 class State:

@@ -26,6 +26,7 @@ import inspect
 import logging
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections import Counter
@@ -173,6 +174,27 @@ class Variant:
 
     def _call(self, *flat: Any) -> Any:
         return self.executable(*flat, *self.bound)
+
+
+class BufferState:
+    """The buffers of the modules among `objs` as they are now; `restore` writes back those that changed since.
+    A compile runs the graph (kernel timings, checks) and a DyCL segment's build runs the segment: a graph that
+    writes a buffer (a BatchNorm's running stats in training mode, a counter) would move it at every such run;
+    restored, the call's own run is the one write eager makes."""
+
+    def __init__(self, objs: list[Any]):
+        seen: dict[int, torch.Tensor] = {}
+        for m in objs:
+            m = m.__self__ if isinstance(m, types.MethodType) else m
+            if isinstance(m, nn.Module):
+                seen |= {id(b): b for b in m.buffers()}
+        self.kept = [(b, b.clone()) for b in seen.values()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, saved in self.kept:
+                if b.shape == saved.shape and not torch.equal(b, saved):
+                    b.copy_(saved)
 
 
 class FullGraphError(RuntimeError):
@@ -751,8 +773,12 @@ class CompiledModule(ModuleView):
     def _new_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         """Compile a variant for this call, or decide it runs eagerly; the RNG state is left as found (capture,
         example runs and timings draw from it), so the call itself draws what eager would (fxcc.rng)."""
-        with rng.preserved(), pinned(self.options.plan):
-            variant = self._compile_variant(args, kwargs, key, flat, spec)
+        kept = BufferState([self.module, self.method])
+        try:
+            with rng.preserved(args, kwargs), pinned(self.options.plan):
+                variant = self._compile_variant(args, kwargs, key, flat, spec)
+        finally:
+            kept.restore()
         if CompileOptions.from_env(self.options).check_eager == "always":  # every call from now on: no cost otherwise
             self.__dict__["_run"] = self._run_checked
         return variant
@@ -782,10 +808,14 @@ class CompiledModule(ModuleView):
         try:
             variant = self.compile_for(args, kwargs, dims=dims)
         except CaptureError as e:
-            if not dynamic.carries_state(args, kwargs):
+            if dynamic.carries_state(args, kwargs):
+                return self._runs_eagerly(key, f"{self.name} runs eagerly for calls with a KV cache: {e}", "",
+                                          stacklevel=5)
+            if not self.options.dycl or self.options.fullgraph:  # one graph or nothing, as asked: the error
                 raise
-            return self._runs_eagerly(key, f"{self.name} runs eagerly for calls with a KV cache: {e}", "",
-                                      stacklevel=5)
+            # neither export nor DyCL could take it (`.numpy()` in a function whose source Python cannot find):
+            # it runs as eager does, said once
+            return self._runs_eagerly(key, f"{self.name} runs eagerly: {e}", "", stacklevel=5)
         unmatched = rng.unmatched(variant.gm) if isinstance(variant, Variant) else None
         if unmatched is not None:
             return self._runs_eagerly(key, f"{self.name} runs eagerly: {unmatched}",
@@ -1005,6 +1035,9 @@ class CompiledModule(ModuleView):
                 for p in front:
                     p.check_split(self.module)
                 return dycl.compile_dynamic(self, args, kwargs, None, effect)
+            unread = dycl.source_unread(self.module)  # then capture looks for the effects DyCL could not
+        else:
+            unread = None
         # the IR before codegen comes from the graph cache when an earlier compile stored it
         loss = None  # quality loss of approximate passes, measured under a quality budget
         plain = not dims and not dynamic.carries_state(args, kwargs)  # what the graph cache keys and stores
@@ -1018,7 +1051,7 @@ class CompiledModule(ModuleView):
             self.capturing = True
             try:
                 with self._stand_ins(args, kwargs):
-                    cap = capture(self.module, args, kwargs, dims=dims, forward=self.method)
+                    cap = capture(self.module, args, kwargs, dims=dims, forward=self.method, unread=unread)
             except CaptureError as e:  # tensor-dependent control flow: a DyCL host program + compiled segments
                 own = type(self.module).forward
                 other_method = self.method is not None and self.method.__func__ is not own and \

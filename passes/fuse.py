@@ -67,6 +67,7 @@ class Fuse(Pass):
         # the write; draws stay in eager's order). Values
         # whose memory is written stay out of kernels: a kernel's output may be a copy, the write would miss.
         written, epoch, epoch_of = storage_written(gm), 0, {}
+        returned = _returned_views(gm)
         for node in nodes:
             if node.op in ("placeholder", "get_attr", "output"):
                 continue
@@ -82,7 +83,9 @@ class Fuse(Pass):
                 node.meta["fxcc_eager"] = reason
                 eager += 1
                 continue
-            target = self._choose(node, cat, group_of, pos, epoch)
+            # a view the graph returns stays a view of its base (a kernel output would be a copy: eager's result
+            # shares memory with its base, another output or a value an in-place op writes)
+            target = None if node in returned else self._choose(node, cat, group_of, pos, epoch)
             if target is not None and cat == "pointwise":
                 _absorb(node, target, group_of, groups, pos)
             if target is None:
@@ -118,6 +121,19 @@ class Fuse(Pass):
             if not any(x not in g.members and _depends_on(x, g, group_of, pos) for x in node.all_input_nodes):
                 return g
         return None
+
+
+def _returned_views(gm: fx.GraphModule) -> set[fx.Node]:
+    """The view ops whose results the graph returns, and the views those are taken from in turn."""
+    out: set[fx.Node] = set()
+    stack = [a for a in gm.graph.output_node().all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in out or n.op != "call_function" or classify(n)[0] != "view":
+            continue
+        out.add(n)
+        stack.extend(n.all_input_nodes)
+    return out
 
 
 def _same_domain(g: Group, node: fx.Node) -> bool:

@@ -93,10 +93,11 @@ def test_verify_each_names_a_pass_that_drops_a_needed_copy(copy_dropping_pass):
 
 
 class TransposedOut(nn.Module):
-    """A fused kernel whose output is a transposed layout."""
+    """A fused kernel whose output is a transposed layout (a pointwise op on a transposed view keeps its layout;
+    the view itself, returned, would stay a view outside the kernel)."""
 
     def forward(self, x):
-        return (torch.sigmoid(x) + 1).transpose(1, 2)
+        return (torch.sigmoid(x) + 1).transpose(1, 2) * 2
 
 
 def test_verify_rejects_a_kernel_recorded_with_other_strides():
