@@ -274,8 +274,8 @@ def _lowerable(traced: fx.GraphModule) -> bool:
 _CONSTANTS = {aten.scalar_tensor.default, aten.full.default}
 
 
-# convolutions whose weight's dim 0 is the output channel (transposed ones have it at dim 1)
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+# convolutions and linears whose weight's dim 0 is the output channel (transposed convolutions have it at dim 1)
+_CONVS = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
           aten.conv3d.padding, aten.convolution.default}
 
 
@@ -289,13 +289,19 @@ def _constant(node: object) -> bool:
             and not node.target._schema.is_mutable and all(map(_constant, node.all_input_nodes)))
 
 
-def _per_channel(node: object, out: torch.Tensor) -> bool:
-    """A constant of `out`'s dtype holding one value per channel of `out` (shape [C, 1, ...] or [1, C, 1, ...])."""
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+def _channel_dim(op: fx.Node) -> int:
+    """The dim of `op`'s output that its weight's dim 0 makes: a convolution's channels, a linear's features."""
+    return op.meta["val"].dim() - 1 if op.target is aten.linear.default else 1
+
+
+def _per_channel(node: object, op: fx.Node) -> bool:
+    """A constant of `op`'s output dtype holding one value per output channel of `op` (a [C, 1, ...] or
+    [1, C, 1, ...] tensor for a convolution, [C] or [1, C] for a linear)."""
+    v, out = node.meta.get("val") if isinstance(node, fx.Node) else None, op.meta["val"]
     if not isinstance(v, torch.Tensor) or v.dtype != out.dtype or v.dim() > out.dim() or not _constant(node):
         return False
-    shape = [1] * (out.dim() - v.dim()) + list(v.shape)
-    return shape[1] == out.shape[1] and all(n == 1 for i, n in enumerate(shape) if i != 1)
+    shape, c = [1] * (out.dim() - v.dim()) + list(v.shape), _channel_dim(op)
+    return shape[c] == out.shape[c] and all(n == 1 for i, n in enumerate(shape) if i != c)
 
 
 def _conv_epilogue(conv: fx.Node) -> tuple[fx.Node, fx.Node, str] | None:
@@ -312,24 +318,24 @@ def _conv_epilogue(conv: fx.Node) -> tuple[fx.Node, fx.Node, str] | None:
     other = user.args[1] if user.args[0] is conv else user.args[0]
     out, w, b = conv.meta.get("val"), _arg(conv, 1, "weight"), _arg(conv, 2, "bias")
     if other is conv or not isinstance(out, torch.Tensor) or user.meta.get("val") is None \
-            or user.meta["val"].shape != out.shape or not _constant(w) or not _constant(b) \
-            or not _per_channel(other, out):
+            or user.meta["val"].shape != out.shape or not isinstance(w, fx.Node) or not _constant(w) or not _constant(b) \
+            or not _per_channel(other, conv):
         return None
     return user, other, kinds[user.target]
 
 
 def fold_into_convolutions(gm: fx.GraphModule, rw: Rewriter) -> int:
     """conv(x, W, b) * s + t, s and t constants per output channel (an inference batch norm) ->
-    conv(x, W * s, b * s + t): the library convolution does it all, its new weight and bias folded by
-    canonicalize into constants. Equal up to rounding (eager's CPU kernels fold the same way inside a batch
+    conv(x, W * s, b * s + t), a linear's likewise: the library convolution or GEMM does it all, its new weight
+    and bias folded by canonicalize into constants. Equal up to rounding (eager's CPU kernels fold the same way inside a batch
     norm). Returns the number of ops folded."""
     folded = 0
     for conv in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS]:
         while (hit := _conv_epilogue(conv)) is not None:
             user, c, kind = hit
-            channels = conv.meta["val"].shape[1]
-            args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
-            w, b = args[1], args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+            channels = conv.meta["val"].shape[_channel_dim(conv)]
+            w, b = _arg(conv, 1, "weight"), _arg(conv, 2, "bias")
+            args = [conv.args[0], w, b, *conv.args[3:]]
             row = rw.call(aten.reshape.default, (c, [channels]), at=user)
             if kind == "mul":
                 col = rw.call(aten.reshape.default, (c, [channels] + [1] * (w.meta["val"].dim() - 1)), at=user)

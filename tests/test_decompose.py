@@ -149,14 +149,15 @@ def _bn(kind, c: int, affine: bool = True):
     (lambda: nn.Conv2d(6, 6, 3, groups=6, padding="same"), nn.BatchNorm2d, (2, 6, 5, 5), "conv2d.padding"),
     (lambda: nn.Conv1d(4, 5, 3, stride=2), nn.BatchNorm1d, (2, 4, 11), "conv1d.default"),
     (lambda: nn.Conv3d(2, 3, 2, bias=False), nn.BatchNorm3d, (1, 2, 4, 4, 4), "conv3d.default"),
+    (lambda: nn.Linear(5, 6), nn.BatchNorm1d, (4, 5), "linear.default"),
 ])
 @pytest.mark.parametrize("affine", [True, False])
 def test_a_batch_norm_after_a_convolution_folds_into_its_weight_and_bias(conv, bn, shape, op, affine):
     torch.manual_seed(0)
     c = conv()
-    m = nn.Sequential(c, _bn(bn, c.out_channels, affine), nn.ReLU()).eval()
+    m = nn.Sequential(c, _bn(bn, c.weight.shape[0], affine), nn.ReLU()).eval()
     x = torch.randn(*shape)
-    # the library convolution computes the norm too: only the activation is left after it
+    # the library convolution (or GEMM) computes the norm too: only the activation is left after it
     assert [o for o in ops_after(m, x) if o.startswith("aten.")] == [f"aten.{op}", "aten.relu.default"]
     out, bodies = kernels(m, x)
     with torch.no_grad():
