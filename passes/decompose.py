@@ -1,14 +1,18 @@
 """decompose: ops with no lowering of their own -> the aten ops they are made of, so that fusion groups them
 and the generated code (TVM, Triton) covers them.
 
-Each op of `ROOTS` is traced through torch's decomposition tables (inference batch norm, ELU/SELU/CELU,
-leaky ReLU, hardtanh, hardswish, hardsigmoid, mish, softplus, log-sigmoid, logsumexp, MSE loss, softmax and
-log-softmax along a dim other than the last, RMSNorm) or through the few decompositions written here where
-torch's go through prims or none exists (group and instance norm, variance and standard deviation:
-statistics as means of the input and of its squared deviations; split, chunk, unbind and stack as the views
-they are; global average pooling as a mean). The decomposition replaces the op only when every op it yields
+Each op of `ROOTS` is traced through torch's decomposition tables (ELU/SELU/CELU, leaky ReLU, hardtanh,
+hardswish, hardsigmoid, mish, softplus, log-sigmoid, logsumexp, MSE loss, softmax and log-softmax along a dim
+other than the last, RMSNorm) or through the few decompositions written here where torch's go through prims or
+none exists (inference batch norm, group and instance norm, variance and standard deviation: statistics as
+means of the input and of its squared deviations; split, chunk, unbind and stack as the views they are; global
+average pooling as a mean). The decomposition replaces the op only when every op it yields
 is one fusion lowers (pointwise, reduction or view); otherwise the op stays as it is. Runs before
 `canonicalize`, which then folds what the parameters alone compute (a batch norm's scale and shift).
+
+An inference batch norm (or an instance norm on running statistics) is x * scale + shift per channel; where a
+convolution or linear is all that reads it, the scale and shift fold into that op's weight and bias
+(`fold_into_convolutions`): the library call computes the norm, and no kernel is left for it.
 """
 
 from __future__ import annotations
