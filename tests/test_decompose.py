@@ -208,3 +208,23 @@ def test_instance_norm_with_running_statistics_is_a_batch_norm_and_folds():
     out, _ = kernels(m, x)
     with torch.no_grad():
         torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_convolutions_match_eager_with_the_default_pipeline(channels_last):
+    """conv -> batch norm -> ReLU -> conv -> batch norm (no affine) through TVM and the library: equal to eager,
+    in eager's strides, with no kernel left for either norm."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _bn(nn.BatchNorm2d, 6), nn.ReLU(),
+                      nn.Conv2d(6, 5, 1, bias=False), _bn(nn.BatchNorm2d, 5, affine=False)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    cm = fxcc.compile(m, options=fxcc.CompileOptions(time_vs_eager=False))
+    with torch.no_grad():
+        got, want = cm(x), m(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.stride() == want.stride()
+    v = cm.variants[-1]
+    bodies = [[str(b.target) for b in k.body.body.graph.nodes if b.op == "call_function"] for k in v.kernels.values()]
+    assert len(bodies) == 2 and all(not any(o.startswith(("aten.mul", "aten.sub")) for o in b) for b in bodies), bodies
