@@ -328,15 +328,21 @@ def _conv_epilogue(conv: fx.Node) -> tuple[fx.Node, fx.Node, str] | None:
     return user, other, kinds[user.target]
 
 
-def fold_into_convolutions(gm: fx.GraphModule, rw: Rewriter) -> int:
+def fold_into_convolutions(gm: fx.GraphModule, rw: Rewriter, budget_mb: float) -> int:
     """conv(x, W, b) * s + t, s and t constants per output channel (an inference batch norm) ->
     conv(x, W * s, b * s + t), a linear's likewise: the library convolution or GEMM does it all, its new weight
-    and bias folded by canonicalize into constants. Equal up to rounding (eager's CPU kernels fold the same way inside a batch
-    norm). Returns the number of ops folded."""
-    folded = 0
+    and bias folded by canonicalize into constants. Equal up to rounding (eager's CPU kernels fold the same way
+    inside a batch norm). A scaled weight is a copy held beside the model's: at most `budget_mb` of them (past
+    it the scale stays a pointwise op). Returns the number of ops folded."""
+    folded, budget = 0, budget_mb * 2**20
     for conv in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS]:
         while (hit := _conv_epilogue(conv)) is not None:
             user, c, kind = hit
+            if kind == "mul":
+                wv = _arg(conv, 1, "weight").meta["val"]
+                budget -= wv.numel() * wv.element_size()
+                if budget < 0:
+                    break
             channels = conv.meta["val"].shape[_channel_dim(conv)]
             w, b = _arg(conv, 1, "weight"), _arg(conv, 2, "bias")
             args = [conv.args[0], w, b, *conv.args[3:]]
@@ -361,6 +367,11 @@ class Decompose(Pass):
     """Ops with no lowering -> the aten ops they are made of, where fusion lowers all of those (exact)."""
 
     name = "decompose"
+    fold_mb: float = 128.0  # at most this much of convolution / linear weights scaled by a batch norm (copies)
+
+    def __post_init__(self) -> None:
+        if self.fold_mb < 0:
+            raise ValueError(f"fold_mb must be >= 0, got {self.fold_mb}")
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rw = Rewriter(gm)
@@ -376,7 +387,7 @@ class Decompose(Pass):
             key = f"decomposed.{node.target.__name__.split('.')[0]}"
             done[key] = done.get(key, 0) + 1
         gm.graph.eliminate_dead_code()
-        if n := fold_into_convolutions(gm, rw):
+        if n := fold_into_convolutions(gm, rw, self.fold_mb):
             done["folded_into_convolutions"] = n
             gm.graph.eliminate_dead_code()
         return PassResult(bool(done), done)

@@ -228,3 +228,15 @@ def test_folded_convolutions_match_eager_with_the_default_pipeline(channels_last
     v = cm.variants[-1]
     bodies = [[str(b.target) for b in k.body.body.graph.nodes if b.op == "call_function"] for k in v.kernels.values()]
     assert len(bodies) == 2 and all(not any(o.startswith(("aten.mul", "aten.sub")) for o in b) for b in bodies), bodies
+
+
+def test_weights_scaled_by_a_batch_norm_are_copies_within_fold_mb():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _bn(nn.BatchNorm2d, 4)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    ops = ops_after(m, x, passes="decompose{fold_mb=0},canonicalize")
+    assert [o for o in ops if o.startswith("aten.")] == ["aten.conv2d.default", "aten.mul.Tensor", "aten.add.Tensor"]
+    out, _ = kernels(m, x, passes="decompose{fold_mb=0},canonicalize,raise,fuse,codegen{backend=extern}")
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fold_mb"):
+        fxcc.compile(m, passes="decompose{fold_mb=-1}")(x)
