@@ -278,9 +278,10 @@ def _lowerable(traced: fx.GraphModule) -> bool:
 _CONSTANTS = {aten.scalar_tensor.default, aten.full.default}
 
 
-# convolutions and linears whose weight's dim 0 is the output channel (transposed convolutions have it at dim 1)
-_CONVS = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
-          aten.conv3d.padding, aten.convolution.default}
+# convolutions and linears, the library ops a per-channel scale and shift fold into
+_CONVS = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+          aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default, aten.conv_transpose1d.default,
+          aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 
 
 def _constant(node: object) -> bool:
@@ -308,12 +309,20 @@ def _per_channel(node: object, op: fx.Node) -> bool:
     return shape[c] == out.shape[c] and all(n == 1 for i, n in enumerate(shape) if i != c)
 
 
+def _weight_out_dim(conv: fx.Node) -> int | None:
+    """The dim of `conv`'s weight that indexes its output channels: 0, or 1 for a transposed convolution of one
+    group (None for grouped transposed ones, whose dim 1 counts the channels of one group)."""
+    if conv.target in (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input):
+        return 1 if _arg(conv, 6, "groups", 1) == 1 else None
+    if conv.target is aten.convolution.default and _arg(conv, 6, "transposed"):
+        return 1 if _arg(conv, 8, "groups") == 1 else None
+    return 0
+
+
 def _conv_epilogue(conv: fx.Node) -> tuple[fx.Node, fx.Node, str] | None:
     """(the op, its per-channel constant, "mul" | "add") when `conv`'s one reader scales or shifts each output
     channel by a constant: it folds into the convolution's weight or bias."""
-    if len(conv.users) != 1 or conv.target not in _CONVS:
-        return None
-    if conv.target is aten.convolution.default and _arg(conv, 6, "transposed"):
+    if len(conv.users) != 1 or conv.target not in _CONVS or _weight_out_dim(conv) is None:
         return None
     (user,) = conv.users
     kinds = {aten.mul.Tensor: "mul", aten.add.Tensor: "add"}
@@ -348,7 +357,9 @@ def fold_into_convolutions(gm: fx.GraphModule, rw: Rewriter, budget_mb: float) -
             args = [conv.args[0], w, b, *conv.args[3:]]
             row = rw.call(aten.reshape.default, (c, [channels]), at=user)
             if kind == "mul":
-                col = rw.call(aten.reshape.default, (c, [channels] + [1] * (w.meta["val"].dim() - 1)), at=user)
+                d = _weight_out_dim(conv)
+                col = rw.call(aten.reshape.default, (c, [channels if i == d else 1 for i in range(w.meta["val"].dim())]),
+                              at=user)
                 args[1] = rw.call(aten.mul.Tensor, (w, col), at=user)
                 args[2] = None if b is None else rw.call(aten.mul.Tensor, (b, row), at=user)
             else:

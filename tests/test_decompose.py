@@ -150,12 +150,14 @@ def _bn(kind, c: int, affine: bool = True):
     (lambda: nn.Conv1d(4, 5, 3, stride=2), nn.BatchNorm1d, (2, 4, 11), "conv1d.default"),
     (lambda: nn.Conv3d(2, 3, 2, bias=False), nn.BatchNorm3d, (1, 2, 4, 4, 4), "conv3d.default"),
     (lambda: nn.Linear(5, 6), nn.BatchNorm1d, (4, 5), "linear.default"),
+    (lambda: nn.ConvTranspose3d(3, 4, 2, stride=2), nn.BatchNorm3d, (1, 3, 3, 3, 3), "conv_transpose3d.input"),
+    (lambda: nn.ConvTranspose1d(3, 4, 3, bias=False), nn.BatchNorm1d, (2, 3, 5), "conv_transpose1d.default"),
 ])
 @pytest.mark.parametrize("affine", [True, False])
 def test_a_batch_norm_after_a_convolution_folds_into_its_weight_and_bias(conv, bn, shape, op, affine):
     torch.manual_seed(0)
     c = conv()
-    m = nn.Sequential(c, _bn(bn, c.weight.shape[0], affine), nn.ReLU()).eval()
+    m = nn.Sequential(c, _bn(bn, getattr(c, "out_channels", None) or c.out_features, affine), nn.ReLU()).eval()
     x = torch.randn(*shape)
     # the library convolution (or GEMM) computes the norm too: only the activation is left after it
     assert [o for o in ops_after(m, x) if o.startswith("aten.")] == [f"aten.{op}", "aten.relu.default"]
@@ -176,16 +178,16 @@ def test_a_channels_last_convolution_with_a_batch_norm_folds_and_keeps_its_layou
     assert out.stride() == want.stride()
 
 
-def test_a_batch_norm_folds_only_where_the_convolution_has_no_other_reader():
+def test_a_batch_norm_folds_only_where_the_convolution_has_no_other_reader_and_one_group_if_transposed():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv, self.bn = nn.Conv2d(3, 4, 1), _bn(nn.BatchNorm2d, 4)
-            self.up, self.bn2 = nn.ConvTranspose2d(4, 4, 2, stride=2), _bn(nn.BatchNorm2d, 4)
+            self.up, self.bn2 = nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), _bn(nn.BatchNorm2d, 4)
 
         def forward(self, x):
             y = self.conv(x)
-            return self.bn2(self.up(self.bn(y))), y  # conv read twice; transposed conv: weight's dim 1 out
+            return self.bn2(self.up(self.bn(y))), y  # conv read twice; grouped transposed conv
     m = Two().eval()
     x = torch.randn(1, 3, 4, 4)
     ops = ops_after(m, x)
