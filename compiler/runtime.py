@@ -463,10 +463,10 @@ class CompiledModule(ModuleView):
         # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
         fast = None if kwargs else _fast_key(args, self.module.training)
         variant = self._fast.get(fast) if fast is not None else None
+        if type(variant) is _Eager:  # runs the model as it is now: its state is not checked (a change keeps it)
+            self.stats.eager_calls += 1
+            return self._eager(*args)
         if variant is not None and (not self._params or self._params_unchanged()):
-            if type(variant) is _Eager:
-                self.stats.eager_calls += 1
-                return self._eager(*args)
             return self._run(variant, list(args), args, kwargs)
         # keyword and KV-cache calls: the same call shape, with its state objects holding what they held
         ckey = _call_key(args, kwargs, self.module.training) if fast is None else None

@@ -1,14 +1,18 @@
 """decompose: ops with no lowering of their own -> the aten ops they are made of, so that fusion groups them
 and the generated code (TVM, Triton) covers them.
 
-Each op of `ROOTS` is traced through torch's decomposition tables (inference batch norm, ELU/SELU/CELU,
-leaky ReLU, hardtanh, hardswish, hardsigmoid, mish, softplus, log-sigmoid, logsumexp, MSE loss, softmax and
-log-softmax along a dim other than the last, RMSNorm) or through the few decompositions written here where
-torch's go through prims or none exists (group and instance norm, variance and standard deviation:
-statistics as means of the input and of its squared deviations; split, chunk, unbind and stack as the views
-they are; global average pooling as a mean). The decomposition replaces the op only when every op it yields
+Each op of `ROOTS` is traced through torch's decomposition tables (ELU/SELU/CELU, leaky ReLU, hardtanh,
+hardswish, hardsigmoid, mish, softplus, log-sigmoid, logsumexp, MSE loss, softmax and log-softmax along a dim
+other than the last, RMSNorm) or through the few decompositions written here where torch's go through prims or
+none exists (inference batch norm, group and instance norm, variance and standard deviation: statistics as
+means of the input and of its squared deviations; split, chunk, unbind and stack as the views they are; global
+average pooling as a mean). The decomposition replaces the op only when every op it yields
 is one fusion lowers (pointwise, reduction or view); otherwise the op stays as it is. Runs before
 `canonicalize`, which then folds what the parameters alone compute (a batch norm's scale and shift).
+
+An inference batch norm (or an instance norm on running statistics) is x * scale + shift per channel; where a
+convolution or linear is all that reads it, the scale and shift fold into that op's weight and bias
+(`fold_into_convolutions`): the library call computes the norm, and no kernel is left for it.
 """
 
 from __future__ import annotations
@@ -54,10 +58,33 @@ def group_norm(x, groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
     return _affine(y, weight, bias, c).to(x.dtype)
 
 
+def _bn_inference(x, weight, bias, running_mean, running_var, eps):
+    """x * scale + shift per channel, the scale and shift computed from the parameters alone as eager's CPU
+    kernel computes them (canonicalize folds each into one constant; a convolution before absorbs both)."""
+    dt, shape = _stats_dtype(x), [1, x.shape[1]] + [1] * (x.dim() - 2)
+    scale = 1 / aten.sqrt(running_var.to(dt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dt)
+    shift = -running_mean.to(dt) * scale
+    if bias is not None:
+        shift = shift + bias.to(dt)
+    return (x.to(dt) * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled):
+    if training or running_mean is None or running_var is None:
+        raise NotImplementedError("batch statistics")  # not decomposed: the op stays as it is
+    return _bn_inference(x, weight, bias, running_mean, running_var, eps)
+
+
+def batch_norm_no_training(x, weight, bias, running_mean, running_var, momentum, eps):
+    empty = x.new_zeros((0,))
+    return _bn_inference(x, weight, bias, running_mean, running_var, eps), empty, empty
+
+
 def instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled):
     if not use_input_stats:  # the running statistics: an inference batch norm
-        return aten.batch_norm.default(x, weight, bias, running_mean, running_var, False, momentum, eps,
-                                       cudnn_enabled)
+        return _bn_inference(x, weight, bias, running_mean, running_var, eps)
     y = _normalize(x.to(_stats_dtype(x)), list(range(2, x.dim())), eps)
     return _affine(y, weight, bias, x.shape[1]).to(x.dtype)
 
@@ -122,14 +149,16 @@ def adaptive_avg_pool(x, output_size):
     return aten.mean.dim(x, list(range(-len(output_size), 0)), True)
 
 
-OWN: dict = {aten.group_norm.default: group_norm, aten.instance_norm.default: instance_norm,
+OWN: dict = {aten.batch_norm.default: batch_norm,
+             aten._native_batch_norm_legit_no_training.default: batch_norm_no_training,
+             aten.group_norm.default: group_norm, aten.instance_norm.default: instance_norm,
              aten.var.correction: var, aten.var.dim: _var_dim, aten.std.correction: std, aten.std.dim: _std_dim,
              aten.split_with_sizes.default: split_with_sizes, aten.split.Tensor: split, aten.chunk.default: chunk,
              aten.unbind.int: unbind, aten.broadcast_tensors.default: broadcast_tensors, aten.stack.default: stack,
              aten.new_zeros.default: new_zeros, aten.adaptive_avg_pool1d.default: adaptive_avg_pool,
              aten.adaptive_avg_pool2d.default: adaptive_avg_pool, aten.adaptive_avg_pool3d.default: adaptive_avg_pool}
 TORCH_TABLE = get_decompositions([
-    aten._native_batch_norm_legit_no_training, aten.native_batch_norm, aten.elu, aten.celu, aten.leaky_relu,
+    aten.native_batch_norm, aten.elu, aten.celu, aten.leaky_relu,
     aten.hardtanh, aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus, aten.log_sigmoid_forward,
     aten.logsumexp, aten.mse_loss, aten._softmax, aten._log_softmax])
 TABLE = {**TORCH_TABLE, **OWN}
@@ -249,11 +278,111 @@ def _lowerable(traced: fx.GraphModule) -> bool:
 _CONSTANTS = {aten.scalar_tensor.default, aten.full.default}
 
 
+# convolutions and linears, the library ops a per-channel scale and shift fold into
+_CONVS = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+          aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default, aten.conv_transpose1d.default,
+          aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+
+
+def _constant(node: object) -> bool:
+    """Whether `node` is computed from parameters, buffers and constants alone (canonicalize folds it)."""
+    if not isinstance(node, fx.Node):
+        return node is None or isinstance(node, (int, float, bool))
+    if node.op == "get_attr":
+        return True
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and not node.target._schema.is_mutable and all(map(_constant, node.all_input_nodes)))
+
+
+def _channel_dim(op: fx.Node) -> int:
+    """The dim of `op`'s output that its weight's dim 0 makes: a convolution's channels, a linear's features."""
+    return op.meta["val"].dim() - 1 if op.target is aten.linear.default else 1
+
+
+def _per_channel(node: object, op: fx.Node) -> bool:
+    """A constant of `op`'s output dtype holding one value per output channel of `op` (a [C, 1, ...] or
+    [1, C, 1, ...] tensor for a convolution, [C] or [1, C] for a linear)."""
+    v, out = node.meta.get("val") if isinstance(node, fx.Node) else None, op.meta["val"]
+    if not isinstance(v, torch.Tensor) or v.dtype != out.dtype or v.dim() > out.dim() or not _constant(node):
+        return False
+    shape, c = [1] * (out.dim() - v.dim()) + list(v.shape), _channel_dim(op)
+    return shape[c] == out.shape[c] and all(n == 1 for i, n in enumerate(shape) if i != c)
+
+
+def _weight_out_dim(conv: fx.Node) -> int | None:
+    """The dim of `conv`'s weight that indexes its output channels: 0, or 1 for a transposed convolution of one
+    group (None for grouped transposed ones, whose dim 1 counts the channels of one group)."""
+    if conv.target in (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input):
+        return 1 if _arg(conv, 6, "groups", 1) == 1 else None
+    if conv.target is aten.convolution.default and _arg(conv, 6, "transposed"):
+        return 1 if _arg(conv, 8, "groups") == 1 else None
+    return 0
+
+
+def _conv_epilogue(conv: fx.Node) -> tuple[fx.Node, fx.Node, str] | None:
+    """(the op, its per-channel constant, "mul" | "add") when `conv`'s one reader scales or shifts each output
+    channel by a constant: it folds into the convolution's weight or bias."""
+    if len(conv.users) != 1 or conv.target not in _CONVS or _weight_out_dim(conv) is None:
+        return None
+    (user,) = conv.users
+    kinds = {aten.mul.Tensor: "mul", aten.add.Tensor: "add"}
+    if user.op != "call_function" or user.target not in kinds or len(user.args) != 2 or user.kwargs:
+        return None
+    other = user.args[1] if user.args[0] is conv else user.args[0]
+    out, w, b = conv.meta.get("val"), _arg(conv, 1, "weight"), _arg(conv, 2, "bias")
+    if other is conv or not isinstance(out, torch.Tensor) or user.meta.get("val") is None \
+            or user.meta["val"].shape != out.shape or not isinstance(w, fx.Node) or not _constant(w) or not _constant(b) \
+            or not _per_channel(other, conv):
+        return None
+    return user, other, kinds[user.target]
+
+
+def fold_into_convolutions(gm: fx.GraphModule, rw: Rewriter, budget_mb: float) -> int:
+    """conv(x, W, b) * s + t, s and t constants per output channel (an inference batch norm) ->
+    conv(x, W * s, b * s + t), a linear's likewise: the library convolution or GEMM does it all, its new weight
+    and bias folded by canonicalize into constants. Equal up to rounding (eager's CPU kernels fold the same way
+    inside a batch norm). A scaled weight is a copy held beside the model's: at most `budget_mb` of them (past
+    it the scale stays a pointwise op). Returns the number of ops folded."""
+    folded, budget = 0, budget_mb * 2**20
+    for conv in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS]:
+        while (hit := _conv_epilogue(conv)) is not None:
+            user, c, kind = hit
+            if kind == "mul":
+                wv = _arg(conv, 1, "weight").meta["val"]
+                budget -= wv.numel() * wv.element_size()
+                if budget < 0:
+                    break
+            channels = conv.meta["val"].shape[_channel_dim(conv)]
+            w, b = _arg(conv, 1, "weight"), _arg(conv, 2, "bias")
+            args = [conv.args[0], w, b, *conv.args[3:]]
+            row = rw.call(aten.reshape.default, (c, [channels]), at=user)
+            if kind == "mul":
+                d = _weight_out_dim(conv)
+                col = rw.call(aten.reshape.default, (c, [channels if i == d else 1 for i in range(w.meta["val"].dim())]),
+                              at=user)
+                args[1] = rw.call(aten.mul.Tensor, (w, col), at=user)
+                args[2] = None if b is None else rw.call(aten.mul.Tensor, (b, row), at=user)
+            else:
+                args[2] = row if b is None else rw.call(aten.add.Tensor, (b, row), at=user)
+            kwargs = {k: v for k, v in conv.kwargs.items() if k not in ("weight", "bias")}
+            new = rw.call(conv.target, tuple(args), kwargs, at=user)
+            rw.replace(user, new)
+            gm.graph.erase_node(conv)
+            conv = new
+            folded += 1
+    return folded
+
+
 @dataclass(frozen=True)
 class Decompose(Pass):
     """Ops with no lowering -> the aten ops they are made of, where fusion lowers all of those (exact)."""
 
     name = "decompose"
+    fold_mb: float = 128.0  # at most this much of convolution / linear weights scaled by a batch norm (copies)
+
+    def __post_init__(self) -> None:
+        if self.fold_mb < 0:
+            raise ValueError(f"fold_mb must be >= 0, got {self.fold_mb}")
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rw = Rewriter(gm)
@@ -269,4 +398,7 @@ class Decompose(Pass):
             key = f"decomposed.{node.target.__name__.split('.')[0]}"
             done[key] = done.get(key, 0) + 1
         gm.graph.eliminate_dead_code()
+        if n := fold_into_convolutions(gm, rw, self.fold_mb):
+            done["folded_into_convolutions"] = n
+            gm.graph.eliminate_dead_code()
         return PassResult(bool(done), done)

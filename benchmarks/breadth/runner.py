@@ -2,7 +2,9 @@
 
 Per module: outputs checked against eager (fp32 within 1e-3 of the output's scale; bf16/fp16 within 3e-2),
 cold compile time of each compiler (first call, empty artifact cache for fxcc), the engines timed
-interleaved in one process (fxcc.measure.interleaved: warm-up, then alternating rounds), and the
+interleaved in one process (fxcc.measure.interleaved: warm-up, then alternating rounds; each compiler on its own
+copy of the module, as a user runs it: torch.compile's CPU kernels take writable pointers to the weights at every
+call, which on a shared module made fxcc compare its watched weights' values at every call), and the
 ratios eager/fxcc and torch.compile/fxcc of the medians with their spread (the ratio of the quartiles,
 slow/fast ends crossed). Geomeans per category and overall are over the modules every engine ran
 correctly. fxcc's warm compile time (a new process reading the same artifact cache) follows unless
@@ -11,6 +13,7 @@ correctly. fxcc's warm compile time (a new process reading the same artifact cac
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -118,7 +121,7 @@ def run_case(case: Case, *, size: str, device: str, dtype: torch.dtype, engines:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                fn = _engine(name, model)
+                fn = _engine(name, model if name == "eager" else copy.deepcopy(model))
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     out = fn(*inputs)
