@@ -593,9 +593,9 @@ def _clamp(em: Emitter, node: fx.Node, idx: Index) -> Value:
     e = em.operand(node, node.args[0], idx, out)
     lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
     if lo is not None:
-        e = f"tl.maximum({e}, {em.operand(node, lo, idx, out)})"
+        e = f"tl.maximum({e}, {em.operand(node, lo, idx, out)}, propagate_nan=tl.PropagateNan.ALL)"
     if hi is not None:
-        e = f"tl.minimum({e}, {em.operand(node, hi, idx, out)})"
+        e = f"tl.minimum({e}, {em.operand(node, hi, idx, out)}, propagate_nan=tl.PropagateNan.ALL)"
     return em.round(e, out)
 
 
@@ -635,12 +635,16 @@ def _gated(em: Emitter, node: fx.Node, idx: Index) -> Value:
     return em.round(f"{em.cast(a, gd, out)} * {em.operand(node, up, idx, out)}", out)
 
 
+# torch's max/min/clamp/relu return a NaN operand; tl.maximum/minimum skip it unless told
+MAX = "tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
+MIN = "tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
+
 RULES = {
     aten.add.Tensor: _binary("{a} + {b}"), aten.add.Scalar: _binary("{a} + {b}"),
     aten.sub.Tensor: _binary("{a} - {b}"), aten.sub.Scalar: _binary("{a} - {b}"),
     aten.rsub.Scalar: _binary("{b} - {a}"), aten.rsub.Tensor: _binary("{b} - {a}"),
     aten.mul.Tensor: _binary("{a} * {b}"), aten.mul.Scalar: _binary("{a} * {b}"),
-    aten.maximum.default: _binary("tl.maximum({a}, {b})"), aten.minimum.default: _binary("tl.minimum({a}, {b})"),
+    aten.maximum.default: _binary(MAX), aten.minimum.default: _binary(MIN),
     aten.eq.Tensor: _binary("{a} == {b}", compare=True), aten.eq.Scalar: _binary("{a} == {b}", compare=True),
     aten.ne.Tensor: _binary("{a} != {b}", compare=True), aten.ne.Scalar: _binary("{a} != {b}", compare=True),
     aten.lt.Tensor: _binary("{a} < {b}", compare=True), aten.lt.Scalar: _binary("{a} < {b}", compare=True),
@@ -654,11 +658,11 @@ RULES = {
     aten.sqrt.default: _unary("tl.sqrt({x})"), aten.rsqrt.default: _unary("tl.rsqrt({x})"),
     aten.reciprocal.default: _unary("1.0 / {x}"), aten.sin.default: _unary("{m}.sin({x})"),
     aten.expm1.default: _unary("{m}.expm1({x})"), aten.log1p.default: _unary("{m}.log1p({x})"),
-    aten.clamp_min.default: _binary("tl.maximum({a}, {b})"), aten.clamp_max.default: _binary("tl.minimum({a}, {b})"),
+    aten.clamp_min.default: _binary(MAX), aten.clamp_max.default: _binary(MIN),
     aten.cos.default: _unary("{m}.cos({x})"), aten.sigmoid.default: _unary("tl.sigmoid({x})"),
     aten.tanh.default: lambda em, n, i: _act(em, n, i, lambda x: _tanh(x, em.math)),
     aten.erf.default: _unary("{m}.erf({x})"),
-    aten.relu.default: _unary("tl.maximum({x}, 0.0)"),
+    aten.relu.default: _unary("tl.maximum({x}, 0.0, propagate_nan=tl.PropagateNan.ALL)"),
     aten.pow.Tensor_Scalar: _pow, aten.where.self: _where, aten.masked_fill.Scalar: _masked_fill,
     aten.clamp.default: _clamp,
     aten._to_copy.default: _to, aten.to.dtype: _to, aten.to.dtype_layout: _to, aten.type_as.default: _to,
@@ -881,7 +885,7 @@ def _pool(em: Emitter, node: fx.Node, idx: Index) -> Value:
         if acc is None:
             acc = v
         else:
-            acc = em.emit(f"tl.maximum({acc}, {v})" if p.kind == "max" else f"{acc} + {v}")
+            acc = em.emit(f"tl.maximum({acc}, {v}, propagate_nan=tl.PropagateNan.ALL)" if p.kind == "max" else f"{acc} + {v}")
     if p.kind == "avg":
         if p.divisor:
             div = f"{float(p.divisor)}"
@@ -954,7 +958,10 @@ def _reduce(kind: str):
             s = em.emit(f"tl.sum({_masked(em, v, '0.0')}, axis=1)[:, None]")
             return em.round(s if kind == "sum" else f"{s} / {n}", out)
         fill = 'float("-inf")' if kind == "max" else 'float("inf")'
-        return em.round(f"tl.{kind}({_masked(em, v, fill)}, axis=1)[:, None]", out)
+        m = em.emit(f"tl.{kind}({_masked(em, v, fill)}, axis=1)[:, None]")
+        # tl.max/min skip a NaN; torch's amax/amin return it
+        nans = em.emit(f"tl.sum(({_masked(em, v, '0.0')} != {_masked(em, v, '0.0')}).to(tl.int32), axis=1)[:, None]")
+        return em.round(f"tl.where({nans} > 0, float('nan'), {m})", out)
     return rule
 
 

@@ -1055,21 +1055,32 @@ def _pool(L, node, x, *args, **kwargs):
 
     def at(idx):
         starts = [idx[first + d] * p.stride[d] - const(p.padding[d], "int32") for d in range(k)]
-        e = None
+        taps = []
         for tap in p.taps():
             pos = [starts[d] + const(tap[d] * p.dilation[d], "int32") for d in range(k)]
             src = list(idx[:first]) + [_clamp_index(q, n) for q, n in zip(pos, sizes)]
-            y = cast(v.at(src), acc)
             inside = _all([_inside(q, n) for q, n in zip(pos, sizes)])
-            if p.kind == "max":
-                y = _guarded(inside, y, const(float("-inf"), acc))
-                e = y if e is None else tirx.max(e, y)
-            else:
-                y = _guarded(inside, y, const(0.0, acc))
-                e = y if e is None else e + y
+            fill = const(float("-inf") if p.kind == "max" else 0.0, acc)
+            taps.append(_guarded(inside, cast(v.at(src), acc), fill))
         if p.kind == "avg":
-            e = e / _avg_divisor(p, starts, sizes, acc)
-        return cast(e, dtype)
+            e = taps[0]
+            for y in taps[1:]:
+                e = e + y
+            return cast(e / _avg_divisor(p, starts, sizes, acc), dtype)
+        if not _floating(taps[0]):
+            e = taps[0]
+            for y in taps[1:]:
+                e = tirx.max(e, y)
+            return cast(e, dtype)
+
+        # tirx.max skips a NaN, torch's window max is NaN: each tap bound once (read by the max and a NaN flag),
+        # a plain max chain and an `or` of flags (nested NaN selects grow past what TVM's simplifier takes)
+        def fold(i, e, nan):
+            if i == len(taps):
+                return tirx.Select(nan, const(float("nan"), acc), e)
+            return let(taps[i], lambda y: fold(i + 1, y if e is None else tirx.max(e, y),
+                                               tirx.isnan(y) if nan is None else tirx.Or(nan, tirx.isnan(y))))
+        return cast(fold(0, None, None), dtype)
     return Val(shape, dtype, at)
 
 

@@ -211,6 +211,27 @@ def test_row_reductions_and_softmax():
         assert_candidate_matches(kb, "triton", {"ROWS": 4, "num_warps": 2})
 
 
+
+def test_nan_operands_propagate_as_in_torch():
+    """tl.maximum/minimum and tl.max/min skip a NaN unless told: relu(NaN) was 0, clamp(NaN) a bound, an amax
+    or max-pool window over a NaN a number, where torch gives NaN."""
+    x = torch.randn(4, 64)
+    x[0, 5], x[1, 63], x[3, 0], x[2] = float("nan"), float("nan"), float("inf"), float("-inf")
+    i = torch.randint(-5, 5, (4, 64))
+
+    def f(x, i):
+        return (x.relu() + 1, x.clamp(-1, 1) * 2, torch.maximum(x, x.flip(1)) + 1, torch.minimum(x, x.flip(0)) * 3,
+                x.amax(1) + 1, x.amin(0) * 2, F.max_pool1d(x[None], 4) + 1, x.clamp_min(0.5) - 1,
+                torch.maximum(i, i.flip(0)) + 1, i.clamp(0, 3) * 2)
+
+    cm = fxcc.compile(f, passes=TRITON, options=dict(check_eager=False, time_vs_eager=False))
+    for k, (a, b) in enumerate(zip(cm(x, i), f(x, i))):
+        torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, k=k: f"output {k}: {m}")
+    compiled = cm.fxcc if hasattr(cm, "fxcc") else cm
+    gm = compiled.variants[-1].gm
+    assert any(n.op == "call_function" and n.target in KERNEL_OPS for n in gm.graph.nodes)
+    assert compiled.stats.eager_calls == 0
+
 @pytest.mark.parametrize("fn", [lambda x: x.sum(0), lambda x: x.amax((0, 2), keepdim=True) * x,
                                 lambda x: x.mean(1), lambda x: (x - x.amax(0)).exp().sum(0), lambda x: x.sum()],
                          ids=["sum0", "amax02_keepdim", "mean1", "max_and_sum0", "all"])

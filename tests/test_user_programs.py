@@ -14,6 +14,7 @@ import fxcc
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from user_programs import GOOD, PROGRAMS, run, table
 
 OPTS = dict(check_eager=False, time_vs_eager=False)  # fxcc's own code, not its first-call safety net
@@ -131,15 +132,16 @@ TVM = "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=tvm}"
 
 
 def test_tvm_kernels_keep_nan_and_inf_as_torch_does():
-    """TVM's max/min dropped a NaN operand (relu(NaN) was 0, clamp(NaN) a bound, amax over a NaN a number), its erf
-    clamped NaN to 1, its simplifier folded x * 0 to 0 (inf * 0 is NaN), and a max over -inf values started from
-    the lowest finite float."""
+    """TVM's max/min dropped a NaN operand (relu(NaN) was 0, clamp(NaN) a bound, amax or a max-pool window over a
+    NaN a number), its erf clamped NaN to 1, its simplifier folded x * 0 to 0 (inf * 0 is NaN), and a max over -inf
+    values started from the lowest finite float."""
     x = torch.randn(4, 64)
     x[0, 5], x[1, 63], x[3, 0], x[2] = float("nan"), float("nan"), float("inf"), float("-inf")
 
     def f(x):
         return (x.relu() + 1, x.clamp(-1, 1) * 2, torch.maximum(x, x.flip(1)) + 1, torch.minimum(x, x.flip(0)) * 3,
-                torch.erf(x) + 1, x * 0 + 1, x.amax(1) + 1, x.amin(0) * 2)
+                torch.erf(x) + 1, x * 0 + 1, x.amax(1) + 1, x.amin(0) * 2,
+                F.max_pool1d(x[None], 4) + 1)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every kernel built by TVM (a failed build warns and takes another backend)
