@@ -10,10 +10,12 @@ import collections
 import contextlib
 import dis
 import functools
+import importlib.metadata
 import inspect
 import linecache
 import logging
 import os
+import re
 import sys
 import sysconfig
 import traceback
@@ -64,9 +66,14 @@ class Captured:
     # int arguments asked to be symbolic that were captured as constants (flat input -> why): their type or text
     # was read, or export failed with them symbolic
     constant_ints: dict[int, str] = field(default_factory=dict)
+    # the Python globals the traced code read (`global_reads`); fxcc.guards recompiles when one is rebound
+    globals: GlobalReads = field(default_factory=dict)
 
 
 Missing = dict[int, frozenset[str] | None]
+# (id(holder), id(fallback)) -> (holder, fallback, names): a globals dict with its builtins as the fallback, or the
+# `__dict__` of a module or object reached from a global by attribute (`helper.SCALE`, `CFG.scale`; no fallback)
+GlobalReads = dict[tuple[int, int], tuple[dict, dict | None, set[str]]]
 
 
 def describe(model: Any) -> str:
@@ -266,7 +273,15 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
 
     `unread`: why fxcc cannot read the forward's source (so DyCL found no Python effects in it): a trace that
     changes the module's attributes, a closure cell or a container among them is then a CaptureError (the graph
-    would make the change once, at capture)."""
+    would make the change once, at capture). `Captured.globals`: the Python globals the traced code read."""
+    with global_reads() as read:
+        cap = _capture_attempts(module, args, kwargs, dims, forward, unread)
+    cap.globals = read
+    return cap
+
+
+def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None,
+                      forward: Callable | None, unread: str | None) -> Captured:
     floats = frozenset(top_ints(args, kwargs, float) & (dims or {}).keys())
     ints = frozenset(top_ints(args, kwargs) & (dims or {}).keys())
     # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step)
@@ -409,6 +424,135 @@ def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
         sys.settrace(previous)
         for c, (rep, fmt) in texts.items():
             c.__repr__, c.__format__ = rep, fmt
+
+
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def global_reads() -> Iterator[GlobalReads]:
+    """Within the block, record the globals that Python code run in it can load: for each function called whose
+    code is the model's (`_model_code`: not torch's, its dependencies', fxcc's or the standard library's, and
+    not a module body run by an import), every name its code loads as a
+    global (LOAD_GLOBAL, LOAD_NAME) with the globals dict and the builtins it resolves in, and the attributes it
+    reads from a global that is a module or an object with a `__dict__` (`helper.SCALE`, `CFG.scale`: that
+    `__dict__` and the name). A trace hook on calls only, chained with any other (`int_type_reads` installs its
+    own inside). Every name the code can load counts, taken or not: a guard on one too many costs a recompile
+    when it is rebound, never a wrong result."""
+    found: GlobalReads = {}
+    loads: dict[Any, Any] = {}  # code object -> its loads (None: code whose globals are not recorded)
+    skip: dict[str, bool] = {}
+    previous = sys.gettrace()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        local = previous(frame, event, arg) if previous is not None else None
+        if event == "call":
+            code = frame.f_code
+            mine = loads.get(code, _ABSENT)
+            if mine is _ABSENT:
+                path = code.co_filename
+                if path not in skip:
+                    skip[path] = _handles_symbols(path)
+                model = not skip[path] and _model_code(frame)
+                mine = loads[code] = _global_loads(code) if model else None
+            if mine is not None:
+                _record_reads(found, frame.f_globals, frame.f_builtins, mine)
+        return local
+
+    sys.settrace(tracer)
+    try:
+        yield found
+    finally:
+        sys.settrace(previous)
+
+
+def _model_code(frame: Any) -> bool:
+    """Whether the code run in `frame` is code of the model (its own or a library's such as transformers) rather
+    than what torch runs while it traces (torch calls sympy, networkx, typing's `eval`): a function of an
+    imported module (or of `__main__`) that is none of torch's dependencies, fxcc or the standard library.
+    Module and class bodies and what an import runs (a module imported for the first time inside the trace) are
+    no part of what is traced. Decided at the first call of each code object."""
+    if not frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+        return False
+    g = frame.f_globals
+    name = g.get("__name__")
+    mod = sys.modules.get(name) if isinstance(name, str) else None
+    if mod is None or getattr(mod, "__dict__", None) is not g or name.partition(".")[0] in _torch_dependencies():
+        return False
+    path = getattr(mod, "__file__", None)
+    if not (name == "__main__" if path is None else not _handles_symbols(os.path.abspath(path))):
+        return False
+    f = frame.f_back
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            return False
+        f = f.f_back
+    return True
+
+
+@functools.cache
+def _torch_dependencies() -> frozenset[str]:
+    """The import names of torch's required packages and theirs (sympy, mpmath, networkx, ...)."""
+    found: set[str] = set()
+    todo = ["torch"]
+    while todo:
+        try:
+            reqs = importlib.metadata.requires(todo.pop()) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for r in reqs:
+            dist = re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0].strip().lower().replace("-", "_")
+            if "extra ==" not in r and dist and dist not in found:
+                found.add(dist)
+                todo.append(dist)
+    return frozenset(found)
+
+
+def _global_loads(code: Any) -> tuple[frozenset[str], tuple[tuple[str, ...], ...]] | None:
+    """The names `code` loads as globals, and the attribute chains read off them (`helper.SCALE` -> ('helper',
+    'SCALE')); None when it loads none."""
+    names: set[str] = set()
+    chains: set[tuple[str, ...]] = set()
+    chain: list[str] | None = None
+    for ins in dis.get_instructions(code):
+        if ins.opname in _ATTR_LOADS and chain is not None:
+            chain.append(ins.argval)
+            continue
+        if chain is not None and len(chain) > 1:
+            chains.add(tuple(chain))
+        chain = None
+        if ins.opname in _GLOBAL_LOADS:
+            names.add(ins.argval)
+            chain = [ins.argval]
+    if chain is not None and len(chain) > 1:
+        chains.add(tuple(chain))
+    return (frozenset(names), tuple(chains)) if names else None
+
+
+def _record_reads(found: GlobalReads, g: dict, b: dict, loads: tuple) -> None:
+    names, chains = loads
+    entry = found.get((id(g), id(b)))
+    if entry is None:
+        entry = found[(id(g), id(b))] = (g, b, set())
+    entry[2].update(names)
+    for chain in chains:
+        value = g.get(chain[0], _ABSENT)
+        if value is _ABSENT:
+            value = b.get(chain[0], _ABSENT)
+        for attr in chain[1:]:
+            try:
+                d = getattr(value, "__dict__", None) if value is not _ABSENT and not isinstance(value, type) else None
+            except Exception:  # noqa: BLE001 - an object whose attribute lookup fails: not followed
+                d = None
+            if type(d) is not dict:
+                break
+            entry = found.get((id(d), 0))
+            if entry is None:
+                entry = found[(id(d), 0)] = (d, None, set())
+            entry[2].add(attr)
+            value = d.get(attr, _ABSENT)
 
 
 def _handles_symbols(path: str) -> bool:
