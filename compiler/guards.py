@@ -138,6 +138,8 @@ class Globals:
         tensors = {id(v): (v, i) for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)}
         self.tensors = [(t, Snapshot(t), i) for t, i in tensors.values()]
         self.in_place = bool(self.boxes or self.tensors)
+        self._box_values, self._box_copies = [v for v, _, _ in self.boxes], [c for _, c, _ in self.boxes]
+        self._snaps, self._global_tensors = [s for _, s, _ in self.tensors], [t for t, _, _ in self.tensors]
         self._tag()
 
     def _tag(self) -> None:
@@ -147,11 +149,13 @@ class Globals:
 
     def unchanged(self) -> bool:
         """No global rebound or changed in place (the check on every call)."""
-        if self.root is not None and self.root.check(self.quiet):
-            same = not self.busy or self._same(self.busy)
-        else:
-            same = self._moved()
-        return same and (not self.in_place or self._contents_same())
+        root = self.root
+        if root is not None and root.check(self.quiet):
+            if self.busy and not self._same(self.busy):
+                return False
+        elif not self._moved():
+            return False
+        return not self.in_place or self._contents_same()
 
     def _same(self, entries: Any) -> bool:
         for i in entries:
@@ -181,7 +185,8 @@ class Globals:
         return True
 
     def _contents_same(self) -> bool:
-        return all(_same_contents(v, c) for v, c, _ in self.boxes) and all(s.same(t) for t, s, _ in self.tensors)
+        return all(map(_same_contents, self._box_values, self._box_copies)) and \
+            all(map(Snapshot.same, self._snaps, self._global_tensors))
 
     def what(self) -> str | None:
         """The first global rebound or changed in place since the snapshot, with its old and new value; None when

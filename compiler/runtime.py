@@ -793,6 +793,7 @@ class CompiledModule(ModuleView):
         sized, scalar = self._sizes_of(args, kwargs, flat, spec, names)
         struct = (spec, dynamic.structure(flat, sized), self.module.training)
         dims, reason = self._plan(flat, struct, names, sized, dynamic.carries_state(args, kwargs), scalar)
+        self._dropped = ""  # said once, by this compile
         if len(self._compiled) >= self.options.max_variants:
             why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
