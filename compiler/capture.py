@@ -274,14 +274,14 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     `unread`: why fxcc cannot read the forward's source (so DyCL found no Python effects in it): a trace that
     changes the module's attributes, a closure cell or a container among them is then a CaptureError (the graph
     would make the change once, at capture). `Captured.globals`: the Python globals the traced code read."""
-    with global_reads() as read:
-        cap = _capture_attempts(module, args, kwargs, dims, forward, unread)
+    read: GlobalReads = {}
+    cap = _capture_attempts(module, args, kwargs, dims, forward, unread, read)
     cap.globals = read
     return cap
 
 
 def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None,
-                      forward: Callable | None, unread: str | None) -> Captured:
+                      forward: Callable | None, unread: str | None, read: GlobalReads) -> Captured:
     floats = frozenset(top_ints(args, kwargs, float) & (dims or {}).keys())
     ints = frozenset(top_ints(args, kwargs) & (dims or {}).keys())
     # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step)
@@ -292,7 +292,7 @@ def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[i
         with missing_lookups(module) as missing, int_type_reads(watched) as reads:
             try:
                 cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched,
-                               floats=symbolic & floats, unread=unread)
+                               floats=symbolic & floats, unread=unread, read=read)
             except CaptureError as e:
                 cap, why = None, _symbolic_failure(e)
         if cap is not None and cap.method == "export" and not reads:
@@ -305,7 +305,7 @@ def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[i
         constant.update(dict.fromkeys(sorted(unmade), why))
         dims = {i: ds for i, ds in dims.items() if i not in unmade}
     with missing_lookups(module) as missing:
-        cap = _capture(module, args, kwargs, dims=dims, forward=forward, unread=unread)
+        cap = _capture(module, args, kwargs, dims=dims, forward=forward, unread=unread, read=read)
     cap.missing = missing
     cap.constant_ints = constant
     return cap
@@ -431,8 +431,22 @@ _ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 _ABSENT = object()
 
 
+def reading_globals(fn: Callable, read: GlobalReads) -> Callable:
+    """`fn` recording into `read` the globals its run loads (`global_reads`): the hook is on while the traced
+    forward runs only, not while export prepares and lowers around it (the hook slows every Python call)."""
+
+    @functools.wraps(fn)
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        with global_reads(read):
+            return fn(*args, **kwargs)
+
+    if hasattr(fn, "__signature__"):
+        reading.__signature__ = fn.__signature__
+    return reading
+
+
 @contextlib.contextmanager
-def global_reads() -> Iterator[GlobalReads]:
+def global_reads(found: GlobalReads | None = None) -> Iterator[GlobalReads]:
     """Within the block, record the globals that Python code run in it can load: for each function called whose
     code is the model's (`_model_code`: not torch's, its dependencies', fxcc's or the standard library's, and
     not a module body run by an import), every name its code loads as a
@@ -441,27 +455,35 @@ def global_reads() -> Iterator[GlobalReads]:
     `__dict__` and the name). A trace hook on calls only, chained with any other (`int_type_reads` installs its
     own inside). Every name the code can load counts, taken or not: a guard on one too many costs a recompile
     when it is rebound, never a wrong result."""
-    found: GlobalReads = {}
+    found = {} if found is None else found
     loads: dict[Any, Any] = {}  # code object -> its loads (None: code whose globals are not recorded)
     skip: dict[str, bool] = {}
     previous = sys.gettrace()
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        local = previous(frame, event, arg) if previous is not None else None
-        if event == "call":
-            code = frame.f_code
-            mine = loads.get(code, _ABSENT)
-            if mine is _ABSENT:
-                path = code.co_filename
-                if path not in skip:
-                    skip[path] = _handles_symbols(path)
-                model = not skip[path] and _model_code(frame)
-                mine = loads[code] = _global_loads(code) if model else None
-            if mine is not None:
-                _record_reads(found, frame.f_globals, frame.f_builtins, mine)
-        return local
+    def first(frame: Any) -> Any:
+        code = frame.f_code
+        path = code.co_filename
+        if path not in skip:
+            skip[path] = _handles_symbols(path)
+        mine = loads[code] = _global_loads(code) if not skip[path] and _model_code(frame) else None
+        return mine
 
-    sys.settrace(tracer)
+    # the global trace function sees "call" events only; it runs at every Python call of the capture (export's own
+    # included), so the common case, a code object seen before that is not the model's, is one dict lookup
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        mine = loads.get(frame.f_code, _ABSENT)
+        if mine is None:
+            return
+        if mine is _ABSENT:
+            mine = first(frame)
+        if mine is not None:
+            _record_reads(found, frame.f_globals, frame.f_builtins, mine)
+
+    def chained(frame: Any, event: str, arg: Any) -> Any:
+        tracer(frame, event, arg)
+        return previous(frame, event, arg)
+
+    sys.settrace(tracer if previous is None else chained)
     try:
         yield found
     finally:
@@ -626,20 +648,24 @@ def own_hooks_held(module: nn.Module) -> Iterator[None]:
 
 def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
              forward: Callable | None, watched: set[Any] | None = None,
-             floats: frozenset[int] = frozenset(), unread: str | None = None) -> Captured:
+             floats: frozenset[int] = frozenset(), unread: str | None = None,
+             read: GlobalReads | None = None) -> Captured:
     with own_hooks_held(module):
         return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats,
-                             unread=unread)
+                             unread=unread, read=read)
 
 
 def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
                   forward: Callable | None, watched: set[Any] | None = None,
-                  floats: frozenset[int] = frozenset(), unread: str | None = None) -> Captured:
+                  floats: frozenset[int] = frozenset(), unread: str | None = None,
+                  read: GlobalReads | None = None) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
     sink: list[Aliasing] = []
     fn = forward or original_forward(module)
+    if read is not None:
+        fn = reading_globals(fn, read)
     # export marks (and then unmarks) its input tensors' dynamic dimensions: it gets aliases, so the
     # caller's tensors (and torch.compile's guards on them) keep their own marks
     traced = recording(fn, sink, kwargs)
