@@ -71,9 +71,11 @@ class Captured:
 
 
 Missing = dict[int, frozenset[str] | None]
-# (id(holder), id(fallback)) -> (holder, fallback, names): a globals dict with its builtins as the fallback, or the
-# `__dict__` of a module or object reached from a global by attribute (`helper.SCALE`, `CFG.scale`; no fallback)
-GlobalReads = dict[tuple[int, int], tuple[dict, dict | None, set[str]]]
+# (id(holder), id(fallback)) -> (holder, fallback, names, path): a globals dict with its builtins as the fallback
+# (path None), or the `__dict__` of a module, object or class reached from a global by attribute (`helper.SCALE`,
+# `CFG.scale`; no fallback; a class's mappingproxy keyed by the class), with the way to it from the globals dict
+# where the chain starts: (that dict, "CFG") for `CFG.scale`
+GlobalReads = dict[tuple[int, int], tuple[Any, Any, set[str], tuple | None]]
 
 
 def describe(model: Any) -> str:
@@ -557,22 +559,23 @@ def _record_reads(found: GlobalReads, g: dict, b: dict, loads: tuple) -> None:
     names, chains = loads
     entry = found.get((id(g), id(b)))
     if entry is None:
-        entry = found[(id(g), id(b))] = (g, b, set())
+        entry = found[(id(g), id(b))] = (g, b, set(), None)
     entry[2].update(names)
     for chain in chains:
         value = g.get(chain[0], _ABSENT)
         if value is _ABSENT:
             value = b.get(chain[0], _ABSENT)
-        for attr in chain[1:]:
+        for i, attr in enumerate(chain[1:], 1):
             try:
-                d = getattr(value, "__dict__", None) if value is not _ABSENT and not isinstance(value, type) else None
+                d = getattr(value, "__dict__", None) if value is not _ABSENT else None
             except Exception:  # noqa: BLE001 - an object whose attribute lookup fails: not followed
                 d = None
-            if type(d) is not dict:
+            if type(d) is not dict and not isinstance(value, type):
                 break
-            entry = found.get((id(d), 0))
+            key = (id(value), 1) if isinstance(value, type) else (id(d), 0)  # a class's mappingproxy is made anew
+            entry = found.get(key)
             if entry is None:
-                entry = found[(id(d), 0)] = (d, None, set())
+                entry = found[key] = (d, None, set(), (g, *chain[:i]))
             entry[2].add(attr)
             value = d.get(attr, _ABSENT)
 

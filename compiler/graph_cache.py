@@ -345,14 +345,19 @@ def load(cache: Any, key: str, module: nn.Module) -> Hit | None:
 
 
 def _globals_doc(read: dict) -> list:
-    """The globals of module namespaces (and the builtins) among `read`, as [module, names and fingerprints,
-    fingerprints of the builtins they fall back on]; attributes of plain objects are left out."""
+    """The globals among `read` (fxcc.capture.GlobalReads) as [module, path, names and fingerprints, fingerprints
+    of the builtins they fall back on]: path [] for the module's globals, ["CFG"] for the attributes of the object,
+    class or module its global CFG holds. Unserializable when one cannot be found again from a module."""
     out = []
-    for holder, fallback, names in read.values():
-        module = _module_of(holder)
-        if module is None or fallback is not None and fallback is not vars(builtins):
-            continue
-        out.append([module, {n: _fingerprint(holder.get(n, _ABSENT)) for n in sorted(names)},
+    for holder, fallback, names, path in read.values():
+        if fallback is not None and fallback is not vars(builtins):
+            raise Unserializable("the code read globals resolved in builtins other than the interpreter's")
+        module, way = _module_of(holder), []
+        if module is None and path is not None:
+            module, way = _module_of(path[0]), list(path[1:])
+        if module is None:
+            raise Unserializable("the code read globals of a namespace that is no imported module's")
+        out.append([module, way, {n: _fingerprint(holder.get(n, _ABSENT)) for n in sorted(names)},
                     None if fallback is None else {n: _fingerprint(fallback.get(n, _ABSENT)) for n in sorted(names)}])
     return out
 
@@ -364,18 +369,31 @@ def _globals_now(stored: Any) -> dict | None:
         raise BadEntry("field 'globals' is not a list")
     read = {}
     for item in stored:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], dict)):
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and isinstance(item[1], list)
+                and all(isinstance(a, str) for a in item[1]) and isinstance(item[2], dict)
+                and (item[3] is None or isinstance(item[3], dict))):
             raise BadEntry("an entry of field 'globals' is malformed")
-        mod = sys.modules.get(item[0])
+        module, way, names, falls = item
+        mod = sys.modules.get(module)
         if mod is None:
             return None
-        holder, fallback = vars(mod), None if item[2] is None else vars(builtins)
-        for n, fp in item[1].items():
-            if _fingerprint(holder.get(n, _ABSENT)) != fp or \
-                    fallback is not None and _fingerprint(fallback.get(n, _ABSENT)) != item[2].get(n):
-                log.info("cached graph not used: global %s of module %s changed since it was stored", n, item[0])
+        holder, fallback, key = vars(mod), None if falls is None else vars(builtins), None
+        if way:
+            value = holder.get(way[0], vars(builtins).get(way[0], _ABSENT))
+            for attr in way[1:]:
+                value = getattr(value, "__dict__", {}).get(attr, _ABSENT) if value is not _ABSENT else _ABSENT
+            d = getattr(value, "__dict__", None) if value is not _ABSENT else None
+            if d is None or type(d) is not dict and not isinstance(value, type):
                 return None
-        read[(id(holder), id(fallback))] = (holder, fallback, set(item[1]))
+            holder, key = d, (id(value), 1) if isinstance(value, type) else (id(d), 0)
+        for n, fp in names.items():
+            if _fingerprint(holder.get(n, _ABSENT)) != fp or \
+                    fallback is not None and _fingerprint(fallback.get(n, _ABSENT)) != falls.get(n):
+                log.info("cached graph not used: %s of module %s changed since it was stored",
+                         ".".join([*way, n]), module)
+                return None
+        read[key or (id(holder), id(fallback))] = (holder, fallback, set(names), None if not way else
+                                                   (vars(mod), *way))
     return read
 
 

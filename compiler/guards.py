@@ -116,7 +116,7 @@ class Globals:
     def __init__(self, reads: GlobalReads) -> None:
         self.holders, self.fallbacks, self.names = [], [], []
         dicts: dict[int, dict] = {}
-        for holder, fallback, names in reads.values():
+        for holder, fallback, names, _ in reads.values():
             for d in (holder, fallback):
                 if d is not None:
                     dicts[id(d)] = d
@@ -131,8 +131,9 @@ class Globals:
             self.of[id(h)].append(i)
             if f is not None:
                 self.of[id(f)].append(i)
-        self.moves = dict.fromkeys(dicts, 0)
-        self.busy: list[int] = []  # entries compared at every call
+        # a class's attributes (a mappingproxy) have no version tag: compared at every call from the start
+        self.moves = {k: 0 if type(d) is dict else _BUSY + 1 for k, d in dicts.items()}
+        self.busy = sorted({i for k, n in self.moves.items() if n > _BUSY for i in self.of[k]})  # compared every call
         boxes = [i for i, v in enumerate(self.values) if type(v) in _CONTAINERS]
         self.boxes = [(self.values[i], _copied(self.values[i]), i) for i in boxes]
         tensors = {id(v): (v, i) for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)}
@@ -250,6 +251,8 @@ def _where(holder: dict, fallback: dict | None, name: str) -> str:
     module = holder.get("__name__")
     if isinstance(module, str) and ("__builtins__" in holder or "__spec__" in holder):
         return f"global {name} of module {module}"
+    if type(holder) is not dict:
+        return f"attribute {name} of a class a global holds"
     return f"attribute {name} of an object a global holds"
 
 

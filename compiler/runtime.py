@@ -768,8 +768,8 @@ class CompiledModule(ModuleView):
             for k, names in missing.items():
                 had = self._missing.get(k, frozenset())
                 self._missing[k] = None if names is None or had is None else had | names
-        for k, (holder, fallback, names) in (globals_read or {}).items():
-            self._globals.setdefault(k, (holder, fallback, set()))[2].update(names)
+        for k, (holder, fallback, names, path) in (globals_read or {}).items():
+            self._globals.setdefault(k, (holder, fallback, set(), path))[2].update(names)
         self._params = ModuleState(self.module, None if self._sources is None else list(self._sources.values()),
                                    list(self._live.values()), self._missing, self._globals)
 

@@ -74,6 +74,15 @@ class UsesConfig(nn.Module):
         return x + CONFIG["shift"]
 
 
+class Knobs:
+    scale = 2.0
+
+
+class UsesKnobs(nn.Module):
+    def forward(self, x):
+        return x * Knobs.scale
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow: a DyCL host program whose segments read SCALE."""
 
@@ -208,6 +217,14 @@ def test_a_global_dict_changed_in_place_recompiles(x, monkeypatch, caplog):
     cm(x)
     CONFIG["shift"] = 4.0
     _follows(cm, m, x, "global CONFIG of module test_globals (a dict) changed in place", caplog)
+
+
+def test_a_class_attribute_read_through_a_global_is_guarded(x, monkeypatch, caplog):
+    m = UsesKnobs()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(x)
+    monkeypatch.setattr(Knobs, "scale", -1.0)
+    _follows(cm, m, x, "attribute scale of a class a global holds changed: 2.0 -> -1.0", caplog)
 
 
 def test_an_unrelated_global_store_does_not_recompile(x, monkeypatch, caplog):
