@@ -5,7 +5,8 @@ batch 8, seq 128, 2 threads):
     python benchmarks/guard_cost.py --tiny [--layers 1 4 16] [--calls 200] [--rounds 7] [--new-lengths] [--cpu-time]
 
 Two checks run on every call: the module-state guard (fxcc.guards: identities, layouts, primitive attributes,
-and the snapshots of the weights folded into constants), before the variant runs; and the packed-weight
+the snapshots of the weights folded into constants, and the Python globals the compiled code read, also timed
+without that part), before the variant runs; and the packed-weight
 caches' test (fxcc.codegen.derived, one snapshot check per packed weight use), inside kernels. A snapshot is
 copy-on-write where torch can make one (one address compare); weights loaded by `from_pretrained` live in
 storages it cannot (mmapped safetensors), and then each check compares the weight's bytes. `--clone-weights`
@@ -85,12 +86,22 @@ def measure(name: str, eager_step, fxcc_step, reset, cm, calls: int, rounds: int
     finally:
         Variant._call = run
     state = cm._params
-    guard = [per_call_us(state.changed, 2000, 1) for _ in range(rounds)]
+    read = state.globals  # the Python globals guard (fxcc.guards.Globals), timed as part of the guard and without
+    guard, bare = [], []
+    for _ in range(rounds):
+        guard.append(per_call_us(state.changed, 2000, 1))
+        if read is not None:
+            state.globals = None
+            bare.append(per_call_us(state.changed, 2000, 1))
+            state.globals = read
     print(f"{name}: compiles {cm.stats.compiles}, eager calls {cm.stats.eager_calls}")
     for k, v in rows.items():
         print(f"  {k:<11} {_spread(v)}")
     print(f"  {'guard':<11} {_spread(guard)}  (ModuleState.changed alone: {len(state.counts_of)} dicts, "
           f"{len(state.tensors)} tensors)")
+    if read is not None:
+        print(f"  {'no globals':<11} {_spread(bare)}  (the same guard without its check of {len(read.dicts)} "
+              f"globals dicts, {len(read.names)} names)")
 
 
 def _mlp(fast: str, opts, calls: int, rounds: int) -> None:

@@ -10,10 +10,12 @@ import collections
 import contextlib
 import dis
 import functools
+import importlib.metadata
 import inspect
 import linecache
 import logging
 import os
+import re
 import sys
 import sysconfig
 import traceback
@@ -64,9 +66,16 @@ class Captured:
     # int arguments asked to be symbolic that were captured as constants (flat input -> why): their type or text
     # was read, or export failed with them symbolic
     constant_ints: dict[int, str] = field(default_factory=dict)
+    # the Python globals the traced code read (`global_reads`); fxcc.guards recompiles when one is rebound
+    globals: GlobalReads = field(default_factory=dict)
 
 
 Missing = dict[int, frozenset[str] | None]
+# (id(holder), id(fallback)) -> (holder, fallback, names, path): a globals dict with its builtins as the fallback
+# (path None), or the `__dict__` of a module, object or class reached from a global by attribute (`helper.SCALE`,
+# `CFG.scale`; no fallback; a class's mappingproxy keyed by the class), with the way to it from the globals dict
+# where the chain starts: (that dict, "CFG") for `CFG.scale`
+GlobalReads = dict[tuple[int, int], tuple[Any, Any, set[str], tuple | None]]
 
 
 def describe(model: Any) -> str:
@@ -266,7 +275,15 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
 
     `unread`: why fxcc cannot read the forward's source (so DyCL found no Python effects in it): a trace that
     changes the module's attributes, a closure cell or a container among them is then a CaptureError (the graph
-    would make the change once, at capture)."""
+    would make the change once, at capture). `Captured.globals`: the Python globals the traced code read."""
+    read: GlobalReads = {}
+    cap = _capture_attempts(module, args, kwargs, dims, forward, unread, read)
+    cap.globals = read
+    return cap
+
+
+def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[int, set[int]] | None,
+                      forward: Callable | None, unread: str | None, read: GlobalReads) -> Captured:
     floats = frozenset(top_ints(args, kwargs, float) & (dims or {}).keys())
     ints = frozenset(top_ints(args, kwargs) & (dims or {}).keys())
     # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step)
@@ -277,7 +294,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
         with missing_lookups(module) as missing, int_type_reads(watched) as reads:
             try:
                 cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched,
-                               floats=symbolic & floats, unread=unread)
+                               floats=symbolic & floats, unread=unread, read=read)
             except CaptureError as e:
                 cap, why = None, _symbolic_failure(e)
         if cap is not None and cap.method == "export" and not reads:
@@ -290,7 +307,7 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
         constant.update(dict.fromkeys(sorted(unmade), why))
         dims = {i: ds for i, ds in dims.items() if i not in unmade}
     with missing_lookups(module) as missing:
-        cap = _capture(module, args, kwargs, dims=dims, forward=forward, unread=unread)
+        cap = _capture(module, args, kwargs, dims=dims, forward=forward, unread=unread, read=read)
     cap.missing = missing
     cap.constant_ints = constant
     return cap
@@ -411,6 +428,158 @@ def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
             c.__repr__, c.__format__ = rep, fmt
 
 
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+_ABSENT = object()
+
+
+def reading_globals(fn: Callable, read: GlobalReads) -> Callable:
+    """`fn` recording into `read` the globals its run loads (`global_reads`): the hook is on while the traced
+    forward runs only, not while export prepares and lowers around it (the hook slows every Python call)."""
+
+    @functools.wraps(fn)
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        with global_reads(read):
+            return fn(*args, **kwargs)
+
+    if hasattr(fn, "__signature__"):
+        reading.__signature__ = fn.__signature__
+    return reading
+
+
+@contextlib.contextmanager
+def global_reads(found: GlobalReads | None = None) -> Iterator[GlobalReads]:
+    """Within the block, record the globals that Python code run in it can load: for each function called whose
+    code is the model's (`_model_code`: not torch's, its dependencies', fxcc's or the standard library's, and
+    not a module body run by an import), every name its code loads as a
+    global (LOAD_GLOBAL, LOAD_NAME) with the globals dict and the builtins it resolves in, and the attributes it
+    reads from a global that is a module or an object with a `__dict__` (`helper.SCALE`, `CFG.scale`: that
+    `__dict__` and the name). A trace hook on calls only, chained with any other (`int_type_reads` installs its
+    own inside). Every name the code can load counts, taken or not: a guard on one too many costs a recompile
+    when it is rebound, never a wrong result."""
+    found = {} if found is None else found
+    loads: dict[Any, Any] = {}  # code object -> its loads (None: code whose globals are not recorded)
+    skip: dict[str, bool] = {}
+    previous = sys.gettrace()
+
+    def first(frame: Any) -> Any:
+        code = frame.f_code
+        path = code.co_filename
+        if path not in skip:
+            skip[path] = _handles_symbols(path)
+        mine = loads[code] = _global_loads(code) if not skip[path] and _model_code(frame) else None
+        return mine
+
+    # the global trace function sees "call" events only; it runs at every Python call of the capture (export's own
+    # included), so the common case, a code object seen before that is not the model's, is one dict lookup
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        mine = loads.get(frame.f_code, _ABSENT)
+        if mine is None:
+            return
+        if mine is _ABSENT:
+            mine = first(frame)
+        if mine is not None:
+            _record_reads(found, frame.f_globals, frame.f_builtins, mine)
+
+    def chained(frame: Any, event: str, arg: Any) -> Any:
+        tracer(frame, event, arg)
+        return previous(frame, event, arg)
+
+    sys.settrace(tracer if previous is None else chained)
+    try:
+        yield found
+    finally:
+        sys.settrace(previous)
+
+
+def _model_code(frame: Any) -> bool:
+    """Whether the code run in `frame` is code of the model (its own or a library's such as transformers) rather
+    than what torch runs while it traces (torch calls sympy, networkx, typing's `eval`): a function of an
+    imported module (or of `__main__`) that is none of torch's dependencies, fxcc or the standard library.
+    Module and class bodies and what an import runs (a module imported for the first time inside the trace) are
+    no part of what is traced. Decided at the first call of each code object."""
+    if not frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+        return False
+    g = frame.f_globals
+    name = g.get("__name__")
+    mod = sys.modules.get(name) if isinstance(name, str) else None
+    if mod is None or getattr(mod, "__dict__", None) is not g or name.partition(".")[0] in _torch_dependencies():
+        return False
+    path = getattr(mod, "__file__", None)
+    if not (name == "__main__" if path is None else not _handles_symbols(os.path.abspath(path))):
+        return False
+    f = frame.f_back
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            return False
+        f = f.f_back
+    return True
+
+
+@functools.cache
+def _torch_dependencies() -> frozenset[str]:
+    """The import names of torch's required packages and theirs (sympy, mpmath, networkx, ...)."""
+    found: set[str] = set()
+    todo = ["torch"]
+    while todo:
+        try:
+            reqs = importlib.metadata.requires(todo.pop()) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for r in reqs:
+            dist = re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0].strip().lower().replace("-", "_")
+            if "extra ==" not in r and dist and dist not in found:
+                found.add(dist)
+                todo.append(dist)
+    return frozenset(found)
+
+
+def _global_loads(code: Any) -> tuple[frozenset[str], tuple[tuple[str, ...], ...]] | None:
+    """The names `code` loads as globals, and the attribute chains read off them (`helper.SCALE` -> ('helper',
+    'SCALE')); None when it loads none."""
+    names: set[str] = set()
+    chains: set[tuple[str, ...]] = set()
+    chain: list[str] | None = None
+    for ins in dis.get_instructions(code):
+        if ins.opname in _ATTR_LOADS and chain is not None:
+            chain.append(ins.argval)
+            continue
+        if chain is not None and len(chain) > 1:
+            chains.add(tuple(chain))
+        chain = None
+        if ins.opname in _GLOBAL_LOADS:
+            names.add(ins.argval)
+            chain = [ins.argval]
+    if chain is not None and len(chain) > 1:
+        chains.add(tuple(chain))
+    return (frozenset(names), tuple(chains)) if names else None
+
+
+def _record_reads(found: GlobalReads, g: dict, b: dict, loads: tuple) -> None:
+    names, chains = loads
+    entry = found.get((id(g), id(b)))
+    if entry is None:
+        entry = found[(id(g), id(b))] = (g, b, set(), None)
+    entry[2].update(names)
+    for chain in chains:
+        value = g.get(chain[0], _ABSENT)
+        if value is _ABSENT:
+            value = b.get(chain[0], _ABSENT)
+        for i, attr in enumerate(chain[1:], 1):
+            try:
+                d = getattr(value, "__dict__", None) if value is not _ABSENT else None
+            except Exception:  # noqa: BLE001 - an object whose attribute lookup fails: not followed
+                d = None
+            if type(d) is not dict and not isinstance(value, type):
+                break
+            key = (id(value), 1) if isinstance(value, type) else (id(d), 0)  # a class's mappingproxy is made anew
+            entry = found.get(key)
+            if entry is None:
+                entry = found[key] = (d, None, set(), (g, *chain[:i]))
+            entry[2].add(attr)
+            value = d.get(attr, _ABSENT)
+
+
 def _handles_symbols(path: str) -> bool:
     """Whether code in file `path` handles symbolic ints as torch means them: torch's, fxcc's and the standard
     library's (`inspect` binding arguments, `functools` wrappers; not the packages installed beside it)."""
@@ -482,20 +651,24 @@ def own_hooks_held(module: nn.Module) -> Iterator[None]:
 
 def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
              forward: Callable | None, watched: set[Any] | None = None,
-             floats: frozenset[int] = frozenset(), unread: str | None = None) -> Captured:
+             floats: frozenset[int] = frozenset(), unread: str | None = None,
+             read: GlobalReads | None = None) -> Captured:
     with own_hooks_held(module):
         return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats,
-                             unread=unread)
+                             unread=unread, read=read)
 
 
 def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
                   forward: Callable | None, watched: set[Any] | None = None,
-                  floats: frozenset[int] = frozenset(), unread: str | None = None) -> Captured:
+                  floats: frozenset[int] = frozenset(), unread: str | None = None,
+                  read: GlobalReads | None = None) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
     sink: list[Aliasing] = []
     fn = forward or original_forward(module)
+    if read is not None:
+        fn = reading_globals(fn, read)
     # export marks (and then unmarks) its input tensors' dynamic dimensions: it gets aliases, so the
     # caller's tensors (and torch.compile's guards on them) keep their own marks
     traced = recording(fn, sink, kwargs)

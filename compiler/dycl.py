@@ -53,6 +53,7 @@ from fxcc.dycl_rewrite import (
 )
 from fxcc.dynamic import strides
 from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
+from fxcc.logs import topic_logger
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
 from fxcc.runtime import COMPILE_LOCK, BufferState, CompiledModule, Variant, explain_variant
@@ -61,6 +62,7 @@ from fxcc.store import cache_key, default_cache
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
+recompiles = topic_logger("recompiles")
 
 SEGMENT_MAX_VARIANTS = 64
 # a compiled segment is timed against the same statements run as plain Python (the segment function) on
@@ -233,6 +235,21 @@ class Segment:
             self.by_key[key] = call
         return call(*args)
 
+    def _guarded(self, call: Any, read: Any) -> Any:
+        """`call` run while the Python globals its capture read (fxcc.guards.Globals) are unchanged; after a change,
+        every signature of the segment is built again."""
+
+        def guarded(*args: Any) -> Any:
+            if read.unchanged():
+                return call(*args)
+            why = read.what() or "a global it read changed"
+            recompiles.info("recompiling DyCL segment %s (%s): %s", self.name, self.spec.where, why)
+            self.runs.clear()
+            self.by_key.clear()
+            return self(*args)
+
+        return guarded
+
     def _unguarded(self, args: tuple, what: str) -> Any:
         if not self.runs.get("unguarded"):
             self.runs["unguarded"] = SegmentRun("(unguarded)", self.eager_call,
@@ -298,6 +315,9 @@ class Segment:
                 run = SegmentRun(sig, self.eager_call, eager=why)
             else:
                 call = _passing(_direct_call(variant, values, len(self.spec.outputs), tuple(fixed)), passed)
+                read = cm._params.globals if cm._params is not None else None
+                if read is not None:  # the segment's graph holds what the globals it read held at its capture
+                    call = self._guarded(call, read)
                 run = SegmentRun(sig, call, variant)
                 differs = self._unlike_plain(call, args, state)
                 if differs:

@@ -12,14 +12,18 @@ finds its kernels in the artifact cache too). The key covers what the IR depends
   tensor inputs when an approximate pass calibrates on them), the caller's autocast and default dtype;
 - the pipeline text, the target, the versions of torch/TVM/Triton/fxcc.
 
-Not covered, so turned off by `CompileOptions(graph_cache=False)`: a forward that reads mutable Python
-globals or objects the module only references. Models with hooks and plain functions are never cached.
+The Python globals the captured code read (fxcc.capture.global_reads) are stored with a fingerprint of each
+value (numbers and strings by value, functions and classes by module, name and bytecode, tensors by contents):
+an entry whose globals now hold something else is a miss, and a hit's globals are guarded as a capture's.
+Not covered, so turned off by `CompileOptions(graph_cache=False)`: the state of objects the module only
+references (attributes read off an object a global holds are guarded in the process, not in the entry). Models with hooks and plain functions are never cached.
 Entries are JSON plus raw tensor bytes (no pickle); anything the serializer does not know about makes
 the compile go the normal way.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import inspect
 import json
@@ -49,7 +53,7 @@ from .pipeline import PassRecord, PassResult
 from .store import cache_key, fxcc_files, tensor_bytes
 
 log = logging.getLogger(__name__)
-SCHEMA = 2  # 2: constants name the model tensors they were computed from
+SCHEMA = 3  # 2: constants name the model tensors they were computed from; 3: the globals read
 _PRIMITIVE = (bool, int, float, str, type(None))
 _PY_TARGETS = {"operator.getitem": operator.getitem}
 
@@ -68,6 +72,7 @@ class Hit:
     method: str
     records: list[PassRecord]
     missing: dict[int, frozenset[str] | None] | None = None  # as fxcc.capture.Captured's (None: not stored)
+    globals: dict | None = None  # as fxcc.capture.Captured's
 
 
 # ------------------------------------------------------------------------------------------- key
@@ -286,11 +291,13 @@ def _file_hash_at(path: str, mtime_ns: int, size: int) -> str:
 
 def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: pytree.TreeSpec,
           out_spec: pytree.TreeSpec, method: str, records: list[PassRecord],
-          missing: dict[int, frozenset[str] | None] | None = None) -> bool:
+          missing: dict[int, frozenset[str] | None] | None = None, globals_read: dict | None = None) -> bool:
     """Write the pre-codegen IR under `key`; False (and nothing written) when the graph is not storable.
-    `missing`: the names capture looked up on each module and did not find, kept by the module's path."""
+    `missing`: the names capture looked up on each module and did not find, kept by the module's path;
+    `globals_read`: the globals capture recorded (fxcc.capture.GlobalReads), kept with their values' fingerprints."""
     try:
         doc, files = _serialize(gm, module)
+        doc["globals"] = _globals_doc(globals_read or {})
         if missing is not None:
             paths = {}
             for path, sub in module.named_modules(remove_duplicate=False):
@@ -324,12 +331,105 @@ def load(cache: Any, key: str, module: nn.Module) -> Hit | None:
         doc = json.loads(entry.files["graph.json"].read_bytes())
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             return None
-        return _decode(doc, entry.files, module)
+        read = _globals_now(doc.get("globals"))
+        if read is None:
+            return None
+        hit = _decode(doc, entry.files, module)
+        hit.globals = read
+        return hit
     except Exception as e:  # a cache entry must never fail a compile: go the normal way
         log.warning("cached graph %s of %s did not load (%s: %s); it was evicted, capturing again", key,
                     type(module).__name__, type(e).__name__, e)
         cache.remove(key)
         return None
+
+
+def _globals_doc(read: dict) -> list:
+    """The globals among `read` (fxcc.capture.GlobalReads) as [module, path, names and fingerprints, fingerprints
+    of the builtins they fall back on]: path [] for the module's globals, ["CFG"] for the attributes of the object,
+    class or module its global CFG holds. Unserializable when one cannot be found again from a module."""
+    out = []
+    for holder, fallback, names, path in read.values():
+        if fallback is not None and fallback is not vars(builtins):
+            raise Unserializable("the code read globals resolved in builtins other than the interpreter's")
+        module, way = _module_of(holder), []
+        if module is None and path is not None:
+            module, way = _module_of(path[0]), list(path[1:])
+        if module is None:
+            raise Unserializable("the code read globals of a namespace that is no imported module's")
+        out.append([module, way, {n: _fingerprint(holder.get(n, _ABSENT)) for n in sorted(names)},
+                    None if fallback is None else {n: _fingerprint(fallback.get(n, _ABSENT)) for n in sorted(names)}])
+    return out
+
+
+def _globals_now(stored: Any) -> dict | None:
+    """The stored globals, each found in this process (fxcc.capture.GlobalReads), or None when one now holds
+    something else or its module is not loaded (a miss: the model is captured again)."""
+    if not isinstance(stored, list):
+        raise BadEntry("field 'globals' is not a list")
+    read = {}
+    for item in stored:
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and isinstance(item[1], list)
+                and all(isinstance(a, str) for a in item[1]) and isinstance(item[2], dict)
+                and (item[3] is None or isinstance(item[3], dict))):
+            raise BadEntry("an entry of field 'globals' is malformed")
+        module, way, names, falls = item
+        mod = sys.modules.get(module)
+        if mod is None:
+            return None
+        holder, fallback, key = vars(mod), None if falls is None else vars(builtins), None
+        if way:
+            value = holder.get(way[0], vars(builtins).get(way[0], _ABSENT))
+            for attr in way[1:]:
+                value = getattr(value, "__dict__", {}).get(attr, _ABSENT) if value is not _ABSENT else _ABSENT
+            d = getattr(value, "__dict__", None) if value is not _ABSENT else None
+            if d is None or type(d) is not dict and not isinstance(value, type):
+                return None
+            holder, key = d, (id(value), 1) if isinstance(value, type) else (id(d), 0)
+        for n, fp in names.items():
+            if _fingerprint(holder.get(n, _ABSENT)) != fp or \
+                    fallback is not None and _fingerprint(fallback.get(n, _ABSENT)) != falls.get(n):
+                log.info("cached graph not used: %s of module %s changed since it was stored",
+                         ".".join([*way, n]), module)
+                return None
+        read[key or (id(holder), id(fallback))] = (holder, fallback, set(names), None if not way else
+                                                   (vars(mod), *way))
+    return read
+
+
+def _module_of(d: dict) -> str | None:
+    name = d.get("__name__")
+    mod = sys.modules.get(name) if isinstance(name, str) else None
+    return name if mod is not None and getattr(mod, "__dict__", None) is d else None
+
+
+_ABSENT = object()
+
+
+def _fingerprint(v: Any, depth: int = 0) -> Any:
+    """What a global holds, as JSON that another process computes alike for the same value: numbers, strings and
+    the like by value, modules by name, functions and classes by module, name and bytecode, tensors by contents,
+    containers by their items; another object by its type only (its state is not covered, see the module doc)."""
+    if v is _ABSENT:
+        return "absent"
+    if type(v) in _PRIMITIVE or isinstance(v, (torch.dtype, torch.device)):
+        return [type(v).__name__, repr(v)]
+    if isinstance(v, types.ModuleType):
+        return ["module", v.__name__]
+    if isinstance(v, torch.Tensor):
+        return ["tensor", str(v.dtype), list(v.shape), hashlib.sha1(tensor_bytes(v)).hexdigest()]
+    if depth < 4 and type(v) in (tuple, list, set, frozenset):
+        items = sorted(map(repr, v)) if type(v) in (set, frozenset) else [_fingerprint(x, depth + 1) for x in v]
+        return [type(v).__name__, items]
+    if depth < 4 and type(v) is dict:
+        return ["dict", [[repr(k), _fingerprint(x, depth + 1)] for k, x in v.items()]]
+    fn = getattr(v, "__func__", v)
+    if callable(fn) and hasattr(fn, "__qualname__"):
+        code = getattr(fn, "__code__", None)
+        digest = hashlib.sha1(code.co_code + repr([c for c in code.co_consts if type(c) in _PRIMITIVE]).encode())\
+            .hexdigest() if code is not None else ""
+        return ["callable", getattr(fn, "__module__", None), fn.__qualname__, digest]
+    return ["object", type(v).__module__, type(v).__qualname__]
 
 
 # ------------------------------------------------------------------------------------ serializer

@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ir
-from .capture import Missing
+from .capture import GlobalReads, Missing
 from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
 from .watch import Layouts, Snapshot
 
@@ -101,6 +101,173 @@ def mark_code_constants(gm: fx.GraphModule, module: nn.Module) -> None:
                 ir.computed_from(t)
 
 
+class Globals:
+    """The Python globals compiled code read at capture (fxcc.capture.global_reads), as they are now; `unchanged()`
+    is the check on every call, `what()` names the first global rebound or changed since.
+
+    A rebinding moves its dict's version tag (PEP 509), so where no tag moved (one C++ pass over the dicts) no global
+    was rebound. Where one moved, only that dict's names are looked up again and compared: by identity, numbers,
+    strings and the like by value (`SCALE = 2.0` again is no change). A dict whose tag keeps moving without a change
+    that matters (a script's loop counter, stored in its module's globals at every step) leaves the tagged set
+    after _BUSY such moves: its few names are then compared at every call. A global list, dict or set is compared
+    by its contents at every call, and a global tensor by its snapshot (fxcc.watch): export lifts a global tensor
+    as a constant of the graph, which passes may fold."""
+
+    def __init__(self, reads: GlobalReads) -> None:
+        self.holders, self.fallbacks, self.names = [], [], []
+        dicts: dict[int, dict] = {}
+        for holder, fallback, names, _ in reads.values():
+            for d in (holder, fallback):
+                if d is not None:
+                    dicts[id(d)] = d
+            for n in sorted(names):
+                self.holders.append(holder)
+                self.fallbacks.append(fallback)
+                self.names.append(n)
+        self.values = list(map(_lookup, self.holders, self.fallbacks, self.names))
+        self.dicts = list(dicts.values())
+        self.of: dict[int, list[int]] = {k: [] for k in dicts}  # dict -> the entries that resolve through it
+        for i, (h, f) in enumerate(zip(self.holders, self.fallbacks)):
+            self.of[id(h)].append(i)
+            if f is not None:
+                self.of[id(f)].append(i)
+        # a class's attributes (a mappingproxy) have no version tag: compared at every call from the start
+        self.moves = {k: 0 if type(d) is dict else _BUSY + 1 for k, d in dicts.items()}
+        self.busy = sorted({i for k, n in self.moves.items() if n > _BUSY for i in self.of[k]})  # compared every call
+        boxes = [i for i, v in enumerate(self.values) if type(v) in _CONTAINERS]
+        self.boxes = [(self.values[i], _copied(self.values[i]), i) for i in boxes]
+        tensors = {id(v): (v, i) for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)}
+        self.tensors = [(t, Snapshot(t), i) for t, i in tensors.values()]
+        self.in_place = bool(self.boxes or self.tensors)
+        self._box_values, self._box_copies = [v for v, _, _ in self.boxes], [c for _, c, _ in self.boxes]
+        self._snaps, self._global_tensors = [s for _, s, _ in self.tensors], [t for t, _, _ in self.tensors]
+        self._tag()
+
+    def _tag(self) -> None:
+        self.quiet = [d for d in self.dicts if self.moves[id(d)] <= _BUSY]
+        self.root = _dict_versions(self.quiet) if _VERSIONS else None
+        self.single = [_dict_versions([d]) for d in self.quiet] if self.root is not None else None
+
+    def unchanged(self) -> bool:
+        """No global rebound or changed in place (the check on every call)."""
+        root = self.root
+        if root is not None and root.check(self.quiet):
+            if self.busy and not self._same(self.busy):
+                return False
+        elif not self._moved():
+            return False
+        return not self.in_place or self._contents_same()
+
+    def _same(self, entries: Any) -> bool:
+        for i in entries:
+            v, old = _lookup(self.holders[i], self.fallbacks[i], self.names[i]), self.values[i]
+            if v is not old and not _equal(v, old):
+                return False
+        return True
+
+    def _moved(self) -> bool:
+        """Some tag moved: the names of the dicts whose tags moved compared; when they are the same, those values
+        and tags are taken again."""
+        if self.root is None:
+            return self._same(range(len(self.names)))
+        moved = [d for d, g in zip(self.quiet, self.single) if g is None or not g.check([d])]
+        entries = sorted({i for d in moved for i in self.of[id(d)]}.union(self.busy))
+        if not self._same(entries):
+            return False
+        for i in entries:
+            self.values[i] = _lookup(self.holders[i], self.fallbacks[i], self.names[i])
+        for d in moved:
+            self.moves[id(d)] += 1
+            if self.moves[id(d)] == _BUSY + 1:
+                log.debug("a globals dict keeps changing (%s): its names are compared at every call",
+                          d.get("__name__", "an object's attributes"))
+        self.busy = sorted({i for k, n in self.moves.items() if n > _BUSY for i in self.of[k]})
+        self._tag()
+        return True
+
+    def _contents_same(self) -> bool:
+        return all(map(_same_contents, self._box_values, self._box_copies)) and \
+            all(map(Snapshot.same, self._snaps, self._global_tensors))
+
+    def what(self) -> str | None:
+        """The first global rebound or changed in place since the snapshot, with its old and new value; None when
+        none was."""
+        for holder, fallback, name, old in zip(self.holders, self.fallbacks, self.names, self.values):
+            new = _lookup(holder, fallback, name)
+            if new is not old and not _equal(new, old):
+                return f"{_where(holder, fallback, name)} changed: {_short(old)} -> {_short(new)}"
+        for v, c, i in self.boxes:
+            if not _same_contents(v, c):
+                return f"{_where(self.holders[i], self.fallbacks[i], self.names[i])} (a {type(v).__name__}) " \
+                       "changed in place"
+        for t, s, i in self.tensors:
+            if not s.same(t):
+                return f"{_where(self.holders[i], self.fallbacks[i], self.names[i])} (a tensor) changed in place"
+        return None
+
+
+_BUSY = 8  # times a globals dict's tag may move with nothing that matters changed before it is left untagged
+
+
+_CONTAINERS = (list, dict, set, bytearray)
+
+
+def _lookup(holder: dict, fallback: dict | None, name: str) -> Any:
+    """What a global load of `name` finds: in `holder`, else in `fallback` (the builtins)."""
+    v = holder.get(name, _MISSING)
+    return fallback.get(name, _MISSING) if v is _MISSING and fallback is not None else v
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Equal numbers, strings, dtypes... of one type (so `1 == 1.0 == True` counts as a change)."""
+    return type(a) is type(b) and _immutable(a) and a == b
+
+
+def _copied(v: Any) -> Any:
+    """A plain container's contents, nested containers copied too, for `_same_contents`."""
+    if type(v) is dict:
+        return {k: _copied(x) for k, x in v.items()}
+    if type(v) in (list, set, bytearray):
+        return type(v)(_copied(x) for x in v) if type(v) is list else type(v)(v)
+    return v
+
+
+def _same_contents(v: Any, c: Any) -> bool:
+    """Container `v` holds what its copy `c` holds: the same objects, or equal plain values."""
+    if type(v) is not type(c):
+        return False
+    if type(v) is dict:
+        return v.keys() == c.keys() and all(_same_contents(x, c[k]) for k, x in v.items())
+    if type(v) is list:
+        return len(v) == len(c) and all(map(_same_contents, v, c))
+    if type(v) in (set, bytearray):
+        return v == c
+    return v is c or _equal(v, c)
+
+
+def _where(holder: dict, fallback: dict | None, name: str) -> str:
+    if fallback is not None and name not in holder and name in fallback:
+        return f"builtin {name}"
+    module = holder.get("__name__")
+    if isinstance(module, str) and ("__builtins__" in holder or "__spec__" in holder):
+        return f"global {name} of module {module}"
+    if type(holder) is not dict:
+        return f"attribute {name} of a class a global holds"
+    return f"attribute {name} of an object a global holds"
+
+
+def _short(v: Any) -> str:
+    if v is _MISSING:
+        return "(not defined)"
+    if isinstance(v, torch.Tensor):
+        return f"a tensor {ir.type_str(v)} at {hex(id(v))}"
+    fn = getattr(v, "__func__", v)
+    if callable(fn) and isinstance(getattr(fn, "__qualname__", None), str):
+        return f"{getattr(fn, '__module__', None) or type(v).__name__}.{fn.__qualname__}"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class ModuleState:
     """The state of `module` that compiled code depends on, as it is now; `changed()` says what differs later.
 
@@ -111,7 +278,8 @@ class ModuleState:
     """
 
     def __init__(self, module: nn.Module, sources: list[torch.Tensor] | None,
-                 live: list[torch.Tensor] | None = None, missing: Missing | None = None) -> None:
+                 live: list[torch.Tensor] | None = None, missing: Missing | None = None,
+                 globals_read: GlobalReads | None = None) -> None:
         self.owners, self.names, self.objs, self.where = [], [], [], []
         self.dicts, self.keys, self.values, self.attr_where = [], [], [], []  # primitive attributes
         self.counts_of: list[dict] = []  # dicts whose keys matter, each with the keys it had and what it is
@@ -122,6 +290,7 @@ class ModuleState:
         self.miss_names: list[str] = []
         self.modes: list[dict] = []  # submodules' attributes, whose `training` must keep its relation to the root's
         self.module = module
+        self.globals = Globals(globals_read) if globals_read else None  # the Python globals compiled code read
         for path, mod in module.named_modules(remove_duplicate=False):
             self._module(path, mod, root=mod is module)
         self.relative = self._relative()
@@ -204,7 +373,8 @@ class ModuleState:
         if (self._entries_same()
                 and self.layouts.same()
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
-                and self._watched_same()):
+                and self._watched_same()
+                and (self.globals is None or self.globals.unchanged())):
             return None
         return self._what()
 
@@ -280,6 +450,9 @@ class ModuleState:
             self._index_watched()
 
     def _what(self) -> str | None:
+        why = self.globals.what() if self.globals is not None else None
+        if why is not None:
+            return why
         for d, k, obj, where in zip(self.owners, self.names, self.objs, self.where):
             if d.get(k) is not obj:
                 return f"{where} was replaced"

@@ -46,6 +46,7 @@ from . import dynamic, eager_check, graph_cache, hooks, ir, rng
 from .capture import (
     Captured,
     CaptureError,
+    GlobalReads,
     Missing,
     capture,
     check_call,
@@ -402,6 +403,8 @@ class CompiledModule(ModuleView):
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
         self._missing: Missing | None = {}  # names the variants' traced code looked up and did not find (None: unknown)
+        self._globals: GlobalReads = {}  # the Python globals the variants' traced code read (fxcc.capture.global_reads)
+        self._dropped = ""  # why the variants were dropped: the next compile's reason
         self.stats = CompileStats()
         hooks.watch_registrations()  # a forward hook added or removed later is seen (fxcc.hooks)
         self._hooks: tuple | None = None  # the forward hooks when the variants compiled (fxcc.hooks.fingerprint)
@@ -582,7 +585,7 @@ class CompiledModule(ModuleView):
         recompiles.info("recompiling %s: %s", self.name, why)
         self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)} if keep_eager else {}
         self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
-        self._sources, self._live, self._missing = {}, {}, {}
+        self._sources, self._live, self._missing, self._globals, self._dropped = {}, {}, {}, {}, why
         self.__dict__.get("_dycl_programs", {}).clear()
         self._params = None  # a compile snapshots the state anew
 
@@ -748,12 +751,12 @@ class CompiledModule(ModuleView):
         return self._params.changed() is None
 
     def _snapshot_params(self, sources: list[torch.Tensor] | None = None, live: list[Any] = (),
-                         missing: Missing | None = None) -> None:
+                         missing: Missing | None = None, globals_read: GlobalReads | None = None) -> None:
         """Record the model's state the variants depend on; `sources`: the tensors this variant's constants
         were computed from (None: unknown, so all), `live`: the tensors its CUDA graphs read in place,
         `missing`: the names its traced code looked up on each module and did not find (None: unknown, so any
-        attribute added counts, as for a DyCL program, which reads attributes as it runs); all added to those
-        of the variants compiled before."""
+        attribute added counts, as for a DyCL program, which reads attributes as it runs), `globals_read`: the
+        Python globals its traced code read; all added to those of the variants compiled before."""
         if sources is None or self._sources is None:
             self._sources = None
         else:
@@ -765,8 +768,10 @@ class CompiledModule(ModuleView):
             for k, names in missing.items():
                 had = self._missing.get(k, frozenset())
                 self._missing[k] = None if names is None or had is None else had | names
+        for k, (holder, fallback, names, path) in (globals_read or {}).items():
+            self._globals.setdefault(k, (holder, fallback, set(), path))[2].update(names)
         self._params = ModuleState(self.module, None if self._sources is None else list(self._sources.values()),
-                                   list(self._live.values()), self._missing)
+                                   list(self._live.values()), self._missing, self._globals)
 
     # ------------------------------------------------------------------------------- compiling
 
@@ -788,6 +793,7 @@ class CompiledModule(ModuleView):
         sized, scalar = self._sizes_of(args, kwargs, flat, spec, names)
         struct = (spec, dynamic.structure(flat, sized), self.module.training)
         dims, reason = self._plan(flat, struct, names, sized, dynamic.carries_state(args, kwargs), scalar)
+        self._dropped = ""  # said once, by this compile
         if len(self._compiled) >= self.options.max_variants:
             why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
@@ -891,7 +897,7 @@ class CompiledModule(ModuleView):
         same = [v for v in kin if v.struct == struct]
         last = (same or kin or [None])[-1]
         if not self._compiled:
-            reason = "first call"
+            reason = self._dropped or "first call"
         elif last is None:
             reason = f"new input structure ({', '.join(ir.type_str(x) for x in flat)})"
         else:
@@ -1045,7 +1051,7 @@ class CompiledModule(ModuleView):
         hit = graph_cache.load(cache, key, self.module) if key else None
         if hit is not None:
             cap = Captured(hit.gm, hit.in_spec, hit.out_spec, f"{hit.method} (IR from the graph cache)",
-                           missing=hit.missing)
+                           missing=hit.missing, globals=hit.globals or {})
             gm, records = hit.gm, hit.records
         else:
             self.capturing = True
@@ -1082,7 +1088,7 @@ class CompiledModule(ModuleView):
                 gm, records = self._front_loading(front, cap.gm, ctx, manager)
             if key:
                 graph_cache.store(cache, key, gm, self.module, cap.in_spec, cap.out_spec, cap.method, records,
-                                  cap.missing)
+                                  cap.missing, cap.globals)
         pm = manager(back)
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
@@ -1106,7 +1112,8 @@ class CompiledModule(ModuleView):
             keep = frozenset(j for j, _ in cap.aliasing.leaves)
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
-        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else (), missing=cap.missing)
+        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else (), missing=cap.missing,
+                              globals_read=cap.globals)
         written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
                        kernels=kernels, writes_state=bool(written), written=written, graph_key=key,

@@ -1,0 +1,254 @@
+"""Compiled code follows the Python globals it read: a rebound global (or one changed in place) recompiles, with
+the global named in the reason, and a store into an unrelated global does not (fxcc.capture.global_reads,
+fxcc.guards.Globals)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import fxcc
+import globals_helper
+import pytest
+import torch
+import torch.nn as nn
+from fxcc import dycl
+
+PASSES = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: no timing at compile
+HERE = sys.modules[__name__]
+
+SCALE = 2.0
+STEPS = 3
+W = torch.ones(8)
+ACT = torch.relu
+GAIN = 1.5
+UNRELATED = 0
+CONFIG = {"shift": 1.0}
+
+
+def scaled(x):
+    return x * SCALE + W
+
+
+def stepped(x):
+    for _ in range(STEPS):
+        x = x * 0.5
+    return x
+
+
+class Act(nn.Module):
+    def forward(self, x):
+        return ACT(x) * 2
+
+
+class Child(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) * GAIN
+
+
+class Parent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.child = Child()
+
+    def forward(self, x):
+        return self.child(x) + 1
+
+
+class UsesHelper(nn.Module):
+    def forward(self, x):
+        return globals_helper.scaled(x) + globals_helper.OFFSET
+
+
+class UsesLen(nn.Module):
+    def forward(self, x):
+        return x * len(x.shape)
+
+
+class UsesConfig(nn.Module):
+    def forward(self, x):
+        return x + CONFIG["shift"]
+
+
+class Knobs:
+    scale = 2.0
+
+
+class UsesKnobs(nn.Module):
+    def forward(self, x):
+        return x * Knobs.scale
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: a DyCL host program whose segments read SCALE."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x)) * SCALE
+        if h.sum() > 0:
+            return h + 1
+        return h - 1
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.randn(4, 8)
+
+
+def _follows(cm, eager, x, reason: str | None, caplog) -> None:
+    """The compiled call equals eager's (under the recompile reason `reason`, which the log and the compile's
+    recorded reasons name)."""
+    compiles = cm.stats.compiles
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fxcc.recompiles"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no eager fallback, no first-call difference from eager
+        torch.testing.assert_close(cm(x), eager(x))
+    if reason is not None:
+        assert cm.stats.compiles == compiles + 1
+        assert reason in caplog.text
+        assert reason in cm.stats.reasons[-1]
+    torch.testing.assert_close(cm(x), eager(x))  # the next call, on the fast path
+
+
+def _compiled(fn):
+    return fxcc.compile(fn, passes=PASSES)
+
+
+def test_a_rebound_float_recompiles_with_the_global_named(x, monkeypatch, caplog):
+    cf = _compiled(scaled)
+    torch.testing.assert_close(cf(x), scaled(x))
+    monkeypatch.setattr(HERE, "SCALE", 5.0)
+    _follows(cf.fxcc, scaled, x, f"global SCALE of module {__name__} changed: 2.0 -> 5.0", caplog)
+    monkeypatch.setattr(HERE, "SCALE", 5.0 + 0.0)  # an equal value rebound: no change
+    _follows(cf.fxcc, scaled, x, None, caplog)
+    assert cf.fxcc.stats.compiles == 2
+
+
+def test_a_rebound_int_recompiles(x, monkeypatch, caplog):
+    cf = _compiled(stepped)
+    torch.testing.assert_close(cf(x), stepped(x))
+    monkeypatch.setattr(HERE, "STEPS", 5)
+    _follows(cf.fxcc, stepped, x, "global STEPS", caplog)
+
+
+def test_a_rebound_tensor_recompiles(x, monkeypatch, caplog):
+    cf = _compiled(scaled)
+    cf(x)
+    monkeypatch.setattr(HERE, "W", torch.zeros(8))
+    _follows(cf.fxcc, scaled, x, "global W", caplog)
+
+
+def test_a_global_tensor_changed_in_place_recompiles(x, monkeypatch, caplog):
+    monkeypatch.setattr(HERE, "W", torch.ones(8))
+    cf = _compiled(scaled)
+    cf(x)
+    W.add_(1)
+    _follows(cf.fxcc, scaled, x, "global W of module test_globals (a tensor) changed in place", caplog)
+    with torch.no_grad():
+        W.data.mul_(3)  # through `.data`: no version bump; the snapshot sees it
+    _follows(cf.fxcc, scaled, x, "(a tensor) changed in place", caplog)
+
+
+def test_a_rebound_function_in_a_module_forward_recompiles(x, monkeypatch, caplog):
+    m = Act()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(x)
+    monkeypatch.setattr(HERE, "ACT", torch.tanh)
+    _follows(cm, m, x, "global ACT of module test_globals changed: torch", caplog)
+
+
+def test_a_global_read_only_in_a_child_modules_forward_is_guarded(x, monkeypatch, caplog):
+    m = Parent().eval()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(x)
+    monkeypatch.setattr(HERE, "GAIN", -3.0)
+    _follows(cm, m, x, "global GAIN", caplog)
+
+
+def test_a_global_read_in_a_dycl_segment_rebuilds_the_segment(x, monkeypatch, caplog):
+    monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 0.0)  # compile the small segments
+    monkeypatch.setattr(dycl, "MEASURE_CHOICE", False)  # compiled, not chosen by timing
+    torch.manual_seed(0)
+    m = Branchy().eval()
+    cm = fxcc.compile(m, passes=PASSES)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x))
+        assert isinstance(cm.variants[0], dycl.DyclVariant)
+        segments = [s for p in cm.variants[0].program.all_programs() for s in p.segments]
+        assert any(r.variant is not None for s in segments for r in s.runs.values())
+        monkeypatch.setattr(HERE, "SCALE", -4.0)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="fxcc.recompiles"):
+            torch.testing.assert_close(cm(x), m(x))
+            torch.testing.assert_close(cm(-x), m(-x))
+        assert "global SCALE of module test_globals changed: 2.0 -> -4.0" in caplog.text
+
+
+def test_a_global_of_an_imported_helper_module_is_guarded(x, monkeypatch, caplog):
+    m = UsesHelper()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(x)
+    monkeypatch.setattr(globals_helper, "SCALE", 7.0)  # read in the helper's function
+    _follows(cm, m, x, "global SCALE of module globals_helper changed: 2.0 -> 7.0", caplog)
+    monkeypatch.setattr(globals_helper, "OFFSET", torch.full((8,), -2.0))  # read as `globals_helper.OFFSET`
+    _follows(cm, m, x, "global OFFSET of module globals_helper", caplog)
+
+
+def test_a_builtin_shadowed_in_the_module_recompiles(x, monkeypatch, caplog):
+    m = UsesLen()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(x)
+    monkeypatch.setattr(HERE, "len", lambda s: 10, raising=False)  # `len` rebound in the model's module
+    _follows(cm, m, x, "global len of module test_globals changed: builtins.len -> ", caplog)
+
+
+def test_a_global_dict_changed_in_place_recompiles(x, monkeypatch, caplog):
+    monkeypatch.setattr(HERE, "CONFIG", {"shift": 1.0})
+    m = UsesConfig()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(x)
+    CONFIG["shift"] = 4.0
+    _follows(cm, m, x, "global CONFIG of module test_globals (a dict) changed in place", caplog)
+
+
+def test_a_class_attribute_read_through_a_global_is_guarded(x, monkeypatch, caplog):
+    m = UsesKnobs()
+    cm = fxcc.compile(m, passes=PASSES)
+    cm(x)
+    monkeypatch.setattr(Knobs, "scale", -1.0)
+    _follows(cm, m, x, "attribute scale of a class a global holds changed: 2.0 -> -1.0", caplog)
+
+
+def test_an_unrelated_global_store_does_not_recompile(x, monkeypatch, caplog):
+    cf = _compiled(scaled)
+    cf(x)
+    for i in range(3 * 8):  # more stores than a dict's tag may move before it is compared name by name
+        monkeypatch.setattr(HERE, "UNRELATED", i)
+        _follows(cf.fxcc, scaled, x, None, caplog)
+    assert cf.fxcc.stats.compiles == 1
+    monkeypatch.setattr(HERE, "SCALE", 3.0)  # the one it read, after that: still seen
+    _follows(cf.fxcc, scaled, x, "global SCALE", caplog)
+
+
+def test_a_graph_cache_entry_is_not_used_once_a_global_it_read_holds_another_value(x, monkeypatch, caplog):
+    opts = fxcc.CompileOptions(check_eager=False)
+    first = fxcc.compile(Act(), passes=PASSES, options=opts)
+    first(x)
+    monkeypatch.setattr(HERE, "ACT", torch.sigmoid)
+    m = Act()
+    second = fxcc.compile(m, passes=PASSES, options=opts)  # same model, same key: the entry holds relu
+    torch.testing.assert_close(second(x), m(x))
+    monkeypatch.setattr(HERE, "ACT", torch.relu)
+    third = fxcc.compile(Act(), passes=PASSES, options=opts)  # a hit again: still guarded
+    third(x)
+    assert "IR from the graph cache" in third.variants[0].captured.method
+    monkeypatch.setattr(HERE, "ACT", torch.tanh)
+    _follows(third, m, x, "global ACT", caplog)
