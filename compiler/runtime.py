@@ -56,6 +56,7 @@ from .capture import (
     register_model_pytrees,
 )
 from .cuda_graphs import CudaGraph, CudaGraphs, copies_outweigh_launches, pays
+from .decode_loop import DecodeLoop
 from .dialects import KERNEL_OPS, dialect_of, op_name
 from .guards import ModuleState, call_context, graph_sources, mark_code_constants
 from .logs import topic_logger
@@ -729,7 +730,9 @@ class CompiledModule(ModuleView):
             self._new_variant(args, kwargs, key, flat, spec)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's own `generate` (transformers), with every forward it makes running compiled."""
+        """The module's own `generate` (transformers), with every forward it makes running compiled; greedy decoding
+        with a static cache runs fxcc's own decode loop (fxcc.decode_loop: `self.decode_loop.last` says which loop
+        ran and why)."""
         gen = getattr(self.module, "generate", None)
         if gen is None or self.method is not None:
             raise AttributeError(f"{self.name} has no generate method")
@@ -741,8 +744,11 @@ class CompiledModule(ModuleView):
             return self(*a, **k)
 
         forward.fxcc = self  # marks it as fxcc's, so capture and the eager fallback call the model's own
+        loop = self.__dict__.get("decode_loop")
+        if loop is None:  # fxcc's own loop where the call allows it (fxcc.decode_loop), its step compiled alike
+            loop = self.__dict__["decode_loop"] = DecodeLoop(self.module, lambda m: CompiledModule(m, self.options))
         with forward_as(self.module, forward), deferred_stop_check(DEFERRED_STOP_DEVICES):
-            return gen(*args, **kwargs)
+            return loop.generate(gen, args, kwargs)
 
     def _params_unchanged(self) -> bool:
         return self._params.changed() is None
