@@ -75,6 +75,11 @@ class DecodeLoop:
         self.steps: dict[tuple, Callable] = {}  # (logits_to_keep, eos) -> compiled DecodeStep
         self.last: tuple[str, str] | None = None  # (path, why) of the last generate
         self.every = STOP_CHECK_EVERY
+        self.enabled = True  # False: every generate runs transformers' loop (a baseline to compare with)
+
+    def text(self) -> str:
+        """For `fxcc explain`: which loop the last generate ran, and why ("" before any generate)."""
+        return f"== generate: {self.last[0]} ({self.last[1]})" if self.last else ""
 
     def generate(self, gen: Callable, args: tuple, kwargs: dict) -> Any:
         """Run `gen` (the model's generate) with fxcc's loop where the call allows it, else as it is."""
@@ -95,6 +100,8 @@ class DecodeLoop:
         """Why this generate call goes to transformers' loop as a whole, judged from its arguments; None: it may
         run fxcc's loop (the decoding method checks the rest once generate has prepared the call)."""
         model = self.model
+        if not self.enabled:
+            return "fxcc's loop turned off (decode_loop.enabled = False)"
         given = [k for k in HF_ONLY if kwargs.get(k) is not None]
         if given:
             return f"generate was given {', '.join(given)}"

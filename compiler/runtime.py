@@ -411,6 +411,8 @@ class CompiledModule(ModuleView):
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
         self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions (a scalar: {0}) symbolic from the start
         self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
+        # generate's own decode loop where the call allows it (fxcc.decode_loop), its step compiled with these options
+        self.decode_loop = DecodeLoop(module, lambda step: CompiledModule(step, self.options))
         # errors surface at compile(); only None means the default ("" is an empty, malformed pipeline)
         self._passes = parse_pipeline(DEFAULT_PIPELINE if options.passes is None else options.passes)
         try:
@@ -744,11 +746,8 @@ class CompiledModule(ModuleView):
             return self(*a, **k)
 
         forward.fxcc = self  # marks it as fxcc's, so capture and the eager fallback call the model's own
-        loop = self.__dict__.get("decode_loop")
-        if loop is None:  # fxcc's own loop where the call allows it (fxcc.decode_loop), its step compiled alike
-            loop = self.__dict__["decode_loop"] = DecodeLoop(self.module, lambda m: CompiledModule(m, self.options))
         with forward_as(self.module, forward), deferred_stop_check(DEFERRED_STOP_DEVICES):
-            return loop.generate(gen, args, kwargs)
+            return self.decode_loop.generate(gen, args, kwargs)
 
     def _params_unchanged(self) -> bool:
         return self._params.changed() is None
@@ -1181,7 +1180,9 @@ class CompiledModule(ModuleView):
         checks = "\n\n" + self.unlike_eager_text() if self.unlike_eager or self.stats.checked_calls else ""
         if hasattr(v, "report"):  # a DyCL variant (fxcc.dycl): host program and segments
             return v.report(self.name, ir_after_each=ir_after_each) + checks
-        return explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text() + checks
+        loop = self.decode_loop.text()
+        return (explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text() + checks
+                + (f"\n\n{loop}" if loop else ""))
 
     def unlike_eager_text(self) -> str:
         """What check_eager="always" found: calls that differed from eager and where, variants not checked."""
