@@ -1,16 +1,17 @@
-"""fxcc's own decode loop for `CompiledModule.generate`: greedy decoding with a static KV cache, one compiled step
-per token.
+"""fxcc's own decode loop for `CompiledModule.generate`: greedy decoding or sampling with a static KV cache, one
+compiled step per token.
 
 transformers' generate prepares the call as it always does (generation config, special tokens, position ids, the
 StaticCache, logits processors and stopping criteria) and then hands its decoding loop to `DecodeLoop.decode`
 (its `custom_generate` hook). Where the call is one fxcc runs exactly, the prefill runs through the compiled model
-and every later token is one call of a compiled `DecodeStep`: the model's forward on the last token, the argmax,
-the end-of-sequence bookkeeping and the next step's inputs (the token written into the output, the position, the
+and every later token is one call of a compiled `DecodeStep`: the model's forward on the last token, the token's
+choice (the argmax, or generate's sampling warpers and a draw from the global generator, in eager's order), the
+end-of-sequence bookkeeping and the next step's inputs (the token written into the output, the position, the
 position ids), all written in place into tensors the loop keeps, so a step takes the same tensors every time (one
 CUDA-graph replay on the GPU) and the host does nothing else per token. The finished-rows flag is read back every
 `STOP_CHECK_EVERY` steps (a copy queued behind the step, read a check later on CUDA, so the host never waits on
 the device); the steps run past a finished batch write only padding, which is cut off, so the ids are HF's.
-Anything else (sampling, beam search, logits processors or stopping criteria fxcc does not build, a dynamic cache,
+Anything else (beam search, logits processors or stopping criteria fxcc does not build, a dynamic cache,
 scores in the output...) runs transformers' own loop, and `DecodeLoop.last` says which loop ran and why.
 """
 
@@ -31,21 +32,35 @@ STOP_CHECK_EVERY = 8  # decode steps between two reads of the finished-rows flag
 HF_ONLY = ("assistant_model", "streamer", "custom_generate", "prefix_allowed_tokens_fn", "negative_prompt_ids",
            "negative_prompt_attention_mask", "synced_gpus", "tokenizer", "assistant_tokenizer", "trust_remote_code")
 MODEL_KWARGS = {"cache", "attention_mask", "position_ids", "use_cache", "logits_to_keep"}  # what the step rebuilds
+# logits warpers generate builds for sampling that read only the scores: the step calls them itself
+WARPERS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper")
 HF_PATH = "transformers' generate loop"
 FXCC_PATH = "fxcc's decode loop"
 
 
+def choose(logits: torch.Tensor, warpers: tuple | None) -> torch.Tensor:
+    """The next token of each row from the last position's logits, as transformers' `_sample` chooses it: the
+    argmax (`warpers` None), or a draw from the softmax of the scores generate's sampling warpers leave."""
+    scores = logits[:, -1].float()
+    if warpers is None:
+        return scores.argmax(-1)
+    for warper in warpers:
+        scores = warper(None, scores)
+    return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+
+
 class DecodeStep(nn.Module):
-    """One greedy decode step with everything it changes written in place: reads the last token from `seq` at
-    `pos`, attends over the static cache's keys at or before `pos` that `pad_mask` keeps, writes the chosen token
+    """One decode step with everything it changes written in place: reads the last token from `seq` at `pos`,
+    attends over the static cache's keys at or before `pos` that `pad_mask` keeps, writes the chosen token
     (padding in finished rows) at `pos + 1`, marks the rows that chose an end-of-sequence token finished, and
     advances `pos` and `position_ids`. Its graph is the whole step: no host work between two steps."""
 
-    def __init__(self, model: nn.Module, logits_to_keep: bool, eos: bool):
+    def __init__(self, model: nn.Module, logits_to_keep: bool, eos: bool, warpers: tuple | None):
         super().__init__()
         self.model = model
         self.logits_to_keep = logits_to_keep
         self.eos = eos
+        self.warpers = warpers
 
     def forward(self, seq: torch.Tensor, pos: torch.Tensor, position_ids: torch.Tensor, pad_mask: torch.Tensor,
                 unfinished: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, cache: Any) -> None:
@@ -56,7 +71,7 @@ class DecodeStep(nn.Module):
         # the class's forward: generate routes the instance's to the compiled model while it runs
         out = type(self.model).forward(self.model, input_ids=ids, cache=cache, position_ids=position_ids,
                                        attention_mask=mask, use_cache=True, return_dict=True, **extra)
-        tokens = out.logits[:, -1].float().argmax(-1)
+        tokens = choose(out.logits, self.warpers)
         if self.eos:
             tokens = tokens * unfinished + pad * (1 - unfinished)
             unfinished.copy_(unfinished & ~torch.isin(tokens, eos))
@@ -72,7 +87,7 @@ class DecodeLoop:
     def __init__(self, model: nn.Module, compile_step: Callable[[nn.Module], Callable]):
         self.model = model
         self.compile_step = compile_step
-        self.steps: dict[tuple, Callable] = {}  # (logits_to_keep, eos) -> compiled DecodeStep
+        self.steps: dict[tuple, Callable] = {}  # (logits_to_keep, eos, warpers' settings) -> compiled DecodeStep
         self.last: tuple[str, str] | None = None  # (path, why) of the last generate
         self.every = STOP_CHECK_EVERY
         self.enabled = True  # False: every generate runs transformers' loop (a baseline to compare with)
@@ -120,8 +135,8 @@ class DecodeLoop:
             mode = config.get_generation_mode(None)
         except Exception as e:  # generate itself reports it
             return f"its generation config did not resolve ({type(e).__name__})"
-        if mode.value != "greedy_search":
-            return f"{mode.value} (fxcc's loop decodes greedily)"
+        if mode.value not in ("greedy_search", "sample"):
+            return f"{mode.value} (fxcc's loop decodes greedily or samples)"
         return None
 
     def decode(self, model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
@@ -134,8 +149,10 @@ class DecodeLoop:
             return type(model)._sample(model, input_ids, logits_processor=logits_processor,
                                        stopping_criteria=stopping_criteria, generation_config=generation_config,
                                        synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
-        self._ran(FXCC_PATH, "greedy decoding with a static cache")
-        return self._loop(model, input_ids, stopping_criteria, generation_config, model_kwargs)
+        sample = generation_config.do_sample
+        self._ran(FXCC_PATH, f"{'sampling' if sample else 'greedy decoding'} with a static cache")
+        warpers = tuple(logits_processor) if sample else None
+        return self._loop(model, input_ids, stopping_criteria, generation_config, model_kwargs, warpers)
 
     def loop_reason(self, model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                     generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict) -> str | None:
@@ -146,8 +163,13 @@ class DecodeLoop:
 
         if synced_gpus or streamer is not None:
             return "synced_gpus or a streamer"
-        if len(logits_processor):
-            return "logits processors " + ", ".join(type(p).__name__ for p in logits_processor)
+        own = WARPERS if generation_config.do_sample else ()
+        processors = [type(p).__name__ for p in logits_processor if type(p).__name__ not in own
+                      or type(p).__module__ != "transformers.generation.logits_process"]
+        if processors:
+            return "logits processors " + ", ".join(processors)
+        if any(not _settings(p) for p in logits_processor):
+            return "a logits warper with settings other than numbers"
         other = [type(c).__name__ for c in stopping_criteria if type(c) not in (EosTokenCriteria, MaxLengthCriteria)]
         if other:
             return "stopping criteria " + ", ".join(other)
@@ -189,7 +211,7 @@ class DecodeLoop:
         return None
 
     def _loop(self, model: nn.Module, input_ids: torch.Tensor, stopping_criteria: Any, generation_config: Any,
-              model_kwargs: dict) -> torch.Tensor:
+              model_kwargs: dict, warpers: tuple | None) -> torch.Tensor:
         from transformers.generation.stopping_criteria import EosTokenCriteria
 
         batch, length = input_ids.shape
@@ -203,7 +225,7 @@ class DecodeLoop:
         # the prefill, as transformers runs it: through the compiled model
         with model._optimize_model_for_decode():
             outputs = model._prefill(input_ids, generation_config, model_kwargs)
-        tokens = outputs.logits[:, -1].to(dtype=torch.float32).argmax(-1)
+        tokens = choose(outputs.logits, warpers)
         del outputs
         seq = input_ids.new_zeros((batch, total))
         seq[:, :length] = input_ids
@@ -213,7 +235,7 @@ class DecodeLoop:
             unfinished &= ~torch.isin(tokens, eos)
         steps = total - length - 1
         if steps:
-            self._decode(model, seq, length, steps, unfinished, eos, pad, cache, model_kwargs)
+            self._decode(model, seq, length, steps, unfinished, eos, pad, cache, model_kwargs, warpers)
         if eos is None:
             return seq
         done = torch.isin(seq[:, length:], eos).cummax(1).values.all(0)  # the batch has finished after each token
@@ -221,12 +243,15 @@ class DecodeLoop:
         return seq[:, :length + int(ends[0]) + 1] if len(ends) else seq
 
     def _decode(self, model: nn.Module, seq: torch.Tensor, length: int, steps: int, unfinished: torch.Tensor,
-                eos: torch.Tensor | None, pad: torch.Tensor | None, cache: Any, model_kwargs: dict) -> None:
+                eos: torch.Tensor | None, pad: torch.Tensor | None, cache: Any, model_kwargs: dict,
+                warpers: tuple | None) -> None:
         device = seq.device
-        key = (model._supports_logits_to_keep(), eos is not None)
+        keep = model._supports_logits_to_keep()
+        # a step per kind of call: the warpers' numbers are constants of its graph
+        key = (keep, eos is not None, None if warpers is None else tuple(_settings(w) for w in warpers))
         step = self.steps.get(key)
         if step is None:
-            step = self.steps[key] = self.compile_step(DecodeStep(model, *key))
+            step = self.steps[key] = self.compile_step(DecodeStep(model, keep, eos is not None, warpers))
         mask = model_kwargs.get("attention_mask")
         pad_mask = torch.ones((seq.shape[0], cache.get_max_length()), dtype=torch.bool, device=device)
         if mask is not None:
@@ -235,14 +260,23 @@ class DecodeLoop:
         position_ids = (model_kwargs["position_ids"][:, -1:] + 1).contiguous()
         if eos is None:  # the step's graph ignores them
             eos = pad = torch.zeros((), dtype=torch.long, device=device)
-        # the caller's cache is theirs after generate: no step past the end is written into it
-        every = 1 if getattr(cache, "_is_user_defined", False) else self.every
+        # no step past the batch's end where it would show: in the caller's cache (theirs after generate), or in the
+        # global generator (a step that samples draws from it, eager's loop stops drawing at the end)
+        every = 1 if getattr(cache, "_is_user_defined", False) or warpers is not None else self.every
         flag = _Flag(device, queued=every > 1)
         with model._optimize_model_for_decode():
             for i in range(steps):
                 step(seq, pos, position_ids, pad_mask, unfinished, eos, pad, cache)
                 if key[1] and (i + 1) % every == 0 and i + 1 < steps and flag.finished(unfinished):
                     break
+
+
+def _settings(warper: Any) -> tuple:
+    """A logits warper's class and settings, () where a setting is not a number or a bool."""
+    items = sorted(vars(warper).items())
+    if not all(isinstance(v, (int, float, bool)) for _, v in items):
+        return ()
+    return (type(warper).__name__, *items)
 
 
 class _Flag:

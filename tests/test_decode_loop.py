@@ -1,5 +1,5 @@
-"""fxcc's own decode loop in `CompiledModule.generate` (fxcc.decode_loop): greedy decoding with a static cache runs
-one compiled step per token and returns the ids transformers' generate returns; every other call runs
+"""fxcc's own decode loop in `CompiledModule.generate` (fxcc.decode_loop): greedy decoding or sampling with a
+static cache runs one compiled step per token and returns the ids transformers' generate returns; every other call runs
 transformers' loop, with the reason in `decode_loop.last` and `explain()`.
 
 Tiny decoders (hidden 32, 2 layers, vocab 100) and a pipeline without kernel timing keep the file fast.
@@ -143,6 +143,30 @@ def test_a_callers_static_cache_ends_as_hfs_leaves_it():
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [llama, gpt2], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("warp", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8, temperature=1.3)],
+                         ids=["plain", "temperature-top-k", "top-p"])
+def test_sampling_draws_eagers_tokens_under_one_seed(make, warp):
+    """Sampling (generate's warpers in the step, a draw from the global generator): eager's tokens under one seed,
+    rows ending at different steps included, and the generator left where eager's loop leaves it."""
+    model = build(make)
+    ids, mask = left_padded()
+    torch.manual_seed(5)
+    plain = generate(model, ids, mask, do_sample=True, max_new_tokens=12, **warp)
+    eos = sorted({int(plain[0, ids.shape[1] + 3]), int(plain[2, ids.shape[1] + 6])})
+    cm = fxcc.compile(model, passes=FAST)
+    for kw in (dict(), dict(eos_token_id=eos)):
+        torch.manual_seed(5)
+        expected, after = generate(model, ids, mask, do_sample=True, max_new_tokens=12, **warp, **kw), torch.rand(3)
+        torch.manual_seed(5)
+        got, got_after = generate(cm, ids, mask, do_sample=True, max_new_tokens=12, **warp, **kw), torch.rand(3)
+        assert cm.decode_loop.last == (decode_loop.FXCC_PATH, "sampling with a static cache")
+        assert torch.equal(got, expected)
+        assert torch.equal(got_after, after)
+    new = expected[:, ids.shape[1]:].tolist()
+    assert any(t in eos for row in new for t in row[:-1])  # the eos ids ended some row before the last token
+
+
 def test_a_second_generate_compiles_nothing():
     model = build(llama)
     ids, mask = left_padded()
@@ -161,7 +185,7 @@ def test_a_second_generate_compiles_nothing():
     (dict(repetition_penalty=1.3), "logits processors RepetitionPenaltyLogitsProcessor"),
     (dict(max_time=100.0), "stopping criteria MaxTimeCriteria"),
     (dict(return_dict_in_generate=True), "return_dict_in_generate"),
-    (dict(do_sample=True, top_k=5), "sample"),
+    (dict(do_sample=True, typical_p=0.9), "logits processors TypicalLogitsWarper"),
 ])
 def test_other_calls_run_transformers_loop_and_say_why(kwargs, why, monkeypatch):
     model = build(gpt2)
