@@ -9,7 +9,8 @@ generation with a static cache on a small Llama (`fxcc bench generate`'s model),
 The time per decode token is the difference of two generates, `--new-tokens` and a quarter of it, over the
 difference in tokens (prefill and set-up cancel); each round times both paths back to back, in alternating order.
 Reported: medians over the rounds and the range, wall time and this thread's CPU time (which other processes' load
-does not inflate on the CPU; on the GPU it is the host's work), and whether the ids equal eager's.
+does not inflate on the CPU; on the GPU it is the host's work), whether the ids equal eager's and, on the GPU, the
+step's share of the memory roofline (`fxcc bench generate`'s floor: weights and the static cache read once).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fxcc  # noqa: E402
+from fxcc.bench_generate import roofline_ms  # noqa: E402
 
 
 def llama(args: argparse.Namespace, heads: int) -> torch.nn.Module:
@@ -103,6 +105,10 @@ def main() -> None:
         print(f"{name:<6} {statistics.median(wall):>9.3f} {f'[{min(wall):.3f}-{max(wall):.3f}]':>15} "
               f"{args.batch * 1e3 / statistics.median(wall):>8.0f} {statistics.median(cpu):>13.3f} "
               f"{f'[{min(cpu):.3f}-{max(cpu):.3f}]':>15} {'same' if same[loop] else 'DIFF':>5}")
+    if args.device == "cuda":  # the decode step's share of the memory roofline (fxcc bench generate's floor)
+        floor = roofline_ms(model, args.batch, args.prompt, long, args.prompt + long)
+        print("memory roofline: " + ", ".join(f"{name} {floor / statistics.median(per[loop][0]):.0%}"
+                                              for loop, name in ((True, "loop"), (False, "hf"))))
     ratios = [b / a for a, b in zip(per[True][0], per[False][0])]
     print(f"hf / loop per token (wall), per round: median {statistics.median(ratios):.2f}x "
           f"[{min(ratios):.2f}-{max(ratios):.2f}]")

@@ -143,9 +143,9 @@ def test_a_callers_static_cache_ends_as_hfs_leaves_it():
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [llama, gpt2], ids=lambda m: m.__name__)
-@pytest.mark.parametrize("warp", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8, temperature=1.3)],
-                         ids=["plain", "temperature-top-k", "top-p"])
+@pytest.mark.parametrize(("make", "warp"), [(llama, dict()), (llama, dict(temperature=0.7, top_k=5)),
+                                             (gpt2, dict(top_p=0.8, temperature=1.3))],
+                         ids=["llama-plain", "llama-temperature-top-k", "gpt2-top-p"])
 def test_sampling_draws_eagers_tokens_under_one_seed(make, warp):
     """Sampling (generate's warpers in the step, a draw from the global generator): eager's tokens under one seed,
     rows ending at different steps included, and the generator left where eager's loop leaves it."""
