@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .capture import original_forward
+
 log = logging.getLogger(__name__)
 
 STOP_CHECK_EVERY = 8  # decode steps between two reads of the finished-rows flag
@@ -68,9 +70,9 @@ class DecodeStep(nn.Module):
         keys = torch.arange(pad_mask.shape[1], device=pad_mask.device)
         mask = (pad_mask & (keys <= pos))[:, None, None, :]  # generate's 4-D mask for a static cache (sdpa)
         extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
-        # the class's forward: generate routes the instance's to the compiled model while it runs
-        out = type(self.model).forward(self.model, input_ids=ids, cache=cache, position_ids=position_ids,
-                                       attention_mask=mask, use_cache=True, return_dict=True, **extra)
+        # the model's own forward: generate routes the instance's to the compiled model while it runs
+        out = original_forward(self.model)(input_ids=ids, cache=cache, position_ids=position_ids,
+                                           attention_mask=mask, use_cache=True, return_dict=True, **extra)
         tokens = choose(out.logits, self.warpers)
         if self.eos:
             tokens = tokens * unfinished + pad * (1 - unfinished)
