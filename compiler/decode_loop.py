@@ -266,6 +266,8 @@ class DecodeLoop:
         # global generator (a step that samples draws from it, eager's loop stops drawing at the end)
         every = 1 if getattr(cache, "_is_user_defined", False) or warpers is not None else self.every
         flag = _Flag(device, queued=every > 1)
+        if key[1] and every == 1 and flag.finished(unfinished):  # every row ended at the prefill's token
+            return
         with model._optimize_model_for_decode():
             for i in range(steps):
                 step(seq, pos, position_ids, pad_mask, unfinished, eos, pad, cache)

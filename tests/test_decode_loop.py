@@ -126,11 +126,13 @@ def test_max_length_and_max_new_tokens(length):
     assert torch.equal(got, expected)
 
 
-def test_a_callers_static_cache_ends_as_hfs_leaves_it():
-    """A StaticCache passed in is the caller's after generate: no step past the batch's end is written into it."""
+@pytest.mark.parametrize("at", [0, 3])
+def test_a_callers_static_cache_ends_as_hfs_leaves_it(at):
+    """A StaticCache passed in is the caller's after generate: no step past the batch's end is written into it
+    (the batch ending at its 4th token, or at the prefill's)."""
     model = build(llama)
     ids, mask = left_padded()
-    eos = sorted({int(t) for t in generate(model, ids, mask)[:, ids.shape[1] + 3]})
+    eos = sorted({int(t) for t in generate(model, ids, mask)[:, ids.shape[1] + at]})
     caches = [StaticCache(config=model.config, max_cache_len=20) for _ in range(2)]
     expected = generate(model, ids, mask, eos_token_id=eos, cache=caches[0], cache_implementation=None)
     cm = fxcc.compile(model, passes=FAST)
