@@ -124,6 +124,9 @@ class DecodeLoop:
             return f"generate was given {', '.join(given)}"
         if getattr(model.config, "is_encoder_decoder", False):
             return "an encoder-decoder model"
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:  # generate may sync its ranks' loops (synced_gpus)
+            return "a distributed run (generate may keep its ranks' loops in step)"
         if not hasattr(model, "_prepare_generation_config") or "custom_generate" not in inspect.signature(
                 model.generate).parameters:
             return "this transformers' generate has no custom decoding hook"
