@@ -57,6 +57,7 @@ from .capture import (
     register_model_pytrees,
 )
 from .cuda_graphs import CudaGraph, CudaGraphs, copies_outweigh_launches, pays
+from .decode_loop import DecodeLoop
 from .dialects import KERNEL_OPS, dialect_of, op_name
 from .guards import ModuleState, call_context, graph_sources, mark_code_constants
 from .logs import topic_logger
@@ -413,6 +414,8 @@ class CompiledModule(ModuleView):
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
         self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions (a scalar: {0}) symbolic from the start
         self.echo_ir = True  # print_ir_after prints to stdout; fxcc.explain only records the IR for its report
+        # generate's own decode loop where the call allows it (fxcc.decode_loop), its step compiled with these options
+        self.decode_loop = DecodeLoop(module, lambda step: CompiledModule(step, self.options))
         # errors surface at compile(); only None means the default ("" is an empty, malformed pipeline)
         self._passes = parse_pipeline(DEFAULT_PIPELINE if options.passes is None else options.passes)
         try:
@@ -732,7 +735,9 @@ class CompiledModule(ModuleView):
             self._new_variant(args, kwargs, key, flat, spec)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's own `generate` (transformers), with every forward it makes running compiled."""
+        """The module's own `generate` (transformers), with every forward it makes running compiled; greedy decoding
+        with a static cache runs fxcc's own decode loop (fxcc.decode_loop: `self.decode_loop.last` says which loop
+        ran and why)."""
         gen = getattr(self.module, "generate", None)
         if gen is None or self.method is not None:
             raise AttributeError(f"{self.name} has no generate method")
@@ -745,7 +750,7 @@ class CompiledModule(ModuleView):
 
         forward.fxcc = self  # marks it as fxcc's, so capture and the eager fallback call the model's own
         with forward_as(self.module, forward), deferred_stop_check(DEFERRED_STOP_DEVICES):
-            return gen(*args, **kwargs)
+            return self.decode_loop.generate(gen, args, kwargs)
 
     def _params_unchanged(self) -> bool:
         return self._params.changed() is None
@@ -1182,7 +1187,9 @@ class CompiledModule(ModuleView):
         checks = "\n\n" + self.unlike_eager_text() if self.unlike_eager or self.stats.checked_calls else ""
         if hasattr(v, "report"):  # a DyCL variant (fxcc.dycl): host program and segments
             return v.report(self.name, ir_after_each=ir_after_each) + checks
-        return explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text() + checks
+        loop = self.decode_loop.text()
+        return (explain_variant(self.name, v, ir_after_each=ir_after_each) + "\n\n" + self.compiles_text() + checks
+                + (f"\n\n{loop}" if loop else ""))
 
     def unlike_eager_text(self) -> str:
         """What check_eager="always" found: calls that differed from eager and where, variants not checked."""

@@ -1,0 +1,218 @@
+"""fxcc's own decode loop in `CompiledModule.generate` (fxcc.decode_loop): greedy decoding or sampling with a
+static cache runs one compiled step per token and returns the ids transformers' generate returns; every other call runs
+transformers' loop, with the reason in `decode_loop.last` and `explain()`.
+
+Tiny decoders (hidden 32, 2 layers, vocab 100) and a pipeline without kernel timing keep the file fast.
+"""
+
+from __future__ import annotations
+
+import fxcc
+import pytest
+import torch
+from fxcc import decode_loop
+from fxcc import runtime as fxcc_runtime
+
+transformers = pytest.importorskip("transformers")
+from transformers import StaticCache  # noqa: E402
+
+VOCAB = 100
+FAST = "canonicalize,raise,fuse,codegen{backend=extern}"
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=None,
+               pad_token_id=0)
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
+
+
+def qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DECODER))
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=None,
+        pad_token_id=0))
+
+
+def build(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    model.generation_config.disable_compile = True
+    return model
+
+
+def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows, two of them left-padded (by 3 and 1 tokens)."""
+    ids = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def generate(model, ids, mask, **kwargs):
+    kw = {"max_new_tokens": 9, "do_sample": False, "cache_implementation": "static", **kwargs}
+    return model.generate(ids, attention_mask=mask, **kw)
+
+
+def count_calls(monkeypatch) -> dict:
+    """Calls of each compiled object by its name (the model: its forwards; the step: its decode steps)."""
+    calls: dict[str, int] = {}
+    real = fxcc_runtime.CompiledModule.__call__
+
+    def call(self, *a, **k):
+        calls[self.name] = calls.get(self.name, 0) + 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(fxcc_runtime.CompiledModule, "__call__", call)
+    return calls
+
+
+def eos_ending_rows(model, ids, mask, **kw) -> list[int]:
+    """Token ids that end some rows early: the third new token of each row."""
+    plain = generate(model, ids, mask, **kw)
+    return [int(t) for t in plain[:, ids.shape[1] + 2]]
+
+
+@pytest.mark.parametrize("make", [llama, qwen2, gpt2], ids=lambda m: m.__name__)
+def test_greedy_static_cache_runs_fxccs_loop_with_eagers_ids(make, monkeypatch):
+    """A left-padded batch: the prefill through the compiled model, then one compiled step per token."""
+    model = build(make)
+    ids, mask = left_padded()
+    expected = generate(model, ids, mask)
+    cm = fxcc.compile(model, passes=FAST)
+    calls = count_calls(monkeypatch)
+    got = generate(cm, ids, mask)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert cm.decode_loop.last == (decode_loop.FXCC_PATH, "greedy decoding with a static cache")
+    assert calls == {cm.name: 1, "DecodeStep": 8}  # the prefill, then 8 steps for the 9 new tokens
+    assert "== generate: fxcc's decode loop" in cm.explain()
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_rows_ending_at_different_steps_are_padded_and_the_batch_stops_as_hfs(every, monkeypatch):
+    """eos in the middle of some rows (several eos ids): later tokens of those rows are the pad token, and the
+    output ends where the last row ended, however late the loop reads the finished flag."""
+    model = build(llama)
+    ids, mask = left_padded()
+    plain = generate(model, ids, mask, max_new_tokens=12)
+    new = plain[:, ids.shape[1]:]
+    eos = sorted({int(new[0, 2]), int(new[1, 4])})  # row 0 ends at step 2 (or before), row 1 at step 4
+    expected = generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos)
+    cm = fxcc.compile(model, passes=FAST)
+    monkeypatch.setattr(cm.decode_loop, "every", every)
+    got = generate(cm, ids, mask, max_new_tokens=12, eos_token_id=eos)
+    assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+    assert torch.equal(got, expected)
+    assert (expected[:, ids.shape[1]:] == 0).any()  # some row was padded after its eos
+    eos_all = eos + [int(t) for t in new[2, :5]]  # every row ends within 5 tokens: the batch stops early
+    expected = generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos_all)
+    assert expected.shape[1] < plain.shape[1]
+    assert torch.equal(generate(cm, ids, mask, max_new_tokens=12, eos_token_id=eos_all), expected)
+
+
+@pytest.mark.parametrize("length", [dict(max_length=12), dict(max_new_tokens=3), dict(max_length=8)])
+def test_max_length_and_max_new_tokens(length):
+    model = build(qwen2)
+    ids, mask = left_padded()
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, cache_implementation="static", **length)
+    cm = fxcc.compile(model, passes=FAST)
+    got = cm.generate(ids, attention_mask=mask, do_sample=False, cache_implementation="static", **length)
+    assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("at", [0, 3])
+def test_a_callers_static_cache_ends_as_hfs_leaves_it(at):
+    """A StaticCache passed in is the caller's after generate: no step past the batch's end is written into it
+    (the batch ending at its 4th token, or at the prefill's)."""
+    model = build(llama)
+    ids, mask = left_padded()
+    eos = sorted({int(t) for t in generate(model, ids, mask)[:, ids.shape[1] + at]})
+    caches = [StaticCache(config=model.config, max_cache_len=20) for _ in range(2)]
+    expected = generate(model, ids, mask, eos_token_id=eos, cache=caches[0], cache_implementation=None)
+    cm = fxcc.compile(model, passes=FAST)
+    got = generate(cm, ids, mask, eos_token_id=eos, cache=caches[1], cache_implementation=None)
+    assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+    assert torch.equal(got, expected) and expected.shape[1] < ids.shape[1] + 9
+    assert caches[0].get_seq_length() == caches[1].get_seq_length()
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("make", "warp"), [(llama, dict()), (llama, dict(temperature=0.7, top_k=5)),
+                                             (gpt2, dict(top_p=0.8, temperature=1.3))],
+                         ids=["llama-plain", "llama-temperature-top-k", "gpt2-top-p"])
+def test_sampling_draws_eagers_tokens_under_one_seed(make, warp):
+    """Sampling (generate's warpers in the step, a draw from the global generator): eager's tokens under one seed,
+    rows ending at different steps included, and the generator left where eager's loop leaves it."""
+    model = build(make)
+    ids, mask = left_padded()
+    torch.manual_seed(5)
+    plain = generate(model, ids, mask, do_sample=True, max_new_tokens=12, **warp)
+    eos = sorted({int(plain[0, ids.shape[1] + 3]), int(plain[2, ids.shape[1] + 6])})
+    cm = fxcc.compile(model, passes=FAST)
+    for kw in (dict(), dict(eos_token_id=eos)):
+        torch.manual_seed(5)
+        expected, after = generate(model, ids, mask, do_sample=True, max_new_tokens=12, **warp, **kw), torch.rand(3)
+        torch.manual_seed(5)
+        got, got_after = generate(cm, ids, mask, do_sample=True, max_new_tokens=12, **warp, **kw), torch.rand(3)
+        assert cm.decode_loop.last == (decode_loop.FXCC_PATH, "sampling with a static cache")
+        assert torch.equal(got, expected)
+        assert torch.equal(got_after, after)
+    new = expected[:, ids.shape[1]:].tolist()
+    assert any(t in eos for row in new for t in row[:-1])  # the eos ids ended some row before the last token
+
+
+def test_a_second_generate_compiles_nothing():
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    generate(cm, ids, mask)
+    (step,) = cm.decode_loop.steps.values()
+    compiles = (cm.stats.compiles, step.stats.compiles)
+    assert torch.equal(generate(cm, ids, mask), generate(model, ids, mask))
+    assert (cm.stats.compiles, step.stats.compiles) == compiles
+    assert step.stats.eager_calls == 0
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    (dict(cache_implementation=None), "a DynamicCache"),
+    (dict(num_beams=2), "beam_search"),
+    (dict(repetition_penalty=1.3), "logits processors RepetitionPenaltyLogitsProcessor"),
+    (dict(max_time=100.0), "stopping criteria MaxTimeCriteria"),
+    (dict(return_dict_in_generate=True), "return_dict_in_generate"),
+    (dict(do_sample=True, typical_p=0.9), "logits processors TypicalLogitsWarper"),
+])
+def test_other_calls_run_transformers_loop_and_say_why(kwargs, why, monkeypatch):
+    model = build(gpt2)
+    ids, mask = left_padded()
+    torch.manual_seed(3)
+    expected = generate(model, ids, mask, **kwargs)
+    cm = fxcc.compile(model, passes=FAST)
+    calls = count_calls(monkeypatch)
+    torch.manual_seed(3)
+    got = generate(cm, ids, mask, **kwargs)
+    path, reason = cm.decode_loop.last
+    assert path == decode_loop.HF_PATH and why in reason
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(got, expected)
+    else:
+        assert torch.equal(got.sequences, expected.sequences)
+    assert "DecodeStep" not in calls
+    assert f"== generate: {decode_loop.HF_PATH}" in cm.explain()
+
+
+def test_the_loop_can_be_turned_off():
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    cm.decode_loop.enabled = False
+    assert torch.equal(generate(cm, ids, mask), generate(model, ids, mask))
+    assert cm.decode_loop.last[0] == decode_loop.HF_PATH and "turned off" in cm.decode_loop.last[1]
+    assert not cm.decode_loop.steps
