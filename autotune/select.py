@@ -18,7 +18,7 @@ import json
 import logging
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
@@ -31,7 +31,7 @@ from fxcc.codegen import backend as backend_module
 from fxcc.codegen import triton_gen as tg
 from fxcc.codegen.executable import BuiltKernel
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
-from fxcc.measure import Decision, compare, measure_again, settle_record, settle_text
+from fxcc.measure import Decision, compare, decide, measure_again, settle_record, settle_text
 from fxcc.options import CANDIDATES, settings
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.store import cache_key, default_cache, target_id
@@ -55,8 +55,13 @@ class Codegen(Pass):
     writes = "kernel"
     backend: str = "auto"
     reps: int = 20
+    # packed weight copies (oneDNN, MKL, TVM panels) may take this fraction of the graph's parameter bytes
+    packed: float = 0.08
 
     def __post_init__(self) -> None:
+        if not self.packed >= 0:
+            raise ValueError(f"packed is the fraction of the parameter bytes packed weight copies may take (0: none, "
+                             f"inf: no bound), got {self.packed}")
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: auto, {', '.join(BACKENDS)}")
         if self.reps < 1:
@@ -75,6 +80,8 @@ class Codegen(Pass):
             how, k = sel.choose(kernel_body(key), backends)
             ctx.kernels[key] = k  # what was built for the choice: the executable builder takes it
             stats[how] = stats.get(how, 0) + 1
+        stats.update(bound_copies(gm, nodes, ctx.kernels, sel, self.packed))
+        for k in {n.args[1]: ctx.kernels[n.args[1]] for n in nodes}.values():
             stats[k.backend] = stats.get(k.backend, 0) + 1
         changed = False
         for n in nodes:  # the decision is data: each kernel op records its choice
@@ -113,6 +120,9 @@ class Selection:
     budget: int | None = None
     plan: str | None = None
     probe: Probe | None = None
+    # kernel key -> its best choice that keeps no weight copy, where the chosen one keeps some: built, or
+    # (label, module, params) to build when the packed-copy budget takes the chosen one away (`plain`)
+    plains: dict = field(default_factory=dict)
 
     def choose(self, kb: KernelBody, backends: list) -> tuple[str, BuiltKernel]:
         """Choose and build an implementation for `kb`; returns how ("plan", "default", "single", "cached", "built"
@@ -199,6 +209,13 @@ class Selection:
         k = BuiltKernel(kb, Choice(best, origin[best], params, key), b, timings)
         measured = settle_record(decision, was)
         k.decided = settle_text(measured, again=was is not None)
+        if decision is not None and copies(kb, best, origin[best]):
+            # the same rule among the candidates that copy no weight: what runs if the copies do not fit
+            plain = decide({lb: t for lb, t in decision.timings.items() if not copies(kb, lb, origin[lb])},
+                           "extern").winner
+            pb, pp = built[plain]
+            self.plains[kb.key] = BuiltKernel(kb, Choice(plain, origin[plain], pp, key), pb, timings)
+            measured = {**(measured or {}), "plain": [plain, origin[plain], pp]}
         if cache:
             _store(cache, k, self.target, self.tuned, measured)
         return ("remeasured" if was is not None else "built"), k
@@ -229,7 +246,25 @@ class Selection:
             return None
         k = BuiltKernel(kb, choice, b, entry.meta.get("timings_ms", {}), cached=True)
         k.decided = settle_text(entry.meta, cached=True)
+        if copies(kb, choice.backend, choice.module):  # stored before the plain choice was: extern
+            self.plains[kb.key] = tuple(entry.meta.get("plain") or ("extern", "extern", {}))
         return k
+
+    def plain(self, kb: KernelBody) -> BuiltKernel:
+        """The choice for `kb` that keeps no weight copy (its chosen one does): measured with the others, built
+        from the candidates where it came from the cache; extern where that fails."""
+        p = self.plains[kb.key]
+        if isinstance(p, BuiltKernel):
+            return p
+        label, module, params = p
+        key = kernel_key(kb, self.target, self.prefer)
+        if label != "extern":
+            try:
+                cand = next(c for c in backend_module(module).candidates(kb, self.target) if c.backend == label)
+                return BuiltKernel(kb, Choice(label, module, params, key), cand.build(params), cached=True)
+            except Exception as e:  # noqa: BLE001 - the always-correct library call instead
+                _warn(kb, label, e)
+        return BuiltKernel(kb, Choice("extern", "extern", {}, key), extern.Extern(kb).build({}), cached=True)
 
     def _from_plan(self, kb: KernelBody) -> BuiltKernel | None:
         """The plan's backend and parameters for `kb`, built (from the cache when built before): no timing,
@@ -267,6 +302,65 @@ class Selection:
         if cache:
             _store(cache, k, self.target, 0)
         return k
+
+
+def copies(kb: KernelBody, label: str, module: str) -> list[tuple[int, int, str]]:
+    """(placeholder index, bytes, store) of the weight copies candidate `label` of backend `module` keeps across
+    calls (packed weights); [] for a backend that keeps none."""
+    try:
+        of = getattr(backend_module(module), "copies", None)
+    except ImportError:
+        return []
+    return of(kb, label) if of is not None else []
+
+
+def bound_copies(gm: fx.GraphModule, nodes: list[fx.Node], kernels: dict[str, BuiltKernel], sel: Selection,
+                 fraction: float) -> dict:
+    """Keep the weight copies the chosen kernels make (packed weights beside the parameters they come from) within
+    `fraction` of the graph's parameter bytes: the budget goes to the kernels whose measured gain over their best
+    choice without copies (`Selection.plain`), summed over their uses, is largest per byte of copies; the others
+    take that plain choice. A weight a store already holds for an accepted kernel costs nothing again.
+    Returns the statistics (MB of copies kept, kernels that gave theirs up)."""
+    consts = {n.target: n.meta.get("val") for n in gm.graph.nodes if n.op == "get_attr"}
+    total = sum(v.numel() * v.element_size() for v in consts.values() if isinstance(v, torch.Tensor))
+    budget = fraction * total
+    uses: dict[str, list[fx.Node]] = {}
+    for n in nodes:
+        uses.setdefault(n.args[1], []).append(n)
+    offers = []  # (gain ms per byte, gain ms, key, {(store, weight): bytes})
+    for key, ns in uses.items():
+        k = kernels[key]
+        if key not in sel.plains or k.choice is None:
+            continue
+        need: dict[tuple[str, str], int] = {}
+        for i, size, store in copies(k.body, k.choice.backend, k.choice.module):
+            for n in ns:
+                w = n.args[0][i]
+                if isinstance(w, fx.Node) and w.op == "get_attr":  # a parameter: its copy is kept across calls
+                    need[(store, w.target)] = size
+        if not need:
+            continue
+        plain = sel.plains[key]
+        label = plain.choice.backend if isinstance(plain, BuiltKernel) else plain[0]
+        t, tp = k.timings_ms.get(k.choice.backend), k.timings_ms.get(label)
+        gain = (tp - t) * len(ns) if t is not None and tp is not None else 0.0
+        offers.append((gain / sum(need.values()), gain, key, need))
+    held: set[tuple[str, str]] = set()
+    spent, dropped = 0, 0
+    for _, gain, key, need in sorted(offers, key=lambda o: -o[0]):
+        more = sum(b for sw, b in need.items() if sw not in held)
+        if gain > 0 and spent + more <= budget:
+            held |= set(need)
+            spent += more
+            continue
+        k = kernels[key]
+        plain = kernels[key] = sel.plain(k.body)
+        plain.note = (f"{k.choice.backend} measured {k.timings_ms.get(k.choice.backend)} ms, its packed weight "
+                      f"copies ({more / 2**20:.1f} MB) are past codegen's packed={fraction} budget "
+                      f"({budget / 2**20:.1f} MB of {total / 2**20:.1f} MB parameters): {plain.backend}")
+        log.info("kernel %s: %s", key, plain.note)
+        dropped += 1
+    return {"packed_mb": round(spent / 2**20, 2), "unpacked": dropped} if offers else {}
 
 
 def _store(cache, k: BuiltKernel, target: str, tuned: int, measured: dict | None = None) -> None:

@@ -69,6 +69,9 @@ def _storages(objs) -> dict[int, int]:
     def add(t):
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu":
             return  # FakeTensors in graph metadata hold no memory
+        if t.is_mkldnn:  # an opaque oneDNN / MKL packed weight: no storage to ask; its elements' bytes
+            out[-id(t)] = t.numel() * t.element_size()
+            return
         try:  # the address read without asking for write access: a copy-on-write snapshot stays shared
             base = torch._C._data_address(t)  # the storage's data pointer
             n = t.untyped_storage().nbytes()
