@@ -61,7 +61,7 @@ class Codegen(Pass):
     def __post_init__(self) -> None:
         if not self.packed >= 0:
             raise ValueError(f"packed is the fraction of the parameter bytes packed weight copies may take (0: none, "
-                             f"inf: no bound), got {self.packed}")
+                             f"100: no bound), got {self.packed}")
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: auto, {', '.join(BACKENDS)}")
         if self.reps < 1:
@@ -309,7 +309,7 @@ def copies(kb: KernelBody, label: str, module: str) -> list[tuple[int, int, str]
     calls (packed weights); [] for a backend that keeps none."""
     try:
         of = getattr(backend_module(module), "copies", None)
-    except ImportError:
+    except (ImportError, KeyError):  # a library not installed, a module no longer registered
         return []
     return of(kb, label) if of is not None else []
 
