@@ -48,6 +48,9 @@ class Codegen(Pass):
     measured while the noise was too wide to settle it is measured again by the next compiles, up to
     FXCC_SETTLE_TRIES compiles in all; then its last outcome is final. tune="search" tunes each candidate's space with Optuna first;
     tune="off" builds defaults and leaves the cache alone.
+
+    `packed` bounds the packed weight copies the chosen kernels keep (a fraction of the graph's parameter bytes:
+    `bound_copies`), so a compiled model holds each weight about once; 0 keeps none, 100 bounds nothing.
     """
 
     name = "codegen"
