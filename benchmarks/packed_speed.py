@@ -1,11 +1,11 @@
 """What the packed-weight budget costs in speed: the same model compiled with codegen's default `packed` budget and
-with no bound (`codegen{packed=100}`), timed interleaved with eager in one process.
+with no bound (`codegen{packed=100}`), or any budgets given, timed interleaved with eager in one process.
 
-    python benchmarks/packed_speed.py [--models llama bert gpt2] [--threads 1] [--reps 60]
+    cd benchmarks && python packed_speed.py [--models llama bert gpt2] [--threads 1] [--reps 60] [--fractions 0.08 1 100]
 
 Each engine gets its own copy of the model (same weights), so one compile's merged or packed weights never touch
 another's. Prints each engine's median call time with its 10th-90th percentile spread over the rounds, the ratio of
-the bounded to the unbounded compile (>1: the budget is slower), and the live / parameter bytes of each compile
+each compile to the last one's, call by call (>1: slower), and the live / parameter bytes of each compile
 (benchmarks/weight_memory.py's count).
 """
 
@@ -26,7 +26,7 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[0], q[-1]
 
 
-def run(name: str, reps: int) -> None:
+def run(name: str, reps: int, fractions: list[str]) -> None:
     import fxcc
     from fxcc.measure import interleaved
 
@@ -35,7 +35,8 @@ def run(name: str, reps: int) -> None:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     opts = fxcc.CompileOptions(time_vs_eager=False)
     engines, held = {"eager": model}, {}
-    for label, frac in (("budget 0.08", "0.08"), ("no bound", "100")):
+    for frac in fractions:
+        label = f"packed={frac}"
         base = live_bytes()
         engines[label] = fxcc.compile(copy.deepcopy(model), passes=PIPE % frac, options=opts)
         with torch.no_grad():
@@ -52,10 +53,11 @@ def run(name: str, reps: int) -> None:
     med = {k: quantiles(v.samples) for k, v in t.items()}
     for k, (m, lo, hi) in med.items():
         mem = f"   live {held[k]:.2f}x parameters" if k in held else ""
-        print(f"{name:<6} {k:<12} {m:8.3f} ms [{lo:.3f}-{hi:.3f}]{mem}")
-    ratios = [a / b for a, b in zip(t["budget 0.08"].samples, t["no bound"].samples)]
-    m, lo, hi = quantiles(ratios)
-    print(f"{name:<6} budget / no bound, call by call: {m:.3f} [{lo:.3f}-{hi:.3f}]")
+        print(f"{name:<6} {k:<14} {m:8.3f} ms [{lo:.3f}-{hi:.3f}]{mem}")
+    last = f"packed={fractions[-1]}"
+    for label in list(held)[:-1]:
+        m, lo, hi = quantiles([a / b for a, b in zip(t[label].samples, t[last].samples)])
+        print(f"{name:<6} {label} / {last}, call by call: {m:.3f} [{lo:.3f}-{hi:.3f}]")
 
 
 def main() -> None:
@@ -63,11 +65,13 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["llama"], choices=list(MODELS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--fractions", nargs="+", default=["0.08", "100"],
+                    help="codegen packed= budgets to compile with (the last one is the baseline of the ratios)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU fp32, {args.threads} thread(s), {args.reps} calls per engine")
     for name in args.models:
-        run(name, args.reps)
+        run(name, args.reps, args.fractions)
 
 
 if __name__ == "__main__":
