@@ -109,3 +109,23 @@ def test_no_budget_keeps_no_packed_copy_and_in_place_changes_still_count():
         model.layers[1].self_attn.q_proj.weight.add_(0.01)
         torch.testing.assert_close(outputs(compiled(IDS, **kwargs)), outputs(model(IDS, **kwargs)),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_larger_budget_is_spent_within_its_bound():
+    """packed=0.5: the copies kept (the accounting of oneDNN's, MKL's and TVM's sizes, of weights shared between
+    kernels) stay within half the parameter bytes, as the live bytes show, and results stay eager's."""
+    base = live_bytes()
+    model, kwargs = llama()
+    with torch.no_grad():
+        expected = outputs(model(IDS, **kwargs))
+    params = param_bytes(model)
+    compiled = fxcc.compile(model, passes="decompose,canonicalize,raise,merge-linears,gemv,layout,fuse,"
+                                          "codegen{packed=0.5}", options=OPTS)
+    with torch.no_grad():
+        got = outputs(compiled(IDS, **kwargs))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    stats = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("codegen")][0]
+    assert stats.get("packed_mb", 0.0) * 2**20 <= 0.5 * params
+    del model, got
+    held = live_bytes() - base - expected.untyped_storage().nbytes()
+    assert held <= 1.6 * params, f"{held / 2**20:.1f} MB live for {params / 2**20:.1f} MB of parameters"
