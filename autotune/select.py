@@ -327,7 +327,7 @@ def bound_copies(gm: fx.GraphModule, nodes: list[fx.Node], kernels: dict[str, Bu
     `fraction` of the graph's parameter bytes. Every kernel whose choice keeps copies starts from its best choice
     that keeps none (`Selection.fallbacks`); then, while the budget allows, the step that buys the most measured
     time per byte of copies is taken: a kernel moves to a faster choice (its fastest, or a faster one with other
-    copies, such as oneDNN's 1x beside MKL's 3.4x-5x), its gain counted over all its uses. A weight a store holds
+    copies, such as oneDNN's 1x beside MKL's 3.7x-10x), its gain counted over all its uses. A weight a store holds
     for one kernel costs nothing again for another. Returns the statistics (MB of copies kept, kernels off their
     fastest choice)."""
     consts = {n.target: n.meta.get("val") for n in gm.graph.nodes if n.op == "get_attr"}
@@ -393,6 +393,7 @@ def bound_copies(gm: fx.GraphModule, nodes: list[fx.Node], kernels: dict[str, Bu
             continue
         k = kernels[key]
         f = kernels[key] = sel.fallback(k.body, i)
+        f.timings_ms, f.decided = f.timings_ms or k.timings_ms, k.decided  # explain shows every candidate's time
         mine = sum(size[sw] for sw in opts[-1][1])
         f.note = (f"{k.choice.backend} measured {k.timings_ms.get(k.choice.backend)} ms, but its packed weight copies "
                   f"({mine / 2**20:.1f} MB) do not fit codegen's packed={fraction} budget ({budget / 2**20:.1f} MB "
