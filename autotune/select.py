@@ -220,8 +220,9 @@ class Selection:
             plain = decide({lb: t for lb, t in ts.items() if not copies(kb, lb, origin[lb])}, "extern").winner
             more = [lb for lb in ts if lb not in (best, plain) and copies(kb, lb, origin[lb])
                     and beats(ts[lb], ts["extern"], MIN_GAIN)]
-            self.fallbacks[kb.key] = [BuiltKernel(kb, Choice(lb, origin[lb], built[lb][1], key), built[lb][0], timings)
-                                      for lb in (plain, *more)]
+            self.fallbacks[kb.key] = [BuiltKernel(kb, Choice(lb, origin[lb], built[lb][1],
+                                                         self._keep(cache, kb, key, lb, origin[lb], *built[lb])),
+                                                  built[lb][0], timings) for lb in (plain, *more)]
             measured = {**(measured or {}), "fallbacks": [[lb, origin[lb], built[lb][1]] for lb in (plain, *more)]}
         if cache:
             _store(cache, k, self.target, self.tuned, measured)
@@ -258,20 +259,39 @@ class Selection:
         return k
 
     def fallback(self, kb: KernelBody, i: int) -> BuiltKernel:
-        """Fallback `i` of `kb` (`fallbacks`): measured with the others, built from the candidates where it came
-        from the cache; extern where that fails."""
+        """Fallback `i` of `kb` (`fallbacks`): measured with the others; where it came from the cache, loaded from
+        the entry its first build was kept in (`_keep`), else built from the candidates; extern where that fails."""
         p = self.fallbacks[kb.key][i]
         if isinstance(p, BuiltKernel):
             return p
         label, module, params = p
-        key = kernel_key(kb, self.target, self.prefer)
         if label != "extern":
+            cache = default_cache() if self.tune != "off" else None
+            fkey = fallback_key(kernel_key(kb, self.target, self.prefer), label)
             try:
-                cand = next(c for c in backend_module(module).candidates(kb, self.target) if c.backend == label)
-                return BuiltKernel(kb, Choice(label, module, params, key), cand.build(params), cached=True)
+                entry = cache.get(fkey) if cache else None
+                if entry is not None:
+                    b = backend_module(module).load(kb, label, entry.files, params)
+                else:
+                    cand = next(c for c in backend_module(module).candidates(kb, self.target) if c.backend == label)
+                    b = cand.build(params)
+                    fkey = self._keep(cache, kb, fkey, label, module, b, params, derived=True)
+                return BuiltKernel(kb, Choice(label, module, params, fkey), b, cached=True)
             except Exception as e:  # noqa: BLE001 - the always-correct library call instead
                 _warn(kb, label, e)
-        return BuiltKernel(kb, Choice("extern", "extern", {}, key), extern.Extern(kb).build({}), cached=True)
+        return BuiltKernel(kb, Choice("extern", "extern", {}, ""), extern.Extern(kb).build({}), cached=True)
+
+    def _keep(self, cache, kb: KernelBody, key: str, label: str, module: str, b: Built, params: dict,
+              derived: bool = False) -> str:
+        """Store the build of fallback `label` of the kernel cached under `key` (`derived`: `key` is the fallback's
+        own already), so a warm compile that falls back loads it instead of generating code; its key, or "" where
+        nothing was stored (a build without files: the torch calls of the body, rebuilt in no time)."""
+        if cache is None or not key or not b.files:
+            return ""
+        fkey = key if derived else fallback_key(key, label)
+        meta = {"backend": label, "module": module, "params": params, "kernel": kb.key, "kind": kb.kind,
+                "target": target_id(self.target), "fallback": True}
+        return fkey if cache.put(fkey, b.files, meta) is not None else ""
 
     def _from_plan(self, kb: KernelBody) -> BuiltKernel | None:
         """The plan's backend and parameters for `kb`, built (from the cache when built before): no timing,
@@ -309,6 +329,11 @@ class Selection:
         if cache:
             _store(cache, k, self.target, 0)
         return k
+
+
+def fallback_key(key: str, label: str) -> str:
+    """The artifact-cache key of candidate `label`'s build kept as a fallback of the kernel cached under `key`."""
+    return cache_key("kernel-fallback", kernel=key, backend=label)
 
 
 def copies(kb: KernelBody, label: str, module: str) -> list[tuple[int, int, str]]:
