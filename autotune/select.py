@@ -289,8 +289,8 @@ class Selection:
         if cache is None or not key or not b.files:
             return ""
         fkey = key if derived else fallback_key(key, label)
-        meta = {"backend": label, "module": module, "params": params, "kernel": kb.key, "kind": kb.kind,
-                "target": target_id(self.target), "fallback": True}
+        meta = {"backend": label, "module": module, "params": params, "fallback_of": kb.key, "kind": kb.kind,
+                "target": target_id(self.target)}
         return fkey if cache.put(fkey, b.files, meta) is not None else ""
 
     def _from_plan(self, kb: KernelBody) -> BuiltKernel | None:
