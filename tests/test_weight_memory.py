@@ -129,3 +129,52 @@ def test_a_larger_budget_is_spent_within_its_bound():
     del model, got
     held = live_bytes() - base - expected.untyped_storage().nbytes()
     assert held <= 1.6 * params, f"{held / 2**20:.1f} MB live for {params / 2**20:.1f} MB of parameters"
+
+
+def test_budget_goes_where_the_measured_gain_per_byte_is_largest(monkeypatch):
+    """bound_copies on made-up kernels: each starts from its fallback without copies, then the steps that buy the
+    most time per byte are taken while they fit; a smaller copy (oneDNN's) may win over the fastest (MKL's), and a
+    weight one store already holds costs nothing again."""
+    import torch.fx as fx
+    from fxcc.autotune import select
+    from fxcc.codegen import Built
+    from fxcc.codegen.executable import BuiltKernel
+    from fxcc.dialects import Choice
+
+    g = fx.Graph()
+    ws = {}
+    for name in ("wa", "wb", "wc1", "wc2", "pad"):
+        ws[name] = g.get_attr(name)
+        ws[name].meta["val"] = torch.empty(25 if name != "pad" else 125)  # 100 bytes each, 1000 in all
+    uses = {"A": [["wa"]], "B": [["wb"]], "C": [["wc1"], ["wc2"]], "D": [["wb"]]}
+    nodes = [g.call_function(print, ([ws[w] for w in ins], key)) for key, per in uses.items() for ins in per]
+    gm = fx.GraphModule({n: torch.empty(0) for n in ws}, g)
+    size = {"mkl": 500, "onednn": 100}
+
+    def copies(kb, label, module):
+        return [(0, size[label], label)] if label in size else []
+    monkeypatch.setattr(select, "copies", copies)
+
+    class Body:
+        def __init__(self, key):
+            self.key, self.kind = key, "gemm"
+
+    def kernel(key, label, times):
+        return BuiltKernel(Body(key), Choice(label, label, {}, ""), Built(lambda inputs: inputs), times)
+    times = {"A": {"mkl": 1.0, "onednn": 1.2, "extern": 2.0}, "B": {"onednn": 1.0, "extern": 1.5},
+             "C": {"onednn": 1.0, "extern": 1.05}, "D": {"onednn": 1.0, "extern": 1.01}}
+    winners = {"A": "mkl", "B": "onednn", "C": "onednn", "D": "onednn"}
+    kernels = {k: kernel(k, winners[k], times[k]) for k in uses}
+    sel = select.Selection("cpu", 1)
+    sel.fallbacks = {k: [kernel(k, "extern", times[k])] + ([kernel(k, "onednn", times[k])] if k == "A" else [])
+                     for k in uses}
+    stats = select.bound_copies(gm, nodes, kernels, sel, 0.3)  # 300 bytes
+    chosen = {k: kernels[k].backend for k in uses}
+    # A: oneDNN's copy buys 0.8 ms for 100 bytes (MKL's 1.0 ms would need 500); B: 0.5 ms for 100; D reads B's
+    # weight, packed already; C: 0.1 ms for 200 bytes, past the budget
+    assert chosen == {"A": "onednn", "B": "onednn", "C": "extern", "D": "onednn"}, chosen
+    assert stats == {"packed_mb": round(200 / 2**20, 2), "unpacked": 2}
+    assert "do not fit codegen's packed=0.3 budget" in kernels["C"].note
+    kernels = {k: kernel(k, winners[k], times[k]) for k in uses}
+    select.bound_copies(gm, nodes, kernels, sel, 100.0)  # no bound: every kernel keeps its fastest choice
+    assert {k: kernels[k].backend for k in uses} == winners
