@@ -36,7 +36,8 @@ def bert() -> tuple[nn.Module, dict]:
     return BertModel(cfg, add_pooling_layer=False).eval(), {}
 
 
-IDS = torch.arange(32).reshape(1, 32) * 7 % 1024
+# 8 tokens: the activations' scratch buffers stay about 0.02 of the parameter bytes, so the bound checks the weights
+IDS = torch.arange(8).reshape(1, 8) * 7 % 1024
 
 
 def live_bytes() -> int:
@@ -85,7 +86,9 @@ def test_default_pipeline_holds_each_weight_about_once(make):
     # what remains: the model's parameters (the compiled module keeps it for the eager fallback and its guards),
     # the packed copies within the budget (0.08 of the parameters), constants and the kernels' scratch buffers
     held = live_bytes() - base - expected.untyped_storage().nbytes()
-    assert held <= 1.1 * params, f"{held / 2**20:.1f} MB live for {params / 2**20:.1f} MB of parameters"
+    stats = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("codegen")][0]
+    assert held <= 1.1 * params, (f"{held / 2**20:.2f} MB live for {params / 2**20:.2f} MB of parameters, "
+                                  f"{stats.get('packed_mb')} MB of packed copies")
 
 
 def test_no_budget_keeps_no_packed_copy_and_in_place_changes_still_count():
