@@ -18,7 +18,7 @@ import json
 import logging
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
@@ -31,7 +31,7 @@ from fxcc.codegen import backend as backend_module
 from fxcc.codegen import triton_gen as tg
 from fxcc.codegen.executable import BuiltKernel
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, set_choice
-from fxcc.measure import Decision, compare, measure_again, settle_record, settle_text
+from fxcc.measure import MIN_GAIN, Decision, beats, compare, decide, measure_again, settle_record, settle_text
 from fxcc.options import CANDIDATES, settings
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.store import cache_key, default_cache, target_id
@@ -48,6 +48,9 @@ class Codegen(Pass):
     measured while the noise was too wide to settle it is measured again by the next compiles, up to
     FXCC_SETTLE_TRIES compiles in all; then its last outcome is final. tune="search" tunes each candidate's space with Optuna first;
     tune="off" builds defaults and leaves the cache alone.
+
+    `packed` bounds the packed weight copies the chosen kernels keep (a fraction of the graph's parameter bytes:
+    `bound_copies`), so a compiled model holds each weight about once; 0 keeps none, 100 bounds nothing.
     """
 
     name = "codegen"
@@ -55,8 +58,13 @@ class Codegen(Pass):
     writes = "kernel"
     backend: str = "auto"
     reps: int = 20
+    # packed weight copies (oneDNN, MKL, TVM panels) may take this fraction of the graph's parameter bytes
+    packed: float = 0.08
 
     def __post_init__(self) -> None:
+        if not self.packed >= 0:
+            raise ValueError(f"packed is the fraction of the parameter bytes packed weight copies may take (0: none, "
+                             f"100: no bound), got {self.packed}")
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: auto, {', '.join(BACKENDS)}")
         if self.reps < 1:
@@ -75,6 +83,8 @@ class Codegen(Pass):
             how, k = sel.choose(kernel_body(key), backends)
             ctx.kernels[key] = k  # what was built for the choice: the executable builder takes it
             stats[how] = stats.get(how, 0) + 1
+        stats.update(bound_copies(gm, nodes, ctx.kernels, sel, self.packed))
+        for k in {n.args[1]: ctx.kernels[n.args[1]] for n in nodes}.values():
             stats[k.backend] = stats.get(k.backend, 0) + 1
         changed = False
         for n in nodes:  # the decision is data: each kernel op records its choice
@@ -113,6 +123,10 @@ class Selection:
     budget: int | None = None
     plan: str | None = None
     probe: Probe | None = None
+    # kernel key -> where its chosen candidate keeps weight copies, the choices to fall back on when they do not
+    # fit the packed-copy budget (`bound_copies`): first the best that copies no weight, then the others that
+    # beat extern beyond the noise; each built, or (label, module, params) to build (`fallback`)
+    fallbacks: dict = field(default_factory=dict)
 
     def choose(self, kb: KernelBody, backends: list) -> tuple[str, BuiltKernel]:
         """Choose and build an implementation for `kb`; returns how ("plan", "default", "single", "cached", "built"
@@ -199,6 +213,17 @@ class Selection:
         k = BuiltKernel(kb, Choice(best, origin[best], params, key), b, timings)
         measured = settle_record(decision, was)
         k.decided = settle_text(measured, again=was is not None)
+        if decision is not None and copies(kb, best, origin[best]):
+            # the same rule among the candidates that copy no weight: what runs if no copies fit; and the other
+            # candidates that keep copies (smaller ones, perhaps) and beat extern beyond the noise
+            ts = decision.timings
+            plain = decide({lb: t for lb, t in ts.items() if not copies(kb, lb, origin[lb])}, "extern").winner
+            more = [lb for lb in ts if lb not in (best, plain) and copies(kb, lb, origin[lb])
+                    and beats(ts[lb], ts["extern"], MIN_GAIN)]
+            self.fallbacks[kb.key] = [BuiltKernel(kb, Choice(lb, origin[lb], built[lb][1],
+                                                         self._keep(cache, kb, key, lb, origin[lb], *built[lb])),
+                                                  built[lb][0], timings) for lb in (plain, *more)]
+            measured = {**(measured or {}), "fallbacks": [[lb, origin[lb], built[lb][1]] for lb in (plain, *more)]}
         if cache:
             _store(cache, k, self.target, self.tuned, measured)
         return ("remeasured" if was is not None else "built"), k
@@ -229,7 +254,44 @@ class Selection:
             return None
         k = BuiltKernel(kb, choice, b, entry.meta.get("timings_ms", {}), cached=True)
         k.decided = settle_text(entry.meta, cached=True)
+        if copies(kb, choice.backend, choice.module):  # stored before fallbacks were: extern
+            self.fallbacks[kb.key] = [tuple(f) for f in entry.meta.get("fallbacks") or [("extern", "extern", {})]]
         return k
+
+    def fallback(self, kb: KernelBody, i: int) -> BuiltKernel:
+        """Fallback `i` of `kb` (`fallbacks`): measured with the others; where it came from the cache, loaded from
+        the entry its first build was kept in (`_keep`), else built from the candidates; extern where that fails."""
+        p = self.fallbacks[kb.key][i]
+        if isinstance(p, BuiltKernel):
+            return p
+        label, module, params = p
+        if label != "extern":
+            cache = default_cache() if self.tune != "off" else None
+            fkey = fallback_key(kernel_key(kb, self.target, self.prefer), label)
+            try:
+                entry = cache.get(fkey) if cache else None
+                if entry is not None:
+                    b = backend_module(module).load(kb, label, entry.files, params)
+                else:
+                    cand = next(c for c in backend_module(module).candidates(kb, self.target) if c.backend == label)
+                    b = cand.build(params)
+                    fkey = self._keep(cache, kb, fkey, label, module, b, params, derived=True)
+                return BuiltKernel(kb, Choice(label, module, params, fkey), b, cached=True)
+            except Exception as e:  # noqa: BLE001 - the always-correct library call instead
+                _warn(kb, label, e)
+        return BuiltKernel(kb, Choice("extern", "extern", {}, ""), extern.Extern(kb).build({}), cached=True)
+
+    def _keep(self, cache, kb: KernelBody, key: str, label: str, module: str, b: Built, params: dict,
+              derived: bool = False) -> str:
+        """Store the build of fallback `label` of the kernel cached under `key` (`derived`: `key` is the fallback's
+        own already), so a warm compile that falls back loads it instead of generating code; its key, or "" where
+        nothing was stored (a build without files: the torch calls of the body, rebuilt in no time)."""
+        if cache is None or not key or not b.files:
+            return ""
+        fkey = key if derived else fallback_key(key, label)
+        meta = {"backend": label, "module": module, "params": params, "fallback_of": kb.key, "kind": kb.kind,
+                "target": target_id(self.target)}
+        return fkey if cache.put(fkey, b.files, meta) is not None else ""
 
     def _from_plan(self, kb: KernelBody) -> BuiltKernel | None:
         """The plan's backend and parameters for `kb`, built (from the cache when built before): no timing,
@@ -267,6 +329,103 @@ class Selection:
         if cache:
             _store(cache, k, self.target, 0)
         return k
+
+
+def fallback_key(key: str, label: str) -> str:
+    """The artifact-cache key of candidate `label`'s build kept as a fallback of the kernel cached under `key`."""
+    return cache_key("kernel-fallback", kernel=key, backend=label)
+
+
+def copies(kb: KernelBody, label: str, module: str) -> list[tuple[int, int, str]]:
+    """(placeholder index, bytes, store) of the weight copies candidate `label` of backend `module` keeps across
+    calls (packed weights); [] for a backend that keeps none."""
+    try:
+        of = getattr(backend_module(module), "copies", None)
+    except (ImportError, KeyError):  # a library not installed, a module no longer registered
+        return []
+    return of(kb, label) if of is not None else []
+
+
+def bound_copies(gm: fx.GraphModule, nodes: list[fx.Node], kernels: dict[str, BuiltKernel], sel: Selection,
+                 fraction: float) -> dict:
+    """Keep the weight copies the chosen kernels make (packed weights beside the parameters they come from) within
+    `fraction` of the graph's parameter bytes. Every kernel whose choice keeps copies starts from its best choice
+    that keeps none (`Selection.fallbacks`); then, while the budget allows, the step that buys the most measured
+    time per byte of copies is taken: a kernel moves to a faster choice (its fastest, or a faster one with other
+    copies, such as oneDNN's 1x beside MKL's 3.7x-10x), its gain counted over all its uses. A weight a store holds
+    for one kernel costs nothing again for another. Returns the statistics (MB of copies kept, kernels off their
+    fastest choice)."""
+    consts = {n.target: n.meta.get("val") for n in gm.graph.nodes if n.op == "get_attr"}
+    total = sum(v.numel() * v.element_size() for v in consts.values() if isinstance(v, torch.Tensor))
+    budget = fraction * total
+    uses: dict[str, list[fx.Node]] = {}
+    for n in nodes:
+        uses.setdefault(n.args[1], []).append(n)
+    size: dict[tuple[str, str], int] = {}  # (store, weight) -> bytes of its copy
+
+    def need(key: str, label: str, module: str) -> frozenset:
+        out = set()
+        for i, nbytes, store in copies(kernels[key].body, label, module):
+            for n in uses[key]:
+                w = n.args[0][i]
+                if isinstance(w, fx.Node) and w.op == "get_attr":  # a parameter: its copy is kept across calls
+                    size[(store, w.target)] = nbytes
+                    out.add((store, w.target))
+        return frozenset(out)
+
+    options: dict[str, list[tuple[float, frozenset, int]]] = {}  # key -> (ms, copies, fallback index; -1: chosen)
+    for key in uses:
+        k = kernels[key]
+        if key not in sel.fallbacks or k.choice is None or not (mine := need(key, k.choice.backend, k.choice.module)):
+            continue
+        fast = k.timings_ms.get(k.choice.backend)
+        opts = []
+        for i, f in enumerate(sel.fallbacks[key]):
+            label, module = (f.choice.backend, f.choice.module) if isinstance(f, BuiltKernel) else f[:2]
+            t = k.timings_ms.get(label, fast if i == 0 else None)  # unknown: no gain to buy
+            if t is not None and fast is not None:
+                opts.append((t, need(key, label, module) if i else frozenset(), i))
+        if opts and fast is not None:
+            options[key] = [*opts, (fast, mine, -1)]
+    at = {key: 0 for key in options}  # each kernel's current option: its plain fallback
+
+    def spent_with(key: str | None = None, copies_now: frozenset = frozenset()) -> int:
+        held = set().union(*(options[k][at[k]][1] for k in options if k != key), copies_now)
+        return sum(size[sw] for sw in held)
+
+    spent = 0
+    while True:
+        best = None  # (gain per byte, key, option)
+        for key, opts in options.items():
+            now = opts[at[key]][0]
+            for j, (t, cp, _) in enumerate(opts):
+                if t >= now:
+                    continue
+                after = spent_with(key, cp)
+                if after > budget:
+                    continue
+                rate = (now - t) * len(uses[key]) / max(after - spent, 1)
+                if best is None or rate > best[0]:
+                    best = (rate, key, j)
+        if best is None:
+            break
+        at[best[1]] = best[2]
+        spent = spent_with()
+    moved = 0
+    for key, opts in options.items():
+        t, cp, i = opts[at[key]]
+        if i < 0:
+            continue
+        k = kernels[key]
+        f = kernels[key] = sel.fallback(k.body, i)
+        f.timings_ms, f.decided = f.timings_ms or k.timings_ms, k.decided  # explain shows every candidate's time
+        mine = sum(size[sw] for sw in opts[-1][1])
+        f.note = (f"{k.choice.backend} measured {k.timings_ms.get(k.choice.backend)} ms, but its packed weight copies "
+                  f"({mine / 2**20:.1f} MB) do not fit codegen's packed={fraction} budget ({budget / 2**20:.1f} MB "
+                  f"of {total / 2**20:.1f} MB parameters) where they buy most: {f.backend} ({t} ms)")
+        log.info("kernel %s: %s", key, f.note)
+        moved += 1
+    return {"packed_mb": round(spent / 2**20, 2), "unpacked": moved} if options else {}
 
 
 def _store(cache, k: BuiltKernel, target: str, tuned: int, measured: dict | None = None) -> None:

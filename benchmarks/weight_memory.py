@@ -19,9 +19,11 @@ compiled module holds the uncompiled model (its parameters, state_dict and eager
 `fxcc.compile(model, state_dict=...)` (the dict dropped after the compile, the file written first): the graph
 holds each weight once and each tp rank reads only its shards.
 
-With the default pipeline the ratio depends on the kernels chosen by measurement: a GEMM built by TVM
-reads its weight as column panels packed once (fxcc.codegen.tvm), a copy beside the parameter. For the
-weights a pass derives alone, pass `--passes "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=extern}"`.
+The backends' packed weight copies (oneDNN's blocked layout and MKL's packed panels, opaque tensors counted by
+their elements' bytes; TVM's column panels) are bounded by the codegen pass: `codegen{packed=0.08}` (the default)
+lets them take 0.08 of the graph's parameter bytes, `codegen{packed=100}` bounds nothing (the speed this costs:
+benchmarks/packed_speed.py). For the weights a pass derives alone, pass
+`--passes "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=extern}"`.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def _storages(objs) -> dict[int, int]:
     def add(t):
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu":
             return  # FakeTensors in graph metadata hold no memory
+        if t.is_mkldnn:  # an opaque oneDNN / MKL packed weight: no storage to ask; its elements' bytes
+            out[-id(t)] = t.numel() * t.element_size()
+            return
         try:  # the address read without asking for write access: a copy-on-write snapshot stays shared
             base = torch._C._data_address(t)  # the storage's data pointer
             n = t.untyped_storage().nbytes()

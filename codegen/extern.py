@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import Built, KernelFn, conv_layout, key_trim, mkl, onednn, reusable
+from fxcc.codegen import Built, KernelFn, conv_layout, key_trim, linear_weight, mkl, onednn, reusable
 from fxcc.dialects import CONV, REFERENCE, KernelBody
 
 name = "extern"
@@ -38,6 +38,18 @@ def candidates(kb: KernelBody, target: str) -> list[Extern]:
     if conv_layout.applies(kb.body, target):
         out.append(Extern(kb, backend=conv_layout.name))
     return out
+
+
+def copies(kb: KernelBody, label: str) -> list[tuple[int, int, str]]:
+    """(placeholder index, bytes, store) of every weight copy candidate `label` keeps beside its kernel inputs
+    across calls: the packed weights of `onednn` and `mkl` (one copy per weight and store, shared by the kernels
+    that read it); the other candidates read their inputs as they are."""
+    if label not in ("onednn", "mkl"):
+        return []
+    lib = onednn if label == "onednn" else mkl
+    places = [n for n in kb.body.graph.nodes if n.op == "placeholder"]
+    return [(places.index(n.args[1]), lib.copy_bytes(linear_weight(n)), label) for n in kb.body.graph.nodes
+            if lib.applies(n)]
 
 
 @dataclass

@@ -38,6 +38,12 @@ def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
     return derived(_PACKED, w, None, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
 
 
+def copy_bytes(w: torch.Tensor) -> int:
+    """Bytes of the packed copy of `w` (a fake tensor serves): oneDNN's blocked layout holds the weight's elements
+    (its padding of odd sizes is not counted)."""
+    return w.numel() * w.element_size()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, w, b)` through oneDNN with `w` packed (falls back to torch off the CPU or for odd types)."""
     if x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES or w.dim() != 2:

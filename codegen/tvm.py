@@ -111,6 +111,25 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
     return out
 
 
+def copies(kb: KernelBody, label: str) -> list[tuple[int, int, str]]:
+    """(placeholder index, bytes, store) of every weight copy candidate `label` keeps across calls: `tvm` reads each
+    packable linear weight as column panels (fxcc.codegen.tvm_lower), `tvm+onednn` its GEMM's weight in oneDNN's
+    blocked layout; `tvm+extern` reads its inputs as they are."""
+    from fxcc.codegen import tvm_lower as tl
+    nodes = list(kb.body.graph.nodes)
+    places = [n for n in nodes if n.op == "placeholder"]
+    if label == "tvm":
+        needed = tl._needed(nodes, None)
+        weights = dict.fromkeys(n.args[1] for n in nodes if n in needed and tl._packable(n))
+    elif label == "tvm+onednn":
+        anchor = next((n for n in nodes if n.op == "call_function" and n.target in ANCHORS), None)
+        weights = dict.fromkeys([anchor.args[1]] if anchor is not None and onednn.applies(anchor) else [])
+    else:
+        return []
+    store = "tvm-panels" if label == "tvm" else "onednn"
+    return [(places.index(w), onednn.copy_bytes(w.meta["val"]), store) for w in weights if w in places]
+
+
 def _has_epilogue(body: fx.GraphModule, anchor: fx.Node) -> bool:
     """Whether anything after the GEMM computes (views alone are free in torch); a bias counts, since
     the generated code adds it while writing the result instead of the library copying it first."""

@@ -189,7 +189,7 @@ class BufferState:
         for m in objs:
             m = m.__self__ if isinstance(m, types.MethodType) else m
             if isinstance(m, nn.Module):
-                seen |= {id(b): b for b in m.buffers()}
+                seen |= {id(b): b for b in m.buffers() if not b.is_meta}  # meta: no values to move
         self.kept = [(b, b.clone()) for b in seen.values()]
 
     def restore(self) -> None:

@@ -1,0 +1,183 @@
+"""A compiled model holds each weight about once: the backends' packed weight copies (oneDNN's blocked layout, MKL's
+packed panels, TVM's column panels) stay within codegen's `packed` budget, a fraction of the parameter bytes, and
+results stay eager's (fxcc.autotune.select.bound_copies)."""
+
+from __future__ import annotations
+
+import gc
+
+import fxcc
+import pytest
+import torch
+import torch.nn as nn
+from fxcc.codegen import mkl, onednn, tvm
+
+pytest.importorskip("transformers")
+
+OPTS = fxcc.CompileOptions(time_vs_eager=False)
+STORES = {"onednn": onednn._PACKED, "mkl": mkl._PACKED, "tvm panels": tvm._PANELS}
+
+
+def llama() -> tuple[nn.Module, dict]:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=64)
+    return LlamaModel(cfg).eval(), {"use_cache": False}
+
+
+def bert() -> tuple[nn.Module, dict]:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=1024, max_position_embeddings=64)
+    return BertModel(cfg, add_pooling_layer=False).eval(), {}
+
+
+# 8 tokens: the activations' scratch buffers stay about 0.02 of the parameter bytes, so the bound checks the weights
+IDS = torch.arange(8).reshape(1, 8) * 7 % 1024
+
+
+def live_bytes() -> int:
+    """Bytes of every live CPU tensor the garbage collector sees, directly or one container down (the packed-weight
+    stores keep tuples), each storage once; an opaque oneDNN / MKL tensor counts its elements' bytes."""
+    gc.collect()
+    objs = gc.get_objects()
+    tensors = [o for o in objs if type(o) in (torch.Tensor, nn.Parameter)]
+    for o in objs:
+        if type(o) in (dict, list, tuple):
+            for v in (list(o.values()) if type(o) is dict else o):
+                for x in (v if type(v) is tuple else (v,)):
+                    if type(x) in (torch.Tensor, nn.Parameter):
+                        tensors.append(x)
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        if t.is_mkldnn:
+            seen[-id(t)] = t.numel() * t.element_size()
+        else:
+            seen[torch._C._data_address(t)] = max(seen.get(torch._C._data_address(t), 0), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values())
+
+
+def outputs(out) -> torch.Tensor:
+    return out.last_hidden_state
+
+
+@pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
+def test_default_pipeline_holds_each_weight_about_once(make):
+    base = live_bytes()
+    model, kwargs = make()
+    with torch.no_grad():
+        expected = outputs(model(IDS, **kwargs))
+    params = param_bytes(model)
+    compiled = fxcc.compile(model, options=OPTS)
+    with torch.no_grad():
+        got = outputs(compiled(IDS, **kwargs))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    del model, got
+    # what remains: the model's parameters (the compiled module keeps it for the eager fallback and its guards),
+    # the packed copies within the budget (0.08 of the parameters), constants and the kernels' scratch buffers
+    held = live_bytes() - base - expected.untyped_storage().nbytes()
+    stats = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("codegen")][0]
+    assert held <= 1.1 * params, (f"{held / 2**20:.2f} MB live for {params / 2**20:.2f} MB of parameters, "
+                                  f"{stats.get('packed_mb')} MB of packed copies")
+
+
+def test_no_budget_keeps_no_packed_copy_and_in_place_changes_still_count():
+    model, kwargs = llama()
+    compiled = fxcc.compile(model, passes="decompose,canonicalize,raise,merge-linears,gemv,layout,fuse,"
+                                          "codegen{packed=0}", options=OPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(compiled(IDS, **kwargs)), outputs(model(IDS, **kwargs)),
+                                   atol=1e-4, rtol=1e-4)
+    stats = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("codegen")][0]
+    assert stats.get("packed_mb", 0.0) == 0.0
+    weights = {id(p) for p in model.parameters()}
+    for name, store in STORES.items():  # a packed copy of a merged weight would be kept under the merged tensor
+        kept = [v[0]() for v in store.values()]
+        assert not [w for w in kept if w is not None and (id(w) in weights or w.storage_offset() == 0
+                                                          and any(w.untyped_storage().data_ptr()
+                                                                  == p.untyped_storage().data_ptr()
+                                                                  for p in model.parameters()))], name
+    with torch.no_grad():  # a weight changed in place: the compiled module follows, as eager does
+        model.layers[0].mlp.up_proj.weight.mul_(2)
+        model.layers[1].self_attn.q_proj.weight.add_(0.01)
+        torch.testing.assert_close(outputs(compiled(IDS, **kwargs)), outputs(model(IDS, **kwargs)),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_a_larger_budget_is_spent_within_its_bound():
+    """packed=0.5: the copies kept (the accounting of oneDNN's, MKL's and TVM's sizes, of weights shared between
+    kernels) stay within half the parameter bytes, as the live bytes show, and results stay eager's."""
+    base = live_bytes()
+    model, kwargs = llama()
+    with torch.no_grad():
+        expected = outputs(model(IDS, **kwargs))
+    params = param_bytes(model)
+    compiled = fxcc.compile(model, passes="decompose,canonicalize,raise,merge-linears,gemv,layout,fuse,"
+                                          "codegen{packed=0.5}", options=OPTS)
+    with torch.no_grad():
+        got = outputs(compiled(IDS, **kwargs))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    stats = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("codegen")][0]
+    assert stats.get("packed_mb", 0.0) * 2**20 <= 0.5 * params
+    del model, got
+    held = live_bytes() - base - expected.untyped_storage().nbytes()
+    assert held <= 1.6 * params, f"{held / 2**20:.1f} MB live for {params / 2**20:.1f} MB of parameters"
+
+
+def test_budget_goes_where_the_measured_gain_per_byte_is_largest(monkeypatch):
+    """bound_copies on made-up kernels: each starts from its fallback without copies, then the steps that buy the
+    most time per byte are taken while they fit; a smaller copy (oneDNN's) may win over the fastest (MKL's), and a
+    weight one store already holds costs nothing again."""
+    import torch.fx as fx
+    from fxcc.autotune import select
+    from fxcc.codegen import Built
+    from fxcc.codegen.executable import BuiltKernel
+    from fxcc.dialects import Choice
+
+    g = fx.Graph()
+    ws = {}
+    for name in ("wa", "wb", "wc1", "wc2", "pad"):
+        ws[name] = g.get_attr(name)
+        ws[name].meta["val"] = torch.empty(25 if name != "pad" else 125)  # 100 bytes each, 1000 in all
+    uses = {"A": [["wa"]], "B": [["wb"]], "C": [["wc1"], ["wc2"]], "D": [["wb"]]}
+    nodes = [g.call_function(print, ([ws[w] for w in ins], key)) for key, per in uses.items() for ins in per]
+    gm = fx.GraphModule({n: torch.empty(0) for n in ws}, g)
+    size = {"mkl": 500, "onednn": 100}
+
+    def copies(kb, label, module):
+        return [(0, size[label], label)] if label in size else []
+    monkeypatch.setattr(select, "copies", copies)
+
+    class Body:
+        def __init__(self, key):
+            self.key, self.kind = key, "gemm"
+
+    def kernel(key, label, times):
+        return BuiltKernel(Body(key), Choice(label, label, {}, ""), Built(lambda inputs: inputs), times)
+    times = {"A": {"mkl": 1.0, "onednn": 1.2, "extern": 2.0}, "B": {"onednn": 1.0, "extern": 1.5},
+             "C": {"onednn": 1.0, "extern": 1.05}, "D": {"onednn": 1.0, "extern": 1.01}}
+    winners = {"A": "mkl", "B": "onednn", "C": "onednn", "D": "onednn"}
+    kernels = {k: kernel(k, winners[k], times[k]) for k in uses}
+    sel = select.Selection("cpu", 1)
+    sel.fallbacks = {k: [kernel(k, "extern", times[k])] + ([kernel(k, "onednn", times[k])] if k == "A" else [])
+                     for k in uses}
+    stats = select.bound_copies(gm, nodes, kernels, sel, 0.3)  # 300 bytes
+    chosen = {k: kernels[k].backend for k in uses}
+    # A: oneDNN's copy buys 0.8 ms for 100 bytes (MKL's 1.0 ms would need 500); B: 0.5 ms for 100; D reads B's
+    # weight, packed already; C: 0.1 ms for 200 bytes, past the budget
+    assert chosen == {"A": "onednn", "B": "onednn", "C": "extern", "D": "onednn"}, chosen
+    assert stats == {"packed_mb": round(200 / 2**20, 2), "unpacked": 2}
+    assert "do not fit codegen's packed=0.3 budget" in kernels["C"].note
+    kernels = {k: kernel(k, winners[k], times[k]) for k in uses}
+    select.bound_copies(gm, nodes, kernels, sel, 100.0)  # no bound: every kernel keeps its fastest choice
+    assert {k: kernels[k].backend for k in uses} == winners
