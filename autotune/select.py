@@ -50,7 +50,8 @@ class Codegen(Pass):
     tune="off" builds defaults and leaves the cache alone.
 
     `packed` bounds the packed weight copies the chosen kernels keep (a fraction of the graph's parameter bytes:
-    `bound_copies`), so a compiled model holds each weight about once; 0 keeps none, 100 bounds nothing.
+    `bound_copies`): 0.08 holds each weight about once, 0 keeps none; the default, 100, bounds nothing (the bound
+    costs speed: README, "The CPU backend").
     """
 
     name = "codegen"
@@ -59,7 +60,7 @@ class Codegen(Pass):
     backend: str = "auto"
     reps: int = 20
     # packed weight copies (oneDNN, MKL, TVM panels) may take this fraction of the graph's parameter bytes
-    packed: float = 0.08
+    packed: float = 100.0
 
     def __post_init__(self) -> None:
         if not self.packed >= 0:

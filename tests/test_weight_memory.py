@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from fxcc.codegen import mkl, onednn, tvm
+from fxcc.pipeline import DEFAULT_PIPELINE
 
 pytest.importorskip("transformers")
 
@@ -72,13 +73,13 @@ def outputs(out) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
-def test_default_pipeline_holds_each_weight_about_once(make):
+def test_a_packed_budget_of_0_08_holds_each_weight_about_once(make):
     base = live_bytes()
     model, kwargs = make()
     with torch.no_grad():
         expected = outputs(model(IDS, **kwargs))
     params = param_bytes(model)
-    compiled = fxcc.compile(model, options=OPTS)
+    compiled = fxcc.compile(model, passes=DEFAULT_PIPELINE.replace("codegen", "codegen{packed=0.08}"), options=OPTS)
     with torch.no_grad():
         got = outputs(compiled(IDS, **kwargs))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
