@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,9 @@ from .capture import original_forward
 log = logging.getLogger(__name__)
 
 STOP_CHECK_EVERY = 8  # decode steps between two reads of the finished-rows flag
+# devices fxcc's loop has been checked on; FXCC_DECODE_LOOP=all lets it run on any (CUDA graphs of its step,
+# which writes its inputs in place and may draw random numbers, are not yet checked on a GPU)
+CHECKED_DEVICES = ("cpu",)
 # generate's arguments that its `custom_generate` hook would not hand on to the decoding loop, or that choose a loop
 HF_ONLY = ("assistant_model", "streamer", "custom_generate", "prefix_allowed_tokens_fn", "negative_prompt_ids",
            "negative_prompt_attention_mask", "synced_gpus", "tokenizer", "assistant_tokenizer", "trust_remote_code")
@@ -93,6 +97,7 @@ class DecodeLoop:
         self.last: tuple[str, str] | None = None  # (path, why) of the last generate
         self.every = STOP_CHECK_EVERY
         self.enabled = True  # False: every generate runs transformers' loop (a baseline to compare with)
+        self.devices = None if os.environ.get("FXCC_DECODE_LOOP", "") == "all" else CHECKED_DEVICES
 
     def text(self) -> str:
         """For `fxcc explain`: which loop the last generate ran, and why ("" before any generate)."""
@@ -166,6 +171,9 @@ class DecodeLoop:
         from transformers.cache_utils import StaticLayer
         from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
+        if self.devices is not None and input_ids.device.type not in self.devices:
+            return (f"fxcc's loop is not yet checked on {input_ids.device.type} (FXCC_DECODE_LOOP=all runs it "
+                    "there)")
         if synced_gpus or streamer is not None:
             return "synced_gpus or a streamer"
         own = WARPERS if generation_config.do_sample else ()

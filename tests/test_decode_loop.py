@@ -216,3 +216,13 @@ def test_the_loop_can_be_turned_off():
     assert torch.equal(generate(cm, ids, mask), generate(model, ids, mask))
     assert cm.decode_loop.last[0] == decode_loop.HF_PATH and "turned off" in cm.decode_loop.last[1]
     assert not cm.decode_loop.steps
+
+
+def test_a_device_the_loop_is_not_checked_on_runs_transformers_loop():
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    cm.decode_loop.devices = ("cuda",)  # as a CUDA model is today: the loop is checked on the CPU only
+    assert torch.equal(generate(cm, ids, mask), generate(model, ids, mask))
+    assert cm.decode_loop.last[0] == decode_loop.HF_PATH and "not yet checked on cpu" in cm.decode_loop.last[1]
+    assert not cm.decode_loop.steps
