@@ -42,7 +42,7 @@ def _eager(model: torch.nn.Module, kwargs: dict) -> Any:
 
 def _choose(how: str, draw: random.Random) -> None:
     """DyCL's choice between a compiled segment and its plain Python: measured (as it is), drawn, or compiled."""
-    dycl.MEASURE_CHOICE = how == "random"  # "compiled": no timing at all
+    dycl.MEASURE_CHOICE = how != "compiled"  # compiled: no timing, every segment with tensors compiled
     if how == "random":
         dycl._median_us = lambda fn, args, reps=5: 1e3  # no segment counts as too small to compile
         dycl._compare = lambda compiled, plain, args, rounds=5: (1.0, 2.0) if draw.random() < 0.5 else (2.0, 1.0)
