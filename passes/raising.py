@@ -27,6 +27,11 @@ tx = torch.ops.fxcc_tx
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def _tensor(n: Any) -> bool:
+    """A graph value that is a tensor (not a symbolic int or float argument, which is a node too)."""
+    return isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
+
+
 def _pairs(node: fx.Node) -> list[tuple[Any, Any]]:
     """Both operand orders of a commutative binary op."""
     if len(node.args) < 2:
@@ -144,7 +149,7 @@ class RMSNormWeight(Pattern):
             return False
         for norm, w in _pairs(node):
             if (is_op(norm, tx.rms_norm.default) and norm.args[1] is None and len(norm.users) == 1
-                    and isinstance(w, fx.Node) and tuple(val(w).shape) == tuple(val(norm).shape[-1:])):
+                    and _tensor(w) and tuple(val(w).shape) == tuple(val(norm).shape[-1:])):
                 x, _, eps = norm.args
                 rw.replace(node, rw.call(tx.rms_norm.default, (x, w, eps), at=node))
                 return True
@@ -198,7 +203,7 @@ def _attention(node: fx.Node, rw: Rewriter, q: fx.Node, k: fx.Node, v: fx.Node, 
 
 
 def _bhtd(*ts: Any) -> bool:
-    return all(isinstance(t, fx.Node) and val(t).dim() == 4 for t in ts)
+    return all(_tensor(t) and val(t).dim() == 4 for t in ts)
 
 
 class SDPA(Pattern):
@@ -325,7 +330,7 @@ class Rotary(Pattern):
             for rot, sin in _pairs(rot_sin):
                 x = _rotate_half_source(rot)
                 cos = _other(x_cos, x)
-                if isinstance(cos, fx.Node) and isinstance(sin, fx.Node):
+                if _tensor(cos) and _tensor(sin):
                     rw.replace(node, rw.call(tx.rotary.default, (x, cos, sin), at=node))
                     return True
         return False
@@ -468,7 +473,7 @@ class GatedAct(Pattern):
         if not is_op(node, aten.mul.Tensor):
             return False
         for act, up in _pairs(node):
-            if not isinstance(up, fx.Node) or not isinstance(act, fx.Node) or len(act.users) != 1:
+            if not _tensor(up) or not isinstance(act, fx.Node) or len(act.users) != 1:  # `up` no float
                 continue
             if is_op(act, tx.silu.default):
                 kind = "silu"

@@ -419,3 +419,14 @@ def test_float_the_graph_does_not_compute_with(fn):
             got, want = got[0], want[0]
         assert torch.equal(got, want)
     assert cm.stats.compiles == 2 and cm.stats.reasons[1].endswith("symbolic: s")
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x, s: torch.nn.functional.silu(x) * s + s,  # raise's gated-act pattern took `s` for the up projection
+    lambda x, s: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * s,  # rms-norm weight pattern: `s.shape`
+], ids=["silu_times_float", "rms_norm_times_float"])
+def test_a_symbolic_float_is_no_tensor_to_the_raising_patterns(fn):
+    cm = compiled(fn)
+    for s in (0.5, 2.0, 0.75, -1.0):  # the second value recompiles with `s` symbolic
+        check(cm, fn, torch.randn(4, 16), s)
+    assert cm.stats.eager_calls == 0 and cm.stats.compiles == 2
