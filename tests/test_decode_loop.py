@@ -14,27 +14,8 @@ from fxcc import decode_loop
 from fxcc import runtime as fxcc_runtime
 
 transformers = pytest.importorskip("transformers")
+from test_generate import FAST, VOCAB, gpt2, llama, qwen2  # noqa: E402  (the same tiny decoders)
 from transformers import StaticCache  # noqa: E402
-
-VOCAB = 100
-FAST = "canonicalize,raise,fuse,codegen{backend=extern}"
-DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=None,
-               pad_token_id=0)
-
-
-def llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
-
-
-def qwen2():
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DECODER))
-
-
-def gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=None,
-        pad_token_id=0))
 
 
 def build(make):
