@@ -38,6 +38,9 @@ from fxcc.store import cache_key, default_cache, target_id
 
 log = logging.getLogger(__name__)
 
+NO_BOUND = 100.0  # codegen{packed=100}: packed weight copies are not bounded (the default)
+
+
 @dataclass(frozen=True)
 class Codegen(Pass):
     """Builds each distinct kernel once. `backend=auto` measures every available backend's candidates.
@@ -60,7 +63,7 @@ class Codegen(Pass):
     backend: str = "auto"
     reps: int = 20
     # packed weight copies (oneDNN, MKL, TVM panels) may take this fraction of the graph's parameter bytes
-    packed: float = 100.0
+    packed: float = NO_BOUND
 
     def __post_init__(self) -> None:
         if not self.packed >= 0:
@@ -84,7 +87,8 @@ class Codegen(Pass):
             how, k = sel.choose(kernel_body(key), backends)
             ctx.kernels[key] = k  # what was built for the choice: the executable builder takes it
             stats[how] = stats.get(how, 0) + 1
-        stats.update(bound_copies(gm, nodes, ctx.kernels, sel, self.packed))
+        if self.packed < NO_BOUND:  # sizing the copies reads each backend's lowering (TVM's import: ~2 s warm)
+            stats.update(bound_copies(gm, nodes, ctx.kernels, sel, self.packed))
         for k in {n.args[1]: ctx.kernels[n.args[1]] for n in nodes}.values():
             stats[k.backend] = stats.get(k.backend, 0) + 1
         changed = False
