@@ -259,8 +259,9 @@ class Selection:
             return None
         k = BuiltKernel(kb, choice, b, entry.meta.get("timings_ms", {}), cached=True)
         k.decided = settle_text(entry.meta, cached=True)
-        if copies(kb, choice.backend, choice.module):  # stored before fallbacks were: extern
-            self.fallbacks[kb.key] = [tuple(f) for f in entry.meta.get("fallbacks") or [("extern", "extern", {})]]
+        # `bound_copies` sizes the choice's copies only under a bound (sizing imports the backend's lowering);
+        # an entry stored before fallbacks were falls back to extern
+        self.fallbacks[kb.key] = [tuple(f) for f in entry.meta.get("fallbacks") or [("extern", "extern", {})]]
         return k
 
     def fallback(self, kb: KernelBody, i: int) -> BuiltKernel:
