@@ -17,6 +17,7 @@ scores in the output...) runs transformers' own loop, and `DecodeLoop.last` says
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -40,19 +41,35 @@ HF_ONLY = ("assistant_model", "streamer", "custom_generate", "prefix_allowed_tok
 MODEL_KWARGS = {"cache", "attention_mask", "position_ids", "use_cache", "logits_to_keep"}  # what the step rebuilds
 # logits warpers generate builds for sampling that read only the scores: the step calls them itself
 WARPERS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper")
+# the warpers' float settings a step takes as inputs (a tensor of them), so a new temperature, top-p or min-p reuses
+# the compiled step; the warper runs as transformers wrote it, on a copy that holds the input in place of the float
+KNOBS = {"TemperatureLogitsWarper": "temperature", "TopPLogitsWarper": "top_p", "MinPLogitsWarper": "min_p"}
 HF_PATH = "transformers' generate loop"
 FXCC_PATH = "fxcc's decode loop"
 
 
-def choose(logits: torch.Tensor, warpers: tuple | None) -> torch.Tensor:
+def choose(logits: torch.Tensor, warpers: tuple | None, knobs: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of each row from the last position's logits, as transformers' `_sample` chooses it: the
-    argmax (`warpers` None), or a draw from the softmax of the scores generate's sampling warpers leave."""
+    argmax (`warpers` None), or a draw from the softmax of the scores generate's sampling warpers leave; `knobs`
+    (`knob_values`) replace the warpers' float settings named in KNOBS, in order."""
     scores = logits[:, -1].float()
     if warpers is None:
         return scores.argmax(-1)
+    i = 0
     for warper in warpers:
+        name = KNOBS.get(type(warper).__name__)
+        if knobs is not None and name is not None:
+            warper = copy.copy(warper)
+            setattr(warper, name, knobs[i])  # a float64 0-dim tensor: torch promotes it as it does the float
+            i += 1
         scores = warper(None, scores)
     return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+
+
+def knob_values(warpers: tuple | None, device: torch.device) -> torch.Tensor:
+    """The warpers' float settings named in KNOBS, in order, as a float64 tensor (a step's input)."""
+    values = [float(getattr(w, KNOBS[type(w).__name__])) for w in warpers or () if type(w).__name__ in KNOBS]
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 class DecodeStep(nn.Module):
@@ -69,7 +86,7 @@ class DecodeStep(nn.Module):
         self.warpers = warpers
 
     def forward(self, seq: torch.Tensor, pos: torch.Tensor, position_ids: torch.Tensor, pad_mask: torch.Tensor,
-                unfinished: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, cache: Any) -> None:
+                unfinished: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, knobs: torch.Tensor, cache: Any) -> None:
         ids = seq.index_select(1, pos)
         keys = torch.arange(pad_mask.shape[1], device=pad_mask.device)
         mask = (pad_mask & (keys <= pos))[:, None, None, :]  # generate's 4-D mask for a static cache (sdpa)
@@ -77,7 +94,7 @@ class DecodeStep(nn.Module):
         # the model's own forward: generate routes the instance's to the compiled model while it runs
         out = original_forward(self.model)(input_ids=ids, cache=cache, position_ids=position_ids,
                                            attention_mask=mask, use_cache=True, return_dict=True, **extra)
-        tokens = choose(out.logits, self.warpers)
+        tokens = choose(out.logits, self.warpers, knobs)
         if self.eos:
             tokens = tokens * unfinished + pad * (1 - unfinished)
             unfinished.copy_(unfinished & ~torch.isin(tokens, eos))
@@ -260,7 +277,7 @@ class DecodeLoop:
                 warpers: tuple | None) -> None:
         device = seq.device
         keep = model._supports_logits_to_keep()
-        # a step per kind of call: the warpers' numbers are constants of its graph
+        # a step per kind of call: the warpers' numbers are constants of its graph, but for their KNOBS (inputs)
         key = (keep, eos is not None, None if warpers is None else tuple(_settings(w) for w in warpers))
         step = self.steps.get(key)
         if step is None:
@@ -273,6 +290,7 @@ class DecodeLoop:
         position_ids = (model_kwargs["position_ids"][:, -1:] + 1).contiguous()
         if eos is None:  # the step's graph ignores them
             eos = pad = torch.zeros((), dtype=torch.long, device=device)
+        knobs = knob_values(warpers, device)
         # no step past the batch's end where it would show: in the caller's cache (theirs after generate), or in the
         # global generator (a step that samples draws from it, eager's loop stops drawing at the end)
         every = 1 if getattr(cache, "_is_user_defined", False) or warpers is not None else self.every
@@ -281,17 +299,19 @@ class DecodeLoop:
             return
         with model._optimize_model_for_decode():
             for i in range(steps):
-                step(seq, pos, position_ids, pad_mask, unfinished, eos, pad, cache)
+                step(seq, pos, position_ids, pad_mask, unfinished, eos, pad, knobs, cache)
                 if key[1] and (i + 1) % every == 0 and i + 1 < steps and flag.finished(unfinished):
                     break
 
 
 def _settings(warper: Any) -> tuple:
-    """A logits warper's class and settings, () where a setting is not a number or a bool."""
+    """A logits warper's class and settings (its KNOBS setting left out: a step's input), () where a setting is not a
+    number or a bool."""
     items = sorted(vars(warper).items())
     if not all(isinstance(v, (int, float, bool)) for _, v in items):
         return ()
-    return (type(warper).__name__, *items)
+    knob = KNOBS.get(type(warper).__name__)
+    return (type(warper).__name__, *((k, v) for k, v in items if k != knob))
 
 
 class _Flag:

@@ -207,3 +207,26 @@ def test_a_device_the_loop_is_not_checked_on_runs_transformers_loop():
     assert torch.equal(generate(cm, ids, mask), generate(model, ids, mask))
     assert cm.decode_loop.last[0] == decode_loop.HF_PATH and "not yet checked on cpu" in cm.decode_loop.last[1]
     assert not cm.decode_loop.steps
+
+
+def test_a_new_temperature_top_p_or_min_p_reuses_the_compiled_step():
+    """The warpers' float settings are inputs of the step: generates with other values draw eager's tokens under
+    one seed and compile nothing more; a new top-k (a size in the graph) is a step of its own."""
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    for n, warp in enumerate([dict(temperature=0.7, top_p=0.8, min_p=0.05), dict(temperature=1.4, top_p=0.5,
+                                                                                 min_p=0.2),
+                              dict(temperature=0.3, top_p=0.95, min_p=0.01)]):
+        torch.manual_seed(11)
+        expected = generate(model, ids, mask, do_sample=True, top_k=0, **warp)
+        torch.manual_seed(11)
+        got = generate(cm, ids, mask, do_sample=True, top_k=0, **warp)
+        assert cm.decode_loop.last == (decode_loop.FXCC_PATH, "sampling with a static cache")
+        assert torch.equal(got, expected), warp
+        (step,) = cm.decode_loop.steps.values()
+        if n == 0:
+            compiles = step.stats.compiles
+        assert step.stats.compiles == compiles and step.stats.eager_calls == 0
+    generate(cm, ids, mask, do_sample=True, top_k=4, temperature=0.7)
+    assert len(cm.decode_loop.steps) == 2
