@@ -324,6 +324,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         call(*args, *(r.as_strided(phys, pst) for r, (_, _, _, phys, pst) in zip(res, now_outs)), *syms)
         return res
     run.module = mod
+    if evaluate is None:  # static: every call's outputs have these strides (fxcc.codegen.executable.layout_kept)
+        run.strides = [stride for _, stride, _, _, _ in outs]
     return run
 
 
