@@ -435,14 +435,24 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False):
             return lambda *inputs: onednn.linear(inputs[ix], inputs[iw])
         k, n = int(w.meta["val"].shape[1]), int(w.meta["val"].shape[0])
         local = threading.local()
+        last = [None, None, 0]  # a parameter, its transposed view and its address, kept across calls (a view costs us)
 
         def gemm(*inputs):
-            x = inputs[ix]
+            x, w = inputs[ix], inputs[iw]
+            if w is last[0] and _address(w) == last[2]:
+                wt = last[1]
+            else:
+                wt = w.t()
+                if isinstance(w, torch.nn.Parameter):  # never an activation: its view would pin a reused buffer
+                    last[:] = w, wt, _address(w)
             rows = x.numel() // k  # this call's: a symbolic kernel's row count varies
             buf = getattr(local, "buf", None)
             if buf is None or buf.shape[0] != rows:
                 buf = local.buf = torch.empty(rows, n, dtype=split.meta["val"].dtype)
-            torch.mm(x.reshape(-1, k), inputs[iw].t(), out=buf)
+            if x.dim() == 2:
+                torch.mm(x, wt, out=buf)
+                return buf
+            torch.mm(x.reshape(-1, k), wt, out=buf)
             return buf.view(*x.shape[:-1], n)
         return gemm
     graph, env = fx.Graph(), {}

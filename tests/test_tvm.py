@@ -263,6 +263,27 @@ def test_library_gemm_with_generated_epilogue_candidate():
     assert cands["tvm+extern"].space and "tile_m" in cands["tvm"].space  # both expose a search space
 
 
+def test_library_gemm_follows_its_weight_changed_in_place_or_given_new_memory():
+    # the library GEMM keeps a parameter's transposed view across calls: it must see the weight as it is now
+    w = torch.nn.Parameter(torch.randn(48, 32), requires_grad=False)
+    b = torch.randn(48)
+
+    def f(x, w):
+        return F.gelu(F.linear(x, w, b))
+    for x in (torch.randn(2, 5, 32), torch.randn(7, 32)):  # rows of a 3-D and of a 2-D input
+        cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+        cm(x, w)
+        kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
+        cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm+extern")
+        fn = cand.build(cand.defaults).fn
+        torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            w.mul_(-1)  # in place
+        torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
+        w.data = torch.randn(48, 32)  # the same parameter in new memory
+        torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("params", [{}, {"tile_m": 6, "tile_n": 24, "tile_mb": 32, "unroll": 0}])
 def test_generated_gemm_reads_a_weight_packed_once_per_version(params):
     w = torch.nn.Parameter(torch.randn(48, 40), requires_grad=False)
