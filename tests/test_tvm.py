@@ -263,10 +263,11 @@ def test_library_gemm_with_generated_epilogue_candidate():
     assert cands["tvm+extern"].space and "tile_m" in cands["tvm"].space  # both expose a search space
 
 
-def test_library_gemm_follows_its_weight_changed_in_place_or_given_new_memory():
-    # the library GEMM keeps a parameter's transposed view across calls: it must see the weight as it is now
+def test_library_gemm_and_epilogue_follow_parameters_changed_in_place_or_given_new_memory():
+    # the library GEMM keeps a parameter's transposed view across calls, the generated part the flat view of a
+    # parameter it reads (the bias): both must see the parameter as it is now
     w = torch.nn.Parameter(torch.randn(48, 32), requires_grad=False)
-    b = torch.randn(48)
+    b = torch.nn.Parameter(torch.randn(48), requires_grad=False)
 
     def f(x, w):
         return F.gelu(F.linear(x, w, b))
@@ -279,8 +280,9 @@ def test_library_gemm_follows_its_weight_changed_in_place_or_given_new_memory():
         torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
         with torch.no_grad():
             w.mul_(-1)  # in place
+            b.add_(1)
         torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
-        w.data = torch.randn(48, 32)  # the same parameter in new memory
+        w.data, b.data = torch.randn(48, 32), torch.randn(48)  # the same parameters in new memory
         torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
 
 
