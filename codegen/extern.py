@@ -18,7 +18,6 @@ from fxcc.codegen import Built, KernelFn, conv_layout, key_trim, linear_weight, 
 from fxcc.dialects import CONV, REFERENCE, KernelBody
 
 name = "extern"
-WXT = "wxt"  # the candidate whose linears run as weight @ input.T (`weight_first_linear`)
 
 def available(target: str) -> str | None:
     return None
@@ -34,8 +33,6 @@ def candidates(kb: KernelBody, target: str) -> list[Extern]:
         out.append(Extern(kb, backend="onednn"))
     if target == "cpu" and any(mkl.applies(n) for n in kb.body.graph.nodes):
         out.append(Extern(kb, backend="mkl"))
-    if target == "cpu" and any(linear_weight(n) is not None for n in kb.body.graph.nodes):
-        out.append(Extern(kb, backend=WXT))
     if key_trim.applies(kb.body, target):
         out.append(Extern(kb, backend=key_trim.name))
     if conv_layout.applies(kb.body, target):
@@ -72,12 +69,12 @@ class Extern:
 
 def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Built:
     graph = inline_graph(kb, packed=label == "onednn", trim=label == key_trim.name, mkl_packed=label == "mkl",
-                         nhwc=label == conv_layout.name, weight_first=label == WXT)
+                         nhwc=label == conv_layout.name)
     return Built(build(kb, graph), source=kb.text, inline=graph)
 
 
 def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
-                 mkl_packed: bool = False, nhwc: bool = False, weight_first: bool = False) -> fx.Graph:
+                 mkl_packed: bool = False, nhwc: bool = False) -> fx.Graph:
     """The kernel body with tx ops calling their reference functions: what the runtime splices in place.
     Linears write into a reused buffer, or run on packed weights (oneDNN with `packed`, MKL with
     `mkl_packed`); with `trim`, attention skips the keys its mask removes (fxcc.codegen.key_trim); with
@@ -93,9 +90,7 @@ def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
             node.target = REFERENCE[node.target]
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
             node.target = (onednn.linear if packed and onednn.applies(node)
-                           else mkl.linear if mkl_packed and mkl.applies(node)
-                           else weight_first_linear() if weight_first and linear_weight(node) is not None
-                           else pooled_linear())
+                           else mkl.linear if mkl_packed and mkl.applies(node) else pooled_linear())
     return graph
 
 
@@ -118,37 +113,6 @@ def pooled_linear():
             torch.mm(x2, w.t(), out=out)
         else:
             torch.addmm(b, x2, w.t(), out=out)
-        return pool[0]
-    return linear
-
-
-def weight_first_linear():
-    """`F.linear(x, w, b)` computed as `w @ x.T` into a [N, rows] buffer, then written transposed into the
-    [rows, N] output (both buffers reused once nothing holds them): the same product with the weight as the
-    library's first operand, read in its own layout. On the CPU at tens of rows MKL packs the second operand of a
-    GEMM at every call, so `x @ w.T` re-packs the whole weight each time, while `w @ x.T` packs only the small
-    activation: no copy of the weight is kept, and on a weight that comes from memory rather than cache it ran
-    about as fast as MKL's packed copy (`codegen/mkl.py`)."""
-    local = threading.local()
-
-    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() < 2 or x.dtype != w.dtype:
-            return F.linear(x, w, b)
-        n, k = w.shape
-        shape = (*x.shape[:-1], n)
-        rows = x.numel() // k if k else 0
-        pool = getattr(local, "pool", None) or [None, None]
-        if not (reusable(pool, 0) and pool[0].shape == shape and pool[0].dtype == x.dtype):
-            pool[0] = torch.empty(shape, dtype=x.dtype)
-        if pool[1] is None or pool[1].shape != (n, rows) or pool[1].dtype != x.dtype:
-            pool[1] = torch.empty(n, rows, dtype=x.dtype)
-        local.pool = pool
-        xt = x.reshape(rows, k).t()
-        if b is None:
-            torch.mm(w, xt, out=pool[1])
-        else:
-            torch.addmm(b.unsqueeze(1), w, xt, out=pool[1])
-        pool[0].view(rows, n).copy_(pool[1].t())
         return pool[0]
     return linear
 
