@@ -38,7 +38,11 @@ from fxcc.store import cache_key, default_cache, target_id
 
 log = logging.getLogger(__name__)
 
-NO_BOUND = 100.0  # codegen{packed=100}: packed weight copies are not bounded (the default)
+NO_BOUND = 100.0  # codegen{packed=100}: packed weight copies are not bounded
+# the default bound: each weight held about once (the model's own, plus copies of at most this fraction of the
+# parameter bytes), at no speed cost beyond the noise on the README's models, since the best candidate that copies
+# no weight (`tvm+wxt`, fxcc.codegen.tvm) runs about as fast as MKL's packed copy in the model
+DEFAULT_PACKED = 0.05
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,8 @@ class Codegen(Pass):
     tune="off" builds defaults and leaves the cache alone.
 
     `packed` bounds the packed weight copies the chosen kernels keep (a fraction of the graph's parameter bytes:
-    `bound_copies`): 0.08 holds each weight about once, 0 keeps none; the default, 100, bounds nothing (the bound
-    costs speed: README, "The CPU backend").
+    `bound_copies`): the default, 0.05, holds each weight about once, 0 keeps none, 100 bounds nothing (README,
+    "The CPU backend", measures what each costs).
     """
 
     name = "codegen"
@@ -63,7 +67,7 @@ class Codegen(Pass):
     backend: str = "auto"
     reps: int = 20
     # packed weight copies (oneDNN, MKL, TVM panels) may take this fraction of the graph's parameter bytes
-    packed: float = NO_BOUND
+    packed: float = DEFAULT_PACKED
 
     def __post_init__(self) -> None:
         if not self.packed >= 0:
@@ -87,7 +91,7 @@ class Codegen(Pass):
             how, k = sel.choose(kernel_body(key), backends)
             ctx.kernels[key] = k  # what was built for the choice: the executable builder takes it
             stats[how] = stats.get(how, 0) + 1
-        if self.packed < NO_BOUND:  # sizing the copies reads each backend's lowering (TVM's import: ~2 s warm)
+        if self.packed < NO_BOUND:  # sizing the copies may read a backend's lowering (fxcc.codegen.tvm.copies)
             stats.update(bound_copies(gm, nodes, ctx.kernels, sel, self.packed))
         for k in {n.args[1]: ctx.kernels[n.args[1]] for n in nodes}.values():
             stats[k.backend] = stats.get(k.backend, 0) + 1

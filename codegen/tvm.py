@@ -146,18 +146,19 @@ def weight_first_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def copies(kb: KernelBody, label: str) -> list[tuple[int, int, str]]:
     """(placeholder index, bytes, store) of every weight copy candidate `label` keeps across calls: `tvm` reads each
     packable linear weight as column panels (fxcc.codegen.tvm_lower), `tvm+onednn` its GEMM's weight in oneDNN's
-    blocked layout; `tvm+extern` reads its inputs as they are."""
-    from fxcc.codegen import tvm_lower as tl
+    blocked layout; `tvm+extern` and `tvm+wxt` read their inputs as they are. Where nothing can be copied the
+    answer comes without importing the lowering (TVM's compiler: seconds of a warm compile that bounds copies)."""
     nodes = list(kb.body.graph.nodes)
     places = [n for n in nodes if n.op == "placeholder"]
+    if label not in ("tvm", "tvm+onednn") or not any(linear_weight(n) is not None for n in nodes):
+        return []
     if label == "tvm":
+        from fxcc.codegen import tvm_lower as tl
         needed = tl._needed(nodes, None)
         weights = dict.fromkeys(n.args[1] for n in nodes if n in needed and tl._packable(n))
     elif label == "tvm+onednn":
         anchor = next((n for n in nodes if n.op == "call_function" and n.target in ANCHORS), None)
         weights = dict.fromkeys([anchor.args[1]] if anchor is not None and onednn.applies(anchor) else [])
-    else:
-        return []
     store = "tvm-panels" if label == "tvm" else "onednn"
     return [(places.index(w), onednn.copy_bytes(w.meta["val"]), store) for w in weights if w in places]
 
