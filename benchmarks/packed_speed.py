@@ -1,12 +1,12 @@
 """What the packed-weight budget costs in speed: the same model compiled with codegen's default `packed` budget and
 with no bound (`codegen{packed=100}`), or any budgets given, timed interleaved with eager in one process.
 
-    cd benchmarks && python packed_speed.py [--models llama bert gpt2] [--threads 1] [--reps 60] [--fractions 0.08 1 100]
+    cd benchmarks && python packed_speed.py [--models llama bert gpt2] [--threads 1] [--reps 60] [--fractions 0.05 1 100]
                                             [--copies 2]
 
 Each engine gets its own copy of the model (same weights), so one compile's merged or packed weights never touch
 another's. Two compiles of one pipeline, on two copies, can differ by 10-15% in one process, steadily: where their
-weights landed in memory, not what was compiled (the same aten::mm calls took 15.9 and 12.9 ms per call on llama).
+weights landed in memory, not what was compiled (the same aten::mm calls took 15.9 and 12.9 ms per forward on llama).
 So each budget is compiled `--copies` times (default 2), in the order A B B A (then again), and its figures pool
 its copies. Prints each budget's median call time with its 10th-90th percentile spread over the rounds (and each
 copy's median: how far apart equal compiles are), the ratio of each budget to the last one's, call by call, copy
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["llama"], choices=list(MODELS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=60)
-    ap.add_argument("--fractions", nargs="+", default=["0.08", "100"],
+    ap.add_argument("--fractions", nargs="+", default=["0.05", "100"],
                     help="codegen packed= budgets to compile with (the last one is the baseline of the ratios)")
     ap.add_argument("--copies", type=int, default=2, help="compiles of each budget (on copies of the model)")
     args = ap.parse_args()
