@@ -38,11 +38,7 @@ from fxcc.store import cache_key, default_cache, target_id
 
 log = logging.getLogger(__name__)
 
-NO_BOUND = 100.0  # codegen{packed=100}: packed weight copies are not bounded
-# the default bound: each weight held about once (the model's own, plus copies of at most this fraction of the
-# parameter bytes), at no speed cost beyond the noise on the README's models, since the best candidate that copies
-# no weight (`tvm+wxt`, fxcc.codegen.tvm) runs about as fast as MKL's packed copy in the model
-DEFAULT_PACKED = 0.05
+NO_BOUND = 100.0  # codegen{packed=100}: packed weight copies are not bounded (the default)
 
 
 @dataclass(frozen=True)
@@ -57,7 +53,7 @@ class Codegen(Pass):
     tune="off" builds defaults and leaves the cache alone.
 
     `packed` bounds the packed weight copies the chosen kernels keep (a fraction of the graph's parameter bytes:
-    `bound_copies`): the default, 0.05, holds each weight about once, 0 keeps none, 100 bounds nothing (README,
+    `bound_copies`): 0.05 holds each weight about once, 0 keeps none; the default, 100, bounds nothing (README,
     "The CPU backend", measures what each costs).
     """
 
@@ -67,7 +63,7 @@ class Codegen(Pass):
     backend: str = "auto"
     reps: int = 20
     # packed weight copies (oneDNN, MKL, TVM panels) may take this fraction of the graph's parameter bytes
-    packed: float = DEFAULT_PACKED
+    packed: float = NO_BOUND
 
     def __post_init__(self) -> None:
         if not self.packed >= 0:

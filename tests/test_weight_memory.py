@@ -73,21 +73,22 @@ def outputs(out) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
-def test_the_default_pipeline_holds_each_weight_about_once(make):
-    """codegen's default budget (packed=0.05: fxcc.autotune.select.DEFAULT_PACKED) bounds the packed copies."""
+def test_a_small_packed_budget_holds_each_weight_about_once(make):
+    """packed=0.05 bounds the packed copies; the copies of the weights the candidates were timed on (a rotation of
+    them: select.rotation) and their packed forms are gone once the compile is done."""
     base = live_bytes()
     model, kwargs = make()
     with torch.no_grad():
         expected = outputs(model(IDS, **kwargs))
     params = param_bytes(model)
-    compiled = fxcc.compile(model, passes=DEFAULT_PIPELINE, options=OPTS)
+    compiled = fxcc.compile(model, passes=DEFAULT_PIPELINE.replace("codegen", "codegen{packed=0.05}"), options=OPTS)
     with torch.no_grad():
         got = outputs(compiled(IDS, **kwargs))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     del model, got
     # what remains: the model's parameters (the compiled module keeps it for the eager fallback and its guards),
-    # the packed copies within the default budget (0.05 of the parameters), constants and the kernels' scratch
-    # buffers (about 0.02: a budget of 0.08 left no margin under 1.1 in one run)
+    # the packed copies within the budget (0.05 of the parameters), constants and the kernels' scratch buffers (about
+    # 0.02: a budget of 0.08 left no margin under 1.1 in one run)
     held = live_bytes() - base - expected.untyped_storage().nbytes()
     stats = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("codegen")][0]
     assert held <= 1.1 * params, (f"{held / 2**20:.2f} MB live for {params / 2**20:.2f} MB of parameters, "
@@ -216,3 +217,28 @@ def test_a_weight_first_gemm_reads_the_weight_as_it_is():
     with torch.no_grad():
         w.mul_(-1)  # changed in place: read as it is now
     torch.testing.assert_close(built.fn(args)[0], f(x, w, r), atol=1e-4, rtol=1e-4)
+
+
+def test_candidates_are_timed_on_a_rotation_of_weight_copies():
+    """select.rotation: the kernel's parameters come as fresh copies (same values and layout, parameters still) in
+    every set but the first, enough that their bytes reach ROTATE_BYTES (capped at ROTATE_SETS sets), while the
+    other inputs are shared; `rotating` calls the kernel on the next set each time."""
+    from fxcc.autotune import select
+
+    w = nn.Parameter(torch.randn(256, 512)[:, ::2], requires_grad=False)  # 256 KB, strided
+    x, b = torch.randn(4, 256), nn.Parameter(torch.randn(256), requires_grad=False)
+    sets = select.rotation([x, w, b], {1, 2})
+    assert len(sets) == min(select.ROTATE_SETS, -(-select.ROTATE_BYTES // (256 * 256 * 4 + 256 * 4)))
+    assert [id(t) for t in sets[0]] == [id(x), id(w), id(b)] and all(s[0] is x for s in sets)
+    for s in sets[1:]:
+        for i, orig in ((1, w), (2, b)):
+            assert isinstance(s[i], nn.Parameter) and s[i].stride() == orig.stride()
+            assert s[i].untyped_storage().data_ptr() != orig.untyped_storage().data_ptr()
+            torch.testing.assert_close(s[i], orig)
+    alone = select.rotation([x, w, b], ())  # no parameters: nothing to rotate
+    assert len(alone) == 1 and [id(t) for t in alone[0]] == [id(x), id(w), id(b)]
+    seen = []
+    call = select.rotating(lambda inputs: seen.append(inputs[1]), sets)
+    for _ in range(2 * len(sets)):
+        call()
+    assert [id(t) for t in seen] == [id(s[1]) for s in sets[1:] + sets[:1]] * 2
