@@ -53,8 +53,8 @@ class Codegen(Pass):
     tune="off" builds defaults and leaves the cache alone.
 
     `packed` bounds the packed weight copies the chosen kernels keep (a fraction of the graph's parameter bytes:
-    `bound_copies`): 0.08 holds each weight about once, 0 keeps none; the default, 100, bounds nothing (the bound
-    costs speed: README, "The CPU backend").
+    `bound_copies`): 0.05 holds each weight about once, 0 keeps none; the default, 100, bounds nothing (README,
+    "The CPU backend", measures what each costs).
     """
 
     name = "codegen"
@@ -87,7 +87,7 @@ class Codegen(Pass):
             how, k = sel.choose(kernel_body(key), backends)
             ctx.kernels[key] = k  # what was built for the choice: the executable builder takes it
             stats[how] = stats.get(how, 0) + 1
-        if self.packed < NO_BOUND:  # sizing the copies reads each backend's lowering (TVM's import: ~2 s warm)
+        if self.packed < NO_BOUND:  # sizing the copies may read a backend's lowering (fxcc.codegen.tvm.copies)
             stats.update(bound_copies(gm, nodes, ctx.kernels, sel, self.packed))
         for k in {n.args[1]: ctx.kernels[n.args[1]] for n in nodes}.values():
             stats[k.backend] = stats.get(k.backend, 0) + 1
@@ -209,8 +209,13 @@ class Selection:
         elif len(built) == 1:
             best = "extern"
         else:
-            decision = compare({label: (lambda fn=b.fn: fn(inputs)) for label, (b, _) in built.items()}, "extern",
+            sets = rotation(inputs, self.probe.params(kb) if self.probe and self.target == "cpu" else ())
+            for b, _ in built.values():  # each copy's packed weights made before timing, as the model's are
+                for x in sets[1:]:
+                    b.fn(x)
+            decision = compare({label: rotating(b.fn, sets) for label, (b, _) in built.items()}, "extern",
                                device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
+            del sets
             timings = {label: round(x.own, 4) for label, x in decision.timings.items()}
             best = decision.winner
             log.info("kernel %s (%s): %s", kb.key, kb.kind, decision.summary())
@@ -335,6 +340,42 @@ class Selection:
         if cache:
             _store(cache, k, self.target, 0)
         return k
+
+
+# Candidates are timed with their parameters cold: each call reads another copy of them, from a rotation of copies
+# taking this many bytes together (at most ROTATE_SETS copies), so a weight has left the core's cache when its turn comes again, as in
+# the model, where every other layer's weights pass between two reads of one. Timed hot, with the same weight at
+# every call, the candidates that re-pack a weight at each call (the library GEMM on `x @ w.T`) looked nearly as fast
+# as those reading a packed copy; in the model the difference was several times larger (README, "The CPU backend").
+ROTATE_BYTES = 32 * 2**20
+ROTATE_SETS = 16
+
+
+def rotation(inputs: list[torch.Tensor], params: Iterable[int]) -> list[list[torch.Tensor]]:
+    """`inputs` and copies of it whose parameters (the placeholder indices in `params`) are copies of theirs, enough
+    that the parameters of all of them together take ROTATE_BYTES (at most ROTATE_SETS sets); [inputs] alone where
+    there are no parameters."""
+    params = [i for i in params if inputs[i].numel()]
+    nbytes = sum(inputs[i].numel() * inputs[i].element_size() for i in params)
+    if not nbytes or ROTATE_BYTES <= 0:
+        return [inputs]
+    out = [inputs]
+    for _ in range(min(ROTATE_SETS, -(-ROTATE_BYTES // nbytes)) - 1):
+        x = list(inputs)
+        for i in params:
+            x[i] = torch.nn.Parameter(_same_layout_copy(inputs[i].detach()), requires_grad=False)
+        out.append(x)
+    return out
+
+
+def rotating(fn, sets: list[list[torch.Tensor]]):
+    """A callable running `fn` on the next of `sets` at each call (`rotation`)."""
+    at = [0]
+
+    def call():
+        at[0] = (at[0] + 1) % len(sets)
+        return fn(sets[at[0]])
+    return call
 
 
 def fallback_key(key: str, label: str) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.codegen import Built, KernelFn, derived, extern, onednn, reusable, tvm_omp
+from fxcc.codegen import Built, KernelFn, derived, extern, linear_weight, onednn, reusable, tvm_omp
 from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
 
 name = "tvm"
@@ -108,24 +108,57 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
                 out.append(TVMCandidate(kb, "tvm+onednn", anchor.name))
         except tl.Unsupported:
             pass
+        if _weight_first_applies(kb.body, anchor):
+            try:
+                tl.Lowering(kb.body, split=anchor, weight_first=True).run()
+                out.append(TVMCandidate(kb, WXT, anchor.name))
+            except tl.Unsupported:
+                pass
     return out
+
+
+WXT = "tvm+wxt"  # the generated epilogue around the library GEMM computed as weight @ input.T
+
+
+def _weight_first_applies(body: fx.GraphModule, anchor: fx.Node) -> bool:
+    """Whether `anchor` is a linear of two kernel inputs, a 2-D weight and an activation of static sizes, whose
+    product the generated code can read as `weight @ input.T` leaves it (`weight_first_strides`)."""
+    if anchor.target is not torch.ops.aten.linear.default or linear_weight(anchor) is None:
+        return False
+    x, v = anchor.args[0], anchor.meta.get("val")
+    return (isinstance(x, fx.Node) and x.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() >= 2
+            and all(isinstance(d, int) for d in (*v.shape, *x.meta["val"].shape)))
+
+
+def weight_first_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a linear's [*rows, N] result as `weight @ input.T` writes it: an [N, rows] matrix, each
+    output column contiguous. On the CPU, at tens of rows, MKL packs the second operand of a GEMM at every call:
+    `x @ w.T` re-packs the whole weight each time, `w @ x.T` only the small activation, so the weight is read
+    in its own layout with no copy kept (what `tvm+onednn` and `mkl` keep a packed copy beside it for)."""
+    *lead, n = shape
+    out, step = [], 1
+    for d in reversed(lead):
+        out.append(step)
+        step *= d
+    return (*reversed(out), step)
 
 
 def copies(kb: KernelBody, label: str) -> list[tuple[int, int, str]]:
     """(placeholder index, bytes, store) of every weight copy candidate `label` keeps across calls: `tvm` reads each
     packable linear weight as column panels (fxcc.codegen.tvm_lower), `tvm+onednn` its GEMM's weight in oneDNN's
-    blocked layout; `tvm+extern` reads its inputs as they are."""
-    from fxcc.codegen import tvm_lower as tl
+    blocked layout; `tvm+extern` and `tvm+wxt` read their inputs as they are. Where nothing can be copied the
+    answer comes without importing the lowering (TVM's compiler: seconds of a warm compile that bounds copies)."""
     nodes = list(kb.body.graph.nodes)
     places = [n for n in nodes if n.op == "placeholder"]
+    if label not in ("tvm", "tvm+onednn") or not any(linear_weight(n) is not None for n in nodes):
+        return []
     if label == "tvm":
+        from fxcc.codegen import tvm_lower as tl
         needed = tl._needed(nodes, None)
         weights = dict.fromkeys(n.args[1] for n in nodes if n in needed and tl._packable(n))
     elif label == "tvm+onednn":
         anchor = next((n for n in nodes if n.op == "call_function" and n.target in ANCHORS), None)
         weights = dict.fromkeys([anchor.args[1]] if anchor is not None and onednn.applies(anchor) else [])
-    else:
-        return []
     store = "tvm-panels" if label == "tvm" else "onednn"
     return [(places.index(w), onednn.copy_bytes(w.meta["val"]), store) for w in weights if w in places]
 
@@ -169,10 +202,12 @@ class TVMCandidate:
         from fxcc.codegen import tvm_lower as tl
         _tvm()
         p = {**tl.DEFAULTS, **(params or {})}
-        return tl.Lowering(self.kb.body, split=self._split_node(), vec=p["vec"], tile_n=p["tile_n"]).run()
+        return tl.Lowering(self.kb.body, split=self._split_node(), vec=p["vec"], tile_n=p["tile_n"],
+                           weight_first=self.backend == WXT).run()
 
     def build(self, params: dict) -> Built:
-        so, source, spec, mod = _compiled(self.kb.key, self.split, json.dumps(params, sort_keys=True), self)
+        so, source, spec, mod = _compiled(self.kb.key, self.split if self.backend != WXT else f"{self.split}:wxt",
+                                          json.dumps(params, sort_keys=True), self)
         spec = {**spec, "backend": self.backend}
         files = {"kernel.so": so, "kernel.tir.py": source.encode(), "kernel.json": json.dumps(spec).encode()}
         return Built(_wrap(self.kb, spec, mod), source, files)
@@ -279,7 +314,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     The closure keeps `mod` alive: its functions do not hold the loaded library open."""
     fn = mod["main"]
     split = next((n for n in kb.body.graph.nodes if n.name == spec["split"]), None) if spec["split"] else None
-    pre = _prefix(kb.body, split, packed=spec["backend"] == "tvm+onednn") if split is not None else None
+    pre = (_prefix(kb.body, split, packed=spec["backend"] == "tvm+onednn", weight_first=spec["backend"] == WXT)
+           if split is not None else None)
     ins = [(src, tuple(shape), tuple(stride), extent, pack) for src, shape, stride, extent, pack, *_ in
            (e + [0] if len(e) == 4 else e for e in spec["inputs"])]  # entries of older builds have no pack
     outs = []
@@ -432,13 +468,14 @@ def _input_nodes(body: fx.GraphModule, split: fx.Node | None) -> list[fx.Node]:
     return [n for n in body.graph.nodes if (n.op == "placeholder" or n is split) and n in needed]
 
 
-def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False):
+def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_first: bool = False):
     """A callable computing `split` (the library GEMM, without its bias) from the kernel inputs.
 
     A linear of two kernel inputs runs as `torch.mm` into a scratch buffer the kernel keeps (per
     thread): the product never escapes the kernel, and a fresh multi-megabyte buffer per call costs
-    page faults; with `packed`, on oneDNN with the weight packed once. Anything else runs as the torch
-    calls of the body."""
+    page faults; with `packed`, on oneDNN with the weight packed once; with `weight_first`, as `weight @ x.T`
+    into an [N, rows] buffer, returned in `weight_first_strides` (the generated code reads it so). Anything
+    else runs as the torch calls of the body."""
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     x, w = split.args[0], split.args[1]
     if split.target is torch.ops.aten.linear.default and x in placeholders and w in placeholders:
@@ -448,6 +485,18 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False):
         k, n = int(w.meta["val"].shape[1]), int(w.meta["val"].shape[0])
         local = threading.local()
         last = [None, None, 0]  # a parameter, its transposed view and its address, kept across calls (a view costs us)
+
+        if weight_first:  # static sizes (`_weight_first_applies`)
+            shape = tuple(int(d) for d in split.meta["val"].shape)
+            rows, stride, dt = math.prod(shape[:-1]), weight_first_strides(shape), split.meta["val"].dtype
+
+            def gemm_t(*inputs):
+                out = getattr(local, "buf", None)
+                if out is None:
+                    out = local.buf = torch.empty(n, rows, dtype=dt)
+                torch.mm(inputs[iw], inputs[ix].reshape(rows, k).t(), out=out)
+                return out.as_strided(shape, stride)
+            return gemm_t
 
         def gemm(*inputs):
             x, w = inputs[ix], inputs[iw]

@@ -31,7 +31,7 @@ import tvm_ffi
 from fxcc import gather, ir
 from fxcc.codegen import linear_weight
 from fxcc.codegen import triton_gen as tg
-from fxcc.codegen.tvm import split_bias
+from fxcc.codegen.tvm import split_bias, weight_first_strides
 from fxcc.dialects import classify, dense_order
 from tvm import s_tir, te, tirx
 
@@ -351,8 +351,10 @@ def _dtype(node: fx.Node) -> str:
 class Lowering:
     """Walks a kernel body and builds its TE; `split` (a GEMM node) becomes an input computed elsewhere."""
 
-    def __init__(self, body: fx.GraphModule, split: fx.Node | None = None, vec: int = 8, tile_n: int = 0):
+    def __init__(self, body: fx.GraphModule, split: fx.Node | None = None, vec: int = 8, tile_n: int = 0,
+                 weight_first: bool = False):
         self.body = body
+        self.weight_first = weight_first  # `split` is read as `weight @ input.T` leaves it (tvm.weight_first_strides)
         self.vec = vec
         self.tile_n = tile_n  # > 0: linear weights are read packed in panels of this many columns (fitted to N)
         self.split = split
@@ -412,6 +414,8 @@ class Lowering:
         if packed:
             return self._packed_input(_shape(node), v.dtype)
         shape, stride = sym_sizes(v.shape, graph), sym_sizes(v.stride(), graph)
+        if node is self.split and self.weight_first:
+            stride = weight_first_strides(tuple(int(d) for d in shape))
         extent = _sym_extent(shape, stride)
         ity = "int32" if isinstance(extent, int) and extent < 2**31 else "int64"
         buf = te.placeholder((tir_size(extent, graph),), DTYPES[v.dtype], name=f"in{len(self.out.args)}")

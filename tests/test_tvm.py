@@ -257,7 +257,7 @@ def test_library_gemm_with_generated_epilogue_candidate():
     cm(x)
     kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
     cands = {c.backend: c for c in tvm_backend.candidates(kb, "cpu")}
-    assert set(cands) == {"tvm", "tvm+extern"} | ({"tvm+onednn"} if onednn.available() else set())
+    assert set(cands) == {"tvm", "tvm+extern", "tvm+wxt"} | ({"tvm+onednn"} if onednn.available() else set())
     for c in cands.values():
         torch.testing.assert_close(c.build(c.defaults).fn([x, w, b])[0], f(x), atol=1e-4, rtol=1e-4)
     assert cands["tvm+extern"].space and "tile_m" in cands["tvm"].space  # both expose a search space

@@ -74,6 +74,8 @@ def outputs(out) -> torch.Tensor:
 
 @pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
 def test_a_small_packed_budget_holds_each_weight_about_once(make):
+    """packed=0.05 bounds the packed copies; the copies of the weights the candidates were timed on (a rotation of
+    them: select.rotation) and their packed forms are gone once the compile is done."""
     base = live_bytes()
     model, kwargs = make()
     with torch.no_grad():
@@ -183,3 +185,60 @@ def test_budget_goes_where_the_measured_gain_per_byte_is_largest(monkeypatch):
     kernels = {k: kernel(k, winners[k], times[k]) for k in uses}
     select.bound_copies(gm, nodes, kernels, sel, 100.0)  # no bound: every kernel keeps its fastest choice
     assert {k: kernels[k].backend for k in uses} == winners
+
+
+def test_a_weight_first_gemm_reads_the_weight_as_it_is():
+    """tvm+wxt: the library GEMM as weight @ x.T under the generated epilogue (bias, activation, residual) gives
+    eager's result, reads the product in the strides that GEMM leaves, keeps no copy of the weight (so the
+    budget costs it nothing) and follows the weight's in-place changes."""
+    import json
+
+    import torch.nn.functional as F
+    from fxcc.autotune import select
+
+    w = nn.Parameter(torch.randn(48, 40), requires_grad=False)
+    b = torch.randn(48)
+
+    def f(x, w, r):
+        return F.gelu(F.linear(x, w, b)) + r
+    x, r = torch.randn(1, 12, 40), torch.randn(1, 12, 48)  # a leading 1: rows are every dim but the last
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse", options=OPTS)
+    cm(x, w, r)
+    kb = next(k.body for k in cm.fxcc.variants[-1].kernels.values() if k.kind == "gemm")
+    cand = next(c for c in tvm.candidates(kb, "cpu") if c.backend == "tvm+wxt")
+    assert select.copies(kb, "tvm+wxt", "tvm") == [] and select.copies(kb, "tvm", "tvm")  # panels: a copy
+    built = cand.build(cand.defaults)
+    spec = json.loads(built.files["kernel.json"])
+    assert [e[2] for e in spec["inputs"] if e[0] == -1] == [[12, 1, 12]]  # the product, [48, 12] transposed
+    args = [x, w, b, r]  # the body's inputs: linear(in0, in1, in2), then + in3
+    for _ in range(2):
+        torch.testing.assert_close(built.fn(args)[0], f(x, w, r), atol=1e-4, rtol=1e-4)
+    assert all(id(w) not in store for store in STORES.values())
+    with torch.no_grad():
+        w.mul_(-1)  # changed in place: read as it is now
+    torch.testing.assert_close(built.fn(args)[0], f(x, w, r), atol=1e-4, rtol=1e-4)
+
+
+def test_candidates_are_timed_on_a_rotation_of_weight_copies():
+    """select.rotation: the kernel's parameters come as fresh copies (same values and layout, parameters still) in
+    every set but the first, enough that their bytes reach ROTATE_BYTES (capped at ROTATE_SETS sets), while the
+    other inputs are shared; `rotating` calls the kernel on the next set each time."""
+    from fxcc.autotune import select
+
+    w = nn.Parameter(torch.randn(256, 512)[:, ::2], requires_grad=False)  # 256 KB, strided
+    x, b = torch.randn(4, 256), nn.Parameter(torch.randn(256), requires_grad=False)
+    sets = select.rotation([x, w, b], {1, 2})
+    assert len(sets) == min(select.ROTATE_SETS, -(-select.ROTATE_BYTES // (256 * 256 * 4 + 256 * 4)))
+    assert [id(t) for t in sets[0]] == [id(x), id(w), id(b)] and all(s[0] is x for s in sets)
+    for s in sets[1:]:
+        for i, orig in ((1, w), (2, b)):
+            assert isinstance(s[i], nn.Parameter) and s[i].stride() == orig.stride()
+            assert s[i].untyped_storage().data_ptr() != orig.untyped_storage().data_ptr()
+            torch.testing.assert_close(s[i], orig)
+    alone = select.rotation([x, w, b], ())  # no parameters: nothing to rotate
+    assert len(alone) == 1 and [id(t) for t in alone[0]] == [id(x), id(w), id(b)]
+    seen = []
+    call = select.rotating(lambda inputs: seen.append(inputs[1]), sets)
+    for _ in range(2 * len(sets)):
+        call()
+    assert [id(t) for t in seen] == [id(s[1]) for s in sets[1:] + sets[:1]] * 2
