@@ -86,7 +86,8 @@ class DecodeStep(nn.Module):
         self.warpers = warpers
 
     def forward(self, seq: torch.Tensor, pos: torch.Tensor, position_ids: torch.Tensor, pad_mask: torch.Tensor,
-                unfinished: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, knobs: torch.Tensor, cache: Any) -> None:
+                unfinished: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, knobs: torch.Tensor,
+                cache: Any) -> None:
         ids = seq.index_select(1, pos)
         keys = torch.arange(pad_mask.shape[1], device=pad_mask.device)
         mask = (pad_mask & (keys <= pos))[:, None, None, :]  # generate's 4-D mask for a static cache (sdpa)
