@@ -329,6 +329,10 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     evaluate = _evaluator(spec) if sizes else None
     serial, grain, fallback = (mod["serial"], spec["grain"], []) if sizes else (None, 0, [])
 
+    # per input: a parameter read as it is (no packed or aligned copy), its address and its flat view, kept across
+    # calls (a view costs about a microsecond; an in-place change shows through it, new memory makes another)
+    params: list[tuple | None] = [None] * len(ins)
+
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         call, syms, now_ins, now_outs = fn, (), ins, outs
         if evaluate is not None:  # symbolic: this call's sizes, and the serial variant below the grain
@@ -342,12 +346,20 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
                 call = serial
         mid = pre(*inputs) if pre is not None else None
         args = []
-        for src, shape, stride, extent, pack in now_ins:
+        for i, (src, shape, stride, extent, pack) in enumerate(now_ins):
             t = mid if src < 0 else inputs[src]
+            kept = params[i]
+            if kept is not None and t is kept[0] and _address(t) == kept[1]:
+                args.append(kept[2])
+                continue
             if pack:
                 t = _packed(t, pack)
             elif t.stride() != stride or (_address(t) + t.storage_offset() * t.element_size()) % 64:  # TVM: aligned
                 t = _aligned(t, shape, stride)
+            elif evaluate is None and isinstance(t, torch.nn.Parameter):  # read as it is: its flat view is kept
+                params[i] = (t, _address(t), t.as_strided((extent,), (1,)))
+                args.append(params[i][2])
+                continue
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
         if pool is None:
@@ -360,6 +372,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         call(*args, *(r.as_strided(phys, pst) for r, (_, _, _, phys, pst) in zip(res, now_outs)), *syms)
         return res
     run.module = mod
+    if evaluate is None:  # static: every call's outputs have these strides (fxcc.codegen.executable.layout_kept)
+        run.strides = [stride for _, stride, _, _, _ in outs]
     return run
 
 
@@ -470,6 +484,7 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
             return lambda *inputs: onednn.linear(inputs[ix], inputs[iw])
         k, n = int(w.meta["val"].shape[1]), int(w.meta["val"].shape[0])
         local = threading.local()
+        last = [None, None, 0]  # a parameter, its transposed view and its address, kept across calls (a view costs us)
 
         if weight_first:  # static sizes (`_weight_first_applies`)
             shape = tuple(int(d) for d in split.meta["val"].shape)
@@ -484,12 +499,21 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
             return gemm_t
 
         def gemm(*inputs):
-            x = inputs[ix]
+            x, w = inputs[ix], inputs[iw]
+            if w is last[0] and _address(w) == last[2]:
+                wt = last[1]
+            else:
+                wt = w.t()
+                if isinstance(w, torch.nn.Parameter):  # never an activation: its view would pin a reused buffer
+                    last[:] = w, wt, _address(w)
             rows = x.numel() // k  # this call's: a symbolic kernel's row count varies
             buf = getattr(local, "buf", None)
             if buf is None or buf.shape[0] != rows:
                 buf = local.buf = torch.empty(rows, n, dtype=split.meta["val"].dtype)
-            torch.mm(x.reshape(-1, k), inputs[iw].t(), out=buf)
+            if x.dim() == 2:
+                torch.mm(x, wt, out=buf)
+                return buf
+            torch.mm(x.reshape(-1, k), wt, out=buf)
             return buf.view(*x.shape[:-1], n)
         return gemm
     graph, env = fx.Graph(), {}
