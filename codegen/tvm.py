@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.codegen import Built, KernelFn, derived, extern, linear_weight, onednn, reusable, tvm_omp
+from fxcc.codegen import Built, KernelFn, KeptView, derived, extern, linear_weight, onednn, reusable, tvm_omp
 from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
 
 name = "tvm"
@@ -329,9 +329,9 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     evaluate = _evaluator(spec) if sizes else None
     serial, grain, fallback = (mod["serial"], spec["grain"], []) if sizes else (None, 0, [])
 
-    # per input: a parameter read as it is (no packed or aligned copy), its address and its flat view, kept across
-    # calls (a view costs about a microsecond; an in-place change shows through it, new memory makes another)
-    params: list[tuple | None] = [None] * len(ins)
+    # per input of a static kernel: the flat view of a parameter read as it is (no packed or aligned copy), kept
+    # across calls while the parameter lives (an in-place change shows through it, new memory makes another)
+    params = [KeptView() for _ in ins] if evaluate is None else None
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         call, syms, now_ins, now_outs = fn, (), ins, outs
@@ -348,17 +348,16 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         args = []
         for i, (src, shape, stride, extent, pack) in enumerate(now_ins):
             t = mid if src < 0 else inputs[src]
-            kept = params[i]
-            if kept is not None and t is kept[0] and _address(t) == kept[1]:
-                args.append(kept[2])
+            view = params[i].get(t) if params is not None else None
+            if view is not None:
+                args.append(view)
                 continue
             if pack:
                 t = _packed(t, pack)
             elif t.stride() != stride or (_address(t) + t.storage_offset() * t.element_size()) % 64:  # TVM: aligned
                 t = _aligned(t, shape, stride)
-            elif evaluate is None and isinstance(t, torch.nn.Parameter):  # read as it is: its flat view is kept
-                params[i] = (t, _address(t), t.as_strided((extent,), (1,)))
-                args.append(params[i][2])
+            elif params is not None:  # a parameter read as it is: its flat view is kept
+                args.append(params[i].keep(t, lambda p, e=extent: p.as_strided((e,), (1,))))
                 continue
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
@@ -484,7 +483,7 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
             return lambda *inputs: onednn.linear(inputs[ix], inputs[iw])
         k, n = int(w.meta["val"].shape[1]), int(w.meta["val"].shape[0])
         local = threading.local()
-        last = [None, None, 0]  # a parameter, its transposed view and its address, kept across calls (a view costs us)
+        kept = KeptView()  # the weight's transposed view
 
         if weight_first:  # static sizes (`_weight_first_applies`)
             shape = tuple(int(d) for d in split.meta["val"].shape)
@@ -500,12 +499,9 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
 
         def gemm(*inputs):
             x, w = inputs[ix], inputs[iw]
-            if w is last[0] and _address(w) == last[2]:
-                wt = last[1]
-            else:
-                wt = w.t()
-                if isinstance(w, torch.nn.Parameter):  # never an activation: its view would pin a reused buffer
-                    last[:] = w, wt, _address(w)
+            wt = kept.get(w)
+            if wt is None:
+                wt = kept.keep(w, torch.t)
             rows = x.numel() // k  # this call's: a symbolic kernel's row count varies
             buf = getattr(local, "buf", None)
             if buf is None or buf.shape[0] != rows:

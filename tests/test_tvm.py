@@ -286,6 +286,27 @@ def test_library_gemm_and_epilogue_follow_parameters_changed_in_place_or_given_n
         torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
 
 
+def test_a_kept_view_lets_its_parameter_go():
+    # kernels built and timed on weight copies (or on a merged weight a later compile replaced) must not keep those
+    # alive through the views they keep: the copy, and the packed forms other candidates derived from it, would
+    # stay for the life of the compiled model
+    import gc
+    import weakref
+
+    from fxcc.codegen import KeptView
+
+    kept, w = KeptView(), torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
+    view = kept.keep(w, torch.t)
+    assert kept.get(w) is view and torch.equal(view, w.t())
+    assert kept.get(torch.nn.Parameter(w.detach().clone(), requires_grad=False)) is None  # another parameter
+    x, other = torch.randn(6, 4), KeptView()
+    assert torch.equal(other.keep(x, torch.t), x.t()) and other.get(x) is None  # activations: never kept
+    alive = weakref.ref(w)
+    del w, view
+    gc.collect()
+    assert alive() is None and kept.view is None
+
+
 @pytest.mark.parametrize("params", [{}, {"tile_m": 6, "tile_n": 24, "tile_mb": 32, "unroll": 0}])
 def test_generated_gemm_reads_a_weight_packed_once_per_version(params):
     w = torch.nn.Parameter(torch.randn(48, 40), requires_grad=False)
