@@ -41,6 +41,38 @@ def reusable(pool: list, j: int) -> bool:
     return torch._C._storage_Use_Count(s._cdata) == 2 and sys.getrefcount(s) == 3
 
 
+class KeptView:
+    """A view of one parameter that a kernel keeps across calls (a view costs about a microsecond a call), held
+    only while that parameter lives: the kernel holds the parameter weakly, and when it goes the view goes with it.
+    A kernel built and timed on weight copies, or on a merged weight a later compile replaced, so pins neither
+    the copy's memory nor what other kernels derived from it (`derived`, keyed by the weight's life). An
+    activation is never kept: its view would pin a buffer the next call reuses."""
+
+    __slots__ = ("address", "ref", "view")
+
+    def __init__(self) -> None:
+        self.ref, self.view, self.address = None, None, 0
+
+    def get(self, t: Tensor) -> Tensor | None:
+        """The view kept for `t` where `t` is the parameter it was made of and still in the same memory."""
+        if self.ref is not None and self.ref() is t and torch._C._data_address(t) == self.address:
+            return self.view
+        return None
+
+    def keep(self, t: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
+        """`make(t)`, a view, kept if `t` is a parameter. It is made of `t.detach()`: a view of `t` itself would
+        hold `t` (its base) alive from C++, and the weak reference would never let go."""
+        if not isinstance(t, torch.nn.Parameter):
+            return make(t)
+        view = make(t.detach())
+        self.ref, self.view, self.address = weakref.ref(t, self._gone), view, torch._C._data_address(t)
+        return view
+
+    def _gone(self, ref: weakref.ref) -> None:
+        if ref is self.ref:
+            self.ref, self.view = None, None
+
+
 def linear_weight(node: torch.fx.Node) -> Tensor | None:
     """The (fake) value of a linear's weight when it is a 2-D kernel input, the case backends that keep a
     packed copy of the weight can serve; None for anything else."""

@@ -71,6 +71,10 @@ def layout_kept(kernel: BuiltKernel) -> KernelFn:
         return fn
     out = next(n for n in kernel.body.body.graph.nodes if n.op == "output")
     want = [_layout(o.meta["val"]) for o in out.args[0]]
+    writes = getattr(fn, "strides", None)  # the strides a backend declares its outputs have (static kernels)
+    if writes is not None and len(writes) == len(want) and all(
+            isinstance(w, tuple) and _alike(o.meta["val"].shape, s, w) for o, s, w in zip(out.args[0], writes, want)):
+        return fn  # nothing to check per call
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = list(fn(inputs))
@@ -81,6 +85,11 @@ def layout_kept(kernel: BuiltKernel) -> KernelFn:
         return outs
 
     return run
+
+
+def _alike(shape: tuple, a: tuple, b: tuple) -> bool:
+    """Whether static strides `a` and `b` agree where they matter (dimensions of size above 1)."""
+    return len(a) == len(b) == len(shape) and all(n <= 1 or x == y for n, x, y in zip(shape, a, b))
 
 
 def _layout(val: torch.Tensor) -> tuple[int, ...] | Any:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.codegen import Built, KernelFn, derived, extern, linear_weight, onednn, reusable, tvm_omp
+from fxcc.codegen import Built, KernelFn, KeptView, derived, extern, linear_weight, onednn, reusable, tvm_omp
 from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
 
 name = "tvm"
@@ -329,6 +329,10 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     evaluate = _evaluator(spec) if sizes else None
     serial, grain, fallback = (mod["serial"], spec["grain"], []) if sizes else (None, 0, [])
 
+    # per input of a static kernel: the flat view of a parameter read as it is (no packed or aligned copy), kept
+    # across calls while the parameter lives (an in-place change shows through it, new memory makes another)
+    params = [KeptView() for _ in ins] if evaluate is None else None
+
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         call, syms, now_ins, now_outs = fn, (), ins, outs
         if evaluate is not None:  # symbolic: this call's sizes, and the serial variant below the grain
@@ -342,12 +346,19 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
                 call = serial
         mid = pre(*inputs) if pre is not None else None
         args = []
-        for src, shape, stride, extent, pack in now_ins:
+        for i, (src, shape, stride, extent, pack) in enumerate(now_ins):
             t = mid if src < 0 else inputs[src]
+            view = params[i].get(t) if params is not None else None
+            if view is not None:
+                args.append(view)
+                continue
             if pack:
                 t = _packed(t, pack)
             elif t.stride() != stride or (_address(t) + t.storage_offset() * t.element_size()) % 64:  # TVM: aligned
                 t = _aligned(t, shape, stride)
+            elif params is not None:  # a parameter read as it is: its flat view is kept
+                args.append(params[i].keep(t, lambda p, e=extent: p.as_strided((e,), (1,))))
+                continue
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
         if pool is None:
@@ -360,6 +371,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         call(*args, *(r.as_strided(phys, pst) for r, (_, _, _, phys, pst) in zip(res, now_outs)), *syms)
         return res
     run.module = mod
+    if evaluate is None:  # static: every call's outputs have these strides (fxcc.codegen.executable.layout_kept)
+        run.strides = [stride for _, stride, _, _, _ in outs]
     return run
 
 
@@ -470,6 +483,7 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
             return lambda *inputs: onednn.linear(inputs[ix], inputs[iw])
         k, n = int(w.meta["val"].shape[1]), int(w.meta["val"].shape[0])
         local = threading.local()
+        kept = KeptView()  # the weight's transposed view
 
         if weight_first:  # static sizes (`_weight_first_applies`)
             shape = tuple(int(d) for d in split.meta["val"].shape)
@@ -484,12 +498,18 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
             return gemm_t
 
         def gemm(*inputs):
-            x = inputs[ix]
+            x, w = inputs[ix], inputs[iw]
+            wt = kept.get(w)
+            if wt is None:
+                wt = kept.keep(w, torch.t)
             rows = x.numel() // k  # this call's: a symbolic kernel's row count varies
             buf = getattr(local, "buf", None)
             if buf is None or buf.shape[0] != rows:
                 buf = local.buf = torch.empty(rows, n, dtype=split.meta["val"].dtype)
-            torch.mm(x.reshape(-1, k), inputs[iw].t(), out=buf)
+            if x.dim() == 2:
+                torch.mm(x, wt, out=buf)
+                return buf
+            torch.mm(x.reshape(-1, k), wt, out=buf)
             return buf.view(*x.shape[:-1], n)
         return gemm
     graph, env = fx.Graph(), {}

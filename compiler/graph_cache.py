@@ -749,8 +749,10 @@ def _deserialize(doc: dict, files: dict, module: nn.Module) -> fx.GraphModule:
         raw = bytearray(files[a["const"]].read_bytes())
         if len(raw) != math.prod(shape) * dtype.itemsize:
             raise BadEntry(f"attribute {target!r}: {len(raw)} bytes for a {dtype} tensor of shape {shape}")
-        t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        t = t.view(dtype).reshape(shape).to(device)
+        t = torch.empty(shape, dtype=dtype)  # torch's allocator aligns it (a bytearray's buffer may not be: kernels
+        if raw:  # that assume 64-byte alignment would copy a misaligned constant at every call)
+            t.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(raw, dtype=torch.uint8))
+        t = t.to(device)
         t = nn.Parameter(t, requires_grad=False) if a.get("parameter") is True else t
         root[target] = ir.computed_from(t, *(tensors[s] for s in sources))
     for key, k in doc["kernels"].items():

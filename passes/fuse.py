@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from fxcc import gather, ir
-from fxcc.dialects import KERNEL_OPS, REDUCTION, KernelBody, classify, domain, intern_body, is_size
+from fxcc.dialects import (
+    KERNEL_OPS,
+    REDUCTION,
+    KernelBody,
+    classify,
+    dense_order,
+    domain,
+    intern_body,
+    is_size,
+)
 from fxcc.passes.canonicalize import storage_written
 from fxcc.pipeline import Pass, PassContext, PassResult
 from fxcc.rng import draws_random
@@ -97,6 +106,7 @@ class Fuse(Pass):
                 target.kind = cat
             target.members.append(node)
             group_of[node] = target
+        _sink_views(groups, group_of, pos)
         kept = [g for g in groups if _outputs_are_tensors(g, group_of)]
         stats = _rebuild(gm, nodes, pos, {n: g for n, g in group_of.items() if g in kept}, epoch_of)
         if eager:
@@ -165,6 +175,45 @@ def _absorb(node: fx.Node, g: Group, group_of: dict, groups: list[Group], pos: d
         for m in h.members:
             group_of[m] = g
         groups.remove(h)
+
+
+def _sink_views(groups: list[Group], group_of: dict, pos: dict) -> None:
+    """Move a view that only another kernel reads into that kernel, when it is gapped (a slice of a row,
+    a step of a sequence): as an output of its producer it would be written densely and then copied into eager's
+    gapped layout at every call (the stride contract); read by its consumer through strides, the producer writes
+    its dense base once. Chains of views move together, last view first."""
+    for g in groups:
+        moved = True
+        while moved:
+            moved = False
+            for m in reversed(g.members):
+                h = _view_consumer(m, g, group_of)
+                if h is None:
+                    continue
+                g.members.remove(m)
+                h.members = sorted(h.members + [m], key=pos.__getitem__)
+                h.first = min(h.first, pos[m])
+                group_of[m] = h
+                moved = True
+
+
+def _view_consumer(m: fx.Node, g: Group, group_of: dict) -> Group | None:
+    """The one group of `g`'s epoch that reads view `m` of `g`, when `m` is gapped, its base is a value of `g` and
+    nothing in `g` reads `m`; else None."""
+    t, val = m.target, m.meta.get("val")
+    if (not isinstance(t, torch._ops.OpOverload) or classify(m)[0] != "view" or not isinstance(val, torch.Tensor)
+            or not all(type(d) is int for d in (*val.shape, *val.stride())) or dense_order(val.shape, val.stride())):
+        return None
+    bases = [x for x in m.all_input_nodes if not is_size(x)]
+    if len(bases) != 1 or group_of.get(bases[0]) is not g:
+        return None
+    readers = {group_of.get(u) for u in m.users}
+    if len(readers) != 1:
+        return None
+    h = readers.pop()
+    if h is None or h is g or h.epoch != g.epoch:
+        return None
+    return h
 
 
 def _depends_on(x: fx.Node, g: Group, group_of: dict, pos: dict) -> bool:

@@ -79,3 +79,20 @@ def test_random_ops_run_eagerly_in_eagers_order_of_draws():
     gm = cm.fxcc.variants[-1].gm
     draws = [n for n in gm.graph.nodes if n.meta.get("fxcc_eager", "").endswith("it draws what eager draws)")]
     assert [str(n.target) for n in draws] == ["aten.bernoulli.default", "aten.randn_like.default"]
+
+
+def test_gapped_views_move_into_the_kernel_that_reads_them():
+    # one projection of every step, then per step a slice of it read by the next GEMM's kernel: the slices are
+    # gapped (a step of a row), so the projection's kernel writes its dense result once and each reader slices it
+    torch.manual_seed(0)
+    proj, step = nn.Linear(8, 12), nn.Linear(4, 4)
+
+    def f(x):
+        xs = proj(x)
+        h = step(xs[:, 1, :4])
+        return torch.tanh(h + xs[:, 2, 4:8])
+    kbs = bodies(f, torch.randn(2, 6, 8))
+    first, second = kbs
+    assert first == ("gemm", ["linear"])
+    assert second[0] == "gemm" and {"select", "slice", "linear", "tanh"} <= set(second[1])
+

@@ -263,6 +263,50 @@ def test_library_gemm_with_generated_epilogue_candidate():
     assert cands["tvm+extern"].space and "tile_m" in cands["tvm"].space  # both expose a search space
 
 
+def test_library_gemm_and_epilogue_follow_parameters_changed_in_place_or_given_new_memory():
+    # the library GEMM keeps a parameter's transposed view across calls, the generated part the flat view of a
+    # parameter it reads (the bias): both must see the parameter as it is now
+    w = torch.nn.Parameter(torch.randn(48, 32), requires_grad=False)
+    b = torch.nn.Parameter(torch.randn(48), requires_grad=False)
+
+    def f(x, w):
+        return F.gelu(F.linear(x, w, b))
+    for x in (torch.randn(2, 5, 32), torch.randn(7, 32)):  # rows of a 3-D and of a 2-D input
+        cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+        cm(x, w)
+        kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
+        cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm+extern")
+        fn = cand.build(cand.defaults).fn
+        torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            w.mul_(-1)  # in place
+            b.add_(1)
+        torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
+        w.data, b.data = torch.randn(48, 32), torch.randn(48)  # the same parameters in new memory
+        torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
+
+
+def test_a_kept_view_lets_its_parameter_go():
+    # kernels built and timed on weight copies (or on a merged weight a later compile replaced) must not keep those
+    # alive through the views they keep: the copy, and the packed forms other candidates derived from it, would
+    # stay for the life of the compiled model
+    import gc
+    import weakref
+
+    from fxcc.codegen import KeptView
+
+    kept, w = KeptView(), torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
+    view = kept.keep(w, torch.t)
+    assert kept.get(w) is view and torch.equal(view, w.t())
+    assert kept.get(torch.nn.Parameter(w.detach().clone(), requires_grad=False)) is None  # another parameter
+    x, other = torch.randn(6, 4), KeptView()
+    assert torch.equal(other.keep(x, torch.t), x.t()) and other.get(x) is None  # activations: never kept
+    alive = weakref.ref(w)
+    del w, view
+    gc.collect()
+    assert alive() is None and kept.view is None
+
+
 @pytest.mark.parametrize("params", [{}, {"tile_m": 6, "tile_n": 24, "tile_mb": 32, "unroll": 0}])
 def test_generated_gemm_reads_a_weight_packed_once_per_version(params):
     w = torch.nn.Parameter(torch.randn(48, 40), requires_grad=False)
@@ -542,3 +586,31 @@ def test_integer_bitwise_remainder_and_division_are_generated():
     ks = compile_tvm(f, a, b, torch.rand(4, 16) > 0.5)
     pw = [k for k in ks if k.kind == "pointwise"]
     assert pw and all(k.backend.startswith("tvm") for k in pw), [(k.kind, k.backend) for k in ks]
+
+
+def test_recurrent_cells_read_their_step_of_one_projection_through_strides():
+    # a hand-written GRU loop: every step's gates slice one input projection; the step kernels read their slices
+    # of it (no kernel writes a gapped slice that is then copied into eager's layout at every call)
+    torch.manual_seed(0)
+    ih, hh = torch.nn.Linear(8, 3 * 16), torch.nn.Linear(16, 3 * 16)
+
+    def f(x):
+        h, xs, outs = x.new_zeros(x.shape[0], 16), ih(x), []
+        for i in range(x.shape[1]):
+            xr, xz, xn = xs[:, i].chunk(3, 1)
+            hr, hz, hn = hh(h).chunk(3, 1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+            outs.append(h)
+        return torch.stack(outs, 1)
+    x = torch.randn(2, 4, 8)
+    cm = fxcc.compile(f, passes="decompose," + TVM)  # new_zeros as a constant, folded into the first step
+    assert_outputs_close(cm(x), f(x), atol=1e-5, rtol=1e-5)
+    v = cm.fxcc.variants[-1]
+    assert all(k.backend.startswith("tvm") for k in v.kernels.values())
+    fused = [n for n in v.gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.fxcc_kernel.fused.default]
+    assert len(fused) == 4  # the projection with the first step, one kernel per later step (the last stacks)
+    for n in fused:
+        assert all(o.is_contiguous() for o in n.meta["val"]), n.format_node()
+    x = torch.randn(2, 4, 8)
+    assert_outputs_close(cm(x), f(x), atol=1e-5, rtol=1e-5)
