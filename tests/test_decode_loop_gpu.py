@@ -1,0 +1,91 @@
+"""fxcc's decode loop on a CUDA device (skipped without one): the step is one CUDA-graph replay that writes its
+inputs in place and may draw from the device's generator, so greedy ids, sampled ids under one seed, the generator
+left after the call and a caller's static cache must all be eager's, with the default pipeline (Triton kernels)."""
+
+from __future__ import annotations
+
+import fxcc
+import pytest
+import torch
+from fxcc import decode_loop
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+transformers = pytest.importorskip("transformers")
+from test_decode_loop import generate, left_padded  # noqa: E402
+from test_generate import gpt2, llama  # noqa: E402
+from transformers import StaticCache  # noqa: E402
+
+
+def build(make):
+    torch.manual_seed(0)
+    model = make().eval().cuda()
+    model.generation_config.disable_compile = True
+    return model
+
+
+def cuda_batch():
+    ids, mask = left_padded()
+    return ids.cuda(), mask.cuda()
+
+
+@pytest.fixture
+def loop_on_cuda(monkeypatch):
+    monkeypatch.setenv("FXCC_DECODE_LOOP", "all")
+
+
+@pytest.mark.parametrize("every", [1, 8])
+def test_greedy_ids_and_early_ending_rows_are_eagers(every, loop_on_cuda):
+    model = build(llama)
+    ids, mask = cuda_batch()
+    plain = generate(model, ids, mask, max_new_tokens=12)
+    new = plain[:, ids.shape[1]:]
+    eos = sorted({int(new[0, 2]), int(new[1, 4])})
+    cm = fxcc.compile(model)
+    cm.decode_loop.every = every
+    for kw in (dict(), dict(eos_token_id=eos)):
+        expected = generate(model, ids, mask, max_new_tokens=12, **kw)
+        got = generate(cm, ids, mask, max_new_tokens=12, **kw)
+        assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH, cm.decode_loop.last
+        assert torch.equal(got, expected)
+    (step,) = cm.decode_loop.steps.values()
+    compiles = step.stats.compiles
+    assert torch.equal(generate(cm, ids, mask, max_new_tokens=12), plain)
+    assert step.stats.compiles == compiles and step.stats.eager_calls == 0
+
+
+@pytest.mark.parametrize(("make", "warp"), [(llama, dict(temperature=0.7, top_k=5)),
+                                             (gpt2, dict(top_p=0.8, temperature=1.3))], ids=["llama", "gpt2"])
+def test_sampling_draws_eagers_tokens_and_leaves_the_generator_where_eager_does(make, warp, loop_on_cuda):
+    model = build(make)
+    ids, mask = cuda_batch()
+    cm = fxcc.compile(model)
+    for temperature in (warp["temperature"], 0.9):  # a second setting reuses the step
+        kw = {**warp, "temperature": temperature}
+        torch.manual_seed(5)
+        expected = generate(model, ids, mask, do_sample=True, max_new_tokens=12, **kw)
+        after = torch.rand(3, device="cuda")
+        torch.manual_seed(5)
+        got = generate(cm, ids, mask, do_sample=True, max_new_tokens=12, **kw)
+        got_after = torch.rand(3, device="cuda")
+        assert cm.decode_loop.last == (decode_loop.FXCC_PATH, "sampling with a static cache")
+        assert torch.equal(got, expected), kw
+        assert torch.equal(got_after, after)
+    assert len(cm.decode_loop.steps) == 1
+
+
+def test_a_callers_static_cache_ends_as_eagers(loop_on_cuda):
+    model = build(llama)
+    ids, mask = cuda_batch()
+    eos = sorted({int(t) for t in generate(model, ids, mask)[:, ids.shape[1] + 3]})
+    caches = [StaticCache(config=model.config, max_cache_len=20) for _ in range(2)]
+    expected = generate(model, ids, mask, eos_token_id=eos, cache=caches[0], cache_implementation=None)
+    cm = fxcc.compile(model)
+    got = generate(cm, ids, mask, eos_token_id=eos, cache=caches[1], cache_implementation=None)
+    assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+    assert torch.equal(got, expected)
+    assert caches[0].get_seq_length() == caches[1].get_seq_length()
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
