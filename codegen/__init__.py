@@ -41,6 +41,13 @@ def reusable(pool: list, j: int) -> bool:
     return torch._C._storage_Use_Count(s._cdata) == 2 and sys.getrefcount(s) == 3
 
 
+def is_parameter(t: object) -> bool:
+    """isinstance(t, nn.Parameter), without Parameter's own isinstance hook (about a microsecond) for a plain
+    tensor or a parameter itself."""
+    kind = type(t)
+    return kind is torch.nn.Parameter or (kind is not Tensor and isinstance(t, torch.nn.Parameter))
+
+
 class KeptView:
     """A view of one parameter that a kernel keeps across calls (a view costs about a microsecond a call), held
     only while that parameter lives: the kernel holds the parameter weakly, and when it goes the view goes with it.
@@ -62,7 +69,7 @@ class KeptView:
     def keep(self, t: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
         """`make(t)`, a view, kept if `t` is a parameter. It is made of `t.detach()`: a view of `t` itself would
         hold `t` (its base) alive from C++, and the weak reference would never let go."""
-        if not isinstance(t, torch.nn.Parameter):
+        if not is_parameter(t):
             return make(t)
         view = make(t.detach())
         self.ref, self.view, self.address = weakref.ref(t, self._gone), view, torch._C._data_address(t)

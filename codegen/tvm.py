@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.codegen import Built, KernelFn, KeptView, derived, extern, linear_weight, onednn, reusable, tvm_omp
+from fxcc.codegen import (Built, KernelFn, KeptView, derived, extern, is_parameter, linear_weight, onednn, reusable,
+                          tvm_omp)
 from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
 
 name = "tvm"
@@ -332,6 +333,10 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     # per input of a static kernel: the flat view of a parameter read as it is (no packed or aligned copy), kept
     # across calls while the parameter lives (an in-place change shows through it, new memory makes another)
     params = [KeptView() for _ in ins] if evaluate is None else None
+    # static outputs the kernel writes in their own shape and strides: handed over as they are (a view costs a
+    # microsecond, a few percent of a small kernel's call)
+    dense = [(shape, stride) == (phys, pst) for shape, stride, _, phys, pst in outs]
+    undense = [False] * len(spec["outputs"])
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         call, syms, now_ins, now_outs = fn, (), ins, outs
@@ -348,16 +353,16 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         args = []
         for i, (src, shape, stride, extent, pack) in enumerate(now_ins):
             t = mid if src < 0 else inputs[src]
-            view = params[i].get(t) if params is not None else None
-            if view is not None:
+            kept = params[i] if params is not None and is_parameter(t) else None
+            if kept is not None and (view := kept.get(t)) is not None:
                 args.append(view)
                 continue
             if pack:
                 t = _packed(t, pack)
             elif t.stride() != stride or (_address(t) + t.storage_offset() * t.element_size()) % 64:  # TVM: aligned
                 t = _aligned(t, shape, stride)
-            elif params is not None:  # a parameter read as it is: its flat view is kept
-                args.append(params[i].keep(t, lambda p, e=extent: p.as_strided((e,), (1,))))
+            elif kept is not None:  # a parameter read as it is: its flat view is kept
+                args.append(kept.keep(t, lambda p, e=extent: p.as_strided((e,), (1,))))
                 continue
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
@@ -368,7 +373,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
             if not reusable(pool, j) or pool[j].shape != shape:
                 pool[j] = torch.empty_strided(shape, stride, dtype=dt)
             res.append(pool[j])
-        call(*args, *(r.as_strided(phys, pst) for r, (_, _, _, phys, pst) in zip(res, now_outs)), *syms)
+        call(*args, *(r if same else r.as_strided(phys, pst) for r, (_, _, _, phys, pst), same in
+                      zip(res, now_outs, dense if evaluate is None else undense)), *syms)
         return res
     run.module = mod
     if evaluate is None:  # static: every call's outputs have these strides (fxcc.codegen.executable.layout_kept)
