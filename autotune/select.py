@@ -344,9 +344,10 @@ class Selection:
 
 # Candidates are timed with their parameters cold: each call reads another copy of them, from a rotation of copies
 # taking this many bytes together (at most ROTATE_SETS copies), so a weight has left the core's cache when its turn
-# comes again, as in the model, where every other layer's weights pass between two reads of one. Timed hot, with the same weight at
-# every call, the candidates that re-pack a weight at each call (the library GEMM on `x @ w.T`) looked nearly as fast
-# as those reading a packed copy; in the model the difference was several times larger (README, "The CPU backend").
+# comes again, as in the model, where every other layer's weights pass between two reads of one. Timed hot, with the
+# same weight at every call, the candidates that re-pack a weight at each call (the library GEMM on `x @ w.T`) looked
+# nearly as fast as those reading a packed copy; in the model the difference was several times larger (README, "The
+# CPU backend").
 ROTATE_BYTES = 32 * 2**20
 ROTATE_SETS = 16
 

@@ -30,8 +30,18 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.codegen import (Built, KernelFn, KeptView, derived, extern, is_parameter, linear_weight, onednn, reusable,
-                          tvm_omp)
+from fxcc.codegen import (
+    Built,
+    KeptView,
+    KernelFn,
+    derived,
+    extern,
+    is_parameter,
+    linear_weight,
+    onednn,
+    reusable,
+    tvm_omp,
+)
 from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
 
 name = "tvm"
@@ -335,8 +345,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     params = [KeptView() for _ in ins] if evaluate is None else None
     # static outputs the kernel writes in their own shape and strides: handed over as they are (a view costs a
     # microsecond, a few percent of a small kernel's call)
-    dense = [(shape, stride) == (phys, pst) for shape, stride, _, phys, pst in outs]
-    undense = [False] * len(spec["outputs"])
+    dense = ([(shape, stride) == (phys, pst) for shape, stride, _, phys, pst in outs] if evaluate is None
+             else [False] * len(spec["outputs"]))
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         call, syms, now_ins, now_outs = fn, (), ins, outs
@@ -374,7 +384,7 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
                 pool[j] = torch.empty_strided(shape, stride, dtype=dt)
             res.append(pool[j])
         call(*args, *(r if same else r.as_strided(phys, pst) for r, (_, _, _, phys, pst), same in
-                      zip(res, now_outs, dense if evaluate is None else undense)), *syms)
+                      zip(res, now_outs, dense)), *syms)
         return res
     run.module = mod
     if evaluate is None:  # static: every call's outputs have these strides (fxcc.codegen.executable.layout_kept)
