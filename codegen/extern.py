@@ -14,7 +14,17 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import Built, KernelFn, conv_layout, key_trim, linear_weight, mkl, onednn, reusable
+from fxcc.codegen import (
+    Built,
+    KernelFn,
+    conv_layout,
+    key_trim,
+    linear_weight,
+    mkl,
+    onednn,
+    patch_conv,
+    reusable,
+)
 from fxcc.dialects import CONV, REFERENCE, KernelBody
 
 name = "extern"
@@ -27,7 +37,8 @@ def candidates(kb: KernelBody, target: str) -> list[Extern]:
     """The body as torch calls; on the CPU, when it holds a linear, also with that GEMM on a packed weight
     (oneDNN's; MKL's for fp32), and when it holds a masked attention, also with that attention over the
     keys its mask leaves; on the GPU, when it holds a 2-D convolution, also with that convolution in
-    channels-last (fxcc.codegen.conv_layout)."""
+    channels-last (fxcc.codegen.conv_layout); on the CPU, when it holds a convolution whose stride is its kernel,
+    also with that convolution as one GEMM (fxcc.codegen.patch_conv)."""
     out = [Extern(kb)]
     if target == "cpu" and any(onednn.applies(n) for n in kb.body.graph.nodes):
         out.append(Extern(kb, backend="onednn"))
@@ -37,6 +48,8 @@ def candidates(kb: KernelBody, target: str) -> list[Extern]:
         out.append(Extern(kb, backend=key_trim.name))
     if conv_layout.applies(kb.body, target):
         out.append(Extern(kb, backend=conv_layout.name))
+    if patch_conv.body_applies(kb.body, target):
+        out.append(Extern(kb, backend=patch_conv.name))
     return out
 
 
@@ -55,7 +68,8 @@ def copies(kb: KernelBody, label: str) -> list[tuple[int, int, str]]:
 @dataclass
 class Extern:
     """The kernel body as torch calls (`onednn` / `mkl`: its linears on oneDNN / MKL with packed weights;
-    `trim`: its attention over the keys the mask leaves; `nhwc`: its 2-D convolutions in channels-last);
+    `trim`: its attention over the keys the mask leaves; `nhwc`: its 2-D convolutions in channels-last;
+    `patch`: its patch convolutions as one GEMM);
     nothing to tune."""
 
     kb: KernelBody
@@ -69,16 +83,17 @@ class Extern:
 
 def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Built:
     graph = inline_graph(kb, packed=label == "onednn", trim=label == key_trim.name, mkl_packed=label == "mkl",
-                         nhwc=label == conv_layout.name)
+                         nhwc=label == conv_layout.name, patch=label == patch_conv.name)
     return Built(build(kb, graph), source=kb.text, inline=graph)
 
 
 def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
-                 mkl_packed: bool = False, nhwc: bool = False) -> fx.Graph:
+                 mkl_packed: bool = False, nhwc: bool = False, patch: bool = False) -> fx.Graph:
     """The kernel body with tx ops calling their reference functions: what the runtime splices in place.
     Linears write into a reused buffer, or run on packed weights (oneDNN with `packed`, MKL with
     `mkl_packed`); with `trim`, attention skips the keys its mask removes (fxcc.codegen.key_trim); with
-    `nhwc`, convolutions run on channels-last operands (fxcc.codegen.conv_layout)."""
+    `nhwc`, convolutions run on channels-last operands (fxcc.codegen.conv_layout); with `patch`, patch
+    convolutions run as one GEMM (fxcc.codegen.patch_conv)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(kb.body.graph, {}))
     for node in graph.nodes:
@@ -86,6 +101,8 @@ def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
             node.target = key_trim.attention
         elif nhwc and node.op == "call_function" and node.target in CONV:
             node.target = conv_layout.nhwc(node.target)
+        elif patch and patch_conv.applies(node):
+            node.target = patch_conv.conv(node.target)
         elif node.op == "call_function" and node.target in REFERENCE:
             node.target = REFERENCE[node.target]
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:

@@ -39,6 +39,7 @@ from fxcc.codegen import (
     is_parameter,
     linear_weight,
     onednn,
+    patch_conv,
     reusable,
     tvm_omp,
 )
@@ -117,6 +118,8 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
             out.append(TVMCandidate(kb, "tvm+extern", anchor.name))
             if onednn.applies(anchor):  # the same generated code around a oneDNN GEMM on a packed weight
                 out.append(TVMCandidate(kb, "tvm+onednn", anchor.name))
+            if patch_conv.applies(anchor):  # ... around a patch convolution computed as one GEMM
+                out.append(TVMCandidate(kb, PATCH, anchor.name))
         except tl.Unsupported:
             pass
         if _weight_first_applies(kb.body, anchor):
@@ -129,6 +132,7 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
 
 
 WXT = "tvm+wxt"  # the generated epilogue around the library GEMM computed as weight @ input.T
+PATCH = "tvm+patch"  # the generated epilogue around a patch convolution computed as one GEMM (codegen.patch_conv)
 
 
 def _weight_first_applies(body: fx.GraphModule, anchor: fx.Node) -> bool:
@@ -325,7 +329,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     The closure keeps `mod` alive: its functions do not hold the loaded library open."""
     fn = mod["main"]
     split = next((n for n in kb.body.graph.nodes if n.name == spec["split"]), None) if spec["split"] else None
-    pre = (_prefix(kb.body, split, packed=spec["backend"] == "tvm+onednn", weight_first=spec["backend"] == WXT)
+    pre = (_prefix(kb.body, split, packed=spec["backend"] == "tvm+onednn", weight_first=spec["backend"] == WXT,
+                   patch=spec["backend"] == PATCH)
            if split is not None else None)
     ins = [(src, tuple(shape), tuple(stride), extent, pack) for src, shape, stride, extent, pack, *_ in
            (e + [0] if len(e) == 4 else e for e in spec["inputs"])]  # entries of older builds have no pack
@@ -483,14 +488,16 @@ def _input_nodes(body: fx.GraphModule, split: fx.Node | None) -> list[fx.Node]:
     return [n for n in body.graph.nodes if (n.op == "placeholder" or n is split) and n in needed]
 
 
-def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_first: bool = False):
+def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_first: bool = False,
+            patch: bool = False):
     """A callable computing `split` (the library GEMM, without its bias) from the kernel inputs.
 
     A linear of two kernel inputs runs as `torch.mm` into a scratch buffer the kernel keeps (per
     thread): the product never escapes the kernel, and a fresh multi-megabyte buffer per call costs
     page faults; with `packed`, on oneDNN with the weight packed once; with `weight_first`, as `weight @ x.T`
     into an [N, rows] buffer, returned in `weight_first_strides` (the generated code reads it so). Anything
-    else runs as the torch calls of the body."""
+    else runs as the torch calls of the body; with `patch`, a patch convolution as one GEMM
+    (fxcc.codegen.patch_conv)."""
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     x, w = split.args[0], split.args[1]
     if split.target is torch.ops.aten.linear.default and x in placeholders and w in placeholders:
@@ -542,6 +549,8 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
             env[n] = graph.node_copy(n, lambda a: env[a])
             if env[n].target in REFERENCE:
                 env[n].target = REFERENCE[env[n].target]
+            elif patch and n is split:
+                env[n].target = patch_conv.conv(n.target)
     if split_bias(split) is not None:
         env[split].args = env[split].args[:2]
         env[split].kwargs = {k: v for k, v in env[split].kwargs.items() if k != "bias"}

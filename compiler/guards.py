@@ -368,10 +368,11 @@ class ModuleState:
         self.values.append(copy.deepcopy(v))  # a list changed in place must not change the recorded value
         self.attr_where.append(where)
 
-    def changed(self) -> str | None:
-        """None when everything compiled code depends on is as it was; else what changed, for the log."""
+    def changed(self, layouts: bool = True) -> str | None:
+        """None when everything compiled code depends on is as it was; else what changed, for the log.
+        `layouts` False: the caller compared the tensors' layouts itself (fxcc.runtime's hot path)."""
         if (self._entries_same()
-                and self.layouts.same()
+                and (not layouts or self.layouts.same())
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
                 and self._watched_same()
                 and (self.globals is None or self.globals.unchanged())):

@@ -68,6 +68,7 @@ from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, pa
 from .quality import fit_quality_budget
 from .state import Unchanged, is_state
 from .store import default_cache
+from .watch import tensor_guards
 from .weights import Checkpoint, stand_in
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Variant:
     no_graph: str | None = None  # on CUDA, why it runs without a CUDA graph (fxcc.runtime.not_graphable)
     calls: int = 0  # calls checked or not, counted under check_eager="always"
     unchecked: str | None = None  # under check_eager="always", why its calls cannot be checked
+    plain_out: str | None = None  # "leaf" / "tuple": its result is its one output / a flat tuple of them ("": else)
 
     def check_applies(self, exact: bool) -> str | None:
         """Why a call cannot be compared with eager (fxcc.eager_check.applies); None when it can."""
@@ -148,7 +150,10 @@ class Variant:
             outs = self.cuda_graph(flat) if self.cuda_graph is not None else None
             if outs is not None:
                 return self._result(outs, flat, args, kwargs, places)
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                outs = self._call(*flat)
+        else:  # the caller's no_grad: entering it again costs a microsecond per call
             outs = self._call(*flat)
         return self._result(list(outs), flat, args, kwargs, places)
 
@@ -171,11 +176,17 @@ class Variant:
     def _result(self, outs: list[Any], flat: list[Any], args: tuple | None, kwargs: dict | None,
                 places: list | None = None) -> Any:
         if args is None or not self.writes_back:
-            return pytree.tree_unflatten(outs, self.captured.out_spec)
+            spec, plain = self.captured.out_spec, self.plain_out
+            if plain is None:  # most graphs return a tensor or a flat tuple of them: no pytree walk per call
+                plain = self.plain_out = ("leaf" if spec.is_leaf() else "tuple" if spec.type is tuple and all(
+                    c.is_leaf() for c in spec.children()) else "")
+            if plain == "leaf" and len(outs) == 1:
+                return outs[0]
+            return tuple(outs) if plain == "tuple" else pytree.tree_unflatten(outs, spec)
         return self.captured.aliasing.write_back(args, kwargs or {}, flat, outs, self.captured.out_spec, places)
 
     def _call(self, *flat: Any) -> Any:
-        return self.executable(*flat, *self.bound)
+        return self.executable.forward(*flat, *self.bound)  # the GraphModule's code, without nn.Module's call
 
 
 class BufferState:
@@ -255,6 +266,27 @@ def _wants_grads(args: tuple, kwargs: dict) -> bool:
             or any(type(v) is torch.Tensor and v.requires_grad for v in kwargs.values()))
 
 
+class _Hot:
+    """A plain-tensor call signature served compiled, checked in one pass of torch's C++ tensor guard over the
+    arguments and the model's tensors (type, dispatch keys, dtype, device, sizes, strides: stricter than
+    `_fast_key` and `Layouts.same` together, which it stands for; a miss takes the path with both). About 5 us
+    a call on a small model, where a call of a few ops takes 30."""
+
+    __slots__ = ("guard", "n", "state", "tensors", "training", "context", "variant")
+
+    def __init__(self, guard: Any, n: int, state: ModuleState, training: bool, variant: Variant) -> None:
+        self.guard, self.n, self.state, self.tensors = guard, n, state, state.layouts.tensors
+        self.training, self.context, self.variant = training, call_context(), variant
+
+    @staticmethod
+    def of(variant: Variant | _Eager, args: tuple, state: ModuleState, training: bool) -> _Hot | None:
+        if not isinstance(variant, Variant):
+            return None
+        guard = tensor_guards([*args, *state.layouts.tensors])
+        return _Hot(guard, len(args), state, training, variant) if guard is not None else None
+
+
+_HOT_MISSES = 16  # calls of other signatures before the hot one is given up
 _PLAIN = (bool, int, float, str)
 _MAX_CALLS = 64  # call shapes remembered by the keyword fast path
 _ANY_FLOAT = (float, "any value")  # a float argument in a call key, whatever its value
@@ -397,6 +429,8 @@ class CompiledModule(ModuleView):
         self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (_sizes_of)
         self._static_ints: dict[Any, dict[int, str]] = {}  # input spec -> int arguments kept constants, and why
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
+        self._hot: _Hot | None = None  # the plain-tensor signature served last, checked in one C++ pass
+        self._hot_misses = 0
         self._calls: _Calls = _Calls()  # _call_key -> what the guard found (None: not kept)
         self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
         self._symbolic_floats = False  # some call key in _calls takes its float arguments whatever their values
@@ -466,6 +500,16 @@ class CompiledModule(ModuleView):
             return self._call_for_gradients(args, kwargs)
         if hooks.EPOCH[0] != self._hook_epoch:  # a forward hook was registered or removed somewhere
             self._check_hooks()
+        hot = self._hot
+        if hot is not None and not kwargs:  # the signature served last: one C++ check of arguments and tensors
+            if (len(args) == hot.n and hot.state is self._params and hot.guard.check(*args, *hot.tensors)
+                    and self.module.training is hot.training and call_context() == hot.context):
+                if hot.state.changed(layouts=False) is None:
+                    return self._run(hot.variant, list(args), args, kwargs)
+            else:
+                self._hot_misses += 1
+                if self._hot_misses > _HOT_MISSES:  # another signature is the common one now: taken at its next call
+                    self._hot = None
         # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
         fast = None if kwargs else _fast_key(args, self.module.training)
         variant = self._fast.get(fast) if fast is not None else None
@@ -473,6 +517,8 @@ class CompiledModule(ModuleView):
             self.stats.eager_calls += 1
             return self._eager(*args)
         if variant is not None and (not self._params or self._params_unchanged()):
+            if self._hot is None and self._params is not None:
+                self._hot = _Hot.of(variant, args, self._params, self.module.training)
             return self._run(variant, list(args), args, kwargs)
         # keyword and KV-cache calls: the same call shape, with its state objects holding what they held
         ckey = _call_key(args, kwargs, self.module.training) if fast is None else None
@@ -500,11 +546,13 @@ class CompiledModule(ModuleView):
             if checked is not None:
                 if fast is not None:  # a signature found to differ runs eagerly: its _Eager takes the fast path
                     self._fast[fast] = variant if checked.reason is None else self._variants[key]
+                    self._hot = None
                 return checked.result
         if isinstance(variant, _Eager) and self.options.fullgraph:  # told once; raised at every call
             raise FullGraphError(f"fxcc: {variant.reason}; fullgraph=True makes this an error")
         if fast is not None:
             self._fast[fast] = variant
+            self._hot = None
         if isinstance(variant, _Eager):
             self.stats.eager_calls += 1
             return self._eager(*args, **kwargs)
@@ -588,6 +636,7 @@ class CompiledModule(ModuleView):
         recompiles.info("recompiling %s: %s", self.name, why)
         self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)} if keep_eager else {}
         self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
+        self._hot = None
         self._sources, self._live, self._missing, self._globals, self._dropped = {}, {}, {}, {}, why
         self.__dict__.get("_dycl_programs", {}).clear()
         self._params = None  # a compile snapshots the state anew
@@ -684,6 +733,7 @@ class CompiledModule(ModuleView):
     def _no_longer_compiled(self, variant: Variant, reason: str) -> None:
         """Every signature `variant` serves runs eagerly from now on (a symbolic variant's other sizes too)."""
         eager = variant.unlike_eager = _Eager(reason, variant)
+        self._hot = None
         for table in (self._variants, self._memo, self._fast):
             for k, v in list(table.items()):
                 if v is variant:
@@ -967,11 +1017,11 @@ class CompiledModule(ModuleView):
             choices = sorted((k, b.choice.backend, b.choice.module, sorted(b.choice.params.items()))
                              for k, b in variant.kernels.items())
             program = (variant.gm.code + repr(choices) + repr(CompileOptions.from_env(self.options))
-                       + repr(variant.cuda_graph is not None))
+                       + repr(variant.cuda_graph is not None) + "timed with its guard")
             vkey = vs_eager.verdict_key(variant.graph_key, program, device)
         verdict = verdict or (vs_eager.remembered(cache, vkey) if vkey else None)
         if verdict is None or verdict.remeasure:  # not measured yet, or its timings were too noisy to settle it
-            verdict = vs_eager.judge(lambda: variant.run(flat), lambda: self._eager(*args, **kwargs), device,
+            verdict = vs_eager.judge(self._as_called(variant, flat), lambda: self._eager(*args, **kwargs), device,
                                      was=verdict)
             if vkey:
                 vs_eager.remember(cache, vkey, verdict, self.name)
@@ -989,6 +1039,18 @@ class CompiledModule(ModuleView):
                       "the compiled one.", stacklevel=5)
         return _Eager(reason, variant)
 
+    def _as_called(self, variant: Variant, flat: list[Any]) -> Callable[[], Any]:
+        """The compiled side of a timing against eager as a call pays for it: the module-state guard each call
+        runs (a few microseconds: on a graph of a few ops that can be what decides), then the variant."""
+        state = self._params
+
+        def call() -> Any:
+            if state is not None:
+                state.changed()
+            return variant.run(flat)
+
+        return call
+
     def _without_layout(self, variant: Variant, args: tuple, kwargs: dict, flat: list[Any], device: str,
                         verdict: vs_eager.Verdict) -> Variant | None:
         """A variant compiled without the `layout` rewrite, where that rewrite changed a graph that then measured
@@ -999,7 +1061,7 @@ class CompiledModule(ModuleView):
             return None
         other = self.compile_for(args, kwargs, variant.shapes.dims if variant.shapes is not None else None,
                                  [p for p in self._passes if p.name != "layout"])
-        again = vs_eager.judge(lambda: other.run(flat), lambda: self._eager(*args, **kwargs), device)
+        again = vs_eager.judge(self._as_called(other, flat), lambda: self._eager(*args, **kwargs), device)
         log.info("%s: without the layout rewrite: %s", self.name, again.text())
         if not again.keep_compiled:
             return None

@@ -136,7 +136,7 @@ except ImportError:  # pragma: no cover - a torch without it: the comparisons be
     _TensorGuards = None
 
 
-def _tensor_guards(tensors: list[torch.Tensor]) -> object | None:
+def tensor_guards(tensors: list[torch.Tensor]) -> object | None:
     if _TensorGuards is None or not tensors:
         return None
     try:  # both keywords are required (None: every size and stride is static)
@@ -162,7 +162,7 @@ class Layouts:
         self.strides = list(map(_STRIDE, tensors))
         self.dtypes = [t.dtype for t in tensors]
         self.devices = [t.device for t in tensors]
-        self._fast = _tensor_guards(self.tensors)
+        self._fast = tensor_guards(self.tensors)
 
     def same(self) -> bool:
         fast = self._fast
@@ -172,5 +172,5 @@ class Layouts:
         same = ([t.shape for t in ts] == self.shapes and list(map(_STRIDE, ts)) == self.strides
                 and [t.dtype for t in ts] == self.dtypes and [t.device for t in ts] == self.devices)
         if same and fast is not None:
-            self._fast = _tensor_guards(ts)
+            self._fast = tensor_guards(ts)
         return same

@@ -241,3 +241,25 @@ def test_a_verdict_stored_without_a_record_of_its_noise_is_timed_again(eager_cou
               {"kind": "vs-eager", "model": "Scaled"})
     v = compiled_call(model, x, per_call(1.0, 2.0))
     assert not v.slower_than_eager and "re-measured (was unsettled); settled" in v.vs_eager
+
+
+def test_the_compiled_side_is_timed_with_the_guard_its_calls_run(monkeypatch):
+    """A call of the compiled module checks the model's state before the variant runs (a few microseconds: on
+    a graph of a few ops, what decides): the timing against eager pays for it too."""
+    from fxcc.guards import ModuleState
+
+    fake_timer(monkeypatch, compiled_ms=1.0, eager_ms=2.0)
+    counted = []
+    changed = ModuleState.changed
+
+    def counting(self, *a, **kw):
+        counted.append(self)
+        return changed(self, *a, **kw)
+
+    model = Scaled().eval()
+    cm = fxcc.compile(model)
+    x = torch.randn(4, 16)
+    monkeypatch.setattr(ModuleState, "changed", counting)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x))
+    assert counted and all(s is cm._params for s in counted)  # the timed compiled call ran the guard

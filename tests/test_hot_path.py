@@ -1,0 +1,96 @@
+"""The hot path of a compiled module's call (the signature served last, checked by one C++ tensor guard over
+its arguments and the model's tensors): taken on repeated calls, and every change the full guard sees is seen
+through it too."""
+
+from __future__ import annotations
+
+import fxcc
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) * self.scale
+
+
+def _pair():
+    torch.manual_seed(0)
+    m = Net().eval()
+    return m, fxcc.compile(m)
+
+
+def _same(c, m, x):
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_repeated_calls_take_it():
+    m, c = _pair()
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        _same(c, m, x)
+    assert c._hot is not None and c._hot.variant in c._compiled
+    assert c.stats.compiles == 1
+
+
+def test_changes_of_the_model_are_seen_through_it():
+    m, c = _pair()
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        _same(c, m, x)
+    with torch.no_grad():
+        m.fc1.weight.mul_(0.5)  # in place
+    _same(c, m, x)
+    m.fc2.weight = nn.Parameter(torch.randn(8, 32))  # rebound
+    _same(c, m, x)
+    with torch.no_grad():
+        m.fc2.bias.data = torch.randn(8)  # new memory behind the same parameter
+    _same(c, m, x)
+    m.scale = 3.0  # an attribute the graph read
+    _same(c, m, x)
+    m.fc1.weight.data = m.fc1.weight.data.t().contiguous().t()  # same values, other strides
+    _same(c, m, x)
+
+
+def test_other_arguments_miss_it():
+    m, c = _pair()
+    x, y = torch.randn(4, 16), torch.randn(6, 16)
+    for _ in range(2):
+        _same(c, m, x)
+    _same(c, m, y)  # another shape
+    _same(c, m, x.t().contiguous().t())  # another layout
+    _same(c, m, x.double().float())
+    _same(c, m, x[:, :16])
+    for _ in range(40):  # alternating: both served, the hot one given up and taken again
+        _same(c, m, x)
+        _same(c, m, y)
+    m.double()  # the model's tensors and the argument in another dtype
+    _same(c, m, x.double())
+    m.float()
+    _same(c, m, x)
+
+
+def test_modes_and_contexts_miss_it():
+    m, c = _pair()
+    x = torch.randn(4, 16)
+    for _ in range(2):
+        _same(c, m, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            got, want = c(x), m(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    g = torch.randn(4, 16, requires_grad=True)
+    out = c(g)  # gradients enabled and asked for: eager's outputs, with their graph
+    out.sum().backward()
+    assert g.grad is not None
+    m.train()
+    _same(c, m, x)
+    m.eval()
+    _same(c, m, x)
