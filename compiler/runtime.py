@@ -269,8 +269,9 @@ def _wants_grads(args: tuple, kwargs: dict) -> bool:
 class _Hot:
     """A plain-tensor call signature served compiled, checked in one pass of torch's C++ tensor guard over the
     arguments and the model's tensors (type, dispatch keys, dtype, device, sizes, strides: stricter than
-    `_fast_key` and `Layouts.same` together, which it stands for; a miss takes the path with both). About 5 us
-    a call on a small model, where a call of a few ops takes 30."""
+    `_fast_key` and `Layouts.same` together, which it stands for; a miss takes the path with both). It saves
+    3-8 us a call on the small breadth networks (densenet_transition's call 34 against 37 us, medians of 3000
+    calls of one compiled module with it and without, in rotating order)."""
 
     __slots__ = ("guard", "n", "state", "tensors", "training", "context", "variant")
 
