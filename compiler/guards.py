@@ -43,9 +43,10 @@ from .watch import Layouts, Snapshot
 
 try:  # torch's C++ guard tree (torch.compile's own guards): one pass over many dicts' version tags
     from torch._C._dynamo.guards import RootGuardManager as _RootGuardManager
+    from torch._C._dynamo.guards import dict_version as _dict_version
     from torch._dynamo.guards import GuardManagerType as _GuardManagerType
 except ImportError:  # pragma: no cover - a torch without it: the entries are compared one by one
-    _RootGuardManager = _GuardManagerType = None
+    _RootGuardManager = _GuardManagerType = _dict_version = None
 
 # flags of a module that no forward reads: transformers' "weights initialised" mark (on every submodule)
 log = logging.getLogger(__name__)
@@ -306,7 +307,12 @@ class ModuleState:
         self.mutable_keys = [self.keys[i] for i in mutable]
         self.mutable_values = [self.values[i] for i in mutable]
         self.rearms = 0
-        self.versions = _dict_versions(self.counts_of) if _VERSIONS else None
+        # the root module's own dict is tagged apart: fxcc's generate installs its forward there and takes it away
+        # (`taken_again`), and taking that one tag again costs nothing where rebuilding the others' check costs ms
+        self.root_dict = vars(module)
+        self.tagged = [d for d in self.counts_of if d is not self.root_dict]
+        self.versions = _dict_versions(self.tagged) if _VERSIONS else None
+        self.root_tag = _dict_version(self.root_dict) if self.versions is not None else None
         watched = self.tensors if sources is None else sources
         self.watched = [(t, Snapshot(t)) for t in watched]  # first: a snapshot may move a tensor's memory
         self._index_watched()
@@ -384,7 +390,7 @@ class ModuleState:
         moved (then only lists are compared: they change in place), else entry by entry (and, when they are the
         same, the tags are taken again)."""
         versions = self.versions
-        if versions is not None and versions.check(self.counts_of):
+        if self.tags_hold():
             return (not self.mutable_dicts
                     or list(map(dict.get, self.mutable_dicts, self.mutable_keys)) == self.mutable_values)
         same = (all(map(operator.is_, map(dict.get, self.owners, self.names), self.objs))
@@ -396,12 +402,33 @@ class ModuleState:
             self._retag()
         return same
 
+    def tags_hold(self) -> bool:
+        """Whether the dicts' version tags are kept and none moved (the cheap check of `_entries_same`)."""
+        return (self.versions is not None and _dict_version(self.root_dict) == self.root_tag
+                and self.versions.check(self.tagged))
+
+    def taken_again(self) -> None:
+        """After fxcc's own change of a module's dict (`CompiledModule.generate` installs its forward on the model
+        and takes it away again): where the dicts' version tags moved and the entries compiled code depends on are
+        as they were, the tags are taken again without counting that among the changes that did not matter
+        (_REARMS), which a served model's every generate would otherwise use up."""
+        if (self.versions is not None and _dict_version(self.root_dict) != self.root_tag
+                and self.versions.check(self.tagged)):  # only the root's dict moved
+            root_tag, self.root_tag = self.root_tag, None  # compared entry by entry, not retagged: see below
+            versions, self.versions = self.versions, None
+            try:
+                same = self._entries_same()
+            finally:
+                self.versions = versions
+            self.root_tag = _dict_version(self.root_dict) if same else root_tag
+
     def _retag(self) -> None:
         """Take the dicts' version tags again after a change that compiled code does not depend on (an attribute
         nothing reads, a value set to an equal one); given up after _REARMS such changes (a model that keeps
         changing its attributes), so that each call does not pay for both checks."""
         self.rearms += 1
-        self.versions = _dict_versions(self.counts_of) if self.rearms <= _REARMS else None
+        self.versions = _dict_versions(self.tagged) if self.rearms <= _REARMS else None
+        self.root_tag = _dict_version(self.root_dict) if self.versions is not None else None
         if self.versions is None:
             log.debug("module state compared entry by entry from now on (%d changes that did not matter)",
                       self.rearms - 1)
@@ -561,8 +588,9 @@ def _dict_versions(dicts: list[dict]) -> Any:
 
 
 def _versions_follow_changes() -> bool:
-    """Whether the dict-version guard sees a replacement made with `dict.__setitem__` (no Python-level hook) and a
-    deletion: checked once, so a Python or torch whose tags do not move falls back to comparing entries."""
+    """Whether the dict-version guard (and a dict's own tag) sees a replacement made with `dict.__setitem__` (no
+    Python-level hook) and a deletion: checked once, so a Python or torch whose tags do not move falls back to
+    comparing entries."""
     d = {"k": 1}
     guard = _dict_versions([d])
     if guard is None or not guard.check([d]):
@@ -572,7 +600,11 @@ def _versions_follow_changes() -> bool:
         return False
     guard = _dict_versions([d])
     del d["k"]
-    return not guard.check([d])
+    if guard.check([d]) or _dict_version is None:
+        return False
+    tag = _dict_version(d)  # the root module's dict is checked by its own tag: it must move the same way
+    dict.__setitem__(d, "k", 3)
+    return _dict_version(d) != tag
 
 
 _VERSIONS = _versions_follow_changes()

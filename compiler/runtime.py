@@ -800,8 +800,18 @@ class CompiledModule(ModuleView):
             return self(*a, **k)
 
         forward.fxcc = self  # marks it as fxcc's, so capture and the eager fallback call the model's own
-        with forward_as(self.module, forward), deferred_stop_check(DEFERRED_STOP_DEVICES):
-            return self.decode_loop.generate(gen, args, kwargs)
+        try:
+            with forward_as(self.module, forward), deferred_stop_check(DEFERRED_STOP_DEVICES):
+                self._own_change()
+                return self.decode_loop.generate(gen, args, kwargs)
+        finally:
+            self._own_change()
+
+    def _own_change(self) -> None:
+        """fxcc changed the model's dict itself (generate's forward, installed or taken away): the module-state
+        guard takes its version tags again, not counting it as the model's change (fxcc.guards.ModuleState)."""
+        if self._params is not None:
+            self._params.taken_again()
 
     def _params_unchanged(self) -> bool:
         return self._params.changed() is None

@@ -94,3 +94,26 @@ def test_modes_and_contexts_miss_it():
     _same(c, m, x)
     m.eval()
     _same(c, m, x)
+
+
+def test_generate_installing_its_forward_is_not_counted_as_a_change_of_the_model(monkeypatch):
+    """`generate` puts fxcc's forward on the model and takes it away: the module-state guard takes that one dict's
+    tag again, so a served model's generates do not use up the changes it tolerates before comparing every entry
+    of every module dict at every call (fxcc.guards._REARMS)."""
+    from fxcc import guards
+    from fxcc.bench_generate import llama
+
+    monkeypatch.setattr(guards, "_REARMS", 2)
+    m = llama(64, 2, 4, 2, 128, torch.float32, "cpu")
+    c = fxcc.compile(m)
+    ids = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        want = m.generate(ids, **kw)
+        for _ in range(5):
+            torch.testing.assert_close(c.generate(ids, **kw), want, rtol=0, atol=0)
+        assert c._params.versions is not None  # still checked by the tags
+        m.model.norm.eps = 0.5  # a change the graph depends on, after the generates: still seen
+        assert torch.equal(c.generate(ids, **kw), m.generate(ids, **kw))
+        m.my_flag = True  # a new root attribute nothing reads: not a change of what compiled code computes
+        torch.testing.assert_close(c.generate(ids, **kw), m.generate(ids, **kw), rtol=0, atol=0)
