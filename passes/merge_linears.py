@@ -120,10 +120,10 @@ def _slices_break(rw: Rewriter, group: list[fx.Node], ws: list[torch.Tensor]) ->
     """Why a node after one of the linears would break on its slice of the merged output, whose rows are as wide
     as all of them (a `view` that merges the batch into the heads, as F.multi_head_attention_forward's
     (T, B * heads, head_dim) does, cannot view a slice); None when all of them take it."""
-    x, w = val(group[0].args[0]), ws[0]
-    with rw.mode:
-        weight = torch.empty(sum(int(w.shape[0]) for w in ws), w.shape[1], dtype=w.dtype, device=w.device)
-        wide = LINEAR(_fake_of(rw.mode, x), weight)
+    try:
+        wide = _merged_value(rw, val(group[0].args[0]), ws)
+    except RuntimeError as e:  # torch 2.11: a linear of symbolic rows copied into another fake mode cannot run
+        return f"the merged output's layout could not be computed ({str(e).splitlines()[0]})"
     start = 0
     for u, w in zip(group, ws):
         with rw.mode:
@@ -132,6 +132,14 @@ def _slices_break(rw: Rewriter, group: list[fx.Node], ws: list[torch.Tensor]) ->
         if why := layout_breaks(u, part):
             return why
     return None
+
+
+def _merged_value(rw: Rewriter, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    """The merged linear's output as a fake tensor of the pass's mode."""
+    w = ws[0]
+    with rw.mode:
+        weight = torch.empty(sum(int(w.shape[0]) for w in ws), w.shape[1], dtype=w.dtype, device=w.device)
+        return LINEAR(x if getattr(x, "fake_mode", None) is rw.mode else _fake_of(rw.mode, x), weight)
 
 
 def _constant(gm: fx.GraphModule, rw: Rewriter, at: fx.Node, base: str, value: torch.Tensor) -> fx.Node:
