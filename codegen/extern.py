@@ -102,7 +102,7 @@ def inline_graph(kb: KernelBody, packed: bool = False, trim: bool = False,
         elif nhwc and node.op == "call_function" and node.target in CONV:
             node.target = conv_layout.nhwc(node.target)
         elif patch and patch_conv.applies(node):
-            node.target = patch_conv.conv(node.target)
+            node.target = patch_conv.conv(node)
         elif node.op == "call_function" and node.target in REFERENCE:
             node.target = REFERENCE[node.target]
         elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:

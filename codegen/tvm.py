@@ -550,7 +550,7 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
             if env[n].target in REFERENCE:
                 env[n].target = REFERENCE[env[n].target]
             elif patch and n is split:
-                env[n].target = patch_conv.conv(n.target)
+                env[n].target = patch_conv.conv(n)
     if split_bias(split) is not None:
         env[split].args = env[split].args[:2]
         env[split].kwargs = {k: v for k, v in env[split].kwargs.items() if k != "bias"}

@@ -393,14 +393,18 @@ class ModuleState:
         if self.tags_hold():
             return (not self.mutable_dicts
                     or list(map(dict.get, self.mutable_dicts, self.mutable_keys)) == self.mutable_values)
-        same = (all(map(operator.is_, map(dict.get, self.owners, self.names), self.objs))
+        same = self._entries_equal()
+        if same and versions is not None:
+            self._retag()
+        return same
+
+    def _entries_equal(self) -> bool:
+        """The entries compared one by one: objects by identity, primitive values by equality, modes, counts."""
+        return (all(map(operator.is_, map(dict.get, self.owners, self.names), self.objs))
                 and list(map(dict.get, self.dicts, self.keys)) == self.values
                 and self._same_modes()
                 and list(map(len, self.counts_of)) == self.counts
                 and not any(map(operator.contains, self.miss_dicts, self.miss_names)))
-        if same and versions is not None:
-            self._retag()
-        return same
 
     def tags_hold(self) -> bool:
         """Whether the dicts' version tags are kept and none moved (the cheap check of `_entries_same`)."""
@@ -413,14 +417,8 @@ class ModuleState:
         as they were, the tags are taken again without counting that among the changes that did not matter
         (_REARMS), which a served model's every generate would otherwise use up."""
         if (self.versions is not None and _dict_version(self.root_dict) != self.root_tag
-                and self.versions.check(self.tagged)):  # only the root's dict moved
-            root_tag, self.root_tag = self.root_tag, None  # compared entry by entry, not retagged: see below
-            versions, self.versions = self.versions, None
-            try:
-                same = self._entries_same()
-            finally:
-                self.versions = versions
-            self.root_tag = _dict_version(self.root_dict) if same else root_tag
+                and self.versions.check(self.tagged) and self._entries_equal()):  # only the root's dict moved
+            self.root_tag = _dict_version(self.root_dict)
 
     def _retag(self) -> None:
         """Take the dicts' version tags again after a change that compiled code does not depend on (an attribute

@@ -36,7 +36,14 @@ def test_the_gemm_is_the_convolution(shape, kernel, bias):
     op = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.convolution.default}[len(kernel)]
     args = ((x, w, b, list(kernel), [0] * len(kernel), [1] * len(kernel), False, [0] * len(kernel), 1)
             if op is aten.convolution.default else (x, w, b, list(kernel)))
-    torch.testing.assert_close(patch_conv.conv(op)(*args), want, rtol=1e-5, atol=1e-5)
+    graph = fx.Graph()
+    operands = [graph.placeholder(f"a{i}") if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+    for node, a in zip(operands, args):
+        if isinstance(node, fx.Node):
+            node.meta["val"] = a
+    node = graph.call_function(op, tuple(operands))
+    assert patch_conv.applies(node)
+    torch.testing.assert_close(patch_conv.conv(node)(*args), want, rtol=1e-5, atol=1e-5)
 
 
 
