@@ -26,7 +26,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,6 +63,8 @@ class Engine:
     compiles_timed: int = 0  # compiles during the timed rounds (a recompile there would be in a TTFT)
     alone_compiles_timed: int = 0
     defer: bool = False  # generate reads its stop flag one step late, as `CompiledModule.generate` runs it
+    error: str | None = None  # what this engine raised; it is left out of the rounds after it and reported
+    mark_steps: bool = False  # each forward call begins a new CUDA-graph step (torch.compile reduce-overhead)
 
 
 class Clock:
@@ -70,11 +72,13 @@ class Clock:
     (CUDA) so its end is the first token's time; later calls are not, so the host may queue a step while the
     device runs the one before, as in a generate nobody watches (the decode time is taken at generate's end)."""
 
-    def __init__(self, fn: Callable, device: str):
-        self.fn, self.device, self.starts, self.ends = fn, device, [], []
+    def __init__(self, fn: Callable, device: str, mark_steps: bool = False):
+        self.fn, self.device, self.starts, self.ends, self.mark_steps = fn, device, [], [], mark_steps
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.starts.append(time.perf_counter())
+        if self.mark_steps:  # the last step's outputs are read (and copied) by generate before this call
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.fn(*args, **kwargs)
         if self.device == "cuda" and not self.ends:
             torch.cuda.synchronize()
@@ -115,7 +119,8 @@ def engines(model: nn.Module, names: list[str], device: str, defer: str = "fxcc"
             torch._dynamo.reset()
             fn = torch.compile(own, mode=mode or None)
             out.append(Engine(name, fn, "static", lambda: counters["stats"]["unique_graphs"],
-                              defer=defer == "all" if late is None else late))
+                              defer=defer == "all" if late is None else late,
+                              mark_steps=device == "cuda" and "reduce-overhead" in mode))
         elif base == "fxcc":
             fn = fxcc.compile(own)
             out.append(Engine(name, fn, mode or None, lambda s=fn.fxcc.stats: s.compiles,
@@ -130,7 +135,7 @@ def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: s
              forward: Callable | None = None) -> tuple[torch.Tensor, list[float], float]:
     """One greedy generate through engine `e` (or `forward`): the tokens, the start time and the end time of
     each forward call, and the start time of the first forward call."""
-    clock = Clock(forward or e.forward or type(model).forward.__get__(model), device)
+    clock = Clock(forward or e.forward or type(model).forward.__get__(model), device, e.mark_steps and not forward)
     # generate reads the forward's signature to decide what it passes (position_ids from a padding mask)
     clock.__signature__ = inspect.signature(type(model).forward.__get__(model))
     kw = {"cache_implementation": e.cache} if e.cache else {}
@@ -225,50 +230,56 @@ def run(args: Any, log: Callable[[str], None]) -> str:
     reference = {}
     for e in es:  # first generate (compiles), then one with another prompt length (compiles again?)
         log(f"{e.name}: first generate ...")
-        before = e.compiles()
-        tokens, ends, _ = generate(model, e, ids, new, device)
-        e.first_s = ends[-1] - ends[0]
-        e.compiles_first = e.compiles() - before
-        before = e.compiles()
-        other_tokens, _, _ = generate(model, e, other, new, device)
-        e.compiles_again = e.compiles() - before
-        if e.forward is not None and hasattr(e.forward, "fxcc"):
-            e.compile_s = sum(v.compile_seconds for v in e.forward.fxcc.variants)
-        reference.setdefault("ids", tokens)
-        reference.setdefault("other", other_tokens)
-        e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
+        with _failing(e, "its first generates", log):
+            before = e.compiles()
+            tokens, ends, _ = generate(model, e, ids, new, device)
+            e.first_s = ends[-1] - ends[0]
+            e.compiles_first = e.compiles() - before
+            before = e.compiles()
+            other_tokens, _, _ = generate(model, e, other, new, device)
+            e.compiles_again = e.compiles() - before
+            if e.forward is not None and hasattr(e.forward, "fxcc"):
+                e.compile_s = sum(v.compile_seconds for v in e.forward.fxcc.variants)
+            reference.setdefault("ids", tokens)
+            reference.setdefault("other", other_tokens)
+            e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
     for e in es:  # after every engine's generates: what generate leaves on the model (a static cache's length) is there
-        if getattr(args, "prefill_alone", True) and e.name.startswith("fxcc"):
+        if getattr(args, "prefill_alone", True) and e.name.startswith("fxcc") and not e.error:
             log(f"{e.name}: the prefill compiled alone ...")
-            prefill_alone(model, e, ids, new, device)
+            with _failing(e, "its prefill compiled alone", log, whole=False):
+                prefill_alone(model, e, ids, new, device)
     warmup = args.warmup
     for r in range(warmup):  # untimed, interleaved as the timed rounds are
-        for e in es:
-            generate(model, e, ids, new, device)
-            if e.alone is not None:
-                time_alone(e, device)
+        for e in _running(es):
+            with _failing(e, f"warm-up round {r + 1}", log):
+                generate(model, e, ids, new, device)
+                if e.alone is not None:
+                    time_alone(e, device)
         log(f"warm-up round {r + 1}/{warmup}")
     load = _load()
-    before = {e.name: (e.compiles(), e.alone.fxcc.stats.compiles if e.alone else 0) for e in es}
+    before = {e.name: (e.compiles(), e.alone.fxcc.stats.compiles if e.alone else 0) for e in _running(es)}
     for r in range(args.reps):
-        for e in es:  # the prefill alone runs before the generate in odd rounds, after it in even ones
-            if e.alone is not None and r % 2:
-                e.alone_ms.append(time_alone(e, device))
-            _, ends, first_start = generate(model, e, ids, new, device)
-            e.ttft_ms.append((ends[1] - ends[0]) * 1e3)
-            e.setup_ms.append((first_start - ends[0]) * 1e3)
-            e.first_ms.append((ends[1] - first_start) * 1e3)
-            if e.alone is not None and not r % 2:
-                e.alone_ms.append(time_alone(e, device))
-            e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
-            e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
+        for e in _running(es):  # the prefill alone runs before the generate in odd rounds, after it in even ones
+            with _failing(e, f"timed round {r + 1}", log):
+                alone = []
+                if e.alone is not None and r % 2:
+                    alone.append(time_alone(e, device))
+                _, ends, first_start = generate(model, e, ids, new, device)
+                if e.alone is not None and not r % 2:
+                    alone.append(time_alone(e, device))
+                e.alone_ms += alone
+                e.ttft_ms.append((ends[1] - ends[0]) * 1e3)
+                e.setup_ms.append((first_start - ends[0]) * 1e3)
+                e.first_ms.append((ends[1] - first_start) * 1e3)
+                e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
+                e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
         log(f"round {r + 1}/{args.reps}")
-    for e in es:
+    for e in _running(es):
         e.compiles_timed = e.compiles() - before[e.name][0]
         e.alone_compiles_timed = (e.alone.fxcc.stats.compiles if e.alone else 0) - before[e.name][1]
     floor = {}
     if gpu:
-        for e in es:
+        for e in _running(es):
             floor[e.name] = roofline_ms(model, batch, prompt, new, prompt + new if e.cache == "static" else None)
     load = (load, _load())
     text = report(es, floor, model, device, batch, prompt, new, args.reps, load)
@@ -281,6 +292,27 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                                        if k not in ("forward", "compiles", "alone", "alone_inputs")},
                                     **_vs_alone(e)} for e in es]}, f, indent=2, default=str)
     return text
+
+
+def _running(es: list[Engine]) -> list[Engine]:
+    """The engines that have not failed."""
+    return [e for e in es if not e.error]
+
+
+@contextlib.contextmanager
+def _failing(e: Engine, during: str, log: Callable[[str], None], whole: bool = True) -> Iterator[None]:
+    """Run a step of engine `e`; an exception there is its result, not the end of the benchmark: with `whole`
+    the engine is out of the later rounds and its row gives the error; otherwise only the step is given up."""
+    try:
+        yield
+    except Exception as exc:  # any engine's failure, torch.compile's included, is reported, not raised
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        what = f"{type(exc).__name__} during {during}: {first}"
+        log(f"{e.name}: {what}" + ("; left out of the rest of the run" if whole else ""))
+        if whole:
+            e.error = what
+        else:
+            e.alone, e.alone_inputs, e.alone_ms = None, None, []
 
 
 def prefill_alone(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: str) -> None:
@@ -343,9 +375,12 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
     if floor:
         head += f" {'roofline':>9}"
     lines.append(head)
-    eager = next((e for e in es if e.name == "eager"), None)
+    eager = next((e for e in es if e.name == "eager" and e.decode_tps), None)
     base = statistics.median(eager.decode_tps) if eager else None
     for e in es:
+        if not e.decode_tps:
+            lines.append(f"{e.name:<30} failed: {e.error}")
+            continue
         tps, step = statistics.median(e.decode_tps), statistics.median(e.step_ms)
         row = (f"{e.name:<30} {e.cache or 'dynamic':<8} {statistics.median(e.ttft_ms):>9.1f} {tps:>13.1f} "
                f"{step:>8.2f} {(tps / base if base else 1):>8.2f}x {f'{e.compiles_first}+{e.compiles_again}':>9} "
@@ -356,8 +391,9 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
     lines.append("\ncompiles: in the first generate + in a second one with a prompt 3/4 as long; tokens: the "
                  "greedy ids of both generates against eager's; round range: the lowest and highest decode tok/s "
                  "against eager's in the same round")
-    fx = [e for e in es if e.name.startswith("fxcc")]
-    tc = [e for e in es if e.name.startswith("torch.compile")]
+    lines += [f"{e.name}: {e.error} (its times are of the rounds before)" for e in es if e.error and e.decode_tps]
+    fx = [e for e in es if e.name.startswith("fxcc") and e.decode_tps]
+    tc = [e for e in es if e.name.startswith("torch.compile") and e.decode_tps]
     if fx and tc:
         best_fx = max(fx, key=lambda e: statistics.median(e.decode_tps))
         for t in tc:
@@ -373,6 +409,7 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
 def _alone_lines(es: list[Engine]) -> list[str]:
     """The TTFT split (generate's setup, its first forward call) and, per fxcc engine, against the prefill
     compiled alone; medians, with each ratio's lowest and highest value over the rounds."""
+    es = [e for e in es if e.decode_tps]
     if not any(e.alone_ms for e in es):
         return []
     lines = ["", "TTFT against the prefill compiled alone (fxcc.compile(forward, dynamic=False) on the generate's "

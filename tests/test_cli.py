@@ -110,6 +110,44 @@ def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys, tmp_pat
     assert "ttft_vs_alone" not in eager and eager["alone_ms"] == []
 
 
+def test_bench_generate_reports_an_engine_that_raises_as_its_row(capsys, monkeypatch, tmp_path):
+    """An engine that raises (torch.compile's CUDA-graph trees did, on a static cache) is a row with its error;
+    the other engines are still measured. One that fails after the first generates keeps its earlier rounds."""
+    made = bg.engines
+
+    def with_broken(model, names, device, defer="fxcc"):
+        es = made(model, ["eager"], device, defer)
+        own = type(model).forward.__get__(model)
+        calls = {"late": 0}
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom: the engine cannot run\nsecond line")
+
+        def late(*args, **kwargs):  # fine for the two first generates (3 calls each), then raises
+            calls["late"] += 1
+            if calls["late"] > 6:
+                raise ValueError("late failure")
+            return own(*args, **kwargs)
+
+        return es + [bg.Engine("broken", broken), bg.Engine("late", late)]
+
+    monkeypatch.setattr(bg, "engines", with_broken)
+    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+            "--intermediate", "64", "--prompt", "8", "--new-tokens", "3", "--reps", "2", "--threads", "1",
+            "--warmup", "0", "--json", str(tmp_path / "generate.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("eager ", "broken ", "late "))}
+    assert "failed: RuntimeError during its first generates: boom: the engine cannot run" in rows["broken"]
+    assert "second line" not in out and "x" in rows["eager"].split()[-1]
+    # "late" raised in the first timed round: no times, its error on its row
+    assert "failed: ValueError during timed round 1: late failure" in rows["late"]
+    saved = json.loads((tmp_path / "generate.json").read_text())
+    by = {e["name"]: e for e in saved["engines"]}
+    assert by["eager"]["error"] is None and len(by["eager"]["decode_tps"]) == 2
+    assert by["broken"]["error"].startswith("RuntimeError") and by["late"]["decode_tps"] == []
+
+
 def test_bench_generate_records_the_first_forward_inputs_with_the_engines_cache():
     """The prefill alone gets what generate passes its first forward: a fresh cache of the engine's kind (a static
     one of the generate's length), the prompt, untouched by the forward (generate stops before it runs)."""
