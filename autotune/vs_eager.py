@@ -3,10 +3,12 @@ inputs, with the one timer (fxcc.measure); the runtime keeps whichever is faster
 
 Kernel selection already keeps the library where generated code loses, kernel by kernel; this check covers what
 kernel timings cannot see (launches between kernels, layout copies, the CUDA-graph wrapper, thread-pool
-switches): the whole call, as the user makes it. The compiled graph is the incumbent: eager replaces it only when
-it measures faster beyond the noise (fxcc.measure.decide, without a least gain: never slower than eager). A verdict
-whose timings were too noisy to settle it (fxcc.measure.Decision.doubt; then the compiled graph stays) is stored as
-unsettled, and the next compiles time it again, up to FXCC_SETTLE_TRIES in all, before it is final. A graph that calls ops kept eager (custom ops: they may have
+switches): the whole call, as the user makes it. Eager is the incumbent: the compiled graph is kept when it
+measures faster beyond the noise (fxcc.measure.decide, without a least gain), and a settled tie runs eagerly
+(compiling bought nothing there, and a tie on the compile's timing is a coin toss at every later call). A
+verdict whose timings were too noisy to settle it (fxcc.measure.Decision.doubt) keeps the compiled graph unless
+eager beat it beyond the noise; it is stored as unsettled, and the next compiles time it again, up to
+FXCC_SETTLE_TRIES in all, before it is final. A graph that calls ops kept eager (custom ops: they may have
 side effects) or ops that write their inputs is not run the extra times the timing needs.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from fxcc.measure import interleaved, measure_again, settle_record, settle_text, until_settled
+from fxcc.measure import decide, interleaved, measure_again, settle_record, settle_text, until_settled
 from fxcc.store import cache_key
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class Verdict:
         return self.cached and (self.record is None or measure_again(self.record))
 
     def text(self) -> str:
-        choice = "compiled kept" if self.keep_compiled else "runs eagerly"
+        choice = "compiled kept" if self.keep_compiled else (
+            "runs eagerly" if self.compiled_ms > self.eager_ms else "runs eagerly (no faster beyond the noise)")
         head = f"whole graph {self.compiled_ms:.3f} ms compiled, {self.eager_ms:.3f} ms eager: {choice}"
         if self.plan:
             return f"{head} (as plan {self.plan} recorded them)"
@@ -97,8 +100,14 @@ def judge(compiled: Callable[[], object], eager: Callable[[], object], device: s
         fns = {"compiled": compiled, "eager": eager}
         t = interleaved(fns, device=device, warmup=1, reps=reps, rounds=min(reps, 3))
         d = until_settled(t, lambda: interleaved(fns, device=device, warmup=0, reps=reps, rounds=min(reps, 3)),
-                          "compiled", 3 * reps, min_gain=0.0)
-    return Verdict(d.timings["compiled"].own, d.timings["eager"].own, eager_wins=d.winner == "eager",
+                          "eager", 3 * reps, min_gain=0.0)
+    timings = d.timings
+    if d.winner == "eager" and (not d.settled or d.noisy):
+        # too noisy to tell: the compiled graph unless eager beat it beyond the noise (its doubt is this decision's,
+        # so the next compile times it again)
+        d = decide(timings, "compiled", min_gain=0.0)
+    # else compiled beat eager beyond the noise, or measured no faster and could not be much faster: eager
+    return Verdict(timings["compiled"].own, timings["eager"].own, eager_wins=d.winner == "eager",
                    record=settle_record(d, was.record if was is not None else None), again=was is not None)
 
 

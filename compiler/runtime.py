@@ -1028,7 +1028,7 @@ class CompiledModule(ModuleView):
             choices = sorted((k, b.choice.backend, b.choice.module, sorted(b.choice.params.items()))
                              for k, b in variant.kernels.items())
             program = (variant.gm.code + repr(choices) + repr(CompileOptions.from_env(self.options))
-                       + repr(variant.cuda_graph is not None) + "timed with its guard")
+                       + repr(variant.cuda_graph is not None) + "timed with its guard, eager the incumbent")
             vkey = vs_eager.verdict_key(variant.graph_key, program, device)
         verdict = verdict or (vs_eager.remembered(cache, vkey) if vkey else None)
         if verdict is None or verdict.remeasure:  # not measured yet, or its timings were too noisy to settle it
@@ -1044,8 +1044,9 @@ class CompiledModule(ModuleView):
             return other
         variant.slower_than_eager = True
         sig = ", ".join(ir.type_str(x) for x in flat)
+        how = "" if verdict.compiled_ms > verdict.eager_ms else ", no faster beyond the noise"
         reason = (f"{self.name} runs eagerly for inputs ({sig}): compiled, it measured {verdict.compiled_ms:.3f} ms "
-                  f"per call against eager's {verdict.eager_ms:.3f} ms")
+                  f"per call against eager's {verdict.eager_ms:.3f} ms{how}")
         warnings.warn(f"fxcc: {reason}. fxcc.explain shows its kernels; CompileOptions(time_vs_eager=False) keeps "
                       "the compiled one.", stacklevel=5)
         return _Eager(reason, variant)
