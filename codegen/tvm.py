@@ -263,18 +263,21 @@ class TVMCandidate:
 
 
 def _build(tvm, mod):
-    """tvm.compile for the host CPU. TVM's common-subexpression pass can hoist an index expression (the fused
+    """tvm.compile for the host CPU, with expression lets stored (fxcc.codegen.tvm_lets: a build time linear in
+    the kernel). TVM's common-subexpression pass can hoist an index expression (the fused
     row loop's `// 2`) where LLVM finds it does not dominate a use, in a vectorised epilogue that reads a
     broadcast input: LLVM's verifier rejects the module. That build is tried again without the pass, which
     only names shared expressions (LLVM finds most of them again)."""
-    target = tvm.target.Target(host_target())
+    from fxcc.codegen import tvm_lets
+
+    target = host_target()
     try:
-        return tvm.compile(mod, target=target)
+        return tvm_lets.build(tvm, mod, target)
     except Exception as e:  # TVM raises its InternalError (a RuntimeError) from the C++ side
         if "LLVM module verification failed" not in str(e):
             raise
     with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        return tvm.compile(mod, target=target)
+        return tvm_lets.build(tvm, mod, target)
 
 
 def _sizes(values) -> list[int | str]:

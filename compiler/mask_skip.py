@@ -14,6 +14,7 @@ built mask, as before; the first call's check against eager (fxcc.eager_check) s
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,7 +48,11 @@ def _skip_flag(orig: Callable, mu: Any, padding_mask: torch.Tensor | None, q_len
 @contextlib.contextmanager
 def eager_mask_skip() -> Iterator[None]:
     """While capturing with torch.export: transformers' SDPA masks skipped (or opened in the graph) where eager
-    skips them. Does nothing without transformers or where its functions are not the ones this follows."""
+    skips them. Does nothing without transformers or where its functions are not the ones this follows, nor
+    where transformers is not imported (no model of it can be running: importing it would cost a second)."""
+    if "transformers" not in sys.modules:
+        yield
+        return
     try:
         import transformers.masking_utils as mu
         from transformers.modeling_utils import AttentionInterface

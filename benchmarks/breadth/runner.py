@@ -1,7 +1,7 @@
 """`fxcc bench breadth`: every module of the suite under eager, torch.compile and fxcc, side by side.
 
 Per module: outputs checked against eager (fp32 within 1e-3 of the output's scale; bf16/fp16 within 3e-2),
-cold compile time of each compiler (first call, empty artifact cache for fxcc), the engines timed
+cold compile time of each compiler (first call; an empty fxcc artifact cache, empty inductor and Triton caches), the engines timed
 interleaved in one process (fxcc.measure.interleaved: warm-up, then alternating rounds; each compiler on its own
 copy of the module, as a user runs it: torch.compile's CPU kernels take writable pointers to the weights at every
 call, which on a shared module made fxcc compare its watched weights' values at every call), and the
@@ -287,9 +287,14 @@ def main(args: Any) -> int:
     from fxcc.bench import machine
     log(f"{len(cases)} modules, size {size}, {str(dtype).removeprefix('torch.')} on {machine(device)}")
     results = []
-    old_cache = os.environ.get("FXCC_CACHE_DIR")
+    cold_env = ("FXCC_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    old_env = {k: os.environ.get(k) for k in cold_env}
     with tempfile.TemporaryDirectory(prefix="fxcc-breadth-cache-") as cache_dir:
         os.environ["FXCC_CACHE_DIR"] = cache_dir  # fxcc compiles cold, into an empty artifact cache
+        # torch.compile too: its FX-graph and kernel caches persist across processes, so a module run before
+        # would compile warm; fresh directories make both compile times cold
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir, "inductor")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
         try:
             for i, c in enumerate(cases):
                 log(f"[{i + 1}/{len(cases)}] {c.name}")
@@ -301,10 +306,11 @@ def main(args: Any) -> int:
                 for r in results:
                     r.warm_s = warm.get(r.name)
         finally:
-            if old_cache is None:
-                os.environ.pop("FXCC_CACHE_DIR", None)
-            else:
-                os.environ["FXCC_CACHE_DIR"] = old_cache
+            for k, v in old_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     gm = geomeans(results, engines)
     print(f"fxcc bench breadth: {len(results)} modules, size {size}, {str(dtype).removeprefix('torch.')}\n"
           f"machine: {machine(device)}; median of {args.reps} calls per engine, interleaved; "
