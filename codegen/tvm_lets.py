@@ -9,13 +9,16 @@ sigmoids) took 0.6 s to build where one sigmoid takes 0.02 s; exp nested four de
 
 `build` runs TVM's own pipeline and, before code generation, rewrites each buffer store whose value holds
 `Let`s: every binding becomes a store into its own one-element local buffer, in dependency order, and its uses
-loads of it. LLVM promotes those buffers to registers, so the code is the same (the outputs are bit-identical,
-tests/test_tvm_lets.py) and the analyzer sees no chain of bindings. This runs after vectorization, so a
+loads of it. The buffers are stack slots (annotated so TVM's builtin lowering does not make each a heap
+workspace allocated per element, which made a kernel 120x slower), LLVM promotes them to registers, so the code
+runs as fast and gives the same bits (tests/test_tvm_lets.py), and a `Bind` statement would not do: the code
+generator simplifies its value with the earlier bindings substituted, as exponential as the lets. This runs after vectorization, so a
 binding is a whole vector and each vector lane keeps its own value. A scalar `if_then_else` whose branches
 hold lets (a concatenation's last part computed in place) becomes an `if` statement storing its result, each
 branch's lets inside its branch: moved out, a load there could read out of bounds (TVM has by then made every
 `Select` whose branches load memory an `if_then_else`, so hoisting out of a `Select` is safe). A vector
-`if_then_else` keeps its branches' lets.
+`if_then_else` keeps its branches' lets. Only floating-point lets are stored (the transcendental chains);
+integer and boolean ones stay as they are.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def _flat(tvm: Any, expr: Any, loads: list[tuple[Any, Any]]) -> tuple[list, Any]
 
     let_t, call_t, var_t, if_then_else = _kinds(tvm)
     zero = [tirx.const(0, "int32")]
+    # a stack slot (LLVM promotes it to a register), not the heap workspace TVM's lowering would give a local
+    # buffer otherwise: one allocation per element made a kernel 120x slower
+    stack = {"disable_lower_builtin": tirx.const(1, "bool")}
     stmts: list = []
 
     def local(like: Any, name: str) -> tuple[Any, Any]:
@@ -82,10 +88,12 @@ def _flat(tvm: Any, expr: Any, loads: list[tuple[Any, Any]]) -> tuple[list, Any]
         return next((load for var, load in loads if var.same_as(v)), v)
 
     def on_let(let: Any, m: Any) -> Any:
+        if not let.var.ty.dtype.is_float:  # integer and boolean lets stay (with whatever lets they hold)
+            return tvm_ffi.structural_mutate(let, [(var_t, on_var)])
         if not any(var.same_as(let.var) for var, _ in loads):  # a subexpression shared twice binds once
             bound = m.mutate(let.value)  # its own lets first: they come before it
             buf, load = local(let.var, let.var.name)
-            stmts.extend([S.AllocBuffer(buf), S.BufferStore(buf, bound, zero)])
+            stmts.extend([S.AllocBuffer(buf, annotations=stack), S.BufferStore(buf, bound, zero)])
             loads.append((let.var, load))
         return m.mutate(let.body)
 
@@ -103,7 +111,7 @@ def _flat(tvm: Any, expr: Any, loads: list[tuple[Any, Any]]) -> tuple[list, Any]
 
         def block(body: list) -> Any:
             return body[0] if len(body) == 1 else S.SeqStmt(body)  # TVM refuses a sequence of one
-        stmts.extend([S.AllocBuffer(buf), S.IfThenElse(cond, block(then_s + [S.BufferStore(buf, then_v, zero)]),
+        stmts.extend([S.AllocBuffer(buf, annotations=stack), S.IfThenElse(cond, block(then_s + [S.BufferStore(buf, then_v, zero)]),
                                                        block(else_s + [S.BufferStore(buf, else_v, zero)]))])
         return load
 
