@@ -258,7 +258,8 @@ def run(args: Any, log: Callable[[str], None]) -> str:
         log(f"warm-up round {r + 1}/{warmup}")
     load = _load()
     before = {e.name: (e.compiles(), e.alone.fxcc.stats.compiles if e.alone else 0) for e in _running(es)}
-    for r in range(args.reps):
+
+    def timed_round(r: int) -> None:
         for e in _running(es):  # the prefill alone runs before the generate in odd rounds, after it in even ones
             with _failing(e, f"timed round {r + 1}", log):
                 alone = []
@@ -273,7 +274,23 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                 e.first_ms.append((ends[1] - first_start) * 1e3)
                 e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
                 e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
-        log(f"round {r + 1}/{args.reps}")
+
+    done = 0
+    with _stop_on_sigterm():
+        try:
+            for r in range(args.reps):
+                timed_round(r)
+                done = r + 1
+                log(f"round {done}/{args.reps}")
+        except _Stopped:  # a device run's time limit: what the complete rounds measured is still reported
+            log(f"stopped (SIGTERM) after {done} complete rounds of {args.reps}: reporting those")
+            for e in es:
+                for times in (e.ttft_ms, e.setup_ms, e.first_ms, e.decode_tps, e.step_ms):
+                    del times[done:]
+                del e.alone_ms[done:]
+    if not done:
+        raise SystemExit("fxcc bench generate: stopped before a timed round completed; nothing to report")
+    args.reps = done
     for e in _running(es):
         e.compiles_timed = e.compiles() - before[e.name][0]
         e.alone_compiles_timed = (e.alone.fxcc.stats.compiles if e.alone else 0) - before[e.name][1]
@@ -292,6 +309,31 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                                        if k not in ("forward", "compiles", "alone", "alone_inputs")},
                                     **_vs_alone(e)} for e in es]}, f, indent=2, default=str)
     return text
+
+
+class _Stopped(BaseException):
+    """SIGTERM during the timed rounds (a time limit's kill): the complete rounds are reported. A BaseException,
+    so an engine's failure handler (`_failing`) does not take it for the engine's error."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises _Stopped here while the block runs (main thread only; elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _running(es: list[Engine]) -> list[Engine]:

@@ -148,6 +148,37 @@ def test_bench_generate_reports_an_engine_that_raises_as_its_row(capsys, monkeyp
     assert by["broken"]["error"].startswith("RuntimeError") and by["late"]["decode_tps"] == []
 
 
+def test_bench_generate_reports_the_complete_rounds_when_stopped(capsys, monkeypatch, tmp_path):
+    """A time limit's SIGTERM during the timed rounds (a device run's `timeout`): the complete rounds are reported,
+    the one it cut is dropped."""
+    import os
+    import signal
+    made = bg.engines
+
+    def stopping(model, names, device, defer="fxcc"):
+        (e,) = made(model, ["eager"], device, defer)
+        own, calls = type(model).forward.__get__(model), {"n": 0}
+
+        def forward(*args, **kwargs):  # 2 first generates + 1 warm-up + 1 timed round, 3 calls each
+            calls["n"] += 1
+            if calls["n"] == 14:  # in the second timed round
+                os.kill(os.getpid(), signal.SIGTERM)
+            return own(*args, **kwargs)
+        return [e, bg.Engine("stopping", forward)]
+
+    monkeypatch.setattr(bg, "engines", stopping)
+    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+            "--intermediate", "64", "--prompt", "8", "--new-tokens", "3", "--reps", "3", "--threads", "1",
+            "--warmup", "1", "--json", str(tmp_path / "generate.json")]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "stopped (SIGTERM) after 1 complete rounds of 3" in captured.err
+    assert "medians of 1 generates" in captured.out and "stopping " in captured.out
+    saved = json.loads((tmp_path / "generate.json").read_text())
+    assert saved["reps"] == 1 and all(len(e["decode_tps"]) == 1 for e in saved["engines"])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the rounds
+
+
 def test_bench_generate_records_the_first_forward_inputs_with_the_engines_cache():
     """The prefill alone gets what generate passes its first forward: a fresh cache of the engine's kind (a static
     one of the generate's length), the prompt, untouched by the forward (generate stops before it runs)."""
