@@ -5,24 +5,27 @@ The lowering binds every value used more than once with `tirx.Let` (fxcc.codegen
 sigmoid, erf and GELU each bind several. TVM's LLVM code generator binds each let variable in its arithmetic
 analyzer, which simplifies the bound value with the values of the lets inside it inlined: the work doubles or
 more with each nesting level although the LLVM IR it emits stays small. A GRU cell's gate kernel (a tanh over
-sigmoids) took 0.6 s to build where one sigmoid takes 0.02 s; exp nested four deep took 1.6 s, five deep 43 s.
+sigmoids) took 0.6-0.8 s to build where one sigmoid takes 0.02 s; exp nested four deep took 2.1 s, five deep
+91 s (`python benchmarks/tvm_build_time.py --plain-max 5`).
 
 `build` runs TVM's own pipeline and, before code generation, rewrites each buffer store whose value holds
-`Let`s: every binding becomes a store into its own one-element local buffer, in dependency order, and its uses
-loads of it. The buffers are stack slots (annotated so TVM's builtin lowering does not make each a heap
-workspace allocated per element, which made a kernel 120x slower), LLVM promotes them to registers, so the code
-runs as fast and gives the same bits (tests/test_tvm_lets.py), and a `Bind` statement would not do: the code
-generator simplifies its value with the earlier bindings substituted, as exponential as the lets. This runs after vectorization, so a
-binding is a whole vector and each vector lane keeps its own value. A scalar `if_then_else` whose branches
-hold lets (a concatenation's last part computed in place) becomes an `if` statement storing its result, each
-branch's lets inside its branch: moved out, a load there could read out of bounds (TVM has by then made every
-`Select` whose branches load memory an `if_then_else`, so hoisting out of a `Select` is safe). A vector
-`if_then_else` keeps its branches' lets. Only floating-point lets are stored (the transcendental chains);
-integer and boolean ones stay as they are.
+`Let`s: every binding becomes a store into its own one-element local buffer, in dependency order, and its
+uses loads of it. The buffers are stack slots (annotated so TVM's builtin lowering does not make each a heap
+workspace allocated per element); LLVM promotes them to registers, so the
+code runs as fast and gives the same bits (tests/test_tvm_lets.py). A `Bind` statement would not do: the code
+generator simplifies its value with the earlier bindings substituted, as exponential as the lets.
+
+This runs after vectorization, so a binding is a whole vector and each vector lane keeps its own value. A
+scalar `if_then_else` whose branches hold lets (a concatenation's last part computed in place) becomes an `if`
+statement storing its result, each branch's lets inside its branch: moved out, a load there could read out of
+bounds (TVM has by then made every `Select` whose branches load memory an `if_then_else`, so hoisting out of a
+`Select` is safe). A vector `if_then_else` keeps its branches' lets. Only floating-point lets are stored (the
+transcendental chains); integer and boolean ones stay as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -47,12 +50,21 @@ def stored_lets(tvm: Any, mod: Any) -> Any:
     return tvm_ffi.structural_mutate(mod, [(S.BufferStore, lambda store, _: _store(tvm, store))])
 
 
+@functools.cache
 def _kinds(tvm: Any) -> tuple[type, type, type, Any]:
     """The classes of TIR's Let, Call and Var expressions (not all exported by name) and the if_then_else op."""
     from tvm import tirx
     x = tirx.Var("x", "float32")
     return (type(tirx.Let(x, tirx.const(0.0, "float32"), x)), type(tirx.exp(x)), type(x),
             tvm.ir.Op.get("prim.if_then_else"))
+
+
+@functools.cache
+def _slot() -> tuple[list, dict]:
+    """A one-element buffer's index, and the annotation that makes it a stack slot (LLVM promotes it to a
+    register), not the heap workspace TVM's lowering gives a local buffer otherwise (one allocation per element)."""
+    from tvm import tirx
+    return [tirx.const(0, "int32")], {"disable_lower_builtin": tirx.const(1, "bool")}
 
 
 def _store(tvm: Any, store: Any) -> Any:
@@ -74,10 +86,7 @@ def _flat(tvm: Any, expr: Any, loads: list[tuple[Any, Any]]) -> tuple[list, Any]
     from tvm.tirx import stmt as S
 
     let_t, call_t, var_t, if_then_else = _kinds(tvm)
-    zero = [tirx.const(0, "int32")]
-    # a stack slot (LLVM promotes it to a register), not the heap workspace TVM's lowering would give a local
-    # buffer otherwise: one allocation per element made a kernel 120x slower
-    stack = {"disable_lower_builtin": tirx.const(1, "bool")}
+    zero, stack = _slot()
     stmts: list = []
 
     def local(like: Any, name: str) -> tuple[Any, Any]:
@@ -101,22 +110,25 @@ def _flat(tvm: Any, expr: Any, loads: list[tuple[Any, Any]]) -> tuple[list, Any]
         if not call.op.same_as(if_then_else):
             return m.default_mutate(call)
         cond = m.mutate(call.args[0])
-        if cond.ty.dtype.lanes != 1:  # lanes evaluated apart: its branches keep their lets (outer ones read as stored)
+        if cond.ty.dtype.lanes != 1:  # lanes evaluated apart: its branches keep their lets (outer ones read)
             branches = [tvm_ffi.structural_mutate(b, [(var_t, on_var)]) for b in call.args[1:]]
             return _call_like(call, [cond, *branches])
         (then_s, then_v), (else_s, else_v) = (_flat(tvm, b, loads) for b in call.args[1:])
         if not then_s and not else_s:
             return _call_like(call, [cond, then_v, else_v])
         buf, load = local(call, "branch")
-
-        def block(body: list) -> Any:
-            return body[0] if len(body) == 1 else S.SeqStmt(body)  # TVM refuses a sequence of one
-        stmts.extend([S.AllocBuffer(buf, annotations=stack), S.IfThenElse(cond, block(then_s + [S.BufferStore(buf, then_v, zero)]),
-                                                       block(else_s + [S.BufferStore(buf, else_v, zero)]))])
+        stmts.extend([S.AllocBuffer(buf, annotations=stack),
+                      S.IfThenElse(cond, _block(then_s + [S.BufferStore(buf, then_v, zero)]),
+                                   _block(else_s + [S.BufferStore(buf, else_v, zero)]))])
         return load
 
     value = tvm_ffi.structural_mutate(expr, [(let_t, on_let), (call_t, on_call), (var_t, on_var)])
     return stmts, value
+
+
+def _block(body: list) -> Any:
+    from tvm.tirx import stmt as S
+    return body[0] if len(body) == 1 else S.SeqStmt(body)  # TVM refuses a sequence of one
 
 
 def _call_like(call: Any, args: list) -> Any:

@@ -290,7 +290,6 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                 del e.alone_ms[done:]
     if not done:
         raise SystemExit("fxcc bench generate: stopped before a timed round completed; nothing to report")
-    args.reps = done
     for e in _running(es):
         e.compiles_timed = e.compiles() - before[e.name][0]
         e.alone_compiles_timed = (e.alone.fxcc.stats.compiles if e.alone else 0) - before[e.name][1]
@@ -299,11 +298,11 @@ def run(args: Any, log: Callable[[str], None]) -> str:
         for e in _running(es):
             floor[e.name] = roofline_ms(model, batch, prompt, new, prompt + new if e.cache == "static" else None)
     load = (load, _load())
-    text = report(es, floor, model, device, batch, prompt, new, args.reps, load)
+    text = report(es, floor, model, device, batch, prompt, new, done, load)  # the rounds that completed
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"workload": "generate", "report": text, "batch": batch, "prompt": prompt, "new_tokens": new,
-                       "warmup": warmup, "reps": args.reps, "load_average": load, "roofline_ms": floor,
+                       "warmup": warmup, "reps": done, "load_average": load, "roofline_ms": floor,
                        "config": model.config.to_diff_dict(),
                        "engines": [{**{k: v for k, v in asdict(e).items()
                                        if k not in ("forward", "compiles", "alone", "alone_inputs")},

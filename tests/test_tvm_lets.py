@@ -1,6 +1,6 @@
 """A TVM kernel's expression lets are stored in local buffers before code generation (fxcc.codegen.tvm_lets):
 the same outputs, bit for bit, and no chain of let bindings left for LLVM code generation's analyzer, whose
-work grew exponentially with the nesting of transcendental functions (exp five deep took 43 s to build)."""
+work grew exponentially with the nesting of transcendental functions (exp five deep took 91 s to build)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_stored_lets_give_the_same_bits_and_leave_no_let_chain(vectorize):
     bound = tvm.tirx.transform.BindTarget(target.with_host(target))(mod)
     lowered = tvm.tirx.get_default_tir_pipeline(target)[0](bound)
     assert lets_in_stores(lowered) > 10 and lets_in_stores(tvm_lets.stored_lets(tvm, lowered)) == 0
-    # the buffers are stack slots: a heap workspace per element made the kernel 120x slower
+    # the buffers are stack slots, not a heap workspace allocated per element
     import importlib
     host, _ = importlib.import_module("tvm.tirx.build").split_host_device_mods(tvm_lets.stored_lets(tvm, lowered))
     finalized = tvm.tirx.get_default_tir_pipeline(target)[1]()(host).script()
@@ -90,7 +90,7 @@ def test_stored_lets_give_the_same_bits_and_leave_no_let_chain(vectorize):
 
 
 def test_deep_nesting_builds_and_is_right():
-    """Six exps deep: about 0.03 s with the lets stored; bound with lets, minutes (five deep took 43 s)."""
+    """Six exps deep: about 0.03 s with the lets stored; bound with lets, minutes (five deep took 91 s)."""
     out = run(tvm_lets.build(tvm, nested_exp(6, True), host_target()))
     expected = np.random.RandomState(0).randn(1024).astype("float64") * 0.1
     for _ in range(6):
