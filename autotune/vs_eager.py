@@ -9,7 +9,9 @@ measures faster beyond the noise (fxcc.measure.decide, without a least gain), an
 verdict whose timings were too noisy to settle it (fxcc.measure.Decision.doubt) keeps the compiled graph unless
 eager beat it beyond the noise; it is stored as unsettled, and the next compiles time it again, up to
 FXCC_SETTLE_TRIES in all, before it is final. A graph that calls ops kept eager (custom ops: they may have
-side effects) or ops that write their inputs is not run the extra times the timing needs.
+side effects) or ops that write their inputs is not run the extra times the timing needs, except a call that
+carries a KV cache: its inputs are given their values back before each timed call, so the cache a prefill
+writes in place (a static cache) is timed too; a write into the module's own state never is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fxcc import ir
+from fxcc.ir import is_view
 from fxcc.measure import decide, interleaved, measure_again, settle_record, settle_text, until_settled
 from fxcc.store import cache_key
 
@@ -69,37 +73,63 @@ class Verdict:
         return head
 
 
-def unrepeatable(gm: fx.GraphModule) -> str | None:
-    """Why running the graph extra times could change what the caller sees (None when it cannot)."""
+def unrepeatable(gm: fx.GraphModule, inputs_restored: bool = False) -> str | None:
+    """Why running the graph extra times could change what the caller sees (None when it cannot).
+    `inputs_restored`: the timing gives the call's inputs their values back before each call (a KV cache), so
+    writes into the inputs (or into memory the graph allocated) are repeatable; writes into the module's own
+    parameters and buffers never are."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return (f"one of {dist.get_world_size()} ranks: each rank timing alone could choose otherwise and leave the "
                 "others waiting in a collective")
     for n in gm.graph.nodes:
-        if n.meta.get("fxcc_eager"):
-            return f"{n.name} runs eagerly ({n.meta['fxcc_eager']})"
         schema = getattr(n.target, "_schema", None)
-        if n.op == "call_function" and schema is not None and schema.is_mutable:
+        mutable = n.op == "call_function" and schema is not None and schema.is_mutable
+        eager = n.meta.get("fxcc_eager")
+        if inputs_restored and (eager == ir.EAGER_WRITTEN and not mutable or mutable and _writes_no_module_state(n)):
+            continue
+        if eager:
+            return f"{n.name} runs eagerly ({eager})"
+        if mutable:
             return f"{n.name} ({n.target}) writes its inputs"
     return None
 
 
+def _writes_no_module_state(n: fx.Node) -> bool:
+    """Whether every operand op `n` writes is (a view of) a call input or of memory the graph made, not of a
+    parameter or buffer (a get_attr)."""
+    for i, a in enumerate(n.target._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        x = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+        while isinstance(x, fx.Node) and is_view(x) and x.args and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+        if not isinstance(x, fx.Node) or x.op == "get_attr":
+            return False
+    return True
+
+
 def judge(compiled: Callable[[], object], eager: Callable[[], object], device: str,
-          was: Verdict | None = None) -> Verdict:
+          was: Verdict | None = None, setup: dict[str, Callable[[], None]] | None = None) -> Verdict:
     """Time both calls interleaved (after one warm-up call each, which also sets the repetitions), more rounds while
-    the decision is unsettled (up to 3x the repetitions); `was`: the unsettled stored verdict timed again."""
+    the decision is unsettled (up to 3x the repetitions); `was`: the unsettled stored verdict timed again;
+    `setup`: untimed work before each call of "compiled" / "eager" (fxcc.measure.interleaved)."""
+    setup = setup or {}
     with torch.no_grad():
         t0 = time.perf_counter()
-        compiled()
-        eager()
+        for name, fn in (("compiled", compiled), ("eager", eager)):
+            if name in setup:
+                setup[name]()
+            fn()
         if device == "cuda":
             torch.cuda.synchronize()
         per_pair = max(time.perf_counter() - t0, 1e-6)
         reps = max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / per_pair)))
         fns = {"compiled": compiled, "eager": eager}
-        t = interleaved(fns, device=device, warmup=1, reps=reps, rounds=min(reps, 3))
-        d = until_settled(t, lambda: interleaved(fns, device=device, warmup=0, reps=reps, rounds=min(reps, 3)),
+        t = interleaved(fns, device=device, warmup=1, reps=reps, rounds=min(reps, 3), setup=setup)
+        d = until_settled(t, lambda: interleaved(fns, device=device, warmup=0, reps=reps, rounds=min(reps, 3),
+                                                 setup=setup),
                           "eager", 3 * reps, min_gain=0.0)
     timings = d.timings
     if d.winner == "eager" and (not d.settled or d.noisy):

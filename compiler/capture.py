@@ -19,6 +19,7 @@ import re
 import sys
 import sysconfig
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from .dynamic import dynamic_shapes, map_top, top_ints
 from .ir import fetch_attr, flatten_inputs
 from .logs import held_back
 from .mask_skip import eager_mask_skip
+from .nested_fast_path import eager_fast_path
 from .state import Aliasing, recording, register_state_class, state_objects
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,30 @@ Missing = dict[int, frozenset[str] | None]
 # (id(holder), id(fallback)) -> (holder, fallback, names, path): a globals dict with its builtins as the fallback
 # (path None), or the `__dict__` of a module, object or class reached from a global by attribute (`helper.SCALE`,
 # `CFG.scale`; no fallback; a class's mappingproxy keyed by the class), with the way to it from the globals dict
-# where the chain starts: (that dict, "CFG") for `CFG.scale`
+# where the chain starts: (that dict, "CFG") for `CFG.scale`. Also read as globals are: the closure of a function
+# the traced code ran (a `Closure`, keyed (id of its cells, 2); path None), and the `__dict__` of a compiled bound
+# method's object and of objects reached from it by attribute (`self.k`, `self.opts.shift`; path ("self", that
+# object, "opts")).
 GlobalReads = dict[tuple[int, int], tuple[Any, Any, set[str], tuple | None]]
+
+
+class Closure:
+    """The closure of a function the traced code ran, as a read-only mapping of its free variables' names to what
+    their cells hold: a holder of `GlobalReads`, so a `nonlocal` rebound after capture is seen as a rebound global
+    is (fxcc.guards.Globals)."""
+
+    __slots__ = ("fn", "cells")
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        cell = self.cells.get(name)
+        try:
+            return default if cell is None else cell.cell_contents
+        except ValueError:  # an empty cell (a variable not assigned yet)
+            return default
 
 
 def describe(model: Any) -> str:
@@ -433,13 +457,14 @@ _ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 _ABSENT = object()
 
 
-def reading_globals(fn: Callable, read: GlobalReads) -> Callable:
-    """`fn` recording into `read` the globals its run loads (`global_reads`): the hook is on while the traced
-    forward runs only, not while export prepares and lowers around it (the hook slows every Python call)."""
+def reading_globals(fn: Callable, read: GlobalReads, roots: tuple = ()) -> Callable:
+    """`fn` recording into `read` the globals its run loads (`global_reads`, from `roots`: the compiled function):
+    the hook is on while the traced forward runs only, not while export prepares and lowers around it (the hook
+    slows every Python call)."""
 
     @functools.wraps(fn)
     def reading(*args: Any, **kwargs: Any) -> Any:
-        with global_reads(read):
+        with global_reads(read, roots):
             return fn(*args, **kwargs)
 
     if hasattr(fn, "__signature__"):
@@ -448,7 +473,7 @@ def reading_globals(fn: Callable, read: GlobalReads) -> Callable:
 
 
 @contextlib.contextmanager
-def global_reads(found: GlobalReads | None = None) -> Iterator[GlobalReads]:
+def global_reads(found: GlobalReads | None = None, roots: tuple = ()) -> Iterator[GlobalReads]:
     """Within the block, record the globals that Python code run in it can load: for each function called whose
     code is the model's (`_model_code`: not torch's, its dependencies', fxcc's or the standard library's, and
     not a module body run by an import), every name its code loads as a
@@ -456,11 +481,18 @@ def global_reads(found: GlobalReads | None = None) -> Iterator[GlobalReads]:
     reads from a global that is a module or an object with a `__dict__` (`helper.SCALE`, `CFG.scale`: that
     `__dict__` and the name). A trace hook on calls only, chained with any other (`int_type_reads` installs its
     own inside). Every name the code can load counts, taken or not: a guard on one too many costs a recompile
-    when it is rebound, never a wrong result."""
+    when it is rebound, never a wrong result.
+
+    Two more kinds of state are read the same way. The closures (`Closure`) of the functions that ran, found from
+    `roots` (the compiled function), the functions the globals read hold, and those their closures hold; and,
+    where a root is a bound method of an object that is no module (a module's attributes are fxcc.guards'), the
+    attributes the code reads off that object as its first argument (`self.k`, `self.opts.shift`)."""
     found = {} if found is None else found
     loads: dict[Any, Any] = {}  # code object -> its loads (None: code whose globals are not recorded)
     skip: dict[str, bool] = {}
     previous = sys.gettrace()
+    ran: set[Any] = set()  # model code with free variables that ran
+    selves = {id(o): o for r in roots if _plain_object(o := getattr(r, "__self__", None))}
 
     def first(frame: Any) -> Any:
         code = frame.f_code
@@ -480,6 +512,10 @@ def global_reads(found: GlobalReads | None = None) -> Iterator[GlobalReads]:
             mine = first(frame)
         if mine is not None:
             _record_reads(found, frame.f_globals, frame.f_builtins, mine)
+            if mine[2]:
+                _record_own(found, frame, mine[2], selves)
+            if mine[3]:
+                ran.add(frame.f_code)
 
     def chained(frame: Any, event: str, arg: Any) -> Any:
         tracer(frame, event, arg)
@@ -490,6 +526,60 @@ def global_reads(found: GlobalReads | None = None) -> Iterator[GlobalReads]:
         yield found
     finally:
         sys.settrace(previous)
+        if ran:
+            _record_closures(found, roots, ran)
+
+
+def _record_own(found: GlobalReads, frame: Any, chains: tuple, selves: dict[int, Any]) -> None:
+    """Record the attribute chains read off the frame's first argument, where that is a compiled bound method's
+    object (`selves`), and off its free variables that hold plain objects (a closure's `cfg.scale`)."""
+    code, values = frame.f_code, frame.f_locals
+    first = code.co_varnames[0] if code.co_argcount else None
+    for chain in chains:
+        obj = values.get(chain[0], _ABSENT)
+        if chain[0] == first and chain[0] not in code.co_freevars:
+            if id(obj) in selves:
+                _follow(found, obj, chain, ("self", obj))
+        elif _plain_object(obj):
+            _follow(found, obj, chain, ("closure", chain[0]))
+
+
+_MAX_FUNCTIONS = 256  # functions visited looking for the closures of the code that ran
+
+
+def _record_closures(found: GlobalReads, roots: tuple, ran: set[Any]) -> None:
+    """Record the closure of each function whose code ran (`ran`), found from `roots`, from the functions the
+    recorded globals hold, and from the functions those closures hold in turn."""
+    todo = list(roots)
+    for holder, fallback, names, _ in list(found.values()):
+        todo += [holder.get(n, fallback.get(n) if fallback is not None else None) for n in names]
+    seen: set[int] = set()
+    while todo and len(seen) < _MAX_FUNCTIONS:
+        fn = todo.pop()
+        fn = getattr(fn, "__func__", fn)  # a bound method's function
+        if not isinstance(fn, types.FunctionType) or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        wrapped = fn.__dict__.get("__wrapped__")
+        if wrapped is not None:
+            todo.append(wrapped)
+        if fn.__closure__ is None:
+            continue
+        closure = Closure(fn)
+        todo += [closure.get(n) for n in closure.cells]
+        if fn.__code__ in ran:
+            key = (id(fn.__closure__), 2)
+            entry = found.get(key)
+            if entry is None:
+                entry = found[key] = (closure, None, set(), None)
+            entry[2].update(fn.__code__.co_freevars)
+
+
+def _plain_object(v: Any) -> bool:
+    """An object whose attributes a guard compares as a globals dict's names: its own `__dict__`, and neither a
+    module (fxcc.guards watches those), a tensor, a class nor a Python module."""
+    return type(getattr(v, "__dict__", None)) is dict and not isinstance(
+        v, (nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType))
 
 
 def _model_code(frame: Any) -> bool:
@@ -534,29 +624,43 @@ def _torch_dependencies() -> frozenset[str]:
     return frozenset(found)
 
 
-def _global_loads(code: Any) -> tuple[frozenset[str], tuple[tuple[str, ...], ...]] | None:
-    """The names `code` loads as globals, and the attribute chains read off them (`helper.SCALE` -> ('helper',
-    'SCALE')); None when it loads none."""
+def _global_loads(code: Any) -> tuple | None:
+    """The names `code` loads as globals, the attribute chains read off them (`helper.SCALE` -> ('helper',
+    'SCALE')), the attribute chains read off its first argument or a free variable (`self.k` -> ('self', 'k'),
+    `cfg.scale` of a closure's `cfg`) and whether it has free variables (a closure); None when there is none."""
     names: set[str] = set()
     chains: set[tuple[str, ...]] = set()
+    own: set[tuple[str, ...]] = set()  # off the first argument or a free variable
+    first = code.co_varnames[0] if code.co_argcount else None
+    local = {first, *code.co_freevars}
+
+    def ins_global(name: str) -> bool:
+        return name not in local
     chain: list[str] | None = None
     for ins in dis.get_instructions(code):
         if ins.opname in _ATTR_LOADS and chain is not None:
             chain.append(ins.argval)
             continue
         if chain is not None and len(chain) > 1:
-            chains.add(tuple(chain))
+            (chains if ins_global(chain[0]) else own).add(tuple(chain))
         chain = None
         if ins.opname in _GLOBAL_LOADS:
             names.add(ins.argval)
             chain = [ins.argval]
+        elif ins.opname == "LOAD_FAST" and ins.argval == first or \
+                ins.opname == "LOAD_DEREF" and ins.argval in code.co_freevars:
+            chain = [ins.argval]
     if chain is not None and len(chain) > 1:
-        chains.add(tuple(chain))
-    return (frozenset(names), tuple(chains)) if names else None
+        (chains if ins_global(chain[0]) else own).add(tuple(chain))
+    if not (names or own or code.co_freevars):
+        return None
+    return frozenset(names), tuple(chains), tuple(own), bool(code.co_freevars)
 
 
 def _record_reads(found: GlobalReads, g: dict, b: dict, loads: tuple) -> None:
-    names, chains = loads
+    names, chains = loads[0], loads[1]
+    if not names:
+        return
     entry = found.get((id(g), id(b)))
     if entry is None:
         entry = found[(id(g), id(b))] = (g, b, set(), None)
@@ -565,19 +669,26 @@ def _record_reads(found: GlobalReads, g: dict, b: dict, loads: tuple) -> None:
         value = g.get(chain[0], _ABSENT)
         if value is _ABSENT:
             value = b.get(chain[0], _ABSENT)
-        for i, attr in enumerate(chain[1:], 1):
-            try:
-                d = getattr(value, "__dict__", None) if value is not _ABSENT else None
-            except Exception:  # noqa: BLE001 - an object whose attribute lookup fails: not followed
-                d = None
-            if type(d) is not dict and not isinstance(value, type):
-                break
-            key = (id(value), 1) if isinstance(value, type) else (id(d), 0)  # a class's mappingproxy is made anew
-            entry = found.get(key)
-            if entry is None:
-                entry = found[key] = (d, None, set(), (g, *chain[:i]))
-            entry[2].add(attr)
-            value = d.get(attr, _ABSENT)
+        _follow(found, value, chain, (g, chain[0]))
+
+
+def _follow(found: GlobalReads, value: Any, chain: tuple[str, ...], path: tuple) -> None:
+    """Record the attributes `chain[1:]` read one after the other starting from `value` (what `path` leads to),
+    each in the `__dict__` it is found in (a class's: its mappingproxy), as far as the objects have one."""
+    for attr in chain[1:]:
+        try:
+            d = getattr(value, "__dict__", None) if value is not _ABSENT else None
+        except Exception:  # noqa: BLE001 - an object whose attribute lookup fails: not followed
+            d = None
+        if type(d) is not dict and not isinstance(value, type):
+            break
+        key = (id(value), 1) if isinstance(value, type) else (id(d), 0)  # a class's mappingproxy is made anew
+        entry = found.get(key)
+        if entry is None:
+            entry = found[key] = (d, None, set(), path)
+        entry[2].add(attr)
+        value = d.get(attr, _ABSENT)
+        path = (*path, attr)
 
 
 def _handles_symbols(path: str) -> bool:
@@ -617,6 +728,53 @@ def watch_effects(fn: Callable, module: nn.Module, found: list[str]) -> Callable
     return watching
 
 
+def watch_arguments(fn: Callable, found: list[str]) -> Callable:
+    """`fn` adding to `found` the first list, dict or set among its arguments (nested in tuples, lists and dicts)
+    whose items its run changed (`extras["hidden"] = h`, `feats.append(h)`): traced, that write lands in
+    capture's copies of the containers, and the captured graph would never make it in the caller's."""
+
+    @functools.wraps(fn)
+    def watching(*args: Any, **kwargs: Any) -> Any:
+        try:
+            named = inspect.signature(fn).bind(*args, **kwargs).arguments
+        except TypeError:
+            named = {**{f"argument {i}": a for i, a in enumerate(args)}, **kwargs}
+        before: dict[int, tuple[str, Any, tuple]] = {}
+        for name, value in named.items():
+            _containers(value, f"`{name}`", before)
+        out = fn(*args, **kwargs)
+        changed = next((where for where, c, items in before.values() if _items(c) != items), None)
+        if changed is not None:
+            found.append(changed)
+        return out
+
+    if hasattr(fn, "__signature__"):
+        watching.__signature__ = fn.__signature__
+    return watching
+
+
+def _items(c: Any) -> tuple:
+    """What a container holds, by identity (a write of an equal value into a list is a write)."""
+    if isinstance(c, dict):
+        return tuple((k, id(v)) for k, v in c.items())
+    return tuple(sorted(map(id, c))) if isinstance(c, set) else tuple(map(id, c))
+
+
+def _containers(value: Any, where: str, out: dict[int, tuple[str, Any, tuple]]) -> None:
+    """The lists, dicts and sets in `value` (it, and inside its tuples, lists and dicts), by id: (where, it,
+    its items)."""
+    if id(value) in out or isinstance(value, torch.Tensor):
+        return
+    if type(value) in (list, dict, set) or isinstance(value, (list, dict, set)):
+        out[id(value)] = (f"the {type(value).__name__} argument {where}", value, _items(value))
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _containers(v, f"{where}[{k!r}]", out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _containers(v, f"{where}[{i}]", out)
+
+
 def watch_ints(fn: Callable, watched: set[Any]) -> Callable:
     """`fn` adding the symbols of the SymInts it is called with (its int arguments made symbolic) to `watched`
     (`int_type_reads`)."""
@@ -653,7 +811,7 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, se
              forward: Callable | None, watched: set[Any] | None = None,
              floats: frozenset[int] = frozenset(), unread: str | None = None,
              read: GlobalReads | None = None) -> Captured:
-    with own_hooks_held(module):
+    with own_hooks_held(module), eager_fast_path():  # before `_capture_held` reads the forward it traces
         return _capture_held(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats,
                              unread=unread, read=read)
 
@@ -668,7 +826,8 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
     sink: list[Aliasing] = []
     fn = forward or original_forward(module)
     if read is not None:
-        fn = reading_globals(fn, read)
+        inner = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
+        fn = reading_globals(fn, read, (fn, inner))
     # export marks (and then unmarks) its input tensors' dynamic dimensions: it gets aliases, so the
     # caller's tensors (and torch.compile's guards on them) keep their own marks
     traced = recording(fn, sink, kwargs)
@@ -681,6 +840,8 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
     effects: list[str] = []
     if unread is not None:
         traced = watch_effects(traced, module, effects)
+    written: list[str] = []  # argument containers the forward wrote into (`watch_arguments`)
+    traced = watch_arguments(traced, written)
     shapes = dynamic_shapes(args, kwargs, dims or {}, inspect.signature(traced))
     method = "export"
 
@@ -724,6 +885,9 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
         raise CaptureError(f"fxcc cannot capture {describe(module)}: its forward changed {changed} while traced, which "
                            f"a traced graph would do only once, at capture; DyCL, which would keep it, cannot read "
                            f"the source ({unread})")
+    if written:
+        raise CaptureError(f"fxcc cannot capture {describe(module)}: its forward wrote into {written[-1]} while traced; "
+                           "a traced graph would make that write only in capture's copies, never in the caller's object")
     gm = ep.module()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":

@@ -53,6 +53,7 @@ from fxcc.dycl_rewrite import (
 )
 from fxcc.dynamic import strides
 from fxcc.eager_check import applies_to_program, localize_graph, take_eagers, tolerance
+from fxcc.guards import Churn, ModuleState
 from fxcc.logs import topic_logger
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
@@ -217,6 +218,8 @@ class Segment:
         self.eager_call: Any = None  # the generated segment function (bound to the owner), set by Program
         self.runs: dict[Any, SegmentRun] = {}
         self.by_key: dict[Any, Any] = {}
+        self.churn = Churn()  # rebuilds for state changes found soon after a build, in a row
+        self.churned: str | None = None  # why every signature runs as plain Python: its state changes at every call
 
     def __call__(self, *args: Any) -> Any:
         try:
@@ -235,17 +238,27 @@ class Segment:
             self.by_key[key] = call
         return call(*args)
 
-    def _guarded(self, call: Any, read: Any) -> Any:
-        """`call` run while the Python globals its capture read (fxcc.guards.Globals) are unchanged; after a change,
-        every signature of the segment is built again."""
+    def _guarded(self, call: Any, state: ModuleState) -> Any:
+        """`call` run while what its graph holds of the model's state (the contents of the tensors its constants were
+        computed from, the Python globals its capture read: fxcc.guards.ModuleState.baked_changed) is unchanged; after
+        a change, every signature of the segment is built again, or, where such changes keep coming soon after each
+        build (fxcc.guards.Churn), the segment runs as plain Python from then on, with one warning."""
+        checks = 0
 
         def guarded(*args: Any) -> Any:
-            if read.unchanged():
+            nonlocal checks
+            checks += 1
+            why = state.baked_changed()
+            if why is None:
                 return call(*args)
-            why = read.what() or "a global it read changed"
-            recompiles.info("recompiling DyCL segment %s (%s): %s", self.name, self.spec.where, why)
             self.runs.clear()
             self.by_key.clear()
+            if self.churn.note(why, checks) and self.churned is None:
+                self.churned = f"plain Python: {self.churn.text()}"
+                warnings.warn(f"fxcc DyCL: segment {self.name} ({self.spec.where}) runs as {self.churned}",
+                              stacklevel=2)
+            else:
+                recompiles.info("recompiling DyCL segment %s (%s): %s", self.name, self.spec.where, why)
             return self(*args)
 
         return guarded
@@ -291,6 +304,8 @@ class Segment:
         elif made := self._made_state(args, plain):
             run = SegmentRun(sig, self.eager_call, eager=f"plain Python: it makes its own {made} (a compiled graph would "
                                                          "hand the same object to every call)")
+        elif self.churned is not None:
+            run = SegmentRun(sig, self.eager_call, eager=self.churned)
         elif len(compiled) >= SEGMENT_MAX_VARIANTS:
             why = (f"{len(compiled)} signatures are compiled already (SEGMENT_MAX_VARIANTS="
                    f"{SEGMENT_MAX_VARIANTS}); this one runs eagerly")
@@ -315,9 +330,9 @@ class Segment:
                 run = SegmentRun(sig, self.eager_call, eager=why)
             else:
                 call = _passing(_direct_call(variant, values, len(self.spec.outputs), tuple(fixed)), passed)
-                read = cm._params.globals if cm._params is not None else None
-                if read is not None:  # the segment's graph holds what the globals it read held at its capture
-                    call = self._guarded(call, read)
+                baked = cm._params
+                if baked is not None and (baked.watched or baked.globals is not None):
+                    call = self._guarded(call, baked)  # its graph holds values computed from them
                 run = SegmentRun(sig, call, variant)
                 differs = self._unlike_plain(call, args, state)
                 if differs:
@@ -892,13 +907,16 @@ def _entry(module: nn.Module) -> tuple[Any, Any, bool]:
     return None, inner, False
 
 
-def python_effect(module: nn.Module) -> str | None:
+def python_effect(module: nn.Module, args: tuple = (), kwargs: dict | None = None) -> str | None:
     """A Python effect of the module's forward, or of a function it calls, that a traced graph would apply
-    once, at capture (an attribute store, `global`, a list it was given appended to): such a forward
-    runs as a DyCL host program, which does them on every call. Library code (transformers) is not scanned:
-    fxcc's runtime keeps the state it changes (caches), as for a forward captured whole."""
+    once, at capture (an attribute store, `global`, a list it was given appended to), or, for the call with
+    `args` and `kwargs`, would make on capture's copies of a list, dict or set argument and never on the caller's
+    (`extras["hidden"] = h`): such a forward runs as a DyCL host program, which does them on every call, on the
+    caller's objects. Library code (transformers) is not scanned: fxcc's runtime keeps the state it changes
+    (caches), as for a forward captured whole."""
     owner, fn, method = _entry(module)
-    return Callees(libraries=False).effect(types.MethodType(fn, owner) if method else fn)
+    callees, entry = Callees(libraries=False), types.MethodType(fn, owner) if method else fn
+    return callees.effect(entry) or callees.argument_effect(entry, args, kwargs or {})
 
 
 def source_unread(module: nn.Module) -> str | None:
@@ -946,7 +964,9 @@ def compile_dynamic(cm: Any, args: tuple, kwargs: dict, error: CaptureError | No
         for p in program.all_programs():
             if p.warning:
                 warnings.warn(p.warning, stacklevel=5)
-    cm._snapshot_params()
+    # the host program reads the model live; each segment checks the contents its own constants were computed from
+    # (Segment._guarded), so a buffer the program writes at every call (a step counter) is no change of the model
+    cm._snapshot_params(sources=[])
     in_spec = flatten_inputs(args, kwargs)[1]
     key = _store_host(cm.name, program)
     log.info("%s compiled with DyCL: %d host programs, %d segments", cm.name, len(program.all_programs()),

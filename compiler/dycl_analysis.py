@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import collections.abc
 import inspect
 import textwrap
 import types
@@ -34,6 +35,10 @@ STATIC_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "training"}
 STATIC_CALLS = {"isinstance", "len", "hasattr", "range", "enumerate", "zip", "reversed", "type"}
 # Python container mutations: a traced segment would apply them once, at capture
 MUTATING_METHODS = {"append", "extend", "insert", "pop", "popitem", "remove", "clear", "setdefault", "reverse"}
+# methods that change a list, dict or set in place (on an argument holding one: an effect its caller sees)
+CONTAINER_METHODS = MUTATING_METHODS | {"update", "add", "discard", "sort", "difference_update",
+                                        "intersection_update", "symmetric_difference_update"}
+PYTHON_CONTAINERS = (collections.abc.MutableMapping, collections.abc.MutableSequence, collections.abc.MutableSet)
 EFFECT_CALLS = {"print", "setattr", "delattr", "input", "breakpoint"}
 FRAME_CALLS = {"locals", "vars", "dir", "eval", "exec", "globals"}
 
@@ -446,6 +451,9 @@ class FunctionInfo:
     effect: str | None = None  # a Python effect no trace replays (an attribute store...), with its line
     stores: set[str] = field(default_factory=set)  # attribute names it assigns
     loads: set[str] = field(default_factory=set)  # attribute names it reads
+    # writes into what a parameter holds (`extras[k] = v`, `feats.append(h)`, `cfg.log += [x]`): (parameter,
+    # attribute path, what, with its line); an effect where the call's argument there is a Python container
+    argument_writes: list[tuple[str, list[str], str]] = field(default_factory=list)
     callees: list[Any] = field(default_factory=list)
 
 
@@ -498,6 +506,7 @@ class Callees:
                                   tree.args.vararg, tree.args.kwarg] if a is not None}
         declared = {n for g in ast.walk(tree) if isinstance(g, (ast.Global, ast.Nonlocal)) for n in g.names}
         local = {n for s in tree.body for n in bound_names(s)} - params - declared
+        packed = {a.arg for a in (tree.args.vararg, tree.args.kwarg) if a is not None}
 
         def outside(target: ast.expr) -> bool:  # a store or mutation the caller can see
             while isinstance(target, (ast.Attribute, ast.Subscript)):
@@ -518,6 +527,13 @@ class Callees:
                 info.stores.add(target.attr)
             elif isinstance(target, ast.Name) and target.id not in local and target.id not in params:
                 self.mutated_names.add(target.id)  # a global or closure object changed in place
+
+        def argument_write(target: ast.expr, node: ast.AST, what: str) -> None:
+            while isinstance(target, ast.Subscript):
+                target = target.value
+            root, path = attr_root(target)  # `*args` and `**kwargs` are the call's own tuple and dict
+            if root in params and root not in packed and root != scope.selfname:
+                info.argument_writes.append((root, path, f"{what} at {info.source.where(node)}"))
 
         def effect(node: ast.AST, what: str) -> None:
             info.host = True
@@ -543,11 +559,18 @@ class Callees:
                 info.host = True
             elif isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)):
                 mutated(node.value)
+                argument_write(node.value, node, "stores into a container it was given")
                 if outside(node):
                     info.host = True
                     if python_object(node.value):
                         effect(node, "stores into a container it was given")
+            elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):  # `feats += [h]`
+                argument_write(node.target, node, f"updates `{node.target.id}` in place")
+                if node.target.id in params - packed:  # in place on what the caller holds (a list, a tensor)
+                    info.host = True
             elif isinstance(node, ast.Call):
+                if isinstance(node.func, ast.Attribute) and node.func.attr in CONTAINER_METHODS:
+                    argument_write(node.func.value, node, f"calls `.{node.func.attr}()` on a container it was given")
                 if sync_kind(node, scope):
                     info.host = True
                 elif mutating_call(node):
@@ -574,6 +597,26 @@ class Callees:
         if info.effect is not None:
             return f"{info.source.qualname} {info.effect}"
         return next((e for c in info.callees if (e := self.effect(c, seen))), None)
+
+    def argument_effect(self, obj: Any, args: tuple, kwargs: dict) -> str | None:
+        """The first write of `obj` into a Python list, dict or set it is given in this call (`extras[k] = v`,
+        `feats.append(h)`): a traced graph would make it on capture's copies of the containers, never on the
+        caller's. A parameter holding a tensor is not one (its in-place updates are traced)."""
+        info = self.info(obj)
+        if info is None or info.source is None or not info.argument_writes:
+            return None
+        owner = getattr(obj, "__self__", None) if inspect.ismethod(obj) else None
+        try:
+            bound = inspect.signature(info.source.fn).bind(*((owner,) if owner is not None else ()), *args, **kwargs)
+        except TypeError:  # a decorator's own signature: the wrapped function's parameters are not these
+            return None
+        for name, path, what in info.argument_writes:
+            if name not in bound.arguments:
+                continue
+            ok, value = resolve_path(bound.arguments[name], path)
+            if ok and isinstance(value, PYTHON_CONTAINERS) and not isinstance(value, torch.Tensor):
+                return f"{info.source.qualname} {what}"
+        return None
 
     def needs_program(self, obj: Any) -> bool:
         info = self.info(obj)

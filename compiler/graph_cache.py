@@ -16,7 +16,8 @@ The Python globals the captured code read (fxcc.capture.global_reads) are stored
 value (numbers and strings by value, functions and classes by module, name and bytecode, tensors by contents):
 an entry whose globals now hold something else is a miss, and a hit's globals are guarded as a capture's.
 Not covered, so turned off by `CompileOptions(graph_cache=False)`: the state of objects the module only
-references (attributes read off an object a global holds are guarded in the process, not in the entry). Models with hooks and plain functions are never cached.
+references (attributes read off an object a global holds, and the closure variables the code read, are guarded in
+the process, not in the entry). Models with hooks and plain functions are never cached.
 Entries are JSON plus raw tensor bytes (no pickle); anything the serializer does not know about makes
 the compile go the normal way.
 """
@@ -350,6 +351,10 @@ def _globals_doc(read: dict) -> list:
     class or module its global CFG holds. Unserializable when one cannot be found again from a module."""
     out = []
     for holder, fallback, names, path in read.values():
+        if type(holder) is not dict and not isinstance(holder, types.MappingProxyType):
+            continue  # a closure's cells (fxcc.capture.Closure): guarded in the process, not in the entry
+        if path is not None and not isinstance(path[0], dict):
+            raise Unserializable("the code read attributes of the object its compiled method belongs to")
         if fallback is not None and fallback is not vars(builtins):
             raise Unserializable("the code read globals resolved in builtins other than the interpreter's")
         module, way = _module_of(holder), []

@@ -27,8 +27,11 @@ entries are compared one by one as before, and the tags are taken again when not
 from __future__ import annotations
 
 import copy
+import enum
+import functools
 import logging
 import operator
+import types
 from itertools import repeat
 from typing import Any
 
@@ -37,7 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ir
-from .capture import GlobalReads, Missing
+from .capture import Closure, GlobalReads, Missing
 from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
 from .watch import Layouts, Snapshot
 
@@ -112,26 +115,35 @@ class Globals:
     that matters (a script's loop counter, stored in its module's globals at every step) leaves the tagged set
     after _BUSY such moves: its few names are then compared at every call. A global list, dict or set is compared
     by its contents at every call, and a global tensor by its snapshot (fxcc.watch): export lifts a global tensor
-    as a constant of the graph, which passes may fold."""
+    as a constant of the graph, which passes may fold.
+
+    The closure variables the code read (fxcc.capture.Closure) and the attributes of a compiled bound method's object
+    are read as globals are: a cell has no version tag, so the cells are compared by identity at every call (one
+    C-level pass), and by value where one was rebound (`scale = 2.0` again is no change)."""
 
     def __init__(self, reads: GlobalReads) -> None:
-        self.holders, self.fallbacks, self.names = [], [], []
+        self.holders, self.fallbacks, self.names, self.paths = [], [], [], []
         dicts: dict[int, dict] = {}
-        for holder, fallback, names, _ in reads.values():
+        for holder, fallback, names, path in reads.values():
             for d in (holder, fallback):
-                if d is not None:
+                if d is not None and type(d) is not Closure:
                     dicts[id(d)] = d
             for n in sorted(names):
                 self.holders.append(holder)
                 self.fallbacks.append(fallback)
                 self.names.append(n)
+                self.paths.append(path)
         self.values = list(map(_lookup, self.holders, self.fallbacks, self.names))
         self.dicts = list(dicts.values())
         self.of: dict[int, list[int]] = {k: [] for k in dicts}  # dict -> the entries that resolve through it
         for i, (h, f) in enumerate(zip(self.holders, self.fallbacks)):
-            self.of[id(h)].append(i)
+            if type(h) is not Closure:
+                self.of[id(h)].append(i)
             if f is not None:
                 self.of[id(f)].append(i)
+        self._cell_entries = [i for i, h in enumerate(self.holders) if type(h) is Closure]
+        self._cells = [self.holders[i].cells[self.names[i]] for i in self._cell_entries]
+        self._cell_values = [self.values[i] for i in self._cell_entries]
         # a class's attributes (a mappingproxy) have no version tag: compared at every call from the start
         self.moves = {k: 0 if type(d) is dict else _BUSY + 1 for k, d in dicts.items()}
         self.busy = sorted({i for k, n in self.moves.items() if n > _BUSY for i in self.of[k]})  # compared every call
@@ -157,7 +169,20 @@ class Globals:
                 return False
         elif not self._moved():
             return False
+        if self._cells and not all(map(operator.is_, map(_contents, self._cells), self._cell_values)) \
+                and not self._cells_same():
+            return False
         return not self.in_place or self._contents_same()
+
+    def _cells_same(self) -> bool:
+        """Some closure cell holds another object: the same value (an equal number, string) is no change, and the
+        values are taken again."""
+        if not self._same(self._cell_entries):
+            return False
+        self._cell_values = list(map(_contents, self._cells))
+        for i, v in zip(self._cell_entries, self._cell_values):
+            self.values[i] = v
+        return True
 
     def _same(self, entries: Any) -> bool:
         for i in entries:
@@ -193,17 +218,19 @@ class Globals:
     def what(self) -> str | None:
         """The first global rebound or changed in place since the snapshot, with its old and new value; None when
         none was."""
-        for holder, fallback, name, old in zip(self.holders, self.fallbacks, self.names, self.values):
+        for holder, fallback, name, old, path in zip(self.holders, self.fallbacks, self.names, self.values,
+                                                     self.paths):
             new = _lookup(holder, fallback, name)
             if new is not old and not _equal(new, old):
-                return f"{_where(holder, fallback, name)} changed: {_short(old)} -> {_short(new)}"
+                return f"{_where(holder, fallback, name, path)} changed: {_short(old)} -> {_short(new)}"
         for v, c, i in self.boxes:
             if not _same_contents(v, c):
-                return f"{_where(self.holders[i], self.fallbacks[i], self.names[i])} (a {type(v).__name__}) " \
-                       "changed in place"
+                return f"{_where(self.holders[i], self.fallbacks[i], self.names[i], self.paths[i])} (a " \
+                       f"{type(v).__name__}) changed in place"
         for t, s, i in self.tensors:
             if not s.same(t):
-                return f"{_where(self.holders[i], self.fallbacks[i], self.names[i])} (a tensor) changed in place"
+                return f"{_where(self.holders[i], self.fallbacks[i], self.names[i], self.paths[i])} (a tensor) " \
+                       "changed in place"
         return None
 
 
@@ -246,7 +273,21 @@ def _same_contents(v: Any, c: Any) -> bool:
     return v is c or _equal(v, c)
 
 
-def _where(holder: dict, fallback: dict | None, name: str) -> str:
+def _contents(cell: Any) -> Any:
+    """What a closure cell holds (_MISSING: nothing yet)."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _MISSING
+
+
+def _where(holder: Any, fallback: dict | None, name: str, path: tuple | None = None) -> str:
+    if type(holder) is Closure:
+        return f"variable {name} of the closure of {holder.fn.__qualname__}"
+    if path is not None and path[0] == "self":  # ("self", the compiled method's object, attributes on the way)
+        return f"attribute {'.'.join(['self', *path[2:], name])} of the compiled method's {type(path[1]).__name__}"
+    if path is not None and path[0] == "closure":  # ("closure", the variable, attributes on the way)
+        return f"attribute {'.'.join([*path[1:], name])} of an object a closure variable holds"
     if fallback is not None and name not in holder and name in fallback:
         return f"builtin {name}"
     module = holder.get("__name__")
@@ -290,6 +331,7 @@ class ModuleState:
         self.miss_dicts: list[dict] = []  # (dict, name) pairs: the name is in none of them (checked on every call)
         self.miss_names: list[str] = []
         self.modes: list[dict] = []  # submodules' attributes, whose `training` must keep its relation to the root's
+        self.held: set[int] = set()  # dicts whose contents `_held` records: each once
         self.module = module
         self.globals = Globals(globals_read) if globals_read else None  # the Python globals compiled code read
         for path, mod in module.named_modules(remove_duplicate=False):
@@ -307,6 +349,7 @@ class ModuleState:
         self.mutable_keys = [self.keys[i] for i in mutable]
         self.mutable_values = [self.values[i] for i in mutable]
         self.rearms = 0
+        self.checks = 0  # calls of `changed()` since the snapshot (or since the runtime last set it to 0)
         # the root module's own dict is tagged apart: fxcc's generate installs its forward there and takes it away
         # (`taken_again`), and taking that one tag again costs nothing where rebuilding the others' check costs ms
         self.root_dict = vars(module)
@@ -346,8 +389,11 @@ class ModuleState:
             elif k == "training":  # the root's is part of the variant's key; submodules' count relative to it
                 if not root and isinstance(v, bool):
                     self.modes.append(attrs)
-            elif k not in MODULE_INTERNALS and k not in _NOT_READ and primitive(v):
-                self._attr(attrs, k, v, f"attribute {at}{k}")
+            elif k not in MODULE_INTERNALS and k not in _NOT_READ:
+                if primitive(v):
+                    self._attr(attrs, k, v, f"attribute {at}{k}")
+                elif k != "config" and not _own_forward(mod, v):
+                    self._held(attrs, k, v, f"attribute {at}{k}", 0)
         config = attrs.get("config")
         if config is not None and hasattr(config, "__dict__") and not isinstance(config, (nn.Module, torch.Tensor)):
             cfg = vars(config)
@@ -356,6 +402,54 @@ class ModuleState:
                 for k, v in cfg.items():
                     if primitive(v):
                         self._attr(cfg, k, v, f"config field {at}config.{k}")
+
+    def _held(self, d: dict, k: Any, v: Any, where: str, depth: int) -> None:
+        """`d[k]`, a value no primitive (fxcc.graph_cache.primitive): an Enum member, a function, a class or a Python
+        module by identity, which their dict's tag covers; a dict, a SimpleNamespace or another object with a
+        `__dict__` by identity and its entries as a module's attributes are (its dict's keys and tag too, so a
+        change in place costs nothing to see where none was made); a list, tuple or set of such values by value.
+        Past _HELD_DEPTH levels or _HELD_ITEMS entries, or holding what cannot be compared (an object without a
+        `__dict__`), a container is watched by identity only, said once. Tensors and modules are watched apart."""
+        if isinstance(v, (torch.Tensor, nn.Module)):
+            return
+        if type(v) in (list, tuple, set, frozenset):
+            if _by_value(v, depth):
+                self._attr(d, k, v, where)
+                return
+        elif _plain(v):
+            self.owners.append(d)
+            self.names.append(k)
+            self.objs.append(v)
+            self.where.append(where)
+            inner = v if type(v) is dict else vars(v)
+            if id(inner) in self.held:  # held by another attribute too (or by itself): its contents are watched
+                return
+            if depth < _HELD_DEPTH and len(inner) <= _HELD_ITEMS:
+                self.held.add(id(inner))
+                self._keys_of(inner, ("entry", v, where))
+                for kk, vv in inner.items():
+                    at = f"{where}[{kk!r}]" if type(v) is dict else f"{where}.{kk}"
+                    if primitive(vv):
+                        self._attr(inner, kk, vv, at)
+                    else:
+                        self._held(inner, kk, vv, at, depth + 1)
+                return
+        else:  # a function, a class, an Enum member, a Python module, an object without a __dict__: its identity
+            self.owners.append(d)
+            self.names.append(k)
+            self.objs.append(v)
+            self.where.append(where)
+            return
+        self.owners.append(d)  # too deep or too large (or holding what cannot be compared): by identity only
+        self.names.append(k)
+        self.objs.append(v)
+        self.where.append(where)
+        if where not in _UNWATCHED:
+            _UNWATCHED.add(where)
+            log.warning("%s (a %s) is watched by identity only (more than %d levels or %d entries, or it holds "
+                        "objects that cannot be compared): a change made inside it after the compile is not seen; "
+                        "replace it instead (`m.x = new`), which recompiles", where, type(v).__name__,
+                        _HELD_DEPTH, _HELD_ITEMS)
 
     def _keys_of(self, d: dict, kind: tuple[str, Any, str]) -> None:
         self.counts_of.append(d)
@@ -377,6 +471,7 @@ class ModuleState:
     def changed(self, layouts: bool = True) -> str | None:
         """None when everything compiled code depends on is as it was; else what changed, for the log.
         `layouts` False: the caller compared the tensors' layouts itself (fxcc.runtime's hot path)."""
+        self.checks += 1
         if (self._entries_same()
                 and (not layouts or self.layouts.same())
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
@@ -384,6 +479,20 @@ class ModuleState:
                 and (self.globals is None or self.globals.unchanged())):
             return None
         return self._what()
+
+    def baked_changed(self) -> str | None:
+        """What changed of the values compiled code holds rather than reads live (the contents of the tensors its
+        constants were computed from, the globals it read); None when nothing did. The check of a DyCL segment,
+        whose host program's own guard compares the rest (identities, layouts, attributes) on every call."""
+        if self._watched_same() and (self.globals is None or self.globals.unchanged()):
+            return None
+        why = self.globals.what() if self.globals is not None else None
+        if why is not None:
+            return why
+        for t, s in self.watched:
+            if not s.same(t):
+                return f"the contents of {self._name(t)} changed (compiled code holds values computed from it)"
+        return None  # a snapshot was taken again: contents were the same
 
     def _entries_same(self) -> bool:
         """The dicts' entries compiled code depends on are as they were: by the dicts' version tags where none
@@ -480,7 +589,7 @@ class ModuleState:
         if why is not None:
             return why
         for d, k, obj, where in zip(self.owners, self.names, self.objs, self.where):
-            if d.get(k) is not obj:
+            if d.get(k, obj) is not obj:  # deleted: said below, with the keys added and deleted
                 return f"{where} was replaced"
         for d, k, v, where in zip(self.dicts, self.keys, self.values, self.attr_where):
             if d.get(k, _MISSING) != v:
@@ -512,7 +621,10 @@ class ModuleState:
         for d, base, (kind, owner, at) in zip(self.counts_of, self.bases, self.kinds):
             if d.keys() == base:
                 continue
-            gone = sorted(base - d.keys())
+            gone = sorted(base - d.keys(), key=str)
+            if kind == "entry":  # the contents of a container a module attribute holds (`_held`)
+                return f"{at} had an entry {'deleted' if gone else 'added'}: " \
+                       f"{(gone or sorted(d.keys() - base, key=str))[0]!r}"
             if gone:
                 what = "attribute" if kind == "attrs" else "field" if kind == "config" else kind
                 return f"{what} {at}{gone[0]} was deleted"
@@ -557,6 +669,59 @@ class ModuleState:
         return self.tensor_names.get(id(t), "a tensor of the model")
 
 
+class Churn:
+    """Changes of the model's state that keep coming: a compiled variant (or segment) dropped for a change found
+    within QUICK checks of its compile, LIMIT times in a row, means the state changes at (nearly) every call (a step
+    counter the forward writes, an attribute set before each call): each compile would serve a call or two, so the
+    caller stops compiling and runs eagerly, as torch.compile does past its recompile limit. A change found after
+    more checks starts the count anew (weights updated now and then recompile as often as they change)."""
+
+    LIMIT = 8
+    QUICK = 16
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def note(self, why: str, checks: int) -> bool:
+        """A drop for `why`, found at the `checks`-th check after the compile; True once the limit is reached."""
+        self.reasons = [*self.reasons, why] if checks <= self.QUICK else [why]
+        return len(self.reasons) >= self.LIMIT
+
+    def text(self) -> str:
+        """The limit reached, with the last reason, for the one warning."""
+        return (f"its state changed {len(self.reasons)} times in a row, each within {self.QUICK} calls of a "
+                f"compile (last: {self.reasons[-1].split('; ')[0]})")
+
+
+_HELD_DEPTH = 3  # levels of containers inside a module attribute whose contents are watched (`ModuleState._held`)
+_HELD_ITEMS = 64  # entries of one such container
+_UNWATCHED: set[str] = set()  # attributes said to be watched by identity only (said once per process)
+
+
+def _plain(v: Any) -> bool:
+    """A dict, or an object whose state is its own `__dict__` (a SimpleNamespace, a dataclass): not a function,
+    class, Python module or Enum member, which are what they are."""
+    return type(v) is dict or (type(getattr(v, "__dict__", None)) is dict and not isinstance(
+        v, (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType, enum.Enum,
+            functools.partial)))
+
+
+def _by_value(v: Any, depth: int) -> bool:
+    """Whether a list, tuple or set can be watched by value (deep-copied, compared with ==): within the bounds,
+    it holds primitives, Enum members, functions, classes and Python modules (equal only to themselves), and
+    dicts, lists, tuples and sets of them."""
+    if depth >= _HELD_DEPTH or len(v) > _HELD_ITEMS:
+        return False
+    items = v.items() if type(v) is dict else ((None, x) for x in v)
+    for _, x in items:
+        if type(x) in (list, tuple, set, frozenset, dict):
+            if not _by_value(x, depth + 1):
+                return False
+        elif not (primitive(x) or _immutable(x)):
+            return False
+    return True
+
+
 _MISSING = object()
 _REARMS = 32  # times the tags are taken again after a change that did not matter before they are given up
 
@@ -566,7 +731,11 @@ def _immutable(v: Any) -> bool:
     t = type(v)
     if t is tuple:
         return all(map(_immutable, v))
-    return t in (bool, int, float, str, type(None), torch.dtype, torch.device)
+    return t in (bool, int, float, str, type(None), torch.dtype, torch.device) or isinstance(v, _IDENTICAL)
+
+
+# values equal only to themselves, that stay what they are: compared by identity, their dict's tag covers them
+_IDENTICAL = (enum.Enum, types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type)
 
 
 def _dict_versions(dicts: list[dict]) -> Any:

@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import operator
 import re
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import sympy
@@ -297,6 +300,25 @@ def propagate(gm: fx.GraphModule, *, check: bool = False, who: str = "") -> None
     Placeholders keep their recorded values (the graph's signature). A node whose op cannot run on
     FakeTensors keeps its recorded value and is marked eager. Raises VerificationError naming `who`.
     """
+    with _fake_errors_quiet():
+        _propagate(gm, check, who)
+
+
+@contextlib.contextmanager
+def _fake_errors_quiet() -> Iterator[None]:
+    """FakeTensorMode logs every op whose meta function raises, traceback and all, before the exception reaches
+    the caller; here the caller handles it (the node keeps its recorded value), so the log is noise on stderr (a
+    bilinear upsample's `_unsafe_index` on symbolic sizes printed 80 lines per compile)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _propagate(gm: fx.GraphModule, check: bool, who: str) -> None:
     mode = symbolic_mode(gm) or FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, Any] = {}
 

@@ -154,10 +154,15 @@ def pinned_by() -> str | None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, device: str, warmup: int, reps: int,
-                rounds: int = 5, progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
-    """Time several callables in alternating rounds, so drift on a shared machine hits all alike."""
+                rounds: int = 5, progress: Callable[[str], None] | None = None,
+                setup: dict[str, Callable[[], None]] | None = None) -> dict[str, Timing]:
+    """Time several callables in alternating rounds, so drift on a shared machine hits all alike. `setup`: per
+    name, what runs before each of its calls, untimed (a call that changes its inputs gets them back)."""
+    setup = setup or {}
     for name, fn in fns.items():
         for _ in range(warmup):
+            if name in setup:
+                setup[name]()
             fn()
         if progress:
             progress(f"warmed up {name}")
@@ -165,6 +170,11 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: str, warmup: in
     per_round = max(1, reps // rounds)
     for r in range(rounds):
         for name, fn in fns.items():
+            if name in setup:
+                for _ in range(per_round):
+                    setup[name]()
+                    out[name].samples.append(_timer(fn, device))
+                continue
             out[name].samples.extend(_timer(fn, device) for _ in range(per_round))
         if progress:
             progress(f"round {r + 1}/{rounds}")

@@ -42,7 +42,7 @@ from fxcc.autotune.plan import check_call_plan, load_plan
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
-from . import dynamic, eager_check, graph_cache, hooks, ir, rng
+from . import dynamic, eager_check, graph_cache, hooks, ir, nested_fast_path, rng
 from .capture import (
     Captured,
     CaptureError,
@@ -59,7 +59,7 @@ from .capture import (
 from .cuda_graphs import CudaGraph, CudaGraphs, copies_outweigh_launches, pays
 from .decode_loop import DecodeLoop
 from .dialects import KERNEL_OPS, dialect_of, op_name
-from .guards import ModuleState, call_context, graph_sources, mark_code_constants
+from .guards import Churn, ModuleState, call_context, graph_sources, mark_code_constants
 from .logs import topic_logger
 from .measure import pinned, pinned_by
 from .module_view import ModuleView
@@ -189,6 +189,65 @@ class Variant:
         return self.executable.forward(*flat, *self.bound)  # the GraphModule's code, without nn.Module's call
 
 
+@dataclass
+class _EagerSide:
+    """What a timing against eager runs for eager (`eager`), the untimed work before each call of either side
+    (`setup`, fxcc.measure.interleaved), and what gives the call's own inputs their values back (`restore`)."""
+
+    eager: Callable[[], Any]
+    setup: dict[str, Callable[[], None]] = field(default_factory=dict)
+    restore: Callable[[], None] = lambda: None
+
+
+def _eager_side(run_eager: Callable[..., Any], args: tuple, kwargs: dict, flat: list[Any],
+                device: str) -> _EagerSide | str:
+    """The two sides of a timing against eager for this call, or why it cannot be timed. A plain call: eager on the
+    call's own inputs. A call that carries a KV cache (eager appends to it; a static cache's prefill writes it in
+    place): eager on a fresh copy of the call before each of its calls, and before each compiled call (run on
+    the call's own tensors, where a CUDA graph reads them) those tensors given back the values they had."""
+    if not dynamic.carries_state(args, kwargs):
+        return _EagerSide(lambda: run_eager(*args, **kwargs))
+    import copy
+
+    tensors = [x for x in flat if isinstance(x, torch.Tensor) and torch._debug_has_internal_overlap(x) == 0]
+    nbytes = sum(x.numel() * x.element_size() for x in tensors)
+    if 3 * nbytes > _free_bytes(device) // 4:
+        return (f"the call carries a KV cache, and three copies of its {nbytes / 2**20:.0f} MiB of inputs would not "
+                f"fit in a quarter of the free {device} memory")
+    try:
+        pristine = copy.deepcopy((tuple(args), dict(kwargs)))
+    except Exception as e:  # an input deepcopy cannot take
+        return f"the call carries a KV cache, and its inputs cannot be copied ({type(e).__name__}: {e})"
+    saved = [x.clone() for x in tensors]
+    box: list[Any] = [pristine]
+
+    def fresh() -> None:
+        box[0] = copy.deepcopy(pristine)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for x, v in zip(tensors, saved):
+                x.copy_(v)
+
+    def eager() -> Any:
+        a, k = box[0]
+        return run_eager(*a, **k)
+
+    return _EagerSide(eager, {"eager": fresh, "compiled": restore}, restore)
+
+
+def _free_bytes(device: str) -> int:
+    """Free memory on `device` (CUDA: the current device's; the CPU: what the OS reports available)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
 class BufferState:
     """The buffers of the modules among `objs` as they are now; `restore` writes back those that changed since.
     A compile runs the graph (kernel timings, checks) and a DyCL segment's build runs the segment: a graph that
@@ -261,9 +320,10 @@ def _fast_key(args: tuple, training: bool) -> tuple | None:
 
 
 def _wants_grads(args: tuple, kwargs: dict) -> bool:
-    """Whether an argument (positional or keyword, not inside containers) is a tensor that requires gradients."""
-    return (any(type(a) is torch.Tensor and a.requires_grad for a in args)
-            or any(type(v) is torch.Tensor and v.requires_grad for v in kwargs.values()))
+    """Whether an argument (positional or keyword, not inside containers) is a tensor that requires gradients (an
+    nn.Parameter too: torch.compile hands a training module's parameters to its backend as arguments)."""
+    return (any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            or any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()))
 
 
 class _Hot:
@@ -432,6 +492,8 @@ class CompiledModule(ModuleView):
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._hot: _Hot | None = None  # the plain-tensor signature served last, checked in one C++ pass
         self._hot_misses = 0
+        # nn.TransformerEncoders whose eager fast path hangs on the caller's grad mode (fxcc.nested_fast_path)
+        self._fast_paths = nested_fast_path.encoders(module)
         self._calls: _Calls = _Calls()  # _call_key -> what the guard found (None: not kept)
         self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
         self._symbolic_floats = False  # some call key in _calls takes its float arguments whatever their values
@@ -441,6 +503,8 @@ class CompiledModule(ModuleView):
         self._missing: Missing | None = {}  # names the variants' traced code looked up and did not find (None: unknown)
         self._globals: GlobalReads = {}  # the Python globals the variants' traced code read (fxcc.capture.global_reads)
         self._dropped = ""  # why the variants were dropped: the next compile's reason
+        self._churn = Churn()  # state changes found soon after compiles, in a row (fxcc.guards.Churn)
+        self._churned: str | None = None  # why every signature runs eagerly: its state changes at every call
         self.stats = CompileStats()
         hooks.watch_registrations()  # a forward hook added or removed later is seen (fxcc.hooks)
         self._hooks: tuple | None = None  # the forward hooks when the variants compiled (fxcc.hooks.fingerprint)
@@ -499,6 +563,8 @@ class CompiledModule(ModuleView):
             return _opaque_call(self, args, kwargs)  # inside code torch.compile traces (transformers' generate)
         if torch.is_grad_enabled() and ((self.module.training and self._trains()) or _wants_grads(args, kwargs)):
             return self._call_for_gradients(args, kwargs)
+        if self._fast_paths and (why := nested_fast_path.untaken(self._fast_paths)) is not None:
+            return self._call_off_fast_path(why, args, kwargs)
         if hooks.EPOCH[0] != self._hook_epoch:  # a forward hook was registered or removed somewhere
             self._check_hooks()
         hot = self._hot
@@ -537,12 +603,21 @@ class CompiledModule(ModuleView):
         flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
         if why is not None:
+            checks = self._params.checks
             self._drop_variants(why, keep_eager=True)
+            if self._churn.note(why, checks) and self._churned is None:
+                self._churned = f"{self.name} runs eagerly from now on: {self._churn.text()}"
+                if self.options.fullgraph:
+                    raise FullGraphError(f"fxcc: {self._churned}; fullgraph=True makes this an error")
+                warnings.warn(f"fxcc: {self._churned}. Keep state the forward changes at every call out of the "
+                              "module, or pass it as an argument.", stacklevel=3)
         variant = self._variants.get(key) or self._memo.get(key) or self._symbolic(flat, spec, key)
         if variant is None:
             if eager_check.in_reference_run():  # eager's side of an enclosing model's check: compile nothing
                 return self._eager(*args, **kwargs)
             variant = self._new_variant(args, kwargs, key, flat, spec)
+            if self._params is not None:  # the guard's checks while compiling (timings) are no calls served
+                self._params.checks = 0
             checked = self._check_first_call(variant, args, kwargs, key)
             if checked is not None:
                 if fast is not None:  # a signature found to differ runs eagerly: its _Eager takes the fast path
@@ -652,7 +727,8 @@ class CompiledModule(ModuleView):
             advice = "Call model.eval() or run it under torch.no_grad() / torch.inference_mode() to run it compiled."
         else:
             how, flag = "given an input that requires gradients", "_warned_input_gradients"
-            advice = ("Pass inputs that do not require gradients (x.detach()) or call it under torch.no_grad() / "
+            advice = ("Pass inputs that do not require gradients (x.detach(); through torch.compile a module's "
+                      "parameters are inputs too: model.requires_grad_(False)) or call it under torch.no_grad() / "
                       "torch.inference_mode() to run it compiled.")
         why = (f"{self.name} is {how} with gradients enabled, and fxcc compiles inference only (its "
                "outputs would carry no gradients); it runs eagerly")
@@ -664,6 +740,16 @@ class CompiledModule(ModuleView):
         self.stats.eager_calls += 1
         return self._eager(*args, **kwargs)
 
+    def _call_off_fast_path(self, why: str, args: tuple, kwargs: dict) -> Any:
+        """A call where eager would skip nn.TransformerEncoder's nested-tensor fast path that the compiled graph
+        takes (fxcc.nested_fast_path) runs eagerly, with one warning."""
+        if not self.__dict__.get("_warned_fast_path"):
+            self.__dict__["_warned_fast_path"] = True
+            warnings.warn(f"fxcc: {self.name} runs eagerly at calls where {why}: its compiled graph gives the fast "
+                          "path's result (padded rows zero). Call it under torch.no_grad() to run it compiled.",
+                          stacklevel=3)
+        self.stats.eager_calls += 1
+        return self._eager(*args, **kwargs)
 
     def _run(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict, places: list | None = None) -> Any:
         if self.options.plan is None:
@@ -860,6 +946,9 @@ class CompiledModule(ModuleView):
         struct = (spec, dynamic.structure(flat, sized), self.module.training)
         dims, reason = self._plan(flat, struct, names, sized, dynamic.carries_state(args, kwargs), scalar)
         self._dropped = ""  # said once, by this compile
+        if self._churned is not None:  # said once, when its state was found changing at every call
+            self._variants[key] = _Eager(self._churned)
+            return self._variants[key]
         if len(self._compiled) >= self.options.max_variants:
             why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
@@ -1008,15 +1097,27 @@ class CompiledModule(ModuleView):
         if not CompileOptions.from_env(self.options).time_vs_eager or not isinstance(variant, Variant) \
                 or variant.gm is None:
             return variant  # a DyCL program (no graph) chooses compiled or plain Python per segment itself
-        if dynamic.carries_state(args, kwargs):  # eager would append to the caller's KV cache at every timed call
-            variant.vs_eager = "not timed against eager: the call carries a KV cache"
+        state = dynamic.carries_state(args, kwargs)
+        if state and variant.writes_state:
+            variant.vs_eager = "not timed against eager: the call carries a KV cache and writes the module's buffers"
             return variant
-        why = vs_eager.unrepeatable(variant.gm)
+        why = vs_eager.unrepeatable(variant.gm, inputs_restored=state)
         if why is not None:
             variant.vs_eager = f"not timed against eager: {why}"
             return variant
         flat = flatten_inputs(args, kwargs)[0]
         device = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in flat) else "cpu"
+        sides = _eager_side(self._eager, args, kwargs, flat, device)
+        if isinstance(sides, str):
+            variant.vs_eager = f"not timed against eager: {sides}"
+            return variant
+        try:
+            return self._judged(variant, args, kwargs, flat, device, sides)
+        finally:
+            sides.restore()  # a KV cache the timed calls wrote holds the caller's values again
+
+    def _judged(self, variant: Variant, args: tuple, kwargs: dict, flat: list[Any], device: str,
+                sides: _EagerSide) -> Variant | _Eager:
         cache, vkey, verdict = default_cache(), None, None
         if self.options.plan is not None:  # the plan's decision, not timed again
             plan = load_plan(self.options.plan)
@@ -1032,15 +1133,15 @@ class CompiledModule(ModuleView):
             vkey = vs_eager.verdict_key(variant.graph_key, program, device)
         verdict = verdict or (vs_eager.remembered(cache, vkey) if vkey else None)
         if verdict is None or verdict.remeasure:  # not measured yet, or its timings were too noisy to settle it
-            verdict = vs_eager.judge(self._as_called(variant, flat), lambda: self._eager(*args, **kwargs), device,
-                                     was=verdict)
+            verdict = vs_eager.judge(self._as_called(variant, flat), sides.eager, device, was=verdict,
+                                     setup=sides.setup)
             if vkey:
                 vs_eager.remember(cache, vkey, verdict, self.name)
         variant.vs_eager = verdict.text()
         log.info("%s: %s", self.name, variant.vs_eager)
         if verdict.keep_compiled or self.options.fullgraph:  # fullgraph=True: compiled even where slower
             return variant
-        if (other := self._without_layout(variant, args, kwargs, flat, device, verdict)) is not None:
+        if (other := self._without_layout(variant, args, kwargs, flat, device, verdict, sides)) is not None:
             return other
         variant.slower_than_eager = True
         sig = ", ".join(ir.type_str(x) for x in flat)
@@ -1064,7 +1165,7 @@ class CompiledModule(ModuleView):
         return call
 
     def _without_layout(self, variant: Variant, args: tuple, kwargs: dict, flat: list[Any], device: str,
-                        verdict: vs_eager.Verdict) -> Variant | None:
+                        verdict: vs_eager.Verdict, sides: _EagerSide) -> Variant | None:
         """A variant compiled without the `layout` rewrite, where that rewrite changed a graph that then measured
         slower than eager and the graph without it measures faster than eager; else None. The layout pass decides
         by timing the graph's torch ops, which the generated kernels can belie (a whole UNet stage channels-last)."""
@@ -1073,7 +1174,7 @@ class CompiledModule(ModuleView):
             return None
         other = self.compile_for(args, kwargs, variant.shapes.dims if variant.shapes is not None else None,
                                  [p for p in self._passes if p.name != "layout"])
-        again = vs_eager.judge(self._as_called(other, flat), lambda: self._eager(*args, **kwargs), device)
+        again = vs_eager.judge(self._as_called(other, flat), sides.eager, device, setup=sides.setup)
         log.info("%s: without the layout rewrite: %s", self.name, again.text())
         if not again.keep_compiled:
             return None
@@ -1111,7 +1212,7 @@ class CompiledModule(ModuleView):
         if opts.dycl:  # Python effects (attribute stores...) a traced graph would apply once: a DyCL host program
             from fxcc import dycl
 
-            effect = dycl.python_effect(self.module)
+            effect = dycl.python_effect(self.module, args, kwargs)
             if effect is not None and opts.fullgraph:
                 raise FullGraphError(f"fxcc: {self.name}'s forward has {effect}, which one traced graph would do only "
                                      "once (fxcc would split it into a DyCL host program); fullgraph=True makes this "

@@ -291,3 +291,52 @@ def test_an_attribute_added_after_a_dycl_compile_is_read_by_its_program(caplog):
         for x in xs:
             assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
     assert "attribute scale was added" in caplog.text and cm.stats.param_recompiles == 1
+
+
+class StepCounter(nn.Module):
+    """A forward that counts its calls in a buffer (a Python effect: a DyCL host program), then two linears of
+    one input (merged into one constant by merge-linears)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        self.steps += 1
+        return self.a(x) * self.b(x)
+
+
+def _step_counters():
+    torch.manual_seed(0)
+    model, eager = StepCounter().eval(), StepCounter().eval()
+    eager.load_state_dict(model.state_dict())
+    return model, eager, torch.randn(B, D)
+
+
+def test_a_buffer_the_host_program_writes_at_every_call_compiles_once(monkeypatch):
+    """The host program's own write is no change of what the segments hold: one compile serves every call, and the
+    buffer counts as eager's does."""
+    monkeypatch.setattr(dycl, "MEASURE_CHOICE", False)
+    model, eager, x = _step_counters()
+    cm = fxcc.compile(model, passes=PASSES)
+    for _ in range(5):
+        assert_outputs_close(cm(x), eager(x), atol=1e-5, rtol=1e-5)
+    assert cm.stats.compiles == 1 and cm.stats.param_recompiles == 0
+    assert model.steps.item() == eager.steps.item() == 5
+
+
+def test_a_segment_sees_a_change_of_the_weights_its_constants_hold(monkeypatch, caplog):
+    monkeypatch.setattr(dycl, "MEASURE_CHOICE", False)
+    model, eager, x = _step_counters()
+    cm = fxcc.compile(model, passes="canonicalize,raise,merge-linears,fuse,codegen{backend=extern}")
+    for _ in range(2):
+        assert_outputs_close(cm(x), eager(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.a.weight.data.mul_(3)
+        eager.a.weight.data.mul_(3)
+    with caplog.at_level("INFO", logger="fxcc.recompiles"):
+        for _ in range(2):
+            assert_outputs_close(cm(x), eager(x), atol=1e-5, rtol=1e-5)
+    assert "recompiling DyCL segment" in caplog.text and "the contents of owner.a.weight changed" in caplog.text
+    assert model.steps.item() == eager.steps.item() == 4

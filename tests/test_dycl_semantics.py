@@ -578,6 +578,99 @@ def test_a_host_program_updates_the_callers_own_state_object_and_list():
     torch.testing.assert_close(torch.stack(lc), torch.stack(le))
 
 
+class _Extras(Lin):
+    def forward(self, x, extras, feats):
+        h = self.a(x)
+        extras["hidden"] = h  # the caller reads extras["hidden"] afterwards
+        feats.append(h.relu())
+        return h.sum(-1)
+
+
+def _fill(d, h):
+    d["h"] = h
+
+
+class _FillChild(nn.Module):
+    def forward(self, x, feats):
+        feats += [x * 2]  # a list updated in place
+        return x
+
+
+class _Fill(Lin):
+    def __init__(self):
+        super().__init__()
+        self.c = _FillChild()
+
+    def forward(self, x, extras, feats):
+        h = self.a(x)
+        _fill(extras, h)  # the write is in a callee: the source scan of forward does not see it
+        return self.c(h, feats) + 1
+
+
+def _calls_match(model, make_args, calls: int = 3):
+    """`model` compiled vs eager, each call given fresh containers: equal outputs, and the containers end as eager
+    leaves them, holding real tensors (no fake tensor from capture)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    compiled = fxcc.compile(copy.deepcopy(model), passes=PASSES, options=fxcc.CompileOptions(graph_cache=False))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x in inputs(calls):
+            ae, ac = make_args(), make_args()
+            assert same(compiled(x, *ac), model(x, *ae))
+            assert all(map(same_containers, ac, ae)), (ac, ae)
+            leaves = [v for c in ac for v in (c.values() if isinstance(c, dict) else c)]
+            assert leaves and not any(isinstance(v, FakeTensor) for v in leaves)
+    assert not [w for w in caught if "eager" in str(w.message)], [str(w.message) for w in caught]
+    return compiled
+
+
+def same_containers(a, b) -> bool:
+    """Equal lists, or dicts with the same keys (in order) and equal values."""
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and same(list(a.values()), list(b.values()))
+    return same(a, b)
+
+
+def test_writes_into_dict_and_list_arguments_reach_the_callers_objects():
+    """A forward storing into a dict argument and appending to a list argument (no control flow) runs as a host
+    program on the caller's own objects: at every call they end as eager leaves them (traced, the writes went
+    into capture's copies and the caller's dict and list stayed empty)."""
+    compiled = _calls_match(_Extras().eval(), lambda: ({}, []))
+    variant = compiled.variants[0]
+    assert isinstance(variant, dycl.DyclVariant)
+    assert "stores into a container it was given" in variant.reason
+
+
+def test_writes_into_argument_containers_by_a_callee_are_caught_at_capture():
+    """A write into an argument container made by a callee (a helper function, a child's `+=` on a list) is seen
+    while capture traces forward: the forward runs as a host program, never as a graph that drops the write."""
+    compiled = _calls_match(_Fill().eval(), lambda: ({}, []))
+    assert isinstance(compiled.variants[0], dycl.DyclVariant)
+    assert "wrote into the dict argument `extras`" in compiled.variants[0].reason
+
+
+class _Written(Lin):
+    def forward(self, x, extras=None, **kwargs):
+        kwargs.pop("unused", None)  # the call's own dict
+        x = x.clone()
+        x[0] = 0  # a tensor written in place: the graph does it
+        if extras is not None:
+            extras["hidden"] = x
+        return self.a(x)
+
+
+def test_tensor_writes_kwargs_and_an_absent_container_stay_one_graph():
+    m = _Written().eval()
+    compiled = fxcc.compile(copy.deepcopy(m), passes=PASSES, options=fxcc.CompileOptions(graph_cache=False))
+    x = inputs(1)[0]
+    with torch.no_grad():
+        assert same(compiled(x, unused=1), m(x, unused=1))
+        assert not isinstance(compiled.variants[0], dycl.DyclVariant)
+        de, dc = {}, {}
+        assert same(compiled(x, dc), m(x, de))
+        assert same(dc["hidden"], de["hidden"])
+
+
 class _Attention(nn.Module):
     def __init__(self):
         super().__init__()

@@ -329,3 +329,26 @@ def test_a_symbolic_variants_static_sizes_are_all_compared():
              [t(7, 4), "any", 2, t(2, 9)], [t(7), "any", 2, t(3, 0, 5)]]
     assert [shapes.matches(c) for c in calls] == [by_loop(c) for c in calls] == [True, False, False, False, False,
                                                                                 True, False, True]
+
+
+def test_a_symbolic_upsample_compiles_without_torch_printing_meta_failures(capfd, caplog):
+    """A bilinear upsample's `_unsafe_index` has no meta function for symbolic sizes: fxcc keeps the node's recorded
+    value, and torch's own log of the failure (a traceback per node) stays off stderr."""
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding="same", dilation=2)
+            self.down = nn.Conv2d(4, 4, 3, groups=2, padding=1, stride=2)
+            self.norm = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return nn.functional.interpolate(self.norm(self.down(self.conv(x))).relu(), scale_factor=2,
+                                             mode="bilinear", align_corners=False)
+
+    torch.manual_seed(0)
+    model = Up().eval()
+    cm = fxcc.compile(model)
+    for shape in [(2, 3, 9, 9), (1, 3, 12, 7), (3, 3, 5, 5)]:
+        run(cm, model, torch.randn(shape))
+    printed = capfd.readouterr().err + "".join(r.getMessage() for r in caplog.records)
+    assert "failed while attempting to run meta" not in printed

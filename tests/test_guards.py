@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import types
 
 import fxcc
 import pytest
@@ -14,6 +16,8 @@ from conftest import assert_outputs_close
 from fxcc import codegen, guards, watch
 from fxcc.codegen import mkl, onednn, tvm
 from fxcc.guards import ModuleState
+
+EXTERN = "canonicalize,raise,fuse,codegen{backend=extern}"  # one candidate per kernel: no timing at compile
 
 
 @dataclasses.dataclass
@@ -402,7 +406,7 @@ class Lookups(nn.Module):
     def __init__(self, d: int = 16):
         super().__init__()
         self.lin = nn.Linear(d, d)
-        self.tag = {"kind": "kept"}  # neither primitive nor a tensor: only its presence is guarded
+        self.tag = {"kind": "kept"}  # neither primitive nor a tensor: guarded by identity and contents
 
     def act(self, h):
         return torch.relu(h)
@@ -611,3 +615,167 @@ def test_a_change_that_does_not_matter_takes_the_tags_again():
     vars(m)["scale"] = 2.0  # looked up and not found at capture
     torch.testing.assert_close(cm(x), m(x))
     assert cm.stats.param_recompiles == 1
+
+
+# --------------------------------------------- attributes that are no plain numbers, closures, a method's object
+
+class Mode(enum.Enum):
+    A = 1
+    B = 2
+
+
+class Held(nn.Module):
+    """A forward that reads attributes that are no primitives: a dict, an options object, an Enum member, a
+    function, and a list of Enum members."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.cfg = {"scale": 1.0, "inner": {"shift": 0.0}}
+        self.opts = types.SimpleNamespace(bias=0.0)
+        self.mode = Mode.A
+        self.act = torch.relu
+        self.modes = [Mode.A]
+
+    def forward(self, x):
+        y = self.act(self.lin(x)) * self.cfg["scale"] + self.cfg["inner"]["shift"] + self.opts.bias
+        y = y if self.mode is Mode.A else -y
+        return y if self.modes[0] is Mode.A else y * 2
+
+
+HELD = {
+    "dict entry": lambda m: m.cfg.__setitem__("scale", 3.0),
+    "nested dict entry": lambda m: m.cfg["inner"].__setitem__("shift", 2.0),
+    "namespace field": lambda m: setattr(m.opts, "bias", 5.0),
+    "enum": lambda m: setattr(m, "mode", Mode.B),
+    "function": lambda m: setattr(m, "act", torch.tanh),
+    "list of enums": lambda m: m.modes.__setitem__(0, Mode.B),
+}
+
+
+@pytest.mark.parametrize("how", list(HELD))
+def test_an_attribute_that_is_no_primitive_is_guarded(how):
+    torch.manual_seed(0)
+    m, x = Held().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m, passes=EXTERN)
+    torch.testing.assert_close(cm(x), m(x))
+    before = m(x)
+    HELD[how](m)
+    assert not torch.allclose(m(x), before)
+    torch.testing.assert_close(cm(x), m(x))
+    torch.testing.assert_close(cm(x), m(x))  # the fast path, after the recompile
+    assert cm.stats.param_recompiles == 1
+
+
+def test_a_containers_entry_added_recompiles_and_an_untouched_one_does_not(caplog):
+    torch.manual_seed(0)
+    m, x = Held().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m, passes=EXTERN)
+    cm(x)
+    m.cfg["scale"] = 1.0  # the same value again
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 0
+    with caplog.at_level("INFO", logger="fxcc.recompiles"):
+        m.cfg["extra"] = 1
+        torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.param_recompiles == 1 and "attribute cfg had an entry added: 'extra'" in caplog.text
+
+
+def test_closure_variables_are_guarded():
+    def make():
+        scale, box = 2.0, [1.0]
+
+        def f(x):
+            return x * scale + box[0]
+
+        def set_scale(v):
+            nonlocal scale
+            scale = v
+
+        return f, set_scale, box
+
+    f, set_scale, box = make()
+    cm, x = fxcc.compile(f, passes=EXTERN), torch.ones(3)
+    torch.testing.assert_close(cm(x), f(x))
+    set_scale(2.0)  # an equal value: no change
+    torch.testing.assert_close(cm(x), f(x))
+    assert cm.fxcc.stats.compiles == 1
+    set_scale(5.0)
+    torch.testing.assert_close(cm(x), f(x))
+    assert cm.fxcc.stats.compiles == 2 and "variable scale of the closure of" in cm.fxcc.stats.reasons[-1]
+    box[0] = 4.0  # a list in a cell, changed in place
+    torch.testing.assert_close(cm(x), f(x))
+    assert cm.fxcc.stats.compiles == 3
+
+
+def _inner():
+    shift = 1.0
+
+    def inner(x):
+        return x + shift
+
+    def set_shift(v):
+        nonlocal shift
+        shift = v
+
+    return inner, set_shift
+
+
+INNER, SET_SHIFT = _inner()
+
+
+def _calls_a_closure_through_a_global(x):
+    return INNER(x) * 2
+
+
+def test_the_closure_of_a_function_reached_through_a_global_is_guarded():
+    cm, x = fxcc.compile(_calls_a_closure_through_a_global, passes=EXTERN), torch.ones(3)
+    try:
+        torch.testing.assert_close(cm(x), _calls_a_closure_through_a_global(x))
+        SET_SHIFT(3.0)
+        torch.testing.assert_close(cm(x), _calls_a_closure_through_a_global(x))
+        assert cm.fxcc.stats.compiles == 2
+    finally:
+        SET_SHIFT(1.0)
+
+
+class Scaler:
+    def __init__(self):
+        self.k = 2.0
+        self.opts = types.SimpleNamespace(shift=0.0)
+
+    def apply(self, x):
+        return x * self.k + self.opts.shift
+
+
+@pytest.mark.parametrize("how", ["attribute", "attribute of an attribute"])
+def test_the_attributes_of_a_compiled_methods_object_are_guarded(how):
+    o, x = Scaler(), torch.ones(3)
+    cm = fxcc.compile(o.apply, passes=EXTERN)
+    torch.testing.assert_close(cm(x), o.apply(x))
+    if how == "attribute":
+        o.k = 7.0
+    else:
+        o.opts.shift = 3.0
+    torch.testing.assert_close(cm(x), o.apply(x))
+    assert cm.fxcc.stats.compiles == 2 and "of the compiled method's Scaler changed" in cm.fxcc.stats.reasons[-1]
+
+
+def test_state_that_changes_at_every_call_stops_recompiling_with_one_warning():
+    torch.manual_seed(0)
+    m, x = Siblings().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m, passes=EXTERN)
+    with pytest.warns(UserWarning, match="runs eagerly from now on: its state changed") as record:
+        for i in range(guards.Churn.LIMIT + 4):
+            m.act.negative_slope = 0.01 * (i + 1)  # set before every call
+            torch.testing.assert_close(cm(x), m(x))
+    assert sum("runs eagerly from now on" in str(w.message) for w in record) == 1
+    assert cm.stats.compiles == guards.Churn.LIMIT and cm.stats.eager_calls == 4
+
+
+def test_a_change_after_many_calls_starts_the_count_anew():
+    churn = guards.Churn()
+    assert not any(churn.note("a", 1) for _ in range(guards.Churn.LIMIT - 1))
+    assert not churn.note("a", guards.Churn.QUICK + 1)  # after many calls: weights updated now and then
+    assert not any(churn.note("a", 1) for _ in range(guards.Churn.LIMIT - 2))
+    assert churn.note("a", 1)

@@ -281,6 +281,27 @@ def test_an_input_that_requires_gradients_runs_eagerly_in_eval_mode(x):
     assert cm.stats.compiles == 1
 
 
+def test_a_parameter_passed_as_an_argument_keeps_its_gradients(x):
+    """An nn.Parameter is a tensor subclass: as an argument with gradients enabled it runs eagerly as a tensor that
+    requires gradients does; torch.compile hands a training module's parameters to its backend so."""
+    w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def f(a, weight):
+        return torch.relu(a @ weight)
+
+    with pytest.warns(UserWarning, match="requires gradients"):
+        y = fxcc.compile(f, passes=PASSES)(x, w)
+    assert y.requires_grad
+    y.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.autograd.grad(f(x, w).sum(), w)[0])
+    net = Net()  # training mode, through torch.compile's backend
+    with pytest.warns(UserWarning, match="requires gradients"):
+        out = torch.compile(net, backend="fxcc")(x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
 def test_an_input_that_requires_gradients_under_fullgraph_is_an_error(x):
     cm = compiled(Net().eval(), fullgraph=True)
     with pytest.raises(fxcc.FullGraphError, match=r"requires gradients with gradients enabled.*fullgraph=True"):

@@ -277,3 +277,90 @@ def test_the_compiled_side_is_timed_with_the_guard_its_calls_run(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x))
     assert counted and all(s is cm._params for s in counted)  # the timed compiled call ran the guard
+
+
+def setup_timer(monkeypatch, compiled_ms: float, eager_ms: float, calls: int = 3) -> list:
+    """A fake timer that runs each side `calls` times as the real one does (its untimed setup before each call)."""
+    asked = []
+
+    def timer(fns, setup=None, **kw):
+        asked.append(sorted(fns))
+        for name, fn in fns.items():
+            for _ in range(calls):
+                if setup and name in setup:
+                    setup[name]()
+                fn()
+        return {"compiled": Timing([compiled_ms] * 5), "eager": Timing([eager_ms] * 5)}
+    monkeypatch.setattr(vs_eager, "interleaved", timer)
+    return asked
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=None, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("compiled_ms,eager_ms", [(2.0, 1.0), (1.0, 2.0)])
+def test_a_call_with_a_growing_kv_cache_is_timed_on_copies_and_the_cache_grows_once(monkeypatch, compiled_ms, eager_ms):
+    from transformers import DynamicCache
+    asked = setup_timer(monkeypatch, compiled_ms, eager_ms)
+    model = tiny_llama()
+    ids = torch.randint(1, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    mine, theirs = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    cm = fxcc.compile(model)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        got = cm(ids, past_key_values=mine, use_cache=True)
+        want = model(ids, past_key_values=theirs, use_cache=True)
+    assert asked == [["compiled", "eager"]]  # timed, though the call carries a cache
+    torch.testing.assert_close(got.logits, want.logits)
+    assert mine.get_seq_length() == theirs.get_seq_length() == 7  # the timed calls appended to copies only
+    for a, b in zip(mine.layers, theirs.layers):
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
+    slower = compiled_ms > eager_ms
+    assert any("runs eagerly" in str(w.message) for w in said) == slower
+    assert cm.stats.eager_calls == int(slower)
+    assert ("runs eagerly" if slower else "compiled kept") in cm.variants[-1].vs_eager
+
+
+@pytest.mark.parametrize("compiled_ms,eager_ms", [(2.0, 1.0), (1.0, 2.0)])
+def test_a_static_cache_prefill_is_timed_and_the_cache_ends_as_eager_leaves_it(monkeypatch, compiled_ms, eager_ms):
+    from transformers import StaticCache
+    asked = setup_timer(monkeypatch, compiled_ms, eager_ms)
+    model = tiny_llama()
+    ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
+    cm = fxcc.compile(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = cm(ids, past_key_values=caches[0], use_cache=True)
+        want = model(ids, past_key_values=caches[1], use_cache=True)
+    assert asked == [["compiled", "eager"]]  # its in-place writes into the cache do not keep it from being timed
+    torch.testing.assert_close(got.logits, want.logits)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
+    assert ("runs eagerly" if compiled_ms > eager_ms else "compiled kept") in cm.variants[-1].vs_eager
+
+
+def test_writes_into_inputs_are_repeatable_once_the_inputs_are_restored_but_writes_into_buffers_never():
+    aten = torch.ops.aten
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.call_function(aten.add_.Tensor, (g.call_function(aten.slice.Tensor, (x, 0, 0, 2)), 1.0))
+    g.output(x)
+    into_input = fx.GraphModule(nn.Module(), g)
+    assert "writes its inputs" in vs_eager.unrepeatable(into_input)
+    assert vs_eager.unrepeatable(into_input, inputs_restored=True) is None
+    root = nn.Module()
+    root.register_buffer("count", torch.zeros(2))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.call_function(aten.add_.Tensor, (g.get_attr("count"), 1.0))
+    g.output(x)
+    into_buffer = fx.GraphModule(root, g)
+    assert "writes its inputs" in vs_eager.unrepeatable(into_buffer, inputs_restored=True)
