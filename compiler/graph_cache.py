@@ -351,10 +351,11 @@ def _globals_doc(read: dict) -> list:
     class or module its global CFG holds. Unserializable when one cannot be found again from a module."""
     out = []
     for holder, fallback, names, path in read.values():
-        if type(holder) is not dict and not isinstance(holder, types.MappingProxyType):
-            continue  # a closure's cells (fxcc.capture.Closure): guarded in the process, not in the entry
-        if path is not None and not isinstance(path[0], dict):
-            raise Unserializable("the code read attributes of the object its compiled method belongs to")
+        if type(holder) is not dict and not isinstance(holder, types.MappingProxyType) or (
+                path is not None and not isinstance(path[0], dict)):
+            # a closure's cells (fxcc.capture.Closure), attributes read off the compiled method's object or off an
+            # object a closure variable holds: guarded in the process, not in the entry
+            continue
         if fallback is not None and fallback is not vars(builtins):
             raise Unserializable("the code read globals resolved in builtins other than the interpreter's")
         module, way = _module_of(holder), []

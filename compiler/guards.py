@@ -53,7 +53,9 @@ except ImportError:  # pragma: no cover - a torch without it: the entries are co
 
 # flags of a module that no forward reads: transformers' "weights initialised" mark (on every submodule)
 log = logging.getLogger(__name__)
-_NOT_READ = frozenset({"_is_hf_initialized"})
+# attributes no forward reads: transformers' own (a generate replaces or changes them; its GenerationConfig is
+# too large to compare by value)
+_NOT_READ = frozenset({"_is_hf_initialized", "generation_config"})
 _ADDRESS = torch._C._data_address
 _OFFSET = torch.Tensor.storage_offset
 
@@ -392,7 +394,9 @@ class ModuleState:
             elif k not in MODULE_INTERNALS and k not in _NOT_READ:
                 if primitive(v):
                     self._attr(attrs, k, v, f"attribute {at}{k}")
-                elif k != "config" and not _own_forward(mod, v):
+                elif k not in ("config", "forward"):  # a forward set on the instance: capture and the eager
+                    # fallback call the class's own (fxcc.capture.original_forward); a wrapper there (a timer,
+                    # generate's installed compiled forward) is no state of the graph
                     self._held(attrs, k, v, f"attribute {at}{k}", 0)
         config = attrs.get("config")
         if config is not None and hasattr(config, "__dict__") and not isinstance(config, (nn.Module, torch.Tensor)):
@@ -405,14 +409,17 @@ class ModuleState:
 
     def _held(self, d: dict, k: Any, v: Any, where: str, depth: int) -> None:
         """`d[k]`, a value no primitive (fxcc.graph_cache.primitive): an Enum member, a function, a class or a Python
-        module by identity, which their dict's tag covers; a dict, a SimpleNamespace or another object with a
-        `__dict__` by identity and its entries as a module's attributes are (its dict's keys and tag too, so a
-        change in place costs nothing to see where none was made); a list, tuple or set of such values by value.
+        module by identity, which their dict's tag covers; a list, tuple, set or dict of such values (and of
+        primitives) by value; another dict, a SimpleNamespace or another object with a `__dict__` by identity and
+        its entries as a module's attributes are (its dict's keys and tag too, so a change in place costs nothing
+        to see where none was made).
         Past _HELD_DEPTH levels or _HELD_ITEMS entries, or holding what cannot be compared (an object without a
         `__dict__`), a container is watched by identity only, said once. Tensors and modules are watched apart."""
         if isinstance(v, (torch.Tensor, nn.Module)):
             return
-        if type(v) in (list, tuple, set, frozenset):
+        if type(v) in (list, tuple, set, frozenset) or type(v) is dict and _by_value(v, depth):
+            # by value, compared at every call as a list is: replaced by an equal one is no change (transformers'
+            # generate sets a model's `_tp_plan` dict anew at every call)
             if _by_value(v, depth):
                 self._attr(d, k, v, where)
                 return
@@ -592,8 +599,10 @@ class ModuleState:
             if d.get(k, obj) is not obj:  # deleted: said below, with the keys added and deleted
                 return f"{where} was replaced"
         for d, k, v, where in zip(self.dicts, self.keys, self.values, self.attr_where):
-            if d.get(k, _MISSING) != v:
-                return f"{where} changed from {v!r} to {d.get(k, '(deleted)')!r}"
+            if k not in d:
+                return f"{where} was deleted"
+            if d[k] != v:
+                return f"{where} changed from {v!r} to {d[k]!r}"
         counts = list(map(len, self.counts_of))
         if counts != self.counts or any(map(operator.contains, self.miss_dicts, self.miss_names)):
             why = self._added_or_deleted()

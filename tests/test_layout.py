@@ -315,7 +315,7 @@ def test_a_layout_rewrite_measured_slower_than_eager_is_compiled_again_without_i
     verdicts = iter([vs_eager.Verdict(3.0, 2.0), vs_eager.Verdict(1.0, 2.0)])  # with the rewrite, then without
     seen = []
 
-    def judge(compiled, eager, device, was=None):
+    def judge(compiled, eager, device, was=None, setup=None):
         compiled()
         seen.append(device)
         return next(verdicts)
