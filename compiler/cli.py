@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -45,7 +46,14 @@ def load_object(spec: str, what: str) -> Any:
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[mod_name] = module
-        loader_spec.loader.exec_module(module)
+        try:
+            loader_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            del sys.modules[mod_name]
+            raise UsageError(f"{what}: {path} is not valid Python: {e.msg} (line {e.lineno})") from None
+        except BaseException:
+            del sys.modules[mod_name]  # a failed import is not kept half-run
+            raise
     if not hasattr(module, name):
         defined = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
         raise UsageError(f"{what}: {path} defines no {name!r} (it defines: {', '.join(defined) or 'nothing callable'})")
@@ -55,15 +63,33 @@ def load_object(spec: str, what: str) -> Any:
 def load_model_and_inputs(model_spec: str, inputs_spec: str | None) -> tuple[Any, tuple, dict]:
     """`PATH.py:FACTORY` and `PATH.py:FUNC` (default: `inputs` in the model's file) -> model, args, kwargs."""
     factory = load_object(model_spec, "model")
-    model = factory if isinstance(factory, nn.Module) else factory()
+    model = factory if isinstance(factory, nn.Module) else _called(factory, model_spec, "model")
+    if not callable(model):
+        raise UsageError(f"model {model_spec} returned a value of type {type(model).__name__}: name an nn.Module, "
+                         "or a function that takes no arguments and returns the model (or the function to compile)")
     if inputs_spec is None:
         inputs_spec = f"{model_spec.rpartition(':')[0]}:inputs"
-    inputs = load_object(inputs_spec, "--inputs")()
+    inputs = _called(load_object(inputs_spec, "--inputs"), inputs_spec, "--inputs")
     if isinstance(inputs, dict):
         return model, (), inputs
     if not isinstance(inputs, tuple):
         raise UsageError(f"--inputs {inputs_spec} must return a tuple of example inputs, got {type(inputs).__name__}")
     return model, inputs, {}
+
+
+def _called(factory: Any, spec: str, what: str) -> Any:
+    """`factory()`, where the command line names a factory: one that is not callable, or takes arguments, is a
+    usage error (an error raised inside it is the user's code's own, with its traceback)."""
+    if not callable(factory):
+        raise UsageError(f"{what} {spec} holds a value of type {type(factory).__name__}, not a function that takes "
+                         "no arguments")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise UsageError(f"{what} {spec} must take no arguments ({e})") from None
+    except ValueError:  # no signature to read (a builtin): called as it is
+        pass
+    return factory()
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -130,6 +156,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """`fxcc search`: an Optuna study over pass knobs and kernel choices; writes a plan and a Pareto plot."""
     started = time.monotonic() - process_age()  # --timeout counts the start-up and loading the model too
     set_threads(args)
+    _counts(args)
     try:
         cfg = search.SearchConfig(
             output=args.output, target=args.target, trials=args.trials, timeout=args.timeout, storage=args.storage,
@@ -141,15 +168,18 @@ def cmd_search(args: argparse.Namespace) -> int:
             plot=args.plot, progress=not args.no_progress)
     except ValueError as e:
         raise UsageError(str(e).removeprefix("fxcc search: ")) from None
+    out_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
+    if out_dir and not os.path.isdir(out_dir):  # said before the search runs, not after
+        raise UsageError(f"--output {args.output}: no directory {out_dir!r}")
     model, a, kw = load_model_and_inputs(args.model, args.inputs)
     if args.target == "cuda":
         model, a, kw = model.to("cuda"), search.to_device(a, "cuda"), search.to_device(kw, "cuda")
     try:
         result = plan_search.search(model, a, kw, cfg, started)
-    except ValueError as e:  # bad --knobs/--backends/--study for this storage
-        if not str(e).startswith("fxcc search:"):
+    except ValueError as e:  # bad --knobs/--backends/--study for this storage, or a --storage that cannot open
+        if not str(e).startswith(("fxcc search:", "fxcc: cannot open tuning storage")):
             raise
-        raise UsageError(str(e).removeprefix("fxcc search: ")) from None
+        raise UsageError(str(e).removeprefix("fxcc search: ").removeprefix("fxcc: ")) from None
     except RuntimeError as e:  # no trial ran correctly, or none is within the quality budget
         if not str(e).startswith("fxcc search:"):
             raise
@@ -173,7 +203,16 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counts(args: argparse.Namespace) -> None:
+    """--reps at least 1, --warmup at least 0."""
+    if getattr(args, "reps", None) is not None and args.reps < 1:
+        raise UsageError(f"--reps must be at least 1, got {args.reps}")
+    if getattr(args, "warmup", None) is not None and args.warmup < 0:
+        raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    _counts(args)
     return bench.main(args)
 
 

@@ -394,9 +394,10 @@ class ModuleState:
             elif k not in MODULE_INTERNALS and k not in _NOT_READ:
                 if primitive(v):
                     self._attr(attrs, k, v, f"attribute {at}{k}")
-                elif k not in ("config", "forward"):  # a forward set on the instance: capture and the eager
-                    # fallback call the class's own (fxcc.capture.original_forward); a wrapper there (a timer,
-                    # generate's installed compiled forward) is no state of the graph
+                elif k not in ("config", "forward") and not isinstance(mod, fx.GraphModule):
+                    # not a forward set on the instance (capture and the eager fallback call the class's own:
+                    # fxcc.capture.original_forward; a timer wrapped around it is no state of the graph), nor an
+                    # fx GraphModule's own attributes (its graph, torch.compile's bookkeeping: its code is fixed)
                     self._held(attrs, k, v, f"attribute {at}{k}", 0)
         config = attrs.get("config")
         if config is not None and hasattr(config, "__dict__") and not isinstance(config, (nn.Module, torch.Tensor)):
@@ -721,6 +722,8 @@ def _by_value(v: Any, depth: int) -> bool:
     dicts, lists, tuples and sets of them."""
     if depth >= _HELD_DEPTH or len(v) > _HELD_ITEMS:
         return False
+    if type(v) is dict and not all(primitive(k) or _immutable(k) for k in v):
+        return False  # keyed by objects (an fx graph's names by node): not a value
     items = v.items() if type(v) is dict else ((None, x) for x in v)
     for _, x in items:
         if type(x) in (list, tuple, set, frozenset, dict):

@@ -952,8 +952,10 @@ class CompiledModule(ModuleView):
         if len(self._compiled) >= self.options.max_variants:
             why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
-            return self._runs_eagerly(key, why, "Use fixed input shapes, CompileOptions(dynamic=True) or raise "
-                                      "CompileOptions.max_variants.", stacklevel=5)
+            advice = ("Raise CompileOptions.max_variants, or keep what the reason names the same between calls "
+                      "(fxcc.explain lists each variant's reason)." if self.options.dynamic is True else
+                      "Use fixed input shapes, CompileOptions(dynamic=True) or raise CompileOptions.max_variants.")
+            return self._runs_eagerly(key, why, advice, stacklevel=5)
         if call_context()[0]:  # export does not trace the caller's autocast: compiled code would skip its casts
             why = f"{self.name} is called under torch.autocast, which fxcc does not compile; it runs eagerly there"
             return self._runs_eagerly(key, why, "Compile the model in the dtype you want (model.to(torch.bfloat16)) "

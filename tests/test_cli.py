@@ -51,6 +51,31 @@ def test_explain_bad_pipeline_is_reported_with_a_caret(capsys):
     assert "\n  " + " " * len("canonicalize,") + "^" in err
 
 
+@pytest.mark.parametrize("name, message", [
+    ("NUM", "holds a value of type int, not a function that takes no arguments"),
+    ("number", "returned a value of type int"),
+    ("needs_arg", "must take no arguments"),
+])
+def test_a_model_spec_that_names_no_factory_is_a_usage_error(tmp_path, capsys, name, message):
+    f = tmp_path / "m.py"
+    f.write_text("import torch\nNUM = 3\n\ndef number():\n    return 42\n\ndef needs_arg(n):\n"
+                 "    return torch.nn.Linear(2, 2)\n\ndef inputs():\n    return (torch.randn(1, 2),)\n")
+    assert cli.main(["explain", f"{f}:{name}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_python_and_bad_counts_are_usage_errors(tmp_path, capsys):
+    f = tmp_path / "broken.py"
+    f.write_text("this is not python (\n")
+    assert cli.main(["explain", f"{f}:model"]) == 2
+    assert "is not valid Python" in capsys.readouterr().err
+    assert cli.main(["bench", "breadth", "--size", "small", "--only", "relu", "--reps", "0"]) == 2
+    assert "--reps must be at least 1" in capsys.readouterr().err
+    out = tmp_path / "no" / "dir" / "plan.json"
+    assert cli.main(["search", f"{EXAMPLE}:model", "--trials", "1", "--output", str(out)]) == 2
+    assert "no directory" in capsys.readouterr().err
+
+
 def test_inputs_must_return_a_tuple(tmp_path, capsys):
     f = tmp_path / "m.py"
     f.write_text("import torch\n\ndef model():\n    return torch.nn.Linear(2, 2)\n\n"
