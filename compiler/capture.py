@@ -6,6 +6,7 @@ CaptureError that names the user's source line.
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import dis
@@ -18,6 +19,7 @@ import os
 import re
 import sys
 import sysconfig
+import textwrap
 import traceback
 import types
 from collections.abc import Callable, Iterator
@@ -820,6 +822,70 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
                   forward: Callable | None, watched: set[Any] | None = None,
                   floats: frozenset[int] = frozenset(), unread: str | None = None,
                   read: GlobalReads | None = None) -> Captured:
+    fn = forward or original_forward(module)
+    inner = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None  # a compiled function
+    if not any(_has_try(f) for f in (fn, inner) if f is not None):
+        return _capture_traced(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats,
+                               unread=unread, read=read)
+    with _tracing_errors() as raised:
+        captured = _capture_traced(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats,
+                                   unread=unread, read=read)
+    if raised:
+        raise CaptureError(f"fxcc cannot capture {describe(module)}: a `try` in its forward caught the tracer's own "
+                           f"error ({raised[0]}), so the trace took its `except` branch whatever the values")
+    return captured
+
+
+def _has_try(fn: Callable) -> bool:
+    """Whether `fn`'s source holds a `try` statement (a `try` around a value-dependent branch can swallow the
+    tracer's error and trace its `except` branch)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return False
+    return any(isinstance(n, ast.Try) for n in ast.walk(ast.parse(source))) if "try" in source else False
+
+
+@contextlib.contextmanager
+def _tracing_errors() -> Iterator[list[str]]:
+    """Within the block, the names of the tracing errors raised (torch.fx's TraceError for a Proxy's bool, export's
+    GuardOnDataDependentSymNode for a data-dependent branch), caught or not."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    from torch.fx.proxy import TraceError
+
+    raised: list[str] = []
+    inits = {cls: cls.__init__ for cls in (TraceError, GuardOnDataDependentSymNode)}
+
+    def counting(cls: type) -> Callable:
+        def init(self: Any, *a: Any, **k: Any) -> None:
+            raised.append(cls.__name__)
+            inits[cls](self, *a, **k)
+        return init
+
+    for cls in inits:
+        cls.__init__ = counting(cls)
+    _ATTEMPT[0] = raised
+    try:
+        yield raised
+    finally:
+        _ATTEMPT[0] = None
+        for cls, init in inits.items():
+            cls.__init__ = init
+
+
+_ATTEMPT: list[list[str] | None] = [None]  # the tracing errors of the capture attempt running (`_tracing_errors`)
+
+
+def _new_attempt() -> None:
+    """A capture attempt begins: the errors an earlier, failed one raised are not this one's."""
+    if _ATTEMPT[0] is not None:
+        _ATTEMPT[0].clear()
+
+
+def _capture_traced(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
+                    forward: Callable | None, watched: set[Any] | None = None,
+                    floats: frozenset[int] = frozenset(), unread: str | None = None,
+                    read: GlobalReads | None = None) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
@@ -849,6 +915,7 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
         # fresh aliases each attempt: a failed export leaves its dynamic marks on the ones it had
         ex_args, ex_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (tuple(args), kwargs))
         sink.clear()
+        _new_attempt()
         # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news
         quiet = held_back("torch._export.non_strict_utils", logging.ERROR)
         with torch.no_grad(), forward_as(module, traced), quiet, eager_mask_skip(), unchanged_conversions_skipped():
@@ -875,6 +942,7 @@ def _capture_held(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[in
         if state_objects((args, kwargs)):  # a traced graph would leave the caller's cache as it was
             raise CaptureError(_explain_failure(module, export_exc, None)) from export_exc
         try:
+            _new_attempt()
             with forward_as(module, fn):
                 return _symbolic_trace(module, args, kwargs, export_exc)
         except Exception as trace_exc:  # noqa: BLE001

@@ -256,3 +256,37 @@ def test_a_module_converted_in_forward_without_change_is_exported(x):
     assert cap.method == "export", cap.export_error
     close(torch.utils._pytree.tree_unflatten(list(cap.gm(x)), cap.out_spec), m(x))
     assert m.classifier.weight.dtype == torch.float32 and type(m.classifier.weight) is nn.Parameter
+
+
+def _raises_when_negative(x):
+    try:
+        if x.sum() < 0:
+            raise ValueError("negative")
+        y = x + 1
+    except ValueError:  # torch.fx's TraceError is a ValueError: a trace would land here whatever the values
+        y = x - 1
+    return y
+
+
+class _CatchesAll(nn.Module):
+    def forward(self, x):
+        try:
+            if x.sum() < 0:  # export's data-dependent guard error is an Exception
+                return x * 2
+        except Exception:
+            pass
+        return x * 3
+
+
+@pytest.mark.parametrize("make", [lambda: _raises_when_negative, _CatchesAll], ids=["function", "module"])
+def test_a_try_that_catches_the_tracers_own_error_is_not_traced_through_its_except(make):
+    """The first call takes the branch a swallowed tracing error would also take, so its check against eager
+    passes; later calls take the other branch. The capture sees the error it raised was caught and does not
+    keep that trace: DyCL runs the `try` as written, with its warning."""
+    model = make()
+    cm = fxcc.compile(model)
+    x = torch.ones(2, 3)
+    with pytest.warns(UserWarning, match="try"):
+        torch.testing.assert_close(cm(-x), model(-x))
+    for inp in (x, 2 * x, -x):
+        torch.testing.assert_close(cm(inp), model(inp))
