@@ -35,13 +35,15 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .dynamic import dynamic_shapes, map_top, top_ints
-from .ir import fetch_attr, flatten_inputs
+from .ir import fetch_attr, flatten_inputs, written_in_place
 from .logs import held_back
 from .mask_skip import eager_mask_skip
 from .nested_fast_path import eager_fast_path
 from .state import Aliasing, recording, register_state_class, state_objects
+from .watch import same_bits
 
 log = logging.getLogger(__name__)
 
@@ -455,18 +457,22 @@ def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
 
 
 _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_NO_LOADS = (frozenset(), (), (), False)  # `_global_loads` of model code that loads no global
 _ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 _ABSENT = object()
 
 
-def reading_globals(fn: Callable, read: GlobalReads, roots: tuple = ()) -> Callable:
-    """`fn` recording into `read` the globals its run loads (`global_reads`, from `roots`: the compiled function):
-    the hook is on while the traced forward runs only, not while export prepares and lowers around it (the hook
-    slows every Python call)."""
+def reading_globals(fn: Callable, read: GlobalReads, roots: tuple = (), reached: Reached | None = None) -> Callable:
+    """`fn` recording into `read` the globals its run loads (`global_reads`, from `roots`: the compiled function),
+    and into `reached` the tensors it reaches that are none of its inputs: the hook is on while the traced forward
+    runs only, not while export prepares and lowers around it (the hook slows every Python call)."""
 
     @functools.wraps(fn)
     def reading(*args: Any, **kwargs: Any) -> Any:
-        with global_reads(read, roots):
+        if reached is not None:  # also where the hook does not look (a function defined by exec)
+            for root in roots:
+                reached.reach_function(root)
+        with global_reads(read, roots, reached):
             return fn(*args, **kwargs)
 
     if hasattr(fn, "__signature__"):
@@ -475,7 +481,8 @@ def reading_globals(fn: Callable, read: GlobalReads, roots: tuple = ()) -> Calla
 
 
 @contextlib.contextmanager
-def global_reads(found: GlobalReads | None = None, roots: tuple = ()) -> Iterator[GlobalReads]:
+def global_reads(found: GlobalReads | None = None, roots: tuple = (),
+                 reached: Reached | None = None) -> Iterator[GlobalReads]:
     """Within the block, record the globals that Python code run in it can load: for each function called whose
     code is the model's (`_model_code`: not torch's, its dependencies', fxcc's or the standard library's, and
     not a module body run by an import), every name its code loads as a
@@ -488,7 +495,10 @@ def global_reads(found: GlobalReads | None = None, roots: tuple = ()) -> Iterato
     Two more kinds of state are read the same way. The closures (`Closure`) of the functions that ran, found from
     `roots` (the compiled function), the functions the globals read hold, and those their closures hold; and,
     where a root is a bound method of an object that is no module (a module's attributes are fxcc.guards'), the
-    attributes the code reads off that object as its first argument (`self.k`, `self.opts.shift`)."""
+    attributes the code reads off that object as its first argument (`self.k`, `self.opts.shift`).
+
+    `reached`: where given, each call of model code adds to it the tensors it can reach that are none of the
+    traced inputs (`Reached.reach`), before its body runs."""
     found = {} if found is None else found
     loads: dict[Any, Any] = {}  # code object -> its loads (None: code whose globals are not recorded)
     skip: dict[str, bool] = {}
@@ -501,7 +511,9 @@ def global_reads(found: GlobalReads | None = None, roots: tuple = ()) -> Iterato
         path = code.co_filename
         if path not in skip:
             skip[path] = _handles_symbols(path)
-        mine = loads[code] = _global_loads(code) if not skip[path] and _model_code(frame) else None
+        model = not skip[path] and _model_code(frame)
+        # model code that loads nothing is still looked into for the tensors it reaches (its default values)
+        mine = loads[code] = (_global_loads(code) or (_NO_LOADS if reached is not None else None)) if model else None
         return mine
 
     # the global trace function sees "call" events only; it runs at every Python call of the capture (export's own
@@ -513,6 +525,8 @@ def global_reads(found: GlobalReads | None = None, roots: tuple = ()) -> Iterato
         if mine is _ABSENT:
             mine = first(frame)
         if mine is not None:
+            if reached is not None:
+                reached.reach(frame, mine)
             _record_reads(found, frame.f_globals, frame.f_builtins, mine)
             if mine[2]:
                 _record_own(found, frame, mine[2], selves)
@@ -712,6 +726,145 @@ def _holds(values: Any, watched: set[Any]) -> bool:
     return False
 
 
+_data_address = torch._C._data_address  # a storage's data pointer, read without asking for write access
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # a vmap's batched value, a functional wrapper
+_MODULE_KEYS = frozenset(vars(nn.Module()))  # what every module's `__dict__` holds: its parameters, buffers, hooks
+_MAX_ITEMS = 64  # entries of one container or object looked into for tensors
+_MAX_DEPTH = 2  # levels of objects and containers looked into from a value a frame holds (`obj.cfg.t`, `self.o.t`)
+
+
+class Reached:
+    """The tensors the traced forward reached that are none of the traced inputs, each with a copy-on-write clone
+    (`torch._lazy_clone`: no copy until one of the two is written) of what it held when first reached: a global
+    (or an attribute of a global module or object), a closure variable, a parameter's default value, an attribute
+    of an object the call was given or of a module (not its parameters and buffers). The trace runs the forward's
+    Python on them for real, so an in-place write (`G.add_(1)`) lands in them at capture; `undo` gives each one
+    written its values back."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, list[Any]] = {}  # id -> [tensor, version, address, clone, copy-on-write, where]
+        self.walked: dict[int, Any] = {}  # objects and containers looked into (held: their ids stay theirs)
+
+    def reach(self, frame: Any, loads: tuple) -> None:
+        """At a call of model code (`global_reads`, before its body runs): the tensors among its arguments (default
+        values included) and free variables, among the globals it loads (`_global_loads`) and the attributes it
+        reads off them, and in the objects, modules and containers these hold."""
+        code = frame.f_code
+        at = f" in {getattr(code, 'co_qualname', code.co_name)}"
+        for name, value in frame.f_locals.items():
+            self._walk(value, name, at, 0)
+        g, module = frame.f_globals, _a_global_of(frame.f_globals)
+        for name in loads[0]:
+            self._walk(g.get(name), name, module, 0)
+        for chain in loads[1]:  # `helper.G`: a Python module is not looked into as a whole
+            value = g.get(chain[0])
+            for attr in chain[1:]:
+                d = getattr(value, "__dict__", None) if isinstance(value, (types.ModuleType, type)) else None
+                value = d.get(attr) if d is not None else None
+            self._walk(value, ".".join(chain), module, 0)
+
+    def reach_function(self, fn: Any) -> None:
+        """What function `fn` (a compiled function or forward) reaches before it runs: its closure variables,
+        default values and the globals its code loads."""
+        fn = getattr(fn, "__func__", fn)
+        code = getattr(fn, "__code__", None)
+        if not isinstance(fn, types.FunctionType) or code is None:
+            return
+        at = f" in {fn.__qualname__}"
+        for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+            if _full(cell):
+                self._walk(cell.cell_contents, name, at, 0)
+        defaults = fn.__defaults__ or ()
+        for name, value in zip(code.co_varnames[code.co_argcount - len(defaults):code.co_argcount], defaults):
+            self._walk(value, name, at, 0)
+        for name, value in (fn.__kwdefaults__ or {}).items():
+            self._walk(value, name, at, 0)
+        loads = _global_loads(code)
+        for name in loads[0] if loads else ():
+            self._walk(fn.__globals__.get(name), name, _a_global_of(fn.__globals__), 0)
+
+    def _walk(self, v: Any, name: str, at: str, depth: int) -> None:
+        t = type(v)
+        if t is torch.Tensor or t is nn.Parameter:  # a traced input is a FakeTensor (export) or a Proxy (fx)
+            if id(v) not in self.kept:
+                self._keep(v, f"`{name}`{at}")
+            return
+        if v is None or t in (int, float, bool, str) or depth >= _MAX_DEPTH or id(v) in self.walked:
+            return
+        if t in (list, tuple):
+            self.walked[id(v)] = v
+            for i, x in enumerate(v[:_MAX_ITEMS]):
+                self._walk(x, f"{name}[{i}]", at, depth + 1)
+        elif t is dict:
+            self.walked[id(v)] = v
+            for k, x in list(v.items())[:_MAX_ITEMS]:
+                self._walk(x, f"{name}[{k!r}]", at, depth + 1)
+        elif isinstance(v, nn.Module):
+            for path, m in v.named_modules():
+                if id(m) in self.walked:
+                    continue
+                self.walked[id(m)] = m
+                for k, x in list(vars(m).items())[:_MAX_ITEMS]:
+                    if k not in _MODULE_KEYS:
+                        self._walk(x, ".".join(p for p in (name, path, k) if p), at, depth + 1)
+        elif _plain_object(v) and not t.__module__.startswith("torch"):  # not a Proxy, a SymInt's node, a tracer
+            self.walked[id(v)] = v
+            for k, x in list(vars(v).items())[:_MAX_ITEMS]:
+                self._walk(x, f"{name}.{k}", at, depth + 1)
+
+    def _keep(self, t: torch.Tensor, where: str) -> None:
+        # a stand-in of a weight (fxcc.weights) has no values; a vmapped or functionalized value is traced
+        if t.is_meta or t.layout is not torch.strided or _functorch_wrapped(t):
+            return
+        # taken inside the trace: export's modes would make the clone a fake tensor and a node of the graph
+        with _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
+            try:
+                clone, cow = torch._lazy_clone(t.detach()), True
+            except (RuntimeError, TypeError, NotImplementedError):
+                clone, cow = t.detach().clone(), False
+        self.kept[id(t)] = [t, t._version, _data_address(t), clone, cow, where]
+
+    def undo(self) -> list[tuple[torch.Tensor, str]]:
+        """Give each kept tensor written since it was kept (or since the last `undo`) its values back; returns
+        those, each with where the forward reached it."""
+        written = []
+        for entry in self.kept.values():
+            t, version, address, clone, cow, where = entry
+            if t._version == version and (cow and _data_address(t) == address or (
+                    t.shape == clone.shape and t.stride() == clone.stride() and same_bits(t, clone))):
+                continue  # unwritten (a write through `.data`, which counts apart, moves a copy-on-write buffer)
+            with torch.no_grad():
+                if t.shape == clone.shape:
+                    t.copy_(clone)
+                else:  # resized
+                    t.set_(clone.clone())
+            entry[1], entry[2] = t._version, _data_address(t)
+            written.append((t, where))
+        return written
+
+
+def _a_global_of(g: dict) -> str:
+    name = g.get("__name__")
+    return f" (a global of {name})" if isinstance(name, str) else " (a global)"
+
+
+def _writes_kept(gm: fx.GraphModule, written: list[tuple[torch.Tensor, str]], module: nn.Module) -> None:
+    """Capture gave the tensors in `written` their values back (`Reached.undo`): the captured graph must make those
+    writes itself, into constants that are those tensors (export lifts a global or an attribute as such a
+    constant); a write it does not make (symbolic_trace ran it on the real tensor and recorded nothing) is a
+    CaptureError."""
+    if not written:
+        return
+    consts = [fetch_attr(gm, n.target) for n in written_in_place(gm) if n.op == "get_attr"]
+    kept = {c.untyped_storage()._cdata for c in consts if isinstance(c, torch.Tensor)}
+    lost = [where for t, where in written if t.untyped_storage()._cdata not in kept]
+    if lost:
+        raise CaptureError(f"fxcc cannot capture {describe(module)}: its forward wrote in place into {lost[0]}, a "
+                           "tensor that is none of the call's inputs, and the traced graph would not make that write "
+                           "at its calls (capture gave the tensor its values back)\n  To proceed: pass the tensor as "
+                           "an argument, register it as a buffer of the module, or run this module eagerly.")
+
+
 def watch_effects(fn: Callable, module: nn.Module, found: list[str]) -> Callable:
     """`fn` adding to `found` what its run changed in `module`'s state (ModuleState), looked at from its start
     to its end (export undoes attribute stores after its trace)."""
@@ -886,14 +1039,28 @@ def _capture_traced(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[
                     forward: Callable | None, watched: set[Any] | None = None,
                     floats: frozenset[int] = frozenset(), unread: str | None = None,
                     read: GlobalReads | None = None) -> Captured:
+    # the tensors the trace reaches that are no inputs (a global, a default value) hold what they held before it,
+    # whatever it wrote into them; a write the graph does not make at its calls is a CaptureError
+    reached = Reached()
+    try:
+        cap = _capture_run(module, args, kwargs, dims=dims, forward=forward, watched=watched, floats=floats,
+                           unread=unread, read={} if read is None else read, reached=reached)
+    finally:
+        undone = reached.undo()
+    _writes_kept(cap.gm, undone, module)
+    return cap
+
+
+def _capture_run(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None,
+                 forward: Callable | None, watched: set[Any] | None, floats: frozenset[int], unread: str | None,
+                 read: GlobalReads, reached: Reached) -> Captured:
     kwargs = dict(sorted(kwargs.items()))
     register_model_pytrees(module)
     state = ModuleState(module)  # a failed attempt ran forward's Python on fake values: undo it
     sink: list[Aliasing] = []
     fn = forward or original_forward(module)
-    if read is not None:
-        inner = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
-        fn = reading_globals(fn, read, (fn, inner))
+    inner = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
+    fn = reading_globals(fn, read, (fn, inner), reached)
     # export marks (and then unmarks) its input tensors' dynamic dimensions: it gets aliases, so the
     # caller's tensors (and torch.compile's guards on them) keep their own marks
     traced = recording(fn, sink, kwargs)
@@ -931,12 +1098,14 @@ def _capture_traced(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[
             # chunk of a padded flattened tensor: "Eq((216*s77 + 1)//(72*s77 + 1), 2) is inconsistent"):
             # these sizes compile static, a recompile for the next ones
             state.restore()
+            reached.undo()
             ep = export(None)
             why = " ".join(str(symbolic_exc).split())[:200]
             method = f"export (static: symbolic sizes failed: {type(symbolic_exc).__name__}: {why})"
             log.info("capturing %s with static sizes: %s", describe(module), method)
     except Exception as export_exc:  # noqa: BLE001 - any export failure falls back to symbolic_trace
         state.restore()
+        reached.undo()
         if floats:  # captured again with them constants (`capture`)
             raise CaptureError(f"export failed with symbolic floats: {_first_line(export_exc)}") from export_exc
         if state_objects((args, kwargs)):  # a traced graph would leave the caller's cache as it was

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 SCALAR_SYNC_METHODS = {"item", "tolist"}
 SHAPE_SYNC_METHODS = {"nonzero", "masked_select", "argwhere", "unique", "unique_consecutive", "numpy"}
@@ -390,12 +391,29 @@ def sync_kind(call: ast.Call, scope: Scope | None = None) -> str | None:
     return None
 
 
+def in_place_method(name: str) -> bool:
+    """A tensor method that writes its tensor (`add_`, `copy_`; not `__init__`, `_private`)."""
+    return name.endswith("_") and not name.startswith("_")
+
+
+def written_operands(call: ast.Call) -> list[ast.expr]:
+    """What a call writes in place as a tensor: the object of an in-place method (`t.add_(1)`), an `out=` argument,
+    the first argument of a call with `inplace=True` (`F.relu(t, inplace=True)`)."""
+    out = [call.func.value] if isinstance(call.func, ast.Attribute) and in_place_method(call.func.attr) else []
+    for k in call.keywords:
+        if k.arg == "out":
+            out.append(k.value)
+        elif k.arg == "inplace" and call.args and not (isinstance(k.value, ast.Constant) and not k.value.value):
+            out.append(call.args[0])
+    return out
+
+
 def mutating_call(call: ast.Call) -> bool:
     """In-place tensor methods (`x.add_(...)`), container mutations, `out=`/`inplace=True`, printing."""
     f = call.func
     if isinstance(f, ast.Attribute):
         a = f.attr
-        if a in MUTATING_METHODS or (a.endswith("_") and not a.startswith("_")):
+        if a in MUTATING_METHODS or in_place_method(a):
             return True
     elif isinstance(f, ast.Name) and f.id in EFFECT_CALLS:
         return True
@@ -452,8 +470,12 @@ class FunctionInfo:
     stores: set[str] = field(default_factory=set)  # attribute names it assigns
     loads: set[str] = field(default_factory=set)  # attribute names it reads
     # writes into what a parameter holds (`extras[k] = v`, `feats.append(h)`, `cfg.log += [x]`): (parameter,
-    # attribute path, what, with its line); an effect where the call's argument there is a Python container
+    # attribute path, what, with its line); an effect where the call's argument there is a Python container, or a
+    # tensor that is none of the call's inputs (a default value, an attribute of an object it was given)
     argument_writes: list[tuple[str, list[str], str]] = field(default_factory=list)
+    # in-place tensor writes into what a parameter holds (`obj.t.add_(1)`, `t.add_(1)`, `feats[0].mul_(2)`): an
+    # effect where a tensor there is none of the call's inputs
+    tensor_writes: list[tuple[str, list[str], str]] = field(default_factory=list)
     callees: list[Any] = field(default_factory=list)
 
 
@@ -528,12 +550,23 @@ class Callees:
             elif isinstance(target, ast.Name) and target.id not in local and target.id not in params:
                 self.mutated_names.add(target.id)  # a global or closure object changed in place
 
-        def argument_write(target: ast.expr, node: ast.AST, what: str) -> None:
+        def argument_write(target: ast.expr, node: ast.AST, what: str, tensor: bool = False) -> None:
             while isinstance(target, ast.Subscript):
                 target = target.value
             root, path = attr_root(target)  # `*args` and `**kwargs` are the call's own tuple and dict
             if root in params and root not in packed and root != scope.selfname:
-                info.argument_writes.append((root, path, f"{what} at {info.source.where(node)}"))
+                writes = info.tensor_writes if tensor else info.argument_writes
+                writes.append((root, path, f"{what} at {info.source.where(node)}"))
+
+        def held_tensor(target: ast.expr) -> bool:  # `G`, `helper.G`, a closure's `k`: a tensor it is not given
+            while isinstance(target, ast.Subscript):
+                target = target.value
+            root, path = attr_root(target)
+            if root is None or root in params or root == scope.selfname or not outside(target):
+                return False
+            ok, obj = _lookup(root, info.source.fn)
+            ok, obj = resolve_path(obj, path) if ok else (False, None)
+            return ok and bool(_tensors(obj))
 
         def effect(node: ast.AST, what: str) -> None:
             info.host = True
@@ -571,6 +604,11 @@ class Callees:
             elif isinstance(node, ast.Call):
                 if isinstance(node.func, ast.Attribute) and node.func.attr in CONTAINER_METHODS:
                     argument_write(node.func.value, node, f"calls `.{node.func.attr}()` on a container it was given")
+                for target in written_operands(node):  # traced, a write into a tensor it is not given happens
+                    text = ast.unparse(target)  # at capture, on the real tensor, and the graph may not repeat it
+                    argument_write(target, node, f"writes `{text}` in place", tensor=True)
+                    if held_tensor(target):
+                        effect(node, f"writes `{text}` in place (a tensor it is not given as an argument)")
                 if sync_kind(node, scope):
                     info.host = True
                 elif mutating_call(node):
@@ -601,21 +639,30 @@ class Callees:
     def argument_effect(self, obj: Any, args: tuple, kwargs: dict) -> str | None:
         """The first write of `obj` into a Python list, dict or set it is given in this call (`extras[k] = v`,
         `feats.append(h)`): a traced graph would make it on capture's copies of the containers, never on the
-        caller's. A parameter holding a tensor is not one (its in-place updates are traced)."""
+        caller's; or into a tensor that is none of the call's inputs (`t.add_(1)` on a default value, `obj.t.add_(1)`
+        on an attribute of an object it is given): the trace would make it on the real tensor, once. A tensor the
+        call passes (itself, or inside a tuple, list or dict) is an input: its in-place updates are traced."""
         info = self.info(obj)
-        if info is None or info.source is None or not info.argument_writes:
+        if info is None or info.source is None or not (info.argument_writes or info.tensor_writes):
             return None
         owner = getattr(obj, "__self__", None) if inspect.ismethod(obj) else None
         try:
             bound = inspect.signature(info.source.fn).bind(*((owner,) if owner is not None else ()), *args, **kwargs)
         except TypeError:  # a decorator's own signature: the wrapped function's parameters are not these
             return None
-        for name, path, what in info.argument_writes:
+        bound.apply_defaults()  # a default value is the function's own object, shared by every call
+        inputs = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        writes = [(w, True) for w in info.argument_writes] + [(w, False) for w in info.tensor_writes]
+        for (name, path, what), container in writes:
             if name not in bound.arguments:
                 continue
             ok, value = resolve_path(bound.arguments[name], path)
-            if ok and isinstance(value, PYTHON_CONTAINERS) and not isinstance(value, torch.Tensor):
+            if not ok:
+                continue
+            if container and isinstance(value, PYTHON_CONTAINERS) and not isinstance(value, torch.Tensor):
                 return f"{info.source.qualname} {what}"
+            if any(id(t) not in inputs for t in _tensors(value)):
+                return f"{info.source.qualname} {what}, a tensor that is none of the call's inputs"
         return None
 
     def needs_program(self, obj: Any) -> bool:
@@ -643,6 +690,14 @@ class Callees:
             or any(self._needs_info(self.info(c), seen) for c in info.callees if self.info(c) is not None))
         self._needs[key] = result
         return result
+
+
+def _tensors(v: Any) -> list[torch.Tensor]:
+    """The tensor `v`, or the tensors a tuple, list or dict `v` holds (one level)."""
+    if isinstance(v, torch.Tensor):
+        return [v]
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+    return [x for x in items if isinstance(x, torch.Tensor)]
 
 
 def _lookup(name: str, fn: Any) -> tuple[bool, Any]:

@@ -166,9 +166,24 @@ def stride_change(flat: list[Any], names: list[str], old: list[tuple[int, ...] |
     for i, (x, was) in enumerate(zip(flat, old)):
         if not isinstance(x, torch.Tensor) or was is None:
             continue
-        if strides(x) != was if classes is None else layout_class(x) != classes[i][4]:
-            return f"input `{names[i]}`'s strides {strides(x)} differ from {was}"
+        if classes is None:
+            if strides(x) != was:
+                return f"input `{names[i]}`'s strides {strides(x)} differ from {was}"
+        elif (now := layout_class(x)) != classes[i][4]:
+            return (f"input `{names[i]}`'s strides {strides(x)} differ from {was}: it is {layout_text(now)} where the "
+                    f"variant serves {layout_text(classes[i][4])} inputs")
     return ""
+
+
+def layout_text(cls: Any) -> str:
+    """A `layout_class` in words: `contiguous`, `row-major with gaps` (a slice of a longer tensor), `dims (0, 1)
+    innermost first` (a transpose), with the dimensions it broadcasts."""
+    if cls == "contiguous":
+        return "contiguous"
+    order, broadcast, dense = cls
+    text = "row-major" if list(order) == sorted(order, reverse=True) else f"dims {order} innermost first"
+    text += "" if dense else " with gaps"
+    return text + (f", broadcast along dim {'/'.join(map(str, broadcast))}" if broadcast else "")
 
 
 def _const(x: Any) -> Any:

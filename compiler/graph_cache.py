@@ -15,9 +15,14 @@ finds its kernels in the artifact cache too). The key covers what the IR depends
 The Python globals the captured code read (fxcc.capture.global_reads) are stored with a fingerprint of each
 value (numbers and strings by value, functions and classes by module, name and bytecode, tensors by contents):
 an entry whose globals now hold something else is a miss, and a hit's globals are guarded as a capture's.
+Closures count by what they hold, as they would in another process: a function's fingerprint has the values of
+its closure cells (an object there by its attributes, a module by its state), and the key has those of the
+functions the model's own classes define (a class a factory function defines reads the factory's arguments), so
+`make(scale=3.0)` never gets the graph `make(scale=2.0)` stored; a bound method counts with its object's
+attributes. The compiled method (`forward`, or another one) is part of the key.
 Not covered, so turned off by `CompileOptions(graph_cache=False)`: the state of objects the module only
-references (attributes read off an object a global holds, and the closure variables the code read, are guarded in
-the process, not in the entry). Models with hooks and plain functions are never cached.
+references through a global (attributes read off an object a global holds are stored as globals; its other state
+is not). Models with hooks and plain functions are never cached.
 Entries are JSON plus raw tensor bytes (no pickle); anything the serializer does not know about makes
 the compile go the normal way.
 """
@@ -38,6 +43,7 @@ import sys
 import sysconfig
 import types
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -49,12 +55,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from . import ir
+from .capture import Closure, _record_closures
 from .dialects import KERNEL_OPS, KernelBody, intern_body, kernel_body
 from .pipeline import PassRecord, PassResult
 from .store import cache_key, fxcc_files, tensor_bytes
 
 log = logging.getLogger(__name__)
-SCHEMA = 3  # 2: constants name the model tensors they were computed from; 3: the globals read
+SCHEMA = 4  # 2: constants name the model tensors they were computed from; 3: the globals read; 4: attributes read
+# off objects closure variables hold
 _PRIMITIVE = (bool, int, float, str, type(None))
 _PY_TARGETS = {"operator.getitem": operator.getitem}
 
@@ -80,16 +88,19 @@ class Hit:
 
 
 def graph_key(module: nn.Module, flat: list[Any], spec: pytree.TreeSpec, pipeline: str, target: str,
-              calibrates: bool, context: str = "", machine: bool = False) -> str | None:
+              calibrates: bool, context: str = "", machine: bool = False, method: str = "forward") -> str | None:
     """The cache key for compiling `module` on these inputs, or None when it cannot be keyed safely.
     `context`: the caller's torch state that capture sees (autocast, default dtype: fxcc.guards.call_context);
-    `machine`: a pass chose by timing, so the machine (fxcc.store.target_id) is part of the key too."""
+    `machine`: a pass chose by timing, so the machine (fxcc.store.target_id) is part of the key too;
+    `method`: the name of the method compiled."""
     if type(module).__name__ == "FunctionModule" or _has_hooks(module):
         return None
     try:
         parts = {
             "schema": str(SCHEMA),
             "model": _model_fingerprint(module),
+            "method": method,
+            "closures": _class_closures(module),
             "weights": _weights_hash(module),
             "inputs": _inputs_fingerprint(flat, spec, values=calibrates),
             "code": _code_fingerprint(module),
@@ -122,11 +133,13 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
 
 
-def _model_fingerprint(module: nn.Module) -> str:
+def _model_fingerprint(module: nn.Module, within: tuple[int, ...] = ()) -> str:
+    """`within`: as `_fingerprint`'s (a closure among the attributes may hold the module again)."""
     h = hashlib.sha1()
+    within = (*within, id(module))
     for name, sub in module.named_modules(remove_duplicate=False):
         cls = type(sub)
-        attrs = sorted((k, _attr_fingerprint(v, f"{name or 'model'}.{k}")) for k, v in vars(sub).items()
+        attrs = sorted((k, _attr_fingerprint(v, f"{name or 'model'}.{k}", within=within)) for k, v in vars(sub).items()
                        if k not in MODULE_INTERNALS and not isinstance(v, (nn.Module, torch.Tensor)))
         h.update(repr((name, cls.__module__, cls.__qualname__, attrs)).encode())
     config = getattr(module, "config", None)
@@ -137,35 +150,71 @@ def _model_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _class_closures(module: nn.Module, within: tuple[int, ...] = ()) -> str:
+    """What the closures of the functions the model's own classes define hold (`_closure_fingerprint`): a class
+    that a factory function defines reads the factory's arguments there, and its source is the same for each."""
+    h, within = hashlib.sha1(), (*within, id(module))
+    for cls, name, fn in _own_functions(module):
+        if fn.__closure__:
+            h.update(repr((cls.__qualname__, name, _closure_fingerprint(fn, 0, within))).encode())
+    return h.hexdigest()
+
+
+def _own_functions(module: nn.Module) -> Iterator[tuple[type, str, types.FunctionType]]:
+    """The functions (methods, static and class methods, properties' accessors) that the classes of the model's
+    modules define in the user's files (`_own_class`), in the same order in every process."""
+    seen: set[type] = set()
+    for sub in module.modules():
+        for cls in type(sub).__mro__:
+            if cls in seen or not _own_class(cls):
+                continue
+            seen.add(cls)
+            for name, attr in vars(cls).items():  # in definition order
+                for fn in (getattr(attr, "__func__", attr), *(getattr(attr, a, None) for a in ("fget", "fset"))):
+                    if isinstance(fn, types.FunctionType):
+                        yield cls, name, fn
+
+
+def _own_class(cls: type) -> bool:
+    """A class of the user's files (not torch's, a library's or the standard library's: their versions key them)."""
+    if cls.__module__ == "builtins" or cls.__module__.partition(".")[0] == "torch":
+        return False
+    path = _source_file(cls)
+    return path is not None and _in_project(path)
+
+
 # _parameters, _buffers, _modules, hook dicts, ...: counted elsewhere (not `training`, which is keyed); and
 # markers other tools leave on a module that do not change what it computes (torch.compile's, set when the
 # same module was compiled with it too)
 MODULE_INTERNALS = (frozenset(vars(nn.Module())) - {"training"}) | {"_is_torch_compile"}
 
 
-def _attr_fingerprint(v: Any, where: str, depth: int = 0) -> str:
-    """A module attribute as key text: values by repr, functions by their code, containers item by item.
-    Anything whose repr names a memory address cannot be keyed: the model is then not graph-cached."""
+def _attr_fingerprint(v: Any, where: str, depth: int = 0, within: tuple[int, ...] = ()) -> str:
+    """A module attribute as key text: values by repr, functions by their code and what their closure holds,
+    containers item by item. Anything else whose repr names a memory address cannot be keyed: the model is then
+    not graph-cached. `within`: as `_fingerprint`'s."""
     if primitive(v):
         return repr(v)
     if depth > 4:
         raise Unserializable(f"attribute {where} nests too deeply")
     if isinstance(v, (list, tuple)):
-        return repr([_attr_fingerprint(x, where, depth + 1) for x in v])
+        return repr([_attr_fingerprint(x, where, depth + 1, within) for x in v])
     if isinstance(v, dict):
-        return repr(sorted((repr(k), _attr_fingerprint(x, where, depth + 1)) for k, x in v.items()))
+        return repr(sorted((repr(k), _attr_fingerprint(x, where, depth + 1, within)) for k, x in v.items()))
     if isinstance(v, (set, frozenset)):  # sorted: a set's repr order changes with each process's hash seed
-        return repr(sorted(_attr_fingerprint(x, where, depth + 1) for x in v))
+        return repr(sorted(_attr_fingerprint(x, where, depth + 1, within) for x in v))
     if isinstance(v, (nn.Module, torch.Tensor)):
         return type(v).__qualname__  # counted where modules and tensors are
     fn = getattr(v, "__func__", v)  # a bound method: its function
     code = getattr(fn, "__code__", None)
     if code is not None:
-        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
         defaults = getattr(fn, "__defaults__", None) or ()
+        owner = getattr(v, "__self__", None) if isinstance(v, types.MethodType) else None
         return repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""),
                      hashlib.sha1(code.co_code).hexdigest(), repr(code.co_consts), code.co_names,
-                     [_attr_fingerprint(x, where, depth + 1) for x in (*cells, *defaults)]))
+                     _closure_fingerprint(fn, 0, within) if getattr(fn, "__closure__", None) else [],
+                     [_attr_fingerprint(x, where, depth + 1, within) for x in defaults],
+                     None if owner is None or isinstance(owner, nn.Module) else _fingerprint(owner, 0, True, within)))
     text = repr(v)
     if " at 0x" in text or len(text) > 100_000:
         raise Unserializable(f"attribute {where} ({type(v).__qualname__}) has no stable description")
@@ -299,6 +348,7 @@ def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: 
     try:
         doc, files = _serialize(gm, module)
         doc["globals"] = _globals_doc(globals_read or {})
+        doc["closure_reads"] = _closure_reads_doc(globals_read or {})
         if missing is not None:
             paths = {}
             for path, sub in module.named_modules(remove_duplicate=False):
@@ -320,11 +370,13 @@ def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: 
     return True
 
 
-def load(cache: Any, key: str, module: nn.Module) -> Hit | None:
+def load(cache: Any, key: str, module: nn.Module, root: Any = None) -> Hit | None:
     """The cached graph for `key` bound to `module`'s tensors, or None (missing or not loadable). The entry is
     signed (fxcc.store) and is also checked against the schema: names are identifiers, targets are registered
     op overloads, tensors are the model's own or constants of the stated size; nothing of it becomes source
-    text unchecked. An entry that fails is evicted with a warning and the model is captured again."""
+    text unchecked. An entry that fails is evicted with a warning and the model is captured again.
+    `root`: the function compiled (fxcc.capture's root: the module's forward, or the method compiled), whose
+    closure, and those it reaches, the hit's guards watch."""
     entry = cache.get(key)
     if entry is None or "graph.json" not in entry.files:
         return None
@@ -333,7 +385,7 @@ def load(cache: Any, key: str, module: nn.Module) -> Hit | None:
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             return None
         read = _globals_now(doc.get("globals"))
-        if read is None:
+        if read is None or not _closures_now(read, module, root, doc.get("closure_reads", [])):
             return None
         hit = _decode(doc, entry.files, module)
         hit.globals = read
@@ -368,6 +420,56 @@ def _globals_doc(read: dict) -> list:
     return out
 
 
+class _Every:
+    """Every code object counts as run (`_closures_now`: a hit does not know which did)."""
+
+    def __contains__(self, code: Any) -> bool:
+        return True
+
+
+def _closure_reads_doc(read: dict) -> list:
+    """The attributes read off objects that closure variables hold (fxcc.capture: path ("closure", variable,
+    attributes on the way)), as [variable, attributes on the way, names read]; their values are keyed with the
+    closures' (`_closure_fingerprint`), these let a hit guard them as capture's do."""
+    out = []
+    for _, _, names, path in read.values():
+        if path is not None and path[0] == "self":  # only compiled bound methods of plain objects read these
+            raise Unserializable("the code read attributes of the compiled method's object")
+        if path is not None and path[0] == "closure":
+            out.append([path[1], list(path[2:]), sorted(names)])
+    return out
+
+
+def _closures_now(read: dict, module: nn.Module, root: Any, stored: Any) -> bool:
+    """Add to `read` (a hit's globals, `_globals_now`) what capture records beside the globals: the closures of the
+    compiled function `root`, of the functions the model's own classes define (`_own_functions`: capture does not
+    find a submodule's) and of the functions reached from them and from the globals (every one counts as run), and
+    the attributes read off objects their variables hold (`stored`, `_closure_reads_doc`), where this walk finds
+    them: a closure of library code that capture saw run is not reached, and not guarded after a hit."""
+    if not (isinstance(stored, list) and all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], list)
+            and isinstance(r[2], list) and all(isinstance(a, str) for a in (*r[1], *r[2])) for r in stored)):
+        raise BadEntry("field 'closure_reads' is malformed")
+    own = (fn for _, _, fn in _own_functions(module) if fn.__closure__)
+    _record_closures(read, (*own, root), _Every())  # the root's walked first
+    closures = [h for h, _, _, _ in read.values() if type(h) is Closure]
+    for var, way, names in stored:
+        found = False
+        for closure in closures:
+            value = closure.get(var, _ABSENT)
+            for attr in way:
+                value = getattr(value, "__dict__", {}).get(attr, _ABSENT) if value is not _ABSENT else _ABSENT
+            d = getattr(value, "__dict__", None) if value is not _ABSENT else None
+            if type(d) is dict:
+                found = True
+                read.setdefault((id(d), 0), (d, None, set(), ("closure", var, *way)))[2].update(names)
+        if not found:  # a closure of library code that ran during capture (a transformers wrapper's `self`): the
+            # walk above does not reach it, and the key does not cover library closures (their versions key them)
+            log.debug("cached graph: closure variable %s (attributes %s) not found to guard", var,
+                      ".".join([*way, *names]))
+    return True
+
+
 def _globals_now(stored: Any) -> dict | None:
     """The stored globals, each found in this process (fxcc.capture.GlobalReads), or None when one now holds
     something else or its module is not loaded (a miss: the model is captured again)."""
@@ -393,8 +495,12 @@ def _globals_now(stored: Any) -> dict | None:
                 return None
             holder, key = d, (id(value), 1) if isinstance(value, type) else (id(d), 0)
         for n, fp in names.items():
-            if _fingerprint(holder.get(n, _ABSENT)) != fp or \
-                    fallback is not None and _fingerprint(fallback.get(n, _ABSENT)) != falls.get(n):
+            try:
+                changed = _fingerprint(holder.get(n, _ABSENT)) != fp or \
+                    fallback is not None and _fingerprint(fallback.get(n, _ABSENT)) != falls.get(n)
+            except Unserializable:  # it holds what no entry is stored for
+                changed = True
+            if changed:
                 log.info("cached graph not used: %s of module %s changed since it was stored",
                          ".".join([*way, n]), module)
                 return None
@@ -412,10 +518,13 @@ def _module_of(d: dict) -> str | None:
 _ABSENT = object()
 
 
-def _fingerprint(v: Any, depth: int = 0) -> Any:
+def _fingerprint(v: Any, depth: int = 0, state: bool = False, within: tuple[int, ...] = ()) -> Any:
     """What a global holds, as JSON that another process computes alike for the same value: numbers, strings and
-    the like by value, modules by name, functions and classes by module, name and bytecode, tensors by contents,
-    containers by their items; another object by its type only (its state is not covered, see the module doc)."""
+    the like by value, modules by name, functions and classes by module, name and bytecode (a function with the
+    values its closure holds, a bound method with its object's attributes), tensors by contents, containers by their
+    items; another object by its type only (the attributes the code read off it are stored apart), unless `state`:
+    a value a closure holds, whose reads are not, counts with its attributes (an nn.Module with its parameters).
+    `within`: the functions and objects being fingerprinted around this one (a closure may hold itself)."""
     if v is _ABSENT:
         return "absent"
     if type(v) in _PRIMITIVE or isinstance(v, (torch.dtype, torch.device)):
@@ -425,17 +534,45 @@ def _fingerprint(v: Any, depth: int = 0) -> Any:
     if isinstance(v, torch.Tensor):
         return ["tensor", str(v.dtype), list(v.shape), hashlib.sha1(tensor_bytes(v)).hexdigest()]
     if depth < 4 and type(v) in (tuple, list, set, frozenset):
-        items = sorted(map(repr, v)) if type(v) in (set, frozenset) else [_fingerprint(x, depth + 1) for x in v]
+        items = sorted(map(repr, v)) if type(v) in (set, frozenset) else \
+            [_fingerprint(x, depth + 1, state, within) for x in v]
         return [type(v).__name__, items]
     if depth < 4 and type(v) is dict:
-        return ["dict", [[repr(k), _fingerprint(x, depth + 1)] for k, x in v.items()]]
+        return ["dict", [[repr(k), _fingerprint(x, depth + 1, state, within)] for k, x in v.items()]]
+    if id(v) in within:
+        return ["again", type(v).__qualname__]
+    if state and isinstance(v, nn.Module):  # not one of the model's: its state is not keyed elsewhere
+        return ["nn.Module", _model_fingerprint(v, within), _class_closures(v, within), _weights_hash(v)]
     fn = getattr(v, "__func__", v)
     if callable(fn) and hasattr(fn, "__qualname__"):
         code = getattr(fn, "__code__", None)
         digest = hashlib.sha1(code.co_code + repr([c for c in code.co_consts if type(c) in _PRIMITIVE]).encode())\
             .hexdigest() if code is not None else ""
-        return ["callable", getattr(fn, "__module__", None), fn.__qualname__, digest]
+        out = ["callable", getattr(fn, "__module__", None), fn.__qualname__, digest]
+        if getattr(fn, "__closure__", None):
+            out.append(_closure_fingerprint(fn, depth, within))
+        if isinstance(v, types.MethodType) and not isinstance(v.__self__, type):  # its object's attributes
+            out.append(_fingerprint(v.__self__, depth + 1, True, (*within, id(v))))
+        return out
+    if state and depth < 4 and type(getattr(v, "__dict__", None)) is dict:
+        return ["object", type(v).__module__, type(v).__qualname__,
+                [[k, _fingerprint(x, depth + 1, True, (*within, id(v)))] for k, x in sorted(vars(v).items())]]
     return ["object", type(v).__module__, type(v).__qualname__]
+
+
+def _closure_fingerprint(fn: types.FunctionType, depth: int = 0, within: tuple[int, ...] = ()) -> list:
+    """The values a function's closure cells hold, by name (`_fingerprint`, with their state): another process that
+    made the same function with other values (a factory's argument) gets another fingerprint."""
+    if depth >= 8:
+        raise Unserializable(f"the closure of {fn.__qualname__} nests too deeply to be keyed")
+    cells = []
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell (a variable not assigned yet)
+            value = _ABSENT
+        cells.append([name, _fingerprint(value, depth + 1, True, (*within, id(fn)))])
+    return cells
 
 
 # ------------------------------------------------------------------------------------ serializer

@@ -54,8 +54,9 @@ except ImportError:  # pragma: no cover - a torch without it: the entries are co
 # flags of a module that no forward reads: transformers' "weights initialised" mark (on every submodule)
 log = logging.getLogger(__name__)
 # attributes no forward reads: transformers' own (a generate replaces or changes them; its GenerationConfig is
-# too large to compare by value)
-_NOT_READ = frozenset({"_is_hf_initialized", "generation_config"})
+# too large to compare by value; a static-cache generate sets `_previous_max_cache_length` to the longest cache yet,
+# so a longer prompt changes it)
+_NOT_READ = frozenset({"_is_hf_initialized", "generation_config", "_previous_max_cache_length"})
 _ADDRESS = torch._C._data_address
 _OFFSET = torch.Tensor.storage_offset
 

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
-from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true, statically_known_true
 
 try:
     from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -88,6 +88,13 @@ def hint(s: Any) -> int:
 
 def hints(sizes: Any) -> tuple[int, ...]:
     return tuple(hint(s) for s in sizes)
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """Whether two shapes are equal whatever values their symbols take. Asking adds no guard, where `a == b` on
+    symbolic sizes guards the variant on the answer for the sizes it was compiled for (`s0 != 4`: a prompt as long
+    as there are heads would compile again)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:

@@ -277,12 +277,15 @@ def _convert(value: str, hint: Any) -> Any:
 
 @dataclass
 class PassRecord:
-    """One pass run: its spec, time, result, and the IR after it when requested."""
+    """One pass run: its spec, time, result, the IR after it when requested, and the guards it added on the graph's
+    symbolic sizes (a pass that compares a symbol with a number, `s0 == 4`, keeps the variant to the sizes that give
+    the same answer: fxcc.ir.same_shape asks without guarding)."""
 
     spec: str
     seconds: float
     result: PassResult
     ir_after: str | None = None
+    guards: tuple[str, ...] = ()
 
 
 class PassManager:
@@ -298,8 +301,11 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         signature = ir.output_types(gm)
+        mode = ir.symbolic_mode(gm)
+        shape_env = mode.shape_env if mode is not None else None
         for p in self.passes:
             t0 = time.perf_counter()
+            guarded = len(shape_env.guards) if shape_env is not None else 0
             result = p.apply(gm, ctx)
             if result.changed:
                 gm.graph.eliminate_dead_code(is_impure_node=_impure)
@@ -315,7 +321,10 @@ class PassManager:
                 text = ir.print_graph(gm)
                 if self.echo:
                     print(f"// -----// IR after {p.spec()} //----- //\n{text}", file=sys.stderr)
-            self.records.append(PassRecord(p.spec(), seconds, result, text))
+            guards = tuple(str(g.expr) for g in shape_env.guards[guarded:]) if shape_env is not None else ()
+            if guards:
+                log.info("pass %s guarded the variant's symbolic sizes: %s", p.spec(), ", ".join(guards))
+            self.records.append(PassRecord(p.spec(), seconds, result, text, guards))
             stats = ", ".join(f"{k}={v}" for k, v in result.stats.items())
             log.debug("pass %-14s %7.1f ms  %s", p.spec(), seconds * 1e3, stats)
         return gm

@@ -375,6 +375,36 @@ def _call_key(args: tuple, kwargs: dict, training: bool, floats: bool = True) ->
     return tuple(parts)
 
 
+_FRESH_TRIES = 16  # net misses of the new-state-object path before it is no longer tried
+
+
+def _fresh_key(ckey: tuple, args: tuple, kwargs: dict) -> tuple[tuple, list[Any]] | None:
+    """For a call whose `_call_key` is `ckey`: the same key with each state object's identity replaced by its
+    structure (its class, its pytree context and the guard's key of each of its leaves), and the call's flat
+    inputs in `flatten_inputs` order; None where a state object does not flatten into tensors and plain values
+    under a hashable context. Two calls with equal keys have equal full guard keys: a new KV cache of a structure
+    served before (transformers' generate makes one per call) is served without the full guard."""
+    parts, leaves_of = list(ckey), {}
+    for i, a in enumerate((*args, *kwargs.values()), start=4):  # 4: _call_key's parts before the arguments'
+        if is_state(a):
+            leaves, context = pytree.SUPPORTED_NODES[type(a)].flatten_fn(a)
+            if not all(type(x) is torch.Tensor or type(x) in _PLAIN for x in leaves):
+                return None
+            parts[i] = ("state", type(a), context, tuple(_leaf_key(x) for x in leaves))
+            leaves_of[id(a)] = leaves
+    try:
+        hash(tuple(parts))
+    except TypeError:  # a context holding what cannot be hashed
+        return None
+    flat: list[Any] = []
+    for a in (*args, *(kwargs[n] for n in sorted(kwargs))):
+        if id(a) in leaves_of:
+            flat.extend(leaves_of[id(a)])
+        else:  # None too: a leaf of flatten_inputs
+            flat.append(a)
+    return tuple(parts), flat
+
+
 class _Calls(dict):
     """Call shapes -> _Call; referable weakly, so a state object's finalizer drops its entry without keeping the
     entries (their variants, hence the model's weights) alive after the compiled module is gone."""
@@ -414,9 +444,7 @@ class _Call:
 
     def flat(self, args: tuple, kwargs: dict) -> list[Any]:
         flat: list[Any] = []
-        for a in (*args, *(kwargs[n] for n in self.names)):
-            if a is None:
-                continue
+        for a in (*args, *(kwargs[n] for n in self.names)):  # None is a leaf of flatten_inputs: kept, in its place
             u = self.states.get(id(a)) if not isinstance(a, (torch.Tensor, *_PLAIN)) else None
             if u is not None:
                 flat.extend(u.leaves)
@@ -492,10 +520,13 @@ class CompiledModule(ModuleView):
         self._fast: dict[tuple, Variant | _Eager] = {}  # _fast_key -> variant, for calls with plain tensor arguments
         self._hot: _Hot | None = None  # the plain-tensor signature served last, checked in one C++ pass
         self._hot_misses = 0
-        # nn.TransformerEncoders whose eager fast path hangs on the caller's grad mode (fxcc.nested_fast_path)
-        self._fast_paths = nested_fast_path.encoders(module)
+        # nn.TransformerEncoders and encoder layers whose eager fast path hangs on the caller's grad mode
+        # (fxcc.nested_fast_path)
+        self._fast_paths = nested_fast_path.fast_paths(module)
         self._calls: _Calls = _Calls()  # _call_key -> what the guard found (None: not kept)
         self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
+        self._fresh: dict[tuple, Variant | _Eager] = {}  # _fresh_key -> what the guard found (new state objects)
+        self._fresh_misses = 0  # net misses of _fresh: past _FRESH_TRIES the structural path is not tried
         self._symbolic_floats = False  # some call key in _calls takes its float arguments whatever their values
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
@@ -594,12 +625,28 @@ class CompiledModule(ModuleView):
             call = self._calls.get(_call_key(args, kwargs, self.module.training, floats=False))
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
             return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
+        # a state object not seen before (a new KV cache per generate) of a structure served before
+        fresh = (_fresh_key(ckey, args, kwargs) if ckey is not None and ckey not in self._calls
+                 and self._fresh_misses <= _FRESH_TRIES else None)
+        if fresh is not None:
+            variant = self._fresh.get(fresh[0])
+            if variant is None:
+                self._fresh_misses += 1
+            else:
+                self._fresh_misses = max(self._fresh_misses - 1, 0)
+                if type(variant) is _Eager:  # runs the model as it is now, as the fast path's _Eager does
+                    self.stats.eager_calls += 1
+                    return self._eager(*args, **kwargs)
+                if not self._params or self._params_unchanged():
+                    return self._run(variant, fresh[1], args, kwargs)
         with COMPILE_LOCK:  # one thread at a time guards, compiles and checks (capture is not thread-safe)
-            return self._slow_call(args, kwargs, fast, ckey)
+            return self._slow_call(args, kwargs, fast, ckey, fresh[0] if fresh is not None else None)
 
-    def _slow_call(self, args: tuple, kwargs: dict, fast: tuple | None, ckey: tuple | None) -> Any:
+    def _slow_call(self, args: tuple, kwargs: dict, fast: tuple | None, ckey: tuple | None,
+                   fresh: tuple | None = None) -> Any:
         """A call the fast paths did not serve: the full guard, a recompile for changed parameters, a new or
-        symbolic variant (compiled and checked against eager at its first call), then the call."""
+        symbolic variant (compiled and checked against eager at its first call), then the call; `fresh`: its
+        `_fresh_key`, under which what the guard found is kept for the next call with new state objects."""
         flat, spec, key = self._guard(args, kwargs)
         why = self._params.changed() if self._params else None
         if why is not None:
@@ -629,6 +676,10 @@ class CompiledModule(ModuleView):
         if fast is not None:
             self._fast[fast] = variant
             self._hot = None
+        if fresh is not None:
+            if len(self._fresh) >= _MAX_CALLS:
+                self._fresh.clear()
+            self._fresh[fresh] = variant
         if isinstance(variant, _Eager):
             self.stats.eager_calls += 1
             return self._eager(*args, **kwargs)
@@ -711,6 +762,7 @@ class CompiledModule(ModuleView):
         self.stats.param_recompiles += 1
         recompiles.info("recompiling %s: %s", self.name, why)
         self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)} if keep_eager else {}
+        self._fresh = {k: v for k, v in self._fresh.items() if isinstance(v, _Eager)} if keep_eager else {}
         self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
         self._hot = None
         self._sources, self._live, self._missing, self._globals, self._dropped = {}, {}, {}, {}, why
@@ -741,13 +793,13 @@ class CompiledModule(ModuleView):
         return self._eager(*args, **kwargs)
 
     def _call_off_fast_path(self, why: str, args: tuple, kwargs: dict) -> Any:
-        """A call where eager would skip nn.TransformerEncoder's nested-tensor fast path that the compiled graph
-        takes (fxcc.nested_fast_path) runs eagerly, with one warning."""
+        """A call where eager would skip the fast path of nn.TransformerEncoder (nested tensors) or of an encoder
+        layer that the compiled graph takes (fxcc.nested_fast_path) runs eagerly, with one warning."""
         if not self.__dict__.get("_warned_fast_path"):
             self.__dict__["_warned_fast_path"] = True
             warnings.warn(f"fxcc: {self.name} runs eagerly at calls where {why}: its compiled graph gives the fast "
-                          "path's result (padded rows zero). Call it under torch.no_grad() to run it compiled.",
-                          stacklevel=3)
+                          "path's result (padded rows zero, a padding mask read as bool). Call it under "
+                          "torch.no_grad() to run it compiled.", stacklevel=3)
         self.stats.eager_calls += 1
         return self._eager(*args, **kwargs)
 
@@ -821,7 +873,7 @@ class CompiledModule(ModuleView):
         """Every signature `variant` serves runs eagerly from now on (a symbolic variant's other sizes too)."""
         eager = variant.unlike_eager = _Eager(reason, variant)
         self._hot = None
-        for table in (self._variants, self._memo, self._fast):
+        for table in (self._variants, self._memo, self._fast, self._fresh):
             for k, v in list(table.items()):
                 if v is variant:
                     table[k] = eager
@@ -1230,7 +1282,7 @@ class CompiledModule(ModuleView):
         loss = None  # quality loss of approximate passes, measured under a quality budget
         plain = not dims and not dynamic.carries_state(args, kwargs)  # what the graph cache keys and stores
         cache, key = self._graph_cache_key(front, args, kwargs, ctx.target, opts) if plain else (None, None)
-        hit = graph_cache.load(cache, key, self.module) if key else None
+        hit = graph_cache.load(cache, key, self.module, self.method or original_forward(self.module)) if key else None
         if hit is not None:
             cap = Captured(hit.gm, hit.in_spec, hit.out_spec, f"{hit.method} (IR from the graph cache)",
                            missing=hit.missing, globals=hit.globals or {})
@@ -1339,7 +1391,8 @@ class CompiledModule(ModuleView):
             pipeline += f" with precision {sorted(load_plan(opts.plan).precision.items())}"
         key = graph_cache.graph_key(self.module, flat, spec, pipeline, target,
                                     calibrates=any(not p.exact for p in front), context=repr(call_context()),
-                                    machine=any(p.measures for p in front))
+                                    machine=any(p.measures for p in front),
+                                    method=self.method.__name__ if self.method is not None else "forward")
         return (default_cache(), key) if key else (None, None)
 
     # ------------------------------------------------------------------------------- reporting
@@ -1471,6 +1524,8 @@ def explain_variant(name: str, v: Variant, *, ir_after_each: bool = False) -> st
     for r in v.records:
         stats = ", ".join(f"{k}={c}" for k, c in r.result.stats.items()) or ("changed" if r.result.changed else "no change")
         out.append(f"  {r.spec:<28} {r.seconds * 1e3:8.1f} ms  {stats}")
+        if r.guards:
+            out.append(f"      guards on symbolic sizes: {', '.join(r.guards)}")
     if v.gm.meta.get("fxcc_mixed_precision") is not None:  # per-layer precisions (autotune/mixed_precision.py)
         out.append("\n== " + v.gm.meta["fxcc_mixed_precision"].text())
     if ir_after_each:

@@ -162,8 +162,8 @@ def _absorb(node: fx.Node, g: Group, group_of: dict, groups: list[Group], pos: d
         h = group_of.get(x)
         if h is None or h is g or h.kind != "pointwise" or h.epoch != g.epoch:  # never across an in-place write
             continue
-        if any(not isinstance(m.meta.get("val"), torch.Tensor) or (m.meta["val"].shape != shape and
-                                                                    node.target not in gather.COPIES)
+        if any(not isinstance(m.meta.get("val"), torch.Tensor) or (not ir.same_shape(m.meta["val"].shape, shape)
+                                                                    and node.target not in gather.COPIES)
                for m in h.members):
             continue
         outside = [i for a, b in ((h, g), (g, h)) for m in a.members for i in m.all_input_nodes

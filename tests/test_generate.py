@@ -229,10 +229,12 @@ def generate(model, ids, **kwargs):
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 @pytest.mark.parametrize("make", MODELS, ids=lambda m: m.__name__)
 def test_generate_through_a_compiled_forward(make, cache_implementation):
-    """`model.forward = fxcc.compile(model.forward)`, then the model's own generate."""
+    """`model.forward = fxcc.compile(model.forward)`, then the model's own generate. The eager tokens come from
+    another copy: a static-cache generate leaves the longest cache yet on the model (`_previous_max_cache_length`),
+    and a second generate that makes it longer is no change of the model the compiled forward depends on."""
     model = build(make)
     kw = {"cache_implementation": cache_implementation} if cache_implementation else {}
-    expected = [generate(model, prompt(n), **kw) for n in (6, 9)]
+    expected = [generate(build(make), prompt(n), **kw) for n in (6, 9)]
     model.forward = fxcc.compile(model.forward, passes=FAST)
     stats = model.forward.fxcc.stats
     assert torch.equal(generate(model, prompt(6), **kw), expected[0])
@@ -490,15 +492,48 @@ def gemma2():
     return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**DECODER, head_dim=8, sliding_window=8))
 
 
+def gemma3():  # a window of 16: the prompts and new tokens below stay inside it
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**DECODER, head_dim=8, sliding_window=16))
+
+
 def test_generate_past_a_sliding_window_equals_eager():
     """Gemma-2's cache keeps a sliding window on every other layer: once the window fills, the cache's sizes
-    stop growing there (a shape guard with a clause of its own `and`; kernels whose sizes come from ints)."""
+    stop growing there (a shape guard with a clause of its own `and`; kernels whose sizes come from ints).
+
+    The window's cases branch in transformers' cache and in torch's slicing, each a variant: a prompt shorter than
+    the window or as long; a decode step that grows the window's cache, fills it, or slides it (the cache is then a
+    view with gaps, another layout class). Two prompts meet them all; prompts of other lengths compile nothing, those
+    as long as the model has heads (4) or key/value heads (2) too."""
     model, compiled = build(gemma2), build(gemma2)
     compiled.forward = fxcc.compile(compiled.forward, passes=FAST)
+    stats = compiled.forward.fxcc.stats
     for length in (7, 5):  # prompt + new tokens pass the window of 8
         ids = prompt(length)
         assert torch.equal(generate(compiled, ids), generate(model, ids))
-    assert compiled.forward.fxcc.stats.eager_calls == 0
+    seen = stats.compiles
+    for length in (4, 2, 3):
+        ids = prompt(length)
+        assert torch.equal(generate(compiled, ids), generate(model, ids))
+    assert stats.compiles == seen < fxcc.CompileOptions().max_variants, stats.reasons
+    assert stats.eager_calls == 0
+
+
+# prompts as long as the model has heads (4) or key/value heads (2): the fuse pass compared a symbolic size with a
+# head count (`s0 != 4`), which guarded the variant on the answer, and such a prompt compiled again (under
+# dynamic=True that was the prefill's third compile)
+@pytest.mark.parametrize("make, dynamic", [(llama, None), (llama, True), (gemma3, None)],
+                         ids=lambda x: getattr(x, "__name__", f"dynamic={x}"))
+def test_generate_compiles_prefill_and_decode_once_for_any_prompt_length(make, dynamic):
+    model = build(make)
+    lengths = (6, 4, 2, 9)
+    expected = [generate(build(make), prompt(n), max_new_tokens=3) for n in lengths]
+    model.forward = fxcc.compile(model.forward, passes=FAST, dynamic=dynamic)
+    stats = model.forward.fxcc.stats
+    for n, want in zip(lengths, expected):
+        assert torch.equal(generate(model, prompt(n), max_new_tokens=3), want)
+    assert stats.compiles == 2 and stats.eager_calls == 0, stats.reasons
+    guarded = [(r.spec, r.guards) for v in model.forward.fxcc.variants for r in v.records if r.guards]
+    assert not guarded  # no pass narrowed the sizes a variant serves
 
 
 def test_guard_clauses_split_at_the_top_level_only():

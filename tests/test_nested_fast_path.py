@@ -1,5 +1,6 @@
-"""nn.TransformerEncoder's nested-tensor fast path (fxcc.nested_fast_path): compiled output equals eager's for
-every padding mask, padded rows exactly zero where eager's are, whichever mask the first call had."""
+"""nn.TransformerEncoder's nested-tensor fast path and each encoder layer's own (fxcc.nested_fast_path): compiled
+output equals eager's for every padding mask, padded rows exactly zero where eager's are, whichever mask the first
+call had; a float mask read as bool where eager's fast path reads it so."""
 
 from __future__ import annotations
 
@@ -112,8 +113,100 @@ def test_a_call_with_gradients_enabled_runs_eagerly_with_one_warning():
     assert cm.stats.eager_calls == 2
 
 
+def layer_alone(**kwargs) -> nn.TransformerEncoderLayer:
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(D, 2, 16, batch_first=True, dropout=0.0, **kwargs).eval()
+
+
 def test_encoder_layer_alone():
     """A bare TransformerEncoderLayer's own fast path does not zero padded rows: compiled equals eager."""
+    check(layer_alone(), [NONE, END, MIDDLE])
+
+
+FLOAT_MASKS = [torch.zeros(B, S), torch.zeros(B, S).masked_fill(END, -1.5),  # a finite bias: the key is dropped
+               torch.zeros(B, S).masked_fill(MIDDLE, 2.0), torch.zeros(B, S).masked_fill(END, float("-inf")),
+               torch.randn(B, S, generator=torch.Generator().manual_seed(2))]  # every key dropped: NaN rows
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"norm_first": True, "activation": "gelu"}], ids=["post_norm", "pre_norm"])
+def test_encoder_layer_alone_reads_a_float_padding_mask_as_its_fast_path_does(kwargs):
+    """The layer's own fast path (`torch._transformer_encoder_layer_fwd`) reads a float mask as bool: a key whose
+    entry is not zero is dropped, whatever the value (not added as a bias, as the ordinary path and export do)."""
+    model = layer_alone(**kwargs)
+    x = torch.randn(B, S, D)
+    with torch.no_grad():  # the behaviour this follows
+        bias = FLOAT_MASKS[1]
+        torch.testing.assert_close(model(x, src_key_padding_mask=bias), model(x, src_key_padding_mask=END))
+    check(model, FLOAT_MASKS)
+
+
+def test_encoder_layer_alone_gives_nan_where_a_row_has_no_key_left():
+    """With every key of a row padded, the fast path's softmax has nothing to weigh: eager gives NaN in every
+    position of that row (the ordinary path a finite one); so does the compiled graph, bool mask or float."""
+    model = layer_alone()
+    with torch.no_grad():
+        assert model(torch.randn(B, S, D), src_key_padding_mask=ALL)[0].isnan().all()
+    check(model, [ALL, torch.zeros(B, S).masked_fill(ALL, float("-inf")), END])
+
+
+def test_encoder_layer_alone_merges_a_float_src_mask_with_the_padding_mask_as_bool():
+    """With src_mask too, the fast path adds the two masks (`merge_masks`) and drops a key where the sum is not
+    zero: a query row of src_mask with every key dropped is NaN."""
+    model, cm = layer_alone(), None
+    src_mask = torch.zeros(S, S).masked_fill(torch.eye(S, dtype=torch.bool).roll(1, 0), -2.0)
+    src_mask[1] = float("-inf")
+    x = torch.randn(B, S, D)
+    cm = compiled(model)
+    with torch.no_grad():
+        for padding in (FLOAT_MASKS[1], END, None):
+            kwargs = {} if padding is None else {"src_key_padding_mask": padding}
+            want, got = model(x, src_mask=src_mask, **kwargs), cm(x, src_mask=src_mask, **kwargs)
+            assert want[:, 1].isnan().all()
+            torch.testing.assert_close(got, want, equal_nan=True)
+    assert cm.stats.eager_calls == 0, cm.stats.reasons
+
+
+def test_encoder_layer_alone_ignores_is_causal_as_its_fast_path_does():
+    """The fast path takes no `is_causal` hint (the ordinary path raises without a mask): compiled equals eager."""
+    model, x = layer_alone(), torch.randn(B, S, D)
+    cm = compiled(model)
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": END}):
+            torch.testing.assert_close(cm(x, is_causal=True, **kwargs), model(x, is_causal=True, **kwargs))
+    assert cm.stats.eager_calls == 0, cm.stats.reasons
+
+
+def test_encoder_without_nested_tensors_takes_each_layers_fast_path():
+    """enable_nested_tensor=False: each layer takes its own fast path, which reads a float mask as bool."""
+    check(encoder(enable_nested_tensor=False), [NONE, FLOAT_MASKS[1], FLOAT_MASKS[2], ALL])
+
+
+def test_nested_encoder_with_a_mask_that_is_not_left_aligned_takes_each_layers_fast_path():
+    """mask_check refuses the nested tensor for a mask padding in the middle: each layer then takes its own fast
+    path (a float mask as bool, NaN in a row with no key left)."""
+    check(encoder(), [FLOAT_MASKS[2], torch.tensor([[True] * S, [False, True, False, True]])])
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_first": False}, {"nhead": 1}], ids=["seq_first", "odd_heads"])
+def test_a_layer_without_its_fast_path_adds_a_float_mask(kwargs):
+    """Where the layer's configuration rules its fast path out, eager adds a float mask as a bias: so does the
+    compiled graph, and calls with gradients stay compiled."""
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(D, 2, 16, batch_first=True, dropout=0.0).eval()
-    check(layer, [NONE, END, MIDDLE])
+    batch_first = kwargs.get("batch_first", True)
+    model = nn.TransformerEncoderLayer(D, kwargs.get("nhead", 2), 16, dropout=0.0, batch_first=batch_first).eval()
+    check(model, FLOAT_MASKS[:2], batch_first=batch_first, grad=True)
+
+
+def test_a_layer_called_with_gradients_enabled_runs_eagerly_with_one_warning():
+    """With gradients enabled and weights that require them, eager skips the layer's fast path (a float mask is a
+    bias then), which the graph cannot see: such calls run eagerly, with one warning."""
+    model, x, bias = layer_alone(), torch.randn(B, S, D), FLOAT_MASKS[1]
+    cm = compiled(model)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x, src_key_padding_mask=bias), model(x, src_key_padding_mask=bias))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(cm(x, src_key_padding_mask=bias), model(x, src_key_padding_mask=bias))
+    assert len([w for w in caught if "fast path" in str(w.message)]) == 1
+    assert cm.stats.eager_calls == 2

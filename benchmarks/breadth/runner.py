@@ -65,11 +65,19 @@ def scaled_error(ref: Any, out: Any) -> float:
         if not x.dtype.is_floating_point:
             err = max(err, 0.0 if torch.equal(x, y) else math.inf)
             continue
-        x, y = x.double(), y.double()
-        both_nan = torch.isnan(x) & torch.isnan(y)
-        d = torch.where(both_nan | (x == y), 0.0, (x - y).abs()).nan_to_num(nan=math.inf)  # NaN on one side
-        scale = max(1.0, float(x[torch.isfinite(x)].abs().max())) if torch.isfinite(x).any() else 1.0
-        err = max(err, float(d.max()) / scale if d.numel() else 0.0)
+        if x.numel() == 0:
+            continue
+        # in chunks of 2**24 elements: a double copy of a multi-GB output would not fit beside the model
+        dmax, xmax = 0.0, None
+        for xc, yc in zip(x.reshape(-1).split(1 << 24), y.reshape(-1).split(1 << 24)):
+            xc, yc = xc.double(), yc.double()
+            both_nan = torch.isnan(xc) & torch.isnan(yc)
+            d = torch.where(both_nan | (xc == yc), 0.0, (xc - yc).abs()).nan_to_num(nan=math.inf)  # NaN on one side
+            dmax = max(dmax, float(d.max()))
+            fin = xc[torch.isfinite(xc)]
+            if fin.numel():
+                xmax = max(xmax or 0.0, float(fin.abs().max()))
+        err = max(err, dmax / max(1.0, xmax if xmax is not None else 1.0))
     return err
 
 
@@ -298,8 +306,17 @@ def main(args: Any) -> int:
         try:
             for i, c in enumerate(cases):
                 log(f"[{i + 1}/{len(cases)}] {c.name}")
-                results.append(run_case(c, size=size, device=device, dtype=dtype, engines=engines,
-                                        warmup=args.warmup, reps=args.reps, log=log))
+                try:
+                    results.append(run_case(c, size=size, device=device, dtype=dtype, engines=engines,
+                                            warmup=args.warmup, reps=args.reps, log=log))
+                except Exception as e:  # one module that fails outside its engines (its inputs, memory) is a result
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    log(f"{c.name}: {msg}")
+                    results.append(Result(c.name, c.category, status="error", notes=[msg]))
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                if args.json:  # written after every module: a run stopped part-way keeps what it measured
+                    write_json(args.json, results, engines, size, dtype, device, args.reps)
             if "fxcc" in engines and not args.no_warm:
                 warm = warm_compiles([r.name for r in results if r.status == "ok"], size, device, dtype, cache_dir,
                                      log)
@@ -320,8 +337,17 @@ def main(args: Any) -> int:
     if bad:
         print(f"\nfxcc wrong or failing on {len(bad)}: {', '.join(bad)}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"suite": "breadth", "size": size, "dtype": str(dtype), "machine": machine(device),
-                       "engines": engines, "reps": args.reps, "results": [asdict(r) for r in results],
-                       "geomeans": gm}, f, indent=2)
+        write_json(args.json, results, engines, size, dtype, device, args.reps)
     return 1 if bad else 0
+
+
+def write_json(path: str, results: list, engines: list[str], size: str, dtype: torch.dtype, device: str,
+               reps: int) -> None:
+    """The suite's results so far, with their geomeans, written whole to `path` (a temporary file renamed)."""
+    from fxcc.bench import machine
+    doc = {"suite": "breadth", "size": size, "dtype": str(dtype), "machine": machine(device), "engines": engines,
+           "reps": reps, "results": [asdict(r) for r in results], "geomeans": geomeans(results, engines)}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
