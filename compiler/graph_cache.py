@@ -385,8 +385,9 @@ def load(cache: Any, key: str, module: nn.Module, root: Any = None) -> Hit | Non
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             return None
         read = _globals_now(doc.get("globals"))
-        if read is None or not _closures_now(read, module, root, doc.get("closure_reads", [])):
+        if read is None:
             return None
+        _closures_now(read, module, root, doc.get("closure_reads", []))
         hit = _decode(doc, entry.files, module)
         hit.globals = read
         return hit
@@ -440,7 +441,7 @@ def _closure_reads_doc(read: dict) -> list:
     return out
 
 
-def _closures_now(read: dict, module: nn.Module, root: Any, stored: Any) -> bool:
+def _closures_now(read: dict, module: nn.Module, root: Any, stored: Any) -> None:
     """Add to `read` (a hit's globals, `_globals_now`) what capture records beside the globals: the closures of the
     compiled function `root`, of the functions the model's own classes define (`_own_functions`: capture does not
     find a submodule's) and of the functions reached from them and from the globals (every one counts as run), and
@@ -467,7 +468,6 @@ def _closures_now(read: dict, module: nn.Module, root: Any, stored: Any) -> bool
             # walk above does not reach it, and the key does not cover library closures (their versions key them)
             log.debug("cached graph: closure variable %s (attributes %s) not found to guard", var,
                       ".".join([*way, *names]))
-    return True
 
 
 def _globals_now(stored: Any) -> dict | None:

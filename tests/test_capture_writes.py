@@ -125,25 +125,15 @@ def test_a_global_tensor_written_in_place_is_written_once_per_call():
     assert any("writes `G` in place" in r for r in compiled.fxcc.stats.reasons), compiled.fxcc.stats.reasons
 
 
-def test_a_global_tensor_written_by_a_callee_is_written_once_per_call():
+@pytest.mark.parametrize("fn, written", [(callee_write, G), (default_write, D)], ids=["callee", "default-argument"])
+def test_a_tensor_written_by_a_callee_or_as_a_default_argument_is_written_once_per_call(fn, written):
     x = torch.ones(3)
 
     def fresh():
-        reset(G)
-        return (x,), [G]
+        reset(written)
+        return (x,), [written]
 
-    _, messages = check(callee_write, fresh)
-    ran_compiled(messages)
-
-
-def test_a_default_argument_tensor_written_in_place_is_written_once_per_call():
-    x = torch.ones(3)
-
-    def fresh():
-        reset(D)
-        return (x,), [D]
-
-    _, messages = check(default_write, fresh)
+    _, messages = check(fn, fresh)
     ran_compiled(messages)
 
 
