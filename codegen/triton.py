@@ -3,16 +3,18 @@
 Candidates by kernel kind, each labelled as `fxcc explain` shows it:
 - pointwise: one generated kernel per output shape ("triton"); broadcasting, strided and transposed views,
   casts, rotary, gated activations.
-- reduction: a row kernel over the last dimension ("triton"): sum/mean/max, softmax, layer norm, RMSNorm,
-  with the pointwise prologue and epilogue the fusion pass grouped around them.
+- reduction: a row kernel over the reduced dims ("triton"): sum/mean/max, softmax, layer norm, RMSNorm,
+  with the pointwise prologue and epilogue the fusion pass grouped around them; whole rows in registers,
+  rows looped over in chunks, or few long rows split over programs (the parameters choose).
 - gemm: a Triton GEMM with the epilogue fused into its store ("triton"), and the library GEMM, batched
   GEMM or convolution followed by one generated epilogue kernel ("triton+lib").
 - attention: a flash-attention kernel ("triton") and the library SDPA with native grouped-query heads
   ("sdpa"); the codegen pass times both against extern and keeps the fastest.
 
-Meta-parameters (BLOCK sizes, num_warps, num_stages, GROUP_M) are each candidate's `space`; `defaults` are
-chosen from the shapes and are good without tuning. Generated source is readable Python with the kernel
-body's IR as a header; it is the `source` of what is built and its cache file (`kernel.py`).
+Meta-parameters (BLOCK sizes, ROWS / RBLOCK / SPLIT, num_warps, num_stages, GROUP_M) are each candidate's
+`space`; `defaults` are chosen from the shapes and are good without tuning. Generated source is readable
+Python with the kernel body's IR as a header; it is the `source` of what is built and its cache file
+(`kernel.py`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ from fxcc.codegen import Built, KernelFn, conv_layout
 from fxcc.codegen import triton_decode as decode
 from fxcc.codegen.launch import ReadOnly
 from fxcc.codegen.triton_gen import (
+    CLOSED,
     REDUCTIONS,
     RULES,
     Emitter,
+    Later,
+    RowLoop,
     Unsupported,
     Value,
     add,
@@ -370,10 +375,41 @@ def _anchor(body: fx.GraphModule, targets: set) -> fx.Node | None:
     return found[0] if found else None
 
 
-def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
-    """Rows of the reductions' input, ROWS at a time, each reduced in registers. A row is one index of the
-    dims kept, its columns the reduced dims' elements (any dims: a softmax's max and sum, a norm's mean and
-    variance share the kernel when they reduce the same dims of the same shape)."""
+# a row tile's elements one program holds in registers: rows longer than this are reduced in chunks (RBLOCK)
+REGISTER_TILE = 32768
+
+
+@dataclass
+class _Rows:
+    """A reduction body read as rows: a row is one index of the dims kept, its columns the reduced dims'
+    elements. `outer`: the innermost dim is kept, so the tile runs columns x rows and consecutive lanes read
+    consecutive rows (coalesced); else rows x columns."""
+
+    body: fx.GraphModule
+    placeholders: list[fx.Node]
+    outs: list[fx.Node]
+    anchors: list[fx.Node]
+    x_shape: tuple
+    dims: tuple[int, ...]
+    kept: list[int]
+    n: int
+    rows: Any  # an int, or a sympy expression of the size arguments
+    hint_rows: int
+    sizes: list[tuple[str, int, int]]
+    outer: bool
+    int64: bool
+
+    def vector(self, expr: str, columns: bool) -> str:
+        """A 1-D index `expr` as the tile's column vector (`columns`) or its row vector."""
+        return f"({expr})" + ("[None, :]" if columns != self.outer else "[:, None]")
+
+    def emitter(self) -> Emitter:
+        em = Emitter({p: f"in{k}" for k, p in enumerate(self.placeholders)}, "mask", not _interpreting())
+        em.axis = 0 if self.outer else 1
+        return em
+
+
+def _rows_of(body: fx.GraphModule) -> _Rows:
     placeholders, _, outs = body_nodes(body)
     anchors = [n for n in body.graph.nodes if n.op == "call_function" and n.target in REDUCTIONS]
     if not anchors or not placeholders:
@@ -385,80 +421,377 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     x_shape = shape_of(reduction_input(anchors[0]))  # symbolic sizes as the kernel's size arguments
     if not x_shape:
         raise Unsupported("a reduction of a scalar")
+    if any(not isinstance(o, fx.Node) for o in outs):
+        raise Unsupported("a non-tensor output")
     kept = [d for d in range(len(x_shape)) if d not in dims]
     n, rows = math.prod(x_shape[d] for d in dims), math.prod(x_shape[d] for d in kept)
     if not isinstance(n, int):
         raise Unsupported("a reduction over a symbolic dimension")
-    sizes = size_args(body)  # symbolic row counts: kernel arguments read from the inputs at launch
     hint = hint_shape(reduction_input(anchors[0]))
     hint_rows = math.prod(hint[d] for d in kept) if len(hint) == len(x_shape) else rows
-    block_n = _pow2(n)
-    if block_n > 32768:
-        raise Unsupported(f"rows of {n} elements do not fit one block")
-    pos = {p: k for k, p in enumerate(placeholders)}
-    em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
-    em.zero = em.index("rows * 0 + cols * 0")
-    lead = tuple(em.index(e) for e in delinearize("rows", tuple(x_shape[d] for d in kept)))
-    em.cols = dict(zip(dims, (em.index(e) for e in delinearize("cols", tuple(x_shape[d] for d in dims)))))
-    full = tuple(em.cols[d] if d in dims else lead[kept.index(d)] for d in range(len(x_shape)))
-    trailing = list(dims) == list(range(len(x_shape) - len(dims), len(x_shape)))
-    keepdim = tuple(1 if d in dims else x_shape[d] for d in range(len(x_shape)))
-    fwd = _row_views(body, em, x_shape, full)
-    stores = []
-    for i, o in enumerate(outs):
+    return _Rows(body, placeholders, outs, anchors, x_shape, dims, kept, n, rows, hint_rows, size_args(body),
+                 outer=len(x_shape) - 1 in kept, int64=_int64(placeholders, hint_rows * n))
+
+
+@dataclass
+class _Targets:
+    """What a row kernel has still to compute: anchors (their reductions accumulate as they are tried), row-shaped
+    outputs (stored in the loop where they complete), reduction-shaped ones (tried in loops for the reductions
+    they read, stored once per row after them)."""
+
+    anchors: list[fx.Node]
+    row_outs: list[int]
+    red_outs: list[int]
+    probes: list[int]
+
+    def pending(self) -> bool:
+        return bool(self.anchors or self.row_outs or self.probes)
+
+
+def _targets(rd: _Rows) -> _Targets:
+    # which outputs are (views of) row-shaped values, found at a stand-in index with an emitter of its own
+    scratch = rd.emitter()
+    fwd = _row_views(rd.body, scratch, rd.x_shape, tuple(f"x{d}" for d in range(len(rd.x_shape))))
+    row_outs, red_outs = [], []
+    red_shapes = (tuple(rd.x_shape[d] for d in rd.kept), tuple(1 if d in rd.dims else s for d, s in
+                                                               enumerate(rd.x_shape)))
+    for i, o in enumerate(rd.outs):
         shape = shape_of(o)
-        if shape != x_shape and o in fwd:  # a row-shaped value seen through views (a norm's view back)
-            v = em.value(o, fwd[o])
-            at = em.index(store_offset(o, fwd[o]))
-            stores.append(f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
-        elif shape == x_shape:
-            v = em.value(o, full)
-            row_major = trailing and memory_order(o) is None
-            at = f"rows * {n} + cols" if row_major else em.index(store_offset(o, full))
-            stores.append(f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)")
-        elif shape in (tuple(x_shape[d] for d in kept), keepdim):
-            at = lead if len(shape) == len(kept) else tuple("0" if d in dims else full[d] for d in range(len(shape)))
-            v = em.value(o, at)
-            off = "rows" if memory_order(o) is None else em.index(store_offset(o, at))
-            stores.append(f"tl.store(out{i} + {off} + cols * 0, {v.name}.to({tl_dtype(dtype_of(o))}), "
-                          "mask=mask & (cols == 0))")
+        if shape == rd.x_shape or o in fwd:  # row-shaped, or a view of a row-shaped value (a norm's view back)
+            row_outs.append(i)
+        elif shape in red_shapes:
+            red_outs.append(i)
         else:
             raise Unsupported(f"output {o.name} is neither row- nor reduction-shaped")
-    args, used = _signature(em, placeholders, [])
-    strides = [f"s{pos[p]}_{d}" for p, d in em.strides]
-    sig = ", ".join([*args, *(f"out{i}" for i in range(len(outs))), *strides, *(s for s, _, _ in sizes),
-                     "ROWS: tl.constexpr", "BLOCK_N: tl.constexpr"])
-    start = "tl.program_id(0).to(tl.int64)" if _int64(placeholders, hint_rows * n) else "tl.program_id(0)"
-    source = (_header(text, f"reduction over dims {list(dims)}") +
-              f"@triton.jit\ndef fxcc_reduction({sig}):\n"
-              f"    rows = ({start} * ROWS + tl.arange(0, ROWS))[:, None]\n"
-              f"    cols = tl.arange(0, BLOCK_N)[None, :]\n"
-              f"    mask = (rows < {rows}) & (cols < {n})\n"
-              f"{_indent([*em.lines, *stores])}\n")
-    rows_default = max(1, min(_pow2(hint_rows), 4096 // block_n, 64))
-    tile = rows_default * block_n
-    defaults = {"ROWS": rows_default, "num_warps": 16 if tile >= 16384 else (8 if tile >= 4096 else 4)}
-    space = {"ROWS": [r for r in (1, 2, 4, 8, 16, 32, 64) if r * block_n <= 32768],
-             "num_warps": [1, 2, 4, 8, 16]}
-    strides_at = [(pos[p], d) for p, d in em.strides]
+    return _Targets(list(rd.anchors), row_outs, red_outs, list(red_outs))
 
-    alloc = [_allocator(o, sizes) for o in outs]
-    x_size = shape_fn(reduction_input(anchors[0]), sizes)
+
+def _row_index(rd: _Rows, shape: tuple, lead: tuple, full: tuple | None) -> tuple:
+    """The index of a value of `shape` in the current row: a row-shaped one at `full`, a reduction-shaped one
+    at the kept dims' index (keepdim: 0 in the reduced dims)."""
+    if shape == rd.x_shape:
+        return full
+    if len(shape) == len(rd.kept):
+        return lead
+    return tuple("0" if d in rd.dims else lead[rd.kept.index(d)] for d in range(len(shape)))
+
+
+def _attempt(em: Emitter, node: fx.Node, idx: tuple) -> Value | None:
+    try:
+        return em.value(node, idx)
+    except Later:
+        return None
+
+
+def _columns(rd: _Rows, em: Emitter, lead: tuple, cols: str) -> tuple[tuple, dict]:
+    """Point the emitter at the column vector `cols`: the reduced dims' index, the full index of a row-shaped
+    value, and what row-shaped values (and views of them) are at."""
+    em.cols = dict(zip(rd.dims, (em.index(e) for e in delinearize(cols, tuple(rd.x_shape[d] for d in rd.dims)))))
+    full = tuple(em.cols[d] if d in rd.dims else lead[rd.kept.index(d)] for d in range(len(rd.x_shape)))
+    em.zero = f"(rows * 0 + {cols} * 0)"
+    return full, _row_views(rd.body, em, rd.x_shape, full)
+
+
+def _row_store(rd: _Rows, em: Emitter, i: int, v: Value, idx: tuple, cols: str, mask: str) -> str:
+    o = rd.outs[i]
+    trailing = list(rd.dims) == list(range(len(rd.x_shape) - len(rd.dims), len(rd.x_shape)))
+    if shape_of(o) == rd.x_shape and trailing and memory_order(o) is None:
+        at = f"rows * {rd.n} + {cols}"
+    else:
+        at = em.index(store_offset(o, idx))
+    return f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask={mask})"
+
+
+def _red_offset(rd: _Rows, em: Emitter, i: int, at: tuple) -> str:
+    o = rd.outs[i]
+    return "rows" if memory_order(o) is None else em.index(store_offset(o, at))
+
+
+def _sweep(rd: _Rows, em: Emitter, lead: tuple, cols: str, todo: _Targets) -> bool:
+    """Try everything still to compute at the columns `cols` (whole rows, or a loop's chunk): reductions whose
+    inputs are ready accumulate, row-shaped outputs that complete are stored. Whether any output was stored."""
+    full, fwd = _columns(rd, em, lead, cols)
+    for a in list(todo.anchors):
+        if _attempt(em, a, _row_index(rd, shape_of(a), lead, full)) is not None:
+            todo.anchors.remove(a)
+    for i in list(todo.probes):
+        if _attempt(em, rd.outs[i], _row_index(rd, shape_of(rd.outs[i]), lead, full)) is not None:
+            todo.probes.remove(i)
+    stored = False
+    for i in list(todo.row_outs):
+        o = rd.outs[i]
+        idx = full if shape_of(o) == rd.x_shape else fwd[o]
+        if o in todo.anchors and idx == full:  # an anchor that just waited for a reduction waits again
+            continue
+        v = _attempt(em, o, idx)
+        if v is not None:
+            em.lines.append(_row_store(rd, em, i, v, idx, cols, em.mask))
+            todo.row_outs.remove(i)
+            stored = True
+    return stored
+
+
+def _kernel(name: str, sig: list[str], lines: list[str]) -> str:
+    return f"@triton.jit\ndef {name}({', '.join(sig)}):\n{_indent(lines)}\n"
+
+
+def _persistent_kernel(rd: _Rows) -> tuple[list[str], Emitter]:
+    """Whole rows in registers, ROWS of them per program: every input element is read once, however many
+    reductions depend on one another."""
+    em = rd.emitter()
+    start = "tl.program_id(0).to(tl.int64)" if rd.int64 else "tl.program_id(0)"
+    head = [f"rows = {rd.vector(f'{start} * ROWS + tl.arange(0, ROWS)', False)}",
+            f"cols = {rd.vector('tl.arange(0, BLOCK_N)', True)}", f"mask = (rows < {rd.rows}) & (cols < {rd.n})"]
+    lead = tuple(em.index(e) for e in delinearize("rows", tuple(rd.x_shape[d] for d in rd.kept)))
+    todo = _targets(rd)
+    _sweep(rd, em, lead, "cols", todo)
+    if todo.pending():
+        raise Unsupported("a reduction the row kernel cannot compute in one pass")
+    for i in todo.red_outs:
+        at = _row_index(rd, shape_of(rd.outs[i]), lead, None)
+        v = em.value(rd.outs[i], at)
+        em.lines.append(f"tl.store(out{i} + {_red_offset(rd, em, i, at)} + cols * 0, "
+                        f"{v.name}.to({tl_dtype(dtype_of(rd.outs[i]))}), mask=mask & (cols == 0))")
+    return [*head, *em.lines], em
+
+
+def _loop(rd: _Rows, em: Emitter, lead: tuple, todo: _Targets, k: int, first: str,
+          extent: str) -> tuple[list[str], RowLoop | None]:
+    """One loop over the columns `first` + [0, `extent`), RBLOCK at a time: the code before it (accumulators,
+    what does not vary in it) and the loop, and the loop (what accumulated in it); None where nothing needs
+    a loop any more (all that was left reads finished reductions only)."""
+    pre, body = [], []
+    loop = RowLoop("[RBLOCK, ROWS]" if rd.outer else "[ROWS, RBLOCK]", pre)
+    c, m = f"c{k}", f"m{k}"
+    chunk = f"{first}r{k} + tl.arange(0, RBLOCK)"
+    body += [f"{c} = {rd.vector(chunk, True)}{'.to(tl.int64)' if rd.int64 else ''}", f"{m} = rmask & ({c} < {rd.n})"]
+    em.loop, em.hoisted, em.lines, em.variant, em.mask = loop, pre, body, {c, m}, m
+    stored = _sweep(rd, em, lead, c, todo)
+    em.variant = None
+    if not loop.pending and not stored:
+        if todo.pending():
+            raise Unsupported("a reduction the looped row kernel cannot order")
+        return pre, None  # what completed here does not vary over the columns: no loop
+    return [*pre, f"for r{k} in range(0, {extent}, RBLOCK):", *(f"    {line}" for line in body)], loop
+
+
+def _start(rd: _Rows, em: Emitter) -> tuple[list[str], tuple]:
+    """A looped kernel's first lines (its rows, their mask) and the kept dims' index."""
+    start = "tl.program_id(0).to(tl.int64)" if rd.int64 else "tl.program_id(0)"
+    em.lines = [f"rows = {rd.vector(f'{start} * ROWS + tl.arange(0, ROWS)', False)}", f"rmask = rows < {rd.rows}"]
+    return em.lines, tuple(em.index(e) for e in delinearize("rows", tuple(rd.x_shape[d] for d in rd.kept)))
+
+
+_LOOPS = 16  # dependency levels a looped kernel may have (a norm has two)
+
+
+def _looped_kernel(rd: _Rows) -> tuple[list[str], Emitter]:
+    """Rows reduced in chunks of RBLOCK columns: one loop per dependency level of the reductions (a softmax's
+    max, then its sum), each computing the prologue again from the inputs, accumulating in fp32 (the inputs'
+    compute dtype), and a last one storing row-shaped outputs; reduction-shaped outputs are stored once per row."""
+    em = rd.emitter()
+    top, lead = _start(rd, em)
+    todo = _targets(rd)
+    for k in range(_LOOPS):
+        if not todo.pending():
+            break
+        code, loop = _loop(rd, em, lead, todo, k, "", str(rd.n))
+        top += code
+        em.lines = top
+        for key, (acc, kind, nan, _) in (loop.pending if loop is not None else {}).items():
+            em.reduced[key] = em.finish(acc, kind, nan)
+    else:
+        raise Unsupported(f"reductions depending on one another more than {_LOOPS} deep")
+    em.loop, em.mask, em.zero = CLOSED, "rmask", "(rows * 0)"
+    for i in todo.red_outs:
+        at = _row_index(rd, shape_of(rd.outs[i]), lead, None)
+        v = em.value(rd.outs[i], at)
+        top.append(f"tl.store(out{i} + {_red_offset(rd, em, i, at)}, {v.name}.to({tl_dtype(dtype_of(rd.outs[i]))}), "
+                   "mask=rmask)")
+    return top, em
+
+
+@dataclass
+class _Split:
+    """Split kernels: each of `bodies` but the last reduces its rows' columns [pid * CHUNK, (pid + 1) * CHUNK) into
+    partial results (`slots` per row, SPLIT each, fp32) that the kernels after it combine; the last stores the
+    outputs (over all SPLIT programs where it stores row-shaped ones, `last_loops`)."""
+
+    bodies: list[list[str]]
+    slots: int
+    last_loops: bool
+    em: Emitter
+
+
+def _split_kernels(rd: _Rows) -> _Split:
+    """The looped kernel's loops as kernels of their own, each over (row block, split): for few long rows."""
+    em = rd.emitter()
+    finished: dict[tuple, tuple[int, str, bool]] = {}  # reduction -> (slot, kind, propagate_nan)
+    todo, bodies = _targets(rd), []
+    for k in range(_LOOPS + 1):
+        em.reset()
+        top, lead = _start(rd, em)
+        top.append("pid = tl.program_id(1)")
+        parts = rd.vector("tl.arange(0, SPLIT)", True)
+        for key, (slot, kind, nan) in finished.items():  # the earlier kernels' partial results, combined
+            p = em.emit(f"tl.load(ws + (rows * SLOTS + {slot}) * SPLIT + {parts}, mask=rmask, other=0.0)")
+            em.reduced[key] = em.finish(p, kind, nan)
+        loop = None
+        if todo.pending():
+            code, loop = _loop(rd, em, lead, todo, k, "pid * CHUNK + ", "CHUNK")
+            top += code
+            em.lines = top
+        if loop is not None and loop.pending:
+            for key, (acc, kind, nan, dtype) in loop.pending.items():
+                if dtype != "tl.float32":
+                    raise Unsupported(f"a split reduction accumulating in {dtype}")
+                part = em.finish(acc, kind, nan)
+                finished[key] = (len(finished), kind, nan)
+                top.append(f"tl.store(ws + (rows * SLOTS + {finished[key][0]}) * SPLIT + pid, {part}, mask=rmask)")
+            bodies.append(top)
+            continue
+        # the interpreter takes no scalar condition in a mask
+        em.loop, em.mask, em.zero = CLOSED, "rmask & (rows * 0 + pid == 0)", "(rows * 0)"
+        for i in todo.red_outs:
+            at = _row_index(rd, shape_of(rd.outs[i]), lead, None)
+            v = em.value(rd.outs[i], at)
+            top.append(f"tl.store(out{i} + {_red_offset(rd, em, i, at)}, "
+                       f"{v.name}.to({tl_dtype(dtype_of(rd.outs[i]))}), mask={em.mask})")
+        bodies.append(top)
+        return _Split(bodies, len(finished), loop is not None, em)
+    raise Unsupported(f"reductions depending on one another more than {_LOOPS} deep")
+
+
+def _optional_kernel(make: Callable[[], Any]) -> Any:
+    try:
+        return make()
+    except Unsupported:
+        return None
+
+
+def _sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (an H100's 132 without one: the defaults' target)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+def row_defaults(rows: int, n: int, outer: bool, persistent: bool, split: bool, sms: int = 132,
+                 budget: int = REGISTER_TILE) -> dict:
+    """Meta-parameters of a row reduction from its shape: whole rows in registers where they fit (every element
+    read once), else chunks of RBLOCK columns; rows too few to fill `sms` multiprocessors (8 programs each)
+    split their columns over SPLIT programs. Outer reductions put ROWS on the contiguous axis (16 or more).
+    A tile stays within `budget` elements."""
+    bn = _pow2(n)
+    if outer:
+        rows_p = max(1, min(_pow2(rows), max(16, 8192 // bn), 1024))
+        whole = persistent and bn * rows_p <= 16384
+        if not whole:
+            rows_p = max(1, min(_pow2(rows), 64))
+        chunk = max(1, min(bn, 4096 // rows_p, budget // rows_p))
+    else:
+        whole = persistent
+        chunk = min(bn, 4096, budget)
+        rows_p = max(1, min(_pow2(rows), 4096 // (bn if whole else chunk), 64))
+    rblock, s = bn if whole else chunk, 1
+    programs, target = _cdiv(rows, rows_p), 8 * sms
+    if split and 2 * programs <= target and n >= 8 * chunk:
+        most = min(target // programs, n // (2 * chunk), 1024)
+        s = 1 << (most.bit_length() - 1)
+        rblock = chunk
+    tile = rows_p * rblock
+    return {"ROWS": rows_p, "RBLOCK": rblock, "SPLIT": s,
+            "num_warps": 16 if tile >= 16384 else (8 if tile >= 4096 else 4)}
+
+
+def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
+    """Rows of the reductions' input, ROWS at a time (a row is one index of the dims kept, its columns the
+    reduced dims' elements; a softmax's max and sum, a norm's mean and variance share the kernel when they
+    reduce the same dims of the same shape), as one of three kernels the parameters choose:
+    - persistent (RBLOCK covers a row, SPLIT 1): whole rows in registers, reduced at once;
+    - looped (SPLIT 1): chunks of RBLOCK columns, one loop per dependency level of the reductions;
+    - split (SPLIT > 1): each level's loop as a kernel over (row block, split) writing fp32 partial results,
+      combined by the kernels after it: for rows too few to fill the GPU.
+    Kept dims innermost in memory (a reduction over dim 0) put the rows on the tile's fast axis."""
+    rd = _rows_of(body)
+    bn = _pow2(rd.n)
+    persistent = _optional_kernel(lambda: _persistent_kernel(rd)) if bn <= REGISTER_TILE else None
+    try:
+        looped = _looped_kernel(rd)
+    except Unsupported:
+        if persistent is None:
+            raise
+        looped = None
+    split = _optional_kernel(lambda: _split_kernels(rd))
+    layout = "columns x rows (kept dims contiguous)" if rd.outer else "rows x columns"
+    sources, launches = [], {}
+
+    def add(mode: str, names: list[str], bodies: list[list[str]], em: Emitter, ws: list[str], consts: list[str]):
+        pos = {p: k for k, p in enumerate(rd.placeholders)}
+        args, used = _signature(em, rd.placeholders, [])
+        sig = [*args, *(f"out{i}" for i in range(len(rd.outs))), *ws, *(f"s{pos[p]}_{d}" for p, d in em.strides),
+               *(s for s, _, _ in rd.sizes), *(f"{c}: tl.constexpr" for c in consts)]
+        sources.extend(_kernel(f, sig, lines) for f, lines in zip(names, bodies))
+        launches[mode] = (names, used, [(pos[p], d) for p, d in em.strides])
+    if persistent is not None:
+        add("persistent", ["fxcc_reduction"], [persistent[0]], persistent[1], [], ["ROWS", "BLOCK_N"])
+    if looped is not None:
+        add("looped", ["fxcc_reduction_looped"], [looped[0]], looped[1], [], ["ROWS", "RBLOCK"])
+    if split is not None:
+        add("split", [f"fxcc_reduction_split{j}" for j in range(len(split.bodies))], split.bodies, split.em, ["ws"],
+            ["ROWS", "RBLOCK", "SPLIT", "CHUNK", "SLOTS"])
+    source = _header(text, f"reduction over dims {list(rd.dims)}, tile {layout}") + "\n\n".join(sources)
+
+    defaults = row_defaults(rd.hint_rows, rd.n, rd.outer, persistent is not None, split is not None, _sm_count(),
+                            REGISTER_TILE)
+    top = min(bn, REGISTER_TILE)
+    space = {"ROWS": [1 << k for k in range(11) if 1 << k <= max(64, defaults["ROWS"])],
+             "RBLOCK": sorted({min(b, top) for b in (16, 64, 256, 1024, 2048, 4096, 8192, top)}),
+             "num_warps": [1, 2, 4, 8, 16]}
+    if split is not None:
+        space["SPLIT"] = [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if s == 1 or s * 16 <= rd.n]
+    alloc = [_allocator(o, rd.sizes) for o in rd.outs]
+    x_size = shape_fn(reduction_input(rd.anchors[0]), rd.sizes)
+    slots, last_loops = (split.slots, split.last_loops) if split is not None else (0, False)
 
     def launcher(ns: dict, params: dict) -> KernelFn:
-        fn = ns["fxcc_reduction"]
-        meta = {"ROWS": params["ROWS"], "BLOCK_N": block_n, "num_warps": params["num_warps"], **_EXACT}
+        mode = row_mode(params, rd.n, persistent is not None, split is not None)
+        fns, used, strides_at = launches[mode]
+        kernels = [ns[f] for f in fns]
+        block = bn if mode == "persistent" else min(params["RBLOCK"], bn)
+        rows_p = max(1, min(params["ROWS"], REGISTER_TILE // block))  # the tile stays within the registers
+        s = params.get("SPLIT", 1) if mode == "split" else 1
+        meta = {"ROWS": rows_p, "num_warps": params["num_warps"], **_EXACT}
+        meta.update({"BLOCK_N": bn} if mode == "persistent" else {"RBLOCK": block})
+        if mode == "split":
+            meta.update(SPLIT=s, CHUNK=_cdiv(_cdiv(rd.n, s), block) * block, SLOTS=max(1, slots))
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             res = [a(inputs) for a in alloc]
             shape = x_size(inputs)
-            grid = (_cdiv(math.prod(shape[d] for d in kept), params["ROWS"]),)
-            fn[grid](*(inputs[k] for k in used), *res, *(inputs[k].stride(d) for k, d in strides_at),
-                     *(inputs[k].shape[d] for _, k, d in sizes), **meta)
+            blocks = _cdiv(math.prod(shape[d] for d in rd.kept), rows_p)
+            args = [*(inputs[k] for k in used), *res]
+            rest = [*(inputs[k].stride(d) for k, d in strides_at), *(inputs[k].shape[d] for _, k, d in rd.sizes)]
+            if mode != "split":
+                kernels[0][(blocks,)](*args, *rest, **meta)
+                return res
+            ws = torch.empty(blocks * rows_p * max(1, slots) * s, dtype=torch.float32, device=res[0].device)
+            for j, fn in enumerate(kernels):
+                last = j == len(kernels) - 1
+                fn[(blocks, s if not last or last_loops else 1)](*args, ws, *rest, **meta)
             return res
         return run
 
     return TritonProgram(source, space, defaults, launcher)
+
+
+def row_mode(params: dict, n: int, persistent: bool, split: bool) -> str:
+    """Which of a row reduction's kernels `params` run: "split", "persistent" or "looped"."""
+    if split and params.get("SPLIT", 1) > 1:
+        return "split"
+    if persistent and params.get("RBLOCK", _pow2(n)) >= _pow2(n):
+        return "persistent"
+    return "looped"
 
 
 def _row_views(body: fx.GraphModule, em: Emitter, x_shape: tuple[int, ...], full: tuple) -> dict:

@@ -6,6 +6,11 @@ Evaluating an output at its own index walks the body backwards: a view maps the 
 pointwise op evaluates its operands at their broadcast indices, a placeholder becomes a strided load.
 Evaluation is memoised per (node, index), so a value used twice is computed once.
 
+Row kernels reduce over the tile's column axis (`Emitter.axis`). Their reductions go through
+`Emitter.row_reduce`: inline over a tile that holds whole rows (persistent), or accumulated chunk by chunk in
+a loop over the columns (`RowLoop`), where a reduction that needs another's result waits for a later loop
+(`Later`); lines that do not vary within a loop are emitted before it (`Emitter.variant`).
+
 Kernels whose anchor is computed by a template (a GEMM tile, an attention tile) run the other way for
 what follows the anchor: `seed` gives the anchor's value at the tile's index, and `forward` carries that
 index through views and pointwise ops to the outputs; operands that are not derived from the anchor
@@ -16,8 +21,10 @@ exactly raises Unsupported, and the backend then offers no candidate for that bo
 from __future__ import annotations
 
 import math
+import re
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import sympy
 import torch
@@ -31,6 +38,27 @@ tx = torch.ops.fxcc_tx
 
 class Unsupported(Exception):
     """A body, or part of one, the Triton generator cannot express (the backend offers no candidate)."""
+
+
+class Later(Exception):
+    """A reduction's result is not available in this loop over the columns: it accumulates here (or waits for
+    what it needs) and what reads it is computed in a later loop."""
+
+
+@dataclass
+class RowLoop:
+    """One loop over a row kernel's columns, a chunk per iteration. `init` is the code before the loop (the
+    accumulators' start values and the loop-invariant lines), `pending` the reductions accumulating in it:
+    key -> (accumulator, kind, propagate_nan, its Triton dtype); after the loop each becomes a row vector
+    (`Emitter.finish`)."""
+
+    tile: str  # the accumulators' shape, e.g. "[ROWS, RBLOCK]"
+    init: list[str]
+    pending: dict[tuple, tuple[str, str, bool, str]] = field(default_factory=dict)
+
+
+# a closed loop: what follows all loops reads finished reductions only
+CLOSED = RowLoop("", [])
 
 
 TL = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
@@ -346,6 +374,12 @@ def _literal(x: object) -> str:
     raise Unsupported(f"constant {x!r} is not lowered")
 
 
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_INDEX_NAME = re.compile(r"\bi\d+\b")
+_FILL = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}
+_NAN = ", propagate_nan=tl.PropagateNan.ALL"
+
+
 def _tiny(x: object) -> torch.Tensor | object:
     """A stand-in for type promotion: tensors keep dtype and dimensionality class, numbers stay."""
     if isinstance(x, fx.Node):
@@ -380,12 +414,42 @@ class Emitter:
         # (view, its index) -> its input's index, where the input's came first (a row kernel's outputs that
         # are views of row-shaped values): read back as it was, not through the inverse index arithmetic
         self.view_back: dict[tuple[fx.Node, Index], Index] = {}
+        # a row kernel: the tile axis its columns run along (1: rows x columns; 0: columns x rows, where the
+        # kept dims are contiguous in memory), its current loop over the columns (None: whole rows in the tile,
+        # reduced inline) and the reductions finished before it (key -> row vector)
+        self.axis = 1
+        self.loop: RowLoop | None = None
+        self.reduced: dict[tuple, str] = {}
+        # in a loop: the names that vary within it; lines using none of them go to `hoisted` (before the loop)
+        self.variant: set[str] | None = None
+        self.hoisted: list[str] = []
+
+    def reset(self) -> None:
+        """Start another kernel function: nothing computed so far is in scope (pointers and strides stay)."""
+        self.lines, self.hoisted, self.variant, self.loop = [], [], None, None
+        self._memo.clear()
+        self._index.clear()
+        self.view_back.clear()
+        self.reduced = {}
 
     # --------------------------------------------------------------- lines
     def emit(self, expr: str, prefix: str = "v") -> str:
+        name = self.fresh(prefix)
+        if self.variant is not None and self.variant.isdisjoint(_NAME.findall(expr)):
+            self.hoisted.append(f"{name} = {expr}")  # loop-invariant: computed once, before the loop
+            return name
+        self.lines.append(f"{name} = {expr}")
+        if self.variant is not None:
+            self.variant.add(name)
+        return name
+
+    def bind(self, expr: str) -> str:
+        """A name for `expr` (itself where it is one)."""
+        return expr if expr.isidentifier() else self.emit(expr)
+
+    def fresh(self, prefix: str = "v") -> str:
         name = f"{prefix}{self._n}"
         self._n += 1
-        self.lines.append(f"{name} = {expr}")
         return name
 
     def index(self, expr: str) -> str:
@@ -418,6 +482,57 @@ class Emitter:
         if ct == torch.bool:
             return f"({_wrap(name)} != 0)"
         return f"{_wrap(name)}.to({tl_dtype(ct)})"
+
+    # ------------------------------------------------------------ row reductions
+    def keep(self) -> str:
+        """The subscript restoring the reduced axis of a row vector."""
+        return "[:, None]" if self.axis == 1 else "[None, :]"
+
+    def finish(self, tile: str, kind: str, propagate_nan: bool = True) -> str:
+        """A row vector reducing `tile` (padded with the kind's neutral value) along the column axis.
+        tl.max/min skip a NaN; torch's amax/amin return it, so a NaN is counted where `propagate_nan`."""
+        if kind == "sum":
+            return self.emit(f"tl.sum({tile}, axis={self.axis}){self.keep()}")
+        tile = self.bind(tile)
+        m = self.emit(f"tl.{kind}({tile}, axis={self.axis}){self.keep()}")
+        if not propagate_nan:
+            return m
+        nans = self.emit(f"tl.sum(({tile} != {tile}).to(tl.int32), axis={self.axis}){self.keep()}")
+        return self.emit(f"tl.where({nans} > 0, float('nan'), {m})")
+
+    def row_reduce(self, node: fx.Node, stage: int, row: Index, kind: str, element: Callable[[], str],
+                   dtype: torch.dtype, propagate_nan: bool = True) -> str:
+        """The `kind` ("sum", "max", "min") of `element()` over the columns, at row index `row` (the kept dims),
+        computed in compute_dtype(`dtype`); `stage` tells a node's reductions apart (a norm's mean and variance).
+        Whole rows reduce inline; in a loop a finished result is read, any other accumulates and raises Later."""
+        fill = _FILL[kind]
+        if self.loop is None:
+            return self.finish(f"tl.where({self.mask}, {element()}, {fill})", kind, propagate_nan)
+        key = (node, stage, self.canonical(row))
+        if key in self.reduced:
+            return self.reduced[key]
+        if self.loop is CLOSED:
+            raise Unsupported(f"{node.name} is needed at a row index no loop reduced")
+        if key not in self.loop.pending:
+            v = element()
+            acc, tdt = self.fresh("acc"), tl_dtype(compute_dtype(dtype))
+            self.loop.init.append(f"{acc} = tl.full({self.loop.tile}, {fill}, {tdt})")
+            new = f"tl.where({self.mask}, {v}, {fill})"
+            step = {"sum": f"{acc} + {new}",
+                    "max": f"tl.maximum({acc}, {new}{_NAN if propagate_nan else ''})",
+                    "min": f"tl.minimum({acc}, {new}{_NAN if propagate_nan else ''})"}[kind]
+            self.lines.append(f"{acc} = {step}")
+            self.loop.pending[key] = (acc, kind, propagate_nan, tdt)
+        raise Later(node.name)
+
+    def canonical(self, idx: Index) -> Index:
+        """`idx` with its index variables spelled out: the same index in every loop and kernel of a plan."""
+        names = {v: k for k, v in self._index.items()}
+
+        def expand(e: str) -> str:
+            return _INDEX_NAME.sub(lambda m: f"({expand(names[m.group()])})" if m.group() in names else m.group(),
+                                   e)
+        return tuple(expand(str(e)) for e in idx)
 
     # ----------------------------------------------------------- evaluation
     def value(self, x: object, idx: Index) -> Value | str:
@@ -551,7 +666,7 @@ def _silu(x: str) -> str:
 def _act(em: Emitter, node: fx.Node, idx: Index, fn) -> Value:
     out = dtype_of(node)
     x = em.operand(node, node.args[0], idx, out)
-    xv = em.emit(x) if not x.isidentifier() else x
+    xv = em.bind(x)
     return em.round(fn(xv), out)
 
 
@@ -625,7 +740,7 @@ def _gated(em: Emitter, node: fx.Node, idx: Index) -> Value:
     gate, up, act = node.args
     out, gd = dtype_of(node), dtype_of(gate)
     g = em.operand(node, gate, idx, gd)
-    gv = em.emit(g) if not g.isidentifier() else g
+    gv = em.bind(g)
     if act == "silu":
         a = em.round(_silu(gv), gd)
     elif act in ("gelu", "gelu_tanh"):
@@ -919,8 +1034,6 @@ for _t in (*gather.MAX_POOL, *gather.AVG_POOL):
 
 # ------------------------------------------------------------------------------------ reduction rules
 
-ROW = "cols"  # the column vector of a row kernel: reductions run over it
-
 
 def reduced_dims(node: fx.Node) -> tuple[int, ...]:
     """The dims of its input a supported reduction reduces (sorted)."""
@@ -930,55 +1043,51 @@ def reduced_dims(node: fx.Node) -> tuple[int, ...]:
     return d[1]
 
 
-def _row_input(em: Emitter, node: fx.Node, idx: Index) -> tuple[fx.Node, Index]:
-    """The reduction's input and its index: the kernel's column index (`em.cols`) in the reduced dims."""
+def _row_input(em: Emitter, node: fx.Node, idx: Index) -> tuple[fx.Node, Index, Index]:
+    """The reduction's input, its index (the kernel's column index, `em.cols`, in the reduced dims) and the
+    row's index (the kept dims')."""
     x = node.args[0]
     rank, dims = len(shape_of(x)), reduced_dims(node)
     if any(d not in em.cols for d in dims):
         raise Unsupported(f"{node.name} reduces other dims than the kernel's columns")
     if len(shape_of(node)) == rank:  # keepdim, or a same-shape normalisation
-        return x, tuple(em.cols[d] if d in dims else idx[d] for d in range(rank))
-    kept = iter(idx)
-    return x, tuple(em.cols[d] if d in dims else next(kept) for d in range(rank))
-
-
-def _masked(em: Emitter, v: str, fill: str) -> str:
-    return v if em.mask is None else f"tl.where({em.mask}, {v}, {fill})"
+        xi = tuple(em.cols[d] if d in dims else idx[d] for d in range(rank))
+    else:
+        kept = iter(idx)
+        xi = tuple(em.cols[d] if d in dims else next(kept) for d in range(rank))
+    return x, xi, tuple(e for d, e in enumerate(xi) if d not in dims)
 
 
 def _reduce(kind: str):
     def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
-        x, xi = _row_input(em, node, idx)
+        x, xi, row = _row_input(em, node, idx)
         out, xd = dtype_of(node), dtype_of(x)
         if not xd.is_floating_point:
             raise Unsupported(f"{kind} over {xd}")
-        v = em.cast(em.value(x, xi), xd, out)
         n = math.prod(shape_of(x)[d] for d in reduced_dims(node))
-        if kind in ("sum", "mean"):
-            s = em.emit(f"tl.sum({_masked(em, v, '0.0')}, axis=1)[:, None]")
-            return em.round(s if kind == "sum" else f"{s} / {n}", out)
-        fill = 'float("-inf")' if kind == "max" else 'float("inf")'
-        m = em.emit(f"tl.{kind}({_masked(em, v, fill)}, axis=1)[:, None]")
-        # tl.max/min skip a NaN; torch's amax/amin return it
-        nans = em.emit(f"tl.sum(({_masked(em, v, '0.0')} != {_masked(em, v, '0.0')}).to(tl.int32), axis=1)[:, None]")
-        return em.round(f"tl.where({nans} > 0, float('nan'), {m})", out)
+        r = em.row_reduce(node, 0, row, "sum" if kind == "mean" else kind,
+                          lambda: em.cast(em.value(x, xi), xd, out), out)
+        return em.round(f"{r} / {n}" if kind == "mean" else r, out)
     return rule
 
 
-def _row_check(em: Emitter, node: fx.Node, idx: Index) -> None:
-    """Norms and softmax are lowered over trailing dims, the kernel's columns, at the columns' own index."""
+def _row_check(em: Emitter, node: fx.Node, idx: Index) -> Index:
+    """Norms and softmax are lowered over trailing dims, the kernel's columns, at the columns' own index; the
+    row's index (the kept dims')."""
     dims = reduced_dims(node)
     if any(em.cols.get(d) != idx[d] for d in dims):
         raise Unsupported(f"{node.name} is needed at another column than its row's")
+    return tuple(e for d, e in enumerate(idx) if d not in dims)
 
 
 def _rms_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
-    _row_check(em, node, idx)
+    row = _row_check(em, node, idx)
     x, w, eps = node.args
     xd, out = dtype_of(x), dtype_of(node)
     xf = em.cast(em.value(x, idx), xd, torch.float32)
     n = shape_of(x)[-1]
-    ms = em.emit(f"tl.sum({_masked(em, f'{xf} * {xf}', '0.0')}, axis=1)[:, None] / {n}")
+    s = em.row_reduce(node, 0, row, "sum", lambda: f"{xf} * {xf}", torch.float32)
+    ms = em.emit(f"{s} / {n}")
     y = em.round(f"{xf} * tl.rsqrt({ms} + {_literal(float(eps))})", xd)
     if w is None:
         return y
@@ -986,14 +1095,15 @@ def _rms_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
 
 
 def _layer_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
-    _row_check(em, node, idx)
+    """Two passes, as eager: the mean, then the mean of the centred squares."""
+    row = _row_check(em, node, idx)
     x, normalized, w, b, eps = node.args
     xd, out = dtype_of(x), dtype_of(node)
     n = math.prod(shape_of(x)[-len(normalized):])
-    xf = em.emit(em.cast(em.value(x, idx), xd, torch.float32))
-    mean = em.emit(f"tl.sum({_masked(em, xf, '0.0')}, axis=1)[:, None] / {n}")
-    d = em.emit(_masked(em, f"{xf} - {mean}", "0.0"))
-    var = em.emit(f"tl.sum({d} * {d}, axis=1)[:, None] / {n}")
+    xf = em.bind(em.cast(em.value(x, idx), xd, torch.float32))
+    mean = em.emit(f"{em.row_reduce(node, 0, row, 'sum', lambda: xf, torch.float32)} / {n}")
+    d = em.emit(f"{xf} - {mean}")
+    var = em.emit(f"{em.row_reduce(node, 1, row, 'sum', lambda: f'{d} * {d}', torch.float32)} / {n}")
     y = f"{d} * tl.rsqrt({var} + {_literal(float(eps))})"
     if w is not None:
         y = f"{y} * {em.operand(node, w, idx, torch.float32)}"
@@ -1004,17 +1114,18 @@ def _layer_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
 
 def _softmax(log: bool):
     def rule(em: Emitter, node: fx.Node, idx: Index) -> Value:
-        _row_check(em, node, idx)
+        row = _row_check(em, node, idx)
         x, dim = node.args[0], node.args[1]
         if _dim(dim, len(shape_of(x))) != len(shape_of(x)) - 1:
             raise Unsupported("softmax over another dimension than the last")
         if node.target is aten._softmax.default and node.args[2]:
             raise Unsupported("half-to-float softmax")
         xd, out = dtype_of(x), dtype_of(node)
-        xf = em.emit(_masked(em, em.cast(em.value(x, idx), xd, torch.float32), 'float("-inf")'))
-        m = em.emit(f"tl.max({xf}, axis=1)[:, None]")
-        e = em.emit(_masked(em, f"tl.exp({xf} - {m})", "0.0"))
-        s = em.emit(f"tl.sum({e}, axis=1)[:, None]")
+        xf = em.bind(em.cast(em.value(x, idx), xd, torch.float32))
+        # a NaN need not propagate through the max: exp(NaN - m) makes the sum, and so the whole row, NaN
+        m = em.row_reduce(node, 0, row, "max", lambda: xf, torch.float32, propagate_nan=False)
+        e = em.emit(f"tl.exp({xf} - {m})")
+        s = em.row_reduce(node, 1, row, "sum", lambda: e, torch.float32)
         return em.round(f"{xf} - {m} - tl.log({s})" if log else f"{e} / {s}", out)
     return rule
 

@@ -92,11 +92,12 @@ class Closure:
     their cells hold: a holder of `GlobalReads`, so a `nonlocal` rebound after capture is seen as a rebound global
     is (fxcc.guards.Globals)."""
 
-    __slots__ = ("fn", "cells")
+    __slots__ = ("fn", "cells", "defaults")
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, defaults: dict[str, Any] | None = None) -> None:
         self.fn = fn
-        self.cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
+        self.defaults = defaults is not None  # `_default_cells`: the function's tensor default values
+        self.cells = dict(zip(fn.__code__.co_freevars, fn.__closure__)) if defaults is None else defaults
 
     def get(self, name: str, default: Any = None) -> Any:
         cell = self.cells.get(name)
@@ -503,7 +504,7 @@ def global_reads(found: GlobalReads | None = None, roots: tuple = (),
     loads: dict[Any, Any] = {}  # code object -> its loads (None: code whose globals are not recorded)
     skip: dict[str, bool] = {}
     previous = sys.gettrace()
-    ran: set[Any] = set()  # model code with free variables that ran
+    ran: set[Any] = set()  # model code that ran (its function's closure and tensor defaults are guarded)
     selves = {id(o): o for r in roots if _plain_object(o := getattr(r, "__self__", None))}
 
     def first(frame: Any) -> Any:
@@ -530,8 +531,7 @@ def global_reads(found: GlobalReads | None = None, roots: tuple = (),
             _record_reads(found, frame.f_globals, frame.f_builtins, mine)
             if mine[2]:
                 _record_own(found, frame, mine[2], selves)
-            if mine[3]:
-                ran.add(frame.f_code)
+            ran.add(frame.f_code)
 
     def chained(frame: Any, event: str, arg: Any) -> Any:
         tracer(frame, event, arg)
@@ -543,7 +543,7 @@ def global_reads(found: GlobalReads | None = None, roots: tuple = (),
     finally:
         sys.settrace(previous)
         if ran:
-            _record_closures(found, roots, ran)
+            _record_closures(found, roots, ran, modules=True)
 
 
 def _record_own(found: GlobalReads, frame: Any, chains: tuple, selves: dict[int, Any]) -> None:
@@ -563,15 +563,21 @@ def _record_own(found: GlobalReads, frame: Any, chains: tuple, selves: dict[int,
 _MAX_FUNCTIONS = 256  # functions visited looking for the closures of the code that ran
 
 
-def _record_closures(found: GlobalReads, roots: tuple, ran: set[Any]) -> None:
+def _record_closures(found: GlobalReads, roots: tuple, ran: set[Any], modules: bool = False) -> None:
     """Record the closure of each function whose code ran (`ran`), found from `roots`, from the functions the
-    recorded globals hold, and from the functions those closures hold in turn."""
+    recorded globals hold, and from the functions those closures hold in turn; with `modules`, also from the
+    modules among them (a root's bound method's too): the functions their modules' classes define whose code ran
+    (`_functions_run`)."""
     todo = list(roots)
     for holder, fallback, names, _ in list(found.values()):
         todo += [holder.get(n, fallback.get(n) if fallback is not None else None) for n in names]
     seen: set[int] = set()
     while todo and len(seen) < _MAX_FUNCTIONS:
         fn = todo.pop()
+        mod = getattr(fn, "__self__", fn) if modules else None
+        if isinstance(mod, nn.Module) and id(mod) not in seen:
+            seen.add(id(mod))
+            todo += _functions_run(mod, ran)
         fn = getattr(fn, "__func__", fn)  # a bound method's function
         if not isinstance(fn, types.FunctionType) or id(fn) in seen:
             continue
@@ -579,6 +585,10 @@ def _record_closures(found: GlobalReads, roots: tuple, ran: set[Any]) -> None:
         wrapped = fn.__dict__.get("__wrapped__")
         if wrapped is not None:
             todo.append(wrapped)
+        if (fn.__defaults__ or fn.__kwdefaults__) and fn.__code__ in ran:
+            cells = _default_cells(fn)
+            if cells:
+                found[(id(fn), 3)] = (Closure(fn, cells), None, set(cells), None)
         if fn.__closure__ is None:
             continue
         closure = Closure(fn)
@@ -589,6 +599,83 @@ def _record_closures(found: GlobalReads, roots: tuple, ran: set[Any]) -> None:
             if entry is None:
                 entry = found[key] = (closure, None, set(), None)
             entry[2].update(fn.__code__.co_freevars)
+
+
+class _DefaultCell:
+    """A parameter's default value read as a closure cell is (`cell_contents`, now): export makes a default tensor
+    the call did not override a constant of the graph, so a change in place (a snapshot, fxcc.guards.Globals) or
+    a new default (`f.__defaults__ = ...`, a rebinding) must recompile."""
+
+    __slots__ = ("fn", "at")
+
+    def __init__(self, fn: types.FunctionType, at: int | str) -> None:
+        self.fn, self.at = fn, at  # an index into __defaults__, or a keyword-only parameter's name
+
+    @property
+    def cell_contents(self) -> Any:
+        d = self.fn.__kwdefaults__ if isinstance(self.at, str) else self.fn.__defaults__
+        try:
+            return d[self.at]
+        except (TypeError, IndexError, KeyError):
+            raise ValueError("no default") from None  # as an empty cell reads
+
+
+def _default_cells(fn: types.FunctionType) -> dict[str, _DefaultCell]:
+    """The parameters of `fn` whose default values hold tensors, each as a `_DefaultCell`."""
+    code, defaults = fn.__code__, fn.__defaults__ or ()
+    names = code.co_varnames[code.co_argcount - len(defaults):code.co_argcount]
+    out = {n: _DefaultCell(fn, i) for i, (n, v) in enumerate(zip(names, defaults)) if _holds_tensor(v)}
+    out |= {n: _DefaultCell(fn, n) for n, v in (fn.__kwdefaults__ or {}).items() if _holds_tensor(v)}
+    return out
+
+
+def _holds_tensor(v: Any, depth: int = 0) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if depth < 3 and type(v) in (list, tuple, dict):
+        return any(_holds_tensor(x, depth + 1) for x in (v.values() if type(v) is dict else v))
+    return False
+
+
+def _functions_run(module: nn.Module, ran: set[Any]) -> list[types.FunctionType]:
+    """The functions (methods, static and class methods, properties' getters) the classes of `module`'s modules
+    define in the user's files whose code ran: nothing else leads to a submodule's forward, whose closure holds
+    what the factory function that defined its class was given (`def make(scale): class Block(nn.Module): ...`).
+    Not an installed library's classes (transformers'), as the graph cache's key has them by version only: their
+    closures are decorators' (a guard on each of their cells would cost every call)."""
+    out: list[types.FunctionType] = []
+    classes: set[type] = set()
+    for sub in module.modules():
+        for cls in type(sub).__mro__:
+            if cls in classes:
+                continue
+            classes.add(cls)
+            mod = sys.modules.get(cls.__module__)
+            path = getattr(mod, "__file__", None)
+            if not (cls.__module__ == "__main__" if path is None else in_project(path)):
+                continue
+            for attr in vars(cls).values():
+                fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else \
+                    attr.fget if isinstance(attr, property) else attr
+                if isinstance(fn, types.FunctionType) and fn.__code__ in ran:
+                    out.append(fn)
+    return out
+
+
+@functools.cache
+def in_project(path: str) -> bool:
+    """Whether a module file lies outside the Python installation (its standard library and site-packages)."""
+    roots = install_roots()
+    return not (path.startswith(roots) or os.path.realpath(path).startswith(roots))
+
+
+@functools.cache
+def install_roots() -> tuple[str, ...]:
+    """The interpreter's library folders, and any other site-packages on sys.path (a .pth file or a venv
+    with system site packages adds another installation's)."""
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths |= {p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages")}
+    return tuple(sorted(paths | {os.path.realpath(p) for p in paths}))
 
 
 def _plain_object(v: Any) -> bool:

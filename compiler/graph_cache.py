@@ -40,7 +40,6 @@ import operator
 import os
 import re
 import sys
-import sysconfig
 import types
 import warnings
 from collections.abc import Iterator
@@ -55,7 +54,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from . import ir
-from .capture import Closure, _record_closures
+from .capture import Closure, _record_closures, in_project
 from .dialects import KERNEL_OPS, KernelBody, intern_body, kernel_body
 from .pipeline import PassRecord, PassResult
 from .store import cache_key, fxcc_files, tensor_bytes
@@ -157,7 +156,15 @@ def _class_closures(module: nn.Module, within: tuple[int, ...] = ()) -> str:
     for cls, name, fn in _own_functions(module):
         if fn.__closure__:
             h.update(repr((cls.__qualname__, name, _closure_fingerprint(fn, 0, within))).encode())
+        if fn.__defaults__ or fn.__kwdefaults__:  # a default tensor is a constant of the graph: keyed by contents
+            h.update(repr((cls.__qualname__, name, _defaults_fingerprint(fn, 0, within))).encode())
     return h.hexdigest()
+
+
+def _defaults_fingerprint(fn: types.FunctionType, depth: int, within: tuple[int, ...]) -> list:
+    """A function's default values (`_fingerprint`: tensors by contents)."""
+    return [_fingerprint(fn.__defaults__ or (), depth + 1, False, within),
+            _fingerprint(dict(sorted((fn.__kwdefaults__ or {}).items())), depth + 1, False, within)]
 
 
 def _own_functions(module: nn.Module) -> Iterator[tuple[type, str, types.FunctionType]]:
@@ -180,7 +187,7 @@ def _own_class(cls: type) -> bool:
     if cls.__module__ == "builtins" or cls.__module__.partition(".")[0] == "torch":
         return False
     path = _source_file(cls)
-    return path is not None and _in_project(path)
+    return path is not None and in_project(path)
 
 
 # _parameters, _buffers, _modules, hook dicts, ...: counted elsewhere (not `training`, which is keyed); and
@@ -284,7 +291,7 @@ def _code_fingerprint(module: nn.Module) -> str:
         path = getattr(mod, "__file__", None)
         if not path or not path.endswith(".py"):
             continue
-        if not _in_project(path):  # an installed library (or the stdlib): its version names its code
+        if not in_project(path):  # an installed library (or the stdlib): its version names its code
             top = sys.modules.get(name.partition(".")[0])
             versions.append(f"{name.partition('.')[0]}={getattr(top, '__version__', '')}")
             continue
@@ -304,22 +311,6 @@ def _source_file(cls: type) -> str | None:
         return inspect.getsourcefile(cls)
     except (TypeError, OSError):
         return None
-
-
-@cache
-def _in_project(path: str) -> bool:
-    """Whether a module file lies outside the Python installation (stdlib and site-packages)."""
-    roots = _install_roots()
-    return not (path.startswith(roots) or os.path.realpath(path).startswith(roots))
-
-
-@cache
-def _install_roots() -> tuple[str, ...]:
-    """The interpreter's library folders, and any other site-packages on sys.path (a .pth file or a venv
-    with system site packages adds another installation's: its libraries are named by version too)."""
-    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    paths |= {p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages")}
-    return tuple(sorted(paths | {os.path.realpath(p) for p in paths}))
 
 
 def _file_hash(path: str) -> str:
@@ -443,8 +434,8 @@ def _closure_reads_doc(read: dict) -> list:
 
 def _closures_now(read: dict, module: nn.Module, root: Any, stored: Any) -> None:
     """Add to `read` (a hit's globals, `_globals_now`) what capture records beside the globals: the closures of the
-    compiled function `root`, of the functions the model's own classes define (`_own_functions`: capture does not
-    find a submodule's) and of the functions reached from them and from the globals (every one counts as run), and
+    compiled function `root`, of the functions the model's own classes define (`_own_functions`: a hit does not know which
+    of them ran) and of the functions reached from them and from the globals (every one counts as run), and
     the attributes read off objects their variables hold (`stored`, `_closure_reads_doc`), where this walk finds
     them: a closure of library code that capture saw run is not reached, and not guarded after a hit."""
     if not (isinstance(stored, list) and all(
@@ -551,6 +542,8 @@ def _fingerprint(v: Any, depth: int = 0, state: bool = False, within: tuple[int,
         out = ["callable", getattr(fn, "__module__", None), fn.__qualname__, digest]
         if getattr(fn, "__closure__", None):
             out.append(_closure_fingerprint(fn, depth, within))
+        if isinstance(fn, types.FunctionType) and (fn.__defaults__ or fn.__kwdefaults__):
+            out.append(_defaults_fingerprint(fn, depth, within))
         if isinstance(v, types.MethodType) and not isinstance(v.__self__, type):  # its object's attributes
             out.append(_fingerprint(v.__self__, depth + 1, True, (*within, id(v))))
         return out

@@ -122,9 +122,14 @@ class Globals:
 
     The closure variables the code read (fxcc.capture.Closure) and the attributes of a compiled bound method's object
     are read as globals are: a cell has no version tag, so the cells are compared by identity at every call (one
-    C-level pass), and by value where one was rebound (`scale = 2.0` again is no change)."""
+    C-level pass), and by value where one was rebound (`scale = 2.0` again is no change).
 
-    def __init__(self, reads: GlobalReads) -> None:
+    `written`: the tensors every compiled variant writes in place (a global a helper writes through its parameter:
+    the graph makes the write). No variant folds them (fxcc.ir.written_in_place), so a variant's own write into one
+    is no change: `accept_writes` takes its snapshot again after the call, and only a write made by other code
+    between calls is seen."""
+
+    def __init__(self, reads: GlobalReads, written: list[torch.Tensor] | None = None) -> None:
         self.holders, self.fallbacks, self.names, self.paths = [], [], [], []
         dicts: dict[int, dict] = {}
         for holder, fallback, names, path in reads.values():
@@ -157,6 +162,8 @@ class Globals:
         self.in_place = bool(self.boxes or self.tensors)
         self._box_values, self._box_copies = [v for v, _, _ in self.boxes], [c for _, c, _ in self.boxes]
         self._snaps, self._global_tensors = [s for _, s, _ in self.tensors], [t for t, _, _ in self.tensors]
+        own = {id(t) for t in written or ()}
+        self.own = [(t, s) for t, s, _ in self.tensors if id(t) in own]  # what `accept_writes` takes again
         self._tag()
 
     def _tag(self) -> None:
@@ -213,6 +220,14 @@ class Globals:
         self.busy = sorted({i for k, n in self.moves.items() if n > _BUSY for i in self.of[k]})
         self._tag()
         return True
+
+    def accept_writes(self, written: list[torch.Tensor]) -> None:
+        """The compiled code itself wrote into `written`: the snapshots of those among the tensors every variant
+        writes (`own`) are taken again. The guard ran just before the call: nothing else changed them since."""
+        ids = {id(t) for t in written}
+        for t, s in self.own:
+            if id(t) in ids:
+                s.take(t)
 
     def _contents_same(self) -> bool:
         return all(map(_same_contents, self._box_values, self._box_copies)) and \
@@ -286,7 +301,8 @@ def _contents(cell: Any) -> Any:
 
 def _where(holder: Any, fallback: dict | None, name: str, path: tuple | None = None) -> str:
     if type(holder) is Closure:
-        return f"variable {name} of the closure of {holder.fn.__qualname__}"
+        what = "default value of parameter" if holder.defaults else "variable"
+        return f"{what} {name} of {'' if holder.defaults else 'the closure of '}{holder.fn.__qualname__}"
     if path is not None and path[0] == "self":  # ("self", the compiled method's object, attributes on the way)
         return f"attribute {'.'.join(['self', *path[2:], name])} of the compiled method's {type(path[1]).__name__}"
     if path is not None and path[0] == "closure":  # ("closure", the variable, attributes on the way)
@@ -320,11 +336,13 @@ class ModuleState:
     live: tensors a replayed CUDA graph reads where they were at its capture: their addresses are checked too.
     Only those: a tensor the graph does not read may move (an eager op that asks a copy-on-write snapshot's
     tensor for a writable pointer gives it a fresh buffer with the same values; its watch sees that).
+    written: the tensors every compiled variant writes in place, whose writes `accept_writes` takes as the
+    variant's own.
     """
 
     def __init__(self, module: nn.Module, sources: list[torch.Tensor] | None,
                  live: list[torch.Tensor] | None = None, missing: Missing | None = None,
-                 globals_read: GlobalReads | None = None) -> None:
+                 globals_read: GlobalReads | None = None, written: list[torch.Tensor] | None = None) -> None:
         self.owners, self.names, self.objs, self.where = [], [], [], []
         self.dicts, self.keys, self.values, self.attr_where = [], [], [], []  # primitive attributes
         self.counts_of: list[dict] = []  # dicts whose keys matter, each with the keys it had and what it is
@@ -336,7 +354,8 @@ class ModuleState:
         self.modes: list[dict] = []  # submodules' attributes, whose `training` must keep its relation to the root's
         self.held: set[int] = set()  # dicts whose contents `_held` records: each once
         self.module = module
-        self.globals = Globals(globals_read) if globals_read else None  # the Python globals compiled code read
+        self.written = {id(t) for t in written or ()}  # the tensors every variant writes (`accept_writes`)
+        self.globals = Globals(globals_read, written) if globals_read else None  # the Python globals compiled code read
         for path, mod in module.named_modules(remove_duplicate=False):
             self._module(path, mod, root=mod is module)
         self.relative = self._relative()
@@ -582,11 +601,16 @@ class ModuleState:
         return same
 
     def accept_writes(self, written: list[torch.Tensor]) -> None:
-        """The compiled code itself wrote into `written`, buffers of the model (a KV cache held by the module):
-        that is no change of the model, so the watched contents over their memory are taken again. Only theirs:
-        `changed()` ran just before the call, so nothing else can have changed since."""
+        """The compiled code itself wrote into `written`, buffers of the model (a KV cache held by the module) or
+        tensors its code reached (a global a helper writes: `Globals.accept_writes`): that is no change of the
+        model, so the watched contents over their memory are taken again. Only theirs: `changed()` ran just before
+        the call, so nothing else can have changed since. And only where every variant writes them: a variant that
+        only reads one may have folded it into a constant, which that write made stale."""
+        written = [t for t in written if id(t) in self.written]
         if not written:
             return
+        if self.globals is not None and self.globals.own:
+            self.globals.accept_writes(written)
         ptrs = {_STORAGE(t) for t in written}
         hit = [_STORAGE(t) in ptrs for t, _ in self.watched]
         if any(hit):

@@ -533,6 +533,7 @@ class CompiledModule(ModuleView):
         self._live: dict[int, torch.Tensor] = {}  # tensors CUDA graphs of the variants read where they were captured
         self._missing: Missing | None = {}  # names the variants' traced code looked up and did not find (None: unknown)
         self._globals: GlobalReads = {}  # the Python globals the variants' traced code read (fxcc.capture.global_reads)
+        self._written: dict[int, torch.Tensor] | None = None  # the tensors every variant's graph writes (None: no graph)
         self._dropped = ""  # why the variants were dropped: the next compile's reason
         self._churn = Churn()  # state changes found soon after compiles, in a row (fxcc.guards.Churn)
         self._churned: str | None = None  # why every signature runs eagerly: its state changes at every call
@@ -766,6 +767,7 @@ class CompiledModule(ModuleView):
         self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
         self._hot = None
         self._sources, self._live, self._missing, self._globals, self._dropped = {}, {}, {}, {}, why
+        self._written = None
         self.__dict__.get("_dycl_programs", {}).clear()
         self._params = None  # a compile snapshots the state anew
 
@@ -955,12 +957,17 @@ class CompiledModule(ModuleView):
         return self._params.changed() is None
 
     def _snapshot_params(self, sources: list[torch.Tensor] | None = None, live: list[Any] = (),
-                         missing: Missing | None = None, globals_read: GlobalReads | None = None) -> None:
+                         missing: Missing | None = None, globals_read: GlobalReads | None = None,
+                         written: list[torch.Tensor] | None = None) -> None:
         """Record the model's state the variants depend on; `sources`: the tensors this variant's constants
         were computed from (None: unknown, so all), `live`: the tensors its CUDA graphs read in place,
         `missing`: the names its traced code looked up on each module and did not find (None: unknown, so any
         attribute added counts, as for a DyCL program, which reads attributes as it runs), `globals_read`: the
-        Python globals its traced code read; all added to those of the variants compiled before."""
+        Python globals its traced code read; all added to those of the variants compiled before. `written`: the
+        tensors its graph writes in place (None: it has no graph); only those every graph writes are a call's
+        own writes (fxcc.guards.Globals): a variant that only reads one may have folded it."""
+        if written is not None:
+            self._written = {id(t): t for t in written if self._written is None or id(t) in self._written}
         if sources is None or self._sources is None:
             self._sources = None
         else:
@@ -975,7 +982,8 @@ class CompiledModule(ModuleView):
         for k, (holder, fallback, names, path) in (globals_read or {}).items():
             self._globals.setdefault(k, (holder, fallback, set(), path))[2].update(names)
         self._params = ModuleState(self.module, None if self._sources is None else list(self._sources.values()),
-                                   list(self._live.values()), self._missing, self._globals)
+                                   list(self._live.values()), self._missing, self._globals,
+                                   list(self._written.values()) if self._written else None)
 
     # ------------------------------------------------------------------------------- compiling
 
@@ -1346,9 +1354,9 @@ class CompiledModule(ModuleView):
             keep = frozenset(j for j, _ in cap.aliasing.leaves)
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
-        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else (), missing=cap.missing,
-                              globals_read=cap.globals)
         written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
+        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else (), missing=cap.missing,
+                              globals_read=cap.globals, written=written)
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
                        kernels=kernels, writes_state=bool(written), written=written, graph_key=key,
                        no_graph=why_not if why_not != "off" else None)

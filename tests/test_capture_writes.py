@@ -9,6 +9,7 @@ import copy
 import warnings
 
 import fxcc
+import globals_helper
 import pytest
 import torch
 import torch.nn as nn
@@ -264,3 +265,149 @@ def test_a_write_the_traced_graph_would_not_make_is_a_capture_error_naming_the_t
     with pytest.raises(CaptureError, match="obj"):
         capture(ObjectWriter(), (torch.ones(3), obj), {})
     assert torch.equal(obj.t, torch.zeros(3)), "capture wrote into the argument's attribute"
+
+
+# ------------------------------------------- writes the source reader cannot see: the graph's own, accepted
+
+
+BUF = torch.zeros(3)
+DEF = torch.zeros(3)
+
+
+class Accumulates(nn.Module):
+    """Its forward passes a global to a helper of another file that writes its parameter in place: no source the
+    reader sees writes `BUF`, so one graph makes the write at each call."""
+
+    def forward(self, x):
+        globals_helper.accumulate(BUF, x)
+        return x * 2 + BUF
+
+
+def accumulates_default(x, t=DEF):
+    globals_helper.accumulate(t, x)
+    return x * 2 + t
+
+
+def accumulates_closure():
+    k = torch.zeros(3)
+
+    def f(x):
+        globals_helper.accumulate(k, x)
+        return x * 2 + k
+
+    return f, k
+
+
+def accumulates_attribute(x, obj):
+    globals_helper.accumulate(obj.t, x)
+    return x * 2 + obj.t
+
+
+def _sequence(make, fresh, steps):
+    """`steps` ("call", or a function given the written tensor: the user's own change between calls) run on eager
+    and then on `make()`'s compiled function, each from `fresh()` state ((arguments, written tensor)): equal
+    outputs and written tensor after every call. Returns the compiled function and the compile counts seen after
+    each call."""
+    args, t = fresh()
+    want = []
+    for step in steps:
+        if step == "call":
+            want.append((make.eager(*args), t.clone()))
+        else:
+            step(t)
+    args, t = fresh()
+    compiled, calls, counts = make(), iter(want), []
+    for i, step in enumerate(steps):
+        if step != "call":
+            step(t)
+            continue
+        out, state = next(calls)
+        got = compiled(*args)
+        assert torch.equal(got, out), f"step {i}: output {got.tolist()}, eager {out.tolist()}"
+        assert torch.equal(t, state), f"step {i}: written tensor {t.tolist()}, eager {state.tolist()}"
+        counts.append(_stats(compiled).compiles)
+    return compiled, counts
+
+
+def _stats(compiled):
+    return _runtime(compiled).stats
+
+
+def _runtime(compiled):
+    """The CompiledModule behind what fxcc.compile returned (a module's, or a function's `.fxcc`)."""
+    return compiled if isinstance(compiled, fxcc.runtime.CompiledModule) else compiled.fxcc
+
+
+class _Make:
+    """The function (or module) compiled for `_sequence`: `eager` runs it as it is."""
+
+    def __init__(self, fn):
+        self.eager = fn
+
+    def __call__(self):
+        opts = fxcc.CompileOptions(graph_cache=False, passes=PASSES, time_vs_eager=False, check_eager=False)
+        return fxcc.compile(self.eager, options=opts)
+
+
+def _by(case):
+    """(what `_sequence` compiles, fresh state) for each way the written tensor is reached."""
+    x = torch.ones(3)
+    if case == "global":
+        return _Make(Accumulates()), lambda: ((x,), reset(BUF) or BUF)
+    if case == "default argument":
+        return _Make(accumulates_default), lambda: ((x,), reset(DEF) or DEF)
+    if case == "closure":
+        f, k = accumulates_closure()
+        return _Make(f), lambda: ((x,), reset(k) or k)
+    obj = Holder()
+    return _Make(accumulates_attribute), lambda: ((x, obj), reset(obj.t) or obj.t)
+
+
+WAYS = ["global", "default argument", "closure", "argument's attribute"]
+
+
+@pytest.mark.parametrize("case", WAYS)
+def test_a_tensor_the_graph_itself_writes_is_no_change_of_its_state(case):
+    """The graph's own write into a tensor it reached (through a helper's parameter: DyCL sees none) is accepted
+    after the call (fxcc.guards.Globals.accept_writes): one compile serves every call."""
+    make, fresh = _by(case)
+    compiled, counts = _sequence(make, fresh, ["call"] * CALLS)
+    assert counts == [1] * CALLS, _stats(compiled).reasons
+    if case != "argument's attribute":  # export takes no plain object argument: a DyCL program makes that write
+        assert all(v.gm is not None for v in _runtime(compiled).variants), "one graph makes the write"
+
+
+@pytest.mark.parametrize("case", WAYS)
+def test_the_users_own_change_between_calls_is_still_seen(case):
+    """A change the graph did not make (the user's `fill_` between calls) is read or recompiles: never a stale
+    value."""
+    make, fresh = _by(case)
+    compiled, counts = _sequence(make, fresh, ["call", "call", lambda t: t.fill_(7), "call", "call",
+                                               lambda t: t.mul_(-1), "call"])
+    assert counts[:2] == [1, 1], _stats(compiled).reasons
+
+
+def writes_for_long_inputs(x):
+    if x.shape[0] > 3:
+        globals_helper.accumulate(BUF, x)
+    return x + BUF * 2
+
+
+def test_a_write_one_variant_makes_is_a_change_for_a_variant_that_folded_the_tensor():
+    """The variant for short inputs reads `BUF` only, and folds `BUF * 2` into a constant; the one for long inputs
+    writes it. That write is a change for the first: it recompiles, and never serves the old constant."""
+    short, long = torch.ones(2, 3), torch.ones(4, 3)
+    steps = [short, long, short, long, short]
+    reset(BUF)
+    want = [(writes_for_long_inputs(x), BUF.clone()) for x in steps]
+    reset(BUF)
+    passes = "canonicalize,fuse,codegen{backend=extern}"
+    opts = fxcc.CompileOptions(graph_cache=False, passes=passes, time_vs_eager=False, check_eager=False)
+    compiled = fxcc.compile(writes_for_long_inputs, options=opts)
+    for i, (x, (out, state)) in enumerate(zip(steps, want)):
+        got = compiled(x)
+        assert torch.equal(got, out), f"call {i}: output {got.tolist()}, eager {out.tolist()}"
+        assert torch.equal(BUF, state), f"call {i}: BUF {BUF.tolist()}, eager {state.tolist()}"
+    assert any(r.result.stats.get("folded") for v in compiled.fxcc.variants if v.gm is not None for r in v.records
+               if r.spec.startswith("canonicalize")), "the short variant folds `BUF * 2`"
+

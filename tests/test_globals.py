@@ -252,3 +252,44 @@ def test_a_graph_cache_entry_is_not_used_once_a_global_it_read_holds_another_val
     assert "IR from the graph cache" in third.variants[0].captured.method
     monkeypatch.setattr(HERE, "ACT", torch.tanh)
     _follows(third, m, x, "global ACT", caplog)
+
+
+DEFAULT = torch.ones(8)
+ONES = torch.ones(8)
+
+
+def with_default(x, t=DEFAULT):
+    return x + t * 2
+
+
+def with_keyword_default(x, *, t=DEFAULT):
+    return x * t.sum()
+
+
+class DefaultInForward(nn.Module):
+    def forward(self, x, t=DEFAULT):
+        return x + t * 3
+
+
+@pytest.mark.parametrize("fn", [with_default, with_keyword_default, DefaultInForward()],
+                         ids=["positional", "keyword-only", "module-forward"])
+def test_a_default_tensor_changed_in_place_recompiles(fn, x, monkeypatch, caplog):
+    """Export makes a default tensor the call does not override a constant of the graph (canonicalize may fold
+    it): changed in place afterwards, the next call must see the new value, not the constant."""
+    monkeypatch.setattr(DEFAULT, "data", torch.ones(8))
+    cf = _compiled(fn)
+    cm = cf if isinstance(cf, fxcc.CompiledModule) else cf.fxcc
+    torch.testing.assert_close(cf(x), fn(x))
+    with torch.no_grad():
+        DEFAULT.fill_(5.0)
+    _follows(cm, fn, x, "default value of parameter t of", caplog)
+
+
+def test_a_rebound_default_tensor_is_read(x):
+    def f(x, t=ONES):
+        return x + t * 2
+
+    cf = _compiled(f)
+    torch.testing.assert_close(cf(x), f(x))
+    f.__defaults__ = (torch.full((8,), 3.0),)
+    torch.testing.assert_close(cf(x), f(x))

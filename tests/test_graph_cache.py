@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_outputs_close
-from fxcc import graph_cache
+from fxcc import capture, graph_cache
 from fxcc.store import ArtifactCache
 
 
@@ -230,11 +230,11 @@ def test_libraries_of_another_site_packages_on_the_path_are_keyed_by_version(tmp
     site = tmp_path / "lib" / "site-packages"
     site.mkdir(parents=True)
     monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
-    graph_cache._install_roots.cache_clear()
-    graph_cache._in_project.cache_clear()
+    capture.install_roots.cache_clear()
+    capture.in_project.cache_clear()
     try:
-        assert not graph_cache._in_project(str(site / "somelib" / "mod.py"))
-        assert graph_cache._in_project(str(tmp_path / "model.py"))
+        assert not capture.in_project(str(site / "somelib" / "mod.py"))
+        assert capture.in_project(str(tmp_path / "model.py"))
     finally:
-        graph_cache._install_roots.cache_clear()
-        graph_cache._in_project.cache_clear()
+        capture.install_roots.cache_clear()
+        capture.in_project.cache_clear()

@@ -148,8 +148,8 @@ class Top(nn.Module):
 
 
 def test_a_submodule_class_a_factory_made_with_another_value_misses(cache_dir):
-    """The same source, the same weights: only the factory's argument differs (capture records no guard for a
-    submodule's closure; the key has it)."""
+    """The same source, the same weights: only the factory's argument differs (the key has the submodule's
+    closure)."""
     x = torch.randn(2, 4)
     for scale in (2.0, 3.0):
         torch.manual_seed(0)

@@ -743,6 +743,51 @@ def test_the_closure_of_a_function_reached_through_a_global_is_guarded():
         SET_SHIFT(1.0)
 
 
+def _make_scaled(scale):
+    """A class a factory function defines: its forward reads the factory's argument through its closure."""
+
+    class Scaled(nn.Module):
+        def forward(self, x):
+            return x * scale
+
+    def set_scale(v):
+        nonlocal scale
+        scale = v
+
+    return Scaled, set_scale
+
+
+class HoldsScaled(nn.Module):
+    def __init__(self, sub):
+        super().__init__()
+        self.sub = sub
+
+    def forward(self, x):
+        return self.sub(x) + 1
+
+
+@pytest.mark.parametrize("how", ["its closure variable rebound", "replaced by one of another such class"])
+def test_a_submodules_class_closure_is_guarded(how):
+    """Nothing the compiled forward holds leads to the submodule's class: its forward's closure is guarded all the
+    same (fxcc.capture.global_reads), as is a submodule replaced (by identity)."""
+    scaled, set_scale = _make_scaled(2.0)
+    m, x = HoldsScaled(scaled()).eval(), torch.ones(3)
+    cm = fxcc.compile(m, passes=EXTERN, options=fxcc.CompileOptions(check_eager=False, time_vs_eager=False))
+    torch.testing.assert_close(cm(x), m(x))
+    set_scale(2.0)  # an equal value: no change
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.compiles == 1
+    if how == "its closure variable rebound":
+        set_scale(5.0)
+    else:
+        m.sub = _make_scaled(3.0)[0]()
+    torch.testing.assert_close(cm(x), m(x))
+    torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.compiles == 2 and all(v.gm is not None for v in cm.variants), cm.stats.reasons
+    if how == "its closure variable rebound":
+        assert "variable scale of the closure of _make_scaled.<locals>.Scaled.forward" in cm.stats.reasons[-1]
+
+
 class Scaler:
     def __init__(self):
         self.k = 2.0
