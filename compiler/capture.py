@@ -458,7 +458,7 @@ def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
 
 
 _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
-_NO_LOADS = (frozenset(), (), (), False)  # `_global_loads` of model code that loads no global
+_NO_LOADS = (frozenset(), (), ())  # `_global_loads` of model code that loads no global
 _ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 _ABSENT = object()
 
@@ -638,28 +638,42 @@ def _holds_tensor(v: Any, depth: int = 0) -> bool:
 
 
 def _functions_run(module: nn.Module, ran: set[Any]) -> list[types.FunctionType]:
-    """The functions (methods, static and class methods, properties' getters) the classes of `module`'s modules
-    define in the user's files whose code ran: nothing else leads to a submodule's forward, whose closure holds
-    what the factory function that defined its class was given (`def make(scale): class Block(nn.Module): ...`).
-    Not an installed library's classes (transformers'), as the graph cache's key has them by version only: their
-    closures are decorators' (a guard on each of their cells would cost every call)."""
-    out: list[types.FunctionType] = []
-    classes: set[type] = set()
+    """The functions the classes of `module`'s modules define in the user's files (`_own_functions`) whose code
+    ran: nothing else leads to a submodule's forward, whose closure holds what the factory function that defined
+    its class was given (`def make(scale): class Block(nn.Module): ...`). Not an installed library's classes
+    (transformers'), as the graph cache's key has them by version only: their closures are decorators' (a guard on
+    each of their cells would cost every call)."""
+    return [fn for _, _, fn in _own_functions(module) if fn.__code__ in ran]
+
+
+def _own_functions(module: nn.Module) -> Iterator[tuple[type, str, types.FunctionType]]:
+    """The functions (methods, static and class methods, properties' accessors) that the classes of the model's
+    modules define in the user's files (`_own_class`), in the same order in every process."""
+    seen: set[type] = set()
     for sub in module.modules():
         for cls in type(sub).__mro__:
-            if cls in classes:
+            if cls in seen or not _own_class(cls):
                 continue
-            classes.add(cls)
-            mod = sys.modules.get(cls.__module__)
-            path = getattr(mod, "__file__", None)
-            if not (cls.__module__ == "__main__" if path is None else in_project(path)):
-                continue
-            for attr in vars(cls).values():
-                fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else \
-                    attr.fget if isinstance(attr, property) else attr
-                if isinstance(fn, types.FunctionType) and fn.__code__ in ran:
-                    out.append(fn)
-    return out
+            seen.add(cls)
+            for name, attr in vars(cls).items():  # in definition order
+                for fn in (getattr(attr, "__func__", attr), *(getattr(attr, a, None) for a in ("fget", "fset"))):
+                    if isinstance(fn, types.FunctionType):
+                        yield cls, name, fn
+
+
+def _own_class(cls: type) -> bool:
+    """A class of the user's files (not torch's, a library's or the standard library's: their versions key them)."""
+    if cls.__module__ == "builtins" or cls.__module__.partition(".")[0] == "torch":
+        return False
+    path = _source_file(cls)
+    return path is not None and in_project(path)
+
+
+def _source_file(cls: type) -> str | None:
+    try:
+        return inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return None
 
 
 @functools.cache
@@ -757,7 +771,7 @@ def _global_loads(code: Any) -> tuple | None:
         (chains if ins_global(chain[0]) else own).add(tuple(chain))
     if not (names or own or code.co_freevars):
         return None
-    return frozenset(names), tuple(chains), tuple(own), bool(code.co_freevars)
+    return frozenset(names), tuple(chains), tuple(own)
 
 
 def _record_reads(found: GlobalReads, g: dict, b: dict, loads: tuple) -> None:

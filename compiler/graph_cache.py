@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import inspect
 import json
 import keyword
 import logging
@@ -42,7 +41,6 @@ import re
 import sys
 import types
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -54,7 +52,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from . import ir
-from .capture import Closure, _record_closures, in_project
+from .capture import Closure, _own_functions, _record_closures, _source_file, in_project
 from .dialects import KERNEL_OPS, KernelBody, intern_body, kernel_body
 from .pipeline import PassRecord, PassResult
 from .store import cache_key, fxcc_files, tensor_bytes
@@ -165,29 +163,6 @@ def _defaults_fingerprint(fn: types.FunctionType, depth: int, within: tuple[int,
     """A function's default values (`_fingerprint`: tensors by contents)."""
     return [_fingerprint(fn.__defaults__ or (), depth + 1, False, within),
             _fingerprint(dict(sorted((fn.__kwdefaults__ or {}).items())), depth + 1, False, within)]
-
-
-def _own_functions(module: nn.Module) -> Iterator[tuple[type, str, types.FunctionType]]:
-    """The functions (methods, static and class methods, properties' accessors) that the classes of the model's
-    modules define in the user's files (`_own_class`), in the same order in every process."""
-    seen: set[type] = set()
-    for sub in module.modules():
-        for cls in type(sub).__mro__:
-            if cls in seen or not _own_class(cls):
-                continue
-            seen.add(cls)
-            for name, attr in vars(cls).items():  # in definition order
-                for fn in (getattr(attr, "__func__", attr), *(getattr(attr, a, None) for a in ("fget", "fset"))):
-                    if isinstance(fn, types.FunctionType):
-                        yield cls, name, fn
-
-
-def _own_class(cls: type) -> bool:
-    """A class of the user's files (not torch's, a library's or the standard library's: their versions key them)."""
-    if cls.__module__ == "builtins" or cls.__module__.partition(".")[0] == "torch":
-        return False
-    path = _source_file(cls)
-    return path is not None and in_project(path)
 
 
 # _parameters, _buffers, _modules, hook dicts, ...: counted elsewhere (not `training`, which is keyed); and
@@ -304,13 +279,6 @@ def _code_fingerprint(module: nn.Module) -> str:
                     todo.append(ref)
     text = "".join(f"{p}:{_file_hash(p)};" for p in sorted(files)) + ";".join(sorted(set(versions)))
     return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _source_file(cls: type) -> str | None:
-    try:
-        return inspect.getsourcefile(cls)
-    except (TypeError, OSError):
-        return None
 
 
 def _file_hash(path: str) -> str:
