@@ -347,6 +347,7 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     sizes = [(k, d) for _, k, d in spec.get("sizes") or []]
     evaluate = _evaluator(spec) if sizes else None
     serial, grain, fallback = (mod["serial"], spec["grain"], []) if sizes else (None, 0, [])
+    seen: dict[tuple[int, ...], tuple] = {}  # a symbolic kernel's entries per sizes met
 
     # per input of a static kernel: the flat view of a parameter read as it is (no packed or aligned copy), kept
     # across calls while the parameter lives (an in-place change shows through it, new memory makes another)
@@ -360,12 +361,20 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         call, syms, now_ins, now_outs = fn, (), ins, outs
         if evaluate is not None:  # symbolic: this call's sizes, and the serial variant below the grain
             syms = tuple(inputs[k].shape[d] for k, d in sizes)
-            now_ins, now_outs = evaluate(syms)
-            if any(i[3] <= 0 for i in now_ins) or any(0 in o[0] for o in now_outs):  # no elements: torch's edge cases
+            known = seen.get(syms)
+            if known is None:  # evaluated once per sizes (a decode loop's steps repeat theirs)
+                if len(seen) >= 64:
+                    seen.clear()
+                now_ins, now_outs = evaluate(syms)
+                empty = any(i[3] <= 0 for i in now_ins) or any(0 in o[0] for o in now_outs)
+                small = max((math.prod(o[0]) for o in now_outs), default=0) < grain
+                known = seen[syms] = (now_ins, now_outs, empty, small)
+            now_ins, now_outs, empty, small = known
+            if empty:  # no elements: torch's edge cases
                 if not fallback:
                     fallback.append(extern.Extern(kb).build({}).fn)
                 return fallback[0](inputs)
-            if max((math.prod(o[0]) for o in now_outs), default=0) < grain:
+            if small:
                 call = serial
         mid = pre(*inputs) if pre is not None else None
         args = []

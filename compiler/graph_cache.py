@@ -139,6 +139,15 @@ def _model_fingerprint(module: nn.Module, within: tuple[int, ...] = ()) -> str:
         attrs = sorted((k, _attr_fingerprint(v, f"{name or 'model'}.{k}", within=within)) for k, v in vars(sub).items()
                        if k not in MODULE_INTERNALS and not isinstance(v, (nn.Module, torch.Tensor)))
         h.update(repr((name, cls.__module__, cls.__qualname__, attrs)).encode())
+        # class attributes (set at run time as `Model.scale = ...`, not in the source file the code key reads)
+        for klass in cls.__mro__:
+            if klass.__module__ == "builtins" or klass.__module__.startswith("torch"):
+                continue
+            cattrs = sorted((k, _class_attr(v, f"{klass.__qualname__}.{k}", within))
+                            for k, v in vars(klass).items()
+                            if not k.startswith("__") and not isinstance(v, (types.FunctionType, property,
+                                                                             staticmethod, classmethod)))
+            h.update(repr((klass.__module__, klass.__qualname__, cattrs)).encode())
     config = getattr(module, "config", None)
     if config is not None:
         h.update(repr(sorted((k, repr(v)) for k, v in vars(config).items() if primitive(v))).encode())
@@ -171,6 +180,15 @@ def _defaults_fingerprint(fn: types.FunctionType, depth: int, within: tuple[int,
 MODULE_INTERNALS = (frozenset(vars(nn.Module())) - {"training"}) | {"_is_torch_compile"}
 
 
+def _class_attr(v: Any, where: str, within: tuple[int, ...]) -> str:
+    """A class attribute's description for the key; one with none that is stable (a descriptor, a cache object a
+    library keeps on its class) by its type: it does not turn the graph cache off for every model of the class."""
+    try:
+        return _attr_fingerprint(v, where, within=within)
+    except Unserializable:
+        return type(v).__qualname__
+
+
 def _attr_fingerprint(v: Any, where: str, depth: int = 0, within: tuple[int, ...] = ()) -> str:
     """A module attribute as key text: values by repr, functions by their code and what their closure holds,
     containers item by item. Anything else whose repr names a memory address cannot be keyed: the model is then
@@ -185,8 +203,15 @@ def _attr_fingerprint(v: Any, where: str, depth: int = 0, within: tuple[int, ...
         return repr(sorted((repr(k), _attr_fingerprint(x, where, depth + 1, within)) for k, x in v.items()))
     if isinstance(v, (set, frozenset)):  # sorted: a set's repr order changes with each process's hash seed
         return repr(sorted(_attr_fingerprint(x, where, depth + 1, within) for x in v))
-    if isinstance(v, (nn.Module, torch.Tensor)):
-        return type(v).__qualname__  # counted where modules and tensors are
+    if isinstance(v, nn.Module):
+        return type(v).__qualname__  # counted where modules are
+    if isinstance(v, torch.Tensor):
+        # a tensor directly in the module's __dict__ is counted by _weights_hash; one inside a list, tuple or dict
+        # attribute is not: key it by its contents here
+        return repr(_fingerprint(v)) if depth else type(v).__qualname__
+    if type(v).__module__ == "numpy" and hasattr(v, "tobytes"):  # repr elides the middle of a large array
+        return repr(("numpy", str(getattr(v, "dtype", "")), getattr(v, "shape", ()),
+                     hashlib.sha1(v.tobytes()).hexdigest()))
     fn = getattr(v, "__func__", v)  # a bound method: its function
     code = getattr(fn, "__code__", None)
     if code is not None:
@@ -197,6 +222,13 @@ def _attr_fingerprint(v: Any, where: str, depth: int = 0, within: tuple[int, ...
                      _closure_fingerprint(fn, 0, within) if getattr(fn, "__closure__", None) else [],
                      [_attr_fingerprint(x, where, depth + 1, within) for x in defaults],
                      None if owner is None or isinstance(owner, nn.Module) else _fingerprint(owner, 0, True, within)))
+    if type(getattr(v, "__dict__", None)) is dict and not isinstance(v, type):
+        # a plain object (a config): by its public attributes, never by its repr (a custom __repr__ may leave out
+        # the values the forward reads); private ones are left out (GenerationConfig's `_original_object_hash`
+        # differs in every process)
+        items = sorted((k, _attr_fingerprint(x, f"{where}.{k}", depth + 1, within)) for k, x in vars(v).items()
+                       if not k.startswith("_"))
+        return repr((type(v).__module__, type(v).__qualname__, items))
     text = repr(v)
     if " at 0x" in text or len(text) > 100_000:
         raise Unserializable(f"attribute {where} ({type(v).__qualname__}) has no stable description")
@@ -231,8 +263,17 @@ def _weights_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _spec_text(spec: pytree.TreeSpec) -> str:
+    """treespec_dumps, or Unserializable where a node type has no serialized name (torch.return_types.max,
+    .median, .sort, .topk, .cummax...: torch registers these structseqs without one)."""
+    try:
+        return pytree.treespec_dumps(spec)
+    except NotImplementedError as e:
+        raise Unserializable(f"a pytree node with no serialized name: {e}") from e
+
+
 def _inputs_fingerprint(flat: list[Any], spec: pytree.TreeSpec, values: bool) -> str:
-    h = hashlib.sha1(pytree.treespec_dumps(spec).encode())
+    h = hashlib.sha1(_spec_text(spec).encode())
     for x in flat:
         if isinstance(x, torch.Tensor):
             h.update(repr((tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, str(x.device))).encode())
@@ -313,8 +354,8 @@ def store(cache: Any, key: str, gm: fx.GraphModule, module: nn.Module, in_spec: 
             for path, sub in module.named_modules(remove_duplicate=False):
                 paths.setdefault(id(sub), path)
             doc["missing"] = {paths[k]: None if v is None else sorted(v) for k, v in missing.items() if k in paths}
-        doc.update(schema=SCHEMA, method=method, in_spec=pytree.treespec_dumps(in_spec),
-                   out_spec=pytree.treespec_dumps(out_spec),
+        doc.update(schema=SCHEMA, method=method, in_spec=_spec_text(in_spec),
+                   out_spec=_spec_text(out_spec),
                    records=[{"spec": r.spec, "seconds": r.seconds, "changed": r.result.changed,
                              "stats": r.result.stats} for r in records])
         files["graph.json"] = json.dumps(doc).encode()

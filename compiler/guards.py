@@ -557,6 +557,23 @@ class ModuleState:
                 and self.versions.check(self.tagged) and self._entries_equal()):  # only the root's dict moved
             self.root_tag = _dict_version(self.root_dict)
 
+    def accept_attribute_writes(self) -> None:
+        """A DyCL host program ran: it reads the model's attributes live and its segments check only what they
+        baked (`baked_changed`), so the primitive values the call itself stored (`self.calls += 1`) are no change of
+        the model: they are recorded again. `changed()` ran just before the call: nothing else changed them since."""
+        # primitive values only: a tensor or an object stored where one was is still a change (compared by value
+        # it has no single truth value)
+        now = list(map(dict.get, self.dicts, self.keys))
+        every = all(map(_immutable, now))
+        self.values = [copy.deepcopy(n) if _immutable(n) else was for n, was in zip(now, self.values)]
+        mutable = [i for i, v in enumerate(self.values) if not _immutable(v)]
+        self.mutable_dicts = [self.dicts[i] for i in mutable]
+        self.mutable_keys = [self.keys[i] for i in mutable]
+        self.mutable_values = [self.values[i] for i in mutable]
+        if self.versions is not None and every:  # else the tags stay: the next check compares the entries
+            self.versions = _dict_versions(self.tagged)
+            self.root_tag = _dict_version(self.root_dict)
+
     def _retag(self) -> None:
         """Take the dicts' version tags again after a change that compiled code does not depend on (an attribute
         nothing reads, a value set to an equal one); given up after _REARMS such changes (a model that keeps
@@ -627,8 +644,8 @@ class ModuleState:
         for d, k, v, where in zip(self.dicts, self.keys, self.values, self.attr_where):
             if k not in d:
                 return f"{where} was deleted"
-            if d[k] != v:
-                return f"{where} changed from {v!r} to {d[k]!r}"
+            if d[k] is not v and (type(d[k]) is not type(v) or d[k] != v):
+                return f"{where} changed from {_short(v)} to {_short(d[k])}"
         counts = list(map(len, self.counts_of))
         if counts != self.counts or any(map(operator.contains, self.miss_dicts, self.miss_names)):
             why = self._added_or_deleted()

@@ -333,11 +333,14 @@ class _Hot:
     3-8 us a call on the small breadth networks (densenet_transition's call 34 against 37 us, medians of 3000
     calls of one compiled module with it and without, in rotating order)."""
 
-    __slots__ = ("guard", "n", "state", "tensors", "training", "context", "variant")
+    __slots__ = ("guard", "n", "state", "tensors", "training", "context", "variant", "eager")
 
-    def __init__(self, guard: Any, n: int, state: ModuleState, training: bool, variant: Variant) -> None:
-        self.guard, self.n, self.state, self.tensors = guard, n, state, state.layouts.tensors
+    def __init__(self, guard: Any, n: int, state: ModuleState | None, training: bool,
+                 variant: Variant | _Eager) -> None:
+        self.guard, self.n, self.state = guard, n, state
+        self.tensors = state.layouts.tensors if state is not None else []
         self.training, self.context, self.variant = training, call_context(), variant
+        self.eager = state is None
 
     @staticmethod
     def of(variant: Variant | _Eager, args: tuple, state: ModuleState, training: bool) -> _Hot | None:
@@ -345,6 +348,14 @@ class _Hot:
             return None
         guard = tensor_guards([*args, *state.layouts.tensors])
         return _Hot(guard, len(args), state, training, variant) if guard is not None else None
+
+    @staticmethod
+    def eager_of(variant: _Eager, args: tuple, training: bool) -> _Hot | None:
+        """A plain-tensor signature that runs eagerly: its arguments checked in one C++ pass, the model's state
+        not at all (eager reads it live): 6.4 against 11.4 us a call through the Python key and lookup it
+        replaces (a one-op module on this project's CPU; eager alone 3.3 us)."""
+        guard = tensor_guards(list(args))
+        return _Hot(guard, len(args), None, training, variant) if guard is not None else None
 
 
 _HOT_MISSES = 16  # calls of other signatures before the hot one is given up
@@ -514,6 +525,9 @@ class CompiledModule(ModuleView):
         self._eager_call = eager_call or method or module
         self._variants: dict[Any, Variant | _Eager] = {}
         self._compiled: list[Variant] = []  # every compiled variant, oldest first
+        # variants measured slower than eager: their shape class runs eagerly, compiled no more
+        self._slower: list[_Eager] = []
+        self._attempts: list[Variant] = []  # every variant compiled, kept or measured slower, oldest first
         self._memo: dict[Any, Variant | _Eager] = {}  # guard key -> the symbolic variant whose guard accepted it
         self._sized: dict[Any, frozenset[int]] = {}  # input spec -> its ints that are sizes (_sizes_of)
         self._static_ints: dict[Any, dict[int, str]] = {}  # input spec -> int arguments kept constants, and why
@@ -601,8 +615,11 @@ class CompiledModule(ModuleView):
             self._check_hooks()
         hot = self._hot
         if hot is not None and not kwargs:  # the signature served last: one C++ check of arguments and tensors
-            if (len(args) == hot.n and hot.state is self._params and hot.guard.check(*args, *hot.tensors)
+            if (len(args) == hot.n and (hot.state is self._params or hot.eager) and hot.guard.check(*args, *hot.tensors)
                     and self.module.training is hot.training and call_context() == hot.context):
+                if hot.eager:  # a signature that runs eagerly: the model as it is now, its state unchecked
+                    self.stats.eager_calls += 1
+                    return self._eager(*args)
                 if hot.state.changed(layouts=False) is None:
                     return self._run(hot.variant, list(args), args, kwargs)
             else:
@@ -613,6 +630,8 @@ class CompiledModule(ModuleView):
         fast = None if kwargs else _fast_key(args, self.module.training)
         variant = self._fast.get(fast) if fast is not None else None
         if type(variant) is _Eager:  # runs the model as it is now: its state is not checked (a change keeps it)
+            if self._hot is None:
+                self._hot = _Hot.eager_of(variant, args, self.module.training)
             self.stats.eager_calls += 1
             return self._eager(*args)
         if variant is not None and (not self._params or self._params_unchanged()):
@@ -765,6 +784,8 @@ class CompiledModule(ModuleView):
         self._variants = {k: v for k, v in self._variants.items() if isinstance(v, _Eager)} if keep_eager else {}
         self._fresh = {k: v for k, v in self._fresh.items() if isinstance(v, _Eager)} if keep_eager else {}
         self._compiled, self._memo, self._fast, self._calls, self._call_misses = [], {}, {}, _Calls(), {}
+        self._slower = self._slower if keep_eager else []
+        self._attempts = [e.compiled for e in self._slower]
         self._hot = None
         self._sources, self._live, self._missing, self._globals, self._dropped = {}, {}, {}, {}, why
         self._written = None
@@ -814,6 +835,8 @@ class CompiledModule(ModuleView):
         if getattr(variant, "writes_state", False):  # its own writes to buffers are no parameter change
             if self._params is not None:
                 self._params.accept_writes(variant.written)
+        elif variant.gm is None and getattr(variant, "program", None) is not None and self._params is not None:
+            self._params.accept_attribute_writes()  # a DyCL host program's own attribute stores
         return out
 
     def _run_checked(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict,
@@ -903,6 +926,16 @@ class CompiledModule(ModuleView):
                     self._memo.clear()
                 self._memo[key] = v.unlike_eager or v
                 return self._memo[key]
+        for e in self._slower:  # a shape class already measured slower than eager: eager, not another compile
+            v = e.compiled
+            if v.shapes is None:
+                continue
+            struct = struct or (spec, dynamic.structure(flat, self._state_ints(spec)), self.module.training)
+            if v.struct == struct and v.shapes.matches(flat):
+                if len(self._memo) >= _MEMO:
+                    self._memo.clear()
+                self._memo[key] = e
+                return e
         return None
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
@@ -1009,8 +1042,8 @@ class CompiledModule(ModuleView):
         if self._churned is not None:  # said once, when its state was found changing at every call
             self._variants[key] = _Eager(self._churned)
             return self._variants[key]
-        if len(self._compiled) >= self.options.max_variants:
-            why = (f"{self.name} already has {len(self._compiled)} compiled variants (max_variants="
+        if len(self._attempts) >= self.options.max_variants:
+            why = (f"{self.name} already has {len(self._attempts)} compiled variants (max_variants="
                    f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
             advice = ("Raise CompileOptions.max_variants, or keep what the reason names the same between calls "
                       "(fxcc.explain lists each variant's reason)." if self.options.dynamic is True else
@@ -1056,19 +1089,37 @@ class CompiledModule(ModuleView):
             kept = [i for i in dims or {} if type(flat[i]) in (int, float) and i not in variant.shapes.dims and i not in const]
             reason += "".join(f"; `{names[i]}` stays a constant: the program needs its value (export specialized it)"
                               for i in kept)
+            # a size that changed from an earlier variant's, asked for symbolic, that export specialized (a Python
+            # loop over it: Mamba's `range(seq_len)`): each new value compiles again, which the reason should say
+            moved: dict[int, set[int]] = {}
+            for v in self._attempts:
+                if v.shapes is not None and v.struct is not None and v.struct[0] == spec:
+                    for i, ds in v.shapes.changed(flat).items():
+                        moved.setdefault(i, set()).update(ds)
+            fixed = {i: sorted(d for d in set(ds) & moved.get(i, set()) - set(variant.shapes.dims.get(i, ())))
+                     for i, ds in (dims or {}).items() if isinstance(flat[i], torch.Tensor)}
+            reason += "".join(f"; `{names[i]}` dim {'/'.join(map(str, ds))} stays static: the program needs its value "
+                              "(export specialized it), so each new size compiles" for i, ds in fixed.items() if ds)
             symbolic = variant.shapes.describe()
             reason += f"; symbolic: {symbolic}" if symbolic else "; static shapes"
         if getattr(variant, "reason", ""):  # a DyCL variant says why it is a host program
             reason += f"; {variant.reason}"
         variant.reason = reason
-        if len(self._compiled):
+        if self._attempts:
             recompiles.info("recompiling %s: %s", self.name, reason)
         else:
             log.info("compiling %s: %s", self.name, reason)
         variant = self._against_eager(variant, args, kwargs)
         self._variants[key] = variant
-        if not isinstance(variant, _Eager):  # one measured slower than eager serves no other shapes either
+        if not isinstance(variant, _Eager):
             self._compiled.append(variant)
+            self._attempts.append(variant)
+        elif variant.compiled is not None and variant.compiled.shapes is not None:
+            # measured slower than eager: its shape class runs eagerly without compiling again, a size that
+            # changes from it recompiles symbolic (automatic dynamic, as from a kept one) and it counts toward
+            # max_variants: a model slower than eager at every size stops compiling
+            self._slower.append(variant)
+            self._attempts.append(variant.compiled)
         self.stats.compiles += 1
         self.stats.reasons.append(reason)
         self.stats.history.append(", ".join(ir.type_str(x) for x in flat))
@@ -1089,7 +1140,7 @@ class CompiledModule(ModuleView):
             sized |= ints - static.keys()
         else:
             sized |= ints & self.dims_hint.keys() - static.keys()  # (torch.compile's backend: dynamo made them so)
-            seen = [v.struct[1] for v in self._compiled if v.struct is not None and v.struct[0] == spec
+            seen = [v.struct[1] for v in self._attempts if v.struct is not None and v.struct[0] == spec
                     and v.struct[2] == self.module.training]
             changes = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), ints, sized, seen)
             sized |= changes.keys() - static.keys()
@@ -1109,11 +1160,11 @@ class CompiledModule(ModuleView):
             consts = tuple(("int",) if i in sized else e for i, e in enumerate(st[1]))
             return st[0], dynamic.without_layouts(consts), st[2]
 
-        kin = [v for v in self._compiled if v.shapes is not None and v.struct is not None
+        kin = [v for v in self._attempts if v.shapes is not None and v.struct is not None
                and len(v.struct[1]) == len(struct[1]) and bare(v.struct) == bare(struct)]
         same = [v for v in kin if v.struct == struct]
         last = (same or kin or [None])[-1]
-        if not self._compiled:
+        if not self._attempts:
             reason = self._dropped or "first call"
         elif last is None:
             reason = f"new input structure ({', '.join(ir.type_str(x) for x in flat)})"
@@ -1123,7 +1174,7 @@ class CompiledModule(ModuleView):
                                                                                  last.shapes.example_strides)
             else:  # another layout class (a transposed, channels-last, sliced or broadcast input)
                 why = dynamic.stride_change(flat, names, last.shapes.example_strides, last.struct[1])
-            reason = f"{why or 'no variant accepts the call'} (variant {self._compiled.index(last) + 1})"
+            reason = f"{why or 'no variant accepts the call'} (variant {self._attempts.index(last) + 1})"
         if scalar:
             reason = scalar
         mode = self.options.dynamic

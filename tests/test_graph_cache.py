@@ -12,6 +12,7 @@ import sys
 import warnings
 
 import fxcc
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -238,3 +239,60 @@ def test_libraries_of_another_site_packages_on_the_path_are_keyed_by_version(tmp
     finally:
         capture.install_roots.cache_clear()
         capture.in_project.cache_clear()
+
+
+class _Scaled(nn.Module):
+    scale = 1.0  # a class attribute, set at run time below
+
+    def __init__(self, v: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+        self.consts = [torch.full((8,), v)]  # a tensor inside a list attribute
+        self.table = {"s": torch.tensor(v)}  # and inside a dict
+        arr = np.ones(2000, dtype=np.float32)
+        arr[1000] = v
+        self.arr = arr  # a numpy array (its repr elides the middle)
+        self.cfg = _Opaque(v)  # a plain object whose repr leaves its value out
+
+    def forward(self, x):
+        s = self.consts[0] * self.table["s"] * float(self.arr[1000]) * self.cfg.s * self.scale
+        return self.lin(x) * s
+
+
+class _Opaque:
+    def __init__(self, s: float):
+        self.s = s
+
+    def __repr__(self) -> str:
+        return "_Opaque()"
+
+
+@pytest.mark.parametrize("change", ["class", "list", "dict", "numpy", "object"])
+def test_state_out_of_the_weights_is_keyed(cache_dir, monkeypatch, change):
+    """A class attribute set at run time, a tensor in a list or dict attribute, a numpy array and a plain object
+    whose repr leaves its values out are part of the key: another value misses (a hit served the first value's
+    graph, silently wrong where the first-call check against eager is off) and the same value hits."""
+    monkeypatch.setenv("FXCC_CHECK_EAGER", "0")
+    x = torch.randn(4, 8)
+    _Scaled.scale = 2.0
+    _compile(_Scaled(2.0).eval(), x)
+    again, _ = _compile(_Scaled(2.0).eval(), x)
+    assert "graph cache" in again.variants[-1].captured.method
+    other = _Scaled(2.0).eval()
+    if change == "class":
+        _Scaled.scale = 3.0
+    elif change == "list":
+        other.consts = [torch.full((8,), 3.0)]
+    elif change == "dict":
+        other.table = {"s": torch.tensor(3.0)}
+    elif change == "numpy":
+        other.arr[1000] = 3.0
+    else:
+        other.cfg = _Opaque(3.0)
+    try:
+        cm, out = _compile(other, x)
+        assert "graph cache" not in cm.variants[-1].captured.method
+        assert_outputs_close(out, other(x))
+    finally:
+        _Scaled.scale = 1.0

@@ -117,3 +117,29 @@ def test_generate_installing_its_forward_is_not_counted_as_a_change_of_the_model
         assert torch.equal(c.generate(ids, **kw), m.generate(ids, **kw))
         m.my_flag = True  # a new root attribute nothing reads: not a change of what compiled code computes
         torch.testing.assert_close(c.generate(ids, **kw), m.generate(ids, **kw), rtol=0, atol=0)
+
+
+
+def test_a_signature_that_runs_eagerly_takes_it_and_reads_the_model_live():
+    """Past max_variants a signature runs eagerly; its repeated calls take the hot path without the model's state
+    (eager reads it live: a weight changed in place shows at once, with no recompile); a forward hook and
+    another shape still go the full way."""
+    torch.manual_seed(0)
+    m = Net().eval()
+    c = fxcc.compile(m, dynamic=False, options={"max_variants": 1})
+    a, b = torch.randn(4, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        _same(c, m, a)  # compiled
+        for _ in range(3):
+            _same(c, m, b)  # past max_variants: eagerly
+        assert c._hot is not None and c._hot.eager and c.stats.compiles == 1
+        eager = c.stats.eager_calls
+        m.fc2.weight.mul_(3)
+        _same(c, m, b)
+        assert c.stats.eager_calls == eager + 1 and c.stats.compiles == 1
+        seen = []
+        handle = m.fc1.register_forward_hook(lambda mod, i, o: seen.append(tuple(o.shape)))
+        _same(c, m, b)
+        assert seen == [(3, 32), (3, 32)]  # the compiled module's call (eagerly) and the reference call each ran it
+        handle.remove()
+        _same(c, m, a)  # the compiled signature again (recompiled for the changed weight)

@@ -587,3 +587,61 @@ def test_a_forward_decorated_in_the_class_body_runs_compiled_per_instance(cls):
     # each instance is compiled as itself with the method bound (its state guarded as a module's), not as a
     # function taking the module as an argument
     assert cls.forward.fxcc.stats.compiles == 0
+
+
+class Median(nn.Module):
+    def forward(self, x):
+        return x.median(dim=1)
+
+
+class TakesMax(nn.Module):
+    def forward(self, x, mx):
+        return mx.values + x.sum()
+
+
+def test_torch_return_types_in_and_out(tmp_path, monkeypatch):
+    """A module returning (or taking) a torch.return_types value (median, max, sort, topk along a dim): the graph
+    cache cannot name its structure, so the graph is not cached, and the call returns eager's type and values
+    (the first call raised NotImplementedError from the cache's pytree serializer)."""
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))
+    x = torch.randn(3, 4)
+    out = fxcc.compile(Median())(x)
+    want = Median()(x)
+    assert type(out) is type(want)
+    torch.testing.assert_close(out.values, want.values)
+    torch.testing.assert_close(out.indices, want.indices)
+    mx = x.max(dim=1)
+    torch.testing.assert_close(fxcc.compile(TakesMax())(x, mx), TakesMax()(x, mx))
+
+
+class Counted(nn.Module):
+    """A Python int attribute the forward increments (the README's example of a Python side effect)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * self.calls
+
+
+def test_an_int_attribute_the_forward_increments_compiles_once():
+    """The forward's own store into `self.calls` is no change of the model (it recompiled at every call and ran
+    eagerly for good after eight); each call's result and the counter follow eager's."""
+    torch.manual_seed(0)
+    m, ref = Counted().eval(), Counted().eval()
+    ref.load_state_dict(m.state_dict())
+    cm = fxcc.compile(m, passes=PASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(12):
+            x = torch.randn(4, 8)
+            torch.testing.assert_close(cm(x), ref(x))
+    assert m.calls == ref.calls == 12
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0, cm.stats.reasons
+    m.calls = 100  # a change from outside is still seen
+    x = torch.randn(4, 8)
+    ref.calls = 100
+    torch.testing.assert_close(cm(x), ref(x))

@@ -32,6 +32,9 @@ SPLIT = {"RBLOCK": 4, "ROWS": 2, "SPLIT": 4}
 
 from test_triton import interpreter  # noqa: E402, F401 - the autouse fixture: Triton's interpreter on the CPU
 
+# where the kernels run: a GPU when there is one (real Triton builds), else the interpreter on the CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 class _Recorded:
     """A kernel of the executed source that notes each launch (its name and grid)."""
@@ -72,7 +75,7 @@ def reductions_of(fn, *args) -> list:
 
 
 def candidate(kb):
-    cands = backend.candidates(kb, "cpu")
+    cands = backend.candidates(kb, DEVICE)
     assert cands, f"no Triton candidate for\n{kb.text}"
     return cands[0]
 
@@ -80,7 +83,7 @@ def candidate(kb):
 def check(kb, params: dict, log: list, kernels: list[str], inputs: list | None = None) -> None:
     """The candidate with `params` launches `kernels` (in order) and matches the body run by torch."""
     cand = candidate(kb)
-    inputs = inputs if inputs is not None else example_inputs(kb, "cpu")
+    inputs = [t.to(DEVICE) for t in inputs] if inputs is not None else example_inputs(kb, DEVICE)
     want = list(kb.body(*inputs))
     log.clear()
     got = cand.build({**cand.defaults, **params}).fn(inputs)
@@ -217,7 +220,7 @@ def test_bf16_accumulates_in_fp32(launches):
 def test_reductions_of_one_level_share_a_loop():
     """A sum and a max of the same rows need no result of each other: one loop accumulates both (fusion keeps
     them apart, so the body is traced here)."""
-    x = torch.randn(4, 19)
+    x = torch.randn(4, 19, device=DEVICE)
     body = make_fx(lambda t: t.sum(-1) + t.amax(-1), tracing_mode="fake")(x)
     plan = backend.reduction_plan(body, "sum and amax")
     looped = looped_source(plan.source)
@@ -240,11 +243,16 @@ def test_defaults_follow_the_shape():
     """Full-size shapes (issue 20): whole short rows, looped long ones, split where rows are few."""
     d = backend.row_defaults
     assert d(1024 * 2048, 128, outer=True, persistent=True, split=True) == \
-        {"ROWS": 64, "RBLOCK": 128, "SPLIT": 1, "num_warps": 8}  # var over dim 0: whole columns, coalesced
+        {"ROWS": 128, "RBLOCK": 128, "SPLIT": 1, "num_warps": 4}  # var over dim 0: whole columns, coalesced
+    # a softmax over dim 1 writes rows as large as its input: fewer rows a tile, more warps
+    assert d(128 * 2048, 1024, outer=True, persistent=True, split=True, writes_rows=True) == \
+        {"ROWS": 16, "RBLOCK": 1024, "SPLIT": 1, "num_warps": 16}
     assert d(1024, 128 * 2048, outer=False, persistent=False, split=True)["SPLIT"] == 1  # enough rows
     mse = d(1, 32768 * 32768, outer=False, persistent=False, split=True)
     assert mse["SPLIT"] == 1024 and mse["RBLOCK"] == 4096
-    assert d(512, 200704, outer=False, persistent=False, split=True)["SPLIT"] > 1  # GroupNorm's 512 rows
+    assert d(512, 200704, outer=False, persistent=False, split=True) == \
+        {"ROWS": 2, "RBLOCK": 4096, "SPLIT": 1, "num_warps": 8}  # GroupNorm's 512 rows: looped, two at a time
+    assert d(64, 200704, outer=False, persistent=False, split=True)["SPLIT"] >= 4  # 64 rows: split
     assert d(5, 40, outer=False, persistent=True, split=True) == {"ROWS": 8, "RBLOCK": 64, "SPLIT": 1, "num_warps": 4}
     assert backend.row_mode({"RBLOCK": 64, "SPLIT": 1}, 40, True, True) == "persistent"
     assert backend.row_mode({"RBLOCK": 16, "SPLIT": 1}, 40, True, True) == "looped"
@@ -262,6 +270,6 @@ def test_symbolic_row_counts_loop_and_split():
     ns = backend._execute(plan.source, "symbolic")
     for params in ({}, LOOPED, SPLIT):
         for rows in (3, 9):
-            x = torch.randn(rows, 37)
+            x = torch.randn(rows, 37, device=DEVICE)
             got = plan.launcher(ns, {**plan.defaults, **params})([x])[0]
             torch.testing.assert_close(got, torch.softmax(x, -1) * 2)

@@ -364,3 +364,46 @@ def test_writes_into_inputs_are_repeatable_once_the_inputs_are_restored_but_writ
     g.output(x)
     into_buffer = fx.GraphModule(root, g)
     assert "writes its inputs" in vs_eager.unrepeatable(into_buffer, inputs_restored=True)
+
+
+def test_a_shape_class_measured_slower_runs_eagerly_at_every_size_without_compiling_again(monkeypatch):
+    """A symbolic variant measured slower than eager serves its shape class eagerly: twenty batch sizes cost
+    the static compile and one symbolic one (it compiled a new symbolic variant per size, without end), and
+    they count toward max_variants."""
+    fake_timer(monkeypatch, compiled_ms=2.0, eager_ms=1.0)
+    model = Scaled().eval()
+    cm = fxcc.compile(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for b in range(4, 24):
+            x = torch.randn(b, 16)
+            torch.testing.assert_close(cm(x), model(x))
+    assert cm.stats.compiles == 2, cm.stats.reasons
+    assert cm.stats.eager_calls == 20
+
+
+def test_a_generate_whose_variants_are_no_faster_than_eager_compiles_twice_in_all(monkeypatch):
+    """Prefill and decode both judged no faster than eager (as a loaded machine may measure): each decode step's
+    new KV length and a second generate's new prompt length run eagerly under those verdicts; they compiled
+    again at every token, past max_variants."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(vs_eager, "judge", lambda *a, **k: vs_eager.Verdict(compiled_ms=1.05, eager_ms=1.0,
+                                                                             eager_wins=True))
+    monkeypatch.setattr(vs_eager, "remembered", lambda cache, key: None)
+    cfg = transformers.GPTBigCodeConfig(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                        n_inner=128, multi_query=True, bos_token_id=0, eos_token_id=None,
+                                        pad_token_id=0)
+    m = transformers.GPTBigCodeForCausalLM(cfg).eval()
+    ids, longer = torch.randint(1, 1000, (1, 6)), torch.randint(1, 1000, (1, 9))
+    with torch.no_grad():
+        want = [m.generate(p, max_new_tokens=12, do_sample=False) for p in (ids, longer)]
+    m.forward = fxcc.compile(m.forward, passes="canonicalize,raise,fuse,codegen{backend=extern}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            got = [m.generate(p, max_new_tokens=12, do_sample=False) for p in (ids, longer)]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    stats = m.forward.fxcc.stats
+    assert stats.compiles == 2, stats.reasons
+    assert stats.eager_calls == 24
