@@ -502,9 +502,16 @@ def _row_store(rd: _Rows, em: Emitter, i: int, v: Value, idx: tuple, cols: str, 
     return f"tl.store(out{i} + {at}, {v.name}.to({tl_dtype(dtype_of(o))}), mask={mask})"
 
 
-def _red_offset(rd: _Rows, em: Emitter, i: int, at: tuple) -> str:
-    o = rd.outs[i]
-    return "rows" if memory_order(o) is None else em.index(store_offset(o, at))
+def _red_stores(rd: _Rows, em: Emitter, todo: _Targets, lead: tuple, mask: str, lane: str = "") -> list[str]:
+    """The stores of the reduction-shaped outputs, once per row (`lane`: what picks one lane of a whole-row tile)."""
+    lines = []
+    for i in todo.red_outs:
+        o = rd.outs[i]
+        at = _row_index(rd, shape_of(o), lead, None)
+        v = em.value(o, at)
+        off = "rows" if memory_order(o) is None else em.index(store_offset(o, at))
+        lines.append(f"tl.store(out{i} + {off}{lane}, {v.name}.to({tl_dtype(dtype_of(o))}), mask={mask})")
+    return lines
 
 
 def _sweep(rd: _Rows, em: Emitter, lead: tuple, cols: str, todo: _Targets) -> bool:
@@ -539,20 +546,20 @@ def _persistent_kernel(rd: _Rows) -> tuple[list[str], Emitter]:
     """Whole rows in registers, ROWS of them per program: every input element is read once, however many
     reductions depend on one another."""
     em = rd.emitter()
-    start = "tl.program_id(0).to(tl.int64)" if rd.int64 else "tl.program_id(0)"
-    head = [f"rows = {rd.vector(f'{start} * ROWS + tl.arange(0, ROWS)', False)}",
+    head = [f"rows = {rd.vector(f'{_first_row(rd)} * ROWS + tl.arange(0, ROWS)', False)}",
             f"cols = {rd.vector('tl.arange(0, BLOCK_N)', True)}", f"mask = (rows < {rd.rows}) & (cols < {rd.n})"]
     lead = tuple(em.index(e) for e in delinearize("rows", tuple(rd.x_shape[d] for d in rd.kept)))
     todo = _targets(rd)
     _sweep(rd, em, lead, "cols", todo)
     if todo.pending():
         raise Unsupported("a reduction the row kernel cannot compute in one pass")
-    for i in todo.red_outs:
-        at = _row_index(rd, shape_of(rd.outs[i]), lead, None)
-        v = em.value(rd.outs[i], at)
-        em.lines.append(f"tl.store(out{i} + {_red_offset(rd, em, i, at)} + cols * 0, "
-                        f"{v.name}.to({tl_dtype(dtype_of(rd.outs[i]))}), mask=mask & (cols == 0))")
+    em.lines += _red_stores(rd, em, todo, lead, "mask & (cols == 0)", " + cols * 0")
     return [*head, *em.lines], em
+
+
+def _first_row(rd: _Rows) -> str:
+    """The program's first row, over ROWS (in int64 where an offset may pass 2^31)."""
+    return "tl.program_id(0).to(tl.int64)" if rd.int64 else "tl.program_id(0)"
 
 
 def _loop(rd: _Rows, em: Emitter, lead: tuple, todo: _Targets, k: int, first: str,
@@ -577,8 +584,8 @@ def _loop(rd: _Rows, em: Emitter, lead: tuple, todo: _Targets, k: int, first: st
 
 def _start(rd: _Rows, em: Emitter) -> tuple[list[str], tuple]:
     """A looped kernel's first lines (its rows, their mask) and the kept dims' index."""
-    start = "tl.program_id(0).to(tl.int64)" if rd.int64 else "tl.program_id(0)"
-    em.lines = [f"rows = {rd.vector(f'{start} * ROWS + tl.arange(0, ROWS)', False)}", f"rmask = rows < {rd.rows}"]
+    em.lines = [f"rows = {rd.vector(f'{_first_row(rd)} * ROWS + tl.arange(0, ROWS)', False)}",
+                f"rmask = rows < {rd.rows}"]
     return em.lines, tuple(em.index(e) for e in delinearize("rows", tuple(rd.x_shape[d] for d in rd.kept)))
 
 
@@ -603,11 +610,7 @@ def _looped_kernel(rd: _Rows) -> tuple[list[str], Emitter]:
     else:
         raise Unsupported(f"reductions depending on one another more than {_LOOPS} deep")
     em.loop, em.mask, em.zero = CLOSED, "rmask", "(rows * 0)"
-    for i in todo.red_outs:
-        at = _row_index(rd, shape_of(rd.outs[i]), lead, None)
-        v = em.value(rd.outs[i], at)
-        top.append(f"tl.store(out{i} + {_red_offset(rd, em, i, at)}, {v.name}.to({tl_dtype(dtype_of(rd.outs[i]))}), "
-                   "mask=rmask)")
+    top += _red_stores(rd, em, todo, lead, "rmask")
     return top, em
 
 
@@ -652,11 +655,7 @@ def _split_kernels(rd: _Rows) -> _Split:
             continue
         # the interpreter takes no scalar condition in a mask
         em.loop, em.mask, em.zero = CLOSED, "rmask & (rows * 0 + pid == 0)", "(rows * 0)"
-        for i in todo.red_outs:
-            at = _row_index(rd, shape_of(rd.outs[i]), lead, None)
-            v = em.value(rd.outs[i], at)
-            top.append(f"tl.store(out{i} + {_red_offset(rd, em, i, at)}, "
-                       f"{v.name}.to({tl_dtype(dtype_of(rd.outs[i]))}), mask={em.mask})")
+        top += _red_stores(rd, em, todo, lead, em.mask)
         bodies.append(top)
         return _Split(bodies, len(finished), loop is not None, em)
     raise Unsupported(f"reductions depending on one another more than {_LOOPS} deep")
@@ -684,17 +683,14 @@ def row_defaults(rows: int, n: int, outer: bool, persistent: bool, split: bool, 
     A tile stays within `budget` elements. `writes_rows`: an output as large as the input (a softmax, a norm)."""
     bn = _pow2(n)
     few = outer and not writes_rows
-    if few:  # reduced outputs only: tiles of 16384 elements (32 rows at least) on 4 warps. H100 sweeps of sum, amax,
-        # var and std over dim 0 or 1 of [128, 1024, 2048] bf16 ran 1.1-1.75x faster than with 64 rows on 8 warps
-        # or 16 on 16; a softmax over dim 1 (a row-sized output) the other way round, 0.84 against 0.58 ms
-        rows_p = max(1, min(_pow2(rows), max(32, 16384 // bn), 1024))
-        whole = persistent and bn * rows_p <= budget
-        if not whole:
-            rows_p = max(1, min(_pow2(rows), 64))
-        chunk = max(1, min(bn, 4096 // rows_p, budget // rows_p))
-    elif outer:
-        rows_p = max(1, min(_pow2(rows), max(16, 8192 // bn), 1024))
-        whole = persistent and bn * rows_p <= 16384
+    if outer:
+        # reduced outputs only (`few`): tiles of 16384 elements (32 rows at least, up to the budget whole) on 4
+        # warps. H100 sweeps of sum, amax, var and std over dim 0 or 1 of [128, 1024, 2048] bf16 ran 1.1-1.75x
+        # faster than with 64 rows on 8 warps or 16 on 16; a softmax over dim 1 (a row-sized output) the other way
+        # round, 0.84 against 0.58 ms, so it keeps tiles of 8192 (16 rows at least, 16384 whole)
+        least, target_tile, whole_tile = (32, 16384, budget) if few else (16, 8192, 16384)
+        rows_p = max(1, min(_pow2(rows), max(least, target_tile // bn), 1024))
+        whole = persistent and bn * rows_p <= whole_tile
         if not whole:
             rows_p = max(1, min(_pow2(rows), 64))
         chunk = max(1, min(bn, 4096 // rows_p, budget // rows_p))

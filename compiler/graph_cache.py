@@ -134,20 +134,20 @@ def _model_fingerprint(module: nn.Module, within: tuple[int, ...] = ()) -> str:
     """`within`: as `_fingerprint`'s (a closure among the attributes may hold the module again)."""
     h = hashlib.sha1()
     within = (*within, id(module))
+    classes: dict[type, None] = {}  # every class of the modules' classes, once, in the same order in every process
     for name, sub in module.named_modules(remove_duplicate=False):
         cls = type(sub)
         attrs = sorted((k, _attr_fingerprint(v, f"{name or 'model'}.{k}", within=within)) for k, v in vars(sub).items()
                        if k not in MODULE_INTERNALS and not isinstance(v, (nn.Module, torch.Tensor)))
         h.update(repr((name, cls.__module__, cls.__qualname__, attrs)).encode())
-        # class attributes (set at run time as `Model.scale = ...`, not in the source file the code key reads)
-        for klass in cls.__mro__:
-            if klass.__module__ == "builtins" or klass.__module__.startswith("torch"):
-                continue
-            cattrs = sorted((k, _class_attr(v, f"{klass.__qualname__}.{k}", within))
-                            for k, v in vars(klass).items()
-                            if not k.startswith("__") and not isinstance(v, (types.FunctionType, property,
-                                                                             staticmethod, classmethod)))
-            h.update(repr((klass.__module__, klass.__qualname__, cattrs)).encode())
+        classes.update(dict.fromkeys(cls.__mro__))
+    for klass in classes:  # class attributes (set at run time, `Model.scale = ...`: not in the source the code key reads)
+        if klass.__module__ == "builtins" or klass.__module__.partition(".")[0] == "torch":
+            continue
+        cattrs = sorted((k, _class_attr(v, f"{klass.__qualname__}.{k}", within)) for k, v in vars(klass).items()
+                        if not k.startswith("__")
+                        and not isinstance(v, (types.FunctionType, property, staticmethod, classmethod)))
+        h.update(repr((klass.__module__, klass.__qualname__, cattrs)).encode())
     config = getattr(module, "config", None)
     if config is not None:
         h.update(repr(sorted((k, repr(v)) for k, v in vars(config).items() if primitive(v))).encode())

@@ -366,10 +366,7 @@ class ModuleState:
         self.tensor_names = {id(t): n for n, t in tensors.items()}
         self.layouts = Layouts(self.tensors)
         self.counts = list(map(len, self.counts_of))
-        mutable = [i for i, v in enumerate(self.values) if not _immutable(v)]  # lists: changed in place, untagged
-        self.mutable_dicts = [self.dicts[i] for i in mutable]
-        self.mutable_keys = [self.keys[i] for i in mutable]
-        self.mutable_values = [self.values[i] for i in mutable]
+        self._split_mutable()
         self.rearms = 0
         self.checks = 0  # calls of `changed()` since the snapshot (or since the runtime last set it to 0)
         # the root module's own dict is tagged apart: fxcc's generate installs its forward there and takes it away
@@ -566,13 +563,17 @@ class ModuleState:
         now = list(map(dict.get, self.dicts, self.keys))
         every = all(map(_immutable, now))
         self.values = [copy.deepcopy(n) if _immutable(n) else was for n, was in zip(now, self.values)]
+        self._split_mutable()
+        if self.versions is not None and every:  # else the tags stay: the next check compares the entries
+            self.versions = _dict_versions(self.tagged)
+            self.root_tag = _dict_version(self.root_dict)
+
+    def _split_mutable(self) -> None:
+        """The recorded values that can change in place (lists: no dict tag moves), compared at every check."""
         mutable = [i for i, v in enumerate(self.values) if not _immutable(v)]
         self.mutable_dicts = [self.dicts[i] for i in mutable]
         self.mutable_keys = [self.keys[i] for i in mutable]
         self.mutable_values = [self.values[i] for i in mutable]
-        if self.versions is not None and every:  # else the tags stay: the next check compares the entries
-            self.versions = _dict_versions(self.tagged)
-            self.root_tag = _dict_version(self.root_dict)
 
     def _retag(self) -> None:
         """Take the dicts' version tags again after a change that compiled code does not depend on (an attribute
