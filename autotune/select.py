@@ -511,11 +511,13 @@ def remeasure(meta: dict) -> bool:
 
 def kernel_key(kb: KernelBody, target: str, prefer: str | None) -> str:
     """The artifact-cache key of a kernel's choice: its IR and input layouts, the target, the libraries, and the
-    settings that change which candidates exist or how they run (FXCC_TVM_POOL, FXCC_TRITON_INTERPRET)."""
+    settings that change which candidates exist or how they run (FXCC_TVM_POOL, FXCC_TRITON_INTERPRET,
+    FXCC_TRITON_WELFORD)."""
     layouts = ";".join(_layout(p) for p in kb.body.graph.nodes if p.op == "placeholder")
     s = settings()
     return cache_key("kernel", target=target, ir=kb.text, layouts=layouts, backend=prefer or "auto",
-                     candidates=CANDIDATES, pool=s.tvm_pool, triton_interpret=str(s.triton_interpret))
+                     candidates=CANDIDATES, pool=s.tvm_pool, triton_interpret=str(s.triton_interpret),
+                     triton_welford=str(s.triton_welford))
 
 
 def _layout(p: fx.Node) -> str:

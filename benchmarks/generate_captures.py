@@ -52,7 +52,9 @@ def main() -> None:
                   flush=True)
     for o in gc.get_objects():
         if isinstance(o, cg.CudaGraphs):
-            print(f"{o.name}: {len(o.graphs)} graphs, keys seen {sorted(o.seen.values())}")
+            print(f"{o.name}: {len(o.graphs)} graphs, {getattr(o, 'evicted', 0)} dropped for room, "
+                  f"{getattr(o, 'adoptions', 0)} calls with their cache copied through a graph, keys seen "
+                  f"{sorted(o.seen.values())}")
 
 
 if __name__ == "__main__":

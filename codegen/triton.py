@@ -38,6 +38,7 @@ from fxcc.codegen.triton_gen import (
     CLOSED,
     REDUCTIONS,
     RULES,
+    WELFORD_COMBINE,
     Emitter,
     Later,
     RowLoop,
@@ -59,6 +60,7 @@ from fxcc.codegen.triton_gen import (
     shape_of,
     size_args,
     tl_dtype,
+    variances,
     view_output_index,
 )
 from fxcc.codegen.triton_templates import attention_source, gemm_source
@@ -398,6 +400,8 @@ class _Rows:
     sizes: list[tuple[str, int, int]]
     outer: bool
     int64: bool
+    variances: dict[fx.Node, fx.Node]
+    welford: bool  # a loop accumulates a mean and the squared deviations from it at once (settings().triton_welford)
 
     def vector(self, expr: str, columns: bool) -> str:
         """A 1-D index `expr` as the tile's column vector (`columns`) or its row vector."""
@@ -406,6 +410,7 @@ class _Rows:
     def emitter(self) -> Emitter:
         em = Emitter({p: f"in{k}" for k, p in enumerate(self.placeholders)}, "mask", not _interpreting())
         em.axis = 0 if self.outer else 1
+        em.variances, em.welford = self.variances, self.welford
         return em
 
 
@@ -430,7 +435,8 @@ def _rows_of(body: fx.GraphModule) -> _Rows:
     hint = hint_shape(reduction_input(anchors[0]))
     hint_rows = math.prod(hint[d] for d in kept) if len(hint) == len(x_shape) else rows
     return _Rows(body, placeholders, outs, anchors, x_shape, dims, kept, n, rows, hint_rows, size_args(body),
-                 outer=len(x_shape) - 1 in kept, int64=_int64(placeholders, hint_rows * n))
+                 outer=len(x_shape) - 1 in kept, int64=_int64(placeholders, hint_rows * n), variances=variances(body),
+                 welford=settings().triton_welford)
 
 
 @dataclass
@@ -562,17 +568,21 @@ def _first_row(rd: _Rows) -> str:
     return "tl.program_id(0).to(tl.int64)" if rd.int64 else "tl.program_id(0)"
 
 
-def _loop(rd: _Rows, em: Emitter, lead: tuple, todo: _Targets, k: int, first: str,
-          extent: str) -> tuple[list[str], RowLoop | None]:
-    """One loop over the columns `first` + [0, `extent`), RBLOCK at a time: the code before it (accumulators,
-    what does not vary in it) and the loop, and the loop (what accumulated in it); None where nothing needs
-    a loop any more (all that was left reads finished reductions only)."""
+def _loop(rd: _Rows, em: Emitter, lead: tuple, todo: _Targets, k: int, first: str, extent: str,
+          length: str) -> tuple[list[str], RowLoop | None]:
+    """One loop over the columns `first` + [0, `extent`), RBLOCK at a time, `length` of them in the row: the code
+    before it (accumulators, what does not vary in it) and the loop, and the loop (what accumulated in it); None
+    where nothing needs a loop any more (all that was left reads finished reductions only)."""
     pre, body = [], []
-    loop = RowLoop("[RBLOCK, ROWS]" if rd.outer else "[ROWS, RBLOCK]", pre)
     c, m = f"c{k}", f"m{k}"
+    # the lanes past the row's end in a chunk are past it in every later one: lane j counts the columns j,
+    # j + RBLOCK, ... below `length`
+    lane = rd.vector("tl.arange(0, RBLOCK)", True)
+    loop = RowLoop("[RBLOCK, ROWS]" if rd.outer else "[ROWS, RBLOCK]", pre, mask=m, ordinal=f"(r{k} // RBLOCK)",
+                   lanes=f"((tl.maximum({length} - {lane}, 0) + RBLOCK - 1) // RBLOCK + rows * 0).to(tl.float32)")
     chunk = f"{first}r{k} + tl.arange(0, RBLOCK)"
     body += [f"{c} = {rd.vector(chunk, True)}{'.to(tl.int64)' if rd.int64 else ''}", f"{m} = rmask & ({c} < {rd.n})"]
-    em.loop, em.hoisted, em.lines, em.variant, em.mask = loop, pre, body, {c, m}, m
+    em.loop, em.hoisted, em.lines, em.variant, em.mask = loop, pre, body, {c, m, f"r{k}"}, m
     stored = _sweep(rd, em, lead, c, todo)
     em.variant = None
     if not loop.pending and not stored:
@@ -589,24 +599,25 @@ def _start(rd: _Rows, em: Emitter) -> tuple[list[str], tuple]:
     return em.lines, tuple(em.index(e) for e in delinearize("rows", tuple(rd.x_shape[d] for d in rd.kept)))
 
 
-_LOOPS = 16  # dependency levels a looped kernel may have (a norm has two)
+_LOOPS = 16  # dependency levels a looped kernel may have (a softmax has two)
 
 
 def _looped_kernel(rd: _Rows) -> tuple[list[str], Emitter]:
     """Rows reduced in chunks of RBLOCK columns: one loop per dependency level of the reductions (a softmax's
     max, then its sum), each computing the prologue again from the inputs, accumulating in fp32 (the inputs'
-    compute dtype), and a last one storing row-shaped outputs; reduction-shaped outputs are stored once per row."""
+    compute dtype), and a last one storing row-shaped outputs; reduction-shaped outputs are stored once per row.
+    A mean and the squared deviations from it are one level (Welford): var and std take one loop, a norm two."""
     em = rd.emitter()
     top, lead = _start(rd, em)
     todo = _targets(rd)
     for k in range(_LOOPS):
         if not todo.pending():
             break
-        code, loop = _loop(rd, em, lead, todo, k, "", str(rd.n))
+        code, loop = _loop(rd, em, lead, todo, k, "", str(rd.n), str(rd.n))
         top += code
         em.lines = top
-        for key, (acc, kind, nan, _) in (loop.pending if loop is not None else {}).items():
-            em.reduced[key] = em.finish(acc, kind, nan)
+        if loop is not None:
+            em.reduced.update(em.finish_rows({key: p[:3] for key, p in loop.pending.items()}, loop.means, loop.lanes))
     else:
         raise Unsupported(f"reductions depending on one another more than {_LOOPS} deep")
     em.loop, em.mask, em.zero = CLOSED, "rmask", "(rows * 0)"
@@ -627,30 +638,39 @@ class _Split:
 
 
 def _split_kernels(rd: _Rows) -> _Split:
-    """The looped kernel's loops as kernels of their own, each over (row block, split): for few long rows."""
+    """The looped kernel's loops as kernels of their own, each over (row block, split): for few long rows. A
+    variance's partial sums and squared deviations combine as its lanes do, by Chan et al.'s formula."""
     em = rd.emitter()
     finished: dict[tuple, tuple[int, str, bool]] = {}  # reduction -> (slot, kind, propagate_nan)
+    means: dict[tuple, tuple] = {}  # squared deviations -> their mean's sum and its shifts (RowLoop.means)
     todo, bodies = _targets(rd), []
     for k in range(_LOOPS + 1):
         em.reset()
         top, lead = _start(rd, em)
         top.append("pid = tl.program_id(1)")
         parts = rd.vector("tl.arange(0, SPLIT)", True)
-        for key, (slot, kind, nan) in finished.items():  # the earlier kernels' partial results, combined
-            p = em.emit(f"tl.load(ws + (rows * SLOTS + {slot}) * SPLIT + {parts}, mask=rmask, other=0.0)")
-            em.reduced[key] = em.finish(p, kind, nan)
+        loaded = {key: (em.emit(f"tl.load(ws + (rows * SLOTS + {slot}) * SPLIT + {parts}, mask=rmask, other=0.0)"),
+                        kind, nan) for key, (slot, kind, nan) in finished.items()}
+        # the earlier kernels' partial results, combined; split j counted the columns [j * CHUNK, (j + 1) * CHUNK)
+        counts = f"(tl.minimum(tl.maximum({rd.n} - {parts} * CHUNK, 0), CHUNK) + rows * 0).to(tl.float32)"
+        em.reduced.update(em.finish_rows(loaded, means, counts))
         loop = None
         if todo.pending():
-            code, loop = _loop(rd, em, lead, todo, k, "pid * CHUNK + ", "CHUNK")
+            code, loop = _loop(rd, em, lead, todo, k, "pid * CHUNK + ", "CHUNK",
+                               f"tl.minimum(CHUNK, {rd.n} - pid * CHUNK)")
             top += code
             em.lines = top
         if loop is not None and loop.pending:
-            for key, (acc, kind, nan, dtype) in loop.pending.items():
+            for *_, dtype in loop.pending.values():
                 if dtype != "tl.float32":
                     raise Unsupported(f"a split reduction accumulating in {dtype}")
-                part = em.finish(acc, kind, nan)
+            partial = em.finish_rows({key: p[:3] for key, p in loop.pending.items()}, loop.means, loop.lanes,
+                                     partial=True)
+            means.update(loop.means)
+            for key, (_, kind, nan, _) in loop.pending.items():
                 finished[key] = (len(finished), kind, nan)
-                top.append(f"tl.store(ws + (rows * SLOTS + {finished[key][0]}) * SPLIT + pid, {part}, mask=rmask)")
+                top.append(f"tl.store(ws + (rows * SLOTS + {finished[key][0]}) * SPLIT + pid, {partial[key]}, "
+                           "mask=rmask)")
             bodies.append(top)
             continue
         # the interpreter takes no scalar condition in a mask
@@ -676,11 +696,14 @@ def _sm_count() -> int:
 
 
 def row_defaults(rows: int, n: int, outer: bool, persistent: bool, split: bool, sms: int = 132,
-                 budget: int = REGISTER_TILE, writes_rows: bool = False) -> dict:
+                 budget: int = REGISTER_TILE, writes_rows: bool = False, one_pass: bool = False) -> dict:
     """Meta-parameters of a row reduction from its shape: whole rows in registers where they fit (every element
     read once), else chunks of RBLOCK columns; rows too few to fill `sms` multiprocessors (8 programs each)
     split their columns over SPLIT programs. Outer reductions put ROWS on the contiguous axis (16 or more).
-    A tile stays within `budget` elements. `writes_rows`: an output as large as the input (a softmax, a norm)."""
+    A tile stays within `budget` elements. `writes_rows`: an output as large as the input (a softmax, a norm).
+    `one_pass`: a mean and its variance accumulate in one loop (Welford): split only below one program per
+    multiprocessor, and long rows one at a time on 16 warps (an H100 sweep of LayerNorm over 256 rows of 524288,
+    bf16: 0.345 ms looped so, against 0.571 split in 4 and 0.446 for the two-pass kernel split in 4)."""
     bn = _pow2(n)
     few = outer and not writes_rows
     if outer:
@@ -702,14 +725,17 @@ def row_defaults(rows: int, n: int, outer: bool, persistent: bool, split: bool, 
     programs, target = _cdiv(rows, rows_p), 8 * sms
     # split only where it multiplies the programs by 4 or more: GroupNorm's 512 rows split in 2 (a combine kernel
     # and a workspace more) ran 0.60 ms against 0.48 looped on an H100
-    if split and 4 * programs <= target and n >= 8 * chunk:
+    if split and (8 if one_pass else 4) * programs <= target and n >= 8 * chunk:
         most = min(target // programs, n // (2 * chunk), 1024)
         s = 1 << (most.bit_length() - 1)
         rblock = chunk
+    elif one_pass and not outer and not whole and n >= 64 * chunk:
+        rows_p = 1
     elif not outer and not whole:  # looped rows two at a time: GroupNorm's 512 rows of 200704, 0.44 against 0.87 ms
         rows_p = max(1, min(_pow2(rows), 8192 // chunk, 64))
     tile = rows_p * rblock
-    warps = 16 if tile >= 16384 else (8 if tile >= 4096 else 4)
+    warps = 16 if tile >= 16384 or (one_pass and s == 1 and rows_p == 1 and n >= 64 * chunk) else (
+        8 if tile >= 4096 else 4)
     return {"ROWS": rows_p, "RBLOCK": rblock, "SPLIT": s, "num_warps": 4 if few else warps}
 
 
@@ -718,7 +744,8 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     reduced dims' elements; a softmax's max and sum, a norm's mean and variance share the kernel when they
     reduce the same dims of the same shape), as one of three kernels the parameters choose:
     - persistent (RBLOCK covers a row, SPLIT 1): whole rows in registers, reduced at once;
-    - looped (SPLIT 1): chunks of RBLOCK columns, one loop per dependency level of the reductions;
+    - looped (SPLIT 1): chunks of RBLOCK columns, one loop per dependency level of the reductions (a mean and
+      the squared deviations from it, a variance's, accumulate in the same loop);
     - split (SPLIT > 1): each level's loop as a kernel over (row block, split) writing fp32 partial results,
       combined by the kernels after it: for rows too few to fill the GPU.
     Kept dims innermost in memory (a reduction over dim 0) put the rows on the tile's fast axis."""
@@ -749,11 +776,13 @@ def reduction_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     if split is not None:
         add("split", [f"fxcc_reduction_split{j}" for j in range(len(split.bodies))], split.bodies, split.em, ["ws"],
             ["ROWS", "RBLOCK", "SPLIT", "CHUNK", "SLOTS"])
+    if any("welford_combine" in src for src in sources):
+        sources.insert(0, WELFORD_COMBINE)
     source = _header(text, f"reduction over dims {list(rd.dims)}, tile {layout}") + "\n\n".join(sources)
 
     writes_rows = any(math.prod(hint_shape(o)) >= rd.hint_rows * rd.n for o in rd.outs)
     defaults = row_defaults(rd.hint_rows, rd.n, rd.outer, persistent is not None, split is not None, _sm_count(),
-                            REGISTER_TILE, writes_rows)
+                            REGISTER_TILE, writes_rows, one_pass=rd.welford and bool(rd.variances))
     top = min(bn, REGISTER_TILE)
     space = {"ROWS": [1 << k for k in range(11) if 1 << k <= max(64, defaults["ROWS"])],
              "RBLOCK": sorted({min(b, top) for b in (16, 64, 256, 1024, 2048, 4096, 8192, top)}),

@@ -9,7 +9,9 @@ Evaluation is memoised per (node, index), so a value used twice is computed once
 Row kernels reduce over the tile's column axis (`Emitter.axis`). Their reductions go through
 `Emitter.row_reduce`: inline over a tile that holds whole rows (persistent), or accumulated chunk by chunk in
 a loop over the columns (`RowLoop`), where a reduction that needs another's result waits for a later loop
-(`Later`); lines that do not vary within a loop are emitted before it (`Emitter.variant`).
+(`Later`); lines that do not vary within a loop are emitted before it (`Emitter.variant`). A mean and the sum of
+squared deviations from it (a variance's, as var, std and the norms have it) accumulate in the same loop, by
+Welford's update per lane and Chan et al.'s combination of the lanes (`welford_combine`).
 
 Kernels whose anchor is computed by a template (a GEMM tile, an attention tile) run the other way for
 what follows the anchor: `seed` gives the anchor's value at the tile's index, and `forward` carries that
@@ -50,11 +52,18 @@ class RowLoop:
     """One loop over a row kernel's columns, a chunk per iteration. `init` is the code before the loop (the
     accumulators' start values and the loop-invariant lines), `pending` the reductions accumulating in it:
     key -> (accumulator, kind, propagate_nan, its Triton dtype); after the loop each becomes a row vector
-    (`Emitter.finish`)."""
+    (`Emitter.finish_rows`). `means`: the sums of squared deviations accumulating with their mean's sum in one
+    pass (key -> the keys of the mean's sum and of the shifts it is taken from, each pending), for which the loop
+    names its mask, the number of chunks before the current one (`ordinal`) and each lane's count of columns
+    after the loop (`lanes`, an fp32 tile)."""
 
     tile: str  # the accumulators' shape, e.g. "[ROWS, RBLOCK]"
     init: list[str]
     pending: dict[tuple, tuple[str, str, bool, str]] = field(default_factory=dict)
+    mask: str = ""
+    ordinal: str = ""
+    lanes: str = ""
+    means: dict[tuple, tuple[tuple, tuple]] = field(default_factory=dict)
 
 
 # a closed loop: what follows all loops reads finished reductions only
@@ -423,6 +432,10 @@ class Emitter:
         # in a loop: the names that vary within it; lines using none of them go to `hoisted` (before the loop)
         self.variant: set[str] | None = None
         self.hoisted: list[str] = []
+        # a row kernel's means -> the reductions of squared deviations from them (`variances`), accumulated with
+        # them in one loop where `welford` (else a loop later, once the mean is known)
+        self.variances: dict[fx.Node, fx.Node] = {}
+        self.welford = False
 
     def reset(self) -> None:
         """Start another kernel function: nothing computed so far is in scope (pointers and strides stay)."""
@@ -500,11 +513,39 @@ class Emitter:
         nans = self.emit(f"tl.sum(({tile} != {tile}).to(tl.int32), axis={self.axis}){self.keep()}")
         return self.emit(f"tl.where({nans} > 0, float('nan'), {m})")
 
+    def finish_rows(self, tiles: dict[tuple, tuple[str, str, bool]], means: dict[tuple, tuple[tuple, tuple]],
+                    counts: str, partial: bool = False) -> dict[tuple, str]:
+        """Row vectors of accumulated tiles, key -> (tile, kind, propagate_nan): a loop's lanes, or the partial
+        results of a split's programs. A sum of squared deviations (a key of `means`, -> the keys of its mean's
+        sum and of the shifts that sum is taken from) combines with them by Chan et al.'s formula
+        (`welford_combine`), `counts` (a tile) the number of columns behind each entry; the mean's row is its sum,
+        or with `partial` its shift and the sum less it (to be combined again)."""
+        rows: dict[tuple, str] = {}
+        n = self.emit(counts) if means else ""
+        for key, (mean, shift) in means.items():
+            k, t, q, c = self.fresh(), self.fresh(), self.fresh(), self.fresh()
+            self.lines.append(f"{k}, {t}, {q}, {c} = tl.reduce(({tiles[shift][0]}, {tiles[mean][0]}, "
+                              f"{tiles[key][0]}, {n}), {self.axis}, welford_combine)")
+            if partial:
+                rows[shift], rows[mean] = self.emit(f"{k}{self.keep()}"), self.emit(f"{t}{self.keep()}")
+                rows[key] = self.emit(f"{q}{self.keep()}")
+                continue
+            rows[mean] = self.emit(f"({k} * {c} + {t}){self.keep()}")
+            # an infinite value makes the two-pass deviations NaN (inf - inf), as eager's are
+            rows[key] = self.emit(f"tl.where(tl.abs({rows[mean]}) < float('inf'), {q}{self.keep()}, float('nan'))")
+        shifts = {shift for _, shift in means.values()}
+        for key, (tile, kind, nan) in tiles.items():
+            if key not in rows and key not in shifts:
+                rows[key] = self.finish(tile, kind, nan)
+        return rows
+
     def row_reduce(self, node: fx.Node, stage: int, row: Index, kind: str, element: Callable[[], str],
-                   dtype: torch.dtype, propagate_nan: bool = True) -> str:
+                   dtype: torch.dtype, propagate_nan: bool = True, m2: tuple[fx.Node, int] | None = None) -> str:
         """The `kind` ("sum", "max", "min") of `element()` over the columns, at row index `row` (the kept dims),
         computed in compute_dtype(`dtype`); `stage` tells a node's reductions apart (a norm's mean and variance).
-        Whole rows reduce inline; in a loop a finished result is read, any other accumulates and raises Later."""
+        Whole rows reduce inline; in a loop a finished result is read, any other accumulates and raises Later.
+        `m2`: the (node, stage) summing the squared deviations of `element()` from this sum's mean, which a loop
+        accumulates with it where the emitter is `welford`."""
         fill = _FILL[kind]
         if self.loop is None:
             return self.finish(f"tl.where({self.mask}, {element()}, {fill})", kind, propagate_nan)
@@ -517,13 +558,43 @@ class Emitter:
             v = element()
             acc, tdt = self.fresh("acc"), tl_dtype(compute_dtype(dtype))
             self.loop.init.append(f"{acc} = tl.full({self.loop.tile}, {fill}, {tdt})")
-            new = f"tl.where({self.mask}, {v}, {fill})"
-            step = {"sum": f"{acc} + {new}",
-                    "max": f"tl.maximum({acc}, {new}{_NAN if propagate_nan else ''})",
-                    "min": f"tl.minimum({acc}, {new}{_NAN if propagate_nan else ''})"}[kind]
-            self.lines.append(f"{acc} = {step}")
+            deviations = (m2[0], m2[1], key[2]) if m2 is not None else None
+            if deviations is not None and self._one_pass(kind, tdt, deviations):
+                self._welford(key, deviations, acc, self.bind(v))
+            else:
+                new = f"tl.where({self.mask}, {v}, {fill})"
+                step = {"sum": f"{acc} + {new}",
+                        "max": f"tl.maximum({acc}, {new}{_NAN if propagate_nan else ''})",
+                        "min": f"tl.minimum({acc}, {new}{_NAN if propagate_nan else ''})"}[kind]
+                self.lines.append(f"{acc} = {step}")
             self.loop.pending[key] = (acc, kind, propagate_nan, tdt)
         raise Later(node.name)
+
+    def _one_pass(self, kind: str, tdt: str, deviations: tuple) -> bool:
+        """Whether a sum accumulates with the squared deviations from its mean: in fp32, under the loop's own mask
+        (where a lane past a row's end stays past it, so its count is known), the deviations not done already."""
+        return (self.welford and kind == "sum" and tdt == "tl.float32" and bool(self.loop.ordinal)
+                and self.mask == self.loop.mask and deviations not in self.reduced
+                and deviations not in self.loop.pending)
+
+    def _welford(self, key: tuple, deviations: tuple, acc: str, v: str) -> None:
+        """Welford's update per lane, shifted by the lane's first value (so the sums stay near zero for rows of a
+        large mean): a lane in the loop's mask has counted `ordinal` columns before this chunk's (the lanes past a
+        row's end are past it in every later chunk), so its M2 grows by (u - mean)^2 * i / (i + 1), u the shifted
+        value and the mean that of its sum so far. `acc` sums the shifted values."""
+        shift, q, i = self.fresh("acc"), self.fresh("acc"), self.loop.ordinal
+        self.loop.init += [f"{shift} = tl.full({self.loop.tile}, 0.0, tl.float32)",
+                           f"{q} = tl.full({self.loop.tile}, 0.0, tl.float32)"]
+        before, weight = self.index(f"1.0 / tl.maximum({i}, 1)"), self.index(f"{i} / ({i} + 1)")
+        u, d = self.fresh("u"), self.fresh("d")
+        self.lines += [f"{shift} = tl.where({self.mask} & ({i} == 0), {v}, {shift})",
+                       f"{u} = {v} - {shift}",
+                       f"{d} = {u} - {acc} * {before}",
+                       f"{q} = {q} + tl.where({self.mask}, {d} * {d} * {weight}, 0.0)",
+                       f"{acc} = {acc} + tl.where({self.mask}, {u}, 0.0)"]
+        self.loop.pending[(*key, "shift")] = (shift, "shift", False, "tl.float32")
+        self.loop.pending[deviations] = (q, "sum", False, "tl.float32")
+        self.loop.means[deviations] = (key, (*key, "shift"))
 
     def canonical(self, idx: Index) -> Index:
         """`idx` with its index variables spelled out: the same index in every loop and kernel of a plan."""
@@ -1065,8 +1136,9 @@ def _reduce(kind: str):
         if not xd.is_floating_point:
             raise Unsupported(f"{kind} over {xd}")
         n = math.prod(shape_of(x)[d] for d in reduced_dims(node))
+        m2 = (em.variances[node], 0) if node in em.variances else None
         r = em.row_reduce(node, 0, row, "sum" if kind == "mean" else kind,
-                          lambda: em.cast(em.value(x, xi), xd, out), out)
+                          lambda: em.cast(em.value(x, xi), xd, out), out, m2=m2)
         return em.round(f"{r} / {n}" if kind == "mean" else r, out)
     return rule
 
@@ -1095,13 +1167,13 @@ def _rms_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
 
 
 def _layer_norm(em: Emitter, node: fx.Node, idx: Index) -> Value:
-    """Two passes, as eager: the mean, then the mean of the centred squares."""
+    """The mean, then the mean of the centred squares (a loop over long rows accumulates both at once)."""
     row = _row_check(em, node, idx)
     x, normalized, w, b, eps = node.args
     xd, out = dtype_of(x), dtype_of(node)
     n = math.prod(shape_of(x)[-len(normalized):])
     xf = em.bind(em.cast(em.value(x, idx), xd, torch.float32))
-    mean = em.emit(f"{em.row_reduce(node, 0, row, 'sum', lambda: xf, torch.float32)} / {n}")
+    mean = em.emit(f"{em.row_reduce(node, 0, row, 'sum', lambda: xf, torch.float32, m2=(node, 1))} / {n}")
     d = em.emit(f"{xf} - {mean}")
     var = em.emit(f"{em.row_reduce(node, 1, row, 'sum', lambda: f'{d} * {d}', torch.float32)} / {n}")
     y = f"{d} * tl.rsqrt({var} + {_literal(float(eps))})"
@@ -1137,6 +1209,59 @@ REDUCTIONS = {
     tx.softmax.default: _softmax(False), aten._softmax.default: _softmax(False), aten.softmax.int: _softmax(False),
     aten._log_softmax.default: _softmax(True), aten.log_softmax.int: _softmax(True),
 }
+
+
+_MEANS = (aten.mean.dim, aten.mean.default)
+_SUMS = (aten.sum.dim_IntList, aten.sum.default, *_MEANS)
+
+
+def _squared(node: object) -> fx.Node | None:
+    """x where `node` is x * x or x ** 2."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is aten.mul.Tensor and node.args[0] is node.args[1]:
+        return node.args[0]
+    if node.target is aten.pow.Tensor_Scalar and node.args[1] == 2:
+        return node.args[0]
+    return None
+
+
+def variances(body: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """mean -> the sum (or mean) of the squared deviations from it over the same dims, as var, std, GroupNorm and
+    InstanceNorm decompose: m = mean(x, dims, keepdim=True); sum((x - m) ** 2, dims). A looped row kernel
+    accumulates the two in one pass (`Emitter.welford`)."""
+    found: dict[fx.Node, fx.Node] = {}
+    for b in body.graph.nodes:
+        if b.op != "call_function" or b.target not in _SUMS:
+            continue
+        d = _squared(b.args[0])
+        if not isinstance(d, fx.Node) or d.target is not aten.sub.Tensor or d.kwargs.get("alpha", 1) != 1:
+            continue
+        for x, m in (d.args[:2], d.args[1::-1]):
+            if not (isinstance(m, fx.Node) and m.op == "call_function" and m.target in _MEANS and m.args[0] is x
+                    and m not in found and dtype_of(m).is_floating_point):
+                continue
+            shape, dims = shape_of(x), reduced_dims(m)
+            keepdim = tuple(1 if i in dims else s for i, s in enumerate(shape))
+            if reduced_dims(b) == dims and shape_of(d) == shape and shape_of(m) in (keepdim, ()) and \
+                    (shape_of(m) or len(dims) == len(shape)):
+                found[m] = b
+    return found
+
+
+# Chan et al.'s combination of two partial results of a variance, each (shift, sum of the values less the shift,
+# sum of squared deviations from their mean, count): the sums are moved to the shift of a side that has values
+# (shifts of one row are close, so their difference is exact where it matters), and the means' difference adds
+# d^2 * n_a * n_b / n to the squared deviations
+WELFORD_COMBINE = """@triton.jit
+def welford_combine(k_a, s_a, q_a, n_a, k_b, s_b, q_b, n_b):
+    n = n_a + n_b
+    k = tl.where(n_a > 0, k_a, k_b)
+    s_a = s_a + n_a * (k_a - k)
+    s_b = s_b + n_b * (k_b - k)
+    d = s_b / tl.maximum(n_b, 1.0) - s_a / tl.maximum(n_a, 1.0)
+    return k, s_a + s_b, q_a + q_b + d * d * (n_a * n_b / tl.maximum(n, 1.0)), n
+"""
 
 
 def reduction_input(node: fx.Node) -> fx.Node:

@@ -3,8 +3,15 @@
 A graph reads its inputs from buffers it was captured on. The call's own inputs (token ids, masks) are
 copied into those buffers, unless a call's input already is that buffer (same address, shape and strides);
 tensors the graph reads and writes in place (a KV cache, a buffer the model updates) are captured as they
-are, so a replay writes the caller's cache directly and nothing else is copied: such a graph serves only
-while those tensors are the same (their addresses are checked).
+are, so a replay writes the caller's cache directly and nothing else is copied: such a graph serves the
+tensors at the addresses (and with the shapes and strides) it was captured on. A server's every generate makes a
+new cache, at other addresses: the last graph captured for those shapes (the adopter) keeps the memory it writes in
+place, and once its caller has dropped that cache, a call with another cache of the same shapes is replayed with
+its cache copied into that memory and back. Copies cost per call what a capture costs once, so a key copies only
+until its copies' estimated time reaches the adopter's capture time, and is then captured itself (a short generate
+copies, a long one captures; either way within twice the cheaper). One cache's memory per shapes is kept this way;
+other graphs keep only addresses. A variant keeps at most MAX_GRAPHS captures and drops the one replayed least
+recently for a new one.
 
 Outputs are not cloned: a call returns new tensors over the graph's own output memory. Their lifetime is
 eager's: a result the caller holds (or a view of it, or its storage) never changes under it. A replay
@@ -21,6 +28,8 @@ from __future__ import annotations
 import logging
 import operator
 import sys
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +47,7 @@ def _address(t: torch.Tensor) -> int:
 
 _BASE, _OFFSET, _ITEMSIZE = torch._C._data_address, torch.Tensor.storage_offset, torch.Tensor.element_size
 _SHAPE = operator.attrgetter("shape")
+_STRIDE = torch.Tensor.stride
 
 
 def _pick(positions: list[int]) -> Callable[[list[Any]], tuple]:
@@ -54,6 +64,7 @@ _WARMUP = 2  # runs before a capture (lazy initialisation, autotuning)
 LAUNCH_S = 5e-6  # host time of one op's launch on a GPU, seconds
 COPY_BYTES_PER_S = 2e12  # device copy bandwidth, bytes read + written per second (H100/H200: about 3e12)
 MAX_GRAPHS = 8  # captures kept per variant with symbolic sizes (a call's second graph counts as one)
+_THRASH = 8  # replays under which a dropped graph did not pay for its capture (about 4 calls' time)
 _use_count = torch._C._storage_Use_Count  # references to a storage: tensors over it (views too), storage objects
 
 
@@ -75,7 +86,6 @@ class _Capture:
 
     def __init__(self, graph: torch.cuda.CUDAGraph, static: list[Any], outs: list[Any], inplace: frozenset[int],
                  keep: frozenset[int]):
-        self.graph, self.static, self.outs = graph, static, outs
         self.copied = [(i, x, _address(x), x.shape, x.stride()) for i, x in enumerate(static)
                        if isinstance(x, torch.Tensor) and i not in inplace]
         self.given = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and j not in keep]
@@ -83,6 +93,27 @@ class _Capture:
         # outputs of a call outside inference mode are normal tensors
         self.inference = any(outs[j].is_inference() for j in self.given)
         self.storages = _storages([outs[j] for j in self.given], [static[i] for i in inplace])
+        # the caller's in-place tensors are not held: a cache the caller drops is freed, and the next one the
+        # allocator puts at its addresses replays this graph (its key is those addresses). An output that is one
+        # of them is the call's tensor at that position, found by identity at capture.
+        self.returned = [(j, next((i for i in inplace if static[i] is outs[j]), None)) for j in keep
+                         if j < len(outs) and isinstance(outs[j], torch.Tensor)]
+        self.placed = [(i, _address(static[i])) for i in sorted(inplace)]
+        # the memory the graph reads and writes in place, kept (its storages) while this graph is its call's
+        # adopter (CudaGraphs), with a weak reference to the caller's tensor over it: once the caller drops them,
+        # the graph serves another cache of the same shapes, copied into that memory and back (`adopt`)
+        ours = {st._cdata for st in (static[i].untyped_storage() for i in inplace)}
+        aliased = any(outs[j].untyped_storage()._cdata in ours for j in self.given)  # an output is a view of it
+        self.memory = None if aliased else [
+            (i, weakref.ref(static[i]), static[i].untyped_storage(), static[i].storage_offset(), static[i].shape,
+             static[i].stride(), static[i].dtype) for i in sorted(inplace)]
+        self.buffers: list[tuple[int, torch.Tensor]] | None = None  # tensors over that memory, made at first use
+        outs = list(outs)
+        for j, i in self.returned:
+            if i is not None:
+                outs[j] = None
+        static = [None if i in inplace else x for i, x in enumerate(static)]
+        self.graph, self.static, self.outs = graph, static, outs
         self.unheld = self._counts()  # nothing handed out yet (and no other reference to a storage object here)
         self.copies = 0  # inputs copied into the buffers (tests count them)
 
@@ -95,6 +126,37 @@ class _Capture:
         """Whether nothing of the last replay's outputs is held: a replay may write them again."""
         return all(n <= m and r <= q for (n, r), (m, q) in zip(self._counts(), self.unheld))
 
+    def release(self) -> None:
+        """No longer keep the in-place memory (another graph of the same shapes adopts calls now)."""
+        self.memory = self.buffers = None
+
+    def private(self) -> bool:
+        """Whether the in-place memory is this graph's alone: the caller's tensors over it are gone and no view of
+        it is left anywhere (its storages' use counts are this graph's own references)."""
+        if self.memory is None or any(ref() is not None for _, ref, *_ in self.memory):
+            return False
+        if self.buffers is None:
+            with torch.inference_mode(True):  # a cache made in inference mode has inference tensors
+                self.buffers = [(i, torch.empty(0, dtype=dtype, device=st.device).set_(st, off, shape, stride))
+                                for i, _, st, off, shape, stride, dtype in self.memory]
+        mine: dict[int, int] = {}
+        for _, b in self.buffers:
+            c = b.untyped_storage()._cdata
+            mine[c] = mine.get(c, 1) + 1  # the storage object, and each buffer over it
+        return all(_use_count(c) == n for c, n in mine.items())
+
+    def adopt(self, flat: list[Any]) -> list[Any]:
+        """Replay for a call whose in-place inputs are other tensors of the captured shapes and strides: they are
+        copied into the graph's in-place memory, and back after the replay (`private()` must hold)."""
+        with torch.inference_mode(True):  # in-place writes to inference and normal tensors alike
+            for i, b in self.buffers:
+                b.copy_(flat[i])
+        outs = self.replay(flat)
+        with torch.inference_mode(True):
+            for i, b in self.buffers:
+                flat[i].copy_(b)
+        return outs
+
     def replay(self, flat: list[Any]) -> list[Any]:
         for i, buf, at, shape, stride in self.copied:
             x = flat[i]
@@ -103,6 +165,9 @@ class _Capture:
                 self.copies += 1
         self.graph.replay()
         outs = list(self.outs)
+        for j, i in self.returned:
+            if i is not None:
+                outs[j] = flat[i]
         if self.inference and not torch.is_inference_mode_enabled():
             for j in self.given:
                 outs[j] = outs[j].clone()
@@ -164,8 +229,10 @@ class CudaGraph:
                  keep: frozenset[int]):
         self.captures = [first]
         self.fn, self.name, self.inplace, self.keep = fn, name, inplace, keep
-        self.addresses = [(i, _address(first.static[i])) for i in sorted(inplace)]
+        self.addresses = first.placed
         self.second = True  # a second capture may still be taken
+        self.used = self.hits = 0  # CudaGraphs' tick at this graph's last replay, and its replays there
+        self.capture_s = 0.0  # seconds its capture took (warm-up runs included)
         self.overlapped = 0  # calls run uncaptured because the outputs of every capture were held
 
     @staticmethod
@@ -223,7 +290,7 @@ def pays(graph: CudaGraph, flat: list[Any], plain: Callable[[], Any]) -> str | N
 class CudaGraphs:
     """The CUDA graphs of a variant whose calls vary (symbolic sizes, or a cache that may be replaced):
     one graph per input shapes, int and float inputs and in-place input addresses, captured the second time that key
-    is seen.
+    is seen; at MAX_GRAPHS captures the one replayed least recently makes room (`evicted` counts them).
     A static cache's decode step repeats its key every token; a growing cache's never does, and costs no
     capture."""
 
@@ -236,6 +303,12 @@ class CudaGraphs:
         self._layouts: dict[tuple, int] = {}  # each sequence of types seen -> its number, part of the key
         self._layout = -1
         self._tensors = self._ints = self._inplace = _pick([])
+        self._tick = 0  # replays so far: each graph keeps the tick of its last (`used`), the least recent goes first
+        self.evicted = 0  # graphs dropped for room (the least recently used)
+        self.wasted = 0  # of those, dropped after fewer than _THRASH replays
+        self.adopters: dict[tuple, CudaGraph] = {}  # per key less the in-place addresses: the graph calls adopt
+        self.copy_s: dict[tuple, float] = {}  # per key: estimated seconds of in-place copies spent adopting
+        self.adoptions = 0  # calls replayed with their in-place inputs copied in and back
 
     @property
     def overlapped(self) -> int:
@@ -247,7 +320,7 @@ class CudaGraphs:
 
     def _key(self, flat: list[Any]) -> tuple:
         """What selects a graph: the inputs' types, every tensor input's shape, every int and float input, every
-        in-place input's address (`_address`). Built in C-level passes over positions found once per sequence of
+        in-place input's address (`_address`) and strides. Built in C-level passes over positions found once per sequence of
         types."""
         types = list(map(type, flat))
         if types != self._types:
@@ -258,20 +331,84 @@ class CudaGraphs:
             self._ints = _pick([i for i, t in enumerate(types) if t is int or t is float])
             self._inplace = _pick(self._places)
         ins = self._inplace(flat)
-        return (self._layout, tuple(map(_SHAPE, self._tensors(flat))), self._ints(flat),
+        return (self._layout, tuple(map(_SHAPE, self._tensors(flat))), self._ints(flat), tuple(map(_STRIDE, ins)),
                 tuple(map(operator.add, map(_BASE, ins), map(operator.mul, map(_OFFSET, ins), map(_ITEMSIZE, ins)))))
 
     def __call__(self, flat: list[Any]) -> list[Any] | None:
         key = self._key(flat)
         graph = self.graphs.get(key)
         if graph is not None:
+            self._tick += 1
+            graph.used = self._tick
+            graph.hits += 1
             return graph(flat, self._room, placed=True)
         if key in self.graphs:  # capture failed for this key
             return None
         if len(self.seen) > 4 * MAX_GRAPHS:
             self.seen.clear()
         self.seen[key] = self.seen.get(key, 0) + 1
-        if self.seen[key] < 2 or not self._room():
+        outs = self._adopted(key, flat)
+        if outs is not None:
+            return outs
+        if self.seen[key] < 2:
             return None
+        if not self._evict():
+            return None
+        t0 = time.perf_counter()
         self.graphs[key] = graph = CudaGraph.capture(self.fn, flat, self.name, self.inplace, self.keep)
-        return graph(flat, self._room) if graph is not None else None
+        if graph is None:
+            return None
+        self._tick += 1
+        graph.used = self._tick
+        graph.capture_s = time.perf_counter() - t0
+        if self.inplace:
+            was = self.adopters.get(key[:-1])
+            if was is not None and was is not graph:
+                for c in was.captures:
+                    c.release()
+            self.adopters[key[:-1]] = graph
+        return graph(flat, self._room)
+
+    def _adopted(self, key: tuple, flat: list[Any]) -> list[Any] | None:
+        """The call replayed by the graph of its shapes whose in-place memory the last caller dropped (a new
+        cache per generate), its in-place inputs copied in and back; None where none can. Copies cost per call
+        what a capture costs once: a key copies until its copies' estimated time reaches the adopter's capture
+        time, then is captured (as renting before buying, within twice the better of the two)."""
+        graph = self.adopters.get(key[:-1]) if self.inplace else None
+        if graph is None or graph.captures[0].memory is None:
+            return None
+        c = graph.captures[0]
+        spent = self.copy_s.get(key, 0.0)
+        if spent >= graph.capture_s or not c.free() or not c.private():
+            return None
+        if len(self.copy_s) > 4 * MAX_GRAPHS:
+            self.copy_s.clear()
+        nbytes = sum(flat[i].numel() * flat[i].element_size() for i in self.inplace)
+        self.copy_s[key] = spent + 4 * nbytes / COPY_BYTES_PER_S  # in and back, each read and written
+        self._tick += 1
+        graph.used = self._tick
+        graph.hits += 1
+        self.adoptions += 1
+        return c.adopt(flat)
+
+    def _evict(self) -> bool:
+        """Room for one more capture, or False: the graphs replayed least recently are dropped (their memory pools
+        with them; outputs a caller still holds keep their memory), and their keys need two calls again. A
+        server's every generate makes a new cache: its decode step keeps a graph when the cache lands where no
+        earlier one did. Keys that take turns beyond MAX_GRAPHS would capture at every turn: once MAX_GRAPHS
+        graphs were dropped after fewer than _THRASH replays each, no graph is dropped any more."""
+        while not self._room():
+            if self.wasted >= MAX_GRAPHS:
+                if self.wasted == MAX_GRAPHS:
+                    self.wasted += 1
+                    log.info("%s: more call shapes take turns than %d CUDA graphs hold; the graphs it has stay, "
+                             "other shapes run uncaptured", self.name, MAX_GRAPHS)
+                return False
+            old = min((k for k, g in self.graphs.items() if g is not None), key=lambda k: self.graphs[k].used)
+            gone = self.graphs.pop(old)
+            self.wasted += gone.hits < _THRASH
+            if self.adopters.get(old[:-1]) is gone:
+                del self.adopters[old[:-1]]
+            self.seen.pop(old, None)
+            self.evicted += 1
+        return True

@@ -39,6 +39,8 @@ class Settings:
         (TVM's own pool) (FXCC_TVM_POOL).
     triton_interpret: let the Triton backend build for the CPU under Triton's interpreter (tests):
         FXCC_TRITON_INTERPRET=1 together with Triton's own TRITON_INTERPRET=1.
+    triton_welford: a looped Triton row reduction accumulates a mean and the squared deviations from it in one
+        pass over the row (Welford); FXCC_TRITON_WELFORD=0 gives the variance a loop of its own after the mean's.
     verify_each, print_ir_after: FXCC_VERIFY_EACH=1, FXCC_PRINT_IR_AFTER=raise,fuse (added to CompileOptions;
         pass names are checked where the pipeline is known, at `fxcc.compile`).
     logs: FXCC_LOGS=recompiles,+passes: log topics and levels (fxcc.logs).
@@ -56,6 +58,7 @@ class Settings:
     cache_trust: str | None = None
     tvm_pool: str = "openmp"
     triton_interpret: bool = False
+    triton_welford: bool = True
     verify_each: bool = False
     print_ir_after: tuple[str, ...] = ()
     check_eager: bool | str = True
@@ -86,8 +89,8 @@ def _check_eager(env: os._Environ | dict) -> bool | str:
 
 # every FXCC_* variable fxcc reads (Settings above), and those only fxcc's own tests read
 ENVIRONMENT = ("FXCC_CACHE_DIR", "FXCC_CACHE_SHARED", "FXCC_CACHE_TRUST", "FXCC_TVM_POOL", "FXCC_TRITON_INTERPRET",
-               "FXCC_VERIFY_EACH", "FXCC_PRINT_IR_AFTER", "FXCC_LOGS", "FXCC_CHECK_EAGER", "FXCC_TIME_VS_EAGER",
-               "FXCC_SETTLE_TRIES")
+               "FXCC_TRITON_WELFORD", "FXCC_VERIFY_EACH", "FXCC_PRINT_IR_AFTER", "FXCC_LOGS", "FXCC_CHECK_EAGER",
+               "FXCC_TIME_VS_EAGER", "FXCC_SETTLE_TRIES")
 TEST_ENVIRONMENT = ("FXCC_UPDATE_GOLDEN", "FXCC_BREADTH_ALL", "FXCC_FUZZ_SEEDS")
 _warned_names: set[str] = set()
 
@@ -116,6 +119,7 @@ def settings() -> Settings:
         cache_trust=env.get("FXCC_CACHE_TRUST") or None,
         tvm_pool=pool,
         triton_interpret=env.get("TRITON_INTERPRET") == "1" and _flag(env, "FXCC_TRITON_INTERPRET"),
+        triton_welford=_flag(env, "FXCC_TRITON_WELFORD") if env.get("FXCC_TRITON_WELFORD", "").strip() else True,
         verify_each=_flag(env, "FXCC_VERIFY_EACH"),
         print_ir_after=tuple(x.strip() for x in env.get("FXCC_PRINT_IR_AFTER", "").split(",") if x.strip()),
         logs=parse_logs(env.get("FXCC_LOGS", "")),

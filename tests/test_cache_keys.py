@@ -40,6 +40,7 @@ KERNEL_PARTS = {
     "library environment": lambda mp: mp.setenv("ONEDNN_MAX_CPU_ISA", "AVX2"),
     "FXCC_TVM_POOL": lambda mp: mp.setenv("FXCC_TVM_POOL", "tvm"),
     "FXCC_TRITON_INTERPRET": lambda mp: (mp.setenv("TRITON_INTERPRET", "1"), mp.setenv("FXCC_TRITON_INTERPRET", "1")),
+    "FXCC_TRITON_WELFORD": lambda mp: mp.setenv("FXCC_TRITON_WELFORD", "0"),
     "candidate set": lambda mp: mp.setattr(select, "CANDIDATES", "999"),
 }
 
@@ -153,6 +154,7 @@ OPTIONS = {
 }
 SETTINGS = {
     "cache_dir": "run", "cache_shared": "run", "cache_trust": "run", "tvm_pool": "key", "triton_interpret": "key",
+    "triton_welford": "key",
     "verify_each": "off", "print_ir_after": "off", "check_eager": "run", "logs": "run",
     "time_vs_eager": "run",
     # how many compiles measure an unsettled decision again: each entry records its tries, and a new measurement

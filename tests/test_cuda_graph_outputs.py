@@ -174,6 +174,142 @@ def test_a_variant_with_symbolic_sizes_counts_both_captures_against_max_graphs(m
         torch.testing.assert_close(y, f(x))
 
 
+def test_a_new_key_past_max_graphs_replaces_the_graph_replayed_least_recently(monkeypatch):
+    """Past MAX_GRAPHS captures a new key still gets a graph: the one replayed least recently is dropped (a
+    server's generate after generate, each with a new cache, keeps replaying its decode steps)."""
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+    monkeypatch.setattr(cg, "MAX_GRAPHS", 2)
+    graphs = cg.CudaGraphs(lambda x: (f(x),), "f", frozenset(), frozenset())
+    a, b, c = torch.randn(4), torch.randn(8), torch.randn(16)
+    for x in (a, a, b, b, a):  # a and b captured at their second call; a replayed after b
+        graphs([x])
+    assert graphs([c]) is None  # seen once
+    torch.testing.assert_close(graphs([c])[0], f(c))  # captured in b's place
+    assert graphs.evicted == 1 and len(graphs.graphs) == 2
+    torch.testing.assert_close(graphs([a])[0], f(a))  # still replayed
+    assert graphs([b]) is None  # b starts over: seen once
+
+
+def test_keys_taking_turns_beyond_max_graphs_stop_replacing_graphs(monkeypatch):
+    """Keys that take turns beyond MAX_GRAPHS would capture at every turn: after MAX_GRAPHS graphs dropped
+    with few replays, the graphs stay and other keys run uncaptured (with eager's values)."""
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+    monkeypatch.setattr(cg, "MAX_GRAPHS", 2)
+    captures = []
+    monkeypatch.setattr(cg, "_capture", lambda *a, real=cg._capture: captures.append(1) or real(*a))
+    graphs = cg.CudaGraphs(lambda x: (f(x),), "f", frozenset(), frozenset())
+    xs = [torch.randn(n) for n in (2, 3, 4)]
+    for _ in range(12):
+        for x in xs:
+            y = graphs([x])
+            if y is not None:
+                torch.testing.assert_close(y[0], f(x))
+    assert graphs.wasted > 2 and len(captures) < 12
+    before = len(captures)
+    for x in xs * 3:
+        graphs([x])
+    assert len(captures) == before
+
+
+def test_a_capture_does_not_hold_the_callers_in_place_tensors(monkeypatch):
+    """A graph reads and writes an in-place input (a cache) where the caller's tensor is; it keeps only its
+    address, so a cache the caller drops is freed (its memory is there for the next cache). An output that is
+    the in-place input is the call's own tensor."""
+    monkeypatch.setattr(cg, "capture_graph", stand_in_capture)
+
+    def step(x, cache):
+        cache.add_(x)
+        return (cache * 2, cache)
+
+    graphs, x = cg.CudaGraphs(step, "step", frozenset({1}), frozenset({1})), torch.ones(4)
+    cache = torch.zeros(4)
+    assert graphs([x, cache]) is None  # seen once (the caller runs it uncaptured)
+    graphs([x, cache])  # captured, replayed once (a stand-in's warm-up runs are undone)
+    y, same = graphs([x, cache])
+    assert same is cache and torch.equal(cache, torch.full((4,), 2.0)) and torch.equal(y, 2 * cache)
+    (g,) = graphs.graphs.values()
+    assert all(s is None for s in g.captures[0].static[1:]) and g.captures[0].outs[1] is None
+
+
+class OnMemory:
+    """A captured graph on the CPU that, as a real one, holds no tensor over the memory it writes in place: a
+    replay runs the step on tensors made over that memory for the replay alone (and on the capture's buffers
+    for the other inputs), writing its results into the captured outputs."""
+
+    def __init__(self, fn, places):
+        self.fn, self.places, self.capture = fn, places, None
+
+    def replay(self):
+        args = list(self.capture.static)
+        for i, st, off, shape, stride, dtype in self.places:
+            args[i] = torch.empty(0, dtype=dtype).set_(st, off, shape, stride)
+        for o, n in zip(self.capture.outs, self.fn(*args)):
+            if o is not None:
+                o.copy_(n)
+
+
+def on_memory_capture(fn, flat, name, inplace, keep):
+    static = [x if i in inplace else x.clone() for i, x in enumerate(flat)]
+    saved = {i: flat[i].clone() for i in inplace}
+    outs = list(fn(*static))  # what a capture records; its writes undone, as a capture's warm-up runs are
+    for i, t in saved.items():
+        flat[i].copy_(t)
+    graph = OnMemory(fn, [(i, flat[i].untyped_storage(), flat[i].storage_offset(), flat[i].shape, flat[i].stride(),
+                           flat[i].dtype) for i in inplace])
+    graph.capture = cg._Capture(graph, static, outs, inplace, keep)
+    return graph.capture
+
+
+def _step(x, cache):
+    cache.add_(x)
+    return (cache * 3,)
+
+
+def test_a_new_cache_of_the_captured_shapes_is_copied_through_the_graph_once_the_old_one_is_dropped(monkeypatch):
+    """A server's next generate brings a new cache at other addresses. While the caller holds the cache a graph
+    was captured on, a new one runs uncaptured (then gets its own capture); once it is dropped, the graph keeps
+    its memory and serves the new cache copied in and back, with eager's values in the caller's cache, until the
+    copies' estimated time reaches the capture's: then the new cache's addresses are captured."""
+    monkeypatch.setattr(cg, "_capture", on_memory_capture)
+    graphs, x = cg.CudaGraphs(_step, "step", frozenset({1}), frozenset()), torch.ones(4)
+    old = torch.zeros(4)
+    for _ in range(3):
+        out = graphs([x, old]) or _step(x, old)
+    (g,) = graphs.graphs.values()
+    assert graphs.adopters and torch.equal(old, torch.full((4,), 3.0))
+    held = torch.zeros(4)
+    assert graphs([x, held]) is None and graphs.adoptions == 0  # `old` is still the caller's
+    del old, out
+    g.capture_s = 1.0  # a capture's cost; each call's copies estimated at 0.4 s
+    monkeypatch.setattr(cg, "COPY_BYTES_PER_S", 4 * 16 / 0.4)
+    new = torch.full((4,), 10.0)
+    (y,) = graphs([x, new])
+    assert graphs.adoptions == 1 and len(graphs.graphs) == 1
+    assert torch.equal(new, torch.full((4,), 11.0)) and torch.equal(y, new * 3)
+    del y  # (a result held would keep the graph from writing its outputs again: the call would run uncaptured)
+    for _ in range(3):  # copies of 0.8 s, then 1.2 s spent: the fourth call captures the new addresses
+        torch.testing.assert_close(graphs([x, new])[0], new * 3)
+    assert torch.equal(new, torch.full((4,), 14.0)) and graphs.adoptions == 3 and len(graphs.graphs) == 2
+    assert g.captures[0].memory is None  # the new capture adopts now: the old memory is let go
+
+
+def test_an_adopter_whose_output_is_a_view_of_its_cache_does_not_adopt(monkeypatch):
+    """A graph handing out a view of the memory it writes in place cannot serve another cache through copies
+    (the caller would get a view of the graph's memory, not of its own cache)."""
+    monkeypatch.setattr(cg, "_capture", on_memory_capture)
+
+    def view_step(x, cache):
+        cache.add_(x)
+        return (cache[1:],)
+
+    graphs, x = cg.CudaGraphs(view_step, "step", frozenset({1}), frozenset()), torch.ones(4)
+    old = torch.zeros(4)
+    for _ in range(2):
+        graphs([x, old])
+    del old
+    assert graphs([x, torch.zeros(4)]) is None and graphs.adoptions == 0
+
+
 def test_a_float_input_selects_its_own_graph(monkeypatch):
     """A symbolic float is an input of the graph (a temperature): a graph captured with one value replays only
     for that value; another runs uncaptured (or gets its own capture when it repeats)."""

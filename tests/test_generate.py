@@ -428,6 +428,60 @@ def test_gpu_static_cache_generate_replays_one_cuda_graph_per_decode(mode):
     assert len([g for g in decode.cuda_graph.graphs.values() if g is not None]) == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_generate_after_generate_keeps_replaying_and_frees_each_cache(monkeypatch):
+    """On a GPU, generates each with a new static cache while the earlier ones are kept: eager's tokens every
+    time; past MAX_GRAPHS captures the decode steps still replay (the graph replayed least recently makes room),
+    and no graph keeps the caller's cache tensors alive."""
+    import gc
+    import weakref
+
+    import fxcc.cuda_graphs as cg
+
+    monkeypatch.setattr(cg, "MAX_GRAPHS", 2)
+    replays = []
+    real = cg._Capture.replay
+    monkeypatch.setattr(cg._Capture, "replay", lambda self, flat: replays.append(1) or real(self, flat))
+    model = build(llama).cuda()
+    model.generation_config.disable_compile = True
+    ids = prompt(6).cuda()
+    held, gone = [], []
+    with torch.no_grad():
+        expected = generate(model, ids, cache_implementation="static", max_new_tokens=12)
+        model.forward = fxcc.compile(model.forward, passes=FAST)
+        for _ in range(5):  # each cache kept alive while the next is made: at new addresses every time
+            held.append(StaticCache(config=model.config, max_cache_len=32))
+            replays.clear()
+            assert torch.equal(generate(model, ids, past_key_values=held[-1], max_new_tokens=12), expected)
+            assert len(replays) >= 9  # 11 decode steps: seen once, captured, replayed
+        gone = [weakref.ref(c.layers[0].keys) for c in held]
+        held.clear()
+    gc.collect()
+    assert all(r() is None for r in gone)
+    decode = model.forward.fxcc.variants[-1]
+    assert decode.cuda_graph.evicted >= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_generates_with_a_new_cache_each_replay_the_first_decode_graph():
+    """On a GPU, generate after generate, each making a new static cache at other addresses: after the first,
+    every decode step replays the first generate's graph with its cache copied in and back (no capture per
+    generate), with eager's tokens."""
+    model = build(llama).cuda()
+    model.generation_config.disable_compile = True
+    ids = prompt(6).cuda()
+    with torch.no_grad():
+        expected = generate(model, ids, cache_implementation="static", max_new_tokens=12)
+        model.forward = fxcc.compile(model.forward, passes=FAST)
+        for _ in range(4):
+            assert torch.equal(generate(model, ids, cache_implementation="static", max_new_tokens=12), expected)
+    graphs = model.forward.fxcc.variants[-1].cuda_graph
+    assert len([g for g in graphs.graphs.values() if g is not None]) == 1
+    assert graphs.adoptions >= 3 * 10  # 11 decode steps in each of the last three generates
+
+
 def test_an_int_input_reaches_torch_calls_as_an_int_not_through_a_device_tensor():
     """Fusion hands an int input (a cache length) to a kernel as a 0-d tensor that the kernel reads back with
     `item`. Where the kernel runs as torch calls, that read would copy device to host on every call: a host

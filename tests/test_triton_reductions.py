@@ -1,6 +1,7 @@
 """Triton row reductions past the registers: looped kernels (chunks of RBLOCK columns, one loop per dependency
-level), outer reductions laid out columns x rows (the kept, contiguous dims on the tile's fast axis), and split
-kernels (partial results of few long rows combined by the kernels after them).
+level, a mean and the squared deviations from it in one), outer reductions laid out columns x rows (the kept,
+contiguous dims on the tile's fast axis), and split kernels (partial results of few long rows combined by the
+kernels after them).
 
 Tiny shapes through Triton's interpreter; each path is forced by its parameters (RBLOCK below the row length,
 SPLIT > 1) or by a smaller register budget, the kernels launched are recorded, and every output is compared
@@ -8,6 +9,8 @@ with the body run by torch (fp32 tightly, bf16 within two ulps as tests/test_tri
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -142,17 +145,23 @@ def test_outer_reductions_put_the_kept_contiguous_dim_on_the_fast_axis(launches)
     assert "[ROWS, RBLOCK]" in src and "axis=1)[:, None]" in src
 
 
+@pytest.mark.parametrize("welford", [True, False], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize("dims,correction,std", [((0,), 1, False), ((1,), 0, True), ((0, 2), 1, False),
                                                  ((2,), 1, True)])
-def test_var_and_std_take_one_loop_per_level(dims, correction, std, launches):
-    """var is a mean, then the mean of centred squares: two loops (levels), two split kernels and a combine."""
+def test_var_and_std_take_one_loop(dims, correction, std, welford, launches, monkeypatch):
+    """var is a mean, then the mean of centred squares: one loop accumulates both (Welford), one split kernel and a
+    combine; FXCC_TRITON_WELFORD=0 gives each a loop (level) of its own, two split kernels and a combine."""
+    if not welford:
+        monkeypatch.setenv("FXCC_TRITON_WELFORD", "0")
+
     def f(x):
         return (torch.std if std else torch.var)(x, dims, correction=correction)
     (kb,) = reductions_of(f, torch.randn(5, 6, 7))
     looped = looped_source(candidate(kb).plan.source)
-    assert looped.count(" in range(") == 2
+    assert looped.count(" in range(") == (1 if welford else 2)
+    assert ("welford_combine" in looped) == welford
     check(kb, LOOPED, launches, ["fxcc_reduction_looped"])
-    check(kb, SPLIT, launches, split_kernels(2))
+    check(kb, SPLIT, launches, split_kernels(1 if welford else 2))
 
 
 @pytest.mark.parametrize("dim", [0, 1, 2])
@@ -173,7 +182,7 @@ def test_layer_norm_over_the_last_two_dims(launches):
     (kb,) = reductions_of(ln, torch.randn(3, 5, 6))
     assert "tx.layer_norm" in kb.text
     check(kb, LOOPED, launches, ["fxcc_reduction_looped"])
-    check(kb, {"RBLOCK": 8, "ROWS": 1, "SPLIT": 2}, launches, split_kernels(2))
+    check(kb, {"RBLOCK": 8, "ROWS": 1, "SPLIT": 2}, launches, split_kernels(1))
 
 
 def test_group_norm_reads_its_statistics_back_through_views(launches):
@@ -183,7 +192,117 @@ def test_group_norm_reads_its_statistics_back_through_views(launches):
         gn.bias.normal_()
     (kb,) = reductions_of(gn, torch.randn(3, 4, 3, 5))
     check(kb, LOOPED, launches, ["fxcc_reduction_looped"])
-    check(kb, {"RBLOCK": 8, "ROWS": 4, "SPLIT": 2}, launches, split_kernels(2))
+    check(kb, {"RBLOCK": 8, "ROWS": 4, "SPLIT": 2}, launches, split_kernels(1))
+
+
+def _affine(norm: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm.eval()
+
+
+# (module, input, loops of the looped kernel): rows of 53-221 columns, none a multiple of RBLOCK 16
+STATISTICS = {
+    "var_d02": (lambda x: torch.var(x, (0, 2)), (13, 3, 17), 1),
+    "var_d0": (lambda x: torch.var(x, 0), (67, 5, 3), 1),  # over an outer dim: columns x rows
+    "std_d1": (lambda x: torch.std(x, 1, correction=0), (4, 53, 6), 1),
+    "centred_squares": (lambda x: (x - x.mean(-1, keepdim=True)).pow(2).mean(-1), (5, 101), 1),
+    "var_of_a_prologue": (lambda x: torch.var(torch.exp(x * 0.5) + 1, -1), (5, 101), 1),
+    "group_norm": (lambda: _affine(nn.GroupNorm(3, 6)), (2, 6, 7, 9), 2),
+    "instance_norm": (lambda: nn.InstanceNorm2d(4, affine=True).eval(), (2, 4, 9, 11), 2),
+    "layer_norm": (lambda: _affine(nn.LayerNorm(101)), (3, 4, 101), 2),
+    "layer_norm_2d": (lambda: _affine(nn.LayerNorm([7, 13])), (3, 7, 13), 2),
+}
+
+
+def _statistic(name: str, dtype: torch.dtype = torch.float32):
+    """The module (or function) of STATISTICS[name], an input and the loops its looped kernel takes."""
+    make, shape, loops = STATISTICS[name]
+    fn = make() if "norm" in name else make
+    return (fn.to(dtype) if isinstance(fn, nn.Module) else fn), torch.randn(shape).to(dtype), loops
+
+
+@pytest.mark.parametrize("name", list(STATISTICS))
+def test_mean_and_variance_share_a_loop_over_ragged_rows(name, launches):
+    """The mean and the squared deviations from it accumulate in one loop (the shifted, per-lane Welford update,
+    the lanes then the splits combined by Chan et al.'s formula); a norm's second loop writes its output. Rows end
+    inside a chunk, and with SPLIT 4 a split may have no columns (var_d0: 67 columns in splits of 24)."""
+    fn, x, loops = _statistic(name)
+    (kb,) = reductions_of(fn, x)
+    looped = looped_source(candidate(kb).plan.source)
+    assert looped.count(" in range(") == loops and "welford_combine" in looped
+    check(kb, {"RBLOCK": 16, "ROWS": 2, "SPLIT": 1}, launches, ["fxcc_reduction_looped"])
+    check(kb, {"RBLOCK": 8, "ROWS": 2, "SPLIT": 4}, launches, split_kernels(1))
+    check(kb, {"RBLOCK": 16, "ROWS": 1, "SPLIT": 2}, launches, split_kernels(1))
+
+
+@pytest.mark.parametrize("name", ["var_d02", "group_norm", "layer_norm"])
+def test_one_pass_statistics_in_bf16(name, launches):
+    fn, x, _ = _statistic(name, torch.bfloat16)
+    (kb,) = reductions_of(fn, x)
+    check(kb, {"RBLOCK": 16, "ROWS": 2, "SPLIT": 1}, launches, ["fxcc_reduction_looped"])
+    check(kb, {"RBLOCK": 8, "ROWS": 2, "SPLIT": 4}, launches, split_kernels(1))
+
+
+# the statistics above as E[x^2] - E[x]^2: (reduced dims, correction, std)
+NAIVE = {"var_d02": ((0, 2), 1, False), "var_d0": ((0,), 1, False), "std_d1": ((1,), 0, True)}
+
+
+@pytest.mark.parametrize("name", ["var_d02", "var_d0", "std_d1", "group_norm", "layer_norm"])
+def test_statistics_of_a_large_mean_match_eager_in_float64(name):
+    """x = 1000 + randn: the variance as E[x^2] - E[x]^2 in fp32 is off by percents (1e6 - 1e6 cancels); the
+    one-pass kernels, looped and split, match the body run in float64 as closely as the two-pass ones do."""
+    fn, x, _ = _statistic(name)
+    (kb,) = reductions_of(fn, x)
+    inputs = example_inputs(kb, DEVICE)
+    inputs[0] = 1000 + torch.randn_like(inputs[0])  # the reduced input (a norm's other inputs: its weight, bias)
+    want = kb.body(*[t.double() for t in inputs])[0]
+    cand = candidate(kb)
+    for params in ({"RBLOCK": 16, "ROWS": 2, "SPLIT": 1}, {"RBLOCK": 8, "ROWS": 2, "SPLIT": 4}):
+        got = cand.build({**cand.defaults, **params}).fn(inputs)[0].double()
+        if name in NAIVE:
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+        else:  # x - mean is good to fp32's resolution at 1000 (6e-5), in eager's fp32 as here
+            torch.testing.assert_close(got, want, rtol=0, atol=5e-4)
+    if name in NAIVE:
+        dims, correction, std = NAIVE[name]
+        x = inputs[0]
+        n = math.prod(x.shape[d] for d in dims)
+        naive = ((x * x).mean(dims) - x.mean(dims) ** 2) * n / (n - correction)
+        naive = naive.sqrt() if std else naive
+        assert ((naive.double() - want).abs() / want).max() > 1e-2
+
+
+def test_a_nan_or_an_infinity_makes_the_one_pass_variance_nan(launches):
+    """As the two-pass variance: an infinite value, first in its lane or not, gives NaN (inf - inf), as a NaN does."""
+    x = torch.randn(5, 37)
+    x[1, 30], x[2, 0], x[3, 17] = float("nan"), float("inf"), -float("inf")
+    (kb,) = reductions_of(lambda t: torch.var(t, -1), x)
+    check(kb, LOOPED, launches, ["fxcc_reduction_looped"], [x])
+    check(kb, SPLIT, launches, split_kernels(1), [x])
+    assert launches and torch.var(x, -1)[1:4].isnan().all()
+
+
+def test_deviations_from_another_mean_take_a_loop_of_their_own(launches):
+    """The one-pass update needs the squared deviations of the mean's own input: from another tensor's mean they
+    are summed in a second loop, as before."""
+    x, y = torch.randn(4, 37), torch.randn(4, 37)
+    (kb,) = reductions_of(lambda a, b: (a - b.mean(-1, keepdim=True)).pow(2).sum(-1), x, y)
+    looped = looped_source(candidate(kb).plan.source)
+    assert looped.count(" in range(") == 2 and "welford_combine" not in looped
+    check(kb, LOOPED, launches, ["fxcc_reduction_looped"], [x, y])
+
+
+@pytest.mark.parametrize("name", ["var_d02", "group_norm", "layer_norm"])
+def test_one_pass_statistics_take_one_loop_fewer(name, monkeypatch):
+    """FXCC_TRITON_WELFORD=0 gives the squared deviations a loop after the mean's, as before the one-pass update."""
+    fn, x, loops = _statistic(name)
+    (kb,) = reductions_of(fn, x)
+    one_pass = looped_source(candidate(kb).plan.source).count(" in range(")
+    monkeypatch.setenv("FXCC_TRITON_WELFORD", "0")
+    two_pass = looped_source(candidate(kb).plan.source).count(" in range(")
+    assert (one_pass, two_pass) == (loops, loops + 1)
 
 
 class Hinge(nn.Module):
@@ -253,6 +372,14 @@ def test_defaults_follow_the_shape():
     assert d(512, 200704, outer=False, persistent=False, split=True) == \
         {"ROWS": 2, "RBLOCK": 4096, "SPLIT": 1, "num_warps": 8}  # GroupNorm's 512 rows: looped, two at a time
     assert d(64, 200704, outer=False, persistent=False, split=True)["SPLIT"] >= 4  # 64 rows: split
+    # one-pass statistics: LayerNorm's 256 rows of 524288 looped one at a time on 16 warps, not split in 4;
+    # GroupNorm's 512 rows as before; 64 rows still split
+    assert d(256, 524288, outer=False, persistent=False, split=True, one_pass=True) == \
+        {"ROWS": 1, "RBLOCK": 4096, "SPLIT": 1, "num_warps": 16}
+    assert d(256, 524288, outer=False, persistent=False, split=True)["SPLIT"] == 4
+    assert d(512, 200704, outer=False, persistent=False, split=True, one_pass=True) == \
+        {"ROWS": 2, "RBLOCK": 4096, "SPLIT": 1, "num_warps": 8}
+    assert d(64, 200704, outer=False, persistent=False, split=True, one_pass=True)["SPLIT"] >= 2
     assert d(5, 40, outer=False, persistent=True, split=True) == {"ROWS": 8, "RBLOCK": 64, "SPLIT": 1, "num_warps": 4}
     assert backend.row_mode({"RBLOCK": 64, "SPLIT": 1}, 40, True, True) == "persistent"
     assert backend.row_mode({"RBLOCK": 16, "SPLIT": 1}, 40, True, True) == "looped"
