@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxcc-installed
 
-.PHONY: gpu-site setup lock demo test lint bench-breadth bench-breadth-gpu bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv bench-int4-gpu
+.PHONY: gpu-site setup lock demo test lint bench-breadth bench-breadth-gpu bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv bench-int4-gpu bench-int4-sweep
 
 EXTRAS := .[models,dev,tvm,tune,triton]
 LOCK   := requirements.lock
@@ -104,3 +104,8 @@ bench-int8-gemv: gpu-site
 # the int4 GEMV: epilogue check, then its configs per Llama-1B decode shape next to bf16 and the int8 GEMV
 bench-int4-gpu: gpu-site
 	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/int4_gpu_check.py
+
+# the int4 GEMV's inner loops (issue 22) per Llama-1B decode shape at M = 1 and 8, next to its default, int8 and bf16
+bench-int4-sweep: gpu-site
+	mkdir -p build
+	PYTHONPATH=$(GPU_SITE) $(PY) benchmarks/int4_sweep.py --json build/int4-sweep.json

@@ -1,9 +1,10 @@
 """CPU only: the decode GEMVs' main loops as ptxas compiles them for an H100/H200 (sm_90), counted in SASS
 instructions per weight, with no GPU (Triton's bundled ptxas and nvdisasm).
 
-    python benchmarks/gemv_sass.py                                   # int4 defaults at M=1 and 8, the int8 GEMV
+    python benchmarks/gemv_sass.py                                   # int4 defaults at M=1 and 8, the new loops
+                                                                     #   (LOOP 1, 2), the int8 GEMV
     python benchmarks/gemv_sass.py --int4 32,2,1,2,2,3,2 --glu --m 8 # one int4 config (BLOCK_N,SPLIT,BLOCK_M,GPB,
-                                                                     #   warps,stages,CVT)
+                                                                     #   warps,stages,CVT[,LOOP])
 A proxy, not a timing: where a GEMV is bound by issuing instructions rather than by memory, fewer per byte of
 weight is faster; it shows what a change to a kernel did to its loop (vectorized loads, conversions, smem
 round trips, register spills) before a GPU run. Shapes are given as Triton specializes them at run time
@@ -65,20 +66,26 @@ def _line(what: str, kernel, weights_per_thread: float) -> str:
     n = sum(v for op, v in ops.items() if op != "NOP")
     spills = len(re.findall(r"\b(STL|LDL)\b", sass))
     top = ", ".join(f"{op} {v}" for op, v in ops.most_common(8))
+    # LDG: global loads the loop issues and waits for itself (the pipeliner's prefetches are LDGSTS); BAR: barriers
     return (f"{what}: {n / weights_per_thread:5.2f} instructions a weight ({n} a step for {weights_per_thread:.0f} "
-            f"weights a thread), spills {spills}, smem {kernel.metadata.shared} B; {top}")
+            f"weights a thread), spills {spills}, smem {kernel.metadata.shared} B, LDG {ops['LDG']} BAR {ops['BAR']}; "
+            f"{top}")
 
 
 def int4(cfg, glu: bool, m1: bool, dtype: str = "bf16") -> str:
     from fxcc.codegen import triton_int4 as t4
 
-    bn, split, bm, gpb, warps, stages, cvt = cfg
+    bn, split, bm, gpb, warps, stages, cvt = cfg[:7]
+    loop = cfg[7] if len(cfg) > 7 else 0
     ptrs = {n: f"*{dtype}" for n in ("x_ptr", "sz_ptr", "b_ptr", "r_ptr", "y_ptr", "g_ptr")}
     ptrs |= {"w_ptr": "*u8", "acc_ptr": "*fp32", "cnt_ptr": "*i32", "ss_ptr": "*fp32", "eps": "fp32"}
     off = {"bf16": 136.0, "fp16": 1032.0}.get(dtype, 0.0) if cvt else 0.0
-    const = dict(HAS_BIAS=False, HAS_RES=False, GLU=glu, NORM=False, GAMMA=False, IEEE=dtype == "fp32", EVEN_N=True,
-                 CVT=cvt, OFF=off, SPLIT=split, GROUP=128, GPB=gpb, BLOCK_M=bm, BLOCK_N=bn)
-    k = _compile(t4._w4, ptrs, const, m1, warps, stages)
+    const = dict(HAS_BIAS=False, HAS_RES=False, GLU=glu, NORM=False, GAMMA=False, EVEN_N=True, CVT=cvt, SPLIT=split,
+                 GROUP=128, GPB=gpb, BLOCK_M=bm, BLOCK_N=bn)
+    if loop == 2:  # the CUDA-core loop: its stages are tl.range's
+        k = _compile(t4._w4_fma, ptrs, dict(const, STAGES=stages, EVEN_M=m1 or bm == 1), m1, warps, 1)
+    else:
+        k = _compile(t4._w4, ptrs, dict(const, IEEE=dtype == "fp32", OFF=off, DEQUANT=loop == 1), m1, warps, stages)
     return _line(f"int4 {list(cfg)}{' glu' if glu else ''} M={'1' if m1 else 'n'}", k,
                  bn * gpb * 128 * (2 if glu else 1) / (32 * warps))
 
@@ -97,7 +104,7 @@ def int8(cfg, m1: bool, bm: int = 16) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--int4", help="one int4 config: BLOCK_N,SPLIT,BLOCK_M,GPB,warps,stages,CVT")
+    p.add_argument("--int4", help="one int4 config: BLOCK_N,SPLIT,BLOCK_M,GPB,warps,stages,CVT[,LOOP]")
     p.add_argument("--glu", action="store_true")
     p.add_argument("--m", type=int, default=1, help="rows of x (1: specialized to the constant, as at run time)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
@@ -114,6 +121,9 @@ def main() -> int:
         for cvt in (0, 1):  # the other conversions, and 16-row blocks, at the first default block shape
             print(int4((32, 1, bm, 2, 2, 3, cvt), False, m == 1), flush=True)
         print(int4((32, 1, 16, 2, 2, 3, 2), False, m == 1), flush=True)
+        print(int4((32, 1, 8, 2, 2, 3, 2, 1), False, m == 1), flush=True)  # loop 1: the MMA on dequantized weights
+    for cfg in ((32, 1, 1, 2, 2, 1, 1, 2), (64, 1, 1, 2, 2, 1, 1, 2)):  # loop 2, the CUDA cores, at M=1
+        print(int4(cfg, False, True), flush=True)
     print(int8((32, 4, 256, 2, 3, 0), True), flush=True)
     return 0
 

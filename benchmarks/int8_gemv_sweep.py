@@ -27,6 +27,7 @@ def _shape(name: str, n: int, k: int, rows: int, glu: bool, res: bool, norm: boo
     from fxcc.codegen import quant
     from fxcc.codegen import triton_gemv as tg
     from fxcc.codegen import triton_quant as tq
+    from fxcc.dialects import int8_linear_reference
 
     dev, dt, m = "cuda", torch.bfloat16, args.m
     torch.manual_seed(0)
@@ -38,7 +39,7 @@ def _shape(name: str, n: int, k: int, rows: int, glu: bool, res: bool, norm: boo
     # RMSNorm in the GEMV as the pass folds it: its weight in the int8 weight, 1 / rms in the kernel
     gam, rms = None, (1e-5 if norm else None)
     xin = torch.ops.fxcc_tx.rms_norm(x, None, 1e-5) if norm else x
-    full = quant._int8_ref(xin.float(), qw, ws, None, "none")
+    full = int8_linear_reference(xin.float(), qw, ws, None, "none")
     want = torch.nn.functional.silu(full[:, :n]) * full[:, n:] if glu else full
     if res:
         want = want + r.float()

@@ -26,11 +26,23 @@ the groups over SPLIT programs per column block (partial sums meet in the int8 G
 makes it the small-batch GEMM.
 Configs are chosen per shape by measurement on the GPU at the first call (checked against the reference first,
 then timed in CUDA graphs over weight copies larger than the L2); under the interpreter the first is used.
+
+Two other inner loops are options of a config (its eighth field, LOOP; int4_linear's list holds the loop above, 0,
+alone until a GPU sweep, benchmarks/int4_sweep.py, says otherwise). In loop 0 Triton's pipeliner prefetches the
+weight only: x (two dots read it with different operand layouts) and the scales (2-byte loads that feed the
+accumulator, not a dot) are loaded in the loop body, so every step waits out a memory latency for them (the LDGs in
+its loop, benchmarks/gemv_sass.py). Loop 1 (DEQUANT) dequantizes (q - 8) * s + z in registers in x's type (MAGIC + q
+less MAGIC + 8 is exact, then one packed multiply-add a pair of weights) and feeds that to the dot: one dot a half
+onto the accumulator, no sums of x, no rescaling, and every load (weight, x in tiles of 8 or 16 rows, scale-zero
+pairs as 32-bit words) feeds a dot operand, so all are prefetched. Loop 2 (_w4_fma) uses the CUDA cores: weight words
+dequantized to fp32 by bits in the load's own layout, x read in that same layout, one FMA a weight and row of x, and
+M=1 is not padded to an MMA tile.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import triton
@@ -115,6 +127,53 @@ def _group_dot(wl, wh, xl, xh, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _group_dot_acc(wl, wh, xl, xh, acc, IEEE: tl.constexpr):
+    """acc + wl @ xl + wh @ xh, accumulated by the MMA itself."""
+    if IEEE:
+        return tl.dot(wh, xh, tl.dot(wl, xl, acc, input_precision="ieee"), input_precision="ieee")
+    return tl.dot(wh, xh, tl.dot(wl, xl, acc))
+
+
+@triton.jit
+def _scale_zero(sz_ptr, pair, mask, EVEN_N: tl.constexpr):
+    """The scales and zeros at pair indices `pair` (group * NT + row) of scale_zero, two tensors of pair's shape
+    in scale_zero's dtype. A 16-bit pair is read as one 32-bit word: a load the software pipeliner prefetches
+    (it leaves loads under 4 bytes a thread in the loop, where each waits out a memory latency), split by bits."""
+    sz_ty: tl.constexpr = sz_ptr.dtype.element_ty
+    if sz_ty == tl.float32:
+        if EVEN_N:
+            return tl.load(sz_ptr + 2 * pair), tl.load(sz_ptr + 2 * pair + 1)
+        return tl.load(sz_ptr + 2 * pair, mask=mask, other=0.0), tl.load(sz_ptr + 2 * pair + 1, mask=mask, other=0.0)
+    else:
+        u = _words(sz_ptr, pair, mask, EVEN_N)
+        return ((u & 0xFFFF).to(tl.uint16).to(sz_ty, bitcast=True),
+                (u >> 16).to(tl.uint16).to(sz_ty, bitcast=True))
+
+
+@triton.jit
+def _words(sz_ptr, pair, mask, EVEN_N: tl.constexpr):
+    """16-bit scale-zero pairs as 32-bit words (scale in the low half)."""
+    p = sz_ptr.to(tl.pointer_type(tl.uint32), bitcast=True) + pair
+    if EVEN_N:
+        return tl.load(p)
+    return tl.load(p, mask=mask, other=0)
+
+
+@triton.jit
+def _dequant(w, sc, ze, dtype: tl.constexpr, CVT: tl.constexpr, OFF: tl.constexpr):
+    """A uint8 tile [BLOCK_N, G / 2] -> its (low, high) nibble weights (q - 8) * s + z in `dtype` (the dot's type):
+    MAGIC + q less MAGIC + 8 is exact in bf16 / fp16 (OFF), then one multiply-add (a packed one for two weights)
+    rounds once to x's type."""
+    wl, wh = _nibbles(w, dtype, CVT)
+    if OFF != 0.0:
+        wl = wl - OFF
+        wh = wh - OFF
+    s = sc.to(dtype)[:, None]
+    z = ze.to(dtype)[:, None]
+    return wl * s + z, wh * s + z
+
+
+@triton.jit
 def _rows(ptrs, n_ok, EVEN_N: tl.constexpr):
     """A [BLOCK_N, ...] tile of rows, masked where the block runs past N (EVEN_N: it never does)."""
     if EVEN_N:
@@ -127,7 +186,7 @@ def _w4(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_p
         sxm, sxk, swn, srm, srn, sym, syn, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
         NORM: tl.constexpr, GAMMA: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr, CVT: tl.constexpr,
         OFF: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr = False):
     HALF: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -161,16 +220,25 @@ def _w4(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_p
                     k0 = (g_lo + g0 + gi) * GROUP
                     xl = (xlf * tl.load(g_ptr + k0 + rh).to(tl.float32)[:, None]).to(xl.dtype)
                     xh = (xhf * tl.load(g_ptr + k0 + HALF + rh).to(tl.float32)[:, None]).to(xh.dtype)
-            # the group's sums of x, in the accumulator's layout (every row alike): on the tensor cores, which
-            # have time to spare, not a cross-warp reduction with a barrier per group
-            xs = _group_dot(ones, ones, xl, xh, IEEE)
-            wl, wh = _nibbles(w, xl.dtype, CVT)
-            sc, ze = tl.split(_rows(s_ptrs + gi * NT * 2, n_ok, EVEN_N).to(tl.float32))
-            acc += _group_dot(wl, wh, xl, xh, IEEE) * sc[:, None] + (ze - OFF * sc)[:, None] * xs
-            if GLU:
-                ul, uh = _nibbles(wu, xl.dtype, CVT)
-                su, zu = tl.split(_rows(s_ptrs + gi * NT * 2 + 2 * N, n_ok, EVEN_N).to(tl.float32))
-                acc_u += _group_dot(ul, uh, xl, xh, IEEE) * su[:, None] + (zu - OFF * su)[:, None] * xs
+            if DEQUANT:  # (q - 8) * s + z in registers: one dot a half onto the accumulator, no sums of x
+                sc, ze = _scale_zero(sz_ptr, (g_lo + g0 + gi) * NT + rn, n_ok, EVEN_N)
+                wl, wh = _dequant(w, sc, ze, xl.dtype, CVT, OFF)
+                acc = _group_dot_acc(wl, wh, xl, xh, acc, IEEE)
+                if GLU:
+                    su, zu = _scale_zero(sz_ptr, (g_lo + g0 + gi) * NT + rn + N, n_ok, EVEN_N)
+                    ul, uh = _dequant(wu, su, zu, xl.dtype, CVT, OFF)
+                    acc_u = _group_dot_acc(ul, uh, xl, xh, acc_u, IEEE)
+            else:
+                # the group's sums of x, in the accumulator's layout (every row alike): on the tensor cores, which
+                # have time to spare, not a cross-warp reduction with a barrier per group
+                xs = _group_dot(ones, ones, xl, xh, IEEE)
+                wl, wh = _nibbles(w, xl.dtype, CVT)
+                sc, ze = tl.split(_rows(s_ptrs + gi * NT * 2, n_ok, EVEN_N).to(tl.float32))
+                acc += _group_dot(wl, wh, xl, xh, IEEE) * sc[:, None] + (ze - OFF * sc)[:, None] * xs
+                if GLU:
+                    ul, uh = _nibbles(wu, xl.dtype, CVT)
+                    su, zu = tl.split(_rows(s_ptrs + gi * NT * 2 + 2 * N, n_ok, EVEN_N).to(tl.float32))
+                    acc_u += _group_dot(ul, uh, xl, xh, IEEE) * su[:, None] + (zu - OFF * su)[:, None] * xs
         w_ptrs += GPB * HALF
         x_ptrs += GPB * GROUP * sxk
         s_ptrs += GPB * NT * 2
@@ -180,17 +248,191 @@ def _w4(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_p
             BLOCK_N, BLOCK_M)
 
 
-# (BLOCK_N, SPLIT, BLOCK_M, GPB: groups a step, num_warps, num_stages, CVT: nibble conversion, see _nibble)
-Config = tuple[int, int, int, int, int, int, int]
+@triton.jit
+def _units(w, j: tl.constexpr, HIGH: tl.constexpr, CVT: tl.constexpr):
+    """Nibble j of each byte's low (HIGH: high) half of uint32 weight words: CVT 0, q - 8 by Triton's conversions;
+    1, the fp32 1 + q / 16 by bits: a shift puts the nibble under the exponent of 1.0 and an and-or (one LOP3) keeps
+    it there, two instructions a weight."""
+    sh: tl.constexpr = 8 * j + 4 * HIGH
+    if CVT == 0:
+        return ((w >> sh) & 15).to(tl.int32).to(tl.float32) - 8.0
+    if sh <= 19:
+        t = w << (19 - sh)
+    else:
+        t = w >> (sh - 19)
+    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fours(ptr, offs4, mask, j: tl.constexpr, MASKED: tl.constexpr):
+    """Element 4 * offs4 + j of a 16-bit or fp32 vector as fp32. 16-bit values are read four at a time as one
+    64-bit word (one 16-byte load a thread covers the 8 that meet a thread's 16 weight bytes), and split by bits."""
+    ty: tl.constexpr = ptr.dtype.element_ty
+    if ty == tl.float32:
+        if MASKED:
+            return tl.load(ptr + 4 * offs4 + j, mask=mask, other=0.0)
+        return tl.load(ptr + 4 * offs4 + j)
+    else:
+        p = ptr.to(tl.pointer_type(tl.uint64), bitcast=True) + offs4
+        if MASKED:
+            v = tl.load(p, mask=mask, other=0)
+        else:
+            v = tl.load(p)
+        h = ((v >> (16 * j)) & 0xFFFF).to(tl.uint32)
+        if ty == tl.bfloat16:
+            return (h << 16).to(tl.float32, bitcast=True)
+        return h.to(tl.uint16).to(ty, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _step_w(w_ptrs, sz_ptr, pair, mask, EVEN: tl.constexpr):
+    """A step's weight words [BLOCK_N, GPB, G / 8] and their scales and zeros in fp32 (`pair` and `mask` of the same
+    shape, alike along the last dim: Triton gives the three loads one layout, no transpose between them)."""
+    if EVEN:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=mask, other=0)
+    sc, ze = _scale_zero(sz_ptr, pair, mask, EVEN)
+    return w, sc.to(tl.float32), ze.to(tl.float32)
+
+
+@triton.jit
+def _w4_fma(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr, g_ptr, ss_ptr, eps, M, N, NT, K, G_PER,
+            sxm, sxk, swn, srm, srn, sym, syn, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
+            NORM: tl.constexpr, GAMMA: tl.constexpr, EVEN_N: tl.constexpr, CVT: tl.constexpr, SPLIT: tl.constexpr,
+            GROUP: tl.constexpr, GPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            STAGES: tl.constexpr, EVEN_M: tl.constexpr):
+    """The decode GEMV on the CUDA cores, no tl.dot (x contiguous along K, its row stride a multiple of 4). A step's
+    GPB groups are one [BLOCK_N, GPB, G / 8] tile of 32-bit words (4 bytes: 4 low and 4 high nibbles), dequantized
+    to fp32 in the load's own layout, nibble by nibble, and multiplied by the x values they meet, read as 64-bit words
+    (4 values) in tiles of the same shape whose rows are alike: same shape and order as the weight's, so Triton gives
+    both one layout (16 bytes a thread along K) and no shared-memory transpose or barrier comes between them. No
+    padding of M to an MMA tile. STAGES 1: a step's loads are issued together and waited for in the loop, other
+    warps hide them; 2: the next step's weight and scale words are loaded into registers while this one computes.
+    BLOCK_M == 1: the products accumulate elementwise over the program's K range and are summed across threads once,
+    after the loop; more rows: each row's products are summed per step."""
+    HALF: tl.constexpr = GROUP // 2
+    Q: tl.constexpr = HALF // 4
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.arange(0, BLOCK_M)
+    rm = pid_m * BLOCK_M + rb
+    rg = tl.arange(0, GPB)[None, :, None]
+    rq = tl.arange(0, Q)[None, None, :]
+    n_ok = rn < N
+    m_ok = rm < M
+    g_lo = pid_k * G_PER
+    w_ptrs = w_ptr.to(tl.pointer_type(tl.uint32), bitcast=True) + rn[:, None, None] * (swn // 4) + (g_lo + rg) * Q + rq
+    rows = tl.zeros((BLOCK_N, GPB, Q), dtype=tl.int32)  # tiles alike along a dim
+    x4 = rows + (g_lo + rg) * (GROUP // 4) + rq  # x's low halves, in fours (+ Q: high halves); rows alike
+    # scale-zero pairs, alike along the last dim; contiguous along the rows, but said not to be, so that Triton lays
+    # the load out as the weight's (its order follows the most contiguous dim) instead of transposing it every step
+    pair = tl.max_contiguous(rows + (g_lo + rg) * NT + rn[:, None, None], [1, 1, 1])
+    sz_ok = (rows + rn[:, None, None]) < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = acc
+    ss2 = acc  # BLOCK_M > 1 and NORM: sums of squares of x, a column a row of x (every row of the tile alike)
+    prod = tl.zeros((BLOCK_N, GPB, Q), dtype=tl.float32)  # BLOCK_M == 1: products, summed after the loop
+    prod_u = prod
+    sq = prod  # BLOCK_M == 1 and NORM: squares of x (every row alike)
+    if STAGES == 2:  # the first step's weights, ahead of the loop
+        w_nx, s_nx, z_nx = _step_w(w_ptrs, sz_ptr, pair, sz_ok, EVEN_N)
+        if GLU:
+            wu_nx, su_nx, zu_nx = _step_w(w_ptrs + N * (swn // 4), sz_ptr, pair + N, sz_ok, EVEN_N)
+    for _ in range(0, G_PER, GPB):
+        if STAGES == 2:  # this step's from the last; the next step's loads issued before this one computes
+            w, s, z = w_nx, s_nx, z_nx
+            more = sz_ok & (pair + GPB * NT < (g_lo + G_PER) * NT)  # the next step is this program's
+            w_nx, s_nx, z_nx = _step_w(w_ptrs + GPB * Q, sz_ptr, pair + GPB * NT, more, False)
+            if GLU:
+                wu, su, zu = wu_nx, su_nx, zu_nx
+                wu_nx, su_nx, zu_nx = _step_w(w_ptrs + GPB * Q + N * (swn // 4), sz_ptr, pair + GPB * NT + N, more,
+                                              False)
+        else:
+            w, s, z = _step_w(w_ptrs, sz_ptr, pair, sz_ok, EVEN_N)
+            if GLU:  # the up rows [N, 2N) of the same columns
+                wu, su, zu = _step_w(w_ptrs + N * (swn // 4), sz_ptr, pair + N, sz_ok, EVEN_N)
+        if CVT != 0:  # (1 + q / 16) * 16 s + (z - 24 s) = (q - 8) * s + z: one multiply-add a weight
+            z = z - 24.0 * s
+            s = 16.0 * s
+            if GLU:
+                zu = zu - 24.0 * su
+                su = 16.0 * su
+        for m in tl.static_range(BLOCK_M):
+            row = (pid_m * BLOCK_M + m) * (sxm // 4)
+            row_ok = rows + pid_m * BLOCK_M + m < M
+            t = tl.zeros((BLOCK_N, GPB, Q), dtype=tl.float32)
+            t_u = t
+            t_s = t
+            for j in tl.static_range(4):
+                xl = _fours(x_ptr, row + x4, row_ok, j, not EVEN_M)
+                xh = _fours(x_ptr, row + x4 + Q, row_ok, j, not EVEN_M)
+                if NORM:  # RMSNorm of x: squares summed here, 1 / rms after the loop
+                    if BLOCK_M == 1:
+                        sq += xl * xl
+                        sq += xh * xh
+                    else:
+                        t_s += xl * xl
+                        t_s += xh * xh
+                    if GAMMA:  # the norm's weight, unless the pass folded it into the weight
+                        xl = xl * _fours(g_ptr, x4, row_ok, j, False)
+                        xh = xh * _fours(g_ptr, x4 + Q, row_ok, j, False)
+                wl = _units(w, j, False, CVT) * s + z
+                wh = _units(w, j, True, CVT) * s + z
+                if BLOCK_M == 1:  # separate statements: each a multiply-add, not a multiply and an add
+                    prod += wl * xl
+                    prod += wh * xh
+                else:
+                    t += wl * xl
+                    t += wh * xh
+                if GLU:
+                    ul = _units(wu, j, False, CVT) * su + zu
+                    uh = _units(wu, j, True, CVT) * su + zu
+                    if BLOCK_M == 1:
+                        prod_u += ul * xl
+                        prod_u += uh * xh
+                    else:
+                        t_u += ul * xl
+                        t_u += uh * xh
+            if BLOCK_M > 1:
+                sel = rb[None, :] == m
+                acc += tl.where(sel, tl.sum(tl.sum(t, axis=2), axis=1)[:, None], 0.0)
+                if GLU:
+                    acc_u += tl.where(sel, tl.sum(tl.sum(t_u, axis=2), axis=1)[:, None], 0.0)
+                if NORM:
+                    ss2 += tl.where(sel, tl.sum(tl.sum(t_s, axis=2), axis=1)[:, None], 0.0)
+        w_ptrs += GPB * Q
+        x4 += GPB * (GROUP // 4)
+        pair += GPB * NT
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.sum(prod, axis=2), axis=1)[:, None]
+        acc_u = tl.sum(tl.sum(prod_u, axis=2), axis=1)[:, None]
+        ssq = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(tl.sum(tl.sum(sq, axis=2), axis=1), axis=0) / BLOCK_N
+    else:
+        ssq = tl.sum(ss2, axis=0) / BLOCK_N
+    _finish(acc, acc_u, ssq, rn, rm, n_ok, m_ok, pid_n, M, N, K, eps, sz_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, cnt_ptr,
+            ss_ptr, srm, srn, sym, syn, HAS_BIAS, HAS_RES, GLU, NORM, False, SPLIT, BLOCK_N, BLOCK_M)
+
+
+# (BLOCK_N, SPLIT, BLOCK_M, GPB: groups a step, num_warps, num_stages, CVT: nibble conversion, see _nibble), and
+# optionally LOOP (absent: 0), the inner loop: 0 the MMA on nibbles, scale and zero applied to its result with the
+# group's sums of x (a second dot with ones); 1 the MMA on weights dequantized in registers (DEQUANT of _w4); 2 the
+# CUDA cores, no MMA (_w4_fma: num_stages 1 loads each step in the loop, 2 prefetches the next into registers)
+Config = tuple[int, ...]
+LOOPS = {0: "mma", 1: "mma-dequant", 2: "fma"}
 _BEST: dict[tuple, Config] = {}
 _DEFAULT: dict[tuple, Config] = {}  # under a plan: each problem's first candidate
 TIMES: dict[tuple, dict] = {}  # problem key -> {config: us}, what the choice was made from (benchmark logs)
 
 
 def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[int, ...] = (1,),
-            broad: bool = False) -> list[Config]:
-    """Candidate configs for y[M, N], each with every nibble conversion in `cvts`. Decode (M <= 16): one block of
-    the next power of two of M rows (tl.dot pads it; at M=1 a 16-row block, as the int8 GEMV's, costs 4.0 SASS
+            broad: bool = False, loops: tuple[int, ...] = (0,)) -> list[Config]:
+    """Candidate configs for y[M, N], each with every nibble conversion in `cvts`; `loops`: the inner loops whose
+    candidates to list (LOOPS; 1 and 2, decode only, from `_decode_configs`, for the GPU sweep of
+    benchmarks/int4_sweep.py until a measurement puts them in int4_linear's list). Loop 0, decode (M <= 16): one
+    block of the next power of two of M rows (tl.dot pads it; at M=1 a 16-row block, as the int8 GEMV's, costs 4.0 SASS
     instructions a weight in the loop against 2.8 for a 1-row one: benchmarks/gemv_sass.py, at
     (32, 1, ., 2, 2, 3, 2)); BLOCK_N rows by GPB groups a step (more for groups under 128), so a program reads
     4-16 KiB of weight a step (the int8 GEMV's best read 4-8 KiB), 16 rows a warp, and split over K so that
@@ -198,6 +440,10 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
     for the GPU sweep (benchmarks/int4_gpu_check.py), whose winners the default list should hold."""
     groups, half = K // group, group // 2
     out: list[Config] = []
+    for loop in loops:
+        out += _decode_configs(loop, M, K, N, group, glu, cvts) if loop and M <= 16 else []
+    if 0 not in loops:
+        return out
     if M <= 16:
         bm = min(16, triton.next_power_of_2(M))
         default = ((32, (2, 4), ((2, 3), (2, 4)), bm), (64, (1, 2), ((4, 3),), bm))
@@ -228,6 +474,35 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
     return out
 
 
+def _decode_configs(loop: int, M: int, K: int, N: int, group: int, glu: bool, cvts: tuple[int, ...]) -> list[Config]:
+    """Candidates of loop 1 (MMA on weights dequantized in registers) or 2 (CUDA cores) at M <= 16 rows: a few
+    block shapes, GPB groups a step (counted in 128 channels a row), stages, and the two splits of K whose
+    programs come nearest to 2 and 4 per SM (loop 2, which hides latency with warps more than with stages: 4 and
+    8) of an H100's 132. Loop 1 pads M to an 8-row MMA tile (M <= 8): x's tile then loads 16 bytes a thread, which
+    the pipeliner prefetches (not the 2 bytes of a 1-row one). Loop 2 uses CVT 0 or 1 (its bit conversion is
+    plain Triton) and register prefetch (2 stages) only where a step's weight is at most 8 KiB (else it spills)."""
+    groups, half, per128 = K // group, group // 2, max(1, 128 // group)
+    if loop == 1:
+        bm, target, cvs = (8 if M <= 8 else 16), (2, 4), cvts
+        shapes = ((32, 2, (2,), (3, 5)), (32, 2, (4,), (3, 4)), (64, 4, (2,), (3,)))  # the int8 GEMV's best: 3-5
+    else:
+        bm, target, cvs = triton.next_power_of_2(M), (4, 8), tuple(dict.fromkeys(min(c, 1) for c in cvts))
+        shapes = (((32, 2, (2, 4), (1, 2)), (64, 2, (2,), (1, 2)), (64, 4, (2,), (1,))) if M == 1 else
+                  ((32, 2, (1,), (1,)),))
+    out: list[Config] = []
+    for bn, warps, gpbs, stages in shapes:
+        for gpb in (g * per128 for g in gpbs):
+            splits = [s for s in (1, 2, 4, 8, 16, 32) if groups % s == 0 and (groups // s) % gpb == 0]
+            if not splits:
+                continue
+            cols = triton.cdiv(N, bn)
+            picks = dict.fromkeys(min(splits, key=lambda s: abs(math.log(cols * s / (t * 132)))) for t in target)
+            tile = bn * gpb * half * (2 if glu else 1)
+            out += [(bn, s, bm, gpb, warps, st, c, loop) for s in picks for st in stages for c in cvs
+                    if not (loop == 2 and st == 2 and tile > 8192)]
+    return out
+
+
 def default_cvts(x: Tensor) -> tuple[int, ...]:
     """The nibble conversions int4_linear tries: the PTX one (2) for 16-bit x on a GPU, else the bit one (1)."""
     return (2,) if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else (1,)
@@ -242,7 +517,8 @@ def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, gro
             rms_eps: float | None = None) -> None:
     """Launch one config: y[M, N] = x2 @ W^T (+ b) (GLU: silu(gate) * up) (+ r), W int4 in fxcc's layout;
     `rms_eps`: x2 RMS-normalised first (weight `norm`, or None when the pass folded it into W)."""
-    bn, split, bm, gpb, warps, stages, cvt = cfg
+    bn, split, bm, gpb, warps, stages, cvt = cfg[:7]
+    loop = cfg[7] if len(cfg) > 7 else 0
     M, K = x2.shape
     N = y.shape[1]
     NT = 2 * N if glu else N
@@ -259,19 +535,41 @@ def w4_gemm(x2: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, y: Tensor, gro
                          f"(K={K}, group {group}, split {split})")
     if cvt == 2 and not (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)):
         raise ValueError("int4 GEMM: the PTX nibble conversion (CVT=2) is for bf16 / fp16 x on a GPU")
+    if loop not in LOOPS or loop == 2 and (bm > 16 or cvt == 2 or stages > 2):
+        raise ValueError(f"int4 GEMM: loop {loop} with BLOCK_M={bm}, CVT={cvt}, {stages} stages: the loops are "
+                         f"{LOOPS}; the CUDA-core one (2) takes blocks of at most 16 rows, CVT 0 or 1 and 1 or 2 "
+                         "stages")
     if norm is not None and (rms_eps is None or norm.shape != (K,)):
         raise ValueError(f"int4 GEMM: RMSNorm weight of shape {tuple(norm.shape)} for rows of {K} (rms_eps={rms_eps})")
     if not qw.is_contiguous():
         raise ValueError("int4 GEMM: the packed weight must be contiguous (16-byte rows of groups)")
+    if loop == 2:  # reads x (and the norm's weight) four values a 64-bit word, the weight a 32-bit word
+        x2, norm = _aligned(x2, 4), None if norm is None else _aligned(norm, 4)
+        if qw.data_ptr() % 4:
+            raise ValueError("int4 GEMM: the CUDA-core loop reads the packed weight in 32-bit words; its data pointer "
+                             f"{qw.data_ptr():#x} is not 4-byte aligned")
     acc, cnt, ss = tg._workspace(x2.device, M, N, glu) if split > 1 else (y, y, y)
-    ReadOnly(_w4)[(triton.cdiv(N, bn), split, triton.cdiv(M, bm))](
-        x2, qw, sz, b if b is not None else sz, r if r is not None else y, y, acc, cnt,
-        norm if norm is not None else sz, ss, float(rms_eps or 0.0), M, N, NT, K, K // group // split,
-        x2.stride(0), x2.stride(1), qw.stride(0), *(r.stride() if r is not None else (0, 0)), y.stride(0),
-        y.stride(1), HAS_BIAS=b is not None, HAS_RES=r is not None, GLU=glu, NORM=rms_eps is not None,
-        GAMMA=norm is not None, IEEE=x2.dtype == torch.float32, EVEN_N=N % bn == 0, CVT=cvt,
-        OFF=_OFFSET.get(x2.dtype, 0.0) if cvt else 0.0, SPLIT=split, GROUP=group, GPB=gpb, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=warps, num_stages=stages)
+    args = (x2, qw, sz, b if b is not None else sz, r if r is not None else y, y, acc, cnt,
+            norm if norm is not None else sz, ss, float(rms_eps or 0.0), M, N, NT, K, K // group // split,
+            x2.stride(0), x2.stride(1), qw.stride(0), *(r.stride() if r is not None else (0, 0)), y.stride(0),
+            y.stride(1))
+    flags = dict(HAS_BIAS=b is not None, HAS_RES=r is not None, GLU=glu, NORM=rms_eps is not None,
+                 GAMMA=norm is not None, EVEN_N=N % bn == 0, CVT=cvt, SPLIT=split, GROUP=group, GPB=gpb, BLOCK_M=bm,
+                 BLOCK_N=bn, num_warps=warps)
+    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+    if loop == 2:
+        ReadOnly(_w4_fma)[grid](*args, **flags, STAGES=stages, EVEN_M=M % bm == 0, num_stages=1)
+    else:
+        ReadOnly(_w4)[grid](*args, **flags, IEEE=x2.dtype == torch.float32, DEQUANT=loop == 1,
+                            OFF=_OFFSET.get(x2.dtype, 0.0) if cvt else 0.0, num_stages=stages)
+
+
+def _aligned(t: Tensor, n: int) -> Tensor:
+    """t, or a contiguous copy, contiguous along its last dim with rows (and data) starting at multiples of n
+    elements."""
+    if t.stride(-1) == 1 and (t.dim() == 1 or t.stride(0) % n == 0) and t.data_ptr() % (n * t.element_size()) == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def int4_linear(x: Tensor, qw: Tensor, sz: Tensor, b: Tensor | None, group: int, residual: Tensor | None = None,
@@ -303,7 +601,7 @@ def _candidates(x2: Tensor, M: int, K: int, N: int, group: int, glu: bool) -> li
     first call is captured in a CUDA graph) and as a fallback should the PTX conversion or a block of fewer than
     16 rows fail on some GPU or Triton: the bit conversion (1) on a 16-row block."""
     cands = configs(M, K, N, group, glu, default_cvts(x2))
-    bn, split, bm, gpb, warps, stages, _ = cands[0]
+    bn, split, bm, gpb, warps, stages, _ = cands[0][:7]
     safe = (bn, split, max(bm, 16), gpb, warps, stages, 1)  # 16 rows: as the kernel ran before small blocks
     return [safe] + [c for c in cands if c != safe]
 

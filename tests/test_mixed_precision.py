@@ -633,6 +633,16 @@ def test_triton_int4_matches_dequantized_reference_twice(m, k, n, group, cfg, bi
         torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
+def _spread_int4(n: int, k: int, group: int):
+    """Packed int4 weights [n, k] whose group g has scale 2^g and zero g (a scale or zero applied to another group's
+    K range, or a step that skips or repeats a group, is far off), with scale_zero (fp32)."""
+    from fxcc.dialects import pack_int4, quantize_int4
+
+    spread = (2.0 ** torch.arange(k // group)).repeat_interleave(group)
+    q, sz = quantize_int4(torch.randn(n, k) * spread + torch.arange(k) // group, group, torch.float32)
+    return pack_int4(q, group), sz
+
+
 @interp
 @pytest.mark.parametrize("m,n,k,group", [(1, 40, 256, 32), (8, 64, 1024, 128)])
 def test_triton_int4_every_block_shape_and_conversion_of_the_config_space(m, n, k, group):
@@ -641,14 +651,12 @@ def test_triton_int4_every_block_shape_and_conversion_of_the_config_space(m, n, 
     to 128x in scale and in zero, so a scale or zero applied to another group's K range, or a step that skips or
     repeats a group, is far off. N=40: ragged blocks; N=64: whole ones (unmasked loads) but for BLOCK_N=128."""
     from fxcc.codegen import triton_int4 as t4
-    from fxcc.dialects import int4_linear_reference, pack_int4, quantize_int4
+    from fxcc.dialects import int4_linear_reference
 
     torch.manual_seed(5)
     groups = k // group
-    spread = (2.0 ** torch.arange(groups)).repeat_interleave(group)  # group g: scale 2^g
-    w = torch.randn(n, k) * spread + torch.arange(k) // group
-    q, sz = quantize_int4(w, group, torch.float32)
-    qw, x, b, r = pack_int4(q, group), torch.randn(m, k) + 0.5, torch.randn(n), torch.randn(m, n)
+    qw, sz = _spread_int4(n, k, group)
+    x, b, r = torch.randn(m, k) + 0.5, torch.randn(n), torch.randn(m, n)
     want = int4_linear_reference(x, qw, sz, b, group) + r
     space = sorted({(c[0], c[2], c[3]) for c in t4.configs(m, 2048, 8192, 128, broad=True) +
                     t4.configs(m, 8192, 2048, 128)})
@@ -688,6 +696,108 @@ def test_triton_int4_gate_and_norm_epilogues(glu, norm, cfg):
         torch.testing.assert_close(got + r, t4._reference(x, qw, sz, b, 128, r, glu, g, eps), atol=1e-3, rtol=1e-3)
 
 
+def _decode_rows(loop: int, m: int) -> int:
+    """BLOCK_M of a decode loop at M rows: loop 1 pads to an 8- or 16-row MMA tile, loop 2 to a power of two."""
+    return (8 if m <= 8 else 16) if loop == 1 else 1 << (m - 1).bit_length()
+
+
+@interp
+@pytest.mark.parametrize("loop", [1, 2])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_triton_int4_decode_loops_match_dequantized_reference(loop, m):
+    """The new decode loops (1: the MMA on weights dequantized in registers, 2: the CUDA cores) against
+    dequantize-then-matmul at M rows: ragged N, bias and residual, splits of K twice on one workspace, one and two
+    groups a step, both conversions the interpreter runs and both stage settings of each loop; then the SwiGLU of a
+    merged gate/up weight and the RMSNorm of x (its weight in the kernel, and folded away)."""
+    from fxcc.codegen import triton_int4 as t4
+    from fxcc.dialects import int4_linear_reference
+
+    torch.manual_seed(6)
+    n, k, group, bm = 40, 512, 128, _decode_rows(loop, m)
+    bn = 16 if loop == 1 else 64  # ragged blocks either way; one program a split where the interpreter is slow
+    qw, sz = _spread_int4(n, k, group)
+    x, b, r = torch.randn(m, k) + 0.5, torch.randn(n), torch.randn(m, n)
+    want = int4_linear_reference(x, qw, sz, b, group) + r
+    stages = (3, 4) if loop == 1 else (1, 2)
+    for split, gpb, cvt, st in ((1, 2, 1, stages[0]), (2, 1, 0, stages[1]), (4, 1, 1, stages[1])):
+        cfg = (bn, split, bm, gpb, 4, st, cvt, loop)
+        for _ in range(2 if split > 1 else 1):
+            y = torch.full((m, n), float("nan"))
+            t4.w4_gemm(x, qw, sz, b, y, group, cfg, r)
+            torch.testing.assert_close(y, want, atol=1e-3, rtol=1e-4, msg=lambda e, cfg=cfg: f"{cfg}: {e}")
+    gamma = torch.rand(256) + 0.5
+    cases = ((True, None, None), (False, gamma, 1e-5), (True, None, 1e-5), (True, gamma, 1e-5))
+    for i, (glu, g, eps) in enumerate(cases):  # the two configs take turns: one unsplit, one split
+        xg, _, qg, szg, bg, rg = _int4_case(n, 256, m, glu=glu)
+        xg = xg * 3.0 + 1.0
+        want = t4._reference(xg, qg, szg, bg, 128, rg, glu, g, eps)
+        pair = ((bn, 1, bm, 2, 4, stages[0], 1, loop), (bn * (3 - loop), 2, bm, 1, 4, stages[1], 1, loop))
+        for cfg in pair[i % 2::2]:
+            for _ in range(cfg[1]):
+                y = torch.full((m, n), float("nan"))
+                t4.w4_gemm(xg, qg, szg, bg, y, 128, cfg, rg, glu, g, eps)
+                # gated outputs reach thousands: fp32 sums in another order than torch's differ there by 1e-6 of
+                # the largest, and small outputs of large gate and up values share that absolute error
+                err = ((y - want).abs().max() / want.abs().max()).item()
+                assert err < 1e-5, f"{cfg} glu={glu} gamma={g is not None} eps={eps}: {err}"
+
+
+@interp
+@pytest.mark.parametrize("m", [1, 8])
+def test_triton_int4_every_candidate_of_the_decode_loops(m):
+    """Each (BLOCK_N, BLOCK_M, GPB, warps, stages, loop) the sweep's candidates of loops 1 and 2 hold at M rows
+    (o/qkv and down shapes, plain and SwiGLU), splits taking turns, on a small problem against
+    dequantize-then-matmul; N=40 ragged for every block."""
+    from fxcc.codegen import triton_int4 as t4
+    from fxcc.dialects import int4_linear_reference
+
+    torch.manual_seed(7)
+    n, k, group = 40, 1024, 128
+    qw, sz = _spread_int4(n, k, group)
+    x, b, r = torch.randn(m, k) + 0.5, torch.randn(n), torch.randn(m, n)
+    want = int4_linear_reference(x, qw, sz, b, group) + r
+    space = sorted({c[:1] + c[2:6] + c[7:] for glu in (False, True) for kk, nn_ in ((2048, 3072), (8192, 2048))
+                    for c in t4.configs(m, kk, nn_, 128, glu, (1,), loops=(1, 2))})
+    assert {c[-1] for c in space} == {1, 2} and all(c[1] == _decode_rows(c[-1], m) for c in space)
+    for i, (bn, bm, gpb, warps, st, loop) in enumerate(space):
+        splits = [s for s in (1, 2, 4, 8) if (k // group) % s == 0 and (k // group // s) % gpb == 0]
+        cfg = (bn, splits[i % len(splits)], bm, gpb, warps, st, 1, loop)
+        y = torch.full((m, n), float("nan"))
+        t4.w4_gemm(x, qw, sz, b, y, group, cfg, r)
+        torch.testing.assert_close(y, want, atol=1e-3, rtol=1e-4, msg=lambda e, cfg=cfg: f"{cfg}: {e}")
+
+
+@interp
+@pytest.mark.parametrize("loop", [1, 2])
+def test_triton_int4_decode_loops_half(loop):
+    """fp16 x and scales in the new loops: scale-zero pairs read as 32-bit words, x four values a 64-bit word."""
+    from fxcc.codegen import triton_int4 as t4
+    from fxcc.dialects import int4_linear_reference
+
+    for m in (1, 5):
+        x, _, qw, sz, b, r = _int4_case(m=m, dtype=torch.float16)
+        y = torch.full((m, 48), float("nan"), dtype=torch.float16)
+        t4.w4_gemm(x, qw, sz, b, y, 128, (16, 2, _decode_rows(loop, m), 1, 4, 2, 1, loop), r)
+        assert rel(y, int4_linear_reference(x.float(), qw, sz, b, 128) + r.float()) < 1e-2
+
+
+def test_triton_int4_config_list_keeps_its_loop_and_names_the_new_ones():
+    """int4_linear's list is loop 0 alone, 7 fields (the new loops come only when asked for); they have 8."""
+    from fxcc.codegen import triton_int4 as t4
+
+    for m, k, n, glu in ((1, 2048, 8192, True), (8, 8192, 2048, False), (1, 2048, 2048, False)):
+        plain = t4.configs(m, k, n, 128, glu, (2,))
+        assert plain == t4.configs(m, k, n, 128, glu, (2,), loops=(0,)) and {len(c) for c in plain} == {7}
+        new = t4.configs(m, k, n, 128, glu, (2,), loops=(1, 2))
+        assert new and {len(c) for c in new} == {8} and {c[7] for c in new} == {1, 2}
+        assert all(c[6] in (0, 1) for c in new if c[7] == 2) and len(new) <= 24
+    x, _, qw, sz, b, _ = _int4_case()
+    with pytest.raises(ValueError, match="loops are"):
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 1, 8, 1, 4, 2, 1, 3))
+    with pytest.raises(ValueError, match="1 or 2 stages"):
+        t4.w4_gemm(x, qw, sz, b, torch.empty(5, 48), 128, (16, 1, 8, 1, 4, 3, 1, 2))
+
+
 @interp
 def test_triton_int4_half():
     """16-bit activations and scales (fp16: the interpreter converts fp32 -> bf16 wrongly; bf16 on the GPU test)."""
@@ -703,8 +813,8 @@ def test_triton_int4_half():
 @cuda
 @pytest.mark.parametrize("m,glu,norm", [(1, False, False), (8, True, True), (8, False, True), (48, False, False)])
 def test_triton_int4_every_config_on_gpu_bf16(m, glu, norm):
-    """Every config the kernel may time (both bit conversions), three times over a poisoned output (split-K
-    workspaces)."""
+    """Every config the kernel may time (both bit conversions), and the new decode loops' candidates, three times over
+    a poisoned output (split-K workspaces)."""
     from fxcc.codegen import triton_int4 as t4
     from fxcc.dialects import pack_int4, quantize_int4
 
@@ -716,6 +826,7 @@ def test_triton_int4_every_config_on_gpu_bf16(m, glu, norm):
     eps = 1e-5 if norm else None
     want = t4._reference(x, qw, sz, b, 128, r, glu, None, eps)
     for cfg in dict.fromkeys(t4.configs(m, 2048, 512, 128, glu, cvts=(1, 2)) +
+                             t4.configs(m, 2048, 512, 128, glu, cvts=(2,), loops=(1, 2)) +
                              t4._candidates(x, m, 2048, 512, 128, glu)):  # the latter's first: 16 rows
         for _ in range(3):
             y = torch.full((m, 512), float("nan"), device="cuda", dtype=torch.bfloat16)
