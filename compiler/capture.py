@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .dynamic import dynamic_shapes, map_top, top_ints
 from .ir import fetch_attr, flatten_inputs, written_in_place
-from .logs import held_back
+from .logs import dropped, held_back, partial_graph_unprinted
 from .mask_skip import eager_mask_skip
 from .nested_fast_path import eager_fast_path
 from .state import Aliasing, recording, register_state_class, state_objects
@@ -1184,9 +1184,13 @@ def _capture_run(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int
         ex_args, ex_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (tuple(args), kwargs))
         sink.clear()
         _new_attempt()
-        # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news
+        # export warns for every `Dim.AUTO` dimension it keeps static (size 0 or 1): expected, not news; a trace
+        # failing on a data-dependent value (handled below) prints its partial graph and warns where torch's advice
+        # finds no name in the user's code for the value (a symbolic float's `.item()`)
         quiet = held_back("torch._export.non_strict_utils", logging.ERROR)
-        with torch.no_grad(), forward_as(module, traced), quiet, eager_mask_skip(), unchanged_conversions_skipped():
+        unfound = dropped("torch.fx.experimental.symbolic_shapes", "Unable to find user code corresponding to")
+        with (torch.no_grad(), forward_as(module, traced), quiet, unfound, partial_graph_unprinted(), eager_mask_skip(),
+              unchanged_conversions_skipped()):
             return torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
 
     try:

@@ -94,6 +94,49 @@ def _writes_module_state(gm: fx.GraphModule) -> bool:
     return False
 
 
+_aten = torch.ops.aten
+# ops whose kernels take operands of one dtype where their meta kernels, which capture traces, take any: a
+# captured graph holding one with mixed operands fails only when it runs; the norms also take a bf16 or fp16 input
+# with float32 parameters
+_NORMS = frozenset({_aten.layer_norm.default, _aten.native_layer_norm.default, _aten.group_norm.default,
+                    _aten.native_group_norm.default, _aten.batch_norm.default,
+                    _aten._native_batch_norm_legit_no_training.default})
+_ONE_DTYPE = _NORMS | {_aten.linear.default, _aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+                       _aten.baddbmm.default, _aten.mv.default, _aten.addmv.default, _aten.dot.default}
+_NORM_MIXES = ({torch.float32, torch.bfloat16}, {torch.float32, torch.float16})
+
+
+def mixed_operands(gm: fx.GraphModule) -> fx.Node | None:
+    """The first node of a captured graph whose tensor operands differ in dtype where its kernel takes one (a
+    long tensor into a float Linear): traced, it ran on its meta kernel; the first real call would raise."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _ONE_DTYPE:
+            vals = [a.meta.get("val") for a in n.all_input_nodes]
+            dtypes = {v.dtype for v in vals if isinstance(v, torch.Tensor)}
+            if len(dtypes) > 1 and not (n.target in _NORMS and any(dtypes <= mix for mix in _NORM_MIXES)):
+                return n
+    return None
+
+
+def eager_error(eager: Callable[..., Any], args: tuple, kwargs: dict) -> Exception | None:
+    """The exception `eager` raises for this call, run on copies of its inputs from the RNG state as found (both
+    left as they were); None where it returns or the inputs cannot be copied."""
+    try:
+        e_args, e_kwargs = copy.deepcopy((args, kwargs))
+    except Exception:  # noqa: BLE001 - inputs that cannot be copied: nothing run, nothing known
+        return None
+    with rng.preserved():
+        token = _REFERENCE.set(True)
+        try:
+            with torch.no_grad():
+                eager(*e_args, **e_kwargs)
+        except Exception as e:  # noqa: BLE001 - what the caller raises in its place
+            return e
+        finally:
+            _REFERENCE.reset(token)
+    return None
+
+
 @dataclass
 class Checked:
     """A checked first call: what the call returns (the compiled result, or eager's where they differ) and

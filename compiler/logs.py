@@ -9,6 +9,7 @@ Without FXCC_LOGS fxcc leaves logging to the application (warnings still reach t
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 from collections.abc import Iterator
@@ -42,6 +43,42 @@ def held_back(name: str, level: int) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(saved)
+
+
+@contextlib.contextmanager
+def dropped(name: str, prefix: str) -> Iterator[None]:
+    """Logger `name` drops the records whose message (its format string) starts with `prefix` while the block
+    runs; its other records, at whatever level it logs, pass as before."""
+    logger = logging.getLogger(name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+@contextlib.contextmanager
+def partial_graph_unprinted() -> Iterator[None]:
+    """torch.export prints the graph it traced so far to stderr where a trace fails on a data-dependent value (a
+    branch on a tensor's value, a symbolic float whose value the program needs), before raising: the failures fxcc
+    handles itself (a DyCL split, the float a constant) and tells in its own words. The block's stderr is held and
+    written out after it, without that graph."""
+    held, graph = io.StringIO(), None
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except Exception as e:
+        graph = getattr(e, "partial_fx_graph", None)
+        raise
+    finally:
+        text = held.getvalue()
+        if isinstance(graph, str) and graph:
+            text = text.replace(f"{graph}\n", "")
+        sys.stderr.write(text)
 
 
 def topic_logger(topic: str) -> logging.Logger:

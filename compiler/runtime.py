@@ -1109,7 +1109,11 @@ class CompiledModule(ModuleView):
             recompiles.info("recompiling %s: %s", self.name, reason)
         else:
             log.info("compiling %s: %s", self.name, reason)
-        variant = self._against_eager(variant, args, kwargs)
+        try:
+            variant = self._against_eager(variant, args, kwargs)
+        except Exception:  # the compiled code raised on these inputs: where eager raises too, eager's error
+            self._raise_eagers(args, kwargs)
+            raise
         self._variants[key] = variant
         if not isinstance(variant, _Eager):
             self._compiled.append(variant)
@@ -1124,6 +1128,17 @@ class CompiledModule(ModuleView):
         self.stats.reasons.append(reason)
         self.stats.history.append(", ".join(ir.type_str(x) for x in flat))
         return variant
+
+    def _raise_eagers(self, args: tuple, kwargs: dict) -> None:
+        """Raise what eager raises for this call, where it raises (an input the model rejects: the user's error,
+        from the user's code, in place of a compiled kernel's); eager runs on copies, the model's buffers kept."""
+        kept = BufferState([self.module, self.method])
+        try:
+            err = eager_check.eager_error(self._eager, args, kwargs)
+        finally:
+            kept.restore()
+        if err is not None:
+            raise err from None
 
     def _sizes_of(self, args: tuple, kwargs: dict, flat: list[Any], spec: Any,
                   names: list[str]) -> tuple[frozenset[int], str]:
@@ -1368,6 +1383,8 @@ class CompiledModule(ModuleView):
             finally:
                 self.capturing = False
             mark_code_constants(cap.gm, self.module)
+            if eager_check.mixed_operands(cap.gm) is not None:  # an input the model rejects: no compile spent on it
+                self._raise_eagers(args, kwargs)
             if opts.verify_each:
                 ir.verify(cap.gm, who="after capture")
             # under a plan the approximate passes take its assignment (checked against the budget by plan_options)

@@ -340,3 +340,27 @@ def test_a_segment_sees_a_change_of_the_weights_its_constants_hold(monkeypatch, 
             assert_outputs_close(cm(x), eager(x), atol=1e-5, rtol=1e-5)
     assert "recompiling DyCL segment" in caplog.text and "the contents of owner.a.weight changed" in caplog.text
     assert model.steps.item() == eager.steps.item() == 4
+
+
+class SaysWhenTraced(nn.Module):
+    """A branch on a tensor's value (export fails there, DyCL splits), and a line on stderr while exported."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if torch.compiler.is_exporting():
+            sys.stderr.write("SaysWhenTraced is being traced\n")
+        h = self.a(x)
+        return h * 2 if h.sum() > 0 else h - 1
+
+
+def test_a_failed_export_prints_no_partial_graph_and_keeps_the_models_output(capfd):
+    model = SaysWhenTraced().eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fxcc.compile(model)(x), model(x))
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err, err
+    assert "SaysWhenTraced is being traced" in err  # what the forward printed while traced is written out after

@@ -348,6 +348,32 @@ def test_torch_compile_backend_takes_symbolic_floats():
     torch._dynamo.reset()
 
 
+class Dropped(torch.nn.Module):
+    """A float attribute dynamo passes as a 0-d tensor (dynamic=True), whose value dropout's `p < 0` check needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.p = torch.nn.Linear(8, 8), 0.1
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.lin(x), self.p, False, False) * 2
+
+
+def test_torch_compile_backend_prints_no_graph_for_a_float_that_stays_a_constant(capfd):
+    """The symbolic-float capture fails on the check (the float then stays a constant): torch's partial graph and
+    its "Unable to find user code" warning are not printed at each compile."""
+    torch._dynamo.reset()
+    model = Dropped().eval()
+    fn = torch.compile(model, backend="fxcc", dynamic=True, options={"passes": FAST})
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(fn(x), model(x))
+    torch._dynamo.reset()
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err, err
+
+
 def test_changing_float_takes_the_fast_path(monkeypatch):
     """Once the symbolic variant serves a call shape, a new value of the float is no new guard lookup: the call
     goes straight to that variant (the value is no part of the remembered call's key)."""

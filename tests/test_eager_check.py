@@ -3,13 +3,14 @@ and says so (fxcc.eager_check)."""
 
 from __future__ import annotations
 
+import traceback
 import warnings
 
 import fxcc
 import pytest
 import torch
 import torch.nn as nn
-from fxcc import dycl, eager_check
+from fxcc import dycl, eager_check, runtime
 from fxcc.codegen.executable import KernelCall
 
 
@@ -317,3 +318,47 @@ def test_always_checks_the_segments_of_a_program_with_python_effects(monkeypatch
         torch.testing.assert_close(out, Branchy.forward(model, x))  # plain Python's result for that segment
     assert CALLS == [3] and cm.stats.checked_parts >= 1
     assert f"segment {seg.name}" in cm.explain()
+
+
+def _raised(call, *args) -> tuple[type, str, str]:
+    """The type, message and innermost frame's file of what `call(*args)` raises."""
+    with pytest.raises(Exception) as info:
+        call(*args)
+    return type(info.value), str(info.value), traceback.extract_tb(info.value.__traceback__)[-1].filename
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.float64])
+def test_an_input_of_a_dtype_eager_rejects_raises_eagers_error_before_any_kernel_is_built(dtype, monkeypatch):
+    monkeypatch.setenv("FXCC_TIME_VS_EAGER", "1")  # as a user's compile has it
+    model = nn.Linear(4, 4).eval()
+    cm = fxcc.compile(model)
+    bad = torch.arange(8, dtype=dtype).view(2, 4)
+    built = []
+    build = runtime.build_executable
+    monkeypatch.setattr(runtime, "build_executable", lambda *a, **k: built.append(1) or build(*a, **k))
+    assert _raised(cm, bad) == _raised(model, bad)  # from nn.Linear's forward, not from a kernel of fxcc's
+    assert not built and cm.stats.compiles == 0
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(cm(x), model(x))
+    assert built and cm.stats.compiles == 1 and len(cm.variants) == 1
+
+
+class Lookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+    def forward(self, ids):
+        return self.proj(self.emb(ids)).relu()
+
+
+def test_a_compiled_call_that_raises_where_eager_raises_too_raises_eagers_error(monkeypatch):
+    monkeypatch.setenv("FXCC_TIME_VS_EAGER", "1")  # the timing against eager is the compiled code's first run
+    model = Lookup().eval()
+    cm = fxcc.compile(model)
+    bad = torch.tensor([[1, 12]])  # out of the embedding's range: only a real run finds it
+    assert _raised(cm, bad) == _raised(model, bad)
+    ids = torch.tensor([[1, 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compiled or eager, as it measures
+        torch.testing.assert_close(cm(ids), model(ids))
