@@ -93,9 +93,8 @@ class _Capture:
         # outputs of a call outside inference mode are normal tensors
         self.inference = any(outs[j].is_inference() for j in self.given)
         self.storages = _storages([outs[j] for j in self.given], [static[i] for i in inplace])
-        # the caller's in-place tensors are not held: a cache the caller drops is freed, and the next one the
-        # allocator puts at its addresses replays this graph (its key is those addresses). An output that is one
-        # of them is the call's tensor at that position, found by identity at capture.
+        # the caller's in-place tensors are not held (their memory is, while this graph adopts: below). An output
+        # that is one of them is the call's tensor at that position, found by identity at capture.
         self.returned = [(j, next((i for i in inplace if static[i] is outs[j]), None)) for j in keep
                          if j < len(outs) and isinstance(outs[j], torch.Tensor)]
         self.placed = [(i, _address(static[i])) for i in sorted(inplace)]
@@ -393,9 +392,8 @@ class CudaGraphs:
 
     def _evict(self) -> bool:
         """Room for one more capture, or False: the graphs replayed least recently are dropped (their memory pools
-        with them; outputs a caller still holds keep their memory), and their keys need two calls again. A
-        server's every generate makes a new cache: its decode step keeps a graph when the cache lands where no
-        earlier one did. Keys that take turns beyond MAX_GRAPHS would capture at every turn: once MAX_GRAPHS
+        with them; outputs a caller still holds keep their memory), and their keys need two calls again. Keys
+        that take turns beyond MAX_GRAPHS would capture at every turn: once MAX_GRAPHS
         graphs were dropped after fewer than _THRASH replays each, no graph is dropped any more."""
         while not self._room():
             if self.wasted >= MAX_GRAPHS:
