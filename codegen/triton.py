@@ -725,17 +725,17 @@ def row_defaults(rows: int, n: int, outer: bool, persistent: bool, split: bool, 
     programs, target = _cdiv(rows, rows_p), 8 * sms
     # split only where it multiplies the programs by 4 or more: GroupNorm's 512 rows split in 2 (a combine kernel
     # and a workspace more) ran 0.60 ms against 0.48 looped on an H100
+    long_rows = one_pass and not outer and not whole and n >= 64 * chunk  # looped one row at a time, 16 warps
     if split and (8 if one_pass else 4) * programs <= target and n >= 8 * chunk:
         most = min(target // programs, n // (2 * chunk), 1024)
         s = 1 << (most.bit_length() - 1)
         rblock = chunk
-    elif one_pass and not outer and not whole and n >= 64 * chunk:
+    elif long_rows:
         rows_p = 1
     elif not outer and not whole:  # looped rows two at a time: GroupNorm's 512 rows of 200704, 0.44 against 0.87 ms
         rows_p = max(1, min(_pow2(rows), 8192 // chunk, 64))
     tile = rows_p * rblock
-    warps = 16 if tile >= 16384 or (one_pass and s == 1 and rows_p == 1 and n >= 64 * chunk) else (
-        8 if tile >= 4096 else 4)
+    warps = 16 if tile >= 16384 or (long_rows and s == 1) else (8 if tile >= 4096 else 4)
     return {"ROWS": rows_p, "RBLOCK": rblock, "SPLIT": s, "num_warps": 4 if few else warps}
 
 

@@ -107,6 +107,7 @@ class _Capture:
             (i, weakref.ref(static[i]), static[i].untyped_storage(), static[i].storage_offset(), static[i].shape,
              static[i].stride(), static[i].dtype) for i in sorted(inplace)]
         self.buffers: list[tuple[int, torch.Tensor]] | None = None  # tensors over that memory, made at first use
+        self.expected: list[tuple[int, int]] = []  # per storage of it: its use count when only this graph holds it
         outs = list(outs)
         for j, i in self.returned:
             if i is not None:
@@ -138,11 +139,12 @@ class _Capture:
             with torch.inference_mode(True):  # a cache made in inference mode has inference tensors
                 self.buffers = [(i, torch.empty(0, dtype=dtype, device=st.device).set_(st, off, shape, stride))
                                 for i, _, st, off, shape, stride, dtype in self.memory]
-        mine: dict[int, int] = {}
-        for _, b in self.buffers:
-            c = b.untyped_storage()._cdata
-            mine[c] = mine.get(c, 1) + 1  # the storage object, and each buffer over it
-        return all(_use_count(c) == n for c, n in mine.items())
+            mine: dict[int, int] = {}
+            for _, b in self.buffers:
+                c = b.untyped_storage()._cdata
+                mine[c] = mine.get(c, 1) + 1  # the storage object, and each buffer over it
+            self.expected = list(mine.items())
+        return all(_use_count(c) == n for c, n in self.expected)
 
     def adopt(self, flat: list[Any]) -> list[Any]:
         """Replay for a call whose in-place inputs are other tensors of the captured shapes and strides: they are
@@ -337,9 +339,7 @@ class CudaGraphs:
         key = self._key(flat)
         graph = self.graphs.get(key)
         if graph is not None:
-            self._tick += 1
-            graph.used = self._tick
-            graph.hits += 1
+            self._touch(graph)
             return graph(flat, self._room, placed=True)
         if key in self.graphs:  # capture failed for this key
             return None
@@ -357,8 +357,7 @@ class CudaGraphs:
         self.graphs[key] = graph = CudaGraph.capture(self.fn, flat, self.name, self.inplace, self.keep)
         if graph is None:
             return None
-        self._tick += 1
-        graph.used = self._tick
+        self._touch(graph, hit=False)
         graph.capture_s = time.perf_counter() - t0
         if self.inplace:
             was = self.adopters.get(key[:-1])
@@ -384,11 +383,15 @@ class CudaGraphs:
             self.copy_s.clear()
         nbytes = sum(flat[i].numel() * flat[i].element_size() for i in self.inplace)
         self.copy_s[key] = spent + 4 * nbytes / COPY_BYTES_PER_S  # in and back, each read and written
-        self._tick += 1
-        graph.used = self._tick
-        graph.hits += 1
+        self._touch(graph)
         self.adoptions += 1
         return c.adopt(flat)
+
+    def _touch(self, graph: CudaGraph, hit: bool = True) -> None:
+        """`graph` replayed now (the least recently replayed is evicted first); `hit`: a replay of a kept graph."""
+        self._tick += 1
+        graph.used = self._tick
+        graph.hits += hit
 
     def _evict(self) -> bool:
         """Room for one more capture, or False: the graphs replayed least recently are dropped (their memory pools

@@ -126,15 +126,21 @@ def eager_error(eager: Callable[..., Any], args: tuple, kwargs: dict) -> Excepti
     except Exception:  # noqa: BLE001 - inputs that cannot be copied: nothing run, nothing known
         return None
     with rng.preserved():
-        token = _REFERENCE.set(True)
         try:
-            with torch.no_grad():
-                eager(*e_args, **e_kwargs)
+            _reference(eager, e_args, e_kwargs)
         except Exception as e:  # noqa: BLE001 - what the caller raises in its place
             return e
-        finally:
-            _REFERENCE.reset(token)
     return None
+
+
+def _reference(eager: Callable[..., Any], e_args: tuple, e_kwargs: dict) -> Any:
+    """`eager` on copies of a call's inputs, as the reference run (fxcc's calls inside it run eagerly)."""
+    token = _REFERENCE.set(True)
+    try:
+        with torch.no_grad():
+            return eager(*e_args, **e_kwargs)
+    finally:
+        _REFERENCE.reset(token)
 
 
 @dataclass
@@ -157,12 +163,7 @@ def first_call(run: Callable[[list[Any]], Any], eager: Callable[..., Any], flatt
         log.info("%s: first call not checked against eager: its inputs cannot be copied (%s)", name, e)
         return None
     start = rng.State()
-    token = _REFERENCE.set(True)
-    try:
-        with torch.no_grad():
-            want = eager(*e_args, **e_kwargs)
-    finally:
-        _REFERENCE.reset(token)
+    want = _reference(eager, e_args, e_kwargs)
     after_eager = rng.State()
     start.restore()
     try:

@@ -523,8 +523,7 @@ class ModuleState:
         """The dicts' entries compiled code depends on are as they were: by the dicts' version tags where none
         moved (then only lists are compared: they change in place), else entry by entry (and, when they are the
         same, the tags are taken again: the root module's alone where only its dict moved, as transformers'
-        generate moves it at every call, a few microseconds; all of them in one guard built again, about 10 us a
-        dict, otherwise)."""
+        generate moves it at every call; all of them in one guard built again otherwise)."""
         versions = self.versions
         if self.tags_hold():
             return (not self.mutable_dicts
