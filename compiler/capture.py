@@ -1189,8 +1189,11 @@ def _capture_run(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int
         # finds no name in the user's code for the value (a symbolic float's `.item()`)
         quiet = held_back("torch._export.non_strict_utils", logging.ERROR)
         unfound = dropped("torch.fx.experimental.symbolic_shapes", "Unable to find user code corresponding to")
-        with (torch.no_grad(), forward_as(module, traced), quiet, unfound, partial_graph_unprinted(), eager_mask_skip(),
-              unchanged_conversions_skipped()):
+        # an input the model rejects fails in a meta kernel, which logs the traceback at ERROR before raising: the
+        # error reaches the user once, as eager's own (`eager_check`) or fxcc's
+        unmet = dropped("torch._subclasses.fake_tensor", "failed while attempting to run meta for")
+        with (torch.no_grad(), forward_as(module, traced), quiet, unfound, unmet, partial_graph_unprinted(),
+              eager_mask_skip(), unchanged_conversions_skipped()):
             return torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
 
     try:

@@ -3,6 +3,7 @@ and says so (fxcc.eager_check)."""
 
 from __future__ import annotations
 
+import logging
 import traceback
 import warnings
 
@@ -362,3 +363,16 @@ def test_a_compiled_call_that_raises_where_eager_raises_too_raises_eagers_error(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # compiled or eager, as it measures
         torch.testing.assert_close(cm(ids), model(ids))
+
+
+def test_an_input_whose_shapes_the_model_rejects_raises_eagers_error_without_torchs_error_log(caplog):
+    """A feature size the Linear does not take fails in capture's meta kernel, which logs its traceback at ERROR
+    ("failed while attempting to run meta") before raising: the user gets eager's error, and no error log beside it."""
+    model = nn.Linear(32, 16).eval()
+    cm = fxcc.compile(model)
+    cm(torch.randn(4, 32))
+    bad = torch.randn(4, 31)
+    with caplog.at_level(logging.ERROR):
+        assert _raised(cm, bad)[:2] == _raised(model, bad)[:2]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [f"{r.name}: {r.getMessage()[:80]}" for r in errors]
