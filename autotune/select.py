@@ -96,7 +96,7 @@ class Codegen(Pass):
             if choice_of(n) != ctx.kernels[n.args[1]].choice:
                 set_choice(n, ctx.kernels[n.args[1]].choice)
                 changed = True
-        return PassResult(changed, stats)
+        return PassResult(changed, stats, retyped=False)  # choices only: each kernel's outputs are its body's
 
     def _backends(self, target: str) -> list:
         names = list(BACKENDS) if self.backend == "auto" else ["extern", self.backend]
@@ -152,56 +152,64 @@ class Selection:
                 was = entry.meta
                 log.info("kernel %s: its stored choice (%s) was unsettled after %d measurement(s); measuring again",
                          kb.key, was.get("backend"), was.get("tries", 0))
-        cands: list[Candidate] = []
-        origin: dict[str, str] = {}  # candidate label -> backend module that made it (to load it again)
-        for mod in backends:
+        # an unsettled decision measured again times the builds it kept (`_keep_all`): no code generation, and no
+        # import of TVM's compiler (seconds of a warm compile)
+        reloaded = self._reload(kb, key, was) if was is not None else None
+        if reloaded is not None:
+            built, origin = reloaded
+            inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
+                      else example_inputs(kb, self.target))
+        else:
+            cands: list[Candidate] = []
+            origin: dict[str, str] = {}  # candidate label -> backend module that made it (to load it again)
+            for mod in backends:
+                try:
+                    made = mod.candidates(kb, self.target)
+                    cands += made
+                    origin.update((c.backend, mod.name) for c in made)
+                except Exception as e:  # a lowering gap in one backend leaves the others
+                    _warn(kb, mod.name, e)
+            ext = next(c for c in cands if c.backend == "extern")
+            if len(cands) == 1:
+                k = BuiltKernel(kb, Choice("extern", "extern", {}, key), ext.build({}))
+                if cache:  # remember that nothing else applies, so a warm compile skips the lowering too
+                    _store(cache, k, self.target, self.tuned)
+                return "single", k
+            inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
+                      else example_inputs(kb, self.target))
+            reference = ext.build({})
+            ref_fn = reference.fn
             try:
-                made = mod.candidates(kb, self.target)
-                cands += made
-                origin.update((c.backend, mod.name) for c in made)
-            except Exception as e:  # a lowering gap in one backend leaves the others
-                _warn(kb, mod.name, e)
-        ext = next(c for c in cands if c.backend == "extern")
-        if len(cands) == 1:
-            k = BuiltKernel(kb, Choice("extern", "extern", {}, key), ext.build({}))
-            if cache:  # remember that nothing else applies, so a warm compile skips the lowering too
-                _store(cache, k, self.target, self.tuned)
-            return "single", k
-        inputs = (example_inputs(kb, self.target, self.probe(kb), self.probe.params(kb)) if self.probe
-                  else example_inputs(kb, self.target))
-        reference = ext.build({})
-        ref_fn = reference.fn
-        try:
-            ref = ref_fn(inputs)
-        except Exception as e:  # noqa: BLE001 - sizes the example cannot make consistent (a size read from an int)
-            log.debug("%s: no example inputs the reference runs on (%s: %s); extern, untimed", key,
-                      type(e).__name__, e)
-            return "single", BuiltKernel(kb, Choice("extern", "extern", {}, key), reference)
-        edges = [(x, ref_fn(x), tol) for x, tol in edge_inputs(inputs, self.probe.params(kb) if self.probe else ())]
-        sized = other_sizes(kb)
-        if sized is not None:  # symbolic: checked at another size as well
-            try:
-                x = example_inputs(kb, self.target, params=self.probe.params(kb) if self.probe else (), sizes=sized)
-                edges.append((x, ref_fn(x), 0.0))
-            except Exception as e:  # noqa: BLE001 - the reference's own limits (a size guard, an index range)
-                log.info("%s: symbolic, and its reference does not run at sizes %s (%s: %s): extern only", kb.key,
-                         sized, type(e).__name__, e)
-                cands = [ext]
-        built: dict[str, tuple[Built, dict]] = {}
-        for c in cands:
-            try:
-                params = self._params(kb, c, inputs, ref, key)
-                b = c.build(params)
-                if c is not ext:  # extern is the reference; the others are exact on every input, not only
-                    check(c.backend, b.fn(inputs), ref)  # the example: masked rows, inf, NaN
-                    for x, r, tol in edges:
-                        check(c.backend, b.fn(x), r, tol)
-            except Exception as e:
-                _warn(kb, c.backend, e)
-                continue
-            built[c.backend] = (b, params)
-            if self.prefer and c.backend.split("+")[0] == self.prefer:
-                break
+                ref = ref_fn(inputs)
+            except Exception as e:  # noqa: BLE001 - sizes the example cannot make consistent (a size read from an int)
+                log.debug("%s: no example inputs the reference runs on (%s: %s); extern, untimed", key,
+                          type(e).__name__, e)
+                return "single", BuiltKernel(kb, Choice("extern", "extern", {}, key), reference)
+            edges = [(x, ref_fn(x), tol) for x, tol in edge_inputs(inputs, self.probe.params(kb) if self.probe else ())]
+            sized = other_sizes(kb)
+            if sized is not None:  # symbolic: checked at another size as well
+                try:
+                    x = example_inputs(kb, self.target, params=self.probe.params(kb) if self.probe else (), sizes=sized)
+                    edges.append((x, ref_fn(x), 0.0))
+                except Exception as e:  # noqa: BLE001 - the reference's own limits (a size guard, an index range)
+                    log.info("%s: symbolic, and its reference does not run at sizes %s (%s: %s): extern only", kb.key,
+                             sized, type(e).__name__, e)
+                    cands = [ext]
+            built: dict[str, tuple[Built, dict]] = {}
+            for c in cands:
+                try:
+                    params = self._params(kb, c, inputs, ref, key)
+                    b = c.build(params)
+                    if c is not ext:  # extern is the reference; the others are exact on every input, not only
+                        check(c.backend, b.fn(inputs), ref)  # the example: masked rows, inf, NaN
+                        for x, r, tol in edges:
+                            check(c.backend, b.fn(x), r, tol)
+                except Exception as e:
+                    _warn(kb, c.backend, e)
+                    continue
+                built[c.backend] = (b, params)
+                if self.prefer and c.backend.split("+")[0] == self.prefer:
+                    break
         timings: dict[str, float] = {}
         decision: Decision | None = None
         if self.prefer and list(built)[-1].split("+")[0] == self.prefer:
@@ -234,6 +242,8 @@ class Selection:
                                                          self._keep(cache, kb, key, lb, origin[lb], *built[lb])),
                                                   built[lb][0], timings) for lb in (plain, *more)]
             measured = {**(measured or {}), "fallbacks": [[lb, origin[lb], built[lb][1]] for lb in (plain, *more)]}
+        if cache and measured is not None and measure_again(measured):  # the next compile measures it again
+            measured = {**measured, "candidates": self._keep_all(cache, kb, key, built, origin)}
         if cache:
             _store(cache, k, self.target, self.tuned, measured)
         return ("remeasured" if was is not None else "built"), k
@@ -268,6 +278,38 @@ class Selection:
         # an entry stored before fallbacks were falls back to extern
         self.fallbacks[kb.key] = [tuple(f) for f in entry.meta.get("fallbacks") or [("extern", "extern", {})]]
         return k
+
+    def _keep_all(self, cache, kb: KernelBody, key: str, built: dict, origin: dict) -> list[list]:
+        """Keep every candidate's build of a decision the next compile measures again, as fallbacks are kept
+        (`_keep`); the [label, module, params] of each, for `_reload`."""
+        for label, (b, params) in built.items():
+            self._keep(cache, kb, key, label, origin[label], b, params)
+        return [[label, origin[label], params] for label, (_, params) in built.items()]
+
+    def _reload(self, kb: KernelBody, key: str, was: dict) -> tuple[dict, dict] | None:
+        """The candidates of the unsettled decision `was` (stored under `key`), as `choose` times them: each loaded
+        from the build `_keep_all` kept (checked against the reference when it was built), or built again where it
+        keeps no files (extern: the body's torch calls). None, to build all from the start, where `was` lists none
+        or one does not load."""
+        named = was.get("candidates")
+        if not named or not any(label == "extern" for label, _, _ in named):
+            return None
+        built, origin = {}, {}
+        for label, module, params in named:
+            try:
+                if label == "extern":
+                    b = extern.Extern(kb).build({})
+                elif (entry := default_cache().get(fallback_key(key, label))) is not None:
+                    b = backend_module(module).load(kb, label, entry.files, params)
+                else:
+                    cand = next(c for c in backend_module(module).candidates(kb, self.target) if c.backend == label)
+                    b = cand.build(params)
+            except Exception as e:  # noqa: BLE001 - an evicted or unloadable build: all are built again
+                log.info("kernel %s: candidate %s of its unsettled decision did not load (%s: %s); building all",
+                         kb.key, label, type(e).__name__, e)
+                return None
+            built[label], origin[label] = (b, params), module
+        return built, origin
 
     def fallback(self, kb: KernelBody, i: int) -> BuiltKernel:
         """Fallback `i` of `kb` (`fallbacks`): measured with the others; where it came from the cache, loaded from

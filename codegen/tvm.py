@@ -161,16 +161,15 @@ def weight_first_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def copies(kb: KernelBody, label: str) -> list[tuple[int, int, str]]:
     """(placeholder index, bytes, store) of every weight copy candidate `label` keeps across calls: `tvm` reads each
     packable linear weight as column panels (fxcc.codegen.tvm_lower), `tvm+onednn` its GEMM's weight in oneDNN's
-    blocked layout; `tvm+extern` and `tvm+wxt` read their inputs as they are. Where nothing can be copied the
-    answer comes without importing the lowering (TVM's compiler: seconds of a warm compile that bounds copies)."""
+    blocked layout; `tvm+extern` and `tvm+wxt` read their inputs as they are. Answered from the graph alone, without
+    importing the lowering (TVM's compiler: seconds of a warm compile that measures an unsettled choice again)."""
     nodes = list(kb.body.graph.nodes)
     places = [n for n in nodes if n.op == "placeholder"]
     if label not in ("tvm", "tvm+onednn") or not any(linear_weight(n) is not None for n in nodes):
         return []
     if label == "tvm":
-        from fxcc.codegen import tvm_lower as tl
-        needed = tl._needed(nodes, None)
-        weights = dict.fromkeys(n.args[1] for n in nodes if n in needed and tl._packable(n))
+        used = needed(nodes, None)
+        weights = dict.fromkeys(n.args[1] for n in nodes if n in used and packable(n))
     elif label == "tvm+onednn":
         anchor = next((n for n in nodes if n.op == "call_function" and n.target in ANCHORS), None)
         weights = dict.fromkeys([anchor.args[1]] if anchor is not None and onednn.applies(anchor) else [])
@@ -493,11 +492,33 @@ def split_bias(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def packable(node: fx.Node) -> bool:
+    """A linear whose weight the kernel can read packed: a 2-D contiguous fp32 kernel input."""
+    v = linear_weight(node)
+    return v is not None and v.dtype == torch.float32 and v.is_contiguous() and v.numel() < 2**31
+
+
+def needed(nodes: list[fx.Node], split: fx.Node | None) -> set[fx.Node]:
+    """Nodes the outputs depend on, not looking through `split` (its producers run elsewhere). Here, not in the
+    lowering, so that sizing a candidate's weight copies (`copies`) does not import TVM's compiler."""
+    out = next(n for n in nodes if n.op == "output")
+    seen, stack = set(), list(out.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not split:
+            stack.extend(n.all_input_nodes)
+        elif split_bias(n) is not None:
+            stack.append(split_bias(n))
+    return seen
+
+
 def _input_nodes(body: fx.GraphModule, split: fx.Node | None) -> list[fx.Node]:
     """The nodes that become TVM inputs, in the order the lowering declares them."""
-    from fxcc.codegen import tvm_lower as tl
-    needed = tl._needed(list(body.graph.nodes), split)
-    return [n for n in body.graph.nodes if (n.op == "placeholder" or n is split) and n in needed]
+    used = needed(list(body.graph.nodes), split)
+    return [n for n in body.graph.nodes if (n.op == "placeholder" or n is split) and n in used]
 
 
 def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_first: bool = False,

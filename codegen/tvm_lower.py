@@ -29,9 +29,9 @@ import torch.fx as fx
 import tvm
 import tvm_ffi
 from fxcc import gather, ir
-from fxcc.codegen import linear_weight
 from fxcc.codegen import triton_gen as tg
-from fxcc.codegen.tvm import split_bias, weight_first_strides
+from fxcc.codegen import tvm as tvm_codegen
+from fxcc.codegen.tvm import packable, split_bias, weight_first_strides
 from fxcc.dialects import classify, dense_order
 from tvm import s_tir, te, tirx
 
@@ -366,8 +366,8 @@ class Lowering:
 
     def run(self) -> Lowered:
         nodes = list(self.body.graph.nodes)
-        needed = _needed(nodes, self.split)
-        packed = {n.args[1] for n in nodes if n in needed and _packable(n)} if self.tile_n else set()
+        needed = tvm_codegen.needed(nodes, self.split)
+        packed = {n.args[1] for n in nodes if n in needed and packable(n)} if self.tile_n else set()
         outs = next(n for n in nodes if n.op == "output").args[0]
         uses = _uses(nodes, needed)
         if any(_symbolic(n) for n in nodes if n in needed):
@@ -504,12 +504,6 @@ class Lowering:
         return v
 
 
-def _packable(node: fx.Node) -> bool:
-    """A linear whose weight the kernel can read packed: a 2-D contiguous fp32 kernel input."""
-    v = linear_weight(node)
-    return v is not None and v.dtype == torch.float32 and v.is_contiguous() and v.numel() < 2**31
-
-
 def _uses(nodes: list[fx.Node], needed: set[fx.Node]) -> dict[fx.Node, int]:
     """How many times each value is read: by the ops that need it, an operand repeated counting each time,
     and by the output."""
@@ -532,22 +526,6 @@ def _permuted(val: Val, inv: list[int]):
     def at(*p):
         return val.at([p[j] for j in inv])
     return at
-
-
-def _needed(nodes: list[fx.Node], split: fx.Node | None) -> set[fx.Node]:
-    """Nodes the outputs depend on, not looking through `split` (its producers run elsewhere)."""
-    out = next(n for n in nodes if n.op == "output")
-    seen, stack = set(), list(out.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n is not split:
-            stack.extend(n.all_input_nodes)
-        elif split_bias(n) is not None:
-            stack.append(split_bias(n))
-    return seen
 
 
 def _plus_bias(v: Val, b: Val) -> Val:

@@ -34,6 +34,10 @@ class PassResult:
 
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
+    # False: the change only wrote attributes no node's type depends on (a kernel op's choice: its outputs are what its
+    # body computes, whatever runs it), so the values are not propagated again (FakeTensors through the whole graph:
+    # half of a warm compile of a 54-kernel model)
+    retyped: bool = True
 
 
 @dataclass
@@ -313,7 +317,7 @@ class PassManager:
                 who = f"after pass {p.name!r}"
                 if self.verify_each:
                     ir.verify(gm, signature, who=who)
-                else:
+                elif result.retyped:
                     ir.propagate(gm, who=who)
             seconds = time.perf_counter() - t0
             text = None

@@ -171,3 +171,25 @@ def test_register_rejects_bad_and_duplicate_names(scratch_registry):
 
     with pytest.raises(ValueError, match="two passes are named 'fuse'"):
         fxcc.register(Clash)
+
+
+def test_a_pass_that_writes_only_kernel_choices_does_not_propagate_values_again(monkeypatch):
+    """codegen records each kernel's choice as attributes; a kernel op's outputs are what its body computes whatever
+    runs it, so no FakeTensor propagation follows it (the passes that rewrite the graph are propagated after)."""
+    import torch
+    from fxcc import ir
+
+    seen: list[str] = []
+    propagate = ir.propagate
+    monkeypatch.setattr(ir, "propagate", lambda gm, **kw: seen.append(kw.get("who", "")) or propagate(gm, **kw))
+    monkeypatch.setenv("FXCC_VERIFY_EACH", "0")
+
+    def f(x, r):
+        return torch.nn.functional.layer_norm(x + r, (64,)) * 2
+
+    x, r = torch.randn(8, 64), torch.randn(8, 64)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse,codegen{backend=extern}")
+    torch.testing.assert_close(cm(x, r), f(x, r))
+    stats = next(rec for rec in cm.fxcc.variants[-1].records if rec.spec.startswith("codegen")).result
+    assert stats.changed and stats.stats["kernels"] >= 1  # it wrote the choices
+    assert "after pass 'fuse'" in seen and "after pass 'codegen'" not in seen

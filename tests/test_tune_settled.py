@@ -125,6 +125,36 @@ def test_a_noisy_decision_is_not_cached_as_final_and_the_next_compile_measures_a
     assert "(cached (settled))" in text
 
 
+def test_an_unsettled_decision_measured_again_times_the_builds_it_kept(monkeypatch):
+    """The next compile measures an unsettled decision on the candidates' builds kept in the cache: nothing is
+    generated or built again (for TVM: no import of its compiler, no LLVM), and one evicted is built again."""
+    made, asked = [], []
+    fake = sys.modules["fxcc_test_fake_backend"]
+    offer = fake.candidates
+    monkeypatch.setattr(fake, "candidates", lambda kb, target: asked.append(kb.key) or offer(kb, target))
+
+    def build(self, params):  # a build with files, as TVM's (its shared library), so the cache can keep it
+        made.append(self.kb.key)
+        b = load(self.kb, "fake", {}, params)
+        return Built(b.fn, b.source, {"kernel.bin": b"fake build"})
+    monkeypatch.setattr(Fake, "build", build)
+    stats, _, _ = compile_once(timer(**NOISY))
+    assert made and len(asked) == len(made) == stats["kernels"]
+    assert all(m["settled"] is False and [c[0] for c in m["candidates"]] == ["extern", "fake"]
+               for m in stored().values())
+    made.clear(), asked.clear()
+    stats, ks, text = compile_once(timer(**NOISY))  # still noisy: measured again, on the kept builds
+    assert stats.get("remeasured") == stats["kernels"] and not made and not asked
+    assert all(m["tries"] == 2 and m["candidates"] for m in stored().values())
+    cache = default_cache()
+    for e in list(cache.entries()):  # the kept builds evicted: built again, from the candidates
+        if "fallback_of" in e.meta:
+            cache.remove(e.key)
+    stats, ks, text = compile_once(timer(**QUIET_FASTER))
+    assert stats.get("remeasured") == stats["kernels"] and len(made) == len(asked) == stats["kernels"]
+    assert all(k.backend == "fake" for k in ks) and "re-measured (was unsettled); settled" in text
+
+
 def test_a_settled_decision_is_cached_and_not_measured_again():
     stats, ks, text = compile_once(timer(extern_ms=1.0, fake_ms=2.0))  # fake slower, no noise
     assert stats.get("built") and all(k.backend == "extern" for k in ks)

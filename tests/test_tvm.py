@@ -59,6 +59,26 @@ def test_host_target_is_named_by_llvm_never_native():
     assert t["mcpu"] == tvm_backend._tvm().target.codegen.llvm_get_system_cpu()
 
 
+def test_sizing_a_candidates_weight_copies_does_not_import_tvms_compiler(tmp_path):
+    """`copies` answers from the graph: a warm compile that measures an unsettled GEMM choice again on its kept builds
+    sizes the packed panels of `tvm` without importing TVM (seconds), which only a build needs."""
+    code = """if True:
+        import sys
+        import fxcc, torch
+        from fxcc.codegen import tvm as tvm_backend
+        from fxcc.dialects import KERNEL_OPS, kernel_body
+        lin = torch.nn.Linear(64, 32).eval()
+        cm = fxcc.compile(lambda x: torch.relu(lin(x)), passes="canonicalize,raise,fuse")
+        cm(torch.randn(8, 64))
+        gm = cm.fxcc.variants[-1].gm
+        kbs = [kernel_body(n.args[1]) for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS]
+        print([tvm_backend.copies(kb, "tvm") for kb in kbs], "tvm" in sys.modules)
+    """
+    env = {**os.environ, "FXCC_CACHE_DIR": str(tmp_path), "FXCC_TIME_VS_EAGER": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["[[(1,", "8192,", "'tvm-panels')]]", "False"]  # the weight, 64 x 32 fp32, as panels
+
+
 def test_pointwise_chain_with_broadcasting_and_scalars():
     def f(x, y, b):
         return (x * y + b).relu() - torch.sigmoid(x) * 0.5 + (x > 0.3).float()
