@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import triton
@@ -601,6 +602,8 @@ def _candidates(x2: Tensor, M: int, K: int, N: int, group: int, glu: bool) -> li
     first call is captured in a CUDA graph) and as a fallback should the PTX conversion or a block of fewer than
     16 rows fail on some GPU or Triton: the bit conversion (1) on a 16-row block."""
     cands = configs(M, K, N, group, glu, default_cvts(x2))
+    loops = tuple(int(v) for v in os.environ.get("FXCC_INT4_LOOPS", "").split(",") if v.strip() in ("1", "2"))
+    cands += configs(M, K, N, group, glu, default_cvts(x2), loops=loops) if loops else []
     bn, split, bm, gpb, warps, stages, _ = cands[0][:7]
     safe = (bn, split, max(bm, 16), gpb, warps, stages, 1)  # 16 rows: as the kernel ran before small blocks
     return [safe] + [c for c in cands if c != safe]
