@@ -149,11 +149,14 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
         cm = CompiledModule(FunctionModule(model), opts)
     if callable(model) and not inspect.isclass(model):
         per_instance = _method_of_modules(model, opts)
+        bind = _binder(model)
 
         @functools.wraps(model)
         def compiled_fn(*args, **kwargs):
             if per_instance is not None and args and isinstance(args[0], nn.Module):
                 return per_instance(args[0])(*args[1:], **kwargs)
+            if bind is not None:
+                args, kwargs = bind(args, kwargs)
             return cm(*args, **kwargs)
 
         compiled_fn.fxcc = cm
@@ -161,6 +164,48 @@ def _wrap(model: Any, opts: CompileOptions) -> Any:
     raise TypeError(f"fxcc.compile expects an nn.Module, an nn.Module class or a function; got "
                     f"{type(model).__name__} ({model!r:.60}). Pass the model object itself, e.g. "
                     "fxcc.compile(model) or @fxcc.compile on its class or function.")
+
+
+def _binder(fn: Any) -> Callable[[tuple, dict], tuple[tuple, dict]] | None:
+    """For a plain Python function with default values, a call's arguments with the omitted defaults filled in, as
+    torch.compile's trace binds them: `f(x)` and `f(x, alpha=0.5)` are then one input structure (a float that
+    changed), where the omitted keyword made them two, each compiled static. The defaults are read at each call
+    (`f.__defaults__` may be rebound); only immutable ones (None, numbers, strings, tuples of them) are filled in: a
+    default tensor or list stays the function's own state, watched as such (fxcc.guards.Globals), which a write into it
+    must not turn into an input. A call that does not bind is passed on as it is, to raise the function's own error.
+    None for a function without defaults or whose signature Python cannot read."""
+    if not inspect.isfunction(fn) or not (fn.__defaults__ or fn.__kwdefaults__):
+        return None
+    try:
+        signature = inspect.signature(fn, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+    params = list(signature.parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    total = sum(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+    def bind(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) + len(kwargs) >= total:  # nothing left out (or surplus for *args): as given
+            return args, kwargs
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return args, kwargs
+        given = bound.arguments
+        defaults = fn.__defaults__ or ()
+        for name, value in [*zip(positional[len(positional) - len(defaults):], defaults),
+                            *(fn.__kwdefaults__ or {}).items()]:
+            if _constant(value):
+                given.setdefault(name, value)
+        return bound.args, bound.kwargs
+
+    return bind
+
+
+def _constant(v: Any) -> bool:
+    if type(v) is tuple:
+        return all(map(_constant, v))
+    return v is None or type(v) in (bool, int, float, complex, str, torch.dtype, torch.device)
 
 
 def _method_of_modules(fn: Any, opts: CompileOptions) -> Callable[[nn.Module], CompiledModule] | None:

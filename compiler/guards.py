@@ -500,7 +500,7 @@ class ModuleState:
         if (self._entries_same()
                 and (not layouts or self.layouts.same())
                 and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
-                and self._watched_same()
+                and (not self.watched or self._watched_same())  # most models' weights are read live: none watched
                 and (self.globals is None or self.globals.unchanged())):
             return None
         return self._what()

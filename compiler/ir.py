@@ -18,6 +18,7 @@ from typing import Any
 import sympy
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -294,6 +295,15 @@ def fingerprint(text: str) -> str:
 # ------------------------------------------------------------------------------- fake propagation
 
 
+@contextlib.contextmanager
+def running_fake(mode: FakeTensorMode) -> Iterator[None]:
+    """Run ops on `mode`'s FakeTensors as export traced them: with the Python dispatcher, so an op that decomposes
+    (upsample_nearest2d.vec's output size) takes its Python decomposition, which keeps symbolic sizes symbolic; its
+    C++ one reads every size as an int and so specialized each symbol of its operand (a UNet's batch)."""
+    with mode, enable_python_dispatcher():
+        yield
+
+
 def _fake_of(mode: FakeTensorMode, t: Any) -> Any:
     if isinstance(t, torch.Tensor):
         with mode:
@@ -351,7 +361,7 @@ def _propagate(gm: fx.GraphModule, check: bool, who: str) -> None:
                 def fn(self, *args, _name=node.target, **kwargs):
                     return getattr(self, _name)(*args, **kwargs)
             try:
-                with mode:
+                with running_fake(mode):
                     new = fn(*load(node.args), **load(node.kwargs))
             except Exception as e:  # noqa: BLE001
                 if check and not node.meta.get("fxcc_eager") and _has_shape_function(node.target, e):
@@ -399,7 +409,7 @@ def _refake(mode: FakeTensorMode, old: Any) -> Any:
 
 
 def _mark_opaque(node: fx.Node, e: Exception) -> None:
-    node.meta.setdefault("fxcc_eager", f"no shape function ({type(e).__name__})")
+    node.meta.setdefault("fxcc_eager", f"{NO_SHAPE_FUNCTION} ({type(e).__name__})")
 
 
 def _same_type(a: Any, b: Any) -> bool:
@@ -473,7 +483,7 @@ def layout_breaks(node: fx.Node, new: Any) -> str | None:
         if n.target in (torch.ops.aten.as_strided.default, torch.ops.aten.sym_stride.int):
             return f"%{n.name} = {op_name(n.target)} reads its operand's strides"
         try:
-            with mode:
+            with running_fake(mode):
                 out = n.target(*load(n.args), **load(n.kwargs))
         except Exception as e:  # noqa: BLE001 - any failure is a break
             return f"%{n.name} = {op_name(n.target)} fails on the new layout: {type(e).__name__}: {e}"
@@ -712,6 +722,7 @@ def is_view(node: fx.Node) -> bool:
 
 # why fuse keeps an op eager when its memory is written: a device op like any kernel (a CUDA graph may hold it)
 EAGER_WRITTEN = "its memory is written in place (a kernel output may be a copy)"
+NO_SHAPE_FUNCTION = "no shape function"  # the mark's start where fake tensors cannot follow a node (`_mark_opaque`)
 
 
 def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:

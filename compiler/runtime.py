@@ -66,7 +66,7 @@ from .module_view import ModuleView
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
-from .state import Unchanged, is_state
+from .state import Unchanged, allocate_static_caches, is_state
 from .store import default_cache
 from .watch import tensor_guards
 from .weights import Checkpoint, stand_in
@@ -176,14 +176,19 @@ class Variant:
     def _result(self, outs: list[Any], flat: list[Any], args: tuple | None, kwargs: dict | None,
                 places: list | None = None) -> Any:
         if args is None or not self.writes_back:
-            spec, plain = self.captured.out_spec, self.plain_out
-            if plain is None:  # most graphs return a tensor or a flat tuple of them: no pytree walk per call
-                plain = self.plain_out = ("leaf" if spec.is_leaf() else "tuple" if spec.type is tuple and all(
-                    c.is_leaf() for c in spec.children()) else "")
+            plain = self.plain_out if self.plain_out is not None else self.plain()
             if plain == "leaf" and len(outs) == 1:
                 return outs[0]
-            return tuple(outs) if plain == "tuple" else pytree.tree_unflatten(outs, spec)
+            return tuple(outs) if plain == "tuple" else pytree.tree_unflatten(outs, self.captured.out_spec)
         return self.captured.aliasing.write_back(args, kwargs or {}, flat, outs, self.captured.out_spec, places)
+
+    def plain(self) -> str:
+        """`plain_out`, found once: most graphs return a tensor or a flat tuple of them (no pytree walk per call)."""
+        if self.plain_out is None:
+            spec = self.captured.out_spec
+            self.plain_out = ("leaf" if spec.is_leaf() else "tuple" if spec.type is tuple and all(
+                c.is_leaf() for c in spec.children()) else "")
+        return self.plain_out
 
     def _call(self, *flat: Any) -> Any:
         return self.executable.forward(*flat, *self.bound)  # the GraphModule's code, without nn.Module's call
@@ -322,8 +327,10 @@ def _fast_key(args: tuple, training: bool) -> tuple | None:
 def _wants_grads(args: tuple, kwargs: dict) -> bool:
     """Whether an argument (positional or keyword, not inside containers) is a tensor that requires gradients (an
     nn.Parameter too: torch.compile hands a training module's parameters to its backend as arguments)."""
-    return (any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-            or any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()))
+    for a in args:  # a loop, not any() over a generator: on every call with gradients enabled
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return bool(kwargs) and any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values())
 
 
 class _Hot:
@@ -331,31 +338,56 @@ class _Hot:
     arguments and the model's tensors (type, dispatch keys, dtype, device, sizes, strides: stricter than
     `_fast_key` and `Layouts.same` together, which it stands for; a miss takes the path with both). It saves
     3-8 us a call on the small breadth networks (densenet_transition's call 34 against 37 us, medians of 3000
-    calls of one compiled module with it and without, in rotating order)."""
+    calls of one compiled module with it and without, in rotating order).
 
-    __slots__ = ("guard", "n", "state", "tensors", "training", "context", "variant", "eager")
+    What a call of it runs is decided here, once, so the call reaches it without the layers between: `call`, the
+    eager callable of a signature that runs eagerly; `direct`, the executable of a variant whose run is that alone
+    (its graph's code, the weights bound after the arguments: all `CompiledModule._run` would do)."""
+
+    __slots__ = ("guard", "n", "state", "tensors", "training", "context", "plain", "dtype", "variant", "eager",
+                 "call", "direct", "bound", "leaf")
 
     def __init__(self, guard: Any, n: int, state: ModuleState | None, training: bool,
-                 variant: Variant | _Eager) -> None:
+                 variant: Variant | _Eager, call: Callable[..., Any] | None = None) -> None:
         self.guard, self.n, self.state = guard, n, state
-        self.tensors = state.layouts.tensors if state is not None else []
+        self.tensors = state.layouts.tensors if state is not None else ()
         self.training, self.context, self.variant = training, call_context(), variant
+        # no autocast (the common case): the context holds while none is on and the default dtype is this one
+        self.plain, self.dtype = not self.context[0], self.context[1]
         self.eager = state is None
+        self.call, self.direct, self.bound, self.leaf = call, None, (), False
+
+    def context_holds(self) -> bool:
+        """The caller's autocast and default dtype are those the signature was served under (`call_context`);
+        where that is no autocast (`plain`), the call checks that itself, without building the context."""
+        return call_context() == self.context
 
     @staticmethod
-    def of(variant: Variant | _Eager, args: tuple, state: ModuleState, training: bool) -> _Hot | None:
+    def of(variant: Variant | _Eager, args: tuple, state: ModuleState, training: bool, direct: bool) -> _Hot | None:
+        """`direct`: the module runs variants by `CompiledModule._run` itself (no plan, no check of each call)."""
         if not isinstance(variant, Variant):
             return None
         guard = tensor_guards([*args, *state.layouts.tensors])
-        return _Hot(guard, len(args), state, training, variant) if guard is not None else None
+        if guard is None:
+            return None
+        hot = _Hot(guard, len(args), state, training, variant)
+        # a variant whose run is its executable alone: no CUDA graph, nothing written back or into the module's
+        # state, a graph (not a DyCL program), its result one tensor or a flat tuple
+        if (direct and type(variant) is Variant and variant.cuda_graph is None and not variant.writes_state
+                and not variant.writes_back and variant.executable is not None and variant.plain() in ("leaf", "tuple")):
+            hot.direct, hot.bound, hot.leaf = variant.executable.forward, tuple(variant.bound), variant.plain() == "leaf"
+        return hot
 
     @staticmethod
-    def eager_of(variant: _Eager, args: tuple, training: bool) -> _Hot | None:
+    def eager_of(variant: _Eager, args: tuple, training: bool, call: Callable[..., Any] | None) -> _Hot | None:
         """A plain-tensor signature that runs eagerly: its arguments checked in one C++ pass, the model's state
-        not at all (eager reads it live): fxcc's call adds 2.9 us to a one-op module's 3.5 where the Python key
-        and lookup it replaces added 7.5 (`python benchmarks/eager_call_overhead.py`, this project's CPU)."""
+        not at all (eager reads it live); `call` what runs it (None: `CompiledModule._eager` decides at each call)."""
         guard = tensor_guards(list(args))
-        return _Hot(guard, len(args), None, training, variant) if guard is not None else None
+        return _Hot(guard, len(args), None, training, variant, call) if guard is not None else None
+
+
+_any_autocast, _default_dtype = torch._C._is_any_autocast_enabled, torch.get_default_dtype
+_is_compiling, _grad_enabled, _EPOCH = torch.compiler.is_compiling, torch.is_grad_enabled, hooks.EPOCH
 
 
 _HOT_MISSES = 16  # calls of other signatures before the hot one is given up
@@ -554,7 +586,7 @@ class CompiledModule(ModuleView):
         self.stats = CompileStats()
         hooks.watch_registrations()  # a forward hook added or removed later is seen (fxcc.hooks)
         self._hooks: tuple | None = None  # the forward hooks when the variants compiled (fxcc.hooks.fingerprint)
-        self._hook_epoch = hooks.EPOCH[0]
+        self._hook_epoch = _EPOCH[0]
         self.unlike_eager: list[str] = []  # calls check_eager="always" found to differ from eager, and where
         self.capturing = False  # True while capture traces the module (a compiled class calls its original)
         self.dims_hint: dict[int, set[int]] = {}  # flat input -> dimensions (a scalar: {0}) symbolic from the start
@@ -603,25 +635,37 @@ class CompiledModule(ModuleView):
     # --------------------------------------------------------------------------------- calling
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             if torch.compiler.is_exporting():  # inside an enclosing capture: its graph takes the module's own ops
                 return self._eager(*args, **kwargs)
             return _opaque_call(self, args, kwargs)  # inside code torch.compile traces (transformers' generate)
-        if torch.is_grad_enabled() and ((self.module.training and self._trains()) or _wants_grads(args, kwargs)):
+        module = self.module
+        if _grad_enabled() and ((module.training and self._trains()) or _wants_grads(args, kwargs)):
             return self._call_for_gradients(args, kwargs)
         if self._fast_paths and (why := nested_fast_path.untaken(self._fast_paths)) is not None:
             return self._call_off_fast_path(why, args, kwargs)
-        if hooks.EPOCH[0] != self._hook_epoch:  # a forward hook was registered or removed somewhere
+        if _EPOCH[0] != self._hook_epoch:  # a forward hook was registered or removed somewhere
             self._check_hooks()
         hot = self._hot
         if hot is not None and not kwargs:  # the signature served last: one C++ check of arguments and tensors
             if (len(args) == hot.n and (hot.state is self._params or hot.eager) and hot.guard.check(*args, *hot.tensors)
-                    and self.module.training is hot.training and call_context() == hot.context):
+                    and module.training is hot.training
+                    and (not _any_autocast() and _default_dtype() is hot.dtype if hot.plain else hot.context_holds())):
                 if hot.eager:  # a signature that runs eagerly: the model as it is now, its state unchecked
                     self.stats.eager_calls += 1
+                    if hot.call is not None and "forward" not in module.__dict__:  # no fxcc forward to step around
+                        with COMPILE_LOCK:  # as _eager: not while another thread captures
+                            return hot.call(*args)
                     return self._eager(*args)
                 if hot.state.changed(layouts=False) is None:
-                    return self._run(hot.variant, list(args), args, kwargs)
+                    if hot.direct is None:
+                        return self._run(hot.variant, list(args), args, kwargs)
+                    if _grad_enabled():  # as Variant.run: outside the caller's no_grad, in one
+                        with torch.no_grad():
+                            outs = hot.direct(*args, *hot.bound)
+                    else:
+                        outs = hot.direct(*args, *hot.bound)
+                    return outs[0] if hot.leaf else tuple(outs)
             else:
                 self._hot_misses += 1
                 if self._hot_misses > _HOT_MISSES:  # another signature is the common one now: taken at its next call
@@ -631,12 +675,14 @@ class CompiledModule(ModuleView):
         variant = self._fast.get(fast) if fast is not None else None
         if type(variant) is _Eager:  # runs the model as it is now: its state is not checked (a change keeps it)
             if self._hot is None:
-                self._hot = _Hot.eager_of(variant, args, self.module.training)
+                self._hot = _Hot.eager_of(variant, args, self.module.training,
+                                          self._eager_call if self.checkpoint is None else None)
             self.stats.eager_calls += 1
             return self._eager(*args)
         if variant is not None and (not self._params or self._params_unchanged()):
             if self._hot is None and self._params is not None:
-                self._hot = _Hot.of(variant, args, self._params, self.module.training)
+                self._hot = _Hot.of(variant, args, self._params, self.module.training,
+                                    direct=self.options.plan is None and "_run" not in self.__dict__)
             return self._run(variant, list(args), args, kwargs)
         # keyword and KV-cache calls: the same call shape, with its state objects holding what they held
         ckey = _call_key(args, kwargs, self.module.training) if fast is None else None
@@ -645,6 +691,8 @@ class CompiledModule(ModuleView):
             call = self._calls.get(_call_key(args, kwargs, self.module.training, floats=False))
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
             return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
+        if ckey is not None:  # a fresh StaticCache's tensors: its first prefill has the structure every later call has
+            allocate_static_caches(self.module, args, kwargs)
         # a state object not seen before (a new KV cache per generate) of a structure served before
         fresh = (_fresh_key(ckey, args, kwargs) if ckey is not None and ckey not in self._calls
                  and self._fresh_misses <= _FRESH_TRIES else None)
@@ -954,6 +1002,7 @@ class CompiledModule(ModuleView):
 
     def warm(self, *args: Any, **kwargs: Any) -> None:
         """Compile for these inputs now (as the first call would), without running the model."""
+        allocate_static_caches(self.module, args, kwargs)
         flat, spec, key = self._guard(args, kwargs)
         if key not in self._variants and self._symbolic(flat, spec, key) is None:
             self._new_variant(args, kwargs, key, flat, spec)
@@ -1031,6 +1080,7 @@ class CompiledModule(ModuleView):
             kept.restore()
         if CompileOptions.from_env(self.options).check_eager == "always":  # every call from now on: no cost otherwise
             self.__dict__["_run"] = self._run_checked
+            self._hot = None  # a hot signature served by its executable directly is checked from now on too
         return variant
 
     def _compile_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:

@@ -5,6 +5,7 @@ through it too."""
 from __future__ import annotations
 
 import fxcc
+import pytest
 import torch
 import torch.nn as nn
 
@@ -143,3 +144,112 @@ def test_a_signature_that_runs_eagerly_takes_it_and_reads_the_model_live():
         assert seen == [(3, 32), (3, 32)]  # the compiled module's call (eagerly) and the reference call each ran it
         handle.remove()
         _same(c, m, a)  # the compiled signature again (recompiled for the changed weight)
+
+
+def _slower_than_eager(monkeypatch):
+    """The compile-time timing's verdict forced to "eager wins": the variant is kept for explain, its signature runs
+    eagerly."""
+    from fxcc.autotune import vs_eager
+
+    monkeypatch.delenv("FXCC_TIME_VS_EAGER", raising=False)  # the suite's default turns the timing off
+    monkeypatch.setattr(vs_eager, "judge", lambda *a, **k: vs_eager.Verdict(compiled_ms=2.0, eager_ms=1.0,
+                                                                             eager_wins=True))
+    monkeypatch.setattr(vs_eager, "remembered", lambda cache, key: None)
+
+
+def test_a_signature_measured_slower_than_eager_takes_it_and_reads_the_model_live(monkeypatch):
+    """A signature the timing against eager sent to eager: its repeated calls run the model directly from the hot
+    path, and still see a weight changed in place or rebound, an attribute, the training flag and the caller's
+    default dtype and autocast as eager does."""
+    _slower_than_eager(monkeypatch)
+    torch.manual_seed(0)
+    m = Net().eval()
+    c = fxcc.compile(m, options={"time_vs_eager": True})
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        _same(c, m, x)
+    assert c.variants[-1].slower_than_eager
+    for _ in range(2):
+        _same(c, m, x)
+    assert c._hot is not None and c._hot.eager and c._hot.call is m
+    calls = c.stats.eager_calls
+    with torch.no_grad():
+        m.fc1.weight.mul_(0.5)
+    _same(c, m, x)
+    m.fc2.weight = nn.Parameter(torch.randn(8, 32))
+    _same(c, m, x)
+    m.scale = -1.0
+    _same(c, m, x)
+    assert c.stats.eager_calls == calls + 3 and c.stats.compiles == 1
+    m.train()  # another signature (training mode), without gradients: its own verdict
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        _same(c, m, x)
+    m.eval()
+    _same(c, m, x)
+    with torch.no_grad():
+        torch.set_default_dtype(torch.float64)
+        try:
+            assert c(x).dtype == m(x).dtype == torch.float32
+            assert c._hot is None or not c._hot.context_holds()
+        finally:
+            torch.set_default_dtype(torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert c(x).dtype == m(x).dtype == torch.bfloat16
+
+
+def test_the_eager_hot_path_steps_around_fxccs_own_forward(monkeypatch):
+    """While fxcc's forward is installed on the model (generate puts it there), a call that runs eagerly runs the
+    model's own forward, not fxcc's again."""
+    _slower_than_eager(monkeypatch)
+    m = Net().eval()
+    c = fxcc.compile(m, options={"time_vs_eager": True})
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        _same(c, m, x)
+    _same(c, m, x)
+    assert c._hot is not None and c._hot.eager
+
+    def forward(*a, **k):
+        raise AssertionError("fxcc's forward ran where the model's own should")
+
+    forward.fxcc = c
+    m.forward = forward
+    try:
+        with torch.no_grad():
+            got = c(x)
+    finally:
+        del m.forward
+    _same(c, m, x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, m(x))
+
+
+def test_a_plain_variant_runs_its_executable_directly_and_still_sees_changes():
+    """A variant whose run is its executable alone is run by the hot path directly: with gradients enabled its
+    outputs carry none (an eval model's weights require them), and changes of the model are still seen."""
+    m, c = _pair()
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        _same(c, m, x)
+    assert c._hot is not None and c._hot.direct is not None and c._hot.leaf
+    out = c(x)  # gradients enabled, the weights require them, the input does not
+    assert not out.requires_grad
+    torch.testing.assert_close(out, m(x).detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        m.fc2.bias.add_(1.0)
+    _same(c, m, x)
+    m.scale = 5.0
+    _same(c, m, x)
+    assert c.stats.eager_calls == 0
+
+
+def test_check_eager_always_checks_the_hot_signature_too(monkeypatch):
+    """A module whose calls are all checked against eager (check_eager="always") serves no signature by its
+    executable directly: the check is the variant's run."""
+    monkeypatch.setenv("FXCC_CHECK_EAGER", "always")
+    m, c = _pair()
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        _same(c, m, x)
+    assert c._hot is not None and c._hot.direct is None
+    assert c.stats.checked_calls >= 3
