@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.dialects import KERNEL_OPS
 from fxcc.ir import is_view
 from fxcc.measure import decide, interleaved, measure_again, settle_record, settle_text, until_settled
 from fxcc.store import cache_key
@@ -88,10 +87,6 @@ def unrepeatable(gm: fx.GraphModule, inputs_restored: bool = False) -> str | Non
         schema = getattr(n.target, "_schema", None)
         mutable = n.op == "call_function" and schema is not None and schema.is_mutable
         eager = n.meta.get("fxcc_eager")
-        # a kernel whose output sizes fake tensors cannot follow (an arange of a size read from a tensor) is a
-        # function of its inputs all the same: it runs again as it ran
-        if n.target in KERNEL_OPS and str(eager).startswith(ir.NO_SHAPE_FUNCTION):
-            continue
         if inputs_restored and (eager == ir.EAGER_WRITTEN and not mutable or mutable and _writes_no_module_state(n)):
             continue
         if eager:

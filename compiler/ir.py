@@ -299,7 +299,12 @@ def fingerprint(text: str) -> str:
 def running_fake(mode: FakeTensorMode) -> Iterator[None]:
     """Run ops on `mode`'s FakeTensors as export traced them: with the Python dispatcher, so an op that decomposes
     (upsample_nearest2d.vec's output size) takes its Python decomposition, which keeps symbolic sizes symbolic; its
-    C++ one reads every size as an int and so specialized each symbol of its operand (a UNet's batch)."""
+    C++ one reads every size as an int and so specialized each symbol of its operand (a UNet's batch). Static sizes
+    (no shape environment) need no symbols kept and run without it: it slows every op's dispatch."""
+    if mode.shape_env is None:
+        with mode:
+            yield
+        return
     with mode, enable_python_dispatcher():
         yield
 
@@ -409,7 +414,7 @@ def _refake(mode: FakeTensorMode, old: Any) -> Any:
 
 
 def _mark_opaque(node: fx.Node, e: Exception) -> None:
-    node.meta.setdefault("fxcc_eager", f"{NO_SHAPE_FUNCTION} ({type(e).__name__})")
+    node.meta.setdefault("fxcc_eager", f"no shape function ({type(e).__name__})")
 
 
 def _same_type(a: Any, b: Any) -> bool:
@@ -722,7 +727,6 @@ def is_view(node: fx.Node) -> bool:
 
 # why fuse keeps an op eager when its memory is written: a device op like any kernel (a CUDA graph may hold it)
 EAGER_WRITTEN = "its memory is written in place (a kernel output may be a copy)"
-NO_SHAPE_FUNCTION = "no shape function"  # the mark's start where fake tensors cannot follow a node (`_mark_opaque`)
 
 
 def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:

@@ -66,7 +66,7 @@ from .module_view import ModuleView
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
-from .state import Unchanged, allocate_static_caches, is_state
+from .state import Unchanged, is_state
 from .store import default_cache
 from .watch import tensor_guards
 from .weights import Checkpoint, stand_in
@@ -691,8 +691,6 @@ class CompiledModule(ModuleView):
             call = self._calls.get(_call_key(args, kwargs, self.module.training, floats=False))
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
             return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
-        if ckey is not None:  # a fresh StaticCache's tensors: its first prefill has the structure every later call has
-            allocate_static_caches(self.module, args, kwargs)
         # a state object not seen before (a new KV cache per generate) of a structure served before
         fresh = (_fresh_key(ckey, args, kwargs) if ckey is not None and ckey not in self._calls
                  and self._fresh_misses <= _FRESH_TRIES else None)
@@ -1002,7 +1000,6 @@ class CompiledModule(ModuleView):
 
     def warm(self, *args: Any, **kwargs: Any) -> None:
         """Compile for these inputs now (as the first call would), without running the model."""
-        allocate_static_caches(self.module, args, kwargs)
         flat, spec, key = self._guard(args, kwargs)
         if key not in self._variants and self._symbolic(flat, spec, key) is None:
             self._new_variant(args, kwargs, key, flat, spec)

@@ -15,7 +15,6 @@ import importlib
 import inspect
 import json
 import operator
-import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -256,38 +255,6 @@ def state_objects(tree: Any) -> list[Any]:
     """The state objects of a pytree, outermost first, in flattening order."""
     leaves = pytree.tree_leaves(tree, is_leaf=is_state)
     return [x for x in leaves if is_state(x)]
-
-
-def allocate_static_caches(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Allocate the tensors of each transformers StaticCache among the call's arguments that has none yet, as
-    transformers' own chunked prefill does (`early_initialization`, for the model's dtype, device and per-rank
-    heads) and as the first call would allocate them (zeros); whether any was. Eager's result is unchanged, and
-    the first prefill sees the cache every later call sees: one variant serves it and a prefill after the cache's
-    `reset()` (which keeps the tensors), where an unallocated cache would be a structure of its own. Nothing is
-    done where the key states' dtype may be another: the model's floating parameters not of one dtype on one (real)
-    device, or under autocast."""
-    cu = sys.modules.get("transformers.cache_utils")
-    if cu is None:  # no transformers cache can be among the arguments
-        return False
-    caches = [x for x in (*args, *kwargs.values()) if type(x) is cu.StaticCache and x.layers
-              and hasattr(x, "early_initialization")
-              and all(type(layer) is cu.StaticLayer and not layer.is_initialized for layer in x.layers)]
-    init_shape = getattr(model, "_get_static_cache_init_shape", None)
-    if not caches or init_shape is None or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
-        return False
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    ids = kwargs.get("inputs_embeds") if ids is None else ids
-    kinds = {(p.dtype, p.device) for p in model.parameters() if p.is_floating_point()}
-    if not isinstance(ids, torch.Tensor) or ids.dim() < 1 or len(kinds) != 1:
-        return False
-    (dtype, device), = kinds
-    heads = init_shape()
-    if heads is None or device.type == "meta":
-        return False
-    for cache in caches:
-        cache.early_initialization(batch_size=ids.shape[0], num_heads=heads[0], head_dim=heads[1], dtype=dtype,
-                                   device=device)
-    return True
 
 
 @dataclass

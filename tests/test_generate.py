@@ -114,22 +114,6 @@ def test_static_cache_is_written_in_place():
     assert int(cache.layers[0].cumulative_length) == 7
 
 
-@pytest.mark.parametrize("make", [llama, gpt2], ids=lambda m: m.__name__)
-def test_a_static_cache_reused_through_reset_compiles_nothing_for_a_new_prompt(make):
-    """A serving loop keeps one StaticCache and calls `reset()` before each prompt. The first prefill allocates the
-    cache's tensors (fxcc does it before the call, as transformers' early_initialization does): the prefill after a
-    reset, on the allocated cache, is served by the first prefill's variant and does not compile a third."""
-    model = build(make)
-    cm = fxcc.compile(model, passes=FAST)
-    cache, eager_cache = make_cache("static", model), make_cache("static", model)
-    for length in (6, 9, 4):
-        cache.reset()
-        eager_cache.reset()
-        assert greedy(cm, prompt(length), cache, steps=3) == greedy(model, prompt(length), eager_cache, steps=3)
-        assert_same_cache(cache, eager_cache)
-        assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0, cm.stats.reasons  # prefill and decode
-
-
 def _count_guards(monkeypatch, cm) -> list:
     """Calls that went through the full guard (pytree flatten and key) rather than the keyword fast path."""
     from fxcc.runtime import CompiledModule

@@ -366,23 +366,6 @@ def test_writes_into_inputs_are_repeatable_once_the_inputs_are_restored_but_writ
     assert "writes its inputs" in vs_eager.unrepeatable(into_buffer, inputs_restored=True)
 
 
-def test_a_kernel_fake_tensors_cannot_follow_is_repeatable_but_an_opaque_call_is_not():
-    """A static cache's graphs hold a kernel whose output size is read from a tensor (an arange of the cache
-    length): fake tensors cannot follow it, yet it is a function of its inputs, so the graph is timed; a call
-    without a shape function (a user's op) may do anything when run again."""
-    from fxcc.dialects import KERNEL_OPS
-    from fxcc.ir import NO_SHAPE_FUNCTION
-
-    for target, why in ((KERNEL_OPS[1], None), (torch.sin, "runs eagerly")):
-        g = fx.Graph()
-        x = g.placeholder("x")
-        n = g.call_function(target, (x,))
-        n.meta["fxcc_eager"] = f"{NO_SHAPE_FUNCTION} (GuardOnDataDependentSymNode)"
-        g.output(n)
-        found = vs_eager.unrepeatable(fx.GraphModule(nn.Module(), g), inputs_restored=True)
-        assert found is None if why is None else why in found
-
-
 def test_a_shape_class_measured_slower_runs_eagerly_at_every_size_without_compiling_again(monkeypatch):
     """A symbolic variant measured slower than eager serves its shape class eagerly: twenty batch sizes cost
     the static compile and one symbolic one (it compiled a new symbolic variant per size, without end), and
