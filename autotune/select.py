@@ -271,6 +271,11 @@ class Selection:
         except Exception as e:
             warnings.warn(f"fxcc: cached build of kernel {kb.key} ({choice.backend}) did not load ({e}); rebuilding",
                           stacklevel=2)
+            # evicted, so the rebuild's choice is stored in its place: a settled entry is never superseded, and
+            # kept, it would be rebuilt by every compile
+            cache = default_cache()
+            if cache.problem() is None and cache.writable:
+                cache.remove(key)
             return None
         k = BuiltKernel(kb, choice, b, entry.meta.get("timings_ms", {}), cached=True)
         k.decided = settle_text(entry.meta, cached=True)
@@ -301,6 +306,8 @@ class Selection:
                     b = extern.Extern(kb).build({})
                 elif (entry := default_cache().get(fallback_key(key, label))) is not None:
                     b = backend_module(module).load(kb, label, entry.files, params)
+                    # a loaded build comes without its files; the one that wins is stored as the choice with them
+                    b.files = {name: path.read_bytes() for name, path in entry.files.items()}
                 else:
                     cand = next(c for c in backend_module(module).candidates(kb, self.target) if c.backend == label)
                     b = cand.build(params)

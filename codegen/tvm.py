@@ -309,7 +309,7 @@ def load(kb: KernelBody, label: str, files: dict[str, Path], params: dict) -> Bu
 
 def _load_library(path: str):
     _runtime()
-    import tvm_ffi
+    tvm_ffi = sys.modules["tvm_ffi"]
     mod = tvm_ffi.load_module(path)
     tvm_omp.attach(path)  # its parallel loop on torch's OpenMP threads, not TVM's pool (fxcc.codegen.tvm_omp)
     return mod
@@ -319,11 +319,28 @@ def _load_library(path: str):
 def _runtime() -> None:
     """Load TVM's runtime library (the thread pool built kernels call into), not its compiler."""
     _threads_env()
-    import tvm_ffi  # noqa: F401  (libtvm_runtime links against it)
+    _import_ffi()  # libtvm_runtime links against it
     if "tvm" in sys.modules:
         return
     lib = Path(importlib.util.find_spec("tvm").origin).parent / "lib" / "libtvm_runtime.so"
     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
+def _import_ffi() -> None:
+    """Import tvm_ffi (what loads and calls a built kernel) without ml_dtypes where nothing imported it yet. tvm_ffi
+    imports ml_dtypes, when it can, only for tables of its numpy types (bfloat16, float8, int4); a kernel takes
+    torch tensors through DLPack and never meets them, tvm_ffi still converts those types by their names, and the
+    import takes about a second (numpy 2.4, ml_dtypes 0.7: most of a warm compile that loads every kernel from the
+    cache). TVM's compiler, imported to build, imports ml_dtypes itself."""
+    if "tvm_ffi" in sys.modules or "ml_dtypes" in sys.modules:
+        import tvm_ffi  # noqa: F401
+        return
+    sys.modules["ml_dtypes"] = None  # `import ml_dtypes` raises ImportError, which tvm_ffi takes as not installed
+    try:
+        import tvm_ffi  # noqa: F401
+    finally:
+        if sys.modules.get("ml_dtypes", 0) is None:
+            del sys.modules["ml_dtypes"]
 
 
 def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:

@@ -22,6 +22,8 @@ import sysconfig
 import textwrap
 import traceback
 import types
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,6 +192,43 @@ def original_forward(module: nn.Module) -> Callable:
             own = own.__wrapped__
         return own.__get__(module)
     return fwd
+
+
+def own_tensors(module: nn.Module, v: Any) -> bool:
+    """`v` is a list or tuple of `module`'s own parameters and buffers (and None, and weak references to tensors):
+    a second reference to its weights, as nn.RNNBase keeps them (`_flat_weights`, `_flat_weight_refs`), which the
+    traced graph reads as the parameters themselves and whose guards cover. A weak reference may outlive the
+    parameter it was taken of (RNNBase takes them again only when it rebuilds the list): no way to read a weight."""
+    if type(v) not in (list, tuple) or not v:
+        return False
+    own = {id(t) for t in (*module._parameters.values(), *module._buffers.values()) if t is not None}
+    found = False
+    for x in v:
+        weak = type(x) is weakref.ref
+        x = x() if weak else x
+        if x is not None and not isinstance(x, torch.Tensor) or not weak and x is not None and id(x) not in own:
+            return False
+        found = found or x is not None and id(x) in own
+    return found
+
+
+@contextlib.contextmanager
+def own_tensors_unwarned(module: nn.Module) -> Iterator[None]:
+    """torch.export warns that tensor attributes "were assigned during export" where they are the items of such a
+    list (`own_tensors`): nn.RNNBase's forward rebuilds `_flat_weights` from the fake parameters export swapped in,
+    and export puts the list back after. The warning is held back where it names those items alone; one that names
+    any other tensor attribute passes."""
+    items = [re.escape(f"self.{path}.{k}[{i}]" if path else f"self.{k}[{i}]")
+             for path, mod in module.named_modules() for k, v in vars(mod).items() if own_tensors(mod, v)
+             for i in range(len(v))]
+    if not items:
+        yield
+        return
+    item = f"(?:{'|'.join(items)})"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", f"The tensor attributes? {item}(?:, {item})* (?:was|were) assigned during "
+                                "export", UserWarning)
+        yield
 
 
 @contextlib.contextmanager
@@ -1193,7 +1232,7 @@ def _capture_run(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int
         # error reaches the user once, as eager's own (`eager_check`) or fxcc's
         unmet = dropped("torch._subclasses.fake_tensor", "failed while attempting to run meta for")
         with (torch.no_grad(), forward_as(module, traced), quiet, unfound, unmet, partial_graph_unprinted(),
-              eager_mask_skip(), unchanged_conversions_skipped()):
+              eager_mask_skip(), unchanged_conversions_skipped(), own_tensors_unwarned(module)):
             return torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
 
     try:

@@ -3,13 +3,15 @@
 When capture fails on data-dependent control flow, `compile_dynamic` rewrites `forward` (see
 `fxcc.dycl_rewrite`) into a generated host program, plain readable Python that evaluates the
 conditions, and condition-free segments. Each segment is captured and compiled through the normal
-pipeline (`CompiledModule.compile_for`), once per input signature; a loop calls one compiled body.
+pipeline and recompile policy (a CompiledModule per set of inputs it bakes); a loop calls one compiled body.
 
-The host program is lean on purpose: the CompiledModule's guard (input structure, shapes, parameters)
-runs once at the top, and a segment call is a dict lookup on its inputs' shapes followed by a direct
-call of the compiled executable (no pytree, no parameter check). Segments whose inputs carry
-data-dependent shapes (after `nonzero`, boolean masks) get one compiled variant per shape, up to
-`SEGMENT_MAX_VARIANTS`; past that a shape runs that segment eagerly, with a warning.
+The host program is Python, so one serves every size of its input structure; its segments compile for their
+own shapes as a module does: static first, then a size that changes (a new batch, the rows `nonzero` kept)
+compiles once more with that size symbolic, and the symbolic variant serves the sizes its guard accepts
+(`dynamic=False`: one static variant per shape). The host program is lean on purpose: the CompiledModule's
+guard (input structure, parameters) runs once at the top, and a segment call is a dict lookup on its inputs'
+shapes followed by a direct call of the compiled executable (no pytree, no parameter check). Past
+`SEGMENT_MAX_VARIANTS` compiles a segment's new signatures run eagerly, with a warning.
 
 Per input signature a segment runs the faster of compiled and plain Python, measured on its first
 inputs: a segment whose plain Python takes under `SMALL_SEGMENT_US` is not compiled at all (a
@@ -57,7 +59,7 @@ from fxcc.guards import Churn, ModuleState
 from fxcc.logs import topic_logger
 from fxcc.measure import interleaved, pinned_by
 from fxcc.outputs import compare
-from fxcc.runtime import COMPILE_LOCK, BufferState, CompiledModule, Variant, explain_variant
+from fxcc.runtime import COMPILE_LOCK, BufferState, CompiledModule, CompileStats, Variant, explain_variant
 from fxcc.state import state_objects
 from fxcc.store import cache_key, default_cache
 from torch.utils import _pytree as pytree
@@ -66,6 +68,8 @@ log = logging.getLogger(__name__)
 recompiles = topic_logger("recompiles")
 
 SEGMENT_MAX_VARIANTS = 64
+# exact guard keys a segment remembers for the signatures its symbolic variants serve (past it, they are looked up again)
+_SERVED_KEYS = 4096
 # a compiled segment is timed against the same statements run as plain Python (the segment function) on
 # its first inputs, and the faster one runs: tiny segments (a comparison, a squeeze) gain nothing from
 # kernels and pay their call overhead. Segments that mutate tensors in place or draw random numbers are
@@ -207,17 +211,25 @@ class SegmentRun:
 
 
 class Segment:
-    """A compiled segment: per input signature, a direct call of its executable."""
+    """A compiled segment: per input signature, a direct call of its executable.
+
+    Its signatures compile as a module's do (one CompiledModule per set of baked inputs, whose recompile policy
+    decides): static first, then a size that changes compiles once more with that size symbolic, and that variant
+    serves every later signature its guard accepts, with no capture and no timing (`_served`)."""
 
     def __init__(self, spec: Any, owner: Any, name: str, options: Any):
         self.spec = spec
         self.source = ""
         self.name = name
         self.owner = owner
-        self.options = options.replace(dycl=False, max_variants=SEGMENT_MAX_VARIANTS)
+        # not timed against eager: a build times the segment against its plain Python itself (`_build_runs`)
+        self.options = options.replace(dycl=False, max_variants=SEGMENT_MAX_VARIANTS, time_vs_eager=False)
         self.eager_call: Any = None  # the generated segment function (bound to the owner), set by Program
-        self.runs: dict[Any, SegmentRun] = {}
+        self.runs: dict[Any, SegmentRun] = {}  # the signatures built (compiled or plain Python)
+        self.served: dict[Any, SegmentRun] = {}  # other signatures, served by a run's symbolic variant
         self.by_key: dict[Any, Any] = {}
+        self.modules: dict[Any, CompiledModule] = {}  # (`_baked_key`, passed outputs' types) -> what compiles them
+        self.stats = CompileStats()  # the segment's compiles, with their reasons
         self.churn = Churn()  # rebuilds for state changes found soon after a build, in a row
         self.churned: str | None = None  # why every signature runs as plain Python: its state changes at every call
 
@@ -234,9 +246,34 @@ class Segment:
                 # its compile and timings draw nothing the call's own run would not (fxcc.rng); one thread at a
                 # time builds (fxcc.runtime.COMPILE_LOCK), and one that waited finds the segment built
                 with COMPILE_LOCK, rng.preserved(args):
-                    call = self.by_key.get(sig) or self._build(args, sig)
+                    call = self.by_key.get(sig) or self._served(args, sig) or self._build(args, sig)
+            if len(self.by_key) >= _SERVED_KEYS:  # sizes that vary without bound (after `nonzero`)
+                self.by_key = {k: c for k, c in self.by_key.items() if k in self.runs}
+                self.served.clear()
             self.by_key[key] = call
         return call(*args)
+
+    def run_of(self, sig: Any) -> SegmentRun | None:
+        """How the signature `sig` (`_key(args, exact=False)`) runs: its own build, or the run serving it."""
+        return self.runs.get(sig) or self.served.get(sig)
+
+    def _served(self, args: tuple, sig: Any) -> Any:
+        """The call of a built run whose symbolic variant's guard accepts these inputs (one object passed twice
+        where the run's was too), kept for `sig`; None where none does."""
+        baked = _baked_key(args)
+        same = _same_objects(sig)
+        for (b, _), cm in self.modules.items():
+            if b != baked:
+                continue
+            flat, spec, key = cm._guard(tuple(a for a in args if not _baked(a)), {})
+            v = cm._symbolic(flat, spec, key)
+            run = next((r for k, r in self.runs.items() if r.variant is v and _same_objects(k) == same), None) \
+                if v is not None else None
+            if run is not None:
+                self.served[sig] = run
+                self.by_key[sig] = run.call
+                return run.call
+        return None
 
     def _guarded(self, call: Any, state: ModuleState) -> Any:
         """`call` run while what its graph holds of the model's state (the contents of the tensors its constants were
@@ -252,7 +289,9 @@ class Segment:
             if why is None:
                 return call(*args)
             self.runs.clear()
+            self.served.clear()
             self.by_key.clear()
+            self.modules.clear()
             if self.churn.note(why, checks) and self.churned is None:
                 self.churned = f"plain Python: {self.churn.text()}"
                 warnings.warn(f"fxcc DyCL: segment {self.name} ({self.spec.where}) runs as {self.churned}",
@@ -316,12 +355,18 @@ class Segment:
             values = tuple(a for i, a in enumerate(args) if i not in fixed)
             try:
                 passed = _passed_outputs(plain())
-                cm = CompiledModule(SegmentModule(self.owner, self.eager_call, self.source, fixed, len(args),
-                                                  passed), self.options)
-                cm.name, cm.echo_ir = self.name, False
+                cm = self._module(args, fixed, passed)
+                before = cm.stats.compiles
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    variant = cm.compile_for(values, {})
+                    flat_values, spec, guard_key = cm._guard(values, {})
+                    variant = cm._new_variant(values, {}, guard_key, flat_values, spec)
+                if cm.stats.compiles > before:
+                    self.stats.compiles += 1
+                    self.stats.reasons.append(cm.stats.reasons[-1])
+                    self.stats.history.append(cm.stats.history[-1])
+                if not isinstance(variant, Variant):  # runs eagerly: hooks registered, a generator it cannot replay
+                    raise CaptureError(variant.reason)
             except Exception as e:  # noqa: BLE001 - a segment fxcc cannot capture runs eagerly, reported
                 first = (str(e).strip().splitlines() or [""])[0][:200]
                 why = f"capture/compile failed: {type(e).__name__}: {first}"
@@ -345,6 +390,27 @@ class Segment:
         self.runs[key] = run
         self.by_key[key] = run.call
         return run.call
+
+    def _module(self, args: tuple, fixed: dict[int, Any], passed: dict[int, Any]) -> CompiledModule:
+        """The CompiledModule that compiles the segment's signatures with these baked inputs (`fixed`) and outputs
+        passed around its graph (`passed`), its inputs named as the segment's are. Where a passed output is a value
+        that could follow the sizes (a string, a slice), it compiles static shapes only: a symbolic variant would
+        hand every size the value of the first."""
+        key = (_baked_key(args), tuple((i, type(v)) for i, v in passed.items()))
+        cm = self.modules.get(key)
+        if cm is None:
+            options = self.options
+            if any(not isinstance(v, (torch.device, torch.dtype, torch.layout, torch.memory_format))
+                   for v in passed.values()):
+                options = options.replace(dynamic=False)
+            cm = CompiledModule(SegmentModule(self.owner, self.eager_call, self.source, fixed, len(args), passed),
+                                options)
+            cm.name, cm.echo_ir = self.name, False
+            if len(self.spec.inputs) == len(args):  # recompile reasons name the segment's inputs
+                cm.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY)
+                                                      for i, n in enumerate(self.spec.inputs) if i not in fixed])
+            self.modules[key] = cm
+        return cm
 
 
     @staticmethod
@@ -390,6 +456,18 @@ class Segment:
         warnings.warn(f"fxcc DyCL: segment {self.name} ({self.spec.where}) runs as plain Python for these inputs: "
                       f"{why}", stacklevel=5)
         return why
+
+
+def _baked_key(args: tuple) -> tuple:
+    """The guard on a segment call's baked inputs (`_baked`), by position: one CompiledModule compiles their
+    signatures."""
+    return tuple((i, _sig(a)) for i, a in enumerate(args) if _baked(a))
+
+
+def _same_objects(sig: Any) -> Any:
+    """Which tensor inputs of a signature (`_key`) are one object (None: all are distinct)."""
+    last = sig[-1] if isinstance(sig, tuple) and sig else None
+    return last[1] if isinstance(last, tuple) and len(last) == 2 and last[0] == "same object" else None
 
 
 def _passed_outputs(outs: Any) -> dict[int, Any]:
@@ -743,6 +821,9 @@ class DyclVariant(Variant):
                 out.append(seg.source.rstrip())
                 if not seg.runs:
                     out.append("  (not called yet: compiled at its first call)")
+                if seg.stats.compiles:
+                    out.append(f"  compiles: {seg.stats.compiles}")
+                    out += [f"    {i}. {reason}" for i, reason in enumerate(seg.stats.reasons, 1)]
                 for run in seg.runs.values():
                     if run.variant is None:
                         out.append(f"  [{run.signature}] eager: {run.eager}")
@@ -750,10 +831,12 @@ class DyclVariant(Variant):
                     kernels = sum(1 for n in run.variant.gm.graph.nodes if n.op == "call_function"
                                   and str(n.target).startswith("fxcc_kernel"))
                     timing = f"; {run.timing}" if run.timing else ""
+                    served = sum(r is run for r in seg.served.values())
+                    serves = f"; it serves {served} other signatures by its symbolic sizes" if served else ""
                     if run.eager:
-                        out.append(f"  [{run.signature}] compiled, but runs as {run.eager}")
+                        out.append(f"  [{run.signature}] compiled, but runs as {run.eager}{serves}")
                     else:
-                        out.append(f"  [{run.signature}] compiled: {kernels} kernel calls{timing}")
+                        out.append(f"  [{run.signature}] compiled: {kernels} kernel calls{timing}{serves}")
                     text = explain_variant(seg.name, run.variant, ir_after_each=ir_after_each)
                     out.append("    " + text.replace("\n", "\n    "))
         notes = [f"{p.name}: {n}" for p in self.program.all_programs() for n in (p.rw.eager if p.rw else [])]
@@ -811,8 +894,11 @@ class _Checking(Segment):
             key = _key(args, exact=False)
         except Unguarded:
             key = None
+        if key is not None and key not in self.by_key:  # a signature a symbolic variant serves is checked too
+            with COMPILE_LOCK:
+                self._served(args, key)
         call = self.by_key.get(key) if key is not None else None
-        run = self.runs.get(key)
+        run = self.run_of(key)
         if call is None or call is self.eager_call or run is None or run.variant is None:
             return Segment.__call__(self, *args)  # plain Python, or a first call (checked as it is built)
         self.record.calls += 1
@@ -838,7 +924,7 @@ class _Checking(Segment):
         self.record.events.append(f"segment {self.name} ({self.spec.where}) [{run.signature}] differs from its plain "
                                   f"Python ({where}); its kernels: {kernels}; {inner}")
         self.by_key = {k: self.eager_call if c is call else c for k, c in self.by_key.items()}  # exact keys too
-        run.eager = f"plain Python: a call differed ({where}; check_eager='always')"
+        run.call, run.eager = self.eager_call, f"plain Python: a call differed ({where}; check_eager='always')"
         return take_eagers(args, {}, copies, {}, want)
 
 
@@ -849,7 +935,7 @@ def localize_segments(record: list[SegmentCall]) -> str:
     host program's own Python."""
     compiled = 0
     for i, c in enumerate(record, 1):
-        seg, run = c.segment, c.segment.runs.get(c.key)
+        seg, run = c.segment, c.segment.run_of(c.key)
         call = seg.by_key.get(c.key)
         if run is None or run.variant is None or call is None or call is seg.eager_call:
             continue

@@ -296,6 +296,16 @@ class Shapes:
                 shapes.guard = compile(code, "<fxcc-shape-guard>", "eval")
         return shapes
 
+    @staticmethod
+    def any_sizes(flat: list[Any], names: list[str], sized: frozenset[int]) -> Shapes:
+        """Every dimension (and size int) symbolic, without a guard: a program that is Python, not one graph (a DyCL
+        host program, whose segments compile for their own shapes), serves any sizes of its input structure."""
+        example = sizes(flat, sized)
+        dims = {i: tuple(range(len(sz))) for i, sz in enumerate(example) if sz}
+        return Shapes(dims, [tuple(None for _ in sz) if sz is not None else None for sz in example], example, names,
+                      example_strides=[strides(x) if isinstance(x, torch.Tensor) else None for x in flat],
+                      ints=set(sized))
+
     def matches(self, flat: list[Any]) -> bool:
         """Whether a call with these inputs (of this variant's structure) may run this variant."""
         if self._checks is None:

@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ir
-from .capture import Closure, GlobalReads, Missing
+from .capture import Closure, GlobalReads, Missing, own_tensors
 from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
 from .watch import Layouts, Snapshot
 
@@ -411,6 +411,14 @@ class ModuleState:
             elif k not in MODULE_INTERNALS and k not in _NOT_READ:
                 if primitive(v):
                     self._attr(attrs, k, v, f"attribute {at}{k}")
+                elif own_tensors(mod, v):
+                    # nn.RNNBase's list of its own weights: the graph reads the parameters, whose entries above see
+                    # one replaced (RNNBase puts it in the list too) and are read live (a change in place is seen);
+                    # the list by identity (`flatten_parameters`, `.to()` build a new one)
+                    self.owners.append(attrs)
+                    self.names.append(k)
+                    self.objs.append(v)
+                    self.where.append(f"attribute {at}{k}")
                 elif k not in ("config", "forward") and not isinstance(mod, fx.GraphModule):
                     # not a forward set on the instance (capture and the eager fallback call the class's own:
                     # fxcc.capture.original_forward; a timer wrapped around it is no state of the graph), nor an

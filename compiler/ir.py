@@ -299,14 +299,56 @@ def fingerprint(text: str) -> str:
 def running_fake(mode: FakeTensorMode) -> Iterator[None]:
     """Run ops on `mode`'s FakeTensors as export traced them: with the Python dispatcher, so an op that decomposes
     (upsample_nearest2d.vec's output size) takes its Python decomposition, which keeps symbolic sizes symbolic; its
-    C++ one reads every size as an int and so specialized each symbol of its operand (a UNet's batch). Static sizes
-    (no shape environment) need no symbols kept and run without it: it slows every op's dispatch."""
+    C++ one reads every size as an int and so specialized each symbol of its operand (a UNet's batch); and with a
+    convolution's backend chosen without guards where it cannot change the output (`_select_conv_backend_unguarded`).
+    Static sizes (no shape environment) need no symbols kept and run without either: they slow every op's dispatch."""
     if mode.shape_env is None:
         with mode:
             yield
         return
-    with mode, enable_python_dispatcher():
+    with mode, enable_python_dispatcher(), conv_backends_unguarded():
         yield
+
+
+_SELECT_CONV_BACKEND = torch._C._select_conv_backend
+_CONV_BACKENDS = tuple(torch._C._ConvBackend.__members__.values())
+
+
+@contextlib.contextmanager
+def conv_backends_unguarded() -> Iterator[None]:
+    """Within the block, FakeTensor convolutions choose their backend without guards where that cannot change
+    their output (`_select_conv_backend_unguarded`); one another thread fakes meanwhile gets the same answer,
+    which is torch's wherever the backend could matter."""
+    before = torch._C._select_conv_backend
+    torch._C._select_conv_backend = _select_conv_backend_unguarded
+    try:
+        yield
+    finally:
+        torch._C._select_conv_backend = before
+
+
+def _select_conv_backend_unguarded(input: torch.Tensor, weight: torch.Tensor, **kwargs: Any) -> Any:
+    """A convolution's FakeTensor kernel (torch's fake_impls.conv) asks `_select_conv_backend` which backend eager
+    would take, only for the memory format of its output. That choice reads sizes against speed heuristics
+    (oneDNN from batch 16 for weights that need no gradient, as the fakes propagated here), each comparison a
+    guard: the variant of a conv net stopped at batch 15 and batch 16 compiled again. Where every backend gives the
+    output the same memory format (contiguous operands), the backend is chosen without guards; else as torch does,
+    guarded, since the layout then depends on it."""
+    env = next((s.node.shape_env for s in (*input.shape, *weight.shape) if isinstance(s, torch.SymInt)), None)
+    if env is None:  # static sizes: nothing to guard
+        return _SELECT_CONV_BACKEND(input, weight, **kwargs)
+    if weight.dim() == 3 and not input.is_mkldnn and not input.is_xpu:  # as fake_impls.conv asks for a conv1d
+        operand, kernel = input.contiguous().unsqueeze(2), weight.unsqueeze(2)
+    else:
+        operand, kernel = input, weight
+    try:
+        formats = {torch._C._conv_determine_backend_memory_format(operand, kernel, b) for b in _CONV_BACKENDS}
+    except RuntimeError:
+        formats = set()
+    if len(formats) != 1:
+        return _SELECT_CONV_BACKEND(input, weight, **kwargs)
+    with env.suppress_guards():  # its checks of the operands' shapes: export's trace of the model made them
+        return _SELECT_CONV_BACKEND(input, weight, **kwargs)
 
 
 def _fake_of(mode: FakeTensorMode, t: Any) -> Any:

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .ir import _fake_of
+from .ir import _fake_of, conv_backends_unguarded
 
 
 class Rewriter:
@@ -36,7 +36,7 @@ class Rewriter:
 
         args = fx.node.map_arg(node.args, fake)
         kwargs = fx.node.map_arg(node.kwargs, fake)
-        with self.mode:
+        with self.mode, conv_backends_unguarded():  # a conv built here (a BN folded in) as propagation runs one
             return node.target(*args, **kwargs)
 
     def replace(self, old: fx.Node, new: fx.Node) -> None:

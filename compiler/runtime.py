@@ -24,6 +24,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import threading
 import time
 import types
@@ -966,7 +967,7 @@ class CompiledModule(ModuleView):
         for v in self._compiled:
             if v.shapes is None or not v.shapes.dims:
                 continue
-            struct = struct or (spec, dynamic.structure(flat, self._state_ints(spec)), self.module.training)
+            struct = struct or self._structure(flat, spec, self._state_ints(spec))
             if v.struct == struct and v.shapes.matches(flat):
                 if len(self._memo) >= _MEMO:
                     self._memo.clear()
@@ -976,13 +977,19 @@ class CompiledModule(ModuleView):
             v = e.compiled
             if v.shapes is None:
                 continue
-            struct = struct or (spec, dynamic.structure(flat, self._state_ints(spec)), self.module.training)
+            struct = struct or self._structure(flat, spec, self._state_ints(spec))
             if v.struct == struct and v.shapes.matches(flat):
                 if len(self._memo) >= _MEMO:
                     self._memo.clear()
                 self._memo[key] = e
                 return e
         return None
+
+    def _structure(self, flat: list[Any], spec: Any, sized: frozenset[int]) -> tuple:
+        """What a call must share with a variant whatever its sizes (`dynamic.structure`), the training flag and the
+        caller's autocast and default dtype (`call_context`: a variant traced without an autocast has none of its
+        casts)."""
+        return spec, dynamic.structure(flat, sized), self.module.training, call_context()
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
         """The original module (or method), with fxcc's own forward, if installed on it, out of the way."""
@@ -1083,7 +1090,7 @@ class CompiledModule(ModuleView):
     def _compile_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         names = dynamic.leaf_names(args, kwargs, getattr(self, "__signature__", None))
         sized, scalar = self._sizes_of(args, kwargs, flat, spec, names)
-        struct = (spec, dynamic.structure(flat, sized), self.module.training)
+        struct = self._structure(flat, spec, sized)
         dims, reason = self._plan(flat, struct, names, sized, dynamic.carries_state(args, kwargs), scalar)
         self._dropped = ""  # said once, by this compile
         if self._churned is not None:  # said once, when its state was found changing at every call
@@ -1128,14 +1135,14 @@ class CompiledModule(ModuleView):
         if const:  # int arguments the capture kept constants: they stay so for this input structure
             self._static_ints[spec] = {**self._static_ints.get(spec, {}), **const}
             sized = self._sized[spec] = sized - const.keys()
-            struct = (spec, dynamic.structure(flat, sized), self.module.training)
+            struct = self._structure(flat, spec, sized)
             reason += "".join(f"; `{names[i]}` stays a constant: {why}" for i, why in const.items())
         if isinstance(variant, Variant) and variant.captured is not None:
             variant.shapes = dynamic.Shapes.of(variant.gm, flat, names, sized)
             variant.struct = struct
             kept = [i for i in dims or {} if type(flat[i]) in (int, float) and i not in variant.shapes.dims and i not in const]
-            reason += "".join(f"; `{names[i]}` stays a constant: the program needs its value (export specialized it)"
-                              for i in kept)
+            reason += "".join(f"; `{names[i]}` stays a constant: the program needs its value "
+                              f"({_specialized_by(variant, i, ())})" for i in kept)
             # a size that changed from an earlier variant's, asked for symbolic, that export specialized (a Python
             # loop over it: Mamba's `range(seq_len)`): each new value compiles again, which the reason should say
             moved: dict[int, set[int]] = {}
@@ -1146,9 +1153,16 @@ class CompiledModule(ModuleView):
             fixed = {i: sorted(d for d in set(ds) & moved.get(i, set()) - set(variant.shapes.dims.get(i, ())))
                      for i, ds in (dims or {}).items() if isinstance(flat[i], torch.Tensor)}
             reason += "".join(f"; `{names[i]}` dim {'/'.join(map(str, ds))} stays static: the program needs its value "
-                              "(export specialized it), so each new size compiles" for i, ds in fixed.items() if ds)
+                              f"({_specialized_by(variant, i, ds)}), so each new size compiles"
+                              for i, ds in fixed.items() if ds)
             symbolic = variant.shapes.describe()
             reason += f"; symbolic: {symbolic}" if symbolic else "; static shapes"
+        elif isinstance(variant, Variant) and getattr(variant, "program", None) is not None:
+            # a DyCL host program is Python: it serves every size of this input structure, and each of its segments
+            # compiles for its own shapes as a module does (static first, a size that changes symbolic)
+            variant.shapes = dynamic.Shapes.any_sizes(flat, names, sized)
+            variant.struct = struct
+            reason += "; a host program serves any sizes (its segments compile for theirs)"
         if getattr(variant, "reason", ""):  # a DyCL variant says why it is a host program
             reason += f"; {variant.reason}"
         variant.reason = reason
@@ -1220,7 +1234,7 @@ class CompiledModule(ModuleView):
         # size was a constant: their sizes count as this one's would
         def bare(st: Any) -> tuple:
             consts = tuple(("int",) if i in sized else e for i, e in enumerate(st[1]))
-            return st[0], dynamic.without_layouts(consts), st[2]
+            return st[0], dynamic.without_layouts(consts), st[2], st[3]
 
         kin = [v for v in self._attempts if v.shapes is not None and v.struct is not None
                and len(v.struct[1]) == len(struct[1]) and bare(v.struct) == bare(struct)]
@@ -1682,3 +1696,19 @@ def _opaque_call(cm: CompiledModule, args: tuple, kwargs: dict) -> Any:
     (its guards, caches and launchers are not traceable), it breaks its graph here and calls the module as it is
     called outside, which fxcc compiled already."""
     return cm(*args, **kwargs)
+
+
+def _specialized_by(variant: Variant, i: int, dims: Any) -> str:
+    """Who made flat input `i`'s sizes `dims` (an int input's value: `()`) numbers in `variant`: the first pass
+    whose guards name the symbol export gave it (fxcc.pipeline.PassRecord.guards), else export itself, which gave
+    it a number."""
+    vals = [n.meta.get("val") for n in variant.gm.graph.nodes if n.op == "placeholder"]
+    v = vals[i] if i < len(vals) else None
+    sizes = [v] if isinstance(v, (torch.SymInt, torch.SymFloat)) else (
+        [v.shape[d] for d in dims if d < v.dim()] if isinstance(v, torch.Tensor) else [])
+    symbols = {str(x) for s in sizes if isinstance(s, (torch.SymInt, torch.SymFloat))
+               for x in getattr(s.node, "_expr", s.node.expr).free_symbols}  # as export made it, before any guard
+    for r in variant.records:
+        if symbols and any(symbols & set(re.findall(r"\w+", g)) for g in r.guards):
+            return f"pass {r.spec} specialized it"
+    return "export specialized it"

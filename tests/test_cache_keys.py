@@ -140,6 +140,22 @@ def test_a_module_under_autocast_runs_eagerly_with_one_warning():
     assert cm.stats.compiles == 1 and cm.stats.eager_calls == 1
 
 
+def test_a_symbolic_variant_does_not_serve_a_call_under_autocast():
+    """A size its symbolic variant accepts, called under an autocast: eager's result (its linear in bf16), not the
+    graph traced without the autocast's casts."""
+    m = Model().eval()
+    cm = fxcc.compile(m, passes="canonicalize,raise,fuse,codegen{backend=extern}")
+    with torch.no_grad():
+        cm(torch.randn(2, 4))
+        cm(torch.randn(3, 4))  # symbolic in the batch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.randn(5, 4)
+            with pytest.warns(UserWarning, match="called under torch.autocast"):
+                y = cm(x)
+            torch.testing.assert_close(y, m(x))
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 1
+
+
 # How every option reaches what is cached. "key": part of a cache key (checked above or below); "off": setting
 # it keeps the graph cache out of the compile (checked below); "entry": recorded in the entry it writes, which
 # a better one supersedes (tests/test_cache_faults.py); "run": changes only how compiled code runs or what is

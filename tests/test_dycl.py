@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import sys
 import textwrap
 import warnings
@@ -124,6 +125,99 @@ def test_data_dependent_shapes_compile_per_shape_and_overflow_warns(monkeypatch)
     with pytest.warns(UserWarning, match=r"segment MoE\.seg\d+ \(.*dynamic_nets\.py:\d+.*\).*runs eagerly"):
         for x in xs:
             assert_outputs_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class SignBranch(nn.Module):
+    """Issue 19's program: a branch on a tensor's value, called with a new batch size at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:
+            return h * 2
+        return h - 1
+
+
+BATCHES = (1, 2, 3, 5, 8, 13, 21, 34, 55, 4)
+
+
+def _segment_compiles(cm) -> dict[str, list[str]]:
+    return {s.name: s.stats.reasons for p in cm.variants[0].program.all_programs() for s in p.segments}
+
+
+def _sizes(cm, model, call) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")  # nothing falls back to eager (max_variants) or warns
+        for b in BATCHES:
+            for sign in (1.0, -1.0):  # both branches at every size
+                x = torch.randn(b, D).abs() * sign
+                assert_outputs_close(call(cm, x), call(model, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["module", "function"])
+def test_a_host_program_serves_new_sizes_and_its_segments_recompile_once_symbolic(kind):
+    """A batch size that changes neither compiles the host program again nor runs eagerly past max_variants: each
+    segment compiles static, then once with the batch symbolic, and says which size changed."""
+    torch.manual_seed(0)
+    model = SignBranch().eval()
+    w = torch.randn(D, D)
+
+    def branch(x, w):
+        if x.sum() > 0:
+            return x @ w
+        return (x * 2) @ w - 1
+
+    if kind == "module":
+        fn, call = model, lambda f, x: f(x)
+        compiled = cm = fxcc.compile(model, passes=PASSES)
+    else:
+        fn, call = branch, lambda f, x: f(x, w)
+        compiled = fxcc.compile(branch, passes=PASSES)
+        cm = compiled.fxcc
+    _sizes(compiled, fn, call)
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0, cm.stats.reasons
+    assert "a host program serves any sizes" in cm.stats.reasons[0]
+    segments = _segment_compiles(cm)
+    assert len(segments) == 3 and all(len(r) == 2 for r in segments.values()), segments
+    for reasons in segments.values():
+        assert reasons[0] == "first call; static shapes"
+        assert re.search(r"`\w+` dim 0 is 2 where this variant has 1 .*: \w+ dim 0: 1 -> 2; symbolic: \w+ dim 0",
+                         reasons[1]), reasons[1]
+    text = cm.explain()
+    assert "compiles: 2" in text and "other signatures by its symbolic sizes" in text
+
+
+def test_dynamic_false_compiles_each_segment_size_static_without_recompiling_the_program():
+    torch.manual_seed(0)
+    model = SignBranch().eval()
+    cm = fxcc.compile(model, options=fxcc.CompileOptions(passes=PASSES, dynamic=False))
+    _sizes(cm, model, lambda f, x: f(x))
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
+    for reasons in _segment_compiles(cm).values():
+        assert len(reasons) == len(BATCHES) and all(r.endswith("static shapes") for r in reasons)
+
+
+def test_data_dependent_segment_shapes_compile_once_symbolic():
+    """Segments after `nonzero` see a new number of rows at nearly every call: per value of what they bake (the
+    expert's index), the second compiles them symbolic and later counts are served by that variant (a count of 1,
+    which export specializes, compiles once more)."""
+    torch.manual_seed(0)
+    model, xs = NETWORKS["moe_top1"](D, B)
+    cm = fxcc.compile(model, passes=PASSES)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        for x in xs:
+            for b in (B, 2 * B, 3 * B):
+                xb = x.repeat(b // B, 1)
+                assert_outputs_close(cm(xb), model(xb), atol=1e-4, rtol=1e-4)
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
+    per_baked = {(s.name, k): m.stats.reasons for p in cm.variants[0].program.all_programs() for s in p.segments
+                 for k, m in s.modules.items()}
+    assert max(map(len, per_baked.values())) <= 3, per_baked
+    assert any(re.search(r"symbolic: .*\bidx dim 0", r) for rs in per_baked.values() for r in rs)
 
 
 def test_unsupported_construct_runs_eagerly_with_its_line():

@@ -834,6 +834,22 @@ def test_triton_int4_every_config_on_gpu_bf16(m, glu, norm):
             assert rel(y, want) < 1e-2, cfg
 
 
+def test_int4_linear_times_the_dequantizing_mma_loop_by_default(monkeypatch):
+    """Decode shapes list loop 1's configs (the H100 sweep's fastest) beside loop 0's; FXCC_INT4_LOOPS=0 lists loop 0
+    alone, and larger M (no decode loop) is unchanged."""
+    from fxcc.codegen import triton_int4 as t4
+
+    x = torch.randn(1, 2048)
+    loops = lambda cands: {c[7] if len(c) > 7 else 0 for c in cands}  # noqa: E731
+    monkeypatch.delenv("FXCC_INT4_LOOPS", raising=False)
+    assert loops(t4._candidates(x, 1, 2048, 512, 128, False)) == {0, 1}
+    assert loops(t4._candidates(torch.randn(32, 2048), 32, 2048, 512, 128, False)) == {0}
+    monkeypatch.setenv("FXCC_INT4_LOOPS", "0")
+    assert loops(t4._candidates(x, 1, 2048, 512, 128, False)) == {0}
+    monkeypatch.setenv("FXCC_INT4_LOOPS", "1,2")
+    assert loops(t4._candidates(x, 1, 2048, 512, 128, False)) == {0, 1, 2}
+
+
 def test_triton_int4_rejects_what_it_cannot_do():
     from fxcc.codegen import triton_int4 as t4
 

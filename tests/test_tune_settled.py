@@ -155,6 +155,54 @@ def test_an_unsettled_decision_measured_again_times_the_builds_it_kept(monkeypat
     assert all(k.backend == "fake" for k in ks) and "re-measured (was unsettled); settled" in text
 
 
+def kept_builds(monkeypatch) -> list[str]:
+    """Fake builds with files that their loading reads, as TVM's (its shared library and spec); the kernels built."""
+    made = []
+
+    def build(self, params):
+        made.append(self.kb.key)
+        b = load(self.kb, "fake", {}, params)
+        return Built(b.fn, b.source, {"kernel.bin": b"fake build"})
+
+    def load_files(kb, label, files, params):
+        if files["kernel.bin"].read_bytes() != b"fake build":
+            raise ValueError("not the build stored")
+        return load(kb, label, files, params)
+    monkeypatch.setattr(Fake, "build", build)
+    monkeypatch.setattr(sys.modules["fxcc_test_fake_backend"], "load", load_files)
+    return made
+
+
+def test_a_kept_build_that_wins_when_measured_again_is_stored_with_its_files(monkeypatch):
+    """The re-measured decision's winner was loaded from its kept build; stored as the choice, it keeps that build's
+    files, so later compiles load it instead of building and measuring every candidate again."""
+    made = kept_builds(monkeypatch)
+    compile_once(timer(**NOISY))
+    made.clear()
+    stats, ks, _ = compile_once(timer(**QUIET_FASTER))  # measured again on the kept builds: fake wins, settled
+    assert stats.get("remeasured") == stats["kernels"] and all(k.backend == "fake" for k in ks) and not made
+    stats, ks, text = compile_once(untimed)
+    assert stats.get("cached") == stats["kernels"] and all(k.backend == "fake" for k in ks) and not made
+
+
+def test_a_cached_choice_whose_build_does_not_load_is_replaced_by_the_rebuild(monkeypatch):
+    """A settled choice whose files are gone is rebuilt with a warning, once: the rebuild takes its place."""
+    made = kept_builds(monkeypatch)
+    compile_once(timer(**QUIET_FASTER))
+    cache = default_cache()
+    for e in list(cache.entries()):  # the choice's entry without its build
+        if "kernel" in e.meta:
+            cache.remove(e.key)
+            cache.put(e.key, {}, e.meta)
+    made.clear()
+    with pytest.warns(UserWarning, match="did not load"):
+        stats, ks, _ = compile_once(timer(**QUIET_FASTER))
+    assert stats.get("built") == stats["kernels"] and made
+    made.clear()
+    stats, ks, _ = compile_once(untimed)
+    assert stats.get("cached") == stats["kernels"] and all(k.backend == "fake" for k in ks) and not made
+
+
 def test_a_settled_decision_is_cached_and_not_measured_again():
     stats, ks, text = compile_once(timer(extern_ms=1.0, fake_ms=2.0))  # fake slower, no noise
     assert stats.get("built") and all(k.backend == "extern" for k in ks)

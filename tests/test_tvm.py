@@ -531,7 +531,8 @@ x, r = torch.randn(16, 64), torch.randn(16, 64)
 cm = fxcc.compile(f)
 out = cm(x, r)
 rec = next(r for r in cm.fxcc.variants[-1].records if r.spec.startswith("codegen"))
-print(json.dumps({"stats": rec.result.stats, "sum": float(out.double().sum())}))
+print(json.dumps({"stats": rec.result.stats, "sum": float(out.double().sum()),
+                  "imported": [m for m in ("tvm", "tvm_ffi", "ml_dtypes") if m in sys.modules]}))
 """
 
 
@@ -551,6 +552,28 @@ def test_second_process_loads_every_kernel_from_the_artifact_cache(tmp_path):
     assert cold["stats"].get("built", 0) >= 1 and not cold["stats"].get("cached")
     assert warm["stats"].get("cached") == cold["stats"]["built"] and not warm["stats"].get("built")
     assert warm["sum"] == cold["sum"]
+    # what was built only loads: TVM's runtime, neither its compiler nor ml_dtypes (seconds of a warm compile)
+    assert warm["stats"].get("tvm") and warm["imported"] == ["tvm_ffi"]
+
+
+RUNTIME_THEN_COMPILER = """
+import sys
+from fxcc.codegen import tvm as tvm_backend
+tvm_backend._runtime()  # what loading a built kernel imports
+print("ml_dtypes" in sys.modules)
+tvm_backend._tvm()  # TVM's compiler, to build one
+import ml_dtypes, numpy as np, tvm_ffi
+print(tvm_ffi.dtype(np.dtype(ml_dtypes.bfloat16)))
+"""
+
+
+def test_tvm_imported_to_build_after_a_load_has_ml_dtypes_type_names():
+    """Loading a built kernel imports tvm_ffi without ml_dtypes (a second of a warm compile); TVM's compiler imported
+    after it converts ml_dtypes' numpy types as it does when tvm_ffi was imported with them."""
+    import subprocess
+    p = subprocess.run([sys.executable, "-c", RUNTIME_THEN_COMPILER], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "bfloat16"]
 
 
 @pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
