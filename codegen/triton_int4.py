@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import triton
@@ -53,6 +52,7 @@ from fxcc.codegen.launch import ReadOnly
 from fxcc.codegen.triton_gemv import _finish
 from fxcc.dialects import int4_dequantize
 from fxcc.measure import pinned_by
+from fxcc.options import settings
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -605,8 +605,8 @@ def _candidates(x2: Tensor, M: int, K: int, N: int, group: int, glu: bool) -> li
     # loop 1 (MMA on weights dequantized in registers) is listed by default: on an H100 its best config ran a Llama-1B
     # decode layer's four linears in 30.8 us at M=1 (31.4 at M=8) against loop 0's 36.6 (38.3) and the int8 GEMV's
     # 37.7 (38.6) (benchmarks/int4_sweep.py); loop 2 (CUDA cores) lost everywhere and is listed only on request.
-    # FXCC_INT4_LOOPS=0: loop 0 alone; =1,2: both.
-    loops = tuple(int(v) for v in os.environ.get("FXCC_INT4_LOOPS", "1").split(",") if v.strip() in ("1", "2"))
+    # FXCC_INT4_LOOPS=0: loop 0 alone; =1,2: both (fxcc.options.settings).
+    loops = settings().int4_loops
     cands += configs(M, K, N, group, glu, default_cvts(x2), loops=loops) if loops else []
     bn, split, bm, gpb, warps, stages, _ = cands[0][:7]
     safe = (bn, split, max(bm, 16), gpb, warps, stages, 1)  # 16 rows: as the kernel ran before small blocks

@@ -51,6 +51,8 @@ class Settings:
     settle_tries: FXCC_SETTLE_TRIES=n: a decision made by measurement and cached (a kernel's choice, compiled vs
         eager, the TVM pool) whose timings were too noisy to settle it is measured again by the next compile, up to
         n compiles in all (default 3); then its last outcome is final. 1: the first measurement is final.
+    int4_loops: FXCC_INT4_LOOPS=1,2: the decode inner loops whose configs int4_linear's first call measures beside
+        loop 0's (fxcc.codegen.triton_int4.LOOPS); default 1, `0` loop 0 alone.
     """
 
     cache_dir: str
@@ -65,6 +67,7 @@ class Settings:
     time_vs_eager: bool = True
     logs: tuple[tuple[str, int], ...] = ()
     settle_tries: int = 3
+    int4_loops: tuple[int, ...] = (1,)
 
 
 BOOLEANS = {"": False, "0": False, "false": False, "no": False, "off": False,
@@ -90,7 +93,7 @@ def _check_eager(env: os._Environ | dict) -> bool | str:
 # every FXCC_* variable fxcc reads (Settings above), and those only fxcc's own tests read
 ENVIRONMENT = ("FXCC_CACHE_DIR", "FXCC_CACHE_SHARED", "FXCC_CACHE_TRUST", "FXCC_TVM_POOL", "FXCC_TRITON_INTERPRET",
                "FXCC_TRITON_WELFORD", "FXCC_VERIFY_EACH", "FXCC_PRINT_IR_AFTER", "FXCC_LOGS", "FXCC_CHECK_EAGER",
-               "FXCC_TIME_VS_EAGER", "FXCC_SETTLE_TRIES")
+               "FXCC_TIME_VS_EAGER", "FXCC_SETTLE_TRIES", "FXCC_INT4_LOOPS")
 TEST_ENVIRONMENT = ("FXCC_UPDATE_GOLDEN", "FXCC_BREADTH_ALL", "FXCC_FUZZ_SEEDS")
 _warned_names: set[str] = set()
 
@@ -125,7 +128,20 @@ def settings() -> Settings:
         logs=parse_logs(env.get("FXCC_LOGS", "")),
         check_eager=_check_eager(env),
         time_vs_eager=_flag(env, "FXCC_TIME_VS_EAGER") if env.get("FXCC_TIME_VS_EAGER", "").strip() else True,
-        settle_tries=_settle_tries(env))
+        settle_tries=_settle_tries(env),
+        int4_loops=_int4_loops(env))
+
+
+def _int4_loops(env: os._Environ | dict) -> tuple[int, ...]:
+    raw = env.get("FXCC_INT4_LOOPS", "").strip()
+    if not raw:
+        return Settings.int4_loops
+    parts = [x.strip() for x in raw.split(",")]
+    if any(x not in ("0", "1", "2") for x in parts):
+        raise ValueError(f"FXCC_INT4_LOOPS={raw!r}: give the int4 decode loops to measure beside loop 0, among 1 "
+                         "(MMA on weights dequantized in registers) and 2 (CUDA cores), comma-separated, or 0 for "
+                         "loop 0 alone")
+    return tuple(sorted({int(x) for x in parts} - {0}))
 
 
 def _settle_tries(env: os._Environ | dict) -> int:

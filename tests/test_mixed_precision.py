@@ -848,6 +848,9 @@ def test_int4_linear_times_the_dequantizing_mma_loop_by_default(monkeypatch):
     assert loops(t4._candidates(x, 1, 2048, 512, 128, False)) == {0}
     monkeypatch.setenv("FXCC_INT4_LOOPS", "1,2")
     assert loops(t4._candidates(x, 1, 2048, 512, 128, False)) == {0, 1, 2}
+    monkeypatch.setenv("FXCC_INT4_LOOPS", "3")
+    with pytest.raises(ValueError, match="FXCC_INT4_LOOPS='3'"):
+        t4._candidates(x, 1, 2048, 512, 128, False)
 
 
 def test_triton_int4_rejects_what_it_cannot_do():
