@@ -429,7 +429,7 @@ TIMES: dict[tuple, dict] = {}  # problem key -> {config: us}, what the choice wa
 
 
 def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[int, ...] = (1,),
-            broad: bool = False, loops: tuple[int, ...] = (0,)) -> list[Config]:
+            broad: bool = False, loops: tuple[int, ...] = (0,), narrow: bool = False) -> list[Config]:
     """Candidate configs for y[M, N], each with every nibble conversion in `cvts`; `loops`: the inner loops whose
     candidates to list (LOOPS; 1 and 2, decode only, from `_decode_configs`, for the GPU sweep of
     benchmarks/int4_sweep.py until a measurement puts them in int4_linear's list). Loop 0, decode (M <= 16): one
@@ -438,11 +438,12 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
     (32, 1, ., 2, 2, 3, 2)); BLOCK_N rows by GPB groups a step (more for groups under 128), so a program reads
     4-16 KiB of weight a step (the int8 GEMV's best read 4-8 KiB), 16 rows a warp, and split over K so that
     128-2048 programs cover the GPU. Up to 64 rows: 16-, 32- or 64-row blocks, no split. `broad`: a wider space
-    for the GPU sweep (benchmarks/int4_gpu_check.py), whose winners the default list should hold."""
+    for the GPU sweep (benchmarks/int4_gpu_check.py), whose winners the default list should hold. `narrow`: loop 1
+    and 2's shapes and stages where the H100 sweep's winners were (int4_linear's list: fewer Triton builds)."""
     groups, half = K // group, group // 2
     out: list[Config] = []
     for loop in loops:
-        out += _decode_configs(loop, M, K, N, group, glu, cvts) if loop and M <= 16 else []
+        out += _decode_configs(loop, M, K, N, group, glu, cvts, narrow) if loop and M <= 16 else []
     if 0 not in loops:
         return out
     if M <= 16:
@@ -475,7 +476,8 @@ def configs(M: int, K: int, N: int, group: int, glu: bool = False, cvts: tuple[i
     return out
 
 
-def _decode_configs(loop: int, M: int, K: int, N: int, group: int, glu: bool, cvts: tuple[int, ...]) -> list[Config]:
+def _decode_configs(loop: int, M: int, K: int, N: int, group: int, glu: bool, cvts: tuple[int, ...],
+                    narrow: bool = False) -> list[Config]:
     """Candidates of loop 1 (MMA on weights dequantized in registers) or 2 (CUDA cores) at M <= 16 rows: a few
     block shapes, GPB groups a step (counted in 128 channels a row), stages, and the two splits of K whose
     programs come nearest to 2 and 4 per SM (loop 2, which hides latency with warps more than with stages: 4 and
@@ -486,6 +488,8 @@ def _decode_configs(loop: int, M: int, K: int, N: int, group: int, glu: bool, cv
     if loop == 1:
         bm, target, cvs = (8 if M <= 8 else 16), (2, 4), cvts
         shapes = ((32, 2, (2,), (3, 5)), (32, 2, (4,), (3, 4)), (64, 4, (2,), (3,)))  # the int8 GEMV's best: 3-5
+        if narrow:  # every shape's best on an H100 (Llama-1B's o, qkv, gate/up, down at M=1 and 8) was among these
+            shapes = ((32, 2, (2,), (3,)), (64, 4, (2,), (3,)))
     else:
         bm, target, cvs = triton.next_power_of_2(M), (4, 8), tuple(dict.fromkeys(min(c, 1) for c in cvts))
         shapes = (((32, 2, (2, 4), (1, 2)), (64, 2, (2,), (1, 2)), (64, 4, (2,), (1,))) if M == 1 else
@@ -607,7 +611,7 @@ def _candidates(x2: Tensor, M: int, K: int, N: int, group: int, glu: bool) -> li
     # 37.7 (38.6) (benchmarks/int4_sweep.py); loop 2 (CUDA cores) lost everywhere and is listed only on request.
     # FXCC_INT4_LOOPS=0: loop 0 alone; =1,2: both (fxcc.options.settings).
     loops = settings().int4_loops
-    cands += configs(M, K, N, group, glu, default_cvts(x2), loops=loops) if loops else []
+    cands += configs(M, K, N, group, glu, default_cvts(x2), loops=loops, narrow=True) if loops else []
     bn, split, bm, gpb, warps, stages, _ = cands[0][:7]
     safe = (bn, split, max(bm, 16), gpb, warps, stages, 1)  # 16 rows: as the kernel ran before small blocks
     return [safe] + [c for c in cands if c != safe]

@@ -843,6 +843,8 @@ def test_int4_linear_times_the_dequantizing_mma_loop_by_default(monkeypatch):
     loops = lambda cands: {c[7] if len(c) > 7 else 0 for c in cands}  # noqa: E731
     monkeypatch.delenv("FXCC_INT4_LOOPS", raising=False)
     assert loops(t4._candidates(x, 1, 2048, 512, 128, False)) == {0, 1}
+    listed = [c for c in t4._candidates(x, 1, 2048, 512, 128, False) if len(c) > 7]
+    assert set(listed) <= set(t4.configs(1, 2048, 512, 128, False, cvts=(1,), loops=(1,)))  # what the sweep checks
     assert loops(t4._candidates(torch.randn(32, 2048), 32, 2048, 512, 128, False)) == {0}
     monkeypatch.setenv("FXCC_INT4_LOOPS", "0")
     assert loops(t4._candidates(x, 1, 2048, 512, 128, False)) == {0}
