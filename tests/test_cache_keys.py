@@ -176,6 +176,8 @@ SETTINGS = {
     # how many compiles measure an unsettled decision again: each entry records its tries, and a new measurement
     # supersedes an unsettled one (tests/test_tune_settled.py)
     "settle_tries": "entry",
+    # the int4 loops whose configs int4_linear's first call measures: a choice made at run time, kept per process
+    "int4_loops": "run",
 }
 OFF = {"graph_cache": False, "quality_budget": 0.01, "verify_each": True, "print_ir_after": ("raise",)}
 
