@@ -2,12 +2,14 @@
 
 Candidates by kernel kind, each labelled as `fxcc explain` shows it:
 - pointwise: one generated kernel per output shape ("triton"); broadcasting, strided and transposed views,
-  casts, rotary, gated activations.
+  casts, rotary, gated activations. Where an output is written across an input's layout (a copy between NCHW and
+  NHWC, a transpose made contiguous), also a kernel of 2-D tiles coalesced on both sides ("triton-tiled").
 - reduction: a row kernel over the reduced dims ("triton"): sum/mean/max, softmax, layer norm, RMSNorm,
   with the pointwise prologue and epilogue the fusion pass grouped around them; whole rows in registers,
   rows looped over in chunks, or few long rows split over programs (the parameters choose).
 - gemm: a Triton GEMM with the epilogue fused into its store ("triton"), and the library GEMM, batched
-  GEMM or convolution followed by one generated epilogue kernel ("triton+lib").
+  GEMM or convolution followed by one generated epilogue kernel ("triton+lib"; "-nhwc": a 2-D convolution run
+  channels-last; "-tiled": the epilogue in 2-D tiles where it reads the result across the layout it writes).
 - attention: a flash-attention kernel ("triton") and the library SDPA with native grouped-query heads
   ("sdpa"); the codegen pass times both against extern and keeps the fastest.
 
@@ -101,14 +103,19 @@ def candidates(kb: KernelBody, target: str) -> list[TritonCandidate]:
             return _optional(lambda: TritonCandidate(kb, "triton-decode", decode_attention_plan(kb.body, kb.text))) \
                 if attention else []
         if kb.kind == "pointwise":
-            return [TritonCandidate(kb, "triton", pointwise_plan(kb.body, kb.text))]
+            return [TritonCandidate(kb, "triton", pointwise_plan(kb.body, kb.text)),
+                    *_optional(lambda: TritonCandidate(kb, "triton-tiled", tiled_plan(kb.body, kb.text)))]
         if kb.kind == "reduction":
             return [TritonCandidate(kb, "triton", reduction_plan(kb.body, kb.text))]
         if kb.kind == "gemm":
             return _optional(lambda: TritonCandidate(kb, "triton", gemm_plan(kb.body, kb.text)),
                              lambda: TritonCandidate(kb, "triton+lib", library_epilogue_plan(kb.body, kb.text)),
                              lambda: TritonCandidate(kb, "triton+lib-nhwc",
-                                                     library_epilogue_plan(kb.body, kb.text, nhwc=True)))
+                                                     library_epilogue_plan(kb.body, kb.text, nhwc=True)),
+                             lambda: TritonCandidate(kb, "triton+lib-tiled",
+                                                     library_epilogue_plan(kb.body, kb.text, tiled=True)),
+                             lambda: TritonCandidate(kb, "triton+lib-nhwc-tiled",
+                                                     library_epilogue_plan(kb.body, kb.text, nhwc=True, tiled=True)))
         if attention:
             return _optional(lambda: TritonCandidate(kb, "triton", attention_plan(kb.body, kb.text)),
                              lambda: TritonCandidate(kb, "sdpa", sdpa_plan(kb.body, kb.text)),
@@ -365,6 +372,143 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
         return run
 
     return TritonProgram(source, space, defaults, launcher)
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """How a tiled kernel covers its output: dims walked by the grid (`outer`), the tile's axis 0 (`a`: the
+    innermost dims of the input it is planned for, in that input's memory order) and axis 1 (`b`: the
+    innermost dims of the output's memory order)."""
+
+    outer: tuple[int, ...]
+    a: tuple[int, ...]
+    b: tuple[int, ...]
+
+
+def transposed_tiles(placeholders: list[fx.Node], outs: list[fx.Node]) -> _Tiles:
+    """Tiles for outputs (of one shape) written across an input's layout: the first input whose contiguous dim is
+    not an output's (an NCHW value copied NHWC, an NHWC convolution result read by an epilogue writing NCHW), read
+    along its contiguous dims on one tile axis while that output is written along its own on the other (an output
+    in the input's layout is written along the first axis). Raises Unsupported where every input is read along
+    every output's layout (the 1-D kernel is coalesced)."""
+    shape = shape_of(outs[0])
+    if not all(isinstance(s, int) for s in shape):
+        raise Unsupported("tiles over symbolic sizes")
+    names = tuple(f"x{d}" for d in range(len(shape)))
+    em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, None)
+    em.zero = "zero"  # (a dry run: only the loads' indices are read)
+    for o in outs:
+        em.value(o, names)  # which input dim each output dim indexes (permutations carry the names over)
+    for o in dict.fromkeys(outs):
+        tiles = _across(em.reads, names, [d for d in (memory_order(o) or range(len(shape))) if shape[d] != 1])
+        if tiles is not None:
+            return tiles
+    raise Unsupported("no input is read across an output's layout")
+
+
+def _across(reads: list[tuple[fx.Node, tuple]], names: tuple[str, ...], out_order: list[int]) -> _Tiles | None:
+    """The tiles for the first of `reads` (loads, at indices named by the output dims) whose contiguous dim is not
+    the last of `out_order` (the output's non-unit dims, outermost first); None if none is."""
+    if not out_order:
+        return None
+    for p, idx in reads:
+        v = p.meta["val"]
+        if not all(type(s) is int for s in (*v.shape, *v.stride())):
+            continue
+        dims = [d for d in range(v.dim()) if v.shape[d] != 1]
+        if not dims or any(idx[d] not in names or v.stride()[d] == 0 for d in dims):
+            continue  # a broadcast, or an index computed from several (a reshape): no tile axis to give it
+        in_order = sorted(dims, key=lambda d: -v.stride()[d])
+        mapped = [names.index(idx[d]) for d in in_order]
+        if len(set(mapped)) != len(mapped) or v.stride()[in_order[-1]] != 1 or mapped[-1] == out_order[-1]:
+            continue
+        b = []
+        for d in reversed(out_order):
+            if d == mapped[-1]:
+                break
+            b.insert(0, d)
+        a, step = [], 1  # the input's innermost dims while they are dense (one run of memory) and not in b
+        for d_in, d in zip(reversed(in_order), reversed(mapped)):
+            if d in b or v.stride()[d_in] != step:
+                break
+            a.insert(0, d)
+            step *= v.shape[d_in]
+        return _Tiles(tuple(d for d in out_order if d not in a and d not in b), tuple(a), tuple(b))
+    return None
+
+
+def tiled_plan(body: fx.GraphModule, text: str) -> TritonProgram:
+    """A pointwise body whose outputs are written across an input's layout (layout copies, transposes made
+    contiguous, epilogues changing the layout) as 2-D tiles: the input read along its contiguous dims on one
+    axis, the outputs written along theirs on the other, Triton exchanging the tile between the two layouts
+    in shared memory. The 1-D kernel walks the outputs' memory, so it reads such an input a stride apart
+    per lane (one memory segment per element); torch's copies between NCHW and NHWC are slow the same way."""
+    placeholders, _, outs = body_nodes(body)
+    if not placeholders or not outs or not all(isinstance(o, fx.Node) for o in outs):
+        raise Unsupported("a body without inputs or with a non-tensor output")
+    if is_symbolic(body) or len({shape_of(o) for o in outs}) != 1:
+        raise Unsupported("outputs of symbolic sizes, or of several shapes")
+    shape = shape_of(outs[0])
+    tiles = transposed_tiles(placeholders, outs)
+    pos = {p: k for k, p in enumerate(placeholders)}
+    em = Emitter({p: f"in{k}" for k, p in enumerate(placeholders)}, "mask", not _interpreting())
+    em.zero = em.index("ra * 0 + rb * 0")
+    at = {d: "0" for d in range(len(shape))}
+    for lin, dims in (("po", tiles.outer), ("ra", tiles.a), ("rb", tiles.b)):
+        at.update(zip(dims, delinearize(lin, tuple(shape[d] for d in dims))))
+    idx = tuple(em.index(at[d]) for d in range(len(shape)))
+    values = [em.value(o, idx) for o in outs]
+    args, used = _signature(em, placeholders, [])
+    stores = [f"tl.store(out{i} + {em.index(store_offset(o, idx))}, {v.name}.to({tl_dtype(dtype_of(o))}), mask=mask)"
+              for i, (o, v) in enumerate(zip(outs, values))]
+    size_a, size_b = (math.prod(shape[d] for d in dims) for dims in (tiles.a, tiles.b))
+    numel = math.prod(shape)
+    start = "tl.program_id(0).to(tl.int64)" if _int64(placeholders, numel) else "tl.program_id(0)"
+    sig = ", ".join([*args, *(f"out{i}" for i in range(len(outs))), *(f"s{pos[p]}_{d}" for p, d in em.strides),
+                     "BLOCK_A: tl.constexpr", "BLOCK_B: tl.constexpr"])
+    head = [f"pid = {start}",
+            f"tiles_b = ({size_b} + BLOCK_B - 1) // BLOCK_B",
+            f"tiles_a = ({size_a} + BLOCK_A - 1) // BLOCK_A",
+            "po = pid // (tiles_a * tiles_b)",
+            "ra = ((pid // tiles_b) % tiles_a) * BLOCK_A + tl.arange(0, BLOCK_A)[:, None]",
+            "rb = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]",
+            f"mask = (ra < {size_a}) & (rb < {size_b})"]
+    source = _header(text, "pointwise, 2-D tiles across layouts") + \
+        f"@triton.jit\ndef fxcc_tiled({sig}):\n{_indent([*head, *em.lines, *stores])}\n"
+    outer = numel // (size_a * size_b)
+    defaults = {"BLOCK_A": min(64, max(16, _pow2(size_a))), "BLOCK_B": min(64, max(16, _pow2(size_b))),
+                "num_warps": 4}
+    space = {"BLOCK_A": [16, 32, 64, 128], "BLOCK_B": [16, 32, 64, 128], "num_warps": [2, 4, 8]}
+    alloc = [_allocator(o, []) for o in outs]
+    strides_at = [(pos[p], d) for p, d in em.strides]
+
+    def launcher(ns: dict, params: dict) -> KernelFn:
+        fn = ns["fxcc_tiled"]
+        meta = {"BLOCK_A": params["BLOCK_A"], "BLOCK_B": params["BLOCK_B"], "num_warps": params["num_warps"],
+                **_EXACT}
+        grid = (outer * _cdiv(size_a, params["BLOCK_A"]) * _cdiv(size_b, params["BLOCK_B"]),)
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            res = [a(inputs) for a in alloc]
+            fn[grid](*(inputs[k] for k in used), *res, *(inputs[k].stride(d) for k, d in strides_at), **meta)
+            return res
+        return run
+
+    return TritonProgram(source, space, defaults, launcher)
+
+
+
+def pointwise_kernel(body: fx.GraphModule) -> KernelFn | None:
+    """The kernel this backend generates for pointwise `body` at its default parameters: tiled where an input is
+    read across the output's layout (a layout copy), else the 1-D one; None where neither lowers it. The layout
+    pass times its candidate graphs with their copies run by it (fxcc.passes.layout.as_compiled)."""
+    for make in (tiled_plan, pointwise_plan):
+        try:
+            plan = make(body, ir.kernel_text(body, "pointwise"))
+        except Unsupported:
+            continue
+        return plan.launcher(_execute(plan.source, f"timed_{ir.fingerprint(plan.source)}"), plan.defaults)
+    return None
 
 
 # ---------------------------------------------------------------------------------------- reduction
@@ -1024,9 +1168,15 @@ def _as_recorded(y: torch.Tensor, node: fx.Node) -> torch.Tensor:
     return torch.empty_strided(y.shape, want, dtype=y.dtype, device=y.device).copy_(y)
 
 
-def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False) -> TritonProgram:
+def _channels_last_strides(shape: tuple) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
+def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False, tiled: bool = False) -> TritonProgram:
     """The GEMM or convolution by the library torch links (cuBLAS, cuDNN), its epilogue as one generated
-    pointwise kernel; with `nhwc`, a 2-D convolution run on channels-last operands."""
+    pointwise kernel; with `nhwc`, a 2-D convolution run on channels-last operands; with `tiled`, the epilogue in
+    2-D tiles (`tiled_plan`: it reads the library's result across the layout it writes, NHWC into NCHW)."""
     placeholders, _, outs = body_nodes(body)
     anchor = _library_anchor(body)
     if nhwc and not conv_layout.applies(body, "cuda"):
@@ -1043,11 +1193,15 @@ def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False) -
         env[p].meta = dict(p.meta)
     env[anchor] = graph.placeholder("gemm")
     env[anchor].meta = dict(anchor.meta)
+    if nhwc:  # the epilogue reads the convolution's result in the layout the library leaves it (its tiles follow it)
+        v = anchor.meta["val"]
+        env[anchor].meta["val"] = torch.empty_strided(v.shape, _channels_last_strides(v.shape), dtype=v.dtype,
+                                                      device="meta")
     for node in rest:
         env[node] = graph.node_copy(node, lambda x: env[x])
     generated = [i for i, o in enumerate(outs) if o is not anchor]
     graph.output(tuple(env[outs[i]] for i in generated))
-    plan = pointwise_plan(fx.GraphModule(body, graph), text)
+    plan = (tiled_plan if tiled else pointwise_plan)(fx.GraphModule(body, graph), text)
     gemm = _library_call(anchor, placeholders, nhwc)
 
     def launcher(ns: dict, params: dict) -> KernelFn:

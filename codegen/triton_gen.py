@@ -418,6 +418,7 @@ class Emitter:
         self._n = 0
         self.fwd: dict[fx.Node, tuple[Index, Value]] = {}
         self.used: set[fx.Node] = set()
+        self.reads: list[tuple[fx.Node, Index]] = []  # each load: the placeholder and its index (tiling reads it)
         self.cols: dict[int, str] = {}  # a row kernel's reduced dims -> their index, from its column vector
         self.zero: str | None = None  # a zero index tile of the kernel's shape (set by the kernel plan)
         # (view, its index) -> its input's index, where the input's came first (a row kernel's outputs that
@@ -644,6 +645,7 @@ class Emitter:
                        for d, (e, s) in enumerate(zip(idx, shape)) if s != 1 and e != "0"))
         ptr = self.pointers[node]
         self.used.add(node)
+        self.reads.append((node, tuple(idx)))
         if offset == "0":
             expr = f"tl.load({ptr})"
         else:

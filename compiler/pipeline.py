@@ -44,13 +44,16 @@ class PassResult:
 class PassContext:
     """What passes may read besides the graph: options, the user's module and example inputs; and what this
     compile built so far (`kernels`: kernel key -> what the codegen decision built for its choice, taken by
-    the executable builder; it lives as long as the compile)."""
+    the executable builder; it lives as long as the compile). `pointwise_kernel`: where a generated backend serves
+    the target, a pointwise body -> the kernel it generates for it (a function of the input list returning the
+    outputs; None where it has none), so a pass that decides by timing (layout) times what the compile will run."""
 
     options: Any = None
     module: Any = None
     example_inputs: tuple = ()
     target: str = "cpu"
     kernels: dict[str, Any] = field(default_factory=dict)
+    pointwise_kernel: Any = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 from fxcc.autotune import pools, vs_eager
 from fxcc.autotune.plan import check_call_plan, load_plan
+from fxcc.codegen import backend
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
@@ -1388,8 +1389,11 @@ class CompiledModule(ModuleView):
         # passes and kernel choice run the graph on the example inputs: on copies, since a graph may write
         # into its inputs (a KV cache) and the real call has yet to run
         example = pytree.tree_map_only(torch.Tensor, torch.clone, (tuple(args), dict(kwargs)))
-        ctx = PassContext(options=opts, module=self.module, example_inputs=example,
-                          target=resolve_target(opts.target, self.module, args, kwargs))
+        target = resolve_target(opts.target, self.module, args, kwargs)
+        triton = backend("triton") if target == "cuda" else None  # imported on first use: CPU compiles never do
+        ctx = PassContext(options=opts, module=self.module, example_inputs=example, target=target,
+                          pointwise_kernel=triton.pointwise_kernel if triton and triton.available(target) is None
+                          else None)
         if opts.plan is not None:  # the plan must fit this model, target and libraries (PlanError if not)
             check_call_plan(opts, self.module, args, kwargs, ctx.target)
 

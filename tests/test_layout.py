@@ -348,3 +348,63 @@ def test_a_kernel_alike_but_for_layout_is_its_own_kernel():
     assert all(not channels_last(c.meta["val"]) for _, c in convs(first))
     assert convs(then) and all(channels_last(c.meta["val"]) for _, c in convs(then))
     assert not {k for k, _ in convs(first)} & {k for k, _ in convs(then)}
+
+
+class ConvRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(5, 19, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch):
+    """On CUDA the pass times its candidates with the copies run by the kernels the compile generates (torch's
+    NCHW <-> NHWC copies are several times slower): in the channels-last graph the input's copy, and the relu with
+    the copy of its result back to NCHW as one kernel (fusion makes them one epilogue); in the per-convolution one
+    the copy back only (its copies in are torch's, as the `nhwc` candidates make them). Under Triton's interpreter:
+    each timed graph's outputs equal eager's."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    from fxcc.codegen import triton as backend
+    from fxcc.measure import using_timer
+    from fxcc.passes.layout import Layout, rewrite
+    torch.manual_seed(0)
+    model, x = ConvRelu().eval(), torch.randn(2, 5, 7, 9)
+    gm = graph_after(model, "decompose,canonicalize,raise", x)
+    new = ir.clone_graph(gm)
+    rewrite(new, gm)
+    built, ran = [], []
+
+    def build(body):
+        built.append(sorted(str(n.target) for n in body.graph.nodes if n.op == "call_function"))
+        return backend.pointwise_kernel(body)
+
+    def timer(fn, device):
+        ran.append(fn())
+        return 1.0
+    ctx = PassContext(options=fxcc.CompileOptions(), module=model, example_inputs=((x,), {}), target="cuda",
+                      pointwise_kernel=build)
+    with torch.no_grad(), using_timer(timer):
+        assert Layout()._faster(gm, new, ctx) is False  # equal timings: the incumbent stays
+    assert sorted(built) == [["aten.clone.default"], ["aten.clone.default"], ["aten.clone.default", "aten.relu.default"]]
+    want = model(x)
+    assert len(ran) > 3
+    for (got,) in ran:
+        torch.testing.assert_close(got, want)
+        assert got.stride() == want.stride()
+
+
+def test_as_compiled_leaves_a_copy_torchs_where_no_kernel_is_built():
+    from fxcc.passes.layout import as_compiled, rewrite
+    torch.manual_seed(0)
+    model, x = ConvRelu().eval(), torch.randn(2, 5, 7, 9)
+    gm = graph_after(model, "decompose,canonicalize,raise", x)
+    new = ir.clone_graph(gm)
+    rewrite(new, gm)
+    timed = as_compiled(new, lambda body: None)
+    assert len(copies(timed, CL)) == 1 and len(copies(timed, torch.contiguous_format)) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(timed(x)[0], model(x))

@@ -1,0 +1,159 @@
+"""Tiled Triton kernels for values written across a layout (fxcc.codegen.triton.tiled_plan): the layout copies the
+layout pass inserts (NCHW <-> NHWC), a transpose made contiguous, and a convolution's epilogue reading NHWC and
+writing NCHW, each offered as a 2-D tiled candidate beside the 1-D kernel. Run in Triton's interpreter on the CPU:
+results equal torch's copies bit for bit (a copy and relu round nothing), in the recorded strides, at sizes that
+are no multiple of the tiles, in fp32 and bf16. Which candidate runs is measured on the GPU (benchmarks/layout_copy.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+triton = pytest.importorskip("triton")
+
+import fxcc  # noqa: E402
+from fxcc.autotune.select import example_inputs  # noqa: E402
+from fxcc.codegen import triton as backend  # noqa: E402
+from fxcc.dialects import KERNEL_OPS, kernel_body  # noqa: E402
+
+CL = torch.channels_last
+LAYOUT = "decompose,canonicalize,raise,layout{cpu=true},fuse,codegen{backend=extern}"
+SMALL = {"BLOCK_A": 16, "BLOCK_B": 16, "num_warps": 1}  # several tiles, the last ones partial on both axes
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+
+
+def kernels_of(fn, x, passes: str = "canonicalize,raise,fuse,codegen{backend=extern}") -> list:
+    cm = fxcc.compile(fn, passes=passes, options=fxcc.CompileOptions(time_vs_eager=False))
+    with torch.no_grad():
+        cm(x)
+    gm = (cm.fxcc if hasattr(cm, "fxcc") else cm).variants[-1].gm
+    keys = dict.fromkeys(n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in KERNEL_OPS)
+    return [kernel_body(k) for k in keys]
+
+
+def candidate(kb, label: str):
+    found = {c.backend: c for c in backend.candidates(kb, "cpu")}
+    assert label in found, (sorted(found), kb.text)
+    return found[label]
+
+
+def run_exact(kb, label: str, params: dict) -> list[torch.Tensor]:
+    """The candidate's outputs on the kernel's example inputs, checked equal to the body run by torch, in its
+    strides."""
+    inputs = example_inputs(kb, "cpu")
+    want = kb.body(*inputs)
+    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    c = candidate(kb, label)
+    got = c.build({**c.defaults, **params}).fn(inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.stride() == w.stride()
+        assert torch.equal(g, w)
+    return got
+
+
+def tiles(kb) -> backend._Tiles:
+    placeholders, _, outs = backend.body_nodes(kb.body)
+    return backend.transposed_tiles(placeholders, outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 37, 6, 11)], ids=["tiny", "wide"])
+@pytest.mark.parametrize("params", [{}, SMALL], ids=["defaults", "small-tiles"])
+def test_nchw_to_nhwc_copies_read_hw_rows_and_write_channel_rows(dtype, shape, params):
+    x = torch.randn(shape).to(dtype)
+    (kb,) = kernels_of(lambda x: x.contiguous(memory_format=CL), x)
+    # the input's H, W are one run of memory (tile axis 0), the output's C (axis 1); the batch is the grid's
+    # (a batch of one is no dim to walk)
+    assert tiles(kb) == backend._Tiles(outer=(0,) if shape[0] > 1 else (), a=(2, 3), b=(1,))
+    (got,) = run_exact(kb, "triton-tiled", params)
+    assert got.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("params", [{}, SMALL], ids=["defaults", "small-tiles"])
+def test_nhwc_to_nchw_copies_read_channel_rows_and_write_hw_rows(dtype, params):
+    x = torch.randn(2, 37, 6, 11).to(dtype).contiguous(memory_format=CL)
+    (kb,) = kernels_of(lambda x: x.contiguous(), x)
+    assert tiles(kb) == backend._Tiles(outer=(0,), a=(1,), b=(2, 3))
+    (got,) = run_exact(kb, "triton-tiled", params)
+    assert got.is_contiguous()
+
+
+def test_a_permute_made_contiguous_is_tiled_by_the_dims_it_moves():
+    x = torch.randn(3, 19, 5, 7)
+    (kb,) = kernels_of(lambda x: x.permute(0, 2, 3, 1).contiguous() * 2.0, x)
+    # output [N, H, W, C] row-major; the input's contiguous W, H are the output's dims 1, 2
+    assert tiles(kb) == backend._Tiles(outer=(0,), a=(1, 2), b=(3,))
+    run_exact(kb, "triton-tiled", SMALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_relu_kept_nhwc_and_copied_nchw_writes_both_from_one_tile(dtype):
+    """Outputs of one shape in two layouts (a relu a later convolution reads NHWC, and its copy returned NCHW):
+    one tiled kernel stores each along its own contiguous dims."""
+    x = torch.randn(2, 37, 6, 11).to(dtype).contiguous(memory_format=CL)
+    (kb,) = kernels_of(lambda x: (torch.relu(x), torch.relu(x).contiguous()), x)
+    assert tiles(kb) == backend._Tiles(outer=(0,), a=(1,), b=(2, 3))
+    nhwc, nchw = run_exact(kb, "triton-tiled", SMALL)
+    assert nhwc.is_contiguous(memory_format=CL) and nchw.is_contiguous()
+
+
+def test_pointwise_kernels_in_one_layout_get_no_tiled_candidate():
+    """No extra build or timing where the 1-D kernel reads and writes along the same dims already."""
+    for x, fn in ((torch.randn(2, 5, 7, 9), lambda x: torch.relu(x) * 2.0),
+                  (torch.randn(2, 5, 7, 9).contiguous(memory_format=CL), lambda x: torch.relu(x) + 1.0),
+                  (torch.randn(4, 8), lambda x: x + torch.randn(8))):
+        (kb,) = kernels_of(fn, x)
+        assert [c.backend for c in backend.candidates(kb, "cpu")] == ["triton"], kb.text
+
+
+class ConvRelu(nn.Module):
+    def __init__(self, cin: int = 5, cout: int = 19):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_channels_last_graphs_copy_in_and_relu_epilogue_written_nchw_are_tiled(dtype):
+    """The layout pass's graph: the input copied NHWC (a pointwise kernel), the convolution NHWC and its relu
+    epilogue writing the output back in eager's NCHW (the copy fused into the epilogue): both tiled, exact."""
+    model, x = ConvRelu().eval().to(dtype), torch.randn(2, 5, 7, 9).to(dtype)
+    kbs = kernels_of(model, x, LAYOUT)
+    assert [kb.kind for kb in kbs] == ["pointwise", "gemm"]
+    copy_in, conv = kbs
+    assert tiles(copy_in) == backend._Tiles(outer=(0,), a=(2, 3), b=(1,))
+    run_exact(copy_in, "triton-tiled", SMALL)
+    (got,) = run_exact(conv, "triton+lib-tiled", SMALL)
+    assert got.is_contiguous()
+    (untiled,) = run_exact(conv, "triton+lib", {})
+    assert torch.equal(got, untiled)
+
+
+def test_the_per_convolution_nhwc_epilogue_is_tiled_along_the_layout_the_library_leaves():
+    """In an NCHW graph the `nhwc` candidate runs the convolution channels-last and its epilogue reads that
+    result: the tiled epilogue plans for NHWC (not the NCHW the IR records) and equals the 1-D one."""
+    model, x = ConvRelu().eval(), torch.randn(2, 5, 7, 9)
+    (conv,) = kernels_of(model, x)
+    inputs = example_inputs(conv, "cpu")
+    outs = {}
+    for label in ("triton+lib-nhwc", "triton+lib-nhwc-tiled"):
+        c = candidate(conv, label)
+        outs[label] = c.build({**c.defaults, **SMALL} if "tiled" in label else c.defaults).fn(inputs)
+    (tiled,), (plain,) = outs["triton+lib-nhwc-tiled"], outs["triton+lib-nhwc"]
+    assert torch.equal(tiled, plain) and tiled.is_contiguous()
+    (want,) = conv.body(*inputs)
+    torch.testing.assert_close(tiled, want, atol=1e-5, rtol=1e-5)
+    assert "BLOCK_A" in candidate(conv, "triton+lib-nhwc-tiled").plan.source  # (1-D: the channels a stride apart)
