@@ -497,7 +497,6 @@ def tiled_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     return TritonProgram(source, space, defaults, launcher)
 
 
-
 def pointwise_kernel(body: fx.GraphModule) -> KernelFn | None:
     """The kernel this backend generates for pointwise `body` at its default parameters: tiled where an input is
     read across the output's layout (a layout copy), else the 1-D one; None where neither lowers it. The layout
@@ -1168,11 +1167,6 @@ def _as_recorded(y: torch.Tensor, node: fx.Node) -> torch.Tensor:
     return torch.empty_strided(y.shape, want, dtype=y.dtype, device=y.device).copy_(y)
 
 
-def _channels_last_strides(shape: tuple) -> tuple[int, ...]:
-    n, c, h, w = shape
-    return (h * w * c, 1, w * c, c)
-
-
 def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False, tiled: bool = False) -> TritonProgram:
     """The GEMM or convolution by the library torch links (cuBLAS, cuDNN), its epilogue as one generated
     pointwise kernel; with `nhwc`, a 2-D convolution run on channels-last operands; with `tiled`, the epilogue in
@@ -1195,8 +1189,7 @@ def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False, t
     env[anchor].meta = dict(anchor.meta)
     if nhwc:  # the epilogue reads the convolution's result in the layout the library leaves it (its tiles follow it)
         v = anchor.meta["val"]
-        env[anchor].meta["val"] = torch.empty_strided(v.shape, _channels_last_strides(v.shape), dtype=v.dtype,
-                                                      device="meta")
+        env[anchor].meta["val"] = torch.empty(v.shape, dtype=v.dtype, device="meta", memory_format=torch.channels_last)
     for node in rest:
         env[node] = graph.node_copy(node, lambda x: env[x])
     generated = [i for i, o in enumerate(outs) if o is not anchor]

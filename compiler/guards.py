@@ -387,10 +387,7 @@ class ModuleState:
         stores = ((mod._modules, "submodule"), (mod._parameters, "parameter"), (mod._buffers, "buffer"))
         for store, kind in stores:
             for name, obj in store.items():
-                self.owners.append(store)
-                self.names.append(name)
-                self.objs.append(obj)
-                self.where.append(f"{kind} {at}{name}")
+                self._identity(store, name, obj, f"{kind} {at}{name}")
             self._keys_of(store, (kind, mod, at))
         attrs = vars(mod)
         self._keys_of(attrs, ("attrs", mod, at))
@@ -401,10 +398,7 @@ class ModuleState:
                     self.miss_names.append(name)
         for k, v in attrs.items():
             if isinstance(v, torch.Tensor):  # a tensor attribute: export lifts it as a constant of the graph
-                self.owners.append(attrs)
-                self.names.append(k)
-                self.objs.append(v)
-                self.where.append(f"tensor attribute {at}{k}")
+                self._identity(attrs, k, v, f"tensor attribute {at}{k}")
             elif k == "training":  # the root's is part of the variant's key; submodules' count relative to it
                 if not root and isinstance(v, bool):
                     self.modes.append(attrs)
@@ -415,10 +409,7 @@ class ModuleState:
                     # nn.RNNBase's list of its own weights: the graph reads the parameters, whose entries above see
                     # one replaced (RNNBase puts it in the list too) and are read live (a change in place is seen);
                     # the list by identity (`flatten_parameters`, `.to()` build a new one)
-                    self.owners.append(attrs)
-                    self.names.append(k)
-                    self.objs.append(v)
-                    self.where.append(f"attribute {at}{k}")
+                    self._identity(attrs, k, v, f"attribute {at}{k}")
                 elif k not in ("config", "forward") and not isinstance(mod, fx.GraphModule):
                     # not a forward set on the instance (capture and the eager fallback call the class's own:
                     # fxcc.capture.original_forward; a timer wrapped around it is no state of the graph), nor an
@@ -432,6 +423,13 @@ class ModuleState:
                 for k, v in cfg.items():
                     if primitive(v):
                         self._attr(cfg, k, v, f"config field {at}config.{k}")
+
+    def _identity(self, d: dict, k: Any, v: Any, where: str) -> None:
+        """`d[k]`, watched by identity: the call finds it changed where `d[k] is not v`."""
+        self.owners.append(d)
+        self.names.append(k)
+        self.objs.append(v)
+        self.where.append(where)
 
     def _held(self, d: dict, k: Any, v: Any, where: str, depth: int) -> None:
         """`d[k]`, a value no primitive (fxcc.graph_cache.primitive): an Enum member, a function, a class or a Python
@@ -450,10 +448,7 @@ class ModuleState:
                 self._attr(d, k, v, where)
                 return
         elif _plain(v):
-            self.owners.append(d)
-            self.names.append(k)
-            self.objs.append(v)
-            self.where.append(where)
+            self._identity(d, k, v, where)
             inner = v if type(v) is dict else vars(v)
             if id(inner) in self.held:  # held by another attribute too (or by itself): its contents are watched
                 return
@@ -468,15 +463,9 @@ class ModuleState:
                         self._held(inner, kk, vv, at, depth + 1)
                 return
         else:  # a function, a class, an Enum member, a Python module, an object without a __dict__: its identity
-            self.owners.append(d)
-            self.names.append(k)
-            self.objs.append(v)
-            self.where.append(where)
+            self._identity(d, k, v, where)
             return
-        self.owners.append(d)  # too deep or too large (or holding what cannot be compared): by identity only
-        self.names.append(k)
-        self.objs.append(v)
-        self.where.append(where)
+        self._identity(d, k, v, where)  # too deep or too large (or holding what cannot be compared): by identity only
         if where not in _UNWATCHED:
             _UNWATCHED.add(where)
             log.warning("%s (a %s) is watched by identity only (more than %d levels or %d entries, or it holds "

@@ -59,6 +59,15 @@ def _restore_threads():
 
 
 @pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Kernels a test builds run in Triton's interpreter without a GPU (the backend's explicit CPU opt-in); seeded."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+
+
+@pytest.fixture
 def scratch_registry():
     """Passes a test registers are gone after it: the pass registry is restored."""
     from fxcc.pipeline import PASSES

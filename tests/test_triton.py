@@ -24,19 +24,10 @@ from fxcc.codegen import triton as backend  # noqa: E402
 from fxcc.dialects import KERNEL_OPS, kernel_body  # noqa: E402
 
 # numpy warns about inf - inf in lanes past a row's end: the interpreter computes masked lanes too
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("triton_interpreter")]
 
 EXTERN = "canonicalize,raise,fuse,codegen{backend=extern}"
 TRITON = "canonicalize,raise,fuse,codegen{backend=triton,reps=1}"
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    """Kernels built in these tests run in Triton's interpreter (the backend's explicit CPU opt-in)."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
-    torch.manual_seed(0)
 
 
 def kernels_of(fn, *args, **kwargs) -> list:

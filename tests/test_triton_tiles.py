@@ -23,12 +23,7 @@ LAYOUT = "decompose,canonicalize,raise,layout{cpu=true},fuse,codegen{backend=ext
 SMALL = {"BLOCK_A": 16, "BLOCK_B": 16, "num_warps": 1}  # several tiles, the last ones partial on both axes
 
 
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def kernels_of(fn, x, passes: str = "canonicalize,raise,fuse,codegen{backend=extern}") -> list:
