@@ -26,14 +26,13 @@ from fxcc.codegen import triton as backend  # noqa: E402
 from fxcc.dialects import KERNEL_OPS, kernel_body  # noqa: E402
 
 # numpy warns about inf - inf in lanes past a row's end: the interpreter computes masked lanes too
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+# Triton's interpreter on the CPU (tests/conftest.py)
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("triton_interpreter")]
 
 EXTERN = "decompose,canonicalize,raise,fuse,codegen{backend=extern}"
 LOOPED = {"RBLOCK": 4, "ROWS": 2, "SPLIT": 1}
 SPLIT = {"RBLOCK": 4, "ROWS": 2, "SPLIT": 4}
 
-
-from test_triton import interpreter  # noqa: E402, F401 - the autouse fixture: Triton's interpreter on the CPU
 
 # where the kernels run: a GPU when there is one (real Triton builds), else the interpreter on the CPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
