@@ -66,7 +66,7 @@ from fxcc.codegen.triton_gen import (
     view_output_index,
 )
 from fxcc.codegen.triton_templates import attention_source, gemm_source
-from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, dense_order
+from fxcc.dialects import ANCHORS, CONV, REFERENCE, KernelBody, dense_order
 from fxcc.options import settings
 
 name = "triton"
@@ -1145,14 +1145,44 @@ def _library_anchor(body: fx.GraphModule) -> fx.Node:
     return node
 
 
-def _library_call(node: fx.Node, placeholders: list[fx.Node],
-                  nhwc: bool = False) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+# devices whose library convolution adds a bias in a pass of its own after it (ATen's cuDNN path: the convolution,
+# then `add_` of the bias broadcast over the result, a strided elementwise kernel: 0.40 ms of conv2d_bias_relu's
+# 1.28 on an H100, as much as the epilogue kernels together)
+BIAS_APART = ("cuda",)
+
+
+def _bias_apart(anchor: fx.Node) -> fx.Node | None:
+    """The bias of a convolution anchor that the epilogue adds instead of the library (None for other anchors):
+    a kernel input of the result's dtype, one value per output channel, under one group (ATen's depthwise
+    kernels add the bias inside), on a device in `BIAS_APART`. Adding it in the epilogue's fp32 arithmetic and
+    rounding once is what ATen's separate `add_` computes."""
+    if anchor.target not in CONV:
+        return None
+    bias = anchor.args[2] if len(anchor.args) > 2 else anchor.kwargs.get("bias")
+    at = 8 if anchor.target is aten.convolution.default else 6
+    groups = anchor.args[at] if len(anchor.args) > at else anchor.kwargs.get("groups", 1)
+    out, b = anchor.meta.get("val"), getattr(bias, "meta", {}).get("val")
+    if (not isinstance(bias, fx.Node) or bias.op != "placeholder" or groups != 1 or not isinstance(out, torch.Tensor)
+            or not isinstance(b, torch.Tensor) or b.dim() != 1 or out.dim() < 3 or b.shape[0] != out.shape[1]
+            or b.dtype != out.dtype or out.device.type not in BIAS_APART):
+        return None
+    return bias
+
+
+def _library_call(node: fx.Node, placeholders: list[fx.Node], nhwc: bool = False,
+                  without_bias: bool = False) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """The anchor as the torch call it is (cuBLAS / cuDNN on the GPU); with `nhwc`, a convolution on
-    channels-last operands, its result left channels-last (fxcc.codegen.conv_layout)."""
+    channels-last operands, its result left channels-last (fxcc.codegen.conv_layout); with `without_bias`, a
+    convolution without its bias (`_bias_apart`: the epilogue adds it)."""
     pos = {p: k for k, p in enumerate(placeholders)}
     target = conv_layout.nhwc(node.target, restore=False) if nhwc else node.target
     args = [(pos[x] if isinstance(x, fx.Node) else None, x) for x in node.args]
     kwargs = dict(node.kwargs)
+    if without_bias:
+        if len(args) > 2:
+            args[2] = (None, None)
+        else:
+            kwargs["bias"] = None
 
     def run(inputs: list[torch.Tensor]) -> torch.Tensor:
         return target(*(inputs[k] if k is not None else x for k, x in args), **kwargs)
@@ -1178,7 +1208,8 @@ def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False, t
     # everything but the anchor (whose operands are kernel inputs): its epilogue, and what fusion merged in
     # beside it (a cast of a residual)
     rest = [n for n in body.graph.nodes if n.op == "call_function" and n is not anchor]
-    if all(is_view(n) for n in rest):
+    bias = _bias_apart(anchor)
+    if bias is None and all(is_view(n) for n in rest):
         raise Unsupported("nothing to generate after the GEMM")
     # the epilogue as a body of its own: the GEMM result becomes one more input
     graph, env = fx.Graph(), {}
@@ -1190,12 +1221,19 @@ def library_epilogue_plan(body: fx.GraphModule, text: str, nhwc: bool = False, t
     if nhwc:  # the epilogue reads the convolution's result in the layout the library leaves it (its tiles follow it)
         v = anchor.meta["val"]
         env[anchor].meta["val"] = torch.empty(v.shape, dtype=v.dtype, device="meta", memory_format=torch.channels_last)
+    if bias is not None:  # the convolution's value is the library's result plus the bias, per channel
+        v = anchor.meta["val"]
+        shape = [1, v.shape[1], *[1] * (v.dim() - 2)]
+        per_channel = graph.call_function(aten.view.default, (env[bias], shape))
+        per_channel.meta["val"] = torch.empty(shape, dtype=v.dtype, device="meta")
+        env[anchor] = graph.call_function(aten.add.Tensor, (env[anchor], per_channel))
+        env[anchor].meta["val"] = v  # as an output, it is written in eager's strides
     for node in rest:
         env[node] = graph.node_copy(node, lambda x: env[x])
-    generated = [i for i, o in enumerate(outs) if o is not anchor]
+    generated = [i for i, o in enumerate(outs) if o is not anchor or bias is not None]
     graph.output(tuple(env[outs[i]] for i in generated))
     plan = (tiled_plan if tiled else pointwise_plan)(fx.GraphModule(body, graph), text)
-    gemm = _library_call(anchor, placeholders, nhwc)
+    gemm = _library_call(anchor, placeholders, nhwc, without_bias=bias is not None)
 
     def launcher(ns: dict, params: dict) -> KernelFn:
         epi = plan.launcher(ns, params)

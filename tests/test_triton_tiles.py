@@ -152,3 +152,52 @@ def test_the_per_convolution_nhwc_epilogue_is_tiled_along_the_layout_the_library
     (want,) = conv.body(*inputs)
     torch.testing.assert_close(tiled, want, atol=1e-5, rtol=1e-5)
     assert "BLOCK_A" in candidate(conv, "triton+lib-nhwc-tiled").plan.source  # (1-D: the channels a stride apart)
+
+
+class ConvOut(nn.Module):
+    """The convolution's own result is an output beside its epilogue's."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1, groups=groups)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, torch.sigmoid(y) * 2.0
+
+
+@pytest.mark.parametrize("model", [ConvRelu(), ConvOut()], ids=["epilogue", "conv-and-epilogue"])
+@pytest.mark.parametrize("label", ["triton+lib", "triton+lib-nhwc", "triton+lib-nhwc-tiled"])
+def test_a_convolutions_bias_is_added_by_the_epilogue_where_the_library_adds_it_apart(model, label, monkeypatch):
+    """On the GPU cuDNN's convolution is followed by a separate strided add of the bias: the library candidates
+    call the convolution without it and the generated epilogue adds it (the CPU stands in for the GPU here)."""
+    monkeypatch.setattr(backend, "BIAS_APART", ("cuda", "cpu"))
+    model = model.eval()
+    (conv,) = kernels_of(model, torch.randn(2, 5 if isinstance(model, ConvRelu) else 6, 7, 9))
+    inputs = example_inputs(conv, "cpu")
+    want = conv.body(*inputs)
+    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    calls, library_call = [], backend._library_call
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs.get("without_bias", False))
+        return library_call(*args, **kwargs)
+    monkeypatch.setattr(backend, "_library_call", recorded)
+    c = candidate(conv, label)
+    got = c.build({**c.defaults, **(SMALL if "tiled" in label else {})}).fn(inputs)
+    assert calls[-1] is True  # the library leaves the bias out; the values below show the epilogue adds it once
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.stride() == w.stride()
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_grouped_convolution_and_the_cpu_keep_the_bias_in_the_library_call(monkeypatch):
+    """ATen's depthwise kernels add the bias inside, and so does the CPU's library: the call keeps it."""
+    depthwise = kernels_of(ConvOut(groups=6).eval(), torch.randn(2, 6, 7, 9))[0]
+    dense = kernels_of(ConvOut().eval(), torch.randn(2, 6, 7, 9))[0]
+    anchors = [next(n for n in kb.body.graph.nodes if n.op == "call_function" and n.target in backend.CONV)
+               for kb in (depthwise, dense)]
+    assert [backend._bias_apart(a) for a in anchors] == [None, None]
+    monkeypatch.setattr(backend, "BIAS_APART", ("cpu",))  # a device whose library adds the bias apart
+    assert backend._bias_apart(anchors[0]) is None and backend._bias_apart(anchors[1]) is not None
