@@ -372,6 +372,15 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     # microsecond, a few percent of a small kernel's call)
     dense = ([(shape, stride) == (phys, pst) for shape, stride, _, phys, pst in outs] if evaluate is None
              else [False] * len(spec["outputs"]))
+    every = evaluate is None and all(dense)
+    # a static kernel whose library product comes in the layout its generated code reads: the prefix hands over
+    # its buffer's flat view, kept with the buffer (no view, stride or alignment check per call: torch's CPU
+    # allocator aligns to 64 bytes, as TVM assumes)
+    flat = getattr(pre, "flat", None) if evaluate is None else None
+    mids = [(stride, extent, pack) for src, _, stride, extent, pack in ins if src < 0]
+    if flat is not None and mids and all((stride, extent) == flat[1:] and not pack for stride, extent, pack in mids):
+        pre = flat[0]
+        ins = [(PRODUCT if src < 0 else src, *rest) for src, *rest in ins]
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         call, syms, now_ins, now_outs = fn, (), ins, outs
@@ -395,6 +404,9 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
         mid = pre(*inputs) if pre is not None else None
         args = []
         for i, (src, shape, stride, extent, pack) in enumerate(now_ins):
+            if src == PRODUCT:
+                args.append(mid)
+                continue
             t = mid if src < 0 else inputs[src]
             kept = params[i] if params is not None and is_parameter(t) else None
             if kept is not None and (view := kept.get(t)) is not None:
@@ -413,11 +425,14 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
             pool = local.pool = [None] * len(spec["outputs"])
         res = []
         for j, (shape, stride, dt, _, _) in enumerate(now_outs):
-            if not reusable(pool, j) or pool[j].shape != shape:
+            if not reusable(pool, j) or (evaluate is not None and pool[j].shape != shape):  # static: one shape
                 pool[j] = torch.empty_strided(shape, stride, dtype=dt)
             res.append(pool[j])
-        call(*args, *(r if same else r.as_strided(phys, pst) for r, (_, _, _, phys, pst), same in
-                      zip(res, now_outs, dense)), *syms)
+        if every:
+            call(*args, *res)
+        else:
+            call(*args, *(r if same else r.as_strided(phys, pst) for r, (_, _, _, phys, pst), same in
+                          zip(res, now_outs, dense)), *syms)
         return res
     run.module = mod
     if evaluate is None:  # static: every call's outputs have these strides (fxcc.codegen.executable.layout_kept)
@@ -425,6 +440,7 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     return run
 
 
+PRODUCT = -2  # an input entry's source: the library product, flat as the prefix hands it over (`_wrap`)
 _SIZE_EXPR = re.compile(r"(sym\d+|\d+|[-+*() ])+")
 
 
@@ -558,32 +574,45 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
         local = threading.local()
         kept = KeptView()  # the weight's transposed view
 
+        dt, sizes = split.meta["val"].dtype, split.meta["val"].shape
+
+        def buffer(rows: int, cols: int) -> torch.Tensor:
+            """The kernel's product buffer (per thread), made again only for another row count; its flat view
+            (what the generated code reads) is made with it."""
+            buf = getattr(local, "buf", None)
+            if buf is None or buf.shape != (rows, cols):
+                buf = local.buf = torch.empty(rows, cols, dtype=dt)
+                local.flat = buf.view(-1)
+            return buf
+
         if weight_first:  # static sizes (`_weight_first_applies`)
-            shape = tuple(int(d) for d in split.meta["val"].shape)
-            rows, stride, dt = math.prod(shape[:-1]), weight_first_strides(shape), split.meta["val"].dtype
+            shape = tuple(int(d) for d in sizes)
+            rows, stride = math.prod(shape[:-1]), weight_first_strides(shape)
+
+            def gemm_t_flat(*inputs):
+                torch.mm(inputs[iw], inputs[ix].reshape(rows, k).t(), out=buffer(n, rows))
+                return local.flat
 
             def gemm_t(*inputs):
-                out = getattr(local, "buf", None)
-                if out is None:
-                    out = local.buf = torch.empty(n, rows, dtype=dt)
-                torch.mm(inputs[iw], inputs[ix].reshape(rows, k).t(), out=out)
-                return out.as_strided(shape, stride)
+                return gemm_t_flat(*inputs).as_strided(shape, stride)
+            gemm_t.flat = (gemm_t_flat, stride, n * rows)
             return gemm_t
 
-        def gemm(*inputs):
+        def gemm_flat(*inputs):
             x, w = inputs[ix], inputs[iw]
             wt = kept.get(w)
             if wt is None:
                 wt = kept.keep(w, torch.t)
-            rows = x.numel() // k  # this call's: a symbolic kernel's row count varies
-            buf = getattr(local, "buf", None)
-            if buf is None or buf.shape[0] != rows:
-                buf = local.buf = torch.empty(rows, n, dtype=split.meta["val"].dtype)
-            if x.dim() == 2:
-                torch.mm(x, wt, out=buf)
-                return buf
-            torch.mm(x.reshape(-1, k), wt, out=buf)
-            return buf.view(*x.shape[:-1], n)
+            buf = buffer(x.numel() // k, n)  # this call's row count: a symbolic kernel's varies
+            torch.mm(x if x.dim() == 2 else x.reshape(-1, k), wt, out=buf)
+            return local.flat
+
+        def gemm(*inputs):
+            gemm_flat(*inputs)
+            x = inputs[ix]
+            return local.buf if x.dim() == 2 else local.buf.view(*x.shape[:-1], n)
+        if all(isinstance(d, int) for d in sizes):
+            gemm.flat = (gemm_flat, _contiguous(tuple(sizes)), math.prod(sizes))
         return gemm
     graph, env = fx.Graph(), {}
     for n in placeholders:
@@ -605,4 +634,4 @@ def _prefix(body: fx.GraphModule, split: fx.Node, packed: bool = False, weight_f
         env[split].args = env[split].args[:2]
         env[split].kwargs = {k: v for k, v in env[split].kwargs.items() if k != "bias"}
     graph.output(env[split])
-    return fx.GraphModule(body, graph)
+    return fx.GraphModule(body, graph).forward  # its code, without nn.Module's call (a microsecond and a half)

@@ -306,6 +306,45 @@ def test_library_gemm_and_epilogue_follow_parameters_changed_in_place_or_given_n
         torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x, w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("label", ["tvm+extern", "tvm+wxt"])
+@pytest.mark.parametrize("shape", [(16, 32), (2, 8, 32)])
+def test_a_static_kernel_hands_the_generated_code_its_library_product_without_a_view_per_call(label, shape,
+                                                                                               monkeypatch):
+    # the product's buffer is the kernel's own and never escapes: its flat view, what the generated code reads, is
+    # made with the buffer, not again at each call (a view costs about a microsecond, a tenth of a small kernel)
+    w, b = torch.randn(48, 32), torch.randn(48)
+
+    def f(x):
+        return F.gelu(F.linear(x, w, b))
+    x = torch.randn(*shape)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+    cm(x)
+    kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
+    calls, wrap = [], tvm_backend._wrap
+
+    class Recording:  # the built module, its function recording the arguments of each call
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getitem__(self, name):
+            def call(*args):
+                calls.append(args)
+                return self.mod[name](*args)
+            return call
+    monkeypatch.setattr(tvm_backend, "_wrap", lambda kb, spec, mod: wrap(kb, spec, Recording(mod)))
+    cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == label)
+    fn = cand.build(cand.defaults).fn
+    for _ in range(3):
+        torch.testing.assert_close(fn([x, w, b])[0].clone(), f(x), atol=1e-4, rtol=1e-4)
+    inputs = [c[:-1] for c in calls]  # the last argument is the output
+    kept = [i for i, a in enumerate(inputs[0]) if all(c[i] is a for c in inputs)]
+    assert len(kept) == 1  # x and the bias (not parameters) are viewed afresh at each call
+    product = inputs[0][kept[0]]
+    assert product.dim() == 1 and product.numel() == 16 * 48
+    want = w @ x.reshape(16, 32).T if label == "tvm+wxt" else x.reshape(16, 32) @ w.T
+    torch.testing.assert_close(product, want.flatten(), atol=1e-4, rtol=1e-4)
+
+
 def test_a_kept_view_lets_its_parameter_go():
     # kernels built and timed on weight copies (or on a merged weight a later compile replaced) must not keep those
     # alive through the views they keep: the copy, and the packed forms other candidates derived from it, would
