@@ -571,14 +571,22 @@ def pointwise(fn, compute: str | None = None):
         if compute == "inputs" and not dt.startswith("float") and any(map(_symbolic_float, args)):
             raise Unsupported("an integer tensor compared with a symbolic float")  # eager compares as floats
         ops = [_operand(L, a, shape, dt) if isinstance(a, (fx.Node, bool, int, float)) else a for a in args]
+        on = _arithmetic(dt)  # a bool operand is made a bool first (0.5 is True), then computed on as 0/1
 
         def at(idx):
-            xs = [o(idx) if callable(o) else o for o in ops]
+            xs = [cast(o(idx), on) if callable(o) else o for o in ops]
             return cast(_let_all(xs, lambda vs: fn(*vs, **kwargs)), out_dt)
         return Val(shape, out_dt, at)
     handler.symbolic = True
     handler.elementwise = True  # an operand may be a symbolic float: read, as any operand, through _operand
     return handler
+
+
+def _arithmetic(dtype: str) -> str:
+    """The type to compute `dtype` in: bools as int8 0/1, since TVM's LLVM codegen builds no add, max or compare of
+    bools (a failed check on the float type code); on 0/1, + and max are torch's `or`, * and min its `and`, and
+    the cast back to bool is `!= 0`."""
+    return "int8" if dtype == "bool" else dtype
 
 
 def _symbolic_float(a) -> bool:
@@ -1204,7 +1212,7 @@ def _reduce(L, node, x, dims=None, keepdim=False, dtype=None):
     for d in dims:
         static(v.shape[d], "a reduced dim")
     out_dt = _dtype(node)
-    acc = "float32" if out_dt in ("float16", "bfloat16") else out_dt
+    acc = "float32" if out_dt in ("float16", "bfloat16") else _arithmetic(out_dt)
     kind = {aten.amax.default: "max", aten.amin.default: "min"}.get(node.target, "sum")
 
     def src(i, r):

@@ -68,7 +68,7 @@ from .module_view import ModuleView
 from .options import CompileOptions
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
-from .state import Unchanged, is_state
+from .state import Unchanged, holds_size, is_state, unflatten
 from .store import default_cache
 from .watch import tensor_guards
 from .weights import Checkpoint, stand_in
@@ -116,7 +116,8 @@ class Variant:
     no_graph: str | None = None  # on CUDA, why it runs without a CUDA graph (fxcc.runtime.not_graphable)
     calls: int = 0  # calls checked or not, counted under check_eager="always"
     unchecked: str | None = None  # under check_eager="always", why its calls cannot be checked
-    plain_out: str | None = None  # "leaf" / "tuple": its result is its one output / a flat tuple of them ("": else)
+    # "leaf" / "tuple": its result is its one output / a flat tuple of them; "size": it holds a torch.Size; "": else
+    plain_out: str | None = None
 
     def check_applies(self, exact: bool) -> str | None:
         """Why a call cannot be compared with eager (fxcc.eager_check.applies); None when it can."""
@@ -181,15 +182,19 @@ class Variant:
             plain = self.plain_out if self.plain_out is not None else self.plain()
             if plain == "leaf" and len(outs) == 1:
                 return outs[0]
-            return tuple(outs) if plain == "tuple" else pytree.tree_unflatten(outs, self.captured.out_spec)
+            if plain == "tuple":
+                return tuple(outs)
+            spec = self.captured.out_spec
+            return unflatten(outs, spec) if plain == "size" else pytree.tree_unflatten(outs, spec)
         return self.captured.aliasing.write_back(args, kwargs or {}, flat, outs, self.captured.out_spec, places)
 
     def plain(self) -> str:
-        """`plain_out`, found once: most graphs return a tensor or a flat tuple of them (no pytree walk per call)."""
+        """`plain_out`, found once: most graphs return a tensor or a flat tuple of them (no pytree walk per call);
+        "size" where the output holds a torch.Size (fxcc.state.unflatten)."""
         if self.plain_out is None:
             spec = self.captured.out_spec
             self.plain_out = ("leaf" if spec.is_leaf() else "tuple" if spec.type is tuple and all(
-                c.is_leaf() for c in spec.children()) else "")
+                c.is_leaf() for c in spec.children()) else "size" if holds_size(spec) else "")
         return self.plain_out
 
     def _call(self, *flat: Any) -> Any:

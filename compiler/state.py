@@ -257,6 +257,27 @@ def state_objects(tree: Any) -> list[Any]:
     return [x for x in leaves if is_state(x)]
 
 
+def holds_size(spec: pytree.TreeSpec) -> bool:
+    """Whether an output of this structure holds a torch.Size (see `unflatten`)."""
+    return spec.type is torch.Size or any(map(holds_size, spec.children()))
+
+
+def unflatten(leaves: list[Any], spec: pytree.TreeSpec) -> Any:
+    """pytree.tree_unflatten, where a torch.Size comes back a torch.Size, as eager returns it: torch registers the
+    Size node to unflatten as a plain tuple, which its own tracing needs (torch.fx.experimental.proxy_tensor)."""
+    if not holds_size(spec):
+        return pytree.tree_unflatten(leaves, spec)
+    it = iter(leaves)
+
+    def build(s: pytree.TreeSpec) -> Any:
+        if s.is_leaf():
+            return next(it)
+        children = [build(c) for c in s.children()]
+        return torch.Size(children) if s.type is torch.Size else pytree.SUPPORTED_NODES[s.type].unflatten_fn(
+            children, s.context)
+    return build(spec)
+
+
 @dataclass
 class Aliasing:
     """What a captured call does to its inputs, recorded by identity while it was traced.
@@ -281,7 +302,7 @@ class Aliasing:
             self.plan = _Plan.of(self, args, kwargs, flat_in, flat_out, out_spec) or False
         if self.plan:
             return self.plan.write_back(args, kwargs, flat_out, places)
-        result = pytree.tree_unflatten(flat_out, out_spec)
+        result = unflatten(flat_out, out_spec)
         if not self.n_state:
             return result
         result, final = result

@@ -29,6 +29,7 @@ from fxcc.rewrite import Rewriter
 from torch._decomp import get_decompositions
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 aten = torch.ops.aten
 
@@ -222,7 +223,8 @@ def trace(node: fx.Node) -> fx.GraphModule | None:
 
     def call(*ts: torch.Tensor):
         env = dict(zip(inputs, ts))
-        return fn(*fx.node.map_arg(node.args, env.__getitem__), **fx.node.map_arg(node.kwargs, env.__getitem__))
+        out = fn(*fx.node.map_arg(node.args, env.__getitem__), **fx.node.map_arg(node.kwargs, env.__getitem__))
+        return out.contiguous() if _contiguous_in_eager(node, out) else out
     try:
         gm = make_fx(call, decomposition_table=TABLE, tracing_mode="fake")(*fakes)
     except Exception:  # noqa: BLE001 - an op torch cannot decompose here stays as it is
@@ -235,6 +237,15 @@ def trace(node: fx.Node) -> fx.GraphModule | None:
             n.target = _OUT_OF_PLACE[n.target]
     gm.graph.eliminate_dead_code()
     return gm
+
+
+def _contiguous_in_eager(node: fx.Node, out: object) -> bool:
+    """Whether the op's output is contiguous where its decomposition's is not: an instance norm of a channels-last
+    input returns a contiguous tensor, its decomposition one laid out as its input (a later `view` then fails)."""
+    want = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or not isinstance(want, torch.Tensor):
+        return False
+    return guard_or_false(want.is_contiguous()) and not guard_or_true(out.is_contiguous())
 
 
 def splice(node: fx.Node, traced: fx.GraphModule, rw: Rewriter) -> None:

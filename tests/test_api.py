@@ -169,6 +169,21 @@ def test_tuple_output_from_function(x):
     assert_outputs_close(out, (x + 1, (x * 2, x.mean())))
 
 
+@pytest.mark.parametrize("fn", [lambda a: a.shape, lambda a: (a * 2, a.shape[1:]),
+                                lambda a: {"y": a.relu(), "size": a.size(), "in": a.add_(1).shape}],
+                         ids=["alone", "tuple", "dict_in_place"])
+def test_a_returned_shape_is_a_torch_size_as_eager_returns_it(fn):
+    # torch's pytree node for torch.Size unflattens to a plain tuple, on which `.numel()` fails
+    def sizes(out):
+        parts = [out] if isinstance(out, torch.Size) else out.values() if isinstance(out, dict) else out
+        return [v for v in parts if not isinstance(v, torch.Tensor)]
+
+    c = fxcc.compile(fn, check_eager=False)
+    for n in (2, 3, 4):  # static, then symbolic sizes
+        shapes, refs = sizes(c(torch.ones(n, 3))), sizes(fn(torch.ones(n, 3)))
+        assert [type(s) for s in shapes] == [torch.Size] * len(refs) and shapes == refs, (n, shapes)
+
+
 def test_model_output_type_and_fields_preserved(x):
     class Encoder(nn.Module):
         def __init__(self):

@@ -57,6 +57,25 @@ def test_group_and_instance_norm_are_means_in_one_reduction_kernel(make):
     assert len(bodies) == 1 and bodies[0].count("aten.mean.dim") == 2
 
 
+@pytest.mark.parametrize("make, flat", [(lambda: nn.InstanceNorm2d(2), torch.Tensor.view),
+                                        (lambda: nn.GroupNorm(2, 4), torch.Tensor.reshape),
+                                        (lambda: nn.BatchNorm2d(4).eval(), torch.Tensor.reshape)],
+                         ids=["instance", "group", "batch"])
+def test_a_decomposed_norm_of_a_channels_last_input_keeps_eagers_output_layout(make, flat):
+    # eager's instance norm returns a contiguous tensor for a channels-last input, its decomposition one laid out
+    # as the input: the `view` that eager allows after it then raised (group and batch norm keep channels-last)
+    norm = make()
+
+    def f(x):
+        y = norm(x)
+        return y, flat(y, (y.size(0), -1))
+    for n in (3, 5):  # static, then a symbolic batch size
+        x = torch.randn(n, 4, 6, 5).to(memory_format=torch.channels_last)
+        out, ref = fxcc.compile(f, passes=EXTERN)(x), f(x)
+        assert out[0].stride() == ref[0].stride(), (out[0].stride(), ref[0].stride())
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("op, kwargs", [
     (torch.var, {"dim": 1}), (torch.var, {"dim": (0, 2), "keepdim": True}), (torch.std, {"dim": 2}),
     (torch.var, {"dim": 1, "correction": 0}), (torch.std, {"dim": (1, 2), "unbiased": False}),

@@ -278,13 +278,17 @@ def test_reductions_over_spatial_dims_read_rows_and_over_channels_read_nhwc():
     assert got.stride() == want.stride()
 
 
-def test_reductions_of_values_eager_gives_nhwc_are_left_as_eager_reads_them():
-    """With an NHWC input eager's own values are NHWC: the pass changes no layout, so it copies nothing (the
-    graph without it would read the same strides)."""
+def test_an_nhwc_input_keeps_eagers_layouts_where_eager_changes_them():
+    """With an NHWC input eager's convolutions give NHWC values, but its instance norm gives a contiguous one (the
+    decomposition copies its result so, `decompose`): the pass reads the norm's input as it is, copies the norm's
+    result back to NHWC for the next convolution, and the spatial mean of an NHWC value reads rows."""
     torch.manual_seed(0)
     model, x = Norms().eval(), torch.randn(2, 3, 6, 5).contiguous(memory_format=CL)
     gm = graph_after(model, GRAPH, x)
-    assert not copies(gm, CL) and not copies(gm, torch.contiguous_format)
+    (to_cl,) = copies(gm, CL)
+    assert [u.target for u in to_cl.users] == [aten.conv2d.default]
+    norm_copy = to_cl.args[0].args[0]  # relu's operand: the instance norm's contiguous copy
+    assert norm_copy.target is aten.clone.default and norm_copy.kwargs["memory_format"] == torch.contiguous_format
     with torch.no_grad():
         torch.testing.assert_close(gm(x)[0], model(x))
 

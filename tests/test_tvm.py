@@ -108,6 +108,22 @@ def test_masked_fill_and_where_with_bool_masks():
     compile_tvm(f, torch.randn(8, 16), torch.rand(8, 16) > 0.5, kinds=("pointwise",))
 
 
+@pytest.mark.parametrize("fn", [lambda m, n, x: m + n, lambda m, n, x: torch.maximum(m, n * m),
+                                lambda m, n, x: (m == n) ^ (m < n), lambda m, n, x: x.bool() * m + (x > 0.5),
+                                lambda m, n, x: torch.where(m + n, x, -x), lambda m, n, x: (m + n).sum(1),
+                                lambda m, n, x: (m * n).amax(0)],
+                         ids=["add", "max_mul", "compare", "from_float", "where", "sum", "amax"])
+def test_bool_arithmetic_builds_in_tvm_with_torchs_logical_meaning(fn):
+    # bool + bool is `or`, * is `and`: TVM's LLVM codegen built none of them (nor a compare or max of bools), so
+    # each such kernel fell back to extern with an internal error in a warning
+    torch.manual_seed(0)
+    m, n, x = torch.rand(4, 37) > 0.5, torch.rand(4, 37) > 0.3, torch.rand(4, 37) - 0.25
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        compile_tvm(fn, m, n, x, kinds=("reduction",) if fn(m, n, x).dim() == 1 else ("pointwise",))
+    assert not [w for w in ws if "could not build" in str(w.message)], [str(w.message) for w in ws]
+
+
 def test_a_value_read_many_times_is_stored_once_not_rebuilt_at_each_read():
     """where(x > 0, x, ...) reads x three times: repeated, the expression tripled at every step (3**12 here)."""
     def f(x):
