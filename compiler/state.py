@@ -263,10 +263,9 @@ def holds_size(spec: pytree.TreeSpec) -> bool:
 
 
 def unflatten(leaves: list[Any], spec: pytree.TreeSpec) -> Any:
-    """pytree.tree_unflatten, where a torch.Size comes back a torch.Size, as eager returns it: torch registers the
-    Size node to unflatten as a plain tuple, which its own tracing needs (torch.fx.experimental.proxy_tensor)."""
-    if not holds_size(spec):
-        return pytree.tree_unflatten(leaves, spec)
+    """pytree.tree_unflatten of a structure that `holds_size`, where a torch.Size comes back a torch.Size, as eager
+    returns it: torch registers the Size node to unflatten as a plain tuple, which its own tracing needs
+    (torch.fx.experimental.proxy_tensor). Callers decide once per structure whether it holds one."""
     it = iter(leaves)
 
     def build(s: pytree.TreeSpec) -> Any:
@@ -291,6 +290,7 @@ class Aliasing:
     objects: list[tuple[int, int]] = field(default_factory=list)
     n_state: int = 0
     plan: Any = field(default=None, compare=False, repr=False)  # _Plan, made at the first write-back; False: none
+    sized: bool | None = field(default=None, compare=False, repr=False)  # the result holds a torch.Size (found once)
 
     def write_back(self, args: tuple, kwargs: dict, flat_in: list[Any], flat_out: list[Any],
                    out_spec: pytree.TreeSpec, places: list | None = None) -> Any:
@@ -302,7 +302,9 @@ class Aliasing:
             self.plan = _Plan.of(self, args, kwargs, flat_in, flat_out, out_spec) or False
         if self.plan:
             return self.plan.write_back(args, kwargs, flat_out, places)
-        result = unflatten(flat_out, out_spec)
+        if self.sized is None:
+            self.sized = holds_size(out_spec)
+        result = unflatten(flat_out, out_spec) if self.sized else pytree.tree_unflatten(flat_out, out_spec)
         if not self.n_state:
             return result
         result, final = result
