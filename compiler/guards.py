@@ -381,6 +381,7 @@ class ModuleState:
         read = {id(t) for t in live or ()}
         self.live = [t for t in self.tensors if id(t) in read]
         self.addresses = list(map(_ADDRESS, self.live)) if self.live else None
+        self._live_ok = None  # the live tensors' addresses `_live_kept` last found good (their snapshots since kept)
 
     def _module(self, path: str, mod: nn.Module, root: bool) -> None:
         at = f"{path}." if path else ""
@@ -496,7 +497,7 @@ class ModuleState:
         self.checks += 1
         if (self._entries_same()
                 and (not layouts or self.layouts.same())
-                and (self.addresses is None or list(map(_ADDRESS, self.live)) == self.addresses or self._live_kept())
+                and (self.addresses is None or self._live_in_place())
                 and (not self.watched or self._watched_same())  # most models' weights are read live: none watched
                 and (self.globals is None or self.globals.unchanged())):
             return None
@@ -592,6 +593,18 @@ class ModuleState:
             log.debug("module state compared entry by entry from now on (%d changes that did not matter)",
                       self.rearms - 1)
 
+    def _live_in_place(self) -> bool:
+        """The tensors a CUDA graph reads are where it was captured, or `_live_kept`. Where they are where they were
+        at the last check that found them kept, that check stands: each such snapshot holds the graph's memory
+        since, and whether the tensors still hold those values is `_watched_same`'s comparison, made next."""
+        now = list(map(_ADDRESS, self.live))
+        if now == self.addresses or now == self._live_ok:
+            return True
+        if self._live_kept():
+            self._live_ok = now
+            return True
+        return False
+
     def _live_kept(self) -> bool:
         """Every tensor a CUDA graph reads that is no longer where the graph was captured holds what it held, and
         the memory the graph reads is its snapshot's own plain copy (fxcc.watch: a tensor other code keeps asking
@@ -608,9 +621,9 @@ class ModuleState:
         """The watched tensors' buffer addresses and storage offsets as lists, where every snapshot is
         copy-on-write and every watched tensor's layout is one `changed` compares anyway: then two C-level
         passes prove what `Snapshot.same` proves one tensor at a time (its buffer is still the snapshot's)."""
-        fast = all(s.cow and id(t) in self.tensor_names for t, s in self.watched)
+        fast = all(s.watching() and id(t) in self.tensor_names for t, s in self.watched)
         self._watched_tensors = [t for t, _ in self.watched] if fast else None
-        self._watched_at = [s.address for _, s in self.watched] if fast else None
+        self._watched_at = [s.watched_at() for _, s in self.watched] if fast else None
         self._watched_offsets = [s.layout[2] for _, s in self.watched] if fast else None
 
     def _watched_same(self) -> bool:
@@ -639,6 +652,7 @@ class ModuleState:
         hit = [_STORAGE(t) in ptrs for t, _ in self.watched]
         if any(hit):
             self.watched = [(t, Snapshot(t)) if h else (t, s) for (t, s), h in zip(self.watched, hit)]
+            self._live_ok = None  # a new snapshot holds no memory a graph reads
             self._index_watched()
 
     def _what(self) -> str | None:
@@ -667,7 +681,7 @@ class ModuleState:
         for t, shape, stride, dtype, device in zip(self.tensors, lay.shapes, lay.strides, lay.dtypes, lay.devices):
             if (t.shape, t.stride(), t.dtype, t.device) != (shape, stride, dtype, device):
                 return f"{self._name(t)} changed layout (now {t.dtype} {list(t.shape)})"
-        if self.addresses is not None and list(map(_ADDRESS, self.live)) != self.addresses and not self._live_kept():
+        if self.addresses is not None and not self._live_in_place():
             return "a tensor of the model moved to other memory (`.data =`): a CUDA graph reads the old one"
         for t, s in self.watched:
             if not s.same(t):

@@ -19,7 +19,13 @@ again at the next one, a copy of the weight per call and a compare per check. Af
 the contents unchanged, the snapshot stops being copy-on-write: it keeps the memory the tensor left (a plain
 copy, the tensor's size in memory) and compares contents at every check, so the other code keeps its buffer.
 After `PATIENCE` checks it is copy-on-write again (the other code may have stopped), and the wait doubles
-each time the share is broken again. A copy a CUDA graph reads (`same(keep=True)`) stays a copy.
+each time the share is broken again.
+
+A copy a CUDA graph reads (`same(keep=True)`) stays a copy: the graph reads the memory the tensor left. The
+tensor's new buffer is then watched by a copy-on-write clone of its own (`watch`), so while nothing asks for a
+writable pointer again a check is one address compare, not a comparison of contents (a model run eagerly once
+beside its compiled graph, the first call's check against eager). Each new request costs one comparison at the
+next check; requests at every call get the policy above (a comparison per check, copy-on-write again after a wait).
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ PATIENCE = 16  # checks a plain copy (after BREAKS) waits before copy-on-write a
 class Snapshot:
     """What tensor `t` held when the snapshot was taken; `same(t)` says whether it still does."""
 
-    __slots__ = ("address", "breaks", "calm", "copy", "cow", "kept", "layout", "patience")
+    __slots__ = ("address", "breaks", "calm", "copy", "cow", "kept", "layout", "patience", "watch", "watch_address")
 
     def __init__(self, t: torch.Tensor) -> None:
         self.breaks, self.calm, self.patience, self.kept = 0, 0, PATIENCE, False
+        self.watch, self.watch_address = None, None
         self.take(t)
 
     def take(self, t: torch.Tensor) -> None:
@@ -58,10 +65,12 @@ class Snapshot:
     def same(self, t: torch.Tensor, keep: bool = False) -> bool:
         """True when `t` has the layout and the bits it had at the snapshot (for a tensor of the same identity).
         keep: where `t` left the snapshot's memory, keep that memory as a plain copy at once (a CUDA graph reads
-        it there) rather than watching `t`'s new buffer."""
+        it there), and watch `t`'s new buffer apart (`_kept_same`)."""
         layout = _layout(t)
         if self.cow and _address(t) == self.address and layout == self.layout:
             return True
+        if self.kept:
+            return self._kept_same(t, layout)
         # the storage offset may differ: a tensor moved to other memory with its values (fxcc.ir.concat_rows
         # rebinding a weight's `.data` into a merged buffer, at a compile after this snapshot) holds what it held
         if layout[:2] + layout[3:] != self.layout[:2] + self.layout[3:] or not same_bits(t, self.copy):
@@ -70,8 +79,12 @@ class Snapshot:
             self.breaks += layout == self.layout  # a move to another offset (merged weights) is no such request
             if keep or self.breaks >= BREAKS:  # made again each time (see the module's doc): keep the old memory as a copy
                 self.cow, self.address, self.layout, self.kept, self.calm = False, _address(t), layout, keep, 0
-                log.info("a watched %s tensor is asked for a writable pointer at every call; its snapshot is a "
-                         "plain copy, compared at every check", tuple(t.shape))
+                if keep:  # the tensor's new buffer watched copy-on-write: the next checks compare addresses
+                    self.breaks = 0
+                    self._watch(t)
+                else:
+                    log.info("a watched %s tensor is asked for a writable pointer at every call; its snapshot is a "
+                             "plain copy, compared at every check", tuple(t.shape))
                 return True
         elif self.breaks and layout == self.layout and not self.kept:
             self.calm += 1  # a plain copy since other code broke the share: copy-on-write again after a while
@@ -82,6 +95,44 @@ class Snapshot:
         if self.cow or layout != self.layout:
             self.take(t)  # watch the new buffer (or, having moved, the tensor where it is now)
         return True
+
+    def _kept_same(self, t: torch.Tensor, layout: tuple) -> bool:
+        """`same` of a kept copy (a CUDA graph reads it): the tensor's own buffer, where it is now, is watched by
+        a copy-on-write clone while nothing breaks it; each break costs one comparison with the copy, and after
+        `BREAKS` of them the comparison is made at every check for `patience` checks before watching again."""
+        if self.watch is not None and _address(t) == self.watch_address and layout == self.layout:
+            return True
+        if layout[:2] + layout[3:] != self.layout[:2] + self.layout[3:] or not same_bits(t, self.copy):
+            return False
+        self.layout = layout
+        if self.watch is not None:  # asked for a writable pointer again (new buffer, the same bits)
+            self.watch, self.breaks = None, self.breaks + 1
+            if self.breaks <= BREAKS:
+                self._watch(t)
+            else:
+                self.calm = 0
+            return True
+        self.calm += 1
+        if self.calm >= self.patience:
+            self.calm, self.patience = 0, self.patience * 2
+            self._watch(t)
+        return True
+
+    def _watch(self, t: torch.Tensor) -> None:
+        try:
+            with torch.no_grad():
+                self.watch = _lazy_clone(t)
+        except (RuntimeError, TypeError, NotImplementedError):
+            self.watch = None  # compared at every check
+            return
+        self.watch_address = _address(t)
+
+    def watching(self) -> bool:
+        """Whether a check of an unchanged tensor is one address compare (`watched_at` the address)."""
+        return self.cow or self.watch is not None
+
+    def watched_at(self) -> int:
+        return self.address if self.cow else self.watch_address
 
     def holds(self, address: int) -> bool:
         """Whether the snapshot's own memory is at `address` (a plain copy kept where the tensor was)."""

@@ -358,6 +358,58 @@ def test_a_graph_reads_a_kept_copy_where_a_weight_moved_with_its_values():
         assert state.changed() is not None, how
 
 
+def test_a_kept_copy_costs_no_comparison_while_the_moved_weight_is_not_asked_again(monkeypatch):
+    """After a weight a CUDA graph reads moved once with its values (the model run eagerly beside it, asking for
+    writable pointers), its checks are address compares again: the tensor's new buffer is watched copy-on-write.
+    Each new request costs one comparison; a write through any alias is still seen, where the graph reads."""
+    compared = []
+    same_bits = watch.same_bits
+    monkeypatch.setattr(watch, "same_bits", lambda a, b: compared.append(1) or same_bits(a, b))
+    m = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    live = [m[0].weight, m[1].weight]
+    state = ModuleState(m, live, live=live)
+    at = torch._C._data_address(m[0].weight)
+    m[0].weight.detach().numpy()  # a writable pointer: the buffer moves, the bits stay
+    assert state.changed() is None and len(compared) == 1
+    assert state.watched[0][1].holds(at)  # the graph's memory, kept
+    compared.clear()
+    for _ in range(5):
+        assert state.changed() is None
+    assert compared == []  # address compares only
+    m[0].weight.detach().numpy()  # asked again: one comparison, then address compares again
+    assert state.changed() is None and state.changed() is None and len(compared) == 1
+    with torch.no_grad():
+        m[0].weight.data[0, 0] += 1  # through an alias with a version counter of its own
+    assert state.changed() is not None
+    with torch.no_grad():
+        m[0].weight.data[0, 0] -= 1
+    assert state.changed() is None
+    m[0].weight.detach().numpy()[1, 1] += 2  # through the pointer itself
+    assert state.changed() is not None
+
+
+def test_a_kept_copy_asked_at_every_call_is_compared_then_watched_again():
+    """A moved weight a graph reads whose new buffer is asked for a writable pointer at every call (torch.compile's
+    kernels over the same model): after `watch.BREAKS` re-watches it is compared at every check, so the other
+    code is not given a copy per call, and it is watched again after `patience` checks; a write is seen throughout."""
+    t = torch.randn(8, 8)
+    s = watch.Snapshot(t)
+    t.numpy()
+    assert s.same(t, keep=True) and s.kept and s.watch is not None
+    for _ in range(watch.BREAKS):
+        t.numpy()
+        assert s.same(t) and s.watch is not None
+    t.numpy()
+    assert s.same(t) and s.watch is None  # compared from now on
+    at = torch._C._data_address(t)
+    for _ in range(watch.PATIENCE - 1):
+        t.numpy()
+        assert s.same(t) and torch._C._data_address(t) == at  # no longer copied by the request
+    assert s.same(t) and s.watch is not None and s.patience == 2 * watch.PATIENCE
+    t.data.add_(1)
+    assert not s.same(t)
+
+
 def test_a_plain_copy_snapshot_is_copy_on_write_again_once_the_requests_stop():
     t = torch.randn(8, 8)
     s = watch.Snapshot(t)
