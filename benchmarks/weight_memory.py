@@ -1,6 +1,7 @@
 """Tensor memory a compiled model keeps alive, against its parameter bytes.
 
     python benchmarks/weight_memory.py [--models llama bert gpt2] [--no-tp] [--load model state_dict safetensors]
+                                       [--breakdown]
 
 For each tiny config (random weights, CPU, fp32): compile with the default pipeline, call once, then drop
 every reference the script holds to the model and its parameters (the compiled object still holds the
@@ -8,6 +9,8 @@ module), collect garbage and count the bytes of live tensor storage: every tenso
 tracks plus those the compiled module reaches (bound constants, the backends' packed copies), deduplicated
 by storage. "ratio" is live / parameter bytes: 1.0 means each weight is held once. The inputs and
 outputs of the call are dropped too; what remains is weights, constants and the kernels' scratch buffers.
+`--breakdown` prints those bytes by owner: the model's weights, each backend's packed copies, the graphs' constants
+and the rest (the kernels' scratch buffers).
 
 The tp rows compile Llama with `tp-shard{tp=2}` in two processes (gloo) and report each rank's live bytes
 against the whole model's parameter bytes (the goal is about 0.5 per rank). "graph MB" is what tp-shard left in
@@ -89,6 +92,11 @@ def _storages(objs) -> dict[int, int]:
 
 def live_bytes() -> int:
     """Bytes of all live CPU tensor storage the garbage collector can see, each storage once."""
+    return sum(live_storages().values())
+
+
+def live_storages() -> dict[int, int]:
+    """Every live CPU tensor storage the garbage collector can see (`_storages`' keys) and its bytes."""
     gc.collect()
     objs = gc.get_objects()
     # tensors inside untracked containers (tuples of tensors are untracked once they hold only atomics): look
@@ -105,18 +113,57 @@ def live_bytes() -> int:
                         extra.extend(x for x in v if type(x) in (torch.Tensor, torch.nn.Parameter))
             except RuntimeError:
                 continue
-    return sum(_storages(objs + extra).values())
+    return _storages(objs + extra)
 
 
-def measure(make, passes: str | None = None, load: str = "model", tmp: str = "") -> tuple[float, float, float | None]:
+def _store_values(store: dict) -> list[torch.Tensor]:
+    """The tensors a derived-weight store keeps (fxcc.codegen.derived: id -> (weakref, snapshots, key, value))."""
+    vals = [e[3] for e in store.values()]
+    return [x for v in vals for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, torch.Tensor)]
+
+
+def owners(compiled, model_tensors: dict[int, int]) -> list[tuple[str, dict[int, int]]]:
+    """(owner, its storages) in the order `breakdown` attributes a storage: the first owner that holds it counts it."""
+    from fxcc.codegen import mkl, onednn, quant, tvm
+    out = [("the model's parameters and buffers (merged weights: their rows are the model's)", model_tensors)]
+    out += [(f"packed copies: {name}", _storages(_store_values(store)))
+            for name, store in (("oneDNN blocked", onednn._PACKED), ("MKL packed", mkl._PACKED),
+                                ("TVM column panels", tvm._PANELS), ("TVM aligned copies", tvm._ALIGNED),
+                                ("int8 packed", quant._PACKED))]
+    graph = []
+    for v in compiled.variants:  # what the graphs hold: folded constants, weights a pass derived or loaded
+        for n in v.gm.graph.nodes:
+            if n.op == "get_attr":
+                obj = v.gm
+                for part in n.target.split("."):
+                    obj = getattr(obj, part, None)
+                graph.append(obj)
+    out.append(("graph constants (folded, derived by a pass, loaded from a checkpoint)", _storages(graph)))
+    return out
+
+
+def breakdown(new: dict[int, int], compiled, model_tensors: dict[int, int]) -> list[tuple[str, float]]:
+    """MB of the storages in `new` (live after the compile, not before) by owner; what no owner names is the
+    kernels' scratch buffers (reused across calls) and anything else alive."""
+    left, rows = dict(new), []
+    for name, held in owners(compiled, model_tensors):
+        rows.append((name, sum(left.pop(k) for k in list(left) if k in held) / MB))
+    rows.append(("other: kernels' scratch buffers, caches", sum(left.values()) / MB))
+    return rows
+
+
+def measure(make, passes: str | None = None, load: str = "model", tmp: str = "",
+            parts: list | None = None) -> tuple[float, float, float | None]:
     """(parameter MB, live MB, graph MB) of the compiled model once the script's references are dropped; graph
-    MB: the constants tp-shard left in this rank's graph (its `param_bytes`), None without tp-shard.
+    MB: the constants tp-shard left in this rank's graph (its `param_bytes`), None without tp-shard. `parts`, if
+    given, receives the live MB by owner (`breakdown`).
 
     load "model": fxcc.compile(model); "state_dict": the model built on the meta device, compiled with
     state_dict=<its weights> (the dict dropped after the compile); "safetensors": the same from a file written
     first (the model and its weights dropped before the compile)."""
     import fxcc
-    base = live_bytes()
+    before = live_storages()
+    base = sum(before.values())
     model, ids, kwargs = make()
     params = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values())
     # kept compiled even where it measures slower than eager (it would be kept anyway, for fxcc.explain)
@@ -138,8 +185,12 @@ def measure(make, passes: str | None = None, load: str = "model", tmp: str = "")
     tp = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("tp-shard")]
     graph = tp[0]["param_bytes"] / MB if tp else None
     ref = weakref.ref(next(model.parameters()))
+    held = _storages(list(model.parameters()) + list(model.buffers()))  # after the compile: merged rows moved
     del model, out, ids, kwargs
-    live = live_bytes() - base
+    now = live_storages()
+    live = sum(now.values()) - base
+    if parts is not None:
+        parts += breakdown({k: n for k, n in now.items() if k not in before}, compiled, held)
     assert ref() is not None  # the compiled module holds the model (on the meta device when loaded)
     del compiled
     gc.collect()
@@ -188,16 +239,23 @@ def main() -> None:
     ap.add_argument("--passes", default=None, help="pipeline (default: fxcc's default pipeline)")
     ap.add_argument("--no-tp", action="store_true", help="skip the tp-shard{tp=2} rows (two processes)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print each single-process row's live MB by owner: the model's weights, each "
+                         "backend's packed copies, the graphs' constants, the rest (kernels' scratch buffers)")
     ap.add_argument("--load", nargs="+", default=["model", "safetensors"], choices=["model", "state_dict", "safetensors"],
                     help="how the weights reach the compile: the model itself, or a meta-device model plus "
                          "state_dict=<dict> or <.safetensors file> (fxcc.compile(..., state_dict=...))")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = []
+    rows, details = [], []
     with tempfile.TemporaryDirectory(prefix="fxcc-weights-") as tmp:
         for load in args.load:
-            rows += [(f"{name} {load}", measure(MODELS[name], args.passes, load, tmp)) for name in args.models]
+            for name in args.models:
+                parts = [] if args.breakdown else None
+                rows.append((f"{name} {load}", measure(MODELS[name], args.passes, load, tmp, parts)))
+                if parts:
+                    details.append((f"{name} {load}", parts))
         if not args.no_tp:
             for load in args.load:
                 rows += tp_rows(args.passes, load, tmp)
@@ -209,6 +267,11 @@ def main() -> None:
             continue
         p, live, graph = r
         print(f"{name:<30} {p:>9.1f} {live:>9.1f} {live / p:>6.2f} {'' if graph is None else f'{graph:>9.1f}'}")
+    for name, parts in details:
+        print(f"\n{name}: live MB by owner (each storage counted once, under the first owner that holds it)")
+        for owner, mb in parts:
+            if mb >= 0.005:
+                print(f"  {mb:>8.2f}  {owner}")
     sys.stdout.flush()
 
 

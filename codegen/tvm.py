@@ -494,9 +494,12 @@ def _packed(w: torch.Tensor, tn: int) -> torch.Tensor:
 
 
 def _per_weight(store: dict, t: torch.Tensor, key: object, make) -> torch.Tensor:
-    """make(): once for a parameter, again when it changes (fxcc.codegen.derived), once per call for anything
-    else (an activation: the next call brings another)."""
-    if t.is_inference() or not (t.requires_grad or isinstance(t, torch.nn.Parameter)):
+    """make(): once for a parameter or a weight a pass made (merged Q/K/V, one loaded from a checkpoint: plain
+    tensors the graph holds), again when it changes (fxcc.codegen.derived), once per call for anything else (an
+    activation: the next call brings another). Codegen times the graph's weights as parameters (their copies
+    made once), as MKL's and oneDNN's packed copies of them are kept."""
+    if t.is_inference() or not (t.requires_grad or isinstance(t, torch.nn.Parameter)
+                                or ir.sources_of(t) is not None):
         return make()
     return derived(store, t, key, make)
 

@@ -67,7 +67,11 @@ class Checkpoint:
             from safetensors import safe_open
 
             with safe_open(self.path, framework="pt") as f:
-                return f.get_tensor(name)
+                t = f.get_tensor(name)
+            # safetensors hands a tensor out 32 bytes past a 64-byte boundary; TVM's kernels read aligned memory,
+            # so they would copy it (at every call, or a copy kept beside it): moved once into torch's (aligned)
+            # memory instead, the copy replaces the original
+            return t if torch._C._data_address(t) % 64 == 0 else t.clone()
         return self.state[name].detach()
 
     def rows(self, name: str, dim: int, spans: list[tuple[int, int]]) -> torch.Tensor:

@@ -406,6 +406,38 @@ def test_generated_gemm_reads_a_weight_packed_once_per_version(params):
     torch.testing.assert_close(built.fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
 
 
+def test_generated_gemm_packs_a_weight_a_pass_made_once_and_an_activation_at_every_call():
+    """A merged weight (Q/K/V rows in one storage, fxcc.ir.concat_rows) is a plain tensor the graph holds: packed
+    once, as codegen timed it, and again when a write to one of its parts changes it; an activation read as the
+    weight is packed per call and not kept."""
+    from fxcc import ir
+
+    b = torch.randn(48)
+
+    def f(x, w):
+        return F.silu(F.linear(x, w, b))
+    x = torch.randn(2, 36, 40)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse")
+    cm(x, torch.nn.Parameter(torch.randn(48, 40), requires_grad=False))
+    kb = next(kb for kb in bodies(cm.fxcc) if kb.kind == "gemm")
+    cand = next(c for c in tvm_backend.candidates(kb, "cpu") if c.backend == "tvm")
+    built = cand.build(cand.defaults)
+    parts = [torch.nn.Parameter(torch.randn(n, 40), requires_grad=False) for n in (32, 16)]
+    merged = ir.concat_rows(parts)
+    assert type(merged) is torch.Tensor and not merged.requires_grad
+    torch.testing.assert_close(built.fn([x, merged, b])[0], f(x, merged), atol=1e-4, rtol=1e-4)
+    panels = tvm_backend._PANELS[id(merged)][3]
+    built.fn([x, merged, b])
+    assert tvm_backend._PANELS[id(merged)][3] is panels  # packed once
+    with torch.no_grad():
+        parts[1].data.mul_(-1)  # a write to a part is a write to the merged weight: packed again
+    torch.testing.assert_close(built.fn([x, merged, b])[0], f(x, merged), atol=1e-4, rtol=1e-4)
+    assert tvm_backend._PANELS[id(merged)][3] is not panels
+    act = torch.randn(48, 40)
+    torch.testing.assert_close(built.fn([x, act, b])[0], f(x, act), atol=1e-4, rtol=1e-4)
+    assert id(act) not in tvm_backend._PANELS
+
+
 @pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
 def test_onednn_candidates_pack_a_weight_once_per_version_and_follow_in_place_changes():
     w, b = torch.randn(48, 32), torch.randn(48)

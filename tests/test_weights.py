@@ -94,6 +94,36 @@ def test_safetensors_file_recompiles_and_a_released_state_dict_says_why(tmp_path
             from_dict(x6)
 
 
+def test_weights_from_a_file_are_read_by_the_kernels_as_they_are(tmp_path, monkeypatch):
+    """safetensors hands tensors out 32 bytes past a 64-byte boundary, and TVM's kernels read aligned memory: the
+    weights come aligned from the checkpoint, so no kernel makes an aligned copy of one (at each call, or kept
+    beside it), and results are eager's."""
+    from fxcc.codegen import tvm
+    from safetensors.torch import save_file
+
+    def mlp():
+        return nn.Sequential(nn.Linear(40, 48), nn.GELU(), nn.Linear(48, 24)).eval()
+    torch.manual_seed(0)
+    ref = mlp()
+    path = str(tmp_path / "mlp.safetensors")
+    save_file(dict(ref.state_dict()), path)
+    assert all(torch._C._data_address(Checkpoint(path).full(n)) % 64 == 0 for n in ref.state_dict())
+    with torch.device("meta"):
+        meta = mlp()
+    compiled = fxcc.compile(meta, passes="canonicalize,raise,fuse,codegen{backend=tvm}", options=OPTS,
+                            state_dict=path)
+    x = torch.randn(8, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
+        copied = []
+        make = tvm._strided_copy
+        monkeypatch.setattr(tvm, "_strided_copy", lambda t, *a: copied.append(tuple(t.shape)) or make(t, *a))
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
+    weights = {tuple(t.shape) for t in ref.state_dict().values()}
+    assert not [s for s in copied if s in weights]
+    assert not [e for e in tvm._ALIGNED.values() if e[0]() is not None and tuple(e[0]().shape) in weights]
+
+
 def test_no_eager_model_is_an_error_not_a_silent_fallback():
     ref = llama()
     compiled = fxcc.compile(llama(meta=True), passes=EXTERN, options=OPTS, state_dict=weights(ref))
