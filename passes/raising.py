@@ -264,6 +264,15 @@ def _transposed(kt: Any) -> fx.Node | None:
     return kt.args[0] if {kt.args[1] % 4, kt.args[2] % 4} == {2, 3} else None
 
 
+def _may_block_a_row(mask: fx.Node, rw: Rewriter) -> bool:
+    """Whether an additive mask may be -inf across all keys of a query: unknown until run unless it is a constant
+    (a causal or padding buffer), which is checked by value."""
+    value = _constant(mask, rw.gm, rw.__dict__.setdefault("_fxcc_constants", {}))
+    if not isinstance(value, torch.Tensor):
+        return True
+    return bool((value == -math.inf).all(-1).any())
+
+
 class EagerAttention(Pattern):
     """softmax(q @ k^T * scale + mask) @ v, as eager attention writes it -> tx.attention."""
 
@@ -284,7 +293,14 @@ class EagerAttention(Pattern):
         mask = masks[0] if masks else None
         for m in masks[1:]:  # T5: position bias + padding mask, summed once instead of per score
             mask = rw.call(aten.add.Tensor, (mask, m), at=node)
-        _attention(node, rw, q, k, v, mask, scale, False)
+        k, v = _ungroup(k, v)
+        out = rw.call(tx.attention.default, (q, k, v, mask, scale, False), at=node)
+        if mask is not None and _may_block_a_row(mask, rw):
+            # softmax over a row of -inf scores is NaN in eager; tx.attention follows SDPA, which gives 0 there
+            blocked = rw.call(aten.eq.Scalar, (mask, -math.inf), at=node)
+            rows = rw.call(aten.all.dim, (blocked, -1, True), at=node)
+            out = rw.call(aten.where.ScalarSelf, (rows, math.nan, out), at=node)
+        rw.replace(node, out)
         if p is not _no_dropout(p) and not p.users:  # DCE keeps dropout (a random op) even in eval
             rw.gm.graph.erase_node(p)
         return True
@@ -299,7 +315,10 @@ def _bounds(s: Any, x: fx.Node) -> tuple[int, int] | None:
         return None
     if not _last_dim(x, arg(s, 1, "dim", 0)):
         return None
-    return slice(arg(s, 2, "start"), arg(s, 3, "end")).indices(val(x).shape[-1])[:2]
+    start, end, n = arg(s, 2, "start"), arg(s, 3, "end"), val(x).shape[-1]
+    if not all(isinstance(b, (int, type(None))) for b in (start, end, n)):
+        return None  # symbolic bounds or size (dynamic=True): the halves are not known here
+    return slice(start, end).indices(n)[:2]
 
 
 def _rotate_half_source(node: Any) -> fx.Node | None:
@@ -311,7 +330,7 @@ def _rotate_half_source(node: Any) -> fx.Node | None:
         return None
     x = parts[0].args[0].args[0]
     n = val(x).shape[-1]
-    if n % 2 or _bounds(parts[0].args[0], x) != (n // 2, n) or _bounds(parts[1], x) != (0, n // 2):
+    if not isinstance(n, int) or n % 2 or _bounds(parts[0].args[0], x) != (n // 2, n) or _bounds(parts[1], x) != (0, n // 2):
         return None
     return x
 

@@ -340,6 +340,53 @@ def test_mask_from_an_input_stays():
     assert "causal_mask" not in stats  # the next call may pass another mask
 
 
+class PaddedEagerAttention(nn.Module):
+    """Attention written out with an additive key-padding mask (a runtime input, or a constant buffer)."""
+
+    def __init__(self, t: int = 4):
+        super().__init__()
+        self.register_buffer("causal", torch.full((t, t), float("-inf")).triu(1))
+
+    def forward(self, q, k, v, bias):
+        padded = torch.softmax(q @ k.transpose(-2, -1) * 0.5 + bias, dim=-1) @ v
+        causal = torch.softmax(q @ k.transpose(-2, -1) * 0.5 + self.causal, dim=-1) @ v
+        return padded, causal
+
+
+def test_eager_attention_keeps_nan_of_a_fully_masked_row():
+    # eager's softmax over a row of -inf is NaN; tx.attention follows SDPA, whose fully masked rows are 0
+    bias = torch.zeros(2, 1, 1, 4)
+    bias[0, ..., 2:] = float("-inf")
+    bias[1] = float("-inf")  # batch 1: every key padded
+    model, args = PaddedEagerAttention().eval(), (*(torch.randn(2, 2, 4, 8) for _ in range(3)), bias)
+    gm, stats = raise_model(model, args)
+    assert stats == {"attention": 2, "causal_mask": 1}
+    padded, causal = gm(*args)
+    want_padded, want_causal = model(*args)
+    assert padded[1].isnan().all() and not padded[0].isnan().any()
+    torch.testing.assert_close(padded, want_padded, equal_nan=True)
+    torch.testing.assert_close(causal, want_causal)
+    # a constant mask that blocks no whole row needs no NaN fix-up after the attention
+    assert sum(n.target is torch.ops.aten.where.ScalarSelf for n in gm.graph.nodes) == 1
+
+
+class RotaryHalfOfSize(nn.Module):
+    def forward(self, x, cos, sin):
+        h = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+def test_rotary_with_a_symbolic_head_dim_stays():
+    # with every dim symbolic the slice bounds are symbols: raise cannot tell they are the halves (it raised a
+    # TypeError from slice.indices), and the graph keeps the ops
+    x, cos, sin = torch.randn(1, 2, 5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    gm = capture(RotaryHalfOfSize(), (x, cos, sin), {}, dims={0: {2, 3}, 1: {0, 1}, 2: {0, 1}}).gm
+    pm = PassManager(parse_pipeline("canonicalize,raise"), verify_each=True)
+    pm.run(gm, PassContext(module=RotaryHalfOfSize(), example_inputs=(x, cos, sin)))
+    assert "rotary" not in pm.records[-1].result.stats
+    torch.testing.assert_close(gm(x, cos, sin)[0], RotaryHalfOfSize()(x, cos, sin))
+
+
 def test_causal_needs_square_scores():
     # with more keys than queries a lower-triangular mask is not SDPA's is_causal (top-left aligned)
     model = MaskedSDPA("bool_causal")

@@ -538,6 +538,21 @@ def test_gemm_with_a_broadcast_epilogue_on_strided_inputs_builds_in_tvm():
     assert [kb.backend for kb in kernels(cm.fxcc)] == ["tvm"]
 
 
+@pytest.mark.parametrize("fn", [lambda g, y, w: F.silu(g) * y, lambda g, y, w: F.silu(g) * (y @ w)],
+                         ids=["pointwise", "gemm_epilogue"])
+def test_silu_of_an_operand_broadcast_along_the_vector_builds_in_tvm(fn):
+    # silu(g) * y with g [M, 1]: the let chain is scalar in the vectorised loop, where TVM's vectoriser failed its
+    # check "Let cannot bind the same var to two different values"; the kernel fell back with that in a warning
+    g, y, w = torch.randn(4, 1), torch.randn(4, 16), torch.randn(16, 16)
+    cm = fxcc.compile(fn, passes=TVM)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        out = cm(g, y, w)
+    torch.testing.assert_close(out, fn(g, y, w), atol=1e-5, rtol=1e-5)
+    assert not [w for w in ws if "could not build" in str(w.message)], [str(w.message) for w in ws]
+    assert all(kb.backend.startswith("tvm") for kb in kernels(cm.fxcc))
+
+
 def test_auto_measures_tvm_against_extern_and_records_the_choice():
     def f(x, r):
         return F.layer_norm(x + r, (64,)) * 2
