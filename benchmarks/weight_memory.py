@@ -138,7 +138,9 @@ def owners(compiled, model_tensors: dict[int, int]) -> list[tuple[str, dict[int,
                 for part in n.target.split("."):
                     obj = getattr(obj, part, None)
                 graph.append(obj)
-    out.append(("graph constants (folded, derived by a pass, loaded from a checkpoint)", _storages(graph)))
+        graph += v.bound  # where only TVM kernels read a loaded constant as panels, the panels in its place
+    out.append(("graph constants (folded, derived by a pass, loaded from a checkpoint; held as TVM column panels "
+                "where only those read it)", _storages(graph)))
     return out
 
 

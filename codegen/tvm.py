@@ -419,8 +419,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
             if kept is not None and (view := kept.get(t)) is not None:
                 args.append(view)
                 continue
-            if pack:
-                t = _packed(t, pack)
+            if pack:  # a 3-D input is already the panels: a constant held only as them (`hold_panels`)
+                t = t if t.dim() == 3 else _packed(t, pack)
             elif t.stride() != stride or (_address(t) + t.storage_offset() * t.element_size()) % 64:  # TVM: aligned
                 t = _aligned(t, shape, stride)
             elif kept is not None:  # a parameter read as it is: its flat view is kept
@@ -444,6 +444,11 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
     run.module = mod
     if evaluate is None:  # static: every call's outputs have these strides (fxcc.codegen.executable.layout_kept)
         run.strides = [stride for _, stride, _, _, _ in outs]
+    if evaluate is None and pre is None:  # inputs read only as panels, by position: their panel width
+        packs: dict[int, set] = {}
+        for src, _, _, _, pack in ins:
+            packs.setdefault(src, set()).add(pack)
+        run.panels = {src: p.pop() for src, p in packs.items() if src >= 0 and len(p) == 1 and 0 not in p}
     return run
 
 
@@ -498,6 +503,47 @@ def _packed(w: torch.Tensor, tn: int) -> torch.Tensor:
     it changes), per call for anything else (an activation used as a weight)."""
     n, k = w.shape
     return _per_weight(_PANELS, w, tn, lambda: w.detach().reshape(n // tn, tn, k).transpose(1, 2).contiguous())
+
+
+def hold_panels(gm: fx.GraphModule, executable: fx.GraphModule, bound: list, kernels: dict,
+                callers: set[int] = frozenset()) -> int:
+    """Replace in `bound` each constant that only static TVM kernels read, all as column panels of one width, by
+    those panels: the f32 copy is dropped (the graph's attribute becomes a meta tensor of its shape, so running
+    `gm` with it fails rather than reading other values). Only for a graph whose constants nothing else reads:
+    a model loaded from a checkpoint (no eager module, so no eager fallback or check; no graph cache; a recompile
+    reads the checkpoint again; the kernels are static, so no extern fallback for empty sizes). A tensor of a
+    caller's state dict, whose storage the graph holds as it is (`callers`: their addresses), is kept: the caller
+    may still change it, and dropping it would free nothing. Returns the bytes of f32 constants dropped."""
+    from fxcc.codegen.executable import KernelCall
+
+    places = [n for n in executable.graph.nodes if n.op == "placeholder"][-len(bound):] if bound else []
+    attrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    dropped, made = 0, {}  # made: panels by id of the weight (a tied weight the graph reads twice)
+    for i, (place, attr) in enumerate(zip(places, attrs)):
+        w, widths = bound[i], set()
+        if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous()
+                and not isinstance(w, torch.nn.Parameter) and ir.sources_of(w) is not None and place.users
+                and w.untyped_storage().data_ptr() not in callers):
+            continue
+        for user in place.users:
+            fn = getattr(kernels.get(getattr(user.target, "key", None)), "built", None)
+            panels = getattr(getattr(fn, "fn", None), "panels", None)
+            if not isinstance(user.target, KernelCall) or panels is None or place in user.kwargs.values():
+                break
+            at = [j for j, a in enumerate(user.args[0]) if a is place]
+            if len(user.args) != 1 or not at or any(j not in panels for j in at):
+                break
+            widths |= {panels[j] for j in at}
+        else:
+            if len(widths) == 1 and w.shape[0] % (tn := widths.pop()) == 0:
+                if (id(w), tn) not in made:
+                    made[id(w), tn] = _packed(w, tn)
+                    _PANELS.pop(id(w), None)  # the kernels take the panels themselves from now on
+                    dropped += w.nbytes
+                bound[i] = made[id(w), tn]
+                stub = torch.empty(w.shape, dtype=w.dtype, device="meta")  # computed from what `w` was (the guards)
+                ir._set_attr(gm, attr.target, ir.computed_from(stub, *filter(None, (r() for r in ir.sources_of(w)))))
+    return dropped
 
 
 def _per_weight(store: dict, t: torch.Tensor, key: object, make) -> torch.Tensor:

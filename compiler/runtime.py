@@ -1472,12 +1472,18 @@ class CompiledModule(ModuleView):
         pm = manager(back)
         gm = pm.run(gm, ctx)
         pm.records[:0] = records
+        callers = self.checkpoint.callers() if self.checkpoint is not None else set()
         if self.checkpoint is not None:  # a state dict is the caller's again; a file is read again at a recompile
             self.checkpoint.release()
         if ctx.target == "cpu" and opts.plan is None:  # kernels chosen alone, checked together: one thread pool if
             # that is faster (a plan records the kernels as settled)
             pools.settle(gm, flatten_inputs(*example)[0], self.name, ctx.kernels)
         executable, bound, kernels = build_executable(gm, ctx.kernels)
+        if self.checkpoint is not None and ctx.target == "cpu":  # no eager module reads the graph's constants
+            from fxcc.codegen import tvm as tvm_codegen
+
+            if dropped := tvm_codegen.hold_panels(gm, executable, bound, kernels, callers):
+                log.info("%s: %d bytes of constants held only as the TVM kernels' column panels", self.name, dropped)
         seconds = time.perf_counter() - t0
         log.info("compiled %s in %.2f s (%s)", self.name, seconds, cap.method)
         graph = None

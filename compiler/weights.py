@@ -47,6 +47,13 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({self.path or f'state dict of {len(self.shapes)} tensors'})"
 
+    def callers(self) -> set[int]:
+        """The addresses of the storages of a state dict's tensors (the caller's: the graph may hold them as they
+        are, and the caller may still write them); none for a file."""
+        if self.state is None:
+            return set()
+        return {t.untyped_storage().data_ptr() for t in self.state.values() if isinstance(t, torch.Tensor)}
+
     def release(self) -> None:
         """Forget a state dict once the compile has read what it needs: its tensors are the caller's to keep or
         drop (a file is read again at a recompile)."""

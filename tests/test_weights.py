@@ -182,3 +182,64 @@ def test_tp2_from_meta_materialises_only_this_ranks_shards(tmp_path):
         assert r["ratio"] <= 0.6, r
         assert not [n for n in r["read_whole"] if "proj" in n], r  # projections: this rank's rows only
         assert "embed_tokens.weight" in r["read_whole"]  # replicated
+
+
+def test_weights_only_generated_gemms_read_are_held_as_their_panels(tmp_path):
+    """A weight loaded from a file that only static TVM kernels read, as column panels, is held as those panels
+    alone (not beside its f32 values): live bytes stay near the parameters' while results are eager's, for a
+    second batch size (compiled again from the file) and for a second compile from the same file. The graph cache
+    and the comparison with eager are off for a checkpoint (nothing there reads the f32 constants). backend=tvm
+    takes the first TVM candidate untimed: the generated GEMM, which reads its weight as panels."""
+    from safetensors.torch import save_file
+
+    def mlp():
+        return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
+    base = live_bytes()
+    torch.manual_seed(0)
+    ref = mlp()
+    path = str(tmp_path / "mlp.safetensors")
+    save_file(dict(ref.state_dict()), path)
+    x8, x6 = torch.randn(8, 256), torch.randn(6, 256)
+    with torch.no_grad():
+        want8, want6 = ref(x8), ref(x6)
+    full = param_bytes(ref)
+    del ref
+    opts = fxcc.CompileOptions(time_vs_eager=False, dynamic=False)
+    passes = "canonicalize,raise,fuse,codegen{backend=tvm}"
+
+    def from_file():
+        with torch.device("meta"):
+            meta = mlp()
+        return fxcc.compile(meta, passes=passes, options=opts, state_dict=path)
+    compiled = from_file()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x8), want8, atol=1e-4, rtol=1e-4)
+    held = live_bytes() - base - sum(t.untyped_storage().nbytes() for t in (x8, x6, want8, want6))
+    assert held <= 1.1 * full, (held, full)
+    assert compiled.explain().startswith("== Sequential")  # it reads the graph, whose constants are now stand-ins
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x6), want6, atol=1e-4, rtol=1e-4)  # a recompile reads the file again
+        torch.testing.assert_close(compiled(x8), want8, atol=1e-4, rtol=1e-4)
+    assert len(compiled.variants) == 2 and all(t.dim() == 3 for v in compiled.variants for t in v.bound if t.dim() > 1)
+    again = from_file()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x8), want8, atol=1e-4, rtol=1e-4)
+    assert again.variants[-1].graph_key is None and not again.options.graph_cache
+    assert all(t.dim() == 3 for t in again.variants[-1].bound if t.dim() > 1)
+
+
+def test_a_callers_state_dict_tensor_is_not_replaced_by_panels():
+    """The graph holds a state dict's tensors as they are; the caller keeps them, so they are not dropped for
+    panels (that would free nothing and hide a later write by the caller)."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    sd = dict(ref.state_dict())
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    compiled = fxcc.compile(meta, passes="canonicalize,raise,fuse,codegen{backend=tvm}",
+                            options=fxcc.CompileOptions(time_vs_eager=False, dynamic=False), state_dict=sd)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
+    mine = {t.untyped_storage().data_ptr() for t in sd.values()}
+    assert {t.untyped_storage().data_ptr() for t in compiled.variants[-1].bound} <= mine
