@@ -486,8 +486,7 @@ class Lowerer:
                     n.id = rename[n.id]
             return node
 
-        it = self.lower(gens[0].iter, pre)
-        it = it if self.scope.pyval(it) else self.freeze(it, pre)
+        it = self.loop_iterable(self.lower(gens[0].iter, pre), pre)
         r = self.fresh("l")
         empty = {ast.ListComp: ast.List([], ast.Load()), ast.DictComp: ast.Dict([], []),
                  ast.SetComp: ast.Set([ast.Starred(ast.Tuple([], ast.Load()), ast.Load())])}[type(e)]
@@ -507,8 +506,7 @@ class Lowerer:
                 cur.append(_tag(ast.If(test, nxt, [], lineno=0), HOST))
                 cur = nxt
             if i + 1 < len(gens):
-                nit = self.lower(renamed(gens[i + 1].iter), cur)
-                loop(i + 1, cur, nit if self.scope.pyval(nit) else self.freeze(nit, cur))
+                loop(i + 1, cur, self.loop_iterable(self.lower(renamed(gens[i + 1].iter), cur), cur))
             elif isinstance(e, ast.DictComp):
                 k = self.freeze(self.lower(renamed(e.key), cur), cur)
                 v = self.freeze(self.lower(renamed(e.value), cur), cur)
@@ -764,6 +762,19 @@ class Lowerer:
         self.definite = before
         return out
 
+    def loop_iterable(self, it: ast.expr, pre: list[ast.stmt]) -> ast.expr:
+        """The iterable of a host loop. `zip(...)`, `enumerate(...)` and `reversed(...)` stay host calls over
+        arguments a segment computes: the iterator they make is no value a captured segment can return."""
+        if self.scope.pyval(it):
+            return it
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id in ("zip", "enumerate", "reversed") \
+                and it.func.id not in self.user_locals and getattr(self.scope.fn, "__globals__", {}).get(it.func.id) is None:
+            it.args = [self.freeze(a, pre) for a in it.args]
+            for k in it.keywords:
+                k.value = self.freeze(k.value, pre)
+            return it
+        return self.freeze(it, pre)
+
     def lower_for(self, s: ast.For, pre: list[ast.stmt]) -> list[ast.stmt]:
         saved = dict(self.candidates)
         self.candidates.update(self.loop_candidates(s))
@@ -777,8 +788,7 @@ class Lowerer:
                     s.target if it.func.id == "range" else None
                 if first is not None:
                     self.scope.py_names.update(bound_names(first))
-            it = self.lower(it, pre)
-            s.iter = it if self.scope.pyval(it) else self.freeze(it, pre)
+            s.iter = self.loop_iterable(self.lower(it, pre), pre)
             self.lower_target(s.target, pre) if not names_only(s.target) else None
             before = None if self.definite is None else set(self.definite)
             self.define(bound_names(s.target))

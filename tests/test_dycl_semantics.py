@@ -703,3 +703,29 @@ def test_a_segment_merging_weights_at_its_first_call_does_not_recompile_the_prog
             torch.testing.assert_close(cm(x), m(x))
     assert m.a.k.weight.storage_offset() != 0  # the weights were merged (moved) by the first compile of a.*
     assert cm.stats.compiles == 1 and cm.stats.param_recompiles == 0, cm.stats.reasons
+
+
+def test_host_loops_over_zip_and_enumerate_of_tensors_stay_compiled():
+    """`for i, row in enumerate(h)` and `zip(a, b)` over tensors a segment computes, in statements and
+    comprehensions: the segment returns the tensors and the host makes the iterator (a segment returning the
+    `enumerate` object could not be captured and ran eagerly)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D, D)
+
+        def forward(self, x):
+            h = self.lin(x)
+            acc = []
+            for i, row in enumerate(h * 2):
+                if row.sum() > 0:
+                    acc.append(row * i)
+            for a, b in zip(h + 1, x - 1):
+                if (a * b).sum() > 1:
+                    break
+                acc.append(a - b)
+            picked = [r * i for i, r in enumerate(h.relu(), start=1) if r.max() > 1]
+            return acc, picked, [r.sum() for r in reversed(h.abs())]
+
+    check(M(), inputs())
