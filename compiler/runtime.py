@@ -41,6 +41,7 @@ import torch.nn as nn
 from fxcc.autotune import pools, vs_eager
 from fxcc.autotune.plan import check_call_plan, load_plan
 from fxcc.codegen import backend
+from fxcc.codegen import tvm as tvm_codegen
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
@@ -1480,8 +1481,6 @@ class CompiledModule(ModuleView):
             pools.settle(gm, flatten_inputs(*example)[0], self.name, ctx.kernels)
         executable, bound, kernels = build_executable(gm, ctx.kernels)
         if self.checkpoint is not None and ctx.target == "cpu":  # no eager module reads the graph's constants
-            from fxcc.codegen import tvm as tvm_codegen
-
             if dropped := tvm_codegen.hold_panels(gm, executable, bound, kernels, callers):
                 log.info("%s: %d bytes of constants held only as the TVM kernels' column panels", self.name, dropped)
         seconds = time.perf_counter() - t0
