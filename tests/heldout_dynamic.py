@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
-import time
-import traceback
-import warnings
 
 import torch
 import torch.nn as nn
-from heldout_programs import GOOD, Probe, Result, _max_err, _tol, table
-from user_programs import _clone_args, _eager_warning, _state, compare_call
+from heldout_programs import GOOD, Probe, Result, table
+from heldout_programs import run as check
 
 PROBES: dict[str, Probe] = {}
 
@@ -747,86 +743,10 @@ def index_python_list(x):
 # ------------------------------------------------------------------------------------------------ running
 
 
-def _py_state(m: nn.Module) -> dict:
-    """A module's plain Python attributes (counters, lists), compared after every call."""
-    out = {}
-    for name, mod in m.named_modules():
-        for k, v in vars(mod).items():
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, dict)) and k != "training":
-                out[f"{name}.{k}"] = copy.deepcopy(v)
-    return out
-
-
-def _message(e: Exception) -> str:
-    """An exception's message with its numbers to 4 significant digits (a sum in a message may differ in the last
-    bits, as any value within tolerance)."""
-    return re.sub(r"-?\d+\.\d+(e[-+]?\d+)?", lambda m: f"{float(m.group()):.4g}", str(e))
-
-
 def run(p: Probe) -> Result:
-    import fxcc
-
-    t0 = time.perf_counter()
-    res = Result(p.name)
-    torch.manual_seed(0)
-    eager = p.build().eval()
-    # a function's closure is not copied by deepcopy: such a program is built again (it has no weights)
-    mine = p.build().eval() if isinstance(eager, Fn) else copy.deepcopy(eager)
-    kind = "ok"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # a program written as a function is compiled as the function (DyCL splits its body)
-        target = mine.fn if isinstance(mine, Fn) else mine
-        compiled = fxcc.compile(target, options=dict(time_vs_eager=False, check_eager=False))
-        sizes = (p.sizes[0],) * 3 + (p.sizes[1],) * 2
-        for i, n in enumerate(sizes):
-            g = torch.Generator().manual_seed(100 * n + i)
-            args_e = p.inputs(n, g)
-            args, _ = _clone_args(args_e, {})
-            try:
-                with torch.no_grad():
-                    want = eager(*args_e)
-            except Exception as e:  # noqa: BLE001 - then fxcc must raise the same
-                want = e
-            try:
-                with torch.no_grad():
-                    got = compiled(*args)
-            except Exception as e:  # noqa: BLE001 - fxcc raising where eager did not is an outcome
-                if isinstance(want, Exception) and type(e) is type(want) and _message(e) == _message(want):
-                    continue
-                kind, res.detail = "raised", f"call {i + 1} (n={n}): {type(e).__name__}: {str(e).splitlines()[0][:300]}" \
-                    + (f" (eager: {type(want).__name__}: {want})" if isinstance(want, Exception) else "") + "\n" \
-                    + traceback.format_exc(limit=-8)
-                break
-            if isinstance(want, Exception):
-                kind, res.detail = "differs", f"call {i + 1} (n={n}): eager raised {type(want).__name__}, fxcc not"
-                break
-            res.max_err = max(res.max_err, _max_err(got, want))
-            kind, detail = compare_call(got, want, (*args, *_state(mine)), (*args_e, *_state(eager)), _tol(p))
-            if kind == "ok":
-                kind, detail = compare_call(args, args_e, (), (), _tol(p))
-                kind = "ok" if kind == "ok" else "mutation"
-            if kind == "ok":
-                kind, detail = compare_call(_state(mine), _state(eager), (), (), _tol(p))
-                kind = "ok" if kind == "ok" else "state"
-            if kind == "ok" and _py_state(mine) != _py_state(eager):
-                kind, detail = "state", f"attributes: fxcc {_py_state(mine)} vs eager {_py_state(eager)}"[:300]
-            if kind != "ok":
-                res.detail = f"call {i + 1} (n={n}): {detail}"
-                break
-    res.warnings = list(dict.fromkeys(str(w.message).splitlines()[0][:300] for w in caught
-                                      if str(w.message).startswith("fxcc")))
-    cm = getattr(compiled, "fxcc", compiled)
-    eager_calls = getattr(getattr(cm, "stats", None), "eager_calls", 0)
-    if kind == "ok" and (eager_calls or _eager_warning(res.warnings)):
-        kind = "eager-fallback" if _eager_warning(res.warnings) else "SILENT-EAGER"
-        res.detail = "; ".join(res.warnings)[:300] or f"{eager_calls} eager calls without a warning"
-    elif kind == "ok" and res.warnings:
-        res.detail = "warned: " + "; ".join(res.warnings)[:300]
-    labels = {"ok": "equal", "raised": "FXCC-ERROR", "eager-fallback": "eager-fallback", "SILENT-EAGER": "SILENT-EAGER"}
-    res.outcome = labels.get(kind, f"DIFF({kind})")
-    res.seconds = time.perf_counter() - t0
-    return res
+    """Each program at its first size three times, then its second twice; compiled as the function where it is
+    one; exceptions, module tensors and attributes compared too (`heldout_programs.run`, strict)."""
+    return check(p, sizes=(p.sizes[0],) * 3 + (p.sizes[1],) * 2, functions=Fn, strict=True)
 
 
 def main(argv: list[str] | None = None) -> int:

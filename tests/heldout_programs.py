@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import time
 import traceback
@@ -915,21 +916,43 @@ def call_sizes(p: Probe) -> tuple[int, ...]:
     return (p.sizes[0], p.sizes[0], p.sizes[1], p.sizes[1] + 1, p.sizes[0])
 
 
-def run(p: Probe, passes: str | None = None, dynamic: bool | None = None) -> Result:
-    """Eager and fxcc on the same inputs, call by call; the first difference is the outcome."""
+def _py_state(m: nn.Module) -> dict:
+    """A module's plain Python attributes (counters, lists), compared after every call (`strict`)."""
+    out = {}
+    for name, mod in m.named_modules():
+        for k, v in vars(mod).items():
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, dict)) and k != "training":
+                out[f"{name}.{k}"] = copy.deepcopy(v)
+    return out
+
+
+def _message(e: Exception) -> str:
+    """An exception's message with its numbers to 4 significant digits (a sum in a message may differ in the last
+    bits, as any value within tolerance)."""
+    return re.sub(r"-?\d+\.\d+(e[-+]?\d+)?", lambda m: f"{float(m.group()):.4g}", str(e))
+
+
+def run(p: Probe, passes: str | None = None, dynamic: bool | None = None, *, sizes: tuple[int, ...] | None = None,
+        functions: type | None = None, strict: bool = False) -> Result:
+    """Eager and fxcc on the same inputs, call by call; the first difference is the outcome. `sizes`: the calls'
+    sizes (default `call_sizes`). `functions`: a module class whose programs are compiled as their function itself
+    (built again for fxcc: deepcopy does not copy a closure). `strict`: an exception must carry eager's message, and
+    the module's tensors and Python attributes must end each call as eager's."""
     import fxcc
 
     t0 = time.perf_counter()
     res = Result(p.name)
     torch.manual_seed(0)
     eager = p.build().eval()
-    mine = copy.deepcopy(eager)
+    function = functions is not None and isinstance(eager, functions)
+    mine = p.build().eval() if function else copy.deepcopy(eager)
     opts = dict(time_vs_eager=False, check_eager=False)
     kind = "ok"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = fxcc.compile(mine, dynamic=dynamic, options=dict(opts, **({"passes": passes} if passes else {})))
-        for i, n in enumerate(call_sizes(p)):
+        compiled = fxcc.compile(mine.fn if function else mine, dynamic=dynamic,
+                                options=dict(opts, **({"passes": passes} if passes else {})))
+        for i, n in enumerate(sizes or call_sizes(p)):
             g = torch.Generator().manual_seed(100 * n + i)
             args_e = p.inputs(n, g)
             args, _ = _clone_args(args_e, {})
@@ -942,9 +965,11 @@ def run(p: Probe, passes: str | None = None, dynamic: bool | None = None) -> Res
                 with torch.no_grad():
                     got = compiled(*args)
             except Exception as e:  # noqa: BLE001 - fxcc raising where eager did not is an outcome
-                if isinstance(want, Exception) and type(e) is type(want):
+                if isinstance(want, Exception) and type(e) is type(want) and \
+                        (not strict or _message(e) == _message(want)):
                     continue
-                kind, res.detail = "raised", f"call {i + 1} (n={n}): {type(e).__name__}: {str(e).splitlines()[0][:300]}\n" \
+                kind, res.detail = "raised", f"call {i + 1} (n={n}): {type(e).__name__}: {str(e).splitlines()[0][:300]}" \
+                    + (f" (eager: {type(want).__name__}: {want})" if isinstance(want, Exception) else "") + "\n" \
                     + traceback.format_exc(limit=-8)
                 break
             if isinstance(want, Exception):
@@ -955,6 +980,11 @@ def run(p: Probe, passes: str | None = None, dynamic: bool | None = None) -> Res
             if kind == "ok":
                 kind, detail = compare_call(args, args_e, (), (), _tol(p))
                 kind = "ok" if kind == "ok" else "mutation"
+            if strict and kind == "ok":
+                kind, detail = compare_call(_state(mine), _state(eager), (), (), _tol(p))
+                kind = "ok" if kind == "ok" else "state"
+            if strict and kind == "ok" and _py_state(mine) != _py_state(eager):
+                kind, detail = "state", f"attributes: fxcc {_py_state(mine)} vs eager {_py_state(eager)}"[:300]
             if kind != "ok":
                 res.detail = f"call {i + 1} (n={n}): {detail}"
                 break
