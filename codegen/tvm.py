@@ -542,7 +542,7 @@ def hold_panels(gm: fx.GraphModule, executable: fx.GraphModule, bound: list, ker
                     dropped += w.nbytes
                 bound[i] = made[id(w), tn]
                 stub = torch.empty(w.shape, dtype=w.dtype, device="meta")  # computed from what `w` was (the guards)
-                ir._set_attr(gm, attr.target, ir.computed_from(stub, *filter(None, (r() for r in ir.sources_of(w)))))
+                ir.set_attr(gm, attr.target, ir.computed_from(stub, *filter(None, (r() for r in ir.sources_of(w)))))
     return dropped
 
 

@@ -650,7 +650,7 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
             value = computed_from(_like(source.full(name), stub))  # read from the checkpoint: nothing the user
             # can change
             setattr(stub, _LOADED, value)
-        _set_attr(gm, target, value)
+        set_attr(gm, target, value)
     return value
 
 
@@ -662,7 +662,9 @@ def peek_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Bind `value` at `target` (a dotted attribute path of `gm`) as a non-persistent buffer, replacing what was
+    there."""
     owner, _, name = target.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
     mod._parameters.pop(name, None)

@@ -86,7 +86,7 @@ class Snapshot:
                     log.info("a watched %s tensor is asked for a writable pointer at every call; its snapshot is a "
                              "plain copy, compared at every check", tuple(t.shape))
                 return True
-        elif self.breaks and layout == self.layout and not self.kept:
+        elif self.breaks and layout == self.layout:
             self.calm += 1  # a plain copy since other code broke the share: copy-on-write again after a while
             if self.calm >= self.patience:
                 self.calm, self.patience = 0, self.patience * 2
