@@ -70,6 +70,11 @@ def channels_last(v: Any) -> bool:
     return _four_d(v) and v.is_contiguous(memory_format=CL) and not v.is_contiguous()
 
 
+# the pointwise chains (kernels) of a graph up to which the layout pass times every chain fused, as the compile
+# runs it; beyond, only the layout copies with what they absorb are generated kernels in the timed graphs
+EPILOGUE_REGIONS = 6
+
+
 class NotApplied(Exception):
     """The rewrite cannot keep the graph exact (an output layout it cannot restore): the graph stays."""
 
@@ -134,8 +139,13 @@ class Layout(Pass):
         per_conv(local)
         timed = {"nchw": gm, "per-conv": local, "channels-last": new}
         if ctx.pointwise_kernel is not None:  # the copies as the compile runs them, not as torch's slow copies
-            timed["per-conv"] = as_compiled(local, ctx.pointwise_kernel, backs_only=True)
-            timed["channels-last"] = as_compiled(new, ctx.pointwise_kernel)
+            # and, in a graph of few, every pointwise chain as the one kernel fusion makes of it, in all three
+            # (each chain is one more kernel to build at this compile: many convolutions keep torch's ops)
+            epilogues = len(_regions(new, False, True)) <= EPILOGUE_REGIONS
+            if epilogues:
+                timed["nchw"] = as_compiled(gm, ctx.pointwise_kernel, epilogues=True)
+            timed["per-conv"] = as_compiled(local, ctx.pointwise_kernel, backs_only=True, epilogues=epilogues)
+            timed["channels-last"] = as_compiled(new, ctx.pointwise_kernel, epilogues=epilogues)
         fns = {name: (lambda m=m: m(*flat)) for name, m in timed.items()}
         with torch.no_grad():
             timings = interleaved(fns, device="cuda", warmup=3, reps=20)
@@ -332,18 +342,19 @@ class _Kernel:
         return self.fn(list(inputs))[0]
 
 
-def as_compiled(gm: fx.GraphModule, build: Any, backs_only: bool = False) -> fx.GraphModule:
+def as_compiled(gm: fx.GraphModule, build: Any, backs_only: bool = False, epilogues: bool = False) -> fx.GraphModule:
     """A copy of `gm` whose layout copies run as the generated kernels a compile makes of them (torch's copies
     between NCHW and NHWC read or write a stride apart and cost several times a kernel's tiled copy): each copy
     with the pointwise ops only it reads (fusion puts them in the copy's kernel: a convolution's relu and the copy
     of its result back to NCHW are one epilogue). `build`: a pointwise body -> its kernel, or None (the ops stay
     torch's). `backs_only`: only the copies of convolutions' results (the per-convolution candidates copy their
-    operands in by torch). For timing only: the ops are those of `gm`, so its results are unchanged."""
+    operands in by torch). `epilogues`: every chain of pointwise ops is one kernel, not only those ending in a
+    copy (a convolution's epilogue that reads its result across layouts, `x + gelu(conv(x))` with `x` NCHW and the
+    convolution NHWC, is one tiled kernel in the compile, several torch ops reading a stride apart here). For
+    timing only: the ops are those of `gm`, so its results are unchanged."""
     out = ir.clone_graph(gm)
-    for copy in [n for n in out.graph.nodes if _is_copy(n)]:
-        if backs_only and not (isinstance(copy.args[0], fx.Node) and is_conv2d(copy.args[0])):
-            continue
-        members = _fused_with(copy)
+    for members in _regions(out, backs_only, epilogues):
+        copy = members[-1]
         inputs = list(dict.fromkeys(i for m in members for i in m.all_input_nodes if i not in members))
         body, env = fx.Graph(), {}
         for k, i in enumerate(inputs):
@@ -369,13 +380,34 @@ def as_compiled(gm: fx.GraphModule, build: Any, backs_only: bool = False) -> fx.
     return out
 
 
-def _fused_with(copy: fx.Node) -> list[fx.Node]:
-    """`copy` and the pointwise ops before it whose every reader is among them, in program order."""
+def _regions(gm: fx.GraphModule, backs_only: bool, epilogues: bool) -> list[list[fx.Node]]:
+    """The node groups `as_compiled` runs as one kernel each, its last node the group's result: each layout copy
+    with the pointwise ops only it reads; with `epilogues`, every pointwise op read by something other than
+    pointwise ops of one group starts a group too, and a copy back from a convolution joins the group reading it
+    (fusion reads the convolution's result across layouts in the epilogue)."""
+    def copy_in(n: fx.Node) -> bool:  # a copy of an operand into a convolution's layout (torch's, per convolution)
+        return backs_only and not (isinstance(n.args[0], fx.Node) and is_conv2d(n.args[0]))
+    if not epilogues:
+        return [_fused_with(n) for n in gm.graph.nodes if _is_copy(n) and not copy_in(n)]
+    regions, taken = [], set()
+    for n in reversed(list(gm.graph.nodes)):
+        if n in taken or n.op != "call_function" or (_is_copy(n) and copy_in(n)) or \
+                not (_is_copy(n) or classify(n)[0] == "pointwise"):
+            continue
+        members = _fused_with(n, copies=lambda c: not copy_in(c) and not any(is_conv2d(u) for u in c.users))
+        taken.update(members)
+        regions.append(members)
+    return regions[::-1]
+
+
+def _fused_with(copy: fx.Node, copies: Any = lambda c: False) -> list[fx.Node]:
+    """`copy` and the pointwise ops before it whose every reader is among them, in program order; layout copies
+    among them only where `copies(copy)` says."""
     members, todo = [copy], [copy]
     while todo:
         for i in todo.pop().all_input_nodes:
-            if i not in members and i.op == "call_function" and not _is_copy(i) and \
-                    classify(i)[0] == "pointwise" and all(u in members for u in i.users):
+            if i not in members and i.op == "call_function" and (not _is_copy(i) or copies(i)) and \
+                    (_is_copy(i) or classify(i)[0] == "pointwise") and all(u in members for u in i.users):
                 members.append(i)
                 todo.append(i)
     order = {n: k for k, n in enumerate(copy.graph.nodes)}

@@ -364,11 +364,12 @@ class ConvRelu(nn.Module):
 
 
 def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch):
-    """On CUDA the pass times its candidates with the copies run by the kernels the compile generates (torch's
-    NCHW <-> NHWC copies are several times slower): in the channels-last graph the input's copy, and the relu with
-    the copy of its result back to NCHW as one kernel (fusion makes them one epilogue); in the per-convolution one
-    the copy back only (its copies in are torch's, as the `nhwc` candidates make them). Under Triton's interpreter:
-    each timed graph's outputs equal eager's."""
+    """On CUDA the pass times its candidates with the copies and the pointwise chains run by the kernels the
+    compile generates (torch's NCHW <-> NHWC copies are several times slower): in the channels-last graph the
+    input's copy, and the relu with the copy of its result back to NCHW as one kernel (fusion makes them one
+    epilogue); in the per-convolution one the copy back with the relu (its copies in are torch's, as the `nhwc`
+    candidates make them); in the graph as it is the relu. Under Triton's interpreter: each timed graph's outputs
+    equal eager's."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
@@ -393,12 +394,55 @@ def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch)
                       pointwise_kernel=build)
     with torch.no_grad(), using_timer(timer):
         assert Layout()._faster(gm, new, ctx) is False  # equal timings: the incumbent stays
-    assert sorted(built) == [["aten.clone.default"], ["aten.clone.default"], ["aten.clone.default", "aten.relu.default"]]
+    assert sorted(built) == [["aten.clone.default"], ["aten.clone.default", "aten.relu.default"],
+                             ["aten.clone.default", "aten.relu.default"], ["aten.relu.default"]]
     want = model(x)
     assert len(ran) > 3
     for (got,) in ran:
         torch.testing.assert_close(got, want)
         assert got.stride() == want.stride()
+
+
+class ConvGeluResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.gelu(self.conv(x)) * 0.5
+
+
+def test_a_residual_epilogue_across_layouts_is_timed_as_one_kernel(monkeypatch):
+    """`x + gelu(conv(x)) * 0.5` channels-last: the epilogue reads the convolution's NHWC result and the NCHW input
+    and writes NCHW; the compile fuses it into one tiled kernel, so the pass times it as one (as torch's three ops
+    reading a stride apart it lost to NCHW by more than the kernel saves). The timed graphs equal eager."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    from fxcc.codegen import triton as backend
+    from fxcc.passes.layout import as_compiled, rewrite
+    torch.manual_seed(0)
+    model, x = ConvGeluResidual().eval(), torch.randn(2, 6, 7, 9)
+    gm = graph_after(model, "decompose,canonicalize,raise", x)
+    new = ir.clone_graph(gm)
+    rewrite(new, gm)
+    built = []
+
+    def build(body):
+        built.append(sorted(str(n.target) for n in body.graph.nodes if n.op == "call_function"))
+        return backend.pointwise_kernel(body)
+    timed = as_compiled(new, build, epilogues=True)
+    calls = [n for n in timed.graph.nodes if n.op == "call_function"]
+    assert len(built) == 2 and ["aten.clone.default"] in built  # the copy in, and the whole epilogue
+    assert len(calls) == 3  # the copy in, the convolution, the epilogue
+    # every op but the convolution is in a generated kernel
+    assert sum(map(len, built)) == len([n for n in new.graph.nodes if n.op == "call_function"]) - 1
+    with torch.no_grad():
+        want = model(x)
+        for g in (timed, as_compiled(gm, build, epilogues=True)):
+            got = g(x)[0]
+            torch.testing.assert_close(got, want)
+            assert got.stride() == want.stride()
 
 
 def test_as_compiled_leaves_a_copy_torchs_where_no_kernel_is_built():
