@@ -126,9 +126,14 @@ def owners(compiled, model_tensors: dict[int, int]) -> list[tuple[str, dict[int,
     """(owner, its storages) in the order `breakdown` attributes a storage: the first owner that holds it counts it."""
     from fxcc.codegen import mkl, onednn, quant, tvm
     out = [("the model's parameters and buffers (merged weights: their rows are the model's)", model_tensors)]
+    # TVM's panels apart by what they pack: the model's own parameters, or a weight a pass made (merged Q/K/V and
+    # gate/up, whose rows are the model's parameters)
+    own = {k: e for k, e in tvm._PANELS.items() if isinstance(e[0](), torch.nn.Parameter)}
+    made = {k: e for k, e in tvm._PANELS.items() if k not in own}
     out += [(f"packed copies: {name}", _storages(_store_values(store)))
             for name, store in (("oneDNN blocked", onednn._PACKED), ("MKL packed", mkl._PACKED),
-                                ("TVM column panels", tvm._PANELS), ("TVM aligned copies", tvm._ALIGNED),
+                                ("TVM column panels of parameters", own),
+                                ("TVM column panels of merged weights", made), ("TVM aligned copies", tvm._ALIGNED),
                                 ("int8 packed", quant._PACKED))]
     graph = []
     for v in compiled.variants:  # what the graphs hold: folded constants, weights a pass derived or loaded
