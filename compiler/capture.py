@@ -1215,8 +1215,13 @@ def _capture_run(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int
         traced = watch_effects(traced, module, effects)
     written: list[str] = []  # argument containers the forward wrote into (`watch_arguments`)
     traced = watch_arguments(traced, written)
-    shapes = dynamic_shapes(args, kwargs, dims or {}, inspect.signature(traced))
     method = "export"
+    try:
+        shapes = dynamic_shapes(args, kwargs, dims or {}, inspect.signature(traced))
+    except TypeError as e:
+        # export names dynamic shapes by the parameters of the innermost wrapped function; a decorator that takes
+        # other keywords (`@deprecate_kwarg("factor", "scale")` given `factor=`) leaves none to name: static sizes
+        shapes, dims, method = None, {}, f"export (static: the call's arguments do not bind to the wrapped function: {e})"
 
     def export(shapes: Any) -> torch.export.ExportedProgram:
         # fresh aliases each attempt: a failed export leaves its dynamic marks on the ones it had

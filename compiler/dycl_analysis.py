@@ -573,7 +573,9 @@ class Callees:
             if info.effect is None:
                 info.effect = f"{what} at {info.source.where(node)}"
 
-        for node in ast.walk(tree):
+        # the body only: decorators, default values and annotations ran once, when the function was defined
+        # (`@register("name")` storing into a registry is no effect of a call)
+        for node in (n for s in tree.body for n in ast.walk(s)):
             if isinstance(node, ast.Attribute):
                 if isinstance(node.ctx, (ast.Store, ast.Del)):
                     info.stores.add(node.attr)
