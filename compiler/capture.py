@@ -344,6 +344,13 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set
     `unread`: why fxcc cannot read the forward's source (so DyCL found no Python effects in it): a trace that
     changes the module's attributes, a closure cell or a container among them is then a CaptureError (the graph
     would make the change once, at capture). `Captured.globals`: the Python globals the traced code read."""
+    passed = next((v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, nn.Module)), None)
+    if passed is not None:
+        # export lifts a module argument's parameters and buffers as graph inputs, which the call's flat inputs (the
+        # module one leaf) never supply
+        raise CaptureError(f"fxcc cannot capture {describe(module)}: it is given a module ({type(passed).__name__}) "
+                           "as an argument; compile that module itself (fxcc.compile(model)), or make it an "
+                           "attribute of the module compiled")
     read: GlobalReads = {}
     cap = _capture_attempts(module, args, kwargs, dims, forward, unread, read)
     cap.globals = read

@@ -403,6 +403,50 @@ def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch)
         assert got.stride() == want.stride()
 
 
+class ConvLogsumexp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(5, 6, 3, padding=1)
+
+    def forward(self, x):
+        return torch.logsumexp(torch.relu(self.conv(x)), dim=1, keepdim=True).clamp(-1.0, 1.0)
+
+
+def test_a_graph_with_a_reduction_is_timed_with_its_copies_alone_as_kernels(monkeypatch):
+    """A reduction stays torch's op in the timed graphs (the compile generates it), and with the pointwise chains
+    fused its torch cost would decide between layouts: there only the layout copies (with what they absorb) are
+    timed as the generated kernels, and the graph as it is runs torch's ops. The timed graphs equal eager."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    from fxcc.codegen import triton as backend
+    from fxcc.measure import using_timer
+    from fxcc.passes.layout import Layout, rewrite
+    torch.manual_seed(0)
+    model, x = ConvLogsumexp().eval(), torch.randn(2, 5, 7, 9)
+    gm = graph_after(model, "decompose,canonicalize,raise", x)
+    assert any(n.op == "call_function" and "amax" in str(n.target) for n in gm.graph.nodes)
+    new = ir.clone_graph(gm)
+    rewrite(new, gm)
+    built, ran = [], []
+
+    def build(body):
+        built.append(sorted(str(n.target) for n in body.graph.nodes if n.op == "call_function"))
+        return backend.pointwise_kernel(body)
+
+    def timer(fn, device):
+        ran.append(fn())
+        return 1.0
+    ctx = PassContext(options=fxcc.CompileOptions(), module=model, example_inputs=((x,), {}), target="cuda",
+                      pointwise_kernel=build)
+    with torch.no_grad(), using_timer(timer):
+        assert Layout()._faster(gm, new, ctx) is False
+    assert built and all(any("clone" in t for t in b) for b in built)  # every kernel built is a layout copy's
+    want = model(x)
+    for (got,) in ran:
+        torch.testing.assert_close(got, want)
+
+
 class ConvGeluResidual(nn.Module):
     def __init__(self):
         super().__init__()
