@@ -363,13 +363,9 @@ class ConvRelu(nn.Module):
         return torch.relu(self.conv(x))
 
 
-def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch):
-    """On CUDA the pass times its candidates with the copies and the pointwise chains run by the kernels the
-    compile generates (torch's NCHW <-> NHWC copies are several times slower): in the channels-last graph the
-    input's copy, and the relu with the copy of its result back to NCHW as one kernel (fusion makes them one
-    epilogue); in the per-convolution one the copy back with the relu (its copies in are torch's, as the `nhwc`
-    candidates make them); in the graph as it is the relu. Under Triton's interpreter: each timed graph's outputs
-    equal eager's."""
+def _timed_candidates(model: nn.Module, x: torch.Tensor, monkeypatch) -> tuple[list, list]:
+    """The layout pass's timing of `model` on CUDA, run under Triton's interpreter with every timing equal (the
+    incumbent stays): the ops of each kernel it built, and what each timed graph returned."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
@@ -377,7 +373,6 @@ def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch)
     from fxcc.measure import using_timer
     from fxcc.passes.layout import Layout, rewrite
     torch.manual_seed(0)
-    model, x = ConvRelu().eval(), torch.randn(2, 5, 7, 9)
     gm = graph_after(model, "decompose,canonicalize,raise", x)
     new = ir.clone_graph(gm)
     rewrite(new, gm)
@@ -394,6 +389,18 @@ def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch)
                       pointwise_kernel=build)
     with torch.no_grad(), using_timer(timer):
         assert Layout()._faster(gm, new, ctx) is False  # equal timings: the incumbent stays
+    return built, ran
+
+
+def test_the_timed_graphs_run_their_copies_as_the_generated_kernels(monkeypatch):
+    """On CUDA the pass times its candidates with the copies and the pointwise chains run by the kernels the
+    compile generates (torch's NCHW <-> NHWC copies are several times slower): in the channels-last graph the
+    input's copy, and the relu with the copy of its result back to NCHW as one kernel (fusion makes them one
+    epilogue); in the per-convolution one the copy back with the relu (its copies in are torch's, as the `nhwc`
+    candidates make them); in the graph as it is the relu. Under Triton's interpreter: each timed graph's outputs
+    equal eager's."""
+    model, x = ConvRelu().eval(), torch.randn(2, 5, 7, 9)
+    built, ran = _timed_candidates(model, x, monkeypatch)
     assert sorted(built) == [["aten.clone.default"], ["aten.clone.default", "aten.relu.default"],
                              ["aten.clone.default", "aten.relu.default"], ["aten.relu.default"]]
     want = model(x)
@@ -416,31 +423,9 @@ def test_a_graph_with_a_reduction_is_timed_with_its_copies_alone_as_kernels(monk
     """A reduction stays torch's op in the timed graphs (the compile generates it), and with the pointwise chains
     fused its torch cost would decide between layouts: there only the layout copies (with what they absorb) are
     timed as the generated kernels, and the graph as it is runs torch's ops. The timed graphs equal eager."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
-    from fxcc.codegen import triton as backend
-    from fxcc.measure import using_timer
-    from fxcc.passes.layout import Layout, rewrite
-    torch.manual_seed(0)
     model, x = ConvLogsumexp().eval(), torch.randn(2, 5, 7, 9)
-    gm = graph_after(model, "decompose,canonicalize,raise", x)
-    assert any(n.op == "call_function" and "amax" in str(n.target) for n in gm.graph.nodes)
-    new = ir.clone_graph(gm)
-    rewrite(new, gm)
-    built, ran = [], []
-
-    def build(body):
-        built.append(sorted(str(n.target) for n in body.graph.nodes if n.op == "call_function"))
-        return backend.pointwise_kernel(body)
-
-    def timer(fn, device):
-        ran.append(fn())
-        return 1.0
-    ctx = PassContext(options=fxcc.CompileOptions(), module=model, example_inputs=((x,), {}), target="cuda",
-                      pointwise_kernel=build)
-    with torch.no_grad(), using_timer(timer):
-        assert Layout()._faster(gm, new, ctx) is False
+    assert any("amax" in str(n.target) for n in graph_after(model, "decompose,canonicalize,raise", x).graph.nodes)
+    built, ran = _timed_candidates(model, x, monkeypatch)
     assert built and all(any("clone" in t for t in b) for b in built)  # every kernel built is a layout copy's
     want = model(x)
     for (got,) in ran:
