@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from user_programs import probe_main
 
 D, HEADS, LAYERS, VOCAB, TMAX, STEPS = 64, 4, 2, 100, 64, 24
 DH = D // HEADS
@@ -718,18 +719,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", default=FAST, help=f"a pipeline string, or 'default' (default: {FAST})")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
-    names = a.only.split(",") if a.only else list(PROGRAMS)
-    unknown = [n for n in names if n not in PROGRAMS]
-    if unknown:
-        ap.error(f"unknown programs {unknown}; known: {', '.join(PROGRAMS)}")
-    results = []
-    for name in names:
-        r = run(PROGRAMS[name], a.passes)
-        print(f"{r.name:26} {r.outcome:15} {_counts(r):>18} {r.seconds:6.1f}s  "
-              f"{r.detail.splitlines()[0][:160] if r.detail else ''}", file=sys.stderr, flush=True)
-        results.append(r)
-    print(table(results, a.verbose))
-    return 0 if all(r.outcome in GOOD for r in results) else 1
+    return probe_main(
+        ap, a, PROGRAMS, lambda prog: [run(prog, a.passes)],
+        lambda r: f"{r.name:26} {r.outcome:15} {_counts(r):>18} {r.seconds:6.1f}s  "
+                  f"{r.detail.splitlines()[0][:160] if r.detail else ''}",
+        table, lambda r: r.outcome in GOOD)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from heldout_programs import GOOD, Probe, Result, table
 from heldout_programs import run as check
+from user_programs import probe_main
 
 PROBES: dict[str, Probe] = {}
 
@@ -754,18 +755,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated program names (default: all)")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
-    names = a.only.split(",") if a.only else list(PROBES)
-    unknown = [n for n in names if n not in PROBES]
-    if unknown:
-        ap.error(f"unknown programs {unknown}; known: {', '.join(PROBES)}")
-    results = []
-    for name in names:
-        r = run(PROBES[name])
-        print(f"{r.name:28} {r.outcome:16} {r.max_err:9.2g} {r.seconds:6.1f}s  "
-              f"{r.detail.splitlines()[0][:140] if r.detail else ''}", file=sys.stderr, flush=True)
-        results.append(r)
-    print(table(results, a.verbose))
-    return 0 if all(r.outcome in GOOD for r in results) else 1
+    return probe_main(
+        ap, a, PROBES, lambda probe: [run(probe)],
+        lambda r: f"{r.name:28} {r.outcome:16} {r.max_err:9.2g} {r.seconds:6.1f}s  "
+                  f"{r.detail.splitlines()[0][:140] if r.detail else ''}",
+        table, lambda r: r.outcome in GOOD)
 
 
 if __name__ == "__main__":

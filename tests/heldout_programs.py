@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from user_programs import _clone_args, _eager_warning, _leaves, _state, compare_call
+from user_programs import _clone_args, _eager_warning, _leaves, _state, compare_call, probe_main
 
 # ------------------------------------------------------------------------------------------------ programs
 
@@ -1024,18 +1024,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (symbolic sizes from the start)")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
-    names = a.only.split(",") if a.only else list(PROBES)
-    unknown = [n for n in names if n not in PROBES]
-    if unknown:
-        ap.error(f"unknown programs {unknown}; known: {', '.join(PROBES)}")
-    results = []
-    for name in names:
-        r = run(PROBES[name], a.passes, True if a.dynamic else None)
-        print(f"{r.name:28} {r.outcome:16} {r.max_err:9.2g} {r.seconds:6.1f}s  "
-              f"{r.detail.splitlines()[0][:140] if r.detail else ''}", file=sys.stderr, flush=True)
-        results.append(r)
-    print(table(results, a.verbose))
-    return 0 if all(r.outcome in GOOD for r in results) else 1
+    return probe_main(
+        ap, a, PROBES, lambda probe: [run(probe, a.passes, True if a.dynamic else None)],
+        lambda r: f"{r.name:28} {r.outcome:16} {r.max_err:9.2g} {r.seconds:6.1f}s  "
+                  f"{r.detail.splitlines()[0][:140] if r.detail else ''}",
+        table, lambda r: r.outcome in GOOD)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from user_programs import GOOD, Program, run, table
+from user_programs import GOOD, Program, probe_main, run, table
 
 PROGRAMS: dict[str, Program] = {}
 
@@ -600,19 +600,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
-    names = a.only.split(",") if a.only else list(PROGRAMS)
-    unknown = [n for n in names if n not in PROGRAMS]
-    if unknown:
-        ap.error(f"unknown programs {unknown}; known: {', '.join(PROGRAMS)}")
-    outcomes = []
-    for name in names:
-        for mode in a.modes.split(","):
-            o = run(PROGRAMS[name], mode, state_aliases=False)
-            print(f"{o.name:26} {o.mode:8} {o.kind:13} {o.seconds:6.1f}s  "
-                  f"{o.detail.splitlines()[0][:140] if o.detail else ''}", file=sys.stderr, flush=True)
-            outcomes.append(o)
-    print(table(outcomes, a.verbose))
-    return 0 if all(o.kind in GOOD for o in outcomes) else 1
+    return probe_main(
+        ap, a, PROGRAMS, lambda prog: [run(prog, mode, state_aliases=False) for mode in a.modes.split(",")],
+        lambda o: f"{o.name:26} {o.mode:8} {o.kind:13} {o.seconds:6.1f}s  {o.detail.splitlines()[0][:140] if o.detail else ''}",
+        table, lambda o: o.kind in GOOD)
 
 
 if __name__ == "__main__":

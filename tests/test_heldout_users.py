@@ -6,13 +6,11 @@ The whole probe: `python tests/heldout_users.py`.
 
 from __future__ import annotations
 
-import functools
-
 import fxcc
 import pytest
 import torch
 import torch.nn as nn
-from heldout_users import PROGRAMS
+from heldout_users import PROGRAMS, deprecate_kwarg
 from user_programs import GOOD, run, table
 
 # quick to compile cold: an embedding renormalising its weight in place, FFTs and complex rotary, order
@@ -67,18 +65,6 @@ def test_what_runs_once_at_definition_is_no_effect_of_the_call(fn):
     a, b = torch.randn(3, 4), torch.randn(3, 4)
     torch.testing.assert_close(cm(a, b), fn(a, b))
     assert cm.fxcc.stats.eager_calls == 0
-
-
-def deprecate_kwarg(old: str, new: str):
-    """A wrapper that takes a keyword its function does not (transformers' `@deprecate_kwarg` does this)."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapped(*args, **kwargs):
-            if old in kwargs:
-                kwargs[new] = kwargs.pop(old)
-            return fn(*args, **kwargs)
-        return wrapped
-    return deco
 
 
 class Renamed(nn.Module):

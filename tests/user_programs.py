@@ -1273,6 +1273,24 @@ def table(outcomes: list[Outcome], verbose: bool = False) -> str:
     return "\n".join(rows)
 
 
+def probe_main(ap: argparse.ArgumentParser, a: argparse.Namespace, known: dict, runs: Callable[[Any], list],
+               line: Callable[[Any], str], table: Callable[[list, bool], str], good: Callable[[Any], bool]) -> int:
+    """The probe scripts' command line: the programs `--only` picks from `known` (all by default; an unknown name
+    is the parser's error), each run as `runs(program)` returns its results, a `line` each on stderr as they end,
+    then the `table`; 0 when every result is `good`."""
+    names = a.only.split(",") if a.only else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"unknown programs {unknown}; known: {', '.join(known)}")
+    results = []
+    for name in names:
+        for r in runs(known[name]):
+            print(line(r), file=sys.stderr, flush=True)
+            results.append(r)
+    print(table(results, a.verbose))
+    return 0 if all(map(good, results)) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated program names (default: all)")
@@ -1282,19 +1300,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="fxcc's options as users get them (check_eager and time_vs_eager on)")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
-    names = a.only.split(",") if a.only else list(PROGRAMS)
-    unknown = [n for n in names if n not in PROGRAMS]
-    if unknown:
-        ap.error(f"unknown programs {unknown}; known: {', '.join(PROGRAMS)}")
-    outcomes = []
-    for name in names:
-        for mode in a.modes.split(","):
-            o = run(PROGRAMS[name], mode, {"passes": a.passes} if a.passes else None, a.user_defaults)
-            print(f"{o.name:22} {o.mode:8} {o.kind:13} {o.seconds:6.1f}s  {o.detail.splitlines()[0][:140] if o.detail else ''}",
-                  file=sys.stderr, flush=True)
-            outcomes.append(o)
-    print(table(outcomes, a.verbose))
-    return 0 if all(o.kind in GOOD for o in outcomes) else 1
+    return probe_main(
+        ap, a, PROGRAMS,
+        lambda prog: [run(prog, mode, {"passes": a.passes} if a.passes else None, a.user_defaults)
+                      for mode in a.modes.split(",")],
+        lambda o: f"{o.name:22} {o.mode:8} {o.kind:13} {o.seconds:6.1f}s  {o.detail.splitlines()[0][:140] if o.detail else ''}",
+        table, lambda o: o.kind in GOOD)
 
 
 if __name__ == "__main__":
