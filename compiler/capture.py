@@ -1078,12 +1078,12 @@ def _containers(value: Any, where: str, out: dict[int, tuple[str, Any, tuple]]) 
 
 
 def watch_ints(fn: Callable, watched: set[Any]) -> Callable:
-    """`fn` adding the symbols of the SymInts it is called with (its int arguments made symbolic) to `watched`
-    (`int_type_reads`)."""
+    """`fn` adding the symbols of the SymInts it is called with (its int arguments made symbolic, and ints in its
+    container arguments) to `watched` (`int_type_reads`)."""
 
     @functools.wraps(fn)
     def watching(*args: Any, **kwargs: Any) -> Any:
-        for a in (*args, *kwargs.values()):
+        for a in pytree.tree_leaves((args, kwargs)):  # ints in a list or dict argument too (`top_ints`)
             if type(a) is torch.SymInt:
                 watched.update(a.node.expr.free_symbols)
         return fn(*args, **kwargs)

@@ -516,9 +516,11 @@ def _median_us(fn: Any, args: tuple, reps: int = 5) -> float:
 
 def _baked(a: Any) -> bool:
     """Inputs bound into a segment's variant instead of passed: modules, functions and Python constants (the
-    segment's guard key holds their identity or value already, so a variant only ever sees one)."""
-    return isinstance(a, (nn.Module, *_CONSTANTS, types.FunctionType, types.BuiltinFunctionType,
-                          types.MethodType, type))
+    segment's guard key holds their identity or value already, so a variant only ever sees one). An int is passed:
+    a length or position that changes at every call (a decode loop's `start`) recompiles once with it symbolic, as
+    a module's int argument does, where a baked one would compile for every value."""
+    return type(a) is not int and isinstance(a, (nn.Module, *_CONSTANTS, types.FunctionType,
+                                                  types.BuiltinFunctionType, types.MethodType, type))
 
 
 def _passing(call: Any, passed: dict[int, Any]) -> Any:

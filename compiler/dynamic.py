@@ -57,16 +57,28 @@ def state_ints(args: tuple, kwargs: dict) -> frozenset[int]:
 
 
 def top_ints(args: tuple, kwargs: dict, kind: type = int) -> frozenset[int]:
-    """The flat inputs that are int arguments of the call itself, positional or keyword (not an int inside a
-    container or a state object; a bool is no int): the Python numbers a caller varies from call to call (a
-    timestep, a length, a loop index). Their value is a constant of a first compile; one that changes
-    recompiles once with it symbolic (`scalar_changes`), as torch.compile's automatic dynamic does. With `kind`
-    float: the float arguments."""
-    out, i = set(), 0
-    for v in (*args, *(kwargs[k] for k in sorted(kwargs))):
+    """The flat inputs that are int arguments of the call, positional or keyword, or ints inside a list, tuple or
+    dict given as one (a cache's `{"len": 5}`; not inside a state object, whose ints are sizes: `state_ints`; a
+    bool is no int): the Python numbers a caller varies from call to call (a timestep, a length, a loop index).
+    Their value is a constant of a first compile; one that changes recompiles once with it symbolic
+    (`scalar_changes`), as torch.compile's automatic dynamic does. With `kind` float: the float arguments
+    themselves (`map_top` passes them as tensors to the capture)."""
+    out: set[int] = set()
+    i = 0
+
+    def walk(v: Any) -> None:
+        nonlocal i
         if type(v) is kind:
             out.add(i)
-        i += len(pytree.tree_leaves(v))
+            i += 1
+        elif kind is int and type(v) in (list, tuple, dict):
+            for c in (v.values() if type(v) is dict else v):
+                walk(c)
+        else:
+            i += len(pytree.tree_leaves(v))
+
+    for v in (*args, *(kwargs[k] for k in sorted(kwargs))):
+        walk(v)
     return frozenset(out)
 
 

@@ -1139,7 +1139,10 @@ class CompiledModule(ModuleView):
                                       "Draw from the default generator (torch.manual_seed) to run it compiled.",
                                       stacklevel=5)
         const = getattr(getattr(variant, "captured", None), "constant_ints", None) or {}
-        if const:  # int arguments the capture kept constants: they stay so for this input structure
+        # int arguments the capture kept constants stay so for this input structure, but for one of 0 or 1, which
+        # export specializes: a decode position, 0 at each prefill, would stay a constant for every decode step
+        const = {i: why for i, why in const.items() if not (type(flat[i]) is int and flat[i] in (0, 1))}
+        if const:
             self._static_ints[spec] = {**self._static_ints.get(spec, {}), **const}
             sized = self._sized[spec] = sized - const.keys()
             struct = self._structure(flat, spec, sized)

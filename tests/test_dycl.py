@@ -201,9 +201,9 @@ def test_dynamic_false_compiles_each_segment_size_static_without_recompiling_the
 
 
 def test_data_dependent_segment_shapes_compile_once_symbolic():
-    """Segments after `nonzero` see a new number of rows at nearly every call: per value of what they bake (the
-    expert's index), the second compiles them symbolic and later counts are served by that variant (a count of 1,
-    which export specializes, compiles once more)."""
+    """Segments after `nonzero` see a new number of rows at nearly every call: per expert (its module baked, its
+    index an int export keeps constant), the second compiles them symbolic and later counts are served by that
+    variant (a count of 1, which export specializes, compiles once more)."""
     torch.manual_seed(0)
     model, xs = NETWORKS["moe_top1"](D, B)
     cm = fxcc.compile(model, passes=PASSES)
@@ -216,7 +216,10 @@ def test_data_dependent_segment_shapes_compile_once_symbolic():
     assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
     per_baked = {(s.name, k): m.stats.reasons for p in cm.variants[0].program.all_programs() for s in p.segments
                  for k, m in s.modules.items()}
-    assert max(map(len, per_baked.values())) <= 3, per_baked
+    per_segment: dict[str, int] = {}
+    for (name, _), reasons in per_baked.items():
+        per_segment[name] = per_segment.get(name, 0) + len(reasons)
+    assert max(per_segment.values()) <= 3 * model.n_experts, per_baked
     assert any(re.search(r"symbolic: .*\bidx dim 0", r) for rs in per_baked.values() for r in rs)
 
 
