@@ -29,7 +29,7 @@ lock:
 	$(LOCK_VENV)/bin/pip install -q --upgrade -c $(LOCK_VENV)/torch-pin.txt torch setuptools wheel
 	$(LOCK_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -c $(LOCK_VENV)/torch-pin.txt \
 	    --no-build-isolation -e '$(EXTRAS)'
-	$(LOCK_VENV)/bin/python -m pytest -q --durations=25
+	$(LOCK_VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=25
 	{ sed -n '1,3p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --exclude-editable --all | grep -v -e '^fxcc=' -e '^pip=' \
 	    | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 	@echo "$(LOCK) refreshed; run 'rm -rf $(VENV) && make test' to use it"
@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/fxcc bench minilm --threads 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,6 +21,10 @@ os.environ.setdefault("FXCC_TIME_VS_EAGER", "0")
 # Likewise a warm compile must not measure a choice again because the cold one's timings, on a loaded machine, were
 # too noisy to settle it (FXCC_SETTLE_TRIES; tests of that re-measurement set it themselves).
 os.environ.setdefault("FXCC_SETTLE_TRIES", "1")
+# Parallel workers (pytest -n, the Makefile's `make test`) share the cores: each gets its share of threads, else
+# every worker's torch (and TVM, which takes torch's count) spins one thread per core and they contend.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def check_golden(name: str, text: str) -> None:
