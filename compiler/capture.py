@@ -504,6 +504,11 @@ def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
 
 
 _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+# Globals of libraries that grow as other modules are imported and that no graph's values depend on: not guarded.
+# transformers registers each ModelOutput class as a pytree node once, when the first instance is made, and
+# remembers it in this set; keying a graph on the set's contents made a process that had imported another model
+# (whose module defines its own output classes) miss the graph another process stored.
+_REGISTRIES = {"transformers.utils.generic": frozenset({"_registered_model_output_types"})}
 _NO_LOADS = (frozenset(), (), ())  # `_global_loads` of model code that loads no global
 _ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 _ABSENT = object()
@@ -560,7 +565,11 @@ def global_reads(found: GlobalReads | None = None, roots: tuple = (),
             skip[path] = _handles_symbols(path)
         model = not skip[path] and _model_code(frame)
         # model code that loads nothing is still looked into for the tensors it reaches (its default values)
-        mine = loads[code] = (_global_loads(code) or (_NO_LOADS if reached is not None else None)) if model else None
+        mine = (_global_loads(code) or (_NO_LOADS if reached is not None else None)) if model else None
+        registries = _REGISTRIES.get(frame.f_globals.get("__name__")) if mine else None
+        if registries and registries & mine[0]:
+            mine = (mine[0] - registries, *mine[1:])
+        loads[code] = mine
         return mine
 
     # the global trace function sees "call" events only; it runs at every Python call of the capture (export's own

@@ -296,3 +296,30 @@ def test_state_out_of_the_weights_is_keyed(cache_dir, monkeypatch, change):
         assert_outputs_close(out, other(x))
     finally:
         _Scaled.scale = 1.0
+
+
+def test_a_transformers_output_class_defined_after_the_compile_does_not_miss_the_stored_graph(cache_dir):
+    """Importing another transformers model defines its output classes, which transformers registers in a set its
+    ModelOutput reads: a graph keyed on that set was missed by a process that had imported another model."""
+    pytest.importorskip("transformers")
+    from dataclasses import dataclass
+
+    from fxcc.bench import llama
+    from transformers.utils import ModelOutput
+
+    torch.manual_seed(0)
+    w = llama(batch=1, seq=8, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, dtype=torch.float32,
+              device="cpu")
+    first = fxcc.compile(w.model)
+    out1 = first(*w.args, **w.kwargs)
+
+    @dataclass
+    class OtherModelsOutput(ModelOutput):  # what importing another model's module does
+        logits: torch.Tensor | None = None
+
+    OtherModelsOutput(logits=torch.zeros(1))
+    second = fxcc.compile(w.model)
+    out2 = second(*w.args, **w.kwargs)
+    assert "graph cache" not in first.variants[-1].captured.method
+    assert "graph cache" in second.variants[-1].captured.method
+    assert_outputs_close(out2, out1, atol=0, rtol=0)
