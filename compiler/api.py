@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import logging
 import os
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -332,11 +334,27 @@ def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *
     With dynamic shapes dynamo passes each size the graph uses as an argument of its own (a SymInt): fxcc
     compiles the graph as a function of its tensors, reading those sizes from them, with the dimensions
     dynamo made symbolic symbolic, so one build serves every size dynamo's guards let through. torch.compile's
-    `options` (CompileOptions fields) and `mode` (as fxcc.compile's) are passed on.
+    `options` (CompileOptions fields) and `mode` (as fxcc.compile's) are passed on. Where fxcc fails on the graph,
+    dynamo's graph runs as it is, with a warning naming the failure: the user's program never fails for fxcc's sake.
     """
     options = kwargs.get("options") or {}
     opts = CompileOptions(**options) if isinstance(options, dict) else options
     opts = opts.replace(**_with_mode(kwargs.get("mode"), {}))  # torch.compile(..., mode=) passes it on
+    try:
+        return _compiled_graph(gm, example_inputs, opts)
+    except Exception as e:  # noqa: BLE001 - any failure of fxcc's: dynamo's graph runs eagerly instead
+        first = str(e).splitlines()[0] if str(e) else ""
+        warnings.warn(f"fxcc: torch.compile's graph runs eagerly (dynamo's graph, not compiled by fxcc): fxcc failed "
+                      f"on it with {type(e).__name__}: {first}", stacklevel=2)
+        log.debug("fxcc failed on dynamo's graph", exc_info=True)
+        return gm.forward
+
+
+def _compiled_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: CompileOptions) -> Callable:
+    """fxcc's build of dynamo's graph for `torch_compile_backend`, on a copy of it (`gm` stays what dynamo gave, for
+    the eager fallback)."""
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    inference = torch.inference_mode if _inference_mode_taken_out(gm) else contextlib.nullcontext
     sizes = _sizes_read_from_tensors(gm, example_inputs)
     scalars = _scalars_read_once(gm)
     # export traces a GraphModule's own code, not a forward put over it: a scalar read as a symbolic float needs
@@ -349,16 +367,42 @@ def torch_compile_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *
     cm.dims_hint.update({j: {0} for j, i in enumerate(keep) if i in scalars})  # dynamo made them dynamic
     # compile now, so dynamo reports failures at compile time; outside dynamo's tracing context, whose
     # ShapeEnv would otherwise collect the guards of fxcc's own export as guards of the user's frame
-    with torch._guards.tracing(None), unset_fake_temporarily():
+    with torch._guards.tracing(None), unset_fake_temporarily(), inference():
         cm.warm(*example)
 
     def run(*args):
         if scalars:
             args = [a.item() if i in scalars else a for i, a in enumerate(args)]
-        return cm(*[args[i] for i in keep]) if sizes else cm(*args)
+        with inference():
+            return cm(*[args[i] for i in keep]) if sizes else cm(*args)
 
     run.fxcc = cm
     return run
+
+
+_ENTER_INFERENCE = torch.autograd.grad_mode._enter_inference_mode
+_EXIT_INFERENCE = torch.autograd.grad_mode._exit_inference_mode
+
+
+def _inference_mode_taken_out(gm: torch.fx.GraphModule) -> bool:
+    """A graph of a forward decorated `@torch.inference_mode()` enters inference mode at its first op and leaves
+    it after its last: those two nodes are taken out and the whole graph runs in inference mode instead. Inside an
+    export they would run for real: inference mode entered in the trace (which then fails) and never left when
+    the trace fails before its end, whose guard, freed later, sets the trace's dispatch keys again in the user's
+    program ("PythonDispatcherTLS was not set"). Inference mode over part of a graph only is not compiled."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    marks = [n for n in nodes if n.op == "call_function" and n.target in (_ENTER_INFERENCE, _EXIT_INFERENCE)]
+    if not marks:
+        return False
+    enter, leave = nodes[0], nodes[-1]
+    if (marks != [enter, leave] or enter.target is not _ENTER_INFERENCE or enter.args != (True,) or enter.kwargs
+            or leave.target is not _EXIT_INFERENCE or leave.args != (enter,) or len(enter.users) != 1 or leave.users):
+        raise NotImplementedError("the graph enters or leaves torch.inference_mode inside it (fxcc compiles a "
+                                  "graph run in inference mode as a whole only)")
+    gm.graph.erase_node(leave)
+    gm.graph.erase_node(enter)
+    gm.recompile()
+    return True
 
 
 def _placeholder_values(gm: torch.fx.GraphModule) -> list[Any]:

@@ -377,7 +377,7 @@ def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[i
             cap.constant_ints = constant
             return cap
         why = (f"the model's code may read its type or text ({reads[0]})" if reads else
-               why if cap is None else f"export failed with it symbolic: {cap.export_error}")
+               why if cap is None else f"export failed with it symbolic: {cap.export_error or cap.method}")
         unmade = symbolic & floats if len(attempts) > 1 and symbolic == attempts[0] else symbolic
         constant.update(dict.fromkeys(sorted(unmade), why))
         dims = {i: ds for i, ds in dims.items() if i not in unmade}
@@ -444,24 +444,27 @@ def floats_read_directly(gm: fx.GraphModule, floats: frozenset[int]) -> None:
             gm.graph.erase_node(u)
 
 
-# names whose use tells a symbolic int from an int: a type test, or its text
-_TYPE_READS = frozenset({"isinstance", "type", "issubclass", "__class__", "Integral", "Number", "Real", "str", "repr",
-                         "format"})
-_FORMATS = frozenset({"FORMAT_VALUE", "FORMAT_SIMPLE", "FORMAT_WITH_SPEC", "CONVERT_VALUE"})
+# names whose use may tell a symbolic int from an int by its type (its text is seen where it is made)
+_TYPE_READS = frozenset({"isinstance", "type", "issubclass", "__class__", "Integral", "Number", "Real"})
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 @contextlib.contextmanager
 def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
-    """Within the block, record where code outside torch and fxcc may read the type or the text of a symbolic
-    int argument (`isinstance(n, int)`, `type(n)`, `f"{n}"`, `str(n)`): a function called with one (or with a
-    tuple, list or dict holding one) among its arguments or locals whose code names a type test or formats a
-    value, and a SymInt printed from such code. Conservative: the function may test another value.
+    """Within the block, record where code outside torch and fxcc may read the type or reads the text of a symbolic
+    int argument. A type test (`isinstance(n, int)`, `type(n)`) cannot be seen happen: a function called with one
+    (or with a tuple, list or dict holding one) among its arguments whose code names a type test counts
+    (conservative: it may test another value). The text (`f"{n}"`, `str(n)`, `"%s" % n`, `print(n)`, a value
+    computed from it or a container holding it) is seen where it is made: the symbolic value's `__repr__`,
+    `__str__` or `__format__` called from that code, or from the standard library on its behalf (`str.format`,
+    `pprint`). An f-string of another value (`cache[f"k{i}"]` beside the int) reads nothing.
 
     `watched` holds the symbols of the int arguments: `watch_ints` adds them when the traced forward is
     entered (its top-level SymInts are those of the int arguments)."""
     found: list[str] = []
     suspect: dict[Any, bool] = {}
     skip: dict[str, bool] = {}
+    library: dict[str, bool] = {}
     previous = sys.gettrace()
 
     def foreign(path: str) -> bool:
@@ -476,31 +479,44 @@ def int_type_reads(watched: set[Any]) -> Iterator[list[str]]:
         code = frame.f_code
         bad = suspect.get(code)
         if bad is None:
-            bad = suspect[code] = bool(_TYPE_READS.intersection(code.co_names)) or any(
-                i.opname in _FORMATS for i in dis.get_instructions(code))
+            bad = suspect[code] = bool(_TYPE_READS.intersection(code.co_names))
         if bad and _holds(frame.f_locals.values(), watched):
             found.append(f"{code.co_name} at {code.co_filename}:{frame.f_lineno}")
         return local
 
-    texts = {c: (c.__repr__, c.__format__) for c in (torch.SymInt, torch.SymFloat)}
+    def reader() -> Any:
+        """The frame that asked for the text: the first one out of the standard library."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if path not in library:
+                library[path] = _stdlib(path)
+            if not library[path]:
+                return frame
+            frame = frame.f_back
+        return None
 
-    def reading(cls: type, original: Any) -> Any:
+    def reading(original: Any) -> Any:
         def read(self: Any, *a: Any) -> Any:
-            caller = sys._getframe(1).f_code
-            if watched and foreign(caller.co_filename) and _holds([self], watched):
-                found.append(f"{caller.co_name} at {caller.co_filename} formats it")
+            if watched and _holds([self], watched) and (caller := reader()) and foreign(caller.f_code.co_filename):
+                found.append(f"{caller.f_code.co_name} at {caller.f_code.co_filename}:{caller.f_lineno} "
+                             "makes its text")
             return original(self, *a)
         return read
 
-    for c, (rep, fmt) in texts.items():
-        c.__repr__, c.__format__ = reading(c, rep), reading(c, fmt)
+    texts = {(c, name): getattr(c, name) for c in _SYMBOLIC for name in ("__repr__", "__str__", "__format__")}
+    for (c, name), original in texts.items():
+        setattr(c, name, reading(original))
     sys.settrace(tracer)
     try:
         yield found
     finally:
         sys.settrace(previous)
-        for c, (rep, fmt) in texts.items():
-            c.__repr__, c.__format__ = rep, fmt
+        for (c, name), original in texts.items():
+            if name in vars(c) and original is getattr(object, name):  # inherited from object: inherited again
+                delattr(c, name)
+            else:
+                setattr(c, name, original)
 
 
 _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
@@ -866,11 +882,15 @@ def _follow(found: GlobalReads, value: Any, chain: tuple[str, ...], path: tuple)
 def _handles_symbols(path: str) -> bool:
     """Whether code in file `path` handles symbolic ints as torch means them: torch's, fxcc's and the standard
     library's (`inspect` binding arguments, `functools` wrappers; not the packages installed beside it)."""
-    stdlib = os.path.join(os.path.abspath(sysconfig.get_paths()["stdlib"]), "")
     own = [os.path.dirname(torch.__file__)] + [os.path.dirname(sys.modules[m].__file__) for m in (
         "fxcc", "fxcc.passes", "fxcc.codegen", "fxcc.autotune") if m in sys.modules]
-    return path.startswith("<frozen") or any(path.startswith(os.path.join(os.path.abspath(d), "")) for d in own) or (
-        path.startswith(stdlib) and "site-packages" not in path[len(stdlib):])
+    return any(path.startswith(os.path.join(os.path.abspath(d), "")) for d in own) or _stdlib(path)
+
+
+def _stdlib(path: str) -> bool:
+    """Whether code in file `path` is the standard library's (not a package installed beside it)."""
+    stdlib = os.path.join(os.path.abspath(sysconfig.get_paths()["stdlib"]), "")
+    return path.startswith("<frozen") or (path.startswith(stdlib) and "site-packages" not in path[len(stdlib):])
 
 
 def _holds(values: Any, watched: set[Any]) -> bool:

@@ -238,6 +238,64 @@ def test_torch_compile_of_a_compiled_class(x, dynamo_reset):
     torch.testing.assert_close(opt(x), nn.Module.__call__(net, x), atol=1e-5, rtol=1e-5)
 
 
+class InferenceCache(nn.Module):
+    """A forward decorated `@torch.inference_mode()` writing a cache at an int position (as llama's reference)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(8, eps=1e-5)
+        self.cache = torch.zeros(2, 16, 8)
+
+    @torch.inference_mode()
+    def forward(self, x, pos: int):
+        b, t, _ = x.shape
+        self.cache[:b, pos:pos + t] = self.norm(x)
+        return self.cache[:b, :pos + t].sum(1)
+
+
+def test_torch_compile_dynamic_of_an_inference_mode_forward_compiles_and_equals_eager(dynamo_reset, recwarn):
+    """Dynamo's graph enters inference mode at its first op: run inside fxcc's export, that failed and left the
+    trace's dispatch keys set in the program ("PythonDispatcherTLS was not set" at its next tensor op)."""
+    torch.manual_seed(0)
+    mine, eager = InferenceCache(), InferenceCache()
+    eager.load_state_dict(mine.state_dict())
+    opt = torch.compile(mine, backend="fxcc", dynamic=True, options={"time_vs_eager": False, "check_eager": False})
+    with torch.no_grad():
+        for pos, t in [(0, 3), (3, 1), (4, 1), (5, 1)]:
+            x = torch.randn(2, t, 8)
+            got = opt(x, pos)
+            torch.testing.assert_close(got, eager(x, pos))
+            assert got.is_inference()  # as the decorated forward's
+    torch.testing.assert_close(mine.cache, eager.cache)
+    assert not [w for w in recwarn if "fxcc" in str(w.message)]  # compiled, not run eagerly
+
+
+def test_torch_compile_runs_dynamo_graph_eagerly_where_fxcc_fails(x, dynamo_reset, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("an internal failure")
+
+    monkeypatch.setattr(fxcc.runtime.CompiledModule, "warm", failing)
+    m = TwoLayer().eval()
+    opt = torch.compile(m, backend="fxcc")
+    with pytest.warns(UserWarning, match=r"graph runs eagerly .*RuntimeError: an internal failure"):
+        got = opt(x)
+    torch.testing.assert_close(got, m(x))
+
+
+def test_torch_compile_of_inference_mode_over_part_of_a_forward_runs_eagerly(x, dynamo_reset):
+    class Part(TwoLayer):
+        def forward(self, x):
+            h = self.a(x)
+            with torch.inference_mode():
+                return self.b(h) + 1
+
+    m = Part().eval()
+    opt = torch.compile(m, backend="fxcc")
+    with pytest.warns(UserWarning, match=r"graph runs eagerly .*inference_mode inside it"), torch.no_grad():
+        got = opt(x)
+    torch.testing.assert_close(got, m(x))
+
+
 def test_register_torch_backend_is_idempotent():
     from torch._dynamo import list_backends
 

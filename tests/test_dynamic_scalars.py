@@ -148,6 +148,29 @@ def test_int_whose_type_or_text_is_read_stays_a_constant(fn):
     assert "it stays a constant" in cm.stats.reasons[2]
 
 
+def keyed_by_layer(x, w: dict, n: int):
+    for i in range(2):
+        x = x + w[f"w{i}"][:n].sum()  # the f-string formats the layer index, not `n`
+    return x
+
+
+def keyed_by_n(x, w: dict, n: int):
+    return x + w[f"w{n % 2}"].sum()  # the key's text is `n`'s: a symbolic `n` would find no key
+
+
+@pytest.mark.parametrize("fn, most", [(keyed_by_layer, 2), (keyed_by_n, 4)])
+def test_int_beside_an_f_string_is_symbolic_unless_its_own_text_is_made(fn, most):
+    """An f-string in the code holding `n` reads `n`'s text only where it formats `n` (or a value computed from
+    it); one of another value leaves `n` symbolic."""
+    x, w = torch.randn(4, 8), {"w0": torch.randn(6), "w1": torch.randn(6)}
+    cm = compiled(fn)
+    for n in (1, 2, 3, 5):
+        torch.testing.assert_close(cm(x, w, n), fn(x, w, n))
+    assert cm.stats.compiles == most and cm.stats.eager_calls == 0
+    if fn is keyed_by_n:
+        assert "`n` stays a constant: the model's code may read its type or text" in cm.stats.reasons[1]
+
+
 def test_bool_argument_specializes():
     def f(x, flag: bool):
         return x + 1 if flag else x - 1
