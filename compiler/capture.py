@@ -361,31 +361,43 @@ def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[i
                       forward: Callable | None, unread: str | None, read: GlobalReads) -> Captured:
     floats = frozenset(top_ints(args, kwargs, float) & (dims or {}).keys())
     ints = frozenset(top_ints(args, kwargs) & (dims or {}).keys())
-    # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step)
+    # symbolic ints and floats; where that fails, the ints alone (a float branched on keeps a symbolic step); where
+    # that fails too and there are a few ints, all but one of them, each in turn: one int whose use export cannot
+    # take symbolic (`is_causal=t > 1`, a SymBool) need not keep the others constant (a decode loop's position)
     attempts = [ints | floats] + [ints] * bool(ints and floats) if ints | floats else []
+    singles = [ints - {i} for i in sorted(ints)] if 1 < len(ints) <= _ONE_AT_A_TIME else []
     constant: dict[int, str] = {}
-    for symbolic in attempts:
+    whole = dims
+    for k, symbolic in enumerate([*attempts, *singles]):
         watched: set[Any] = set()
+        tried = {i: ds for i, ds in whole.items() if i in symbolic or i not in ints | floats}
         with missing_lookups(module) as missing, int_type_reads(watched) as reads:
             try:
-                cap = _capture(module, args, kwargs, dims=dims, forward=forward, watched=watched,
+                cap = _capture(module, args, kwargs, dims=tried, forward=forward, watched=watched,
                                floats=symbolic & floats, unread=unread, read=read)
             except CaptureError as e:
                 cap, why = None, _symbolic_failure(e)
         if cap is not None and cap.method == "export" and not reads:
             cap.missing = missing
-            cap.constant_ints = constant
+            cap.constant_ints = constant if k < len(attempts) else \
+                {i: constant[i] for i in sorted((ints | floats) - symbolic)}
             return cap
         why = (f"the model's code may read its type or text ({reads[0]})" if reads else
                why if cap is None else f"export failed with it symbolic: {cap.export_error or cap.method}")
-        unmade = symbolic & floats if len(attempts) > 1 and symbolic == attempts[0] else symbolic
-        constant.update(dict.fromkeys(sorted(unmade), why))
-        dims = {i: ds for i, ds in dims.items() if i not in unmade}
+        if k < len(attempts):
+            unmade = symbolic & floats if len(attempts) > 1 and k == 0 else symbolic
+            constant.update(dict.fromkeys(sorted(unmade), why))
+            dims = {i: ds for i, ds in dims.items() if i not in unmade}
     with missing_lookups(module) as missing:
         cap = _capture(module, args, kwargs, dims=dims, forward=forward, unread=unread, read=read)
     cap.missing = missing
     cap.constant_ints = constant
     return cap
+
+
+# at most this many symbolic int arguments are tried one at a time as constants (a capture each) when all of them
+# symbolic failed
+_ONE_AT_A_TIME = 4
 
 
 def _symbolic_failure(e: Exception) -> str:

@@ -13,6 +13,7 @@ import math
 import fxcc
 import pytest
 import torch
+import torch.nn.functional as F
 
 FAST = "canonicalize,raise,fuse,codegen{backend=extern}"  # no kernel timing: these tests are about recompiles
 
@@ -479,3 +480,20 @@ def test_a_symbolic_float_is_no_tensor_to_the_raising_patterns(fn):
     for s in (0.5, 2.0, 0.75, -1.0):  # the second value recompiles with `s` symbolic
         check(cm, fn, torch.randn(4, 16), s)
     assert cm.stats.eager_calls == 0 and cm.stats.compiles == 2
+
+
+def attend_at(q, kc, pos: int, t: int):
+    keys = kc[:, :pos + t]  # `pos` computes as a size
+    return F.scaled_dot_product_attention(q, keys, keys, is_causal=t > 1)  # `t > 1`: a SymBool no op takes
+
+
+def test_one_int_export_cannot_take_symbolic_keeps_only_itself_a_constant():
+    """Where the capture with every int symbolic fails, each int is tried a constant in turn: `t` (whose
+    comparison is passed as a bool argument) stays a constant, and the decode position `pos` stays symbolic."""
+    cm, kc = compiled(attend_at), torch.randn(1, 16, 8)
+    calls = [(0, 4), (4, 2), (6, 2), (8, 2), (10, 2)]  # a prefill of 4 tokens, then steps of 2
+    for pos, t in calls:
+        q = torch.randn(1, t, 8)
+        torch.testing.assert_close(cm(q, kc, pos, t), attend_at(q, kc, pos, t))
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0
+    assert "`t` stays a constant" in cm.stats.reasons[1] and "`pos` stays a constant" not in cm.stats.reasons[1]
