@@ -224,8 +224,11 @@ class Selection:
             decision = compare({label: rotating(b.fn, sets) for label, (b, _) in built.items()}, "extern",
                                device=self.target, warmup=3, reps=self.reps, rounds=min(self.reps, 5))
             del sets
-            timings = {label: round(x.own, 4) for label, x in decision.timings.items()}
             best = decision.winner
+            if copies(kb, best, origin[best]):
+                decision = _holding_no_copy(decision, [lb for lb in built if not copies(kb, lb, origin[lb])])
+                best = decision.winner
+            timings = {label: round(x.own, 4) for label, x in decision.timings.items()}
             log.info("kernel %s (%s): %s", kb.key, kb.kind, decision.summary())
         b, params = built[best]
         k = BuiltKernel(kb, Choice(best, origin[best], params, key), b, timings)
@@ -426,6 +429,21 @@ def rotating(fn, sets: list[list[torch.Tensor]]):
         at[0] = (at[0] + 1) % len(sets)
         return fn(sets[at[0]])
     return call
+
+
+def _holding_no_copy(decision: Decision, plain: list[str]) -> Decision:
+    """`decision` with its winner, a candidate keeping a weight copy (packed weights beside the parameter), replaced
+    by the fastest of the candidates `plain` that keep none, where that one beats the incumbent too, its estimate is
+    within MIN_GAIN of the winner's and the winner does not beat it beyond the noise: a copy is memory held for as
+    long as the model lives, dropped where it buys no speed. (The estimate's bound too, not the noise alone: on a
+    busy machine the noise hides a GEMM 10-20% slower, and the model would lose that much.)"""
+    ts = decision.timings
+    rival = decide({lb: ts[lb] for lb in plain if lb in ts}, decision.incumbent).winner
+    if (rival == decision.incumbent or ts[rival].own > (1 + MIN_GAIN) * ts[decision.winner].own
+            or beats(ts[decision.winner], ts[rival], MIN_GAIN)):
+        return decision
+    log.debug("%s is kept: %s keeps a weight copy and does not beat it beyond the noise", rival, decision.winner)
+    return Decision(ts, decision.incumbent, rival)
 
 
 def fallback_key(key: str, label: str) -> str:

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Protocol
 
 import torch
+from fxcc import ir
 from fxcc.watch import Snapshot
 from torch import Tensor
 
@@ -48,11 +49,16 @@ def is_parameter(t: object) -> bool:
     return kind is torch.nn.Parameter or (kind is not Tensor and isinstance(t, torch.nn.Parameter))
 
 
+def is_weight(t: object) -> bool:
+    """A parameter, or a weight a pass made of the model's tensors (merged Q/K/V: fxcc.ir.computed_from)."""
+    return is_parameter(t) or (type(t) is Tensor and ir.sources_of(t) is not None)
+
+
 class KeptView:
-    """A view of one parameter that a kernel keeps across calls (a view costs about a microsecond a call), held
-    only while that parameter lives: the kernel holds the parameter weakly, and when it goes the view goes with it.
-    A kernel built and timed on weight copies, or on a merged weight a later compile replaced, so pins neither
-    the copy's memory nor what other kernels derived from it (`derived`, keyed by the weight's life). An
+    """A view of one weight (`is_weight`) that a kernel keeps across calls (a view costs about a microsecond a
+    call), held only while that weight lives: the kernel holds the weight weakly, and when it goes the view goes
+    with it. A kernel built and timed on weight copies, or on a merged weight a later compile replaced, so pins
+    neither the copy's memory nor what other kernels derived from it (`derived`, keyed by the weight's life). An
     activation is never kept: its view would pin a buffer the next call reuses."""
 
     __slots__ = ("address", "ref", "view")
@@ -67,9 +73,9 @@ class KeptView:
         return None
 
     def keep(self, t: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
-        """`make(t)`, a view, kept if `t` is a parameter. It is made of `t.detach()`: a view of `t` itself would
+        """`make(t)`, a view, kept if `t` is a weight. It is made of `t.detach()`: a view of `t` itself would
         hold `t` (its base) alive from C++, and the weak reference would never let go."""
-        if not is_parameter(t):
+        if not is_weight(t):
             return make(t)
         view = make(t.detach())
         self.ref, self.view, self.address = weakref.ref(t, self._gone), view, torch._C._data_address(t)

@@ -36,7 +36,7 @@ from fxcc.codegen import (
     KernelFn,
     derived,
     extern,
-    is_parameter,
+    is_weight,
     linear_weight,
     onednn,
     patch_conv,
@@ -109,6 +109,8 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
     try:
         tl.Lowering(kb.body).run()
         out.append(TVMCandidate(kb, "tvm", None))
+        if any(s.lanes for s in tl.Lowering(kb.body, lanes=tl.ROW_DEFAULTS["tile_m"]).run().stages):
+            out.append(TVMCandidate(kb, ROWS, None))
     except tl.Unsupported:
         pass
     anchor = next((n for n in kb.body.graph.nodes if n.op == "call_function" and n.target in ANCHORS), None)
@@ -132,6 +134,9 @@ def candidates(kb: KernelBody, target: str) -> list[TVMCandidate]:
 
 
 WXT = "tvm+wxt"  # the generated epilogue around the library GEMM computed as weight @ input.T
+# everything generated, each linear weight read as it is and the activation packed per call (fxcc.codegen.tvm_lower
+# `lanes`): no copy of the weight kept, where `tvm` keeps its column panels
+ROWS = "tvm+rows"
 PATCH = "tvm+patch"  # the generated epilogue around a patch convolution computed as one GEMM (codegen.patch_conv)
 
 
@@ -207,7 +212,7 @@ class TVMCandidate:
     @property
     def defaults(self) -> dict:
         from fxcc.codegen import tvm_lower as tl
-        return {k: tl.DEFAULTS[k] for k in self.space}
+        return {k: (tl.ROW_DEFAULTS if self.backend == ROWS else tl.DEFAULTS)[k] for k in self.space}
 
     def _split_node(self) -> fx.Node | None:
         return next((n for n in self.kb.body.graph.nodes if n.name == self.split), None) if self.split else None
@@ -215,13 +220,14 @@ class TVMCandidate:
     def _lower(self, params: dict | None = None):
         from fxcc.codegen import tvm_lower as tl
         _tvm()
-        p = {**tl.DEFAULTS, **(params or {})}
-        return tl.Lowering(self.kb.body, split=self._split_node(), vec=p["vec"], tile_n=p["tile_n"],
-                           weight_first=self.backend == WXT).run()
+        rows = self.backend == ROWS
+        p = {**(tl.ROW_DEFAULTS if rows else tl.DEFAULTS), **(params or {})}
+        return tl.Lowering(self.kb.body, split=self._split_node(), vec=p["vec"], tile_n=0 if rows else p["tile_n"],
+                           weight_first=self.backend == WXT, lanes=p["tile_m"] if rows else 0).run()
 
     def build(self, params: dict) -> Built:
-        so, source, spec, mod = _compiled(self.kb.key, self.split if self.backend != WXT else f"{self.split}:wxt",
-                                          json.dumps(params, sort_keys=True), self)
+        split = {WXT: f"{self.split}:wxt", ROWS: ":rows"}.get(self.backend, self.split)  # these generate their own
+        so, source, spec, mod = _compiled(self.kb.key, split, json.dumps(params, sort_keys=True), self)
         spec = {**spec, "backend": self.backend}
         files = {"kernel.so": so, "kernel.tir.py": source.encode(), "kernel.json": json.dumps(spec).encode()}
         return Built(_wrap(self.kb, spec, mod), source, files)
@@ -415,7 +421,7 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
                 args.append(mid)
                 continue
             t = mid if src < 0 else inputs[src]
-            kept = params[i] if params is not None and is_parameter(t) else None
+            kept = params[i] if params is not None and is_weight(t) else None
             if kept is not None and (view := kept.get(t)) is not None:
                 args.append(view)
                 continue
@@ -423,8 +429,8 @@ def _wrap(kb: KernelBody, spec: dict, mod) -> KernelFn:
                 t = t if t.dim() == 3 else _packed(t, pack)
             elif t.stride() != stride or (_address(t) + t.storage_offset() * t.element_size()) % 64:  # TVM: aligned
                 t = _aligned(t, shape, stride)
-            elif kept is not None:  # a parameter read as it is: its flat view is kept
-                args.append(kept.keep(t, lambda p, e=extent: p.as_strided((e,), (1,))))
+            elif kept is not None:  # a weight read as it is: a flat alias of its memory is kept
+                args.append(kept.keep(t, lambda p, e=extent: _read_alias(p, e)))
                 continue
             args.append(t.as_strided((extent,), (1,)))
         pool = getattr(local, "pool", None)
@@ -492,6 +498,19 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 _address = torch._C._data_address  # read without asking for write access (fxcc.watch)
+
+
+def _read_alias(t: torch.Tensor, extent: int) -> torch.Tensor:
+    """A flat tensor over the `extent` elements of `t` from its offset, made from their address, which TVM is
+    handed instead of `t`: handing over a tensor (DLPack) asks for a writable pointer, and a storage a
+    copy-on-write snapshot shares (the parts of a merged weight, watched by the runtime: fxcc.watch) is then
+    copied, at every call, and the snapshot ends up a full copy of the weight kept beside it. The alias owns
+    nothing: `KeptView` hands it out only while `t` lives at that address."""
+    size = extent * t.element_size()
+    memory = (ctypes.c_byte * size).from_address(_address(t) + t.storage_offset() * t.element_size())
+    return torch.frombuffer(memory, dtype=t.dtype, count=extent)
+
+
 # aligned copies of weights that arrive misaligned (mmapped checkpoints), made again only when the weight changes
 _ALIGNED: dict[int, tuple] = {}
 # linear weights packed in column panels for generated GEMMs (fxcc.codegen.tvm_lower), again when it changes

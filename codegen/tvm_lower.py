@@ -6,7 +6,10 @@ buffer becomes a stage: reductions (norm statistics, softmax max/sum, sums), GEM
 Inputs are read through their strides from a flat buffer over their storage (views cost no copy);
 outputs are written in the physical order of the strides the graph expects. A linear's weight is the
 exception: the kernel reads it packed into panels of `tn` output columns ([N/tn, K, tn], made once per
-weight by the caller, again when it changes), so the GEMM's vector loads along n are contiguous.
+weight by the caller, again when it changes), so the GEMM's vector loads along n are contiguous. With `lanes`, the
+kernel instead reads the weight as it is and packs the activation, in a stage of its own at every call, into panels
+of `lanes` rows ([M/lanes, K, lanes]): the GEMM's vectors then run along the rows and each weight element is
+broadcast, the panel GEMM with its operands' roles swapped, and no copy of the weight is kept.
 
 Sizes may be symbolic (a variant compiled with dynamic shapes): each symbol of the body is an int64 argument of
 the PrimFunc (`sym0`, `sym1`, ...: the size arguments of fxcc.codegen.triton_gen, read by the caller from its
@@ -64,7 +67,8 @@ class Val:
 @dataclass
 class Stage:
     tensor: te.Tensor
-    role: str  # reduction | gemm
+    role: str  # reduction | gemm | rowpack | ...
+    lanes: int = 0  # a GEMM reading its activation from row panels of this many rows (its vector lanes)
 
 
 @dataclass
@@ -352,11 +356,12 @@ class Lowering:
     """Walks a kernel body and builds its TE; `split` (a GEMM node) becomes an input computed elsewhere."""
 
     def __init__(self, body: fx.GraphModule, split: fx.Node | None = None, vec: int = 8, tile_n: int = 0,
-                 weight_first: bool = False):
+                 weight_first: bool = False, lanes: int = 0):
         self.body = body
         self.weight_first = weight_first  # `split` is read as `weight @ input.T` leaves it (tvm.weight_first_strides)
         self.vec = vec
         self.tile_n = tile_n  # > 0: linear weights are read packed in panels of this many columns (fitted to N)
+        self.lanes = lanes  # > 0: linear weights are read as they are, activations packed in panels of these many rows
         self.split = split
         self.env: dict[fx.Node, Val] = {}
         self.out = Lowered([], [], [])
@@ -1307,10 +1312,46 @@ def _gemm(L: Lowering, node: fx.Node, a: Val, b_at, k: int) -> Val:
     return Val(shape, dt, lambda i: cast(st.at(i), dt))
 
 
+def _gemm_rows(L: Lowering, node: fx.Node, a: Val, w: Val) -> Val:
+    """A linear of a [*lead, K] activation and an [N, K] weight read as it is (`Lowering.lanes`): the activation
+    packed into [*lead[:-1], M/tm, K, tm] row panels first (once per call, and any expression computing it with
+    it: once per element, not once per column tile), then the GEMM reads a vector of tm rows from a panel and
+    broadcasts one weight element at a time (`_gemm_schedule`)."""
+    shape, dt = _shape(node), _dtype(node)
+    *lead, rows, _ = shape
+    k = static(a.shape[-1], "a linear's reduced dim")
+    tm = _fit(rows, L.lanes)
+    panels = L.stage((*lead, rows // tm, k, tm), lambda *i: a.at([*i[:-3], i[-3] * tm + i[-1], i[-2]]), "rowpack")
+    r = te.reduce_axis((0, k), f"k{L.n_stage}")
+
+    def fn(*i):
+        m = i[-2]
+        return te.sum(cast(panels.at([*i[:-2], tirx.floordiv(m, tm), r.var, tirx.floormod(m, tm)]), "float32")
+                      * cast(w.at([i[-1], r.var]), "float32"), axis=r)
+    st = L.stage(shape, fn, "gemm")
+    L.out.stages[-1].lanes = tm
+    return Val(shape, dt, lambda i: cast(st.at(i), dt))
+
+
+def _rows_apply(L: Lowering, node: fx.Node) -> bool:
+    """Whether this linear is read as `_gemm_rows` reads it: row panels asked for (`Lowering.lanes`), a weight
+    the kernel takes as a 2-D contiguous fp32 input, static sizes, and rows that split into panels of at least 8
+    (an AVX2 vector; fewer rows per vector leave the FMAs mostly idle: the panel GEMM serves those)."""
+    v = node.meta.get("val")
+    if not (L.lanes > 0 and packable(node) and isinstance(v, torch.Tensor) and v.dim() >= 2
+            and v.dtype == torch.float32):
+        return False
+    sizes = (*v.shape, *node.args[0].meta["val"].shape)
+    return all(isinstance(d, int) for d in sizes) and _fit(v.shape[-2], L.lanes) >= 8
+
+
 @handles(aten.linear.default)
 def _linear(L, node, x, w, b=None):
     xv, wv = L.val(x), L.val(w)
-    y = _gemm(L, node, xv, lambda batch, kk, n: wv.at([n, kk]), xv.shape[-1])
+    if _rows_apply(L, node):
+        y = _gemm_rows(L, node, xv, wv)
+    else:
+        y = _gemm(L, node, xv, lambda batch, kk, n: wv.at([n, kk]), xv.shape[-1])
     if b is None:
         return y
     ba = broadcast(L.val(b), y.shape)
@@ -1339,6 +1380,8 @@ def _addmm(L, node, bias, a, b, beta=1, alpha=1):
 # --- schedules ----------------------------------------------------------------------------------------------
 def space(lowered: Lowered) -> dict[str, list]:
     """The schedule parameters of this kernel (its tuning space); each one changes the generated code."""
+    if any(s.lanes for s in lowered.stages):  # tile_m: the rows of a vector, tile_n: the weight rows broadcast
+        return {"tile_m": [8, 16, 24], "tile_n": [2, 3, 4, 6], "tile_mb": [32, 64, 128], "unroll": [0, 1]}
     if any(s.role == "gemm" for s in lowered.stages):
         return {"tile_m": [2, 4, 6, 8], "tile_n": [8, 16, 24, 32], "tile_mb": [32, 64, 128], "unroll": [0, 1]}
     sp = {"vec": [4, 8, 16]}
@@ -1348,6 +1391,9 @@ def space(lowered: Lowered) -> dict[str, list]:
 
 
 DEFAULTS = {"vec": 8, "unroll": 1, "tile_m": 4, "tile_n": 16, "tile_mb": 64}
+# a GEMM on row panels (`_gemm_rows`): 16 rows (two AVX2 vectors) by 4 weight rows, 8 accumulators, as the panel
+# GEMM's 4 x 16; more weight rows need a register for each broadcast, and LLVM then spills accumulators
+ROW_DEFAULTS = {**DEFAULTS, "tile_m": 16, "tile_n": 4}
 # elements below which a row-wise or pointwise loop runs on the calling thread, as torch's own loops do
 # (at::internal::GRAIN_SIZE): waking the other threads for a decode step's one row costs more than the row
 PARALLEL_GRAIN = 32768
@@ -1370,7 +1416,7 @@ def schedule(lowered: Lowered, params: dict, parallel: bool | None = None) -> s_
     for t in lowered.out_tensors:
         blk = sch.get_sblock(t.op.name)
         if gemms and len(lowered.out_tensors) == 1 and len(gemms) == 1:
-            _gemm_schedule(sch, gemms[0].tensor.op.name, blk, p)
+            _gemm_schedule(sch, gemms[0].tensor.op.name, blk, p, gemms[0].lanes)
             placed.add(gemms[0].tensor.op.name)
             continue
         rows = _spatial(sch, blk, p)
@@ -1396,9 +1442,11 @@ def schedule(lowered: Lowered, params: dict, parallel: bool | None = None) -> s_
         name = st.tensor.op.name
         if name not in placed:
             if st.role == "gemm":
-                _gemm_schedule(sch, name, None, p)
+                _gemm_schedule(sch, name, None, p, st.lanes)
             elif st.role == "value":  # a stored value (Lowering._bound): a pointwise loop of its own
                 _spatial(sch, sch.get_sblock(name), p)
+            elif st.role == "rowpack":
+                _rowpack_schedule(sch, sch.get_sblock(name), p)
             else:
                 loops = sch.get_loops(sch.get_sblock(name))
                 spatial = loops[:len(st.tensor.shape)]
@@ -1511,6 +1559,16 @@ def _spatial(sch, blk, p):
     return rows
 
 
+def _rowpack_schedule(sch, blk, p) -> None:
+    """The activation's row panels (`_gemm_rows`): written in order, a panel's rows read side by side (their lines
+    stay in L1 across the next k); in parallel over the panels when large."""
+    loops = sch.get_loops(blk)
+    sch.unroll(loops[-1])
+    panels = _fuse_rows(sch, loops[:-2])
+    if math.prod(int(sch.get(lp).extent) for lp in sch.get_loops(blk)) >= PARALLEL_GRAIN and p["parallel"] is not False:
+        sch.parallel(panels)
+
+
 def _vector_lanes(sch, name: str) -> None:
     """Partial results of a two-level reduction: lanes innermost and vectorised."""
     loops = sch.get_loops(sch.get_sblock(name))
@@ -1531,28 +1589,34 @@ def _fit(n: int, want: int) -> int:
     return max(d for d in range(1, min(n, want) + 1) if n % d == 0)
 
 
-def _gemm_schedule(sch, name: str, epilogue, p) -> None:
+def _gemm_schedule(sch, name: str, epilogue, p, lanes: int = 0) -> None:
     """A register-blocked GEMM: a tile_m x tile_n block of accumulators (n the vector, m unrolled) lives
     in registers while k runs. Row tiles are grouped in blocks of about tile_mb rows, and the parallel
     loop runs over (row block, column panel): the panel of the packed weight (K x tile_n) stays in L1
-    while the block's rows (in L2) pass it. The epilogue runs per register tile, on what was just written."""
+    while the block's rows (in L2) pass it. The epilogue runs per register tile, on what was just written.
+    A GEMM on row panels (`lanes`: its rows per panel, `_gemm_rows`) is the same with the roles swapped: m the
+    vector, the tile_n weight rows unrolled, each of their elements broadcast."""
     blk = sch.get_sblock(name)
     *batch, m, n, k = sch.get_loops(blk)
     M, N = (int(sch.get(x).extent) for x in (m, n))
-    tm, tn = _fit(M, p["tile_m"]), _fit(N, p["tile_n"])
+    tm, tn = lanes or _fit(M, p["tile_m"]), _fit(N, p["tile_n"])
     mo, mi = sch.split(m, [None, tm])
     mbo, mbi = sch.split(mo, [None, _fit(M // tm, max(1, p["tile_mb"] // tm))])
     no, ni = sch.split(n, [None, tn])
-    sch.reorder(mbo, no, mbi, k, mi, ni)
+    vector, scalar = (mi, ni) if lanes else (ni, mi)
+    sch.reorder(mbo, no, mbi, k, scalar, vector)
     outer = sch.fuse(*batch, mbo, no)
     sch.parallel(outer)
     acc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(acc, mbi, preserve_unit_loops=True)
-    if tn % 4 == 0:
-        sch.vectorize(ni)
-        sch.vectorize(sch.get_loops(acc)[-1])
+    if lanes:  # the accumulators column-major: each one a vector of rows
+        sch.transform_layout(blk, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
+    if (tm if lanes else tn) % 4 == 0:
+        sch.vectorize(vector)
+        if tn % 4 == 0:
+            sch.vectorize(sch.get_loops(acc)[-1])
     if p["unroll"]:
-        sch.unroll(mi)
+        sch.unroll(scalar)
     sch.decompose_reduction(blk, k)
     if epilogue is not None:
         for at in (mbi, outer):

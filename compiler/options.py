@@ -24,8 +24,9 @@ MODES = {"default": {}, "reduce-overhead": {"cuda_graphs": True},
 # part of every kernel choice's cache key: bump when a backend gains a candidate, so that choices cached before
 # it existed are measured again instead of reused (2: extern's MKL packed-weight GEMM; 3: padding-aware
 # attention, TVM GEMMs on packed weights, timing on real masks and parameters; 4: TVM kernels of symbolic sizes;
-# 5: tvm+wxt, the library GEMM as weight @ input.T under a generated epilogue)
-CANDIDATES = "5"
+# 5: tvm+wxt, the library GEMM as weight @ input.T under a generated epilogue; 6: tvm+rows, the generated GEMM on
+# the weight as it is)
+CANDIDATES = "6"
 
 
 @dataclass(frozen=True)

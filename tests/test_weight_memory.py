@@ -242,3 +242,92 @@ def test_candidates_are_timed_on_a_rotation_of_weight_copies():
     for _ in range(2 * len(sets)):
         call()
     assert [id(t) for t in seen] == [id(s[1]) for s in sets[1:] + sets[:1]] * 2
+
+
+def test_a_row_panel_gemm_reads_the_weight_as_it_is():
+    """tvm+rows: the generated GEMM packs the activation into row panels (rows not a multiple of 16: panels of 12)
+    and reads the [N, K] weight in place: eager's result, no copy of the weight (the budget costs it nothing), and
+    the weight's in-place changes followed."""
+    import json
+
+    import torch.nn.functional as F
+    from fxcc.autotune import select
+
+    w = nn.Parameter(torch.randn(48, 40), requires_grad=False)
+    b = torch.randn(48)
+
+    def f(x, w):
+        return F.silu(F.linear(x, w, b))
+    x = torch.randn(2, 36, 40)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse", options=OPTS)
+    cm(x, w)
+    kb = next(k.body for k in cm.fxcc.variants[-1].kernels.values() if k.kind == "gemm")
+    cand = next(c for c in tvm.candidates(kb, "cpu") if c.backend == tvm.ROWS)
+    assert select.copies(kb, tvm.ROWS, "tvm") == []
+    built = cand.build(cand.defaults)
+    assert [e[4] for e in json.loads(built.files["kernel.json"])["inputs"]] == [0, 0, 0]  # nothing read packed
+    assert "rowpack" in built.source
+    for _ in range(2):
+        torch.testing.assert_close(built.fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
+    assert all(id(w) not in store for store in STORES.values())
+    with torch.no_grad():
+        w.mul_(-1)
+    torch.testing.assert_close(built.fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
+
+
+def test_a_merged_weight_read_in_place_by_tvm_is_not_copied_at_each_call():
+    """The parts of a merged weight are watched copy-on-write (fxcc.watch). A TVM kernel reading the merged weight
+    as it is must not ask for write access to it (handing a tensor over by DLPack does): its memory would be copied
+    at every call, and the parts' snapshots would end up holding a full copy of it."""
+    import torch.nn.functional as F
+    from fxcc import ir
+    from fxcc.watch import Snapshot
+
+    def f(x, w):
+        return F.silu(F.linear(x, w))
+    x = torch.randn(1, 32, 40)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse", options=OPTS)
+    cm(x, torch.randn(48, 40))
+    kb = next(k.body for k in cm.fxcc.variants[-1].kernels.values() if k.kind == "gemm")
+    cand = next(c for c in tvm.candidates(kb, "cpu") if c.backend == tvm.ROWS)
+    built = cand.build(cand.defaults)
+    parts = [nn.Parameter(torch.randn(n, 40), requires_grad=False) for n in (32, 16)]
+    merged = ir.concat_rows(parts)
+    watched = [Snapshot(p) for p in parts]
+    at = torch._C._data_address(merged)
+    for _ in range(3):
+        torch.testing.assert_close(built.fn([x, merged])[0], f(x, merged), atol=1e-4, rtol=1e-4)
+    assert torch._C._data_address(merged) == at  # not copied away from its snapshots
+    assert all(s.same(p) and s.cow for s, p in zip(watched, parts))  # still shared, not kept as copies
+    with torch.no_grad():
+        parts[1].mul_(-1)  # a write to a part shows in what the kernel reads
+    torch.testing.assert_close(built.fn([x, merged])[0], f(x, merged), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("panels_ms, chosen", [(1.0, "tvm+rows"), (0.5, "tvm")])
+def test_the_panels_are_kept_only_when_they_beat_the_gemm_on_the_weight_as_it_is(panels_ms, chosen, tmp_path,
+                                                                                monkeypatch):
+    """A candidate keeping a weight copy (TVM's column panels) wins only when it beats the best candidate keeping
+    none beyond the noise: at the same time the row-panel GEMM (tvm+rows) runs, the result is eager's, and no panel
+    of the weight is held."""
+    from fxcc.autotune import select
+    from fxcc.measure import Timing, decide
+
+    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))  # a cache of its own: this choice is made, not loaded
+    costs = {"extern": 2.0, "tvm": panels_ms, tvm.ROWS: 1.0}
+
+    def compare(fns, incumbent, **kw):
+        for fn in fns.values():
+            fn()
+        return decide({k: Timing([costs.get(k, 3.0) * (1 + 0.01 * i) for i in range(20)]) for k in fns}, incumbent)
+    monkeypatch.setattr(select, "compare", compare)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.SiLU()).eval()
+    x = torch.randn(1, 32, 64)
+    cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=auto,reps=3}", options=OPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
+    kernel = next(k for k in cm.variants[-1].kernels.values() if k.kind == "gemm")
+    assert kernel.backend == chosen
+    held = [e for e in tvm._PANELS.values() if e[0]() is model[0].weight]
+    assert bool(held) == (chosen == "tvm")
