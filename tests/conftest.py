@@ -22,9 +22,12 @@ os.environ.setdefault("FXCC_TIME_VS_EAGER", "0")
 # too noisy to settle it (FXCC_SETTLE_TRIES; tests of that re-measurement set it themselves).
 os.environ.setdefault("FXCC_SETTLE_TRIES", "1")
 # Parallel workers (pytest -n, the Makefile's `make test`) share the cores: each gets its share of threads, else
-# every worker's torch (and TVM, which takes torch's count) spins one thread per core and they contend.
+# every worker's torch (and TVM, which takes torch's count) spins one thread per core and they contend. The processes
+# a test starts get the same count (the environment): the thread count is part of a CPU kernel choice's cache key,
+# and a test's new process must find what the test stored.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def check_golden(name: str, text: str) -> None:
