@@ -366,11 +366,11 @@ def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[i
     # take symbolic (`is_causal=t > 1`, a SymBool) need not keep the others constant (a decode loop's position)
     attempts = [ints | floats] + [ints] * bool(ints and floats) if ints | floats else []
     singles = [ints - {i} for i in sorted(ints)] if 1 < len(ints) <= _ONE_AT_A_TIME else []
-    constant: dict[int, str] = {}
-    whole = dims
+    scalars = ints | floats
+    constant: dict[int, str] = {}  # why each one was made a constant, in the attempt that gave it up
     for k, symbolic in enumerate([*attempts, *singles]):
         watched: set[Any] = set()
-        tried = {i: ds for i, ds in whole.items() if i in symbolic or i not in ints | floats}
+        tried = {i: ds for i, ds in dims.items() if i in symbolic or i not in scalars}
         with missing_lookups(module) as missing, int_type_reads(watched) as reads:
             try:
                 cap = _capture(module, args, kwargs, dims=tried, forward=forward, watched=watched,
@@ -379,17 +379,16 @@ def _capture_attempts(module: nn.Module, args: tuple, kwargs: dict, dims: dict[i
                 cap, why = None, _symbolic_failure(e)
         if cap is not None and cap.method == "export" and not reads:
             cap.missing = missing
-            cap.constant_ints = constant if k < len(attempts) else \
-                {i: constant[i] for i in sorted((ints | floats) - symbolic)}
+            cap.constant_ints = {i: constant[i] for i in sorted(scalars - symbolic)}
             return cap
         why = (f"the model's code may read its type or text ({reads[0]})" if reads else
                why if cap is None else f"export failed with it symbolic: {cap.export_error or cap.method}")
         if k < len(attempts):
             unmade = symbolic & floats if len(attempts) > 1 and k == 0 else symbolic
             constant.update(dict.fromkeys(sorted(unmade), why))
-            dims = {i: ds for i, ds in dims.items() if i not in unmade}
     with missing_lookups(module) as missing:
-        cap = _capture(module, args, kwargs, dims=dims, forward=forward, unread=unread, read=read)
+        static = {i: ds for i, ds in dims.items() if i not in scalars} if scalars else dims
+        cap = _capture(module, args, kwargs, dims=static, forward=forward, unread=unread, read=read)
     cap.missing = missing
     cap.constant_ints = constant
     return cap
