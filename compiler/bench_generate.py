@@ -1,7 +1,8 @@
 """`fxcc bench generate`: greedy generation with a KV cache, eager vs torch.compile vs fxcc in one process.
 
 Each engine runs the model's own `generate` with its forward replaced (torch.compile as gpt-fast uses it:
-a static cache, mode "reduce-overhead" on the GPU; also the default mode). Per engine: time to first
+a static cache, mode "reduce-overhead" on the GPU for the decode steps, the prefill eager as transformers runs
+it; also the default mode, every call compiled; each torch.compile engine on its own copy of the model). Per engine: time to first
 token, decode tokens/s, compiles per generate (the first, and a later one with a new prompt length), the
 first generate's wall time (compiles included), and whether the tokens equal eager's. On the GPU also the
 decode step's share of the memory roofline: (weight bytes + KV bytes read per step) / measured copy
@@ -27,7 +28,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -65,6 +66,7 @@ class Engine:
     defer: bool = False  # generate reads its stop flag one step late, as `CompiledModule.generate` runs it
     error: str | None = None  # what this engine raised; it is left out of the rounds after it and reported
     mark_steps: bool = False  # each forward call begins a new CUDA-graph step (torch.compile reduce-overhead)
+    model: nn.Module | None = None  # the engine's own copy of the model (None: the one the others share)
 
 
 class Clock:
@@ -84,6 +86,21 @@ class Clock:
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
         return out
+
+
+class DecodeCompiled:
+    """How transformers' generate runs a static cache under torch.compile reduce-overhead (and gpt-fast its
+    decode graph): the prefill eagerly, each one-token step through `compiled`. The prefill allocates the
+    cache's tensors (`StaticLayer.lazy_initialization`); allocated inside a CUDA graph they would be the
+    graph's own memory, overwritten by its next replay."""
+
+    def __init__(self, eager: Callable, compiled: Callable):
+        self.eager, self.compiled = eager, compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        step = ids is not None and ids.shape[-1] == 1
+        return (self.compiled if step else self.eager)(*args, **kwargs)
 
 
 def llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, dtype: torch.dtype,
@@ -117,10 +134,17 @@ def engines(model: nn.Module, names: list[str], device: str, defer: str = "fxcc"
         elif base == "torch.compile":
             from torch._dynamo.utils import counters
             torch._dynamo.reset()
-            fn = torch.compile(own, mode=mode or None)
+            # its own copy of the weights: torch.compile's launches ask each weight for a writable pointer at every
+            # call, which on a shared model breaks the copy-on-write snapshots fxcc watches the weights with (the
+            # weights' memory moves at each call, and fxcc then compares their contents at every call)
+            mine = copy.deepcopy(model)
+            theirs = type(mine).forward.__get__(mine)
+            fn = torch.compile(theirs, mode=mode or None)
+            if "reduce-overhead" in mode:
+                fn = DecodeCompiled(theirs, fn)
             out.append(Engine(name, fn, "static", lambda: counters["stats"]["unique_graphs"],
                               defer=defer == "all" if late is None else late,
-                              mark_steps=device == "cuda" and "reduce-overhead" in mode))
+                              mark_steps=device == "cuda" and "reduce-overhead" in mode, model=mine))
         elif base == "fxcc":
             fn = fxcc.compile(own)
             out.append(Engine(name, fn, mode or None, lambda s=fn.fxcc.stats: s.compiles,
@@ -135,6 +159,7 @@ def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: s
              forward: Callable | None = None) -> tuple[torch.Tensor, list[float], float]:
     """One greedy generate through engine `e` (or `forward`): the tokens, the start time and the end time of
     each forward call, and the start time of the first forward call."""
+    model = e.model or model
     clock = Clock(forward or e.forward or type(model).forward.__get__(model), device, e.mark_steps and not forward)
     # generate reads the forward's signature to decide what it passes (position_ids from a padding mask)
     clock.__signature__ = inspect.signature(type(model).forward.__get__(model))
@@ -304,8 +329,8 @@ def run(args: Any, log: Callable[[str], None]) -> str:
             json.dump({"workload": "generate", "report": text, "batch": batch, "prompt": prompt, "new_tokens": new,
                        "warmup": warmup, "reps": done, "load_average": load, "roofline_ms": floor,
                        "config": model.config.to_diff_dict(),
-                       "engines": [{**{k: v for k, v in asdict(e).items()
-                                       if k not in ("forward", "compiles", "alone", "alone_inputs")},
+                       "engines": [{**{f.name: getattr(e, f.name) for f in fields(e)  # not deep copies
+                                       if f.name not in ("forward", "compiles", "alone", "alone_inputs", "model")},
                                     **_vs_alone(e)} for e in es]}, f, indent=2, default=str)
     return text
 

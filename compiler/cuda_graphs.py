@@ -116,6 +116,7 @@ class _Capture:
         self.graph, self.static, self.outs = graph, static, outs
         self.unheld = self._counts()  # nothing handed out yet (and no other reference to a storage object here)
         self.copies = 0  # inputs copied into the buffers (tests count them)
+        self.copy_host_s = 0.0  # host seconds the last `adopt` spent issuing its copies
 
     def _counts(self) -> list[tuple[int, int]]:
         """Per output storage: the tensors (views too) over it, and the holders of its storage object (one
@@ -149,13 +150,18 @@ class _Capture:
     def adopt(self, flat: list[Any]) -> list[Any]:
         """Replay for a call whose in-place inputs are other tensors of the captured shapes and strides: they are
         copied into the graph's in-place memory, and back after the replay (`private()` must hold)."""
+        # one multi-tensor copy each way: a cache holds two tensors per layer, and a launch per tensor cost more
+        # than the bytes (96 copies of a 16-layer decode step)
+        mine, theirs = [b for _, b in self.buffers], [flat[i] for i, _ in self.buffers]
+        t0 = time.perf_counter()
         with torch.inference_mode(True):  # in-place writes to inference and normal tensors alike
-            for i, b in self.buffers:
-                b.copy_(flat[i])
+            torch._foreach_copy_(mine, theirs)
+        t1 = time.perf_counter()
         outs = self.replay(flat)
+        t2 = time.perf_counter()
         with torch.inference_mode(True):
-            for i, b in self.buffers:
-                flat[i].copy_(b)
+            torch._foreach_copy_(theirs, mine)
+        self.copy_host_s = (t1 - t0) + (time.perf_counter() - t2)
         return outs
 
     def replay(self, flat: list[Any]) -> list[Any]:
@@ -371,7 +377,8 @@ class CudaGraphs:
         """The call replayed by the graph of its shapes whose in-place memory the last caller dropped (a new
         cache per generate), its in-place inputs copied in and back; None where none can. Copies cost per call
         what a capture costs once: a key copies until its copies' estimated time reaches the adopter's capture
-        time, then is captured (as renting before buying, within twice the better of the two)."""
+        time, then is captured (as renting before buying, within twice the better of the two). A call's copies
+        are estimated from their bytes and the host time spent issuing them."""
         graph = self.adopters.get(key[:-1]) if self.inplace else None
         if graph is None or graph.captures[0].memory is None:
             return None
@@ -382,10 +389,13 @@ class CudaGraphs:
         if len(self.copy_s) > 4 * MAX_GRAPHS:
             self.copy_s.clear()
         nbytes = sum(flat[i].numel() * flat[i].element_size() for i in self.inplace)
-        self.copy_s[key] = spent + 4 * nbytes / COPY_BYTES_PER_S  # in and back, each read and written
         self._touch(graph)
         self.adoptions += 1
-        return c.adopt(flat)
+        outs = c.adopt(flat)
+        # the device's time for the bytes (in and back, each read and written) and the host's for issuing the
+        # copies, measured: a cache of many small tensors (two per layer) costs more in launches than in bytes
+        self.copy_s[key] = spent + 4 * nbytes / COPY_BYTES_PER_S + c.copy_host_s
+        return outs
 
     def _touch(self, graph: CudaGraph, hit: bool = True) -> None:
         """`graph` replayed now (the least recently replayed is evicted first); `hit`: a replay of a kept graph."""

@@ -379,7 +379,12 @@ class ModuleState:
         self.watched = [(t, Snapshot(t)) for t in watched]  # first: a snapshot may move a tensor's memory
         self._index_watched()
         read = {id(t) for t in live or ()}
-        self.live = [t for t in self.tensors if id(t) in read]
+        # a tensor of fxcc's own that a graph reads (a merged Q/K/V or gate/up weight) shares its memory with the
+        # model's tensors that are its rows: a request for a writable pointer to one of them (torch.compile's
+        # launches make one) moves that memory for all, and the graph goes on reading the old one, which only
+        # their snapshots hold. Those tensors count as read: their move keeps that memory (`_live_kept`).
+        shared = {_ADDRESS(t) for t in live or () if isinstance(t, torch.Tensor)} - {0}
+        self.live = [t for t in self.tensors if id(t) in read or _ADDRESS(t) in shared]
         self.addresses = list(map(_ADDRESS, self.live)) if self.live else None
         self._live_ok = None  # the live tensors' addresses `_live_kept` last found good (their snapshots since kept)
 

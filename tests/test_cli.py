@@ -361,3 +361,21 @@ def test_explain_is_concise_and_its_kernel_ids_open_cache_entries(capsys, tmp_pa
     shown = capsys.readouterr().out
     assert f'"kernel": "{kernel}"' in shown
     assert cli.main(["cache", "ls"]) == 0 and kernel in capsys.readouterr().out
+
+
+def test_bench_generate_gives_torch_compile_its_own_model_and_reduce_overhead_an_eager_prefill():
+    """torch.compile's engine runs on its own copy of the weights (its launches ask each weight for a writable
+    pointer, which on a shared model moved the weights fxcc's CUDA graphs read); under reduce-overhead the
+    prefill runs eagerly and each one-token step compiled, as transformers' generate runs a static cache."""
+    model = bg.llama(64, 1, 4, 2, 128, torch.float32, "cpu")
+    (e,) = bg.engines(model, ["torch.compile:reduce-overhead"], "cpu")
+    assert e.model is not model and e.model.training == model.training
+    for (n, a), b in zip(model.named_parameters(), e.model.parameters()):
+        assert torch.equal(a, b) and torch._C._data_address(a) != torch._C._data_address(b), n
+    assert isinstance(e.forward, bg.DecodeCompiled)
+    calls = []
+    e.forward.eager = lambda *a, **k: calls.append("eager")
+    e.forward.compiled = lambda *a, **k: calls.append("compiled")
+    e.forward(torch.zeros(1, 5, dtype=torch.long))
+    e.forward(input_ids=torch.zeros(1, 1, dtype=torch.long))
+    assert calls == ["eager", "compiled"]

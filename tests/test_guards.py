@@ -358,6 +358,27 @@ def test_a_graph_reads_a_kept_copy_where_a_weight_moved_with_its_values():
         assert state.changed() is not None, how
 
 
+def test_a_graph_reading_a_merged_weight_keeps_its_memory_when_a_row_of_it_moves():
+    """A merged weight of fxcc's own (Q/K/V) that a CUDA graph reads shares its memory with the model's weights,
+    its rows. A writable pointer asked of one row (torch.compile's launches, on the same model) moves that
+    memory for all of them; the graph reads the old memory, which the rows' snapshots must keep. Before, the
+    snapshots were taken again and the old memory freed: the graph read freed memory (on an H100, token 0 from
+    the NaNs of another tensor after torch.compile reduce-overhead ran in the same process)."""
+    m = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    merged = torch.cat([m[0].weight.detach(), m[1].weight.detach()])
+    m[0].weight.data, m[1].weight.data = merged[:16], merged[16:]  # as fxcc.ir.concat_rows rebinds them
+    at = torch._C._data_address(merged)
+    state = ModuleState(m, [m[0].weight, m[1].weight], live=[merged])
+    m[1].weight.detach().numpy()  # a writable pointer to one row
+    assert torch._C._data_address(merged) != at  # the merged buffer moved with it
+    for _ in range(2):
+        assert state.changed() is None
+        assert any(s.holds(at) for _, s in state.watched)  # the graph's memory, kept
+    with torch.no_grad():
+        m[0].weight.data[0, 0] += 1
+    assert state.changed() is not None
+
+
 def test_a_kept_copy_costs_no_comparison_while_the_moved_weight_is_not_asked_again(monkeypatch):
     """After a weight a CUDA graph reads moved once with its values (the model run eagerly beside it, asking for
     writable pointers), its checks are address compares again: the tensor's new buffer is watched copy-on-write.
@@ -379,10 +400,10 @@ def test_a_kept_copy_costs_no_comparison_while_the_moved_weight_is_not_asked_aga
     m[0].weight.detach().numpy()  # asked again: one comparison, then address compares again
     assert state.changed() is None and state.changed() is None and len(compared) == 1
     with torch.no_grad():
-        m[0].weight.data[0, 0] += 1  # through an alias with a version counter of its own
+        m[0].weight.data[0, 0] *= 2  # through an alias with a version counter of its own
     assert state.changed() is not None
     with torch.no_grad():
-        m[0].weight.data[0, 0] -= 1
+        m[0].weight.data[0, 0] /= 2  # the old bits again (+1 then -1 would round them away)
     assert state.changed() is None
     m[0].weight.detach().numpy()[1, 1] += 2  # through the pointer itself
     assert state.changed() is not None
