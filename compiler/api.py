@@ -364,7 +364,10 @@ def _compiled_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: C
     keep = [i for i in range(len(example_inputs)) if i not in sizes]
     example = [_hint(example_inputs[i].item() if i in scalars else example_inputs[i]) for i in keep]
     cm.dims_hint = {j: dims for j, i in enumerate(keep) if (dims := _symbolic_dims(gm, i))}
-    cm.dims_hint.update({j: {0} for j, i in enumerate(keep) if i in scalars})  # dynamo made them dynamic
+    # dynamo made them dynamic: a float read as a number, an int it passes as a SymInt of its own (a decode position,
+    # a stride of a sliced input); symbolic from the first compile, as dynamo's graph serves every value of them
+    values = _placeholder_values(gm)
+    cm.dims_hint.update({j: {0} for j, i in enumerate(keep) if i in scalars or isinstance(values[i], torch.SymInt)})
     # compile now, so dynamo reports failures at compile time; outside dynamo's tracing context, whose
     # ShapeEnv would otherwise collect the guards of fxcc's own export as guards of the user's frame
     with torch._guards.tracing(None), unset_fake_temporarily(), inference():

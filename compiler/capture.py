@@ -327,6 +327,30 @@ def unchanged_conversions_skipped() -> Iterator[None]:
         nn.Module._apply = original
 
 
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpa_deciding_flags(*args: Any, **kwargs: Any) -> Any:
+    args = tuple(bool(a) if isinstance(a, torch.SymBool) else a for a in args)
+    kwargs = {k: bool(v) if isinstance(v, torch.SymBool) else v for k, v in kwargs.items()}
+    return _SDPA(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def symbolic_flags_decided() -> Iterator[None]:
+    """Within the block, `F.scaled_dot_product_attention` takes a symbolic bool for its flags: `is_causal=t > 1`,
+    the decode loop's test of its step's length (transformers' `query.shape[2] > 1` too). The op takes a Python
+    bool only, and a trace with the length symbolic hands it a SymBool, which failed the capture: the length then
+    stayed static, a compile per prompt length. The flag is decided as dynamo decides it, `bool()` on it: a guard
+    on the length (t >= 2) that the variant's shape guard holds, so a call on the other side (t = 1) compiles its
+    own variant."""
+    torch.nn.functional.scaled_dot_product_attention = _sdpa_deciding_flags
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = _SDPA
+
+
 def capture(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int, set[int]] | None = None,
             forward: Callable | None = None, unread: str | None = None) -> Captured:
     """Capture `module` (calling `forward`, by default its own) for these inputs, with the input
@@ -1284,7 +1308,8 @@ def _capture_run(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int
         # error reaches the user once, as eager's own (`eager_check`) or fxcc's
         unmet = dropped("torch._subclasses.fake_tensor", "failed while attempting to run meta for")
         with (torch.no_grad(), forward_as(module, traced), quiet, unfound, unmet, partial_graph_unprinted(),
-              eager_mask_skip(), unchanged_conversions_skipped(), own_tensors_unwarned(module)):
+              eager_mask_skip(), unchanged_conversions_skipped(), own_tensors_unwarned(module),
+              symbolic_flags_decided()):
             return torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
 
     try:

@@ -15,7 +15,8 @@ shapes followed by a direct call of the compiled executable (no pytree, no param
 
 Per input signature a segment runs the faster of compiled and plain Python, measured on its first
 inputs: a segment whose plain Python takes under `SMALL_SEGMENT_US` is not compiled at all (a
-comparison, a squeeze: a compiled call's dispatch costs as much), and a compiled one falls back to plain
+comparison, a squeeze: a compiled call's dispatch costs as much; decided once for every size of its
+input structure, as a symbolic variant serves them), and a compiled one falls back to plain
 Python only when that measured faster by more than `PYTHON_MARGIN` (compiled and plain are timed in
 alternating rounds, so load on a shared machine hits both alike).
 """
@@ -227,6 +228,8 @@ class Segment:
         self.eager_call: Any = None  # the generated segment function (bound to the owner), set by Program
         self.runs: dict[Any, SegmentRun] = {}  # the signatures built (compiled or plain Python)
         self.served: dict[Any, SegmentRun] = {}  # other signatures, served by a run's symbolic variant
+        # plain Python runs measured too small to compile, by their signature with sizes aside (`_sizes_aside`)
+        self.small: dict[Any, SegmentRun] = {}
         self.by_key: dict[Any, Any] = {}
         self.modules: dict[Any, CompiledModule] = {}  # (`_baked_key`, passed outputs' types) -> what compiles them
         self.stats = CompileStats()  # the segment's compiles, with their reasons
@@ -259,7 +262,15 @@ class Segment:
 
     def _served(self, args: tuple, sig: Any) -> Any:
         """The call of a built run whose symbolic variant's guard accepts these inputs (one object passed twice
-        where the run's was too), kept for `sig`; None where none does."""
+        where the run's was too), or of a run measured too small to compile at other sizes of these inputs
+        (`SMALL_SEGMENT_US`), kept for `sig`; None where none does. The smallness is measured once: timed again at
+        each new size (a KV cache that grows at every token), one measurement past the threshold on a loaded
+        machine would compile at some later token, a compile per run that no two runs would agree on."""
+        small = self.small.get(_sizes_aside(sig))
+        if small is not None:
+            self.served[sig] = small
+            self.by_key[sig] = small.call
+            return small.call
         baked = _baked_key(args)
         same = _same_objects(sig)
         for (b, _), cm in self.modules.items():
@@ -290,6 +301,7 @@ class Segment:
                 return call(*args)
             self.runs.clear()
             self.served.clear()
+            self.small.clear()
             self.by_key.clear()
             self.modules.clear()
             if self.churn.note(why, checks) and self.churned is None:
@@ -340,6 +352,7 @@ class Segment:
             why = (f"plain Python, not compiled: {t_py:.1f} us per call, less than a compiled call saves "
                    f"(SMALL_SEGMENT_US={SMALL_SEGMENT_US})")
             run = SegmentRun(sig, self.eager_call, eager=why)
+            self.small[_sizes_aside(key)] = run
         elif made := self._made_state(args, plain):
             run = SegmentRun(sig, self.eager_call, eager=f"plain Python: it makes its own {made} (a compiled graph would "
                                                          "hand the same object to every call)")
@@ -462,6 +475,18 @@ def _baked_key(args: tuple) -> tuple:
     """The guard on a segment call's baked inputs (`_baked`), by position: one CompiledModule compiles their
     signatures."""
     return tuple((i, _sig(a)) for i, a in enumerate(args) if _baked(a))
+
+
+def _sizes_aside(sig: Any) -> Any:
+    """A segment's signature (`_key(args, exact=False)`) without its tensors' sizes and strides and its ints' values:
+    what the signatures a growing KV cache gives at each token share."""
+    if type(sig) is not tuple:
+        return sig
+    if sig and type(sig[0]) is torch.Size:  # a tensor's (shape, strides, dtype, device, layout)
+        return (len(sig[0]), *sig[2:])
+    if len(sig) == 2 and sig[0] is int:
+        return (int,)
+    return tuple(map(_sizes_aside, sig))
 
 
 def _same_objects(sig: Any) -> Any:
@@ -827,13 +852,14 @@ class DyclVariant(Variant):
                     out.append(f"  compiles: {seg.stats.compiles}")
                     out += [f"    {i}. {reason}" for i, reason in enumerate(seg.stats.reasons, 1)]
                 for run in seg.runs.values():
+                    served = sum(r is run for r in seg.served.values())
                     if run.variant is None:
-                        out.append(f"  [{run.signature}] eager: {run.eager}")
+                        serves = f"; it serves {served} other signatures of other sizes" if served else ""
+                        out.append(f"  [{run.signature}] eager: {run.eager}{serves}")
                         continue
                     kernels = sum(1 for n in run.variant.gm.graph.nodes if n.op == "call_function"
                                   and str(n.target).startswith("fxcc_kernel"))
                     timing = f"; {run.timing}" if run.timing else ""
-                    served = sum(r is run for r in seg.served.values())
                     serves = f"; it serves {served} other signatures by its symbolic sizes" if served else ""
                     if run.eager:
                         out.append(f"  [{run.signature}] compiled, but runs as {run.eager}{serves}")

@@ -546,6 +546,11 @@ def deferred_stop_check(device_types: tuple[str, ...]) -> Iterator[None]:
                 DeferredStopCheck.is_supported = own
 
 
+def _sized_in(struct: tuple | None) -> frozenset[int]:
+    """The flat inputs a variant's structure (`CompiledModule._structure`) holds by type: its size ints and floats."""
+    return frozenset(i for i, e in enumerate(struct[1]) if e in (("int",), ("float",))) if struct else frozenset()
+
+
 class CompiledModule(ModuleView):
     """Callable with the original calling convention, backed by compiled variants chosen by guards; an
     nn.Module whose parameters, state and training flag are the original module's (fxcc.module_view)."""
@@ -964,18 +969,26 @@ class CompiledModule(ModuleView):
         flat, spec = flatten_inputs(args, kwargs)
         return flat, spec, (spec, tuple(_leaf_key(x) for x in flat), self.module.training, call_context())
 
-    def _state_ints(self, spec: Any) -> frozenset[int]:
-        return self._sized.get(spec, frozenset())
-
     def _symbolic(self, flat: list[Any], spec: Any, key: Any) -> Variant | _Eager | None:
         """A compiled symbolic variant whose guard accepts these inputs (remembered for the next call); eager
         where that variant's first call differed from eager."""
-        struct = None
+        structs: dict[Any, tuple] = {}
+
+        def structure(v: Variant) -> tuple:
+            """The call's structure as `v` was compiled for it: a DyCL host program's (`_host_structure`), or with
+            the ints that were sizes then (`_sized_in`). An int made a constant by a later compile (export failed
+            with it symbolic at another value) stays a size for the variants that had it so: their guards hold
+            its value where export specialized it."""
+            sized = "host" if getattr(v, "program", None) is not None else _sized_in(v.struct)
+            if sized not in structs:
+                structs[sized] = self._host_structure(flat, spec) if sized == "host" else \
+                    self._structure(flat, spec, sized)
+            return structs[sized]
+
         for v in self._compiled:
             if v.shapes is None or not v.shapes.dims:
                 continue
-            struct = struct or self._structure(flat, spec, self._state_ints(spec))
-            if v.struct == struct and v.shapes.matches(flat):
+            if v.struct == structure(v) and (getattr(v, "program", None) is not None or v.shapes.matches(flat)):
                 if len(self._memo) >= _MEMO:
                     self._memo.clear()
                 self._memo[key] = v.unlike_eager or v
@@ -984,8 +997,7 @@ class CompiledModule(ModuleView):
             v = e.compiled
             if v.shapes is None:
                 continue
-            struct = struct or self._structure(flat, spec, self._state_ints(spec))
-            if v.struct == struct and v.shapes.matches(flat):
+            if v.struct == structure(v) and v.shapes.matches(flat):
                 if len(self._memo) >= _MEMO:
                     self._memo.clear()
                 self._memo[key] = e
@@ -997,6 +1009,16 @@ class CompiledModule(ModuleView):
         caller's autocast and default dtype (`call_context`: a variant traced without an autocast has none of its
         casts)."""
         return spec, dynamic.structure(flat, sized), self.module.training, call_context()
+
+    def _host_structure(self, flat: list[Any], spec: Any) -> tuple:
+        """What a call must share with a DyCL host program's variant: its `_structure` with every int and float
+        argument by type and no tensor's layout class. The host program is Python over the call's own values: it
+        reads a position or a length as eager does, and each of its segments guards the sizes, values and strides
+        of its own inputs (a layout or an int that changed recompiled the host program, whose segments then
+        compiled again for the same inputs)."""
+        scalars = frozenset(i for i, x in enumerate(flat) if type(x) in (int, float))
+        spec, struct, training, context = self._structure(flat, spec, scalars)
+        return spec, dynamic.without_layouts(struct), training, context
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
         """The original module (or method), with fxcc's own forward, if installed on it, out of the way."""
@@ -1170,8 +1192,9 @@ class CompiledModule(ModuleView):
         elif isinstance(variant, Variant) and getattr(variant, "program", None) is not None:
             # a DyCL host program is Python: it serves every size of this input structure, and each of its segments
             # compiles for its own shapes as a module does (static first, a size that changes symbolic)
-            variant.shapes = dynamic.Shapes.any_sizes(flat, names, sized)
-            variant.struct = struct
+            scalars = frozenset(i for i, x in enumerate(flat) if type(x) in (int, float))
+            variant.shapes = dynamic.Shapes.any_sizes(flat, names, sized | scalars)
+            variant.struct = self._host_structure(flat, spec)
             reason += "; a host program serves any sizes (its segments compile for theirs)"
         if getattr(variant, "reason", ""):  # a DyCL variant says why it is a host program
             reason += f"; {variant.reason}"

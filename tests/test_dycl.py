@@ -320,6 +320,72 @@ def test_segments_faster_than_a_compiled_call_are_not_compiled(monkeypatch):
     assert "plain Python, not compiled: 2.0 us per call" in cm.explain()
 
 
+class GrowingCache(nn.Module):
+    """A KV cache held in a list and grown with torch.cat at each call (a store into the caller's list: a DyCL
+    host program): the segment that grows it sees new sizes at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x, cache: list):
+        h = self.lin(x)
+        cache[0] = torch.cat([cache[0], h], 0)
+        return cache[0].sum(0)
+
+
+def test_a_segment_too_small_to_compile_is_not_timed_again_at_each_new_size(monkeypatch):
+    """The smallness of a segment is measured at its first signature and holds for its other sizes: measured
+    again at each (a cache that grows at every token), a measurement past the threshold on a loaded machine
+    compiled it at some later token, a compile per run no two runs agreed on."""
+    measured: dict = {}
+
+    def median_us(fn, args):  # each segment's first measurement is "5 us", any later one "50 us"
+        f = getattr(fn, "__func__", fn)
+        measured[f] = measured.get(f, 0) + 1
+        return 5.0 if measured[f] == 1 else 50.0
+
+    monkeypatch.setattr(dycl, "SMALL_SEGMENT_US", 10.0)
+    monkeypatch.setattr(dycl, "_median_us", median_us)
+    model = GrowingCache().eval()
+    cm = fxcc.compile(model, passes=PASSES)
+    mine, eager = [torch.zeros(0, D)], [torch.zeros(0, D)]
+    for _ in range(6):
+        x = torch.randn(2, D)
+        with torch.no_grad():
+            assert_outputs_close(cm(x, mine), model(x, eager), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mine[0], eager[0])
+    segs = [s for v in cm.variants for s in v.program.segments]
+    grow = next(s for s in segs if "cat" in s.source)
+    assert sum(s.stats.compiles for s in segs) == 0
+    assert [r.eager.startswith("plain Python, not compiled") for r in grow.runs.values()] == [True]
+    assert "it serves 5 other signatures of other sizes" in cm.explain()
+
+
+class PositionedCache(GrowingCache):
+    def forward(self, x, cache: list, pos: int):
+        h = self.lin(x) + pos
+        cache[0] = torch.cat([cache[0], h], 0)
+        return cache[0].sum(0)
+
+
+def test_a_host_program_serves_any_int_value_and_tensor_layout():
+    """A host program is Python over the call's own values: a position that changes, or a cache that is a
+    transposed view at the prefill and contiguous after it, compiles no other host program (each segment guards
+    its own inputs)."""
+    model = PositionedCache().eval()
+    cm = fxcc.compile(model, passes=PASSES)
+    for pos, steps in ((0, 3), (2, 2)):  # two loops, each from a prefilled cache that is a transposed view
+        mine = [torch.randn(D, 3).t()]
+        eager = [mine[0].clone()]
+        for p in range(pos, pos + steps):
+            x = torch.randn(2, D)
+            with torch.no_grad():
+                assert_outputs_close(cm(x, mine, p), model(x, eager, p), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mine[0], eager[0])
+    assert cm.stats.compiles == 1 and cm.stats.eager_calls == 0
+
+
 class Halving(nn.Module):
     """`while` on `.item()`, a counter, keyword arguments with None, and an early return inside a for loop."""
 

@@ -484,7 +484,7 @@ def test_a_symbolic_float_is_no_tensor_to_the_raising_patterns(fn):
 
 def attend_at(q, kc, pos: int, t: int):
     keys = kc[:, :pos + t]  # `pos` computes as a size
-    return F.scaled_dot_product_attention(q, keys, keys, is_causal=t > 1)  # `t > 1`: a SymBool no op takes
+    return F.scaled_dot_product_attention(q, keys, keys).sum(1, keepdim=t > 1)  # `t > 1`: a SymBool no op takes
 
 
 def test_one_int_export_cannot_take_symbolic_keeps_only_itself_a_constant():
@@ -497,3 +497,53 @@ def test_one_int_export_cannot_take_symbolic_keeps_only_itself_a_constant():
         torch.testing.assert_close(cm(q, kc, pos, t), attend_at(q, kc, pos, t))
     assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0
     assert "`t` stays a constant" in cm.stats.reasons[1] and "`pos` stays a constant" not in cm.stats.reasons[1]
+
+
+def test_an_int_made_a_constant_later_leaves_the_variants_that_had_it_a_size():
+    """Decode steps of length 1 (export specializes `t` at 1: the variant keeps it a size whose guard holds 1), then
+    a second prefill whose `t` export cannot take symbolic (a constant from then on): the decode variant still serves
+    the second loop's steps at positions it never saw, as in the first loop."""
+    cm, kc = compiled(attend_at), torch.randn(1, 40, 8)
+    calls = [(0, 5), (5, 1), (6, 1), (0, 9), (9, 1), (10, 1), (11, 1)]
+    for k, (pos, t) in enumerate(calls):
+        q = torch.randn(1, t, 8)
+        torch.testing.assert_close(cm(q, kc, pos, t), attend_at(q, kc, pos, t))
+        if k == 3:
+            compiles = cm.stats.compiles
+    assert cm.stats.compiles == compiles == 3 and cm.stats.eager_calls == 0
+
+
+def window(x, pos: int):
+    return x[:, pos:pos + 2] * 2
+
+
+def test_torch_compile_backend_takes_an_int_dynamo_made_dynamic_symbolic_from_its_first_compile(caplog):
+    """An int argument whose value changed is a SymInt of dynamo's next graph (automatic dynamic), which serves every
+    later value: fxcc compiles that graph once, with the int symbolic (not static, then again at the next value)."""
+    torch._dynamo.reset()
+    fn = torch.compile(window, backend="fxcc", options={"passes": FAST})
+    x = torch.randn(3, 16)
+    with caplog.at_level(logging.INFO, logger="fxcc"), torch.no_grad():
+        for pos in range(2, 9):
+            torch.testing.assert_close(fn(x, pos), window(x, pos))
+    torch._dynamo.reset()
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("compiling ", "recompiling "))]
+    assert len(compiles) == 2, compiles
+
+
+def causal_at(q, kc, pos: int, t: int):
+    keys = kc[:, :pos + t]
+    return F.scaled_dot_product_attention(q, keys, keys, is_causal=t > 1)
+
+
+def test_a_symbolic_is_causal_is_decided_by_a_guard():
+    """`is_causal=t > 1` with `t` symbolic: the flag is decided as dynamo decides it (a guard t >= 2), not a failed
+    capture that keeps `t` a constant: one prefill variant serves every prompt length, one decode variant every
+    step, and a step of 1 after prefills of several lengths compiles nothing."""
+    cm, kc = compiled(causal_at), torch.randn(1, 2, 40, 8)
+    calls = [(0, 5), (5, 1), (6, 1), (0, 9), (9, 1), (10, 1), (0, 7), (7, 1)]
+    for pos, t in calls:
+        q = torch.randn(1, 2, t, 8)
+        torch.testing.assert_close(cm(q, kc, pos, t), causal_at(q, kc, pos, t))
+    assert cm.stats.compiles == 3 and cm.stats.eager_calls == 0
+    assert "stays a constant" not in cm.stats.reasons[2]
