@@ -111,6 +111,17 @@ def derived(store: dict, w: Tensor, key: object, make: Callable[[], object], sou
     return value
 
 
+def readable(w: Tensor) -> Tensor:
+    """`w` for a library routine that asks for a writable pointer although it only reads (oneDNN's and MKL's weight
+    packing): a transient copy where `w`'s storage is shared copy-on-write (a merged weight, whose parts the runtime
+    watches: fxcc.watch). Asked of `w` itself, the write access would move `w` to new memory and leave the watcher's
+    snapshot holding the old: a second full copy of the weight, kept as long as the model lives."""
+    return w.clone() if _is_cow(w) else w
+
+
+_is_cow = getattr(torch._C, "_is_cow_tensor", lambda t: False)
+
+
 @dataclass
 class Built:
     """What building a candidate produced: the callable, its readable source and files for the cache."""

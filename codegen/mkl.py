@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import derived, linear_weight
+from fxcc.codegen import derived, linear_weight, readable
 
 _F32 = torch.float32
 _PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref, snapshots, key, packed) (fxcc.codegen.derived)
@@ -45,7 +45,7 @@ def applies(node: fx.Node) -> bool:
 def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
     """`w` packed by MKL (`rows`: the row count of the first GEMM, a hint), again only when `w` changes."""
     def pack() -> torch.Tensor:
-        return torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), max(rows, 1))
+        return torch.ops.mkl._mkl_reorder_linear_weight(readable(w.detach()), max(rows, 1))
     return derived(_PACKED, w, None, pack)
 
 

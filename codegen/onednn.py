@@ -13,7 +13,7 @@ import functools
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import derived, linear_weight
+from fxcc.codegen import derived, linear_weight, readable
 
 _PACKED: dict[int, tuple] = {}  # packed weights (fxcc.codegen.derived)
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -35,7 +35,7 @@ def applies(node: fx.Node) -> bool:
 def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
     """`w` reordered for GEMMs of about `rows` rows (a hint: the packed weight serves any row count), made
     once per weight (again when it changes): a weight used at several row counts (experts) is packed once."""
-    return derived(_PACKED, w, None, lambda: torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows))
+    return derived(_PACKED, w, None, lambda: torch.ops.mkldnn._reorder_linear_weight(readable(w.detach()), rows))
 
 
 def copy_bytes(w: torch.Tensor) -> int:

@@ -37,6 +37,7 @@ from fxcc.codegen import tvm as tvm_codegen
 from fxcc.codegen.tvm import packable, split_bias, weight_first_strides
 from fxcc.dialects import classify, dense_order
 from tvm import s_tir, te, tirx
+from tvm.tirx import stmt as S
 
 aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
@@ -1452,7 +1453,76 @@ def schedule(lowered: Lowered, params: dict, parallel: bool | None = None) -> s_
                 spatial = loops[:len(st.tensor.shape)]
                 if spatial and p["parallel"] is not False:
                     sch.parallel(_fuse_rows(sch, spatial))
-    return sch
+    return _prefetched(sch)
+
+
+# a GEMM on row panels reads tile_n weight rows of a few KB each, in step, once per column tile: the hardware
+# prefetcher learns each short stream anew (and stops at each 4 KB page), so with the weights coming from memory, as in
+# a model, the loads wait where the panels' one long stream does not (8-20% at K=512, benchmarks/tvm_nt_gemm.py
+# --cold). The k loop, in steps of a cache line, asks for the same line of the next tile's rows.
+LINE = 16  # fp32 elements in a 64-byte cache line
+PREFETCH = "fxcc.prefetch_next_rows"  # the annotation of that k loop (its value: tile_n) and of the weight-row loop
+
+
+def _prefetched(sch: s_tir.Schedule) -> s_tir.Schedule:
+    """The schedule with a prefetch, at the start of each loop annotated PREFETCH (`_gemm_schedule`), of the weight
+    elements its GEMM reads at the first iteration of the loops inside it, in the tile_n rows after the current ones
+    (the next column tile: the parallel loop gives each thread a run of consecutive tiles). The address is clamped to
+    the weight's buffer; a schedule without such a loop is returned as it is."""
+    func = sch.mod["main"]
+
+    def fetches(loop) -> list:
+        tn, inner, rows, updates = int(loop.annotations[PREFETCH]), [], [], []
+
+        def collect(node):
+            if isinstance(node, S.For):
+                inner.append(node.loop_var)
+                if PREFETCH in node.annotations:
+                    rows.append(node.loop_var)
+            elif isinstance(node, s_tir.SBlockRealize) and any(iv.iter_type == tirx.IterVar.CommReduce
+                                                              for iv in node.block.iter_vars):
+                updates.append(node)
+        tvm_ffi.structural_walk(loop.body, collect)
+        if len(rows) != 1 or len(updates) != 1:
+            return []
+        loads = []
+        tvm_ffi.structural_walk(updates[0].block.body, lambda e: loads.append(e) if isinstance(e, _LOAD) and any(
+            e.source.same_as(p) for p in func.params) and len(e.source.shape) == 1 else None)
+        if not loads or any(not ld.source.same_as(loads[0].source) for ld in loads):
+            return []  # the weight: the one input the GEMM reads as it is (an expression of several: no prefetch)
+        realize, weight = updates[0], loads[0].source
+        binds = list(zip((iv.var for iv in realize.block.iter_vars), realize.iter_values))
+        out = []
+        for j in range(tn):  # the first element of this line of k in row j of the next tile
+            at = _substitute(_substitute(loads[0].indices[0], binds),
+                             [(v, tirx.const(tn + j if v.same_as(rows[0]) else 0, v.ty.dtype)) for v in inner])
+            at = tirx.min(at, tirx.const(int(weight.shape[0]) - 1, at.ty.dtype))
+            addr = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(weight, [at]))
+            out.append(S.Evaluate(tirx.call_intrin("void", "tirx.prefetch", addr, 0, 3, 1)))
+        return out
+
+    def on_for(loop, m):
+        if PREFETCH not in loop.annotations:
+            return m.default_mutate(loop)
+        body = m.mutate(loop.body)
+        notes = {k: v for k, v in loop.annotations.items() if k != PREFETCH}
+        pre = fetches(loop) if int(loop.annotations[PREFETCH]) > 0 else []
+        return S.For(loop.loop_var, loop.min, loop.extent, loop.kind, S.SeqStmt([*pre, body]) if pre else body,
+                     loop.thread_binding, notes, loop.step)
+
+    body = tvm_ffi.structural_mutate(func.body, [(S.For, on_for)])
+    if body.same_as(func.body):
+        return sch
+    return s_tir.Schedule(tvm.IRModule({"main": func.with_body(body)}))
+
+
+_LOAD = type(tirx.BufferLoad(tirx.decl_buffer((1,), "float32", "b"), [tirx.const(0, "int32")]))
+
+
+def _substitute(expr, binds: list):
+    """`expr` with each variable of `binds` ((variable, value) pairs) replaced by its value."""
+    return tvm_ffi.structural_mutate(expr, [(tvm.ir.expr.Var,
+                                             lambda v, _: next((x for u, x in binds if u.same_as(v)), v))])
 
 
 def _fuse_rows(sch, loops):
@@ -1605,6 +1675,11 @@ def _gemm_schedule(sch, name: str, epilogue, p, lanes: int = 0) -> None:
     no, ni = sch.split(n, [None, tn])
     vector, scalar = (mi, ni) if lanes else (ni, mi)
     sch.reorder(mbo, no, mbi, k, scalar, vector)
+    K = int(sch.get(k).extent)
+    if lanes and K % LINE == 0 and N > tn:  # a line of each next weight row per line of k (`_prefetched`)
+        k, ki = sch.split(k, [None, LINE])
+        sch.annotate(k, PREFETCH, tn)
+        sch.annotate(ni, PREFETCH, 0)
     outer = sch.fuse(*batch, mbo, no)
     sch.parallel(outer)
     acc = sch.cache_write(blk, 0, "local")

@@ -25,8 +25,8 @@ MODES = {"default": {}, "reduce-overhead": {"cuda_graphs": True},
 # it existed are measured again instead of reused (2: extern's MKL packed-weight GEMM; 3: padding-aware
 # attention, TVM GEMMs on packed weights, timing on real masks and parameters; 4: TVM kernels of symbolic sizes;
 # 5: tvm+wxt, the library GEMM as weight @ input.T under a generated epilogue; 6: tvm+rows, the generated GEMM on
-# the weight as it is)
-CANDIDATES = "6"
+# the weight as it is; 7: tvm+rows prefetches the next column tile's weight rows)
+CANDIDATES = "7"
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,52 @@ def test_a_row_panel_gemm_reads_the_weight_as_it_is():
     torch.testing.assert_close(built.fn([x, w, b])[0], f(x, w), atol=1e-4, rtol=1e-4)
 
 
+def test_a_row_panel_gemm_prefetches_the_next_tiles_weight_rows():
+    """tvm+rows streams a few weight rows at a time, too short for the hardware prefetcher when the weights come
+    from memory: each line of k asks for the same line of the next column tile's rows, the last tile's clamped to
+    the weight. The result stays eager's."""
+    import re
+
+    import torch.nn.functional as F
+
+    n, k = 48, 64  # 12 tiles of 4 rows, 4 lines of k
+    w = nn.Parameter(torch.randn(n, k), requires_grad=False)
+
+    def f(x, w):
+        return F.linear(x, w)
+    x = torch.randn(1, 16, k)
+    cm = fxcc.compile(f, passes="canonicalize,raise,fuse", options=OPTS)
+    cm(x, w)
+    kb = next(kk.body for kk in cm.fxcc.variants[-1].kernels.values() if kk.kind == "gemm")
+    cand = next(c for c in tvm.candidates(kb, "cpu") if c.backend == tvm.ROWS)
+    built = cand.build(cand.defaults)
+    tn = cand.defaults["tile_n"]
+    fetches = re.findall(r"T\.prefetch\(T\.address_of\(\w+\[T\.min\((.*), (\d+)\)\]\)", built.source)
+    assert len(fetches) == tn and {int(last) for _, last in fetches} == {n * k - 1}
+    assert all(f"* {tn} + {tn + j}) * {k}" in at for j, (at, _) in enumerate(fetches))  # rows tn..2tn-1 ahead
+    for _ in range(2):
+        torch.testing.assert_close(built.fn([x, w])[0], f(x, w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("library", [onednn, mkl], ids=["onednn", "mkl"])
+def test_packing_a_watched_weight_leaves_it_where_it_is(library):
+    """The parts of a merged weight are watched copy-on-write (fxcc.watch). oneDNN's and MKL's packing ask for write
+    access to the weight they read: asked of the merged weight itself, it moved to new memory and the snapshot kept
+    the old, a second full copy beside the packed one (llama: 30 MB more where oneDNN packed Q/K/V and gate/up)."""
+    import torch.nn.functional as F
+    from fxcc.watch import Snapshot
+
+    if not library.available():
+        pytest.skip(f"{library.__name__} is not available")
+    merged = nn.Parameter(torch.randn(96, 64), requires_grad=False)
+    at = torch._C._data_address(merged)
+    part = Snapshot(merged[:32])
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(library.linear(x, merged), F.linear(x, merged), atol=1e-4, rtol=1e-4)
+    assert torch._C._data_address(merged) == at
+    assert part.same(merged[:32]) and torch._C._data_address(part.copy) == at
+
+
 def test_a_merged_weight_read_in_place_by_tvm_is_not_copied_at_each_call():
     """The parts of a merged weight are watched copy-on-write (fxcc.watch). A TVM kernel reading the merged weight
     as it is must not ask for write access to it (handing a tensor over by DLPack does): its memory would be copied
@@ -304,22 +350,28 @@ def test_a_merged_weight_read_in_place_by_tvm_is_not_copied_at_each_call():
     torch.testing.assert_close(built.fn([x, merged])[0], f(x, merged), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("panels_ms, chosen", [(1.0, "tvm+rows"), (0.5, "tvm")])
-def test_the_panels_are_kept_only_when_they_beat_the_gemm_on_the_weight_as_it_is(panels_ms, chosen, tmp_path,
+# (ms, noise) per candidate: samples from ms up by `noise` per sample (20 of them)
+@pytest.mark.parametrize("times, chosen", [({"tvm": (1.0, 0.01)}, "tvm+rows"), ({"tvm": (0.95, 0.01)}, "tvm+rows"),
+                                           ({"tvm": (0.5, 0.01)}, "tvm"),
+                                           ({"extern": (1.2, 0.0), "tvm+rows": (1.0, 0.03)}, "tvm+rows")],
+                         ids=["level", "5% within the noise", "2x", "rows not beyond the noise of extern"])
+def test_the_panels_are_kept_only_when_they_beat_the_gemm_on_the_weight_as_it_is(times, chosen, tmp_path,
                                                                                 monkeypatch):
     """A candidate keeping a weight copy (TVM's column panels) wins only when it beats the best candidate keeping
-    none beyond the noise: at the same time the row-panel GEMM (tvm+rows) runs, the result is eager's, and no panel
-    of the weight is held."""
+    none beyond the noise: at the same time, or 5% faster within the noise (on a busy machine equal GEMMs measure
+    that far apart), the row-panel GEMM (tvm+rows) runs, the result is eager's, and no panel of the weight is held.
+    So too where the panels beat extern beyond the noise and tvm+rows, level with them, does not quite."""
     from fxcc.autotune import select
     from fxcc.measure import Timing, decide
 
     monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))  # a cache of its own: this choice is made, not loaded
-    costs = {"extern": 2.0, "tvm": panels_ms, tvm.ROWS: 1.0}
+    costs = {"extern": (2.0, 0.01), "tvm": (1.0, 0.01), tvm.ROWS: (1.0, 0.01), **times}
 
     def compare(fns, incumbent, **kw):
         for fn in fns.values():
             fn()
-        return decide({k: Timing([costs.get(k, 3.0) * (1 + 0.01 * i) for i in range(20)]) for k in fns}, incumbent)
+        return decide({k: Timing([ms * (1 + noise * i) for i in range(20)]) for k in fns
+                       for ms, noise in [costs.get(k, (3.0, 0.01))]}, incumbent)
     monkeypatch.setattr(select, "compare", compare)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.SiLU()).eval()
