@@ -172,7 +172,39 @@ def build_executable(gm: fx.GraphModule, ready: dict[str, BuiltKernel] | None = 
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     _fold_int_round_trips(graph)
+    _direct_calls(graph)
     return fx.GraphModule(gm, graph), bound, kernels  # takes the submodules eager regions call
+
+
+_aten = torch.ops.aten
+# aten ops of eager regions and of kernels spliced in inline, called through torch's own Python functions or tensor
+# methods: an OpOverload's call parses its arguments against the schema in Python-facing C++ that boxes them (about
+# 6.7 against 2 us for a reshape); these functions take the same positional arguments (and keywords, where
+# `_KEYWORDS` names them) and select that same overload
+_FUNCTIONS = {
+    _aten.reshape.default: torch.reshape, _aten.transpose.int: torch.transpose, _aten.unsqueeze.default: torch.unsqueeze,
+    _aten.squeeze.dim: torch.squeeze, _aten.permute.default: torch.permute, _aten.select.int: torch.select,
+    _aten.t.default: torch.t, _aten.add.Tensor: torch.add, _aten.sub.Tensor: torch.sub, _aten.mul.Tensor: torch.mul,
+    _aten.div.Tensor: torch.div, _aten.neg.default: torch.neg, _aten.rsqrt.default: torch.rsqrt,
+    _aten.mm.default: torch.mm, _aten.bmm.default: torch.bmm, _aten.cat.default: torch.cat,
+    _aten.embedding.default: torch.embedding, _aten.index_copy.default: torch.index_copy,
+}
+_METHODS = {_aten.view.default: "view", _aten.add_.Tensor: "add_", _aten.index_copy_.default: "index_copy_",
+            _aten.copy_.default: "copy_"}
+_KEYWORDS = {_aten.add.Tensor: {"alpha"}, _aten.sub.Tensor: {"alpha"}, _aten.add_.Tensor: {"alpha"}}
+
+
+def _direct_calls(graph: fx.Graph) -> None:
+    """Calls of the aten ops in `_FUNCTIONS` and `_METHODS` made through torch's Python functions and tensor
+    methods: the same op, without the OpOverload's slower argument parsing (tens of them per decode step)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not (node.kwargs.keys() <= _KEYWORDS.get(node.target, set())):
+            continue
+        fn, method = _FUNCTIONS.get(node.target), _METHODS.get(node.target)
+        if fn is not None:
+            node.target = fn
+        elif method is not None and node.args and isinstance(node.args[0], fx.Node):
+            node.op, node.target = "call_method", method
 
 
 def _fold_int_round_trips(graph: fx.Graph) -> None:

@@ -154,9 +154,12 @@ class Variant:
             outs = self.cuda_graph(flat) if self.cuda_graph is not None else None
             if outs is not None:
                 return self._result(outs, flat, args, kwargs, places)
-        if torch.is_grad_enabled():
-            with torch.no_grad():
+        if _grad_enabled():  # as torch.no_grad() does, without its objects (microseconds a call)
+            _set_grad_enabled(False)
+            try:
                 outs = self._call(*flat)
+            finally:
+                _set_grad_enabled(True)
         else:  # the caller's no_grad: entering it again costs a microsecond per call
             outs = self._call(*flat)
         return self._result(list(outs), flat, args, kwargs, places)
@@ -396,6 +399,7 @@ class _Hot:
 
 _any_autocast, _default_dtype = torch._C._is_any_autocast_enabled, torch.get_default_dtype
 _is_compiling, _grad_enabled, _EPOCH = torch.compiler.is_compiling, torch.is_grad_enabled, hooks.EPOCH
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
 _HOT_MISSES = 16  # calls of other signatures before the hot one is given up
@@ -429,12 +433,13 @@ def _call_key(args: tuple, kwargs: dict, training: bool, floats: bool = True) ->
 _FRESH_TRIES = 16  # net misses of the new-state-object path before it is no longer tried
 
 
-def _fresh_key(ckey: tuple, args: tuple, kwargs: dict) -> tuple[tuple, list[Any]] | None:
+def _fresh_key(ckey: tuple, args: tuple, kwargs: dict) -> tuple[tuple, list[Any], tuple] | None:
     """For a call whose `_call_key` is `ckey`: the same key with each state object's identity replaced by its
-    structure (its class, its pytree context and the guard's key of each of its leaves), and the call's flat
-    inputs in `flatten_inputs` order; None where a state object does not flatten into tensors and plain values
-    under a hashable context. Two calls with equal keys have equal full guard keys: a new KV cache of a structure
-    served before (transformers' generate makes one per call) is served without the full guard."""
+    structure (its class, its pytree context and the guard's key of each of its leaves), the call's flat
+    inputs in `flatten_inputs` order, and the identities of the state objects and their leaves; None where a
+    state object does not flatten into tensors and plain values under a hashable context. Two calls with equal
+    keys have equal full guard keys: a new KV cache of a structure served before (transformers' generate makes
+    one per call) is served without the full guard."""
     parts, leaves_of = list(ckey), {}
     for i, a in enumerate((*args, *kwargs.values()), start=4):  # 4: _call_key's parts before the arguments'
         if is_state(a):
@@ -453,7 +458,7 @@ def _fresh_key(ckey: tuple, args: tuple, kwargs: dict) -> tuple[tuple, list[Any]
             flat.extend(leaves_of[id(a)])
         else:  # None too: a leaf of flatten_inputs
             flat.append(a)
-    return tuple(parts), flat
+    return tuple(parts), flat, tuple((k, *map(id, leaves)) for k, leaves in leaves_of.items())
 
 
 class _Calls(dict):
@@ -586,6 +591,7 @@ class CompiledModule(ModuleView):
         self._call_misses: dict[tuple, int] = {}  # _call_key -> times its state objects had changed
         self._fresh: dict[tuple, Variant | _Eager] = {}  # _fresh_key -> what the guard found (new state objects)
         self._fresh_misses = 0  # net misses of _fresh: past _FRESH_TRIES the structural path is not tried
+        self._fresh_last: tuple | None = None  # the last call _fresh served: its call key, its state objects' ids
         self._symbolic_floats = False  # some call key in _calls takes its float arguments whatever their values
         self._params: ModuleState | None = None  # the model's state the variants depend on (fxcc.guards)
         self._sources: dict[int, torch.Tensor] | None = {}  # tensors folded into the variants' constants (None: all)
@@ -674,8 +680,11 @@ class CompiledModule(ModuleView):
                     if hot.direct is None:
                         return self._run(hot.variant, list(args), args, kwargs)
                     if _grad_enabled():  # as Variant.run: outside the caller's no_grad, in one
-                        with torch.no_grad():
+                        _set_grad_enabled(False)
+                        try:
                             outs = hot.direct(*args, *hot.bound)
+                        finally:
+                            _set_grad_enabled(True)
                     else:
                         outs = hot.direct(*args, *hot.bound)
                     return outs[0] if hot.leaf else tuple(outs)
@@ -717,6 +726,13 @@ class CompiledModule(ModuleView):
                     self.stats.eager_calls += 1
                     return self._eager(*args, **kwargs)
                 if not self._params or self._params_unchanged():
+                    # the same state objects holding the same tensors as at the last call it served (a static
+                    # cache, written in place, at each decode step of a new generate): kept as the guard keeps
+                    # a call, checked at the next call without flattening the objects again
+                    seen, self._fresh_last = self._fresh_last, (ckey, fresh[2])
+                    if seen == self._fresh_last:
+                        with COMPILE_LOCK:
+                            self._remember_call(ckey, variant, args, kwargs)
                     return self._run(variant, fresh[1], args, kwargs)
         with COMPILE_LOCK:  # one thread at a time guards, compiles and checks (capture is not thread-safe)
             return self._slow_call(args, kwargs, fast, ckey, fresh[0] if fresh is not None else None)
