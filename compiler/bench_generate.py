@@ -67,6 +67,8 @@ class Engine:
     error: str | None = None  # what this engine raised; it is left out of the rounds after it and reported
     mark_steps: bool = False  # each forward call begins a new CUDA-graph step (torch.compile reduce-overhead)
     model: nn.Module | None = None  # the engine's own copy of the model (None: the one the others share)
+    loop: bool = False  # fxcc:loop: `fxcc.compile(model).generate`, fxcc's own decode loop (see `generate_loop`)
+    path: str | None = None  # fxcc:loop: which loop its last generate ran, and why
 
 
 class Clock:
@@ -145,13 +147,17 @@ def engines(model: nn.Module, names: list[str], device: str, defer: str = "fxcc"
             out.append(Engine(name, fn, "static", lambda: counters["stats"]["unique_graphs"],
                               defer=defer == "all" if late is None else late,
                               mark_steps=device == "cuda" and "reduce-overhead" in mode, model=mine))
+        elif base == "fxcc" and mode == "loop":
+            cm = fxcc.compile(model)
+            out.append(Engine(name, cm, "static", lambda c=cm: c.stats.compiles + sum(
+                s.stats.compiles for s in c.decode_loop.steps.values()), loop=True))
         elif base == "fxcc":
             fn = fxcc.compile(own)
             out.append(Engine(name, fn, mode or None, lambda s=fn.fxcc.stats: s.compiles,
                               defer=defer != "none" if late is None else late))
         else:
-            raise SystemExit(f"unknown engine {name!r}; use eager, torch.compile[:MODE], fxcc[:static], each with an "
-                             "optional +defer or +plain (the stop check one step late, or at every step)")
+            raise SystemExit(f"unknown engine {name!r}; use eager, torch.compile[:MODE], fxcc[:static|loop], each with "
+                             "an optional +defer or +plain (the stop check one step late, or at every step)")
     return out
 
 
@@ -159,6 +165,8 @@ def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: s
              forward: Callable | None = None) -> tuple[torch.Tensor, list[float], float]:
     """One greedy generate through engine `e` (or `forward`): the tokens, the start time and the end time of
     each forward call, and the start time of the first forward call."""
+    if e.loop and forward is None:
+        return generate_loop(e, ids, new, device)
     model = e.model or model
     clock = Clock(forward or e.forward or type(model).forward.__get__(model), device, e.mark_steps and not forward)
     # generate reads the forward's signature to decide what it passes (position_ids from a padding mask)
@@ -173,6 +181,37 @@ def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: s
     if device == "cuda":
         torch.cuda.synchronize()
     return out, [t0, clock.ends[0], time.perf_counter()], clock.starts[0]
+
+
+def generate_loop(e: Engine, ids: torch.Tensor, new: int, device: str) -> tuple[torch.Tensor, list[float], float]:
+    """One greedy generate of `fxcc.compile(model).generate` with a static cache: fxcc's decode loop, whose steps
+    are not forward calls of the model, so no call is clocked. A generate of two new tokens (the prefill, its token
+    and one step) runs first: a step's time is the difference of the two generates over the difference in tokens
+    (generate's setup and the prefill cancel, as in `benchmarks/decode_loop.py`), and the first token's time is
+    the short generate's less one step. Its static cache is shorter than the full generate's (the compiled prefill
+    and step take the cache length as a symbol); a one-token generate would not do: generate passes its prefill
+    other arguments there, a call of its own kind, compiled on its own."""
+    short = 2 if new > 2 else 1
+
+    def one(n: int) -> tuple[torch.Tensor, float]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = e.forward.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     cache_implementation="static")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    _, t_short = one(short)
+    out, t_full = one(new)
+    e.path = e.forward.decode_loop.text()
+    step = (t_full - t_short) / (new - short) if new > short else 0.0
+    t0 = time.perf_counter() - t_full  # this generate's start, for the caller's differences
+    first = t0 + t_short - (short - 1) * step
+    # ends[-1] - ends[1] = (new - 1) steps, as the clocked engines' decode time
+    return out, [t0, first, first + (new - 1) * step], first
 
 
 class _Recorded(Exception):
@@ -265,11 +304,14 @@ def run(args: Any, log: Callable[[str], None]) -> str:
             e.compiles_again = e.compiles() - before
             if e.forward is not None and hasattr(e.forward, "fxcc"):
                 e.compile_s = sum(v.compile_seconds for v in e.forward.fxcc.variants)
+            if e.loop:
+                e.compile_s = sum(v.compile_seconds for c in (e.forward, *e.forward.decode_loop.steps.values())
+                                  for v in c.variants)
             reference.setdefault("ids", tokens)
             reference.setdefault("other", other_tokens)
             e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
     for e in es:  # after every engine's generates: what generate leaves on the model (a static cache's length) is there
-        if getattr(args, "prefill_alone", True) and e.name.startswith("fxcc") and not e.error:
+        if getattr(args, "prefill_alone", True) and e.name.startswith("fxcc") and not e.error and not e.loop:
             log(f"{e.name}: the prefill compiled alone ...")
             with _failing(e, "its prefill compiled alone", log, whole=False):
                 prefill_alone(model, e, ids, new, device)
@@ -295,8 +337,9 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                     alone.append(time_alone(e, device))
                 e.alone_ms += alone
                 e.ttft_ms.append((ends[1] - ends[0]) * 1e3)
-                e.setup_ms.append((first_start - ends[0]) * 1e3)
-                e.first_ms.append((ends[1] - first_start) * 1e3)
+                if not e.loop:  # fxcc's loop clocks no forward call: its TTFT is not split
+                    e.setup_ms.append((first_start - ends[0]) * 1e3)
+                    e.first_ms.append((ends[1] - first_start) * 1e3)
                 e.decode_tps.append((new - 1) * batch / (ends[-1] - ends[1]))
                 e.step_ms.append((ends[-1] - ends[1]) / (new - 1) * 1e3)
 
@@ -468,6 +511,7 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
     for e in fx:
         if e.compile_s is not None:
             lines.append(f"{e.name}: {e.compile_s:.1f} s compiling (all its variants)")
+    lines += [f"{e.name}: {e.path}" for e in es if e.loop and e.path]
     lines += _alone_lines(es)
     return "\n".join(lines)
 
@@ -475,7 +519,7 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
 def _alone_lines(es: list[Engine]) -> list[str]:
     """The TTFT split (generate's setup, its first forward call) and, per fxcc engine, against the prefill
     compiled alone; medians, with each ratio's lowest and highest value over the rounds."""
-    es = [e for e in es if e.decode_tps]
+    es = [e for e in es if e.decode_tps and not e.loop]
     if not any(e.alone_ms for e in es):
         return []
     lines = ["", "TTFT against the prefill compiled alone (fxcc.compile(forward, dynamic=False) on the generate's "

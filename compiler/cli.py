@@ -417,7 +417,8 @@ def parser() -> argparse.ArgumentParser:
                    "untimed generates per engine after the two that compile, default 1)")
     b.add_argument("--reps", type=int, default=20,
                    help="timed calls per engine, interleaved (default 20; generate: generates per engine)")
-    b.add_argument("--engines", help="comma-separated subset, e.g. eager,fxcc")
+    b.add_argument("--engines", help="comma-separated subset, e.g. eager,fxcc (generate: eager, torch.compile[:MODE], "
+                   "fxcc, fxcc:static, fxcc:loop: fxcc.compile(model).generate with fxcc's own decode loop)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--only", help="breadth: comma-separated module names (NAME* matches a prefix)")
     b.add_argument("--category", help="breadth: comma-separated categories (ops, chains, nets)")

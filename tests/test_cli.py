@@ -135,6 +135,22 @@ def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys, tmp_pat
     assert "ttft_vs_alone" not in eager and eager["alone_ms"] == []
 
 
+def test_bench_generate_times_fxccs_own_decode_loop_as_an_engine(capsys, tmp_path):
+    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+            "--intermediate", "64", "--prompt", "8", "--new-tokens", "5", "--reps", "2", "--threads", "1",
+            "--engines", "eager,fxcc:loop", "--json", str(tmp_path / "generate.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("eager ", "fxcc:loop "))}
+    # the prefill and the decode step compiled in the first generate, nothing for a new prompt length; eager's ids
+    assert rows["fxcc:loop"][1] == "static" and rows["fxcc:loop"][-4] == "2+0" and rows["fxcc:loop"][-2] == "same"
+    assert "fxcc:loop: == generate: fxcc's decode loop (greedy decoding with a static cache)" in out
+    loop = next(e for e in json.loads((tmp_path / "generate.json").read_text())["engines"] if e["name"] == "fxcc:loop")
+    # no forward call of its steps is clocked: TTFT from a one-token generate, steps from the difference
+    assert len(loop["ttft_ms"]) == len(loop["step_ms"]) == 2 and loop["setup_ms"] == loop["first_ms"] == []
+    assert all(t > 0 for t in loop["ttft_ms"] + loop["step_ms"]) and loop["alone_ms"] == []
+
+
 def test_bench_generate_reports_an_engine_that_raises_as_its_row(capsys, monkeypatch, tmp_path):
     """An engine that raises (torch.compile's CUDA-graph trees did, on a static cache) is a row with its error;
     the other engines are still measured. One that fails after the first generates keeps its earlier rounds."""
