@@ -259,12 +259,20 @@ def missing_lookups(module: nn.Module) -> Iterator[Missing]:
     can change what traced code computed only when its name is recorded here (or it shadows a class attribute,
     or is a parameter, buffer or submodule: fxcc.guards checks those). The recorder is installed on each module
     class for the block, not on nn.Module: fx and export patch nn.Module.__getattr__ while they trace, with a
-    wrapper of the original that would bypass one installed there."""
+    wrapper of the original that would bypass one installed there.
+
+    Each module of the tree whose class took the recorder has its entry from the start, empty where it missed no
+    name: an entry says its lookups were recorded, so a module without one (its class took no recorder, or it is
+    none of the tree's) counts as unknown (fxcc.guards recompiles at any attribute added to it). Another instance
+    of a class that took the recorder (a module reached through a global) has an entry where it missed a name."""
     found: Missing = {}
     mods = list(module.modules())
     fn = getattr(module, "fn", None) if type(module).__name__ == "FunctionModule" else None
     if isinstance(getattr(fn, "__self__", None), nn.Module):  # a compiled bound method's object
         mods += list(fn.__self__.modules())
+    # the modules the compiled function (or the forward) reads as globals or closure variables
+    reads = _values_read(fn if fn is not None else getattr(type(module), "forward", None))
+    mods += [m for v in reads if isinstance(v, nn.Module) for m in v.modules()]
     installed: list[tuple[type, Any]] = []
     for cls in dict.fromkeys(type(m) for m in mods):
         own = cls.__dict__.get("__getattr__")
@@ -274,6 +282,9 @@ def missing_lookups(module: nn.Module) -> Iterator[Missing]:
             found.update((id(m), None) for m in mods if type(m) is cls)
             continue
         installed.append((cls, own))
+        for m in mods:
+            if type(m) is cls:
+                found.setdefault(id(m), set())
     try:
         yield found
     finally:
@@ -284,6 +295,16 @@ def missing_lookups(module: nn.Module) -> Iterator[Missing]:
                 cls.__getattr__ = own
     for k, v in list(found.items()):
         found[k] = None if v is None else frozenset(v)
+
+
+def _values_read(fn: Any) -> list[Any]:
+    """What function `fn` holds in its closure and the globals its code names: the objects it reads directly."""
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if not isinstance(fn, types.FunctionType) or code is None:
+        return []
+    cells = [c.cell_contents for c in fn.__closure__ or () if _full(c)]
+    return cells + [fn.__globals__[n] for n in code.co_names if n in fn.__globals__]
 
 
 def _recorder(cls: type, own: Any, found: dict) -> Callable[[Any, str], Any]:

@@ -20,7 +20,8 @@ its closure cells (an object there by its attributes, a module by its state), an
 functions the model's own classes define (a class a factory function defines reads the factory's arguments), so
 `make(scale=3.0)` never gets the graph `make(scale=2.0)` stored; a bound method counts with its object's
 attributes. The compiled method (`forward`, or another one) is part of the key.
-Not covered, so turned off by `CompileOptions(graph_cache=False)`: the state of objects the module only
+A module a global holds counts with its state (attributes, weights), as one a closure holds.
+Not covered, so turned off by `CompileOptions(graph_cache=False)`: the state of other objects the module only
 references through a global (attributes read off an object a global holds are stored as globals; its other state
 is not). Models with hooks and plain functions are never cached.
 Entries are JSON plus raw tensor bytes (no pickle); anything the serializer does not know about makes
@@ -416,8 +417,9 @@ def _globals_doc(read: dict) -> list:
             module, way = _module_of(path[0]), list(path[1:])
         if module is None:
             raise Unserializable("the code read globals of a namespace that is no imported module's")
-        out.append([module, way, {n: _fingerprint(holder.get(n, _ABSENT)) for n in sorted(names)},
-                    None if fallback is None else {n: _fingerprint(fallback.get(n, _ABSENT)) for n in sorted(names)}])
+        out.append([module, way, {n: _global_fingerprint(holder.get(n, _ABSENT)) for n in sorted(names)},
+                    None if fallback is None else {n: _global_fingerprint(fallback.get(n, _ABSENT))
+                                                   for n in sorted(names)}])
     return out
 
 
@@ -496,8 +498,8 @@ def _globals_now(stored: Any) -> dict | None:
             holder, key = d, (id(value), 1) if isinstance(value, type) else (id(d), 0)
         for n, fp in names.items():
             try:
-                changed = _fingerprint(holder.get(n, _ABSENT)) != fp or \
-                    fallback is not None and _fingerprint(fallback.get(n, _ABSENT)) != falls.get(n)
+                changed = _global_fingerprint(holder.get(n, _ABSENT)) != fp or \
+                    fallback is not None and _global_fingerprint(fallback.get(n, _ABSENT)) != falls.get(n)
             except Unserializable:  # it holds what no entry is stored for
                 changed = True
             if changed:
@@ -560,6 +562,14 @@ def _fingerprint(v: Any, depth: int = 0, state: bool = False, within: tuple[int,
         return ["object", type(v).__module__, type(v).__qualname__,
                 [[k, _fingerprint(x, depth + 1, True, (*within, id(v)))] for k, x in sorted(vars(v).items())]]
     return ["object", type(v).__module__, type(v).__qualname__]
+
+
+def _global_fingerprint(v: Any) -> Any:
+    """A global's `_fingerprint`; a module (or a list, tuple or dict of modules) with its state: the graph of code
+    that calls a module it reads as a global holds that module's attributes and weights (fxcc.guards.reached_modules
+    recompiles when they change; the recompile must not find the graph stored before)."""
+    items = v.values() if type(v) is dict else v if type(v) in (list, tuple) else (v,)
+    return _fingerprint(v, 0, any(isinstance(x, nn.Module) for x in items))
 
 
 def _closure_fingerprint(fn: types.FunctionType, depth: int = 0, within: tuple[int, ...] = ()) -> list:

@@ -15,6 +15,8 @@ compile baked in:
 - the contents of tensors a pass computed constants from (folded subgraphs, merged or quantized weights,
   shards: fxcc.ir.computed_from), watched by fxcc.watch, which also sees writes through `.data`;
 - on CUDA graphs, the address of every tensor a graph reads (it replays the pointers it captured).
+All of this holds for the modules compiled code read outside the model too (a module a compiled function reads as
+a global or a closure variable: `reached_modules`), named by the name it was read by.
 Packed copies the backends keep are checked by the backends themselves (fxcc.codegen.derived).
 The check runs on every call: C-level loops over lists built once. Everything held in the module's dicts (its
 `__dict__`, parameters, buffers, submodules, and `config` objects' fields) is first checked by the dicts' version
@@ -29,6 +31,7 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import itertools
 import logging
 import operator
 import types
@@ -42,6 +45,7 @@ import torch.nn as nn
 from . import ir
 from .capture import Closure, GlobalReads, Missing, own_tensors
 from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
+from .module_view import ModuleView
 from .watch import Layouts, Snapshot
 
 try:  # torch's C++ guard tree (torch.compile's own guards): one pass over many dicts' version tags
@@ -76,10 +80,40 @@ def call_context() -> tuple:
     return autocast, torch.get_default_dtype()
 
 
-def graph_sources(gm: fx.GraphModule, module: nn.Module) -> list[torch.Tensor] | None:
+def reached_modules(module: nn.Module, globals_read: GlobalReads | None) -> list[tuple[str, nn.Module]]:
+    """The modules compiled code read that are none of `module`'s tree, each with the name it was read by: a global
+    (`G(x)` in a compiled function), a closure variable, an attribute of a compiled method's object, or an item of
+    a list, tuple or dict held there. Their state is the compiled code's as the tree's is (their parameters are
+    constants of its graph, which passes fold); a compiled module read there stands for its model."""
+    seen = {id(m) for m in module.modules()}
+    out = []
+    for holder, fallback, names, _ in (globals_read or {}).values():
+        for name in sorted(names):
+            v = _lookup(holder, fallback, name)
+            items = v.values() if type(v) is dict else v if type(v) in (list, tuple) else (v,)
+            for x in itertools.islice(items, _HELD_ITEMS):
+                x = x.module if isinstance(x, ModuleView) else x
+                if isinstance(x, nn.Module) and id(x) not in seen:
+                    seen.update(map(id, x.modules()))
+                    out.append((name, x))
+    return out
+
+
+def model_tensors(module: nn.Module, globals_read: GlobalReads | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the model by name (fxcc.graph_cache.named_tensors), and those of the modules compiled code
+    read outside it (`reached_modules`)."""
+    out = named_tensors(module)
+    for name, mod in reached_modules(module, globals_read):
+        out.update((f"{name}.{k}", t) for k, t in named_tensors(mod).items())
+    return out
+
+
+def graph_sources(gm: fx.GraphModule, module: nn.Module,
+                  globals_read: GlobalReads | None = None) -> list[torch.Tensor] | None:
     """The model's tensors the constants of `gm` were computed from; None when a constant's origin is unknown
-    (then every tensor of the model counts). Constants that are the model's own tensors are read live."""
-    mine = {id(t) for t in named_tensors(module).values()}
+    (then every tensor of the model counts). Constants that are the model's own tensors are read live.
+    `globals_read`: what the capture read outside the model, whose modules' tensors count as the model's."""
+    mine = {id(t) for t in model_tensors(module, globals_read).values()}
     out: dict[int, torch.Tensor] = {}
     for n in gm.graph.nodes:
         if n.op != "get_attr":
@@ -97,15 +131,31 @@ def graph_sources(gm: fx.GraphModule, module: nn.Module) -> list[torch.Tensor] |
     return list(out.values())
 
 
-def mark_code_constants(gm: fx.GraphModule, module: nn.Module) -> None:
-    """Constants right after capture that are not the model's tensors come from its code (`torch.tensor(...)`
-    in forward): computed from nothing the user can change."""
-    mine = {id(t) for t in named_tensors(module).values()}
+def mark_code_constants(gm: fx.GraphModule, module: nn.Module, globals_read: GlobalReads | None = None) -> None:
+    """Constants right after capture that are not the model's tensors (nor those of a module read outside it,
+    `reached_modules`) come from its code (`torch.tensor(...)` in forward): computed from nothing the user can
+    change. Export lifts the tensors of a module read outside the model as aliases of them (another tensor over
+    the same memory): such a constant is computed from the tensor it aliases, which is then watched (fxcc.watch;
+    `.data =` on it leaves the alias reading the old memory)."""
+    mine = {id(t) for t in model_tensors(module, globals_read).values()}
+    outside = {_alias_key(t): t for _, m in reached_modules(module, globals_read) for t in named_tensors(m).values()
+               if _alias_key(t) is not None}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             t = ir.peek_attr(gm, n.target)  # a weight still in its checkpoint is not read for this
             if isinstance(t, torch.Tensor) and id(t) not in mine and ir.sources_of(t) is None:
-                ir.computed_from(t)
+                source = outside.get(_alias_key(t)) if outside else None
+                if source is None:
+                    ir.computed_from(t)
+                else:
+                    ir.computed_from(t, source)
+
+
+def _alias_key(t: torch.Tensor) -> tuple | None:
+    """Where and how `t` lies in memory: equal for two tensors that are views of one another with one layout."""
+    if t.device.type == "meta" or type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+        return None
+    return _STORAGE(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
 
 
 class Globals:
@@ -358,10 +408,13 @@ class ModuleState:
         self.globals = Globals(globals_read, written) if globals_read else None  # the Python globals compiled code read
         for path, mod in module.named_modules(remove_duplicate=False):
             self._module(path, mod, root=mod is module)
+        for name, top in reached_modules(module, globals_read):  # modules read through a global: watched alike
+            for path, mod in top.named_modules(prefix=name, remove_duplicate=False):
+                self._module(path, mod, root=False)
         self.relative = self._relative()
         self.root_training = module.training
         self.trainings = self._trainings()
-        tensors = named_tensors(module)
+        tensors = model_tensors(module, globals_read)
         self.tensors = list({id(t): t for t in tensors.values()}.values())
         self.tensor_names = {id(t): n for n, t in tensors.items()}
         self.layouts = Layouts(self.tensors)

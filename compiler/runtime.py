@@ -1106,10 +1106,11 @@ class CompiledModule(ModuleView):
         self._live.update((id(t), t) for t in live if isinstance(t, torch.Tensor))
         if missing is None or self._missing is None:
             self._missing = None
-        else:
-            for k, names in missing.items():
-                had = self._missing.get(k, frozenset())
-                self._missing[k] = None if names is None or had is None else had | names
+        elif self._params is None:  # the first variant since the state was taken
+            self._missing = dict(missing)
+        else:  # a module recorded by one variant's capture and not by another's: unknown
+            self._missing = {k: None if names is None or missing.get(k) is None else names | missing[k]
+                             for k, names in self._missing.items()} | {k: None for k in missing.keys() - self._missing}
         for k, (holder, fallback, names, path) in (globals_read or {}).items():
             self._globals.setdefault(k, (holder, fallback, set(), path))[2].update(names)
         self._params = ModuleState(self.module, None if self._sources is None else list(self._sources.values()),
@@ -1495,7 +1496,7 @@ class CompiledModule(ModuleView):
                 return dycl.compile_dynamic(self, args, kwargs, e)
             finally:
                 self.capturing = False
-            mark_code_constants(cap.gm, self.module)
+            mark_code_constants(cap.gm, self.module, cap.globals)
             if eager_check.mixed_operands(cap.gm) is not None:  # an input the model rejects: no compile spent on it
                 self._raise_eagers(args, kwargs)
             if opts.verify_each:
@@ -1540,7 +1541,7 @@ class CompiledModule(ModuleView):
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
         written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
-        self._snapshot_params(graph_sources(gm, self.module), live=bound if graphs else (), missing=cap.missing,
+        self._snapshot_params(graph_sources(gm, self.module, cap.globals), live=bound if graphs else (), missing=cap.missing,
                               globals_read=cap.globals, written=written)
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
                        kernels=kernels, writes_state=bool(written), written=written, graph_key=key,

@@ -89,8 +89,18 @@ def _context(x: Any, leaves: list[Any], top: bool = False) -> Any:
     if t is dict:
         return ("dict", tuple([(k, _context(v, leaves)) for k, v in x.items()]))
     if hasattr(x, "__dict__") and not isinstance(x, type) and (top or _walked_into(t)):
-        return ("obj", t, tuple([(k, _context(v, leaves)) for k, v in vars(x).items()]))
+        items = vars(x).items()
+        if top and _GENERATE_MARK in vars(x):
+            items = [(k, v) for k, v in items if k != _GENERATE_MARK]
+        return ("obj", t, tuple([(k, _context(v, leaves)) for k, v in items]))
     return ("const", x)  # a device, a dtype, a class: compared by value
+
+
+# transformers' generate marks a cache its caller passed (`cache._is_user_defined = True`) and reads the mark itself,
+# after the model's forward (whether the cache outlives the call); no forward reads it. Left out of the description,
+# a caller's StaticCache and generate's own are one input structure: one compiled prefill and decode step for both
+# (the caller's object keeps its mark: `adopt` and the plan's write-back set attributes, they delete none)
+_GENERATE_MARK = "_is_user_defined"
 
 
 def _dump(ctx: Any) -> str:

@@ -293,3 +293,101 @@ def test_a_rebound_default_tensor_is_read(x):
     torch.testing.assert_close(cf(x), f(x))
     f.__defaults__ = (torch.full((8,), 3.0),)
     torch.testing.assert_close(cf(x), f(x))
+
+
+# ----------------------------------------------------------- a module read through a global or a closure variable
+
+
+class Gated(nn.Module):
+    """Two linears of one input (merge-linears copies their weights into one constant), a primitive attribute and
+    a name it looks up and may not find."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.k = 2.0
+
+    def forward(self, x):
+        return self.a(x) * self.b(x) * self.k * getattr(self, "scale", 1.0)
+
+
+GATED = None  # set by each test
+
+
+def through_a_global(x):
+    return GATED(x) + 1
+
+
+def _through_a_closure(model):
+    def fn(x):
+        return model(x) + 1
+
+    return fn
+
+
+MODULE_CHANGES = {  # each changes what the module read computes; the reason its recompile gives
+    "an attribute it looked up added": (lambda m: setattr(m, "scale", 3.0), "attribute GATED.scale was added"),
+    "a primitive attribute": (lambda m: setattr(m, "k", 5.0), "attribute GATED.k changed from 2.0 to 5.0"),
+    "a submodule replaced": (lambda m: setattr(m, "b", nn.Linear(8, 8)), "submodule GATED.b was replaced"),
+    "a merged weight written in place": (lambda m: m.a.weight.data.mul_(3), "the contents of GATED.a.weight changed"),
+    "a merged weight's .data replaced": (lambda m: setattr(m.a.weight, "data", torch.randn(8, 8)),
+                                         "the contents of GATED.a.weight changed"),
+}
+
+
+@pytest.mark.parametrize("how", list(MODULE_CHANGES))
+@pytest.mark.parametrize("via", ["global", "closure"])
+def test_a_module_a_compiled_function_reads_outside_its_arguments_is_guarded(via, how, x, monkeypatch, caplog):
+    """A compiled function that calls a module it reads as a global or a closure variable depends on that module's
+    state as a compiled model does on its own (its weights are constants of the graph, folded by merge-linears)."""
+    torch.manual_seed(0)
+    model = Gated().eval()
+    monkeypatch.setattr(HERE, "GATED", model)
+    fn = through_a_global if via == "global" else _through_a_closure(model)
+    cm = fxcc.compile(fn, passes="canonicalize,raise,merge-linears,fuse,codegen{backend=extern}").fxcc
+    torch.testing.assert_close(cm(x), fn(x))
+    before = fn(x)
+    change, reason = MODULE_CHANGES[how]
+    with torch.no_grad():
+        change(model)
+    assert not torch.allclose(fn(x), before)
+    _follows(cm, fn, x, reason if via == "global" else reason.replace("GATED", "model"), caplog)
+
+
+@pytest.mark.parametrize("via", ["global", "closure"])
+def test_an_attribute_no_compiled_code_looked_up_added_to_a_module_read_outside_does_not_recompile(via, x, monkeypatch):
+    torch.manual_seed(0)
+    model = Gated().eval()
+    monkeypatch.setattr(HERE, "GATED", model)
+    fn = through_a_global if via == "global" else _through_a_closure(model)
+    cm = _compiled(fn).fxcc
+    torch.testing.assert_close(cm(x), fn(x))
+    model.note, model.a.note = "a user's note", 3
+    torch.testing.assert_close(cm(x), fn(x))
+    assert cm.stats.compiles == 1
+    model.scale = 3.0  # the name it looked up
+    torch.testing.assert_close(cm(x), fn(x))
+    assert cm.stats.compiles == 2 and "attribute" in cm.stats.reasons[-1] and ".scale was added" in cm.stats.reasons[-1]
+
+
+class CallsGated(nn.Module):
+    def forward(self, x):
+        return GATED(x) - 1
+
+
+@pytest.mark.parametrize("how", ["an attribute it looked up added", "a primitive attribute", "a submodule replaced"])
+def test_a_module_a_forward_reads_as_a_global_is_guarded_and_its_stored_graph_not_reused(how, x, monkeypatch, caplog):
+    """A model's forward that calls a module it reads as a global: a change of that module recompiles, and the
+    recompile does not take the graph the first compile stored in the graph cache (its key does not cover the
+    global module's state; its stored globals do)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(HERE, "GATED", Gated().eval())
+    m = CallsGated().eval()
+    for _ in range(2):  # the second finds the graph the first stored
+        cm = _compiled(m)
+        torch.testing.assert_close(cm(x), m(x))
+    assert "IR from the graph cache" in cm.variants[0].captured.method
+    change, reason = MODULE_CHANGES[how]
+    change(GATED)
+    _follows(cm, m, x, reason, caplog)
+    assert "IR from the graph cache" not in cm.variants[-1].captured.method

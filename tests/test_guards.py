@@ -562,6 +562,58 @@ def test_an_attribute_no_compiled_code_can_read_does_not_recompile():
     assert cm.stats.param_recompiles == 1
 
 
+class Holder(nn.Module):
+    """A submodule that looks a name up and does not find it, and one that looks nothing up, called through its
+    class's forward (as fxcc's decode step calls its model)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.looks, self.plain = Lookups(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.looks(x) + type(self.plain).forward(self.plain, x)
+
+
+@pytest.mark.parametrize("where", ["root", "a submodule that looked nothing up", "a submodule that missed a name"])
+def test_an_attribute_added_where_no_compiled_code_looked_it_up_does_not_recompile(where, caplog):
+    """Capture records the names looked up and missed on every module of the tree, none missed included: a name
+    added that none of them looked up cannot change what the compiled code computes. One looked up still does."""
+    torch.manual_seed(0)
+    m, x = Holder().eval(), torch.randn(4, 16)
+    cm = fxcc.compile(m, passes=EXTERN)
+    torch.testing.assert_close(cm(x), m(x))
+    target = {"root": m, "a submodule that looked nothing up": m.plain, "a submodule that missed a name": m.looks}[where]
+    target.note, target._previous_max_cache_length, target.cache = "a user's note", 12, {"k": torch.ones(2)}
+    for _ in range(2):
+        torch.testing.assert_close(cm(x), m(x))
+    assert cm.stats.compiles == 1 and cm.stats.param_recompiles == 0, cm.stats.reasons
+    m.looks.scale = 2.0  # one the forward looked up and missed
+    _recompiled(cm, m, x, "attribute looks.scale was added: the compiled code looked it up and did not find it",
+                caplog)
+
+
+def test_a_static_cache_generate_compiles_its_prefill_and_step_once(monkeypatch):
+    """transformers' generate sets attributes of its own on the model (`_previous_max_cache_length` at a
+    static-cache generate) and marks a StaticCache its caller passed (`_is_user_defined`); no forward reads either, so
+    generates that alternate the caller's cache and generate's own compile the prefill and the step once each."""
+    transformers = pytest.importorskip("transformers")
+    from test_generate import FAST, llama
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    model.generation_config.disable_compile = True
+    ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    cm = fxcc.compile(model, passes=FAST)
+    for new in (2, 5, 2, 5):
+        kw = {"cache_implementation": "static"} if new == 5 else {"cache_implementation": None}
+        got, expected = (gm.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw, **(
+            {} if new == 5 else {"cache": transformers.StaticCache(config=model.config, max_cache_len=12)}))
+            for gm in (cm, model))
+        assert torch.equal(got, expected) and cm.decode_loop.last[0] == "fxcc's decode loop"
+    (step,) = cm.decode_loop.steps.values()
+    assert (cm.stats.compiles, step.stats.compiles) == (1, 1), (cm.stats.reasons, step.stats.reasons)
+
+
 def test_an_attribute_read_and_added_while_another_is_deleted_recompiles():
     """The number of attributes stays the same (one deleted, one added): the looked-up name is still seen."""
     m, x = _lookups()
