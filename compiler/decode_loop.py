@@ -83,7 +83,9 @@ class DecodeStep(nn.Module):
         self.model = model
         self.logits_to_keep = logits_to_keep
         self.eos = eos
-        self.warpers = warpers
+        # by position in a dict, not a tuple: the step's guard watches a dict's warpers by their settings, a tuple of
+        # objects only by its identity, with a warning about state that is fxcc's own and never changes
+        self.warpers = None if warpers is None else dict(enumerate(warpers))
 
     def forward(self, seq: torch.Tensor, pos: torch.Tensor, position_ids: torch.Tensor, pad_mask: torch.Tensor,
                 unfinished: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, knobs: torch.Tensor,
@@ -95,7 +97,7 @@ class DecodeStep(nn.Module):
         # the model's own forward: generate routes the instance's to the compiled model while it runs
         out = original_forward(self.model)(input_ids=ids, cache=cache, position_ids=position_ids,
                                            attention_mask=mask, use_cache=True, return_dict=True, **extra)
-        tokens = choose(out.logits, self.warpers, knobs)
+        tokens = choose(out.logits, None if self.warpers is None else tuple(self.warpers.values()), knobs)
         if self.eos:
             tokens = tokens * unfinished + pad * (1 - unfinished)
             unfinished.copy_(unfinished & ~torch.isin(tokens, eos))

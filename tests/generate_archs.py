@@ -2,7 +2,12 @@
 built from a shrunk config: tokens equal eager's for two prompt lengths, with transformers' default (growing)
 cache and with a static one, and how many compiles and eager calls that took.
 
-    python tests/generate_archs.py [--only gemma2,phi3] [--passes default] [--tokens 8]
+    python tests/generate_archs.py [--only gemma2,phi3] [--passes default] [--tokens 8] [--loop]
+
+--loop runs `fxcc.compile(model).generate` with a static cache instead (fxcc's own decode loop, fxcc.decode_loop):
+a caller's StaticCache, greedy from prompts of 7 and 5 tokens, a batch of 2 left-padded prompts, a seeded sampling
+call and the caller's cache again, each against eager's generate, with the loop that ran and the compiles of the
+model and of its decode steps after each call.
 
 tests/test_generate_archs.py runs a CI-sized share of these rows; this script runs them all and prints a table.
 The families differ where a decode step does: rotary variants (partial, interleaved), ALiBi, sliding windows,
@@ -37,6 +42,10 @@ ARCHS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.5)),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
 }
 
 
@@ -68,14 +77,116 @@ def check(name: str, cache: str | None, passes: str | None = EXTERN, tokens: int
                 warnings=[str(w.message) for w in caught if "fxcc" in str(w.message)])
 
 
+def left_padded(batch: int = 2, length: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` prompts of `length` tokens, row 0 left-padded by 2 (its mask 0 there, its ids the pad token 0)."""
+    ids = torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length + batch))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+LOOP_CALLS = ("callers", "greedy7", "greedy5", "padded", "sample", "callers2")
+CALLERS = 24  # max_cache_len of a caller's StaticCache (generate's own holds prompt and new tokens)
+
+
+def loop_calls() -> list[tuple[str, torch.Tensor, dict]]:
+    """The generate calls of `check_loop`: (name, input ids, generate's arguments over a static greedy call)."""
+    ids, mask = left_padded()
+    prompts = [torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(n)) for n in (7, 5)]
+    # a caller's StaticCache first, generate's own (cache_implementation="static") after it, then the caller's again,
+    # which the variants compiled for the first serve
+    return [("callers", prompts[0], dict(cache=CALLERS)), ("greedy7", prompts[0], {}), ("greedy5", prompts[1], {}),
+            ("padded", ids, dict(attention_mask=mask)), ("sample", prompts[0], dict(do_sample=True, temperature=0.8,
+                                                                                     top_k=5)),
+            ("callers2", prompts[0], dict(cache=CALLERS))]
+
+
+def check_loop(name: str, passes: str | None = EXTERN, tokens: int = 8, calls: tuple[str, ...] = LOOP_CALLS) -> dict:
+    """`fxcc.compile(model).generate` against eager's with a static cache, per call of `loop_calls`: the loop that
+    ran, equal tokens, and (model, steps') compiles after it; the row of the `--loop` table."""
+    import fxcc
+    from transformers import StaticCache
+
+    model, other = build(name), build(name)
+    for m in (model, other):
+        m.generation_config.disable_compile = True  # eager is eager: no torch.compile of a static-cache forward
+    cm = fxcc.compile(other, passes=passes)
+    rows = []
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for call, ids, extra in loop_calls():
+            if call not in calls:
+                continue
+            kw = {"max_new_tokens": tokens, "do_sample": False, "cache_implementation": "static", **extra}
+            if "cache" in kw:  # a caller's StaticCache, one for each model
+                kw["cache_implementation"] = None
+                length = kw.pop("cache")
+                mine = {m: StaticCache(config=m.config, max_cache_len=length) for m in (model, other)}
+            try:
+                torch.manual_seed(5)
+                expected = model.generate(ids, **kw, **({"cache": mine[model]} if "cache" in extra else {}))
+                torch.manual_seed(5)
+                got = cm.generate(ids, **kw, **({"cache": mine[other]} if "cache" in extra else {}))
+                same = got.shape == expected.shape and torch.equal(got, expected)
+            except Exception as e:  # noqa: BLE001 - a cell of the table
+                rows.append(dict(call=call, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                break
+            steps = cm.decode_loop.steps.values()
+            rows.append(dict(call=call, loop=cm.decode_loop.last, same=same, compiles=cm.stats.compiles,
+                             step_compiles=[s.stats.compiles for s in steps],
+                             eager_calls=cm.stats.eager_calls + sum(s.stats.eager_calls for s in steps)))
+    return dict(arch=name, calls=rows, seconds=time.perf_counter() - t0,
+                warnings=[str(w.message) for w in caught if "fxcc" in str(w.message)])
+
+
+def loop_table(names: list[str], passes: str | None, tokens: int) -> int:
+    """Print the `--loop` table; the number of families with an error, different tokens, more than a compile of the
+    model and one of its step for a second prompt length, or any for a caller's cache again."""
+    bad = 0
+    print(f"{'arch':10s} {'call':8s} {'loop':5s} {'tokens':7s} {'compiles':>8s} {'steps':10s} {'eager':>5s}  why")
+    for name in names:
+        try:
+            r = check_loop(name, passes, tokens)
+        except Exception as e:  # noqa: BLE001 - a row of the table
+            bad += 1
+            print(f"{name:10s} ERROR   {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        wrong = False
+        for c in r["calls"]:
+            if "error" in c:
+                wrong = True
+                print(f"{name:10s} {c['call']:8s} ERROR {c['error']}", flush=True)
+                continue
+            path, why = c["loop"]
+            loop = "fxcc" if path.startswith("fxcc") else "hf"
+            wrong |= not c["same"]
+            print(f"{name:10s} {c['call']:8s} {loop:5s} {'same' if c['same'] else 'DIFF':7s} {c['compiles']:8d} "
+                  f"{str(c['step_compiles']):10s} {c['eager_calls']:5d}  {why[:90]}", flush=True)
+        calls = {c["call"]: c for c in r["calls"] if "error" not in c}
+        if "greedy7" in calls and "greedy5" in calls:  # a second prompt length: at most a prefill and a step more
+            a, b = calls["greedy7"], calls["greedy5"]
+            wrong |= b["compiles"] - a["compiles"] > 1 or sum(b["step_compiles"]) - sum(a["step_compiles"]) > 1
+        if "sample" in calls and "callers2" in calls:  # a caller's cache again: nothing compiled again
+            a, b = calls["sample"], calls["callers2"]
+            wrong |= (a["compiles"], a["step_compiles"]) != (b["compiles"], b["step_compiles"])
+        bad += wrong
+        print(f"{name:10s} {'':8s} {r['seconds']:.1f} s  {'; '.join(w[:100] for w in r['warnings'][:2])}", flush=True)
+    return bad
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated, of " + ", ".join(ARCHS))
     ap.add_argument("--passes", default=EXTERN, help="pipeline ('default' for fxcc's own; default: extern kernels)")
     ap.add_argument("--tokens", type=int, default=8, help="new tokens per generate")
+    ap.add_argument("--loop", action="store_true", help="fxcc's decode loop (static cache) against eager's generate")
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else list(ARCHS)
     passes = None if args.passes == "default" else args.passes
+    if args.loop:
+        return 1 if loop_table(names, passes, args.tokens) else 0
     bad = 0
     print(f"{'arch':10s} {'cache':8s} {'tokens':7s} {'compiles':>8s} {'eager':>6s} {'s':>6s}  warnings")
     for name in names:

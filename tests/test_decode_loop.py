@@ -236,3 +236,21 @@ def test_a_new_temperature_top_p_or_min_p_reuses_the_compiled_step():
         assert step.stats.compiles == compiles and step.stats.eager_calls == 0
     generate(cm, ids, mask, do_sample=True, top_k=4, temperature=0.7)
     assert len(cm.decode_loop.steps) == 2
+
+
+def test_sampling_warns_of_nothing_the_user_holds(monkeypatch, caplog):
+    """The step's own warpers are fxcc's state, set at its build: its guard watches them without the warning
+    meant for a user's container that can be watched by identity only."""
+    from fxcc import guards
+
+    monkeypatch.setattr(guards, "_UNWATCHED", set())  # said once per process: a test before may have said it
+    model = build(gpt2)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    with caplog.at_level("WARNING", logger="fxcc"):
+        torch.manual_seed(2)
+        got = generate(cm, ids, mask, do_sample=True, temperature=0.8, top_k=5)
+    torch.manual_seed(2)
+    assert torch.equal(got, generate(model, ids, mask, do_sample=True, temperature=0.8, top_k=5))
+    assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+    assert "watched by identity only" not in caplog.text
