@@ -13,8 +13,9 @@ that shape is called as well (fxcc's recompile with a symbolic size).
 
 The compiled side runs with `check_eager=False` and `time_vs_eager=False`, so what is compared is fxcc's
 own code, not its first-call safety net. Outcomes per seed: equal, differs (the output, its error, the op
-that made it), raised (fxcc raised where eager did not), eager (fxcc ran some or all of it eagerly, with
-the warning's reason). A failing program is shrunk (delta debugging on its op list) and printed as Python.
+that made it; a float32 output that differs on its own scale counts as equal where each element is as close to
+the program run in float64 as eager's, as a sum that cancels to about 0), raised (fxcc raised where eager did
+not), eager (fxcc ran some or all of it eagerly, with the warning's reason). A failing program is shrunk (delta debugging on its op list) and printed as Python.
 
     python tests/graph_fuzz.py --seeds 0:300 --threads 1              # the default CPU pipeline (TVM + extern)
     python tests/graph_fuzz.py --seeds 0:300 --passes extern          # the extern backend only (fast)
@@ -514,6 +515,31 @@ def close(got: Any, want: Any, tol) -> Any:
     return c
 
 
+def _within_eagers_own_error(model: torch.nn.Module, args: list[torch.Tensor], got: Any, want: Any,
+                             prog: Program) -> bool:
+    """Whether fxcc's float32 outputs are as close to the program run in float64 as eager's are (each element's
+    error at most twice eager's, or 1e-6 of the output's scale): an output that cancels (the sum of a normalized
+    tensor) keeps rounding noise of its terms' size, which no tolerance on the output's own scale can tell from an
+    error. Only programs computed in float32 throughout (no casts, float inputs and outputs)."""
+    from fxcc.outputs import tensor_leaves
+
+    if any(w in prog.source() for w in ("float16", "bfloat16", ".half()", ".to(", "int")) or \
+            not all(t.dtype == torch.float32 for t in args):
+        return False
+    ref = _eager(copy.deepcopy(model).double(), [t.double() for t in args])
+    if ref[0] != "ok":
+        return False
+    for (_, a), (_, b), (_, r) in zip(tensor_leaves(got), tensor_leaves(want), tensor_leaves(ref[1])):
+        if a.dtype != torch.float32 or b.dtype != torch.float32 or r.dtype != torch.float64 or \
+                not torch.equal(a.isnan(), b.isnan()):
+            return False
+        mine, theirs = (a.double() - r).abs().nan_to_num(0), (b.double() - r).abs().nan_to_num(0)
+        scale = r.abs().nan_to_num(0, 0, 0).max().item() if r.numel() else 0.0
+        if bool((mine > torch.clamp(2 * theirs, min=1e-6 * scale)).any()):
+            return False
+    return True
+
+
 def _batches(prog: Program, model: torch.nn.Module) -> list[int | None]:
     """The call shapes: the example's batch size, then another where eager runs the program with it."""
     b0 = prog.inputs[0][1][0]
@@ -560,6 +586,8 @@ def run_program(prog: Program, passes: str | None, calls: int = 3) -> Outcome:
                     break
                 out.calls += 1
                 c = close(got, want, tol)
+                if not c.equal and not c.detail:
+                    c.equal = _within_eagers_own_error(eager, args_e, got, want, prog)
                 if c.equal:
                     c = close(args, args_e, tol)
                     if not c.equal:

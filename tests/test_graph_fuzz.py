@@ -34,3 +34,29 @@ def test_random_programs_equal_eager_or_run_eagerly_with_a_warning():
     assert all(o.warnings for o in outcomes if o.kind == "eager"), summary(outcomes)
     assert sum(o.kind == "equal" for o in outcomes) >= 0.8 * len(outcomes), summary(outcomes)
     assert sum(o.dynamic for o in outcomes) >= 0.4 * len(outcomes), summary(outcomes)
+
+
+class _Cancels(torch.nn.Module):
+    """A sum of an instance-normalized tensor: about 0, its rounding noise the size of its terms' (seed 5100)."""
+
+    def forward(self, x):
+        return torch.nn.functional.instance_norm(x).sum()
+
+
+class _Source:
+    def source(self) -> str:
+        return "v1 = F.instance_norm(x)\nv2 = v1.sum()"
+
+
+def test_an_output_that_cancels_is_judged_against_float64_and_a_wrong_one_still_differs():
+    from graph_fuzz import _within_eagers_own_error
+
+    model, x = _Cancels(), torch.randn(6, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+        # the terms summed in another order (what a generated kernel does): far from eager on the output's scale,
+        # as close as eager to the float64 sum
+        got = torch.nn.functional.instance_norm(x).flatten().flip(0).cumsum(0)[-1]
+        assert _within_eagers_own_error(model, [x], got, want, _Source())
+        assert not _within_eagers_own_error(model, [x], got + 1e-3, want, _Source())
+        assert not _within_eagers_own_error(model, [x], want.new_tensor(float("nan")), want, _Source())
