@@ -105,9 +105,13 @@ def test_bench_llama_prints_the_side_by_side_table(tmp_path, capsys):
 
 
 
+# `fxcc bench generate` on a one-layer Llama of hidden 32 (seconds per run)
+TINY_GENERATE = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+                 "--intermediate", "64", "--prompt", "8", "--threads", "1"]
+
+
 def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys, tmp_path):
-    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
-            "--intermediate", "64", "--prompt", "8", "--new-tokens", "3", "--reps", "1", "--threads", "1",
+    argv = [*TINY_GENERATE, "--new-tokens", "3", "--reps", "1",
             "--engines", "eager,fxcc", "--json", str(tmp_path / "generate.json")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -136,8 +140,7 @@ def test_bench_generate_reports_tokens_and_compiles_per_generate(capsys, tmp_pat
 
 
 def test_bench_generate_times_fxccs_own_decode_loop_as_an_engine(capsys, tmp_path):
-    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
-            "--intermediate", "64", "--prompt", "8", "--new-tokens", "5", "--reps", "2", "--threads", "1",
+    argv = [*TINY_GENERATE, "--new-tokens", "5", "--reps", "2",
             "--engines", "eager,fxcc:loop", "--json", str(tmp_path / "generate.json")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -173,8 +176,7 @@ def test_bench_generate_reports_an_engine_that_raises_as_its_row(capsys, monkeyp
         return es + [bg.Engine("broken", broken), bg.Engine("late", late)]
 
     monkeypatch.setattr(bg, "engines", with_broken)
-    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
-            "--intermediate", "64", "--prompt", "8", "--new-tokens", "3", "--reps", "2", "--threads", "1",
+    argv = [*TINY_GENERATE, "--new-tokens", "3", "--reps", "2",
             "--warmup", "0", "--json", str(tmp_path / "generate.json")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -208,8 +210,7 @@ def test_bench_generate_reports_the_complete_rounds_when_stopped(capsys, monkeyp
         return [e, bg.Engine("stopping", forward)]
 
     monkeypatch.setattr(bg, "engines", stopping)
-    argv = ["bench", "generate", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
-            "--intermediate", "64", "--prompt", "8", "--new-tokens", "3", "--reps", "3", "--threads", "1",
+    argv = [*TINY_GENERATE, "--new-tokens", "3", "--reps", "3",
             "--warmup", "1", "--json", str(tmp_path / "generate.json")]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
