@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxcc-installed
 
-.PHONY: gpu-site setup lock demo test lint bench-breadth bench-breadth-gpu bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv bench-int4-gpu bench-int4-sweep
+.PHONY: gpu-site setup lock demo test lint bench-breadth bench-breadth-gpu bench-llama bench-quality bench-token-merge bench-mp bench-dycl search-minilm bench-gpu bench-generate-gpu bench-mp-gpu bench-tp-gpu bench-int8-gemv bench-int4-gpu bench-int4-sweep
 
 EXTRAS := .[models,dev,tvm,tune,triton]
 LOCK   := requirements.lock
@@ -87,6 +87,15 @@ bench-gpu: gpu-site
 bench-breadth-gpu: gpu-site
 	PYTHONPATH=$(GPU_SITE) $(PY) -c "import sys; from fxcc.cli import main; sys.exit(main(sys.argv[1:]))" \
 	    bench breadth --json build/breadth-gpu.json
+
+# issue 19's GPU goal table: greedy generation (Llama 2048/8192, 16 layers, bf16, prompt 512, 256 new tokens) at
+# batch 1 and 8; eager, torch.compile reduce-overhead (static cache), fxcc's static-cache forward and its own loop
+bench-generate-gpu: gpu-site
+	mkdir -p build
+	for b in 1 8; do FXCC_DECODE_LOOP=all PYTHONPATH=$(GPU_SITE) $(PY) -c \
+	    "import sys; from fxcc.cli import main; sys.exit(main(sys.argv[1:]))" bench generate --device cuda \
+	    --batch $$b --new-tokens 256 --reps 3 --engines eager,torch.compile:reduce-overhead,fxcc:static,fxcc:loop \
+	    --json build/generate-gpu-b$$b.json || exit 1; done
 
 # int8 weight-only decode and fp8 prefill against fxcc's bf16 build
 bench-mp-gpu: gpu-site
