@@ -193,7 +193,7 @@ def generate_loop(e: Engine, ids: torch.Tensor, new: int, device: str) -> tuple[
     other arguments there, a call of its own kind, compiled on its own."""
     short = 2 if new > 2 else 1
 
-    def one(n: int) -> tuple[torch.Tensor, float]:
+    def one(n: int) -> tuple[torch.Tensor, float, float]:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -202,14 +202,13 @@ def generate_loop(e: Engine, ids: torch.Tensor, new: int, device: str) -> tuple[
                                      cache_implementation="static")
         if device == "cuda":
             torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
+        return out, t0, time.perf_counter()
 
-    _, t_short = one(short)
-    out, t_full = one(new)
+    _, s0, s1 = one(short)
+    out, t0, t1 = one(new)
     e.path = e.forward.decode_loop.text()
-    step = (t_full - t_short) / (new - short) if new > short else 0.0
-    t0 = time.perf_counter() - t_full  # this generate's start, for the caller's differences
-    first = t0 + t_short - (short - 1) * step
+    step = (t1 - t0 - (s1 - s0)) / (new - short) if new > short else 0.0
+    first = t0 + (s1 - s0) - (short - 1) * step
     # ends[-1] - ends[1] = (new - 1) steps, as the clocked engines' decode time
     return out, [t0, first, first + (new - 1) * step], first
 
@@ -302,11 +301,11 @@ def run(args: Any, log: Callable[[str], None]) -> str:
             before = e.compiles()
             other_tokens, _, _ = generate(model, e, other, new, device)
             e.compiles_again = e.compiles() - before
-            if e.forward is not None and hasattr(e.forward, "fxcc"):
-                e.compile_s = sum(v.compile_seconds for v in e.forward.fxcc.variants)
             if e.loop:
                 e.compile_s = sum(v.compile_seconds for c in (e.forward, *e.forward.decode_loop.steps.values())
                                   for v in c.variants)
+            elif e.forward is not None and hasattr(e.forward, "fxcc"):
+                e.compile_s = sum(v.compile_seconds for v in e.forward.fxcc.variants)
             reference.setdefault("ids", tokens)
             reference.setdefault("other", other_tokens)
             e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])

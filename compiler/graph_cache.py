@@ -564,12 +564,16 @@ def _fingerprint(v: Any, depth: int = 0, state: bool = False, within: tuple[int,
     return ["object", type(v).__module__, type(v).__qualname__]
 
 
+def held_items(v: Any) -> Any:
+    """What a global holds as a container of objects: a list's or tuple's items, a dict's values, else `v` itself."""
+    return v.values() if type(v) is dict else v if type(v) in (list, tuple) else (v,)
+
+
 def _global_fingerprint(v: Any) -> Any:
     """A global's `_fingerprint`; a module (or a list, tuple or dict of modules) with its state: the graph of code
     that calls a module it reads as a global holds that module's attributes and weights (fxcc.guards.reached_modules
     recompiles when they change; the recompile must not find the graph stored before)."""
-    items = v.values() if type(v) is dict else v if type(v) in (list, tuple) else (v,)
-    return _fingerprint(v, 0, any(isinstance(x, nn.Module) for x in items))
+    return _fingerprint(v, 0, any(isinstance(x, nn.Module) for x in held_items(v)))
 
 
 def _closure_fingerprint(fn: types.FunctionType, depth: int = 0, within: tuple[int, ...] = ()) -> list:

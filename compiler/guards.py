@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from . import ir
 from .capture import Closure, GlobalReads, Missing, own_tensors
-from .graph_cache import MODULE_INTERNALS, named_tensors, primitive
+from .graph_cache import MODULE_INTERNALS, held_items, named_tensors, primitive
 from .module_view import ModuleView
 from .watch import Layouts, Snapshot
 
@@ -90,8 +90,7 @@ def reached_modules(module: nn.Module, globals_read: GlobalReads | None) -> list
     for holder, fallback, names, _ in (globals_read or {}).values():
         for name in sorted(names):
             v = _lookup(holder, fallback, name)
-            items = v.values() if type(v) is dict else v if type(v) in (list, tuple) else (v,)
-            for x in itertools.islice(items, _HELD_ITEMS):
+            for x in itertools.islice(held_items(v), _HELD_ITEMS):
                 x = x.module if isinstance(x, ModuleView) else x
                 if isinstance(x, nn.Module) and id(x) not in seen:
                     seen.update(map(id, x.modules()))
@@ -99,11 +98,11 @@ def reached_modules(module: nn.Module, globals_read: GlobalReads | None) -> list
     return out
 
 
-def model_tensors(module: nn.Module, globals_read: GlobalReads | None = None) -> dict[str, torch.Tensor]:
+def model_tensors(module: nn.Module, reached: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """Every tensor of the model by name (fxcc.graph_cache.named_tensors), and those of the modules compiled code
-    read outside it (`reached_modules`)."""
+    read outside it (`reached`: `reached_modules`)."""
     out = named_tensors(module)
-    for name, mod in reached_modules(module, globals_read):
+    for name, mod in reached:
         out.update((f"{name}.{k}", t) for k, t in named_tensors(mod).items())
     return out
 
@@ -113,7 +112,7 @@ def graph_sources(gm: fx.GraphModule, module: nn.Module,
     """The model's tensors the constants of `gm` were computed from; None when a constant's origin is unknown
     (then every tensor of the model counts). Constants that are the model's own tensors are read live.
     `globals_read`: what the capture read outside the model, whose modules' tensors count as the model's."""
-    mine = {id(t) for t in model_tensors(module, globals_read).values()}
+    mine = {id(t) for t in model_tensors(module, reached_modules(module, globals_read)).values()}
     out: dict[int, torch.Tensor] = {}
     for n in gm.graph.nodes:
         if n.op != "get_attr":
@@ -137,9 +136,9 @@ def mark_code_constants(gm: fx.GraphModule, module: nn.Module, globals_read: Glo
     change. Export lifts the tensors of a module read outside the model as aliases of them (another tensor over
     the same memory): such a constant is computed from the tensor it aliases, which is then watched (fxcc.watch;
     `.data =` on it leaves the alias reading the old memory)."""
-    mine = {id(t) for t in model_tensors(module, globals_read).values()}
-    outside = {_alias_key(t): t for _, m in reached_modules(module, globals_read) for t in named_tensors(m).values()
-               if _alias_key(t) is not None}
+    reached = reached_modules(module, globals_read)
+    mine = {id(t) for t in model_tensors(module, reached).values()}
+    outside = {_alias_key(t): t for _, m in reached for t in named_tensors(m).values() if _alias_key(t) is not None}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             t = ir.peek_attr(gm, n.target)  # a weight still in its checkpoint is not read for this
@@ -408,13 +407,14 @@ class ModuleState:
         self.globals = Globals(globals_read, written) if globals_read else None  # the Python globals compiled code read
         for path, mod in module.named_modules(remove_duplicate=False):
             self._module(path, mod, root=mod is module)
-        for name, top in reached_modules(module, globals_read):  # modules read through a global: watched alike
+        reached = reached_modules(module, globals_read)
+        for name, top in reached:  # modules read through a global: watched alike
             for path, mod in top.named_modules(prefix=name, remove_duplicate=False):
                 self._module(path, mod, root=False)
         self.relative = self._relative()
         self.root_training = module.training
         self.trainings = self._trainings()
-        tensors = model_tensors(module, globals_read)
+        tensors = model_tensors(module, reached)
         self.tensors = list({id(t): t for t in tensors.values()}.values())
         self.tensor_names = {id(t): n for n, t in tensors.items()}
         self.layouts = Layouts(self.tensors)

@@ -551,6 +551,11 @@ def deferred_stop_check(device_types: tuple[str, ...]) -> Iterator[None]:
                 DeferredStopCheck.is_supported = own
 
 
+def _scalars(flat: list[Any]) -> frozenset[int]:
+    """The flat inputs that are Python ints and floats."""
+    return frozenset(i for i, x in enumerate(flat) if type(x) in (int, float))
+
+
 def _sized_in(struct: tuple | None) -> frozenset[int]:
     """The flat inputs a variant's structure (`CompiledModule._structure`) holds by type: its size ints and floats."""
     return frozenset(i for i, e in enumerate(struct[1]) if e in (("int",), ("float",))) if struct else frozenset()
@@ -1032,8 +1037,7 @@ class CompiledModule(ModuleView):
         reads a position or a length as eager does, and each of its segments guards the sizes, values and strides
         of its own inputs (a layout or an int that changed recompiled the host program, whose segments then
         compiled again for the same inputs)."""
-        scalars = frozenset(i for i, x in enumerate(flat) if type(x) in (int, float))
-        spec, struct, training, context = self._structure(flat, spec, scalars)
+        spec, struct, training, context = self._structure(flat, spec, _scalars(flat))
         return spec, dynamic.without_layouts(struct), training, context
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
@@ -1209,8 +1213,7 @@ class CompiledModule(ModuleView):
         elif isinstance(variant, Variant) and getattr(variant, "program", None) is not None:
             # a DyCL host program is Python: it serves every size of this input structure, and each of its segments
             # compiles for its own shapes as a module does (static first, a size that changes symbolic)
-            scalars = frozenset(i for i, x in enumerate(flat) if type(x) in (int, float))
-            variant.shapes = dynamic.Shapes.any_sizes(flat, names, sized | scalars)
+            variant.shapes = dynamic.Shapes.any_sizes(flat, names, sized | _scalars(flat))
             variant.struct = self._host_structure(flat, spec)
             reason += "; a host program serves any sizes (its segments compile for theirs)"
         if getattr(variant, "reason", ""):  # a DyCL variant says why it is a host program
@@ -1541,8 +1544,8 @@ class CompiledModule(ModuleView):
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
         written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
-        self._snapshot_params(graph_sources(gm, self.module, cap.globals), live=bound if graphs else (), missing=cap.missing,
-                              globals_read=cap.globals, written=written)
+        self._snapshot_params(graph_sources(gm, self.module, cap.globals), live=bound if graphs else (),
+                              missing=cap.missing, globals_read=cap.globals, written=written)
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
                        kernels=kernels, writes_state=bool(written), written=written, graph_key=key,
                        no_graph=why_not if why_not != "off" else None)
