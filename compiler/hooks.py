@@ -41,11 +41,24 @@ def watch_registrations() -> None:
     _PATCHED[0] = True
     mm = nn.modules.module
     for owner, name in ((nn.Module, "register_forward_hook"), (nn.Module, "register_forward_pre_hook"),
+                        (nn.Module, "register_full_backward_hook"), (nn.Module, "register_full_backward_pre_hook"),
+                        (nn.Module, "register_backward_hook"),
                         (mm, "register_module_forward_hook"), (mm, "register_module_forward_pre_hook"),
-                        (torch.utils.hooks.RemovableHandle, "remove")):
+                        (mm, "register_module_full_backward_hook"), (mm, "register_module_full_backward_pre_hook"),
+                        (mm, "register_module_backward_hook"), (torch.utils.hooks.RemovableHandle, "remove")):
         fn = getattr(owner, name, None)
         if fn is not None and not getattr(fn, "__fxcc_counts_hooks__", False):
             setattr(owner, name, _counting(fn))
+
+
+def any_on(module: nn.Module) -> bool:
+    """Whether a call of `module` through nn.Module.__call__ would run anything besides its forward: a hook of the
+    module's own (forward, backward, either kind's pre-hook) or a global one. Registering or removing one bumps
+    EPOCH (`watch_registrations`)."""
+    mm = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or mm._global_forward_hooks or mm._global_forward_pre_hooks
+                or mm._global_backward_hooks or mm._global_backward_pre_hooks)
 
 
 def _confined(hook: Any, root: nn.Module) -> bool:

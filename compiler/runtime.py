@@ -394,6 +394,9 @@ class _Hot:
         """A plain-tensor signature that runs eagerly: its arguments checked in one C++ pass, the model's state
         not at all (eager reads it live); `call` what runs it (None: `CompiledModule._eager` decides at each call)."""
         guard = tensor_guards(list(args))
+        if (isinstance(call, nn.Module) and type(call).__call__ is nn.Module.__call__ and not hooks.any_on(call)
+                and getattr(call, "_compiled_call_impl", None) is None):  # nn.Module.__call__ would call forward alone
+            call = type(call).forward.__get__(call)
         return _Hot(guard, len(args), None, training, variant, call) if guard is not None else None
 
 
@@ -668,7 +671,8 @@ class CompiledModule(ModuleView):
             return self._call_for_gradients(args, kwargs)
         if self._fast_paths and (why := nested_fast_path.untaken(self._fast_paths)) is not None:
             return self._call_off_fast_path(why, args, kwargs)
-        if _EPOCH[0] != self._hook_epoch:  # a forward hook was registered or removed somewhere
+        if _EPOCH[0] != self._hook_epoch:  # a module hook was registered or removed somewhere
+            self._hot = None  # an eager signature's call may step around nn.Module.__call__ (_Hot.eager_of)
             self._check_hooks()
         hot = self._hot
         if hot is not None and not kwargs:  # the signature served last: one C++ check of arguments and tensors

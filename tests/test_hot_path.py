@@ -171,7 +171,8 @@ def test_a_signature_measured_slower_than_eager_takes_it_and_reads_the_model_liv
     assert c.variants[-1].slower_than_eager
     for _ in range(2):
         _same(c, m, x)
-    assert c._hot is not None and c._hot.eager and c._hot.call is m
+    # no hook on the model: its forward itself, without nn.Module.__call__'s own work
+    assert c._hot is not None and c._hot.eager and c._hot.call == m.forward
     calls = c.stats.eager_calls
     with torch.no_grad():
         m.fc1.weight.mul_(0.5)
@@ -195,6 +196,48 @@ def test_a_signature_measured_slower_than_eager_takes_it_and_reads_the_model_liv
             torch.set_default_dtype(torch.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert c(x).dtype == m(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("where", ["module", "global", "backward"])
+def test_a_hook_registered_after_the_eager_hot_path_was_taken_runs(monkeypatch, where):
+    """The eager hot path calls the model's forward directly while no hook would run around it; a hook on the
+    model itself, a global one or a backward hook registered later sends the next call through nn.Module.__call__
+    again, as eager does."""
+    _slower_than_eager(monkeypatch)
+    torch.manual_seed(0)
+    m = Net().eval()
+    c = fxcc.compile(m, options={"time_vs_eager": True})
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        _same(c, m, x)
+    _same(c, m, x)
+    assert c._hot is not None and c._hot.eager and c._hot.call == m.forward
+    seen = []
+
+    def hook(mod, inputs, out=None):
+        seen.append(type(mod).__name__)
+
+    if where == "module":
+        handle = m.register_forward_hook(hook)
+    elif where == "global":
+        handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    else:
+        handle = m.register_full_backward_hook(lambda mod, gin, gout: seen.append("backward"))
+    try:
+        with torch.no_grad():
+            c(x)
+        _same(c, m, x)
+        assert c._hot is None or c._hot.call is m
+    finally:
+        handle.remove()
+    if where == "module":
+        assert seen == ["Net"] * 3  # the compiled module's two eager calls and the reference call
+    elif where == "global":
+        assert seen.count("Net") == 3 and seen.count("Linear") == 6
+    with torch.no_grad():
+        c(x)
+        c(x)
+    assert c._hot is not None and c._hot.call == m.forward  # with the hook gone, directly again
 
 
 def test_the_eager_hot_path_steps_around_fxccs_own_forward(monkeypatch):
