@@ -12,7 +12,8 @@ CUDA-graph replay on the GPU) and the host does nothing else per token. The fini
 `STOP_CHECK_EVERY` steps (a copy queued behind the step, read a check later on CUDA, so the host never waits on
 the device); the steps run past a finished batch write only padding, which is cut off, so the ids are HF's.
 Anything else (beam search, logits processors or stopping criteria fxcc does not build, a dynamic cache,
-scores in the output...) runs transformers' own loop, and `DecodeLoop.last` says which loop ran and why.
+scores in the output...) runs transformers' own loop, and `DecodeLoop.last` says which loop ran and why (and what
+it raised, where generate raised).
 """
 
 from __future__ import annotations
@@ -125,18 +126,30 @@ class DecodeLoop:
 
     def generate(self, gen: Callable, args: tuple, kwargs: dict) -> Any:
         """Run `gen` (the model's generate) with fxcc's loop where the call allows it, else as it is."""
+        self.last = None  # a generate that fails before its loop is chosen leaves no earlier call's report
         why = self.hf_reason(args, kwargs)
-        if why is not None:
-            return self._hf(why, gen, args, kwargs)
-        return gen(*args, custom_generate=self.decode, **kwargs)
-
-    def _hf(self, why: str, gen: Callable, args: tuple, kwargs: dict) -> Any:
-        self._ran(HF_PATH, why)
-        return gen(*args, **kwargs)
+        try:
+            if why is not None:
+                self._ran(HF_PATH, why)
+                return gen(*args, **kwargs)
+            return gen(*args, custom_generate=self.decode, **kwargs)
+        except Exception as e:
+            self._raised(e)
+            raise
 
     def _ran(self, path: str, why: str) -> None:
         self.last = (path, why)
         log.info("generate of %s: %s (%s)", type(self.model).__name__, path, why)
+
+    def _raised(self, error: Exception) -> None:
+        """The generate raised: `last` says so (and where), never that a loop ran."""
+        text = str(error).strip().splitlines()
+        what = f"raised {type(error).__name__}" + (f": {text[0][:200]}" if text else "")
+        if self.last is None:
+            self.last = ("transformers' generate", f"{what} (before a decoding loop was chosen)")
+        else:
+            self.last = (self.last[0], f"{self.last[1]}; {what}")
+        log.info("generate of %s: %s (%s)", type(self.model).__name__, *self.last)
 
     def hf_reason(self, args: tuple, kwargs: dict) -> str | None:
         """Why this generate call goes to transformers' loop as a whole, judged from its arguments; None: it may
@@ -188,7 +201,7 @@ class DecodeLoop:
                     generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict) -> str | None:
         """Why the prepared call needs transformers' loop; None: fxcc's loop gives the same ids."""
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
         from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
         if self.devices is not None and input_ids.device.type not in self.devices:
@@ -219,10 +232,15 @@ class DecodeLoop:
         if type(cache) is not StaticCache:
             return (f"a {type(cache).__name__} (fxcc's loop runs on a static cache: cache_implementation='static' "
                     "or a StaticCache)")
-        if not all(type(layer) is StaticLayer for layer in cache.layers):
-            return "a static cache with sliding-window layers"
+        # a window at least as long as its layer's cache (is_croppable) never slides: the model attends as with full
+        # causal attention, the mask a step passes (the generation fits the cache, checked below)
+        if not all(type(layer) is StaticLayer or type(layer) is StaticSlidingWindowLayer and layer.is_croppable
+                   for layer in cache.layers):
+            return "a static cache with sliding-window layers shorter than the cache"
         if getattr(model.config, "_attn_implementation", None) != "sdpa":
             return f"attention implementation {getattr(model.config, '_attn_implementation', None)!r} (not sdpa)"
+        if getattr(model.config, "alibi", False):  # Falcon's: its biases come from the 2-D mask a step does not pass
+            return "ALiBi biases built from the 2-D attention mask (a step passes a 4-D one)"
         if getattr(model, "create_masks_for_generate", None) is not None:
             return f"{type(model).__name__} builds its own generation masks"
         if model._forward_hooks or model._forward_pre_hooks:

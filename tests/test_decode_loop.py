@@ -7,6 +7,8 @@ Tiny decoders (hidden 32, 2 layers, vocab 100) and a pipeline without kernel tim
 
 from __future__ import annotations
 
+import re
+
 import fxcc
 import pytest
 import torch
@@ -14,7 +16,7 @@ from fxcc import decode_loop
 from fxcc import runtime as fxcc_runtime
 
 transformers = pytest.importorskip("transformers")
-from test_generate import FAST, VOCAB, gpt2, llama, qwen2  # noqa: E402  (the same tiny decoders)
+from test_generate import DECODER, FAST, VOCAB, gpt2, llama, qwen2  # noqa: E402  (the same tiny decoders)
 from transformers import StaticCache  # noqa: E402
 
 
@@ -254,3 +256,73 @@ def test_sampling_warns_of_nothing_the_user_holds(monkeypatch, caplog):
     assert torch.equal(got, generate(model, ids, mask, do_sample=True, temperature=0.8, top_k=5))
     assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
     assert "watched by identity only" not in caplog.text
+
+
+def falcon_alibi():
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True, bos_token_id=0,
+        eos_token_id=None, pad_token_id=0))
+
+
+def test_a_generate_that_raises_is_reported_as_raised_not_as_run():
+    """Falcon with ALiBi: transformers' own generate raises with a static cache (its biases cover the prompt, its
+    mask the cache). fxcc's generate raises the same error, declines its loop (the biases come from the 2-D mask a
+    step does not pass) and `last` says that generate raised, not that a loop ran."""
+    model = build(falcon_alibi)
+    ids, mask = left_padded()
+    with pytest.raises(Exception) as eager:  # noqa: PT011 - transformers' own error, whichever it is
+        generate(model, ids, mask)
+    cm = fxcc.compile(build(falcon_alibi), passes=FAST)
+    with pytest.raises(type(eager.value), match=re.escape(str(eager.value))):
+        generate(cm, ids, mask)
+    path, why = cm.decode_loop.last
+    assert path == decode_loop.HF_PATH and "ALiBi" in why
+    assert f"raised {type(eager.value).__name__}: {eager.value}" in why
+    assert "; raised " in cm.decode_loop.text() and not cm.decode_loop.steps
+
+
+def test_a_generate_that_raises_in_fxccs_loop_says_so_and_leaves_no_earlier_report(monkeypatch):
+    """An error inside fxcc's loop (here its prefill) is in `last` after the loop's name; a generate that raises
+    before any loop is chosen does not leave the report of the generate before it."""
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    generate(cm, ids, mask)
+    assert cm.decode_loop.last == (decode_loop.FXCC_PATH, "greedy decoding with a static cache")
+    with pytest.raises(ValueError):
+        generate(cm, ids, mask, max_new_tokens=None, max_length=3)  # shorter than the prompt: generate refuses it
+    assert cm.decode_loop.last[0] != decode_loop.FXCC_PATH and "raised ValueError" in cm.decode_loop.last[1]
+
+    def prefill(*a, **k):
+        raise RuntimeError("a prefill that fails")
+
+    monkeypatch.setattr(type(model), "_prefill", prefill)
+    with pytest.raises(RuntimeError, match="a prefill that fails"):
+        generate(cm, ids, mask)
+    assert cm.decode_loop.last == (decode_loop.FXCC_PATH, "greedy decoding with a static cache; raised RuntimeError: "
+                                   "a prefill that fails")
+
+
+def mistral_window(window: int):
+    def mistral():
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER, sliding_window=window))
+    return mistral
+
+
+@pytest.mark.parametrize(("window", "path"), [(16, decode_loop.FXCC_PATH), (64, decode_loop.FXCC_PATH),
+                                              (8, decode_loop.HF_PATH)])
+def test_a_sliding_window_that_holds_the_whole_cache_runs_fxccs_loop(window, path):
+    """Mistral's sliding window: one at least as long as the cache (7 prompt and 9 new tokens: 16) never slides, so
+    the model attends as with full causal attention and fxcc's loop runs it; a shorter one slides, and transformers'
+    loop runs it, saying why. Both give eager's ids for a left-padded batch."""
+    model = build(mistral_window(window))
+    ids, mask = left_padded()
+    expected = generate(model, ids, mask)
+    cm = fxcc.compile(model, passes=FAST)
+    assert torch.equal(generate(cm, ids, mask), expected)
+    assert cm.decode_loop.last[0] == path, cm.decode_loop.last
+    if path == decode_loop.HF_PATH:
+        assert "sliding-window layers shorter than the cache" in cm.decode_loop.last[1]
+    else:
+        (step,) = cm.decode_loop.steps.values()
+        assert step.stats.eager_calls == 0

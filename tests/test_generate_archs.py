@@ -19,7 +19,7 @@ def test_generate_equals_eager(arch, cache):
     assert row["eager_calls"] == 0, row["warnings"]
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox"])  # `python tests/generate_archs.py --loop`: every family (bloom: declined)
+@pytest.mark.parametrize("arch", ["gpt_neox", "mistral"])  # `generate_archs.py --loop`: every family (bloom: declined)
 def test_fxccs_decode_loop_equals_eager_or_says_why_not(arch):
     """fxcc's own decode loop (static cache): eager's ids for two prompt lengths and a left-padded batch, a second
     prompt length compiling nothing more; a family it declines (bloom: ALiBi, eager attention) runs transformers'
