@@ -19,6 +19,8 @@ _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
 # graph (inference), their result is their input, as long as it also has their layout.
 _IDENTITY = {aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.alias.default,
              aten.clone.default, aten.contiguous.default}
+# Those of them that give eager's caller memory of its own, where the others return their input.
+_COPIES = {aten.clone.default, aten.lift_fresh_copy.default}
 
 
 def same_layout(a: object, b: object) -> bool:
@@ -93,6 +95,7 @@ class Canonicalize(Pass):
         # materialise only the frontier: folded nodes used by non-folded ones, computed by a real op
         folded = 0
         budget = self.max_fold_mb * 2**20
+        returned = returned_values(gm)
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node not in const or (is_view(node) and not _of_computed(node)):
                 continue  # a view of a parameter stays a view of it (no copy of a weight)
@@ -101,8 +104,9 @@ class Canonicalize(Pass):
                 continue
             if all(u in const for u in node.users):
                 continue
-            if any(u.op == "output" for u in node.users):
-                continue  # a returned constant would be one tensor shared by every call's result
+            if node in returned:
+                continue  # a returned constant, or one a returned view looks at, would be one tensor shared by
+                # every call's result: the caller writing one result would change the next
             size = value.numel() * value.element_size()
             if size > budget:
                 continue
@@ -127,19 +131,30 @@ def _of_computed(node: fx.Node) -> bool:
     return node.op == "call_function"
 
 
+def view_chain(node: fx.Node) -> list[fx.Node]:
+    """`node` and the values it may look at the memory of: its chain of views, back to the value it starts from."""
+    chain = [node]
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        chain.append(node)
+    return chain
+
+
+def returned_values(gm: fx.GraphModule) -> set[fx.Node]:
+    """The values the graph returns and those a returned view looks at. Each is memory the caller holds: a second
+    value merged into one (CSE), a copy of an input, a weight or another output forwarded to one, or a constant
+    folded into one, would make two outputs eager returns apart share memory, or an output be the caller's input,
+    a weight or the result of another call."""
+    return {n for out in gm.graph.output_node().all_input_nodes for n in view_chain(out)}
+
+
 def storage_written(gm: fx.GraphModule) -> set[fx.Node]:
     """Values whose memory some op writes in place: the written values, the values they are views of, and
     every view of those. Two of them may not be merged (CSE) nor folded into one shared constant."""
     written = written_in_place(gm)
     if not written:
         return set()
-
-    def base(n: fx.Node) -> fx.Node:
-        while is_view(n) and n.args and isinstance(n.args[0], fx.Node):
-            n = n.args[0]
-        return n
-
-    out = {base(n) for n in written}
+    out = {view_chain(n)[-1] for n in written}
     for n in gm.graph.nodes:  # program order: a view comes after what it views
         if is_view(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in out:
             out.add(n)
@@ -199,12 +214,13 @@ def functionalize_fresh(gm: fx.GraphModule) -> int:
 def _drop_identities(gm: fx.GraphModule) -> int:
     """Forward detach/clone/contiguous/lift_fresh_copy (and dropout with train=False) to their input when
     nothing in the graph mutates a value and the input has the result's layout (a `.contiguous()` before a
-    `view` stays)."""
+    `view` stays). A returned copy stays where its input is an input, a weight or another output's memory."""
     mutating = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                 and n.target._schema.is_mutable and n.target is not aten.detach_.default]
     if mutating:
         return 0
     dropped = 0
+    returned = returned_values(gm)
     for node in list(gm.graph.nodes):
         inference_dropout = node.target in (aten.dropout.default, aten.feature_dropout.default) and (
             node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True) is False)
@@ -214,6 +230,11 @@ def _drop_identities(gm: fx.GraphModule) -> int:
                 continue
             if node.target is aten.detach_.default and any(u.op == "output" for u in node.users):
                 continue
+            if node.target in _COPIES and node in returned:
+                chain = view_chain(src)
+                if chain[-1].op != "call_function" or returned.intersection(chain):
+                    continue
+                returned.update(chain)
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
             dropped += 1
@@ -246,6 +267,7 @@ def _cse(gm: fx.GraphModule) -> int:
     seen: dict[object, fx.Node] = {}
     hits = 0
     written = storage_written(gm)  # two fresh buffers that are written in place must stay two
+    returned = returned_values(gm)  # and two returned ones: the caller holds two tensors
     for node in list(gm.graph.nodes):
         if node in written:
             continue
@@ -261,7 +283,11 @@ def _cse(gm: fx.GraphModule) -> int:
         prev = seen.get(key)
         if prev is None:
             seen[key] = node
+        elif node in returned and prev in returned:
+            continue
         else:
+            if node in returned:
+                returned.update(view_chain(prev))
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
             hits += 1

@@ -14,7 +14,8 @@ that shape is called as well (fxcc's recompile with a symbolic size).
 The compiled side runs with `check_eager=False` and `time_vs_eager=False`, so what is compared is fxcc's
 own code, not its first-call safety net. Outcomes per seed: equal, differs (the output, its error, the op
 that made it; a float32 output that differs on its own scale counts as equal where each element is as close to
-the program run in float64 as eager's, as a sum that cancels to about 0), raised (fxcc raised where eager did
+the program run in float64 as eager's, as a sum that cancels to about 0; an argmax that picks another of values
+equal within tolerance counts as equal too), raised (fxcc raised where eager did
 not), eager (fxcc ran some or all of it eagerly, with the warning's reason). A failing program is shrunk (delta debugging on its op list) and printed as Python.
 
     python tests/graph_fuzz.py --seeds 0:300 --threads 1              # the default CPU pipeline (TVM + extern)
@@ -540,6 +541,38 @@ def _within_eagers_own_error(model: torch.nn.Module, args: list[torch.Tensor], g
     return True
 
 
+ARGMAX = re.compile(r"(\w+)\.argmax\((-?\d+), keepdim=(True|False)\)")
+
+
+def _argmax_ties(prog: Program, args: list[torch.Tensor], got: Any, want: Any, tol) -> bool:
+    """Whether every output that differs is an argmax whose picks differ only between values that are equal
+    within fxcc's tolerance (eager's own picks among them are its rounding: `softmax(...).mean(...)` is 0.5 up to
+    an ulp in every row, seed 9347): judged on eager's values of the argmax's input, got from the program cut
+    just after that input."""
+    from fxcc.outputs import compare, tensor_leaves
+
+    names = prog.outputs()
+    for i, ((_, a), (_, b)) in enumerate(zip(tensor_leaves(got), tensor_leaves(want))):
+        if compare(a, b, tol=tol).equal:
+            continue
+        op = next((o for o in prog.ops if i < len(names) and o.out == names[i] and o.kind != "inplace"), None)
+        m = ARGMAX.fullmatch(op.code) if op is not None else None
+        if m is None or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        cut = Program(prog.seed, prog.inputs, prog.params,
+                      [*prog.ops[:prog.ops.index(op)], Op("_argmax_input", f"{m[1]} * 1", [m[1]], "pointwise")])
+        kind, t = _eager(cut.build(), [x.clone() for x in args])
+        t = t[-1] if isinstance(t, tuple) else t
+        if kind != "ok" or not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.isnan().any():
+            return False
+        d = int(m[2])
+        ia, ib = (a, b) if m[3] == "True" else (a.unsqueeze(d), b.unsqueeze(d))
+        gap = (t.gather(d, ia).double() - t.gather(d, ib).double()).abs().max().item()
+        if gap > tol(t.dtype) * t.abs().max().item():
+            return False
+    return True
+
+
 def _batches(prog: Program, model: torch.nn.Module) -> list[int | None]:
     """The call shapes: the example's batch size, then another where eager runs the program with it."""
     b0 = prog.inputs[0][1][0]
@@ -587,7 +620,8 @@ def run_program(prog: Program, passes: str | None, calls: int = 3) -> Outcome:
                 out.calls += 1
                 c = close(got, want, tol)
                 if not c.equal and not c.detail:
-                    c.equal = _within_eagers_own_error(eager, args_e, got, want, prog)
+                    c.equal = _within_eagers_own_error(eager, args_e, got, want, prog) or \
+                        _argmax_ties(prog, call_inputs(prog, batch, 1000 * (batch or 0) + i), got, want, tol)
                 if c.equal:
                     c = close(args, args_e, tol)
                     if not c.equal:

@@ -878,6 +878,53 @@ fn_probe("channels_last_pointwise_reduce", lambda n, g: (_r(g, 2, 8, n, n).to(me
     lambda x, b: ((x + b).relu(), x.sum(1), x.mean((2, 3)), x.softmax(1), (x * b).amax(1, keepdim=True), x.flatten(2)))
 
 
+
+# memory the caller holds: copies, equal values and weight-only values returned, inputs written in place --------
+
+fn_probe("returned_copies", lambda n, g: (_r(g, n, 6), _r(g, 2, 3, n, n).to(memory_format=torch.channels_last)))(
+    lambda x, c: (x.clone(), c.clone(), c.contiguous(), (x * 2).clone(), x.detach(), x.contiguous(), c + 1,
+                  torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[4, 5]]).t(), x + torch.tensor(2.0)))
+fn_probe("equal_values_returned", lambda n, g: (_r(g, n, 6), torch.randint(-20, 20, (n, 6), generator=g)))(
+    lambda x, i: (x + 1, x + 1, (x + 1).t(), torch.remainder(i, -3), i % -3, torch.pow(2, i.abs()), 2 ** i.abs()))
+
+
+class WeightOnlyReturned(nn.Module):
+    """Values computed from weights only (canonicalize folds them into constants), returned and viewed."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 6))
+        self.register_buffer("b", torch.arange(6.0))
+
+    def forward(self, x):
+        y = self.w * 2
+        return y.t(), x @ y, self.b.clone(), (self.b + 1)[::2], x + self.b, self.w
+
+
+probe("weight_only_values_returned")(lambda n, g: (_r(g, n, 6),))(WeightOnlyReturned)
+fn_probe("inputs_written_in_place", lambda n, g: (_r(g, n, 5), _r(g, 5, n).t(), torch.randint(-9, 9, (n, 5), generator=g),
+                                                  torch.rand(n, 5, generator=g) > 0.5))(
+    lambda x, t, i, m: (x.add_(t), t.mul_(2).clamp_(-1, 1), i.floor_divide_(-2), i.remainder_(3), x.masked_fill_(m, 0.0),
+                        m.logical_not_(), x[:, 1:3].copy_(t[:, :2]), x.sum(1)))
+fn_probe("ints_divided_by_negatives", lambda n, g: (torch.randint(-20, 20, (n, 6), generator=g),
+                                                    torch.tensor([3, -3, 4, -4, 7, -7]).repeat(n, 1),
+                                                    torch.randint(-100, 100, (n, 6), generator=g, dtype=torch.int8)))(
+    lambda a, b, c: (a // b, a % b, torch.fmod(a, b), a.div(b, rounding_mode="trunc"), a / b, -7 // b, torch.remainder(-7, b),
+                     c // -7, c % -7, (c + 100) // 3, a // -3, a.int() % 4))
+fn_probe("where_with_scalars", lambda n, g: (_r(g, n, 5), torch.randint(-3, 3, (n, 5), generator=g)))(
+    lambda x, i: (torch.where(x > 0, 1.0, 0.0), torch.where(x > 0, x, 0), torch.where(i > 0, i, -1), torch.where(i > 0, 1.5, i),
+                  torch.where(i > 0, 3, 4), torch.where(x > 0, float("inf"), x), torch.where(x > 0, True, False),
+                  torch.where(i > 0, x, i)))
+fn_probe("python_scalar_promotion", lambda n, g: (torch.randint(-5, 5, (n, 4), generator=g), _r(g, n, 4, dtype=torch.float16),
+                                                  torch.rand(n, 4, generator=g) > 0.5), low=True)(
+    lambda i, h, b: (i * 1.5, i + True, i / 2, i ** 2, 2 - i, 1 / (i.abs() + 1), h * 1e5, h + 1, b * 2, b + 1.5,
+                     torch.tensor(3) * h, torch.tensor(2.5) * i, torch.tensor(2.5, dtype=torch.float64) * h))
+fn_probe("zero_d_and_empty", lambda n, g: (torch.tensor(2.5), torch.tensor(-3), _r(g, n, 3), _r(g, 0, n)))(
+    lambda s, i, x, e: (s * 2, s + i, i // 2, i % 2, x * s, (x > s).sum(), s.expand(x.shape[0]), x.sum(), x.argmax(), x[0, 0],
+                        e + 1, e.t() @ e, e.sum(0), torch.cat([e, e]), e.mean(1)))
+fn_probe("returns_containers", lambda n, g: (_r(g, n, 4),))(
+    lambda x: {"a": x * 2, "b": [x.sum(), None, (x.t(), 3)], "c": None, "shape": x.shape, "n": x.shape[0] * 2})
+
 # ------------------------------------------------------------------------------------------------ the check
 
 
@@ -955,6 +1002,7 @@ def run(p: Probe, passes: str | None = None, dynamic: bool | None = None, *, siz
         warnings.simplefilter("always")
         compiled = fxcc.compile(mine.fn if function else mine, dynamic=dynamic,
                                 options=dict(opts, **({"passes": passes} if passes else {})))
+        held = (None, None)  # the previous call's outputs, fxcc's and eager's
         for i, n in enumerate(sizes or call_sizes(p)):
             g = torch.Generator().manual_seed(100 * n + i)
             args_e = p.inputs(n, g)
@@ -979,7 +1027,8 @@ def run(p: Probe, passes: str | None = None, dynamic: bool | None = None, *, siz
                 kind, res.detail = "differs", f"call {i + 1} (n={n}): eager raised {type(want).__name__}, fxcc not"
                 break
             res.max_err = max(res.max_err, _max_err(got, want))
-            kind, detail = compare_call(got, want, (*args, *_state(mine)), (*args_e, *_state(eager)), _tol(p))
+            kind, detail = compare_call(got, want, (*args, *_state(mine)), (*args_e, *_state(eager)), _tol(p), *held)
+            held = (got, want)
             if kind == "ok":
                 kind, detail = compare_call(args, args_e, (), (), _tol(p))
                 kind = "ok" if kind == "ok" else "mutation"

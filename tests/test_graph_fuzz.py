@@ -60,3 +60,35 @@ def test_an_output_that_cancels_is_judged_against_float64_and_a_wrong_one_still_
         assert _within_eagers_own_error(model, [x], got, want, _Source())
         assert not _within_eagers_own_error(model, [x], got + 1e-3, want, _Source())
         assert not _within_eagers_own_error(model, [x], want.new_tensor(float("nan")), want, _Source())
+
+
+
+def _tied_argmax(spread: str = "") -> object:
+    """Seed 9347 shrunk: `softmax(...).mean(...)` is 0.5 up to an ulp in every batch row, so the argmax over the
+    batch picks by rounding, which eager and fxcc do differently."""
+    from graph_fuzz import Op, Program
+
+    ops = [Op("v4", "F.conv2d(x, self.w2, self.w3, stride=1, padding=0, dilation=2, groups=8)", ["x"], "conv"),
+           Op("v5", "F.softmax(v4, dim=-2)", ["v4"], "softmax"),
+           Op("v8", "torch.cat([v5, v5 * 2], 1)", ["v5"], "cat"),
+           Op("v9", "v8.float().mean(2, dtype=torch.float64).float()", ["v8"], "reduce"),
+           Op("v14", "torch.einsum('bij,jk->bik', v9, self.w11)" + spread, ["v9"], "matmul"),
+           Op("v15", "v14.argmax(-3, keepdim=True)", ["v14"], "reduce")]
+    return Program(9347, [("x", (4, 8, 2, 3), "sliced")],
+                   {"w2": ("param", (16, 1, 1, 1)), "w3": ("param", (16,)), "w11": ("param", (3, 8))}, ops, dyn=False)
+
+
+def test_an_argmax_among_values_equal_within_tolerance_is_judged_equal_and_a_wrong_pick_still_differs():
+    from graph_fuzz import _argmax_ties, call_inputs, run_program, tolerance_for
+
+    prog = _tied_argmax()
+    assert run_program(prog, None).kind == "equal"
+    args = call_inputs(prog, None, 0)
+    with torch.no_grad():
+        want = prog.build()(*args)
+    assert _argmax_ties(prog, args, (want + 1) % 4, want, tolerance_for(prog))  # another of the tied rows
+    # rows that differ: another pick is wrong
+    spread = _tied_argmax(" + torch.arange(4.0)[:, None, None]")
+    with torch.no_grad():
+        want = spread.build()(*args)
+    assert not _argmax_ties(spread, args, (want + 1) % 4, want, tolerance_for(spread))

@@ -1115,9 +1115,11 @@ def _strides_differ(a: torch.Tensor, b: torch.Tensor) -> bool:
     return any(sa != sb for sa, sb, n in zip(a.stride(), b.stride(), b.shape) if n > 1) and b.numel() > 1
 
 
-def compare_call(got: Any, want: Any, args: tuple, args_e: tuple, tol) -> tuple[str, str]:
+def compare_call(got: Any, want: Any, args: tuple, args_e: tuple, tol, before: Any = None,
+                 before_e: Any = None) -> tuple[str, str]:
     """('ok', '') or (kind, detail): the outputs' structure, Python values, dtypes, shapes, strides, values and
-    aliasing of inputs."""
+    aliasing of inputs and (`before`, `before_e`: the previous call's outputs, still held) of an earlier result: a
+    tensor handed out twice is one the caller may write, changing what it holds from the other call."""
     from fxcc.outputs import compare
 
     g, e = _leaves(got), _leaves(want)
@@ -1145,6 +1147,10 @@ def compare_call(got: Any, want: Any, args: tuple, args_e: tuple, tol) -> tuple[
         alias = [i for i, t in enumerate(ins) if a.numel() and _shares(a, t)]
         if alias_e != alias:
             return "alias", f"{p}: aliases inputs {alias} under fxcc, {alias_e} in eager"
+        old_e = [q for q, t in _leaves(before_e) if isinstance(t, torch.Tensor) and b.numel() and _shares(b, t)]
+        old = [q for q, t in _leaves(before) if isinstance(t, torch.Tensor) and a.numel() and _shares(a, t)]
+        if old_e != old:
+            return "alias", f"{p}: shares memory with the previous call's {old} under fxcc, {old_e} in eager"
     outs = [(p, t) for p, t in e if isinstance(t, torch.Tensor) and t.numel()]
     outs_g = dict((p, t) for p, t in g if isinstance(t, torch.Tensor))
     for i, (p, t) in enumerate(outs):
@@ -1205,6 +1211,7 @@ def run(prog: Program, mode: str, options: dict | None = None, user_defaults: bo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = fxcc.compile(mine, dynamic=True if mode == "dynamic" else None, options=opts)
+        held = (None, None)  # the previous call's outputs, fxcc's and eager's
         for i, n in enumerate(sizes):
             g = torch.Generator().manual_seed(100 * n + i)
             args_e, kw_e = prog.inputs(n, g)
@@ -1235,7 +1242,8 @@ def run(prog: Program, mode: str, options: dict | None = None, user_defaults: bo
                 out.kind, out.detail = "differs", f"call {i + 1} (size {n}): eager raised {type(want).__name__}, fxcc not"
                 break
             out.calls += 1
-            kind, detail = compare_call(got, want, (*args, *_state(mine)), (*args_e, *_state(eager)), tol)
+            kind, detail = compare_call(got, want, (*args, *_state(mine)), (*args_e, *_state(eager)), tol, *held)
+            held = (got, want)
             if kind == "ok":
                 kind, detail = compare_call((args, kw), (args_e, kw_e), (), (), tol)
                 if kind != "ok":
