@@ -94,7 +94,7 @@ def _check_eager(env: os._Environ | dict) -> bool | str:
 # every FXCC_* variable fxcc reads (Settings above), and those only fxcc's own tests read
 ENVIRONMENT = ("FXCC_CACHE_DIR", "FXCC_CACHE_SHARED", "FXCC_CACHE_TRUST", "FXCC_TVM_POOL", "FXCC_TRITON_INTERPRET",
                "FXCC_TRITON_WELFORD", "FXCC_VERIFY_EACH", "FXCC_PRINT_IR_AFTER", "FXCC_LOGS", "FXCC_CHECK_EAGER",
-               "FXCC_TIME_VS_EAGER", "FXCC_SETTLE_TRIES", "FXCC_INT4_LOOPS")
+               "FXCC_TIME_VS_EAGER", "FXCC_SETTLE_TRIES", "FXCC_INT4_LOOPS", "FXCC_DECODE_LOOP")
 TEST_ENVIRONMENT = ("FXCC_UPDATE_GOLDEN", "FXCC_BREADTH_ALL", "FXCC_FUZZ_SEEDS")
 _warned_names: set[str] = set()
 
