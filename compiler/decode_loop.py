@@ -33,9 +33,9 @@ from .capture import original_forward
 log = logging.getLogger(__name__)
 
 STOP_CHECK_EVERY = 8  # decode steps between two reads of the finished-rows flag
-# devices fxcc's loop has been checked on; FXCC_DECODE_LOOP=all lets it run on any (CUDA graphs of its step,
-# which writes its inputs in place and may draw random numbers, are not yet checked on a GPU)
-CHECKED_DEVICES = ("cpu",)
+# devices fxcc's loop has been checked on (CUDA: tests/test_decode_loop_gpu.py, its step one CUDA-graph replay);
+# FXCC_DECODE_LOOP=all lets it run on any
+CHECKED_DEVICES = ("cpu", "cuda")
 # generate's arguments that its `custom_generate` hook would not hand on to the decoding loop, or that choose a loop
 HF_ONLY = ("assistant_model", "streamer", "custom_generate", "prefix_allowed_tokens_fn", "negative_prompt_ids",
            "negative_prompt_attention_mask", "synced_gpus", "tokenizer", "assistant_tokenizer", "trust_remote_code")
