@@ -48,10 +48,7 @@ from fxcc.store import cache_key, default_cache, target_id
 
 log = logging.getLogger(__name__)
 
-NO_BOUND = 100.0  # codegen{packed=100}: packed weight copies are not bounded
-# codegen's default packed-copy budget: each weight held about once (live bytes within 1.1x the parameters with the
-# kernels' scratch buffers), whatever the timing of the compile chose; the copies go where they buy most per byte
-DEFAULT_PACKED = 0.05
+NO_BOUND = 100.0  # codegen{packed=100}: packed weight copies are not bounded (the default)
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,8 @@ class Codegen(Pass):
     tune="off" builds defaults and leaves the cache alone.
 
     `packed` bounds the packed weight copies the chosen kernels keep (a fraction of the graph's parameter bytes:
-    `bound_copies`): the default, 0.05, holds each weight about once, 0 keeps none, 100 bounds nothing (README,
-    "The CPU backend", measures what each costs). The model's own weights stay beside the copies (the eager
-    fallback and the caller read them), so unbounded, what a compile holds depended on which candidates won its
-    timing: llama 1.2x to 1.8x its parameters by the machine's load.
+    `bound_copies`): 0.05 holds each weight about once, 0 keeps none; the default, 100, bounds nothing (README,
+    "The CPU backend", measures what each costs).
     """
 
     name = "codegen"
@@ -78,7 +73,7 @@ class Codegen(Pass):
     backend: str = "auto"
     reps: int = 20
     # packed weight copies (oneDNN, MKL, TVM panels) may take this fraction of the graph's parameter bytes
-    packed: float = DEFAULT_PACKED
+    packed: float = NO_BOUND
 
     def __post_init__(self) -> None:
         if not self.packed >= 0:

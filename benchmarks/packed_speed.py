@@ -1,5 +1,5 @@
 """What the packed-weight budget costs in speed: the same model compiled with `codegen{packed=0.05}` (each weight held
-about once, the default) and with no bound (`codegen{packed=100}`), or any budgets given, timed interleaved with
+about once) and with no bound (`codegen{packed=100}`, the default), or any budgets given, timed interleaved with
 eager in one process.
 
     cd benchmarks && python packed_speed.py [--models llama bert gpt2] [--threads 1] [--reps 60] [--fractions 0.05 1 100]

@@ -23,8 +23,8 @@ compiled module holds the uncompiled model (its parameters, state_dict and eager
 holds each weight once and each tp rank reads only its shards.
 
 The backends' packed weight copies (oneDNN's blocked layout and MKL's packed panels, opaque tensors counted by
-their elements' bytes; TVM's column panels) are bounded by the codegen pass: `codegen{packed=0.05}` (the default)
-lets them take at most 0.05 of the graph's parameter bytes, `codegen{packed=100}` bounds nothing (what either
+their elements' bytes; TVM's column panels) are bounded by the codegen pass: `codegen{packed=0.05}` lets them
+take at most 0.05 of the graph's parameter bytes, `codegen{packed=100}` (the default) bounds nothing (what either
 costs in speed: benchmarks/packed_speed.py). For the weights a pass derives alone, pass
 `--passes "decompose,canonicalize,raise,merge-linears,fuse,codegen{backend=extern}"`.
 """

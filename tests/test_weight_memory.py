@@ -95,41 +95,6 @@ def test_a_small_packed_budget_holds_each_weight_about_once(make):
                                   f"{stats.get('packed_mb')} MB of packed copies")
 
 
-def test_the_default_budget_holds_each_weight_about_once_whatever_the_timing_chose(tmp_path, monkeypatch):
-    """The default pipeline bounds the packed copies: where oneDNN's and MKL's copies win every GEMM by far (as on
-    a busy machine they did, llama 1.8x its parameters), the compiled model still holds about 1x its parameters,
-    gives eager's results, and the caller's model, still held, still runs as before."""
-    from fxcc.autotune import select
-    from fxcc.measure import Timing, decide
-
-    monkeypatch.setenv("FXCC_CACHE_DIR", str(tmp_path))  # a cache of its own: these choices are made, not loaded
-    # ms per candidate: the packed copies (MKL's, oneDNN's, TVM's panels) several times faster than any GEMM that
-    # reads the weight as it is
-    costs = {"mkl": 0.3, "onednn": 0.4, "tvm+onednn": 0.4, "tvm": 0.5, "extern": 2.0, tvm.ROWS: 1.0, "tvm+wxt": 1.0}
-
-    def compare(fns, incumbent, **kw):
-        for fn in fns.values():
-            fn()
-        return decide({k: Timing([costs.get(k, 3.0) * (1 + 0.01 * i) for i in range(20)]) for k in fns}, incumbent)
-    monkeypatch.setattr(select, "compare", compare)
-    base = live_bytes()
-    model, kwargs = llama()
-    with torch.no_grad():
-        expected = outputs(model(IDS, **kwargs))
-    params = param_bytes(model)
-    compiled = fxcc.compile(model, options=OPTS)
-    with torch.no_grad():
-        torch.testing.assert_close(outputs(compiled(IDS, **kwargs)), expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(outputs(model(IDS, **kwargs)), expected, atol=0, rtol=0)
-    stats = [r.result.stats for r in compiled.variants[-1].records if r.spec.startswith("codegen")][0]
-    del model
-    held = live_bytes() - base - expected.untyped_storage().nbytes()
-    assert held <= 1.1 * params, (f"{held / 2**20:.2f} MB live for {params / 2**20:.2f} MB of parameters, "
-                                  f"{stats.get('packed_mb')} MB of packed copies")
-    assert stats.get("unpacked", 0) > 0, stats  # copies won, and did not all fit
-    assert stats["packed_mb"] * 2**20 <= 0.05 * params, stats
-
-
 def test_no_budget_keeps_no_packed_copy_and_in_place_changes_still_count():
     model, kwargs = llama()
     compiled = fxcc.compile(model, passes="decompose,canonicalize,raise,merge-linears,gemv,layout,fuse,"
@@ -411,8 +376,7 @@ def test_the_panels_are_kept_only_when_they_beat_the_gemm_on_the_weight_as_it_is
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.SiLU()).eval()
     x = torch.randn(1, 32, 64)
-    # no packed-copy budget: the choice between the candidates alone (the default budget would move the panels off)
-    cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=auto,reps=3,packed=100}", options=OPTS)
+    cm = fxcc.compile(model, passes="canonicalize,raise,fuse,codegen{backend=auto,reps=3}", options=OPTS)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x), atol=1e-4, rtol=1e-4)
     kernel = next(k for k in cm.variants[-1].kernels.values() if k.kind == "gemm")
