@@ -9,6 +9,7 @@ message), eager fails, or cannot build.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import logging
@@ -33,6 +34,10 @@ STATUSES = (EQUAL, MISMATCH, FXCC_ERROR, FALLBACK, EAGER_FAILS, CANNOT_BUILD)
 RUNNABLE = (EQUAL, MISMATCH, FXCC_ERROR, FALLBACK)  # eager runs: the architectures the share counts
 RECYCLE = 20  # models per worker process
 MAX_PARAMS = 30_000_000  # a shrunk model larger than this was not shrunk by the rules: reported, not run
+# how the model reaches fxcc: fxcc.compile(model), or torch.compile(model, backend="fxcc"[, dynamic=True]), where a
+# graph break is fine (dynamo runs the code between graphs) but fxcc failing on one of its graphs is an fxcc error
+ENTRIES = ("fxcc", "torch", "torch-dynamic")
+BACKEND_FAILED = "fxcc: torch.compile's graph runs eagerly"  # torch_compile_backend's warning when fxcc failed
 MEMORY_GB = 4.0  # a worker's heap: a model whose build asks for more fails with a row, not the machine's OOM killer
 
 
@@ -78,9 +83,9 @@ def _eager(model: Any, kwargs: dict) -> Any:
         return model(**kwargs)
 
 
-def run_one(model_type: str, passes: str | None = None, phase: Any = lambda p: None) -> Result:
-    """Build `model_type` shrunk, run eager and fxcc on both input shapes, and compare every output leaf."""
-    import torch
+def run_one(model_type: str, passes: str | None = None, phase: Any = lambda p: None, entry: str = "fxcc") -> Result:
+    """Build `model_type` shrunk, run eager and fxcc (compiled through `entry`, one of ENTRIES) on both input shapes,
+    and compare every output leaf."""
     from fxcc import zoo_models as zm
     from fxcc.capture import register_model_pytrees
     from fxcc.outputs import compare
@@ -130,24 +135,20 @@ def run_one(model_type: str, passes: str | None = None, phase: Any = lambda p: N
         res.seconds = time.perf_counter() - t0
         return res
     phase("fxcc")
-    import fxcc
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            cm = fxcc.compile(model, passes=passes)
-            outs = []  # each shape's first call (checked against eager) and second (the compiled variant)
-            for s in range(len(zm.SHAPES)):
-                for _ in range(2):
-                    torch.manual_seed(0)
-                    outs.append((s, cm(**recipe.make(model, s))))
+            cms, outs = _compiled_calls(model, recipe, passes, entry)
         except Exception as e:  # noqa: BLE001
             res.status, res.message = FXCC_ERROR, _message(e)
             res.notes = _fxcc_notes(caught)
             res.seconds = time.perf_counter() - t0
             return res
-    res.notes = _fxcc_notes(caught) + _how_compiled(cm)
-    res.eager_ops = _eager_ops(cm)
+    notes = _fxcc_notes(caught)
+    res.notes = notes + [n for cm in cms for n in _how_compiled(cm)]
+    if entry != "fxcc":  # more than one: dynamo broke the model's graph, or compiled it again for the second shape
+        res.notes.append(f"{len(cms)} dynamo graphs (breaks, recompiles) compiled by fxcc")
+    res.eager_ops = max((_eager_ops(cm) for cm in cms), default=0)
     worst = None
     for s, out in outs:
         c = compare(out, refs[s])
@@ -157,17 +158,80 @@ def run_one(model_type: str, passes: str | None = None, phase: Any = lambda p: N
             break
     c, s = worst
     res.max_rel, res.worst, res.leaves = c.max_rel, c.worst, c.leaves
-    if c.equal and cm.eager_signatures:  # fxcc saw its result differ from eager's and ran eagerly instead
-        res.status, res.message = FALLBACK, cm.eager_signatures[0]
-    elif c.equal and (why := _nothing_compiled(cm)):  # equal, because it all ran eagerly: not a compile
-        res.status, res.message = FALLBACK, why
+    failed = [n for n in notes if n.startswith(BACKEND_FAILED)]
+    if c.equal and failed:  # fxcc failed on a graph dynamo gave it, which then ran as dynamo traced it
+        res.status, res.message = FXCC_ERROR, failed[0]
+    elif c.equal and (signatures := [sig for cm in cms for sig in cm.eager_signatures]):
+        res.status, res.message = FALLBACK, signatures[0]  # fxcc saw its result differ from eager's, ran eagerly
+    elif c.equal and not cms:
+        res.status, res.message = FALLBACK, "torch.compile gave fxcc no graph: dynamo ran the whole model eagerly"
+    elif c.equal and all(why := [_nothing_compiled(cm) for cm in cms]):  # equal, because it all ran eagerly
+        res.status, res.message = FALLBACK, why[0]
     elif c.equal:
         res.status = EQUAL
     else:
         res.status = MISMATCH
         res.message = c.detail or f"shape {s + 1}: {c.worst} differs by {c.max_rel:.3g} of its scale"
+        if entry != "fxcc" and _dynamo_alone_differs(model, recipe, refs):
+            res.message = ('torch.compile differs without fxcc too (backend="eager", dynamo\'s graphs as traced): '
+                           + res.message)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _compiled_calls(model: Any, recipe: Any, passes: str | None, entry: str) -> tuple[list[Any], list[Any]]:
+    """`model` compiled through `entry` and called twice on each shape (the first call checked against eager, the
+    second the compiled variant): the compiled modules fxcc built, and (shape, output) per call."""
+    import torch
+    from fxcc import zoo_models as zm
+
+    if entry == "fxcc":
+        import fxcc
+
+        cm = fxcc.compile(model, passes=passes)
+        fn, cms = cm, [cm]
+    else:  # torch.compile(model, backend="fxcc"): one fxcc build per graph dynamo hands over
+        import torch._dynamo
+        from fxcc.api import torch_compile_backend
+
+        cms = []
+
+        def backend(gm: Any, example_inputs: list, **kwargs: Any) -> Any:
+            run = torch_compile_backend(gm, example_inputs, **kwargs)
+            if hasattr(run, "fxcc"):
+                cms.append(run.fxcc)
+            return run
+
+        torch._dynamo.reset()  # a fresh dynamo per model: no guards or cache entries of the model before
+        fn = torch.compile(model, backend=backend, dynamic=entry == "torch-dynamic" or None,
+                           options={"passes": passes} if passes else None)
+    outs = []
+    # eager ran without gradients; fxcc.compile's module compiles for inference whatever the grad mode
+    with torch.no_grad() if entry != "fxcc" else contextlib.nullcontext():
+        for s in range(len(zm.SHAPES)):
+            for _ in range(2):
+                torch.manual_seed(0)
+                outs.append((s, fn(**recipe.make(model, s))))
+    return cms, outs
+
+
+def _dynamo_alone_differs(model: Any, recipe: Any, refs: list[Any]) -> bool:
+    """Whether torch.compile with no compiler (backend="eager") differs from eager on some shape as well: the
+    model's code traced by dynamo takes another path (transformers builds masks it skips in eager, say), which
+    no backend's graph can undo."""
+    import torch
+    import torch._dynamo
+    from fxcc import zoo_models as zm
+    from fxcc.outputs import compare
+
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        for s in range(len(zm.SHAPES)):
+            torch.manual_seed(0)
+            if not compare(fn(**recipe.make(model, s)), refs[s]).equal:
+                return True
+    return False
 
 
 def _fxcc_notes(caught: list) -> list[str]:
@@ -228,7 +292,7 @@ def limit_memory(gb: float) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
-def worker(passes: str | None, threads: int, memory_gb: float = MEMORY_GB) -> None:
+def worker(passes: str | None, threads: int, memory_gb: float = MEMORY_GB, entry: str = "fxcc") -> None:
     """Read model types from stdin, one per line; write JSON lines: phases, then each model's result."""
     import torch
     import transformers
@@ -252,7 +316,7 @@ def worker(passes: str | None, threads: int, memory_gb: float = MEMORY_GB) -> No
         if not mt:
             continue
         try:
-            res = run_one(mt, passes, lambda p, mt=mt: say(model=mt, phase=p))
+            res = run_one(mt, passes, lambda p, mt=mt: say(model=mt, phase=p), entry)
         except BaseException as e:  # noqa: BLE001 - a row, whatever happened
             res = Result(mt, FXCC_ERROR, f"sweep error: {_message(e)}")
         say(model=mt, result=asdict(res))
@@ -269,8 +333,9 @@ class _Worker:
     count: int = 0
 
 
-def _spawn(passes: str | None, threads: int, logdir: Path, i: int, memory_gb: float) -> _Worker:
-    cmd = [sys.executable, "-m", "fxcc.zoo", "--worker", "--threads", str(threads), "--memory-gb", str(memory_gb)]
+def _spawn(passes: str | None, threads: int, logdir: Path, i: int, memory_gb: float, entry: str) -> _Worker:
+    cmd = [sys.executable, "-m", "fxcc.zoo", "--worker", "--threads", str(threads), "--memory-gb", str(memory_gb),
+           "--entry", entry]
     if passes:
         cmd += ["--passes", passes]
     path = logdir / f"worker{i}.log"
@@ -289,8 +354,9 @@ def _tail(path: Path, n: int = 3) -> str:
 
 
 def sweep(types: list[str], jobs: int, timeout: float, passes: str | None, threads: int, logdir: Path,
-          done: Any = lambda r, i, n: None, memory_gb: float = MEMORY_GB) -> list[Result]:
-    """Run every model type in worker processes; `done(result, index, total)` after each."""
+          done: Any = lambda r, i, n: None, memory_gb: float = MEMORY_GB, entry: str = "fxcc") -> list[Result]:
+    """Run every model type in worker processes, compiled through `entry`; `done(result, index, total)` after
+    each."""
     logdir.mkdir(parents=True, exist_ok=True)
     todo, results = list(types), []
     workers: list[_Worker] = []
@@ -314,7 +380,7 @@ def sweep(types: list[str], jobs: int, timeout: float, passes: str | None, threa
         workers.remove(w)
         if todo or any(x.model for x in workers):
             spawned += 1
-            add(_spawn(passes, threads, logdir, spawned, memory_gb))
+            add(_spawn(passes, threads, logdir, spawned, memory_gb, entry))
 
     def add(w: _Worker) -> None:
         workers.append(w)
@@ -324,7 +390,7 @@ def sweep(types: list[str], jobs: int, timeout: float, passes: str | None, threa
 
     for _ in range(min(jobs, len(todo))):
         spawned += 1
-        add(_spawn(passes, threads, logdir, spawned, memory_gb))
+        add(_spawn(passes, threads, logdir, spawned, memory_gb, entry))
     while any(w.model for w in workers):
         for key, _ in sel.select(timeout=1.0):
             w = key.data
@@ -456,8 +522,8 @@ def main(args: argparse.Namespace) -> int:
         types = [t for t in types if t not in previous]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     command = "fxcc zoo " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "fxcc zoo"
-    print(f"fxcc zoo: {len(types)} model types, {args.jobs} jobs, {threads} threads each, timeout {args.timeout:.0f} s",
-          file=sys.stderr)
+    print(f"fxcc zoo: {len(types)} model types through {args.entry}, {args.jobs} jobs, {threads} threads each, "
+          f"timeout {args.timeout:.0f} s", file=sys.stderr)
     t0 = time.monotonic()
     width = max((len(t) for t in types), default=10)
     results = dict(previous)
@@ -471,7 +537,7 @@ def main(args: argparse.Namespace) -> int:
         if i % 10 == 0:
             write(list(results.values()), out, command)
 
-    sweep(types, args.jobs, args.timeout, args.passes, threads, out / "logs", done, args.memory_gb)
+    sweep(types, args.jobs, args.timeout, args.passes, threads, out / "logs", done, args.memory_gb, args.entry)
     rows = list(results.values())
     write(rows, out, command)
     print(f"\n{summary(rows)}\n{out / 'zoo.md'} and {out / 'zoo.json'} written in "
@@ -486,6 +552,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     z.add_argument("--timeout", type=float, default=900.0, help="seconds per model (default 900)")
     z.add_argument("--threads", type=int, help="torch threads per worker (default: CPU cores / jobs)")
     z.add_argument("--passes", help="pipeline to compile with (default: the default pipeline)")
+    z.add_argument("--entry", choices=ENTRIES, default="fxcc",
+                   help='how the model is compiled: fxcc.compile(model) (fxcc, the default), torch.compile(model, '
+                   'backend="fxcc") (torch), or that with dynamic=True (torch-dynamic)')
     z.add_argument("--memory-gb", type=float, default=MEMORY_GB,
                    help=f"heap limit of each worker process in GiB (default {MEMORY_GB:g})")
     z.add_argument("--output", default="build/zoo", help="directory for zoo.md, zoo.json and logs (default build/zoo)")
@@ -500,6 +569,7 @@ if __name__ == "__main__":
     p.add_argument("--passes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory-gb", type=float, default=MEMORY_GB)
+    p.add_argument("--entry", choices=ENTRIES, default="fxcc")
     a = p.parse_args()
     if a.worker:
-        worker(a.passes, a.threads, a.memory_gb)
+        worker(a.passes, a.threads, a.memory_gb, a.entry)

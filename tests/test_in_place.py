@@ -27,6 +27,24 @@ def test_cse_keeps_buffers_written_in_place_apart():
         torch.testing.assert_close(got, want)
 
 
+class TwoFreshResults(nn.Module):
+    """VITS's spline returns `zeros_like(inputs)` twice (outputs and log-determinants) and the caller writes each
+    through a mask: CSE made them one tensor, so the second write overwrote the first result (found through
+    `fxcc zoo --entry torch`, where the writes are in the next dynamo graph)."""
+
+    def forward(self, x):
+        return torch.zeros_like(x), torch.zeros_like(x), x + 1
+
+
+def test_cse_keeps_two_returned_results_two_tensors():
+    model, x = TwoFreshResults(), torch.randn(2, 8)
+    cm = fxcc.compile(model, passes="canonicalize,fuse,codegen{backend=extern}")
+    for compiled in (cm, torch.compile(model, backend="fxcc")):
+        torch._dynamo.reset()
+        a, b, _ = compiled(x)
+        a[0] = 1.0  # the caller writes into one result; the other must stay zeros
+        assert a.data_ptr() != b.data_ptr() and not b.any()
+
 
 class WritesThroughAView(nn.Module):
     """`out[:, 0] = ...` writes through a view; the later read of `out` has no data edge to that write."""

@@ -148,3 +148,49 @@ def test_state_space_heads_are_shrunk_to_cover_the_expanded_width():
     config = shrunk_config("mamba2")
     assert config.num_heads * config.head_dim == config.expand * config.hidden_size
     assert config.num_heads % config.n_groups == 0 and config.hidden_size <= 64
+
+
+@pytest.mark.parametrize("entry", ["torch", "torch-dynamic"])
+def test_architecture_through_torch_compile_matches_eager(entry):
+    """`--entry torch`: the model reaches fxcc as torch.compile(model, backend="fxcc") gives it, graph by graph."""
+    res = zoo.run_one("albert", PIPELINE, entry=entry)
+    assert res.status == zoo.EQUAL, f"albert via {entry}: {res.status}: {res.message}"
+    assert res.leaves > 0 and res.max_rel <= 1e-4
+
+
+def test_fxcc_failing_on_a_dynamo_graph_is_an_fxcc_error(monkeypatch):
+    """torch.compile's backend runs dynamo's graph as it is where fxcc fails on it: the outputs are eager's, but
+    the row is an fxcc error, named by the backend's warning, not equal."""
+    from fxcc import api
+
+    def fail(*args, **kwargs):
+        raise NotImplementedError("no lowering for the op")
+
+    monkeypatch.setattr(api, "_compiled_graph", fail)
+    res = zoo.run_one("albert", PIPELINE, entry="torch")
+    assert res.status == zoo.FXCC_ERROR and res.message.startswith(zoo.BACKEND_FAILED)
+    assert "NotImplementedError: no lowering for the op" in res.message
+
+
+def test_a_difference_torch_compile_makes_without_fxcc_is_named_so():
+    """A model whose code takes another path under dynamo (PaliGemma: transformers builds the causal mask it
+    skips in eager when nothing is padded) differs with backend="eager" too: the row says so, for fxcc is not
+    the cause."""
+    import torch
+
+    class Branchy(torch.nn.Module):
+        def __init__(self, differs):
+            super().__init__()
+            self.differs = differs
+
+        def forward(self, x):
+            return x + 1 if self.differs and torch.compiler.is_compiling() else x
+
+    class Recipe:
+        def make(self, model, s):
+            return {"x": torch.ones(2, 3 + s)}
+
+    recipe = Recipe()
+    refs = [recipe.make(None, s)["x"] for s in range(2)]
+    assert zoo._dynamo_alone_differs(Branchy(True), recipe, refs)
+    assert not zoo._dynamo_alone_differs(Branchy(False), recipe, refs)
