@@ -157,10 +157,8 @@ def _slower_than_eager(monkeypatch):
     monkeypatch.setattr(vs_eager, "remembered", lambda cache, key: None)
 
 
-def test_a_signature_measured_slower_than_eager_takes_it_and_reads_the_model_live(monkeypatch):
-    """A signature the timing against eager sent to eager: its repeated calls run the model directly from the hot
-    path, and still see a weight changed in place or rebound, an attribute, the training flag and the caller's
-    default dtype and autocast as eager does."""
+def _eager_signature(monkeypatch):
+    """A model, its compile and an input whose signature the timing against eager sent to eager (warned once)."""
     _slower_than_eager(monkeypatch)
     torch.manual_seed(0)
     m = Net().eval()
@@ -168,6 +166,14 @@ def test_a_signature_measured_slower_than_eager_takes_it_and_reads_the_model_liv
     x = torch.randn(4, 16)
     with pytest.warns(UserWarning, match="runs eagerly"):
         _same(c, m, x)
+    return m, c, x
+
+
+def test_a_signature_measured_slower_than_eager_takes_it_and_reads_the_model_live(monkeypatch):
+    """A signature the timing against eager sent to eager: its repeated calls run the model directly from the hot
+    path, and still see a weight changed in place or rebound, an attribute, the training flag and the caller's
+    default dtype and autocast as eager does."""
+    m, c, x = _eager_signature(monkeypatch)
     assert c.variants[-1].slower_than_eager
     for _ in range(2):
         _same(c, m, x)
@@ -203,13 +209,7 @@ def test_a_hook_registered_after_the_eager_hot_path_was_taken_runs(monkeypatch, 
     """The eager hot path calls the model's forward directly while no hook would run around it; a hook on the
     model itself, a global one or a backward hook registered later sends the next call through nn.Module.__call__
     again, as eager does."""
-    _slower_than_eager(monkeypatch)
-    torch.manual_seed(0)
-    m = Net().eval()
-    c = fxcc.compile(m, options={"time_vs_eager": True})
-    x = torch.randn(4, 16)
-    with pytest.warns(UserWarning, match="runs eagerly"):
-        _same(c, m, x)
+    m, c, x = _eager_signature(monkeypatch)
     _same(c, m, x)
     assert c._hot is not None and c._hot.eager and c._hot.call == m.forward
     seen = []
@@ -243,12 +243,7 @@ def test_a_hook_registered_after_the_eager_hot_path_was_taken_runs(monkeypatch, 
 def test_the_eager_hot_path_steps_around_fxccs_own_forward(monkeypatch):
     """While fxcc's forward is installed on the model (generate puts it there), a call that runs eagerly runs the
     model's own forward, not fxcc's again."""
-    _slower_than_eager(monkeypatch)
-    m = Net().eval()
-    c = fxcc.compile(m, options={"time_vs_eager": True})
-    x = torch.randn(4, 16)
-    with pytest.warns(UserWarning, match="runs eagerly"):
-        _same(c, m, x)
+    m, c, x = _eager_signature(monkeypatch)
     _same(c, m, x)
     assert c._hot is not None and c._hot.eager
 
