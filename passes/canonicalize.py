@@ -134,10 +134,19 @@ def _of_computed(node: fx.Node) -> bool:
 def view_chain(node: fx.Node) -> list[fx.Node]:
     """`node` and the values it may look at the memory of: its chain of views, back to the value it starts from."""
     chain = [node]
-    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node) and not _copies(node):
         node = node.args[0]
         chain.append(node)
     return chain
+
+
+def _copies(node: fx.Node) -> bool:
+    """A `contiguous` whose input is recorded in another layout: eager gives it memory of its own (the schema's
+    alias annotation covers the case where the input is contiguous already)."""
+    if node.target is not aten.contiguous.default:
+        return False
+    a, b = node.args[0].meta.get("val"), node.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and not same_layout(a, b)
 
 
 def returned_values(gm: fx.GraphModule) -> set[fx.Node]:

@@ -108,3 +108,17 @@ def test_canonicalize_still_drops_a_clone_nothing_else_sees():
     ctx = PassContext(options=fxcc.CompileOptions(), module=model, example_inputs=((x,), {}), target="cpu")
     gm = PassManager(parse_pipeline("canonicalize"), verify_each=True).run(gm, ctx)
     assert aten.clone.default not in [n.target for n in gm.graph.nodes]
+
+
+def test_equal_values_one_returned_through_a_contiguous_copy_are_still_merged():
+    """`relu(x)` and `relu(x).contiguous()` of a channels-last `x`: the contiguous is a copy of its own (another
+    layout), so the two relus are one value (CSE) and the two outputs still own their memory."""
+    x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    cm = fxcc.compile(lambda x: (torch.relu(x), torch.relu(x).contiguous()), passes="canonicalize",
+                      options=dict(time_vs_eager=False, check_eager=False))
+    with torch.no_grad():
+        nhwc, nchw = cm(x)
+    gm = (cm.fxcc if hasattr(cm, "fxcc") else cm).variants[-1].gm
+    assert sum(n.target is aten.relu.default for n in gm.graph.nodes) == 1
+    assert not _shares(nhwc, nchw) and nchw.is_contiguous()
+    assert torch.equal(nhwc, torch.relu(x)) and torch.equal(nchw, torch.relu(x).contiguous())
