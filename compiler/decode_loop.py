@@ -10,15 +10,19 @@ end-of-sequence bookkeeping and the next step's inputs (the token written into t
 position ids), all written in place into tensors the loop keeps, so a step takes the same tensors every time (one
 CUDA-graph replay on the GPU) and the host does nothing else per token. The finished-rows flag is read back every
 `STOP_CHECK_EVERY` steps (a copy queued behind the step, read a check later on CUDA, so the host never waits on
-the device); the steps run past a finished batch write only padding, which is cut off, so the ids are HF's.
-Anything else (beam search, logits processors or stopping criteria fxcc does not build, a dynamic cache,
-scores in the output...) runs transformers' own loop, and `DecodeLoop.last` says which loop ran and why (and what
-it raised, where generate raised).
+the device); the steps run past a finished batch write only padding, which is cut off, so the ids are HF's. A
+streamer is handed each new token as transformers' loop hands it (a CPU copy of the batch's token, padding in
+finished rows; generate itself puts the prompt), the flag then read after every step so none past the end reaches
+it, and `end()` once the loop is done.
+Anything else (beam search, synced_gpus, logits processors or stopping criteria fxcc does not build, a dynamic
+cache, scores in the output...) runs transformers' own loop, and `DecodeLoop.last` says which loop ran and why
+(and what it raised, where generate raised).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -37,7 +41,7 @@ STOP_CHECK_EVERY = 8  # decode steps between two reads of the finished-rows flag
 # FXCC_DECODE_LOOP=all lets it run on any
 CHECKED_DEVICES = ("cpu", "cuda")
 # generate's arguments that its `custom_generate` hook would not hand on to the decoding loop, or that choose a loop
-HF_ONLY = ("assistant_model", "streamer", "custom_generate", "prefix_allowed_tokens_fn", "negative_prompt_ids",
+HF_ONLY = ("assistant_model", "custom_generate", "prefix_allowed_tokens_fn", "negative_prompt_ids",
            "negative_prompt_attention_mask", "synced_gpus", "tokenizer", "assistant_tokenizer", "trust_remote_code")
 MODEL_KWARGS = {"cache", "attention_mask", "position_ids", "use_cache", "logits_to_keep"}  # what the step rebuilds
 # logits warpers generate builds for sampling that read only the scores: the step calls them itself
@@ -132,7 +136,9 @@ class DecodeLoop:
             if why is not None:
                 self._ran(HF_PATH, why)
                 return gen(*args, **kwargs)
-            return gen(*args, custom_generate=self.decode, **kwargs)
+            # generate puts the prompt into a streamer but does not hand it on to a custom hook: the hook is given it
+            hook = functools.partial(self.decode, streamer=kwargs.get("streamer"))
+            return gen(*args, custom_generate=hook, **kwargs)
         except Exception as e:
             self._raised(e)
             raise
@@ -195,7 +201,7 @@ class DecodeLoop:
         sample = generation_config.do_sample
         self._ran(FXCC_PATH, f"{'sampling' if sample else 'greedy decoding'} with a static cache")
         warpers = tuple(logits_processor) if sample else None
-        return self._loop(model, input_ids, stopping_criteria, generation_config, model_kwargs, warpers)
+        return self._loop(model, input_ids, stopping_criteria, generation_config, model_kwargs, warpers, streamer)
 
     def loop_reason(self, model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                     generation_config: Any, synced_gpus: bool, streamer: Any, model_kwargs: dict) -> str | None:
@@ -207,8 +213,8 @@ class DecodeLoop:
         if self.devices is not None and input_ids.device.type not in self.devices:
             return (f"fxcc's loop is not yet checked on {input_ids.device.type} (FXCC_DECODE_LOOP=all runs it "
                     "there)")
-        if synced_gpus or streamer is not None:
-            return "synced_gpus or a streamer"
+        if synced_gpus:
+            return "synced_gpus (ranks that keep their loops in step)"
         own = WARPERS if generation_config.do_sample else ()
         processors = [type(p).__name__ for p in logits_processor if type(p).__name__ not in own
                       or type(p).__module__ != "transformers.generation.logits_process"]
@@ -262,7 +268,7 @@ class DecodeLoop:
         return None
 
     def _loop(self, model: nn.Module, input_ids: torch.Tensor, stopping_criteria: Any, generation_config: Any,
-              model_kwargs: dict, warpers: tuple | None) -> torch.Tensor:
+              model_kwargs: dict, warpers: tuple | None, streamer: Any) -> torch.Tensor:
         from transformers.generation.stopping_criteria import EosTokenCriteria
 
         batch, length = input_ids.shape
@@ -278,6 +284,8 @@ class DecodeLoop:
             outputs = model._prefill(input_ids, generation_config, model_kwargs)
         tokens = choose(outputs.logits, warpers)
         del outputs
+        if streamer is not None:  # generate put the prompt before its decoding loop
+            streamer.put(tokens.cpu())
         seq = input_ids.new_zeros((batch, total))
         seq[:, :length] = input_ids
         seq[:, length] = tokens
@@ -286,7 +294,9 @@ class DecodeLoop:
             unfinished &= ~torch.isin(tokens, eos)
         steps = total - length - 1
         if steps:
-            self._decode(model, seq, length, steps, unfinished, eos, pad, cache, model_kwargs, warpers)
+            self._decode(model, seq, length, steps, unfinished, eos, pad, cache, model_kwargs, warpers, streamer)
+        if streamer is not None:
+            streamer.end()
         if eos is None:
             return seq
         done = torch.isin(seq[:, length:], eos).cummax(1).values.all(0)  # the batch has finished after each token
@@ -295,7 +305,7 @@ class DecodeLoop:
 
     def _decode(self, model: nn.Module, seq: torch.Tensor, length: int, steps: int, unfinished: torch.Tensor,
                 eos: torch.Tensor | None, pad: torch.Tensor | None, cache: Any, model_kwargs: dict,
-                warpers: tuple | None) -> None:
+                warpers: tuple | None, streamer: Any) -> None:
         device = seq.device
         keep = model._supports_logits_to_keep()
         # a step per kind of call: the warpers' numbers are constants of its graph, but for their KNOBS (inputs)
@@ -312,15 +322,19 @@ class DecodeLoop:
         if eos is None:  # the step's graph ignores them
             eos = pad = torch.zeros((), dtype=torch.long, device=device)
         knobs = knob_values(warpers, device)
-        # no step past the batch's end where it would show: in the caller's cache (theirs after generate), or in the
-        # global generator (a step that samples draws from it, eager's loop stops drawing at the end)
-        every = 1 if getattr(cache, "_is_user_defined", False) or warpers is not None else self.every
+        # no step past the batch's end where it would show: in the caller's cache (theirs after generate), in the
+        # global generator (a step that samples draws from it, eager's loop stops drawing at the end), or in a
+        # streamer (handed each token as eager's loop hands it, none past the end)
+        shows = getattr(cache, "_is_user_defined", False) or warpers is not None or streamer is not None
+        every = 1 if shows else self.every
         flag = _Flag(device, queued=every > 1)
         if key[1] and every == 1 and flag.finished(unfinished):  # every row ended at the prefill's token
             return
         with model._optimize_model_for_decode():
             for i in range(steps):
                 step(seq, pos, position_ids, pad_mask, unfinished, eos, pad, knobs, cache)
+                if streamer is not None:  # the step's token, padding in finished rows, a copy the streamer keeps
+                    streamer.put(seq[:, length + 1 + i].to("cpu", copy=True))
                 if key[1] and (i + 1) % every == 0 and i + 1 < steps and flag.finished(unfinished):
                     break
 

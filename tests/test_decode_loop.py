@@ -18,6 +18,7 @@ from fxcc import runtime as fxcc_runtime
 transformers = pytest.importorskip("transformers")
 from test_generate import DECODER, FAST, VOCAB, gpt2, llama, qwen2  # noqa: E402  (the same tiny decoders)
 from transformers import StaticCache  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 
 def build(make):
@@ -326,3 +327,82 @@ def test_a_sliding_window_that_holds_the_whole_cache_runs_fxccs_loop(window, pat
     else:
         (step,) = cm.decode_loop.steps.values()
         assert step.stats.eager_calls == 0
+
+
+class Recorder(BaseStreamer):
+    """A streamer that keeps every tensor generate puts (as it is handed) and each `end()`, in order."""
+
+    def __init__(self):
+        self.events: list[torch.Tensor | str] = []
+
+    def put(self, value):
+        self.events.append(value)
+
+    def end(self):
+        self.events.append("end")
+
+
+def streamed(model, ids, **kwargs) -> tuple[torch.Tensor, list]:
+    streamer = Recorder()
+    torch.manual_seed(5)
+    out = generate(model, ids, torch.ones_like(ids), streamer=streamer, max_new_tokens=12, **kwargs)
+    return out, streamer.events
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
+def test_a_streamer_is_handed_eagers_tokens_in_eagers_order(batch, sample):
+    """A streamer runs fxcc's loop and gets what eager's loop puts: the prompt (generate's own put), then each new
+    token of the batch as a CPU tensor, padding in a row that ended, none past the step where every row ended (at
+    the prefill's token, or mid-generation where the flag is otherwise read every 8 steps), and one `end()` last."""
+    model = build(llama)
+    ids = torch.randint(1, VOCAB, (batch, 7), generator=torch.Generator().manual_seed(7))
+    plain, _ = streamed(model, ids, do_sample=sample)
+    new = plain[:, ids.shape[1]:]
+    at_prefill = sorted({int(t) for t in new[:, 0]})  # every row ends at the prefill's token
+    eos = sorted({int(new[0, 2]), int(new[-1, 5])})  # row 0 ends at its 3rd token (or before), the last at its 6th
+    cm = fxcc.compile(model, passes=FAST)
+    for kw in (dict(), dict(eos_token_id=at_prefill), dict(eos_token_id=eos)):
+        expected, want = streamed(model, ids, do_sample=sample, **kw)
+        got, have = streamed(cm, ids, do_sample=sample, **kw)
+        assert cm.decode_loop.last == (decode_loop.FXCC_PATH,
+                                       f"{'sampling' if sample else 'greedy decoding'} with a static cache")
+        assert torch.equal(got, expected)
+        got.zero_()  # the streamer's tensors are its own, not views of the output
+        assert len(have) == len(want) == expected.shape[1] - ids.shape[1] + 2 and have[-1] == want[-1] == "end"
+        for a, b in zip(have[:-1], want[:-1]):
+            assert a.device.type == "cpu" and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert torch.equal(torch.cat([want[0], *(t[:, None] for t in want[1:-1])], 1), expected)
+    assert expected.shape[1] < plain.shape[1]  # the batch ended before max_new_tokens
+    if batch == 2:
+        assert (expected[0, ids.shape[1]:] == 0).any()  # row 0 ended first and was padded
+
+
+def test_a_streamer_in_a_call_fxcc_declines_is_handed_on_to_transformers_loop():
+    """A call fxcc's loop declines once generate has prepared it (a processor it does not build) runs transformers'
+    loop with the streamer: eager's puts."""
+    model, cm = shared_gpt2()
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7))
+    expected, want = streamed(model, ids, repetition_penalty=1.3)
+    got, have = streamed(cm, ids, repetition_penalty=1.3)
+    assert cm.decode_loop.last == (decode_loop.HF_PATH, "logits processors RepetitionPenaltyLogitsProcessor")
+    assert torch.equal(got, expected) and len(have) == len(want) == 14 and have[-1] == want[-1] == "end"
+    assert all(torch.equal(a, b) for a, b in zip(have[:-1], want[:-1]))
+
+
+def test_a_text_streamer_prints_eagers_text(capsys):
+    """`TextStreamer` (a tiny word-level tokenizer) prints the same text from fxcc's loop as from eager's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0")
+    model = build(llama)
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(7))
+    cm = fxcc.compile(model, passes=FAST)
+    printed = []
+    for m in (model, cm):
+        out = generate(m, ids, torch.ones_like(ids), streamer=transformers.TextStreamer(tokenizer, skip_prompt=True))
+        printed.append(capsys.readouterr().out)
+    assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+    assert printed[0] == printed[1] == tokenizer.decode(out[0, ids.shape[1]:]) + "\n"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 transformers = pytest.importorskip("transformers")
-from test_decode_loop import generate, left_padded  # noqa: E402
+from test_decode_loop import Recorder, generate, left_padded  # noqa: E402
 from test_generate import gpt2, llama  # noqa: E402
 from transformers import StaticCache  # noqa: E402
 
@@ -90,3 +90,27 @@ def test_a_callers_static_cache_ends_as_eagers(loop_on_cuda):
     for a, b in zip(caches[0].layers, caches[1].layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
+
+
+def test_a_streamer_is_handed_eagers_tokens(loop_on_cuda):
+    """Greedy (the flag otherwise read every 8 steps) and sampling, rows ending at different steps: the streamer gets
+    eager's puts, each a CPU tensor, none past the batch's end, then one `end()`."""
+    model = build(llama)
+    ids, mask = cuda_batch()
+    plain = generate(model, ids, mask, max_new_tokens=12)
+    eos = sorted({int(t) for t in (plain[0, ids.shape[1] + 2], plain[1, ids.shape[1] + 4], plain[2, ids.shape[1] + 5])})
+    cm = fxcc.compile(model)
+    for kw in (dict(eos_token_id=eos), dict(eos_token_id=eos, do_sample=True, top_k=5)):
+        runs = []
+        for m in (model, cm):
+            streamer = Recorder()
+            torch.manual_seed(5)
+            runs.append((generate(m, ids, mask, max_new_tokens=12, streamer=streamer, **kw), streamer.events))
+        (expected, want), (got, have) = runs
+        assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH, cm.decode_loop.last
+        assert torch.equal(got, expected)
+        assert len(have) == len(want) == expected.shape[1] - ids.shape[1] + 2 and have[-1] == want[-1] == "end"
+        for a, b in zip(have[:-1], want[:-1]):
+            assert a.device.type == "cpu" and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if "do_sample" not in kw:
+            assert expected.shape[1] < plain.shape[1]  # the batch ended before max_new_tokens
