@@ -195,27 +195,31 @@ class Selection:
                 log.debug("%s: no example inputs the reference runs on (%s: %s); extern, untimed", key,
                           type(e).__name__, e)
                 return "single", BuiltKernel(kb, Choice("extern", "extern", {}, key), reference)
-            edges = [(x, ref_fn(x), tol) for x, tol in edge_inputs(inputs, self.probe.params(kb) if self.probe else ())]
+            # (what the input is, for the warning of a candidate that fails on it; inputs; reference; tolerance)
+            checks = [("the example inputs", inputs, ref, 0.0)]
+            checks += [(what, x, ref_fn(x), tol)
+                       for x, tol, what in edge_inputs(inputs, self.probe.params(kb) if self.probe else ())]
             sized = other_sizes(kb)
             if sized is not None:  # symbolic: checked at another size as well
                 try:
                     x = example_inputs(kb, self.target, params=self.probe.params(kb) if self.probe else (), sizes=sized)
-                    edges.append((x, ref_fn(x), 0.0))
+                    checks.append((sizes_text(kb, sized), x, ref_fn(x), 0.0))
                 except Exception as e:  # noqa: BLE001 - the reference's own limits (a size guard, an index range)
                     log.info("%s: symbolic, and its reference does not run at sizes %s (%s: %s): extern only", kb.key,
                              sized, type(e).__name__, e)
                     cands = [ext]
             built: dict[str, tuple[Built, dict]] = {}
             for c in cands:
+                on = ""  # the input a check failed on
                 try:
                     params = self._params(kb, c, inputs, ref, key)
                     b = c.build(params)
                     if c is not ext:  # extern is the reference; the others are exact on every input, not only
-                        check(c.backend, b.fn(inputs), ref)  # the example: masked rows, inf, NaN
-                        for x, r, tol in edges:
+                        for what, x, r, tol in checks:  # the example: masked rows, large magnitudes, other sizes
+                            on = what
                             check(c.backend, b.fn(x), r, tol)
                 except Exception as e:
-                    _warn(kb, c.backend, e)
+                    _warn(kb, c.backend, e, on)
                     continue
                 built[c.backend] = (b, params)
                 if self.prefer and c.backend.split("+")[0] == self.prefer:
@@ -387,16 +391,19 @@ class Selection:
             if cand is None:
                 raise ValueError(f"backend module {module!r} offers no candidate {label!r} for it")
             b = cand.build(params)
+            on = ""
             if label != "extern":
                 inputs = example_inputs(kb, self.target)
                 ref_fn = extern.Extern(kb).build({}).fn
                 sized = other_sizes(kb)
-                more = [(example_inputs(kb, self.target, sizes=sized), 0.0)] if sized is not None else []
-                for x, tol in ((inputs, 0.0), *edge_inputs(inputs), *more):
+                more = [(example_inputs(kb, self.target, sizes=sized), 0.0, sizes_text(kb, sized))] if sized else []
+                for x, tol, what in ((inputs, 0.0, "the example inputs"), *edge_inputs(inputs), *more):
+                    on = what
                     check(label, b.fn(x), ref_fn(x), tol)
         except Exception as e:
-            warnings.warn(f"fxcc: plan {self.plan}: its choice for kernel {kb.key} ({label} with {params}) failed "
-                          f"({type(e).__name__}: {e}); it runs extern. Run `fxcc search` again.", stacklevel=2)
+            warnings.warn(f"fxcc: plan {self.plan}: its choice for kernel {kb.key} ({label} with {params}) failed"
+                          f"{f' on {on}' if on else ''} ({type(e).__name__}: {e}); it runs extern. Run `fxcc search` "
+                          "again.", stacklevel=2)
             return None
         k = BuiltKernel(kb, Choice(label, module, params, key), b)
         if cache:
@@ -612,8 +619,11 @@ def _layout(p: fx.Node) -> str:
     return f"{tuple(stride)}+{offset}"
 
 
-def _warn(kb: KernelBody, backend: str, e: Exception) -> None:
-    msg = f"fxcc: {backend} could not build kernel {kb.key} ({kb.kind}): {type(e).__name__}: {e}; using another backend"
+def _warn(kb: KernelBody, backend: str, e: Exception, on: str = "") -> None:
+    """The warning of a candidate dropped: its build failed, or (`on`: which input) it ran wrong or failed on it."""
+    what = f"kernel {kb.key} ({kb.kind})"
+    what = f"failed on {on} for {what}" if on else f"could not build {what}"
+    msg = f"fxcc: {backend} {what}: {type(e).__name__}: {e}; using another backend"
     warnings.warn(msg, stacklevel=2)
 
 
@@ -736,8 +746,22 @@ def _same_layout_copy(t: torch.Tensor) -> torch.Tensor:
     return out.set_(t.untyped_storage().clone(), t.storage_offset(), t.shape, t.stride())
 
 
-def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[tuple[list[torch.Tensor], float]]:
-    """Inputs a kernel must get right beyond the random example, each with the tolerance it is checked to:
+def sizes_text(kb: KernelBody, sizes: dict) -> str:
+    """`other_sizes`' values as a check's warning names them: each symbol with its value there and the example's."""
+    hints = {}
+    for p in kb.body.graph.nodes:
+        v = p.meta.get("val") if p.op == "placeholder" else None
+        for s in (*v.shape, *v.stride(), v.storage_offset()) if isinstance(v, torch.Tensor) else ():
+            if ir.is_symbolic(s) and s.node.expr in sizes:
+                hints[s.node.expr] = ir.hint(s)
+    return "the inputs at other sizes (" + ", ".join(
+        f"{sym}={int(v)}" + (f" for {hints[sym]}" if sym in hints else "") for sym, v in sizes.items()) + ")"
+
+
+def edge_inputs(inputs: list[torch.Tensor],
+                params: Iterable[int] = ()) -> list[tuple[list[torch.Tensor], float, str]]:
+    """Inputs a kernel must get right beyond the random example, each with the tolerance it is checked to and
+    what it is (for the warning of a candidate that fails on it):
     boolean masks whose first row along the last dim is all False (an attention row with no key: eager gives
     zeros), at the dtype's tolerance; and large magnitudes in the floating activations, at 1e-2, since they are
     there to catch overflow (inf, NaN, a saturation gone wrong), and a sum of terms 1e3 times larger, summed in
@@ -755,9 +779,10 @@ def edge_inputs(inputs: list[torch.Tensor], params: Iterable[int] = ()) -> list[
             x[i] = _same_layout_copy(inputs[i])
             row = x[i][(0,) * (x[i].dim() - 1)]
             (row[:1] if row.stride(-1) == 0 else row).fill_(False)  # a row broadcast along the last dim: one place
-        out.append((x, 0.0))
+        out.append((x, 0.0, "the edge inputs with an all-False mask row"))
     big = [i for i, x in enumerate(inputs) if i not in params and x.numel()
            and x.dtype in (torch.float32, torch.float64, torch.bfloat16)]
     if big:
-        out.append(([x * 1e3 if i in big else x for i, x in enumerate(inputs)], 1e-2))
+        out.append(([x * 1e3 if i in big else x for i, x in enumerate(inputs)], 1e-2,
+                    "the edge inputs at 1e3 times the example's magnitude"))
     return out

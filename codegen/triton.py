@@ -49,6 +49,7 @@ from fxcc.codegen.triton_gen import (
     add,
     body_nodes,
     broadcast_index,
+    code,
     delinearize,
     dtype_of,
     hint_shape,
@@ -347,7 +348,7 @@ def pointwise_plan(body: fx.GraphModule, text: str) -> TritonProgram:
                          "BLOCK: tl.constexpr"])
         sources.append(f"@triton.jit\ndef {fn}({sig}):\n"
                        f"    offs = {start} * BLOCK + tl.arange(0, BLOCK)\n"
-                       f"    mask = offs < {math.prod(shape)}\n"
+                       f"    mask = offs < {code(math.prod(shape))}\n"
                        f"{_indent([*em.lines, *stores])}\n")
         launches.append(_Launch(fn, used, positions, [(pos[p], d) for p, d in em.strides], numel))
     source = _header(text, "pointwise") + "\n\n".join(sources)
@@ -469,9 +470,11 @@ def tiled_plan(body: fx.GraphModule, text: str) -> TritonProgram:
     head = [f"pid = {start}",
             f"tiles_b = ({size_b} + BLOCK_B - 1) // BLOCK_B",
             f"tiles_a = ({size_a} + BLOCK_A - 1) // BLOCK_A",
-            "po = pid // (tiles_a * tiles_b)",
             "ra = ((pid // tiles_b) % tiles_a) * BLOCK_A + tl.arange(0, BLOCK_A)[:, None]",
             "rb = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]",
+            # a tile of the grid's index: an input read at the outer dims alone (one value per tile, as a per-channel
+            # scale) is a tile of pointers, which a tile mask may guard (Triton refuses a mask on one pointer)
+            "po = pid // (tiles_a * tiles_b) + ra * 0 + rb * 0",
             f"mask = (ra < {size_a}) & (rb < {size_b})"]
     source = _header(text, "pointwise, 2-D tiles across layouts") + \
         f"@triton.jit\ndef fxcc_tiled({sig}):\n{_indent([*head, *em.lines, *stores])}\n"
@@ -696,7 +699,7 @@ def _persistent_kernel(rd: _Rows) -> tuple[list[str], Emitter]:
     reductions depend on one another."""
     em = rd.emitter()
     head = [f"rows = {rd.vector(f'{_first_row(rd)} * ROWS + tl.arange(0, ROWS)', False)}",
-            f"cols = {rd.vector('tl.arange(0, BLOCK_N)', True)}", f"mask = (rows < {rd.rows}) & (cols < {rd.n})"]
+            f"cols = {rd.vector('tl.arange(0, BLOCK_N)', True)}", f"mask = (rows < {code(rd.rows)}) & (cols < {rd.n})"]
     lead = tuple(em.index(e) for e in delinearize("rows", tuple(rd.x_shape[d] for d in rd.kept)))
     todo = _targets(rd)
     _sweep(rd, em, lead, "cols", todo)
@@ -738,7 +741,7 @@ def _loop(rd: _Rows, em: Emitter, lead: tuple, todo: _Targets, k: int, first: st
 def _start(rd: _Rows, em: Emitter) -> tuple[list[str], tuple]:
     """A looped kernel's first lines (its rows, their mask) and the kept dims' index."""
     em.lines = [f"rows = {rd.vector(f'{_first_row(rd)} * ROWS + tl.arange(0, ROWS)', False)}",
-                f"rmask = rows < {rd.rows}"]
+                f"rmask = rows < {code(rd.rows)}"]
     return em.lines, tuple(em.index(e) for e in delinearize("rows", tuple(rd.x_shape[d] for d in rd.kept)))
 
 

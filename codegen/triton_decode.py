@@ -76,7 +76,8 @@ def fxcc_decode_combine(PO, PM, PL, O, NSPLIT, sob, soh, sod,
     w = tl.exp(m - top)
     den = tl.sum(w * tl.load(PL + bh * NSPLIT + s, mask=valid, other=0), axis=0)
     part = tl.load(PO + (bh * NSPLIT + s[:, None]) * D + d[None, :], mask=valid[:, None], other=0)
-    out = tl.sum(w[:, None] * part, axis=0) / den
+    # a sequence whose mask keeps no key gives 0 (every chunk's sum is 0), as eager and the flash kernel give
+    out = tl.sum(w[:, None] * part, axis=0) / tl.where(den == 0.0, 1.0, den)
     tl.store(O + b * sob + h * soh + d * sod, out.to(O.dtype.element_ty))
 '''
 

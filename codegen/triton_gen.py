@@ -33,6 +33,8 @@ import torch
 import torch.fx as fx
 from fxcc import gather, ir
 from fxcc.dialects import domain
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.str import StrPrinter
 
 aten = torch.ops.aten
 tx = torch.ops.fxcc_tx
@@ -154,10 +156,10 @@ def shape_fn(node: fx.Node, args: list[tuple[str, int, int]]):
     shape = shape_of(node)
     if all(isinstance(s, int) for s in shape):
         return lambda inputs: shape
-    code = compile("(" + "".join(f"{s}, " for s in shape) + ")", "<fxcc-triton-shape>", "eval")
+    shape_code = compile("(" + "".join(f"{code(s)}, " for s in shape) + ")", "<fxcc-triton-shape>", "eval")
 
     def evaluate(inputs: list[torch.Tensor]) -> tuple[int, ...]:
-        return eval(code, {"__builtins__": {}}, {name: inputs[k].shape[d] for name, k, d in args})
+        return eval(shape_code, {"__builtins__": {}}, {name: inputs[k].shape[d] for name, k, d in args})
     return evaluate
 
 
@@ -175,8 +177,27 @@ def dtype_of(x: object) -> torch.dtype:
 Index = tuple[str, ...]
 
 
+class _Code(StrPrinter):
+    """Size expressions as Triton (and Python) source: a power as a product, `Mod` as a remainder (sympy writes
+    `sym0**2` and `Mod(1, sym0)`, neither of which a Triton kernel compiles)."""
+
+    def _print_Pow(self, e: sympy.Pow) -> str:
+        if not (e.exp.is_Integer and e.exp > 0):
+            raise Unsupported(f"size {e}")
+        return "(" + " * ".join([self.parenthesize(e.base, PRECEDENCE["Mul"])] * int(e.exp)) + ")"
+
+    def _print_Mod(self, e: sympy.Mod) -> str:
+        a, b = (self._print(x) for x in e.args)
+        return f"((({a}) % ({b}) + ({b})) % ({b}))"  # Triton's remainder takes the dividend's sign; sympy's not
+
+
+def code(e: object) -> str:
+    """A size (an int, or a sympy expression of the size arguments) as kernel source."""
+    return _Code().doprint(e) if isinstance(e, sympy.Basic) else str(e)
+
+
 def _wrap(e: str) -> str:
-    e = str(e)  # a size may be a sympy expression of size arguments
+    e = code(e)  # a size may be a sympy expression of size arguments
     return e if e.isidentifier() or e.isdigit() else f"({e})"
 
 
@@ -845,7 +866,6 @@ RULES = {
     aten.exp.default: _unary("tl.exp({x})"), aten.log.default: _unary("tl.log({x})"),
     aten.sqrt.default: _unary("tl.sqrt({x})"), aten.rsqrt.default: _unary("tl.rsqrt({x})"),
     aten.reciprocal.default: _unary("1.0 / {x}"), aten.sin.default: _unary("{m}.sin({x})"),
-    aten.expm1.default: _unary("{m}.expm1({x})"), aten.log1p.default: _unary("{m}.log1p({x})"),
     aten.clamp_min.default: _binary(MAX), aten.clamp_max.default: _binary(MIN),
     aten.cos.default: _unary("{m}.cos({x})"), aten.sigmoid.default: _unary("tl.sigmoid({x})"),
     aten.tanh.default: lambda em, n, i: _act(em, n, i, lambda x: _tanh(x, em.math)),
@@ -948,6 +968,8 @@ RULES.update({
     aten.div.Scalar_mode: _float_only(_div_mode),
     # libdevice's on the GPU (the interpreter has no tl equivalents)
     aten.tan.default: _gpu_only(_unary("libdevice.tan({x})")),
+    aten.expm1.default: _gpu_only(_unary("libdevice.expm1({x})")),
+    aten.log1p.default: _gpu_only(_unary("libdevice.log1p({x})")),
     aten.asin.default: _gpu_only(_unary("libdevice.asin({x})")),
     aten.acos.default: _gpu_only(_unary("libdevice.acos({x})")),
     aten.atan.default: _gpu_only(_unary("libdevice.atan({x})")),
@@ -992,7 +1014,8 @@ def _between(e: str, lo: int, hi: int) -> str:
 
 def _wrap_index(e: str, n: int) -> str:
     """e mod n for e in [-n, 2n)."""
-    return f"tl.where({_wrap(e)} < 0, {_wrap(e)} + {n}, tl.where({_wrap(e)} >= {n}, {_wrap(e)} - {n}, {_wrap(e)}))"
+    e, n = _wrap(e), _wrap(n)
+    return f"tl.where({e} < 0, {e} + {n}, tl.where({e} >= {n}, {e} - {n}, {e}))"
 
 
 def _cat(em: Emitter, node: fx.Node, idx: Index) -> Value:
@@ -1047,12 +1070,12 @@ def _roll(em: Emitter, node: fx.Node, idx: Index) -> Value:
     shape = shape_of(node)
     if not dims:
         n = math.prod(shape)
-        lin = em.index(_wrap_index(f"{_wrap(_ix(em, linearize(idx, shape)))} - {shifts[0] % n}", n))
+        lin = em.index(_wrap_index(f"{_wrap(_ix(em, linearize(idx, shape)))} - {_wrap(shifts[0] % n)}", n))
         return em.value(x, tuple(em.index(e) for e in delinearize(lin, shape)))
     src = list(idx)
     for d, k in zip(dims, shifts):
         d = _dim(d, len(shape))
-        src[d] = em.index(_wrap_index(f"{_wrap(_ix(em, idx[d]))} - {k % shape[d]}", shape[d]))
+        src[d] = em.index(_wrap_index(f"{_wrap(_ix(em, idx[d]))} - {_wrap(k % shape[d])}", shape[d]))
     return em.value(x, tuple(src))
 
 

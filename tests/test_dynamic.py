@@ -269,10 +269,19 @@ class DecodeAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, 1, -1)
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
-def test_split_kv_decode_attention_serves_every_cache_length(monkeypatch, mask_kind):
-    """The flash-decoding Triton kernel (interpreter on CPU): one build, cache lengths 37 and 70, equal to the
-    reference attention, with a padding mask of either kind or none."""
+def decode_inputs(b: int, n: int, mask_kind: str) -> tuple:
+    """A decode step's (q, k, v, mask): one query token, a cache of `n` keys (the first always kept)."""
+    mask = torch.rand(b, 1, 1, n) > 0.3
+    mask[..., 0] = True
+    if mask_kind == "additive":
+        mask = torch.zeros(b, 1, 1, n).masked_fill(~mask, float("-inf"))
+    return (torch.randn(b, 4, 1, 16), torch.randn(b, 2, n, 16), torch.randn(b, 2, n, 16),
+            None if mask_kind == "none" else mask)
+
+
+def decode_kernel(monkeypatch, mask_kind: str):
+    """DecodeAttention compiled with batch and cache length symbolic: its attention kernel's call node, body and
+    the flash-decoding Triton candidate built with its defaults."""
     pytest.importorskip("triton")
     from fxcc.codegen import triton as backend
     from fxcc.dialects import KERNEL_OPS, kernel_body
@@ -280,18 +289,9 @@ def test_split_kv_decode_attention_serves_every_cache_length(monkeypatch, mask_k
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
-
-    def inputs(b, n):
-        mask = torch.rand(b, 1, 1, n) > 0.3
-        mask[..., 0] = True
-        if mask_kind == "additive":
-            mask = torch.zeros(b, 1, 1, n).masked_fill(~mask, float("-inf"))
-        return (torch.randn(b, 4, 1, 16), torch.randn(b, 2, n, 16), torch.randn(b, 2, n, 16),
-                None if mask_kind == "none" else mask)
-
     model = DecodeAttention()
     cm = fxcc.compile(model, passes=FAST)
-    first = inputs(2, 37)
+    first = decode_inputs(2, 37, mask_kind)
     for t, dims in zip(first, ((0,), (0, 2), (0, 2), (0, 3))):  # batch and cache length symbolic
         if t is not None:
             torch._dynamo.mark_dynamic(t, list(dims))
@@ -300,16 +300,36 @@ def test_split_kv_decode_attention_serves_every_cache_length(monkeypatch, mask_k
                 and "tx.attention" in kernel_body(n.args[1]).text)
     kb = kernel_body(node.args[1])
     cand = next(c for c in backend.candidates(kb, "cpu") if c.backend == "triton-decode")
-    fn = cand.build(cand.defaults).fn
+    return node, kb, cand.build(cand.defaults).fn
 
-    def source(x):  # the model input a kernel input is (through full slices)
-        return x.name if x.op == "placeholder" else source(x.args[0])
 
+def _source(x):  # the model input a kernel input is (through full slices)
+    return x.name if x.op == "placeholder" else _source(x.args[0])
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_split_kv_decode_attention_serves_every_cache_length(monkeypatch, mask_kind):
+    """The flash-decoding Triton kernel (interpreter on CPU): one build, cache lengths 37 and 70, equal to the
+    reference attention, with a padding mask of either kind or none."""
+    node, kb, fn = decode_kernel(monkeypatch, mask_kind)
     for b, n in ((2, 37), (3, 70)):
-        given = dict(zip(("q", "k", "v", "mask"), inputs(b, n)))
-        feed = [given[source(x)] for x in node.args[0]]
+        given = dict(zip(("q", "k", "v", "mask"), decode_inputs(b, n, mask_kind)))
+        feed = [given[_source(x)] for x in node.args[0]]
         for got, want in zip(fn(feed), kb.body(*feed)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_kv_decode_attention_gives_zeros_for_a_row_without_keys(monkeypatch):
+    """A sequence whose boolean mask keeps no key (the all-False row codegen checks every candidate on): eager gives
+    zeros, and so must the kernel; its combine divided 0 by a zero sum into NaN, so the kernel was refused for every
+    decode step and the step ran the library attention."""
+    node, kb, fn = decode_kernel(monkeypatch, "bool")
+    given = dict(zip(("q", "k", "v", "mask"), decode_inputs(2, 37, "bool")))
+    given["mask"][0] = False
+    feed = [given[_source(x)] for x in node.args[0]]
+    for got, want in zip(fn(feed), kb.body(*feed)):
+        assert not want.isnan().any() and not want[0].any()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_symbolic_variants_static_sizes_are_all_compared():

@@ -119,7 +119,7 @@ def test_edge_masks_keep_the_kernels_layout():
     from fxcc.autotune.select import edge_inputs
 
     mask = torch.ones(2, 8, dtype=torch.bool)[:, None, None, :].expand(2, 1, 8, 8)
-    (edge, tol), = [e for e in edge_inputs([mask]) if e[0][0].dtype == torch.bool]
+    (edge, tol, _), = [e for e in edge_inputs([mask]) if e[0][0].dtype == torch.bool]
     assert edge[0].stride() == mask.stride() and tol == 0.0
     assert not edge[0][0].any() and edge[0][1].all() and mask.all()
 
@@ -129,6 +129,6 @@ def test_edge_masks_broadcast_along_their_last_dim_are_written_once():
     from fxcc.autotune.select import edge_inputs
 
     mask = torch.ones(2, 1, 8, 1, dtype=torch.bool).expand(2, 1, 8, 8)
-    (edge, _), = [e for e in edge_inputs([mask]) if e[0][0].dtype == torch.bool]
+    (edge, _, _), = [e for e in edge_inputs([mask]) if e[0][0].dtype == torch.bool]
     assert edge[0].stride() == mask.stride()
     assert not edge[0][0, 0, 0].any() and edge[0][0, 0, 1:].all() and mask.all()

@@ -92,6 +92,16 @@ def test_a_permute_made_contiguous_is_tiled_by_the_dims_it_moves():
     run_exact(kb, "triton-tiled", SMALL)
 
 
+def test_an_input_read_at_the_grids_dims_alone_is_tiled():
+    """A value per index of the outer dims (the grid's), broadcast over the tile, beside a transposed input: its
+    load was one pointer under the tile's mask, which Triton refuses (the graph fuzzer's seed 172)."""
+    w = torch.randn(5, 1, 1)
+    x = torch.randn(5, 6, 5).transpose(1, 2)
+    (kb,) = kernels_of(lambda x: (x / (torch.maximum(x, w).abs() + 1)).contiguous(), x)
+    assert tiles(kb) == backend._Tiles(outer=(0,), a=(1,), b=(2,))
+    run_exact(kb, "triton-tiled", SMALL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_relu_kept_nhwc_and_copied_nchw_writes_both_from_one_tile(dtype):
     """Outputs of one shape in two layouts (a relu a later convolution reads NHWC, and its copy returned NCHW):
