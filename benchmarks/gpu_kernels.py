@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_kernels.py decode                         # fxcc:static Llama decode (hidden 2048, 16 layers,
                                                                     #   16/8 heads, ffn 8192, bf16, prompt 512)
+    python benchmarks/gpu_kernels.py decode-loop [--batch 8]        # fxcc's decode loop, its steps only (the prefill
+                                                                    #   not profiled)
     python benchmarks/gpu_kernels.py convnext_block,mobilenet_v2    # breadth modules (full size, bf16): eager,
                                                                     #   torch.compile, fxcc and fxcc:no-layout
 
@@ -59,6 +61,46 @@ def decode(rows: int) -> None:
     table(p, "fxcc:static decode", new, rows)
 
 
+def decode_loop(rows: int, batch: int) -> None:
+    """The kernels of fxcc's decode loop (`fxcc.compile(model).generate`, static cache): the profiler starts when
+    generate's prefill returns, so the table is the steps' alone."""
+    import fxcc
+    from fxcc.bench_generate import llama
+
+    model = llama(2048, 16, 16, 8, 8192, torch.bfloat16, "cuda")
+    compiled = fxcc.compile(model)
+    ids = torch.randint(1, 32000, (batch, 512), device="cuda")
+    new = 64
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    prefill = type(model)._prefill
+    profiling = False
+
+    def prefill_then_profile(self, *args, **kwargs):
+        out = prefill(self, *args, **kwargs)
+        if profiling:
+            torch.cuda.synchronize()
+            prof.start()
+        return out
+
+    def generate() -> None:
+        with torch.inference_mode():
+            compiled.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              cache_implementation="static")
+        torch.cuda.synchronize()
+
+    type(model)._prefill = prefill_then_profile
+    generate()
+    generate()
+    t = time.perf_counter()
+    generate()
+    print(f"=== fxcc:loop decode, batch {batch}: {(time.perf_counter() - t) / new * 1e3:.2f} ms per generated token "
+          f"(wall, the prefill's share included); {compiled.decode_loop.text()}")
+    profiling = True
+    generate()
+    prof.stop()
+    table(prof, f"fxcc:loop decode steps, batch {batch}", new - 1, rows)
+
+
 def breadth(only: str, rows: int) -> None:
     import fxcc
     from breadth import select  # benchmarks/breadth, next to this script
@@ -87,12 +129,18 @@ def breadth(only: str, rows: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", help="`decode`, or breadth module names (comma-separated)")
+    p.add_argument("what", help="`decode`, `decode-loop`, or breadth module names (comma-separated)")
+    p.add_argument("--batch", type=int, default=1, help="decode-loop: the batch")
     p.add_argument("--rows", type=int, default=20, help="kernels listed per engine")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_kernels.py needs a CUDA device")
-    decode(args.rows) if args.what == "decode" else breadth(args.what, args.rows)
+    if args.what == "decode":
+        decode(args.rows)
+    elif args.what == "decode-loop":
+        decode_loop(args.rows, args.batch)
+    else:
+        breadth(args.what, args.rows)
 
 
 if __name__ == "__main__":
