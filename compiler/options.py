@@ -172,7 +172,9 @@ class CompileOptions:
     quality_budget: largest quality loss approximate passes may spend.
     verify_each: re-check shapes/dtypes with FakeTensors after every pass (env FXCC_VERIFY_EACH=1).
     print_ir_after: pass names (or "all") whose output IR is printed (env FXCC_PRINT_IR_AFTER=raise,fuse).
-    max_variants: compiled variants (input shapes/dtypes) kept before new signatures run eagerly.
+    max_variants: compiled variants (input shapes/dtypes) of one input structure (the call's pytree: a generate's
+        prefill and its decode steps are two), and input structures, kept before new signatures run eagerly; all
+        variants together at most twice as many.
     dycl: when capture fails on tensor-dependent control flow, split the program into compiled segments
         and a generated host program (fxcc.dycl); False keeps the CaptureError.
     check_eager: compare the first call of each compiled signature with eager (fxcc.eager_check); where

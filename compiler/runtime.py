@@ -1,10 +1,10 @@
 """CompiledModule: the callable `fxcc.compile` returns.
 
 Guards on the call's structure, tensor shapes/strides/dtypes/devices, the module's training flag and the caller's
-autocast and default dtype select a compiled variant or compile a new one; past `max_variants` new
-signatures run eagerly with a warning. A variant serves one input layout (strides where sizes exceed 1, not
-the storage offset; a symbolic one a layout class, fxcc.dynamic.layout_class): captured on it, its outputs
-have the strides eager's have. The model's state the variants depend on (fxcc.guards: its tensors
+autocast and default dtype select a compiled variant or compile a new one; past `max_variants` variants of one
+input structure (or that many structures), new signatures run eagerly with a warning. A variant serves one input
+layout (strides where sizes exceed 1, not the storage offset; a symbolic one a layout class,
+fxcc.dynamic.layout_class): captured on it, its outputs have the strides eager's have. The model's state the variants depend on (fxcc.guards: its tensors
 by identity and layout, primitive attributes, the contents of weights folded into constants) is checked on
 every call; a change drops the variants and compiles again.
 
@@ -1150,9 +1150,22 @@ class CompiledModule(ModuleView):
         if self._churned is not None:  # said once, when its state was found changing at every call
             self._variants[key] = _Eager(self._churned)
             return self._variants[key]
-        if len(self._attempts) >= self.options.max_variants:
-            why = (f"{self.name} already has {len(self._attempts)} compiled variants (max_variants="
-                   f"{self.options.max_variants}); this input signature runs eagerly (it would recompile: {reason})")
+        # the bound is per input structure: a generate's prefill (an empty cache) and its decode steps (a filled one)
+        # are two, and the variants one of them needs (a sliding-window cache's branches, per batch class) leave the
+        # other its own; the structures are bounded too (a list argument one longer at every call), and all the
+        # variants together at twice the bound
+        bound, kinds = self.options.max_variants, []
+        for v in self._attempts:
+            if v.struct is not None and all(v.struct[0] != k for k in kinds):
+                kinds.append(v.struct[0])
+        spent = sum(v.struct is None or v.struct[0] == spec for v in self._attempts)
+        if spent >= bound or (not spent and len(kinds) >= bound) or len(self._attempts) >= 2 * bound:
+            what = (f"{spent} compiled variants (max_variants={bound}) for calls of this input structure"
+                    if spent >= bound else
+                    f"compiled variants for {len(kinds)} input structures (max_variants={bound})" if not spent else
+                    f"{len(self._attempts)} compiled variants in all (twice max_variants={bound})")
+            why = (f"{self.name} already has {what}; this input signature runs eagerly (it would recompile: "
+                   f"{reason})")
             advice = ("Raise CompileOptions.max_variants, or keep what the reason names the same between calls "
                       "(fxcc.explain lists each variant's reason)." if self.options.dynamic is True else
                       "Use fixed input shapes, CompileOptions(dynamic=True) or raise CompileOptions.max_variants.")

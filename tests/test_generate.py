@@ -572,6 +572,22 @@ def test_generate_past_a_sliding_window_equals_eager():
     assert stats.eager_calls == 0
 
 
+def test_generate_past_a_sliding_window_at_batch_1_then_2_compiles_each():
+    """Export keeps a batch of 1 static, so a batch of 2 needs the window's variants again (its prefill and decode
+    steps, symbolic in the batch). They were counted against one max_variants with batch 1's: the batch of 2 ran
+    eagerly from its first decode step. The bound is per input structure, and a prefill (an empty cache) is one, its
+    decode steps another."""
+    model, compiled = build(gemma2), build(gemma2)
+    compiled.forward = fxcc.compile(compiled.forward, passes=FAST)
+    ids, mask = prompt(6, 2), torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    ids[mask == 0] = 0
+    for args in ((prompt(7),), (prompt(5),), (ids, mask)):
+        kwargs = {"attention_mask": args[1]} if len(args) > 1 else {}
+        assert torch.equal(generate(compiled, args[0], **kwargs), generate(model, args[0], **kwargs))
+    assert compiled.forward.fxcc.stats.eager_calls == 0, compiled.forward.fxcc.stats.reasons
+
+
 # prompts as long as the model has heads (4) or key/value heads (2): the fuse pass compared a symbolic size with a
 # head count (`s0 != 4`), which guarded the variant on the answer, and such a prompt compiled again (under
 # dynamic=True that was the prefill's third compile)

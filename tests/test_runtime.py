@@ -90,6 +90,29 @@ def test_input_dtype_change_recompiles():
     assert f.fxcc.stats.history == ["tensor<3x5xf32>", "tensor<3x5xf64>"]
 
 
+def test_max_variants_bounds_each_input_structure_apart():
+    """A generate's prefill (an empty cache) and its decode steps (a filled one) are two input structures: the
+    variants one of them spends (a sliding-window cache's branches, per batch class) left the other none, and it ran
+    eagerly from its first call (gemma2 with a DynamicCache, batch 1 then 2)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8).eval()
+
+    def step(x, past=None):
+        return lin(x) if past is None else lin(x) + past["k"].sum(-2, keepdim=True)
+
+    cm = fxcc.compile(step, options=fxcc.CompileOptions(max_variants=2, dynamic=False))
+    for n in (1, 2):  # the first structure spends the bound
+        cm(torch.randn(n, 8))
+    x, past = torch.randn(1, 8), {"k": torch.randn(3, 8)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # compiled, not eagerly with a warning
+        close(cm(x, past), step(x, past))
+    assert cm.fxcc.stats.compiles == 3 and cm.fxcc.stats.eager_calls == 0
+    past = {"k": torch.randn(3, 8), "v": None}  # a third structure: past the bound on structures
+    with pytest.warns(UserWarning, match=r"compiled variants for 2 input structures \(max_variants=2\)"):
+        close(cm(x, past), step(x, past))
+
+
 def test_past_max_variants_runs_eagerly_with_a_warning(model):
     # static shapes only: with automatic dynamic the second batch size would compile a symbolic variant
     cm = fxcc.compile(model, options=fxcc.CompileOptions(max_variants=2, dynamic=False))
