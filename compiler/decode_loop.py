@@ -14,6 +14,11 @@ the device); the steps run past a finished batch write only padding, which is cu
 streamer is handed each new token as transformers' loop hands it (a CPU copy of the batch's token, padding in
 finished rows; generate itself puts the prompt), the flag then read after every step so none past the end reaches
 it, and `end()` once the loop is done.
+On CUDA a generate's state lives where the last generate's did (`_Reuse`): the StaticCache generate made for the
+call is swapped, before the prefill, for the last generate's own (emptied, where its layers, lengths, batch, dtype and
+device are the new one's), and the loop's tensors are copied into the memory the last generate's had, so the prefill
+and every step replay the CUDA graphs captured on those tensors, with no copy in or out per step and no new capture
+(a caller's own cache is left as it is).
 Anything else (beam search, synced_gpus, logits processors or stopping criteria fxcc does not build, a dynamic
 cache, scores in the output...) runs transformers' own loop, and `DecodeLoop.last` says which loop ran and why
 (and what it raised, where generate raised).
@@ -21,12 +26,13 @@ cache, scores in the output...) runs transformers' own loop, and `DecodeLoop.las
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,6 +43,7 @@ from .capture import original_forward
 log = logging.getLogger(__name__)
 
 STOP_CHECK_EVERY = 8  # decode steps between two reads of the finished-rows flag
+REUSE_DEVICES = ("cuda",)  # where a generate's state takes the last generate's memory (what CUDA graphs replay on)
 # devices fxcc's loop has been checked on (CUDA: tests/test_decode_loop_gpu.py, its step one CUDA-graph replay);
 # FXCC_DECODE_LOOP=all lets it run on any
 CHECKED_DEVICES = ("cpu", "cuda")
@@ -123,6 +130,7 @@ class DecodeLoop:
         self.every = STOP_CHECK_EVERY
         self.enabled = True  # False: every generate runs transformers' loop (a baseline to compare with)
         self.devices = None if os.environ.get("FXCC_DECODE_LOOP", "") == "all" else CHECKED_DEVICES
+        self.reuse = _Reuse(REUSE_DEVICES)
 
     def text(self) -> str:
         """For `fxcc explain`: which loop the last generate ran, and why ("" before any generate)."""
@@ -279,33 +287,41 @@ class DecodeLoop:
         if eos is not None:
             eos = eos.to(device)
             pad = pad.to(device) if pad is not None else torch.zeros((), dtype=torch.long, device=device)
-        # the prefill, as transformers runs it: through the compiled model
-        with model._optimize_model_for_decode():
-            outputs = model._prefill(input_ids, generation_config, model_kwargs)
-        tokens = choose(outputs.logits, warpers)
-        del outputs
-        if streamer is not None:  # generate put the prompt before its decoding loop
-            streamer.put(tokens.cpu())
-        seq = input_ids.new_zeros((batch, total))
-        seq[:, :length] = input_ids
-        seq[:, length] = tokens
-        unfinished = torch.ones(batch, dtype=torch.long, device=device)
-        if eos is not None:
-            unfinished &= ~torch.isin(tokens, eos)
-        steps = total - length - 1
-        if steps:
-            self._decode(model, seq, length, steps, unfinished, eos, pad, cache, model_kwargs, warpers, streamer)
-        if streamer is not None:
-            streamer.end()
-        if eos is None:
-            return seq
-        done = torch.isin(seq[:, length:], eos).cummax(1).values.all(0)  # the batch has finished after each token
-        ends = done.nonzero()
-        return seq[:, :length + int(ends[0]) + 1] if len(ends) else seq
+        with self.reuse.taken(device) as reuse:
+            if reuse is not None and not getattr(cache, "_is_user_defined", False):  # generate's own cache
+                cache = model_kwargs["cache"] = self.reuse.cache_for(cache, input_ids, model)
+            # the prefill, as transformers runs it: through the compiled model
+            with model._optimize_model_for_decode():
+                outputs = model._prefill(input_ids, generation_config, model_kwargs)
+            tokens = choose(outputs.logits, warpers)
+            del outputs
+            if streamer is not None:  # generate put the prompt before its decoding loop
+                streamer.put(tokens.cpu())
+            seq = input_ids.new_zeros((batch, total))
+            seq[:, :length] = input_ids
+            seq[:, length] = tokens
+            unfinished = torch.ones(batch, dtype=torch.long, device=device)
+            if eos is not None:
+                unfinished &= ~torch.isin(tokens, eos)
+            steps = total - length - 1
+            if steps:
+                if reuse is not None:
+                    seq, unfinished = reuse("seq", seq), reuse("unfinished", unfinished)
+                self._decode(model, seq, length, steps, unfinished, eos, pad, cache, model_kwargs, warpers, streamer,
+                             reuse)
+            if streamer is not None:
+                streamer.end()
+            if eos is not None:
+                done = torch.isin(seq[:, length:], eos).cummax(1).values.all(0)  # the batch has finished after each
+                ends = done.nonzero()  # token
+                if len(ends):
+                    seq = seq[:, :length + int(ends[0]) + 1]
+            # the ids are the caller's: never memory the next generate writes
+            return seq.clone() if reuse is not None else seq
 
     def _decode(self, model: nn.Module, seq: torch.Tensor, length: int, steps: int, unfinished: torch.Tensor,
                 eos: torch.Tensor | None, pad: torch.Tensor | None, cache: Any, model_kwargs: dict,
-                warpers: tuple | None, streamer: Any) -> None:
+                warpers: tuple | None, streamer: Any, reuse: Callable | None) -> None:
         device = seq.device
         keep = model._supports_logits_to_keep()
         # a step per kind of call: the warpers' numbers are constants of its graph, but for their KNOBS (inputs)
@@ -322,6 +338,10 @@ class DecodeLoop:
         if eos is None:  # the step's graph ignores them
             eos = pad = torch.zeros((), dtype=torch.long, device=device)
         knobs = knob_values(warpers, device)
+        if reuse is not None:  # the step's other tensors where the last generate's were: its graph's own inputs
+            pad_mask, pos, position_ids = reuse("pad_mask", pad_mask), reuse("pos", pos), reuse("position_ids",
+                                                                                              position_ids)
+            eos, pad, knobs = reuse("eos", eos), reuse("pad", pad), reuse("knobs", knobs)
         # no step past the batch's end where it would show: in the caller's cache (theirs after generate), in the
         # global generator (a step that samples draws from it, eager's loop stops drawing at the end), or in a
         # streamer (handed each token as eager's loop hands it, none past the end)
@@ -337,6 +357,73 @@ class DecodeLoop:
                     streamer.put(seq[:, length + 1 + i].to("cpu", copy=True))
                 if key[1] and (i + 1) % every == 0 and i + 1 < steps and flag.finished(unfinished):
                     break
+
+
+def _same_cache(kept: Any, new: Any, input_ids: torch.Tensor, model: nn.Module) -> bool:
+    """Whether `kept` (a filled StaticCache) has the layers, lengths, batch, dtype and device that `new` (an empty one
+    generate made for this call) takes at the prefill: the model's dtype, the inputs' device."""
+    if type(kept) is not type(new) or len(kept.layers) != len(new.layers):
+        return False
+    for a, b in zip(kept.layers, new.layers):
+        if type(a) is not type(b) or not getattr(a, "is_initialized", False) or getattr(b, "is_initialized", False):
+            return False
+        if a.max_cache_len != b.max_cache_len or getattr(a, "sliding_window", None) != getattr(b, "sliding_window",
+                                                                                               None):
+            return False
+        keys = getattr(a, "keys", None)
+        if not isinstance(keys, torch.Tensor) or keys.shape[0] != input_ids.shape[0] or \
+                keys.device != input_ids.device or keys.dtype != getattr(model, "dtype", None):
+            return False
+    return True
+
+
+class _Reuse:
+    """The memory of the last generate's state, per name: `taken(device)` gives, on the devices it serves (and while
+    no other generate of this loop holds it), a function `reuse(name, tensor)` that returns the tensor kept under
+    `name` with `tensor`'s values copied in, where its shape, dtype and device match, else `tensor` itself, kept for
+    the next generate. Elsewhere it gives None (each generate's own tensors)."""
+
+    def __init__(self, devices: tuple[str, ...]):
+        self.devices = devices
+        self.kept: dict[Any, torch.Tensor] = {}
+        self.cache: Any = None  # the StaticCache of the last generate that made its own
+        self.busy = False  # a generate inside another's (a streamer's) or beside it uses its own tensors
+
+    def cache_for(self, new: Any, input_ids: torch.Tensor, model: nn.Module) -> Any:
+        """The cache this generate runs on: the last generate's, emptied, where it is what `new` (a StaticCache
+        generate made, its layers not yet made) will be once the prefill makes them, else `new` with its layers made
+        now (transformers' `early_initialization`, the model's dtype), kept for the next."""
+        kept = self.cache
+        if kept is not None and kept is not new and _same_cache(kept, new, input_ids, model):
+            kept.reset()
+            return kept
+        # filled before the prefill, as the cache every later generate hands it: one kind of call, one compile
+        shape = model._get_static_cache_init_shape() if hasattr(model, "_get_static_cache_init_shape") else None
+        if shape is None or any(getattr(layer, "is_initialized", True) for layer in new.layers):
+            return new  # not one transformers can fill ahead: each generate's own
+        new.early_initialization(batch_size=input_ids.shape[0], num_heads=shape[0], head_dim=shape[1],
+                                 dtype=model.dtype, device=input_ids.device)
+        self.cache = new
+        return new
+
+    def _reuse(self, name: Any, tensor: torch.Tensor) -> torch.Tensor:
+        old = self.kept.get(name)
+        if old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype and \
+                old.device == tensor.device and old.stride() == tensor.stride() and old.data_ptr() != tensor.data_ptr():
+            return old.copy_(tensor)
+        self.kept[name] = tensor
+        return tensor
+
+    @contextlib.contextmanager
+    def taken(self, device: torch.device) -> Iterator[Callable | None]:
+        if self.busy or device.type not in self.devices:
+            yield None
+            return
+        self.busy = True
+        try:
+            yield self._reuse
+        finally:
+            self.busy = False
 
 
 def _settings(warper: Any) -> tuple:

@@ -406,3 +406,69 @@ def test_a_text_streamer_prints_eagers_text(capsys):
         printed.append(capsys.readouterr().out)
     assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
     assert printed[0] == printed[1] == tokenizer.decode(out[0, ids.shape[1]:]) + "\n"
+
+
+def recorded_steps(cm) -> list[tuple[int, ...]]:
+    """Where each decode step's tensors live: (seq, pos, pad_mask, the first layer's keys and length), per step."""
+    seen: list[tuple[int, ...]] = []
+    compile_step = cm.decode_loop.compile_step
+
+    def recording(module):
+        step = compile_step(module)
+
+        def call(seq, pos, position_ids, pad_mask, unfinished, eos, pad, knobs, cache):
+            layer = cache.layers[0]
+            seen.append((seq.data_ptr(), pos.data_ptr(), pad_mask.data_ptr(), layer.keys.data_ptr(),
+                         layer.cumulative_length.data_ptr()))
+            return step(seq, pos, position_ids, pad_mask, unfinished, eos, pad, knobs, cache)
+        return call
+
+    cm.decode_loop.compile_step = recording
+    return seen
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
+def test_every_generates_steps_read_the_memory_the_first_generates_did(sample):
+    """Where a generate's state takes the last generate's memory (CUDA, here turned on for the CPU): the steps of a
+    second and third generate (other prompts, one of them ending at an eos) read the tensors the first one's did, the
+    ids still equal eager's, and ids returned earlier are not written by a later generate."""
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    cm.decode_loop.reuse.devices = ("cpu",)
+    seen = recorded_steps(cm)
+    kw = dict(do_sample=True, temperature=0.8) if sample else {}
+    outputs, where = [], []
+    for prompt, extra in ((ids, {}), (ids.flip(1), {}), (ids.roll(1, 1), {"eos_token_id": 7})):
+        mask = torch.ones_like(prompt)
+        torch.manual_seed(3)
+        expected = generate(model, prompt, mask, **kw, **extra)
+        torch.manual_seed(3)
+        got = generate(cm, prompt, mask, **kw, **extra)
+        assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+        assert torch.equal(got, expected)
+        outputs.append((got, got.clone()))
+        where.append(set(seen))
+        seen.clear()
+    assert all(len(w) == 1 for w in where) and where[1] == where[0] == where[2]
+    for got, copy in outputs:
+        assert torch.equal(got, copy)
+
+
+def test_a_callers_static_cache_keeps_its_own_memory_where_memory_is_reused():
+    """A StaticCache the caller passes stays the caller's tensors: the steps write it, and it still holds eager's
+    values after a later generate (with a cache of generate's own, of the same shapes) has run."""
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    cm.decode_loop.reuse.devices = ("cpu",)
+    seen = recorded_steps(cm)
+    generate(cm, ids, mask)  # the memory of generate's own cache, kept: the caller's below has its shapes
+    caches = [StaticCache(config=model.config, max_cache_len=ids.shape[1] + 8) for _ in range(2)]
+    expected = generate(model, ids, mask, cache=caches[0], cache_implementation=None)
+    got = generate(cm, ids, mask, cache=caches[1], cache_implementation=None)
+    assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH and torch.equal(got, expected)
+    assert {s[3] for s in seen[-8:]} == {caches[1].layers[0].keys.data_ptr()}
+    generate(cm, ids.flip(1), mask)  # a later generate with a cache of its own, of the same shapes
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)

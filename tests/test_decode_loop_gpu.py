@@ -114,3 +114,34 @@ def test_a_streamer_is_handed_eagers_tokens(loop_on_cuda):
             assert a.device.type == "cpu" and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
         if "do_sample" not in kw:
             assert expected.shape[1] < plain.shape[1]  # the batch ended before max_new_tokens
+
+
+def test_later_generates_replay_the_steps_graph_without_a_capture_or_a_copy(loop_on_cuda, monkeypatch):
+    """Each generate makes a new StaticCache; its state takes the last generate's memory, so from the second
+    generate on the step's graph replays as captured: no capture, no cache copied in and back."""
+    from fxcc import cuda_graphs as cg
+
+    model = build(llama)
+    ids, mask = cuda_batch()
+    cm = fxcc.compile(model)
+    captures = []
+    capture = cg.CudaGraph.capture
+
+    def counted(*args, **kwargs):
+        captures.append(args[2] if len(args) > 2 else kwargs.get("name"))
+        return capture(*args, **kwargs)
+
+    monkeypatch.setattr(cg.CudaGraph, "capture", staticmethod(counted))
+    for prompt in (ids, ids.flip(1)):
+        generate(cm, prompt, mask, max_new_tokens=40)
+    steps = list(cm.decode_loop.steps.values())
+    graphs = [v.graph for s in steps for v in s.variants if isinstance(v.graph, cg.CudaGraphs)]
+    adoptions = sum(g.adoptions for g in graphs)
+    captures.clear()
+    for prompt in (ids.roll(1, 1), ids):
+        expected = generate(model, prompt, mask, max_new_tokens=40)
+        assert torch.equal(generate(cm, prompt, mask, max_new_tokens=40), expected)
+        assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+    assert graphs and sum(g.adoptions for g in graphs) == adoptions
+    assert not [c for c in captures if c in {s.name for s in steps}]
+
