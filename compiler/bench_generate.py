@@ -185,32 +185,42 @@ def generate(model: nn.Module, e: Engine, ids: torch.Tensor, new: int, device: s
 
 def generate_loop(e: Engine, ids: torch.Tensor, new: int, device: str) -> tuple[torch.Tensor, list[float], float]:
     """One greedy generate of `fxcc.compile(model).generate` with a static cache: fxcc's decode loop, whose steps
-    are not forward calls of the model, so no call is clocked. A generate of two new tokens (the prefill, its token
-    and one step) runs first: a step's time is the difference of the two generates over the difference in tokens
-    (generate's setup and the prefill cancel, as in `benchmarks/decode_loop.py`), and the first token's time is
-    the short generate's less one step. Its static cache is shorter than the full generate's (the compiled prefill
-    and step take the cache length as a symbol); a one-token generate would not do: generate passes its prefill
-    other arguments there, a call of its own kind, compiled on its own."""
-    short = 2 if new > 2 else 1
+    are not forward calls of the model, so no step is clocked. The prefill is: the model class's `_prefill` (which
+    fxcc's loop and transformers' both call) is wrapped for the call to record when it returns, synchronized on CUDA
+    as the clocked engines' first forward call is; the first token's time is that, and the decode time the rest of
+    the generate, over its `new - 1` steps."""
+    cls = type(e.forward.decode_loop.model)
+    own = "_prefill" in vars(cls)
+    prefill = cls._prefill
+    ends: list[float] = []
 
-    def one(n: int) -> tuple[torch.Tensor, float, float]:
+    def clocked(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        out = prefill(self, *args, **kwargs)
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        ends.append(time.perf_counter())
+        return out
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    cls._prefill = clocked
+    try:
         with torch.inference_mode():
-            out = e.forward.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            out = e.forward.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                      cache_implementation="static")
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out, t0, time.perf_counter()
-
-    _, s0, s1 = one(short)
-    out, t0, t1 = one(new)
+    finally:
+        if own:
+            cls._prefill = prefill
+        else:
+            del cls._prefill
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
     e.path = e.forward.decode_loop.text()
-    step = (t1 - t0 - (s1 - s0)) / (new - short) if new > short else 0.0
-    first = t0 + (s1 - s0) - (short - 1) * step
-    # ends[-1] - ends[1] = (new - 1) steps, as the clocked engines' decode time
-    return out, [t0, first, first + (new - 1) * step], first
+    if not ends:
+        raise RuntimeError(f"the generate called no {cls.__name__}._prefill: its first token is not clocked")
+    return out, [t0, ends[0], t1], ends[0]
 
 
 class _Recorded(Exception):

@@ -150,10 +150,12 @@ def test_bench_generate_times_fxccs_own_decode_loop_as_an_engine(capsys, tmp_pat
     assert rows["fxcc:loop"][1] == "static" and rows["fxcc:loop"][-4] == "2+0" and rows["fxcc:loop"][-2] == "same"
     assert "fxcc:loop: == generate: fxcc's decode loop (greedy decoding with a static cache)" in out
     loop = next(e for e in json.loads((tmp_path / "generate.json").read_text())["engines"] if e["name"] == "fxcc:loop")
-    # no forward call of its steps is clocked: steps from a two-token and the full generate (their difference, which
-    # noise can make any value on a model this small), TTFT from the two-token one
+    # no forward call of its steps is clocked, the end of its prefill is (its model's `_prefill`): TTFT is the generate
+    # up to there, the steps the rest, both times of this generate (not differences of two)
     assert len(loop["ttft_ms"]) == len(loop["step_ms"]) == 2 and loop["setup_ms"] == loop["first_ms"] == []
-    assert all(math.isfinite(t) for t in loop["ttft_ms"] + loop["step_ms"]) and loop["alone_ms"] == []
+    assert all(math.isfinite(t) and t > 0 for t in loop["ttft_ms"] + loop["step_ms"]) and loop["alone_ms"] == []
+    from transformers import LlamaForCausalLM
+    assert "_prefill" not in vars(LlamaForCausalLM)  # the wrapper is gone after the generate
 
 
 def test_bench_generate_reports_an_engine_that_raises_as_its_row(capsys, monkeypatch, tmp_path):

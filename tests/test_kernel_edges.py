@@ -114,7 +114,7 @@ def test_a_gemm_squashed_by_tanh_is_not_refused_for_rounding_at_large_magnitudes
         cm = fxcc.compile(m, passes=pipeline("tvm"), options=fxcc.CompileOptions(graph_cache=False))
         with torch.no_grad():
             got = cm(x)
-    assert not [str(w.message) for w in caught if "could not build" in str(w.message)]
+    assert not [str(w.message) for w in caught if "using another backend" in str(w.message)]
     torch.testing.assert_close(got, m(x), atol=1e-5, rtol=1e-5)
     state = cm.fxcc if hasattr(cm, "fxcc") else cm
     assert "tvm" in {k.choice.backend for k in state.variants[0].kernels.values() if k.choice}

@@ -121,7 +121,7 @@ def test_bool_arithmetic_builds_in_tvm_with_torchs_logical_meaning(fn):
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter("always")
         compile_tvm(fn, m, n, x, kinds=("reduction",) if fn(m, n, x).dim() == 1 else ("pointwise",))
-    assert not [w for w in ws if "could not build" in str(w.message)], [str(w.message) for w in ws]
+    assert not [w for w in ws if "using another backend" in str(w.message)], [str(w.message) for w in ws]
 
 
 def test_a_value_read_many_times_is_stored_once_not_rebuilt_at_each_read():
@@ -536,7 +536,7 @@ def test_gemm_with_a_broadcast_epilogue_on_strided_inputs_builds_in_tvm():
         warnings.simplefilter("always")
         out = cm(q, k, m)
     torch.testing.assert_close(out, f(q, k, m), atol=1e-5, rtol=1e-5)
-    assert not [w for w in ws if "could not build" in str(w.message)], [str(w.message) for w in ws]
+    assert not [w for w in ws if "using another backend" in str(w.message)], [str(w.message) for w in ws]
     assert [kb.backend for kb in kernels(cm.fxcc)] == ["tvm"]
 
 
@@ -551,7 +551,7 @@ def test_silu_of_an_operand_broadcast_along_the_vector_builds_in_tvm(fn):
         warnings.simplefilter("always")
         out = cm(g, y, w)
     torch.testing.assert_close(out, fn(g, y, w), atol=1e-5, rtol=1e-5)
-    assert not [w for w in ws if "could not build" in str(w.message)], [str(w.message) for w in ws]
+    assert not [w for w in ws if "using another backend" in str(w.message)], [str(w.message) for w in ws]
     assert all(kb.backend.startswith("tvm") for kb in kernels(cm.fxcc))
 
 
