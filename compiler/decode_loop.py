@@ -377,32 +377,64 @@ def _same_cache(kept: Any, new: Any, input_ids: torch.Tensor, model: nn.Module) 
     return True
 
 
+def _cache_heads(model: nn.Module, device: torch.device) -> list[tuple[int, int, int]]:
+    """Each cache layer's (heads, key dim, value dim) as the model's attention writes them: one token through the
+    model's own forward into a StaticCache of one position, which its layers make from the states they are given.
+    transformers' `_get_static_cache_init_shape` reads them from the config instead, whose `num_key_value_heads` a
+    model may not read (GPT-2 keeps all its heads): a cache made from it is refused by the model's first write.
+    [] where the forward fails (each generate's own cache then)."""
+    from transformers import StaticCache
+
+    probe = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=1)
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            original_forward(model)(input_ids=ids, cache=probe, use_cache=True, return_dict=True)
+    except Exception as e:  # noqa: BLE001 - the model decides; its own generate reports its own errors
+        log.info("the cache layers of %s were not found (%s: %s); each generate makes its own cache",
+                 type(model).__name__, type(e).__name__, e)
+        return []
+    layers = [getattr(layer, "keys", None) for layer in probe.layers]
+    if not all(isinstance(k, torch.Tensor) and k.dim() == 4 for k in layers):
+        return []
+    return [(layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]) for layer in probe.layers]
+
+
 class _Reuse:
     """The memory of the last generate's state, per name: `taken(device)` gives, on the devices it serves (and while
     no other generate of this loop holds it), a function `reuse(name, tensor)` that returns the tensor kept under
-    `name` with `tensor`'s values copied in, where its shape, dtype and device match, else `tensor` itself, kept for
-    the next generate. Elsewhere it gives None (each generate's own tensors)."""
+    `name` with `tensor`'s values copied in, where its shape, dtype and device match, else a copy of `tensor`, kept
+    for the next generate. Elsewhere it gives None (each generate's own tensors)."""
 
     def __init__(self, devices: tuple[str, ...]):
         self.devices = devices
         self.kept: dict[Any, torch.Tensor] = {}
         self.cache: Any = None  # the StaticCache of the last generate that made its own
+        self.heads: list[tuple[int, int, int]] | None = None  # _cache_heads of the model, found at the first generate
         self.busy = False  # a generate inside another's (a streamer's) or beside it uses its own tensors
 
     def cache_for(self, new: Any, input_ids: torch.Tensor, model: nn.Module) -> Any:
         """The cache this generate runs on: the last generate's, emptied, where it is what `new` (a StaticCache
         generate made, its layers not yet made) will be once the prefill makes them, else `new` with its layers made
-        now (transformers' `early_initialization`, the model's dtype), kept for the next."""
+        now (the heads and dims the model's attention writes, `_cache_heads`, in the model's dtype), kept for the
+        next."""
         kept = self.cache
         if kept is not None and kept is not new and _same_cache(kept, new, input_ids, model):
             kept.reset()
             return kept
         # filled before the prefill, as the cache every later generate hands it: one kind of call, one compile
-        shape = model._get_static_cache_init_shape() if hasattr(model, "_get_static_cache_init_shape") else None
-        if shape is None or any(getattr(layer, "is_initialized", True) for layer in new.layers):
+        if any(getattr(layer, "is_initialized", True) or not getattr(layer, "supports_early_init", False)
+               for layer in new.layers):
             return new  # not one transformers can fill ahead: each generate's own
-        new.early_initialization(batch_size=input_ids.shape[0], num_heads=shape[0], head_dim=shape[1],
-                                 dtype=model.dtype, device=input_ids.device)
+        if self.heads is None:
+            self.heads = _cache_heads(model, input_ids.device)
+        if not self.heads or len(self.heads) != len(new.layers):
+            return new
+        for layer, (heads, key_dim, value_dim) in zip(new.layers, self.heads):
+            # as transformers' `early_initialization` fills a layer: from states with no positions
+            shape = (input_ids.shape[0], heads, 0)
+            layer.lazy_initialization(torch.zeros((*shape, key_dim), dtype=model.dtype, device=input_ids.device),
+                                      torch.zeros((*shape, value_dim), dtype=model.dtype, device=input_ids.device))
         self.cache = new
         return new
 
@@ -411,7 +443,9 @@ class _Reuse:
         if old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype and \
                 old.device == tensor.device and old.stride() == tensor.stride() and old.data_ptr() != tensor.data_ptr():
             return old.copy_(tensor)
-        self.kept[name] = tensor
+        # a copy: the tensor may be the caller's (end and pad tokens passed as tensors), which a later generate's
+        # values must never overwrite
+        self.kept[name] = tensor = tensor.clone()
         return tensor
 
     @contextlib.contextmanager

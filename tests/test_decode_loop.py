@@ -472,3 +472,41 @@ def test_a_callers_static_cache_keeps_its_own_memory_where_memory_is_reused():
     generate(cm, ids.flip(1), mask)  # a later generate with a cache of its own, of the same shapes
     for a, b in zip(caches[0].layers, caches[1].layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_reuse_makes_the_cache_the_models_attention_writes():
+    """The first generate's cache is made before its prefill with the heads the attention writes, not those the config
+    names: a GPT-2 config carrying num_key_value_heads=2 (which GPT-2 does not read: it keeps its 4 heads) still gives
+    eager's ids, compiled without an eager fallback, and the next generate's steps run on the same cache."""
+    def make():
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=None,
+            pad_token_id=0, num_key_value_heads=2))
+
+    model = build(make)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    cm.decode_loop.reuse.devices = ("cpu",)
+    seen = recorded_steps(cm)
+    for prompt in (ids, ids.flip(1)):
+        expected = generate(model, prompt, mask)
+        got = generate(cm, prompt, mask)
+        assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH and torch.equal(got, expected)
+    assert cm.stats.eager_calls == 0
+    assert len({s[3] for s in seen}) == 1 and cm.decode_loop.reuse.cache.layers[0].keys.shape[1] == 4
+
+
+def test_memory_reuse_never_writes_the_callers_token_tensors():
+    """End and pad tokens a caller passes as tensors are theirs: where memory is reused, a later generate with other
+    tokens leaves the first generate's tensors as they were (generate hands them to the loop as they are)."""
+    model = build(llama)
+    ids, mask = left_padded()
+    cm = fxcc.compile(model, passes=FAST)
+    cm.decode_loop.reuse.devices = ("cpu",)
+    first = dict(eos_token_id=torch.tensor([7]), pad_token_id=torch.tensor(0))
+    second = dict(eos_token_id=torch.tensor([9]), pad_token_id=torch.tensor(1))
+    for tokens in (first, second):
+        got = generate(cm, ids, mask, **tokens)
+        assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
+        assert torch.equal(got, generate(model, ids, mask, **tokens))
+    assert first["eos_token_id"].tolist() == [7] and first["pad_token_id"].item() == 0
