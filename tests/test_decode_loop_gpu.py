@@ -135,7 +135,7 @@ def test_later_generates_replay_the_steps_graph_without_a_capture_or_a_copy(loop
     for prompt in (ids, ids.flip(1)):
         generate(cm, prompt, mask, max_new_tokens=40)
     steps = list(cm.decode_loop.steps.values())
-    graphs = [v.graph for s in steps for v in s.variants if isinstance(v.graph, cg.CudaGraphs)]
+    graphs = [v.cuda_graph for s in steps for v in s.variants if isinstance(v.cuda_graph, cg.CudaGraphs)]
     adoptions = sum(g.adoptions for g in graphs)
     captures.clear()
     for prompt in (ids.roll(1, 1), ids):
@@ -143,5 +143,5 @@ def test_later_generates_replay_the_steps_graph_without_a_capture_or_a_copy(loop
         assert torch.equal(generate(cm, prompt, mask, max_new_tokens=40), expected)
         assert cm.decode_loop.last[0] == decode_loop.FXCC_PATH
     assert graphs and sum(g.adoptions for g in graphs) == adoptions
-    assert not [c for c in captures if c in {s.name for s in steps}]
+    assert not [c for c in captures if c in {g.name for g in graphs}]
 
