@@ -49,6 +49,8 @@ class Engine:
     first_s: float = 0.0
     compiles_first: int = 0
     compiles_again: int = 0
+    why: Callable[[], dict[str, list[str]]] = dict  # each compiled module's compile reasons, in order (fxcc engines)
+    again_why: list[str] = field(default_factory=list)  # why the second generate compiled, where it did
     ttft_ms: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
@@ -150,10 +152,13 @@ def engines(model: nn.Module, names: list[str], device: str, defer: str = "fxcc"
         elif base == "fxcc" and mode == "loop":
             cm = fxcc.compile(model)
             out.append(Engine(name, cm, "static", lambda c=cm: c.stats.compiles + sum(
-                s.stats.compiles for s in c.decode_loop.steps.values()), loop=True))
+                s.stats.compiles for s in c.decode_loop.steps.values()), loop=True,
+                why=lambda c=cm: {"forward": list(c.stats.reasons), **{
+                    f"decode step {k}": list(s.stats.reasons) for k, s in c.decode_loop.steps.items()}}))
         elif base == "fxcc":
             fn = fxcc.compile(own)
             out.append(Engine(name, fn, mode or None, lambda s=fn.fxcc.stats: s.compiles,
+                              why=lambda s=fn.fxcc.stats: {"forward": list(s.reasons)},
                               defer=defer != "none" if late is None else late))
         else:
             raise SystemExit(f"unknown engine {name!r}; use eager, torch.compile[:MODE], fxcc[:static|loop], each with "
@@ -308,9 +313,10 @@ def run(args: Any, log: Callable[[str], None]) -> str:
             tokens, ends, _ = generate(model, e, ids, new, device)
             e.first_s = ends[-1] - ends[0]
             e.compiles_first = e.compiles() - before
-            before = e.compiles()
+            before, known = e.compiles(), e.why()
             other_tokens, _, _ = generate(model, e, other, new, device)
             e.compiles_again = e.compiles() - before
+            e.again_why = [f"{where}: {r}" for where, rs in e.why().items() for r in rs[len(known.get(where, [])):]]
             if e.loop:
                 e.compile_s = sum(v.compile_seconds for c in (e.forward, *e.forward.decode_loop.steps.values())
                                   for v in c.variants)
@@ -382,7 +388,7 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                        "warmup": warmup, "reps": done, "load_average": load, "roofline_ms": floor,
                        "config": model.config.to_diff_dict(),
                        "engines": [{**{f.name: getattr(e, f.name) for f in fields(e)  # not deep copies
-                                       if f.name not in ("forward", "compiles", "alone", "alone_inputs", "model")},
+                                       if f.name not in ("forward", "compiles", "why", "alone", "alone_inputs", "model")},
                                     **_vs_alone(e)} for e in es]}, f, indent=2, default=str)
     return text
 
@@ -510,6 +516,7 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
                  "greedy ids of both generates against eager's; round range: the lowest and highest decode tok/s "
                  "against eager's in the same round")
     lines += [f"{e.name}: {e.error} (its times are of the rounds before)" for e in es if e.error and e.decode_tps]
+    lines += [f"{e.name}: the second generate compiled ({why})" for e in es for why in e.again_why]
     fx = [e for e in es if e.name.startswith("fxcc") and e.decode_tps]
     tc = [e for e in es if e.name.startswith("torch.compile") and e.decode_tps]
     if fx and tc:

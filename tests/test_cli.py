@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import fxcc
 import pytest
 import torch
 from fxcc import bench_generate as bg
@@ -193,6 +194,32 @@ def test_bench_generate_reports_an_engine_that_raises_as_its_row(capsys, monkeyp
     by = {e["name"]: e for e in saved["engines"]}
     assert by["eager"]["error"] is None and len(by["eager"]["decode_tps"]) == 2
     assert by["broken"]["error"].startswith("RuntimeError") and by["late"]["decode_tps"] == []
+
+
+def test_bench_generate_says_why_the_second_generate_compiled(capsys, monkeypatch, tmp_path):
+    """An engine that compiles again for the second generate's shorter prompt (here fxcc with dynamic=False) has
+    each of those compiles' reasons, as fxcc recorded them, in the report and the JSON; one that does not has none."""
+    made = bg.engines
+
+    def with_static(model, names, device, defer="fxcc"):
+        es = made(model, names, device, defer)
+        fn = fxcc.compile(type(model).forward.__get__(model), dynamic=False)
+        return es + [bg.Engine("static", fn, None, lambda: fn.fxcc.stats.compiles,
+                               why=lambda: {"forward": list(fn.fxcc.stats.reasons)})]
+
+    monkeypatch.setattr(bg, "engines", with_static)
+    argv = [*TINY_GENERATE, "--new-tokens", "2", "--reps", "1", "--warmup", "0", "--no-prefill-alone",
+            "--engines", "eager,fxcc", "--json", str(tmp_path / "generate.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    by = {e["name"]: e for e in json.loads((tmp_path / "generate.json").read_text())["engines"]}
+    assert by["fxcc"]["compiles_again"] == 0 and by["fxcc"]["again_why"] == []
+    static = by["static"]
+    assert static["compiles_again"] > 0 and len(static["again_why"]) == static["compiles_again"]
+    assert all(why.startswith("forward: ") for why in static["again_why"])
+    lines = [line for line in out.splitlines() if line.startswith("static: the second generate compiled (forward: ")]
+    assert len(lines) == static["compiles_again"]
+    assert not any(line.startswith("fxcc: the second generate compiled") for line in out.splitlines())
 
 
 def test_bench_generate_reports_the_complete_rounds_when_stopped(capsys, monkeypatch, tmp_path):
