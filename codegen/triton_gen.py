@@ -178,17 +178,26 @@ Index = tuple[str, ...]
 
 
 class _Code(StrPrinter):
-    """Size expressions as Triton (and Python) source: a power as a product, `Mod` as a remainder (sympy writes
-    `sym0**2` and `Mod(1, sym0)`, neither of which a Triton kernel compiles)."""
+    """Size expressions as Triton (and Python) source: a power as a product, `Mod` and torch's `PythonMod` as a
+    remainder (sympy writes `sym0**2` and `Mod(1, sym0)`, neither of which a Triton kernel compiles); a size with
+    any other function in it (Max, Min, ...) is Unsupported, so no kernel is made with a call it cannot run."""
 
     def _print_Pow(self, e: sympy.Pow) -> str:
         if not (e.exp.is_Integer and e.exp > 0):
             raise Unsupported(f"size {e}")
         return "(" + " * ".join([self.parenthesize(e.base, PRECEDENCE["Mul"])] * int(e.exp)) + ")"
 
-    def _print_Mod(self, e: sympy.Mod) -> str:
+    def _print_Mod(self, e: sympy.Basic) -> str:
         a, b = (self._print(x) for x in e.args)
         return f"((({a}) % ({b}) + ({b})) % ({b}))"  # Triton's remainder takes the dividend's sign; sympy's not
+
+    _print_PythonMod = _print_Mod  # torch's symbolic `%` (the divisor's sign, as Python's)
+
+    def _print_Function(self, e: sympy.Function) -> str:
+        # any other function (Max, Min, torch's CeilToInt, IntTrueDiv, ...) would print as a call no kernel has
+        raise Unsupported(f"size {e}")
+
+    _print_Max = _print_Min = _print_MinMaxBase = _print_Function
 
 
 def code(e: object) -> str:

@@ -223,6 +223,25 @@ def test_symbolic_sizes_sympy_writes_as_a_power_or_a_remainder_are_kernel_source
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_torchs_symbolic_functions_print_as_kernel_source_or_are_refused():
+    """torch's `PythonMod` (a symbolic `%`) prints as a remainder with Python's sign, its `FloorDiv` as `//`; a size
+    holding Max or Min is refused (Unsupported) rather than printed as a call no kernel has."""
+    import sympy
+    from fxcc.codegen.triton_gen import Unsupported, code
+    from torch.utils._sympy.functions import FloorDiv, Max, Min, PythonMod
+
+    sym0 = sympy.Symbol("sym0", integer=True)
+    for e, want in ((PythonMod(sym0, 3), lambda v: v % 3), (PythonMod(sym0 + 2, 5), lambda v: (v + 2) % 5),
+                    (FloorDiv(sym0 + 1, 2), lambda v: (v + 1) // 2)):
+        src = code(e)
+        assert "Mod" not in src and "Div" not in src
+        for v in (0, 1, 4, 7, 12):
+            assert eval(src, {"sym0": v}) == want(v)  # noqa: S307 - the printed size, evaluated as Python
+    for e in (Max(sym0, 2), Min(sym0, 3), sympy.Max(sym0, 4)):
+        with pytest.raises(Unsupported):
+            code(e)
+
+
 # -------------------------------------------------------------------------------------------- reductions
 
 
