@@ -4,7 +4,10 @@ Each engine runs the model's own `generate` with its forward replaced (torch.com
 a static cache, mode "reduce-overhead" on the GPU for the decode steps, the prefill eager as transformers runs
 it; also the default mode, every call compiled; each torch.compile engine on its own copy of the model). Per engine: time to first
 token, decode tokens/s, compiles per generate (the first, and a later one with a new prompt length), the
-first generate's wall time (compiles included), and whether the tokens equal eager's. On the GPU also the
+first generate's wall time (compiles included), and whether the tokens equal eager's: where a row's ids part from
+eager's, one eager forward over the ids both share tells a near-tie in the logits (another summation order flips
+the argmax, as any compiler may) from a token eager ranks well below its top (a wrong kernel; see `Divergence`).
+On the GPU also the
 decode step's share of the memory roofline: (weight bytes + KV bytes read per step) / measured copy
 bandwidth, over the measured step time. Engines run interleaved, round by round (BENCHMARKING.md).
 
@@ -28,7 +31,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -36,6 +39,30 @@ import torch.nn as nn
 
 from .capture import forward_as
 from .runtime import DEFERRED_STOP_DEVICES, deferred_stop_check
+
+WRONG_ULPS = 16  # a gap over this many ulp of eager's top logit is no near-tie: `Divergence.wrong`
+
+
+@dataclass
+class Divergence:
+    """Where one row of an engine's greedy ids first parts from eager's, and how eager ranks the engine's token there,
+    from one plain eager forward over the prompt and the new tokens both share (the model's dtype, logits in float32).
+    gap: eager's top logit minus the logit of the engine's token; ulps: the gap in units of the dtype's eps times
+    |top|, the top logit's rounding step. A few ulp is a near-tie that another summation order flips; over WRONG_ULPS
+    the engine chose a token eager ranks well below its top (`wrong`: look for a wrong kernel)."""
+
+    generate: str  # which of the two generates: "prompt", or "other" (the prompt 3/4 as long)
+    row: int
+    position: int  # the index of the first differing new token (0: the prefill's)
+    eager_token: int
+    token: int  # the engine's
+    top: float  # eager's top logit there
+    gap: float
+    ulps: float
+    top2_gap: float  # eager's top logit minus its second
+    rank: int  # of the engine's token among eager's logits (0: the top)
+    eager_gap: float  # the top minus the logit of eager's own token (its generate's cached steps vs this forward)
+    wrong: bool
 
 
 @dataclass
@@ -71,6 +98,47 @@ class Engine:
     model: nn.Module | None = None  # the engine's own copy of the model (None: the one the others share)
     loop: bool = False  # fxcc:loop: `fxcc.compile(model).generate`, fxcc's own decode loop (see `generate_loop`)
     path: str | None = None  # fxcc:loop: which loop its last generate ran, and why
+    divergences: list[Divergence] = field(default_factory=list)  # where its rows' ids part from eager's, if they do
+
+
+def divergences(model: nn.Module, ref: torch.Tensor, got: torch.Tensor, prompt: int,
+                mask: torch.Tensor | None = None, generate: str = "prompt") -> list[Divergence]:
+    """Per row of `got` whose new tokens (after `prompt` ids) differ from `ref`'s: the first differing one and eager's
+    logits before it (one forward per such row; `mask`: the prompt's attention mask, as generate inferred it)."""
+    dtype = next(model.parameters()).dtype
+    n = min(ref.shape[1], got.shape[1])
+    out = []
+    for row in range(ref.shape[0]):
+        parted = (ref[row, prompt:n] != got[row, prompt:n]).nonzero()
+        if not len(parted):
+            continue
+        at = prompt + int(parted[0])
+        logits = last_logits(model, ref[row:row + 1, :at], None if mask is None else mask[row:row + 1])
+        mine, theirs = int(got[row, at]), int(ref[row, at])
+        top, second = logits.topk(2).values.tolist()
+        gap = top - logits[mine].item()
+        ulps = gap / (torch.finfo(dtype).eps * max(abs(top), torch.finfo(torch.float32).tiny))
+        out.append(Divergence(generate, row, at - prompt, theirs, mine, top, gap, ulps, top - second,
+                              int((logits > logits[mine]).sum()), top - logits[theirs].item(), ulps > WRONG_ULPS))
+    return out
+
+
+def last_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager's logits (float32) for the token after `ids` (one row): a plain forward without a cache; with `mask`
+    (the prompt's, left padding) the attention mask and positions generate gives the row."""
+    kw = {}
+    if mask is not None:
+        full = torch.cat([mask, mask.new_ones(1, ids.shape[1] - mask.shape[1])], dim=1)
+        kw = {"attention_mask": full, "position_ids": (full.long().cumsum(-1) - 1).masked_fill(full == 0, 0)}
+    with torch.inference_mode():
+        out = type(model).forward(model, input_ids=ids, use_cache=False, logits_to_keep=1, **kw)
+    return out.logits[0, -1].float()
+
+
+def prompt_mask(model: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask generate infers for prompt `ids` (given none): ids != pad where the pad id occurs in them."""
+    pad = model.generation_config.pad_token_id
+    return ids.ne(pad).long() if pad is not None and bool((ids == pad).any()) else None
 
 
 class Clock:
@@ -325,6 +393,11 @@ def run(args: Any, log: Callable[[str], None]) -> str:
             reference.setdefault("ids", tokens)
             reference.setdefault("other", other_tokens)
             e.same_tokens = torch.equal(tokens, reference["ids"]) and torch.equal(other_tokens, reference["other"])
+            if not e.same_tokens:
+                e.divergences = [
+                    *divergences(model, reference["ids"], tokens, prompt, prompt_mask(model, ids), "prompt"),
+                    *divergences(model, reference["other"], other_tokens, other.shape[1], prompt_mask(model, other),
+                                 "other")]
     for e in es:  # after every engine's generates: what generate leaves on the model (a static cache's length) is there
         if getattr(args, "prefill_alone", True) and e.name.startswith("fxcc") and not e.error and not e.loop:
             log(f"{e.name}: the prefill compiled alone ...")
@@ -389,6 +462,7 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                        "config": model.config.to_diff_dict(),
                        "engines": [{**{f.name: getattr(e, f.name) for f in fields(e)  # not deep copies
                                        if f.name not in ("forward", "compiles", "why", "alone", "alone_inputs", "model")},
+                                    "divergences": [asdict(d) for d in e.divergences],
                                     **_vs_alone(e)} for e in es]}, f, indent=2, default=str)
     return text
 
@@ -494,8 +568,10 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
              f"machine: {machine(device)}; medians of {reps} generates per engine, engines interleaved"
              + (f"; load average {load[0][0]:.1f} before, {load[1][0]:.1f} after" if None not in load else ""),
              ""]
+    cells = {e.name: _tokens_cell(e) for e in es}
+    wide = max(7, *map(len, cells.values()))
     head = (f"{'engine':<30} {'cache':<8} {'TTFT ms':>9} {'decode tok/s':>13} {'step ms':>8} {'vs eager':>9} "
-            f"{'compiles':>9} {'1st gen s':>9} {'tokens':>7} {'round range':>13}")
+            f"{'compiles':>9} {'1st gen s':>9} {'tokens':>{wide}} {'round range':>13}")
     if floor:
         head += f" {'roofline':>9}"
     lines.append(head)
@@ -508,13 +584,21 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
         tps, step = statistics.median(e.decode_tps), statistics.median(e.step_ms)
         row = (f"{e.name:<30} {e.cache or 'dynamic':<8} {statistics.median(e.ttft_ms):>9.1f} {tps:>13.1f} "
                f"{step:>8.2f} {(tps / base if base else 1):>8.2f}x {f'{e.compiles_first}+{e.compiles_again}':>9} "
-               f"{e.first_s:>9.1f} {'same' if e.same_tokens else 'DIFF':>7} {_spread(e, eager):>13}")
+               f"{e.first_s:>9.1f} {cells[e.name]:>{wide}} {_spread(e, eager):>13}")
         if floor:
             row += f" {floor[e.name] / step:>8.0%}"
         lines.append(row)
     lines.append("\ncompiles: in the first generate + in a second one with a prompt 3/4 as long; tokens: the "
                  "greedy ids of both generates against eager's; round range: the lowest and highest decode tok/s "
                  "against eager's in the same round")
+    if any(e.divergences for e in es):
+        lines.append(f"DIFF@N: the first new token (0: the prefill's) where a row's ids part from eager's, the row with "
+                     f"the largest gap shown; gap: eager's top logit there minus the logit of the engine's token (one "
+                     f"eager forward over the shared ids); ulp: the {dtype} eps times |top logit|, its rounding step: a "
+                     f"gap of a few ulp is a near-tie that another summation order flips; WRONG?: over {WRONG_ULPS} "
+                     f"ulp, a token eager ranks well below its top (look for a wrong kernel); eager's #k: the engine's "
+                     f"token's place in eager's ranking (#1: no token above it)")
+        lines += [_divergence_line(e, 2 * batch) for e in es if e.divergences]
     lines += [f"{e.name}: {e.error} (its times are of the rounds before)" for e in es if e.error and e.decode_tps]
     lines += [f"{e.name}: the second generate compiled ({why})" for e in es for why in e.again_why]
     fx = [e for e in es if e.name.startswith("fxcc") and e.decode_tps]
@@ -530,6 +614,27 @@ def report(es: list[Engine], floor: dict, model: nn.Module, device: str, batch: 
     lines += [f"{e.name}: {e.path}" for e in es if e.loop and e.path]
     lines += _alone_lines(es)
     return "\n".join(lines)
+
+
+def _tokens_cell(e: Engine) -> str:
+    """The tokens column: same, or the divergence with the largest gap (see `Divergence`)."""
+    if e.same_tokens:
+        return "same"
+    if not e.divergences:  # the ids differ in length, not within their common length
+        return "DIFF"
+    d = max(e.divergences, key=lambda d: d.ulps)
+    return f"DIFF@{d.position}{' WRONG?' if d.wrong else ''} gap {d.gap:.2g} ({d.ulps:.3g} ulp)"
+
+
+def _divergence_line(e: Engine, rows: int, shown: int = 4) -> str:
+    """Engine `e`'s differing rows, the largest gaps first (all of them in --json)."""
+    ds = sorted(e.divergences, key=lambda d: -d.ulps)
+    text = "; ".join(f"{d.generate} row {d.row} @{d.position}: {d.eager_token}->{d.token}{' WRONG?' if d.wrong else ''} "
+                     f"gap {d.gap:.3g} = {d.ulps:.3g} ulp, eager's #{d.rank + 1}, top-2 gap {d.top2_gap:.3g}"
+                     + (f", eager's own token {d.eager_gap:.3g} below the top" if d.eager_gap else "")
+                     for d in ds[:shown])
+    more = f"; {len(ds) - shown} more in --json" if len(ds) > shown else ""
+    return f"{e.name}: ids part from eager's in {len(ds)} of {rows} rows: {text}{more}"
 
 
 def _alone_lines(es: list[Engine]) -> list[str]:

@@ -272,6 +272,99 @@ def test_bench_generate_records_the_first_forward_inputs_with_the_engines_cache(
             assert [layer.max_cache_len for layer in got.layers] == [layer.max_cache_len for layer in seen[0].layers]
 
 
+def _rank_order(model, ids):
+    """Eager's float32 logits for the token after one row of `ids` (no padding), by a plain forward of its own."""
+    with torch.inference_mode():
+        return model(ids).logits[0, -1].float()
+
+
+def test_bench_generate_finds_where_ids_part_from_eagers_and_eagers_gap_there():
+    """Per differing row: the first differing new token, and eager's logits over the shared ids there (a left-padded
+    row with the mask and positions generate gave it: the same logits as the row without its padding)."""
+    model = bg.llama(32, 1, 2, 1, 64, torch.float32, "cpu")
+    ids = torch.randint(2, 32000, (3, 6), generator=torch.Generator().manual_seed(0))
+    ids[1, :2] = 0  # the pad id: row 1 is left-padded
+    mask = bg.prompt_mask(model, ids)
+    assert mask[1].tolist() == [0, 0, 1, 1, 1, 1] and bool(mask[0].all())
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    got = ref.clone()
+    first = _rank_order(model, ref[0:1, :6 + 3])  # row 0 parts at new token 3, with eager's 4th choice
+    third = int(first.argsort(descending=True)[3])
+    got[0, 6 + 3:] = torch.tensor([third, 5])
+    second = _rank_order(model, ref[1:2, 2:6 + 2])  # row 1 at new token 2, unpadded: its positions start at 0
+    last = int(second.argmin())
+    got[1, 6 + 2] = last  # row 2 stays eager's
+    ds = bg.divergences(model, ref, got, 6, mask)
+    assert [(d.row, d.position, d.eager_token, d.token) for d in ds] == [
+        (0, 3, int(ref[0, 9]), third), (1, 2, int(ref[1, 8]), last)]
+    assert ds[0].rank == 3 and ds[1].rank == second.numel() - 1
+    for d, logits, token in ((ds[0], first, third), (ds[1], second, last)):
+        top2 = logits.topk(2).values
+        assert d.top == pytest.approx(top2[0].item(), abs=1e-5)
+        assert d.gap == pytest.approx((top2[0] - logits[token]).item(), abs=1e-5)
+        assert d.top2_gap == pytest.approx((top2[0] - top2[1]).item(), abs=1e-5)
+        assert d.ulps == pytest.approx(d.gap / (torch.finfo(torch.float32).eps * abs(d.top)))
+        assert abs(d.eager_gap) < 1e-5  # eager's own token is its plain forward's top
+    assert bg.divergences(model, ref, ref.clone(), 6, mask) == []
+
+
+def test_bench_generate_flags_a_token_eager_ranks_far_below_and_not_a_tie():
+    """A token eager ranks last is WRONG?; one whose logit ties eager's top (a duplicated output row) is not."""
+    model = bg.llama(32, 1, 2, 1, 64, torch.float32, "cpu")
+    ids = torch.randint(2, 32000, (1, 6), generator=torch.Generator().manual_seed(0))
+    top = int(_rank_order(model, ids).argmax())
+    twin = 31999 if top != 31999 else 31998
+    with torch.no_grad():
+        model.lm_head.weight[twin] = model.lm_head.weight[top]  # eager's argmax keeps `top`, the first of the tie
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert int(ref[0, 6]) == top
+    tie, far = ref.clone(), ref.clone()
+    tie[0, 6] = twin
+    far[0, 6] = int(_rank_order(model, ids).argmin())
+    (near,) = bg.divergences(model, ref, tie, 6)
+    (wrong,) = bg.divergences(model, ref, far, 6)
+    assert near.position == wrong.position == 0 and near.ulps <= 1 and not near.wrong
+    assert wrong.wrong and wrong.ulps > bg.WRONG_ULPS and wrong.gap > 0.1
+    e = bg.Engine("x", None, same_tokens=False, divergences=[near, wrong])
+    assert bg._tokens_cell(e).startswith("DIFF@0 WRONG? gap ")
+    assert bg._tokens_cell(bg.Engine("x", None, same_tokens=False, divergences=[near])) == (
+        f"DIFF@0 gap {near.gap:.2g} ({near.ulps:.3g} ulp)")
+
+
+def test_bench_generate_reports_where_and_how_far_an_engines_tokens_part_from_eagers(capsys, monkeypatch, tmp_path):
+    """An engine whose logits are wrong (one token's pushed up) shows DIFF@0 WRONG? in its row, a line per engine with
+    its rows, and each row's divergence in --json; eager's row stays "same"."""
+    made = bg.engines
+
+    def with_skewed(model, names, device, defer="fxcc"):
+        es = made(model, ["eager"], device, defer)
+        own = type(model).forward.__get__(model)
+
+        def skewed(*args, **kwargs):
+            out = own(*args, **kwargs)
+            out.logits[..., 7] += 100.0
+            return out
+        return es + [bg.Engine("skewed", skewed)]
+
+    monkeypatch.setattr(bg, "engines", with_skewed)
+    argv = [*TINY_GENERATE, "--new-tokens", "3", "--reps", "1", "--warmup", "0", "--batch", "2",
+            "--no-prefill-alone", "--json", str(tmp_path / "generate.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("eager ", "skewed "))}
+    assert " same " in rows["eager"] and re.search(r" DIFF@0 WRONG\? gap [0-9.]+ \([0-9.e+]+ ulp\) ", rows["skewed"])
+    assert "skewed: ids part from eager's in 4 of 4 rows: " in out and "WRONG?: over 16 ulp" in out
+    saved = json.loads((tmp_path / "generate.json").read_text())
+    by = {e["name"]: e for e in saved["engines"]}
+    assert by["eager"]["divergences"] == []
+    got = by["skewed"]["divergences"]
+    assert [(d["generate"], d["row"], d["position"], d["token"]) for d in got] == [
+        ("prompt", 0, 0, 7), ("prompt", 1, 0, 7), ("other", 0, 0, 7), ("other", 1, 0, 7)]
+    assert all(d["wrong"] and d["rank"] > 0 and d["gap"] > 0 for d in got)
+
+
 def test_passes_lists_the_registry(capsys):
     assert cli.main(["passes"]) == 0
     out = capsys.readouterr().out
