@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from fxcc import ir
-from fxcc.codegen import Built, KernelFn, backend
+from fxcc.codegen import Built, KernelFn, backend, shared_mask
 from fxcc.dialects import KERNEL_OPS, Choice, KernelBody, choice_of, kernel_body, same_strides, strided_copy
 from fxcc.store import default_cache
 
@@ -173,6 +173,7 @@ def build_executable(gm: fx.GraphModule, ready: dict[str, BuiltKernel] | None = 
             env[node] = graph.node_copy(node, lambda n: env[n])
     _fold_int_round_trips(graph)
     _direct_calls(graph)
+    shared_mask.share(graph)  # a mask several attention calls read, made additive once per call
     return fx.GraphModule(gm, graph), bound, kernels  # takes the submodules eager regions call
 
 
