@@ -461,7 +461,8 @@ def run(args: Any, log: Callable[[str], None]) -> str:
                        "warmup": warmup, "reps": done, "load_average": load, "roofline_ms": floor,
                        "config": model.config.to_diff_dict(),
                        "engines": [{**{f.name: getattr(e, f.name) for f in fields(e)  # not deep copies
-                                       if f.name not in ("forward", "compiles", "why", "alone", "alone_inputs", "model")},
+                                       if f.name not in ("forward", "compiles", "why", "alone", "alone_inputs", "model",
+                                                          "divergences")},
                                     "divergences": [asdict(d) for d in e.divergences],
                                     **_vs_alone(e)} for e in es]}, f, indent=2, default=str)
     return text

@@ -4,9 +4,9 @@ Guards on the call's structure, tensor shapes/strides/dtypes/devices, the module
 autocast and default dtype select a compiled variant or compile a new one; past `max_variants` variants of one
 input structure (or that many structures), new signatures run eagerly with a warning. A variant serves one input
 layout (strides where sizes exceed 1, not the storage offset; a symbolic one a layout class,
-fxcc.dynamic.layout_class): captured on it, its outputs have the strides eager's have. The model's state the variants depend on (fxcc.guards: its tensors
-by identity and layout, primitive attributes, the contents of weights folded into constants) is checked on
-every call; a change drops the variants and compiles again.
+fxcc.dynamic.layout_class): captured on it, its outputs have the strides eager's have. The model's state the
+variants depend on (fxcc.guards: its tensors by identity and layout, primitive attributes, the contents of weights
+folded into constants) is checked on every call; a change drops the variants and compiles again.
 
 Sizes that change recompile once with those sizes symbolic; a symbolic variant is chosen by its guard on
 symbol ranges and relations (fxcc.dynamic), and every compile records why it happened. Objects the call
