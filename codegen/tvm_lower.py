@@ -678,7 +678,14 @@ def _dropout(L, node, x, p, train):
 
 @handles(aten.pow.Tensor_Scalar)
 def _pow(L, node, x, e):
-    f = (lambda a: a * a) if e == 2 else (lambda a: tirx.sqrt(a)) if e == 0.5 else (lambda a: tirx.power(a, const(e, dt(a))))
+    # the exponents torch's CPU kernel computes by products and a reciprocal, computed the same way here: equal to
+    # eager's values where a general power (TVM's, which also warns on exponents of 3 and over) may differ by an ulp
+    forms = {2: lambda a: a * a, 3: lambda a: a * a * a, 0.5: tirx.sqrt, 1: lambda a: a,
+             -1: lambda a: const(1, dt(a)) / a, -2: lambda a: const(1, dt(a)) / (a * a)}
+
+    def f(a):
+        form = forms.get(e) if dt(a).startswith("float") or e in (1, 2, 3) else None
+        return form(a) if form is not None else tirx.power(a, const(e, dt(a)))
     return pointwise(f)(L, node, x)
 
 

@@ -761,3 +761,12 @@ def test_recurrent_cells_read_their_step_of_one_projection_through_strides():
         assert all(o.is_contiguous() for o in n.meta["val"]), n.format_node()
     x = torch.randn(2, 4, 8)
     assert_outputs_close(cm(x), f(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("e", [3, -1, -2])
+def test_powers_torch_computes_by_products_are_generated_equal_to_eager(e):
+    """x ** 3, x ** -1 and x ** -2: products and a reciprocal, as torch's CPU kernel computes them, so the generated
+    kernel equals eager bit for bit (a general power may differ by an ulp)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 48) * 3
+    compile_tvm(lambda t: t.pow(e), x, kinds=("pointwise",), atol=0)  # equal: no tolerance
