@@ -44,6 +44,7 @@ from .ir import fetch_attr, flatten_inputs, written_in_place
 from .logs import dropped, held_back, partial_graph_unprinted
 from .mask_skip import eager_mask_skip
 from .nested_fast_path import eager_fast_path
+from .sliding_window import branch_free_sliding_window
 from .state import Aliasing, recording, register_state_class, state_objects
 from .watch import same_bits
 
@@ -1329,8 +1330,8 @@ def _capture_run(module: nn.Module, args: tuple, kwargs: dict, *, dims: dict[int
         # error reaches the user once, as eager's own (`eager_check`) or fxcc's
         unmet = dropped("torch._subclasses.fake_tensor", "failed while attempting to run meta for")
         with (torch.no_grad(), forward_as(module, traced), quiet, unfound, unmet, partial_graph_unprinted(),
-              eager_mask_skip(), unchanged_conversions_skipped(), own_tensors_unwarned(module),
-              symbolic_flags_decided()):
+              eager_mask_skip(), branch_free_sliding_window(), unchanged_conversions_skipped(),
+              own_tensors_unwarned(module), symbolic_flags_decided()):
             return torch.export.export(module, ex_args, ex_kwargs, strict=False, dynamic_shapes=shapes)
 
     try:

@@ -554,10 +554,9 @@ def test_generate_past_a_sliding_window_equals_eager():
     """Gemma-2's cache keeps a sliding window on every other layer: once the window fills, the cache's sizes
     stop growing there (a shape guard with a clause of its own `and`; kernels whose sizes come from ints).
 
-    The window's cases branch in transformers' cache and in torch's slicing, each a variant: a prompt shorter than
-    the window or as long; a decode step that grows the window's cache, fills it, or slides it (the cache is then a
-    view with gaps, another layout class). Two prompts meet them all; prompts of other lengths compile nothing, those
-    as long as the model has heads (4) or key/value heads (2) too."""
+    Two prompts meet the window's cases (a prompt shorter than the window or as long; a decode step that grows the
+    window's cache, fills it, or slides it); prompts of other lengths compile nothing, those as long as the model has
+    heads (4) or key/value heads (2) too."""
     model, compiled = build(gemma2), build(gemma2)
     compiled.forward = fxcc.compile(compiled.forward, passes=FAST)
     stats = compiled.forward.fxcc.stats
@@ -570,6 +569,55 @@ def test_generate_past_a_sliding_window_equals_eager():
         assert torch.equal(generate(compiled, ids), generate(model, ids))
     assert stats.compiles == seen < fxcc.CompileOptions().max_variants, stats.reasons
     assert stats.eager_calls == 0
+
+
+def gemma3_window8():  # both layers sliding: no full-attention layer, the window's mask alone (fxcc.mask_skip)
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**DECODER, head_dim=8, sliding_window=8))
+
+
+@pytest.mark.parametrize("make", [gemma2, gemma3_window8], ids=lambda m: m.__name__)
+def test_a_sliding_window_cache_compiles_prefill_and_decode_once_for_any_prompt_length(make):
+    """Issue 19: transformers' DynamicSlidingWindowLayer branches in Python on its lengths (a prompt shorter than the
+    window or not; a decode step that grows the window, fills it or slides it, its kept keys then a view with gaps,
+    another layout class), and so does its SDPA mask skip (keys fewer than the window); export guarded each branch:
+    a generate compiled 3 times, a new prompt length up to 3 again. Captured without branching (fxcc.sliding_window,
+    fxcc.mask_skip), one prefill and one decode step serve every length, and the caller's cache holds eager's keys
+    and values at every step."""
+    model, cm = build(make), fxcc.compile(build(make), passes=FAST)
+    for length in (7, 5, 9):  # as long as the window less one, shorter, longer; 10 tokens pass the window of 8
+        eager_cache, cache = make_cache("dynamic", model), make_cache("dynamic", model)
+        assert greedy(cm, prompt(length), cache, steps=10) == greedy(model, prompt(length), eager_cache, steps=10)
+        assert_same_cache(cache, eager_cache)
+        assert all(a.cumulative_length == b.cumulative_length for a, b in zip(cache.layers, eager_cache.layers)
+                   if hasattr(b, "cumulative_length"))
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0, cm.stats.reasons
+
+
+def mistral_window8():  # a DynamicCache gives every layer of it a sliding window (Mistral's default is 4096)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER, sliding_window=8))
+
+
+@pytest.mark.parametrize("make", [mistral_window8, gemma3_window8], ids=lambda m: m.__name__)
+def test_a_sliding_window_decode_step_copies_no_window_and_reads_no_mask(make):
+    """Issue 19: eager keeps a sliding layer's window as a view of its step's concatenation, and attends one query
+    without a mask below the window (past it, with a mask whose window part is all True: the layer keeps no older key).
+    The compiled step does as much on both sides of the window: the kept keys and values are views of the
+    concatenation, not a copy of the window each step, and no attention over one query reads a mask. A gathered
+    window and a mask built at every step made Mistral's decode (window 4096) slower than eager."""
+    model, cm = build(make), fxcc.compile(build(make), passes="canonicalize")
+    for length in (7, 5):  # 10 tokens pass the window of 8
+        eager_cache, cache = make_cache("dynamic", model), make_cache("dynamic", model)
+        assert greedy(cm, prompt(length), cache, steps=10) == greedy(model, prompt(length), eager_cache, steps=10)
+        assert_same_cache(cache, eager_cache)
+        for layer in cache.layers:
+            if hasattr(layer, "cumulative_length"):  # a sliding layer: its window a view of a longer buffer
+                for t in (layer.keys, layer.values):
+                    assert t.untyped_storage().nbytes() > t.numel() * t.element_size()
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0, cm.stats.reasons
+    one_query = [n for v in cm.variants for n in v.captured.gm.graph.nodes
+                 if n.target == torch.ops.aten.scaled_dot_product_attention.default
+                 and n.args[0].meta["val"].shape[-2] == 1]
+    assert one_query and all(len(n.args) < 4 or n.args[3] is None for n in one_query)
 
 
 def test_generate_past_a_sliding_window_at_batch_1_then_2_compiles_each():
