@@ -102,11 +102,12 @@ def _writes_no_module_state(n: fx.Node) -> bool:
     for i, a in enumerate(n.target._schema.arguments):
         if a.alias_info is None or not a.alias_info.is_write:
             continue
-        x = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
-        while isinstance(x, fx.Node) and is_view(x) and x.args and isinstance(x.args[0], fx.Node):
-            x = x.args[0]
-        if not isinstance(x, fx.Node) or x.op == "get_attr":
-            return False
+        v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+        for x in v if isinstance(v, (list, tuple)) else (v,):  # a foreach op writes a list
+            while isinstance(x, fx.Node) and is_view(x) and x.args and isinstance(x.args[0], fx.Node):
+                x = x.args[0]
+            if not isinstance(x, fx.Node) or x.op == "get_attr":
+                return False
     return True
 
 

@@ -23,7 +23,7 @@ import statistics
 import torch
 from weight_memory import MODELS, live_bytes
 
-PIPE = "decompose,canonicalize,raise,merge-linears,gemv,layout,fuse,codegen{packed=%s}"
+PIPE = "decompose,canonicalize,raise,horizontal,merge-linears,gemv,layout,fuse,codegen{packed=%s}"
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:

@@ -85,11 +85,13 @@ def _writes_module_state(gm: fx.GraphModule) -> bool:
         t = n.target
         if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
             for i, a in enumerate(t._schema.arguments):
-                v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
-                if a.alias_info is not None and a.alias_info.is_write and isinstance(v, fx.Node):
-                    while _is_view(v):
+                if a.alias_info is None or not a.alias_info.is_write:
+                    continue
+                given = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                for v in given if isinstance(given, (list, tuple)) else (given,):  # a foreach op writes a list
+                    while isinstance(v, fx.Node) and _is_view(v):
                         v = v.args[0]  # through views to what they view
-                    if v.op == "get_attr":
+                    if isinstance(v, fx.Node) and v.op == "get_attr":
                         return True
     return False
 

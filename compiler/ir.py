@@ -783,8 +783,9 @@ def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
             for i, a in enumerate(n.target._schema.arguments):
                 if a.alias_info is None or not a.alias_info.is_write:
                     continue
-                v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
-                while isinstance(v, fx.Node) and v not in out:
-                    out.add(v)
-                    v = v.args[0] if v.op == "call_function" and is_view(v) and v.args else None
+                given = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                for v in given if isinstance(given, (list, tuple)) else (given,):  # a foreach op writes a list
+                    while isinstance(v, fx.Node) and v not in out:
+                        out.add(v)
+                        v = v.args[0] if v.op == "call_function" and is_view(v) and v.args else None
     return out

@@ -25,7 +25,7 @@ from . import ir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "decompose,canonicalize,raise,merge-linears,gemv,layout,fuse,codegen"
+DEFAULT_PIPELINE = "decompose,canonicalize,raise,horizontal,merge-linears,gemv,layout,fuse,codegen"
 
 
 @dataclass
@@ -100,6 +100,7 @@ PASSES: dict[str, str | type[Pass]] = {
     "decompose": "fxcc.passes.decompose:Decompose",
     "canonicalize": "fxcc.passes.canonicalize:Canonicalize",
     "raise": "fxcc.passes.raising:Raise",
+    "horizontal": "fxcc.passes.horizontal:Horizontal",
     "merge-linears": "fxcc.passes.merge_linears:MergeLinears",
     "gemv": "fxcc.passes.gemv:Gemv",
     "layout": "fxcc.passes.layout:Layout",

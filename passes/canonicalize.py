@@ -61,10 +61,12 @@ class Canonicalize(Pass):
                 stats["asserts"] += 1
         stats["functionalized"] = functionalize_fresh(gm)
         stats["identity"] = _drop_identities(gm)
+        if self.cse:  # first too: equal values computed from constants (each layer's `arange`) fold into one buffer
+            stats["cse"] = _cse(gm)
         if self.fold:
             stats["folded"] = self._fold(gm)
         if self.cse:
-            stats["cse"] = _cse(gm)
+            stats["cse"] += _cse(gm)
         before = len(gm.graph.nodes)
         gm.graph.eliminate_dead_code()
         stats["dce"] = before - len(gm.graph.nodes)

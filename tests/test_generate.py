@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
 VOCAB, NEW = 100, 5
-FAST = "canonicalize,raise,fuse,codegen{backend=extern}"
+FAST = "canonicalize,raise,horizontal,fuse,codegen{backend=extern}"
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=None,
                pad_token_id=0)
