@@ -7,8 +7,10 @@ For each tiny config (random weights, CPU, fp32): compile with the default pipel
 every reference the script holds to the model and its parameters (the compiled object still holds the
 module), collect garbage and count the bytes of live tensor storage: every tensor the garbage collector
 tracks plus those the compiled module reaches (bound constants, the backends' packed copies), deduplicated
-by storage. "ratio" is live / parameter bytes: 1.0 means each weight is held once. The inputs and
-outputs of the call are dropped too; what remains is weights, constants and the kernels' scratch buffers.
+by storage. "ratio" is live / parameter bytes: 1.0 means each weight is held once. The model is called once more
+after the drop: at that call the compiled module finds itself the model's only holder and holds the weights its
+kernels read only as oneDNN's packed copies as those copies alone (fxcc.held). The inputs and outputs of the calls
+are dropped too; what remains is weights, constants and the kernels' scratch buffers.
 `--breakdown` prints those bytes by owner: the model's weights, each backend's packed copies, the graphs' constants
 and the rest (the kernels' scratch buffers).
 
@@ -193,7 +195,10 @@ def measure(make, passes: str | None = None, load: str = "model", tmp: str = "",
     graph = tp[0]["param_bytes"] / MB if tp else None
     ref = weakref.ref(next(model.parameters()))
     held = _storages(list(model.parameters()) + list(model.buffers()))  # after the compile: merged rows moved
-    del model, out, ids, kwargs
+    del model, out
+    with torch.no_grad():  # the first call after the caller let go: the compiled module may hold weights once
+        compiled(ids, **kwargs)
+    del ids, kwargs
     now = live_storages()
     live = sum(now.values()) - base
     if parts is not None:

@@ -96,6 +96,16 @@ def linear_weight(node: torch.fx.Node) -> Tensor | None:
     return val if isinstance(val, Tensor) and val.dim() == 2 else None
 
 
+STORES: list[dict] = []  # every store of derived values (`store`), for what must find all of them (fxcc.held)
+
+
+def store() -> dict:
+    """A new, registered store for `derived`: id(weight) -> (weakref to it, snapshots, key, value)."""
+    out: dict[int, tuple] = {}
+    STORES.append(out)
+    return out
+
+
 def derived(store: dict, w: Tensor, key: object, make: Callable[[], object], sources: tuple = ()) -> object:
     """A value derived from weight `w` (and the tensors in `sources`, such as a bias packed with it): a packed or
     aligned copy, made once and again only when one of them changes (the one test of fxcc.watch, which sees

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from fxcc.codegen import derived, linear_weight, readable
+from fxcc.codegen import derived, linear_weight, readable, store
 
 _F32 = torch.float32
-_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref, snapshots, key, packed) (fxcc.codegen.derived)
+_PACKED: dict[int, tuple] = store()  # id(weight) -> (weakref, snapshots, key, packed) (fxcc.codegen.derived)
 
 
 @functools.cache

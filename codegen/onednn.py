@@ -13,9 +13,9 @@ import functools
 
 import torch
 import torch.fx as fx
-from fxcc.codegen import derived, linear_weight, readable
+from fxcc.codegen import derived, linear_weight, readable, store
 
-_PACKED: dict[int, tuple] = {}  # packed weights (fxcc.codegen.derived)
+_PACKED: dict[int, tuple] = store()  # packed weights (fxcc.codegen.derived)
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -36,6 +36,14 @@ def packed(w: torch.Tensor, rows: int) -> torch.Tensor:
     """`w` reordered for GEMMs of about `rows` rows (a hint: the packed weight serves any row count), made
     once per weight (again when it changes): a weight used at several row counts (experts) is packed once."""
     return derived(_PACKED, w, None, lambda: torch.ops.mkldnn._reorder_linear_weight(readable(w.detach()), rows))
+
+
+def kept(w: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of `w` made before, where `w` has not changed since; None where there is none."""
+    hit = _PACKED.get(id(w))
+    if hit is None or hit[0]() is not w or not hit[1][0].same(w):
+        return None
+    return hit[3]
 
 
 def copy_bytes(w: torch.Tensor) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from fxcc.codegen import derived
+from fxcc.codegen import derived, store
 from fxcc.dialects import (
     ACTS,
     INT4_LAYOUTS,
@@ -81,7 +81,7 @@ def _packed(qw: Tensor, ws: Tensor, b: Tensor | None):
     return derived(_PACKED, qw, None, pack, (ws,) if b is None else (ws, b))
 
 
-_PACKED: dict[int, tuple] = {}
+_PACKED: dict[int, tuple] = store()
 
 
 def _int8_fbgemm(x, qw, ws, b, act):

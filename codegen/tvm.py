@@ -41,6 +41,7 @@ from fxcc.codegen import (
     onednn,
     patch_conv,
     reusable,
+    store,
     tvm_omp,
 )
 from fxcc.dialects import ANCHORS, REFERENCE, KernelBody, classify
@@ -512,9 +513,9 @@ def _read_alias(t: torch.Tensor, extent: int) -> torch.Tensor:
 
 
 # aligned copies of weights that arrive misaligned (mmapped checkpoints), made again only when the weight changes
-_ALIGNED: dict[int, tuple] = {}
+_ALIGNED: dict[int, tuple] = store()
 # linear weights packed in column panels for generated GEMMs (fxcc.codegen.tvm_lower), again when it changes
-_PANELS: dict[int, tuple] = {}
+_PANELS: dict[int, tuple] = store()
 
 
 def _packed(w: torch.Tensor, tn: int) -> torch.Tensor:
@@ -522,6 +523,14 @@ def _packed(w: torch.Tensor, tn: int) -> torch.Tensor:
     it changes), per call for anything else (an activation used as a weight)."""
     n, k = w.shape
     return _per_weight(_PANELS, w, tn, lambda: w.detach().reshape(n // tn, tn, k).transpose(1, 2).contiguous())
+
+
+def kept_panels(w: torch.Tensor, tn: int) -> torch.Tensor | None:
+    """The `tn`-column panels of `w` made before, where `w` has not changed since; None where there are none."""
+    hit = _PANELS.get(id(w))
+    if hit is None or hit[0]() is not w or hit[2] != tn or not hit[1][0].same(w):
+        return None
+    return hit[3]
 
 
 def hold_panels(gm: fx.GraphModule, executable: fx.GraphModule, bound: list, kernels: dict,

@@ -675,6 +675,10 @@ class ModuleState:
                     return False
         return True
 
+    def rewatch(self) -> None:
+        """The watched snapshots let go of their copies or took them again (fxcc.held): their addresses indexed anew."""
+        self._index_watched()
+
     def _index_watched(self) -> None:
         """The watched tensors' buffer addresses and storage offsets as lists, where every snapshot is
         copy-on-write and every watched tensor's layout is one `changed` compares anyway: then two C-level

@@ -19,18 +19,19 @@ class ModuleView(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
+        self._model = module  # the same, kept while a subclass takes `module` out of the dict (fxcc.runtime)
 
     def __setattr__(self, name: str, value: Any) -> None:  # a module value is not a child of the view
         object.__setattr__(self, name, value)
 
     @property
     def training(self) -> bool:  # type: ignore[override]
-        module = self.__dict__.get("module")
+        module = self.__dict__.get("_model")
         return True if module is None else module.training
 
     @training.setter
     def training(self, mode: bool) -> None:
-        module = self.__dict__.get("module")  # None while nn.Module.__init__ sets its default
+        module = self.__dict__.get("_model")  # None while nn.Module.__init__ sets its default
         if module is not None:
             module.training = mode
 

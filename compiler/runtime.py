@@ -25,6 +25,7 @@ import functools
 import inspect
 import logging
 import re
+import sys
 import threading
 import time
 import types
@@ -45,7 +46,7 @@ from fxcc.codegen import tvm as tvm_codegen
 from fxcc.codegen.executable import BuiltKernel, build_executable
 from torch.utils import _pytree as pytree
 
-from . import dynamic, eager_check, graph_cache, hooks, ir, nested_fast_path, rng
+from . import dynamic, eager_check, graph_cache, held, hooks, ir, nested_fast_path, rng
 from .capture import (
     Captured,
     CaptureError,
@@ -401,6 +402,7 @@ class _Hot:
 
 
 _any_autocast, _default_dtype = torch._C._is_any_autocast_enabled, torch.get_default_dtype
+_refcount = sys.getrefcount
 _is_compiling, _grad_enabled, _EPOCH = torch.compiler.is_compiling, torch.is_grad_enabled, hooks.EPOCH
 _set_grad_enabled = torch._C._set_grad_enabled
 
@@ -571,6 +573,8 @@ class CompiledModule(ModuleView):
     def __init__(self, module: nn.Module, options: CompileOptions, eager_call: Callable | None = None,
                  method: Callable | None = None, checkpoint: Checkpoint | None = None):
         super().__init__(module)
+        self._held: held.Held | None = None  # the weights held as their packed copies alone
+        self._hold_below = sys.maxsize  # the model's reference count under which `_hold_once` looks again
         # weights loaded by the compile (fxcc.weights): the model stays on the meta device, so there is no eager
         # model to fall back on, check the first call against or time against: what cannot compile is an error
         self.checkpoint = checkpoint
@@ -631,10 +635,15 @@ class CompiledModule(ModuleView):
     # ------------------------------------------------- behaving like the module it compiles
 
     def __getattr__(self, name: str) -> Any:
-        """Attributes come from the original module; its methods that return it return this instead."""
+        """Attributes come from the original module; its methods that return it return this instead. While weights
+        are held once (`module` out of the dict), `module` and every attribute give the model with its weights back."""
         module = self.__dict__.get("module")
+        if module is None and self.__dict__.get("_held") is not None and not name.startswith("__"):
+            module = self._whole()
         if module is None or name.startswith("__"):
             raise AttributeError(name)
+        if name == "module":
+            return module
         attr = getattr(module, name)
         if inspect.ismethod(attr) and attr.__self__ is module:
             @functools.wraps(attr)
@@ -645,7 +654,7 @@ class CompiledModule(ModuleView):
         return attr
 
     def __repr__(self) -> str:
-        return f"fxcc.CompiledModule({self.module!r})"
+        return f"fxcc.CompiledModule({self._model!r})"
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         """Copied or pickled (copy.deepcopy, pickle, torch.save): the uncompiled module and the options, as a
@@ -666,7 +675,9 @@ class CompiledModule(ModuleView):
             if torch.compiler.is_exporting():  # inside an enclosing capture: its graph takes the module's own ops
                 return self._eager(*args, **kwargs)
             return _opaque_call(self, args, kwargs)  # inside code torch.compile traces (transformers' generate)
-        module = self.module
+        if _refcount(self._model) < self._hold_below:  # fewer references to the model: the weights may be held once
+            self._hold_once()
+        module = self._model
         if _grad_enabled() and ((module.training and self._trains()) or _wants_grads(args, kwargs)):
             return self._call_for_gradients(args, kwargs)
         if self._fast_paths and (why := nested_fast_path.untaken(self._fast_paths)) is not None:
@@ -702,24 +713,24 @@ class CompiledModule(ModuleView):
                 if self._hot_misses > _HOT_MISSES:  # another signature is the common one now: taken at its next call
                     self._hot = None
         # fast path: all arguments plain tensors, positional, with a compiled variant: no pytree flatten
-        fast = None if kwargs else _fast_key(args, self.module.training)
+        fast = None if kwargs else _fast_key(args, module.training)
         variant = self._fast.get(fast) if fast is not None else None
         if type(variant) is _Eager:  # runs the model as it is now: its state is not checked (a change keeps it)
             if self._hot is None:
-                self._hot = _Hot.eager_of(variant, args, self.module.training,
+                self._hot = _Hot.eager_of(variant, args, module.training,
                                           self._eager_call if self.checkpoint is None else None)
             self.stats.eager_calls += 1
             return self._eager(*args)
         if variant is not None and (not self._params or self._params_unchanged()):
             if self._hot is None and self._params is not None:
-                self._hot = _Hot.of(variant, args, self._params, self.module.training,
+                self._hot = _Hot.of(variant, args, self._params, module.training,
                                     direct=self.options.plan is None and "_run" not in self.__dict__)
             return self._run(variant, list(args), args, kwargs)
         # keyword and KV-cache calls: the same call shape, with its state objects holding what they held
-        ckey = _call_key(args, kwargs, self.module.training) if fast is None else None
+        ckey = _call_key(args, kwargs, module.training) if fast is None else None
         call = self._calls.get(ckey) if ckey is not None else None
         if call is None and ckey is not None and self._symbolic_floats:  # a variant that takes any value of them
-            call = self._calls.get(_call_key(args, kwargs, self.module.training, floats=False))
+            call = self._calls.get(_call_key(args, kwargs, module.training, floats=False))
         if call is not None and call.holds(args, kwargs) and (not self._params or self._params_unchanged()):
             return self._run(call.variant, call.flat(args, kwargs), args, kwargs, call.places)
         # a state object not seen before (a new KV cache per generate) of a structure served before
@@ -800,7 +811,7 @@ class CompiledModule(ModuleView):
         floats = dynamic.top_ints(args, kwargs, float)
         shapes = getattr(variant, "shapes", None)
         if floats and shapes is not None and floats <= shapes.dims.keys():
-            ckey = _call_key(args, kwargs, self.module.training, floats=False)
+            ckey = _call_key(args, kwargs, self._model.training, floats=False)
             self._symbolic_floats = True
         if ckey in self._calls:
             self._call_misses[ckey] = misses = self._call_misses.get(ckey, 0) + 1
@@ -844,7 +855,7 @@ class CompiledModule(ModuleView):
 
     def _trains(self) -> bool:
         """Whether eager would record gradients: the module has a parameter that requires them."""
-        return any(p.requires_grad for p in self.module.parameters())
+        return any(p.requires_grad for p in self._model.parameters())
 
     def _check_hooks(self) -> None:
         """After a forward hook was registered or removed anywhere: if this module's hooks are not those its
@@ -852,7 +863,7 @@ class CompiledModule(ModuleView):
         self._hook_epoch = hooks.EPOCH[0]
         if self._hooks is None:
             return
-        now = hooks.fingerprint(self.module)
+        now = hooks.fingerprint(self._model)
         if now == self._hooks:
             return
         with COMPILE_LOCK:
@@ -992,7 +1003,7 @@ class CompiledModule(ModuleView):
 
     def _guard(self, args: tuple, kwargs: dict) -> tuple[list[Any], Any, Any]:
         flat, spec = flatten_inputs(args, kwargs)
-        return flat, spec, (spec, tuple(_leaf_key(x) for x in flat), self.module.training, call_context())
+        return flat, spec, (spec, tuple(_leaf_key(x) for x in flat), self._model.training, call_context())
 
     def _symbolic(self, flat: list[Any], spec: Any, key: Any) -> Variant | _Eager | None:
         """A compiled symbolic variant whose guard accepts these inputs (remembered for the next call); eager
@@ -1033,7 +1044,7 @@ class CompiledModule(ModuleView):
         """What a call must share with a variant whatever its sizes (`dynamic.structure`), the training flag and the
         caller's autocast and default dtype (`call_context`: a variant traced without an autocast has none of its
         casts)."""
-        return spec, dynamic.structure(flat, sized), self.module.training, call_context()
+        return spec, dynamic.structure(flat, sized), self._model.training, call_context()
 
     def _host_structure(self, flat: list[Any], spec: Any) -> tuple:
         """What a call must share with a DyCL host program's variant: its `_structure` with every int and float
@@ -1086,6 +1097,36 @@ class CompiledModule(ModuleView):
         finally:
             self._own_change()
 
+    def _hold_once(self) -> None:
+        """Where nothing but this compiled module reaches the model, hold the weights its kernels read only as packed
+        copies as those copies alone (fxcc.held); else look again once the model has fewer references. Not while a
+        signature runs eagerly or a decode loop's step is compiled (they read the weights)."""
+        with COMPILE_LOCK:
+            self._hold_below = 0
+            if (self._held is not None or self.checkpoint is not None or self._params is None or self._slower
+                    or self.capturing or any(type(v) is not Variant for v in (*self._variants.values(),
+                                                                            *self._fast.values()))):
+                return
+            weights = held.packed_only(self._compiled, bool(self.decode_loop.steps))
+            self._held = held.release(self, weights, self._params.watched) if weights else None
+            del weights
+            if self._held is None:
+                self._hold_below = _refcount(self._model)
+                return
+            del self.__dict__["module"]  # read through `__getattr__`, which gives the weights back first
+            self._params.rewatch()
+
+    def _whole(self) -> nn.Module:
+        """The model with the weights `_hold_once` let go back in place, as anything but the kernels reads it."""
+        with COMPILE_LOCK:
+            if self._held is not None:
+                self._held.restore()
+                self._held = None
+                object.__setattr__(self, "module", self._model)
+                self._params.rewatch()
+                self._hold_below = _refcount(self._model)  # again only when the caller lets go of it again
+        return self._model
+
     def _own_change(self) -> None:
         """fxcc changed the model's dict itself (generate's forward, installed or taken away): the module-state
         guard takes its version tags again, not counting it as the model's change (fxcc.guards.ModuleState)."""
@@ -1130,6 +1171,7 @@ class CompiledModule(ModuleView):
     def _new_variant(self, args: tuple, kwargs: dict, key: Any, flat: list[Any], spec: Any) -> Variant | _Eager:
         """Compile a variant for this call, or decide it runs eagerly; the RNG state is left as found (capture,
         example runs and timings draw from it), so the call itself draws what eager would (fxcc.rng)."""
+        self._hold_below = sys.maxsize  # the next call looks whether its weights can be held once
         kept = BufferState([self.module, self.method])
         try:
             with rng.preserved(args, kwargs), pinned(self.options.plan):
@@ -1287,7 +1329,7 @@ class CompiledModule(ModuleView):
         else:
             sized |= ints & self.dims_hint.keys() - static.keys()  # (torch.compile's backend: dynamo made them so)
             seen = [v.struct[1] for v in self._attempts if v.struct is not None and v.struct[0] == spec
-                    and v.struct[2] == self.module.training]
+                    and v.struct[2] == self._model.training]
             changes = dynamic.scalar_changes(flat, dynamic.structure(flat, sized), ints, sized, seen)
             sized |= changes.keys() - static.keys()
             text = "; ".join(f"argument `{names[i]}` changed {a} -> {b}; " + (

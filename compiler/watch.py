@@ -69,6 +69,8 @@ class Snapshot:
         layout = _layout(t)
         if self.cow and _address(t) == self.address and layout == self.layout:
             return True
+        if self.copy is None:  # let go (`let_go`) and the tensor moved since: its old bits are not here to compare
+            return False
         if self.kept:
             return self._kept_same(t, layout)
         # the storage offset may differ: a tensor moved to other memory with its values (fxcc.ir.concat_rows
@@ -126,6 +128,13 @@ class Snapshot:
             self.watch = None  # compared at every check
             return
         self.watch_address = _address(t)
+
+    def let_go(self, t: torch.Tensor) -> None:
+        """Drop the copy-on-write clone, so that freeing `t`'s memory frees it (fxcc.held: a weight held as its packed
+        copy alone). Until `take` is called again, `t` counts as unchanged while it stays where it is now and as
+        changed once it moves."""
+        self.copy, self.cow, self.kept, self.watch, self.watch_address = None, True, False, None, None
+        self.address, self.layout = _address(t), _layout(t)
 
     def watching(self) -> bool:
         """Whether a check of an unchanged tensor is one address compare (`watched_at` the address)."""
