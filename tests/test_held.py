@@ -6,7 +6,6 @@ its weights."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import weakref
 
 import fxcc
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 from fxcc.autotune import select
 from fxcc.codegen import onednn
+from test_weight_memory import live_bytes  # every live CPU tensor storage, each once
 
 pytest.importorskip("transformers")
 
@@ -47,30 +47,6 @@ def llama() -> nn.Module:
     cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=1024, max_position_embeddings=64)
     return LlamaModel(cfg).eval()
-
-
-def live_bytes() -> int:
-    """Bytes of every live CPU tensor storage the garbage collector sees, directly or one container down (the
-    packed-weight stores keep tuples), each storage once; an opaque oneDNN tensor counts its elements' bytes."""
-    gc.collect()
-    objs = gc.get_objects()
-    tensors = [o for o in objs if type(o) in (torch.Tensor, nn.Parameter)]
-    for o in objs:
-        if type(o) in (dict, list, tuple):
-            for v in (list(o.values()) if type(o) is dict else o):
-                for x in (v if type(v) is tuple else (v,)):
-                    if type(x) in (torch.Tensor, nn.Parameter):
-                        tensors.append(x)
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if t.device.type != "cpu":
-            continue
-        if t.is_mkldnn:
-            seen[-id(t)] = t.numel() * t.element_size()
-        else:
-            at = torch._C._data_address(t)
-            seen[at] = max(seen.get(at, 0), t.untyped_storage().nbytes())
-    return sum(seen.values())
 
 
 def compiled_llama() -> tuple[fxcc.CompiledModule, int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
