@@ -157,7 +157,10 @@ def release(root: object, weights: dict[int, tuple[torch.Tensor, set]], watched:
         return None
     ws = [w for w, _ in pairs]
     mine = [weights, *weights.values(), pairs, *pairs]
-    if _held_elsewhere(root, ws, mine) is not None:
+    if (why := _held_elsewhere(root, ws, mine)) is not None:
+        if why.startswith(_PLAIN):  # no garbage explains it: the caller holds the model
+            log.debug("the weights stay beside their packed copies: %s", why)
+            return None
         gc.collect()  # garbage that reaches the model (an export wrapper of an earlier compile, in a cycle) holds nothing
         if (why := _held_elsewhere(root, ws, mine)) is not None:
             log.debug("the weights stay beside their packed copies: %s", why)
@@ -196,6 +199,8 @@ def _held_elsewhere(root: object, weights: list[torch.Tensor], mine: list) -> st
     `root` (not through a function's globals, a class or a module: the interpreter's globals would count the caller's
     own references) or from this check's own containers (`weights`, those in `mine`), and every tensor over a weight's
     memory must be reachable from `root`. A reference no object shows (a frame's local, C++) counts as held elsewhere."""
+    if (why := _model_held_plainly(root._model)) is not None:  # the common case, told without walking `root`
+        return why
     reach, tensors = _reachable(root)
     targets = _targets(root._model, weights)
     # a weak reference to the model or a submodule is a way back to the weights no count shows (fxcc holds none);
@@ -215,6 +220,22 @@ def _held_elsewhere(root: object, weights: list[torch.Tensor], mine: list) -> st
         # fxcc.codegen.reusable counts them)
         if torch._C._storage_Use_Count(s._cdata) != over + 1 or sys.getrefcount(s) != 3:
             return f"something else holds the memory of a {tuple(w.shape)} weight (a view of it, its storage)"
+    return None
+
+
+_PLAIN = "plainly: "  # how `_model_held_plainly`'s reasons start
+
+
+def _model_held_plainly(model: torch.nn.Module) -> str | None:
+    """Why the model is held elsewhere, where that shows at once: a module's globals hold it (a script's `model`), or
+    more references than the objects referring to it hold (a running function's local, C++). None: look closer."""
+    holders = gc.get_referrers(model)
+    if any(type(r) is dict and "__builtins__" in r and "__name__" in r for r in holders):
+        return _PLAIN + "a module's globals hold the model"
+    shown = sum(1 for r in holders for x in gc.get_referents(r) if x is model)
+    del holders
+    if sys.getrefcount(model) - 2 > shown:  # uncounted: `model` here and getrefcount's argument
+        return _PLAIN + "a reference no object shows holds the model (a running function's local)"
     return None
 
 
