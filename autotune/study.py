@@ -77,6 +77,8 @@ def open_storage(storage: str | None = None) -> Any:
             # SQLite: wait for a lock held by another process instead of failing at once
             kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
             opened = _rdb_storage(optuna, storage, kwargs)
+            if storage.startswith("sqlite"):
+                _serialize_sqlite(opened.engine)
     except Exception as e:
         raise ValueError(f"fxcc: cannot open tuning storage {redact(storage)}: {type(e).__name__}: {e}") from e
     _storages[storage] = opened
@@ -94,6 +96,28 @@ def _rdb_storage(optuna: Any, url: str, kwargs: dict | None) -> Any:
             if attempt == 5 or not any(m in str(e) for m in ("already exists", "UNIQUE constraint failed")):
                 raise
             time.sleep(0.2 * attempt)
+
+
+def _serialize_sqlite(engine: Any) -> None:
+    """Make each SQLite transaction take the database's write lock at its start (BEGIN IMMEDIATE).
+
+    Optuna claims a queued trial by reading that it is WAITING and then writing RUNNING, in one transaction that
+    asks for a row lock; SQLite has none, and its driver runs the read outside any transaction. Two workers then
+    both claim the same queued trial (the search's baseline, enqueued for every worker), and the second to finish
+    it fails ("Cannot tell a COMPLETE trial"). With the lock taken first, the read and the write are one step;
+    a worker waits for another's transaction (the 60 s busy timeout) instead.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver's own BEGIN (deferred, before writes only) is off
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made while the storage was set up predate the hooks
 
 
 def redact(url: str) -> str:

@@ -276,6 +276,39 @@ def test_two_workers_on_one_storage_finish_one_study_without_lost_trials(searche
         assert read_plan(tmp_path / f"plan{i}.json").search["trials_in_study"] >= 2
 
 
+_CLAIMER = """
+import os, sys, time
+import optuna
+from fxcc.autotune.study import open_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="q", storage=open_storage(sys.argv[1]))
+while not os.path.exists(sys.argv[2]):  # all workers start claiming at once
+    time.sleep(0.005)
+study.optimize(lambda t: t.suggest_float("x", 0, 100), n_trials=10)
+"""
+
+
+def test_workers_on_one_sqlite_storage_never_claim_the_same_queued_trial(tmp_path):
+    # SQLite has no row locks: without fxcc's BEGIN IMMEDIATE, two workers both claim one queued trial and the
+    # second to finish it fails ("Cannot tell a COMPLETE trial"); this failed 3 runs in 3 without it
+    from fxcc.autotune.study import open_storage
+
+    url, go = f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "go"
+    study = optuna.create_study(study_name="q", storage=open_storage(url))
+    for k in range(40):
+        study.enqueue_trial({"x": float(k)})
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, url, str(go)], env=_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    time.sleep(1.0)
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    trials = optuna.load_study(study_name="q", storage=open_storage(url)).trials
+    assert len(trials) == 40 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["x"] for t in trials) == [float(k) for k in range(40)]  # each queued point ran once
+
+
 # ---------------------------------------------------------------------------------------- pieces
 
 
