@@ -680,6 +680,8 @@ class Emitter:
             expr = f"tl.load({ptr})"
         else:
             m = f", mask={self.mask}, other=0" if self.mask else ""
+            if m and self.zero is not None and all(e.lstrip("-").isdigit() for e, s in zip(idx, shape) if s != 1):
+                offset = f"{self.zero} + {offset}"  # one element at every lane: a tile of pointers, as its mask is
             expr = f"tl.load({ptr} + {offset}{m})"
         dtype = dtype_of(node)
         if compute_dtype(dtype) != dtype:

@@ -134,3 +134,30 @@ def test_kernel_timing_inputs_of_a_complex_placeholder():
     g.output(p)
     (x,) = example_inputs(types.SimpleNamespace(body=fx.GraphModule(torch.nn.Module(), g)), "cpu")
     assert x.dtype == torch.complex64 and x.shape == (2, 3) and bool((x != 0).all())
+
+
+def test_a_kernel_reading_one_fixed_element_of_a_stacked_row_compiles_on_triton(monkeypatch):
+    # horizontal stacks two layers' `arange(1) + counter` into one op; the kernel reads row 1 of the stack at
+    # every lane: a single address under the tile's mask, which Triton refuses unless the address is a tile too
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton's interpreter mode is fixed at its first import (tests/conftest.py sets it)")
+        monkeypatch.setenv("FXCC_TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def counters(a, c0, c1):
+        r = torch.arange(1, device=a.device)
+        return a + (r + c0), a * (r + c1)
+
+    cm = fxcc.compile(counters, passes="canonicalize,raise,horizontal,fuse,codegen{backend=triton,reps=1}",
+                      options=fxcc.CompileOptions(graph_cache=False))
+    a, c0, c1 = (torch.tensor([v], device=dev) for v in (3, 4, 5))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = cm(a, c0, c1)
+    assert not [w for w in seen if "triton failed" in str(w.message)], [str(w.message) for w in seen]
+    for got, want in zip(out, counters(a, c0, c1)):
+        assert torch.equal(got, want)
+    state = cm.fxcc if hasattr(cm, "fxcc") else cm
+    assert "triton" in {k.choice.backend for k in state.variants[0].kernels.values() if k.choice}
