@@ -16,9 +16,11 @@ and the rest (the kernels' scratch buffers).
 
 The tp rows compile Llama with `tp-shard{tp=2}` in two processes (gloo) and report each rank's live bytes
 against the whole model's parameter bytes (the goal is about 0.5 per rank). "graph MB" is what tp-shard left in
-that rank's graph (replicated norms and embeddings, half of every projection); live MB is higher while the
-compiled module holds the uncompiled model (its parameters, state_dict and eager fallback are the original's).
-`--passes` applies to the tp rows too (tp-shard inserted after raise).
+that rank's graph (replicated norms and embeddings, half of every projection). Once the compiled module is the
+model's only holder (the call after the drop), a rank lets go of the whole projections its graph holds only shards
+of: their bytes go to an unnamed file under the artifact cache's directory and come back from there, bit for bit,
+when state_dict, an attribute or the eager fallback reads the model (fxcc.held). `--passes` applies to the tp rows
+too (tp-shard inserted after raise); `--breakdown` prints each rank's live MB by owner as well.
 
 `--load state_dict` / `safetensors` build the model on the meta device and compile it with
 `fxcc.compile(model, state_dict=...)` (the dict dropped after the compile, the file written first): the graph
@@ -209,14 +211,15 @@ def measure(make, passes: str | None = None, load: str = "model", tmp: str = "",
     return params / MB, live / MB, graph
 
 
-def _tp_worker(rank: int, port: int, q, passes: str | None, load: str, tmp: str) -> None:
+def _tp_worker(rank: int, port: int, q, passes: str | None, load: str, tmp: str, by_owner: bool) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        q.put((rank, measure(llama, _tp_pipeline(passes), load, tmp)))
+        parts = [] if by_owner else None
+        q.put((rank, (measure(llama, _tp_pipeline(passes), load, tmp, parts), parts)))
     except Exception as e:  # reported by the parent
         q.put((rank, repr(e)))
     finally:
@@ -231,18 +234,20 @@ def _tp_pipeline(passes: str | None) -> str:
     return ",".join(steps[:at] + ["tp-shard{tp=2}"] + steps[at:])
 
 
-def tp_rows(passes: str | None, load: str, tmp: str) -> list[tuple]:
+def tp_rows(passes: str | None, load: str, tmp: str, breakdown: bool = False) -> list[tuple]:
+    """(row name, (param MB, live MB, graph MB) or the error, live MB by owner or None) for each rank."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_tp_worker, args=(r, port, q, passes, load, tmp)) for r in range(2)]
+    procs = [ctx.Process(target=_tp_worker, args=(r, port, q, passes, load, tmp, breakdown)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(q.get(timeout=900) for _ in procs)
     for p in procs:
         p.join()
-    return [(f"llama tp=2 rank {r} {load}", got[r]) for r in sorted(got)]
+    return [(f"llama tp=2 rank {r} {load}", *(got[r] if isinstance(got[r], tuple) else (got[r], None)))
+            for r in sorted(got)]
 
 
 def main() -> None:
@@ -252,8 +257,8 @@ def main() -> None:
     ap.add_argument("--no-tp", action="store_true", help="skip the tp-shard{tp=2} rows (two processes)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--breakdown", action="store_true",
-                    help="also print each single-process row's live MB by owner: the model's weights, each "
-                         "backend's packed copies, the graphs' constants, the rest (kernels' scratch buffers)")
+                    help="also print each row's live MB by owner: the model's weights, each backend's packed "
+                         "copies, the graphs' constants, the rest (kernels' scratch buffers)")
     ap.add_argument("--load", nargs="+", default=["model", "safetensors"], choices=["model", "state_dict", "safetensors"],
                     help="how the weights reach the compile: the model itself, or a meta-device model plus "
                          "state_dict=<dict> or <.safetensors file> (fxcc.compile(..., state_dict=...))")
@@ -270,7 +275,10 @@ def main() -> None:
                     details.append((f"{name} {load}", parts))
         if not args.no_tp:
             for load in args.load:
-                rows += tp_rows(args.passes, load, tmp)
+                for name, r, parts in tp_rows(args.passes, load, tmp, args.breakdown):
+                    rows.append((name, r))
+                    if parts:
+                        details.append((name, parts))
     print(f"torch {torch.__version__}, CPU fp32, pipeline {args.passes or 'default'}")
     print(f"{'model, weights from':<30} {'param MB':>9} {'live MB':>9} {'ratio':>6} {'graph MB':>9}")
     for name, r in rows:

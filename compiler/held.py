@@ -10,6 +10,11 @@ on reading the packed copy. Whatever reads the model through the compiled module
 oneDNN's reorder back to the plain layout or the panels transposed back, which move each element and compute
 nothing, so they are the original bits (checked before a weight is let go). Restored, they stay until the model's
 references drop again (or a new variant compiles).
+
+Under tp-shard a rank's graph holds only its shards of the projections, and the whole weights they were sliced from
+are read by nothing but what reads the model. Those are let go too, their bytes kept in a file on disk (`_Spill`):
+no memory of one rank makes the whole weight again, and the eager fallback, which every rank runs on its own, needs
+the whole model.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import sys
+import tempfile
 import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 import torch
 import torch.fx as fx
@@ -29,7 +37,7 @@ from fxcc import codegen
 from fxcc.autotune.select import copies
 from fxcc.codegen import onednn
 from fxcc.dialects import KERNEL_OPS
-from fxcc.ir import fetch_attr
+from fxcc.ir import fetch_attr, sources_of
 from fxcc.watch import Snapshot, same_bits
 
 log = logging.getLogger(__name__)
@@ -55,7 +63,8 @@ class Held:
             w.untyped_storage()._swap_data_ptr_(make().untyped_storage())
         for s, t in self.snapshots:
             s.take(t)
-        log.info("%d weights (%.1f MB) held again beside their packed copies", len(self.weights), self.nbytes / 2**20)
+        log.info("%d weights (%.1f MB) held again (from their packed copies, or read back from disk)", len(self.weights),
+                 self.nbytes / 2**20)
         self.weights, self.snapshots = [], []
 
 
@@ -88,8 +97,96 @@ def packed_only(variants: list, decode_steps: bool) -> dict[int, tuple[torch.Ten
 
 def _whole(w: torch.Tensor) -> bool:
     """A weight that is all of its storage: the packed copy gives back every byte there."""
-    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 2
-            and w.is_contiguous() and w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.nbytes)
+    return w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 2 and _all_of_storage(w)
+
+
+def _all_of_storage(w: torch.Tensor) -> bool:
+    return (w.device.type == "cpu" and not w.is_mkldnn and w.is_contiguous() and w.storage_offset() == 0
+            and w.untyped_storage().nbytes() == w.nbytes)
+
+
+def sharded_away(variants: list, model: torch.nn.Module, decode_steps: bool) -> list[torch.Tensor]:
+    """The model's parameters that tp-shard replaced by this rank's shards in every variant's graph: sources of a
+    graph constant (`fxcc.ir.computed_from`) whose memory no graph reads, each one all of its storage, on the CPU.
+    Empty where a variant did not run tp-shard or is not a plain compiled graph, or a compiled decode step reads the
+    model too."""
+    if decode_steps or not variants:
+        return []
+    read, sources = set(), set()
+    for v in variants:
+        if (v.executable is None or v.cuda_graph is not None or not isinstance(v.gm, fx.GraphModule)
+                or not any(r.spec.startswith("tp-shard") for r in v.records)):
+            return []
+        for node in v.gm.graph.nodes:
+            if node.op == "get_attr" and isinstance(t := fetch_attr(v.gm, node.target), torch.Tensor):
+                read.add(_address(t))
+                sources.update(id(r()) for r in sources_of(t) or () if r() is not None)
+        read.update(_address(t) for t in v.bound if isinstance(t, torch.Tensor) and not t.is_mkldnn)
+    return [p for p in model.parameters() if id(p) in sources and _address(p) not in read and _all_of_storage(p)]
+
+
+class _Spill:
+    """Weights' bytes in an unnamed file (gone when the last weight that needs it is restored, or the process ends)
+    under the artifact cache's directory, read back bit for bit when the model is read again. Under tp-shard a rank's
+    graph holds only its shard of a projection: the whole weight, which state_dict, attributes and the eager fallback
+    read, can come back from no memory of this rank (and gathering it from the others would be a collective that
+    every rank must join at once), so it comes back from disk. Not on a file system in memory (tmpfs), where the
+    bytes would stay in memory."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file = file
+
+    @classmethod
+    def of(cls, weights: list[torch.Tensor], directory: str) -> list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]:
+        """(weight, what reads its values back) for each of `weights` written to a new file under `directory`; none
+        where the directory is in memory or cannot take them (the weights then stay)."""
+        if (why := _in_memory(directory)) is not None:
+            log.info("%d sharded-away weights stay: %s", len(weights), why)
+            return []
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            spill = cls(tempfile.TemporaryFile(dir=directory, prefix="held-"))
+            out = [(w, spill._write(w)) for w in weights]
+            spill.file.flush()
+        except OSError as e:
+            log.warning("the sharded-away weights stay in memory: writing them under %s failed (%s)", directory, e)
+            return []
+        log.info("%d sharded-away weights (%.1f MB) written under %s", len(out), sum(w.nbytes for w in weights) / 2**20,
+                 directory)
+        return out
+
+    def _write(self, w: torch.Tensor) -> Callable[[], torch.Tensor]:
+        at = self.file.seek(0, os.SEEK_END)
+        self.file.write(_bytes(w))
+        return functools.partial(self._read, at, tuple(w.shape), w.dtype)
+
+    def _read(self, at: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        self.file.seek(at)
+        if self.file.readinto(_bytes(out)) != out.nbytes:
+            raise OSError(f"fxcc: the held weight file {self.file.name} ended early: a {tuple(shape)} weight cannot come "
+                          "back")
+        return out
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous CPU tensor `t`, in place."""
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _in_memory(directory: str) -> str | None:
+    """Why `directory` keeps its files in memory (a tmpfs or ramfs mount) or cannot be told; None: on a disk."""
+    path = os.path.realpath(directory)
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f]
+    except OSError:
+        return "no /proc/mounts tells whether the artifact cache's directory is on a disk"
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    if best is None or best[1] in ("tmpfs", "ramfs"):
+        return f"{directory} is on {best[1] if best else 'no known mount'}, in memory; set FXCC_CACHE_DIR to a disk"
+    return None
 
 
 def _reads(v, node: fx.Node) -> set | None:
@@ -148,15 +245,18 @@ def _from_panels(panels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return panels.transpose(1, 2).reshape(shape).contiguous()
 
 
-def release(root: object, weights: dict[int, tuple[torch.Tensor, set]], watched: list) -> Held | None:
-    """Hold `weights` (`packed_only`) as their packed copies alone where nothing but `root` (the compiled module; its
-    `_model` the model) reaches the model, its submodules, parameters and buffers, those weights or their memory; None
-    (nothing let go) otherwise. `watched`: the (tensor, snapshot) pairs of the runtime's guards."""
+def release(root: object, weights: dict[int, tuple[torch.Tensor, set]], watched: list,
+            sharded: list[torch.Tensor] = (), spill_dir: str | None = None) -> Held | None:
+    """Hold `weights` (`packed_only`) as their packed copies alone, and `sharded` (`sharded_away`) as their bytes in a
+    file under `spill_dir` (`_Spill`), where nothing but `root` (the compiled module; its `_model` the model) reaches
+    the model, its submodules, parameters and buffers, those weights or their memory; None (nothing let go)
+    otherwise. `watched`: the (tensor, snapshot) pairs of the runtime's guards."""
     pairs = [(w, make) for w, reads in weights.values() if (make := _dense(w, reads)) is not None]
-    if not pairs:
+    spill = list(sharded) if spill_dir is not None else []
+    if not pairs and not spill:
         return None
-    ws = [w for w, _ in pairs]
-    mine = [weights, *weights.values(), pairs, *pairs]
+    ws = [w for w, _ in pairs] + spill
+    mine = [weights, *weights.values(), pairs, *pairs, sharded, spill]
     if (why := _held_elsewhere(root, ws, mine)) is not None:
         if why.startswith(_PLAIN):  # no garbage explains it: the caller holds the model
             log.debug("the weights stay beside their packed copies: %s", why)
@@ -167,6 +267,9 @@ def release(root: object, weights: dict[int, tuple[torch.Tensor, set]], watched:
             return None
     del mine
     del ws
+    if spill:  # written only now: while the caller holds the model, nothing is written
+        pairs += _Spill.of(spill, spill_dir)
+    del spill
     held = Held([(w, make) for w, make in pairs if same_bits(make(), w)])  # else that weight stays
     cdata = {w.untyped_storage()._cdata for w, _ in held.weights}
     over = [(s, t) for t, s in _snapshots(watched) if t.untyped_storage()._cdata in cdata]
@@ -179,7 +282,8 @@ def release(root: object, weights: dict[int, tuple[torch.Tensor, set]], watched:
     held.snapshots = over
     if not held.weights:
         return None
-    log.info("%d weights (%.1f MB) held as their packed copies alone", len(held.weights), held.nbytes / 2**20)
+    log.info("%d weights (%.1f MB) let go: held as their packed copies or shards alone", len(held.weights),
+             held.nbytes / 2**20)
     return held
 
 

@@ -67,7 +67,7 @@ from .guards import Churn, ModuleState, call_context, graph_sources, mark_code_c
 from .logs import topic_logger
 from .measure import pinned, pinned_by
 from .module_view import ModuleView
-from .options import CompileOptions
+from .options import CompileOptions, settings
 from .pipeline import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, parse_pipeline
 from .quality import fit_quality_budget
 from .state import Unchanged, holds_size, is_state, unflatten
@@ -1108,8 +1108,10 @@ class CompiledModule(ModuleView):
                                                                             *self._fast.values()))):
                 return
             weights = held.packed_only(self._compiled, bool(self.decode_loop.steps))
-            self._held = held.release(self, weights, self._params.watched) if weights else None
-            del weights
+            sharded = held.sharded_away(self._compiled, self._model, bool(self.decode_loop.steps))
+            self._held = held.release(self, weights, self._params.watched, sharded, settings().cache_dir) \
+                if weights or sharded else None
+            del weights, sharded
             if self._held is None:
                 self._hold_below = _refcount(self._model)
                 return

@@ -534,8 +534,11 @@ class _Sharder:
             raise ShardError(f"tp-shard{{tp={self.tp}}}: {_where(node)} splits into {shape_out[j]} heads (dim {j} "
                              f"of {shape_out}), which tp={self.tp} does not divide; choose a tp that divides the "
                              "number of attention heads and of key/value heads")
-        shape_out[j] //= self.tp
-        p.args[node] = (src, shape_out, *node.args[2:])
+        # the node's own sizes, where a symbolic one is a node (sym_size) the graph computes: the value's shape holds a
+        # symbol no code defines
+        sizes = list(node.args[1]) if len(node.args[1]) == len(shape_out) else shape_out
+        sizes[j] = shape_out[j] // self.tp
+        p.args[node] = (src, sizes, *node.args[2:])
         p.split[node] = j
 
     def split(self, node: fx.Node, p: _Plan) -> None:
