@@ -593,6 +593,38 @@ def test_a_sliding_window_cache_compiles_prefill_and_decode_once_for_any_prompt_
     assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0, cm.stats.reasons
 
 
+def test_a_static_sliding_window_generate_compiles_prefill_and_decode_once_for_any_prompt_length():
+    """Issue 19: transformers' StaticSlidingWindowLayer branches in Python on its counter `cumulative_length_int` (a
+    cache that fills, becomes full or is full) in its update and its mask sizes; export guarded each branch: the first
+    static-cache generate compiled its decode step once while the window filled and once when full (3 compiles), and a
+    prompt longer than the window its prefill again. Captured without branching (fxcc.sliding_window), one prefill and
+    one decode step serve every prompt length, with eager's tokens and no eager call."""
+    model, cm = build(gemma2), fxcc.compile(build(gemma2), passes=FAST)
+    kw = dict(max_new_tokens=10, do_sample=False, cache_implementation="static")  # 10 tokens pass the window of 8
+    counts = []
+    for length in (7, 5, 9):  # as long as the window less one, shorter, longer
+        before = cm.stats.compiles + sum(s.stats.compiles for s in cm.decode_loop.steps.values())
+        with torch.no_grad():
+            assert torch.equal(cm.generate(prompt(length), **kw), model.generate(prompt(length), **kw))
+        counts.append(cm.stats.compiles + sum(s.stats.compiles for s in cm.decode_loop.steps.values()) - before)
+    assert counts == [2, 0, 0] and cm.stats.eager_calls == 0, cm.stats.reasons
+
+
+def test_a_static_sliding_window_cache_ends_in_eagers_state():
+    """The branch-free StaticSlidingWindowLayer leaves eager's keys and values in the caller's cache, and both of
+    eager's counters (the int, and the tensor eager advances only while the window fills), for prompts on both sides
+    of the window: one prefill and one decode step."""
+    model, cm = build(gemma2), fxcc.compile(build(gemma2), passes=FAST)
+    for length in (7, 9):
+        eager_cache, cache = make_cache("static", model), make_cache("static", model)  # 32 long: the window slides
+        assert greedy(cm, prompt(length), cache, steps=10) == greedy(model, prompt(length), eager_cache, steps=10)
+        assert_same_cache(cache, eager_cache)
+        for a, b in zip(cache.layers, eager_cache.layers):
+            assert int(a.cumulative_length) == int(b.cumulative_length)
+            assert getattr(a, "cumulative_length_int", None) == getattr(b, "cumulative_length_int", None)
+    assert cm.stats.compiles == 2 and cm.stats.eager_calls == 0, cm.stats.reasons
+
+
 def mistral_window8():  # a DynamicCache gives every layer of it a sliding window (Mistral's default is 4096)
     return transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER, sliding_window=8))
 
