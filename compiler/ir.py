@@ -789,3 +789,34 @@ def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
                         out.add(v)
                         v = v.args[0] if v.op == "call_function" and is_view(v) and v.args else None
     return out
+
+
+def written_sharing(flat: list[Any], written: tuple[int, ...]) -> tuple[int, int] | None:
+    """(i, j) where flat input i, which a graph writes in place, shares memory with tensor input j (the same tensor
+    passed twice, overlapping views of one); None where each written input's memory is its own. The passes take
+    distinct graph inputs as distinct memory (CSE merges two reads of one input around a write of another; the
+    horizontal pass moves a write past reads of other inputs), so a call where they are not runs eagerly. Views of
+    one storage whose spans do not meet (a cache per layer sliced from one tensor) are distinct."""
+    # the address of each tensor's storage (another number for anything else): most calls have no two alike
+    at = [x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) else -1 - j for j, x in enumerate(flat)]
+    if len(set(at)) == len(at):
+        return None
+    mine = set(written)
+    for a in {at[i] for i in written}:
+        # the spans (first byte, byte after the last, input) over this storage, in order: a run of spans that meet
+        # holding a written input and another is the answer
+        spans = sorted((flat[j].data_ptr(), flat[j].data_ptr() + extent(flat[j].shape, flat[j].stride())
+                        * flat[j].element_size(), j) for j, b in enumerate(at) if b == a)
+        run, end = [], 0
+        for lo, hi, j in spans:
+            if hi == lo:  # no elements: no memory
+                continue
+            if run and lo >= end:
+                run = []
+            run.append((lo, hi, j))
+            end = max(end, hi)
+            if len(run) > 1 and (j in mine or mine.intersection(k for _, _, k in run)):
+                i = j if j in mine else next(k for _, _, k in run if k in mine)
+                a_lo, a_hi = next((lo_, hi_) for lo_, hi_, k in run if k == i)
+                return i, next(k for lo_, hi_, k in run if k != i and lo_ < a_hi and a_lo < hi_)
+    return None

@@ -120,6 +120,8 @@ class Variant:
     unchecked: str | None = None  # under check_eager="always", why its calls cannot be checked
     # "leaf" / "tuple": its result is its one output / a flat tuple of them; "size": it holds a torch.Size; "": else
     plain_out: str | None = None
+    # the flat inputs its graph writes in place: a call where one shares memory with another input runs eagerly
+    written_inputs: tuple[int, ...] = ()
 
     def check_applies(self, exact: bool) -> str | None:
         """Why a call cannot be compared with eager (fxcc.eager_check.applies); None when it can."""
@@ -383,10 +385,12 @@ class _Hot:
         if guard is None:
             return None
         hot = _Hot(guard, len(args), state, training, variant)
-        # a variant whose run is its executable alone: no CUDA graph, nothing written back or into the module's
-        # state, a graph (not a DyCL program), its result one tensor or a flat tuple
+        # a variant whose run is its executable alone: no CUDA graph, nothing written back, into the module's
+        # state or into an input (`_run` checks that it shares no memory with another), a graph (not a DyCL program),
+        # its result one tensor or a flat tuple
         if (direct and type(variant) is Variant and variant.cuda_graph is None and not variant.writes_state
-                and not variant.writes_back and variant.executable is not None and variant.plain() in ("leaf", "tuple")):
+                and not variant.writes_back and not variant.written_inputs and variant.executable is not None
+                and variant.plain() in ("leaf", "tuple")):
             hot.direct, hot.bound, hot.leaf = variant.executable.forward, tuple(variant.bound), variant.plain() == "leaf"
         return hot
 
@@ -922,6 +926,8 @@ class CompiledModule(ModuleView):
         return self._eager(*args, **kwargs)
 
     def _run(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict, places: list | None = None) -> Any:
+        if variant.written_inputs and (pair := ir.written_sharing(flat, variant.written_inputs)) is not None:
+            return self._sharing_call(pair, args, kwargs)
         if self.options.plan is None:
             out = variant.run(flat, args, kwargs, places) if variant.writes_back else variant.run(flat)
         else:  # a plan pins what a first run would time (a CUDA graph's worth, a Triton GEMM's config)
@@ -933,6 +939,21 @@ class CompiledModule(ModuleView):
         elif variant.gm is None and getattr(variant, "program", None) is not None and self._params is not None:
             self._params.accept_attribute_writes()  # a DyCL host program's own attribute stores
         return out
+
+    def _sharing_call(self, pair: tuple[int, int], args: tuple, kwargs: dict) -> Any:
+        """A call where an input the compiled graph writes in place shares memory with another input
+        (fxcc.ir.written_sharing) runs eagerly, with one warning, or an error under fullgraph=True."""
+        i, j = pair
+        why = (f"{self.name}: inputs {i} and {j} of this call (flattened) share memory, and the compiled graph writes "
+               f"input {i} in place; compiled code takes its inputs as distinct memory, so such a call runs eagerly")
+        advice = "Pass tensors that do not share memory (a .clone() of one) to run it compiled."
+        if self.options.fullgraph:
+            raise FullGraphError(f"fxcc: {why}; fullgraph=True makes this an error. {advice}")
+        if not self.__dict__.get("_warned_sharing"):
+            self.__dict__["_warned_sharing"] = True
+            warnings.warn(f"fxcc: {why}. {advice}", stacklevel=4)
+        self.stats.eager_calls += 1
+        return self._eager(*args, **kwargs)
 
     def _run_checked(self, variant: Variant, flat: list[Any], args: tuple, kwargs: dict,
                      places: list | None = None) -> Any:
@@ -1599,17 +1620,20 @@ class CompiledModule(ModuleView):
         graphs = why_not is None
         if why_not not in (None, "off"):
             log.info("%s runs without a CUDA graph: %s", self.name, why_not)
+        places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        writes = ir.written_in_place(gm)
+        written_inputs = tuple(i for i, p in enumerate(places) if p in writes)
         if graphs:
             inplace = in_place_inputs(gm, args, kwargs)
             keep = frozenset(j for j, _ in cap.aliasing.leaves)
             graph = "pending" if not dims and not inplace and not keep else \
                 CudaGraphs(lambda *a, ex=executable, b=bound: ex(*a, *b), self.name, inplace, keep)
-        written = [ir.fetch_attr(gm, n.target) for n in ir.written_in_place(gm) if n.op == "get_attr"]
+        written = [ir.fetch_attr(gm, n.target) for n in writes if n.op == "get_attr"]
         self._snapshot_params(graph_sources(gm, self.module, cap.globals), live=bound if graphs else (),
                               missing=cap.missing, globals_read=cap.globals, written=written)
         return Variant(cap, gm, executable, pm.records, seconds, bound, graph, self.name, quality_loss=loss,
                        kernels=kernels, writes_state=bool(written), written=written, graph_key=key,
-                       no_graph=why_not if why_not != "off" else None)
+                       no_graph=why_not if why_not != "off" else None, written_inputs=written_inputs)
 
     def _stand_ins(self, args: tuple, kwargs: dict) -> Any:
         """Capture of a model whose weights a checkpoint holds sees stand-ins of them (fxcc.weights)."""

@@ -589,6 +589,49 @@ program("deprecated_kwarg_module", ctx="no_grad")(_factor_inputs)(DeprecatedKwar
 program("deprecated_kwarg_assigned", ctx="no_grad")(_factor_inputs)(DeprecatedKwargAssigned)
 
 
+
+# ------------------------------------------------------------------------------------------------ state passed in
+
+def _per_layer_state(n, g):
+    """A float input, 4 int64 counters and 3 running means, each layer's own tensor, passed as arguments."""
+    counters = [torch.tensor(3 * k) for k in range(4)]
+    means = [_r(g, n) for _ in range(3)]
+    return (_r(g, n), counters, means), {}
+
+
+@fn("per_layer_state_args", _per_layer_state)
+def per_layer_state_args(x, counters, means):
+    """Bookkeeping repeated per layer on arguments (a static cache's counters, running means): each counter read where
+    it is advanced by the same number, each mean decayed by one factor, one mean read between the updates."""
+    out = []
+    for c in counters:
+        out.append(torch.arange(2) + c)
+        c.add_(1)
+    seen = means[1] * 1
+    for m in means:
+        m.mul_(0.9).add_(x)
+    for c in counters[:2]:
+        c.sub_(2)
+    return torch.stack(out), seen, sum(means)
+
+
+def _one_tensor_twice(n, g):
+    t = _r(g, 3, n)
+    return (t, t), {}
+
+
+@fn("one_tensor_twice_written", _one_tensor_twice)
+def one_tensor_twice_written(a, b):
+    """One tensor passed as both arguments, written through each: eager's reads see every write before them (fxcc's
+    passes take distinct inputs as distinct memory, so such a call runs eagerly, with a warning)."""
+    a.add_(1)
+    y = b * 1
+    b.add_(1)
+    z = b * 3
+    a.mul_(2)
+    return y + z, a
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 MODES = ("static", "dynamic")

@@ -232,3 +232,46 @@ def test_weights_are_not_written_to_a_file_system_in_memory():
     assert "in memory" in held._in_memory(shm)
     w = torch.ones(4, 4)
     assert held._Spill.of([w], shm) == []
+
+
+class Tied(nn.Module):
+    """Three linears, the last one's weight the first one's (tied weights read by two kernels)."""
+
+    def __init__(self, d: int = 96):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.c.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "to_float64", "tied_in_place"])
+def test_a_model_changed_through_the_compiled_module_after_its_weights_are_held(packed, change):
+    """Held once, then new weights loaded, the model moved to float64 or a tied weight written through one of its
+    names: the calls follow the change as eager does, and the tie stays."""
+    torch.manual_seed(0)
+    model = Tied().eval()
+    reference = Tied().eval()
+    reference.load_state_dict(model.state_dict())
+    compiled = fxcc.compile(model, options=OPTS)
+    del model
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        compiled(x)
+        compiled(x)
+        assert compiled._held is not None, "no weight was held once"
+        if change == "load_state_dict":
+            torch.manual_seed(1)
+            reference.load_state_dict(Tied().state_dict())
+            compiled.load_state_dict(reference.state_dict())
+        elif change == "to_float64":
+            compiled.to(torch.float64)
+            reference.to(torch.float64)
+            x = x.double()
+        else:
+            compiled.c.weight.mul_(0.5)
+            reference.c.weight.mul_(0.5)
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-4)
+    assert compiled.c.weight is compiled.a.weight

@@ -15,11 +15,12 @@ from user_programs import GOOD, run, table
 
 # quick to compile cold: an embedding renormalising its weight in place, FFTs and complex rotary, order
 # statistics, bucketing, keyword-only and *args, out= arguments, einsum diagonals, slice writes into inputs,
-# stable sorts, scatter/gather, cdist/cov, weighted embedding bags, an empty batch, dtypes changing between calls
+# stable sorts, scatter/gather, cdist/cov, weighted embedding bags, an empty batch, dtypes changing between calls, one
+# tensor passed as two written arguments
 SUBSET = ["embedding_max_norm", "fft_roundtrip", "complex_rotary", "order_statistics", "bucketize_search_hist",
           "kwonly_defaults_varargs", "out_arguments", "einsum_diag_ellipsis", "slice_assign_inputs",
           "sort_stable_ties", "scatter_gather_index_put", "cdist_cov", "embedding_bag_weighted", "zero_size_batch",
-          "dtype_changes"]
+          "dtype_changes", "one_tensor_twice_written"]
 
 
 @pytest.mark.parametrize("name", SUBSET)

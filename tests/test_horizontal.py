@@ -169,3 +169,41 @@ def test_a_static_cache_decode_step_has_three_int64_adds_not_two_per_layer(horiz
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
     step = next(iter(cm.decode_loop.steps.values()))
     assert int64_adds(step.variants[-1].gm) == (3 if horizontal else 2 * 4 + 3)
+
+
+def _write_then_read(a, b):
+    """Eager adds 1 to `a` before it reads `b`: where the two are one tensor, `y` sees the update."""
+    a.add_(1)
+    y = b * 1
+    b.add_(1)
+    return y
+
+
+def _read_write_read(a, b):
+    """Two reads of `b` around a write of `a`: where the two are one tensor, the reads differ (CSE merges them)."""
+    y = b * 3
+    a.add_(1)
+    z = b * 3
+    return y + z
+
+
+@pytest.mark.parametrize("fn", [_write_then_read, _read_write_read])
+@pytest.mark.parametrize("shared", ["same", "overlapping"])
+def test_a_call_whose_written_input_shares_memory_with_another_runs_eagerly(fn, shared):
+    """The passes take distinct inputs as distinct memory (the horizontal pass moves `a.add_(1)` past the read of `b`,
+    CSE merges the two reads of `b`): a call passing one tensor twice, or two views that overlap, runs eagerly with
+    a warning, the result and the tensor as eager's; distinct tensors and views that do not meet run compiled."""
+    cm = fxcc.compile(fn, options=fxcc.CompileOptions(check_eager=False, time_vs_eager=False))
+    cm(torch.arange(3.0), torch.arange(3.0) + 10)
+    x, xe = torch.arange(5.0), torch.arange(5.0)
+    if shared == "same":
+        a, b, ae, be = x[:3], x[:3], xe[:3], xe[:3]
+    else:
+        a, b, ae, be = x[:3], x[1:4], xe[:3], xe[1:4]
+    with pytest.warns(UserWarning, match="share memory"):
+        got = cm(a, b)
+    assert torch.equal(got, fn(ae, be)) and torch.equal(x, xe)
+    x, xe = torch.arange(6.0), torch.arange(6.0)
+    got = cm(x[:3], x[3:])
+    assert torch.equal(got, fn(xe[:3], xe[3:])) and torch.equal(x, xe)
+    assert cm.fxcc.stats.eager_calls == 1
