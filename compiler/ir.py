@@ -797,16 +797,21 @@ def written_sharing(flat: list[Any], written: tuple[int, ...]) -> tuple[int, int
     distinct graph inputs as distinct memory (CSE merges two reads of one input around a write of another; the
     horizontal pass moves a write past reads of other inputs), so a call where they are not runs eagerly. Views of
     one storage whose spans do not meet (a cache per layer sliced from one tensor) are distinct."""
-    # the address of each tensor's storage (another number for anything else): most calls have no two alike
-    at = [x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) else -1 - j for j, x in enumerate(flat)]
+    # the address of each tensor's storage (another number for anything else), read without asking for a writable
+    # pointer (that gives a copy-on-write snapshot's tensor a copy of itself): most calls have no two alike
+    at = [_data_address(x) if isinstance(x, torch.Tensor) else -1 - j for j, x in enumerate(flat)]
     if len(set(at)) == len(at):
         return None
     mine = set(written)
     for a in {at[i] for i in written}:
         # the spans (first byte, byte after the last, input) over this storage, in order: a run of spans that meet
         # holding a written input and another is the answer
-        spans = sorted((flat[j].data_ptr(), flat[j].data_ptr() + extent(flat[j].shape, flat[j].stride())
-                        * flat[j].element_size(), j) for j, b in enumerate(at) if b == a)
+        spans = []
+        for j in (j for j, b in enumerate(at) if b == a):
+            t = flat[j]
+            lo = a + t.storage_offset() * t.element_size()
+            spans.append((lo, lo + extent(t.shape, t.stride()) * t.element_size(), j))
+        spans.sort()
         run, end = [], 0
         for lo, hi, j in spans:
             if hi == lo:  # no elements: no memory
